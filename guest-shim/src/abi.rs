@@ -1,0 +1,80 @@
+//! The whole guest/host interface of a picoprocess, on one screen.
+//!
+//! The guest is an unmodified Linux program, so the call ABI *is* the Linux x86-64 syscall
+//! ABI. What this module adds is where the VMM puts its own machinery in the guest's address
+//! space and how the guest reaches the VMM:
+//!
+//! * `syscall` jumps to [`DOORBELL_VA`] (LSTAR). The doorbell stores one byte to
+//!   [`DOORBELL_MMIO_VA`], which maps [`DOORBELL_MMIO_GPA`], an address outside every memory
+//!   slot: KVM exits with `KVM_EXIT_MMIO` and the VMM performs the call from the registers.
+//! * Every CPU exception enters a ring-0 stub at `STUBS_VA + vector * STUB_SIZE`, which
+//!   executes `out EXCEPTION_PORT_BASE + vector, al`: KVM exits with `KVM_EXIT_IO` and the
+//!   VMM reads the exception frame from the kernel stack.
+//! * A store to [`CALIBRATION_MMIO_VA`] is a bare exit that the VMM answers by resuming at
+//!   once. Benchmarks use it to measure the exit round trip the doorbell is compared with.
+//!
+//! Bump [`ABI_VERSION`] on any change to a value here.
+
+/// Version of this interface. Snapshots do not depend on it: they hold only app state.
+pub const ABI_VERSION: u32 = 1;
+
+/// Size of a guest page.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Guest-virtual base of the system region: the top 2 GiB, far above any user mapping.
+pub const SYSTEM_VA: u64 = 0xffff_ffff_8000_0000;
+/// Page index (from [`SYSTEM_VA`]) of the GDT. Supervisor, writable.
+pub const GDT_PAGE: u64 = 0;
+/// Page index of the IDT. Supervisor, read-only.
+pub const IDT_PAGE: u64 = 1;
+/// Page index of the TSS. Supervisor, writable.
+pub const TSS_PAGE: u64 = 2;
+/// Page index of the exception stubs. Supervisor, executable.
+pub const STUBS_PAGE: u64 = 3;
+/// Page index of the doorbell. User, read + execute.
+pub const DOORBELL_PAGE: u64 = 4;
+/// First page of the ring-0 stack that exceptions from ring 3 switch to (TSS.RSP0).
+pub const KERNEL_STACK_PAGE: u64 = 5;
+/// Number of pages of that stack.
+pub const KERNEL_STACK_PAGES: u64 = 2;
+/// Page of the double-fault stack (IST1).
+pub const IST_STACK_PAGE: u64 = 7;
+/// Number of pages in the system region.
+pub const SYSTEM_PAGES: u64 = 8;
+
+/// Guest-virtual address of the syscall entry point (LSTAR).
+pub const DOORBELL_VA: u64 = SYSTEM_VA + DOORBELL_PAGE * PAGE_SIZE;
+/// Guest-virtual address of the exception stubs.
+pub const STUBS_VA: u64 = SYSTEM_VA + STUBS_PAGE * PAGE_SIZE;
+/// Bytes per exception stub.
+pub const STUB_SIZE: u64 = 8;
+/// Number of exception vectors with a stub (the architectural exceptions).
+pub const STUB_COUNT: u64 = 32;
+/// I/O port of vector 0's stub; vector `v` uses `EXCEPTION_PORT_BASE + v`.
+pub const EXCEPTION_PORT_BASE: u16 = 0x80;
+
+/// Guest-physical address the doorbell stores to. No memory slot covers it.
+pub const DOORBELL_MMIO_GPA: u64 = 0x4_8000_0000;
+/// Guest-physical address of the calibration exit. No memory slot covers it.
+pub const CALIBRATION_MMIO_GPA: u64 = DOORBELL_MMIO_GPA + PAGE_SIZE;
+/// Guest-virtual address mapped to [`DOORBELL_MMIO_GPA`] (user, writable: the doorbell runs
+/// at CPL 3 on kvm_pvm).
+pub const DOORBELL_MMIO_VA: u64 = SYSTEM_VA + 0x10_0000;
+/// Guest-virtual address mapped to [`CALIBRATION_MMIO_GPA`].
+pub const CALIBRATION_MMIO_VA: u64 = DOORBELL_MMIO_VA + PAGE_SIZE;
+
+/// Selectors of the GDT, in Linux's layout (STAR depends on it).
+pub mod selector {
+    /// Kernel 64-bit code.
+    pub const KERNEL_CS: u16 = 0x10;
+    /// Kernel data.
+    pub const KERNEL_DS: u16 = 0x18;
+    /// User 32-bit code (unused, but STAR's layout requires the slot).
+    pub const USER_CS32: u16 = 0x23;
+    /// User data, RPL 3.
+    pub const USER_DS: u16 = 0x2b;
+    /// User 64-bit code, RPL 3.
+    pub const USER_CS: u16 = 0x33;
+    /// The 16-byte TSS descriptor.
+    pub const TSS: u16 = 0x40;
+}

@@ -1,0 +1,151 @@
+//! The shared-library closure of an ELF program: its interpreter and every DT_NEEDED
+//! library, found the way ld.so finds them (RPATH, RUNPATH, the system directories and
+//! their glibc-hwcaps subdirectories).
+
+use goblin::elf::Elf;
+use std::collections::{BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+
+/// Why a closure could not be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClosureError {
+    /// A file could not be read.
+    #[error("reading {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is not a valid ELF object.
+    #[error("{path} is not an ELF file: {reason}")]
+    NotElf {
+        /// The file.
+        path: PathBuf,
+        /// The parser's complaint.
+        reason: String,
+    },
+    /// A needed library was found nowhere.
+    #[error("{needed}, needed by {by}, is not in any library directory")]
+    Missing {
+        /// The library name.
+        needed: String,
+        /// Who needs it.
+        by: PathBuf,
+    },
+}
+
+/// The directories ld.so searches after RPATH/RUNPATH on Debian x86-64.
+const SYSTEM_DIRS: &[&str] = &[
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+    "/usr/local/lib",
+];
+
+/// What one ELF file says it needs.
+struct Needs {
+    interpreter: Option<String>,
+    libraries: Vec<String>,
+    search: Vec<PathBuf>,
+}
+
+fn read_needs(path: &Path) -> Result<Needs, ClosureError> {
+    let bytes = std::fs::read(path).map_err(|source| ClosureError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let elf = Elf::parse(&bytes).map_err(|e| ClosureError::NotElf {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let origin = path.parent().unwrap_or(Path::new("/"));
+    let search = elf
+        .rpaths
+        .iter()
+        .chain(elf.runpaths.iter())
+        .flat_map(|list| list.split(':'))
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| PathBuf::from(dir.replace("$ORIGIN", &origin.to_string_lossy())))
+        .collect();
+    Ok(Needs {
+        interpreter: elf.interpreter.map(str::to_string),
+        libraries: elf.libraries.iter().map(|s| s.to_string()).collect(),
+        search,
+    })
+}
+
+/// Finds library `name` in `dirs` then the system directories, preferring the best
+/// glibc-hwcaps variant that exists, as ld.so does on a current x86-64 CPU.
+fn find_library(name: &str, dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let system = SYSTEM_DIRS.iter().map(PathBuf::from);
+    for dir in dirs.iter().cloned().chain(system) {
+        let candidate = dir.join(name);
+        if candidate.exists() {
+            let mut found = vec![candidate];
+            for level in ["x86-64-v4", "x86-64-v3", "x86-64-v2"] {
+                let variant = dir.join("glibc-hwcaps").join(level).join(name);
+                if variant.exists() {
+                    found.push(variant);
+                }
+            }
+            return found;
+        }
+    }
+    Vec::new()
+}
+
+/// The files `program` needs to run, `program` first: the interpreter and every library,
+/// as host paths (symlinks on the way are the caller's to copy; see [`crate::rootfs`]).
+pub fn closure(program: &Path) -> Result<Vec<PathBuf>, ClosureError> {
+    let mut files = vec![program.to_path_buf()];
+    let mut seen: BTreeSet<PathBuf> = files.iter().cloned().collect();
+    let mut queue = VecDeque::from([program.to_path_buf()]);
+    while let Some(file) = queue.pop_front() {
+        let needs = read_needs(&file)?;
+        let mut add = |path: PathBuf, queue: &mut VecDeque<PathBuf>| {
+            if seen.insert(path.clone()) {
+                files.push(path.clone());
+                queue.push_back(path);
+            }
+        };
+        if let Some(interp) = needs.interpreter {
+            add(PathBuf::from(interp), &mut queue);
+        }
+        for needed in &needs.libraries {
+            let found = find_library(needed, &needs.search);
+            if found.is_empty() {
+                return Err(ClosureError::Missing {
+                    needed: needed.clone(),
+                    by: file.clone(),
+                });
+            }
+            for path in found {
+                add(path, &mut queue);
+            }
+        }
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dynamic_program_needs_libc_and_the_interpreter() {
+        let files = closure(Path::new("/bin/ls")).unwrap();
+        assert_eq!(files[0], Path::new("/bin/ls"));
+        assert!(files.iter().any(|f| f.ends_with("libc.so.6")), "{files:?}");
+        assert!(
+            files
+                .iter()
+                .any(|f| f.to_string_lossy().contains("ld-linux-x86-64")),
+            "{files:?}"
+        );
+    }
+}

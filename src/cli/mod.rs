@@ -1,0 +1,52 @@
+//! Command-line definitions and dispatch.
+
+mod run;
+
+use clap::{Parser, Subcommand};
+
+/// Picocenter hosts long-lived, mostly-idle Linux apps in picoprocesses: tiny KVM guests
+/// with no guest kernel, whose system calls the host performs.
+#[derive(Debug, Parser)]
+#[command(name = "picocenter", version, about, long_about = None)]
+pub struct Cli {
+    /// More logging (-v: debug, -vv: trace). RUST_LOG overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a Linux x86-64 program in a picoprocess.
+    ///
+    /// The program's output appears on this command's stdout and stderr, and its exit
+    /// status becomes this command's. An app killed by a signal (a segmentation fault, say)
+    /// exits with 128 + the signal number; one stopped by --timeout exits with 124.
+    Run(run::RunArgs),
+}
+
+/// Sets up tracing to stderr.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// Runs a parsed command and returns the process exit status.
+pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+    }
+}

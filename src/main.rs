@@ -1,0 +1,18 @@
+//! `picocenter`: the command line. It only parses arguments and wires the libraries
+//! together; everything it runs lives in the workspace crates.
+
+mod cli;
+
+use clap::Parser;
+
+fn main() {
+    let args = cli::Cli::parse();
+    cli::init_logging(args.verbose);
+    match cli::dispatch(args) {
+        Ok(status) => std::process::exit(status),
+        Err(err) => {
+            eprintln!("picocenter: error: {err:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! The run loop: run the vCPU, decode the exit, dispatch it, resume.
+//!
+//! Three kinds of exit matter: the doorbell (a syscall), an exception stub (a fault, which
+//! may be a demand page fault to serve), and a kick (a timeout or an operator's request).
+
+use crate::kvm::kick::{reason, Kicker};
+use crate::kvm::system::kernel_stack_top;
+use crate::kvm::vcpu::Exit;
+use crate::memory::layout::SYSTEM_GPA;
+use crate::memory::space::Access;
+use crate::memory::FaultResolution;
+use crate::syscalls::{self, Args, SysError};
+use crate::{Picoprocess, VmmError};
+use picocenter_guest_shim::abi;
+use std::time::Instant;
+
+/// How an app's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// It called exit or exit_group with this status.
+    Exited(i32),
+    /// It was killed by a signal, with a one-line report of why.
+    Killed {
+        /// The signal.
+        signal: i32,
+        /// What happened.
+        report: String,
+    },
+    /// The run's time limit passed.
+    TimedOut,
+}
+
+impl RunOutcome {
+    /// The exit status a shell would show: the status, 128 + signal, or 124 for a timeout
+    /// (as `timeout(1)`).
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            RunOutcome::Exited(code) => *code,
+            RunOutcome::Killed { signal, .. } => 128 + signal,
+            RunOutcome::TimedOut => 124,
+        }
+    }
+}
+
+/// Counters of the run loop.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ExitStats {
+    /// Syscalls forwarded through the doorbell.
+    pub syscalls: u64,
+    /// Exception exits.
+    pub exceptions: u64,
+    /// Calibration exits.
+    pub calibration: u64,
+    /// Kicks.
+    pub interruptions: u64,
+}
+
+/// An exception frame as the CPU pushed it on the ring-0 stack.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    error_code: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+}
+
+fn has_error_code(vector: u8) -> bool {
+    matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30)
+}
+
+fn vector_name(vector: u8) -> &'static str {
+    match vector {
+        0 => "divide error (#DE)",
+        1 => "debug (#DB)",
+        3 => "breakpoint (#BP)",
+        4 => "overflow (#OF)",
+        5 => "bound range (#BR)",
+        6 => "invalid opcode (#UD)",
+        7 => "device not available (#NM)",
+        8 => "double fault (#DF)",
+        10 => "invalid TSS (#TS)",
+        11 => "segment not present (#NP)",
+        12 => "stack fault (#SS)",
+        13 => "general protection (#GP)",
+        14 => "page fault (#PF)",
+        16 => "x87 floating point (#MF)",
+        17 => "alignment check (#AC)",
+        18 => "machine check (#MC)",
+        19 => "SIMD floating point (#XM)",
+        _ => "exception",
+    }
+}
+
+/// The signal Linux would send for an exception in user mode.
+fn signal_for(vector: u8) -> i32 {
+    match vector {
+        0 | 16 | 19 => libc::SIGFPE,
+        1 | 3 => libc::SIGTRAP,
+        6 => libc::SIGILL,
+        17 => libc::SIGBUS,
+        _ => libc::SIGSEGV,
+    }
+}
+
+impl Picoprocess {
+    /// Runs the app until it exits, dies, or its time limit passes. Must be called on the
+    /// thread that built the picoprocess.
+    pub fn run(&mut self) -> Result<RunOutcome, VmmError> {
+        Kicker::arm(self.vcpu.immediate_exit_ptr());
+        let outcome = self.run_loop();
+        Kicker::arm(std::ptr::null_mut());
+        outcome
+    }
+
+    fn run_loop(&mut self) -> Result<RunOutcome, VmmError> {
+        let mut last_fault = (0u64, 0u64, 0u32);
+        loop {
+            if let Some(outcome) = self.take_kicks() {
+                return Ok(outcome);
+            }
+            self.prepare_entry()?;
+            let outcome = match self.vcpu.run() {
+                Exit::Syscall => self.on_syscall()?,
+                Exit::Calibration => {
+                    self.stats.calibration += 1;
+                    None
+                }
+                Exit::Exception(vector) => self.on_exception(vector, &mut last_fault)?,
+                Exit::Interrupted => {
+                    self.stats.interruptions += 1;
+                    self.vcpu.clear_immediate_exit();
+                    None
+                }
+                Exit::StrayDoorbellStore { rip } => Some(RunOutcome::Killed {
+                    signal: libc::SIGSEGV,
+                    report: format!("store to the syscall doorbell from rip={rip:#x}"),
+                }),
+                Exit::Unexpected(what) => Some(RunOutcome::Killed {
+                    signal: libc::SIGKILL,
+                    report: format!("unexpected VM exit: {what}"),
+                }),
+            };
+            if let Some(outcome) = outcome {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// Acts on kicks that arrived; the app is at a clean point here.
+    fn take_kicks(&mut self) -> Option<RunOutcome> {
+        let pending = self.process.kicker.pending();
+        if pending & reason::TIMEOUT != 0 {
+            return Some(RunOutcome::TimedOut);
+        }
+        if pending & reason::STOP != 0 {
+            return Some(RunOutcome::Killed {
+                signal: libc::SIGKILL,
+                report: "stopped by the operator".into(),
+            });
+        }
+        None
+    }
+
+    /// Applies what the last exit changed before the guest runs again.
+    fn prepare_entry(&mut self) -> Result<(), VmmError> {
+        if self.process.fs_base_changed {
+            self.vcpu.set_fs_base(self.process.fs_base)?;
+            self.process.fs_base_changed = false;
+        }
+        if self.process.mem.is_stale() {
+            self.vcpu.invalidate_translations(&self.machine)?;
+            self.process.mem.invalidated();
+        }
+        Ok(())
+    }
+
+    fn on_syscall(&mut self) -> Result<Option<RunOutcome>, VmmError> {
+        self.stats.syscalls += 1;
+        let regs = self.vcpu.regs();
+        let nr = regs.rax;
+        let args = Args([regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
+        let started = self.process.trace.is_some().then(Instant::now);
+        let result = syscalls::dispatch(&mut self.process, nr, &args);
+        if let (Some(trace), Some(started)) = (self.process.trace.as_mut(), started) {
+            trace.record(nr, result.is_err(), started.elapsed());
+        }
+        let rax = match result {
+            Ok(value) => value,
+            Err(SysError::Errno(errno)) => (-(errno.raw_os_error() as i64)) as u64,
+            Err(SysError::Exit(code)) => return Ok(Some(RunOutcome::Exited(code))),
+            Err(SysError::Kill { signal, reason }) => {
+                return Ok(Some(RunOutcome::Killed {
+                    signal,
+                    report: reason,
+                }))
+            }
+            Err(SysError::Restart) => {
+                // Re-execute the `syscall` instruction (2 bytes) once the kick is handled.
+                self.vcpu.complete_syscall()?;
+                let regs = self.vcpu.regs_mut();
+                regs.rip -= 2;
+                regs.rax = nr;
+                return Ok(None);
+            }
+        };
+        self.vcpu.regs_mut().rax = rax;
+        self.vcpu.complete_syscall()?;
+        Ok(None)
+    }
+
+    /// Reads the exception frame the CPU pushed on the ring-0 stack.
+    fn read_frame(&self, vector: u8) -> Option<Frame> {
+        let rsp = self.vcpu.regs().rsp;
+        let words = if has_error_code(vector) { 6 } else { 5 };
+        let stack_bottom = abi::SYSTEM_VA + abi::KERNEL_STACK_PAGE * abi::PAGE_SIZE;
+        let ist_bottom = abi::SYSTEM_VA + abi::IST_STACK_PAGE * abi::PAGE_SIZE;
+        let ist_top = ist_bottom + abi::PAGE_SIZE;
+        let end = rsp.checked_add(words * 8)?;
+        let on_stack = (rsp >= stack_bottom && end <= kernel_stack_top())
+            || (rsp >= ist_bottom && end <= ist_top);
+        if !on_stack {
+            return None;
+        }
+        let mut raw = [0u64; 6];
+        let phys = self.process.mem.phys();
+        for (i, word) in raw.iter_mut().take(words as usize).enumerate() {
+            let gpa = SYSTEM_GPA + (rsp - abi::SYSTEM_VA) + i as u64 * 8;
+            *word = phys.read_u64(gpa).ok()?;
+        }
+        let w = if has_error_code(vector) {
+            &raw[..]
+        } else {
+            &raw[..5]
+        };
+        let (error_code, rest) = if has_error_code(vector) {
+            (w[0], &w[1..])
+        } else {
+            (0, w)
+        };
+        Some(Frame {
+            error_code,
+            rip: rest[0],
+            cs: rest[1],
+            rflags: rest[2],
+            rsp: rest[3],
+        })
+    }
+
+    fn on_exception(
+        &mut self,
+        vector: u8,
+        last_fault: &mut (u64, u64, u32),
+    ) -> Result<Option<RunOutcome>, VmmError> {
+        self.stats.exceptions += 1;
+        let Some(frame) = self.read_frame(vector) else {
+            return Ok(Some(RunOutcome::Killed {
+                signal: libc::SIGSEGV,
+                report: format!("{} with an unreadable exception frame", vector_name(vector)),
+            }));
+        };
+        let from_user = frame.cs & 3 == 3;
+        let cr2 = if vector == 14 {
+            self.vcpu.sregs()?.cr2
+        } else {
+            0
+        };
+        if vector == 14 && from_user {
+            let access = if frame.error_code & 0x10 != 0 {
+                Access::Execute
+            } else if frame.error_code & 0x2 != 0 {
+                Access::Write
+            } else {
+                Access::Read
+            };
+            let resolution = self
+                .process
+                .mem
+                .handle_fault(cr2, access)
+                .unwrap_or(FaultResolution::Forbidden);
+            // The same fault three times in a row means the mapping cannot be fixed.
+            let key = (frame.rip, cr2);
+            let repeats = if (last_fault.0, last_fault.1) == key {
+                last_fault.2 + 1
+            } else {
+                0
+            };
+            *last_fault = (key.0, key.1, repeats);
+            if resolution == FaultResolution::Resolved && repeats < 3 {
+                self.vcpu.resume_user(frame.rip, frame.rsp, frame.rflags)?;
+                return Ok(None);
+            }
+            let why = match resolution {
+                FaultResolution::Unmapped => "address not mapped",
+                _ => "access not permitted",
+            };
+            let what = match access {
+                Access::Read => "read",
+                Access::Write => "write",
+                Access::Execute => "instruction fetch",
+            };
+            return Ok(Some(RunOutcome::Killed {
+                signal: libc::SIGSEGV,
+                report: format!(
+                    "segmentation fault: {what} at {cr2:#x} ({why}), rip={:#x}",
+                    frame.rip
+                ),
+            }));
+        }
+        let mut report = format!(
+            "{} at rip={:#x} rsp={:#x}",
+            vector_name(vector),
+            frame.rip,
+            frame.rsp
+        );
+        if has_error_code(vector) {
+            report.push_str(&format!(" error={:#x}", frame.error_code));
+        }
+        if vector == 14 {
+            report.push_str(&format!(" cr2={cr2:#x}"));
+        }
+        if !from_user {
+            report.push_str(" (in the VMM's guest code)");
+        }
+        Ok(Some(RunOutcome::Killed {
+            signal: if from_user {
+                signal_for(vector)
+            } else {
+                libc::SIGKILL
+            },
+            report,
+        }))
+    }
+}

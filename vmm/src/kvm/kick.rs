@@ -1,0 +1,101 @@
+//! Kicking the vCPU thread out of `KVM_RUN` or a blocking host call.
+//!
+//! Another thread (a timeout, the control socket) calls [`Kicker::kick`]: it sends a
+//! real-time signal to the vCPU thread. The signal handler sets `immediate_exit` in that
+//! thread's `kvm_run`, so the kick is not lost even if it lands just before `KVM_RUN`;
+//! `KVM_RUN` then returns EINTR. Blocking calls in the VMM wait in `poll` together with the
+//! [`Kicker`]'s eventfd, so they wake too.
+
+use rustix::event::EventfdFlags;
+use std::cell::Cell;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+thread_local! {
+    /// `&kvm_run.immediate_exit` of the vCPU running on this thread, or null.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used for kicks.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + 2
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // `IMMEDIATE_EXIT` is const-initialised with no destructor, so this access is a plain
+    // TLS load, which is async-signal-safe.
+    let flag = IMMEDIATE_EXIT.with(|cell| cell.get());
+    if !flag.is_null() {
+        // SAFETY: the pointer was set by `Kicker::arm` on this thread to a byte of the
+        // vCPU's mmapped `kvm_run`, and is cleared before that mapping goes away.
+        unsafe { flag.write_volatile(1) };
+    }
+}
+
+/// Why a kick was sent. Several can be pending at once.
+pub mod reason {
+    /// The run's time limit passed.
+    pub const TIMEOUT: u32 = 1 << 0;
+    /// An operator asked the app to stop.
+    pub const STOP: u32 = 1 << 1;
+    /// The VMM wants the app at a clean point (pause, snapshot).
+    pub const PAUSE: u32 = 1 << 2;
+}
+
+/// A handle that interrupts one vCPU thread. Cloneable and `Send`.
+#[derive(Debug, Clone)]
+pub struct Kicker {
+    thread: libc::pthread_t,
+    reasons: Arc<AtomicU32>,
+    wake: Arc<OwnedFd>,
+}
+
+impl Kicker {
+    /// Creates a kicker for the calling thread, which must be the vCPU thread.
+    pub fn for_current_thread() -> std::io::Result<Self> {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        Ok(Self {
+            // SAFETY: pthread_self has no preconditions.
+            thread: unsafe { libc::pthread_self() },
+            reasons: Arc::new(AtomicU32::new(0)),
+            wake: Arc::new(rustix::event::eventfd(
+                0,
+                EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC,
+            )?),
+        })
+    }
+
+    /// Points this thread's signal handler at `immediate_exit` (null to disarm).
+    pub fn arm(immediate_exit: *mut u8) {
+        IMMEDIATE_EXIT.with(|cell| cell.set(immediate_exit));
+    }
+
+    /// Interrupts the vCPU thread for `why` (a [`reason`] bit).
+    pub fn kick(&self, why: u32) {
+        self.reasons.fetch_or(why, Ordering::SeqCst);
+        let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
+        // SAFETY: `thread` is the vCPU thread, which lives as long as its picoprocess; a
+        // signal to a thread that has exited is reported as ESRCH, not undefined behaviour,
+        // with glibc's pthread_kill.
+        unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+    }
+
+    /// The reasons kicked so far, without clearing them.
+    pub fn pending(&self) -> u32 {
+        self.reasons.load(Ordering::SeqCst)
+    }
+
+    /// Clears `why` once handled, and drains the eventfd when nothing is left.
+    pub fn clear(&self, why: u32) {
+        if self.reasons.fetch_and(!why, Ordering::SeqCst) & !why == 0 {
+            let _ = rustix::io::read(&*self.wake, &mut [0u8; 8]);
+        }
+    }
+
+    /// The eventfd that becomes readable on every kick; blocking waits poll it.
+    pub fn wake_fd(&self) -> &OwnedFd {
+        &self.wake
+    }
+}

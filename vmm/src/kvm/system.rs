@@ -1,0 +1,166 @@
+//! The VMM's machinery inside the guest: GDT, IDT, TSS, exception stubs and the doorbell,
+//! written into the system slot and mapped at the top of the address space.
+//!
+//! Everything here is rebuilt at every start and restore; none of it is in a snapshot.
+
+use crate::memory::layout::SYSTEM_GPA;
+use crate::memory::paging::{PagingError, PTE_NX, PTE_USER, PTE_WRITABLE};
+use crate::memory::phys::PhysError;
+use crate::memory::AddressSpace;
+use picocenter_guest_shim::abi::{self, selector};
+
+/// GDT limit: 8 eight-byte slots plus the 16-byte TSS descriptor at 0x40.
+pub const GDT_LIMIT: u16 = 0x4f;
+/// IDT limit: one 16-byte gate per stub.
+pub const IDT_LIMIT: u16 = (abi::STUB_COUNT * 16 - 1) as u16;
+/// TSS limit (a 64-bit TSS without an I/O bitmap).
+pub const TSS_LIMIT: u32 = 0x67;
+
+/// Why the system pages could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemPagesError {
+    /// Writing a page failed.
+    #[error("writing the system pages")]
+    Write(#[from] PhysError),
+    /// Mapping a page failed.
+    #[error("mapping the system pages")]
+    Map(#[from] PagingError),
+}
+
+fn page_va(page: u64) -> u64 {
+    abi::SYSTEM_VA + page * abi::PAGE_SIZE
+}
+
+fn page_gpa(page: u64) -> u64 {
+    SYSTEM_GPA + page * abi::PAGE_SIZE
+}
+
+/// A code or data segment descriptor: flags in bits 52..55, access byte in 40..47.
+const fn segment(access: u64, flags: u64) -> u64 {
+    0xffff | (access << 40) | (0xf << 48) | (flags << 52)
+}
+
+/// The GDT in Linux's layout (STAR's selectors depend on it). Accessed bits are preset so
+/// the CPU never writes the table.
+fn gdt() -> [u64; 10] {
+    let tss = page_va(abi::TSS_PAGE);
+    let tss_low = TSS_LIMIT as u64
+        | ((tss & 0xff_ffff) << 16)
+        | (0x8b << 40) // present, type 0xb: busy 64-bit TSS
+        | (((tss >> 24) & 0xff) << 56);
+    let mut table = [0u64; 10];
+    table[(selector::KERNEL_CS >> 3) as usize] = segment(0x9b, 0xa); // DPL 0 code, L
+    table[(selector::KERNEL_DS >> 3) as usize] = segment(0x93, 0xc); // DPL 0 data
+    table[(selector::USER_CS32 >> 3) as usize] = segment(0xfb, 0xc); // DPL 3 code, D
+    table[(selector::USER_DS >> 3) as usize] = segment(0xf3, 0xc); // DPL 3 data
+    table[(selector::USER_CS >> 3) as usize] = segment(0xfb, 0xa); // DPL 3 code, L
+    table[(selector::TSS >> 3) as usize] = tss_low;
+    table[(selector::TSS >> 3) as usize + 1] = tss >> 32;
+    table
+}
+
+/// One 64-bit interrupt gate to `handler`.
+fn gate(handler: u64, dpl: u64, ist: u64) -> [u64; 2] {
+    let low = (handler & 0xffff)
+        | ((selector::KERNEL_CS as u64) << 16)
+        | (ist << 32)
+        | ((0x8e | (dpl << 5)) << 40)
+        | (((handler >> 16) & 0xffff) << 48);
+    [low, handler >> 32]
+}
+
+/// The IDT: every vector goes to its stub. Breakpoint and overflow gates are DPL 3, so that
+/// `int3` and `into` from the app arrive as themselves rather than as #GP. The double fault
+/// runs on its own stack (IST1).
+fn idt() -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(abi::STUB_COUNT as usize * 16);
+    for vector in 0..abi::STUB_COUNT {
+        let handler = abi::STUBS_VA + vector * abi::STUB_SIZE;
+        let dpl = if vector == 3 || vector == 4 { 3 } else { 0 };
+        let ist = if vector == 8 { 1 } else { 0 };
+        for word in gate(handler, dpl, ist) {
+            bytes.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+/// The TSS: RSP0 for exceptions from ring 3, IST1 for double faults, no I/O bitmap.
+fn tss() -> [u8; 104] {
+    let mut bytes = [0u8; 104];
+    let rsp0 = page_va(abi::KERNEL_STACK_PAGE + abi::KERNEL_STACK_PAGES);
+    let ist1 = page_va(abi::IST_STACK_PAGE + 1);
+    bytes[4..12].copy_from_slice(&rsp0.to_le_bytes());
+    bytes[36..44].copy_from_slice(&ist1.to_le_bytes());
+    bytes[102..104].copy_from_slice(&104u16.to_le_bytes());
+    bytes
+}
+
+/// Guest-virtual address of the top of the ring-0 stack (where exception frames land).
+pub fn kernel_stack_top() -> u64 {
+    page_va(abi::KERNEL_STACK_PAGE + abi::KERNEL_STACK_PAGES)
+}
+
+/// Writes the system pages and maps them: all supervisor-only except the doorbell (user,
+/// read + execute) and the two MMIO pages (user, writable, outside every slot).
+pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesError> {
+    let phys = space.phys();
+    let gdt_bytes: Vec<u8> = gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
+    phys.write(page_gpa(abi::GDT_PAGE), &gdt_bytes)?;
+    phys.write(page_gpa(abi::IDT_PAGE), &idt())?;
+    phys.write(page_gpa(abi::TSS_PAGE), &tss())?;
+    phys.write(
+        page_gpa(abi::STUBS_PAGE),
+        picocenter_guest_shim::exception_stubs_code(),
+    )?;
+    phys.write(
+        page_gpa(abi::DOORBELL_PAGE),
+        picocenter_guest_shim::doorbell_code(),
+    )?;
+
+    let nx = if nx { PTE_NX } else { 0 };
+    let data = PTE_WRITABLE | nx;
+    let mut pages = vec![
+        (abi::GDT_PAGE, data),
+        (abi::IDT_PAGE, nx),
+        (abi::TSS_PAGE, data),
+        (abi::STUBS_PAGE, 0),
+        (abi::DOORBELL_PAGE, PTE_USER),
+        (abi::IST_STACK_PAGE, data),
+    ];
+    for i in 0..abi::KERNEL_STACK_PAGES {
+        pages.push((abi::KERNEL_STACK_PAGE + i, data));
+    }
+    for (page, flags) in pages {
+        space.map_system_page(page_va(page), page_gpa(page), flags)?;
+    }
+    let mmio = PTE_USER | PTE_WRITABLE | nx;
+    space.map_system_page(abi::DOORBELL_MMIO_VA, abi::DOORBELL_MMIO_GPA, mmio)?;
+    space.map_system_page(abi::CALIBRATION_MMIO_VA, abi::CALIBRATION_MMIO_GPA, mmio)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_matches_linux_layout() {
+        let table = gdt();
+        assert_eq!(table[2], 0x00af9b000000ffff, "kernel CS");
+        assert_eq!(table[3], 0x00cf93000000ffff, "kernel DS");
+        assert_eq!(table[5], 0x00cff3000000ffff, "user DS");
+        assert_eq!(table[6], 0x00affb000000ffff, "user CS");
+    }
+
+    #[test]
+    fn gate_encodes_handler_and_selector() {
+        let [low, high] = gate(0xffff_ffff_8000_3008, 3, 1);
+        assert_eq!(low & 0xffff, 0x3008);
+        assert_eq!((low >> 16) & 0xffff, 0x10);
+        assert_eq!((low >> 32) & 0x7, 1);
+        assert_eq!((low >> 40) & 0xff, 0xee);
+        assert_eq!(low >> 48, 0x8000);
+        assert_eq!(high, 0xffff_ffff);
+    }
+}

@@ -1,0 +1,211 @@
+//! The vCPU as the run loop sees it: run, decode the exit into an owned value, read and
+//! write registers through `kvm_run`'s sync area, and the platform-specific steps of
+//! completing a syscall and invalidating translations.
+
+use super::cpu;
+use super::{KvmError, Machine};
+use crate::memory::layout::slot;
+use crate::platform::Platform;
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use picocenter_guest_shim::abi;
+
+/// CR4.PGE: toggling it flushes the guest TLB on hardware KVM.
+const CR4_PGE: u64 = 1 << 7;
+
+/// Why `KVM_RUN` returned, decoded and detached from `kvm_run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// The doorbell rang: a system call is waiting in the registers.
+    Syscall,
+    /// The app stored to the doorbell's MMIO page from outside the doorbell.
+    StrayDoorbellStore {
+        /// Where it did so.
+        rip: u64,
+    },
+    /// A calibration exit; resume at once.
+    Calibration,
+    /// An exception stub ran for this vector.
+    Exception(u8),
+    /// A kick interrupted the run (EINTR).
+    Interrupted,
+    /// Anything else: the guest is beyond repair.
+    Unexpected(String),
+}
+
+/// Why a vCPU operation failed on the host side.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A register ioctl failed.
+    #[error("{op} failed")]
+    Ioctl {
+        /// The ioctl.
+        op: &'static str,
+        /// What KVM said.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Re-registering the page-table slot failed.
+    #[error("invalidating guest translations")]
+    Invalidate(#[source] KvmError),
+}
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Ioctl { op, source }
+}
+
+/// The one vCPU of a picoprocess.
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+    platform: Platform,
+    sregs_synced: bool,
+}
+
+impl Vcpu {
+    /// Wraps a configured vCPU. On hardware KVM the segment registers are synced through
+    /// `kvm_run` too, because every syscall return must rewrite CS and SS.
+    pub fn new(mut fd: VcpuFd, platform: Platform) -> Self {
+        fd.set_sync_valid_reg(SyncReg::Register);
+        let sregs_synced = platform.syscall_enters_ring0();
+        if sregs_synced {
+            fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        }
+        Self {
+            fd,
+            platform,
+            sregs_synced,
+        }
+    }
+
+    /// The platform this vCPU runs on.
+    pub fn platform(&self) -> Platform {
+        self.platform
+    }
+
+    /// Pointer to `kvm_run.immediate_exit`, for the kick handler.
+    pub fn immediate_exit_ptr(&mut self) -> *mut u8 {
+        &raw mut self.fd.get_kvm_run().immediate_exit
+    }
+
+    /// Clears a kick that has been handled.
+    pub fn clear_immediate_exit(&mut self) {
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    /// Runs the guest until the next exit.
+    pub fn run(&mut self) -> Exit {
+        match self.fd.run() {
+            Ok(VcpuExit::MmioWrite(addr, _)) if addr == abi::DOORBELL_MMIO_GPA => {
+                let rip = self.fd.sync_regs().regs.rip;
+                if rip.wrapping_sub(abi::DOORBELL_VA) < abi::PAGE_SIZE {
+                    Exit::Syscall
+                } else {
+                    Exit::StrayDoorbellStore { rip }
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, _)) if addr == abi::CALIBRATION_MMIO_GPA => {
+                Exit::Calibration
+            }
+            Ok(VcpuExit::IoOut(port, _))
+                if (abi::EXCEPTION_PORT_BASE
+                    ..abi::EXCEPTION_PORT_BASE + abi::STUB_COUNT as u16)
+                    .contains(&port) =>
+            {
+                Exit::Exception((port - abi::EXCEPTION_PORT_BASE) as u8)
+            }
+            Ok(VcpuExit::Intr) => Exit::Interrupted,
+            Ok(other) => Exit::Unexpected(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+            Err(e) => Exit::Unexpected(format!("KVM_RUN failed: {e}")),
+        }
+    }
+
+    /// The general registers as of the last exit.
+    pub fn regs(&self) -> kvm_regs {
+        self.fd.sync_regs().regs
+    }
+
+    /// The general registers, for changing; they are written back on the next run.
+    pub fn regs_mut(&mut self) -> &mut kvm_regs {
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        &mut self.fd.sync_regs_mut().regs
+    }
+
+    /// The segment and control registers.
+    pub fn sregs(&self) -> Result<kvm_sregs, VcpuError> {
+        if self.sregs_synced {
+            Ok(self.fd.sync_regs().sregs)
+        } else {
+            self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))
+        }
+    }
+
+    /// Sets the segment and control registers.
+    pub fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), VcpuError> {
+        if self.sregs_synced {
+            self.fd.sync_regs_mut().sregs = *sregs;
+            self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+            Ok(())
+        } else {
+            self.fd.set_sregs(sregs).map_err(ioctl("KVM_SET_SREGS"))
+        }
+    }
+
+    /// Completes a syscall the VMM has answered: resume the app after its `syscall`
+    /// instruction, as `sysret` would.
+    pub fn complete_syscall(&mut self) -> Result<(), VcpuError> {
+        let regs = self.regs_mut();
+        regs.rip = regs.rcx;
+        regs.rflags = regs.r11;
+        if self.platform.syscall_enters_ring0() {
+            let mut sregs = self.sregs()?;
+            let fs_base = sregs.fs.base;
+            cpu::set_user_segments(&mut sregs, fs_base);
+            self.set_sregs(&sregs)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the FS base (arch_prctl(ARCH_SET_FS)).
+    pub fn set_fs_base(&mut self, base: u64) -> Result<(), VcpuError> {
+        let mut sregs = self.sregs()?;
+        sregs.fs.base = base;
+        self.set_sregs(&sregs)
+    }
+
+    /// Makes removed or reduced translations take effect before the guest runs again.
+    pub fn invalidate_translations(&mut self, machine: &Machine) -> Result<(), VcpuError> {
+        match self.platform {
+            Platform::Pvm => machine
+                .reregister_slot(slot::PAGE_TABLES)
+                .map_err(VcpuError::Invalidate),
+            Platform::Hardware => {
+                // Changing CR4 through KVM_SET_SREGS resets KVM's MMU context, and loading
+                // the new root flushes the guest's TLB. No global pages are used, so PGE
+                // itself changes nothing else.
+                let mut sregs = self.sregs()?;
+                sregs.cr4 ^= CR4_PGE;
+                self.set_sregs(&sregs)
+            }
+        }
+    }
+
+    /// Puts the vCPU back in ring 3 at `rip`/`rsp`/`rflags` (after an exception).
+    pub fn resume_user(&mut self, rip: u64, rsp: u64, rflags: u64) -> Result<(), VcpuError> {
+        let mut sregs = self.sregs()?;
+        let fs_base = sregs.fs.base;
+        cpu::set_user_segments(&mut sregs, fs_base);
+        self.set_sregs(&sregs)?;
+        let regs = self.regs_mut();
+        regs.rip = rip;
+        regs.rsp = rsp;
+        regs.rflags = rflags;
+        Ok(())
+    }
+
+    /// The raw vCPU, for setup and state capture.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+}

@@ -1,0 +1,213 @@
+//! One picoprocess: an unmodified Linux x86-64 program in a kernel-less KVM guest, whose
+//! system calls the VMM performs.
+//!
+//! The guest has no kernel. The app runs in ring 3 on page tables the VMM writes; its
+//! `syscall` instruction jumps to a one-instruction doorbell that exits to the VMM
+//! (see `picocenter_guest_shim::abi`), and the VMM implements the Linux ABI on its behalf
+//! ([`syscalls`]), inside a file sandbox ([`sandbox`]).
+//!
+//! ```text
+//! Picoprocess::new ── memory (slots, page tables, VMAs) ── kvm (VM, vCPU, system pages)
+//!                  └─ loader (ELF, interpreter, stack)   └─ process (fds, cwd, signals)
+//! Picoprocess::run ── exit (the run loop) ── syscalls/{fs,mem,time,process,signal}
+//! ```
+
+pub mod exit;
+pub mod fdtable;
+pub mod kvm;
+pub mod loader;
+pub mod memory;
+pub mod platform;
+pub mod process;
+pub mod sandbox;
+pub mod syscalls;
+pub mod trace;
+
+use kvm::cpu::{self, CpuSetupError};
+use kvm::kick::Kicker;
+use kvm::system::{self, SystemPagesError};
+use kvm::vcpu::{Vcpu, VcpuError};
+use kvm::{KvmError, Machine};
+use memory::paging::PagingError;
+use memory::phys::{PhysError, PhysicalMemory};
+use memory::AddressSpace;
+use platform::Platform;
+use process::Process;
+use sandbox::{Sandbox, SandboxError};
+use std::path::PathBuf;
+
+pub use exit::RunOutcome;
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The program's path inside the root.
+    pub program: String,
+    /// argv (argv[0] included).
+    pub argv: Vec<String>,
+    /// The environment, as `K=V`.
+    pub env: Vec<String>,
+    /// The host directory that is the app's read-only root.
+    pub root: PathBuf,
+    /// Writable host directories and the guest paths they appear at.
+    pub writable: Vec<(String, PathBuf)>,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Initial working directory (guest path).
+    pub cwd: String,
+    /// The app's name.
+    pub name: String,
+    /// Whether to count and time every syscall.
+    pub trace_syscalls: bool,
+}
+
+/// Why a picoprocess could not be built or run. Guest misbehaviour is never one of these:
+/// it ends the app with a [`RunOutcome`] instead.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// Guest memory could not be set up.
+    #[error("setting up guest memory")]
+    Memory(#[from] PhysError),
+    /// The page tables could not be created.
+    #[error("creating page tables")]
+    Paging(#[from] PagingError),
+    /// KVM refused something.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// The vCPU could not be configured.
+    #[error("configuring the vCPU")]
+    Cpu(#[from] CpuSetupError),
+    /// The system pages could not be installed.
+    #[error(transparent)]
+    SystemPages(#[from] SystemPagesError),
+    /// A vCPU operation failed while running.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The sandbox could not be set up.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The program could not be loaded.
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    /// The kick handler or stdio could not be set up.
+    #[error("setting up {what}")]
+    Host {
+        /// What.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A picoprocess, ready to run on the thread that created it.
+#[derive(Debug)]
+pub struct Picoprocess {
+    // Field order is drop order: the vCPU and VM go before the memory they map.
+    vcpu: Vcpu,
+    machine: Machine,
+    process: Process,
+    stats: exit::ExitStats,
+}
+
+impl Picoprocess {
+    /// Builds a picoprocess for `config`: memory, VM, vCPU, the program and its stack.
+    /// Must be called on the thread that will call [`Picoprocess::run`].
+    pub fn new(config: &Config) -> Result<Self, VmmError> {
+        let platform = Platform::detect();
+        let phys = PhysicalMemory::new(config.memory_mib << 20)?;
+        let machine = Machine::new(phys.slots())?;
+        let (cpuid, features) = cpu::guest_cpuid(&machine.kvm)?;
+        let mut space = AddressSpace::new(phys, features.nx)?;
+        system::install(&mut space, features.nx)?;
+
+        let mut sandbox = Sandbox::new(&config.root)?;
+        for (guest, host) in &config.writable {
+            sandbox.mount(guest, host, true)?;
+        }
+        let hwcap = cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 1)
+            .map_or(0, |e| e.edx as u64);
+        let start = loader::load(
+            &mut space,
+            &sandbox,
+            &loader::ExecInfo {
+                argv: &config.argv,
+                envp: &config.env,
+                path: &config.program,
+                hwcap,
+            },
+        )?;
+        // Nothing has run yet, so no translation can be stale.
+        space.invalidated();
+
+        let vcpu_fd = machine.create_vcpu()?;
+        cpu::configure(
+            &vcpu_fd,
+            &cpuid,
+            features,
+            space.page_table_root(),
+            start.entry,
+            start.rsp,
+        )?;
+        let vcpu = Vcpu::new(vcpu_fd, platform);
+        let kicker = Kicker::for_current_thread().map_err(|source| VmmError::Host {
+            what: "the vCPU kick signal",
+            source,
+        })?;
+        let mut process = Process {
+            mem: space,
+            files: Default::default(),
+            sandbox,
+            cwd: sandbox::normalize("/", &config.cwd),
+            umask: 0o022,
+            signals: Default::default(),
+            clock: Default::default(),
+            kicker,
+            fs_base: 0,
+            fs_base_changed: false,
+            clear_child_tid: 0,
+            name: config.name.clone(),
+            trace: config.trace_syscalls.then(Default::default),
+            warned: Default::default(),
+        };
+        syscalls::fs::install_stdio(&mut process).map_err(|e| VmmError::Host {
+            what: "the app's stdio",
+            source: e.into(),
+        })?;
+        tracing::debug!(platform = platform.describe(), "picoprocess built");
+        Ok(Self {
+            vcpu,
+            machine,
+            process,
+            stats: Default::default(),
+        })
+    }
+
+    /// A handle that can interrupt this picoprocess from another thread.
+    pub fn kicker(&self) -> Kicker {
+        self.process.kicker.clone()
+    }
+
+    /// The platform the VMM detected.
+    pub fn platform(&self) -> Platform {
+        self.vcpu.platform()
+    }
+
+    /// The syscall trace, when tracing was asked for.
+    pub fn trace(&self) -> Option<&trace::SyscallTrace> {
+        self.process.trace.as_ref()
+    }
+
+    /// Exit counters.
+    pub fn stats(&self) -> exit::ExitStats {
+        self.stats
+    }
+
+    /// Memory counters.
+    pub fn memory_stats(&self) -> memory::space::MemoryStats {
+        self.process.mem.stats()
+    }
+}

@@ -1,0 +1,175 @@
+//! Host I/O straight into and out of app memory, and plain-data copies of Linux ABI structs.
+//!
+//! `read(2)` into an app buffer becomes one host `readv` over the guest pages behind it: no
+//! bounce buffer. All of it goes through [`AddressSpace`]'s checked translation first.
+
+use super::space::Access;
+use super::{AddressSpace, UserAddr};
+use rustix::io::Errno;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// Largest number of host iovecs one call passes (the kernel's IOV_MAX); a longer request
+/// is simply a short read or write, which callers already handle.
+const IOV_MAX: usize = 1024;
+
+/// Plain old data: a type made only of integers, with no padding, so that any byte pattern
+/// is a valid value and its bytes can be copied to and from app memory.
+///
+/// # Safety
+///
+/// Implement only for `#[repr(C)]` types whose every field is an integer or an array of
+/// integers, with no implicit padding.
+pub unsafe trait Pod: Copy + 'static {}
+
+macro_rules! pod {
+    ($($t:ty),* $(,)?) => {
+        // SAFETY: each of these is a primitive integer, or a libc struct that mirrors the
+        // x86-64 Linux ABI with explicit padding fields: no implicit padding, every byte
+        // pattern valid.
+        $(unsafe impl Pod for $t {})*
+    };
+}
+pod!(
+    u8,
+    u16,
+    u32,
+    u64,
+    i32,
+    i64,
+    libc::stat,
+    libc::statx,
+    libc::timespec,
+    libc::timeval,
+    libc::utsname,
+    libc::rlimit,
+    libc::pollfd,
+    libc::iovec,
+    libc::winsize,
+    rustix::fs::Stat,
+    rustix::fs::Statx,
+);
+
+// SAFETY: an array of plain data is plain data.
+unsafe impl<T: Pod, const N: usize> Pod for [T; N] {}
+
+fn as_bytes<T: Pod>(value: &T) -> &[u8] {
+    // SAFETY: `T: Pod` has no padding, so all `size_of::<T>()` bytes are initialised.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast(), std::mem::size_of::<T>()) }
+}
+
+/// The result of a host call that returns a count or -1 with errno.
+fn result_of(rc: isize) -> Result<usize, Errno> {
+    if rc < 0 {
+        Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO))
+    } else {
+        Ok(rc as usize)
+    }
+}
+
+impl AddressSpace {
+    /// Reads a `T` from app memory.
+    pub fn read_pod<T: Pod>(&mut self, addr: UserAddr) -> Result<T, Errno> {
+        let mut bytes = vec![0u8; std::mem::size_of::<T>()];
+        self.read(addr, &mut bytes)?;
+        // SAFETY: `bytes` holds exactly size_of::<T>() bytes and any bytes are a valid `T`
+        // (`Pod`); read_unaligned copes with the Vec's alignment.
+        Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+    }
+
+    /// Writes a `T` to app memory, which must be writable by the app.
+    pub fn write_pod<T: Pod>(&mut self, addr: UserAddr, value: &T) -> Result<(), Errno> {
+        self.write(addr, as_bytes(value))
+    }
+
+    /// Reads `count` values of `T` from an array in app memory.
+    pub fn read_pod_array<T: Pod>(
+        &mut self,
+        addr: UserAddr,
+        count: usize,
+    ) -> Result<Vec<T>, Errno> {
+        let size = std::mem::size_of::<T>();
+        let total = size.checked_mul(count).ok_or(Errno::FAULT)?;
+        let mut bytes = vec![0u8; total];
+        self.read(addr, &mut bytes)?;
+        Ok(bytes
+            .chunks_exact(size)
+            // SAFETY: each chunk holds exactly size_of::<T>() bytes; `T: Pod`.
+            .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<T>()) })
+            .collect())
+    }
+
+    /// Host iovecs over the app buffers `bufs`, checked for `access`.
+    fn host_iovecs(
+        &mut self,
+        bufs: &[(UserAddr, usize)],
+        access: Access,
+    ) -> Result<Vec<libc::iovec>, Errno> {
+        let mut iovecs = Vec::new();
+        for &(addr, len) in bufs {
+            if len == 0 {
+                continue;
+            }
+            iovecs.extend(self.iovecs(addr, len, access)?);
+            if iovecs.len() >= IOV_MAX {
+                iovecs.truncate(IOV_MAX);
+                break;
+            }
+        }
+        Ok(iovecs)
+    }
+
+    /// Reads from host `fd` into the app buffers `bufs` (read, readv, pread64, preadv).
+    pub fn read_from_host(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        bufs: &[(UserAddr, usize)],
+        offset: Option<u64>,
+    ) -> Result<usize, Errno> {
+        let iovecs = self.host_iovecs(bufs, Access::Write)?;
+        if iovecs.is_empty() {
+            return Ok(0);
+        }
+        // SAFETY: every iovec covers app memory that `host_iovecs` checked to be mapped
+        // writable; the vCPU is stopped while the VMM handles this call, and nothing else
+        // holds a Rust reference into guest memory.
+        let rc = unsafe {
+            match offset {
+                Some(off) => libc::preadv(
+                    fd.as_raw_fd(),
+                    iovecs.as_ptr(),
+                    iovecs.len() as i32,
+                    off as i64,
+                ),
+                None => libc::readv(fd.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32),
+            }
+        };
+        result_of(rc)
+    }
+
+    /// Writes the app buffers `bufs` to host `fd` (write, writev, pwrite64, pwritev).
+    pub fn write_to_host(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        bufs: &[(UserAddr, usize)],
+        offset: Option<u64>,
+    ) -> Result<usize, Errno> {
+        let iovecs = self.host_iovecs(bufs, Access::Read)?;
+        if iovecs.is_empty() {
+            return Ok(0);
+        }
+        // SAFETY: every iovec covers app memory that `host_iovecs` checked to be mapped
+        // readable; the host only reads it, and the vCPU is stopped meanwhile.
+        let rc = unsafe {
+            match offset {
+                Some(off) => libc::pwritev(
+                    fd.as_raw_fd(),
+                    iovecs.as_ptr(),
+                    iovecs.len() as i32,
+                    off as i64,
+                ),
+                None => libc::writev(fd.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32),
+            }
+        };
+        result_of(rc)
+    }
+}

@@ -1,0 +1,183 @@
+//! Guest-physical memory: the host mappings behind the three memory slots.
+
+use super::layout::{self, slot};
+use picocenter_guest_shim::abi;
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+    VolatileSlice,
+};
+
+/// Why guest-physical memory could not be set up or used.
+#[derive(Debug, thiserror::Error)]
+pub enum PhysError {
+    /// The host refused to reserve the mapping.
+    #[error("reserving {size} bytes of guest memory")]
+    Reserve {
+        /// Bytes asked for.
+        size: u64,
+        /// What mmap said.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// The requested RAM size is zero, unaligned or too large.
+    #[error("guest RAM must be a non-zero multiple of 2 MiB up to {max} bytes, not {size}")]
+    BadRamSize {
+        /// Bytes asked for.
+        size: u64,
+        /// Largest supported size.
+        max: u64,
+    },
+    /// The regions overlap (a layout bug).
+    #[error("building the guest memory map")]
+    Layout(#[from] vm_memory::GuestRegionCollectionError),
+    /// A VMM-internal access fell outside guest memory (a VMM bug, never a guest action).
+    #[error("guest-physical access at {gpa:#x} is outside guest memory")]
+    OutOfRange {
+        /// The address.
+        gpa: u64,
+    },
+}
+
+/// One KVM memory slot: what to pass to `KVM_SET_USER_MEMORY_REGION`.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotInfo {
+    /// Slot number.
+    pub slot: u32,
+    /// Guest-physical base.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Host virtual address of the mapping.
+    pub host_addr: u64,
+}
+
+/// The host mappings of a picoprocess's guest-physical memory.
+#[derive(Debug)]
+pub struct PhysicalMemory {
+    mem: GuestMemoryMmap,
+    ram_size: u64,
+    page_tables_size: u64,
+}
+
+impl PhysicalMemory {
+    /// Reserves `ram_size` bytes of RAM plus the system and page-table slots. Nothing is
+    /// committed until touched (MAP_NORESERVE).
+    pub fn new(ram_size: u64) -> Result<Self, PhysError> {
+        if ram_size == 0 || ram_size % (2 << 20) != 0 || ram_size > layout::MAX_RAM_SIZE {
+            return Err(PhysError::BadRamSize {
+                size: ram_size,
+                max: layout::MAX_RAM_SIZE,
+            });
+        }
+        let page_tables_size = layout::page_tables_size(ram_size);
+        let region = |gpa: u64, size: u64| -> Result<GuestRegionMmap, PhysError> {
+            let mapping = MmapRegion::new(size as usize)
+                .map_err(|source| PhysError::Reserve { size, source })?;
+            // `new` only fails when the region would wrap the address space.
+            GuestRegionMmap::new(mapping, GuestAddress(gpa))
+                .ok_or(PhysError::OutOfRange { gpa: gpa + size })
+        };
+        let mem = GuestMemoryMmap::from_regions(vec![
+            region(layout::RAM_GPA, ram_size)?,
+            region(layout::SYSTEM_GPA, abi::SYSTEM_PAGES * abi::PAGE_SIZE)?,
+            region(layout::PAGE_TABLES_GPA, page_tables_size)?,
+        ])?;
+        Ok(Self {
+            mem,
+            ram_size,
+            page_tables_size,
+        })
+    }
+
+    /// Bytes of app RAM.
+    pub fn ram_size(&self) -> u64 {
+        self.ram_size
+    }
+
+    /// Bytes of the page-table slot.
+    pub fn page_tables_size(&self) -> u64 {
+        self.page_tables_size
+    }
+
+    /// The slots to register with KVM, in slot order.
+    pub fn slots(&self) -> [SlotInfo; 3] {
+        let info = |slot: u32, gpa: u64, size: u64| SlotInfo {
+            slot,
+            gpa,
+            size,
+            host_addr: self
+                .mem
+                .get_host_address(GuestAddress(gpa))
+                .map(|p| p as u64)
+                .unwrap_or(0),
+        };
+        [
+            info(slot::RAM, layout::RAM_GPA, self.ram_size),
+            info(
+                slot::SYSTEM,
+                layout::SYSTEM_GPA,
+                abi::SYSTEM_PAGES * abi::PAGE_SIZE,
+            ),
+            info(
+                slot::PAGE_TABLES,
+                layout::PAGE_TABLES_GPA,
+                self.page_tables_size,
+            ),
+        ]
+    }
+
+    /// Reads a little-endian u64 (a page-table entry).
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, PhysError> {
+        self.mem
+            .read_obj::<u64>(GuestAddress(gpa))
+            .map_err(|_| PhysError::OutOfRange { gpa })
+    }
+
+    /// Writes a little-endian u64 (a page-table entry).
+    pub fn write_u64(&self, gpa: u64, value: u64) -> Result<(), PhysError> {
+        self.mem
+            .write_obj(value, GuestAddress(gpa))
+            .map_err(|_| PhysError::OutOfRange { gpa })
+    }
+
+    /// Copies `data` to guest-physical `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), PhysError> {
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| PhysError::OutOfRange { gpa })
+    }
+
+    /// Copies guest-physical `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), PhysError> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| PhysError::OutOfRange { gpa })
+    }
+
+    /// A volatile view of `len` bytes at `gpa`, which must not cross a slot boundary.
+    pub fn slice(&self, gpa: u64, len: usize) -> Result<VolatileSlice<'_>, PhysError> {
+        self.mem
+            .get_slice(GuestAddress(gpa), len)
+            .map_err(|_| PhysError::OutOfRange { gpa })
+    }
+
+    /// Host address of guest-physical `gpa`.
+    pub fn host_addr(&self, gpa: u64) -> Result<*mut u8, PhysError> {
+        self.mem
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|_| PhysError::OutOfRange { gpa })
+    }
+
+    /// Returns RAM pages to the host: their contents read as zero afterwards. KVM drops its
+    /// own mappings of them through the MMU notifier, so the guest sees zeros too.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<(), PhysError> {
+        let slice = self.slice(gpa, len as usize)?;
+        let guard = slice.ptr_guard_mut();
+        // SAFETY: the range is inside one of our anonymous private mappings (checked by
+        // `slice`), and MADV_DONTNEED on such memory only replaces its contents with zeros;
+        // no Rust reference into guest memory is held across this call.
+        let rc = unsafe { libc::madvise(guard.as_ptr().cast(), len as usize, libc::MADV_DONTNEED) };
+        debug_assert_eq!(rc, 0, "madvise(DONTNEED) on guest RAM");
+        Ok(())
+    }
+}

@@ -1,0 +1,741 @@
+//! The app's address space: the VMM acting as the guest's kernel for memory.
+//!
+//! It keeps the areas (VMAs), the page tables and the RAM frames consistent. Mappings are
+//! populated when they are made where that is cheap, because a page fault costs an exception
+//! exit; large mappings fill in on demand, a window of pages per fault.
+//!
+//! Adding a translation needs nothing more. Removing or reducing one marks the space
+//! *stale*: the run loop must invalidate guest translations (see `crate::platform`) before
+//! the guest runs again, and only then are the freed frames reused.
+
+use super::frames::FrameAllocator;
+use super::paging::*;
+use super::phys::{PhysError, PhysicalMemory};
+use super::vma::{Backing, Prot, Vma, VmaRole, VmaSet};
+use super::UserAddr;
+use rustix::io::Errno;
+use std::os::fd::AsRawFd;
+
+/// One past the highest user address (Linux's TASK_SIZE on x86-64).
+pub const USER_END: u64 = 0x7fff_ffff_f000;
+/// Lowest address `mmap` hands out (Linux's default `vm.mmap_min_addr`).
+pub const MMAP_MIN: u64 = 0x1_0000;
+/// Top of the main stack.
+pub const STACK_TOP: u64 = USER_END;
+/// Size of the main stack area (RLIMIT_STACK).
+pub const STACK_SIZE: u64 = 8 << 20;
+/// Where top-down `mmap` placement starts: below the stack and a guard gap, as Linux does.
+pub const MMAP_BASE: u64 = STACK_TOP - (128 << 20);
+/// Bytes of the stack populated up front.
+const STACK_EAGER: u64 = 128 << 10;
+/// Anonymous mappings up to this size are populated when made (PTEs only; the host commits
+/// nothing until the guest touches a page).
+const EAGER_ANON_MAX: u64 = 16 << 20;
+/// File mappings up to this size are read in when made.
+const EAGER_FILE_MAX: u64 = 1 << 20;
+/// Pages populated around a demand fault.
+const FAULT_WINDOW_PAGES: u64 = 32;
+
+const PAGE: u64 = 4096;
+
+fn page_down(addr: u64) -> u64 {
+    addr & !(PAGE - 1)
+}
+
+fn page_up(addr: u64) -> Option<u64> {
+    addr.checked_add(PAGE - 1).map(page_down)
+}
+
+/// Kind of access a fault or a syscall buffer needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reading.
+    Read,
+    /// Writing.
+    Write,
+    /// Instruction fetch.
+    Execute,
+}
+
+/// Where a new mapping may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Anywhere; `hint` is tried first when it is free.
+    Hint(u64),
+    /// Exactly here, replacing what is there (MAP_FIXED).
+    Fixed(u64),
+    /// Exactly here, failing with EEXIST if anything is there (MAP_FIXED_NOREPLACE).
+    FixedNoReplace(u64),
+}
+
+/// What a page fault turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultResolution {
+    /// The page is now mapped; resume the guest.
+    Resolved,
+    /// No area covers the address (SEGV_MAPERR).
+    Unmapped,
+    /// An area covers it but forbids the access (SEGV_ACCERR).
+    Forbidden,
+}
+
+/// Counters for stats and diagnostics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MemoryStats {
+    /// RAM frames owned by mappings.
+    pub frames_in_use: u64,
+    /// RAM frames in total.
+    pub frames_total: u64,
+    /// Page-table pages in use.
+    pub table_pages: u64,
+    /// Demand faults served.
+    pub demand_faults: u64,
+    /// Invalidations performed.
+    pub invalidations: u64,
+}
+
+/// The app's address space.
+#[derive(Debug)]
+pub struct AddressSpace {
+    phys: PhysicalMemory,
+    frames: FrameAllocator,
+    tables: PageTables,
+    vmas: VmaSet,
+    brk_start: u64,
+    brk: u64,
+    nx: bool,
+    stale: bool,
+    stats: MemoryStats,
+}
+
+/// Logs a VMM-internal memory error and turns it into the errno the guest sees. These only
+/// happen on VMM bugs; the guest must never be able to cause one.
+fn internal(err: impl std::fmt::Display) -> Errno {
+    tracing::error!("internal memory error: {err}");
+    Errno::FAULT
+}
+
+impl From<PagingError> for Errno {
+    fn from(err: PagingError) -> Errno {
+        match err {
+            PagingError::OutOfTables => Errno::NOMEM,
+            PagingError::Phys(e) => internal(e),
+        }
+    }
+}
+
+impl AddressSpace {
+    /// Creates an empty address space over `phys`. `nx` says whether EFER.NXE is on, so
+    /// that non-executable pages can be marked so.
+    pub fn new(phys: PhysicalMemory, nx: bool) -> Result<Self, PagingError> {
+        let tables = PageTables::new(&phys)?;
+        let frames = FrameAllocator::new(super::layout::RAM_GPA, phys.ram_size() / PAGE);
+        Ok(Self {
+            phys,
+            frames,
+            tables,
+            vmas: VmaSet::default(),
+            brk_start: 0,
+            brk: 0,
+            nx,
+            stale: false,
+            stats: MemoryStats::default(),
+        })
+    }
+
+    /// The guest-physical memory under this space.
+    pub fn phys(&self) -> &PhysicalMemory {
+        &self.phys
+    }
+
+    /// Guest-physical address of the root page table (CR3).
+    pub fn page_table_root(&self) -> u64 {
+        self.tables.root()
+    }
+
+    /// The areas, in address order.
+    pub fn vmas(&self) -> &VmaSet {
+        &self.vmas
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> MemoryStats {
+        MemoryStats {
+            frames_in_use: self.frames.in_use(),
+            frames_total: self.phys.ram_size() / PAGE,
+            table_pages: self.tables.tables_in_use(),
+            ..self.stats
+        }
+    }
+
+    /// Maps a system page (VMM machinery above the user range) at `va` to `gpa`.
+    pub fn map_system_page(&mut self, va: u64, gpa: u64, flags: u64) -> Result<(), PagingError> {
+        self.tables.set(&self.phys, va, gpa | flags | PTE_PRESENT)
+    }
+
+    /// Whether a translation was removed or reduced since the last invalidation.
+    pub fn is_stale(&self) -> bool {
+        self.stale
+    }
+
+    /// Records that guest translations were invalidated: quarantined frames become reusable.
+    pub fn invalidated(&mut self) {
+        self.stale = false;
+        self.frames.release_quarantine();
+        self.stats.invalidations += 1;
+    }
+
+    fn leaf_flags(&self, prot: Prot) -> u64 {
+        let mut flags = PTE_USER | PTE_OWNED;
+        if prot != Prot::NONE {
+            flags |= PTE_PRESENT;
+        }
+        if prot.contains(Prot::WRITE) {
+            flags |= PTE_WRITABLE;
+        }
+        if self.nx && !prot.contains(Prot::EXEC) {
+            flags |= PTE_NX;
+        }
+        flags
+    }
+
+    /// Whether replacing leaf `old` with `new` takes away anything the guest could do.
+    fn reduces(old: u64, new: u64) -> bool {
+        let had = |pte: u64, bit: u64| pte & bit != 0;
+        (had(old, PTE_PRESENT) && !had(new, PTE_PRESENT))
+            || (had(old, PTE_WRITABLE) && !had(new, PTE_WRITABLE))
+            || (!had(old, PTE_NX) && had(new, PTE_NX))
+            || (old & PTE_FRAME != new & PTE_FRAME && had(old, PTE_PRESENT))
+    }
+
+    /// Gives back the frame of a leaf that was just cleared.
+    fn release_frame(&mut self, pte: u64) {
+        if pte & PTE_OWNED == 0 {
+            return;
+        }
+        let gpa = pte & PTE_FRAME;
+        // Freed frames are kept zeroed, so that allocation never has to clear one.
+        if let Err(e) = self.phys.discard(gpa, PAGE) {
+            internal(e);
+            return;
+        }
+        if pte & PTE_PRESENT != 0 {
+            self.stale = true;
+            self.frames.quarantine(gpa);
+        } else {
+            self.frames.free(gpa);
+        }
+    }
+
+    // ---- mapping -------------------------------------------------------------------
+
+    /// Maps `len` bytes and returns the address (mmap's core).
+    pub fn map(
+        &mut self,
+        placement: Placement,
+        len: u64,
+        prot: Prot,
+        backing: Backing,
+        role: VmaRole,
+    ) -> Result<u64, Errno> {
+        let len = page_up(len).filter(|&l| l > 0).ok_or(Errno::INVAL)?;
+        if len > USER_END {
+            return Err(Errno::NOMEM);
+        }
+        // Like Linux's overcommit heuristic: a writable private mapping larger than all of
+        // RAM can never be backed.
+        if prot.contains(Prot::WRITE) && len > self.phys.ram_size() {
+            return Err(Errno::NOMEM);
+        }
+        let start = match placement {
+            Placement::Fixed(addr) | Placement::FixedNoReplace(addr) => {
+                let end = addr.checked_add(len).ok_or(Errno::INVAL)?;
+                if addr % PAGE != 0 || addr < MMAP_MIN || end > USER_END {
+                    return Err(Errno::INVAL);
+                }
+                if matches!(placement, Placement::FixedNoReplace(_))
+                    && !self.vmas.is_free(addr, end)
+                {
+                    return Err(Errno::EXIST);
+                }
+                self.unmap(addr, len)?;
+                addr
+            }
+            Placement::Hint(hint) => self.choose_address(hint, len)?,
+        };
+        let end = start + len;
+        self.vmas.insert(Vma {
+            start,
+            end,
+            prot,
+            backing,
+            role,
+        });
+        self.populate_by_policy(start, end)?;
+        Ok(start)
+    }
+
+    fn choose_address(&self, hint: u64, len: u64) -> Result<u64, Errno> {
+        let hint = page_down(hint);
+        if hint >= MMAP_MIN
+            && hint.checked_add(len).is_some_and(|end| end <= USER_END)
+            && self.vmas.is_free(hint, hint + len)
+        {
+            return Ok(hint);
+        }
+        self.vmas
+            .find_free_top_down(len, MMAP_MIN, MMAP_BASE)
+            .ok_or(Errno::NOMEM)
+    }
+
+    /// Populates `[start, end)` now if the policy says it is cheap enough.
+    fn populate_by_policy(&mut self, start: u64, end: u64) -> Result<(), Errno> {
+        let Some(vma) = self.vmas.get(start) else {
+            return Ok(());
+        };
+        if vma.prot == Prot::NONE {
+            return Ok(());
+        }
+        let len = end - start;
+        let eager = match (&vma.backing, vma.role) {
+            (_, VmaRole::Stack) => return self.populate(end.saturating_sub(STACK_EAGER), end),
+            (Backing::Anonymous, _) => {
+                len <= EAGER_ANON_MAX && len / PAGE * 2 <= self.frames.available()
+            }
+            (Backing::File { .. }, _) => len <= EAGER_FILE_MAX,
+        };
+        if eager {
+            self.populate(start, end)?;
+        }
+        Ok(())
+    }
+
+    /// Gives every page in `[start, end)` that lies in an area a frame, filled from its
+    /// backing. Pages that already have one are left alone.
+    pub fn populate(&mut self, start: u64, end: u64) -> Result<(), Errno> {
+        let areas: Vec<Vma> = self.vmas.overlapping(start, end).cloned().collect();
+        for vma in areas {
+            let lo = start.max(vma.start);
+            let hi = end.min(vma.end);
+            let flags = self.leaf_flags(vma.prot);
+            let mut file_run: Vec<(u64, u64)> = Vec::new();
+            let mut va = lo;
+            while va < hi {
+                if self.tables.get(&self.phys, va)? & PTE_OWNED == 0 {
+                    let gpa = self.frames.alloc().ok_or(Errno::NOMEM)?;
+                    if let Backing::File { .. } = vma.backing {
+                        file_run.push((va, gpa));
+                    }
+                    self.tables.set(&self.phys, va, gpa | flags)?;
+                } else if !file_run.is_empty() {
+                    self.fill_from_file(&vma, &std::mem::take(&mut file_run))?;
+                }
+                va += PAGE;
+            }
+            if !file_run.is_empty() {
+                self.fill_from_file(&vma, &file_run)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the file contents of consecutive pages `(va, gpa)` of `vma` into their frames.
+    fn fill_from_file(&self, vma: &Vma, pages: &[(u64, u64)]) -> Result<(), Errno> {
+        let Backing::File { file, offset, .. } = &vma.backing else {
+            return Ok(());
+        };
+        for chunk in pages.chunks(64) {
+            let mut iovecs = Vec::with_capacity(chunk.len());
+            for &(_, gpa) in chunk {
+                let host = self.phys.host_addr(gpa).map_err(internal)?;
+                iovecs.push(libc::iovec {
+                    iov_base: host.cast(),
+                    iov_len: PAGE as usize,
+                });
+            }
+            let file_offset = offset + (chunk[0].0 - vma.start);
+            // SAFETY: each iovec covers one whole RAM frame that this space owns and that
+            // no Rust reference aliases; the vCPU is not running while the VMM handles an
+            // exit. Short reads (end of file) leave the rest of the frames zero, as they
+            // were allocated.
+            let rc = unsafe {
+                libc::preadv(
+                    file.as_raw_fd(),
+                    iovecs.as_ptr(),
+                    iovecs.len() as i32,
+                    file_offset as i64,
+                )
+            };
+            if rc < 0 {
+                return Err(Errno::IO);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes mappings in `[addr, addr + len)` (munmap's core).
+    pub fn unmap(&mut self, addr: u64, len: u64) -> Result<(), Errno> {
+        let len = page_up(len).ok_or(Errno::INVAL)?;
+        let end = addr.checked_add(len).ok_or(Errno::INVAL)?;
+        if addr % PAGE != 0 || len == 0 || end > USER_END {
+            return Err(Errno::INVAL);
+        }
+        self.vmas.carve(addr, end);
+        for (va, pte) in self.tables.leaves(&self.phys, addr, end)? {
+            self.tables.clear(&self.phys, va)?;
+            self.release_frame(pte);
+        }
+        Ok(())
+    }
+
+    /// Changes the protection of `[addr, addr + len)` (mprotect's core).
+    pub fn protect(&mut self, addr: u64, len: u64, prot: Prot) -> Result<(), Errno> {
+        let len = page_up(len).ok_or(Errno::INVAL)?;
+        let end = addr.checked_add(len).ok_or(Errno::INVAL)?;
+        if addr % PAGE != 0 || end > USER_END {
+            return Err(Errno::INVAL);
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.vmas.is_covered(addr, end) {
+            return Err(Errno::NOMEM);
+        }
+        for mut piece in self.vmas.carve(addr, end) {
+            piece.prot = prot;
+            self.vmas.insert(piece);
+        }
+        let flags = self.leaf_flags(prot);
+        for (va, old) in self.tables.leaves(&self.phys, addr, end)? {
+            let new = (old & (PTE_FRAME | PTE_ACCESSED | PTE_DIRTY)) | flags;
+            if Self::reduces(old, new) {
+                self.stale = true;
+            }
+            self.tables.set(&self.phys, va, new)?;
+        }
+        self.populate_by_policy(addr, end)
+    }
+
+    /// Grows, shrinks or moves a mapping (mremap's core). Moving re-points page-table
+    /// entries at the same frames; no data is copied.
+    pub fn remap(
+        &mut self,
+        old: u64,
+        old_len: u64,
+        new_len: u64,
+        may_move: bool,
+        fixed: Option<u64>,
+    ) -> Result<u64, Errno> {
+        let old_len = page_up(old_len).ok_or(Errno::INVAL)?;
+        let new_len = page_up(new_len).filter(|&l| l > 0).ok_or(Errno::INVAL)?;
+        let old_end = old.checked_add(old_len).ok_or(Errno::INVAL)?;
+        if old % PAGE != 0 || old_end > USER_END {
+            return Err(Errno::INVAL);
+        }
+        let area = self.vmas.get(old).cloned().ok_or(Errno::FAULT)?;
+        if old_end > area.end {
+            return Err(Errno::FAULT);
+        }
+        if fixed.is_none() {
+            if new_len <= old_len {
+                if new_len < old_len {
+                    self.unmap(old + new_len, old_len - new_len)?;
+                }
+                return Ok(old);
+            }
+            let grown_end = old.checked_add(new_len).ok_or(Errno::NOMEM)?;
+            if old_end == area.end && grown_end <= USER_END && self.vmas.is_free(old_end, grown_end)
+            {
+                let mut tail = area.clip_for_growth(old_end, grown_end);
+                tail.start = old_end;
+                self.vmas.insert(tail);
+                self.populate_by_policy(old_end, grown_end)?;
+                return Ok(old);
+            }
+            if !may_move {
+                return Err(Errno::NOMEM);
+            }
+        }
+        let target = match fixed {
+            Some(addr) => {
+                let end = addr.checked_add(new_len).ok_or(Errno::INVAL)?;
+                if addr % PAGE != 0 || end > USER_END || (addr < old_end && old < end) {
+                    return Err(Errno::INVAL);
+                }
+                self.unmap(addr, new_len)?;
+                addr
+            }
+            None => self.choose_address(0, new_len)?,
+        };
+        let keep = old_len.min(new_len);
+        let moved = self.vmas.carve(old, old + keep);
+        for (va, pte) in self.tables.leaves(&self.phys, old, old + keep)? {
+            self.tables.clear(&self.phys, va)?;
+            self.tables.set(&self.phys, target + (va - old), pte)?;
+            if pte & PTE_PRESENT != 0 {
+                self.stale = true;
+            }
+        }
+        for mut piece in moved {
+            piece.start = target + (piece.start - old);
+            piece.end = target + (piece.end - old);
+            self.vmas.insert(piece);
+        }
+        if old_len > keep {
+            self.unmap(old + keep, old_len - keep)?;
+        }
+        if new_len > keep {
+            let tail = area.clip_for_growth(target + keep, target + new_len);
+            self.vmas.insert(tail);
+            self.populate_by_policy(target + keep, target + new_len)?;
+        }
+        Ok(target)
+    }
+
+    /// Drops the contents of `[addr, addr + len)` (madvise(MADV_DONTNEED)): anonymous pages
+    /// read as zero afterwards, file pages as the file.
+    pub fn discard(&mut self, addr: u64, len: u64) -> Result<(), Errno> {
+        let len = page_up(len).ok_or(Errno::INVAL)?;
+        let end = addr.checked_add(len).ok_or(Errno::INVAL)?;
+        if addr % PAGE != 0 || end > USER_END {
+            return Err(Errno::INVAL);
+        }
+        for (va, pte) in self.tables.leaves(&self.phys, addr, end)? {
+            let anonymous = matches!(
+                self.vmas.get(va).map(|v| &v.backing),
+                Some(Backing::Anonymous) | None
+            );
+            if anonymous {
+                // The frame stays mapped; the host drops its contents and KVM its mapping.
+                self.phys.discard(pte & PTE_FRAME, PAGE).map_err(internal)?;
+            } else {
+                self.tables.clear(&self.phys, va)?;
+                self.release_frame(pte);
+            }
+        }
+        Ok(())
+    }
+
+    // ---- brk -------------------------------------------------------------------------
+
+    /// Sets where the heap starts (just past the program's highest segment).
+    pub fn set_brk_start(&mut self, addr: u64) {
+        self.brk_start = addr;
+        self.brk = addr;
+    }
+
+    /// brk(2): moves the program break and returns the new (or unchanged) break.
+    pub fn brk(&mut self, requested: u64) -> u64 {
+        if requested < self.brk_start || requested > MMAP_BASE {
+            return self.brk;
+        }
+        let (Some(old_top), Some(new_top)) = (page_up(self.brk), page_up(requested)) else {
+            return self.brk;
+        };
+        if new_top > old_top {
+            if !self.vmas.is_free(old_top, new_top) {
+                return self.brk;
+            }
+            let mapped = self.map(
+                Placement::FixedNoReplace(old_top),
+                new_top - old_top,
+                Prot::RW,
+                Backing::Anonymous,
+                VmaRole::Heap,
+            );
+            if mapped.is_err() {
+                return self.brk;
+            }
+        } else if new_top < old_top && self.unmap(new_top, old_top - new_top).is_err() {
+            return self.brk;
+        }
+        self.brk = requested;
+        self.brk
+    }
+
+    // ---- faults and guest pointers ------------------------------------------------------
+
+    /// Handles a page fault at `addr` for `access`: maps the page if an area allows it.
+    pub fn handle_fault(&mut self, addr: u64, access: Access) -> Result<FaultResolution, Errno> {
+        let Some(vma) = self.vmas.get(addr).cloned() else {
+            return Ok(FaultResolution::Unmapped);
+        };
+        let needed = match access {
+            Access::Read => Prot::READ,
+            Access::Write => Prot::WRITE,
+            Access::Execute => Prot::EXEC,
+        };
+        if !vma.prot.contains(needed) && !(access == Access::Read && vma.prot != Prot::NONE) {
+            return Ok(FaultResolution::Forbidden);
+        }
+        let page = page_down(addr);
+        if self.tables.get(&self.phys, page)? & PTE_OWNED != 0 {
+            // Mapped with the right permissions already: a stale shadow entry, which the
+            // CPU refreshes on the next access.
+            return Ok(FaultResolution::Resolved);
+        }
+        let window = FAULT_WINDOW_PAGES * PAGE;
+        let lo = (page & !(window - 1)).max(vma.start);
+        let hi = (lo + window).min(vma.end);
+        self.populate(lo, hi)?;
+        self.stats.demand_faults += 1;
+        Ok(FaultResolution::Resolved)
+    }
+
+    /// Guest-physical pieces of `[addr, addr + len)`, checked for `access` the way the CPU
+    /// would check the app's own access, and mapped on demand. EFAULT for anything else.
+    fn user_pieces(
+        &mut self,
+        addr: UserAddr,
+        len: usize,
+        access: Access,
+    ) -> Result<Vec<(u64, usize)>, Errno> {
+        let start = addr.0;
+        let end = start.checked_add(len as u64).ok_or(Errno::FAULT)?;
+        if end > USER_END {
+            return Err(Errno::FAULT);
+        }
+        let need = match access {
+            Access::Write => PTE_PRESENT | PTE_WRITABLE | PTE_USER,
+            _ => PTE_PRESENT | PTE_USER,
+        };
+        let mut pieces: Vec<(u64, usize)> = Vec::new();
+        let mut at = start;
+        while at < end {
+            let page = page_down(at);
+            let mut pte = self.tables.get(&self.phys, page)?;
+            if pte & PTE_OWNED == 0 {
+                if self.handle_fault(at, access)? != FaultResolution::Resolved {
+                    return Err(Errno::FAULT);
+                }
+                pte = self.tables.get(&self.phys, page)?;
+            }
+            if pte & need != need {
+                return Err(Errno::FAULT);
+            }
+            let chunk = ((page + PAGE).min(end) - at) as usize;
+            let gpa = (pte & PTE_FRAME) + (at - page);
+            match pieces.last_mut() {
+                Some((last_gpa, last_len)) if *last_gpa + *last_len as u64 == gpa => {
+                    *last_len += chunk
+                }
+                _ => pieces.push((gpa, chunk)),
+            }
+            at += chunk as u64;
+        }
+        Ok(pieces)
+    }
+
+    /// Copies `buf.len()` bytes of app memory at `addr` into `buf`.
+    pub fn read(&mut self, addr: UserAddr, buf: &mut [u8]) -> Result<(), Errno> {
+        let mut done = 0;
+        for (gpa, len) in self.user_pieces(addr, buf.len(), Access::Read)? {
+            self.phys
+                .read(gpa, &mut buf[done..done + len])
+                .map_err(internal)?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into app memory at `addr`, which must be writable by the app.
+    pub fn write(&mut self, addr: UserAddr, data: &[u8]) -> Result<(), Errno> {
+        let mut done = 0;
+        for (gpa, len) in self.user_pieces(addr, data.len(), Access::Write)? {
+            self.phys
+                .write(gpa, &data[done..done + len])
+                .map_err(internal)?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into app memory at `addr` whatever its protection (the loader's
+    /// access: it fills read-only segments and the initial stack). The pages must be
+    /// mapped.
+    pub fn poke(&mut self, addr: UserAddr, data: &[u8]) -> Result<(), Errno> {
+        let mut at = addr.0;
+        let mut done = 0;
+        while done < data.len() {
+            let page = page_down(at);
+            let pte = self.tables.get(&self.phys, page)?;
+            if pte & PTE_OWNED == 0 {
+                self.populate(page, page + PAGE)?;
+            }
+            let pte = self.tables.get(&self.phys, page)?;
+            if pte & PTE_OWNED == 0 {
+                return Err(Errno::FAULT);
+            }
+            let chunk = ((page + PAGE - at) as usize).min(data.len() - done);
+            self.phys
+                .write((pte & PTE_FRAME) + (at - page), &data[done..done + chunk])
+                .map_err(internal)?;
+            done += chunk;
+            at += chunk as u64;
+        }
+        Ok(())
+    }
+
+    /// Host I/O vectors over `[addr, addr + len)` of app memory, checked for `access`, for
+    /// zero-copy `readv`/`writev` between a host fd and the app's buffer. They stay valid
+    /// until the address space is next changed.
+    pub fn iovecs(
+        &mut self,
+        addr: UserAddr,
+        len: usize,
+        access: Access,
+    ) -> Result<Vec<libc::iovec>, Errno> {
+        self.user_pieces(addr, len, access)?
+            .into_iter()
+            .map(|(gpa, len)| {
+                let host = self.phys.host_addr(gpa).map_err(internal)?;
+                Ok(libc::iovec {
+                    iov_base: host.cast(),
+                    iov_len: len,
+                })
+            })
+            .collect()
+    }
+
+    /// Reads a NUL-terminated string of at most `max` bytes (without the NUL).
+    pub fn read_cstr(&mut self, addr: UserAddr, max: usize) -> Result<Vec<u8>, Errno> {
+        let mut out = Vec::new();
+        let mut at = addr.0;
+        loop {
+            let room = (PAGE - at % PAGE) as usize;
+            let mut chunk = vec![0u8; room.min(max + 1 - out.len())];
+            self.read(UserAddr(at), &mut chunk)?;
+            if let Some(nul) = chunk.iter().position(|&b| b == 0) {
+                out.extend_from_slice(&chunk[..nul]);
+                return Ok(out);
+            }
+            out.extend_from_slice(&chunk);
+            if out.len() > max {
+                return Err(Errno::NAMETOOLONG);
+            }
+            at += chunk.len() as u64;
+        }
+    }
+
+    /// The leaf entry for `va` (0 if none), for diagnostics and tests.
+    pub fn leaf(&mut self, va: u64) -> Result<u64, PhysError> {
+        self.tables.get(&self.phys, va).map_err(|e| match e {
+            PagingError::Phys(p) => p,
+            PagingError::OutOfTables => PhysError::OutOfRange { gpa: va },
+        })
+    }
+}
+
+impl Vma {
+    /// An area like this one covering `[start, end)` (used when an area grows: file
+    /// offsets continue from where this one's would).
+    fn clip_for_growth(&self, start: u64, end: u64) -> Vma {
+        let mut grown = self.clone();
+        if let Backing::File { offset, .. } = &mut grown.backing {
+            *offset += start - self.start;
+        }
+        grown.start = start;
+        grown.end = end;
+        grown
+    }
+}

@@ -1,0 +1,57 @@
+//! The state the Linux ABI keeps for one app: its memory, files, working directory, signal
+//! dispositions, identity and clocks. Syscall handlers take `&mut Process`.
+
+use crate::fdtable::FdTable;
+use crate::kvm::kick::Kicker;
+use crate::memory::AddressSpace;
+use crate::sandbox::Sandbox;
+use crate::syscalls::signal::SignalState;
+use crate::syscalls::time::Clock;
+use crate::trace::SyscallTrace;
+use std::collections::HashSet;
+
+/// The pid the app sees. It is alone in its picoprocess, and 1 would suggest init.
+pub const GUEST_PID: i32 = 2;
+/// Its parent's pid.
+pub const GUEST_PPID: i32 = 1;
+
+/// The app's process state.
+#[derive(Debug)]
+pub struct Process {
+    /// Its address space.
+    pub mem: AddressSpace,
+    /// Its fds.
+    pub files: FdTable,
+    /// Its file namespace.
+    pub sandbox: Sandbox,
+    /// Its working directory (absolute, normalised guest path).
+    pub cwd: String,
+    /// Its file-mode creation mask.
+    pub umask: u32,
+    /// Signal dispositions and mask.
+    pub signals: SignalState,
+    /// Its clocks.
+    pub clock: Clock,
+    /// Interrupts blocking calls.
+    pub kicker: Kicker,
+    /// The FS base the app set; the run loop writes it to the vCPU when it changes.
+    pub fs_base: u64,
+    /// Whether `fs_base` changed since the vCPU last saw it.
+    pub fs_base_changed: bool,
+    /// The address set by set_tid_address.
+    pub clear_child_tid: u64,
+    /// The app's name (for logs and `ps`).
+    pub name: String,
+    /// Per-syscall counts and times, when tracing.
+    pub trace: Option<SyscallTrace>,
+    /// Unsupported syscalls already logged (each is logged once).
+    pub warned: HashSet<u64>,
+}
+
+impl Process {
+    /// Makes `path` (as the app named it) absolute and normalised against the working
+    /// directory.
+    pub fn absolute(&self, path: &str) -> String {
+        crate::sandbox::normalize(&self.cwd, path)
+    }
+}

@@ -1,0 +1,263 @@
+//! The app's file namespace: a read-only root plus writable directories, and nothing else.
+//!
+//! Every path the app names is made absolute against its working directory, normalised
+//! lexically, matched to the longest mount prefix, and opened inside that mount with
+//! `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`: `..` stops at the mount's top,
+//! absolute symlinks are resolved inside it, and `/proc/self/root`-style magic links are
+//! refused. So no path, symlink or race can reach a host file outside the mounts.
+//!
+//! The root mount is read-only: any call that would change it fails with EROFS. Writable
+//! mounts (the app's data directories) allow changes.
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// Why a mount could not be set up (operator error, reported before the app starts).
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The host directory could not be opened.
+    #[error("opening {path} as a mount for {guest}")]
+    OpenHostDir {
+        /// Host path.
+        path: PathBuf,
+        /// Guest path.
+        guest: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest path is not absolute.
+    #[error("mount point {0:?} must be an absolute path")]
+    RelativeMountPoint(String),
+}
+
+/// One host directory visible at a guest path.
+#[derive(Debug)]
+struct Mount {
+    guest: String,
+    host: OwnedFd,
+    host_path: PathBuf,
+    writable: bool,
+}
+
+/// A resolved path: which mount, and the path inside it.
+#[derive(Debug)]
+pub struct Resolved<'a> {
+    mount: &'a Mount,
+    /// The path relative to the mount (never empty: "." for the mount itself).
+    pub relative: String,
+}
+
+impl Resolved<'_> {
+    /// Fails with EROFS unless the path is in a writable mount.
+    pub fn require_writable(&self) -> Result<(), Errno> {
+        if self.mount.writable {
+            Ok(())
+        } else {
+            Err(Errno::ROFS)
+        }
+    }
+
+    /// The mount's directory fd, to use with the `*at` calls on [`Self::relative`] for
+    /// operations that must not follow a final symlink.
+    pub fn parent_and_name(&self) -> Result<(OwnedFd, String), Errno> {
+        let (parent, name) = match self.relative.rsplit_once('/') {
+            Some((parent, name)) => (parent.to_string(), name.to_string()),
+            None => (".".to_string(), self.relative.clone()),
+        };
+        if name == "." || name == ".." {
+            return Err(Errno::INVAL);
+        }
+        let dir = open_in(
+            &self.mount.host,
+            &parent,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok((dir, name))
+    }
+}
+
+fn open_in(root: &OwnedFd, relative: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {
+    rustix::fs::openat2(
+        root.as_fd(),
+        relative,
+        flags,
+        mode,
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
+/// Joins `path` to `cwd` (when relative) and normalises `.`, `..` and repeated slashes.
+/// `..` at the top stays at the top, as the kernel does at `/`.
+pub fn normalize(cwd: &str, path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    let joined = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{cwd}/{path}")
+    };
+    for part in joined.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            other => parts.push(other),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// The mount table of one app.
+#[derive(Debug)]
+pub struct Sandbox {
+    /// Longest guest prefix first.
+    mounts: Vec<Mount>,
+}
+
+impl Sandbox {
+    /// A sandbox whose read-only root is the host directory `root`.
+    pub fn new(root: &Path) -> Result<Self, SandboxError> {
+        let mut sandbox = Self { mounts: Vec::new() };
+        sandbox.mount("/", root, false)?;
+        Ok(sandbox)
+    }
+
+    /// Makes host directory `host` visible at guest path `guest`.
+    pub fn mount(&mut self, guest: &str, host: &Path, writable: bool) -> Result<(), SandboxError> {
+        if !guest.starts_with('/') {
+            return Err(SandboxError::RelativeMountPoint(guest.to_string()));
+        }
+        let guest = normalize("/", guest);
+        let fd = rustix::fs::open(
+            host,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| SandboxError::OpenHostDir {
+            path: host.to_path_buf(),
+            guest: guest.clone(),
+            source: e.into(),
+        })?;
+        self.mounts.retain(|m| m.guest != guest);
+        self.mounts.push(Mount {
+            guest,
+            host: fd,
+            host_path: host.to_path_buf(),
+            writable,
+        });
+        self.mounts
+            .sort_by_key(|m| std::cmp::Reverse(m.guest.len()));
+        Ok(())
+    }
+
+    /// The host directory behind each mount, as (guest path, host path, writable).
+    pub fn mounts(&self) -> impl Iterator<Item = (&str, &Path, bool)> {
+        self.mounts
+            .iter()
+            .map(|m| (m.guest.as_str(), m.host_path.as_path(), m.writable))
+    }
+
+    /// Resolves an absolute, normalised guest path to its mount.
+    pub fn resolve(&self, path: &str) -> Resolved<'_> {
+        for mount in &self.mounts {
+            let rest = if mount.guest == "/" {
+                Some(path.trim_start_matches('/'))
+            } else {
+                path.strip_prefix(mount.guest.as_str())
+                    .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+                    .map(|rest| rest.trim_start_matches('/'))
+            };
+            if let Some(rest) = rest {
+                let relative = if rest.is_empty() { "." } else { rest };
+                return Resolved {
+                    mount,
+                    relative: relative.to_string(),
+                };
+            }
+        }
+        unreachable!("the root mount matches every absolute path")
+    }
+
+    /// Opens an absolute, normalised guest path. Flags that could change the file (write
+    /// access, O_CREAT of a missing file, O_TRUNC) need a writable mount.
+    pub fn open(&self, path: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {
+        let resolved = self.resolve(path);
+        let writes = flags.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::TRUNC);
+        let flags = flags | OFlags::CLOEXEC | OFlags::NOCTTY;
+        if !resolved.mount.writable {
+            if writes {
+                return Err(Errno::ROFS);
+            }
+            if flags.contains(OFlags::CREATE) {
+                // Opening an existing file with O_CREAT is fine; creating one is not.
+                let existing = flags & !(OFlags::CREATE | OFlags::EXCL);
+                return match open_in(&resolved.mount.host, &resolved.relative, existing, mode) {
+                    Err(Errno::NOENT) => Err(Errno::ROFS),
+                    Ok(_) if flags.contains(OFlags::EXCL) => Err(Errno::EXIST),
+                    other => other,
+                };
+            }
+        }
+        open_in(&resolved.mount.host, &resolved.relative, flags, mode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_handles_dots_and_relative_paths() {
+        assert_eq!(normalize("/", "../../etc/hostname"), "/etc/hostname");
+        assert_eq!(normalize("/usr/lib", "../bin//./x"), "/usr/bin/x");
+        assert_eq!(normalize("/a", "/b/c/.."), "/b");
+        assert_eq!(normalize("/", "."), "/");
+    }
+
+    #[test]
+    fn longest_mount_wins_and_prefixes_respect_components() {
+        let root = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let mut sandbox = Sandbox::new(root.path()).unwrap();
+        sandbox.mount("/tmp", data.path(), true).unwrap();
+        assert_eq!(sandbox.resolve("/tmp/x").relative, "x");
+        assert!(sandbox.resolve("/tmp").mount.writable);
+        assert!(!sandbox.resolve("/tmpfoo").mount.writable);
+        assert_eq!(sandbox.resolve("/").relative, ".");
+    }
+
+    #[test]
+    fn symlinks_cannot_escape_and_root_is_read_only() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("inside"), b"ok").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", root.path().join("abs")).unwrap();
+        std::os::unix::fs::symlink("loop", root.path().join("loop")).unwrap();
+        let sandbox = Sandbox::new(root.path()).unwrap();
+        // An absolute symlink resolves inside the root, where /etc/hostname does not exist.
+        assert_eq!(
+            sandbox
+                .open("/abs", OFlags::RDONLY, Mode::empty())
+                .unwrap_err(),
+            Errno::NOENT
+        );
+        assert_eq!(
+            sandbox
+                .open("/loop", OFlags::RDONLY, Mode::empty())
+                .unwrap_err(),
+            Errno::LOOP
+        );
+        assert_eq!(
+            sandbox
+                .open("/inside", OFlags::WRONLY, Mode::empty())
+                .unwrap_err(),
+            Errno::ROFS
+        );
+        assert!(sandbox
+            .open("/inside", OFlags::RDONLY, Mode::empty())
+            .is_ok());
+    }
+}

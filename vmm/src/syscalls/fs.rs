@@ -1,0 +1,918 @@
+//! Files, directories and pipes, inside the app's sandbox.
+
+use super::{Args, SysError, SysResult};
+use crate::fdtable::{FileKind, OpenFile};
+use crate::memory::UserAddr;
+use crate::process::Process;
+use rustix::fs::{AtFlags, Mode, OFlags, SeekFrom};
+use rustix::io::Errno;
+use std::os::fd::{AsFd, OwnedFd};
+
+const AT_FDCWD: i32 = -100;
+const PATH_MAX: usize = 4096;
+/// Largest guest buffer a single read or write may name; longer ones are short transfers.
+const MAX_IO: usize = 0x7fff_f000;
+
+/// Reads a path argument.
+fn path_arg(p: &mut Process, addr: UserAddr) -> Result<String, Errno> {
+    let bytes = p.mem.read_cstr(addr, PATH_MAX)?;
+    if bytes.is_empty() {
+        return Err(Errno::NOENT);
+    }
+    String::from_utf8(bytes).map_err(|_| Errno::INVAL)
+}
+
+/// Resolves `path` relative to `dirfd` (AT_FDCWD or a directory fd) to an absolute,
+/// normalised guest path.
+fn at_path(p: &Process, dirfd: i32, path: &str) -> Result<String, Errno> {
+    if path.starts_with('/') || dirfd == AT_FDCWD {
+        return Ok(p.absolute(path));
+    }
+    let file = p.files.file(dirfd)?;
+    match &file.kind {
+        FileKind::Directory { path: dir } => Ok(crate::sandbox::normalize(dir, path)),
+        _ => Err(Errno::NOTDIR),
+    }
+}
+
+/// Reads a path argument and resolves it against `dirfd`.
+fn at_path_arg(p: &mut Process, dirfd: i32, addr: UserAddr) -> Result<String, Errno> {
+    let path = path_arg(p, addr)?;
+    at_path(p, dirfd, &path)
+}
+
+// ---- read and write ------------------------------------------------------------------
+
+/// Waits until `file` is ready for `events` when it is a pipe or terminal that would block,
+/// so that a kick can interrupt the wait. Regular files never block.
+fn wait_ready(
+    p: &Process,
+    file: &OpenFile,
+    events: rustix::event::PollFlags,
+) -> Result<(), SysError> {
+    if matches!(
+        file.kind,
+        FileKind::Path { .. } | FileKind::Directory { .. }
+    ) {
+        return Ok(());
+    }
+    super::time::wait_fd(p, file.host(), events, None).map(drop)
+}
+
+fn read_into(
+    p: &mut Process,
+    fd: i32,
+    bufs: &[(UserAddr, usize)],
+    offset: Option<u64>,
+) -> SysResult {
+    let file = p.files.file(fd)?;
+    if offset.is_none() {
+        wait_ready(p, &file, rustix::event::PollFlags::IN)?;
+    }
+    Ok(p.mem.read_from_host(file.host(), bufs, offset)? as u64)
+}
+
+fn write_from(
+    p: &mut Process,
+    fd: i32,
+    bufs: &[(UserAddr, usize)],
+    offset: Option<u64>,
+) -> SysResult {
+    let file = p.files.file(fd)?;
+    if offset.is_none() {
+        wait_ready(p, &file, rustix::event::PollFlags::OUT)?;
+    }
+    match p.mem.write_to_host(file.host(), bufs, offset) {
+        Err(Errno::PIPE) => Err(SysError::Kill {
+            signal: libc::SIGPIPE,
+            reason: format!("write to fd {fd}, a pipe with no reader"),
+        }),
+        other => Ok(other? as u64),
+    }
+}
+
+/// read(2).
+pub fn read(p: &mut Process, a: &Args) -> SysResult {
+    read_into(p, a.fd(0), &[(a.ptr(1), a.usize(2).min(MAX_IO))], None)
+}
+
+/// write(2).
+pub fn write(p: &mut Process, a: &Args) -> SysResult {
+    write_from(p, a.fd(0), &[(a.ptr(1), a.usize(2).min(MAX_IO))], None)
+}
+
+/// pread64(2).
+pub fn pread64(p: &mut Process, a: &Args) -> SysResult {
+    let offset = offset_arg(a.u64(3))?;
+    read_into(
+        p,
+        a.fd(0),
+        &[(a.ptr(1), a.usize(2).min(MAX_IO))],
+        Some(offset),
+    )
+}
+
+/// pwrite64(2).
+pub fn pwrite64(p: &mut Process, a: &Args) -> SysResult {
+    let offset = offset_arg(a.u64(3))?;
+    write_from(
+        p,
+        a.fd(0),
+        &[(a.ptr(1), a.usize(2).min(MAX_IO))],
+        Some(offset),
+    )
+}
+
+fn offset_arg(raw: u64) -> Result<u64, Errno> {
+    if (raw as i64) < 0 {
+        Err(Errno::INVAL)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// Reads a guest iovec array.
+fn iovec_arg(
+    p: &mut Process,
+    addr: UserAddr,
+    count: usize,
+) -> Result<Vec<(UserAddr, usize)>, Errno> {
+    if count > 1024 {
+        return Err(Errno::INVAL);
+    }
+    let iovecs: Vec<[u64; 2]> = p.mem.read_pod_array(addr, count)?;
+    Ok(iovecs
+        .into_iter()
+        .map(|[base, len]| (UserAddr(base), (len as usize).min(MAX_IO)))
+        .collect())
+}
+
+/// readv(2).
+pub fn readv(p: &mut Process, a: &Args) -> SysResult {
+    let bufs = iovec_arg(p, a.ptr(1), a.usize(2))?;
+    read_into(p, a.fd(0), &bufs, None)
+}
+
+/// writev(2).
+pub fn writev(p: &mut Process, a: &Args) -> SysResult {
+    let bufs = iovec_arg(p, a.ptr(1), a.usize(2))?;
+    write_from(p, a.fd(0), &bufs, None)
+}
+
+/// preadv(2).
+pub fn preadv(p: &mut Process, a: &Args) -> SysResult {
+    let bufs = iovec_arg(p, a.ptr(1), a.usize(2))?;
+    read_into(p, a.fd(0), &bufs, Some(offset_arg(a.u64(3))?))
+}
+
+/// pwritev(2).
+pub fn pwritev(p: &mut Process, a: &Args) -> SysResult {
+    let bufs = iovec_arg(p, a.ptr(1), a.usize(2))?;
+    write_from(p, a.fd(0), &bufs, Some(offset_arg(a.u64(3))?))
+}
+
+/// lseek(2).
+pub fn lseek(p: &mut Process, a: &Args) -> SysResult {
+    let file = p.files.file(a.fd(0))?;
+    if matches!(file.kind, FileKind::Pipe { .. }) {
+        return Err(Errno::SPIPE.into());
+    }
+    let offset = a.u64(1) as i64;
+    let whence = match a.u32(2) {
+        0 => SeekFrom::Start(offset_arg(offset as u64)?),
+        1 => SeekFrom::Current(offset),
+        2 => SeekFrom::End(offset),
+        3 => SeekFrom::Data(offset_arg(offset as u64)?),
+        4 => SeekFrom::Hole(offset_arg(offset as u64)?),
+        _ => return Err(Errno::INVAL.into()),
+    };
+    Ok(rustix::fs::seek(file.host(), whence)?)
+}
+
+// ---- open and close --------------------------------------------------------------------
+
+/// The open flags the VMM passes through to the host.
+fn host_open_flags(flags: u32) -> OFlags {
+    let allowed = OFlags::ACCMODE
+        | OFlags::CREATE
+        | OFlags::EXCL
+        | OFlags::TRUNC
+        | OFlags::APPEND
+        | OFlags::NONBLOCK
+        | OFlags::DIRECTORY
+        | OFlags::NOFOLLOW
+        | OFlags::DSYNC
+        | OFlags::SYNC
+        | OFlags::PATH
+        | OFlags::NOATIME;
+    OFlags::from_bits_retain(flags) & allowed
+}
+
+/// Opens `path` (absolute, normalised) for the app and installs it.
+fn open_path(p: &mut Process, path: String, flags: u32, mode: u32) -> SysResult {
+    let oflags = host_open_flags(flags);
+    let mode = Mode::from_bits_truncate(mode & !p.umask & 0o7777);
+    let fd = p.sandbox.open(&path, oflags, mode)?;
+    let stat = rustix::fs::fstat(&fd)?;
+    let kind =
+        if rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Directory {
+            FileKind::Directory { path }
+        } else {
+            FileKind::Path { path, flags }
+        };
+    let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
+    Ok(p.files.insert(OpenFile::new(fd, kind), cloexec)? as u64)
+}
+
+/// open(2).
+pub fn open(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+    open_path(p, path, a.u32(1), a.u32(2))
+}
+
+/// openat(2).
+pub fn openat(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, a.fd(0), a.ptr(1))?;
+    open_path(p, path, a.u32(2), a.u32(3))
+}
+
+/// creat(2).
+pub fn creat(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+    let flags = (libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC) as u32;
+    open_path(p, path, flags, a.u32(1))
+}
+
+/// close(2).
+pub fn close(p: &mut Process, a: &Args) -> SysResult {
+    p.files.remove(a.fd(0))?;
+    Ok(0)
+}
+
+// ---- metadata ----------------------------------------------------------------------------
+
+/// Opens `path` without following a final symlink when `nofollow`, for stat-like calls.
+fn open_for_stat(p: &Process, path: &str, nofollow: bool) -> Result<OwnedFd, Errno> {
+    let mut flags = OFlags::PATH;
+    if nofollow {
+        flags |= OFlags::NOFOLLOW;
+    }
+    p.sandbox.open(path, flags, Mode::empty())
+}
+
+fn write_stat(p: &mut Process, fd: impl AsFd, out: UserAddr) -> SysResult {
+    let stat = rustix::fs::fstat(fd)?;
+    p.mem.write_pod(out, &stat)?;
+    Ok(0)
+}
+
+/// fstat(2).
+pub fn fstat(p: &mut Process, a: &Args) -> SysResult {
+    let file = p.files.file(a.fd(0))?;
+    write_stat(p, file.host(), a.ptr(1))
+}
+
+/// stat(2).
+pub fn stat(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+    let fd = open_for_stat(p, &path, false)?;
+    write_stat(p, fd, a.ptr(1))
+}
+
+/// lstat(2).
+pub fn lstat(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+    let fd = open_for_stat(p, &path, true)?;
+    write_stat(p, fd, a.ptr(1))
+}
+
+/// The fd a `*at` call with AT_EMPTY_PATH and an empty path refers to, or the path's own.
+fn stat_target(
+    p: &mut Process,
+    dirfd: i32,
+    path_addr: UserAddr,
+    flags: u32,
+) -> Result<OwnedFd, Errno> {
+    let path = p.mem.read_cstr(path_addr, PATH_MAX)?;
+    if path.is_empty() {
+        if flags & libc::AT_EMPTY_PATH as u32 == 0 {
+            return Err(Errno::NOENT);
+        }
+        if dirfd == AT_FDCWD {
+            return p.sandbox.open(&p.cwd, OFlags::PATH, Mode::empty());
+        }
+        let file = p.files.file(dirfd)?;
+        return Ok(rustix::io::fcntl_dupfd_cloexec(file.host(), 0)?);
+    }
+    let path = String::from_utf8(path).map_err(|_| Errno::INVAL)?;
+    let path = at_path(p, dirfd, &path)?;
+    open_for_stat(p, &path, flags & libc::AT_SYMLINK_NOFOLLOW as u32 != 0)
+}
+
+/// newfstatat(2).
+pub fn newfstatat(p: &mut Process, a: &Args) -> SysResult {
+    let fd = stat_target(p, a.fd(0), a.ptr(1), a.u32(3))?;
+    write_stat(p, fd, a.ptr(2))
+}
+
+/// statx(2).
+pub fn statx(p: &mut Process, a: &Args) -> SysResult {
+    let fd = stat_target(p, a.fd(0), a.ptr(1), a.u32(2))?;
+    let mask = rustix::fs::StatxFlags::from_bits_retain(a.u32(3));
+    let stx = rustix::fs::statx(&fd, "", AtFlags::EMPTY_PATH, mask)?;
+    p.mem.write_pod(a.ptr(4), &stx)?;
+    Ok(0)
+}
+
+/// `struct statfs` as x86-64 Linux lays it out (120 bytes).
+fn statfs_bytes(s: &rustix::fs::StatFs) -> Vec<u8> {
+    let mut out = Vec::with_capacity(120);
+    for v in [
+        s.f_type as u64,
+        s.f_bsize as u64,
+        s.f_blocks,
+        s.f_bfree,
+        s.f_bavail,
+        s.f_files,
+        s.f_ffree,
+    ] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&[0u8; 8]); // f_fsid
+    for v in [s.f_namelen as u64, s.f_frsize as u64, s.f_flags as u64] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.resize(120, 0);
+    out
+}
+
+fn write_statfs(p: &mut Process, fd: impl AsFd, out: UserAddr) -> SysResult {
+    let s = rustix::fs::fstatfs(fd)?;
+    p.mem.write(out, &statfs_bytes(&s))?;
+    Ok(0)
+}
+
+/// statfs(2).
+pub fn statfs(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+    let fd = p.sandbox.open(&path, OFlags::RDONLY, Mode::empty())?;
+    write_statfs(p, fd, a.ptr(1))
+}
+
+/// fstatfs(2).
+pub fn fstatfs(p: &mut Process, a: &Args) -> SysResult {
+    let file = p.files.file(a.fd(0))?;
+    write_statfs(p, file.host(), a.ptr(1))
+}
+
+fn dirent_type(file_type: rustix::fs::FileType) -> u8 {
+    use rustix::fs::FileType::*;
+    match file_type {
+        Fifo => 1,
+        CharacterDevice => 2,
+        Directory => 4,
+        BlockDevice => 6,
+        RegularFile => 8,
+        Symlink => 10,
+        Socket => 12,
+        Unknown => 0,
+    }
+}
+
+/// getdents64(2): reads host entries and re-encodes as many as fit; the host directory
+/// offset is moved back to the first entry that did not fit.
+pub fn getdents64(p: &mut Process, a: &Args) -> SysResult {
+    let file = p.files.file(a.fd(0))?;
+    if !matches!(file.kind, FileKind::Directory { .. }) {
+        return Err(Errno::NOTDIR.into());
+    }
+    let capacity = a.usize(2).min(1 << 20);
+    let mut host_buf = vec![std::mem::MaybeUninit::<u8>::uninit(); capacity.max(64)];
+    let mut out: Vec<u8> = Vec::with_capacity(capacity);
+    let mut resume_at: Option<u64> = None;
+    let mut last_cookie: Option<u64> = None;
+    {
+        let mut dir = rustix::fs::RawDir::new(file.host(), &mut host_buf);
+        while let Some(entry) = dir.next() {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes_with_nul();
+            let reclen = (19 + name.len()).next_multiple_of(8);
+            if out.len() + reclen > capacity {
+                resume_at = Some(last_cookie.unwrap_or(0));
+                break;
+            }
+            let cookie = entry.next_entry_cookie();
+            out.extend_from_slice(&entry.ino().to_le_bytes());
+            out.extend_from_slice(&cookie.to_le_bytes());
+            out.extend_from_slice(&(reclen as u16).to_le_bytes());
+            out.push(dirent_type(entry.file_type()));
+            out.extend_from_slice(name);
+            out.resize(out.len().next_multiple_of(8), 0);
+            last_cookie = Some(cookie);
+        }
+    }
+    if let Some(offset) = resume_at {
+        if out.is_empty() {
+            return Err(Errno::INVAL.into());
+        }
+        rustix::fs::seek(file.host(), SeekFrom::Start(offset))?;
+    }
+    p.mem.write(a.ptr(1), &out)?;
+    Ok(out.len() as u64)
+}
+
+fn readlink_common(p: &mut Process, path: String, buf: UserAddr, size: usize) -> SysResult {
+    if size == 0 || size > i32::MAX as usize {
+        return Err(Errno::INVAL.into());
+    }
+    let resolved = p.sandbox.resolve(&path);
+    let (dir, name) = resolved.parent_and_name()?;
+    let target = rustix::fs::readlinkat(&dir, name.as_str(), Vec::new())?;
+    let bytes = target.as_bytes();
+    let len = bytes.len().min(size);
+    p.mem.write(buf, &bytes[..len])?;
+    Ok(len as u64)
+}
+
+/// readlink(2).
+pub fn readlink(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+    readlink_common(p, path, a.ptr(1), a.usize(2))
+}
+
+/// readlinkat(2).
+pub fn readlinkat(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, a.fd(0), a.ptr(1))?;
+    readlink_common(p, path, a.ptr(2), a.usize(3))
+}
+
+fn access_common(p: &mut Process, path: String, mode: u32, flags: u32) -> SysResult {
+    let nofollow = flags & libc::AT_SYMLINK_NOFOLLOW as u32 != 0;
+    let fd = open_for_stat(p, &path, nofollow)?;
+    if mode & libc::W_OK as u32 != 0 {
+        p.sandbox.resolve(&path).require_writable()?;
+    }
+    if mode & libc::X_OK as u32 != 0 {
+        let stat = rustix::fs::fstat(&fd)?;
+        if stat.st_mode & 0o111 == 0 {
+            return Err(Errno::ACCESS.into());
+        }
+    }
+    Ok(0)
+}
+
+/// access(2).
+pub fn access(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+    access_common(p, path, a.u32(1), 0)
+}
+
+/// faccessat(2) and faccessat2(2).
+pub fn faccessat(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, a.fd(0), a.ptr(1))?;
+    access_common(p, path, a.u32(2), a.u32(3))
+}
+
+// ---- fds ----------------------------------------------------------------------------------
+
+/// dup(2).
+pub fn dup(p: &mut Process, a: &Args) -> SysResult {
+    let file = p.files.file(a.fd(0))?;
+    Ok(p.files.insert(file, false)? as u64)
+}
+
+/// dup2(2).
+pub fn dup2(p: &mut Process, a: &Args) -> SysResult {
+    let file = p.files.file(a.fd(0))?;
+    if a.fd(0) == a.fd(1) {
+        return Ok(a.fd(1) as u64);
+    }
+    p.files.insert_at(a.fd(1), file, false)?;
+    Ok(a.fd(1) as u64)
+}
+
+/// dup3(2).
+pub fn dup3(p: &mut Process, a: &Args) -> SysResult {
+    if a.fd(0) == a.fd(1) {
+        return Err(Errno::INVAL.into());
+    }
+    let cloexec = match a.u32(2) {
+        0 => false,
+        f if f == libc::O_CLOEXEC as u32 => true,
+        _ => return Err(Errno::INVAL.into()),
+    };
+    let file = p.files.file(a.fd(0))?;
+    p.files.insert_at(a.fd(1), file, cloexec)?;
+    Ok(a.fd(1) as u64)
+}
+
+/// fcntl(2): F_DUPFD, F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL, and advisory
+/// locks (always granted: the app is alone).
+pub fn fcntl(p: &mut Process, a: &Args) -> SysResult {
+    let fd = a.fd(0);
+    match a.i32(1) {
+        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
+            let file = p.files.file(fd)?;
+            let cloexec = a.i32(1) == libc::F_DUPFD_CLOEXEC;
+            Ok(p.files.insert_from(a.i32(2), file, cloexec)? as u64)
+        }
+        libc::F_GETFD => Ok(p.files.get(fd)?.cloexec as u64),
+        libc::F_SETFD => {
+            p.files.get_mut(fd)?.cloexec = a.u32(2) & libc::FD_CLOEXEC as u32 != 0;
+            Ok(0)
+        }
+        libc::F_GETFL => {
+            let file = p.files.file(fd)?;
+            Ok(rustix::fs::fcntl_getfl(file.host())?.bits() as u64)
+        }
+        libc::F_SETFL => {
+            let file = p.files.file(fd)?;
+            let settable = OFlags::APPEND | OFlags::NONBLOCK | OFlags::NOATIME;
+            rustix::fs::fcntl_setfl(file.host(), OFlags::from_bits_retain(a.u32(2)) & settable)?;
+            Ok(0)
+        }
+        libc::F_GETLK
+        | libc::F_SETLK
+        | libc::F_SETLKW
+        | libc::F_OFD_SETLK
+        | libc::F_OFD_SETLKW
+        | libc::F_OFD_GETLK => {
+            p.files.get(fd)?;
+            Ok(0)
+        }
+        _ => Err(Errno::INVAL.into()),
+    }
+}
+
+fn make_pipe(p: &mut Process, out: UserAddr, flags: u32) -> SysResult {
+    if flags & !((libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_DIRECT) as u32) != 0 {
+        return Err(Errno::INVAL.into());
+    }
+    let host_flags = rustix::pipe::PipeFlags::from_bits_retain(flags & libc::O_NONBLOCK as u32)
+        | rustix::pipe::PipeFlags::CLOEXEC;
+    let (r, w) = rustix::pipe::pipe_with(host_flags)?;
+    let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
+    let rfd = p.files.insert(
+        OpenFile::new(r, FileKind::Pipe { write_end: false }),
+        cloexec,
+    )?;
+    let wfd = match p.files.insert(
+        OpenFile::new(w, FileKind::Pipe { write_end: true }),
+        cloexec,
+    ) {
+        Ok(fd) => fd,
+        Err(e) => {
+            p.files.remove(rfd)?;
+            return Err(e.into());
+        }
+    };
+    if let Err(e) = p.mem.write_pod(out, &[rfd, wfd]) {
+        p.files.remove(rfd)?;
+        p.files.remove(wfd)?;
+        return Err(e.into());
+    }
+    Ok(0)
+}
+
+/// pipe(2).
+pub fn pipe(p: &mut Process, a: &Args) -> SysResult {
+    make_pipe(p, a.ptr(0), 0)
+}
+
+/// pipe2(2).
+pub fn pipe2(p: &mut Process, a: &Args) -> SysResult {
+    make_pipe(p, a.ptr(0), a.u32(1))
+}
+
+// ---- working directory -------------------------------------------------------------------
+
+/// getcwd(2).
+pub fn getcwd(p: &mut Process, a: &Args) -> SysResult {
+    let mut bytes = p.cwd.clone().into_bytes();
+    bytes.push(0);
+    if bytes.len() > a.usize(1) {
+        return Err(Errno::RANGE.into());
+    }
+    p.mem.write(a.ptr(0), &bytes)?;
+    Ok(bytes.len() as u64)
+}
+
+fn enter_directory(p: &mut Process, path: String) -> SysResult {
+    let fd = p
+        .sandbox
+        .open(&path, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
+    drop(fd);
+    p.cwd = path;
+    Ok(0)
+}
+
+/// chdir(2).
+pub fn chdir(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+    enter_directory(p, path)
+}
+
+/// fchdir(2).
+pub fn fchdir(p: &mut Process, a: &Args) -> SysResult {
+    let file = p.files.file(a.fd(0))?;
+    match &file.kind {
+        FileKind::Directory { path } => enter_directory(p, path.clone()),
+        _ => Err(Errno::NOTDIR.into()),
+    }
+}
+
+// ---- ioctl ---------------------------------------------------------------------------------
+
+const TCGETS: u32 = 0x5401;
+const TIOCGWINSZ: u32 = 0x5413;
+const TIOCGPGRP: u32 = 0x540f;
+const FIONREAD: u32 = 0x541b;
+const FIONBIO: u32 = 0x5421;
+const FIONCLEX: u32 = 0x5450;
+const FIOCLEX: u32 = 0x5451;
+
+/// The kernel's `struct termios` (36 bytes) from the host's.
+fn termios_bytes(t: &rustix::termios::Termios) -> Vec<u8> {
+    let mut out = Vec::with_capacity(36);
+    for flags in [
+        t.input_modes.bits(),
+        t.output_modes.bits(),
+        t.control_modes.bits(),
+        t.local_modes.bits(),
+    ] {
+        out.extend_from_slice(&(flags as u32).to_le_bytes());
+    }
+    out.push(0); // c_line
+    use rustix::termios::SpecialCodeIndex as I;
+    // The kernel's c_cc order on x86-64.
+    let order = [
+        I::VINTR,
+        I::VQUIT,
+        I::VERASE,
+        I::VKILL,
+        I::VEOF,
+        I::VTIME,
+        I::VMIN,
+        I::VSWTC,
+        I::VSTART,
+        I::VSTOP,
+        I::VSUSP,
+        I::VEOL,
+        I::VREPRINT,
+        I::VDISCARD,
+        I::VWERASE,
+        I::VLNEXT,
+        I::VEOL2,
+    ];
+    let mut cc = [0u8; 19];
+    for (slot, index) in cc.iter_mut().zip(order) {
+        *slot = t.special_codes[index];
+    }
+    out.extend_from_slice(&cc);
+    out
+}
+
+/// ioctl(2): terminal queries are answered for stdio that is a terminal (ENOTTY
+/// otherwise), plus FIONBIO, FIONREAD, FIOCLEX and FIONCLEX.
+pub fn ioctl(p: &mut Process, a: &Args) -> SysResult {
+    let fd = a.fd(0);
+    let file = p.files.file(fd)?;
+    let is_tty = matches!(file.kind, FileKind::Stdio(_)) && rustix::termios::isatty(file.host());
+    match a.u32(1) {
+        TCGETS if is_tty => {
+            let termios = rustix::termios::tcgetattr(file.host())?;
+            p.mem.write(a.ptr(2), &termios_bytes(&termios))?;
+            Ok(0)
+        }
+        TIOCGWINSZ if is_tty => {
+            let size = rustix::termios::tcgetwinsize(file.host())?;
+            p.mem.write_pod(
+                a.ptr(2),
+                &[size.ws_row, size.ws_col, size.ws_xpixel, size.ws_ypixel],
+            )?;
+            Ok(0)
+        }
+        TIOCGPGRP if is_tty => {
+            p.mem.write_pod(a.ptr(2), &crate::process::GUEST_PID)?;
+            Ok(0)
+        }
+        FIONBIO => {
+            let on: i32 = p.mem.read_pod(a.ptr(2))?;
+            let flags = rustix::fs::fcntl_getfl(file.host())?;
+            let flags = if on != 0 {
+                flags | OFlags::NONBLOCK
+            } else {
+                flags - OFlags::NONBLOCK
+            };
+            rustix::fs::fcntl_setfl(file.host(), flags)?;
+            Ok(0)
+        }
+        FIONREAD => {
+            let n = rustix::io::ioctl_fionread(file.host())?;
+            p.mem.write_pod(a.ptr(2), &(n as i32))?;
+            Ok(0)
+        }
+        FIOCLEX | FIONCLEX => {
+            p.files.get_mut(fd)?.cloexec = a.u32(1) == FIOCLEX;
+            Ok(0)
+        }
+        _ => Err(Errno::NOTTY.into()),
+    }
+}
+
+// ---- changing the tree (writable mounts only) ----------------------------------------
+
+fn mkdir_common(p: &mut Process, path: String, mode: u32) -> SysResult {
+    let resolved = p.sandbox.resolve(&path);
+    resolved.require_writable()?;
+    let (dir, name) = resolved.parent_and_name()?;
+    rustix::fs::mkdirat(
+        &dir,
+        name.as_str(),
+        Mode::from_bits_truncate(mode & !p.umask & 0o7777),
+    )?;
+    Ok(0)
+}
+
+/// mkdir(2).
+pub fn mkdir(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+    mkdir_common(p, path, a.u32(1))
+}
+
+/// mkdirat(2).
+pub fn mkdirat(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, a.fd(0), a.ptr(1))?;
+    mkdir_common(p, path, a.u32(2))
+}
+
+fn unlink_common(p: &mut Process, path: String, flags: AtFlags) -> SysResult {
+    let resolved = p.sandbox.resolve(&path);
+    resolved.require_writable()?;
+    let (dir, name) = resolved.parent_and_name()?;
+    rustix::fs::unlinkat(&dir, name.as_str(), flags)?;
+    Ok(0)
+}
+
+/// unlink(2).
+pub fn unlink(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+    unlink_common(p, path, AtFlags::empty())
+}
+
+/// rmdir(2).
+pub fn rmdir(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+    unlink_common(p, path, AtFlags::REMOVEDIR)
+}
+
+/// unlinkat(2).
+pub fn unlinkat(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, a.fd(0), a.ptr(1))?;
+    let flags = AtFlags::from_bits_retain(a.u32(2)) & AtFlags::REMOVEDIR;
+    unlink_common(p, path, flags)
+}
+
+fn rename_common(p: &mut Process, from: String, to: String) -> SysResult {
+    let source = p.sandbox.resolve(&from);
+    let target = p.sandbox.resolve(&to);
+    source.require_writable()?;
+    target.require_writable()?;
+    let (from_dir, from_name) = source.parent_and_name()?;
+    let (to_dir, to_name) = target.parent_and_name()?;
+    rustix::fs::renameat(&from_dir, from_name.as_str(), &to_dir, to_name.as_str())?;
+    Ok(0)
+}
+
+/// rename(2).
+pub fn rename(p: &mut Process, a: &Args) -> SysResult {
+    let from = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+    let to = at_path_arg(p, AT_FDCWD, a.ptr(1))?;
+    rename_common(p, from, to)
+}
+
+/// renameat(2) and renameat2(2) (flags other than none are refused).
+pub fn renameat(p: &mut Process, a: &Args) -> SysResult {
+    if a.u32(4) != 0 {
+        return Err(Errno::INVAL.into());
+    }
+    let from = at_path_arg(p, a.fd(0), a.ptr(1))?;
+    let to = at_path_arg(p, a.fd(2), a.ptr(3))?;
+    rename_common(p, from, to)
+}
+
+/// ftruncate(2): the fd must have been opened for writing, which the sandbox only allows
+/// in writable mounts.
+pub fn ftruncate(p: &mut Process, a: &Args) -> SysResult {
+    let file = p.files.file(a.fd(0))?;
+    rustix::fs::ftruncate(file.host(), offset_arg(a.u64(1))?)?;
+    Ok(0)
+}
+
+/// fsync(2) and fdatasync(2).
+pub fn fsync(p: &mut Process, a: &Args) -> SysResult {
+    let file = p.files.file(a.fd(0))?;
+    match rustix::fs::fsync(file.host()) {
+        Err(Errno::INVAL) | Ok(()) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// fadvise64(2), flock(2): hints and locks that need no action for a lone app.
+pub fn fd_hint(p: &mut Process, a: &Args) -> SysResult {
+    p.files.get(a.fd(0))?;
+    Ok(0)
+}
+
+/// umask(2).
+pub fn umask(p: &mut Process, a: &Args) -> SysResult {
+    let old = p.umask;
+    p.umask = a.u32(0) & 0o777;
+    Ok(old as u64)
+}
+
+/// fchmod(2).
+pub fn fchmod(p: &mut Process, a: &Args) -> SysResult {
+    let file = p.files.file(a.fd(0))?;
+    let path = file.path().ok_or(Errno::INVAL)?.to_string();
+    p.sandbox.resolve(&path).require_writable()?;
+    rustix::fs::fchmod(file.host(), Mode::from_bits_truncate(a.u32(1) & 0o7777))?;
+    Ok(0)
+}
+
+/// chmod(2) and fchmodat(2).
+pub fn chmod(p: &mut Process, sysno: syscalls::Sysno, a: &Args) -> SysResult {
+    let (path, mode) = if sysno == syscalls::Sysno::chmod {
+        (at_path_arg(p, AT_FDCWD, a.ptr(0))?, a.u32(1))
+    } else {
+        (at_path_arg(p, a.fd(0), a.ptr(1))?, a.u32(2))
+    };
+    let resolved = p.sandbox.resolve(&path);
+    resolved.require_writable()?;
+    let (dir, name) = resolved.parent_and_name()?;
+    rustix::fs::chmodat(
+        &dir,
+        name.as_str(),
+        Mode::from_bits_truncate(mode & 0o7777),
+        AtFlags::empty(),
+    )?;
+    Ok(0)
+}
+
+/// utimensat(2).
+pub fn utimensat(p: &mut Process, a: &Args) -> SysResult {
+    let path = if a.u64(1) == 0 {
+        p.files
+            .file(a.fd(0))?
+            .path()
+            .ok_or(Errno::INVAL)?
+            .to_string()
+    } else {
+        at_path_arg(p, a.fd(0), a.ptr(1))?
+    };
+    let resolved = p.sandbox.resolve(&path);
+    resolved.require_writable()?;
+    let times = if a.u64(2) == 0 {
+        let now = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_NOW,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_NOW,
+            },
+        };
+        now
+    } else {
+        let [atime, mtime]: [libc::timespec; 2] = p.mem.read_pod(a.ptr(2))?;
+        rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: atime.tv_sec,
+                tv_nsec: atime.tv_nsec as _,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: mtime.tv_sec,
+                tv_nsec: mtime.tv_nsec as _,
+            },
+        }
+    };
+    let (dir, name) = resolved.parent_and_name()?;
+    rustix::fs::utimensat(&dir, name.as_str(), &times, AtFlags::empty())?;
+    Ok(0)
+}
+
+/// Installs the VMM's stdin, stdout and stderr as the app's fds 0, 1 and 2.
+pub fn install_stdio(p: &mut Process) -> Result<(), Errno> {
+    let streams: [(u8, std::os::fd::BorrowedFd<'static>); 3] = [
+        (0, rustix::stdio::stdin()),
+        (1, rustix::stdio::stdout()),
+        (2, rustix::stdio::stderr()),
+    ];
+    for (n, host) in streams {
+        let fd = rustix::io::fcntl_dupfd_cloexec(host, 3)?;
+        p.files
+            .insert_at(n as i32, OpenFile::new(fd, FileKind::Stdio(n)), false)?;
+    }
+    Ok(())
+}

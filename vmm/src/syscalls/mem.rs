@@ -1,0 +1,122 @@
+//! mmap, munmap, mprotect, mremap, madvise and brk: thin argument checking over
+//! [`crate::memory::AddressSpace`].
+
+use super::{Args, SysResult};
+use crate::fdtable::FileKind;
+use crate::memory::{Backing, Placement, Prot, VmaRole};
+use crate::process::Process;
+use rustix::io::Errno;
+use std::fs::File;
+use std::sync::Arc;
+
+const MAP_PRIVATE: u32 = 0x02;
+const MAP_SHARED_VALIDATE: u32 = 0x03;
+const MAP_FIXED: u32 = 0x10;
+const MAP_ANONYMOUS: u32 = 0x20;
+const MAP_POPULATE: u32 = 0x8000;
+const MAP_FIXED_NOREPLACE: u32 = 0x10_0000;
+const MREMAP_MAYMOVE: u32 = 1;
+const MREMAP_FIXED: u32 = 2;
+const MADV_DONTNEED: i32 = 4;
+const MADV_FREE: i32 = 8;
+
+fn prot_arg(raw: u32) -> Result<Prot, Errno> {
+    if raw & !7 != 0 {
+        return Err(Errno::INVAL);
+    }
+    Ok(Prot(raw))
+}
+
+/// mmap(2): anonymous and private file mappings, MAP_FIXED and MAP_FIXED_NOREPLACE,
+/// hints, PROT_NONE reservations. A shared mapping of a file is a private copy, which is
+/// exact for read-only use; a writable shared file mapping is refused (ENODEV).
+pub fn mmap(p: &mut Process, a: &Args) -> SysResult {
+    let (addr, len, prot, flags, fd, offset) = (
+        a.u64(0),
+        a.u64(1),
+        prot_arg(a.u32(2))?,
+        a.u32(3),
+        a.fd(4),
+        a.u64(5),
+    );
+    let sharing = flags & MAP_SHARED_VALIDATE;
+    if sharing == 0 || offset % 4096 != 0 || len == 0 {
+        return Err(Errno::INVAL.into());
+    }
+    let backing = if flags & MAP_ANONYMOUS != 0 {
+        Backing::Anonymous
+    } else {
+        let file = p.files.file(fd)?;
+        let path = match &file.kind {
+            FileKind::Path { path, flags } => {
+                let writable_shared = sharing != MAP_PRIVATE && prot.contains(Prot::WRITE);
+                if writable_shared {
+                    return Err(Errno::NODEV.into());
+                }
+                if flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32 {
+                    return Err(Errno::ACCESS.into());
+                }
+                path.clone()
+            }
+            _ => return Err(Errno::NODEV.into()),
+        };
+        let dup = rustix::io::fcntl_dupfd_cloexec(file.host(), 0)?;
+        Backing::File {
+            file: Arc::new(File::from(dup)),
+            offset,
+            path: path.into(),
+        }
+    };
+    let placement = if flags & MAP_FIXED_NOREPLACE != 0 {
+        Placement::FixedNoReplace(addr)
+    } else if flags & MAP_FIXED != 0 {
+        Placement::Fixed(addr)
+    } else {
+        Placement::Hint(addr)
+    };
+    let start = p.mem.map(placement, len, prot, backing, VmaRole::Mapping)?;
+    if flags & MAP_POPULATE != 0 && prot != Prot::NONE {
+        p.mem.populate(start, start + len)?;
+    }
+    Ok(start)
+}
+
+/// munmap(2).
+pub fn munmap(p: &mut Process, a: &Args) -> SysResult {
+    p.mem.unmap(a.u64(0), a.u64(1))?;
+    Ok(0)
+}
+
+/// mprotect(2).
+pub fn mprotect(p: &mut Process, a: &Args) -> SysResult {
+    p.mem.protect(a.u64(0), a.u64(1), prot_arg(a.u32(2))?)?;
+    Ok(0)
+}
+
+/// brk(2).
+pub fn brk(p: &mut Process, a: &Args) -> SysResult {
+    Ok(p.mem.brk(a.u64(0)))
+}
+
+/// mremap(2).
+pub fn mremap(p: &mut Process, a: &Args) -> SysResult {
+    let flags = a.u32(3);
+    if flags & !(MREMAP_MAYMOVE | MREMAP_FIXED) != 0
+        || (flags & MREMAP_FIXED != 0 && flags & MREMAP_MAYMOVE == 0)
+    {
+        return Err(Errno::INVAL.into());
+    }
+    let fixed = (flags & MREMAP_FIXED != 0).then(|| a.u64(4));
+    let may_move = flags & MREMAP_MAYMOVE != 0;
+    Ok(p.mem.remap(a.u64(0), a.u64(1), a.u64(2), may_move, fixed)?)
+}
+
+/// madvise(2): DONTNEED and FREE drop contents; other advice is accepted and ignored.
+pub fn madvise(p: &mut Process, a: &Args) -> SysResult {
+    match a.i32(2) {
+        MADV_DONTNEED | MADV_FREE => p.mem.discard(a.u64(0), a.u64(1))?,
+        _ if a.u64(0) % 4096 != 0 => return Err(Errno::INVAL.into()),
+        _ => {}
+    }
+    Ok(0)
+}

@@ -1,0 +1,199 @@
+//! The Linux system-call ABI, one file per area, dispatched from one `match`.
+//!
+//! Two error channels, as in Solo5: a guest mistake becomes `-errno` in RAX
+//! ([`SysError::Errno`]); everything the VMM must act on is another [`SysError`] variant
+//! that the run loop handles (exit, restart after an interruption, a fatal signal).
+
+pub mod fs;
+pub mod mem;
+pub mod process;
+pub mod signal;
+pub mod time;
+
+use crate::memory::UserAddr;
+use crate::process::Process;
+use rustix::io::Errno;
+use syscalls::Sysno;
+
+/// The outcome of a handler that did not simply return a value to the app.
+#[derive(Debug)]
+pub enum SysError {
+    /// Return `-errno` to the app.
+    Errno(Errno),
+    /// The app called exit or exit_group with this status.
+    Exit(i32),
+    /// A kick interrupted a blocking call: rewind the app to re-execute `syscall`.
+    Restart,
+    /// The app must die of this signal (default action of a fatal signal).
+    Kill {
+        /// The signal number.
+        signal: i32,
+        /// What happened, for the report.
+        reason: String,
+    },
+}
+
+impl From<Errno> for SysError {
+    fn from(errno: Errno) -> Self {
+        SysError::Errno(errno)
+    }
+}
+
+/// What a handler returns: the value for RAX, or a [`SysError`].
+pub type SysResult = Result<u64, SysError>;
+
+/// The six syscall arguments (rdi, rsi, rdx, r10, r8, r9), with typed accessors.
+#[derive(Debug, Clone, Copy)]
+pub struct Args(pub [u64; 6]);
+
+impl Args {
+    /// Argument `i` as an fd (the kernel takes the low 32 bits).
+    pub fn fd(&self, i: usize) -> i32 {
+        self.0[i] as i32
+    }
+    /// Argument `i` as a pointer into app memory.
+    pub fn ptr(&self, i: usize) -> UserAddr {
+        UserAddr(self.0[i])
+    }
+    /// Argument `i` as a size.
+    pub fn usize(&self, i: usize) -> usize {
+        self.0[i] as usize
+    }
+    /// Argument `i` as an int.
+    pub fn i32(&self, i: usize) -> i32 {
+        self.0[i] as i32
+    }
+    /// Argument `i` as an unsigned int.
+    pub fn u32(&self, i: usize) -> u32 {
+        self.0[i] as u32
+    }
+    /// Argument `i` as a raw 64-bit value.
+    pub fn u64(&self, i: usize) -> u64 {
+        self.0[i]
+    }
+}
+
+/// Performs syscall `nr` for the app.
+pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
+    let Some(sysno) = Sysno::new(nr as usize) else {
+        if p.warned.insert(nr) {
+            tracing::warn!("unknown syscall number {nr}: returning ENOSYS");
+        }
+        return Err(Errno::NOSYS.into());
+    };
+    match sysno {
+        // files
+        Sysno::read => fs::read(p, a),
+        Sysno::write => fs::write(p, a),
+        Sysno::pread64 => fs::pread64(p, a),
+        Sysno::pwrite64 => fs::pwrite64(p, a),
+        Sysno::readv => fs::readv(p, a),
+        Sysno::writev => fs::writev(p, a),
+        Sysno::preadv => fs::preadv(p, a),
+        Sysno::pwritev => fs::pwritev(p, a),
+        Sysno::lseek => fs::lseek(p, a),
+        Sysno::close => fs::close(p, a),
+        Sysno::open => fs::open(p, a),
+        Sysno::openat => fs::openat(p, a),
+        Sysno::creat => fs::creat(p, a),
+        Sysno::fstat => fs::fstat(p, a),
+        Sysno::stat => fs::stat(p, a),
+        Sysno::lstat => fs::lstat(p, a),
+        Sysno::newfstatat => fs::newfstatat(p, a),
+        Sysno::statx => fs::statx(p, a),
+        Sysno::statfs => fs::statfs(p, a),
+        Sysno::fstatfs => fs::fstatfs(p, a),
+        Sysno::getdents64 => fs::getdents64(p, a),
+        Sysno::readlink => fs::readlink(p, a),
+        Sysno::readlinkat => fs::readlinkat(p, a),
+        Sysno::access => fs::access(p, a),
+        Sysno::faccessat => fs::faccessat(p, a),
+        Sysno::faccessat2 => fs::faccessat(p, a),
+        Sysno::dup => fs::dup(p, a),
+        Sysno::dup2 => fs::dup2(p, a),
+        Sysno::dup3 => fs::dup3(p, a),
+        Sysno::fcntl => fs::fcntl(p, a),
+        Sysno::pipe => fs::pipe(p, a),
+        Sysno::pipe2 => fs::pipe2(p, a),
+        Sysno::getcwd => fs::getcwd(p, a),
+        Sysno::chdir => fs::chdir(p, a),
+        Sysno::fchdir => fs::fchdir(p, a),
+        Sysno::ioctl => fs::ioctl(p, a),
+        Sysno::mkdir => fs::mkdir(p, a),
+        Sysno::mkdirat => fs::mkdirat(p, a),
+        Sysno::unlink => fs::unlink(p, a),
+        Sysno::unlinkat => fs::unlinkat(p, a),
+        Sysno::rmdir => fs::rmdir(p, a),
+        Sysno::rename => fs::rename(p, a),
+        Sysno::renameat => fs::renameat(p, a),
+        Sysno::renameat2 => fs::renameat(p, a),
+        Sysno::ftruncate => fs::ftruncate(p, a),
+        Sysno::fsync | Sysno::fdatasync => fs::fsync(p, a),
+        Sysno::fadvise64 | Sysno::flock => fs::fd_hint(p, a),
+        Sysno::umask => fs::umask(p, a),
+        Sysno::fchmod => fs::fchmod(p, a),
+        Sysno::chmod | Sysno::fchmodat => fs::chmod(p, sysno, a),
+        Sysno::chown | Sysno::fchown | Sysno::lchown | Sysno::fchownat => Ok(0),
+        Sysno::utimensat => fs::utimensat(p, a),
+        // memory
+        Sysno::mmap => mem::mmap(p, a),
+        Sysno::munmap => mem::munmap(p, a),
+        Sysno::mprotect => mem::mprotect(p, a),
+        Sysno::brk => mem::brk(p, a),
+        Sysno::mremap => mem::mremap(p, a),
+        Sysno::madvise => mem::madvise(p, a),
+        Sysno::msync | Sysno::mlock | Sysno::munlock | Sysno::mlockall | Sysno::munlockall => Ok(0),
+        // time
+        Sysno::clock_gettime => time::clock_gettime(p, a),
+        Sysno::clock_getres => time::clock_getres(p, a),
+        Sysno::gettimeofday => time::gettimeofday(p, a),
+        Sysno::time => time::time(p, a),
+        Sysno::nanosleep => time::nanosleep(p, a),
+        Sysno::clock_nanosleep => time::clock_nanosleep(p, a),
+        // process
+        Sysno::getpid => Ok(crate::process::GUEST_PID as u64),
+        Sysno::gettid => Ok(crate::process::GUEST_PID as u64),
+        Sysno::getppid => Ok(crate::process::GUEST_PPID as u64),
+        Sysno::getpgrp | Sysno::getpgid | Sysno::getsid => Ok(crate::process::GUEST_PID as u64),
+        Sysno::setsid | Sysno::setpgid => Ok(crate::process::GUEST_PID as u64),
+        Sysno::getuid | Sysno::geteuid | Sysno::getgid | Sysno::getegid => Ok(0),
+        Sysno::setuid | Sysno::setgid | Sysno::setreuid | Sysno::setregid => Ok(0),
+        Sysno::setresuid | Sysno::setresgid | Sysno::setgroups => Ok(0),
+        Sysno::getresuid | Sysno::getresgid => process::getres_ids(p, a),
+        Sysno::getgroups => Ok(0),
+        Sysno::uname => process::uname(p, a),
+        Sysno::getrandom => process::getrandom(p, a),
+        Sysno::set_tid_address => process::set_tid_address(p, a),
+        Sysno::set_robust_list => Ok(0),
+        Sysno::rseq => Err(Errno::NOSYS.into()),
+        Sysno::prlimit64 => process::prlimit64(p, a),
+        Sysno::getrlimit => process::getrlimit(p, a),
+        Sysno::setrlimit => Ok(0),
+        Sysno::getrusage => process::getrusage(p, a),
+        Sysno::sched_getaffinity => process::sched_getaffinity(p, a),
+        Sysno::sched_setaffinity => Ok(0),
+        Sysno::sched_yield => Ok(0),
+        Sysno::sysinfo => process::sysinfo(p, a),
+        Sysno::arch_prctl => process::arch_prctl(p, a),
+        Sysno::prctl => process::prctl(p, a),
+        Sysno::exit | Sysno::exit_group => Err(SysError::Exit(a.i32(0) & 0xff)),
+        Sysno::clone | Sysno::clone3 | Sysno::fork | Sysno::vfork => Err(Errno::AGAIN.into()),
+        Sysno::execve | Sysno::execveat => Err(Errno::NOSYS.into()),
+        Sysno::wait4 | Sysno::waitid => Err(Errno::CHILD.into()),
+        Sysno::futex => process::futex(p, a),
+        Sysno::kill | Sysno::tgkill | Sysno::tkill => signal::kill(p, sysno, a),
+        // signals
+        Sysno::rt_sigaction => signal::rt_sigaction(p, a),
+        Sysno::rt_sigprocmask => signal::rt_sigprocmask(p, a),
+        Sysno::sigaltstack => signal::sigaltstack(p, a),
+        other => {
+            if p.warned.insert(nr) {
+                tracing::warn!(
+                    "unsupported syscall {} ({nr}): returning ENOSYS",
+                    other.name()
+                );
+            }
+            Err(Errno::NOSYS.into())
+        }
+    }
+}

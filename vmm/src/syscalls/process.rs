@@ -1,0 +1,218 @@
+//! Process identity, limits, randomness, the FS base and the other small calls of a
+//! single-threaded process.
+
+use super::{Args, SysError, SysResult};
+use crate::process::Process;
+use rustix::io::Errno;
+
+const ARCH_SET_GS: i32 = 0x1001;
+const ARCH_SET_FS: i32 = 0x1002;
+const ARCH_GET_FS: i32 = 0x1003;
+const ARCH_GET_GS: i32 = 0x1004;
+const ARCH_GET_CPUID: i32 = 0x1011;
+const ARCH_SET_CPUID: i32 = 0x1012;
+
+/// Canonical user addresses only: a non-canonical FS base would fault on entry.
+fn is_user_canonical(addr: u64) -> bool {
+    addr < 0x8000_0000_0000
+}
+
+/// arch_prctl(2): the FS base (glibc's TLS) and nothing the app cannot have.
+pub fn arch_prctl(p: &mut Process, a: &Args) -> SysResult {
+    match a.i32(0) {
+        ARCH_SET_FS => {
+            if !is_user_canonical(a.u64(1)) {
+                return Err(Errno::PERM.into());
+            }
+            p.fs_base = a.u64(1);
+            p.fs_base_changed = true;
+            Ok(0)
+        }
+        ARCH_GET_FS => {
+            p.mem.write_pod(a.ptr(1), &p.fs_base)?;
+            Ok(0)
+        }
+        ARCH_GET_GS => {
+            p.mem.write_pod(a.ptr(1), &0u64)?;
+            Ok(0)
+        }
+        ARCH_GET_CPUID => Ok(1),
+        ARCH_SET_GS | ARCH_SET_CPUID => Err(Errno::PERM.into()),
+        _ => Err(Errno::INVAL.into()),
+    }
+}
+
+fn field(value: &str) -> [libc::c_char; 65] {
+    let mut out = [0 as libc::c_char; 65];
+    for (slot, byte) in out.iter_mut().zip(value.bytes().take(64)) {
+        *slot = byte as libc::c_char;
+    }
+    out
+}
+
+/// uname(2): a fixed identity, with the app's name as the node name.
+pub fn uname(p: &mut Process, a: &Args) -> SysResult {
+    let uts = libc::utsname {
+        sysname: field("Linux"),
+        nodename: field(&p.name),
+        release: field("6.1.0-picocenter"),
+        version: field("#1 SMP picocenter"),
+        machine: field("x86_64"),
+        domainname: field("(none)"),
+    };
+    p.mem.write_pod(a.ptr(0), &uts)?;
+    Ok(0)
+}
+
+/// getresuid(2) and getresgid(2): everything is 0 inside the sandbox.
+pub fn getres_ids(p: &mut Process, a: &Args) -> SysResult {
+    for i in 0..3 {
+        p.mem.write_pod(a.ptr(i), &0u32)?;
+    }
+    Ok(0)
+}
+
+/// getrandom(2), from the host.
+pub fn getrandom(p: &mut Process, a: &Args) -> SysResult {
+    let len = a.usize(1).min(1 << 20);
+    let mut buf = vec![0u8; len];
+    let n = rustix::rand::getrandom(&mut buf, rustix::rand::GetRandomFlags::empty())?;
+    p.mem.write(a.ptr(0), &buf[..n])?;
+    Ok(n as u64)
+}
+
+/// set_tid_address(2).
+pub fn set_tid_address(p: &mut Process, a: &Args) -> SysResult {
+    p.clear_child_tid = a.u64(0);
+    Ok(crate::process::GUEST_PID as u64)
+}
+
+/// The limit for `resource`, as (soft, hard).
+fn limit(p: &Process, resource: u32) -> Result<(u64, u64), Errno> {
+    const INFINITY: u64 = u64::MAX;
+    Ok(match resource as i32 {
+        r if r == libc::RLIMIT_STACK as i32 => {
+            let s = crate::memory::space::STACK_SIZE;
+            (s, INFINITY)
+        }
+        r if r == libc::RLIMIT_NOFILE as i32 => {
+            let n = p.files.limit() as u64;
+            (n, n)
+        }
+        r if r == libc::RLIMIT_AS as i32 || r == libc::RLIMIT_DATA as i32 => {
+            let ram = p.mem.phys().ram_size();
+            (ram, ram)
+        }
+        r if r == libc::RLIMIT_NPROC as i32 => (1, 1),
+        r if r == libc::RLIMIT_CORE as i32 => (0, 0),
+        r if (r as u32) < 16 => (INFINITY, INFINITY),
+        _ => return Err(Errno::INVAL),
+    })
+}
+
+/// prlimit64(2) for the app itself; changes are accepted and ignored.
+pub fn prlimit64(p: &mut Process, a: &Args) -> SysResult {
+    if a.i32(0) != 0 && a.i32(0) != crate::process::GUEST_PID {
+        return Err(Errno::SRCH.into());
+    }
+    let (soft, hard) = limit(p, a.u32(1))?;
+    if !a.ptr(3).is_null() {
+        p.mem.write_pod(a.ptr(3), &[soft, hard])?;
+    }
+    Ok(0)
+}
+
+/// getrlimit(2).
+pub fn getrlimit(p: &mut Process, a: &Args) -> SysResult {
+    let (soft, hard) = limit(p, a.u32(0))?;
+    p.mem.write_pod(a.ptr(1), &[soft, hard])?;
+    Ok(0)
+}
+
+/// getrusage(2): the vCPU thread's CPU time stands for the app's user time.
+pub fn getrusage(p: &mut Process, a: &Args) -> SysResult {
+    let cpu = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    let mut bytes = vec![0u8; 144];
+    let times = [cpu.tv_sec as u64, cpu.tv_nsec as u64 / 1000, 0, 0];
+    for (i, v) in times.iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    p.mem.write(a.ptr(1), &bytes)?;
+    Ok(0)
+}
+
+/// sched_getaffinity(2): one CPU.
+pub fn sched_getaffinity(p: &mut Process, a: &Args) -> SysResult {
+    let size = a.usize(1);
+    if size < 8 || size % 8 != 0 {
+        return Err(Errno::INVAL.into());
+    }
+    p.mem.write_pod(a.ptr(2), &1u64)?;
+    Ok(8)
+}
+
+/// sysinfo(2): uptime from the app's monotonic clock, memory from its RAM size.
+pub fn sysinfo(p: &mut Process, a: &Args) -> SysResult {
+    let uptime = (p.clock.now_ns(libc::CLOCK_MONOTONIC)? / 1_000_000_000) as u64;
+    let stats = p.mem.stats();
+    let total = stats.frames_total * 4096;
+    let free = (stats.frames_total - stats.frames_in_use) * 4096;
+    let mut bytes = vec![0u8; 112];
+    let words: [(usize, u64); 5] = [(0, uptime), (32, total), (40, free), (48, 0), (56, 0)];
+    for (offset, value) in words {
+        bytes[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
+    }
+    bytes[80..82].copy_from_slice(&1u16.to_le_bytes()); // procs
+    bytes[104..108].copy_from_slice(&1u32.to_le_bytes()); // mem_unit
+    p.mem.write(a.ptr(0), &bytes)?;
+    Ok(0)
+}
+
+/// prctl(2): names and the few flags libraries set at start.
+pub fn prctl(p: &mut Process, a: &Args) -> SysResult {
+    match a.i32(0) {
+        libc::PR_SET_NAME => {
+            let name = p.mem.read_cstr(a.ptr(1), 16)?;
+            tracing::debug!(name = %String::from_utf8_lossy(&name), "prctl(PR_SET_NAME)");
+            Ok(0)
+        }
+        libc::PR_GET_NAME => {
+            let mut name = p.name.as_bytes()[..p.name.len().min(15)].to_vec();
+            name.resize(16, 0);
+            p.mem.write(a.ptr(1), &name)?;
+            Ok(0)
+        }
+        libc::PR_SET_DUMPABLE | libc::PR_SET_PDEATHSIG | libc::PR_SET_NO_NEW_PRIVS => Ok(0),
+        libc::PR_GET_DUMPABLE => Ok(1),
+        _ => Err(Errno::INVAL.into()),
+    }
+}
+
+const FUTEX_WAIT: i32 = 0;
+const FUTEX_WAKE: i32 = 1;
+const FUTEX_WAIT_BITSET: i32 = 9;
+const FUTEX_WAKE_BITSET: i32 = 10;
+const FUTEX_CMD_MASK: i32 = 0x7f;
+
+/// futex(2) for one thread: a wake finds nobody; a wait whose value still matches could
+/// only be woken by another thread, so it sleeps until its timeout (or forever: then the
+/// app is deadlocked, and dies rather than hanging the VMM).
+pub fn futex(p: &mut Process, a: &Args) -> SysResult {
+    match a.i32(1) & FUTEX_CMD_MASK {
+        FUTEX_WAKE | FUTEX_WAKE_BITSET => Ok(0),
+        FUTEX_WAIT | FUTEX_WAIT_BITSET => {
+            let current: u32 = p.mem.read_pod(a.ptr(0))?;
+            if current != a.u32(2) {
+                return Err(Errno::AGAIN.into());
+            }
+            if a.ptr(3).is_null() {
+                return Err(SysError::Kill {
+                    signal: libc::SIGABRT,
+                    reason: "futex wait with no other thread to wake it (deadlock)".into(),
+                });
+            }
+            Err(Errno::TIMEDOUT.into())
+        }
+        _ => Err(Errno::NOSYS.into()),
+    }
+}

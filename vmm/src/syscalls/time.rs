@@ -1,0 +1,186 @@
+//! Clocks and sleeping, and the one place where the VMM blocks on the app's behalf.
+//!
+//! CLOCK_MONOTONIC (and its variants) read the host clock plus an offset that a restore
+//! sets, so that the app's monotonic time never goes backwards, whichever host it resumes
+//! on. Realtime clocks are the host's.
+
+use super::{Args, SysError, SysResult};
+use crate::process::Process;
+use rustix::event::{PollFd, PollFlags};
+use rustix::io::Errno;
+use rustix::time::{ClockId, Timespec};
+use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
+
+/// The app's clocks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Clock {
+    /// Added to the host's CLOCK_MONOTONIC (nanoseconds).
+    pub monotonic_offset_ns: i64,
+}
+
+const NANOS: i128 = 1_000_000_000;
+
+fn to_ns(t: Timespec) -> i128 {
+    t.tv_sec as i128 * NANOS + t.tv_nsec as i128
+}
+
+fn from_ns(ns: i128) -> libc::timespec {
+    libc::timespec {
+        tv_sec: ns.div_euclid(NANOS) as i64,
+        tv_nsec: ns.rem_euclid(NANOS) as i64,
+    }
+}
+
+impl Clock {
+    /// The app's view of clock `id`, in nanoseconds.
+    pub fn now_ns(&self, id: i32) -> Result<i128, Errno> {
+        let (host, monotonic) = match id {
+            libc::CLOCK_REALTIME | libc::CLOCK_REALTIME_COARSE | libc::CLOCK_TAI => {
+                (ClockId::Realtime, false)
+            }
+            libc::CLOCK_MONOTONIC
+            | libc::CLOCK_MONOTONIC_RAW
+            | libc::CLOCK_MONOTONIC_COARSE
+            | libc::CLOCK_BOOTTIME => (ClockId::Monotonic, true),
+            libc::CLOCK_PROCESS_CPUTIME_ID | libc::CLOCK_THREAD_CPUTIME_ID => {
+                (ClockId::ThreadCPUTime, false)
+            }
+            _ => return Err(Errno::INVAL),
+        };
+        let ns = to_ns(rustix::time::clock_gettime(host));
+        Ok(if monotonic {
+            ns + self.monotonic_offset_ns as i128
+        } else {
+            ns
+        })
+    }
+}
+
+/// clock_gettime(2).
+pub fn clock_gettime(p: &mut Process, a: &Args) -> SysResult {
+    let now = p.clock.now_ns(a.i32(0))?;
+    p.mem.write_pod(a.ptr(1), &from_ns(now))?;
+    Ok(0)
+}
+
+/// clock_getres(2).
+pub fn clock_getres(p: &mut Process, a: &Args) -> SysResult {
+    p.clock.now_ns(a.i32(0))?;
+    if !a.ptr(1).is_null() {
+        p.mem.write_pod(a.ptr(1), &from_ns(1))?;
+    }
+    Ok(0)
+}
+
+/// gettimeofday(2).
+pub fn gettimeofday(p: &mut Process, a: &Args) -> SysResult {
+    if !a.ptr(0).is_null() {
+        let ts = from_ns(p.clock.now_ns(libc::CLOCK_REALTIME)?);
+        let tv = libc::timeval {
+            tv_sec: ts.tv_sec,
+            tv_usec: ts.tv_nsec / 1000,
+        };
+        p.mem.write_pod(a.ptr(0), &tv)?;
+    }
+    if !a.ptr(1).is_null() {
+        p.mem.write_pod(a.ptr(1), &[0u32; 2])?;
+    }
+    Ok(0)
+}
+
+/// time(2).
+pub fn time(p: &mut Process, a: &Args) -> SysResult {
+    let secs = from_ns(p.clock.now_ns(libc::CLOCK_REALTIME)?).tv_sec;
+    if !a.ptr(0).is_null() {
+        p.mem.write_pod(a.ptr(0), &secs)?;
+    }
+    Ok(secs as u64)
+}
+
+/// Reads a relative timeout and validates it.
+fn read_duration(p: &mut Process, addr: crate::memory::UserAddr) -> Result<Duration, Errno> {
+    let ts: libc::timespec = p.mem.read_pod(addr)?;
+    if ts.tv_sec < 0 || !(0..1_000_000_000).contains(&ts.tv_nsec) {
+        return Err(Errno::INVAL);
+    }
+    Ok(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// Waits until `fd` is ready for `events`, `deadline` passes, or a kick arrives (then
+/// [`SysError::Restart`], so the app re-executes the call at a clean point). With no fd it
+/// just sleeps. Returns the ready events (empty on timeout).
+pub fn wait_fd(
+    p: &Process,
+    fd: BorrowedFd<'_>,
+    events: PollFlags,
+    deadline: Option<Instant>,
+) -> Result<PollFlags, SysError> {
+    wait(p, Some((fd, events)), deadline)
+}
+
+/// Sleeps until `deadline` or a kick.
+pub fn sleep_until(p: &Process, deadline: Instant) -> Result<(), SysError> {
+    wait(p, None, Some(deadline)).map(drop)
+}
+
+fn wait(
+    p: &Process,
+    target: Option<(BorrowedFd<'_>, PollFlags)>,
+    deadline: Option<Instant>,
+) -> Result<PollFlags, SysError> {
+    loop {
+        let mut fds = vec![PollFd::new(p.kicker.wake_fd(), PollFlags::IN)];
+        if let Some((fd, events)) = target {
+            fds.push(PollFd::from_borrowed_fd(fd, events));
+        }
+        let timeout = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                Some(Timespec::try_from(left).unwrap_or(Timespec {
+                    tv_sec: i64::MAX,
+                    tv_nsec: 0,
+                }))
+            }
+            None => None,
+        };
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if p.kicker.pending() != 0 {
+            return Err(SysError::Restart);
+        }
+        if let Some(ready) = fds.get(1).map(|f| f.revents()) {
+            if !ready.is_empty() {
+                return Ok(ready);
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(PollFlags::empty());
+        }
+    }
+}
+
+/// nanosleep(2).
+pub fn nanosleep(p: &mut Process, a: &Args) -> SysResult {
+    let duration = read_duration(p, a.ptr(0))?;
+    sleep_until(p, Instant::now() + duration)?;
+    Ok(0)
+}
+
+/// clock_nanosleep(2), relative or TIMER_ABSTIME.
+pub fn clock_nanosleep(p: &mut Process, a: &Args) -> SysResult {
+    let clock = a.i32(0);
+    let duration = read_duration(p, a.ptr(2))?;
+    let duration = if a.i32(1) & libc::TIMER_ABSTIME != 0 {
+        let target = duration.as_nanos() as i128;
+        let now = p.clock.now_ns(clock)?;
+        Duration::from_nanos((target - now).max(0) as u64)
+    } else {
+        p.clock.now_ns(clock)?;
+        duration
+    };
+    sleep_until(p, Instant::now() + duration)?;
+    Ok(0)
+}
