@@ -183,7 +183,11 @@ impl Picoprocess {
         let started = self.process.trace.is_some().then(Instant::now);
         let result = syscalls::dispatch(&mut self.process, nr, &args);
         if let (Some(trace), Some(started)) = (self.process.trace.as_mut(), started) {
-            trace.record(nr, result.is_err(), started.elapsed());
+            trace.record(
+                nr,
+                matches!(result, Err(SysError::Errno(_))),
+                started.elapsed(),
+            );
         }
         let rax = match result {
             Ok(value) => value,

@@ -187,7 +187,17 @@ impl Sandbox {
     pub fn open(&self, path: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {
         let resolved = self.resolve(path);
         let writes = flags.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::TRUNC);
-        let flags = flags | OFlags::CLOEXEC | OFlags::NOCTTY;
+        // openat2 rejects flags O_PATH ignores, and a mode without O_CREAT or O_TMPFILE.
+        let flags = if flags.contains(OFlags::PATH) {
+            flags & (OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW) | OFlags::CLOEXEC
+        } else {
+            flags | OFlags::CLOEXEC | OFlags::NOCTTY
+        };
+        let mode = if flags.contains(OFlags::CREATE) || flags.contains(OFlags::TMPFILE) {
+            mode
+        } else {
+            Mode::empty()
+        };
         if !resolved.mount.writable {
             if writes {
                 return Err(Errno::ROFS);

@@ -6,6 +6,7 @@
 
 pub mod fs;
 pub mod mem;
+pub mod poll;
 pub mod process;
 pub mod signal;
 pub mod time;
@@ -135,6 +136,9 @@ pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
         Sysno::chmod | Sysno::fchmodat => fs::chmod(p, sysno, a),
         Sysno::chown | Sysno::fchown | Sysno::lchown | Sysno::fchownat => Ok(0),
         Sysno::utimensat => fs::utimensat(p, a),
+        // waiting
+        Sysno::poll => poll::poll(p, a),
+        Sysno::ppoll => poll::ppoll(p, a),
         // memory
         Sysno::mmap => mem::mmap(p, a),
         Sysno::munmap => mem::munmap(p, a),

@@ -1,0 +1,66 @@
+/* Process basics of a single-threaded program. */
+#define _GNU_SOURCE
+#include "check.h"
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <sys/random.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/sysinfo.h>
+#include <sys/time.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
+
+static void handler(int sig) { (void)sig; }
+
+int main(void) {
+    CHECK(getpid() > 0 && getppid() > 0 && getpid() != getppid());
+    CHECK(syscall(SYS_gettid) == getpid());
+    CHECK(getuid() == geteuid() && getgid() == getegid());
+    struct utsname u;
+    CHECK(uname(&u) == 0 && !strcmp(u.sysname, "Linux") && !strcmp(u.machine, "x86_64"));
+
+    struct timespec t0, t1, res;
+    CHECK(clock_gettime(CLOCK_MONOTONIC, &t0) == 0);
+    CHECK(clock_getres(CLOCK_MONOTONIC, &res) == 0);
+    struct timespec nap = {0, 20 * 1000 * 1000};
+    CHECK(nanosleep(&nap, NULL) == 0);
+    CHECK(clock_nanosleep(CLOCK_MONOTONIC, 0, &nap, NULL) == 0);
+    CHECK(clock_gettime(CLOCK_MONOTONIC, &t1) == 0);
+    int64_t slept = (t1.tv_sec - t0.tv_sec) * 1000000000ll + (t1.tv_nsec - t0.tv_nsec);
+    CHECK(slept >= 40 * 1000 * 1000 && slept < 2000ll * 1000 * 1000);
+    struct timeval tv;
+    CHECK(gettimeofday(&tv, NULL) == 0 && tv.tv_sec > 1700000000);
+    CHECK(time(NULL) >= tv.tv_sec);
+    CHECK(clock_gettime(999, &t0) == -1 && errno == EINVAL);
+
+    unsigned char r1[32] = {0}, r2[32] = {0};
+    CHECK(getrandom(r1, sizeof r1, 0) == sizeof r1 && getrandom(r2, sizeof r2, 0) == sizeof r2);
+    CHECK(memcmp(r1, r2, sizeof r1) != 0);
+
+    struct sigaction sa = {0}, old;
+    sa.sa_handler = handler;
+    CHECK(sigaction(SIGUSR1, &sa, NULL) == 0);
+    CHECK(sigaction(SIGUSR1, NULL, &old) == 0 && old.sa_handler == handler);
+    CHECK(sigaction(SIGKILL, &sa, NULL) == -1 && errno == EINVAL);
+    sigset_t set, prev;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR2);
+    CHECK(sigprocmask(SIG_BLOCK, &set, NULL) == 0);
+    CHECK(sigprocmask(SIG_SETMASK, NULL, &prev) == 0 && sigismember(&prev, SIGUSR2));
+
+    struct rlimit rl;
+    CHECK(getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur >= 256);
+    CHECK(prlimit(0, RLIMIT_STACK, NULL, &rl) == 0 && rl.rlim_cur == 8 << 20);
+    cpu_set_t cpus;
+    CHECK(sched_getaffinity(0, sizeof cpus, &cpus) == 0 && CPU_COUNT(&cpus) == 1);
+    CHECK(sched_yield() == 0);
+    struct sysinfo si;
+    CHECK(sysinfo(&si) == 0 && si.totalram > 0 && si.mem_unit == 1);
+    CHECK(syscall(SYS_set_robust_list, 0, 24) == 0);
+    CHECK(fork() == -1 && errno == EAGAIN);
+    CHECK(syscall(100000) == -1 && errno == ENOSYS);
+    DONE();
+}

@@ -1,0 +1,61 @@
+//! Memory as a kernel would provide it, and faults reported as segmentation faults.
+
+mod common;
+
+use common::*;
+
+fn memory_program() -> String {
+    guest("memory", Link::Static).to_str().unwrap().to_string()
+}
+
+#[test]
+fn mmap_munmap_mprotect_mremap_madvise_brk_work() {
+    let out = run(&[&memory_program(), "ok"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
+}
+
+#[test]
+fn dynamic_build_of_the_memory_checks_passes_too() {
+    let program = guest("memory", Link::Dynamic);
+    let out = run(&[program.to_str().unwrap(), "ok"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
+
+fn assert_segfault(mode: &str, expect: &str) {
+    let out = run(&[&memory_program(), mode]);
+    assert_eq!(out.status.code(), Some(139), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("segmentation fault") && stderr.contains(expect),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn touching_an_unmapped_page_is_a_segfault() {
+    assert_segfault("munmap-touch", "read at 0x");
+}
+
+#[test]
+fn writing_a_read_only_page_is_a_segfault() {
+    let out = run(&[&memory_program(), "mprotect-write"]);
+    // The read before the write succeeded.
+    assert!(
+        stdout(&out).contains("read after mprotect: 1"),
+        "{}",
+        describe(&out)
+    );
+    assert_segfault("mprotect-write", "write at 0x");
+}
+
+#[test]
+fn the_guard_page_stops_a_runaway_stack() {
+    assert_segfault("stack-overflow", "write at 0x7fff");
+}
+
+#[test]
+fn a_null_dereference_is_a_segfault() {
+    assert_segfault("null", "read at 0x0 (address not mapped)");
+}
