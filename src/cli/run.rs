@@ -65,39 +65,40 @@ fn temporary_root(
     program: &Path,
     writable: &[String],
 ) -> anyhow::Result<(tempfile::TempDir, String)> {
-    let program = std::fs::canonicalize(program)
+    let given = std::path::absolute(program)
+        .with_context(|| format!("cannot find program {}", program.display()))?;
+    let real = std::fs::canonicalize(&given)
         .with_context(|| format!("cannot find program {}", program.display()))?;
     let root = tempfile::Builder::new()
         .prefix("picocenter-root-")
         .tempdir()
         .context("creating a temporary root")?;
-    let files = picocenter_images::closure::closure(&program)
+    let files = picocenter_images::closure::closure(&real)
         .with_context(|| format!("finding the libraries {} needs", program.display()))?;
     for file in &files[1..] {
         picocenter_images::rootfs::add_path(root.path(), file)?;
     }
-    let mut guest_path = program.to_string_lossy().into_owned();
-    let hidden = writable
-        .iter()
-        .any(|dir| Path::new(&guest_path).starts_with(dir));
-    if hidden {
-        let name = program
-            .file_name()
-            .context("the program has no file name")?;
-        guest_path = format!("/app/{}", name.to_string_lossy());
-    }
-    let inside = root.path().join(guest_path.trim_start_matches('/'));
-    std::fs::create_dir_all(inside.parent().context("program path")?)?;
-    if std::fs::hard_link(&program, &inside).is_err() {
-        std::fs::copy(&program, &inside)
-            .with_context(|| format!("copying {} into the root", program.display()))?;
-    }
+    let hidden = writable.iter().any(|dir| given.starts_with(dir));
+    let guest_path = if hidden {
+        let name = real.file_name().context("the program has no file name")?;
+        let guest_path = format!("/app/{}", name.to_string_lossy());
+        let inside = root.path().join(guest_path.trim_start_matches('/'));
+        std::fs::create_dir_all(inside.parent().context("program path")?)?;
+        if std::fs::hard_link(&real, &inside).is_err() {
+            std::fs::copy(&real, &inside)
+                .with_context(|| format!("copying {} into the root", real.display()))?;
+        }
+        guest_path
+    } else {
+        picocenter_images::rootfs::add_path(root.path(), &given)?;
+        given.to_string_lossy().into_owned()
+    };
     Ok((root, guest_path))
 }
 
 /// Runs the app and returns the exit status.
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
-    if args.memory == 0 || args.memory % 2 != 0 {
+    if args.memory == 0 || !args.memory.is_multiple_of(2) {
         bail!("--memory must be a positive, even number of MiB");
     }
     let (_temp_root, root, program) = match &args.root {

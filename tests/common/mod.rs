@@ -136,3 +136,9 @@ pub fn install(root: &Path, binary: &Path, name: &str) -> String {
     std::fs::copy(binary, root.join("bin").join(name)).unwrap();
     format!("/bin/{name}")
 }
+
+/// The median of `values` (sorted in place); benchmarks report it.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}

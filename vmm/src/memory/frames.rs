@@ -67,7 +67,7 @@ impl FrameAllocator {
 
     /// Whether `gpa` is a frame of this allocator.
     pub fn contains(&self, gpa: u64) -> bool {
-        gpa >= self.base && gpa < self.base + self.frames * 4096 && gpa % 4096 == 0
+        gpa >= self.base && gpa < self.base + self.frames * 4096 && gpa.is_multiple_of(4096)
     }
 }
 

@@ -126,25 +126,7 @@ impl AddressSpace {
         bufs: &[(UserAddr, usize)],
         offset: Option<u64>,
     ) -> Result<usize, Errno> {
-        let iovecs = self.host_iovecs(bufs, Access::Write)?;
-        if iovecs.is_empty() {
-            return Ok(0);
-        }
-        // SAFETY: every iovec covers app memory that `host_iovecs` checked to be mapped
-        // writable; the vCPU is stopped while the VMM handles this call, and nothing else
-        // holds a Rust reference into guest memory.
-        let rc = unsafe {
-            match offset {
-                Some(off) => libc::preadv(
-                    fd.as_raw_fd(),
-                    iovecs.as_ptr(),
-                    iovecs.len() as i32,
-                    off as i64,
-                ),
-                None => libc::readv(fd.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32),
-            }
-        };
-        result_of(rc)
+        self.host_io(fd, bufs, offset, Access::Write)
     }
 
     /// Writes the app buffers `bufs` to host `fd` (write, writev, pwrite64, pwritev).
@@ -154,21 +136,33 @@ impl AddressSpace {
         bufs: &[(UserAddr, usize)],
         offset: Option<u64>,
     ) -> Result<usize, Errno> {
-        let iovecs = self.host_iovecs(bufs, Access::Read)?;
+        self.host_io(fd, bufs, offset, Access::Read)
+    }
+
+    /// One vectored host call between `fd` and app memory. `access` is what the app's
+    /// memory undergoes: `Write` for a host read into it, `Read` for a host write from it.
+    fn host_io(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        bufs: &[(UserAddr, usize)],
+        offset: Option<u64>,
+        access: Access,
+    ) -> Result<usize, Errno> {
+        let iovecs = self.host_iovecs(bufs, access)?;
         if iovecs.is_empty() {
             return Ok(0);
         }
+        let (fd, iov, count) = (fd.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32);
         // SAFETY: every iovec covers app memory that `host_iovecs` checked to be mapped
-        // readable; the host only reads it, and the vCPU is stopped meanwhile.
+        // with the permission the transfer needs (writable when the host fills it); the
+        // vCPU is stopped while the VMM handles the call, and no Rust reference into guest
+        // memory is live.
         let rc = unsafe {
-            match offset {
-                Some(off) => libc::pwritev(
-                    fd.as_raw_fd(),
-                    iovecs.as_ptr(),
-                    iovecs.len() as i32,
-                    off as i64,
-                ),
-                None => libc::writev(fd.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32),
+            match (access, offset) {
+                (Access::Write, Some(off)) => libc::preadv(fd, iov, count, off as i64),
+                (Access::Write, None) => libc::readv(fd, iov, count),
+                (_, Some(off)) => libc::pwritev(fd, iov, count, off as i64),
+                (_, None) => libc::writev(fd, iov, count),
             }
         };
         result_of(rc)

@@ -63,7 +63,7 @@ impl PhysicalMemory {
     /// Reserves `ram_size` bytes of RAM plus the system and page-table slots. Nothing is
     /// committed until touched (MAP_NORESERVE).
     pub fn new(ram_size: u64) -> Result<Self, PhysError> {
-        if ram_size == 0 || ram_size % (2 << 20) != 0 || ram_size > layout::MAX_RAM_SIZE {
+        if ram_size == 0 || !ram_size.is_multiple_of(2 << 20) || ram_size > layout::MAX_RAM_SIZE {
             return Err(PhysError::BadRamSize {
                 size: ram_size,
                 max: layout::MAX_RAM_SIZE,

@@ -377,7 +377,7 @@ impl AddressSpace {
     pub fn unmap(&mut self, addr: u64, len: u64) -> Result<(), Errno> {
         let len = page_up(len).ok_or(Errno::INVAL)?;
         let end = addr.checked_add(len).ok_or(Errno::INVAL)?;
-        if addr % PAGE != 0 || len == 0 || end > USER_END {
+        if !addr.is_multiple_of(PAGE) || len == 0 || end > USER_END {
             return Err(Errno::INVAL);
         }
         self.vmas.carve(addr, end);
@@ -392,7 +392,7 @@ impl AddressSpace {
     pub fn protect(&mut self, addr: u64, len: u64, prot: Prot) -> Result<(), Errno> {
         let len = page_up(len).ok_or(Errno::INVAL)?;
         let end = addr.checked_add(len).ok_or(Errno::INVAL)?;
-        if addr % PAGE != 0 || end > USER_END {
+        if !addr.is_multiple_of(PAGE) || end > USER_END {
             return Err(Errno::INVAL);
         }
         if len == 0 {
@@ -429,7 +429,7 @@ impl AddressSpace {
         let old_len = page_up(old_len).ok_or(Errno::INVAL)?;
         let new_len = page_up(new_len).filter(|&l| l > 0).ok_or(Errno::INVAL)?;
         let old_end = old.checked_add(old_len).ok_or(Errno::INVAL)?;
-        if old % PAGE != 0 || old_end > USER_END {
+        if !old.is_multiple_of(PAGE) || old_end > USER_END {
             return Err(Errno::INVAL);
         }
         let area = self.vmas.get(old).cloned().ok_or(Errno::FAULT)?;
@@ -497,7 +497,7 @@ impl AddressSpace {
     pub fn discard(&mut self, addr: u64, len: u64) -> Result<(), Errno> {
         let len = page_up(len).ok_or(Errno::INVAL)?;
         let end = addr.checked_add(len).ok_or(Errno::INVAL)?;
-        if addr % PAGE != 0 || end > USER_END {
+        if !addr.is_multiple_of(PAGE) || end > USER_END {
             return Err(Errno::INVAL);
         }
         for (va, pte) in self.tables.leaves(&self.phys, addr, end)? {
@@ -565,7 +565,10 @@ impl AddressSpace {
             Access::Write => Prot::WRITE,
             Access::Execute => Prot::EXEC,
         };
-        if !vma.prot.contains(needed) && !(access == Access::Read && vma.prot != Prot::NONE) {
+        // On x86 every mapped page is readable, so any protection but NONE allows reads.
+        let allowed =
+            vma.prot.contains(needed) || (access == Access::Read && vma.prot != Prot::NONE);
+        if !allowed {
             return Ok(FaultResolution::Forbidden);
         }
         let page = page_down(addr);

@@ -302,7 +302,7 @@ fn stat_target(
             return p.sandbox.open(&p.cwd, OFlags::PATH, Mode::empty());
         }
         let file = p.files.file(dirfd)?;
-        return Ok(rustix::io::fcntl_dupfd_cloexec(file.host(), 0)?);
+        return rustix::io::fcntl_dupfd_cloexec(file.host(), 0);
     }
     let path = String::from_utf8(path).map_err(|_| Errno::INVAL)?;
     let path = at_path(p, dirfd, &path)?;
@@ -640,7 +640,7 @@ fn termios_bytes(t: &rustix::termios::Termios) -> Vec<u8> {
         t.control_modes.bits(),
         t.local_modes.bits(),
     ] {
-        out.extend_from_slice(&(flags as u32).to_le_bytes());
+        out.extend_from_slice(&flags.to_le_bytes());
     }
     out.push(0); // c_line
     use rustix::termios::SpecialCodeIndex as I;
@@ -873,7 +873,7 @@ pub fn utimensat(p: &mut Process, a: &Args) -> SysResult {
     let resolved = p.sandbox.resolve(&path);
     resolved.require_writable()?;
     let times = if a.u64(2) == 0 {
-        let now = rustix::fs::Timestamps {
+        rustix::fs::Timestamps {
             last_access: rustix::fs::Timespec {
                 tv_sec: 0,
                 tv_nsec: rustix::fs::UTIME_NOW,
@@ -882,8 +882,7 @@ pub fn utimensat(p: &mut Process, a: &Args) -> SysResult {
                 tv_sec: 0,
                 tv_nsec: rustix::fs::UTIME_NOW,
             },
-        };
-        now
+        }
     } else {
         let [atime, mtime]: [libc::timespec; 2] = p.mem.read_pod(a.ptr(2))?;
         rustix::fs::Timestamps {

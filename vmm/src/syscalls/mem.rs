@@ -115,7 +115,7 @@ pub fn mremap(p: &mut Process, a: &Args) -> SysResult {
 pub fn madvise(p: &mut Process, a: &Args) -> SysResult {
     match a.i32(2) {
         MADV_DONTNEED | MADV_FREE => p.mem.discard(a.u64(0), a.u64(1))?,
-        _ if a.u64(0) % 4096 != 0 => return Err(Errno::INVAL.into()),
+        _ if !a.u64(0).is_multiple_of(4096) => return Err(Errno::INVAL.into()),
         _ => {}
     }
     Ok(0)

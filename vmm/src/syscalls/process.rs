@@ -144,7 +144,7 @@ pub fn getrusage(p: &mut Process, a: &Args) -> SysResult {
 /// sched_getaffinity(2): one CPU.
 pub fn sched_getaffinity(p: &mut Process, a: &Args) -> SysResult {
     let size = a.usize(1);
-    if size < 8 || size % 8 != 0 {
+    if size < 8 || !size.is_multiple_of(8) {
         return Err(Errno::INVAL.into());
     }
     p.mem.write_pod(a.ptr(2), &1u64)?;
