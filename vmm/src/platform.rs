@@ -8,7 +8,14 @@
 //!
 //! See ../shared/PLATFORM.md for the measurements behind each row.
 
+use crate::kvm::cpu;
+use crate::kvm::vcpu::{Vcpu, VcpuError};
+use crate::kvm::Machine;
+use crate::memory::layout::slot;
 use std::path::Path;
+
+/// CR4.PGE: changing it makes KVM flush the guest TLB on hardware KVM.
+const CR4_PGE: u64 = 1 << 7;
 
 /// The kind of KVM this host provides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +54,45 @@ impl Platform {
     /// the user code and stack segments.
     pub fn syscall_enters_ring0(self) -> bool {
         self == Platform::Hardware
+    }
+
+    /// Completes a syscall the VMM has answered: resume the app after its `syscall`
+    /// instruction, as `sysret` would. Where the doorbell ran at CPL 0, the user code and
+    /// stack segments come back too.
+    pub fn complete_syscall(self, vcpu: &mut Vcpu) -> Result<(), VcpuError> {
+        let regs = vcpu.regs_mut();
+        regs.rip = regs.rcx;
+        regs.rflags = regs.r11;
+        if self.syscall_enters_ring0() {
+            let mut sregs = vcpu.sregs()?;
+            let fs_base = sregs.fs.base;
+            cpu::set_user_segments(&mut sregs, fs_base);
+            vcpu.set_sregs(&sregs)?;
+        }
+        Ok(())
+    }
+
+    /// Makes removed or reduced translations take effect before the guest runs again.
+    pub fn invalidate_translations(
+        self,
+        vcpu: &mut Vcpu,
+        machine: &Machine,
+    ) -> Result<(), VcpuError> {
+        match self {
+            // The shadow MMU ignores guest TLB flushes, but drops everything derived from
+            // a memory slot when the slot is re-registered.
+            Platform::Pvm => machine
+                .reregister_slot(slot::PAGE_TABLES)
+                .map_err(VcpuError::Invalidate),
+            // Changing CR4 through KVM_SET_SREGS resets KVM's MMU context, and loading the
+            // new root flushes the guest's TLB. No global pages are used, so PGE itself
+            // changes nothing else.
+            Platform::Hardware => {
+                let mut sregs = vcpu.sregs()?;
+                sregs.cr4 ^= CR4_PGE;
+                vcpu.set_sregs(&sregs)
+            }
+        }
     }
 }
 

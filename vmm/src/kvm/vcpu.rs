@@ -4,14 +4,10 @@
 
 use super::cpu;
 use super::{KvmError, Machine};
-use crate::memory::layout::slot;
 use crate::platform::Platform;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use picocenter_guest_shim::abi;
-
-/// CR4.PGE: toggling it flushes the guest TLB on hardware KVM.
-const CR4_PGE: u64 = 1 << 7;
 
 /// Why `KVM_RUN` returned, decoded and detached from `kvm_run`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,16 +151,8 @@ impl Vcpu {
     /// Completes a syscall the VMM has answered: resume the app after its `syscall`
     /// instruction, as `sysret` would.
     pub fn complete_syscall(&mut self) -> Result<(), VcpuError> {
-        let regs = self.regs_mut();
-        regs.rip = regs.rcx;
-        regs.rflags = regs.r11;
-        if self.platform.syscall_enters_ring0() {
-            let mut sregs = self.sregs()?;
-            let fs_base = sregs.fs.base;
-            cpu::set_user_segments(&mut sregs, fs_base);
-            self.set_sregs(&sregs)?;
-        }
-        Ok(())
+        let platform = self.platform;
+        platform.complete_syscall(self)
     }
 
     /// Sets the FS base (arch_prctl(ARCH_SET_FS)).
@@ -176,19 +164,8 @@ impl Vcpu {
 
     /// Makes removed or reduced translations take effect before the guest runs again.
     pub fn invalidate_translations(&mut self, machine: &Machine) -> Result<(), VcpuError> {
-        match self.platform {
-            Platform::Pvm => machine
-                .reregister_slot(slot::PAGE_TABLES)
-                .map_err(VcpuError::Invalidate),
-            Platform::Hardware => {
-                // Changing CR4 through KVM_SET_SREGS resets KVM's MMU context, and loading
-                // the new root flushes the guest's TLB. No global pages are used, so PGE
-                // itself changes nothing else.
-                let mut sregs = self.sregs()?;
-                sregs.cr4 ^= CR4_PGE;
-                self.set_sregs(&sregs)
-            }
-        }
+        let platform = self.platform;
+        platform.invalidate_translations(self, machine)
     }
 
     /// Puts the vCPU back in ring 3 at `rip`/`rsp`/`rflags` (after an exception).
