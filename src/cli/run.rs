@@ -162,6 +162,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         cwd: args.cwd.clone(),
         name: name.clone(),
         trace_syscalls: args.trace_syscalls,
+        address: None,
+        allow_outbound: false,
     };
     let mut picoprocess =
         Picoprocess::new(&config).with_context(|| format!("starting {}", args.program))?;

@@ -59,6 +59,11 @@ pub struct Config {
     pub name: String,
     /// Whether to count and time every syscall.
     pub trace_syscalls: bool,
+    /// The app's own IP address: binds to INADDR_ANY (or in6addr_any) are rewritten to it,
+    /// and binds to any other address are refused. `None` means 127.0.0.1.
+    pub address: Option<std::net::IpAddr>,
+    /// Whether the app may open outbound connections to other hosts.
+    pub allow_outbound: bool,
 }
 
 /// Why a picoprocess could not be built or run. Guest misbehaviour is never one of these:
