@@ -9,6 +9,8 @@ use crate::kvm::vcpu::Exit;
 use crate::memory::layout::SYSTEM_GPA;
 use crate::memory::space::Access;
 use crate::memory::FaultResolution;
+use crate::sigframe::{self, DeliveryError, SigInfo};
+use crate::syscalls::signal::{Disposition, SA_RESTART};
 use crate::syscalls::{self, Args, SysError};
 use crate::{Picoprocess, VmmError};
 use picocenter_guest_shim::abi;
@@ -92,6 +94,47 @@ fn vector_name(vector: u8) -> &'static str {
     }
 }
 
+/// A signal's name, for reports.
+pub fn signal_name(signal: i32) -> String {
+    const NAMES: [&str; 31] = [
+        "SIGHUP",
+        "SIGINT",
+        "SIGQUIT",
+        "SIGILL",
+        "SIGTRAP",
+        "SIGABRT",
+        "SIGBUS",
+        "SIGFPE",
+        "SIGKILL",
+        "SIGUSR1",
+        "SIGSEGV",
+        "SIGUSR2",
+        "SIGPIPE",
+        "SIGALRM",
+        "SIGTERM",
+        "SIGSTKFLT",
+        "SIGCHLD",
+        "SIGCONT",
+        "SIGSTOP",
+        "SIGTSTP",
+        "SIGTTIN",
+        "SIGTTOU",
+        "SIGURG",
+        "SIGXCPU",
+        "SIGXFSZ",
+        "SIGVTALRM",
+        "SIGPROF",
+        "SIGWINCH",
+        "SIGIO",
+        "SIGPWR",
+        "SIGSYS",
+    ];
+    match NAMES.get((signal - 1) as usize) {
+        Some(name) if signal >= 1 => name.to_string(),
+        _ => format!("signal {signal}"),
+    }
+}
+
 /// The signal Linux would send for an exception in user mode.
 fn signal_for(vector: u8) -> i32 {
     match vector {
@@ -117,6 +160,9 @@ impl Picoprocess {
         let mut last_fault = (0u64, 0u64, 0u32);
         loop {
             if let Some(outcome) = self.take_kicks() {
+                return Ok(outcome);
+            }
+            if let Some(outcome) = self.deliver_signals()? {
                 return Ok(outcome);
             }
             self.prepare_entry()?;
@@ -159,7 +205,59 @@ impl Picoprocess {
                 report: "stopped by the operator".into(),
             });
         }
+        if pending & reason::SIGNAL != 0 {
+            self.process.absorb_external_signals();
+        }
         None
+    }
+
+    /// Delivers every pending signal the app does not block: runs its default action or
+    /// builds a handler frame (nesting, as Linux does when several are pending).
+    fn deliver_signals(&mut self) -> Result<Option<RunOutcome>, VmmError> {
+        while let Some(signal) = self.process.signals.deliverable() {
+            match self.process.signals.disposition(signal) {
+                Disposition::Ignore => {
+                    self.process.signals.pending &= !syscalls::signal::bit(signal);
+                }
+                Disposition::Terminate => {
+                    return Ok(Some(RunOutcome::Killed {
+                        signal,
+                        report: format!("{} was not handled", signal_name(signal)),
+                    }))
+                }
+                Disposition::Handle(_) => {
+                    let info = SigInfo {
+                        signo: signal,
+                        ..Default::default()
+                    };
+                    if let Some(outcome) = self.deliver(info)? {
+                        return Ok(Some(outcome));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Builds a handler frame for `info`; a frame that cannot be written kills the app.
+    fn deliver(&mut self, info: SigInfo) -> Result<Option<RunOutcome>, VmmError> {
+        match sigframe::deliver(&mut self.process, &mut self.vcpu, info) {
+            Ok(()) => Ok(None),
+            Err(DeliveryError::Vcpu(e)) => Err(e.into()),
+            Err(DeliveryError::BadFrame(why)) => Ok(Some(RunOutcome::Killed {
+                signal: libc::SIGSEGV,
+                report: why,
+            })),
+        }
+    }
+
+    /// Rewinds the app to execute its `syscall` instruction again, with RAX = `nr`.
+    fn rewind_syscall(&mut self, nr: u64) -> Result<(), VmmError> {
+        self.vcpu.complete_syscall()?;
+        let regs = self.vcpu.regs_mut();
+        regs.rip -= 2;
+        regs.rax = nr;
+        Ok(())
     }
 
     /// Applies what the last exit changed before the guest runs again.
@@ -179,6 +277,16 @@ impl Picoprocess {
         self.stats.syscalls += 1;
         let regs = self.vcpu.regs();
         let nr = regs.rax;
+        if nr == libc::SYS_rt_sigreturn as u64 {
+            return match sigframe::sigreturn(&mut self.process, &mut self.vcpu) {
+                Ok(()) => self.deliver_signals(),
+                Err(DeliveryError::Vcpu(e)) => Err(e.into()),
+                Err(DeliveryError::BadFrame(why)) => Ok(Some(RunOutcome::Killed {
+                    signal: libc::SIGSEGV,
+                    report: why,
+                })),
+            };
+        }
         let args = Args([regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
         let started = self.process.trace.is_some().then(Instant::now);
         let result = syscalls::dispatch(&mut self.process, nr, &args);
@@ -200,17 +308,29 @@ impl Picoprocess {
                 }))
             }
             Err(SysError::Restart) => {
-                // Re-execute the `syscall` instruction (2 bytes) once the kick is handled.
-                self.vcpu.complete_syscall()?;
-                let regs = self.vcpu.regs_mut();
-                regs.rip -= 2;
-                regs.rax = nr;
+                // Re-execute the `syscall` instruction once the kick is handled.
+                self.rewind_syscall(nr)?;
                 return Ok(None);
+            }
+            Err(SysError::Interrupted) => {
+                let restart = match self.process.signals.deliverable() {
+                    Some(signal) => {
+                        matches!(self.process.signals.disposition(signal),
+                            Disposition::Handle(action) if action.flags & SA_RESTART != 0)
+                            && syscalls::restartable(nr)
+                    }
+                    None => true,
+                };
+                if restart {
+                    self.rewind_syscall(nr)?;
+                    return self.deliver_signals();
+                }
+                (-libc::EINTR as i64) as u64
             }
         };
         self.vcpu.regs_mut().rax = rax;
         self.vcpu.complete_syscall()?;
-        Ok(None)
+        self.deliver_signals()
     }
 
     /// Reads the exception frame the CPU pushed on the ring-0 stack.
@@ -249,6 +369,32 @@ impl Picoprocess {
             rflags: rest[2],
             rsp: rest[3],
         })
+    }
+
+    /// Sends a fault's signal to the app's handler, if it has one and does not block the
+    /// signal. `Some(None)`: delivered, resume; `Some(Some(_))`: the frame failed; `None`:
+    /// no handler, the caller kills the app.
+    fn fault_to_handler(
+        &mut self,
+        frame: &Frame,
+        signal: i32,
+        code: i32,
+        addr: u64,
+    ) -> Result<Option<Option<RunOutcome>>, VmmError> {
+        let handled = matches!(
+            self.process.signals.disposition(signal),
+            Disposition::Handle(_)
+        );
+        if !handled || self.process.signals.mask & syscalls::signal::bit(signal) != 0 {
+            return Ok(None);
+        }
+        self.vcpu.resume_user(frame.rip, frame.rsp, frame.rflags)?;
+        let info = SigInfo {
+            signo: signal,
+            code,
+            addr,
+        };
+        Ok(Some(self.deliver(info)?))
     }
 
     fn on_exception(
@@ -294,6 +440,14 @@ impl Picoprocess {
                 self.vcpu.resume_user(frame.rip, frame.rsp, frame.rflags)?;
                 return Ok(None);
             }
+            let code = if resolution == FaultResolution::Unmapped {
+                1
+            } else {
+                2
+            };
+            if let Some(outcome) = self.fault_to_handler(&frame, libc::SIGSEGV, code, cr2)? {
+                return Ok(outcome);
+            }
             let why = match resolution {
                 FaultResolution::Unmapped => "address not mapped",
                 _ => "access not permitted",
@@ -310,6 +464,13 @@ impl Picoprocess {
                     frame.rip
                 ),
             }));
+        }
+        if from_user && vector != 14 {
+            if let Some(outcome) =
+                self.fault_to_handler(&frame, signal_for(vector), 0x80, frame.rip)?
+            {
+                return Ok(outcome);
+            }
         }
         let mut report = format!(
             "{} at rip={:#x} rsp={:#x}",

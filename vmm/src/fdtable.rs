@@ -5,8 +5,10 @@
 //! status flags (kept by the host fd) are shared too.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rustix::io::Errno;
 
@@ -35,21 +37,99 @@ pub enum FileKind {
         /// Whether this is the write end.
         write_end: bool,
     },
+    /// A socket.
+    Socket {
+        /// AF_INET, AF_INET6 or AF_UNIX.
+        domain: i32,
+        /// SOCK_STREAM or SOCK_DGRAM.
+        kind: i32,
+    },
+    /// An epoll instance.
+    Epoll,
+    /// An eventfd.
+    EventFd {
+        /// EFD_SEMAPHORE.
+        semaphore: bool,
+    },
+    /// A timerfd.
+    TimerFd {
+        /// Its clock.
+        clock: i32,
+    },
+}
+
+/// What changes about an open file after it is created, kept for snapshots and `ps`.
+#[derive(Debug, Default, Clone)]
+pub struct FileState {
+    /// The address a socket is bound to, as the app sees it.
+    pub bound: Option<SocketAddr>,
+    /// An AF_UNIX socket's name as the app gave it.
+    pub unix_name: Option<Vec<u8>>,
+    /// The backlog of a listening socket.
+    pub listening: Option<i32>,
+    /// Socket options the app set: (level, name, value).
+    pub options: Vec<(i32, i32, Vec<u8>)>,
+    /// An epoll instance's registrations: guest fd -> (events, data).
+    pub registrations: BTreeMap<i32, (u32, u64)>,
 }
 
 /// An open file description.
+///
+/// Host fds the VMM creates (sockets, pipes, eventfds, timerfds) are always non-blocking
+/// on the host, so that no host call can hang the vCPU thread; whether the *app* asked for
+/// O_NONBLOCK is kept here, and blocking behaviour is the VMM's (see
+/// `syscalls::wait::retry`). Stdio fds are the VMM's own and keep their host mode.
 #[derive(Debug)]
 pub struct OpenFile {
     /// The host fd.
     pub fd: OwnedFd,
     /// What it is.
     pub kind: FileKind,
+    nonblocking: AtomicBool,
+    state: Mutex<FileState>,
 }
 
 impl OpenFile {
-    /// Wraps a host fd.
+    /// Wraps a host fd; `nonblocking` is the app's O_NONBLOCK.
     pub fn new(fd: OwnedFd, kind: FileKind) -> Arc<Self> {
-        Arc::new(Self { fd, kind })
+        Self::with_mode(fd, kind, false)
+    }
+
+    /// Wraps a host fd with the app's O_NONBLOCK flag.
+    pub fn with_mode(fd: OwnedFd, kind: FileKind, nonblocking: bool) -> Arc<Self> {
+        Arc::new(Self {
+            fd,
+            kind,
+            nonblocking: AtomicBool::new(nonblocking),
+            state: Mutex::new(FileState::default()),
+        })
+    }
+
+    /// Whether the app set O_NONBLOCK.
+    pub fn nonblocking(&self) -> bool {
+        self.nonblocking.load(Ordering::Relaxed)
+    }
+
+    /// Sets the app's O_NONBLOCK.
+    pub fn set_nonblocking(&self, on: bool) {
+        self.nonblocking.store(on, Ordering::Relaxed)
+    }
+
+    /// Whether the host fd never blocks (every VMM-created object but stdio and files).
+    pub fn host_nonblocking(&self) -> bool {
+        matches!(
+            self.kind,
+            FileKind::Pipe { .. }
+                | FileKind::Socket { .. }
+                | FileKind::Epoll
+                | FileKind::EventFd { .. }
+                | FileKind::TimerFd { .. }
+        )
+    }
+
+    /// The mutable state (sockets' addresses and options, epoll registrations).
+    pub fn state(&self) -> MutexGuard<'_, FileState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The host fd, borrowed.

@@ -12,14 +12,17 @@
 //! Picoprocess::run ── exit (the run loop) ── syscalls/{fs,mem,time,process,signal}
 //! ```
 
+pub mod alarm;
 pub mod exit;
 pub mod fdtable;
+pub mod hostcall;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
 pub mod platform;
 pub mod process;
 pub mod sandbox;
+pub mod sigframe;
 pub mod syscalls;
 pub mod trace;
 
@@ -170,12 +173,21 @@ impl Picoprocess {
             umask: 0o022,
             signals: Default::default(),
             clock: Default::default(),
-            kicker,
+            kicker: kicker.clone(),
             fs_base: 0,
             fs_base_changed: false,
             clear_child_tid: 0,
             name: config.name.clone(),
             trace: config.trace_syscalls.then(Default::default),
+            alarm: alarm::Alarm::new(kicker.clone()),
+            saved_mask: None,
+            net: syscalls::net::NetPolicy {
+                address: config
+                    .address
+                    .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+                allow_outbound: config.allow_outbound,
+                name: config.name.clone(),
+            },
             warned: Default::default(),
         };
         syscalls::fs::install_stdio(&mut process).map_err(|e| VmmError::Host {

@@ -44,11 +44,23 @@ pub struct Process {
     pub name: String,
     /// Per-syscall counts and times, when tracing.
     pub trace: Option<SyscallTrace>,
+    /// ITIMER_REAL.
+    pub alarm: crate::alarm::Alarm,
+    /// The mask to restore after a handler that interrupted rt_sigsuspend.
+    pub saved_mask: Option<u64>,
+    /// The app's address and outbound policy.
+    pub net: crate::syscalls::net::NetPolicy,
     /// Unsupported syscalls already logged (each is logged once).
     pub warned: HashSet<u64>,
 }
 
 impl Process {
+    /// Moves signals raised from other threads into the pending set.
+    pub fn absorb_external_signals(&mut self) {
+        self.kicker.clear(crate::kvm::kick::reason::SIGNAL);
+        self.signals.pending |= self.kicker.take_signals();
+    }
+
     /// Makes `path` (as the app named it) absolute and normalised against the working
     /// directory.
     pub fn absolute(&self, path: &str) -> String {

@@ -9,7 +9,7 @@
 use rustix::event::EventfdFlags;
 use std::cell::Cell;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 thread_local! {
@@ -41,6 +41,8 @@ pub mod reason {
     pub const STOP: u32 = 1 << 1;
     /// The VMM wants the app at a clean point (pause, snapshot).
     pub const PAUSE: u32 = 1 << 2;
+    /// A signal was raised for the app (see [`super::Kicker::raise`]).
+    pub const SIGNAL: u32 = 1 << 3;
 }
 
 /// A handle that interrupts one vCPU thread. Cloneable and `Send`.
@@ -48,6 +50,7 @@ pub mod reason {
 pub struct Kicker {
     thread: libc::pthread_t,
     reasons: Arc<AtomicU32>,
+    signals: Arc<AtomicU64>,
     wake: Arc<OwnedFd>,
 }
 
@@ -60,6 +63,7 @@ impl Kicker {
             // SAFETY: pthread_self has no preconditions.
             thread: unsafe { libc::pthread_self() },
             reasons: Arc::new(AtomicU32::new(0)),
+            signals: Arc::new(AtomicU64::new(0)),
             wake: Arc::new(rustix::event::eventfd(
                 0,
                 EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC,
@@ -80,6 +84,20 @@ impl Kicker {
         // signal to a thread that has exited is reported as ESRCH, not undefined behaviour,
         // with glibc's pthread_kill.
         unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+    }
+
+    /// Raises signal `signal` (1..=64) for the app, from any thread: an operator's
+    /// SIGTERM, a timer's SIGALRM.
+    pub fn raise(&self, signal: i32) {
+        if (1..=64).contains(&signal) {
+            self.signals.fetch_or(1 << (signal - 1), Ordering::SeqCst);
+            self.kick(reason::SIGNAL);
+        }
+    }
+
+    /// Takes the signals raised since the last call (bit n-1 for signal n).
+    pub fn take_signals(&self) -> u64 {
+        self.signals.swap(0, Ordering::SeqCst)
     }
 
     /// The reasons kicked so far, without clearing them.

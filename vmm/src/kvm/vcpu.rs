@@ -181,6 +181,20 @@ impl Vcpu {
         Ok(())
     }
 
+    /// The FPU/SSE/AVX state (KVM_GET_XSAVE).
+    pub fn xsave(&self) -> Result<kvm_bindings::kvm_xsave, VcpuError> {
+        self.fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))
+    }
+
+    /// Sets the FPU/SSE/AVX state (KVM_SET_XSAVE). KVM validates the image and refuses
+    /// a malformed one.
+    pub fn set_xsave(&self, xsave: &kvm_bindings::kvm_xsave) -> Result<(), VcpuError> {
+        // SAFETY: the guest never has dynamically enabled XSTATE features (XCR0 excludes AMX
+        // and the VMM never asks for guest permission to use them), so the state KVM copies
+        // fits in the 4096-byte `kvm_xsave`.
+        unsafe { self.fd.set_xsave(xsave) }.map_err(ioctl("KVM_SET_XSAVE"))
+    }
+
     /// The raw vCPU, for setup and state capture.
     pub fn fd(&self) -> &VcpuFd {
         &self.fd

@@ -167,4 +167,50 @@ impl AddressSpace {
         };
         result_of(rc)
     }
+
+    /// sendmsg(2) from the app buffers `bufs` to host socket `fd`, to raw address `name`
+    /// (empty for a connected socket).
+    pub fn sendmsg_to_host(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        bufs: &[(UserAddr, usize)],
+        name: &[u8],
+        flags: i32,
+    ) -> Result<usize, Errno> {
+        let mut iovecs = self.host_iovecs(bufs, Access::Read)?;
+        // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = name.as_ptr() as *mut libc::c_void;
+        msg.msg_namelen = name.len() as u32;
+        msg.msg_iov = iovecs.as_mut_ptr();
+        msg.msg_iovlen = iovecs.len();
+        // SAFETY: the iovecs cover readable app memory (checked by `host_iovecs`) and
+        // `name` is a live slice; both outlive the call, and the vCPU is stopped.
+        let rc = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, flags) };
+        result_of(rc)
+    }
+
+    /// recvmsg(2) from host socket `fd` into the app buffers `bufs`. Returns the byte
+    /// count, the sender's raw address and the message flags.
+    pub fn recvmsg_from_host(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        bufs: &[(UserAddr, usize)],
+        flags: i32,
+    ) -> Result<(usize, Vec<u8>, i32), Errno> {
+        let mut iovecs = self.host_iovecs(bufs, Access::Write)?;
+        let mut name = [0u8; crate::hostcall::SOCKADDR_MAX];
+        // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = name.as_mut_ptr().cast();
+        msg.msg_namelen = name.len() as u32;
+        msg.msg_iov = iovecs.as_mut_ptr();
+        msg.msg_iovlen = iovecs.len();
+        // SAFETY: the iovecs cover writable app memory (checked by `host_iovecs`), `name`
+        // has room for `msg_namelen` bytes, and all outlive the call; the vCPU is stopped.
+        let rc = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, flags) };
+        let count = result_of(rc)?;
+        let len = (msg.msg_namelen as usize).min(name.len());
+        Ok((count, name[..len].to_vec(), msg.msg_flags))
+    }
 }

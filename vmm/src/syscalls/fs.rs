@@ -1,9 +1,11 @@
 //! Files, directories and pipes, inside the app's sandbox.
 
+use super::wait::retry;
 use super::{Args, SysError, SysResult};
 use crate::fdtable::{FileKind, OpenFile};
 use crate::memory::UserAddr;
 use crate::process::Process;
+use rustix::event::PollFlags;
 use rustix::fs::{AtFlags, Mode, OFlags, SeekFrom};
 use rustix::io::Errno;
 use std::os::fd::{AsFd, OwnedFd};
@@ -43,22 +45,6 @@ fn at_path_arg(p: &mut Process, dirfd: i32, addr: UserAddr) -> Result<String, Er
 
 // ---- read and write ------------------------------------------------------------------
 
-/// Waits until `file` is ready for `events` when it is a pipe or terminal that would block,
-/// so that a kick can interrupt the wait. Regular files never block.
-fn wait_ready(
-    p: &Process,
-    file: &OpenFile,
-    events: rustix::event::PollFlags,
-) -> Result<(), SysError> {
-    if matches!(
-        file.kind,
-        FileKind::Path { .. } | FileKind::Directory { .. }
-    ) {
-        return Ok(());
-    }
-    super::time::wait_fd(p, file.host(), events, None).map(drop)
-}
-
 fn read_into(
     p: &mut Process,
     fd: i32,
@@ -66,10 +52,13 @@ fn read_into(
     offset: Option<u64>,
 ) -> SysResult {
     let file = p.files.file(fd)?;
-    if offset.is_none() {
-        wait_ready(p, &file, rustix::event::PollFlags::IN)?;
+    if matches!(file.kind, FileKind::Directory { .. }) {
+        return Err(Errno::ISDIR.into());
     }
-    Ok(p.mem.read_from_host(file.host(), bufs, offset)? as u64)
+    let read = retry(p, &file, PollFlags::IN, |p| {
+        p.mem.read_from_host(file.host(), bufs, offset)
+    })?;
+    Ok(read as u64)
 }
 
 fn write_from(
@@ -79,14 +68,13 @@ fn write_from(
     offset: Option<u64>,
 ) -> SysResult {
     let file = p.files.file(fd)?;
-    if offset.is_none() {
-        wait_ready(p, &file, rustix::event::PollFlags::OUT)?;
-    }
-    match p.mem.write_to_host(file.host(), bufs, offset) {
-        Err(Errno::PIPE) => Err(SysError::Kill {
-            signal: libc::SIGPIPE,
-            reason: format!("write to fd {fd}, a pipe with no reader"),
-        }),
+    match retry(p, &file, PollFlags::OUT, |p| {
+        p.mem.write_to_host(file.host(), bufs, offset)
+    }) {
+        Err(SysError::Errno(Errno::PIPE)) => {
+            p.signals.raise(libc::SIGPIPE);
+            Err(Errno::PIPE.into())
+        }
         other => Ok(other? as u64),
     }
 }
@@ -523,12 +511,22 @@ pub fn fcntl(p: &mut Process, a: &Args) -> SysResult {
         }
         libc::F_GETFL => {
             let file = p.files.file(fd)?;
-            Ok(rustix::fs::fcntl_getfl(file.host())?.bits() as u64)
+            let mut flags = rustix::fs::fcntl_getfl(file.host())? - OFlags::NONBLOCK;
+            if file.nonblocking() {
+                flags |= OFlags::NONBLOCK;
+            }
+            Ok(flags.bits() as u64)
         }
         libc::F_SETFL => {
             let file = p.files.file(fd)?;
-            let settable = OFlags::APPEND | OFlags::NONBLOCK | OFlags::NOATIME;
-            rustix::fs::fcntl_setfl(file.host(), OFlags::from_bits_retain(a.u32(2)) & settable)?;
+            let requested = OFlags::from_bits_retain(a.u32(2));
+            file.set_nonblocking(requested.contains(OFlags::NONBLOCK));
+            // The host fd's own O_NONBLOCK stays as the VMM needs it.
+            let mut host = (requested & (OFlags::APPEND | OFlags::NOATIME)) - OFlags::NONBLOCK;
+            if file.host_nonblocking() {
+                host |= OFlags::NONBLOCK;
+            }
+            rustix::fs::fcntl_setfl(file.host(), host)?;
             Ok(0)
         }
         libc::F_GETLK

@@ -4,12 +4,15 @@
 //! ([`SysError::Errno`]); everything the VMM must act on is another [`SysError`] variant
 //! that the run loop handles (exit, restart after an interruption, a fatal signal).
 
+pub mod epoll;
 pub mod fs;
 pub mod mem;
+pub mod net;
 pub mod poll;
 pub mod process;
 pub mod signal;
 pub mod time;
+pub mod wait;
 
 use crate::memory::UserAddr;
 use crate::process::Process;
@@ -25,6 +28,9 @@ pub enum SysError {
     Exit(i32),
     /// A kick interrupted a blocking call: rewind the app to re-execute `syscall`.
     Restart,
+    /// A signal the app handles arrived during a blocking call: EINTR, or a restart when
+    /// the handler has SA_RESTART and the call allows it.
+    Interrupted,
     /// The app must die of this signal (default action of a fatal signal).
     Kill {
         /// The signal number.
@@ -72,6 +78,38 @@ impl Args {
     pub fn u64(&self, i: usize) -> u64 {
         self.0[i]
     }
+}
+
+/// Whether an interrupted call may be restarted after a SA_RESTART handler (Linux's
+/// ERESTARTSYS calls); the rest always fail with EINTR.
+pub fn restartable(nr: u64) -> bool {
+    use Sysno::*;
+    matches!(
+        Sysno::new(nr as usize),
+        Some(
+            read | write
+                | readv
+                | writev
+                | pread64
+                | pwrite64
+                | preadv
+                | pwritev
+                | accept
+                | accept4
+                | connect
+                | recvfrom
+                | sendto
+                | recvmsg
+                | sendmsg
+                | sendfile
+                | wait4
+                | futex
+                | open
+                | openat
+                | ioctl
+                | fcntl
+        )
+    )
 }
 
 /// Performs syscall `nr` for the app.
@@ -139,6 +177,36 @@ pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
         // waiting
         Sysno::poll => poll::poll(p, a),
         Sysno::ppoll => poll::ppoll(p, a),
+        Sysno::select => poll::select(p, a),
+        Sysno::pselect6 => poll::pselect6(p, a),
+        Sysno::epoll_create => epoll::epoll_create1(p, 0),
+        Sysno::epoll_create1 => epoll::epoll_create1(p, a.u32(0)),
+        Sysno::epoll_ctl => epoll::epoll_ctl(p, a),
+        Sysno::epoll_wait => epoll::epoll_wait(p, a),
+        Sysno::epoll_pwait => epoll::epoll_pwait(p, a),
+        Sysno::eventfd => epoll::eventfd2(p, a.u32(0), 0),
+        Sysno::eventfd2 => epoll::eventfd2(p, a.u32(0), a.u32(1)),
+        Sysno::timerfd_create => epoll::timerfd_create(p, a),
+        Sysno::timerfd_settime => epoll::timerfd_settime(p, a),
+        Sysno::timerfd_gettime => epoll::timerfd_gettime(p, a),
+        // sockets
+        Sysno::socket => net::socket_call(p, a),
+        Sysno::socketpair => net::socketpair(p, a),
+        Sysno::bind => net::bind(p, a),
+        Sysno::listen => net::listen(p, a),
+        Sysno::accept => net::accept4(p, a, 0),
+        Sysno::accept4 => net::accept4(p, a, a.i32(3)),
+        Sysno::connect => net::connect(p, a),
+        Sysno::getsockname => net::getsockname(p, a),
+        Sysno::getpeername => net::getpeername(p, a),
+        Sysno::setsockopt => net::setsockopt(p, a),
+        Sysno::getsockopt => net::getsockopt(p, a),
+        Sysno::shutdown => net::shutdown(p, a),
+        Sysno::sendto => net::sendto(p, a),
+        Sysno::recvfrom => net::recvfrom(p, a),
+        Sysno::sendmsg => net::sendmsg(p, a),
+        Sysno::recvmsg => net::recvmsg(p, a),
+        Sysno::sendfile => net::sendfile(p, a),
         // memory
         Sysno::mmap => mem::mmap(p, a),
         Sysno::munmap => mem::munmap(p, a),
@@ -190,6 +258,11 @@ pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
         Sysno::rt_sigaction => signal::rt_sigaction(p, a),
         Sysno::rt_sigprocmask => signal::rt_sigprocmask(p, a),
         Sysno::sigaltstack => signal::sigaltstack(p, a),
+        Sysno::rt_sigpending => signal::rt_sigpending(p, a),
+        Sysno::rt_sigsuspend | Sysno::pause => signal::suspend(p, sysno, a),
+        Sysno::alarm => signal::alarm(p, a),
+        Sysno::setitimer => signal::setitimer(p, a),
+        Sysno::getitimer => signal::getitimer(p, a),
         other => {
             if p.warned.insert(nr) {
                 tracing::warn!(

@@ -1,13 +1,28 @@
-//! Signal dispositions and masks. They are recorded for delivery; a signal the app sends
-//! itself with the default action of terminating ends it with that signal.
+//! Signal dispositions, masks and sources: the calls that set them, and the bookkeeping
+//! the run loop uses to deliver signals (see `crate::sigframe`).
 
 use super::{Args, SysError, SysResult};
 use crate::process::Process;
 use rustix::io::Errno;
+use std::time::Duration;
 use syscalls::Sysno;
 
 /// Number of signals (1..=64).
 pub const NSIG: usize = 64;
+/// SA_SIGINFO.
+pub const SA_SIGINFO: u64 = 0x4;
+/// SA_ONSTACK.
+pub const SA_ONSTACK: u64 = 0x0800_0000;
+/// SA_RESTART.
+pub const SA_RESTART: u64 = 0x1000_0000;
+/// SA_NODEFER.
+pub const SA_NODEFER: u64 = 0x4000_0000;
+/// SA_RESETHAND.
+pub const SA_RESETHAND: u64 = 0x8000_0000;
+/// SA_RESTORER.
+pub const SA_RESTORER: u64 = 0x0400_0000;
+const SIG_DFL: u64 = 0;
+const SIG_IGN: u64 = 1;
 
 /// One `struct sigaction` as the kernel takes it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -22,13 +37,33 @@ pub struct SigAction {
     pub mask: u64,
 }
 
-/// Dispositions and the blocked mask.
+/// What happens when a signal arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Run the app's handler.
+    Handle(SigAction),
+    /// Drop it.
+    Ignore,
+    /// End the app with it.
+    Terminate,
+}
+
+/// The bit of signal `n` in a mask.
+pub fn bit(signal: i32) -> u64 {
+    1u64 << (signal - 1)
+}
+
+const UNBLOCKABLE: u64 = (1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1));
+
+/// Dispositions, the blocked mask and pending signals.
 #[derive(Debug, Clone)]
 pub struct SignalState {
     /// Indexed by signal number - 1.
     pub actions: [SigAction; NSIG],
-    /// Blocked signals (bit n-1 for signal n).
+    /// Blocked signals.
     pub mask: u64,
+    /// Signals raised and not yet delivered.
+    pub pending: u64,
     /// The alternate signal stack: (sp, flags, size).
     pub altstack: (u64, i32, u64),
 }
@@ -38,12 +73,45 @@ impl Default for SignalState {
         Self {
             actions: [SigAction::default(); NSIG],
             mask: 0,
+            pending: 0,
             altstack: (0, libc::SS_DISABLE, 0),
         }
     }
 }
 
-const UNBLOCKABLE: u64 = (1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1));
+impl SignalState {
+    /// What signal `signal` does now.
+    pub fn disposition(&self, signal: i32) -> Disposition {
+        let action = self.actions[signal as usize - 1];
+        match action.handler {
+            SIG_IGN => Disposition::Ignore,
+            SIG_DFL => match signal {
+                libc::SIGCHLD | libc::SIGURG | libc::SIGWINCH | libc::SIGCONT => {
+                    Disposition::Ignore
+                }
+                // Job control has no meaning without a terminal session.
+                libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU => {
+                    Disposition::Ignore
+                }
+                _ => Disposition::Terminate,
+            },
+            _ => Disposition::Handle(action),
+        }
+    }
+
+    /// Marks `signal` pending, unless it is ignored.
+    pub fn raise(&mut self, signal: i32) {
+        if (1..=NSIG as i32).contains(&signal) && self.disposition(signal) != Disposition::Ignore {
+            self.pending |= bit(signal);
+        }
+    }
+
+    /// The lowest pending signal the app does not block.
+    pub fn deliverable(&self) -> Option<i32> {
+        let ready = self.pending & !self.mask;
+        (ready != 0).then(|| ready.trailing_zeros() as i32 + 1)
+    }
+}
 
 /// rt_sigaction(2).
 pub fn rt_sigaction(p: &mut Process, a: &Args) -> SysResult {
@@ -63,6 +131,9 @@ pub fn rt_sigaction(p: &mut Process, a: &Args) -> SysResult {
             restorer,
             mask: mask & !UNBLOCKABLE,
         };
+        if handler == SIG_IGN {
+            p.signals.pending &= !bit(signal as i32);
+        }
     }
     if !a.ptr(2).is_null() {
         p.mem
@@ -92,6 +163,44 @@ pub fn rt_sigprocmask(p: &mut Process, a: &Args) -> SysResult {
     Ok(0)
 }
 
+/// rt_sigpending(2).
+pub fn rt_sigpending(p: &mut Process, a: &Args) -> SysResult {
+    p.absorb_external_signals();
+    let pending = p.signals.pending & p.signals.mask;
+    p.mem.write_pod(a.ptr(0), &pending)?;
+    Ok(0)
+}
+
+/// rt_sigsuspend(2) and pause(2): wait for a signal with a temporary mask. The old mask
+/// comes back when the handler returns (see `crate::sigframe`).
+pub fn suspend(p: &mut Process, sysno: Sysno, a: &Args) -> SysResult {
+    let mask = if sysno == Sysno::rt_sigsuspend {
+        if a.usize(1) != 8 {
+            return Err(Errno::INVAL.into());
+        }
+        let mask: u64 = p.mem.read_pod(a.ptr(0))?;
+        Some(mask & !UNBLOCKABLE)
+    } else {
+        None
+    };
+    if let Some(mask) = mask {
+        p.saved_mask = Some(p.signals.mask);
+        p.signals.mask = mask;
+    }
+    loop {
+        match super::wait::wait_any(p, &[], None) {
+            Err(SysError::Interrupted) => return Err(Errno::INTR.into()),
+            Err(other) => {
+                if let Some(old) = p.saved_mask.take() {
+                    p.signals.mask = old;
+                }
+                return Err(other);
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
 /// sigaltstack(2).
 pub fn sigaltstack(p: &mut Process, a: &Args) -> SysResult {
     let (sp, flags, size) = p.signals.altstack;
@@ -116,8 +225,7 @@ pub fn sigaltstack(p: &mut Process, a: &Args) -> SysResult {
     Ok(0)
 }
 
-/// kill(2), tkill(2), tgkill(2) aimed at the app itself. A signal whose disposition is the
-/// default and whose default is to terminate ends the app; an ignored one is dropped.
+/// kill(2), tkill(2), tgkill(2): only the app itself exists to receive them.
 pub fn kill(p: &mut Process, sysno: Sysno, a: &Args) -> SysResult {
     let (target, signal) = match sysno {
         Sysno::tgkill => (a.i32(1), a.i32(2)),
@@ -127,22 +235,102 @@ pub fn kill(p: &mut Process, sysno: Sysno, a: &Args) -> SysResult {
     if target != me && target != 0 && target != -1 {
         return Err(Errno::SRCH.into());
     }
-    if signal == 0 {
-        return Ok(0);
-    }
-    if signal < 1 || signal as usize > NSIG {
+    if !(0..=NSIG as i32).contains(&signal) {
         return Err(Errno::INVAL.into());
     }
-    let action = p.signals.actions[signal as usize - 1];
-    let ignored_by_default = matches!(
-        signal,
-        libc::SIGCHLD | libc::SIGURG | libc::SIGWINCH | libc::SIGCONT
-    );
-    if action.handler == 1 || (action.handler == 0 && ignored_by_default) {
-        return Ok(0);
+    if signal != 0 {
+        p.signals.raise(signal);
     }
-    Err(SysError::Kill {
-        signal,
-        reason: format!("the app sent itself signal {signal}"),
-    })
+    Ok(0)
+}
+
+fn timeval_to_duration(sec: i64, usec: i64) -> Result<Duration, Errno> {
+    if sec < 0 || !(0..1_000_000).contains(&usec) {
+        return Err(Errno::INVAL);
+    }
+    Ok(Duration::new(sec as u64, usec as u32 * 1000))
+}
+
+fn timeval_words(d: Duration) -> [i64; 2] {
+    [d.as_secs() as i64, d.subsec_micros() as i64]
+}
+
+/// alarm(2).
+pub fn alarm(p: &mut Process, a: &Args) -> SysResult {
+    let (left, _) = p
+        .alarm
+        .set(Duration::from_secs(a.u32(0) as u64), Duration::ZERO);
+    // alarm rounds the time left up to whole seconds, and never reports 0 for a live one.
+    let secs = left.as_secs() + (left.subsec_nanos() > 0) as u64;
+    Ok(secs)
+}
+
+/// setitimer(2) for ITIMER_REAL (the others are refused).
+pub fn setitimer(p: &mut Process, a: &Args) -> SysResult {
+    if a.i32(0) != libc::ITIMER_REAL {
+        return Err(Errno::INVAL.into());
+    }
+    let (interval, value) = if a.ptr(1).is_null() {
+        (Duration::ZERO, Duration::ZERO)
+    } else {
+        let [isec, iusec, vsec, vusec]: [i64; 4] = p.mem.read_pod(a.ptr(1))?;
+        (
+            timeval_to_duration(isec, iusec)?,
+            timeval_to_duration(vsec, vusec)?,
+        )
+    };
+    let (left, old_interval) = p.alarm.set(value, interval);
+    if !a.ptr(2).is_null() {
+        let [i0, i1] = timeval_words(old_interval);
+        let [v0, v1] = timeval_words(left);
+        p.mem.write_pod(a.ptr(2), &[i0, i1, v0, v1])?;
+    }
+    Ok(0)
+}
+
+/// getitimer(2) for ITIMER_REAL.
+pub fn getitimer(p: &mut Process, a: &Args) -> SysResult {
+    if a.i32(0) != libc::ITIMER_REAL {
+        return Err(Errno::INVAL.into());
+    }
+    let (left, interval) = p.alarm.get();
+    let [i0, i1] = timeval_words(interval);
+    let [v0, v1] = timeval_words(left);
+    p.mem.write_pod(a.ptr(1), &[i0, i1, v0, v1])?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_dispositions_follow_linux() {
+        let state = SignalState::default();
+        assert_eq!(state.disposition(libc::SIGTERM), Disposition::Terminate);
+        assert_eq!(state.disposition(libc::SIGCHLD), Disposition::Ignore);
+        assert_eq!(state.disposition(libc::SIGSEGV), Disposition::Terminate);
+    }
+
+    #[test]
+    fn blocked_signals_wait_and_the_lowest_goes_first() {
+        let mut state = SignalState::default();
+        state.raise(libc::SIGTERM);
+        state.raise(libc::SIGINT);
+        state.mask = bit(libc::SIGINT);
+        assert_eq!(state.deliverable(), Some(libc::SIGTERM));
+        state.pending &= !bit(libc::SIGTERM);
+        assert_eq!(state.deliverable(), None);
+        state.mask = 0;
+        assert_eq!(state.deliverable(), Some(libc::SIGINT));
+    }
+
+    #[test]
+    fn ignored_signals_are_not_queued() {
+        let mut state = SignalState::default();
+        state.actions[libc::SIGPIPE as usize - 1].handler = SIG_IGN;
+        state.raise(libc::SIGPIPE);
+        state.raise(libc::SIGCHLD);
+        assert_eq!(state.pending, 0);
+    }
 }

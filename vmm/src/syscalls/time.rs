@@ -4,12 +4,11 @@
 //! sets, so that the app's monotonic time never goes backwards, whichever host it resumes
 //! on. Realtime clocks are the host's.
 
-use super::{Args, SysError, SysResult};
+use super::wait::sleep_until;
+use super::{Args, SysResult};
 use crate::process::Process;
-use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 use rustix::time::{ClockId, Timespec};
-use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 /// The app's clocks.
@@ -105,61 +104,6 @@ fn read_duration(p: &mut Process, addr: crate::memory::UserAddr) -> Result<Durat
         return Err(Errno::INVAL);
     }
     Ok(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
-}
-
-/// Waits until `fd` is ready for `events`, `deadline` passes, or a kick arrives (then
-/// [`SysError::Restart`], so the app re-executes the call at a clean point). With no fd it
-/// just sleeps. Returns the ready events (empty on timeout).
-pub fn wait_fd(
-    p: &Process,
-    fd: BorrowedFd<'_>,
-    events: PollFlags,
-    deadline: Option<Instant>,
-) -> Result<PollFlags, SysError> {
-    wait(p, Some((fd, events)), deadline)
-}
-
-/// Sleeps until `deadline` or a kick.
-pub fn sleep_until(p: &Process, deadline: Instant) -> Result<(), SysError> {
-    wait(p, None, Some(deadline)).map(drop)
-}
-
-fn wait(
-    p: &Process,
-    target: Option<(BorrowedFd<'_>, PollFlags)>,
-    deadline: Option<Instant>,
-) -> Result<PollFlags, SysError> {
-    loop {
-        let mut fds = vec![PollFd::new(p.kicker.wake_fd(), PollFlags::IN)];
-        if let Some((fd, events)) = target {
-            fds.push(PollFd::from_borrowed_fd(fd, events));
-        }
-        let timeout = match deadline {
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                Some(Timespec::try_from(left).unwrap_or(Timespec {
-                    tv_sec: i64::MAX,
-                    tv_nsec: 0,
-                }))
-            }
-            None => None,
-        };
-        match rustix::event::poll(&mut fds, timeout.as_ref()) {
-            Ok(_) | Err(Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        if p.kicker.pending() != 0 {
-            return Err(SysError::Restart);
-        }
-        if let Some(ready) = fds.get(1).map(|f| f.revents()) {
-            if !ready.is_empty() {
-                return Ok(ready);
-            }
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Ok(PollFlags::empty());
-        }
-    }
 }
 
 /// nanosleep(2).

@@ -1,0 +1,751 @@
+//! Sockets: host sockets the VMM owns, behind a per-app address.
+//!
+//! * **The NAT.** Each app has its own address (127.x.y.z on one machine). A bind to
+//!   INADDR_ANY or in6addr_any is rewritten to it; a bind to any other address fails with
+//!   EADDRNOTAVAIL. So two apps can both listen on port 80, and neither can take the
+//!   other's address.
+//! * **Outbound policy.** Without `allow_outbound`, an app may only connect or send to its
+//!   own address (ENETUNREACH otherwise). Its outgoing sockets are bound to its address,
+//!   so peers see the right source.
+//! * **AF_UNIX** paths are resolved inside the app's sandbox like any path; abstract names
+//!   are prefixed with the app's name so apps cannot meet there.
+
+use super::wait::retry;
+use super::{Args, SysError, SysResult};
+use crate::fdtable::{FileKind, OpenFile};
+use crate::hostcall;
+use crate::memory::UserAddr;
+use crate::process::Process;
+use rustix::event::PollFlags;
+use rustix::io::Errno;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+const AF_UNIX: u16 = libc::AF_UNIX as u16;
+const AF_INET: u16 = libc::AF_INET as u16;
+const AF_INET6: u16 = libc::AF_INET6 as u16;
+const SOCK_TYPE_MASK: i32 = 0xf;
+const MSG_DONTWAIT: i32 = libc::MSG_DONTWAIT;
+const MSG_NOSIGNAL: i32 = libc::MSG_NOSIGNAL;
+
+/// The app's network identity.
+#[derive(Debug, Clone)]
+pub struct NetPolicy {
+    /// Its address.
+    pub address: IpAddr,
+    /// Whether it may reach other hosts.
+    pub allow_outbound: bool,
+    /// Its name, which scopes its abstract AF_UNIX names.
+    pub name: String,
+}
+
+impl NetPolicy {
+    fn v4(&self) -> Option<Ipv4Addr> {
+        match self.address {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(a) => a.to_ipv4_mapped(),
+        }
+    }
+
+    /// Whether `ip` is this app's own address (in any spelling).
+    fn is_own(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => Some(a) == self.v4(),
+            IpAddr::V6(a) => IpAddr::V6(a) == self.address || a.to_ipv4_mapped() == self.v4(),
+        }
+    }
+
+    /// The address a bind to `requested` really uses, or EADDRNOTAVAIL.
+    fn bind_address(&self, requested: SocketAddr) -> Result<SocketAddr, Errno> {
+        let ip = requested.ip();
+        if ip.is_unspecified() {
+            return Ok(match (requested, self.address) {
+                (SocketAddr::V4(r), _) => {
+                    SocketAddr::new(IpAddr::V4(self.v4().ok_or(Errno::ADDRNOTAVAIL)?), r.port())
+                }
+                (SocketAddr::V6(r), IpAddr::V6(own)) => {
+                    SocketAddr::V6(SocketAddrV6::new(own, r.port(), 0, 0))
+                }
+                (SocketAddr::V6(r), IpAddr::V4(own)) => {
+                    SocketAddr::V6(SocketAddrV6::new(own.to_ipv6_mapped(), r.port(), 0, 0))
+                }
+            });
+        }
+        if self.is_own(ip) {
+            Ok(requested)
+        } else {
+            Err(Errno::ADDRNOTAVAIL)
+        }
+    }
+
+    /// Whether the app may send to `dest`.
+    fn may_reach(&self, dest: IpAddr) -> bool {
+        self.allow_outbound || dest.is_unspecified() || self.is_own(dest)
+    }
+}
+
+/// A socket address the app gave, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Address {
+    Ip(SocketAddr),
+    UnixPath(String),
+    UnixAbstract(Vec<u8>),
+    UnixUnnamed,
+}
+
+fn read_address(p: &mut Process, addr: UserAddr, len: u32) -> Result<Address, Errno> {
+    if !(2..=hostcall::SOCKADDR_MAX as u32).contains(&len) {
+        return Err(Errno::INVAL);
+    }
+    let mut bytes = vec![0u8; len as usize];
+    p.mem.read(addr, &mut bytes)?;
+    decode_address(&bytes)
+}
+
+fn decode_address(bytes: &[u8]) -> Result<Address, Errno> {
+    let family = u16::from_ne_bytes([bytes[0], bytes[1]]);
+    let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
+    match family {
+        AF_INET if bytes.len() >= 16 => {
+            let ip = Ipv4Addr::new(bytes[4], bytes[5], bytes[6], bytes[7]);
+            Ok(Address::Ip(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                port(bytes),
+            ))))
+        }
+        AF_INET6 if bytes.len() >= 24 => {
+            let octets: [u8; 16] = bytes[8..24].try_into().map_err(|_| Errno::INVAL)?;
+            let scope = bytes
+                .get(24..28)
+                .map_or(0, |s| u32::from_ne_bytes(s.try_into().unwrap_or_default()));
+            let flow = u32::from_be_bytes(bytes[4..8].try_into().map_err(|_| Errno::INVAL)?);
+            Ok(Address::Ip(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(octets),
+                port(bytes),
+                flow,
+                scope,
+            ))))
+        }
+        AF_UNIX => {
+            let path = &bytes[2..];
+            if path.is_empty() {
+                Ok(Address::UnixUnnamed)
+            } else if path[0] == 0 {
+                Ok(Address::UnixAbstract(path[1..].to_vec()))
+            } else {
+                let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
+                String::from_utf8(path[..end].to_vec())
+                    .map(Address::UnixPath)
+                    .map_err(|_| Errno::INVAL)
+            }
+        }
+        AF_INET | AF_INET6 => Err(Errno::INVAL),
+        _ => Err(Errno::AFNOSUPPORT),
+    }
+}
+
+fn encode_ip(addr: SocketAddr) -> Vec<u8> {
+    match addr {
+        SocketAddr::V4(a) => {
+            let mut out = vec![0u8; 16];
+            out[0..2].copy_from_slice(&AF_INET.to_ne_bytes());
+            out[2..4].copy_from_slice(&a.port().to_be_bytes());
+            out[4..8].copy_from_slice(&a.ip().octets());
+            out
+        }
+        SocketAddr::V6(a) => {
+            let mut out = vec![0u8; 28];
+            out[0..2].copy_from_slice(&AF_INET6.to_ne_bytes());
+            out[2..4].copy_from_slice(&a.port().to_be_bytes());
+            out[4..8].copy_from_slice(&a.flowinfo().to_be_bytes());
+            out[8..24].copy_from_slice(&a.ip().octets());
+            out[24..28].copy_from_slice(&a.scope_id().to_ne_bytes());
+            out
+        }
+    }
+}
+
+fn encode_unix(path: &[u8], abstract_name: bool) -> Vec<u8> {
+    let mut out = AF_UNIX.to_ne_bytes().to_vec();
+    if abstract_name {
+        out.push(0);
+    }
+    out.extend_from_slice(path);
+    if !abstract_name {
+        out.push(0);
+    }
+    out
+}
+
+/// Writes a socket address back to the app: `*len_ptr` says how much room there is; the
+/// true length is written back, and the address truncated to fit.
+fn write_address(
+    p: &mut Process,
+    addr: UserAddr,
+    len_ptr: UserAddr,
+    bytes: &[u8],
+) -> Result<(), Errno> {
+    if addr.is_null() || len_ptr.is_null() {
+        return Ok(());
+    }
+    let room: u32 = p.mem.read_pod(len_ptr)?;
+    let n = bytes.len().min(room as usize);
+    p.mem.write(addr, &bytes[..n])?;
+    p.mem.write_pod(len_ptr, &(bytes.len() as u32))?;
+    Ok(())
+}
+
+/// The host fd of a guest socket fd, or ENOTSOCK.
+fn socket(p: &Process, fd: i32) -> Result<Arc<OpenFile>, Errno> {
+    let file = p.files.file(fd)?;
+    match file.kind {
+        FileKind::Socket { .. } => Ok(file),
+        _ => Err(Errno::NOTSOCK),
+    }
+}
+
+/// What an AF_UNIX address means on the host: a path through the parent directory's fd
+/// (kept open by the caller) or a scoped abstract name.
+struct UnixTarget {
+    _dir: Option<OwnedFd>,
+    raw: Vec<u8>,
+}
+
+fn unix_target(p: &Process, address: &Address, creating: bool) -> Result<UnixTarget, Errno> {
+    match address {
+        Address::UnixPath(path) => {
+            let absolute = p.absolute(path);
+            let resolved = p.sandbox.resolve(&absolute);
+            if creating {
+                resolved.require_writable()?;
+            }
+            let (dir, name) = resolved.parent_and_name()?;
+            let host = format!("/proc/self/fd/{}/{}", dir.as_raw_fd(), name);
+            if host.len() >= 108 {
+                return Err(Errno::NAMETOOLONG);
+            }
+            Ok(UnixTarget {
+                raw: encode_unix(host.as_bytes(), false),
+                _dir: Some(dir),
+            })
+        }
+        Address::UnixAbstract(name) => {
+            let mut scoped = format!("picocenter/{}/", p.net.name).into_bytes();
+            scoped.extend_from_slice(name);
+            if scoped.len() >= 107 {
+                return Err(Errno::NAMETOOLONG);
+            }
+            Ok(UnixTarget {
+                raw: encode_unix(&scoped, true),
+                _dir: None,
+            })
+        }
+        _ => Err(Errno::INVAL),
+    }
+}
+
+/// socket(2): AF_INET, AF_INET6 and AF_UNIX stream and datagram sockets.
+pub fn socket_call(p: &mut Process, a: &Args) -> SysResult {
+    let (domain, raw_type, protocol) = (a.i32(0), a.i32(1), a.i32(2));
+    if ![libc::AF_INET, libc::AF_INET6, libc::AF_UNIX].contains(&domain) {
+        return Err(Errno::AFNOSUPPORT.into());
+    }
+    let kind = raw_type & SOCK_TYPE_MASK;
+    if kind != libc::SOCK_STREAM && kind != libc::SOCK_DGRAM && kind != libc::SOCK_SEQPACKET {
+        return Err(Errno::PROTONOSUPPORT.into());
+    }
+    let fd = rustix::net::socket_with(
+        rustix::net::AddressFamily::from_raw(domain as u16),
+        rustix::net::SocketType::from_raw(kind as u32),
+        rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC,
+        (protocol != 0).then(|| {
+            rustix::net::Protocol::from_raw(
+                std::num::NonZeroU32::new(protocol as u32).expect("checked non-zero"),
+            )
+        }),
+    )?;
+    let file = OpenFile::with_mode(
+        fd,
+        FileKind::Socket { domain, kind },
+        raw_type & libc::SOCK_NONBLOCK != 0,
+    );
+    Ok(p.files.insert(file, raw_type & libc::SOCK_CLOEXEC != 0)? as u64)
+}
+
+/// socketpair(2) (AF_UNIX only).
+pub fn socketpair(p: &mut Process, a: &Args) -> SysResult {
+    if a.i32(0) != libc::AF_UNIX {
+        return Err(Errno::AFNOSUPPORT.into());
+    }
+    let raw_type = a.i32(1);
+    let kind = raw_type & SOCK_TYPE_MASK;
+    let (x, y) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::from_raw(kind as u32),
+        rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let nonblock = raw_type & libc::SOCK_NONBLOCK != 0;
+    let cloexec = raw_type & libc::SOCK_CLOEXEC != 0;
+    let kind_of = || FileKind::Socket {
+        domain: libc::AF_UNIX,
+        kind,
+    };
+    let first = p
+        .files
+        .insert(OpenFile::with_mode(x, kind_of(), nonblock), cloexec)?;
+    let second = match p
+        .files
+        .insert(OpenFile::with_mode(y, kind_of(), nonblock), cloexec)
+    {
+        Ok(fd) => fd,
+        Err(e) => {
+            p.files.remove(first)?;
+            return Err(e.into());
+        }
+    };
+    p.mem.write_pod(a.ptr(3), &[first, second])?;
+    Ok(0)
+}
+
+/// bind(2), through the NAT.
+pub fn bind(p: &mut Process, a: &Args) -> SysResult {
+    let file = socket(p, a.fd(0))?;
+    let address = read_address(p, a.ptr(1), a.u32(2))?;
+    match &address {
+        Address::Ip(requested) => {
+            let actual = p.net.bind_address(*requested)?;
+            hostcall::bind(file.host(), &encode_ip(actual))?;
+            file.state().bound = Some(*requested);
+        }
+        Address::UnixPath(_) | Address::UnixAbstract(_) => {
+            let target = unix_target(p, &address, true)?;
+            hostcall::bind(file.host(), &target.raw)?;
+        }
+        Address::UnixUnnamed => return Err(Errno::INVAL.into()),
+    }
+    file.state().unix_name = match address {
+        Address::UnixPath(path) => Some(encode_unix(p.absolute(&path).as_bytes(), false)),
+        Address::UnixAbstract(name) => Some(encode_unix(&name, true)),
+        _ => None,
+    };
+    Ok(0)
+}
+
+/// listen(2).
+pub fn listen(p: &mut Process, a: &Args) -> SysResult {
+    let file = socket(p, a.fd(0))?;
+    let backlog = a.i32(1).clamp(0, 4096);
+    rustix::net::listen(file.host(), backlog)?;
+    file.state().listening = Some(backlog);
+    Ok(0)
+}
+
+/// accept(2) and accept4(2).
+pub fn accept4(p: &mut Process, a: &Args, flags: i32) -> SysResult {
+    if flags & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) != 0 {
+        return Err(Errno::INVAL.into());
+    }
+    let file = socket(p, a.fd(0))?;
+    let (fd, peer) = retry(p, &file, PollFlags::IN, |_| {
+        hostcall::accept4(file.host(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+    })?;
+    let kind = file.kind.clone();
+    let accepted = OpenFile::with_mode(fd, kind, flags & libc::SOCK_NONBLOCK != 0);
+    let guest_fd = p.files.insert(accepted, flags & libc::SOCK_CLOEXEC != 0)?;
+    if let Err(e) = write_address(p, a.ptr(1), a.ptr(2), &peer) {
+        p.files.remove(guest_fd)?;
+        return Err(e.into());
+    }
+    Ok(guest_fd as u64)
+}
+
+/// Binds an unbound IP socket to the app's address (port 0) before it talks to a local
+/// peer, so that the peer sees the app's address as the source. Traffic to other hosts
+/// (when allowed) leaves from whatever address the host routes it through.
+fn bind_source(p: &Process, file: &OpenFile, dest: SocketAddr) -> Result<(), Errno> {
+    if file.state().bound.is_some() || (p.net.allow_outbound && !dest.ip().is_loopback()) {
+        return Ok(());
+    }
+    let source = p.net.bind_address(match dest {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+    })?;
+    hostcall::bind(file.host(), &encode_ip(source))?;
+    file.state().bound = Some(source);
+    Ok(())
+}
+
+/// The destination an IP address names, with 0.0.0.0 meaning the app itself (as Linux
+/// treats a connect to INADDR_ANY as one to the local host).
+fn destination(p: &Process, dest: SocketAddr) -> Result<SocketAddr, Errno> {
+    if !p.net.may_reach(dest.ip()) {
+        tracing::debug!(%dest, "outbound connection refused by policy");
+        return Err(Errno::NETUNREACH);
+    }
+    if dest.ip().is_unspecified() {
+        return p.net.bind_address(dest);
+    }
+    Ok(dest)
+}
+
+/// connect(2), within the outbound policy.
+pub fn connect(p: &mut Process, a: &Args) -> SysResult {
+    let file = socket(p, a.fd(0))?;
+    let address = read_address(p, a.ptr(1), a.u32(2))?;
+    let (raw, _keep) = match &address {
+        Address::Ip(dest) => {
+            let dest = destination(p, *dest)?;
+            bind_source(p, &file, dest)?;
+            (encode_ip(dest), None)
+        }
+        Address::UnixUnnamed => return Err(Errno::INVAL.into()),
+        _ => {
+            let target = unix_target(p, &address, false)?;
+            (target.raw.clone(), Some(target))
+        }
+    };
+    match hostcall::connect(file.host(), &raw) {
+        Err(Errno::INPROGRESS) if !file.nonblocking() => {
+            super::wait::wait_fd(p, file.host(), PollFlags::OUT, None)?;
+            let error = hostcall::getsockopt(file.host(), libc::SOL_SOCKET, libc::SO_ERROR, 4)?;
+            let code = i32::from_ne_bytes(error.try_into().unwrap_or_default());
+            if code != 0 {
+                return Err(Errno::from_raw_os_error(code).into());
+            }
+            Ok(0)
+        }
+        other => Ok(other.map(|()| 0)?),
+    }
+}
+
+fn name_call(p: &mut Process, a: &Args, peer: bool) -> SysResult {
+    let file = socket(p, a.fd(0))?;
+    let saved = if peer {
+        None
+    } else {
+        file.state().unix_name.clone()
+    };
+    let bytes = match saved {
+        Some(name) => name,
+        None => {
+            let host = if peer {
+                hostcall::getpeername(file.host())?
+            } else {
+                hostcall::getsockname(file.host())?
+            };
+            // A host AF_UNIX name is a VMM path the app never used: report it unnamed.
+            let is_unix = host.len() >= 2 && u16::from_ne_bytes([host[0], host[1]]) == AF_UNIX;
+            if is_unix {
+                AF_UNIX.to_ne_bytes().to_vec()
+            } else {
+                host
+            }
+        }
+    };
+    write_address(p, a.ptr(1), a.ptr(2), &bytes)?;
+    Ok(0)
+}
+
+/// getsockname(2).
+pub fn getsockname(p: &mut Process, a: &Args) -> SysResult {
+    name_call(p, a, false)
+}
+
+/// getpeername(2).
+pub fn getpeername(p: &mut Process, a: &Args) -> SysResult {
+    name_call(p, a, true)
+}
+
+/// Option levels passed through to the host.
+fn allowed_level(level: i32) -> bool {
+    matches!(
+        level,
+        libc::SOL_SOCKET
+            | libc::IPPROTO_TCP
+            | libc::IPPROTO_IP
+            | libc::IPPROTO_IPV6
+            | libc::IPPROTO_UDP
+    )
+}
+
+/// Options that would reach outside the app's sandbox.
+fn forbidden_option(level: i32, name: i32) -> bool {
+    level == libc::SOL_SOCKET
+        && matches!(
+            name,
+            libc::SO_BINDTODEVICE | libc::SO_MARK | libc::SO_ATTACH_FILTER | libc::SO_ATTACH_BPF
+        )
+}
+
+/// setsockopt(2): the common socket, TCP and IP options go through to the host socket.
+pub fn setsockopt(p: &mut Process, a: &Args) -> SysResult {
+    let file = socket(p, a.fd(0))?;
+    let (level, name, len) = (a.i32(1), a.i32(2), a.usize(4));
+    if len > 256 {
+        return Err(Errno::INVAL.into());
+    }
+    if !allowed_level(level) {
+        return Err(Errno::NOPROTOOPT.into());
+    }
+    if forbidden_option(level, name) {
+        return Err(Errno::PERM.into());
+    }
+    let mut value = vec![0u8; len];
+    p.mem.read(a.ptr(3), &mut value)?;
+    hostcall::setsockopt(file.host(), level, name, &value)?;
+    let mut state = file.state();
+    state.options.retain(|(l, n, _)| (*l, *n) != (level, name));
+    state.options.push((level, name, value));
+    Ok(0)
+}
+
+/// getsockopt(2).
+pub fn getsockopt(p: &mut Process, a: &Args) -> SysResult {
+    let file = socket(p, a.fd(0))?;
+    let (level, name) = (a.i32(1), a.i32(2));
+    if !allowed_level(level) {
+        return Err(Errno::NOPROTOOPT.into());
+    }
+    let room: u32 = p.mem.read_pod(a.ptr(4))?;
+    let value = hostcall::getsockopt(file.host(), level, name, (room as usize).min(256))?;
+    p.mem.write(a.ptr(3), &value)?;
+    p.mem.write_pod(a.ptr(4), &(value.len() as u32))?;
+    Ok(0)
+}
+
+/// shutdown(2).
+pub fn shutdown(p: &mut Process, a: &Args) -> SysResult {
+    let file = socket(p, a.fd(0))?;
+    let how = match a.i32(1) {
+        libc::SHUT_RD => rustix::net::Shutdown::Read,
+        libc::SHUT_WR => rustix::net::Shutdown::Write,
+        libc::SHUT_RDWR => rustix::net::Shutdown::Both,
+        _ => return Err(Errno::INVAL.into()),
+    };
+    rustix::net::shutdown(file.host(), how)?;
+    Ok(0)
+}
+
+/// Sends the app buffers `bufs` on `fd`, to `dest` if given. EPIPE also raises SIGPIPE
+/// unless the app passed MSG_NOSIGNAL.
+fn send_common(
+    p: &mut Process,
+    fd: i32,
+    bufs: &[(UserAddr, usize)],
+    dest: Option<Address>,
+    flags: i32,
+) -> SysResult {
+    let file = p.files.file(fd)?;
+    let name = match &dest {
+        None => Vec::new(),
+        Some(Address::Ip(addr)) => {
+            let addr = destination(p, *addr)?;
+            bind_source(p, &file, addr)?;
+            encode_ip(addr)
+        }
+        Some(address) => unix_target(p, address, false)?.raw,
+    };
+    let host_flags = (flags & !MSG_DONTWAIT) | MSG_NOSIGNAL | MSG_DONTWAIT;
+    let dont_wait = flags & MSG_DONTWAIT != 0;
+    let sent = if dont_wait {
+        p.mem
+            .sendmsg_to_host(file.host(), bufs, &name, host_flags)
+            .map_err(SysError::from)
+    } else {
+        retry(p, &file, PollFlags::OUT, |p| {
+            p.mem.sendmsg_to_host(file.host(), bufs, &name, host_flags)
+        })
+    };
+    match sent {
+        Err(SysError::Errno(Errno::PIPE)) if flags & MSG_NOSIGNAL == 0 => {
+            p.signals.raise(libc::SIGPIPE);
+            Err(Errno::PIPE.into())
+        }
+        other => Ok(other? as u64),
+    }
+}
+
+/// Receives into the app buffers `bufs` from `fd`; returns the count, the sender and the
+/// message flags.
+fn recv_common(
+    p: &mut Process,
+    fd: i32,
+    bufs: &[(UserAddr, usize)],
+    flags: i32,
+) -> Result<(usize, Vec<u8>, i32), SysError> {
+    let file = p.files.file(fd)?;
+    let host_flags =
+        (flags & (libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_WAITALL)) | MSG_DONTWAIT;
+    if flags & MSG_DONTWAIT != 0 {
+        return Ok(p.mem.recvmsg_from_host(file.host(), bufs, host_flags)?);
+    }
+    retry(p, &file, PollFlags::IN, |p| {
+        p.mem.recvmsg_from_host(file.host(), bufs, host_flags)
+    })
+}
+
+/// sendto(2).
+pub fn sendto(p: &mut Process, a: &Args) -> SysResult {
+    let dest = if a.ptr(4).is_null() {
+        None
+    } else {
+        Some(read_address(p, a.ptr(4), a.u32(5))?)
+    };
+    send_common(p, a.fd(0), &[(a.ptr(1), a.usize(2))], dest, a.i32(3))
+}
+
+/// recvfrom(2).
+pub fn recvfrom(p: &mut Process, a: &Args) -> SysResult {
+    let (count, name, _) = recv_common(p, a.fd(0), &[(a.ptr(1), a.usize(2))], a.i32(3))?;
+    if !name.is_empty() {
+        write_address(p, a.ptr(4), a.ptr(5), &name)?;
+    } else if !a.ptr(5).is_null() {
+        p.mem.write_pod(a.ptr(5), &0u32)?;
+    }
+    Ok(count as u64)
+}
+
+/// A `struct msghdr` as the app laid it out.
+struct MsgHdr {
+    name: UserAddr,
+    name_len: u32,
+    bufs: Vec<(UserAddr, usize)>,
+    control_len: u64,
+}
+
+fn read_msghdr(p: &mut Process, addr: UserAddr) -> Result<MsgHdr, Errno> {
+    let raw: [u64; 7] = p.mem.read_pod(addr)?;
+    let iov_count = raw[3] as usize;
+    if iov_count > 1024 {
+        return Err(Errno::MSGSIZE);
+    }
+    let iovecs: Vec<[u64; 2]> = p.mem.read_pod_array(UserAddr(raw[2]), iov_count)?;
+    Ok(MsgHdr {
+        name: UserAddr(raw[0]),
+        name_len: raw[1] as u32,
+        bufs: iovecs
+            .into_iter()
+            .map(|[base, len]| (UserAddr(base), len as usize))
+            .collect(),
+        control_len: raw[5],
+    })
+}
+
+/// sendmsg(2). Ancillary data (fd passing, credentials) is not supported: EINVAL.
+pub fn sendmsg(p: &mut Process, a: &Args) -> SysResult {
+    let msg = read_msghdr(p, a.ptr(1))?;
+    if msg.control_len != 0 {
+        return Err(Errno::INVAL.into());
+    }
+    let dest = if msg.name.is_null() || msg.name_len == 0 {
+        None
+    } else {
+        Some(read_address(p, msg.name, msg.name_len)?)
+    };
+    send_common(p, a.fd(0), &msg.bufs, dest, a.i32(2))
+}
+
+/// recvmsg(2). No ancillary data is ever returned.
+pub fn recvmsg(p: &mut Process, a: &Args) -> SysResult {
+    let msg = read_msghdr(p, a.ptr(1))?;
+    let (count, name, flags) = recv_common(p, a.fd(0), &msg.bufs, a.i32(2))?;
+    let base = a.ptr(1);
+    if !msg.name.is_null() {
+        let n = name.len().min(msg.name_len as usize);
+        p.mem.write(msg.name, &name[..n])?;
+        p.mem
+            .write_pod(base.offset(8).ok_or(Errno::FAULT)?, &(name.len() as u32))?;
+    }
+    p.mem
+        .write_pod(base.offset(40).ok_or(Errno::FAULT)?, &0u64)?; // msg_controllen
+    p.mem
+        .write_pod(base.offset(48).ok_or(Errno::FAULT)?, &flags)?;
+    Ok(count as u64)
+}
+
+/// sendfile(2): host to host, with no copy through the VMM.
+pub fn sendfile(p: &mut Process, a: &Args) -> SysResult {
+    let out = p.files.file(a.fd(0))?;
+    let input = p.files.file(a.fd(1))?;
+    let count = a.usize(3).min(0x7fff_f000);
+    let offset_ptr = a.ptr(2);
+    let mut offset = if offset_ptr.is_null() {
+        None
+    } else {
+        Some(p.mem.read_pod::<u64>(offset_ptr)?)
+    };
+    let sent = retry(p, &out, PollFlags::OUT, |_| {
+        rustix::fs::sendfile(out.host(), input.host(), offset.as_mut(), count)
+    });
+    if let Some(offset) = offset {
+        p.mem.write_pod(offset_ptr, &offset)?;
+    }
+    match sent {
+        Err(SysError::Errno(Errno::PIPE)) => {
+            p.signals.raise(libc::SIGPIPE);
+            Err(Errno::PIPE.into())
+        }
+        other => Ok(other? as u64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(ip: &str) -> NetPolicy {
+        NetPolicy {
+            address: ip.parse().unwrap(),
+            allow_outbound: false,
+            name: "t".into(),
+        }
+    }
+
+    #[test]
+    fn any_address_becomes_the_apps_own() {
+        let net = policy("127.0.0.7");
+        let any: SocketAddr = "0.0.0.0:80".parse().unwrap();
+        assert_eq!(
+            net.bind_address(any).unwrap(),
+            "127.0.0.7:80".parse().unwrap()
+        );
+        let any6: SocketAddr = "[::]:80".parse().unwrap();
+        assert_eq!(
+            net.bind_address(any6).unwrap(),
+            "[::ffff:127.0.0.7]:80".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn other_addresses_are_refused() {
+        let net = policy("127.0.0.7");
+        for other in ["127.0.0.8:80", "127.0.0.1:80", "[::1]:80"] {
+            assert_eq!(
+                net.bind_address(other.parse().unwrap()),
+                Err(Errno::ADDRNOTAVAIL),
+                "{other}"
+            );
+        }
+        assert!(!net.may_reach("127.0.0.8".parse().unwrap()));
+        assert!(net.may_reach("127.0.0.7".parse().unwrap()));
+    }
+
+    #[test]
+    fn addresses_round_trip_through_bytes() {
+        for text in ["127.0.0.9:8080", "[::1]:443"] {
+            let addr: SocketAddr = text.parse().unwrap();
+            assert_eq!(decode_address(&encode_ip(addr)).unwrap(), Address::Ip(addr));
+        }
+        assert_eq!(
+            decode_address(&encode_unix(b"/run/x.sock", false)).unwrap(),
+            Address::UnixPath("/run/x.sock".into())
+        );
+        assert_eq!(
+            decode_address(&encode_unix(b"name", true)).unwrap(),
+            Address::UnixAbstract(b"name".to_vec())
+        );
+        assert_eq!(decode_address(&[0xff, 0xff, 0, 0]), Err(Errno::AFNOSUPPORT));
+    }
+}

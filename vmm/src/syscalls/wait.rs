@@ -1,0 +1,111 @@
+//! Blocking on the app's behalf. Every wait is a host `poll` that also watches the kick
+//! eventfd, so a blocked app can always be interrupted:
+//!
+//! * an operator's kick (pause, snapshot, stop, timeout) gives [`SysError::Restart`]: the
+//!   app is rewound to re-execute the call, which is invisible to it;
+//! * a signal the app does not block gives [`SysError::Interrupted`]: the run loop returns
+//!   EINTR or restarts the call (SA_RESTART), then delivers the signal.
+
+use super::SysError;
+use crate::fdtable::OpenFile;
+use crate::kvm::kick::reason;
+use crate::process::Process;
+use rustix::event::{PollFd, PollFlags};
+use rustix::io::Errno;
+use rustix::time::Timespec;
+use std::os::fd::BorrowedFd;
+use std::time::Instant;
+
+/// What interrupted a wait, if anything.
+fn interruption(p: &mut Process) -> Option<SysError> {
+    let pending = p.kicker.pending();
+    if pending & !reason::SIGNAL != 0 {
+        return Some(SysError::Restart);
+    }
+    if pending & reason::SIGNAL != 0 {
+        p.absorb_external_signals();
+    }
+    p.signals.deliverable().map(|_| SysError::Interrupted)
+}
+
+fn timeout_until(deadline: Option<Instant>) -> Option<Timespec> {
+    deadline.map(|d| {
+        let left = d.saturating_duration_since(Instant::now());
+        Timespec::try_from(left).unwrap_or(Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        })
+    })
+}
+
+/// Waits until one of `fds` is ready, `deadline` passes, or the app is interrupted.
+/// Returns the revents of each fd (all empty on timeout).
+pub fn wait_any(
+    p: &mut Process,
+    fds: &[(BorrowedFd<'_>, PollFlags)],
+    deadline: Option<Instant>,
+) -> Result<Vec<PollFlags>, SysError> {
+    loop {
+        if let Some(stop) = interruption(p) {
+            return Err(stop);
+        }
+        let wake = p.kicker.wake_fd();
+        let mut polled = Vec::with_capacity(fds.len() + 1);
+        polled.push(PollFd::new(wake, PollFlags::IN));
+        for (fd, events) in fds {
+            polled.push(PollFd::from_borrowed_fd(*fd, *events));
+        }
+        match rustix::event::poll(&mut polled, timeout_until(deadline).as_ref()) {
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let ready: Vec<PollFlags> = polled[1..].iter().map(|f| f.revents()).collect();
+        if ready.iter().any(|r| !r.is_empty()) {
+            return Ok(ready);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(ready);
+        }
+    }
+}
+
+/// Waits until `fd` is ready for `events` (empty flags on timeout).
+pub fn wait_fd(
+    p: &mut Process,
+    fd: BorrowedFd<'_>,
+    events: PollFlags,
+    deadline: Option<Instant>,
+) -> Result<PollFlags, SysError> {
+    Ok(wait_any(p, &[(fd, events)], deadline)?[0])
+}
+
+/// Sleeps until `deadline` or an interruption.
+pub fn sleep_until(p: &mut Process, deadline: Instant) -> Result<(), SysError> {
+    wait_any(p, &[], Some(deadline)).map(drop)
+}
+
+/// Performs `op` on `file` with the blocking behaviour the app asked for: an app-blocking
+/// fd waits for `events` and retries while the host says EAGAIN; a non-blocking one gets
+/// EAGAIN. Host-blocking fds (the VMM's stdio) are waited on first, so the host call does
+/// not block the vCPU thread.
+pub fn retry<T>(
+    p: &mut Process,
+    file: &OpenFile,
+    events: PollFlags,
+    mut op: impl FnMut(&mut Process) -> Result<T, Errno>,
+) -> Result<T, SysError> {
+    if !file.host_nonblocking() {
+        if !file.nonblocking() && !matches!(file.kind, crate::fdtable::FileKind::Path { .. }) {
+            wait_fd(p, file.host(), events, None)?;
+        }
+        return op(p).map_err(Into::into);
+    }
+    loop {
+        match op(p) {
+            Err(Errno::AGAIN) if !file.nonblocking() => {
+                wait_fd(p, file.host(), events, None)?;
+            }
+            other => return other.map_err(Into::into),
+        }
+    }
+}
