@@ -1,5 +1,6 @@
 //! Command-line definitions and dispatch.
 
+mod image;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ pub enum Command {
     /// status becomes this command's. An app killed by a signal (a segmentation fault, say)
     /// exits with 128 + the signal number; one stopped by --timeout exits with 124.
     Run(run::RunArgs),
+    /// Build app images from their definitions (image.toml), and list the built images.
+    Image(image::ImageArgs),
 }
 
 /// Sets up tracing to stderr.
@@ -48,5 +51,6 @@ pub fn init_logging(verbose: u8) {
 pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Image(args) => image::image(args),
     }
 }

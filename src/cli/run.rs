@@ -1,8 +1,11 @@
 //! `picocenter run`.
 
+use super::image::StateDir;
 use anyhow::{bail, Context};
+use picocenter_images::BuiltImage;
 use picocenter_vmm::kvm::kick::reason;
 use picocenter_vmm::{Config, Picoprocess, RunOutcome};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,37 +13,24 @@ use std::time::Duration;
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// The app's root directory: PROGRAM and every path it opens are looked up inside it,
-    /// read-only. Without it, a fresh temporary root is made holding PROGRAM (a host path)
-    /// and its shared-library closure.
+    /// read-only. Without it (or --image), a fresh temporary root is made holding PROGRAM
+    /// (a host path) and its shared-library closure.
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
 
-    /// Guest RAM in MiB (a multiple of 2).
-    #[arg(long, value_name = "MIB", default_value_t = 256)]
-    pub memory: u64,
+    /// Run a built image (see `picocenter image build`): its root filesystem, entrypoint,
+    /// environment, working directory, memory, writable directories and address are the
+    /// defaults, and the options here override them. PROGRAM, if given, replaces the
+    /// image's entrypoint (a path inside the image).
+    #[arg(long, value_name = "NAME", conflicts_with = "root")]
+    pub image: Option<String>,
 
-    /// Set an environment variable for the app (repeatable). The app's environment holds
-    /// only these plus PATH and HOME defaults.
-    #[arg(long = "env", value_name = "K=V")]
-    pub env: Vec<String>,
+    #[command(flatten)]
+    pub state: StateDir,
 
-    /// The app's initial working directory, inside its root.
-    #[arg(long, value_name = "DIR", default_value = "/")]
-    pub cwd: String,
-
-    /// The app's name, for logs and its hostname.
-    #[arg(long)]
-    pub name: Option<String>,
-
-    /// Make a guest directory writable (repeatable). It is backed by a directory of its
-    /// own under --data-dir (created empty); everything else in the root is read-only.
-    #[arg(long, value_name = "GUEST_DIR", default_values_t = vec!["/tmp".to_string()])]
-    pub writable: Vec<String>,
-
-    /// Where the writable directories live on the host. Without it, a temporary directory
-    /// is used and removed when the app ends.
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
+    /// The app's settings; boxed, as they are most of these arguments.
+    #[command(flatten)]
+    pub app: Box<AppSettings>,
 
     /// Stop the app after this many seconds (exit status 124).
     #[arg(long, value_name = "SECS")]
@@ -50,12 +40,143 @@ pub struct RunArgs {
     #[arg(long)]
     pub trace_syscalls: bool,
 
-    /// The program to run: a path inside --root, or a host path when --root is not given.
-    pub program: String,
+    /// The program to run: a path inside --root or the image, or a host path without
+    /// either. Optional with --image.
+    #[arg(required_unless_present = "image")]
+    pub program: Option<String>,
 
     /// Arguments passed to the program.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
+}
+
+/// The app's settings, which override an image's.
+#[derive(Debug, clap::Args)]
+pub struct AppSettings {
+    /// Guest RAM in MiB (a multiple of 2). Default: the image's, else 256.
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u64>,
+
+    /// Set an environment variable for the app (repeatable). The app's environment holds
+    /// only these, the image's, and PATH and HOME defaults.
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+
+    /// The app's initial working directory, inside its root. Default: the image's, else /.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+
+    /// The app's name, for logs and its hostname. Default: the image's, else PROGRAM's.
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Make a guest directory writable (repeatable). It is backed by a directory of its
+    /// own under --data-dir; everything else in the root is read-only. Default: /tmp, or
+    /// an image's writable directories (which these add to). A fresh backing directory
+    /// starts empty, or with a copy of what the image holds at that path.
+    #[arg(long, value_name = "GUEST_DIR")]
+    pub writable: Vec<String>,
+
+    /// Where the writable directories live on the host. Without it, a temporary directory
+    /// is used and removed when the app ends.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// The app's IP address (such as 127.0.0.2): its binds to 0.0.0.0 are rewritten to it
+    /// and binds to other addresses refused. Default: the image's, else 127.0.0.1.
+    #[arg(long, value_name = "IP")]
+    pub address: Option<IpAddr>,
+
+    /// Let the app open outbound connections to other hosts (refused by default).
+    #[arg(long)]
+    pub allow_outbound: bool,
+}
+
+/// What to run, resolved from the arguments and the image.
+struct App {
+    /// Keeps a temporary root alive until the app ends.
+    _temp_root: Option<tempfile::TempDir>,
+    root: PathBuf,
+    program: String,
+    argv: Vec<String>,
+    env: Vec<String>,
+    cwd: String,
+    memory: u64,
+    writable: Vec<String>,
+    address: Option<IpAddr>,
+    name: String,
+    image: Option<BuiltImage>,
+}
+
+impl App {
+    /// The app of a built image, with the arguments' overrides.
+    fn from_image(args: &RunArgs, name: &str) -> anyhow::Result<Self> {
+        let image = picocenter_images::load(args.state.state_dir(), name)?;
+        let run = image.meta.run.clone();
+        let argv = match &args.program {
+            Some(program) => command_line(program, &args.args),
+            None => run.argv.iter().chain(&args.args).cloned().collect(),
+        };
+        let mut writable = run.writable.clone();
+        writable.extend(args.app.writable.iter().cloned());
+        Ok(Self {
+            _temp_root: None,
+            root: image.rootfs.clone(),
+            program: argv[0].clone(),
+            argv,
+            env: run.env,
+            cwd: args.app.cwd.clone().unwrap_or(run.cwd),
+            memory: args.app.memory.unwrap_or(run.memory_mib),
+            writable,
+            address: args.app.address.or(run.address.map(IpAddr::V4)),
+            name: args
+                .app
+                .name
+                .clone()
+                .unwrap_or_else(|| image.meta.name.clone()),
+            image: Some(image),
+        })
+    }
+
+    /// A program in --root, or a host program in a temporary root.
+    fn from_program(args: &RunArgs, program: &str) -> anyhow::Result<Self> {
+        let writable = if args.app.writable.is_empty() {
+            vec!["/tmp".to_string()]
+        } else {
+            args.app.writable.clone()
+        };
+        let (temp_root, root, guest_program) = match &args.root {
+            Some(root) => (None, root.clone(), program.to_string()),
+            None => {
+                let (temp, guest) = temporary_root(Path::new(program), &writable)?;
+                let path = temp.path().to_path_buf();
+                (Some(temp), path, guest)
+            }
+        };
+        let name = Path::new(program)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "app".into());
+        Ok(Self {
+            _temp_root: temp_root,
+            root,
+            program: guest_program,
+            argv: command_line(program, &args.args),
+            env: Vec::new(),
+            cwd: args.app.cwd.clone().unwrap_or_else(|| "/".into()),
+            memory: args.app.memory.unwrap_or(256),
+            writable,
+            address: args.app.address,
+            name: args.app.name.clone().unwrap_or(name),
+            image: None,
+        })
+    }
+}
+
+fn command_line(program: &str, args: &[String]) -> Vec<String> {
+    std::iter::once(program.to_string())
+        .chain(args.iter().cloned())
+        .collect()
 }
 
 /// A fresh root holding `program` and its shared-library closure. The program keeps its
@@ -96,23 +217,58 @@ fn temporary_root(
     Ok((root, guest_path))
 }
 
+/// The writable directories as (guest path, host path), each backed by a directory under
+/// `data_dir`; a fresh one gets a copy of what the image holds at that path.
+fn writable_dirs(app: &App, data_dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut writable = Vec::new();
+    for guest in &app.writable {
+        if !guest.starts_with('/') {
+            bail!("--writable {guest}: the path must be absolute");
+        }
+        let host = data_dir.join(guest.trim_start_matches('/'));
+        let fresh = !host.exists();
+        std::fs::create_dir_all(&host).with_context(|| format!("creating {}", host.display()))?;
+        if let (true, Some(image)) = (fresh, &app.image) {
+            image
+                .seed_writable(guest, &host)
+                .with_context(|| format!("filling {} from the image", host.display()))?;
+        }
+        writable.push((guest.clone(), host));
+    }
+    Ok(writable)
+}
+
+/// PATH and HOME defaults, then `base` (the image's), then the --env settings.
+fn environment(base: &[String], settings: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut env = vec![
+        "PATH=/usr/local/bin:/usr/bin:/bin".to_string(),
+        "HOME=/".to_string(),
+    ];
+    for var in base.iter().chain(settings) {
+        if !var.contains('=') {
+            bail!("--env {var}: expected K=V");
+        }
+        let key = var.split('=').next().unwrap_or_default();
+        env.retain(|e| e.split('=').next() != Some(key));
+        env.push(var.clone());
+    }
+    Ok(env)
+}
+
 /// Runs the app and returns the exit status.
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
-    if args.memory == 0 || !args.memory.is_multiple_of(2) {
+    let app = match (&args.image, &args.program) {
+        (Some(image), _) => App::from_image(&args, image)?,
+        (None, Some(program)) => App::from_program(&args, program)?,
+        (None, None) => bail!("give a PROGRAM to run, or --image"),
+    };
+    if app.memory == 0 || !app.memory.is_multiple_of(2) {
         bail!("--memory must be a positive, even number of MiB");
     }
-    let (_temp_root, root, program) = match &args.root {
-        Some(root) => (None, root.clone(), args.program.clone()),
-        None => {
-            let (temp, guest) = temporary_root(Path::new(&args.program), &args.writable)?;
-            let path = temp.path().to_path_buf();
-            (Some(temp), path, guest)
-        }
-    };
-    if !root.is_dir() {
-        bail!("--root {} is not a directory", root.display());
+    if !app.root.is_dir() {
+        bail!("--root {} is not a directory", app.root.display());
     }
-    let (_temp_data, data_dir) = match &args.data_dir {
+    let (_temp_data, data_dir) = match &args.app.data_dir {
         Some(dir) => (None, dir.clone()),
         None => {
             let temp = tempfile::Builder::new()
@@ -123,50 +279,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             (Some(temp), path)
         }
     };
-    let mut writable = Vec::new();
-    for guest in &args.writable {
-        if !guest.starts_with('/') {
-            bail!("--writable {guest}: the path must be absolute");
-        }
-        let host = data_dir.join(guest.trim_start_matches('/'));
-        std::fs::create_dir_all(&host).with_context(|| format!("creating {}", host.display()))?;
-        writable.push((guest.clone(), host));
-    }
-    let mut env = vec![
-        "PATH=/usr/local/bin:/usr/bin:/bin".to_string(),
-        "HOME=/".to_string(),
-    ];
-    for var in &args.env {
-        if !var.contains('=') {
-            bail!("--env {var}: expected K=V");
-        }
-        let key = var.split('=').next().unwrap_or_default();
-        env.retain(|e| e.split('=').next() != Some(key));
-        env.push(var.clone());
-    }
-    let name = args.name.clone().unwrap_or_else(|| {
-        Path::new(&args.program)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "app".into())
-    });
-    let mut argv = vec![args.program.clone()];
-    argv.extend(args.args.iter().cloned());
+    let name = app.name.clone();
     let config = Config {
-        program,
-        argv,
-        env,
-        root,
-        writable,
-        memory_mib: args.memory,
-        cwd: args.cwd.clone(),
+        writable: writable_dirs(&app, &data_dir)?,
+        env: environment(&app.env, &args.app.env)?,
+        program: app.program,
+        argv: app.argv,
+        root: app.root,
+        memory_mib: app.memory,
+        cwd: app.cwd,
         name: name.clone(),
         trace_syscalls: args.trace_syscalls,
-        address: None,
-        allow_outbound: false,
+        address: app.address,
+        allow_outbound: args.app.allow_outbound,
     };
     let mut picoprocess =
-        Picoprocess::new(&config).with_context(|| format!("starting {}", args.program))?;
+        Picoprocess::new(&config).with_context(|| format!("starting {}", config.program))?;
     tracing::debug!(
         platform = picoprocess.platform().describe(),
         "running {name}"
