@@ -193,6 +193,15 @@ impl Picoprocess {
         }
     }
 
+    /// Publishes counters for the control socket.
+    fn publish_stats(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let memory = self.process.mem.stats();
+        self.live.syscalls.store(self.stats.syscalls, Relaxed);
+        self.live.frames_in_use.store(memory.frames_in_use, Relaxed);
+        self.live.frames_total.store(memory.frames_total, Relaxed);
+    }
+
     /// Acts on kicks that arrived; the app is at a clean point here.
     fn take_kicks(&mut self) -> Option<RunOutcome> {
         let pending = self.process.kicker.pending();
@@ -275,6 +284,7 @@ impl Picoprocess {
 
     fn on_syscall(&mut self) -> Result<Option<RunOutcome>, VmmError> {
         self.stats.syscalls += 1;
+        self.publish_stats();
         let regs = self.vcpu.regs();
         let nr = regs.rax;
         if nr == libc::SYS_rt_sigreturn as u64 {

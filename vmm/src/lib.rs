@@ -13,6 +13,7 @@
 //! ```
 
 pub mod alarm;
+pub mod control;
 pub mod exit;
 pub mod fdtable;
 pub mod hostcall;
@@ -67,6 +68,8 @@ pub struct Config {
     pub address: Option<std::net::IpAddr>,
     /// Whether the app may open outbound connections to other hosts.
     pub allow_outbound: bool,
+    /// Where to open the control socket (`picocenter stop`, `ps`), if anywhere.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Why a picoprocess could not be built or run. Guest misbehaviour is never one of these:
@@ -97,6 +100,9 @@ pub enum VmmError {
     /// The program could not be loaded.
     #[error(transparent)]
     Load(#[from] loader::LoadError),
+    /// The control socket could not be opened.
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     /// The kick handler or stdio could not be set up.
     #[error("setting up {what}")]
     Host {
@@ -116,6 +122,8 @@ pub struct Picoprocess {
     machine: Machine,
     process: Process,
     stats: exit::ExitStats,
+    live: std::sync::Arc<control::LiveStats>,
+    _control: Option<control::ControlServer>,
 }
 
 impl Picoprocess {
@@ -194,12 +202,24 @@ impl Picoprocess {
             what: "the app's stdio",
             source: e.into(),
         })?;
+        let live = std::sync::Arc::new(control::LiveStats::default());
+        let control = match &config.control_socket {
+            Some(path) => Some(control::ControlServer::start(
+                path,
+                &config.name,
+                process.kicker.clone(),
+                live.clone(),
+            )?),
+            None => None,
+        };
         tracing::debug!(platform = platform.describe(), "picoprocess built");
         Ok(Self {
             vcpu,
             machine,
             process,
             stats: Default::default(),
+            live,
+            _control: control,
         })
     }
 

@@ -33,6 +33,28 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     }
 }
 
+/// The kicker host signals are forwarded to (see [`forward_host_signals`]).
+static FORWARD_TO: std::sync::OnceLock<Kicker> = std::sync::OnceLock::new();
+
+extern "C" fn on_host_signal(signal: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only atomics, an eventfd write and pthread_kill: all async-signal-safe.
+    if let Some(kicker) = FORWARD_TO.get() {
+        kicker.raise(signal);
+    }
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP sent to this VMM process arrive at the app instead,
+/// as they would at a process run in a terminal. Only the first kicker registered wins,
+/// which is right for a one-picoprocess VMM.
+pub fn forward_host_signals(kicker: &Kicker) -> std::io::Result<()> {
+    let _ = FORWARD_TO.set(kicker.clone());
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        vmm_sys_util::signal::register_signal_handler(signal, on_host_signal)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    }
+    Ok(())
+}
+
 /// Why a kick was sent. Several can be pending at once.
 pub mod reason {
     /// The run's time limit passed.

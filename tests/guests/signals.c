@@ -1,0 +1,119 @@
+/* Signal delivery to handlers. Modes: "ok" runs every check; the others end in a signal. */
+#define _GNU_SOURCE
+#include "check.h"
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/time.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t got, info_code, alarms;
+static volatile void *fault_addr;
+static volatile double fp_in_handler;
+
+static void on_usr1(int sig) { got = sig; fp_in_handler = 1.5 * sig; }
+static void on_info(int sig, siginfo_t *si, void *uc) { (void)uc; got = sig; info_code = si->si_signo; }
+static void on_alarm(int sig) { (void)sig; alarms++; }
+static void on_segv(int sig, siginfo_t *si, void *ctx) {
+    (void)sig;
+    fault_addr = si->si_addr;
+    ucontext_t *uc = ctx;
+    uc->uc_mcontext.gregs[REG_RIP] += 3; /* skip the faulting 3-byte store */
+}
+
+int main(int argc, char **argv) {
+    const char *mode = argc > 1 ? argv[1] : "ok";
+    if (!strcmp(mode, "term")) { kill(getpid(), SIGTERM); pause(); return 0; }
+    if (!strcmp(mode, "abort")) abort();
+    if (!strcmp(mode, "sigpipe")) {
+        int p[2];
+        pipe(p);
+        close(p[0]);
+        write(p[1], "x", 1);
+        return 0;
+    }
+    if (!strcmp(mode, "wait-term")) {
+        /* Waits for an operator's SIGTERM; the handler makes it exit 0. */
+        signal(SIGTERM, on_usr1);
+        printf("waiting\n");
+        fflush(stdout);
+        while (got != SIGTERM) pause();
+        printf("got SIGTERM\n");
+        return 0;
+    }
+    if (!strcmp(mode, "spin-term")) {
+        signal(SIGTERM, on_usr1);
+        printf("spinning\n");
+        fflush(stdout);
+        while (got != SIGTERM) __asm__ volatile("" ::: "memory");
+        printf("got SIGTERM while computing\n");
+        return 0;
+    }
+
+    /* A plain handler, and the FPU state survives it. */
+    double x = 2.25;
+    signal(SIGUSR1, on_usr1);
+    CHECK(raise(SIGUSR1) == 0 && got == SIGUSR1 && fp_in_handler == 15.0);
+    CHECK(x * 2 == 4.5);
+
+    /* SA_SIGINFO. */
+    struct sigaction sa = {0};
+    sa.sa_sigaction = on_info;
+    sa.sa_flags = SA_SIGINFO;
+    CHECK(sigaction(SIGUSR2, &sa, NULL) == 0);
+    got = 0;
+    kill(getpid(), SIGUSR2);
+    CHECK(got == SIGUSR2 && info_code == SIGUSR2);
+
+    /* A blocked signal waits, then arrives when unblocked. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    got = 0;
+    raise(SIGUSR1);
+    CHECK(got == 0);
+    sigset_t pending;
+    CHECK(sigpending(&pending) == 0 && sigismember(&pending, SIGUSR1));
+    sigprocmask(SIG_UNBLOCK, &set, NULL);
+    CHECK(got == SIGUSR1);
+
+    /* alarm interrupts pause(); setitimer repeats. */
+    signal(SIGALRM, on_alarm);
+    alarm(1);
+    pause();
+    CHECK(alarms == 1);
+    struct itimerval it = {{0, 20000}, {0, 20000}};
+    CHECK(setitimer(ITIMER_REAL, &it, NULL) == 0);
+    while (alarms < 4) pause();
+    struct itimerval stop = {0};
+    CHECK(setitimer(ITIMER_REAL, &stop, NULL) == 0);
+
+    /* A read interrupted by a SA_RESTART handler restarts; without it, EINTR. */
+    int p[2];
+    pipe(p);
+    sa = (struct sigaction){0};
+    sa.sa_handler = on_alarm;
+    sa.sa_flags = 0;
+    sigaction(SIGALRM, &sa, NULL);
+    struct itimerval once = {{0, 0}, {0, 50000}};
+    setitimer(ITIMER_REAL, &once, NULL);
+    char c;
+    CHECK(read(p[0], &c, 1) == -1 && errno == EINTR);
+
+    /* SIGPIPE ignored: EPIPE instead. */
+    signal(SIGPIPE, SIG_IGN);
+    close(p[0]);
+    CHECK(write(p[1], "x", 1) == -1 && errno == EPIPE);
+
+    /* A SIGSEGV handler sees the address and can skip the faulting instruction. */
+    sa = (struct sigaction){0};
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO;
+    sigaction(SIGSEGV, &sa, NULL);
+    volatile int *nowhere = (int *)0x1000;
+    __asm__ volatile("movb $1, (%0)" ::"r"(nowhere) : "memory"); /* 3 bytes: c6 00 01 */
+    CHECK(fault_addr == (void *)0x1000);
+
+    DONE();
+}

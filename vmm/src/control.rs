@@ -1,0 +1,176 @@
+//! The control socket of one picoprocess: a Unix stream socket that takes one JSON request
+//! per line and answers one JSON line.
+//!
+//! | request | effect |
+//! |---|---|
+//! | `{"op":"stats"}` | name, pid, state, memory and exit counters |
+//! | `{"op":"stop","grace_ms":N}` | SIGTERM to the app; after N ms, SIGKILL |
+//!
+//! The socket lives as long as the picoprocess: a client that asked for `stop` knows the
+//! app is gone when the connection closes.
+
+use crate::kvm::kick::{reason, Kicker};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A request on the control socket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Report counters.
+    Stats,
+    /// Stop the app: SIGTERM, then SIGKILL after `grace_ms`.
+    Stop {
+        /// Milliseconds between SIGTERM and SIGKILL.
+        grace_ms: u64,
+    },
+}
+
+/// Counters the run loop publishes for the control socket.
+#[derive(Debug, Default)]
+pub struct LiveStats {
+    /// Syscalls handled.
+    pub syscalls: AtomicU64,
+    /// Guest RAM frames in use.
+    pub frames_in_use: AtomicU64,
+    /// Guest RAM frames in all.
+    pub frames_total: AtomicU64,
+}
+
+/// The answer to [`Request::Stats`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatsReply {
+    /// The app's name.
+    pub name: String,
+    /// The VMM's process id.
+    pub pid: u32,
+    /// "running".
+    pub state: String,
+    /// Guest memory the app has mapped, in bytes.
+    pub memory_bytes: u64,
+    /// Guest RAM in all, in bytes.
+    pub memory_limit_bytes: u64,
+    /// Syscalls handled so far.
+    pub syscalls: u64,
+}
+
+/// Why the control socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another live picoprocess holds the socket.
+    #[error("an app named {0} is already running (its control socket answers)")]
+    NameInUse(String),
+    /// The socket could not be created.
+    #[error("creating the control socket {path}")]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running control-socket server. Dropping it removes the socket file.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Listens at `path` for the app `name`. A stale socket file (nobody answering) is
+    /// replaced; a live one means the name is taken.
+    pub fn start(
+        path: &Path,
+        name: &str,
+        kicker: Kicker,
+        stats: Arc<LiveStats>,
+    ) -> Result<Self, ControlError> {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ControlError::NameInUse(name.to_string()));
+        }
+        let _ = std::fs::remove_file(path);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let name = name.to_string();
+        std::thread::Builder::new()
+            .name("picocenter-control".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let (kicker, stats, name) = (kicker.clone(), stats.clone(), name.clone());
+                    std::thread::spawn(move || serve(stream, &kicker, &stats, &name));
+                }
+            })
+            .map_err(|source| ControlError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, name: &str) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let reader = BufReader::new(stream);
+    for line in reader.lines() {
+        let Ok(line) = line else { return };
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Stats) => serde_json::to_value(StatsReply {
+                name: name.to_string(),
+                pid: std::process::id(),
+                state: "running".into(),
+                memory_bytes: stats.frames_in_use.load(Ordering::Relaxed) * 4096,
+                memory_limit_bytes: stats.frames_total.load(Ordering::Relaxed) * 4096,
+                syscalls: stats.syscalls.load(Ordering::Relaxed),
+            })
+            .unwrap_or_default(),
+            Ok(Request::Stop { grace_ms }) => {
+                tracing::info!(grace_ms, "stop requested: SIGTERM to {name}");
+                kicker.raise(libc::SIGTERM);
+                let kicker = kicker.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(grace_ms));
+                    kicker.kick(reason::STOP);
+                });
+                serde_json::json!({"ok": true, "stopping": true})
+            }
+            Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+        };
+        if writeln!(writer, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends one request to the control socket at `path` and returns the reply line.
+pub fn request(path: &Path, request: &Request) -> std::io::Result<(String, UnixStream)> {
+    let mut stream = UnixStream::connect(path)?;
+    writeln!(
+        stream,
+        "{}",
+        serde_json::to_string(request).unwrap_or_default()
+    )?;
+    let mut line = String::new();
+    BufReader::new(stream.try_clone()?).read_line(&mut line)?;
+    Ok((line, stream))
+}
