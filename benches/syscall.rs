@@ -2,7 +2,8 @@
 //!
 //! * a `getppid` loop in a picoprocess, against the same binary run natively;
 //! * the same loop, against a bare ring-3 MMIO-exit round trip in the same picoprocess
-//!   (stores to the calibration page), which is the floor a doorbell syscall can reach.
+//!   (stores to the calibration page), which is the floor a forwarded syscall can reach;
+//! * `getpid` and `clock_gettime`, which the doorbell answers without an exit.
 //!
 //! Run with `cargo bench --bench syscall`. Rounds alternate the three measurements so that
 //! machine noise hits them alike; the medians of the per-round ratios are reported.

@@ -12,11 +12,14 @@
 //!   VMM reads the exception frame from the kernel stack.
 //! * A store to [`CALIBRATION_MMIO_VA`] is a bare exit that the VMM answers by resuming at
 //!   once. Benchmarks use it to measure the exit round trip the doorbell is compared with.
+//! * Some calls never leave the guest: the doorbell answers getpid, gettid, clock_gettime,
+//!   gettimeofday and time itself, from the read-only **time page** ([`time_page`]) that
+//!   the VMM keeps current, using a scratch page ([`scratch`]) to spill registers.
 //!
 //! Bump [`ABI_VERSION`] on any change to a value here.
 
 /// Version of this interface. Snapshots do not depend on it: they hold only app state.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -37,10 +40,53 @@ pub const DOORBELL_PAGE: u64 = 4;
 pub const KERNEL_STACK_PAGE: u64 = 5;
 /// Number of pages of that stack.
 pub const KERNEL_STACK_PAGES: u64 = 2;
-/// Page of the double-fault stack (IST1).
+/// Page of the double-fault stack (IST2; every other exception uses IST1, the top of
+/// the ring-0 stack, so frames land there even when the doorbell runs at CPL 0).
 pub const IST_STACK_PAGE: u64 = 7;
+/// Page index of the time page. User, read-only.
+pub const TIME_PAGE: u64 = 8;
+/// Page index of the doorbell's scratch page. User, writable.
+pub const SCRATCH_PAGE: u64 = 9;
 /// Number of pages in the system region.
-pub const SYSTEM_PAGES: u64 = 8;
+pub const SYSTEM_PAGES: u64 = 10;
+
+/// Guest-virtual address of the time page.
+pub const TIME_PAGE_VA: u64 = SYSTEM_VA + TIME_PAGE * PAGE_SIZE;
+/// Guest-virtual address of the scratch page.
+pub const SCRATCH_VA: u64 = SYSTEM_VA + SCRATCH_PAGE * PAGE_SIZE;
+
+/// Byte offsets in the time page. Time is `base + ((rdtsc - TSC_BASE) * MULT) >> 32` ns.
+pub mod time_page {
+    /// u32: non-zero when the time fields may be used (else time calls exit).
+    pub const VALID: u64 = 0;
+    /// u32: the pid getpid and gettid answer.
+    pub const PID: u64 = 4;
+    /// u64: the guest TSC at which the bases below were taken.
+    pub const TSC_BASE: u64 = 8;
+    /// u64: nanoseconds per TSC tick, as a 32.32 fixed-point number.
+    pub const MULT: u64 = 16;
+    /// u64: the app's CLOCK_MONOTONIC at TSC_BASE, in ns.
+    pub const MONOTONIC_NS: u64 = 24;
+    /// u64: CLOCK_REALTIME at TSC_BASE, in ns since the epoch.
+    pub const REALTIME_NS: u64 = 32;
+}
+
+/// Byte offsets in the scratch page.
+pub mod scratch {
+    /// u16: CS as the doorbell saw it (CPL 3 on kvm_pvm, 0 on hardware KVM).
+    pub const CS: u64 = 0;
+    /// u64: the app's RCX (its return address) while a time call computes.
+    pub const RCX: u64 = 8;
+    /// u64: the app's RDX while a time call computes.
+    pub const RDX: u64 = 16;
+    /// u64: the app's RSP while the doorbell restores RFLAGS.
+    pub const RSP: u64 = 24;
+    /// u64: the syscall number of a time call in progress (to restart it after a fault
+    /// on the app's buffer).
+    pub const RAX: u64 = 32;
+    /// Top of the 16-byte stack the doorbell uses to restore RFLAGS with `popfq`.
+    pub const STACK_TOP: u64 = 64;
+}
 
 /// Guest-virtual address of the syscall entry point (LSTAR).
 pub const DOORBELL_VA: u64 = SYSTEM_VA + DOORBELL_PAGE * PAGE_SIZE;

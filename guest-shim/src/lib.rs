@@ -16,13 +16,132 @@ use abi::*;
 
 std::arch::global_asm!(
     ".pushsection .rodata.picocenter_shim, \"a\"",
-    // The doorbell: one byte store to an unbacked guest-physical page. The VMM completes the
-    // syscall and resumes the app at RCX, so the `ud2` is only reached if it did not.
+    // rax = nanoseconds since the time page's TSC base; clobbers rdx.
+    ".macro picocenter_tsc_delta_ns",
+    "rdtsc",
+    "shl rdx, 32",
+    "or rax, rdx",
+    "sub rax, qword ptr [{tp} + {tp_tsc}]",
+    "mul qword ptr [{tp} + {tp_mult}]",
+    "shrd rax, rdx, 32",
+    ".endm",
     ".globl picocenter_doorbell_start",
     ".globl picocenter_doorbell_end",
     "picocenter_doorbell_start:",
+    // Calls answered here, with no exit.
+    "cmp eax, 39",  // getpid
+    "je 20f",
+    "cmp eax, 186", // gettid
+    "je 20f",
+    "cmp eax, 228", // clock_gettime
+    "je 30f",
+    "cmp eax, 96",  // gettimeofday
+    "je 40f",
+    "cmp eax, 201", // time
+    "je 50f",
+    // Everything else: one store to an unbacked guest-physical page. The VMM performs the
+    // call and resumes the app at RCX, so the `ud2` is only reached if it did not.
+    "10:",
     "movabs byte ptr [{mmio}], al",
     "ud2",
+
+    // getpid, gettid.
+    "20:",
+    "mov eax, dword ptr [{tp} + {tp_pid}]",
+    "jmp 90f",
+
+    // clock_gettime(clock = edi, ts = rsi) for the realtime and monotonic clocks.
+    "30:",
+    "cmp edi, 7",
+    "ja 10b",
+    "mov eax, 0xf3", // REALTIME, MONOTONIC, MONOTONIC_RAW, *_COARSE, BOOTTIME
+    "bt eax, edi",
+    "jnc 10b",
+    "cmp dword ptr [{tp} + {tp_valid}], 0",
+    "je 10b",
+    "mov qword ptr [{sc} + {sc_rax}], rax",
+    "mov qword ptr [{sc} + {sc_rcx}], rcx",
+    "mov qword ptr [{sc} + {sc_rdx}], rdx",
+    "picocenter_tsc_delta_ns",
+    "test edi, edi",
+    "jz 31f",
+    "cmp edi, 5",
+    "je 31f",
+    "add rax, qword ptr [{tp} + {tp_mono}]",
+    "jmp 32f",
+    "31:",
+    "add rax, qword ptr [{tp} + {tp_real}]",
+    "32:",
+    "xor edx, edx",
+    "mov ecx, 1000000000",
+    "div rcx",
+    "mov qword ptr [rsi], rax",
+    "mov qword ptr [rsi + 8], rdx",
+    "xor eax, eax",
+    "jmp 80f",
+
+    // gettimeofday(tv = rdi, tz = rsi): timezone requests exit.
+    "40:",
+    "test rsi, rsi",
+    "jnz 10b",
+    "cmp dword ptr [{tp} + {tp_valid}], 0",
+    "je 10b",
+    "mov qword ptr [{sc} + {sc_rax}], rax",
+    "mov qword ptr [{sc} + {sc_rcx}], rcx",
+    "mov qword ptr [{sc} + {sc_rdx}], rdx",
+    "picocenter_tsc_delta_ns",
+    "add rax, qword ptr [{tp} + {tp_real}]",
+    "test rdi, rdi",
+    "jz 41f",
+    "xor edx, edx",
+    "mov ecx, 1000000000",
+    "div rcx",
+    "mov qword ptr [rdi], rax",
+    "mov rax, rdx",
+    "xor edx, edx",
+    "mov ecx, 1000",
+    "div rcx",
+    "mov qword ptr [rdi + 8], rax",
+    "41:",
+    "xor eax, eax",
+    "jmp 80f",
+
+    // time(tloc = rdi).
+    "50:",
+    "cmp dword ptr [{tp} + {tp_valid}], 0",
+    "je 10b",
+    "mov qword ptr [{sc} + {sc_rax}], rax",
+    "mov qword ptr [{sc} + {sc_rcx}], rcx",
+    "mov qword ptr [{sc} + {sc_rdx}], rdx",
+    "picocenter_tsc_delta_ns",
+    "add rax, qword ptr [{tp} + {tp_real}]",
+    "xor edx, edx",
+    "mov ecx, 1000000000",
+    "div rcx",
+    "test rdi, rdi",
+    "jz 80f",
+    "mov qword ptr [rdi], rax",
+    "jmp 80f",
+
+    // Restore the registers a time call borrowed.
+    "80:",
+    "mov rdx, qword ptr [{sc} + {sc_rdx}]",
+    "mov rcx, qword ptr [{sc} + {sc_rcx}]",
+
+    // Return to the app with RAX: `sysretq` where the doorbell runs at CPL 0 (hardware
+    // KVM); at CPL 3 (kvm_pvm), restore RFLAGS from R11 on the scratch stack and jump.
+    "90:",
+    "mov word ptr [{sc} + {sc_cs}], cs",
+    "test byte ptr [{sc} + {sc_cs}], 3",
+    "jz 91f",
+    "mov qword ptr [{sc} + {sc_rsp}], rsp",
+    "lea rsp, [{sc} + {sc_stack}]",
+    "push r11",
+    "popfq",
+    "mov rsp, qword ptr [{sc} + {sc_rsp}]",
+    "jmp rcx",
+    "91:",
+    "sysretq",
     "picocenter_doorbell_end:",
     // Exception stubs, STUB_SIZE bytes each: `out port, al` exits to the VMM with the vector
     // in the port number; the frame is on the ring-0 stack. The VMM never resumes into a
@@ -41,6 +160,20 @@ std::arch::global_asm!(
     "picocenter_stubs_end:",
     ".popsection",
     mmio = const DOORBELL_MMIO_VA,
+    tp = const TIME_PAGE_VA,
+    tp_valid = const time_page::VALID,
+    tp_pid = const time_page::PID,
+    tp_tsc = const time_page::TSC_BASE,
+    tp_mult = const time_page::MULT,
+    tp_mono = const time_page::MONOTONIC_NS,
+    tp_real = const time_page::REALTIME_NS,
+    sc = const SCRATCH_VA,
+    sc_cs = const scratch::CS,
+    sc_rcx = const scratch::RCX,
+    sc_rdx = const scratch::RDX,
+    sc_rsp = const scratch::RSP,
+    sc_rax = const scratch::RAX,
+    sc_stack = const scratch::STACK_TOP,
     count = const STUB_COUNT,
     port_base = const EXCEPTION_PORT_BASE,
     stub_size = const STUB_SIZE,
@@ -83,16 +216,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn doorbell_is_one_store_to_the_mmio_address() {
+    fn doorbell_exits_with_one_store_to_the_mmio_address() {
         let code = doorbell_code();
-        // movabs moffs64, al = A2 imm64; then ud2 = 0F 0B.
-        assert_eq!(code.len(), 11);
-        assert_eq!(code[0], 0xa2);
-        assert_eq!(
-            u64::from_le_bytes(code[1..9].try_into().unwrap()),
-            DOORBELL_MMIO_VA
-        );
-        assert_eq!(&code[9..], &[0x0f, 0x0b]);
+        assert!(code.len() <= PAGE_SIZE as usize);
+        // movabs moffs64, al = A2 imm64, followed by ud2 = 0F 0B: exactly one of them.
+        let mut store = DOORBELL_MMIO_VA.to_le_bytes().to_vec();
+        store.insert(0, 0xa2);
+        store.extend_from_slice(&[0x0f, 0x0b]);
+        let found = code
+            .windows(store.len())
+            .filter(|w| *w == store.as_slice())
+            .count();
+        assert_eq!(found, 1);
     }
 
     #[test]

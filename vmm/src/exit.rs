@@ -271,6 +271,7 @@ impl Picoprocess {
 
     /// Applies what the last exit changed before the guest runs again.
     fn prepare_entry(&mut self) -> Result<(), VmmError> {
+        self.process.clock.publish(self.process.mem.phys(), false);
         if self.process.fs_base_changed {
             self.vcpu.set_fs_base(self.process.fs_base)?;
             self.process.fs_base_changed = false;
@@ -381,6 +382,41 @@ impl Picoprocess {
         })
     }
 
+    /// A page fault inside the doorbell: a time call answered in the guest stored to the
+    /// app's buffer, which is mapped on demand or bad. Either way the call is finished as
+    /// an exit would: restarted once the page is mapped, or failed with EFAULT.
+    fn on_doorbell_fault(
+        &mut self,
+        frame: &Frame,
+        cr2: u64,
+    ) -> Result<Option<RunOutcome>, VmmError> {
+        let phys = self.process.mem.phys();
+        let slot = |offset: u64| {
+            phys.read_u64(SYSTEM_GPA + abi::SCRATCH_PAGE * abi::PAGE_SIZE + offset)
+                .unwrap_or(0)
+        };
+        let (nr, rcx, rdx) = (
+            slot(abi::scratch::RAX),
+            slot(abi::scratch::RCX),
+            slot(abi::scratch::RDX),
+        );
+        let r11 = self.vcpu.regs().r11;
+        let resolved = self
+            .process
+            .mem
+            .handle_fault(cr2, Access::Write)
+            .is_ok_and(|r| r == FaultResolution::Resolved);
+        let (rip, rax) = if resolved {
+            (rcx.wrapping_sub(2), nr)
+        } else {
+            (rcx, (-libc::EFAULT as i64) as u64)
+        };
+        self.vcpu.resume_user(rip, frame.rsp, r11 | 0x202)?;
+        let regs = self.vcpu.regs_mut();
+        (regs.rax, regs.rcx, regs.rdx) = (rax, rcx, rdx);
+        Ok(None)
+    }
+
     /// Sends a fault's signal to the app's handler, if it has one and does not block the
     /// signal. `Some(None)`: delivered, resume; `Some(Some(_))`: the frame failed; `None`:
     /// no handler, the caller kills the app.
@@ -425,6 +461,9 @@ impl Picoprocess {
         } else {
             0
         };
+        if vector == 14 && frame.rip.wrapping_sub(abi::DOORBELL_VA) < abi::PAGE_SIZE {
+            return self.on_doorbell_fault(&frame, cr2);
+        }
         if vector == 14 && from_user {
             let access = if frame.error_code & 0x10 != 0 {
                 Access::Execute

@@ -168,6 +168,7 @@ impl Picoprocess {
             start.entry,
             start.rsp,
         )?;
+        let tsc = cpu::tsc_calibration(&vcpu_fd);
         let vcpu = Vcpu::new(vcpu_fd, platform);
         let kicker = Kicker::for_current_thread().map_err(|source| VmmError::Host {
             what: "the vCPU kick signal",
@@ -180,7 +181,10 @@ impl Picoprocess {
             cwd: sandbox::normalize("/", &config.cwd),
             umask: 0o022,
             signals: Default::default(),
-            clock: Default::default(),
+            clock: syscalls::time::Clock {
+                tsc,
+                ..Default::default()
+            },
             kicker: kicker.clone(),
             fs_base: 0,
             fs_base_changed: false,
@@ -198,6 +202,7 @@ impl Picoprocess {
             },
             warned: Default::default(),
         };
+        process.clock.publish(process.mem.phys(), true);
         syscalls::fs::install_stdio(&mut process).map_err(|e| VmmError::Host {
             what: "the app's stdio",
             source: e.into(),

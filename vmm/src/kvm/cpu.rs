@@ -193,6 +193,25 @@ fn msr(index: u32, data: u64) -> kvm_msr_entry {
     }
 }
 
+/// The host's TSC.
+pub fn host_tsc() -> u64 {
+    // SAFETY: rdtsc has no preconditions; CR4.TSD is clear on every Linux host.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Reads the guest's TSC and the host's at (nearly) the same moment, with the TSC rate,
+/// for the time page. `None` when KVM cannot tell.
+pub fn tsc_calibration(vcpu: &VcpuFd) -> Option<crate::syscalls::time::TscCalibration> {
+    let khz = vcpu.get_tsc_khz().ok()?;
+    let mut msrs = Msrs::from_entries(&[msr(0x10, 0)]).ok()?;
+    let host = host_tsc();
+    if vcpu.get_msrs(&mut msrs).ok()? != 1 {
+        return None;
+    }
+    let guest = msrs.as_slice()[0].data;
+    crate::syscalls::time::TscCalibration::new(khz, guest, host)
+}
+
 /// Configures `vcpu` to start the app at `entry` with stack `rsp`, in ring 3.
 pub fn configure(
     vcpu: &VcpuFd,

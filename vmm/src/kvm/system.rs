@@ -70,14 +70,16 @@ fn gate(handler: u64, dpl: u64, ist: u64) -> [u64; 2] {
 }
 
 /// The IDT: every vector goes to its stub. Breakpoint and overflow gates are DPL 3, so that
-/// `int3` and `into` from the app arrive as themselves rather than as #GP. The double fault
-/// runs on its own stack (IST1).
+/// `int3` and `into` from the app arrive as themselves rather than as #GP. Every gate
+/// switches stacks through the IST, so a frame always lands on the ring-0 stack even when
+/// the exception interrupts the doorbell at CPL 0 (hardware KVM), never on the app's
+/// stack; the double fault has a stack of its own (IST2).
 fn idt() -> Vec<u8> {
     let mut bytes = Vec::with_capacity(abi::STUB_COUNT as usize * 16);
     for vector in 0..abi::STUB_COUNT {
         let handler = abi::STUBS_VA + vector * abi::STUB_SIZE;
         let dpl = if vector == 3 || vector == 4 { 3 } else { 0 };
-        let ist = if vector == 8 { 1 } else { 0 };
+        let ist = if vector == 8 { 2 } else { 1 };
         for word in gate(handler, dpl, ist) {
             bytes.extend_from_slice(&word.to_le_bytes());
         }
@@ -85,13 +87,15 @@ fn idt() -> Vec<u8> {
     bytes
 }
 
-/// The TSS: RSP0 for exceptions from ring 3, IST1 for double faults, no I/O bitmap.
+/// The TSS: RSP0 and IST1 at the top of the ring-0 stack, IST2 for double faults, no I/O
+/// bitmap.
 fn tss() -> [u8; 104] {
     let mut bytes = [0u8; 104];
     let rsp0 = page_va(abi::KERNEL_STACK_PAGE + abi::KERNEL_STACK_PAGES);
-    let ist1 = page_va(abi::IST_STACK_PAGE + 1);
+    let ist2 = page_va(abi::IST_STACK_PAGE + 1);
     bytes[4..12].copy_from_slice(&rsp0.to_le_bytes());
-    bytes[36..44].copy_from_slice(&ist1.to_le_bytes());
+    bytes[36..44].copy_from_slice(&rsp0.to_le_bytes());
+    bytes[44..52].copy_from_slice(&ist2.to_le_bytes());
     bytes[102..104].copy_from_slice(&104u16.to_le_bytes());
     bytes
 }
@@ -127,6 +131,8 @@ pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesErro
         (abi::STUBS_PAGE, 0),
         (abi::DOORBELL_PAGE, PTE_USER),
         (abi::IST_STACK_PAGE, data),
+        (abi::TIME_PAGE, PTE_USER | nx),
+        (abi::SCRATCH_PAGE, PTE_USER | data),
     ];
     for i in 0..abi::KERNEL_STACK_PAGES {
         pages.push((abi::KERNEL_STACK_PAGE + i, data));

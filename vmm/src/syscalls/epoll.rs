@@ -242,9 +242,9 @@ fn spec(ts: [i64; 2]) -> Result<rustix::time::Timespec, Errno> {
 fn words(t: rustix::time::Itimerspec) -> [i64; 4] {
     [
         t.it_interval.tv_sec,
-        t.it_interval.tv_nsec as i64,
+        t.it_interval.tv_nsec,
         t.it_value.tv_sec,
-        t.it_value.tv_nsec as i64,
+        t.it_value.tv_nsec,
     ]
 }
 

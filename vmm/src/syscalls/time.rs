@@ -16,7 +16,38 @@ use std::time::{Duration, Instant};
 pub struct Clock {
     /// Added to the host's CLOCK_MONOTONIC (nanoseconds).
     pub monotonic_offset_ns: i64,
+    /// How the guest's TSC relates to the host's, when the doorbell may read time itself.
+    pub tsc: Option<TscCalibration>,
+    /// When the time page was last written.
+    pub published: Option<Instant>,
 }
+
+/// The guest TSC as a function of the host's, for the time page.
+#[derive(Debug, Clone, Copy)]
+pub struct TscCalibration {
+    /// Guest TSC minus host TSC (KVM keeps it constant).
+    pub guest_minus_host: i64,
+    /// Nanoseconds per tick, 32.32 fixed point.
+    pub mult: u64,
+}
+
+impl TscCalibration {
+    /// The calibration for a TSC of `khz` kHz whose guest value is `guest_tsc` when the
+    /// host's is `host_tsc`.
+    pub fn new(khz: u32, guest_tsc: u64, host_tsc: u64) -> Option<Self> {
+        if khz == 0 {
+            return None;
+        }
+        Some(Self {
+            guest_minus_host: guest_tsc.wrapping_sub(host_tsc) as i64,
+            mult: (1_000_000u64 << 32) / khz as u64,
+        })
+    }
+}
+
+/// How often the time page's bases are refreshed against the host clocks; between
+/// refreshes the TSC extrapolates, which drifts by well under a microsecond.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 const NANOS: i128 = 1_000_000_000;
 
@@ -53,6 +84,37 @@ impl Clock {
         } else {
             ns
         })
+    }
+}
+
+impl Clock {
+    /// Writes the time page (see `picocenter_guest_shim::abi::time_page`) if it is due, so
+    /// that the doorbell can answer time calls without an exit. `force` writes it now.
+    pub fn publish(&mut self, phys: &crate::memory::phys::PhysicalMemory, force: bool) {
+        use picocenter_guest_shim::abi::{time_page, TIME_PAGE};
+        if !force && self.published.is_some_and(|t| t.elapsed() < PUBLISH_EVERY) {
+            return;
+        }
+        let page = crate::memory::layout::SYSTEM_GPA + TIME_PAGE * 4096;
+        let mut bytes = [0u8; 40];
+        bytes[4..8].copy_from_slice(&(crate::process::GUEST_PID as u32).to_le_bytes());
+        if let Some(tsc) = self.tsc {
+            let host_tsc = crate::kvm::cpu::host_tsc();
+            let mono = self.now_ns(libc::CLOCK_MONOTONIC).unwrap_or(0) as u64;
+            let real = self.now_ns(libc::CLOCK_REALTIME).unwrap_or(0) as u64;
+            let guest_tsc = host_tsc.wrapping_add(tsc.guest_minus_host as u64);
+            bytes[0..4].copy_from_slice(&1u32.to_le_bytes());
+            for (offset, value) in [
+                (time_page::TSC_BASE, guest_tsc),
+                (time_page::MULT, tsc.mult),
+                (time_page::MONOTONIC_NS, mono),
+                (time_page::REALTIME_NS, real),
+            ] {
+                bytes[offset as usize..offset as usize + 8].copy_from_slice(&value.to_le_bytes());
+            }
+        }
+        let _ = phys.write(page, &bytes);
+        self.published = Some(Instant::now());
     }
 }
 
