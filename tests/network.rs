@@ -24,6 +24,12 @@ fn sockets_work_behind_the_apps_address() {
 #[test]
 fn dynamic_build_works_too() {
     let program = guest("net", Link::Dynamic);
-    let out = run(&["--address", "127.0.0.15", program.to_str().unwrap(), "127.0.0.15", "127.0.0.16"]);
+    let out = run(&[
+        "--address",
+        "127.0.0.15",
+        program.to_str().unwrap(),
+        "127.0.0.15",
+        "127.0.0.16",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
 }

@@ -26,9 +26,22 @@ fn dynamic_build_works_too() {
 
 #[test]
 fn default_actions_end_the_app_with_the_signal() {
-    for (mode, signal, name) in [("term", 15, "SIGTERM"), ("abort", 6, "SIGABRT"), ("sigpipe", 13, "SIGPIPE")] {
+    for (mode, signal, name) in [
+        ("term", 15, "SIGTERM"),
+        ("abort", 6, "SIGABRT"),
+        ("sigpipe", 13, "SIGPIPE"),
+    ] {
         let out = signals(mode);
-        assert_eq!(out.status.code(), Some(128 + signal), "{mode}: {}", describe(&out));
-        assert!(String::from_utf8_lossy(&out.stderr).contains(name), "{}", describe(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(128 + signal),
+            "{mode}: {}",
+            describe(&out)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(name),
+            "{}",
+            describe(&out)
+        );
     }
 }
