@@ -473,4 +473,26 @@ mod tests {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
     }
+
+    #[test]
+    fn the_shipped_image_definitions_are_valid() {
+        let images = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(images).unwrap() {
+            let dir = entry.unwrap().path();
+            if !dir.join(DEFINITION_FILE).exists() {
+                continue;
+            }
+            let definition = Definition::load(&dir).unwrap_or_else(|e| panic!("{e:#?}"));
+            let root = &definition.spec.root;
+            let sources = root.copy.iter().map(|c| &c.src);
+            for source in sources.chain(root.compile.iter().flat_map(|c| &c.sources)) {
+                assert!(dir.join(source).exists(), "{}: {source:?}", dir.display());
+            }
+            names.push(definition.name);
+        }
+        names.sort();
+        let expected = ["counter-http", "hello", "lighttpd", "nginx", "python-http"];
+        assert_eq!(names, expected);
+    }
 }
