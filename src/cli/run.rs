@@ -292,6 +292,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         trace_syscalls: args.trace_syscalls,
         address: app.address,
         allow_outbound: args.app.allow_outbound,
+        control_socket: None,
     };
     let mut picoprocess =
         Picoprocess::new(&config).with_context(|| format!("starting {}", config.program))?;
