@@ -15,11 +15,13 @@
 //! * Some calls never leave the guest: the doorbell answers getpid, gettid, clock_gettime,
 //!   gettimeofday and time itself, from the read-only **time page** ([`time_page`]) that
 //!   the VMM keeps current, using a scratch page ([`scratch`]) to spill registers.
+//! * While a VMM poller thread is awake, other calls go through the [`mailbox`] page with
+//!   no exit; the doorbell falls back to the exit when the poller sleeps or declines.
 //!
 //! Bump [`ABI_VERSION`] on any change to a value here.
 
 /// Version of this interface. Snapshots do not depend on it: they hold only app state.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -47,13 +49,48 @@ pub const IST_STACK_PAGE: u64 = 7;
 pub const TIME_PAGE: u64 = 8;
 /// Page index of the doorbell's scratch page. User, writable.
 pub const SCRATCH_PAGE: u64 = 9;
+/// Page index of the mailbox. User, writable.
+pub const MAILBOX_PAGE: u64 = 10;
 /// Number of pages in the system region.
-pub const SYSTEM_PAGES: u64 = 10;
+pub const SYSTEM_PAGES: u64 = 11;
 
 /// Guest-virtual address of the time page.
 pub const TIME_PAGE_VA: u64 = SYSTEM_VA + TIME_PAGE * PAGE_SIZE;
 /// Guest-virtual address of the scratch page.
 pub const SCRATCH_VA: u64 = SYSTEM_VA + SCRATCH_PAGE * PAGE_SIZE;
+/// Guest-virtual address of the mailbox page.
+pub const MAILBOX_VA: u64 = SYSTEM_VA + MAILBOX_PAGE * PAGE_SIZE;
+
+/// The mailbox: while a VMM poller thread is awake, the doorbell posts a forwarded call
+/// here and spins for the answer instead of exiting. Byte offsets:
+pub mod mailbox {
+    /// u32: [`EMPTY`], [`REQUEST`] (guest), [`TAKEN`] (poller), [`DONE`] (poller).
+    pub const STATE: u64 = 0;
+    /// u32: non-zero while the poller spins; the doorbell exits at once when it is 0.
+    pub const AWAKE: u64 = 4;
+    /// u32: set with DONE when the poller declined the call: the doorbell exits instead.
+    pub const DECLINED: u64 = 8;
+    /// u32: set with DONE when the VMM must act before the app goes on (a signal to
+    /// deliver): the doorbell makes a notify exit after taking the result.
+    pub const NOTIFY: u64 = 12;
+    /// u64: the syscall number.
+    pub const NR: u64 = 16;
+    /// u64 x 6: the arguments.
+    pub const ARGS: u64 = 24;
+    /// u64: the result.
+    pub const RESULT: u64 = 72;
+    /// No call in the mailbox.
+    pub const EMPTY: u32 = 0;
+    /// A call waits for the poller.
+    pub const REQUEST: u32 = 1;
+    /// The poller is performing the call.
+    pub const TAKEN: u32 = 2;
+    /// The answer is in RESULT (or DECLINED is set).
+    pub const DONE: u32 = 3;
+    /// `pause` iterations the doorbell spins before withdrawing an untaken call (a few
+    /// microseconds).
+    pub const SPIN: u32 = 2000;
+}
 
 /// Byte offsets in the time page. Time is `base + ((rdtsc - TSC_BASE) * MULT) >> 32` ns.
 pub mod time_page {
@@ -103,11 +140,15 @@ pub const EXCEPTION_PORT_BASE: u16 = 0x80;
 pub const DOORBELL_MMIO_GPA: u64 = 0x4_8000_0000;
 /// Guest-physical address of the calibration exit. No memory slot covers it.
 pub const CALIBRATION_MMIO_GPA: u64 = DOORBELL_MMIO_GPA + PAGE_SIZE;
+/// Guest-physical address of the notify exit (after a mailbox call). No slot covers it.
+pub const NOTIFY_MMIO_GPA: u64 = DOORBELL_MMIO_GPA + 2 * PAGE_SIZE;
 /// Guest-virtual address mapped to [`DOORBELL_MMIO_GPA`] (user, writable: the doorbell runs
 /// at CPL 3 on kvm_pvm).
 pub const DOORBELL_MMIO_VA: u64 = SYSTEM_VA + 0x10_0000;
 /// Guest-virtual address mapped to [`CALIBRATION_MMIO_GPA`].
 pub const CALIBRATION_MMIO_VA: u64 = DOORBELL_MMIO_VA + PAGE_SIZE;
+/// Guest-virtual address mapped to [`NOTIFY_MMIO_GPA`].
+pub const NOTIFY_MMIO_VA: u64 = DOORBELL_MMIO_VA + 2 * PAGE_SIZE;
 
 /// Selectors of the GDT, in Linux's layout (STAR depends on it).
 pub mod selector {

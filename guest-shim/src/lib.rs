@@ -39,9 +39,61 @@ std::arch::global_asm!(
     "je 40f",
     "cmp eax, 201", // time
     "je 50f",
-    // Everything else: one store to an unbacked guest-physical page. The VMM performs the
-    // call and resumes the app at RCX, so the `ud2` is only reached if it did not.
+    // Everything else goes to the VMM: through the mailbox while its poller is awake,
+    // else with an exit.
     "10:",
+    "cmp dword ptr [{mb} + {mb_awake}], 0",
+    "je 11f",
+    "mov qword ptr [{sc} + {sc_rcx}], rcx",
+    "mov qword ptr [{sc} + {sc_rdx}], rdx",
+    "mov qword ptr [{mb} + {mb_nr}], rax",
+    "mov qword ptr [{mb} + {mb_args}], rdi",
+    "mov qword ptr [{mb} + {mb_args} + 8], rsi",
+    "mov qword ptr [{mb} + {mb_args} + 16], rdx",
+    "mov qword ptr [{mb} + {mb_args} + 24], r10",
+    "mov qword ptr [{mb} + {mb_args} + 32], r8",
+    "mov qword ptr [{mb} + {mb_args} + 40], r9",
+    "mov dword ptr [{mb} + {mb_state}], {request}",
+    "mov ecx, {spin}",
+    "12:",
+    "cmp dword ptr [{mb} + {mb_state}], {done}",
+    "je 14f",
+    "pause",
+    "dec ecx",
+    "jnz 12b",
+    // Nobody took it: withdraw it, unless the poller took it meanwhile.
+    "mov eax, {request}",
+    "xor edx, edx",
+    "lock cmpxchg dword ptr [{mb} + {mb_state}], edx",
+    "je 15f",
+    "13:",
+    "pause",
+    "cmp dword ptr [{mb} + {mb_state}], {done}",
+    "jne 13b",
+    "14:",
+    "cmp dword ptr [{mb} + {mb_declined}], 0",
+    "jne 16f",
+    "mov rax, qword ptr [{mb} + {mb_result}]",
+    "mov rdx, qword ptr [{sc} + {sc_rdx}]",
+    "mov rcx, qword ptr [{sc} + {sc_rcx}]",
+    "cmp dword ptr [{mb} + {mb_notify}], 0",
+    "mov dword ptr [{mb} + {mb_state}], {empty}",
+    "je 90f",
+    // The VMM has something to do first (a signal to deliver). The app's registers are
+    // all back in place, so this is a clean point to stop at.
+    "movabs byte ptr [{notify}], al",
+    ".globl picocenter_doorbell_notified",
+    "picocenter_doorbell_notified:",
+    "jmp 90f",
+    "16:",
+    "mov dword ptr [{mb} + {mb_state}], {empty}",
+    "15:",
+    "mov rax, qword ptr [{mb} + {mb_nr}]",
+    "mov rcx, qword ptr [{sc} + {sc_rcx}]",
+    "mov rdx, qword ptr [{sc} + {sc_rdx}]",
+    // One store to an unbacked guest-physical page. The VMM performs the call and
+    // resumes the app at RCX, so the `ud2` is only reached if it did not.
+    "11:",
     "movabs byte ptr [{mmio}], al",
     "ud2",
 
@@ -160,6 +212,19 @@ std::arch::global_asm!(
     "picocenter_stubs_end:",
     ".popsection",
     mmio = const DOORBELL_MMIO_VA,
+    notify = const NOTIFY_MMIO_VA,
+    mb = const MAILBOX_VA,
+    mb_state = const mailbox::STATE,
+    mb_awake = const mailbox::AWAKE,
+    mb_declined = const mailbox::DECLINED,
+    mb_notify = const mailbox::NOTIFY,
+    mb_nr = const mailbox::NR,
+    mb_args = const mailbox::ARGS,
+    mb_result = const mailbox::RESULT,
+    empty = const mailbox::EMPTY,
+    request = const mailbox::REQUEST,
+    done = const mailbox::DONE,
+    spin = const mailbox::SPIN,
     tp = const TIME_PAGE_VA,
     tp_valid = const time_page::VALID,
     tp_pid = const time_page::PID,
@@ -180,6 +245,7 @@ std::arch::global_asm!(
 );
 
 extern "C" {
+    static picocenter_doorbell_notified: u8;
     static picocenter_doorbell_start: u8;
     static picocenter_doorbell_end: u8;
     static picocenter_stubs_start: u8;
@@ -201,6 +267,15 @@ pub fn doorbell_code() -> &'static [u8] {
         &raw const picocenter_doorbell_start,
         &raw const picocenter_doorbell_end,
     )
+}
+
+/// Offset in the doorbell page where the app resumes after a notify exit. There all of
+/// its registers are its own again, so the VMM may stop it there (deliver a signal,
+/// snapshot it) as at any point outside the doorbell.
+pub fn notify_resume_offset() -> u64 {
+    let start = &raw const picocenter_doorbell_start as usize;
+    let notified = &raw const picocenter_doorbell_notified as usize;
+    (notified - start) as u64
 }
 
 /// Machine code of the exception stubs (place it at [`abi::STUBS_VA`]).

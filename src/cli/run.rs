@@ -293,6 +293,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         address: app.address,
         allow_outbound: args.app.allow_outbound,
         control_socket: None,
+        mailbox: std::env::var_os("PICOCENTER_MAILBOX").is_some(),
     };
     let mut picoprocess =
         Picoprocess::new(&config).with_context(|| format!("starting {}", config.program))?;

@@ -3,18 +3,23 @@
 //! Three kinds of exit matter: the doorbell (a syscall), an exception stub (a fault, which
 //! may be a demand page fault to serve), and a kick (a timeout or an operator's request).
 
+use crate::control::LiveStats;
 use crate::kvm::kick::{reason, Kicker};
 use crate::kvm::system::kernel_stack_top;
 use crate::kvm::vcpu::Exit;
+use crate::kvm::vcpu::Vcpu;
+use crate::kvm::Machine;
+use crate::mailbox::Poller;
 use crate::memory::layout::SYSTEM_GPA;
 use crate::memory::space::Access;
 use crate::memory::FaultResolution;
+use crate::process::Process;
 use crate::sigframe::{self, DeliveryError, SigInfo};
 use crate::syscalls::signal::{Disposition, SA_RESTART};
 use crate::syscalls::{self, Args, SysError};
 use crate::{Picoprocess, VmmError};
 use picocenter_guest_shim::abi;
-use std::time::Instant;
+use std::sync::{Mutex, MutexGuard};
 
 /// How an app's run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +60,8 @@ pub struct ExitStats {
     pub calibration: u64,
     /// Kicks.
     pub interruptions: u64,
+    /// Notification exits (the doorbell asking the VMM to act after a mailbox call).
+    pub notifications: u64,
 }
 
 /// An exception frame as the CPU pushed it on the ring-0 stack.
@@ -153,29 +160,58 @@ impl Picoprocess {
         Kicker::arm(self.vcpu.immediate_exit_ptr());
         let outcome = self.run_loop();
         Kicker::arm(std::ptr::null_mut());
+        if let Some(poller) = &self.poller {
+            poller.stop();
+        }
         outcome
+    }
+
+    /// The exit-handling context over this picoprocess, with the process state locked.
+    fn exits<'a>(&'a mut self, p: &'a mut Process) -> Exits<'a> {
+        Exits {
+            vcpu: &mut self.vcpu,
+            machine: &self.machine,
+            p,
+            stats: &mut self.stats,
+            live: &self.live,
+            poller: self.poller.as_ref(),
+        }
     }
 
     fn run_loop(&mut self) -> Result<RunOutcome, VmmError> {
         let mut last_fault = (0u64, 0u64, 0u32);
+        let process = self.process.clone();
         loop {
-            if let Some(outcome) = self.take_kicks() {
-                return Ok(outcome);
+            {
+                // The process state is locked whenever the guest is not running, so that a
+                // mailbox poller only touches it while the guest waits for an answer.
+                let mut p = lock(&process);
+                let mut x = self.exits(&mut p);
+                if let Some(outcome) = x.take_kicks() {
+                    return Ok(outcome);
+                }
+                if let Some(outcome) = x.deliver_signals()? {
+                    return Ok(outcome);
+                }
+                x.prepare_entry()?;
             }
-            if let Some(outcome) = self.deliver_signals()? {
-                return Ok(outcome);
-            }
-            self.prepare_entry()?;
-            let outcome = match self.vcpu.run() {
-                Exit::Syscall => self.on_syscall()?,
+            let exit = self.vcpu.run();
+            let mut p = lock(&process);
+            let mut x = self.exits(&mut p);
+            let outcome = match exit {
+                Exit::Syscall => x.on_syscall()?,
                 Exit::Calibration => {
-                    self.stats.calibration += 1;
+                    x.stats.calibration += 1;
                     None
                 }
-                Exit::Exception(vector) => self.on_exception(vector, &mut last_fault)?,
+                Exit::Notify => {
+                    x.stats.notifications += 1;
+                    None
+                }
+                Exit::Exception(vector) => x.on_exception(vector, &mut last_fault)?,
                 Exit::Interrupted => {
-                    self.stats.interruptions += 1;
-                    self.vcpu.clear_immediate_exit();
+                    x.stats.interruptions += 1;
+                    x.vcpu.clear_immediate_exit();
                     None
                 }
                 Exit::StrayDoorbellStore { rip } => Some(RunOutcome::Killed {
@@ -192,11 +228,29 @@ impl Picoprocess {
             }
         }
     }
+}
 
+/// Locks the process state; a poisoned lock still holds consistent state (every handler
+/// leaves it so before it can panic), so it is used as is.
+pub(crate) fn lock(process: &Mutex<Process>) -> MutexGuard<'_, Process> {
+    process.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Everything one exit's handling touches, borrowed from the [`Picoprocess`].
+struct Exits<'a> {
+    vcpu: &'a mut Vcpu,
+    machine: &'a Machine,
+    p: &'a mut Process,
+    stats: &'a mut ExitStats,
+    live: &'a LiveStats,
+    poller: Option<&'a Poller>,
+}
+
+impl Exits<'_> {
     /// Publishes counters for the control socket.
     fn publish_stats(&self) {
         use std::sync::atomic::Ordering::Relaxed;
-        let memory = self.process.mem.stats();
+        let memory = self.p.mem.stats();
         self.live.syscalls.store(self.stats.syscalls, Relaxed);
         self.live.frames_in_use.store(memory.frames_in_use, Relaxed);
         self.live.frames_total.store(memory.frames_total, Relaxed);
@@ -204,7 +258,7 @@ impl Picoprocess {
 
     /// Acts on kicks that arrived; the app is at a clean point here.
     fn take_kicks(&mut self) -> Option<RunOutcome> {
-        let pending = self.process.kicker.pending();
+        let pending = self.p.kicker.pending();
         if pending & reason::TIMEOUT != 0 {
             return Some(RunOutcome::TimedOut);
         }
@@ -215,7 +269,7 @@ impl Picoprocess {
             });
         }
         if pending & reason::SIGNAL != 0 {
-            self.process.absorb_external_signals();
+            self.p.absorb_external_signals();
         }
         None
     }
@@ -223,10 +277,16 @@ impl Picoprocess {
     /// Delivers every pending signal the app does not block: runs its default action or
     /// builds a handler frame (nesting, as Linux does when several are pending).
     fn deliver_signals(&mut self) -> Result<Option<RunOutcome>, VmmError> {
-        while let Some(signal) = self.process.signals.deliverable() {
-            match self.process.signals.disposition(signal) {
+        if self.p.signals.deliverable().is_some() && self.in_doorbell() {
+            // The doorbell's own registers and scratch slots are in use: let it finish its
+            // call (a few microseconds) and try again then.
+            self.retry_soon();
+            return Ok(None);
+        }
+        while let Some(signal) = self.p.signals.deliverable() {
+            match self.p.signals.disposition(signal) {
                 Disposition::Ignore => {
-                    self.process.signals.pending &= !syscalls::signal::bit(signal);
+                    self.p.signals.pending &= !syscalls::signal::bit(signal);
                 }
                 Disposition::Terminate => {
                     return Ok(Some(RunOutcome::Killed {
@@ -248,9 +308,25 @@ impl Picoprocess {
         Ok(None)
     }
 
+    /// Whether the app is inside the doorbell (answering a call in the guest, or waiting
+    /// on the mailbox): not a point where its context may be saved.
+    fn in_doorbell(&self) -> bool {
+        let offset = self.vcpu.regs().rip.wrapping_sub(abi::DOORBELL_VA);
+        offset < abi::PAGE_SIZE && offset != picocenter_guest_shim::notify_resume_offset()
+    }
+
+    /// Kicks the vCPU again shortly, to act at the next clean point.
+    fn retry_soon(&self) {
+        let kicker = self.p.kicker.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            kicker.kick(reason::SIGNAL);
+        });
+    }
+
     /// Builds a handler frame for `info`; a frame that cannot be written kills the app.
     fn deliver(&mut self, info: SigInfo) -> Result<Option<RunOutcome>, VmmError> {
-        match sigframe::deliver(&mut self.process, &mut self.vcpu, info) {
+        match sigframe::deliver(self.p, &mut self.vcpu, info) {
             Ok(()) => Ok(None),
             Err(DeliveryError::Vcpu(e)) => Err(e.into()),
             Err(DeliveryError::BadFrame(why)) => Ok(Some(RunOutcome::Killed {
@@ -271,14 +347,14 @@ impl Picoprocess {
 
     /// Applies what the last exit changed before the guest runs again.
     fn prepare_entry(&mut self) -> Result<(), VmmError> {
-        self.process.clock.publish(self.process.mem.phys(), false);
-        if self.process.fs_base_changed {
-            self.vcpu.set_fs_base(self.process.fs_base)?;
-            self.process.fs_base_changed = false;
+        self.p.clock.publish(self.p.mem.phys(), false);
+        if self.p.fs_base_changed {
+            self.vcpu.set_fs_base(self.p.fs_base)?;
+            self.p.fs_base_changed = false;
         }
-        if self.process.mem.is_stale() {
+        if self.p.mem.is_stale() {
             self.vcpu.invalidate_translations(&self.machine)?;
-            self.process.mem.invalidated();
+            self.p.mem.invalidated();
         }
         Ok(())
     }
@@ -286,10 +362,13 @@ impl Picoprocess {
     fn on_syscall(&mut self) -> Result<Option<RunOutcome>, VmmError> {
         self.stats.syscalls += 1;
         self.publish_stats();
+        if let Some(poller) = self.poller {
+            poller.wake();
+        }
         let regs = self.vcpu.regs();
         let nr = regs.rax;
         if nr == libc::SYS_rt_sigreturn as u64 {
-            return match sigframe::sigreturn(&mut self.process, &mut self.vcpu) {
+            return match sigframe::sigreturn(self.p, &mut self.vcpu) {
                 Ok(()) => self.deliver_signals(),
                 Err(DeliveryError::Vcpu(e)) => Err(e.into()),
                 Err(DeliveryError::BadFrame(why)) => Ok(Some(RunOutcome::Killed {
@@ -299,15 +378,7 @@ impl Picoprocess {
             };
         }
         let args = Args([regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
-        let started = self.process.trace.is_some().then(Instant::now);
-        let result = syscalls::dispatch(&mut self.process, nr, &args);
-        if let (Some(trace), Some(started)) = (self.process.trace.as_mut(), started) {
-            trace.record(
-                nr,
-                matches!(result, Err(SysError::Errno(_))),
-                started.elapsed(),
-            );
-        }
+        let result = syscalls::perform(self.p, nr, &args);
         let rax = match result {
             Ok(value) => value,
             Err(SysError::Errno(errno)) => (-(errno.raw_os_error() as i64)) as u64,
@@ -318,15 +389,15 @@ impl Picoprocess {
                     report: reason,
                 }))
             }
-            Err(SysError::Restart) => {
+            Err(SysError::Restart) | Err(SysError::WouldBlock) => {
                 // Re-execute the `syscall` instruction once the kick is handled.
                 self.rewind_syscall(nr)?;
                 return Ok(None);
             }
             Err(SysError::Interrupted) => {
-                let restart = match self.process.signals.deliverable() {
+                let restart = match self.p.signals.deliverable() {
                     Some(signal) => {
-                        matches!(self.process.signals.disposition(signal),
+                        matches!(self.p.signals.disposition(signal),
                             Disposition::Handle(action) if action.flags & SA_RESTART != 0)
                             && syscalls::restartable(nr)
                     }
@@ -358,7 +429,7 @@ impl Picoprocess {
             return None;
         }
         let mut raw = [0u64; 6];
-        let phys = self.process.mem.phys();
+        let phys = self.p.mem.phys();
         for (i, word) in raw.iter_mut().take(words as usize).enumerate() {
             let gpa = SYSTEM_GPA + (rsp - abi::SYSTEM_VA) + i as u64 * 8;
             *word = phys.read_u64(gpa).ok()?;
@@ -390,7 +461,7 @@ impl Picoprocess {
         frame: &Frame,
         cr2: u64,
     ) -> Result<Option<RunOutcome>, VmmError> {
-        let phys = self.process.mem.phys();
+        let phys = self.p.mem.phys();
         let slot = |offset: u64| {
             phys.read_u64(SYSTEM_GPA + abi::SCRATCH_PAGE * abi::PAGE_SIZE + offset)
                 .unwrap_or(0)
@@ -402,7 +473,7 @@ impl Picoprocess {
         );
         let r11 = self.vcpu.regs().r11;
         let resolved = self
-            .process
+            .p
             .mem
             .handle_fault(cr2, Access::Write)
             .is_ok_and(|r| r == FaultResolution::Resolved);
@@ -427,11 +498,8 @@ impl Picoprocess {
         code: i32,
         addr: u64,
     ) -> Result<Option<Option<RunOutcome>>, VmmError> {
-        let handled = matches!(
-            self.process.signals.disposition(signal),
-            Disposition::Handle(_)
-        );
-        if !handled || self.process.signals.mask & syscalls::signal::bit(signal) != 0 {
+        let handled = matches!(self.p.signals.disposition(signal), Disposition::Handle(_));
+        if !handled || self.p.signals.mask & syscalls::signal::bit(signal) != 0 {
             return Ok(None);
         }
         self.vcpu.resume_user(frame.rip, frame.rsp, frame.rflags)?;
@@ -473,7 +541,7 @@ impl Picoprocess {
                 Access::Read
             };
             let resolution = self
-                .process
+                .p
                 .mem
                 .handle_fault(cr2, access)
                 .unwrap_or(FaultResolution::Forbidden);

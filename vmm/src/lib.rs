@@ -19,6 +19,7 @@ pub mod fdtable;
 pub mod hostcall;
 pub mod kvm;
 pub mod loader;
+pub mod mailbox;
 pub mod memory;
 pub mod platform;
 pub mod process;
@@ -39,6 +40,7 @@ use platform::Platform;
 use process::Process;
 use sandbox::{Sandbox, SandboxError};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 pub use exit::RunOutcome;
 
@@ -70,6 +72,9 @@ pub struct Config {
     pub allow_outbound: bool,
     /// Where to open the control socket (`picocenter stop`, `ps`), if anywhere.
     pub control_socket: Option<PathBuf>,
+    /// Whether forwarded syscalls may go through the shared-memory mailbox while a poller
+    /// thread is awake (see [`mailbox`]).
+    pub mailbox: bool,
 }
 
 /// Why a picoprocess could not be built or run. Guest misbehaviour is never one of these:
@@ -120,9 +125,10 @@ pub struct Picoprocess {
     // Field order is drop order: the vCPU and VM go before the memory they map.
     vcpu: Vcpu,
     machine: Machine,
-    process: Process,
+    poller: Option<mailbox::Poller>,
+    process: Arc<Mutex<Process>>,
     stats: exit::ExitStats,
-    live: std::sync::Arc<control::LiveStats>,
+    live: Arc<control::LiveStats>,
     _control: Option<control::ControlServer>,
 }
 
@@ -193,6 +199,7 @@ impl Picoprocess {
             trace: config.trace_syscalls.then(Default::default),
             alarm: alarm::Alarm::new(kicker.clone()),
             saved_mask: None,
+            in_mailbox: false,
             net: syscalls::net::NetPolicy {
                 address: config
                     .address
@@ -217,10 +224,27 @@ impl Picoprocess {
             )?),
             None => None,
         };
+        let mailbox_page = process.mem.phys().shared_page(
+            memory::layout::SYSTEM_GPA + picocenter_guest_shim::abi::MAILBOX_PAGE * 4096,
+        )?;
+        let process = Arc::new(Mutex::new(process));
+        let poller = if config.mailbox {
+            let poller =
+                mailbox::Poller::start(mailbox_page, process.clone()).map_err(|source| {
+                    VmmError::Host {
+                        what: "the mailbox poller",
+                        source,
+                    }
+                })?;
+            Some(poller)
+        } else {
+            None
+        };
         tracing::debug!(platform = platform.describe(), "picoprocess built");
         Ok(Self {
             vcpu,
             machine,
+            poller,
             process,
             stats: Default::default(),
             live,
@@ -230,7 +254,7 @@ impl Picoprocess {
 
     /// A handle that can interrupt this picoprocess from another thread.
     pub fn kicker(&self) -> Kicker {
-        self.process.kicker.clone()
+        exit::lock(&self.process).kicker.clone()
     }
 
     /// The platform the VMM detected.
@@ -239,8 +263,13 @@ impl Picoprocess {
     }
 
     /// The syscall trace, when tracing was asked for.
-    pub fn trace(&self) -> Option<&trace::SyscallTrace> {
-        self.process.trace.as_ref()
+    pub fn trace(&self) -> Option<trace::SyscallTrace> {
+        exit::lock(&self.process).trace.clone()
+    }
+
+    /// Calls answered through the mailbox.
+    pub fn mailbox_calls(&self) -> u64 {
+        self.poller.as_ref().map_or(0, |p| p.calls())
     }
 
     /// Exit counters.
@@ -250,6 +279,6 @@ impl Picoprocess {
 
     /// Memory counters.
     pub fn memory_stats(&self) -> memory::space::MemoryStats {
-        self.process.mem.stats()
+        exit::lock(&self.process).mem.stats()
     }
 }

@@ -50,6 +50,8 @@ pub struct Process {
     pub saved_mask: Option<u64>,
     /// The app's address and outbound policy.
     pub net: crate::syscalls::net::NetPolicy,
+    /// Whether the call being performed came through the mailbox (it must not block).
+    pub in_mailbox: bool,
     /// Unsupported syscalls already logged (each is logged once).
     pub warned: HashSet<u64>,
 }

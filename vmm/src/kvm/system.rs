@@ -133,6 +133,7 @@ pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesErro
         (abi::IST_STACK_PAGE, data),
         (abi::TIME_PAGE, PTE_USER | nx),
         (abi::SCRATCH_PAGE, PTE_USER | data),
+        (abi::MAILBOX_PAGE, PTE_USER | data),
     ];
     for i in 0..abi::KERNEL_STACK_PAGES {
         pages.push((abi::KERNEL_STACK_PAGE + i, data));
@@ -143,6 +144,7 @@ pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesErro
     let mmio = PTE_USER | PTE_WRITABLE | nx;
     space.map_system_page(abi::DOORBELL_MMIO_VA, abi::DOORBELL_MMIO_GPA, mmio)?;
     space.map_system_page(abi::CALIBRATION_MMIO_VA, abi::CALIBRATION_MMIO_GPA, mmio)?;
+    space.map_system_page(abi::NOTIFY_MMIO_VA, abi::NOTIFY_MMIO_GPA, mmio)?;
     Ok(())
 }
 

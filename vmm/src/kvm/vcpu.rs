@@ -21,6 +21,8 @@ pub enum Exit {
     },
     /// A calibration exit; resume at once.
     Calibration,
+    /// The doorbell asks the VMM to act (deliver signals) after a mailbox call.
+    Notify,
     /// An exception stub ran for this vector.
     Exception(u8),
     /// A kick interrupted the run (EINTR).
@@ -103,6 +105,7 @@ impl Vcpu {
             Ok(VcpuExit::MmioWrite(addr, _)) if addr == abi::CALIBRATION_MMIO_GPA => {
                 Exit::Calibration
             }
+            Ok(VcpuExit::MmioWrite(addr, _)) if addr == abi::NOTIFY_MMIO_GPA => Exit::Notify,
             Ok(VcpuExit::IoOut(port, _))
                 if (abi::EXCEPTION_PORT_BASE
                     ..abi::EXCEPTION_PORT_BASE + abi::STUB_COUNT as u16)

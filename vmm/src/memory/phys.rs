@@ -2,9 +2,11 @@
 
 use super::layout::{self, slot};
 use picocenter_guest_shim::abi;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::Arc;
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
-    VolatileSlice,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion, VolatileSlice,
 };
 
 /// Why guest-physical memory could not be set up or used.
@@ -168,6 +170,23 @@ impl PhysicalMemory {
             .map_err(|_| PhysError::OutOfRange { gpa })
     }
 
+    /// A view of the guest page at `gpa` for a VMM thread that talks to the running guest
+    /// through it (the mailbox). It keeps the mapping alive by itself.
+    pub fn shared_page(&self, gpa: u64) -> Result<SharedPage, PhysError> {
+        let region = self
+            .mem
+            .find_region(GuestAddress(gpa))
+            .ok_or(PhysError::OutOfRange { gpa })?;
+        let offset = gpa - region.start_addr().0;
+        if gpa % 4096 != 0 || offset + 4096 > region.len() {
+            return Err(PhysError::OutOfRange { gpa });
+        }
+        Ok(SharedPage {
+            mapping: region.get_mmap(),
+            offset: offset as usize,
+        })
+    }
+
     /// Returns RAM pages to the host: their contents read as zero afterwards. KVM drops its
     /// own mappings of them through the MMU notifier, so the guest sees zeros too.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<(), PhysError> {
@@ -179,5 +198,41 @@ impl PhysicalMemory {
         let rc = unsafe { libc::madvise(guard.as_ptr().cast(), len as usize, libc::MADV_DONTNEED) };
         debug_assert_eq!(rc, 0, "madvise(DONTNEED) on guest RAM");
         Ok(())
+    }
+}
+
+/// One guest page shared with a running guest, accessed only through atomics, since the
+/// guest reads and writes it concurrently.
+#[derive(Debug, Clone)]
+pub struct SharedPage {
+    mapping: Arc<MmapRegion>,
+    offset: usize,
+}
+
+impl SharedPage {
+    fn field(&self, offset: u64, size: usize) -> *mut u8 {
+        assert!(
+            offset as usize + size <= 4096 && offset as usize % size == 0,
+            "shared-page field {offset} out of the page or misaligned"
+        );
+        // The page lies inside the mapping (checked when the view was made).
+        self.mapping
+            .as_ptr()
+            .wrapping_add(self.offset + offset as usize)
+    }
+
+    /// The u32 at byte `offset` (4-byte aligned).
+    pub fn u32(&self, offset: u64) -> &AtomicU32 {
+        // SAFETY: the field is inside a live mapping this view keeps alive (`mapping`), is
+        // aligned (checked in `field`), and is only ever accessed atomically by the VMM;
+        // the guest's own accesses are plain aligned loads and stores or `lock` ops, which
+        // are atomic on x86.
+        unsafe { AtomicU32::from_ptr(self.field(offset, 4).cast()) }
+    }
+
+    /// The u64 at byte `offset` (8-byte aligned).
+    pub fn u64(&self, offset: u64) -> &AtomicU64 {
+        // SAFETY: as for `u32`, with 8-byte alignment.
+        unsafe { AtomicU64::from_ptr(self.field(offset, 8).cast()) }
     }
 }

@@ -546,18 +546,13 @@ fn make_pipe(p: &mut Process, out: UserAddr, flags: u32) -> SysResult {
     if flags & !((libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_DIRECT) as u32) != 0 {
         return Err(Errno::INVAL.into());
     }
-    let host_flags = rustix::pipe::PipeFlags::from_bits_retain(flags & libc::O_NONBLOCK as u32)
-        | rustix::pipe::PipeFlags::CLOEXEC;
+    let host_flags = rustix::pipe::PipeFlags::NONBLOCK | rustix::pipe::PipeFlags::CLOEXEC;
     let (r, w) = rustix::pipe::pipe_with(host_flags)?;
     let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
-    let rfd = p.files.insert(
-        OpenFile::new(r, FileKind::Pipe { write_end: false }),
-        cloexec,
-    )?;
-    let wfd = match p.files.insert(
-        OpenFile::new(w, FileKind::Pipe { write_end: true }),
-        cloexec,
-    ) {
+    let nonblocking = flags & libc::O_NONBLOCK as u32 != 0;
+    let end = |fd, write_end| OpenFile::with_mode(fd, FileKind::Pipe { write_end }, nonblocking);
+    let rfd = p.files.insert(end(r, false), cloexec)?;
+    let wfd = match p.files.insert(end(w, true), cloexec) {
         Ok(fd) => fd,
         Err(e) => {
             p.files.remove(rfd)?;
@@ -696,13 +691,7 @@ pub fn ioctl(p: &mut Process, a: &Args) -> SysResult {
         }
         FIONBIO => {
             let on: i32 = p.mem.read_pod(a.ptr(2))?;
-            let flags = rustix::fs::fcntl_getfl(file.host())?;
-            let flags = if on != 0 {
-                flags | OFlags::NONBLOCK
-            } else {
-                flags - OFlags::NONBLOCK
-            };
-            rustix::fs::fcntl_setfl(file.host(), flags)?;
+            file.set_nonblocking(on != 0);
             Ok(0)
         }
         FIONREAD => {

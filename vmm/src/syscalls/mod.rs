@@ -31,6 +31,9 @@ pub enum SysError {
     /// A signal the app handles arrived during a blocking call: EINTR, or a restart when
     /// the handler has SA_RESTART and the call allows it.
     Interrupted,
+    /// The call would block, and it came through the mailbox, where nothing may wait: the
+    /// doorbell makes it again with an exit.
+    WouldBlock,
     /// The app must die of this signal (default action of a fatal signal).
     Kill {
         /// The signal number.
@@ -108,6 +111,95 @@ pub fn restartable(nr: u64) -> bool {
                 | openat
                 | ioctl
                 | fcntl
+        )
+    )
+}
+
+/// Performs syscall `nr` for the app, timing it when tracing.
+pub fn perform(p: &mut Process, nr: u64, a: &Args) -> SysResult {
+    let started = p.trace.is_some().then(std::time::Instant::now);
+    let result = dispatch(p, nr, a);
+    if let (Some(trace), Some(started)) = (p.trace.as_mut(), started) {
+        if !matches!(result, Err(SysError::WouldBlock)) {
+            trace.record(
+                nr,
+                matches!(result, Err(SysError::Errno(_))),
+                started.elapsed(),
+            );
+        }
+    }
+    result
+}
+
+/// Whether a call may be answered through the mailbox, by the poller thread while the app
+/// waits in the doorbell: it must not change the address space, the vCPU, or the app's
+/// life (those need the run loop), and it must not block (it is declined if it would).
+pub fn mailbox_allowed(nr: u64) -> bool {
+    use Sysno::*;
+    matches!(
+        Sysno::new(nr as usize),
+        Some(
+            read | write
+                | readv
+                | writev
+                | pread64
+                | pwrite64
+                | preadv
+                | pwritev
+                | lseek
+                | close
+                | openat
+                | open
+                | fstat
+                | newfstatat
+                | statx
+                | getdents64
+                | fcntl
+                | ioctl
+                | dup
+                | dup3
+                | accept
+                | accept4
+                | recvfrom
+                | sendto
+                | recvmsg
+                | sendmsg
+                | sendfile
+                | shutdown
+                | setsockopt
+                | getsockopt
+                | getsockname
+                | getpeername
+                | socket
+                | bind
+                | listen
+                | connect
+                | epoll_wait
+                | epoll_pwait
+                | epoll_ctl
+                | poll
+                | ppoll
+                | select
+                | pselect6
+                | getppid
+                | getuid
+                | geteuid
+                | getgid
+                | getegid
+                | umask
+                | access
+                | faccessat
+                | faccessat2
+                | readlink
+                | readlinkat
+                | getcwd
+                | getrandom
+                | uname
+                | clock_getres
+                | eventfd2
+                | timerfd_settime
+                | timerfd_gettime
+                | sched_yield
         )
     )
 }

@@ -45,6 +45,9 @@ pub fn wait_any(
     fds: &[(BorrowedFd<'_>, PollFlags)],
     deadline: Option<Instant>,
 ) -> Result<Vec<PollFlags>, SysError> {
+    if p.in_mailbox {
+        return poll_now(fds, deadline);
+    }
     loop {
         if let Some(stop) = interruption(p) {
             return Err(stop);
@@ -66,6 +69,32 @@ pub fn wait_any(
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(ready);
         }
+    }
+}
+
+/// A wait on the mailbox path, which must not block: what is ready now, or WouldBlock
+/// (unless the deadline has already passed: then nothing is ready, which is the answer).
+fn poll_now(
+    fds: &[(BorrowedFd<'_>, PollFlags)],
+    deadline: Option<Instant>,
+) -> Result<Vec<PollFlags>, SysError> {
+    let mut polled: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|(fd, events)| PollFd::from_borrowed_fd(*fd, *events))
+        .collect();
+    rustix::event::poll(
+        &mut polled,
+        Some(&Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        }),
+    )?;
+    let ready: Vec<PollFlags> = polled.iter().map(|f| f.revents()).collect();
+    let expired = deadline.is_some_and(|d| Instant::now() >= d);
+    if ready.iter().any(|r| !r.is_empty()) || expired {
+        Ok(ready)
+    } else {
+        Err(SysError::WouldBlock)
     }
 }
 
