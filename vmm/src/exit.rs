@@ -326,7 +326,7 @@ impl Exits<'_> {
 
     /// Builds a handler frame for `info`; a frame that cannot be written kills the app.
     fn deliver(&mut self, info: SigInfo) -> Result<Option<RunOutcome>, VmmError> {
-        match sigframe::deliver(self.p, &mut self.vcpu, info) {
+        match sigframe::deliver(self.p, self.vcpu, info) {
             Ok(()) => Ok(None),
             Err(DeliveryError::Vcpu(e)) => Err(e.into()),
             Err(DeliveryError::BadFrame(why)) => Ok(Some(RunOutcome::Killed {
@@ -353,7 +353,7 @@ impl Exits<'_> {
             self.p.fs_base_changed = false;
         }
         if self.p.mem.is_stale() {
-            self.vcpu.invalidate_translations(&self.machine)?;
+            self.vcpu.invalidate_translations(self.machine)?;
             self.p.mem.invalidated();
         }
         Ok(())
@@ -368,7 +368,7 @@ impl Exits<'_> {
         let regs = self.vcpu.regs();
         let nr = regs.rax;
         if nr == libc::SYS_rt_sigreturn as u64 {
-            return match sigframe::sigreturn(self.p, &mut self.vcpu) {
+            return match sigframe::sigreturn(self.p, self.vcpu) {
                 Ok(()) => self.deliver_signals(),
                 Err(DeliveryError::Vcpu(e)) => Err(e.into()),
                 Err(DeliveryError::BadFrame(why)) => Ok(Some(RunOutcome::Killed {

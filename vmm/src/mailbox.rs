@@ -111,7 +111,7 @@ fn run(shared: &Shared) {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0
+            if spins.is_multiple_of(64)
                 && (last_call.elapsed() > IDLE || shared.stop.load(Ordering::Relaxed))
             {
                 break;

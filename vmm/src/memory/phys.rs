@@ -178,7 +178,7 @@ impl PhysicalMemory {
             .find_region(GuestAddress(gpa))
             .ok_or(PhysError::OutOfRange { gpa })?;
         let offset = gpa - region.start_addr().0;
-        if gpa % 4096 != 0 || offset + 4096 > region.len() {
+        if !gpa.is_multiple_of(4096) || offset + 4096 > region.len() {
             return Err(PhysError::OutOfRange { gpa });
         }
         Ok(SharedPage {
@@ -212,7 +212,7 @@ pub struct SharedPage {
 impl SharedPage {
     fn field(&self, offset: u64, size: usize) -> *mut u8 {
         assert!(
-            offset as usize + size <= 4096 && offset as usize % size == 0,
+            offset as usize + size <= 4096 && (offset as usize).is_multiple_of(size),
             "shared-page field {offset} out of the page or misaligned"
         );
         // The page lies inside the mapping (checked when the view was made).
