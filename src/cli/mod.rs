@@ -2,6 +2,7 @@
 
 mod image;
 mod run;
+mod stop;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +30,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Build app images from their definitions (image.toml), and list the built images.
     Image(image::ImageArgs),
+    /// Stop a running app: SIGTERM, then SIGKILL after a grace period.
+    Stop(stop::StopArgs),
 }
 
 /// Sets up tracing to stderr.
@@ -52,5 +55,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Image(args) => image::image(args),
+        Command::Stop(args) => stop::stop(args),
     }
 }

@@ -32,7 +32,15 @@ pub fn picocenter() -> Command {
     require_kvm();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_picocenter"));
     cmd.stdin(Stdio::null());
+    // One state directory for the whole test run: images built once serve every test,
+    // and control sockets stay out of the host's /var/lib/picocenter.
+    cmd.env("PICOCENTER_STATE_DIR", state_dir());
     cmd
+}
+
+/// The state directory the tests share (see [`picocenter`]).
+pub fn state_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("state")
 }
 
 static COMPILE: Mutex<()> = Mutex::new(());

@@ -129,6 +129,7 @@ pub struct Picoprocess {
     process: Arc<Mutex<Process>>,
     stats: exit::ExitStats,
     live: Arc<control::LiveStats>,
+    name: String,
     _control: Option<control::ControlServer>,
 }
 
@@ -248,6 +249,7 @@ impl Picoprocess {
             process,
             stats: Default::default(),
             live,
+            name: config.name.clone(),
             _control: control,
         })
     }
@@ -255,6 +257,11 @@ impl Picoprocess {
     /// A handle that can interrupt this picoprocess from another thread.
     pub fn kicker(&self) -> Kicker {
         exit::lock(&self.process).kicker.clone()
+    }
+
+    /// The app's name (unique among the running apps of this host).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The platform the VMM detected.

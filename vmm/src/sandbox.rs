@@ -90,6 +90,16 @@ fn open_in(root: &OwnedFd, relative: &str, flags: OFlags, mode: Mode) -> Result<
     )
 }
 
+/// The host devices every app sees at the same path, whatever its root holds: they hold no
+/// state and reach nothing outside the app.
+const DEVICES: [&str; 5] = [
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
+
 /// Joins `path` to `cwd` (when relative) and normalises `.`, `..` and repeated slashes.
 /// `..` at the top stays at the top, as the kernel does at `/`.
 pub fn normalize(cwd: &str, path: &str) -> String {
@@ -185,6 +195,11 @@ impl Sandbox {
     /// Opens an absolute, normalised guest path. Flags that could change the file (write
     /// access, O_CREAT of a missing file, O_TRUNC) need a writable mount.
     pub fn open(&self, path: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {
+        if let Some(device) = DEVICES.iter().find(|d| **d == path) {
+            let flags =
+                flags & (OFlags::ACCMODE | OFlags::NONBLOCK | OFlags::PATH) | OFlags::CLOEXEC;
+            return rustix::fs::open(*device, flags, Mode::empty());
+        }
         let resolved = self.resolve(path);
         let writes = flags.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::TRUNC);
         // openat2 rejects flags O_PATH ignores, and a mode without O_CREAT or O_TMPFILE.
@@ -238,6 +253,34 @@ mod tests {
         assert!(sandbox.resolve("/tmp").mount.writable);
         assert!(!sandbox.resolve("/tmpfoo").mount.writable);
         assert_eq!(sandbox.resolve("/").relative, ".");
+    }
+
+    #[test]
+    fn the_harmless_devices_exist_in_every_root() {
+        let root = tempfile::tempdir().unwrap();
+        let sandbox = Sandbox::new(root.path()).unwrap();
+        let null = sandbox
+            .open("/dev/null", OFlags::RDWR, Mode::empty())
+            .unwrap();
+        assert_eq!(rustix::io::write(&null, b"gone").unwrap(), 4);
+        assert!(sandbox
+            .open("/dev/sda", OFlags::RDONLY, Mode::empty())
+            .is_err());
+    }
+
+    #[test]
+    fn magic_links_are_refused_even_in_a_root_that_has_them() {
+        let sandbox = Sandbox::new(Path::new("/")).unwrap();
+        assert_eq!(
+            sandbox
+                .open(
+                    "/proc/self/root/etc/hostname",
+                    OFlags::RDONLY,
+                    Mode::empty()
+                )
+                .unwrap_err(),
+            Errno::LOOP
+        );
     }
 
     #[test]
