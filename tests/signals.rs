@@ -45,3 +45,79 @@ fn default_actions_end_the_app_with_the_signal() {
         );
     }
 }
+
+/// Starts the signals guest in `mode` as app `name` and waits for its first line.
+fn start_waiting(name: &str, mode: &str) -> std::process::Child {
+    use std::io::{BufRead, BufReader};
+    let program = guest("signals", Link::Static);
+    let mut child = picocenter()
+        .args([
+            "run",
+            "--name",
+            name,
+            "--timeout",
+            "60",
+            program.to_str().unwrap(),
+            mode,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = BufReader::new(stdout);
+    reader.read_line(&mut line).unwrap();
+    assert!(!line.is_empty(), "{mode}: no output");
+    child.stdout = Some(reader.into_inner());
+    child
+}
+
+fn stop(name: &str, grace: &str) -> std::process::Output {
+    let mut cmd = picocenter();
+    cmd.args(["stop", name, "--grace", grace]);
+    run_with_limit(&mut cmd, std::time::Duration::from_secs(30))
+}
+
+#[test]
+fn stop_delivers_sigterm_to_a_blocked_app() {
+    let child = start_waiting("test-stop-blocked", "wait-term");
+    assert!(stop("test-stop-blocked", "10").status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(stdout(&out).contains("got SIGTERM"), "{}", describe(&out));
+}
+
+#[test]
+fn stop_delivers_sigterm_to_a_computing_app() {
+    let child = start_waiting("test-stop-computing", "spin-term");
+    assert!(stop("test-stop-computing", "10").status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains("while computing"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn stop_kills_an_app_that_ignores_sigterm_after_the_grace_period() {
+    let child = start_waiting("test-stop-stubborn", "ignore-term");
+    let started = std::time::Instant::now();
+    assert!(stop("test-stop-stubborn", "0.5").status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(137), "{}", describe(&out));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(500));
+}
+
+#[test]
+fn sigint_to_picocenter_reaches_the_app() {
+    let child = start_waiting("test-sigint", "wait-term");
+    // The guest handles SIGTERM only, so SIGINT's default action ends it.
+    let pid = child.id() as i32;
+    // SAFETY: kill(2) on our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", describe(&out));
+}

@@ -150,3 +150,134 @@ pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
 }
+
+/// Builds the shipped image `name` into the shared test state directory (fast when it is
+/// up to date; concurrent builds of one image wait for each other).
+pub fn build_image(name: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("images")
+        .join(name);
+    let mut cmd = picocenter();
+    cmd.arg("image").arg("build").arg(&dir);
+    let out = run_with_limit(&mut cmd, Duration::from_secs(600));
+    assert!(
+        out.status.success(),
+        "building image {name}: {}",
+        describe(&out)
+    );
+}
+
+/// A server app running in a picoprocess, stopped (SIGKILL) when dropped.
+pub struct Server {
+    child: std::process::Child,
+    /// Its address.
+    pub address: std::net::SocketAddr,
+    /// Its name.
+    pub name: String,
+}
+
+impl Server {
+    /// Starts image `image` as app `name` at `ip:port` and waits until it accepts
+    /// connections (at most 30 s).
+    pub fn start(image: &str, name: &str, ip: &str, port: u16, extra: &[&str]) -> Server {
+        build_image(image);
+        let mut cmd = picocenter();
+        cmd.args(["run", "--image", image, "--name", name, "--address", ip]);
+        cmd.args(extra);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = cmd.spawn().expect("starting picocenter");
+        let address: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        let mut server = Server {
+            child,
+            address,
+            name: name.to_string(),
+        };
+        let started = Instant::now();
+        loop {
+            if std::net::TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
+                return server;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = server.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("{image} exited with {status} before listening:\n{err}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{image} never listened on {address}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the app with `picocenter stop` and returns its exit status and output.
+    pub fn stop(mut self) -> Output {
+        let mut cmd = picocenter();
+        cmd.args(["stop", &self.name, "--grace", "10"]);
+        let stopped = run_with_limit(&mut cmd, Duration::from_secs(30));
+        assert!(stopped.status.success(), "stop: {}", describe(&stopped));
+        let child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The headers, lower-cased names.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// One HTTP/1.1 request with `Connection: close`, read to the end (10 s limit).
+pub fn http(address: std::net::SocketAddr, method: &str, path: &str, body: &[u8]) -> Response {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connecting to {address}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .unwrap_or_else(|e| panic!("reading from {address}: {e}"));
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}

@@ -27,6 +27,14 @@ static struct sockaddr_in addr_of(const char *ip, int port) {
 }
 
 int main(int argc, char **argv) {
+    if (argc > 3 && !strcmp(argv[1], "bind")) {
+        /* Try to take IP:PORT; report what the VMM said. */
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = addr_of(argv[2], atoi(argv[3]));
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0) { printf("bound\n"); return 0; }
+        printf("bind failed: %s\n", strerror(errno));
+        return errno == EADDRNOTAVAIL ? 3 : 1;
+    }
     const char *own = argc > 1 ? argv[1] : "127.0.0.1";
     const char *other = argc > 2 ? argv[2] : "127.0.0.2";
     char buf[256];

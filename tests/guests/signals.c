@@ -41,6 +41,12 @@ int main(int argc, char **argv) {
         printf("got SIGTERM\n");
         return 0;
     }
+    if (!strcmp(mode, "ignore-term")) {
+        signal(SIGTERM, SIG_IGN);
+        printf("ignoring SIGTERM\n");
+        fflush(stdout);
+        for (;;) pause();
+    }
     if (!strcmp(mode, "spin-term")) {
         signal(SIGTERM, on_usr1);
         printf("spinning\n");

@@ -1,0 +1,183 @@
+//! Real servers in picoprocesses, with clients on the host: nginx, lighttpd, python-http and
+//! counter-http, each behind its own address.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+/// Every file of the shipped site, as (URL path, host path in the built image).
+fn site_files(image: &str) -> Vec<(String, PathBuf)> {
+    let root = state_dir()
+        .join("images")
+        .join(image)
+        .join("rootfs/srv/www");
+    let mut files = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let url = format!("/{}", path.strip_prefix(&root).unwrap().display());
+                files.push((url, path));
+            }
+        }
+    }
+    assert!(files.len() >= 5, "the site has {} files", files.len());
+    files
+}
+
+fn serves_every_file(image: &str, ip: &str) {
+    let server = Server::start(image, &format!("test-{image}-files"), ip, 80, &[]);
+    for (url, path) in site_files(image) {
+        let response = http(server.address, "GET", &url, b"");
+        assert_eq!(response.status, 200, "{image} {url}");
+        let expected = std::fs::read(&path).unwrap();
+        assert!(
+            response.body == expected,
+            "{image} {url}: {} bytes, expected {}",
+            response.body.len(),
+            expected.len()
+        );
+    }
+    assert_eq!(http(server.address, "GET", "/missing", b"").status, 404);
+}
+
+#[test]
+fn nginx_serves_every_file_byte_for_byte() {
+    serves_every_file("nginx", "127.0.1.1");
+}
+
+#[test]
+fn lighttpd_serves_every_file_byte_for_byte() {
+    serves_every_file("lighttpd", "127.0.1.2");
+}
+
+fn body(response: &Response) -> String {
+    String::from_utf8_lossy(&response.body).into_owned()
+}
+
+#[test]
+fn counter_http_keeps_its_count() {
+    let server = Server::start("counter-http", "test-counter-state", "127.0.1.3", 80, &[]);
+    for n in 1..=5 {
+        let response = http(server.address, "GET", "/", b"");
+        assert_eq!(response.status, 200);
+        assert_eq!(body(&response).trim(), format!("count={n}"));
+    }
+    let out = server.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
+
+#[test]
+fn python_http_keeps_state_and_stops_cleanly() {
+    let server = Server::start("python-http", "test-python-state", "127.0.1.4", 80, &[]);
+    let first = http(server.address, "GET", "/", b"");
+    assert_eq!(first.status, 200, "{}", body(&first));
+    assert!(body(&first).contains("\"hits\": 1"), "{}", body(&first));
+    let posted = http(server.address, "POST", "/items", b"apple");
+    assert!(
+        posted.status == 200 || posted.status == 201,
+        "{}",
+        body(&posted)
+    );
+    http(server.address, "POST", "/items", b"pear");
+    let items = http(server.address, "GET", "/items", b"");
+    assert!(
+        body(&items).contains("apple") && body(&items).contains("pear"),
+        "{}",
+        body(&items)
+    );
+    let again = http(server.address, "GET", "/", b"");
+    assert!(body(&again).contains("\"hits\": 2"), "{}", body(&again));
+    let out = server.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
+
+#[test]
+fn nginx_stops_cleanly_on_sigterm() {
+    let server = Server::start("nginx", "test-nginx-stop", "127.0.1.5", 80, &[]);
+    assert_eq!(http(server.address, "GET", "/", b"").status, 200);
+    let out = server.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
+
+#[test]
+fn fifty_concurrent_clients_are_all_answered() {
+    let server = Server::start("nginx", "test-nginx-fifty", "127.0.1.6", 80, &[]);
+    let address = server.address;
+    let expected =
+        std::fs::read(state_dir().join("images/nginx/rootfs/srv/www/files/1k.txt")).unwrap();
+    let clients: Vec<_> = (0..50)
+        .map(|_| std::thread::spawn(move || http(address, "GET", "/files/1k.txt", b"")))
+        .collect();
+    for client in clients {
+        let response = client.join().expect("client thread");
+        assert_eq!(response.status, 200);
+        assert_eq!(response.body, expected);
+    }
+}
+
+#[test]
+fn two_apps_share_port_80_on_their_own_addresses() {
+    let a = Server::start("counter-http", "test-port80-a", "127.0.1.7", 80, &[]);
+    let b = Server::start("counter-http", "test-port80-b", "127.0.1.8", 80, &[]);
+    for _ in 0..3 {
+        http(a.address, "GET", "/", b"");
+    }
+    assert_eq!(body(&http(a.address, "GET", "/", b"")).trim(), "count=4");
+    assert_eq!(body(&http(b.address, "GET", "/", b"")).trim(), "count=1");
+}
+
+#[test]
+fn an_app_cannot_bind_another_apps_address() {
+    let _owner = Server::start("counter-http", "test-owner", "127.0.1.9", 80, &[]);
+    // A second app, whose own address is different, asks for the first one's.
+    let program = guest("net", Link::Static);
+    let out = run(&[
+        "--address",
+        "127.0.1.10",
+        program.to_str().unwrap(),
+        "bind",
+        "127.0.1.9",
+        "80",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains("Cannot assign requested address"),
+        "{}",
+        describe(&out)
+    );
+    // Its own address is fine.
+    let out = run(&[
+        "--address",
+        "127.0.1.10",
+        program.to_str().unwrap(),
+        "bind",
+        "127.0.1.10",
+        "80",
+    ]);
+    assert_eq!(stdout(&out), "bound\n", "{}", describe(&out));
+}
+
+#[test]
+fn a_client_that_disconnects_mid_response_does_not_disturb_the_server() {
+    let server = Server::start("nginx", "test-nginx-disconnect", "127.0.1.11", 80, &[]);
+    for _ in 0..5 {
+        let mut stream = std::net::TcpStream::connect(server.address).unwrap();
+        stream
+            .write_all(b"GET /files/1m.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut some = [0u8; 4096];
+        let _ = stream.read(&mut some).unwrap();
+        drop(stream);
+    }
+    let expected =
+        std::fs::read(state_dir().join("images/nginx/rootfs/srv/www/files/1m.txt")).unwrap();
+    let response = http(server.address, "GET", "/files/1m.txt", b"");
+    assert_eq!(response.status, 200);
+    assert!(response.body == expected);
+}
