@@ -339,12 +339,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         });
     }
     let outcome = picoprocess.run().context("running the app")?;
-    if args.mailbox {
-        tracing::info!(
-            calls = picoprocess.mailbox_calls(),
-            "answered through the mailbox"
-        );
-    }
+    tracing::debug!(
+        exits = ?picoprocess.stats(),
+        memory = ?picoprocess.memory_stats(),
+        mailbox_calls = picoprocess.mailbox_calls(),
+        "{name} ended"
+    );
     if let Some(trace) = picoprocess.trace() {
         eprint!("{}", trace.summary());
     }

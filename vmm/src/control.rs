@@ -62,8 +62,8 @@ pub struct StatsReply {
 /// Why the control socket could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// Another live picoprocess holds the socket.
-    #[error("an app named {0} is already running (its control socket answers)")]
+    /// Another live picoprocess holds the name.
+    #[error("an app named {0} is already running")]
     NameInUse(String),
     /// The socket could not be created.
     #[error("creating the control socket {path}")]
@@ -80,6 +80,10 @@ pub enum ControlError {
 #[derive(Debug)]
 pub struct ControlServer {
     path: PathBuf,
+    /// An exclusive flock on `<socket>.lock`, held while the app lives: it is what makes
+    /// the name this app's, with no race between two apps starting at once, and the
+    /// kernel releases it however the VMM ends.
+    _lock: std::os::fd::OwnedFd,
 }
 
 impl ControlServer {
@@ -91,17 +95,30 @@ impl ControlServer {
         kicker: Kicker,
         stats: Arc<LiveStats>,
     ) -> Result<Self, ControlError> {
-        if UnixStream::connect(path).is_ok() {
-            return Err(ControlError::NameInUse(name.to_string()));
-        }
-        let _ = std::fs::remove_file(path);
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
+        let bind_error = |source| ControlError::Bind {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let lock_path = path.with_extension("lock");
+        let lock = rustix::fs::open(
+            &lock_path,
+            rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| bind_error(e.into()))?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(ControlError::NameInUse(name.to_string()))
+            }
+            Err(e) => return Err(bind_error(e.into())),
+        }
+        // Whatever socket file is there belongs to an app that has ended.
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(bind_error)?;
         let name = name.to_string();
         std::thread::Builder::new()
             .name("picocenter-control".into())
@@ -111,12 +128,10 @@ impl ControlServer {
                     std::thread::spawn(move || serve(stream, &kicker, &stats, &name));
                 }
             })
-            .map_err(|source| ControlError::Bind {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(bind_error)?;
         Ok(Self {
             path: path.to_path_buf(),
+            _lock: lock,
         })
     }
 }

@@ -200,6 +200,7 @@ fn map_elf(
                         file: file.clone(),
                         offset: seg.p_offset & !(PAGE - 1),
                         path: path.into(),
+                        immutable: sandbox.is_immutable(path),
                     },
                     VmaRole::Mapping,
                 )

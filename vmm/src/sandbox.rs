@@ -192,6 +192,12 @@ impl Sandbox {
         unreachable!("the root mount matches every absolute path")
     }
 
+    /// Whether what `path` names can never change while the app runs: it is in the
+    /// read-only root, which no app writes. (A device is never such a file.)
+    pub fn is_immutable(&self, path: &str) -> bool {
+        !DEVICES.contains(&path) && !self.resolve(path).mount.writable
+    }
+
     /// Opens an absolute, normalised guest path. Flags that could change the file (write
     /// access, O_CREAT of a missing file, O_TRUNC) need a writable mount.
     pub fn open(&self, path: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {

@@ -40,6 +40,17 @@ impl FrameAllocator {
         None
     }
 
+    /// Returns the first of `count` physically contiguous free frames, from the part
+    /// never handed out, or `None` when there is not that much left.
+    pub fn alloc_run(&mut self, count: u64) -> Option<u64> {
+        if count == 0 || self.frames - self.next_unused < count {
+            return None;
+        }
+        let gpa = self.base + self.next_unused * 4096;
+        self.next_unused += count;
+        Some(gpa)
+    }
+
     /// Frames that can still be allocated (not counting quarantined ones).
     pub fn available(&self) -> u64 {
         self.frames - self.next_unused + self.free.len() as u64
@@ -85,6 +96,14 @@ mod tests {
         frames.free(a);
         assert_eq!(frames.available(), 1);
         assert_eq!(frames.alloc(), Some(a));
+    }
+
+    #[test]
+    fn runs_come_from_the_unused_part() {
+        let mut frames = FrameAllocator::new(0, 4);
+        assert_eq!(frames.alloc_run(3), Some(0));
+        assert_eq!(frames.alloc_run(2), None);
+        assert_eq!(frames.alloc(), Some(0x3000));
     }
 
     #[test]

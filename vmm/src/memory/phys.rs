@@ -187,16 +187,61 @@ impl PhysicalMemory {
         })
     }
 
-    /// Returns RAM pages to the host: their contents read as zero afterwards. KVM drops its
-    /// own mappings of them through the MMU notifier, so the guest sees zeros too.
+    /// Returns RAM pages to the host: afterwards they are fresh anonymous zero pages,
+    /// whatever backed them (anonymous memory or a private file mapping, see
+    /// [`Self::map_file`]). KVM drops its own mappings of them through the MMU notifier,
+    /// so the guest sees zeros too.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<(), PhysError> {
         let slice = self.slice(gpa, len as usize)?;
         let guard = slice.ptr_guard_mut();
-        // SAFETY: the range is inside one of our anonymous private mappings (checked by
-        // `slice`), and MADV_DONTNEED on such memory only replaces its contents with zeros;
-        // no Rust reference into guest memory is held across this call.
-        let rc = unsafe { libc::madvise(guard.as_ptr().cast(), len as usize, libc::MADV_DONTNEED) };
-        debug_assert_eq!(rc, 0, "madvise(DONTNEED) on guest RAM");
+        // SAFETY: the range is page-aligned and inside one of our own mappings (checked by
+        // `slice`); replacing it with fresh anonymous memory changes only its contents,
+        // which no Rust reference is borrowing across this call.
+        let mapped = unsafe {
+            libc::mmap(
+                guard.as_ptr().cast(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(PhysError::OutOfRange { gpa });
+        }
+        Ok(())
+    }
+
+    /// Makes RAM `[gpa, gpa + len)` a private (copy-on-write) mapping of `len` bytes of
+    /// `file` at `offset`: the guest reads the host's page cache with no copy, and its
+    /// writes stay its own. The file must not shrink while mapped (the VMM only does this
+    /// for files in the read-only root).
+    pub fn map_file(
+        &self,
+        gpa: u64,
+        len: u64,
+        file: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+    ) -> Result<(), PhysError> {
+        use std::os::fd::AsRawFd;
+        let slice = self.slice(gpa, len as usize)?;
+        let guard = slice.ptr_guard_mut();
+        // SAFETY: the range is page-aligned and inside our RAM mapping (checked by
+        // `slice`); MAP_FIXED replaces only those pages, which hold no Rust references.
+        let mapped = unsafe {
+            libc::mmap(
+                guard.as_ptr().cast(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                offset as i64,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(PhysError::OutOfRange { gpa });
+        }
         Ok(())
     }
 }

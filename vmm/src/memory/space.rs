@@ -14,7 +14,7 @@ use super::phys::{PhysError, PhysicalMemory};
 use super::vma::{Backing, Prot, Vma, VmaRole, VmaSet};
 use super::UserAddr;
 use rustix::io::Errno;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 /// One past the highest user address (Linux's TASK_SIZE on x86-64).
 pub const USER_END: u64 = 0x7fff_ffff_f000;
@@ -199,31 +199,55 @@ impl AddressSpace {
         flags
     }
 
-    /// Whether replacing leaf `old` with `new` takes away anything the guest could do.
+    /// Whether the guest may hold a translation derived from leaf `pte`. Only an entry the
+    /// CPU has used can be cached, and using it sets A (kvm_pvm's shadow MMU, prefetch
+    /// included, skips entries with A = 0; hardware sets A when it fills the TLB). The VMM
+    /// only ever clears A together with an invalidation, so A = 0 means nothing is cached.
+    fn maybe_cached(pte: u64) -> bool {
+        pte & (PTE_PRESENT | PTE_ACCESSED) == PTE_PRESENT | PTE_ACCESSED
+    }
+
+    /// Whether replacing leaf `old` with `new` takes away anything the guest could do
+    /// through a translation it may have cached.
     fn reduces(old: u64, new: u64) -> bool {
         let had = |pte: u64, bit: u64| pte & bit != 0;
+        if !Self::maybe_cached(old) {
+            return false;
+        }
         (had(old, PTE_PRESENT) && !had(new, PTE_PRESENT))
             || (had(old, PTE_WRITABLE) && !had(new, PTE_WRITABLE))
             || (!had(old, PTE_NX) && had(new, PTE_NX))
             || (old & PTE_FRAME != new & PTE_FRAME && had(old, PTE_PRESENT))
     }
 
-    /// Gives back the frame of a leaf that was just cleared.
-    fn release_frame(&mut self, pte: u64) {
-        if pte & PTE_OWNED == 0 {
-            return;
+    /// Gives back the frames of leaves that were just cleared. Freed frames are kept
+    /// zeroed (returned to the host), so that allocation never has to clear one; runs of
+    /// adjacent frames go back in one call.
+    fn release_frames(&mut self, ptes: &[u64]) {
+        let mut owned: Vec<u64> = ptes
+            .iter()
+            .filter(|pte| *pte & PTE_OWNED != 0)
+            .map(|pte| pte & PTE_FRAME)
+            .collect();
+        owned.sort_unstable();
+        let mut i = 0;
+        while i < owned.len() {
+            let mut j = i + 1;
+            while j < owned.len() && owned[j] == owned[j - 1] + PAGE {
+                j += 1;
+            }
+            if let Err(e) = self.phys.discard(owned[i], (j - i) as u64 * PAGE) {
+                internal(e);
+            }
+            i = j;
         }
-        let gpa = pte & PTE_FRAME;
-        // Freed frames are kept zeroed, so that allocation never has to clear one.
-        if let Err(e) = self.phys.discard(gpa, PAGE) {
-            internal(e);
-            return;
-        }
-        if pte & PTE_PRESENT != 0 {
-            self.stale = true;
-            self.frames.quarantine(gpa);
-        } else {
-            self.frames.free(gpa);
+        for &pte in ptes.iter().filter(|pte| *pte & PTE_OWNED != 0) {
+            if Self::maybe_cached(pte) {
+                self.stale = true;
+                self.frames.quarantine(pte & PTE_FRAME);
+            } else {
+                self.frames.free(pte & PTE_FRAME);
+            }
         }
     }
 
@@ -302,6 +326,13 @@ impl AddressSpace {
             (Backing::Anonymous, _) => {
                 len <= EAGER_ANON_MAX && len / PAGE * 2 <= self.frames.available()
             }
+            // Mapped from the page cache: only page-table entries to write.
+            (
+                Backing::File {
+                    immutable: true, ..
+                },
+                _,
+            ) => len <= EAGER_ANON_MAX * 4,
             (Backing::File { .. }, _) => len <= EAGER_FILE_MAX,
         };
         if eager {
@@ -318,6 +349,12 @@ impl AddressSpace {
             let lo = start.max(vma.start);
             let hi = end.min(vma.end);
             let flags = self.leaf_flags(vma.prot);
+            if let Backing::File {
+                immutable: true, ..
+            } = vma.backing
+            {
+                self.map_file_pages(&vma, lo, hi, flags)?;
+            }
             let mut file_run: Vec<(u64, u64)> = Vec::new();
             let mut va = lo;
             while va < hi {
@@ -335,6 +372,64 @@ impl AddressSpace {
             if !file_run.is_empty() {
                 self.fill_from_file(&vma, &file_run)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Maps the not-yet-populated pages of `[lo, hi)` of an immutable file area straight
+    /// from the file: each run of such pages gets contiguous frames that become a private
+    /// file mapping. Pages past the end of the file, and runs that find no contiguous
+    /// frames, are left for the copying path.
+    fn map_file_pages(&mut self, vma: &Vma, lo: u64, hi: u64, flags: u64) -> Result<(), Errno> {
+        let Backing::File { file, offset, .. } = &vma.backing else {
+            return Ok(());
+        };
+        let file_len = rustix::fs::fstat(file.as_ref())
+            .map_err(|_| Errno::IO)?
+            .st_size as u64;
+        let file_end = vma.start + file_len.saturating_sub(*offset).next_multiple_of(PAGE);
+        let hi = hi.min(file_end);
+        let owned: Vec<u64> = self
+            .tables
+            .leaves(&self.phys, lo, hi)?
+            .into_iter()
+            .filter(|(_, pte)| pte & PTE_OWNED != 0)
+            .map(|(va, _)| va)
+            .collect();
+        let mut va = lo;
+        while va < hi {
+            if owned.binary_search(&va).is_ok() {
+                va += PAGE;
+                continue;
+            }
+            let run_end = owned
+                .iter()
+                .copied()
+                .find(|&o| o > va)
+                .unwrap_or(hi)
+                .min(hi);
+            let pages = (run_end - va) / PAGE;
+            let Some(base) = self.frames.alloc_run(pages) else {
+                return Ok(());
+            };
+            let file_offset = offset + (va - vma.start);
+            if self
+                .phys
+                .map_file(base, pages * PAGE, file.as_fd(), file_offset)
+                .is_err()
+            {
+                // Give the frames back as anonymous zero pages; the copy path takes over.
+                self.phys.discard(base, pages * PAGE).map_err(internal)?;
+                for i in 0..pages {
+                    self.frames.free(base + i * PAGE);
+                }
+                return Ok(());
+            }
+            for i in 0..pages {
+                self.tables
+                    .set(&self.phys, va + i * PAGE, (base + i * PAGE) | flags)?;
+            }
+            va = run_end;
         }
         Ok(())
     }
@@ -381,10 +476,12 @@ impl AddressSpace {
             return Err(Errno::INVAL);
         }
         self.vmas.carve(addr, end);
-        for (va, pte) in self.tables.leaves(&self.phys, addr, end)? {
+        let leaves = self.tables.leaves(&self.phys, addr, end)?;
+        for &(va, _) in &leaves {
             self.tables.clear(&self.phys, va)?;
-            self.release_frame(pte);
         }
+        let ptes: Vec<u64> = leaves.into_iter().map(|(_, pte)| pte).collect();
+        self.release_frames(&ptes);
         Ok(())
     }
 
@@ -472,7 +569,7 @@ impl AddressSpace {
         for (va, pte) in self.tables.leaves(&self.phys, old, old + keep)? {
             self.tables.clear(&self.phys, va)?;
             self.tables.set(&self.phys, target + (va - old), pte)?;
-            if pte & PTE_PRESENT != 0 {
+            if Self::maybe_cached(pte) {
                 self.stale = true;
             }
         }
@@ -510,7 +607,7 @@ impl AddressSpace {
                 self.phys.discard(pte & PTE_FRAME, PAGE).map_err(internal)?;
             } else {
                 self.tables.clear(&self.phys, va)?;
-                self.release_frame(pte);
+                self.release_frames(&[pte]);
             }
         }
         Ok(())

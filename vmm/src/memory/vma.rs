@@ -47,6 +47,10 @@ pub enum Backing {
         offset: u64,
         /// The file's path inside the app's root, for snapshots and diagnostics.
         path: Arc<str>,
+        /// Whether the file is immutable for as long as the app runs (it is in the
+        /// read-only root), so its pages may be mapped straight from the host's page cache
+        /// instead of copied.
+        immutable: bool,
     },
 }
 

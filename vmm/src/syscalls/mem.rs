@@ -64,6 +64,7 @@ pub fn mmap(p: &mut Process, a: &Args) -> SysResult {
         Backing::File {
             file: Arc::new(File::from(dup)),
             offset,
+            immutable: p.sandbox.is_immutable(&path),
             path: path.into(),
         }
     };
