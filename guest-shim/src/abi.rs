@@ -21,7 +21,7 @@
 //! Bump [`ABI_VERSION`] on any change to a value here.
 
 /// Version of this interface. Snapshots do not depend on it: they hold only app state.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -51,8 +51,21 @@ pub const TIME_PAGE: u64 = 8;
 pub const SCRATCH_PAGE: u64 = 9;
 /// Page index of the mailbox. User, writable.
 pub const MAILBOX_PAGE: u64 = 10;
+/// Page index of the list the PTE writer works through: (destination VA, value) pairs of
+/// u64. Supervisor, writable.
+pub const PTE_LIST_PAGE: u64 = 11;
 /// Number of pages in the system region.
-pub const SYSTEM_PAGES: u64 = 11;
+pub const SYSTEM_PAGES: u64 = 12;
+
+/// Supervisor-only window onto the whole page-table slot, for the PTE writer.
+pub const PAGE_TABLE_WINDOW_VA: u64 = SYSTEM_VA + 0x4000_0000;
+/// Offset in the stubs page of the PTE writer: a ring-0 routine that stores RCX values
+/// from the list at RSI, then does `out PTE_WRITER_DONE_PORT, al`. On kvm_pvm a store to
+/// a page table from (emulated) ring 0 makes the shadow MMU drop just that entry, which is
+/// far cheaper than dropping every translation. The VMM runs it only on kvm_pvm.
+pub const PTE_WRITER_OFFSET: u64 = STUB_COUNT * STUB_SIZE;
+/// I/O port of the PTE writer's completion.
+pub const PTE_WRITER_DONE_PORT: u16 = 0x7f;
 
 /// Guest-virtual address of the time page.
 pub const TIME_PAGE_VA: u64 = SYSTEM_VA + TIME_PAGE * PAGE_SIZE;

@@ -210,6 +210,20 @@ std::arch::global_asm!(
     ".set vector, vector + 1",
     ".endr",
     "picocenter_stubs_end:",
+    // The PTE writer, right after the stubs (at PTE_WRITER_OFFSET).
+    ".globl picocenter_pte_writer",
+    "picocenter_pte_writer:",
+    "3:",
+    "mov rdi, qword ptr [rsi]",
+    "mov rax, qword ptr [rsi + 8]",
+    "mov qword ptr [rdi], rax",
+    "add rsi, 16",
+    "dec rcx",
+    "jnz 3b",
+    "out {pte_done}, al",
+    "4: jmp 4b",
+    ".globl picocenter_pte_writer_end",
+    "picocenter_pte_writer_end:",
     ".popsection",
     mmio = const DOORBELL_MMIO_VA,
     notify = const NOTIFY_MMIO_VA,
@@ -242,6 +256,7 @@ std::arch::global_asm!(
     count = const STUB_COUNT,
     port_base = const EXCEPTION_PORT_BASE,
     stub_size = const STUB_SIZE,
+    pte_done = const PTE_WRITER_DONE_PORT,
 );
 
 extern "C" {
@@ -249,7 +264,9 @@ extern "C" {
     static picocenter_doorbell_start: u8;
     static picocenter_doorbell_end: u8;
     static picocenter_stubs_start: u8;
+    #[cfg_attr(not(test), allow(dead_code))]
     static picocenter_stubs_end: u8;
+    static picocenter_pte_writer_end: u8;
 }
 
 /// Returns the bytes between two symbols of the assembled shim.
@@ -278,11 +295,12 @@ pub fn notify_resume_offset() -> u64 {
     (notified - start) as u64
 }
 
-/// Machine code of the exception stubs (place it at [`abi::STUBS_VA`]).
+/// Machine code of the exception stubs followed by the PTE writer (place it at
+/// [`abi::STUBS_VA`]).
 pub fn exception_stubs_code() -> &'static [u8] {
     blob(
         &raw const picocenter_stubs_start,
-        &raw const picocenter_stubs_end,
+        &raw const picocenter_pte_writer_end,
     )
 }
 
@@ -308,7 +326,16 @@ mod tests {
     #[test]
     fn one_stub_per_vector_with_its_port() {
         let code = exception_stubs_code();
-        assert_eq!(code.len() as u64, STUB_COUNT * STUB_SIZE);
+        assert!(code.len() as u64 > PTE_WRITER_OFFSET && code.len() as u64 <= PAGE_SIZE);
+        let stubs = blob(
+            &raw const picocenter_stubs_start,
+            &raw const picocenter_stubs_end,
+        );
+        assert_eq!(
+            stubs.len() as u64,
+            PTE_WRITER_OFFSET,
+            "the PTE writer follows the stubs"
+        );
         for vector in 0..STUB_COUNT as usize {
             let stub = &code[vector * STUB_SIZE as usize..];
             assert_eq!(stub[0], 0xe6, "out imm8, al");

@@ -13,6 +13,7 @@ use crate::mailbox::Poller;
 use crate::memory::layout::SYSTEM_GPA;
 use crate::memory::space::Access;
 use crate::memory::FaultResolution;
+use crate::platform::Invalidation;
 use crate::process::Process;
 use crate::sigframe::{self, DeliveryError, SigInfo};
 use crate::syscalls::signal::{Disposition, SA_RESTART};
@@ -62,6 +63,10 @@ pub struct ExitStats {
     pub interruptions: u64,
     /// Notification exits (the doorbell asking the VMM to act after a mailbox call).
     pub notifications: u64,
+    /// Page-table entries invalidated one by one (kvm_pvm's PTE writer).
+    pub entries_rewritten: u64,
+    /// Invalidations of every translation.
+    pub full_invalidations: u64,
 }
 
 /// An exception frame as the CPU pushed it on the ring-0 stack.
@@ -218,6 +223,10 @@ impl Picoprocess {
                     signal: libc::SIGSEGV,
                     report: format!("store to the syscall doorbell from rip={rip:#x}"),
                 }),
+                Exit::PteWriterDone => Some(RunOutcome::Killed {
+                    signal: libc::SIGKILL,
+                    report: "the page-table writer ran outside an invalidation".into(),
+                }),
                 Exit::Unexpected(what) => Some(RunOutcome::Killed {
                     signal: libc::SIGKILL,
                     report: format!("unexpected VM exit: {what}"),
@@ -353,7 +362,13 @@ impl Exits<'_> {
             self.p.fs_base_changed = false;
         }
         if self.p.mem.is_stale() {
-            self.vcpu.invalidate_translations(self.machine)?;
+            match self
+                .vcpu
+                .invalidate_translations(self.machine, &self.p.mem)?
+            {
+                Invalidation::Entries(n) => self.stats.entries_rewritten += n,
+                Invalidation::Everything => self.stats.full_invalidations += 1,
+            }
             self.p.mem.invalidated();
         }
         Ok(())

@@ -144,6 +144,20 @@ fn user_data_segment() -> kvm_segment {
     }
 }
 
+/// Puts `sregs` in ring 0 with the kernel selectors (to run the PTE writer).
+pub fn set_kernel_segments(sregs: &mut kvm_sregs) {
+    sregs.cs = kvm_segment {
+        selector: selector::KERNEL_CS,
+        dpl: 0,
+        ..user_code_segment()
+    };
+    sregs.ss = kvm_segment {
+        selector: selector::KERNEL_DS,
+        dpl: 0,
+        ..user_data_segment()
+    };
+}
+
 /// Puts `sregs` in ring 3 with the user selectors, keeping everything else. Used at start
 /// and whenever the VMM resumes the app from ring 0 (after an exception).
 pub fn set_user_segments(sregs: &mut kvm_sregs, fs_base: u64) {

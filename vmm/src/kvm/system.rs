@@ -105,6 +105,26 @@ pub fn kernel_stack_top() -> u64 {
     page_va(abi::KERNEL_STACK_PAGE + abi::KERNEL_STACK_PAGES)
 }
 
+/// Writes the PTE writer's list: for each (guest-physical address of an entry in the
+/// page-table slot, value), the entry's address in the window and the value. Returns the
+/// list's guest-virtual address and length, or `None` if it does not fit.
+pub fn write_pte_list(
+    space: &AddressSpace,
+    entries: &[(u64, u64)],
+) -> Result<Option<(u64, u64)>, PhysError> {
+    if entries.is_empty() || entries.len() * 16 > abi::PAGE_SIZE as usize {
+        return Ok(None);
+    }
+    let mut bytes = Vec::with_capacity(entries.len() * 16);
+    for &(gpa, value) in entries {
+        let va = abi::PAGE_TABLE_WINDOW_VA + (gpa - crate::memory::layout::PAGE_TABLES_GPA);
+        bytes.extend_from_slice(&va.to_le_bytes());
+        bytes.extend_from_slice(&value.to_le_bytes());
+    }
+    space.phys().write(page_gpa(abi::PTE_LIST_PAGE), &bytes)?;
+    Ok(Some((page_va(abi::PTE_LIST_PAGE), entries.len() as u64)))
+}
+
 /// Writes the system pages and maps them: all supervisor-only except the doorbell (user,
 /// read + execute) and the two MMIO pages (user, writable, outside every slot).
 pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesError> {
@@ -134,6 +154,7 @@ pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesErro
         (abi::TIME_PAGE, PTE_USER | nx),
         (abi::SCRATCH_PAGE, PTE_USER | data),
         (abi::MAILBOX_PAGE, PTE_USER | data),
+        (abi::PTE_LIST_PAGE, data),
     ];
     for i in 0..abi::KERNEL_STACK_PAGES {
         pages.push((abi::KERNEL_STACK_PAGE + i, data));
@@ -145,6 +166,12 @@ pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesErro
     space.map_system_page(abi::DOORBELL_MMIO_VA, abi::DOORBELL_MMIO_GPA, mmio)?;
     space.map_system_page(abi::CALIBRATION_MMIO_VA, abi::CALIBRATION_MMIO_GPA, mmio)?;
     space.map_system_page(abi::NOTIFY_MMIO_VA, abi::NOTIFY_MMIO_GPA, mmio)?;
+    // The page-table slot, for the PTE writer (supervisor only).
+    let tables = space.phys().page_tables_size();
+    for offset in (0..tables).step_by(abi::PAGE_SIZE as usize) {
+        let va = abi::PAGE_TABLE_WINDOW_VA + offset;
+        space.map_system_page(va, crate::memory::layout::PAGE_TABLES_GPA + offset, data)?;
+    }
     Ok(())
 }
 

@@ -21,6 +21,8 @@ pub enum Exit {
     },
     /// A calibration exit; resume at once.
     Calibration,
+    /// The PTE writer finished its list.
+    PteWriterDone,
     /// The doorbell asks the VMM to act (deliver signals) after a mailbox call.
     Notify,
     /// An exception stub ran for this vector.
@@ -113,6 +115,9 @@ impl Vcpu {
             {
                 Exit::Exception((port - abi::EXCEPTION_PORT_BASE) as u8)
             }
+            Ok(VcpuExit::IoOut(port, _)) if port == abi::PTE_WRITER_DONE_PORT => {
+                Exit::PteWriterDone
+            }
             Ok(VcpuExit::Intr) => Exit::Interrupted,
             Ok(other) => Exit::Unexpected(format!("{other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
@@ -166,9 +171,36 @@ impl Vcpu {
     }
 
     /// Makes removed or reduced translations take effect before the guest runs again.
-    pub fn invalidate_translations(&mut self, machine: &Machine) -> Result<(), VcpuError> {
+    pub fn invalidate_translations(
+        &mut self,
+        machine: &Machine,
+        space: &crate::memory::AddressSpace,
+    ) -> Result<crate::platform::Invalidation, VcpuError> {
         let platform = self.platform;
-        platform.invalidate_translations(self, machine)
+        platform.invalidate_translations(self, machine, space, space.stale_entries())
+    }
+
+    /// Runs the PTE writer over the list at `list_va` (`count` entries) in ring 0, then puts
+    /// the vCPU back exactly as it was. Returns whether the writer finished (a kick, say,
+    /// can stop it; the caller then invalidates the other way).
+    pub fn run_pte_writer(&mut self, list_va: u64, count: u64) -> Result<bool, VcpuError> {
+        let saved_regs = self.regs();
+        let saved_sregs = self.sregs()?;
+        let mut sregs = saved_sregs;
+        cpu::set_kernel_segments(&mut sregs);
+        self.set_sregs(&sregs)?;
+        {
+            let regs = self.regs_mut();
+            regs.rip = abi::STUBS_VA + abi::PTE_WRITER_OFFSET;
+            regs.rsp = super::system::kernel_stack_top();
+            regs.rsi = list_va;
+            regs.rcx = count;
+            regs.rflags = 0x2;
+        }
+        let finished = self.run() == Exit::PteWriterDone;
+        self.set_sregs(&saved_sregs)?;
+        *self.regs_mut() = saved_regs;
+        Ok(finished)
     }
 
     /// Puts the vCPU back in ring 3 at `rip`/`rsp`/`rflags` (after an exception).

@@ -104,6 +104,15 @@ impl PageTables {
         Ok(Some(table + leaf_index * 8))
     }
 
+    /// Guest-physical address of the leaf entry for `va`, if its table exists.
+    pub fn entry_gpa(
+        &mut self,
+        phys: &PhysicalMemory,
+        va: u64,
+    ) -> Result<Option<u64>, PagingError> {
+        self.leaf_entry(phys, va, false)
+    }
+
     /// The leaf entry for `va`, or 0 when there is none.
     pub fn get(&mut self, phys: &PhysicalMemory, va: u64) -> Result<u64, PagingError> {
         match self.leaf_entry(phys, va, false)? {

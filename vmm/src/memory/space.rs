@@ -104,8 +104,22 @@ pub struct AddressSpace {
     brk_start: u64,
     brk: u64,
     nx: bool,
-    stale: bool,
+    stale: StaleEntries,
     stats: MemoryStats,
+}
+
+/// Most leaf entries whose removal is tracked one by one; beyond this, every translation
+/// is invalidated at once.
+pub const MAX_STALE_ENTRIES: usize = 64;
+
+/// The leaf entries changed since the last invalidation whose old value the guest may have
+/// cached.
+#[derive(Debug, Default)]
+struct StaleEntries {
+    /// Guest-physical addresses of the entries.
+    entries: Vec<u64>,
+    /// More changed than are tracked, or one whose address is unknown.
+    overflow: bool,
 }
 
 /// Logs a VMM-internal memory error and turns it into the errno the guest sees. These only
@@ -138,7 +152,7 @@ impl AddressSpace {
             brk_start: 0,
             brk: 0,
             nx,
-            stale: false,
+            stale: StaleEntries::default(),
             stats: MemoryStats::default(),
         })
     }
@@ -175,12 +189,44 @@ impl AddressSpace {
 
     /// Whether a translation was removed or reduced since the last invalidation.
     pub fn is_stale(&self) -> bool {
+        self.stale.overflow || !self.stale.entries.is_empty()
+    }
+
+    /// The stale leaf entries as (guest-physical address, current value), or `None` when
+    /// there are too many to name (invalidate everything).
+    pub fn stale_entries(&self) -> Option<Vec<(u64, u64)>> {
+        if self.stale.overflow {
+            return None;
+        }
         self.stale
+            .entries
+            .iter()
+            .map(|&gpa| self.phys.read_u64(gpa).ok().map(|value| (gpa, value)))
+            .collect()
+    }
+
+    /// Records that the leaf entry of `va` changed in a way a cached translation must not
+    /// survive.
+    fn mark_stale(&mut self, va: u64) -> Result<(), Errno> {
+        if self.stale.overflow {
+            return Ok(());
+        }
+        match self.tables.entry_gpa(&self.phys, va)? {
+            Some(gpa) if self.stale.entries.contains(&gpa) => {}
+            Some(gpa) if self.stale.entries.len() < MAX_STALE_ENTRIES => {
+                self.stale.entries.push(gpa)
+            }
+            _ => {
+                self.stale.overflow = true;
+                self.stale.entries.clear();
+            }
+        }
+        Ok(())
     }
 
     /// Records that guest translations were invalidated: quarantined frames become reusable.
     pub fn invalidated(&mut self) {
-        self.stale = false;
+        self.stale = StaleEntries::default();
         self.frames.release_quarantine();
         self.stats.invalidations += 1;
     }
@@ -220,14 +266,14 @@ impl AddressSpace {
             || (old & PTE_FRAME != new & PTE_FRAME && had(old, PTE_PRESENT))
     }
 
-    /// Gives back the frames of leaves that were just cleared. Freed frames are kept
-    /// zeroed (returned to the host), so that allocation never has to clear one; runs of
-    /// adjacent frames go back in one call.
-    fn release_frames(&mut self, ptes: &[u64]) {
-        let mut owned: Vec<u64> = ptes
+    /// Gives back the frames of leaves `(va, old entry)` that were just cleared. Freed
+    /// frames are kept zeroed (returned to the host), so that allocation never has to
+    /// clear one; runs of adjacent frames go back in one call.
+    fn release_frames(&mut self, leaves: &[(u64, u64)]) -> Result<(), Errno> {
+        let mut owned: Vec<u64> = leaves
             .iter()
-            .filter(|pte| *pte & PTE_OWNED != 0)
-            .map(|pte| pte & PTE_FRAME)
+            .filter(|(_, pte)| pte & PTE_OWNED != 0)
+            .map(|(_, pte)| pte & PTE_FRAME)
             .collect();
         owned.sort_unstable();
         let mut i = 0;
@@ -241,14 +287,15 @@ impl AddressSpace {
             }
             i = j;
         }
-        for &pte in ptes.iter().filter(|pte| *pte & PTE_OWNED != 0) {
+        for &(va, pte) in leaves.iter().filter(|(_, pte)| pte & PTE_OWNED != 0) {
             if Self::maybe_cached(pte) {
-                self.stale = true;
+                self.mark_stale(va)?;
                 self.frames.quarantine(pte & PTE_FRAME);
             } else {
                 self.frames.free(pte & PTE_FRAME);
             }
         }
+        Ok(())
     }
 
     // ---- mapping -------------------------------------------------------------------
@@ -480,9 +527,7 @@ impl AddressSpace {
         for &(va, _) in &leaves {
             self.tables.clear(&self.phys, va)?;
         }
-        let ptes: Vec<u64> = leaves.into_iter().map(|(_, pte)| pte).collect();
-        self.release_frames(&ptes);
-        Ok(())
+        self.release_frames(&leaves)
     }
 
     /// Changes the protection of `[addr, addr + len)` (mprotect's core).
@@ -505,10 +550,10 @@ impl AddressSpace {
         let flags = self.leaf_flags(prot);
         for (va, old) in self.tables.leaves(&self.phys, addr, end)? {
             let new = (old & (PTE_FRAME | PTE_ACCESSED | PTE_DIRTY)) | flags;
-            if Self::reduces(old, new) {
-                self.stale = true;
-            }
             self.tables.set(&self.phys, va, new)?;
+            if Self::reduces(old, new) {
+                self.mark_stale(va)?;
+            }
         }
         self.populate_by_policy(addr, end)
     }
@@ -570,7 +615,7 @@ impl AddressSpace {
             self.tables.clear(&self.phys, va)?;
             self.tables.set(&self.phys, target + (va - old), pte)?;
             if Self::maybe_cached(pte) {
-                self.stale = true;
+                self.mark_stale(va)?;
             }
         }
         for mut piece in moved {
@@ -607,7 +652,7 @@ impl AddressSpace {
                 self.phys.discard(pte & PTE_FRAME, PAGE).map_err(internal)?;
             } else {
                 self.tables.clear(&self.phys, va)?;
-                self.release_frames(&[pte]);
+                self.release_frames(&[(va, pte)])?;
             }
         }
         Ok(())
