@@ -1,16 +1,19 @@
-//! Start-to-exit time of a static hello in a picoprocess (`picocenter run`, including the
-//! temporary root it makes), against the same binary run natively, measured side by side.
+//! Start-to-exit times, in a picoprocess against native, measured side by side:
+//!
+//! * a static hello (`picocenter run`, including the temporary root it makes);
+//! * `python3 -c pass` (the python-http image's Debian python3, against the same binary on
+//!   the host).
 //!
 //! Run with `cargo bench --bench startup`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{guest, median, picocenter, Link};
+use common::{build_image, guest, median, picocenter, Link};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-const RUNS: usize = 41;
+const RUNS: usize = 31;
 
 fn time_ms(cmd: &mut Command) -> f64 {
     let started = Instant::now();
@@ -19,25 +22,54 @@ fn time_ms(cmd: &mut Command) -> f64 {
     started.elapsed().as_secs_f64() * 1000.0
 }
 
-fn main() {
-    let program = guest("hello", Link::Static);
-    let program = program.to_str().unwrap();
-    let (mut pico, mut native) = (Vec::new(), Vec::new());
+/// Runs both commands alternately and prints their medians and ratio.
+fn compare(
+    title: &str,
+    target: &str,
+    mut pico: impl FnMut() -> Command,
+    mut native: impl FnMut() -> Command,
+) {
+    let (mut p, mut n) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
-        pico.push(time_ms(picocenter().args(["run", program])));
-        native.push(time_ms(&mut Command::new(program)));
+        p.push(time_ms(&mut pico()));
+        n.push(time_ms(&mut native()));
     }
-    let mut ratios: Vec<f64> = pico.iter().zip(&native).map(|(p, n)| p / n).collect();
-    println!(
-        "static hello, picocenter run:   {:6.2} ms median of {RUNS} (target < 10 ms)",
-        median(&mut pico)
+    let (p, n) = (median(&mut p), median(&mut n));
+    println!("{title}: picoprocess {p:6.2} ms, native {n:6.2} ms, ratio {:4.2} ({target}; medians of {RUNS})", p / n);
+}
+
+fn main() {
+    let hello = guest("hello", Link::Static);
+    compare(
+        "static hello",
+        "target < 10 ms",
+        || {
+            let mut cmd = picocenter();
+            cmd.arg("run").arg(&hello);
+            cmd
+        },
+        || Command::new(&hello),
     );
-    println!(
-        "static hello, native:           {:6.2} ms",
-        median(&mut native)
-    );
-    println!(
-        "ratio picoprocess / native:     {:6.1}",
-        median(&mut ratios)
+    build_image("python-http");
+    compare(
+        "python3 -c pass",
+        "target ratio <= 3",
+        || {
+            let mut cmd = picocenter();
+            cmd.args([
+                "run",
+                "--image",
+                "python-http",
+                "/usr/bin/python3",
+                "-c",
+                "pass",
+            ]);
+            cmd
+        },
+        || {
+            let mut cmd = Command::new("/usr/bin/python3");
+            cmd.args(["-c", "pass"]);
+            cmd
+        },
     );
 }

@@ -104,11 +104,14 @@ std::arch::global_asm!(
 
     // clock_gettime(clock = edi, ts = rsi) for the realtime and monotonic clocks.
     "30:",
+    // REALTIME, MONOTONIC, MONOTONIC_RAW, *_COARSE and BOOTTIME (0, 1, 4-7); the CPU-time
+    // clocks (2, 3) and the rest exit. RAX still holds the number if they do.
     "cmp edi, 7",
     "ja 10b",
-    "mov eax, 0xf3", // REALTIME, MONOTONIC, MONOTONIC_RAW, *_COARSE, BOOTTIME
-    "bt eax, edi",
-    "jnc 10b",
+    "cmp edi, 2",
+    "je 10b",
+    "cmp edi, 3",
+    "je 10b",
     "cmp dword ptr [{tp} + {tp_valid}], 0",
     "je 10b",
     "mov qword ptr [{sc} + {sc_rax}], rax",

@@ -42,11 +42,16 @@ pub struct RunArgs {
     #[arg(long)]
     pub trace_syscalls: bool,
 
-    /// Answer forwarded syscalls through a shared-memory mailbox while a VMM poller thread
-    /// is awake (it sleeps after 50 us without calls), instead of a VM exit each. Faster
-    /// for bursts of calls when a spare CPU is free; see BENCHMARKS.md.
+    /// Make every forwarded syscall a VM exit. By default, while calls come in bursts, a
+    /// VMM poller thread answers them through a shared-memory mailbox with no exit (it
+    /// sleeps after 50 us without a call, so an idle app costs no CPU); see BENCHMARKS.md.
     #[arg(long)]
-    pub mailbox: bool,
+    pub no_mailbox: bool,
+
+    /// Make time calls exit to the VMM instead of being answered in the guest (for
+    /// measuring what that saves).
+    #[arg(long, hide = true)]
+    pub no_doorbell_time: bool,
 
     /// The program to run: a path inside --root or the image, or a host path without
     /// either. Optional with --image.
@@ -319,7 +324,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         address: app.address,
         allow_outbound: args.app.allow_outbound,
         control_socket: None,
-        mailbox: args.mailbox,
+        mailbox: !args.no_mailbox,
+        doorbell_time: !args.no_doorbell_time,
     };
     let explicit_name = args.app.name.is_some() || args.image.is_some();
     let mut picoprocess = start(config, &args.state.state_dir().join("run"), explicit_name)?;

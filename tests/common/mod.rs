@@ -167,9 +167,11 @@ pub fn build_image(name: &str) {
     );
 }
 
-/// A server app running in a picoprocess, stopped (SIGKILL) when dropped.
+/// A server app running in a picoprocess, stopped (SIGKILL) when dropped. Its output goes
+/// to files (a pipe nobody reads would fill up and stall a chatty server).
 pub struct Server {
     child: std::process::Child,
+    output: tempfile::TempDir,
     /// Its address.
     pub address: std::net::SocketAddr,
     /// Its name.
@@ -184,11 +186,14 @@ impl Server {
         let mut cmd = picocenter();
         cmd.args(["run", "--image", image, "--name", name, "--address", ip]);
         cmd.args(extra);
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let output = tempfile::tempdir().unwrap();
+        let file = |name: &str| std::fs::File::create(output.path().join(name)).unwrap();
+        cmd.stdout(file("stdout")).stderr(file("stderr"));
         let child = cmd.spawn().expect("starting picocenter");
         let address: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
         let mut server = Server {
             child,
+            output,
             address,
             name: name.to_string(),
         };
@@ -198,12 +203,8 @@ impl Server {
                 return server;
             }
             if let Ok(Some(status)) = server.child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = server.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
-                panic!("{image} exited with {status} before listening:\n{err}");
+                let err = std::fs::read_to_string(server.output.path().join("stderr"));
+                panic!("{image} exited with {status} before listening:\n{err:?}");
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
@@ -219,8 +220,13 @@ impl Server {
         cmd.args(["stop", &self.name, "--grace", "10"]);
         let stopped = run_with_limit(&mut cmd, Duration::from_secs(30));
         assert!(stopped.status.success(), "stop: {}", describe(&stopped));
-        let child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
-        child.wait_with_output().unwrap()
+        let status = self.child.wait().unwrap();
+        let read = |name: &str| std::fs::read(self.output.path().join(name)).unwrap_or_default();
+        Output {
+            status,
+            stdout: read("stdout"),
+            stderr: read("stderr"),
+        }
     }
 }
 
