@@ -15,7 +15,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{build_image, median, picocenter, state_dir, Server};
+use common::{build_image, median, state_dir, Server};
 use std::process::{Command, Stdio};
 
 const ROUNDS: usize = 5;
@@ -55,7 +55,8 @@ fn wrk(address: &str, path: &str) -> (f64, f64, f64) {
 /// nginx run natively from a copy of the image's root, listening on `address`.
 struct Native {
     child: std::process::Child,
-    dir: tempfile::TempDir,
+    /// The root's copy, removed when the server is dropped.
+    _dir: tempfile::TempDir,
 }
 
 impl Native {
@@ -95,7 +96,7 @@ impl Native {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        Native { child, dir }
+        Native { child, _dir: dir }
     }
 }
 
