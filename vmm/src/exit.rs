@@ -393,6 +393,9 @@ impl Exits<'_> {
             };
         }
         let args = Args([regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
+        let call = (nr, regs.rcx.wrapping_sub(2));
+        self.p.current_call = call;
+        self.p.interrupted_deadline = None;
         let result = syscalls::perform(self.p, nr, &args);
         let rax = match result {
             Ok(value) => value,
@@ -405,7 +408,13 @@ impl Exits<'_> {
                 }))
             }
             Err(SysError::Restart) | Err(SysError::WouldBlock) => {
-                // Re-execute the `syscall` instruction once the kick is handled.
+                // Re-execute the `syscall` instruction once the kick is handled, with the
+                // deadline it had.
+                self.p.restart = self
+                    .p
+                    .interrupted_deadline
+                    .take()
+                    .map(|deadline| (call.0, call.1, deadline));
                 self.rewind_syscall(nr)?;
                 return Ok(None);
             }

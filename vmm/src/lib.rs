@@ -204,6 +204,9 @@ impl Picoprocess {
             alarm: alarm::Alarm::new(kicker.clone()),
             saved_mask: None,
             in_mailbox: false,
+            current_call: (0, 0),
+            restart: None,
+            interrupted_deadline: None,
             net: syscalls::net::NetPolicy {
                 address: config
                     .address

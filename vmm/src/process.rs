@@ -52,11 +52,30 @@ pub struct Process {
     pub net: crate::syscalls::net::NetPolicy,
     /// Whether the call being performed came through the mailbox (it must not block).
     pub in_mailbox: bool,
+    /// The call being performed: (number, address of its `syscall` instruction).
+    pub current_call: (u64, u64),
+    /// A blocking call interrupted for the VMM (not for the app) keeps its deadline here,
+    /// so that re-executing it does not restart its timeout: (number, address, deadline).
+    pub restart: Option<(u64, u64, std::time::Instant)>,
+    /// The deadline of the wait an operator's kick just interrupted.
+    pub interrupted_deadline: Option<std::time::Instant>,
     /// Unsupported syscalls already logged (each is logged once).
     pub warned: HashSet<u64>,
 }
 
 impl Process {
+    /// The deadline of a call with timeout `timeout`: `timeout` from now, or, when this
+    /// call is the re-execution of one the VMM interrupted, that call's own deadline.
+    pub fn deadline_after(&mut self, timeout: std::time::Duration) -> std::time::Instant {
+        if let Some((nr, rip, deadline)) = self.restart {
+            if (nr, rip) == self.current_call {
+                self.restart = None;
+                return deadline;
+            }
+        }
+        std::time::Instant::now() + timeout
+    }
+
     /// Moves signals raised from other threads into the pending set.
     pub fn absorb_external_signals(&mut self) {
         self.kicker.clear(crate::kvm::kick::reason::SIGNAL);

@@ -17,6 +17,7 @@ pub mod space;
 pub mod vma;
 
 pub use io::Pod;
+pub use space::persist::PageState;
 pub use space::{Access, AddressSpace, FaultResolution, Placement};
 pub use vma::{Backing, Prot, VmaRole};
 

@@ -20,6 +20,9 @@ pub const PTE_ACCESSED: u64 = 1 << 5;
 pub const PTE_DIRTY: u64 = 1 << 6;
 /// Software bit: the entry owns a RAM frame, even when not present (PROT_NONE).
 pub const PTE_OWNED: u64 = 1 << 9;
+/// Software bit: the frame still holds what the snapshot this app was restored from had
+/// at this address (until the page is written, D = 1, or moved).
+pub const PTE_RESTORED: u64 = 1 << 10;
 /// No-execute.
 pub const PTE_NX: u64 = 1 << 63;
 /// The frame address bits.

@@ -213,6 +213,20 @@ impl PhysicalMemory {
         Ok(())
     }
 
+    /// Faults `[gpa, gpa + len)` in writable now (MADV_POPULATE_WRITE): a private file
+    /// mapping gets its own copies, anonymous memory its pages.
+    pub fn populate_write(&self, gpa: u64, len: u64) -> Result<(), PhysError> {
+        let slice = self.slice(gpa, len as usize)?;
+        let guard = slice.ptr_guard_mut();
+        // SAFETY: the range is inside our own mapping (checked by `slice`); populating
+        // changes no contents.
+        let rc = unsafe { libc::madvise(guard.as_ptr().cast(), len as usize, libc::MADV_POPULATE_WRITE) };
+        if rc != 0 {
+            return Err(PhysError::OutOfRange { gpa });
+        }
+        Ok(())
+    }
+
     /// Makes RAM `[gpa, gpa + len)` a private (copy-on-write) mapping of `len` bytes of
     /// `file` at `offset`: the guest reads the host's page cache with no copy, and its
     /// writes stay its own. The file must not shrink while mapped (the VMM only does this

@@ -16,6 +16,9 @@ use super::UserAddr;
 use rustix::io::Errno;
 use std::os::fd::{AsFd, AsRawFd};
 
+#[path = "persist.rs"]
+pub mod persist;
+
 /// One past the highest user address (Linux's TASK_SIZE on x86-64).
 pub const USER_END: u64 = 0x7fff_ffff_f000;
 /// Lowest address `mmap` hands out (Linux's default `vm.mmap_min_addr`).
@@ -549,7 +552,7 @@ impl AddressSpace {
         }
         let flags = self.leaf_flags(prot);
         for (va, old) in self.tables.leaves(&self.phys, addr, end)? {
-            let new = (old & (PTE_FRAME | PTE_ACCESSED | PTE_DIRTY)) | flags;
+            let new = (old & (PTE_FRAME | PTE_ACCESSED | PTE_DIRTY | PTE_RESTORED)) | flags;
             self.tables.set(&self.phys, va, new)?;
             if Self::reduces(old, new) {
                 self.mark_stale(va)?;
@@ -613,7 +616,9 @@ impl AddressSpace {
         let moved = self.vmas.carve(old, old + keep);
         for (va, pte) in self.tables.leaves(&self.phys, old, old + keep)? {
             self.tables.clear(&self.phys, va)?;
-            self.tables.set(&self.phys, target + (va - old), pte)?;
+            // Moved, the page no longer holds what a snapshot had at its new address.
+            self.tables
+                .set(&self.phys, target + (va - old), pte & !PTE_RESTORED)?;
             if Self::maybe_cached(pte) {
                 self.mark_stale(va)?;
             }
@@ -758,6 +763,11 @@ impl AddressSpace {
             if pte & need != need {
                 return Err(Errno::FAULT);
             }
+            // The VMM writing app memory is the app writing it: mark the page dirty, as
+            // the CPU would, so that snapshots see the change.
+            if access == Access::Write && pte & PTE_DIRTY == 0 {
+                self.tables.set(&self.phys, page, pte | PTE_DIRTY)?;
+            }
             let chunk = ((page + PAGE).min(end) - at) as usize;
             let gpa = (pte & PTE_FRAME) + (at - page);
             match pieces.last_mut() {
@@ -810,6 +820,9 @@ impl AddressSpace {
             let pte = self.tables.get(&self.phys, page)?;
             if pte & PTE_OWNED == 0 {
                 return Err(Errno::FAULT);
+            }
+            if pte & PTE_DIRTY == 0 {
+                self.tables.set(&self.phys, page, pte | PTE_DIRTY)?;
             }
             let chunk = ((page + PAGE - at) as usize).min(data.len() - done);
             self.phys

@@ -128,19 +128,22 @@ fn wait_common(
     Ok(events.len() as u64)
 }
 
-fn deadline_ms(timeout_ms: i32) -> Option<Instant> {
-    (timeout_ms >= 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64))
+/// The deadline of a timeout in milliseconds (negative: none).
+pub fn deadline_ms(p: &mut Process, timeout_ms: i32) -> Option<Instant> {
+    (timeout_ms >= 0).then(|| p.deadline_after(Duration::from_millis(timeout_ms as u64)))
 }
 
 /// epoll_wait(2).
 pub fn epoll_wait(p: &mut Process, a: &Args) -> SysResult {
-    wait_common(p, a.fd(0), a.ptr(1), a.usize(2), deadline_ms(a.i32(3)))
+    let deadline = deadline_ms(p, a.i32(3));
+    wait_common(p, a.fd(0), a.ptr(1), a.usize(2), deadline)
 }
 
 /// epoll_pwait(2). The temporary signal mask applies for the wait.
 pub fn epoll_pwait(p: &mut Process, a: &Args) -> SysResult {
     with_sigmask(p, a.ptr(4), a.usize(5), |p| {
-        wait_common(p, a.fd(0), a.ptr(1), a.usize(2), deadline_ms(a.i32(3)))
+        let deadline = deadline_ms(p, a.i32(3));
+        wait_common(p, a.fd(0), a.ptr(1), a.usize(2), deadline)
     })
 }
 

@@ -96,16 +96,12 @@ fn read_timespec_deadline(p: &mut Process, addr: UserAddr) -> Result<Option<Inst
     if sec < 0 || !(0..1_000_000_000).contains(&nsec) {
         return Err(Errno::INVAL);
     }
-    Ok(Some(
-        Instant::now() + Duration::new(sec as u64, nsec as u32),
-    ))
+    Ok(Some(p.deadline_after(Duration::new(sec as u64, nsec as u32))))
 }
 
 /// poll(2).
 pub fn poll(p: &mut Process, a: &Args) -> SysResult {
-    let timeout_ms = a.i32(2);
-    let deadline =
-        (timeout_ms >= 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
+    let deadline = super::epoll::deadline_ms(p, a.i32(2));
     poll_common(p, a.ptr(0), a.usize(1), deadline)
 }
 
@@ -192,7 +188,7 @@ pub fn select(p: &mut Process, a: &Args) -> SysResult {
         if sec < 0 || !(0..1_000_000).contains(&usec) {
             return Err(Errno::INVAL.into());
         }
-        Some(Instant::now() + Duration::new(sec as u64, usec as u32 * 1000))
+        Some(p.deadline_after(Duration::new(sec as u64, usec as u32 * 1000)))
     };
     let (count, deadline) = select_common(p, a, deadline)?;
     if let Some(deadline) = deadline {

@@ -171,7 +171,8 @@ fn read_duration(p: &mut Process, addr: crate::memory::UserAddr) -> Result<Durat
 /// nanosleep(2).
 pub fn nanosleep(p: &mut Process, a: &Args) -> SysResult {
     let duration = read_duration(p, a.ptr(0))?;
-    sleep_until(p, Instant::now() + duration)?;
+    let deadline = p.deadline_after(duration);
+    sleep_until(p, deadline)?;
     Ok(0)
 }
 
@@ -187,6 +188,7 @@ pub fn clock_nanosleep(p: &mut Process, a: &Args) -> SysResult {
         p.clock.now_ns(clock)?;
         duration
     };
-    sleep_until(p, Instant::now() + duration)?;
+    let deadline = p.deadline_after(duration);
+    sleep_until(p, deadline)?;
     Ok(0)
 }

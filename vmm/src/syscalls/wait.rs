@@ -50,6 +50,9 @@ pub fn wait_any(
     }
     loop {
         if let Some(stop) = interruption(p) {
+            if matches!(stop, SysError::Restart) {
+                p.interrupted_deadline = deadline;
+            }
             return Err(stop);
         }
         let wake = p.kicker.wake_fd();

@@ -1,0 +1,564 @@
+//! The snapshot manifest: everything about an app except its page contents.
+//!
+//! On disk: `MAGIC (8) | format version (u32 LE) | payload length (u64 LE) |
+//! CRC-32 of the payload (u32 LE) | payload (postcard)`. A manifest is refused before it is
+//! decoded if the magic, the version, the length cap or the checksum is wrong.
+
+use serde::{Deserialize, Serialize};
+
+/// The first bytes of every manifest.
+pub const MAGIC: [u8; 8] = *b"PICOSNAP";
+/// The format version. A different one is refused; bump it on any change to the types
+/// here. (The product version is separate.)
+pub const FORMAT_VERSION: u32 = 1;
+/// The largest manifest accepted.
+pub const MAX_MANIFEST_SIZE: u64 = 64 << 20;
+/// Bytes of a page.
+pub const PAGE_SIZE: u64 = 4096;
+const HEADER_SIZE: usize = 8 + 4 + 8 + 4;
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    /// Too short to hold a header, or shorter than its header says.
+    #[error("the snapshot manifest is truncated ({have} bytes, expected {expected})")]
+    Truncated {
+        /// Bytes present.
+        have: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// Not a manifest at all.
+    #[error("not a Picocenter snapshot (bad magic)")]
+    BadMagic,
+    /// Written by an incompatible version.
+    #[error("snapshot format version {found} is not supported (this build reads version {FORMAT_VERSION})")]
+    Version {
+        /// The version in the file.
+        found: u32,
+    },
+    /// Larger than any real manifest.
+    #[error("the snapshot manifest claims {0} bytes, over the {MAX_MANIFEST_SIZE}-byte limit")]
+    TooLarge(u64),
+    /// The payload does not match its checksum.
+    #[error("the snapshot manifest is corrupt (checksum {found:#010x}, expected {expected:#010x})")]
+    Checksum {
+        /// The checksum computed.
+        found: u32,
+        /// The checksum recorded.
+        expected: u32,
+    },
+    /// The payload does not decode.
+    #[error("the snapshot manifest does not decode: {0}")]
+    Decode(String),
+    /// The manifest contradicts itself.
+    #[error("the snapshot manifest is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// How the app was run, so that it can be run again the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AppRecord {
+    /// Its name.
+    pub name: String,
+    /// The image it came from, if any.
+    pub image: Option<String>,
+    /// Its root directory on the host where it was captured.
+    pub root: String,
+    /// Its writable guest directories.
+    pub writable: Vec<String>,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Its IP address.
+    pub address: Option<String>,
+    /// The program path (for display).
+    pub program: String,
+}
+
+/// One CPUID leaf the app may have relied on: the restoring host must offer every bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuidBits {
+    /// Leaf.
+    pub function: u32,
+    /// Subleaf.
+    pub index: u32,
+    /// EBX feature bits.
+    pub ebx: u32,
+    /// ECX feature bits.
+    pub ecx: u32,
+    /// EDX feature bits.
+    pub edx: u32,
+}
+
+/// The CPU features the app may rely on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CpuRecord {
+    /// Feature leaves (1, 7.0, 0x80000001).
+    pub leaves: Vec<CpuidBits>,
+    /// XCR0 the app ran with (its FPU state format).
+    pub xcr0: u64,
+}
+
+/// The app's registers at a clean point (outside any system call).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct UserContext {
+    /// rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8 .. r15.
+    pub gprs: [u64; 16],
+    /// The instruction pointer.
+    pub rip: u64,
+    /// The flags.
+    pub rflags: u64,
+    /// FS base (TLS).
+    pub fs_base: u64,
+    /// GS base.
+    pub gs_base: u64,
+    /// The XSAVE image of the FPU, SSE and AVX state (KVM_GET_XSAVE's 4 KiB).
+    pub xsave: Vec<u8>,
+}
+
+/// Where an area's pages come from when they are not in the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackingRecord {
+    /// Zeros.
+    Anonymous,
+    /// A private mapping of a file in the app's root.
+    File {
+        /// Guest path.
+        path: String,
+        /// File offset of the area's start.
+        offset: u64,
+        /// Whether the file is in the read-only root.
+        immutable: bool,
+    },
+}
+
+/// One memory area.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmaRecord {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: u32,
+    /// 0: mapping, 1: heap, 2: stack.
+    pub role: u8,
+    /// Backing.
+    pub backing: BackingRecord,
+}
+
+/// Where a run of pages comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PageSource {
+    /// All zero: not stored.
+    Zero,
+    /// Unchanged from the area's file: not stored.
+    File,
+    /// In this snapshot's page file, from this page index on.
+    Stored {
+        /// Index of the run's first page in the page file.
+        index: u64,
+    },
+    /// Unchanged since the parent snapshot: look there.
+    Parent,
+}
+
+/// A run of consecutive virtual pages with one source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    /// First virtual page number (address / 4096).
+    pub vpn: u64,
+    /// Pages in the run.
+    pub count: u64,
+    /// Where they come from.
+    pub source: PageSource,
+}
+
+/// A range of virtual pages (an ActiveSet is a list of these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpnRange {
+    /// First virtual page number.
+    pub vpn: u64,
+    /// Pages.
+    pub count: u64,
+}
+
+/// The pages touched while serving one listening port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSet {
+    /// The port.
+    pub port: u16,
+    /// Its pages.
+    pub pages: Vec<VpnRange>,
+}
+
+/// What kind of open file a descriptor was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileRecord {
+    /// A file by path.
+    Path {
+        /// Guest path.
+        path: String,
+        /// Open flags.
+        flags: u32,
+        /// Offset.
+        offset: u64,
+    },
+    /// A directory.
+    Directory {
+        /// Guest path.
+        path: String,
+    },
+    /// The VMM's stdin, stdout or stderr.
+    Stdio(u8),
+    /// One end of a pipe; `pipe` pairs the ends, `data` is what was buffered.
+    Pipe {
+        /// Pipe identity within the snapshot.
+        pipe: u64,
+        /// The write end?
+        write_end: bool,
+        /// Bytes in the pipe.
+        data: Vec<u8>,
+    },
+    /// A socket.
+    Socket {
+        /// AF_*.
+        domain: i32,
+        /// SOCK_STREAM or SOCK_DGRAM.
+        kind: i32,
+        /// What the app bound it to, as it sees it.
+        bound: Option<String>,
+        /// An AF_UNIX name as the app gave it.
+        unix_name: Option<Vec<u8>>,
+        /// The backlog, if listening.
+        listening: Option<i32>,
+        /// Options set: (level, name, value).
+        options: Vec<(i32, i32, Vec<u8>)>,
+        /// It was a connection, closed at capture: it comes back at end of file.
+        closed: bool,
+    },
+    /// An epoll set: guest fd -> (events, data).
+    Epoll {
+        /// Registrations.
+        registrations: Vec<(i32, u32, u64)>,
+    },
+    /// An eventfd.
+    EventFd {
+        /// Its counter.
+        counter: u64,
+        /// EFD_SEMAPHORE.
+        semaphore: bool,
+    },
+    /// A timerfd, with what was left of it.
+    TimerFd {
+        /// Its clock.
+        clock: i32,
+        /// Nanoseconds to the next expiry (0: disarmed).
+        remaining_ns: u64,
+        /// The interval.
+        interval_ns: u64,
+    },
+}
+
+/// One descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdRecord {
+    /// The guest fd.
+    pub fd: i32,
+    /// FD_CLOEXEC.
+    pub cloexec: bool,
+    /// O_NONBLOCK as the app set it.
+    pub nonblocking: bool,
+    /// Descriptors that share one open file description have the same `shared` value.
+    pub shared: u64,
+    /// What it is.
+    pub file: FileRecord,
+}
+
+/// Signal dispositions, mask and pending set, and the real-time timer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SignalRecord {
+    /// (handler, flags, restorer, mask) per signal 1..=64.
+    pub actions: Vec<[u64; 4]>,
+    /// Blocked.
+    pub mask: u64,
+    /// Pending.
+    pub pending: u64,
+    /// sigaltstack: (sp, flags, size).
+    pub altstack: (u64, i32, u64),
+    /// ITIMER_REAL: (remaining ns, interval ns).
+    pub alarm: (u64, u64),
+}
+
+/// Process-wide odds and ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ProcessRecord {
+    /// Working directory.
+    pub cwd: String,
+    /// umask.
+    pub umask: u32,
+    /// Where the heap starts.
+    pub brk_start: u64,
+    /// The break.
+    pub brk: u64,
+    /// set_tid_address.
+    pub clear_child_tid: u64,
+    /// A blocking call the app was in: (syscall number, its rip, its deadline on the app's
+    /// CLOCK_MONOTONIC in ns), so that a restart keeps the original deadline.
+    pub restart: Option<(u64, u64, u64)>,
+}
+
+/// The app's clocks at capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ClockRecord {
+    /// The app's CLOCK_MONOTONIC, ns.
+    pub monotonic_ns: u64,
+    /// CLOCK_REALTIME, ns since the epoch.
+    pub realtime_ns: u64,
+}
+
+/// Counters of a capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SnapshotStats {
+    /// Pages the app had.
+    pub resident_pages: u64,
+    /// Pages stored in this snapshot's page file.
+    pub stored_pages: u64,
+    /// Pages omitted because they were zero.
+    pub zero_pages: u64,
+    /// Pages omitted because they were unchanged from their file.
+    pub file_pages: u64,
+    /// Pages omitted because they were unchanged since the parent.
+    pub parent_pages: u64,
+    /// Pages in the ActiveSet.
+    pub activeset_pages: u64,
+    /// Connections closed by the capture.
+    pub closed_connections: u64,
+    /// Bytes of the writable directories' archive.
+    pub data_bytes: u64,
+    /// Microseconds the capture took.
+    pub capture_us: u64,
+}
+
+/// Everything about a snapshot but its page contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Manifest {
+    /// This snapshot's id (unique in its store).
+    pub id: String,
+    /// The snapshot this one is an increment of.
+    pub parent: Option<String>,
+    /// When it was taken (ms since the epoch).
+    pub created_unix_ms: u64,
+    /// How the app was run.
+    pub app: AppRecord,
+    /// CPU features the app may rely on.
+    pub cpu: CpuRecord,
+    /// Registers.
+    pub context: UserContext,
+    /// Memory areas.
+    pub vmas: Vec<VmaRecord>,
+    /// Every page the app had, by source, in address order.
+    pub pages: Vec<PageRun>,
+    /// Pages in the page file.
+    pub page_count: u64,
+    /// Pages per checksummed chunk of the page file.
+    pub chunk_pages: u64,
+    /// CRC-32 of each chunk of the page file.
+    pub chunk_checksums: Vec<u32>,
+    /// How many leading pages of the page file are the ActiveSet (stored ActiveSet pages
+    /// come first, in address order).
+    pub activeset_prefix: u64,
+    /// The ActiveSet: the pages the app touched since its last restore.
+    pub activeset: Vec<VpnRange>,
+    /// ActiveSets per listening port, harvested per request episode.
+    pub port_sets: Vec<PortSet>,
+    /// Descriptors.
+    pub files: Vec<FdRecord>,
+    /// Signals.
+    pub signals: SignalRecord,
+    /// Process state.
+    pub process: ProcessRecord,
+    /// Clocks.
+    pub clock: ClockRecord,
+    /// Bytes of the archive of the writable directories (0: none).
+    pub data_bytes: u64,
+    /// CRC-32 of that archive.
+    pub data_checksum: u32,
+    /// Counters.
+    pub stats: SnapshotStats,
+}
+
+impl Manifest {
+    /// Encodes the manifest with its header.
+    pub fn encode(&self) -> Vec<u8> {
+        let payload = postcard::to_allocvec(self).unwrap_or_default();
+        let mut out = Vec::with_capacity(HEADER_SIZE + payload.len());
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    /// Decodes and checks a manifest. Nothing in it is trusted until this returns.
+    pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        if bytes.len() < HEADER_SIZE {
+            return Err(ManifestError::Truncated {
+                have: bytes.len() as u64,
+                expected: HEADER_SIZE as u64,
+            });
+        }
+        if bytes[..8] != MAGIC {
+            return Err(ManifestError::BadMagic);
+        }
+        let word = |at: usize, len: usize| -> u64 {
+            let mut buf = [0u8; 8];
+            buf[..len].copy_from_slice(&bytes[at..at + len]);
+            u64::from_le_bytes(buf)
+        };
+        let version = word(8, 4) as u32;
+        if version != FORMAT_VERSION {
+            return Err(ManifestError::Version { found: version });
+        }
+        let length = word(12, 8);
+        if length > MAX_MANIFEST_SIZE {
+            return Err(ManifestError::TooLarge(length));
+        }
+        let expected_total = HEADER_SIZE as u64 + length;
+        if (bytes.len() as u64) < expected_total {
+            return Err(ManifestError::Truncated {
+                have: bytes.len() as u64,
+                expected: expected_total,
+            });
+        }
+        let expected = word(20, 4) as u32;
+        let payload = &bytes[HEADER_SIZE..expected_total as usize];
+        let found = crc32fast::hash(payload);
+        if found != expected {
+            return Err(ManifestError::Checksum { found, expected });
+        }
+        let manifest: Manifest =
+            postcard::from_bytes(payload).map_err(|e| ManifestError::Decode(e.to_string()))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Checks that the manifest is consistent with itself.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let bad = |why: String| Err(ManifestError::Inconsistent(why));
+        if self.chunk_pages == 0 && self.page_count > 0 {
+            return bad("page file chunks of zero pages".into());
+        }
+        let chunks = self.page_count.div_ceil(self.chunk_pages.max(1));
+        if self.chunk_checksums.len() as u64 != chunks {
+            return bad(format!(
+                "{} chunk checksums for {} chunks",
+                self.chunk_checksums.len(),
+                chunks
+            ));
+        }
+        if self.activeset_prefix > self.page_count {
+            return bad("ActiveSet prefix longer than the page file".into());
+        }
+        let mut last_end = 0u64;
+        for run in &self.pages {
+            let end = run.vpn.checked_add(run.count);
+            match end {
+                Some(end) if run.vpn >= last_end && run.count > 0 => last_end = end,
+                _ => return bad(format!("page run at {:#x} out of order", run.vpn)),
+            }
+            if let PageSource::Stored { index } = run.source {
+                if index.checked_add(run.count).is_none_or(|e| e > self.page_count) {
+                    return bad(format!("page run at {:#x} beyond the page file", run.vpn));
+                }
+            }
+            if run.source == PageSource::Parent && self.parent.is_none() {
+                return bad("pages from a parent, but no parent".into());
+            }
+        }
+        if self.context.xsave.len() != 4096 {
+            return bad("FPU state is not 4096 bytes".into());
+        }
+        Ok(())
+    }
+
+    /// Bytes of the page file this manifest describes.
+    pub fn page_file_bytes(&self) -> u64 {
+        self.page_count * PAGE_SIZE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            id: "s1".into(),
+            page_count: 3,
+            chunk_pages: 2,
+            chunk_checksums: vec![1, 2],
+            activeset_prefix: 1,
+            pages: vec![
+                PageRun {
+                    vpn: 0x400,
+                    count: 3,
+                    source: PageSource::Stored { index: 0 },
+                },
+                PageRun {
+                    vpn: 0x500,
+                    count: 10,
+                    source: PageSource::Zero,
+                },
+            ],
+            context: UserContext {
+                xsave: vec![0; 4096],
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let manifest = sample();
+        assert_eq!(Manifest::decode(&manifest.encode()).unwrap(), manifest);
+    }
+
+    #[test]
+    fn refuses_damage_before_decoding() {
+        let bytes = sample().encode();
+        assert_eq!(
+            Manifest::decode(&bytes[..10]).unwrap_err(),
+            ManifestError::Truncated { have: 10, expected: 24 }
+        );
+        assert!(matches!(
+            Manifest::decode(&bytes[..bytes.len() - 1]).unwrap_err(),
+            ManifestError::Truncated { .. }
+        ));
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x40;
+        assert!(matches!(Manifest::decode(&flipped).unwrap_err(), ManifestError::Checksum { .. }));
+        let mut versioned = bytes.clone();
+        versioned[8] = 99;
+        assert_eq!(Manifest::decode(&versioned).unwrap_err(), ManifestError::Version { found: 99 });
+        let mut magic = bytes;
+        magic[0] = b'X';
+        assert_eq!(Manifest::decode(&magic).unwrap_err(), ManifestError::BadMagic);
+    }
+
+    #[test]
+    fn refuses_inconsistent_runs() {
+        let mut manifest = sample();
+        manifest.pages[0].source = PageSource::Stored { index: 2 };
+        assert!(matches!(
+            Manifest::decode(&manifest.encode()).unwrap_err(),
+            ManifestError::Inconsistent(_)
+        ));
+        let mut manifest = sample();
+        manifest.pages[1].vpn = 0x401;
+        assert!(matches!(manifest.validate().unwrap_err(), ManifestError::Inconsistent(_)));
+    }
+}

@@ -1,0 +1,17 @@
+//! Picoprocess snapshots: the on-disk format, and where snapshots are kept.
+//!
+//! A snapshot is *app-level*: the app's registers, memory areas and pages, files,
+//! signal state and clocks. The guest's own machinery (doorbell, GDT, IDT, page tables)
+//! is rebuilt by the VMM at restore, so a snapshot taken on kvm_pvm restores on hardware
+//! KVM and back. See README.md for the format.
+//!
+//! * [`format`]: the manifest (serde, postcard-encoded, checksummed, size-capped);
+//! * [`pagefile`]: the page file (4 KiB pages, ActiveSet first, zero pages omitted);
+//! * [`store`]: snapshot stores, with atomic commits.
+
+pub mod format;
+pub mod pagefile;
+pub mod store;
+
+pub use format::{Manifest, ManifestError};
+pub use store::{LocalStore, Store, StoreError};

@@ -1,0 +1,203 @@
+//! The page file: the stored pages of a snapshot, 4 KiB each, back to back, the ActiveSet
+//! first. It is written in large sequential writes and checksummed in chunks (CRC-32 per
+//! [`CHUNK_PAGES`] pages), so that a restore can verify just the parts it reads.
+
+use crate::format::{Manifest, PAGE_SIZE};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+/// Pages per checksummed chunk (256 KiB).
+pub const CHUNK_PAGES: u64 = 64;
+/// Bytes buffered before a write.
+const WRITE_BUFFER: usize = 4 << 20;
+
+/// Why a page file could not be written or verified.
+#[derive(Debug, thiserror::Error)]
+pub enum PageFileError {
+    /// A host I/O error.
+    #[error("{what} {path}")]
+    Io {
+        /// The step.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is shorter than its manifest says.
+    #[error("the page file is truncated: {have} bytes, expected {expected}")]
+    Truncated {
+        /// Bytes present.
+        have: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// A chunk does not match its checksum.
+    #[error("the page file is corrupt: chunk {chunk} (pages {first}..{end}) fails its checksum")]
+    Corrupt {
+        /// The chunk.
+        chunk: u64,
+        /// Its first page.
+        first: u64,
+        /// One past its last page.
+        end: u64,
+    },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PageFileError + 'a {
+    move |source| PageFileError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes a page file.
+#[derive(Debug)]
+pub struct PageFileWriter {
+    file: File,
+    path: std::path::PathBuf,
+    buffer: Vec<u8>,
+    pages: u64,
+    checksums: Vec<u32>,
+    hasher: crc32fast::Hasher,
+}
+
+impl PageFileWriter {
+    /// Creates (or truncates) the page file at `path`.
+    pub fn create(path: &Path) -> Result<Self, PageFileError> {
+        let file = File::create(path).map_err(io("creating", path))?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            buffer: Vec::with_capacity(WRITE_BUFFER),
+            pages: 0,
+            checksums: Vec::new(),
+            hasher: crc32fast::Hasher::new(),
+        })
+    }
+
+    /// Appends one page (exactly 4096 bytes) and returns its index.
+    pub fn push(&mut self, page: &[u8]) -> Result<u64, PageFileError> {
+        debug_assert_eq!(page.len() as u64, PAGE_SIZE);
+        self.hasher.update(page);
+        self.buffer.extend_from_slice(page);
+        let index = self.pages;
+        self.pages += 1;
+        if self.pages % CHUNK_PAGES == 0 {
+            let hasher = std::mem::replace(&mut self.hasher, crc32fast::Hasher::new());
+            self.checksums.push(hasher.finalize());
+        }
+        if self.buffer.len() >= WRITE_BUFFER {
+            self.flush_buffer()?;
+        }
+        Ok(index)
+    }
+
+    /// Pages written so far.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    fn flush_buffer(&mut self) -> Result<(), PageFileError> {
+        self.file
+            .write_all(&self.buffer)
+            .map_err(io("writing", &self.path))?;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Writes what is buffered, syncs the file to disk, and returns the page count and the
+    /// chunk checksums.
+    pub fn finish(mut self) -> Result<(u64, Vec<u32>), PageFileError> {
+        if self.pages % CHUNK_PAGES != 0 {
+            let hasher = std::mem::replace(&mut self.hasher, crc32fast::Hasher::new());
+            self.checksums.push(hasher.finalize());
+        }
+        self.flush_buffer()?;
+        self.file.sync_all().map_err(io("syncing", &self.path))?;
+        Ok((self.pages, self.checksums))
+    }
+}
+
+/// Checks that the page file at `path` has the size `manifest` says.
+pub fn check_size(path: &Path, manifest: &Manifest) -> Result<(), PageFileError> {
+    let have = std::fs::metadata(path)
+        .map_err(io("reading", path))?
+        .len();
+    let expected = manifest.page_file_bytes();
+    if have < expected {
+        return Err(PageFileError::Truncated { have, expected });
+    }
+    Ok(())
+}
+
+/// Verifies the chunks covering pages `[first, end)` of the page file at `path`.
+pub fn verify(path: &Path, manifest: &Manifest, first: u64, end: u64) -> Result<(), PageFileError> {
+    check_size(path, manifest)?;
+    let end = end.min(manifest.page_count);
+    if first >= end {
+        return Ok(());
+    }
+    let chunk_pages = manifest.chunk_pages.max(1);
+    let mut file = File::open(path).map_err(io("opening", path))?;
+    let mut buffer = vec![0u8; (chunk_pages * PAGE_SIZE) as usize];
+    for chunk in first / chunk_pages..end.div_ceil(chunk_pages) {
+        let start = chunk * chunk_pages;
+        let stop = (start + chunk_pages).min(manifest.page_count);
+        let bytes = ((stop - start) * PAGE_SIZE) as usize;
+        file.seek(SeekFrom::Start(start * PAGE_SIZE))
+            .map_err(io("reading", path))?;
+        file.read_exact(&mut buffer[..bytes])
+            .map_err(io("reading", path))?;
+        let expected = manifest.chunk_checksums.get(chunk as usize).copied();
+        if Some(crc32fast::hash(&buffer[..bytes])) != expected {
+            return Err(PageFileError::Corrupt {
+                chunk,
+                first: start,
+                end: stop,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_checksums_and_detects_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pages");
+        let mut writer = PageFileWriter::create(&path).unwrap();
+        for i in 0..(CHUNK_PAGES + 3) {
+            writer.push(&[i as u8; 4096]).unwrap();
+        }
+        let (pages, checksums) = writer.finish().unwrap();
+        assert_eq!(pages, CHUNK_PAGES + 3);
+        assert_eq!(checksums.len(), 2);
+        let manifest = Manifest {
+            page_count: pages,
+            chunk_pages: CHUNK_PAGES,
+            chunk_checksums: checksums,
+            ..Default::default()
+        };
+        verify(&path, &manifest, 0, pages).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[(CHUNK_PAGES * 4096 + 5) as usize] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        verify(&path, &manifest, 0, 1).unwrap();
+        assert!(matches!(
+            verify(&path, &manifest, 0, pages).unwrap_err(),
+            PageFileError::Corrupt { chunk: 1, .. }
+        ));
+        std::fs::write(&path, &bytes[..4096]).unwrap();
+        assert!(matches!(
+            verify(&path, &manifest, 0, 1).unwrap_err(),
+            PageFileError::Truncated { .. }
+        ));
+    }
+}

@@ -1,0 +1,326 @@
+//! Where snapshots are kept: the [`Store`] trait, and [`LocalStore`], a directory.
+//!
+//! A store holds one app's snapshots. Each snapshot `ID` is three objects: `ID.pages` (the
+//! page file), `ID.data` (an archive of the writable directories, optional) and
+//! `ID.manifest`; plus `HEAD`, the id of the newest snapshot. A commit writes the page file
+//! and data first, then the manifest, then HEAD, each atomically, so a crash at any point
+//! leaves HEAD naming a complete snapshot: the previous good one, or the new one.
+
+use crate::format::{Manifest, ManifestError};
+use std::path::{Path, PathBuf};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A host I/O error.
+    #[error("{what} {path}")]
+    Io {
+        /// The step.
+        what: &'static str,
+        /// The object.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store holds no snapshot.
+    #[error("no snapshot in {0}")]
+    Empty(String),
+    /// A snapshot id the store does not hold.
+    #[error("snapshot {id} is not in {store}")]
+    Missing {
+        /// The id.
+        id: String,
+        /// The store.
+        store: String,
+    },
+    /// A manifest was refused.
+    #[error("snapshot {id}: {source}")]
+    Manifest {
+        /// The id.
+        id: String,
+        /// Why.
+        #[source]
+        source: ManifestError,
+    },
+    /// An id with characters a key may not hold.
+    #[error("bad snapshot id {0:?}")]
+    BadId(String),
+    /// A remote store failed.
+    #[error("{0}")]
+    Remote(String),
+}
+
+/// A place that keeps one app's snapshots.
+pub trait Store: Send + Sync {
+    /// Where this is, for messages.
+    fn describe(&self) -> String;
+    /// The id of the newest snapshot, if any.
+    fn head(&self) -> Result<Option<String>, StoreError>;
+    /// Reads and checks a snapshot's manifest.
+    fn manifest(&self, id: &str) -> Result<Manifest, StoreError>;
+    /// Stores a snapshot whose page file and data archive are local files (consumed), then
+    /// makes it the newest.
+    fn commit(&self, manifest: &Manifest, pages: &Path, data: Option<&Path>) -> Result<(), StoreError>;
+    /// A local path to the page file of `id` (fetched first if the store is remote).
+    fn page_file(&self, id: &str) -> Result<PathBuf, StoreError>;
+    /// A local path to the data archive of `id`, if it has one.
+    fn data_archive(&self, id: &str) -> Result<Option<PathBuf>, StoreError>;
+    /// Ids of every snapshot held.
+    fn list(&self) -> Result<Vec<String>, StoreError>;
+    /// Removes a snapshot's objects.
+    fn remove(&self, id: &str) -> Result<(), StoreError>;
+    /// Bytes the store holds for `id` (page file + data + manifest).
+    fn size(&self, id: &str) -> Result<u64, StoreError>;
+}
+
+/// Checks that `id` is safe as a file name or key.
+pub fn check_id(id: &str) -> Result<(), StoreError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !id.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::BadId(id.to_string()))
+    }
+}
+
+/// A new snapshot id: time-ordered and unique.
+pub fn new_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut random = [0u8; 4];
+    // SAFETY: getrandom writes at most `random.len()` bytes into `random`.
+    let _ = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
+    format!(
+        "{}-{:06}-{:08x}",
+        now.as_secs(),
+        now.subsec_micros(),
+        u32::from_le_bytes(random)
+    )
+}
+
+/// A store in a local directory.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    dir: PathBuf,
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl LocalStore {
+    /// A store in `dir`, created if missing.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn object(&self, id: &str, kind: &str) -> Result<PathBuf, StoreError> {
+        check_id(id)?;
+        Ok(self.dir.join(format!("{id}.{kind}")))
+    }
+
+    /// A temporary path in the store, on its filesystem, for a file to be committed.
+    pub fn scratch(&self, id: &str, kind: &str) -> Result<PathBuf, StoreError> {
+        check_id(id)?;
+        Ok(self.dir.join(format!(".{id}.{kind}.tmp")))
+    }
+
+    /// Writes `bytes` to `path` atomically (a temporary file, synced, then renamed).
+    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+        let tmp = path.with_extension("tmp-write");
+        std::fs::write(&tmp, bytes).map_err(io("writing", &tmp))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io("syncing", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(io("renaming", path))?;
+        Ok(())
+    }
+
+    /// Moves (or copies) a local file into the store as `path`.
+    fn adopt(&self, source: &Path, path: &Path) -> Result<(), StoreError> {
+        if std::fs::rename(source, path).is_err() {
+            std::fs::copy(source, path).map_err(io("copying", source))?;
+            let _ = std::fs::remove_file(source);
+        }
+        Ok(())
+    }
+
+    fn sync_dir(&self) {
+        if let Ok(dir) = std::fs::File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+    }
+}
+
+impl Store for LocalStore {
+    fn describe(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn head(&self) -> Result<Option<String>, StoreError> {
+        let path = self.dir.join("HEAD");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let id = text.trim().to_string();
+                check_id(&id)?;
+                Ok(Some(id))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("reading", &path)(e)),
+        }
+    }
+
+    fn manifest(&self, id: &str) -> Result<Manifest, StoreError> {
+        let path = self.object(id, "manifest")?;
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Missing {
+                    id: id.to_string(),
+                    store: self.describe(),
+                })
+            }
+            Err(e) => return Err(io("reading", &path)(e)),
+        };
+        Manifest::decode(&bytes).map_err(|source| StoreError::Manifest {
+            id: id.to_string(),
+            source,
+        })
+    }
+
+    fn commit(&self, manifest: &Manifest, pages: &Path, data: Option<&Path>) -> Result<(), StoreError> {
+        let id = &manifest.id;
+        self.adopt(pages, &self.object(id, "pages")?)?;
+        if let Some(data) = data {
+            self.adopt(data, &self.object(id, "data")?)?;
+        }
+        self.sync_dir();
+        self.write_atomic(&self.object(id, "manifest")?, &manifest.encode())?;
+        self.write_atomic(&self.dir.join("HEAD"), format!("{id}\n").as_bytes())?;
+        self.sync_dir();
+        Ok(())
+    }
+
+    fn page_file(&self, id: &str) -> Result<PathBuf, StoreError> {
+        self.object(id, "pages")
+    }
+
+    fn data_archive(&self, id: &str) -> Result<Option<PathBuf>, StoreError> {
+        let path = self.object(id, "data")?;
+        Ok(path.exists().then_some(path))
+    }
+
+    fn list(&self) -> Result<Vec<String>, StoreError> {
+        let mut ids: Vec<String> = std::fs::read_dir(&self.dir)
+            .map_err(io("listing", &self.dir))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".manifest").map(str::to_string)
+            })
+            .filter(|id| check_id(id).is_ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn remove(&self, id: &str) -> Result<(), StoreError> {
+        for kind in ["manifest", "pages", "data"] {
+            let path = self.object(id, kind)?;
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("removing", &path)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn size(&self, id: &str) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for kind in ["manifest", "pages", "data"] {
+            if let Ok(meta) = std::fs::metadata(self.object(id, kind)?) {
+                total += meta.len();
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// The chain of manifests from `id` back to its first full snapshot, newest first.
+pub fn chain(store: &dyn Store, id: &str) -> Result<Vec<Manifest>, StoreError> {
+    let mut chain = vec![store.manifest(id)?];
+    while let Some(parent) = chain.last().and_then(|m| m.parent.clone()) {
+        if chain.len() > 1000 || chain.iter().any(|m| m.id == parent) {
+            return Err(StoreError::Manifest {
+                id: parent,
+                source: ManifestError::Inconsistent("the parent chain loops".into()),
+            });
+        }
+        chain.push(store.manifest(&parent)?);
+    }
+    Ok(chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::UserContext;
+
+    fn manifest(id: &str, parent: Option<&str>) -> Manifest {
+        Manifest {
+            id: id.into(),
+            parent: parent.map(str::to_string),
+            context: UserContext {
+                xsave: vec![0; 4096],
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn commit_makes_a_snapshot_the_head_and_chains_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        assert_eq!(store.head().unwrap(), None);
+        for (id, parent) in [("a", None), ("b", Some("a"))] {
+            let pages = store.scratch(id, "pages").unwrap();
+            std::fs::write(&pages, b"").unwrap();
+            store.commit(&manifest(id, parent), &pages, None).unwrap();
+        }
+        assert_eq!(store.head().unwrap().as_deref(), Some("b"));
+        let ids: Vec<String> = chain(&store, "b").unwrap().into_iter().map(|m| m.id).collect();
+        assert_eq!(ids, ["b", "a"]);
+        assert_eq!(store.list().unwrap(), ["a", "b"]);
+        store.remove("a").unwrap();
+        assert!(matches!(chain(&store, "b").unwrap_err(), StoreError::Missing { .. }));
+    }
+
+    #[test]
+    fn ids_cannot_escape_the_store() {
+        for bad in ["", "../x", "a/b", ".hidden"] {
+            assert!(check_id(bad).is_err(), "{bad}");
+        }
+        assert!(check_id(&new_id()).is_ok());
+    }
+}

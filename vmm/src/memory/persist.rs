@@ -1,0 +1,142 @@
+//! What snapshots need from the address space: its pages as the page tables say, page
+//! contents, and rebuilding areas and entries at restore.
+
+use super::AddressSpace;
+use crate::memory::paging::*;
+use crate::memory::vma::Vma;
+use crate::memory::UserAddr;
+use rustix::io::Errno;
+use std::os::fd::BorrowedFd;
+
+const PAGE: u64 = 4096;
+
+/// One page the app has, as its leaf entry describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageState {
+    /// Its virtual address.
+    pub va: u64,
+    /// The guest-physical frame.
+    pub frame: u64,
+    /// The app (or the VMM on its behalf) read or wrote it since the tables were built.
+    pub accessed: bool,
+    /// It was written since the tables were built.
+    pub dirty: bool,
+    /// It still holds what the snapshot the app was restored from had there.
+    pub restored: bool,
+}
+
+impl AddressSpace {
+    /// Every page that has a frame, in address order.
+    pub fn pages(&mut self) -> Result<Vec<PageState>, Errno> {
+        let ranges: Vec<(u64, u64)> = self.vmas.iter().map(|v| (v.start, v.end)).collect();
+        let mut pages = Vec::new();
+        for (start, end) in ranges {
+            for (va, pte) in self.tables.leaves(&self.phys, start, end)? {
+                if pte & PTE_OWNED == 0 {
+                    continue;
+                }
+                pages.push(PageState {
+                    va,
+                    frame: pte & PTE_FRAME,
+                    accessed: pte & PTE_ACCESSED != 0,
+                    dirty: pte & PTE_DIRTY != 0,
+                    restored: pte & PTE_RESTORED != 0,
+                });
+            }
+        }
+        Ok(pages)
+    }
+
+    /// Copies the frame at `gpa` into `page`.
+    pub fn read_frame(&self, gpa: u64, page: &mut [u8]) -> Result<(), Errno> {
+        self.phys.read(gpa, page).map_err(|_| Errno::FAULT)
+    }
+
+    /// The heap's start and the break.
+    pub fn brk_state(&self) -> (u64, u64) {
+        (self.brk_start, self.brk)
+    }
+
+    /// Adds an area as a snapshot recorded it, without populating it.
+    pub fn restore_vma(&mut self, vma: Vma) -> Result<(), Errno> {
+        if vma.start % PAGE != 0 || vma.end % PAGE != 0 || vma.start >= vma.end {
+            return Err(Errno::INVAL);
+        }
+        if !self.vmas.is_free(vma.start, vma.end) {
+            return Err(Errno::EXIST);
+        }
+        self.vmas.insert(vma);
+        Ok(())
+    }
+
+    /// Makes the page file `file` (`pages` pages) guest memory: a private mapping over
+    /// contiguous frames. Returns the first frame.
+    pub fn attach_page_file(&mut self, file: BorrowedFd<'_>, pages: u64) -> Result<u64, Errno> {
+        if pages == 0 {
+            return Ok(0);
+        }
+        let base = self.frames.alloc_run(pages).ok_or(Errno::NOMEM)?;
+        self.phys
+            .map_file(base, pages * PAGE, file, 0)
+            .map_err(|_| Errno::NOMEM)?;
+        Ok(base)
+    }
+
+    /// Maps `va` to `frame` (a frame of an attached page file) with its area's protection.
+    /// `accessed` presets the A bit (kvm_pvm then maps 8 pages per fault around it).
+    pub fn map_restored(&mut self, va: u64, frame: u64, accessed: bool) -> Result<(), Errno> {
+        let prot = self.vmas.get(va).map(|v| v.prot).ok_or(Errno::FAULT)?;
+        let mut pte = frame | self.leaf_flags(prot) | PTE_RESTORED;
+        if accessed {
+            pte |= PTE_ACCESSED;
+        }
+        Ok(self.tables.set(&self.phys, va, pte)?)
+    }
+
+    /// Gives `va` a fresh zero frame.
+    pub fn map_zero(&mut self, va: u64) -> Result<(), Errno> {
+        let prot = self.vmas.get(va).map(|v| v.prot).ok_or(Errno::FAULT)?;
+        let frame = self.frames.alloc().ok_or(Errno::NOMEM)?;
+        let pte = frame | self.leaf_flags(prot) | PTE_RESTORED;
+        Ok(self.tables.set(&self.phys, va, pte)?)
+    }
+
+    /// Fills `va` from its area's file, as when it was first touched.
+    pub fn map_from_file(&mut self, va: u64) -> Result<(), Errno> {
+        self.populate(va, va + PAGE)?;
+        let pte = self.tables.get(&self.phys, va)?;
+        Ok(self.tables.set(&self.phys, va, pte | PTE_RESTORED)?)
+    }
+
+    /// Brings `[gpa, gpa + len)` into memory now, writable (MADV_POPULATE_WRITE), so that
+    /// the first touches do not go to the page cache or disk.
+    pub fn prefault(&self, gpa: u64, len: u64) -> Result<(), Errno> {
+        self.phys
+            .populate_write(gpa, len)
+            .map_err(|_| Errno::NOMEM)
+    }
+
+    /// After a snapshot of a running app: every page now holds what that snapshot has, so
+    /// the next one can be an increment of it. Clears the Dirty bits, which needs every
+    /// translation dropped (a cached writable translation would not set D again).
+    pub fn mark_saved(&mut self) -> Result<(), Errno> {
+        for page in self.pages()? {
+            let pte = self.tables.get(&self.phys, page.va)?;
+            self.tables
+                .set(&self.phys, page.va, (pte & !PTE_DIRTY) | PTE_RESTORED)?;
+        }
+        self.stale.overflow = true;
+        Ok(())
+    }
+
+    /// Restores the break.
+    pub fn restore_brk(&mut self, start: u64, brk: u64) {
+        self.brk_start = start;
+        self.brk = brk;
+    }
+
+    /// Writes `data` at `addr` whatever the protection (restoring the app's own stores).
+    pub fn restore_bytes(&mut self, addr: u64, data: &[u8]) -> Result<(), Errno> {
+        self.poke(UserAddr(addr), data)
+    }
+}
