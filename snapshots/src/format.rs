@@ -41,7 +41,9 @@ pub enum ManifestError {
     #[error("the snapshot manifest claims {0} bytes, over the {MAX_MANIFEST_SIZE}-byte limit")]
     TooLarge(u64),
     /// The payload does not match its checksum.
-    #[error("the snapshot manifest is corrupt (checksum {found:#010x}, expected {expected:#010x})")]
+    #[error(
+        "the snapshot manifest is corrupt (checksum {found:#010x}, expected {expected:#010x})"
+    )]
     Checksum {
         /// The checksum computed.
         found: u32,
@@ -469,7 +471,10 @@ impl Manifest {
                 _ => return bad(format!("page run at {:#x} out of order", run.vpn)),
             }
             if let PageSource::Stored { index } = run.source {
-                if index.checked_add(run.count).is_none_or(|e| e > self.page_count) {
+                if index
+                    .checked_add(run.count)
+                    .is_none_or(|e| e > self.page_count)
+                {
                     return bad(format!("page run at {:#x} beyond the page file", run.vpn));
                 }
             }
@@ -531,7 +536,10 @@ mod tests {
         let bytes = sample().encode();
         assert_eq!(
             Manifest::decode(&bytes[..10]).unwrap_err(),
-            ManifestError::Truncated { have: 10, expected: 24 }
+            ManifestError::Truncated {
+                have: 10,
+                expected: 24
+            }
         );
         assert!(matches!(
             Manifest::decode(&bytes[..bytes.len() - 1]).unwrap_err(),
@@ -540,13 +548,22 @@ mod tests {
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x40;
-        assert!(matches!(Manifest::decode(&flipped).unwrap_err(), ManifestError::Checksum { .. }));
+        assert!(matches!(
+            Manifest::decode(&flipped).unwrap_err(),
+            ManifestError::Checksum { .. }
+        ));
         let mut versioned = bytes.clone();
         versioned[8] = 99;
-        assert_eq!(Manifest::decode(&versioned).unwrap_err(), ManifestError::Version { found: 99 });
+        assert_eq!(
+            Manifest::decode(&versioned).unwrap_err(),
+            ManifestError::Version { found: 99 }
+        );
         let mut magic = bytes;
         magic[0] = b'X';
-        assert_eq!(Manifest::decode(&magic).unwrap_err(), ManifestError::BadMagic);
+        assert_eq!(
+            Manifest::decode(&magic).unwrap_err(),
+            ManifestError::BadMagic
+        );
     }
 
     #[test]
@@ -559,6 +576,9 @@ mod tests {
         ));
         let mut manifest = sample();
         manifest.pages[1].vpn = 0x401;
-        assert!(matches!(manifest.validate().unwrap_err(), ManifestError::Inconsistent(_)));
+        assert!(matches!(
+            manifest.validate().unwrap_err(),
+            ManifestError::Inconsistent(_)
+        ));
     }
 }

@@ -9,6 +9,7 @@
 //! * [`pagefile`]: the page file (4 KiB pages, ActiveSet first, zero pages omitted);
 //! * [`store`]: snapshot stores, with atomic commits.
 
+pub mod compact;
 pub mod format;
 pub mod pagefile;
 pub mod store;

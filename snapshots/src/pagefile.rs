@@ -124,9 +124,7 @@ impl PageFileWriter {
 
 /// Checks that the page file at `path` has the size `manifest` says.
 pub fn check_size(path: &Path, manifest: &Manifest) -> Result<(), PageFileError> {
-    let have = std::fs::metadata(path)
-        .map_err(io("reading", path))?
-        .len();
+    let have = std::fs::metadata(path).map_err(io("reading", path))?.len();
     let expected = manifest.page_file_bytes();
     if have < expected {
         return Err(PageFileError::Truncated { have, expected });

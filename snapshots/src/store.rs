@@ -61,7 +61,12 @@ pub trait Store: Send + Sync {
     fn manifest(&self, id: &str) -> Result<Manifest, StoreError>;
     /// Stores a snapshot whose page file and data archive are local files (consumed), then
     /// makes it the newest.
-    fn commit(&self, manifest: &Manifest, pages: &Path, data: Option<&Path>) -> Result<(), StoreError>;
+    fn commit(
+        &self,
+        manifest: &Manifest,
+        pages: &Path,
+        data: Option<&Path>,
+    ) -> Result<(), StoreError>;
     /// A local path to the page file of `id` (fetched first if the store is remote).
     fn page_file(&self, id: &str) -> Result<PathBuf, StoreError>;
     /// A local path to the data archive of `id`, if it has one.
@@ -72,6 +77,9 @@ pub trait Store: Send + Sync {
     fn remove(&self, id: &str) -> Result<(), StoreError>;
     /// Bytes the store holds for `id` (page file + data + manifest).
     fn size(&self, id: &str) -> Result<u64, StoreError>;
+    /// A local path where a file for snapshot `id` (`kind`: "pages", "data") can be
+    /// written before [`Store::commit`] takes it.
+    fn scratch(&self, id: &str, kind: &str) -> Result<PathBuf, StoreError>;
 }
 
 /// Checks that `id` is safe as a file name or key.
@@ -138,12 +146,6 @@ impl LocalStore {
         Ok(self.dir.join(format!("{id}.{kind}")))
     }
 
-    /// A temporary path in the store, on its filesystem, for a file to be committed.
-    pub fn scratch(&self, id: &str, kind: &str) -> Result<PathBuf, StoreError> {
-        check_id(id)?;
-        Ok(self.dir.join(format!(".{id}.{kind}.tmp")))
-    }
-
     /// Writes `bytes` to `path` atomically (a temporary file, synced, then renamed).
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         let tmp = path.with_extension("tmp-write");
@@ -207,7 +209,12 @@ impl Store for LocalStore {
         })
     }
 
-    fn commit(&self, manifest: &Manifest, pages: &Path, data: Option<&Path>) -> Result<(), StoreError> {
+    fn commit(
+        &self,
+        manifest: &Manifest,
+        pages: &Path,
+        data: Option<&Path>,
+    ) -> Result<(), StoreError> {
         let id = &manifest.id;
         self.adopt(pages, &self.object(id, "pages")?)?;
         if let Some(data) = data {
@@ -253,6 +260,11 @@ impl Store for LocalStore {
             }
         }
         Ok(())
+    }
+
+    fn scratch(&self, id: &str, kind: &str) -> Result<PathBuf, StoreError> {
+        check_id(id)?;
+        Ok(self.dir.join(format!(".{id}.{kind}.tmp")))
     }
 
     fn size(&self, id: &str) -> Result<u64, StoreError> {
@@ -309,11 +321,18 @@ mod tests {
             store.commit(&manifest(id, parent), &pages, None).unwrap();
         }
         assert_eq!(store.head().unwrap().as_deref(), Some("b"));
-        let ids: Vec<String> = chain(&store, "b").unwrap().into_iter().map(|m| m.id).collect();
+        let ids: Vec<String> = chain(&store, "b")
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
         assert_eq!(ids, ["b", "a"]);
         assert_eq!(store.list().unwrap(), ["a", "b"]);
         store.remove("a").unwrap();
-        assert!(matches!(chain(&store, "b").unwrap_err(), StoreError::Missing { .. }));
+        assert!(matches!(
+            chain(&store, "b").unwrap_err(),
+            StoreError::Missing { .. }
+        ));
     }
 
     #[test]

@@ -19,13 +19,13 @@ pub struct StateDir {
         default_value = DEFAULT_STATE_DIR,
         global = true
     )]
-    dir: PathBuf,
+    state_dir: PathBuf,
 }
 
 impl StateDir {
     /// The state directory (also the image cache's `cache_dir`).
     pub fn state_dir(&self) -> &Path {
-        &self.dir
+        &self.state_dir
     }
 }
 

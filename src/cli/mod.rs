@@ -1,7 +1,9 @@
 //! Command-line definitions and dispatch.
 
 mod image;
+mod ps;
 mod run;
+mod snapshot;
 mod stop;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +34,10 @@ pub enum Command {
     Image(image::ImageArgs),
     /// Stop a running app: SIGTERM, then SIGKILL after a grace period.
     Stop(stop::StopArgs),
+    /// List the running apps of this host, with their memory.
+    Ps(ps::PsArgs),
+    /// Snapshot a running app, bring one back, inspect or compact snapshots.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 /// Sets up tracing to stderr.
@@ -56,5 +62,18 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(args) => run::run(args),
         Command::Image(args) => image::image(args),
         Command::Stop(args) => stop::stop(args),
+        Command::Ps(args) => ps::ps(args),
+        Command::Snapshot(args) => snapshot::snapshot(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -268,39 +268,35 @@ fn environment(base: &[String], settings: &[String]) -> anyhow::Result<Vec<Strin
     Ok(env)
 }
 
-/// Builds the picoprocess with its control socket at `<run_dir>/<name>.sock`. A name the
-/// user chose must be free; a default one gets a numeric suffix when taken.
-fn start(mut config: Config, run_dir: &Path, explicit_name: bool) -> anyhow::Result<Picoprocess> {
+/// Builds a picoprocess with `build`, its control socket at `<run_dir>/<name>.sock`. A
+/// name the user chose must be free; a default one gets a numeric suffix when taken.
+pub(super) fn start(
+    mut config: Config,
+    run_dir: &Path,
+    explicit_name: bool,
+    mut build: impl FnMut(&Config) -> Result<Picoprocess, picocenter_vmm::VmmError>,
+) -> anyhow::Result<Picoprocess> {
     let base = config.name.clone();
     for attempt in 1.. {
         if attempt > 1 {
             config.name = format!("{base}-{attempt}");
         }
         config.control_socket = Some(run_dir.join(format!("{}.sock", config.name)));
-        match Picoprocess::new(&config) {
+        match build(&config) {
             Err(picocenter_vmm::VmmError::Control(
                 picocenter_vmm::control::ControlError::NameInUse(_),
             )) if !explicit_name && attempt < 1000 => continue,
-            other => return other.with_context(|| format!("starting {}", config.program)),
+            other => return other.with_context(|| format!("starting {}", config.name)),
         }
     }
     unreachable!("the loop returns")
 }
 
-/// Runs the app and returns the exit status.
-pub fn run(args: RunArgs) -> anyhow::Result<i32> {
-    let app = match (&args.image, &args.program) {
-        (Some(image), _) => App::from_image(&args, image)?,
-        (None, Some(program)) => App::from_program(&args, program)?,
-        (None, None) => bail!("give a PROGRAM to run, or --image"),
-    };
-    if app.memory == 0 || !app.memory.is_multiple_of(2) {
-        bail!("--memory must be a positive, even number of MiB");
-    }
-    if !app.root.is_dir() {
-        bail!("--root {} is not a directory", app.root.display());
-    }
-    let (_temp_data, data_dir) = match &args.app.data_dir {
+/// A data directory: the one given, or a temporary one removed when the app ends.
+pub(super) fn data_dir(
+    given: Option<&PathBuf>,
+) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
+    Ok(match given {
         Some(dir) => (None, dir.clone()),
         None => {
             let temp = tempfile::Builder::new()
@@ -310,25 +306,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             let path = temp.path().to_path_buf();
             (Some(temp), path)
         }
-    };
-    let config = Config {
-        writable: writable_dirs(&app, &data_dir)?,
-        env: environment(&app.env, &args.app.env)?,
-        program: app.program,
-        argv: app.argv,
-        root: app.root,
-        memory_mib: app.memory,
-        cwd: app.cwd,
-        name: app.name.clone(),
-        trace_syscalls: args.trace_syscalls,
-        address: app.address,
-        allow_outbound: args.app.allow_outbound,
-        control_socket: None,
-        mailbox: !args.no_mailbox,
-        doorbell_time: !args.no_doorbell_time,
-    };
-    let explicit_name = args.app.name.is_some() || args.image.is_some();
-    let mut picoprocess = start(config, &args.state.state_dir().join("run"), explicit_name)?;
+    })
+}
+
+/// Runs a built picoprocess to its end and returns the exit status: signals forwarded, the
+/// time limit enforced, the outcome reported.
+pub(super) fn execute(mut picoprocess: Picoprocess, timeout: Option<f64>) -> anyhow::Result<i32> {
     let name = picoprocess.name().to_string();
     picocenter_vmm::kvm::kick::forward_host_signals(&picoprocess.kicker())
         .context("forwarding signals to the app")?;
@@ -336,7 +319,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         platform = picoprocess.platform().describe(),
         "running {name}"
     );
-    if let Some(secs) = args.timeout {
+    if let Some(secs) = timeout {
         let kicker = picoprocess.kicker();
         let limit = Duration::try_from_secs_f64(secs).context("--timeout must be positive")?;
         std::thread::spawn(move || {
@@ -362,6 +345,46 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         RunOutcome::TimedOut => {
             eprintln!("picocenter: {name}: stopped after the --timeout");
         }
+        RunOutcome::Snapshotted(id) => {
+            eprintln!("picocenter: {name}: snapshotted as {id} and stopped");
+        }
     }
     Ok(outcome.exit_status())
+}
+
+/// Runs the app and returns the exit status.
+pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let app = match (&args.image, &args.program) {
+        (Some(image), _) => App::from_image(&args, image)?,
+        (None, Some(program)) => App::from_program(&args, program)?,
+        (None, None) => bail!("give a PROGRAM to run, or --image"),
+    };
+    if app.memory == 0 || !app.memory.is_multiple_of(2) {
+        bail!("--memory must be a positive, even number of MiB");
+    }
+    if !app.root.is_dir() {
+        bail!("--root {} is not a directory", app.root.display());
+    }
+    let (_temp_data, data_dir) = data_dir(args.app.data_dir.as_ref())?;
+    let config = Config {
+        writable: writable_dirs(&app, &data_dir)?,
+        env: environment(&app.env, &args.app.env)?,
+        program: app.program,
+        argv: app.argv,
+        root: app.root,
+        memory_mib: app.memory,
+        cwd: app.cwd,
+        name: app.name.clone(),
+        trace_syscalls: args.trace_syscalls,
+        address: app.address,
+        allow_outbound: args.app.allow_outbound,
+        control_socket: None,
+        mailbox: !args.no_mailbox,
+        doorbell_time: !args.no_doorbell_time,
+        image: app.image.as_ref().map(|i| i.meta.name.clone()),
+    };
+    let explicit_name = args.app.name.is_some() || args.image.is_some();
+    let run_dir = args.state.state_dir().join("run");
+    let picoprocess = start(config, &run_dir, explicit_name, Picoprocess::new)?;
+    execute(picoprocess, args.timeout)
 }

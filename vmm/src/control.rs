@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `{"op":"stats"}` | name, pid, state, memory and exit counters |
 //! | `{"op":"stop","grace_ms":N}` | SIGTERM to the app; after N ms, SIGKILL |
+//! | `{"op":"snapshot","dir":D,"stop":B,"full":B}` | a snapshot into the store at D (then the app ends if B) |
 //!
 //! The socket lives as long as the picoprocess: a client that asked for `stop` knows the
 //! app is gone when the connection closes.
@@ -29,6 +30,49 @@ pub enum Request {
         /// Milliseconds between SIGTERM and SIGKILL.
         grace_ms: u64,
     },
+    /// Snapshot the app into the local store at `dir`.
+    Snapshot {
+        /// The store directory.
+        dir: PathBuf,
+        /// End the app once the snapshot is safe.
+        #[serde(default)]
+        stop: bool,
+        /// Write every page, even if an increment of the last snapshot would do.
+        #[serde(default)]
+        full: bool,
+    },
+}
+
+/// Work the control socket hands to the vCPU thread, which does it at a clean point.
+#[derive(Debug)]
+pub enum PendingOp {
+    /// Take a snapshot; the reply is a JSON line.
+    Snapshot {
+        /// The store directory.
+        dir: PathBuf,
+        /// End the app afterwards.
+        stop: bool,
+        /// No increment.
+        full: bool,
+        /// Where the answer goes.
+        reply: std::sync::mpsc::Sender<serde_json::Value>,
+    },
+}
+
+/// The queue of [`PendingOp`]s.
+#[derive(Debug, Default)]
+pub struct PendingOps(std::sync::Mutex<Vec<PendingOp>>);
+
+impl PendingOps {
+    /// Queues an op.
+    pub fn push(&self, op: PendingOp) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(op);
+    }
+
+    /// Takes every queued op.
+    pub fn take(&self) -> Vec<PendingOp> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// Counters the run loop publishes for the control socket.
@@ -94,6 +138,7 @@ impl ControlServer {
         name: &str,
         kicker: Kicker,
         stats: Arc<LiveStats>,
+        ops: Arc<PendingOps>,
     ) -> Result<Self, ControlError> {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
@@ -125,7 +170,8 @@ impl ControlServer {
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
                     let (kicker, stats, name) = (kicker.clone(), stats.clone(), name.clone());
-                    std::thread::spawn(move || serve(stream, &kicker, &stats, &name));
+                    let ops = ops.clone();
+                    std::thread::spawn(move || serve(stream, &kicker, &stats, &ops, &name));
                 }
             })
             .map_err(bind_error)?;
@@ -142,7 +188,7 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, name: &str) {
+fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, ops: &PendingOps, name: &str) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -168,6 +214,19 @@ fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, name: &str) {
                     kicker.kick(reason::STOP);
                 });
                 serde_json::json!({"ok": true, "stopping": true})
+            }
+            Ok(Request::Snapshot { dir, stop, full }) => {
+                let (reply, answer) = std::sync::mpsc::channel();
+                ops.push(PendingOp::Snapshot {
+                    dir,
+                    stop,
+                    full,
+                    reply,
+                });
+                kicker.kick(reason::PAUSE);
+                answer.recv().unwrap_or_else(|_| {
+                    serde_json::json!({"ok": false, "error": "the app ended before the snapshot"})
+                })
             }
             Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
         };

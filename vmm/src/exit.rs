@@ -3,7 +3,7 @@
 //! Three kinds of exit matter: the doorbell (a syscall), an exception stub (a fault, which
 //! may be a demand page fault to serve), and a kick (a timeout or an operator's request).
 
-use crate::control::LiveStats;
+use crate::control::{LiveStats, PendingOp, PendingOps};
 use crate::kvm::kick::{reason, Kicker};
 use crate::kvm::system::kernel_stack_top;
 use crate::kvm::vcpu::Exit;
@@ -36,6 +36,8 @@ pub enum RunOutcome {
     },
     /// The run's time limit passed.
     TimedOut,
+    /// It was snapshotted and stopped; it lives on in the snapshot with this id.
+    Snapshotted(String),
 }
 
 impl RunOutcome {
@@ -46,6 +48,7 @@ impl RunOutcome {
             RunOutcome::Exited(code) => *code,
             RunOutcome::Killed { signal, .. } => 128 + signal,
             RunOutcome::TimedOut => 124,
+            RunOutcome::Snapshotted(_) => 0,
         }
     }
 }
@@ -179,6 +182,7 @@ impl Picoprocess {
             p,
             stats: &mut self.stats,
             live: &self.live,
+            ops: &self.ops,
             poller: self.poller.as_ref(),
         }
     }
@@ -192,7 +196,7 @@ impl Picoprocess {
                 // mailbox poller only touches it while the guest waits for an answer.
                 let mut p = lock(&process);
                 let mut x = self.exits(&mut p);
-                if let Some(outcome) = x.take_kicks() {
+                if let Some(outcome) = x.take_kicks()? {
                     return Ok(outcome);
                 }
                 if let Some(outcome) = x.deliver_signals()? {
@@ -252,6 +256,7 @@ struct Exits<'a> {
     p: &'a mut Process,
     stats: &'a mut ExitStats,
     live: &'a LiveStats,
+    ops: &'a PendingOps,
     poller: Option<&'a Poller>,
 }
 
@@ -265,22 +270,76 @@ impl Exits<'_> {
         self.live.frames_total.store(memory.frames_total, Relaxed);
     }
 
-    /// Acts on kicks that arrived; the app is at a clean point here.
-    fn take_kicks(&mut self) -> Option<RunOutcome> {
+    /// Acts on kicks that arrived; the app is outside any syscall here.
+    fn take_kicks(&mut self) -> Result<Option<RunOutcome>, VmmError> {
         let pending = self.p.kicker.pending();
         if pending & reason::TIMEOUT != 0 {
-            return Some(RunOutcome::TimedOut);
+            return Ok(Some(RunOutcome::TimedOut));
         }
         if pending & reason::STOP != 0 {
-            return Some(RunOutcome::Killed {
+            return Ok(Some(RunOutcome::Killed {
                 signal: libc::SIGKILL,
                 report: "stopped by the operator".into(),
-            });
+            }));
         }
         if pending & reason::SIGNAL != 0 {
             self.p.absorb_external_signals();
         }
-        None
+        if pending & reason::PAUSE != 0 {
+            if self.in_doorbell() {
+                self.retry_soon(reason::PAUSE);
+            } else {
+                self.p.kicker.clear(reason::PAUSE);
+                for op in self.ops.take() {
+                    if let Some(outcome) = self.perform(op)? {
+                        return Ok(Some(outcome));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Does what the control socket asked, with the app at a clean point.
+    fn perform(&mut self, op: PendingOp) -> Result<Option<RunOutcome>, VmmError> {
+        match op {
+            PendingOp::Snapshot {
+                dir,
+                stop,
+                full,
+                reply,
+            } => {
+                let result = picocenter_snapshots::LocalStore::open(&dir)
+                    .map_err(crate::persist::PersistError::from)
+                    .and_then(|store| {
+                        let manifest = crate::persist::capture(self.vcpu, self.p, &store, full)?;
+                        if !stop {
+                            crate::persist::saved(self.p, &store, &manifest)?;
+                        }
+                        Ok(manifest)
+                    });
+                match result {
+                    Ok(manifest) => {
+                        let _ = reply.send(serde_json::json!({
+                            "ok": true,
+                            "id": manifest.id,
+                            "parent": manifest.parent,
+                            "stats": manifest.stats,
+                            "stopped": stop,
+                        }));
+                        if stop {
+                            return Ok(Some(RunOutcome::Snapshotted(manifest.id)));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("snapshot failed: {e}");
+                        let _ =
+                            reply.send(serde_json::json!({"ok": false, "error": format!("{e:#}")}));
+                    }
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// Delivers every pending signal the app does not block: runs its default action or
@@ -289,7 +348,7 @@ impl Exits<'_> {
         if self.p.signals.deliverable().is_some() && self.in_doorbell() {
             // The doorbell's own registers and scratch slots are in use: let it finish its
             // call (a few microseconds) and try again then.
-            self.retry_soon();
+            self.retry_soon(reason::SIGNAL);
             return Ok(None);
         }
         while let Some(signal) = self.p.signals.deliverable() {
@@ -324,12 +383,12 @@ impl Exits<'_> {
         offset < abi::PAGE_SIZE && offset != picocenter_guest_shim::notify_resume_offset()
     }
 
-    /// Kicks the vCPU again shortly, to act at the next clean point.
-    fn retry_soon(&self) {
+    /// Kicks the vCPU again shortly for `why`, to act at the next clean point.
+    fn retry_soon(&self, why: u32) {
         let kicker = self.p.kicker.clone();
         std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_micros(200));
-            kicker.kick(reason::SIGNAL);
+            kicker.kick(why);
         });
     }
 

@@ -13,6 +13,7 @@
 //! ```
 
 pub mod alarm;
+mod builder;
 pub mod control;
 pub mod exit;
 pub mod fdtable;
@@ -21,6 +22,7 @@ pub mod kvm;
 pub mod loader;
 pub mod mailbox;
 pub mod memory;
+pub mod persist;
 pub mod platform;
 pub mod process;
 pub mod sandbox;
@@ -30,15 +32,14 @@ pub mod trace;
 
 use kvm::cpu::{self, CpuSetupError};
 use kvm::kick::Kicker;
-use kvm::system::{self, SystemPagesError};
+use kvm::system::SystemPagesError;
 use kvm::vcpu::{Vcpu, VcpuError};
 use kvm::{KvmError, Machine};
 use memory::paging::PagingError;
-use memory::phys::{PhysError, PhysicalMemory};
-use memory::AddressSpace;
+use memory::phys::PhysError;
 use platform::Platform;
 use process::Process;
-use sandbox::{Sandbox, SandboxError};
+use sandbox::SandboxError;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -78,6 +79,8 @@ pub struct Config {
     /// Whether the doorbell may answer time calls from the time page (otherwise they exit,
     /// which benchmarks use to measure the difference).
     pub doorbell_time: bool,
+    /// The image the app comes from, if any (recorded in snapshots).
+    pub image: Option<String>,
 }
 
 /// Why a picoprocess could not be built or run. Guest misbehaviour is never one of these:
@@ -108,6 +111,9 @@ pub enum VmmError {
     /// The program could not be loaded.
     #[error(transparent)]
     Load(#[from] loader::LoadError),
+    /// A restore failed.
+    #[error("restoring the snapshot")]
+    Restore(#[source] persist::PersistError),
     /// The control socket could not be opened.
     #[error(transparent)]
     Control(#[from] control::ControlError),
@@ -132,6 +138,7 @@ pub struct Picoprocess {
     process: Arc<Mutex<Process>>,
     stats: exit::ExitStats,
     live: Arc<control::LiveStats>,
+    ops: Arc<control::PendingOps>,
     name: String,
     _control: Option<control::ControlServer>,
 }
@@ -140,18 +147,9 @@ impl Picoprocess {
     /// Builds a picoprocess for `config`: memory, VM, vCPU, the program and its stack.
     /// Must be called on the thread that will call [`Picoprocess::run`].
     pub fn new(config: &Config) -> Result<Self, VmmError> {
-        let platform = Platform::detect();
-        let phys = PhysicalMemory::new(config.memory_mib << 20)?;
-        let machine = Machine::new(phys.slots())?;
-        let (cpuid, features) = cpu::guest_cpuid(&machine.kvm)?;
-        let mut space = AddressSpace::new(phys, features.nx)?;
-        system::install(&mut space, features.nx)?;
-
-        let mut sandbox = Sandbox::new(&config.root)?;
-        for (guest, host) in &config.writable {
-            sandbox.mount(guest, host, true)?;
-        }
-        let hwcap = cpuid
+        let (parts, mut space, sandbox) = builder::prepare(config)?;
+        let hwcap = parts
+            .cpuid
             .as_slice()
             .iter()
             .find(|e| e.function == 1)
@@ -168,96 +166,21 @@ impl Picoprocess {
         )?;
         // Nothing has run yet, so no translation can be stale.
         space.invalidated();
-
-        let vcpu_fd = machine.create_vcpu()?;
+        let vcpu_fd = parts.machine.create_vcpu()?;
         cpu::configure(
             &vcpu_fd,
-            &cpuid,
-            features,
+            &parts.cpuid,
+            parts.features,
             space.page_table_root(),
             start.entry,
             start.rsp,
         )?;
-        let tsc = cpu::tsc_calibration(&vcpu_fd);
-        let vcpu = Vcpu::new(vcpu_fd, platform);
-        let kicker = Kicker::for_current_thread().map_err(|source| VmmError::Host {
-            what: "the vCPU kick signal",
-            source,
-        })?;
-        let mut process = Process {
-            mem: space,
-            files: Default::default(),
-            sandbox,
-            cwd: sandbox::normalize("/", &config.cwd),
-            umask: 0o022,
-            signals: Default::default(),
-            clock: syscalls::time::Clock {
-                tsc: tsc.filter(|_| config.doorbell_time),
-                ..Default::default()
-            },
-            kicker: kicker.clone(),
-            fs_base: 0,
-            fs_base_changed: false,
-            clear_child_tid: 0,
-            name: config.name.clone(),
-            trace: config.trace_syscalls.then(Default::default),
-            alarm: alarm::Alarm::new(kicker.clone()),
-            saved_mask: None,
-            in_mailbox: false,
-            current_call: (0, 0),
-            restart: None,
-            interrupted_deadline: None,
-            net: syscalls::net::NetPolicy {
-                address: config
-                    .address
-                    .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
-                allow_outbound: config.allow_outbound,
-                name: config.name.clone(),
-            },
-            warned: Default::default(),
-        };
-        process.clock.publish(process.mem.phys(), true);
+        let mut process = builder::process(config, &parts, space, sandbox, &vcpu_fd)?;
         syscalls::fs::install_stdio(&mut process).map_err(|e| VmmError::Host {
             what: "the app's stdio",
             source: e.into(),
         })?;
-        let live = std::sync::Arc::new(control::LiveStats::default());
-        let control = match &config.control_socket {
-            Some(path) => Some(control::ControlServer::start(
-                path,
-                &config.name,
-                process.kicker.clone(),
-                live.clone(),
-            )?),
-            None => None,
-        };
-        let mailbox_page = process.mem.phys().shared_page(
-            memory::layout::SYSTEM_GPA + picocenter_guest_shim::abi::MAILBOX_PAGE * 4096,
-        )?;
-        let process = Arc::new(Mutex::new(process));
-        let poller = if config.mailbox {
-            let poller =
-                mailbox::Poller::start(mailbox_page, process.clone()).map_err(|source| {
-                    VmmError::Host {
-                        what: "the mailbox poller",
-                        source,
-                    }
-                })?;
-            Some(poller)
-        } else {
-            None
-        };
-        tracing::debug!(platform = platform.describe(), "picoprocess built");
-        Ok(Self {
-            vcpu,
-            machine,
-            poller,
-            process,
-            stats: Default::default(),
-            live,
-            name: config.name.clone(),
-            _control: control,
-        })
+        builder::finish(config, parts, vcpu_fd, process)
     }
 
     /// A handle that can interrupt this picoprocess from another thread.

@@ -59,11 +59,33 @@ pub struct Process {
     pub restart: Option<(u64, u64, std::time::Instant)>,
     /// The deadline of the wait an operator's kick just interrupted.
     pub interrupted_deadline: Option<std::time::Instant>,
+    /// How the app was started, for snapshots.
+    pub app: picocenter_snapshots::format::AppRecord,
+    /// Its writable directories: (guest path, host directory).
+    pub writable_dirs: Vec<(String, std::path::PathBuf)>,
+    /// The CPU features it may rely on.
+    pub cpu: picocenter_snapshots::format::CpuRecord,
+    /// The snapshot it was restored from, or last saved to, if the page tables still
+    /// track changes since then: (store, snapshot id).
+    pub restored_from: Option<(String, String)>,
+    /// Pages touched while serving each listening port (see `persist::activeset`).
+    pub port_pages: std::collections::BTreeMap<u16, std::collections::BTreeSet<u64>>,
     /// Unsupported syscalls already logged (each is logged once).
     pub warned: HashSet<u64>,
 }
 
 impl Process {
+    /// The per-port ActiveSets, for a snapshot.
+    pub fn port_sets(&self) -> Vec<picocenter_snapshots::format::PortSet> {
+        self.port_pages
+            .iter()
+            .map(|(&port, pages)| picocenter_snapshots::format::PortSet {
+                port,
+                pages: crate::persist::ranges(pages.iter().copied()),
+            })
+            .collect()
+    }
+
     /// The deadline of a call with timeout `timeout`: `timeout` from now, or, when this
     /// call is the re-execution of one the VMM interrupted, that call's own deadline.
     pub fn deadline_after(&mut self, timeout: std::time::Duration) -> std::time::Instant {

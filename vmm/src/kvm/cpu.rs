@@ -68,6 +68,9 @@ pub enum CpuSetupError {
     /// KVM_SET_REGS failed.
     #[error("KVM_SET_REGS")]
     SetRegs(#[source] kvm_ioctls::Error),
+    /// KVM_SET_XSAVE refused the FPU state.
+    #[error("KVM_SET_XSAVE (the snapshot's FPU state)")]
+    SetXsave(#[source] kvm_ioctls::Error),
 }
 
 /// CPU features the guest gets, derived from what KVM supports.
@@ -288,5 +291,47 @@ pub fn configure(
         ..Default::default()
     };
     vcpu.set_regs(&regs).map_err(CpuSetupError::SetRegs)?;
+    Ok(())
+}
+
+/// Puts the vCPU at an app context from a snapshot: registers, FS/GS base, FPU state.
+pub fn restore_context(
+    vcpu: &VcpuFd,
+    context: &picocenter_snapshots::format::UserContext,
+) -> Result<(), CpuSetupError> {
+    let g = &context.gprs;
+    let regs = kvm_regs {
+        rax: g[0],
+        rbx: g[1],
+        rcx: g[2],
+        rdx: g[3],
+        rsi: g[4],
+        rdi: g[5],
+        rsp: g[6],
+        rbp: g[7],
+        r8: g[8],
+        r9: g[9],
+        r10: g[10],
+        r11: g[11],
+        r12: g[12],
+        r13: g[13],
+        r14: g[14],
+        r15: g[15],
+        rip: context.rip,
+        // Only the flags an app can hold; IF stays set.
+        rflags: (context.rflags & 0x4_0cd5) | USER_RFLAGS,
+    };
+    vcpu.set_regs(&regs).map_err(CpuSetupError::SetRegs)?;
+    let mut sregs = vcpu.get_sregs().map_err(CpuSetupError::GetSregs)?;
+    set_user_segments(&mut sregs, context.fs_base);
+    sregs.gs.base = context.gs_base;
+    vcpu.set_sregs(&sregs).map_err(CpuSetupError::SetSregs)?;
+    let mut xsave = kvm_bindings::kvm_xsave::default();
+    for (slot, chunk) in xsave.region.iter_mut().zip(context.xsave.chunks_exact(4)) {
+        *slot = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+    }
+    // SAFETY: the guest never has dynamically enabled XSTATE features (XCR0 excludes AMX),
+    // so KVM reads no more than the 4096-byte `kvm_xsave`.
+    unsafe { vcpu.set_xsave(&xsave) }.map_err(CpuSetupError::SetXsave)?;
     Ok(())
 }

@@ -19,7 +19,7 @@ pub mod vma;
 pub use io::Pod;
 pub use space::persist::PageState;
 pub use space::{Access, AddressSpace, FaultResolution, Placement};
-pub use vma::{Backing, Prot, VmaRole};
+pub use vma::{Backing, Prot, Vma, VmaRole};
 
 /// An address in the app's virtual address space. Host code reaches the memory behind it
 /// only through [`AddressSpace`]'s checked accessors, which translate it through the page

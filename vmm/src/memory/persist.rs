@@ -111,9 +111,7 @@ impl AddressSpace {
     /// Brings `[gpa, gpa + len)` into memory now, writable (MADV_POPULATE_WRITE), so that
     /// the first touches do not go to the page cache or disk.
     pub fn prefault(&self, gpa: u64, len: u64) -> Result<(), Errno> {
-        self.phys
-            .populate_write(gpa, len)
-            .map_err(|_| Errno::NOMEM)
+        self.phys.populate_write(gpa, len).map_err(|_| Errno::NOMEM)
     }
 
     /// After a snapshot of a running app: every page now holds what that snapshot has, so

@@ -220,7 +220,13 @@ impl PhysicalMemory {
         let guard = slice.ptr_guard_mut();
         // SAFETY: the range is inside our own mapping (checked by `slice`); populating
         // changes no contents.
-        let rc = unsafe { libc::madvise(guard.as_ptr().cast(), len as usize, libc::MADV_POPULATE_WRITE) };
+        let rc = unsafe {
+            libc::madvise(
+                guard.as_ptr().cast(),
+                len as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
         if rc != 0 {
             return Err(PhysError::OutOfRange { gpa });
         }

@@ -54,8 +54,10 @@ pub enum Backing {
     },
 }
 
-/// What an area is for; it decides nothing but names the area in diagnostics.
+/// What an area is for; it decides nothing but names the area in diagnostics. The values
+/// are those a snapshot records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum VmaRole {
     /// An ordinary mapping.
     Mapping,

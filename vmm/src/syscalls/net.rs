@@ -19,7 +19,7 @@ use crate::process::Process;
 use rustix::event::PollFlags;
 use rustix::io::Errno;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 const AF_UNIX: u16 = libc::AF_UNIX as u16;
@@ -689,6 +689,48 @@ pub fn sendfile(p: &mut Process, a: &Args) -> SysResult {
         }
         other => Ok(other? as u64),
     }
+}
+
+/// Makes a socket again from a snapshot: the same options, bound again (to the app's
+/// address now, which may differ from when it was captured), listening again.
+pub fn restore_socket(
+    p: &Process,
+    domain: i32,
+    kind: i32,
+    bound: Option<&str>,
+    unix_name: Option<&[u8]>,
+    listening: Option<i32>,
+    options: &[(i32, i32, Vec<u8>)],
+) -> Result<OwnedFd, Errno> {
+    let fd = rustix::net::socket_with(
+        rustix::net::AddressFamily::from_raw(domain as u16),
+        rustix::net::SocketType::from_raw(kind as u32),
+        rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    for (level, name, value) in options {
+        if allowed_level(*level) && !forbidden_option(*level, *name) {
+            hostcall::setsockopt(fd.as_fd(), *level, *name, value)?;
+        }
+    }
+    if let Some(requested) = bound.and_then(|b| b.parse::<SocketAddr>().ok()) {
+        hostcall::bind(fd.as_fd(), &encode_ip(p.net.bind_address(requested)?))?;
+    } else if let Some(name) = unix_name {
+        let address = decode_address(name)?;
+        let target = unix_target(p, &address, true)?;
+        if let Address::UnixPath(path) = &address {
+            // The old socket's file, if the data directory kept it.
+            let resolved = p.sandbox.resolve(&p.absolute(path));
+            if let Ok((dir, leaf)) = resolved.parent_and_name() {
+                let _ = rustix::fs::unlinkat(&dir, leaf.as_str(), rustix::fs::AtFlags::empty());
+            }
+        }
+        hostcall::bind(fd.as_fd(), &target.raw)?;
+    }
+    if let Some(backlog) = listening {
+        rustix::net::listen(&fd, backlog)?;
+    }
+    Ok(fd)
 }
 
 #[cfg(test)]

@@ -96,7 +96,9 @@ fn read_timespec_deadline(p: &mut Process, addr: UserAddr) -> Result<Option<Inst
     if sec < 0 || !(0..1_000_000_000).contains(&nsec) {
         return Err(Errno::INVAL);
     }
-    Ok(Some(p.deadline_after(Duration::new(sec as u64, nsec as u32))))
+    Ok(Some(
+        p.deadline_after(Duration::new(sec as u64, nsec as u32)),
+    ))
 }
 
 /// poll(2).

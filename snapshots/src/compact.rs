@@ -1,0 +1,156 @@
+//! Merging a chain of incremental snapshots into one full snapshot.
+
+use crate::format::{Manifest, PageRun, PageSource, PAGE_SIZE};
+use crate::pagefile::{PageFileWriter, CHUNK_PAGES};
+use crate::store::{chain, new_id, Store, StoreError};
+use std::collections::HashSet;
+use std::io::{Read, Seek, SeekFrom};
+
+/// Why a compaction failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A page file failed.
+    #[error(transparent)]
+    PageFile(#[from] crate::pagefile::PageFileError),
+    /// Reading a page failed.
+    #[error("reading page {index} of snapshot {id}")]
+    Read {
+        /// The snapshot.
+        id: String,
+        /// The page.
+        index: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A page is in no snapshot of the chain.
+    #[error("page {0:#x} is in no snapshot of the chain")]
+    Unresolved(u64),
+}
+
+/// Where a page is: (depth in the chain, source there).
+fn resolve(chain: &[Manifest], vpn: u64, depth: usize) -> Option<(usize, PageSource)> {
+    let runs = &chain.get(depth)?.pages;
+    let at = runs.partition_point(|r| r.vpn + r.count <= vpn);
+    let run = runs.get(at).filter(|r| r.vpn <= vpn)?;
+    match run.source {
+        PageSource::Parent => resolve(chain, vpn, depth + 1),
+        PageSource::Stored { index } => Some((
+            depth,
+            PageSource::Stored {
+                index: index + vpn - run.vpn,
+            },
+        )),
+        other => Some((depth, other)),
+    }
+}
+
+/// Merges the chain ending at snapshot `id` into a new full snapshot, makes it the newest,
+/// and removes the snapshots the chain no longer needs. Returns the new manifest.
+pub fn compact(store: &dyn Store, id: &str) -> Result<Manifest, CompactError> {
+    let chain = chain(store, id)?;
+    let newest = &chain[0];
+    let new = new_id();
+    let hot: HashSet<u64> = newest
+        .activeset
+        .iter()
+        .flat_map(|r| r.vpn..r.vpn + r.count)
+        .collect();
+    // Every page, resolved; stored ones in ActiveSet-first order.
+    let mut pages: Vec<(u64, usize, PageSource)> = Vec::new();
+    for run in &newest.pages {
+        for vpn in run.vpn..run.vpn + run.count {
+            let (depth, source) =
+                resolve(&chain, vpn, 0).ok_or(CompactError::Unresolved(vpn * PAGE_SIZE))?;
+            pages.push((vpn, depth, source));
+        }
+    }
+    let stored: Vec<usize> = (0..pages.len())
+        .filter(|&i| matches!(pages[i].2, PageSource::Stored { .. }))
+        .collect();
+    let (first, rest): (Vec<usize>, Vec<usize>) =
+        stored.into_iter().partition(|&i| hot.contains(&pages[i].0));
+    let activeset_prefix = first.len() as u64;
+    let mut files = Vec::new();
+    for m in &chain {
+        files.push(
+            std::fs::File::open(store.page_file(&m.id)?).map_err(|source| CompactError::Read {
+                id: m.id.clone(),
+                index: 0,
+                source,
+            })?,
+        );
+    }
+    let path = store.scratch(&new, "pages")?;
+    let mut writer = PageFileWriter::create(&path)?;
+    let mut buffer = vec![0u8; PAGE_SIZE as usize];
+    let mut new_sources: Vec<PageSource> = pages.iter().map(|p| p.2).collect();
+    for &i in first.iter().chain(&rest) {
+        let (_, depth, source) = pages[i];
+        let PageSource::Stored { index } = source else {
+            continue;
+        };
+        let file = &mut files[depth];
+        file.seek(SeekFrom::Start(index * PAGE_SIZE))
+            .and_then(|_| file.read_exact(&mut buffer))
+            .map_err(|source| CompactError::Read {
+                id: chain[depth].id.clone(),
+                index,
+                source,
+            })?;
+        new_sources[i] = PageSource::Stored {
+            index: writer.push(&buffer)?,
+        };
+    }
+    let (page_count, chunk_checksums) = writer.finish()?;
+    let mut runs: Vec<PageRun> = Vec::new();
+    for (&(vpn, _, _), &source) in pages.iter().zip(&new_sources) {
+        if let Some(last) = runs.last_mut() {
+            let same = match (last.source, source) {
+                (PageSource::Stored { index: a }, PageSource::Stored { index: b }) => {
+                    a + last.count == b
+                }
+                (a, b) => a == b,
+            };
+            if last.vpn + last.count == vpn && same {
+                last.count += 1;
+                continue;
+            }
+        }
+        runs.push(PageRun {
+            vpn,
+            count: 1,
+            source,
+        });
+    }
+    let mut manifest = newest.clone();
+    manifest.id = new.clone();
+    manifest.parent = None;
+    manifest.pages = runs;
+    manifest.page_count = page_count;
+    manifest.chunk_pages = CHUNK_PAGES;
+    manifest.chunk_checksums = chunk_checksums;
+    manifest.activeset_prefix = activeset_prefix;
+    manifest.stats.stored_pages = page_count;
+    manifest.stats.parent_pages = 0;
+    let data = match store.data_archive(&newest.id)? {
+        Some(archive) => {
+            let copy = store.scratch(&new, "data")?;
+            std::fs::copy(&archive, &copy).map_err(|source| CompactError::Read {
+                id: newest.id.clone(),
+                index: 0,
+                source,
+            })?;
+            Some(copy)
+        }
+        None => None,
+    };
+    store.commit(&manifest, &path, data.as_deref())?;
+    for old in &chain {
+        store.remove(&old.id)?;
+    }
+    Ok(manifest)
+}

@@ -1,0 +1,48 @@
+//! `picocenter ps`.
+
+use super::image::StateDir;
+use picocenter_vmm::control::{self, Request, StatsReply};
+
+/// Arguments of `picocenter ps`.
+#[derive(Debug, clap::Args)]
+pub struct PsArgs {
+    #[command(flatten)]
+    state: StateDir,
+}
+
+/// Lists the running picoprocesses of this host, from their control sockets.
+pub fn ps(args: PsArgs) -> anyhow::Result<i32> {
+    let run = args.state.state_dir().join("run");
+    let mut sockets: Vec<_> = std::fs::read_dir(&run)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    sockets.sort();
+    println!(
+        "{:<24} {:>8} {:<10} {:>12} {:>12} {:>10}",
+        "NAME", "PID", "STATE", "MEMORY", "LIMIT", "SYSCALLS"
+    );
+    for socket in sockets {
+        let Ok((reply, _)) = control::request(&socket, &Request::Stats) else {
+            continue;
+        };
+        let Ok(stats) = serde_json::from_str::<StatsReply>(&reply) else {
+            continue;
+        };
+        println!(
+            "{:<24} {:>8} {:<10} {:>9.1} MiB {:>8} MiB {:>10}",
+            stats.name,
+            stats.pid,
+            stats.state,
+            stats.memory_bytes as f64 / (1 << 20) as f64,
+            stats.memory_limit_bytes >> 20,
+            stats.syscalls
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,344 @@
+//! `picocenter snapshot`: create, restore, inspect and compact snapshots.
+
+use super::image::StateDir;
+use super::run::{data_dir, execute, start};
+use anyhow::{bail, Context};
+use picocenter_snapshots::format::{Manifest, PageSource};
+use picocenter_snapshots::store::{chain, Store};
+use picocenter_snapshots::{pagefile, LocalStore};
+use picocenter_vmm::control::{self, Request};
+use picocenter_vmm::persist::restore::{RestoreMode, RestoreOptions};
+use picocenter_vmm::{Config, Picoprocess};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Arguments of `picocenter snapshot`.
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    command: SnapshotCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum SnapshotCommand {
+    /// Snapshot a running app into a snapshot directory (its store).
+    ///
+    /// The app is stopped at a clean point (a blocking call is rewound to be made again),
+    /// its registers, memory, files, sockets, signals and clocks are written, and it goes
+    /// on running, or ends with --stop. If it was restored from (or last saved to) the same
+    /// directory, only the pages changed since are written, with a reference to that
+    /// snapshot, unless --full.
+    Create {
+        /// The app's name (see `picocenter ps`).
+        name: String,
+        /// The snapshot directory.
+        #[arg(short, long, value_name = "DIR")]
+        output: PathBuf,
+        /// End the app once the snapshot is safely written.
+        #[arg(long)]
+        stop: bool,
+        /// Write every page, not an increment.
+        #[arg(long)]
+        full: bool,
+        #[command(flatten)]
+        state: StateDir,
+    },
+    /// Run an app from its newest snapshot (or --id) in this process, as `run` would.
+    Restore(RestoreArgs),
+    /// Show what a snapshot holds, and check every checksum.
+    Inspect {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// A snapshot id (default: the newest).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Merge the newest snapshot and the chain it is an increment of into one full
+    /// snapshot, and remove what the chain no longer needs.
+    Compact {
+        /// The snapshot directory.
+        dir: PathBuf,
+    },
+}
+
+/// Arguments of `picocenter snapshot restore`.
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory.
+    dir: PathBuf,
+    /// A snapshot id (default: the newest).
+    #[arg(long)]
+    id: Option<String>,
+    /// What to bring into memory before the app runs: eager (everything), lazy (nothing:
+    /// pages come from the page cache as touched), activeset (the pages it used last time).
+    #[arg(long, default_value = "activeset")]
+    mode: RestoreMode,
+    /// In activeset mode, still let the next snapshot learn the ActiveSet afresh.
+    #[arg(long)]
+    relearn: bool,
+    /// The app's address now (default: the snapshot's).
+    #[arg(long, value_name = "IP")]
+    address: Option<IpAddr>,
+    /// The app's name now (default: the snapshot's).
+    #[arg(long)]
+    name: Option<String>,
+    /// Its root directory now (default: the image's in the state directory, else the root
+    /// it had).
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Where its writable directories live (default: a temporary directory). They are
+    /// filled from the snapshot.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Stop the app after this many seconds (exit status 124).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Make every forwarded syscall a VM exit (no mailbox).
+    #[arg(long)]
+    no_mailbox: bool,
+    #[command(flatten)]
+    state: StateDir,
+}
+
+/// Runs a `snapshot` subcommand.
+pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<i32> {
+    match args.command {
+        SnapshotCommand::Create {
+            name,
+            output,
+            stop,
+            full,
+            state,
+        } => create(&name, &output, stop, full, &state),
+        SnapshotCommand::Restore(args) => restore(args),
+        SnapshotCommand::Inspect { dir, id } => inspect(&dir, id.as_deref()),
+        SnapshotCommand::Compact { dir } => {
+            let store = LocalStore::open(&dir)?;
+            let head = store
+                .head()?
+                .with_context(|| format!("no snapshot in {}", dir.display()))?;
+            let manifest = picocenter_snapshots::compact::compact(&store, &head)?;
+            println!(
+                "{}: compacted into {} ({} stored pages)",
+                dir.display(),
+                manifest.id,
+                manifest.page_count
+            );
+            Ok(0)
+        }
+    }
+}
+
+/// A spinner on a terminal, nothing otherwise.
+fn progress(message: String) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_message(message);
+        bar.enable_steady_tick(Duration::from_millis(100));
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+fn create(
+    name: &str,
+    output: &std::path::Path,
+    stop: bool,
+    full: bool,
+    state: &StateDir,
+) -> anyhow::Result<i32> {
+    let socket = state.state_dir().join("run").join(format!("{name}.sock"));
+    let dir = std::path::absolute(output)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let started = Instant::now();
+    let bar = progress(format!("snapshotting {name} into {}", dir.display()));
+    let (reply, _stream) = control::request(
+        &socket,
+        &Request::Snapshot {
+            dir: dir.clone(),
+            stop,
+            full,
+        },
+    )
+    .with_context(|| format!("no running app named {name} ({})", socket.display()))?;
+    bar.finish_and_clear();
+    let answer: serde_json::Value =
+        serde_json::from_str(&reply).with_context(|| format!("bad reply: {reply}"))?;
+    if answer["ok"] != serde_json::Value::Bool(true) {
+        bail!(
+            "snapshot of {name} failed: {}",
+            answer["error"].as_str().unwrap_or(reply.trim())
+        );
+    }
+    let stats = &answer["stats"];
+    println!(
+        "{name}: snapshot {} in {} ({} pages stored, {} zero, {} from files, {} unchanged from {}; ActiveSet {} pages) in {:.1} ms{}",
+        answer["id"].as_str().unwrap_or("?"),
+        dir.display(),
+        stats["stored_pages"],
+        stats["zero_pages"],
+        stats["file_pages"],
+        stats["parent_pages"],
+        answer["parent"].as_str().unwrap_or("no parent"),
+        stats["activeset_pages"],
+        started.elapsed().as_secs_f64() * 1000.0,
+        if stop { "; the app has stopped" } else { "" },
+    );
+    Ok(0)
+}
+
+fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
+    let store = LocalStore::open(&args.dir)?;
+    let id = match &args.id {
+        Some(id) => id.clone(),
+        None => store
+            .head()?
+            .with_context(|| format!("no snapshot in {}", args.dir.display()))?,
+    };
+    let manifest = store.manifest(&id)?;
+    let app = &manifest.app;
+    let root = match (&args.root, &app.image) {
+        (Some(root), _) => root.clone(),
+        (None, Some(image)) => match picocenter_images::load(args.state.state_dir(), image) {
+            Ok(built) => built.rootfs,
+            Err(_) => PathBuf::from(&app.root),
+        },
+        (None, None) => PathBuf::from(&app.root),
+    };
+    if !root.is_dir() {
+        bail!("the app's root {} is not here; give --root", root.display());
+    }
+    let (_temp_data, data) = data_dir(args.data_dir.as_ref())?;
+    let mut writable = Vec::new();
+    for guest in &app.writable {
+        let host = data.join(guest.trim_start_matches('/'));
+        std::fs::create_dir_all(&host).with_context(|| format!("creating {}", host.display()))?;
+        writable.push((guest.clone(), host));
+    }
+    let address = match (args.address, &app.address) {
+        (Some(a), _) => Some(a),
+        (None, Some(a)) => Some(a.parse().context("the snapshot's address")?),
+        (None, None) => None,
+    };
+    let config = Config {
+        program: app.program.clone(),
+        argv: vec![app.program.clone()],
+        env: Vec::new(),
+        root,
+        writable,
+        memory_mib: app.memory_mib,
+        cwd: manifest.process.cwd.clone(),
+        name: args.name.clone().unwrap_or_else(|| app.name.clone()),
+        trace_syscalls: false,
+        address,
+        allow_outbound: false,
+        control_socket: None,
+        mailbox: !args.no_mailbox,
+        doorbell_time: true,
+        image: app.image.clone(),
+    };
+    let options = RestoreOptions {
+        mode: args.mode,
+        relearn: args.relearn,
+    };
+    let run_dir = args.state.state_dir().join("run");
+    let picoprocess = start(config, &run_dir, true, |config| {
+        Picoprocess::restore(config, &store, &id, &options)
+    })?;
+    execute(picoprocess, args.timeout)
+}
+
+fn count(m: &Manifest, which: fn(&PageSource) -> bool) -> u64 {
+    m.pages
+        .iter()
+        .filter(|r| which(&r.source))
+        .map(|r| r.count)
+        .sum()
+}
+
+fn inspect(dir: &std::path::Path, id: Option<&str>) -> anyhow::Result<i32> {
+    let store = LocalStore::open(dir)?;
+    let id = match id {
+        Some(id) => id.to_string(),
+        None => store
+            .head()?
+            .with_context(|| format!("no snapshot in {}", dir.display()))?,
+    };
+    let manifests = chain(&store, &id)?;
+    let m = &manifests[0];
+    println!("snapshot {} in {}", m.id, dir.display());
+    println!(
+        "  app           {} ({}; image {}; root {})",
+        m.app.name,
+        m.app.program,
+        m.app.image.as_deref().unwrap_or("-"),
+        m.app.root
+    );
+    println!(
+        "  address       {}",
+        m.app.address.as_deref().unwrap_or("127.0.0.1")
+    );
+    println!(
+        "  memory        {} MiB, {} areas",
+        m.app.memory_mib,
+        m.vmas.len()
+    );
+    let chain_ids: Vec<&str> = manifests.iter().map(|m| m.id.as_str()).collect();
+    println!("  chain         {}", chain_ids.join(" <- "));
+    println!(
+        "  pages         {} resident: {} stored here, {} zero, {} from files, {} from the parent",
+        count(m, |_| true),
+        count(m, |s| matches!(s, PageSource::Stored { .. })),
+        count(m, |s| *s == PageSource::Zero),
+        count(m, |s| *s == PageSource::File),
+        count(m, |s| *s == PageSource::Parent),
+    );
+    let hot: u64 = m.activeset.iter().map(|r| r.count).sum();
+    println!(
+        "  ActiveSet     {hot} pages ({} KiB), {} of them first in the page file",
+        hot * 4,
+        m.activeset_prefix
+    );
+    for set in &m.port_sets {
+        let pages: u64 = set.pages.iter().map(|r| r.count).sum();
+        println!("    port {:<8} {pages} pages", set.port);
+    }
+    println!(
+        "  files         {} descriptors; {} connections closed at capture",
+        m.files.len(),
+        m.stats.closed_connections
+    );
+    let mut healthy = true;
+    for each in &manifests {
+        let size = store.size(&each.id)?;
+        let pages = store.page_file(&each.id)?;
+        let verdict = match pagefile::verify(&pages, each, 0, each.page_count) {
+            Ok(()) => "checksums valid".to_string(),
+            Err(e) => {
+                healthy = false;
+                format!("BAD: {e}")
+            }
+        };
+        let data = match store.data_archive(&each.id)? {
+            Some(path) => {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                if bytes.len() as u64 == each.data_bytes
+                    && crc32fast::hash(&bytes) == each.data_checksum
+                {
+                    format!(", data {} bytes valid", each.data_bytes)
+                } else {
+                    healthy = false;
+                    ", data archive BAD".to_string()
+                }
+            }
+            None => String::new(),
+        };
+        println!(
+            "  {}  {:>10} bytes on disk, {} stored pages: {verdict}{data}",
+            each.id, size, each.page_count
+        );
+    }
+    Ok(if healthy { 0 } else { 1 })
+}

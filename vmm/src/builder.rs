@@ -1,0 +1,197 @@
+//! Assembling a picoprocess: the steps a fresh start and a restore share.
+//!
+//! ```text
+//! prepare ── memory, VM, CPUID, system pages, sandbox
+//!   (fresh: load the program; restore: map the snapshot)
+//! process ── the app's process state around the address space
+//!   (fresh: stdio; restore: the snapshot's fds, signals, clocks)
+//! finish ─── vCPU wrapper, control socket, mailbox poller
+//! ```
+
+use crate::kvm::cpu::{self, CpuFeatures};
+use crate::kvm::kick::Kicker;
+use crate::kvm::system;
+use crate::kvm::vcpu::Vcpu;
+use crate::kvm::Machine;
+use crate::memory::phys::PhysicalMemory;
+use crate::memory::AddressSpace;
+use crate::platform::Platform;
+use crate::process::Process;
+use crate::sandbox::{self, Sandbox};
+use crate::{alarm, control, mailbox, memory, syscalls, Config, Picoprocess, VmmError};
+use kvm_bindings::CpuId;
+use kvm_ioctls::VcpuFd;
+use picocenter_snapshots::format::{AppRecord, CpuRecord, CpuidBits};
+use std::sync::{Arc, Mutex};
+
+/// The VM a picoprocess is built around.
+pub(crate) struct Parts {
+    pub platform: Platform,
+    pub machine: Machine,
+    pub cpuid: CpuId,
+    pub features: CpuFeatures,
+}
+
+/// Memory, VM, CPUID, system pages and sandbox for `config`.
+pub(crate) fn prepare(config: &Config) -> Result<(Parts, AddressSpace, Sandbox), VmmError> {
+    let platform = Platform::detect();
+    let phys = PhysicalMemory::new(config.memory_mib << 20)?;
+    let machine = Machine::new(phys.slots())?;
+    let (cpuid, features) = cpu::guest_cpuid(&machine.kvm)?;
+    let mut space = AddressSpace::new(phys, features.nx)?;
+    system::install(&mut space, features.nx)?;
+    let mut sandbox = Sandbox::new(&config.root)?;
+    for (guest, host) in &config.writable {
+        sandbox.mount(guest, host, true)?;
+    }
+    Ok((
+        Parts {
+            platform,
+            machine,
+            cpuid,
+            features,
+        },
+        space,
+        sandbox,
+    ))
+}
+
+/// The CPU features an app on this host may rely on, for snapshots.
+pub(crate) fn cpu_record(cpuid: &CpuId, features: CpuFeatures) -> CpuRecord {
+    let leaves = cpuid
+        .as_slice()
+        .iter()
+        .filter(|e| matches!((e.function, e.index), (1, _) | (7, 0) | (0x8000_0001, _)))
+        .map(|e| CpuidBits {
+            function: e.function,
+            index: if e.function == 7 { e.index } else { 0 },
+            ebx: if e.function == 7 { e.ebx } else { 0 },
+            // Leaf 1 ECX bit 27 (OSXSAVE) mirrors CR4 and bit 31 the hypervisor: not
+            // features an app can rely on differently between hosts.
+            ecx: if e.function == 1 {
+                e.ecx & !(1 << 27)
+            } else {
+                e.ecx
+            },
+            edx: e.edx,
+        })
+        .collect();
+    CpuRecord {
+        leaves,
+        xcr0: features.xcr0,
+    }
+}
+
+/// The app's process state around its address space and sandbox.
+pub(crate) fn process(
+    config: &Config,
+    parts: &Parts,
+    mem: AddressSpace,
+    sandbox: Sandbox,
+    vcpu: &VcpuFd,
+) -> Result<Process, VmmError> {
+    let kicker = Kicker::for_current_thread().map_err(|source| VmmError::Host {
+        what: "the vCPU kick signal",
+        source,
+    })?;
+    let tsc = cpu::tsc_calibration(vcpu);
+    Ok(Process {
+        mem,
+        files: Default::default(),
+        sandbox,
+        cwd: sandbox::normalize("/", &config.cwd),
+        umask: 0o022,
+        signals: Default::default(),
+        clock: syscalls::time::Clock {
+            tsc: tsc.filter(|_| config.doorbell_time),
+            ..Default::default()
+        },
+        kicker: kicker.clone(),
+        fs_base: 0,
+        fs_base_changed: false,
+        clear_child_tid: 0,
+        name: config.name.clone(),
+        trace: config.trace_syscalls.then(Default::default),
+        alarm: alarm::Alarm::new(kicker),
+        saved_mask: None,
+        in_mailbox: false,
+        current_call: (0, 0),
+        restart: None,
+        interrupted_deadline: None,
+        net: syscalls::net::NetPolicy {
+            address: config
+                .address
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+            allow_outbound: config.allow_outbound,
+            name: config.name.clone(),
+        },
+        app: AppRecord {
+            name: config.name.clone(),
+            image: config.image.clone(),
+            root: config.root.display().to_string(),
+            writable: config.writable.iter().map(|(g, _)| g.clone()).collect(),
+            memory_mib: config.memory_mib,
+            address: config.address.map(|a| a.to_string()),
+            program: config.program.clone(),
+        },
+        writable_dirs: config.writable.clone(),
+        cpu: cpu_record(&parts.cpuid, parts.features),
+        restored_from: None,
+        port_pages: Default::default(),
+        warned: Default::default(),
+    })
+}
+
+/// Puts the parts together with the vCPU, the control socket and the mailbox poller.
+pub(crate) fn finish(
+    config: &Config,
+    parts: Parts,
+    vcpu_fd: VcpuFd,
+    mut process: Process,
+) -> Result<Picoprocess, VmmError> {
+    let Parts {
+        platform, machine, ..
+    } = parts;
+    process.clock.publish(process.mem.phys(), true);
+    let vcpu = Vcpu::new(vcpu_fd, platform);
+    let live = Arc::new(control::LiveStats::default());
+    let ops = Arc::new(control::PendingOps::default());
+    let control = match &config.control_socket {
+        Some(path) => Some(control::ControlServer::start(
+            path,
+            &config.name,
+            process.kicker.clone(),
+            live.clone(),
+            ops.clone(),
+        )?),
+        None => None,
+    };
+    let mailbox_page = process.mem.phys().shared_page(
+        memory::layout::SYSTEM_GPA + picocenter_guest_shim::abi::MAILBOX_PAGE * 4096,
+    )?;
+    let process = Arc::new(Mutex::new(process));
+    let poller = if config.mailbox {
+        Some(
+            mailbox::Poller::start(mailbox_page, process.clone()).map_err(|source| {
+                VmmError::Host {
+                    what: "the mailbox poller",
+                    source,
+                }
+            })?,
+        )
+    } else {
+        None
+    };
+    tracing::debug!(platform = platform.describe(), "picoprocess built");
+    Ok(Picoprocess {
+        vcpu,
+        machine,
+        poller,
+        process,
+        stats: Default::default(),
+        live,
+        ops,
+        name: config.name.clone(),
+        _control: control,
+    })
+}

@@ -1,0 +1,415 @@
+//! The fd table in a snapshot: what each descriptor was, and making it again.
+//!
+//! Files are reopened by path (at their offset), listening and datagram sockets are made
+//! anew and bound again (to the restoring app's address), pipes come back with the bytes
+//! that were in them, epoll sets with their registrations, eventfds with their counters,
+//! timerfds with the time they had left. A connection cannot move: it is closed at capture
+//! and comes back as a socket at end of file.
+
+use crate::fdtable::{FileKind, OpenFile};
+use crate::hostcall;
+use crate::process::Process;
+use picocenter_snapshots::format::{FdRecord, FileRecord};
+use rustix::event::EventfdFlags;
+use rustix::fs::{Mode, OFlags, SeekFrom};
+use rustix::io::Errno;
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+/// Why a descriptor could not be made again.
+#[derive(Debug, thiserror::Error)]
+#[error("restoring fd {fd} ({what}): {errno}")]
+pub struct FileRestoreError {
+    /// The guest fd.
+    pub fd: i32,
+    /// What it was.
+    pub what: String,
+    /// Why.
+    pub errno: Errno,
+}
+
+/// Reads what is buffered in a pipe without taking it (tee into a scratch pipe).
+fn pipe_contents(read_end: &OwnedFd) -> Vec<u8> {
+    let Ok((scratch_r, scratch_w)) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK)
+    else {
+        return Vec::new();
+    };
+    let _ = rustix::pipe::fcntl_setpipe_size(&scratch_w, 1 << 20);
+    let copied = rustix::pipe::tee(
+        read_end,
+        &scratch_w,
+        1 << 20,
+        rustix::pipe::SpliceFlags::NONBLOCK,
+    )
+    .unwrap_or(0);
+    let mut data = vec![0u8; copied];
+    let n = rustix::io::read(&scratch_r, &mut data).unwrap_or(0);
+    data.truncate(n);
+    data
+}
+
+/// The counter of an eventfd, read and written back so the app keeps it.
+fn eventfd_counter(fd: &OwnedFd, semaphore: bool) -> u64 {
+    let mut total = 0u64;
+    loop {
+        let mut buf = [0u8; 8];
+        match rustix::io::read(fd, &mut buf) {
+            Ok(8) => {
+                total = total.saturating_add(u64::from_ne_bytes(buf));
+                if !semaphore {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    if total > 0 {
+        let _ = rustix::io::write(fd, &total.to_ne_bytes());
+    }
+    total
+}
+
+fn ns(t: rustix::time::Timespec) -> u64 {
+    (t.tv_sec as u64).saturating_mul(1_000_000_000) + t.tv_nsec as u64
+}
+
+fn record(file: &OpenFile, closed: &mut u64) -> FileRecord {
+    match &file.kind {
+        FileKind::Path { path, flags } => FileRecord::Path {
+            path: path.clone(),
+            flags: *flags,
+            offset: rustix::fs::seek(file.host(), SeekFrom::Current(0)).unwrap_or(0),
+        },
+        FileKind::Directory { path } => FileRecord::Directory { path: path.clone() },
+        FileKind::Stdio(n) => FileRecord::Stdio(*n),
+        FileKind::Pipe { write_end } => FileRecord::Pipe {
+            pipe: rustix::fs::fstat(file.host())
+                .map(|s| s.st_ino)
+                .unwrap_or(0),
+            write_end: *write_end,
+            data: if *write_end {
+                Vec::new()
+            } else {
+                pipe_contents(&file.fd)
+            },
+        },
+        FileKind::Socket { domain, kind } => {
+            let state = file.state();
+            let connected = state.listening.is_none()
+                && *kind == libc::SOCK_STREAM
+                && hostcall::getpeername(file.host()).is_ok();
+            *closed += connected as u64;
+            FileRecord::Socket {
+                domain: *domain,
+                kind: *kind,
+                bound: state.bound.map(|a| a.to_string()),
+                unix_name: state.unix_name.clone(),
+                listening: state.listening,
+                options: state.options.clone(),
+                closed: connected,
+            }
+        }
+        FileKind::Epoll => FileRecord::Epoll {
+            registrations: file
+                .state()
+                .registrations
+                .iter()
+                .map(|(&fd, &(events, data))| (fd, events, data))
+                .collect(),
+        },
+        FileKind::EventFd { semaphore } => FileRecord::EventFd {
+            counter: eventfd_counter(&file.fd, *semaphore),
+            semaphore: *semaphore,
+        },
+        FileKind::TimerFd { clock } => {
+            let now = rustix::time::timerfd_gettime(file.host()).ok();
+            FileRecord::TimerFd {
+                clock: *clock,
+                remaining_ns: now.as_ref().map_or(0, |t| ns(t.it_value)),
+                interval_ns: now.as_ref().map_or(0, |t| ns(t.it_interval)),
+            }
+        }
+    }
+}
+
+/// Records every descriptor. Returns the records and how many connections they close.
+pub fn capture(p: &Process) -> (Vec<FdRecord>, u64) {
+    let mut closed = 0;
+    let mut shared: HashMap<usize, u64> = HashMap::new();
+    let mut records = Vec::new();
+    for (fd, entry) in p.files.iter() {
+        let key = Arc::as_ptr(&entry.file) as usize;
+        let next = shared.len() as u64;
+        let id = *shared.entry(key).or_insert(next);
+        let file = if id == next {
+            record(&entry.file, &mut closed)
+        } else {
+            // The same description as an earlier fd: its record is the first one's.
+            records
+                .iter()
+                .find(|r: &&FdRecord| r.shared == id)
+                .map(|r| r.file.clone())
+                .unwrap_or(FileRecord::Stdio(0))
+        };
+        records.push(FdRecord {
+            fd,
+            cloexec: entry.cloexec,
+            nonblocking: entry.file.nonblocking(),
+            shared: id,
+            file,
+        });
+    }
+    (records, closed)
+}
+
+fn timespec(ns: u64) -> rustix::time::Timespec {
+    rustix::time::Timespec {
+        tv_sec: (ns / 1_000_000_000) as i64,
+        tv_nsec: (ns % 1_000_000_000) as _,
+    }
+}
+
+/// A socket at end of file: one end of a pair whose other end is gone.
+fn closed_socket(kind: i32) -> Result<OwnedFd, Errno> {
+    let (ours, gone) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::from_raw(kind as u32),
+        rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    drop(gone);
+    Ok(ours)
+}
+
+/// Makes one open file again (not epoll sets: see [`restore`]).
+fn reopen(
+    p: &mut Process,
+    file: &FileRecord,
+    pipes: &mut HashMap<u64, (Option<OwnedFd>, Option<OwnedFd>)>,
+) -> Result<(OwnedFd, FileKind), Errno> {
+    Ok(match file {
+        FileRecord::Path {
+            path,
+            flags,
+            offset,
+        } => {
+            let oflags = OFlags::from_bits_retain(*flags)
+                & (OFlags::ACCMODE | OFlags::APPEND | OFlags::DIRECTORY | OFlags::PATH);
+            let fd = p.sandbox.open(path, oflags, Mode::empty())?;
+            rustix::fs::seek(&fd, SeekFrom::Start(*offset))?;
+            (
+                fd,
+                FileKind::Path {
+                    path: path.clone(),
+                    flags: *flags,
+                },
+            )
+        }
+        FileRecord::Directory { path } => {
+            let fd = p
+                .sandbox
+                .open(path, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+            (fd, FileKind::Directory { path: path.clone() })
+        }
+        FileRecord::Stdio(n) => {
+            let host = match n {
+                0 => rustix::stdio::stdin(),
+                1 => rustix::stdio::stdout(),
+                _ => rustix::stdio::stderr(),
+            };
+            (
+                rustix::io::fcntl_dupfd_cloexec(host, 3)?,
+                FileKind::Stdio(*n),
+            )
+        }
+        FileRecord::Pipe {
+            pipe,
+            write_end,
+            data,
+        } => {
+            if !pipes.contains_key(pipe) {
+                let (r, w) = rustix::pipe::pipe_with(
+                    rustix::pipe::PipeFlags::NONBLOCK | rustix::pipe::PipeFlags::CLOEXEC,
+                )?;
+                pipes.insert(*pipe, (Some(r), Some(w)));
+            }
+            let ends = pipes.get_mut(pipe).ok_or(Errno::INVAL)?;
+            if !data.is_empty() {
+                if let Some(w) = &ends.1 {
+                    rustix::io::write(w, data)?;
+                }
+            }
+            let end = if *write_end {
+                ends.1.take()
+            } else {
+                ends.0.take()
+            };
+            let fd = match end {
+                Some(fd) => fd,
+                None => rustix::io::fcntl_dupfd_cloexec(
+                    if *write_end {
+                        ends.1.as_ref()
+                    } else {
+                        ends.0.as_ref()
+                    }
+                    .ok_or(Errno::INVAL)?
+                    .as_fd(),
+                    0,
+                )?,
+            };
+            (
+                fd,
+                FileKind::Pipe {
+                    write_end: *write_end,
+                },
+            )
+        }
+        FileRecord::Socket {
+            domain,
+            kind,
+            closed: true,
+            ..
+        } => (
+            closed_socket(*kind)?,
+            FileKind::Socket {
+                domain: *domain,
+                kind: *kind,
+            },
+        ),
+        FileRecord::Socket {
+            domain,
+            kind,
+            bound,
+            unix_name,
+            listening,
+            options,
+            ..
+        } => {
+            let fd = crate::syscalls::net::restore_socket(
+                p,
+                *domain,
+                *kind,
+                bound.as_deref(),
+                unix_name.as_deref(),
+                *listening,
+                options,
+            )?;
+            (
+                fd,
+                FileKind::Socket {
+                    domain: *domain,
+                    kind: *kind,
+                },
+            )
+        }
+        FileRecord::EventFd { counter, semaphore } => {
+            let mut flags = EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC;
+            if *semaphore {
+                flags |= EventfdFlags::SEMAPHORE;
+            }
+            let init = u32::try_from(*counter).unwrap_or(u32::MAX);
+            let fd = rustix::event::eventfd(init, flags)?;
+            if *counter > init as u64 {
+                rustix::io::write(&fd, &(counter - init as u64).to_ne_bytes())?;
+            }
+            (
+                fd,
+                FileKind::EventFd {
+                    semaphore: *semaphore,
+                },
+            )
+        }
+        FileRecord::TimerFd {
+            clock,
+            remaining_ns,
+            interval_ns,
+        } => {
+            let host_clock = if *clock == libc::CLOCK_REALTIME {
+                rustix::time::TimerfdClockId::Realtime
+            } else {
+                rustix::time::TimerfdClockId::Monotonic
+            };
+            let fd = rustix::time::timerfd_create(
+                host_clock,
+                rustix::time::TimerfdFlags::NONBLOCK | rustix::time::TimerfdFlags::CLOEXEC,
+            )?;
+            if *remaining_ns > 0 {
+                let spec = rustix::time::Itimerspec {
+                    it_interval: timespec(*interval_ns),
+                    it_value: timespec(*remaining_ns),
+                };
+                rustix::time::timerfd_settime(
+                    &fd,
+                    rustix::time::TimerfdTimerFlags::empty(),
+                    &spec,
+                )?;
+            }
+            (fd, FileKind::TimerFd { clock: *clock })
+        }
+        FileRecord::Epoll { .. } => (
+            rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC)?,
+            FileKind::Epoll,
+        ),
+    })
+}
+
+/// Makes every descriptor again in `p`'s (empty) fd table.
+pub fn restore(p: &mut Process, records: &[FdRecord]) -> Result<(), FileRestoreError> {
+    let mut opened: HashMap<u64, Arc<OpenFile>> = HashMap::new();
+    let mut pipes = HashMap::new();
+    let fail = |record: &FdRecord, errno| FileRestoreError {
+        fd: record.fd,
+        what: format!("{:?}", std::mem::discriminant(&record.file)).replace("Discriminant", "kind"),
+        errno,
+    };
+    for record in records {
+        let file = match opened.get(&record.shared) {
+            Some(file) => file.clone(),
+            None => {
+                let (fd, kind) =
+                    reopen(p, &record.file, &mut pipes).map_err(|e| fail(record, e))?;
+                let file = OpenFile::with_mode(fd, kind, record.nonblocking);
+                if let FileRecord::Socket {
+                    bound,
+                    unix_name,
+                    listening,
+                    options,
+                    ..
+                } = &record.file
+                {
+                    let mut state = file.state();
+                    state.bound = bound.as_deref().and_then(|b| b.parse().ok());
+                    state.unix_name = unix_name.clone();
+                    state.listening = *listening;
+                    state.options = options.clone();
+                }
+                opened.insert(record.shared, file.clone());
+                file
+            }
+        };
+        p.files
+            .insert_at(record.fd, file, record.cloexec)
+            .map_err(|e| fail(record, e))?;
+    }
+    // Epoll registrations last: they name other fds.
+    for record in records {
+        if let FileRecord::Epoll { registrations } = &record.file {
+            let epoll = p.files.file(record.fd).map_err(|e| fail(record, e))?;
+            for &(fd, events, data) in registrations {
+                let Ok(target) = p.files.file(fd) else {
+                    continue;
+                };
+                rustix::event::epoll::add(
+                    epoll.host(),
+                    target.host(),
+                    rustix::event::epoll::EventData::new_u64(data),
+                    rustix::event::epoll::EventFlags::from_bits_retain(events),
+                )
+                .map_err(|e| fail(record, e))?;
+                epoll.state().registrations.insert(fd, (events, data));
+            }
+        }
+    }
+    Ok(())
+}

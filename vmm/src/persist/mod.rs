@@ -1,0 +1,381 @@
+//! Snapshots of a running picoprocess, and restores from them (the format itself is the
+//! `picocenter-snapshots` crate).
+//!
+//! A capture happens at a clean point, with the app outside any system call (a blocking
+//! one is rewound to be made again, its deadline kept). It writes:
+//!
+//! * the user context: registers, FS/GS base, XSAVE state;
+//! * the areas, and each page: unchanged since the parent snapshot, unchanged from its
+//!   file, zero, or stored in the page file — the ActiveSet (pages with A = 1) first;
+//! * the fd table, signal state, clocks, and an archive of the writable directories.
+
+pub mod files;
+pub mod restore;
+
+use crate::kvm::vcpu::{Vcpu, VcpuError};
+use crate::memory::{Backing, PageState, Prot};
+use crate::process::Process;
+use picocenter_snapshots::format::{
+    BackingRecord, ClockRecord, Manifest, PageRun, PageSource, ProcessRecord, SignalRecord,
+    SnapshotStats, UserContext, VmaRecord, VpnRange,
+};
+use picocenter_snapshots::pagefile::{PageFileError, PageFileWriter, CHUNK_PAGES};
+use picocenter_snapshots::store::{new_id, Store, StoreError};
+use std::path::Path;
+use std::time::Instant;
+
+const PAGE: u64 = 4096;
+
+/// Why a snapshot could not be taken or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The page file failed.
+    #[error(transparent)]
+    PageFile(#[from] PageFileError),
+    /// Reading or setting the vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Guest memory could not be read or rebuilt.
+    #[error("{what}: {errno}")]
+    Memory {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        errno: rustix::io::Errno,
+    },
+    /// The writable directories could not be archived or unpacked.
+    #[error("{what}")]
+    Data {
+        /// The step.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A descriptor could not be made again.
+    #[error(transparent)]
+    Files(#[from] files::FileRestoreError),
+    /// The snapshot cannot run here.
+    #[error("{0}")]
+    Incompatible(String),
+}
+
+fn memory(what: &'static str) -> impl FnOnce(rustix::io::Errno) -> PersistError {
+    move |errno| PersistError::Memory { what, errno }
+}
+
+/// How each page is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Zero,
+    File,
+    Parent,
+    Stored,
+}
+
+/// The snapshot's page-level view: each page's class, in address order.
+fn classify(
+    p: &Process,
+    pages: &[PageState],
+    has_parent: bool,
+) -> Result<Vec<Class>, PersistError> {
+    let mut classes = Vec::with_capacity(pages.len());
+    let mut buffer = vec![0u8; PAGE as usize];
+    for page in pages {
+        let vma = p.mem.vmas().get(page.va);
+        let immutable_file = matches!(
+            vma.map(|v| &v.backing),
+            Some(Backing::File {
+                immutable: true,
+                ..
+            })
+        );
+        let class = if page.restored && !page.dirty && has_parent {
+            Class::Parent
+        } else if immutable_file && !page.dirty && !page.restored {
+            Class::File
+        } else {
+            p.mem
+                .read_frame(page.frame, &mut buffer)
+                .map_err(memory("reading a page"))?;
+            if buffer.iter().all(|&b| b == 0) {
+                Class::Zero
+            } else {
+                Class::Stored
+            }
+        };
+        classes.push(class);
+    }
+    Ok(classes)
+}
+
+/// Merges pages into runs of consecutive pages with one source.
+fn runs(pages: &[PageState], sources: &[PageSource]) -> Vec<PageRun> {
+    let mut out: Vec<PageRun> = Vec::new();
+    for (page, &source) in pages.iter().zip(sources) {
+        let vpn = page.va / PAGE;
+        if let Some(last) = out.last_mut() {
+            let contiguous = last.vpn + last.count == vpn;
+            let same = match (last.source, source) {
+                (PageSource::Stored { index: a }, PageSource::Stored { index: b }) => {
+                    a + last.count == b
+                }
+                (a, b) => a == b,
+            };
+            if contiguous && same {
+                last.count += 1;
+                continue;
+            }
+        }
+        out.push(PageRun {
+            vpn,
+            count: 1,
+            source,
+        });
+    }
+    out
+}
+
+/// Collapses sorted page numbers into ranges.
+pub fn ranges(vpns: impl IntoIterator<Item = u64>) -> Vec<VpnRange> {
+    let mut out: Vec<VpnRange> = Vec::new();
+    for vpn in vpns {
+        match out.last_mut() {
+            Some(last) if last.vpn + last.count == vpn => last.count += 1,
+            _ => out.push(VpnRange { vpn, count: 1 }),
+        }
+    }
+    out
+}
+
+fn vma_records(p: &Process) -> Vec<VmaRecord> {
+    p.mem
+        .vmas()
+        .iter()
+        .map(|v| VmaRecord {
+            start: v.start,
+            end: v.end,
+            prot: v.prot.0,
+            role: v.role as u8,
+            backing: match &v.backing {
+                Backing::Anonymous => BackingRecord::Anonymous,
+                Backing::File {
+                    offset,
+                    path,
+                    immutable,
+                    ..
+                } => BackingRecord::File {
+                    path: path.to_string(),
+                    offset: *offset,
+                    immutable: *immutable,
+                },
+            },
+        })
+        .collect()
+}
+
+fn user_context(vcpu: &Vcpu, p: &Process) -> Result<UserContext, PersistError> {
+    let regs = vcpu.regs();
+    let sregs = vcpu.sregs()?;
+    let xsave = vcpu.xsave()?;
+    Ok(UserContext {
+        gprs: [
+            regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rsp, regs.rbp,
+            regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+        ],
+        rip: regs.rip,
+        rflags: regs.rflags,
+        fs_base: p.fs_base,
+        gs_base: sregs.gs.base,
+        xsave: xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect(),
+    })
+}
+
+fn signal_record(p: &Process) -> SignalRecord {
+    let (left, interval) = p.alarm.get();
+    SignalRecord {
+        actions: p
+            .signals
+            .actions
+            .iter()
+            .map(|a| [a.handler, a.flags, a.restorer, a.mask])
+            .collect(),
+        mask: p.saved_mask.unwrap_or(p.signals.mask),
+        pending: p.signals.pending,
+        altstack: p.signals.altstack,
+        alarm: (left.as_nanos() as u64, interval.as_nanos() as u64),
+    }
+}
+
+fn process_record(p: &Process, clock: &ClockRecord) -> ProcessRecord {
+    let (brk_start, brk) = p.mem.brk_state();
+    let restart = p.restart.map(|(nr, rip, deadline)| {
+        let left = deadline.saturating_duration_since(Instant::now());
+        (nr, rip, clock.monotonic_ns + left.as_nanos() as u64)
+    });
+    ProcessRecord {
+        cwd: p.cwd.clone(),
+        umask: p.umask,
+        brk_start,
+        brk,
+        clear_child_tid: p.clear_child_tid,
+        restart,
+    }
+}
+
+/// Archives the writable directories into `path`; returns its size and CRC-32.
+fn archive_data(p: &Process, path: &Path) -> Result<Option<(u64, u32)>, PersistError> {
+    if p.writable_dirs.is_empty() {
+        return Ok(None);
+    }
+    let error = |what: &str| {
+        let what = what.to_string();
+        move |source| PersistError::Data { what, source }
+    };
+    let file = std::fs::File::create(path).map_err(error("creating the data archive"))?;
+    let mut builder = tar::Builder::new(file);
+    builder.follow_symlinks(false);
+    for (guest, host) in &p.writable_dirs {
+        let name = guest.trim_start_matches('/');
+        builder
+            .append_dir_all(if name.is_empty() { "." } else { name }, host)
+            .map_err(error("archiving the writable directories"))?;
+    }
+    builder
+        .into_inner()
+        .and_then(|f| f.sync_all())
+        .map_err(error("writing the data archive"))?;
+    let bytes = std::fs::read(path).map_err(error("reading the data archive"))?;
+    Ok(Some((bytes.len() as u64, crc32fast::hash(&bytes))))
+}
+
+/// Takes a snapshot of the app into `store`. An increment of the snapshot the app was
+/// restored from (or last saved to) if that is in `store` and `full` is not set.
+pub fn capture(
+    vcpu: &Vcpu,
+    p: &mut Process,
+    store: &dyn Store,
+    full: bool,
+) -> Result<Manifest, PersistError> {
+    let started = Instant::now();
+    let id = new_id();
+    let parent = match &p.restored_from {
+        Some((where_, parent)) if !full && *where_ == store.describe() => {
+            store.manifest(parent).ok().map(|m| m.id)
+        }
+        _ => None,
+    };
+    let context = user_context(vcpu, p)?;
+    let pages = p.mem.pages().map_err(memory("reading the page tables"))?;
+    let classes = classify(p, &pages, parent.is_some())?;
+
+    // Stored pages: the ActiveSet ones first, so a restore can fetch them in one read.
+    let order: Vec<usize> = {
+        let stored = |i: &usize| classes[*i] == Class::Stored;
+        let (hot, cold): (Vec<usize>, Vec<usize>) = (0..pages.len())
+            .filter(stored)
+            .partition(|&i| pages[i].accessed);
+        hot.into_iter().chain(cold).collect()
+    };
+    let activeset_prefix = order.iter().filter(|&&i| pages[i].accessed).count() as u64;
+    let pages_path = store.scratch(&id, "pages")?;
+    let mut writer = PageFileWriter::create(&pages_path)?;
+    let mut sources: Vec<PageSource> = classes
+        .iter()
+        .map(|c| match c {
+            Class::Zero => PageSource::Zero,
+            Class::File => PageSource::File,
+            Class::Parent => PageSource::Parent,
+            Class::Stored => PageSource::Stored { index: 0 },
+        })
+        .collect();
+    let mut buffer = vec![0u8; PAGE as usize];
+    for &i in &order {
+        p.mem
+            .read_frame(pages[i].frame, &mut buffer)
+            .map_err(memory("reading a page"))?;
+        sources[i] = PageSource::Stored {
+            index: writer.push(&buffer)?,
+        };
+    }
+    let (page_count, chunk_checksums) = writer.finish()?;
+
+    let (files, closed) = files::capture(p);
+    if closed > 0 {
+        tracing::info!("the snapshot closes {closed} connection(s)");
+    }
+    let clock = ClockRecord {
+        monotonic_ns: p.clock.now_ns(libc::CLOCK_MONOTONIC).unwrap_or(0) as u64,
+        realtime_ns: p.clock.now_ns(libc::CLOCK_REALTIME).unwrap_or(0) as u64,
+    };
+    let data_path = store.scratch(&id, "data")?;
+    let data = archive_data(p, &data_path)?;
+    let count = |class: Class| classes.iter().filter(|&&c| c == class).count() as u64;
+    let stats = SnapshotStats {
+        resident_pages: pages.len() as u64,
+        stored_pages: page_count,
+        zero_pages: count(Class::Zero),
+        file_pages: count(Class::File),
+        parent_pages: count(Class::Parent),
+        activeset_pages: pages.iter().filter(|pg| pg.accessed).count() as u64,
+        closed_connections: closed,
+        data_bytes: data.map_or(0, |d| d.0),
+        capture_us: started.elapsed().as_micros() as u64,
+    };
+    let manifest = Manifest {
+        id: id.clone(),
+        parent,
+        created_unix_ms: clock.realtime_ns / 1_000_000,
+        app: p.app.clone(),
+        cpu: p.cpu.clone(),
+        context,
+        vmas: vma_records(p),
+        pages: runs(&pages, &sources),
+        page_count,
+        chunk_pages: CHUNK_PAGES,
+        chunk_checksums,
+        activeset_prefix,
+        activeset: ranges(pages.iter().filter(|pg| pg.accessed).map(|pg| pg.va / PAGE)),
+        port_sets: p.port_sets(),
+        files,
+        signals: signal_record(p),
+        process: process_record(p, &clock),
+        clock,
+        data_bytes: data.map_or(0, |d| d.0),
+        data_checksum: data.map_or(0, |d| d.1),
+        stats,
+    };
+    manifest
+        .validate()
+        .map_err(|e| PersistError::Incompatible(e.to_string()))?;
+    store.commit(&manifest, &pages_path, data.map(|_| data_path.as_path()))?;
+    tracing::info!(
+        id = %manifest.id,
+        stored = page_count,
+        zero = stats.zero_pages,
+        file = stats.file_pages,
+        parent = stats.parent_pages,
+        activeset = stats.activeset_pages,
+        us = stats.capture_us,
+        "snapshot written to {}",
+        store.describe()
+    );
+    Ok(manifest)
+}
+
+/// After a snapshot of an app that keeps running: it now matches that snapshot.
+pub fn saved(p: &mut Process, store: &dyn Store, manifest: &Manifest) -> Result<(), PersistError> {
+    p.mem
+        .mark_saved()
+        .map_err(memory("marking the pages saved"))?;
+    p.restored_from = Some((store.describe(), manifest.id.clone()));
+    Ok(())
+}
+
+/// The protection bits of a record.
+pub(crate) fn prot(bits: u32) -> Prot {
+    Prot(bits & 7)
+}

@@ -1,0 +1,393 @@
+//! Bringing an app back from a snapshot, in a fresh VMM.
+//!
+//! The snapshot's page files (the newest and, for an increment, its parents) become guest
+//! memory: each is mapped private over a run of frames, so a page is read from the host's
+//! page cache only when first touched and the guest's writes stay its own. Page tables are
+//! built fresh, with A = 0 — except, in `activeset` mode, on the ActiveSet, whose pages are
+//! also faulted in up front: with A = 1 kvm_pvm maps 8 pages per fault, and the data is
+//! already in memory. The app's next snapshot learns a new ActiveSet from the A bits.
+
+use super::{memory, prot, PersistError, PAGE};
+use crate::builder;
+use crate::kvm::cpu;
+use crate::memory::{Backing, Vma, VmaRole};
+use crate::process::Process;
+use crate::{Config, Picoprocess, VmmError};
+use picocenter_snapshots::format::{BackingRecord, Manifest, PageSource, VpnRange};
+use picocenter_snapshots::pagefile;
+use picocenter_snapshots::store::{self, Store};
+use std::collections::HashSet;
+use std::fs::File;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How much of the snapshot to bring in before the app runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RestoreMode {
+    /// Everything, verified.
+    Eager,
+    /// Nothing: every page comes in when first touched.
+    Lazy,
+    /// The ActiveSet (verified), with A = 1 on its entries.
+    #[default]
+    ActiveSet,
+}
+
+impl std::str::FromStr for RestoreMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "eager" => Ok(RestoreMode::Eager),
+            "lazy" => Ok(RestoreMode::Lazy),
+            "activeset" => Ok(RestoreMode::ActiveSet),
+            other => Err(format!(
+                "unknown restore mode {other:?} (eager, lazy, activeset)"
+            )),
+        }
+    }
+}
+
+/// What a restore should do beyond the snapshot's own settings.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// How much to bring in up front.
+    pub mode: RestoreMode,
+    /// Build the ActiveSet's entries with A = 0 anyway, so the next snapshot learns it
+    /// afresh (a prefetch with A = 1 hides which pages the app really used).
+    pub relearn: bool,
+}
+
+/// Where each page of the chain is: for every manifest, its runs, and the first frame of
+/// its page file.
+struct Chain {
+    manifests: Vec<Manifest>,
+    bases: Vec<u64>,
+}
+
+impl Chain {
+    /// The source of page `vpn` in manifest `depth`, following Parent links.
+    fn resolve(&self, vpn: u64, depth: usize) -> Option<(PageSource, usize)> {
+        let runs = &self.manifests.get(depth)?.pages;
+        let at = runs.partition_point(|r| r.vpn + r.count <= vpn);
+        let run = runs.get(at).filter(|r| r.vpn <= vpn)?;
+        match run.source {
+            PageSource::Parent => self.resolve(vpn, depth + 1),
+            PageSource::Stored { index } => Some((
+                PageSource::Stored {
+                    index: index + (vpn - run.vpn),
+                },
+                depth,
+            )),
+            other => Some((other, depth)),
+        }
+    }
+}
+
+fn in_ranges(ranges: &[VpnRange]) -> HashSet<u64> {
+    ranges.iter().flat_map(|r| r.vpn..r.vpn + r.count).collect()
+}
+
+/// Checks that this host offers every CPU feature the snapshot may rely on.
+fn check_cpu(manifest: &Manifest, parts: &builder::Parts) -> Result<(), PersistError> {
+    let here = builder::cpu_record(&parts.cpuid, parts.features);
+    for need in &manifest.cpu.leaves {
+        let have = here
+            .leaves
+            .iter()
+            .find(|l| (l.function, l.index) == (need.function, need.index));
+        let missing = match have {
+            None => (need.ebx, need.ecx, need.edx),
+            Some(h) => (need.ebx & !h.ebx, need.ecx & !h.ecx, need.edx & !h.edx),
+        };
+        if missing != (0, 0, 0) {
+            return Err(PersistError::Incompatible(format!(
+                "the snapshot needs CPU features this host lacks: CPUID {:#x}.{} \
+                 ebx {:#x} ecx {:#x} edx {:#x}",
+                need.function, need.index, missing.0, missing.1, missing.2
+            )));
+        }
+    }
+    if manifest.cpu.xcr0 & !here.xcr0 != 0 {
+        return Err(PersistError::Incompatible(format!(
+            "the snapshot's FPU state needs XCR0 {:#x}, this host offers {:#x}",
+            manifest.cpu.xcr0, here.xcr0
+        )));
+    }
+    Ok(())
+}
+
+/// Unpacks the data archive of the snapshot into the writable directories.
+fn unpack_data(
+    store: &dyn Store,
+    manifest: &Manifest,
+    config: &Config,
+) -> Result<(), PersistError> {
+    let Some(path) = store.data_archive(&manifest.id)? else {
+        return Ok(());
+    };
+    let error = |what: &str| {
+        let what = what.to_string();
+        move |source| PersistError::Data { what, source }
+    };
+    let bytes = std::fs::read(&path).map_err(error("reading the data archive"))?;
+    if bytes.len() as u64 != manifest.data_bytes
+        || crc32fast::hash(&bytes) != manifest.data_checksum
+    {
+        return Err(PersistError::Incompatible(
+            "the snapshot's data archive is corrupt (size or checksum)".into(),
+        ));
+    }
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    for entry in archive
+        .entries()
+        .map_err(error("reading the data archive"))?
+    {
+        let mut entry = entry.map_err(error("reading the data archive"))?;
+        let name = entry
+            .path()
+            .map_err(error("reading the data archive"))?
+            .into_owned();
+        let guest = format!("/{}", name.display());
+        // Each entry goes to the writable directory whose guest path holds it; unpack_in
+        // refuses names that would leave that directory.
+        let target = config.writable.iter().find_map(|(g, host)| {
+            let rel = std::path::Path::new(&guest).strip_prefix(g).ok()?;
+            Some((host.clone(), rel.to_path_buf()))
+        });
+        if let Some((host, rel)) = target {
+            if rel.as_os_str().is_empty() {
+                continue;
+            }
+            let dest = host.join(&rel);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(error("unpacking the data archive"))?;
+            }
+            entry
+                .unpack(&dest)
+                .map_err(error("unpacking the data archive"))?;
+        }
+    }
+    Ok(())
+}
+
+impl Picoprocess {
+    /// Restores snapshot `id` from `store` into a new picoprocess configured by `config`
+    /// (which says where the root and writable directories are, the address, the name).
+    /// Must be called on the thread that will run it.
+    pub fn restore(
+        config: &Config,
+        store: &dyn Store,
+        id: &str,
+        options: &RestoreOptions,
+    ) -> Result<Self, VmmError> {
+        Self::restore_inner(config, store, id, options).map_err(VmmError::Restore)
+    }
+
+    fn restore_inner(
+        config: &Config,
+        store: &dyn Store,
+        id: &str,
+        options: &RestoreOptions,
+    ) -> Result<Self, PersistError> {
+        let started = Instant::now();
+        let manifests = store::chain(store, id)?;
+        let newest = manifests[0].clone();
+        // Refuse a damaged snapshot before anything is built from it.
+        let mut page_files = Vec::new();
+        for m in &manifests {
+            let path = store.page_file(&m.id)?;
+            match options.mode {
+                RestoreMode::Eager => pagefile::verify(&path, m, 0, m.page_count)?,
+                RestoreMode::ActiveSet => pagefile::verify(&path, m, 0, m.activeset_prefix)?,
+                RestoreMode::Lazy => pagefile::check_size(&path, m)?,
+            }
+            page_files.push(path);
+        }
+        unpack_data(store, &newest, config)?;
+        let (parts, mut space, sandbox) =
+            builder::prepare(config).map_err(|e| PersistError::Incompatible(e.to_string()))?;
+        check_cpu(&newest, &parts)?;
+
+        // Page files become guest memory.
+        let mut bases = Vec::new();
+        for (m, path) in manifests.iter().zip(&page_files) {
+            let file = File::open(path).map_err(|source| PersistError::Data {
+                what: format!("opening {}", path.display()),
+                source,
+            })?;
+            bases.push(
+                space
+                    .attach_page_file(std::os::fd::AsFd::as_fd(&file), m.page_count)
+                    .map_err(memory("mapping the page file"))?,
+            );
+        }
+        let chain = Chain { manifests, bases };
+
+        // Areas, then pages.
+        for record in &newest.vmas {
+            let backing = match &record.backing {
+                BackingRecord::Anonymous => Backing::Anonymous,
+                BackingRecord::File {
+                    path,
+                    offset,
+                    immutable,
+                } => {
+                    let fd = sandbox
+                        .open(path, rustix::fs::OFlags::RDONLY, rustix::fs::Mode::empty())
+                        .map_err(|errno| PersistError::Memory {
+                            what: "reopening a mapped file",
+                            errno,
+                        })?;
+                    Backing::File {
+                        file: Arc::new(File::from(fd)),
+                        offset: *offset,
+                        path: path.as_str().into(),
+                        immutable: *immutable,
+                    }
+                }
+            };
+            let role = match record.role {
+                1 => VmaRole::Heap,
+                2 => VmaRole::Stack,
+                _ => VmaRole::Mapping,
+            };
+            space
+                .restore_vma(Vma {
+                    start: record.start,
+                    end: record.end,
+                    prot: prot(record.prot),
+                    backing,
+                    role,
+                })
+                .map_err(memory("rebuilding an area"))?;
+        }
+        let hot = in_ranges(&newest.activeset);
+        let preset = |vpn: u64| match options.mode {
+            RestoreMode::Eager => true,
+            RestoreMode::Lazy => false,
+            RestoreMode::ActiveSet => !options.relearn && hot.contains(&vpn),
+        };
+        let mut prefetch: Vec<u64> = Vec::new();
+        for run in &newest.pages {
+            for vpn in run.vpn..run.vpn + run.count {
+                let va = vpn * PAGE;
+                match chain.resolve(vpn, 0) {
+                    Some((PageSource::Stored { index }, depth)) => {
+                        let frame = chain.bases[depth] + index * PAGE;
+                        space
+                            .map_restored(va, frame, preset(vpn))
+                            .map_err(memory("mapping a page"))?;
+                        if options.mode == RestoreMode::ActiveSet && hot.contains(&vpn) {
+                            prefetch.push(frame);
+                        }
+                    }
+                    Some((PageSource::File, _)) => space
+                        .map_from_file(va)
+                        .map_err(memory("mapping a file page"))?,
+                    Some((PageSource::Zero, _)) => {
+                        space.map_zero(va).map_err(memory("mapping a zero page"))?
+                    }
+                    _ => {
+                        return Err(PersistError::Incompatible(format!(
+                            "page {va:#x} is in no snapshot of the chain"
+                        )))
+                    }
+                }
+            }
+        }
+        match options.mode {
+            RestoreMode::Eager => {
+                for (m, &base) in chain.manifests.iter().zip(&chain.bases) {
+                    if m.page_count > 0 {
+                        space
+                            .prefault(base, m.page_count * PAGE)
+                            .map_err(memory("reading the snapshot in"))?;
+                    }
+                }
+            }
+            RestoreMode::ActiveSet => {
+                prefetch.sort_unstable();
+                for run in super::ranges(prefetch.iter().map(|f| f / PAGE)) {
+                    space
+                        .prefault(run.vpn * PAGE, run.count * PAGE)
+                        .map_err(memory("reading the ActiveSet in"))?;
+                }
+            }
+            RestoreMode::Lazy => {}
+        }
+        space.restore_brk(newest.process.brk_start, newest.process.brk);
+        space.invalidated();
+
+        // The vCPU, at the app's context.
+        let vcpu_fd = parts
+            .machine
+            .create_vcpu()
+            .map_err(|e| PersistError::Incompatible(e.to_string()))?;
+        let context = &newest.context;
+        cpu::configure(
+            &vcpu_fd,
+            &parts.cpuid,
+            parts.features,
+            space.page_table_root(),
+            context.rip,
+            context.gprs[6],
+        )
+        .map_err(|e| PersistError::Incompatible(e.to_string()))?;
+        cpu::restore_context(&vcpu_fd, context)
+            .map_err(|e| PersistError::Incompatible(e.to_string()))?;
+
+        let mut process = builder::process(config, &parts, space, sandbox, &vcpu_fd)
+            .map_err(|e| PersistError::Incompatible(e.to_string()))?;
+        restore_process(&mut process, &newest)?;
+        super::files::restore(&mut process, &newest.files)?;
+        process.restored_from = Some((store.describe(), newest.id.clone()));
+        let picoprocess = builder::finish(config, parts, vcpu_fd, process)
+            .map_err(|e| PersistError::Incompatible(e.to_string()))?;
+        tracing::info!(
+            id = %newest.id,
+            mode = ?options.mode,
+            chain = chain.manifests.len(),
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            "restored"
+        );
+        Ok(picoprocess)
+    }
+}
+
+/// Signals, clocks, working directory and the rest of the process state.
+fn restore_process(p: &mut Process, m: &Manifest) -> Result<(), PersistError> {
+    for (slot, action) in p.signals.actions.iter_mut().zip(&m.signals.actions) {
+        *slot = crate::syscalls::signal::SigAction {
+            handler: action[0],
+            flags: action[1],
+            restorer: action[2],
+            mask: action[3],
+        };
+    }
+    p.signals.mask = m.signals.mask;
+    p.signals.pending = m.signals.pending;
+    p.signals.altstack = m.signals.altstack;
+    if m.signals.alarm.0 > 0 {
+        p.alarm.set(
+            Duration::from_nanos(m.signals.alarm.0),
+            Duration::from_nanos(m.signals.alarm.1),
+        );
+    }
+    // CLOCK_MONOTONIC goes on from where it was, plus the wall-clock time the app was away
+    // (never less): it never runs backwards, on any host.
+    let host_mono = p.clock.now_ns(libc::CLOCK_MONOTONIC).unwrap_or(0) as i128;
+    let real_now = p.clock.now_ns(libc::CLOCK_REALTIME).unwrap_or(0) as i128;
+    let away = (real_now - m.clock.realtime_ns as i128).max(0);
+    let mono_now = m.clock.monotonic_ns as i128 + away;
+    p.clock.monotonic_offset_ns = (mono_now - host_mono) as i64;
+    p.clock.published = None;
+    p.cwd = m.process.cwd.clone();
+    p.umask = m.process.umask;
+    p.clear_child_tid = m.process.clear_child_tid;
+    p.fs_base = m.context.fs_base;
+    p.restart = m.process.restart.map(|(nr, rip, deadline)| {
+        let left = (deadline as i128 - mono_now).max(0) as u64;
+        (nr, rip, Instant::now() + Duration::from_nanos(left))
+    });
+    Ok(())
+}
