@@ -75,6 +75,9 @@ pub struct AppRecord {
     pub address: Option<String>,
     /// The program path (for display).
     pub program: String,
+    /// When the root was a temporary one made from a host program (and its libraries),
+    /// that program's host path, so that a restore can make it again.
+    pub root_from: Option<String>,
 }
 
 /// One CPUID leaf the app may have relied on: the restoring host must offer every bit.

@@ -119,6 +119,8 @@ struct App {
     address: Option<IpAddr>,
     name: String,
     image: Option<BuiltImage>,
+    /// The host program a temporary root was made from.
+    root_from: Option<String>,
 }
 
 impl App {
@@ -148,6 +150,7 @@ impl App {
                 .clone()
                 .unwrap_or_else(|| image.meta.name.clone()),
             image: Some(image),
+            root_from: None,
         })
     }
 
@@ -166,6 +169,10 @@ impl App {
                 (Some(temp), path, guest)
             }
         };
+        let root_from = match args.root {
+            Some(_) => None,
+            None => Some(std::path::absolute(program)?.display().to_string()),
+        };
         let name = Path::new(program)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -182,6 +189,7 @@ impl App {
             address: args.app.address,
             name: args.app.name.clone().unwrap_or(name),
             image: None,
+            root_from,
         })
     }
 }
@@ -195,7 +203,7 @@ fn command_line(program: &str, args: &[String]) -> Vec<String> {
 /// A fresh root holding `program` and its shared-library closure. The program keeps its
 /// host path, unless that lies under a writable directory (which would hide it): then it
 /// goes to /app/NAME.
-fn temporary_root(
+pub(super) fn temporary_root(
     program: &Path,
     writable: &[String],
 ) -> anyhow::Result<(tempfile::TempDir, String)> {
@@ -382,6 +390,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         mailbox: !args.no_mailbox,
         doorbell_time: !args.no_doorbell_time,
         image: app.image.as_ref().map(|i| i.meta.name.clone()),
+        root_from: app.root_from.clone(),
     };
     let explicit_name = args.app.name.is_some() || args.image.is_some();
     let run_dir = args.state.state_dir().join("run");

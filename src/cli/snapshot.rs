@@ -199,13 +199,22 @@ fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     };
     let manifest = store.manifest(&id)?;
     let app = &manifest.app;
-    let root = match (&args.root, &app.image) {
-        (Some(root), _) => root.clone(),
-        (None, Some(image)) => match picocenter_images::load(args.state.state_dir(), image) {
+    let mut _temp_root = None;
+    let root = match (&args.root, &app.image, &app.root_from) {
+        (Some(root), _, _) => root.clone(),
+        (None, Some(image), _) => match picocenter_images::load(args.state.state_dir(), image) {
             Ok(built) => built.rootfs,
             Err(_) => PathBuf::from(&app.root),
         },
-        (None, None) => PathBuf::from(&app.root),
+        // A temporary root made from a host program: make it again.
+        (None, None, Some(program)) => {
+            let (temp, _) =
+                super::run::temporary_root(std::path::Path::new(program), &app.writable)?;
+            let path = temp.path().to_path_buf();
+            _temp_root = Some(temp);
+            path
+        }
+        (None, None, None) => PathBuf::from(&app.root),
     };
     if !root.is_dir() {
         bail!("the app's root {} is not here; give --root", root.display());
@@ -238,6 +247,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         mailbox: !args.no_mailbox,
         doorbell_time: true,
         image: app.image.clone(),
+        root_from: app.root_from.clone(),
     };
     let options = RestoreOptions {
         mode: args.mode,

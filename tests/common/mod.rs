@@ -230,6 +230,31 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Waits (at most 30 s) for the app to end by itself, as it does after `snapshot
+    /// create --stop`, and returns its exit status and output.
+    pub fn stop_waiting(mut self) -> Output {
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{} did not end",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let read = |name: &str| std::fs::read(self.output.path().join(name)).unwrap_or_default();
+        Output {
+            status,
+            stdout: read("stdout"),
+            stderr: read("stderr"),
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();

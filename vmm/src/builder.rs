@@ -133,6 +133,7 @@ pub(crate) fn process(
             memory_mib: config.memory_mib,
             address: config.address.map(|a| a.to_string()),
             program: config.program.clone(),
+            root_from: config.root_from.clone(),
         },
         writable_dirs: config.writable.clone(),
         cpu: cpu_record(&parts.cpuid, parts.features),

@@ -81,6 +81,9 @@ pub struct Config {
     pub doorbell_time: bool,
     /// The image the app comes from, if any (recorded in snapshots).
     pub image: Option<String>,
+    /// The host program the (temporary) root was made from, if it was (recorded in
+    /// snapshots, so a restore can make the root again).
+    pub root_from: Option<String>,
 }
 
 /// Why a picoprocess could not be built or run. Guest misbehaviour is never one of these:

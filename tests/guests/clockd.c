@@ -1,0 +1,49 @@
+/* Clocks across a snapshot.
+ *   serve PORT   answers each connection with "mono=NS real=NS\n"; writes /tmp/clockd.state
+ *   sleep SECS   one nanosleep of SECS seconds, then prints how long it took (monotonic) */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+static int64_t ns(clockid_t clock) {
+    struct timespec t;
+    clock_gettime(clock, &t);
+    return t.tv_sec * 1000000000ll + t.tv_nsec;
+}
+
+int main(int argc, char **argv) {
+    if (argc > 2 && !strcmp(argv[1], "sleep")) {
+        int64_t start = ns(CLOCK_MONOTONIC);
+        printf("sleeping\n");
+        fflush(stdout);
+        struct timespec nap = {atoi(argv[2]), 0};
+        nanosleep(&nap, NULL);
+        printf("elapsed=%lld\n", (long long)(ns(CLOCK_MONOTONIC) - start));
+        return 0;
+    }
+    if (argc > 2 && !strcmp(argv[1], "serve")) {
+        FILE *state = fopen("/tmp/clockd.state", "w");
+        if (state) { fputs("started\n", state); fclose(state); }
+        int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 16)) { perror("bind"); return 1; }
+        for (;;) {
+            int c = accept(fd, NULL, NULL);
+            if (c < 0) continue;
+            char line[96];
+            int n = snprintf(line, sizeof line, "mono=%lld real=%lld\n", (long long)ns(CLOCK_MONOTONIC),
+                             (long long)ns(CLOCK_REALTIME));
+            write(c, line, n);
+            close(c);
+        }
+    }
+    fprintf(stderr, "usage: %s serve PORT | sleep SECS\n", argv[0]);
+    return 2;
+}

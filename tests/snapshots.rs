@@ -1,0 +1,400 @@
+//! Snapshots: apps swapped out and back in, in fresh VMM processes, keep their state; damaged
+//! snapshots are refused before anything runs.
+
+mod common;
+
+use common::*;
+use picocenter_snapshots::format::{CpuidBits, Manifest};
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// `picocenter snapshot ARGS...` with a 60 s limit.
+fn snapshot(args: &[&str]) -> std::process::Output {
+    let mut cmd = picocenter();
+    cmd.arg("snapshot").args(args);
+    run_with_limit(&mut cmd, Duration::from_secs(60))
+}
+
+/// Starts `picocenter snapshot restore DIR ARGS...` and waits until `address` accepts.
+fn restore(dir: &Path, address: &str, args: &[&str]) -> Child {
+    let mut cmd = picocenter();
+    cmd.args(["snapshot", "restore"]).arg(dir).args(args);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    wait_listening(&mut child, address);
+    child
+}
+
+fn wait_listening(child: &mut Child, address: &str) {
+    let addr: std::net::SocketAddr = address.parse().unwrap();
+    for _ in 0..1500 {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            panic!("the app exited with {status} before listening on {address}:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("nothing listened on {address}");
+}
+
+/// Snapshots app `name` into `dir` and ends it; waits for its process.
+fn swap_out(name: &str, dir: &Path, child: Child) -> String {
+    let out = snapshot(&["create", name, "-o", dir.to_str().unwrap(), "--stop"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let status = child.wait_with_output().unwrap();
+    assert_eq!(
+        status.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    stdout(&out)
+}
+
+fn body(address: &str, path: &str) -> String {
+    let response = http(address.parse().unwrap(), "GET", path, b"");
+    assert_eq!(response.status, 200);
+    String::from_utf8_lossy(&response.body).into_owned()
+}
+
+#[test]
+fn counter_http_keeps_its_count_through_twenty_swaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let address = "127.0.7.1:80";
+    let server = Server::start("counter-http", "test-snap-counter", "127.0.7.1", 80, &[]);
+    assert_eq!(body(address, "/").trim(), "count=1");
+    let out = snapshot(&[
+        "create",
+        "test-snap-counter",
+        "-o",
+        dir.path().to_str().unwrap(),
+        "--stop",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let _ = server.stop_waiting();
+    let modes = ["eager", "lazy", "activeset"];
+    for cycle in 0..20 {
+        let mode = modes[cycle % 3];
+        let child = restore(dir.path(), address, &["--mode", mode]);
+        assert_eq!(
+            body(address, "/").trim(),
+            format!("count={}", cycle + 2),
+            "cycle {cycle} ({mode})"
+        );
+        let said = swap_out("test-snap-counter", dir.path(), child);
+        if cycle > 0 {
+            assert!(
+                !said.contains("no parent"),
+                "cycle {cycle}: not incremental: {said}"
+            );
+        }
+    }
+    // The chain compacts into one snapshot that still restores.
+    let out = snapshot(&["compact", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = snapshot(&["inspect", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success() && stdout(&out).contains("checksums valid"),
+        "{}",
+        describe(&out)
+    );
+    let child = restore(dir.path(), address, &[]);
+    assert_eq!(body(address, "/").trim(), "count=22");
+    swap_out("test-snap-counter", dir.path(), child);
+}
+
+#[test]
+fn nginx_and_python_http_serve_after_a_restore() {
+    let nginx_dir = tempfile::tempdir().unwrap();
+    let python_dir = tempfile::tempdir().unwrap();
+    let nginx = Server::start("nginx", "test-snap-nginx", "127.0.7.2", 80, &[]);
+    let python = Server::start("python-http", "test-snap-python", "127.0.7.3", 80, &[]);
+    let expected =
+        std::fs::read(state_dir().join("images/nginx/rootfs/srv/www/files/1m.txt")).unwrap();
+    assert_eq!(
+        http(nginx.address, "GET", "/files/1m.txt", b"").body,
+        expected
+    );
+    let posted = http(python.address, "POST", "/items", b"kept").status;
+    assert!(posted == 200 || posted == 201, "POST gave {posted}");
+    let out = snapshot(&[
+        "create",
+        "test-snap-nginx",
+        "-o",
+        nginx_dir.path().to_str().unwrap(),
+        "--stop",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = snapshot(&[
+        "create",
+        "test-snap-python",
+        "-o",
+        python_dir.path().to_str().unwrap(),
+        "--stop",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    nginx.stop_waiting();
+    python.stop_waiting();
+
+    let nginx = restore(nginx_dir.path(), "127.0.7.2:80", &[]);
+    let python = restore(python_dir.path(), "127.0.7.3:80", &[]);
+    assert_eq!(
+        http("127.0.7.2:80".parse().unwrap(), "GET", "/files/1m.txt", b"").body,
+        expected
+    );
+    let state = body("127.0.7.3:80", "/items");
+    assert!(state.contains("kept"), "{state}");
+    swap_out("test-snap-nginx", nginx_dir.path(), nginx);
+    swap_out("test-snap-python", python_dir.path(), python);
+}
+
+#[test]
+fn a_restore_can_move_the_app_to_another_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start("counter-http", "test-snap-move", "127.0.7.4", 80, &[]);
+    body("127.0.7.4:80", "/");
+    let out = snapshot(&[
+        "create",
+        "test-snap-move",
+        "-o",
+        dir.path().to_str().unwrap(),
+        "--stop",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    server.stop_waiting();
+    let child = restore(dir.path(), "127.0.7.5:80", &["--address", "127.0.7.5"]);
+    assert_eq!(body("127.0.7.5:80", "/").trim(), "count=2");
+    swap_out("test-snap-move", dir.path(), child);
+}
+
+/// Runs the clockd guest as app `name` with its writable /tmp in `data`.
+fn clockd(name: &str, data: &Path, flags: &[&str], mode: &[&str]) -> Child {
+    let program = guest("clockd", Link::Static);
+    let mut cmd = picocenter();
+    cmd.args(["run", "--name", name, "--data-dir"]).arg(data);
+    cmd.args(flags).arg(&program).args(mode);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.spawn().unwrap()
+}
+
+#[test]
+fn clocks_never_go_back_and_files_and_writable_data_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut child = clockd(
+        "test-snap-clock",
+        data.path(),
+        &["--address", "127.0.7.6"],
+        &["serve", "80"],
+    );
+    wait_listening(&mut child, "127.0.7.6:80");
+    let parse = |text: String| -> (i64, i64) {
+        let field = |key: &str| {
+            text.split_whitespace()
+                .find_map(|f| f.strip_prefix(key))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in {text:?}"))
+        };
+        (field("mono="), field("real="))
+    };
+    let read = || {
+        let mut stream = std::net::TcpStream::connect("127.0.7.6:80").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    };
+    let (mono1, _) = parse(read());
+    swap_out("test-snap-clock", dir.path(), child);
+    std::thread::sleep(Duration::from_millis(300));
+    let restored_data = tempfile::tempdir().unwrap();
+    let child = restore(
+        dir.path(),
+        "127.0.7.6:80",
+        &["--data-dir", restored_data.path().to_str().unwrap()],
+    );
+    let (mono2, _) = parse(read());
+    assert!(
+        mono2 > mono1,
+        "CLOCK_MONOTONIC went from {mono1} to {mono2}"
+    );
+    assert!(
+        mono2 - mono1 >= 300_000_000,
+        "the time away was not counted: {}",
+        mono2 - mono1
+    );
+    assert_eq!(
+        std::fs::read_to_string(restored_data.path().join("tmp/clockd.state")).unwrap(),
+        "started\n"
+    );
+    swap_out("test-snap-clock", dir.path(), child);
+}
+
+#[test]
+fn a_sleep_keeps_its_deadline_across_a_swap() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut child = clockd("test-snap-sleep", data.path(), &[], &["sleep", "2"]);
+    let mut first = [0u8; 9];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    swap_out("test-snap-sleep", dir.path(), child);
+    let mut cmd = picocenter();
+    cmd.args(["snapshot", "restore"]).arg(dir.path());
+    let out = run_with_limit(&mut cmd, Duration::from_secs(30));
+    let text = stdout(&out);
+    let elapsed: i64 = text
+        .trim()
+        .strip_prefix("elapsed=")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{}", describe(&out)));
+    assert!(
+        (1_900_000_000..2_600_000_000).contains(&elapsed),
+        "a 2 s sleep took {elapsed} ns of the app's time"
+    );
+}
+
+/// A fresh, valid snapshot of counter-http in a new directory.
+fn sample_snapshot(name: &str, ip: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start("counter-http", name, ip, 80, &[]);
+    let out = snapshot(&["create", name, "-o", dir.path().to_str().unwrap(), "--stop"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    server.stop_waiting();
+    dir
+}
+
+fn head(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("HEAD"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn restore_fails(dir: &Path, expect: &str) {
+    let mut cmd = picocenter();
+    cmd.args(["snapshot", "restore"])
+        .arg(dir)
+        .args(["--timeout", "5"]);
+    let out = run_with_limit(&mut cmd, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(expect),
+        "expected {expect:?}: {}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn damaged_snapshots_are_refused_before_anything_runs() {
+    let dir = sample_snapshot("test-snap-damage", "127.0.7.7");
+    let id = head(dir.path());
+    let manifest_path = dir.path().join(format!("{id}.manifest"));
+    let pages_path = dir.path().join(format!("{id}.pages"));
+    let original = std::fs::read(&manifest_path).unwrap();
+
+    let mut flipped = original.clone();
+    let at = flipped.len() - 10;
+    flipped[at] ^= 0x55;
+    std::fs::write(&manifest_path, &flipped).unwrap();
+    restore_fails(dir.path(), "corrupt");
+
+    std::fs::write(&manifest_path, &original[..original.len() / 2]).unwrap();
+    restore_fails(dir.path(), "truncated");
+
+    let mut versioned = original.clone();
+    versioned[8] = 77;
+    std::fs::write(&manifest_path, &versioned).unwrap();
+    restore_fails(dir.path(), "format version 77");
+
+    let mut foreign = Manifest::decode(&original).unwrap();
+    foreign.cpu.leaves.push(CpuidBits {
+        function: 0x7fff_0000,
+        index: 0,
+        ebx: 1,
+        ecx: 0,
+        edx: 0,
+    });
+    std::fs::write(&manifest_path, foreign.encode()).unwrap();
+    restore_fails(dir.path(), "CPU features this host lacks");
+
+    std::fs::write(&manifest_path, &original).unwrap();
+    let pages = std::fs::read(&pages_path).unwrap();
+    std::fs::write(&pages_path, &pages[..pages.len() - 4096]).unwrap();
+    restore_fails(dir.path(), "truncated");
+    let out = snapshot(&["inspect", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+
+    let mut corrupt = pages.clone();
+    corrupt[100] ^= 1;
+    std::fs::write(&pages_path, &corrupt).unwrap();
+    let out = snapshot(&["inspect", dir.path().to_str().unwrap()]);
+    assert!(
+        stdout(&out).contains("fails its checksum"),
+        "{}",
+        describe(&out)
+    );
+    restore_fails(dir.path(), "fails its checksum");
+}
+
+#[test]
+fn a_snapshot_closes_connections_and_a_running_app_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start("counter-http", "test-snap-live", "127.0.7.8", 80, &[]);
+    // A keep-alive connection the app holds open at capture.
+    let mut open = std::net::TcpStream::connect("127.0.7.8:80").unwrap();
+    std::io::Write::write_all(&mut open, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut some = [0u8; 64];
+    let _ = open.read(&mut some).unwrap();
+    let out = snapshot(&[
+        "create",
+        "test-snap-live",
+        "-o",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    // Still running, and its next snapshot is an increment of this one.
+    assert_eq!(body("127.0.7.8:80", "/").trim(), "count=2");
+    let out = snapshot(&[
+        "create",
+        "test-snap-live",
+        "-o",
+        dir.path().to_str().unwrap(),
+        "--stop",
+    ]);
+    assert!(
+        out.status.success() && !stdout(&out).contains("no parent"),
+        "{}",
+        describe(&out)
+    );
+    server.stop_waiting();
+    let manifest = Manifest::decode(
+        &std::fs::read(dir.path().join(format!("{}.manifest", head(dir.path())))).unwrap(),
+    )
+    .unwrap();
+    assert!(manifest.parent.is_some());
+    let first = Manifest::decode(
+        &std::fs::read(
+            dir.path()
+                .join(format!("{}.manifest", manifest.parent.unwrap())),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first.stats.closed_connections, 1);
+    let child = restore(dir.path(), "127.0.7.8:80", &["--mode", "lazy"]);
+    assert_eq!(body("127.0.7.8:80", "/").trim(), "count=3");
+    swap_out("test-snap-live", dir.path(), child);
+    let _ = Command::new("true").status();
+}
