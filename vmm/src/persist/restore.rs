@@ -375,8 +375,8 @@ fn restore_process(p: &mut Process, m: &Manifest) -> Result<(), PersistError> {
     }
     // CLOCK_MONOTONIC goes on from where it was, plus the wall-clock time the app was away
     // (never less): it never runs backwards, on any host.
-    let host_mono = p.clock.now_ns(libc::CLOCK_MONOTONIC).unwrap_or(0) as i128;
-    let real_now = p.clock.now_ns(libc::CLOCK_REALTIME).unwrap_or(0) as i128;
+    let host_mono = p.clock.now_ns(libc::CLOCK_MONOTONIC).unwrap_or(0);
+    let real_now = p.clock.now_ns(libc::CLOCK_REALTIME).unwrap_or(0);
     let away = (real_now - m.clock.realtime_ns as i128).max(0);
     let mono_now = m.clock.monotonic_ns as i128 + away;
     p.clock.monotonic_offset_ns = (mono_now - host_mono) as i64;
