@@ -4,7 +4,6 @@ use crate::format::{Manifest, PageRun, PageSource, PAGE_SIZE};
 use crate::pagefile::{PageFileWriter, CHUNK_PAGES};
 use crate::store::{chain, new_id, Store, StoreError};
 use std::collections::HashSet;
-use std::io::{Read, Seek, SeekFrom};
 
 /// Why a compaction failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,35 +73,39 @@ pub fn compact(store: &dyn Store, id: &str) -> Result<Manifest, CompactError> {
     let (first, rest): (Vec<usize>, Vec<usize>) =
         stored.into_iter().partition(|&i| hot.contains(&pages[i].0));
     let activeset_prefix = first.len() as u64;
-    let mut files = Vec::new();
+    // The chain's page files, verified and mapped: the writer borrows pages from them.
+    let mut maps = Vec::new();
     for m in &chain {
-        files.push(
-            std::fs::File::open(store.page_file(&m.id)?).map_err(|source| CompactError::Read {
-                id: m.id.clone(),
-                index: 0,
-                source,
-            })?,
-        );
+        let path = store.page_file(&m.id)?;
+        crate::pagefile::verify(&path, m, 0, m.page_count)?;
+        let read = |source| CompactError::Read {
+            id: m.id.clone(),
+            index: 0,
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(read)?;
+        // SAFETY: the store never rewrites a committed page file (new snapshots get new
+        // names), so the mapping's contents do not change while it is borrowed.
+        maps.push(unsafe { memmap2::Mmap::map(&file) }.map_err(read)?);
     }
     let path = store.scratch(&new, "pages")?;
     let mut writer = PageFileWriter::create(&path)?;
-    let mut buffer = vec![0u8; PAGE_SIZE as usize];
     let mut new_sources: Vec<PageSource> = pages.iter().map(|p| p.2).collect();
     for &i in first.iter().chain(&rest) {
         let (_, depth, source) = pages[i];
         let PageSource::Stored { index } = source else {
             continue;
         };
-        let file = &mut files[depth];
-        file.seek(SeekFrom::Start(index * PAGE_SIZE))
-            .and_then(|_| file.read_exact(&mut buffer))
-            .map_err(|source| CompactError::Read {
+        let at = (index * PAGE_SIZE) as usize;
+        let page = maps[depth]
+            .get(at..at + PAGE_SIZE as usize)
+            .ok_or_else(|| CompactError::Read {
                 id: chain[depth].id.clone(),
                 index,
-                source,
+                source: std::io::ErrorKind::UnexpectedEof.into(),
             })?;
         new_sources[i] = PageSource::Stored {
-            index: writer.push(&buffer)?,
+            index: writer.push(page)?,
         };
     }
     let (page_count, chunk_checksums) = writer.finish()?;

@@ -47,9 +47,22 @@ impl AddressSpace {
         Ok(pages)
     }
 
-    /// Copies the frame at `gpa` into `page`.
-    pub fn read_frame(&self, gpa: u64, page: &mut [u8]) -> Result<(), Errno> {
-        self.phys.read(gpa, page).map_err(|_| Errno::FAULT)
+    /// The frame at `gpa`, borrowed in place so a snapshot can hand it to the kernel
+    /// without a copy.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may write the frame while the borrow lives: the vCPU must be out of
+    /// KVM_RUN (the app is stopped at a clean point) and no other VMM thread writes app
+    /// pages.
+    pub unsafe fn frame_bytes(&self, gpa: u64) -> Result<&[u8], Errno> {
+        let slice = self
+            .phys
+            .slice(gpa, PAGE as usize)
+            .map_err(|_| Errno::FAULT)?;
+        // SAFETY: `slice` covers PAGE bytes of mapped guest memory that outlive `self`'s
+        // borrow; the caller guarantees nothing writes them meanwhile.
+        Ok(unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr(), PAGE as usize) })
     }
 
     /// The heap's start and the break.
@@ -59,7 +72,8 @@ impl AddressSpace {
 
     /// Adds an area as a snapshot recorded it, without populating it.
     pub fn restore_vma(&mut self, vma: Vma) -> Result<(), Errno> {
-        if !vma.start.is_multiple_of(PAGE) || !vma.end.is_multiple_of(PAGE) || vma.start >= vma.end {
+        if !vma.start.is_multiple_of(PAGE) || !vma.end.is_multiple_of(PAGE) || vma.start >= vma.end
+        {
             return Err(Errno::INVAL);
         }
         if !self.vmas.is_free(vma.start, vma.end) {

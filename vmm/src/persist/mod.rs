@@ -76,40 +76,29 @@ enum Class {
     Stored,
 }
 
-/// The snapshot's page-level view: each page's class, in address order.
-fn classify(
-    p: &Process,
-    pages: &[PageState],
-    has_parent: bool,
-) -> Result<Vec<Class>, PersistError> {
-    let mut classes = Vec::with_capacity(pages.len());
-    let mut buffer = vec![0u8; PAGE as usize];
-    for page in pages {
-        let vma = p.mem.vmas().get(page.va);
-        let immutable_file = matches!(
-            vma.map(|v| &v.backing),
-            Some(Backing::File {
-                immutable: true,
-                ..
-            })
-        );
-        let class = if page.restored && !page.dirty && has_parent {
-            Class::Parent
-        } else if immutable_file && !page.dirty && !page.restored {
-            Class::File
-        } else {
-            p.mem
-                .read_frame(page.frame, &mut buffer)
-                .map_err(memory("reading a page"))?;
-            if buffer.iter().all(|&b| b == 0) {
-                Class::Zero
-            } else {
-                Class::Stored
-            }
-        };
-        classes.push(class);
+/// The class of a page that need not be read: unchanged since the parent snapshot, or an
+/// unwritten page of an immutable file. `None` means its contents decide (zero or stored).
+fn class_without_contents(p: &Process, page: &PageState, has_parent: bool) -> Option<Class> {
+    if page.restored && !page.dirty && has_parent {
+        return Some(Class::Parent);
     }
-    Ok(classes)
+    let immutable_file = matches!(
+        p.mem.vmas().get(page.va).map(|v| &v.backing),
+        Some(Backing::File {
+            immutable: true,
+            ..
+        })
+    );
+    (immutable_file && !page.dirty).then_some(Class::File)
+}
+
+/// Whether a page holds only zeros; word-wise so it runs at memory speed.
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(64).all(|line| {
+        line.chunks_exact(8).fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes(w.try_into().unwrap_or([1; 8]))
+        }) == 0
+    })
 }
 
 /// Merges pages into runs of consecutive pages with one source.
@@ -270,37 +259,52 @@ pub fn capture(
     };
     let context = user_context(vcpu, p)?;
     let pages = p.mem.pages().map_err(memory("reading the page tables"))?;
-    let classes = classify(p, &pages, parent.is_some())?;
+    let mut classes: Vec<Option<Class>> = pages
+        .iter()
+        .map(|page| class_without_contents(p, page, parent.is_some()))
+        .collect();
 
-    // Stored pages: the ActiveSet ones first, so a restore can fetch them in one read.
+    // The other pages are read once, in ActiveSet-first order: checked for zeros, then
+    // handed to the writer in place, so a restore can fetch the ActiveSet in one read.
     let order: Vec<usize> = {
-        let stored = |i: &usize| classes[*i] == Class::Stored;
         let (hot, cold): (Vec<usize>, Vec<usize>) = (0..pages.len())
-            .filter(stored)
+            .filter(|&i| classes[i].is_none())
             .partition(|&i| pages[i].accessed);
         hot.into_iter().chain(cold).collect()
     };
-    let activeset_prefix = order.iter().filter(|&&i| pages[i].accessed).count() as u64;
     let pages_path = store.scratch(&id, "pages")?;
     let mut writer = PageFileWriter::create(&pages_path)?;
-    let mut sources: Vec<PageSource> = classes
+    let mut stored_index = vec![0u64; pages.len()];
+    let mut activeset_prefix = 0;
+    for &i in &order {
+        // SAFETY: the app is stopped at a clean point for the capture and this thread is
+        // the only one that writes app pages; the borrows end with `writer.finish()`.
+        let bytes =
+            unsafe { p.mem.frame_bytes(pages[i].frame) }.map_err(memory("reading a page"))?;
+        if is_zero(bytes) {
+            classes[i] = Some(Class::Zero);
+            continue;
+        }
+        classes[i] = Some(Class::Stored);
+        stored_index[i] = writer.push(bytes)?;
+        if pages[i].accessed {
+            activeset_prefix += 1;
+        }
+    }
+    let classes: Vec<Class> = classes
+        .into_iter()
+        .map(|c| c.unwrap_or(Class::Zero))
+        .collect();
+    let sources: Vec<PageSource> = classes
         .iter()
-        .map(|c| match c {
+        .zip(&stored_index)
+        .map(|(c, &index)| match c {
             Class::Zero => PageSource::Zero,
             Class::File => PageSource::File,
             Class::Parent => PageSource::Parent,
-            Class::Stored => PageSource::Stored { index: 0 },
+            Class::Stored => PageSource::Stored { index },
         })
         .collect();
-    let mut buffer = vec![0u8; PAGE as usize];
-    for &i in &order {
-        p.mem
-            .read_frame(pages[i].frame, &mut buffer)
-            .map_err(memory("reading a page"))?;
-        sources[i] = PageSource::Stored {
-            index: writer.push(&buffer)?,
-        };
-    }
     let (page_count, chunk_checksums) = writer.finish()?;
 
     let (files, closed) = files::capture(p);
