@@ -398,3 +398,168 @@ fn a_snapshot_closes_connections_and_a_running_app_keeps_running() {
     swap_out("test-snap-live", dir.path(), child);
     let _ = Command::new("true").status();
 }
+
+/// Runs the bigmem guest as app `name` at `ip`:80 with `total` MiB filled and `hot` MiB
+/// read per request.
+fn bigmem(name: &str, ip: &str, total: u32, hot: u32) -> Child {
+    let program = guest("bigmem", Link::Static);
+    let mut cmd = picocenter();
+    cmd.args(["run", "--name", name, "--memory", &(total + 64).to_string()]);
+    cmd.args(["--address", ip]).arg(&program);
+    cmd.args(["80", &total.to_string(), &hot.to_string()]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    wait_listening(&mut child, &format!("{ip}:80"));
+    child
+}
+
+/// Asks app `name` for the digest of its memory: (pages digested, digest).
+fn digest(name: &str) -> (u64, String) {
+    use std::io::{BufRead, Write};
+    let socket = state_dir().join("run").join(format!("{name}.sock"));
+    let mut stream = None;
+    for _ in 0..1000 {
+        match std::os::unix::net::UnixStream::connect(&socket) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    let mut stream = stream.unwrap_or_else(|| panic!("no control socket {}", socket.display()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    writeln!(stream, r#"{{"op":"digest"}}"#).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(reply["ok"], true, "{line}");
+    (
+        reply["pages"].as_u64().unwrap(),
+        reply["digest"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Restores the newest snapshot in `dir` without touching the app, so its memory is
+/// exactly what the snapshot holds.
+fn restore_quietly(dir: &Path, mode: &str) -> Child {
+    let mut cmd = picocenter();
+    cmd.args(["snapshot", "restore"])
+        .arg(dir)
+        .args(["--mode", mode]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.spawn().unwrap()
+}
+
+#[test]
+fn a_restored_app_has_the_memory_it_had() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "test-snap-digest";
+    let child = bigmem(name, "127.0.7.9", 32, 4);
+    assert!(body("127.0.7.9:80", "/").starts_with("sum="));
+    let before = digest(name);
+    assert!(
+        before.0 >= 32 * 256,
+        "the 32 MiB the app filled are not all digested: {before:?}"
+    );
+    swap_out(name, dir.path(), child);
+    for mode in ["eager", "lazy", "activeset"] {
+        let child = restore_quietly(dir.path(), mode);
+        assert_eq!(digest(name), before, "memory after a {mode} restore");
+        swap_out(name, dir.path(), child);
+    }
+}
+
+/// The size in bytes of the page file of the newest snapshot in `dir`.
+fn newest_page_file(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join(format!("{}.pages", head(dir))))
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn an_incremental_snapshot_writes_only_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "test-snap-incremental";
+    let child = bigmem(name, "127.0.7.10", 64, 4);
+    swap_out(name, dir.path(), child);
+    let full = newest_page_file(dir.path());
+    assert!(full >= 64 << 20, "the full snapshot holds {full} bytes");
+    let child = restore(dir.path(), "127.0.7.10:80", &[]);
+    // One request dirties 1 MiB of the app's memory.
+    assert_eq!(body("127.0.7.10:80", "/dirty").trim(), "dirtied");
+    let parent = head(dir.path());
+    swap_out(name, dir.path(), child);
+    let increment = newest_page_file(dir.path());
+    assert!(
+        increment < 2 << 20,
+        "an increment after 1 MiB was dirtied wrote {increment} bytes of pages"
+    );
+    let manifest =
+        std::fs::read(dir.path().join(format!("{}.manifest", head(dir.path())))).unwrap();
+    let manifest = Manifest::decode(&manifest).unwrap();
+    assert_eq!(manifest.parent.as_deref(), Some(parent.as_str()));
+    // The chain restores with the dirtied page contents.
+    let child = restore(dir.path(), "127.0.7.10:80", &[]);
+    assert!(body("127.0.7.10:80", "/").starts_with("sum="));
+    swap_out(name, dir.path(), child);
+}
+
+#[test]
+fn a_vmm_killed_during_a_snapshot_leaves_the_previous_one_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "test-snap-kill";
+    let child = bigmem(name, "127.0.7.11", 192, 4);
+    let first = snapshot(&["create", name, "-o", dir.path().to_str().unwrap(), "--full"]);
+    assert!(first.status.success(), "{}", describe(&first));
+    let intact = head(dir.path());
+    let before = digest(name);
+
+    // A second snapshot; the VMM is killed once its page file is being written.
+    let mut second = picocenter();
+    second
+        .args(["snapshot", "create", name, "-o"])
+        .arg(dir.path())
+        .arg("--full")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut second = second.spawn().unwrap();
+    let scratch_started = || {
+        std::fs::read_dir(dir.path()).unwrap().flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.ends_with(".pages.tmp") && e.metadata().map(|m| m.len() > 0).unwrap_or(false)
+        })
+    };
+    let mut waited = 0;
+    while !scratch_started() && waited < 3000 {
+        std::thread::sleep(Duration::from_millis(1));
+        waited += 1;
+    }
+    assert!(
+        scratch_started(),
+        "the second snapshot never started writing"
+    );
+    let pid = child.id() as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let status = child.wait_with_output().unwrap().status;
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    let _ = second.wait();
+
+    assert_eq!(
+        head(dir.path()),
+        intact,
+        "HEAD moved to an unfinished snapshot"
+    );
+    let child = restore_quietly(dir.path(), "lazy");
+    assert_eq!(digest(name), before);
+    assert!(body("127.0.7.11:80", "/").starts_with("sum="));
+    swap_out(name, dir.path(), child);
+}

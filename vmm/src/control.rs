@@ -6,6 +6,7 @@
 //! | `{"op":"stats"}` | name, pid, state, memory and exit counters |
 //! | `{"op":"stop","grace_ms":N}` | SIGTERM to the app; after N ms, SIGKILL |
 //! | `{"op":"snapshot","dir":D,"stop":B,"full":B}` | a snapshot into the store at D (then the app ends if B) |
+//! | `{"op":"digest"}` | a digest of the app's memory, to check a restore |
 //!
 //! The socket lives as long as the picoprocess: a client that asked for `stop` knows the
 //! app is gone when the connection closes.
@@ -41,6 +42,8 @@ pub enum Request {
         #[serde(default)]
         full: bool,
     },
+    /// Digest the app's memory (non-zero pages by address and contents).
+    Digest,
 }
 
 /// Work the control socket hands to the vCPU thread, which does it at a clean point.
@@ -54,6 +57,11 @@ pub enum PendingOp {
         stop: bool,
         /// No increment.
         full: bool,
+        /// Where the answer goes.
+        reply: std::sync::mpsc::Sender<serde_json::Value>,
+    },
+    /// Digest the app's memory; the reply is a JSON line.
+    Digest {
         /// Where the answer goes.
         reply: std::sync::mpsc::Sender<serde_json::Value>,
     },
@@ -216,24 +224,34 @@ fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, ops: &PendingOp
                 serde_json::json!({"ok": true, "stopping": true})
             }
             Ok(Request::Snapshot { dir, stop, full }) => {
-                let (reply, answer) = std::sync::mpsc::channel();
-                ops.push(PendingOp::Snapshot {
+                at_clean_point(kicker, ops, |reply| PendingOp::Snapshot {
                     dir,
                     stop,
                     full,
                     reply,
-                });
-                kicker.kick(reason::PAUSE);
-                answer.recv().unwrap_or_else(|_| {
-                    serde_json::json!({"ok": false, "error": "the app ended before the snapshot"})
                 })
             }
+            Ok(Request::Digest) => at_clean_point(kicker, ops, |reply| PendingOp::Digest { reply }),
             Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
         };
         if writeln!(writer, "{reply}").is_err() {
             return;
         }
     }
+}
+
+/// Hands an op to the vCPU thread, stops the app at a clean point, and waits for the answer.
+fn at_clean_point(
+    kicker: &Kicker,
+    ops: &PendingOps,
+    op: impl FnOnce(std::sync::mpsc::Sender<serde_json::Value>) -> PendingOp,
+) -> serde_json::Value {
+    let (reply, answer) = std::sync::mpsc::channel();
+    ops.push(op(reply));
+    kicker.kick(reason::PAUSE);
+    answer.recv().unwrap_or_else(|_| {
+        serde_json::json!({"ok": false, "error": "the app ended before it reached a clean point"})
+    })
 }
 
 /// Sends one request to the control socket at `path` and returns the reply line.

@@ -339,6 +339,16 @@ impl Exits<'_> {
                 }
                 Ok(None)
             }
+            PendingOp::Digest { reply } => {
+                let answer = match self.p.mem.digest() {
+                    Ok((pages, digest)) => {
+                        serde_json::json!({"ok": true, "pages": pages, "digest": format!("{digest:016x}")})
+                    }
+                    Err(e) => serde_json::json!({"ok": false, "error": format!("digest: {e}")}),
+                };
+                let _ = reply.send(answer);
+                Ok(None)
+            }
         }
     }
 
