@@ -444,6 +444,21 @@ fn digest(name: &str) -> (u64, String) {
     )
 }
 
+/// Waits until app `name` has finished what it was doing (two digests 50 ms apart agree)
+/// and returns the digest of its memory.
+fn settled_digest(name: &str) -> (u64, String) {
+    let mut last = digest(name);
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = digest(name);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("the memory of {name} never settled");
+}
+
 /// Restores the newest snapshot in `dir` without touching the app, so its memory is
 /// exactly what the snapshot holds.
 fn restore_quietly(dir: &Path, mode: &str) -> Child {
@@ -461,7 +476,7 @@ fn a_restored_app_has_the_memory_it_had() {
     let name = "test-snap-digest";
     let child = bigmem(name, "127.0.7.9", 32, 4);
     assert!(body("127.0.7.9:80", "/").starts_with("sum="));
-    let before = digest(name);
+    let before = settled_digest(name);
     assert!(
         before.0 >= 32 * 256,
         "the 32 MiB the app filled are not all digested: {before:?}"
@@ -514,6 +529,7 @@ fn a_vmm_killed_during_a_snapshot_leaves_the_previous_one_intact() {
     let dir = tempfile::tempdir().unwrap();
     let name = "test-snap-kill";
     let child = bigmem(name, "127.0.7.11", 192, 4);
+    settled_digest(name);
     let first = snapshot(&["create", name, "-o", dir.path().to_str().unwrap(), "--full"]);
     assert!(first.status.success(), "{}", describe(&first));
     let intact = head(dir.path());
@@ -546,10 +562,12 @@ fn a_vmm_killed_during_a_snapshot_leaves_the_previous_one_intact() {
     let pid = child.id() as i32;
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    let status = child.wait_with_output().unwrap().status;
+    let out = child.wait_with_output().unwrap();
     assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(libc::SIGKILL)
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(libc::SIGKILL),
+        "the VMM was not killed: {}",
+        describe(&out)
     );
     let _ = second.wait();
 

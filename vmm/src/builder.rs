@@ -138,7 +138,7 @@ pub(crate) fn process(
         writable_dirs: config.writable.clone(),
         cpu: cpu_record(&parts.cpuid, parts.features),
         restored_from: None,
-        port_pages: Default::default(),
+        activeset: Default::default(),
         warned: Default::default(),
     })
 }

@@ -58,13 +58,39 @@ pub enum PendingOp {
         /// No increment.
         full: bool,
         /// Where the answer goes.
-        reply: std::sync::mpsc::Sender<serde_json::Value>,
+        reply: Reply,
     },
     /// Digest the app's memory; the reply is a JSON line.
     Digest {
         /// Where the answer goes.
-        reply: std::sync::mpsc::Sender<serde_json::Value>,
+        reply: Reply,
     },
+}
+
+/// The answer to a [`PendingOp`]. The vCPU thread writes it to the client itself, before
+/// it does anything else: after a snapshot with `stop` the VMM exits right away, and the
+/// answer must be out by then.
+#[derive(Debug)]
+pub struct Reply {
+    stream: UnixStream,
+    done: std::sync::mpsc::Sender<()>,
+}
+
+impl Reply {
+    /// Writes `answer` as one JSON line and lets the control thread go on.
+    pub fn send(self, answer: serde_json::Value) {
+        if let Err(e) = write_line(&self.stream, &answer) {
+            tracing::debug!("a control client left before its answer: {e}");
+        }
+        let _ = self.done.send(());
+    }
+}
+
+/// Writes `value` and a newline in one write, so a reader never sees half a line.
+fn write_line(mut stream: &UnixStream, value: &serde_json::Value) -> std::io::Result<()> {
+    let mut line = value.to_string();
+    line.push('\n');
+    stream.write_all(line.as_bytes())
 }
 
 /// The queue of [`PendingOp`]s.
@@ -197,7 +223,7 @@ impl Drop for ControlServer {
 }
 
 fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, ops: &PendingOps, name: &str) {
-    let Ok(mut writer) = stream.try_clone() else {
+    let Ok(writer) = stream.try_clone() else {
         return;
     };
     let reader = BufReader::new(stream);
@@ -212,7 +238,7 @@ fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, ops: &PendingOp
                 memory_limit_bytes: stats.frames_total.load(Ordering::Relaxed) * 4096,
                 syscalls: stats.syscalls.load(Ordering::Relaxed),
             })
-            .unwrap_or_default(),
+            .ok(),
             Ok(Request::Stop { grace_ms }) => {
                 tracing::info!(grace_ms, "stop requested: SIGTERM to {name}");
                 kicker.raise(libc::SIGTERM);
@@ -221,37 +247,52 @@ fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, ops: &PendingOp
                     std::thread::sleep(Duration::from_millis(grace_ms));
                     kicker.kick(reason::STOP);
                 });
-                serde_json::json!({"ok": true, "stopping": true})
+                Some(serde_json::json!({"ok": true, "stopping": true}))
             }
             Ok(Request::Snapshot { dir, stop, full }) => {
-                at_clean_point(kicker, ops, |reply| PendingOp::Snapshot {
+                at_clean_point(kicker, ops, &writer, |reply| PendingOp::Snapshot {
                     dir,
                     stop,
                     full,
                     reply,
                 })
             }
-            Ok(Request::Digest) => at_clean_point(kicker, ops, |reply| PendingOp::Digest { reply }),
-            Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+            Ok(Request::Digest) => {
+                at_clean_point(kicker, ops, &writer, |reply| PendingOp::Digest { reply })
+            }
+            Err(e) => Some(serde_json::json!({"ok": false, "error": format!("bad request: {e}")})),
         };
-        if writeln!(writer, "{reply}").is_err() {
-            return;
+        if let Some(reply) = reply {
+            if write_line(&writer, &reply).is_err() {
+                return;
+            }
         }
     }
 }
 
-/// Hands an op to the vCPU thread, stops the app at a clean point, and waits for the answer.
+/// Hands an op to the vCPU thread and stops the app at a clean point; the vCPU thread
+/// answers the client. Returns the answer to write only if the app ended first.
 fn at_clean_point(
     kicker: &Kicker,
     ops: &PendingOps,
-    op: impl FnOnce(std::sync::mpsc::Sender<serde_json::Value>) -> PendingOp,
-) -> serde_json::Value {
-    let (reply, answer) = std::sync::mpsc::channel();
-    ops.push(op(reply));
+    client: &UnixStream,
+    op: impl FnOnce(Reply) -> PendingOp,
+) -> Option<serde_json::Value> {
+    let ended = || {
+        Some(
+            serde_json::json!({"ok": false, "error": "the app ended before it reached a clean point"}),
+        )
+    };
+    let Ok(stream) = client.try_clone() else {
+        return Some(serde_json::json!({"ok": false, "error": "out of file descriptors"}));
+    };
+    let (done, answered) = std::sync::mpsc::channel();
+    ops.push(op(Reply { stream, done }));
     kicker.kick(reason::PAUSE);
-    answer.recv().unwrap_or_else(|_| {
-        serde_json::json!({"ok": false, "error": "the app ended before it reached a clean point"})
-    })
+    match answered.recv() {
+        Ok(()) => None,
+        Err(_) => ended(),
+    }
 }
 
 /// Sends one request to the control socket at `path` and returns the reply line.

@@ -320,7 +320,7 @@ impl Exits<'_> {
                     });
                 match result {
                     Ok(manifest) => {
-                        let _ = reply.send(serde_json::json!({
+                        reply.send(serde_json::json!({
                             "ok": true,
                             "id": manifest.id,
                             "parent": manifest.parent,
@@ -333,8 +333,7 @@ impl Exits<'_> {
                     }
                     Err(e) => {
                         tracing::warn!("snapshot failed: {e}");
-                        let _ =
-                            reply.send(serde_json::json!({"ok": false, "error": format!("{e:#}")}));
+                        reply.send(serde_json::json!({"ok": false, "error": format!("{e:#}")}));
                     }
                 }
                 Ok(None)
@@ -346,7 +345,7 @@ impl Exits<'_> {
                     }
                     Err(e) => serde_json::json!({"ok": false, "error": format!("digest: {e}")}),
                 };
-                let _ = reply.send(answer);
+                reply.send(answer);
                 Ok(None)
             }
         }
@@ -429,6 +428,10 @@ impl Exits<'_> {
         if self.p.fs_base_changed {
             self.vcpu.set_fs_base(self.p.fs_base)?;
             self.p.fs_base_changed = false;
+        }
+        if self.p.activeset.harvest_due() {
+            let accessed = self.p.mem.take_accessed()?;
+            self.p.activeset.harvest(accessed);
         }
         if self.p.mem.is_stale() {
             match self

@@ -12,6 +12,7 @@
 //! Picoprocess::run ── exit (the run loop) ── syscalls/{fs,mem,time,process,signal}
 //! ```
 
+pub mod activeset;
 pub mod alarm;
 mod builder;
 pub mod control;

@@ -68,24 +68,13 @@ pub struct Process {
     /// The snapshot it was restored from, or last saved to, if the page tables still
     /// track changes since then: (store, snapshot id).
     pub restored_from: Option<(String, String)>,
-    /// Pages touched while serving each listening port (see `persist::activeset`).
-    pub port_pages: std::collections::BTreeMap<u16, std::collections::BTreeSet<u64>>,
+    /// The pages it uses, overall and per listening port.
+    pub activeset: crate::activeset::ActiveSet,
     /// Unsupported syscalls already logged (each is logged once).
     pub warned: HashSet<u64>,
 }
 
 impl Process {
-    /// The per-port ActiveSets, for a snapshot.
-    pub fn port_sets(&self) -> Vec<picocenter_snapshots::format::PortSet> {
-        self.port_pages
-            .iter()
-            .map(|(&port, pages)| picocenter_snapshots::format::PortSet {
-                port,
-                pages: crate::persist::ranges(pages.iter().copied()),
-            })
-            .collect()
-    }
-
     /// The deadline of a call with timeout `timeout`: `timeout` from now, or, when this
     /// call is the re-execution of one the VMM interrupted, that call's own deadline.
     pub fn deadline_after(&mut self, timeout: std::time::Duration) -> std::time::Instant {

@@ -65,6 +65,23 @@ impl AddressSpace {
         Ok(unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr(), PAGE as usize) })
     }
 
+    /// The pages whose Accessed bit is set, as page numbers, with the bits cleared. Every
+    /// translation is then stale: the caller must invalidate before the guest runs.
+    pub fn take_accessed(&mut self) -> Result<Vec<u64>, PagingError> {
+        let ranges: Vec<(u64, u64)> = self.vmas.iter().map(|v| (v.start, v.end)).collect();
+        let mut accessed = Vec::new();
+        for (start, end) in ranges {
+            for (va, pte) in self.tables.leaves(&self.phys, start, end)? {
+                if pte & PTE_ACCESSED != 0 {
+                    self.tables.set(&self.phys, va, pte & !PTE_ACCESSED)?;
+                    accessed.push(va / PAGE);
+                }
+            }
+        }
+        self.stale.overflow = true;
+        Ok(accessed)
+    }
+
     /// A digest of the app's memory as it reads it: every mapped page that is not all
     /// zeros, by address and contents. Equal digests before a snapshot and after its
     /// restore show the app got its memory back. Returns (pages digested, digest).

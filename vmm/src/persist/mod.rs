@@ -259,6 +259,10 @@ pub fn capture(
     };
     let context = user_context(vcpu, p)?;
     let pages = p.mem.pages().map_err(memory("reading the page tables"))?;
+    let hot: Vec<bool> = pages
+        .iter()
+        .map(|page| p.activeset.contains(page.va / PAGE, page.accessed))
+        .collect();
     let mut classes: Vec<Option<Class>> = pages
         .iter()
         .map(|page| class_without_contents(p, page, parent.is_some()))
@@ -269,7 +273,7 @@ pub fn capture(
     let order: Vec<usize> = {
         let (hot, cold): (Vec<usize>, Vec<usize>) = (0..pages.len())
             .filter(|&i| classes[i].is_none())
-            .partition(|&i| pages[i].accessed);
+            .partition(|&i| hot[i]);
         hot.into_iter().chain(cold).collect()
     };
     let pages_path = store.scratch(&id, "pages")?;
@@ -287,7 +291,7 @@ pub fn capture(
         }
         classes[i] = Some(Class::Stored);
         stored_index[i] = writer.push(bytes)?;
-        if pages[i].accessed {
+        if hot[i] {
             activeset_prefix += 1;
         }
     }
@@ -324,7 +328,7 @@ pub fn capture(
         zero_pages: count(Class::Zero),
         file_pages: count(Class::File),
         parent_pages: count(Class::Parent),
-        activeset_pages: pages.iter().filter(|pg| pg.accessed).count() as u64,
+        activeset_pages: hot.iter().filter(|&&h| h).count() as u64,
         closed_connections: closed,
         data_bytes: data.map_or(0, |d| d.0),
         capture_us: started.elapsed().as_micros() as u64,
@@ -342,8 +346,14 @@ pub fn capture(
         chunk_pages: CHUNK_PAGES,
         chunk_checksums,
         activeset_prefix,
-        activeset: ranges(pages.iter().filter(|pg| pg.accessed).map(|pg| pg.va / PAGE)),
-        port_sets: p.port_sets(),
+        activeset: ranges(
+            pages
+                .iter()
+                .zip(&hot)
+                .filter(|(_, &h)| h)
+                .map(|(pg, _)| pg.va / PAGE),
+        ),
+        port_sets: p.activeset.port_sets(),
         files,
         signals: signal_record(p),
         process: process_record(p, &clock),

@@ -268,6 +268,7 @@ impl Picoprocess {
             RestoreMode::ActiveSet => !options.relearn && hot.contains(&vpn),
         };
         let mut prefetch: Vec<u64> = Vec::new();
+        let mut preset_pages: Vec<u64> = Vec::new();
         for run in &newest.pages {
             for vpn in run.vpn..run.vpn + run.count {
                 let va = vpn * PAGE;
@@ -277,6 +278,9 @@ impl Picoprocess {
                         space
                             .map_restored(va, frame, preset(vpn))
                             .map_err(memory("mapping a page"))?;
+                        if preset(vpn) {
+                            preset_pages.push(vpn);
+                        }
                         if options.mode == RestoreMode::ActiveSet && hot.contains(&vpn) {
                             prefetch.push(frame);
                         }
@@ -339,6 +343,7 @@ impl Picoprocess {
         let mut process = builder::process(config, &parts, space, sandbox, &vcpu_fd)
             .map_err(|e| PersistError::Incompatible(e.to_string()))?;
         restore_process(&mut process, &newest)?;
+        process.activeset.preset(preset_pages);
         super::files::restore(&mut process, &newest.files)?;
         process.restored_from = Some((store.describe(), newest.id.clone()));
         let picoprocess = builder::finish(config, parts, vcpu_fd, process)

@@ -234,6 +234,7 @@ pub fn creat(p: &mut Process, a: &Args) -> SysResult {
 /// close(2).
 pub fn close(p: &mut Process, a: &Args) -> SysResult {
     p.files.remove(a.fd(0))?;
+    p.activeset.closed(a.fd(0));
     Ok(0)
 }
 

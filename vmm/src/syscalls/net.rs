@@ -358,6 +358,9 @@ pub fn accept4(p: &mut Process, a: &Args, flags: i32) -> SysResult {
         p.files.remove(guest_fd)?;
         return Err(e.into());
     }
+    if let Some(port) = file.state().bound.map(|a| a.port()) {
+        p.activeset.accepted(port, guest_fd);
+    }
     Ok(guest_fd as u64)
 }
 

@@ -1,0 +1,197 @@
+//! Learning the ActiveSet: which pages the app uses, overall and per listening port.
+//!
+//! The page tables are built fresh at every restore, so their Accessed bits say exactly
+//! which pages the app has touched since (measured on kvm_pvm; see PLATFORM.md). A snapshot
+//! puts those pages first. To also know which pages serve *each port*, the VMM cuts the
+//! app's life into request episodes: an episode begins when the app accepts a connection
+//! on a listening port and ends when it closes that connection (or accepts the next
+//! one). At each boundary it *harvests*: reads and clears every A bit. What was set
+//! during an episode belongs to that port's set, and everything harvested also counts
+//! for the overall set, so clearing the bits loses nothing.
+//!
+//! A harvest clears A bits, which is only sound together with dropping every cached
+//! translation (see `AddressSpace::maybe_cached`), so it runs on the vCPU thread just
+//! before the guest re-enters, never on the mailbox thread while the guest runs. It costs
+//! a walk of the page tables, one full invalidation (about 0.1 ms on kvm_pvm) and the
+//! refaults of the pages touched next, so episodes on one port are sampled at most every
+//! [`MIN_EPISODE_GAP`].
+//!
+//! A restore that prefetches pages builds their entries with A = 1, which says nothing
+//! about the app. Those bits are *unknown* until the first harvest, which drops them; if
+//! no harvest ever happens they stand, and the previous ActiveSet is kept.
+
+use picocenter_snapshots::format::PortSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// The least time between two harvested episodes on one port.
+pub const MIN_EPISODE_GAP: Duration = Duration::from_millis(50);
+
+/// One request episode: a connection accepted on a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Episode {
+    port: u16,
+    /// The app's fd for the accepted connection.
+    fd: i32,
+}
+
+/// The ActiveSet learned so far (pages as virtual page numbers).
+#[derive(Debug, Default)]
+pub struct ActiveSet {
+    /// Pages seen accessed at harvests since the tables were built.
+    touched: HashSet<u64>,
+    /// Pages whose A bit a restore preset, until the first harvest.
+    unknown: HashSet<u64>,
+    /// Pages touched in each port's episodes.
+    ports: BTreeMap<u16, BTreeSet<u64>>,
+    /// The episode the accesses since the last harvest belong to.
+    current: Option<Episode>,
+    /// The episode that begins at the next harvest.
+    next: Option<Episode>,
+    /// The current episode has ended; the next harvest closes it.
+    ending: bool,
+    /// When each port's last harvested episode began.
+    last_begin: HashMap<u16, Instant>,
+    /// Harvests done.
+    harvests: u64,
+}
+
+impl ActiveSet {
+    /// After a restore: the entries of `vpns` were built with A = 1.
+    pub fn preset(&mut self, vpns: impl IntoIterator<Item = u64>) {
+        self.unknown.extend(vpns);
+    }
+
+    /// The app accepted connection `fd` on `port`: an episode begins, unless the port's
+    /// last one began less than [`MIN_EPISODE_GAP`] ago.
+    pub fn accepted(&mut self, port: u16, fd: i32) {
+        let now = Instant::now();
+        if self
+            .last_begin
+            .get(&port)
+            .is_some_and(|&t| now.duration_since(t) < MIN_EPISODE_GAP)
+        {
+            return;
+        }
+        self.last_begin.insert(port, now);
+        self.ending = self.current.is_some();
+        self.next = Some(Episode { port, fd });
+    }
+
+    /// The app closed `fd`: if that is the current episode's connection, the episode ends.
+    pub fn closed(&mut self, fd: i32) {
+        if self.current.is_some_and(|e| e.fd == fd) {
+            self.ending = true;
+        }
+        if self.next.is_some_and(|e| e.fd == fd) {
+            // Closed before the VMM got to harvest: the episode's accesses are all in the
+            // bits the pending harvest reads.
+            self.current = self.next.take();
+            self.ending = true;
+        }
+    }
+
+    /// Whether a harvest is due before the guest runs again.
+    pub fn harvest_due(&self) -> bool {
+        self.ending || self.next.is_some()
+    }
+
+    /// Takes the pages whose A bit was set since the last harvest (the caller cleared the
+    /// bits and will invalidate before the guest runs).
+    pub fn harvest(&mut self, accessed: Vec<u64>) {
+        self.harvests += 1;
+        let unknown = std::mem::take(&mut self.unknown);
+        let evidence = accessed.into_iter().filter(|vpn| !unknown.contains(vpn));
+        match self.current {
+            Some(episode) => {
+                let port = self.ports.entry(episode.port).or_default();
+                for vpn in evidence {
+                    port.insert(vpn);
+                    self.touched.insert(vpn);
+                }
+            }
+            None => self.touched.extend(evidence),
+        }
+        if self.ending {
+            self.current = None;
+            self.ending = false;
+        }
+        if let Some(next) = self.next.take() {
+            self.current = Some(next);
+        }
+    }
+
+    /// Whether page `vpn`, with A bit `accessed` now, is in the ActiveSet.
+    pub fn contains(&self, vpn: u64, accessed: bool) -> bool {
+        accessed || self.touched.contains(&vpn)
+    }
+
+    /// The per-port sets, for a snapshot.
+    pub fn port_sets(&self) -> Vec<PortSet> {
+        self.ports
+            .iter()
+            .map(|(&port, pages)| PortSet {
+                port,
+                pages: crate::persist::ranges(pages.iter().copied()),
+            })
+            .collect()
+    }
+
+    /// Harvests done so far.
+    pub fn harvests(&self) -> u64 {
+        self.harvests
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_episode_gets_what_was_touched_between_its_harvests() {
+        let mut set = ActiveSet::default();
+        set.accepted(80, 5);
+        assert!(set.harvest_due());
+        set.harvest(vec![1, 2]); // before the episode: overall only
+        assert!(!set.harvest_due());
+        set.closed(5);
+        assert!(set.harvest_due());
+        set.harvest(vec![3, 4]);
+        assert_eq!(set.port_sets()[0].pages.len(), 1);
+        assert_eq!(set.port_sets()[0].pages[0].vpn, 3);
+        assert_eq!(set.port_sets()[0].pages[0].count, 2);
+        for vpn in 1..=4 {
+            assert!(set.contains(vpn, false));
+        }
+        assert!(!set.contains(9, false));
+        assert!(set.contains(9, true));
+        // Episodes closer together than the gap are not harvested.
+        set.accepted(80, 6);
+        assert!(!set.harvest_due());
+    }
+
+    #[test]
+    fn preset_bits_are_not_evidence() {
+        let mut set = ActiveSet::default();
+        set.preset([7, 8]);
+        set.accepted(443, 3);
+        set.harvest(vec![7, 8, 9]);
+        assert!(!set.contains(7, false));
+        assert!(set.contains(9, false));
+        // Later harvests count every bit.
+        set.closed(3);
+        set.harvest(vec![7]);
+        assert!(set.contains(7, false));
+        assert_eq!(set.port_sets()[0].port, 443);
+    }
+
+    #[test]
+    fn a_connection_closed_before_the_harvest_still_makes_an_episode() {
+        let mut set = ActiveSet::default();
+        set.accepted(80, 4);
+        set.closed(4);
+        set.harvest(vec![10]);
+        assert_eq!(set.port_sets()[0].pages[0].vpn, 10);
+        assert!(!set.harvest_due());
+    }
+}
