@@ -581,3 +581,19 @@ fn a_vmm_killed_during_a_snapshot_leaves_the_previous_one_intact() {
     assert!(body("127.0.7.11:80", "/").starts_with("sum="));
     swap_out(name, dir.path(), child);
 }
+
+#[test]
+fn a_full_snapshot_after_one_of_a_running_app_keeps_its_written_pages() {
+    // A snapshot of a running app marks its pages saved; a later full snapshot into
+    // another store must still store the pages it wrote, file-backed ones included.
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let name = "test-snap-two-stores";
+    let child = bigmem(name, "127.0.7.12", 8, 1);
+    let out = snapshot(&["create", name, "-o", first.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(body("127.0.7.12:80", "/").starts_with("sum="));
+    swap_out(name, second.path(), child);
+    let child = restore(second.path(), "127.0.7.12:80", &[]);
+    assert!(body("127.0.7.12:80", "/").starts_with("sum="));
+    swap_out(name, second.path(), child);
+}

@@ -89,7 +89,9 @@ fn class_without_contents(p: &Process, page: &PageState, has_parent: bool) -> Op
             ..
         })
     );
-    (immutable_file && !page.dirty).then_some(Class::File)
+    // D only tells of writes since the tables were built or last saved; a page that held
+    // anything but the file's bytes before then is marked restored.
+    (immutable_file && !page.dirty && !page.restored).then_some(Class::File)
 }
 
 /// Whether a page holds only zeros; word-wise so it runs at memory speed.

@@ -1,0 +1,258 @@
+//! Snapshots: how fast a swapped-out app answers again, how fast a snapshot is written, and
+//! how small an increment is, measured side by side in one run.
+//!
+//! * Restore to first response: from starting `picocenter snapshot restore --mode M` to
+//!   the end of the first HTTP response, for eager, lazy and activeset, rounds alternating
+//!   between the modes on one snapshot (in the page cache). The apps: bigmem (256 MiB
+//!   touched, 8 MiB read per request), counter-http, nginx and python-http. Each snapshot
+//!   is a second-cycle one: the app was restored once and served requests, so its
+//!   ActiveSet is what requests use, as in production.
+//! * Write throughput: full snapshots of bigmem's 256 MiB, against writing and syncing
+//!   the same number of bytes from one buffer in this process, to the same file system.
+//! * Increment size: the page file an increment writes after a request dirtied 1 MiB.
+//!
+//! Run with `cargo bench --bench snapshots`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{build_image, describe, guest, median, picocenter, run_with_limit, Link, Server};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+const ROUNDS: usize = 11;
+const MODES: [&str; 3] = ["eager", "lazy", "activeset"];
+
+/// `picocenter snapshot ARGS...`, which must succeed; returns its stdout.
+fn snapshot(args: &[&str]) -> String {
+    let mut cmd = picocenter();
+    cmd.arg("snapshot").args(args);
+    let out = run_with_limit(&mut cmd, Duration::from_secs(120));
+    assert!(out.status.success(), "snapshot {args:?}: {}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sends `GET path` to `address` once it accepts, and returns the body.
+fn get(address: &str, path: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        match std::net::TcpStream::connect(address) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => panic!("connecting to {address}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_micros(100)),
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    assert!(
+        text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"),
+        "{address}{path}: {text}"
+    );
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// Starts a restore of the newest snapshot in `dir`.
+fn restore(dir: &Path, mode: &str) -> Child {
+    let mut cmd = picocenter();
+    cmd.args(["snapshot", "restore"])
+        .arg(dir)
+        .args(["--mode", mode]);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.with_extension("log"))
+        .unwrap();
+    cmd.stdout(Stdio::null()).stderr(log);
+    cmd.spawn().unwrap()
+}
+
+/// Ends a restored app without a snapshot, so the next round restores the same one.
+fn discard(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Milliseconds from starting a restore to the end of the first response to `GET path`.
+fn restore_to_response(dir: &Path, mode: &str, address: &str, path: &str) -> f64 {
+    let started = Instant::now();
+    let child = restore(dir, mode);
+    get(address, path);
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    discard(child);
+    ms
+}
+
+/// Swaps app `name` out into `dir` and waits for its process.
+fn swap_out(name: &str, dir: &Path, mut child: Child) {
+    snapshot(&["create", name, "-o", dir.to_str().unwrap(), "--stop"]);
+    let _ = child.wait();
+}
+
+/// Makes the snapshot a second-cycle one: restores it, serves `requests`, swaps it out.
+fn second_cycle(name: &str, dir: &Path, address: &str, path: &str, requests: usize) {
+    let child = restore(dir, "lazy");
+    for _ in 0..requests {
+        get(address, path);
+        // Each request its own episode (they are sampled every 50 ms per port).
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    swap_out(name, dir, child);
+}
+
+/// The newest snapshot's inspection, for its ActiveSet line.
+fn activeset_line(dir: &Path) -> String {
+    snapshot(&["inspect", dir.to_str().unwrap()])
+        .lines()
+        .find(|l| l.trim_start().starts_with("ActiveSet"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Times the three restore modes on the snapshot in `dir` and prints them.
+fn compare_modes(label: &str, dir: &Path, address: &str, path: &str) {
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+    // Warm the page cache with one untimed round of each.
+    for mode in MODES {
+        restore_to_response(dir, mode, address, path);
+    }
+    for _ in 0..ROUNDS {
+        for (i, mode) in MODES.iter().enumerate() {
+            times[i].push(restore_to_response(dir, mode, address, path));
+        }
+    }
+    let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
+    println!("{label}  ({})", activeset_line(dir));
+    for (mode, ms) in MODES.iter().zip(&medians) {
+        println!(
+            "  {mode:<10} {ms:8.2} ms   eager/{mode} = {:.2}x",
+            medians[0] / ms
+        );
+    }
+}
+
+fn bigmem_dir(state: &Path) -> (PathBuf, Child) {
+    let dir = state.join("bench-snapshots/bigmem");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let program = guest("bigmem", Link::Static);
+    let mut cmd = picocenter();
+    cmd.args(["run", "--name", "bench-bigmem", "--memory", "320"]);
+    cmd.args(["--address", "127.0.8.1"]).arg(&program);
+    cmd.args(["80", "256", "8"]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let child = cmd.spawn().unwrap();
+    get("127.0.8.1:80", "/");
+    (dir, child)
+}
+
+/// Full snapshots of the running bigmem (256 MiB), each to a fresh store; MB/s.
+fn write_throughput(state: &Path) -> (f64, f64) {
+    let mut rates = Vec::new();
+    let mut baseline = Vec::new();
+    let buffer: Vec<u8> = (0..256usize << 20).map(|i| (i >> 12) as u8 | 1).collect();
+    for round in 0..ROUNDS.min(7) {
+        let dir = state.join(format!("bench-snapshots/throughput-{round}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = snapshot(&["create", "bench-bigmem", "-o", dir.to_str().unwrap(), "--full"]);
+        let bytes = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".pages"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum::<u64>();
+        let ms: f64 = out
+            .rsplit_once(" in ")
+            .and_then(|(_, t)| t.split_whitespace().next())
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no time in {out:?}"));
+        rates.push(bytes as f64 / ms / 1e3);
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let path = state.join("bench-snapshots/baseline");
+        let started = Instant::now();
+        let mut file = std::fs::File::create(&path).unwrap();
+        for chunk in buffer.chunks(1 << 20) {
+            file.write_all(chunk).unwrap();
+        }
+        file.sync_all().unwrap();
+        baseline.push(buffer.len() as f64 / started.elapsed().as_secs_f64() / 1e6);
+        std::fs::remove_file(&path).unwrap();
+    }
+    (median(&mut rates), median(&mut baseline))
+}
+
+fn main() {
+    common::require_kvm();
+    let state = common::state_dir();
+    for image in ["counter-http", "nginx", "python-http"] {
+        build_image(image);
+    }
+
+    println!("== snapshot write throughput (256 MiB, full; median of 7) ==");
+    let (dir, bigmem) = bigmem_dir(&state);
+    let (rate, baseline) = write_throughput(&state);
+    println!(
+        "  snapshot    {rate:8.0} MB/s\n  write+fsync {baseline:8.0} MB/s (one buffer, same file system)\n  snapshot/baseline = {:.2}",
+        rate / baseline
+    );
+
+    println!("\n== restore start to first HTTP response (median of {ROUNDS}) ==");
+    swap_out("bench-bigmem", &dir, bigmem);
+    second_cycle("bench-bigmem", &dir, "127.0.8.1:80", "/", 3);
+    compare_modes("bigmem 256 MiB, 8 MiB per request", &dir, "127.0.8.1:80", "/");
+
+    for (image, ip, path) in [
+        ("counter-http", "127.0.8.2", "/"),
+        ("nginx", "127.0.8.3", "/"),
+        ("python-http", "127.0.8.4", "/"),
+    ] {
+        let name = format!("bench-{image}");
+        let dir = state.join(format!("bench-snapshots/{image}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let address = format!("{ip}:80");
+        let server = Server::start(image, &name, ip, 80, &[]);
+        get(&address, path);
+        snapshot(&["create", &name, "-o", dir.to_str().unwrap(), "--stop"]);
+        server.stop_waiting();
+        second_cycle(&name, &dir, &address, path, 3);
+        compare_modes(image, &dir, &address, path);
+    }
+
+    println!("\n== incremental snapshot after 1 MiB dirtied ==");
+    let dir = state.join("bench-snapshots/bigmem");
+    let full: u64 = std::fs::metadata(dir.join(format!(
+        "{}.pages",
+        std::fs::read_to_string(dir.join("HEAD")).unwrap().trim()
+    )))
+    .unwrap()
+    .len();
+    let child = restore(&dir, "lazy");
+    get("127.0.8.1:80", "/dirty");
+    swap_out("bench-bigmem", &dir, child);
+    let head = std::fs::read_to_string(dir.join("HEAD")).unwrap();
+    let increment = std::fs::metadata(dir.join(format!("{}.pages", head.trim())))
+        .unwrap()
+        .len();
+    println!(
+        "  full page file {:.1} MiB; increment {:.2} MiB ({} pages) = {:.3}% of full",
+        full as f64 / 1048576.0,
+        increment as f64 / 1048576.0,
+        increment / 4096,
+        increment as f64 * 100.0 / full as f64
+    );
+    let _ = std::fs::remove_dir_all(state.join("bench-snapshots"));
+}
