@@ -30,7 +30,11 @@ fn snapshot(args: &[&str]) -> String {
     let mut cmd = picocenter();
     cmd.arg("snapshot").args(args);
     let out = run_with_limit(&mut cmd, Duration::from_secs(120));
-    assert!(out.status.success(), "snapshot {args:?}: {}", describe(&out));
+    assert!(
+        out.status.success(),
+        "snapshot {args:?}: {}",
+        describe(&out)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -167,7 +171,13 @@ fn write_throughput(state: &Path) -> (f64, f64) {
     for round in 0..ROUNDS.min(7) {
         let dir = state.join(format!("bench-snapshots/throughput-{round}"));
         let _ = std::fs::remove_dir_all(&dir);
-        let out = snapshot(&["create", "bench-bigmem", "-o", dir.to_str().unwrap(), "--full"]);
+        let out = snapshot(&[
+            "create",
+            "bench-bigmem",
+            "-o",
+            dir.to_str().unwrap(),
+            "--full",
+        ]);
         let bytes = std::fs::read_dir(&dir)
             .unwrap()
             .flatten()
@@ -213,7 +223,12 @@ fn main() {
     println!("\n== restore start to first HTTP response (median of {ROUNDS}) ==");
     swap_out("bench-bigmem", &dir, bigmem);
     second_cycle("bench-bigmem", &dir, "127.0.8.1:80", "/", 3);
-    compare_modes("bigmem 256 MiB, 8 MiB per request", &dir, "127.0.8.1:80", "/");
+    compare_modes(
+        "bigmem 256 MiB, 8 MiB per request",
+        &dir,
+        "127.0.8.1:80",
+        "/",
+    );
 
     for (image, ip, path) in [
         ("counter-http", "127.0.8.2", "/"),

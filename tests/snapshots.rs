@@ -152,6 +152,25 @@ fn nginx_and_python_http_serve_after_a_restore() {
     assert!(state.contains("kept"), "{state}");
     swap_out("test-snap-nginx", nginx_dir.path(), nginx);
     swap_out("test-snap-python", python_dir.path(), python);
+
+    // A second cycle: what the first restore and its requests left (reused fd numbers,
+    // epoll registrations of closed connections) comes back too.
+    let nginx = restore(nginx_dir.path(), "127.0.7.2:80", &[]);
+    assert_eq!(
+        http("127.0.7.2:80".parse().unwrap(), "GET", "/files/1m.txt", b"").body,
+        expected
+    );
+    assert_eq!(
+        http("127.0.7.2:80".parse().unwrap(), "GET", "/", b"").status,
+        200
+    );
+    swap_out("test-snap-nginx", nginx_dir.path(), nginx);
+    let nginx = restore(nginx_dir.path(), "127.0.7.2:80", &[]);
+    assert_eq!(
+        http("127.0.7.2:80".parse().unwrap(), "GET", "/", b"").status,
+        200
+    );
+    swap_out("test-snap-nginx", nginx_dir.path(), nginx);
 }
 
 #[test]

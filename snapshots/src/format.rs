@@ -265,6 +265,22 @@ pub enum FileRecord {
     },
 }
 
+impl FileRecord {
+    /// What kind of file this is, for messages.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            FileRecord::Path { .. } => "file",
+            FileRecord::Directory { .. } => "directory",
+            FileRecord::Stdio(_) => "stdio",
+            FileRecord::Pipe { .. } => "pipe",
+            FileRecord::Socket { .. } => "socket",
+            FileRecord::Epoll { .. } => "epoll set",
+            FileRecord::EventFd { .. } => "eventfd",
+            FileRecord::TimerFd { .. } => "timerfd",
+        }
+    }
+}
+
 /// One descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FdRecord {

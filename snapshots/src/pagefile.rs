@@ -145,16 +145,43 @@ pub fn check_size(path: &Path, manifest: &Manifest) -> Result<(), PageFileError>
 
 /// Verifies the chunks covering pages `[first, end)` of the page file at `path`.
 pub fn verify(path: &Path, manifest: &Manifest, first: u64, end: u64) -> Result<(), PageFileError> {
-    check_size(path, manifest)?;
     let end = end.min(manifest.page_count);
-    if first >= end {
-        return Ok(());
-    }
+    let chunk_pages = manifest.chunk_pages.max(1);
+    let chunks = if first < end {
+        first / chunk_pages..end.div_ceil(chunk_pages)
+    } else {
+        0..0
+    };
+    verify_chunks(path, manifest, chunks)
+}
+
+/// Verifies the chunks covering each of `pages` (indices into the page file at `path`).
+pub fn verify_pages(
+    path: &Path,
+    manifest: &Manifest,
+    pages: impl IntoIterator<Item = u64>,
+) -> Result<(), PageFileError> {
+    let chunk_pages = manifest.chunk_pages.max(1);
+    let chunks: std::collections::BTreeSet<u64> =
+        pages.into_iter().map(|page| page / chunk_pages).collect();
+    verify_chunks(path, manifest, chunks)
+}
+
+/// Verifies the given chunks, in increasing order, of the page file at `path`.
+fn verify_chunks(
+    path: &Path,
+    manifest: &Manifest,
+    chunks: impl IntoIterator<Item = u64>,
+) -> Result<(), PageFileError> {
+    check_size(path, manifest)?;
     let chunk_pages = manifest.chunk_pages.max(1);
     let mut file = File::open(path).map_err(io("opening", path))?;
     let mut buffer = vec![0u8; (chunk_pages * PAGE_SIZE) as usize];
-    for chunk in first / chunk_pages..end.div_ceil(chunk_pages) {
+    for chunk in chunks {
         let start = chunk * chunk_pages;
+        if start >= manifest.page_count {
+            break;
+        }
         let stop = (start + chunk_pages).min(manifest.page_count);
         let bytes = ((stop - start) * PAGE_SIZE) as usize;
         file.seek(SeekFrom::Start(start * PAGE_SIZE))

@@ -69,8 +69,21 @@ pub struct FileState {
     pub listening: Option<i32>,
     /// Socket options the app set: (level, name, value).
     pub options: Vec<(i32, i32, Vec<u8>)>,
-    /// An epoll instance's registrations: guest fd -> (events, data).
-    pub registrations: BTreeMap<i32, (u32, u64)>,
+    /// An epoll instance's registrations: guest fd -> what it named, events, data. Linux
+    /// ties a registration to the open file description, not the number, so the number
+    /// alone may name another file later (see `persist::files`).
+    pub registrations: BTreeMap<i32, Registration>,
+}
+
+/// One epoll registration.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// The open file description registered.
+    pub target: std::sync::Weak<OpenFile>,
+    /// EPOLL* event bits.
+    pub events: u32,
+    /// The app's data word.
+    pub data: u64,
 }
 
 /// An open file description.

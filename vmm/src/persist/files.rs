@@ -6,7 +6,7 @@
 //! timerfds with the time they had left. A connection cannot move: it is closed at capture
 //! and comes back as a socket at end of file.
 
-use crate::fdtable::{FileKind, OpenFile};
+use crate::fdtable::{FdTable, FileKind, OpenFile, Registration};
 use crate::hostcall;
 use crate::process::Process;
 use picocenter_snapshots::format::{FdRecord, FileRecord};
@@ -74,7 +74,7 @@ fn ns(t: rustix::time::Timespec) -> u64 {
     (t.tv_sec as u64).saturating_mul(1_000_000_000) + t.tv_nsec as u64
 }
 
-fn record(file: &OpenFile, closed: &mut u64) -> FileRecord {
+fn record(file: &OpenFile, files: &FdTable, closed: &mut u64) -> FileRecord {
     match &file.kind {
         FileKind::Path { path, flags } => FileRecord::Path {
             path: path.clone(),
@@ -111,11 +111,18 @@ fn record(file: &OpenFile, closed: &mut u64) -> FileRecord {
             }
         }
         FileKind::Epoll => FileRecord::Epoll {
+            // Only registrations whose number still names the file registered: the others
+            // are of files closed since (or reachable only through another number, which
+            // the app can no longer name in epoll_ctl either).
             registrations: file
                 .state()
                 .registrations
                 .iter()
-                .map(|(&fd, &(events, data))| (fd, events, data))
+                .filter(|(&fd, r)| {
+                    matches!((files.file(fd), r.target.upgrade()),
+                        (Ok(now), Some(then)) if Arc::ptr_eq(&now, &then))
+                })
+                .map(|(&fd, r)| (fd, r.events, r.data))
                 .collect(),
         },
         FileKind::EventFd { semaphore } => FileRecord::EventFd {
@@ -143,7 +150,7 @@ pub fn capture(p: &Process) -> (Vec<FdRecord>, u64) {
         let next = shared.len() as u64;
         let id = *shared.entry(key).or_insert(next);
         let file = if id == next {
-            record(&entry.file, &mut closed)
+            record(&entry.file, &p.files, &mut closed)
         } else {
             // The same description as an earlier fd: its record is the first one's.
             records
@@ -360,7 +367,7 @@ pub fn restore(p: &mut Process, records: &[FdRecord]) -> Result<(), FileRestoreE
     let mut pipes = HashMap::new();
     let fail = |record: &FdRecord, errno| FileRestoreError {
         fd: record.fd,
-        what: format!("{:?}", std::mem::discriminant(&record.file)).replace("Discriminant", "kind"),
+        what: record.file.kind_name().to_string(),
         errno,
     };
     for record in records {
@@ -407,7 +414,14 @@ pub fn restore(p: &mut Process, records: &[FdRecord]) -> Result<(), FileRestoreE
                     rustix::event::epoll::EventFlags::from_bits_retain(events),
                 )
                 .map_err(|e| fail(record, e))?;
-                epoll.state().registrations.insert(fd, (events, data));
+                epoll.state().registrations.insert(
+                    fd,
+                    Registration {
+                        target: Arc::downgrade(&target),
+                        events,
+                        data,
+                    },
+                );
             }
         }
     }

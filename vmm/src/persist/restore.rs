@@ -192,13 +192,27 @@ impl Picoprocess {
         let started = Instant::now();
         let manifests = store::chain(store, id)?;
         let newest = manifests[0].clone();
-        // Refuse a damaged snapshot before anything is built from it.
+        // Refuse a damaged snapshot before anything is built from it: every page read up
+        // front is verified (the rest is read later, from the host page cache, as the app
+        // touches it; only the file sizes are checked for those).
+        let mut upfront: Vec<Vec<u64>> = vec![Vec::new(); manifests.len()];
+        if options.mode == RestoreMode::ActiveSet {
+            let chain = Chain {
+                manifests: manifests.clone(),
+                bases: Vec::new(),
+            };
+            for vpn in newest.activeset.iter().flat_map(|r| r.vpn..r.vpn + r.count) {
+                if let Some((PageSource::Stored { index }, depth)) = chain.resolve(vpn, 0) {
+                    upfront[depth].push(index);
+                }
+            }
+        }
         let mut page_files = Vec::new();
-        for m in &manifests {
+        for (m, pages) in manifests.iter().zip(upfront) {
             let path = store.page_file(&m.id)?;
             match options.mode {
                 RestoreMode::Eager => pagefile::verify(&path, m, 0, m.page_count)?,
-                RestoreMode::ActiveSet => pagefile::verify(&path, m, 0, m.activeset_prefix)?,
+                RestoreMode::ActiveSet => pagefile::verify_pages(&path, m, pages)?,
                 RestoreMode::Lazy => pagefile::check_size(&path, m)?,
             }
             page_files.push(path);

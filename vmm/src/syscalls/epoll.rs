@@ -6,12 +6,13 @@
 
 use super::wait::wait_fd;
 use super::{Args, SysError, SysResult};
-use crate::fdtable::{FileKind, OpenFile};
+use crate::fdtable::{FileKind, OpenFile, Registration};
 use crate::memory::UserAddr;
 use crate::process::Process;
 use rustix::event::epoll;
 use rustix::event::PollFlags;
 use rustix::io::Errno;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const EPOLL_CTL_ADD: i32 = 1;
@@ -71,7 +72,14 @@ pub fn epoll_ctl(p: &mut Process, a: &Args) -> SysResult {
             } else {
                 epoll::modify(epfd.host(), target.host(), data, flags)?;
             }
-            epfd.state().registrations.insert(fd, (events, data.u64()));
+            epfd.state().registrations.insert(
+                fd,
+                Registration {
+                    target: Arc::downgrade(&target),
+                    events,
+                    data: data.u64(),
+                },
+            );
         }
         EPOLL_CTL_DEL => {
             epoll::delete(epfd.host(), target.host())?;
