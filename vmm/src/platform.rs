@@ -4,9 +4,13 @@
 //! |---|---|---|
 //! | `syscall` from ring 3 | reaches LSTAR still at CPL 3 | enters LSTAR at CPL 0 |
 //! | completing a syscall | RIP = RCX, RFLAGS = R11 | also CS/SS back to user |
-//! | removed translations | seen after re-registering the page-table slot | seen after a guest TLB flush |
+//! | removed translations | seen after re-registering the page-table slot | with EPT/NPT, seen after a guest TLB flush; with shadow paging, as on kvm_pvm |
 //!
-//! See ../shared/PLATFORM.md for the measurements behind each row.
+//! See ../shared/PLATFORM.md for the measurements behind each row. Hardware KVM without
+//! EPT/NPT (`kvm_amd npt=0`, `kvm_intel ept=0`, or a CPU without them) shadows the guest's
+//! page tables as kvm_pvm does: the VMM's own writes to them are invisible to KVM, and a
+//! guest TLB flush only re-syncs shadow pages KVM already knows to be out of date, so a
+//! stale writable translation survives it (found by the hardware-KVM runner, tests/hwkvm).
 
 use crate::kvm::vcpu::{Vcpu, VcpuError};
 use crate::kvm::Machine;
@@ -32,19 +36,29 @@ pub enum Invalidation {
 pub enum Platform {
     /// kvm_pvm: paravirtual, shadow paging, guests at hardware CPL 3.
     Pvm,
-    /// kvm_intel or kvm_amd, on bare metal or a nested-virt host.
+    /// kvm_intel or kvm_amd with nested paging (EPT/NPT), on bare metal or a nested-virt
+    /// host: the CPU walks the guest's page tables itself.
     Hardware,
+    /// kvm_intel or kvm_amd without EPT/NPT: KVM shadows the guest's page tables.
+    HardwareShadowPaging,
 }
 
 impl Platform {
-    /// Detects the platform from the loaded KVM module.
+    /// Detects the platform from the loaded KVM module and its paging mode.
     pub fn detect() -> Self {
         Self::detect_in(Path::new("/sys/module"))
     }
 
     fn detect_in(modules: &Path) -> Self {
         if modules.join("kvm_pvm").exists() {
-            Platform::Pvm
+            return Platform::Pvm;
+        }
+        // The module parameters read "N" when nested paging is off or the CPU lacks it.
+        let off = |param: &str| {
+            std::fs::read_to_string(modules.join(param)).is_ok_and(|v| v.trim() == "N")
+        };
+        if off("kvm_amd/parameters/npt") || off("kvm_intel/parameters/ept") {
+            Platform::HardwareShadowPaging
         } else {
             Platform::Hardware
         }
@@ -57,13 +71,16 @@ impl Platform {
             Platform::Hardware => {
                 "hardware KVM (syscall enters CPL 0; invalidate by guest TLB flush)"
             }
+            Platform::HardwareShadowPaging => {
+                "hardware KVM with shadow paging (syscall enters CPL 0; invalidate by slot re-registration)"
+            }
         }
     }
 
     /// Whether the doorbell runs at CPL 0, so that completing a syscall must also restore
     /// the user code and stack segments.
     pub fn syscall_enters_ring0(self) -> bool {
-        self == Platform::Hardware
+        self != Platform::Pvm
     }
 
     /// Completes a syscall the VMM has answered: resume the app after its `syscall`
@@ -110,6 +127,15 @@ impl Platform {
                     .map_err(VcpuError::Invalidate)?;
                 Ok(Invalidation::Everything)
             }
+            // Hardware shadow paging: there the ring-0 PTE writer runs natively, and its
+            // stores only mark KVM's shadow page out of sync, to be re-read at the next
+            // guest TLB flush; re-registering the slot drops every shadow page for sure.
+            Platform::HardwareShadowPaging => {
+                machine
+                    .reregister_slot(slot::PAGE_TABLES)
+                    .map_err(VcpuError::Invalidate)?;
+                Ok(Invalidation::Everything)
+            }
             // Changing CR4 through KVM_SET_SREGS resets KVM's MMU context, and loading the
             // new root flushes the guest's TLB. No global pages are used, so PGE itself
             // changes nothing else.
@@ -133,5 +159,20 @@ mod tests {
         assert_eq!(Platform::detect_in(dir.path()), Platform::Hardware);
         std::fs::create_dir(dir.path().join("kvm_pvm")).unwrap();
         assert_eq!(Platform::detect_in(dir.path()), Platform::Pvm);
+    }
+
+    #[test]
+    fn detects_shadow_paging_on_hardware() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = dir.path().join("kvm_amd/parameters");
+        std::fs::create_dir_all(&params).unwrap();
+        std::fs::write(params.join("npt"), "Y\n").unwrap();
+        assert_eq!(Platform::detect_in(dir.path()), Platform::Hardware);
+        std::fs::write(params.join("npt"), "N\n").unwrap();
+        assert_eq!(
+            Platform::detect_in(dir.path()),
+            Platform::HardwareShadowPaging
+        );
+        assert!(Platform::HardwareShadowPaging.syscall_enters_ring0());
     }
 }
