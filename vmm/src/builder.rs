@@ -69,7 +69,7 @@ pub(crate) fn cpu_record(cpuid: &CpuId, features: CpuFeatures) -> CpuRecord {
             // Leaf 1 ECX bit 27 (OSXSAVE) mirrors CR4 and bit 31 the hypervisor: not
             // features an app can rely on differently between hosts.
             ecx: if e.function == 1 {
-                e.ecx & !(1 << 27)
+                e.ecx & !((1 << 27) | (1 << 31))
             } else {
                 e.ecx
             },
