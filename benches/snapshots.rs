@@ -126,6 +126,14 @@ fn activeset_line(dir: &Path) -> String {
         .to_string()
 }
 
+/// The size of the newest snapshot's page file in `dir`.
+fn newest_page_file(dir: &Path) -> u64 {
+    let head = std::fs::read_to_string(dir.join("HEAD")).unwrap();
+    std::fs::metadata(dir.join(format!("{}.pages", head.trim())))
+        .unwrap()
+        .len()
+}
+
 /// Times the three restore modes on the snapshot in `dir` and prints them.
 fn compare_modes(label: &str, dir: &Path, address: &str, path: &str) {
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
@@ -222,6 +230,7 @@ fn main() {
 
     println!("\n== restore start to first HTTP response (median of {ROUNDS}) ==");
     swap_out("bench-bigmem", &dir, bigmem);
+    let full_bytes = newest_page_file(&dir);
     second_cycle("bench-bigmem", &dir, "127.0.8.1:80", "/", 3);
     compare_modes(
         "bigmem 256 MiB, 8 MiB per request",
@@ -249,25 +258,16 @@ fn main() {
 
     println!("\n== incremental snapshot after 1 MiB dirtied ==");
     let dir = state.join("bench-snapshots/bigmem");
-    let full: u64 = std::fs::metadata(dir.join(format!(
-        "{}.pages",
-        std::fs::read_to_string(dir.join("HEAD")).unwrap().trim()
-    )))
-    .unwrap()
-    .len();
     let child = restore(&dir, "lazy");
     get("127.0.8.1:80", "/dirty");
     swap_out("bench-bigmem", &dir, child);
-    let head = std::fs::read_to_string(dir.join("HEAD")).unwrap();
-    let increment = std::fs::metadata(dir.join(format!("{}.pages", head.trim())))
-        .unwrap()
-        .len();
+    let increment = newest_page_file(&dir);
     println!(
         "  full page file {:.1} MiB; increment {:.2} MiB ({} pages) = {:.3}% of full",
-        full as f64 / 1048576.0,
+        full_bytes as f64 / 1048576.0,
         increment as f64 / 1048576.0,
         increment / 4096,
-        increment as f64 * 100.0 / full as f64
+        increment as f64 * 100.0 / full_bytes as f64
     );
     let _ = std::fs::remove_dir_all(state.join("bench-snapshots"));
 }

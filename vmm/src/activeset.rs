@@ -54,11 +54,15 @@ pub struct ActiveSet {
     last_begin: HashMap<u16, Instant>,
     /// Harvests done.
     harvests: u64,
+    /// The tables were built by a restore (not by the app's own start).
+    restored: bool,
 }
 
 impl ActiveSet {
-    /// After a restore: the entries of `vpns` were built with A = 1.
-    pub fn preset(&mut self, vpns: impl IntoIterator<Item = u64>) {
+    /// After a restore: the tables are new, and the entries of `vpns` were built with
+    /// A = 1.
+    pub fn restored(&mut self, vpns: impl IntoIterator<Item = u64>) {
+        self.restored = true;
         self.unknown.extend(vpns);
     }
 
@@ -74,8 +78,17 @@ impl ActiveSet {
             return;
         }
         self.last_begin.insert(port, now);
+        let episode = Episode { port, fd };
+        if self.restored && self.harvests == 0 && self.current.is_none() {
+            // The first request after a restore is the one a client waits on: a harvest
+            // now would throw away the prefetched translations just before the app needs
+            // them. The bits this episode leaves (and the few of resuming) are read at its
+            // end, the restore's presets dropped.
+            self.current = Some(episode);
+            return;
+        }
         self.ending = self.current.is_some();
-        self.next = Some(Episode { port, fd });
+        self.next = Some(episode);
     }
 
     /// The app closed `fd`: if that is the current episode's connection, the episode ends.
@@ -173,16 +186,25 @@ mod tests {
     #[test]
     fn preset_bits_are_not_evidence() {
         let mut set = ActiveSet::default();
-        set.preset([7, 8]);
+        set.restored([7, 8]);
+        // The first episode after the restore is not cut at its start...
         set.accepted(443, 3);
+        assert!(!set.harvest_due());
+        // ...but at its end, where the presets are dropped.
+        set.closed(3);
+        assert!(set.harvest_due());
         set.harvest(vec![7, 8, 9]);
         assert!(!set.contains(7, false));
         assert!(set.contains(9, false));
+        assert_eq!(set.port_sets()[0].pages, crate::persist::ranges([9]));
         // Later harvests count every bit.
+        std::thread::sleep(MIN_EPISODE_GAP);
+        set.accepted(443, 3);
+        set.harvest(vec![]);
         set.closed(3);
         set.harvest(vec![7]);
         assert!(set.contains(7, false));
-        assert_eq!(set.port_sets()[0].port, 443);
+        assert_eq!(set.port_sets()[0].pages, crate::persist::ranges([7, 9]));
     }
 
     #[test]

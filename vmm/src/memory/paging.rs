@@ -136,6 +136,32 @@ impl PageTables {
         Ok(phys.write_u64(gpa, pte)?)
     }
 
+    /// Sets the leaf entries of consecutive pages from `va` to `ptes` (all non-zero),
+    /// walking to each leaf table once and writing its entries in one copy.
+    pub fn set_run(
+        &mut self,
+        phys: &PhysicalMemory,
+        va: u64,
+        ptes: &[u64],
+    ) -> Result<(), PagingError> {
+        let mut done = 0usize;
+        while done < ptes.len() {
+            let at = va + done as u64 * 4096;
+            let left_in_table = 512 - ((at >> 12) & 511) as usize;
+            let n = left_in_table.min(ptes.len() - done);
+            let gpa = self
+                .leaf_entry(phys, at, true)?
+                .ok_or(PagingError::OutOfTables)?;
+            let bytes: Vec<u8> = ptes[done..done + n]
+                .iter()
+                .flat_map(|pte| pte.to_le_bytes())
+                .collect();
+            phys.write(gpa, &bytes)?;
+            done += n;
+        }
+        Ok(())
+    }
+
     /// The non-zero leaf entries for pages in `[start, end)`, in address order. Missing
     /// tables are skipped whole, so a walk over a huge, mostly empty range is cheap.
     pub fn leaves(

@@ -140,15 +140,40 @@ impl AddressSpace {
         Ok(base)
     }
 
-    /// Maps `va` to `frame` (a frame of an attached page file) with its area's protection.
-    /// `accessed` presets the A bit (kvm_pvm then maps 8 pages per fault around it).
-    pub fn map_restored(&mut self, va: u64, frame: u64, accessed: bool) -> Result<(), Errno> {
-        let prot = self.vmas.get(va).map(|v| v.prot).ok_or(Errno::FAULT)?;
-        let mut pte = frame | self.leaf_flags(prot) | PTE_RESTORED;
-        if accessed {
-            pte |= PTE_ACCESSED;
+    /// Maps the `count` pages from `va` to consecutive frames from `frame` (of an
+    /// attached page file), with their areas' protection. `accessed(i)` presets the A bit
+    /// of page `i` (kvm_pvm then maps 8 pages per fault around it).
+    pub fn map_restored_run(
+        &mut self,
+        va: u64,
+        frame: u64,
+        count: u64,
+        accessed: impl Fn(u64) -> bool,
+    ) -> Result<(), Errno> {
+        let mut done = 0;
+        while done < count {
+            let at = va + done * PAGE;
+            let vma = self.vmas.get(at).ok_or(Errno::FAULT)?;
+            let n = ((vma.end - at) / PAGE).min(count - done);
+            let flags = self.leaf_flags(vma.prot) | PTE_RESTORED;
+            let ptes: Vec<u64> = (done..done + n)
+                .map(|i| {
+                    let a = if accessed(i) { PTE_ACCESSED } else { 0 };
+                    (frame + i * PAGE) | flags | a
+                })
+                .collect();
+            self.tables.set_run(&self.phys, at, &ptes)?;
+            done += n;
         }
-        Ok(self.tables.set(&self.phys, va, pte)?)
+        Ok(())
+    }
+
+    /// Whether `va` is in an anonymous area (where an untouched page reads as zeros).
+    pub fn is_anonymous(&self, va: u64) -> bool {
+        matches!(
+            self.vmas.get(va).map(|v| &v.backing),
+            Some(crate::memory::vma::Backing::Anonymous)
+        )
     }
 
     /// Gives `va` a fresh zero frame.
@@ -159,11 +184,14 @@ impl AddressSpace {
         Ok(self.tables.set(&self.phys, va, pte)?)
     }
 
-    /// Fills `va` from its area's file, as when it was first touched.
-    pub fn map_from_file(&mut self, va: u64) -> Result<(), Errno> {
-        self.populate(va, va + PAGE)?;
-        let pte = self.tables.get(&self.phys, va)?;
-        Ok(self.tables.set(&self.phys, va, pte | PTE_RESTORED)?)
+    /// Fills `[start, end)` from its areas' files, as when first touched.
+    pub fn map_from_file(&mut self, start: u64, end: u64) -> Result<(), Errno> {
+        self.populate(start, end)?;
+        for va in (start..end).step_by(PAGE as usize) {
+            let pte = self.tables.get(&self.phys, va)?;
+            self.tables.set(&self.phys, va, pte | PTE_RESTORED)?;
+        }
+        Ok(())
     }
 
     /// Brings `[gpa, gpa + len)` into memory now, writable (MADV_POPULATE_WRITE), so that

@@ -16,7 +16,6 @@ use crate::{Config, Picoprocess, VmmError};
 use picocenter_snapshots::format::{BackingRecord, Manifest, PageSource, VpnRange};
 use picocenter_snapshots::pagefile;
 use picocenter_snapshots::store::{self, Store};
-use std::collections::HashSet;
 use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,8 +82,55 @@ impl Chain {
     }
 }
 
-fn in_ranges(ranges: &[VpnRange]) -> HashSet<u64> {
-    ranges.iter().flat_map(|r| r.vpn..r.vpn + r.count).collect()
+/// A run of pages with one resolved source: `count` pages from `vpn`, stored from page
+/// `index` on in the page file at chain depth `depth` (for `Stored`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    vpn: u64,
+    count: u64,
+    source: PageSource,
+    depth: usize,
+}
+
+impl Chain {
+    /// The sources of pages `[vpn, vpn + count)` of manifest `depth`, following Parent
+    /// links run by run. `None` if some page is in no snapshot of the chain.
+    fn resolve_run(&self, vpn: u64, count: u64, depth: usize, out: &mut Vec<Piece>) -> Option<()> {
+        let runs = &self.manifests.get(depth)?.pages;
+        let end = vpn + count;
+        let mut at = vpn;
+        let mut i = runs.partition_point(|r| r.vpn + r.count <= vpn);
+        while at < end {
+            let run = runs.get(i).filter(|r| r.vpn <= at)?;
+            let stop = end.min(run.vpn + run.count);
+            match run.source {
+                PageSource::Parent => self.resolve_run(at, stop - at, depth + 1, out)?,
+                PageSource::Stored { index } => out.push(Piece {
+                    vpn: at,
+                    count: stop - at,
+                    source: PageSource::Stored {
+                        index: index + (at - run.vpn),
+                    },
+                    depth,
+                }),
+                other => out.push(Piece {
+                    vpn: at,
+                    count: stop - at,
+                    source: other,
+                    depth,
+                }),
+            }
+            at = stop;
+            i += 1;
+        }
+        Some(())
+    }
+}
+
+/// Whether `vpn` is in `ranges` (sorted, disjoint).
+fn covered(ranges: &[VpnRange], vpn: u64) -> bool {
+    let at = ranges.partition_point(|r| r.vpn + r.count <= vpn);
+    ranges.get(at).is_some_and(|r| r.vpn <= vpn)
 }
 
 /// Checks that this host offers every CPU feature the snapshot may rely on.
@@ -190,6 +236,13 @@ impl Picoprocess {
         options: &RestoreOptions,
     ) -> Result<Self, PersistError> {
         let started = Instant::now();
+        // Where the time goes, for `RUST_LOG=picocenter_vmm=debug`.
+        let phase = |name: &str| {
+            tracing::debug!(
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "restore: {name}"
+            )
+        };
         let manifests = store::chain(store, id)?;
         let newest = manifests[0].clone();
         // Refuse a damaged snapshot before anything is built from it: every page read up
@@ -217,9 +270,11 @@ impl Picoprocess {
             }
             page_files.push(path);
         }
+        phase("verified");
         unpack_data(store, &newest, config)?;
         let (parts, mut space, sandbox) =
             builder::prepare(config).map_err(|e| PersistError::Incompatible(e.to_string()))?;
+        phase("vm");
         check_cpu(&newest, &parts)?;
 
         // Page files become guest memory.
@@ -235,6 +290,7 @@ impl Picoprocess {
                     .map_err(memory("mapping the page file"))?,
             );
         }
+        phase("attached");
         let chain = Chain { manifests, bases };
 
         // Areas, then pages.
@@ -275,44 +331,73 @@ impl Picoprocess {
                 })
                 .map_err(memory("rebuilding an area"))?;
         }
-        let hot = in_ranges(&newest.activeset);
+        phase("areas");
+        let hot = |vpn: u64| covered(&newest.activeset, vpn);
         let preset = |vpn: u64| match options.mode {
             RestoreMode::Eager => true,
             RestoreMode::Lazy => false,
-            RestoreMode::ActiveSet => !options.relearn && hot.contains(&vpn),
+            RestoreMode::ActiveSet => !options.relearn && hot(vpn),
         };
         let mut prefetch: Vec<u64> = Vec::new();
         let mut preset_pages: Vec<u64> = Vec::new();
+        let mut file_pages: Vec<u64> = Vec::new();
+        let mut pieces = Vec::new();
         for run in &newest.pages {
-            for vpn in run.vpn..run.vpn + run.count {
-                let va = vpn * PAGE;
-                match chain.resolve(vpn, 0) {
-                    Some((PageSource::Stored { index }, depth)) => {
-                        let frame = chain.bases[depth] + index * PAGE;
-                        space
-                            .map_restored(va, frame, preset(vpn))
-                            .map_err(memory("mapping a page"))?;
-                        if preset(vpn) {
-                            preset_pages.push(vpn);
+            chain
+                .resolve_run(run.vpn, run.count, 0, &mut pieces)
+                .ok_or_else(|| {
+                    PersistError::Incompatible(format!(
+                        "pages {:#x}..{:#x} are not all in the snapshot chain",
+                        run.vpn * PAGE,
+                        (run.vpn + run.count) * PAGE
+                    ))
+                })?;
+        }
+        for piece in pieces {
+            let vpns = piece.vpn..piece.vpn + piece.count;
+            match piece.source {
+                PageSource::Stored { index } => {
+                    let frame = chain.bases[piece.depth] + index * PAGE;
+                    space
+                        .map_restored_run(piece.vpn * PAGE, frame, piece.count, |i| {
+                            preset(piece.vpn + i)
+                        })
+                        .map_err(memory("mapping pages"))?;
+                    preset_pages.extend(vpns.clone().filter(|&vpn| preset(vpn)));
+                    if options.mode == RestoreMode::ActiveSet {
+                        prefetch.extend(
+                            vpns.filter(|&vpn| hot(vpn))
+                                .map(|vpn| frame + (vpn - piece.vpn) * PAGE),
+                        );
+                    }
+                }
+                PageSource::File => file_pages.extend(vpns),
+                // An anonymous zero page is what a first touch gives anyway, so it is
+                // left to demand paging: nothing to allocate or clear now.
+                PageSource::Zero => {
+                    for vpn in vpns {
+                        if !space.is_anonymous(vpn * PAGE) {
+                            space
+                                .map_zero(vpn * PAGE)
+                                .map_err(memory("mapping a zero page"))?;
                         }
-                        if options.mode == RestoreMode::ActiveSet && hot.contains(&vpn) {
-                            prefetch.push(frame);
-                        }
                     }
-                    Some((PageSource::File, _)) => space
-                        .map_from_file(va)
-                        .map_err(memory("mapping a file page"))?,
-                    Some((PageSource::Zero, _)) => {
-                        space.map_zero(va).map_err(memory("mapping a zero page"))?
-                    }
-                    _ => {
-                        return Err(PersistError::Incompatible(format!(
-                            "page {va:#x} is in no snapshot of the chain"
-                        )))
-                    }
+                }
+                PageSource::Parent => {
+                    return Err(PersistError::Incompatible(format!(
+                        "page {:#x} refers to a parent the chain does not have",
+                        piece.vpn * PAGE
+                    )))
                 }
             }
         }
+        // File pages in runs: one mapping of the file per run.
+        for run in super::ranges(file_pages) {
+            space
+                .map_from_file(run.vpn * PAGE, (run.vpn + run.count) * PAGE)
+                .map_err(memory("mapping file pages"))?;
+        }
+        phase("pages");
         match options.mode {
             RestoreMode::Eager => {
                 for (m, &base) in chain.manifests.iter().zip(&chain.bases) {
@@ -333,6 +418,7 @@ impl Picoprocess {
             }
             RestoreMode::Lazy => {}
         }
+        phase("prefetched");
         space.restore_brk(newest.process.brk_start, newest.process.brk);
         space.invalidated();
 
@@ -354,12 +440,15 @@ impl Picoprocess {
         cpu::restore_context(&vcpu_fd, context)
             .map_err(|e| PersistError::Incompatible(e.to_string()))?;
 
+        phase("vcpu");
         let mut process = builder::process(config, &parts, space, sandbox, &vcpu_fd)
             .map_err(|e| PersistError::Incompatible(e.to_string()))?;
         restore_process(&mut process, &newest)?;
-        process.activeset.preset(preset_pages);
+        process.activeset.restored(preset_pages);
+        phase("process");
         super::files::restore(&mut process, &newest.files)?;
         process.restored_from = Some((store.describe(), newest.id.clone()));
+        phase("files");
         let picoprocess = builder::finish(config, parts, vcpu_fd, process)
             .map_err(|e| PersistError::Incompatible(e.to_string()))?;
         tracing::info!(
