@@ -1,0 +1,121 @@
+# The smoke suite, sourced by /init once /dev/kvm is up (see init.sh for pass, fail and
+# app). Each check runs real programs in picoprocesses on hardware-style KVM.
+#
+# $paging is "npt" (kvm_amd with nested paging: the whole suite) or "shadow" (npt=0: KVM
+# shadows the guest page tables; the checks that depend on the paging mode run again, with
+# "-shadow" appended to their names). Under TCG, QEMU flushes its TLB at every VMRUN, so
+# only the shadow pass can catch a missing invalidation.
+
+if [ "$paging" = shadow ]; then
+    sfx=-shadow
+    expect="hardware KVM with shadow paging (syscall enters CPL 0"
+else
+    sfx=
+    expect="hardware KVM (syscall enters CPL 0; invalidate by guest TLB flush)"
+fi
+
+# The VMM must detect hardware KVM (not kvm_pvm) and say so.
+app -v run /guests/hello-static 7
+if ! grep -qF "$expect" /tmp/err; then
+    fail platform-is-hardware-kvm$sfx "the VMM did not report: $expect"
+elif [ $status -ne 7 ] || ! grep -q "^hello from a picoprocess: argc=2" /tmp/out; then
+    fail static-hello$sfx "status $status"
+else
+    pass platform-is-hardware-kvm$sfx
+    pass static-hello$sfx
+fi
+
+# Forwarded syscalls with checked results: every one an exit (each return is the VMM's
+# CPL 0 -> 3 fix-up), then through the mailbox.
+app run --no-mailbox /guests/syscall_loop-static 2000
+if [ $status -eq 0 ] && grep -q "^PASSED" /tmp/out; then
+    pass syscall-loop-exits$sfx
+else
+    fail syscall-loop-exits$sfx "status $status"
+fi
+
+# A page used, then unmapped or made read-only, must fault when touched again: the
+# invalidation branch of the platform.
+app run /guests/memory-static munmap-touch
+if [ $status -eq 139 ] && grep -q "segmentation fault: read at 0x" /tmp/err; then
+    pass munmap-touch-faults$sfx
+else
+    fail munmap-touch-faults$sfx "status $status, expected 139 and a read fault"
+fi
+app -v run /guests/memory-static mprotect-write
+if [ $status -eq 139 ] && grep -q "segmentation fault: write at 0x" /tmp/err; then
+    pass mprotect-write-faults$sfx
+else
+    fail mprotect-write-faults$sfx "status $status, expected 139 and a write fault"
+fi
+app run /guests/memory-static ok
+if [ $status -eq 0 ] && grep -q "^PASSED" /tmp/out; then
+    pass memory-checks$sfx
+else
+    fail memory-checks$sfx "status $status"
+fi
+
+# Bad pointers give EFAULT (clock_gettime's is answered in the doorbell, at CPL 0 here:
+# its fault is an exception taken in ring 0).
+app run /guests/hostile-static bad-pointers
+if [ $status -eq 0 ] && grep -q "^PASSED" /tmp/out; then
+    pass hostile-bad-pointers$sfx
+else
+    fail hostile-bad-pointers$sfx "status $status"
+fi
+
+[ "$paging" = shadow ] && return 0
+
+app run /guests/hostile-static ud2
+if [ $status -eq 132 ] && grep -q "invalid opcode (#UD)" /tmp/err; then
+    pass hostile-ud2
+else
+    fail hostile-ud2 "status $status, expected 132 and #UD"
+fi
+
+# Handlers, masks, timers and fault handlers: signal frames built while the app was in the
+# doorbell at CPL 0, and rt_sigreturn through it.
+app run --timeout 30 /guests/signals-static ok
+if [ $status -eq 0 ] && grep -q "^PASSED" /tmp/out; then
+    pass signals
+else
+    fail signals "status $status"
+fi
+
+app run /bin/busybox echo hello world
+if [ $status -eq 0 ] && [ "$(cat /tmp/out)" = "hello world" ]; then
+    pass busybox-echo
+else
+    fail busybox-echo "status $status"
+fi
+
+app run /bin/busybox sh -c 'exit 3'
+if [ $status -eq 3 ]; then pass busybox-sh-exit-3; else fail busybox-sh-exit-3 "status $status"; fi
+
+# The dynamically linked malloc/stdio/files/qsort workload, against its native output.
+app run /guests/workload-dynamic /tmp/workload.txt
+if [ $status -eq 0 ] && cmp -s /tmp/out /expected/workload.txt; then
+    pass dynamic-workload
+else
+    fail dynamic-workload "status $status; expected $(cat /expected/workload.txt)"
+fi
+
+app run /guests/syscall_loop-static 2000
+if [ $status -eq 0 ] && grep -q "^PASSED" /tmp/out; then
+    pass syscall-loop-mailbox
+else
+    fail syscall-loop-mailbox "status $status"
+fi
+
+# Exit costs, for BENCHMARKS.md (ns per iteration).
+app run --no-mailbox /guests/syscall_bench-static mmio-exit 2000
+echo "HWKVM INFO bare_exit_ns=$(cat /tmp/out)"
+app run --no-mailbox /guests/syscall_bench-static getppid 2000
+echo "HWKVM INFO forwarded_syscall_ns=$(cat /tmp/out)"
+app run /guests/syscall_bench-static getppid 2000
+echo "HWKVM INFO mailbox_syscall_ns=$(cat /tmp/out)"
+app run /guests/syscall_bench-static getpid 20000
+echo "HWKVM INFO doorbell_getpid_ns=$(cat /tmp/out)"
+
+# A counter-http snapshot taken on the host (kvm_pvm, count=1) restores here and counts on.
+. /snapshot.sh
