@@ -7,12 +7,15 @@
 //!
 //! * [`format`]: the manifest (serde, postcard-encoded, checksummed, size-capped);
 //! * [`pagefile`]: the page file (4 KiB pages, ActiveSet first, zero pages omitted);
-//! * [`store`]: snapshot stores, with atomic commits.
+//! * [`store`]: snapshot stores, with atomic commits, and [`store::copy_chain`];
+//! * [`s3`]: the S3 store (AWS or any S3-compatible endpoint).
 
 pub mod compact;
 pub mod format;
 pub mod pagefile;
+pub mod s3;
 pub mod store;
 
 pub use format::{Manifest, ManifestError};
-pub use store::{LocalStore, Store, StoreError};
+pub use s3::{S3Config, S3Error, S3Store};
+pub use store::{copy_chain, LocalStore, Store, StoreError};

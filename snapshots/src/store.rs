@@ -293,6 +293,69 @@ pub fn chain(store: &dyn Store, id: &str) -> Result<Vec<Manifest>, StoreError> {
     Ok(chain)
 }
 
+/// Copies snapshot `id`, and the parents it builds on, from `from` to `to`: oldest first,
+/// skipping those `to` already holds (its manifest reads back), each through `to.commit`.
+/// Leaves `to`'s HEAD at `id`, and returns the ids copied.
+///
+/// Each file is first staged at a [`Store::scratch`] path of `to`, and that is what `to`
+/// commits: a [`LocalStore`] commit consumes its inputs, and `from`'s objects must stay.
+/// Staging is a hard link where it can be (snapshot objects are never written in place,
+/// only replaced by rename) and a copy across file systems; staged files are removed if the
+/// commit fails. If `to` already held `id` but its HEAD named another snapshot, `id` is
+/// committed again, as the trait has no other way to move HEAD.
+pub fn copy_chain(from: &dyn Store, to: &dyn Store, id: &str) -> Result<Vec<String>, StoreError> {
+    let chain = chain(from, id)?;
+    let mut copied = Vec::new();
+    for manifest in chain.iter().rev() {
+        if to.manifest(&manifest.id).is_ok() {
+            continue;
+        }
+        copy_snapshot(from, to, manifest)?;
+        copied.push(manifest.id.clone());
+    }
+    match chain.first() {
+        Some(newest) if to.head()?.as_deref() != Some(id) => copy_snapshot(from, to, newest)?,
+        _ => {}
+    }
+    Ok(copied)
+}
+
+/// Stages one snapshot's files from `from` in `to`'s scratch paths and commits it to `to`.
+fn copy_snapshot(from: &dyn Store, to: &dyn Store, manifest: &Manifest) -> Result<(), StoreError> {
+    let id = &manifest.id;
+    let mut staged = vec![stage(&from.page_file(id)?, &to.scratch(id, "pages")?)?];
+    let result = match from.data_archive(id) {
+        Ok(Some(data)) => to
+            .scratch(id, "data")
+            .and_then(|scratch| stage(&data, &scratch))
+            .map(|data| staged.push(data)),
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    let result =
+        result.and_then(|()| to.commit(manifest, &staged[0], staged.get(1).map(|p| p.as_path())));
+    if result.is_err() {
+        for path in &staged {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    result
+}
+
+/// Makes `scratch` a new name (or, across file systems, a copy) of `source`.
+fn stage(source: &Path, scratch: &Path) -> Result<PathBuf, StoreError> {
+    match std::fs::remove_file(scratch) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io("removing", scratch)(e))
+        }
+        _ => {}
+    }
+    if std::fs::hard_link(source, scratch).is_err() {
+        std::fs::copy(source, scratch).map_err(io("copying", source))?;
+    }
+    Ok(scratch.to_path_buf())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,5 +404,45 @@ mod tests {
             assert!(check_id(bad).is_err(), "{bad}");
         }
         assert!(check_id(&new_id()).is_ok());
+    }
+    fn snapshot(store: &LocalStore, id: &str, parent: Option<&str>, data: Option<&[u8]>) {
+        let pages = store.scratch(id, "pages").unwrap();
+        std::fs::write(&pages, id.repeat(4096).as_bytes()).unwrap();
+        let archive = data.map(|bytes| {
+            let path = store.scratch(id, "data").unwrap();
+            std::fs::write(&path, bytes).unwrap();
+            path
+        });
+        let manifest = manifest(id, parent);
+        store.commit(&manifest, &pages, archive.as_deref()).unwrap();
+    }
+
+    #[test]
+    fn copy_chain_copies_what_is_missing_oldest_first_and_leaves_the_source() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let from = LocalStore::open(a.path()).unwrap();
+        let to = LocalStore::open(b.path()).unwrap();
+        snapshot(&from, "s1", None, Some(b"archive"));
+        snapshot(&from, "s2", Some("s1"), None);
+        snapshot(&from, "s3", Some("s2"), None);
+        assert_eq!(copy_chain(&from, &to, "s2").unwrap(), ["s1", "s2"]);
+        assert_eq!(to.head().unwrap().as_deref(), Some("s2"));
+        assert_eq!(copy_chain(&from, &to, "s3").unwrap(), ["s3"]);
+        assert_eq!(to.list().unwrap(), ["s1", "s2", "s3"]);
+        for id in ["s1", "s2", "s3"] {
+            let read = |store: &LocalStore| std::fs::read(store.page_file(id).unwrap()).unwrap();
+            assert_eq!(read(&from), read(&to), "{id}");
+            assert_eq!(from.manifest(id).unwrap(), to.manifest(id).unwrap());
+        }
+        let archive = to.data_archive("s1").unwrap().unwrap();
+        assert_eq!(std::fs::read(archive).unwrap(), b"archive");
+        assert!(
+            from.data_archive("s1").unwrap().is_some(),
+            "the source keeps its files"
+        );
+        assert_eq!(copy_chain(&from, &to, "s1").unwrap(), Vec::<String>::new());
+        assert_eq!(to.head().unwrap().as_deref(), Some("s1"), "HEAD moves back");
+        assert_eq!(copy_chain(&from, &to, "s3").unwrap(), Vec::<String>::new());
+        assert_eq!(to.head().unwrap().as_deref(), Some("s3"));
     }
 }

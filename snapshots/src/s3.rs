@@ -1,0 +1,899 @@
+//! [`S3Store`]: a [`Store`] in an S3 bucket (AWS or any S3-compatible endpoint).
+//!
+//! One store holds one app's snapshots under a key prefix, as the same objects a
+//! [`LocalStore`](crate::LocalStore) keeps as files: `{prefix}/{id}.pages`,
+//! `{prefix}/{id}.data`, `{prefix}/{id}.manifest` and `{prefix}/HEAD`. A commit uploads the
+//! page file and data first (multipart, several parts at once, for large files), then the
+//! manifest, then HEAD, so a failure at any point leaves HEAD naming the previous good
+//! snapshot.
+//!
+//! Reads fetch objects into a local cache directory with parallel ranged GETs. The first
+//! range of a page file is its ActiveSet prefix, so that a streaming restore can start on it.
+//!
+//! The [`Store`] trait is synchronous, and its callers may be inside a tokio runtime (the
+//! worker calls stores from `spawn_blocking`). The store therefore owns its own runtime, and
+//! runs each operation on a short-lived thread of its own that blocks on that runtime: it
+//! never blocks on a runtime from a thread that is already inside one.
+//!
+//! The SDK's own request checksums are turned off (`WhenRequired`): every object here
+//! carries its own (the manifest's CRC, the page file's chunk CRCs, the data archive's CRC,
+//! all checked at restore), and S3-compatible servers differ in which SDK checksums they
+//! accept.
+
+use crate::format::{Manifest, MAX_MANIFEST_SIZE, PAGE_SIZE};
+use crate::store::{check_id, Store, StoreError};
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    SharedCredentialsProvider,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{
+    BucketLocationConstraint, CompletedMultipartUpload, CompletedPart, CreateBucketConfiguration,
+};
+use aws_sdk_s3::Client;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// Bytes of one part of a multipart upload, and of one ranged GET.
+pub const PART_SIZE: u64 = 8 << 20;
+/// Parts uploaded, or ranges fetched, at once.
+pub const PARALLEL_PARTS: usize = 6;
+/// The most parts S3 accepts in one multipart upload.
+const MAX_PARTS: u64 = 10_000;
+/// The largest HEAD object accepted.
+const MAX_HEAD_SIZE: u64 = 1024;
+/// Room for the manifest's header on top of its payload cap.
+const MANIFEST_HEADER_ROOM: u64 = 64;
+
+/// Where an [`S3Store`] keeps snapshots and how it signs in. Serializable, so that it can
+/// travel in the worker's JSON configuration; missing fields take their defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct S3Config {
+    /// An S3-compatible endpoint (`http://127.0.0.1:9000`); AWS when unset.
+    pub endpoint: Option<String>,
+    /// The bucket.
+    pub bucket: String,
+    /// A key prefix under which each app gets its own prefix (may be empty).
+    pub prefix: String,
+    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible servers
+    /// need, instead of virtual-hosted style (`bucket.endpoint/key`).
+    pub path_style: bool,
+    /// The region (`us-east-1` by default).
+    pub region: String,
+    /// The access key id; from the environment (`AWS_ACCESS_KEY_ID`) when unset.
+    pub access_key: Option<String>,
+    /// The secret key; from the environment (`AWS_SECRET_ACCESS_KEY`) when unset.
+    pub secret_key: Option<String>,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            bucket: String::new(),
+            prefix: String::new(),
+            path_style: false,
+            region: "us-east-1".into(),
+            access_key: None,
+            secret_key: None,
+        }
+    }
+}
+
+/// Why the S3 store failed. Store operations report these as [`StoreError::Remote`], with
+/// the whole chain of causes in the text.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    /// The store's tokio runtime could not be built.
+    #[error("starting the S3 I/O runtime")]
+    Runtime(#[source] std::io::Error),
+    /// A thread to run an operation on could not be started.
+    #[error("starting an S3 I/O thread")]
+    Thread(#[source] std::io::Error),
+    /// The thread or a task running an operation panicked.
+    #[error("an S3 I/O task panicked")]
+    Panicked,
+    /// A custom endpoint is set and no credentials were found.
+    #[error(
+        "no S3 credentials for {endpoint}: pass an access key and a secret key, or set \
+         AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY ({detail})"
+    )]
+    NoCredentials {
+        /// The endpoint.
+        endpoint: String,
+        /// What the credential providers said.
+        detail: String,
+    },
+    /// A request failed.
+    #[error("S3 {op} {url}: {detail}")]
+    Request {
+        /// The operation (`PutObject`, ...).
+        op: &'static str,
+        /// The object, as `s3://bucket/key`.
+        url: String,
+        /// The service's error code and message, or the transport error.
+        detail: String,
+    },
+    /// An object's body was not the length asked for.
+    #[error("S3 GetObject {url}: bytes {start}..{end} came back as {got} bytes")]
+    Length {
+        /// The object.
+        url: String,
+        /// First byte asked for.
+        start: u64,
+        /// One past the last byte asked for.
+        end: u64,
+        /// Bytes received.
+        got: u64,
+    },
+    /// A prefix with an empty, `.` or `..` part, or nothing at all.
+    #[error("bad S3 key prefix {0:?}")]
+    BadPrefix(String),
+}
+
+impl From<S3Error> for StoreError {
+    fn from(error: S3Error) -> Self {
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        StoreError::Remote(text)
+    }
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The text of an SDK error: the service's code and message when it answered, else the
+/// whole chain of the transport error.
+fn sdk_detail<E>(error: &SdkError<E, HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match (error.code(), error.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_string(),
+        _ => match error {
+            SdkError::ServiceError(service) => {
+                let status = service.raw().status().as_u16();
+                format!("HTTP {status}: {}", DisplayErrorContext(error))
+            }
+            _ => DisplayErrorContext(error).to_string(),
+        },
+    }
+}
+
+/// Whether the service answered 404 (for HEAD requests, which carry no error code).
+fn is_404<E>(error: &SdkError<E, HttpResponse>) -> bool {
+    matches!(error, SdkError::ServiceError(e) if e.raw().status().as_u16() == 404)
+}
+
+/// Joins the non-empty parts of `parts` with `/`, refusing `.` and `..`.
+fn join_prefix(parts: &[&str]) -> Result<String, S3Error> {
+    let segments: Vec<&str> = parts
+        .iter()
+        .flat_map(|part| part.split('/'))
+        .filter(|segment| !segment.is_empty())
+        .collect();
+    let joined = segments.join("/");
+    if segments.is_empty() || segments.iter().any(|s| *s == "." || *s == "..") {
+        return Err(S3Error::BadPrefix(joined));
+    }
+    Ok(joined)
+}
+
+/// Splits `[start, end)` into ranges of at most `part` bytes.
+fn split(range: Range<u64>, part: u64) -> impl Iterator<Item = Range<u64>> {
+    let part = part.max(1);
+    (range.start..range.end)
+        .step_by(usize::try_from(part).unwrap_or(usize::MAX))
+        .map(move |start| start..(start + part).min(range.end))
+}
+
+/// The byte ranges to fetch an object of `size` bytes in: `[0, first)` first (the
+/// ActiveSet prefix), then the rest, each at most `part` bytes.
+fn ranges(size: u64, first: u64, part: u64) -> Vec<Range<u64>> {
+    let first = first.min(size);
+    split(0..first, part)
+        .chain(split(first..size, part))
+        .collect()
+}
+
+/// A store of one app's snapshots in an S3 bucket.
+#[derive(Debug)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    region: String,
+    endpoint: Option<String>,
+    cache_dir: PathBuf,
+    scratch_dir: PathBuf,
+    downloads: AtomicU64,
+    /// Always `Some` until drop, which shuts it down without blocking.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl S3Store {
+    /// A store for the app whose snapshots live under `{config.prefix}/{app_prefix}/`,
+    /// caching fetched objects (and keeping scratch files) in `cache_dir`, created if
+    /// missing. Nothing is sent to S3 yet; with a custom endpoint and no credentials in
+    /// `config` or the environment, this fails at once.
+    pub fn open(config: &S3Config, app_prefix: &str, cache_dir: &Path) -> Result<Self, StoreError> {
+        let prefix = join_prefix(&[&config.prefix, app_prefix])?;
+        let scratch_dir = cache_dir.join("scratch");
+        std::fs::create_dir_all(&scratch_dir).map_err(io("creating", &scratch_dir))?;
+        let scratch_dir = scratch_dir
+            .canonicalize()
+            .map_err(io("resolving", &scratch_dir))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("s3-io")
+            .enable_all()
+            .build()
+            .map_err(S3Error::Runtime)?;
+        let client = run_on_thread(&runtime, client(config))??;
+        Ok(Self {
+            client,
+            bucket: config.bucket.clone(),
+            prefix,
+            region: config.region.clone(),
+            endpoint: config.endpoint.clone(),
+            cache_dir: cache_dir.to_path_buf(),
+            scratch_dir,
+            downloads: AtomicU64::new(0),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Creates the bucket if it does not exist (for tests and demos).
+    pub fn ensure_bucket(&self) -> Result<(), StoreError> {
+        self.run(async {
+            let url = format!("s3://{}", self.bucket);
+            match self.client.head_bucket().bucket(&self.bucket).send().await {
+                Ok(_) => return Ok(()),
+                Err(e) if is_404(&e) => {}
+                Err(e) => return Err(request("HeadBucket", url, &e)),
+            }
+            let mut create = self.client.create_bucket().bucket(&self.bucket);
+            if self.region != "us-east-1" {
+                let constraint = BucketLocationConstraint::from(self.region.as_str());
+                create = create.create_bucket_configuration(
+                    CreateBucketConfiguration::builder()
+                        .location_constraint(constraint)
+                        .build(),
+                );
+            }
+            match create.send().await {
+                Ok(_) => Ok(()),
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|e| e.is_bucket_already_owned_by_you()) =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(request("CreateBucket", url, &e)),
+            }
+        })
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}/{name}", self.prefix)
+    }
+
+    fn object_key(&self, id: &str, kind: &str) -> Result<String, StoreError> {
+        check_id(id)?;
+        Ok(self.key(&format!("{id}.{kind}")))
+    }
+
+    fn url(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+
+    fn missing(&self, id: &str) -> StoreError {
+        StoreError::Missing {
+            id: id.to_string(),
+            store: self.describe(),
+        }
+    }
+
+    /// Runs `work` to completion on the store's runtime, from a thread of its own.
+    fn run<T: Send>(
+        &self,
+        work: impl Future<Output = Result<T, StoreError>> + Send,
+    ) -> Result<T, StoreError> {
+        let runtime = self.runtime.as_ref().ok_or(S3Error::Panicked)?;
+        run_on_thread(runtime, work)?
+    }
+
+    /// The size of an object, or `None` if it does not exist.
+    async fn object_size(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let head = self.client.head_object().bucket(&self.bucket).key(key);
+        match head.send().await {
+            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) if is_404(&e) => Ok(None),
+            Err(e) => Err(request("HeadObject", self.url(key), &e)),
+        }
+    }
+
+    /// A whole small object, or `None` if it does not exist; refused past `cap` bytes.
+    async fn get_small(&self, key: &str, cap: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let get = self.client.get_object().bucket(&self.bucket).key(key);
+        let out = match get.send().await {
+            Ok(out) => out,
+            Err(e)
+                if e.as_service_error().is_some_and(|e| e.is_no_such_key())
+                    || (is_404(&e) && e.code() != Some("NoSuchBucket")) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(request("GetObject", self.url(key), &e)),
+        };
+        let length = out.content_length().unwrap_or(0).max(0) as u64;
+        if length > cap {
+            return Err(S3Error::Request {
+                op: "GetObject",
+                url: self.url(key),
+                detail: format!("{length} bytes, over the {cap}-byte limit"),
+            }
+            .into());
+        }
+        let bytes = out.body.collect().await.map_err(|e| S3Error::Request {
+            op: "GetObject",
+            url: self.url(key),
+            detail: DisplayErrorContext(&e).to_string(),
+        })?;
+        Ok(Some(bytes.to_vec()))
+    }
+
+    async fn put_bytes(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        let put = self.client.put_object().bucket(&self.bucket).key(key);
+        put.body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(|e| request("PutObject", self.url(key), &e))?;
+        Ok(())
+    }
+
+    async fn fetch_manifest(&self, id: &str) -> Result<Manifest, StoreError> {
+        let key = self.object_key(id, "manifest")?;
+        let cap = MAX_MANIFEST_SIZE + MANIFEST_HEADER_ROOM;
+        let bytes = match self.get_small(&key, cap).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Err(self.missing(id)),
+            Err(e) => return Err(e),
+        };
+        Manifest::decode(&bytes).map_err(|source| StoreError::Manifest {
+            id: id.to_string(),
+            source,
+        })
+    }
+
+    /// Uploads the local file `path` as `key`: in one PUT if it is small, else as a
+    /// multipart upload of [`PART_SIZE`] parts, [`PARALLEL_PARTS`] at a time.
+    async fn upload(&self, path: &Path, key: &str) -> Result<(), StoreError> {
+        let size = std::fs::metadata(path).map_err(io("reading", path))?.len();
+        let started = Instant::now();
+        if size <= PART_SIZE {
+            let body = ByteStream::from_path(path)
+                .await
+                .map_err(|e| io("reading", path)(std::io::Error::other(e)))?;
+            let put = self.client.put_object().bucket(&self.bucket).key(key);
+            put.body(body)
+                .send()
+                .await
+                .map_err(|e| request("PutObject", self.url(key), &e))?;
+        } else {
+            self.upload_multipart(path, key, size).await?;
+        }
+        tracing::debug!(
+            key,
+            bytes = size,
+            ms = started.elapsed().as_millis() as u64,
+            "S3 upload"
+        );
+        Ok(())
+    }
+
+    async fn upload_multipart(&self, path: &Path, key: &str, size: u64) -> Result<(), StoreError> {
+        let create = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key);
+        let created = create
+            .send()
+            .await
+            .map_err(|e| request("CreateMultipartUpload", self.url(key), &e))?;
+        let upload_id = created.upload_id().ok_or_else(|| S3Error::Request {
+            op: "CreateMultipartUpload",
+            url: self.url(key),
+            detail: "no upload id in the answer".into(),
+        })?;
+        let mut result = self.upload_parts(path, key, upload_id, size).await;
+        if let Ok(parts) = result {
+            let complete = self.client.complete_multipart_upload().bucket(&self.bucket);
+            result = complete
+                .key(key)
+                .upload_id(upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map(|_| Vec::new())
+                .map_err(|e| request("CompleteMultipartUpload", self.url(key), &e));
+        }
+        if result.is_err() {
+            let abort = self.client.abort_multipart_upload().bucket(&self.bucket);
+            let _ = abort.key(key).upload_id(upload_id).send().await;
+        }
+        result.map(|_| ())
+    }
+
+    async fn upload_parts(
+        &self,
+        path: &Path,
+        key: &str,
+        upload_id: &str,
+        size: u64,
+    ) -> Result<Vec<CompletedPart>, StoreError> {
+        let part_size = PART_SIZE.max(size.div_ceil(MAX_PARTS));
+        let jobs = split(0..size, part_size).enumerate().map(|(index, range)| {
+            let number = i32::try_from(index + 1).unwrap_or(i32::MAX);
+            let (client, bucket, url) = (self.client.clone(), self.bucket.clone(), self.url(key));
+            let (key, upload_id, path) = (key.to_string(), upload_id.to_string(), path.to_owned());
+            async move {
+                let body = ByteStream::read_from()
+                    .path(&path)
+                    .offset(range.start)
+                    .length(Length::Exact(range.end - range.start))
+                    .build()
+                    .await
+                    .map_err(|e| io("reading", &path)(std::io::Error::other(e)))?;
+                let part = client.upload_part().bucket(bucket).key(key);
+                let out = part
+                    .upload_id(upload_id)
+                    .part_number(number)
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| request("UploadPart", url, &e))?;
+                Ok(CompletedPart::builder()
+                    .set_e_tag(out.e_tag().map(str::to_string))
+                    .part_number(number)
+                    .build())
+            }
+        });
+        parallel(jobs).await
+    }
+
+    /// Fetches the object `key` of `size` bytes into `dest` (through a temporary file, then
+    /// renamed) with parallel ranged GETs, the range `[0, first)` first.
+    async fn download(
+        &self,
+        key: &str,
+        size: u64,
+        first: u64,
+        dest: &Path,
+    ) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let serial = self.downloads.fetch_add(1, Ordering::Relaxed);
+        let name = dest.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = dest.with_file_name(format!(".{name}.{}-{serial}.download", std::process::id()));
+        let result = self.download_to(key, size, first, &tmp).await;
+        let result =
+            result.and_then(|()| std::fs::rename(&tmp, dest).map_err(io("renaming", dest)));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        let ms = started.elapsed().as_millis() as u64;
+        tracing::debug!(key, bytes = size, ms, "S3 download");
+        result
+    }
+
+    async fn download_to(
+        &self,
+        key: &str,
+        size: u64,
+        first: u64,
+        tmp: &Path,
+    ) -> Result<(), StoreError> {
+        let file = std::fs::File::create(tmp).map_err(io("creating", tmp))?;
+        file.set_len(size).map_err(io("sizing", tmp))?;
+        let file = Arc::new(file);
+        let jobs = ranges(size, first, PART_SIZE).into_iter().map(|range| {
+            let (client, bucket, key) = (self.client.clone(), self.bucket.clone(), key.to_string());
+            let (file, tmp, url) = (file.clone(), tmp.to_owned(), self.url(&key));
+            async move { fetch_range(&client, &bucket, &key, &url, range, &file, &tmp).await }
+        });
+        parallel(jobs).await.map(|_| ())
+    }
+
+    /// Fetches `{id}.{kind}`, an object of `size` bytes, into the cache unless it is there
+    /// with that size, and returns its local path.
+    async fn fetch_object(
+        &self,
+        id: &str,
+        kind: &str,
+        size: u64,
+        first: u64,
+    ) -> Result<PathBuf, StoreError> {
+        let dest = self.cache_dir.join(format!("{id}.{kind}"));
+        if std::fs::metadata(&dest).is_ok_and(|meta| meta.len() == size) {
+            return Ok(dest);
+        }
+        self.download(&self.object_key(id, kind)?, size, first, &dest)
+            .await?;
+        Ok(dest)
+    }
+
+    /// Whether `path` is one of this store's scratch files (which a commit removes).
+    fn is_scratch(&self, path: &Path) -> bool {
+        path.parent()
+            .and_then(|dir| dir.canonicalize().ok())
+            .is_some_and(|dir| dir == self.scratch_dir)
+    }
+
+    async fn commit_async(
+        &self,
+        manifest: &Manifest,
+        pages: &Path,
+        data: Option<&Path>,
+    ) -> Result<(), StoreError> {
+        let id = &manifest.id;
+        let pages_key = self.object_key(id, "pages")?;
+        let data_key = self.object_key(id, "data")?;
+        let upload_data = async {
+            match data {
+                Some(data) => self.upload(data, &data_key).await,
+                None => Ok(()),
+            }
+        };
+        let (pages_done, data_done) = tokio::join!(self.upload(pages, &pages_key), upload_data);
+        pages_done?;
+        data_done?;
+        self.put_bytes(&self.object_key(id, "manifest")?, manifest.encode())
+            .await?;
+        self.put_bytes(&self.key("HEAD"), format!("{id}\n").into_bytes())
+            .await
+    }
+}
+
+/// Runs `jobs` as tasks, started in order and at most [`PARALLEL_PARTS`] at once, and
+/// returns their results in order, or the first error (dropping the rest aborts them).
+async fn parallel<T, F>(jobs: impl IntoIterator<Item = F>) -> Result<Vec<T>, StoreError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, StoreError>> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(PARALLEL_PARTS));
+    let mut tasks = JoinSet::new();
+    for (index, job) in jobs.into_iter().enumerate() {
+        let permit = limit.clone().acquire_owned().await;
+        tasks.spawn(async move {
+            let _permit = permit;
+            (index, job.await)
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (index, result) = done.map_err(|_| S3Error::Panicked)?;
+        results.push((index, result?));
+    }
+    results.sort_by_key(|(index, _)| *index);
+    Ok(results.into_iter().map(|(_, result)| result).collect())
+}
+
+/// Runs `work` on `runtime` from a new thread, so the caller may be anywhere, even inside
+/// another runtime.
+fn run_on_thread<T: Send>(
+    runtime: &tokio::runtime::Runtime,
+    work: impl Future<Output = T> + Send,
+) -> Result<T, S3Error> {
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("s3-call".into())
+            .spawn_scoped(scope, || runtime.block_on(work))
+            .map_err(S3Error::Thread)?
+            .join()
+            .map_err(|_| S3Error::Panicked)
+    })
+}
+
+fn request<E>(op: &'static str, url: String, error: &SdkError<E, HttpResponse>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    S3Error::Request {
+        op,
+        url,
+        detail: sdk_detail(error),
+    }
+    .into()
+}
+
+/// GETs `range` of `key` and writes it at the same offset of `file`.
+async fn fetch_range(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    url: &str,
+    range: Range<u64>,
+    file: &std::fs::File,
+    path: &Path,
+) -> Result<(), StoreError> {
+    let get = client.get_object().bucket(bucket).key(key);
+    let out = get
+        .range(format!("bytes={}-{}", range.start, range.end - 1))
+        .send()
+        .await
+        .map_err(|e| request("GetObject", url.to_string(), &e))?;
+    let mut body = out.body;
+    let mut at = range.start;
+    let short = |got: u64| S3Error::Length {
+        url: url.to_string(),
+        start: range.start,
+        end: range.end,
+        got,
+    };
+    while let Some(bytes) = body.try_next().await.map_err(|e| S3Error::Request {
+        op: "GetObject",
+        url: url.to_string(),
+        detail: DisplayErrorContext(&e).to_string(),
+    })? {
+        if at + bytes.len() as u64 > range.end {
+            return Err(short(at + bytes.len() as u64 - range.start).into());
+        }
+        // A write of one body chunk into the page cache: microseconds, fine on a runtime
+        // thread.
+        file.write_all_at(&bytes, at).map_err(io("writing", path))?;
+        at += bytes.len() as u64;
+    }
+    if at != range.end {
+        return Err(short(at - range.start).into());
+    }
+    Ok(())
+}
+
+/// Builds the S3 client for `config`.
+async fn client(config: &S3Config) -> Result<Client, StoreError> {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(Region::new(config.region.clone()));
+    if let (Some(access), Some(secret)) = (&config.access_key, &config.secret_key) {
+        let credentials = Credentials::new(access, secret, None, None, "picocenter-config");
+        loader = loader.credentials_provider(credentials);
+    } else if let Some(endpoint) = &config.endpoint {
+        loader = loader.credentials_provider(local_credentials(endpoint).await?);
+    }
+    let shared = loader.load().await;
+    let mut builder = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(config.path_style)
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+    if let Some(endpoint) = &config.endpoint {
+        builder = builder.endpoint_url(endpoint);
+    }
+    Ok(Client::from_conf(builder.build()))
+}
+
+/// Credentials for a custom endpoint, from the environment or the profile files only (no
+/// instance-metadata probing, which would hang off AWS), checked now.
+async fn local_credentials(endpoint: &str) -> Result<SharedCredentialsProvider, StoreError> {
+    use aws_config::environment::EnvironmentVariableCredentialsProvider;
+    use aws_config::meta::credentials::CredentialsProviderChain;
+    use aws_config::profile::ProfileFileCredentialsProvider;
+    use aws_sdk_s3::config::ProvideCredentials;
+    let chain = CredentialsProviderChain::first_try(
+        "environment",
+        EnvironmentVariableCredentialsProvider::new(),
+    )
+    .or_else("profile", ProfileFileCredentialsProvider::builder().build());
+    match chain.provide_credentials().await {
+        Ok(_) => Ok(SharedCredentialsProvider::new(chain)),
+        Err(e) => Err(S3Error::NoCredentials {
+            endpoint: endpoint.to_string(),
+            detail: DisplayErrorContext(&e).to_string(),
+        }
+        .into()),
+    }
+}
+
+impl Store for S3Store {
+    fn describe(&self) -> String {
+        match &self.endpoint {
+            Some(endpoint) => format!("s3://{}/{} at {endpoint}", self.bucket, self.prefix),
+            None => format!("s3://{}/{}", self.bucket, self.prefix),
+        }
+    }
+
+    fn head(&self) -> Result<Option<String>, StoreError> {
+        let key = self.key("HEAD");
+        let Some(bytes) = self.run(self.get_small(&key, MAX_HEAD_SIZE))? else {
+            return Ok(None);
+        };
+        let id = String::from_utf8_lossy(&bytes).trim().to_string();
+        check_id(&id)?;
+        Ok(Some(id))
+    }
+
+    fn manifest(&self, id: &str) -> Result<Manifest, StoreError> {
+        self.run(self.fetch_manifest(id))
+    }
+
+    /// Uploads the snapshot, then makes it the newest. Unlike [`crate::LocalStore`], the
+    /// input files are left in place unless they are this store's own scratch files
+    /// ([`Store::scratch`]), which are removed once uploaded.
+    fn commit(
+        &self,
+        manifest: &Manifest,
+        pages: &Path,
+        data: Option<&Path>,
+    ) -> Result<(), StoreError> {
+        self.run(self.commit_async(manifest, pages, data))?;
+        for path in std::iter::once(pages).chain(data) {
+            if self.is_scratch(path) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches the page file into `{cache_dir}/{id}.pages` (unless it is there with the
+    /// object's size), the ActiveSet prefix first.
+    fn page_file(&self, id: &str) -> Result<PathBuf, StoreError> {
+        let key = self.object_key(id, "pages")?;
+        self.run(async {
+            let (manifest, size) = tokio::join!(self.fetch_manifest(id), self.object_size(&key));
+            let first = manifest?.activeset_prefix.saturating_mul(PAGE_SIZE);
+            let size = size?.ok_or_else(|| self.missing(id))?;
+            self.fetch_object(id, "pages", size, first).await
+        })
+    }
+
+    fn data_archive(&self, id: &str) -> Result<Option<PathBuf>, StoreError> {
+        let key = self.object_key(id, "data")?;
+        self.run(async {
+            match self.object_size(&key).await? {
+                Some(size) => self.fetch_object(id, "data", size, 0).await.map(Some),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn list(&self) -> Result<Vec<String>, StoreError> {
+        let prefix = self.key("");
+        self.run(async {
+            let mut ids = Vec::new();
+            let mut token = None;
+            loop {
+                let list = self.client.list_objects_v2().bucket(&self.bucket);
+                let out = list
+                    .prefix(&prefix)
+                    .delimiter("/")
+                    .set_continuation_token(token)
+                    .send()
+                    .await
+                    .map_err(|e| request("ListObjectsV2", self.url(&prefix), &e))?;
+                ids.extend(
+                    out.contents()
+                        .iter()
+                        .filter_map(|object| object.key()?.strip_prefix(&prefix))
+                        .filter_map(|name| name.strip_suffix(".manifest"))
+                        .filter(|id| check_id(id).is_ok())
+                        .map(str::to_string),
+                );
+                token = out.next_continuation_token().map(str::to_string);
+                if token.is_none() || out.is_truncated() != Some(true) {
+                    break;
+                }
+            }
+            ids.sort();
+            Ok(ids)
+        })
+    }
+
+    /// Removes the snapshot's objects (the manifest first) and its cached copies.
+    fn remove(&self, id: &str) -> Result<(), StoreError> {
+        for kind in ["manifest", "pages", "data"] {
+            let key = self.object_key(id, kind)?;
+            self.run(async {
+                let delete = self.client.delete_object().bucket(&self.bucket).key(&key);
+                let sent = delete.send().await;
+                sent.map_err(|e| request("DeleteObject", self.url(&key), &e))
+            })?;
+            let cached = self.cache_dir.join(format!("{id}.{kind}"));
+            match std::fs::remove_file(&cached) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io("removing", &cached)(e))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn size(&self, id: &str) -> Result<u64, StoreError> {
+        let keys = ["manifest", "pages", "data"].map(|kind| self.object_key(id, kind));
+        let [manifest, pages, data] = keys;
+        let (manifest, pages, data) = (manifest?, pages?, data?);
+        self.run(async {
+            let (manifest, pages, data) = tokio::join!(
+                self.object_size(&manifest),
+                self.object_size(&pages),
+                self.object_size(&data)
+            );
+            Ok(manifest?.unwrap_or(0) + pages?.unwrap_or(0) + data?.unwrap_or(0))
+        })
+    }
+
+    /// `{cache_dir}/scratch/{id}.{kind}`: files there are removed by [`Store::commit`].
+    fn scratch(&self, id: &str, kind: &str) -> Result<PathBuf, StoreError> {
+        check_id(id)?;
+        check_id(kind)?;
+        Ok(self.scratch_dir.join(format!("{id}.{kind}")))
+    }
+}
+
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside an async context; this does not.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_put_the_activeset_prefix_first_and_cover_the_object() {
+        assert_eq!(ranges(0, 0, 10), Vec::<Range<u64>>::new());
+        assert_eq!(ranges(25, 0, 10), [0..10, 10..20, 20..25]);
+        assert_eq!(ranges(25, 3, 10), [0..3, 3..13, 13..23, 23..25]);
+        assert_eq!(ranges(25, 14, 10), [0..10, 10..14, 14..24, 24..25]);
+        assert_eq!(ranges(25, 99, 10), [0..10, 10..20, 20..25]);
+    }
+
+    #[test]
+    fn prefixes_join_and_refuse_escapes() {
+        assert_eq!(join_prefix(&["", "app"]).unwrap(), "app");
+        assert_eq!(join_prefix(&["/snaps/", "app/"]).unwrap(), "snaps/app");
+        for bad in [&["", ""][..], &["snaps", ".."], &["./x"]] {
+            assert!(join_prefix(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn config_fields_default_in_json() {
+        let config: S3Config = serde_json::from_str(r#"{"bucket":"b"}"#).unwrap();
+        assert_eq!(config.region, "us-east-1");
+        assert_eq!(config.bucket, "b");
+        assert!(!config.path_style && config.endpoint.is_none());
+        let text = serde_json::to_string(&config).unwrap();
+        assert_eq!(serde_json::from_str::<S3Config>(&text).unwrap(), config);
+    }
+}

@@ -1,0 +1,440 @@
+//! The S3 store against a real S3-compatible server on loopback: moto's server
+//! (`python3 -m moto.server`, installed by scripts/setup.sh), started and stopped here.
+//!
+//! One test runs every case against one server, in order, because starting the server is
+//! the slow part and the cases change the environment (credentials).
+
+use picocenter_snapshots::format::{PageRun, PageSource, UserContext};
+use picocenter_snapshots::pagefile::{self, PageFileWriter};
+use picocenter_snapshots::s3::{S3Config, S3Store};
+use picocenter_snapshots::store::copy_chain;
+use picocenter_snapshots::{LocalStore, Manifest, ManifestError, Store, StoreError};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const BUCKET: &str = "picocenter-test";
+const MIB: f64 = (1 << 20) as f64;
+
+/// The moto server, killed on drop.
+struct Moto {
+    child: Child,
+    endpoint: String,
+    log: PathBuf,
+}
+
+impl Moto {
+    /// Starts moto on a free loopback port and waits (at most 30 s) until it answers.
+    fn start(dir: &Path) -> Moto {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|listener| listener.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let log = dir.join("moto.log");
+        let output = std::fs::File::create(&log).expect("moto log file");
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(output.try_clone().expect("moto log file"))
+            .stderr(output)
+            .spawn()
+            .expect("starting python3 -m moto.server (scripts/setup.sh installs moto[server])");
+        let mut moto = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        moto.wait_until_ready(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        moto
+    }
+
+    fn wait_until_ready(&mut self, address: SocketAddr) {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("moto server exited ({status}): {}", self.log_text());
+            }
+            if TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
+                eprintln!(
+                    "moto server up at {} in {:?}",
+                    self.endpoint,
+                    started.elapsed()
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "moto server did not answer within 30 s: {}",
+            self.log_text()
+        );
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(endpoint: &str) -> S3Config {
+    S3Config {
+        endpoint: Some(endpoint.to_string()),
+        bucket: BUCKET.into(),
+        prefix: "apps".into(),
+        path_style: true,
+        access_key: Some("testing".into()),
+        secret_key: Some("testing".into()),
+        ..Default::default()
+    }
+}
+
+/// Writes `count` pages of a pseudo-random pattern (seeded by `seed`) to `path` with the
+/// real page file writer, and returns a manifest describing it.
+fn page_file(path: &Path, id: &str, parent: Option<&str>, count: u64, seed: u64) -> Manifest {
+    let mut state = seed | 1;
+    let pages: Vec<Vec<u8>> = (0..count)
+        .map(|_| {
+            (0..512)
+                .flat_map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state.to_le_bytes()
+                })
+                .collect()
+        })
+        .collect();
+    let mut writer = PageFileWriter::create(path).unwrap();
+    for page in &pages {
+        writer.push(page).unwrap();
+    }
+    let (page_count, chunk_checksums) = writer.finish().unwrap();
+    Manifest {
+        id: id.into(),
+        parent: parent.map(str::to_string),
+        page_count,
+        chunk_pages: pagefile::CHUNK_PAGES,
+        chunk_checksums,
+        activeset_prefix: count / 3,
+        pages: vec![PageRun {
+            vpn: 0x1000,
+            count,
+            source: PageSource::Stored { index: 0 },
+        }],
+        context: UserContext {
+            xsave: vec![0; 4096],
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn same_file(a: &Path, b: &Path) {
+    let (a_bytes, b_bytes) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert!(
+        a_bytes == b_bytes,
+        "{} and {} differ",
+        a.display(),
+        b.display()
+    );
+}
+
+/// A raw client, to damage objects behind the store's back.
+fn put_raw(endpoint: &str, key: &str, bytes: Vec<u8>) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(endpoint)
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "testing", "testing", None, None, "test",
+            ))
+            .build();
+        let client = aws_sdk_s3::Client::from_conf(config);
+        let put = client.put_object().bucket(BUCKET).key(key);
+        put.body(bytes.into()).send().await.unwrap();
+    });
+}
+
+#[test]
+fn s3_store_against_a_real_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path());
+    let endpoint = moto.endpoint.clone();
+    let started = Instant::now();
+    let store = S3Store::open(&config(&endpoint), "alpha", &dir.path().join("cache-a")).unwrap();
+    store.ensure_bucket().unwrap();
+    store.ensure_bucket().unwrap();
+    empty_store_and_missing_snapshots(&store);
+    commit_and_read_back(&store, &endpoint, dir.path());
+    large_page_file(&store, &endpoint, dir.path());
+    remove_list_and_size(&store);
+    corrupt_manifest_is_refused(&store, &endpoint);
+    copy_chain_local_to_s3_to_local(&endpoint, dir.path());
+    inside_a_tokio_runtime(store, &endpoint, dir.path());
+    credentials_come_from_flags_or_the_environment(&endpoint, dir.path());
+    eprintln!("all S3 cases in {:?}", started.elapsed());
+}
+
+fn empty_store_and_missing_snapshots(store: &S3Store) {
+    assert_eq!(store.head().unwrap(), None);
+    assert_eq!(store.list().unwrap(), Vec::<String>::new());
+    assert_eq!(store.size("nope").unwrap(), 0);
+    assert!(store.describe().contains("s3://picocenter-test/apps/alpha"));
+    for error in [
+        store.manifest("nope").unwrap_err(),
+        store.page_file("nope").unwrap_err(),
+    ] {
+        assert!(
+            matches!(&error, StoreError::Missing { id, .. } if id == "nope"),
+            "{error}"
+        );
+    }
+    assert!(store.data_archive("nope").unwrap().is_none());
+    assert!(matches!(
+        store.manifest("../x").unwrap_err(),
+        StoreError::BadId(_)
+    ));
+}
+
+fn commit_and_read_back(store: &S3Store, endpoint: &str, dir: &Path) {
+    let pages = store.scratch("s1", "pages").unwrap();
+    let manifest = page_file(&pages, "s1", None, 300, 1);
+    let original = dir.join("s1.pages.original");
+    std::fs::copy(&pages, &original).unwrap();
+    let data = store.scratch("s1", "data").unwrap();
+    std::fs::write(&data, b"the data archive").unwrap();
+    store.commit(&manifest, &pages, Some(&data)).unwrap();
+    assert!(
+        !pages.exists() && !data.exists(),
+        "scratch inputs are removed"
+    );
+    assert_eq!(store.head().unwrap().as_deref(), Some("s1"));
+    assert_eq!(store.manifest("s1").unwrap(), manifest);
+    let fetched = store.page_file("s1").unwrap();
+    same_file(&fetched, &original);
+    pagefile::verify(&fetched, &manifest, 0, manifest.page_count).unwrap();
+    let archive = store.data_archive("s1").unwrap().unwrap();
+    assert_eq!(std::fs::read(archive).unwrap(), b"the data archive");
+    let manifest_bytes = manifest.encode().len() as u64;
+    assert_eq!(store.size("s1").unwrap(), 300 * 4096 + 16 + manifest_bytes);
+
+    // A second commit from files outside the store's scratch directory: they stay.
+    let outside = dir.join("s2.pages");
+    let second = page_file(&outside, "s2", Some("s1"), 70, 2);
+    store.commit(&second, &outside, None).unwrap();
+    assert!(
+        outside.exists(),
+        "inputs outside the scratch directory are kept"
+    );
+    assert_eq!(store.head().unwrap().as_deref(), Some("s2"));
+    assert!(store.data_archive("s2").unwrap().is_none());
+    // The first stays readable, also through a store with an empty cache.
+    let fresh = S3Store::open(&config(endpoint), "alpha", &dir.join("cache-fresh")).unwrap();
+    assert_eq!(fresh.manifest("s1").unwrap(), manifest);
+    same_file(&fresh.page_file("s1").unwrap(), &original);
+    same_file(&fresh.page_file("s2").unwrap(), &outside);
+}
+
+fn large_page_file(store: &S3Store, endpoint: &str, dir: &Path) {
+    let pages = store.scratch("big", "pages").unwrap();
+    let count = 40 * 256; // 40 MiB
+    let mut manifest = page_file(&pages, "big", None, count, 3);
+    manifest.activeset_prefix = 1001; // not on a part boundary
+    let original = dir.join("big.pages.original");
+    std::fs::copy(&pages, &original).unwrap();
+    let bytes = (count * 4096) as f64;
+
+    let started = Instant::now();
+    store.commit(&manifest, &pages, None).unwrap();
+    let upload = started.elapsed();
+
+    let fresh = S3Store::open(&config(endpoint), "alpha", &dir.join("cache-big")).unwrap();
+    let started = Instant::now();
+    let fetched = fresh.page_file("big").unwrap();
+    let download = started.elapsed();
+    same_file(&fetched, &original);
+    pagefile::verify(&fetched, &manifest, 0, count).unwrap();
+
+    let started = Instant::now();
+    assert_eq!(fresh.page_file("big").unwrap(), fetched);
+    let cached = started.elapsed();
+    eprintln!(
+        "40 MiB page file on loopback moto: upload {:.0} MB/s ({upload:?}), download {:.0} MB/s \
+         ({download:?}), cached {cached:?}",
+        bytes / MIB / upload.as_secs_f64(),
+        bytes / MIB / download.as_secs_f64(),
+    );
+}
+
+fn remove_list_and_size(store: &S3Store) {
+    assert_eq!(store.list().unwrap(), ["big", "s1", "s2"]);
+    assert!(store.size("big").unwrap() > 40 << 20);
+    store.remove("big").unwrap();
+    assert_eq!(store.list().unwrap(), ["s1", "s2"]);
+    assert_eq!(store.size("big").unwrap(), 0);
+    assert!(matches!(
+        store.manifest("big").unwrap_err(),
+        StoreError::Missing { .. }
+    ));
+    assert!(matches!(
+        store.page_file("big").unwrap_err(),
+        StoreError::Missing { .. }
+    ));
+    assert_eq!(
+        store.head().unwrap().as_deref(),
+        Some("big"),
+        "HEAD is not moved"
+    );
+}
+
+fn corrupt_manifest_is_refused(store: &S3Store, endpoint: &str) {
+    let mut bytes = store.manifest("s1").unwrap().encode();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    put_raw(endpoint, "apps/alpha/bad.manifest", bytes);
+    let error = store.manifest("bad").unwrap_err();
+    assert!(
+        matches!(
+            error,
+            StoreError::Manifest {
+                source: ManifestError::Checksum { .. },
+                ..
+            }
+        ),
+        "{error}"
+    );
+    put_raw(
+        endpoint,
+        "apps/alpha/junk.manifest",
+        b"not a manifest".to_vec(),
+    );
+    assert!(matches!(
+        store.manifest("junk").unwrap_err(),
+        StoreError::Manifest { .. }
+    ));
+    store.remove("bad").unwrap();
+    store.remove("junk").unwrap();
+    assert_eq!(store.list().unwrap(), ["s1", "s2"]);
+}
+
+fn copy_chain_local_to_s3_to_local(endpoint: &str, dir: &Path) {
+    let first = LocalStore::open(&dir.join("local-1")).unwrap();
+    let mut parent = None;
+    for (i, id) in ["c1", "c2", "c3"].into_iter().enumerate() {
+        let pages = first.scratch(id, "pages").unwrap();
+        let manifest = page_file(&pages, id, parent, 20 + i as u64, 10 + i as u64);
+        let data = first.scratch(id, "data").unwrap();
+        std::fs::write(&data, id.as_bytes()).unwrap();
+        first.commit(&manifest, &pages, Some(&data)).unwrap();
+        parent = Some(id);
+    }
+    let remote = S3Store::open(&config(endpoint), "beta", &dir.join("cache-beta")).unwrap();
+    assert_eq!(copy_chain(&first, &remote, "c2").unwrap(), ["c1", "c2"]);
+    assert_eq!(remote.head().unwrap().as_deref(), Some("c2"));
+    assert_eq!(copy_chain(&first, &remote, "c3").unwrap(), ["c3"]);
+    assert_eq!(
+        copy_chain(&first, &remote, "c3").unwrap(),
+        Vec::<String>::new()
+    );
+    let second = LocalStore::open(&dir.join("local-2")).unwrap();
+    assert_eq!(
+        copy_chain(&remote, &second, "c3").unwrap(),
+        ["c1", "c2", "c3"]
+    );
+    assert_eq!(second.head().unwrap().as_deref(), Some("c3"));
+    for id in ["c1", "c2", "c3"] {
+        same_file(
+            &first.page_file(id).unwrap(),
+            &second.page_file(id).unwrap(),
+        );
+        let (a, b) = (
+            first.data_archive(id).unwrap(),
+            second.data_archive(id).unwrap(),
+        );
+        same_file(&a.unwrap(), &b.unwrap());
+        assert_eq!(first.manifest(id).unwrap(), second.manifest(id).unwrap());
+    }
+    assert_eq!(
+        first.list().unwrap(),
+        ["c1", "c2", "c3"],
+        "the source is intact"
+    );
+}
+
+fn inside_a_tokio_runtime(store: S3Store, endpoint: &str, dir: &Path) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = Arc::new(store);
+    let endpoint = endpoint.to_string();
+    let cache = dir.join("cache-async");
+    runtime.block_on(async move {
+        let shared = store.clone();
+        let (head, path) = tokio::task::spawn_blocking(move || {
+            (shared.head().unwrap(), shared.page_file("s1").unwrap())
+        })
+        .await
+        .unwrap();
+        assert_eq!(head.as_deref(), Some("big"));
+        assert!(path.exists());
+        // Even straight from an async task (which blocks that worker thread), it does not
+        // panic: the store never blocks on a runtime from inside one.
+        assert_eq!(store.list().unwrap(), ["s1", "s2"]);
+        let opened =
+            tokio::task::spawn_blocking(move || S3Store::open(&config(&endpoint), "gamma", &cache))
+                .await
+                .unwrap()
+                .unwrap();
+        // Dropping stores inside the runtime does not panic either.
+        drop(opened);
+        drop(store);
+    });
+}
+
+fn credentials_come_from_flags_or_the_environment(endpoint: &str, dir: &Path) {
+    let mut no_flags = config(endpoint);
+    no_flags.access_key = None;
+    no_flags.secret_key = None;
+    // The only test in this binary: nothing else reads the environment meanwhile.
+    for name in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+    ] {
+        std::env::remove_var(name);
+    }
+    std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", dir.join("no-credentials"));
+    std::env::set_var("AWS_CONFIG_FILE", dir.join("no-config"));
+    let started = Instant::now();
+    let error = S3Store::open(&no_flags, "alpha", &dir.join("cache-env")).unwrap_err();
+    assert!(error.to_string().contains("AWS_ACCESS_KEY_ID"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no slow probing"
+    );
+    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    let store = S3Store::open(&no_flags, "alpha", &dir.join("cache-env")).unwrap();
+    assert_eq!(store.list().unwrap(), ["s1", "s2"]);
+}
