@@ -3,7 +3,7 @@
 # under test. Quick when everything is already there.
 set -euo pipefail
 
-packages=(busybox-static qemu-system-x86 cpio)
+packages=(busybox-static qemu-system-x86 cpio dnsutils)
 
 missing=()
 for pkg in "${packages[@]}"; do

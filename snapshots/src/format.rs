@@ -507,6 +507,27 @@ impl Manifest {
         Ok(())
     }
 
+    /// How long after the capture the app wanted to run again by itself: its earliest
+    /// deadline among a blocked call's timeout, armed timerfds and the alarm. `None`
+    /// if it waits only for the outside world.
+    pub fn next_wakeup(&self) -> Option<std::time::Duration> {
+        let restart = self
+            .process
+            .restart
+            .map(|(_, _, deadline)| deadline.saturating_sub(self.clock.monotonic_ns));
+        let timers = self.files.iter().filter_map(|fd| match fd.file {
+            FileRecord::TimerFd { remaining_ns, .. } if remaining_ns > 0 => Some(remaining_ns),
+            _ => None,
+        });
+        let alarm = Some(self.signals.alarm.0).filter(|&ns| ns > 0);
+        restart
+            .into_iter()
+            .chain(timers)
+            .chain(alarm)
+            .min()
+            .map(std::time::Duration::from_nanos)
+    }
+
     /// Bytes of the page file this manifest describes.
     pub fn page_file_bytes(&self) -> u64 {
         self.page_count * PAGE_SIZE

@@ -131,9 +131,10 @@ impl LocalStore {
     /// A store in `dir`, created if missing.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-        })
+        // One spelling per directory: the name decides whether a later snapshot can be an
+        // increment of the one an app was restored from.
+        let dir = std::fs::canonicalize(dir).map_err(io("resolving", dir))?;
+        Ok(Self { dir })
     }
 
     /// The directory.

@@ -1,5 +1,6 @@
 //! Command-line definitions and dispatch.
 
+mod cluster;
 mod image;
 mod ps;
 mod run;
@@ -38,6 +39,17 @@ pub enum Command {
     Ps(ps::PsArgs),
     /// Snapshot a running app, bring one back, inspect or compact snapshots.
     Snapshot(snapshot::SnapshotArgs),
+    /// Run the hub: the authoritative DNS server for the apps' zone, the app registry and
+    /// the HTTP API. A query for a swapped-out app brings it back on a worker.
+    Hub(cluster::HubArgs),
+    /// Run a worker: it runs apps for the hub, swaps idle ones out to cold storage (a
+    /// local directory or S3) and restores them when the hub orders it.
+    Worker(cluster::WorkerArgs),
+    /// Register, remove, list and inspect apps on the hub.
+    App(cluster::AppArgs),
+    /// A hub and a worker in one process with the sample apps registered: query their
+    /// names, watch them swap out when idle and come back on the next query.
+    Demo(cluster::DemoArgs),
 }
 
 /// Sets up tracing to stderr.
@@ -64,6 +76,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Stop(args) => stop::stop(args),
         Command::Ps(args) => ps::ps(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
+        Command::Hub(args) => cluster::hub(args),
+        Command::Worker(args) => cluster::worker(args),
+        Command::App(args) => cluster::app(args),
+        Command::Demo(args) => cluster::demo(args),
     }
 }
 

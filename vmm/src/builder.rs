@@ -139,6 +139,7 @@ pub(crate) fn process(
         cpu: cpu_record(&parts.cpuid, parts.features),
         restored_from: None,
         activeset: Default::default(),
+        accepted: 0,
         warned: Default::default(),
     })
 }

@@ -118,6 +118,8 @@ pub struct LiveStats {
     pub frames_in_use: AtomicU64,
     /// Guest RAM frames in all.
     pub frames_total: AtomicU64,
+    /// Connections accepted.
+    pub connections: AtomicU64,
 }
 
 /// The answer to [`Request::Stats`].
@@ -135,6 +137,9 @@ pub struct StatsReply {
     pub memory_limit_bytes: u64,
     /// Syscalls handled so far.
     pub syscalls: u64,
+    /// Connections the app accepted so far.
+    #[serde(default)]
+    pub connections: u64,
 }
 
 /// Why the control socket could not be opened.
@@ -237,6 +242,7 @@ fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, ops: &PendingOp
                 memory_bytes: stats.frames_in_use.load(Ordering::Relaxed) * 4096,
                 memory_limit_bytes: stats.frames_total.load(Ordering::Relaxed) * 4096,
                 syscalls: stats.syscalls.load(Ordering::Relaxed),
+                connections: stats.connections.load(Ordering::Relaxed),
             })
             .ok(),
             Ok(Request::Stop { grace_ms }) => {

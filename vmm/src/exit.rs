@@ -268,6 +268,7 @@ impl Exits<'_> {
         self.live.syscalls.store(self.stats.syscalls, Relaxed);
         self.live.frames_in_use.store(memory.frames_in_use, Relaxed);
         self.live.frames_total.store(memory.frames_total, Relaxed);
+        self.live.connections.store(self.p.accepted, Relaxed);
     }
 
     /// Acts on kicks that arrived; the app is outside any syscall here.

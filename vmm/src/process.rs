@@ -68,6 +68,8 @@ pub struct Process {
     /// The snapshot it was restored from, or last saved to, if the page tables still
     /// track changes since then: (store, snapshot id).
     pub restored_from: Option<(String, String)>,
+    /// Connections it has accepted (requests, for metering).
+    pub accepted: u64,
     /// The pages it uses, overall and per listening port.
     pub activeset: crate::activeset::ActiveSet,
     /// Unsupported syscalls already logged (each is logged once).

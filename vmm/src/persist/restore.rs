@@ -162,6 +162,24 @@ fn check_cpu(manifest: &Manifest, parts: &builder::Parts) -> Result<(), PersistE
     Ok(())
 }
 
+/// `host/rel` if `rel` is plain names and no directory on the way is a symlink.
+fn contained(host: &std::path::Path, rel: &std::path::Path) -> Option<std::path::PathBuf> {
+    use std::path::Component;
+    let mut dest = host.to_path_buf();
+    let mut parts = rel.components().peekable();
+    while let Some(part) = parts.next() {
+        let Component::Normal(name) = part else {
+            return None;
+        };
+        dest.push(name);
+        let last = parts.peek().is_none();
+        if !last && std::fs::symlink_metadata(&dest).is_ok_and(|m| m.file_type().is_symlink()) {
+            return None;
+        }
+    }
+    Some(dest)
+}
+
 /// Unpacks the data archive of the snapshot into the writable directories.
 fn unpack_data(
     store: &dyn Store,
@@ -194,8 +212,8 @@ fn unpack_data(
             .map_err(error("reading the data archive"))?
             .into_owned();
         let guest = format!("/{}", name.display());
-        // Each entry goes to the writable directory whose guest path holds it; unpack_in
-        // refuses names that would leave that directory.
+        // Each entry goes to the writable directory whose guest path holds it, and never
+        // out of it: no `..`, and nothing through a symlink an earlier entry made.
         let target = config.writable.iter().find_map(|(g, host)| {
             let rel = std::path::Path::new(&guest).strip_prefix(g).ok()?;
             Some((host.clone(), rel.to_path_buf()))
@@ -204,7 +222,11 @@ fn unpack_data(
             if rel.as_os_str().is_empty() {
                 continue;
             }
-            let dest = host.join(&rel);
+            let Some(dest) = contained(&host, &rel) else {
+                return Err(PersistError::Incompatible(format!(
+                    "the snapshot's data archive names {guest}, which leaves its directory"
+                )));
+            };
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent).map_err(error("unpacking the data archive"))?;
             }
@@ -271,11 +293,11 @@ impl Picoprocess {
             page_files.push(path);
         }
         phase("verified");
-        unpack_data(store, &newest, config)?;
         let (parts, mut space, sandbox) =
             builder::prepare(config).map_err(|e| PersistError::Incompatible(e.to_string()))?;
         phase("vm");
         check_cpu(&newest, &parts)?;
+        unpack_data(store, &newest, config)?;
 
         // Page files become guest memory.
         let mut bases = Vec::new();

@@ -358,6 +358,7 @@ pub fn accept4(p: &mut Process, a: &Args, flags: i32) -> SysResult {
         p.files.remove(guest_fd)?;
         return Err(e.into());
     }
+    p.accepted += 1;
     if let Some(port) = file.state().bound.map(|a| a.port()) {
         p.activeset.accepted(port, guest_fd);
     }

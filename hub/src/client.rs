@@ -1,0 +1,137 @@
+//! A client of the HTTP APIs (the hub's, and a worker's order API): token-authenticated
+//! JSON over HTTP/1.1, with no proxy (they are reached directly).
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::time::Duration;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No connection, or no answer in time.
+    #[error("{url}: {source}")]
+    Transport {
+        /// What was called.
+        url: String,
+        /// Why.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// An error answer.
+    #[error("{url}: {status}: {message}")]
+    Status {
+        /// What was called.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// The error it gave.
+        message: String,
+    },
+}
+
+/// A client of one API.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client of the API at `base` (e.g. `http://127.0.0.1:8600`) with `token`; calls
+    /// give up after `timeout`.
+    pub fn new(base: &str, token: &str, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(timeout)
+            .build()
+            .unwrap_or_default();
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http,
+        }
+    }
+
+    /// The API's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: String,
+    ) -> Result<T, ClientError> {
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: url.clone(),
+                source,
+            })?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: url.clone(),
+                source,
+            })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<crate::model::ApiError>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Status {
+                url,
+                status: status.as_u16(),
+                message,
+            });
+        }
+        let body = if bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(body).map_err(|e| ClientError::Status {
+            url,
+            status: status.as_u16(),
+            message: format!("bad answer: {e}"),
+        })
+    }
+
+    /// GET `path`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.get(&url), url).await
+    }
+
+    /// POST `body` as JSON to `path`.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.post(&url).json(body), url).await
+    }
+
+    /// POST `body` with its own time limit.
+    pub async fn post_within<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.post(&url).json(body).timeout(timeout), url)
+            .await
+    }
+
+    /// DELETE `path`.
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.delete(&url), url).await
+    }
+}

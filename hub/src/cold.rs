@@ -1,0 +1,117 @@
+//! Cold storage for a worker: where each app's snapshots rest while it is swapped out.
+//!
+//! A VMM always writes and restores snapshots through a local directory store (its
+//! page file is mapped as guest memory, so it must be local). With the local backend that
+//! directory *is* cold storage (`<dir>/<app>/`), shared by every worker of the host. With
+//! S3, the directory is the worker's staging cache: after a swap-out the worker uploads
+//! the new snapshot (an increment only carries what changed), and before a restore it
+//! downloads what the cache lacks of the chain, ActiveSet first.
+
+use picocenter_snapshots::s3::{S3Config, S3Store};
+use picocenter_snapshots::{copy_chain, store::chain, LocalStore, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Which cold storage backend, and its settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum ColdConfig {
+    /// A local directory: `<dir>/<app>/`.
+    Local {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// An S3 bucket: `<prefix>/<app>/`.
+    S3(S3Config),
+}
+
+/// A worker's cold storage.
+#[derive(Debug, Clone)]
+pub struct Cold {
+    config: ColdConfig,
+    /// The worker's staging cache (S3 only).
+    cache: PathBuf,
+}
+
+impl Cold {
+    /// Cold storage as `config` says, with `cache` for the S3 staging copies.
+    pub fn new(config: ColdConfig, cache: &Path) -> Self {
+        Self {
+            config,
+            cache: cache.to_path_buf(),
+        }
+    }
+
+    /// A description for logs.
+    pub fn describe(&self) -> String {
+        match &self.config {
+            ColdConfig::Local { dir } => dir.display().to_string(),
+            ColdConfig::S3(s3) => format!(
+                "s3://{}/{}{}",
+                s3.bucket,
+                s3.prefix,
+                s3.endpoint
+                    .as_deref()
+                    .map(|e| format!(" at {e}"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+
+    /// The local store directory the VMM of `app` snapshots into and restores from.
+    pub fn local_dir(&self, app: &str) -> PathBuf {
+        match &self.config {
+            ColdConfig::Local { dir } => dir.join(app),
+            ColdConfig::S3(_) => self.cache.join(app).join("store"),
+        }
+    }
+
+    fn remote(&self, app: &str) -> Result<Option<S3Store>, StoreError> {
+        match &self.config {
+            ColdConfig::Local { .. } => Ok(None),
+            ColdConfig::S3(s3) => {
+                let prefix = if s3.prefix.is_empty() {
+                    app.to_string()
+                } else {
+                    format!("{}/{app}", s3.prefix.trim_end_matches('/'))
+                };
+                let mut config = s3.clone();
+                config.prefix = String::new();
+                S3Store::open(&config, &prefix, &self.cache.join(app).join("download")).map(Some)
+            }
+        }
+    }
+
+    /// After the VMM of `app` wrote snapshot `id` into [`Cold::local_dir`]: puts it in
+    /// cold storage. Returns the bytes the app's snapshot chain holds there.
+    pub fn store(&self, app: &str, id: &str) -> Result<u64, StoreError> {
+        let local = LocalStore::open(&self.local_dir(app))?;
+        match self.remote(app)? {
+            None => chain_bytes(&local, id),
+            Some(remote) => {
+                copy_chain(&local, &remote, id)?;
+                chain_bytes(&remote, id)
+            }
+        }
+    }
+
+    /// Before a restore of `app` at snapshot `id`: makes the chain local. Returns the
+    /// directory to restore from.
+    pub fn fetch(&self, app: &str, id: &str) -> Result<PathBuf, StoreError> {
+        let dir = self.local_dir(app);
+        if let Some(remote) = self.remote(app)? {
+            let local = LocalStore::open(&dir)?;
+            copy_chain(&remote, &local, id)?;
+        }
+        Ok(dir)
+    }
+}
+
+/// Bytes the chain ending at `id` holds in `store`.
+fn chain_bytes(store: &dyn Store, id: &str) -> Result<u64, StoreError> {
+    let mut total = 0;
+    for manifest in chain(store, id)? {
+        total += store.size(&manifest.id)?;
+    }
+    Ok(total)
+}

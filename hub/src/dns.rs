@@ -1,0 +1,196 @@
+//! The hub's authoritative DNS server for the apps' zone (hickory-server, UDP and TCP).
+//!
+//! | query | answer |
+//! |---|---|
+//! | `A app.<zone>`, app resident | its address, TTL `ttl` |
+//! | `A app.<zone>`, app swapped out | after the app's sockets are bound on a worker |
+//! | `A app.<zone>`, start failed or timed out | SERVFAIL |
+//! | `AAAA app.<zone>` (and other types) | NOERROR, no records, SOA in authority |
+//! | unknown name in the zone | NXDOMAIN, SOA in authority |
+//! | `SOA`/`NS <zone>` | the zone's SOA / `ns.<zone>` |
+//! | `A ns.<zone>` | the hub's DNS address |
+//! | a name outside the zone | REFUSED |
+//!
+//! Malformed packets never reach this handler: hickory answers FORMERR or drops them.
+
+use crate::hub::{Hub, Resolution};
+use hickory_proto::op::{Metadata, ResponseCode};
+use hickory_proto::rr::rdata::{A, NS, SOA};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_server::net::runtime::Time;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::Server;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The zone and what the server says about itself.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    /// The zone's apex, e.g. `pico.local.`.
+    pub apex: Name,
+    /// TTL of app answers, seconds (short: an app moves when it is swapped).
+    pub ttl: u32,
+    /// The address `ns.<zone>` answers.
+    pub ns_address: Ipv4Addr,
+}
+
+/// The DNS request handler.
+#[derive(Debug, Clone)]
+pub struct DnsHandler {
+    hub: Arc<Hub>,
+    zone: Zone,
+    soa: Record,
+    ns: Record,
+}
+
+impl DnsHandler {
+    /// A handler answering for `zone` from `hub`.
+    pub fn new(hub: Arc<Hub>, zone: Zone) -> Self {
+        let ns_name = Name::from_ascii("ns")
+            .and_then(|n| n.append_domain(&zone.apex))
+            .unwrap_or_else(|_| zone.apex.clone());
+        let hostmaster = Name::from_ascii("hostmaster")
+            .and_then(|n| n.append_domain(&zone.apex))
+            .unwrap_or_else(|_| zone.apex.clone());
+        let soa = Record::from_rdata(
+            zone.apex.clone(),
+            zone.ttl,
+            RData::SOA(SOA::new(
+                ns_name.clone(),
+                hostmaster,
+                1,
+                3600,
+                600,
+                86400,
+                zone.ttl,
+            )),
+        );
+        let ns = Record::from_rdata(zone.apex.clone(), 3600, RData::NS(NS(ns_name)));
+        Self { hub, zone, soa, ns }
+    }
+
+    /// What to answer for one question: code, answers, whether to add the SOA.
+    async fn answer(&self, name: &Name, kind: RecordType) -> (ResponseCode, Vec<Record>, bool) {
+        if !self.zone.apex.zone_of(name) {
+            return (ResponseCode::Refused, vec![], false);
+        }
+        let labels = name.num_labels() - self.zone.apex.num_labels();
+        if labels == 0 {
+            return match kind {
+                RecordType::SOA => (ResponseCode::NoError, vec![self.soa.clone()], false),
+                RecordType::NS => (ResponseCode::NoError, vec![self.ns.clone()], false),
+                _ => (ResponseCode::NoError, vec![], true),
+            };
+        }
+        if labels != 1 {
+            return (ResponseCode::NXDomain, vec![], true);
+        }
+        let label = name
+            .iter()
+            .next()
+            .map(|l| String::from_utf8_lossy(l).to_ascii_lowercase())
+            .unwrap_or_default();
+        if label == "ns" && self.hub.get("ns").is_none() {
+            return match kind {
+                RecordType::A => (
+                    ResponseCode::NoError,
+                    vec![self.a(name, self.zone.ns_address)],
+                    false,
+                ),
+                _ => (ResponseCode::NoError, vec![], true),
+            };
+        }
+        if self.hub.get(&label).is_none() {
+            return (ResponseCode::NXDomain, vec![], true);
+        }
+        if kind != RecordType::A {
+            return (ResponseCode::NoError, vec![], true);
+        }
+        match self.hub.resolve(&label).await {
+            Resolution::Address(address) => {
+                (ResponseCode::NoError, vec![self.a(name, address)], false)
+            }
+            Resolution::Unknown => (ResponseCode::NXDomain, vec![], true),
+            Resolution::Failed(why) => {
+                tracing::warn!(app = %label, "SERVFAIL: {why}");
+                (ResponseCode::ServFail, vec![], false)
+            }
+        }
+    }
+
+    fn a(&self, name: &Name, address: Ipv4Addr) -> Record {
+        Record::from_rdata(name.clone(), self.zone.ttl, RData::A(A(address)))
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for DnsHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        self.hub.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let builder = MessageResponseBuilder::from_message_request(request);
+        let info = match request.request_info() {
+            Ok(info) => info,
+            Err(_) => {
+                let response = builder.error_msg(&request.metadata, ResponseCode::FormErr);
+                return send(&mut response_handle, response, &request.metadata).await;
+            }
+        };
+        let name: Name = info.query.name().clone().into();
+        let (code, answers, with_soa) = self.answer(&name, info.query.query_type()).await;
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.authoritative = code != ResponseCode::Refused;
+        metadata.response_code = code;
+        let soa: Vec<&Record> = if with_soa { vec![&self.soa] } else { vec![] };
+        let response = builder.build(metadata, answers.iter(), [], soa, []);
+        send(&mut response_handle, response, &request.metadata).await
+    }
+}
+
+async fn send<'a, R: ResponseHandler>(
+    handle: &mut R,
+    response: hickory_server::zone_handler::MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+    request: &Metadata,
+) -> ResponseInfo {
+    match handle.send_response(response).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!("DNS answer not sent: {e}");
+            let mut metadata = Metadata::response_from_request(request);
+            metadata.response_code = ResponseCode::ServFail;
+            hickory_proto::op::Header {
+                metadata,
+                counts: Default::default(),
+            }
+            .into()
+        }
+    }
+}
+
+/// Serves `handler` over UDP and TCP on `address` until the returned server is shut down.
+pub async fn serve(
+    handler: DnsHandler,
+    address: SocketAddr,
+) -> std::io::Result<(Server<DnsHandler>, SocketAddr)> {
+    let udp = tokio::net::UdpSocket::bind(address).await?;
+    let bound = udp.local_addr()?;
+    // TCP on the same port as UDP, which may have been chosen by the kernel.
+    let tcp = tokio::net::TcpListener::bind(bound).await?;
+    let mut server = Server::new(handler);
+    server.register_socket(udp);
+    server.register_listener(tcp, Duration::from_secs(10), 64 * 1024);
+    Ok((server, bound))
+}

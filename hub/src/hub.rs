@@ -1,0 +1,515 @@
+//! The hub: the registry of apps and workers, placement, and bringing apps back.
+//!
+//! [`Hub::resolve`] is what a DNS query for an app does: a resident app's address at once;
+//! otherwise a start order to a worker (a restore when the app has a snapshot), answered
+//! once the app's listening sockets are bound. Concurrent queries for one app share one
+//! order. A maintenance loop ([`Hub::maintain`]) declares silent workers dead (their apps
+//! fall back to their last snapshot), wakes swapped-out apps whose timers are due, and
+//! makes usage updates durable.
+
+use crate::client::Client;
+use crate::model::{
+    unix_ms, AppRecord, AppSpec, AppState, StartOrder, Started, WorkerHello, WorkerReport,
+};
+use crate::registry::{Registry, RegistryError};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How the hub behaves.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// How long a start or restore may take before its query gets SERVFAIL.
+    pub start_limit: Duration,
+    /// A worker silent this long is dead.
+    pub worker_timeout: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            start_limit: Duration::from_secs(30),
+            worker_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Why an API operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The app spec is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The app exists already.
+    #[error("an app named {0} exists already")]
+    Exists(String),
+    /// No such app.
+    #[error("no app named {0}")]
+    NoSuchApp(String),
+    /// No such worker.
+    #[error("no worker {0} (register first)")]
+    NoSuchWorker(String),
+    /// The registry failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// What a name resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// No app has this name.
+    Unknown,
+    /// The app runs at this address.
+    Address(Ipv4Addr),
+    /// The app could not be brought up.
+    Failed(String),
+}
+
+/// A worker as the hub knows it.
+#[derive(Debug)]
+struct WorkerEntry {
+    hello: WorkerHello,
+    client: Client,
+    last_report: Instant,
+    memory_bytes: u64,
+    resident: usize,
+}
+
+type Bringing = Shared<BoxFuture<'static, Result<Ipv4Addr, String>>>;
+
+/// Counters for tests and benchmarks.
+#[derive(Debug, Default)]
+pub struct HubCounters {
+    /// Start orders sent (fresh starts and restores).
+    pub orders: AtomicU64,
+    /// DNS queries answered.
+    pub queries: AtomicU64,
+}
+
+/// The hub.
+#[derive(Debug)]
+pub struct Hub {
+    config: HubConfig,
+    registry: Registry,
+    apps: Mutex<HashMap<String, AppRecord>>,
+    workers: Mutex<HashMap<String, WorkerEntry>>,
+    bringing: Mutex<HashMap<String, Bringing>>,
+    token: Arc<str>,
+    booted: Instant,
+    /// Counters.
+    pub counters: HubCounters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Hub {
+    /// A hub over the registry at `registry`, whose APIs (its own and the workers')
+    /// use `token`.
+    pub fn open(
+        config: HubConfig,
+        registry: &std::path::Path,
+        token: &str,
+    ) -> Result<Arc<Self>, HubError> {
+        let registry = Registry::open(registry)?;
+        let apps = registry
+            .load()?
+            .into_iter()
+            .map(|r| (r.spec.name.clone(), r))
+            .collect();
+        Ok(Arc::new(Self {
+            config,
+            registry,
+            apps: Mutex::new(apps),
+            workers: Mutex::new(HashMap::new()),
+            bringing: Mutex::new(HashMap::new()),
+            token: token.into(),
+            booted: Instant::now(),
+            counters: HubCounters::default(),
+        }))
+    }
+
+    /// The API token.
+    pub fn token(&self) -> Arc<str> {
+        self.token.clone()
+    }
+
+    /// Applies `change` to app `name` and writes it through (`sync`: durably).
+    fn update(
+        &self,
+        name: &str,
+        sync: bool,
+        change: impl FnOnce(&mut AppRecord),
+    ) -> Option<AppRecord> {
+        let mut apps = lock(&self.apps);
+        let record = apps.get_mut(name)?;
+        change(record);
+        if let Err(e) = self.registry.save(record, sync) {
+            tracing::error!(app = %name, "saving the registry: {e}");
+        }
+        Some(record.clone())
+    }
+
+    // ---- apps ------------------------------------------------------------------------
+
+    /// Registers an app.
+    pub fn add(&self, spec: AppSpec) -> Result<AppRecord, HubError> {
+        spec.validate().map_err(HubError::Invalid)?;
+        let mut apps = lock(&self.apps);
+        if apps.contains_key(&spec.name) {
+            return Err(HubError::Exists(spec.name));
+        }
+        let record = AppRecord::new(spec);
+        self.registry.save(&record, true)?;
+        tracing::info!(app = %record.spec.name, image = %record.spec.image, "app registered");
+        apps.insert(record.spec.name.clone(), record.clone());
+        Ok(record)
+    }
+
+    /// Removes an app; a resident one is ended on its worker first.
+    pub async fn remove(&self, name: &str) -> Result<(), HubError> {
+        let record = self
+            .get(name)
+            .ok_or_else(|| HubError::NoSuchApp(name.into()))?;
+        if let Some(worker) = &record.worker {
+            let client = lock(&self.workers).get(worker).map(|w| w.client.clone());
+            if let Some(client) = client {
+                if let Err(e) = client.delete::<()>(&format!("/v1/apps/{name}")).await {
+                    tracing::warn!(app = %name, "ending it on worker {worker}: {e}");
+                }
+            }
+        }
+        lock(&self.apps).remove(name);
+        self.registry.remove(name)?;
+        tracing::info!(app = %name, "app removed");
+        Ok(())
+    }
+
+    /// One app's record.
+    pub fn get(&self, name: &str) -> Option<AppRecord> {
+        lock(&self.apps).get(name).cloned()
+    }
+
+    /// Every app, by name.
+    pub fn list(&self) -> Vec<AppRecord> {
+        let mut all: Vec<AppRecord> = lock(&self.apps).values().cloned().collect();
+        all.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        all
+    }
+
+    // ---- resolving ---------------------------------------------------------------------
+
+    /// What app `name` resolves to: its address, after bringing it up if it is not
+    /// resident.
+    pub async fn resolve(self: &Arc<Self>, name: &str) -> Resolution {
+        let current = {
+            let apps = lock(&self.apps);
+            match apps.get(name) {
+                None => return Resolution::Unknown,
+                Some(r) => (r.state, r.address),
+            }
+        };
+        if let (AppState::Resident, Some(address)) = current {
+            return Resolution::Address(address);
+        }
+        match self.bring_up(name).await {
+            Ok(address) => Resolution::Address(address),
+            Err(e) => Resolution::Failed(e),
+        }
+    }
+
+    /// Brings app `name` up on a worker, sharing one attempt among concurrent callers.
+    /// The attempt runs to its end even if every caller goes away.
+    pub fn bring_up(self: &Arc<Self>, name: &str) -> Bringing {
+        let mut bringing = lock(&self.bringing);
+        if let Some(attempt) = bringing.get(name) {
+            return attempt.clone();
+        }
+        let this = self.clone();
+        let app = name.to_string();
+        let attempt = async move {
+            let result = this.start_somewhere(&app).await;
+            lock(&this.bringing).remove(&app);
+            result
+        }
+        .boxed()
+        .shared();
+        bringing.insert(name.to_string(), attempt.clone());
+        tokio::spawn(attempt.clone());
+        attempt
+    }
+
+    /// The live worker with the least resident memory.
+    fn choose_worker(&self) -> Option<(String, Client)> {
+        let workers = lock(&self.workers);
+        workers
+            .values()
+            .filter(|w| w.last_report.elapsed() < self.config.worker_timeout)
+            .min_by_key(|w| (w.memory_bytes, w.resident))
+            .map(|w| (w.hello.id.clone(), w.client.clone()))
+    }
+
+    async fn start_somewhere(self: &Arc<Self>, name: &str) -> Result<Ipv4Addr, String> {
+        let Some(before) = self.get(name) else {
+            return Err(format!("no app named {name}"));
+        };
+        if let (AppState::Resident, Some(address)) = (before.state, before.address) {
+            return Ok(address);
+        }
+        let Some((worker, client)) = self.choose_worker() else {
+            let error = "no live worker to run it".to_string();
+            self.failed(name, &error);
+            return Err(error);
+        };
+        let snapshot = before.snapshot.clone();
+        self.update(name, true, |r| {
+            r.state = AppState::Starting;
+            r.worker = Some(worker.clone());
+            r.wake_at_unix_ms = None;
+            r.event(match &snapshot {
+                Some(s) => format!("restoring snapshot {s} on worker {worker}"),
+                None => format!("starting on worker {worker}"),
+            });
+        });
+        self.counters.orders.fetch_add(1, Ordering::Relaxed);
+        let order = StartOrder {
+            spec: before.spec.clone(),
+            snapshot: snapshot.clone(),
+        };
+        let answer: Result<Started, _> = client
+            .post_within("/v1/start", &order, self.config.start_limit)
+            .await;
+        match answer {
+            Ok(started) => {
+                tracing::info!(app = %name, %worker, address = %started.address, ms = started.ms, "resident");
+                self.update(name, true, |r| {
+                    r.state = AppState::Resident;
+                    r.worker = Some(worker.clone());
+                    r.address = Some(started.address);
+                    r.last_error = None;
+                    if snapshot.is_some() {
+                        r.usage.swap_ins += 1;
+                    }
+                    r.event(format!(
+                        "resident on worker {worker} at {} after {:.1} ms",
+                        started.address, started.ms
+                    ));
+                });
+                Ok(started.address)
+            }
+            Err(e) => {
+                let error = format!("worker {worker} could not start it: {e}");
+                self.failed(name, &error);
+                Err(error)
+            }
+        }
+    }
+
+    fn failed(&self, name: &str, error: &str) {
+        tracing::warn!(app = %name, "{error}");
+        self.update(name, true, |r| {
+            r.state = AppState::Failed;
+            r.worker = None;
+            r.address = None;
+            r.last_error = Some(error.to_string());
+            r.event(format!("failed: {error}"));
+        });
+    }
+
+    // ---- workers -----------------------------------------------------------------------
+
+    /// A worker introduces itself (again).
+    pub fn register_worker(&self, hello: WorkerHello) {
+        tracing::info!(id = %hello.id, url = %hello.url, "worker registered");
+        let client = Client::new(&hello.url, &self.token, self.config.start_limit);
+        lock(&self.workers).insert(
+            hello.id.clone(),
+            WorkerEntry {
+                hello,
+                client,
+                last_report: Instant::now(),
+                memory_bytes: 0,
+                resident: 0,
+            },
+        );
+    }
+
+    /// The registered workers: id, URL, resident apps, memory, seconds since the last
+    /// report.
+    pub fn workers(&self) -> Vec<serde_json::Value> {
+        lock(&self.workers)
+            .values()
+            .map(|w| {
+                serde_json::json!({
+                    "id": w.hello.id,
+                    "url": w.hello.url,
+                    "resident": w.resident,
+                    "memory_bytes": w.memory_bytes,
+                    "memory_limit_bytes": w.hello.memory_limit_bytes,
+                    "last_report_s": w.last_report.elapsed().as_secs_f64(),
+                })
+            })
+            .collect()
+    }
+
+    /// Takes a worker's report.
+    pub fn report(&self, id: &str, report: WorkerReport) -> Result<(), HubError> {
+        {
+            let mut workers = lock(&self.workers);
+            let worker = workers
+                .get_mut(id)
+                .ok_or_else(|| HubError::NoSuchWorker(id.into()))?;
+            worker.last_report = Instant::now();
+            worker.memory_bytes = report.memory_bytes;
+            worker.resident = report.resident.len();
+        }
+        for (name, delta) in &report.usage {
+            self.update(name, false, |r| r.usage.add(delta));
+        }
+        for swapped in report.swapped {
+            self.update(&swapped.name, true, |r| {
+                r.state = AppState::SwappedOut;
+                r.worker = None;
+                r.address = None;
+                r.snapshot = Some(swapped.snapshot.clone());
+                r.usage.stored_bytes = swapped.stored_bytes;
+                r.wake_at_unix_ms = swapped.wake_at_unix_ms;
+                r.event(format!(
+                    "swapped out to snapshot {} ({} bytes in cold storage){}",
+                    swapped.snapshot,
+                    swapped.stored_bytes,
+                    swapped
+                        .wake_at_unix_ms
+                        .map(|t| format!(", wakes in {} ms", t.saturating_sub(unix_ms())))
+                        .unwrap_or_default()
+                ));
+            });
+        }
+        for (name, why) in report.ended {
+            self.update(&name, true, |r| {
+                r.state = if r.snapshot.is_some() {
+                    AppState::SwappedOut
+                } else {
+                    AppState::New
+                };
+                r.worker = None;
+                r.address = None;
+                r.last_error = Some(why.clone());
+                r.event(format!("ended on worker {id}: {why}"));
+            });
+        }
+        for (name, address) in report.resident {
+            // After a hub restart, or a start whose answer was lost.
+            let stale = lock(&self.apps).get(&name).is_some_and(|r| {
+                r.state != AppState::Starting
+                    && (r.state != AppState::Resident || r.worker.as_deref() != Some(id))
+            });
+            if stale {
+                self.update(&name, true, |r| {
+                    r.state = AppState::Resident;
+                    r.worker = Some(id.to_string());
+                    r.address = Some(address);
+                    r.event(format!("resident on worker {id} at {address} (reported)"));
+                });
+            }
+        }
+        Ok(())
+    }
+
+    // ---- maintenance ---------------------------------------------------------------------
+
+    /// One round of maintenance: dead workers, due timers. Returns the apps woken.
+    pub fn maintain(self: &Arc<Self>) -> Vec<String> {
+        let dead: Vec<String> = {
+            let mut workers = lock(&self.workers);
+            let dead: Vec<String> = workers
+                .values()
+                .filter(|w| w.last_report.elapsed() >= self.config.worker_timeout)
+                .map(|w| w.hello.id.clone())
+                .collect();
+            for id in &dead {
+                workers.remove(id);
+            }
+            dead
+        };
+        for id in &dead {
+            tracing::warn!(worker = %id, "worker stopped reporting: its apps go back to their snapshots");
+        }
+        let live: Vec<String> = lock(&self.workers).keys().cloned().collect();
+        // Apps on dead workers, or (a while after a hub restart) on workers that never came
+        // back, fall back to their last snapshot.
+        let grace = self.booted.elapsed() > self.config.worker_timeout * 2;
+        let orphans: Vec<String> = lock(&self.apps)
+            .values()
+            .filter(|r| matches!(r.state, AppState::Resident | AppState::Starting))
+            .filter(|r| {
+                r.worker.as_ref().is_some_and(|w| {
+                    dead.contains(w)
+                        || (grace && !live.contains(w) && r.state == AppState::Resident)
+                })
+            })
+            .map(|r| r.spec.name.clone())
+            .collect();
+        for name in orphans {
+            self.update(&name, true, |r| {
+                let worker = r.worker.take().unwrap_or_default();
+                r.state = if r.snapshot.is_some() {
+                    AppState::SwappedOut
+                } else {
+                    AppState::New
+                };
+                r.address = None;
+                r.event(format!(
+                    "worker {worker} is gone: back to {}",
+                    r.snapshot
+                        .as_deref()
+                        .map(|s| format!("snapshot {s}"))
+                        .unwrap_or_else(|| "a fresh start".into())
+                ));
+            });
+        }
+        let now = unix_ms();
+        let due: Vec<String> = lock(&self.apps)
+            .values()
+            .filter(|r| r.state == AppState::SwappedOut)
+            .filter(|r| r.wake_at_unix_ms.is_some_and(|t| t <= now))
+            .map(|r| r.spec.name.clone())
+            .collect();
+        for name in &due {
+            tracing::info!(app = %name, "its timer is due: bringing it back");
+            self.update(name, true, |r| {
+                r.wake_at_unix_ms = None;
+                r.event("timer due");
+            });
+            drop(self.bring_up(name));
+        }
+        due
+    }
+
+    /// Runs maintenance every `period`, and makes the registry durable every few rounds.
+    pub async fn maintain_forever(self: Arc<Self>, period: Duration) {
+        let mut ticker = tokio::time::interval(period);
+        let mut rounds = 0u64;
+        loop {
+            ticker.tick().await;
+            self.maintain();
+            rounds += 1;
+            if rounds.is_multiple_of(20) {
+                if let Err(e) = self.registry.flush() {
+                    tracing::error!("flushing the registry: {e}");
+                }
+            }
+        }
+    }
+
+    /// Makes every registry write durable (at shutdown).
+    pub fn flush(&self) {
+        if let Err(e) = self.registry.flush() {
+            tracing::error!("flushing the registry: {e}");
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! What the hub, the workers and the CLI say to each other: apps, their state, usage and
+//! events, and the messages of the HTTP API. Everything here is plain serde data.
+
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+
+/// How an operator wants an app run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AppSpec {
+    /// The app's name: a DNS label (`NAME.<zone>`).
+    pub name: String,
+    /// The image it runs (`picocenter image ls`).
+    pub image: String,
+    /// Guest memory in MiB; the image's default if absent.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Extra environment, `K=V`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Swap the app out after this many seconds without traffic or CPU; the worker's
+    /// default if absent.
+    #[serde(default)]
+    pub idle_after_secs: Option<f64>,
+}
+
+impl AppSpec {
+    /// Checks that the name is a lower-case DNS label.
+    pub fn validate(&self) -> Result<(), String> {
+        let ok = !self.name.is_empty()
+            && self.name.len() <= 63
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !self.name.starts_with('-')
+            && !self.name.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "app name {:?} must be a DNS label: a-z, 0-9 and '-', at most 63",
+                self.name
+            ));
+        }
+        if self.image.is_empty() {
+            return Err("an app needs an image".into());
+        }
+        if self.idle_after_secs.is_some_and(|s| s.is_nan() || s <= 0.0) {
+            return Err("idle_after_secs must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where an app is in its life.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AppState {
+    /// Registered, never run: the first query starts it fresh.
+    New,
+    /// A worker is starting or restoring it.
+    Starting,
+    /// Running on a worker.
+    Resident,
+    /// Its state is in cold storage; a query brings it back.
+    SwappedOut,
+    /// The last start or restore failed; the next query tries again.
+    Failed,
+}
+
+impl std::fmt::Display for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AppState::New => "new",
+            AppState::Starting => "starting",
+            AppState::Resident => "resident",
+            AppState::SwappedOut => "swapped-out",
+            AppState::Failed => "failed",
+        })
+    }
+}
+
+/// What an app has used, for billing by use rather than by time.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Usage {
+    /// CPU seconds its VMM spent (guest and syscall handling).
+    pub cpu_seconds: f64,
+    /// Resident host memory integrated over time, GiB × seconds.
+    pub memory_gib_seconds: f64,
+    /// Bytes its snapshots hold in cold storage now.
+    pub stored_bytes: u64,
+    /// Times it was brought back from cold storage.
+    pub swap_ins: u64,
+    /// Connections it accepted.
+    pub requests: u64,
+}
+
+impl Usage {
+    /// Adds what a worker measured since its last report.
+    pub fn add(&mut self, delta: &UsageDelta) {
+        self.cpu_seconds += delta.cpu_seconds;
+        self.memory_gib_seconds += delta.memory_gib_seconds;
+        self.requests += delta.requests;
+    }
+}
+
+/// Usage a worker measured for one app since its last report.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct UsageDelta {
+    /// CPU seconds.
+    pub cpu_seconds: f64,
+    /// GiB × seconds of resident memory.
+    pub memory_gib_seconds: f64,
+    /// Connections accepted.
+    pub requests: u64,
+}
+
+/// Something that happened to an app.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    /// Unix time, milliseconds.
+    pub at_unix_ms: u64,
+    /// What happened.
+    pub what: String,
+}
+
+/// Everything the hub knows about an app.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AppRecord {
+    /// How it should run.
+    pub spec: AppSpec,
+    /// Where it is.
+    pub state: AppState,
+    /// The worker it runs on, while resident or starting.
+    pub worker: Option<String>,
+    /// Its address, while resident.
+    pub address: Option<Ipv4Addr>,
+    /// Its newest snapshot in cold storage.
+    pub snapshot: Option<String>,
+    /// When the app asked to wake by itself (a timer), Unix ms, while swapped out.
+    pub wake_at_unix_ms: Option<u64>,
+    /// Why the last start or restore failed.
+    pub last_error: Option<String>,
+    /// What it has used.
+    pub usage: Usage,
+    /// The latest events, oldest first.
+    pub events: Vec<Event>,
+}
+
+/// Events kept per app.
+pub const EVENTS_KEPT: usize = 50;
+
+impl AppRecord {
+    /// A newly registered app.
+    pub fn new(spec: AppSpec) -> Self {
+        let mut record = AppRecord {
+            spec,
+            state: AppState::New,
+            worker: None,
+            address: None,
+            snapshot: None,
+            wake_at_unix_ms: None,
+            last_error: None,
+            usage: Usage::default(),
+            events: Vec::new(),
+        };
+        record.event("registered");
+        record
+    }
+
+    /// Records an event, keeping the latest [`EVENTS_KEPT`].
+    pub fn event(&mut self, what: impl Into<String>) {
+        self.events.push(Event {
+            at_unix_ms: unix_ms(),
+            what: what.into(),
+        });
+        if self.events.len() > EVENTS_KEPT {
+            let extra = self.events.len() - EVENTS_KEPT;
+            self.events.drain(..extra);
+        }
+    }
+}
+
+/// Now, in Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A worker introducing itself to the hub.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerHello {
+    /// Its id (unique per worker process).
+    pub id: String,
+    /// The base URL of its order API.
+    pub url: String,
+    /// Resident memory it may use for apps, bytes.
+    pub memory_limit_bytes: u64,
+}
+
+/// A worker's periodic report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WorkerReport {
+    /// Apps resident there: name and address.
+    pub resident: Vec<(String, Ipv4Addr)>,
+    /// Usage since the last report, per app.
+    pub usage: Vec<(String, UsageDelta)>,
+    /// Apps it swapped out since the last report.
+    pub swapped: Vec<SwappedOut>,
+    /// Apps that ended or failed there since the last report: name and why.
+    pub ended: Vec<(String, String)>,
+    /// Resident memory of its apps, bytes.
+    pub memory_bytes: u64,
+}
+
+/// An app a worker put into cold storage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SwappedOut {
+    /// The app.
+    pub name: String,
+    /// Its new newest snapshot.
+    pub snapshot: String,
+    /// Bytes its snapshots hold in cold storage.
+    pub stored_bytes: u64,
+    /// When it wants to wake by itself, Unix ms.
+    pub wake_at_unix_ms: Option<u64>,
+}
+
+/// The hub's order to a worker: run this app (from its snapshot, if it has one).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StartOrder {
+    /// The app.
+    pub spec: AppSpec,
+    /// Its newest snapshot, or none for a fresh start.
+    pub snapshot: Option<String>,
+}
+
+/// A worker's answer to a [`StartOrder`], once the app's listening sockets are bound.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Started {
+    /// The address the app listens on.
+    pub address: Ipv4Addr,
+    /// Milliseconds from the order to bound sockets.
+    pub ms: f64,
+}
+
+/// An error answer of either API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiError {
+    /// What went wrong.
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> AppSpec {
+        AppSpec {
+            name: name.into(),
+            image: "counter-http".into(),
+            memory_mib: None,
+            env: vec![],
+            idle_after_secs: None,
+        }
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        assert!(spec("counter").validate().is_ok());
+        assert!(spec("a-1").validate().is_ok());
+        for bad in ["", "Counter", "a.b", "-a", "a-", &"x".repeat(64), "a b"] {
+            assert!(spec(bad).validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn events_are_bounded() {
+        let mut record = AppRecord::new(spec("a"));
+        for i in 0..(EVENTS_KEPT * 2) {
+            record.event(format!("e{i}"));
+        }
+        assert_eq!(record.events.len(), EVENTS_KEPT);
+        assert_eq!(
+            record.events.last().unwrap().what,
+            format!("e{}", EVENTS_KEPT * 2 - 1)
+        );
+    }
+}

@@ -1,0 +1,493 @@
+//! The worker: runs apps as child VMM processes, watches them for idleness, swaps idle
+//! ones out to cold storage (freeing guest memory, vCPU and fd table with the process),
+//! and brings them back when the hub orders it.
+//!
+//! * **Idle**: an app is idle when it has taken no CPU and accepted no connection for
+//!   `idle_after` (CPU from /proc, connections from its control socket). Waiting in
+//!   `accept`, `poll` or `epoll_wait` costs a picoprocess no CPU at all.
+//! * **Capacity**: before starting an app, least-recently-active apps are swapped out
+//!   until the resident memory of all apps fits under the limit.
+//! * **Reports**: every second the worker tells the hub which apps are resident, what
+//!   they used, and which it swapped out or lost. The report is also the heartbeat.
+
+pub mod api;
+pub mod vmm;
+
+use crate::cold::Cold;
+use crate::model::{StartOrder, Started, SwappedOut, UsageDelta, WorkerReport};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+use vmm::{Launch, Vmm};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Its id, unique among the hub's workers.
+    pub id: String,
+    /// The addresses it gives its apps: the first, and how many.
+    pub addresses: (Ipv4Addr, u32),
+    /// Swap an app out after this long without CPU or connections.
+    pub idle_after: Duration,
+    /// Resident memory all its apps may use, bytes.
+    pub memory_limit: u64,
+    /// The `picocenter` binary that runs VMMs.
+    pub picocenter: PathBuf,
+    /// The state directory the VMMs use (images, control sockets).
+    pub state_dir: PathBuf,
+    /// The worker's own directory (logs, staging).
+    pub work_dir: PathBuf,
+    /// How long a start or restore may take.
+    pub start_limit: Duration,
+}
+
+/// Why an order failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The VMM failed.
+    #[error(transparent)]
+    Vmm(#[from] vmm::VmmError),
+    /// Cold storage failed.
+    #[error("cold storage: {0}")]
+    Store(#[from] picocenter_snapshots::StoreError),
+    /// No address left.
+    #[error("no free address among the worker's {0}")]
+    NoAddress(u32),
+    /// The app is not here.
+    #[error("app {0} is not resident on this worker")]
+    NotHere(String),
+    /// A blocking task failed.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// One start of an app, shared by the orders that ask for it at once.
+type StartOnce = tokio::sync::OnceCell<Result<Started, String>>;
+
+/// One resident app.
+#[derive(Debug)]
+struct Resident {
+    vmm: Vmm,
+    address: Ipv4Addr,
+    /// When it last used CPU or accepted a connection.
+    last_active: Instant,
+    /// Its idle limit.
+    idle_after: Duration,
+    /// Counters at the last look, for deltas.
+    cpu: Duration,
+    connections: u64,
+    rss: u64,
+    looked: Instant,
+}
+
+/// A worker.
+#[derive(Debug)]
+pub struct Worker {
+    config: WorkerConfig,
+    cold: Cold,
+    apps: Mutex<HashMap<String, Resident>>,
+    /// What the next report carries besides the resident list.
+    pending: std::sync::Mutex<WorkerReport>,
+    /// Starts in progress, by app, so concurrent orders for one app wait for one start.
+    starting: Mutex<HashMap<String, Arc<StartOnce>>>,
+}
+
+impl Worker {
+    /// A worker with no apps yet.
+    pub fn new(config: WorkerConfig, cold: Cold) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            cold,
+            apps: Mutex::new(HashMap::new()),
+            pending: std::sync::Mutex::new(WorkerReport::default()),
+            starting: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// Runs an app as the hub ordered (restores it if the order names a snapshot) and
+    /// answers once its listening sockets are bound. Concurrent orders for one app share
+    /// one start.
+    pub async fn start(self: &Arc<Self>, order: StartOrder) -> Result<Started, String> {
+        let name = order.spec.name.clone();
+        if let Some(app) = self.apps.lock().await.get(&name) {
+            return Ok(Started {
+                address: app.address,
+                ms: 0.0,
+            });
+        }
+        let cell = self
+            .starting
+            .lock()
+            .await
+            .entry(name.clone())
+            .or_default()
+            .clone();
+        let this = self.clone();
+        let result = cell
+            .get_or_init(|| async move { this.start_now(order).await.map_err(|e| e.to_string()) })
+            .await
+            .clone();
+        self.starting.lock().await.remove(&name);
+        result
+    }
+
+    async fn start_now(self: &Arc<Self>, order: StartOrder) -> Result<Started, WorkerError> {
+        let began = Instant::now();
+        let name = order.spec.name.clone();
+        self.make_room().await;
+        let address = self.free_address().await?;
+        let launch = match &order.snapshot {
+            Some(id) => {
+                let cold = self.cold.clone();
+                let (app, id) = (name.clone(), id.clone());
+                let dir = tokio::task::spawn_blocking(move || cold.fetch(&app, &id))
+                    .await
+                    .map_err(|e| WorkerError::Internal(e.to_string()))??;
+                Launch::Restore { dir }
+            }
+            None => Launch::Fresh {
+                image: order.spec.image.clone(),
+                memory_mib: order.spec.memory_mib,
+                env: order.spec.env.clone(),
+            },
+        };
+        let vmm = vmm::launch(
+            &self.config.picocenter,
+            &self.config.state_dir,
+            &self.config.work_dir.join("logs"),
+            &name,
+            address,
+            &launch,
+            self.config.start_limit,
+        )
+        .await?;
+        let ms = began.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(app = %name, %address, ms, restored = order.snapshot.is_some(), "started");
+        let (cpu, rss) = vmm::usage(vmm.pid).unwrap_or_default();
+        let idle_after = order
+            .spec
+            .idle_after_secs
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .unwrap_or(self.config.idle_after);
+        self.apps.lock().await.insert(
+            name,
+            Resident {
+                vmm,
+                address,
+                last_active: Instant::now(),
+                idle_after,
+                cpu,
+                connections: 0,
+                rss,
+                looked: Instant::now(),
+            },
+        );
+        Ok(Started { address, ms })
+    }
+
+    /// The first address of the pool no resident app holds.
+    async fn free_address(&self) -> Result<Ipv4Addr, WorkerError> {
+        let apps = self.apps.lock().await;
+        let (first, count) = self.config.addresses;
+        let base = u32::from(first);
+        (0..count)
+            .map(|i| Ipv4Addr::from(base + i))
+            .find(|a| apps.values().all(|app| app.address != *a))
+            .ok_or(WorkerError::NoAddress(count))
+    }
+
+    /// Swaps out least-recently-active apps until the resident memory leaves room for one
+    /// more small app.
+    async fn make_room(self: &Arc<Self>) {
+        const HEADROOM: u64 = 8 << 20;
+        loop {
+            let victim = {
+                let apps = self.apps.lock().await;
+                let used: u64 = apps.values().map(|a| a.rss).sum();
+                if used + HEADROOM <= self.config.memory_limit || apps.is_empty() {
+                    return;
+                }
+                apps.iter()
+                    .min_by_key(|(_, a)| a.last_active)
+                    .map(|(name, _)| name.clone())
+            };
+            let Some(victim) = victim else { return };
+            tracing::info!(app = %victim, "swapping out to make room");
+            if let Err(e) = self.swap_out(&victim).await {
+                tracing::warn!(app = %victim, "could not swap out to make room: {e}");
+                return;
+            }
+        }
+    }
+
+    /// Snapshots app `name` into cold storage and ends its VMM, freeing its memory.
+    pub async fn swap_out(self: &Arc<Self>, name: &str) -> Result<SwappedOut, WorkerError> {
+        let Some(mut app) = self.apps.lock().await.remove(name) else {
+            return Err(WorkerError::NotHere(name.to_string()));
+        };
+        self.account(name, &mut app);
+        let dir = self.cold.local_dir(name);
+        let answer = vmm::request(
+            &app.vmm.control,
+            &serde_json::json!({"op": "snapshot", "dir": dir, "stop": true}),
+            Duration::from_secs(300),
+        )
+        .await;
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                // Still running: it stays resident.
+                self.apps.lock().await.insert(name.to_string(), app);
+                return Err(e.into());
+            }
+        };
+        let id = answer["id"].as_str().unwrap_or_default().to_string();
+        let _ = tokio::time::timeout(Duration::from_secs(10), app.vmm.child.wait()).await;
+        let cold = self.cold.clone();
+        let (app_name, snapshot) = (name.to_string(), id.clone());
+        let stored_bytes = tokio::task::spawn_blocking(move || cold.store(&app_name, &snapshot))
+            .await
+            .map_err(|e| WorkerError::Internal(e.to_string()))??;
+        let wake_at_unix_ms = wake_at(&self.cold.local_dir(name), &id);
+        let swapped = SwappedOut {
+            name: name.to_string(),
+            snapshot: id,
+            stored_bytes,
+            wake_at_unix_ms,
+        };
+        tracing::info!(app = %name, snapshot = %swapped.snapshot, stored_bytes, ?wake_at_unix_ms, "swapped out");
+        self.pending_report().swapped.push(swapped.clone());
+        Ok(swapped)
+    }
+
+    /// Ends app `name` without a snapshot (it was removed).
+    pub async fn discard(&self, name: &str) -> Result<(), WorkerError> {
+        let Some(mut app) = self.apps.lock().await.remove(name) else {
+            return Err(WorkerError::NotHere(name.to_string()));
+        };
+        let _ = app.vmm.child.kill().await;
+        Ok(())
+    }
+
+    fn pending_report(&self) -> std::sync::MutexGuard<'_, WorkerReport> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds what `app` used since the last look to the pending report.
+    fn account(&self, name: &str, app: &mut Resident) {
+        let now = Instant::now();
+        let Some((cpu, rss)) = vmm::usage(app.vmm.pid) else {
+            return;
+        };
+        let seconds = now.duration_since(app.looked).as_secs_f64();
+        let delta = UsageDelta {
+            cpu_seconds: cpu.saturating_sub(app.cpu).as_secs_f64(),
+            memory_gib_seconds: rss as f64 / (1u64 << 30) as f64 * seconds,
+            requests: 0,
+        };
+        if cpu > app.cpu {
+            app.last_active = now;
+        }
+        app.cpu = cpu;
+        app.rss = rss;
+        app.looked = now;
+        add_usage(&mut self.pending_report(), name, delta);
+    }
+
+    /// One round of watching: usage, connections, ended apps, idle ones swapped out.
+    pub async fn watch(self: &Arc<Self>) {
+        let mut idle = Vec::new();
+        let mut ended = Vec::new();
+        let controls: Vec<(String, PathBuf)> = {
+            let apps = self.apps.lock().await;
+            apps.iter()
+                .map(|(n, a)| (n.clone(), a.vmm.control.clone()))
+                .collect()
+        };
+        let mut connections = HashMap::new();
+        for (name, control) in controls {
+            if let Ok(stats) = vmm::stats(&control).await {
+                connections.insert(name, stats.connections);
+            }
+        }
+        {
+            let mut apps = self.apps.lock().await;
+            let names: Vec<String> = apps.keys().cloned().collect();
+            for name in names {
+                let Some(app) = apps.get_mut(&name) else {
+                    continue;
+                };
+                if let Ok(Some(status)) = app.vmm.child.try_wait() {
+                    let why = format!("{status}: {}", vmm::tail(&app.vmm.log, 500));
+                    tracing::warn!(app = %name, "ended: {why}");
+                    ended.push((name.clone(), why));
+                    apps.remove(&name);
+                    continue;
+                }
+                if let Some(&now) = connections.get(&name) {
+                    if now > app.connections {
+                        let mut report = self.pending_report();
+                        add_usage(
+                            &mut report,
+                            &name,
+                            UsageDelta {
+                                requests: now - app.connections,
+                                ..Default::default()
+                            },
+                        );
+                        app.connections = now;
+                        app.last_active = Instant::now();
+                    }
+                }
+                self.account(&name, app);
+                if app.last_active.elapsed() >= app.idle_after {
+                    idle.push(name.clone());
+                }
+            }
+        }
+        self.pending_report().ended.extend(ended);
+        for name in idle {
+            tracing::info!(app = %name, "idle: swapping out");
+            if let Err(e) = self.swap_out(&name).await {
+                tracing::warn!(app = %name, "swap-out failed: {e}");
+            }
+        }
+    }
+
+    /// The report to send now (the pending part is taken; put it back with
+    /// [`Worker::unsend`] if sending fails).
+    pub async fn report(&self) -> WorkerReport {
+        let apps = self.apps.lock().await;
+        let mut report = std::mem::take(&mut *self.pending_report());
+        report.resident = apps.iter().map(|(n, a)| (n.clone(), a.address)).collect();
+        report.memory_bytes = apps.values().map(|a| a.rss).sum();
+        report
+    }
+
+    /// Puts back what a report that could not be sent carried.
+    pub fn unsend(&self, report: WorkerReport) {
+        let mut pending = self.pending_report();
+        for (name, delta) in report.usage {
+            add_usage(&mut pending, &name, delta);
+        }
+        pending.swapped.extend(report.swapped);
+        pending.ended.extend(report.ended);
+    }
+
+    /// Names and addresses of the resident apps.
+    pub async fn resident(&self) -> Vec<(String, Ipv4Addr)> {
+        self.apps
+            .lock()
+            .await
+            .iter()
+            .map(|(n, a)| (n.clone(), a.address))
+            .collect()
+    }
+
+    /// Swaps every resident app out (a graceful shutdown).
+    pub async fn swap_out_all(self: &Arc<Self>) {
+        let names: Vec<String> = self.apps.lock().await.keys().cloned().collect();
+        for name in names {
+            if let Err(e) = self.swap_out(&name).await {
+                tracing::warn!(app = %name, "swap-out at shutdown failed: {e}");
+            }
+        }
+    }
+}
+
+fn add_usage(report: &mut WorkerReport, name: &str, delta: UsageDelta) {
+    match report.usage.iter_mut().find(|(n, _)| n == name) {
+        Some((_, d)) => {
+            d.cpu_seconds += delta.cpu_seconds;
+            d.memory_gib_seconds += delta.memory_gib_seconds;
+            d.requests += delta.requests;
+        }
+        None => report.usage.push((name.to_string(), delta)),
+    }
+}
+
+/// When the app of snapshot `id` in `dir` wants to run again by itself (its earliest
+/// deadline: a blocked call's timeout, an armed timerfd or alarm), Unix ms.
+fn wake_at(dir: &std::path::Path, id: &str) -> Option<u64> {
+    let store = picocenter_snapshots::LocalStore::open(dir).ok()?;
+    let manifest = picocenter_snapshots::Store::manifest(&store, id).ok()?;
+    let after = manifest.next_wakeup()?;
+    Some(manifest.created_unix_ms + after.as_millis() as u64)
+}
+
+/// Serves the order API on `listener`, registers with the hub, and then watches and
+/// reports every `period` until `shutdown` resolves; then swaps every app out.
+pub async fn run(
+    worker: Arc<Worker>,
+    hub: crate::client::Client,
+    listener: tokio::net::TcpListener,
+    token: Arc<str>,
+    period: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let url = format!("http://{}", listener.local_addr()?);
+    let server = axum::serve(listener, api::router(worker.clone(), token));
+    let server = tokio::spawn(async move { server.await });
+    let hello = crate::model::WorkerHello {
+        id: worker.config.id.clone(),
+        url: url.clone(),
+        memory_limit_bytes: worker.config.memory_limit,
+    };
+    tracing::info!(id = %hello.id, %url, hub = hub.base(), "worker up");
+    let mut registered = false;
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = ticker.tick() => {}
+        }
+        if !registered {
+            match hub
+                .post::<_, serde_json::Value>("/v1/workers", &hello)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!("registered with the hub");
+                    registered = true;
+                }
+                Err(e) => {
+                    tracing::warn!("cannot register with the hub: {e}");
+                    continue;
+                }
+            }
+        }
+        worker.watch().await;
+        let report = worker.report().await;
+        let path = format!("/v1/workers/{}/report", worker.config.id);
+        match hub.post::<_, serde_json::Value>(&path, &report).await {
+            Ok(_) => {}
+            Err(crate::client::ClientError::Status { status: 404, .. }) => {
+                // The hub forgot us (it restarted, or took us for dead): introduce
+                // ourselves again, then report what we have.
+                worker.unsend(report);
+                registered = false;
+            }
+            Err(e) => {
+                tracing::warn!("cannot report to the hub: {e}");
+                worker.unsend(report);
+            }
+        }
+    }
+    tracing::info!("worker stopping: swapping every app out");
+    worker.swap_out_all().await;
+    let report = worker.report().await;
+    let path = format!("/v1/workers/{}/report", worker.config.id);
+    let _ = hub.post::<_, serde_json::Value>(&path, &report).await;
+    server.abort();
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! One app's VMM, as a child process of the worker: starting it (fresh or from a snapshot),
+//! talking to its control socket, and reading what it uses from /proc.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Why a VMM could not be started or asked something.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The process could not be spawned.
+    #[error("starting {what}: {source}")]
+    Spawn {
+        /// The command.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The app ended before it was ready.
+    #[error("the app ended before it was ready ({status}): {stderr}")]
+    Ended {
+        /// Its exit status.
+        status: String,
+        /// The end of what it printed.
+        stderr: String,
+    },
+    /// The app did not get ready in time.
+    #[error("the app was not ready after {0:?}")]
+    Timeout(Duration),
+    /// The control socket failed or answered with an error.
+    #[error("control socket {path}: {message}")]
+    Control {
+        /// The socket.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// How to start an app's VMM.
+#[derive(Debug, Clone)]
+pub enum Launch {
+    /// A fresh start of an image.
+    Fresh {
+        /// The image.
+        image: String,
+        /// Guest memory, MiB.
+        memory_mib: Option<u64>,
+        /// Extra environment.
+        env: Vec<String>,
+    },
+    /// A restore of the newest snapshot in a local store directory.
+    Restore {
+        /// The store.
+        dir: PathBuf,
+    },
+}
+
+/// A running VMM child.
+#[derive(Debug)]
+pub struct Vmm {
+    /// The process.
+    pub child: Child,
+    /// Its pid.
+    pub pid: u32,
+    /// Its control socket.
+    pub control: PathBuf,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+/// Starts app `name` at `address` and waits (at most `limit`) until its listening sockets
+/// are bound: the VMM opens its control socket only after restoring them, and a fresh
+/// app is ready once it listens on its address.
+pub async fn launch(
+    picocenter: &Path,
+    state_dir: &Path,
+    log_dir: &Path,
+    name: &str,
+    address: Ipv4Addr,
+    launch: &Launch,
+    limit: Duration,
+) -> Result<Vmm, VmmError> {
+    let mut cmd = Command::new(picocenter);
+    cmd.env("PICOCENTER_STATE_DIR", state_dir);
+    match launch {
+        Launch::Fresh {
+            image,
+            memory_mib,
+            env,
+        } => {
+            cmd.args(["run", "--image", image, "--name", name]);
+            cmd.arg("--address").arg(address.to_string());
+            if let Some(m) = memory_mib {
+                cmd.arg("--memory").arg(m.to_string());
+            }
+            for e in env {
+                cmd.arg("--env").arg(e);
+            }
+        }
+        Launch::Restore { dir } => {
+            cmd.args(["snapshot", "restore"]).arg(dir);
+            cmd.arg("--address").arg(address.to_string());
+            cmd.args(["--mode", "activeset"]);
+        }
+    }
+    let _ = std::fs::create_dir_all(log_dir);
+    let log = log_dir.join(format!("{name}.log"));
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|source| VmmError::Spawn {
+            what: format!("log {}", log.display()),
+            source,
+        })?;
+    cmd.stdin(Stdio::null())
+        .stdout(stderr.try_clone().map_err(|source| VmmError::Spawn {
+            what: "log".into(),
+            source,
+        })?)
+        .stderr(stderr)
+        .kill_on_drop(true);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
+    // parent; the VMM dies with the worker instead of outliving it unmanaged. The spawn
+    // runs on a runtime worker thread, which lives as long as the worker.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+        what: format!("{} for {name}", picocenter.display()),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0);
+    let control = state_dir.join("run").join(format!("{name}.sock"));
+    let started = Instant::now();
+    let fresh = matches!(launch, Launch::Fresh { .. });
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(VmmError::Ended {
+                status: status.to_string(),
+                stderr: tail(&log, 2000),
+            });
+        }
+        let ready =
+            stats(&control).await.is_ok_and(|s| s.pid == pid) && (!fresh || listening_on(address));
+        if ready {
+            return Ok(Vmm {
+                child,
+                pid,
+                control,
+                log,
+            });
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill().await;
+            return Err(VmmError::Timeout(limit));
+        }
+        let pause = if started.elapsed() < Duration::from_millis(20) {
+            Duration::from_micros(200)
+        } else {
+            Duration::from_millis(5)
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// The last `bytes` of a file, for error messages.
+pub fn tail(path: &Path, bytes: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(bytes);
+    String::from_utf8_lossy(&text[start..]).trim().to_string()
+}
+
+/// Whether some TCP socket listens on `address` (any port), from /proc/net/tcp.
+pub fn listening_on(address: Ipv4Addr) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    // Local address as the kernel prints it: the 32-bit value in host order, in hex.
+    let want = format!("{:08X}", u32::from_ne_bytes(address.octets()));
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1).unwrap_or("");
+        let state = fields.nth(1).unwrap_or("");
+        state == "0A" && local.split(':').next() == Some(want.as_str())
+    })
+}
+
+/// The answer to a stats request.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct Stats {
+    /// The VMM's pid.
+    pub pid: u32,
+    /// Syscalls handled.
+    pub syscalls: u64,
+    /// Connections accepted.
+    #[serde(default)]
+    pub connections: u64,
+}
+
+/// One request on a control socket; the JSON answer.
+pub async fn request(
+    control: &Path,
+    request: &serde_json::Value,
+    limit: Duration,
+) -> Result<serde_json::Value, VmmError> {
+    let error = |message: String| VmmError::Control {
+        path: control.to_path_buf(),
+        message,
+    };
+    let exchange = async {
+        let mut stream = tokio::net::UnixStream::connect(control)
+            .await
+            .map_err(|e| error(e.to_string()))?;
+        let mut line = request.to_string();
+        line.push('\n');
+        stream
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| error(e.to_string()))?;
+        let mut answer = String::new();
+        BufReader::new(stream)
+            .read_line(&mut answer)
+            .await
+            .map_err(|e| error(e.to_string()))?;
+        serde_json::from_str::<serde_json::Value>(&answer)
+            .map_err(|e| error(format!("bad answer {answer:?}: {e}")))
+    };
+    let answer = tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| error(format!("no answer in {limit:?}")))??;
+    if answer.get("ok") == Some(&serde_json::Value::Bool(false)) {
+        return Err(error(
+            answer["error"].as_str().unwrap_or("failed").to_string(),
+        ));
+    }
+    Ok(answer)
+}
+
+/// The VMM's counters.
+pub async fn stats(control: &Path) -> Result<Stats, VmmError> {
+    let answer = request(
+        control,
+        &serde_json::json!({"op": "stats"}),
+        Duration::from_secs(2),
+    )
+    .await?;
+    serde_json::from_value(answer).map_err(|e| VmmError::Control {
+        path: control.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// CPU time (user + system) and resident memory of process `pid`.
+pub fn usage(pid: u32) -> Option<(Duration, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let rss_pages: u64 = fields.get(21)?.parse().ok()?;
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    Some((
+        Duration::from_nanos(ticks * 1_000_000_000 / hz),
+        rss_pages * page,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_its_own_usage() {
+        let (cpu, rss) = usage(std::process::id()).unwrap();
+        assert!(rss > 0);
+        assert!(cpu < Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn finds_a_listening_socket() {
+        let address = Ipv4Addr::new(127, 0, 9, 77);
+        assert!(!listening_on(address));
+        let listener = std::net::TcpListener::bind((address, 0)).unwrap();
+        assert!(listening_on(address));
+        drop(listener);
+    }
+}

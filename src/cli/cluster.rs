@@ -1,0 +1,462 @@
+//! `picocenter hub`, `picocenter worker`, `picocenter app` and `picocenter demo`: the
+//! control plane's servers and their operator CLI, wired from `picocenter-hub`.
+
+use super::image::StateDir;
+use anyhow::{bail, Context};
+use picocenter_hub::client::Client;
+use picocenter_hub::cold::ColdConfig;
+use picocenter_hub::hub::HubConfig;
+use picocenter_hub::model::{AppRecord, AppSpec};
+use picocenter_hub::serve::{self, HubOptions, WorkerOptions};
+use picocenter_hub::worker::WorkerConfig;
+use picocenter_snapshots::s3::S3Config;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Arguments of `picocenter hub`.
+#[derive(Debug, clap::Args)]
+pub struct HubArgs {
+    #[command(flatten)]
+    state: StateDir,
+    #[command(flatten)]
+    hub: HubFlags,
+}
+
+/// The hub's settings (shared with `demo`).
+#[derive(Debug, Clone, clap::Args)]
+struct HubFlags {
+    /// Where to answer DNS (UDP and TCP).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5353")]
+    dns: SocketAddr,
+    /// Where to serve the HTTP API.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8600")]
+    api: SocketAddr,
+    /// The zone the hub is authoritative for; apps are NAME.<zone>.
+    #[arg(long, default_value = "pico.local.")]
+    zone: String,
+    /// TTL of app answers, seconds: short, since an app's address changes when it moves.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    ttl: u32,
+    /// How long a start or restore may take before its query gets SERVFAIL.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    start_timeout: f64,
+    /// A worker that has not reported for this long is dead; its apps go back to their
+    /// last snapshot.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3.0)]
+    worker_timeout: f64,
+    /// The API token; by default the one in <state-dir>/hub/token (made if missing).
+    #[arg(long, env = "PICOCENTER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// Arguments of `picocenter worker`.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    state: StateDir,
+    /// The hub's API.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8600")]
+    hub: String,
+    #[command(flatten)]
+    worker: WorkerFlags,
+    /// The API token; by default the one in <state-dir>/hub/token.
+    #[arg(long, env = "PICOCENTER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// A worker's settings (shared with `demo`).
+#[derive(Debug, Clone, clap::Args)]
+struct WorkerFlags {
+    /// The addresses this worker gives its apps, as A.B.C.D/N (loopback: 127.x.y.z).
+    #[arg(long, value_name = "CIDR", default_value = "127.1.0.0/24")]
+    addresses: String,
+    /// This worker's id; by default the host name and the process id.
+    #[arg(long)]
+    id: Option<String>,
+    /// Where the worker's order API listens (port 0: any free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Swap an app out after this many seconds without CPU or connections.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    idle_after: f64,
+    /// Resident memory all apps together may use; least-recently-active apps are swapped
+    /// out to stay under it.
+    #[arg(long, value_name = "MIB", default_value_t = 16384)]
+    memory_limit_mib: u64,
+    /// Cold storage in a local directory (the default: <state-dir>/cold).
+    #[arg(long, value_name = "DIR", conflicts_with = "s3_bucket")]
+    store: Option<PathBuf>,
+    /// Cold storage in this S3 bucket instead.
+    #[arg(long, value_name = "BUCKET")]
+    s3_bucket: Option<String>,
+    /// The S3 endpoint (for S3-compatible servers); AWS when unset.
+    #[arg(long, value_name = "URL", requires = "s3_bucket")]
+    s3_endpoint: Option<String>,
+    /// A key prefix in the bucket.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "",
+        requires = "s3_bucket"
+    )]
+    s3_prefix: String,
+    /// Path-style S3 addressing (most S3-compatible servers need it).
+    #[arg(long, requires = "s3_bucket")]
+    s3_path_style: bool,
+    /// The S3 region.
+    #[arg(long, default_value = "us-east-1", requires = "s3_bucket")]
+    s3_region: String,
+    /// The S3 access key; AWS_ACCESS_KEY_ID when unset.
+    #[arg(long, requires = "s3_bucket")]
+    s3_access_key: Option<String>,
+    /// The S3 secret key; AWS_SECRET_ACCESS_KEY when unset.
+    #[arg(long, requires = "s3_bucket", hide_env_values = true)]
+    s3_secret_key: Option<String>,
+    /// How long the worker gives an app to start or come back before giving up on it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    launch_timeout: f64,
+}
+
+/// Arguments of `picocenter app`.
+#[derive(Debug, clap::Args)]
+pub struct AppArgs {
+    #[command(flatten)]
+    state: StateDir,
+    /// The hub's API.
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "http://127.0.0.1:8600",
+        global = true
+    )]
+    hub: String,
+    /// The API token; by default the one in <state-dir>/hub/token.
+    #[arg(long, env = "PICOCENTER_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: AppCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum AppCommand {
+    /// Register an app: it starts on the first DNS query for NAME.<zone>.
+    Add {
+        /// The app's name (a DNS label).
+        name: String,
+        /// The image it runs (see `picocenter image ls`).
+        #[arg(long)]
+        image: String,
+        /// Guest memory in MiB (default: the image's).
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u64>,
+        /// Extra environment, K=V (repeatable).
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// Swap it out after this many seconds idle (default: the worker's).
+        #[arg(long, value_name = "SECONDS")]
+        idle_after: Option<f64>,
+    },
+    /// Remove an app (ending it if it runs).
+    Rm {
+        /// The app.
+        name: String,
+    },
+    /// List the apps: state, worker, address and usage.
+    Ls,
+    /// One app in detail: state, usage, last error and recent events.
+    Status {
+        /// The app.
+        name: String,
+    },
+}
+
+/// Arguments of `picocenter demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    state: StateDir,
+    #[command(flatten)]
+    hub: HubFlags,
+    #[command(flatten)]
+    worker: WorkerFlags,
+    /// The image definitions to build and register (folders with an image.toml).
+    #[arg(long, value_name = "DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/images"))]
+    images: PathBuf,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn token(given: &Option<String>, state: &Path) -> anyhow::Result<String> {
+    match given {
+        Some(t) => Ok(t.clone()),
+        None => {
+            let path = state.join("hub/token");
+            serve::token_file(&path).with_context(|| format!("the API token in {}", path.display()))
+        }
+    }
+}
+
+fn seconds(value: f64, what: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .with_context(|| format!("{what} must be a positive number of seconds"))
+}
+
+fn hub_options(flags: &HubFlags, state: &Path) -> anyhow::Result<HubOptions> {
+    Ok(HubOptions {
+        dns: flags.dns,
+        api: flags.api,
+        zone: flags.zone.clone(),
+        ttl: flags.ttl,
+        data_dir: state.join("hub"),
+        token: token(&flags.token, state)?,
+        config: HubConfig {
+            start_limit: seconds(flags.start_timeout, "--start-timeout")?,
+            worker_timeout: seconds(flags.worker_timeout, "--worker-timeout")?,
+        },
+    })
+}
+
+fn worker_options(
+    flags: &WorkerFlags,
+    state: &Path,
+    hub: &str,
+    token: String,
+) -> anyhow::Result<WorkerOptions> {
+    let addresses = serve::parse_pool(&flags.addresses).map_err(anyhow::Error::msg)?;
+    let id = flags.id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let cold = match &flags.s3_bucket {
+        Some(bucket) => ColdConfig::S3(S3Config {
+            endpoint: flags.s3_endpoint.clone(),
+            bucket: bucket.clone(),
+            prefix: flags.s3_prefix.clone(),
+            path_style: flags.s3_path_style,
+            region: flags.s3_region.clone(),
+            access_key: flags.s3_access_key.clone(),
+            secret_key: flags.s3_secret_key.clone(),
+        }),
+        None => ColdConfig::Local {
+            dir: flags.store.clone().unwrap_or_else(|| state.join("cold")),
+        },
+    };
+    Ok(WorkerOptions {
+        hub: hub.to_string(),
+        token,
+        listen: flags.listen,
+        config: WorkerConfig {
+            work_dir: state.join("workers").join(&id),
+            id,
+            addresses,
+            idle_after: seconds(flags.idle_after, "--idle-after")?,
+            memory_limit: flags.memory_limit_mib << 20,
+            picocenter: std::env::current_exe().context("finding the picocenter binary")?,
+            state_dir: state.to_path_buf(),
+            start_limit: seconds(flags.launch_timeout, "--launch-timeout")?,
+        },
+        cold,
+        period: Duration::from_millis(500),
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+/// Runs `picocenter hub`.
+pub fn hub(args: HubArgs) -> anyhow::Result<i32> {
+    let options = hub_options(&args.hub, args.state.state_dir())?;
+    runtime()?.block_on(async {
+        let running = serve::start_hub(options).await?;
+        eprintln!(
+            "hub: DNS on {} (udp+tcp), API on http://{}; Ctrl-C stops",
+            running.dns, running.api
+        );
+        terminated().await;
+        running.shutdown().await;
+        Ok(0)
+    })
+}
+
+/// Runs `picocenter worker`.
+pub fn worker(args: WorkerArgs) -> anyhow::Result<i32> {
+    let state = args.state.state_dir();
+    let options = worker_options(&args.worker, state, &args.hub, token(&args.token, state)?)?;
+    runtime()?.block_on(async {
+        serve::run_worker(options, terminated()).await?;
+        Ok(0)
+    })
+}
+
+/// Runs `picocenter app`.
+pub fn app(args: AppArgs) -> anyhow::Result<i32> {
+    let client = Client::new(
+        &args.hub,
+        &token(&args.token, args.state.state_dir())?,
+        Duration::from_secs(60),
+    );
+    runtime()?.block_on(async {
+        match args.command {
+            AppCommand::Add {
+                name,
+                image,
+                memory,
+                env,
+                idle_after,
+            } => {
+                let spec = AppSpec {
+                    name,
+                    image,
+                    memory_mib: memory,
+                    env,
+                    idle_after_secs: idle_after,
+                };
+                let record: AppRecord = client.post("/v1/apps", &spec).await?;
+                println!("{}: registered ({})", record.spec.name, record.state);
+            }
+            AppCommand::Rm { name } => {
+                client.delete::<()>(&format!("/v1/apps/{name}")).await?;
+                println!("{name}: removed");
+            }
+            AppCommand::Ls => {
+                let apps: Vec<AppRecord> = client.get("/v1/apps").await?;
+                print_table(&apps);
+            }
+            AppCommand::Status { name } => {
+                let app: AppRecord = client.get(&format!("/v1/apps/{name}")).await?;
+                print_status(&app);
+            }
+        }
+        Ok(0)
+    })
+}
+
+fn print_table(apps: &[AppRecord]) {
+    println!(
+        "{:<16} {:<14} {:<12} {:<16} {:>9} {:>10} {:>9} {:>8}",
+        "NAME", "IMAGE", "STATE", "ADDRESS", "CPU-S", "MEM-GIB-S", "STORED", "SWAP-INS"
+    );
+    for a in apps {
+        println!(
+            "{:<16} {:<14} {:<12} {:<16} {:>9.3} {:>10.4} {:>9} {:>8}",
+            a.spec.name,
+            a.spec.image,
+            a.state.to_string(),
+            a.address
+                .map(|x| x.to_string())
+                .unwrap_or_else(|| "-".into()),
+            a.usage.cpu_seconds,
+            a.usage.memory_gib_seconds,
+            human(a.usage.stored_bytes),
+            a.usage.swap_ins
+        );
+    }
+}
+
+fn human(bytes: u64) -> String {
+    match bytes {
+        0 => "-".into(),
+        b if b < 1 << 20 => format!("{:.1}K", b as f64 / 1024.0),
+        b => format!("{:.1}M", b as f64 / 1048576.0),
+    }
+}
+
+fn print_status(a: &AppRecord) {
+    println!("app        {}", a.spec.name);
+    println!("image      {}", a.spec.image);
+    println!("state      {}", a.state);
+    if let Some(w) = &a.worker {
+        println!("worker     {w}");
+    }
+    if let Some(x) = a.address {
+        println!("address    {x}");
+    }
+    if let Some(s) = &a.snapshot {
+        println!("snapshot   {s}");
+    }
+    if let Some(e) = &a.last_error {
+        println!("last error {e}");
+    }
+    println!(
+        "usage      {:.3} CPU-s, {:.4} GiB-s memory, {} bytes stored, {} swap-ins, {} requests",
+        a.usage.cpu_seconds,
+        a.usage.memory_gib_seconds,
+        a.usage.stored_bytes,
+        a.usage.swap_ins,
+        a.usage.requests
+    );
+    println!("events");
+    for e in &a.events {
+        println!("  {}  {}", e.at_unix_ms, e.what);
+    }
+}
+
+/// The sample apps the demo registers: (app name, image).
+const DEMO_APPS: [(&str, &str); 4] = [
+    ("counter", "counter-http"),
+    ("nginx", "nginx"),
+    ("python", "python-http"),
+    ("lighttpd", "lighttpd"),
+];
+
+/// Runs `picocenter demo`: a hub and a worker in one process, with the sample apps.
+pub fn demo(args: DemoArgs) -> anyhow::Result<i32> {
+    let state = args.state.state_dir().to_path_buf();
+    for (_, image) in DEMO_APPS {
+        let dir = args.images.join(image);
+        if !dir.join("image.toml").exists() {
+            bail!(
+                "no image definition in {} (pass --images with the repository's images folder)",
+                dir.display()
+            );
+        }
+        eprintln!("demo: building image {image}...");
+        picocenter_images::build_with(&dir, &state, &Default::default())
+            .with_context(|| format!("building the image in {}", dir.display()))?;
+    }
+    let hub_options = hub_options(&args.hub, &state)?;
+    runtime()?.block_on(async move {
+        let running = serve::start_hub(hub_options.clone()).await?;
+        let api = format!("http://{}", running.api);
+        for (name, image) in DEMO_APPS {
+            if running.hub.get(name).is_none() {
+                running.hub.add(AppSpec {
+                    name: name.into(),
+                    image: image.into(),
+                    memory_mib: None,
+                    env: vec![],
+                    idle_after_secs: None,
+                })?;
+            }
+        }
+        let options = worker_options(&args.worker, &state, &api, hub_options.token.clone())?;
+        let zone = hub_options.zone.trim_end_matches('.').to_string();
+        let (dns_ip, dns_port) = (running.dns.ip(), running.dns.port());
+        println!("Picocenter demo: a hub and a worker in this process. Ctrl-C stops.");
+        println!("Apps ({}s idle before a swap-out):", args.worker.idle_after);
+        for (name, image) in DEMO_APPS {
+            println!("  {name:<9} {image}");
+        }
+        println!();
+        println!("Bring one up with a DNS query, then talk to it:");
+        println!("  dig @{dns_ip} -p {dns_port} +short counter.{zone}");
+        println!("  curl http://$(dig @{dns_ip} -p {dns_port} +short counter.{zone})/");
+        println!("Watch it: picocenter app ls --hub {api}   (or app status counter)");
+        println!("Cold storage: {}", state.join("cold").display());
+        serve::run_worker(options, terminated()).await?;
+        running.shutdown().await;
+        Ok(0)
+    })
+}
