@@ -58,6 +58,16 @@ impl Cold {
         }
     }
 
+    /// Checks that cold storage is reachable, making the S3 bucket if it does not exist.
+    pub fn prepare(&self) -> Result<(), StoreError> {
+        match &self.config {
+            ColdConfig::Local { dir } => LocalStore::open(dir).map(drop),
+            ColdConfig::S3(s3) => {
+                S3Store::open(s3, "picocenter", &self.cache.join(".probe"))?.ensure_bucket()
+            }
+        }
+    }
+
     /// The local store directory the VMM of `app` snapshots into and restores from.
     pub fn local_dir(&self, app: &str) -> PathBuf {
         match &self.config {

@@ -200,6 +200,7 @@ pub struct WorkerHello {
 
 /// A worker's periodic report.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct WorkerReport {
     /// Apps resident there: name and address.
     pub resident: Vec<(String, Ipv4Addr)>,

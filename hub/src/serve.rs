@@ -28,6 +28,9 @@ pub enum ServeError {
     /// The zone is not a DNS name.
     #[error("bad zone {0:?}")]
     Zone(String),
+    /// Cold storage is not usable.
+    #[error("cold storage: {0}")]
+    Cold(String),
     /// The hub could not open its registry.
     #[error(transparent)]
     Hub(#[from] HubError),
@@ -193,6 +196,11 @@ pub async fn run_worker(
         })?;
     let cold = Cold::new(options.cold.clone(), &options.config.work_dir.join("cache"));
     tracing::info!(cold = %cold.describe(), "cold storage");
+    let probe = cold.clone();
+    tokio::task::spawn_blocking(move || probe.prepare())
+        .await
+        .map_err(|e| ServeError::Cold(e.to_string()))?
+        .map_err(|e| ServeError::Cold(e.to_string()))?;
     let worker = Worker::new(options.config.clone(), cold);
     let hub = crate::client::Client::new(&options.hub, &options.token, Duration::from_secs(10));
     crate::worker::run(

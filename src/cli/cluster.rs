@@ -48,6 +48,9 @@ struct HubFlags {
     /// The API token; by default the one in <state-dir>/hub/token (made if missing).
     #[arg(long, env = "PICOCENTER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Where the hub keeps its registry (default: <state-dir>/hub).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 /// Arguments of `picocenter worker`.
@@ -213,7 +216,7 @@ fn hub_options(flags: &HubFlags, state: &Path) -> anyhow::Result<HubOptions> {
         api: flags.api,
         zone: flags.zone.clone(),
         ttl: flags.ttl,
-        data_dir: state.join("hub"),
+        data_dir: flags.data_dir.clone().unwrap_or_else(|| state.join("hub")),
         token: token(&flags.token, state)?,
         config: HubConfig {
             start_limit: seconds(flags.start_timeout, "--start-timeout")?,

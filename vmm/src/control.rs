@@ -210,7 +210,11 @@ impl ControlServer {
                 for stream in listener.incoming().flatten() {
                     let (kicker, stats, name) = (kicker.clone(), stats.clone(), name.clone());
                     let ops = ops.clone();
-                    std::thread::spawn(move || serve(stream, &kicker, &stats, &ops, &name));
+                    // Named, so that a worker can tell the CPU these take (its own
+                    // questions) from the app's.
+                    let _ = std::thread::Builder::new()
+                        .name("picocenter-control".into())
+                        .spawn(move || serve(stream, &kicker, &stats, &ops, &name));
                 }
             })
             .map_err(bind_error)?;

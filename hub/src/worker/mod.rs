@@ -78,6 +78,7 @@ struct Resident {
     idle_after: Duration,
     /// Counters at the last look, for deltas.
     cpu: Duration,
+    app_cpu: Duration,
     connections: u64,
     rss: u64,
     looked: Instant,
@@ -171,7 +172,7 @@ impl Worker {
         .await?;
         let ms = began.elapsed().as_secs_f64() * 1e3;
         tracing::info!(app = %name, %address, ms, restored = order.snapshot.is_some(), "started");
-        let (cpu, rss) = vmm::usage(vmm.pid).unwrap_or_default();
+        let usage = vmm::usage(vmm.pid).unwrap_or_default();
         let idle_after = order
             .spec
             .idle_after_secs
@@ -184,9 +185,10 @@ impl Worker {
                 address,
                 last_active: Instant::now(),
                 idle_after,
-                cpu,
+                cpu: usage.cpu,
+                app_cpu: usage.app_cpu,
                 connections: 0,
-                rss,
+                rss: usage.rss,
                 looked: Instant::now(),
             },
         );
@@ -284,20 +286,21 @@ impl Worker {
     /// Adds what `app` used since the last look to the pending report.
     fn account(&self, name: &str, app: &mut Resident) {
         let now = Instant::now();
-        let Some((cpu, rss)) = vmm::usage(app.vmm.pid) else {
+        let Some(usage) = vmm::usage(app.vmm.pid) else {
             return;
         };
         let seconds = now.duration_since(app.looked).as_secs_f64();
         let delta = UsageDelta {
-            cpu_seconds: cpu.saturating_sub(app.cpu).as_secs_f64(),
-            memory_gib_seconds: rss as f64 / (1u64 << 30) as f64 * seconds,
+            cpu_seconds: usage.cpu.saturating_sub(app.cpu).as_secs_f64(),
+            memory_gib_seconds: usage.rss as f64 / (1u64 << 30) as f64 * seconds,
             requests: 0,
         };
-        if cpu > app.cpu {
+        if usage.app_cpu > app.app_cpu {
             app.last_active = now;
         }
-        app.cpu = cpu;
-        app.rss = rss;
+        app.cpu = usage.cpu;
+        app.app_cpu = usage.app_cpu;
+        app.rss = usage.rss;
         app.looked = now;
         add_usage(&mut self.pending_report(), name, delta);
     }

@@ -261,22 +261,46 @@ pub async fn stats(control: &Path) -> Result<Stats, VmmError> {
     })
 }
 
-/// CPU time (user + system) and resident memory of process `pid`.
-pub fn usage(pid: u32) -> Option<(Duration, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+/// What a VMM process uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time of all its threads.
+    pub cpu: Duration,
+    /// CPU time of the threads that work for the app: all but the control socket's,
+    /// which answer the worker's own questions.
+    pub app_cpu: Duration,
+    /// Resident memory, bytes.
+    pub rss: u64,
+}
+
+/// What process `pid` uses. CPU time is the scheduler's nanosecond count per thread
+/// (/proc's tick counts are too coarse for an app that runs a few milliseconds between
+/// long sleeps).
+pub fn usage(pid: u32) -> Option<Usage> {
+    let mut usage = Usage::default();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        let ns = schedstat
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .unwrap_or(0);
+        let cpu = Duration::from_nanos(ns);
+        usage.cpu += cpu;
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("picocenter-cont") {
+            usage.app_cpu += cpu;
+        }
+    }
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let rss_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let rss_pages: u64 = fields.get(21)?.parse().ok()?;
-    // SAFETY: as above.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-    Some((
-        Duration::from_nanos(ticks * 1_000_000_000 / hz),
-        rss_pages * page,
-    ))
+    usage.rss = rss_pages * page;
+    Some(usage)
 }
 
 #[cfg(test)]
@@ -285,9 +309,18 @@ mod tests {
 
     #[test]
     fn reads_its_own_usage() {
-        let (cpu, rss) = usage(std::process::id()).unwrap();
-        assert!(rss > 0);
-        assert!(cpu < Duration::from_secs(3600));
+        let before = usage(std::process::id()).unwrap();
+        assert!(before.rss > 0);
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(20) {
+            std::hint::black_box(0);
+        }
+        let after = usage(std::process::id()).unwrap();
+        assert!(
+            after.cpu >= before.cpu + Duration::from_millis(10),
+            "{before:?} {after:?}"
+        );
+        assert!(after.app_cpu >= before.app_cpu + Duration::from_millis(10));
     }
 
     #[test]

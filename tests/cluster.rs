@@ -1,0 +1,724 @@
+//! The hub and workers end to end: real DNS queries (dig, over UDP and TCP), real HTTP to
+//! real apps, idle swap-outs to cold storage (a local directory, and S3 on a loopback moto
+//! server), coalesced restores, worker death, hub restarts, and hostile input.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "test-token-0123456789";
+
+/// A child process killed when dropped, its output in a file.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).unwrap();
+        cmd.stdout(file.try_clone().unwrap()).stderr(file);
+        Proc {
+            child: cmd.spawn().unwrap(),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait (at most 30 s).
+    fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let started = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "did not stop:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` every 50 ms until it gives a value, at most `limit`.
+fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A hub process with its own registry.
+struct Hub {
+    proc: Proc,
+    dns: SocketAddr,
+    api: SocketAddr,
+    data: PathBuf,
+}
+
+impl Hub {
+    fn start(data: &Path) -> Hub {
+        let mut cmd = picocenter();
+        cmd.args(["hub", "--dns", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
+        cmd.args([
+            "--token",
+            TOKEN,
+            "--worker-timeout",
+            "2",
+            "--start-timeout",
+            "20",
+        ]);
+        cmd.arg("--data-dir").arg(data);
+        let proc = Proc::spawn(cmd, data.with_extension("log"));
+        let (dns, api) = wait_for("the hub to come up", Duration::from_secs(20), || {
+            let log = proc.log();
+            let line = log.lines().find(|l| l.starts_with("hub: DNS on "))?;
+            let dns = line
+                .strip_prefix("hub: DNS on ")?
+                .split_whitespace()
+                .next()?;
+            let api = line.split("http://").nth(1)?.split([';', ' ']).next()?;
+            Some((dns.parse().ok()?, api.parse().ok()?))
+        });
+        Hub {
+            proc,
+            dns,
+            api,
+            data: data.to_path_buf(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.api)
+    }
+
+    /// One API call: (status, JSON body).
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        api(self.api, method, path, body, Some(TOKEN))
+    }
+
+    fn add(&self, name: &str, image: &str, idle_after: f64) {
+        let body =
+            format!(r#"{{"name":"{name}","image":"{image}","idle_after_secs":{idle_after}}}"#);
+        let (status, answer) = self.call("POST", "/v1/apps", Some(&body));
+        assert_eq!(status, 201, "{answer}");
+    }
+
+    fn app(&self, name: &str) -> serde_json::Value {
+        let (status, answer) = self.call("GET", &format!("/v1/apps/{name}"), None);
+        assert_eq!(status, 200, "{answer}");
+        answer
+    }
+
+    fn state(&self, name: &str) -> String {
+        self.app(name)["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn events(&self, name: &str) -> Vec<String> {
+        self.app(name)["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["what"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    fn wait_state(&self, name: &str, state: &str, limit: Duration) {
+        wait_for(&format!("{name} to be {state}"), limit, || {
+            (self.state(name) == state).then_some(())
+        });
+    }
+}
+
+/// A raw HTTP/1.1 request with an optional bearer token: (status, JSON body or null).
+fn api(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: hub\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A worker process.
+fn worker(hub: &Hub, id: &str, pool: &str, idle_after: &str, cold: &[&str]) -> Proc {
+    let mut cmd = picocenter();
+    cmd.args(["worker", "--hub", &hub.url(), "--token", TOKEN, "--id", id]);
+    cmd.args(["--addresses", pool, "--idle-after", idle_after]);
+    cmd.args(cold);
+    let proc = Proc::spawn(cmd, hub.data.with_extension(format!("{id}.log")));
+    wait_for("the worker to register", Duration::from_secs(20), || {
+        let (_, workers) = hub.call("GET", "/v1/workers", None);
+        workers
+            .as_array()?
+            .iter()
+            .any(|w| w["id"] == id)
+            .then_some(())
+    });
+    proc
+}
+
+/// `dig` at the hub: (status, answers).
+fn dig(dns: SocketAddr, name: &str, kind: &str, tcp: bool) -> (String, Vec<String>) {
+    let mut cmd = Command::new("dig");
+    cmd.arg(format!("@{}", dns.ip()))
+        .args(["-p", &dns.port().to_string()])
+        .args(["+tries=1", "+time=40", "+nocookie"])
+        .arg(if tcp { "+tcp" } else { "+notcp" })
+        .args([name, kind]);
+    let out = cmd.output().expect("dig (apt-get install dnsutils)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or("none")
+        .to_string();
+    let answers = text
+        .split(";; ANSWER SECTION:")
+        .nth(1)
+        .map(|s| {
+            s.lines()
+                .skip(1)
+                .take_while(|l| !l.trim().is_empty())
+                .filter_map(|l| l.split_whitespace().last().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    (status, answers)
+}
+
+/// The address `name` resolves to (A, over UDP).
+fn resolve(hub: &Hub, name: &str) -> String {
+    let (status, answers) = dig(hub.dns, &format!("{name}.pico.local"), "A", false);
+    assert_eq!(
+        status,
+        "NOERROR",
+        "{name}: {answers:?}\nhub log:\n{}",
+        hub.proc.log()
+    );
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    answers[0].clone()
+}
+
+fn get(address: &str, path: &str) -> String {
+    let response = http(format!("{address}:80").parse().unwrap(), "GET", path, b"");
+    assert_eq!(response.status, 200);
+    String::from_utf8_lossy(&response.body).trim().to_string()
+}
+
+fn count(address: &str) -> u64 {
+    get(address, "/")
+        .strip_prefix("count=")
+        .and_then(|c| c.parse().ok())
+        .expect("count=N")
+}
+
+fn setup(name: &str) -> (tempfile::TempDir, Hub) {
+    build_image("counter-http");
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(&dir.path().join(name));
+    (dir, hub)
+}
+
+#[test]
+fn a_query_starts_an_app_and_an_idle_app_swaps_out_and_comes_back() {
+    let (dir, hub) = setup("basic");
+    let store = dir.path().join("cold");
+    let _worker = worker(
+        &hub,
+        "w-basic",
+        "127.3.1.0/24",
+        "60",
+        &["--store", store.to_str().unwrap()],
+    );
+    hub.add("cbasic", "counter-http", 1.0);
+    assert_eq!(hub.state("cbasic"), "new");
+
+    let address = resolve(&hub, "cbasic");
+    assert!(address.starts_with("127.3.1."), "{address}");
+    assert_eq!(count(&address), 1);
+    assert_eq!(count(&address), 2);
+
+    // Idle for a second: swapped out, its memory freed, its snapshot in the store.
+    hub.wait_state("cbasic", "swapped_out", Duration::from_secs(15));
+    let snapshot = hub.app("cbasic")["snapshot"].as_str().unwrap().to_string();
+    assert!(store
+        .join("cbasic")
+        .join(format!("{snapshot}.pages"))
+        .exists());
+    assert!(
+        !state_dir().join("run/cbasic.sock").exists(),
+        "the VMM still runs"
+    );
+    wait_for(
+        "the worker to report no memory",
+        Duration::from_secs(5),
+        || {
+            let (_, workers) = hub.call("GET", "/v1/workers", None);
+            (workers[0]["memory_bytes"] == 0 && workers[0]["resident"] == 0).then_some(())
+        },
+    );
+
+    // A query brings it back with its state.
+    let address = resolve(&hub, "cbasic");
+    assert_eq!(count(&address), 3);
+    let app = hub.app("cbasic");
+    assert_eq!(app["state"], "resident");
+    assert_eq!(app["usage"]["swap_ins"], 1);
+    assert!(app["usage"]["stored_bytes"].as_u64().unwrap() > 0);
+    wait_for("usage to be reported", Duration::from_secs(5), || {
+        let usage = hub.app("cbasic")["usage"].clone();
+        (usage["requests"].as_u64()? >= 3
+            && usage["cpu_seconds"].as_f64()? > 0.0
+            && usage["memory_gib_seconds"].as_f64()? > 0.0)
+            .then_some(())
+    });
+    // The same answer again, now from the resident app, also over TCP.
+    let (status, answers) = dig(hub.dns, "cbasic.pico.local", "A", true);
+    assert_eq!((status.as_str(), answers), ("NOERROR", vec![address]));
+}
+
+#[test]
+fn fifty_concurrent_queries_bring_a_swapped_out_app_back_once() {
+    let (dir, hub) = setup("fifty");
+    let store = dir.path().join("cold");
+    let _worker = worker(
+        &hub,
+        "w-fifty",
+        "127.3.2.0/24",
+        "60",
+        &["--store", store.to_str().unwrap()],
+    );
+    hub.add("cfifty", "counter-http", 1.0);
+    let address = resolve(&hub, "cfifty");
+    assert_eq!(count(&address), 1);
+    hub.wait_state("cfifty", "swapped_out", Duration::from_secs(15));
+
+    let digs: Vec<std::thread::JoinHandle<(String, Vec<String>)>> = (0..50)
+        .map(|i| {
+            let dns = hub.dns;
+            std::thread::spawn(move || dig(dns, "cfifty.pico.local", "A", i % 5 == 0))
+        })
+        .collect();
+    let answers: Vec<(String, Vec<String>)> = digs.into_iter().map(|t| t.join().unwrap()).collect();
+    let address = answers[0].1[0].clone();
+    for (status, a) in &answers {
+        assert_eq!(status, "NOERROR");
+        assert_eq!(a, &vec![address.clone()]);
+    }
+    let restores = hub
+        .events("cfifty")
+        .iter()
+        .filter(|e| e.starts_with("restoring snapshot"))
+        .count();
+    assert_eq!(restores, 1, "{:?}", hub.events("cfifty"));
+    assert_eq!(count(&address), 2);
+}
+
+#[test]
+fn a_killed_worker_s_apps_come_back_on_another_worker() {
+    let (dir, hub) = setup("failover");
+    let store = dir.path().join("cold");
+    let cold = ["--store", store.to_str().unwrap()];
+    let mut first = worker(&hub, "w-first", "127.3.3.0/24", "60", &cold);
+    hub.add("cfail", "counter-http", 60.0);
+    let address = resolve(&hub, "cfail");
+    assert!(address.starts_with("127.3.3."));
+    assert_eq!(count(&address), 1);
+    // A snapshot to fall back to: swap it out through the worker, bring it back there.
+    let (_, workers) = hub.call("GET", "/v1/workers", None);
+    let url: SocketAddr = workers[0]["url"].as_str().unwrap()["http://".len()..]
+        .parse()
+        .unwrap();
+    let (status, swapped) = api(url, "POST", "/v1/apps/cfail/swap-out", None, Some(TOKEN));
+    assert_eq!(status, 200, "{swapped}");
+    hub.wait_state("cfail", "swapped_out", Duration::from_secs(10));
+    let address = resolve(&hub, "cfail");
+    assert_eq!(count(&address), 2);
+
+    let _second = worker(&hub, "w-second", "127.3.4.0/24", "60", &cold);
+    first.kill();
+    // The first worker's VMMs die with it; the hub notices the silence.
+    hub.wait_state("cfail", "swapped_out", Duration::from_secs(15));
+    assert!(hub
+        .events("cfail")
+        .iter()
+        .any(|e| e.contains("w-first is gone")));
+    let address = resolve(&hub, "cfail");
+    assert!(address.starts_with("127.3.4."), "{address}");
+    // Back at its last snapshot (count 1 was in it; the request after it was lost).
+    assert_eq!(count(&address), 2);
+    assert_eq!(hub.app("cfail")["worker"], "w-second");
+}
+
+#[test]
+fn a_hub_restart_keeps_the_registry() {
+    let (dir, mut hub) = setup("restart");
+    hub.add("keep-a", "counter-http", 5.0);
+    hub.add("keep-b", "nginx", 7.0);
+    hub.proc.terminate();
+    let hub = Hub::start(&dir.path().join("restart"));
+    let (status, apps) = hub.call("GET", "/v1/apps", None);
+    assert_eq!(status, 200);
+    let names: Vec<&str> = apps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["spec"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["keep-a", "keep-b"]);
+    assert_eq!(hub.app("keep-b")["spec"]["idle_after_secs"], 7.0);
+}
+
+#[test]
+fn dns_answers_are_right_for_the_zone_and_failures_are_servfail() {
+    let (dir, hub) = setup("zone");
+    let store = dir.path().join("cold");
+    let _worker = worker(
+        &hub,
+        "w-zone",
+        "127.3.5.0/24",
+        "60",
+        &["--store", store.to_str().unwrap()],
+    );
+    hub.add("czone", "counter-http", 60.0);
+    hub.add("broken", "no-such-image", 60.0);
+    for tcp in [false, true] {
+        let (status, answers) = dig(hub.dns, "nobody.pico.local", "A", tcp);
+        assert_eq!((status.as_str(), answers.len()), ("NXDOMAIN", 0));
+        let (status, answers) = dig(hub.dns, "czone.pico.local", "AAAA", tcp);
+        assert_eq!((status.as_str(), answers.len()), ("NOERROR", 0));
+        let (status, answers) = dig(hub.dns, "pico.local", "SOA", tcp);
+        assert_eq!(status, "NOERROR");
+        assert_eq!(answers, ["5"], "SOA minimum is the TTL");
+        let (status, answers) = dig(hub.dns, "pico.local", "NS", tcp);
+        assert_eq!(
+            (status.as_str(), answers),
+            ("NOERROR", vec!["ns.pico.local.".to_string()])
+        );
+        let (status, _) = dig(hub.dns, "example.com", "A", tcp);
+        assert_eq!(status, "REFUSED");
+    }
+    // An app that cannot start: SERVFAIL, and the failure in its status.
+    let (status, _) = dig(hub.dns, "broken.pico.local", "A", false);
+    assert_eq!(status, "SERVFAIL");
+    let app = hub.app("broken");
+    assert_eq!(app["state"], "failed");
+    assert!(
+        app["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-image"),
+        "{app}"
+    );
+    // The AAAA query did not start czone; its A query does.
+    assert_eq!(hub.state("czone"), "new");
+    let address = resolve(&hub, "czone");
+    assert_eq!(count(&address), 1);
+}
+
+#[test]
+fn timers_bring_a_swapped_out_app_back_without_a_query() {
+    let (dir, hub) = setup("timer");
+    // An image of the ticker guest, which wakes every 3 s.
+    let definition = dir.path().join("ticker");
+    std::fs::create_dir_all(&definition).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests/ticker.c"),
+        definition.join("ticker.c"),
+    )
+    .unwrap();
+    std::fs::write(
+        definition.join("image.toml"),
+        "description = \"wakes every 3 s\"\n[run]\nargv = [\"/bin/ticker\"]\nmemory_mib = 16\nports = [80]\n\
+         [root]\ncompile = [{ sources = [\"ticker.c\"], output = \"/bin/ticker\", flags = [\"-O2\", \"-static\"] }]\n",
+    )
+    .unwrap();
+    let mut build = picocenter();
+    build.args(["image", "build"]).arg(&definition);
+    let out = run_with_limit(&mut build, Duration::from_secs(120));
+    assert!(out.status.success(), "{}", describe(&out));
+
+    let store = dir.path().join("cold");
+    let _worker = worker(
+        &hub,
+        "w-timer",
+        "127.3.6.0/24",
+        "60",
+        &["--store", store.to_str().unwrap()],
+    );
+    hub.add("ticker", "ticker", 1.0);
+    let address = resolve(&hub, "ticker");
+    assert_eq!(get(&address, "/"), "ticks=0");
+    // Idle after 1 s; its poll times out 3 s after it began: the worker brings it back
+    // then, with no query, and it ticks.
+    hub.wait_state("ticker", "swapped_out", Duration::from_secs(10));
+    wait_for("the timer to wake it", Duration::from_secs(15), || {
+        hub.events("ticker")
+            .iter()
+            .any(|e| e == "timer due")
+            .then_some(())
+    });
+    wait_for(
+        "it to tick while nobody asked",
+        Duration::from_secs(20),
+        || {
+            let app = hub.app("ticker");
+            let swaps = app["usage"]["swap_ins"].as_u64()?;
+            (swaps >= 1).then_some(())
+        },
+    );
+    let address = resolve(&hub, "ticker");
+    let ticks: u64 = get(&address, "/")
+        .strip_prefix("ticks=")
+        .and_then(|t| t.parse().ok())
+        .unwrap();
+    assert!(ticks >= 1, "it never ran while swapped out");
+}
+
+#[test]
+fn malformed_dns_and_api_requests_get_errors_not_crashes() {
+    let (_dir, hub) = setup("hostile");
+    hub.add("calm", "counter-http", 60.0);
+    // DNS: garbage datagrams, a truncated header, a header claiming questions it lacks,
+    // a label running past the end, a compression loop; then garbage over TCP.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let packets: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0xff; 3],
+        vec![0x12, 0x34, 0x01, 0x00, 0x00, 0x05, 0, 0, 0, 0, 0, 0],
+        vec![
+            0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 63, b'a', b'b',
+        ],
+        vec![
+            0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1,
+        ],
+        (0..512).map(|i| (i * 7) as u8).collect(),
+    ];
+    for packet in &packets {
+        udp.send_to(packet, hub.dns).unwrap();
+        let mut answer = [0u8; 512];
+        if let Ok((n, _)) = udp.recv_from(&mut answer) {
+            assert!(n >= 12, "a DNS answer has a header");
+            assert_ne!(answer[3] & 0x0f, 0, "an error code for garbage");
+        }
+    }
+    let mut tcp = std::net::TcpStream::connect(hub.dns).unwrap();
+    let _ = tcp.write_all(&[0x00, 0x05, 1, 2, 3, 4, 5, 0xff, 0xff, 9, 9]);
+    drop(tcp);
+
+    // API: no token, a wrong one, bad JSON, a bad name, an unknown app.
+    let (status, _) = api(hub.api, "GET", "/v1/apps", None, None);
+    assert_eq!(status, 401);
+    let (status, _) = api(hub.api, "GET", "/v1/apps", None, Some("wrong"));
+    assert_eq!(status, 401);
+    let (status, _) = api(hub.api, "POST", "/v1/apps", Some("{not json"), Some(TOKEN));
+    assert_eq!(status, 400);
+    let (status, _) = api(
+        hub.api,
+        "POST",
+        "/v1/apps",
+        Some(r#"{"name":"x"}"#),
+        Some(TOKEN),
+    );
+    assert_eq!(status, 422);
+    let (status, e) = hub.call(
+        "POST",
+        "/v1/apps",
+        Some(r#"{"name":"Bad.Name","image":"i"}"#),
+    );
+    assert_eq!(status, 400, "{e}");
+    let (status, _) = hub.call("POST", "/v1/apps", Some(r#"{"name":"calm","image":"i"}"#));
+    assert_eq!(status, 409);
+    let (status, _) = hub.call("GET", "/v1/apps/nobody", None);
+    assert_eq!(status, 404);
+    let (status, _) = hub.call("POST", "/v1/workers/ghost/report", Some("{}"));
+    assert_eq!(status, 404);
+    let huge = format!(r#"{{"name":"{}","image":"i"}}"#, "a".repeat(4 << 20));
+    let (status, _) = hub.call("POST", "/v1/apps", Some(&huge));
+    assert_eq!(status, 413);
+
+    // Still serving both.
+    let (status, _) = dig(hub.dns, "calm.pico.local", "AAAA", false);
+    assert_eq!(status, "NOERROR");
+    assert_eq!(hub.state("calm"), "new");
+}
+
+/// A moto S3 server on a free loopback port, stopped when dropped.
+struct Moto {
+    proc: Proc,
+    endpoint: String,
+}
+
+impl Moto {
+    fn start(log: PathBuf) -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ]);
+        cmd.stdin(Stdio::null());
+        let proc = Proc::spawn(cmd, log);
+        let endpoint = format!("http://127.0.0.1:{port}");
+        wait_for(
+            "the moto S3 server (pip install 'moto[server]')",
+            Duration::from_secs(30),
+            || {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(|_| ())
+            },
+        );
+        Moto { proc, endpoint }
+    }
+}
+
+#[test]
+fn the_s3_backend_swaps_out_and_back() {
+    let (dir, hub) = setup("s3");
+    let moto = Moto::start(dir.path().join("moto.log"));
+    let cold = [
+        "--s3-bucket",
+        "picocenter-test",
+        "--s3-endpoint",
+        &moto.endpoint,
+        "--s3-prefix",
+        "apps",
+        "--s3-path-style",
+        "--s3-access-key",
+        "test",
+        "--s3-secret-key",
+        "test",
+    ];
+    let worker = worker(&hub, "w-s3", "127.3.7.0/24", "60", &cold);
+    hub.add("cs3", "counter-http", 1.0);
+    let address = resolve(&hub, "cs3");
+    assert_eq!(count(&address), 1);
+    hub.wait_state("cs3", "swapped_out", Duration::from_secs(20));
+    // The worker's local copy goes: the restore must come from S3.
+    let cache = state_dir().join("workers/w-s3/cache/cs3");
+    std::fs::remove_dir_all(&cache).unwrap();
+    let address = resolve(&hub, "cs3");
+    assert_eq!(
+        count(&address),
+        2,
+        "worker log:\n{}\nmoto:\n{}",
+        worker.log(),
+        moto.proc.log()
+    );
+    assert!(cache.join("store").exists());
+    assert!(hub.app("cs3")["usage"]["stored_bytes"].as_u64().unwrap() > 0);
+}
+
+/// Reads the lines a `Proc` logged so far (for debugging a failure).
+#[allow(dead_code)]
+fn lines(proc: &Proc) -> Vec<String> {
+    std::io::BufReader::new(std::fs::File::open(&proc.log).unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .collect()
+}
+
+#[test]
+fn a_full_worker_swaps_out_its_least_recently_active_app() {
+    let (dir, hub) = setup("capacity");
+    let store = dir.path().join("cold");
+    // Room for about one app: each VMM holds a few MiB, and a start wants 8 MiB free.
+    let _worker = worker(
+        &hub,
+        "w-capacity",
+        "127.3.8.0/24",
+        "60",
+        &[
+            "--store",
+            store.to_str().unwrap(),
+            "--memory-limit-mib",
+            "12",
+        ],
+    );
+    hub.add("cold-a", "counter-http", 60.0);
+    hub.add("cold-b", "counter-http", 60.0);
+    let a = resolve(&hub, "cold-a");
+    assert_eq!(count(&a), 1);
+    wait_for(
+        "the worker to report its memory",
+        Duration::from_secs(5),
+        || {
+            let (_, workers) = hub.call("GET", "/v1/workers", None);
+            (workers[0]["memory_bytes"].as_u64()? > 0).then_some(())
+        },
+    );
+    let b = resolve(&hub, "cold-b");
+    assert_eq!(count(&b), 1);
+    hub.wait_state("cold-a", "swapped_out", Duration::from_secs(10));
+    assert_eq!(hub.state("cold-b"), "resident");
+    // And it comes back, with its count, pushing the other out.
+    let a = resolve(&hub, "cold-a");
+    assert_eq!(count(&a), 2);
+    hub.wait_state("cold-b", "swapped_out", Duration::from_secs(10));
+}
