@@ -722,3 +722,36 @@ fn a_full_worker_swaps_out_its_least_recently_active_app() {
     assert_eq!(count(&a), 2);
     hub.wait_state("cold-b", "swapped_out", Duration::from_secs(10));
 }
+
+#[test]
+fn a_long_snapshot_chain_is_compacted() {
+    let (dir, hub) = setup("chain");
+    let store = dir.path().join("cold");
+    let _worker = worker(
+        &hub,
+        "w-chain",
+        "127.3.10.0/24",
+        "60",
+        &["--store", store.to_str().unwrap()],
+    );
+    hub.add("cchain", "counter-http", 60.0);
+    let (_, workers) = hub.call("GET", "/v1/workers", None);
+    let url: SocketAddr = workers[0]["url"].as_str().unwrap()["http://".len()..]
+        .parse()
+        .unwrap();
+    for expected in 1..=12 {
+        let address = resolve(&hub, "cchain");
+        assert_eq!(count(&address), expected);
+        let (status, answer) = api(url, "POST", "/v1/apps/cchain/swap-out", None, Some(TOKEN));
+        assert_eq!(status, 200, "{answer}");
+        hub.wait_state("cchain", "swapped_out", Duration::from_secs(10));
+    }
+    let manifests = std::fs::read_dir(store.join("cchain"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".manifest"))
+        .count();
+    assert!(manifests <= 8, "{manifests} snapshots kept for one app");
+    let address = resolve(&hub, "cchain");
+    assert_eq!(count(&address), 13);
+}

@@ -7,10 +7,14 @@
 //! the new snapshot (an increment only carries what changed), and before a restore it
 //! downloads what the cache lacks of the chain, ActiveSet first.
 
+use picocenter_snapshots::compact::compact;
 use picocenter_snapshots::s3::{S3Config, S3Store};
 use picocenter_snapshots::{copy_chain, store::chain, LocalStore, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+/// The longest snapshot chain kept: a swap-out that makes it longer compacts it.
+pub const MAX_CHAIN: usize = 8;
 
 /// Which cold storage backend, and its settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -93,14 +97,29 @@ impl Cold {
     }
 
     /// After the VMM of `app` wrote snapshot `id` into [`Cold::local_dir`]: puts it in
-    /// cold storage. Returns the bytes the app's snapshot chain holds there.
-    pub fn store(&self, app: &str, id: &str) -> Result<u64, StoreError> {
+    /// cold storage. A chain grown past [`MAX_CHAIN`] increments is compacted first, so a
+    /// restore never reads more than that many snapshots. Returns the snapshot to restore
+    /// next (`id`, or the compacted one) and the bytes its chain holds in cold storage.
+    pub fn store(&self, app: &str, id: &str) -> Result<(String, u64), StoreError> {
         let local = LocalStore::open(&self.local_dir(app))?;
+        let mut id = id.to_string();
+        if chain(&local, &id)?.len() > MAX_CHAIN {
+            let compacted = compact(&local, &id).map_err(|e| StoreError::Remote(e.to_string()))?;
+            tracing::info!(app, from = %id, to = %compacted.id, "compacted the snapshot chain");
+            id = compacted.id;
+        }
         match self.remote(app)? {
-            None => chain_bytes(&local, id),
+            None => Ok((id.clone(), chain_bytes(&local, &id)?)),
             Some(remote) => {
-                copy_chain(&local, &remote, id)?;
-                chain_bytes(&remote, id)
+                copy_chain(&local, &remote, &id)?;
+                // What the new chain does not need (after a compaction) goes.
+                let keep: Vec<String> = chain(&remote, &id)?.into_iter().map(|m| m.id).collect();
+                for old in remote.list()? {
+                    if !keep.contains(&old) {
+                        remote.remove(&old)?;
+                    }
+                }
+                Ok((id.clone(), chain_bytes(&remote, &id)?))
             }
         }
     }

@@ -255,9 +255,10 @@ impl Worker {
         let _ = tokio::time::timeout(Duration::from_secs(10), app.vmm.child.wait()).await;
         let cold = self.cold.clone();
         let (app_name, snapshot) = (name.to_string(), id.clone());
-        let stored_bytes = tokio::task::spawn_blocking(move || cold.store(&app_name, &snapshot))
-            .await
-            .map_err(|e| WorkerError::Internal(e.to_string()))??;
+        let (id, stored_bytes) =
+            tokio::task::spawn_blocking(move || cold.store(&app_name, &snapshot))
+                .await
+                .map_err(|e| WorkerError::Internal(e.to_string()))??;
         let wake_at_unix_ms = wake_at(&self.cold.local_dir(name), &id);
         let swapped = SwappedOut {
             name: name.to_string(),
