@@ -94,8 +94,9 @@ impl Hub {
         ]);
         cmd.arg("--data-dir").arg(data);
         let proc = Proc::spawn(cmd, data.with_extension("log"));
-        let (dns, api) = wait_for("the hub to come up", Duration::from_secs(20), || {
+        let (dns, api) = wait_for("the hub to come up", Duration::from_secs(60), || {
             let log = proc.log();
+            assert!(!log.contains("error:"), "the hub failed:\n{log}");
             let line = log.lines().find(|l| l.starts_with("hub: DNS on "))?;
             let dns = line
                 .strip_prefix("hub: DNS on ")?
@@ -216,7 +217,7 @@ fn dig(dns: SocketAddr, name: &str, kind: &str, tcp: bool) -> (String, Vec<Strin
     let mut cmd = Command::new("dig");
     cmd.arg(format!("@{}", dns.ip()))
         .args(["-p", &dns.port().to_string()])
-        .args(["+tries=1", "+time=40", "+nocookie"])
+        .args(["+tries=3", "+time=15", "+nocookie"])
         .arg(if tcp { "+tcp" } else { "+notcp" })
         .args([name, kind]);
     let out = cmd.output().expect("dig (apt-get install dnsutils)");

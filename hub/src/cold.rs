@@ -13,8 +13,11 @@ use picocenter_snapshots::{copy_chain, store::chain, LocalStore, Store, StoreErr
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// The longest snapshot chain kept: a swap-out that makes it longer compacts it.
+/// The longest snapshot chain kept in a local directory: a swap-out that makes it longer
+/// compacts it.
 pub const MAX_CHAIN: usize = 8;
+/// The same in S3, where each snapshot of a chain costs a restore its own round trips.
+pub const MAX_CHAIN_S3: usize = 3;
 
 /// Which cold storage backend, and its settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -97,13 +100,17 @@ impl Cold {
     }
 
     /// After the VMM of `app` wrote snapshot `id` into [`Cold::local_dir`]: puts it in
-    /// cold storage. A chain grown past [`MAX_CHAIN`] increments is compacted first, so a
-    /// restore never reads more than that many snapshots. Returns the snapshot to restore
+    /// cold storage. A chain grown past [`MAX_CHAIN`] increments is compacted first (past
+    /// [`MAX_CHAIN_S3`] for S3), so a restore never reads more than that many snapshots. Returns the snapshot to restore
     /// next (`id`, or the compacted one) and the bytes its chain holds in cold storage.
     pub fn store(&self, app: &str, id: &str) -> Result<(String, u64), StoreError> {
         let local = LocalStore::open(&self.local_dir(app))?;
         let mut id = id.to_string();
-        if chain(&local, &id)?.len() > MAX_CHAIN {
+        let longest = match self.config {
+            ColdConfig::Local { .. } => MAX_CHAIN,
+            ColdConfig::S3(_) => MAX_CHAIN_S3,
+        };
+        if chain(&local, &id)?.len() > longest {
             let compacted = compact(&local, &id).map_err(|e| StoreError::Remote(e.to_string()))?;
             tracing::info!(app, from = %id, to = %compacted.id, "compacted the snapshot chain");
             id = compacted.id;
@@ -130,7 +137,14 @@ impl Cold {
         let dir = self.local_dir(app);
         if let Some(remote) = self.remote(app)? {
             let local = LocalStore::open(&dir)?;
-            copy_chain(&remote, &local, id)?;
+            let started = std::time::Instant::now();
+            let fetched = remote.fetch_chain(&local, id)?;
+            tracing::info!(
+                app,
+                ?fetched,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "fetched from S3"
+            );
         }
         Ok(dir)
     }

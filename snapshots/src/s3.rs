@@ -21,7 +21,7 @@
 //! accept.
 
 use crate::format::{Manifest, MAX_MANIFEST_SIZE, PAGE_SIZE};
-use crate::store::{check_id, Store, StoreError};
+use crate::store::{check_id, LocalStore, Store, StoreError};
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
@@ -33,6 +33,7 @@ use aws_sdk_s3::types::{
     BucketLocationConstraint, CompletedMultipartUpload, CompletedPart, CreateBucketConfiguration,
 };
 use aws_sdk_s3::Client;
+use futures::{FutureExt, TryFutureExt};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::ops::Range;
@@ -323,6 +324,61 @@ impl S3Store {
     ) -> Result<T, StoreError> {
         let runtime = self.runtime.as_ref().ok_or(S3Error::Panicked)?;
         run_on_thread(runtime, work)?
+    }
+
+    /// Makes the chain ending at snapshot `id` complete in `local`, with `id` its newest,
+    /// in as few requests as the chain allows: one GET per missing manifest (walking the
+    /// parents until one is already local), then every missing page file (ActiveSet prefix
+    /// first) and data archive at once, sized from their manifests. Returns the ids fetched.
+    pub fn fetch_chain(&self, local: &LocalStore, id: &str) -> Result<Vec<String>, StoreError> {
+        let missing = self.run(async {
+            let mut missing = Vec::new();
+            let mut next = Some(id.to_string());
+            while let Some(current) = next {
+                if local.manifest(&current).is_ok() {
+                    break;
+                }
+                let manifest = self.fetch_manifest(&current).await?;
+                next = manifest.parent.clone();
+                missing.push(manifest);
+            }
+            let jobs = missing.iter().flat_map(|m| {
+                let pages = self
+                    .fetch_object(
+                        &m.id,
+                        "pages",
+                        m.page_file_bytes(),
+                        m.activeset_prefix.saturating_mul(PAGE_SIZE),
+                    )
+                    .map_ok(Some)
+                    .boxed();
+                let data = async move {
+                    if m.data_bytes > 0 {
+                        self.fetch_object(&m.id, "data", m.data_bytes, 0)
+                            .await
+                            .map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                }
+                .boxed();
+                [pages, data]
+            });
+            let fetched = futures::future::try_join_all(jobs).await?;
+            Ok((missing, fetched))
+        })?;
+        let (manifests, files) = missing;
+        // Oldest first, so that every commit's parent is already there.
+        for (i, manifest) in manifests.iter().enumerate().rev() {
+            let pages = files[2 * i]
+                .clone()
+                .ok_or_else(|| self.missing(&manifest.id))?;
+            local.commit(manifest, &pages, files[2 * i + 1].as_deref())?;
+        }
+        if local.head()?.as_deref() != Some(id) {
+            local.set_head(id)?;
+        }
+        Ok(manifests.into_iter().map(|m| m.id).collect())
     }
 
     /// The size of an object, or `None` if it does not exist.

@@ -137,6 +137,14 @@ impl LocalStore {
         Ok(Self { dir })
     }
 
+    /// Makes snapshot `id` (which must be here) the newest.
+    pub fn set_head(&self, id: &str) -> Result<(), StoreError> {
+        self.manifest(id)?;
+        self.write_atomic(&self.dir.join("HEAD"), format!("{id}\n").as_bytes())?;
+        self.sync_dir();
+        Ok(())
+    }
+
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir

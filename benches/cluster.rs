@@ -1,0 +1,435 @@
+//! The hub and workers as a client meets them, measured side by side in one run:
+//!
+//! * DNS query to the first byte of the HTTP response, for counter-http and nginx, when
+//!   the app is resident, swapped out to the local store, and swapped out to S3 (a moto
+//!   server on loopback; the worker's local copy is deleted first, so the restore reads S3);
+//! * DNS queries per second the hub answers for a resident app (a UDP load generator here);
+//! * host memory per idle resident picoprocess beyond the guest pages it touched, and how
+//!   many idle counter-http apps a worker holds in 16 GiB.
+//!
+//! Run with `cargo bench --bench cluster`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{build_image, median, picocenter, state_dir};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "bench-token";
+const ROUNDS: usize = 11;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(mut cmd: Command, log: &Path) -> Proc {
+    let file = std::fs::File::create(log).unwrap();
+    cmd.stdout(file.try_clone().unwrap()).stderr(file);
+    Proc(cmd.spawn().unwrap())
+}
+
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One authenticated API call: (status, JSON).
+fn api(address: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
+
+/// A hub and one worker.
+struct Cluster {
+    _hub: Proc,
+    _worker: Proc,
+    dns: SocketAddr,
+    api: SocketAddr,
+    worker_api: SocketAddr,
+    cache: PathBuf,
+}
+
+impl Cluster {
+    fn start(name: &str, pool: &str, cold: &[&str]) -> Cluster {
+        let dir = state_dir().join("bench-cluster").join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cmd = picocenter();
+        cmd.args([
+            "hub",
+            "--dns",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--token",
+            TOKEN,
+        ]);
+        cmd.arg("--data-dir").arg(dir.join("hub"));
+        let log = dir.join("hub.log");
+        let hub = spawn(cmd, &log);
+        let (dns, api) = wait_for("the hub", || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            let line = text.lines().find(|l| l.starts_with("hub: DNS on "))?;
+            let dns = line
+                .strip_prefix("hub: DNS on ")?
+                .split_whitespace()
+                .next()?;
+            let api = line.split("http://").nth(1)?.split([';', ' ']).next()?;
+            Some((dns.parse().ok()?, api.parse().ok()?))
+        });
+        let id = format!("bench-{name}");
+        let mut cmd = picocenter();
+        cmd.args([
+            "worker",
+            "--hub",
+            &format!("http://{api}"),
+            "--token",
+            TOKEN,
+            "--id",
+            &id,
+        ]);
+        cmd.args(["--addresses", pool, "--idle-after", "3600"]);
+        cmd.args(cold);
+        let worker = spawn(cmd, &dir.join("worker.log"));
+        let worker_api = wait_for("the worker", || {
+            let (_, workers) = api_call(api, "GET", "/v1/workers");
+            let url = workers.as_array()?.first()?["url"].as_str()?.to_string();
+            url.strip_prefix("http://")?.parse().ok()
+        });
+        Cluster {
+            _hub: hub,
+            _worker: worker,
+            dns,
+            api,
+            worker_api,
+            cache: state_dir().join("workers").join(id).join("cache"),
+        }
+    }
+
+    fn add(&self, name: &str, image: &str) {
+        let (status, answer) = api(
+            self.api,
+            "POST",
+            "/v1/apps",
+            &format!(r#"{{"name":"{name}","image":"{image}"}}"#),
+        );
+        assert!(status == 201 || status == 409, "{answer}");
+    }
+
+    fn state(&self, name: &str) -> String {
+        let (_, app) = api_call(self.api, "GET", &format!("/v1/apps/{name}"));
+        app["state"].as_str().unwrap_or_default().to_string()
+    }
+
+    fn swap_out(&self, name: &str) {
+        let (status, answer) = api(
+            self.worker_api,
+            "POST",
+            &format!("/v1/apps/{name}/swap-out"),
+            "",
+        );
+        assert_eq!(status, 200, "{answer}");
+        wait_for("the swap-out report", || {
+            (self.state(name) == "swapped_out").then_some(())
+        });
+    }
+}
+
+fn api_call(address: SocketAddr, method: &str, path: &str) -> (u16, serde_json::Value) {
+    api(address, method, path, "")
+}
+
+/// A DNS query for `name` (type A), id `id`.
+fn query(name: &str, id: u16) -> Vec<u8> {
+    let mut packet = vec![
+        (id >> 8) as u8,
+        id as u8,
+        0x01,
+        0x00,
+        0,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ];
+    for label in name.trim_end_matches('.').split('.') {
+        packet.push(label.len() as u8);
+        packet.extend_from_slice(label.as_bytes());
+    }
+    packet.extend_from_slice(&[0, 0, 1, 0, 1]);
+    packet
+}
+
+/// The first A record of a DNS answer.
+fn first_a(answer: &[u8]) -> Option<Ipv4Addr> {
+    if answer.len() < 12 || answer[3] & 0x0f != 0 || u16::from_be_bytes([answer[6], answer[7]]) == 0
+    {
+        return None;
+    }
+    let mut at = 12;
+    while *answer.get(at)? != 0 {
+        at += 1 + *answer.get(at)? as usize;
+    }
+    at += 5;
+    // The answer's name: a compression pointer, or labels.
+    if answer.get(at)? & 0xc0 == 0xc0 {
+        at += 2;
+    } else {
+        while *answer.get(at)? != 0 {
+            at += 1 + *answer.get(at)? as usize;
+        }
+        at += 1;
+    }
+    // Type, class, TTL, length, then the address.
+    let rdata = at + 2 + 2 + 4 + 2;
+    let b = answer.get(rdata..rdata + 4)?;
+    Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+}
+
+/// Milliseconds from sending the query to the first byte of the response to `GET path`.
+fn query_to_first_byte(dns: SocketAddr, name: &str, path: &str) -> f64 {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let started = Instant::now();
+    socket.send_to(&query(name, 7), dns).unwrap();
+    let mut answer = [0u8; 512];
+    let n = socket.recv(&mut answer).unwrap();
+    let address = first_a(&answer[..n])
+        .unwrap_or_else(|| panic!("no address for {name}: {:02x?}", &answer[..n]));
+    let mut stream = std::net::TcpStream::connect((address, 80)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut first = [0u8; 1];
+    stream.read_exact(&mut first).unwrap();
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    ms
+}
+
+/// Median query-to-first-byte for an app brought back from cold storage each round.
+fn swapped(cluster: &Cluster, name: &str, path: &str, from_s3: bool) -> f64 {
+    let dns_name = format!("{name}.pico.local");
+    query_to_first_byte(cluster.dns, &dns_name, path);
+    let mut times = Vec::new();
+    for _ in 0..ROUNDS {
+        cluster.swap_out(name);
+        if from_s3 {
+            let _ = std::fs::remove_dir_all(cluster.cache.join(name));
+        }
+        times.push(query_to_first_byte(cluster.dns, &dns_name, path));
+    }
+    median(&mut times)
+}
+
+fn resident(cluster: &Cluster, name: &str, path: &str) -> f64 {
+    let dns_name = format!("{name}.pico.local");
+    query_to_first_byte(cluster.dns, &dns_name, path);
+    let mut times: Vec<f64> = (0..ROUNDS)
+        .map(|_| query_to_first_byte(cluster.dns, &dns_name, path))
+        .collect();
+    median(&mut times)
+}
+
+/// Queries per second the hub answers for `name`, with `threads` clients each keeping
+/// `window` queries in flight, for `seconds`.
+fn queries_per_second(
+    dns: SocketAddr,
+    name: &str,
+    threads: usize,
+    window: usize,
+    seconds: f64,
+) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let name = name.to_string();
+            std::thread::spawn(move || {
+                let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                socket.connect(dns).unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                let packet = query(&name, t as u16);
+                let mut answered = 0u64;
+                for _ in 0..window {
+                    socket.send(&packet).unwrap();
+                }
+                let mut buffer = [0u8; 512];
+                while Instant::now() < deadline {
+                    match socket.recv(&mut buffer) {
+                        Ok(_) => {
+                            answered += 1;
+                            socket.send(&packet).unwrap();
+                        }
+                        // A lost datagram: put another in flight.
+                        Err(_) => {
+                            socket.send(&packet).unwrap();
+                        }
+                    }
+                }
+                answered
+            })
+        })
+        .collect();
+    let answered: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    answered as f64 / seconds
+}
+
+fn moto() -> (Proc, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m",
+        "moto.server",
+        "-H",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+    ]);
+    cmd.stdin(Stdio::null());
+    let dir = state_dir().join("bench-cluster");
+    std::fs::create_dir_all(&dir).unwrap();
+    let proc = spawn(cmd, &dir.join("moto.log"));
+    wait_for("moto", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    (proc, format!("http://127.0.0.1:{port}"))
+}
+
+/// Proportional set size of process `pid` (shared pages split among their users).
+fn pss_bytes(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+fn main() {
+    common::require_kvm();
+    build_image("counter-http");
+    build_image("nginx");
+
+    let local = Cluster::start(
+        "local",
+        "127.4.1.0/24",
+        &[
+            "--store",
+            state_dir().join("bench-cluster/cold").to_str().unwrap(),
+        ],
+    );
+    let (_moto, endpoint) = moto();
+    let s3 = Cluster::start(
+        "s3",
+        "127.4.2.0/24",
+        &[
+            "--s3-bucket",
+            "bench",
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-path-style",
+            "--s3-access-key",
+            "bench",
+            "--s3-secret-key",
+            "bench",
+        ],
+    );
+    println!("== DNS query to first HTTP response byte (median of {ROUNDS}) ==");
+    for (name, image, path) in [("counter", "counter-http", "/"), ("nginx", "nginx", "/")] {
+        // App names are host-wide (control sockets): the S3 cluster's get a prefix.
+        let s3_name = format!("s3{name}");
+        local.add(name, image);
+        s3.add(&s3_name, image);
+        let resident_ms = resident(&local, name, path);
+        let local_ms = swapped(&local, name, path, false);
+        let s3_ms = swapped(&s3, &s3_name, path, true);
+        println!(
+            "  {image:<13} resident {resident_ms:6.2} ms   swapped, local store {local_ms:6.2} ms   swapped, S3 {s3_ms:6.2} ms"
+        );
+    }
+
+    println!("\n== hub DNS queries per second, resident app (4 clients x 16 in flight, 3 s) ==");
+    let qps = queries_per_second(local.dns, "counter.pico.local", 4, 16, 3.0);
+    println!("  {qps:.0} queries/s");
+
+    println!("\n== host memory per idle resident picoprocess (20 counter-http apps) ==");
+    let mut overheads = Vec::new();
+    let mut totals = Vec::new();
+    for i in 0..20 {
+        let name = format!("idle{i}");
+        local.add(&name, "counter-http");
+        query_to_first_byte(local.dns, &format!("{name}.pico.local"), "/");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..20 {
+        let socket = state_dir().join("run").join(format!("idle{i}.sock"));
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        writeln!(stream, r#"{{"op":"stats"}}"#).unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut line).unwrap();
+        let stats: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let pid = stats["pid"].as_u64().unwrap() as u32;
+        let guest = stats["memory_bytes"].as_u64().unwrap();
+        let pss = pss_bytes(pid);
+        overheads.push(pss.saturating_sub(guest) as f64);
+        totals.push(pss as f64);
+    }
+    let overhead = median(&mut overheads);
+    let total = median(&mut totals);
+    println!(
+        "  PSS {:.2} MiB per app, of which {:.2} MiB beyond its guest pages; {:.0} idle apps fit in 16 GiB",
+        total / 1048576.0,
+        overhead / 1048576.0,
+        (16u64 << 30) as f64 / total
+    );
+}
