@@ -311,8 +311,18 @@ mod tests {
     fn reads_its_own_usage() {
         let before = usage(std::process::id()).unwrap();
         assert!(before.rss > 0);
-        let spin = Instant::now();
-        while spin.elapsed() < Duration::from_millis(20) {
+        // Spin until this thread has had 20 ms of CPU, however busy the machine is.
+        let thread_cpu = || {
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime writes one timespec, which `t` is.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+            Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+        };
+        let start = thread_cpu();
+        while thread_cpu() < start + Duration::from_millis(20) {
             std::hint::black_box(0);
         }
         let after = usage(std::process::id()).unwrap();
