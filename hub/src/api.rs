@@ -11,7 +11,7 @@
 //! | `POST /v1/workers` ([`WorkerHello`]) | a worker registers |
 //! | `POST /v1/workers/{id}/report` ([`WorkerReport`]) | a worker reports (its heartbeat) |
 
-use crate::http::{rejection, require_token, Failure};
+use crate::http::{limit_body, rejection, require_token, Failure, MAX_BODY};
 use crate::hub::{Hub, HubError, Resolution};
 use crate::model::{AppRecord, AppSpec, WorkerHello, WorkerReport};
 use axum::extract::rejection::JsonRejection;
@@ -31,6 +31,8 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/workers", get(workers).post(register))
         .route("/v1/workers/{id}/report", post(report))
         .with_state(hub)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY as usize))
+        .layer(axum::middleware::from_fn(limit_body))
         .layer(axum::middleware::from_fn_with_state(token, require_token))
 }
 

@@ -60,6 +60,27 @@ pub async fn require_token(
     next.run(request).await
 }
 
+/// The largest request body either API takes.
+pub const MAX_BODY: u64 = 2 << 20;
+
+/// Refuses a request whose declared body is larger than [`MAX_BODY`] before reading any
+/// of it (bodies without a length are still cut at the limit while being read).
+pub async fn limit_body(request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY) {
+        return Failure(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {MAX_BODY} bytes"),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
 /// Turns axum's own JSON rejections into JSON errors.
 pub fn rejection(e: axum::extract::rejection::JsonRejection) -> Failure {
     Failure(e.status(), e.body_text())

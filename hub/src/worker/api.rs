@@ -8,7 +8,7 @@
 //! | `GET /v1/apps` | the resident apps and their addresses |
 
 use super::Worker;
-use crate::http::{rejection, require_token, Failure};
+use crate::http::{limit_body, rejection, require_token, Failure, MAX_BODY};
 use crate::model::{StartOrder, Started, SwappedOut};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -25,6 +25,8 @@ pub fn router(worker: Arc<Worker>, token: Arc<str>) -> Router {
         .route("/v1/apps/{name}/swap-out", post(swap_out))
         .route("/v1/apps/{name}", delete(discard))
         .with_state(worker)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY as usize))
+        .layer(axum::middleware::from_fn(limit_body))
         .layer(axum::middleware::from_fn_with_state(token, require_token))
 }
 
