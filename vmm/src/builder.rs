@@ -57,30 +57,83 @@ pub(crate) fn prepare(config: &Config) -> Result<(Parts, AddressSpace, Sandbox),
 }
 
 /// The CPU features an app on this host may rely on, for snapshots.
-pub(crate) fn cpu_record(cpuid: &CpuId, features: CpuFeatures) -> CpuRecord {
-    let leaves = cpuid
-        .as_slice()
-        .iter()
-        .filter(|e| matches!((e.function, e.index), (1, _) | (7, 0) | (0x8000_0001, _)))
-        .map(|e| CpuidBits {
-            function: e.function,
-            index: if e.function == 7 { e.index } else { 0 },
-            ebx: if e.function == 7 { e.ebx } else { 0 },
-            // Leaf 1 ECX bit 27 (OSXSAVE) mirrors CR4 and bit 31 the hypervisor: not
-            // features an app can rely on differently between hosts.
-            ecx: if e.function == 1 {
-                e.ecx & !((1 << 27) | (1 << 31))
-            } else {
-                e.ecx
-            },
-            edx: e.edx,
-        })
-        .collect();
+pub(crate) fn cpu_record(parts: &Parts) -> CpuRecord {
+    let bits = |function: u32, index: u32, ebx: u32, ecx: u32, edx: u32| CpuidBits {
+        function,
+        index,
+        ebx: if function == 7 { ebx } else { 0 },
+        ecx: if function == 1 {
+            ecx & LEAF1_ECX_ISA
+        } else {
+            ecx
+        },
+        edx: if function == 1 {
+            edx & LEAF1_EDX_ISA
+        } else {
+            edx
+        },
+    };
+    let wanted = [(1, 0), (7, 0), (0x8000_0001, 0)];
+    let leaves = if parts.platform == crate::platform::Platform::Pvm {
+        // kvm_pvm runs the app at CPL 3 on the host CPU, and without CPUID faulting its
+        // `cpuid` and `xgetbv` answer from the host, not from KVM's table: record that.
+        wanted
+            .iter()
+            .map(|&(function, index)| {
+                let r = std::arch::x86_64::__cpuid_count(function, index);
+                bits(function, index, r.ebx, r.ecx, r.edx)
+            })
+            .collect()
+    } else {
+        parts
+            .cpuid
+            .as_slice()
+            .iter()
+            .filter(|e| wanted.contains(&(e.function, if e.function == 7 { e.index } else { 0 })))
+            .map(|e| {
+                bits(
+                    e.function,
+                    if e.function == 7 { e.index } else { 0 },
+                    e.ebx,
+                    e.ecx,
+                    e.edx,
+                )
+            })
+            .collect()
+    };
     CpuRecord {
         leaves,
-        xcr0: features.xcr0,
+        xcr0: parts.features.xcr0,
     }
 }
+
+/// Leaf 1 ECX bits an app can use: SSE3, PCLMULQDQ, SSSE3, FMA, CX16, SSE4.1, SSE4.2,
+/// MOVBE, POPCNT, AES, XSAVE, AVX, F16C, RDRAND. The rest (TSC-deadline, x2APIC, OSXSAVE,
+/// the hypervisor bit...) describe the machine, not the instruction set.
+const LEAF1_ECX_ISA: u32 = (1 << 0)
+    | (1 << 1)
+    | (1 << 9)
+    | (1 << 12)
+    | (1 << 13)
+    | (1 << 19)
+    | (1 << 20)
+    | (1 << 22)
+    | (1 << 23)
+    | (1 << 25)
+    | (1 << 26)
+    | (1 << 28)
+    | (1 << 29)
+    | (1 << 30);
+/// Leaf 1 EDX bits an app can use: FPU, TSC, CX8, CMOV, CLFLUSH, MMX, FXSR, SSE, SSE2.
+const LEAF1_EDX_ISA: u32 = (1 << 0)
+    | (1 << 4)
+    | (1 << 8)
+    | (1 << 15)
+    | (1 << 19)
+    | (1 << 23)
+    | (1 << 24)
+    | (1 << 25)
+    | (1 << 26);
 
 /// The app's process state around its address space and sandbox.
 pub(crate) fn process(
@@ -136,7 +189,7 @@ pub(crate) fn process(
             root_from: config.root_from.clone(),
         },
         writable_dirs: config.writable.clone(),
-        cpu: cpu_record(&parts.cpuid, parts.features),
+        cpu: cpu_record(parts),
         restored_from: None,
         activeset: Default::default(),
         accepted: 0,

@@ -135,7 +135,7 @@ fn covered(ranges: &[VpnRange], vpn: u64) -> bool {
 
 /// Checks that this host offers every CPU feature the snapshot may rely on.
 fn check_cpu(manifest: &Manifest, parts: &builder::Parts) -> Result<(), PersistError> {
-    let here = builder::cpu_record(&parts.cpuid, parts.features);
+    let here = builder::cpu_record(parts);
     for need in &manifest.cpu.leaves {
         let have = here
             .leaves
