@@ -12,63 +12,20 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::cluster::{api, hub_addresses, wait_for, Moto, Proc};
 use common::{build_image, median, picocenter, state_dir};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "bench-token";
 const ROUNDS: usize = 11;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(mut cmd: Command, log: &Path) -> Proc {
-    let file = std::fs::File::create(log).unwrap();
-    cmd.stdout(file.try_clone().unwrap()).stderr(file);
-    Proc(cmd.spawn().unwrap())
-}
-
-fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+const LIMIT: Duration = Duration::from_secs(60);
 
 /// One authenticated API call: (status, JSON).
-fn api(address: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, serde_json::from_str(body).unwrap_or_default())
+fn call(address: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    api(address, method, path, Some(body), Some(TOKEN))
 }
 
 /// A hub and one worker.
@@ -87,44 +44,21 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut cmd = picocenter();
-        cmd.args([
-            "hub",
-            "--dns",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-            "--token",
-            TOKEN,
-        ]);
-        cmd.arg("--data-dir").arg(dir.join("hub"));
-        let log = dir.join("hub.log");
-        let hub = spawn(cmd, &log);
-        let (dns, api) = wait_for("the hub", || {
-            let text = std::fs::read_to_string(&log).ok()?;
-            let line = text.lines().find(|l| l.starts_with("hub: DNS on "))?;
-            let dns = line
-                .strip_prefix("hub: DNS on ")?
-                .split_whitespace()
-                .next()?;
-            let api = line.split("http://").nth(1)?.split([';', ' ']).next()?;
-            Some((dns.parse().ok()?, api.parse().ok()?))
-        });
+        cmd.args(["hub", "--dns", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
+        cmd.args(["--token", TOKEN])
+            .arg("--data-dir")
+            .arg(dir.join("hub"));
+        let hub = Proc::spawn(cmd, dir.join("hub.log"));
+        let (dns, api_address) = wait_for("the hub", LIMIT, || hub_addresses(&hub.log));
         let id = format!("bench-{name}");
         let mut cmd = picocenter();
-        cmd.args([
-            "worker",
-            "--hub",
-            &format!("http://{api}"),
-            "--token",
-            TOKEN,
-            "--id",
-            &id,
-        ]);
+        cmd.args(["worker", "--hub", &format!("http://{api_address}")]);
+        cmd.args(["--token", TOKEN, "--id", &id]);
         cmd.args(["--addresses", pool, "--idle-after", "3600"]);
         cmd.args(cold);
-        let worker = spawn(cmd, &dir.join("worker.log"));
-        let worker_api = wait_for("the worker", || {
-            let (_, workers) = api_call(api, "GET", "/v1/workers");
+        let worker = Proc::spawn(cmd, dir.join("worker.log"));
+        let worker_api = wait_for("the worker", LIMIT, || {
+            let (_, workers) = call(api_address, "GET", "/v1/workers", "");
             let url = workers.as_array()?.first()?["url"].as_str()?.to_string();
             url.strip_prefix("http://")?.parse().ok()
         });
@@ -132,43 +66,46 @@ impl Cluster {
             _hub: hub,
             _worker: worker,
             dns,
-            api,
+            api: api_address,
             worker_api,
             cache: state_dir().join("workers").join(id).join("cache"),
         }
     }
 
     fn add(&self, name: &str, image: &str) {
-        let (status, answer) = api(
-            self.api,
-            "POST",
-            "/v1/apps",
-            &format!(r#"{{"name":"{name}","image":"{image}"}}"#),
-        );
+        let body = format!(r#"{{"name":"{name}","image":"{image}"}}"#);
+        let (status, answer) = call(self.api, "POST", "/v1/apps", &body);
         assert!(status == 201 || status == 409, "{answer}");
     }
 
     fn state(&self, name: &str) -> String {
-        let (_, app) = api_call(self.api, "GET", &format!("/v1/apps/{name}"));
+        let (_, app) = call(self.api, "GET", &format!("/v1/apps/{name}"), "");
         app["state"].as_str().unwrap_or_default().to_string()
     }
 
+    /// Swaps `name` out through its worker and waits until the hub has the news. An app
+    /// that left a timer pending (nginx's buffered access log flushes a second after a
+    /// request) is woken by the hub at that time: let that happen, then swap it out
+    /// again, so that the round measures a restore by query.
     fn swap_out(&self, name: &str) {
-        let (status, answer) = api(
-            self.worker_api,
-            "POST",
-            &format!("/v1/apps/{name}/swap-out"),
-            "",
-        );
-        assert_eq!(status, 200, "{answer}");
-        wait_for("the swap-out report", || {
-            (self.state(name) == "swapped_out").then_some(())
-        });
+        let path = format!("/v1/apps/{name}/swap-out");
+        for _ in 0..10 {
+            let (status, answer) = call(self.worker_api, "POST", &path, "");
+            assert_eq!(status, 200, "{answer}");
+            let snapshot = answer["snapshot"].clone();
+            let app = wait_for("the swap-out report", LIMIT, || {
+                let (_, app) = call(self.api, "GET", &format!("/v1/apps/{name}"), "");
+                (app["snapshot"] == snapshot).then_some(app)
+            });
+            if app["wake_at_unix_ms"].is_null() && app["state"] == "swapped_out" {
+                return;
+            }
+            wait_for("the timer wake-up", LIMIT, || {
+                (self.state(name) == "resident").then_some(())
+            });
+        }
+        panic!("{name} keeps a timer pending");
     }
-}
-
-fn api_call(address: SocketAddr, method: &str, path: &str) -> (u16, serde_json::Value) {
-    api(address, method, path, "")
 }
 
 /// A DNS query for `name` (type A), id `id`.
@@ -319,31 +256,6 @@ fn queries_per_second(
     answered as f64 / seconds
 }
 
-fn moto() -> (Proc, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut cmd = Command::new("python3");
-    cmd.args([
-        "-m",
-        "moto.server",
-        "-H",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-    ]);
-    cmd.stdin(Stdio::null());
-    let dir = state_dir().join("bench-cluster");
-    std::fs::create_dir_all(&dir).unwrap();
-    let proc = spawn(cmd, &dir.join("moto.log"));
-    wait_for("moto", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    });
-    (proc, format!("http://127.0.0.1:{port}"))
-}
-
 /// Proportional set size of process `pid` (shared pages split among their users).
 fn pss_bytes(pid: u32) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
@@ -368,7 +280,10 @@ fn main() {
             state_dir().join("bench-cluster/cold").to_str().unwrap(),
         ],
     );
-    let (_moto, endpoint) = moto();
+    let dir = state_dir().join("bench-cluster");
+    std::fs::create_dir_all(&dir).unwrap();
+    let moto = Moto::start(dir.join("moto.log"));
+    let endpoint = moto.endpoint.clone();
     let s3 = Cluster::start(
         "s3",
         "127.4.2.0/24",

@@ -4,73 +4,15 @@
 
 mod common;
 
+use common::cluster::*;
 use common::*;
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const TOKEN: &str = "test-token-0123456789";
-
-/// A child process killed when dropped, its output in a file.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
-        let file = std::fs::File::create(&log).unwrap();
-        cmd.stdout(file.try_clone().unwrap()).stderr(file);
-        Proc {
-            child: cmd.spawn().unwrap(),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then wait (at most 30 s).
-    fn terminate(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let started = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "did not stop:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Polls `check` every 50 ms until it gives a value, at most `limit`.
-fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// A hub process with its own registry.
 struct Hub {
@@ -97,13 +39,7 @@ impl Hub {
         let (dns, api) = wait_for("the hub to come up", Duration::from_secs(60), || {
             let log = proc.log();
             assert!(!log.contains("error:"), "the hub failed:\n{log}");
-            let line = log.lines().find(|l| l.starts_with("hub: DNS on "))?;
-            let dns = line
-                .strip_prefix("hub: DNS on ")?
-                .split_whitespace()
-                .next()?;
-            let api = line.split("http://").nth(1)?.split([';', ' ']).next()?;
-            Some((dns.parse().ok()?, api.parse().ok()?))
+            hub_addresses(&proc.log)
         });
         Hub {
             proc,
@@ -156,42 +92,6 @@ impl Hub {
             (self.state(name) == state).then_some(())
         });
     }
-}
-
-/// A raw HTTP/1.1 request with an optional bearer token: (status, JSON body or null).
-fn api(
-    address: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    token: Option<&str>,
-) -> (u16, serde_json::Value) {
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let body = body.unwrap_or("");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: hub\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (
-        status,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
 }
 
 /// A worker process.
@@ -613,44 +513,6 @@ fn malformed_dns_and_api_requests_get_errors_not_crashes() {
     assert_eq!(hub.state("calm"), "new");
 }
 
-/// A moto S3 server on a free loopback port, stopped when dropped.
-struct Moto {
-    proc: Proc,
-    endpoint: String,
-}
-
-impl Moto {
-    fn start(log: PathBuf) -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut cmd = Command::new("python3");
-        cmd.args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ]);
-        cmd.stdin(Stdio::null());
-        let proc = Proc::spawn(cmd, log);
-        let endpoint = format!("http://127.0.0.1:{port}");
-        wait_for(
-            "the moto S3 server (pip install 'moto[server]')",
-            Duration::from_secs(30),
-            || {
-                std::net::TcpStream::connect(("127.0.0.1", port))
-                    .ok()
-                    .map(|_| ())
-            },
-        );
-        Moto { proc, endpoint }
-    }
-}
-
 #[test]
 fn the_s3_backend_swaps_out_and_back() {
     let (dir, hub) = setup("s3");
@@ -686,15 +548,6 @@ fn the_s3_backend_swaps_out_and_back() {
     );
     assert!(cache.join("store").exists());
     assert!(hub.app("cs3")["usage"]["stored_bytes"].as_u64().unwrap() > 0);
-}
-
-/// Reads the lines a `Proc` logged so far (for debugging a failure).
-#[allow(dead_code)]
-fn lines(proc: &Proc) -> Vec<String> {
-    std::io::BufReader::new(std::fs::File::open(&proc.log).unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .collect()
 }
 
 #[test]

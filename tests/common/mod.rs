@@ -2,6 +2,8 @@
 //! from tests/guests, and roots assembled from host files.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;

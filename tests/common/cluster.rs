@@ -1,0 +1,161 @@
+//! Helpers for the tests and benchmarks of the hub and workers: child processes with
+//! logs, polling, raw API calls, the hub's address line, and a moto S3 server.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed when dropped, its output in a file.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// Where its output goes.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with its stdout and stderr in `log`.
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).unwrap();
+        cmd.stdout(file.try_clone().unwrap()).stderr(file);
+        Proc {
+            child: cmd.spawn().unwrap(),
+            log,
+        }
+    }
+
+    /// What it printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, and wait.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait (at most 30 s).
+    pub fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let started = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "did not stop:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` every 50 ms until it gives a value, at most `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A raw HTTP/1.1 request with an optional bearer token: (status, JSON body or null).
+pub fn api(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: hub\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// The DNS and API addresses a hub printed on its first line, once it has.
+pub fn hub_addresses(log: &Path) -> Option<(SocketAddr, SocketAddr)> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().find(|l| l.starts_with("hub: DNS on "))?;
+    let dns = line
+        .strip_prefix("hub: DNS on ")?
+        .split_whitespace()
+        .next()?;
+    let api = line.split("http://").nth(1)?.split([';', ' ']).next()?;
+    Some((dns.parse().ok()?, api.parse().ok()?))
+}
+
+/// A moto S3 server on a free loopback port, stopped when dropped.
+pub struct Moto {
+    /// The server.
+    pub proc: Proc,
+    /// Its URL.
+    pub endpoint: String,
+}
+
+impl Moto {
+    /// Starts one, logging to `log`, and waits until it accepts.
+    pub fn start(log: PathBuf) -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ]);
+        cmd.stdin(Stdio::null());
+        let proc = Proc::spawn(cmd, log);
+        let endpoint = format!("http://127.0.0.1:{port}");
+        wait_for(
+            "the moto S3 server (pip install 'moto[server]')",
+            Duration::from_secs(30),
+            || {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(|_| ())
+            },
+        );
+        Moto { proc, endpoint }
+    }
+}
