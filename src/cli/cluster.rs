@@ -400,9 +400,17 @@ fn print_status(a: &AppRecord) {
         a.usage.swap_ins,
         a.usage.requests
     );
-    println!("events");
+    println!("events (UTC)");
     for e in &a.events {
-        println!("  {}  {}", e.at_unix_ms, e.what);
+        let ms = e.at_unix_ms % 86_400_000;
+        println!(
+            "  {:02}:{:02}:{:02}.{:03}  {}",
+            ms / 3_600_000,
+            ms / 60_000 % 60,
+            ms / 1000 % 60,
+            ms % 1000,
+            e.what
+        );
     }
 }
 
