@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo test --workspace "$@"
-cargo bench --workspace --no-run --quiet
+# The benchmarks must keep compiling; built with the test profile, beside the tests.
+cargo test --workspace --benches --no-run --quiet
