@@ -231,6 +231,21 @@ fn a_query_starts_an_app_and_an_idle_app_swaps_out_and_comes_back() {
     // The same answer again, now from the resident app, also over TCP.
     let (status, answers) = dig(hub.dns, "cbasic.pico.local", "A", true);
     assert_eq!((status.as_str(), answers), ("NOERROR", vec![address]));
+
+    // Removing it ends it and deletes its snapshots.
+    let (status, _) = hub.call("DELETE", "/v1/apps/cbasic", None);
+    assert_eq!(status, 204);
+    assert!(
+        !store.join("cbasic").exists(),
+        "its snapshots are still in the store"
+    );
+    let (status, _) = dig(hub.dns, "cbasic.pico.local", "A", false);
+    assert_eq!(status, "NXDOMAIN");
+    wait_for("its VMM to end", Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(state_dir().join("run/cbasic.sock"))
+            .is_err()
+            .then_some(())
+    });
 }
 
 #[test]

@@ -150,6 +150,39 @@ impl Cold {
     }
 }
 
+impl Cold {
+    /// Deletes every snapshot of `app`, in cold storage and in this worker's cache.
+    /// Returns how many snapshots cold storage held.
+    pub fn forget(&self, app: &str) -> Result<usize, StoreError> {
+        let removed = match self.remote(app)? {
+            Some(remote) => {
+                let ids = remote.list()?;
+                for id in &ids {
+                    remote.remove(id)?;
+                }
+                ids.len()
+            }
+            None => LocalStore::open(&self.local_dir(app))?.list()?.len(),
+        };
+        let local = match &self.config {
+            ColdConfig::Local { dir } => dir.join(app),
+            ColdConfig::S3(_) => self.cache.join(app),
+        };
+        match std::fs::remove_dir_all(&local) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StoreError::Io {
+                    what: "removing",
+                    path: local.display().to_string(),
+                    source,
+                })
+            }
+        }
+        Ok(removed)
+    }
+}
+
 /// Bytes the chain ending at `id` holds in `store`.
 fn chain_bytes(store: &dyn Store, id: &str) -> Result<u64, StoreError> {
     let mut total = 0;

@@ -170,7 +170,8 @@ impl Hub {
         Ok(record)
     }
 
-    /// Removes an app; a resident one is ended on its worker first.
+    /// Removes an app: a resident one is ended on its worker, and a live worker deletes its
+    /// snapshots from cold storage.
     pub async fn remove(&self, name: &str) -> Result<(), HubError> {
         let record = self
             .get(name)
@@ -181,6 +182,17 @@ impl Hub {
                 if let Err(e) = client.delete::<()>(&format!("/v1/apps/{name}")).await {
                     tracing::warn!(app = %name, "ending it on worker {worker}: {e}");
                 }
+            }
+        }
+        if record.snapshot.is_some() {
+            match self.choose_worker() {
+                Some((worker, client)) => {
+                    let path = format!("/v1/apps/{name}/snapshots");
+                    if let Err(e) = client.delete::<serde_json::Value>(&path).await {
+                        tracing::warn!(app = %name, "deleting its snapshots on worker {worker}: {e}");
+                    }
+                }
+                None => tracing::warn!(app = %name, "no live worker to delete its snapshots"),
             }
         }
         lock(&self.apps).remove(name);

@@ -5,6 +5,7 @@
 //! | `POST /v1/start` ([`StartOrder`]) | run the app; answers [`Started`] once it listens |
 //! | `POST /v1/apps/{name}/swap-out` | snapshot it to cold storage and free it |
 //! | `DELETE /v1/apps/{name}` | end it without a snapshot |
+//! | `DELETE /v1/apps/{name}/snapshots` | delete its snapshots from cold storage |
 //! | `GET /v1/apps` | the resident apps and their addresses |
 
 use super::Worker;
@@ -24,6 +25,7 @@ pub fn router(worker: Arc<Worker>, token: Arc<str>) -> Router {
         .route("/v1/apps", get(apps))
         .route("/v1/apps/{name}/swap-out", post(swap_out))
         .route("/v1/apps/{name}", delete(discard))
+        .route("/v1/apps/{name}/snapshots", delete(forget))
         .with_state(worker)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY as usize))
         .layer(axum::middleware::from_fn(limit_body))
@@ -55,6 +57,17 @@ async fn swap_out(
         super::WorkerError::NotHere(_) => Failure::not_found(e.to_string()),
         e => Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     })
+}
+
+async fn forget(
+    State(worker): State<Arc<Worker>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, Failure> {
+    worker
+        .forget(&name)
+        .await
+        .map(|removed| Json(serde_json::json!({ "removed": removed })))
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 async fn discard(

@@ -271,12 +271,33 @@ impl Worker {
         Ok(swapped)
     }
 
+    /// Deletes app `name`'s snapshots from cold storage (it was removed). Returns how many
+    /// there were.
+    pub async fn forget(&self, name: &str) -> Result<usize, WorkerError> {
+        let cold = self.cold.clone();
+        let app = name.to_string();
+        let removed = tokio::task::spawn_blocking(move || cold.forget(&app))
+            .await
+            .map_err(|e| WorkerError::Internal(e.to_string()))??;
+        tracing::info!(app = %name, removed, "snapshots deleted");
+        Ok(removed)
+    }
+
     /// Ends app `name` without a snapshot (it was removed).
     pub async fn discard(&self, name: &str) -> Result<(), WorkerError> {
         let Some(mut app) = self.apps.lock().await.remove(name) else {
             return Err(WorkerError::NotHere(name.to_string()));
         };
-        let _ = app.vmm.child.kill().await;
+        // SIGTERM first (the VMM passes it to the app, and cleans up after itself), then
+        // SIGKILL if it has not ended within two seconds.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(app.vmm.pid as i32, libc::SIGTERM) };
+        if tokio::time::timeout(Duration::from_secs(2), app.vmm.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = app.vmm.child.kill().await;
+        }
         Ok(())
     }
 
