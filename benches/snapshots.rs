@@ -23,7 +23,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 11;
-const MODES: [&str; 3] = ["eager", "lazy", "activeset"];
+const MODES: [&str; 4] = ["eager", "lazy", "activeset", "stream"];
 
 /// `picocenter snapshot ARGS...`, which must succeed; returns its stdout.
 fn snapshot(args: &[&str]) -> String {

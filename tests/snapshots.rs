@@ -78,7 +78,7 @@ fn counter_http_keeps_its_count_through_twenty_swaps() {
     ]);
     assert!(out.status.success(), "{}", describe(&out));
     let _ = server.stop_waiting();
-    let modes = ["eager", "lazy", "activeset"];
+    let modes = ["eager", "lazy", "activeset", "stream"];
     for cycle in 0..20 {
         let mode = modes[cycle % 3];
         let child = restore(dir.path(), address, &["--mode", mode]);
@@ -337,13 +337,28 @@ fn damaged_snapshots_are_refused_before_anything_runs() {
     std::fs::write(&manifest_path, &versioned).unwrap();
     restore_fails(dir.path(), "format version 77");
 
+    // An instruction-set extension this host lacks (AMD's XOP, FMA4, TBM on Intel; on a
+    // host with all three, AMX-INT8 or AVX512-FP16).
+    let ext = std::arch::x86_64::__cpuid_count(0x8000_0001, 0);
+    let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+    let missing = [11u32, 16, 21]
+        .iter()
+        .find(|&&b| ext.ecx & (1 << b) == 0)
+        .map(|&b| (0x8000_0001, 0, 1u32 << b, 0))
+        .or_else(|| {
+            [25u32, 23]
+                .iter()
+                .find(|&&b| leaf7.edx & (1 << b) == 0)
+                .map(|&b| (7, 0, 0, 1u32 << b))
+        })
+        .expect("a CPU with every extension the test knows");
     let mut foreign = Manifest::decode(&original).unwrap();
     foreign.cpu.leaves.push(CpuidBits {
-        function: 0x7fff_0000,
-        index: 0,
-        ebx: 1,
-        ecx: 0,
-        edx: 0,
+        function: missing.0,
+        index: missing.1,
+        ebx: 0,
+        ecx: missing.2,
+        edx: missing.3,
     });
     std::fs::write(&manifest_path, foreign.encode()).unwrap();
     restore_fails(dir.path(), "CPU features this host lacks");
@@ -501,7 +516,7 @@ fn a_restored_app_has_the_memory_it_had() {
         "the 32 MiB the app filled are not all digested: {before:?}"
     );
     swap_out(name, dir.path(), child);
-    for mode in ["eager", "lazy", "activeset"] {
+    for mode in ["eager", "lazy", "activeset", "stream"] {
         let child = restore_quietly(dir.path(), mode);
         assert_eq!(digest(name), before, "memory after a {mode} restore");
         swap_out(name, dir.path(), child);

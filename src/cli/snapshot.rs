@@ -71,7 +71,9 @@ pub struct RestoreArgs {
     #[arg(long)]
     id: Option<String>,
     /// What to bring into memory before the app runs: eager (everything), lazy (nothing:
-    /// pages come from the page cache as touched), activeset (the pages it used last time).
+    /// pages come from the page cache as touched), activeset (the pages it used last time),
+    /// stream (nothing: the app runs while a thread copies the newest page file in,
+    /// ActiveSet first, and a page it touches first jumps the queue; for slow storage).
     #[arg(long, default_value = "activeset")]
     mode: RestoreMode,
     /// In activeset mode, still let the next snapshot learn the ActiveSet afresh.

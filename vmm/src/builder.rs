@@ -58,20 +58,14 @@ pub(crate) fn prepare(config: &Config) -> Result<(Parts, AddressSpace, Sandbox),
 
 /// The CPU features an app on this host may rely on, for snapshots.
 pub(crate) fn cpu_record(parts: &Parts) -> CpuRecord {
-    let bits = |function: u32, index: u32, ebx: u32, ecx: u32, edx: u32| CpuidBits {
-        function,
-        index,
-        ebx: if function == 7 { ebx } else { 0 },
-        ecx: if function == 1 {
-            ecx & LEAF1_ECX_ISA
-        } else {
-            ecx
-        },
-        edx: if function == 1 {
-            edx & LEAF1_EDX_ISA
-        } else {
-            edx
-        },
+    let bits = |function: u32, index: u32, ebx: u32, ecx: u32, edx: u32| {
+        isa_bits(&CpuidBits {
+            function,
+            index,
+            ebx,
+            ecx,
+            edx,
+        })
     };
     let wanted = [(1, 0), (7, 0), (0x8000_0001, 0)];
     let leaves = if parts.platform == crate::platform::Platform::Pvm {
@@ -106,6 +100,52 @@ pub(crate) fn cpu_record(parts: &Parts) -> CpuRecord {
         xcr0: parts.features.xcr0,
     }
 }
+
+/// The bits of a recorded leaf that describe the instruction set (what an app can rely
+/// on); a check compares only these, so records made before the filter still compare.
+pub(crate) fn isa_bits(leaf: &CpuidBits) -> CpuidBits {
+    let (ebx, ecx, edx) = match leaf.function {
+        1 => (0, LEAF1_ECX_ISA, LEAF1_EDX_ISA),
+        7 => LEAF7_ISA,
+        0x8000_0001 => (0, EXT1_ECX_ISA, EXT1_EDX_ISA),
+        _ => (0, 0, 0),
+    };
+    CpuidBits {
+        function: leaf.function,
+        index: leaf.index,
+        ebx: leaf.ebx & ebx,
+        ecx: leaf.ecx & ecx,
+        edx: leaf.edx & edx,
+    }
+}
+
+/// Sets bits `bits` of a u32.
+const fn bits(bits: &[u32]) -> u32 {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < bits.len() {
+        mask |= 1 << bits[i];
+        i += 1;
+    }
+    mask
+}
+
+/// Leaf 7.0 (EBX, ECX, EDX) instruction-set bits: FSGSBASE, BMI1, HLE, AVX2, BMI2, ERMS,
+/// RTM, the AVX-512 family, RDSEED, ADX, CLFLUSHOPT, CLWB, SHA; PREFETCHWT1, VBMI,
+/// WAITPKG, VBMI2, GFNI, VAES, VPCLMULQDQ, VNNI, BITALG, VPOPCNTDQ, RDPID, CLDEMOTE,
+/// MOVDIRI, MOVDIR64B, ENQCMD; 4VNNIW, 4FMAPS, FSRM, UINTR, VP2INTERSECT, SERIALIZE,
+/// TSXLDTRK, AMX and AVX512-FP16. Not the mitigation and platform bits.
+const LEAF7_ISA: (u32, u32, u32) = (
+    bits(&[
+        0, 3, 4, 5, 8, 9, 11, 16, 17, 18, 19, 21, 23, 24, 26, 27, 28, 29, 30, 31,
+    ]),
+    bits(&[0, 1, 5, 6, 8, 9, 10, 11, 12, 14, 22, 25, 27, 28, 29]),
+    bits(&[2, 3, 4, 5, 8, 14, 16, 22, 23, 24, 25]),
+);
+/// Leaf 0x8000_0001 ECX instruction-set bits: LAHF, LZCNT, SSE4A, PREFETCHW, XOP, FMA4, TBM.
+const EXT1_ECX_ISA: u32 = bits(&[0, 5, 6, 8, 11, 16, 21]);
+/// Leaf 0x8000_0001 EDX instruction-set bits: SYSCALL, NX, MMXEXT, RDTSCP, LM, 3DNow!.
+const EXT1_EDX_ISA: u32 = bits(&[11, 20, 22, 27, 29, 30, 31]);
 
 /// Leaf 1 ECX bits an app can use: SSE3, PCLMULQDQ, SSSE3, FMA, CX16, SSE4.1, SSE4.2,
 /// MOVBE, POPCNT, AES, XSAVE, AVX, F16C, RDRAND. The rest (TSC-deadline, x2APIC, OSXSAVE,

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod paging;
 pub mod phys;
 pub mod space;
+pub mod uffd;
 pub mod vma;
 
 pub use io::Pod;

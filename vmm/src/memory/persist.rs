@@ -140,6 +140,14 @@ impl AddressSpace {
         Ok(base)
     }
 
+    /// Reserves `pages` contiguous, never-touched frames for a page file that will be
+    /// streamed in (see `persist::stream`). Returns the first frame and its host address.
+    pub fn reserve_page_file(&mut self, pages: u64) -> Result<(u64, u64), Errno> {
+        let base = self.frames.alloc_run(pages.max(1)).ok_or(Errno::NOMEM)?;
+        let host = self.phys.host_addr(base).map_err(|_| Errno::FAULT)? as u64;
+        Ok((base, host))
+    }
+
     /// Maps the `count` pages from `va` to consecutive frames from `frame` (of an
     /// attached page file), with their areas' protection. `accessed(i)` presets the A bit
     /// of page `i` (kvm_pvm then maps 8 pages per fault around it).

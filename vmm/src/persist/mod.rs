@@ -11,6 +11,7 @@
 
 pub mod files;
 pub mod restore;
+pub mod stream;
 
 use crate::kvm::vcpu::{Vcpu, VcpuError};
 use crate::memory::{Backing, PageState, Prot};

@@ -30,6 +30,10 @@ pub enum RestoreMode {
     /// The ActiveSet (verified), with A = 1 on its entries.
     #[default]
     ActiveSet,
+    /// The app runs at once while the newest page file streams in behind it (ActiveSet
+    /// first, each chunk verified); a page touched before it arrives jumps the queue
+    /// (userfaultfd). For page files on slow storage.
+    Stream,
 }
 
 impl std::str::FromStr for RestoreMode {
@@ -38,9 +42,10 @@ impl std::str::FromStr for RestoreMode {
         match s {
             "eager" => Ok(RestoreMode::Eager),
             "lazy" => Ok(RestoreMode::Lazy),
+            "stream" => Ok(RestoreMode::Stream),
             "activeset" => Ok(RestoreMode::ActiveSet),
             other => Err(format!(
-                "unknown restore mode {other:?} (eager, lazy, activeset)"
+                "unknown restore mode {other:?} (eager, lazy, activeset, stream)"
             )),
         }
     }
@@ -127,6 +132,30 @@ impl Chain {
     }
 }
 
+/// Gives the page file `file` of `manifest` fresh frames that a streamer thread fills
+/// while the app runs (see [`super::stream`]). Returns the first frame.
+fn stream_in(
+    space: &mut crate::memory::AddressSpace,
+    file: File,
+    manifest: &Manifest,
+) -> Result<u64, PersistError> {
+    let (base, host) = space
+        .reserve_page_file(manifest.page_count)
+        .map_err(memory("reserving frames for the page file"))?;
+    let stream_error = |what: &str, e: std::io::Error| PersistError::Data {
+        what: what.to_string(),
+        source: e,
+    };
+    let uffd = crate::memory::uffd::Uffd::new()
+        .map_err(|e| stream_error("creating a userfaultfd for streaming", e))?;
+    uffd.register(host, manifest.page_count * PAGE)
+        .map_err(|e| stream_error("registering the page file's frames", e))?;
+    super::stream::Streamer::new(file, manifest, uffd, host)
+        .spawn()
+        .map_err(|e| stream_error("starting the streamer", e))?;
+    Ok(base)
+}
+
 /// Whether `vpn` is in `ranges` (sorted, disjoint).
 fn covered(ranges: &[VpnRange], vpn: u64) -> bool {
     let at = ranges.partition_point(|r| r.vpn + r.count <= vpn);
@@ -136,7 +165,7 @@ fn covered(ranges: &[VpnRange], vpn: u64) -> bool {
 /// Checks that this host offers every CPU feature the snapshot may rely on.
 fn check_cpu(manifest: &Manifest, parts: &builder::Parts) -> Result<(), PersistError> {
     let here = builder::cpu_record(parts);
-    for need in &manifest.cpu.leaves {
+    for need in manifest.cpu.leaves.iter().map(builder::isa_bits) {
         let have = here
             .leaves
             .iter()
@@ -288,7 +317,7 @@ impl Picoprocess {
             match options.mode {
                 RestoreMode::Eager => pagefile::verify(&path, m, 0, m.page_count)?,
                 RestoreMode::ActiveSet => pagefile::verify_pages(&path, m, pages)?,
-                RestoreMode::Lazy => pagefile::check_size(&path, m)?,
+                RestoreMode::Lazy | RestoreMode::Stream => pagefile::check_size(&path, m)?,
             }
             page_files.push(path);
         }
@@ -301,11 +330,15 @@ impl Picoprocess {
 
         // Page files become guest memory.
         let mut bases = Vec::new();
-        for (m, path) in manifests.iter().zip(&page_files) {
+        for (depth, (m, path)) in manifests.iter().zip(&page_files).enumerate() {
             let file = File::open(path).map_err(|source| PersistError::Data {
                 what: format!("opening {}", path.display()),
                 source,
             })?;
+            if depth == 0 && options.mode == RestoreMode::Stream && m.page_count > 0 {
+                bases.push(stream_in(&mut space, file, m)?);
+                continue;
+            }
             bases.push(
                 space
                     .attach_page_file(std::os::fd::AsFd::as_fd(&file), m.page_count)
@@ -358,6 +391,7 @@ impl Picoprocess {
         let preset = |vpn: u64| match options.mode {
             RestoreMode::Eager => true,
             RestoreMode::Lazy => false,
+            RestoreMode::Stream => !options.relearn && hot(vpn),
             RestoreMode::ActiveSet => !options.relearn && hot(vpn),
         };
         let mut prefetch: Vec<u64> = Vec::new();
@@ -438,7 +472,7 @@ impl Picoprocess {
                         .map_err(memory("reading the ActiveSet in"))?;
                 }
             }
-            RestoreMode::Lazy => {}
+            RestoreMode::Lazy | RestoreMode::Stream => {}
         }
         phase("prefetched");
         space.restore_brk(newest.process.brk_start, newest.process.brk);
