@@ -121,3 +121,14 @@ fn sigint_to_picocenter_reaches_the_app() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", describe(&out));
 }
+
+#[test]
+fn an_ignored_signal_does_not_interrupt_a_blocking_call() {
+    let child = start_waiting("test-ignored-hup", "ignore-hup-sleep");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // SAFETY: kill(2) on our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(stdout(&out).contains("slept"), "{}", describe(&out));
+}

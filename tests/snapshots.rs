@@ -631,3 +631,23 @@ fn a_full_snapshot_after_one_of_a_running_app_keeps_its_written_pages() {
     assert!(body("127.0.7.12:80", "/").starts_with("sum="));
     swap_out(name, second.path(), child);
 }
+
+#[test]
+fn pages_dropped_after_a_restore_stay_dropped_in_the_increment() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "test-snap-dontneed";
+    let child = bigmem(name, "127.0.7.13", 8, 4);
+    swap_out(name, dir.path(), child);
+    let child = restore(dir.path(), "127.0.7.13:80", &[]);
+    // MADV_DONTNEED on pages the restore brought back: they read as zeros now.
+    assert_eq!(body("127.0.7.13:80", "/drop").trim(), "dropped");
+    let dropped = body("127.0.7.13:80", "/");
+    swap_out(name, dir.path(), child);
+    let child = restore(dir.path(), "127.0.7.13:80", &[]);
+    assert_eq!(
+        body("127.0.7.13:80", "/"),
+        dropped,
+        "the old contents came back"
+    );
+    swap_out(name, dir.path(), child);
+}

@@ -2,7 +2,8 @@
  *   bigmem PORT TOTAL_MIB HOT_MIB
  * fills TOTAL_MIB of memory with non-zero data, then answers HTTP requests:
  *   GET /        reads the first HOT_MIB (one byte per page) and returns a checksum
- *   GET /dirty   writes one byte in each page of the second MiB, returns "dirtied"  */
+ *   GET /dirty   writes one byte in each page of the second MiB, returns "dirtied"
+ *   GET /drop    drops the second MiB with madvise(MADV_DONTNEED), returns "dropped" */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdint.h>
@@ -38,6 +39,9 @@ int main(int argc, char **argv) {
             generation++;
             for (size_t i = 1 << 20; i < (2u << 20) && i < total; i += 4096) mem[i] = (unsigned char)(generation | 1);
             snprintf(body, sizeof body, "dirtied\n");
+        } else if (!strncmp(request, "GET /drop", 9)) {
+            if (total >= (2u << 20)) madvise(mem + (1 << 20), 1 << 20, MADV_DONTNEED);
+            snprintf(body, sizeof body, "dropped\n");
         } else {
             uint64_t sum = 0;
             for (size_t i = 0; i < hot; i += 4096) sum += mem[i];

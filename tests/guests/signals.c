@@ -1,7 +1,9 @@
 /* Signal delivery to handlers. Modes: "ok" runs every check; the others end in a signal. */
 #define _GNU_SOURCE
 #include "check.h"
+#include <errno.h>
 #include <signal.h>
+#include <time.h>
 #include <stdlib.h>
 #include <sys/time.h>
 #include <ucontext.h>
@@ -46,6 +48,16 @@ int main(int argc, char **argv) {
         printf("ignoring SIGTERM\n");
         fflush(stdout);
         for (;;) pause();
+    }
+    if (!strcmp(mode, "ignore-hup-sleep")) {
+        /* An ignored signal must not interrupt a blocking call. */
+        signal(SIGHUP, SIG_IGN);
+        printf("sleeping\n");
+        fflush(stdout);
+        struct timespec t = {.tv_sec = 1};
+        if (nanosleep(&t, NULL) != 0) { printf("interrupted: errno %d\n", errno); return 1; }
+        printf("slept\n");
+        return 0;
     }
     if (!strcmp(mode, "spin-term")) {
         signal(SIGTERM, on_usr1);

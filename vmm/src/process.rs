@@ -89,10 +89,16 @@ impl Process {
         std::time::Instant::now() + timeout
     }
 
-    /// Moves signals raised from other threads into the pending set.
+    /// Moves signals raised from other threads into the pending set (those the app
+    /// ignores are dropped, as `raise` does for any other).
     pub fn absorb_external_signals(&mut self) {
         self.kicker.clear(crate::kvm::kick::reason::SIGNAL);
-        self.signals.pending |= self.kicker.take_signals();
+        let mut raised = self.kicker.take_signals();
+        while raised != 0 {
+            let signal = raised.trailing_zeros() as i32 + 1;
+            raised &= raised - 1;
+            self.signals.raise(signal);
+        }
     }
 
     /// Makes `path` (as the app named it) absolute and normalised against the working

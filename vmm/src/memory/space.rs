@@ -654,7 +654,11 @@ impl AddressSpace {
             );
             if anonymous {
                 // The frame stays mapped; the host drops its contents and KVM its mapping.
+                // It no longer holds what a snapshot has there.
                 self.phys.discard(pte & PTE_FRAME, PAGE).map_err(internal)?;
+                if pte & PTE_RESTORED != 0 {
+                    self.tables.set(&self.phys, va, pte & !PTE_RESTORED)?;
+                }
             } else {
                 self.tables.clear(&self.phys, va)?;
                 self.release_frames(&[(va, pte)])?;
