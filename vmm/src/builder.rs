@@ -266,14 +266,16 @@ pub(crate) fn finish(
     )?;
     let process = Arc::new(Mutex::new(process));
     let poller = if config.mailbox {
-        Some(
-            mailbox::Poller::start(mailbox_page, process.clone()).map_err(|source| {
-                VmmError::Host {
-                    what: "the mailbox poller",
-                    source,
-                }
-            })?,
-        )
+        let poller = mailbox::Poller::start(mailbox_page, process.clone()).map_err(|source| {
+            VmmError::Host {
+                what: "the mailbox poller",
+                source,
+            }
+        })?;
+        if let Some(thread) = poller.pthread() {
+            live.add_app_thread(thread);
+        }
+        Some(poller)
     } else {
         None
     };

@@ -120,6 +120,51 @@ pub struct LiveStats {
     pub frames_total: AtomicU64,
     /// Connections accepted.
     pub connections: AtomicU64,
+    /// CPU-time clocks of the threads that work for the app (the vCPU's and the mailbox
+    /// poller's), as opposed to the control socket's own.
+    app_clocks: std::sync::Mutex<Vec<libc::clockid_t>>,
+}
+
+impl LiveStats {
+    /// Counts `thread`'s CPU time as the app's.
+    pub fn add_app_thread(&self, thread: libc::pthread_t) {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `thread` is a live thread of this process; the call writes one clockid.
+        if unsafe { libc::pthread_getcpuclockid(thread, &mut clock) } == 0 {
+            self.app_clocks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(clock);
+        }
+    }
+
+    /// CPU time of the app's threads, nanoseconds.
+    fn app_cpu_ns(&self) -> u64 {
+        let clocks = self.app_clocks.lock().unwrap_or_else(|e| e.into_inner());
+        clocks.iter().filter_map(|&c| clock_ns(c)).sum()
+    }
+}
+
+/// The time of `clock` in nanoseconds, if it can be read.
+fn clock_ns(clock: libc::clockid_t) -> Option<u64> {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec, which `t` is.
+    let rc = unsafe { libc::clock_gettime(clock, &mut t) };
+    (rc == 0).then(|| t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64)
+}
+
+/// This process's resident memory, bytes.
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
 }
 
 /// The answer to [`Request::Stats`].
@@ -140,6 +185,16 @@ pub struct StatsReply {
     /// Connections the app accepted so far.
     #[serde(default)]
     pub connections: u64,
+    /// CPU time of the whole VMM process, exited threads included, nanoseconds.
+    #[serde(default)]
+    pub cpu_ns: u64,
+    /// CPU time of the threads that work for the app (vCPU and mailbox), nanoseconds:
+    /// what tells a busy app from an idle one whose VMM only answers questions.
+    #[serde(default)]
+    pub app_cpu_ns: u64,
+    /// Resident memory of the VMM process, bytes.
+    #[serde(default)]
+    pub rss_bytes: u64,
 }
 
 /// Why the control socket could not be opened.
@@ -247,6 +302,9 @@ fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, ops: &PendingOp
                 memory_limit_bytes: stats.frames_total.load(Ordering::Relaxed) * 4096,
                 syscalls: stats.syscalls.load(Ordering::Relaxed),
                 connections: stats.connections.load(Ordering::Relaxed),
+                cpu_ns: clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID).unwrap_or(0),
+                app_cpu_ns: stats.app_cpu_ns(),
+                rss_bytes: rss_bytes(),
             })
             .ok(),
             Ok(Request::Stop { grace_ms }) => {
@@ -316,4 +374,37 @@ pub fn request(path: &Path, request: &Request) -> std::io::Result<(String, UnixS
     let mut line = String::new();
     BufReader::new(stream.try_clone()?).read_line(&mut line)?;
     Ok((line, stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_cpu_counts_the_registered_threads_only() {
+        let stats = LiveStats::default();
+        // SAFETY: pthread_self has no preconditions.
+        stats.add_app_thread(unsafe { libc::pthread_self() });
+        let before = stats.app_cpu_ns();
+        let own = || clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap();
+        let start = own();
+        while own() < start + 20_000_000 {
+            std::hint::black_box(0);
+        }
+        let after = stats.app_cpu_ns();
+        assert!(after >= before + 20_000_000, "{before} -> {after}");
+        // Another thread's work is not the app's.
+        let idle = stats.app_cpu_ns();
+        std::thread::spawn(move || {
+            let start = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap();
+            while clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap() < start + 20_000_000 {
+                std::hint::black_box(0);
+            }
+        })
+        .join()
+        .unwrap();
+        assert!(stats.app_cpu_ns() < idle + 5_000_000);
+        assert!(clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID).unwrap() >= after);
+        assert!(rss_bytes() > 0);
+    }
 }

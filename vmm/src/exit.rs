@@ -165,6 +165,8 @@ impl Picoprocess {
     /// Runs the app until it exits, dies, or its time limit passes. Must be called on the
     /// thread that built the picoprocess.
     pub fn run(&mut self) -> Result<RunOutcome, VmmError> {
+        // SAFETY: pthread_self has no preconditions.
+        self.live.add_app_thread(unsafe { libc::pthread_self() });
         Kicker::arm(self.vcpu.immediate_exit_ptr());
         let outcome = self.run_loop();
         Kicker::arm(std::ptr::null_mut());

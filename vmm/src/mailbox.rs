@@ -58,6 +58,13 @@ impl Poller {
         })
     }
 
+    /// The poller thread, while it runs.
+    pub fn pthread(&self) -> Option<libc::pthread_t> {
+        use std::os::unix::thread::JoinHandleExt;
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        thread.as_ref().map(|t| t.as_pthread_t())
+    }
+
     /// Wakes the poller if it sleeps (cheap when it is awake).
     pub fn wake(&self) {
         let mut asleep = self.shared.asleep.lock().unwrap_or_else(|e| e.into_inner());

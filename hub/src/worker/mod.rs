@@ -172,7 +172,6 @@ impl Worker {
         .await?;
         let ms = began.elapsed().as_secs_f64() * 1e3;
         tracing::info!(app = %name, %address, ms, restored = order.snapshot.is_some(), "started");
-        let usage = vmm::usage(vmm.pid).unwrap_or_default();
         let idle_after = order
             .spec
             .idle_after_secs
@@ -185,10 +184,10 @@ impl Worker {
                 address,
                 last_active: Instant::now(),
                 idle_after,
-                cpu: usage.cpu,
-                app_cpu: usage.app_cpu,
+                cpu: Duration::ZERO,
+                app_cpu: Duration::ZERO,
                 connections: 0,
-                rss: usage.rss,
+                rss: 0,
                 looked: Instant::now(),
             },
         );
@@ -235,7 +234,9 @@ impl Worker {
         let Some(mut app) = self.apps.lock().await.remove(name) else {
             return Err(WorkerError::NotHere(name.to_string()));
         };
-        self.account(name, &mut app);
+        if let Ok(stats) = vmm::stats(&app.vmm.control).await {
+            self.account(name, &mut app, &stats);
+        }
         let dir = self.cold.local_dir(name);
         let answer = vmm::request(
             &app.vmm.control,
@@ -305,29 +306,32 @@ impl Worker {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds what `app` used since the last look to the pending report.
-    fn account(&self, name: &str, app: &mut Resident) {
+    /// Adds what `app` used since the last look (its VMM's `stats`) to the pending report;
+    /// CPU used by the app's threads, or a new connection, makes it active.
+    fn account(&self, name: &str, app: &mut Resident, stats: &vmm::Stats) {
         let now = Instant::now();
-        let Some(usage) = vmm::usage(app.vmm.pid) else {
-            return;
-        };
-        let seconds = now.duration_since(app.looked).as_secs_f64();
+        let (cpu, app_cpu) = (
+            Duration::from_nanos(stats.cpu_ns),
+            Duration::from_nanos(stats.app_cpu_ns),
+        );
         let delta = UsageDelta {
-            cpu_seconds: usage.cpu.saturating_sub(app.cpu).as_secs_f64(),
-            memory_gib_seconds: usage.rss as f64 / (1u64 << 30) as f64 * seconds,
-            requests: 0,
+            cpu_seconds: cpu.saturating_sub(app.cpu).as_secs_f64(),
+            memory_gib_seconds: stats.rss_bytes as f64 / (1u64 << 30) as f64
+                * now.duration_since(app.looked).as_secs_f64(),
+            requests: stats.connections.saturating_sub(app.connections),
         };
-        if usage.app_cpu > app.app_cpu {
+        if app_cpu > app.app_cpu || stats.connections > app.connections {
             app.last_active = now;
         }
-        app.cpu = usage.cpu;
-        app.app_cpu = usage.app_cpu;
-        app.rss = usage.rss;
+        app.cpu = cpu;
+        app.app_cpu = app_cpu;
+        app.connections = stats.connections;
+        app.rss = stats.rss_bytes;
         app.looked = now;
         add_usage(&mut self.pending_report(), name, delta);
     }
 
-    /// One round of watching: usage, connections, ended apps, idle ones swapped out.
+    /// One round of watching: usage and activity, ended apps, idle ones swapped out.
     pub async fn watch(self: &Arc<Self>) {
         let mut idle = Vec::new();
         let mut ended = Vec::new();
@@ -337,10 +341,10 @@ impl Worker {
                 .map(|(n, a)| (n.clone(), a.vmm.control.clone()))
                 .collect()
         };
-        let mut connections = HashMap::new();
+        let mut stats = HashMap::new();
         for (name, control) in controls {
-            if let Ok(stats) = vmm::stats(&control).await {
-                connections.insert(name, stats.connections);
+            if let Ok(answer) = vmm::stats(&control).await {
+                stats.insert(name, answer);
             }
         }
         {
@@ -357,22 +361,9 @@ impl Worker {
                     apps.remove(&name);
                     continue;
                 }
-                if let Some(&now) = connections.get(&name) {
-                    if now > app.connections {
-                        let mut report = self.pending_report();
-                        add_usage(
-                            &mut report,
-                            &name,
-                            UsageDelta {
-                                requests: now - app.connections,
-                                ..Default::default()
-                            },
-                        );
-                        app.connections = now;
-                        app.last_active = Instant::now();
-                    }
+                if let Some(stats) = stats.get(&name) {
+                    self.account(&name, app, stats);
                 }
-                self.account(&name, app);
                 if app.last_active.elapsed() >= app.idle_after {
                     idle.push(name.clone());
                 }

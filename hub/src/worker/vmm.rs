@@ -206,6 +206,15 @@ pub struct Stats {
     /// Connections accepted.
     #[serde(default)]
     pub connections: u64,
+    /// CPU time of the VMM process, nanoseconds.
+    #[serde(default)]
+    pub cpu_ns: u64,
+    /// CPU time of the threads working for the app, nanoseconds.
+    #[serde(default)]
+    pub app_cpu_ns: u64,
+    /// Resident memory of the VMM, bytes.
+    #[serde(default)]
+    pub rss_bytes: u64,
 }
 
 /// One request on a control socket; the JSON answer.
@@ -261,77 +270,9 @@ pub async fn stats(control: &Path) -> Result<Stats, VmmError> {
     })
 }
 
-/// What a VMM process uses.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// CPU time of all its threads.
-    pub cpu: Duration,
-    /// CPU time of the threads that work for the app: all but the control socket's,
-    /// which answer the worker's own questions.
-    pub app_cpu: Duration,
-    /// Resident memory, bytes.
-    pub rss: u64,
-}
-
-/// What process `pid` uses. CPU time is the scheduler's nanosecond count per thread
-/// (/proc's tick counts are too coarse for an app that runs a few milliseconds between
-/// long sleeps).
-pub fn usage(pid: u32) -> Option<Usage> {
-    let mut usage = Usage::default();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-    {
-        let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
-        let ns = schedstat
-            .split_whitespace()
-            .next()
-            .and_then(|ns| ns.parse::<u64>().ok())
-            .unwrap_or(0);
-        let cpu = Duration::from_nanos(ns);
-        usage.cpu += cpu;
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("picocenter-cont") {
-            usage.app_cpu += cpu;
-        }
-    }
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let rss_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-    usage.rss = rss_pages * page;
-    Some(usage)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_its_own_usage() {
-        let before = usage(std::process::id()).unwrap();
-        assert!(before.rss > 0);
-        // Spin until this thread has had 20 ms of CPU, however busy the machine is.
-        let thread_cpu = || {
-            let mut t = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: clock_gettime writes one timespec, which `t` is.
-            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-            Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-        };
-        let start = thread_cpu();
-        while thread_cpu() < start + Duration::from_millis(20) {
-            std::hint::black_box(0);
-        }
-        let after = usage(std::process::id()).unwrap();
-        assert!(
-            after.cpu >= before.cpu + Duration::from_millis(10),
-            "{before:?} {after:?}"
-        );
-        assert!(after.app_cpu >= before.app_cpu + Duration::from_millis(10));
-    }
 
     #[test]
     fn finds_a_listening_socket() {
