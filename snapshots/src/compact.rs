@@ -1,9 +1,9 @@
 //! Merging a chain of incremental snapshots into one full snapshot.
 
-use crate::format::{Manifest, PageRun, PageSource, PAGE_SIZE};
+use crate::chain::{covered, resolve_all, runs};
+use crate::format::{Manifest, PageSource, PAGE_SIZE};
 use crate::pagefile::{PageFileWriter, CHUNK_PAGES};
 use crate::store::{chain, new_id, Store, StoreError};
-use std::collections::HashSet;
 
 /// Why a compaction failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,26 +25,9 @@ pub enum CompactError {
         #[source]
         source: std::io::Error,
     },
-    /// A page is in no snapshot of the chain.
-    #[error("page {0:#x} is in no snapshot of the chain")]
+    /// Some page is in no snapshot of the chain.
+    #[error("the chain misses pages (from {0:#x})")]
     Unresolved(u64),
-}
-
-/// Where a page is: (depth in the chain, source there).
-fn resolve(chain: &[Manifest], vpn: u64, depth: usize) -> Option<(usize, PageSource)> {
-    let runs = &chain.get(depth)?.pages;
-    let at = runs.partition_point(|r| r.vpn + r.count <= vpn);
-    let run = runs.get(at).filter(|r| r.vpn <= vpn)?;
-    match run.source {
-        PageSource::Parent => resolve(chain, vpn, depth + 1),
-        PageSource::Stored { index } => Some((
-            depth,
-            PageSource::Stored {
-                index: index + vpn - run.vpn,
-            },
-        )),
-        other => Some((depth, other)),
-    }
 }
 
 /// Merges the chain ending at snapshot `id` into a new full snapshot, makes it the newest,
@@ -53,31 +36,33 @@ pub fn compact(store: &dyn Store, id: &str) -> Result<Manifest, CompactError> {
     let chain = chain(store, id)?;
     let newest = &chain[0];
     let new = new_id();
-    let hot: HashSet<u64> = newest
-        .activeset
-        .iter()
-        .flat_map(|r| r.vpn..r.vpn + r.count)
-        .collect();
     // Every page, resolved; stored ones in ActiveSet-first order.
-    let mut pages: Vec<(u64, usize, PageSource)> = Vec::new();
-    for run in &newest.pages {
-        for vpn in run.vpn..run.vpn + run.count {
-            let (depth, source) =
-                resolve(&chain, vpn, 0).ok_or(CompactError::Unresolved(vpn * PAGE_SIZE))?;
-            pages.push((vpn, depth, source));
-        }
-    }
+    let pieces = resolve_all(&chain).ok_or(CompactError::Unresolved(
+        newest.pages.first().map_or(0, |r| r.vpn * PAGE_SIZE),
+    ))?;
+    let pages: Vec<(u64, usize, PageSource)> = pieces
+        .iter()
+        .flat_map(|p| {
+            (0..p.count).map(move |i| {
+                let source = match p.source {
+                    PageSource::Stored { index } => PageSource::Stored { index: index + i },
+                    other => other,
+                };
+                (p.vpn + i, p.depth, source)
+            })
+        })
+        .collect();
     let stored: Vec<usize> = (0..pages.len())
         .filter(|&i| matches!(pages[i].2, PageSource::Stored { .. }))
         .collect();
-    let (first, rest): (Vec<usize>, Vec<usize>) =
-        stored.into_iter().partition(|&i| hot.contains(&pages[i].0));
+    let (first, rest): (Vec<usize>, Vec<usize>) = stored
+        .into_iter()
+        .partition(|&i| covered(&newest.activeset, pages[i].0));
     let activeset_prefix = first.len() as u64;
     // The chain's page files, verified and mapped: the writer borrows pages from them.
     let mut maps = Vec::new();
     for m in &chain {
         let path = store.page_file(&m.id)?;
-        crate::pagefile::verify(&path, m, 0, m.page_count)?;
         let read = |source| CompactError::Read {
             id: m.id.clone(),
             index: 0,
@@ -86,7 +71,9 @@ pub fn compact(store: &dyn Store, id: &str) -> Result<Manifest, CompactError> {
         let file = std::fs::File::open(&path).map_err(read)?;
         // SAFETY: the store never rewrites a committed page file (new snapshots get new
         // names), so the mapping's contents do not change while it is borrowed.
-        maps.push(unsafe { memmap2::Mmap::map(&file) }.map_err(read)?);
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(read)?;
+        crate::pagefile::verify_bytes(&map, m)?;
+        maps.push(map);
     }
     let path = store.scratch(&new, "pages")?;
     let mut writer = PageFileWriter::create(&path)?;
@@ -109,26 +96,7 @@ pub fn compact(store: &dyn Store, id: &str) -> Result<Manifest, CompactError> {
         };
     }
     let (page_count, chunk_checksums) = writer.finish()?;
-    let mut runs: Vec<PageRun> = Vec::new();
-    for (&(vpn, _, _), &source) in pages.iter().zip(&new_sources) {
-        if let Some(last) = runs.last_mut() {
-            let same = match (last.source, source) {
-                (PageSource::Stored { index: a }, PageSource::Stored { index: b }) => {
-                    a + last.count == b
-                }
-                (a, b) => a == b,
-            };
-            if last.vpn + last.count == vpn && same {
-                last.count += 1;
-                continue;
-            }
-        }
-        runs.push(PageRun {
-            vpn,
-            count: 1,
-            source,
-        });
-    }
+    let runs = runs(pages.iter().map(|p| p.0).zip(new_sources));
     let mut manifest = newest.clone();
     manifest.id = new.clone();
     manifest.parent = None;

@@ -10,6 +10,7 @@
 //! * [`store`]: snapshot stores, with atomic commits, and [`store::copy_chain`];
 //! * [`s3`]: the S3 store (AWS or any S3-compatible endpoint).
 
+pub mod chain;
 pub mod compact;
 pub mod format;
 pub mod pagefile;

@@ -178,26 +178,55 @@ fn verify_chunks(
     let mut file = File::open(path).map_err(io("opening", path))?;
     let mut buffer = vec![0u8; (chunk_pages * PAGE_SIZE) as usize];
     for chunk in chunks {
-        let start = chunk * chunk_pages;
-        if start >= manifest.page_count {
+        let Some(pages) = chunk_pages_of(manifest, chunk) else {
             break;
-        }
-        let stop = (start + chunk_pages).min(manifest.page_count);
-        let bytes = ((stop - start) * PAGE_SIZE) as usize;
-        file.seek(SeekFrom::Start(start * PAGE_SIZE))
+        };
+        let bytes = &mut buffer[..((pages.end - pages.start) * PAGE_SIZE) as usize];
+        file.seek(SeekFrom::Start(pages.start * PAGE_SIZE))
             .map_err(io("reading", path))?;
-        file.read_exact(&mut buffer[..bytes])
-            .map_err(io("reading", path))?;
-        let expected = manifest.chunk_checksums.get(chunk as usize).copied();
-        if Some(crc32fast::hash(&buffer[..bytes])) != expected {
-            return Err(PageFileError::Corrupt {
-                chunk,
-                first: start,
-                end: stop,
-            });
-        }
+        file.read_exact(bytes).map_err(io("reading", path))?;
+        check_chunk(manifest, chunk, bytes)?;
     }
     Ok(())
+}
+
+/// Verifies a whole page file already in memory (a mapping of it).
+pub fn verify_bytes(bytes: &[u8], manifest: &Manifest) -> Result<(), PageFileError> {
+    let expected = manifest.page_file_bytes();
+    if (bytes.len() as u64) < expected {
+        return Err(PageFileError::Truncated {
+            have: bytes.len() as u64,
+            expected,
+        });
+    }
+    let mut chunk = 0;
+    while let Some(pages) = chunk_pages_of(manifest, chunk) {
+        let range = (pages.start * PAGE_SIZE) as usize..(pages.end * PAGE_SIZE) as usize;
+        check_chunk(manifest, chunk, &bytes[range])?;
+        chunk += 1;
+    }
+    Ok(())
+}
+
+/// The pages of chunk `chunk`, if the page file has it.
+pub fn chunk_pages_of(manifest: &Manifest, chunk: u64) -> Option<std::ops::Range<u64>> {
+    let chunk_pages = manifest.chunk_pages.max(1);
+    let start = chunk.checked_mul(chunk_pages)?;
+    (start < manifest.page_count).then(|| start..(start + chunk_pages).min(manifest.page_count))
+}
+
+/// Checks the bytes of chunk `chunk` against its checksum in `manifest`.
+pub fn check_chunk(manifest: &Manifest, chunk: u64, bytes: &[u8]) -> Result<(), PageFileError> {
+    let expected = manifest.chunk_checksums.get(chunk as usize).copied();
+    if Some(crc32fast::hash(bytes)) == expected {
+        return Ok(());
+    }
+    let pages = chunk_pages_of(manifest, chunk).unwrap_or(0..0);
+    Err(PageFileError::Corrupt {
+        chunk,
+        first: pages.start,
+        end: pages.end,
+    })
 }
 
 #[cfg(test)]

@@ -16,9 +16,10 @@ pub mod stream;
 use crate::kvm::vcpu::{Vcpu, VcpuError};
 use crate::memory::{Backing, PageState, Prot};
 use crate::process::Process;
+use picocenter_snapshots::chain::runs;
 use picocenter_snapshots::format::{
-    BackingRecord, ClockRecord, Manifest, PageRun, PageSource, ProcessRecord, SignalRecord,
-    SnapshotStats, UserContext, VmaRecord, VpnRange,
+    BackingRecord, ClockRecord, Manifest, PageSource, ProcessRecord, SignalRecord, SnapshotStats,
+    UserContext, VmaRecord,
 };
 use picocenter_snapshots::pagefile::{PageFileError, PageFileWriter, CHUNK_PAGES};
 use picocenter_snapshots::store::{new_id, Store, StoreError};
@@ -104,44 +105,7 @@ fn is_zero(page: &[u8]) -> bool {
     })
 }
 
-/// Merges pages into runs of consecutive pages with one source.
-fn runs(pages: &[PageState], sources: &[PageSource]) -> Vec<PageRun> {
-    let mut out: Vec<PageRun> = Vec::new();
-    for (page, &source) in pages.iter().zip(sources) {
-        let vpn = page.va / PAGE;
-        if let Some(last) = out.last_mut() {
-            let contiguous = last.vpn + last.count == vpn;
-            let same = match (last.source, source) {
-                (PageSource::Stored { index: a }, PageSource::Stored { index: b }) => {
-                    a + last.count == b
-                }
-                (a, b) => a == b,
-            };
-            if contiguous && same {
-                last.count += 1;
-                continue;
-            }
-        }
-        out.push(PageRun {
-            vpn,
-            count: 1,
-            source,
-        });
-    }
-    out
-}
-
-/// Collapses sorted page numbers into ranges.
-pub fn ranges(vpns: impl IntoIterator<Item = u64>) -> Vec<VpnRange> {
-    let mut out: Vec<VpnRange> = Vec::new();
-    for vpn in vpns {
-        match out.last_mut() {
-            Some(last) if last.vpn + last.count == vpn => last.count += 1,
-            _ => out.push(VpnRange { vpn, count: 1 }),
-        }
-    }
-    out
-}
+pub use picocenter_snapshots::chain::ranges;
 
 fn vma_records(p: &Process) -> Vec<VmaRecord> {
     p.mem
@@ -344,7 +308,7 @@ pub fn capture(
         cpu: p.cpu.clone(),
         context,
         vmas: vma_records(p),
-        pages: runs(&pages, &sources),
+        pages: runs(pages.iter().map(|p| p.va / PAGE).zip(sources)),
         page_count,
         chunk_pages: CHUNK_PAGES,
         chunk_checksums,

@@ -13,7 +13,8 @@ use crate::kvm::cpu;
 use crate::memory::{Backing, Vma, VmaRole};
 use crate::process::Process;
 use crate::{Config, Picoprocess, VmmError};
-use picocenter_snapshots::format::{BackingRecord, Manifest, PageSource, VpnRange};
+use picocenter_snapshots::chain::{covered, ranges, resolve_all};
+use picocenter_snapshots::format::{BackingRecord, Manifest, PageSource};
 use picocenter_snapshots::pagefile;
 use picocenter_snapshots::store::{self, Store};
 use std::fs::File;
@@ -61,77 +62,6 @@ pub struct RestoreOptions {
     pub relearn: bool,
 }
 
-/// Where each page of the chain is: for every manifest, its runs, and the first frame of
-/// its page file.
-struct Chain {
-    manifests: Vec<Manifest>,
-    bases: Vec<u64>,
-}
-
-impl Chain {
-    /// The source of page `vpn` in manifest `depth`, following Parent links.
-    fn resolve(&self, vpn: u64, depth: usize) -> Option<(PageSource, usize)> {
-        let runs = &self.manifests.get(depth)?.pages;
-        let at = runs.partition_point(|r| r.vpn + r.count <= vpn);
-        let run = runs.get(at).filter(|r| r.vpn <= vpn)?;
-        match run.source {
-            PageSource::Parent => self.resolve(vpn, depth + 1),
-            PageSource::Stored { index } => Some((
-                PageSource::Stored {
-                    index: index + (vpn - run.vpn),
-                },
-                depth,
-            )),
-            other => Some((other, depth)),
-        }
-    }
-}
-
-/// A run of pages with one resolved source: `count` pages from `vpn`, stored from page
-/// `index` on in the page file at chain depth `depth` (for `Stored`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Piece {
-    vpn: u64,
-    count: u64,
-    source: PageSource,
-    depth: usize,
-}
-
-impl Chain {
-    /// The sources of pages `[vpn, vpn + count)` of manifest `depth`, following Parent
-    /// links run by run. `None` if some page is in no snapshot of the chain.
-    fn resolve_run(&self, vpn: u64, count: u64, depth: usize, out: &mut Vec<Piece>) -> Option<()> {
-        let runs = &self.manifests.get(depth)?.pages;
-        let end = vpn + count;
-        let mut at = vpn;
-        let mut i = runs.partition_point(|r| r.vpn + r.count <= vpn);
-        while at < end {
-            let run = runs.get(i).filter(|r| r.vpn <= at)?;
-            let stop = end.min(run.vpn + run.count);
-            match run.source {
-                PageSource::Parent => self.resolve_run(at, stop - at, depth + 1, out)?,
-                PageSource::Stored { index } => out.push(Piece {
-                    vpn: at,
-                    count: stop - at,
-                    source: PageSource::Stored {
-                        index: index + (at - run.vpn),
-                    },
-                    depth,
-                }),
-                other => out.push(Piece {
-                    vpn: at,
-                    count: stop - at,
-                    source: other,
-                    depth,
-                }),
-            }
-            at = stop;
-            i += 1;
-        }
-        Some(())
-    }
-}
-
 /// Gives the page file `file` of `manifest` fresh frames that a streamer thread fills
 /// while the app runs (see [`super::stream`]). Returns the first frame.
 fn stream_in(
@@ -154,12 +84,6 @@ fn stream_in(
         .spawn()
         .map_err(|e| stream_error("starting the streamer", e))?;
     Ok(base)
-}
-
-/// Whether `vpn` is in `ranges` (sorted, disjoint).
-fn covered(ranges: &[VpnRange], vpn: u64) -> bool {
-    let at = ranges.partition_point(|r| r.vpn + r.count <= vpn);
-    ranges.get(at).is_some_and(|r| r.vpn <= vpn)
 }
 
 /// Checks that this host offers every CPU feature the snapshot may rely on.
@@ -295,19 +219,22 @@ impl Picoprocess {
             )
         };
         let manifests = store::chain(store, id)?;
-        let newest = manifests[0].clone();
+        let newest = &manifests[0];
+        let pieces = resolve_all(&manifests).ok_or_else(|| {
+            PersistError::Incompatible("some pages are in no snapshot of the chain".into())
+        })?;
         // Refuse a damaged snapshot before anything is built from it: every page read up
         // front is verified (the rest is read later, from the host page cache, as the app
         // touches it; only the file sizes are checked for those).
         let mut upfront: Vec<Vec<u64>> = vec![Vec::new(); manifests.len()];
         if options.mode == RestoreMode::ActiveSet {
-            let chain = Chain {
-                manifests: manifests.clone(),
-                bases: Vec::new(),
-            };
-            for vpn in newest.activeset.iter().flat_map(|r| r.vpn..r.vpn + r.count) {
-                if let Some((PageSource::Stored { index }, depth)) = chain.resolve(vpn, 0) {
-                    upfront[depth].push(index);
+            for piece in &pieces {
+                if let PageSource::Stored { index } = piece.source {
+                    upfront[piece.depth].extend(
+                        (0..piece.count)
+                            .filter(|i| covered(&newest.activeset, piece.vpn + i))
+                            .map(|i| index + i),
+                    );
                 }
             }
         }
@@ -325,8 +252,8 @@ impl Picoprocess {
         let (parts, mut space, sandbox) =
             builder::prepare(config).map_err(|e| PersistError::Incompatible(e.to_string()))?;
         phase("vm");
-        check_cpu(&newest, &parts)?;
-        unpack_data(store, &newest, config)?;
+        check_cpu(newest, &parts)?;
+        unpack_data(store, newest, config)?;
 
         // Page files become guest memory.
         let mut bases = Vec::new();
@@ -346,7 +273,6 @@ impl Picoprocess {
             );
         }
         phase("attached");
-        let chain = Chain { manifests, bases };
 
         // Areas, then pages.
         for record in &newest.vmas {
@@ -397,23 +323,11 @@ impl Picoprocess {
         let mut prefetch: Vec<u64> = Vec::new();
         let mut preset_pages: Vec<u64> = Vec::new();
         let mut file_pages: Vec<u64> = Vec::new();
-        let mut pieces = Vec::new();
-        for run in &newest.pages {
-            chain
-                .resolve_run(run.vpn, run.count, 0, &mut pieces)
-                .ok_or_else(|| {
-                    PersistError::Incompatible(format!(
-                        "pages {:#x}..{:#x} are not all in the snapshot chain",
-                        run.vpn * PAGE,
-                        (run.vpn + run.count) * PAGE
-                    ))
-                })?;
-        }
         for piece in pieces {
             let vpns = piece.vpn..piece.vpn + piece.count;
             match piece.source {
                 PageSource::Stored { index } => {
-                    let frame = chain.bases[piece.depth] + index * PAGE;
+                    let frame = bases[piece.depth] + index * PAGE;
                     space
                         .map_restored_run(piece.vpn * PAGE, frame, piece.count, |i| {
                             preset(piece.vpn + i)
@@ -448,7 +362,7 @@ impl Picoprocess {
             }
         }
         // File pages in runs: one mapping of the file per run.
-        for run in super::ranges(file_pages) {
+        for run in ranges(file_pages) {
             space
                 .map_from_file(run.vpn * PAGE, (run.vpn + run.count) * PAGE)
                 .map_err(memory("mapping file pages"))?;
@@ -456,7 +370,7 @@ impl Picoprocess {
         phase("pages");
         match options.mode {
             RestoreMode::Eager => {
-                for (m, &base) in chain.manifests.iter().zip(&chain.bases) {
+                for (m, &base) in manifests.iter().zip(&bases) {
                     if m.page_count > 0 {
                         space
                             .prefault(base, m.page_count * PAGE)
@@ -466,7 +380,7 @@ impl Picoprocess {
             }
             RestoreMode::ActiveSet => {
                 prefetch.sort_unstable();
-                for run in super::ranges(prefetch.iter().map(|f| f / PAGE)) {
+                for run in ranges(prefetch.iter().map(|f| f / PAGE)) {
                     space
                         .prefault(run.vpn * PAGE, run.count * PAGE)
                         .map_err(memory("reading the ActiveSet in"))?;
@@ -499,7 +413,7 @@ impl Picoprocess {
         phase("vcpu");
         let mut process = builder::process(config, &parts, space, sandbox, &vcpu_fd)
             .map_err(|e| PersistError::Incompatible(e.to_string()))?;
-        restore_process(&mut process, &newest)?;
+        restore_process(&mut process, newest)?;
         process.activeset.restored(preset_pages);
         phase("process");
         super::files::restore(&mut process, &newest.files)?;
@@ -510,7 +424,7 @@ impl Picoprocess {
         tracing::info!(
             id = %newest.id,
             mode = ?options.mode,
-            chain = chain.manifests.len(),
+            chain = manifests.len(),
             ms = started.elapsed().as_secs_f64() * 1000.0,
             "restored"
         );

@@ -9,11 +9,13 @@
 
 use crate::memory::uffd::Uffd;
 use picocenter_snapshots::format::{Manifest, PAGE_SIZE};
+use picocenter_snapshots::pagefile;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
-/// What a streamer needs: the file, where its pages go, and its manifest's checksums.
+/// What a streamer needs: the file, where its pages go, and its manifest (for the chunk
+/// layout and checksums).
 pub struct Streamer {
     /// The page file.
     pub file: File,
@@ -21,12 +23,8 @@ pub struct Streamer {
     pub uffd: Uffd,
     /// Host address of page 0's frame.
     pub host_base: u64,
-    /// Pages in the file.
-    pub pages: u64,
-    /// Pages per chunk.
-    pub chunk_pages: u64,
-    /// CRC-32 of each chunk.
-    pub checksums: Vec<u32>,
+    /// The page file's manifest.
+    pub manifest: Manifest,
 }
 
 impl Streamer {
@@ -37,9 +35,7 @@ impl Streamer {
             file,
             uffd,
             host_base,
-            pages: manifest.page_count,
-            chunk_pages: manifest.chunk_pages.max(1),
-            checksums: manifest.chunk_checksums.clone(),
+            manifest: manifest.clone(),
         }
     }
 
@@ -51,7 +47,7 @@ impl Streamer {
                 let started = Instant::now();
                 match self.run() {
                     Ok(faults) => tracing::debug!(
-                        pages = self.pages,
+                        pages = self.manifest.page_count,
                         faults,
                         ms = started.elapsed().as_secs_f64() * 1e3,
                         "page file streamed in"
@@ -66,9 +62,10 @@ impl Streamer {
     }
 
     fn run(&self) -> Result<u64, String> {
-        let chunks = self.pages.div_ceil(self.chunk_pages);
+        let chunk_pages = self.manifest.chunk_pages.max(1);
+        let chunks = self.manifest.page_count.div_ceil(chunk_pages);
         let mut done = vec![false; chunks as usize];
-        let mut buffer = vec![0u8; (self.chunk_pages * PAGE_SIZE) as usize];
+        let mut buffer = vec![0u8; (chunk_pages * PAGE_SIZE) as usize];
         let mut next = 0u64;
         let mut faults = 0u64;
         // In file order, which puts the ActiveSet first.
@@ -77,7 +74,7 @@ impl Streamer {
             while let Some(address) = self.uffd.next_fault().map_err(|e| e.to_string())? {
                 faults += 1;
                 let page = address.saturating_sub(self.host_base) / PAGE_SIZE;
-                let chunk = page / self.chunk_pages;
+                let chunk = page / chunk_pages;
                 if chunk < chunks && !done[chunk as usize] {
                     self.fill(chunk, &mut buffer)?;
                     done[chunk as usize] = true;
@@ -96,20 +93,14 @@ impl Streamer {
 
     /// Reads chunk `chunk`, checks it, and copies it into guest memory.
     fn fill(&self, chunk: u64, buffer: &mut [u8]) -> Result<(), String> {
-        let first = chunk * self.chunk_pages;
-        let count = self.chunk_pages.min(self.pages - first);
-        let bytes = &mut buffer[..(count * PAGE_SIZE) as usize];
+        let pages = pagefile::chunk_pages_of(&self.manifest, chunk).unwrap_or(0..0);
+        let bytes = &mut buffer[..((pages.end - pages.start) * PAGE_SIZE) as usize];
         self.file
-            .read_exact_at(bytes, first * PAGE_SIZE)
-            .map_err(|e| format!("reading pages {first}..{}: {e}", first + count))?;
-        if self.checksums.get(chunk as usize).copied() != Some(crc32fast::hash(bytes)) {
-            return Err(format!(
-                "chunk {chunk} (pages {first}..{}) fails its checksum",
-                first + count
-            ));
-        }
+            .read_exact_at(bytes, pages.start * PAGE_SIZE)
+            .map_err(|e| format!("reading pages {pages:?}: {e}"))?;
+        pagefile::check_chunk(&self.manifest, chunk, bytes).map_err(|e| e.to_string())?;
         self.uffd
-            .copy(self.host_base + first * PAGE_SIZE, bytes)
-            .map_err(|e| format!("copying pages {first}..{} in: {e}", first + count))
+            .copy(self.host_base + pages.start * PAGE_SIZE, bytes)
+            .map_err(|e| format!("copying pages {pages:?} in: {e}"))
     }
 }
