@@ -32,6 +32,18 @@ pub enum ColdConfig {
     S3(S3Config),
 }
 
+/// A snapshot put in cold storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The snapshot to restore next (the one written, or the chain compacted into one).
+    pub id: String,
+    /// Bytes its chain holds in cold storage.
+    pub bytes: u64,
+    /// When the app wants to run again by itself (its earliest deadline: a blocked call's
+    /// timeout, an armed timerfd or the alarm), Unix ms.
+    pub wake_at_unix_ms: Option<u64>,
+}
+
 /// A worker's cold storage.
 #[derive(Debug, Clone)]
 pub struct Cold {
@@ -87,48 +99,51 @@ impl Cold {
         match &self.config {
             ColdConfig::Local { .. } => Ok(None),
             ColdConfig::S3(s3) => {
-                let prefix = if s3.prefix.is_empty() {
-                    app.to_string()
-                } else {
-                    format!("{}/{app}", s3.prefix.trim_end_matches('/'))
-                };
-                let mut config = s3.clone();
-                config.prefix = String::new();
-                S3Store::open(&config, &prefix, &self.cache.join(app).join("download")).map(Some)
+                S3Store::open(s3, app, &self.cache.join(app).join("download")).map(Some)
             }
         }
     }
 
     /// After the VMM of `app` wrote snapshot `id` into [`Cold::local_dir`]: puts it in
-    /// cold storage. A chain grown past [`MAX_CHAIN`] increments is compacted first (past
-    /// [`MAX_CHAIN_S3`] for S3), so a restore never reads more than that many snapshots. Returns the snapshot to restore
-    /// next (`id`, or the compacted one) and the bytes its chain holds in cold storage.
-    pub fn store(&self, app: &str, id: &str) -> Result<(String, u64), StoreError> {
+    /// cold storage. A chain grown past [`MAX_CHAIN`] snapshots ([`MAX_CHAIN_S3`] in S3)
+    /// is compacted first, so a restore never reads more than that many.
+    pub fn store(&self, app: &str, id: &str) -> Result<Stored, StoreError> {
         let local = LocalStore::open(&self.local_dir(app))?;
-        let mut id = id.to_string();
+        let mut manifests = chain(&local, id)?;
         let longest = match self.config {
             ColdConfig::Local { .. } => MAX_CHAIN,
             ColdConfig::S3(_) => MAX_CHAIN_S3,
         };
-        if chain(&local, &id)?.len() > longest {
-            let compacted = compact(&local, &id).map_err(|e| StoreError::Remote(e.to_string()))?;
-            tracing::info!(app, from = %id, to = %compacted.id, "compacted the snapshot chain");
-            id = compacted.id;
+        let compacted = manifests.len() > longest;
+        if compacted {
+            let full = compact(&local, id).map_err(|e| StoreError::Remote(e.to_string()))?;
+            tracing::info!(app, from = %id, to = %full.id, "compacted the snapshot chain");
+            manifests = vec![full];
         }
-        match self.remote(app)? {
-            None => Ok((id.clone(), chain_bytes(&local, &id)?)),
-            Some(remote) => {
-                copy_chain(&local, &remote, &id)?;
-                // What the new chain does not need (after a compaction) goes.
-                let keep: Vec<String> = chain(&remote, &id)?.into_iter().map(|m| m.id).collect();
+        let newest = &manifests[0];
+        if let Some(remote) = self.remote(app)? {
+            copy_chain(&local, &remote, &newest.id)?;
+            if compacted {
+                // The snapshots the compacted one replaces go from S3 too.
                 for old in remote.list()? {
-                    if !keep.contains(&old) {
+                    if old != newest.id {
                         remote.remove(&old)?;
                     }
                 }
-                Ok((id.clone(), chain_bytes(&remote, &id)?))
             }
         }
+        // Cold storage holds the same objects as the local store.
+        let mut bytes = 0;
+        for manifest in &manifests {
+            bytes += local.size(&manifest.id)?;
+        }
+        Ok(Stored {
+            id: newest.id.clone(),
+            bytes,
+            wake_at_unix_ms: newest
+                .next_wakeup()
+                .map(|after| newest.created_unix_ms + after.as_millis() as u64),
+        })
     }
 
     /// Before a restore of `app` at snapshot `id`: makes the chain local. Returns the
@@ -181,13 +196,4 @@ impl Cold {
         }
         Ok(removed)
     }
-}
-
-/// Bytes the chain ending at `id` holds in `store`.
-fn chain_bytes(store: &dyn Store, id: &str) -> Result<u64, StoreError> {
-    let mut total = 0;
-    for manifest in chain(store, id)? {
-        total += store.size(&manifest.id)?;
-    }
-    Ok(total)
 }

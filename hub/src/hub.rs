@@ -139,19 +139,14 @@ impl Hub {
     }
 
     /// Applies `change` to app `name` and writes it through (`sync`: durably).
-    fn update(
-        &self,
-        name: &str,
-        sync: bool,
-        change: impl FnOnce(&mut AppRecord),
-    ) -> Option<AppRecord> {
+    fn update(&self, name: &str, sync: bool, change: impl FnOnce(&mut AppRecord)) {
         let mut apps = lock(&self.apps);
-        let record = apps.get_mut(name)?;
-        change(record);
-        if let Err(e) = self.registry.save(record, sync) {
-            tracing::error!(app = %name, "saving the registry: {e}");
+        if let Some(record) = apps.get_mut(name) {
+            change(record);
+            if let Err(e) = self.registry.save(record, sync) {
+                tracing::error!(app = %name, "saving the registry: {e}");
+            }
         }
-        Some(record.clone())
     }
 
     // ---- apps ------------------------------------------------------------------------
@@ -199,6 +194,11 @@ impl Hub {
         self.registry.remove(name)?;
         tracing::info!(app = %name, "app removed");
         Ok(())
+    }
+
+    /// Whether an app is named `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        lock(&self.apps).contains_key(name)
     }
 
     /// One app's record.
@@ -379,11 +379,27 @@ impl Hub {
             worker.memory_bytes = report.memory_bytes;
             worker.resident = report.resident.len();
         }
+        // One lock and one registry transaction for the whole report; durable if any
+        // app changed state (usage alone is flushed with the next durable write).
+        let mut apps = lock(&self.apps);
+        let mut changed = std::collections::BTreeSet::new();
+        let mut sync = false;
+        // `change` says whether it changed anything.
+        let mut edit =
+            |name: &str, durable: bool, change: &mut dyn FnMut(&mut AppRecord) -> bool| {
+                if apps.get_mut(name).is_some_and(change) {
+                    changed.insert(name.to_string());
+                    sync |= durable;
+                }
+            };
         for (name, delta) in &report.usage {
-            self.update(name, false, |r| r.usage.add(delta));
+            edit(name, false, &mut |r| {
+                r.usage.add(delta);
+                true
+            });
         }
-        for swapped in report.swapped {
-            self.update(&swapped.name, true, |r| {
+        for swapped in &report.swapped {
+            edit(&swapped.name, true, &mut |r| {
                 r.state = AppState::SwappedOut;
                 r.worker = None;
                 r.address = None;
@@ -399,10 +415,11 @@ impl Hub {
                         .map(|t| format!(", wakes in {} ms", t.saturating_sub(unix_ms())))
                         .unwrap_or_default()
                 ));
+                true
             });
         }
-        for (name, why) in report.ended {
-            self.update(&name, true, |r| {
+        for (name, why) in &report.ended {
+            edit(name, true, &mut |r| {
                 r.state = if r.snapshot.is_some() {
                     AppState::SwappedOut
                 } else {
@@ -412,21 +429,27 @@ impl Hub {
                 r.address = None;
                 r.last_error = Some(why.clone());
                 r.event(format!("ended on worker {id}: {why}"));
+                true
             });
         }
-        for (name, address) in report.resident {
+        for (name, address) in &report.resident {
             // After a hub restart, or a start whose answer was lost.
-            let stale = lock(&self.apps).get(&name).is_some_and(|r| {
-                r.state != AppState::Starting
-                    && (r.state != AppState::Resident || r.worker.as_deref() != Some(id))
-            });
-            if stale {
-                self.update(&name, true, |r| {
+            edit(name, true, &mut |r| {
+                let stale = r.state != AppState::Starting
+                    && (r.state != AppState::Resident || r.worker.as_deref() != Some(id));
+                if stale {
                     r.state = AppState::Resident;
                     r.worker = Some(id.to_string());
-                    r.address = Some(address);
+                    r.address = Some(*address);
                     r.event(format!("resident on worker {id} at {address} (reported)"));
-                });
+                }
+                stale
+            });
+        }
+        if !changed.is_empty() {
+            let records = changed.iter().filter_map(|name| apps.get(name));
+            if let Err(e) = self.registry.save_all(records, sync) {
+                tracing::error!(worker = %id, "saving the registry: {e}");
             }
         }
         Ok(())

@@ -64,19 +64,30 @@ impl Registry {
 
     /// Writes `record`; `sync` makes it durable before returning.
     pub fn save(&self, record: &AppRecord, sync: bool) -> Result<(), RegistryError> {
-        let bytes = serde_json::to_vec(record).map_err(|source| RegistryError::Record {
-            name: record.spec.name.clone(),
-            source,
-        })?;
+        self.save_all([record], sync)
+    }
+
+    /// Writes `records` in one transaction; `sync` makes them durable before returning.
+    pub fn save_all<'a>(
+        &self,
+        records: impl IntoIterator<Item = &'a AppRecord>,
+        sync: bool,
+    ) -> Result<(), RegistryError> {
         let mut txn = self.db.begin_write().map_err(db_error)?;
         if !sync {
             txn.set_durability(Durability::None).map_err(db_error)?;
         }
         {
             let mut table = txn.open_table(APPS).map_err(db_error)?;
-            table
-                .insert(record.spec.name.as_str(), bytes.as_slice())
-                .map_err(db_error)?;
+            for record in records {
+                let bytes = serde_json::to_vec(record).map_err(|source| RegistryError::Record {
+                    name: record.spec.name.clone(),
+                    source,
+                })?;
+                table
+                    .insert(record.spec.name.as_str(), bytes.as_slice())
+                    .map_err(db_error)?;
+            }
         }
         txn.commit().map_err(db_error)
     }

@@ -256,18 +256,28 @@ impl Worker {
         let _ = tokio::time::timeout(Duration::from_secs(10), app.vmm.child.wait()).await;
         let cold = self.cold.clone();
         let (app_name, snapshot) = (name.to_string(), id.clone());
-        let (id, stored_bytes) =
-            tokio::task::spawn_blocking(move || cold.store(&app_name, &snapshot))
-                .await
-                .map_err(|e| WorkerError::Internal(e.to_string()))??;
-        let wake_at_unix_ms = wake_at(&self.cold.local_dir(name), &id);
+        let stored = tokio::task::spawn_blocking(move || cold.store(&app_name, &snapshot))
+            .await
+            .map_err(|e| WorkerError::Internal(e.to_string()))
+            .and_then(|stored| stored.map_err(WorkerError::from));
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(e) => {
+                // Its VMM has ended, so it is not resident any more: the hub falls back
+                // to its last snapshot in cold storage.
+                self.pending_report()
+                    .ended
+                    .push((name.to_string(), format!("swap-out failed: {e}")));
+                return Err(e);
+            }
+        };
         let swapped = SwappedOut {
             name: name.to_string(),
-            snapshot: id,
-            stored_bytes,
-            wake_at_unix_ms,
+            snapshot: stored.id,
+            stored_bytes: stored.bytes,
+            wake_at_unix_ms: stored.wake_at_unix_ms,
         };
-        tracing::info!(app = %name, snapshot = %swapped.snapshot, stored_bytes, ?wake_at_unix_ms, "swapped out");
+        tracing::info!(app = %name, snapshot = %swapped.snapshot, stored_bytes = swapped.stored_bytes, wake_at_unix_ms = ?swapped.wake_at_unix_ms, "swapped out");
         self.pending_report().swapped.push(swapped.clone());
         Ok(swapped)
     }
@@ -428,15 +438,6 @@ fn add_usage(report: &mut WorkerReport, name: &str, delta: UsageDelta) {
         }
         None => report.usage.push((name.to_string(), delta)),
     }
-}
-
-/// When the app of snapshot `id` in `dir` wants to run again by itself (its earliest
-/// deadline: a blocked call's timeout, an armed timerfd or alarm), Unix ms.
-fn wake_at(dir: &std::path::Path, id: &str) -> Option<u64> {
-    let store = picocenter_snapshots::LocalStore::open(dir).ok()?;
-    let manifest = picocenter_snapshots::Store::manifest(&store, id).ok()?;
-    let after = manifest.next_wakeup()?;
-    Some(manifest.created_unix_ms + after.as_millis() as u64)
 }
 
 /// Serves the order API on `listener`, registers with the hub, and then watches and
