@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite: unit tests and end-to-end tests on real KVM with real programs.
+# The whole test suite: formatting and lints, unit tests, and end-to-end tests on real KVM
+# with real programs. Every test binary runs (--no-fail-fast), and cargo lists each one that
+# failed at the end. Extra arguments go to `cargo test` (for example a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo test --workspace "$@"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo test --workspace --no-fail-fast "$@"
 # The benchmarks must keep compiling; built with the test profile, beside the tests.
 cargo test --workspace --benches --no-run --quiet

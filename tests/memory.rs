@@ -22,6 +22,23 @@ fn dynamic_build_of_the_memory_checks_passes_too() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
 }
 
+/// A program kept under /tmp (the default writable directory, which would hide it) stays
+/// visible at its own path, so argv[0] and `open(argv[0])` agree, as they do natively.
+#[test]
+fn a_program_under_the_writable_tmp_runs_from_its_own_path() {
+    for link in [Link::Static, Link::Dynamic] {
+        let dir = tempfile::Builder::new()
+            .prefix("picocenter-test-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let program = dir.path().join("memory-checks");
+        std::fs::copy(guest("memory", link), &program).unwrap();
+        let out = run(&[program.to_str().unwrap(), "ok"]);
+        assert_eq!(out.status.code(), Some(0), "{link:?}: {}", describe(&out));
+        assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
+    }
+}
+
 fn assert_segfault(mode: &str, expect: &str) {
     let out = run(&[&memory_program(), mode]);
     assert_eq!(out.status.code(), Some(139), "{}", describe(&out));

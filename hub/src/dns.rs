@@ -93,7 +93,7 @@ impl DnsHandler {
             .next()
             .map(|l| String::from_utf8_lossy(l).to_ascii_lowercase())
             .unwrap_or_default();
-        if label == "ns" && self.hub.get("ns").is_none() {
+        if label == "ns" && !self.hub.contains("ns") {
             return match kind {
                 RecordType::A => (
                     ResponseCode::NoError,
@@ -103,7 +103,7 @@ impl DnsHandler {
                 _ => (ResponseCode::NoError, vec![], true),
             };
         }
-        if self.hub.get(&label).is_none() {
+        if !self.hub.contains(&label) {
             return (ResponseCode::NXDomain, vec![], true);
         }
         if kind != RecordType::A {
@@ -185,12 +185,35 @@ pub async fn serve(
     handler: DnsHandler,
     address: SocketAddr,
 ) -> std::io::Result<(Server<DnsHandler>, SocketAddr)> {
-    let udp = tokio::net::UdpSocket::bind(address).await?;
-    let bound = udp.local_addr()?;
-    // TCP on the same port as UDP, which may have been chosen by the kernel.
-    let tcp = tokio::net::TcpListener::bind(bound).await?;
+    let (udp, tcp, bound) = bind_udp_and_tcp(address).await?;
     let mut server = Server::new(handler);
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(10), 64 * 1024);
     Ok((server, bound))
+}
+
+/// Binds UDP and TCP on the same port. With port 0 the kernel picks the UDP port, and
+/// another socket may already hold that number for TCP: then both are tried again on a
+/// new port (a bounded number of times).
+async fn bind_udp_and_tcp(
+    address: SocketAddr,
+) -> std::io::Result<(tokio::net::UdpSocket, tokio::net::TcpListener, SocketAddr)> {
+    const ATTEMPTS: usize = 64;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let udp = tokio::net::UdpSocket::bind(address).await?;
+        let bound = udp.local_addr()?;
+        match tokio::net::TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((udp, tcp, bound)),
+            Err(e)
+                if address.port() == 0
+                    && e.kind() == std::io::ErrorKind::AddrInUse
+                    && attempt < ATTEMPTS =>
+            {
+                tracing::debug!(%bound, "TCP port taken; choosing another for DNS");
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }

@@ -25,6 +25,15 @@ pub enum PackageError {
         /// The end of apt-get's error output.
         stderr: String,
     },
+    /// The lock that serialises installs could not be taken.
+    #[error("taking the install lock {path}")]
+    Lock {
+        /// The lock file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// apt-get succeeded but dpkg still does not list the packages as installed.
     #[error("{0} still not installed after apt-get install")]
     StillMissing(String),
@@ -61,8 +70,38 @@ pub fn missing(wanted: &[String]) -> Result<Vec<String>, PackageError> {
         .collect())
 }
 
+/// The file concurrent installs take turns on.
+pub const INSTALL_LOCK: &str = "/run/lock/picocenter-apt.lock";
+
+/// How long apt-get waits for dpkg's own lock, in seconds.
+const DPKG_LOCK_TIMEOUT_SECS: u32 = 600;
+
+/// Holds [`INSTALL_LOCK`] (an exclusive `flock`) until dropped; falls back to a lock file
+/// in the temporary directory where /run/lock does not exist.
+fn install_lock() -> Result<std::fs::File, PackageError> {
+    let path = if std::path::Path::new("/run/lock").is_dir() {
+        std::path::PathBuf::from(INSTALL_LOCK)
+    } else {
+        std::env::temp_dir().join("picocenter-apt.lock")
+    };
+    let lock_error = |source| PackageError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(lock_error)?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| lock_error(e.into()))?;
+    Ok(file)
+}
+
 fn apt_get(args: &[&str], packages: &[String]) -> Result<Output, PackageError> {
     Command::new("apt-get")
+        .arg(format!("-oDPkg::Lock::Timeout={DPKG_LOCK_TIMEOUT_SECS}"))
         .args(args)
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive")
@@ -83,7 +122,15 @@ fn tail(output: &Output) -> String {
 /// Installs the packages of `wanted` that are missing: `apt-get install -y
 /// --no-install-recommends`, and if that fails, `apt-get update` and once more. Returns the
 /// packages it installed (none, and without running apt-get, when all are there).
+///
+/// Concurrent builds (in this process or others) install one at a time: each holds
+/// [`INSTALL_LOCK`] and looks again at what is missing once it has it, so a package is
+/// installed once. apt-get itself waits for dpkg's lock if anything else holds it.
 pub fn ensure_installed(wanted: &[String]) -> Result<Vec<String>, PackageError> {
+    if missing(wanted)?.is_empty() {
+        return Ok(Vec::new());
+    }
+    let _lock = install_lock()?;
     let missing = missing(wanted)?;
     if missing.is_empty() {
         return Ok(missing);
@@ -122,5 +169,23 @@ mod tests {
         ];
         assert_eq!(missing(&wanted).unwrap(), ["picocenter-no-such-package"]);
         assert!(missing(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn installs_take_turns_on_one_lock() {
+        let first = install_lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let second = install_lock().unwrap();
+            tx.send(()).unwrap();
+            drop(second);
+        });
+        // The second holder waits while the first holds the lock.
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err());
+        drop(first);
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        waiter.join().unwrap();
     }
 }

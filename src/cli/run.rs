@@ -108,8 +108,10 @@ pub struct AppSettings {
 /// What to run, resolved from the arguments and the image.
 struct App {
     /// Keeps a temporary root alive until the app ends.
-    _temp_root: Option<tempfile::TempDir>,
+    _temp_root: Option<TemporaryRoot>,
     root: PathBuf,
+    /// Read-only mounts besides the root: (guest directory, host directory).
+    readonly: Vec<(String, PathBuf)>,
     program: String,
     argv: Vec<String>,
     env: Vec<String>,
@@ -137,6 +139,7 @@ impl App {
         Ok(Self {
             _temp_root: None,
             root: image.rootfs.clone(),
+            readonly: Vec::new(),
             program: argv[0].clone(),
             argv,
             env: run.env,
@@ -161,12 +164,13 @@ impl App {
         } else {
             args.app.writable.clone()
         };
-        let (temp_root, root, guest_program) = match &args.root {
-            Some(root) => (None, root.clone(), program.to_string()),
+        let (temp_root, root, guest_program, readonly) = match &args.root {
+            Some(root) => (None, root.clone(), program.to_string(), Vec::new()),
             None => {
-                let (temp, guest) = temporary_root(Path::new(program), &writable)?;
-                let path = temp.path().to_path_buf();
-                (Some(temp), path, guest)
+                let temp = temporary_root(Path::new(program), &writable)?;
+                let path = temp.dir.path().to_path_buf();
+                let (guest, mounts) = (temp.program.clone(), temp.mounts.clone());
+                (Some(temp), path, guest, mounts)
             }
         };
         let root_from = match args.root {
@@ -180,8 +184,9 @@ impl App {
         Ok(Self {
             _temp_root: temp_root,
             root,
+            argv: command_line(&guest_program, &args.args),
             program: guest_program,
-            argv: command_line(program, &args.args),
+            readonly,
             env: Vec::new(),
             cwd: args.app.cwd.clone().unwrap_or_else(|| "/".into()),
             memory: args.app.memory.unwrap_or(256),
@@ -200,42 +205,62 @@ fn command_line(program: &str, args: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// A temporary root made from a host program, removed when dropped.
+pub(super) struct TemporaryRoot {
+    /// The root directory (and what it holds).
+    pub dir: tempfile::TempDir,
+    /// The program's path inside the guest: its own host path.
+    pub program: String,
+    /// Read-only mounts the root needs besides itself: (guest directory, host directory).
+    pub mounts: Vec<(String, PathBuf)>,
+}
+
 /// A fresh root holding `program` and its shared-library closure. The program keeps its
-/// host path, unless that lies under a writable directory (which would hide it): then it
-/// goes to /app/NAME.
-pub(super) fn temporary_root(
-    program: &Path,
-    writable: &[String],
-) -> anyhow::Result<(tempfile::TempDir, String)> {
+/// host path, so argv[0] names it inside the guest too. Where that path lies under a
+/// writable directory (such as /tmp), which would hide it, the program's directory
+/// becomes a read-only mount of its own that holds just the program.
+pub(super) fn temporary_root(program: &Path, writable: &[String]) -> anyhow::Result<TemporaryRoot> {
     let given = std::path::absolute(program)
         .with_context(|| format!("cannot find program {}", program.display()))?;
     let real = std::fs::canonicalize(&given)
         .with_context(|| format!("cannot find program {}", program.display()))?;
-    let root = tempfile::Builder::new()
+    let dir = tempfile::Builder::new()
         .prefix("picocenter-root-")
         .tempdir()
         .context("creating a temporary root")?;
     let files = picocenter_images::closure::closure(&real)
         .with_context(|| format!("finding the libraries {} needs", program.display()))?;
     for file in &files[1..] {
-        picocenter_images::rootfs::add_path(root.path(), file)?;
+        picocenter_images::rootfs::add_path(dir.path(), file)?;
     }
-    let hidden = writable.iter().any(|dir| given.starts_with(dir));
-    let guest_path = if hidden {
-        let name = real.file_name().context("the program has no file name")?;
-        let guest_path = format!("/app/{}", name.to_string_lossy());
-        let inside = root.path().join(guest_path.trim_start_matches('/'));
-        std::fs::create_dir_all(inside.parent().context("program path")?)?;
-        if std::fs::hard_link(&real, &inside).is_err() {
-            std::fs::copy(&real, &inside)
+    let hidden = writable
+        .iter()
+        .any(|guest| given.starts_with(sandbox_path(guest)));
+    let mut mounts = Vec::new();
+    if hidden {
+        let name = given.file_name().context("the program has no file name")?;
+        let parent = given.parent().context("the program has no directory")?;
+        // Outside the guest's view of the root: only the mount shows it.
+        let holder = dir.path().join(".picocenter-program");
+        std::fs::create_dir(&holder)?;
+        if std::fs::hard_link(&real, holder.join(name)).is_err() {
+            std::fs::copy(&real, holder.join(name))
                 .with_context(|| format!("copying {} into the root", real.display()))?;
         }
-        guest_path
+        mounts.push((parent.to_string_lossy().into_owned(), holder));
     } else {
-        picocenter_images::rootfs::add_path(root.path(), &given)?;
-        given.to_string_lossy().into_owned()
-    };
-    Ok((root, guest_path))
+        picocenter_images::rootfs::add_path(dir.path(), &given)?;
+    }
+    Ok(TemporaryRoot {
+        dir,
+        program: given.to_string_lossy().into_owned(),
+        mounts,
+    })
+}
+
+/// A guest directory as the host path it would hide.
+fn sandbox_path(guest: &str) -> PathBuf {
+    PathBuf::from(picocenter_vmm::sandbox::normalize("/", guest))
 }
 
 /// The writable directories as (guest path, host path), each backed by a directory under
@@ -380,6 +405,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         program: app.program,
         argv: app.argv,
         root: app.root,
+        readonly: app.readonly,
         memory_mib: app.memory,
         cwd: app.cwd,
         name: app.name.clone(),

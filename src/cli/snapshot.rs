@@ -202,6 +202,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     let manifest = store.manifest(&id)?;
     let app = &manifest.app;
     let mut _temp_root = None;
+    let mut readonly = Vec::new();
     let root = match (&args.root, &app.image, &app.root_from) {
         (Some(root), _, _) => root.clone(),
         (None, Some(image), _) => match picocenter_images::load(args.state.state_dir(), image) {
@@ -210,9 +211,9 @@ fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         },
         // A temporary root made from a host program: make it again.
         (None, None, Some(program)) => {
-            let (temp, _) =
-                super::run::temporary_root(std::path::Path::new(program), &app.writable)?;
-            let path = temp.path().to_path_buf();
+            let temp = super::run::temporary_root(std::path::Path::new(program), &app.writable)?;
+            let path = temp.dir.path().to_path_buf();
+            readonly = temp.mounts.clone();
             _temp_root = Some(temp);
             path
         }
@@ -238,6 +239,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         argv: vec![app.program.clone()],
         env: Vec::new(),
         root,
+        readonly,
         writable,
         memory_mib: app.memory_mib,
         cwd: manifest.process.cwd.clone(),

@@ -44,6 +44,9 @@ pub(crate) fn prepare(config: &Config) -> Result<(Parts, AddressSpace, Sandbox),
     for (guest, host) in &config.writable {
         sandbox.mount(guest, host, true)?;
     }
+    for (guest, host) in &config.readonly {
+        sandbox.mount(guest, host, false)?;
+    }
     Ok((
         Parts {
             platform,

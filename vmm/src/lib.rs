@@ -57,6 +57,9 @@ pub struct Config {
     pub env: Vec<String>,
     /// The host directory that is the app's read-only root.
     pub root: PathBuf,
+    /// Further read-only host directories and the guest paths they appear at (over
+    /// the root, and over writable directories).
+    pub readonly: Vec<(String, PathBuf)>,
     /// Writable host directories and the guest paths they appear at.
     pub writable: Vec<(String, PathBuf)>,
     /// Guest RAM in MiB.
