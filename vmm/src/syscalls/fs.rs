@@ -5,6 +5,7 @@ use super::{Args, SysError, SysResult};
 use crate::fdtable::{FileKind, OpenFile};
 use crate::memory::UserAddr;
 use crate::process::Process;
+use crate::sandbox::{Follow, Node};
 use rustix::event::PollFlags;
 use rustix::fs::{AtFlags, Mode, OFlags, SeekFrom};
 use rustix::io::Errno;
@@ -240,13 +241,11 @@ pub fn close(p: &mut Process, a: &Args) -> SysResult {
 
 // ---- metadata ----------------------------------------------------------------------------
 
-/// Opens `path` without following a final symlink when `nofollow`, for stat-like calls.
+/// Opens `path` as an `O_PATH` fd, without following a final symlink when `nofollow`,
+/// for stat-like calls.
 fn open_for_stat(p: &Process, path: &str, nofollow: bool) -> Result<OwnedFd, Errno> {
-    let mut flags = OFlags::PATH;
-    if nofollow {
-        flags |= OFlags::NOFOLLOW;
-    }
-    p.sandbox.open(path, flags, Mode::empty())
+    let follow = if nofollow { Follow::No } else { Follow::Yes };
+    Ok(p.sandbox.lookup(path, follow)?.into_fd())
 }
 
 fn write_stat(p: &mut Process, fd: impl AsFd, out: UserAddr) -> SysResult {
@@ -344,7 +343,8 @@ fn write_statfs(p: &mut Process, fd: impl AsFd, out: UserAddr) -> SysResult {
 /// statfs(2).
 pub fn statfs(p: &mut Process, a: &Args) -> SysResult {
     let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
-    let fd = p.sandbox.open(&path, OFlags::RDONLY, Mode::empty())?;
+    // O_PATH: opening the file itself could block (a FIFO) or have effects (a device).
+    let fd = open_for_stat(p, &path, false)?;
     write_statfs(p, fd, a.ptr(1))
 }
 
@@ -414,10 +414,8 @@ fn readlink_common(p: &mut Process, path: String, buf: UserAddr, size: usize) ->
     if size == 0 || size > i32::MAX as usize {
         return Err(Errno::INVAL.into());
     }
-    let resolved = p.sandbox.resolve(&path);
-    let (dir, name) = resolved.parent_and_name()?;
-    let target = rustix::fs::readlinkat(&dir, name.as_str(), Vec::new())?;
-    let bytes = target.as_bytes();
+    let target = p.sandbox.entry(&path)?.readlink()?;
+    let bytes = target.as_slice();
     let len = bytes.len().min(size);
     p.mem.write(buf, &bytes[..len])?;
     Ok(len as u64)
@@ -438,8 +436,8 @@ pub fn readlinkat(p: &mut Process, a: &Args) -> SysResult {
 fn access_common(p: &mut Process, path: String, mode: u32, flags: u32) -> SysResult {
     let nofollow = flags & libc::AT_SYMLINK_NOFOLLOW as u32 != 0;
     let fd = open_for_stat(p, &path, nofollow)?;
-    if mode & libc::W_OK as u32 != 0 {
-        p.sandbox.resolve(&path).require_writable()?;
+    if mode & libc::W_OK as u32 != 0 && !p.sandbox.is_writable(&path) {
+        return Err(Errno::ROFS.into());
     }
     if mode & libc::X_OK as u32 != 0 {
         let stat = rustix::fs::fstat(&fd)?;
@@ -711,14 +709,7 @@ pub fn ioctl(p: &mut Process, a: &Args) -> SysResult {
 // ---- changing the tree (writable mounts only) ----------------------------------------
 
 fn mkdir_common(p: &mut Process, path: String, mode: u32) -> SysResult {
-    let resolved = p.sandbox.resolve(&path);
-    resolved.require_writable()?;
-    let (dir, name) = resolved.parent_and_name()?;
-    rustix::fs::mkdirat(
-        &dir,
-        name.as_str(),
-        Mode::from_bits_truncate(mode & !p.umask & 0o7777),
-    )?;
+    p.sandbox.entry(&path)?.mkdir(mode & !p.umask)?;
     Ok(0)
 }
 
@@ -735,10 +726,7 @@ pub fn mkdirat(p: &mut Process, a: &Args) -> SysResult {
 }
 
 fn unlink_common(p: &mut Process, path: String, flags: AtFlags) -> SysResult {
-    let resolved = p.sandbox.resolve(&path);
-    resolved.require_writable()?;
-    let (dir, name) = resolved.parent_and_name()?;
-    rustix::fs::unlinkat(&dir, name.as_str(), flags)?;
+    p.sandbox.entry(&path)?.unlink(flags)?;
     Ok(0)
 }
 
@@ -762,13 +750,8 @@ pub fn unlinkat(p: &mut Process, a: &Args) -> SysResult {
 }
 
 fn rename_common(p: &mut Process, from: String, to: String) -> SysResult {
-    let source = p.sandbox.resolve(&from);
-    let target = p.sandbox.resolve(&to);
-    source.require_writable()?;
-    target.require_writable()?;
-    let (from_dir, from_name) = source.parent_and_name()?;
-    let (to_dir, to_name) = target.parent_and_name()?;
-    rustix::fs::renameat(&from_dir, from_name.as_str(), &to_dir, to_name.as_str())?;
+    let source = p.sandbox.entry(&from)?;
+    source.rename_to(&p.sandbox.entry(&to)?)?;
     Ok(0)
 }
 
@@ -819,73 +802,110 @@ pub fn umask(p: &mut Process, a: &Args) -> SysResult {
     Ok(old as u64)
 }
 
+/// The node an fd's file is, for calls on an fd (fchmod, fchown, futimens): its
+/// mount's writability comes from the path it was opened by; devices and the app's own
+/// pipes and sockets have none.
+fn fd_node(p: &Process, fd: i32) -> Result<Node, Errno> {
+    let file = p.files.file(fd)?;
+    let writable = file.path().is_some_and(|path| p.sandbox.is_writable(path));
+    Node::from_fd(rustix::io::fcntl_dupfd_cloexec(file.host(), 0)?, writable)
+}
+
 /// fchmod(2).
 pub fn fchmod(p: &mut Process, a: &Args) -> SysResult {
-    let file = p.files.file(a.fd(0))?;
-    let path = file.path().ok_or(Errno::INVAL)?.to_string();
-    p.sandbox.resolve(&path).require_writable()?;
-    rustix::fs::fchmod(file.host(), Mode::from_bits_truncate(a.u32(1) & 0o7777))?;
+    fd_node(p, a.fd(0))?.chmod(a.u32(1))?;
     Ok(0)
 }
 
-/// chmod(2) and fchmodat(2).
+/// chmod(2) and fchmodat(2) (which has no flags: it always follows a final symlink).
 pub fn chmod(p: &mut Process, sysno: syscalls::Sysno, a: &Args) -> SysResult {
     let (path, mode) = if sysno == syscalls::Sysno::chmod {
         (at_path_arg(p, AT_FDCWD, a.ptr(0))?, a.u32(1))
     } else {
         (at_path_arg(p, a.fd(0), a.ptr(1))?, a.u32(2))
     };
-    let resolved = p.sandbox.resolve(&path);
-    resolved.require_writable()?;
-    let (dir, name) = resolved.parent_and_name()?;
-    rustix::fs::chmodat(
-        &dir,
-        name.as_str(),
-        Mode::from_bits_truncate(mode & 0o7777),
-        AtFlags::empty(),
-    )?;
+    p.sandbox.lookup(&path, Follow::Yes)?.chmod(mode)?;
     Ok(0)
 }
 
-/// utimensat(2).
+/// A uid or gid argument: -1 is "unchanged".
+fn owner_arg(raw: u32) -> Option<u32> {
+    (raw != u32::MAX).then_some(raw)
+}
+
+/// chown(2), lchown(2), fchown(2) and fchownat(2), as an unprivileged owner may.
+pub fn chown(p: &mut Process, sysno: syscalls::Sysno, a: &Args) -> SysResult {
+    use syscalls::Sysno;
+    let (node, uid, gid) = match sysno {
+        Sysno::fchown => (fd_node(p, a.fd(0))?, a.u32(1), a.u32(2)),
+        Sysno::chown | Sysno::lchown => {
+            let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+            let follow = if sysno == Sysno::lchown {
+                Follow::No
+            } else {
+                Follow::Yes
+            };
+            (p.sandbox.lookup(&path, follow)?, a.u32(1), a.u32(2))
+        }
+        _ => {
+            let flags = a.u32(4);
+            let follow = if flags & libc::AT_SYMLINK_NOFOLLOW as u32 != 0 {
+                Follow::No
+            } else {
+                Follow::Yes
+            };
+            let node = if p.mem.read_cstr(a.ptr(1), PATH_MAX)?.is_empty()
+                && flags & libc::AT_EMPTY_PATH as u32 != 0
+            {
+                fd_node(p, a.fd(0))?
+            } else {
+                let path = at_path_arg(p, a.fd(0), a.ptr(1))?;
+                p.sandbox.lookup(&path, follow)?
+            };
+            (node, a.u32(2), a.u32(3))
+        }
+    };
+    node.chown(owner_arg(uid), owner_arg(gid))?;
+    Ok(0)
+}
+
+/// The times utimensat(2) asks for: now for both when the pointer is NULL.
+fn times_arg(p: &mut Process, addr: UserAddr) -> Result<rustix::fs::Timestamps, Errno> {
+    let now = rustix::fs::Timespec {
+        tv_sec: 0,
+        tv_nsec: rustix::fs::UTIME_NOW,
+    };
+    if addr.is_null() {
+        return Ok(rustix::fs::Timestamps {
+            last_access: now,
+            last_modification: now,
+        });
+    }
+    let [atime, mtime]: [libc::timespec; 2] = p.mem.read_pod(addr)?;
+    let timespec = |t: libc::timespec| rustix::fs::Timespec {
+        tv_sec: t.tv_sec,
+        tv_nsec: t.tv_nsec as _,
+    };
+    Ok(rustix::fs::Timestamps {
+        last_access: timespec(atime),
+        last_modification: timespec(mtime),
+    })
+}
+
+/// utimensat(2), and futimens(3) (a NULL path: the fd itself).
 pub fn utimensat(p: &mut Process, a: &Args) -> SysResult {
-    let path = if a.u64(1) == 0 {
-        p.files
-            .file(a.fd(0))?
-            .path()
-            .ok_or(Errno::INVAL)?
-            .to_string()
+    let times = times_arg(p, a.ptr(2))?;
+    let flags = a.u32(3);
+    if a.ptr(1).is_null() {
+        fd_node(p, a.fd(0))?.set_times(&times)?;
+        return Ok(0);
+    }
+    let path = at_path_arg(p, a.fd(0), a.ptr(1))?;
+    if flags & libc::AT_SYMLINK_NOFOLLOW as u32 != 0 {
+        p.sandbox.entry(&path)?.set_times_nofollow(&times)?;
     } else {
-        at_path_arg(p, a.fd(0), a.ptr(1))?
-    };
-    let resolved = p.sandbox.resolve(&path);
-    resolved.require_writable()?;
-    let times = if a.u64(2) == 0 {
-        rustix::fs::Timestamps {
-            last_access: rustix::fs::Timespec {
-                tv_sec: 0,
-                tv_nsec: rustix::fs::UTIME_NOW,
-            },
-            last_modification: rustix::fs::Timespec {
-                tv_sec: 0,
-                tv_nsec: rustix::fs::UTIME_NOW,
-            },
-        }
-    } else {
-        let [atime, mtime]: [libc::timespec; 2] = p.mem.read_pod(a.ptr(2))?;
-        rustix::fs::Timestamps {
-            last_access: rustix::fs::Timespec {
-                tv_sec: atime.tv_sec,
-                tv_nsec: atime.tv_nsec as _,
-            },
-            last_modification: rustix::fs::Timespec {
-                tv_sec: mtime.tv_sec,
-                tv_nsec: mtime.tv_nsec as _,
-            },
-        }
-    };
-    let (dir, name) = resolved.parent_and_name()?;
-    rustix::fs::utimensat(&dir, name.as_str(), &times, AtFlags::empty())?;
+        p.sandbox.lookup(&path, Follow::Yes)?.set_times(&times)?;
+    }
     Ok(0)
 }
 

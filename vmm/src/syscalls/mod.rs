@@ -264,7 +264,7 @@ pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
         Sysno::umask => fs::umask(p, a),
         Sysno::fchmod => fs::fchmod(p, a),
         Sysno::chmod | Sysno::fchmodat => fs::chmod(p, sysno, a),
-        Sysno::chown | Sysno::fchown | Sysno::lchown | Sysno::fchownat => Ok(0),
+        Sysno::chown | Sysno::fchown | Sysno::lchown | Sysno::fchownat => fs::chown(p, sysno, a),
         Sysno::utimensat => fs::utimensat(p, a),
         // waiting
         Sysno::poll => poll::poll(p, a),

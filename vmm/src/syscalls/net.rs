@@ -16,10 +16,11 @@ use crate::fdtable::{FileKind, OpenFile};
 use crate::hostcall;
 use crate::memory::UserAddr;
 use crate::process::Process;
+use crate::sandbox::Follow;
 use rustix::event::PollFlags;
 use rustix::io::Errno;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 const AF_UNIX: u16 = libc::AF_UNIX as u16;
@@ -205,10 +206,12 @@ fn socket(p: &Process, fd: i32) -> Result<Arc<OpenFile>, Errno> {
     }
 }
 
-/// What an AF_UNIX address means on the host: a path through the parent directory's fd
-/// (kept open by the caller) or a scoped abstract name.
+/// What an AF_UNIX address means on the host, with the fd that keeps it meaningful: a
+/// bind names a new entry through its directory's fd; a connect or send names the socket
+/// file itself through its own fd (never a path the host would resolve again, so a
+/// symlink cannot lead outside the sandbox); an abstract name is scoped to the app.
 struct UnixTarget {
-    _dir: Option<OwnedFd>,
+    _holder: Option<OwnedFd>,
     raw: Vec<u8>,
 }
 
@@ -216,18 +219,17 @@ fn unix_target(p: &Process, address: &Address, creating: bool) -> Result<UnixTar
     match address {
         Address::UnixPath(path) => {
             let absolute = p.absolute(path);
-            let resolved = p.sandbox.resolve(&absolute);
-            if creating {
-                resolved.require_writable()?;
-            }
-            let (dir, name) = resolved.parent_and_name()?;
-            let host = format!("/proc/self/fd/{}/{}", dir.as_raw_fd(), name);
-            if host.len() >= 108 {
-                return Err(Errno::NAMETOOLONG);
-            }
+            let (host, holder) = if creating {
+                let entry = p.sandbox.entry(&absolute)?;
+                let host = entry.unix_bind_address()?;
+                (host, entry.into_dir())
+            } else {
+                let node = p.sandbox.lookup(&absolute, Follow::Yes)?;
+                (node.unix_address()?, node.into_fd())
+            };
             Ok(UnixTarget {
                 raw: encode_unix(host.as_bytes(), false),
-                _dir: Some(dir),
+                _holder: Some(holder),
             })
         }
         Address::UnixAbstract(name) => {
@@ -238,7 +240,7 @@ fn unix_target(p: &Process, address: &Address, creating: bool) -> Result<UnixTar
             }
             Ok(UnixTarget {
                 raw: encode_unix(&scoped, true),
-                _dir: None,
+                _holder: None,
             })
         }
         _ => Err(Errno::INVAL),
@@ -724,9 +726,8 @@ pub fn restore_socket(
         let target = unix_target(p, &address, true)?;
         if let Address::UnixPath(path) = &address {
             // The old socket's file, if the data directory kept it.
-            let resolved = p.sandbox.resolve(&p.absolute(path));
-            if let Ok((dir, leaf)) = resolved.parent_and_name() {
-                let _ = rustix::fs::unlinkat(&dir, leaf.as_str(), rustix::fs::AtFlags::empty());
+            if let Ok(entry) = p.sandbox.entry(&p.absolute(path)) {
+                let _ = entry.unlink(rustix::fs::AtFlags::empty());
             }
         }
         hostcall::bind(fd.as_fd(), &target.raw)?;

@@ -1,13 +1,28 @@
 //! The app's file namespace: a read-only root plus writable directories, and nothing else.
+//! This module is the only way from a path the app names to a host file.
 //!
-//! Every path the app names is made absolute against its working directory, normalised
-//! lexically, matched to the longest mount prefix, and opened inside that mount with
+//! Every path is made absolute against the working directory, normalised lexically,
+//! matched to the longest mount prefix, and resolved inside that mount with
 //! `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`: `..` stops at the mount's top,
 //! absolute symlinks are resolved inside it, and `/proc/self/root`-style magic links are
-//! refused. So no path, symlink or race can reach a host file outside the mounts.
+//! refused. What a call then acts on is an fd, never a name the host would resolve again:
 //!
-//! The root mount is read-only: any call that would change it fails with EROFS. Writable
-//! mounts (the app's data directories) allow changes.
+//! * [`Sandbox::open`] opens the file itself;
+//! * [`Sandbox::lookup`] gives a [`Node`], the file as an `O_PATH` fd (following a final
+//!   symlink inside the mount, or not), for stat, chmod, chown, times and AF_UNIX connect;
+//! * [`Sandbox::entry`] gives an [`Entry`], the parent directory as an fd plus the final
+//!   name, for calls that act on the name and never follow it: mkdir, unlink, rename,
+//!   readlink, AF_UNIX bind.
+//!
+//! So no path, symlink (absolute, relative, or planted by an image, a data directory or a
+//! snapshot) or race can reach a host file outside the mounts. The root mount is
+//! read-only: any call that would change it fails with EROFS. Writable mounts (the app's
+//! data directories) allow changes, but never set-id bits, and host device nodes cannot
+//! be changed through any mount.
+
+mod node;
+
+pub use node::{Entry, Node, SETTABLE_MODE};
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
@@ -44,40 +59,19 @@ struct Mount {
 
 /// A resolved path: which mount, and the path inside it.
 #[derive(Debug)]
-pub struct Resolved<'a> {
+struct Resolved<'a> {
     mount: &'a Mount,
     /// The path relative to the mount (never empty: "." for the mount itself).
-    pub relative: String,
+    relative: String,
 }
 
-impl Resolved<'_> {
-    /// Fails with EROFS unless the path is in a writable mount.
-    pub fn require_writable(&self) -> Result<(), Errno> {
-        if self.mount.writable {
-            Ok(())
-        } else {
-            Err(Errno::ROFS)
-        }
-    }
-
-    /// The mount's directory fd, to use with the `*at` calls on [`Self::relative`] for
-    /// operations that must not follow a final symlink.
-    pub fn parent_and_name(&self) -> Result<(OwnedFd, String), Errno> {
-        let (parent, name) = match self.relative.rsplit_once('/') {
-            Some((parent, name)) => (parent.to_string(), name.to_string()),
-            None => (".".to_string(), self.relative.clone()),
-        };
-        if name == "." || name == ".." {
-            return Err(Errno::INVAL);
-        }
-        let dir = open_in(
-            &self.mount.host,
-            &parent,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        Ok((dir, name))
-    }
+/// Whether a call follows a symlink in the final component of its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    /// Follow it (inside the mount), as stat, chmod and connect do.
+    Yes,
+    /// Act on the link itself, as lstat and `AT_SYMLINK_NOFOLLOW` do.
+    No,
 }
 
 fn open_in(root: &OwnedFd, relative: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {
@@ -91,7 +85,7 @@ fn open_in(root: &OwnedFd, relative: &str, flags: OFlags, mode: Mode) -> Result<
 }
 
 /// The host devices every app sees at the same path, whatever its root holds: they hold no
-/// state and reach nothing outside the app.
+/// state and reach nothing outside the app. They can be opened, never changed.
 const DEVICES: [&str; 5] = [
     "/dev/null",
     "/dev/zero",
@@ -172,7 +166,7 @@ impl Sandbox {
     }
 
     /// Resolves an absolute, normalised guest path to its mount.
-    pub fn resolve(&self, path: &str) -> Resolved<'_> {
+    fn resolve(&self, path: &str) -> Resolved<'_> {
         for mount in &self.mounts {
             let rest = if mount.guest == "/" {
                 Some(path.trim_start_matches('/'))
@@ -192,14 +186,63 @@ impl Sandbox {
         unreachable!("the root mount matches every absolute path")
     }
 
-    /// Whether what `path` names can never change while the app runs: it is in the
-    /// read-only root, which no app writes. (A device is never such a file.)
+    /// Whether `path` (absolute, normalised) lies in a writable mount.
+    pub fn is_writable(&self, path: &str) -> bool {
+        !DEVICES.contains(&path) && self.resolve(path).mount.writable
+    }
+
+    /// Whether what `path` names can never change while the app runs: it is in a
+    /// read-only mount, which no app writes. (A device is never such a file.)
     pub fn is_immutable(&self, path: &str) -> bool {
         !DEVICES.contains(&path) && !self.resolve(path).mount.writable
     }
 
+    /// The file `path` (absolute, normalised) names, as an `O_PATH` fd.
+    pub fn lookup(&self, path: &str, follow: Follow) -> Result<Node, Errno> {
+        let mut flags = OFlags::PATH | OFlags::CLOEXEC;
+        if follow == Follow::No {
+            flags |= OFlags::NOFOLLOW;
+        }
+        if let Some(device) = DEVICES.iter().find(|d| **d == path) {
+            return Node::new(rustix::fs::open(*device, flags, Mode::empty())?, false);
+        }
+        let resolved = self.resolve(path);
+        let fd = open_in(
+            &resolved.mount.host,
+            &resolved.relative,
+            flags,
+            Mode::empty(),
+        )?;
+        Node::new(fd, resolved.mount.writable)
+    }
+
+    /// The name `path` (absolute, normalised) ends in, in its parent directory, for calls
+    /// that act on the name itself. A mount's own top has no such entry (EBUSY, as for a
+    /// mount point), and neither has a host device (EPERM).
+    pub fn entry(&self, path: &str) -> Result<Entry, Errno> {
+        if DEVICES.contains(&path) {
+            return Err(Errno::PERM);
+        }
+        let resolved = self.resolve(path);
+        let (parent, name) = match resolved.relative.rsplit_once('/') {
+            Some((parent, name)) => (parent, name),
+            None => (".", resolved.relative.as_str()),
+        };
+        if name == "." || name == ".." {
+            return Err(Errno::BUSY);
+        }
+        let dir = open_in(
+            &resolved.mount.host,
+            parent,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Entry::new(dir, name.to_string(), resolved.mount.writable))
+    }
+
     /// Opens an absolute, normalised guest path. Flags that could change the file (write
-    /// access, O_CREAT of a missing file, O_TRUNC) need a writable mount.
+    /// access, O_CREAT of a missing file, O_TRUNC) need a writable mount; a new file's
+    /// `mode` loses its set-id bits.
     pub fn open(&self, path: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {
         if let Some(device) = DEVICES.iter().find(|d| **d == path) {
             let flags =
@@ -215,7 +258,7 @@ impl Sandbox {
             flags | OFlags::CLOEXEC | OFlags::NOCTTY
         };
         let mode = if flags.contains(OFlags::CREATE) || flags.contains(OFlags::TMPFILE) {
-            mode
+            Mode::from_bits_truncate(mode.bits() & SETTABLE_MODE)
         } else {
             Mode::empty()
         };
@@ -318,5 +361,34 @@ mod tests {
         assert!(sandbox
             .open("/inside", OFlags::RDONLY, Mode::empty())
             .is_ok());
+    }
+
+    #[test]
+    fn a_final_symlink_resolves_inside_the_mount_for_every_kind_of_call() {
+        let host = tempfile::tempdir().unwrap();
+        let secret = host.path().join("secret");
+        std::fs::write(&secret, b"host").unwrap();
+        let data = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(&secret, data.path().join("link")).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let mut sandbox = Sandbox::new(root.path()).unwrap();
+        sandbox.mount("/data", data.path(), true).unwrap();
+        // Followed: inside the mount, where the host path does not exist.
+        assert_eq!(
+            sandbox.lookup("/data/link", Follow::Yes).unwrap_err(),
+            Errno::NOENT
+        );
+        // Not followed: the link itself, which is the app's own.
+        let link = sandbox.lookup("/data/link", Follow::No).unwrap();
+        assert_eq!(link.kind(), rustix::fs::FileType::Symlink);
+        assert_eq!(link.chmod(0o777).unwrap_err(), Errno::OPNOTSUPP);
+        // An entry names the link, and removing it leaves the target alone.
+        sandbox
+            .entry("/data/link")
+            .unwrap()
+            .unlink(rustix::fs::AtFlags::empty())
+            .unwrap();
+        assert_eq!(std::fs::read(&secret).unwrap(), b"host");
+        assert_eq!(sandbox.entry("/data").unwrap_err(), Errno::BUSY);
     }
 }

@@ -1,0 +1,170 @@
+//! A hostile tenant tries to reach host files and sockets through every path-taking call,
+//! with absolute and relative symlinks planted in the image's root and in a seeded data
+//! directory. The sandbox is judged by the host: its files and sockets must be untouched.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Host things no app may reach: a root-only file in a directory of its own, and a
+/// listening AF_UNIX socket.
+struct HostTargets {
+    _dir: tempfile::TempDir,
+    secret_dir: PathBuf,
+    secret: PathBuf,
+    socket: PathBuf,
+    listener: std::os::unix::net::UnixListener,
+}
+
+const SECRET: &[u8] = b"host secret\n";
+
+impl HostTargets {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("picocenter-escape-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let secret_dir = dir.path().join("hostdir");
+        std::fs::create_dir(&secret_dir).unwrap();
+        let secret = secret_dir.join("secret");
+        std::fs::write(&secret, SECRET).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let socket = dir.path().join("host.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        Self {
+            _dir: dir,
+            secret_dir,
+            secret,
+            socket,
+            listener,
+        }
+    }
+
+    /// (name, target) of the symlinks an attacker plants: absolute and relative, to the
+    /// file, its directory and the socket.
+    fn links(&self) -> Vec<(&'static str, String)> {
+        let relative = |path: &Path| format!("../../../../../../../..{}", path.display());
+        vec![
+            ("abs-file", self.secret.display().to_string()),
+            ("rel-file", relative(&self.secret)),
+            ("abs-dir", self.secret_dir.display().to_string()),
+            ("rel-dir", relative(&self.secret_dir)),
+            ("abs-sock", self.socket.display().to_string()),
+            ("rel-sock", relative(&self.socket)),
+        ]
+    }
+
+    fn plant(&self, dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        for (name, target) in self.links() {
+            std::os::unix::fs::symlink(target, dir.join(name)).unwrap();
+        }
+    }
+
+    /// Panics unless the host's file, directory and socket are exactly as they were.
+    fn assert_untouched(&self, context: &str) {
+        assert_eq!(std::fs::read(&self.secret).unwrap(), SECRET, "{context}");
+        let meta = std::fs::metadata(&self.secret).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o600, "{context}: mode changed");
+        assert_eq!(meta.uid(), 0, "{context}: owner changed");
+        assert!(
+            meta.mtime() > 1_000_000_000,
+            "{context}: times changed to {}",
+            meta.mtime()
+        );
+        let entries: Vec<_> = std::fs::read_dir(&self.secret_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, ["secret"], "{context}: files planted on the host");
+        match self.listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("{context}: the host socket was reached: {other:?}"),
+        }
+    }
+}
+
+/// Runs the escape guest in a root whose `/` and writable `/data` hold the planted links.
+fn run_escape(host: &HostTargets, args: &[&str], extra: &[&str]) -> std::process::Output {
+    let root = tempfile::tempdir().unwrap();
+    host.plant(root.path());
+    let program = install(root.path(), &guest("escape", Link::Static), "escape");
+    let data = tempfile::tempdir().unwrap();
+    host.plant(&data.path().join("data"));
+    let mut cmd = vec![
+        "--timeout",
+        "60",
+        "--root",
+        root.path().to_str().unwrap(),
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--writable",
+        "/data",
+        "--writable",
+        "/tmp",
+    ];
+    cmd.extend_from_slice(extra);
+    cmd.push(&program);
+    cmd.extend_from_slice(args);
+    run(&cmd)
+}
+
+#[test]
+fn planted_symlinks_never_reach_host_files_or_sockets() {
+    let host = HostTargets::new();
+    let mut paths = Vec::new();
+    for (name, _) in host.links() {
+        paths.push(format!("/{name}"));
+        paths.push(format!("/data/{name}"));
+        // A path that goes through the link, and one that climbs out of the mount first.
+        paths.push(format!("/data/../data/{name}/secret"));
+    }
+    let mut args = vec!["escape"];
+    args.extend(paths.iter().map(String::as_str));
+    let out = run_escape(&host, &args, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    host.assert_untouched(&describe(&out));
+    // What the sandbox let through acted only on the app's own links: lchown of a link
+    // in its data directory (a no-op inside the app's own files).
+    let through: Vec<String> = stdout(&out)
+        .lines()
+        .filter(|l| l.starts_with("LET THROUGH"))
+        .filter(|l| !l.starts_with("LET THROUGH: lchown /data/"))
+        .map(str::to_string)
+        .collect();
+    assert!(through.is_empty(), "{through:#?}\n{}", describe(&out));
+    // Every path was tried.
+    let attempts = stdout(&out).lines().filter(|l| l.contains(": ")).count();
+    assert!(attempts >= paths.len() * 15, "{}", describe(&out));
+}
+
+#[test]
+fn files_the_app_makes_never_carry_set_id_bits() {
+    let host = HostTargets::new();
+    let out = run_escape(&host, &["setid", "/data"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = stdout(&out);
+    for line in [
+        "created 755",
+        "after fchmod 755",
+        "after chmod 755",
+        "mkdir 755",
+    ] {
+        assert!(text.contains(line), "{line}: {}", describe(&out));
+    }
+}
+
+#[test]
+fn host_devices_cannot_be_changed_even_under_a_writable_dev() {
+    let host = HostTargets::new();
+    let before = std::fs::metadata("/dev/null").unwrap();
+    let out = run_escape(&host, &["device"], &["--writable", "/dev"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
+    let after = std::fs::metadata("/dev/null").unwrap();
+    assert_eq!(before.mode(), after.mode());
+    assert_eq!(before.uid(), after.uid());
+}
