@@ -168,3 +168,115 @@ fn host_devices_cannot_be_changed_even_under_a_writable_dev() {
     assert_eq!(before.mode(), after.mode());
     assert_eq!(before.uid(), after.uid());
 }
+
+#[test]
+fn the_default_address_is_the_apps_own_and_host_services_stay_out_of_reach() {
+    let host = HostTargets::new();
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    service.set_nonblocking(true).unwrap();
+    let port = service.local_addr().unwrap().port().to_string();
+    let out = run_escape(&host, &["network", &port], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
+    let bound = stdout(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("bound to ").map(str::to_string))
+        .expect("the guest reports its address");
+    assert!(bound.starts_with("127.100."), "{bound}");
+    assert!(
+        service.accept().is_err(),
+        "the host service was reached: {}",
+        describe(&out)
+    );
+}
+
+/// The stats a running app's control socket reports, as JSON.
+fn stats_of(name: &str) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let socket = state_dir().join("run").join(format!("{name}.sock"));
+    for _ in 0..500 {
+        if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&socket) {
+            stream.write_all(b"{\"op\":\"stats\"}\n").unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(stream)
+                .read_line(&mut line)
+                .unwrap();
+            if let Ok(value) = serde_json::from_str(&line) {
+                return value;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("{name} never answered on {}", socket.display());
+}
+
+#[test]
+fn the_vmm_runs_jailed_as_an_unprivileged_user_of_its_own() {
+    let name = "test-jailed";
+    let mut app = picocenter()
+        .args([
+            "run",
+            "--name",
+            name,
+            "--timeout",
+            "30",
+            "/bin/busybox",
+            "sleep",
+            "30",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stats = stats_of(name);
+    let pid = stats["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let uid: u32 = field("Uid:")[0].parse().unwrap();
+    assert!(uid >= 1000, "{status}");
+    assert_eq!(stats["uid"].as_u64(), Some(u64::from(uid)));
+    assert!(
+        field("Uid:").iter().all(|id| *id == uid.to_string()),
+        "{status}"
+    );
+    assert_eq!(field("CapEff:"), ["0000000000000000"], "{status}");
+    assert_eq!(field("CapPrm:"), ["0000000000000000"], "{status}");
+    assert_eq!(field("NoNewPrivs:"), ["1"], "{status}");
+    // Its root holds only what it needs: no /etc, /home, /root, /usr of the host.
+    let mut seen: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    seen.sort();
+    for host_only in ["etc", "home", "root", "usr", "boot"] {
+        assert!(!seen.iter().any(|s| s == host_only), "{seen:?}");
+    }
+    assert!(seen.iter().any(|s| s == "dev") && seen.iter().any(|s| s == "proc"));
+    // Two apps never share a user.
+    let other = "test-jailed-other";
+    let mut second = picocenter()
+        .args([
+            "run",
+            "--name",
+            other,
+            "--timeout",
+            "30",
+            "/bin/busybox",
+            "sleep",
+            "30",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert_ne!(stats_of(other)["uid"], stats["uid"]);
+    for child in [&mut app, &mut second] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

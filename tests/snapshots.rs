@@ -436,9 +436,17 @@ fn a_snapshot_closes_connections_and_a_running_app_keeps_running() {
 /// Runs the bigmem guest as app `name` at `ip`:80 with `total` MiB filled and `hot` MiB
 /// read per request.
 fn bigmem(name: &str, ip: &str, total: u32, hot: u32) -> Child {
+    bigmem_in(name, ip, total, hot, None)
+}
+
+/// [`bigmem`] with its snapshot store at `store`.
+fn bigmem_in(name: &str, ip: &str, total: u32, hot: u32, store: Option<&Path>) -> Child {
     let program = guest("bigmem", Link::Static);
     let mut cmd = picocenter();
     cmd.args(["run", "--name", name, "--memory", &(total + 64).to_string()]);
+    if let Some(store) = store {
+        cmd.arg("--store").arg(store);
+    }
     cmd.args(["--address", ip]).arg(&program);
     cmd.args(["80", &total.to_string(), &hot.to_string()]);
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
@@ -562,7 +570,8 @@ fn an_incremental_snapshot_writes_only_what_changed() {
 fn a_vmm_killed_during_a_snapshot_leaves_the_previous_one_intact() {
     let dir = tempfile::tempdir().unwrap();
     let name = "test-snap-kill";
-    let child = bigmem(name, "127.0.7.11", 192, 4);
+    // The app's own store is where its VMM writes.
+    let child = bigmem_in(name, "127.0.7.11", 192, 4, Some(dir.path()));
     settled_digest(name);
     let first = snapshot(&["create", name, "-o", dir.path().to_str().unwrap(), "--full"]);
     assert!(first.status.success(), "{}", describe(&first));

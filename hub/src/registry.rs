@@ -14,6 +14,9 @@ pub enum RegistryError {
     /// The database failed.
     #[error("the registry database: {0}")]
     Database(#[from] redb::Error),
+    /// The database file's permissions could not be set.
+    #[error("making the registry private to its user")]
+    Permissions(#[source] std::io::Error),
     /// A record did not decode.
     #[error("app record {name}: {source}")]
     Record {
@@ -39,6 +42,10 @@ impl Registry {
     /// Opens (or creates) the registry at `path`.
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
         let db = Database::create(path).map_err(db_error)?;
+        // App records hold environments (secrets): for the hub's user only.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(RegistryError::Permissions)?;
         let txn = db.begin_write().map_err(db_error)?;
         txn.open_table(APPS).map_err(db_error)?;
         txn.commit().map_err(db_error)?;

@@ -98,9 +98,17 @@ impl RunningHub {
     }
 }
 
+/// Makes `dir` (and its parents) exist, with `dir` itself 0700.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Starts a hub.
 pub async fn start_hub(options: HubOptions) -> Result<RunningHub, ServeError> {
-    std::fs::create_dir_all(&options.data_dir).map_err(|source| ServeError::File {
+    // The registry holds app environments (secrets): the hub's directory is its own.
+    private_dir(&options.data_dir).map_err(|source| ServeError::File {
         what: "creating",
         path: options.data_dir.clone(),
         source,
@@ -263,7 +271,7 @@ pub fn token_file(path: &Path) -> Result<String, ServeError> {
     })?;
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
+        let _ = private_dir(dir);
     }
     use std::os::unix::fs::OpenOptionsExt;
     let write = |source| ServeError::File {

@@ -1,7 +1,9 @@
 //! Command-line definitions and dispatch.
 
+mod address;
 mod cluster;
 mod image;
+mod jail;
 mod ps;
 mod run;
 mod snapshot;

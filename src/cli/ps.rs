@@ -24,8 +24,8 @@ pub fn ps(args: PsArgs) -> anyhow::Result<i32> {
         .unwrap_or_default();
     sockets.sort();
     println!(
-        "{:<24} {:>8} {:<10} {:>12} {:>12} {:>10}",
-        "NAME", "PID", "STATE", "MEMORY", "LIMIT", "SYSCALLS"
+        "{:<24} {:<16} {:>8} {:<10} {:>12} {:>12} {:>10}",
+        "NAME", "ADDRESS", "PID", "STATE", "MEMORY", "LIMIT", "SYSCALLS"
     );
     for socket in sockets {
         let Ok((reply, _)) = control::request(&socket, &Request::Stats) else {
@@ -35,8 +35,9 @@ pub fn ps(args: PsArgs) -> anyhow::Result<i32> {
             continue;
         };
         println!(
-            "{:<24} {:>8} {:<10} {:>9.1} MiB {:>8} MiB {:>10}",
+            "{:<24} {:<16} {:>8} {:<10} {:>9.1} MiB {:>8} MiB {:>10}",
             stats.name,
+            stats.address,
             stats.pid,
             stats.state,
             stats.memory_bytes as f64 / (1 << 20) as f64,

@@ -6,6 +6,7 @@ use picocenter_images::BuiltImage;
 use picocenter_vmm::kvm::kick::reason;
 use picocenter_vmm::{Config, Picoprocess, RunOutcome};
 use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,6 +32,11 @@ pub struct RunArgs {
     /// The app's settings; boxed, as they are most of these arguments.
     #[command(flatten)]
     pub app: Box<AppSettings>,
+
+    /// The directory the app's snapshots go to (`picocenter snapshot create`); the app's
+    /// VMM writes nowhere else. Default: <state>/snapshots/<name>.
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
 
     /// Stop the app after this many seconds (exit status 124).
     #[arg(long, value_name = "SECS")]
@@ -96,7 +102,9 @@ pub struct AppSettings {
     pub data_dir: Option<PathBuf>,
 
     /// The app's IP address (such as 127.0.0.2): its binds to 0.0.0.0 are rewritten to it
-    /// and binds to other addresses refused. Default: the image's, else 127.0.0.1.
+    /// and binds to other addresses refused. Default: the image's, else a free one from
+    /// 127.100.0.0/16 (printed in the log, and shown by `picocenter ps`). Never the
+    /// host's own 127.0.0.1 unless given here.
     #[arg(long, value_name = "IP")]
     pub address: Option<IpAddr>,
 
@@ -226,6 +234,7 @@ pub(super) fn temporary_root(program: &Path, writable: &[String]) -> anyhow::Res
         .with_context(|| format!("cannot find program {}", program.display()))?;
     let dir = tempfile::Builder::new()
         .prefix("picocenter-root-")
+        .permissions(std::fs::Permissions::from_mode(0o755))
         .tempdir()
         .context("creating a temporary root")?;
     let files = picocenter_images::closure::closure(&real)
@@ -243,6 +252,7 @@ pub(super) fn temporary_root(program: &Path, writable: &[String]) -> anyhow::Res
         // Outside the guest's view of the root: only the mount shows it.
         let holder = dir.path().join(".picocenter-program");
         std::fs::create_dir(&holder)?;
+        std::fs::set_permissions(&holder, std::fs::Permissions::from_mode(0o755))?;
         if std::fs::hard_link(&real, holder.join(name)).is_err() {
             std::fs::copy(&real, holder.join(name))
                 .with_context(|| format!("copying {} into the root", real.display()))?;
@@ -301,28 +311,61 @@ fn environment(base: &[String], settings: &[String]) -> anyhow::Result<Vec<Strin
     Ok(env)
 }
 
-/// Builds a picoprocess with `build`, its control socket at `<run_dir>/<name>.sock`. A
-/// name the user chose must be free; a default one gets a numeric suffix when taken.
-pub(super) fn start(
-    mut config: Config,
-    run_dir: &Path,
+/// Claims the app's name in `<state>/run` and sets up its control socket and its
+/// snapshot store (`store`, else `<state>/snapshots/<name>`). A name the user chose must
+/// be free; a default one gets a numeric suffix when taken.
+pub(super) fn claim_name(
+    config: &mut Config,
+    state_dir: &Path,
     explicit_name: bool,
-    mut build: impl FnMut(&Config) -> Result<Picoprocess, picocenter_vmm::VmmError>,
-) -> anyhow::Result<Picoprocess> {
+    store: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use picocenter_vmm::control::{Control, ControlError, NameLease};
+    let run_dir = state_dir.join("run");
     let base = config.name.clone();
-    for attempt in 1.. {
-        if attempt > 1 {
-            config.name = format!("{base}-{attempt}");
+    let mut attempt = 1;
+    let lease = loop {
+        let name = if attempt == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{attempt}")
+        };
+        match NameLease::take(&run_dir, &name) {
+            Err(ControlError::NameInUse(_)) if !explicit_name && attempt < 1000 => attempt += 1,
+            other => break other.with_context(|| format!("starting {name}"))?,
         }
-        config.control_socket = Some(run_dir.join(format!("{}.sock", config.name)));
-        match build(&config) {
-            Err(picocenter_vmm::VmmError::Control(
-                picocenter_vmm::control::ControlError::NameInUse(_),
-            )) if !explicit_name && attempt < 1000 => continue,
-            other => return other.with_context(|| format!("starting {}", config.name)),
-        }
+    };
+    config.name = lease.name.clone();
+    let store = match store {
+        Some(store) => store,
+        None => state_dir.join("snapshots").join(&config.name),
+    };
+    picocenter_vmm::control::private_dir(&store)
+        .with_context(|| format!("creating the snapshot store {}", store.display()))?;
+    config.control = Some(Control {
+        lease,
+        address: config.address,
+        store: Some(store),
+    });
+    Ok(())
+}
+
+/// Runs `build` in the app's jail (see `jail`), then the app, and returns its status.
+pub(super) fn run_in_jail(
+    config: Config,
+    state_dir: &Path,
+    timeout: Option<f64>,
+    build: impl FnOnce(&Config) -> Result<Picoprocess, picocenter_vmm::VmmError>,
+) -> anyhow::Result<i32> {
+    let mut plan = super::jail::Plan::for_config(state_dir, &config);
+    if let Some(store) = config.control.as_ref().and_then(|c| c.store.as_ref()) {
+        plan.writable(store);
     }
-    unreachable!("the loop returns")
+    super::jail::run_jailed(plan, move |lockdown| {
+        let picoprocess = build(&config).with_context(|| format!("starting {}", config.name))?;
+        lockdown.now()?;
+        execute(picoprocess, timeout)
+    })
 }
 
 /// A data directory: the one given, or a temporary one removed when the app ends.
@@ -399,7 +442,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         bail!("--root {} is not a directory", app.root.display());
     }
     let (_temp_data, data_dir) = data_dir(args.app.data_dir.as_ref())?;
-    let config = Config {
+    let mut _lease = None;
+    let address = match app.address {
+        Some(address) => address,
+        None => {
+            let lease = super::address::lease(args.state.state_dir())?;
+            let address = IpAddr::V4(lease.address);
+            _lease = Some(lease);
+            address
+        }
+    };
+    let mut config = Config {
         writable: writable_dirs(&app, &data_dir)?,
         env: environment(&app.env, &args.app.env)?,
         program: app.program,
@@ -410,16 +463,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         cwd: app.cwd,
         name: app.name.clone(),
         trace_syscalls: args.trace_syscalls,
-        address: app.address,
+        address,
         allow_outbound: args.app.allow_outbound,
-        control_socket: None,
+        control: None,
         mailbox: !args.no_mailbox,
         doorbell_time: !args.no_doorbell_time,
         image: app.image.as_ref().map(|i| i.meta.name.clone()),
         root_from: app.root_from.clone(),
     };
     let explicit_name = args.app.name.is_some() || args.image.is_some();
-    let run_dir = args.state.state_dir().join("run");
-    let picoprocess = start(config, &run_dir, explicit_name, Picoprocess::new)?;
-    execute(picoprocess, args.timeout)
+    let state_dir = args.state.state_dir();
+    claim_name(&mut config, state_dir, explicit_name, args.store.clone())?;
+    run_in_jail(config, state_dir, args.timeout, Picoprocess::new)
 }

@@ -1,7 +1,7 @@
 //! `picocenter snapshot`: create, restore, inspect and compact snapshots.
 
 use super::image::StateDir;
-use super::run::{data_dir, execute, start};
+use super::run::{claim_name, data_dir, run_in_jail};
 use anyhow::{bail, Context};
 use picocenter_snapshots::format::{Manifest, PageSource};
 use picocenter_snapshots::store::{chain, Store};
@@ -22,19 +22,20 @@ pub struct SnapshotArgs {
 
 #[derive(Debug, clap::Subcommand)]
 enum SnapshotCommand {
-    /// Snapshot a running app into a snapshot directory (its store).
+    /// Snapshot a running app into its store (see `run --store`), and copy it out.
     ///
     /// The app is stopped at a clean point (a blocking call is rewound to be made again),
     /// its registers, memory, files, sockets, signals and clocks are written, and it goes
-    /// on running, or ends with --stop. If it was restored from (or last saved to) the same
-    /// directory, only the pages changed since are written, with a reference to that
-    /// snapshot, unless --full.
+    /// on running, or ends with --stop. If it was restored from (or last saved to) its
+    /// store, only the pages changed since are written, with a reference to that snapshot,
+    /// unless --full. The app's VMM writes only into its own store; with -o, the snapshot
+    /// (and the chain it needs) is then copied into DIR.
     Create {
         /// The app's name (see `picocenter ps`).
         name: String,
-        /// The snapshot directory.
+        /// Also copy the snapshot into this snapshot directory.
         #[arg(short, long, value_name = "DIR")]
-        output: PathBuf,
+        output: Option<PathBuf>,
         /// End the app once the snapshot is safely written.
         #[arg(long)]
         stop: bool,
@@ -112,7 +113,7 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<i32> {
             stop,
             full,
             state,
-        } => create(&name, &output, stop, full, &state),
+        } => create(&name, output.as_deref(), stop, full, &state),
         SnapshotCommand::Restore(args) => restore(args),
         SnapshotCommand::Inspect { dir, id } => inspect(&dir, id.as_deref()),
         SnapshotCommand::Compact { dir } => {
@@ -146,20 +147,24 @@ fn progress(message: String) -> indicatif::ProgressBar {
 
 fn create(
     name: &str,
-    output: &std::path::Path,
+    output: Option<&std::path::Path>,
     stop: bool,
     full: bool,
     state: &StateDir,
 ) -> anyhow::Result<i32> {
     let socket = state.state_dir().join("run").join(format!("{name}.sock"));
-    let dir = std::path::absolute(output)?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (stats, _) = control::request(&socket, &Request::Stats)
+        .with_context(|| format!("no running app named {name} ({})", socket.display()))?;
+    let store = serde_json::from_str::<control::StatsReply>(&stats)
+        .ok()
+        .and_then(|s| s.store)
+        .with_context(|| format!("{name} has no snapshot store"))?;
     let started = Instant::now();
-    let bar = progress(format!("snapshotting {name} into {}", dir.display()));
+    let bar = progress(format!("snapshotting {name}"));
     let (reply, _stream) = control::request(
         &socket,
         &Request::Snapshot {
-            dir: dir.clone(),
+            dir: None,
             stop,
             full,
         },
@@ -174,11 +179,11 @@ fn create(
             answer["error"].as_str().unwrap_or(reply.trim())
         );
     }
+    let id = answer["id"].as_str().unwrap_or("?");
     let stats = &answer["stats"];
     println!(
-        "{name}: snapshot {} in {} ({} pages stored, {} zero, {} from files, {} unchanged from {}; ActiveSet {} pages) in {:.1} ms{}",
-        answer["id"].as_str().unwrap_or("?"),
-        dir.display(),
+        "{name}: snapshot {id} in {} ({} pages stored, {} zero, {} from files, {} unchanged from {}; ActiveSet {} pages) in {:.1} ms{}",
+        store.display(),
         stats["stored_pages"],
         stats["zero_pages"],
         stats["file_pages"],
@@ -188,6 +193,14 @@ fn create(
         started.elapsed().as_secs_f64() * 1000.0,
         if stop { "; the app has stopped" } else { "" },
     );
+    if let Some(output) = output {
+        let from = LocalStore::open(&store)?;
+        let to = LocalStore::open(output)?;
+        if from.dir() != to.dir() {
+            picocenter_snapshots::store::copy_chain(&from, &to, id)?;
+            println!("{name}: snapshot {id} copied into {}", to.dir().display());
+        }
+    }
     Ok(0)
 }
 
@@ -229,12 +242,18 @@ fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         std::fs::create_dir_all(&host).with_context(|| format!("creating {}", host.display()))?;
         writable.push((guest.clone(), host));
     }
+    let mut _lease = None;
     let address = match (args.address, &app.address) {
-        (Some(a), _) => Some(a),
-        (None, Some(a)) => Some(a.parse().context("the snapshot's address")?),
-        (None, None) => None,
+        (Some(a), _) => a,
+        (None, Some(a)) => a.parse().context("the snapshot's address")?,
+        (None, None) => {
+            let lease = super::address::lease(args.state.state_dir())?;
+            let address = std::net::IpAddr::V4(lease.address);
+            _lease = Some(lease);
+            address
+        }
     };
-    let config = Config {
+    let mut config = Config {
         program: app.program.clone(),
         argv: vec![app.program.clone()],
         env: Vec::new(),
@@ -247,7 +266,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         trace_syscalls: false,
         address,
         allow_outbound: false,
-        control_socket: None,
+        control: None,
         mailbox: !args.no_mailbox,
         doorbell_time: true,
         image: app.image.clone(),
@@ -257,11 +276,17 @@ fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         mode: args.mode,
         relearn: args.relearn,
     };
-    let run_dir = args.state.state_dir().join("run");
-    let picoprocess = start(config, &run_dir, true, |config| {
+    let state_dir = args.state.state_dir();
+    // The app goes on snapshotting into the store it came from.
+    claim_name(
+        &mut config,
+        state_dir,
+        true,
+        Some(store.dir().to_path_buf()),
+    )?;
+    run_in_jail(config, state_dir, args.timeout, |config| {
         Picoprocess::restore(config, &store, &id, &options)
-    })?;
-    execute(picoprocess, args.timeout)
+    })
 }
 
 fn count(m: &Manifest, which: fn(&PageSource) -> bool) -> u64 {
@@ -292,7 +317,7 @@ fn inspect(dir: &std::path::Path, id: Option<&str>) -> anyhow::Result<i32> {
     );
     println!(
         "  address       {}",
-        m.app.address.as_deref().unwrap_or("127.0.0.1")
+        m.app.address.as_deref().unwrap_or("-")
     );
     println!(
         "  memory        {} MiB, {} areas",

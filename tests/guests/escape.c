@@ -9,6 +9,9 @@
  *   setid DIR        creates files in DIR and tries to make them set-user-ID and
  *                    set-group-ID; prints the modes the files end up with.
  *   device           opens /dev/null and tries to change it.
+ *   network PORT     tries to reach a host service on 127.0.0.1:PORT, to bind the
+ *                    host's addresses, to open host-level sockets and to use privileged
+ *                    socket options; prints the address its binds to 0.0.0.0 get.
  */
 #define _GNU_SOURCE
 #include "check.h"
@@ -18,6 +21,8 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <unistd.h>
 
 static int let_through;
@@ -120,6 +125,34 @@ int main(int argc, char **argv) {
         CHECK(unlink("/dev/null") == -1);
         CHECK(rename("/dev/null", "/dev/gone") == -1);
         CHECK(write(fd, "x", 1) == 1);
+        DONE();
+    }
+    if (!strcmp(mode, "network") && argc > 2) {
+        int port = atoi(argv[2]);
+        struct sockaddr_in host = {.sin_family = AF_INET, .sin_port = htons(port)};
+        inet_pton(AF_INET, "127.0.0.1", &host.sin_addr);
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        CHECK(connect(s, (void *)&host, sizeof host) == -1 && errno == ENETUNREACH);
+        close(s);
+        s = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in mine = {.sin_family = AF_INET};
+        inet_pton(AF_INET, "127.0.0.1", &mine.sin_addr);
+        CHECK(bind(s, (void *)&mine, sizeof mine) == -1 && errno == EADDRNOTAVAIL);
+        mine.sin_addr.s_addr = htonl(INADDR_ANY);
+        CHECK(bind(s, (void *)&mine, sizeof mine) == 0);
+        socklen_t len = sizeof mine;
+        CHECK(getsockname(s, (void *)&mine, &len) == 0);
+        char text[32];
+        inet_ntop(AF_INET, &mine.sin_addr, text, sizeof text);
+        printf("bound to %s\n", text);
+        int big = 1 << 30;
+        CHECK(setsockopt(s, SOL_SOCKET, SO_SNDBUFFORCE, &big, sizeof big) == -1 && errno == EPERM);
+        CHECK(setsockopt(s, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof big) == -1 && errno == EPERM);
+        CHECK(setsockopt(s, SOL_SOCKET, SO_MARK, &big, sizeof big) == -1 && errno == EPERM);
+        close(s);
+        CHECK(socket(AF_NETLINK, SOCK_RAW, 0) == -1);
+        CHECK(socket(AF_PACKET, SOCK_RAW, 0) == -1);
+        CHECK(socket(AF_INET, SOCK_RAW, IPPROTO_ICMP) == -1);
         DONE();
     }
     printf("unknown mode %s\n", mode);

@@ -215,9 +215,7 @@ pub(crate) fn process(
         restart: None,
         interrupted_deadline: None,
         net: syscalls::net::NetPolicy {
-            address: config
-                .address
-                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+            address: config.address,
             allow_outbound: config.allow_outbound,
             name: config.name.clone(),
         },
@@ -227,7 +225,7 @@ pub(crate) fn process(
             root: config.root.display().to_string(),
             writable: config.writable.iter().map(|(g, _)| g.clone()).collect(),
             memory_mib: config.memory_mib,
-            address: config.address.map(|a| a.to_string()),
+            address: Some(config.address.to_string()),
             program: config.program.clone(),
             root_from: config.root_from.clone(),
         },
@@ -254,10 +252,9 @@ pub(crate) fn finish(
     let vcpu = Vcpu::new(vcpu_fd, platform);
     let live = Arc::new(control::LiveStats::default());
     let ops = Arc::new(control::PendingOps::default());
-    let control = match &config.control_socket {
-        Some(path) => Some(control::ControlServer::start(
-            path,
-            &config.name,
+    let control = match &config.control {
+        Some(control) => Some(control::ControlServer::start(
+            control,
             process.kicker.clone(),
             live.clone(),
             ops.clone(),

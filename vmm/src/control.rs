@@ -5,15 +5,17 @@
 //! |---|---|
 //! | `{"op":"stats"}` | name, pid, state, memory and exit counters |
 //! | `{"op":"stop","grace_ms":N}` | SIGTERM to the app; after N ms, SIGKILL |
-//! | `{"op":"snapshot","dir":D,"stop":B,"full":B}` | a snapshot into the store at D (then the app ends if B) |
+//! | `{"op":"snapshot","stop":B,"full":B}` | a snapshot into the app's own store (then the app ends if B) |
 //! | `{"op":"digest"}` | a digest of the app's memory, to check a restore |
 //!
-//! The socket lives as long as the picoprocess: a client that asked for `stop` knows the
+//! The socket is 0600 in a 0700 directory, and a client must run as the VMM's own user or
+//! as root (checked with SO_PEERCRED). The socket lives as long as the picoprocess: a client that asked for `stop` knows the
 //! app is gone when the connection closes.
 
 use crate::kvm::kick::{reason, Kicker};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,10 +33,11 @@ pub enum Request {
         /// Milliseconds between SIGTERM and SIGKILL.
         grace_ms: u64,
     },
-    /// Snapshot the app into the local store at `dir`.
+    /// Snapshot the app into its store (see [`Control::store`]).
     Snapshot {
-        /// The store directory.
-        dir: PathBuf,
+        /// The store directory, if the client names one: it must be the app's own.
+        #[serde(default)]
+        dir: Option<PathBuf>,
         /// End the app once the snapshot is safe.
         #[serde(default)]
         stop: bool,
@@ -172,8 +175,20 @@ fn rss_bytes() -> u64 {
 pub struct StatsReply {
     /// The app's name.
     pub name: String,
+    /// The app's address.
+    #[serde(default)]
+    pub address: String,
+    /// The store its snapshots go to.
+    #[serde(default)]
+    pub store: Option<PathBuf>,
+    /// The user its VMM runs as.
+    #[serde(default)]
+    pub uid: u32,
     /// The VMM's process id.
     pub pid: u32,
+    /// Its parent's: the supervisor of a jailed VMM, which whoever started it knows.
+    #[serde(default)]
+    pub ppid: u32,
     /// "running".
     pub state: String,
     /// Guest memory the app has mapped, in bytes.
@@ -214,69 +229,152 @@ pub enum ControlError {
     },
 }
 
-/// A running control-socket server. Dropping it removes the socket file.
-#[derive(Debug)]
-pub struct ControlServer {
-    path: PathBuf,
-    /// An exclusive flock on `<socket>.lock`, held while the app lives: it is what makes
-    /// the name this app's, with no race between two apps starting at once, and the
-    /// kernel releases it however the VMM ends.
-    _lock: std::os::fd::OwnedFd,
+/// The name of a running app, held: an exclusive flock on `<run>/<name>.lock` while the
+/// app lives. It is what makes the name this app's, with no race between two apps
+/// starting at once, and the kernel releases it however the VMM ends. It is taken before
+/// the VMM is built (by its supervisor, outside the jail) and handed down.
+#[derive(Debug, Clone)]
+pub struct NameLease {
+    /// The app's name.
+    pub name: String,
+    /// Its control socket's path.
+    pub socket: PathBuf,
+    _lock: Arc<std::os::fd::OwnedFd>,
 }
 
-impl ControlServer {
-    /// Listens at `path` for the app `name`. A stale socket file (nobody answering) is
-    /// replaced; a live one means the name is taken.
-    pub fn start(
-        path: &Path,
-        name: &str,
-        kicker: Kicker,
-        stats: Arc<LiveStats>,
-        ops: Arc<PendingOps>,
-    ) -> Result<Self, ControlError> {
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
+impl NameLease {
+    /// Takes `name` in `run_dir`, or fails with [`ControlError::NameInUse`].
+    pub fn take(run_dir: &Path, name: &str) -> Result<Self, ControlError> {
+        let socket = run_dir.join(format!("{name}.sock"));
         let bind_error = |source| ControlError::Bind {
-            path: path.to_path_buf(),
+            path: socket.clone(),
             source,
         };
-        let lock_path = path.with_extension("lock");
+        private_dir(run_dir).map_err(bind_error)?;
         let lock = rustix::fs::open(
-            &lock_path,
+            socket.with_extension("lock"),
             rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::from_raw_mode(0o600),
         )
         .map_err(|e| bind_error(e.into()))?;
         match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                return Err(ControlError::NameInUse(name.to_string()))
-            }
-            Err(e) => return Err(bind_error(e.into())),
+            Ok(()) => Ok(Self {
+                name: name.to_string(),
+                socket,
+                _lock: Arc::new(lock),
+            }),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(ControlError::NameInUse(name.to_string())),
+            Err(e) => Err(bind_error(e.into())),
         }
-        // Whatever socket file is there belongs to an app that has ended.
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(bind_error)?;
-        let name = name.to_string();
+    }
+}
+
+/// What the control socket of an app serves.
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// The app's name and socket.
+    pub lease: NameLease,
+    /// The app's address (reported by `stats`).
+    pub address: std::net::IpAddr,
+    /// The only store its snapshots may go to, if it is set: a client cannot make the VMM
+    /// write anywhere else.
+    pub store: Option<PathBuf>,
+}
+
+/// A running control-socket server. Dropping it removes the socket file (where the VMM
+/// still may; a jailed VMM's supervisor removes it otherwise).
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+    _lease: NameLease,
+}
+
+impl ControlServer {
+    /// Listens at the lease's socket path. Whatever socket file is there belongs to an app
+    /// that has ended, since the lease is held.
+    pub fn start(
+        control: &Control,
+        kicker: Kicker,
+        stats: Arc<LiveStats>,
+        ops: Arc<PendingOps>,
+    ) -> Result<Self, ControlError> {
+        let path = control.lease.socket.clone();
+        let bind_error = |source| ControlError::Bind {
+            path: path.clone(),
+            source,
+        };
+        let _ = std::fs::remove_file(&path);
+        // The directory is the owner's alone (0700), so nobody else can reach the socket
+        // between its bind and its chmod.
+        let listener = UnixListener::bind(&path).map_err(bind_error)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(bind_error)?;
+        let served = Arc::new(control.clone());
         std::thread::Builder::new()
             .name("picocenter-control".into())
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
-                    let (kicker, stats, name) = (kicker.clone(), stats.clone(), name.clone());
-                    let ops = ops.clone();
+                    if let Err(refusal) = check_peer(&stream) {
+                        tracing::warn!("control socket: {refusal}");
+                        continue;
+                    }
+                    let (kicker, stats, ops) = (kicker.clone(), stats.clone(), ops.clone());
+                    let served = served.clone();
                     // Named, so that a worker can tell the CPU these take (its own
                     // questions) from the app's.
                     let _ = std::thread::Builder::new()
                         .name("picocenter-control".into())
-                        .spawn(move || serve(stream, &kicker, &stats, &ops, &name));
+                        .spawn(move || serve(stream, &kicker, &stats, &ops, &served));
                 }
             })
             .map_err(bind_error)?;
         Ok(Self {
-            path: path.to_path_buf(),
-            _lock: lock,
+            path,
+            _lease: control.lease.clone(),
         })
+    }
+}
+
+/// Makes `dir` (and its parents) exist, with `dir` itself 0700: control sockets and
+/// their locks live there, and only their owner may reach them.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Removes the socket files in `dir` whose app has ended (nobody holds their lock): a
+/// jailed VMM may not remove its own, so its supervisor does.
+pub fn remove_stale_sockets(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for socket in entries.flatten().map(|e| e.path()) {
+        if socket.extension().is_none_or(|x| x != "sock") {
+            continue;
+        }
+        let Ok(lock) = std::fs::File::open(socket.with_extension("lock")) else {
+            continue;
+        };
+        let free = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+        if free.is_ok() {
+            let _ = std::fs::remove_file(&socket);
+        }
+    }
+}
+
+/// Only the VMM's own user and root may use its control socket (SO_PEERCRED), whatever
+/// reached the socket file.
+fn check_peer(stream: &UnixStream) -> Result<(), String> {
+    let peer = rustix::net::sockopt::socket_peercred(stream)
+        .map_err(|e| format!("refused a client whose credentials cannot be read: {e}"))?;
+    let (uid, own) = (peer.uid.as_raw(), rustix::process::geteuid().as_raw());
+    if uid == 0 || uid == own {
+        Ok(())
+    } else {
+        Err(format!(
+            "refused a client running as uid {uid} (pid {})",
+            peer.pid.as_raw_nonzero()
+        ))
     }
 }
 
@@ -286,7 +384,14 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, ops: &PendingOps, name: &str) {
+fn serve(
+    stream: UnixStream,
+    kicker: &Kicker,
+    stats: &LiveStats,
+    ops: &PendingOps,
+    control: &Control,
+) {
+    let name = &control.lease.name;
     let Ok(writer) = stream.try_clone() else {
         return;
     };
@@ -296,7 +401,11 @@ fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, ops: &PendingOp
         let reply = match serde_json::from_str::<Request>(&line) {
             Ok(Request::Stats) => serde_json::to_value(StatsReply {
                 name: name.to_string(),
+                address: control.address.to_string(),
+                store: control.store.clone(),
+                uid: rustix::process::geteuid().as_raw(),
                 pid: std::process::id(),
+                ppid: std::os::unix::process::parent_id(),
                 state: "running".into(),
                 memory_bytes: stats.frames_in_use.load(Ordering::Relaxed) * 4096,
                 memory_limit_bytes: stats.frames_total.load(Ordering::Relaxed) * 4096,
@@ -317,14 +426,15 @@ fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, ops: &PendingOp
                 });
                 Some(serde_json::json!({"ok": true, "stopping": true}))
             }
-            Ok(Request::Snapshot { dir, stop, full }) => {
-                at_clean_point(kicker, ops, &writer, |reply| PendingOp::Snapshot {
+            Ok(Request::Snapshot { dir, stop, full }) => match snapshot_dir(control, dir) {
+                Ok(dir) => at_clean_point(kicker, ops, &writer, |reply| PendingOp::Snapshot {
                     dir,
                     stop,
                     full,
                     reply,
-                })
-            }
+                }),
+                Err(error) => Some(serde_json::json!({"ok": false, "error": error})),
+            },
             Ok(Request::Digest) => {
                 at_clean_point(kicker, ops, &writer, |reply| PendingOp::Digest { reply })
             }
@@ -335,6 +445,27 @@ fn serve(stream: UnixStream, kicker: &Kicker, stats: &LiveStats, ops: &PendingOp
                 return;
             }
         }
+    }
+}
+
+/// Where a snapshot the client asked for goes: the app's store, which a client may name
+/// but not change; a VMM without one takes the client's directory.
+fn snapshot_dir(control: &Control, asked: Option<PathBuf>) -> Result<PathBuf, String> {
+    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    match (asked, &control.store) {
+        (None, Some(store)) => Ok(store.clone()),
+        (Some(asked), Some(store)) if same(&asked, store) => Ok(store.clone()),
+        (Some(asked), Some(store)) => Err(format!(
+            "{} snapshots into its own store {}, not {}",
+            control.lease.name,
+            store.display(),
+            asked.display()
+        )),
+        (Some(asked), None) => Ok(asked),
+        (None, None) => Err(format!("{} has no snapshot store", control.lease.name)),
     }
 }
 
@@ -406,5 +537,62 @@ mod tests {
         assert!(stats.app_cpu_ns() < idle + 5_000_000);
         assert!(clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID).unwrap() >= after);
         assert!(rss_bytes() > 0);
+    }
+
+    /// A stats request from a client running as `uid`, through python3; its output.
+    fn ask_as(uid: u32, socket: &Path) -> String {
+        use std::os::unix::process::CommandExt;
+        let script = "import socket,sys\n\
+            s=socket.socket(socket.AF_UNIX)\n\
+            s.connect(sys.argv[1])\n\
+            s.sendall(b'{\"op\":\"stats\"}\\n')\n\
+            print(s.recv(4096).decode() or 'closed')\n";
+        let out = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(socket)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .expect("python3");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    #[test]
+    fn only_root_and_the_owner_are_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let socket = run.join("app.sock");
+        let kicker = Kicker::for_current_thread().unwrap();
+        let control = Control {
+            lease: NameLease::take(&run, "app").unwrap(),
+            address: std::net::Ipv4Addr::new(127, 100, 0, 1).into(),
+            store: None,
+        };
+        assert!(matches!(
+            NameLease::take(&run, "app"),
+            Err(ControlError::NameInUse(_))
+        ));
+        let _server = ControlServer::start(
+            &control,
+            kicker,
+            Arc::new(LiveStats::default()),
+            Arc::new(PendingOps::default()),
+        )
+        .unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&run), 0o700);
+        assert_eq!(mode(&socket), 0o600);
+        assert!(ask_as(0, &socket).contains("\"name\":\"app\""));
+        // Even a client that reached the socket file (here: opened up on purpose) is
+        // refused unless it runs as the owner or root.
+        for path in [dir.path(), run.as_path(), socket.as_path()] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let stranger = ask_as(65534, &socket);
+        assert!(!stranger.contains("\"name\""), "{stranger}");
     }
 }

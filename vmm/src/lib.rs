@@ -71,12 +71,12 @@ pub struct Config {
     /// Whether to count and time every syscall.
     pub trace_syscalls: bool,
     /// The app's own IP address: binds to INADDR_ANY (or in6addr_any) are rewritten to it,
-    /// and binds to any other address are refused. `None` means 127.0.0.1.
-    pub address: Option<std::net::IpAddr>,
+    /// and binds to any other address are refused.
+    pub address: std::net::IpAddr,
     /// Whether the app may open outbound connections to other hosts.
     pub allow_outbound: bool,
-    /// Where to open the control socket (`picocenter stop`, `ps`), if anywhere.
-    pub control_socket: Option<PathBuf>,
+    /// The control socket (`picocenter stop`, `ps`, snapshots), if the app has one.
+    pub control: Option<control::Control>,
     /// Whether forwarded syscalls may go through the shared-memory mailbox while a poller
     /// thread is awake (see [`mailbox`]).
     pub mailbox: bool,

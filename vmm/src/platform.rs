@@ -45,8 +45,11 @@ pub enum Platform {
 
 impl Platform {
     /// Detects the platform from the loaded KVM module and its paging mode.
+    /// Detected once per process, from /sys/module: a jailed VMM no longer sees it, so
+    /// the jail detects before it hides the host (see `sandbox::jail`).
     pub fn detect() -> Self {
-        Self::detect_in(Path::new("/sys/module"))
+        static DETECTED: std::sync::OnceLock<Platform> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| Self::detect_in(Path::new("/sys/module")))
     }
 
     fn detect_in(modules: &Path) -> Self {

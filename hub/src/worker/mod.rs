@@ -158,6 +158,7 @@ impl Worker {
                 image: order.spec.image.clone(),
                 memory_mib: order.spec.memory_mib,
                 env: order.spec.env.clone(),
+                store: self.cold.local_dir(&name),
             },
         };
         let vmm = vmm::launch(

@@ -52,6 +52,8 @@ pub enum Launch {
         memory_mib: Option<u64>,
         /// Extra environment.
         env: Vec<String>,
+        /// The app's snapshot store (its VMM writes nowhere else).
+        store: PathBuf,
     },
     /// A restore of the newest snapshot in a local store directory.
     Restore {
@@ -92,8 +94,10 @@ pub async fn launch(
             image,
             memory_mib,
             env,
+            store,
         } => {
             cmd.args(["run", "--image", image, "--name", name]);
+            cmd.arg("--store").arg(store);
             cmd.arg("--address").arg(address.to_string());
             if let Some(m) = memory_mib {
                 cmd.arg("--memory").arg(m.to_string());
@@ -151,8 +155,10 @@ pub async fn launch(
                 stderr: tail(&log, 2000),
             });
         }
-        let ready =
-            stats(&control).await.is_ok_and(|s| s.pid == pid) && (!fresh || listening_on(address));
+        let ready = stats(&control)
+            .await
+            .is_ok_and(|s| s.pid == pid || s.ppid == pid)
+            && (!fresh || listening_on(address));
         if ready {
             return Ok(Vmm {
                 child,
@@ -201,6 +207,9 @@ pub fn listening_on(address: Ipv4Addr) -> bool {
 pub struct Stats {
     /// The VMM's pid.
     pub pid: u32,
+    /// Its parent's (the supervisor of a jailed VMM).
+    #[serde(default)]
+    pub ppid: u32,
     /// Syscalls handled.
     pub syscalls: u64,
     /// Connections accepted.

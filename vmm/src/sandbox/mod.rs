@@ -20,7 +20,10 @@
 //! data directories) allow changes, but never set-id bits, and host device nodes cannot
 //! be changed through any mount.
 
+pub mod binder;
+pub mod jail;
 mod node;
+pub mod supervise;
 
 pub use node::{Entry, Node, SETTABLE_MODE};
 
@@ -86,7 +89,7 @@ fn open_in(root: &OwnedFd, relative: &str, flags: OFlags, mode: Mode) -> Result<
 
 /// The host devices every app sees at the same path, whatever its root holds: they hold no
 /// state and reach nothing outside the app. They can be opened, never changed.
-const DEVICES: [&str; 5] = [
+pub(crate) const DEVICES: [&str; 5] = [
     "/dev/null",
     "/dev/zero",
     "/dev/full",

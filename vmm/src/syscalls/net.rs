@@ -476,13 +476,34 @@ fn allowed_level(level: i32) -> bool {
     )
 }
 
-/// Options that would reach outside the app's sandbox.
-fn forbidden_option(level: i32, name: i32) -> bool {
-    level == libc::SOL_SOCKET
-        && matches!(
-            name,
-            libc::SO_BINDTODEVICE | libc::SO_MARK | libc::SO_ATTACH_FILTER | libc::SO_ATTACH_BPF
-        )
+/// Options that would reach outside the app's sandbox, or that Linux keeps for
+/// privileged callers (the VMM may run with privileges the app must not borrow): binding
+/// to a device, marks and priorities that steer host routing, socket filters, buffers
+/// beyond the host's limits (the FORCE variants), transparent proxying and debugging.
+fn forbidden_option(level: i32, name: i32, value: &[u8]) -> bool {
+    match level {
+        libc::SOL_SOCKET => match name {
+            libc::SO_BINDTODEVICE
+            | libc::SO_BINDTOIFINDEX
+            | libc::SO_MARK
+            | libc::SO_ATTACH_FILTER
+            | libc::SO_ATTACH_BPF
+            | libc::SO_ATTACH_REUSEPORT_CBPF
+            | libc::SO_ATTACH_REUSEPORT_EBPF
+            | libc::SO_SNDBUFFORCE
+            | libc::SO_RCVBUFFORCE
+            | libc::SO_DEBUG => true,
+            // Unprivileged callers may use priorities 0 to 6.
+            libc::SO_PRIORITY => value
+                .get(..4)
+                .and_then(|v| v.try_into().ok())
+                .is_none_or(|v| !(0..=6).contains(&i32::from_ne_bytes(v))),
+            _ => false,
+        },
+        libc::IPPROTO_IP => matches!(name, libc::IP_TRANSPARENT),
+        libc::IPPROTO_IPV6 => matches!(name, libc::IPV6_TRANSPARENT),
+        _ => false,
+    }
 }
 
 /// setsockopt(2): the common socket, TCP and IP options go through to the host socket.
@@ -495,11 +516,11 @@ pub fn setsockopt(p: &mut Process, a: &Args) -> SysResult {
     if !allowed_level(level) {
         return Err(Errno::NOPROTOOPT.into());
     }
-    if forbidden_option(level, name) {
-        return Err(Errno::PERM.into());
-    }
     let mut value = vec![0u8; len];
     p.mem.read(a.ptr(3), &mut value)?;
+    if forbidden_option(level, name, &value) {
+        return Err(Errno::PERM.into());
+    }
     hostcall::setsockopt(file.host(), level, name, &value)?;
     let mut state = file.state();
     state.options.retain(|(l, n, _)| (*l, *n) != (level, name));
@@ -715,7 +736,7 @@ pub fn restore_socket(
         None,
     )?;
     for (level, name, value) in options {
-        if allowed_level(*level) && !forbidden_option(*level, *name) {
+        if allowed_level(*level) && !forbidden_option(*level, *name, value) {
             hostcall::setsockopt(fd.as_fd(), *level, *name, value)?;
         }
     }
@@ -777,6 +798,39 @@ mod tests {
         }
         assert!(!net.may_reach("127.0.0.8".parse().unwrap()));
         assert!(net.may_reach("127.0.0.7".parse().unwrap()));
+    }
+
+    #[test]
+    fn privileged_socket_options_are_refused() {
+        let int = |v: i32| v.to_ne_bytes().to_vec();
+        for name in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE, libc::SO_MARK] {
+            assert!(forbidden_option(libc::SOL_SOCKET, name, &int(1 << 30)));
+        }
+        assert!(forbidden_option(
+            libc::SOL_SOCKET,
+            libc::SO_PRIORITY,
+            &int(7)
+        ));
+        assert!(!forbidden_option(
+            libc::SOL_SOCKET,
+            libc::SO_PRIORITY,
+            &int(6)
+        ));
+        assert!(!forbidden_option(
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &int(1 << 30)
+        ));
+        assert!(forbidden_option(
+            libc::IPPROTO_IP,
+            libc::IP_TRANSPARENT,
+            &int(1)
+        ));
+        assert!(!forbidden_option(
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &int(1)
+        ));
     }
 
     #[test]
