@@ -248,6 +248,7 @@ fn the_vmm_runs_jailed_as_an_unprivileged_user_of_its_own() {
     assert_eq!(field("CapEff:"), ["0000000000000000"], "{status}");
     assert_eq!(field("CapPrm:"), ["0000000000000000"], "{status}");
     assert_eq!(field("NoNewPrivs:"), ["1"], "{status}");
+    assert_eq!(field("Seccomp:"), ["2"], "a seccomp filter is on: {status}");
     // Its root holds only what it needs: no /etc, /home, /root, /usr of the host.
     let mut seen: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
         .unwrap()

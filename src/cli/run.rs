@@ -447,7 +447,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         Some(address) => address,
         None => {
             let lease = super::address::lease(args.state.state_dir())?;
-            let address = IpAddr::V4(lease.address);
+            let address = IpAddr::V4(lease.value);
             _lease = Some(lease);
             address
         }

@@ -248,7 +248,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         (None, Some(a)) => a.parse().context("the snapshot's address")?,
         (None, None) => {
             let lease = super::address::lease(args.state.state_dir())?;
-            let address = std::net::IpAddr::V4(lease.address);
+            let address = std::net::IpAddr::V4(lease.value);
             _lease = Some(lease);
             address
         }

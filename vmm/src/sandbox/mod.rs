@@ -22,7 +22,9 @@
 
 pub mod binder;
 pub mod jail;
+pub mod lease;
 mod node;
+pub mod seccomp;
 pub mod supervise;
 
 pub use node::{Entry, Node, SETTABLE_MODE};

@@ -10,6 +10,7 @@
 //! invoking user, still with `no_new_privs` and the seccomp filter.
 
 use super::jail::{self, JailError, JailSpec};
+use super::lease::{spread, take_first_free, Lease};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -46,18 +47,12 @@ impl Lockdown {
                 jail::drop_privileges(uid, gid)?;
                 // A change of user clears the parent-death signal: set it again, so the
                 // VMM still dies with its supervisor.
-                die_with_parent(self.supervisor)
+                die_with_parent(self.supervisor)?;
             }
-            None => jail::set_no_new_privs(),
+            None => jail::set_no_new_privs()?,
         }
+        super::seccomp::install()
     }
-}
-
-/// A uid held while the value lives (an flock, like an address lease).
-#[derive(Debug)]
-struct UidLease {
-    uid: u32,
-    _lock: std::fs::File,
 }
 
 /// The uid range, from PICOCENTER_UIDS or the default.
@@ -80,30 +75,17 @@ fn io_step(what: String) -> impl FnOnce(std::io::Error) -> JailError {
     move |source| JailError::Step { step: what, source }
 }
 
-fn lease_uid(run_dir: &Path) -> Result<UidLease, JailError> {
+fn lease_uid(run_dir: &Path) -> Result<Lease<u32>, JailError> {
     let (first, last) = uid_range()?;
     let dir = run_dir.join("uids");
-    crate::control::private_dir(&dir).map_err(io_step(format!("creating {}", dir.display())))?;
     let count = last - first + 1;
-    let start = std::process::id() % count;
-    for step in 0..count {
-        let uid = first + (start + step) % count;
-        let path = dir.join(format!("{uid}.lock"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_step(format!("opening {}", path.display())))?;
-        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return Ok(UidLease { uid, _lock: file }),
-            Err(rustix::io::Errno::WOULDBLOCK) => continue,
-            Err(e) => return Err(io_step(format!("locking {}", path.display()))(e.into())),
-        }
-    }
-    Err(JailError::Config(format!(
-        "every uid of {first}-{last} runs an app; widen PICOCENTER_UIDS"
-    )))
+    take_first_free(&dir, spread(first, count))
+        .map_err(io_step(format!("leasing a uid in {}", dir.display())))?
+        .ok_or_else(|| {
+            JailError::Config(format!(
+                "every uid of {first}-{last} runs an app; widen PICOCENTER_UIDS"
+            ))
+        })
 }
 
 /// Gives `dir` and everything in it to `uid`, without following symlinks. A regular
@@ -155,14 +137,14 @@ pub fn supervise(
     let lease = lease_uid(run_dir)?;
     let uids = uid_range()?;
     for dir in owned {
-        give(dir, lease.uid, uids)?;
+        give(dir, lease.value, uids)?;
     }
     let scratch = run_dir.join(format!("jail-{}", std::process::id()));
     crate::control::private_dir(&scratch)
         .map_err(io_step(format!("creating {}", scratch.display())))?;
     spec.scratch = scratch.clone();
     let lockdown = Lockdown {
-        identity: Some((lease.uid, lease.uid)),
+        identity: Some((lease.value, lease.value)),
         supervisor: std::process::id(),
     };
     let status = fork_and_wait(address, || match jail::enter_filesystem(&spec) {
