@@ -152,6 +152,8 @@ fn help_explains_every_run_option() {
         "--timeout",
         "--writable",
         "--trace-syscalls",
+        "--env-file",
+        "--store",
     ] {
         assert!(help.contains(option), "--help lacks {option}:\n{help}");
     }
@@ -160,9 +162,14 @@ fn help_explains_every_run_option() {
 #[test]
 fn env_cwd_and_name_reach_the_app() {
     let root = busybox_root();
+    // Secrets come from a file, so they never show on a command line.
+    let env_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(env_file.path(), "# the app's secrets\n\nSECRET=s3cr3t\n").unwrap();
     let out = run(&[
         "--root",
         root.path().to_str().unwrap(),
+        "--env-file",
+        env_file.path().to_str().unwrap(),
         "--env",
         "GREETING=hi",
         "--cwd",
@@ -172,7 +179,12 @@ fn env_cwd_and_name_reach_the_app() {
         "/bin/busybox",
         "sh",
         "-c",
-        "echo $GREETING; pwd; hostname",
+        "echo $GREETING $SECRET; pwd; hostname",
     ]);
-    assert_eq!(stdout(&out), "hi\n/data\nmyapp\n", "{}", describe(&out));
+    assert_eq!(
+        stdout(&out),
+        "hi s3cr3t\n/data\nmyapp\n",
+        "{}",
+        describe(&out)
+    );
 }

@@ -81,6 +81,12 @@ pub struct AppSettings {
     #[arg(long = "env", value_name = "K=V")]
     pub env: Vec<String>,
 
+    /// Read environment variables from FILE, one K=V a line (blank lines and lines
+    /// starting with # are skipped), before the --env settings. Secrets belong here:
+    /// unlike --env, a file does not show them on the command line to other users.
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Option<PathBuf>,
+
     /// The app's initial working directory, inside its root. Default: the image's, else /.
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<String>,
@@ -294,6 +300,23 @@ fn writable_dirs(app: &App, data_dir: &Path) -> anyhow::Result<Vec<(String, Path
     Ok(writable)
 }
 
+/// The environment settings: those of --env-file, then those of --env.
+fn settings_env(settings: &AppSettings) -> anyhow::Result<Vec<String>> {
+    let mut env = Vec::new();
+    if let Some(file) = &settings.env_file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading --env-file {}", file.display()))?;
+        env.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string),
+        );
+    }
+    env.extend(settings.env.iter().cloned());
+    Ok(env)
+}
+
 /// PATH and HOME defaults, then `base` (the image's), then the --env settings.
 fn environment(base: &[String], settings: &[String]) -> anyhow::Result<Vec<String>> {
     let mut env = vec![
@@ -454,7 +477,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let mut config = Config {
         writable: writable_dirs(&app, &data_dir)?,
-        env: environment(&app.env, &args.app.env)?,
+        env: environment(&app.env, &settings_env(&args.app)?)?,
         program: app.program,
         argv: app.argv,
         root: app.root,

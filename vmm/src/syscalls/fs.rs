@@ -248,8 +248,22 @@ fn open_for_stat(p: &Process, path: &str, nofollow: bool) -> Result<OwnedFd, Err
     Ok(p.sandbox.lookup(path, follow)?.into_fd())
 }
 
+/// The owner the app sees for a host owner: it is root in its own view, and owns what
+/// its VMM's user owns (a jailed VMM runs as a uid of its own); root's files stay root's,
+/// and anyone else's belong to the overflow id, as in a user namespace.
+fn guest_owner(host: u32, own: u32) -> u32 {
+    const OVERFLOW_ID: u32 = 65534;
+    if host == own || host == 0 {
+        0
+    } else {
+        OVERFLOW_ID
+    }
+}
+
 fn write_stat(p: &mut Process, fd: impl AsFd, out: UserAddr) -> SysResult {
-    let stat = rustix::fs::fstat(fd)?;
+    let mut stat = rustix::fs::fstat(fd)?;
+    stat.st_uid = guest_owner(stat.st_uid, rustix::process::geteuid().as_raw());
+    stat.st_gid = guest_owner(stat.st_gid, rustix::process::getegid().as_raw());
     p.mem.write_pod(out, &stat)?;
     Ok(0)
 }
@@ -307,7 +321,9 @@ pub fn newfstatat(p: &mut Process, a: &Args) -> SysResult {
 pub fn statx(p: &mut Process, a: &Args) -> SysResult {
     let fd = stat_target(p, a.fd(0), a.ptr(1), a.u32(2))?;
     let mask = rustix::fs::StatxFlags::from_bits_retain(a.u32(3));
-    let stx = rustix::fs::statx(&fd, "", AtFlags::EMPTY_PATH, mask)?;
+    let mut stx = rustix::fs::statx(&fd, "", AtFlags::EMPTY_PATH, mask)?;
+    stx.stx_uid = guest_owner(stx.stx_uid, rustix::process::geteuid().as_raw());
+    stx.stx_gid = guest_owner(stx.stx_gid, rustix::process::getegid().as_raw());
     p.mem.write_pod(a.ptr(4), &stx)?;
     Ok(0)
 }
