@@ -76,6 +76,8 @@ struct WorkerEntry {
     last_report: Instant,
     memory_bytes: u64,
     resident: usize,
+    /// Swapped-out apps whose addresses it holds.
+    held: std::collections::HashSet<String>,
 }
 
 type Bringing = Shared<BoxFuture<'static, Result<Ipv4Addr, String>>>;
@@ -180,7 +182,7 @@ impl Hub {
             }
         }
         if record.snapshot.is_some() {
-            match self.choose_worker() {
+            match self.choose_worker(name) {
                 Some((worker, client)) => {
                     let path = format!("/v1/apps/{name}/snapshots");
                     if let Err(e) = client.delete::<serde_json::Value>(&path).await {
@@ -255,13 +257,19 @@ impl Hub {
         attempt
     }
 
-    /// The live worker with the least resident memory.
-    fn choose_worker(&self) -> Option<(String, Client)> {
+    /// Where app `name` should run: the live worker that holds its address (so that
+    /// its clients' cached address keeps working, and what queued there is served), else
+    /// the live worker with the least resident memory.
+    fn choose_worker(&self, name: &str) -> Option<(String, Client)> {
         let workers = lock(&self.workers);
-        workers
-            .values()
-            .filter(|w| w.last_report.elapsed() < self.config.worker_timeout)
-            .min_by_key(|w| (w.memory_bytes, w.resident))
+        let live = || {
+            workers
+                .values()
+                .filter(|w| w.last_report.elapsed() < self.config.worker_timeout)
+        };
+        live()
+            .find(|w| w.held.contains(name))
+            .or_else(|| live().min_by_key(|w| (w.memory_bytes, w.resident)))
             .map(|w| (w.hello.id.clone(), w.client.clone()))
     }
 
@@ -272,7 +280,7 @@ impl Hub {
         if let (AppState::Resident, Some(address)) = (before.state, before.address) {
             return Ok(address);
         }
-        let Some((worker, client)) = self.choose_worker() else {
+        let Some((worker, client)) = self.choose_worker(name) else {
             let error = "no live worker to run it".to_string();
             self.failed(name, &error);
             return Err(error);
@@ -346,6 +354,7 @@ impl Hub {
                 last_report: Instant::now(),
                 memory_bytes: 0,
                 resident: 0,
+                held: Default::default(),
             },
         );
     }
@@ -378,6 +387,7 @@ impl Hub {
             worker.last_report = Instant::now();
             worker.memory_bytes = report.memory_bytes;
             worker.resident = report.resident.len();
+            worker.held = report.held.iter().cloned().collect();
         }
         // One lock and one registry transaction for the whole report; durable if any
         // app changed state (usage alone is flushed with the next durable write).

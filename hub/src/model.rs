@@ -212,6 +212,10 @@ pub struct WorkerReport {
     pub ended: Vec<(String, String)>,
     /// Resident memory of its apps, bytes.
     pub memory_bytes: u64,
+    /// Swapped-out apps whose address (and listening sockets) it still holds: a
+    /// connection there wakes the app, so the app comes back there.
+    #[serde(default)]
+    pub held: Vec<String>,
 }
 
 /// An app a worker put into cold storage.
