@@ -21,6 +21,7 @@ fn snapshot(args: &[&str]) -> std::process::Output {
 fn restore(dir: &Path, address: &str, args: &[&str]) -> Child {
     let mut cmd = picocenter();
     cmd.args(["snapshot", "restore"]).arg(dir).args(args);
+    cmd.args(root_from(dir));
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     wait_listening(&mut child, address);
@@ -270,6 +271,7 @@ fn a_sleep_keeps_its_deadline_across_a_swap() {
     swap_out("test-snap-sleep", dir.path(), child);
     let mut cmd = picocenter();
     cmd.args(["snapshot", "restore"]).arg(dir.path());
+    cmd.args(root_from(dir.path()));
     let out = run_with_limit(&mut cmd, Duration::from_secs(30));
     let text = stdout(&out);
     let elapsed: i64 = text
@@ -352,7 +354,8 @@ fn damaged_snapshots_are_refused_before_anything_runs() {
                 .map(|&b| (7, 0, 0, 1u32 << b))
         })
         .expect("a CPU with every extension the test knows");
-    let mut foreign = Manifest::decode(&original).unwrap();
+    let key = snapshot_key();
+    let mut foreign = Manifest::decode(&original, &key).unwrap();
     foreign.cpu.leaves.push(CpuidBits {
         function: missing.0,
         index: missing.1,
@@ -360,7 +363,7 @@ fn damaged_snapshots_are_refused_before_anything_runs() {
         ecx: missing.2,
         edx: missing.3,
     });
-    std::fs::write(&manifest_path, foreign.encode()).unwrap();
+    std::fs::write(&manifest_path, foreign.encode(&key)).unwrap();
     restore_fails(dir.path(), "CPU features this host lacks");
 
     std::fs::write(&manifest_path, &original).unwrap();
@@ -415,6 +418,7 @@ fn a_snapshot_closes_connections_and_a_running_app_keeps_running() {
     server.stop_waiting();
     let manifest = Manifest::decode(
         &std::fs::read(dir.path().join(format!("{}.manifest", head(dir.path())))).unwrap(),
+        &snapshot_key(),
     )
     .unwrap();
     assert!(manifest.parent.is_some());
@@ -424,6 +428,7 @@ fn a_snapshot_closes_connections_and_a_running_app_keeps_running() {
                 .join(format!("{}.manifest", manifest.parent.unwrap())),
         )
         .unwrap(),
+        &snapshot_key(),
     )
     .unwrap();
     assert_eq!(first.stats.closed_connections, 1);
@@ -499,7 +504,8 @@ fn restore_quietly(dir: &Path, mode: &str) -> Child {
     let mut cmd = picocenter();
     cmd.args(["snapshot", "restore"])
         .arg(dir)
-        .args(["--mode", mode]);
+        .args(["--mode", mode])
+        .args(root_from(dir));
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     cmd.spawn().unwrap()
 }
@@ -550,7 +556,7 @@ fn an_incremental_snapshot_writes_only_what_changed() {
     );
     let manifest =
         std::fs::read(dir.path().join(format!("{}.manifest", head(dir.path())))).unwrap();
-    let manifest = Manifest::decode(&manifest).unwrap();
+    let manifest = Manifest::decode(&manifest, &snapshot_key()).unwrap();
     assert_eq!(manifest.parent.as_deref(), Some(parent.as_str()));
     // The chain restores with the dirtied page contents.
     let child = restore(dir.path(), "127.0.7.10:80", &[]);

@@ -2,7 +2,9 @@
 
 mod cluster;
 mod image;
+mod key;
 mod ps;
+mod restore;
 mod run;
 mod snapshot;
 mod stop;

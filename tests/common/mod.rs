@@ -45,6 +45,31 @@ pub fn state_dir() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("state")
 }
 
+/// The snapshot key of the tests' state directory (made by whichever comes first: a VMM
+/// or this).
+pub fn snapshot_key() -> picocenter_snapshots::SnapshotKey {
+    let path = picocenter_snapshots::key::default_path(&state_dir());
+    picocenter_snapshots::SnapshotKey::load_or_create(&path).unwrap()
+}
+
+/// `--root-from PROGRAM` if the newest snapshot in `dir` was taken of an app run from a
+/// host program (`picocenter run PROGRAM`): the restoring caller names the program, as a
+/// restore never takes it from the snapshot alone.
+pub fn root_from(dir: &Path) -> Vec<String> {
+    use picocenter_snapshots::Store;
+    let store = picocenter_snapshots::LocalStore::open(dir).unwrap();
+    let Some(head) = store.head().unwrap() else {
+        return Vec::new();
+    };
+    match store.manifest(&head, &snapshot_key()) {
+        Ok(manifest) => match manifest.app.root_from {
+            Some(program) => vec!["--root-from".into(), program],
+            None => Vec::new(),
+        },
+        Err(_) => Vec::new(),
+    }
+}
+
 static COMPILE: Mutex<()> = Mutex::new(());
 
 /// Compiles tests/guests/NAME.c with gcc (once per link kind) and returns the binary.
