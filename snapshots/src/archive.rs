@@ -1,5 +1,5 @@
 //! The data archive: a tar of an app's writable directories, written and read as a stream
-//! (never whole in memory), with its SHA-256 in the authenticated manifest.
+//! (never whole in memory), with its BLAKE3 digest in the authenticated manifest.
 //!
 //! Each writable directory is stored under its guest path without the leading `/` (its
 //! entries directly at the top for `/`). Only directories, regular files and symlinks that
@@ -15,7 +15,6 @@
 
 use crate::format::Digest;
 use crate::private;
-use sha2::{Digest as _, Sha256};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -60,7 +59,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 pub struct Written {
     /// Bytes of the archive.
     pub bytes: u64,
-    /// Its SHA-256.
+    /// Its BLAKE3 digest.
     pub digest: Digest,
     /// Host paths left out (sockets, FIFOs, devices, symlinks leaving their directory).
     pub skipped: Vec<PathBuf>,
@@ -69,7 +68,7 @@ pub struct Written {
 /// A writer that hashes and counts what goes through it.
 struct Digesting<W> {
     inner: W,
-    hasher: Sha256,
+    hasher: blake3::Hasher,
     bytes: u64,
 }
 
@@ -89,7 +88,7 @@ impl<W: Write> Write for Digesting<W> {
 /// A reader that hashes and counts what comes through it.
 struct Hashing<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: blake3::Hasher,
     bytes: u64,
 }
 
@@ -108,7 +107,7 @@ pub fn create(path: &Path, dirs: &[(String, PathBuf)]) -> Result<Written, Archiv
     let file = private::create_file(path).map_err(io("creating", path))?;
     let sink = Digesting {
         inner: BufWriter::with_capacity(1 << 20, file),
-        hasher: Sha256::new(),
+        hasher: blake3::Hasher::new(),
         bytes: 0,
     };
     let mut builder = tar::Builder::new(sink);
@@ -313,7 +312,7 @@ fn place(
     }))
 }
 
-/// Checks the archive at `path` without writing anything: its size and SHA-256 against
+/// Checks the archive at `path` without writing anything: its size and digest against
 /// the manifest's, and every entry against the rules (for `dirs`, the writable
 /// directories as guest path and host directory). One streamed read.
 pub fn check(
@@ -331,7 +330,7 @@ pub fn check(
     }
     let reader = Hashing {
         inner: BufReader::with_capacity(1 << 20, file),
-        hasher: Sha256::new(),
+        hasher: blake3::Hasher::new(),
         bytes: 0,
     };
     let mut archive = tar::Archive::new(reader);
@@ -348,7 +347,7 @@ pub fn check(
     let found: Digest = reader.hasher.finalize().into();
     if reader.bytes != bytes || found != *digest {
         return Err(ArchiveError::Corrupt(
-            "its SHA-256 is not the manifest's".into(),
+            "its BLAKE3 digest is not the manifest's".into(),
         ));
     }
     refused.map_or(Ok(()), Err)
@@ -419,7 +418,7 @@ mod tests {
 
     fn digest_of(path: &Path) -> (u64, Digest) {
         let bytes = std::fs::read(path).unwrap();
-        (bytes.len() as u64, Sha256::digest(&bytes).into())
+        (bytes.len() as u64, blake3::hash(&bytes).into())
     }
 
     #[test]
@@ -532,7 +531,7 @@ mod tests {
         let mut other = digest;
         other[0] ^= 1;
         let error = check(&archive, bytes, &other, &dirs).unwrap_err();
-        assert!(error.to_string().contains("SHA-256"), "{error}");
+        assert!(error.to_string().contains("digest"), "{error}");
         let error = check(&archive, bytes + 1, &digest, &dirs).unwrap_err();
         assert!(matches!(error, ArchiveError::Corrupt(_)), "{error}");
 

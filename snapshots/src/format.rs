@@ -22,7 +22,7 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const HEADER_SIZE: usize = SIGNED_HEADER + KEY_BYTES;
 /// The header bytes the MAC covers (magic, version, length).
 const SIGNED_HEADER: usize = 8 + 4 + 8;
-/// A SHA-256 digest (of a page-file chunk, or of the data archive).
+/// A BLAKE3 digest (of a page-file chunk, or of the data archive).
 pub type Digest = [u8; 32];
 
 /// Why a manifest was refused.
@@ -396,7 +396,7 @@ pub struct Manifest {
     pub page_count: u64,
     /// Pages per chunk of the page file (each chunk has its own digest).
     pub chunk_pages: u64,
-    /// SHA-256 of each chunk of the page file.
+    /// BLAKE3 digest of each chunk of the page file.
     pub chunk_digests: Vec<Digest>,
     /// How many leading pages of the page file are the ActiveSet (stored ActiveSet pages
     /// come first, in address order).
@@ -415,7 +415,7 @@ pub struct Manifest {
     pub clock: ClockRecord,
     /// Bytes of the archive of the writable directories (0: none).
     pub data_bytes: u64,
-    /// SHA-256 of that archive.
+    /// BLAKE3 digest of that archive.
     pub data_digest: Digest,
     /// Counters.
     pub stats: SnapshotStats,

@@ -7,7 +7,7 @@
 //!
 //! Everything in a store is untrusted input: a manifest is used only once its HMAC under
 //! the cluster's [`key`] checks out and every field is within [`bounds`]; page-file chunks
-//! and the data archive are checked against SHA-256 digests in the manifest.
+//! and the data archive are checked against BLAKE3 digests in the manifest.
 //!
 //! * [`format`]: the manifest (serde, postcard-encoded, authenticated, size-capped);
 //! * [`key`]: the cluster's snapshot key;

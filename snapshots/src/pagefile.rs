@@ -1,10 +1,9 @@
 //! The page file: the stored pages of a snapshot, 4 KiB each, back to back, the ActiveSet
-//! first. It is written in large sequential writes and digested in chunks (SHA-256 per
+//! first. It is written in large sequential writes and digested in chunks (BLAKE3 per
 //! [`CHUNK_PAGES`] pages), so that a restore can verify just the parts it reads. The
 //! digests are in the authenticated manifest, so a verified chunk is the one written.
 
 use crate::format::{Digest, Manifest, PAGE_SIZE};
-use sha2::{Digest as _, Sha256};
 use std::fs::File;
 use std::io::{ErrorKind, IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -66,7 +65,7 @@ pub struct PageFileWriter<'a> {
     pending: Vec<&'a [u8]>,
     pages: u64,
     digests: Vec<Digest>,
-    hasher: Sha256,
+    hasher: blake3::Hasher,
 }
 
 impl<'a> PageFileWriter<'a> {
@@ -79,7 +78,7 @@ impl<'a> PageFileWriter<'a> {
             pending: Vec::with_capacity(BATCH_PAGES),
             pages: 0,
             digests: Vec::new(),
-            hasher: Sha256::new(),
+            hasher: blake3::Hasher::new(),
         })
     }
 
@@ -92,7 +91,8 @@ impl<'a> PageFileWriter<'a> {
         let index = self.pages;
         self.pages += 1;
         if self.pages.is_multiple_of(CHUNK_PAGES) {
-            self.digests.push(self.hasher.finalize_reset().into());
+            self.digests.push(self.hasher.finalize().into());
+            self.hasher.reset();
         }
         if self.pending.len() >= BATCH_PAGES {
             self.write_pending()?;
@@ -125,7 +125,8 @@ impl<'a> PageFileWriter<'a> {
     /// chunk digests.
     pub fn finish(mut self) -> Result<(u64, Vec<Digest>), PageFileError> {
         if !self.pages.is_multiple_of(CHUNK_PAGES) {
-            self.digests.push(self.hasher.finalize_reset().into());
+            self.digests.push(self.hasher.finalize().into());
+            self.hasher.reset();
         }
         self.write_pending()?;
         self.file.sync_all().map_err(io("syncing", &self.path))?;
@@ -222,7 +223,7 @@ pub fn check_chunk(manifest: &Manifest, chunk: u64, bytes: &[u8]) -> Result<(), 
     let expected = usize::try_from(chunk)
         .ok()
         .and_then(|c| manifest.chunk_digests.get(c));
-    let found: Digest = Sha256::digest(bytes).into();
+    let found: Digest = blake3::hash(bytes).into();
     if expected == Some(&found) {
         return Ok(());
     }

@@ -16,7 +16,7 @@
 //! never blocks on a runtime from a thread that is already inside one.
 //!
 //! The SDK's own request checksums are turned off (`WhenRequired`): every object here
-//! carries its own (the manifest's HMAC under the cluster key, and in it the SHA-256 of
+//! carries its own (the manifest's HMAC under the cluster key, and in it the BLAKE3 digest of
 //! each page-file chunk and of the data archive, all checked at restore), and
 //! S3-compatible servers differ in which SDK checksums they accept.
 
