@@ -657,3 +657,113 @@ fn pages_dropped_after_a_restore_stay_dropped_in_the_increment() {
     );
     swap_out(name, dir.path(), child);
 }
+
+/// Reads what the app answers on the AF_UNIX socket at host path `path`, waiting (at most
+/// 15 s) for it to be bound; fails if `child` ends first.
+fn read_unix(path: &Path, child: &mut Child) -> String {
+    for _ in 0..1500 {
+        if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(path) {
+            let mut text = String::new();
+            stream.read_to_string(&mut text).unwrap();
+            return text;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            panic!(
+                "the app exited with {status} before binding {}:\n{err}",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("nothing listened on {}", path.display());
+}
+
+#[test]
+fn an_app_with_a_bound_unix_socket_file_is_snapshotted_and_binds_it_again() {
+    let (dir, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let name = "test-snap-unix";
+    let mut child = clockd(name, data.path(), &[], &["unix", "/tmp/clockd.sock"]);
+    let socket = data.path().join("tmp/clockd.sock");
+    assert!(read_unix(&socket, &mut child).starts_with("mono="));
+    // The socket file sits in the writable /tmp, which the snapshot archives.
+    swap_out(name, dir.path(), child);
+    let restored = tempfile::tempdir().unwrap();
+    let mut cmd = picocenter();
+    cmd.args(["snapshot", "restore"]).arg(dir.path());
+    cmd.arg("--data-dir").arg(restored.path());
+    cmd.args(root_from(dir.path()));
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let socket = restored.path().join("tmp/clockd.sock");
+    assert!(read_unix(&socket, &mut child).starts_with("mono="));
+    swap_out(name, dir.path(), child);
+}
+
+/// The peak resident memory of process `pid` (VmHWM), bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+#[test]
+fn a_large_data_file_is_archived_and_restored_in_little_memory() {
+    const BIG: u64 = 512 << 20;
+    let (dir, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let name = "test-snap-bigdata";
+    std::fs::create_dir_all(data.path().join("tmp")).unwrap();
+    let big = std::fs::File::create(data.path().join("tmp/big")).unwrap();
+    big.set_len(BIG).unwrap();
+    std::os::unix::fs::FileExt::write_at(&big, b"the end", BIG - 7).unwrap();
+    let mut child = clockd(
+        name,
+        data.path(),
+        &["--address", "127.0.7.15"],
+        &["serve", "80"],
+    );
+    wait_listening(&mut child, "127.0.7.15:80");
+    let before = peak_rss(child.id());
+    let out = snapshot(&["create", name, "-o", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let after = peak_rss(child.id());
+    assert!(
+        after < before + (64 << 20),
+        "archiving a 512 MiB file took the VMM's peak RSS from {} to {} MiB",
+        before >> 20,
+        after >> 20
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let restored = tempfile::tempdir().unwrap();
+    let child = restore(
+        dir.path(),
+        "127.0.7.15:80",
+        &["--data-dir", restored.path().to_str().unwrap()],
+    );
+    let peak = peak_rss(child.id());
+    assert!(
+        peak < before + (64 << 20),
+        "unpacking a 512 MiB file took the restored VMM's peak RSS to {} MiB (the first \
+         one's was {} MiB)",
+        peak >> 20,
+        before >> 20
+    );
+    let file = restored.path().join("tmp/big");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), BIG);
+    let mut end = [0u8; 7];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&file).unwrap(),
+        &mut end,
+        BIG - 7,
+    )
+    .unwrap();
+    assert_eq!(&end, b"the end");
+    swap_out(name, dir.path(), child);
+}
