@@ -150,9 +150,7 @@ impl Cold {
         Ok(Stored {
             id: newest.id.clone(),
             bytes,
-            wake_at_unix_ms: newest
-                .next_wakeup()
-                .map(|after| newest.created_unix_ms + after.as_millis() as u64),
+            wake_at_unix_ms: newest.wake_at_unix_ms(),
         })
     }
 

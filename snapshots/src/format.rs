@@ -478,6 +478,15 @@ impl Manifest {
             .map(std::time::Duration::from_nanos)
     }
 
+    /// When the app wants to run again by itself ([`Manifest::next_wakeup`] after the
+    /// capture), Unix ms.
+    pub fn wake_at_unix_ms(&self) -> Option<u64> {
+        self.next_wakeup().map(|after| {
+            let after = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+            self.created_unix_ms.saturating_add(after)
+        })
+    }
+
     /// Bytes of the page file this manifest describes.
     pub fn page_file_bytes(&self) -> u64 {
         self.page_count.saturating_mul(PAGE_SIZE)
