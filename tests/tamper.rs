@@ -20,6 +20,8 @@ fn sample(name: &str, ip: &str) -> tempfile::TempDir {
     let data_dir = data.path().to_str().unwrap();
     let extra = ["--writable", "/tmp", "--data-dir", data_dir];
     let server = Server::start("counter-http", name, ip, 80, &extra);
+    // Made again by the snapshot, as a store makes its directory.
+    std::fs::remove_dir(dir.path()).unwrap();
     let mut cmd = picocenter();
     cmd.args(["snapshot", "create", name, "-o"])
         .arg(dir.path())
@@ -27,6 +29,7 @@ fn sample(name: &str, ip: &str) -> tempfile::TempDir {
     let out = run_with_limit(&mut cmd, Duration::from_secs(60));
     assert!(out.status.success(), "{}", describe(&out));
     server.stop_waiting();
+    assert_private(dir.path());
     dir
 }
 

@@ -125,7 +125,10 @@ fn create(
 ) -> anyhow::Result<i32> {
     let socket = super::run::control_socket(&state.state_dir().join("run"), name)?;
     let dir = std::path::absolute(output)?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // The VMM writes it; made here (0700, as a store makes its directory) so that a
+    // missing one is reported by this command.
+    picocenter_snapshots::private::create_dir_all(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     let started = Instant::now();
     let bar = progress(format!("snapshotting {name} into {}", dir.display()));
     let (reply, _stream) = control::request(

@@ -70,6 +70,17 @@ pub fn root_from(dir: &Path) -> Vec<String> {
     }
 }
 
+/// Checks that snapshot directory `dir` is 0700 and every file in it 0600.
+pub fn assert_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(dir), 0o700, "{}", dir.display());
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
+}
+
 static COMPILE: Mutex<()> = Mutex::new(());
 
 /// Compiles tests/guests/NAME.c with gcc (once per link kind) and returns the binary.
