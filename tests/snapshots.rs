@@ -114,7 +114,9 @@ fn counter_http_keeps_its_count_through_twenty_swaps() {
 fn nginx_and_python_http_serve_after_a_restore() {
     let nginx_dir = tempfile::tempdir().unwrap();
     let python_dir = tempfile::tempdir().unwrap();
-    let nginx = Server::start("nginx", "test-snap-nginx", "127.0.7.2", 80, &[]);
+    // /tmp is already one of the image's writable directories: it is recorded once.
+    let again = ["--writable", "/tmp/"];
+    let nginx = Server::start("nginx", "test-snap-nginx", "127.0.7.2", 80, &again);
     let python = Server::start("python-http", "test-snap-python", "127.0.7.3", 80, &[]);
     let expected =
         std::fs::read(state_dir().join("images/nginx/rootfs/srv/www/files/1m.txt")).unwrap();

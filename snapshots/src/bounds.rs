@@ -127,7 +127,9 @@ fn check_app(app: &AppRecord) -> Checked {
     Ok(())
 }
 
-/// A path of at most [`MAX_PATH`] bytes without NUL; absolute if `absolute`.
+/// A path of at most [`MAX_PATH`] bytes without NUL; absolute if `absolute`. (Guest paths
+/// of files and areas are opened again through the sandbox, which confines them whatever
+/// they say.)
 fn check_path(path: &str, absolute: bool) -> Checked {
     ensure(
         path.len() <= MAX_PATH && !path.contains('\0') && (!absolute || path.starts_with('/')),
@@ -154,7 +156,7 @@ fn check_vmas(vmas: &[VmaRecord]) -> Checked {
         )?;
         last_end = vma.end;
         if let BackingRecord::File { path, offset, .. } = &vma.backing {
-            check_path(path, true)?;
+            check_path(path, false)?;
             ensure(
                 *offset <= i64::MAX as u64 && offset % PAGE_SIZE == 0,
                 || format!("bad file offset {offset:#x}"),
@@ -276,12 +278,12 @@ fn check_file(file: &FileRecord, fd: i32) -> Checked {
     let bad = |why: &str| Err(format!("fd {fd}: {why}"));
     match file {
         FileRecord::Path { path, offset, .. } => {
-            check_path(path, true)?;
+            check_path(path, false)?;
             if *offset > i64::MAX as u64 {
                 return bad("offset out of range");
             }
         }
-        FileRecord::Directory { path } => check_path(path, true)?,
+        FileRecord::Directory { path } => check_path(path, false)?,
         FileRecord::Stdio(n) if *n > 2 => return bad("stdio other than 0, 1, 2"),
         FileRecord::Pipe {
             data, write_end, ..

@@ -274,7 +274,11 @@ fn sandbox_path(guest: &str) -> PathBuf {
 fn writable_dirs(app: &App, data_dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let mut writable = Vec::new();
     for guest in &app.writable {
+        // One plain spelling each, and each once: snapshots record the set.
         let guest = &validate_guest_dir(guest)?;
+        if writable.iter().any(|(g, _)| g == guest) {
+            continue;
+        }
         let host = data_dir.join(guest.trim_start_matches('/'));
         let fresh = !host.exists();
         std::fs::create_dir_all(&host).with_context(|| format!("creating {}", host.display()))?;
