@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 pub struct KeyFile {
     /// The cluster's snapshot key: manifests are authenticated with it (HMAC-SHA256), and
     /// one that does not check out is refused. Default: <state-dir>/keys/snapshot.key,
-    /// made (0600) on first use. Every worker and VMM of a cluster needs the same one.
+    /// made (0600) by the first `run` or `worker` that needs it. Every worker and VMM of a
+    /// cluster needs the same one.
     #[arg(long, value_name = "FILE", env = "PICOCENTER_KEY_FILE")]
     key_file: Option<PathBuf>,
 }

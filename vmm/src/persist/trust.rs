@@ -2,9 +2,10 @@
 //! already been authenticated and bounds-checked (`picocenter_snapshots::bounds`); here it
 //! must also be a snapshot of the app the caller restores, as the caller configured it:
 //!
-//! * the same name, image, set of writable directories and memory, and the same host
-//!   program if the caller makes a temporary root from one (the caller's values are what
-//!   the VMM uses; the manifest's are only compared);
+//! * the same name, set of writable directories and memory; the same image if the caller
+//!   runs it from an image, and the same host program if the caller makes a temporary root
+//!   from one (a caller who names a root directory has chosen the root itself). The
+//!   caller's values are what the VMM uses; the manifest's are only compared;
 //! * every snapshot of its chain of that app;
 //! * no more pages than the app's memory holds: resident pages per snapshot, and the page
 //!   files of the whole chain together (they are all attached as guest RAM).
@@ -74,7 +75,7 @@ pub fn check(chain: &[Manifest], config: &Config) -> Result<(), TrustError> {
     if app.name != config.name {
         return Err(mismatch("name", &app.name, &config.name));
     }
-    if app.image != config.image {
+    if config.image.is_some() && app.image != config.image {
         return Err(mismatch("image", &app.image, &config.image));
     }
     let recorded: BTreeSet<String> = app.writable.iter().cloned().collect();
@@ -189,7 +190,10 @@ mod tests {
         refused(&[other], "writable directories");
         let mut other = manifest("a", &[], 0);
         other.app.image = Some("nginx".into());
-        refused(&[other], "image");
+        refused(&[other.clone()], "image");
+        let mut own_root = config.clone();
+        own_root.image = None;
+        check(&[other], &own_root).unwrap();
         let mut other = manifest("a", &[], 0);
         other.app.memory_mib = 32;
         refused(&[other], "memory");
