@@ -73,7 +73,8 @@ fn restore(dir: &Path, mode: &str) -> Child {
     let mut cmd = picocenter();
     cmd.args(["snapshot", "restore"])
         .arg(dir)
-        .args(["--mode", mode]);
+        .args(["--mode", mode])
+        .args(common::root_from(dir));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -201,10 +201,14 @@ fn a_query_starts_an_app_and_an_idle_app_swaps_out_and_comes_back() {
         .join("cbasic")
         .join(format!("{snapshot}.pages"))
         .exists());
-    assert!(
-        !state_dir().join("run/cbasic.sock").exists(),
-        "the VMM still runs"
+    // Cold storage is the owner's only: 0700 directories, 0600 files.
+    assert_private(&store.join("cbasic"));
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&store).unwrap().permissions())
+            & 0o777,
+        0o700
     );
+    assert!(!control_socket_live("cbasic"), "the VMM still runs");
     wait_for(
         "the worker to report no memory",
         Duration::from_secs(5),

@@ -70,6 +70,11 @@ fn snapshot_counter_http(work: &Path, initramfs: &mut Initramfs) {
     let stopped = server.stop_waiting();
     assert_eq!(stopped.status.code(), Some(0), "{}", describe(&stopped));
     initramfs.tree(&dir, "snap");
+    // The cluster key it is authenticated with (0600, which the copy keeps).
+    initramfs.file(
+        &picocenter_snapshots::key::default_path(&state_dir()),
+        "snap.key",
+    );
     initramfs.tree(
         &state_dir().join("images/counter-http/rootfs"),
         "srv/counter-http",

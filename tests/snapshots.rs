@@ -21,6 +21,7 @@ fn snapshot(args: &[&str]) -> std::process::Output {
 fn restore(dir: &Path, address: &str, args: &[&str]) -> Child {
     let mut cmd = picocenter();
     cmd.args(["snapshot", "restore"]).arg(dir).args(args);
+    cmd.args(root_from(dir));
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     wait_listening(&mut child, address);
@@ -113,7 +114,9 @@ fn counter_http_keeps_its_count_through_twenty_swaps() {
 fn nginx_and_python_http_serve_after_a_restore() {
     let nginx_dir = tempfile::tempdir().unwrap();
     let python_dir = tempfile::tempdir().unwrap();
-    let nginx = Server::start("nginx", "test-snap-nginx", "127.0.7.2", 80, &[]);
+    // /tmp is already one of the image's writable directories: it is recorded once.
+    let again = ["--writable", "/tmp/"];
+    let nginx = Server::start("nginx", "test-snap-nginx", "127.0.7.2", 80, &again);
     let python = Server::start("python-http", "test-snap-python", "127.0.7.3", 80, &[]);
     let expected =
         std::fs::read(state_dir().join("images/nginx/rootfs/srv/www/files/1m.txt")).unwrap();
@@ -270,6 +273,7 @@ fn a_sleep_keeps_its_deadline_across_a_swap() {
     swap_out("test-snap-sleep", dir.path(), child);
     let mut cmd = picocenter();
     cmd.args(["snapshot", "restore"]).arg(dir.path());
+    cmd.args(root_from(dir.path()));
     let out = run_with_limit(&mut cmd, Duration::from_secs(30));
     let text = stdout(&out);
     let elapsed: i64 = text
@@ -352,7 +356,8 @@ fn damaged_snapshots_are_refused_before_anything_runs() {
                 .map(|&b| (7, 0, 0, 1u32 << b))
         })
         .expect("a CPU with every extension the test knows");
-    let mut foreign = Manifest::decode(&original).unwrap();
+    let key = snapshot_key();
+    let mut foreign = Manifest::decode(&original, &key).unwrap();
     foreign.cpu.leaves.push(CpuidBits {
         function: missing.0,
         index: missing.1,
@@ -360,7 +365,7 @@ fn damaged_snapshots_are_refused_before_anything_runs() {
         ecx: missing.2,
         edx: missing.3,
     });
-    std::fs::write(&manifest_path, foreign.encode()).unwrap();
+    std::fs::write(&manifest_path, foreign.encode(&key)).unwrap();
     restore_fails(dir.path(), "CPU features this host lacks");
 
     std::fs::write(&manifest_path, &original).unwrap();
@@ -415,6 +420,7 @@ fn a_snapshot_closes_connections_and_a_running_app_keeps_running() {
     server.stop_waiting();
     let manifest = Manifest::decode(
         &std::fs::read(dir.path().join(format!("{}.manifest", head(dir.path())))).unwrap(),
+        &snapshot_key(),
     )
     .unwrap();
     assert!(manifest.parent.is_some());
@@ -424,6 +430,7 @@ fn a_snapshot_closes_connections_and_a_running_app_keeps_running() {
                 .join(format!("{}.manifest", manifest.parent.unwrap())),
         )
         .unwrap(),
+        &snapshot_key(),
     )
     .unwrap();
     assert_eq!(first.stats.closed_connections, 1);
@@ -507,7 +514,8 @@ fn restore_quietly(dir: &Path, mode: &str) -> Child {
     let mut cmd = picocenter();
     cmd.args(["snapshot", "restore"])
         .arg(dir)
-        .args(["--mode", mode]);
+        .args(["--mode", mode])
+        .args(root_from(dir));
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     cmd.spawn().unwrap()
 }
@@ -558,7 +566,7 @@ fn an_incremental_snapshot_writes_only_what_changed() {
     );
     let manifest =
         std::fs::read(dir.path().join(format!("{}.manifest", head(dir.path())))).unwrap();
-    let manifest = Manifest::decode(&manifest).unwrap();
+    let manifest = Manifest::decode(&manifest, &snapshot_key()).unwrap();
     assert_eq!(manifest.parent.as_deref(), Some(parent.as_str()));
     // The chain restores with the dirtied page contents.
     let child = restore(dir.path(), "127.0.7.10:80", &[]);
@@ -658,5 +666,115 @@ fn pages_dropped_after_a_restore_stay_dropped_in_the_increment() {
         dropped,
         "the old contents came back"
     );
+    swap_out(name, dir.path(), child);
+}
+
+/// Reads what the app answers on the AF_UNIX socket at host path `path`, waiting (at most
+/// 15 s) for it to be bound; fails if `child` ends first.
+fn read_unix(path: &Path, child: &mut Child) -> String {
+    for _ in 0..1500 {
+        if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(path) {
+            let mut text = String::new();
+            stream.read_to_string(&mut text).unwrap();
+            return text;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            panic!(
+                "the app exited with {status} before binding {}:\n{err}",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("nothing listened on {}", path.display());
+}
+
+#[test]
+fn an_app_with_a_bound_unix_socket_file_is_snapshotted_and_binds_it_again() {
+    let (dir, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let name = "test-snap-unix";
+    let mut child = clockd(name, data.path(), &[], &["unix", "/tmp/clockd.sock"]);
+    let socket = data.path().join("tmp/clockd.sock");
+    assert!(read_unix(&socket, &mut child).starts_with("mono="));
+    // The socket file sits in the writable /tmp, which the snapshot archives.
+    swap_out(name, dir.path(), child);
+    let restored = tempfile::tempdir().unwrap();
+    let mut cmd = picocenter();
+    cmd.args(["snapshot", "restore"]).arg(dir.path());
+    cmd.arg("--data-dir").arg(restored.path());
+    cmd.args(root_from(dir.path()));
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let socket = restored.path().join("tmp/clockd.sock");
+    assert!(read_unix(&socket, &mut child).starts_with("mono="));
+    swap_out(name, dir.path(), child);
+}
+
+/// The peak resident memory of process `pid` (VmHWM), bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+#[test]
+fn a_large_data_file_is_archived_and_restored_in_little_memory() {
+    const BIG: u64 = 512 << 20;
+    let (dir, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let name = "test-snap-bigdata";
+    std::fs::create_dir_all(data.path().join("tmp")).unwrap();
+    let big = std::fs::File::create(data.path().join("tmp/big")).unwrap();
+    big.set_len(BIG).unwrap();
+    std::os::unix::fs::FileExt::write_at(&big, b"the end", BIG - 7).unwrap();
+    let mut child = clockd(
+        name,
+        data.path(),
+        &["--address", "127.0.7.15"],
+        &["serve", "80"],
+    );
+    wait_listening(&mut child, "127.0.7.15:80");
+    let before = peak_rss(child.id());
+    let out = snapshot(&["create", name, "-o", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let after = peak_rss(child.id());
+    assert!(
+        after < before + (64 << 20),
+        "archiving a 512 MiB file took the VMM's peak RSS from {} to {} MiB",
+        before >> 20,
+        after >> 20
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let restored = tempfile::tempdir().unwrap();
+    let child = restore(
+        dir.path(),
+        "127.0.7.15:80",
+        &["--data-dir", restored.path().to_str().unwrap()],
+    );
+    let peak = peak_rss(child.id());
+    assert!(
+        peak < before + (64 << 20),
+        "unpacking a 512 MiB file took the restored VMM's peak RSS to {} MiB (the first \
+         one's was {} MiB)",
+        peak >> 20,
+        before >> 20
+    );
+    let file = restored.path().join("tmp/big");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), BIG);
+    let mut end = [0u8; 7];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&file).unwrap(),
+        &mut end,
+        BIG - 7,
+    )
+    .unwrap();
+    assert_eq!(&end, b"the end");
     swap_out(name, dir.path(), child);
 }

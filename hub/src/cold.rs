@@ -8,8 +8,9 @@
 //! downloads what the cache lacks of the chain, ActiveSet first.
 
 use picocenter_snapshots::compact::compact;
+use picocenter_snapshots::names::validate_app_name;
 use picocenter_snapshots::s3::{S3Config, S3Store};
-use picocenter_snapshots::{copy_chain, store::chain, LocalStore, Store, StoreError};
+use picocenter_snapshots::{copy_chain, store::chain, LocalStore, SnapshotKey, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -44,20 +45,26 @@ pub struct Stored {
     pub wake_at_unix_ms: Option<u64>,
 }
 
-/// A worker's cold storage.
+/// A worker's cold storage. Everything it holds is untrusted: manifests are read only under
+/// the cluster's key, and an app name becomes a directory or key prefix only once it is
+/// checked ([`validate_app_name`]). Local directories are made 0700 and files 0600.
 #[derive(Debug, Clone)]
 pub struct Cold {
     config: ColdConfig,
     /// The worker's staging cache (S3 only).
     cache: PathBuf,
+    /// The cluster's snapshot key.
+    key: SnapshotKey,
 }
 
 impl Cold {
-    /// Cold storage as `config` says, with `cache` for the S3 staging copies.
-    pub fn new(config: ColdConfig, cache: &Path) -> Self {
+    /// Cold storage as `config` says, with `cache` for the S3 staging copies, its
+    /// manifests checked and written under `key`.
+    pub fn new(config: ColdConfig, cache: &Path, key: SnapshotKey) -> Self {
         Self {
             config,
             cache: cache.to_path_buf(),
+            key,
         }
     }
 
@@ -88,14 +95,16 @@ impl Cold {
     }
 
     /// The local store directory the VMM of `app` snapshots into and restores from.
-    pub fn local_dir(&self, app: &str) -> PathBuf {
-        match &self.config {
+    pub fn local_dir(&self, app: &str) -> Result<PathBuf, StoreError> {
+        validate_app_name(app)?;
+        Ok(match &self.config {
             ColdConfig::Local { dir } => dir.join(app),
             ColdConfig::S3(_) => self.cache.join(app).join("store"),
-        }
+        })
     }
 
     fn remote(&self, app: &str) -> Result<Option<S3Store>, StoreError> {
+        validate_app_name(app)?;
         match &self.config {
             ColdConfig::Local { .. } => Ok(None),
             ColdConfig::S3(s3) => {
@@ -108,21 +117,22 @@ impl Cold {
     /// cold storage. A chain grown past [`MAX_CHAIN`] snapshots ([`MAX_CHAIN_S3`] in S3)
     /// is compacted first, so a restore never reads more than that many.
     pub fn store(&self, app: &str, id: &str) -> Result<Stored, StoreError> {
-        let local = LocalStore::open(&self.local_dir(app))?;
-        let mut manifests = chain(&local, id)?;
+        let local = LocalStore::open(&self.local_dir(app)?)?;
+        let mut manifests = chain(&local, &self.key, id)?;
         let longest = match self.config {
             ColdConfig::Local { .. } => MAX_CHAIN,
             ColdConfig::S3(_) => MAX_CHAIN_S3,
         };
         let compacted = manifests.len() > longest;
         if compacted {
-            let full = compact(&local, id).map_err(|e| StoreError::Remote(e.to_string()))?;
+            let full =
+                compact(&local, &self.key, id).map_err(|e| StoreError::Remote(e.to_string()))?;
             tracing::info!(app, from = %id, to = %full.id, "compacted the snapshot chain");
             manifests = vec![full];
         }
         let newest = &manifests[0];
         if let Some(remote) = self.remote(app)? {
-            copy_chain(&local, &remote, &newest.id)?;
+            copy_chain(&local, &remote, &self.key, &newest.id)?;
             if compacted {
                 // The snapshots the compacted one replaces go from S3 too.
                 for old in remote.list()? {
@@ -140,20 +150,18 @@ impl Cold {
         Ok(Stored {
             id: newest.id.clone(),
             bytes,
-            wake_at_unix_ms: newest
-                .next_wakeup()
-                .map(|after| newest.created_unix_ms + after.as_millis() as u64),
+            wake_at_unix_ms: newest.wake_at_unix_ms(),
         })
     }
 
     /// Before a restore of `app` at snapshot `id`: makes the chain local. Returns the
     /// directory to restore from.
     pub fn fetch(&self, app: &str, id: &str) -> Result<PathBuf, StoreError> {
-        let dir = self.local_dir(app);
+        let dir = self.local_dir(app)?;
         if let Some(remote) = self.remote(app)? {
             let local = LocalStore::open(&dir)?;
             let started = std::time::Instant::now();
-            let fetched = remote.fetch_chain(&local, id)?;
+            let fetched = remote.fetch_chain(&local, &self.key, id)?;
             tracing::info!(
                 app,
                 ?fetched,
@@ -177,8 +185,9 @@ impl Cold {
                 }
                 ids.len()
             }
-            None => LocalStore::open(&self.local_dir(app))?.list()?.len(),
+            None => LocalStore::open(&self.local_dir(app)?)?.list()?.len(),
         };
+        validate_app_name(app)?;
         let local = match &self.config {
             ColdConfig::Local { dir } => dir.join(app),
             ColdConfig::S3(_) => self.cache.join(app),

@@ -202,7 +202,18 @@ pub async fn run_worker(
             address: options.listen,
             source,
         })?;
-    let cold = Cold::new(options.cold.clone(), &options.config.work_dir.join("cache"));
+    let key_file = options.config.key_file.clone();
+    let key = tokio::task::spawn_blocking(move || {
+        picocenter_snapshots::SnapshotKey::load_or_create(&key_file)
+    })
+    .await
+    .map_err(|e| ServeError::Cold(e.to_string()))?
+    .map_err(|e| ServeError::Cold(e.to_string()))?;
+    let cold = Cold::new(
+        options.cold.clone(),
+        &options.config.work_dir.join("cache"),
+        key,
+    );
     tracing::info!(cold = %cold.describe(), "cold storage");
     let probe = cold.clone();
     tokio::task::spawn_blocking(move || probe.prepare())

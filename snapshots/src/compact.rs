@@ -2,6 +2,7 @@
 
 use crate::chain::{covered, resolve_all, runs};
 use crate::format::{Manifest, PageSource, PAGE_SIZE};
+use crate::key::SnapshotKey;
 use crate::pagefile::{PageFileWriter, CHUNK_PAGES};
 use crate::store::{chain, new_id, Store, StoreError};
 
@@ -31,9 +32,10 @@ pub enum CompactError {
 }
 
 /// Merges the chain ending at snapshot `id` into a new full snapshot, makes it the newest,
-/// and removes the snapshots the chain no longer needs. Returns the new manifest.
-pub fn compact(store: &dyn Store, id: &str) -> Result<Manifest, CompactError> {
-    let chain = chain(store, id)?;
+/// and removes the snapshots the chain no longer needs. Every manifest is checked under
+/// `key`, and the new one is authenticated with it. Returns the new manifest.
+pub fn compact(store: &dyn Store, key: &SnapshotKey, id: &str) -> Result<Manifest, CompactError> {
+    let chain = chain(store, key, id)?;
     let newest = &chain[0];
     let new = new_id();
     // Every page, resolved; stored ones in ActiveSet-first order.
@@ -95,7 +97,7 @@ pub fn compact(store: &dyn Store, id: &str) -> Result<Manifest, CompactError> {
             index: writer.push(page)?,
         };
     }
-    let (page_count, chunk_checksums) = writer.finish()?;
+    let (page_count, chunk_digests) = writer.finish()?;
     let runs = runs(pages.iter().map(|p| p.0).zip(new_sources));
     let mut manifest = newest.clone();
     manifest.id = new.clone();
@@ -103,14 +105,14 @@ pub fn compact(store: &dyn Store, id: &str) -> Result<Manifest, CompactError> {
     manifest.pages = runs;
     manifest.page_count = page_count;
     manifest.chunk_pages = CHUNK_PAGES;
-    manifest.chunk_checksums = chunk_checksums;
+    manifest.chunk_digests = chunk_digests;
     manifest.activeset_prefix = activeset_prefix;
     manifest.stats.stored_pages = page_count;
     manifest.stats.parent_pages = 0;
     let data = match store.data_archive(&newest.id)? {
         Some(archive) => {
             let copy = store.scratch(&new, "data")?;
-            std::fs::copy(&archive, &copy).map_err(|source| CompactError::Read {
+            crate::private::copy(&archive, &copy).map_err(|source| CompactError::Read {
                 id: newest.id.clone(),
                 index: 0,
                 source,
@@ -119,7 +121,7 @@ pub fn compact(store: &dyn Store, id: &str) -> Result<Manifest, CompactError> {
         }
         None => None,
     };
-    store.commit(&manifest, &path, data.as_deref())?;
+    store.commit(&manifest, key, &path, data.as_deref())?;
     for old in &chain {
         store.remove(&old.id)?;
     }

@@ -1,21 +1,29 @@
 //! The snapshot manifest: everything about an app except its page contents.
 //!
 //! On disk: `MAGIC (8) | format version (u32 LE) | payload length (u64 LE) |
-//! CRC-32 of the payload (u32 LE) | payload (postcard)`. A manifest is refused before it is
-//! decoded if the magic, the version, the length cap or the checksum is wrong.
+//! HMAC-SHA256 (32) | payload (postcard)`. The MAC, under the cluster's [`SnapshotKey`],
+//! covers the first 20 bytes and the payload. A manifest is refused before it is decoded if
+//! the magic, the version, the length cap or the MAC is wrong, and after decoding if any
+//! field is out of its bounds ([`crate::bounds`]).
 
+use crate::key::{SnapshotKey, KEY_BYTES};
 use serde::{Deserialize, Serialize};
 
 /// The first bytes of every manifest.
 pub const MAGIC: [u8; 8] = *b"PICOSNAP";
 /// The format version. A different one is refused; bump it on any change to the types
 /// here. (The product version is separate.)
-pub const FORMAT_VERSION: u32 = 1;
-/// The largest manifest accepted.
+pub const FORMAT_VERSION: u32 = 2;
+/// The largest manifest payload accepted.
 pub const MAX_MANIFEST_SIZE: u64 = 64 << 20;
 /// Bytes of a page.
 pub const PAGE_SIZE: u64 = 4096;
-const HEADER_SIZE: usize = 8 + 4 + 8 + 4;
+/// Bytes of the header: magic, version, length, MAC.
+pub const HEADER_SIZE: usize = SIGNED_HEADER + KEY_BYTES;
+/// The header bytes the MAC covers (magic, version, length).
+const SIGNED_HEADER: usize = 8 + 4 + 8;
+/// A BLAKE3 digest (of a page-file chunk, or of the data archive).
+pub type Digest = [u8; 32];
 
 /// Why a manifest was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -23,6 +31,14 @@ pub enum ManifestError {
     /// Too short to hold a header, or shorter than its header says.
     #[error("the snapshot manifest is truncated ({have} bytes, expected {expected})")]
     Truncated {
+        /// Bytes present.
+        have: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// Longer than its header says.
+    #[error("the snapshot manifest has {have} bytes, {expected} expected: trailing bytes")]
+    Trailing {
         /// Bytes present.
         have: u64,
         /// Bytes expected.
@@ -40,20 +56,16 @@ pub enum ManifestError {
     /// Larger than any real manifest.
     #[error("the snapshot manifest claims {0} bytes, over the {MAX_MANIFEST_SIZE}-byte limit")]
     TooLarge(u64),
-    /// The payload does not match its checksum.
+    /// The MAC does not match: changed since it was written, or written with another key.
     #[error(
-        "the snapshot manifest is corrupt (checksum {found:#010x}, expected {expected:#010x})"
+        "the snapshot manifest is corrupt or forged: its HMAC-SHA256 does not match this \
+         cluster's snapshot key (changed in storage, or written with another key)"
     )]
-    Checksum {
-        /// The checksum computed.
-        found: u32,
-        /// The checksum recorded.
-        expected: u32,
-    },
+    Forged,
     /// The payload does not decode.
     #[error("the snapshot manifest does not decode: {0}")]
     Decode(String),
-    /// The manifest contradicts itself.
+    /// A field is out of its bounds, or contradicts another.
     #[error("the snapshot manifest is inconsistent: {0}")]
     Inconsistent(String),
 }
@@ -382,10 +394,10 @@ pub struct Manifest {
     pub pages: Vec<PageRun>,
     /// Pages in the page file.
     pub page_count: u64,
-    /// Pages per checksummed chunk of the page file.
+    /// Pages per chunk of the page file (each chunk has its own digest).
     pub chunk_pages: u64,
-    /// CRC-32 of each chunk of the page file.
-    pub chunk_checksums: Vec<u32>,
+    /// BLAKE3 digest of each chunk of the page file.
+    pub chunk_digests: Vec<Digest>,
     /// How many leading pages of the page file are the ActiveSet (stored ActiveSet pages
     /// come first, in address order).
     pub activeset_prefix: u64,
@@ -403,108 +415,46 @@ pub struct Manifest {
     pub clock: ClockRecord,
     /// Bytes of the archive of the writable directories (0: none).
     pub data_bytes: u64,
-    /// CRC-32 of that archive.
-    pub data_checksum: u32,
+    /// BLAKE3 digest of that archive.
+    pub data_digest: Digest,
     /// Counters.
     pub stats: SnapshotStats,
 }
 
 impl Manifest {
-    /// Encodes the manifest with its header.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Encodes the manifest with its header, authenticated with `key`.
+    pub fn encode(&self, key: &SnapshotKey) -> Vec<u8> {
         let payload = postcard::to_allocvec(self).unwrap_or_default();
         let mut out = Vec::with_capacity(HEADER_SIZE + payload.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        let mac = key.sign(&[&out, &payload]);
+        out.extend_from_slice(&mac);
         out.extend_from_slice(&payload);
         out
     }
 
-    /// Decodes and checks a manifest. Nothing in it is trusted until this returns.
-    pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-        if bytes.len() < HEADER_SIZE {
-            return Err(ManifestError::Truncated {
-                have: bytes.len() as u64,
-                expected: HEADER_SIZE as u64,
-            });
+    /// Checks a manifest's MAC under `key`, then decodes and bounds-checks it. Nothing in it
+    /// is trusted until this returns.
+    pub fn decode(bytes: &[u8], key: &SnapshotKey) -> Result<Manifest, ManifestError> {
+        let payload = authenticated_payload(bytes, key)?;
+        let (manifest, rest): (Manifest, &[u8]) =
+            postcard::take_from_bytes(payload).map_err(|e| ManifestError::Decode(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(ManifestError::Decode(format!(
+                "{} bytes after the manifest",
+                rest.len()
+            )));
         }
-        if bytes[..8] != MAGIC {
-            return Err(ManifestError::BadMagic);
-        }
-        let word = |at: usize, len: usize| -> u64 {
-            let mut buf = [0u8; 8];
-            buf[..len].copy_from_slice(&bytes[at..at + len]);
-            u64::from_le_bytes(buf)
-        };
-        let version = word(8, 4) as u32;
-        if version != FORMAT_VERSION {
-            return Err(ManifestError::Version { found: version });
-        }
-        let length = word(12, 8);
-        if length > MAX_MANIFEST_SIZE {
-            return Err(ManifestError::TooLarge(length));
-        }
-        let expected_total = HEADER_SIZE as u64 + length;
-        if (bytes.len() as u64) < expected_total {
-            return Err(ManifestError::Truncated {
-                have: bytes.len() as u64,
-                expected: expected_total,
-            });
-        }
-        let expected = word(20, 4) as u32;
-        let payload = &bytes[HEADER_SIZE..expected_total as usize];
-        let found = crc32fast::hash(payload);
-        if found != expected {
-            return Err(ManifestError::Checksum { found, expected });
-        }
-        let manifest: Manifest =
-            postcard::from_bytes(payload).map_err(|e| ManifestError::Decode(e.to_string()))?;
         manifest.validate()?;
         Ok(manifest)
     }
 
-    /// Checks that the manifest is consistent with itself.
+    /// Checks that every field is within its bounds and consistent with the others (see
+    /// [`crate::bounds`]).
     pub fn validate(&self) -> Result<(), ManifestError> {
-        let bad = |why: String| Err(ManifestError::Inconsistent(why));
-        if self.chunk_pages == 0 && self.page_count > 0 {
-            return bad("page file chunks of zero pages".into());
-        }
-        let chunks = self.page_count.div_ceil(self.chunk_pages.max(1));
-        if self.chunk_checksums.len() as u64 != chunks {
-            return bad(format!(
-                "{} chunk checksums for {} chunks",
-                self.chunk_checksums.len(),
-                chunks
-            ));
-        }
-        if self.activeset_prefix > self.page_count {
-            return bad("ActiveSet prefix longer than the page file".into());
-        }
-        let mut last_end = 0u64;
-        for run in &self.pages {
-            let end = run.vpn.checked_add(run.count);
-            match end {
-                Some(end) if run.vpn >= last_end && run.count > 0 => last_end = end,
-                _ => return bad(format!("page run at {:#x} out of order", run.vpn)),
-            }
-            if let PageSource::Stored { index } = run.source {
-                if index
-                    .checked_add(run.count)
-                    .is_none_or(|e| e > self.page_count)
-                {
-                    return bad(format!("page run at {:#x} beyond the page file", run.vpn));
-                }
-            }
-            if run.source == PageSource::Parent && self.parent.is_none() {
-                return bad("pages from a parent, but no parent".into());
-            }
-        }
-        if self.context.xsave.len() != 4096 {
-            return bad("FPU state is not 4096 bytes".into());
-        }
-        Ok(())
+        crate::bounds::check(self).map_err(ManifestError::Inconsistent)
     }
 
     /// How long after the capture the app wanted to run again by itself: its earliest
@@ -528,23 +478,93 @@ impl Manifest {
             .map(std::time::Duration::from_nanos)
     }
 
+    /// When the app wants to run again by itself ([`Manifest::next_wakeup`] after the
+    /// capture), Unix ms.
+    pub fn wake_at_unix_ms(&self) -> Option<u64> {
+        self.next_wakeup().map(|after| {
+            let after = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+            self.created_unix_ms.saturating_add(after)
+        })
+    }
+
     /// Bytes of the page file this manifest describes.
     pub fn page_file_bytes(&self) -> u64 {
-        self.page_count * PAGE_SIZE
+        self.page_count.saturating_mul(PAGE_SIZE)
     }
+}
+
+/// The payload of `bytes`, once the header checks out and the MAC matches.
+fn authenticated_payload<'a>(
+    bytes: &'a [u8],
+    key: &SnapshotKey,
+) -> Result<&'a [u8], ManifestError> {
+    let (Some(header), Some(mac)) = (
+        bytes.get(..SIGNED_HEADER),
+        bytes.get(SIGNED_HEADER..HEADER_SIZE),
+    ) else {
+        return Err(ManifestError::Truncated {
+            have: bytes.len() as u64,
+            expected: HEADER_SIZE as u64,
+        });
+    };
+    if header[..8] != MAGIC {
+        return Err(ManifestError::BadMagic);
+    }
+    let word = |range: std::ops::Range<usize>| -> u64 {
+        let mut buf = [0u8; 8];
+        buf[..range.len()].copy_from_slice(&header[range]);
+        u64::from_le_bytes(buf)
+    };
+    let version = word(8..12) as u32;
+    if version != FORMAT_VERSION {
+        return Err(ManifestError::Version { found: version });
+    }
+    let length = word(12..20);
+    if length > MAX_MANIFEST_SIZE {
+        return Err(ManifestError::TooLarge(length));
+    }
+    let expected = HEADER_SIZE as u64 + length;
+    let have = bytes.len() as u64;
+    if have < expected {
+        return Err(ManifestError::Truncated { have, expected });
+    }
+    if have > expected {
+        return Err(ManifestError::Trailing { have, expected });
+    }
+    let payload = &bytes[HEADER_SIZE..];
+    if !key.verify(&[header, payload], mac) {
+        return Err(ManifestError::Forged);
+    }
+    Ok(payload)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn key() -> SnapshotKey {
+        SnapshotKey::from_bytes([7; KEY_BYTES])
+    }
+
     fn sample() -> Manifest {
         Manifest {
             id: "s1".into(),
             page_count: 3,
             chunk_pages: 2,
-            chunk_checksums: vec![1, 2],
+            chunk_digests: vec![[1; 32], [2; 32]],
             activeset_prefix: 1,
+            app: AppRecord {
+                name: "app".into(),
+                memory_mib: 16,
+                ..Default::default()
+            },
+            vmas: vec![VmaRecord {
+                start: 0x40_0000,
+                end: 0x60_0000,
+                prot: 3,
+                role: 0,
+                backing: BackingRecord::Anonymous,
+            }],
             pages: vec![
                 PageRun {
                     vpn: 0x400,
@@ -561,6 +581,10 @@ mod tests {
                 xsave: vec![0; 4096],
                 ..Default::default()
             },
+            process: ProcessRecord {
+                cwd: "/".into(),
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
@@ -568,50 +592,64 @@ mod tests {
     #[test]
     fn round_trips() {
         let manifest = sample();
-        assert_eq!(Manifest::decode(&manifest.encode()).unwrap(), manifest);
+        assert_eq!(
+            Manifest::decode(&manifest.encode(&key()), &key()).unwrap(),
+            manifest
+        );
     }
 
     #[test]
-    fn refuses_damage_before_decoding() {
-        let bytes = sample().encode();
+    fn refuses_damage_and_other_keys_before_decoding() {
+        let bytes = sample().encode(&key());
+        let decode = |bytes: &[u8]| Manifest::decode(bytes, &key()).unwrap_err();
         assert_eq!(
-            Manifest::decode(&bytes[..10]).unwrap_err(),
+            decode(&bytes[..10]),
             ManifestError::Truncated {
                 have: 10,
-                expected: 24
+                expected: HEADER_SIZE as u64
             }
         );
         assert!(matches!(
-            Manifest::decode(&bytes[..bytes.len() - 1]).unwrap_err(),
+            decode(&bytes[..bytes.len() - 1]),
             ManifestError::Truncated { .. }
         ));
-        let mut flipped = bytes.clone();
-        let last = flipped.len() - 1;
-        flipped[last] ^= 0x40;
-        assert!(matches!(
-            Manifest::decode(&flipped).unwrap_err(),
-            ManifestError::Checksum { .. }
-        ));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(decode(&longer), ManifestError::Trailing { .. }));
+        for at in [12, 30, bytes.len() - 1] {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 0x40;
+            let error = decode(&flipped);
+            assert!(
+                matches!(
+                    error,
+                    ManifestError::Forged
+                        | ManifestError::TooLarge(_)
+                        | ManifestError::Truncated { .. }
+                        | ManifestError::Trailing { .. }
+                ),
+                "byte {at}: {error}"
+            );
+        }
+        let other = SnapshotKey::from_bytes([8; KEY_BYTES]);
+        assert_eq!(
+            Manifest::decode(&bytes, &other).unwrap_err(),
+            ManifestError::Forged
+        );
         let mut versioned = bytes.clone();
         versioned[8] = 99;
-        assert_eq!(
-            Manifest::decode(&versioned).unwrap_err(),
-            ManifestError::Version { found: 99 }
-        );
+        assert_eq!(decode(&versioned), ManifestError::Version { found: 99 });
         let mut magic = bytes;
         magic[0] = b'X';
-        assert_eq!(
-            Manifest::decode(&magic).unwrap_err(),
-            ManifestError::BadMagic
-        );
+        assert_eq!(decode(&magic), ManifestError::BadMagic);
     }
 
     #[test]
-    fn refuses_inconsistent_runs() {
+    fn refuses_inconsistent_runs_even_when_signed() {
         let mut manifest = sample();
         manifest.pages[0].source = PageSource::Stored { index: 2 };
         assert!(matches!(
-            Manifest::decode(&manifest.encode()).unwrap_err(),
+            Manifest::decode(&manifest.encode(&key()), &key()).unwrap_err(),
             ManifestError::Inconsistent(_)
         ));
         let mut manifest = sample();

@@ -1,16 +1,17 @@
 //! The page file: the stored pages of a snapshot, 4 KiB each, back to back, the ActiveSet
-//! first. It is written in large sequential writes and checksummed in chunks (CRC-32 per
-//! [`CHUNK_PAGES`] pages), so that a restore can verify just the parts it reads.
+//! first. It is written in large sequential writes and digested in chunks (BLAKE3 per
+//! [`CHUNK_PAGES`] pages), so that a restore can verify just the parts it reads. The
+//! digests are in the authenticated manifest, so a verified chunk is the one written.
 
-use crate::format::{Manifest, PAGE_SIZE};
+use crate::format::{Digest, Manifest, PAGE_SIZE};
 use std::fs::File;
 use std::io::{ErrorKind, IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-/// Pages per checksummed chunk (256 KiB).
+/// Pages per digested chunk (256 KiB).
 pub const CHUNK_PAGES: u64 = 64;
 /// Pages gathered before one `writev` (1 MiB): small enough that a page is still in the
-/// CPU cache from its zero check and checksum when the kernel copies it.
+/// CPU cache from its zero check and digest when the kernel copies it.
 const BATCH_PAGES: usize = 256;
 /// Why a page file could not be written or verified.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +35,7 @@ pub enum PageFileError {
         /// Bytes expected.
         expected: u64,
     },
-    /// A chunk does not match its checksum.
+    /// A chunk does not match its digest.
     #[error("the page file is corrupt: chunk {chunk} (pages {first}..{end}) fails its checksum")]
     Corrupt {
         /// The chunk.
@@ -63,21 +64,21 @@ pub struct PageFileWriter<'a> {
     path: std::path::PathBuf,
     pending: Vec<&'a [u8]>,
     pages: u64,
-    checksums: Vec<u32>,
-    hasher: crc32fast::Hasher,
+    digests: Vec<Digest>,
+    hasher: blake3::Hasher,
 }
 
 impl<'a> PageFileWriter<'a> {
-    /// Creates (or truncates) the page file at `path`.
+    /// Creates (or truncates) the page file at `path`, mode 0600.
     pub fn create(path: &Path) -> Result<Self, PageFileError> {
-        let file = File::create(path).map_err(io("creating", path))?;
+        let file = crate::private::create_file(path).map_err(io("creating", path))?;
         Ok(Self {
             file,
             path: path.to_path_buf(),
             pending: Vec::with_capacity(BATCH_PAGES),
             pages: 0,
-            checksums: Vec::new(),
-            hasher: crc32fast::Hasher::new(),
+            digests: Vec::new(),
+            hasher: blake3::Hasher::new(),
         })
     }
 
@@ -90,8 +91,8 @@ impl<'a> PageFileWriter<'a> {
         let index = self.pages;
         self.pages += 1;
         if self.pages.is_multiple_of(CHUNK_PAGES) {
-            let hasher = std::mem::replace(&mut self.hasher, crc32fast::Hasher::new());
-            self.checksums.push(hasher.finalize());
+            self.digests.push(self.hasher.finalize().into());
+            self.hasher.reset();
         }
         if self.pending.len() >= BATCH_PAGES {
             self.write_pending()?;
@@ -121,15 +122,15 @@ impl<'a> PageFileWriter<'a> {
     }
 
     /// Writes what is pending, syncs the file to disk, and returns the page count and the
-    /// chunk checksums.
-    pub fn finish(mut self) -> Result<(u64, Vec<u32>), PageFileError> {
+    /// chunk digests.
+    pub fn finish(mut self) -> Result<(u64, Vec<Digest>), PageFileError> {
         if !self.pages.is_multiple_of(CHUNK_PAGES) {
-            let hasher = std::mem::replace(&mut self.hasher, crc32fast::Hasher::new());
-            self.checksums.push(hasher.finalize());
+            self.digests.push(self.hasher.finalize().into());
+            self.hasher.reset();
         }
         self.write_pending()?;
         self.file.sync_all().map_err(io("syncing", &self.path))?;
-        Ok((self.pages, self.checksums))
+        Ok((self.pages, self.digests))
     }
 }
 
@@ -176,6 +177,7 @@ fn verify_chunks(
     check_size(path, manifest)?;
     let chunk_pages = manifest.chunk_pages.max(1);
     let mut file = File::open(path).map_err(io("opening", path))?;
+    // chunk_pages is at most MAX_CHUNK_PAGES (the manifest's bounds): 4 MiB.
     let mut buffer = vec![0u8; (chunk_pages * PAGE_SIZE) as usize];
     for chunk in chunks {
         let Some(pages) = chunk_pages_of(manifest, chunk) else {
@@ -212,13 +214,17 @@ pub fn verify_bytes(bytes: &[u8], manifest: &Manifest) -> Result<(), PageFileErr
 pub fn chunk_pages_of(manifest: &Manifest, chunk: u64) -> Option<std::ops::Range<u64>> {
     let chunk_pages = manifest.chunk_pages.max(1);
     let start = chunk.checked_mul(chunk_pages)?;
-    (start < manifest.page_count).then(|| start..(start + chunk_pages).min(manifest.page_count))
+    (start < manifest.page_count)
+        .then(|| start..start.saturating_add(chunk_pages).min(manifest.page_count))
 }
 
-/// Checks the bytes of chunk `chunk` against its checksum in `manifest`.
+/// Checks the bytes of chunk `chunk` against its digest in `manifest`.
 pub fn check_chunk(manifest: &Manifest, chunk: u64, bytes: &[u8]) -> Result<(), PageFileError> {
-    let expected = manifest.chunk_checksums.get(chunk as usize).copied();
-    if Some(crc32fast::hash(bytes)) == expected {
+    let expected = usize::try_from(chunk)
+        .ok()
+        .and_then(|c| manifest.chunk_digests.get(c));
+    let found: Digest = blake3::hash(bytes).into();
+    if expected == Some(&found) {
         return Ok(());
     }
     let pages = chunk_pages_of(manifest, chunk).unwrap_or(0..0);
@@ -234,7 +240,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn writes_checksums_and_detects_corruption() {
+    fn writes_digests_and_detects_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pages");
         let count = BATCH_PAGES as u64 + 3;
@@ -248,13 +254,13 @@ mod tests {
             4096 * BATCH_PAGES as u64,
             "a full batch is written before finish"
         );
-        let (pages, checksums) = writer.finish().unwrap();
+        let (pages, digests) = writer.finish().unwrap();
         assert_eq!(pages, count);
-        assert_eq!(checksums.len() as u64, count.div_ceil(CHUNK_PAGES));
+        assert_eq!(digests.len() as u64, count.div_ceil(CHUNK_PAGES));
         let manifest = Manifest {
             page_count: pages,
             chunk_pages: CHUNK_PAGES,
-            chunk_checksums: checksums,
+            chunk_digests: digests,
             ..Default::default()
         };
         verify(&path, &manifest, 0, pages).unwrap();

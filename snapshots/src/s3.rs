@@ -16,12 +16,14 @@
 //! never blocks on a runtime from a thread that is already inside one.
 //!
 //! The SDK's own request checksums are turned off (`WhenRequired`): every object here
-//! carries its own (the manifest's CRC, the page file's chunk CRCs, the data archive's CRC,
-//! all checked at restore), and S3-compatible servers differ in which SDK checksums they
-//! accept.
+//! carries its own (the manifest's HMAC under the cluster key, and in it the BLAKE3 digest of
+//! each page-file chunk and of the data archive, all checked at restore), and
+//! S3-compatible servers differ in which SDK checksums they accept.
 
-use crate::format::{Manifest, MAX_MANIFEST_SIZE, PAGE_SIZE};
-use crate::store::{check_id, LocalStore, Store, StoreError};
+use crate::format::{Manifest, PAGE_SIZE};
+use crate::key::SnapshotKey;
+use crate::private;
+use crate::store::{check_id, decode_manifest, LocalStore, Store, StoreError, MAX_MANIFEST_FILE};
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
@@ -53,8 +55,6 @@ pub const PARALLEL_PARTS: usize = 6;
 const MAX_PARTS: u64 = 10_000;
 /// The largest HEAD object accepted.
 const MAX_HEAD_SIZE: u64 = 1024;
-/// Room for the manifest's header on top of its payload cap.
-const MANIFEST_HEADER_ROOM: u64 = 64;
 
 /// Where an [`S3Store`] keeps snapshots and how it signs in. Serializable, so that it can
 /// travel in the worker's JSON configuration; missing fields take their defaults.
@@ -242,7 +242,7 @@ impl S3Store {
     pub fn open(config: &S3Config, app_prefix: &str, cache_dir: &Path) -> Result<Self, StoreError> {
         let prefix = join_prefix(&[&config.prefix, app_prefix])?;
         let scratch_dir = cache_dir.join("scratch");
-        std::fs::create_dir_all(&scratch_dir).map_err(io("creating", &scratch_dir))?;
+        private::create_dir_all(&scratch_dir).map_err(io("creating", &scratch_dir))?;
         let scratch_dir = scratch_dir
             .canonicalize()
             .map_err(io("resolving", &scratch_dir))?;
@@ -330,15 +330,21 @@ impl S3Store {
     /// in as few requests as the chain allows: one GET per missing manifest (walking the
     /// parents until one is already local), then every missing page file (ActiveSet prefix
     /// first) and data archive at once, sized from their manifests. Returns the ids fetched.
-    pub fn fetch_chain(&self, local: &LocalStore, id: &str) -> Result<Vec<String>, StoreError> {
+    /// Every manifest is checked under `key` before anything it names is fetched.
+    pub fn fetch_chain(
+        &self,
+        local: &LocalStore,
+        key: &SnapshotKey,
+        id: &str,
+    ) -> Result<Vec<String>, StoreError> {
         let missing = self.run(async {
             let mut missing = Vec::new();
             let mut next = Some(id.to_string());
             while let Some(current) = next {
-                if local.manifest(&current).is_ok() {
+                if local.manifest(&current, key).is_ok() {
                     break;
                 }
-                let manifest = self.fetch_manifest(&current).await?;
+                let manifest = self.fetch_manifest(&current, key).await?;
                 next = manifest.parent.clone();
                 missing.push(manifest);
             }
@@ -373,10 +379,10 @@ impl S3Store {
             let pages = files[2 * i]
                 .clone()
                 .ok_or_else(|| self.missing(&manifest.id))?;
-            local.commit(manifest, &pages, files[2 * i + 1].as_deref())?;
+            local.commit(manifest, key, &pages, files[2 * i + 1].as_deref())?;
         }
         if local.head()?.as_deref() != Some(id) {
-            local.set_head(id)?;
+            local.set_head(id, key)?;
         }
         Ok(manifests.into_iter().map(|m| m.id).collect())
     }
@@ -430,18 +436,14 @@ impl S3Store {
         Ok(())
     }
 
-    async fn fetch_manifest(&self, id: &str) -> Result<Manifest, StoreError> {
-        let key = self.object_key(id, "manifest")?;
-        let cap = MAX_MANIFEST_SIZE + MANIFEST_HEADER_ROOM;
-        let bytes = match self.get_small(&key, cap).await {
+    async fn fetch_manifest(&self, id: &str, key: &SnapshotKey) -> Result<Manifest, StoreError> {
+        let object = self.object_key(id, "manifest")?;
+        let bytes = match self.get_small(&object, MAX_MANIFEST_FILE).await {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Err(self.missing(id)),
             Err(e) => return Err(e),
         };
-        Manifest::decode(&bytes).map_err(|source| StoreError::Manifest {
-            id: id.to_string(),
-            source,
-        })
+        decode_manifest(id, &bytes, key)
     }
 
     /// Uploads the local file `path` as `key`: in one PUT if it is small, else as a
@@ -576,7 +578,7 @@ impl S3Store {
         first: u64,
         tmp: &Path,
     ) -> Result<(), StoreError> {
-        let file = std::fs::File::create(tmp).map_err(io("creating", tmp))?;
+        let file = private::create_file(tmp).map_err(io("creating", tmp))?;
         file.set_len(size).map_err(io("sizing", tmp))?;
         let file = Arc::new(file);
         let jobs = ranges(size, first, PART_SIZE).into_iter().map(|range| {
@@ -615,6 +617,7 @@ impl S3Store {
     async fn commit_async(
         &self,
         manifest: &Manifest,
+        key: &SnapshotKey,
         pages: &Path,
         data: Option<&Path>,
     ) -> Result<(), StoreError> {
@@ -630,7 +633,7 @@ impl S3Store {
         let (pages_done, data_done) = tokio::join!(self.upload(pages, &pages_key), upload_data);
         pages_done?;
         data_done?;
-        self.put_bytes(&self.object_key(id, "manifest")?, manifest.encode())
+        self.put_bytes(&self.object_key(id, "manifest")?, manifest.encode(key))
             .await?;
         self.put_bytes(&self.key("HEAD"), format!("{id}\n").into_bytes())
             .await
@@ -794,8 +797,8 @@ impl Store for S3Store {
         Ok(Some(id))
     }
 
-    fn manifest(&self, id: &str) -> Result<Manifest, StoreError> {
-        self.run(self.fetch_manifest(id))
+    fn manifest(&self, id: &str, key: &SnapshotKey) -> Result<Manifest, StoreError> {
+        self.run(self.fetch_manifest(id, key))
     }
 
     /// Uploads the snapshot, then makes it the newest. Unlike [`crate::LocalStore`], the
@@ -804,10 +807,11 @@ impl Store for S3Store {
     fn commit(
         &self,
         manifest: &Manifest,
+        key: &SnapshotKey,
         pages: &Path,
         data: Option<&Path>,
     ) -> Result<(), StoreError> {
-        self.run(self.commit_async(manifest, pages, data))?;
+        self.run(self.commit_async(manifest, key, pages, data))?;
         for path in std::iter::once(pages).chain(data) {
             if self.is_scratch(path) {
                 let _ = std::fs::remove_file(path);
@@ -817,14 +821,17 @@ impl Store for S3Store {
     }
 
     /// Fetches the page file into `{cache_dir}/{id}.pages` (unless it is there with the
-    /// object's size), the ActiveSet prefix first.
+    /// object's size). It returns once the whole file is in, so the order of its ranges
+    /// gives the caller nothing ([`S3Store::fetch_chain`], which has the manifests, puts
+    /// the ActiveSet prefix first).
     fn page_file(&self, id: &str) -> Result<PathBuf, StoreError> {
         let key = self.object_key(id, "pages")?;
         self.run(async {
-            let (manifest, size) = tokio::join!(self.fetch_manifest(id), self.object_size(&key));
-            let first = manifest?.activeset_prefix.saturating_mul(PAGE_SIZE);
-            let size = size?.ok_or_else(|| self.missing(id))?;
-            self.fetch_object(id, "pages", size, first).await
+            let size = self
+                .object_size(&key)
+                .await?
+                .ok_or_else(|| self.missing(id))?;
+            self.fetch_object(id, "pages", size, 0).await
         })
     }
 

@@ -6,7 +6,9 @@
 //! and data first, then the manifest, then HEAD, each atomically, so a crash at any point
 //! leaves HEAD naming a complete snapshot: the previous good one, or the new one.
 
-use crate::format::{Manifest, ManifestError};
+use crate::format::{Manifest, ManifestError, HEADER_SIZE, MAX_MANIFEST_SIZE};
+use crate::key::SnapshotKey;
+use crate::private;
 use std::path::{Path, PathBuf};
 
 /// Why a store operation failed.
@@ -46,6 +48,9 @@ pub enum StoreError {
     /// An id with characters a key may not hold.
     #[error("bad snapshot id {0:?}")]
     BadId(String),
+    /// An app name that cannot name a store.
+    #[error(transparent)]
+    BadName(#[from] crate::names::NameError),
     /// A remote store failed.
     #[error("{0}")]
     Remote(String),
@@ -57,13 +62,15 @@ pub trait Store: Send + Sync {
     fn describe(&self) -> String;
     /// The id of the newest snapshot, if any.
     fn head(&self) -> Result<Option<String>, StoreError>;
-    /// Reads and checks a snapshot's manifest.
-    fn manifest(&self, id: &str) -> Result<Manifest, StoreError>;
-    /// Stores a snapshot whose page file and data archive are local files (consumed), then
-    /// makes it the newest.
+    /// Reads a snapshot's manifest and checks it: its MAC under `key`, its bounds, and that
+    /// it is the manifest of `id` (not another snapshot's put in its place).
+    fn manifest(&self, id: &str, key: &SnapshotKey) -> Result<Manifest, StoreError>;
+    /// Stores a snapshot whose page file and data archive are local files (consumed), with
+    /// its manifest authenticated by `key`, then makes it the newest.
     fn commit(
         &self,
         manifest: &Manifest,
+        key: &SnapshotKey,
         pages: &Path,
         data: Option<&Path>,
     ) -> Result<(), StoreError>;
@@ -82,19 +89,32 @@ pub trait Store: Send + Sync {
     fn scratch(&self, id: &str, kind: &str) -> Result<PathBuf, StoreError>;
 }
 
+/// The largest manifest file read: the payload cap and the header.
+pub const MAX_MANIFEST_FILE: u64 = MAX_MANIFEST_SIZE + HEADER_SIZE as u64;
+
 /// Checks that `id` is safe as a file name or key.
 pub fn check_id(id: &str) -> Result<(), StoreError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !id.starts_with('.');
-    if ok {
+    if crate::names::is_plain(id, 128) {
         Ok(())
     } else {
         Err(StoreError::BadId(id.to_string()))
     }
+}
+
+/// Decodes the manifest bytes of snapshot `id` (see [`Store::manifest`]).
+pub fn decode_manifest(id: &str, bytes: &[u8], key: &SnapshotKey) -> Result<Manifest, StoreError> {
+    let refused = |source| StoreError::Manifest {
+        id: id.to_string(),
+        source,
+    };
+    let manifest = Manifest::decode(bytes, key).map_err(refused)?;
+    if manifest.id != id {
+        return Err(refused(ManifestError::Inconsistent(format!(
+            "it is the manifest of snapshot {}, put in the place of another",
+            manifest.id
+        ))));
+    }
+    Ok(manifest)
 }
 
 /// A new snapshot id: time-ordered and unique.
@@ -128,18 +148,18 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 }
 
 impl LocalStore {
-    /// A store in `dir`, created if missing.
+    /// A store in `dir`, created (0700) if missing.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        private::create_dir_all(dir).map_err(io("creating", dir))?;
         // One spelling per directory: the name decides whether a later snapshot can be an
         // increment of the one an app was restored from.
         let dir = std::fs::canonicalize(dir).map_err(io("resolving", dir))?;
         Ok(Self { dir })
     }
 
-    /// Makes snapshot `id` (which must be here) the newest.
-    pub fn set_head(&self, id: &str) -> Result<(), StoreError> {
-        self.manifest(id)?;
+    /// Makes snapshot `id` (which must be here, and check out under `key`) the newest.
+    pub fn set_head(&self, id: &str, key: &SnapshotKey) -> Result<(), StoreError> {
+        self.manifest(id, key)?;
         self.write_atomic(&self.dir.join("HEAD"), format!("{id}\n").as_bytes())?;
         self.sync_dir();
         Ok(())
@@ -155,24 +175,25 @@ impl LocalStore {
         Ok(self.dir.join(format!("{id}.{kind}")))
     }
 
-    /// Writes `bytes` to `path` atomically (a temporary file, synced, then renamed).
+    /// Writes `bytes` to `path` atomically (a temporary file, 0600, synced, then renamed).
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         let tmp = path.with_extension("tmp-write");
-        std::fs::write(&tmp, bytes).map_err(io("writing", &tmp))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io("syncing", &tmp))?;
+        private::write_synced(&tmp, bytes).map_err(io("writing", &tmp))?;
         std::fs::rename(&tmp, path).map_err(io("renaming", path))?;
         Ok(())
     }
 
-    /// Moves (or copies) a local file into the store as `path`.
+    /// Moves (or copies) a local file into the store as `path`, 0600 whatever it was.
     fn adopt(&self, source: &Path, path: &Path) -> Result<(), StoreError> {
         if std::fs::rename(source, path).is_err() {
-            std::fs::copy(source, path).map_err(io("copying", source))?;
+            private::copy(source, path).map_err(io("copying", source))?;
             let _ = std::fs::remove_file(source);
         }
-        Ok(())
+        std::fs::set_permissions(
+            path,
+            std::os::unix::fs::PermissionsExt::from_mode(private::FILE_MODE),
+        )
+        .map_err(io("protecting", path))
     }
 
     fn sync_dir(&self) {
@@ -200,9 +221,9 @@ impl Store for LocalStore {
         }
     }
 
-    fn manifest(&self, id: &str) -> Result<Manifest, StoreError> {
+    fn manifest(&self, id: &str, key: &SnapshotKey) -> Result<Manifest, StoreError> {
         let path = self.object(id, "manifest")?;
-        let bytes = match std::fs::read(&path) {
+        let bytes = match read_capped(&path, MAX_MANIFEST_FILE) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(StoreError::Missing {
@@ -212,15 +233,13 @@ impl Store for LocalStore {
             }
             Err(e) => return Err(io("reading", &path)(e)),
         };
-        Manifest::decode(&bytes).map_err(|source| StoreError::Manifest {
-            id: id.to_string(),
-            source,
-        })
+        decode_manifest(id, &bytes, key)
     }
 
     fn commit(
         &self,
         manifest: &Manifest,
+        key: &SnapshotKey,
         pages: &Path,
         data: Option<&Path>,
     ) -> Result<(), StoreError> {
@@ -230,7 +249,7 @@ impl Store for LocalStore {
             self.adopt(data, &self.object(id, "data")?)?;
         }
         self.sync_dir();
-        self.write_atomic(&self.object(id, "manifest")?, &manifest.encode())?;
+        self.write_atomic(&self.object(id, "manifest")?, &manifest.encode(key))?;
         self.write_atomic(&self.dir.join("HEAD"), format!("{id}\n").as_bytes())?;
         self.sync_dir();
         Ok(())
@@ -287,9 +306,26 @@ impl Store for LocalStore {
     }
 }
 
-/// The chain of manifests from `id` back to its first full snapshot, newest first.
-pub fn chain(store: &dyn Store, id: &str) -> Result<Vec<Manifest>, StoreError> {
-    let mut chain = vec![store.manifest(id)?];
+/// Reads the file at `path`, refused (`InvalidData`) if it holds more than `cap` bytes.
+fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(cap.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("over the {cap}-byte limit of a manifest"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The chain of manifests from `id` back to its first full snapshot, newest first, each
+/// checked under `key`.
+pub fn chain(store: &dyn Store, key: &SnapshotKey, id: &str) -> Result<Vec<Manifest>, StoreError> {
+    let mut chain = vec![store.manifest(id, key)?];
     while let Some(parent) = chain.last().and_then(|m| m.parent.clone()) {
         if chain.len() > 1000 || chain.iter().any(|m| m.id == parent) {
             return Err(StoreError::Manifest {
@@ -297,7 +333,7 @@ pub fn chain(store: &dyn Store, id: &str) -> Result<Vec<Manifest>, StoreError> {
                 source: ManifestError::Inconsistent("the parent chain loops".into()),
             });
         }
-        chain.push(store.manifest(&parent)?);
+        chain.push(store.manifest(&parent, key)?);
     }
     Ok(chain)
 }
@@ -312,25 +348,35 @@ pub fn chain(store: &dyn Store, id: &str) -> Result<Vec<Manifest>, StoreError> {
 /// only replaced by rename) and a copy across file systems; staged files are removed if the
 /// commit fails. If `to` already held `id` but its HEAD named another snapshot, `id` is
 /// committed again, as the trait has no other way to move HEAD.
-pub fn copy_chain(from: &dyn Store, to: &dyn Store, id: &str) -> Result<Vec<String>, StoreError> {
-    let chain = chain(from, id)?;
+pub fn copy_chain(
+    from: &dyn Store,
+    to: &dyn Store,
+    key: &SnapshotKey,
+    id: &str,
+) -> Result<Vec<String>, StoreError> {
+    let chain = chain(from, key, id)?;
     let mut copied = Vec::new();
     for manifest in chain.iter().rev() {
-        if to.manifest(&manifest.id).is_ok() {
+        if to.manifest(&manifest.id, key).is_ok() {
             continue;
         }
-        copy_snapshot(from, to, manifest)?;
+        copy_snapshot(from, to, key, manifest)?;
         copied.push(manifest.id.clone());
     }
     match chain.first() {
-        Some(newest) if to.head()?.as_deref() != Some(id) => copy_snapshot(from, to, newest)?,
+        Some(newest) if to.head()?.as_deref() != Some(id) => copy_snapshot(from, to, key, newest)?,
         _ => {}
     }
     Ok(copied)
 }
 
 /// Stages one snapshot's files from `from` in `to`'s scratch paths and commits it to `to`.
-fn copy_snapshot(from: &dyn Store, to: &dyn Store, manifest: &Manifest) -> Result<(), StoreError> {
+fn copy_snapshot(
+    from: &dyn Store,
+    to: &dyn Store,
+    key: &SnapshotKey,
+    manifest: &Manifest,
+) -> Result<(), StoreError> {
     let id = &manifest.id;
     let mut staged = vec![stage(&from.page_file(id)?, &to.scratch(id, "pages")?)?];
     let result = match from.data_archive(id) {
@@ -341,8 +387,14 @@ fn copy_snapshot(from: &dyn Store, to: &dyn Store, manifest: &Manifest) -> Resul
         Ok(None) => Ok(()),
         Err(e) => Err(e),
     };
-    let result =
-        result.and_then(|()| to.commit(manifest, &staged[0], staged.get(1).map(|p| p.as_path())));
+    let result = result.and_then(|()| {
+        to.commit(
+            manifest,
+            key,
+            &staged[0],
+            staged.get(1).map(|p| p.as_path()),
+        )
+    });
     if result.is_err() {
         for path in &staged {
             let _ = std::fs::remove_file(path);
@@ -360,7 +412,7 @@ fn stage(source: &Path, scratch: &Path) -> Result<PathBuf, StoreError> {
         _ => {}
     }
     if std::fs::hard_link(source, scratch).is_err() {
-        std::fs::copy(source, scratch).map_err(io("copying", source))?;
+        private::copy(source, scratch).map_err(io("copying", source))?;
     }
     Ok(scratch.to_path_buf())
 }
@@ -368,12 +420,26 @@ fn stage(source: &Path, scratch: &Path) -> Result<PathBuf, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::UserContext;
+    use crate::format::{AppRecord, ProcessRecord, UserContext};
+    use std::os::unix::fs::PermissionsExt;
+
+    fn key() -> SnapshotKey {
+        SnapshotKey::from_bytes([3; 32])
+    }
 
     fn manifest(id: &str, parent: Option<&str>) -> Manifest {
         Manifest {
             id: id.into(),
             parent: parent.map(str::to_string),
+            app: AppRecord {
+                name: "app".into(),
+                memory_mib: 16,
+                ..Default::default()
+            },
+            process: ProcessRecord {
+                cwd: "/".into(),
+                ..Default::default()
+            },
             context: UserContext {
                 xsave: vec![0; 4096],
                 ..Default::default()
@@ -385,25 +451,57 @@ mod tests {
     #[test]
     fn commit_makes_a_snapshot_the_head_and_chains_resolve() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(dir.path()).unwrap();
+        let store = LocalStore::open(&dir.path().join("new")).unwrap();
         assert_eq!(store.head().unwrap(), None);
         for (id, parent) in [("a", None), ("b", Some("a"))] {
             let pages = store.scratch(id, "pages").unwrap();
             std::fs::write(&pages, b"").unwrap();
-            store.commit(&manifest(id, parent), &pages, None).unwrap();
+            store
+                .commit(&manifest(id, parent), &key(), &pages, None)
+                .unwrap();
         }
         assert_eq!(store.head().unwrap().as_deref(), Some("b"));
-        let ids: Vec<String> = chain(&store, "b")
+        let ids: Vec<String> = chain(&store, &key(), "b")
             .unwrap()
             .into_iter()
             .map(|m| m.id)
             .collect();
         assert_eq!(ids, ["b", "a"]);
         assert_eq!(store.list().unwrap(), ["a", "b"]);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(store.dir()), 0o700);
+        for kind in ["manifest", "pages"] {
+            assert_eq!(mode(&store.object("b", kind).unwrap()), 0o600, "{kind}");
+        }
+        assert_eq!(mode(&store.dir().join("HEAD")), 0o600);
         store.remove("a").unwrap();
         assert!(matches!(
-            chain(&store, "b").unwrap_err(),
+            chain(&store, &key(), "b").unwrap_err(),
             StoreError::Missing { .. }
+        ));
+    }
+
+    #[test]
+    fn a_manifest_moved_to_another_id_or_under_another_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        snapshot(&store, "s1", None, None);
+        snapshot(&store, "s2", None, None);
+        let read = |id: &str| std::fs::read(store.object(id, "manifest").unwrap()).unwrap();
+        std::fs::write(store.object("s2", "manifest").unwrap(), read("s1")).unwrap();
+        let error = store.manifest("s2", &key()).unwrap_err().to_string();
+        assert!(error.contains("manifest of snapshot s1"), "{error}");
+        let other = SnapshotKey::from_bytes([4; 32]);
+        let error = store.manifest("s1", &other).unwrap_err().to_string();
+        assert!(error.contains("forged"), "{error}");
+        std::fs::write(
+            store.object("s1", "manifest").unwrap(),
+            vec![0u8; MAX_MANIFEST_FILE as usize + 1],
+        )
+        .unwrap();
+        assert!(matches!(
+            store.manifest("s1", &key()).unwrap_err(),
+            StoreError::Io { .. }
         ));
     }
 
@@ -423,7 +521,9 @@ mod tests {
             path
         });
         let manifest = manifest(id, parent);
-        store.commit(&manifest, &pages, archive.as_deref()).unwrap();
+        store
+            .commit(&manifest, &key(), &pages, archive.as_deref())
+            .unwrap();
     }
 
     #[test]
@@ -434,14 +534,17 @@ mod tests {
         snapshot(&from, "s1", None, Some(b"archive"));
         snapshot(&from, "s2", Some("s1"), None);
         snapshot(&from, "s3", Some("s2"), None);
-        assert_eq!(copy_chain(&from, &to, "s2").unwrap(), ["s1", "s2"]);
+        assert_eq!(copy_chain(&from, &to, &key(), "s2").unwrap(), ["s1", "s2"]);
         assert_eq!(to.head().unwrap().as_deref(), Some("s2"));
-        assert_eq!(copy_chain(&from, &to, "s3").unwrap(), ["s3"]);
+        assert_eq!(copy_chain(&from, &to, &key(), "s3").unwrap(), ["s3"]);
         assert_eq!(to.list().unwrap(), ["s1", "s2", "s3"]);
         for id in ["s1", "s2", "s3"] {
             let read = |store: &LocalStore| std::fs::read(store.page_file(id).unwrap()).unwrap();
             assert_eq!(read(&from), read(&to), "{id}");
-            assert_eq!(from.manifest(id).unwrap(), to.manifest(id).unwrap());
+            assert_eq!(
+                from.manifest(id, &key()).unwrap(),
+                to.manifest(id, &key()).unwrap()
+            );
         }
         let archive = to.data_archive("s1").unwrap().unwrap();
         assert_eq!(std::fs::read(archive).unwrap(), b"archive");
@@ -449,9 +552,15 @@ mod tests {
             from.data_archive("s1").unwrap().is_some(),
             "the source keeps its files"
         );
-        assert_eq!(copy_chain(&from, &to, "s1").unwrap(), Vec::<String>::new());
+        assert_eq!(
+            copy_chain(&from, &to, &key(), "s1").unwrap(),
+            Vec::<String>::new()
+        );
         assert_eq!(to.head().unwrap().as_deref(), Some("s1"), "HEAD moves back");
-        assert_eq!(copy_chain(&from, &to, "s3").unwrap(), Vec::<String>::new());
+        assert_eq!(
+            copy_chain(&from, &to, &key(), "s3").unwrap(),
+            Vec::<String>::new()
+        );
         assert_eq!(to.head().unwrap().as_deref(), Some("s3"));
     }
 }

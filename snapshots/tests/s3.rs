@@ -4,11 +4,13 @@
 //! One test runs every case against one server, in order, because starting the server is
 //! the slow part and the cases change the environment (credentials).
 
-use picocenter_snapshots::format::{PageRun, PageSource, UserContext};
+use picocenter_snapshots::format::{
+    AppRecord, BackingRecord, PageRun, PageSource, ProcessRecord, UserContext, VmaRecord,
+};
 use picocenter_snapshots::pagefile::{self, PageFileWriter};
 use picocenter_snapshots::s3::{S3Config, S3Store};
 use picocenter_snapshots::store::copy_chain;
-use picocenter_snapshots::{LocalStore, Manifest, ManifestError, Store, StoreError};
+use picocenter_snapshots::{LocalStore, Manifest, ManifestError, SnapshotKey, Store, StoreError};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BUCKET: &str = "picocenter-test";
+
+/// The cluster key these snapshots are authenticated with.
+fn key() -> SnapshotKey {
+    SnapshotKey::from_bytes([5; 32])
+}
 const MIB: f64 = (1 << 20) as f64;
 
 /// The moto server, killed on drop.
@@ -123,13 +130,29 @@ fn page_file(path: &Path, id: &str, parent: Option<&str>, count: u64, seed: u64)
     for page in &pages {
         writer.push(page).unwrap();
     }
-    let (page_count, chunk_checksums) = writer.finish().unwrap();
+    let (page_count, chunk_digests) = writer.finish().unwrap();
     Manifest {
         id: id.into(),
         parent: parent.map(str::to_string),
+        app: AppRecord {
+            name: "app".into(),
+            memory_mib: 64,
+            ..Default::default()
+        },
+        vmas: vec![VmaRecord {
+            start: 0x100_0000,
+            end: 0x100_0000 + count * 4096,
+            prot: 3,
+            role: 0,
+            backing: BackingRecord::Anonymous,
+        }],
+        process: ProcessRecord {
+            cwd: "/".into(),
+            ..Default::default()
+        },
         page_count,
         chunk_pages: pagefile::CHUNK_PAGES,
-        chunk_checksums,
+        chunk_digests,
         activeset_prefix: count / 3,
         pages: vec![PageRun {
             vpn: 0x1000,
@@ -199,7 +222,7 @@ fn empty_store_and_missing_snapshots(store: &S3Store) {
     assert_eq!(store.size("nope").unwrap(), 0);
     assert!(store.describe().contains("s3://picocenter-test/apps/alpha"));
     for error in [
-        store.manifest("nope").unwrap_err(),
+        store.manifest("nope", &key()).unwrap_err(),
         store.page_file("nope").unwrap_err(),
     ] {
         assert!(
@@ -209,7 +232,7 @@ fn empty_store_and_missing_snapshots(store: &S3Store) {
     }
     assert!(store.data_archive("nope").unwrap().is_none());
     assert!(matches!(
-        store.manifest("../x").unwrap_err(),
+        store.manifest("../x", &key()).unwrap_err(),
         StoreError::BadId(_)
     ));
 }
@@ -221,25 +244,27 @@ fn commit_and_read_back(store: &S3Store, endpoint: &str, dir: &Path) {
     std::fs::copy(&pages, &original).unwrap();
     let data = store.scratch("s1", "data").unwrap();
     std::fs::write(&data, b"the data archive").unwrap();
-    store.commit(&manifest, &pages, Some(&data)).unwrap();
+    store
+        .commit(&manifest, &key(), &pages, Some(&data))
+        .unwrap();
     assert!(
         !pages.exists() && !data.exists(),
         "scratch inputs are removed"
     );
     assert_eq!(store.head().unwrap().as_deref(), Some("s1"));
-    assert_eq!(store.manifest("s1").unwrap(), manifest);
+    assert_eq!(store.manifest("s1", &key()).unwrap(), manifest);
     let fetched = store.page_file("s1").unwrap();
     same_file(&fetched, &original);
     pagefile::verify(&fetched, &manifest, 0, manifest.page_count).unwrap();
     let archive = store.data_archive("s1").unwrap().unwrap();
     assert_eq!(std::fs::read(archive).unwrap(), b"the data archive");
-    let manifest_bytes = manifest.encode().len() as u64;
+    let manifest_bytes = manifest.encode(&key()).len() as u64;
     assert_eq!(store.size("s1").unwrap(), 300 * 4096 + 16 + manifest_bytes);
 
     // A second commit from files outside the store's scratch directory: they stay.
     let outside = dir.join("s2.pages");
     let second = page_file(&outside, "s2", Some("s1"), 70, 2);
-    store.commit(&second, &outside, None).unwrap();
+    store.commit(&second, &key(), &outside, None).unwrap();
     assert!(
         outside.exists(),
         "inputs outside the scratch directory are kept"
@@ -248,7 +273,7 @@ fn commit_and_read_back(store: &S3Store, endpoint: &str, dir: &Path) {
     assert!(store.data_archive("s2").unwrap().is_none());
     // The first stays readable, also through a store with an empty cache.
     let fresh = S3Store::open(&config(endpoint), "alpha", &dir.join("cache-fresh")).unwrap();
-    assert_eq!(fresh.manifest("s1").unwrap(), manifest);
+    assert_eq!(fresh.manifest("s1", &key()).unwrap(), manifest);
     same_file(&fresh.page_file("s1").unwrap(), &original);
     same_file(&fresh.page_file("s2").unwrap(), &outside);
 }
@@ -263,7 +288,7 @@ fn large_page_file(store: &S3Store, endpoint: &str, dir: &Path) {
     let bytes = (count * 4096) as f64;
 
     let started = Instant::now();
-    store.commit(&manifest, &pages, None).unwrap();
+    store.commit(&manifest, &key(), &pages, None).unwrap();
     let upload = started.elapsed();
 
     let fresh = S3Store::open(&config(endpoint), "alpha", &dir.join("cache-big")).unwrap();
@@ -291,7 +316,7 @@ fn remove_list_and_size(store: &S3Store) {
     assert_eq!(store.list().unwrap(), ["s1", "s2"]);
     assert_eq!(store.size("big").unwrap(), 0);
     assert!(matches!(
-        store.manifest("big").unwrap_err(),
+        store.manifest("big", &key()).unwrap_err(),
         StoreError::Missing { .. }
     ));
     assert!(matches!(
@@ -306,28 +331,42 @@ fn remove_list_and_size(store: &S3Store) {
 }
 
 fn corrupt_manifest_is_refused(store: &S3Store, endpoint: &str) {
-    let mut bytes = store.manifest("s1").unwrap().encode();
+    let mut bytes = store.manifest("s1", &key()).unwrap().encode(&key());
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
     put_raw(endpoint, "apps/alpha/bad.manifest", bytes);
-    let error = store.manifest("bad").unwrap_err();
+    let error = store.manifest("bad", &key()).unwrap_err();
     assert!(
         matches!(
             error,
             StoreError::Manifest {
-                source: ManifestError::Checksum { .. },
+                source: ManifestError::Forged,
                 ..
             }
         ),
         "{error}"
     );
+    // A genuine manifest under another id, and a genuine one read with another key.
+    let genuine = store.manifest("s1", &key()).unwrap().encode(&key());
+    put_raw(endpoint, "apps/alpha/moved.manifest", genuine);
+    let error = store.manifest("moved", &key()).unwrap_err().to_string();
+    assert!(error.contains("manifest of snapshot s1"), "{error}");
+    let other = SnapshotKey::from_bytes([6; 32]);
+    assert!(matches!(
+        store.manifest("s1", &other).unwrap_err(),
+        StoreError::Manifest {
+            source: ManifestError::Forged,
+            ..
+        }
+    ));
+    store.remove("moved").unwrap();
     put_raw(
         endpoint,
         "apps/alpha/junk.manifest",
         b"not a manifest".to_vec(),
     );
     assert!(matches!(
-        store.manifest("junk").unwrap_err(),
+        store.manifest("junk", &key()).unwrap_err(),
         StoreError::Manifest { .. }
     ));
     store.remove("bad").unwrap();
@@ -343,20 +382,25 @@ fn copy_chain_local_to_s3_to_local(endpoint: &str, dir: &Path) {
         let manifest = page_file(&pages, id, parent, 20 + i as u64, 10 + i as u64);
         let data = first.scratch(id, "data").unwrap();
         std::fs::write(&data, id.as_bytes()).unwrap();
-        first.commit(&manifest, &pages, Some(&data)).unwrap();
+        first
+            .commit(&manifest, &key(), &pages, Some(&data))
+            .unwrap();
         parent = Some(id);
     }
     let remote = S3Store::open(&config(endpoint), "beta", &dir.join("cache-beta")).unwrap();
-    assert_eq!(copy_chain(&first, &remote, "c2").unwrap(), ["c1", "c2"]);
-    assert_eq!(remote.head().unwrap().as_deref(), Some("c2"));
-    assert_eq!(copy_chain(&first, &remote, "c3").unwrap(), ["c3"]);
     assert_eq!(
-        copy_chain(&first, &remote, "c3").unwrap(),
+        copy_chain(&first, &remote, &key(), "c2").unwrap(),
+        ["c1", "c2"]
+    );
+    assert_eq!(remote.head().unwrap().as_deref(), Some("c2"));
+    assert_eq!(copy_chain(&first, &remote, &key(), "c3").unwrap(), ["c3"]);
+    assert_eq!(
+        copy_chain(&first, &remote, &key(), "c3").unwrap(),
         Vec::<String>::new()
     );
     let second = LocalStore::open(&dir.join("local-2")).unwrap();
     assert_eq!(
-        copy_chain(&remote, &second, "c3").unwrap(),
+        copy_chain(&remote, &second, &key(), "c3").unwrap(),
         ["c1", "c2", "c3"]
     );
     assert_eq!(second.head().unwrap().as_deref(), Some("c3"));
@@ -370,7 +414,10 @@ fn copy_chain_local_to_s3_to_local(endpoint: &str, dir: &Path) {
             second.data_archive(id).unwrap(),
         );
         same_file(&a.unwrap(), &b.unwrap());
-        assert_eq!(first.manifest(id).unwrap(), second.manifest(id).unwrap());
+        assert_eq!(
+            first.manifest(id, &key()).unwrap(),
+            second.manifest(id, &key()).unwrap()
+        );
     }
     assert_eq!(
         first.list().unwrap(),

@@ -2,6 +2,7 @@
 //! control plane's servers and their operator CLI, wired from `picocenter-hub`.
 
 use super::image::StateDir;
+use super::key::KeyFile;
 use anyhow::{bail, Context};
 use picocenter_hub::client::Client;
 use picocenter_hub::cold::ColdConfig;
@@ -66,6 +67,8 @@ pub struct WorkerArgs {
     /// The API token; by default the one in <state-dir>/hub/token.
     #[arg(long, env = "PICOCENTER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    #[command(flatten)]
+    key: KeyFile,
 }
 
 /// A worker's settings (shared with `demo`).
@@ -230,6 +233,7 @@ fn worker_options(
     state: &Path,
     hub: &str,
     token: String,
+    key: &KeyFile,
 ) -> anyhow::Result<WorkerOptions> {
     let addresses = serve::parse_pool(&flags.addresses).map_err(anyhow::Error::msg)?;
     let id = flags.id.clone().unwrap_or_else(|| {
@@ -262,6 +266,7 @@ fn worker_options(
             memory_limit: flags.memory_limit_mib << 20,
             picocenter: std::env::current_exe().context("finding the picocenter binary")?,
             state_dir: state.to_path_buf(),
+            key_file: std::path::absolute(key.path(state))?,
             start_limit: seconds(flags.launch_timeout, "--launch-timeout")?,
         },
         cold,
@@ -296,7 +301,13 @@ pub fn hub(args: HubArgs) -> anyhow::Result<i32> {
 /// Runs `picocenter worker`.
 pub fn worker(args: WorkerArgs) -> anyhow::Result<i32> {
     let state = args.state.state_dir();
-    let options = worker_options(&args.worker, state, &args.hub, token(&args.token, state)?)?;
+    let options = worker_options(
+        &args.worker,
+        state,
+        &args.hub,
+        token(&args.token, state)?,
+        &args.key,
+    )?;
     runtime()?.block_on(async {
         serve::run_worker(options, terminated()).await?;
         Ok(0)
@@ -452,7 +463,13 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<i32> {
                 })?;
             }
         }
-        let options = worker_options(&args.worker, &state, &api, hub_options.token.clone())?;
+        let options = worker_options(
+            &args.worker,
+            &state,
+            &api,
+            hub_options.token.clone(),
+            &KeyFile::at(picocenter_snapshots::key::default_path(&state)),
+        )?;
         let zone = hub_options.zone.trim_end_matches('.').to_string();
         let (dns_ip, dns_port) = (running.dns.ip(), running.dns.port());
         println!("Picocenter demo: a hub and a worker in this process. Ctrl-C stops.");

@@ -1,8 +1,10 @@
 //! `picocenter run`.
 
 use super::image::StateDir;
+use super::key::KeyFile;
 use anyhow::{bail, Context};
 use picocenter_images::BuiltImage;
+use picocenter_snapshots::names::{app_name_from, validate_app_name, validate_guest_dir};
 use picocenter_vmm::kvm::kick::reason;
 use picocenter_vmm::{Config, Picoprocess, RunOutcome};
 use std::net::IpAddr;
@@ -28,6 +30,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub state: StateDir,
+
+    #[command(flatten)]
+    pub key: KeyFile,
 
     /// The app's settings; boxed, as they are most of these arguments.
     #[command(flatten)]
@@ -91,7 +96,8 @@ pub struct AppSettings {
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<String>,
 
-    /// The app's name, for logs and its hostname. Default: the image's, else PROGRAM's.
+    /// The app's name, for logs and its hostname: 1 to 64 of A-Z, a-z, 0-9, '.', '_' and
+    /// '-'. Default: the image's, else PROGRAM's file name (other characters become '-').
     #[arg(long)]
     pub name: Option<String>,
 
@@ -193,7 +199,7 @@ impl App {
         };
         let name = Path::new(program)
             .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
+            .map(|n| app_name_from(&n.to_string_lossy()))
             .unwrap_or_else(|| "app".into());
         Ok(Self {
             _temp_root: temp_root,
@@ -284,8 +290,10 @@ fn sandbox_path(guest: &str) -> PathBuf {
 fn writable_dirs(app: &App, data_dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let mut writable = Vec::new();
     for guest in &app.writable {
-        if !guest.starts_with('/') {
-            bail!("--writable {guest}: the path must be absolute");
+        // One plain spelling each, and each once: snapshots record the set.
+        let guest = &validate_guest_dir(guest)?;
+        if writable.iter().any(|(g, _)| g == guest) {
+            continue;
         }
         let host = data_dir.join(guest.trim_start_matches('/'));
         let fresh = !host.exists();
@@ -334,6 +342,13 @@ fn environment(base: &[String], settings: &[String]) -> anyhow::Result<Vec<Strin
     Ok(env)
 }
 
+/// The control socket of app `name` in `run_dir`, once the name is checked: it must not
+/// lead anywhere else.
+pub(super) fn control_socket(run_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    validate_app_name(name)?;
+    Ok(run_dir.join(format!("{name}.sock")))
+}
+
 /// Claims the app's name in `<state>/run` and sets up its control socket and its
 /// snapshot store (`store`, else `<state>/snapshots/<name>`). A name the user chose must
 /// be free; a default one gets a numeric suffix when taken.
@@ -353,6 +368,8 @@ pub(super) fn claim_name(
         } else {
             format!("{base}-{attempt}")
         };
+        // The name becomes the control socket's and the store's file names.
+        validate_app_name(&name)?;
         match NameLease::take(&run_dir, &name) {
             Err(ControlError::NameInUse(_)) if !explicit_name && attempt < 1000 => attempt += 1,
             other => break other.with_context(|| format!("starting {name}"))?,
@@ -451,6 +468,18 @@ pub(super) fn execute(mut picoprocess: Picoprocess, timeout: Option<f64>) -> any
     Ok(outcome.exit_status())
 }
 
+/// The snapshot key the app's snapshots are authenticated with. An app still runs without
+/// one (a user who may not write the state directory, say); it cannot be snapshotted then.
+fn snapshot_key(args: &RunArgs) -> Option<picocenter_snapshots::SnapshotKey> {
+    match args.key.load_or_create(args.state.state_dir()) {
+        Ok(key) => Some(key),
+        Err(e) => {
+            tracing::warn!("{e:#}: the app cannot be snapshotted");
+            None
+        }
+    }
+}
+
 /// Runs the app and returns the exit status.
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let app = match (&args.image, &args.program) {
@@ -493,6 +522,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         doorbell_time: !args.no_doorbell_time,
         image: app.image.as_ref().map(|i| i.meta.name.clone()),
         root_from: app.root_from.clone(),
+        snapshot_key: snapshot_key(&args),
     };
     let explicit_name = args.app.name.is_some() || args.image.is_some();
     let state_dir = args.state.state_dir();

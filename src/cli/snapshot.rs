@@ -1,15 +1,13 @@
 //! `picocenter snapshot`: create, restore, inspect and compact snapshots.
 
 use super::image::StateDir;
-use super::run::{claim_name, data_dir, run_in_jail};
+use super::key::KeyFile;
+use super::restore::{restore, RestoreArgs};
 use anyhow::{bail, Context};
 use picocenter_snapshots::format::{Manifest, PageSource};
 use picocenter_snapshots::store::{chain, Store};
-use picocenter_snapshots::{pagefile, LocalStore};
+use picocenter_snapshots::{archive, pagefile, LocalStore};
 use picocenter_vmm::control::{self, Request};
-use picocenter_vmm::persist::restore::{RestoreMode, RestoreOptions};
-use picocenter_vmm::{Config, Picoprocess};
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -44,64 +42,34 @@ enum SnapshotCommand {
         full: bool,
         #[command(flatten)]
         state: StateDir,
+        #[command(flatten)]
+        key: KeyFile,
     },
-    /// Run an app from its newest snapshot (or --id) in this process, as `run` would.
+    /// Run an app from its newest snapshot (or --id) in this process, as `run` would,
+    /// configured by these options (see --help); the snapshot must be of that app.
     Restore(RestoreArgs),
-    /// Show what a snapshot holds, and check every checksum.
+    /// Show what a snapshot holds, and check its key, every page digest and its data.
     Inspect {
         /// The snapshot directory.
         dir: PathBuf,
         /// A snapshot id (default: the newest).
         #[arg(long)]
         id: Option<String>,
+        #[command(flatten)]
+        state: StateDir,
+        #[command(flatten)]
+        key: KeyFile,
     },
     /// Merge the newest snapshot and the chain it is an increment of into one full
     /// snapshot, and remove what the chain no longer needs.
     Compact {
         /// The snapshot directory.
         dir: PathBuf,
+        #[command(flatten)]
+        state: StateDir,
+        #[command(flatten)]
+        key: KeyFile,
     },
-}
-
-/// Arguments of `picocenter snapshot restore`.
-#[derive(Debug, clap::Args)]
-pub struct RestoreArgs {
-    /// The snapshot directory.
-    dir: PathBuf,
-    /// A snapshot id (default: the newest).
-    #[arg(long)]
-    id: Option<String>,
-    /// What to bring into memory before the app runs: eager (everything), lazy (nothing:
-    /// pages come from the page cache as touched), activeset (the pages it used last time),
-    /// stream (nothing: the app runs while a thread copies the newest page file in,
-    /// ActiveSet first, and a page it touches first jumps the queue; for slow storage).
-    #[arg(long, default_value = "activeset")]
-    mode: RestoreMode,
-    /// In activeset mode, still let the next snapshot learn the ActiveSet afresh.
-    #[arg(long)]
-    relearn: bool,
-    /// The app's address now (default: the snapshot's).
-    #[arg(long, value_name = "IP")]
-    address: Option<IpAddr>,
-    /// The app's name now (default: the snapshot's).
-    #[arg(long)]
-    name: Option<String>,
-    /// Its root directory now (default: the image's in the state directory, else the root
-    /// it had).
-    #[arg(long, value_name = "DIR")]
-    root: Option<PathBuf>,
-    /// Where its writable directories live (default: a temporary directory). They are
-    /// filled from the snapshot.
-    #[arg(long, value_name = "DIR")]
-    data_dir: Option<PathBuf>,
-    /// Stop the app after this many seconds (exit status 124).
-    #[arg(long, value_name = "SECS")]
-    timeout: Option<f64>,
-    /// Make every forwarded syscall a VM exit (no mailbox).
-    #[arg(long)]
-    no_mailbox: bool,
-    #[command(flatten)]
-    state: StateDir,
 }
 
 /// Runs a `snapshot` subcommand.
@@ -113,15 +81,22 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<i32> {
             stop,
             full,
             state,
-        } => create(&name, output.as_deref(), stop, full, &state),
+            key,
+        } => create(&name, output.as_deref(), stop, full, &state, &key),
         SnapshotCommand::Restore(args) => restore(args),
-        SnapshotCommand::Inspect { dir, id } => inspect(&dir, id.as_deref()),
-        SnapshotCommand::Compact { dir } => {
+        SnapshotCommand::Inspect {
+            dir,
+            id,
+            state,
+            key,
+        } => inspect(&dir, id.as_deref(), &key.load(state.state_dir())?),
+        SnapshotCommand::Compact { dir, state, key } => {
+            let key = key.load(state.state_dir())?;
             let store = LocalStore::open(&dir)?;
             let head = store
                 .head()?
                 .with_context(|| format!("no snapshot in {}", dir.display()))?;
-            let manifest = picocenter_snapshots::compact::compact(&store, &head)?;
+            let manifest = picocenter_snapshots::compact::compact(&store, &key, &head)?;
             println!(
                 "{}: compacted into {} ({} stored pages)",
                 dir.display(),
@@ -151,8 +126,9 @@ fn create(
     stop: bool,
     full: bool,
     state: &StateDir,
+    key: &KeyFile,
 ) -> anyhow::Result<i32> {
-    let socket = state.state_dir().join("run").join(format!("{name}.sock"));
+    let socket = super::run::control_socket(&state.state_dir().join("run"), name)?;
     let (stats, _) = control::request(&socket, &Request::Stats)
         .with_context(|| format!("no running app named {name} ({})", socket.display()))?;
     let store = serde_json::from_str::<control::StatsReply>(&stats)
@@ -197,96 +173,12 @@ fn create(
         let from = LocalStore::open(&store)?;
         let to = LocalStore::open(output)?;
         if from.dir() != to.dir() {
-            picocenter_snapshots::store::copy_chain(&from, &to, id)?;
+            let key = key.load(state.state_dir())?;
+            picocenter_snapshots::store::copy_chain(&from, &to, &key, id)?;
             println!("{name}: snapshot {id} copied into {}", to.dir().display());
         }
     }
     Ok(0)
-}
-
-fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
-    let store = LocalStore::open(&args.dir)?;
-    let id = match &args.id {
-        Some(id) => id.clone(),
-        None => store
-            .head()?
-            .with_context(|| format!("no snapshot in {}", args.dir.display()))?,
-    };
-    let manifest = store.manifest(&id)?;
-    let app = &manifest.app;
-    let mut _temp_root = None;
-    let mut readonly = Vec::new();
-    let root = match (&args.root, &app.image, &app.root_from) {
-        (Some(root), _, _) => root.clone(),
-        (None, Some(image), _) => match picocenter_images::load(args.state.state_dir(), image) {
-            Ok(built) => built.rootfs,
-            Err(_) => PathBuf::from(&app.root),
-        },
-        // A temporary root made from a host program: make it again.
-        (None, None, Some(program)) => {
-            let temp = super::run::temporary_root(std::path::Path::new(program), &app.writable)?;
-            let path = temp.dir.path().to_path_buf();
-            readonly = temp.mounts.clone();
-            _temp_root = Some(temp);
-            path
-        }
-        (None, None, None) => PathBuf::from(&app.root),
-    };
-    if !root.is_dir() {
-        bail!("the app's root {} is not here; give --root", root.display());
-    }
-    let (_temp_data, data) = data_dir(args.data_dir.as_ref())?;
-    let mut writable = Vec::new();
-    for guest in &app.writable {
-        let host = data.join(guest.trim_start_matches('/'));
-        std::fs::create_dir_all(&host).with_context(|| format!("creating {}", host.display()))?;
-        writable.push((guest.clone(), host));
-    }
-    let mut _lease = None;
-    let address = match (args.address, &app.address) {
-        (Some(a), _) => a,
-        (None, Some(a)) => a.parse().context("the snapshot's address")?,
-        (None, None) => {
-            let lease = super::address::lease(args.state.state_dir())?;
-            let address = std::net::IpAddr::V4(lease.value);
-            _lease = Some(lease);
-            address
-        }
-    };
-    let mut config = Config {
-        program: app.program.clone(),
-        argv: vec![app.program.clone()],
-        env: Vec::new(),
-        root,
-        readonly,
-        writable,
-        memory_mib: app.memory_mib,
-        cwd: manifest.process.cwd.clone(),
-        name: args.name.clone().unwrap_or_else(|| app.name.clone()),
-        trace_syscalls: false,
-        address,
-        allow_outbound: false,
-        control: None,
-        mailbox: !args.no_mailbox,
-        doorbell_time: true,
-        image: app.image.clone(),
-        root_from: app.root_from.clone(),
-    };
-    let options = RestoreOptions {
-        mode: args.mode,
-        relearn: args.relearn,
-    };
-    let state_dir = args.state.state_dir();
-    // The app goes on snapshotting into the store it came from.
-    claim_name(
-        &mut config,
-        state_dir,
-        true,
-        Some(store.dir().to_path_buf()),
-    )?;
-    run_in_jail(config, state_dir, args.timeout, |config| {
-        Picoprocess::restore(config, &store, &id, &options)
-    })
 }
 
 fn count(m: &Manifest, which: fn(&PageSource) -> bool) -> u64 {
@@ -297,7 +189,11 @@ fn count(m: &Manifest, which: fn(&PageSource) -> bool) -> u64 {
         .sum()
 }
 
-fn inspect(dir: &std::path::Path, id: Option<&str>) -> anyhow::Result<i32> {
+fn inspect(
+    dir: &std::path::Path,
+    id: Option<&str>,
+    key: &picocenter_snapshots::SnapshotKey,
+) -> anyhow::Result<i32> {
     let store = LocalStore::open(dir)?;
     let id = match id {
         Some(id) => id.to_string(),
@@ -305,7 +201,7 @@ fn inspect(dir: &std::path::Path, id: Option<&str>) -> anyhow::Result<i32> {
             .head()?
             .with_context(|| format!("no snapshot in {}", dir.display()))?,
     };
-    let manifests = chain(&store, &id)?;
+    let manifests = chain(&store, key, &id)?;
     let m = &manifests[0];
     println!("snapshot {} in {}", m.id, dir.display());
     println!(
@@ -354,7 +250,7 @@ fn inspect(dir: &std::path::Path, id: Option<&str>) -> anyhow::Result<i32> {
         let size = store.size(&each.id)?;
         let pages = store.page_file(&each.id)?;
         let verdict = match pagefile::verify(&pages, each, 0, each.page_count) {
-            Ok(()) => "checksums valid".to_string(),
+            Ok(()) => "key and checksums valid".to_string(),
             Err(e) => {
                 healthy = false;
                 format!("BAD: {e}")
@@ -362,14 +258,20 @@ fn inspect(dir: &std::path::Path, id: Option<&str>) -> anyhow::Result<i32> {
         };
         let data = match store.data_archive(&each.id)? {
             Some(path) => {
-                let bytes = std::fs::read(&path).unwrap_or_default();
-                if bytes.len() as u64 == each.data_bytes
-                    && crc32fast::hash(&bytes) == each.data_checksum
-                {
-                    format!(", data {} bytes valid", each.data_bytes)
-                } else {
-                    healthy = false;
-                    ", data archive BAD".to_string()
+                // Its entries are checked against the writable directories the snapshot
+                // records; nothing is written.
+                let dirs: Vec<(String, PathBuf)> = each
+                    .app
+                    .writable
+                    .iter()
+                    .map(|guest| (guest.clone(), PathBuf::new()))
+                    .collect();
+                match archive::check(&path, each.data_bytes, &each.data_digest, &dirs) {
+                    Ok(()) => format!(", data {} bytes valid", each.data_bytes),
+                    Err(e) => {
+                        healthy = false;
+                        format!(", data archive BAD: {e}")
+                    }
                 }
             }
             None => String::new(),

@@ -23,11 +23,7 @@ pub struct StopArgs {
 /// Sends SIGTERM to a running app, then SIGKILL after the grace period, and waits until it
 /// is gone.
 pub fn stop(args: StopArgs) -> anyhow::Result<i32> {
-    let path = args
-        .state
-        .state_dir()
-        .join("run")
-        .join(format!("{}.sock", args.name));
+    let path = super::run::control_socket(&args.state.state_dir().join("run"), &args.name)?;
     let grace = Duration::try_from_secs_f64(args.grace).context("--grace must be positive")?;
     let request = Request::Stop {
         grace_ms: grace.as_millis() as u64,

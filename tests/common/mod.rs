@@ -40,9 +40,52 @@ pub fn picocenter() -> Command {
     cmd
 }
 
+/// Whether app `name` has a live control socket (one that accepts a connection). A
+/// socket file may outlive its VMM for a moment: the supervisor outside the jail removes it.
+pub fn control_socket_live(name: &str) -> bool {
+    let socket = state_dir().join("run").join(format!("{name}.sock"));
+    std::os::unix::net::UnixStream::connect(socket).is_ok()
+}
+
 /// The state directory the tests share (see [`picocenter`]).
 pub fn state_dir() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("state")
+}
+
+/// The snapshot key of the tests' state directory (made by whichever comes first: a VMM
+/// or this).
+pub fn snapshot_key() -> picocenter_snapshots::SnapshotKey {
+    let path = picocenter_snapshots::key::default_path(&state_dir());
+    picocenter_snapshots::SnapshotKey::load_or_create(&path).unwrap()
+}
+
+/// `--root-from PROGRAM` if the newest snapshot in `dir` was taken of an app run from a
+/// host program (`picocenter run PROGRAM`): the restoring caller names the program, as a
+/// restore never takes it from the snapshot alone.
+pub fn root_from(dir: &Path) -> Vec<String> {
+    use picocenter_snapshots::Store;
+    let store = picocenter_snapshots::LocalStore::open(dir).unwrap();
+    let Some(head) = store.head().unwrap() else {
+        return Vec::new();
+    };
+    match store.manifest(&head, &snapshot_key()) {
+        Ok(manifest) => match manifest.app.root_from {
+            Some(program) => vec!["--root-from".into(), program],
+            None => Vec::new(),
+        },
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Checks that snapshot directory `dir` is 0700 and every file in it 0600.
+pub fn assert_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(dir), 0o700, "{}", dir.display());
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
 }
 
 static COMPILE: Mutex<()> = Mutex::new(());

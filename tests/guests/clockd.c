@@ -1,5 +1,6 @@
 /* Clocks across a snapshot.
  *   serve PORT   answers each connection with "mono=NS real=NS\n"; writes /tmp/clockd.state
+ *   unix PATH    the same on an AF_UNIX socket bound at PATH (a file in a writable directory)
  *   sleep SECS   one nanosleep of SECS seconds, then prints how long it took (monotonic) */
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -8,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -15,6 +17,19 @@ static int64_t ns(clockid_t clock) {
     struct timespec t;
     clock_gettime(clock, &t);
     return t.tv_sec * 1000000000ll + t.tv_nsec;
+}
+
+/* Answers every connection on the listening socket `fd` with the clocks. */
+static _Noreturn void answer(int fd) {
+    for (;;) {
+        int c = accept(fd, NULL, NULL);
+        if (c < 0) continue;
+        char line[96];
+        int n = snprintf(line, sizeof line, "mono=%lld real=%lld\n", (long long)ns(CLOCK_MONOTONIC),
+                         (long long)ns(CLOCK_REALTIME));
+        write(c, line, n);
+        close(c);
+    }
 }
 
 int main(int argc, char **argv) {
@@ -34,16 +49,15 @@ int main(int argc, char **argv) {
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
         struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
         if (bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 16)) { perror("bind"); return 1; }
-        for (;;) {
-            int c = accept(fd, NULL, NULL);
-            if (c < 0) continue;
-            char line[96];
-            int n = snprintf(line, sizeof line, "mono=%lld real=%lld\n", (long long)ns(CLOCK_MONOTONIC),
-                             (long long)ns(CLOCK_REALTIME));
-            write(c, line, n);
-            close(c);
-        }
+        answer(fd);
     }
-    fprintf(stderr, "usage: %s serve PORT | sleep SECS\n", argv[0]);
+    if (argc > 2 && !strcmp(argv[1], "unix")) {
+        int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+        struct sockaddr_un a = {.sun_family = AF_UNIX};
+        strncpy(a.sun_path, argv[2], sizeof a.sun_path - 1);
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 16)) { perror("bind"); return 1; }
+        answer(fd);
+    }
+    fprintf(stderr, "usage: %s serve PORT | unix PATH | sleep SECS\n", argv[0]);
     return 2;
 }

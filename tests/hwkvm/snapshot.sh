@@ -1,6 +1,6 @@
 # Snapshots on hardware KVM, sourced by suite.sh. tests/hwkvm.rs packs the image root of
 # counter-http at /srv/counter-http, and at /snap a snapshot of it taken on the kvm_pvm
-# host after it answered one request.
+# host after it answered one request, with the host's snapshot key at /snap.key.
 
 # serve_and_get ARGS...: starts `picocenter ARGS` (an app serving HTTP) in the
 # background and sets $answer to the body of GET http://$ip/ (empty if it never answered).
@@ -26,7 +26,7 @@ stop_server() {
 # could rely on there, and the host's (AVX-512, SHA, GFNI...) are more than QEMU's TCG
 # emulates: then the VMM must refuse it cleanly, naming what is missing.
 ip=127.0.9.1
-serve_and_get snapshot restore /snap --root /srv/counter-http --address $ip
+serve_and_get snapshot restore /snap --root /srv/counter-http --address $ip --key-file /snap.key
 stop_server
 if [ "$answer" = "count=2" ]; then
     pass snapshot-from-kvm-pvm

@@ -230,6 +230,7 @@ pub(crate) fn process(
             root_from: config.root_from.clone(),
         },
         writable_dirs: config.writable.clone(),
+        snapshot_key: config.snapshot_key.clone(),
         cpu: cpu_record(parts),
         restored_from: None,
         activeset: Default::default(),

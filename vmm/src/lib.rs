@@ -88,6 +88,10 @@ pub struct Config {
     /// The host program the (temporary) root was made from, if it was (recorded in
     /// snapshots, so a restore can make the root again).
     pub root_from: Option<String>,
+    /// The cluster's snapshot key: snapshots of this app are authenticated with it, and a
+    /// restore reads only manifests that check out under it. Without one, the app cannot
+    /// be snapshotted or restored.
+    pub snapshot_key: Option<picocenter_snapshots::SnapshotKey>,
 }
 
 /// Why a picoprocess could not be built or run. Guest misbehaviour is never one of these:

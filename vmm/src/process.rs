@@ -63,6 +63,8 @@ pub struct Process {
     pub app: picocenter_snapshots::format::AppRecord,
     /// Its writable directories: (guest path, host directory).
     pub writable_dirs: Vec<(String, std::path::PathBuf)>,
+    /// The key its snapshots are authenticated with, if it may be snapshotted.
+    pub snapshot_key: Option<picocenter_snapshots::SnapshotKey>,
     /// The CPU features it may rely on.
     pub cpu: picocenter_snapshots::format::CpuRecord,
     /// The snapshot it was restored from, or last saved to, if the page tables still

@@ -38,6 +38,8 @@ pub struct WorkerConfig {
     pub picocenter: PathBuf,
     /// The state directory the VMMs use (images, control sockets).
     pub state_dir: PathBuf,
+    /// The cluster's snapshot key, which the VMMs sign and check snapshots with.
+    pub key_file: PathBuf,
     /// The worker's own directory (logs, staging).
     pub work_dir: PathBuf,
     /// How long a start or restore may take.
@@ -62,6 +64,9 @@ pub enum WorkerError {
     /// A blocking task failed.
     #[error("internal: {0}")]
     Internal(String),
+    /// An app name that cannot name its files.
+    #[error(transparent)]
+    Name(#[from] picocenter_snapshots::names::NameError),
 }
 
 /// One start of an app, shared by the orders that ask for it at once.
@@ -143,34 +148,45 @@ impl Worker {
     async fn start_now(self: &Arc<Self>, order: StartOrder) -> Result<Started, WorkerError> {
         let began = Instant::now();
         let name = order.spec.name.clone();
+        picocenter_snapshots::names::validate_app_name(&name)?;
         self.make_room().await;
         let address = self.free_address().await?;
+        let spec = &order.spec;
+        // Explicit memory: the registry's, else the image's (the VMM would use that too).
+        let memory_mib = spec.memory_mib.or_else(|| {
+            picocenter_images::load(&self.config.state_dir, &spec.image)
+                .ok()
+                .map(|image| image.meta.run.memory_mib)
+        });
         let launch = match &order.snapshot {
             Some(id) => {
                 let cold = self.cold.clone();
-                let (app, id) = (name.clone(), id.clone());
-                let dir = tokio::task::spawn_blocking(move || cold.fetch(&app, &id))
+                let (app, snapshot) = (name.clone(), id.clone());
+                let dir = tokio::task::spawn_blocking(move || cold.fetch(&app, &snapshot))
                     .await
                     .map_err(|e| WorkerError::Internal(e.to_string()))??;
-                Launch::Restore { dir }
+                Launch::Restore {
+                    dir,
+                    id: id.clone(),
+                    image: spec.image.clone(),
+                    memory_mib,
+                }
             }
             None => Launch::Fresh {
-                image: order.spec.image.clone(),
-                memory_mib: order.spec.memory_mib,
-                env: order.spec.env.clone(),
-                store: self.cold.local_dir(&name),
+                image: spec.image.clone(),
+                memory_mib,
+                env: spec.env.clone(),
+                store: self.cold.local_dir(&name)?,
             },
         };
-        let vmm = vmm::launch(
-            &self.config.picocenter,
-            &self.config.state_dir,
-            &self.config.work_dir.join("logs"),
-            &name,
-            address,
-            &launch,
-            self.config.start_limit,
-        )
-        .await?;
+        let log_dir = self.config.work_dir.join("logs");
+        let paths = vmm::Paths {
+            picocenter: &self.config.picocenter,
+            state_dir: &self.config.state_dir,
+            key_file: &self.config.key_file,
+            log_dir: &log_dir,
+        };
+        let vmm = vmm::launch(&paths, &name, address, &launch, self.config.start_limit).await?;
         let ms = began.elapsed().as_secs_f64() * 1e3;
         tracing::info!(app = %name, %address, ms, restored = order.snapshot.is_some(), "started");
         let idle_after = order
@@ -238,7 +254,13 @@ impl Worker {
         if let Ok(stats) = vmm::stats(&app.vmm.control).await {
             self.account(name, &mut app, &stats);
         }
-        let dir = self.cold.local_dir(name);
+        let dir = match self.cold.local_dir(name) {
+            Ok(dir) => dir,
+            Err(e) => {
+                self.apps.lock().await.insert(name.to_string(), app);
+                return Err(e.into());
+            }
+        };
         let answer = vmm::request(
             &app.vmm.control,
             &serde_json::json!({"op": "snapshot", "dir": dir, "stop": true}),

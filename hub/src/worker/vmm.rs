@@ -2,6 +2,7 @@
 //! talking to its control socket, and reading what it uses from /proc.
 
 use std::net::Ipv4Addr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -31,6 +32,9 @@ pub enum VmmError {
     /// The app did not get ready in time.
     #[error("the app was not ready after {0:?}")]
     Timeout(Duration),
+    /// An app name that cannot name its files.
+    #[error(transparent)]
+    Name(#[from] picocenter_snapshots::names::NameError),
     /// The control socket failed or answered with an error.
     #[error("control socket {path}: {message}")]
     Control {
@@ -55,11 +59,31 @@ pub enum Launch {
         /// The app's snapshot store (its VMM writes nowhere else).
         store: PathBuf,
     },
-    /// A restore of the newest snapshot in a local store directory.
+    /// A restore of snapshot `id` in a local store directory, configured as the registry
+    /// says (the snapshot must agree, or the VMM refuses it).
     Restore {
         /// The store.
         dir: PathBuf,
+        /// The snapshot the registry names (not whatever HEAD says).
+        id: String,
+        /// The image.
+        image: String,
+        /// Guest memory, MiB (the image's if absent).
+        memory_mib: Option<u64>,
     },
+}
+
+/// Where a VMM launch finds its state, key and logs.
+#[derive(Debug, Clone)]
+pub struct Paths<'a> {
+    /// The `picocenter` binary.
+    pub picocenter: &'a Path,
+    /// The state directory (images, control sockets).
+    pub state_dir: &'a Path,
+    /// The cluster's snapshot key.
+    pub key_file: &'a Path,
+    /// Where each app's output goes, as `<name>.log`.
+    pub log_dir: &'a Path,
 }
 
 /// A running VMM child.
@@ -75,48 +99,65 @@ pub struct Vmm {
     pub log: PathBuf,
 }
 
-/// Starts app `name` at `address` and waits (at most `limit`) until its listening sockets
-/// are bound: the VMM opens its control socket only after restoring them, and a fresh
-/// app is ready once it listens on its address.
-pub async fn launch(
-    picocenter: &Path,
-    state_dir: &Path,
-    log_dir: &Path,
-    name: &str,
-    address: Ipv4Addr,
-    launch: &Launch,
-    limit: Duration,
-) -> Result<Vmm, VmmError> {
-    let mut cmd = Command::new(picocenter);
-    cmd.env("PICOCENTER_STATE_DIR", state_dir);
-    match launch {
+/// The command line of a VMM for app `name` at `address`: every setting explicit, from the
+/// registry, never left to a snapshot.
+fn command(paths: &Paths<'_>, name: &str, address: Ipv4Addr, launch: &Launch) -> Command {
+    let mut cmd = Command::new(paths.picocenter);
+    cmd.env("PICOCENTER_STATE_DIR", paths.state_dir);
+    let memory = match launch {
         Launch::Fresh {
             image,
             memory_mib,
             env,
             store,
         } => {
-            cmd.args(["run", "--image", image, "--name", name]);
+            cmd.args(["run", "--image", image]);
             cmd.arg("--store").arg(store);
-            cmd.arg("--address").arg(address.to_string());
-            if let Some(m) = memory_mib {
-                cmd.arg("--memory").arg(m.to_string());
-            }
             for e in env {
                 cmd.arg("--env").arg(e);
             }
+            memory_mib
         }
-        Launch::Restore { dir } => {
+        Launch::Restore {
+            dir,
+            id,
+            image,
+            memory_mib,
+        } => {
             cmd.args(["snapshot", "restore"]).arg(dir);
-            cmd.arg("--address").arg(address.to_string());
-            cmd.args(["--mode", "activeset"]);
+            cmd.args(["--id", id, "--image", image, "--mode", "activeset"]);
+            memory_mib
         }
+    };
+    cmd.args(["--name", name]);
+    cmd.arg("--address").arg(address.to_string());
+    cmd.arg("--key-file").arg(paths.key_file);
+    if let Some(m) = memory {
+        cmd.arg("--memory").arg(m.to_string());
     }
-    let _ = std::fs::create_dir_all(log_dir);
+    cmd
+}
+
+/// Starts app `name` at `address` and waits (at most `limit`) until its listening sockets
+/// are bound: the VMM opens its control socket only after restoring them, and a fresh
+/// app is ready once it listens on its address.
+pub async fn launch(
+    paths: &Paths<'_>,
+    name: &str,
+    address: Ipv4Addr,
+    launch: &Launch,
+    limit: Duration,
+) -> Result<Vmm, VmmError> {
+    // The name becomes the log's and the control socket's file names.
+    picocenter_snapshots::names::validate_app_name(name)?;
+    let mut cmd = command(paths, name, address, launch);
+    let log_dir = paths.log_dir;
+    let _ = picocenter_snapshots::private::create_dir_all(log_dir);
     let log = log_dir.join(format!("{name}.log"));
     let stderr = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&log)
         .map_err(|source| VmmError::Spawn {
             what: format!("log {}", log.display()),
@@ -141,11 +182,11 @@ pub async fn launch(
         });
     }
     let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
-        what: format!("{} for {name}", picocenter.display()),
+        what: format!("{} for {name}", paths.picocenter.display()),
         source,
     })?;
     let pid = child.id().unwrap_or(0);
-    let control = state_dir.join("run").join(format!("{name}.sock"));
+    let control = paths.state_dir.join("run").join(format!("{name}.sock"));
     let started = Instant::now();
     let fresh = matches!(launch, Launch::Fresh { .. });
     loop {

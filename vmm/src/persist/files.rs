@@ -9,6 +9,7 @@
 use crate::fdtable::{FdTable, FileKind, OpenFile, Registration};
 use crate::hostcall;
 use crate::process::Process;
+use picocenter_snapshots::bounds::{SOCKET_FAMILIES, SOCKET_TYPES};
 use picocenter_snapshots::format::{FdRecord, FileRecord};
 use rustix::event::EventfdFlags;
 use rustix::fs::{Mode, OFlags, SeekFrom};
@@ -195,6 +196,12 @@ fn reopen(
     file: &FileRecord,
     pipes: &mut HashMap<u64, (Option<OwnedFd>, Option<OwnedFd>)>,
 ) -> Result<(OwnedFd, FileKind), Errno> {
+    // Only sockets an app could have made: a snapshot is input, and the VMM makes them.
+    if let FileRecord::Socket { domain, kind, .. } = file {
+        if !SOCKET_FAMILIES.contains(domain) || !SOCKET_TYPES.contains(kind) {
+            return Err(Errno::AFNOSUPPORT);
+        }
+    }
     Ok(match file {
         FileRecord::Path {
             path,

@@ -12,10 +12,12 @@
 pub mod files;
 pub mod restore;
 pub mod stream;
+pub mod trust;
 
 use crate::kvm::vcpu::{Vcpu, VcpuError};
 use crate::memory::{Backing, PageState, Prot};
 use crate::process::Process;
+use picocenter_snapshots::archive::{self, ArchiveError};
 use picocenter_snapshots::chain::runs;
 use picocenter_snapshots::format::{
     BackingRecord, ClockRecord, Manifest, PageSource, ProcessRecord, SignalRecord, SnapshotStats,
@@ -48,7 +50,7 @@ pub enum PersistError {
         /// Why.
         errno: rustix::io::Errno,
     },
-    /// The writable directories could not be archived or unpacked.
+    /// A host file could not be opened or read.
     #[error("{what}")]
     Data {
         /// The step.
@@ -57,6 +59,15 @@ pub enum PersistError {
         #[source]
         source: std::io::Error,
     },
+    /// The writable directories could not be archived, or their archive was refused.
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    /// The snapshot is not what the caller restores, or is out of the app's bounds.
+    #[error(transparent)]
+    Trust(#[from] trust::TrustError),
+    /// No snapshot key was configured.
+    #[error("no snapshot key: snapshots are authenticated with the cluster's key")]
+    NoKey,
     /// A descriptor could not be made again.
     #[error(transparent)]
     Files(#[from] files::FileRestoreError),
@@ -182,30 +193,12 @@ fn process_record(p: &Process, clock: &ClockRecord) -> ProcessRecord {
     }
 }
 
-/// Archives the writable directories into `path`; returns its size and CRC-32.
-fn archive_data(p: &Process, path: &Path) -> Result<Option<(u64, u32)>, PersistError> {
+/// Archives the writable directories into `path`, streamed; returns its size and digest.
+fn archive_data(p: &Process, path: &Path) -> Result<Option<archive::Written>, PersistError> {
     if p.writable_dirs.is_empty() {
         return Ok(None);
     }
-    let error = |what: &str| {
-        let what = what.to_string();
-        move |source| PersistError::Data { what, source }
-    };
-    let file = std::fs::File::create(path).map_err(error("creating the data archive"))?;
-    let mut builder = tar::Builder::new(file);
-    builder.follow_symlinks(false);
-    for (guest, host) in &p.writable_dirs {
-        let name = guest.trim_start_matches('/');
-        builder
-            .append_dir_all(if name.is_empty() { "." } else { name }, host)
-            .map_err(error("archiving the writable directories"))?;
-    }
-    builder
-        .into_inner()
-        .and_then(|f| f.sync_all())
-        .map_err(error("writing the data archive"))?;
-    let bytes = std::fs::read(path).map_err(error("reading the data archive"))?;
-    Ok(Some((bytes.len() as u64, crc32fast::hash(&bytes))))
+    Ok(Some(archive::create(path, &p.writable_dirs)?))
 }
 
 /// Takes a snapshot of the app into `store`. An increment of the snapshot the app was
@@ -217,10 +210,11 @@ pub fn capture(
     full: bool,
 ) -> Result<Manifest, PersistError> {
     let started = Instant::now();
+    let key = p.snapshot_key.clone().ok_or(PersistError::NoKey)?;
     let id = new_id();
     let parent = match &p.restored_from {
         Some((where_, parent)) if !full && *where_ == store.describe() => {
-            store.manifest(parent).ok().map(|m| m.id)
+            store.manifest(parent, &key).ok().map(|m| m.id)
         }
         _ => None,
     };
@@ -276,7 +270,7 @@ pub fn capture(
             Class::Stored => PageSource::Stored { index },
         })
         .collect();
-    let (page_count, chunk_checksums) = writer.finish()?;
+    let (page_count, chunk_digests) = writer.finish()?;
 
     let (files, closed) = files::capture(p);
     if closed > 0 {
@@ -297,7 +291,7 @@ pub fn capture(
         parent_pages: count(Class::Parent),
         activeset_pages: hot.iter().filter(|&&h| h).count() as u64,
         closed_connections: closed,
-        data_bytes: data.map_or(0, |d| d.0),
+        data_bytes: data.as_ref().map_or(0, |d| d.bytes),
         capture_us: started.elapsed().as_micros() as u64,
     };
     let manifest = Manifest {
@@ -311,7 +305,7 @@ pub fn capture(
         pages: runs(pages.iter().map(|p| p.va / PAGE).zip(sources)),
         page_count,
         chunk_pages: CHUNK_PAGES,
-        chunk_checksums,
+        chunk_digests,
         activeset_prefix,
         activeset: ranges(
             pages
@@ -325,14 +319,19 @@ pub fn capture(
         signals: signal_record(p),
         process: process_record(p, &clock),
         clock,
-        data_bytes: data.map_or(0, |d| d.0),
-        data_checksum: data.map_or(0, |d| d.1),
+        data_bytes: data.as_ref().map_or(0, |d| d.bytes),
+        data_digest: data.as_ref().map_or([0; 32], |d| d.digest),
         stats,
     };
     manifest
         .validate()
         .map_err(|e| PersistError::Incompatible(e.to_string()))?;
-    store.commit(&manifest, &pages_path, data.map(|_| data_path.as_path()))?;
+    store.commit(
+        &manifest,
+        &key,
+        &pages_path,
+        data.map(|_| data_path.as_path()),
+    )?;
     tracing::info!(
         id = %manifest.id,
         stored = page_count,

@@ -13,6 +13,7 @@ use crate::kvm::cpu;
 use crate::memory::{Backing, Vma, VmaRole};
 use crate::process::Process;
 use crate::{Config, Picoprocess, VmmError};
+use picocenter_snapshots::archive;
 use picocenter_snapshots::chain::{covered, ranges, resolve_all};
 use picocenter_snapshots::format::{BackingRecord, Manifest, PageSource};
 use picocenter_snapshots::pagefile;
@@ -115,22 +116,31 @@ fn check_cpu(manifest: &Manifest, parts: &builder::Parts) -> Result<(), PersistE
     Ok(())
 }
 
-/// `host/rel` if `rel` is plain names and no directory on the way is a symlink.
-fn contained(host: &std::path::Path, rel: &std::path::Path) -> Option<std::path::PathBuf> {
-    use std::path::Component;
-    let mut dest = host.to_path_buf();
-    let mut parts = rel.components().peekable();
-    while let Some(part) = parts.next() {
-        let Component::Normal(name) = part else {
-            return None;
-        };
-        dest.push(name);
-        let last = parts.peek().is_none();
-        if !last && std::fs::symlink_metadata(&dest).is_ok_and(|m| m.file_type().is_symlink()) {
-            return None;
-        }
+/// The data archive of the newest snapshot, if the app has one: it must be there when the
+/// manifest says there is one, and not otherwise.
+fn data_archive(
+    store: &dyn Store,
+    manifest: &Manifest,
+) -> Result<Option<std::path::PathBuf>, PersistError> {
+    match store.data_archive(&manifest.id)? {
+        None if manifest.data_bytes > 0 => Err(PersistError::Archive(
+            archive::ArchiveError::Corrupt("it is missing".into()),
+        )),
+        found => Ok(found),
     }
-    Some(dest)
+}
+
+/// Checks the data archive (size, digest, every entry) without writing anything.
+fn check_data(store: &dyn Store, manifest: &Manifest, config: &Config) -> Result<(), PersistError> {
+    if let Some(path) = data_archive(store, manifest)? {
+        archive::check(
+            &path,
+            manifest.data_bytes,
+            &manifest.data_digest,
+            &config.writable,
+        )?;
+    }
+    Ok(())
 }
 
 /// Unpacks the data archive of the snapshot into the writable directories.
@@ -139,54 +149,8 @@ fn unpack_data(
     manifest: &Manifest,
     config: &Config,
 ) -> Result<(), PersistError> {
-    let Some(path) = store.data_archive(&manifest.id)? else {
-        return Ok(());
-    };
-    let error = |what: &str| {
-        let what = what.to_string();
-        move |source| PersistError::Data { what, source }
-    };
-    let bytes = std::fs::read(&path).map_err(error("reading the data archive"))?;
-    if bytes.len() as u64 != manifest.data_bytes
-        || crc32fast::hash(&bytes) != manifest.data_checksum
-    {
-        return Err(PersistError::Incompatible(
-            "the snapshot's data archive is corrupt (size or checksum)".into(),
-        ));
-    }
-    let mut archive = tar::Archive::new(bytes.as_slice());
-    for entry in archive
-        .entries()
-        .map_err(error("reading the data archive"))?
-    {
-        let mut entry = entry.map_err(error("reading the data archive"))?;
-        let name = entry
-            .path()
-            .map_err(error("reading the data archive"))?
-            .into_owned();
-        let guest = format!("/{}", name.display());
-        // Each entry goes to the writable directory whose guest path holds it, and never
-        // out of it: no `..`, and nothing through a symlink an earlier entry made.
-        let target = config.writable.iter().find_map(|(g, host)| {
-            let rel = std::path::Path::new(&guest).strip_prefix(g).ok()?;
-            Some((host.clone(), rel.to_path_buf()))
-        });
-        if let Some((host, rel)) = target {
-            if rel.as_os_str().is_empty() {
-                continue;
-            }
-            let Some(dest) = contained(&host, &rel) else {
-                return Err(PersistError::Incompatible(format!(
-                    "the snapshot's data archive names {guest}, which leaves its directory"
-                )));
-            };
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).map_err(error("unpacking the data archive"))?;
-            }
-            entry
-                .unpack(&dest)
-                .map_err(error("unpacking the data archive"))?;
-        }
+    if let Some(path) = data_archive(store, manifest)? {
+        archive::unpack(&path, &config.writable)?;
     }
     Ok(())
 }
@@ -194,7 +158,10 @@ fn unpack_data(
 impl Picoprocess {
     /// Restores snapshot `id` from `store` into a new picoprocess configured by `config`
     /// (which says where the root and writable directories are, the address, the name).
-    /// Must be called on the thread that will run it.
+    /// The snapshot is refused before anything is built from it unless its chain checks
+    /// out under `config.snapshot_key`, is of the app `config` describes (name, image,
+    /// writable directories, memory; see [`super::trust`]) and fits its memory. Must be
+    /// called on the thread that will run it.
     pub fn restore(
         config: &Config,
         store: &dyn Store,
@@ -218,7 +185,9 @@ impl Picoprocess {
                 "restore: {name}"
             )
         };
-        let manifests = store::chain(store, id)?;
+        let key = config.snapshot_key.as_ref().ok_or(PersistError::NoKey)?;
+        let manifests = store::chain(store, key, id)?;
+        super::trust::check(&manifests, config)?;
         let newest = &manifests[0];
         let pieces = resolve_all(&manifests).ok_or_else(|| {
             PersistError::Incompatible("some pages are in no snapshot of the chain".into())
@@ -248,6 +217,7 @@ impl Picoprocess {
             }
             page_files.push(path);
         }
+        check_data(store, newest, config)?;
         phase("verified");
         let (parts, mut space, sandbox) =
             builder::prepare(config).map_err(|e| PersistError::Incompatible(e.to_string()))?;

@@ -1,13 +1,16 @@
-//! Running a VMM in its jail under a supervisor: as root, the process forks; the child
+//! Running a VMM in its jail, with a supervisor beside it. As root, the process forks
+//! once: the child becomes the *supervisor* and stays root, outside the jail; the process
+//! itself goes on as the VMM, so whoever started it (a worker, a shell) holds the VMM's own
+//! pid: its signals reach the VMM directly, and once it is reaped the VMM is gone. The VMM
 //! enters the jail's mount namespace, builds the picoprocess, then locks itself down
 //! ([`Lockdown::now`]: the app's own uid, leased from a range like its address, with no
-//! capabilities, `no_new_privs` and the seccomp filter) and runs the app. The parent stays
-//! outside as its supervisor: it forwards signals, cleans up what the jailed child may no
-//! longer touch (the jail's scratch directory, its control socket file), and returns the
-//! child's status.
+//! capabilities, `no_new_privs` and the seccomp filter) and runs the app. The supervisor
+//! binds privileged ports for it (see [`super::binder`]) and, when the VMM ends, cleans up
+//! what the jailed VMM may no longer touch (the jail's scratch directory, its control
+//! socket file).
 //!
-//! Without root none of the jail's first steps is possible: the VMM runs in-process as the
-//! invoking user, still with `no_new_privs` and the seccomp filter.
+//! Without root none of the jail's first steps is possible: the VMM runs as the invoking
+//! user, still with `no_new_privs` and the seccomp filter.
 
 use super::jail::{self, JailError, JailSpec};
 use super::lease::{spread, take_first_free, Lease};
@@ -22,18 +25,29 @@ pub const DEFAULT_UIDS: (u32, u32) = (2_000_000_000, 2_000_065_535);
 #[derive(Debug)]
 pub struct Lockdown {
     identity: Option<(u32, u32)>,
-    supervisor: u32,
 }
 
-/// Makes this process get SIGKILL when its parent `supervisor` ends (or now, if it has).
-fn die_with_parent(supervisor: u32) -> Result<(), JailError> {
+/// The parent-death signal this process has (0 for none).
+fn parent_death_signal() -> i32 {
+    let mut signal: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer we pass.
+    unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut signal as *mut libc::c_int) };
+    signal
+}
+
+/// Sets the parent-death signal again (a change of user clears it), and ends now if the
+/// parent has already gone in between.
+fn restore_parent_death_signal(signal: i32, parent: u32) -> Result<(), JailError> {
+    if signal == 0 {
+        return Ok(());
+    }
     // SAFETY: prctl(PR_SET_PDEATHSIG) with a signal number touches no memory.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal) } != 0 {
         return Err(io_step("PR_SET_PDEATHSIG".into())(
             std::io::Error::last_os_error(),
         ));
     }
-    if std::os::unix::process::parent_id() != supervisor {
+    if std::os::unix::process::parent_id() != parent {
         std::process::exit(1);
     }
     Ok(())
@@ -44,10 +58,10 @@ impl Lockdown {
     pub fn now(&self) -> Result<(), JailError> {
         match self.identity {
             Some((uid, gid)) => {
+                // Whoever asked the VMM to die with it (a worker does) still gets that.
+                let (signal, parent) = (parent_death_signal(), std::os::unix::process::parent_id());
                 jail::drop_privileges(uid, gid)?;
-                // A change of user clears the parent-death signal: set it again, so the
-                // VMM still dies with its supervisor.
-                die_with_parent(self.supervisor)?;
+                restore_parent_death_signal(signal, parent)?;
             }
             None => jail::set_no_new_privs()?,
         }
@@ -129,10 +143,7 @@ pub fn supervise(
 ) -> Result<i32, JailError> {
     if !rustix::process::geteuid().is_root() {
         tracing::debug!("not root: the VMM runs as this user, without a jail of its own");
-        return Ok(vmm(&Lockdown {
-            identity: None,
-            supervisor: 0,
-        }));
+        return Ok(vmm(&Lockdown { identity: None }));
     }
     let lease = lease_uid(run_dir)?;
     let uids = uid_range()?;
@@ -145,18 +156,15 @@ pub fn supervise(
     spec.scratch = scratch.clone();
     let lockdown = Lockdown {
         identity: Some((lease.value, lease.value)),
-        supervisor: std::process::id(),
     };
-    let status = fork_and_wait(address, || match jail::enter_filesystem(&spec) {
+    start_supervisor(address, &scratch, run_dir)?;
+    Ok(match jail::enter_filesystem(&spec) {
         Ok(()) => vmm(&lockdown),
         Err(e) => {
             eprintln!("picocenter: error: {e}: {}", error_chain(&e));
             1
         }
-    });
-    let _ = std::fs::remove_dir(&scratch);
-    crate::control::remove_stale_sockets(run_dir);
-    status
+    })
 }
 
 /// The sources of `error`, joined, for a one-line report.
@@ -170,24 +178,14 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
-/// The signals the supervisor passes on to its child.
-const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
-
-fn signal_set(signals: &[i32]) -> libc::sigset_t {
-    // SAFETY: sigemptyset/sigaddset initialise and fill a set we own.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for &s in signals {
-            libc::sigaddset(&mut set, s);
-        }
-        set
-    }
-}
-
-/// Forks; the child runs `child` and exits with its status (or 1 after printing its
-/// error); the parent forwards signals to it and returns its status.
-fn fork_and_wait(address: std::net::IpAddr, child: impl FnOnce() -> i32) -> Result<i32, JailError> {
+/// Forks the supervisor: the child serves the VMM's bind requests for the app's
+/// `address` and, once this process (the VMM) has ended, removes `scratch` and the stale
+/// control sockets of `run_dir`. This process goes on as the VMM.
+fn start_supervisor(
+    address: std::net::IpAddr,
+    scratch: &Path,
+    run_dir: &Path,
+) -> Result<(), JailError> {
     let (vmm_end, supervisor_end) = rustix::net::socketpair(
         rustix::net::AddressFamily::UNIX,
         rustix::net::SocketType::STREAM,
@@ -195,63 +193,54 @@ fn fork_and_wait(address: std::net::IpAddr, child: impl FnOnce() -> i32) -> Resu
         None,
     )
     .map_err(|e| io_step("socketpair".into())(e.into()))?;
-    let set = signal_set(&FORWARDED);
-    let mut old: libc::sigset_t = signal_set(&[]);
-    // SAFETY: blocks the forwarded signals in this (single-threaded) process, so that
-    // none is lost between the fork and the signalfd; `old` receives the previous mask.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
-    let parent = std::process::id();
-    // SAFETY: the CLI is single-threaded here (the jail checks it again), so the child
-    // is a complete copy; it only runs `child` and exits.
+    let vmm = rustix::process::getpid();
+    // SAFETY: the process is single-threaded here (the jail checks it again), so the child
+    // is a complete copy; it only supervises and ends with _exit, running none of the
+    // parent's destructors.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(io_step("forking the VMM".into())(
+        return Err(io_step("forking the supervisor".into())(
             std::io::Error::last_os_error(),
         ));
     }
     if pid == 0 {
-        // SAFETY: restores the mask the parent had; dies with the supervisor.
-        unsafe {
-            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-        }
-        if std::os::unix::process::parent_id() != parent {
-            std::process::exit(1);
-        }
-        drop(supervisor_end);
-        super::binder::install(vmm_end);
-        std::process::exit(child());
+        drop(vmm_end);
+        supervise_until_gone(vmm, &supervisor_end, address);
+        let _ = std::fs::remove_dir(scratch);
+        crate::control::remove_stale_sockets(run_dir);
+        // SAFETY: ends the supervisor without running the VMM's atexit handlers or
+        // destructors, which belong to the VMM.
+        unsafe { libc::_exit(0) };
     }
-    drop(vmm_end);
-    wait_forwarding(pid, &set, supervisor_end, address)
+    drop(supervisor_end);
+    super::binder::install(vmm_end);
+    Ok(())
 }
 
-/// Waits for child `pid`, passing on the signals of `set` (blocked in this process) and
-/// serving its bind requests on `binder` for the app's `address`.
-fn wait_forwarding(
-    pid: i32,
-    set: &libc::sigset_t,
-    binder: std::os::fd::OwnedFd,
+/// The supervisor's loop: bind requests until the VMM `vmm` ends. Signals meant for the
+/// app (a Ctrl-C to the terminal's process group) are the VMM's to handle, not its.
+fn supervise_until_gone(
+    vmm: rustix::process::Pid,
+    binder: &std::os::fd::OwnedFd,
     address: std::net::IpAddr,
-) -> Result<i32, JailError> {
-    let mut binder = Some(binder);
-    // SAFETY: a signalfd over a set we own, close-on-exec.
-    let sfd = unsafe { libc::signalfd(-1, set, libc::SFD_CLOEXEC) };
-    if sfd < 0 {
-        return Err(io_step("signalfd".into())(std::io::Error::last_os_error()));
+) {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        // SAFETY: ignoring a signal installs no handler and touches no memory.
+        unsafe { libc::signal(signal, libc::SIG_IGN) };
     }
-    // SAFETY: `sfd` is a new fd that nothing else owns.
-    let sfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(sfd) };
-    let child = rustix::process::Pid::from_raw(pid)
-        .ok_or_else(|| JailError::Config(format!("fork gave pid {pid}")))?;
-    let pidfd = rustix::process::pidfd_open(child, rustix::process::PidfdFlags::empty())
-        .map_err(|e| io_step("pidfd_open".into())(e.into()))?;
+    let Ok(pidfd) = rustix::process::pidfd_open(vmm, rustix::process::PidfdFlags::empty()) else {
+        return;
+    };
+    if rustix::process::getppid() != Some(vmm) {
+        return;
+    }
+    let mut serving = true;
     loop {
-        let mut fds = vec![
-            rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN),
-            rustix::event::PollFd::new(&sfd, rustix::event::PollFlags::IN),
-        ];
-        if let Some(binder) = &binder {
+        let mut fds = vec![rustix::event::PollFd::new(
+            &pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        if serving {
             fds.push(rustix::event::PollFd::new(
                 binder,
                 rustix::event::PollFlags::IN,
@@ -259,41 +248,15 @@ fn wait_forwarding(
         }
         match rustix::event::poll(&mut fds, None) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(io_step("waiting for the VMM".into())(e.into())),
+            Err(_) => return,
         }
-        let (exited, signalled) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
-        let asked = fds.get(2).is_some_and(|fd| !fd.revents().is_empty());
+        if !fds[0].revents().is_empty() {
+            return;
+        }
+        let asked = fds.get(1).is_some_and(|fd| !fd.revents().is_empty());
         drop(fds);
         if asked {
-            let open = binder
-                .as_ref()
-                .is_some_and(|b| super::binder::serve_one(b.as_fd(), address));
-            if !open {
-                binder = None;
-            }
-        }
-        if signalled {
-            let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
-            if rustix::io::read(&sfd, &mut info).is_ok_and(|n| n == info.len()) {
-                let signal = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
-                // SAFETY: kill(2) on our own child with a signal number from the kernel.
-                unsafe { libc::kill(pid, signal as i32) };
-            }
-        }
-        if exited {
-            let mut status = 0;
-            // SAFETY: reaps our own child; `status` is written by the kernel.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
-            return Ok(if libc::WIFEXITED(status) {
-                libc::WEXITSTATUS(status)
-            } else {
-                let signal = libc::WTERMSIG(status);
-                eprintln!(
-                    "picocenter: the VMM was killed by {}",
-                    crate::exit::signal_name(signal)
-                );
-                128 + signal
-            });
+            serving = super::binder::serve_one(binder.as_fd(), address);
         }
     }
 }

@@ -729,6 +729,10 @@ pub fn restore_socket(
     listening: Option<i32>,
     options: &[(i32, i32, Vec<u8>)],
 ) -> Result<OwnedFd, Errno> {
+    // Only the families an app can make: a snapshot is input, and this socket is the VMM's.
+    if ![libc::AF_INET, libc::AF_INET6, libc::AF_UNIX].contains(&domain) {
+        return Err(Errno::AFNOSUPPORT);
+    }
     let fd = rustix::net::socket_with(
         rustix::net::AddressFamily::from_raw(domain as u16),
         rustix::net::SocketType::from_raw(kind as u32),

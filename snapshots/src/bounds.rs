@@ -1,0 +1,485 @@
+//! Bounds on every field of a manifest, checked after its MAC and before anything is built
+//! from it: a key holder's bug, or a key that leaked, must still not make a restore exhaust
+//! memory, overflow arithmetic, or reach outside the app. What depends on the restoring
+//! caller (its memory limit, its name, its writable directories) is checked by the restore
+//! itself (`vmm::persist::trust`).
+
+use crate::format::{
+    AppRecord, BackingRecord, FdRecord, FileRecord, Manifest, PageRun, PageSource, VmaRecord,
+    VpnRange, PAGE_SIZE,
+};
+use crate::names::{is_plain, validate_app_name, validate_guest_dir, validate_image_name};
+use std::collections::{HashMap, HashSet};
+
+/// One past the last byte of user space (the same bound the VMM maps below).
+pub const USER_END: u64 = 0x7fff_ffff_f000;
+/// One past the last page number of user space.
+pub const USER_PAGES: u64 = USER_END / PAGE_SIZE;
+/// The most guest RAM an app may have, MiB (the VMM's RAM window is 16 GiB).
+pub const MAX_MEMORY_MIB: u64 = 16 << 10;
+/// The most pages any snapshot can hold: all of the largest guest RAM.
+pub const MAX_PAGES: u64 = (MAX_MEMORY_MIB << 20) / PAGE_SIZE;
+/// The largest chunk of a page file (4 MiB): a verifier holds one in memory.
+pub const MAX_CHUNK_PAGES: u64 = 1024;
+/// The most memory areas (Linux's default `vm.max_map_count`).
+pub const MAX_VMAS: usize = 65_530;
+/// Descriptor numbers are below this.
+pub const MAX_FD: i32 = 1 << 16;
+/// The most bytes a pipe record may carry (capture takes at most 1 MiB).
+pub const MAX_PIPE_DATA: usize = 1 << 20;
+/// The most socket options one socket record may set, and the largest value.
+pub const MAX_SOCKET_OPTIONS: usize = 512;
+/// The largest socket option value.
+pub const MAX_OPTION_BYTES: usize = 256;
+/// The longest AF_UNIX address (family and `sun_path`).
+pub const MAX_UNIX_NAME: usize = 2 + 108;
+/// The longest guest path in a record.
+pub const MAX_PATH: usize = 4096;
+/// The most signal actions (signals 1 to 64).
+pub const MAX_SIGNALS: usize = 64;
+/// The most CPUID leaves recorded.
+pub const MAX_CPU_LEAVES: usize = 64;
+/// The most writable directories.
+pub const MAX_WRITABLE: usize = 64;
+/// Clock values stay below this (about 146 years of ns), so that offsets fit an i64.
+pub const MAX_CLOCK_NS: u64 = 1 << 62;
+/// Socket families a record may name: the only ones an app can make.
+pub const SOCKET_FAMILIES: [i32; 3] = [libc::AF_INET, libc::AF_INET6, libc::AF_UNIX];
+/// Socket types a record may name.
+pub const SOCKET_TYPES: [i32; 3] = [libc::SOCK_STREAM, libc::SOCK_DGRAM, libc::SOCK_SEQPACKET];
+
+type Checked = Result<(), String>;
+
+fn ensure(ok: bool, why: impl FnOnce() -> String) -> Checked {
+    if ok {
+        Ok(())
+    } else {
+        Err(why())
+    }
+}
+
+/// Checks every field of `m`; the error says which and why.
+pub fn check(m: &Manifest) -> Checked {
+    ensure(is_plain(&m.id, 128), || {
+        format!("bad snapshot id {:?}", m.id)
+    })?;
+    if let Some(parent) = &m.parent {
+        ensure(is_plain(parent, 128) && *parent != m.id, || {
+            format!("bad parent id {parent:?}")
+        })?;
+    }
+    check_app(&m.app)?;
+    ensure(m.cpu.leaves.len() <= MAX_CPU_LEAVES, || {
+        "too many CPUID leaves".into()
+    })?;
+    ensure(m.context.xsave.len() == 4096, || {
+        "FPU state is not 4096 bytes".into()
+    })?;
+    check_vmas(&m.vmas)?;
+    check_page_file(m)?;
+    check_runs(m)?;
+    check_ranges("the ActiveSet", &m.activeset)?;
+    let mut last_port = None;
+    for set in &m.port_sets {
+        ensure(last_port < Some(set.port), || {
+            format!("port sets out of order at port {}", set.port)
+        })?;
+        last_port = Some(set.port);
+        check_ranges("a port's ActiveSet", &set.pages)?;
+    }
+    check_files(&m.files)?;
+    ensure(m.signals.actions.len() <= MAX_SIGNALS, || {
+        "more than 64 signal actions".into()
+    })?;
+    check_process(m)
+}
+
+fn check_app(app: &AppRecord) -> Checked {
+    validate_app_name(&app.name).map_err(|e| e.to_string())?;
+    if let Some(image) = &app.image {
+        validate_image_name(image).map_err(|e| e.to_string())?;
+    }
+    ensure(app.writable.len() <= MAX_WRITABLE, || {
+        "too many writable directories".into()
+    })?;
+    let mut seen = HashSet::new();
+    for dir in &app.writable {
+        let plain = validate_guest_dir(dir).map_err(|e| e.to_string())?;
+        ensure(plain == *dir && seen.insert(plain), || {
+            format!("writable directory {dir:?} is not in its plain spelling, or repeated")
+        })?;
+    }
+    ensure(
+        app.memory_mib > 0 && app.memory_mib <= MAX_MEMORY_MIB && app.memory_mib.is_multiple_of(2),
+        || format!("{} MiB of memory", app.memory_mib),
+    )?;
+    if let Some(address) = &app.address {
+        ensure(address.parse::<std::net::IpAddr>().is_ok(), || {
+            format!("bad address {address:?}")
+        })?;
+    }
+    for text in [&app.root, &app.program]
+        .into_iter()
+        .chain(app.root_from.as_ref())
+    {
+        check_path(text, false)?;
+    }
+    Ok(())
+}
+
+/// A path of at most [`MAX_PATH`] bytes without NUL; absolute if `absolute`. (Guest paths
+/// of files and areas are opened again through the sandbox, which confines them whatever
+/// they say.)
+fn check_path(path: &str, absolute: bool) -> Checked {
+    ensure(
+        path.len() <= MAX_PATH && !path.contains('\0') && (!absolute || path.starts_with('/')),
+        || format!("bad path {:?}", path.chars().take(64).collect::<String>()),
+    )
+}
+
+fn check_vmas(vmas: &[VmaRecord]) -> Checked {
+    ensure(vmas.len() <= MAX_VMAS, || "too many memory areas".into())?;
+    let mut last_end = 0;
+    for vma in vmas {
+        ensure(
+            vma.start >= last_end
+                && vma.start < vma.end
+                && vma.end <= USER_END
+                && vma.start % PAGE_SIZE == 0
+                && vma.end % PAGE_SIZE == 0,
+            || {
+                format!(
+                    "memory area {:#x}..{:#x} is out of order, unaligned or outside user space",
+                    vma.start, vma.end
+                )
+            },
+        )?;
+        last_end = vma.end;
+        if let BackingRecord::File { path, offset, .. } = &vma.backing {
+            check_path(path, false)?;
+            ensure(
+                *offset <= i64::MAX as u64 && offset % PAGE_SIZE == 0,
+                || format!("bad file offset {offset:#x}"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn check_page_file(m: &Manifest) -> Checked {
+    ensure(m.page_count <= MAX_PAGES, || {
+        format!("{} pages in the page file", m.page_count)
+    })?;
+    let chunk_ok = if m.page_count == 0 {
+        m.chunk_pages <= MAX_CHUNK_PAGES
+    } else {
+        (1..=MAX_CHUNK_PAGES).contains(&m.chunk_pages)
+    };
+    ensure(chunk_ok, || {
+        format!("chunks of {} pages (1 to {MAX_CHUNK_PAGES})", m.chunk_pages)
+    })?;
+    let chunks = m.page_count.div_ceil(m.chunk_pages.max(1));
+    ensure(m.chunk_digests.len() as u64 == chunks, || {
+        format!(
+            "{} chunk digests for {chunks} chunks",
+            m.chunk_digests.len()
+        )
+    })?;
+    ensure(m.activeset_prefix <= m.page_count, || {
+        "ActiveSet prefix longer than the page file".into()
+    })
+}
+
+/// Runs: sorted, disjoint, non-empty, inside the areas, stored ones inside the page file,
+/// and no more pages than the largest RAM.
+fn check_runs(m: &Manifest) -> Checked {
+    let mut last_end = 0u64;
+    let mut total = 0u64;
+    let mut areas = m.vmas.iter().peekable();
+    for run in &m.pages {
+        let end = run
+            .vpn
+            .checked_add(run.count)
+            .filter(|&end| run.count > 0 && run.vpn >= last_end && end <= USER_PAGES)
+            .ok_or_else(|| format!("page run at {:#x} out of order", run.vpn))?;
+        last_end = end;
+        total = total.saturating_add(run.count);
+        ensure(total <= MAX_PAGES, || "more pages than any app has".into())?;
+        if let PageSource::Stored { index } = run.source {
+            ensure(
+                index
+                    .checked_add(run.count)
+                    .is_some_and(|e| e <= m.page_count),
+                || format!("page run at {:#x} beyond the page file", run.vpn),
+            )?;
+        }
+        ensure(
+            run.source != PageSource::Parent || m.parent.is_some(),
+            || "pages from a parent, but no parent".into(),
+        )?;
+        ensure(in_areas(&mut areas, run), || {
+            format!("page run at {:#x} outside the memory areas", run.vpn)
+        })?;
+    }
+    Ok(())
+}
+
+/// Whether every page of `run` is in one of the areas (sorted, as `run`s are), advancing
+/// `areas` past those that end before it.
+fn in_areas<'a>(
+    areas: &mut std::iter::Peekable<impl Iterator<Item = &'a VmaRecord>>,
+    run: &PageRun,
+) -> bool {
+    let mut at = run.vpn * PAGE_SIZE;
+    let end = (run.vpn + run.count) * PAGE_SIZE;
+    while at < end {
+        while areas.peek().is_some_and(|v| v.end <= at) {
+            areas.next();
+        }
+        match areas.peek() {
+            Some(v) if v.start <= at => at = v.end,
+            _ => return false,
+        }
+    }
+    true
+}
+
+fn check_ranges(what: &str, ranges: &[VpnRange]) -> Checked {
+    let mut last_end = 0u64;
+    for range in ranges {
+        last_end = range
+            .vpn
+            .checked_add(range.count)
+            .filter(|&end| range.count > 0 && range.vpn >= last_end && end <= USER_PAGES)
+            .ok_or_else(|| format!("{what} is out of order at {:#x}", range.vpn))?;
+    }
+    Ok(())
+}
+
+fn check_files(files: &[FdRecord]) -> Checked {
+    let mut last_fd = -1;
+    let mut shared: HashMap<u64, &FileRecord> = HashMap::new();
+    for record in files {
+        ensure(record.fd > last_fd && record.fd < MAX_FD, || {
+            format!("fd {} out of order or over {MAX_FD}", record.fd)
+        })?;
+        last_fd = record.fd;
+        // Descriptors of one description are made once, from the first record.
+        let first = *shared.entry(record.shared).or_insert(&record.file);
+        ensure(*first == record.file, || {
+            format!("fd {} shares a description it does not match", record.fd)
+        })?;
+        check_file(&record.file, record.fd)?;
+    }
+    Ok(())
+}
+
+fn check_file(file: &FileRecord, fd: i32) -> Checked {
+    let bad = |why: &str| Err(format!("fd {fd}: {why}"));
+    match file {
+        FileRecord::Path { path, offset, .. } => {
+            check_path(path, false)?;
+            if *offset > i64::MAX as u64 {
+                return bad("offset out of range");
+            }
+        }
+        FileRecord::Directory { path } => check_path(path, false)?,
+        FileRecord::Stdio(n) if *n > 2 => return bad("stdio other than 0, 1, 2"),
+        FileRecord::Pipe {
+            data, write_end, ..
+        } if data.len() > MAX_PIPE_DATA || (*write_end && !data.is_empty()) => {
+            return bad("pipe data too large, or on the write end")
+        }
+        FileRecord::Socket { .. } => return check_socket(file).or_else(|why| bad(&why)),
+        FileRecord::Epoll { registrations }
+            if registrations.len() > MAX_FD as usize
+                || registrations.iter().any(|r| !(0..MAX_FD).contains(&r.0)) =>
+        {
+            return bad("epoll registrations out of range")
+        }
+        FileRecord::EventFd { counter, .. } if *counter == u64::MAX => {
+            return bad("eventfd counter out of range")
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A socket the app could have made: AF_INET, AF_INET6 or AF_UNIX; stream, datagram or
+/// seqpacket; an address of its family; a bounded set of small options.
+pub fn check_socket(file: &FileRecord) -> Checked {
+    let FileRecord::Socket {
+        domain,
+        kind,
+        bound,
+        unix_name,
+        listening,
+        options,
+        ..
+    } = file
+    else {
+        return Ok(());
+    };
+    ensure(SOCKET_FAMILIES.contains(domain), || {
+        format!("socket family {domain} (only AF_INET, AF_INET6 and AF_UNIX)")
+    })?;
+    ensure(SOCKET_TYPES.contains(kind), || {
+        format!("socket type {kind}")
+    })?;
+    if let Some(bound) = bound {
+        let address: std::net::SocketAddr = bound
+            .parse()
+            .map_err(|_| format!("bad socket address {bound:?}"))?;
+        ensure(
+            (*domain == libc::AF_INET && address.is_ipv4()) || *domain == libc::AF_INET6,
+            || format!("socket address {bound} of another family"),
+        )?;
+    }
+    if let Some(name) = unix_name {
+        ensure(
+            *domain == libc::AF_UNIX && name.len() <= MAX_UNIX_NAME,
+            || "bad AF_UNIX name".into(),
+        )?;
+    }
+    ensure(listening.is_none_or(|b| (0..=65_535).contains(&b)), || {
+        "bad listen backlog".into()
+    })?;
+    ensure(
+        options.len() <= MAX_SOCKET_OPTIONS
+            && options.iter().all(|o| o.2.len() <= MAX_OPTION_BYTES),
+        || "too many or too large socket options".into(),
+    )
+}
+
+fn check_process(m: &Manifest) -> Checked {
+    let p = &m.process;
+    check_path(&p.cwd, true)?;
+    ensure(p.umask <= 0o777, || format!("umask {:#o}", p.umask))?;
+    ensure(p.brk_start <= p.brk && p.brk <= USER_END, || {
+        "the break is outside user space".into()
+    })?;
+    ensure(
+        m.clock.monotonic_ns < MAX_CLOCK_NS && m.clock.realtime_ns < MAX_CLOCK_NS,
+        || "clocks out of range".into(),
+    )?;
+    ensure(
+        [m.context.fs_base, m.context.gs_base]
+            .iter()
+            .all(|&base| base < USER_END),
+        || "FS or GS base outside user space".into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{BackingRecord, UserContext};
+
+    fn valid() -> Manifest {
+        Manifest {
+            id: "s1".into(),
+            app: AppRecord {
+                name: "app".into(),
+                memory_mib: 16,
+                writable: vec!["/tmp".into()],
+                ..Default::default()
+            },
+            vmas: vec![VmaRecord {
+                start: 0x40_0000,
+                end: 0x50_0000,
+                prot: 3,
+                role: 0,
+                backing: BackingRecord::Anonymous,
+            }],
+            pages: vec![PageRun {
+                vpn: 0x400,
+                count: 2,
+                source: PageSource::Stored { index: 0 },
+            }],
+            page_count: 2,
+            chunk_pages: 64,
+            chunk_digests: vec![[0; 32]],
+            context: UserContext {
+                xsave: vec![0; 4096],
+                ..Default::default()
+            },
+            process: crate::format::ProcessRecord {
+                cwd: "/".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn refused(change: impl FnOnce(&mut Manifest), expect: &str) {
+        let mut m = valid();
+        change(&mut m);
+        let why = check(&m).unwrap_err();
+        assert!(why.contains(expect), "{why:?} lacks {expect:?}");
+    }
+
+    fn socket(domain: i32) -> FdRecord {
+        FdRecord {
+            fd: 3,
+            cloexec: false,
+            nonblocking: false,
+            shared: 0,
+            file: FileRecord::Socket {
+                domain,
+                kind: libc::SOCK_STREAM,
+                bound: None,
+                unix_name: None,
+                listening: None,
+                options: vec![],
+                closed: false,
+            },
+        }
+    }
+
+    #[test]
+    fn every_field_class_is_bounded() {
+        check(&valid()).unwrap();
+        refused(|m| m.app.writable = vec!["/tmp/../..".into()], "writable");
+        refused(|m| m.app.name = "../x".into(), "app name");
+        refused(|m| m.app.image = Some("../../etc".into()), "image name");
+        refused(|m| m.app.memory_mib = 1 << 40, "MiB");
+        refused(|m| m.pages[0].count = 1 << 36, "out of order");
+        refused(|m| m.pages[0].vpn = u64::MAX, "out of order");
+        refused(|m| m.chunk_pages = 1 << 62, "chunks of");
+        refused(|m| m.page_count = 1 << 36, "pages in the page file");
+        refused(|m| m.vmas[0].end = 1 << 48, "outside user space");
+        refused(|m| m.pages[0].vpn = 0x300, "outside the memory areas");
+        refused(
+            |m| m.files = vec![socket(libc::AF_NETLINK)],
+            "socket family 16",
+        );
+        refused(
+            |m| m.files = vec![socket(libc::AF_PACKET)],
+            "socket family 17",
+        );
+        refused(
+            |m| {
+                let mut s = socket(libc::AF_INET);
+                s.fd = 1 << 20;
+                m.files = vec![s];
+            },
+            "over",
+        );
+        refused(
+            |m| {
+                m.activeset = vec![VpnRange {
+                    vpn: u64::MAX,
+                    count: 2,
+                }]
+            },
+            "ActiveSet",
+        );
+        refused(|m| m.clock.monotonic_ns = u64::MAX, "clocks");
+        refused(|m| m.process.brk = u64::MAX, "break");
+        let mut m = valid();
+        m.files = vec![socket(libc::AF_UNIX), socket(libc::AF_INET6)];
+        m.files[1].fd = 4;
+        m.files[1].shared = 1;
+        check(&m).unwrap();
+    }
+}

@@ -1,0 +1,259 @@
+//! `picocenter snapshot restore`: the app's configuration comes from the caller, and the
+//! snapshot's record of it is only compared (the VMM refuses a snapshot of another app).
+
+use super::image::StateDir;
+use super::key::KeyFile;
+use super::run::{claim_name, data_dir, run_in_jail, temporary_root, TemporaryRoot};
+use anyhow::{bail, Context};
+use picocenter_images::BuiltImage;
+use picocenter_snapshots::format::Manifest;
+use picocenter_snapshots::names::{validate_app_name, validate_guest_dir, validate_image_name};
+use picocenter_snapshots::{LocalStore, Store};
+use picocenter_vmm::persist::restore::{RestoreMode, RestoreOptions};
+use picocenter_vmm::{Config, Picoprocess};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// What `--help` says about where each setting comes from.
+const DEFAULTS: &str = "\
+Where the settings come from:
+  The snapshot's manifest is read only if it checks out under the cluster's key; then
+  every setting given here is compared with what it records, and a snapshot of another
+  app (name, image, writable directories, memory, or host program of its root) is
+  refused before anything runs.
+  A setting left out is taken as follows (a worker always gives them all):
+    root          --image, --root or --root-from; else the image the snapshot records,
+                  if it is a plain image name built in the state directory. Never the
+                  snapshot's host path, nor its host program unless --root-from names it.
+    writable      the image's (plus --writable); else --writable; else the snapshot's
+    memory        --memory; else the image's; else the snapshot's
+    name          --name; else the snapshot's
+    address       --address; else the snapshot's
+  The snapshot's values are used only within their bounds: plain names, plain absolute
+  writable directories (placed under --data-dir), at most 16 GiB of memory.";
+
+/// Arguments of `picocenter snapshot restore`.
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = DEFAULTS)]
+pub struct RestoreArgs {
+    /// The snapshot directory.
+    dir: PathBuf,
+    /// A snapshot id (default: the newest).
+    #[arg(long)]
+    id: Option<String>,
+    /// What to bring into memory before the app runs: eager (everything, each chunk
+    /// verified), lazy (nothing: pages come from the page cache as touched, unverified),
+    /// activeset (the pages it used last time, verified), stream (nothing: the app runs
+    /// while a thread copies the newest page file in, each chunk verified, ActiveSet first,
+    /// and a page it touches first jumps the queue; for slow storage).
+    #[arg(long, default_value = "activeset")]
+    mode: RestoreMode,
+    /// In activeset mode, still let the next snapshot learn the ActiveSet afresh.
+    #[arg(long)]
+    relearn: bool,
+    /// Run it from this built image (see `picocenter image ls`); the image's writable
+    /// directories and memory are the defaults.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["root", "root_from"])]
+    image: Option<String>,
+    /// Its root directory on this host.
+    #[arg(long, value_name = "DIR", conflicts_with = "root_from")]
+    root: Option<PathBuf>,
+    /// Make its temporary root again from this host program and its libraries, as
+    /// `picocenter run PROGRAM` did; it must be the program the snapshot records.
+    #[arg(long, value_name = "PROGRAM")]
+    root_from: Option<PathBuf>,
+    /// The app's name (compared with the snapshot's).
+    #[arg(long)]
+    name: Option<String>,
+    /// Guest RAM in MiB (compared with the snapshot's).
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
+    /// A writable guest directory (repeatable; the set is compared with the snapshot's).
+    #[arg(long, value_name = "GUEST_DIR")]
+    writable: Vec<String>,
+    /// Where its writable directories live (default: a temporary directory). They are
+    /// filled from the snapshot.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// The app's address now (it may move).
+    #[arg(long, value_name = "IP")]
+    address: Option<IpAddr>,
+    /// Stop the app after this many seconds (exit status 124).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Make every forwarded syscall a VM exit (no mailbox).
+    #[arg(long)]
+    no_mailbox: bool,
+    #[command(flatten)]
+    state: StateDir,
+    #[command(flatten)]
+    key: KeyFile,
+}
+
+/// Where the root comes from.
+enum Root {
+    /// A built image (boxed: its metadata is large).
+    Image(Box<BuiltImage>),
+    /// A directory the caller named.
+    Dir(PathBuf),
+    /// A temporary root made from a host program (its absolute path).
+    FromProgram(TemporaryRoot, String),
+}
+
+/// The image to run: the one given, else (with no other root) the snapshot's.
+fn image_name(args: &RestoreArgs, manifest: &Manifest) -> anyhow::Result<Option<String>> {
+    if args.root.is_some() || args.root_from.is_some() {
+        return Ok(None);
+    }
+    let name = match (&args.image, &manifest.app.image, &manifest.app.root_from) {
+        (Some(image), _, _) => image.clone(),
+        (None, Some(image), _) => image.clone(),
+        (None, None, Some(program)) => bail!(
+            "the snapshot's root was made from the host program {program}: give \
+             --root-from {program} (or --root DIR)"
+        ),
+        (None, None, None) => bail!("give the app's root: --image, --root or --root-from"),
+    };
+    validate_image_name(&name)?;
+    Ok(Some(name))
+}
+
+/// The writable directories, each in its plain spelling.
+fn writable(
+    args: &RestoreArgs,
+    image: Option<&BuiltImage>,
+    m: &Manifest,
+) -> anyhow::Result<Vec<String>> {
+    let chosen: Vec<String> = match image {
+        Some(image) => image
+            .meta
+            .run
+            .writable
+            .iter()
+            .chain(&args.writable)
+            .cloned()
+            .collect(),
+        None if !args.writable.is_empty() => args.writable.clone(),
+        None => m.app.writable.clone(),
+    };
+    let mut plain = Vec::new();
+    for dir in chosen {
+        let dir = validate_guest_dir(&dir)?;
+        if !plain.contains(&dir) {
+            plain.push(dir);
+        }
+    }
+    Ok(plain)
+}
+
+/// The caller's configuration for restoring `manifest`, with the root it needs kept alive.
+fn configure(
+    args: &RestoreArgs,
+    manifest: &Manifest,
+    key: picocenter_snapshots::SnapshotKey,
+) -> anyhow::Result<(Config, Root, Option<tempfile::TempDir>)> {
+    let image = match image_name(args, manifest)? {
+        Some(name) => Some(
+            picocenter_images::load(args.state.state_dir(), &name)
+                .with_context(|| format!("image {name} (or give --root or --root-from)"))?,
+        ),
+        None => None,
+    };
+    let writable_dirs = writable(args, image.as_ref(), manifest)?;
+    let memory = match (&args.memory, &image) {
+        (Some(memory), _) => *memory,
+        (None, Some(image)) => image.meta.run.memory_mib,
+        (None, None) => manifest.app.memory_mib,
+    };
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| manifest.app.name.clone());
+    validate_app_name(&name)?;
+    let address = match (args.address, &manifest.app.address) {
+        (Some(a), _) => a,
+        (None, Some(a)) => a.parse().context("the snapshot's address")?,
+        (None, None) => bail!("the snapshot records no address: give --address"),
+    };
+    let root = match (image, &args.root, &args.root_from) {
+        (Some(image), _, _) => Root::Image(Box::new(image)),
+        (None, Some(dir), _) => Root::Dir(dir.clone()),
+        (None, None, Some(program)) => {
+            let absolute = std::path::absolute(program)?.display().to_string();
+            Root::FromProgram(temporary_root(program, &writable_dirs)?, absolute)
+        }
+        (None, None, None) => bail!("give the app's root: --image, --root or --root-from"),
+    };
+    let (root_dir, readonly, image_name, root_from) = match &root {
+        Root::Image(image) => (
+            image.rootfs.clone(),
+            vec![],
+            Some(image.meta.name.clone()),
+            None,
+        ),
+        Root::Dir(dir) => (dir.clone(), vec![], None, None),
+        Root::FromProgram(temp, program) => (
+            temp.dir.path().to_path_buf(),
+            temp.mounts.clone(),
+            None,
+            Some(program.clone()),
+        ),
+    };
+    if !root_dir.is_dir() {
+        bail!("the app's root {} is not a directory", root_dir.display());
+    }
+    let (temp_data, data) = data_dir(args.data_dir.as_ref())?;
+    let mut writable = Vec::new();
+    for guest in writable_dirs {
+        // A plain absolute guest path: its host directory stays under the data directory.
+        let host = data.join(guest.trim_start_matches('/'));
+        std::fs::create_dir_all(&host).with_context(|| format!("creating {}", host.display()))?;
+        writable.push((guest, host));
+    }
+    let config = Config {
+        program: manifest.app.program.clone(),
+        argv: vec![manifest.app.program.clone()],
+        env: Vec::new(),
+        root: root_dir,
+        readonly,
+        writable,
+        memory_mib: memory,
+        cwd: manifest.process.cwd.clone(),
+        name,
+        trace_syscalls: false,
+        address,
+        allow_outbound: false,
+        control: None,
+        mailbox: !args.no_mailbox,
+        doorbell_time: true,
+        image: image_name,
+        root_from,
+        snapshot_key: Some(key),
+    };
+    Ok((config, root, temp_data))
+}
+
+/// Runs `snapshot restore`.
+pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
+    let state = args.state.state_dir();
+    let key = args.key.load(state)?;
+    let store = LocalStore::open(&args.dir)?;
+    let id = match &args.id {
+        Some(id) => id.clone(),
+        None => store
+            .head()?
+            .with_context(|| format!("no snapshot in {}", args.dir.display()))?,
+    };
+    // Authenticated and bounds-checked: only then are its values defaults.
+    let manifest = store.manifest(&id, &key)?;
+    let (mut config, _root, _temp_data) = configure(&args, &manifest, key)?;
+    let options = RestoreOptions {
+        mode: args.mode,
+        relearn: args.relearn,
+    };
+    // The app goes on snapshotting into the store it came from.
+    claim_name(&mut config, state, true, Some(store.dir().to_path_buf()))?;
+    run_in_jail(config, state, args.timeout, |config| {
+        Picoprocess::restore(config, &store, &id, &options)
+    })
+}
