@@ -122,6 +122,12 @@ struct WorkerFlags {
     /// How long the worker gives an app to start or come back before giving up on it.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
     launch_timeout: f64,
+    /// How long an address an app left (it was removed, moved, or ended) stays unused
+    /// before another app gets it: longer than clients keep the app's DNS answer, so that
+    /// no client still holding it reaches somebody else's app. While an app is swapped
+    /// out here it keeps its address, whatever this says.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
+    address_quarantine: f64,
 }
 
 /// Arguments of `picocenter app`.
@@ -268,6 +274,7 @@ fn worker_options(
             state_dir: state.to_path_buf(),
             key_file: std::path::absolute(key.path(state))?,
             start_limit: seconds(flags.launch_timeout, "--launch-timeout")?,
+            address_quarantine: seconds(flags.address_quarantine, "--address-quarantine")?,
         },
         cold,
         period: Duration::from_millis(500),

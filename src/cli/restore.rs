@@ -84,6 +84,11 @@ pub struct RestoreArgs {
     /// Make every forwarded syscall a VM exit (no mailbox).
     #[arg(long)]
     no_mailbox: bool,
+    /// Adopt N sockets passed as fds 3, 4, ... (a worker passes the sockets it held while
+    /// the app was swapped out): a socket of the snapshot bound to the same address takes
+    /// the passed one, with the connections and datagrams that queued on it meanwhile.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    listen_fds: u32,
     #[command(flatten)]
     state: StateDir,
     #[command(flatten)]
@@ -224,6 +229,7 @@ fn configure(
         address,
         allow_outbound: false,
         control: None,
+        inherited_sockets: inherited_sockets(args.listen_fds)?,
         mailbox: !args.no_mailbox,
         doorbell_time: true,
         image: image_name,
@@ -231,6 +237,31 @@ fn configure(
         snapshot_key: Some(key),
     };
     Ok((config, root, temp_data))
+}
+
+/// The first fd of those handed down (as systemd's socket activation does).
+const FIRST_HANDED_FD: i32 = 3;
+
+/// Takes the `count` sockets passed as fds 3, 4, ...: each must be an open socket.
+fn inherited_sockets(count: u32) -> anyhow::Result<Vec<std::sync::Arc<std::os::fd::OwnedFd>>> {
+    use std::os::fd::FromRawFd;
+    let count = i32::try_from(count).context("--listen-fds: too many")?;
+    let mut sockets = Vec::new();
+    for raw in FIRST_HANDED_FD..FIRST_HANDED_FD.saturating_add(count) {
+        // SAFETY: fcntl(F_GETFD) only asks whether `raw` is open.
+        if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+            bail!("--listen-fds: fd {raw} is not open");
+        }
+        // SAFETY: `raw` is open and was handed to this process to own; nothing else here
+        // uses it (the CLI opens nothing before this).
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
+        if rustix::net::sockopt::socket_type(&fd).is_err() {
+            bail!("--listen-fds: fd {raw} is not a socket");
+        }
+        sockets.push(std::sync::Arc::new(fd));
+    }
+    Ok(sockets)
 }
 
 /// Runs `snapshot restore`.

@@ -518,6 +518,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         address,
         allow_outbound: args.app.allow_outbound,
         control: None,
+        inherited_sockets: Vec::new(),
         mailbox: !args.no_mailbox,
         doorbell_time: !args.no_doorbell_time,
         image: app.image.as_ref().map(|i| i.meta.name.clone()),

@@ -143,6 +143,7 @@ fn create(
             dir: None,
             stop,
             full,
+            if_idle: false,
         },
     )
     .with_context(|| format!("no running app named {name} ({})", socket.display()))?;

@@ -236,6 +236,8 @@ pub(crate) fn process(
         activeset: Default::default(),
         accepted: 0,
         warned: Default::default(),
+        handoff: Default::default(),
+        inherited_sockets: config.inherited_sockets.clone(),
     })
 }
 
@@ -259,6 +261,7 @@ pub(crate) fn finish(
             process.kicker.clone(),
             live.clone(),
             ops.clone(),
+            process.handoff.clone(),
         )?),
         None => None,
     };

@@ -7,6 +7,7 @@
 //! | `{"op":"stop","grace_ms":N}` | SIGTERM to the app; after N ms, SIGKILL |
 //! | `{"op":"snapshot","stop":B,"full":B}` | a snapshot into the app's own store (then the app ends if B) |
 //! | `{"op":"digest"}` | a digest of the app's memory, to check a restore |
+//! | `{"op":"sockets"}` | its listening and bound IP sockets, passed with SCM_RIGHTS |
 //!
 //! The socket is 0600 in a 0700 directory, and a client must run as the VMM's own user or
 //! as root (checked with SO_PEERCRED). The socket lives as long as the picoprocess: a client that asked for `stop` knows the
@@ -44,9 +45,104 @@ pub enum Request {
         /// Write every page, even if an increment of the last snapshot would do.
         #[serde(default)]
         full: bool,
+        /// Only if the app is idle at the clean point: no connection open and nothing
+        /// waiting on its sockets (else the answer says `"busy": true` and it runs on).
+        #[serde(default)]
+        if_idle: bool,
     },
     /// Digest the app's memory (non-zero pages by address and contents).
     Digest,
+    /// Hand over the app's listening and bound IP sockets: the answer line comes with
+    /// the host sockets as SCM_RIGHTS, in the order it lists them. A worker holds them
+    /// while the app is swapped out, so its address keeps accepting.
+    Sockets,
+}
+
+/// One socket handed over by [`Request::Sockets`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandedSocket {
+    /// The app's fd number for it.
+    pub guest_fd: i32,
+    /// AF_INET or AF_INET6.
+    pub domain: i32,
+    /// SOCK_STREAM or SOCK_DGRAM.
+    pub kind: i32,
+    /// The host address it is bound to.
+    pub bound: String,
+    /// Its backlog, if it listens.
+    pub listening: Option<i32>,
+}
+
+/// The sockets of an app that a worker may hold while the app is swapped out: TCP
+/// listeners and bound UDP sockets on the app's address. The syscalls that make them
+/// offer them here; the control thread reads them without the process lock (which a
+/// blocked call holds).
+#[derive(Debug, Default)]
+pub struct Handoff(std::sync::Mutex<Vec<(i32, std::sync::Weak<crate::fdtable::OpenFile>)>>);
+
+impl Handoff {
+    /// Offers the app's fd `guest_fd`, open on `file`.
+    pub fn offer(&self, guest_fd: i32, file: &Arc<crate::fdtable::OpenFile>) {
+        let mut offered = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        offered.retain(|(_, f)| f.strong_count() > 0);
+        if !offered
+            .iter()
+            .any(|(_, f)| std::ptr::eq(f.as_ptr(), Arc::as_ptr(file)))
+        {
+            offered.push((guest_fd, Arc::downgrade(file)));
+        }
+    }
+
+    /// The offered sockets that are still open, each once.
+    pub fn live(&self) -> Vec<(i32, Arc<crate::fdtable::OpenFile>)> {
+        let offered = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        offered
+            .iter()
+            .filter_map(|(fd, f)| Some((*fd, f.upgrade()?)))
+            .collect()
+    }
+}
+
+/// Sends `line` with the handed-over sockets' fds (SCM_RIGHTS) in one message.
+fn send_sockets(stream: &UnixStream, handoff: &Handoff) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let mut described = Vec::new();
+    let mut files = Vec::new();
+    for (guest_fd, file) in handoff.live() {
+        let crate::fdtable::FileKind::Socket { domain, kind } = file.kind else {
+            continue;
+        };
+        let Ok(bound) = rustix::net::getsockname(file.host()) else {
+            continue;
+        };
+        let Ok(bound) = std::net::SocketAddr::try_from(bound) else {
+            continue;
+        };
+        described.push(HandedSocket {
+            guest_fd,
+            domain,
+            kind,
+            bound: bound.to_string(),
+            listening: file.state().listening,
+        });
+        files.push(file);
+    }
+    let fds: Vec<_> = files.iter().map(|f| f.host()).collect();
+    let mut line = serde_json::json!({"ok": true, "sockets": described}).to_string();
+    line.push('\n');
+    let mut space =
+        vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
+    let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(std::io::ErrorKind::OutOfMemory.into());
+    }
+    rustix::net::sendmsg(
+        stream.as_fd(),
+        &[std::io::IoSlice::new(line.as_bytes())],
+        &mut control,
+        rustix::net::SendFlags::empty(),
+    )?;
+    Ok(())
 }
 
 /// Work the control socket hands to the vCPU thread, which does it at a clean point.
@@ -60,6 +156,8 @@ pub enum PendingOp {
         stop: bool,
         /// No increment.
         full: bool,
+        /// Only if the app is idle then.
+        if_idle: bool,
         /// Where the answer goes.
         reply: Reply,
     },
@@ -297,6 +395,7 @@ impl ControlServer {
         kicker: Kicker,
         stats: Arc<LiveStats>,
         ops: Arc<PendingOps>,
+        handoff: Arc<Handoff>,
     ) -> Result<Self, ControlError> {
         let path = control.lease.socket.clone();
         let bind_error = |source| ControlError::Bind {
@@ -319,12 +418,12 @@ impl ControlServer {
                         continue;
                     }
                     let (kicker, stats, ops) = (kicker.clone(), stats.clone(), ops.clone());
-                    let served = served.clone();
+                    let (served, handoff) = (served.clone(), handoff.clone());
                     // Named, so that a worker can tell the CPU these take (its own
                     // questions) from the app's.
                     let _ = std::thread::Builder::new()
                         .name("picocenter-control".into())
-                        .spawn(move || serve(stream, &kicker, &stats, &ops, &served));
+                        .spawn(move || serve(stream, &kicker, &stats, &ops, &served, &handoff));
                 }
             })
             .map_err(bind_error)?;
@@ -390,6 +489,7 @@ fn serve(
     stats: &LiveStats,
     ops: &PendingOps,
     control: &Control,
+    handoff: &Handoff,
 ) {
     let name = &control.lease.name;
     let Ok(writer) = stream.try_clone() else {
@@ -426,14 +526,24 @@ fn serve(
                 });
                 Some(serde_json::json!({"ok": true, "stopping": true}))
             }
-            Ok(Request::Snapshot { dir, stop, full }) => match snapshot_dir(control, dir) {
+            Ok(Request::Snapshot {
+                dir,
+                stop,
+                full,
+                if_idle,
+            }) => match snapshot_dir(control, dir) {
                 Ok(dir) => at_clean_point(kicker, ops, &writer, |reply| PendingOp::Snapshot {
                     dir,
                     stop,
                     full,
+                    if_idle,
                     reply,
                 }),
                 Err(error) => Some(serde_json::json!({"ok": false, "error": error})),
+            },
+            Ok(Request::Sockets) => match send_sockets(&writer, handoff) {
+                Ok(()) => None,
+                Err(e) => Some(serde_json::json!({"ok": false, "error": e.to_string()})),
             },
             Ok(Request::Digest) => {
                 at_clean_point(kicker, ops, &writer, |reply| PendingOp::Digest { reply })
@@ -581,6 +691,7 @@ mod tests {
             kicker,
             Arc::new(LiveStats::default()),
             Arc::new(PendingOps::default()),
+            Arc::new(Handoff::default()),
         )
         .unwrap();
         let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;

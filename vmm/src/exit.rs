@@ -310,8 +310,13 @@ impl Exits<'_> {
                 dir,
                 stop,
                 full,
+                if_idle,
                 reply,
             } => {
+                if let Some(why) = if_idle.then(|| crate::persist::busy(self.p)).flatten() {
+                    reply.send(serde_json::json!({"ok": false, "busy": true, "error": why}));
+                    return Ok(None);
+                }
                 let result = picocenter_snapshots::LocalStore::open(&dir)
                     .map_err(crate::persist::PersistError::from)
                     .and_then(|store| {

@@ -75,6 +75,8 @@ pub struct Config {
     pub address: std::net::IpAddr,
     /// Whether the app may open outbound connections to other hosts.
     pub allow_outbound: bool,
+    /// Sockets handed down for a restore (see `syscalls::net::restore_socket`).
+    pub inherited_sockets: Vec<std::sync::Arc<std::os::fd::OwnedFd>>,
     /// The control socket (`picocenter stop`, `ps`, snapshots), if the app has one.
     pub control: Option<control::Control>,
     /// Whether forwarded syscalls may go through the shared-memory mailbox while a poller

@@ -74,6 +74,11 @@ pub struct Process {
     pub accepted: u64,
     /// The pages it uses, overall and per listening port.
     pub activeset: crate::activeset::ActiveSet,
+    /// Sockets the caller of a restore handed down (held while the app was swapped out),
+    /// taken by the socket records they match.
+    pub inherited_sockets: Vec<std::sync::Arc<std::os::fd::OwnedFd>>,
+    /// The sockets a worker may hold while the app is swapped out.
+    pub handoff: std::sync::Arc<crate::control::Handoff>,
     /// Unsupported syscalls already logged (each is logged once).
     pub warned: HashSet<u64>,
 }

@@ -9,8 +9,15 @@
 //!   until the resident memory of all apps fits under the limit.
 //! * **Reports**: every second the worker tells the hub which apps are resident, what
 //!   they used, and which it swapped out or lost. The report is also the heartbeat.
+//! * **Addresses**: an app keeps its address while it is swapped out here. The worker
+//!   holds the app's listening and UDP sockets (see [`held`]), so connections queue in
+//!   their backlog and the first one wakes the app (through the hub, which places it
+//!   back here); the restored VMM takes the same sockets back. An address an app leaves
+//!   is not given to another app for `address_quarantine`, longer than any client should
+//!   keep a DNS answer.
 
 pub mod api;
+pub mod held;
 pub mod vmm;
 
 use crate::cold::Cold;
@@ -44,6 +51,8 @@ pub struct WorkerConfig {
     pub work_dir: PathBuf,
     /// How long a start or restore may take.
     pub start_limit: Duration,
+    /// How long an address an app left stays unused before another app gets it.
+    pub address_quarantine: Duration,
 }
 
 /// Why an order failed.
@@ -61,6 +70,9 @@ pub enum WorkerError {
     /// The app is not here.
     #[error("app {0} is not resident on this worker")]
     NotHere(String),
+    /// The app was not idle when its snapshot was to be taken: it runs on.
+    #[error("{0}")]
+    Busy(String),
     /// A blocking task failed.
     #[error("internal: {0}")]
     Internal(String),
@@ -89,12 +101,25 @@ struct Resident {
     looked: Instant,
 }
 
+/// The sockets of a swapped-out app, and the task that wakes it on traffic.
+#[derive(Debug)]
+struct Held {
+    sockets: held::HeldSockets,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
 /// A worker.
 #[derive(Debug)]
 pub struct Worker {
     config: WorkerConfig,
     cold: Cold,
     apps: Mutex<HashMap<String, Resident>>,
+    /// Swapped-out apps whose sockets (and so addresses) this worker holds.
+    held: Mutex<HashMap<String, Held>>,
+    /// Addresses apps left, and when: not given out again before the quarantine ends.
+    quarantine: std::sync::Mutex<Vec<(Ipv4Addr, Instant)>>,
+    /// The hub, for waking apps (set when the worker runs).
+    hub: std::sync::OnceLock<crate::client::Client>,
     /// What the next report carries besides the resident list.
     pending: std::sync::Mutex<WorkerReport>,
     /// Starts in progress, by app, so concurrent orders for one app wait for one start.
@@ -108,6 +133,9 @@ impl Worker {
             config,
             cold,
             apps: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
+            quarantine: std::sync::Mutex::new(Vec::new()),
+            hub: std::sync::OnceLock::new(),
             pending: std::sync::Mutex::new(WorkerReport::default()),
             starting: Mutex::new(HashMap::new()),
         })
@@ -150,7 +178,18 @@ impl Worker {
         let name = order.spec.name.clone();
         picocenter_snapshots::names::validate_app_name(&name)?;
         self.make_room().await;
-        let address = self.free_address().await?;
+        // An app whose sockets are held here comes back at its address, on them.
+        let held = match &order.snapshot {
+            Some(_) => self.held.lock().await.remove(&name),
+            None => None,
+        };
+        if let Some(held) = &held {
+            held.watcher.abort();
+        }
+        let address = match &held {
+            Some(held) => held.sockets.address,
+            None => self.free_address().await?,
+        };
         let spec = &order.spec;
         // Explicit memory: the registry's, else the image's (the VMM would use that too).
         let memory_mib = spec.memory_mib.or_else(|| {
@@ -170,6 +209,10 @@ impl Worker {
                     id: id.clone(),
                     image: spec.image.clone(),
                     memory_mib,
+                    sockets: held
+                        .as_ref()
+                        .map(|h| h.sockets.raw_fds())
+                        .unwrap_or_default(),
                 }
             }
             None => Launch::Fresh {
@@ -186,7 +229,19 @@ impl Worker {
             key_file: &self.config.key_file,
             log_dir: &log_dir,
         };
-        let vmm = vmm::launch(&paths, &name, address, &launch, self.config.start_limit).await?;
+        let vmm = match vmm::launch(&paths, &name, address, &launch, self.config.start_limit).await
+        {
+            Ok(vmm) => vmm,
+            Err(e) => {
+                // The sockets stay held: what queues there waits for the next attempt.
+                if let Some(held) = held {
+                    self.hold(&name, held.sockets).await;
+                }
+                return Err(e.into());
+            }
+        };
+        // The VMM has its own copies of the held sockets now.
+        drop(held);
         let ms = began.elapsed().as_secs_f64() * 1e3;
         tracing::info!(app = %name, %address, ms, restored = order.snapshot.is_some(), "started");
         let idle_after = order
@@ -211,15 +266,100 @@ impl Worker {
         Ok(Started { address, ms })
     }
 
-    /// The first address of the pool no resident app holds.
+    /// The first address of the pool that no app here has (resident, or swapped out with
+    /// its sockets held) and that no app left within the quarantine.
     async fn free_address(&self) -> Result<Ipv4Addr, WorkerError> {
         let apps = self.apps.lock().await;
+        let held = self.held.lock().await;
+        let mut quarantine = self.quarantine.lock().unwrap_or_else(|e| e.into_inner());
+        quarantine.retain(|(_, left)| left.elapsed() < self.config.address_quarantine);
         let (first, count) = self.config.addresses;
         let base = u32::from(first);
         (0..count)
             .map(|i| Ipv4Addr::from(base + i))
-            .find(|a| apps.values().all(|app| app.address != *a))
+            .find(|a| {
+                apps.values().all(|app| app.address != *a)
+                    && held.values().all(|h| h.sockets.address != *a)
+                    && quarantine.iter().all(|(q, _)| q != a)
+            })
             .ok_or(WorkerError::NoAddress(count))
+    }
+
+    /// App `address` is no longer any app's here: nobody gets it for the quarantine.
+    fn release_address(&self, address: Ipv4Addr) {
+        self.quarantine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((address, Instant::now()));
+    }
+
+    /// Holds `sockets` of swapped-out app `name`, and wakes it (through the hub) when a
+    /// connection or a datagram arrives on one.
+    async fn hold(self: &Arc<Self>, name: &str, sockets: held::HeldSockets) {
+        let probe = match sockets.probe() {
+            Ok(probe) => probe,
+            Err(e) => {
+                tracing::warn!(app = %name, "cannot watch its sockets: {e}");
+                self.release_address(sockets.address);
+                return;
+            }
+        };
+        let this = self.clone();
+        let app = name.to_string();
+        let watcher = tokio::spawn(async move {
+            loop {
+                if let Err(e) = probe.wait_for_traffic().await {
+                    tracing::warn!(app = %app, "watching its sockets: {e}");
+                    return;
+                }
+                if this.wake(&app).await {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        tracing::debug!(app = %name, address = %sockets.address, sockets = sockets.fds.len(), "holding its sockets");
+        if let Some(old) = self
+            .held
+            .lock()
+            .await
+            .insert(name.to_string(), Held { sockets, watcher })
+        {
+            old.watcher.abort();
+        }
+    }
+
+    /// Asks the hub to bring app `name` back (traffic arrived on its held sockets).
+    /// Whether the hub took the request.
+    async fn wake(&self, name: &str) -> bool {
+        let Some(hub) = self.hub.get() else {
+            return false;
+        };
+        tracing::info!(app = %name, "traffic on its held sockets: waking it");
+        let path = format!("/v1/apps/{name}/start");
+        match hub
+            .post_within::<_, serde_json::Value>(
+                &path,
+                &serde_json::json!({}),
+                self.config.start_limit,
+            )
+            .await
+        {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(app = %name, "waking it: {e}");
+                false
+            }
+        }
+    }
+
+    /// Stops holding app `name`'s sockets (it was removed, or runs elsewhere): its address
+    /// then refuses connections, and is quarantined.
+    async fn unhold(&self, name: &str) {
+        if let Some(held) = self.held.lock().await.remove(name) {
+            held.watcher.abort();
+            self.release_address(held.sockets.address);
+        }
     }
 
     /// Swaps out least-recently-active apps until the resident memory leaves room for one
@@ -248,6 +388,17 @@ impl Worker {
 
     /// Snapshots app `name` into cold storage and ends its VMM, freeing its memory.
     pub async fn swap_out(self: &Arc<Self>, name: &str) -> Result<SwappedOut, WorkerError> {
+        self.swap_out_if(name, false).await
+    }
+
+    /// [`Worker::swap_out`]; with `if_idle`, only if the app is idle at the clean point
+    /// (else [`WorkerError::Busy`], and it stays resident). Its sockets are taken over
+    /// first, so its address never stops accepting.
+    async fn swap_out_if(
+        self: &Arc<Self>,
+        name: &str,
+        if_idle: bool,
+    ) -> Result<SwappedOut, WorkerError> {
         let Some(mut app) = self.apps.lock().await.remove(name) else {
             return Err(WorkerError::NotHere(name.to_string()));
         };
@@ -261,18 +412,37 @@ impl Worker {
                 return Err(e.into());
             }
         };
+        let (control, address) = (app.vmm.control.clone(), app.address);
+        let sockets = tokio::task::spawn_blocking(move || held::take(&control, address))
+            .await
+            .map_err(|e| WorkerError::Internal(e.to_string()))?;
+        let sockets = match sockets {
+            Ok(sockets) => Some(sockets),
+            Err(e) => {
+                tracing::warn!(app = %name, "its sockets cannot be held ({e}): its address will refuse while it is out");
+                None
+            }
+        };
         let answer = vmm::request(
             &app.vmm.control,
-            &serde_json::json!({"op": "snapshot", "dir": dir, "stop": true}),
+            &serde_json::json!({"op": "snapshot", "dir": dir, "stop": true, "if_idle": if_idle}),
             Duration::from_secs(300),
         )
         .await;
         let answer = match answer {
             Ok(answer) => answer,
             Err(e) => {
-                // Still running: it stays resident.
+                // Still running: it stays resident (and keeps its own sockets).
+                let busy = matches!(&e, vmm::VmmError::Control { message, .. } if message.starts_with("busy"));
+                if busy {
+                    app.last_active = Instant::now();
+                }
                 self.apps.lock().await.insert(name.to_string(), app);
-                return Err(e.into());
+                return Err(if busy {
+                    WorkerError::Busy(e.to_string())
+                } else {
+                    e.into()
+                });
             }
         };
         let id = answer["id"].as_str().unwrap_or_default().to_string();
@@ -288,12 +458,17 @@ impl Worker {
             Err(e) => {
                 // Its VMM has ended, so it is not resident any more: the hub falls back
                 // to its last snapshot in cold storage.
+                self.release_address(address);
                 self.pending_report()
                     .ended
                     .push((name.to_string(), format!("swap-out failed: {e}")));
                 return Err(e);
             }
         };
+        match sockets {
+            Some(sockets) => self.hold(name, sockets).await,
+            None => self.release_address(address),
+        }
         let swapped = SwappedOut {
             name: name.to_string(),
             snapshot: stored.id,
@@ -308,6 +483,7 @@ impl Worker {
     /// Deletes app `name`'s snapshots from cold storage (it was removed). Returns how many
     /// there were.
     pub async fn forget(&self, name: &str) -> Result<usize, WorkerError> {
+        self.unhold(name).await;
         let cold = self.cold.clone();
         let app = name.to_string();
         let removed = tokio::task::spawn_blocking(move || cold.forget(&app))
@@ -332,6 +508,7 @@ impl Worker {
         {
             let _ = app.vmm.child.kill().await;
         }
+        self.release_address(app.address);
         Ok(())
     }
 
@@ -391,6 +568,7 @@ impl Worker {
                     let why = format!("{status}: {}", vmm::tail(&app.vmm.log, 500));
                     tracing::warn!(app = %name, "ended: {why}");
                     ended.push((name.clone(), why));
+                    self.release_address(app.address);
                     apps.remove(&name);
                     continue;
                 }
@@ -405,8 +583,12 @@ impl Worker {
         self.pending_report().ended.extend(ended);
         for name in idle {
             tracing::info!(app = %name, "idle: swapping out");
-            if let Err(e) = self.swap_out(&name).await {
-                tracing::warn!(app = %name, "swap-out failed: {e}");
+            match self.swap_out_if(&name, true).await {
+                Ok(_) => {}
+                Err(WorkerError::Busy(why)) => {
+                    tracing::info!(app = %name, "not swapped out: {why}");
+                }
+                Err(e) => tracing::warn!(app = %name, "swap-out failed: {e}"),
             }
         }
     }
@@ -418,6 +600,7 @@ impl Worker {
         let mut report = std::mem::take(&mut *self.pending_report());
         report.resident = apps.iter().map(|(n, a)| (n.clone(), a.address)).collect();
         report.memory_bytes = apps.values().map(|a| a.rss).sum();
+        report.held = self.held.lock().await.keys().cloned().collect();
         report
     }
 
@@ -474,6 +657,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let url = format!("http://{}", listener.local_addr()?);
+    let _ = worker.hub.set(hub.clone());
     let server = axum::serve(listener, api::router(worker.clone(), token));
     let server = tokio::spawn(async move { server.await });
     let hello = crate::model::WorkerHello {

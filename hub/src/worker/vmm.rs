@@ -1,6 +1,7 @@
 //! One app's VMM, as a child process of the worker: starting it (fresh or from a snapshot),
 //! talking to its control socket, and reading what it uses from /proc.
 
+use super::held;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -70,6 +71,9 @@ pub enum Launch {
         image: String,
         /// Guest memory, MiB (the image's if absent).
         memory_mib: Option<u64>,
+        /// Sockets the worker held while the app was swapped out (fds of the worker),
+        /// which the VMM takes back with what queued on them.
+        sockets: Vec<i32>,
     },
 }
 
@@ -123,9 +127,14 @@ fn command(paths: &Paths<'_>, name: &str, address: Ipv4Addr, launch: &Launch) ->
             id,
             image,
             memory_mib,
+            sockets,
         } => {
             cmd.args(["snapshot", "restore"]).arg(dir);
             cmd.args(["--id", id, "--image", image, "--mode", "activeset"]);
+            if !sockets.is_empty() {
+                cmd.arg("--listen-fds").arg(sockets.len().to_string());
+                hand_down(&mut cmd, sockets.clone());
+            }
             memory_mib
         }
     };
@@ -136,6 +145,37 @@ fn command(paths: &Paths<'_>, name: &str, address: Ipv4Addr, launch: &Launch) ->
         cmd.arg("--memory").arg(m.to_string());
     }
     cmd
+}
+
+/// Makes `sockets` the child's fds 3, 4, ... (without close-on-exec), as
+/// `snapshot restore --listen-fds` expects them.
+fn hand_down(cmd: &mut Command, sockets: Vec<i32>) {
+    // Far above anything the child has open, so that the copies never land on a target.
+    const PARKING: i32 = 4096;
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // fcntl(2) and dup2(2), which are async-signal-safe; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut parked = [0i32; held::MAX_SOCKETS];
+            for (i, &fd) in sockets.iter().enumerate().take(held::MAX_SOCKETS) {
+                parked[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, PARKING);
+                if parked[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, &fd) in parked
+                .iter()
+                .enumerate()
+                .take(sockets.len().min(held::MAX_SOCKETS))
+            {
+                // dup2 leaves the new fd without close-on-exec.
+                if libc::dup2(fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Starts app `name` at `address` and waits (at most `limit`) until its listening sockets
@@ -228,19 +268,24 @@ pub fn tail(path: &Path, bytes: usize) -> String {
     String::from_utf8_lossy(&text[start..]).trim().to_string()
 }
 
-/// Whether some TCP socket listens on `address` (any port), from /proc/net/tcp.
+/// Whether some socket serves `address` (any port): a TCP socket listening there
+/// (/proc/net/tcp) or a UDP socket bound there (/proc/net/udp).
 pub fn listening_on(address: Ipv4Addr) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
-        return false;
-    };
     // Local address as the kernel prints it: the 32-bit value in host order, in hex.
     let want = format!("{:08X}", u32::from_ne_bytes(address.octets()));
-    table.lines().skip(1).any(|line| {
-        let mut fields = line.split_whitespace();
-        let local = fields.nth(1).unwrap_or("");
-        let state = fields.nth(1).unwrap_or("");
-        state == "0A" && local.split(':').next() == Some(want.as_str())
-    })
+    let serves = |table: &str, state_wanted: Option<&str>| {
+        let Ok(table) = std::fs::read_to_string(table) else {
+            return false;
+        };
+        table.lines().skip(1).any(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1).unwrap_or("");
+            let state = fields.nth(1).unwrap_or("");
+            local.split(':').next() == Some(want.as_str())
+                && state_wanted.is_none_or(|wanted| state == wanted)
+        })
+    };
+    serves("/proc/net/tcp", Some("0A")) || serves("/proc/net/udp", None)
 }
 
 /// The answer to a stats request.
@@ -331,5 +376,9 @@ mod tests {
         let listener = std::net::TcpListener::bind((address, 0)).unwrap();
         assert!(listening_on(address));
         drop(listener);
+        assert!(!listening_on(address));
+        let udp = std::net::UdpSocket::bind((address, 0)).unwrap();
+        assert!(listening_on(address));
+        drop(udp);
     }
 }

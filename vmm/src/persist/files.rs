@@ -397,6 +397,13 @@ pub fn restore(p: &mut Process, records: &[FdRecord]) -> Result<(), FileRestoreE
                     state.unix_name = unix_name.clone();
                     state.listening = *listening;
                     state.options = options.clone();
+                    let handed = matches!(file.kind, FileKind::Socket { domain, kind }
+                        if domain != libc::AF_UNIX
+                            && (listening.is_some() || (kind == libc::SOCK_DGRAM && state.bound.is_some())));
+                    drop(state);
+                    if handed {
+                        p.handoff.offer(record.fd, &file);
+                    }
                 }
                 opened.insert(record.shared, file.clone());
                 file

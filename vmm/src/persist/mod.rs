@@ -203,6 +203,40 @@ fn archive_data(p: &Process, path: &Path) -> Result<Option<archive::Written>, Pe
 
 /// Takes a snapshot of the app into `store`. An increment of the snapshot the app was
 /// restored from (or last saved to) if that is in `store` and `full` is not set.
+/// Why the app is not idle, if it is not: a connection it holds (a request may be in
+/// flight), or a connection or datagram waiting on one of its sockets. A snapshot then
+/// would cut the first; the second a worker can keep (it holds the sockets), but the app
+/// serves it sooner by running on.
+pub fn busy(p: &Process) -> Option<String> {
+    use crate::fdtable::FileKind;
+    use rustix::event::{PollFd, PollFlags};
+    for (fd, entry) in p.files.iter() {
+        let FileKind::Socket { domain, kind } = entry.file.kind else {
+            continue;
+        };
+        if domain == libc::AF_UNIX {
+            continue;
+        }
+        let host = entry.file.host();
+        let listening = entry.file.state().listening.is_some();
+        if kind == libc::SOCK_STREAM && !listening {
+            if rustix::net::getpeername(host).is_ok() {
+                return Some(format!("busy: fd {fd} is a connection"));
+            }
+            continue;
+        }
+        let mut poll = [PollFd::new(&host, PollFlags::IN)];
+        let zero = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        if rustix::event::poll(&mut poll, Some(&zero)).is_ok_and(|n| n > 0) {
+            return Some(format!("busy: something waits on fd {fd}"));
+        }
+    }
+    None
+}
+
 pub fn capture(
     vcpu: &Vcpu,
     p: &mut Process,

@@ -145,6 +145,7 @@ mod tests {
             address: std::net::Ipv4Addr::new(127, 100, 0, 1).into(),
             allow_outbound: false,
             control: None,
+            inherited_sockets: vec![],
             mailbox: false,
             doorbell_time: false,
             image: Some("img".into()),

@@ -320,6 +320,9 @@ pub fn bind(p: &mut Process, a: &Args) -> SysResult {
             let actual = p.net.bind_address(*requested)?;
             hostcall::bind(file.host(), &encode_ip(actual))?;
             file.state().bound = Some(*requested);
+            if matches!(file.kind, FileKind::Socket { kind, .. } if kind == libc::SOCK_DGRAM) {
+                p.handoff.offer(a.fd(0), &file);
+            }
         }
         Address::UnixPath(_) | Address::UnixAbstract(_) => {
             let target = unix_target(p, &address, true)?;
@@ -341,6 +344,9 @@ pub fn listen(p: &mut Process, a: &Args) -> SysResult {
     let backlog = a.i32(1).clamp(0, 4096);
     rustix::net::listen(file.host(), backlog)?;
     file.state().listening = Some(backlog);
+    if matches!(file.kind, FileKind::Socket { domain, .. } if domain != libc::AF_UNIX) {
+        p.handoff.offer(a.fd(0), &file);
+    }
     Ok(0)
 }
 
@@ -718,10 +724,39 @@ pub fn sendfile(p: &mut Process, a: &Args) -> SysResult {
     }
 }
 
+/// The socket the app's caller handed down for a restore (a worker held it while the
+/// app was swapped out), if one is of this family and type, bound to `address` and
+/// listening exactly when `listening`: it keeps what queued on it.
+fn adopt_inherited(
+    p: &mut Process,
+    domain: i32,
+    kind: i32,
+    address: SocketAddr,
+    listening: bool,
+) -> Option<OwnedFd> {
+    use rustix::net::sockopt;
+    let position = p.inherited_sockets.iter().position(|fd| {
+        let fd = fd.as_fd();
+        let bound = rustix::net::getsockname(fd)
+            .ok()
+            .and_then(|a| SocketAddr::try_from(a).ok());
+        sockopt::socket_domain(fd).is_ok_and(|d| i32::from(d.as_raw()) == domain)
+            && sockopt::socket_type(fd).is_ok_and(|t| t.as_raw() as i32 == kind)
+            && sockopt::socket_acceptconn(fd).is_ok_and(|l| l == listening)
+            && bound == Some(address)
+    })?;
+    let inherited = p.inherited_sockets.remove(position);
+    let fd = rustix::io::fcntl_dupfd_cloexec(&*inherited, 0).ok()?;
+    rustix::io::ioctl_fionbio(&fd, true).ok()?;
+    tracing::debug!(%address, "restored a socket its caller held, with what queued on it");
+    Some(fd)
+}
+
 /// Makes a socket again from a snapshot: the same options, bound again (to the app's
-/// address now, which may differ from when it was captured), listening again.
+/// address now, which may differ from when it was captured), listening again; or the
+/// very socket the caller held meanwhile, if it handed that down.
 pub fn restore_socket(
-    p: &Process,
+    p: &mut Process,
     domain: i32,
     kind: i32,
     bound: Option<&str>,
@@ -732,6 +767,13 @@ pub fn restore_socket(
     // Only the families an app can make: a snapshot is input, and this socket is the VMM's.
     if ![libc::AF_INET, libc::AF_INET6, libc::AF_UNIX].contains(&domain) {
         return Err(Errno::AFNOSUPPORT);
+    }
+    let requested = bound.and_then(|b| b.parse::<SocketAddr>().ok());
+    if let Some(requested) = requested.filter(|r| r.port() != 0) {
+        let address = p.net.bind_address(requested)?;
+        if let Some(fd) = adopt_inherited(p, domain, kind, address, listening.is_some()) {
+            return Ok(fd);
+        }
     }
     let fd = rustix::net::socket_with(
         rustix::net::AddressFamily::from_raw(domain as u16),
@@ -744,7 +786,7 @@ pub fn restore_socket(
             hostcall::setsockopt(fd.as_fd(), *level, *name, value)?;
         }
     }
-    if let Some(requested) = bound.and_then(|b| b.parse::<SocketAddr>().ok()) {
+    if let Some(requested) = requested {
         hostcall::bind(fd.as_fd(), &encode_ip(p.net.bind_address(requested)?))?;
     } else if let Some(name) = unix_name {
         let address = decode_address(name)?;
