@@ -16,6 +16,7 @@ pub mod activeset;
 pub mod alarm;
 mod builder;
 pub mod control;
+pub mod doorbell;
 pub mod exit;
 pub mod fdtable;
 pub mod hostcall;
@@ -112,6 +113,9 @@ pub enum VmmError {
     /// A vCPU operation failed while running.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The app could not be brought out of the doorbell to a clean point.
+    #[error("bringing the app to a clean point")]
+    CleanPoint(#[from] doorbell::CleanPointError),
     /// The sandbox could not be set up.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
@@ -142,6 +146,7 @@ pub struct Picoprocess {
     vcpu: Vcpu,
     machine: Machine,
     poller: Option<mailbox::Poller>,
+    doorbell: doorbell::Doorbell,
     process: Arc<Mutex<Process>>,
     stats: exit::ExitStats,
     live: Arc<control::LiveStats>,

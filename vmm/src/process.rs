@@ -89,6 +89,17 @@ impl Process {
         std::time::Instant::now() + timeout
     }
 
+    /// Publishes which signals need not interrupt the vCPU when raised (see
+    /// [`crate::kvm::kick::Kicker::raise`]), then absorbs any raised meanwhile. Called
+    /// before the guest runs and before every blocking wait.
+    pub fn quiet_signals(&mut self) {
+        self.kicker
+            .set_quiet(self.signals.mask | self.signals.pending);
+        if self.kicker.pending() & crate::kvm::kick::reason::SIGNAL != 0 {
+            self.absorb_external_signals();
+        }
+    }
+
     /// Moves signals raised from other threads into the pending set (those the app
     /// ignores are dropped, as `raise` does for any other).
     pub fn absorb_external_signals(&mut self) {

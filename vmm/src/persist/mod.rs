@@ -63,6 +63,12 @@ pub enum PersistError {
     /// The snapshot cannot run here.
     #[error("{0}")]
     Incompatible(String),
+    /// The app was not at a clean point (its context would not be its own).
+    #[error("the app is not at a clean point: rip={rip:#x} is not a user address")]
+    NotAtCleanPoint {
+        /// Where it was.
+        rip: u64,
+    },
 }
 
 fn memory(what: &'static str) -> impl FnOnce(rustix::io::Errno) -> PersistError {
@@ -133,8 +139,14 @@ fn vma_records(p: &Process) -> Vec<VmaRecord> {
         .collect()
 }
 
+/// The app's context. The run loop settles the vCPU before any capture (see
+/// [`crate::doorbell`]), so RIP is the app's own; anything else would be a context no
+/// restore could resume, and is refused.
 fn user_context(vcpu: &Vcpu, p: &Process) -> Result<UserContext, PersistError> {
     let regs = vcpu.regs();
+    if regs.rip >= crate::memory::space::USER_END {
+        return Err(PersistError::NotAtCleanPoint { rip: regs.rip });
+    }
     let sregs = vcpu.sregs()?;
     let xsave = vcpu.xsave()?;
     Ok(UserContext {

@@ -16,15 +16,13 @@ use rustix::time::Timespec;
 use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
-/// What interrupted a wait, if anything.
+/// What interrupted a wait, if anything. Signals the app blocks are left out of the
+/// kicks while it waits.
 fn interruption(p: &mut Process) -> Option<SysError> {
-    let pending = p.kicker.pending();
-    if pending & !reason::SIGNAL != 0 {
+    if p.kicker.pending() & !reason::SIGNAL != 0 {
         return Some(SysError::Restart);
     }
-    if pending & reason::SIGNAL != 0 {
-        p.absorb_external_signals();
-    }
+    p.quiet_signals();
     p.signals.deliverable().map(|_| SysError::Interrupted)
 }
 
