@@ -59,8 +59,14 @@ impl Alarm {
         let previous = self.get();
         {
             let mut timer = self.lock();
-            timer.next = (!value.is_zero()).then(|| Instant::now() + value);
-            timer.interval = interval;
+            // Saturated as Linux does: a timer set centuries ahead is armed, never fires,
+            // and cannot overflow an `Instant`.
+            timer.next = if value.is_zero() {
+                None
+            } else {
+                crate::timeout::deadline(Instant::now(), value)
+            };
+            timer.interval = interval.min(crate::timeout::MAX_TIMEOUT);
         }
         self.shared.changed.notify_all();
         if self.thread.is_none() && !value.is_zero() {

@@ -156,7 +156,8 @@ impl Doorbell {
             )));
         };
         let call = if region == DoorbellRegion::Posted {
-            let running = poller.map(|p| move || p.running());
+            // After a panic anywhere the run ends; the poller may be the thread that died.
+            let running = poller.map(|p| move || p.running() && crate::panics::report().is_none());
             match self.settle_call(running.as_ref().map(|f| f as &dyn Fn() -> bool))? {
                 Some(call) => call,
                 None => {

@@ -169,16 +169,25 @@ fn signal_for(vector: u8) -> i32 {
 impl Picoprocess {
     /// Runs the app until it exits, dies, or its time limit passes. Must be called on the
     /// thread that built the picoprocess.
+    /// A panic on any of its threads ends the run with [`VmmError::Panicked`] (see
+    /// [`crate::panics`]).
     pub fn run(&mut self) -> Result<RunOutcome, VmmError> {
+        crate::panics::install();
+        let _watch = crate::panics::watch(self.kicker());
         // SAFETY: pthread_self has no preconditions.
         self.live.add_app_thread(unsafe { libc::pthread_self() });
         Kicker::arm(self.vcpu.immediate_exit_ptr());
-        let outcome = self.run_loop();
+        // The state a panic leaves is only dropped afterwards, never used again.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
         Kicker::arm(std::ptr::null_mut());
         if let Some(poller) = &self.poller {
             poller.stop();
         }
-        outcome
+        match (crate::panics::take_report(), outcome) {
+            (Some(report), _) => Err(VmmError::Panicked(report)),
+            (None, Ok(outcome)) => outcome,
+            (None, Err(_)) => Err(VmmError::Panicked("the vCPU thread panicked".into())),
+        }
     }
 
     /// Brings the app to a clean point if the vCPU stopped inside the doorbell (see
@@ -324,6 +333,10 @@ impl Exits<'_> {
     /// Acts on kicks that arrived; the app is outside any syscall here.
     fn take_kicks(&mut self) -> Result<Option<RunOutcome>, VmmError> {
         let pending = self.p.kicker.pending();
+        if pending & reason::FAILED != 0 {
+            let report = crate::panics::report().unwrap_or_default();
+            return Err(VmmError::Panicked(report));
+        }
         if pending & reason::TIMEOUT != 0 {
             return Ok(Some(RunOutcome::TimedOut));
         }
@@ -489,6 +502,7 @@ impl Exits<'_> {
                 })),
             };
         }
+        crate::panics::test_hook(crate::panics::Place::Vcpu, nr);
         let args = Args([regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
         let call = (nr, regs.rcx.wrapping_sub(2));
         self.p.current_call = call;

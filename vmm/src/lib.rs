@@ -24,12 +24,14 @@ pub mod kvm;
 pub mod loader;
 pub mod mailbox;
 pub mod memory;
+pub mod panics;
 pub mod persist;
 pub mod platform;
 pub mod process;
 pub mod sandbox;
 pub mod sigframe;
 pub mod syscalls;
+pub mod timeout;
 pub mod trace;
 
 use kvm::cpu::{self, CpuSetupError};
@@ -113,6 +115,9 @@ pub enum VmmError {
     /// A vCPU operation failed while running.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A VMM thread panicked (a bug in the VMM): the run ended, with this report.
+    #[error("a VMM thread panicked: {0}")]
+    Panicked(String),
     /// The app could not be brought out of the doorbell to a clean point.
     #[error("bringing the app to a clean point")]
     CleanPoint(#[from] doorbell::CleanPointError),

@@ -65,6 +65,8 @@ pub mod reason {
     pub const PAUSE: u32 = 1 << 2;
     /// A signal was raised for the app (see [`super::Kicker::raise`]).
     pub const SIGNAL: u32 = 1 << 3;
+    /// A VMM thread panicked: the run must end (see `crate::panics`).
+    pub const FAILED: u32 = 1 << 4;
 }
 
 /// A handle that interrupts one vCPU thread. Cloneable and `Send`.

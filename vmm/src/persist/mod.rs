@@ -174,7 +174,7 @@ fn signal_record(p: &Process) -> SignalRecord {
         mask: p.saved_mask.unwrap_or(p.signals.mask),
         pending: p.signals.pending,
         altstack: p.signals.altstack,
-        alarm: (left.as_nanos() as u64, interval.as_nanos() as u64),
+        alarm: (crate::timeout::nanos(left), crate::timeout::nanos(interval)),
     }
 }
 
@@ -182,7 +182,8 @@ fn process_record(p: &Process, clock: &ClockRecord) -> ProcessRecord {
     let (brk_start, brk) = p.mem.brk_state();
     let restart = p.restart.map(|(nr, rip, deadline)| {
         let left = deadline.saturating_duration_since(Instant::now());
-        (nr, rip, clock.monotonic_ns + left.as_nanos() as u64)
+        let left = crate::timeout::nanos(left);
+        (nr, rip, clock.monotonic_ns.saturating_add(left))
     });
     ProcessRecord {
         cwd: p.cwd.clone(),

@@ -109,9 +109,9 @@ pub fn wait_fd(
     Ok(wait_any(p, &[(fd, events)], deadline)?[0])
 }
 
-/// Sleeps until `deadline` or an interruption.
-pub fn sleep_until(p: &mut Process, deadline: Instant) -> Result<(), SysError> {
-    wait_any(p, &[], Some(deadline)).map(drop)
+/// Sleeps until `deadline` (`None`: forever) or an interruption.
+pub fn sleep_until(p: &mut Process, deadline: Option<Instant>) -> Result<(), SysError> {
+    wait_any(p, &[], deadline).map(drop)
 }
 
 /// Performs `op` on `file` with the blocking behaviour the app asked for: an app-blocking
