@@ -778,3 +778,41 @@ fn a_large_data_file_is_archived_and_restored_in_little_memory() {
     assert_eq!(&end, b"the end");
     swap_out(name, dir.path(), child);
 }
+
+/// An app under a signal storm (see tests/guests/storm.c) is snapshotted twice, the second
+/// time stopped, while its calls are in every stage of the doorbell: each capture waits for
+/// a clean point, and the restored app finishes its storm with every call still correct.
+#[test]
+fn an_app_snapshotted_during_a_signal_storm_resumes_correctly() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let program = guest("storm", Link::Static);
+    let mut child = picocenter()
+        .args(["run", "--name", "test-snap-storm", "--timeout", "60"])
+        .arg(&program)
+        .arg("3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    reader.read_line(&mut first).unwrap();
+    assert_eq!(first, "ready\n");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = snapshot(&[
+        "create",
+        "test-snap-storm",
+        "-o",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    std::thread::sleep(Duration::from_millis(300));
+    swap_out("test-snap-storm", dir.path(), child);
+    let mut cmd = picocenter();
+    cmd.args(["snapshot", "restore"]).arg(dir.path());
+    cmd.args(root_from(dir.path()));
+    let out = run_with_limit(&mut cmd, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
+}

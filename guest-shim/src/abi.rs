@@ -21,7 +21,7 @@
 //! Bump [`ABI_VERSION`] on any change to a value here.
 
 /// Version of this interface. Snapshots do not depend on it: they hold only app state.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -125,14 +125,15 @@ pub mod time_page {
 pub mod scratch {
     /// u16: CS as the doorbell saw it (CPL 3 on kvm_pvm, 0 on hardware KVM).
     pub const CS: u64 = 0;
-    /// u64: the app's RCX (its return address) while a time call computes.
+    /// u64: the app's RCX (its return address), saved by the doorbell's first
+    /// instructions, for every call.
     pub const RCX: u64 = 8;
-    /// u64: the app's RDX while a time call computes.
+    /// u64: the app's RDX, saved likewise.
     pub const RDX: u64 = 16;
     /// u64: the app's RSP while the doorbell restores RFLAGS.
     pub const RSP: u64 = 24;
-    /// u64: the syscall number of a time call in progress (to restart it after a fault
-    /// on the app's buffer).
+    /// u64: the app's RAX (the syscall number), saved likewise: with RCX and RDX it lets
+    /// the VMM re-execute a call it stops before the result is committed.
     pub const RAX: u64 = 32;
     /// Top of the 16-byte stack the doorbell uses to restore RFLAGS with `popfq`.
     pub const STACK_TOP: u64 = 64;

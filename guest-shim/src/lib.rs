@@ -16,18 +16,35 @@ use abi::*;
 
 std::arch::global_asm!(
     ".pushsection .rodata.picocenter_shim, \"a\"",
-    // rax = nanoseconds since the time page's TSC base; clobbers rdx.
+    // rax = nanoseconds since the time page's TSC base; clobbers rdx. A TSC a few ticks
+    // behind the base (the VMM's view of the guest TSC is not exact under nested or
+    // emulated virtualization) counts as the base, instead of wrapping to centuries ahead.
     ".macro picocenter_tsc_delta_ns",
     "rdtsc",
     "shl rdx, 32",
     "or rax, rdx",
     "sub rax, qword ptr [{tp} + {tp_tsc}]",
+    "jae 5f",
+    "xor eax, eax",
+    "5:",
     "mul qword ptr [{tp} + {tp_mult}]",
     "shrd rax, rdx, 32",
     ".endm",
     ".globl picocenter_doorbell_start",
     ".globl picocenter_doorbell_end",
     "picocenter_doorbell_start:",
+    // The regions between the labels below decide how the VMM brings an app it stops in
+    // here to a clean point (see `doorbell_region`). Keep them in this order.
+    //
+    // Entry: the app's registers are all in place. Save the three the doorbell borrows,
+    // so that until a result is committed a stop can put them back and re-execute the call.
+    "mov qword ptr [{sc} + {sc_rax}], rax",
+    "mov qword ptr [{sc} + {sc_rcx}], rcx",
+    "mov qword ptr [{sc} + {sc_rdx}], rdx",
+    // Saved: RAX, RCX and RDX may be clobbered, nothing is committed. The time paths'
+    // stores to the app's buffer are made again when the call is.
+    ".globl picocenter_doorbell_saved",
+    "picocenter_doorbell_saved:",
     // Calls answered here, with no exit.
     "cmp eax, 39",  // getpid
     "je 20f",
@@ -39,63 +56,7 @@ std::arch::global_asm!(
     "je 40f",
     "cmp eax, 201", // time
     "je 50f",
-    // Everything else goes to the VMM: through the mailbox while its poller is awake,
-    // else with an exit.
-    "10:",
-    "cmp dword ptr [{mb} + {mb_awake}], 0",
-    "je 11f",
-    "mov qword ptr [{sc} + {sc_rcx}], rcx",
-    "mov qword ptr [{sc} + {sc_rdx}], rdx",
-    "mov qword ptr [{mb} + {mb_nr}], rax",
-    "mov qword ptr [{mb} + {mb_args}], rdi",
-    "mov qword ptr [{mb} + {mb_args} + 8], rsi",
-    "mov qword ptr [{mb} + {mb_args} + 16], rdx",
-    "mov qword ptr [{mb} + {mb_args} + 24], r10",
-    "mov qword ptr [{mb} + {mb_args} + 32], r8",
-    "mov qword ptr [{mb} + {mb_args} + 40], r9",
-    "mov dword ptr [{mb} + {mb_state}], {request}",
-    "mov ecx, {spin}",
-    "12:",
-    "cmp dword ptr [{mb} + {mb_state}], {done}",
-    "je 14f",
-    "pause",
-    "dec ecx",
-    "jnz 12b",
-    // Nobody took it: withdraw it, unless the poller took it meanwhile.
-    "mov eax, {request}",
-    "xor edx, edx",
-    "lock cmpxchg dword ptr [{mb} + {mb_state}], edx",
-    "je 15f",
-    "13:",
-    "pause",
-    "cmp dword ptr [{mb} + {mb_state}], {done}",
-    "jne 13b",
-    "14:",
-    "cmp dword ptr [{mb} + {mb_declined}], 0",
-    "jne 16f",
-    "mov rax, qword ptr [{mb} + {mb_result}]",
-    "mov rdx, qword ptr [{sc} + {sc_rdx}]",
-    "mov rcx, qword ptr [{sc} + {sc_rcx}]",
-    "cmp dword ptr [{mb} + {mb_notify}], 0",
-    "mov dword ptr [{mb} + {mb_state}], {empty}",
-    "je 90f",
-    // The VMM has something to do first (a signal to deliver). The app's registers are
-    // all back in place, so this is a clean point to stop at.
-    "movabs byte ptr [{notify}], al",
-    ".globl picocenter_doorbell_notified",
-    "picocenter_doorbell_notified:",
-    "jmp 90f",
-    "16:",
-    "mov dword ptr [{mb} + {mb_state}], {empty}",
-    "15:",
-    "mov rax, qword ptr [{mb} + {mb_nr}]",
-    "mov rcx, qword ptr [{sc} + {sc_rcx}]",
-    "mov rdx, qword ptr [{sc} + {sc_rdx}]",
-    // One store to an unbacked guest-physical page. The VMM performs the call and
-    // resumes the app at RCX, so the `ud2` is only reached if it did not.
-    "11:",
-    "movabs byte ptr [{mmio}], al",
-    "ud2",
+    "jmp 10f",
 
     // getpid, gettid.
     "20:",
@@ -105,18 +66,15 @@ std::arch::global_asm!(
     // clock_gettime(clock = edi, ts = rsi) for the realtime and monotonic clocks.
     "30:",
     // REALTIME, MONOTONIC, MONOTONIC_RAW, *_COARSE and BOOTTIME (0, 1, 4-7); the CPU-time
-    // clocks (2, 3) and the rest exit. RAX still holds the number if they do.
+    // clocks (2, 3) and the rest go to the VMM. RAX still holds the number if they do.
     "cmp edi, 7",
-    "ja 10b",
+    "ja 10f",
     "cmp edi, 2",
-    "je 10b",
+    "je 10f",
     "cmp edi, 3",
-    "je 10b",
+    "je 10f",
     "cmp dword ptr [{tp} + {tp_valid}], 0",
-    "je 10b",
-    "mov qword ptr [{sc} + {sc_rax}], rax",
-    "mov qword ptr [{sc} + {sc_rcx}], rcx",
-    "mov qword ptr [{sc} + {sc_rdx}], rdx",
+    "je 10f",
     "picocenter_tsc_delta_ns",
     "test edi, edi",
     "jz 31f",
@@ -135,15 +93,12 @@ std::arch::global_asm!(
     "xor eax, eax",
     "jmp 80f",
 
-    // gettimeofday(tv = rdi, tz = rsi): timezone requests exit.
+    // gettimeofday(tv = rdi, tz = rsi): timezone requests go to the VMM.
     "40:",
     "test rsi, rsi",
-    "jnz 10b",
+    "jnz 10f",
     "cmp dword ptr [{tp} + {tp_valid}], 0",
-    "je 10b",
-    "mov qword ptr [{sc} + {sc_rax}], rax",
-    "mov qword ptr [{sc} + {sc_rcx}], rcx",
-    "mov qword ptr [{sc} + {sc_rdx}], rdx",
+    "je 10f",
     "picocenter_tsc_delta_ns",
     "add rax, qword ptr [{tp} + {tp_real}]",
     "test rdi, rdi",
@@ -164,10 +119,7 @@ std::arch::global_asm!(
     // time(tloc = rdi).
     "50:",
     "cmp dword ptr [{tp} + {tp_valid}], 0",
-    "je 10b",
-    "mov qword ptr [{sc} + {sc_rax}], rax",
-    "mov qword ptr [{sc} + {sc_rcx}], rcx",
-    "mov qword ptr [{sc} + {sc_rdx}], rdx",
+    "je 10f",
     "picocenter_tsc_delta_ns",
     "add rax, qword ptr [{tp} + {tp_real}]",
     "xor edx, edx",
@@ -176,12 +128,78 @@ std::arch::global_asm!(
     "test rdi, rdi",
     "jz 80f",
     "mov qword ptr [rdi], rax",
-    "jmp 80f",
 
     // Restore the registers a time call borrowed.
     "80:",
     "mov rdx, qword ptr [{sc} + {sc_rdx}]",
     "mov rcx, qword ptr [{sc} + {sc_rcx}]",
+    "jmp 90f",
+
+    // A mailbox call withdrawn or declined: restore the registers and exit instead.
+    "15:",
+    "mov rax, qword ptr [{sc} + {sc_rax}]",
+    "mov rcx, qword ptr [{sc} + {sc_rcx}]",
+    "mov rdx, qword ptr [{sc} + {sc_rdx}]",
+    // One store to an unbacked guest-physical page. The VMM performs the call and
+    // resumes the app at RCX, so the `ud2` is only reached if it did not.
+    "11:",
+    "movabs byte ptr [{mmio}], al",
+    "ud2",
+
+    // Everything else goes to the VMM: through the mailbox while its poller is awake,
+    // else with an exit.
+    "10:",
+    "cmp dword ptr [{mb} + {mb_awake}], 0",
+    "je 11b",
+    "mov qword ptr [{mb} + {mb_nr}], rax",
+    "mov qword ptr [{mb} + {mb_args}], rdi",
+    "mov qword ptr [{mb} + {mb_args} + 8], rsi",
+    "mov qword ptr [{mb} + {mb_args} + 16], rdx",
+    "mov qword ptr [{mb} + {mb_args} + 24], r10",
+    "mov qword ptr [{mb} + {mb_args} + 32], r8",
+    "mov qword ptr [{mb} + {mb_args} + 40], r9",
+    // The last instruction of the Saved region: after it the call is posted.
+    "mov dword ptr [{mb} + {mb_state}], {request}",
+    // Posted: the mailbox state says where the call is (EMPTY once the doorbell withdrew
+    // it or learnt it was declined), RAX, RCX and RDX are still saved.
+    ".globl picocenter_doorbell_posted",
+    "picocenter_doorbell_posted:",
+    "mov ecx, {spin}",
+    "12:",
+    "cmp dword ptr [{mb} + {mb_state}], {done}",
+    "je 14f",
+    "pause",
+    "dec ecx",
+    "jnz 12b",
+    // Nobody took it: withdraw it, unless the poller took it meanwhile.
+    "mov eax, {request}",
+    "xor edx, edx",
+    "lock cmpxchg dword ptr [{mb} + {mb_state}], edx",
+    "je 15b",
+    "13:",
+    "pause",
+    "cmp dword ptr [{mb} + {mb_state}], {done}",
+    "jne 13b",
+    "14:",
+    "cmp dword ptr [{mb} + {mb_declined}], 0",
+    "je 17f",
+    "mov dword ptr [{mb} + {mb_state}], {empty}",
+    "jmp 15b",
+    "17:",
+    "mov rax, qword ptr [{mb} + {mb_result}]",
+    "mov rdx, qword ptr [{sc} + {sc_rdx}]",
+    "mov rcx, qword ptr [{sc} + {sc_rcx}]",
+    "cmp dword ptr [{mb} + {mb_notify}], 0",
+    // The last instruction of the Posted region: after it the result is the app's.
+    "mov dword ptr [{mb} + {mb_state}], {empty}",
+    // Answered: RAX holds the result, every other register is the app's.
+    ".globl picocenter_doorbell_answered",
+    "picocenter_doorbell_answered:",
+    "je 90f",
+    // The VMM has something to do first (a signal to deliver).
+    "movabs byte ptr [{notify}], al",
+    ".globl picocenter_doorbell_notified",
+    "picocenter_doorbell_notified:",
 
     // Return to the app with RAX: `sysretq` where the doorbell runs at CPL 0 (hardware
     // KVM); at CPL 3 (kvm_pvm), restore RFLAGS from R11 on the scratch stack and jump.
@@ -191,9 +209,15 @@ std::arch::global_asm!(
     "jz 91f",
     "mov qword ptr [{sc} + {sc_rsp}], rsp",
     "lea rsp, [{sc} + {sc_stack}]",
+    // Scratch stack: as Answered, but the app's RSP is in the scratch page.
+    ".globl picocenter_doorbell_scratch_stack",
+    "picocenter_doorbell_scratch_stack:",
     "push r11",
     "popfq",
     "mov rsp, qword ptr [{sc} + {sc_rsp}]",
+    // Answered again, to the end.
+    ".globl picocenter_doorbell_app_stack",
+    "picocenter_doorbell_app_stack:",
     "jmp rcx",
     "91:",
     "sysretq",
@@ -263,8 +287,14 @@ std::arch::global_asm!(
 );
 
 extern "C" {
-    static picocenter_doorbell_notified: u8;
     static picocenter_doorbell_start: u8;
+    static picocenter_doorbell_saved: u8;
+    static picocenter_doorbell_posted: u8;
+    static picocenter_doorbell_answered: u8;
+    #[cfg_attr(not(test), allow(dead_code))]
+    static picocenter_doorbell_notified: u8;
+    static picocenter_doorbell_scratch_stack: u8;
+    static picocenter_doorbell_app_stack: u8;
     static picocenter_doorbell_end: u8;
     static picocenter_stubs_start: u8;
     #[cfg_attr(not(test), allow(dead_code))]
@@ -289,13 +319,63 @@ pub fn doorbell_code() -> &'static [u8] {
     )
 }
 
-/// Offset in the doorbell page where the app resumes after a notify exit. There all of
-/// its registers are its own again, so the VMM may stop it there (deliver a signal,
-/// snapshot it) as at any point outside the doorbell.
-pub fn notify_resume_offset() -> u64 {
-    let start = &raw const picocenter_doorbell_start as usize;
-    let notified = &raw const picocenter_doorbell_notified as usize;
-    (notified - start) as u64
+/// Offset of a doorbell symbol from the start of the doorbell.
+fn doorbell_offset(symbol: *const u8) -> u64 {
+    (symbol as usize).saturating_sub(&raw const picocenter_doorbell_start as usize) as u64
+}
+
+/// Where in the doorbell a stopped vCPU is, which says how the VMM brings the app to a
+/// clean point: one where its context is that of its own `syscall` instruction, either
+/// about to execute it (a *rewind*: RIP = RCX - 2, RAX = the number, as Linux restarts a
+/// call) or just after it returned (a *completion*: RIP = RCX, RAX = the result). In every
+/// region R11 holds the app's RFLAGS and only RAX, RCX, RDX and RSP may differ from the
+/// app's; the scratch page ([`abi::scratch`]) holds what the region says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DoorbellRegion {
+    /// The first instructions: every register is the app's. Rewind.
+    Entry,
+    /// RAX, RCX and RDX are saved in the scratch page and may be clobbered; no result is
+    /// committed (a time call may have stored part of its answer, which it stores again).
+    /// Rewind with the saved ones. The exit store is here too.
+    Saved,
+    /// A call is in the mailbox: its state decides. REQUEST: withdraw it (cmpxchg to
+    /// EMPTY) and rewind; TAKEN: wait for the poller; DONE and declined, or EMPTY (the
+    /// doorbell withdrew it or saw it declined): rewind; DONE and performed: complete with
+    /// its result. RAX, RCX and RDX are saved as in `Saved`.
+    Posted,
+    /// RAX holds the result and every other register is the app's (the notify exit and
+    /// the return sequence). Complete.
+    Answered,
+    /// As `Answered`, but RSP points at the doorbell's scratch stack (restoring RFLAGS with
+    /// `popfq` at CPL 3): the app's RSP is in the scratch page. Complete with it.
+    ScratchStack,
+}
+
+/// The region of the doorbell at byte `offset` from its start, or `None` past its code
+/// (where no instruction is). The regions are ranges between labels of the assembly, in
+/// the order of the table below.
+pub fn doorbell_region(offset: u64) -> Option<DoorbellRegion> {
+    use DoorbellRegion::*;
+    let at = doorbell_offset;
+    let table = [
+        (0, Entry),
+        (at(&raw const picocenter_doorbell_saved), Saved),
+        (at(&raw const picocenter_doorbell_posted), Posted),
+        (at(&raw const picocenter_doorbell_answered), Answered),
+        (
+            at(&raw const picocenter_doorbell_scratch_stack),
+            ScratchStack,
+        ),
+        (at(&raw const picocenter_doorbell_app_stack), Answered),
+    ];
+    if offset >= doorbell_code().len() as u64 {
+        return None;
+    }
+    table
+        .iter()
+        .rev()
+        .find(|(start, _)| offset >= *start)
+        .map(|&(_, region)| region)
 }
 
 /// Machine code of the exception stubs followed by the PTE writer (place it at
@@ -324,6 +404,134 @@ mod tests {
             .filter(|w| *w == store.as_slice())
             .count();
         assert_eq!(found, 1);
+    }
+
+    /// Offsets in the doorbell where `pattern` occurs.
+    fn find(pattern: &[u8]) -> Vec<u64> {
+        doorbell_code()
+            .windows(pattern.len())
+            .enumerate()
+            .filter(|(_, w)| *w == pattern)
+            .map(|(i, _)| i as u64)
+            .collect()
+    }
+
+    /// `opcode modrm 0x25 disp32` with an absolute 32-bit address (sign-extended).
+    fn absolute(opcode: &[u8], modrm: u8, address: u64) -> Vec<u8> {
+        let mut bytes = opcode.to_vec();
+        bytes.extend_from_slice(&[modrm, 0x25]);
+        bytes.extend_from_slice(&(address as u32).to_le_bytes());
+        bytes
+    }
+
+    fn state_store(value: u32) -> Vec<u8> {
+        let mut bytes = absolute(&[0xc7], 0x04, MAILBOX_VA + mailbox::STATE);
+        bytes.extend_from_slice(&value.to_le_bytes());
+        bytes
+    }
+
+    fn offset(symbol: *const u8) -> u64 {
+        doorbell_offset(symbol)
+    }
+
+    #[test]
+    fn the_entry_saves_rax_rcx_rdx_and_nothing_else() {
+        let saved = offset(&raw const picocenter_doorbell_saved);
+        let mut expected = absolute(&[0x48, 0x89], 0x04, SCRATCH_VA + scratch::RAX);
+        expected.extend(absolute(&[0x48, 0x89], 0x0c, SCRATCH_VA + scratch::RCX));
+        expected.extend(absolute(&[0x48, 0x89], 0x14, SCRATCH_VA + scratch::RDX));
+        assert_eq!(&doorbell_code()[..saved as usize], expected.as_slice());
+        assert_eq!(doorbell_region(0), Some(DoorbellRegion::Entry));
+        assert_eq!(doorbell_region(saved - 1), Some(DoorbellRegion::Entry));
+        assert_eq!(doorbell_region(saved), Some(DoorbellRegion::Saved));
+    }
+
+    #[test]
+    fn a_call_is_posted_exactly_at_the_posted_label() {
+        let posted = offset(&raw const picocenter_doorbell_posted);
+        let request = state_store(mailbox::REQUEST);
+        assert_eq!(find(&request), vec![posted - request.len() as u64]);
+        assert_eq!(doorbell_region(posted - 1), Some(DoorbellRegion::Saved));
+        assert_eq!(doorbell_region(posted), Some(DoorbellRegion::Posted));
+    }
+
+    #[test]
+    fn results_are_the_apps_only_after_the_last_mailbox_store() {
+        let (posted, answered) = (
+            offset(&raw const picocenter_doorbell_posted),
+            offset(&raw const picocenter_doorbell_answered),
+        );
+        let empty = state_store(mailbox::EMPTY);
+        let stores = find(&empty);
+        assert_eq!(stores.last(), Some(&(answered - empty.len() as u64)));
+        for store in stores {
+            assert_eq!(doorbell_region(store), Some(DoorbellRegion::Posted));
+            assert!(store >= posted);
+        }
+        assert_eq!(doorbell_region(answered), Some(DoorbellRegion::Answered));
+        // The notify exit resumes in the return sequence, answered.
+        let notified = offset(&raw const picocenter_doorbell_notified);
+        let mut notify = vec![0xa2];
+        notify.extend_from_slice(&NOTIFY_MMIO_VA.to_le_bytes());
+        assert_eq!(find(&notify), vec![notified - notify.len() as u64]);
+        assert_eq!(doorbell_region(notified), Some(DoorbellRegion::Answered));
+    }
+
+    #[test]
+    fn the_exit_and_the_stores_to_the_app_are_in_the_saved_region() {
+        let mut exit = vec![0xa2];
+        exit.extend_from_slice(&DOORBELL_MMIO_VA.to_le_bytes());
+        // mov [rsi], rax; mov [rsi + 8], rdx; mov [rdi], rax; mov [rdi + 8], rax.
+        let app_stores: [&[u8]; 4] = [
+            &[0x48, 0x89, 0x06],
+            &[0x48, 0x89, 0x56, 0x08],
+            &[0x48, 0x89, 0x07],
+            &[0x48, 0x89, 0x47, 0x08],
+        ];
+        for pattern in std::iter::once(exit.as_slice()).chain(app_stores) {
+            let found = find(pattern);
+            assert!(!found.is_empty(), "{pattern:x?} not found");
+            for at in found {
+                assert_eq!(
+                    doorbell_region(at),
+                    Some(DoorbellRegion::Saved),
+                    "{pattern:x?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rsp_is_the_scratch_stack_exactly_between_its_labels() {
+        let code = doorbell_code();
+        let (scratch_stack, app_stack) = (
+            offset(&raw const picocenter_doorbell_scratch_stack),
+            offset(&raw const picocenter_doorbell_app_stack),
+        );
+        let lea = absolute(&[0x48, 0x8d], 0x24, SCRATCH_VA + scratch::STACK_TOP);
+        assert_eq!(find(&lea), vec![scratch_stack - lea.len() as u64]);
+        let mut body = vec![0x41, 0x53, 0x9d]; // push r11; popfq
+        body.extend(absolute(&[0x48, 0x8b], 0x24, SCRATCH_VA + scratch::RSP));
+        assert_eq!(
+            &code[scratch_stack as usize..app_stack as usize],
+            body.as_slice()
+        );
+        assert_eq!(
+            doorbell_region(scratch_stack - 1),
+            Some(DoorbellRegion::Answered)
+        );
+        for at in scratch_stack..app_stack {
+            assert_eq!(doorbell_region(at), Some(DoorbellRegion::ScratchStack));
+        }
+        // jmp rcx; sysretq; the end.
+        assert_eq!(&code[app_stack as usize..], &[0xff, 0xe1, 0x48, 0x0f, 0x07]);
+        assert_eq!(doorbell_region(app_stack), Some(DoorbellRegion::Answered));
+        assert_eq!(
+            doorbell_region(code.len() as u64 - 1),
+            Some(DoorbellRegion::Answered)
+        );
+        assert_eq!(doorbell_region(code.len() as u64), None);
+        assert_eq!(doorbell_region(PAGE_SIZE - 1), None);
     }
 
     #[test]

@@ -492,7 +492,14 @@ mod tests {
             names.push(definition.name);
         }
         names.sort();
-        let expected = ["counter-http", "hello", "lighttpd", "nginx", "python-http"];
+        let expected = [
+            "counter-http",
+            "hello",
+            "lighttpd",
+            "nginx",
+            "python-http",
+            "udp-counter",
+        ];
         assert_eq!(names, expected);
     }
 }

@@ -11,6 +11,8 @@ pub struct Plan {
     spec: JailSpec,
     /// Directories the app's uid must own (recursively): where it writes.
     owned: Vec<PathBuf>,
+    /// Temporary directories to remove when the VMM is done (the jailed VMM may not).
+    cleanup: Vec<PathBuf>,
     run_dir: PathBuf,
     address: std::net::IpAddr,
 }
@@ -21,6 +23,7 @@ impl Plan {
         let mut plan = Plan {
             spec: JailSpec::default(),
             owned: Vec::new(),
+            cleanup: Vec::new(),
             run_dir: state_dir.join("run"),
             address: config.address,
         };
@@ -34,6 +37,11 @@ impl Plan {
         }
         plan.spec.show(&plan.run_dir, Access::ReadWrite);
         plan
+    }
+
+    /// Removes `dir` (a temporary root or data directory) when the VMM is done.
+    pub fn remove_after(&mut self, dir: &Path) {
+        self.cleanup.push(dir.to_path_buf());
     }
 
     /// Shows `dir` read-write and gives it to the app's uid.
@@ -59,6 +67,7 @@ pub fn run_jailed(
     Ok(supervise::supervise(
         plan.spec,
         &plan.owned,
+        &plan.cleanup,
         &plan.run_dir,
         plan.address,
         report,

@@ -277,14 +277,21 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     };
     // Authenticated and bounds-checked: only then are its values defaults.
     let manifest = store.manifest(&id, &key)?;
-    let (mut config, _root, _temp_data) = configure(&args, &manifest, key)?;
+    let (mut config, root, temp_data) = configure(&args, &manifest, key)?;
     let options = RestoreOptions {
         mode: args.mode,
         relearn: args.relearn,
     };
     // The app goes on snapshotting into the store it came from.
     claim_name(&mut config, state, true, Some(store.dir().to_path_buf()))?;
-    run_in_jail(config, state, args.timeout, |config| {
+    let mut temporary = Vec::new();
+    if let Root::FromProgram(temp, _) = &root {
+        temporary.push(temp.dir.path());
+    }
+    if let Some(data) = &temp_data {
+        temporary.push(data.path());
+    }
+    run_in_jail(config, state, &temporary, args.timeout, |config| {
         Picoprocess::restore(config, &store, &id, &options)
     })
 }

@@ -394,10 +394,18 @@ pub(super) fn claim_name(
 pub(super) fn run_in_jail(
     config: Config,
     state_dir: &Path,
+    temporary: &[&Path],
     timeout: Option<f64>,
     build: impl FnOnce(&Config) -> Result<Picoprocess, picocenter_vmm::VmmError>,
 ) -> anyhow::Result<i32> {
     let mut plan = super::jail::Plan::for_config(state_dir, &config);
+    for dir in temporary {
+        plan.remove_after(dir);
+    }
+    // The jailed VMM may not remove its own control socket.
+    if let Some(control) = &config.control {
+        plan.remove_after(&control.lease.socket);
+    }
     if let Some(store) = config.control.as_ref().and_then(|c| c.store.as_ref()) {
         plan.writable(store);
     }
@@ -528,5 +536,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let explicit_name = args.app.name.is_some() || args.image.is_some();
     let state_dir = args.state.state_dir();
     claim_name(&mut config, state_dir, explicit_name, args.store.clone())?;
-    run_in_jail(config, state_dir, args.timeout, Picoprocess::new)
+    let temporary: Vec<&Path> = app
+        ._temp_root
+        .iter()
+        .map(|root| root.dir.path())
+        .chain(_temp_data.iter().map(|data| data.path()))
+        .collect();
+    run_in_jail(
+        config,
+        state_dir,
+        &temporary,
+        args.timeout,
+        Picoprocess::new,
+    )
 }

@@ -265,6 +265,7 @@ pub(crate) fn finish(
         )?),
         None => None,
     };
+    let doorbell = crate::doorbell::Doorbell::new(process.mem.phys())?;
     let mailbox_page = process.mem.phys().shared_page(
         memory::layout::SYSTEM_GPA + picocenter_guest_shim::abi::MAILBOX_PAGE * 4096,
     )?;
@@ -288,6 +289,7 @@ pub(crate) fn finish(
         vcpu,
         machine,
         poller,
+        doorbell,
         process,
         stats: Default::default(),
         live,

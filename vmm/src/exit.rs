@@ -4,6 +4,7 @@
 //! may be a demand page fault to serve), and a kick (a timeout or an operator's request).
 
 use crate::control::{LiveStats, PendingOp, PendingOps};
+use crate::doorbell::{Recovery, Settled};
 use crate::kvm::kick::{reason, Kicker};
 use crate::kvm::system::kernel_stack_top;
 use crate::kvm::vcpu::Exit;
@@ -66,6 +67,10 @@ pub struct ExitStats {
     pub interruptions: u64,
     /// Notification exits (the doorbell asking the VMM to act after a mailbox call).
     pub notifications: u64,
+    /// Stops inside the doorbell brought to a clean point by rewinding the call.
+    pub rewound_in_doorbell: u64,
+    /// Stops inside the doorbell brought to a clean point by completing the call.
+    pub completed_in_doorbell: u64,
     /// Page-table entries invalidated one by one (kvm_pvm's PTE writer).
     pub entries_rewritten: u64,
     /// Invalidations of every translation.
@@ -164,16 +169,43 @@ fn signal_for(vector: u8) -> i32 {
 impl Picoprocess {
     /// Runs the app until it exits, dies, or its time limit passes. Must be called on the
     /// thread that built the picoprocess.
+    /// A panic on any of its threads ends the run with [`VmmError::Panicked`] (see
+    /// [`crate::panics`]).
     pub fn run(&mut self) -> Result<RunOutcome, VmmError> {
+        crate::panics::install();
+        let _watch = crate::panics::watch(self.kicker());
         // SAFETY: pthread_self has no preconditions.
         self.live.add_app_thread(unsafe { libc::pthread_self() });
         Kicker::arm(self.vcpu.immediate_exit_ptr());
-        let outcome = self.run_loop();
+        // The state a panic leaves is only dropped afterwards, never used again.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
         Kicker::arm(std::ptr::null_mut());
         if let Some(poller) = &self.poller {
             poller.stop();
         }
-        outcome
+        match (crate::panics::take_report(), outcome) {
+            (Some(report), _) => Err(VmmError::Panicked(report)),
+            (None, Ok(outcome)) => outcome,
+            (None, Err(_)) => Err(VmmError::Panicked("the vCPU thread panicked".into())),
+        }
+    }
+
+    /// Brings the app to a clean point if the vCPU stopped inside the doorbell (see
+    /// [`crate::doorbell`]). Called without the process lock: the poller may need it to
+    /// finish a call the app is waiting for.
+    fn settle(&mut self) -> Result<Option<RunOutcome>, VmmError> {
+        match self.doorbell.settle(&mut self.vcpu, self.poller.as_ref())? {
+            Settled::Outside => {}
+            Settled::Recovered(Recovery::Rewind(_)) => self.stats.rewound_in_doorbell += 1,
+            Settled::Recovered(Recovery::Complete(_)) => self.stats.completed_in_doorbell += 1,
+            Settled::Stray(report) => {
+                return Ok(Some(RunOutcome::Killed {
+                    signal: libc::SIGSEGV,
+                    report,
+                }))
+            }
+        }
+        Ok(None)
     }
 
     /// The exit-handling context over this picoprocess, with the process state locked.
@@ -193,18 +225,18 @@ impl Picoprocess {
         let mut last_fault = (0u64, 0u64, 0u32);
         let process = self.process.clone();
         loop {
+            // Whatever stopped the vCPU, the app's context is its own from here on: the
+            // kicks, signals and snapshots below may look at it.
+            if let Some(outcome) = self.settle()? {
+                return Ok(outcome);
+            }
             {
                 // The process state is locked whenever the guest is not running, so that a
                 // mailbox poller only touches it while the guest waits for an answer.
                 let mut p = lock(&process);
-                let mut x = self.exits(&mut p);
-                if let Some(outcome) = x.take_kicks()? {
+                if let Some(outcome) = self.exits(&mut p).before_entry()? {
                     return Ok(outcome);
                 }
-                if let Some(outcome) = x.deliver_signals()? {
-                    return Ok(outcome);
-                }
-                x.prepare_entry()?;
             }
             let exit = self.vcpu.run();
             let mut p = lock(&process);
@@ -273,9 +305,38 @@ impl Exits<'_> {
         self.live.connections.store(self.p.accepted, Relaxed);
     }
 
+    /// Everything between two runs of the guest: kicks, signals, then what the last exit
+    /// changed.
+    fn before_entry(&mut self) -> Result<Option<RunOutcome>, VmmError> {
+        // Every kick so far is acted on below, so a stale `immediate_exit` would only cost
+        // an empty round trip into the guest (one per signal in a storm). A kick from now
+        // on sets it again.
+        self.vcpu.clear_immediate_exit();
+        loop {
+            if let Some(outcome) = self.take_kicks()? {
+                return Ok(Some(outcome));
+            }
+            if let Some(outcome) = self.deliver_signals()? {
+                return Ok(Some(outcome));
+            }
+            // From here on only signals the app can take at once kick the guest; those
+            // raised since the kicks were taken are delivered first.
+            self.p.quiet_signals();
+            if self.p.signals.deliverable().is_none() {
+                break;
+            }
+        }
+        self.prepare_entry()?;
+        Ok(None)
+    }
+
     /// Acts on kicks that arrived; the app is outside any syscall here.
     fn take_kicks(&mut self) -> Result<Option<RunOutcome>, VmmError> {
         let pending = self.p.kicker.pending();
+        if pending & reason::FAILED != 0 {
+            let report = crate::panics::report().unwrap_or_default();
+            return Err(VmmError::Panicked(report));
+        }
         if pending & reason::TIMEOUT != 0 {
             return Ok(Some(RunOutcome::TimedOut));
         }
@@ -289,14 +350,10 @@ impl Exits<'_> {
             self.p.absorb_external_signals();
         }
         if pending & reason::PAUSE != 0 {
-            if self.in_doorbell() {
-                self.retry_soon(reason::PAUSE);
-            } else {
-                self.p.kicker.clear(reason::PAUSE);
-                for op in self.ops.take() {
-                    if let Some(outcome) = self.perform(op)? {
-                        return Ok(Some(outcome));
-                    }
+            self.p.kicker.clear(reason::PAUSE);
+            for op in self.ops.take() {
+                if let Some(outcome) = self.perform(op)? {
+                    return Ok(Some(outcome));
                 }
             }
         }
@@ -362,12 +419,6 @@ impl Exits<'_> {
     /// Delivers every pending signal the app does not block: runs its default action or
     /// builds a handler frame (nesting, as Linux does when several are pending).
     fn deliver_signals(&mut self) -> Result<Option<RunOutcome>, VmmError> {
-        if self.p.signals.deliverable().is_some() && self.in_doorbell() {
-            // The doorbell's own registers and scratch slots are in use: let it finish its
-            // call (a few microseconds) and try again then.
-            self.retry_soon(reason::SIGNAL);
-            return Ok(None);
-        }
         while let Some(signal) = self.p.signals.deliverable() {
             match self.p.signals.disposition(signal) {
                 Disposition::Ignore => {
@@ -391,22 +442,6 @@ impl Exits<'_> {
             }
         }
         Ok(None)
-    }
-
-    /// Whether the app is inside the doorbell (answering a call in the guest, or waiting
-    /// on the mailbox): not a point where its context may be saved.
-    fn in_doorbell(&self) -> bool {
-        let offset = self.vcpu.regs().rip.wrapping_sub(abi::DOORBELL_VA);
-        offset < abi::PAGE_SIZE && offset != picocenter_guest_shim::notify_resume_offset()
-    }
-
-    /// Kicks the vCPU again shortly for `why`, to act at the next clean point.
-    fn retry_soon(&self, why: u32) {
-        let kicker = self.p.kicker.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_micros(200));
-            kicker.kick(why);
-        });
     }
 
     /// Builds a handler frame for `info`; a frame that cannot be written kills the app.
@@ -472,6 +507,7 @@ impl Exits<'_> {
                 })),
             };
         }
+        crate::panics::test_hook(crate::panics::Place::Vcpu, nr);
         let args = Args([regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
         let call = (nr, regs.rcx.wrapping_sub(2));
         self.p.current_call = call;

@@ -16,6 +16,7 @@ pub mod activeset;
 pub mod alarm;
 mod builder;
 pub mod control;
+pub mod doorbell;
 pub mod exit;
 pub mod fdtable;
 pub mod hostcall;
@@ -23,12 +24,14 @@ pub mod kvm;
 pub mod loader;
 pub mod mailbox;
 pub mod memory;
+pub mod panics;
 pub mod persist;
 pub mod platform;
 pub mod process;
 pub mod sandbox;
 pub mod sigframe;
 pub mod syscalls;
+pub mod timeout;
 pub mod trace;
 
 use kvm::cpu::{self, CpuSetupError};
@@ -118,6 +121,12 @@ pub enum VmmError {
     /// A vCPU operation failed while running.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A VMM thread panicked (a bug in the VMM): the run ended, with this report.
+    #[error("a VMM thread panicked: {0}")]
+    Panicked(String),
+    /// The app could not be brought out of the doorbell to a clean point.
+    #[error("bringing the app to a clean point")]
+    CleanPoint(#[from] doorbell::CleanPointError),
     /// The sandbox could not be set up.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
@@ -148,6 +157,7 @@ pub struct Picoprocess {
     vcpu: Vcpu,
     machine: Machine,
     poller: Option<mailbox::Poller>,
+    doorbell: doorbell::Doorbell,
     process: Arc<Mutex<Process>>,
     stats: exit::ExitStats,
     live: Arc<control::LiveStats>,

@@ -74,6 +74,12 @@ impl Poller {
         }
     }
 
+    /// Whether the poller thread still runs: it ends only when stopped, or by a panic.
+    pub fn running(&self) -> bool {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Calls answered through the mailbox so far.
     pub fn calls(&self) -> u64 {
         self.shared.calls.load(Ordering::Relaxed)
@@ -150,6 +156,7 @@ fn take_call(shared: &Shared) -> bool {
     let (result, declined, notify) = {
         let mut p = lock(&shared.process);
         let outcome = if syscalls::mailbox_allowed(nr) {
+            crate::panics::test_hook(crate::panics::Place::Mailbox, nr);
             p.in_mailbox = true;
             let outcome = syscalls::perform(&mut p, nr, &Args(args));
             p.in_mailbox = false;

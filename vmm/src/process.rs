@@ -84,16 +84,28 @@ pub struct Process {
 }
 
 impl Process {
-    /// The deadline of a call with timeout `timeout`: `timeout` from now, or, when this
-    /// call is the re-execution of one the VMM interrupted, that call's own deadline.
-    pub fn deadline_after(&mut self, timeout: std::time::Duration) -> std::time::Instant {
+    /// The deadline of a call with timeout `timeout`: `timeout` from now (saturated, see
+    /// [`crate::timeout`]; `None` is no deadline), or, when this call is the re-execution
+    /// of one the VMM interrupted, that call's own deadline.
+    pub fn deadline_after(&mut self, timeout: std::time::Duration) -> Option<std::time::Instant> {
         if let Some((nr, rip, deadline)) = self.restart {
             if (nr, rip) == self.current_call {
                 self.restart = None;
-                return deadline;
+                return Some(deadline);
             }
         }
-        std::time::Instant::now() + timeout
+        crate::timeout::deadline(std::time::Instant::now(), timeout)
+    }
+
+    /// Publishes which signals need not interrupt the vCPU when raised (see
+    /// [`crate::kvm::kick::Kicker::raise`]), then absorbs any raised meanwhile. Called
+    /// before the guest runs and before every blocking wait.
+    pub fn quiet_signals(&mut self) {
+        self.kicker
+            .set_quiet(self.signals.mask | self.signals.pending);
+        if self.kicker.pending() & crate::kvm::kick::reason::SIGNAL != 0 {
+            self.absorb_external_signals();
+        }
     }
 
     /// Moves signals raised from other threads into the pending set (those the app

@@ -65,6 +65,8 @@ pub mod reason {
     pub const PAUSE: u32 = 1 << 2;
     /// A signal was raised for the app (see [`super::Kicker::raise`]).
     pub const SIGNAL: u32 = 1 << 3;
+    /// A VMM thread panicked: the run must end (see `crate::panics`).
+    pub const FAILED: u32 = 1 << 4;
 }
 
 /// A handle that interrupts one vCPU thread. Cloneable and `Send`.
@@ -73,6 +75,7 @@ pub struct Kicker {
     thread: libc::pthread_t,
     reasons: Arc<AtomicU32>,
     signals: Arc<AtomicU64>,
+    quiet: Arc<AtomicU64>,
     wake: Arc<OwnedFd>,
 }
 
@@ -86,6 +89,7 @@ impl Kicker {
             thread: unsafe { libc::pthread_self() },
             reasons: Arc::new(AtomicU32::new(0)),
             signals: Arc::new(AtomicU64::new(0)),
+            quiet: Arc::new(AtomicU64::new(0)),
             wake: Arc::new(rustix::event::eventfd(
                 0,
                 EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC,
@@ -109,12 +113,27 @@ impl Kicker {
     }
 
     /// Raises signal `signal` (1..=64) for the app, from any thread: an operator's
-    /// SIGTERM, a timer's SIGALRM.
+    /// SIGTERM, a timer's SIGALRM. A signal the app blocks or already has pending (see
+    /// [`Self::set_quiet`]) is only noted: as on Linux, its arrival changes nothing the app
+    /// could see, so it does not interrupt the vCPU. Otherwise a timer faster than the
+    /// VMM's exits would keep the app from running at all.
     pub fn raise(&self, signal: i32) {
         if (1..=64).contains(&signal) {
-            self.signals.fetch_or(1 << (signal - 1), Ordering::SeqCst);
-            self.kick(reason::SIGNAL);
+            let bit = 1u64 << (signal - 1);
+            self.signals.fetch_or(bit, Ordering::SeqCst);
+            if self.quiet.load(Ordering::SeqCst) & bit != 0 {
+                self.reasons.fetch_or(reason::SIGNAL, Ordering::SeqCst);
+            } else {
+                self.kick(reason::SIGNAL);
+            }
         }
+    }
+
+    /// Sets the signals whose raising need not interrupt the vCPU: those the app blocks or
+    /// has pending. The vCPU thread sets it before the guest runs or the VMM waits, and
+    /// then looks at the raised signals once more, so none raised meanwhile is missed.
+    pub fn set_quiet(&self, signals: u64) {
+        self.quiet.store(signals, Ordering::SeqCst);
     }
 
     /// Takes the signals raised since the last call (bit n-1 for signal n).
@@ -137,5 +156,28 @@ impl Kicker {
     /// The eventfd that becomes readable on every kick; blocking waits poll it.
     pub fn wake_fd(&self) -> &OwnedFd {
         &self.wake
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn woken(kicker: &Kicker) -> bool {
+        rustix::io::read(kicker.wake_fd(), &mut [0u8; 8]).is_ok()
+    }
+
+    #[test]
+    fn a_blocked_or_pending_signal_is_noted_without_a_kick() {
+        let kicker = Kicker::for_current_thread().unwrap();
+        kicker.set_quiet(1 << (libc::SIGALRM - 1));
+        kicker.raise(libc::SIGALRM);
+        assert!(!woken(&kicker), "a quiet signal woke the vCPU thread");
+        assert_eq!(kicker.pending(), reason::SIGNAL);
+        assert_eq!(kicker.take_signals(), 1 << (libc::SIGALRM - 1));
+        kicker.clear(reason::SIGNAL);
+        kicker.raise(libc::SIGUSR1);
+        assert!(woken(&kicker), "a signal the app can take did not kick");
+        assert_eq!(kicker.take_signals(), 1 << (libc::SIGUSR1 - 1));
     }
 }

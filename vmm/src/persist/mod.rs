@@ -74,6 +74,12 @@ pub enum PersistError {
     /// The snapshot cannot run here.
     #[error("{0}")]
     Incompatible(String),
+    /// The app was not at a clean point (its context would not be its own).
+    #[error("the app is not at a clean point: rip={rip:#x} is not a user address")]
+    NotAtCleanPoint {
+        /// Where it was.
+        rip: u64,
+    },
 }
 
 fn memory(what: &'static str) -> impl FnOnce(rustix::io::Errno) -> PersistError {
@@ -144,8 +150,14 @@ fn vma_records(p: &Process) -> Vec<VmaRecord> {
         .collect()
 }
 
+/// The app's context. The run loop settles the vCPU before any capture (see
+/// [`crate::doorbell`]), so RIP is the app's own; anything else would be a context no
+/// restore could resume, and is refused.
 fn user_context(vcpu: &Vcpu, p: &Process) -> Result<UserContext, PersistError> {
     let regs = vcpu.regs();
+    if regs.rip >= crate::memory::space::USER_END {
+        return Err(PersistError::NotAtCleanPoint { rip: regs.rip });
+    }
     let sregs = vcpu.sregs()?;
     let xsave = vcpu.xsave()?;
     Ok(UserContext {
@@ -173,7 +185,7 @@ fn signal_record(p: &Process) -> SignalRecord {
         mask: p.saved_mask.unwrap_or(p.signals.mask),
         pending: p.signals.pending,
         altstack: p.signals.altstack,
-        alarm: (left.as_nanos() as u64, interval.as_nanos() as u64),
+        alarm: (crate::timeout::nanos(left), crate::timeout::nanos(interval)),
     }
 }
 
@@ -181,7 +193,8 @@ fn process_record(p: &Process, clock: &ClockRecord) -> ProcessRecord {
     let (brk_start, brk) = p.mem.brk_state();
     let restart = p.restart.map(|(nr, rip, deadline)| {
         let left = deadline.saturating_duration_since(Instant::now());
-        (nr, rip, clock.monotonic_ns + left.as_nanos() as u64)
+        let left = crate::timeout::nanos(left);
+        (nr, rip, clock.monotonic_ns.saturating_add(left))
     });
     ProcessRecord {
         cwd: p.cwd.clone(),

@@ -14,45 +14,54 @@ use rustix::net::{
 use std::io::{IoSlice, IoSliceMut};
 use std::net::IpAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 /// Largest sockaddr a request carries (sockaddr_in6 is 28 bytes).
 const ADDRESS_MAX: usize = 32;
 
-/// The VMM's end, once installed.
-static CHANNEL: OnceLock<Mutex<OwnedFd>> = OnceLock::new();
+/// The VMM's end, while installed.
+static CHANNEL: Mutex<Option<OwnedFd>> = Mutex::new(None);
+
+fn channel() -> std::sync::MutexGuard<'static, Option<OwnedFd>> {
+    CHANNEL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Makes `channel` the way this (jailed) process binds what it may not bind itself.
-pub fn install(channel: OwnedFd) {
-    let _ = CHANNEL.set(Mutex::new(channel));
+pub fn install(channel_end: OwnedFd) {
+    *channel() = Some(channel_end);
 }
 
 /// Whether a binder is installed.
 pub fn installed() -> bool {
-    CHANNEL.get().is_some()
+    channel().is_some()
+}
+
+/// Closes this process's end: the supervisor sees the VMM is done.
+pub fn close() {
+    channel().take();
 }
 
 /// Asks the supervisor to bind `socket` to the raw sockaddr `address`.
 pub fn bind(socket: BorrowedFd<'_>, address: &[u8]) -> Result<(), Errno> {
-    let Some(channel) = CHANNEL.get() else {
-        return Err(Errno::ACCESS);
-    };
     if address.len() > ADDRESS_MAX {
         return Err(Errno::INVAL);
     }
-    let channel = channel.lock().unwrap_or_else(|e| e.into_inner());
+    let guard = channel();
+    let Some(channel) = guard.as_ref() else {
+        return Err(Errno::ACCESS);
+    };
     let fds = [socket];
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     control.push(SendAncillaryMessage::ScmRights(&fds));
     rustix::net::sendmsg(
-        &*channel,
+        channel,
         &[IoSlice::new(address)],
         &mut control,
         SendFlags::empty(),
     )?;
     let mut answer = [0u8; 4];
-    let got = rustix::io::read(&*channel, &mut answer)?;
+    let got = rustix::io::read(channel, &mut answer)?;
     if got != answer.len() {
         return Err(Errno::IO);
     }

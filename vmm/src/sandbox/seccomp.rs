@@ -142,6 +142,7 @@ pub const ALLOWED: &[libc::c_long] = &[
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
     libc::SYS_set_tid_address,
+    libc::SYS_wait4,
     libc::SYS_exit,
     libc::SYS_exit_group,
     libc::SYS_rt_sigaction,

@@ -137,6 +137,7 @@ fn give(dir: &Path, uid: u32, uids: (u32, u32)) -> Result<(), JailError> {
 pub fn supervise(
     mut spec: JailSpec,
     owned: &[PathBuf],
+    cleanup: &[PathBuf],
     run_dir: &Path,
     address: std::net::IpAddr,
     vmm: impl FnOnce(&Lockdown) -> i32,
@@ -157,14 +158,23 @@ pub fn supervise(
     let lockdown = Lockdown {
         identity: Some((lease.value, lease.value)),
     };
-    start_supervisor(address, &scratch, run_dir)?;
-    Ok(match jail::enter_filesystem(&spec) {
+    let mut leftovers = vec![scratch.clone()];
+    leftovers.extend(cleanup.iter().cloned());
+    let supervisor = start_supervisor(address, &leftovers, run_dir)?;
+    let status = match jail::enter_filesystem(&spec) {
         Ok(()) => vmm(&lockdown),
         Err(e) => {
             eprintln!("picocenter: error: {e}: {}", error_chain(&e));
             1
         }
-    })
+    };
+    // Done: the supervisor cleans up, and the VMM ends only once it has (so whoever
+    // waits for the VMM finds its files gone).
+    super::binder::close();
+    let mut reaped = 0;
+    // SAFETY: waits for our own child; `reaped` is written by the kernel.
+    unsafe { libc::waitpid(supervisor, &mut reaped, 0) };
+    Ok(status)
 }
 
 /// The sources of `error`, joined, for a one-line report.
@@ -179,13 +189,15 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// Forks the supervisor: the child serves the VMM's bind requests for the app's
-/// `address` and, once this process (the VMM) has ended, removes `scratch` and the stale
-/// control sockets of `run_dir`. This process goes on as the VMM.
+/// `address` and, once this process (the VMM) is done (it closes its end, or ends),
+/// removes `leftovers` (the jail's scratch directory, temporary roots and data, its control
+/// socket) and the stale control sockets of `run_dir`. This process goes on as the VMM. Returns the
+/// supervisor's pid.
 fn start_supervisor(
     address: std::net::IpAddr,
-    scratch: &Path,
+    leftovers: &[PathBuf],
     run_dir: &Path,
-) -> Result<(), JailError> {
+) -> Result<i32, JailError> {
     let (vmm_end, supervisor_end) = rustix::net::socketpair(
         rustix::net::AddressFamily::UNIX,
         rustix::net::SocketType::STREAM,
@@ -206,7 +218,11 @@ fn start_supervisor(
     if pid == 0 {
         drop(vmm_end);
         supervise_until_gone(vmm, &supervisor_end, address);
-        let _ = std::fs::remove_dir(scratch);
+        for path in leftovers {
+            if std::fs::remove_dir_all(path).is_err() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         crate::control::remove_stale_sockets(run_dir);
         // SAFETY: ends the supervisor without running the VMM's atexit handlers or
         // destructors, which belong to the VMM.
@@ -214,10 +230,10 @@ fn start_supervisor(
     }
     drop(supervisor_end);
     super::binder::install(vmm_end);
-    Ok(())
+    Ok(pid)
 }
 
-/// The supervisor's loop: bind requests until the VMM `vmm` ends. Signals meant for the
+/// The supervisor's loop: bind requests until the VMM `vmm` closes its end or ends. Signals meant for the
 /// app (a Ctrl-C to the terminal's process group) are the VMM's to handle, not its.
 fn supervise_until_gone(
     vmm: rustix::process::Pid,
@@ -234,18 +250,11 @@ fn supervise_until_gone(
     if rustix::process::getppid() != Some(vmm) {
         return;
     }
-    let mut serving = true;
     loop {
-        let mut fds = vec![rustix::event::PollFd::new(
-            &pidfd,
-            rustix::event::PollFlags::IN,
-        )];
-        if serving {
-            fds.push(rustix::event::PollFd::new(
-                binder,
-                rustix::event::PollFlags::IN,
-            ));
-        }
+        let mut fds = [
+            rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN),
+            rustix::event::PollFd::new(binder, rustix::event::PollFlags::IN),
+        ];
         match rustix::event::poll(&mut fds, None) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(_) => return,
@@ -253,10 +262,10 @@ fn supervise_until_gone(
         if !fds[0].revents().is_empty() {
             return;
         }
-        let asked = fds.get(1).is_some_and(|fd| !fd.revents().is_empty());
-        drop(fds);
-        if asked {
-            serving = super::binder::serve_one(binder.as_fd(), address);
+        let asked = !fds[1].revents().is_empty();
+        // The VMM closed its end (it is done, and waits for this cleanup) or ended.
+        if asked && !super::binder::serve_one(binder.as_fd(), address) {
+            return;
         }
     }
 }

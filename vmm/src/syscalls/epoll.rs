@@ -13,7 +13,7 @@ use rustix::event::epoll;
 use rustix::event::PollFlags;
 use rustix::io::Errno;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const EPOLL_CTL_ADD: i32 = 1;
 const EPOLL_CTL_DEL: i32 = 2;
@@ -99,9 +99,12 @@ fn wait_common(
     max: usize,
     deadline: Option<Instant>,
 ) -> SysResult {
-    if max == 0 || max > MAX_EVENTS {
+    // Linux refuses a count of events that is not positive or whose array could not
+    // exist; more than one wait can return is simply not filled.
+    if max == 0 || max > i32::MAX as usize / EVENT_SIZE {
         return Err(Errno::INVAL.into());
     }
+    let max = max.min(MAX_EVENTS);
     let file = epoll_file(p, epfd)?;
     let mut events: Vec<epoll::Event> = Vec::with_capacity(max);
     let now = rustix::time::Timespec {
@@ -138,7 +141,7 @@ fn wait_common(
 
 /// The deadline of a timeout in milliseconds (negative: none).
 pub fn deadline_ms(p: &mut Process, timeout_ms: i32) -> Option<Instant> {
-    (timeout_ms >= 0).then(|| p.deadline_after(Duration::from_millis(timeout_ms as u64)))
+    crate::timeout::from_millis(timeout_ms).and_then(|timeout| p.deadline_after(timeout))
 }
 
 /// epoll_wait(2).

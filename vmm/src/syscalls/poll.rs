@@ -9,7 +9,7 @@ use crate::process::Process;
 use rustix::event::PollFlags;
 use rustix::io::Errno;
 use std::os::fd::BorrowedFd;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Largest number of fds one call may watch.
 const MAX_FDS: usize = 4096;
@@ -93,12 +93,8 @@ fn read_timespec_deadline(p: &mut Process, addr: UserAddr) -> Result<Option<Inst
         return Ok(None);
     }
     let [sec, nsec]: [i64; 2] = p.mem.read_pod(addr)?;
-    if sec < 0 || !(0..1_000_000_000).contains(&nsec) {
-        return Err(Errno::INVAL);
-    }
-    Ok(Some(
-        p.deadline_after(Duration::new(sec as u64, nsec as u32)),
-    ))
+    let timeout = crate::timeout::from_timespec(sec, nsec)?;
+    Ok(p.deadline_after(timeout))
 }
 
 /// poll(2).
@@ -128,10 +124,10 @@ fn select_common(
     a: &Args,
     deadline: Option<Instant>,
 ) -> Result<(u64, Option<Instant>), super::SysError> {
-    let nfds = a.usize(0);
-    if nfds > MAX_FDS {
-        return Err(Errno::INVAL.into());
-    }
+    // Linux refuses a negative count and reads no further than its fd table reaches.
+    let nfds = usize::try_from(a.i32(0))
+        .map_err(|_| Errno::INVAL)?
+        .min(MAX_FDS);
     let words = nfds.div_ceil(64);
     let sets = [
         read_set(p, a.ptr(1), words)?,
@@ -187,10 +183,8 @@ pub fn select(p: &mut Process, a: &Args) -> SysResult {
         None
     } else {
         let [sec, usec]: [i64; 2] = p.mem.read_pod(a.ptr(4))?;
-        if sec < 0 || !(0..1_000_000).contains(&usec) {
-            return Err(Errno::INVAL.into());
-        }
-        Some(p.deadline_after(Duration::new(sec as u64, usec as u32 * 1000)))
+        let timeout = crate::timeout::from_select_timeval(sec, usec)?;
+        p.deadline_after(timeout)
     };
     let (count, deadline) = select_common(p, a, deadline)?;
     if let Some(deadline) = deadline {

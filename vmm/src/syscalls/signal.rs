@@ -244,13 +244,6 @@ pub fn kill(p: &mut Process, sysno: Sysno, a: &Args) -> SysResult {
     Ok(0)
 }
 
-fn timeval_to_duration(sec: i64, usec: i64) -> Result<Duration, Errno> {
-    if sec < 0 || !(0..1_000_000).contains(&usec) {
-        return Err(Errno::INVAL);
-    }
-    Ok(Duration::new(sec as u64, usec as u32 * 1000))
-}
-
 fn timeval_words(d: Duration) -> [i64; 2] {
     [d.as_secs() as i64, d.subsec_micros() as i64]
 }
@@ -275,8 +268,8 @@ pub fn setitimer(p: &mut Process, a: &Args) -> SysResult {
     } else {
         let [isec, iusec, vsec, vusec]: [i64; 4] = p.mem.read_pod(a.ptr(1))?;
         (
-            timeval_to_duration(isec, iusec)?,
-            timeval_to_duration(vsec, vusec)?,
+            crate::timeout::from_timeval(isec, iusec)?,
+            crate::timeout::from_timeval(vsec, vusec)?,
         )
     };
     let (left, old_interval) = p.alarm.set(value, interval);

@@ -5,7 +5,8 @@
 //! on. Realtime clocks are the host's.
 
 use super::wait::sleep_until;
-use super::{Args, SysResult};
+use super::{Args, SysError, SysResult};
+use crate::memory::UserAddr;
 use crate::process::Process;
 use rustix::io::Errno;
 use rustix::time::{ClockId, Timespec};
@@ -159,36 +160,50 @@ pub fn time(p: &mut Process, a: &Args) -> SysResult {
     Ok(secs as u64)
 }
 
-/// Reads a relative timeout and validates it.
+/// Reads a relative timeout and validates it (saturated, as Linux does).
 fn read_duration(p: &mut Process, addr: crate::memory::UserAddr) -> Result<Duration, Errno> {
     let ts: libc::timespec = p.mem.read_pod(addr)?;
-    if ts.tv_sec < 0 || !(0..1_000_000_000).contains(&ts.tv_nsec) {
-        return Err(Errno::INVAL);
+    crate::timeout::from_timespec(ts.tv_sec, ts.tv_nsec)
+}
+
+/// Sleeps until `deadline` (`None`: until interrupted). When a signal handler interrupts
+/// the sleep, the time left goes to `rem` (if not null), as Linux does, so the app can
+/// sleep the rest.
+fn sleep_reporting_rest(p: &mut Process, deadline: Option<Instant>, rem: UserAddr) -> SysResult {
+    match sleep_until(p, deadline) {
+        Err(SysError::Interrupted) if !rem.is_null() => {
+            let left = deadline.map_or(crate::timeout::MAX_TIMEOUT, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            p.mem.write_pod(rem, &from_ns(left.as_nanos() as i128))?;
+            Err(SysError::Interrupted)
+        }
+        other => other.map(|()| 0),
     }
-    Ok(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }
 
 /// nanosleep(2).
 pub fn nanosleep(p: &mut Process, a: &Args) -> SysResult {
     let duration = read_duration(p, a.ptr(0))?;
     let deadline = p.deadline_after(duration);
-    sleep_until(p, deadline)?;
-    Ok(0)
+    sleep_reporting_rest(p, deadline, a.ptr(1))
 }
 
 /// clock_nanosleep(2), relative or TIMER_ABSTIME.
 pub fn clock_nanosleep(p: &mut Process, a: &Args) -> SysResult {
     let clock = a.i32(0);
     let duration = read_duration(p, a.ptr(2))?;
-    let duration = if a.i32(1) & libc::TIMER_ABSTIME != 0 {
+    let absolute = a.i32(1) & libc::TIMER_ABSTIME != 0;
+    let duration = if absolute {
         let target = duration.as_nanos() as i128;
         let now = p.clock.now_ns(clock)?;
-        Duration::from_nanos((target - now).max(0) as u64)
+        Duration::from_nanos(u64::try_from((target - now).max(0)).unwrap_or(u64::MAX))
     } else {
         p.clock.now_ns(clock)?;
         duration
     };
     let deadline = p.deadline_after(duration);
-    sleep_until(p, deadline)?;
-    Ok(0)
+    // An absolute sleep has no rest to report.
+    let rem = if absolute { UserAddr(0) } else { a.ptr(3) };
+    sleep_reporting_rest(p, deadline, rem)
 }

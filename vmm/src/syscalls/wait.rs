@@ -16,15 +16,13 @@ use rustix::time::Timespec;
 use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
-/// What interrupted a wait, if anything.
+/// What interrupted a wait, if anything. Signals the app blocks are left out of the
+/// kicks while it waits.
 fn interruption(p: &mut Process) -> Option<SysError> {
-    let pending = p.kicker.pending();
-    if pending & !reason::SIGNAL != 0 {
+    if p.kicker.pending() & !reason::SIGNAL != 0 {
         return Some(SysError::Restart);
     }
-    if pending & reason::SIGNAL != 0 {
-        p.absorb_external_signals();
-    }
+    p.quiet_signals();
     p.signals.deliverable().map(|_| SysError::Interrupted)
 }
 
@@ -111,9 +109,9 @@ pub fn wait_fd(
     Ok(wait_any(p, &[(fd, events)], deadline)?[0])
 }
 
-/// Sleeps until `deadline` or an interruption.
-pub fn sleep_until(p: &mut Process, deadline: Instant) -> Result<(), SysError> {
-    wait_any(p, &[], Some(deadline)).map(drop)
+/// Sleeps until `deadline` (`None`: forever) or an interruption.
+pub fn sleep_until(p: &mut Process, deadline: Option<Instant>) -> Result<(), SysError> {
+    wait_any(p, &[], deadline).map(drop)
 }
 
 /// Performs `op` on `file` with the blocking behaviour the app asked for: an app-blocking
