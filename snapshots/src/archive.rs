@@ -344,9 +344,27 @@ pub fn check(
     let mut archive = tar::Archive::new(reader);
     // The first refusal wins, but the rest is still read so that the digest covers it.
     let mut refused = None;
+    // Where earlier entries put symlinks: unpacking refuses anything under one.
+    let mut links: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     for entry in archive.entries().map_err(io("reading", path))? {
         let entry = entry.map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
-        if let Err(e) = place(&entry, dirs) {
+        let placed = place(&entry, dirs).and_then(|placement| {
+            let Some(Placement { host, rel }) = placement else {
+                return Ok(());
+            };
+            let at = host.join(rel);
+            if at.ancestors().skip(1).any(|up| links.contains(up)) {
+                return Err(ArchiveError::Refused {
+                    entry: at.display().to_string(),
+                    why: "under a symlink",
+                });
+            }
+            if entry.header().entry_type() == tar::EntryType::Symlink {
+                links.insert(at);
+            }
+            Ok(())
+        });
+        if let Err(e) = placed {
             refused.get_or_insert(e);
         }
     }
@@ -511,6 +529,29 @@ mod tests {
             (b"tmp/suid", Regular, b"", 0o4755, "set-user-ID"),
             (b"etc/passwd", Regular, b"", 0o644, "outside the writable"),
         ];
+        // A symlink that stays inside, then an entry through it.
+        let mut builder = tar::Builder::new(std::fs::File::create(&archive).unwrap());
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_size(0);
+        link.set_mode(0o777);
+        builder.append_link(&mut link, "tmp/dir", "sub").unwrap();
+        let mut file = tar::Header::new_gnu();
+        file.set_size(4);
+        file.set_mode(0o644);
+        builder
+            .append_data(&mut file, "tmp/dir/x", &b"evil"[..])
+            .unwrap();
+        builder.finish().unwrap();
+        drop(builder);
+        let (bytes, digest) = digest_of(&archive);
+        let error = check(&archive, bytes, &digest, &dirs)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("under a symlink"), "{error}");
+        let error = unpack(&archive, &dirs).unwrap_err().to_string();
+        assert!(error.contains("under a symlink"), "{error}");
+        std::fs::remove_file(dirs[0].1.join("dir")).unwrap();
         for (name, kind, link, mode, why) in cases {
             raw_archive(&archive, name, kind, link, mode);
             let (bytes, digest) = digest_of(&archive);
