@@ -105,23 +105,27 @@ impl<R: Read> Read for Hashing<R> {
 /// streaming each file through; returns its size and digest.
 pub fn create(path: &Path, dirs: &[(String, PathBuf)]) -> Result<Written, ArchiveError> {
     let file = private::create_file(path).map_err(io("creating", path))?;
-    let sink = Digesting {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        hasher: blake3::Hasher::new(),
-        bytes: 0,
-    };
+    // Hashed after the buffer, in 1 MiB writes: BLAKE3 is much faster on large updates.
+    let sink = BufWriter::with_capacity(
+        1 << 20,
+        Digesting {
+            inner: file,
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+        },
+    );
     let mut builder = tar::Builder::new(sink);
     let mut skipped = Vec::new();
     for (guest, host) in dirs {
         let name = PathBuf::from(guest.trim_start_matches('/'));
         append_tree(&mut builder, &name, host, 0, &mut skipped)?;
     }
-    let sink = builder.into_inner().map_err(io("writing", path))?;
-    let file = sink
-        .inner
+    let sink = builder
+        .into_inner()
+        .map_err(io("writing", path))?
         .into_inner()
         .map_err(|e| io("writing", path)(e.into_error()))?;
-    file.sync_all().map_err(io("syncing", path))?;
+    sink.inner.sync_all().map_err(io("syncing", path))?;
     for skip in &skipped {
         tracing::warn!("the data archive leaves out {}", skip.display());
     }
@@ -328,22 +332,45 @@ pub fn check(
             "{have} bytes, the manifest says {bytes}"
         )));
     }
-    let reader = Hashing {
-        inner: BufReader::with_capacity(1 << 20, file),
-        hasher: blake3::Hasher::new(),
-        bytes: 0,
-    };
+    // Hashed as the buffer fills, in 1 MiB reads.
+    let reader = BufReader::with_capacity(
+        1 << 20,
+        Hashing {
+            inner: file,
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+        },
+    );
     let mut archive = tar::Archive::new(reader);
     // The first refusal wins, but the rest is still read so that the digest covers it.
     let mut refused = None;
+    // Where earlier entries put symlinks: unpacking refuses anything under one.
+    let mut links: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     for entry in archive.entries().map_err(io("reading", path))? {
         let entry = entry.map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
-        if let Err(e) = place(&entry, dirs) {
+        let placed = place(&entry, dirs).and_then(|placement| {
+            let Some(Placement { host, rel }) = placement else {
+                return Ok(());
+            };
+            let at = host.join(rel);
+            if at.ancestors().skip(1).any(|up| links.contains(up)) {
+                return Err(ArchiveError::Refused {
+                    entry: at.display().to_string(),
+                    why: "under a symlink",
+                });
+            }
+            if entry.header().entry_type() == tar::EntryType::Symlink {
+                links.insert(at);
+            }
+            Ok(())
+        });
+        if let Err(e) = placed {
             refused.get_or_insert(e);
         }
     }
     let mut reader = archive.into_inner();
     std::io::copy(&mut reader, &mut std::io::sink()).map_err(io("reading", path))?;
+    let reader = reader.into_inner();
     let found: Digest = reader.hasher.finalize().into();
     if reader.bytes != bytes || found != *digest {
         return Err(ArchiveError::Corrupt(
@@ -502,6 +529,29 @@ mod tests {
             (b"tmp/suid", Regular, b"", 0o4755, "set-user-ID"),
             (b"etc/passwd", Regular, b"", 0o644, "outside the writable"),
         ];
+        // A symlink that stays inside, then an entry through it.
+        let mut builder = tar::Builder::new(std::fs::File::create(&archive).unwrap());
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_size(0);
+        link.set_mode(0o777);
+        builder.append_link(&mut link, "tmp/dir", "sub").unwrap();
+        let mut file = tar::Header::new_gnu();
+        file.set_size(4);
+        file.set_mode(0o644);
+        builder
+            .append_data(&mut file, "tmp/dir/x", &b"evil"[..])
+            .unwrap();
+        builder.finish().unwrap();
+        drop(builder);
+        let (bytes, digest) = digest_of(&archive);
+        let error = check(&archive, bytes, &digest, &dirs)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("under a symlink"), "{error}");
+        let error = unpack(&archive, &dirs).unwrap_err().to_string();
+        assert!(error.contains("under a symlink"), "{error}");
+        std::fs::remove_file(dirs[0].1.join("dir")).unwrap();
         for (name, kind, link, mode, why) in cases {
             raw_archive(&archive, name, kind, link, mode);
             let (bytes, digest) = digest_of(&archive);

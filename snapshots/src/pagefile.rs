@@ -55,30 +55,91 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-/// Writes a page file without copying: pages are borrowed (from guest memory at capture,
-/// from mapped page files at compaction) and handed to the kernel in batches with
-/// `writev`, so the only copy is the kernel's into the page cache.
+/// Bytes of a full chunk.
+const CHUNK_BYTES: usize = (CHUNK_PAGES * PAGE_SIZE) as usize;
+/// Chunks queued for the digest thread at most (1 MiB).
+const QUEUED_CHUNKS: usize = 4;
+
+/// Digests chunks on a thread of its own, in order, so that hashing overlaps writing.
+#[derive(Debug)]
+struct Digester {
+    chunks: std::sync::mpsc::SyncSender<Vec<u8>>,
+    /// Buffers the thread is done with, to fill again.
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    thread: std::thread::JoinHandle<Vec<Digest>>,
+}
+
+impl Digester {
+    fn start() -> std::io::Result<Self> {
+        let (chunks, queued) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_CHUNKS);
+        let (done, spare) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("page-digests".into())
+            .spawn(move || {
+                let mut digests = Vec::new();
+                for chunk in queued {
+                    digests.push(blake3::hash(&chunk).into());
+                    let _ = done.send(chunk);
+                }
+                digests
+            })?;
+        Ok(Self {
+            chunks,
+            spare,
+            thread,
+        })
+    }
+
+    /// A buffer for the next chunk.
+    fn buffer(&self) -> Vec<u8> {
+        let mut buffer = self
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK_BYTES));
+        buffer.clear();
+        buffer
+    }
+
+    /// Queues a chunk; false if the thread has gone.
+    fn digest(&self, chunk: Vec<u8>) -> bool {
+        self.chunks.send(chunk).is_ok()
+    }
+
+    /// Every chunk's digest, in order (`None` if the thread panicked).
+    fn finish(self) -> Option<Vec<Digest>> {
+        drop(self.chunks);
+        self.thread.join().ok()
+    }
+}
+
+/// Writes a page file without copying it: pages are borrowed (from guest memory at capture,
+/// from mapped page files at compaction) and handed to the kernel in batches with `writev`.
+/// Each chunk is also copied once for its digest: BLAKE3 hashes a 256 KiB buffer at
+/// 3-4 GB/s but 4 KiB updates at 1.2-1.7 GB/s (it works on many 1 KiB blocks at once), and
+/// a thread of its own hashes the chunks while this one writes.
 #[derive(Debug)]
 pub struct PageFileWriter<'a> {
     file: File,
     path: std::path::PathBuf,
     pending: Vec<&'a [u8]>,
     pages: u64,
-    digests: Vec<Digest>,
-    hasher: blake3::Hasher,
+    /// The current chunk's pages, copied.
+    chunk: Vec<u8>,
+    digester: Digester,
 }
 
 impl<'a> PageFileWriter<'a> {
     /// Creates (or truncates) the page file at `path`, mode 0600.
     pub fn create(path: &Path) -> Result<Self, PageFileError> {
         let file = crate::private::create_file(path).map_err(io("creating", path))?;
+        let digester = Digester::start().map_err(io("starting the digest thread for", path))?;
         Ok(Self {
             file,
             path: path.to_path_buf(),
             pending: Vec::with_capacity(BATCH_PAGES),
             pages: 0,
-            digests: Vec::new(),
-            hasher: blake3::Hasher::new(),
+            chunk: digester.buffer(),
+            digester,
         })
     }
 
@@ -86,18 +147,31 @@ impl<'a> PageFileWriter<'a> {
     /// unchanged until the writer is finished.
     pub fn push(&mut self, page: &'a [u8]) -> Result<u64, PageFileError> {
         debug_assert_eq!(page.len() as u64, PAGE_SIZE);
-        self.hasher.update(page);
+        self.chunk.extend_from_slice(page);
         self.pending.push(page);
         let index = self.pages;
         self.pages += 1;
         if self.pages.is_multiple_of(CHUNK_PAGES) {
-            self.digests.push(self.hasher.finalize().into());
-            self.hasher.reset();
+            self.end_chunk()?;
         }
         if self.pending.len() >= BATCH_PAGES {
             self.write_pending()?;
         }
         Ok(index)
+    }
+
+    /// Hands the chunk gathered so far to the digest thread.
+    fn end_chunk(&mut self) -> Result<(), PageFileError> {
+        let full = std::mem::replace(&mut self.chunk, self.digester.buffer());
+        if self.digester.digest(full) {
+            Ok(())
+        } else {
+            Err(self.digest_thread_failed())
+        }
+    }
+
+    fn digest_thread_failed(&self) -> PageFileError {
+        io("digesting", &self.path)(std::io::Error::other("the digest thread failed"))
     }
 
     /// Pages written so far.
@@ -125,12 +199,13 @@ impl<'a> PageFileWriter<'a> {
     /// chunk digests.
     pub fn finish(mut self) -> Result<(u64, Vec<Digest>), PageFileError> {
         if !self.pages.is_multiple_of(CHUNK_PAGES) {
-            self.digests.push(self.hasher.finalize().into());
-            self.hasher.reset();
+            self.end_chunk()?;
         }
         self.write_pending()?;
         self.file.sync_all().map_err(io("syncing", &self.path))?;
-        Ok((self.pages, self.digests))
+        let failed = self.digest_thread_failed();
+        let digests = self.digester.finish().ok_or(failed)?;
+        Ok((self.pages, digests))
     }
 }
 

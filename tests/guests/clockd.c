@@ -4,6 +4,7 @@
  *   sleep SECS   one nanosleep of SECS seconds, then prints how long it took (monotonic) */
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +34,8 @@ static _Noreturn void answer(int fd) {
 }
 
 int main(int argc, char **argv) {
+    /* A client that connected and left (a readiness probe) must not end the server. */
+    signal(SIGPIPE, SIG_IGN);
     if (argc > 2 && !strcmp(argv[1], "sleep")) {
         int64_t start = ns(CLOCK_MONOTONIC);
         printf("sleeping\n");
