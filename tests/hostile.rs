@@ -83,3 +83,42 @@ fn unknown_syscalls_are_enosys_and_named_in_the_log() {
         describe(&out)
     );
 }
+
+/// A syscall fuzzer (tests/guests/fuzz.c, in the style of trinity) makes thousands of
+/// random calls with hostile arguments: the VMM answers each with a result or an errno,
+/// and neither it nor the app ever dies.
+#[test]
+fn random_syscalls_with_hostile_arguments_never_end_the_vmm() {
+    let program = guest("fuzz", Link::Static);
+    let runs: [(&str, &[&str]); 6] = [
+        ("1", &[]),
+        ("2", &[]),
+        ("3", &[]),
+        ("4", &[]),
+        ("5", &["--no-mailbox"]),
+        ("6", &["--no-mailbox"]),
+    ];
+    for (seed, extra) in runs {
+        let mut args = vec!["--timeout", "120"];
+        args.extend_from_slice(extra);
+        args.extend([program.to_str().unwrap(), seed, "20000"]);
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "seed {seed}: {}",
+            describe(&out)
+        );
+        assert!(
+            stdout(&out).contains("calls answered"),
+            "{}",
+            describe(&out)
+        );
+        assert!(
+            !stderr.contains("panicked"),
+            "seed {seed}: {}",
+            describe(&out)
+        );
+    }
+}

@@ -21,7 +21,7 @@
 //! Bump [`ABI_VERSION`] on any change to a value here.
 
 /// Version of this interface. Snapshots do not depend on it: they hold only app state.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -66,6 +66,12 @@ pub const PAGE_TABLE_WINDOW_VA: u64 = SYSTEM_VA + 0x4000_0000;
 pub const PTE_WRITER_OFFSET: u64 = STUB_COUNT * STUB_SIZE;
 /// I/O port of the PTE writer's completion.
 pub const PTE_WRITER_DONE_PORT: u16 = 0x7f;
+
+/// The end of the app's address space (user half, less the top page).
+pub const USER_END: u64 = 0x7fff_ffff_f000;
+/// The highest address of a 16-byte buffer the doorbell's time calls write to; a buffer
+/// above it (or in the VMM's own region) is left to the VMM, which answers EFAULT.
+pub const USER_POINTER_MAX: u64 = USER_END - 16;
 
 /// Guest-virtual address of the time page.
 pub const TIME_PAGE_VA: u64 = SYSTEM_VA + TIME_PAGE * PAGE_SIZE;

@@ -3,7 +3,8 @@
  * edge of a valid buffer, structures full of extreme values) and checks only that it
  * keeps running: the VMM must answer every call with a result or an errno, never die.
  *
- *   fuzz SEED CALLS   makes CALLS calls from a PRNG seeded with SEED; prints a summary.
+ *   fuzz SEED CALLS [v]   makes CALLS calls from a PRNG seeded with SEED; prints a
+ *                         summary (with v, each call on stderr first).
  *
  * Calls that would end or disfigure the fuzzer itself are left out (exit, signals aimed at
  * itself, unmapping or remapping its own memory, changing its signal handling or TLS,
@@ -95,7 +96,7 @@ static void poison(void) {
 
 int main(int argc, char **argv) {
     if (argc < 3) return 100;
-    state = strtoull(argv[1], NULL, 0) | 1;
+    state = (strtoull(argv[1], NULL, 0) << 1) | 1;
     unsigned char *region = mmap(NULL, SCRATCH_SIZE + 8192, PROT_READ | PROT_WRITE,
                                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (region == MAP_FAILED) return 101;
@@ -103,6 +104,7 @@ int main(int argc, char **argv) {
     mprotect(region + 4096 + SCRATCH_SIZE, 4096, PROT_NONE);
     scratch = region + 4096;
     long calls = strtol(argv[2], NULL, 0);
+    int verbose = argc > 3 && argv[3][0] == 'v';
     struct sigaction sa = {.sa_handler = on_alarm};
     sigaction(SIGALRM, &sa, NULL);
     struct itimerval every = {{0, 2000}, {0, 2000}};
@@ -114,6 +116,9 @@ int main(int argc, char **argv) {
         if (excluded(nr)) continue;
         uint64_t a[6];
         for (int j = 0; j < 6; j++) a[j] = argument();
+        if (verbose)
+            dprintf(2, "%ld: %ld(%#lx, %#lx, %#lx, %#lx, %#lx, %#lx)\n", i, nr, a[0], a[1], a[2],
+                    a[3], a[4], a[5]);
         long rc = syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]);
         if (rc == -1) failed++; else ok++;
     }

@@ -593,13 +593,14 @@ impl Exits<'_> {
         })
     }
 
-    /// A page fault inside the doorbell: a time call answered in the guest stored to the
-    /// app's buffer, which is mapped on demand or bad. Either way the call is finished as
-    /// an exit would: restarted once the page is mapped, or failed with EFAULT.
+    /// A fault inside the doorbell: a time call answered in the guest stored to the app's
+    /// buffer, which is mapped on demand or bad (`cr2` for a page fault; `None` for a
+    /// non-canonical address). Either way the call is finished as an exit would:
+    /// restarted once the page is mapped, or failed with EFAULT.
     fn on_doorbell_fault(
         &mut self,
         frame: &Frame,
-        cr2: u64,
+        cr2: Option<u64>,
     ) -> Result<Option<RunOutcome>, VmmError> {
         let phys = self.p.mem.phys();
         let slot = |offset: u64| {
@@ -612,11 +613,12 @@ impl Exits<'_> {
             slot(abi::scratch::RDX),
         );
         let r11 = self.vcpu.regs().r11;
-        let resolved = self
-            .p
-            .mem
-            .handle_fault(cr2, Access::Write)
-            .is_ok_and(|r| r == FaultResolution::Resolved);
+        let resolved = cr2.is_some_and(|cr2| {
+            self.p
+                .mem
+                .handle_fault(cr2, Access::Write)
+                .is_ok_and(|r| r == FaultResolution::Resolved)
+        });
         let (rip, rax) = if resolved {
             (rcx.wrapping_sub(2), nr)
         } else {
@@ -669,8 +671,12 @@ impl Exits<'_> {
         } else {
             0
         };
-        if vector == 14 && frame.rip.wrapping_sub(abi::DOORBELL_VA) < abi::PAGE_SIZE {
-            return self.on_doorbell_fault(&frame, cr2);
+        // A #PF (an unmapped or demand-paged buffer) or a #GP (a non-canonical one) in the
+        // doorbell is a time call's store to the app's buffer.
+        if (vector == 14 || vector == 13)
+            && frame.rip.wrapping_sub(abi::DOORBELL_VA) < abi::PAGE_SIZE
+        {
+            return self.on_doorbell_fault(&frame, (vector == 14).then_some(cr2));
         }
         if vector == 14 && from_user {
             let access = if frame.error_code & 0x10 != 0 {

@@ -20,7 +20,7 @@ use std::os::fd::{AsFd, AsRawFd};
 pub mod persist;
 
 /// One past the highest user address (Linux's TASK_SIZE on x86-64).
-pub const USER_END: u64 = 0x7fff_ffff_f000;
+pub const USER_END: u64 = picocenter_guest_shim::abi::USER_END;
 /// Lowest address `mmap` hands out (Linux's default `vm.mmap_min_addr`).
 pub const MMAP_MIN: u64 = 0x1_0000;
 /// Top of the main stack.

@@ -1,7 +1,7 @@
 //! Process identity, limits, randomness, the FS base and the other small calls of a
 //! single-threaded process.
 
-use super::{Args, SysError, SysResult};
+use super::{Args, SysResult};
 use crate::process::Process;
 use rustix::io::Errno;
 
@@ -195,22 +195,44 @@ const FUTEX_WAKE_BITSET: i32 = 10;
 const FUTEX_CMD_MASK: i32 = 0x7f;
 
 /// futex(2) for one thread: a wake finds nobody; a wait whose value still matches could
-/// only be woken by another thread, so it sleeps until its timeout (or forever: then the
-/// app is deadlocked, and dies rather than hanging the VMM).
+/// only be woken by another thread, so it sleeps until its timeout or a signal (or, with
+/// no timeout, until a signal: as on Linux, where such an app hangs; the VMM can still be
+/// stopped or snapshotted, as for any blocking call).
 pub fn futex(p: &mut Process, a: &Args) -> SysResult {
-    match a.i32(1) & FUTEX_CMD_MASK {
+    const FUTEX_CLOCK_REALTIME: i32 = 256;
+    let op = a.i32(1);
+    match op & FUTEX_CMD_MASK {
         FUTEX_WAKE | FUTEX_WAKE_BITSET => Ok(0),
         FUTEX_WAIT | FUTEX_WAIT_BITSET => {
             let current: u32 = p.mem.read_pod(a.ptr(0))?;
             if current != a.u32(2) {
                 return Err(Errno::AGAIN.into());
             }
-            if a.ptr(3).is_null() {
-                return Err(SysError::Kill {
-                    signal: libc::SIGABRT,
-                    reason: "futex wait with no other thread to wake it (deadlock)".into(),
-                });
-            }
+            // The app has one thread, so nothing but a signal or the timeout ends the
+            // wait, as on Linux.
+            let deadline = if a.ptr(3).is_null() {
+                None
+            } else {
+                let ts: libc::timespec = p.mem.read_pod(a.ptr(3))?;
+                let timeout = crate::timeout::from_timespec(ts.tv_sec, ts.tv_nsec)?;
+                let relative = if op & FUTEX_CMD_MASK == FUTEX_WAIT {
+                    timeout
+                } else {
+                    // WAIT_BITSET takes an absolute time on its clock.
+                    let clock = if op & FUTEX_CLOCK_REALTIME != 0 {
+                        libc::CLOCK_REALTIME
+                    } else {
+                        libc::CLOCK_MONOTONIC
+                    };
+                    let now = u128::try_from(p.clock.now_ns(clock)?).unwrap_or(0);
+                    let at = timeout.as_nanos();
+                    std::time::Duration::from_nanos(
+                        u64::try_from(at.saturating_sub(now)).unwrap_or(u64::MAX),
+                    )
+                };
+                p.deadline_after(relative)
+            };
+            super::wait::sleep_until(p, deadline)?;
             Err(Errno::TIMEDOUT.into())
         }
         _ => Err(Errno::NOSYS.into()),
