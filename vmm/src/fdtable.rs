@@ -69,6 +69,9 @@ pub struct FileState {
     pub listening: Option<i32>,
     /// Socket options the app set: (level, name, value).
     pub options: Vec<(i32, i32, Vec<u8>)>,
+    /// The peers a datagram socket last received from (a few, newest last): the app may
+    /// answer them whatever its outbound policy, as a UDP server must.
+    pub heard_from: std::collections::VecDeque<SocketAddr>,
     /// An epoll instance's registrations: guest fd -> what it named, events, data. Linux
     /// ties a registration to the open file description, not the number, so the number
     /// alone may name another file later (see `persist::files`).

@@ -118,6 +118,9 @@ pub struct Worker {
     held: Mutex<HashMap<String, Held>>,
     /// Addresses apps left, and when: not given out again before the quarantine ends.
     quarantine: std::sync::Mutex<Vec<(Ipv4Addr, Instant)>>,
+    /// Addresses of apps being started or swapped out (in neither `apps` nor `held`
+    /// meanwhile), which no other app may be given.
+    reserved: std::sync::Mutex<std::collections::HashSet<Ipv4Addr>>,
     /// The hub, for waking apps (set when the worker runs).
     hub: std::sync::OnceLock<crate::client::Client>,
     /// What the next report carries besides the resident list.
@@ -135,6 +138,7 @@ impl Worker {
             apps: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             quarantine: std::sync::Mutex::new(Vec::new()),
+            reserved: Default::default(),
             hub: std::sync::OnceLock::new(),
             pending: std::sync::Mutex::new(WorkerReport::default()),
             starting: Mutex::new(HashMap::new()),
@@ -187,9 +191,28 @@ impl Worker {
             held.watcher.abort();
         }
         let address = match &held {
-            Some(held) => held.sockets.address,
+            Some(held) => {
+                self.reserve(held.sockets.address);
+                held.sockets.address
+            }
             None => self.free_address().await?,
         };
+        let started = self
+            .launch_at(order, name.clone(), address, held, began)
+            .await;
+        self.unreserve(address);
+        started
+    }
+
+    /// The rest of [`Worker::start_now`], with `address` reserved for app `name`.
+    async fn launch_at(
+        self: &Arc<Self>,
+        order: StartOrder,
+        name: String,
+        address: Ipv4Addr,
+        held: Option<Held>,
+        began: Instant,
+    ) -> Result<Started, WorkerError> {
         let spec = &order.spec;
         // Explicit memory: the registry's, else the image's (the VMM would use that too).
         let memory_mib = spec.memory_mib.or_else(|| {
@@ -266,13 +289,15 @@ impl Worker {
         Ok(Started { address, ms })
     }
 
-    /// The first address of the pool that no app here has (resident, or swapped out with
-    /// its sockets held) and that no app left within the quarantine.
+    /// The first address of the pool that no app here has (resident, starting, or swapped
+    /// out with its sockets held) and that no app left within the quarantine; reserved
+    /// until [`Worker::unreserve`].
     async fn free_address(&self) -> Result<Ipv4Addr, WorkerError> {
         let apps = self.apps.lock().await;
         let held = self.held.lock().await;
         let mut quarantine = self.quarantine.lock().unwrap_or_else(|e| e.into_inner());
         quarantine.retain(|(_, left)| left.elapsed() < self.config.address_quarantine);
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
         let (first, count) = self.config.addresses;
         let base = u32::from(first);
         (0..count)
@@ -281,6 +306,10 @@ impl Worker {
                 apps.values().all(|app| app.address != *a)
                     && held.values().all(|h| h.sockets.address != *a)
                     && quarantine.iter().all(|(q, _)| q != a)
+                    && !reserved.contains(a)
+            })
+            .inspect(|a| {
+                reserved.insert(*a);
             })
             .ok_or(WorkerError::NoAddress(count))
     }
@@ -306,16 +335,17 @@ impl Worker {
         };
         let this = self.clone();
         let app = name.to_string();
+        // Until the app is back (its start takes the sockets and ends this task): traffic
+        // that is still waiting asks again, in case the hub had not yet heard that the
+        // app is out (its report may be on the way) and so ordered nothing.
         let watcher = tokio::spawn(async move {
             loop {
                 if let Err(e) = probe.wait_for_traffic().await {
                     tracing::warn!(app = %app, "watching its sockets: {e}");
                     return;
                 }
-                if this.wake(&app).await {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                this.wake(&app).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
         tracing::debug!(app = %name, address = %sockets.address, sockets = sockets.fds.len(), "holding its sockets");
@@ -330,26 +360,21 @@ impl Worker {
     }
 
     /// Asks the hub to bring app `name` back (traffic arrived on its held sockets).
-    /// Whether the hub took the request.
-    async fn wake(&self, name: &str) -> bool {
+    async fn wake(&self, name: &str) {
         let Some(hub) = self.hub.get() else {
-            return false;
+            return;
         };
         tracing::info!(app = %name, "traffic on its held sockets: waking it");
         let path = format!("/v1/apps/{name}/start");
-        match hub
+        let woken = hub
             .post_within::<_, serde_json::Value>(
                 &path,
                 &serde_json::json!({}),
                 self.config.start_limit,
             )
-            .await
-        {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(app = %name, "waking it: {e}");
-                false
-            }
+            .await;
+        if let Err(e) = woken {
+            tracing::warn!(app = %name, "waking it: {e}");
         }
     }
 
@@ -399,9 +424,39 @@ impl Worker {
         name: &str,
         if_idle: bool,
     ) -> Result<SwappedOut, WorkerError> {
-        let Some(mut app) = self.apps.lock().await.remove(name) else {
+        let Some(app) = self.apps.lock().await.remove(name) else {
             return Err(WorkerError::NotHere(name.to_string()));
         };
+        // Its address is nobody else's while the swap-out runs, whatever becomes of it.
+        let address = app.address;
+        self.reserve(address);
+        let result = self.swap_out_resident(name, app, if_idle).await;
+        self.unreserve(address);
+        result
+    }
+
+    fn reserve(&self, address: Ipv4Addr) {
+        self.reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(address);
+    }
+
+    /// Ends a reservation (the app is in `apps` or `held` now, or has left).
+    fn unreserve(&self, address: Ipv4Addr) {
+        self.reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&address);
+    }
+
+    /// [`Worker::swap_out_if`] for `app`, taken out of the resident apps.
+    async fn swap_out_resident(
+        self: &Arc<Self>,
+        name: &str,
+        mut app: Resident,
+        if_idle: bool,
+    ) -> Result<SwappedOut, WorkerError> {
         if let Ok(stats) = vmm::stats(&app.vmm.control).await {
             self.account(name, &mut app, &stats);
         }

@@ -216,6 +216,20 @@ fn archive_data(p: &Process, path: &Path) -> Result<Option<archive::Written>, Pe
 
 /// Takes a snapshot of the app into `store`. An increment of the snapshot the app was
 /// restored from (or last saved to) if that is in `store` and `full` is not set.
+/// A test hook, in debug builds only: `PICOCENTER_TEST_SNAPSHOT_DELAY_MS=N` in the VMM's
+/// environment makes every capture take N ms longer (with the app stopped at its clean
+/// point), so that tests can make requests land during a swap-out. The environment is the
+/// operator's, never the app's, and release builds have no hook at all.
+fn slow_capture_test_hook() {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("PICOCENTER_TEST_SNAPSHOT_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
+    }
+}
+
 /// Why the app is not idle, if it is not: a connection it holds (a request may be in
 /// flight), or a connection or datagram waiting on one of its sockets. A snapshot then
 /// would cut the first; the second a worker can keep (it holds the sockets), but the app
@@ -256,6 +270,7 @@ pub fn capture(
     store: &dyn Store,
     full: bool,
 ) -> Result<Manifest, PersistError> {
+    slow_capture_test_hook();
     let started = Instant::now();
     let key = p.snapshot_key.clone().ok_or(PersistError::NoKey)?;
     let id = new_id();

@@ -105,7 +105,10 @@ fn read_address(p: &mut Process, addr: UserAddr, len: u32) -> Result<Address, Er
 }
 
 fn decode_address(bytes: &[u8]) -> Result<Address, Errno> {
-    let family = u16::from_ne_bytes([bytes[0], bytes[1]]);
+    let [a, b, ..] = *bytes else {
+        return Err(Errno::INVAL);
+    };
+    let family = u16::from_ne_bytes([a, b]);
     let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
     match family {
         AF_INET if bytes.len() >= 16 => {
@@ -574,7 +577,13 @@ fn send_common(
     let name = match &dest {
         None => Vec::new(),
         Some(Address::Ip(addr)) => {
-            let addr = destination(p, *addr)?;
+            // An answer to a peer the socket heard from is always allowed.
+            let answering = file.state().heard_from.contains(addr);
+            let addr = if answering {
+                *addr
+            } else {
+                destination(p, *addr)?
+            };
             bind_source(p, &file, addr)?;
             encode_ip(addr)
         }
@@ -611,12 +620,29 @@ fn recv_common(
     let file = p.files.file(fd)?;
     let host_flags =
         (flags & (libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_WAITALL)) | MSG_DONTWAIT;
-    if flags & MSG_DONTWAIT != 0 {
-        return Ok(p.mem.recvmsg_from_host(file.host(), bufs, host_flags)?);
+    let received = if flags & MSG_DONTWAIT != 0 {
+        p.mem.recvmsg_from_host(file.host(), bufs, host_flags)?
+    } else {
+        retry(p, &file, PollFlags::IN, |p| {
+            p.mem.recvmsg_from_host(file.host(), bufs, host_flags)
+        })?
+    };
+    if let Ok(Address::Ip(peer)) = decode_address(&received.1) {
+        remember_peer(&mut file.state().heard_from, peer);
     }
-    retry(p, &file, PollFlags::IN, |p| {
-        p.mem.recvmsg_from_host(file.host(), bufs, host_flags)
-    })
+    Ok(received)
+}
+
+/// How many peers a datagram socket remembers it heard from.
+const PEERS_REMEMBERED: usize = 64;
+
+/// Notes that a datagram came from `peer` (the newest last; the oldest forgotten).
+fn remember_peer(heard_from: &mut std::collections::VecDeque<SocketAddr>, peer: SocketAddr) {
+    heard_from.retain(|p| *p != peer);
+    if heard_from.len() == PEERS_REMEMBERED {
+        heard_from.pop_front();
+    }
+    heard_from.push_back(peer);
 }
 
 /// sendto(2).
@@ -847,6 +873,18 @@ mod tests {
     }
 
     #[test]
+    fn a_datagram_socket_remembers_a_bounded_set_of_peers() {
+        let mut heard = std::collections::VecDeque::new();
+        for port in 0..100u16 {
+            remember_peer(&mut heard, SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+        remember_peer(&mut heard, SocketAddr::from(([127, 0, 0, 1], 50)));
+        assert_eq!(heard.len(), PEERS_REMEMBERED);
+        assert_eq!(heard.back(), Some(&SocketAddr::from(([127, 0, 0, 1], 50))));
+        assert!(!heard.contains(&SocketAddr::from(([127, 0, 0, 1], 0))));
+    }
+
+    #[test]
     fn privileged_socket_options_are_refused() {
         let int = |v: i32| v.to_ne_bytes().to_vec();
         for name in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE, libc::SO_MARK] {
@@ -894,5 +932,7 @@ mod tests {
             Address::UnixAbstract(b"name".to_vec())
         );
         assert_eq!(decode_address(&[0xff, 0xff, 0, 0]), Err(Errno::AFNOSUPPORT));
+        assert_eq!(decode_address(&[]), Err(Errno::INVAL));
+        assert_eq!(decode_address(&[2]), Err(Errno::INVAL));
     }
 }
