@@ -105,7 +105,12 @@ pub struct Vmm {
 
 /// The command line of a VMM for app `name` at `address`: every setting explicit, from the
 /// registry, never left to a snapshot.
-fn command(paths: &Paths<'_>, name: &str, address: Ipv4Addr, launch: &Launch) -> Command {
+fn command(
+    paths: &Paths<'_>,
+    name: &str,
+    address: Ipv4Addr,
+    launch: &Launch,
+) -> Result<Command, VmmError> {
     let mut cmd = Command::new(paths.picocenter);
     cmd.env("PICOCENTER_STATE_DIR", paths.state_dir);
     let memory = match launch {
@@ -117,8 +122,9 @@ fn command(paths: &Paths<'_>, name: &str, address: Ipv4Addr, launch: &Launch) ->
         } => {
             cmd.args(["run", "--image", image]);
             cmd.arg("--store").arg(store);
-            for e in env {
-                cmd.arg("--env").arg(e);
+            if !env.is_empty() {
+                // Through a private file, not the command line, which every user can read.
+                cmd.arg("--env-file").arg(env_file(paths, name, env)?);
             }
             memory_mib
         }
@@ -144,7 +150,34 @@ fn command(paths: &Paths<'_>, name: &str, address: Ipv4Addr, launch: &Launch) ->
     if let Some(m) = memory {
         cmd.arg("--memory").arg(m.to_string());
     }
-    cmd
+    Ok(cmd)
+}
+
+/// Writes app `name`'s environment (its secrets, often) to a file only the worker's user
+/// can read, next to its log, and returns its path.
+fn env_file(paths: &Paths<'_>, name: &str, env: &[String]) -> Result<PathBuf, VmmError> {
+    let dir = paths.log_dir.join("env");
+    let path = dir.join(format!("{name}.env"));
+    let write = |source| VmmError::Spawn {
+        what: format!("environment file {}", path.display()),
+        source,
+    };
+    picocenter_snapshots::private::create_dir_all(&dir).map_err(write)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(write)?;
+    let mut text = String::new();
+    for var in env {
+        // One variable a line: a newline inside one would make another.
+        text.push_str(&var.replace('\n', " "));
+        text.push('\n');
+    }
+    std::io::Write::write_all(&mut file, text.as_bytes()).map_err(write)?;
+    Ok(path)
 }
 
 /// Makes `sockets` the child's fds 3, 4, ... (without close-on-exec), as
@@ -190,7 +223,7 @@ pub async fn launch(
 ) -> Result<Vmm, VmmError> {
     // The name becomes the log's and the control socket's file names.
     picocenter_snapshots::names::validate_app_name(name)?;
-    let mut cmd = command(paths, name, address, launch);
+    let mut cmd = command(paths, name, address, launch)?;
     let log_dir = paths.log_dir;
     let _ = picocenter_snapshots::private::create_dir_all(log_dir);
     let log = log_dir.join(format!("{name}.log"));
@@ -368,6 +401,39 @@ pub async fn stats(control: &Path) -> Result<Stats, VmmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_apps_environment_never_reaches_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths {
+            picocenter: Path::new("/bin/true"),
+            state_dir: dir.path(),
+            key_file: &dir.path().join("key"),
+            log_dir: &dir.path().join("logs"),
+        };
+        let launch = Launch::Fresh {
+            image: "img".into(),
+            memory_mib: None,
+            env: vec!["SECRET=hunter2".into()],
+            store: dir.path().join("store"),
+        };
+        let cmd = command(&paths, "app", Ipv4Addr::new(127, 1, 0, 1), &launch).unwrap();
+        let args: Vec<String> = cmd
+            .as_std()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(!args.iter().any(|a| a.contains("hunter2")), "{args:?}");
+        let file = args
+            .iter()
+            .position(|a| a == "--env-file")
+            .map(|i| PathBuf::from(&args[i + 1]))
+            .expect("--env-file");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "SECRET=hunter2\n");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 
     #[test]
     fn finds_a_listening_socket() {
