@@ -118,6 +118,30 @@ int main(int argc, char **argv) {
         CHECK(fchown(999, 0, 0) == -1 && errno == EBADF);
         DONE();
     }
+    if (!strcmp(mode, "links")) {
+        /* Links inside a writable mount work as on Linux; none leads out of it. */
+        int fd = open("/data/own", O_CREAT | O_WRONLY, 0644);
+        CHECK(fd >= 0 && write(fd, "own", 3) == 3);
+        close(fd);
+        CHECK(link("/data/own", "/data/own-link") == 0);
+        struct stat st;
+        CHECK(stat("/data/own", &st) == 0 && st.st_nlink == 2);
+        CHECK(symlink("own", "/data/own-sym") == 0);
+        char target[64] = {0};
+        CHECK(readlink("/data/own-sym", target, sizeof target - 1) == 3 && !strcmp(target, "own"));
+        CHECK(linkat(AT_FDCWD, "/data/own-sym", AT_FDCWD, "/data/own-followed", AT_SYMLINK_FOLLOW) == 0);
+        CHECK(stat("/data/own", &st) == 0 && st.st_nlink == 3);
+        CHECK(linkat(AT_FDCWD, "/data/own-sym", AT_FDCWD, "/data/sym-itself", 0) == 0);
+        CHECK(lstat("/data/sym-itself", &st) == 0 && S_ISLNK(st.st_mode));
+        /* A planted symlink to a host file is followed inside the mount: nothing there. */
+        CHECK(linkat(AT_FDCWD, "/data/abs-file", AT_FDCWD, "/data/stolen", AT_SYMLINK_FOLLOW) == -1 && errno == ENOENT);
+        /* The read-only root's files (shared with other apps) get no writable name. */
+        CHECK(link("/bin/escape", "/data/escape") == -1 && (errno == EXDEV || errno == EROFS));
+        CHECK(symlink("/data/own", "/in-root") == -1 && errno == EROFS);
+        /* Across two writable mounts: EXDEV, as across two mounts on Linux. */
+        CHECK(link("/data/own", "/tmp/own") == -1 && errno == EXDEV);
+        DONE();
+    }
     if (!strcmp(mode, "device")) {
         int fd = open("/dev/null", O_RDWR);
         CHECK(fd >= 0);

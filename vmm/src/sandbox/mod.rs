@@ -242,7 +242,12 @@ impl Sandbox {
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        Ok(Entry::new(dir, name.to_string(), resolved.mount.writable))
+        Ok(Entry::new(
+            dir,
+            name.to_string(),
+            resolved.mount.writable,
+            &resolved.mount.guest,
+        ))
     }
 
     /// Opens an absolute, normalised guest path. Flags that could change the file (write

@@ -123,15 +123,61 @@ pub struct Entry {
     dir: OwnedFd,
     name: String,
     writable: bool,
+    /// The guest path of its mount: links never cross mounts (EXDEV, as on Linux).
+    mount: String,
 }
 
 impl Entry {
-    pub(super) fn new(dir: OwnedFd, name: String, writable: bool) -> Self {
+    pub(super) fn new(dir: OwnedFd, name: String, writable: bool, mount: &str) -> Self {
         Self {
             dir,
             name,
             writable,
+            mount: mount.to_string(),
         }
+    }
+
+    /// link(2): a new name `to` for the file this entry names (the entry itself, a symlink
+    /// included: link does not follow). Both must be in the same writable mount, so an
+    /// app can never give a file of its read-only root (shared with other apps) a name it
+    /// may write through.
+    pub fn link_to(&self, to: &Entry) -> Result<(), Errno> {
+        self.require_writable()?;
+        to.require_writable()?;
+        if self.mount != to.mount {
+            return Err(Errno::XDEV);
+        }
+        rustix::fs::linkat(
+            &self.dir,
+            self.name.as_str(),
+            &to.dir,
+            to.name.as_str(),
+            AtFlags::empty(),
+        )
+    }
+
+    /// link(2) with AT_SYMLINK_FOLLOW: a new name `to` for `real`, the file this entry's
+    /// final symlink leads to (resolved inside the same mount), by its magic link.
+    pub fn link_followed_to(&self, real: &Node, to: &Entry) -> Result<(), Errno> {
+        self.require_writable()?;
+        to.require_writable()?;
+        if self.mount != to.mount || !real.writable {
+            return Err(Errno::XDEV);
+        }
+        rustix::fs::linkat(
+            rustix::fs::CWD,
+            real.proc_path().as_str(),
+            &to.dir,
+            to.name.as_str(),
+            AtFlags::SYMLINK_FOLLOW,
+        )
+    }
+
+    /// symlink(2): makes this entry a symlink to `target`. The target is only text here;
+    /// every later resolution of it stays inside the mount.
+    pub fn symlink(&self, target: &[u8]) -> Result<(), Errno> {
+        self.require_writable()?;
+        rustix::fs::symlinkat(target, &self.dir, self.name.as_str())
     }
 
     /// The directory's fd.

@@ -771,6 +771,53 @@ fn rename_common(p: &mut Process, from: String, to: String) -> SysResult {
     Ok(0)
 }
 
+/// link(2) and linkat(2). With AT_SYMLINK_FOLLOW a final symlink of the old path is
+/// followed (inside its mount) first.
+pub fn link(p: &mut Process, sysno: syscalls::Sysno, a: &Args) -> SysResult {
+    let (from, to, flags) = if sysno == syscalls::Sysno::link {
+        (
+            at_path_arg(p, AT_FDCWD, a.ptr(0))?,
+            at_path_arg(p, AT_FDCWD, a.ptr(1))?,
+            0,
+        )
+    } else {
+        (
+            at_path_arg(p, a.fd(0), a.ptr(1))?,
+            at_path_arg(p, a.fd(2), a.ptr(3))?,
+            a.u32(4),
+        )
+    };
+    if flags & !(libc::AT_SYMLINK_FOLLOW as u32) != 0 {
+        return Err(Errno::INVAL.into());
+    }
+    let (source, target) = (p.sandbox.entry(&from)?, p.sandbox.entry(&to)?);
+    if flags & libc::AT_SYMLINK_FOLLOW as u32 != 0 {
+        let real = p.sandbox.lookup(&from, Follow::Yes)?;
+        if real.kind() == rustix::fs::FileType::Directory {
+            return Err(Errno::PERM.into());
+        }
+        source.link_followed_to(&real, &target)?;
+    } else {
+        source.link_to(&target)?;
+    }
+    Ok(0)
+}
+
+/// symlink(2) and symlinkat(2).
+pub fn symlink(p: &mut Process, sysno: syscalls::Sysno, a: &Args) -> SysResult {
+    let target = p.mem.read_cstr(a.ptr(0), PATH_MAX)?;
+    if target.is_empty() {
+        return Err(Errno::NOENT.into());
+    }
+    let path = if sysno == syscalls::Sysno::symlink {
+        at_path_arg(p, AT_FDCWD, a.ptr(1))?
+    } else {
+        at_path_arg(p, a.fd(1), a.ptr(2))?
+    };
+    p.sandbox.entry(&path)?.symlink(&target)?;
+    Ok(0)
+}
+
 /// rename(2).
 pub fn rename(p: &mut Process, a: &Args) -> SysResult {
     let from = at_path_arg(p, AT_FDCWD, a.ptr(0))?;

@@ -255,6 +255,8 @@ pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
         Sysno::unlink => fs::unlink(p, a),
         Sysno::unlinkat => fs::unlinkat(p, a),
         Sysno::rmdir => fs::rmdir(p, a),
+        Sysno::link | Sysno::linkat => fs::link(p, sysno, a),
+        Sysno::symlink | Sysno::symlinkat => fs::symlink(p, sysno, a),
         Sysno::rename => fs::rename(p, a),
         Sysno::renameat => fs::renameat(p, a),
         Sysno::renameat2 => fs::renameat(p, a),
