@@ -141,6 +141,10 @@ fn planted_symlinks_never_reach_host_files_or_sockets() {
     // Every path was tried.
     let attempts = stdout(&out).lines().filter(|l| l.contains(": ")).count();
     assert!(attempts >= paths.len() * 15, "{}", describe(&out));
+    println!(
+        "escape: {attempts} attempts through {} planted paths, none reached the host",
+        paths.len()
+    );
 }
 
 #[test]
