@@ -51,3 +51,52 @@ fn writable_directories_persist_in_the_data_dir() {
         "kept\n"
     );
 }
+
+/// fcntl and flock locks are the host file's: an app's own never conflict with it (as
+/// Linux has them), and two apps sharing a data directory see each other's; a blocking
+/// request waits, and a signal interrupts it.
+#[test]
+fn file_locks_hold_between_apps_sharing_a_data_directory() {
+    let program = guest("locks", Link::Static);
+    let data = tempfile::tempdir().unwrap();
+    let common = |mode: &str| -> Vec<String> {
+        [
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--writable",
+            "/data",
+            "--timeout",
+            "30",
+            program.to_str().unwrap(),
+            mode,
+            "/data/db",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let own = common("self");
+    let out = run(&own.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
+    let mut hold = common("hold");
+    hold.push("5".into());
+    let mut holder = picocenter()
+        .arg("run")
+        .args(&hold)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "held\n");
+    let probe = common("probe");
+    let out = run(&probe.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
+    let _ = holder.kill();
+    let _ = holder.wait();
+}

@@ -549,11 +549,129 @@ pub fn fcntl(p: &mut Process, a: &Args) -> SysResult {
         | libc::F_SETLKW
         | libc::F_OFD_SETLK
         | libc::F_OFD_SETLKW
-        | libc::F_OFD_GETLK => {
-            p.files.get(fd)?;
+        | libc::F_OFD_GETLK => record_lock(p, fd, a.i32(1), a.ptr(2)),
+        _ => Err(Errno::INVAL.into()),
+    }
+}
+
+/// `struct flock` as x86-64 Linux lays it out, with its padding spelled out.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct GuestFlock {
+    l_type: i16,
+    l_whence: i16,
+    pad0: u32,
+    l_start: i64,
+    l_len: i64,
+    l_pid: i32,
+    pad1: u32,
+}
+
+// SAFETY: repr(C), integers only, padding explicit: every byte pattern is a valid value.
+unsafe impl crate::memory::io::Pod for GuestFlock {}
+
+impl GuestFlock {
+    fn to_host(self) -> libc::flock {
+        libc::flock {
+            l_type: self.l_type,
+            l_whence: self.l_whence,
+            l_start: self.l_start,
+            l_len: self.l_len,
+            l_pid: self.l_pid,
+        }
+    }
+
+    fn from_host(lock: &libc::flock) -> Self {
+        Self {
+            l_type: lock.l_type,
+            l_whence: lock.l_whence,
+            pad0: 0,
+            l_start: lock.l_start,
+            l_len: lock.l_len,
+            l_pid: lock.l_pid,
+            pad1: 0,
+        }
+    }
+}
+
+/// How often a blocked lock request looks again (the host's own wait would block the
+/// vCPU thread, which a signal, a stop or a snapshot must always be able to interrupt).
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// fcntl's POSIX and open-file-description record locks, on the host file: they hold
+/// against the app itself as Linux has them, and against every other app (and host
+/// process) that locks the same file in a shared data directory.
+fn record_lock(p: &mut Process, fd: i32, cmd: i32, arg: UserAddr) -> SysResult {
+    let file = p.files.file(fd)?;
+    let mut lock = p.mem.read_pod::<GuestFlock>(arg)?.to_host();
+    if ![libc::F_RDLCK, libc::F_WRLCK, libc::F_UNLCK].contains(&(lock.l_type as i32))
+        || ![libc::SEEK_SET, libc::SEEK_CUR, libc::SEEK_END].contains(&(lock.l_whence as i32))
+    {
+        return Err(Errno::INVAL.into());
+    }
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&file.host());
+    let host = |cmd: i32, lock: &mut libc::flock| -> Result<(), Errno> {
+        // SAFETY: fcntl with a lock command reads and writes the one `flock` we pass.
+        let rc = unsafe { libc::fcntl(raw, cmd, lock as *mut libc::flock) };
+        if rc < 0 {
+            Err(Errno::from_raw_os_error(
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    match cmd {
+        libc::F_GETLK | libc::F_OFD_GETLK => {
+            host(cmd, &mut lock)?;
+            // The holder is another process of the host: the app cannot know it.
+            if lock.l_type as i32 != libc::F_UNLCK && cmd == libc::F_GETLK {
+                lock.l_pid = 0;
+            }
+            p.mem.write_pod(arg, &GuestFlock::from_host(&lock))?;
             Ok(0)
         }
-        _ => Err(Errno::INVAL.into()),
+        libc::F_SETLK | libc::F_OFD_SETLK => Ok(host(cmd, &mut lock).map(|()| 0)?),
+        _ => {
+            let try_cmd = if cmd == libc::F_SETLKW {
+                libc::F_SETLK
+            } else {
+                libc::F_OFD_SETLK
+            };
+            loop {
+                let mut attempt = lock;
+                match host(try_cmd, &mut attempt) {
+                    Ok(()) => return Ok(0),
+                    Err(Errno::AGAIN | Errno::ACCESS) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                let again = std::time::Instant::now() + LOCK_RETRY;
+                super::wait::sleep_until(p, Some(again))?;
+            }
+        }
+    }
+}
+
+/// flock(2), on the host file (so it holds between apps sharing a data directory too);
+/// a blocking request waits as [`record_lock`] does.
+pub fn flock(p: &mut Process, a: &Args) -> SysResult {
+    let file = p.files.file(a.fd(0))?;
+    let operation = a.i32(1);
+    let (kind, nonblocking) = (operation & !libc::LOCK_NB, operation & libc::LOCK_NB != 0);
+    let (wait, try_now) = match kind {
+        libc::LOCK_SH => (false, rustix::fs::FlockOperation::NonBlockingLockShared),
+        libc::LOCK_EX => (false, rustix::fs::FlockOperation::NonBlockingLockExclusive),
+        libc::LOCK_UN => (true, rustix::fs::FlockOperation::Unlock),
+        _ => return Err(Errno::INVAL.into()),
+    };
+    loop {
+        match rustix::fs::flock(file.host(), try_now) {
+            Ok(()) => return Ok(0),
+            Err(Errno::WOULDBLOCK) if !nonblocking && !wait => {}
+            Err(e) => return Err(e.into()),
+        }
+        let again = std::time::Instant::now() + LOCK_RETRY;
+        super::wait::sleep_until(p, Some(again))?;
     }
 }
 
@@ -852,7 +970,7 @@ pub fn fsync(p: &mut Process, a: &Args) -> SysResult {
     }
 }
 
-/// fadvise64(2), flock(2): hints and locks that need no action for a lone app.
+/// fadvise64(2): a hint that needs no action.
 pub fn fd_hint(p: &mut Process, a: &Args) -> SysResult {
     p.files.get(a.fd(0))?;
     Ok(0)
