@@ -10,6 +10,9 @@
 #include <sys/syscall.h>
 #include <sys/sysinfo.h>
 #include <sys/time.h>
+#include <sys/times.h>
+#include <sys/xattr.h>
+#include <fcntl.h>
 #include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
@@ -87,5 +90,19 @@ int main(void) {
     CHECK(syscall(SYS_set_robust_list, 0, 24) == 0);
     CHECK(fork() == -1 && errno == EAGAIN);
     CHECK(syscall(100000) == -1 && errno == ENOSYS);
+    /* Calls that gave ENOSYS: times, priorities, xattrs, close_range. */
+    struct tms tms;
+    CHECK(times(&tms) != (clock_t)-1);
+    errno = 0;
+    CHECK(getpriority(PRIO_PROCESS, 0) == 0 && errno == 0);
+    CHECK(setpriority(PRIO_PROCESS, 0, 5) == 0);
+    CHECK(getpriority(PRIO_PROCESS, 12345) == -1 && errno == ESRCH);
+    char value[16];
+    CHECK(getxattr("/", "user.x", value, sizeof value) == -1 && errno == ENOTSUP);
+    CHECK(listxattr("/", value, sizeof value) == 0);
+    CHECK(getxattr("/no/such", "user.x", value, sizeof value) == -1 && errno == ENOENT);
+    int first = open("/dev/null", O_RDONLY), second = dup(first);
+    CHECK(syscall(SYS_close_range, first, ~0U, 0) == 0);
+    CHECK(close(second) == -1 && errno == EBADF);
     DONE();
 }

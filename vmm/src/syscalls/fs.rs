@@ -478,6 +478,64 @@ pub fn faccessat(p: &mut Process, a: &Args) -> SysResult {
 
 // ---- fds ----------------------------------------------------------------------------------
 
+/// close_range(2): closes the app's fds from `first` to `last`, or marks them
+/// close-on-exec with CLOSE_RANGE_CLOEXEC.
+pub fn close_range(p: &mut Process, a: &Args) -> SysResult {
+    const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+    const CLOSE_RANGE_UNSHARE: u32 = 1 << 1;
+    let (first, last, flags) = (a.u32(0), a.u32(1), a.u32(2));
+    if first > last || flags & !(CLOSE_RANGE_CLOEXEC | CLOSE_RANGE_UNSHARE) != 0 {
+        return Err(Errno::INVAL.into());
+    }
+    let targets: Vec<i32> = p
+        .files
+        .iter()
+        .map(|(fd, _)| fd)
+        .filter(|&fd| (first..=last).contains(&(fd as u32)))
+        .collect();
+    for fd in targets {
+        if flags & CLOSE_RANGE_CLOEXEC != 0 {
+            p.files.get_mut(fd)?.cloexec = true;
+        } else {
+            p.files.remove(fd)?;
+            p.activeset.closed(fd);
+        }
+    }
+    Ok(0)
+}
+
+/// The extended-attribute calls: the app's files have none, and the sandbox keeps none,
+/// as a filesystem without xattr support answers (ENOTSUP); a bad fd or path still gives
+/// its own error.
+pub fn xattr(p: &mut Process, sysno: syscalls::Sysno, a: &Args) -> SysResult {
+    use syscalls::Sysno;
+    match sysno {
+        Sysno::fgetxattr | Sysno::fsetxattr | Sysno::flistxattr | Sysno::fremovexattr => {
+            p.files.file(a.fd(0))?;
+        }
+        _ => {
+            let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+            let follow = if matches!(
+                sysno,
+                Sysno::lgetxattr | Sysno::lsetxattr | Sysno::llistxattr | Sysno::lremovexattr
+            ) {
+                Follow::No
+            } else {
+                Follow::Yes
+            };
+            p.sandbox.lookup(&path, follow)?;
+        }
+    }
+    if matches!(
+        sysno,
+        Sysno::listxattr | Sysno::llistxattr | Sysno::flistxattr
+    ) {
+        // No attributes: an empty list.
+        return Ok(0);
+    }
+    Err(Errno::OPNOTSUPP.into())
+}
+
 /// dup(2).
 pub fn dup(p: &mut Process, a: &Args) -> SysResult {
     let file = p.files.file(a.fd(0))?;

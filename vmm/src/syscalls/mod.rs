@@ -224,6 +224,19 @@ pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
         Sysno::pwritev => fs::pwritev(p, a),
         Sysno::lseek => fs::lseek(p, a),
         Sysno::close => fs::close(p, a),
+        Sysno::close_range => fs::close_range(p, a),
+        Sysno::getxattr
+        | Sysno::lgetxattr
+        | Sysno::fgetxattr
+        | Sysno::setxattr
+        | Sysno::lsetxattr
+        | Sysno::fsetxattr
+        | Sysno::listxattr
+        | Sysno::llistxattr
+        | Sysno::flistxattr
+        | Sysno::removexattr
+        | Sysno::lremovexattr
+        | Sysno::fremovexattr => fs::xattr(p, sysno, a),
         Sysno::open => fs::open(p, a),
         Sysno::openat => fs::openat(p, a),
         Sysno::creat => fs::creat(p, a),
@@ -337,6 +350,9 @@ pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
         Sysno::getrlimit => process::getrlimit(p, a),
         Sysno::setrlimit => Ok(0),
         Sysno::getrusage => process::getrusage(p, a),
+        Sysno::times => process::times(p, a),
+        Sysno::getpriority => process::getpriority(a),
+        Sysno::setpriority => process::setpriority(a),
         Sysno::sched_getaffinity => process::sched_getaffinity(p, a),
         Sysno::sched_setaffinity => Ok(0),
         Sysno::sched_yield => Ok(0),

@@ -141,6 +141,45 @@ pub fn getrusage(p: &mut Process, a: &Args) -> SysResult {
     Ok(0)
 }
 
+/// Clock ticks per second, as the app's libc assumes (sysconf(_SC_CLK_TCK) on Linux).
+const CLOCK_TICKS: u64 = 100;
+
+/// times(2): the app's CPU time (its vCPU thread's, as user time), and ticks since an
+/// arbitrary point, as Linux gives.
+pub fn times(p: &mut Process, a: &Args) -> SysResult {
+    let ticks = |t: rustix::time::Timespec| {
+        (t.tv_sec as u64).saturating_mul(CLOCK_TICKS)
+            + t.tv_nsec as u64 / (1_000_000_000 / CLOCK_TICKS)
+    };
+    let cpu = ticks(rustix::time::clock_gettime(
+        rustix::time::ClockId::ThreadCPUTime,
+    ));
+    if !a.ptr(0).is_null() {
+        // tms_utime, tms_stime, tms_cutime, tms_cstime.
+        p.mem.write_pod(a.ptr(0), &[cpu, 0u64, 0, 0])?;
+    }
+    Ok(ticks(rustix::time::clock_gettime(
+        rustix::time::ClockId::Monotonic,
+    )))
+}
+
+/// getpriority(2): the app's own priority, nice 0 (the raw call answers 20 - nice).
+pub fn getpriority(a: &Args) -> SysResult {
+    let own = |who: u32| who == 0 || who == crate::process::GUEST_PID as u32;
+    match (a.u32(0), a.u32(1)) {
+        (libc::PRIO_PROCESS | libc::PRIO_PGRP | libc::PRIO_USER, who) if own(who) => Ok(20),
+        (libc::PRIO_PROCESS | libc::PRIO_PGRP | libc::PRIO_USER, _) => Err(Errno::SRCH.into()),
+        _ => Err(Errno::INVAL.into()),
+    }
+}
+
+/// setpriority(2) on the app itself: accepted (Linux clamps the value to -20..19; the app
+/// is root in its own view), and it changes nothing on the host, where the VMM's
+/// scheduling is the operator's.
+pub fn setpriority(a: &Args) -> SysResult {
+    getpriority(a).map(|_| 0)
+}
+
 /// sched_getaffinity(2): one CPU.
 pub fn sched_getaffinity(p: &mut Process, a: &Args) -> SysResult {
     let size = a.usize(1);
