@@ -704,7 +704,8 @@ fn a_swapped_out_app_keeps_its_address_and_a_connection_wakes_it() {
     // No DNS query: a client that kept the address connects, and the connection waits in
     // the held socket's backlog while the app comes back; it is served by the same app.
     assert_eq!(try_count(&address), Ok(2));
-    assert_eq!(hub.state("cwake"), "resident");
+    // The app answers as soon as it is back; the hub hears of it just after.
+    hub.wait_state("cwake", "resident", Duration::from_secs(10));
     assert!(
         hub.events("cwake")
             .iter()
@@ -736,7 +737,7 @@ fn a_datagram_wakes_a_swapped_out_udp_app_and_is_answered() {
     hub.wait_state("uwake", "swapped_out", Duration::from_secs(15));
     // The datagram waits in the held UDP socket; the restored app reads and answers it.
     assert_eq!(udp_count(&address), 2);
-    assert_eq!(hub.state("uwake"), "resident");
+    hub.wait_state("uwake", "resident", Duration::from_secs(10));
 }
 
 #[test]
