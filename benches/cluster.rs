@@ -231,6 +231,11 @@ fn swapped_no_dns(cluster: &Cluster, name: &str, path: &str, from_s3: bool) -> f
             let _ = std::fs::remove_dir_all(cluster.cache.join(name));
         }
         times.push(first_byte(address, path, Instant::now()));
+        // The app answers as soon as it is back; its worker and the hub record it just
+        // after: wait for that before the next swap-out.
+        wait_for("the app to be resident again", LIMIT, || {
+            (cluster.state(name) == "resident").then_some(())
+        });
     }
     median(&mut times)
 }

@@ -104,5 +104,11 @@ int main(void) {
     int first = open("/dev/null", O_RDONLY), second = dup(first);
     CHECK(syscall(SYS_close_range, first, ~0U, 0) == 0);
     CHECK(close(second) == -1 && errno == EBADF);
+    /* /dev/stdout, /dev/fd/N: another fd for the same file. */
+    int out = open("/dev/stdout", O_WRONLY);
+    CHECK(out > 2 && write(out, "", 0) == 0);
+    int again = open("/dev/fd/1", O_WRONLY);
+    CHECK(again > 2);
+    CHECK(open("/dev/fd/999", O_RDONLY) == -1 && errno == ENOENT);
     DONE();
 }

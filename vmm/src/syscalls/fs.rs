@@ -198,7 +198,28 @@ fn host_open_flags(flags: u32) -> OFlags {
 }
 
 /// Opens `path` (absolute, normalised) for the app and installs it.
+/// The app fd a path names by number, as Linux's /dev/fd/N (and /dev/stdin, /dev/stdout,
+/// /dev/stderr, /proc/self/fd/N) do.
+fn fd_path(path: &str) -> Option<i32> {
+    match path {
+        "/dev/stdin" => Some(0),
+        "/dev/stdout" => Some(1),
+        "/dev/stderr" => Some(2),
+        _ => path
+            .strip_prefix("/dev/fd/")
+            .or_else(|| path.strip_prefix("/proc/self/fd/"))
+            .and_then(|n| n.parse().ok()),
+    }
+}
+
 fn open_path(p: &mut Process, path: String, flags: u32, mode: u32) -> SysResult {
+    if let Some(fd) = fd_path(&path) {
+        // Opening /dev/fd/N gives another fd for the same file (for a pipe, socket or
+        // terminal Linux does too; a regular file keeps one offset here).
+        let file = p.files.file(fd).map_err(|_| Errno::NOENT)?;
+        let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
+        return Ok(p.files.insert(file, cloexec)? as u64);
+    }
     let oflags = host_open_flags(flags);
     let mode = Mode::from_bits_truncate(mode & !p.umask & 0o7777);
     let fd = p.sandbox.open(&path, oflags, mode)?;
