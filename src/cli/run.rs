@@ -405,6 +405,7 @@ pub(super) fn run_in_jail(
     // The jailed VMM may not remove its own control socket.
     if let Some(control) = &config.control {
         plan.remove_after(&control.lease.socket);
+        plan.remove_after(&control.lease.socket.with_extension("stats"));
     }
     if let Some(store) = config.control.as_ref().and_then(|c| c.store.as_ref()) {
         plan.writable(store);

@@ -252,9 +252,18 @@ pub(crate) fn finish(
         platform, machine, ..
     } = parts;
     process.clock.publish(process.mem.phys(), true);
-    let vcpu = Vcpu::new(vcpu_fd, platform);
+    let vcpu = Vcpu::new(vcpu_fd, platform)?;
     let live = Arc::new(control::LiveStats::default());
     let ops = Arc::new(control::PendingOps::default());
+    if let Some(control) = &config.control {
+        let path = control.lease.socket.with_extension("stats");
+        let page =
+            crate::stats_page::StatsPage::create(&path).map_err(|source| VmmError::Host {
+                what: "the stats page",
+                source,
+            })?;
+        live.attach_page(page);
+    }
     let control = match &config.control {
         Some(control) => Some(control::ControlServer::start(
             control,
@@ -271,12 +280,12 @@ pub(crate) fn finish(
     )?;
     let process = Arc::new(Mutex::new(process));
     let poller = if config.mailbox {
-        let poller = mailbox::Poller::start(mailbox_page, process.clone()).map_err(|source| {
-            VmmError::Host {
+        let poller = mailbox::Poller::start(mailbox_page, process.clone(), live.clone()).map_err(
+            |source| VmmError::Host {
                 what: "the mailbox poller",
                 source,
-            }
-        })?;
+            },
+        )?;
         if let Some(thread) = poller.pthread() {
             live.add_app_thread(thread);
         }

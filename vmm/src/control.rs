@@ -224,9 +224,34 @@ pub struct LiveStats {
     /// CPU-time clocks of the threads that work for the app (the vCPU's and the mailbox
     /// poller's), as opposed to the control socket's own.
     app_clocks: std::sync::Mutex<Vec<libc::clockid_t>>,
+    /// The counters as a worker reads them without asking (see [`crate::stats_page`]).
+    page: std::sync::OnceLock<crate::stats_page::StatsPage>,
 }
 
 impl LiveStats {
+    /// Publishes the counters in `page` too from now on.
+    pub fn attach_page(&self, page: crate::stats_page::StatsPage) {
+        let _ = self.page.set(page);
+    }
+
+    /// Publishes the counters (in the stats page too, if there is one).
+    pub fn publish(&self, syscalls: u64, connections: u64, frames_in_use: u64, frames_total: u64) {
+        self.syscalls.store(syscalls, Ordering::Relaxed);
+        self.connections.store(connections, Ordering::Relaxed);
+        self.frames_in_use.store(frames_in_use, Ordering::Relaxed);
+        self.frames_total.store(frames_total, Ordering::Relaxed);
+        if let Some(page) = self.page.get() {
+            page.publish(syscalls, connections, frames_in_use, frames_total);
+        }
+    }
+
+    /// Names the calling thread, `tid`, in the stats page as one that works for the app.
+    pub fn add_app_tid(&self, tid: i32) {
+        if let Some(page) = self.page.get() {
+            page.add_thread(tid);
+        }
+    }
+
     /// Counts `thread`'s CPU time as the app's.
     pub fn add_app_thread(&self, thread: libc::pthread_t) {
         let mut clock: libc::clockid_t = 0;

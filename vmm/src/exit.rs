@@ -176,6 +176,8 @@ impl Picoprocess {
         let _watch = crate::panics::watch(self.kicker());
         // SAFETY: pthread_self has no preconditions.
         self.live.add_app_thread(unsafe { libc::pthread_self() });
+        self.live
+            .add_app_tid(rustix::thread::gettid().as_raw_nonzero().get());
         Kicker::arm(self.vcpu.immediate_exit_ptr());
         // The state a panic leaves is only dropped afterwards, never used again.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
@@ -297,12 +299,13 @@ struct Exits<'a> {
 impl Exits<'_> {
     /// Publishes counters for the control socket.
     fn publish_stats(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
         let memory = self.p.mem.stats();
-        self.live.syscalls.store(self.stats.syscalls, Relaxed);
-        self.live.frames_in_use.store(memory.frames_in_use, Relaxed);
-        self.live.frames_total.store(memory.frames_total, Relaxed);
-        self.live.connections.store(self.p.accepted, Relaxed);
+        self.live.publish(
+            self.stats.syscalls,
+            self.p.accepted,
+            memory.frames_in_use,
+            memory.frames_total,
+        );
     }
 
     /// Everything between two runs of the guest: kicks, signals, then what the last exit

@@ -30,6 +30,7 @@ pub mod platform;
 pub mod process;
 pub mod sandbox;
 pub mod sigframe;
+pub mod stats_page;
 pub mod syscalls;
 pub mod timeout;
 pub mod trace;

@@ -39,7 +39,11 @@ pub struct Poller {
 
 impl Poller {
     /// Starts a (sleeping) poller over the mailbox page `page`.
-    pub fn start(page: SharedPage, process: Arc<Mutex<Process>>) -> std::io::Result<Self> {
+    pub fn start(
+        page: SharedPage,
+        process: Arc<Mutex<Process>>,
+        live: Arc<crate::control::LiveStats>,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             page,
             process,
@@ -51,7 +55,11 @@ impl Poller {
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("picocenter-mailbox".into())
-            .spawn(move || run(&worker))?;
+            .spawn(move || {
+                // Its CPU time is the app's: the worker reads it without asking.
+                live.add_app_tid(rustix::thread::gettid().as_raw_nonzero().get());
+                run(&worker)
+            })?;
         Ok(Self {
             shared,
             thread: Mutex::new(Some(thread)),

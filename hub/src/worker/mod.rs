@@ -457,7 +457,7 @@ impl Worker {
         mut app: Resident,
         if_idle: bool,
     ) -> Result<SwappedOut, WorkerError> {
-        if let Ok(stats) = vmm::stats(&app.vmm.control).await {
+        if let Ok(stats) = vmm::counters(&app.vmm.control, app.vmm.pid).await {
             self.account(name, &mut app, &stats);
         }
         let dir = match self.cold.local_dir(name) {
@@ -600,15 +600,15 @@ impl Worker {
     pub async fn watch(self: &Arc<Self>) {
         let mut idle = Vec::new();
         let mut ended = Vec::new();
-        let controls: Vec<(String, PathBuf)> = {
+        let controls: Vec<(String, PathBuf, u32)> = {
             let apps = self.apps.lock().await;
             apps.iter()
-                .map(|(n, a)| (n.clone(), a.vmm.control.clone()))
+                .map(|(n, a)| (n.clone(), a.vmm.control.clone(), a.vmm.pid))
                 .collect()
         };
         let mut stats = HashMap::new();
-        for (name, control) in controls {
-            if let Ok(answer) = vmm::stats(&control).await {
+        for (name, control, pid) in controls {
+            if let Ok(answer) = vmm::counters(&control, pid).await {
                 stats.insert(name, answer);
             }
         }

@@ -65,17 +65,27 @@ pub struct Vcpu {
 impl Vcpu {
     /// Wraps a configured vCPU. On hardware KVM the segment registers are synced through
     /// `kvm_run` too, because every syscall return must rewrite CS and SS.
-    pub fn new(mut fd: VcpuFd, platform: Platform) -> Self {
+    ///
+    /// `kvm_run`'s register area only holds the vCPU's registers after a `KVM_RUN`; until
+    /// then it is zero. The registers the setup (or a restore) gave the vCPU are copied in
+    /// here, so that what the VMM reads before the first run (to deliver a signal a
+    /// restored timer raised, say) is the app's context and not zeros, and so that a
+    /// change made before the first run does not write those zeros back.
+    pub fn new(mut fd: VcpuFd, platform: Platform) -> Result<Self, VcpuError> {
+        let regs = fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
+        fd.sync_regs_mut().regs = regs;
         fd.set_sync_valid_reg(SyncReg::Register);
         let sregs_synced = platform.syscall_enters_ring0();
         if sregs_synced {
+            let sregs = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+            fd.sync_regs_mut().sregs = sregs;
             fd.set_sync_valid_reg(SyncReg::SystemRegister);
         }
-        Self {
+        Ok(Self {
             fd,
             platform,
             sregs_synced,
-        }
+        })
     }
 
     /// The platform this vCPU runs on.
@@ -233,5 +243,36 @@ impl Vcpu {
     /// The raw vCPU, for setup and state capture.
     pub fn fd(&self) -> &VcpuFd {
         &self.fd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A restored vCPU is read (to deliver a pending signal, or to snapshot it again)
+    /// before it has run once; it must read as the context it was given, not zeros.
+    #[test]
+    fn registers_set_before_the_first_run_are_what_the_vmm_reads() {
+        let kvm = kvm_ioctls::Kvm::new().expect("every Picocenter host has /dev/kvm");
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let fd = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        let given = kvm_regs {
+            rip: 0x40_1000,
+            rsp: 0x7fff_f000,
+            rax: 39,
+            rflags: 0x202,
+            ..Default::default()
+        };
+        fd.set_regs(&given).expect("KVM_SET_REGS");
+        let given_sregs = fd.get_sregs().expect("KVM_GET_SREGS");
+        let platform = Platform::detect();
+        let mut vcpu = Vcpu::new(fd, platform).expect("the vCPU");
+        let read = vcpu.regs();
+        assert_eq!((read.rip, read.rsp, read.rax), (0x40_1000, 0x7fff_f000, 39));
+        assert_eq!(vcpu.sregs().unwrap().cr0, given_sregs.cr0);
+        // A change before the first run keeps the rest of the context.
+        vcpu.regs_mut().rax = 7;
+        assert_eq!(vcpu.regs().rsp, 0x7fff_f000);
     }
 }

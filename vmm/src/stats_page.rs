@@ -1,0 +1,210 @@
+//! The counters a worker reads without waking the VMM: a page-sized file next to the
+//! control socket (`<run>/<name>.stats`) that the VMM maps shared and updates as it works
+//! (syscalls, connections, memory), and that names the app's threads, whose CPU time the
+//! reader takes from /proc. An idle app's VMM then does nothing at all when its worker
+//! looks at it; asking through the control socket would wake a thread every time.
+//!
+//! Layout, little-endian u64 words: `[MAGIC, VERSION, pid, syscalls, connections,
+//! frames_in_use, frames_total, thread count, tids...]`.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"PICOSTAT");
+const VERSION: u64 = 1;
+const SIZE: usize = 4096;
+/// Word indexes.
+const PID: usize = 2;
+const SYSCALLS: usize = 3;
+const CONNECTIONS: usize = 4;
+const FRAMES_IN_USE: usize = 5;
+const FRAMES_TOTAL: usize = 6;
+const THREADS: usize = 7;
+const FIRST_TID: usize = 8;
+/// Most threads named (the vCPU and mailbox threads, and later one vCPU a thread).
+pub const MAX_THREADS: usize = SIZE / 8 - FIRST_TID;
+
+/// The VMM's side: the shared mapping.
+#[derive(Debug)]
+pub struct StatsPage {
+    base: *mut AtomicU64,
+}
+
+// SAFETY: the mapping is only ever accessed through atomics, from any thread.
+unsafe impl Send for StatsPage {}
+// SAFETY: as above.
+unsafe impl Sync for StatsPage {}
+
+impl StatsPage {
+    /// Creates (or replaces) the page at `path`, 0600, and maps it.
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(path)?;
+        file.set_len(SIZE as u64)?;
+        // SAFETY: a new shared mapping of SIZE bytes of a file of that size; nothing else
+        // in this process maps it, and it is unmapped only in Drop.
+        let base = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                SIZE,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                file.as_fd(),
+                0,
+            )?
+        };
+        let page = Self { base: base.cast() };
+        page.word(PID)
+            .store(u64::from(std::process::id()), Ordering::Relaxed);
+        page.word(1).store(VERSION, Ordering::Relaxed);
+        // The magic last: a reader that sees it sees a whole page.
+        page.word(0).store(MAGIC, Ordering::Release);
+        Ok(page)
+    }
+
+    fn word(&self, index: usize) -> &AtomicU64 {
+        debug_assert!(index < SIZE / 8);
+        // SAFETY: `index` is inside the mapping (every caller passes a constant or a
+        // bounded index), which lives as long as `self`, and is only used atomically.
+        unsafe { &*self.base.add(index.min(SIZE / 8 - 1)) }
+    }
+
+    /// Publishes the counters.
+    pub fn publish(&self, syscalls: u64, connections: u64, frames_in_use: u64, frames_total: u64) {
+        self.word(SYSCALLS).store(syscalls, Ordering::Relaxed);
+        self.word(CONNECTIONS).store(connections, Ordering::Relaxed);
+        self.word(FRAMES_IN_USE)
+            .store(frames_in_use, Ordering::Relaxed);
+        self.word(FRAMES_TOTAL)
+            .store(frames_total, Ordering::Relaxed);
+    }
+
+    /// Names thread `tid` as one that works for the app.
+    pub fn add_thread(&self, tid: i32) {
+        let count = self.word(THREADS).load(Ordering::Relaxed) as usize;
+        if count < MAX_THREADS {
+            self.word(FIRST_TID + count)
+                .store(tid as u64, Ordering::Relaxed);
+            self.word(THREADS)
+                .store(count as u64 + 1, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for StatsPage {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `create`, which nothing uses any more.
+        let _ = unsafe { rustix::mm::munmap(self.base.cast(), SIZE) };
+    }
+}
+
+/// What a reader finds in a stats page, with the CPU times from /proc.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageStats {
+    /// The VMM's pid.
+    pub pid: u32,
+    /// Syscalls handled.
+    pub syscalls: u64,
+    /// Connections accepted.
+    pub connections: u64,
+    /// Guest memory in use, bytes.
+    pub memory_bytes: u64,
+    /// CPU time of the whole VMM process, nanoseconds.
+    pub cpu_ns: u64,
+    /// CPU time of the threads that work for the app, nanoseconds.
+    pub app_cpu_ns: u64,
+    /// Resident memory of the VMM, bytes.
+    pub rss_bytes: u64,
+}
+
+/// Reads the stats page at `path` and the VMM's CPU and memory from /proc, without
+/// waking the VMM. `None` if there is no (whole) page or its VMM is gone.
+pub fn read(path: &Path) -> Option<PageStats> {
+    let bytes = std::fs::read(path).ok()?;
+    let word = |i: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            bytes.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+        ))
+    };
+    if word(0)? != MAGIC || word(1)? != VERSION {
+        return None;
+    }
+    let pid = u32::try_from(word(PID)?).ok()?;
+    let threads = (word(THREADS)? as usize).min(MAX_THREADS);
+    let app_cpu_ns = (0..threads)
+        .filter_map(|i| word(FIRST_TID + i))
+        .filter_map(|tid| thread_cpu_ns(pid, tid))
+        .sum();
+    Some(PageStats {
+        pid,
+        syscalls: word(SYSCALLS)?,
+        connections: word(CONNECTIONS)?,
+        memory_bytes: word(FRAMES_IN_USE)?.saturating_mul(4096),
+        cpu_ns: process_cpu_ns(pid)?,
+        app_cpu_ns,
+        rss_bytes: rss_bytes(pid).unwrap_or(0),
+    })
+}
+
+/// Time on CPU of thread `tid` of `pid`, from its schedstat (nanoseconds).
+fn thread_cpu_ns(pid: u32, tid: u64) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Time on CPU of every thread of `pid`, exited ones included (/proc/PID/stat's utime and
+/// stime, in clock ticks).
+fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces and ends with ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&t| t > 0)?;
+    Some(ticks.saturating_mul(1_000_000_000 / per_second))
+}
+
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_sees_what_the_vmm_publishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.stats");
+        assert_eq!(read(&path), None);
+        let page = StatsPage::create(&path).unwrap();
+        page.publish(42, 3, 10, 100);
+        page.add_thread(rustix::thread::gettid().as_raw_nonzero().get());
+        // Some CPU for this thread to have used.
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(20) {
+            std::hint::black_box(0);
+        }
+        let stats = read(&path).unwrap();
+        assert_eq!(stats.pid, std::process::id());
+        assert_eq!((stats.syscalls, stats.connections), (42, 3));
+        assert_eq!(stats.memory_bytes, 10 * 4096);
+        assert!(stats.app_cpu_ns > 0 && stats.rss_bytes > 0);
+        // A torn or foreign file is not a page.
+        std::fs::write(&path, b"nope").unwrap();
+        assert_eq!(read(&path), None);
+    }
+}
