@@ -26,6 +26,8 @@ const CHECKS: &[&str] = &[
     "munmap-touch-faults",
     "mprotect-write-faults",
     "memory-checks",
+    "threads",
+    "threads-unmap-across",
     "hostile-bad-pointers",
     "hostile-ud2",
     "signals",
@@ -47,6 +49,8 @@ const SHADOW_CHECKS: &[&str] = &[
     "munmap-touch-faults",
     "mprotect-write-faults",
     "memory-checks",
+    "threads",
+    "threads-unmap-across",
     "hostile-bad-pointers",
 ];
 
@@ -108,6 +112,7 @@ fn the_vmm_passes_its_smoke_suite_on_hardware_kvm_in_an_svm_guest() {
     for (name, link) in [
         ("hello", Link::Static),
         ("memory", Link::Static),
+        ("threads", Link::Static),
         ("hostile", Link::Static),
         ("signals", Link::Static),
         ("storm", Link::Static),

@@ -784,11 +784,18 @@ fn a_large_data_file_is_archived_and_restored_in_little_memory() {
 /// a clean point, and the restored app finishes its storm with every call still correct.
 #[test]
 fn an_app_snapshotted_during_a_signal_storm_resumes_correctly() {
+    snapshot_while_running_then_restore("storm", "test-snap-storm");
+}
+
+/// Runs guest `program` (which prints "ready", runs for the seconds its argument says, and
+/// prints PASSED if its own checks hold), snapshots it while it runs, swaps it out, and
+/// restores it to the end.
+fn snapshot_while_running_then_restore(program: &str, name: &str) {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let program = guest("storm", Link::Static);
+    let program = guest(program, Link::Static);
     let mut child = picocenter()
-        .args(["run", "--name", "test-snap-storm", "--timeout", "60"])
+        .args(["run", "--name", name, "--timeout", "60"])
         .arg(&program)
         .arg("3")
         .stdout(Stdio::piped())
@@ -800,19 +807,23 @@ fn an_app_snapshotted_during_a_signal_storm_resumes_correctly() {
     reader.read_line(&mut first).unwrap();
     assert_eq!(first, "ready\n");
     std::thread::sleep(Duration::from_millis(500));
-    let out = snapshot(&[
-        "create",
-        "test-snap-storm",
-        "-o",
-        dir.path().to_str().unwrap(),
-    ]);
+    let out = snapshot(&["create", name, "-o", dir.path().to_str().unwrap()]);
     assert!(out.status.success(), "{}", describe(&out));
     std::thread::sleep(Duration::from_millis(300));
-    swap_out("test-snap-storm", dir.path(), child);
+    swap_out(name, dir.path(), child);
     let mut cmd = picocenter();
     cmd.args(["snapshot", "restore"]).arg(dir.path());
     cmd.args(root_from(dir.path()));
     let out = run_with_limit(&mut cmd, Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
+}
+
+/// A threaded app (tests/guests/threads_snap.c: workers on a mutex and a condition
+/// variable, a thread waiting until the end, one in timed waits) is snapshotted while it
+/// runs, then swapped out; restored, every thread comes back where it was and the app's
+/// own checks pass.
+#[test]
+fn a_threaded_app_is_snapshotted_and_restored_with_every_thread() {
+    snapshot_while_running_then_restore("threads_snap", "test-snap-threads");
 }

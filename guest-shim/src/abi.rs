@@ -115,7 +115,7 @@ pub mod mailbox {
 pub mod time_page {
     /// u32: non-zero when the time fields may be used (else time calls exit).
     pub const VALID: u64 = 0;
-    /// u32: the pid getpid and gettid answer.
+    /// u32: the pid getpid answers.
     pub const PID: u64 = 4;
     /// u64: the guest TSC at which the bases below were taken.
     pub const TSC_BASE: u64 = 8;
@@ -125,6 +125,8 @@ pub mod time_page {
     pub const MONOTONIC_NS: u64 = 24;
     /// u64: CLOCK_REALTIME at TSC_BASE, in ns since the epoch.
     pub const REALTIME_NS: u64 = 32;
+    /// u32: the tid gettid answers: the thread on the vCPU.
+    pub const TID: u64 = 40;
 }
 
 /// Byte offsets in the scratch page.

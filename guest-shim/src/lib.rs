@@ -49,7 +49,7 @@ std::arch::global_asm!(
     "cmp eax, 39",  // getpid
     "je 20f",
     "cmp eax, 186", // gettid
-    "je 20f",
+    "je 21f",
     "cmp eax, 228", // clock_gettime
     "je 30f",
     "cmp eax, 96",  // gettimeofday
@@ -61,6 +61,9 @@ std::arch::global_asm!(
     // getpid, gettid.
     "20:",
     "mov eax, dword ptr [{tp} + {tp_pid}]",
+    "jmp 90f",
+    "21:",
+    "mov eax, dword ptr [{tp} + {tp_tid}]",
     "jmp 90f",
 
     // clock_gettime(clock = edi, ts = rsi) for the realtime and monotonic clocks.
@@ -280,6 +283,7 @@ std::arch::global_asm!(
     tp = const TIME_PAGE_VA,
     tp_valid = const time_page::VALID,
     tp_pid = const time_page::PID,
+    tp_tid = const time_page::TID,
     tp_tsc = const time_page::TSC_BASE,
     tp_mult = const time_page::MULT,
     tp_mono = const time_page::MONOTONIC_NS,

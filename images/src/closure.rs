@@ -116,7 +116,17 @@ pub fn closure(program: &Path) -> Result<Vec<PathBuf>, ClosureError> {
         if let Some(interp) = needs.interpreter {
             add(PathBuf::from(interp), &mut queue);
         }
-        for needed in &needs.libraries {
+        // glibc dlopens libgcc_s for pthread_cancel and pthread_exit (to unwind): a
+        // program linked against libc needs it as if it were named, when the host has it.
+        let mut libraries = needs.libraries.clone();
+        if libraries.iter().any(|l| l == "libc.so.6") {
+            let unwinder = "libgcc_s.so.1".to_string();
+            if !libraries.contains(&unwinder) && !find_library(&unwinder, &needs.search).is_empty()
+            {
+                libraries.push(unwinder);
+            }
+        }
+        for needed in &libraries {
             let found = find_library(needed, &needs.search);
             if found.is_empty() {
                 return Err(ClosureError::Missing {
@@ -141,6 +151,11 @@ mod tests {
         let files = closure(Path::new("/bin/ls")).unwrap();
         assert_eq!(files[0], Path::new("/bin/ls"));
         assert!(files.iter().any(|f| f.ends_with("libc.so.6")), "{files:?}");
+        // dlopened by glibc to cancel threads.
+        assert!(
+            files.iter().any(|f| f.ends_with("libgcc_s.so.1")),
+            "{files:?}"
+        );
         assert!(
             files
                 .iter()

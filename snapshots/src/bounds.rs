@@ -91,7 +91,38 @@ pub fn check(m: &Manifest) -> Checked {
     ensure(m.signals.actions.len() <= MAX_SIGNALS, || {
         "more than 64 signal actions".into()
     })?;
-    check_process(m)
+    check_process(m)?;
+    check_threads(m)
+}
+
+/// Most threads a snapshot may hold (as the VMM's limit).
+pub const MAX_THREADS: usize = 4096;
+
+fn check_threads(m: &Manifest) -> Checked {
+    ensure(m.threads.len() < MAX_THREADS, || {
+        format!("{} threads", m.threads.len())
+    })?;
+    let mut tids: Vec<i32> = m.threads.iter().map(|t| t.tid).collect();
+    tids.push(m.process.tid);
+    tids.sort_unstable();
+    ensure(tids.windows(2).all(|w| w[0] != w[1]), || {
+        "two threads with one tid".into()
+    })?;
+    ensure(
+        m.threads.iter().all(|t| t.tid > 0) && m.process.tid >= 0,
+        || "a tid below 1".into(),
+    )?;
+    for t in &m.threads {
+        let c = &t.context;
+        ensure(c.xsave.len() == 4096, || {
+            format!("thread {}: FPU state is not 4096 bytes", t.tid)
+        })?;
+        ensure(
+            [c.rip, c.fs_base, c.gs_base].iter().all(|&v| v < USER_END),
+            || format!("thread {}: RIP, FS or GS base outside user space", t.tid),
+        )?;
+    }
+    Ok(())
 }
 
 fn check_app(app: &AppRecord) -> Checked {
@@ -434,6 +465,56 @@ mod tests {
                 closed: false,
             },
         }
+    }
+
+    #[test]
+    fn threads_are_bounded() {
+        let thread = |tid| crate::format::ThreadRecord {
+            tid,
+            context: UserContext {
+                xsave: vec![0; 4096],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut m = valid();
+        m.process.tid = 2;
+        m.threads = vec![thread(3), thread(4)];
+        check(&m).unwrap();
+        refused(
+            |m| {
+                m.process.tid = 2;
+                m.threads = vec![thread(2)];
+            },
+            "one tid",
+        );
+        refused(
+            |m| {
+                m.process.tid = 2;
+                m.threads = vec![thread(0)];
+            },
+            "below 1",
+        );
+        refused(
+            |m| {
+                let mut t = thread(3);
+                t.context.xsave.truncate(100);
+                m.threads = vec![t];
+            },
+            "FPU",
+        );
+        refused(
+            |m| {
+                let mut t = thread(3);
+                t.context.rip = USER_END;
+                m.threads = vec![t];
+            },
+            "outside user space",
+        );
+        refused(
+            |m| m.threads = (1..=MAX_THREADS as i32).map(thread).collect(),
+            "threads",
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 8] = *b"PICOSNAP";
 /// The format version. A different one is refused; bump it on any change to the types
 /// here. (The product version is separate.)
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The largest manifest payload accepted.
 pub const MAX_MANIFEST_SIZE: u64 = 64 << 20;
 /// Bytes of a page.
@@ -308,6 +308,32 @@ pub struct FdRecord {
     pub file: FileRecord,
 }
 
+/// One of the app's threads other than the one `Manifest::context` is of: it was parked
+/// (waiting, or preempted) when the snapshot was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ThreadRecord {
+    /// Its thread id.
+    pub tid: i32,
+    /// Its registers: at its `syscall` instruction if `in_call`, else in its own code.
+    pub context: UserContext,
+    /// Whether it stopped in a call, which it performs again when it runs.
+    pub in_call: bool,
+    /// Blocked signals.
+    pub mask: u64,
+    /// Signals sent to it (tgkill) and not yet delivered.
+    pub pending: u64,
+    /// sigaltstack: (sp, flags, size).
+    pub altstack: (u64, i32, u64),
+    /// set_tid_address or CLONE_CHILD_CLEARTID.
+    pub clear_child_tid: u64,
+    /// set_robust_list's head.
+    pub robust_list: u64,
+    /// Its call's deadline, as `ProcessRecord::restart`.
+    pub restart: Option<(u64, u64, u64)>,
+    /// A futex wake reached it: its futex wait returns 0 when performed again.
+    pub futex_woken: bool,
+}
+
 /// Signal dispositions, mask and pending set, and the real-time timer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct SignalRecord {
@@ -315,8 +341,10 @@ pub struct SignalRecord {
     pub actions: Vec<[u64; 4]>,
     /// Blocked.
     pub mask: u64,
-    /// Pending.
+    /// Pending for the thread group.
     pub pending: u64,
+    /// Pending for the thread `context` is of (tgkill).
+    pub thread_pending: u64,
     /// sigaltstack: (sp, flags, size).
     pub altstack: (u64, i32, u64),
     /// ITIMER_REAL: (remaining ns, interval ns).
@@ -334,7 +362,11 @@ pub struct ProcessRecord {
     pub brk_start: u64,
     /// The break.
     pub brk: u64,
-    /// set_tid_address.
+    /// The tid of the thread `context` is of.
+    pub tid: i32,
+    /// Its set_robust_list head.
+    pub robust_list: u64,
+    /// Its set_tid_address.
     pub clear_child_tid: u64,
     /// A blocking call the app was in: (syscall number, its rip, its deadline on the app's
     /// CLOCK_MONOTONIC in ns), so that a restart keeps the original deadline.
@@ -411,6 +443,8 @@ pub struct Manifest {
     pub signals: SignalRecord,
     /// Process state.
     pub process: ProcessRecord,
+    /// The app's other threads (none for a single-threaded app).
+    pub threads: Vec<ThreadRecord>,
     /// Clocks.
     pub clock: ClockRecord,
     /// Bytes of the archive of the writable directories (0: none).

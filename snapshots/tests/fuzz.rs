@@ -7,8 +7,8 @@ use picocenter_snapshots::archive;
 use picocenter_snapshots::chain::{covered, resolve_all};
 use picocenter_snapshots::format::{
     AppRecord, BackingRecord, ClockRecord, FdRecord, FileRecord, Manifest, PageRun, PageSource,
-    PortSet, ProcessRecord, SignalRecord, UserContext, VmaRecord, VpnRange, FORMAT_VERSION,
-    HEADER_SIZE, MAGIC,
+    PortSet, ProcessRecord, SignalRecord, ThreadRecord, UserContext, VmaRecord, VpnRange,
+    FORMAT_VERSION, HEADER_SIZE, MAGIC,
 };
 use picocenter_snapshots::pagefile::chunk_pages_of;
 use picocenter_snapshots::SnapshotKey;
@@ -171,9 +171,22 @@ fn sample() -> Manifest {
             umask: 0o022,
             brk_start: 0x50_0000,
             brk: 0x50_1000,
+            tid: 2,
+            robust_list: 0,
             clear_child_tid: 0,
             restart: Some((35, 0x40_1000, 2_000_000_000)),
         },
+        threads: vec![ThreadRecord {
+            tid: 3,
+            context: UserContext {
+                rip: 0x40_1000,
+                xsave: vec![0; 4096],
+                ..Default::default()
+            },
+            in_call: true,
+            restart: Some((202, 0x40_1000, 3_000_000_000)),
+            ..Default::default()
+        }],
         clock: ClockRecord {
             monotonic_ns: 1_000_000_000,
             realtime_ns: 1_700_000_000_000_000_000,

@@ -55,6 +55,21 @@ else
     fail memory-checks$sfx "status $status"
 fi
 
+# Threads: the pthread program (switches between threads at CPL 0 returns), and a page one
+# thread unmaps must fault in another that used it.
+app run /guests/threads-static
+if [ $status -eq 0 ] && grep -q "^PASSED" /tmp/out; then
+    pass threads$sfx
+else
+    fail threads$sfx "status $status"
+fi
+app run /guests/threads-static unmap-across
+if [ $status -eq 139 ] && grep -q "segmentation fault: read at 0x" /tmp/err; then
+    pass threads-unmap-across$sfx
+else
+    fail threads-unmap-across$sfx "status $status, expected 139 and a read fault"
+fi
+
 # Bad pointers give EFAULT (clock_gettime's is answered in the doorbell, at CPL 0 here:
 # its fault is an exception taken in ring 0).
 app run /guests/hostile-static bad-pointers

@@ -203,17 +203,11 @@ pub(crate) fn process(
             ..Default::default()
         },
         kicker: kicker.clone(),
-        fs_base: 0,
-        fs_base_changed: false,
-        clear_child_tid: 0,
+        thread: crate::thread::ThreadState::new(crate::thread::MAIN_TID),
+        threads: Default::default(),
         name: config.name.clone(),
         trace: config.trace_syscalls.then(Default::default),
         alarm: alarm::Alarm::new(kicker),
-        saved_mask: None,
-        in_mailbox: false,
-        current_call: (0, 0),
-        restart: None,
-        interrupted_deadline: None,
         net: syscalls::net::NetPolicy {
             address: config.address,
             allow_outbound: config.allow_outbound,
@@ -252,6 +246,7 @@ pub(crate) fn finish(
         platform, machine, ..
     } = parts;
     process.clock.publish(process.mem.phys(), true);
+    syscalls::time::publish_tid(process.mem.phys(), process.thread.tid);
     let vcpu = Vcpu::new(vcpu_fd, platform)?;
     let live = Arc::new(control::LiveStats::default());
     let ops = Arc::new(control::PendingOps::default());

@@ -19,6 +19,7 @@ use crate::process::Process;
 use crate::sigframe::{self, DeliveryError, SigInfo};
 use crate::syscalls::signal::{Disposition, SA_RESTART};
 use crate::syscalls::{self, Args, SysError};
+use crate::thread::{CpuContext, Parked, ThreadSignals, Wait};
 use crate::{Picoprocess, VmmError};
 use picocenter_guest_shim::abi;
 use std::sync::{Mutex, MutexGuard};
@@ -285,6 +286,14 @@ pub(crate) fn lock(process: &Mutex<Process>) -> MutexGuard<'_, Process> {
     process.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What performing a call left to do.
+enum Step {
+    /// The thread goes on (or the run ends with the outcome).
+    Done(Option<RunOutcome>),
+    /// The thread was parked or ended: another must be put on the vCPU.
+    Switch,
+}
+
 /// Everything one exit's handling touches, borrowed from the [`Picoprocess`].
 struct Exits<'a> {
     vcpu: &'a mut Vcpu,
@@ -319,6 +328,9 @@ impl Exits<'_> {
             if let Some(outcome) = self.take_kicks()? {
                 return Ok(Some(outcome));
             }
+            if let Some(outcome) = self.preempt()? {
+                return Ok(Some(outcome));
+            }
             if let Some(outcome) = self.deliver_signals()? {
                 return Ok(Some(outcome));
             }
@@ -329,8 +341,173 @@ impl Exits<'_> {
                 break;
             }
         }
+        if self.p.threads.any() {
+            // A signal for the thread group that this thread blocks goes to one that
+            // does not; then it must get its turn.
+            let blocked_here = self.p.signals.pending & self.p.signals.mask;
+            if blocked_here != 0 {
+                self.p.threads.interrupt_one(blocked_here);
+            }
+        }
+        if let Some(slicer) = &self.p.threads.slicer {
+            slicer.set_contended(self.p.threads.any());
+        }
         self.prepare_entry()?;
         Ok(None)
+    }
+
+    /// Ends the current thread's time slice if another thread is runnable.
+    fn preempt(&mut self) -> Result<Option<RunOutcome>, VmmError> {
+        if self.p.kicker.pending() & reason::PREEMPT == 0 {
+            return Ok(None);
+        }
+        self.p.kicker.clear(reason::PREEMPT);
+        let process = &mut *self.p;
+        let wake = process.kicker.wake_fd();
+        let runnable = process
+            .threads
+            .poll_waits(std::os::fd::AsFd::as_fd(wake))
+            .map_err(|e| VmmError::Host {
+                what: "looking at the app's waiting threads",
+                source: e.into(),
+            })?;
+        if !runnable {
+            return Ok(None);
+        }
+        self.park_current(Wait::Runnable, false)?;
+        self.schedule()
+    }
+
+    /// Parks the thread on the vCPU (see [`crate::thread`]): `in_call` if it is at a
+    /// `syscall` instruction it must perform again.
+    fn park_current(&mut self, wait: Wait, in_call: bool) -> Result<(), VmmError> {
+        let cpu = CpuContext {
+            regs: self.vcpu.regs(),
+            xsave: Box::new(self.vcpu.xsave()?),
+        };
+        let signals = ThreadSignals {
+            mask: self.p.signals.mask,
+            pending: std::mem::take(&mut self.p.signals.thread_pending),
+            altstack: self.p.signals.altstack,
+        };
+        let state = std::mem::take(&mut self.p.thread);
+        self.p.threads.parked.push_back(Parked {
+            state,
+            signals,
+            cpu,
+            wait,
+            in_call,
+        });
+        Ok(())
+    }
+
+    /// Puts parked thread `t` on the vCPU.
+    fn load(&mut self, t: Parked) -> Result<(), VmmError> {
+        *self.vcpu.regs_mut() = t.cpu.regs;
+        self.vcpu.set_xsave(&t.cpu.xsave)?;
+        self.p.thread = t.state;
+        self.p.thread.fs_base_changed = true;
+        self.p.signals.mask = t.signals.mask;
+        self.p.signals.thread_pending = t.signals.pending;
+        self.p.signals.altstack = t.signals.altstack;
+        syscalls::time::publish_tid(self.p.mem.phys(), self.p.thread.tid);
+        Ok(())
+    }
+
+    /// Puts the next runnable thread on the vCPU (the current one is parked or gone),
+    /// waiting for one if none is. A thread that stopped in a call performs it again
+    /// here; if it must wait again, the next one is tried.
+    fn schedule(&mut self) -> Result<Option<RunOutcome>, VmmError> {
+        loop {
+            if let Some(next) = self.p.threads.take_runnable() {
+                let in_call = next.in_call;
+                self.load(next)?;
+                if !in_call {
+                    return Ok(None);
+                }
+                match self.perform_call()? {
+                    Step::Done(outcome) => return Ok(outcome),
+                    Step::Switch => continue,
+                }
+            }
+            if self.p.threads.parked.is_empty() {
+                // Unreachable: the last thread's exit ends the app.
+                return Ok(Some(RunOutcome::Exited(0)));
+            }
+            // Every thread waits. Signals and kicks wake one of them, whose call sees
+            // what happened when it is performed again.
+            let blocked = self.p.threads.common_mask();
+            self.p.kicker.set_quiet(blocked | self.p.signals.pending);
+            let kicks = self.p.kicker.pending();
+            if kicks & reason::SIGNAL != 0 {
+                self.p.absorb_external_signals();
+            }
+            if kicks & reason::PREEMPT != 0 {
+                self.p.kicker.clear(reason::PREEMPT);
+            }
+            let pending = self.p.signals.pending;
+            if pending != 0 && self.p.threads.interrupt_one(pending) {
+                continue;
+            }
+            if self.p.kicker.pending() & !(reason::SIGNAL | reason::PREEMPT) != 0 {
+                if let Some(first) = self.p.threads.parked.front_mut() {
+                    first.wait = Wait::Runnable;
+                }
+                continue;
+            }
+            if let Some(slicer) = &self.p.threads.slicer {
+                slicer.set_contended(false);
+            }
+            let process = &mut *self.p;
+            let wake = process.kicker.wake_fd();
+            process
+                .threads
+                .idle_wait(std::os::fd::AsFd::as_fd(wake))
+                .map_err(|e| VmmError::Host {
+                    what: "waiting for the app's threads",
+                    source: e.into(),
+                })?;
+        }
+    }
+
+    /// Starts a thread clone asked for, with the caller's registers (after its call,
+    /// RAX = 0) on its own stack.
+    fn spawn_thread(&mut self, spawn: syscalls::thread::Spawn) -> Result<(), VmmError> {
+        let mut regs = self.vcpu.regs();
+        regs.rip = regs.rcx;
+        regs.rflags = regs.r11;
+        regs.rax = 0;
+        regs.rsp = spawn.stack;
+        let mut state = crate::thread::ThreadState::new(spawn.tid);
+        state.fs_base = spawn.tls.unwrap_or(self.p.thread.fs_base);
+        state.clear_child_tid = spawn.clear_child_tid;
+        let parked = Parked {
+            state,
+            // Linux clears the alternate stack of a thread that shares the memory.
+            signals: ThreadSignals {
+                mask: self.p.signals.mask,
+                pending: 0,
+                altstack: (0, libc::SS_DISABLE, 0),
+            },
+            cpu: CpuContext {
+                regs,
+                xsave: Box::new(self.vcpu.xsave()?),
+            },
+            wait: Wait::Runnable,
+            in_call: false,
+        };
+        if self.p.threads.slicer.is_none() {
+            let slicer =
+                crate::thread::TimeSlicer::start(self.p.kicker.clone()).map_err(|source| {
+                    VmmError::Host {
+                        what: "the threads' time slicer",
+                        source,
+                    }
+                })?;
+            self.p.threads.slicer = Some(slicer);
+        }
+        self.p.threads.parked.push_back(parked);
+        Ok(())
     }
 
     /// Acts on kicks that arrived; the app is outside any syscall here.
@@ -425,7 +602,7 @@ impl Exits<'_> {
         while let Some(signal) = self.p.signals.deliverable() {
             match self.p.signals.disposition(signal) {
                 Disposition::Ignore => {
-                    self.p.signals.pending &= !syscalls::signal::bit(signal);
+                    self.p.signals.clear(signal);
                 }
                 Disposition::Terminate => {
                     return Ok(Some(RunOutcome::Killed {
@@ -434,8 +611,13 @@ impl Exits<'_> {
                     }))
                 }
                 Disposition::Handle(_) => {
+                    // A signal sent to this thread came from tgkill (SI_TKILL, which
+                    // glibc's cancellation handler insists on); the rest as from kill.
+                    const SI_TKILL: i32 = -6;
+                    let tkill = self.p.signals.thread_pending & syscalls::signal::bit(signal);
                     let info = SigInfo {
                         signo: signal,
+                        code: if tkill != 0 { SI_TKILL } else { 0 },
                         ..Default::default()
                     };
                     if let Some(outcome) = self.deliver(info)? {
@@ -471,9 +653,9 @@ impl Exits<'_> {
     /// Applies what the last exit changed before the guest runs again.
     fn prepare_entry(&mut self) -> Result<(), VmmError> {
         self.p.clock.publish(self.p.mem.phys(), false);
-        if self.p.fs_base_changed {
-            self.vcpu.set_fs_base(self.p.fs_base)?;
-            self.p.fs_base_changed = false;
+        if self.p.thread.fs_base_changed {
+            self.vcpu.set_fs_base(self.p.thread.fs_base)?;
+            self.p.thread.fs_base_changed = false;
         }
         if self.p.activeset.harvest_due() {
             let accessed = self.p.mem.take_accessed()?;
@@ -510,32 +692,71 @@ impl Exits<'_> {
                 })),
             };
         }
+        match self.perform_call()? {
+            Step::Done(outcome) => Ok(outcome),
+            Step::Switch => self.schedule(),
+        }
+    }
+
+    /// Performs the call the current thread is at (its registers as after its `syscall`
+    /// instruction, or rewound to it).
+    fn perform_call(&mut self) -> Result<Step, VmmError> {
+        let regs = self.vcpu.regs();
+        let nr = regs.rax;
         crate::panics::test_hook(crate::panics::Place::Vcpu, nr);
         let args = Args([regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
         let call = (nr, regs.rcx.wrapping_sub(2));
-        self.p.current_call = call;
-        self.p.interrupted_deadline = None;
+        self.p.thread.current_call = call;
+        self.p.thread.interrupted_deadline = None;
         let result = syscalls::perform(self.p, nr, &args);
         let rax = match result {
             Ok(value) => value,
             Err(SysError::Errno(errno)) => (-(errno.raw_os_error() as i64)) as u64,
-            Err(SysError::Exit(code)) => return Ok(Some(RunOutcome::Exited(code))),
+            Err(SysError::Exit(code)) => return Ok(Step::Done(Some(RunOutcome::Exited(code)))),
             Err(SysError::Kill { signal, reason }) => {
-                return Ok(Some(RunOutcome::Killed {
+                return Ok(Step::Done(Some(RunOutcome::Killed {
                     signal,
                     report: reason,
-                }))
+                })))
+            }
+            Err(SysError::Block(wait)) => {
+                // Performed again when the wait is over, with the deadline it had.
+                self.p.thread.restart = wait.deadline().map(|d| (call.0, call.1, d));
+                self.rewind_syscall(nr)?;
+                self.park_current(wait, true)?;
+                return Ok(Step::Switch);
+            }
+            Err(SysError::ThreadExit(status)) => {
+                syscalls::thread::release_thread(self.p);
+                if !self.p.threads.any() {
+                    return Ok(Step::Done(Some(RunOutcome::Exited(status))));
+                }
+                // No thread is on the vCPU until the next is loaded.
+                self.p.thread = Default::default();
+                return Ok(Step::Switch);
+            }
+            Err(SysError::Yield) => {
+                self.vcpu.regs_mut().rax = 0;
+                self.vcpu.complete_syscall()?;
+                self.park_current(Wait::Runnable, false)?;
+                return Ok(Step::Switch);
+            }
+            Err(SysError::Spawn(spawn)) => {
+                let tid = spawn.tid;
+                self.spawn_thread(*spawn)?;
+                tid as u64
             }
             Err(SysError::Restart) | Err(SysError::WouldBlock) => {
                 // Re-execute the `syscall` instruction once the kick is handled, with the
                 // deadline it had.
-                self.p.restart = self
+                self.p.thread.restart = self
                     .p
+                    .thread
                     .interrupted_deadline
                     .take()
                     .map(|deadline| (call.0, call.1, deadline));
                 self.rewind_syscall(nr)?;
-                return Ok(None);
+                return Ok(Step::Done(None));
             }
             Err(SysError::Interrupted) => {
                 let restart = match self.p.signals.deliverable() {
@@ -548,14 +769,14 @@ impl Exits<'_> {
                 };
                 if restart {
                     self.rewind_syscall(nr)?;
-                    return self.deliver_signals();
+                    return Ok(Step::Done(self.deliver_signals()?));
                 }
                 (-libc::EINTR as i64) as u64
             }
         };
         self.vcpu.regs_mut().rax = rax;
         self.vcpu.complete_syscall()?;
-        self.deliver_signals()
+        Ok(Step::Done(self.deliver_signals()?))
     }
 
     /// Reads the exception frame the CPU pushed on the ring-0 stack.

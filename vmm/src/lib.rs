@@ -32,6 +32,7 @@ pub mod sandbox;
 pub mod sigframe;
 pub mod stats_page;
 pub mod syscalls;
+pub mod thread;
 pub mod timeout;
 pub mod trace;
 

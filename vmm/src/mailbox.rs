@@ -165,9 +165,9 @@ fn take_call(shared: &Shared) -> bool {
         let mut p = lock(&shared.process);
         let outcome = if syscalls::mailbox_allowed(nr) {
             crate::panics::test_hook(crate::panics::Place::Mailbox, nr);
-            p.in_mailbox = true;
+            p.thread.in_mailbox = true;
             let outcome = syscalls::perform(&mut p, nr, &Args(args));
-            p.in_mailbox = false;
+            p.thread.in_mailbox = false;
             outcome
         } else {
             Err(SysError::WouldBlock)

@@ -7,6 +7,7 @@ use crate::memory::AddressSpace;
 use crate::sandbox::Sandbox;
 use crate::syscalls::signal::SignalState;
 use crate::syscalls::time::Clock;
+use crate::thread::{ThreadState, Threads};
 use crate::trace::SyscallTrace;
 use std::collections::HashSet;
 
@@ -20,6 +21,10 @@ pub const GUEST_PPID: i32 = 1;
 pub struct Process {
     /// Its address space.
     pub mem: AddressSpace,
+    /// The current thread's own state (see [`crate::thread`]).
+    pub thread: ThreadState,
+    /// Its other threads.
+    pub threads: Threads,
     /// Its fds.
     pub files: FdTable,
     /// Its file namespace.
@@ -34,31 +39,14 @@ pub struct Process {
     pub clock: Clock,
     /// Interrupts blocking calls.
     pub kicker: Kicker,
-    /// The FS base the app set; the run loop writes it to the vCPU when it changes.
-    pub fs_base: u64,
-    /// Whether `fs_base` changed since the vCPU last saw it.
-    pub fs_base_changed: bool,
-    /// The address set by set_tid_address.
-    pub clear_child_tid: u64,
     /// The app's name (for logs and `ps`).
     pub name: String,
     /// Per-syscall counts and times, when tracing.
     pub trace: Option<SyscallTrace>,
     /// ITIMER_REAL.
     pub alarm: crate::alarm::Alarm,
-    /// The mask to restore after a handler that interrupted rt_sigsuspend.
-    pub saved_mask: Option<u64>,
     /// The app's address and outbound policy.
     pub net: crate::syscalls::net::NetPolicy,
-    /// Whether the call being performed came through the mailbox (it must not block).
-    pub in_mailbox: bool,
-    /// The call being performed: (number, address of its `syscall` instruction).
-    pub current_call: (u64, u64),
-    /// A blocking call interrupted for the VMM (not for the app) keeps its deadline here,
-    /// so that re-executing it does not restart its timeout: (number, address, deadline).
-    pub restart: Option<(u64, u64, std::time::Instant)>,
-    /// The deadline of the wait an operator's kick just interrupted.
-    pub interrupted_deadline: Option<std::time::Instant>,
     /// How the app was started, for snapshots.
     pub app: picocenter_snapshots::format::AppRecord,
     /// Its writable directories: (guest path, host directory).
@@ -88,9 +76,9 @@ impl Process {
     /// [`crate::timeout`]; `None` is no deadline), or, when this call is the re-execution
     /// of one the VMM interrupted, that call's own deadline.
     pub fn deadline_after(&mut self, timeout: std::time::Duration) -> Option<std::time::Instant> {
-        if let Some((nr, rip, deadline)) = self.restart {
-            if (nr, rip) == self.current_call {
-                self.restart = None;
+        if let Some((nr, rip, deadline)) = self.thread.restart {
+            if (nr, rip) == self.thread.current_call {
+                self.thread.restart = None;
                 return Some(deadline);
             }
         }
@@ -101,8 +89,9 @@ impl Process {
     /// [`crate::kvm::kick::Kicker::raise`]), then absorbs any raised meanwhile. Called
     /// before the guest runs and before every blocking wait.
     pub fn quiet_signals(&mut self) {
-        self.kicker
-            .set_quiet(self.signals.mask | self.signals.pending);
+        // Only a signal every thread blocks need not interrupt the current one.
+        let blocked = self.signals.mask & self.threads.common_mask();
+        self.kicker.set_quiet(blocked | self.signals.all_pending());
         if self.kicker.pending() & crate::kvm::kick::reason::SIGNAL != 0 {
             self.absorb_external_signals();
         }

@@ -99,7 +99,7 @@ pub fn deliver(p: &mut Process, vcpu: &mut Vcpu, info: SigInfo) -> Result<(), De
     let fpstate = top.wrapping_sub(XSAVE_SIZE) & !63;
     let frame = (fpstate.wrapping_sub(FRAME_SIZE) & !15).wrapping_sub(8);
 
-    let old_mask = p.saved_mask.take().unwrap_or(p.signals.mask);
+    let old_mask = p.thread.saved_mask.take().unwrap_or(p.signals.mask);
     let mut bytes = vec![0u8; FRAME_SIZE as usize];
     let mut put = |offset: u64, value: u64| {
         bytes[offset as usize..offset as usize + 8].copy_from_slice(&value.to_le_bytes());
@@ -163,7 +163,7 @@ pub fn deliver(p: &mut Process, vcpu: &mut Vcpu, info: SigInfo) -> Result<(), De
         .map_err(bad_stack)?;
     p.mem.write(UserAddr(frame), &bytes).map_err(bad_stack)?;
 
-    p.signals.pending &= !bit(signal);
+    p.signals.clear(signal);
     p.signals.mask |= action.mask;
     if action.flags & SA_NODEFER == 0 {
         p.signals.mask |= bit(signal);

@@ -294,13 +294,10 @@ pub fn configure(
     Ok(())
 }
 
-/// Puts the vCPU at an app context from a snapshot: registers, FS/GS base, FPU state.
-pub fn restore_context(
-    vcpu: &VcpuFd,
-    context: &picocenter_snapshots::format::UserContext,
-) -> Result<(), CpuSetupError> {
+/// The general registers of an app context from a snapshot.
+pub fn user_regs(context: &picocenter_snapshots::format::UserContext) -> kvm_regs {
     let g = &context.gprs;
-    let regs = kvm_regs {
+    kvm_regs {
         rax: g[0],
         rbx: g[1],
         rcx: g[2],
@@ -320,16 +317,30 @@ pub fn restore_context(
         rip: context.rip,
         // Only the flags an app can hold; IF stays set.
         rflags: (context.rflags & 0x4_0cd5) | USER_RFLAGS,
-    };
-    vcpu.set_regs(&regs).map_err(CpuSetupError::SetRegs)?;
+    }
+}
+
+/// A `kvm_xsave` from a snapshot's 4096-byte image (KVM validates it when it is set).
+pub fn xsave_from(bytes: &[u8]) -> kvm_bindings::kvm_xsave {
+    let mut xsave = kvm_bindings::kvm_xsave::default();
+    for (slot, chunk) in xsave.region.iter_mut().zip(bytes.chunks_exact(4)) {
+        *slot = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+    }
+    xsave
+}
+
+/// Puts the vCPU at an app context from a snapshot: registers, FS/GS base, FPU state.
+pub fn restore_context(
+    vcpu: &VcpuFd,
+    context: &picocenter_snapshots::format::UserContext,
+) -> Result<(), CpuSetupError> {
+    vcpu.set_regs(&user_regs(context))
+        .map_err(CpuSetupError::SetRegs)?;
     let mut sregs = vcpu.get_sregs().map_err(CpuSetupError::GetSregs)?;
     set_user_segments(&mut sregs, context.fs_base);
     sregs.gs.base = context.gs_base;
     vcpu.set_sregs(&sregs).map_err(CpuSetupError::SetSregs)?;
-    let mut xsave = kvm_bindings::kvm_xsave::default();
-    for (slot, chunk) in xsave.region.iter_mut().zip(context.xsave.chunks_exact(4)) {
-        *slot = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-    }
+    let xsave = xsave_from(&context.xsave);
     // SAFETY: the guest never has dynamically enabled XSTATE features (XCR0 excludes AMX),
     // so KVM reads no more than the 4096-byte `kvm_xsave`.
     unsafe { vcpu.set_xsave(&xsave) }.map_err(CpuSetupError::SetXsave)?;

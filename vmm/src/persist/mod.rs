@@ -21,7 +21,7 @@ use picocenter_snapshots::archive::{self, ArchiveError};
 use picocenter_snapshots::chain::runs;
 use picocenter_snapshots::format::{
     BackingRecord, ClockRecord, Manifest, PageSource, ProcessRecord, SignalRecord, SnapshotStats,
-    UserContext, VmaRecord,
+    ThreadRecord, UserContext, VmaRecord,
 };
 use picocenter_snapshots::pagefile::{PageFileError, PageFileWriter, CHUNK_PAGES};
 use picocenter_snapshots::store::{new_id, Store, StoreError};
@@ -160,17 +160,63 @@ fn user_context(vcpu: &Vcpu, p: &Process) -> Result<UserContext, PersistError> {
     }
     let sregs = vcpu.sregs()?;
     let xsave = vcpu.xsave()?;
-    Ok(UserContext {
+    Ok(context_record(
+        &regs,
+        &xsave,
+        p.thread.fs_base,
+        sregs.gs.base,
+    ))
+}
+
+fn context_record(
+    regs: &kvm_bindings::kvm_regs,
+    xsave: &kvm_bindings::kvm_xsave,
+    fs_base: u64,
+    gs_base: u64,
+) -> UserContext {
+    UserContext {
         gprs: [
             regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rsp, regs.rbp,
             regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
         ],
         rip: regs.rip,
         rflags: regs.rflags,
-        fs_base: p.fs_base,
-        gs_base: sregs.gs.base,
+        fs_base,
+        gs_base,
         xsave: xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect(),
+    }
+}
+
+/// A call's deadline as the app's CLOCK_MONOTONIC in ns (see `ProcessRecord::restart`).
+fn restart_record(
+    restart: Option<(u64, u64, Instant)>,
+    clock: &ClockRecord,
+) -> Option<(u64, u64, u64)> {
+    restart.map(|(nr, rip, deadline)| {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let left = crate::timeout::nanos(left);
+        (nr, rip, clock.monotonic_ns.saturating_add(left))
     })
+}
+
+/// The parked threads (the current one is `context`, `signals` and `process`).
+fn thread_records(p: &Process, clock: &ClockRecord) -> Vec<ThreadRecord> {
+    p.threads
+        .parked
+        .iter()
+        .map(|t| ThreadRecord {
+            tid: t.state.tid,
+            context: context_record(&t.cpu.regs, &t.cpu.xsave, t.state.fs_base, 0),
+            in_call: t.in_call,
+            mask: t.state.saved_mask.unwrap_or(t.signals.mask),
+            pending: t.signals.pending,
+            altstack: t.signals.altstack,
+            clear_child_tid: t.state.clear_child_tid,
+            robust_list: t.state.robust_list,
+            restart: restart_record(t.state.restart, clock),
+            futex_woken: t.state.futex_woken,
+        })
+        .collect()
 }
 
 fn signal_record(p: &Process) -> SignalRecord {
@@ -182,8 +228,9 @@ fn signal_record(p: &Process) -> SignalRecord {
             .iter()
             .map(|a| [a.handler, a.flags, a.restorer, a.mask])
             .collect(),
-        mask: p.saved_mask.unwrap_or(p.signals.mask),
+        mask: p.thread.saved_mask.unwrap_or(p.signals.mask),
         pending: p.signals.pending,
+        thread_pending: p.signals.thread_pending,
         altstack: p.signals.altstack,
         alarm: (crate::timeout::nanos(left), crate::timeout::nanos(interval)),
     }
@@ -191,18 +238,15 @@ fn signal_record(p: &Process) -> SignalRecord {
 
 fn process_record(p: &Process, clock: &ClockRecord) -> ProcessRecord {
     let (brk_start, brk) = p.mem.brk_state();
-    let restart = p.restart.map(|(nr, rip, deadline)| {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let left = crate::timeout::nanos(left);
-        (nr, rip, clock.monotonic_ns.saturating_add(left))
-    });
     ProcessRecord {
         cwd: p.cwd.clone(),
         umask: p.umask,
         brk_start,
         brk,
-        clear_child_tid: p.clear_child_tid,
-        restart,
+        tid: p.thread.tid,
+        robust_list: p.thread.robust_list,
+        clear_child_tid: p.thread.clear_child_tid,
+        restart: restart_record(p.thread.restart, clock),
     }
 }
 
@@ -380,6 +424,7 @@ pub fn capture(
         files,
         signals: signal_record(p),
         process: process_record(p, &clock),
+        threads: thread_records(p, &clock),
         clock,
         data_bytes: data.as_ref().map_or(0, |d| d.bytes),
         data_digest: data.as_ref().map_or([0; 32], |d| d.digest),

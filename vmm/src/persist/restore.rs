@@ -431,11 +431,49 @@ fn restore_process(p: &mut Process, m: &Manifest) -> Result<(), PersistError> {
     p.clock.published = None;
     p.cwd = m.process.cwd.clone();
     p.umask = m.process.umask;
-    p.clear_child_tid = m.process.clear_child_tid;
-    p.fs_base = m.context.fs_base;
-    p.restart = m.process.restart.map(|(nr, rip, deadline)| {
-        let left = (deadline as i128 - mono_now).max(0) as u64;
-        (nr, rip, Instant::now() + Duration::from_nanos(left))
-    });
+    let deadline = |restart: Option<(u64, u64, u64)>| {
+        restart.map(|(nr, rip, deadline)| {
+            let left = (deadline as i128 - mono_now).max(0) as u64;
+            (nr, rip, Instant::now() + Duration::from_nanos(left))
+        })
+    };
+    if m.process.tid > 0 {
+        p.thread.tid = m.process.tid;
+    }
+    p.thread.robust_list = m.process.robust_list;
+    p.thread.clear_child_tid = m.process.clear_child_tid;
+    p.thread.fs_base = m.context.fs_base;
+    p.thread.restart = deadline(m.process.restart);
+    p.signals.thread_pending = m.signals.thread_pending;
+    for t in &m.threads {
+        let mut state = crate::thread::ThreadState::new(t.tid);
+        state.fs_base = t.context.fs_base;
+        state.clear_child_tid = t.clear_child_tid;
+        state.robust_list = t.robust_list;
+        state.restart = deadline(t.restart);
+        state.futex_woken = t.futex_woken;
+        p.threads.note_tid(t.tid);
+        p.threads.parked.push_back(crate::thread::Parked {
+            state,
+            signals: crate::thread::ThreadSignals {
+                mask: t.mask,
+                pending: t.pending,
+                altstack: t.altstack,
+            },
+            cpu: crate::thread::CpuContext {
+                regs: cpu::user_regs(&t.context),
+                xsave: Box::new(cpu::xsave_from(&t.context.xsave)),
+            },
+            // Whatever it waited for is looked at again when it performs its call.
+            wait: crate::thread::Wait::Runnable,
+            in_call: t.in_call,
+        });
+    }
+    p.threads.note_tid(p.thread.tid);
+    if p.threads.any() {
+        let slicer = crate::thread::TimeSlicer::start(p.kicker.clone())
+            .map_err(|e| PersistError::Incompatible(format!("the threads' time slicer: {e}")))?;
+        p.threads.slicer = Some(slicer);
+    }
     Ok(())
 }

@@ -80,13 +80,22 @@ pub enum Follow {
 }
 
 fn open_in(root: &OwnedFd, relative: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {
-    rustix::fs::openat2(
-        root.as_fd(),
-        relative,
-        flags,
-        mode,
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-    )
+    // openat2 fails with EAGAIN when a rename or a mount anywhere on the host raced with
+    // its resolution of `..` (it cannot then vouch for staying inside the root), and asks
+    // to be called again: on a busy host (other apps' jails mounting), that happens.
+    let mut attempts = 0;
+    loop {
+        match rustix::fs::openat2(
+            root.as_fd(),
+            relative,
+            flags,
+            mode,
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Err(Errno::AGAIN) if attempts < 128 => attempts += 1,
+            other => return other,
+        }
+    }
 }
 
 /// The host devices every app sees at the same path, whatever its root holds: they hold no

@@ -178,7 +178,7 @@ pub fn with_sigmask(
         mask & !(super::signal::bit(libc::SIGKILL) | super::signal::bit(libc::SIGSTOP));
     let result = f(p);
     if matches!(result, Err(SysError::Interrupted)) {
-        p.saved_mask = Some(old);
+        p.thread.saved_mask = Some(old);
     } else {
         p.signals.mask = old;
     }

@@ -11,6 +11,7 @@ pub mod net;
 pub mod poll;
 pub mod process;
 pub mod signal;
+pub mod thread;
 pub mod time;
 pub mod wait;
 
@@ -34,6 +35,16 @@ pub enum SysError {
     /// The call would block, and it came through the mailbox, where nothing may wait: the
     /// doorbell makes it again with an exit.
     WouldBlock,
+    /// The call must wait, and the app has other threads to run meanwhile: the run loop
+    /// parks the calling thread at its `syscall` instruction until this is over, then
+    /// performs the call again (see [`crate::thread`]).
+    Block(crate::thread::Wait),
+    /// The calling thread ended with this status (exit), and others remain.
+    ThreadExit(i32),
+    /// sched_yield: let another thread run.
+    Yield,
+    /// clone for a new thread: the run loop gives it the caller's registers.
+    Spawn(Box<thread::Spawn>),
     /// The app must die of this signal (default action of a fatal signal).
     Kill {
         /// The signal number.
@@ -204,6 +215,13 @@ pub fn mailbox_allowed(nr: u64) -> bool {
     )
 }
 
+/// Logs, once per app, that it used `what`, which is not supported.
+pub fn warn_once(p: &mut Process, nr: u64, what: &str) {
+    if p.warned.insert(nr) {
+        tracing::warn!("unsupported: {what}");
+    }
+}
+
 /// Performs syscall `nr` for the app.
 pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
     let Some(sysno) = Sysno::new(nr as usize) else {
@@ -332,7 +350,7 @@ pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
         Sysno::clock_nanosleep => time::clock_nanosleep(p, a),
         // process
         Sysno::getpid => Ok(crate::process::GUEST_PID as u64),
-        Sysno::gettid => Ok(crate::process::GUEST_PID as u64),
+        Sysno::gettid => Ok(p.thread.tid as u64),
         Sysno::getppid => Ok(crate::process::GUEST_PPID as u64),
         Sysno::getpgrp | Sysno::getpgid | Sysno::getsid => Ok(crate::process::GUEST_PID as u64),
         Sysno::setsid | Sysno::setpgid => Ok(crate::process::GUEST_PID as u64),
@@ -344,7 +362,8 @@ pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
         Sysno::uname => process::uname(p, a),
         Sysno::getrandom => process::getrandom(p, a),
         Sysno::set_tid_address => process::set_tid_address(p, a),
-        Sysno::set_robust_list => Ok(0),
+        Sysno::set_robust_list => thread::set_robust_list(p, a),
+        Sysno::get_robust_list => thread::get_robust_list(p, a),
         Sysno::rseq => Err(Errno::NOSYS.into()),
         Sysno::prlimit64 => process::prlimit64(p, a),
         Sysno::getrlimit => process::getrlimit(p, a),
@@ -355,16 +374,21 @@ pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
         Sysno::setpriority => process::setpriority(a),
         Sysno::sched_getaffinity => process::sched_getaffinity(p, a),
         Sysno::sched_setaffinity => Ok(0),
-        Sysno::sched_yield => Ok(0),
+        Sysno::sched_yield => thread::sched_yield(p),
         Sysno::sysinfo => process::sysinfo(p, a),
         Sysno::arch_prctl => process::arch_prctl(p, a),
         Sysno::prctl => process::prctl(p, a),
-        Sysno::exit | Sysno::exit_group => Err(SysError::Exit(a.i32(0) & 0xff)),
-        Sysno::clone | Sysno::clone3 | Sysno::fork | Sysno::vfork => Err(Errno::AGAIN.into()),
+        Sysno::exit => thread::exit(p, a),
+        Sysno::exit_group => Err(SysError::Exit(a.i32(0) & 0xff)),
+        Sysno::clone => thread::clone(p, a),
+        Sysno::clone3 => thread::clone3(p, a),
+        Sysno::fork | Sysno::vfork => Err(Errno::AGAIN.into()),
         Sysno::execve | Sysno::execveat => Err(Errno::NOSYS.into()),
         Sysno::wait4 | Sysno::waitid => Err(Errno::CHILD.into()),
-        Sysno::futex => process::futex(p, a),
-        Sysno::kill | Sysno::tgkill | Sysno::tkill => signal::kill(p, sysno, a),
+        Sysno::futex => thread::futex(p, a),
+        Sysno::kill => signal::kill(p, a),
+        Sysno::tgkill => thread::tgkill(p, Some(a.i32(0)), a.i32(1), a.i32(2)),
+        Sysno::tkill => thread::tgkill(p, None, a.i32(0), a.i32(1)),
         // signals
         Sysno::rt_sigaction => signal::rt_sigaction(p, a),
         Sysno::rt_sigprocmask => signal::rt_sigprocmask(p, a),

@@ -24,12 +24,12 @@ pub fn arch_prctl(p: &mut Process, a: &Args) -> SysResult {
             if !is_user_canonical(a.u64(1)) {
                 return Err(Errno::PERM.into());
             }
-            p.fs_base = a.u64(1);
-            p.fs_base_changed = true;
+            p.thread.fs_base = a.u64(1);
+            p.thread.fs_base_changed = true;
             Ok(0)
         }
         ARCH_GET_FS => {
-            p.mem.write_pod(a.ptr(1), &p.fs_base)?;
+            p.mem.write_pod(a.ptr(1), &p.thread.fs_base)?;
             Ok(0)
         }
         ARCH_GET_GS => {
@@ -83,7 +83,7 @@ pub fn getrandom(p: &mut Process, a: &Args) -> SysResult {
 
 /// set_tid_address(2).
 pub fn set_tid_address(p: &mut Process, a: &Args) -> SysResult {
-    p.clear_child_tid = a.u64(0);
+    p.thread.clear_child_tid = a.u64(0);
     Ok(crate::process::GUEST_PID as u64)
 }
 
@@ -224,56 +224,5 @@ pub fn prctl(p: &mut Process, a: &Args) -> SysResult {
         libc::PR_SET_DUMPABLE | libc::PR_SET_PDEATHSIG | libc::PR_SET_NO_NEW_PRIVS => Ok(0),
         libc::PR_GET_DUMPABLE => Ok(1),
         _ => Err(Errno::INVAL.into()),
-    }
-}
-
-const FUTEX_WAIT: i32 = 0;
-const FUTEX_WAKE: i32 = 1;
-const FUTEX_WAIT_BITSET: i32 = 9;
-const FUTEX_WAKE_BITSET: i32 = 10;
-const FUTEX_CMD_MASK: i32 = 0x7f;
-
-/// futex(2) for one thread: a wake finds nobody; a wait whose value still matches could
-/// only be woken by another thread, so it sleeps until its timeout or a signal (or, with
-/// no timeout, until a signal: as on Linux, where such an app hangs; the VMM can still be
-/// stopped or snapshotted, as for any blocking call).
-pub fn futex(p: &mut Process, a: &Args) -> SysResult {
-    const FUTEX_CLOCK_REALTIME: i32 = 256;
-    let op = a.i32(1);
-    match op & FUTEX_CMD_MASK {
-        FUTEX_WAKE | FUTEX_WAKE_BITSET => Ok(0),
-        FUTEX_WAIT | FUTEX_WAIT_BITSET => {
-            let current: u32 = p.mem.read_pod(a.ptr(0))?;
-            if current != a.u32(2) {
-                return Err(Errno::AGAIN.into());
-            }
-            // The app has one thread, so nothing but a signal or the timeout ends the
-            // wait, as on Linux.
-            let deadline = if a.ptr(3).is_null() {
-                None
-            } else {
-                let ts: libc::timespec = p.mem.read_pod(a.ptr(3))?;
-                let timeout = crate::timeout::from_timespec(ts.tv_sec, ts.tv_nsec)?;
-                let relative = if op & FUTEX_CMD_MASK == FUTEX_WAIT {
-                    timeout
-                } else {
-                    // WAIT_BITSET takes an absolute time on its clock.
-                    let clock = if op & FUTEX_CLOCK_REALTIME != 0 {
-                        libc::CLOCK_REALTIME
-                    } else {
-                        libc::CLOCK_MONOTONIC
-                    };
-                    let now = u128::try_from(p.clock.now_ns(clock)?).unwrap_or(0);
-                    let at = timeout.as_nanos();
-                    std::time::Duration::from_nanos(
-                        u64::try_from(at.saturating_sub(now)).unwrap_or(u64::MAX),
-                    )
-                };
-                p.deadline_after(relative)
-            };
-            super::wait::sleep_until(p, deadline)?;
-            Err(Errno::TIMEDOUT.into())
-        }
-        _ => Err(Errno::NOSYS.into()),
     }
 }

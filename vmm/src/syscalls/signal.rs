@@ -55,16 +55,20 @@ pub fn bit(signal: i32) -> u64 {
 
 const UNBLOCKABLE: u64 = (1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1));
 
-/// Dispositions, the blocked mask and pending signals.
+/// Dispositions and pending signals of the thread group, and the current thread's mask,
+/// pending signals and alternate stack (see [`crate::thread`]: they are swapped with the
+/// thread).
 #[derive(Debug, Clone)]
 pub struct SignalState {
     /// Indexed by signal number - 1.
     pub actions: [SigAction; NSIG],
-    /// Blocked signals.
+    /// The current thread's blocked signals.
     pub mask: u64,
-    /// Signals raised and not yet delivered.
+    /// Signals raised for the thread group and not yet delivered.
     pub pending: u64,
-    /// The alternate signal stack: (sp, flags, size).
+    /// Signals sent to the current thread (tgkill) and not yet delivered.
+    pub thread_pending: u64,
+    /// The current thread's alternate signal stack: (sp, flags, size).
     pub altstack: (u64, i32, u64),
 }
 
@@ -74,6 +78,7 @@ impl Default for SignalState {
             actions: [SigAction::default(); NSIG],
             mask: 0,
             pending: 0,
+            thread_pending: 0,
             altstack: (0, libc::SS_DISABLE, 0),
         }
     }
@@ -106,10 +111,31 @@ impl SignalState {
         }
     }
 
-    /// The lowest pending signal the app does not block.
+    /// Marks `signal` pending for the current thread only, unless it is ignored.
+    pub fn raise_for_thread(&mut self, signal: i32) {
+        if (1..=NSIG as i32).contains(&signal) && self.disposition(signal) != Disposition::Ignore {
+            self.thread_pending |= bit(signal);
+        }
+    }
+
+    /// Signals pending for the current thread: its own and the thread group's.
+    pub fn all_pending(&self) -> u64 {
+        self.pending | self.thread_pending
+    }
+
+    /// The lowest pending signal the current thread does not block.
     pub fn deliverable(&self) -> Option<i32> {
-        let ready = self.pending & !self.mask;
+        let ready = self.all_pending() & !self.mask;
         (ready != 0).then(|| ready.trailing_zeros() as i32 + 1)
+    }
+
+    /// Takes `signal` off the pending sets: the thread's own first, as Linux does.
+    pub fn clear(&mut self, signal: i32) {
+        if self.thread_pending & bit(signal) != 0 {
+            self.thread_pending &= !bit(signal);
+        } else {
+            self.pending &= !bit(signal);
+        }
     }
 }
 
@@ -133,6 +159,7 @@ pub fn rt_sigaction(p: &mut Process, a: &Args) -> SysResult {
         };
         if handler == SIG_IGN {
             p.signals.pending &= !bit(signal as i32);
+            p.signals.thread_pending &= !bit(signal as i32);
         }
     }
     if !a.ptr(2).is_null() {
@@ -166,7 +193,7 @@ pub fn rt_sigprocmask(p: &mut Process, a: &Args) -> SysResult {
 /// rt_sigpending(2).
 pub fn rt_sigpending(p: &mut Process, a: &Args) -> SysResult {
     p.absorb_external_signals();
-    let pending = p.signals.pending & p.signals.mask;
+    let pending = p.signals.all_pending() & p.signals.mask;
     p.mem.write_pod(a.ptr(0), &pending)?;
     Ok(0)
 }
@@ -184,14 +211,14 @@ pub fn suspend(p: &mut Process, sysno: Sysno, a: &Args) -> SysResult {
         None
     };
     if let Some(mask) = mask {
-        p.saved_mask = Some(p.signals.mask);
+        p.thread.saved_mask = Some(p.signals.mask);
         p.signals.mask = mask;
     }
     loop {
         match super::wait::wait_any(p, &[], None) {
             Err(SysError::Interrupted) => return Err(Errno::INTR.into()),
             Err(other) => {
-                if let Some(old) = p.saved_mask.take() {
+                if let Some(old) = p.thread.saved_mask.take() {
                     p.signals.mask = old;
                 }
                 return Err(other);
@@ -225,12 +252,10 @@ pub fn sigaltstack(p: &mut Process, a: &Args) -> SysResult {
     Ok(0)
 }
 
-/// kill(2), tkill(2), tgkill(2): only the app itself exists to receive them.
-pub fn kill(p: &mut Process, sysno: Sysno, a: &Args) -> SysResult {
-    let (target, signal) = match sysno {
-        Sysno::tgkill => (a.i32(1), a.i32(2)),
-        _ => (a.i32(0), a.i32(1)),
-    };
+/// kill(2): only the app itself exists to receive it. A signal for the thread group
+/// goes to the current thread unless it blocks it, else to a thread that does not.
+pub fn kill(p: &mut Process, a: &Args) -> SysResult {
+    let (target, signal) = (a.i32(0), a.i32(1));
     let me = crate::process::GUEST_PID;
     if target != me && target != 0 && target != -1 {
         return Err(Errno::SRCH.into());
@@ -240,6 +265,9 @@ pub fn kill(p: &mut Process, sysno: Sysno, a: &Args) -> SysResult {
     }
     if signal != 0 {
         p.signals.raise(signal);
+        if p.signals.mask & bit(signal) != 0 {
+            p.threads.interrupt_one(bit(signal));
+        }
     }
     Ok(0)
 }

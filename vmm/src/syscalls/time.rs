@@ -119,6 +119,14 @@ impl Clock {
     }
 }
 
+/// Publishes the tid of the thread on the vCPU in the time page, for the doorbell's
+/// gettid.
+pub fn publish_tid(phys: &crate::memory::phys::PhysicalMemory, tid: i32) {
+    use picocenter_guest_shim::abi::{time_page, TIME_PAGE};
+    let at = crate::memory::layout::SYSTEM_GPA + TIME_PAGE * 4096 + time_page::TID;
+    let _ = phys.write(at, &(tid as u32).to_le_bytes());
+}
+
 /// clock_gettime(2).
 pub fn clock_gettime(p: &mut Process, a: &Args) -> SysResult {
     let now = p.clock.now_ns(a.i32(0))?;

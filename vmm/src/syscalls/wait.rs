@@ -18,8 +18,9 @@ use std::time::Instant;
 
 /// What interrupted a wait, if anything. Signals the app blocks are left out of the
 /// kicks while it waits.
-fn interruption(p: &mut Process) -> Option<SysError> {
-    if p.kicker.pending() & !reason::SIGNAL != 0 {
+pub(crate) fn interruption(p: &mut Process) -> Option<SysError> {
+    // A time slice's end does not interrupt a call: only threads that run are preempted.
+    if p.kicker.pending() & !(reason::SIGNAL | reason::PREEMPT) != 0 {
         return Some(SysError::Restart);
     }
     p.quiet_signals();
@@ -43,13 +44,37 @@ pub fn wait_any(
     fds: &[(BorrowedFd<'_>, PollFlags)],
     deadline: Option<Instant>,
 ) -> Result<Vec<PollFlags>, SysError> {
-    if p.in_mailbox {
+    if p.thread.in_mailbox {
         return poll_now(fds, deadline);
+    }
+    if p.threads.any() {
+        // Other threads run while this one waits: it is parked, with copies of the fds,
+        // and performs the call again when one is ready (see `crate::thread`).
+        if let Some(stop) = interruption(p) {
+            if matches!(stop, SysError::Restart) {
+                p.thread.interrupted_deadline = deadline;
+            }
+            return Err(stop);
+        }
+        return match poll_now(fds, deadline) {
+            Err(SysError::WouldBlock) => {
+                let mut owned = Vec::with_capacity(fds.len());
+                for (fd, events) in fds {
+                    let copy = rustix::io::fcntl_dupfd_cloexec(fd, 0)?;
+                    owned.push((copy, *events));
+                }
+                Err(SysError::Block(crate::thread::Wait::Io {
+                    fds: owned,
+                    deadline,
+                }))
+            }
+            other => other,
+        };
     }
     loop {
         if let Some(stop) = interruption(p) {
             if matches!(stop, SysError::Restart) {
-                p.interrupted_deadline = deadline;
+                p.thread.interrupted_deadline = deadline;
             }
             return Err(stop);
         }

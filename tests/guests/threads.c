@@ -1,0 +1,210 @@
+/* Threads inside a picoprocess: pthread_create/join (clone3 or clone), mutexes, condition
+ * variables, barriers, thread-local storage, gettid, pthread_kill, cancellation,
+ * detached threads, a futex ping-pong, timed waits, and a thread's exit beside
+ * exit_group. Prints PASSED when every check holds. */
+#define _GNU_SOURCE
+#include "check.h"
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/futex.h>
+#include <sys/mman.h>
+
+#define THREADS 8
+#define ROUNDS 2000
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
+static pthread_barrier_t barrier;
+static long counter;
+static int turn;
+static __thread int tls_value;
+static pid_t tids[THREADS];
+
+static void *worker(void *arg) {
+    long id = (long)arg;
+    tls_value = (int)id * 10;
+    tids[id] = syscall(SYS_gettid);
+    pthread_barrier_wait(&barrier);
+    for (int i = 0; i < ROUNDS; i++) {
+        pthread_mutex_lock(&lock);
+        counter++;
+        pthread_mutex_unlock(&lock);
+        if (i % 500 == 0) sched_yield();
+    }
+    /* Take turns in order through a condition variable. */
+    pthread_mutex_lock(&lock);
+    while (turn != id) pthread_cond_wait(&cond, &lock);
+    turn++;
+    pthread_cond_broadcast(&cond);
+    pthread_mutex_unlock(&lock);
+    /* Each thread kept its own TLS while the others ran. */
+    return (void *)(long)(tls_value == (int)id * 10);
+}
+
+static volatile sig_atomic_t usr1_tid;
+static void on_usr1(int sig) { (void)sig; usr1_tid = syscall(SYS_gettid); }
+
+static void *sleeper(void *arg) {
+    (void)arg;
+    *(pid_t *)arg = syscall(SYS_gettid);
+    for (int i = 0; i < 200 && !usr1_tid; i++) usleep(5000);
+    return NULL;
+}
+
+static void *cancellable(void *arg) {
+    (void)arg;
+    for (;;) pause(); /* a cancellation point */
+    return NULL;
+}
+
+static atomic_int ping_word;
+static long futex(atomic_int *addr, int op, int val, const struct timespec *t) {
+    return syscall(SYS_futex, addr, op, val, t, NULL, 0);
+}
+static void *ponger(void *arg) {
+    (void)arg;
+    for (int i = 0; i < 200; i++) {
+        while (atomic_load(&ping_word) != 1) futex(&ping_word, FUTEX_WAIT_PRIVATE, 0, NULL);
+        atomic_store(&ping_word, 0);
+        futex(&ping_word, FUTEX_WAKE_PRIVATE, 1, NULL);
+    }
+    return NULL;
+}
+
+static atomic_int detached_done;
+static void *detached(void *arg) {
+    (void)arg;
+    atomic_store(&detached_done, 1);
+    futex(&detached_done, FUTEX_WAKE_PRIVATE, 1, NULL);
+    return NULL;
+}
+
+static void *exits_alone(void *arg) {
+    (void)arg;
+    syscall(SYS_exit, 0); /* this thread only */
+    return NULL;
+}
+
+static void *spinner(void *arg) {
+    /* Never makes a call: only the time slice lets the main thread go on. */
+    while (!atomic_load((atomic_int *)arg)) {}
+    return NULL;
+}
+
+/* "unmap-across": thread B reads a page, thread A unmaps it, B reads it again and must
+ * die of SIGSEGV (the translation B used is gone for B too). */
+static volatile char *shared_page;
+static atomic_int phase;
+static void *reader(void *arg) {
+    (void)arg;
+    char seen = shared_page[0];
+    atomic_store(&phase, 1);
+    while (atomic_load(&phase) != 2) sched_yield();
+    printf("read %d before, now reading the unmapped page\n", seen);
+    fflush(stdout);
+    return (void *)(long)shared_page[0];
+}
+static int unmap_across(void) {
+    shared_page = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    shared_page[0] = 42;
+    pthread_t b;
+    pthread_create(&b, NULL, reader, NULL);
+    while (atomic_load(&phase) != 1) sched_yield();
+    munmap((void *)shared_page, 4096);
+    atomic_store(&phase, 2);
+    pthread_join(b, NULL);
+    printf("the reader survived\n");
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "unmap-across") == 0) return unmap_across();
+    pthread_t threads[THREADS];
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    pid_t main_tid = syscall(SYS_gettid);
+    CHECK(main_tid == getpid());
+    CHECK(pthread_barrier_init(&barrier, NULL, THREADS) == 0);
+    if (getenv("STEPS")) printf("step: workers\n");
+    for (long i = 0; i < THREADS; i++)
+        CHECK(pthread_create(&threads[i], NULL, worker, (void *)i) == 0);
+    for (int i = 0; i < THREADS; i++) {
+        void *ok = NULL;
+        CHECK(pthread_join(threads[i], &ok) == 0);
+        CHECK(ok == (void *)1);
+    }
+    CHECK(counter == (long)THREADS * ROUNDS);
+    CHECK(turn == THREADS);
+    for (int i = 0; i < THREADS; i++) {
+        CHECK(tids[i] > 0 && tids[i] != main_tid);
+        for (int j = 0; j < i; j++) CHECK(tids[i] != tids[j]);
+    }
+
+    /* pthread_kill reaches the thread it names. */
+    signal(SIGUSR1, on_usr1);
+    pthread_t t;
+    pid_t sleeper_tid = 0;
+    CHECK(pthread_create(&t, NULL, sleeper, &sleeper_tid) == 0);
+    while (!__atomic_load_n(&sleeper_tid, __ATOMIC_SEQ_CST)) sched_yield();
+    CHECK(pthread_kill(t, SIGUSR1) == 0);
+    CHECK(pthread_join(t, NULL) == 0);
+    CHECK(usr1_tid == sleeper_tid);
+
+    /* Cancellation of a thread blocked in pause(). */
+    CHECK(pthread_create(&t, NULL, cancellable, NULL) == 0);
+    usleep(20000);
+    CHECK(pthread_cancel(t) == 0);
+    void *result = NULL;
+    CHECK(pthread_join(t, &result) == 0);
+    CHECK(result == PTHREAD_CANCELED);
+
+    /* Futex ping-pong between two threads. */
+    CHECK(pthread_create(&t, NULL, ponger, NULL) == 0);
+    for (int i = 0; i < 200; i++) {
+        atomic_store(&ping_word, 1);
+        futex(&ping_word, FUTEX_WAKE_PRIVATE, 1, NULL);
+        while (atomic_load(&ping_word) != 0) futex(&ping_word, FUTEX_WAIT_PRIVATE, 1, NULL);
+    }
+    CHECK(pthread_join(t, NULL) == 0);
+
+    /* A timed futex wait times out while another thread exists. */
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    atomic_int never = 0;
+    atomic_int stop_spinning = 0;
+    CHECK(pthread_create(&t, &attr, spinner, &stop_spinning) == 0);
+    struct timespec timeout = {0, 30 * 1000 * 1000}, before, after;
+    clock_gettime(CLOCK_MONOTONIC, &before);
+    CHECK(futex(&never, FUTEX_WAIT_PRIVATE, 0, &timeout) == -1 && errno == ETIMEDOUT);
+    clock_gettime(CLOCK_MONOTONIC, &after);
+    long waited_ms = (after.tv_sec - before.tv_sec) * 1000 + (after.tv_nsec - before.tv_nsec) / 1000000;
+    CHECK(waited_ms >= 29 && waited_ms < 2000);
+    atomic_store(&stop_spinning, 1);
+
+    /* A detached thread runs and wakes us. */
+    CHECK(pthread_create(&t, &attr, detached, NULL) == 0);
+    while (!atomic_load(&detached_done)) futex(&detached_done, FUTEX_WAIT_PRIVATE, 0, NULL);
+
+    /* A thread's exit ends only that thread; join sees it (CLONE_CHILD_CLEARTID). */
+    CHECK(pthread_create(&t, NULL, exits_alone, NULL) == 0);
+    CHECK(pthread_join(t, NULL) == 0);
+
+    /* The CPU count the app sees matches its affinity. */
+    cpu_set_t set;
+    CHECK(sched_getaffinity(0, sizeof set, &set) == 0);
+    CHECK(CPU_COUNT(&set) == sysconf(_SC_NPROCESSORS_ONLN) || sysconf(_SC_NPROCESSORS_ONLN) < 1);
+
+    if (argc > 1 && strcmp(argv[1], "exit-from-thread") == 0) {
+        /* exit_group from a second thread ends the app with its status. */
+        printf("PASSED before exit\n");
+        fflush(stdout);
+        CHECK(pthread_create(&t, NULL, (void *(*)(void *))exit, (void *)7L) == 0);
+        for (;;) pause();
+    }
+    DONE();
+}

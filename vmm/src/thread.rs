@@ -1,0 +1,470 @@
+//! App threads: what each thread owns, and the scheduler that shares the picoprocess's
+//! vCPU among them.
+//!
+//! A thread owns its registers and FPU state, its signal mask, alternate stack and
+//! thread-directed signals, its TLS base, its `clear_child_tid` and robust list, and the
+//! bookkeeping of the call it is in. Everything else (memory, fds, signal actions,
+//! process-directed signals) is the thread group's, in [`crate::process::Process`].
+//!
+//! The thread on the vCPU is the *current* thread: its [`ThreadState`] is
+//! `Process::thread` and its mask and altstack are in `Process::signals`, so handlers
+//! written for one thread see the caller's state. The others are [`Parked`], each with the
+//! CPU context it stopped at; [`Threads`] picks the next one to run when the current one
+//! blocks, exits, yields or uses up its time slice.
+//!
+//! A parked thread always stopped at a clean point: either between two instructions of
+//! its own code (preempted), or at its `syscall` instruction with RAX = the call's number
+//! (blocked), so that resuming it re-performs the call, which then finds what it waited
+//! for, its deadline (kept in `restart`), or the signal that interrupted it.
+
+use kvm_bindings::{kvm_regs, kvm_xsave};
+use rustix::event::PollFlags;
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+/// The tid of the first thread: the pid, as on Linux.
+pub const MAIN_TID: i32 = crate::process::GUEST_PID;
+/// Most threads an app may have at once (each parked one holds a 4 KiB FPU image).
+pub const MAX_THREADS: usize = 4096;
+
+/// One thread's own state, apart from its CPU registers.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadState {
+    /// Its thread id.
+    pub tid: i32,
+    /// The FS base it set (its TLS); the run loop writes it to the vCPU when it changes.
+    pub fs_base: u64,
+    /// Whether `fs_base` changed since the vCPU last saw it.
+    pub fs_base_changed: bool,
+    /// The address set by set_tid_address or CLONE_CHILD_CLEARTID: zeroed and woken when
+    /// the thread exits.
+    pub clear_child_tid: u64,
+    /// The head of its robust futex list (set_robust_list), 0 if none.
+    pub robust_list: u64,
+    /// The mask to restore after a handler that interrupted rt_sigsuspend.
+    pub saved_mask: Option<u64>,
+    /// Whether the call being performed came through the mailbox (it must not block).
+    pub in_mailbox: bool,
+    /// The call being performed: (number, address of its `syscall` instruction).
+    pub current_call: (u64, u64),
+    /// A blocking call interrupted for the VMM (not for the app), or parked, keeps its
+    /// deadline here, so that re-executing it does not restart its timeout:
+    /// (number, address, deadline).
+    pub restart: Option<(u64, u64, Instant)>,
+    /// The deadline of the wait an operator's kick just interrupted.
+    pub interrupted_deadline: Option<Instant>,
+    /// A FUTEX_WAKE reached this thread while it waited: its re-performed wait returns 0.
+    pub futex_woken: bool,
+}
+
+impl ThreadState {
+    /// The state of a new thread `tid`.
+    pub fn new(tid: i32) -> Self {
+        Self {
+            tid,
+            ..Default::default()
+        }
+    }
+}
+
+/// The signal state that belongs to a thread but lives in `Process::signals` while it is
+/// current.
+#[derive(Debug, Clone, Copy)]
+pub struct ThreadSignals {
+    /// Blocked signals.
+    pub mask: u64,
+    /// Signals sent to this thread (tgkill), not yet delivered.
+    pub pending: u64,
+    /// The alternate signal stack: (sp, flags, size).
+    pub altstack: (u64, i32, u64),
+}
+
+/// The CPU state of a thread that is not on the vCPU.
+pub struct CpuContext {
+    /// The general registers.
+    pub regs: kvm_regs,
+    /// The FPU/SSE/AVX state.
+    pub xsave: Box<kvm_xsave>,
+}
+
+impl std::fmt::Debug for CpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuContext")
+            .field("rip", &self.regs.rip)
+            .field("rsp", &self.regs.rsp)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a parked thread waits for.
+#[derive(Debug, Default)]
+pub enum Wait {
+    /// Nothing: it may run.
+    #[default]
+    Runnable,
+    /// One of these host fds to become ready, or the deadline.
+    Io {
+        /// Duplicates of the fds the call waits on, with the events.
+        fds: Vec<(OwnedFd, PollFlags)>,
+        /// When the call times out.
+        deadline: Option<Instant>,
+    },
+    /// A FUTEX_WAKE on `addr` with a bit of `bitset`, or the deadline.
+    Futex {
+        /// The futex word's guest-virtual address.
+        addr: u64,
+        /// The waiter's bitset (all ones for FUTEX_WAIT).
+        bitset: u32,
+        /// When the wait times out.
+        deadline: Option<Instant>,
+    },
+}
+
+impl Wait {
+    /// When the wait ends by itself, if ever.
+    pub fn deadline(&self) -> Option<Instant> {
+        match self {
+            Wait::Runnable => None,
+            Wait::Io { deadline, .. } | Wait::Futex { deadline, .. } => *deadline,
+        }
+    }
+}
+
+/// A thread that is not on the vCPU.
+#[derive(Debug)]
+pub struct Parked {
+    /// Its own state.
+    pub state: ThreadState,
+    /// Its signal mask, pending signals and altstack.
+    pub signals: ThreadSignals,
+    /// Its registers and FPU state.
+    pub cpu: CpuContext,
+    /// What it waits for.
+    pub wait: Wait,
+    /// Whether it stopped in a call (at its `syscall` instruction), which it performs
+    /// again when it runs; else it resumes its own code.
+    pub in_call: bool,
+}
+
+/// The threads of an app other than the current one, in the order they run next.
+#[derive(Debug, Default)]
+pub struct Threads {
+    /// Parked threads, the next to run first.
+    pub parked: std::collections::VecDeque<Parked>,
+    last_tid: i32,
+    /// Preempts the current thread while others are runnable; started with the second
+    /// thread.
+    pub slicer: Option<TimeSlicer>,
+}
+
+/// How long a thread runs while others wait to, as Linux's CFS gives a few milliseconds.
+pub const TIME_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// A host thread that kicks the vCPU every [`TIME_SLICE`] while a thread runs and others
+/// are parked, so that a thread that never makes a call cannot starve the others: at each
+/// tick the run loop looks at the parked threads' fds and deadlines, and switches if one
+/// may run. It sleeps (parked, no timer) while every thread waits, so that an idle
+/// threaded app costs no CPU.
+#[derive(Debug)]
+pub struct TimeSlicer {
+    contended: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TimeSlicer {
+    /// Starts the slicer for the vCPU `kicker` interrupts.
+    pub fn start(kicker: crate::kvm::kick::Kicker) -> std::io::Result<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let contended = std::sync::Arc::new(AtomicBool::new(false));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (c, s) = (contended.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("picocenter-slice".into())
+            .spawn(move || {
+                while !s.load(Ordering::SeqCst) {
+                    if c.load(Ordering::SeqCst) {
+                        std::thread::sleep(TIME_SLICE);
+                        if c.load(Ordering::SeqCst) && !s.load(Ordering::SeqCst) {
+                            kicker.kick(crate::kvm::kick::reason::PREEMPT);
+                        }
+                    } else {
+                        std::thread::park();
+                    }
+                }
+            })?;
+        Ok(Self {
+            contended,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Says whether a thread runs while others are parked.
+    pub fn set_contended(&self, contended: bool) {
+        use std::sync::atomic::Ordering;
+        if self.contended.swap(contended, Ordering::SeqCst) != contended && contended {
+            if let Some(t) = &self.thread {
+                t.thread().unpark();
+            }
+        }
+    }
+}
+
+impl Drop for TimeSlicer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+impl Threads {
+    /// The signals every parked thread blocks.
+    pub fn common_mask(&self) -> u64 {
+        self.parked.iter().fold(!0, |mask, t| mask & t.signals.mask)
+    }
+
+    /// Whether the app has more than its current thread.
+    pub fn any(&self) -> bool {
+        !self.parked.is_empty()
+    }
+
+    /// All threads, the current one included.
+    pub fn count(&self) -> usize {
+        self.parked.len() + 1
+    }
+
+    /// A tid for a new thread: above every tid given so far, never reused while its
+    /// owner may still be named by the app.
+    pub fn allocate_tid(&mut self) -> Option<i32> {
+        if self.count() >= MAX_THREADS {
+            return None;
+        }
+        self.last_tid = self.last_tid.max(MAIN_TID).checked_add(1)?;
+        Some(self.last_tid)
+    }
+
+    /// Notes that `tid` is in use (a restored thread), so that no new thread gets it.
+    pub fn note_tid(&mut self, tid: i32) {
+        self.last_tid = self.last_tid.max(tid);
+    }
+
+    /// Whether some parked thread may run now.
+    pub fn runnable(&self) -> bool {
+        self.parked.iter().any(|t| matches!(t.wait, Wait::Runnable))
+    }
+
+    /// Takes the next runnable thread, if any.
+    pub fn take_runnable(&mut self) -> Option<Parked> {
+        let at = self
+            .parked
+            .iter()
+            .position(|t| matches!(t.wait, Wait::Runnable))?;
+        self.parked.remove(at)
+    }
+
+    /// Makes runnable every waiter whose deadline has passed.
+    pub fn expire(&mut self, now: Instant) {
+        for t in &mut self.parked {
+            if t.wait.deadline().is_some_and(|d| now >= d) {
+                t.wait = Wait::Runnable;
+            }
+        }
+    }
+
+    /// The earliest deadline of a parked waiter.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.parked.iter().filter_map(|t| t.wait.deadline()).min()
+    }
+
+    /// Wakes up to `count` threads waiting on the futex at `addr` whose bitset meets
+    /// `bitset`; returns how many.
+    pub fn futex_wake(&mut self, addr: u64, bitset: u32, count: u32) -> u32 {
+        let mut woken = 0;
+        for t in &mut self.parked {
+            if woken >= count {
+                break;
+            }
+            if matches!(t.wait, Wait::Futex { addr: a, bitset: b, .. } if a == addr && b & bitset != 0)
+            {
+                t.wait = Wait::Runnable;
+                t.state.futex_woken = true;
+                woken += 1;
+            }
+        }
+        woken
+    }
+
+    /// Moves up to `count` waiters of the futex at `from` to wait on `to` instead;
+    /// returns how many.
+    pub fn futex_requeue(&mut self, from: u64, to: u64, count: u32) -> u32 {
+        let mut moved = 0;
+        for t in &mut self.parked {
+            if moved >= count {
+                break;
+            }
+            if let Wait::Futex { addr, .. } = &mut t.wait {
+                if *addr == from {
+                    *addr = to;
+                    moved += 1;
+                }
+            }
+        }
+        moved
+    }
+
+    /// The parked thread `tid`.
+    pub fn get_mut(&mut self, tid: i32) -> Option<&mut Parked> {
+        self.parked.iter_mut().find(|t| t.state.tid == tid)
+    }
+
+    /// Makes a parked thread that can take a signal in `signals` (not blocked by its mask)
+    /// runnable, so that its interrupted call sees it. Returns whether one could.
+    pub fn interrupt_one(&mut self, signals: u64) -> bool {
+        match self
+            .parked
+            .iter_mut()
+            .find(|t| t.signals.pending & !t.signals.mask != 0 || signals & !t.signals.mask != 0)
+        {
+            Some(t) => {
+                t.wait = Wait::Runnable;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Waits, without the vCPU, until a parked thread may run, a deadline passes, or
+    /// `wake` (the kicker's eventfd) is signalled. Returns whether some thread is runnable.
+    pub fn idle_wait(&mut self, wake: std::os::fd::BorrowedFd<'_>) -> rustix::io::Result<bool> {
+        self.check_waits(wake, true)
+    }
+
+    /// Makes runnable the parked threads whose fds are ready or deadlines passed, without
+    /// waiting (while another thread runs). Returns whether some thread is runnable.
+    pub fn poll_waits(&mut self, wake: std::os::fd::BorrowedFd<'_>) -> rustix::io::Result<bool> {
+        self.check_waits(wake, false)
+    }
+
+    fn check_waits(
+        &mut self,
+        wake: std::os::fd::BorrowedFd<'_>,
+        block: bool,
+    ) -> rustix::io::Result<bool> {
+        use rustix::event::PollFd;
+        let now = Instant::now();
+        self.expire(now);
+        if self.runnable() && block {
+            return Ok(true);
+        }
+        let deadline = if block {
+            self.next_deadline()
+        } else {
+            Some(now)
+        };
+        let mut owners = Vec::new();
+        let mut polled = vec![PollFd::new(&wake, PollFlags::IN)];
+        for (i, t) in self.parked.iter().enumerate() {
+            if let Wait::Io { fds, .. } = &t.wait {
+                for (fd, events) in fds {
+                    polled.push(PollFd::new(fd, *events));
+                    owners.push(i);
+                }
+            }
+        }
+        let timeout = deadline.map(|d| {
+            rustix::time::Timespec::try_from(d.saturating_duration_since(now)).unwrap_or(
+                rustix::time::Timespec {
+                    tv_sec: i64::MAX,
+                    tv_nsec: 0,
+                },
+            )
+        });
+        match rustix::event::poll(&mut polled, timeout.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+        let ready: Vec<usize> = polled[1..]
+            .iter()
+            .zip(&owners)
+            .filter(|(fd, _)| !fd.revents().is_empty())
+            .map(|(_, &owner)| owner)
+            .collect();
+        drop(polled);
+        for owner in ready {
+            self.parked[owner].wait = Wait::Runnable;
+        }
+        self.expire(Instant::now());
+        Ok(self.runnable())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parked(tid: i32, wait: Wait) -> Parked {
+        Parked {
+            state: ThreadState::new(tid),
+            signals: ThreadSignals {
+                mask: 0,
+                pending: 0,
+                altstack: (0, libc::SS_DISABLE, 0),
+            },
+            cpu: CpuContext {
+                regs: kvm_regs::default(),
+                xsave: Box::default(),
+            },
+            wait,
+            in_call: true,
+        }
+    }
+
+    #[test]
+    fn futex_wakes_match_address_and_bitset_and_count() {
+        let mut threads = Threads::default();
+        let futex = |addr, bitset| Wait::Futex {
+            addr,
+            bitset,
+            deadline: None,
+        };
+        threads.parked.push_back(parked(3, futex(0x1000, !0)));
+        threads.parked.push_back(parked(4, futex(0x1000, 0b10)));
+        threads.parked.push_back(parked(5, futex(0x2000, !0)));
+        assert_eq!(threads.futex_wake(0x1000, 0b01, 10), 1);
+        assert!(threads.get_mut(3).unwrap().state.futex_woken);
+        assert_eq!(threads.futex_requeue(0x1000, 0x2000, 1), 1);
+        assert_eq!(threads.futex_wake(0x2000, !0, 1), 1);
+        assert_eq!(threads.take_runnable().unwrap().state.tid, 3);
+        assert_eq!(threads.take_runnable().unwrap().state.tid, 4);
+        assert!(threads.take_runnable().is_none());
+    }
+
+    #[test]
+    fn deadlines_make_waiters_runnable() {
+        let mut threads = Threads::default();
+        let soon = Instant::now() + std::time::Duration::from_millis(5);
+        threads.parked.push_back(parked(
+            3,
+            Wait::Futex {
+                addr: 8,
+                bitset: !0,
+                deadline: Some(soon),
+            },
+        ));
+        let wake = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+        use std::os::fd::AsFd;
+        assert!(threads.idle_wait(wake.as_fd()).unwrap());
+        assert!(Instant::now() >= soon);
+    }
+
+    #[test]
+    fn tids_grow_and_are_bounded() {
+        let mut threads = Threads::default();
+        assert_eq!(threads.allocate_tid(), Some(MAIN_TID + 1));
+        assert_eq!(threads.allocate_tid(), Some(MAIN_TID + 2));
+    }
+}
