@@ -12,24 +12,11 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{guest, median, picocenter, Link};
+use common::{guest, median, picocenter, printed_number, Link};
 use std::process::Command;
 
 const ROUNDS: usize = 7;
 const ITERATIONS: &str = "20000";
-
-fn ns_per_iteration(cmd: &mut Command) -> f64 {
-    let out = cmd.output().expect("running the benchmark program");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("ns per iteration")
-}
 
 fn main() {
     let program = guest("syscall_bench", Link::Static);
@@ -37,9 +24,9 @@ fn main() {
     let in_pico = |mode: &str, flags: &[&str]| {
         let mut cmd = picocenter();
         cmd.arg("run").args(flags).args([program, mode, ITERATIONS]);
-        ns_per_iteration(&mut cmd)
+        printed_number(&mut cmd)
     };
-    let native = |mode: &str| ns_per_iteration(Command::new(program).args([mode, ITERATIONS]));
+    let native = |mode: &str| printed_number(Command::new(program).args([mode, ITERATIONS]));
     let names = [
         "forwarded getppid, one exit each",
         "bare ring-3 MMIO exit, same VMM",

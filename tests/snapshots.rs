@@ -58,6 +58,13 @@ fn swap_out(name: &str, dir: &Path, child: Child) -> String {
     stdout(&out)
 }
 
+/// Snapshots server app `name` into `dir` and stops it (`snapshot create --stop`).
+fn swap_out_server(name: &str, dir: &Path, server: Server) {
+    let out = snapshot(&["create", name, "-o", dir.to_str().unwrap(), "--stop"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let _ = server.stop_waiting();
+}
+
 fn body(address: &str, path: &str) -> String {
     let response = http(address.parse().unwrap(), "GET", path, b"");
     assert_eq!(response.status, 200);
@@ -70,15 +77,7 @@ fn counter_http_keeps_its_count_through_twenty_swaps() {
     let address = "127.0.7.1:80";
     let server = Server::start("counter-http", "test-snap-counter", "127.0.7.1", 80, &[]);
     assert_eq!(body(address, "/").trim(), "count=1");
-    let out = snapshot(&[
-        "create",
-        "test-snap-counter",
-        "-o",
-        dir.path().to_str().unwrap(),
-        "--stop",
-    ]);
-    assert!(out.status.success(), "{}", describe(&out));
-    let _ = server.stop_waiting();
+    swap_out_server("test-snap-counter", dir.path(), server);
     let modes = ["eager", "lazy", "activeset", "stream"];
     for cycle in 0..20 {
         let mode = modes[cycle % 3];
@@ -826,4 +825,69 @@ fn snapshot_while_running_then_restore(program: &str, name: &str) {
 #[test]
 fn a_threaded_app_is_snapshotted_and_restored_with_every_thread() {
     snapshot_while_running_then_restore("threads_snap", "test-snap-threads");
+}
+
+/// redis (threaded) with 10,000 keys survives ten swap cycles: each restore answers DBSIZE
+/// with every key, and a key written in each cycle is there in the next.
+#[test]
+fn redis_with_ten_thousand_keys_survives_ten_swaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.7.9";
+    let address: std::net::SocketAddr = format!("{ip}:6379").parse().unwrap();
+    let server = Server::start("redis", "test-snap-redis", ip, 6379, &[]);
+    let keys: Vec<(String, String)> = (0..10_000)
+        .map(|i| (format!("key:{i}"), format!("value:{i}")))
+        .collect();
+    let commands: Vec<Vec<&str>> = keys
+        .iter()
+        .map(|(k, v)| vec!["SET", k.as_str(), v.as_str()])
+        .collect();
+    for chunk in commands.chunks(1000) {
+        assert!(redis_pipeline(address, chunk).iter().all(|r| r == "OK"));
+    }
+    assert_eq!(redis(address, &["DBSIZE"]), "10000");
+    swap_out_server("test-snap-redis", dir.path(), server);
+    for cycle in 0..10 {
+        let child = restore(dir.path(), &address.to_string(), &[]);
+        assert_eq!(
+            redis(address, &["DBSIZE"]),
+            (10_000 + cycle).to_string(),
+            "cycle {cycle}"
+        );
+        assert_eq!(redis(address, &["GET", "key:4242"]), "value:4242");
+        if cycle > 0 {
+            let previous = format!("cycle:{}", cycle - 1);
+            assert_eq!(redis(address, &["GET", &previous]), "written");
+        }
+        assert_eq!(
+            redis(address, &["SET", &format!("cycle:{cycle}"), "written"]),
+            "OK"
+        );
+        swap_out("test-snap-redis", dir.path(), child);
+    }
+}
+
+/// The Go server (goroutines on several runtime threads) survives ten swap cycles with its
+/// counters.
+#[test]
+fn a_go_server_keeps_its_state_through_ten_swaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.7.10";
+    let address = format!("{ip}:8080");
+    let program = go_program("httpd");
+    let server = Server::run(
+        "test-snap-go",
+        ip,
+        8080,
+        &[program.to_str().unwrap(), ":8080"],
+    );
+    assert!(body(&address, "/").starts_with("hits=1 path=/ count=1 "));
+    swap_out_server("test-snap-go", dir.path(), server);
+    for cycle in 0..10 {
+        let child = restore(dir.path(), &address, &[]);
+        let expected = format!("hits={} path=/ count={} ", cycle + 2, cycle + 2);
+        let got = body(&address, "/");
+        assert!(got.starts_with(&expected), "cycle {cycle}: {got}");
+        swap_out("test-snap-go", dir.path(), child);
+    }
 }

@@ -167,3 +167,155 @@ fn cpu_ticks(pid: u32) -> u64 {
         .collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
+
+/// Debian's redis-server (with its background threads), driven by redis-cli and
+/// redis-benchmark.
+#[test]
+fn redis_answers_redis_cli_and_redis_benchmark() {
+    let server = Server::start("redis", "test-thread-redis", "127.0.11.3", 6379, &[]);
+    let host = "127.0.11.3";
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", host])
+            .args(args)
+            .output()
+            .expect("redis-cli (redis-tools) must be installed");
+        assert!(out.status.success(), "{}", describe(&out));
+        stdout(&out).trim().to_string()
+    };
+    assert_eq!(cli(&["ping"]), "PONG");
+    assert_eq!(cli(&["set", "greeting", "hello"]), "OK");
+    assert_eq!(cli(&["get", "greeting"]), "hello");
+    let out = run_with_limit(
+        std::process::Command::new("redis-benchmark")
+            .args(["-h", host, "-q", "-n", "10000", "-t", "set,get", "-c", "20"]),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = stdout(&out).replace('\r', "\n");
+    for test in ["SET", "GET"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{test}: ")) && l.contains("requests per second")),
+            "no {test} figure in:\n{text}"
+        );
+    }
+    // redis-benchmark's keys are there, and ours too.
+    assert_eq!(cli(&["get", "greeting"]), "hello");
+    assert!(cli(&["dbsize"]).parse::<u64>().unwrap() >= 2);
+    server.stop();
+}
+
+/// Debian's memcached with four worker threads: clients on several connections at once
+/// each store and read back their own keys.
+#[test]
+fn memcached_with_four_threads_serves_concurrent_clients() {
+    use std::io::{BufRead, BufReader, Write};
+    let server = Server::start(
+        "memcached",
+        "test-thread-memcached",
+        "127.0.11.4",
+        11211,
+        &[],
+    );
+    let address = server.address;
+    let clients: Vec<_> = (0..8)
+        .map(|client| {
+            std::thread::spawn(move || {
+                let stream = std::net::TcpStream::connect(address).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                for i in 0..50 {
+                    let value = format!("value-{client}-{i}");
+                    write!(
+                        &stream,
+                        "set key-{client}-{i} 0 0 {}\r\n{value}\r\n",
+                        value.len()
+                    )
+                    .unwrap();
+                    line.clear();
+                    reader.read_line(&mut line).unwrap();
+                    assert_eq!(line, "STORED\r\n");
+                    write!(&stream, "get key-{client}-{i}\r\n").unwrap();
+                    let mut got = Vec::new();
+                    for _ in 0..3 {
+                        line.clear();
+                        reader.read_line(&mut line).unwrap();
+                        got.push(line.clone());
+                    }
+                    assert_eq!(
+                        got,
+                        [
+                            format!("VALUE key-{client}-{i} 0 {}\r\n", value.len()),
+                            format!("{value}\r\n"),
+                            "END\r\n".to_string()
+                        ]
+                    );
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    server.stop();
+}
+
+/// A static Go net/http server (goroutines on the runtime's threads, SIGURG preemption,
+/// futexes, epoll), built with Debian's Go.
+#[test]
+fn a_go_http_server_with_goroutines_answers() {
+    let program = go_program("httpd");
+    let server = Server::run(
+        "test-thread-go",
+        "127.0.11.5",
+        8080,
+        &[program.to_str().unwrap(), ":8080"],
+    );
+    for i in 1..=5 {
+        let response = http(server.address, "GET", "/count", b"");
+        assert_eq!(response.status, 200);
+        let body = String::from_utf8_lossy(&response.body).into_owned();
+        assert!(
+            body.starts_with(&format!(
+                "hits={i} path=/count count={i} sums=[5000 9999 15000 20000]"
+            )),
+            "{body}"
+        );
+    }
+    server.stop();
+}
+
+/// Node.js: an http server whose handler reads a file with fs.readFile (libuv's thread
+/// pool) and answers with its size.
+#[test]
+fn a_node_http_server_reads_files_through_its_thread_pool() {
+    let node = std::path::Path::new("/usr/bin/node");
+    let size = std::fs::metadata(std::fs::canonicalize(node).unwrap())
+        .unwrap()
+        .len();
+    let script = "
+        const http = require('http'), fs = require('fs');
+        http.createServer((req, res) => {
+            fs.readFile('/usr/bin/node', (err, data) =>
+                res.end(err ? 'error ' + err.code : 'size ' + data.length));
+        }).listen(8081, '0.0.0.0');
+    ";
+    let server = Server::run(
+        "test-thread-node",
+        "127.0.11.6",
+        8081,
+        &["/usr/bin/node", "-e", script],
+    );
+    for _ in 0..3 {
+        let response = http(server.address, "GET", "/", b"");
+        assert_eq!(
+            String::from_utf8_lossy(&response.body),
+            format!("size {size}")
+        );
+    }
+    server.stop();
+}

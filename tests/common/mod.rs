@@ -228,9 +228,18 @@ impl Server {
     /// connections (at most 30 s).
     pub fn start(image: &str, name: &str, ip: &str, port: u16, extra: &[&str]) -> Server {
         build_image(image);
+        let mut args = vec!["--image", image];
+        args.extend_from_slice(extra);
+        Self::run(name, ip, port, &args)
+    }
+
+    /// Starts `picocenter run --name NAME --address IP ARGS...` and waits until `ip:port`
+    /// accepts connections (at most 30 s).
+    pub fn run(name: &str, ip: &str, port: u16, args: &[&str]) -> Server {
+        let image = args.first().copied().unwrap_or("the app");
         let mut cmd = picocenter();
-        cmd.args(["run", "--image", image, "--name", name, "--address", ip]);
-        cmd.args(extra);
+        cmd.args(["run", "--name", name, "--address", ip]);
+        cmd.args(args);
         let output = tempfile::tempdir().unwrap();
         let file = |name: &str| std::fs::File::create(output.path().join(name)).unwrap();
         cmd.stdout(file("stdout")).stderr(file("stderr"));
@@ -356,4 +365,98 @@ pub fn http(address: std::net::SocketAddr, method: &str, path: &str, body: &[u8]
         headers,
         body: raw[split + 4..].to_vec(),
     }
+}
+
+/// One redis command over RESP, with its reply in redis-cli's plain form: a status or
+/// error line, an integer, a bulk string (`(nil)` for none), or the elements of an array
+/// one per line.
+pub fn redis(address: std::net::SocketAddr, args: &[&str]) -> String {
+    redis_pipeline(address, &[args.to_vec()]).remove(0)
+}
+
+/// Several redis commands sent at once; their replies in order.
+pub fn redis_pipeline(address: std::net::SocketAddr, commands: &[Vec<&str>]) -> Vec<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connecting to redis at {address}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut request = Vec::new();
+    for args in commands {
+        request.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for arg in args {
+            request.extend_from_slice(format!("${}\r\n{arg}\r\n", arg.len()).as_bytes());
+        }
+    }
+    (&stream).write_all(&request).unwrap();
+    let mut reader = BufReader::new(&stream);
+    fn reply(reader: &mut impl BufRead) -> String {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let line = line.trim_end().to_string();
+        let (kind, rest) = line.split_at(1.min(line.len()));
+        match kind {
+            "+" | "-" | ":" => rest.to_string(),
+            "$" => {
+                let Ok(len) = rest.parse::<usize>() else {
+                    return "(nil)".into();
+                };
+                let mut body = vec![0u8; len + 2];
+                reader.read_exact(&mut body).unwrap();
+                String::from_utf8_lossy(&body[..len]).into_owned()
+            }
+            "*" => {
+                let count: i64 = rest.parse().unwrap_or(0);
+                (0..count.max(0))
+                    .map(|_| reply(reader))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+            _ => panic!("not a RESP reply: {line:?}"),
+        }
+    }
+    commands.iter().map(|_| reply(&mut reader)).collect()
+}
+
+/// Builds the Go program in tests/go/NAME with Debian's Go toolchain (static, no cgo) into
+/// the test target directory, once per source change.
+pub fn go_program(name: &str) -> PathBuf {
+    let _guard = COMPILE.lock().unwrap_or_else(|e| e.into_inner());
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/go")
+        .join(name);
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("go-{name}"));
+    let source_time = std::fs::metadata(source.join("main.go")).and_then(|m| m.modified());
+    let built = std::fs::metadata(&out).and_then(|m| m.modified());
+    if !matches!((built, source_time), (Ok(b), Ok(s)) if b >= s) {
+        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cache");
+        let status = Command::new("go")
+            .args(["build", "-o"])
+            .arg(&out)
+            .arg(".")
+            .current_dir(&source)
+            .env("CGO_ENABLED", "0")
+            .env("GOCACHE", &cache)
+            .env("GOFLAGS", "-mod=mod")
+            .env("GOTOOLCHAIN", "local")
+            .status()
+            .expect("Debian's golang-go must be installed (scripts/setup.sh installs it)");
+        assert!(status.success(), "building tests/go/{name}");
+    }
+    out
+}
+
+/// Runs `cmd`, which must succeed and print one number (a benchmark program's figure).
+pub fn printed_number(cmd: &mut Command) -> f64 {
+    let out = cmd.output().expect("running the benchmark program");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a number")
 }

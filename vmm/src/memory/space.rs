@@ -647,6 +647,9 @@ impl AddressSpace {
         if !addr.is_multiple_of(PAGE) || end > USER_END {
             return Err(Errno::INVAL);
         }
+        // Frames that follow each other in guest-physical memory are dropped with one host
+        // call (a thread's stack, say, is megabytes of them).
+        let mut run: Option<(u64, u64)> = None;
         for (va, pte) in self.tables.leaves(&self.phys, addr, end)? {
             let anonymous = matches!(
                 self.vmas.get(va).map(|v| &v.backing),
@@ -655,7 +658,15 @@ impl AddressSpace {
             if anonymous {
                 // The frame stays mapped; the host drops its contents and KVM its mapping.
                 // It no longer holds what a snapshot has there.
-                self.phys.discard(pte & PTE_FRAME, PAGE).map_err(internal)?;
+                let frame = pte & PTE_FRAME;
+                run = match run {
+                    Some((start, len)) if start + len == frame => Some((start, len + PAGE)),
+                    Some((start, len)) => {
+                        self.phys.discard(start, len).map_err(internal)?;
+                        Some((frame, PAGE))
+                    }
+                    None => Some((frame, PAGE)),
+                };
                 if pte & PTE_RESTORED != 0 {
                     self.tables.set(&self.phys, va, pte & !PTE_RESTORED)?;
                 }
@@ -663,6 +674,9 @@ impl AddressSpace {
                 self.tables.clear(&self.phys, va)?;
                 self.release_frames(&[(va, pte)])?;
             }
+        }
+        if let Some((start, len)) = run {
+            self.phys.discard(start, len).map_err(internal)?;
         }
         Ok(())
     }

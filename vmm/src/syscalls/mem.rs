@@ -14,6 +14,7 @@ const MAP_SHARED_VALIDATE: u32 = 0x03;
 const MAP_FIXED: u32 = 0x10;
 const MAP_ANONYMOUS: u32 = 0x20;
 const MAP_POPULATE: u32 = 0x8000;
+const MAP_STACK: u32 = 0x2_0000;
 const MAP_FIXED_NOREPLACE: u32 = 0x10_0000;
 const MREMAP_MAYMOVE: u32 = 1;
 const MREMAP_FIXED: u32 = 2;
@@ -75,7 +76,14 @@ pub fn mmap(p: &mut Process, a: &Args) -> SysResult {
     } else {
         Placement::Hint(addr)
     };
-    let start = p.mem.map(placement, len, prot, backing, VmaRole::Mapping)?;
+    // A thread's stack (MAP_STACK, as glibc and Go ask for them) is populated like the
+    // main one, near its top only: most of its megabytes are never touched.
+    let role = if flags & MAP_STACK != 0 {
+        VmaRole::Stack
+    } else {
+        VmaRole::Mapping
+    };
+    let start = p.mem.map(placement, len, prot, backing, role)?;
     if flags & MAP_POPULATE != 0 && prot != Prot::NONE {
         p.mem.populate(start, start + len)?;
     }
