@@ -15,42 +15,12 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{build_image, median, state_dir, Server};
+use common::{build_image, median, state_dir, wrk, Server};
 use std::process::{Command, Stdio};
 
 const ROUNDS: usize = 5;
 const SECONDS: &str = "3";
 const NGINX_PATH: &str = "/files/1k.txt";
-
-/// wrk's requests per second, p50 and p99 latency (µs).
-fn wrk(address: &str, path: &str) -> (f64, f64, f64) {
-    let out = Command::new("wrk")
-        .args(["-t1", "-c10", "-d", SECONDS, "--latency"])
-        .arg(format!("http://{address}{path}"))
-        .output()
-        .expect("wrk must be installed (apt-get install wrk)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let value = |prefix: &str| -> f64 {
-        let line = text
-            .lines()
-            .find(|l| l.trim_start().starts_with(prefix))
-            .unwrap_or_else(|| panic!("no {prefix} in wrk output:\n{text}"));
-        let field = line.split_whitespace().nth(1).unwrap_or("0");
-        let (number, unit) = field.split_at(
-            field
-                .find(|c: char| c.is_alphabetic())
-                .unwrap_or(field.len()),
-        );
-        let n: f64 = number.parse().unwrap_or(0.0);
-        match unit {
-            "us" => n,
-            "ms" => n * 1e3,
-            "s" => n * 1e6,
-            _ => n,
-        }
-    };
-    (value("Requests/sec:"), value("50%"), value("99%"))
-}
 
 /// nginx run natively from a copy of the image's root, listening on `address`.
 struct Native {
@@ -149,7 +119,7 @@ fn compare(title: &str, path: &str, targets: &[(&str, String)]) {
     let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); targets.len()];
     for _ in 0..ROUNDS {
         for (i, (_, address)) in targets.iter().enumerate() {
-            let (rps, p50, p99) = wrk(address, path);
+            let (rps, p50, p99) = wrk(address, path, SECONDS);
             results[i].0.push(rps);
             results[i].1.push(p50);
             results[i].2.push(p99);

@@ -263,7 +263,9 @@ fn fifty_concurrent_queries_bring_a_swapped_out_app_back_once() {
         "60",
         &["--store", store.to_str().unwrap()],
     );
-    hub.add("cfifty", "counter-http", 1.0);
+    // Idle for 3 s before a swap-out: long enough that the restored app is not swapped
+    // out again while fifty digs start on a loaded machine.
+    hub.add("cfifty", "counter-http", 3.0);
     let address = resolve(&hub, "cfifty");
     assert_eq!(count(&address), 1);
     hub.wait_state("cfifty", "swapped_out", Duration::from_secs(15));

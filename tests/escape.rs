@@ -205,7 +205,8 @@ fn the_default_address_is_the_apps_own_and_host_services_stay_out_of_reach() {
     );
 }
 
-/// The stats a running app's control socket reports, as JSON.
+/// The stats a running app's control socket reports, as JSON, once the VMM runs jailed
+/// (the socket answers from before the VMM drops to its own uid, while it builds the VM).
 fn stats_of(name: &str) -> serde_json::Value {
     use std::io::{BufRead, Write};
     let socket = state_dir().join("run").join(format!("{name}.sock"));
@@ -216,13 +217,18 @@ fn stats_of(name: &str) -> serde_json::Value {
             std::io::BufReader::new(stream)
                 .read_line(&mut line)
                 .unwrap();
-            if let Ok(value) = serde_json::from_str(&line) {
-                return value;
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
+                if value["uid"].as_u64().is_some_and(|uid| uid != 0) {
+                    return value;
+                }
             }
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    panic!("{name} never answered on {}", socket.display());
+    panic!(
+        "{name} never answered as a jailed VMM on {}",
+        socket.display()
+    );
 }
 
 #[test]

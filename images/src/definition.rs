@@ -496,8 +496,10 @@ mod tests {
             "counter-http",
             "hello",
             "lighttpd",
+            "memcached",
             "nginx",
             "python-http",
+            "redis",
             "udp-counter",
         ];
         assert_eq!(names, expected);

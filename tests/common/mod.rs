@@ -460,3 +460,34 @@ pub fn printed_number(cmd: &mut Command) -> f64 {
         .parse()
         .expect("a number")
 }
+
+/// wrk's requests per second, p50 and p99 latency (µs), with one thread and ten
+/// connections for `seconds`.
+pub fn wrk(address: &str, path: &str, seconds: &str) -> (f64, f64, f64) {
+    let out = Command::new("wrk")
+        .args(["-t1", "-c10", "-d", seconds, "--latency"])
+        .arg(format!("http://{address}{path}"))
+        .output()
+        .expect("wrk must be installed (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = |prefix: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in wrk output:\n{text}"));
+        let field = line.split_whitespace().nth(1).unwrap_or("0");
+        let (number, unit) = field.split_at(
+            field
+                .find(|c: char| c.is_alphabetic())
+                .unwrap_or(field.len()),
+        );
+        let n: f64 = number.parse().unwrap_or(0.0);
+        match unit {
+            "us" => n,
+            "ms" => n * 1e3,
+            "s" => n * 1e6,
+            _ => n,
+        }
+    };
+    (value("Requests/sec:"), value("50%"), value("99%"))
+}
