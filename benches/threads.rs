@@ -73,15 +73,17 @@ struct Native(std::process::Child);
 
 impl Native {
     fn start(program: &str, args: &[&str], address: &str) -> Native {
-        let child = Command::new(program)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+        let native = Native(
+            Command::new(program)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {program}: {e}")),
+        );
         for _ in 0..500 {
             if std::net::TcpStream::connect(address).is_ok() {
-                return Native(child);
+                return native;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
