@@ -251,7 +251,18 @@ fn the_vmm_runs_jailed_as_an_unprivileged_user_of_its_own() {
         .unwrap();
     let stats = stats_of(name);
     let pid = stats["pid"].as_u64().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    // The seccomp filter is the jail's last step, after the uid: wait for it (5 s at most).
+    let mut status = String::new();
+    for _ in 0..500 {
+        status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        if status
+            .lines()
+            .any(|l| l.starts_with("Seccomp:") && l.ends_with('2'))
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let field = |key: &str| {
         status
             .lines()

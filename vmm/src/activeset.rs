@@ -145,7 +145,7 @@ impl ActiveSet {
             .iter()
             .map(|(&port, pages)| PortSet {
                 port,
-                pages: crate::persist::ranges(pages.iter().copied()),
+                pages: picocenter_snapshots::chain::ranges(pages.iter().copied()),
             })
             .collect()
     }
@@ -196,7 +196,10 @@ mod tests {
         set.harvest(vec![7, 8, 9]);
         assert!(!set.contains(7, false));
         assert!(set.contains(9, false));
-        assert_eq!(set.port_sets()[0].pages, crate::persist::ranges([9]));
+        assert_eq!(
+            set.port_sets()[0].pages,
+            picocenter_snapshots::chain::ranges([9])
+        );
         // Later harvests count every bit.
         std::thread::sleep(MIN_EPISODE_GAP);
         set.accepted(443, 3);
@@ -204,7 +207,10 @@ mod tests {
         set.closed(3);
         set.harvest(vec![7]);
         assert!(set.contains(7, false));
-        assert_eq!(set.port_sets()[0].pages, crate::persist::ranges([7, 9]));
+        assert_eq!(
+            set.port_sets()[0].pages,
+            picocenter_snapshots::chain::ranges([7, 9])
+        );
     }
 
     #[test]

@@ -8,17 +8,18 @@
 //! finish ─── vCPU wrapper, control socket, mailbox poller
 //! ```
 
+use crate::kernel::process::Process;
 use crate::kvm::cpu::{self, CpuFeatures};
 use crate::kvm::kick::Kicker;
 use crate::kvm::system;
 use crate::kvm::vcpu::Vcpu;
 use crate::kvm::Machine;
+use crate::mailbox;
 use crate::memory::phys::PhysicalMemory;
 use crate::memory::AddressSpace;
 use crate::platform::Platform;
-use crate::process::Process;
 use crate::sandbox::{self, Sandbox};
-use crate::{alarm, control, mailbox, memory, syscalls, Config, Picoprocess, VmmError};
+use crate::{alarm, control, memory, Config, Picoprocess, VmmError};
 use kvm_bindings::CpuId;
 use kvm_ioctls::VcpuFd;
 use picocenter_snapshots::format::{AppRecord, CpuRecord, CpuidBits};
@@ -198,17 +199,17 @@ pub(crate) fn process(
         cwd: sandbox::normalize("/", &config.cwd),
         umask: 0o022,
         signals: Default::default(),
-        clock: syscalls::time::Clock {
+        clock: crate::kernel::clock::Clock {
             tsc: tsc.filter(|_| config.doorbell_time),
             ..Default::default()
         },
         kicker: kicker.clone(),
-        thread: crate::thread::ThreadState::new(crate::thread::MAIN_TID),
+        thread: crate::kernel::thread::ThreadState::new(crate::kernel::thread::MAIN_TID),
         threads: Default::default(),
         name: config.name.clone(),
         trace: config.trace_syscalls.then(Default::default),
         alarm: alarm::Alarm::new(kicker),
-        net: syscalls::net::NetPolicy {
+        net: crate::kernel::netpolicy::NetPolicy {
             address: config.address,
             allow_outbound: config.allow_outbound,
             name: config.name.clone(),
@@ -246,7 +247,7 @@ pub(crate) fn finish(
         platform, machine, ..
     } = parts;
     process.clock.publish(process.mem.phys(), true);
-    syscalls::time::publish_tid(process.mem.phys(), process.thread.tid);
+    crate::kernel::clock::publish_tid(process.mem.phys(), process.thread.tid);
     let vcpu = Vcpu::new(vcpu_fd, platform)?;
     let live = Arc::new(control::LiveStats::default());
     let ops = Arc::new(control::PendingOps::default());

@@ -21,19 +21,9 @@ fn check(rc: i32) -> Result<(), Errno> {
     }
 }
 
-/// bind(2) with a raw address. A jailed VMM has no capabilities: a privileged port it
-/// may not bind itself is bound by its supervisor (see [`crate::sandbox::binder`]).
+/// bind(2) with a raw address, by this process itself (for the app's binds, which a
+/// jailed VMM's supervisor may make instead, see `crate::sandbox::binder::bind`).
 pub fn bind(fd: BorrowedFd<'_>, addr: &[u8]) -> Result<(), Errno> {
-    match bind_direct(fd, addr) {
-        Err(Errno::ACCESS) if crate::sandbox::binder::installed() => {
-            crate::sandbox::binder::bind(fd, addr)
-        }
-        other => other,
-    }
-}
-
-/// bind(2) with a raw address, by this process itself.
-pub fn bind_direct(fd: BorrowedFd<'_>, addr: &[u8]) -> Result<(), Errno> {
     // SAFETY: `addr` is a live slice and its length is passed with it.
     check(unsafe { libc::bind(fd.as_raw_fd(), addr.as_ptr().cast(), addr.len() as u32) })
 }

@@ -17,9 +17,9 @@ pub mod alarm;
 mod builder;
 pub mod control;
 pub mod doorbell;
-pub mod exit;
 pub mod fdtable;
 pub mod hostcall;
+pub mod kernel;
 pub mod kvm;
 pub mod loader;
 pub mod mailbox;
@@ -27,15 +27,14 @@ pub mod memory;
 pub mod panics;
 pub mod persist;
 pub mod platform;
-pub mod process;
+pub mod run;
 pub mod sandbox;
-pub mod sigframe;
 pub mod stats_page;
 pub mod syscalls;
-pub mod thread;
 pub mod timeout;
 pub mod trace;
 
+use kernel::process::Process;
 use kvm::cpu::{self, CpuSetupError};
 use kvm::kick::Kicker;
 use kvm::system::SystemPagesError;
@@ -44,12 +43,11 @@ use kvm::{KvmError, Machine};
 use memory::paging::PagingError;
 use memory::phys::PhysError;
 use platform::Platform;
-use process::Process;
 use sandbox::SandboxError;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-pub use exit::RunOutcome;
+pub use run::RunOutcome;
 
 /// What to run and how.
 #[derive(Debug, Clone)]
@@ -161,7 +159,7 @@ pub struct Picoprocess {
     poller: Option<mailbox::Poller>,
     doorbell: doorbell::Doorbell,
     process: Arc<Mutex<Process>>,
-    stats: exit::ExitStats,
+    stats: run::ExitStats,
     live: Arc<control::LiveStats>,
     ops: Arc<control::PendingOps>,
     name: String,
@@ -210,7 +208,7 @@ impl Picoprocess {
 
     /// A handle that can interrupt this picoprocess from another thread.
     pub fn kicker(&self) -> Kicker {
-        exit::lock(&self.process).kicker.clone()
+        kernel::process::lock(&self.process).kicker.clone()
     }
 
     /// The app's name (unique among the running apps of this host).
@@ -225,7 +223,7 @@ impl Picoprocess {
 
     /// The syscall trace, when tracing was asked for.
     pub fn trace(&self) -> Option<trace::SyscallTrace> {
-        exit::lock(&self.process).trace.clone()
+        kernel::process::lock(&self.process).trace.clone()
     }
 
     /// Calls answered through the mailbox.
@@ -234,12 +232,12 @@ impl Picoprocess {
     }
 
     /// Exit counters.
-    pub fn stats(&self) -> exit::ExitStats {
+    pub fn stats(&self) -> run::ExitStats {
         self.stats
     }
 
     /// Memory counters.
     pub fn memory_stats(&self) -> memory::space::MemoryStats {
-        exit::lock(&self.process).mem.stats()
+        kernel::process::lock(&self.process).mem.stats()
     }
 }

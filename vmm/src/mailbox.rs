@@ -7,10 +7,10 @@
 //! app therefore costs no CPU. A call that would block, change the address space or need
 //! the vCPU is declined, and the doorbell makes it with an exit instead.
 
-use crate::exit::lock;
+use crate::kernel::process::lock;
+use crate::kernel::process::Process;
 use crate::kvm::kick::reason;
 use crate::memory::phys::SharedPage;
-use crate::process::Process;
 use crate::syscalls::{self, Args, SysError};
 use picocenter_guest_shim::abi::mailbox::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

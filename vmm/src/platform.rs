@@ -12,15 +12,7 @@
 //! guest TLB flush only re-syncs shadow pages KVM already knows to be out of date, so a
 //! stale writable translation survives it (found by the hardware-KVM runner, tests/hwkvm).
 
-use crate::kvm::vcpu::{Vcpu, VcpuError};
-use crate::kvm::Machine;
-use crate::kvm::{cpu, system};
-use crate::memory::layout::slot;
-use crate::memory::AddressSpace;
 use std::path::Path;
-
-/// CR4.PGE: changing it makes KVM flush the guest TLB on hardware KVM.
-const CR4_PGE: u64 = 1 << 7;
 
 /// How an invalidation was done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,70 +78,37 @@ impl Platform {
         self != Platform::Pvm
     }
 
-    /// Completes a syscall the VMM has answered: resume the app after its `syscall`
-    /// instruction, as `sysret` would. Where the doorbell ran at CPL 0, the user code and
-    /// stack segments come back too.
-    pub fn complete_syscall(self, vcpu: &mut Vcpu) -> Result<(), VcpuError> {
-        let regs = vcpu.regs_mut();
-        regs.rip = regs.rcx;
-        regs.rflags = regs.r11;
-        if self.syscall_enters_ring0() {
-            let mut sregs = vcpu.sregs()?;
-            let fs_base = sregs.fs.base;
-            cpu::set_user_segments(&mut sregs, fs_base);
-            vcpu.set_sregs(&sregs)?;
-        }
-        Ok(())
-    }
-
-    /// Makes removed or reduced translations take effect before the guest runs again.
-    /// `stale` names the changed page-table entries (address in the page-table slot and
-    /// current value), or is `None` when there were too many to name.
-    pub fn invalidate_translations(
-        self,
-        vcpu: &mut Vcpu,
-        machine: &Machine,
-        space: &AddressSpace,
-        stale: Option<Vec<(u64, u64)>>,
-    ) -> Result<Invalidation, VcpuError> {
+    /// How removed or reduced translations are made to take effect (carried out by
+    /// `Vcpu::invalidate_translations`).
+    pub fn invalidation_method(self) -> InvalidationMethod {
         match self {
             // The shadow MMU ignores guest TLB flushes. A few entries are cheapest to
             // rewrite from ring 0, which makes it drop just those (~1.4 µs per emulated
             // instruction); many at once, or if that was interrupted, by re-registering
             // the page-table slot, which drops every translation (~60 µs plus refaults).
-            Platform::Pvm => {
-                if let Some(entries) = stale {
-                    if let Ok(Some((list, count))) = system::write_pte_list(space, &entries) {
-                        if vcpu.run_pte_writer(list, count)? {
-                            return Ok(Invalidation::Entries(count));
-                        }
-                    }
-                }
-                machine
-                    .reregister_slot(slot::PAGE_TABLES)
-                    .map_err(VcpuError::Invalidate)?;
-                Ok(Invalidation::Everything)
-            }
+            Platform::Pvm => InvalidationMethod::RewriteEntriesElseReregister,
             // Hardware shadow paging: there the ring-0 PTE writer runs natively, and its
             // stores only mark KVM's shadow page out of sync, to be re-read at the next
             // guest TLB flush; re-registering the slot drops every shadow page for sure.
-            Platform::HardwareShadowPaging => {
-                machine
-                    .reregister_slot(slot::PAGE_TABLES)
-                    .map_err(VcpuError::Invalidate)?;
-                Ok(Invalidation::Everything)
-            }
+            Platform::HardwareShadowPaging => InvalidationMethod::Reregister,
             // Changing CR4 through KVM_SET_SREGS resets KVM's MMU context, and loading the
             // new root flushes the guest's TLB. No global pages are used, so PGE itself
             // changes nothing else.
-            Platform::Hardware => {
-                let mut sregs = vcpu.sregs()?;
-                sregs.cr4 ^= CR4_PGE;
-                vcpu.set_sregs(&sregs)?;
-                Ok(Invalidation::Everything)
-            }
+            Platform::Hardware => InvalidationMethod::FlushTlb,
         }
     }
+}
+
+/// How a platform invalidates translations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidationMethod {
+    /// Rewrite the changed entries from ring 0 with the PTE writer; if they are too many
+    /// or the writer is interrupted, re-register the page-table slot.
+    RewriteEntriesElseReregister,
+    /// Re-register the page-table slot, which drops every translation.
+    Reregister,
+    /// Flush the guest TLB by toggling CR4.PGE.
+    FlushTlb,
 }
 
 #[cfg(test)]

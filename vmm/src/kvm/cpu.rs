@@ -218,7 +218,7 @@ pub fn host_tsc() -> u64 {
 
 /// Reads the guest's TSC and the host's at (nearly) the same moment, with the TSC rate,
 /// for the time page. `None` when KVM cannot tell.
-pub fn tsc_calibration(vcpu: &VcpuFd) -> Option<crate::syscalls::time::TscCalibration> {
+pub fn tsc_calibration(vcpu: &VcpuFd) -> Option<TscCalibration> {
     let khz = vcpu.get_tsc_khz().ok()?;
     let mut msrs = Msrs::from_entries(&[msr(0x10, 0)]).ok()?;
     let host = host_tsc();
@@ -226,7 +226,7 @@ pub fn tsc_calibration(vcpu: &VcpuFd) -> Option<crate::syscalls::time::TscCalibr
         return None;
     }
     let guest = msrs.as_slice()[0].data;
-    crate::syscalls::time::TscCalibration::new(khz, guest, host)
+    TscCalibration::new(khz, guest, host)
 }
 
 /// Configures `vcpu` to start the app at `entry` with stack `rsp`, in ring 3.
@@ -345,4 +345,27 @@ pub fn restore_context(
     // so KVM reads no more than the 4096-byte `kvm_xsave`.
     unsafe { vcpu.set_xsave(&xsave) }.map_err(CpuSetupError::SetXsave)?;
     Ok(())
+}
+
+/// The guest TSC as a function of the host's, for the time page.
+#[derive(Debug, Clone, Copy)]
+pub struct TscCalibration {
+    /// Guest TSC minus host TSC (KVM keeps it constant).
+    pub guest_minus_host: i64,
+    /// Nanoseconds per tick, 32.32 fixed point.
+    pub mult: u64,
+}
+
+impl TscCalibration {
+    /// The calibration for a TSC of `khz` kHz whose guest value is `guest_tsc` when the
+    /// host's is `host_tsc`.
+    pub fn new(khz: u32, guest_tsc: u64, host_tsc: u64) -> Option<Self> {
+        if khz == 0 {
+            return None;
+        }
+        Some(Self {
+            guest_minus_host: guest_tsc.wrapping_sub(host_tsc) as i64,
+            mult: (1_000_000u64 << 32) / khz as u64,
+        })
+    }
 }

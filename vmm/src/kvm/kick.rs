@@ -67,7 +67,7 @@ pub mod reason {
     pub const SIGNAL: u32 = 1 << 3;
     /// A VMM thread panicked: the run must end (see `crate::panics`).
     pub const FAILED: u32 = 1 << 4;
-    /// The current app thread's time slice is over (see `crate::thread::TimeSlicer`).
+    /// The current app thread's time slice is over (see `crate::kernel::thread::TimeSlicer`).
     pub const PREEMPT: u32 = 1 << 5;
 }
 

@@ -3,8 +3,10 @@
 //! completing a syscall and invalidating translations.
 
 use super::cpu;
+use super::system;
 use super::{KvmError, Machine};
-use crate::platform::Platform;
+use crate::memory::layout::slot;
+use crate::platform::{Invalidation, InvalidationMethod, Platform};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use picocenter_guest_shim::abi;
@@ -168,9 +170,19 @@ impl Vcpu {
 
     /// Completes a syscall the VMM has answered: resume the app after its `syscall`
     /// instruction, as `sysret` would.
+    /// Where the doorbell ran at CPL 0 (see `Platform::syscall_enters_ring0`), the user
+    /// code and stack segments come back too.
     pub fn complete_syscall(&mut self) -> Result<(), VcpuError> {
-        let platform = self.platform;
-        platform.complete_syscall(self)
+        let regs = self.regs_mut();
+        regs.rip = regs.rcx;
+        regs.rflags = regs.r11;
+        if self.platform.syscall_enters_ring0() {
+            let mut sregs = self.sregs()?;
+            let fs_base = sregs.fs.base;
+            cpu::set_user_segments(&mut sregs, fs_base);
+            self.set_sregs(&sregs)?;
+        }
+        Ok(())
     }
 
     /// Sets the FS base (arch_prctl(ARCH_SET_FS)).
@@ -185,9 +197,34 @@ impl Vcpu {
         &mut self,
         machine: &Machine,
         space: &crate::memory::AddressSpace,
-    ) -> Result<crate::platform::Invalidation, VcpuError> {
-        let platform = self.platform;
-        platform.invalidate_translations(self, machine, space, space.stale_entries())
+    ) -> Result<Invalidation, VcpuError> {
+        /// CR4.PGE: changing it makes KVM flush the guest TLB on hardware KVM.
+        const CR4_PGE: u64 = 1 << 7;
+        let reregister = |machine: &Machine| {
+            machine
+                .reregister_slot(slot::PAGE_TABLES)
+                .map_err(VcpuError::Invalidate)
+                .map(|()| Invalidation::Everything)
+        };
+        match self.platform.invalidation_method() {
+            InvalidationMethod::RewriteEntriesElseReregister => {
+                if let Some(entries) = space.stale_entries() {
+                    if let Ok(Some((list, count))) = system::write_pte_list(space, &entries) {
+                        if self.run_pte_writer(list, count)? {
+                            return Ok(Invalidation::Entries(count));
+                        }
+                    }
+                }
+                reregister(machine)
+            }
+            InvalidationMethod::Reregister => reregister(machine),
+            InvalidationMethod::FlushTlb => {
+                let mut sregs = self.sregs()?;
+                sregs.cr4 ^= CR4_PGE;
+                self.set_sregs(&sregs)?;
+                Ok(Invalidation::Everything)
+            }
+        }
     }
 
     /// Runs the PTE writer over the list at `list_va` (`count` entries) in ring 0, then puts

@@ -8,7 +8,7 @@
 
 use crate::fdtable::{FdTable, FileKind, OpenFile, Registration};
 use crate::hostcall;
-use crate::process::Process;
+use crate::kernel::process::Process;
 use picocenter_snapshots::bounds::{SOCKET_FAMILIES, SOCKET_TYPES};
 use picocenter_snapshots::format::{FdRecord, FileRecord};
 use rustix::event::EventfdFlags;

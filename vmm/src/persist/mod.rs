@@ -14,9 +14,9 @@ pub mod restore;
 pub mod stream;
 pub mod trust;
 
+use crate::kernel::process::Process;
 use crate::kvm::vcpu::{Vcpu, VcpuError};
 use crate::memory::{Backing, PageState, Prot};
-use crate::process::Process;
 use picocenter_snapshots::archive::{self, ArchiveError};
 use picocenter_snapshots::chain::runs;
 use picocenter_snapshots::format::{
@@ -122,7 +122,7 @@ fn is_zero(page: &[u8]) -> bool {
     })
 }
 
-pub use picocenter_snapshots::chain::ranges;
+use picocenter_snapshots::chain::ranges;
 
 fn vma_records(p: &Process) -> Vec<VmaRecord> {
     p.mem

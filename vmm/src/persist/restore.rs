@@ -9,9 +9,9 @@
 
 use super::{memory, prot, PersistError, PAGE};
 use crate::builder;
+use crate::kernel::process::Process;
 use crate::kvm::cpu;
 use crate::memory::{Backing, Vma, VmaRole};
-use crate::process::Process;
 use crate::{Config, Picoprocess, VmmError};
 use picocenter_snapshots::archive;
 use picocenter_snapshots::chain::{covered, ranges, resolve_all};
@@ -405,7 +405,7 @@ impl Picoprocess {
 /// Signals, clocks, working directory and the rest of the process state.
 fn restore_process(p: &mut Process, m: &Manifest) -> Result<(), PersistError> {
     for (slot, action) in p.signals.actions.iter_mut().zip(&m.signals.actions) {
-        *slot = crate::syscalls::signal::SigAction {
+        *slot = crate::kernel::signals::SigAction {
             handler: action[0],
             flags: action[1],
             restorer: action[2],
@@ -446,32 +446,32 @@ fn restore_process(p: &mut Process, m: &Manifest) -> Result<(), PersistError> {
     p.thread.restart = deadline(m.process.restart);
     p.signals.thread_pending = m.signals.thread_pending;
     for t in &m.threads {
-        let mut state = crate::thread::ThreadState::new(t.tid);
+        let mut state = crate::kernel::thread::ThreadState::new(t.tid);
         state.fs_base = t.context.fs_base;
         state.clear_child_tid = t.clear_child_tid;
         state.robust_list = t.robust_list;
         state.restart = deadline(t.restart);
         state.futex_woken = t.futex_woken;
         p.threads.note_tid(t.tid);
-        p.threads.parked.push_back(crate::thread::Parked {
+        p.threads.parked.push_back(crate::kernel::thread::Parked {
             state,
-            signals: crate::thread::ThreadSignals {
+            signals: crate::kernel::thread::ThreadSignals {
                 mask: t.mask,
                 pending: t.pending,
                 altstack: t.altstack,
             },
-            cpu: crate::thread::CpuContext {
+            cpu: crate::kernel::thread::CpuContext {
                 regs: cpu::user_regs(&t.context),
                 xsave: Box::new(cpu::xsave_from(&t.context.xsave)),
             },
             // Whatever it waited for is looked at again when it performs its call.
-            wait: crate::thread::Wait::Runnable,
+            wait: crate::kernel::thread::Wait::Runnable,
             in_call: t.in_call,
         });
     }
     p.threads.note_tid(p.thread.tid);
     if p.threads.any() {
-        let slicer = crate::thread::TimeSlicer::start(p.kicker.clone())
+        let slicer = crate::kernel::thread::TimeSlicer::start(p.kicker.clone())
             .map_err(|e| PersistError::Incompatible(format!("the threads' time slicer: {e}")))?;
         p.threads.slicer = Some(slicer);
     }

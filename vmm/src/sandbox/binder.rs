@@ -41,8 +41,17 @@ pub fn close() {
     channel().take();
 }
 
+/// bind(2) with a raw address, for the app. A jailed VMM has no capabilities: a
+/// privileged port it may not bind itself is bound by its supervisor.
+pub fn bind(fd: BorrowedFd<'_>, address: &[u8]) -> Result<(), Errno> {
+    match crate::hostcall::bind(fd, address) {
+        Err(Errno::ACCESS) if installed() => ask_supervisor(fd, address),
+        other => other,
+    }
+}
+
 /// Asks the supervisor to bind `socket` to the raw sockaddr `address`.
-pub fn bind(socket: BorrowedFd<'_>, address: &[u8]) -> Result<(), Errno> {
+fn ask_supervisor(socket: BorrowedFd<'_>, address: &[u8]) -> Result<(), Errno> {
     if address.len() > ADDRESS_MAX {
         return Err(Errno::INVAL);
     }
@@ -130,7 +139,7 @@ pub fn serve_one(channel: BorrowedFd<'_>, own: IpAddr) -> bool {
             tracing::warn!("binder: refused a bind outside the app's address {own}");
             Errno::ADDRNOTAVAIL.raw_os_error()
         }
-        Some(socket) => match crate::hostcall::bind_direct(socket.as_fd(), address) {
+        Some(socket) => match crate::hostcall::bind(socket.as_fd(), address) {
             Ok(()) => 0,
             Err(e) => e.raw_os_error(),
         },
@@ -179,10 +188,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            bind(socket.as_fd(), &v4([127, 0, 0, 1], 0)),
+            ask_supervisor(socket.as_fd(), &v4([127, 0, 0, 1], 0)),
             Err(Errno::ADDRNOTAVAIL)
         );
-        bind(socket.as_fd(), &v4([127, 100, 7, 7], 0)).unwrap();
+        ask_supervisor(socket.as_fd(), &v4([127, 100, 7, 7], 0)).unwrap();
         let bound = rustix::net::getsockname(&socket).unwrap();
         assert!(format!("{bound:?}").contains("127.100.7.7"), "{bound:?}");
         drop(server);

@@ -7,8 +7,8 @@
 use super::wait::wait_fd;
 use super::{Args, SysError, SysResult};
 use crate::fdtable::{FileKind, OpenFile, Registration};
+use crate::kernel::process::Process;
 use crate::memory::UserAddr;
-use crate::process::Process;
 use rustix::event::epoll;
 use rustix::event::PollFlags;
 use rustix::io::Errno;
@@ -174,8 +174,9 @@ pub fn with_sigmask(
     }
     let mask: u64 = p.mem.read_pod(mask_ptr)?;
     let old = p.signals.mask;
-    p.signals.mask =
-        mask & !(super::signal::bit(libc::SIGKILL) | super::signal::bit(libc::SIGSTOP));
+    p.signals.mask = mask
+        & !(crate::kernel::signals::bit(libc::SIGKILL)
+            | crate::kernel::signals::bit(libc::SIGSTOP));
     let result = f(p);
     if matches!(result, Err(SysError::Interrupted)) {
         p.thread.saved_mask = Some(old);

@@ -3,8 +3,8 @@
 use super::wait::retry;
 use super::{Args, SysError, SysResult};
 use crate::fdtable::{FileKind, OpenFile};
+use crate::kernel::process::Process;
 use crate::memory::UserAddr;
-use crate::process::Process;
 use crate::sandbox::{Follow, Node};
 use rustix::event::PollFlags;
 use rustix::fs::{AtFlags, Mode, OFlags, SeekFrom};
@@ -898,7 +898,7 @@ pub fn ioctl(p: &mut Process, a: &Args) -> SysResult {
             Ok(0)
         }
         TIOCGPGRP if is_tty => {
-            p.mem.write_pod(a.ptr(2), &crate::process::GUEST_PID)?;
+            p.mem.write_pod(a.ptr(2), &crate::kernel::GUEST_PID)?;
             Ok(0)
         }
         FIONBIO => {

@@ -3,8 +3,8 @@
 
 use super::{Args, SysResult};
 use crate::fdtable::FileKind;
+use crate::kernel::process::Process;
 use crate::memory::{Backing, Placement, Prot, VmaRole};
-use crate::process::Process;
 use rustix::io::Errno;
 use std::fs::File;
 use std::sync::Arc;

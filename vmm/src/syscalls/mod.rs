@@ -15,8 +15,8 @@ pub mod thread;
 pub mod time;
 pub mod wait;
 
+use crate::kernel::process::Process;
 use crate::memory::UserAddr;
-use crate::process::Process;
 use rustix::io::Errno;
 use syscalls::Sysno;
 
@@ -37,8 +37,8 @@ pub enum SysError {
     WouldBlock,
     /// The call must wait, and the app has other threads to run meanwhile: the run loop
     /// parks the calling thread at its `syscall` instruction until this is over, then
-    /// performs the call again (see [`crate::thread`]).
-    Block(crate::thread::Wait),
+    /// performs the call again (see [`crate::kernel::thread`]).
+    Block(crate::kernel::thread::Wait),
     /// The calling thread ended with this status (exit), and others remain.
     ThreadExit(i32),
     /// sched_yield: let another thread run.
@@ -349,11 +349,11 @@ pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
         Sysno::nanosleep => time::nanosleep(p, a),
         Sysno::clock_nanosleep => time::clock_nanosleep(p, a),
         // process
-        Sysno::getpid => Ok(crate::process::GUEST_PID as u64),
+        Sysno::getpid => Ok(crate::kernel::GUEST_PID as u64),
         Sysno::gettid => Ok(p.thread.tid as u64),
-        Sysno::getppid => Ok(crate::process::GUEST_PPID as u64),
-        Sysno::getpgrp | Sysno::getpgid | Sysno::getsid => Ok(crate::process::GUEST_PID as u64),
-        Sysno::setsid | Sysno::setpgid => Ok(crate::process::GUEST_PID as u64),
+        Sysno::getppid => Ok(crate::kernel::GUEST_PPID as u64),
+        Sysno::getpgrp | Sysno::getpgid | Sysno::getsid => Ok(crate::kernel::GUEST_PID as u64),
+        Sysno::setsid | Sysno::setpgid => Ok(crate::kernel::GUEST_PID as u64),
         Sysno::getuid | Sysno::geteuid | Sysno::getgid | Sysno::getegid => Ok(0),
         Sysno::setuid | Sysno::setgid | Sysno::setreuid | Sysno::setregid => Ok(0),
         Sysno::setresuid | Sysno::setresgid | Sysno::setgroups => Ok(0),

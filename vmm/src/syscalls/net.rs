@@ -14,8 +14,8 @@ use super::wait::retry;
 use super::{Args, SysError, SysResult};
 use crate::fdtable::{FileKind, OpenFile};
 use crate::hostcall;
+use crate::kernel::process::Process;
 use crate::memory::UserAddr;
-use crate::process::Process;
 use crate::sandbox::Follow;
 use rustix::event::PollFlags;
 use rustix::io::Errno;
@@ -29,62 +29,6 @@ const AF_INET6: u16 = libc::AF_INET6 as u16;
 const SOCK_TYPE_MASK: i32 = 0xf;
 const MSG_DONTWAIT: i32 = libc::MSG_DONTWAIT;
 const MSG_NOSIGNAL: i32 = libc::MSG_NOSIGNAL;
-
-/// The app's network identity.
-#[derive(Debug, Clone)]
-pub struct NetPolicy {
-    /// Its address.
-    pub address: IpAddr,
-    /// Whether it may reach other hosts.
-    pub allow_outbound: bool,
-    /// Its name, which scopes its abstract AF_UNIX names.
-    pub name: String,
-}
-
-impl NetPolicy {
-    fn v4(&self) -> Option<Ipv4Addr> {
-        match self.address {
-            IpAddr::V4(a) => Some(a),
-            IpAddr::V6(a) => a.to_ipv4_mapped(),
-        }
-    }
-
-    /// Whether `ip` is this app's own address (in any spelling).
-    fn is_own(&self, ip: IpAddr) -> bool {
-        match ip {
-            IpAddr::V4(a) => Some(a) == self.v4(),
-            IpAddr::V6(a) => IpAddr::V6(a) == self.address || a.to_ipv4_mapped() == self.v4(),
-        }
-    }
-
-    /// The address a bind to `requested` really uses, or EADDRNOTAVAIL.
-    fn bind_address(&self, requested: SocketAddr) -> Result<SocketAddr, Errno> {
-        let ip = requested.ip();
-        if ip.is_unspecified() {
-            return Ok(match (requested, self.address) {
-                (SocketAddr::V4(r), _) => {
-                    SocketAddr::new(IpAddr::V4(self.v4().ok_or(Errno::ADDRNOTAVAIL)?), r.port())
-                }
-                (SocketAddr::V6(r), IpAddr::V6(own)) => {
-                    SocketAddr::V6(SocketAddrV6::new(own, r.port(), 0, 0))
-                }
-                (SocketAddr::V6(r), IpAddr::V4(own)) => {
-                    SocketAddr::V6(SocketAddrV6::new(own.to_ipv6_mapped(), r.port(), 0, 0))
-                }
-            });
-        }
-        if self.is_own(ip) {
-            Ok(requested)
-        } else {
-            Err(Errno::ADDRNOTAVAIL)
-        }
-    }
-
-    /// Whether the app may send to `dest`.
-    fn may_reach(&self, dest: IpAddr) -> bool {
-        self.allow_outbound || dest.is_unspecified() || self.is_own(dest)
-    }
-}
 
 /// A socket address the app gave, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,7 +265,7 @@ pub fn bind(p: &mut Process, a: &Args) -> SysResult {
     match &address {
         Address::Ip(requested) => {
             let actual = p.net.bind_address(*requested)?;
-            hostcall::bind(file.host(), &encode_ip(actual))?;
+            crate::sandbox::binder::bind(file.host(), &encode_ip(actual))?;
             file.state().bound = Some(*requested);
             if matches!(file.kind, FileKind::Socket { kind, .. } if kind == libc::SOCK_DGRAM) {
                 p.handoff.offer(a.fd(0), &file);
@@ -329,7 +273,7 @@ pub fn bind(p: &mut Process, a: &Args) -> SysResult {
         }
         Address::UnixPath(_) | Address::UnixAbstract(_) => {
             let target = unix_target(p, &address, true)?;
-            hostcall::bind(file.host(), &target.raw)?;
+            crate::sandbox::binder::bind(file.host(), &target.raw)?;
         }
         Address::UnixUnnamed => return Err(Errno::INVAL.into()),
     }
@@ -387,7 +331,7 @@ fn bind_source(p: &Process, file: &OpenFile, dest: SocketAddr) -> Result<(), Err
         SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
         SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
     })?;
-    hostcall::bind(file.host(), &encode_ip(source))?;
+    crate::sandbox::binder::bind(file.host(), &encode_ip(source))?;
     file.state().bound = Some(source);
     Ok(())
 }
@@ -813,7 +757,7 @@ pub fn restore_socket(
         }
     }
     if let Some(requested) = requested {
-        hostcall::bind(fd.as_fd(), &encode_ip(p.net.bind_address(requested)?))?;
+        crate::sandbox::binder::bind(fd.as_fd(), &encode_ip(p.net.bind_address(requested)?))?;
     } else if let Some(name) = unix_name {
         let address = decode_address(name)?;
         let target = unix_target(p, &address, true)?;
@@ -823,7 +767,7 @@ pub fn restore_socket(
                 let _ = entry.unlink(rustix::fs::AtFlags::empty());
             }
         }
-        hostcall::bind(fd.as_fd(), &target.raw)?;
+        crate::sandbox::binder::bind(fd.as_fd(), &target.raw)?;
     }
     if let Some(backlog) = listening {
         rustix::net::listen(&fd, backlog)?;
@@ -834,6 +778,7 @@ pub fn restore_socket(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::netpolicy::NetPolicy;
 
     fn policy(ip: &str) -> NetPolicy {
         NetPolicy {

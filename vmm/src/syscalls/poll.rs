@@ -4,8 +4,8 @@
 use super::epoll::with_sigmask;
 use super::wait::wait_any;
 use super::{Args, SysResult};
+use crate::kernel::process::Process;
 use crate::memory::UserAddr;
-use crate::process::Process;
 use rustix::event::PollFlags;
 use rustix::io::Errno;
 use std::os::fd::BorrowedFd;

@@ -2,7 +2,7 @@
 //! single-threaded process.
 
 use super::{Args, SysResult};
-use crate::process::Process;
+use crate::kernel::process::Process;
 use rustix::io::Errno;
 
 const ARCH_SET_GS: i32 = 0x1001;
@@ -84,7 +84,7 @@ pub fn getrandom(p: &mut Process, a: &Args) -> SysResult {
 /// set_tid_address(2).
 pub fn set_tid_address(p: &mut Process, a: &Args) -> SysResult {
     p.thread.clear_child_tid = a.u64(0);
-    Ok(crate::process::GUEST_PID as u64)
+    Ok(crate::kernel::GUEST_PID as u64)
 }
 
 /// The limit for `resource`, as (soft, hard).
@@ -112,7 +112,7 @@ fn limit(p: &Process, resource: u32) -> Result<(u64, u64), Errno> {
 
 /// prlimit64(2) for the app itself; changes are accepted and ignored.
 pub fn prlimit64(p: &mut Process, a: &Args) -> SysResult {
-    if a.i32(0) != 0 && a.i32(0) != crate::process::GUEST_PID {
+    if a.i32(0) != 0 && a.i32(0) != crate::kernel::GUEST_PID {
         return Err(Errno::SRCH.into());
     }
     let (soft, hard) = limit(p, a.u32(1))?;
@@ -165,7 +165,7 @@ pub fn times(p: &mut Process, a: &Args) -> SysResult {
 
 /// getpriority(2): the app's own priority, nice 0 (the raw call answers 20 - nice).
 pub fn getpriority(a: &Args) -> SysResult {
-    let own = |who: u32| who == 0 || who == crate::process::GUEST_PID as u32;
+    let own = |who: u32| who == 0 || who == crate::kernel::GUEST_PID as u32;
     match (a.u32(0), a.u32(1)) {
         (libc::PRIO_PROCESS | libc::PRIO_PGRP | libc::PRIO_USER, who) if own(who) => Ok(20),
         (libc::PRIO_PROCESS | libc::PRIO_PGRP | libc::PRIO_USER, _) => Err(Errno::SRCH.into()),

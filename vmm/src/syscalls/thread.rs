@@ -1,10 +1,10 @@
 //! Threads: clone and clone3 for threads, exit, gettid, set_robust_list, sched_yield,
-//! and futexes. The state they act on is in [`crate::thread`]; the run loop does what
+//! and futexes. The state they act on is in [`crate::kernel::thread`]; the run loop does what
 //! needs the vCPU (a new thread's registers, parking, switching).
 
 use super::{Args, SysError, SysResult};
-use crate::process::Process;
-use crate::thread::Wait;
+use crate::kernel::process::Process;
+use crate::kernel::thread::Wait;
 use rustix::io::Errno;
 
 const CLONE_VM: u64 = 0x100;
@@ -406,7 +406,7 @@ fn wait(p: &mut Process, a: &Args, op: i32, addr: u64, bitset: u32) -> SysResult
 
 /// tkill(2) and tgkill(2): a signal for one thread.
 pub fn tgkill(p: &mut Process, tgid: Option<i32>, tid: i32, signal: i32) -> SysResult {
-    if tgid.is_some_and(|g| g != crate::process::GUEST_PID) || tid <= 0 {
+    if tgid.is_some_and(|g| g != crate::kernel::GUEST_PID) || tid <= 0 {
         return Err(if tgid.is_some_and(|g| g <= 0) {
             Errno::INVAL
         } else {
@@ -414,7 +414,7 @@ pub fn tgkill(p: &mut Process, tgid: Option<i32>, tid: i32, signal: i32) -> SysR
         }
         .into());
     }
-    if !(0..=super::signal::NSIG as i32).contains(&signal) {
+    if !(0..=crate::kernel::signals::NSIG as i32).contains(&signal) {
         return Err(Errno::INVAL.into());
     }
     if tid == p.thread.tid {
@@ -424,12 +424,12 @@ pub fn tgkill(p: &mut Process, tgid: Option<i32>, tid: i32, signal: i32) -> SysR
         return Ok(0);
     }
     let ignored =
-        signal != 0 && p.signals.disposition(signal) == super::signal::Disposition::Ignore;
+        signal != 0 && p.signals.disposition(signal) == crate::kernel::signals::Disposition::Ignore;
     let Some(target) = p.threads.get_mut(tid) else {
         return Err(Errno::SRCH.into());
     };
     if signal != 0 && !ignored {
-        let bit = super::signal::bit(signal);
+        let bit = crate::kernel::signals::bit(signal);
         target.signals.pending |= bit;
         // Its wait ends, to see the signal, unless it blocks it.
         if target.signals.mask & bit == 0 && !matches!(target.wait, Wait::Runnable) {

@@ -8,8 +8,8 @@
 
 use super::SysError;
 use crate::fdtable::OpenFile;
+use crate::kernel::process::Process;
 use crate::kvm::kick::reason;
-use crate::process::Process;
 use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 use rustix::time::Timespec;
@@ -49,7 +49,7 @@ pub fn wait_any(
     }
     if p.threads.any() {
         // Other threads run while this one waits: it is parked, with copies of the fds,
-        // and performs the call again when one is ready (see `crate::thread`).
+        // and performs the call again when one is ready (see `crate::kernel::thread`).
         if let Some(stop) = interruption(p) {
             if matches!(stop, SysError::Restart) {
                 p.thread.interrupted_deadline = deadline;
@@ -63,7 +63,7 @@ pub fn wait_any(
                     let copy = rustix::io::fcntl_dupfd_cloexec(fd, 0)?;
                     owned.push((copy, *events));
                 }
-                Err(SysError::Block(crate::thread::Wait::Io {
+                Err(SysError::Block(crate::kernel::thread::Wait::Io {
                     fds: owned,
                     deadline,
                 }))

@@ -4,7 +4,7 @@
 //! A thread owns its registers and FPU state, its signal mask, alternate stack and
 //! thread-directed signals, its TLS base, its `clear_child_tid` and robust list, and the
 //! bookkeeping of the call it is in. Everything else (memory, fds, signal actions,
-//! process-directed signals) is the thread group's, in [`crate::process::Process`].
+//! process-directed signals) is the thread group's, in [`crate::kernel::process::Process`].
 //!
 //! The thread on the vCPU is the *current* thread: its [`ThreadState`] is
 //! `Process::thread` and its mask and altstack are in `Process::signals`, so handlers
@@ -23,7 +23,7 @@ use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 /// The tid of the first thread: the pid, as on Linux.
-pub const MAIN_TID: i32 = crate::process::GUEST_PID;
+pub const MAIN_TID: i32 = crate::kernel::GUEST_PID;
 /// Most threads an app may have at once (each parked one holds a 4 KiB FPU image).
 pub const MAX_THREADS: usize = 4096;
 

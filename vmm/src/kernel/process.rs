@@ -1,27 +1,22 @@
 //! The state the Linux ABI keeps for one app: its memory, files, working directory, signal
 //! dispositions, identity and clocks. Syscall handlers take `&mut Process`.
 
+use super::thread::{ThreadState, Threads};
 use crate::fdtable::FdTable;
+use crate::kernel::clock::Clock;
+use crate::kernel::signals::SignalState;
 use crate::kvm::kick::Kicker;
 use crate::memory::AddressSpace;
 use crate::sandbox::Sandbox;
-use crate::syscalls::signal::SignalState;
-use crate::syscalls::time::Clock;
-use crate::thread::{ThreadState, Threads};
 use crate::trace::SyscallTrace;
 use std::collections::HashSet;
-
-/// The pid the app sees. It is alone in its picoprocess, and 1 would suggest init.
-pub const GUEST_PID: i32 = 2;
-/// Its parent's pid.
-pub const GUEST_PPID: i32 = 1;
 
 /// The app's process state.
 #[derive(Debug)]
 pub struct Process {
     /// Its address space.
     pub mem: AddressSpace,
-    /// The current thread's own state (see [`crate::thread`]).
+    /// The current thread's own state (see [`crate::kernel::thread`]).
     pub thread: ThreadState,
     /// Its other threads.
     pub threads: Threads,
@@ -46,7 +41,7 @@ pub struct Process {
     /// ITIMER_REAL.
     pub alarm: crate::alarm::Alarm,
     /// The app's address and outbound policy.
-    pub net: crate::syscalls::net::NetPolicy,
+    pub net: crate::kernel::netpolicy::NetPolicy,
     /// How the app was started, for snapshots.
     pub app: picocenter_snapshots::format::AppRecord,
     /// Its writable directories: (guest path, host directory).
@@ -114,4 +109,10 @@ impl Process {
     pub fn absolute(&self, path: &str) -> String {
         crate::sandbox::normalize(&self.cwd, path)
     }
+}
+
+/// Locks the process state; a poisoned lock still holds consistent state (every handler
+/// leaves it so before it can panic), so it is used as is.
+pub fn lock(process: &std::sync::Mutex<Process>) -> std::sync::MutexGuard<'_, Process> {
+    process.lock().unwrap_or_else(|e| e.into_inner())
 }

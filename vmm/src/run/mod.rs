@@ -1,10 +1,21 @@
-//! The run loop: run the vCPU, decode the exit, dispatch it, resume.
+//! The run loop: run the vCPU, decode the exit, dispatch it, resume; and schedule the
+//! app's threads on it.
+//!
+//! [`sigframe`] builds signal frames on the app's stack and takes them back
+//! (rt_sigreturn). The machinery it drives is beside it: [`crate::doorbell`] (bringing an
+//! app stopped inside the doorbell to a clean point) and [`crate::mailbox`] (the poller
+//! thread that answers syscalls with no exit).
 //!
 //! Three kinds of exit matter: the doorbell (a syscall), an exception stub (a fault, which
 //! may be a demand page fault to serve), and a kick (a timeout or an operator's request).
 
+pub mod sigframe;
+
 use crate::control::{LiveStats, PendingOp, PendingOps};
 use crate::doorbell::{Recovery, Settled};
+use crate::kernel::process::{lock, Process};
+use crate::kernel::signals::{Disposition, SA_RESTART};
+use crate::kernel::thread::{CpuContext, Parked, ThreadSignals, Wait};
 use crate::kvm::kick::{reason, Kicker};
 use crate::kvm::system::kernel_stack_top;
 use crate::kvm::vcpu::Exit;
@@ -15,14 +26,10 @@ use crate::memory::layout::SYSTEM_GPA;
 use crate::memory::space::Access;
 use crate::memory::FaultResolution;
 use crate::platform::Invalidation;
-use crate::process::Process;
-use crate::sigframe::{self, DeliveryError, SigInfo};
-use crate::syscalls::signal::{Disposition, SA_RESTART};
 use crate::syscalls::{self, Args, SysError};
-use crate::thread::{CpuContext, Parked, ThreadSignals, Wait};
 use crate::{Picoprocess, VmmError};
 use picocenter_guest_shim::abi;
-use std::sync::{Mutex, MutexGuard};
+use sigframe::{DeliveryError, SigInfo};
 
 /// How an app's run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,12 +287,6 @@ impl Picoprocess {
     }
 }
 
-/// Locks the process state; a poisoned lock still holds consistent state (every handler
-/// leaves it so before it can panic), so it is used as is.
-pub(crate) fn lock(process: &Mutex<Process>) -> MutexGuard<'_, Process> {
-    process.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// What performing a call left to do.
 enum Step {
     /// The thread goes on (or the run ends with the outcome).
@@ -378,7 +379,7 @@ impl Exits<'_> {
         self.schedule()
     }
 
-    /// Parks the thread on the vCPU (see [`crate::thread`]): `in_call` if it is at a
+    /// Parks the thread on the vCPU (see [`crate::kernel::thread`]): `in_call` if it is at a
     /// `syscall` instruction it must perform again.
     fn park_current(&mut self, wait: Wait, in_call: bool) -> Result<(), VmmError> {
         let cpu = CpuContext {
@@ -410,7 +411,7 @@ impl Exits<'_> {
         self.p.signals.mask = t.signals.mask;
         self.p.signals.thread_pending = t.signals.pending;
         self.p.signals.altstack = t.signals.altstack;
-        syscalls::time::publish_tid(self.p.mem.phys(), self.p.thread.tid);
+        crate::kernel::clock::publish_tid(self.p.mem.phys(), self.p.thread.tid);
         Ok(())
     }
 
@@ -478,7 +479,7 @@ impl Exits<'_> {
         regs.rflags = regs.r11;
         regs.rax = 0;
         regs.rsp = spawn.stack;
-        let mut state = crate::thread::ThreadState::new(spawn.tid);
+        let mut state = crate::kernel::thread::ThreadState::new(spawn.tid);
         state.fs_base = spawn.tls.unwrap_or(self.p.thread.fs_base);
         state.clear_child_tid = spawn.clear_child_tid;
         let parked = Parked {
@@ -497,13 +498,12 @@ impl Exits<'_> {
             in_call: false,
         };
         if self.p.threads.slicer.is_none() {
-            let slicer =
-                crate::thread::TimeSlicer::start(self.p.kicker.clone()).map_err(|source| {
-                    VmmError::Host {
-                        what: "the threads' time slicer",
-                        source,
-                    }
-                })?;
+            let slicer = crate::kernel::thread::TimeSlicer::start(self.p.kicker.clone()).map_err(
+                |source| VmmError::Host {
+                    what: "the threads' time slicer",
+                    source,
+                },
+            )?;
             self.p.threads.slicer = Some(slicer);
         }
         self.p.threads.parked.push_back(parked);
@@ -614,7 +614,7 @@ impl Exits<'_> {
                     // A signal sent to this thread came from tgkill (SI_TKILL, which
                     // glibc's cancellation handler insists on); the rest as from kill.
                     const SI_TKILL: i32 = -6;
-                    let tkill = self.p.signals.thread_pending & syscalls::signal::bit(signal);
+                    let tkill = self.p.signals.thread_pending & crate::kernel::signals::bit(signal);
                     let info = SigInfo {
                         signo: signal,
                         code: if tkill != 0 { SI_TKILL } else { 0 },
@@ -865,7 +865,7 @@ impl Exits<'_> {
         addr: u64,
     ) -> Result<Option<Option<RunOutcome>>, VmmError> {
         let handled = matches!(self.p.signals.disposition(signal), Disposition::Handle(_));
-        if !handled || self.p.signals.mask & syscalls::signal::bit(signal) != 0 {
+        if !handled || self.p.signals.mask & crate::kernel::signals::bit(signal) != 0 {
             return Ok(None);
         }
         self.vcpu.resume_user(frame.rip, frame.rsp, frame.rflags)?;

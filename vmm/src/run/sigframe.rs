@@ -10,13 +10,11 @@
 //!
 //! At handler entry RSP = frame, so that (RSP + 8) is 16-byte aligned as after a call.
 
+use crate::kernel::process::Process;
+use crate::kernel::signals::{bit, Disposition, SA_NODEFER, SA_ONSTACK, SA_RESETHAND, SA_RESTORER};
 use crate::kvm::vcpu::{Vcpu, VcpuError};
 use crate::memory::space::USER_END;
 use crate::memory::UserAddr;
-use crate::process::Process;
-use crate::syscalls::signal::{
-    bit, Disposition, SA_NODEFER, SA_ONSTACK, SA_RESETHAND, SA_RESTORER,
-};
 use kvm_bindings::kvm_xsave;
 
 const UCONTEXT: u64 = 8;
@@ -53,7 +51,7 @@ impl SigInfo {
         ) {
             out[16..24].copy_from_slice(&self.addr.to_le_bytes());
         } else {
-            out[16..20].copy_from_slice(&crate::process::GUEST_PID.to_le_bytes());
+            out[16..20].copy_from_slice(&crate::kernel::GUEST_PID.to_le_bytes());
         }
         out
     }
