@@ -11,6 +11,7 @@ pub mod net;
 pub mod poll;
 pub mod process;
 pub mod signal;
+pub mod table;
 pub mod thread;
 pub mod time;
 pub mod wait;
@@ -95,35 +96,9 @@ impl Args {
 }
 
 /// Whether an interrupted call may be restarted after a SA_RESTART handler (Linux's
-/// ERESTARTSYS calls); the rest always fail with EINTR.
+/// ERESTARTSYS calls); the rest always fail with EINTR. From [`table`].
 pub fn restartable(nr: u64) -> bool {
-    use Sysno::*;
-    matches!(
-        Sysno::new(nr as usize),
-        Some(
-            read | write
-                | readv
-                | writev
-                | pread64
-                | pwrite64
-                | preadv
-                | pwritev
-                | accept
-                | accept4
-                | connect
-                | recvfrom
-                | sendto
-                | recvmsg
-                | sendmsg
-                | sendfile
-                | wait4
-                | futex
-                | open
-                | openat
-                | ioctl
-                | fcntl
-        )
-    )
+    table::lookup(nr).is_some_and(|e| e.restartable)
 }
 
 /// Performs syscall `nr` for the app, timing it when tracing.
@@ -143,76 +118,9 @@ pub fn perform(p: &mut Process, nr: u64, a: &Args) -> SysResult {
 }
 
 /// Whether a call may be answered through the mailbox, by the poller thread while the app
-/// waits in the doorbell: it must not change the address space, the vCPU, or the app's
-/// life (those need the run loop), and it must not block (it is declined if it would).
+/// waits in the doorbell (see [`table`]).
 pub fn mailbox_allowed(nr: u64) -> bool {
-    use Sysno::*;
-    matches!(
-        Sysno::new(nr as usize),
-        Some(
-            read | write
-                | readv
-                | writev
-                | pread64
-                | pwrite64
-                | preadv
-                | pwritev
-                | lseek
-                | close
-                | openat
-                | open
-                | fstat
-                | newfstatat
-                | statx
-                | getdents64
-                | fcntl
-                | ioctl
-                | dup
-                | dup3
-                | accept
-                | accept4
-                | recvfrom
-                | sendto
-                | recvmsg
-                | sendmsg
-                | sendfile
-                | shutdown
-                | setsockopt
-                | getsockopt
-                | getsockname
-                | getpeername
-                | socket
-                | bind
-                | listen
-                | connect
-                | epoll_wait
-                | epoll_pwait
-                | epoll_ctl
-                | poll
-                | ppoll
-                | select
-                | pselect6
-                | getppid
-                | getuid
-                | geteuid
-                | getgid
-                | getegid
-                | umask
-                | access
-                | faccessat
-                | faccessat2
-                | readlink
-                | readlinkat
-                | getcwd
-                | getrandom
-                | uname
-                | clock_getres
-                | eventfd2
-                | timerfd_settime
-                | timerfd_gettime
-                | sched_yield
-        )
-    )
+    table::lookup(nr).is_some_and(|e| e.mailbox)
 }
 
 /// Logs, once per app, that it used `what`, which is not supported.
@@ -222,190 +130,20 @@ pub fn warn_once(p: &mut Process, nr: u64, what: &str) {
     }
 }
 
-/// Performs syscall `nr` for the app.
+/// Performs syscall `nr` for the app: its [`table`] entry's handler, or ENOSYS (logged once
+/// by name).
 pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
-    let Some(sysno) = Sysno::new(nr as usize) else {
-        if p.warned.insert(nr) {
-            tracing::warn!("unknown syscall number {nr}: returning ENOSYS");
-        }
-        return Err(Errno::NOSYS.into());
-    };
-    match sysno {
-        // files
-        Sysno::read => fs::read(p, a),
-        Sysno::write => fs::write(p, a),
-        Sysno::pread64 => fs::pread64(p, a),
-        Sysno::pwrite64 => fs::pwrite64(p, a),
-        Sysno::readv => fs::readv(p, a),
-        Sysno::writev => fs::writev(p, a),
-        Sysno::preadv => fs::preadv(p, a),
-        Sysno::pwritev => fs::pwritev(p, a),
-        Sysno::lseek => fs::lseek(p, a),
-        Sysno::close => fs::close(p, a),
-        Sysno::close_range => fs::close_range(p, a),
-        Sysno::getxattr
-        | Sysno::lgetxattr
-        | Sysno::fgetxattr
-        | Sysno::setxattr
-        | Sysno::lsetxattr
-        | Sysno::fsetxattr
-        | Sysno::listxattr
-        | Sysno::llistxattr
-        | Sysno::flistxattr
-        | Sysno::removexattr
-        | Sysno::lremovexattr
-        | Sysno::fremovexattr => fs::xattr(p, sysno, a),
-        Sysno::open => fs::open(p, a),
-        Sysno::openat => fs::openat(p, a),
-        Sysno::creat => fs::creat(p, a),
-        Sysno::fstat => fs::fstat(p, a),
-        Sysno::stat => fs::stat(p, a),
-        Sysno::lstat => fs::lstat(p, a),
-        Sysno::newfstatat => fs::newfstatat(p, a),
-        Sysno::statx => fs::statx(p, a),
-        Sysno::statfs => fs::statfs(p, a),
-        Sysno::fstatfs => fs::fstatfs(p, a),
-        Sysno::getdents64 => fs::getdents64(p, a),
-        Sysno::readlink => fs::readlink(p, a),
-        Sysno::readlinkat => fs::readlinkat(p, a),
-        Sysno::access => fs::access(p, a),
-        Sysno::faccessat => fs::faccessat(p, a),
-        Sysno::faccessat2 => fs::faccessat(p, a),
-        Sysno::dup => fs::dup(p, a),
-        Sysno::dup2 => fs::dup2(p, a),
-        Sysno::dup3 => fs::dup3(p, a),
-        Sysno::fcntl => fs::fcntl(p, a),
-        Sysno::pipe => fs::pipe(p, a),
-        Sysno::pipe2 => fs::pipe2(p, a),
-        Sysno::getcwd => fs::getcwd(p, a),
-        Sysno::chdir => fs::chdir(p, a),
-        Sysno::fchdir => fs::fchdir(p, a),
-        Sysno::ioctl => fs::ioctl(p, a),
-        Sysno::mkdir => fs::mkdir(p, a),
-        Sysno::mkdirat => fs::mkdirat(p, a),
-        Sysno::unlink => fs::unlink(p, a),
-        Sysno::unlinkat => fs::unlinkat(p, a),
-        Sysno::rmdir => fs::rmdir(p, a),
-        Sysno::link | Sysno::linkat => fs::link(p, sysno, a),
-        Sysno::symlink | Sysno::symlinkat => fs::symlink(p, sysno, a),
-        Sysno::rename => fs::rename(p, a),
-        Sysno::renameat => fs::renameat(p, a),
-        Sysno::renameat2 => fs::renameat(p, a),
-        Sysno::ftruncate => fs::ftruncate(p, a),
-        Sysno::fsync | Sysno::fdatasync => fs::fsync(p, a),
-        Sysno::fadvise64 => fs::fd_hint(p, a),
-        Sysno::flock => fs::flock(p, a),
-        Sysno::umask => fs::umask(p, a),
-        Sysno::fchmod => fs::fchmod(p, a),
-        Sysno::chmod | Sysno::fchmodat => fs::chmod(p, sysno, a),
-        Sysno::chown | Sysno::fchown | Sysno::lchown | Sysno::fchownat => fs::chown(p, sysno, a),
-        Sysno::utimensat => fs::utimensat(p, a),
-        // waiting
-        Sysno::poll => poll::poll(p, a),
-        Sysno::ppoll => poll::ppoll(p, a),
-        Sysno::select => poll::select(p, a),
-        Sysno::pselect6 => poll::pselect6(p, a),
-        Sysno::epoll_create => epoll::epoll_create1(p, 0),
-        Sysno::epoll_create1 => epoll::epoll_create1(p, a.u32(0)),
-        Sysno::epoll_ctl => epoll::epoll_ctl(p, a),
-        Sysno::epoll_wait => epoll::epoll_wait(p, a),
-        Sysno::epoll_pwait => epoll::epoll_pwait(p, a),
-        Sysno::eventfd => epoll::eventfd2(p, a.u32(0), 0),
-        Sysno::eventfd2 => epoll::eventfd2(p, a.u32(0), a.u32(1)),
-        Sysno::timerfd_create => epoll::timerfd_create(p, a),
-        Sysno::timerfd_settime => epoll::timerfd_settime(p, a),
-        Sysno::timerfd_gettime => epoll::timerfd_gettime(p, a),
-        // sockets
-        Sysno::socket => net::socket_call(p, a),
-        Sysno::socketpair => net::socketpair(p, a),
-        Sysno::bind => net::bind(p, a),
-        Sysno::listen => net::listen(p, a),
-        Sysno::accept => net::accept4(p, a, 0),
-        Sysno::accept4 => net::accept4(p, a, a.i32(3)),
-        Sysno::connect => net::connect(p, a),
-        Sysno::getsockname => net::getsockname(p, a),
-        Sysno::getpeername => net::getpeername(p, a),
-        Sysno::setsockopt => net::setsockopt(p, a),
-        Sysno::getsockopt => net::getsockopt(p, a),
-        Sysno::shutdown => net::shutdown(p, a),
-        Sysno::sendto => net::sendto(p, a),
-        Sysno::recvfrom => net::recvfrom(p, a),
-        Sysno::sendmsg => net::sendmsg(p, a),
-        Sysno::recvmsg => net::recvmsg(p, a),
-        Sysno::sendfile => net::sendfile(p, a),
-        // memory
-        Sysno::mmap => mem::mmap(p, a),
-        Sysno::munmap => mem::munmap(p, a),
-        Sysno::mprotect => mem::mprotect(p, a),
-        Sysno::brk => mem::brk(p, a),
-        Sysno::mremap => mem::mremap(p, a),
-        Sysno::madvise => mem::madvise(p, a),
-        Sysno::msync | Sysno::mlock | Sysno::munlock | Sysno::mlockall | Sysno::munlockall => Ok(0),
-        // time
-        Sysno::clock_gettime => time::clock_gettime(p, a),
-        Sysno::clock_getres => time::clock_getres(p, a),
-        Sysno::gettimeofday => time::gettimeofday(p, a),
-        Sysno::time => time::time(p, a),
-        Sysno::nanosleep => time::nanosleep(p, a),
-        Sysno::clock_nanosleep => time::clock_nanosleep(p, a),
-        // process
-        Sysno::getpid => Ok(crate::kernel::GUEST_PID as u64),
-        Sysno::gettid => Ok(p.thread.tid as u64),
-        Sysno::getppid => Ok(crate::kernel::GUEST_PPID as u64),
-        Sysno::getpgrp | Sysno::getpgid | Sysno::getsid => Ok(crate::kernel::GUEST_PID as u64),
-        Sysno::setsid | Sysno::setpgid => Ok(crate::kernel::GUEST_PID as u64),
-        Sysno::getuid | Sysno::geteuid | Sysno::getgid | Sysno::getegid => Ok(0),
-        Sysno::setuid | Sysno::setgid | Sysno::setreuid | Sysno::setregid => Ok(0),
-        Sysno::setresuid | Sysno::setresgid | Sysno::setgroups => Ok(0),
-        Sysno::getresuid | Sysno::getresgid => process::getres_ids(p, a),
-        Sysno::getgroups => Ok(0),
-        Sysno::uname => process::uname(p, a),
-        Sysno::getrandom => process::getrandom(p, a),
-        Sysno::set_tid_address => process::set_tid_address(p, a),
-        Sysno::set_robust_list => thread::set_robust_list(p, a),
-        Sysno::get_robust_list => thread::get_robust_list(p, a),
-        Sysno::rseq => Err(Errno::NOSYS.into()),
-        Sysno::prlimit64 => process::prlimit64(p, a),
-        Sysno::getrlimit => process::getrlimit(p, a),
-        Sysno::setrlimit => Ok(0),
-        Sysno::getrusage => process::getrusage(p, a),
-        Sysno::times => process::times(p, a),
-        Sysno::getpriority => process::getpriority(a),
-        Sysno::setpriority => process::setpriority(a),
-        Sysno::sched_getaffinity => process::sched_getaffinity(p, a),
-        Sysno::sched_setaffinity => Ok(0),
-        Sysno::sched_yield => thread::sched_yield(p),
-        Sysno::sysinfo => process::sysinfo(p, a),
-        Sysno::arch_prctl => process::arch_prctl(p, a),
-        Sysno::prctl => process::prctl(p, a),
-        Sysno::exit => thread::exit(p, a),
-        Sysno::exit_group => Err(SysError::Exit(a.i32(0) & 0xff)),
-        Sysno::clone => thread::clone(p, a),
-        Sysno::clone3 => thread::clone3(p, a),
-        Sysno::fork | Sysno::vfork => Err(Errno::AGAIN.into()),
-        Sysno::execve | Sysno::execveat => Err(Errno::NOSYS.into()),
-        Sysno::wait4 | Sysno::waitid => Err(Errno::CHILD.into()),
-        Sysno::futex => thread::futex(p, a),
-        Sysno::kill => signal::kill(p, a),
-        Sysno::tgkill => thread::tgkill(p, Some(a.i32(0)), a.i32(1), a.i32(2)),
-        Sysno::tkill => thread::tgkill(p, None, a.i32(0), a.i32(1)),
-        // signals
-        Sysno::rt_sigaction => signal::rt_sigaction(p, a),
-        Sysno::rt_sigprocmask => signal::rt_sigprocmask(p, a),
-        Sysno::sigaltstack => signal::sigaltstack(p, a),
-        Sysno::rt_sigpending => signal::rt_sigpending(p, a),
-        Sysno::rt_sigsuspend | Sysno::pause => signal::suspend(p, sysno, a),
-        Sysno::alarm => signal::alarm(p, a),
-        Sysno::setitimer => signal::setitimer(p, a),
-        Sysno::getitimer => signal::getitimer(p, a),
-        other => {
-            if p.warned.insert(nr) {
-                tracing::warn!(
-                    "unsupported syscall {} ({nr}): returning ENOSYS",
-                    other.name()
-                );
-            }
-            Err(Errno::NOSYS.into())
+    if let Some(entry) = table::lookup(nr) {
+        return (entry.handler)(p, entry.sysno, a);
+    }
+    if p.warned.insert(nr) {
+        match Sysno::new(nr as usize) {
+            Some(sysno) => tracing::warn!(
+                "unsupported syscall {} ({nr}): returning ENOSYS",
+                sysno.name()
+            ),
+            None => tracing::warn!("unknown syscall number {nr}: returning ENOSYS"),
         }
     }
+    Err(Errno::NOSYS.into())
 }
