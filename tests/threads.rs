@@ -319,3 +319,25 @@ fn a_node_http_server_reads_files_through_its_thread_pool() {
     }
     server.stop();
 }
+
+/// The CPU count is one everywhere the app can look: its threads share one vCPU.
+#[test]
+fn the_app_sees_one_cpu_everywhere() {
+    build_image("python-http");
+    let code = "import os; print(os.cpu_count(), len(os.sched_getaffinity(0)), \
+                open('/sys/devices/system/cpu/online').read().strip(), \
+                open('/proc/cpuinfo').read().count('processor'))";
+    let out = run(&[
+        "--image",
+        "python-http",
+        "--name",
+        "test-thread-cpus",
+        "--address",
+        "127.0.11.7",
+        "/usr/bin/python3",
+        "-c",
+        code,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(stdout(&out), "1 1 0 1\n", "{}", describe(&out));
+}

@@ -98,6 +98,55 @@ fn open_in(root: &OwnedFd, relative: &str, flags: OFlags, mode: Mode) -> Result<
     }
 }
 
+/// The files that say how many CPUs there are, as the app sees them: its threads share one
+/// vCPU, so one, as `sched_getaffinity` says. glibc's `get_nprocs` reads the first; many
+/// runtimes read /proc/cpuinfo.
+fn cpu_view(path: &str) -> Option<Vec<u8>> {
+    match path {
+        "/sys/devices/system/cpu/online"
+        | "/sys/devices/system/cpu/possible"
+        | "/sys/devices/system/cpu/present" => Some(b"0\n".to_vec()),
+        "/proc/cpuinfo" => {
+            // The host's first processor, which is what the app's CPUID shows, as the only
+            // one.
+            let host = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            let first = host.split("\n\n").next().unwrap_or("processor\t: 0");
+            let mut out = String::new();
+            for line in first.lines() {
+                let key = line.split(':').next().unwrap_or("").trim();
+                let line = match key {
+                    "siblings" | "cpu cores" => format!("{key}\t: 1"),
+                    "core id" | "physical id" | "apicid" | "initial apicid" => {
+                        format!("{key}\t: 0")
+                    }
+                    _ => line.to_string(),
+                };
+                out.push_str(&line);
+                out.push('\n');
+            }
+            out.push('\n');
+            Some(out.into_bytes())
+        }
+        _ => None,
+    }
+}
+
+/// A read-only, sealed in-memory file holding `content`.
+fn sealed_file(name: &str, content: &[u8]) -> Result<OwnedFd, Errno> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    let mut written = 0;
+    while written < content.len() {
+        written += rustix::io::write(&fd, &content[written..])?;
+    }
+    rustix::fs::fcntl_add_seals(
+        &fd,
+        SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
+    )?;
+    rustix::fs::seek(&fd, rustix::fs::SeekFrom::Start(0))?;
+    Ok(fd)
+}
+
 /// The host devices every app sees at the same path, whatever its root holds: they hold no
 /// state and reach nothing outside the app. They can be opened, never changed.
 pub(crate) const DEVICES: [&str; 5] = [
@@ -263,6 +312,12 @@ impl Sandbox {
     /// access, O_CREAT of a missing file, O_TRUNC) need a writable mount; a new file's
     /// `mode` loses its set-id bits.
     pub fn open(&self, path: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {
+        if let Some(content) = cpu_view(path) {
+            if flags.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::TRUNC | OFlags::CREATE) {
+                return Err(Errno::ROFS);
+            }
+            return sealed_file(path, &content);
+        }
         if let Some(device) = DEVICES.iter().find(|d| **d == path) {
             let flags =
                 flags & (OFlags::ACCMODE | OFlags::NONBLOCK | OFlags::PATH) | OFlags::CLOEXEC;
