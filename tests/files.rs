@@ -100,3 +100,70 @@ fn file_locks_hold_between_apps_sharing_a_data_directory() {
     let _ = holder.kill();
     let _ = holder.wait();
 }
+
+/// Names that are not UTF-8, memfd_create, copy_file_range, splice, tee, mincore and an
+/// IPv6-only listener beside an IPv4 one (redis's default `bind * -::*`): the same checks
+/// pass natively and in a picoprocess.
+#[test]
+fn abi_calls_behave_as_natively() {
+    let program = guest("abi", Link::Static);
+    let native_dir = tempfile::tempdir().unwrap();
+    let native = std::process::Command::new(&program)
+        .arg(native_dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&native.stdout).contains("PASSED"),
+        "natively: {}",
+        describe(&native)
+    );
+    let data = tempfile::tempdir().unwrap();
+    let out = run(&[
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--writable",
+        "/data",
+        "--timeout",
+        "30",
+        program.to_str().unwrap(),
+        "/data",
+    ]);
+    assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
+    // The names reached the host as the app's bytes: nothing is left, and nothing was
+    // made under another spelling.
+    assert_eq!(
+        std::fs::read_dir(data.path().join("data")).unwrap().count(),
+        0
+    );
+}
+
+/// A `#!` script runs through its interpreter, with Linux's argv, also without --root
+/// (the temporary root holds the interpreter); Python and Perl find their standard
+/// libraries and native modules there.
+#[test]
+fn scripts_and_interpreters_run_without_a_root() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let script = dir.path().join("args.sh");
+    std::fs::write(&script, "#!/bin/sh -e\necho \"argv0=$0 args=$*\"\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = script.to_str().unwrap();
+    let out = run(&[script, "one", "two"]);
+    assert_eq!(
+        stdout(&out),
+        format!("argv0={script} args=one two\n"),
+        "{}",
+        describe(&out)
+    );
+    let out = run(&[
+        "/usr/bin/python3",
+        "-c",
+        "import json, encodings, sqlite3; print(json.dumps(sqlite3.sqlite_version != ''))",
+    ]);
+    assert_eq!(stdout(&out), "true\n", "{}", describe(&out));
+    let out = run(&[
+        "/usr/bin/perl",
+        "-e",
+        "use strict; use POSIX qw(floor); print floor(2.5), \"\\n\"",
+    ]);
+    assert_eq!(stdout(&out), "2\n", "{}", describe(&out));
+}

@@ -220,6 +220,9 @@ pub async fn run_worker(
         .await
         .map_err(|e| ServeError::Cold(e.to_string()))?
         .map_err(|e| ServeError::Cold(e.to_string()))?;
+    if let Err(e) = picocenter_vmm::sandbox::loopback6::route_app_prefix() {
+        tracing::warn!("{e:#}: apps' IPv6 addresses are unreachable from this host");
+    }
     let worker = Worker::new(options.config.clone(), cold);
     let hub = crate::client::Client::new(&options.hub, &options.token, Duration::from_secs(10));
     crate::worker::run(

@@ -54,11 +54,29 @@ struct Needs {
     search: Vec<PathBuf>,
 }
 
+/// The interpreter a `#!` script names (the first word of its first line), if `bytes` are
+/// a script's.
+fn script_interpreter(bytes: &[u8]) -> Option<String> {
+    let line = bytes.strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|&b| b == b'\n').unwrap_or(line.len())];
+    let interp = line
+        .split(|&b| b == b' ' || b == b'\t')
+        .find(|word| !word.is_empty())?;
+    Some(String::from_utf8_lossy(interp).into_owned())
+}
+
 fn read_needs(path: &Path) -> Result<Needs, ClosureError> {
     let bytes = std::fs::read(path).map_err(|source| ClosureError::Read {
         path: path.to_path_buf(),
         source,
     })?;
+    if let Some(interpreter) = script_interpreter(&bytes) {
+        return Ok(Needs {
+            interpreter: Some(interpreter),
+            libraries: Vec::new(),
+            search: Vec::new(),
+        });
+    }
     let elf = Elf::parse(&bytes).map_err(|e| ClosureError::NotElf {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -99,12 +117,28 @@ fn find_library(name: &str, dirs: &[PathBuf]) -> Vec<PathBuf> {
     Vec::new()
 }
 
-/// The files `program` needs to run, `program` first: the interpreter and every library,
-/// as host paths (symlinks on the way are the caller's to copy; see [`crate::rootfs`]).
+/// The files `program` needs to run, `program` first: the interpreter and every library
+/// (for a `#!` script, its interpreter and what that needs), as host paths (symlinks on
+/// the way are the caller's to copy; see [`crate::rootfs`]).
 pub fn closure(program: &Path) -> Result<Vec<PathBuf>, ClosureError> {
-    let mut files = vec![program.to_path_buf()];
+    closure_of(&[program.to_path_buf()], Missing::Fail)
+}
+
+/// What to do about a library found nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// Fail: the program could not start without it.
+    Fail,
+    /// Leave it out: for modules loaded on demand, of which an app uses few (an
+    /// interpreter's native modules), one that cannot load is the app's own error to see.
+    Skip,
+}
+
+/// The files `programs` need, the programs first, each file once.
+pub fn closure_of(programs: &[PathBuf], missing: Missing) -> Result<Vec<PathBuf>, ClosureError> {
+    let mut files = programs.to_vec();
     let mut seen: BTreeSet<PathBuf> = files.iter().cloned().collect();
-    let mut queue = VecDeque::from([program.to_path_buf()]);
+    let mut queue: VecDeque<PathBuf> = programs.iter().cloned().collect();
     while let Some(file) = queue.pop_front() {
         let needs = read_needs(&file)?;
         let mut add = |path: PathBuf, queue: &mut VecDeque<PathBuf>| {
@@ -128,7 +162,7 @@ pub fn closure(program: &Path) -> Result<Vec<PathBuf>, ClosureError> {
         }
         for needed in &libraries {
             let found = find_library(needed, &needs.search);
-            if found.is_empty() {
+            if found.is_empty() && missing == Missing::Fail {
                 return Err(ClosureError::Missing {
                     needed: needed.clone(),
                     by: file.clone(),
@@ -145,6 +179,23 @@ pub fn closure(program: &Path) -> Result<Vec<PathBuf>, ClosureError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_script_needs_its_interpreter_and_what_that_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("script");
+        std::fs::write(&script, "#! /bin/sh -e\necho hi\n").unwrap();
+        let files = closure(&script).unwrap();
+        assert_eq!(files[0], script);
+        assert!(files.iter().any(|f| f == Path::new("/bin/sh")), "{files:?}");
+        assert!(files.iter().any(|f| f.ends_with("libc.so.6")), "{files:?}");
+        assert_eq!(
+            script_interpreter(b"#!\t/usr/bin/env  python3\n"),
+            Some("/usr/bin/env".into())
+        );
+        assert_eq!(script_interpreter(b"#!\n"), None);
+        assert_eq!(script_interpreter(b"\x7fELF"), None);
+    }
 
     #[test]
     fn a_dynamic_program_needs_libc_and_the_interpreter() {

@@ -12,6 +12,7 @@
 //! * [`packages`]: the Debian packages a definition needs, installed on demand;
 //! * [`generate`]: deterministic generated files;
 //! * [`closure`]: the shared libraries (and the ELF interpreter) a program needs;
+//! * [`interpreters`]: the library directories of Python and Perl;
 //! * [`rootfs`]: copying host files, with the symlinks on their paths, into a root.
 
 pub mod build;
@@ -20,6 +21,7 @@ pub mod closure;
 pub mod definition;
 pub mod fingerprint;
 pub mod generate;
+pub mod interpreters;
 pub mod packages;
 pub mod rootfs;
 

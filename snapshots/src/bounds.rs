@@ -27,6 +27,10 @@ pub const MAX_VMAS: usize = 65_530;
 pub const MAX_FD: i32 = 1 << 16;
 /// The most bytes a pipe record may carry (capture takes at most 1 MiB).
 pub const MAX_PIPE_DATA: usize = 1 << 20;
+/// Linux's limit on a memfd's name (249 bytes, without the NUL).
+pub const MEMFD_NAME_MAX: usize = 249;
+/// Bytes of one memfd a snapshot keeps (a larger one fails the capture).
+pub const MAX_MEMFD_DATA: usize = 16 << 20;
 /// The most socket options one socket record may set, and the largest value.
 pub const MAX_SOCKET_OPTIONS: usize = 512;
 /// The largest socket option value.
@@ -330,6 +334,14 @@ fn check_file(file: &FileRecord, fd: i32) -> Checked {
         }
         FileRecord::EventFd { counter, .. } if *counter == u64::MAX => {
             return bad("eventfd counter out of range")
+        }
+        FileRecord::Memfd {
+            name, data, offset, ..
+        } if name.len() > MEMFD_NAME_MAX
+            || data.len() > MAX_MEMFD_DATA
+            || *offset > i64::MAX as u64 =>
+        {
+            return bad("memfd name, size or offset out of range")
         }
         _ => {}
     }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 8] = *b"PICOSNAP";
 /// The format version. A different one is refused; bump it on any change to the types
 /// here. (The product version is separate.)
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The largest manifest payload accepted.
 pub const MAX_MANIFEST_SIZE: u64 = 64 << 20;
 /// Bytes of a page.
@@ -275,6 +275,17 @@ pub enum FileRecord {
         /// The interval.
         interval_ns: u64,
     },
+    /// An anonymous file from memfd_create, with its contents.
+    Memfd {
+        /// The name the app gave it.
+        name: String,
+        /// Its bytes.
+        data: Vec<u8>,
+        /// Its file offset.
+        offset: u64,
+        /// The seals set on it (F_SEAL_*; F_SEAL_SEAL when no more may be added).
+        seals: u32,
+    },
 }
 
 impl FileRecord {
@@ -289,6 +300,7 @@ impl FileRecord {
             FileRecord::Epoll { .. } => "epoll set",
             FileRecord::EventFd { .. } => "eventfd",
             FileRecord::TimerFd { .. } => "timerfd",
+            FileRecord::Memfd { .. } => "memfd",
         }
     }
 }

@@ -254,10 +254,10 @@ pub(super) fn temporary_root(program: &Path, writable: &[String]) -> anyhow::Res
     for file in &files[1..] {
         picocenter_images::rootfs::add_path(dir.path(), file)?;
     }
+    let mut mounts = interpreter_libraries(dir.path(), &files)?;
     let hidden = writable
         .iter()
         .any(|guest| given.starts_with(sandbox_path(guest)));
-    let mut mounts = Vec::new();
     if hidden {
         let name = given.file_name().context("the program has no file name")?;
         let parent = given.parent().context("the program has no directory")?;
@@ -278,6 +278,42 @@ pub(super) fn temporary_root(program: &Path, writable: &[String]) -> anyhow::Res
         program: given.to_string_lossy().into_owned(),
         mounts,
     })
+}
+
+/// The library directories of the interpreters among `files` (Python's and Perl's standard
+/// libraries), as read-only mounts at their own paths, with what their native modules
+/// need added to `root`: without them such an interpreter cannot start.
+fn interpreter_libraries(root: &Path, files: &[PathBuf]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    use picocenter_images::{closure, interpreters};
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for file in files {
+        for dir in interpreters::library_dirs(file) {
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+    }
+    if dirs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let modules = interpreters::native_modules(&dirs);
+    let needed = closure::closure_of(&modules, closure::Missing::Skip)
+        .context("finding the libraries of the interpreter's native modules")?;
+    for file in needed
+        .iter()
+        .filter(|f| !dirs.iter().any(|d| f.starts_with(d)))
+    {
+        picocenter_images::rootfs::add_path(root, file)?;
+    }
+    tracing::debug!(
+        ?dirs,
+        modules = modules.len(),
+        "interpreter library directories"
+    );
+    Ok(dirs
+        .into_iter()
+        .map(|d| (d.to_string_lossy().into_owned(), d))
+        .collect())
 }
 
 /// A guest directory as the host path it would hide.
@@ -503,6 +539,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         bail!("--root {} is not a directory", app.root.display());
     }
     let (_temp_data, data_dir) = data_dir(args.app.data_dir.as_ref())?;
+    // The app's IPv6 address is reachable once its prefix is routed to loopback (as root).
+    if let Err(e) = picocenter_vmm::sandbox::loopback6::route_app_prefix() {
+        tracing::debug!("{e:#}");
+    }
     let mut _lease = None;
     let address = match app.address {
         Some(address) => address,

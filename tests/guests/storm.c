@@ -118,51 +118,55 @@ int main(int argc, char **argv) {
     struct itimerval storm = {{0, period_us}, {0, period_us}};
     CHECK(setitimer(ITIMER_REAL, &storm, NULL) == 0);
     long iterations = 0, sleeps = 0, fed = 0, wrong = 0;
+    /* Which check went wrong first, and what it saw, for the report. */
+    int wrong_line = 0;
+    long wrong_value = 0;
+#define WRONG(value) do { if (!wrong++) { wrong_line = __LINE__; wrong_value = (long)(value); } } while (0)
     for (;;) {
         iterations++;
         /* Answered in the doorbell. */
-        if (sys3(SYS_getpid, 0, 0, 0) != pid || sys3(SYS_gettid, 0, 0, 0) != pid) wrong++;
-        if (sys3(SYS_clock_gettime, CLOCK_MONOTONIC, (long)&now, 0) != 0) wrong++;
-        if (ns(now) < ns(last)) wrong++;
+        if (sys3(SYS_getpid, 0, 0, 0) != pid || sys3(SYS_gettid, 0, 0, 0) != pid) WRONG(0);
+        if (sys3(SYS_clock_gettime, CLOCK_MONOTONIC, (long)&now, 0) != 0) WRONG(0);
+        if (ns(now) < ns(last)) WRONG(ns(last) - ns(now));
         last = now;
         struct timeval tv;
-        if (sys3(SYS_gettimeofday, (long)&tv, 0, 0) != 0 || tv.tv_sec < 1600000000) wrong++;
+        if (sys3(SYS_gettimeofday, (long)&tv, 0, 0) != 0 || tv.tv_sec < 1600000000) WRONG(0);
         /* Linux's time() reads a coarse clock, up to a tick behind gettimeofday. */
         long t = sys3(SYS_time, 0, 0, 0);
-        if (t < tv.tv_sec - 1 || t > tv.tv_sec + 2) wrong++;
+        if (t < tv.tv_sec - 1 || t > tv.tv_sec + 2) WRONG(t - tv.tv_sec);
         /* Through the mailbox while its poller is awake. */
-        if (sys3(SYS_getppid, 0, 0, 0) != ppid || sys3(SYS_getuid, 0, 0, 0) != uid) wrong++;
+        if (sys3(SYS_getppid, 0, 0, 0) != ppid || sys3(SYS_getuid, 0, 0, 0) != uid) WRONG(0);
         char in[2] = {0};
-        if (sys3(SYS_write, echo[1], (long)"ok", 2) != 2) wrong++;
-        if (sys3(SYS_read, echo[0], (long)in, 2) != 2 || in[0] != 'o' || in[1] != 'k') wrong++;
+        if (sys3(SYS_write, echo[1], (long)"ok", 2) != 2) WRONG(0);
+        if (sys3(SYS_read, echo[0], (long)in, 2) != 2 || in[0] != 'o' || in[1] != 'k') WRONG(0);
         struct utsname u;
-        if (sys3(SYS_uname, (long)&u, 0, 0) != 0) wrong++;
+        if (sys3(SYS_uname, (long)&u, 0, 0) != 0) WRONG(0);
         /* Always with an exit. */
         struct itimerval it;
-        if (sys3(SYS_getitimer, ITIMER_REAL, (long)&it, 0) != 0) wrong++;
-        if (sys3(SYS_brk, 0, 0, 0) <= 0) wrong++;
+        if (sys3(SYS_getitimer, ITIMER_REAL, (long)&it, 0) != 0) WRONG(0);
+        if (sys3(SYS_brk, 0, 0, 0) <= 0) WRONG(0);
         char *page = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (page == MAP_FAILED) {
-            wrong++;
+            WRONG(0);
         } else {
             page[100] = 7;
-            if (page[100] != 7 || munmap(page, 4096) != 0) wrong++;
+            if (page[100] != 7 || munmap(page, 4096) != 0) WRONG(0);
         }
         sigset_t old;
-        if (sigprocmask(SIG_BLOCK, NULL, &old) != 0 || sigismember(&old, SIGALRM)) wrong++;
+        if (sigprocmask(SIG_BLOCK, NULL, &old) != 0 || sigismember(&old, SIGALRM)) WRONG(0);
         /* Blocking: a short sleep (EINTR is its answer to a handler), and a read that waits
          * for what the handler feeds (restarted: SA_RESTART). */
         if (iterations % 8 == 1) {
             struct timespec nap = {0, 200000}, left;
             long r;
             while ((r = sys3(SYS_nanosleep, (long)&nap, (long)&left, 0)) == -EINTR) nap = left;
-            if (r != 0) wrong++;
+            if (r != 0) WRONG(r);
             sleeps++;
         }
         if (iterations % 8 == 5 && !ended_ns) {
             char f;
             long r = sys3(SYS_read, feed[0], (long)&f, 1);
-            if (r != 1 || f != 'f') wrong++;
+            if (r != 1 || f != 'f') WRONG(r);
             fed++;
         }
         if (ns(now) > deadline_ns) break;
@@ -173,6 +177,7 @@ int main(int argc, char **argv) {
            "ended=%+ld us\n",
            iterations, (long)handled, (long)at_syscall, (long)after_syscall, sleeps, fed,
            ended_ns ? (ended_ns - deadline_ns) / 1000 : 0);
+    if (wrong) printf("wrong=%ld, first at line %d (value %ld)\n", wrong, wrong_line, wrong_value);
     CHECK(wrong == 0);
     CHECK(clobbered == 0);
     CHECK(bad_rip == 0);

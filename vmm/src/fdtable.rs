@@ -56,6 +56,11 @@ pub enum FileKind {
         /// Its clock.
         clock: i32,
     },
+    /// An anonymous file from memfd_create: a host memfd, whose contents a snapshot keeps.
+    Memfd {
+        /// The name the app gave (shown as `/memfd:NAME`).
+        name: String,
+    },
 }
 
 /// What changes about an open file after it is created, kept for snapshots and `ps`.

@@ -110,6 +110,17 @@ fn segment_prot(flags: u32) -> Prot {
     prot
 }
 
+/// Opens the program file at guest `path` for reading.
+fn open_program(sandbox: &Sandbox, path: &str) -> Result<File, LoadError> {
+    let fd = sandbox
+        .open(path, OFlags::RDONLY, Mode::empty())
+        .map_err(|errno| LoadError::Open {
+            path: path.to_string(),
+            errno,
+        })?;
+    Ok(File::from(fd))
+}
+
 /// Maps the ELF file at guest `path`. `interp` files go wherever `mmap` would put them.
 fn map_elf(
     space: &mut AddressSpace,
@@ -117,13 +128,7 @@ fn map_elf(
     path: &str,
     is_interp: bool,
 ) -> Result<Mapped, LoadError> {
-    let fd = sandbox
-        .open(path, OFlags::RDONLY, Mode::empty())
-        .map_err(|errno| LoadError::Open {
-            path: path.to_string(),
-            errno,
-        })?;
-    let file = Arc::new(File::from(fd));
+    let file = Arc::new(open_program(sandbox, path)?);
     let mut header = [0u8; std::mem::size_of::<Elf64_Ehdr>()];
     read_exact_at(&file, path, &mut header, 0)?;
     let ehdr = *Elf64_Ehdr::from_slice(&header).ok_or_else(|| not_exec(path, "short header"))?;
@@ -243,10 +248,7 @@ fn map_elf(
             let mut name = vec![0u8; p.p_filesz as usize];
             read_exact_at(&file, path, &mut name, p.p_offset)?;
             let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-            Some(
-                String::from_utf8(name[..end].to_vec())
-                    .map_err(|_| not_exec(path, "PT_INTERP is not UTF-8"))?,
-            )
+            Some(crate::sandbox::pathbytes::from_guest(name[..end].to_vec()))
         }
         _ => None,
     };
@@ -299,7 +301,7 @@ impl StackBuilder {
     }
 
     fn push_cstr(&mut self, s: &str) -> u64 {
-        let mut data = s.as_bytes().to_vec();
+        let mut data = crate::sandbox::pathbytes::to_host(s).into_owned();
         data.push(0);
         self.push_bytes(&data)
     }
@@ -317,13 +319,85 @@ pub struct ExecInfo<'a> {
     pub hwcap: u64,
 }
 
-/// Loads the program at `info.path`, its interpreter if it has one, and the stack.
+/// How many `#!` interpreters may lead to one another (Linux allows as many).
+const MAX_SCRIPT_DEPTH: usize = 4;
+/// How much of a script Linux reads for its `#!` line (BINPRM_BUF_SIZE).
+const SHEBANG_MAX: usize = 256;
+
+/// The `#!` line of the file at guest `path`, if it is a script: its interpreter and the
+/// one optional argument, split as Linux's binfmt_script does (the interpreter ends at
+/// the first blank; the rest of the line, trimmed, is one argument).
+fn shebang(sandbox: &Sandbox, path: &str) -> Result<Option<(String, Option<String>)>, LoadError> {
+    let file = open_program(sandbox, path)?;
+    let mut head = [0u8; SHEBANG_MAX];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read_at(&mut head[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(LoadError::Read {
+                    path: path.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+    let Some(rest) = head[..got].strip_prefix(b"#!") else {
+        return Ok(None);
+    };
+    let line = match rest.iter().position(|&b| b == b'\n') {
+        Some(end) => &rest[..end],
+        None => rest,
+    };
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = line.iter().position(|b| !blank(b)).unwrap_or(line.len());
+    let line = &line[start..];
+    let end = line.iter().position(blank).unwrap_or(line.len());
+    let (interp, arg) = line.split_at(end);
+    if interp.is_empty() {
+        return Err(not_exec(path, "a #! line without an interpreter"));
+    }
+    let arg = arg.trim_ascii();
+    let text = |b: &[u8]| crate::sandbox::pathbytes::from_guest(b.to_vec());
+    Ok(Some((
+        crate::sandbox::normalize("/", &text(interp)),
+        (!arg.is_empty()).then(|| text(arg)),
+    )))
+}
+
+/// The program that really runs for `path` and `argv`: a `#!` script becomes its
+/// interpreter, with argv `[interpreter, argument?, script, argv[1..]...]` as on Linux.
+fn resolve_scripts(
+    sandbox: &Sandbox,
+    path: &str,
+    argv: &[String],
+) -> Result<(String, Vec<String>), LoadError> {
+    let mut path = path.to_string();
+    let mut argv = argv.to_vec();
+    for _ in 0..=MAX_SCRIPT_DEPTH {
+        let Some((interp, arg)) = shebang(sandbox, &path)? else {
+            return Ok((path, argv));
+        };
+        let mut next = vec![interp.clone()];
+        next.extend(arg);
+        next.push(std::mem::replace(&mut path, interp));
+        next.extend(argv.into_iter().skip(1));
+        argv = next;
+    }
+    Err(not_exec(&path, "too many levels of #! interpreters"))
+}
+
+/// Loads the program at `info.path` (through its `#!` interpreter if it is a script), its
+/// ELF interpreter if it has one, and the stack.
 pub fn load(
     space: &mut AddressSpace,
     sandbox: &Sandbox,
     info: &ExecInfo<'_>,
 ) -> Result<StartState, LoadError> {
-    let exe = map_elf(space, sandbox, info.path, false)?;
+    let (program, argv) = resolve_scripts(sandbox, info.path, info.argv)?;
+    let exe = map_elf(space, sandbox, &program, false)?;
     space.set_brk_start(exe.end.next_multiple_of(PAGE));
     let (entry, interp_base) = match &exe.interp {
         Some(interp) => {
@@ -354,7 +428,7 @@ pub fn load(
     let _ = rustix::rand::getrandom(&mut random, rustix::rand::GetRandomFlags::empty());
     let random_addr = stack.push_bytes(&random);
     let env_addrs: Vec<u64> = info.envp.iter().map(|e| stack.push_cstr(e)).collect();
-    let arg_addrs: Vec<u64> = info.argv.iter().map(|a| stack.push_cstr(a)).collect();
+    let arg_addrs: Vec<u64> = argv.iter().map(|a| stack.push_cstr(a)).collect();
 
     let auxv: [(u64, u64); 18] = [
         (at::PHDR, exe.phdr_addr),
@@ -376,7 +450,7 @@ pub fn load(
         (at::HWCAP2, 0),
         (at::EXECFN, execfn),
     ];
-    let mut words: Vec<u64> = vec![info.argv.len() as u64];
+    let mut words: Vec<u64> = vec![argv.len() as u64];
     words.extend(&arg_addrs);
     words.push(0);
     words.extend(&env_addrs);

@@ -17,6 +17,58 @@ pub struct Clock {
     pub tsc: Option<TscCalibration>,
     /// When the time page was last written.
     pub published: Option<Instant>,
+    /// The monotonic base and rate the time page holds, for the next one to continue
+    /// from (None after a restore: a new host, a new TSC).
+    pub base: Option<TimeBase>,
+}
+
+/// What one time page told the doorbell about CLOCK_MONOTONIC.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeBase {
+    /// The guest TSC the base was taken at.
+    pub tsc: u64,
+    /// The app's CLOCK_MONOTONIC then, in ns.
+    pub monotonic_ns: u64,
+    /// Nanoseconds per tick, 32.32 fixed point.
+    pub mult: u64,
+}
+
+impl TimeBase {
+    /// The monotonic time the doorbell computes from this base at guest TSC `tsc`.
+    pub fn at(&self, tsc: u64) -> u64 {
+        let ticks = u128::from(tsc.wrapping_sub(self.tsc));
+        let ns = (ticks * u128::from(self.mult)) >> 32;
+        self.monotonic_ns
+            .saturating_add(u64::try_from(ns).unwrap_or(u64::MAX))
+    }
+
+    /// The base and rate that continue from `previous` at guest TSC `tsc`, when the host
+    /// clock says `host_ns` and the TSC's nominal rate is `mult`. The doorbell may already
+    /// have answered up to `previous.at(tsc)`, so the new base is never below it (monotonic
+    /// time never goes back); when the TSC ran fast against the host clock (its nominal
+    /// rate is off, as under emulation), the next interval runs slower by what it is ahead,
+    /// so the page's clock follows the host's instead of drifting from it.
+    pub fn continue_from(previous: Option<&TimeBase>, tsc: u64, host_ns: u64, mult: u64) -> Self {
+        let Some(previous) = previous else {
+            return Self {
+                tsc,
+                monotonic_ns: host_ns,
+                mult,
+            };
+        };
+        let answered = previous.at(tsc);
+        let ahead = answered.saturating_sub(host_ns);
+        let interval = PUBLISH_EVERY.as_nanos() as u64;
+        // Slow down to catch up within about one interval, to half speed at the most.
+        let slowed = u128::from(mult)
+            * u128::from(interval.saturating_sub(ahead).max(interval / 2))
+            / u128::from(interval);
+        Self {
+            tsc,
+            monotonic_ns: host_ns.max(answered),
+            mult: u64::try_from(slowed).unwrap_or(mult),
+        }
+    }
 }
 
 /// How often the time page's bases are refreshed against the host clocks; between
@@ -77,14 +129,16 @@ impl Clock {
         bytes[4..8].copy_from_slice(&(super::GUEST_PID as u32).to_le_bytes());
         if let Some(tsc) = self.tsc {
             let host_tsc = crate::kvm::cpu::host_tsc();
-            let mono = self.now_ns(libc::CLOCK_MONOTONIC).unwrap_or(0) as u64;
+            let host_mono = self.now_ns(libc::CLOCK_MONOTONIC).unwrap_or(0) as u64;
             let real = self.now_ns(libc::CLOCK_REALTIME).unwrap_or(0) as u64;
             let guest_tsc = host_tsc.wrapping_add(tsc.guest_minus_host as u64);
+            let base = TimeBase::continue_from(self.base.as_ref(), guest_tsc, host_mono, tsc.mult);
+            self.base = Some(base);
             bytes[0..4].copy_from_slice(&1u32.to_le_bytes());
             for (offset, value) in [
-                (time_page::TSC_BASE, guest_tsc),
-                (time_page::MULT, tsc.mult),
-                (time_page::MONOTONIC_NS, mono),
+                (time_page::TSC_BASE, base.tsc),
+                (time_page::MULT, base.mult),
+                (time_page::MONOTONIC_NS, base.monotonic_ns),
                 (time_page::REALTIME_NS, real),
             ] {
                 bytes[offset as usize..offset as usize + 8].copy_from_slice(&value.to_le_bytes());
@@ -101,4 +155,38 @@ pub fn publish_tid(phys: &crate::memory::phys::PhysicalMemory, tid: i32) {
     use picocenter_guest_shim::abi::{time_page, TIME_PAGE};
     let at = crate::memory::layout::SYSTEM_GPA + TIME_PAGE * 4096 + time_page::TID;
     let _ = phys.write(at, &(tid as u32).to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 1 ns per tick.
+    const ONE: u64 = 1 << 32;
+
+    #[test]
+    fn a_fast_tsc_never_takes_monotonic_time_back_and_is_slowed_to_the_host() {
+        let first = TimeBase::continue_from(None, 1_000, 5_000_000, ONE);
+        assert_eq!(first.at(1_000), 5_000_000);
+        // 100 ms of ticks, but the host clock saw 90 ms: the doorbell answered 10 ms
+        // ahead of it.
+        let ticks = 100_000_000;
+        let host = 5_000_000 + 90_000_000;
+        let next = TimeBase::continue_from(Some(&first), 1_000 + ticks, host, ONE);
+        assert_eq!(next.monotonic_ns, first.at(1_000 + ticks));
+        assert!(next.mult < ONE, "slowed: {}", next.mult);
+        // A host clock that went on normally is caught up with at the next page.
+        let later =
+            TimeBase::continue_from(Some(&next), 1_000 + 2 * ticks, host + 100_000_000, ONE);
+        assert_eq!(later.monotonic_ns, host + 100_000_000);
+        assert_eq!(later.mult, ONE);
+        assert!(later.monotonic_ns >= next.at(1_000 + 2 * ticks));
+    }
+
+    #[test]
+    fn a_slow_or_exact_tsc_follows_the_host_clock() {
+        let first = TimeBase::continue_from(None, 0, 1_000, ONE);
+        let next = TimeBase::continue_from(Some(&first), 50, 2_000, ONE);
+        assert_eq!((next.monotonic_ns, next.mult), (2_000, ONE));
+    }
 }

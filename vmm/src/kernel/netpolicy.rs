@@ -2,7 +2,44 @@
 //! are rewritten to, and which peers it may reach. The socket calls are in `syscalls::net`.
 
 use rustix::io::Errno;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+
+/// The prefix of the IPv6 address an app with an IPv4 address also has: a unique local
+/// prefix (fd00::/8) whose global ID spells "pico", then the IPv4 address in the last 32
+/// bits, so the two addresses come and go together. A worker routes the prefix to
+/// loopback (`local fd00:7069:636f::/96 dev lo`), as 127.0.0.0/8 is.
+pub const APP_V6_PREFIX: [u16; 6] = [0xfd00, 0x7069, 0x636f, 0, 0, 0];
+
+/// The prefix length of [`APP_V6_PREFIX`].
+pub const APP_V6_PREFIX_LEN: u8 = 96;
+
+/// Whether `ip` is on this host's loopback: 127.0.0.0/8, ::1, or an app's IPv6 address.
+pub fn is_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_loopback(),
+        IpAddr::V6(a) => {
+            a.is_loopback()
+                || a.to_ipv4_mapped().is_some_and(|m| m.is_loopback())
+                || a.segments()[..6] == APP_V6_PREFIX
+        }
+    }
+}
+
+/// The IPv6 address of the app whose IPv4 address is `v4`.
+pub fn app_v6(v4: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = v4.octets();
+    let p = APP_V6_PREFIX;
+    Ipv6Addr::new(
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+        p[4],
+        p[5],
+        u16::from_be_bytes([a, b]),
+        u16::from_be_bytes([c, d]),
+    )
+}
 
 /// The app's network identity.
 #[derive(Debug, Clone)]
@@ -24,27 +61,46 @@ impl NetPolicy {
         }
     }
 
+    /// Its IPv6 address: the one it was given, or the one that goes with its IPv4
+    /// address ([`app_v6`]).
+    pub fn v6(&self) -> Ipv6Addr {
+        match self.address {
+            IpAddr::V4(a) => app_v6(a),
+            IpAddr::V6(a) => a,
+        }
+    }
+
     /// Whether `ip` is this app's own address (in any spelling).
     pub fn is_own(&self, ip: IpAddr) -> bool {
         match ip {
             IpAddr::V4(a) => Some(a) == self.v4(),
-            IpAddr::V6(a) => IpAddr::V6(a) == self.address || a.to_ipv4_mapped() == self.v4(),
+            IpAddr::V6(a) => {
+                a == self.v6() || a.to_ipv4_mapped().is_some_and(|m| Some(m) == self.v4())
+            }
         }
     }
 
-    /// The address a bind to `requested` really uses, or EADDRNOTAVAIL.
-    pub fn bind_address(&self, requested: SocketAddr) -> Result<SocketAddr, Errno> {
+    /// Whether `ip` is the app's own IPv6 address, which no interface holds: a socket
+    /// binds it with IP_FREEBIND.
+    pub fn is_own_v6(&self, ip: IpAddr) -> bool {
+        matches!(ip, IpAddr::V6(a) if a == self.v6() && a.to_ipv4_mapped().is_none())
+    }
+
+    /// The address a bind to `requested` really uses, or EADDRNOTAVAIL. The IPv6 any
+    /// address means the app's IPv4 address (mapped) on a dual-stack socket, which takes
+    /// both families there, and its IPv6 address on an IPv6-only one.
+    pub fn bind_address(&self, requested: SocketAddr, v6only: bool) -> Result<SocketAddr, Errno> {
         let ip = requested.ip();
         if ip.is_unspecified() {
-            return Ok(match (requested, self.address) {
-                (SocketAddr::V4(r), _) => {
-                    SocketAddr::new(IpAddr::V4(self.v4().ok_or(Errno::ADDRNOTAVAIL)?), r.port())
+            return Ok(match (requested, self.v4()) {
+                (SocketAddr::V4(r), own) => {
+                    SocketAddr::new(IpAddr::V4(own.ok_or(Errno::ADDRNOTAVAIL)?), r.port())
                 }
-                (SocketAddr::V6(r), IpAddr::V6(own)) => {
-                    SocketAddr::V6(SocketAddrV6::new(own, r.port(), 0, 0))
-                }
-                (SocketAddr::V6(r), IpAddr::V4(own)) => {
+                (SocketAddr::V6(r), Some(own)) if !v6only => {
                     SocketAddr::V6(SocketAddrV6::new(own.to_ipv6_mapped(), r.port(), 0, 0))
+                }
+                (SocketAddr::V6(r), _) => {
+                    SocketAddr::V6(SocketAddrV6::new(self.v6(), r.port(), 0, 0))
                 }
             });
         }

@@ -9,7 +9,7 @@
 use crate::fdtable::{FdTable, FileKind, OpenFile, Registration};
 use crate::hostcall;
 use crate::kernel::process::Process;
-use picocenter_snapshots::bounds::{SOCKET_FAMILIES, SOCKET_TYPES};
+use picocenter_snapshots::bounds::{MAX_MEMFD_DATA, SOCKET_FAMILIES, SOCKET_TYPES};
 use picocenter_snapshots::format::{FdRecord, FileRecord};
 use rustix::event::EventfdFlags;
 use rustix::fs::{Mode, OFlags, SeekFrom};
@@ -75,8 +75,37 @@ fn ns(t: rustix::time::Timespec) -> u64 {
     (t.tv_sec as u64).saturating_mul(1_000_000_000) + t.tv_nsec as u64
 }
 
-fn record(file: &OpenFile, files: &FdTable, closed: &mut u64) -> FileRecord {
-    match &file.kind {
+/// A memfd's record: its bytes (up to [`MAX_MEMFD_DATA`]), offset and seals.
+fn memfd_record(file: &OpenFile, name: &str) -> Result<FileRecord, String> {
+    let host = file.host();
+    let size = rustix::fs::fstat(host).map_or(0, |s| s.st_size as u64);
+    if size > MAX_MEMFD_DATA as u64 {
+        return Err(format!(
+            "memfd {name:?} holds {size} bytes, over the {MAX_MEMFD_DATA} a snapshot keeps"
+        ));
+    }
+    let mut data = vec![0u8; size as usize];
+    let mut done = 0;
+    while done < data.len() {
+        match rustix::io::pread(host, &mut data[done..], done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(format!("reading memfd {name:?}: {e}")),
+        }
+    }
+    data.truncate(done);
+    Ok(FileRecord::Memfd {
+        name: name.to_string(),
+        data,
+        offset: rustix::fs::seek(host, SeekFrom::Current(0)).unwrap_or(0),
+        seals: rustix::fs::fcntl_get_seals(host).map_or(0, |s| s.bits()),
+    })
+}
+
+fn record(file: &OpenFile, files: &FdTable, closed: &mut u64) -> Result<FileRecord, String> {
+    Ok(match &file.kind {
+        FileKind::Memfd { name } => memfd_record(file, name)?,
         FileKind::Path { path, flags } => FileRecord::Path {
             path: path.clone(),
             flags: *flags,
@@ -138,11 +167,12 @@ fn record(file: &OpenFile, files: &FdTable, closed: &mut u64) -> FileRecord {
                 interval_ns: now.as_ref().map_or(0, |t| ns(t.it_interval)),
             }
         }
-    }
+    })
 }
 
-/// Records every descriptor. Returns the records and how many connections they close.
-pub fn capture(p: &Process) -> (Vec<FdRecord>, u64) {
+/// Records every descriptor. Returns the records and how many connections they close, or
+/// what cannot be kept.
+pub fn capture(p: &Process) -> Result<(Vec<FdRecord>, u64), String> {
     let mut closed = 0;
     let mut shared: HashMap<usize, u64> = HashMap::new();
     let mut records = Vec::new();
@@ -151,7 +181,7 @@ pub fn capture(p: &Process) -> (Vec<FdRecord>, u64) {
         let next = shared.len() as u64;
         let id = *shared.entry(key).or_insert(next);
         let file = if id == next {
-            record(&entry.file, &p.files, &mut closed)
+            record(&entry.file, &p.files, &mut closed)?
         } else {
             // The same description as an earlier fd: its record is the first one's.
             records
@@ -168,7 +198,7 @@ pub fn capture(p: &Process) -> (Vec<FdRecord>, u64) {
             file,
         });
     }
-    (records, closed)
+    Ok((records, closed))
 }
 
 fn timespec(ns: u64) -> rustix::time::Timespec {
@@ -365,6 +395,27 @@ fn reopen(
             rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC)?,
             FileKind::Epoll,
         ),
+        FileRecord::Memfd {
+            name,
+            data,
+            offset,
+            seals,
+        } => {
+            let fd = rustix::fs::memfd_create(
+                "picocenter-app",
+                rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+            )?;
+            let mut done = 0;
+            while done < data.len() {
+                done += rustix::io::pwrite(&fd, &data[done..], done as u64)?;
+            }
+            rustix::fs::seek(&fd, SeekFrom::Start(*offset))?;
+            let seals = rustix::fs::SealFlags::from_bits_retain(*seals);
+            if !seals.is_empty() {
+                rustix::fs::fcntl_add_seals(&fd, seals)?;
+            }
+            (fd, FileKind::Memfd { name: name.clone() })
+        }
     })
 }
 

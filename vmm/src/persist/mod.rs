@@ -74,6 +74,9 @@ pub enum PersistError {
     /// The snapshot cannot run here.
     #[error("{0}")]
     Incompatible(String),
+    /// The app holds something a snapshot cannot keep.
+    #[error("the app cannot be snapshotted: {0}")]
+    Unsnapshottable(String),
     /// The app was not at a clean point (its context would not be its own).
     #[error("the app is not at a clean point: rip={rip:#x} is not a user address")]
     NotAtCleanPoint {
@@ -378,7 +381,7 @@ pub fn capture(
         .collect();
     let (page_count, chunk_digests) = writer.finish()?;
 
-    let (files, closed) = files::capture(p);
+    let (files, closed) = files::capture(p).map_err(PersistError::Unsnapshottable)?;
     if closed > 0 {
         tracing::info!("the snapshot closes {closed} connection(s)");
     }

@@ -429,6 +429,7 @@ fn restore_process(p: &mut Process, m: &Manifest) -> Result<(), PersistError> {
     let mono_now = m.clock.monotonic_ns as i128 + away;
     p.clock.monotonic_offset_ns = (mono_now - host_mono) as i64;
     p.clock.published = None;
+    p.clock.base = None;
     p.cwd = m.process.cwd.clone();
     p.umask = m.process.umask;
     let deadline = |restart: Option<(u64, u64, u64)>| {

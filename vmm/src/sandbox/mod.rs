@@ -23,7 +23,9 @@
 pub mod binder;
 pub mod jail;
 pub mod lease;
+pub mod loopback6;
 mod node;
+pub mod pathbytes;
 pub mod seccomp;
 pub mod supervise;
 
@@ -87,7 +89,7 @@ fn open_in(root: &OwnedFd, relative: &str, flags: OFlags, mode: Mode) -> Result<
     loop {
         match rustix::fs::openat2(
             root.as_fd(),
-            relative,
+            pathbytes::to_host(relative).as_ref(),
             flags,
             mode,
             ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
@@ -302,7 +304,7 @@ impl Sandbox {
         )?;
         Ok(Entry::new(
             dir,
-            name.to_string(),
+            name,
             resolved.mount.writable,
             &resolved.mount.guest,
         ))

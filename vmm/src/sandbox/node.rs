@@ -109,11 +109,11 @@ impl Node {
 
     /// The AF_UNIX address that reaches the socket this node is: its magic link, so the
     /// host kernel connects to exactly this inode.
-    pub fn unix_address(&self) -> Result<String, Errno> {
+    pub fn unix_address(&self) -> Result<Vec<u8>, Errno> {
         if self.kind != FileType::Socket {
             return Err(Errno::CONNREFUSED);
         }
-        Ok(self.proc_path())
+        Ok(self.proc_path().into_bytes())
     }
 }
 
@@ -121,17 +121,18 @@ impl Node {
 #[derive(Debug)]
 pub struct Entry {
     dir: OwnedFd,
-    name: String,
+    /// The name as the host's bytes (see [`super::pathbytes`]).
+    name: Vec<u8>,
     writable: bool,
     /// The guest path of its mount: links never cross mounts (EXDEV, as on Linux).
     mount: String,
 }
 
 impl Entry {
-    pub(super) fn new(dir: OwnedFd, name: String, writable: bool, mount: &str) -> Self {
+    pub(super) fn new(dir: OwnedFd, name: &str, writable: bool, mount: &str) -> Self {
         Self {
             dir,
-            name,
+            name: super::pathbytes::to_host(name).into_owned(),
             writable,
             mount: mount.to_string(),
         }
@@ -149,9 +150,9 @@ impl Entry {
         }
         rustix::fs::linkat(
             &self.dir,
-            self.name.as_str(),
+            self.name.as_slice(),
             &to.dir,
-            to.name.as_str(),
+            to.name.as_slice(),
             AtFlags::empty(),
         )
     }
@@ -168,7 +169,7 @@ impl Entry {
             rustix::fs::CWD,
             real.proc_path().as_str(),
             &to.dir,
-            to.name.as_str(),
+            to.name.as_slice(),
             AtFlags::SYMLINK_FOLLOW,
         )
     }
@@ -177,7 +178,7 @@ impl Entry {
     /// every later resolution of it stays inside the mount.
     pub fn symlink(&self, target: &[u8]) -> Result<(), Errno> {
         self.require_writable()?;
-        rustix::fs::symlinkat(target, &self.dir, self.name.as_str())
+        rustix::fs::symlinkat(target, &self.dir, self.name.as_slice())
     }
 
     /// The directory's fd.
@@ -188,11 +189,6 @@ impl Entry {
     /// Takes the directory's fd.
     pub fn into_dir(self) -> OwnedFd {
         self.dir
-    }
-
-    /// The name in it (one component: no slash, never `.` or `..`).
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     /// Fails with EROFS unless the entry is in a writable mount.
@@ -209,7 +205,7 @@ impl Entry {
         self.require_writable()?;
         rustix::fs::mkdirat(
             &self.dir,
-            self.name.as_str(),
+            self.name.as_slice(),
             Mode::from_bits_truncate(mode & SETTABLE_MODE),
         )
     }
@@ -217,19 +213,19 @@ impl Entry {
     /// unlink(2), or rmdir(2) with `AtFlags::REMOVEDIR`.
     pub fn unlink(&self, flags: AtFlags) -> Result<(), Errno> {
         self.require_writable()?;
-        rustix::fs::unlinkat(&self.dir, self.name.as_str(), flags & AtFlags::REMOVEDIR)
+        rustix::fs::unlinkat(&self.dir, self.name.as_slice(), flags & AtFlags::REMOVEDIR)
     }
 
     /// rename(2) of this entry to `to`.
     pub fn rename_to(&self, to: &Entry) -> Result<(), Errno> {
         self.require_writable()?;
         to.require_writable()?;
-        rustix::fs::renameat(&self.dir, self.name.as_str(), &to.dir, to.name.as_str())
+        rustix::fs::renameat(&self.dir, self.name.as_slice(), &to.dir, to.name.as_slice())
     }
 
     /// readlink(2): the link's target, as bytes.
     pub fn readlink(&self) -> Result<Vec<u8>, Errno> {
-        Ok(rustix::fs::readlinkat(&self.dir, self.name.as_str(), Vec::new())?.into_bytes())
+        Ok(rustix::fs::readlinkat(&self.dir, self.name.as_slice(), Vec::new())?.into_bytes())
     }
 
     /// utimensat(2) with AT_SYMLINK_NOFOLLOW: the entry's own times.
@@ -237,7 +233,7 @@ impl Entry {
         self.require_writable()?;
         rustix::fs::utimensat(
             &self.dir,
-            self.name.as_str(),
+            self.name.as_slice(),
             times,
             AtFlags::SYMLINK_NOFOLLOW,
         )
@@ -247,9 +243,10 @@ impl Entry {
     /// magic link plus the name. bind(2) creates the name and never follows it (an
     /// existing name, symlink or not, gives EADDRINUSE). The directory fd must stay open
     /// until the bind is done.
-    pub fn unix_bind_address(&self) -> Result<String, Errno> {
+    pub fn unix_bind_address(&self) -> Result<Vec<u8>, Errno> {
         self.require_writable()?;
-        let address = format!("/proc/self/fd/{}/{}", self.dir.as_raw_fd(), self.name);
+        let mut address = format!("/proc/self/fd/{}/", self.dir.as_raw_fd()).into_bytes();
+        address.extend_from_slice(&self.name);
         if address.len() > SUN_PATH_MAX {
             return Err(Errno::NAMETOOLONG);
         }

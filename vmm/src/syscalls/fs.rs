@@ -5,7 +5,7 @@ use super::{Args, SysError, SysResult};
 use crate::fdtable::{FileKind, OpenFile};
 use crate::kernel::process::Process;
 use crate::memory::UserAddr;
-use crate::sandbox::{Follow, Node};
+use crate::sandbox::{pathbytes, Follow, Node};
 use rustix::event::PollFlags;
 use rustix::fs::{AtFlags, Mode, OFlags, SeekFrom};
 use rustix::io::Errno;
@@ -22,7 +22,7 @@ fn path_arg(p: &mut Process, addr: UserAddr) -> Result<String, Errno> {
     if bytes.is_empty() {
         return Err(Errno::NOENT);
     }
-    String::from_utf8(bytes).map_err(|_| Errno::INVAL)
+    Ok(pathbytes::from_guest(bytes))
 }
 
 /// Resolves `path` relative to `dirfd` (AT_FDCWD or a directory fd) to an absolute,
@@ -327,8 +327,7 @@ fn stat_target(
         let file = p.files.file(dirfd)?;
         return rustix::io::fcntl_dupfd_cloexec(file.host(), 0);
     }
-    let path = String::from_utf8(path).map_err(|_| Errno::INVAL)?;
-    let path = at_path(p, dirfd, &path)?;
+    let path = at_path(p, dirfd, &pathbytes::from_guest(path))?;
     open_for_stat(p, &path, flags & libc::AT_SYMLINK_NOFOLLOW as u32 != 0)
 }
 
@@ -588,8 +587,8 @@ pub fn dup3(p: &mut Process, a: &Args) -> SysResult {
     Ok(a.fd(1) as u64)
 }
 
-/// fcntl(2): F_DUPFD, F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL, and advisory
-/// locks (always granted: the app is alone).
+/// fcntl(2): F_DUPFD, F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL, record locks
+/// (POSIX and OFD, on the host file) and memfd seals.
 pub fn fcntl(p: &mut Process, a: &Args) -> SysResult {
     let fd = a.fd(0);
     match a.i32(1) {
@@ -629,6 +628,17 @@ pub fn fcntl(p: &mut Process, a: &Args) -> SysResult {
         | libc::F_OFD_SETLK
         | libc::F_OFD_SETLKW
         | libc::F_OFD_GETLK => record_lock(p, fd, a.i32(1), a.ptr(2)),
+        // Seals are the host memfd's (a file that is not one gives EINVAL there too).
+        libc::F_ADD_SEALS => {
+            let file = p.files.file(fd)?;
+            let seals = rustix::fs::SealFlags::from_bits_retain(a.u32(2));
+            rustix::fs::fcntl_add_seals(file.host(), seals)?;
+            Ok(0)
+        }
+        libc::F_GET_SEALS => {
+            let file = p.files.file(fd)?;
+            Ok(u64::from(rustix::fs::fcntl_get_seals(file.host())?.bits()))
+        }
         _ => Err(Errno::INVAL.into()),
     }
 }
@@ -793,7 +803,7 @@ pub fn pipe2(p: &mut Process, a: &Args) -> SysResult {
 
 /// getcwd(2).
 pub fn getcwd(p: &mut Process, a: &Args) -> SysResult {
-    let mut bytes = p.cwd.clone().into_bytes();
+    let mut bytes = pathbytes::to_host(&p.cwd).into_owned();
     bytes.push(0);
     if bytes.len() > a.usize(1) {
         return Err(Errno::RANGE.into());
@@ -1182,4 +1192,169 @@ pub fn install_stdio(p: &mut Process) -> Result<(), Errno> {
             .insert_at(n as i32, OpenFile::new(fd, FileKind::Stdio(n)), false)?;
     }
     Ok(())
+}
+
+// ---- anonymous files, and copies between fds -----------------------------------------
+
+const MFD_CLOEXEC: u32 = 0x1;
+const MFD_ALLOW_SEALING: u32 = 0x2;
+const MFD_HUGETLB: u32 = 0x4;
+const MFD_NOEXEC_SEAL: u32 = 0x8;
+const MFD_EXEC: u32 = 0x10;
+/// Linux's limit on a memfd's name, without its NUL.
+const MEMFD_NAME_MAX: usize = 249;
+
+/// memfd_create(2): an anonymous file, backed by a host memfd the VMM owns (so reads,
+/// writes, ftruncate, seals and fstat are the host's). Huge pages are not offered (EINVAL,
+/// as on a kernel without hugetlbfs).
+pub fn memfd_create(p: &mut Process, a: &Args) -> SysResult {
+    let flags = a.u32(1);
+    if flags & !(MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL | MFD_EXEC) != 0
+        || flags & MFD_HUGETLB != 0
+        || flags & (MFD_NOEXEC_SEAL | MFD_EXEC) == MFD_NOEXEC_SEAL | MFD_EXEC
+    {
+        return Err(Errno::INVAL.into());
+    }
+    let name = match p.mem.read_cstr(a.ptr(0), MEMFD_NAME_MAX) {
+        Err(Errno::NAMETOOLONG) => return Err(Errno::INVAL.into()),
+        other => other?,
+    };
+    let mut host_flags = rustix::fs::MemfdFlags::CLOEXEC;
+    if flags & (MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL) != 0 {
+        host_flags |= rustix::fs::MemfdFlags::ALLOW_SEALING;
+    }
+    // The host name is the VMM's; the app's is kept for snapshots and `ps`.
+    let fd = rustix::fs::memfd_create("picocenter-app", host_flags)?;
+    if flags & MFD_NOEXEC_SEAL != 0 {
+        // Nothing is ever executed from an app's file descriptor on the host; the seal
+        // the app asked for is what it can see.
+        const F_SEAL_EXEC: u32 = 0x20;
+        rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::from_bits_retain(F_SEAL_EXEC))
+            .or_else(|e| if e == Errno::INVAL { Ok(()) } else { Err(e) })?;
+    }
+    let file = OpenFile::new(
+        fd,
+        FileKind::Memfd {
+            name: pathbytes::from_guest(name),
+        },
+    );
+    Ok(p.files.insert(file, flags & MFD_CLOEXEC != 0)? as u64)
+}
+
+/// An optional `loff_t *` argument, read.
+fn offset_pointer(p: &mut Process, addr: UserAddr) -> Result<Option<u64>, Errno> {
+    if addr.is_null() {
+        return Ok(None);
+    }
+    let offset: i64 = p.mem.read_pod(addr)?;
+    u64::try_from(offset).map(Some).map_err(|_| Errno::INVAL)
+}
+
+/// Writes an updated offset back where the app's pointer said.
+fn write_offset(p: &mut Process, addr: UserAddr, offset: Option<u64>) -> Result<(), Errno> {
+    match offset {
+        Some(offset) => p.mem.write_pod(addr, &offset),
+        None => Ok(()),
+    }
+}
+
+/// copy_file_range(2): the host copies between the two files the app's fds name, so what
+/// either may do (read access, write access, regular files only) is what the host allows
+/// those descriptors.
+pub fn copy_file_range(p: &mut Process, a: &Args) -> SysResult {
+    if a.u32(5) != 0 {
+        return Err(Errno::INVAL.into());
+    }
+    let input = p.files.file(a.fd(0))?;
+    let output = p.files.file(a.fd(2))?;
+    let mut off_in = offset_pointer(p, a.ptr(1))?;
+    let mut off_out = offset_pointer(p, a.ptr(3))?;
+    let copied = rustix::fs::copy_file_range(
+        input.host(),
+        off_in.as_mut(),
+        output.host(),
+        off_out.as_mut(),
+        a.usize(4).min(MAX_IO),
+    )?;
+    write_offset(p, a.ptr(1), off_in)?;
+    write_offset(p, a.ptr(3), off_out)?;
+    Ok(copied as u64)
+}
+
+/// Whether `file` has something to read now (or never will block a read).
+fn readable_now(file: &OpenFile) -> bool {
+    let mut fds = [rustix::event::PollFd::new(&file.fd, PollFlags::IN)];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    rustix::event::poll(&mut fds, Some(&zero)).map_or(true, |n| n > 0)
+}
+
+/// splice(2) and tee(2), by the host between the host objects behind the app's fds (one
+/// of them a pipe, as Linux requires). The host never blocks: a call the app lets block
+/// waits for the side that holds it up (its input to have data, else its output to have
+/// room) and goes again.
+fn move_between_pipes(p: &mut Process, a: &Args, tee: bool) -> SysResult {
+    let (in_fd, out_fd, len, raw_flags) = if tee {
+        (a.fd(0), a.fd(1), a.usize(2), a.u32(3))
+    } else {
+        (a.fd(0), a.fd(2), a.usize(4), a.u32(5))
+    };
+    let flags = rustix::pipe::SpliceFlags::from_bits(raw_flags).ok_or(Errno::INVAL)?;
+    let input = p.files.file(in_fd)?;
+    let output = p.files.file(out_fd)?;
+    let nonblocking = flags.contains(rustix::pipe::SpliceFlags::NONBLOCK)
+        || input.nonblocking()
+        || output.nonblocking();
+    let (mut off_in, mut off_out) = if tee {
+        (None, None)
+    } else {
+        (offset_pointer(p, a.ptr(1))?, offset_pointer(p, a.ptr(3))?)
+    };
+    let host_flags = flags | rustix::pipe::SpliceFlags::NONBLOCK;
+    let len = len.min(MAX_IO);
+    let moved = loop {
+        let attempt = if tee {
+            rustix::pipe::tee(input.host(), output.host(), len, host_flags)
+        } else {
+            rustix::pipe::splice(
+                input.host(),
+                off_in.as_mut(),
+                output.host(),
+                off_out.as_mut(),
+                len,
+                host_flags,
+            )
+        };
+        match attempt {
+            Err(Errno::AGAIN) if !nonblocking => {
+                if readable_now(&input) {
+                    super::wait::wait_fd(p, output.host(), PollFlags::OUT, None)?;
+                } else {
+                    super::wait::wait_fd(p, input.host(), PollFlags::IN, None)?;
+                }
+            }
+            Err(Errno::PIPE) => {
+                p.signals.raise(libc::SIGPIPE);
+                return Err(Errno::PIPE.into());
+            }
+            other => break other?,
+        }
+    };
+    if !tee {
+        write_offset(p, a.ptr(1), off_in)?;
+        write_offset(p, a.ptr(3), off_out)?;
+    }
+    Ok(moved as u64)
+}
+
+/// splice(2).
+pub fn splice(p: &mut Process, a: &Args) -> SysResult {
+    move_between_pipes(p, a, false)
+}
+
+/// tee(2).
+pub fn tee(p: &mut Process, a: &Args) -> SysResult {
+    move_between_pipes(p, a, true)
 }

@@ -4,7 +4,7 @@
 use super::{Args, SysResult};
 use crate::fdtable::FileKind;
 use crate::kernel::process::Process;
-use crate::memory::{Backing, Placement, Prot, VmaRole};
+use crate::memory::{Backing, Placement, Prot, UserAddr, VmaRole};
 use rustix::io::Errno;
 use std::fs::File;
 use std::sync::Arc;
@@ -20,6 +20,7 @@ const MREMAP_MAYMOVE: u32 = 1;
 const MREMAP_FIXED: u32 = 2;
 const MADV_DONTNEED: i32 = 4;
 const MADV_FREE: i32 = 8;
+const PAGE: u64 = 4096;
 
 fn prot_arg(raw: u32) -> Result<Prot, Errno> {
     if raw & !7 != 0 {
@@ -44,11 +45,36 @@ pub fn mmap(p: &mut Process, a: &Args) -> SysResult {
     if sharing == 0 || offset % 4096 != 0 || len == 0 {
         return Err(Errno::INVAL.into());
     }
+    let placement = if flags & MAP_FIXED_NOREPLACE != 0 {
+        Placement::FixedNoReplace(addr)
+    } else if flags & MAP_FIXED != 0 {
+        Placement::Fixed(addr)
+    } else {
+        Placement::Hint(addr)
+    };
+    // A thread's stack (MAP_STACK, as glibc and Go ask for them) is populated like the
+    // main one, near its top only: most of its megabytes are never touched.
+    let role = if flags & MAP_STACK != 0 {
+        VmaRole::Stack
+    } else {
+        VmaRole::Mapping
+    };
     let backing = if flags & MAP_ANONYMOUS != 0 {
         Backing::Anonymous
     } else {
         let file = p.files.file(fd)?;
         let path = match &file.kind {
+            FileKind::Memfd { .. } => {
+                if sharing != MAP_PRIVATE && prot.contains(Prot::WRITE) {
+                    return Err(Errno::NODEV.into());
+                }
+                let start = p.mem.map(placement, len, prot, Backing::Anonymous, role)?;
+                if let Err(e) = copy_in(p, file.host(), offset, start, len) {
+                    let _ = p.mem.unmap(start, len);
+                    return Err(e.into());
+                }
+                return Ok(start);
+            }
             FileKind::Path { path, flags } => {
                 let writable_shared = sharing != MAP_PRIVATE && prot.contains(Prot::WRITE);
                 if writable_shared {
@@ -69,25 +95,66 @@ pub fn mmap(p: &mut Process, a: &Args) -> SysResult {
             path: path.into(),
         }
     };
-    let placement = if flags & MAP_FIXED_NOREPLACE != 0 {
-        Placement::FixedNoReplace(addr)
-    } else if flags & MAP_FIXED != 0 {
-        Placement::Fixed(addr)
-    } else {
-        Placement::Hint(addr)
-    };
-    // A thread's stack (MAP_STACK, as glibc and Go ask for them) is populated like the
-    // main one, near its top only: most of its megabytes are never touched.
-    let role = if flags & MAP_STACK != 0 {
-        VmaRole::Stack
-    } else {
-        VmaRole::Mapping
-    };
     let start = p.mem.map(placement, len, prot, backing, role)?;
     if flags & MAP_POPULATE != 0 && prot != Prot::NONE {
         p.mem.populate(start, start + len)?;
     }
     Ok(start)
+}
+
+/// Fills a new private mapping at `start` with what a memfd holds from `offset` (its
+/// pages past the end of the file stay zero).
+fn copy_in(
+    p: &mut Process,
+    file: std::os::fd::BorrowedFd<'_>,
+    offset: u64,
+    start: u64,
+    len: u64,
+) -> Result<(), Errno> {
+    let size = rustix::fs::fstat(file)?.st_size as u64;
+    let wanted = size.saturating_sub(offset).min(len);
+    let mut buf = vec![0u8; (1 << 20).min(wanted as usize)];
+    let mut done = 0u64;
+    while done < wanted {
+        let room = (wanted - done).min(buf.len() as u64) as usize;
+        let n = rustix::io::pread(file, &mut buf[..room], offset + done)?;
+        if n == 0 {
+            break;
+        }
+        p.mem.poke(UserAddr(start + done), &buf[..n])?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// mincore(2): which pages of `[addr, addr + len)` are in memory. Every page must be
+/// mapped (ENOMEM otherwise); a page is resident when the app's page table maps it.
+pub fn mincore(p: &mut Process, a: &Args) -> SysResult {
+    let (addr, len, out) = (a.u64(0), a.u64(1), a.ptr(2));
+    if !addr.is_multiple_of(PAGE) {
+        return Err(Errno::INVAL.into());
+    }
+    let end = addr
+        .checked_add(len)
+        .and_then(|e| e.checked_next_multiple_of(PAGE))
+        .ok_or(Errno::NOMEM)?;
+    if !p.mem.vmas().is_covered(addr, end) {
+        return Err(Errno::NOMEM.into());
+    }
+    let mut page = addr;
+    let mut at = out;
+    while page < end {
+        let batch = ((end - page) / PAGE).min(4096);
+        let mut flags = Vec::with_capacity(batch as usize);
+        for i in 0..batch {
+            let leaf = p.mem.leaf(page + i * PAGE).unwrap_or(0);
+            flags.push(u8::from(leaf & 1 != 0));
+        }
+        p.mem.write(at, &flags)?;
+        page += batch * PAGE;
+        at = UserAddr(at.0 + batch);
+    }
+    Ok(0)
 }
 
 /// munmap(2).

@@ -20,7 +20,7 @@ use crate::sandbox::Follow;
 use rustix::event::PollFlags;
 use rustix::io::Errno;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 const AF_UNIX: u16 = libc::AF_UNIX as u16;
@@ -83,9 +83,9 @@ fn decode_address(bytes: &[u8]) -> Result<Address, Errno> {
                 Ok(Address::UnixAbstract(path[1..].to_vec()))
             } else {
                 let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
-                String::from_utf8(path[..end].to_vec())
-                    .map(Address::UnixPath)
-                    .map_err(|_| Errno::INVAL)
+                Ok(Address::UnixPath(crate::sandbox::pathbytes::from_guest(
+                    path[..end].to_vec(),
+                )))
             }
         }
         AF_INET | AF_INET6 => Err(Errno::INVAL),
@@ -175,7 +175,7 @@ fn unix_target(p: &Process, address: &Address, creating: bool) -> Result<UnixTar
                 (node.unix_address()?, node.into_fd())
             };
             Ok(UnixTarget {
-                raw: encode_unix(host.as_bytes(), false),
+                raw: encode_unix(&host, false),
                 _holder: Some(holder),
             })
         }
@@ -264,8 +264,8 @@ pub fn bind(p: &mut Process, a: &Args) -> SysResult {
     let address = read_address(p, a.ptr(1), a.u32(2))?;
     match &address {
         Address::Ip(requested) => {
-            let actual = p.net.bind_address(*requested)?;
-            crate::sandbox::binder::bind(file.host(), &encode_ip(actual))?;
+            let v6only = requested.is_ipv6() && rustix::net::sockopt::ipv6_v6only(file.host())?;
+            bind_ip(p, file.host(), *requested, v6only)?;
             file.state().bound = Some(*requested);
             if matches!(file.kind, FileKind::Socket { kind, .. } if kind == libc::SOCK_DGRAM) {
                 p.handoff.offer(a.fd(0), &file);
@@ -278,11 +278,39 @@ pub fn bind(p: &mut Process, a: &Args) -> SysResult {
         Address::UnixUnnamed => return Err(Errno::INVAL.into()),
     }
     file.state().unix_name = match address {
-        Address::UnixPath(path) => Some(encode_unix(p.absolute(&path).as_bytes(), false)),
+        Address::UnixPath(path) => Some(encode_unix(
+            &crate::sandbox::pathbytes::to_host(&p.absolute(&path)),
+            false,
+        )),
         Address::UnixAbstract(name) => Some(encode_unix(&name, true)),
         _ => None,
     };
     Ok(0)
+}
+
+/// Binds host socket `fd` where a bind to `requested` goes for this app (see
+/// [`crate::kernel::netpolicy::NetPolicy::bind_address`]), and returns that address. The
+/// app's own IPv6 address is on no interface (its prefix is routed to loopback), so its
+/// sockets bind it with IP_FREEBIND.
+fn bind_ip(
+    p: &Process,
+    fd: BorrowedFd<'_>,
+    requested: SocketAddr,
+    v6only: bool,
+) -> Result<SocketAddr, Errno> {
+    let actual = p.net.bind_address(requested, v6only)?;
+    if p.net.is_own_v6(actual.ip()) {
+        rustix::net::sockopt::set_ip_freebind(fd, true)?;
+    }
+    crate::sandbox::binder::bind(fd, &encode_ip(actual))?;
+    Ok(actual)
+}
+
+/// Whether the options a snapshot recorded make an IPv6 socket IPv6-only.
+fn v6only_among(options: &[(i32, i32, Vec<u8>)]) -> bool {
+    options.iter().any(|(level, name, value)| {
+        *level == libc::IPPROTO_IPV6 && *name == libc::IPV6_V6ONLY && value.iter().any(|&b| b != 0)
+    })
 }
 
 /// listen(2).
@@ -324,14 +352,20 @@ pub fn accept4(p: &mut Process, a: &Args, flags: i32) -> SysResult {
 /// peer, so that the peer sees the app's address as the source. Traffic to other hosts
 /// (when allowed) leaves from whatever address the host routes it through.
 fn bind_source(p: &Process, file: &OpenFile, dest: SocketAddr) -> Result<(), Errno> {
-    if file.state().bound.is_some() || (p.net.allow_outbound && !dest.ip().is_loopback()) {
+    if file.state().bound.is_some()
+        || (p.net.allow_outbound && !crate::kernel::netpolicy::is_local(dest.ip()))
+    {
         return Ok(());
     }
-    let source = p.net.bind_address(match dest {
-        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
-    })?;
-    crate::sandbox::binder::bind(file.host(), &encode_ip(source))?;
+    // To an IPv6 peer (not a mapped IPv4 one), from the app's IPv6 address.
+    let (any, v6only) = match dest {
+        SocketAddr::V4(_) => (SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0), false),
+        SocketAddr::V6(d) => (
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+            d.ip().to_ipv4_mapped().is_none(),
+        ),
+    };
+    let source = bind_ip(p, file.host(), any, v6only)?;
     file.state().bound = Some(source);
     Ok(())
 }
@@ -344,7 +378,7 @@ fn destination(p: &Process, dest: SocketAddr) -> Result<SocketAddr, Errno> {
         return Err(Errno::NETUNREACH);
     }
     if dest.ip().is_unspecified() {
-        return p.net.bind_address(dest);
+        return p.net.bind_address(dest, false);
     }
     Ok(dest)
 }
@@ -739,8 +773,9 @@ pub fn restore_socket(
         return Err(Errno::AFNOSUPPORT);
     }
     let requested = bound.and_then(|b| b.parse::<SocketAddr>().ok());
+    let v6only = domain == libc::AF_INET6 && v6only_among(options);
     if let Some(requested) = requested.filter(|r| r.port() != 0) {
-        let address = p.net.bind_address(requested)?;
+        let address = p.net.bind_address(requested, v6only)?;
         if let Some(fd) = adopt_inherited(p, domain, kind, address, listening.is_some()) {
             return Ok(fd);
         }
@@ -757,7 +792,7 @@ pub fn restore_socket(
         }
     }
     if let Some(requested) = requested {
-        crate::sandbox::binder::bind(fd.as_fd(), &encode_ip(p.net.bind_address(requested)?))?;
+        bind_ip(p, fd.as_fd(), requested, v6only)?;
     } else if let Some(name) = unix_name {
         let address = decode_address(name)?;
         let target = unix_target(p, &address, true)?;
@@ -793,22 +828,32 @@ mod tests {
         let net = policy("127.0.0.7");
         let any: SocketAddr = "0.0.0.0:80".parse().unwrap();
         assert_eq!(
-            net.bind_address(any).unwrap(),
+            net.bind_address(any, false).unwrap(),
             "127.0.0.7:80".parse().unwrap()
         );
         let any6: SocketAddr = "[::]:80".parse().unwrap();
         assert_eq!(
-            net.bind_address(any6).unwrap(),
+            net.bind_address(any6, false).unwrap(),
             "[::ffff:127.0.0.7]:80".parse().unwrap()
         );
+        // An IPv6-only socket gets the app's IPv6 address, made from its IPv4 one.
+        let own6 = net.bind_address(any6, true).unwrap();
+        assert_eq!(own6, "[fd00:7069:636f::7f00:7]:80".parse().unwrap());
+        assert!(net.is_own(own6.ip()) && net.is_own_v6(own6.ip()));
+        assert_eq!(net.bind_address(own6, true), Ok(own6));
     }
 
     #[test]
     fn other_addresses_are_refused() {
         let net = policy("127.0.0.7");
-        for other in ["127.0.0.8:80", "127.0.0.1:80", "[::1]:80"] {
+        for other in [
+            "127.0.0.8:80",
+            "127.0.0.1:80",
+            "[::1]:80",
+            "[fd00:7069:636f::7f00:8]:80",
+        ] {
             assert_eq!(
-                net.bind_address(other.parse().unwrap()),
+                net.bind_address(other.parse().unwrap(), false),
                 Err(Errno::ADDRNOTAVAIL),
                 "{other}"
             );

@@ -1,0 +1,196 @@
+/* Calls that behave as Linux has them, checked the same way natively and in a
+ * picoprocess (tests/files.rs runs both):
+ *
+ *   abi DIR     file names that are not UTF-8, memfd_create, copy_file_range, splice,
+ *               tee, mincore, and an IPv6-only listener beside an IPv4 one on one port,
+ *               all under the writable directory DIR.
+ */
+#define _GNU_SOURCE
+#include "check.h"
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static char path[4096];
+
+static const char *at(const char *dir, const char *name) {
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return path;
+}
+
+/* Whether DIR holds an entry named exactly NAME (bytes). */
+static int listed(const char *dir, const char *name) {
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int seen = 0;
+    while (d && (e = readdir(d))) seen += !strcmp(e->d_name, name);
+    if (d) closedir(d);
+    return seen;
+}
+
+static void names(const char *dir) {
+    const char *latin1 = "caf\xe9";          /* not UTF-8 */
+    const char *renamed = "\xff\xfe-x";       /* not UTF-8 either */
+    const char *plane16 = "\xf4\x8f\xbd\x81"; /* U+10FF41, valid UTF-8 */
+    const char *raw = "\xf4";                 /* a lone lead byte */
+    char buf[64];
+    int fd = open(at(dir, latin1), O_CREAT | O_RDWR | O_TRUNC, 0644);
+    CHECK(fd >= 0);
+    CHECK(write(fd, "latin", 5) == 5);
+    close(fd);
+    CHECK(listed(dir, latin1) == 1);
+    struct stat st;
+    CHECK(stat(at(dir, latin1), &st) == 0 && st.st_size == 5);
+    char from[4096];
+    snprintf(from, sizeof from, "%s/%s", dir, latin1);
+    CHECK(rename(from, at(dir, renamed)) == 0);
+    CHECK(listed(dir, latin1) == 0 && listed(dir, renamed) == 1);
+    fd = open(at(dir, renamed), O_RDONLY);
+    CHECK(fd >= 0 && read(fd, buf, sizeof buf) == 5 && !memcmp(buf, "latin", 5));
+    close(fd);
+    CHECK(unlink(at(dir, renamed)) == 0 && listed(dir, renamed) == 0);
+
+    /* Two names that differ only in how their bytes would be spelled stay two files. */
+    CHECK(close(open(at(dir, plane16), O_CREAT | O_WRONLY, 0644)) == 0);
+    CHECK(close(open(at(dir, raw), O_CREAT | O_WRONLY, 0644)) == 0);
+    CHECK(listed(dir, plane16) == 1 && listed(dir, raw) == 1);
+    CHECK(unlink(at(dir, plane16)) == 0 && listed(dir, raw) == 1);
+    CHECK(unlink(at(dir, raw)) == 0);
+
+    /* A directory with such a name, as the working directory. */
+    CHECK(mkdir(at(dir, "d\x80"), 0755) == 0);
+    CHECK(chdir(at(dir, "d\x80")) == 0);
+    char cwd[4096];
+    CHECK(getcwd(cwd, sizeof cwd) && !strcmp(cwd + strlen(cwd) - 3, "/d\x80"));
+    CHECK(close(open("f\xe9", O_CREAT | O_WRONLY, 0644)) == 0 && listed(".", "f\xe9") == 1);
+    CHECK(unlink("f\xe9") == 0);
+    CHECK(chdir("/") == 0 && rmdir(at(dir, "d\x80")) == 0);
+}
+
+static void memfd(void) {
+    int fd = memfd_create("pico\xe9", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    CHECK(fd >= 0);
+    CHECK(write(fd, "0123456789", 10) == 10);
+    struct stat st;
+    CHECK(fstat(fd, &st) == 0 && st.st_size == 10 && S_ISREG(st.st_mode));
+    CHECK(ftruncate(fd, 8192) == 0);
+    char *m = mmap(NULL, 8192, PROT_READ, MAP_PRIVATE, fd, 0);
+    CHECK(m != MAP_FAILED && !memcmp(m, "0123456789", 10) && m[4096] == 0);
+    if (m != MAP_FAILED) munmap(m, 8192);
+    CHECK(fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_GROW) == 0);
+    CHECK(fcntl(fd, F_GET_SEALS) == (F_SEAL_WRITE | F_SEAL_GROW));
+    CHECK(pwrite(fd, "x", 1, 0) == -1 && errno == EPERM);
+    CHECK(fcntl(fd, F_GETFD) == FD_CLOEXEC);
+    close(fd);
+    /* No sealing unless asked for; no huge pages here (or a bad flag). */
+    fd = memfd_create("plain", 0);
+    CHECK(fd >= 0 && fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE) == -1 && errno == EPERM);
+    close(fd);
+    CHECK(memfd_create("bad", 0x4000) == -1 && errno == EINVAL);
+}
+
+static void copies(const char *dir) {
+    char buf[64];
+    int in = open(at(dir, "copy-in"), O_CREAT | O_RDWR | O_TRUNC, 0644);
+    CHECK(in >= 0 && write(in, "hello, copies", 13) == 13);
+    int out = open(at(dir, "copy-out"), O_CREAT | O_RDWR | O_TRUNC, 0644);
+    CHECK(out >= 0);
+    /* With offsets: the files' own offsets stay. */
+    loff_t off_in = 7, off_out = 0;
+    CHECK(copy_file_range(in, &off_in, out, &off_out, 100, 0) == 6);
+    CHECK(off_in == 13 && off_out == 6);
+    CHECK(pread(out, buf, sizeof buf, 0) == 6 && !memcmp(buf, "copies", 6));
+    /* Without: the file offsets move. */
+    CHECK(lseek(in, 0, SEEK_SET) == 0 && lseek(out, 6, SEEK_SET) == 6);
+    CHECK(copy_file_range(in, NULL, out, NULL, 5, 0) == 5);
+    CHECK(lseek(in, 0, SEEK_CUR) == 5 && lseek(out, 0, SEEK_CUR) == 11);
+    CHECK(pread(out, buf, sizeof buf, 0) == 11 && !memcmp(buf, "copieshello", 11));
+    CHECK(copy_file_range(in, NULL, 999, NULL, 5, 0) == -1 && errno == EBADF);
+    CHECK(copy_file_range(in, NULL, out, NULL, 5, 1) == -1 && errno == EINVAL);
+    int ro = open(at(dir, "copy-in"), O_RDONLY);
+    CHECK(copy_file_range(in, NULL, ro, NULL, 5, 0) == -1 && errno == EBADF);
+    close(ro);
+
+    /* splice: file -> pipe -> file, and tee between pipes. */
+    int p[2], q[2];
+    CHECK(pipe(p) == 0 && pipe(q) == 0);
+    loff_t from = 0;
+    CHECK(splice(in, &from, p[1], NULL, 13, 0) == 13 && from == 13);
+    CHECK(tee(p[0], q[1], 13, 0) == 13);
+    CHECK(read(q[0], buf, 13) == 13 && !memcmp(buf, "hello, copies", 13));
+    CHECK(ftruncate(out, 0) == 0);
+    loff_t to = 0;
+    CHECK(splice(p[0], NULL, out, &to, 13, 0) == 13 && to == 13);
+    CHECK(pread(out, buf, sizeof buf, 0) == 13 && !memcmp(buf, "hello, copies", 13));
+    /* An empty pipe: SPLICE_F_NONBLOCK says EAGAIN rather than wait. */
+    CHECK(splice(p[0], NULL, out, NULL, 13, SPLICE_F_NONBLOCK) == -1 && errno == EAGAIN);
+    /* Neither end a pipe. */
+    CHECK(splice(in, NULL, out, NULL, 13, 0) == -1 && errno == EINVAL);
+    close(p[0]); close(p[1]); close(q[0]); close(q[1]);
+    close(in); close(out);
+    unlink(at(dir, "copy-in"));
+    unlink(at(dir, "copy-out"));
+}
+
+static void residency(void) {
+    long page = sysconf(_SC_PAGESIZE);
+    char *m = mmap(NULL, 4 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(m != MAP_FAILED);
+    m[0] = 1;
+    m[2 * page] = 1;
+    unsigned char vec[4] = {9, 9, 9, 9};
+    CHECK(mincore(m, 4 * page, vec) == 0);
+    CHECK((vec[0] & 1) && (vec[2] & 1) && vec[1] <= 1 && vec[3] <= 1);
+    CHECK(mincore(m + 1, page, vec) == -1 && errno == EINVAL);
+    CHECK(munmap(m + 3 * page, page) == 0);
+    CHECK(mincore(m, 4 * page, vec) == -1 && errno == ENOMEM);
+    munmap(m, 3 * page);
+}
+
+/* redis's default `bind * -::*`: an IPv4 socket on 0.0.0.0 and an IPv6-only one on ::,
+ * on one port; then a client reaches the IPv6 one at the address it reports. */
+static void dual_stack(void) {
+    int v4 = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    CHECK(setsockopt(v4, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0);
+    struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_ANY)};
+    CHECK(bind(v4, (struct sockaddr *)&a4, sizeof a4) == 0 && listen(v4, 8) == 0);
+    socklen_t len = sizeof a4;
+    CHECK(getsockname(v4, (struct sockaddr *)&a4, &len) == 0 && a4.sin_port != 0);
+
+    int v6 = socket(AF_INET6, SOCK_STREAM, 0);
+    CHECK(setsockopt(v6, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one) == 0);
+    struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_addr = in6addr_any,
+                              .sin6_port = a4.sin_port};
+    CHECK(bind(v6, (struct sockaddr *)&a6, sizeof a6) == 0 && listen(v6, 8) == 0);
+    len = sizeof a6;
+    CHECK(getsockname(v6, (struct sockaddr *)&a6, &len) == 0 && a6.sin6_port == a4.sin_port);
+    /* Natively the socket says ::, which a connect takes as the host itself. */
+    if (IN6_IS_ADDR_UNSPECIFIED(&a6.sin6_addr)) a6.sin6_addr = in6addr_loopback;
+    int c = socket(AF_INET6, SOCK_STREAM, 0);
+    CHECK(connect(c, (struct sockaddr *)&a6, sizeof a6) == 0);
+    int s = accept(v6, NULL, NULL);
+    CHECK(s >= 0 && write(c, "six", 3) == 3);
+    char buf[8];
+    CHECK(read(s, buf, sizeof buf) == 3 && !memcmp(buf, "six", 3));
+    close(s); close(c); close(v6); close(v4);
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) {
+        fprintf(stderr, "usage: abi DIR\n");
+        return 2;
+    }
+    names(argv[1]);
+    memfd();
+    copies(argv[1]);
+    residency();
+    dual_stack();
+    DONE();
+}
