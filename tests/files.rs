@@ -101,9 +101,10 @@ fn file_locks_hold_between_apps_sharing_a_data_directory() {
     let _ = holder.wait();
 }
 
-/// Names that are not UTF-8, memfd_create, copy_file_range, splice, tee, mincore and an
-/// IPv6-only listener beside an IPv4 one (redis's default `bind * -::*`): the same checks
-/// pass natively and in a picoprocess.
+/// Names that are not UTF-8, memfd_create, copy_file_range, splice, tee, mincore, an
+/// IPv6-only listener beside an IPv4 one (redis's default `bind * -::*`) and getifaddrs
+/// through rtnetlink: the same checks pass natively and in a picoprocess (which also
+/// refuses netlink requests that would change something).
 #[test]
 fn abi_calls_behave_as_natively() {
     let program = guest("abi", Link::Static);
@@ -127,6 +128,7 @@ fn abi_calls_behave_as_natively() {
         "30",
         program.to_str().unwrap(),
         "/data",
+        "confined",
     ]);
     assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
     // The names reached the host as the app's bytes: nothing is left, and nothing was

@@ -275,6 +275,8 @@ pub enum FileRecord {
         /// The interval.
         interval_ns: u64,
     },
+    /// A read-only rtnetlink socket the VMM answers (unanswered requests are dropped).
+    Netlink,
     /// An anonymous file from memfd_create, with its contents.
     Memfd {
         /// The name the app gave it.
@@ -300,6 +302,7 @@ impl FileRecord {
             FileRecord::Epoll { .. } => "epoll set",
             FileRecord::EventFd { .. } => "eventfd",
             FileRecord::TimerFd { .. } => "timerfd",
+            FileRecord::Netlink => "netlink socket",
             FileRecord::Memfd { .. } => "memfd",
         }
     }

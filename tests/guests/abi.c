@@ -1,15 +1,21 @@
 /* Calls that behave as Linux has them, checked the same way natively and in a
  * picoprocess (tests/files.rs runs both):
  *
- *   abi DIR     file names that are not UTF-8, memfd_create, copy_file_range, splice,
- *               tee, mincore, and an IPv6-only listener beside an IPv4 one on one port,
- *               all under the writable directory DIR.
+ *   abi DIR [confined]
+ *               file names that are not UTF-8, memfd_create, copy_file_range, splice,
+ *               tee, mincore, an IPv6-only listener beside an IPv4 one on one port,
+ *               and the interfaces (getifaddrs and if_nameindex, through rtnetlink),
+ *               with files under the writable directory DIR.
  */
 #define _GNU_SOURCE
 #include "check.h"
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <ifaddrs.h>
+#include <net/if.h>
 #include <fcntl.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -182,9 +188,52 @@ static void dual_stack(void) {
     close(s); close(c); close(v6); close(v4);
 }
 
+/* The interfaces, through rtnetlink: lo is up and holds a 127/8 address. In a picoprocess
+ * (CONFINED), changes are refused as for any unprivileged process, and only rtnetlink
+ * exists; natively, as root, they are not tried. */
+static void interfaces(int confined) {
+    struct ifaddrs *all = NULL;
+    CHECK(getifaddrs(&all) == 0);
+    int lo_v4 = 0, lo_link = 0;
+    for (struct ifaddrs *i = all; i; i = i->ifa_next) {
+        if (strcmp(i->ifa_name, "lo") || !i->ifa_addr) continue;
+        if (!(i->ifa_flags & IFF_UP) || !(i->ifa_flags & IFF_LOOPBACK)) continue;
+        if (i->ifa_addr->sa_family == AF_PACKET) lo_link++;
+        if (i->ifa_addr->sa_family == AF_INET) {
+            struct sockaddr_in *a = (struct sockaddr_in *)i->ifa_addr;
+            struct sockaddr_in *m = (struct sockaddr_in *)i->ifa_netmask;
+            lo_v4 += (ntohl(a->sin_addr.s_addr) >> 24) == 127 && m &&
+                     ntohl(m->sin_addr.s_addr) == 0xff000000;
+        }
+    }
+    CHECK(lo_v4 >= 1 && lo_link == 1);
+    freeifaddrs(all);
+    struct if_nameindex *names = if_nameindex();
+    int lo = 0;
+    for (struct if_nameindex *n = names; n && n->if_index; n++) lo += !strcmp(n->if_name, "lo");
+    CHECK(names && lo == 1);
+    if (names) if_freenameindex(names);
+    if (!confined) return;
+    int nl = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    CHECK(nl >= 0);
+    struct { struct nlmsghdr h; struct rtmsg r; } req = {
+        .h = {.nlmsg_len = sizeof req, .nlmsg_type = RTM_NEWROUTE,
+              .nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, .nlmsg_seq = 5},
+        .r = {.rtm_family = AF_INET, .rtm_table = RT_TABLE_MAIN},
+    };
+    CHECK(send(nl, &req, sizeof req, 0) == sizeof req);
+    char buf[256];
+    ssize_t n = recv(nl, buf, sizeof buf, 0);
+    struct nlmsghdr *h = (struct nlmsghdr *)buf;
+    CHECK(n >= (ssize_t)(sizeof *h + 4) && h->nlmsg_type == NLMSG_ERROR && h->nlmsg_seq == 5 &&
+          ((struct nlmsgerr *)NLMSG_DATA(h))->error == -EPERM);
+    CHECK(socket(AF_NETLINK, SOCK_RAW, NETLINK_KOBJECT_UEVENT) == -1);
+    close(nl);
+}
+
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: abi DIR\n");
+    if (argc < 2) {
+        fprintf(stderr, "usage: abi DIR [confined]\n");
         return 2;
     }
     names(argv[1]);
@@ -192,5 +241,6 @@ int main(int argc, char **argv) {
     copies(argv[1]);
     residency();
     dual_stack();
+    interfaces(argc > 2 && !strcmp(argv[2], "confined"));
     DONE();
 }

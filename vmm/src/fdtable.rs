@@ -56,6 +56,9 @@ pub enum FileKind {
         /// Its clock.
         clock: i32,
     },
+    /// A read-only rtnetlink socket the VMM answers (see `syscalls::netlink`): a host
+    /// datagram socket whose peer the VMM writes the answers to.
+    Netlink,
     /// An anonymous file from memfd_create: a host memfd, whose contents a snapshot keeps.
     Memfd {
         /// The name the app gave (shown as `/memfd:NAME`).
@@ -81,6 +84,8 @@ pub struct FileState {
     /// ties a registration to the open file description, not the number, so the number
     /// alone may name another file later (see `persist::files`).
     pub registrations: BTreeMap<i32, Registration>,
+    /// A netlink socket's other end, where the VMM writes its answers.
+    pub netlink_answers: Option<Arc<OwnedFd>>,
 }
 
 /// One epoll registration.
@@ -145,6 +150,7 @@ impl OpenFile {
                 | FileKind::Epoll
                 | FileKind::EventFd { .. }
                 | FileKind::TimerFd { .. }
+                | FileKind::Netlink
         )
     }
 

@@ -106,6 +106,7 @@ fn memfd_record(file: &OpenFile, name: &str) -> Result<FileRecord, String> {
 fn record(file: &OpenFile, files: &FdTable, closed: &mut u64) -> Result<FileRecord, String> {
     Ok(match &file.kind {
         FileKind::Memfd { name } => memfd_record(file, name)?,
+        FileKind::Netlink => FileRecord::Netlink,
         FileKind::Path { path, flags } => FileRecord::Path {
             path: path.clone(),
             flags: *flags,
@@ -395,6 +396,8 @@ fn reopen(
             rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC)?,
             FileKind::Epoll,
         ),
+        // Made with the end its answers go to, in `restore`.
+        FileRecord::Netlink => return Err(Errno::INVAL),
         FileRecord::Memfd {
             name,
             data,
@@ -431,6 +434,14 @@ pub fn restore(p: &mut Process, records: &[FdRecord]) -> Result<(), FileRestoreE
     for record in records {
         let file = match opened.get(&record.shared) {
             Some(file) => file.clone(),
+            None if matches!(record.file, FileRecord::Netlink) => {
+                let (app, answers) =
+                    crate::syscalls::netlink::pair().map_err(|e| fail(record, e))?;
+                let file = OpenFile::with_mode(app, FileKind::Netlink, record.nonblocking);
+                file.state().netlink_answers = Some(answers);
+                opened.insert(record.shared, file.clone());
+                file
+            }
             None => {
                 let (fd, kind) =
                     reopen(p, &record.file, &mut pipes).map_err(|e| fail(record, e))?;

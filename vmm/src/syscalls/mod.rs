@@ -8,6 +8,7 @@ pub mod epoll;
 pub mod fs;
 pub mod mem;
 pub mod net;
+pub mod netlink;
 pub mod poll;
 pub mod process;
 pub mod signal;

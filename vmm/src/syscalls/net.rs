@@ -11,7 +11,7 @@
 //!   are prefixed with the app's name so apps cannot meet there.
 
 use super::wait::retry;
-use super::{Args, SysError, SysResult};
+use super::{netlink, Args, SysError, SysResult};
 use crate::fdtable::{FileKind, OpenFile};
 use crate::hostcall;
 use crate::kernel::process::Process;
@@ -148,7 +148,7 @@ fn write_address(
 fn socket(p: &Process, fd: i32) -> Result<Arc<OpenFile>, Errno> {
     let file = p.files.file(fd)?;
     match file.kind {
-        FileKind::Socket { .. } => Ok(file),
+        FileKind::Socket { .. } | FileKind::Netlink => Ok(file),
         _ => Err(Errno::NOTSOCK),
     }
 }
@@ -197,6 +197,9 @@ fn unix_target(p: &Process, address: &Address, creating: bool) -> Result<UnixTar
 /// socket(2): AF_INET, AF_INET6 and AF_UNIX stream and datagram sockets.
 pub fn socket_call(p: &mut Process, a: &Args) -> SysResult {
     let (domain, raw_type, protocol) = (a.i32(0), a.i32(1), a.i32(2));
+    if domain == libc::AF_NETLINK {
+        return netlink::socket(p, raw_type, protocol);
+    }
     if ![libc::AF_INET, libc::AF_INET6, libc::AF_UNIX].contains(&domain) {
         return Err(Errno::AFNOSUPPORT.into());
     }
@@ -261,6 +264,9 @@ pub fn socketpair(p: &mut Process, a: &Args) -> SysResult {
 /// bind(2), through the NAT.
 pub fn bind(p: &mut Process, a: &Args) -> SysResult {
     let file = socket(p, a.fd(0))?;
+    if matches!(file.kind, FileKind::Netlink) {
+        return netlink::address_call(p, a);
+    }
     let address = read_address(p, a.ptr(1), a.u32(2))?;
     match &address {
         Address::Ip(requested) => {
@@ -386,6 +392,9 @@ fn destination(p: &Process, dest: SocketAddr) -> Result<SocketAddr, Errno> {
 /// connect(2), within the outbound policy.
 pub fn connect(p: &mut Process, a: &Args) -> SysResult {
     let file = socket(p, a.fd(0))?;
+    if matches!(file.kind, FileKind::Netlink) {
+        return netlink::address_call(p, a);
+    }
     let address = read_address(p, a.ptr(1), a.u32(2))?;
     let (raw, _keep) = match &address {
         Address::Ip(dest) => {
@@ -415,6 +424,11 @@ pub fn connect(p: &mut Process, a: &Args) -> SysResult {
 
 fn name_call(p: &mut Process, a: &Args, peer: bool) -> SysResult {
     let file = socket(p, a.fd(0))?;
+    if matches!(file.kind, FileKind::Netlink) {
+        let port = if peer { 0 } else { netlink::port() };
+        write_address(p, a.ptr(1), a.ptr(2), &netlink::sockaddr(port))?;
+        return Ok(0);
+    }
     let saved = if peer {
         None
     } else {
@@ -499,6 +513,10 @@ pub fn setsockopt(p: &mut Process, a: &Args) -> SysResult {
     let (level, name, len) = (a.i32(1), a.i32(2), a.usize(4));
     if len > 256 {
         return Err(Errno::INVAL.into());
+    }
+    if level == libc::SOL_NETLINK && matches!(file.kind, FileKind::Netlink) {
+        // Groups, strict checking, extended acks: accepted; nothing ever changes.
+        return Ok(0);
     }
     if !allowed_level(level) {
         return Err(Errno::NOPROTOOPT.into());
@@ -605,6 +623,10 @@ fn recv_common(
             p.mem.recvmsg_from_host(file.host(), bufs, host_flags)
         })?
     };
+    if matches!(file.kind, FileKind::Netlink) {
+        // From the kernel, as the app believes.
+        return Ok((received.0, netlink::sockaddr(0), received.2));
+    }
     if let Ok(Address::Ip(peer)) = decode_address(&received.1) {
         remember_peer(&mut file.state().heard_from, peer);
     }
@@ -625,6 +647,10 @@ fn remember_peer(heard_from: &mut std::collections::VecDeque<SocketAddr>, peer: 
 
 /// sendto(2).
 pub fn sendto(p: &mut Process, a: &Args) -> SysResult {
+    let file = p.files.file(a.fd(0))?;
+    if matches!(file.kind, FileKind::Netlink) {
+        return netlink::request(p, &file, &[(a.ptr(1), a.usize(2))]);
+    }
     let dest = if a.ptr(4).is_null() {
         None
     } else {
@@ -675,6 +701,10 @@ pub fn sendmsg(p: &mut Process, a: &Args) -> SysResult {
     let msg = read_msghdr(p, a.ptr(1))?;
     if msg.control_len != 0 {
         return Err(Errno::INVAL.into());
+    }
+    let file = p.files.file(a.fd(0))?;
+    if matches!(file.kind, FileKind::Netlink) {
+        return netlink::request(p, &file, &msg.bufs);
     }
     let dest = if msg.name.is_null() || msg.name_len == 0 {
         None
