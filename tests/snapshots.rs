@@ -891,3 +891,10 @@ fn a_go_server_keeps_its_state_through_ten_swaps() {
         swap_out("test-snap-go", dir.path(), child);
     }
 }
+
+/// A sealed memfd (contents, offset, seals) and an rtnetlink socket (which still answers)
+/// come back from a snapshot taken while the app runs.
+#[test]
+fn a_memfd_and_a_netlink_socket_come_back() {
+    snapshot_while_running_then_restore("fds_snap", "test-snap-fds");
+}
