@@ -1,17 +1,9 @@
 //! The app's network identity and outbound policy: the address its binds to any address
 //! are rewritten to, and which peers it may reach. The socket calls are in `syscalls::net`.
 
+use crate::sandbox::loopback6::APP_V6_PREFIX;
 use rustix::io::Errno;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
-
-/// The prefix of the IPv6 address an app with an IPv4 address also has: a unique local
-/// prefix (fd00::/8) whose global ID spells "pico", then the IPv4 address in the last 32
-/// bits, so the two addresses come and go together. A worker routes the prefix to
-/// loopback (`local fd00:7069:636f::/96 dev lo`), as 127.0.0.0/8 is.
-pub const APP_V6_PREFIX: [u16; 6] = [0xfd00, 0x7069, 0x636f, 0, 0, 0];
-
-/// The prefix length of [`APP_V6_PREFIX`].
-pub const APP_V6_PREFIX_LEN: u8 = 96;
 
 /// Whether `ip` is on this host's loopback: 127.0.0.0/8, ::1, or an app's IPv6 address.
 pub fn is_local(ip: IpAddr) -> bool {

@@ -1,10 +1,18 @@
-//! The route that makes apps' IPv6 addresses reachable on this host: the prefix of
-//! [`crate::kernel::netpolicy::APP_V6_PREFIX`] as a `local` route on loopback, as
-//! 127.0.0.0/8 is (`ip -6 route replace local fd00:7069:636f::/96 dev lo table local`),
-//! set with one rtnetlink request. Needs CAP_NET_ADMIN; idempotent.
+//! The route that makes apps' IPv6 addresses reachable on this host: [`APP_V6_PREFIX`]
+//! as a `local` route on loopback, as 127.0.0.0/8 is (`ip -6 route replace local
+//! fd00:7069:636f::/96 dev lo table local`), set with one rtnetlink request. Needs
+//! CAP_NET_ADMIN; idempotent.
 
-use crate::kernel::netpolicy::{APP_V6_PREFIX, APP_V6_PREFIX_LEN};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// The prefix of the IPv6 address an app with an IPv4 address also has: a unique local
+/// prefix (fd00::/8) whose global ID spells "pico", then the IPv4 address in the last 32
+/// bits, so the two addresses come and go together. A worker routes the prefix to
+/// loopback (`local fd00:7069:636f::/96 dev lo`), as 127.0.0.0/8 is.
+pub const APP_V6_PREFIX: [u16; 6] = [0xfd00, 0x7069, 0x636f, 0, 0, 0];
+
+/// The prefix length of [`APP_V6_PREFIX`].
+pub const APP_V6_PREFIX_LEN: u8 = 96;
 
 /// Why the route could not be set.
 #[derive(Debug, thiserror::Error)]
