@@ -2,7 +2,8 @@
  * picoprocess (tests/files.rs runs both):
  *
  *   abi DIR [confined]
- *               file names that are not UTF-8, memfd_create, copy_file_range, splice,
+ *               file names that are not UTF-8, symlinks (absolute, relative, across
+ *               the writable mount's top), umask, memfd_create, copy_file_range, splice,
  *               tee, mincore, an IPv6-only listener beside an IPv4 one on one port,
  *               and the interfaces (getifaddrs and if_nameindex, through rtnetlink),
  *               with files under the writable directory DIR.
@@ -77,6 +78,55 @@ static void names(const char *dir) {
     CHECK(close(open("f\xe9", O_CREAT | O_WRONLY, 0644)) == 0 && listed(".", "f\xe9") == 1);
     CHECK(unlink("f\xe9") == 0);
     CHECK(chdir("/") == 0 && rmdir(at(dir, "d\x80")) == 0);
+}
+
+/* Symlinks resolve in the app's own tree, as on Linux: an absolute target starts at its
+ * root (here it leads back into the writable mount), `..` in a target goes up past the
+ * mount's top and back. */
+static void symlinks(const char *dir) {
+    char target[4096], rel[4096];
+    struct stat st;
+    CHECK(mkdir(at(dir, "real"), 0755) == 0);
+    int fd = open(at(dir, "real/f"), O_CREAT | O_WRONLY, 0644);
+    CHECK(fd >= 0 && write(fd, "x", 1) == 1);
+    close(fd);
+    snprintf(target, sizeof target, "%s/real", dir);
+    CHECK(symlink(target, at(dir, "abs")) == 0);
+    CHECK(stat(at(dir, "abs/f"), &st) == 0 && st.st_size == 1);
+    CHECK(lstat(at(dir, "abs"), &st) == 0 && S_ISLNK(st.st_mode));
+    CHECK(stat(at(dir, "abs"), &st) == 0 && S_ISDIR(st.st_mode));
+    const char *base = strrchr(dir, '/') ? strrchr(dir, '/') + 1 : dir;
+    snprintf(rel, sizeof rel, "../%s/real", base);
+    CHECK(symlink(rel, at(dir, "rel")) == 0);
+    CHECK(stat(at(dir, "rel/f"), &st) == 0 && st.st_size == 1);
+    snprintf(target, sizeof target, "%s/abs", dir);
+    CHECK(symlink(target, at(dir, "chain")) == 0);
+    fd = open(at(dir, "chain/f"), O_RDONLY);
+    char c = 0;
+    CHECK(fd >= 0 && read(fd, &c, 1) == 1 && c == 'x');
+    close(fd);
+    /* Creating through an absolute link makes the file where it leads. */
+    fd = open(at(dir, "abs/made"), O_CREAT | O_WRONLY, 0600);
+    CHECK(fd >= 0 && fstat(fd, &st) == 0 && (st.st_mode & 0777) == 0600);
+    close(fd);
+    CHECK(access(at(dir, "real/made"), F_OK) == 0);
+    snprintf(target, sizeof target, "%s/loop", dir);
+    CHECK(symlink(target, at(dir, "loop")) == 0);
+    CHECK(open(at(dir, "loop"), O_RDONLY) == -1 && errno == ELOOP);
+    CHECK(open(at(dir, "abs"), O_RDONLY | O_NOFOLLOW) == -1 && errno == ELOOP);
+    /* umask 002: directories 0775, files 0664, exactly. */
+    mode_t old = umask(002);
+    CHECK(mkdir(at(dir, "group"), 0777) == 0 && stat(at(dir, "group"), &st) == 0 &&
+          (st.st_mode & 0777) == 0775);
+    fd = open(at(dir, "group/f"), O_CREAT | O_WRONLY, 0666);
+    CHECK(fd >= 0 && fstat(fd, &st) == 0 && (st.st_mode & 0777) == 0664);
+    close(fd);
+    umask(old);
+    unlink(at(dir, "group/f"));
+    rmdir(at(dir, "group"));
+    for (const char *n = "abs\0rel\0chain\0loop\0real/f\0real/made\0"; *n; n += strlen(n) + 1)
+        CHECK(unlink(at(dir, n)) == 0);
+    CHECK(rmdir(at(dir, "real")) == 0);
 }
 
 static void memfd(void) {
@@ -237,6 +287,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     names(argv[1]);
+    symlinks(argv[1]);
     memfd();
     copies(argv[1]);
     residency();

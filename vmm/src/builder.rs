@@ -198,6 +198,7 @@ pub(crate) fn process(
         sandbox,
         cwd: sandbox::normalize("/", &config.cwd),
         umask: 0o022,
+        nice: 0,
         signals: Default::default(),
         clock: crate::kernel::clock::Clock {
             tsc: tsc.filter(|_| config.doorbell_time),

@@ -28,6 +28,9 @@ pub struct Process {
     pub cwd: String,
     /// Its file-mode creation mask.
     pub umask: u32,
+    /// Its nice value (-20..=19): what getpriority reports; the host's scheduling of the
+    /// VMM is the operator's.
+    pub nice: i32,
     /// Signal dispositions and mask.
     pub signals: SignalState,
     /// Its clocks.

@@ -2,10 +2,13 @@
 //! This module is the only way from a path the app names to a host file.
 //!
 //! Every path is made absolute against the working directory, normalised lexically,
-//! matched to the longest mount prefix, and resolved inside that mount with
-//! `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`: `..` stops at the mount's top,
-//! absolute symlinks are resolved inside it, and `/proc/self/root`-style magic links are
-//! refused. What a call then acts on is an fd, never a name the host would resolve again:
+//! matched to the longest mount prefix, and opened inside that mount with
+//! `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS)`. A path with a symlink on it is first
+//! resolved in the guest's own tree, one component at a time, each opened inside its
+//! mount with symlinks refused ([`Sandbox::canonical`]): an absolute target starts again
+//! at the guest's root (and may lead into another mount), `..` goes up in the guest's
+//! tree and stops at its root, `/proc/self/root`-style magic links are refused. What a
+//! call then acts on is an fd, never a name the host would resolve again:
 //!
 //! * [`Sandbox::open`] opens the file itself;
 //! * [`Sandbox::lookup`] gives a [`Node`], the file as an `O_PATH` fd (following a final
@@ -81,7 +84,36 @@ pub enum Follow {
     No,
 }
 
-fn open_in(root: &OwnedFd, relative: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {
+/// How one resolution inside a mount treats symlinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Symlinks {
+    /// Refused (ELOOP), so that the caller resolves them in the guest's namespace first,
+    /// where an absolute target starts at the guest's root and may lead into another
+    /// mount (see [`Sandbox::canonical`]). A final symlink opened with O_PATH|O_NOFOLLOW
+    /// is still the link itself.
+    Refused,
+    /// Resolved inside the mount: for a path already made symlink-free, where one can only
+    /// appear by a race, which then stays confined to the mount.
+    InMount,
+}
+
+/// statfs's f_type of procfs.
+const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+
+/// How many symlinks one path may lead through (Linux's MAXSYMLINKS).
+const MAX_SYMLINKS: usize = 40;
+
+fn open_in(
+    root: &OwnedFd,
+    relative: &str,
+    flags: OFlags,
+    mode: Mode,
+    symlinks: Symlinks,
+) -> Result<OwnedFd, Errno> {
+    let resolve = match symlinks {
+        Symlinks::Refused => ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS,
+        Symlinks::InMount => ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    };
     // openat2 fails with EAGAIN when a rename or a mount anywhere on the host raced with
     // its resolution of `..` (it cannot then vouch for staying inside the root), and asks
     // to be called again: on a busy host (other apps' jails mounting), that happens.
@@ -92,11 +124,40 @@ fn open_in(root: &OwnedFd, relative: &str, flags: OFlags, mode: Mode) -> Result<
             pathbytes::to_host(relative).as_ref(),
             flags,
             mode,
-            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+            resolve,
         ) {
             Err(Errno::AGAIN) if attempts < 128 => attempts += 1,
             other => return other,
         }
+    }
+}
+
+/// open(2) with O_CREAT in a writable mount: a file it creates gets exactly `mode` (the
+/// app's umask already applied), not `mode` narrowed again by the VMM's own umask.
+fn create_in(
+    root: &OwnedFd,
+    relative: &str,
+    flags: OFlags,
+    mode: Mode,
+    symlinks: Symlinks,
+) -> Result<OwnedFd, Errno> {
+    let existing = flags & !(OFlags::CREATE | OFlags::EXCL);
+    if !flags.contains(OFlags::EXCL) {
+        match open_in(root, relative, existing, Mode::empty(), symlinks) {
+            Err(Errno::NOENT) => {}
+            other => return other,
+        }
+    }
+    match open_in(root, relative, flags | OFlags::EXCL, mode, symlinks) {
+        Ok(fd) => {
+            rustix::fs::fchmod(&fd, mode)?;
+            Ok(fd)
+        }
+        // Made meanwhile, or a dangling symlink (which O_CREAT creates the target of).
+        Err(Errno::EXIST) if !flags.contains(OFlags::EXCL) => {
+            open_in(root, relative, flags, mode, symlinks)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -262,8 +323,85 @@ impl Sandbox {
         !DEVICES.contains(&path) && !self.resolve(path).mount.writable
     }
 
+    /// The path `path` (absolute, normalised) names with no symlink on the way, each
+    /// resolved in the guest's namespace as Linux does: an absolute target starts again
+    /// at the guest's root (and may lead into another mount), `..` in a target goes up
+    /// in the guest's tree. The final component is followed when `follow_last`. Every
+    /// step is one component opened inside its mount with symlinks refused, so nothing
+    /// here can reach outside the mounts. ENOENT for a missing directory on the way; a
+    /// missing final component is kept (the caller may be creating it).
+    fn canonical(&self, path: &str, follow_last: bool) -> Result<String, Errno> {
+        let mut done: Vec<String> = Vec::new();
+        let mut todo: std::collections::VecDeque<String> = path
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .map(str::to_string)
+            .collect();
+        let mut links = 0;
+        while let Some(component) = todo.pop_front() {
+            if component == ".." {
+                done.pop();
+                continue;
+            }
+            let candidate = format!("/{}", [done.join("/"), component.clone()].join("/"));
+            let candidate = normalize("/", &candidate);
+            if todo.is_empty() && !follow_last {
+                done.push(component);
+                break;
+            }
+            let resolved = self.resolve(&candidate);
+            let fd = match open_in(
+                &resolved.mount.host,
+                &resolved.relative,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+                Symlinks::Refused,
+            ) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) if todo.is_empty() => {
+                    done.push(component);
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode)
+                != rustix::fs::FileType::Symlink
+            {
+                done.push(component);
+                continue;
+            }
+            links += 1;
+            // procfs links are magic (they name objects, not paths): refused, as
+            // RESOLVE_NO_MAGICLINKS refuses them.
+            if links > MAX_SYMLINKS || rustix::fs::fstatfs(&fd)?.f_type == PROC_SUPER_MAGIC {
+                return Err(Errno::LOOP);
+            }
+            let target = rustix::fs::readlinkat(&fd, "", Vec::new())?;
+            let target = pathbytes::from_guest(target.into_bytes());
+            if target.starts_with('/') {
+                done.clear();
+            }
+            for part in target.split('/').rev() {
+                if !part.is_empty() && part != "." {
+                    todo.push_front(part.to_string());
+                }
+            }
+        }
+        Ok(format!("/{}", done.join("/")))
+    }
+
     /// The file `path` (absolute, normalised) names, as an `O_PATH` fd.
     pub fn lookup(&self, path: &str, follow: Follow) -> Result<Node, Errno> {
+        match self.lookup_once(path, follow, Symlinks::Refused) {
+            Err(Errno::LOOP) => {
+                let canonical = self.canonical(path, follow == Follow::Yes)?;
+                self.lookup_once(&canonical, follow, Symlinks::InMount)
+            }
+            other => other,
+        }
+    }
+
+    fn lookup_once(&self, path: &str, follow: Follow, symlinks: Symlinks) -> Result<Node, Errno> {
         let mut flags = OFlags::PATH | OFlags::CLOEXEC;
         if follow == Follow::No {
             flags |= OFlags::NOFOLLOW;
@@ -277,6 +415,7 @@ impl Sandbox {
             &resolved.relative,
             flags,
             Mode::empty(),
+            symlinks,
         )?;
         Node::new(fd, resolved.mount.writable)
     }
@@ -285,6 +424,17 @@ impl Sandbox {
     /// that act on the name itself. A mount's own top has no such entry (EBUSY, as for a
     /// mount point), and neither has a host device (EPERM).
     pub fn entry(&self, path: &str) -> Result<Entry, Errno> {
+        match self.entry_once(path, Symlinks::Refused) {
+            Err(Errno::LOOP) => {
+                let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+                let parent = self.canonical(if parent.is_empty() { "/" } else { parent }, true)?;
+                self.entry_once(&normalize(&parent, name), Symlinks::InMount)
+            }
+            other => other,
+        }
+    }
+
+    fn entry_once(&self, path: &str, symlinks: Symlinks) -> Result<Entry, Errno> {
         if DEVICES.contains(&path) {
             return Err(Errno::PERM);
         }
@@ -301,6 +451,7 @@ impl Sandbox {
             parent,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
+            symlinks,
         )?;
         Ok(Entry::new(
             dir,
@@ -314,6 +465,22 @@ impl Sandbox {
     /// access, O_CREAT of a missing file, O_TRUNC) need a writable mount; a new file's
     /// `mode` loses its set-id bits.
     pub fn open(&self, path: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {
+        match self.open_once(path, flags, mode, Symlinks::Refused) {
+            Err(Errno::LOOP) => {
+                let canonical = self.canonical(path, !flags.contains(OFlags::NOFOLLOW))?;
+                self.open_once(&canonical, flags, mode, Symlinks::InMount)
+            }
+            other => other,
+        }
+    }
+
+    fn open_once(
+        &self,
+        path: &str,
+        flags: OFlags,
+        mode: Mode,
+        symlinks: Symlinks,
+    ) -> Result<OwnedFd, Errno> {
         if let Some(content) = cpu_view(path) {
             if flags.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::TRUNC | OFlags::CREATE) {
                 return Err(Errno::ROFS);
@@ -338,6 +505,15 @@ impl Sandbox {
         } else {
             Mode::empty()
         };
+        if resolved.mount.writable && flags.contains(OFlags::CREATE) {
+            return create_in(
+                &resolved.mount.host,
+                &resolved.relative,
+                flags,
+                mode,
+                symlinks,
+            );
+        }
         if !resolved.mount.writable {
             if writes {
                 return Err(Errno::ROFS);
@@ -345,14 +521,26 @@ impl Sandbox {
             if flags.contains(OFlags::CREATE) {
                 // Opening an existing file with O_CREAT is fine; creating one is not.
                 let existing = flags & !(OFlags::CREATE | OFlags::EXCL);
-                return match open_in(&resolved.mount.host, &resolved.relative, existing, mode) {
+                return match open_in(
+                    &resolved.mount.host,
+                    &resolved.relative,
+                    existing,
+                    mode,
+                    symlinks,
+                ) {
                     Err(Errno::NOENT) => Err(Errno::ROFS),
                     Ok(_) if flags.contains(OFlags::EXCL) => Err(Errno::EXIST),
                     other => other,
                 };
             }
         }
-        open_in(&resolved.mount.host, &resolved.relative, flags, mode)
+        open_in(
+            &resolved.mount.host,
+            &resolved.relative,
+            flags,
+            mode,
+            symlinks,
+        )
     }
 }
 
@@ -440,7 +628,71 @@ mod tests {
     }
 
     #[test]
-    fn a_final_symlink_resolves_inside_the_mount_for_every_kind_of_call() {
+    fn symlinks_resolve_in_the_guests_tree_across_mounts_and_never_outside() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        std::fs::write(root.path().join("etc/guest-file"), b"guest").unwrap();
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir(data.path().join("real")).unwrap();
+        std::fs::write(data.path().join("real/f"), b"data").unwrap();
+        let link = |target: &str, name: &str| {
+            std::os::unix::fs::symlink(target, data.path().join(name)).unwrap()
+        };
+        // Into the same mount by its guest path, up and out of it, and as far up as `..`
+        // goes (the guest's root, never the host's).
+        link("/data/real", "abs");
+        link("../etc", "up");
+        link("../../../../../../../etc", "far-up");
+        link("/etc/hostname", "host-name");
+        // The root's own absolute link into the writable mount.
+        std::os::unix::fs::symlink("/data/real", root.path().join("into-data")).unwrap();
+        let mut sandbox = Sandbox::new(root.path()).unwrap();
+        sandbox.mount("/data", data.path(), true).unwrap();
+        let read = |path: &str| -> Result<Vec<u8>, Errno> {
+            let fd = sandbox.open(path, OFlags::RDONLY, Mode::empty())?;
+            let mut buf = [0u8; 16];
+            let n = rustix::io::read(&fd, &mut buf)?;
+            Ok(buf[..n].to_vec())
+        };
+        assert_eq!(read("/data/abs/f").unwrap(), b"data");
+        assert_eq!(read("/into-data/f").unwrap(), b"data");
+        assert_eq!(read("/data/up/guest-file").unwrap(), b"guest");
+        assert_eq!(read("/data/far-up/guest-file").unwrap(), b"guest");
+        assert_eq!(read("/data/host-name").unwrap_err(), Errno::NOENT);
+        // Creating through a link makes the file where the link leads, in the mount.
+        drop(
+            sandbox
+                .open(
+                    "/data/abs/new",
+                    OFlags::WRONLY | OFlags::CREATE,
+                    Mode::from(0o640),
+                )
+                .unwrap(),
+        );
+        assert!(data.path().join("real/new").exists());
+        // Through a link into the read-only root: still read-only.
+        assert_eq!(
+            sandbox
+                .open("/data/up/guest-file", OFlags::WRONLY, Mode::empty())
+                .unwrap_err(),
+            Errno::ROFS
+        );
+        // An entry's parent is followed; its own name is not.
+        sandbox
+            .entry("/data/abs/new")
+            .unwrap()
+            .unlink(rustix::fs::AtFlags::empty())
+            .unwrap();
+        assert!(!data.path().join("real/new").exists());
+        assert!(sandbox.entry("/data/abs").is_ok());
+        assert_eq!(
+            sandbox.lookup("/data/abs", Follow::No).unwrap().kind(),
+            rustix::fs::FileType::Symlink
+        );
+    }
+
+    #[test]
+    fn a_final_symlink_resolves_inside_the_guest_for_every_kind_of_call() {
         let host = tempfile::tempdir().unwrap();
         let secret = host.path().join("secret");
         std::fs::write(&secret, b"host").unwrap();

@@ -9,7 +9,7 @@
 //!   never follows a final symlink (mkdir, unlink, rename, readlink, bind, `*at` with
 //!   `AT_SYMLINK_NOFOLLOW`).
 
-use rustix::fs::{AtFlags, FileType, Mode, Timestamps};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timestamps};
 use rustix::io::Errno;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
@@ -200,14 +200,23 @@ impl Entry {
         }
     }
 
-    /// mkdir(2), with set-id bits stripped from `mode`.
+    /// mkdir(2), with set-id bits stripped from `mode`, which the new directory gets
+    /// exactly (the VMM's own umask does not narrow the app's: the app's was applied).
     pub fn mkdir(&self, mode: u32) -> Result<(), Errno> {
         self.require_writable()?;
-        rustix::fs::mkdirat(
+        let mode = Mode::from_bits_truncate(mode & SETTABLE_MODE);
+        rustix::fs::mkdirat(&self.dir, self.name.as_slice(), mode)?;
+        // The directory just made, never a symlink put in its place since: the chmod goes
+        // through its own fd's magic link.
+        if let Ok(made) = rustix::fs::openat(
             &self.dir,
             self.name.as_slice(),
-            Mode::from_bits_truncate(mode & SETTABLE_MODE),
-        )
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            let _ = rustix::fs::chmod(format!("/proc/self/fd/{}", made.as_raw_fd()), mode);
+        }
+        Ok(())
     }
 
     /// unlink(2), or rmdir(2) with `AtFlags::REMOVEDIR`.

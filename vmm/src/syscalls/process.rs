@@ -163,21 +163,29 @@ pub fn times(p: &mut Process, a: &Args) -> SysResult {
     )))
 }
 
-/// getpriority(2): the app's own priority, nice 0 (the raw call answers 20 - nice).
-pub fn getpriority(a: &Args) -> SysResult {
+/// The target of getpriority/setpriority: only the app itself (its process, group or user).
+fn priority_target(a: &Args) -> Result<(), Errno> {
     let own = |who: u32| who == 0 || who == crate::kernel::GUEST_PID as u32;
     match (a.u32(0), a.u32(1)) {
-        (libc::PRIO_PROCESS | libc::PRIO_PGRP | libc::PRIO_USER, who) if own(who) => Ok(20),
-        (libc::PRIO_PROCESS | libc::PRIO_PGRP | libc::PRIO_USER, _) => Err(Errno::SRCH.into()),
-        _ => Err(Errno::INVAL.into()),
+        (libc::PRIO_PROCESS | libc::PRIO_PGRP | libc::PRIO_USER, who) if own(who) => Ok(()),
+        (libc::PRIO_PROCESS | libc::PRIO_PGRP | libc::PRIO_USER, _) => Err(Errno::SRCH),
+        _ => Err(Errno::INVAL),
     }
 }
 
-/// setpriority(2) on the app itself: accepted (Linux clamps the value to -20..19; the app
-/// is root in its own view), and it changes nothing on the host, where the VMM's
-/// scheduling is the operator's.
-pub fn setpriority(a: &Args) -> SysResult {
-    getpriority(a).map(|_| 0)
+/// getpriority(2) of the app itself: 20 - nice, as the raw call reports it.
+pub fn getpriority(p: &Process, a: &Args) -> SysResult {
+    priority_target(a)?;
+    Ok((20 - p.nice) as u64)
+}
+
+/// setpriority(2) of the app itself: the value is clamped to -20..=19 as Linux does (the
+/// app is root in its own view) and reported back; it changes nothing on the host, where
+/// the VMM's scheduling is the operator's.
+pub fn setpriority(p: &mut Process, a: &Args) -> SysResult {
+    priority_target(a)?;
+    p.nice = a.i32(2).clamp(-20, 19);
+    Ok(0)
 }
 
 /// sched_getaffinity(2): one CPU.
