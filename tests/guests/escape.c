@@ -159,12 +159,19 @@ int main(int argc, char **argv) {
         int port = atoi(argv[2]);
         struct sockaddr_in host = {.sin_family = AF_INET, .sin_port = htons(port)};
         inet_pton(AF_INET, "127.0.0.1", &host.sin_addr);
+        /* 127.0.0.1 is the app itself: the host's service on that port is not reached
+         * (nothing of the app's listens there). */
         int s = socket(AF_INET, SOCK_STREAM, 0);
-        CHECK(connect(s, (void *)&host, sizeof host) == -1 && errno == ENETUNREACH);
+        CHECK(connect(s, (void *)&host, sizeof host) == -1 && errno == ECONNREFUSED);
+        close(s);
+        struct sockaddr_in other = host;
+        inet_pton(AF_INET, "127.0.0.2", &other.sin_addr);
+        s = socket(AF_INET, SOCK_STREAM, 0);
+        CHECK(connect(s, (void *)&other, sizeof other) == -1 && errno == ENETUNREACH);
         close(s);
         s = socket(AF_INET, SOCK_STREAM, 0);
         struct sockaddr_in mine = {.sin_family = AF_INET};
-        inet_pton(AF_INET, "127.0.0.1", &mine.sin_addr);
+        inet_pton(AF_INET, "127.0.0.2", &mine.sin_addr);
         CHECK(bind(s, (void *)&mine, sizeof mine) == -1 && errno == EADDRNOTAVAIL);
         mine.sin_addr.s_addr = htonl(INADDR_ANY);
         CHECK(bind(s, (void *)&mine, sizeof mine) == 0);

@@ -17,6 +17,18 @@ pub fn is_local(ip: IpAddr) -> bool {
     }
 }
 
+/// Whether `ip` is the loopback address an app means itself by (127.0.0.1, ::1, or
+/// 127.0.0.1 mapped): sockets bound to it use the app's own address and take nothing
+/// from anyone else (see `syscalls::net`).
+pub fn is_app_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a == Ipv4Addr::LOCALHOST,
+        IpAddr::V6(a) => {
+            a == Ipv6Addr::LOCALHOST || a.to_ipv4_mapped() == Some(Ipv4Addr::LOCALHOST)
+        }
+    }
+}
+
 /// The IPv6 address of the app whose IPv4 address is `v4`.
 pub fn app_v6(v4: Ipv4Addr) -> Ipv6Addr {
     let [a, b, c, d] = v4.octets();
@@ -62,8 +74,11 @@ impl NetPolicy {
         }
     }
 
-    /// Whether `ip` is this app's own address (in any spelling).
+    /// Whether `ip` is this app's own address (in any spelling, 127.0.0.1 and ::1 too).
     pub fn is_own(&self, ip: IpAddr) -> bool {
+        if is_app_loopback(ip) {
+            return true;
+        }
         match ip {
             IpAddr::V4(a) => Some(a) == self.v4(),
             IpAddr::V6(a) => {
@@ -96,10 +111,25 @@ impl NetPolicy {
                 }
             });
         }
+        if is_app_loopback(ip) {
+            return Ok(self.local_address(requested));
+        }
         if self.is_own(ip) {
             Ok(requested)
         } else {
             Err(Errno::ADDRNOTAVAIL)
+        }
+    }
+
+    /// The app's own address that stands for loopback address `loopback` (same family
+    /// and port): its IPv4 address (mapped, for ::ffff:127.0.0.1) or its IPv6 address.
+    pub fn local_address(&self, loopback: SocketAddr) -> SocketAddr {
+        match (loopback, self.v4()) {
+            (SocketAddr::V4(l), Some(own)) => SocketAddr::new(IpAddr::V4(own), l.port()),
+            (SocketAddr::V6(l), Some(own)) if l.ip().to_ipv4_mapped().is_some() => {
+                SocketAddr::V6(SocketAddrV6::new(own.to_ipv6_mapped(), l.port(), 0, 0))
+            }
+            (l, _) => SocketAddr::V6(SocketAddrV6::new(self.v6(), l.port(), 0, 0)),
         }
     }
 

@@ -459,7 +459,11 @@ pub fn restore(p: &mut Process, records: &[FdRecord]) -> Result<(), FileRestoreE
                     state.unix_name = unix_name.clone();
                     state.listening = *listening;
                     state.options = options.clone();
-                    let handed = matches!(file.kind, FileKind::Socket { domain, kind }
+                    let local_only = state
+                        .bound
+                        .is_some_and(|b| crate::kernel::netpolicy::is_app_loopback(b.ip()));
+                    let handed = !local_only
+                        && matches!(file.kind, FileKind::Socket { domain, kind }
                         if domain != libc::AF_UNIX
                             && (listening.is_some() || (kind == libc::SOCK_DGRAM && state.bound.is_some())));
                     drop(state);

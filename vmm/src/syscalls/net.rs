@@ -7,6 +7,11 @@
 //! * **Outbound policy.** Without `allow_outbound`, an app may only connect or send to its
 //!   own address (ENETUNREACH otherwise). Its outgoing sockets are bound to its address,
 //!   so peers see the right source.
+//! * **Localhost is the app's own, and private.** 127.0.0.1 and ::1 mean the app itself:
+//!   a bind there uses its own address, a connect or send there goes to its own address
+//!   (never to the host's loopback services), and such a socket takes connections and
+//!   datagrams only from the app itself (others are dropped unseen), so what an app keeps
+//!   on localhost stays its own. getsockname says 127.0.0.1 (or ::1) as the app asked.
 //! * **AF_UNIX** paths are resolved inside the app's sandbox like any path; abstract names
 //!   are prefixed with the app's name so apps cannot meet there.
 
@@ -273,7 +278,9 @@ pub fn bind(p: &mut Process, a: &Args) -> SysResult {
             let v6only = requested.is_ipv6() && rustix::net::sockopt::ipv6_v6only(file.host())?;
             bind_ip(p, file.host(), *requested, v6only)?;
             file.state().bound = Some(*requested);
-            if matches!(file.kind, FileKind::Socket { kind, .. } if kind == libc::SOCK_DGRAM) {
+            let datagram =
+                matches!(file.kind, FileKind::Socket { kind, .. } if kind == libc::SOCK_DGRAM);
+            if datagram && !local_only(&file) {
                 p.handoff.offer(a.fd(0), &file);
             }
         }
@@ -325,10 +332,26 @@ pub fn listen(p: &mut Process, a: &Args) -> SysResult {
     let backlog = a.i32(1).clamp(0, 4096);
     rustix::net::listen(file.host(), backlog)?;
     file.state().listening = Some(backlog);
-    if matches!(file.kind, FileKind::Socket { domain, .. } if domain != libc::AF_UNIX) {
+    if matches!(file.kind, FileKind::Socket { domain, .. } if domain != libc::AF_UNIX)
+        && !local_only(&file)
+    {
         p.handoff.offer(a.fd(0), &file);
     }
     Ok(0)
+}
+
+/// Whether `file` is bound to 127.0.0.1 or ::1: it takes nothing from outside the app.
+fn local_only(file: &OpenFile) -> bool {
+    file.state()
+        .bound
+        .is_some_and(|b| crate::kernel::netpolicy::is_app_loopback(b.ip()))
+}
+
+/// Whether a peer (a host socket address) is the app itself: its own address, which its
+/// outgoing sockets are bound to (the host's 127.0.0.1 is somebody else).
+fn from_the_app(p: &Process, peer: &[u8]) -> bool {
+    matches!(decode_address(peer), Ok(Address::Ip(a))
+        if !crate::kernel::netpolicy::is_app_loopback(a.ip()) && p.net.is_own(a.ip()))
 }
 
 /// accept(2) and accept4(2).
@@ -337,8 +360,13 @@ pub fn accept4(p: &mut Process, a: &Args, flags: i32) -> SysResult {
         return Err(Errno::INVAL.into());
     }
     let file = socket(p, a.fd(0))?;
-    let (fd, peer) = retry(p, &file, PollFlags::IN, |_| {
-        hostcall::accept4(file.host(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+    let private = local_only(&file);
+    let (fd, peer) = retry(p, &file, PollFlags::IN, |p| loop {
+        let (fd, peer) = hostcall::accept4(file.host(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+        // A localhost socket's connections from anyone but the app are closed unseen.
+        if !private || from_the_app(p, &peer) {
+            return Ok((fd, peer));
+        }
     })?;
     let kind = file.kind.clone();
     let accepted = OpenFile::with_mode(fd, kind, flags & libc::SOCK_NONBLOCK != 0);
@@ -385,6 +413,9 @@ fn destination(p: &Process, dest: SocketAddr) -> Result<SocketAddr, Errno> {
     }
     if dest.ip().is_unspecified() {
         return p.net.bind_address(dest, false);
+    }
+    if crate::kernel::netpolicy::is_app_loopback(dest.ip()) {
+        return Ok(p.net.local_address(dest));
     }
     Ok(dest)
 }
@@ -434,8 +465,26 @@ fn name_call(p: &mut Process, a: &Args, peer: bool) -> SysResult {
     } else {
         file.state().unix_name.clone()
     };
+    let loopback = if peer {
+        None
+    } else {
+        file.state()
+            .bound
+            .filter(|b| crate::kernel::netpolicy::is_app_loopback(b.ip()))
+    };
     let bytes = match saved {
         Some(name) => name,
+        None if loopback.is_some() => {
+            // As the app asked: 127.0.0.1 (or ::1), at the port it got.
+            let host = hostcall::getsockname(file.host())?;
+            let port = match decode_address(&host) {
+                Ok(Address::Ip(a)) => a.port(),
+                _ => 0,
+            };
+            let mut shown = loopback.expect("checked");
+            shown.set_port(port);
+            encode_ip(shown)
+        }
         None => {
             let host = if peer {
                 hostcall::getpeername(file.host())?
@@ -616,12 +665,24 @@ fn recv_common(
     let file = p.files.file(fd)?;
     let host_flags =
         (flags & (libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_WAITALL)) | MSG_DONTWAIT;
+    let private = local_only(&file)
+        && matches!(file.kind, FileKind::Socket { kind, .. } if kind == libc::SOCK_DGRAM);
+    let receive = |p: &mut Process| loop {
+        let got = p.mem.recvmsg_from_host(file.host(), bufs, host_flags)?;
+        // A localhost datagram socket hears only the app; others' datagrams are dropped
+        // (a peek must take them off first, so it looks again without peeking).
+        if !private || from_the_app(p, &got.1) {
+            return Ok(got);
+        }
+        if host_flags & libc::MSG_PEEK != 0 {
+            let mut scratch = [0u8; 1];
+            let _ = rustix::net::recv(file.host(), &mut scratch, rustix::net::RecvFlags::DONTWAIT);
+        }
+    };
     let received = if flags & MSG_DONTWAIT != 0 {
-        p.mem.recvmsg_from_host(file.host(), bufs, host_flags)?
+        receive(p)?
     } else {
-        retry(p, &file, PollFlags::IN, |p| {
-            p.mem.recvmsg_from_host(file.host(), bufs, host_flags)
-        })?
+        retry(p, &file, PollFlags::IN, receive)?
     };
     if matches!(file.kind, FileKind::Netlink) {
         // From the kernel, as the app believes.
@@ -878,8 +939,8 @@ mod tests {
         let net = policy("127.0.0.7");
         for other in [
             "127.0.0.8:80",
-            "127.0.0.1:80",
-            "[::1]:80",
+            "127.0.0.2:80",
+            "[::2]:80",
             "[fd00:7069:636f::7f00:8]:80",
         ] {
             assert_eq!(
@@ -890,6 +951,21 @@ mod tests {
         }
         assert!(!net.may_reach("127.0.0.8".parse().unwrap()));
         assert!(net.may_reach("127.0.0.7".parse().unwrap()));
+    }
+
+    #[test]
+    fn localhost_is_the_apps_own_address() {
+        let net = policy("127.0.0.7");
+        let cases = [
+            ("127.0.0.1:80", "127.0.0.7:80"),
+            ("[::ffff:127.0.0.1]:80", "[::ffff:127.0.0.7]:80"),
+            ("[::1]:80", "[fd00:7069:636f::7f00:7]:80"),
+        ];
+        for (loopback, own) in cases {
+            let loopback: SocketAddr = loopback.parse().unwrap();
+            assert_eq!(net.bind_address(loopback, false), Ok(own.parse().unwrap()));
+            assert!(net.may_reach(loopback.ip()));
+        }
     }
 
     #[test]
