@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """CPython's own regression tests as a conformance suite for the picoprocess.
 
-Runs each module of MODULES with `python3 -m unittest -v test.MODULE`, natively and in a
+Runs each module of MODULES with `python3 -m unittest -v test.MODULE` (or some of its test
+classes: `MODULE:Class,Class`), natively and in a
 picoprocess (`picocenter run`, no --root: the temporary root holds python3 and mounts its
 library), each in a scratch working directory, and compares them test by test. Prints a
 Markdown table: per module, passed/failed/skipped both ways, how many tests that pass
@@ -26,7 +27,13 @@ MODULES = [
     "test_fnmatch", "test_glob", "test_genericpath", "test_posixpath", "test_stat",
     "test_fileio", "test_file", "test_os", "test_posix", "test_shutil", "test_tempfile",
     "test_pathlib", "test_fileinput", "test_filecmp", "test_select", "test_selectors",
-    "test_poll", "test_epoll", "test_socket", "test_socketserver", "test_signal",
+    "test_poll", "test_epoll",
+    # test_socket as a whole waits forever on this machine's AF_VSOCK, natively too.
+    "test_socket:GeneralModuleTests,BasicTCPTest,BasicUDPTest,BasicSocketPairTest,"
+    "NonBlockingTCPTests,FileObjectClassTestCase,UnbufferedFileObjectClassTestCase,"
+    "NetworkConnectionNoServer,BasicUDPLITETest,TestUnixDomain,TestLinuxAbstractNamespace,"
+    "InheritanceTest,SendfileUsingSendTest,ContextManagersTest,TCPTimeoutTest",
+    "test_socketserver", "test_signal",
     "test_time", "test_math", "test_json", "test_struct", "test_re", "test_threading",
     "test_thread", "test_queue", "test_fcntl", "test_mmap", "test_errno", "test_resource",
     "test_sched", "test_zlib", "test_gzip", "test_zipfile", "test_csv", "test_hashlib",
@@ -35,7 +42,7 @@ MODULES = [
 ]
 
 # Per module and way: a hung module is stopped.
-TIMEOUT = 900
+TIMEOUT = 600
 
 RESULT = re.compile(r"^(test\w*) \((\S+)\)(?: \.\.\.|\n.*?\.\.\.) (ok|FAIL|ERROR|skipped|expected failure|unexpected success)", re.M)
 EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
@@ -96,15 +103,18 @@ def main():
     modules = sys.argv[2:] or MODULES
     rows = []
     total_native = total_both = 0
-    for module in modules:
+    for entry in modules:
+        # MODULE, or MODULE:Class,Class to run only those test classes of it.
+        module, _, classes = entry.partition(":")
+        names = [f"test.{module}.{c}" for c in classes.split(",")] if classes else [f"test.{module}"]
         with tempfile.TemporaryDirectory(prefix="conformance-") as native_dir, \
                 tempfile.TemporaryDirectory(prefix="conformance-data-") as data_dir:
             native_out, native_code, native_s = run(
-                ["/usr/bin/python3", "-m", "unittest", "-v", f"test.{module}"], native_dir)
+                ["/usr/bin/python3", "-m", "unittest", "-v", *names], native_dir)
             pico_out, pico_code, pico_s = run(
                 [picocenter, "run", "--data-dir", data_dir, "--cwd", "/tmp", "--memory", "512",
                  "--timeout", str(TIMEOUT - 30), "/usr/bin/python3", "-m", "unittest", "-v",
-                 f"test.{module}"], native_dir)
+                 *names], native_dir)
         native, pico = outcomes(native_out), outcomes(pico_out)
         passed_native = {t for t, v in native.items() if v == "pass"}
         passed_both = {t for t in passed_native if pico.get(t) == "pass"}
@@ -118,9 +128,10 @@ def main():
             tail = [l for l in pico_out.strip().splitlines() if l.strip()][-1:] or ["no output"]
             note = f"ended ({pico_code}): {tail[0][:110]}; " + note
         share = f"{100 * len(passed_both) / len(passed_native):.0f}%" if passed_native else "-"
-        rows.append((module, counts(native), counts(pico), f"{len(passed_both)}/{len(passed_native)} ({share})",
+        label = f"{module} ({len(names)} classes)" if classes else module
+        rows.append((label, counts(native), counts(pico), f"{len(passed_both)}/{len(passed_native)} ({share})",
                      f"{native_s:.0f} s / {pico_s:.0f} s", note))
-        print(f"conformance: {module}: {rows[-1][3]}", file=sys.stderr, flush=True)
+        print(f"conformance: {label}: {rows[-1][3]}", file=sys.stderr, flush=True)
     print("| module | native passed/failed/skipped | picoprocess passed/failed/skipped "
           "| native passes kept | time native / picoprocess | why the rest differ |")
     print("|---|---|---|---|---|---|")

@@ -235,7 +235,8 @@ pub(super) struct TemporaryRoot {
     pub mounts: Vec<(String, PathBuf)>,
 }
 
-/// A fresh root holding `program` and its shared-library closure. The program keeps its
+/// A fresh root holding `program` and its shared-library closure (and an /etc/passwd and
+/// /etc/group that know root, which the app is in its own view). The program keeps its
 /// host path, so argv[0] names it inside the guest too. Where that path lies under a
 /// writable directory (such as /tmp), which would hide it, the program's directory
 /// becomes a read-only mount of its own that holds just the program.
@@ -255,6 +256,16 @@ pub(super) fn temporary_root(program: &Path, writable: &[String]) -> anyhow::Res
         picocenter_images::rootfs::add_path(dir.path(), file)?;
     }
     let mut mounts = interpreter_libraries(dir.path(), &files)?;
+    // The app is root in its own view: getpwuid(0) and getgrgid(0) find it.
+    std::fs::create_dir_all(dir.path().join("etc"))?;
+    for (file, entry) in [
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+        ("etc/group", "root:x:0:\n"),
+    ] {
+        if !dir.path().join(file).exists() {
+            std::fs::write(dir.path().join(file), entry)?;
+        }
+    }
     let hidden = writable
         .iter()
         .any(|guest| given.starts_with(sandbox_path(guest)));

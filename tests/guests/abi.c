@@ -3,7 +3,8 @@
  *
  *   abi DIR [confined]
  *               file names that are not UTF-8, symlinks (absolute, relative, across
- *               the writable mount's top), umask, memfd_create, copy_file_range, splice,
+ *               the writable mount's top), umask, truncate, fallocate, scheduling
+ *               policies and priorities, memfd_create, copy_file_range, splice,
  *               tee, mincore, an IPv6-only listener beside an IPv4 one on one port,
  *               and the interfaces (getifaddrs and if_nameindex, through rtnetlink),
  *               with files under the writable directory DIR.
@@ -19,7 +20,9 @@
 #include <linux/rtnetlink.h>
 #include <netinet/in.h>
 #include <stdlib.h>
+#include <sched.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -127,6 +130,35 @@ static void symlinks(const char *dir) {
     for (const char *n = "abs\0rel\0chain\0loop\0real/f\0real/made\0"; *n; n += strlen(n) + 1)
         CHECK(unlink(at(dir, n)) == 0);
     CHECK(rmdir(at(dir, "real")) == 0);
+}
+
+/* truncate, fallocate, scheduling policies and priorities. */
+static void sizes_and_scheduling(const char *dir) {
+    struct stat st;
+    int fd = open(at(dir, "sized"), O_CREAT | O_RDWR, 0644);
+    CHECK(fd >= 0 && write(fd, "0123456789", 10) == 10);
+    CHECK(truncate(at(dir, "sized"), 4) == 0 && fstat(fd, &st) == 0 && st.st_size == 4);
+    CHECK(truncate(at(dir, "nowhere"), 4) == -1 && errno == ENOENT);
+    CHECK(fallocate(fd, 0, 0, 8192) == 0 && fstat(fd, &st) == 0 && st.st_size == 8192);
+    CHECK(posix_fallocate(fd, 0, 10000) == 0 && fstat(fd, &st) == 0 && st.st_size == 10000);
+    close(fd);
+    CHECK(unlink(at(dir, "sized")) == 0);
+    CHECK(sched_get_priority_max(SCHED_FIFO) == 99 && sched_get_priority_min(SCHED_FIFO) == 1);
+    CHECK(sched_get_priority_max(SCHED_OTHER) == 0 && sched_get_priority_min(SCHED_OTHER) == 0);
+    CHECK(sched_get_priority_max(12345) == -1 && errno == EINVAL);
+    CHECK(sched_getscheduler(0) == SCHED_OTHER);
+    struct sched_param param = {.sched_priority = 7};
+    CHECK(sched_getparam(0, &param) == 0 && param.sched_priority == 0);
+    struct timespec quantum;
+    CHECK(sched_rr_get_interval(0, &quantum) == 0 && quantum.tv_sec == 0);
+    param.sched_priority = 0;
+    CHECK(sched_setscheduler(0, SCHED_BATCH, &param) == 0);
+    CHECK(sched_setscheduler(0, SCHED_OTHER, &param) == 0);
+    errno = 0;
+    int before = getpriority(PRIO_PROCESS, 0);
+    CHECK(errno == 0 && setpriority(PRIO_PROCESS, 0, before + 2) == 0);
+    CHECK(getpriority(PRIO_PROCESS, 0) == before + 2);
+    CHECK(setpriority(PRIO_PROCESS, 0, before) == 0 && getpriority(PRIO_PROCESS, 0) == before);
 }
 
 static void memfd(void) {
@@ -288,6 +320,7 @@ int main(int argc, char **argv) {
     }
     names(argv[1]);
     symlinks(argv[1]);
+    sizes_and_scheduling(argv[1]);
     memfd();
     copies(argv[1]);
     residency();

@@ -1050,6 +1050,29 @@ pub fn ftruncate(p: &mut Process, a: &Args) -> SysResult {
     Ok(0)
 }
 
+/// truncate(2): the file the path names, opened for writing (so a read-only mount says
+/// EROFS, and a directory EISDIR, as Linux does).
+pub fn truncate(p: &mut Process, a: &Args) -> SysResult {
+    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
+    let length = offset_arg(a.u64(1))?;
+    let fd = p.sandbox.open(&path, OFlags::WRONLY, Mode::empty())?;
+    rustix::fs::ftruncate(&fd, length)?;
+    Ok(0)
+}
+
+/// fallocate(2), by the host on the app's file (which decides what modes it supports).
+pub fn fallocate(p: &mut Process, a: &Args) -> SysResult {
+    let file = p.files.file(a.fd(0))?;
+    let mode = rustix::fs::FallocateFlags::from_bits(a.u32(1)).ok_or(Errno::OPNOTSUPP)?;
+    rustix::fs::fallocate(
+        file.host(),
+        mode,
+        offset_arg(a.u64(2))?,
+        offset_arg(a.u64(3))?,
+    )?;
+    Ok(0)
+}
+
 /// fsync(2) and fdatasync(2).
 pub fn fsync(p: &mut Process, a: &Args) -> SysResult {
     let file = p.files.file(a.fd(0))?;

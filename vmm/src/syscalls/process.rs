@@ -188,6 +188,77 @@ pub fn setpriority(p: &mut Process, a: &Args) -> SysResult {
     Ok(0)
 }
 
+/// The scheduling policies an app may choose, and their priority ranges.
+fn priority_range(policy: i32) -> Result<(i32, i32), Errno> {
+    match policy {
+        libc::SCHED_OTHER | libc::SCHED_BATCH | libc::SCHED_IDLE => Ok((0, 0)),
+        libc::SCHED_FIFO | libc::SCHED_RR => Ok((1, 99)),
+        _ => Err(Errno::INVAL),
+    }
+}
+
+/// sched_get_priority_max(2) and sched_get_priority_min(2).
+pub fn sched_priority_bound(a: &Args, max: bool) -> SysResult {
+    let (low, high) = priority_range(a.i32(0))?;
+    Ok((if max { high } else { low }) as u64)
+}
+
+/// Checks that `pid` names the app itself (0 or its pid).
+fn own_pid(pid: i32) -> Result<(), Errno> {
+    match pid {
+        0 => Ok(()),
+        p if p == crate::kernel::GUEST_PID => Ok(()),
+        p if p < 0 => Err(Errno::INVAL),
+        _ => Err(Errno::SRCH),
+    }
+}
+
+/// sched_getscheduler(2): the app runs under the normal policy.
+pub fn sched_getscheduler(a: &Args) -> SysResult {
+    own_pid(a.i32(0))?;
+    Ok(libc::SCHED_OTHER as u64)
+}
+
+/// sched_setscheduler(2): the normal policies are accepted (with priority 0); real-time
+/// ones are not the app's to take on a shared host (EPERM, as for an unprivileged
+/// process).
+pub fn sched_setscheduler(p: &mut Process, a: &Args) -> SysResult {
+    own_pid(a.i32(0))?;
+    let (low, high) = priority_range(a.i32(1) & !libc::SCHED_RESET_ON_FORK)?;
+    let priority: i32 = p.mem.read_pod(a.ptr(2))?;
+    if !(low..=high).contains(&priority) {
+        return Err(Errno::INVAL.into());
+    }
+    if high > 0 {
+        return Err(Errno::PERM.into());
+    }
+    Ok(0)
+}
+
+/// sched_getparam(2): priority 0, as the normal policy has.
+pub fn sched_getparam(p: &mut Process, a: &Args) -> SysResult {
+    own_pid(a.i32(0))?;
+    p.mem.write_pod(a.ptr(1), &0i32)?;
+    Ok(0)
+}
+
+/// sched_setparam(2): only priority 0 fits the normal policy.
+pub fn sched_setparam(p: &mut Process, a: &Args) -> SysResult {
+    own_pid(a.i32(0))?;
+    let priority: i32 = p.mem.read_pod(a.ptr(1))?;
+    if priority != 0 {
+        return Err(Errno::INVAL.into());
+    }
+    Ok(0)
+}
+
+/// sched_rr_get_interval(2): Linux's default round-robin quantum, 100 ms.
+pub fn sched_rr_get_interval(p: &mut Process, a: &Args) -> SysResult {
+    own_pid(a.i32(0))?;
+    p.mem.write_pod(a.ptr(1), &[0i64, 100_000_000])?;
+    Ok(0)
+}
+
 /// sched_getaffinity(2): one CPU.
 pub fn sched_getaffinity(p: &mut Process, a: &Args) -> SysResult {
     let size = a.usize(1);
