@@ -169,3 +169,19 @@ fn scripts_and_interpreters_run_without_a_root() {
     ]);
     assert_eq!(stdout(&out), "2\n", "{}", describe(&out));
 }
+
+/// Pseudo-terminals (tests/guests/pty.c): openpty, posix_openpt with ptsname and an open
+/// by name, termios and window sizes, data both ways, as natively; a number the app did
+/// not open is nobody's.
+#[test]
+fn pseudo_terminals_work_as_natively() {
+    let program = guest("pty", Link::Static);
+    let native = std::process::Command::new(&program).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&native.stdout).contains("PASSED"),
+        "natively: {}",
+        describe(&native)
+    );
+    let out = run(&["--timeout", "30", program.to_str().unwrap()]);
+    assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
+}

@@ -59,6 +59,13 @@ pub enum FileKind {
     /// A read-only rtnetlink socket the VMM answers (see `syscalls::netlink`): a host
     /// datagram socket whose peer the VMM writes the answers to.
     Netlink,
+    /// One end of a pseudo-terminal (see `syscalls::pty`).
+    Pty {
+        /// The master (the multiplexer's side) or the slave.
+        master: bool,
+        /// Its number (the N of /dev/pts/N).
+        index: u32,
+    },
     /// An anonymous file from memfd_create: a host memfd, whose contents a snapshot keeps.
     Memfd {
         /// The name the app gave (shown as `/memfd:NAME`).
@@ -151,6 +158,7 @@ impl OpenFile {
                 | FileKind::EventFd { .. }
                 | FileKind::TimerFd { .. }
                 | FileKind::Netlink
+                | FileKind::Pty { .. }
         )
     }
 

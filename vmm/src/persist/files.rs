@@ -107,6 +107,11 @@ fn record(file: &OpenFile, files: &FdTable, closed: &mut u64) -> Result<FileReco
     Ok(match &file.kind {
         FileKind::Memfd { name } => memfd_record(file, name)?,
         FileKind::Netlink => FileRecord::Netlink,
+        FileKind::Pty { index, .. } => {
+            return Err(format!(
+                "pseudo-terminal {index} is open, and a snapshot cannot keep one"
+            ))
+        }
         FileKind::Path { path, flags } => FileRecord::Path {
             path: path.clone(),
             flags: *flags,

@@ -101,19 +101,31 @@ fn mount(
     fstype: Option<&str>,
     flags: libc::c_ulong,
 ) -> std::io::Result<()> {
+    mount_with_data(source, target, fstype, flags, None)
+}
+
+/// mount(2) with optional source, type and data string (filesystem options).
+fn mount_with_data(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> std::io::Result<()> {
     let source = source.map(|s| CString::new(s.as_os_str().as_bytes()).unwrap_or_default());
     let target = CString::new(target.as_os_str().as_bytes()).unwrap_or_default();
     let fstype = fstype.map(|t| CString::new(t).unwrap_or_default());
+    let data = data.map(|d| CString::new(d).unwrap_or_default());
     let ptr = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
     // SAFETY: every pointer is a NUL-terminated string that outlives the call, or NULL
-    // where mount(2) allows it; no data argument is passed.
+    // where mount(2) allows it.
     let rc = unsafe {
         libc::mount(
             ptr(&source),
             target.as_ptr(),
             ptr(&fstype),
             flags,
-            std::ptr::null(),
+            ptr(&data).cast(),
         )
     };
     if rc == 0 {
@@ -159,6 +171,21 @@ pub fn enter_filesystem(spec: &JailSpec) -> Result<(), JailError> {
     visible.sort_by_key(|(path, _)| path.components().count());
     for (path, access) in &visible {
         bind(root, path, *access)?;
+    }
+    // A devpts of the VMM's own for the app's pseudo-terminals (syscalls::pty): its ptys
+    // are nobody else's, and nobody else's are visible. Best effort: without it the app
+    // gets no /dev/ptmx.
+    let pts = root.join("dev/pts");
+    if std::fs::create_dir_all(&pts).is_ok() {
+        if let Err(e) = mount_with_data(
+            Some(Path::new("devpts")),
+            &pts,
+            Some("devpts"),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        ) {
+            tracing::debug!("no devpts in the jail: {e}");
+        }
     }
     let proc = root.join("proc");
     std::fs::create_dir_all(&proc).map_err(step("creating /proc"))?;

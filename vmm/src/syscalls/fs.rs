@@ -220,6 +220,12 @@ fn open_path(p: &mut Process, path: String, flags: u32, mode: u32) -> SysResult 
         let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
         return Ok(p.files.insert(file, cloexec)? as u64);
     }
+    if path == "/dev/ptmx" || path == "/dev/pts/ptmx" {
+        return super::pty::open_master(p, flags);
+    }
+    if let Some(number) = path.strip_prefix("/dev/pts/") {
+        return super::pty::open_slave(p, number, flags);
+    }
     let oflags = host_open_flags(flags);
     let mode = Mode::from_bits_truncate(mode & !p.umask & 0o7777);
     let fd = p.sandbox.open(&path, oflags, mode)?;
@@ -893,6 +899,10 @@ pub fn ioctl(p: &mut Process, a: &Args) -> SysResult {
     let fd = a.fd(0);
     let file = p.files.file(fd)?;
     let is_tty = matches!(file.kind, FileKind::Stdio(_)) && rustix::termios::isatty(file.host());
+    let generic = [FIONBIO, FIONREAD, FIOCLEX, FIONCLEX];
+    if matches!(file.kind, FileKind::Pty { .. }) && !generic.contains(&a.u32(1)) {
+        return super::pty::ioctl(p, &file, a);
+    }
     match a.u32(1) {
         TCGETS if is_tty => {
             let termios = rustix::termios::tcgetattr(file.host())?;

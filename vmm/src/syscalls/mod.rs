@@ -11,6 +11,7 @@ pub mod net;
 pub mod netlink;
 pub mod poll;
 pub mod process;
+pub mod pty;
 pub mod signal;
 pub mod table;
 pub mod thread;
