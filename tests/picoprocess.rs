@@ -188,3 +188,14 @@ fn env_cwd_and_name_reach_the_app() {
         describe(&out)
     );
 }
+
+/// The vDSO answers libc's time calls with no syscall (static and dynamic glibc), agrees
+/// with the VMM's answers, and never goes backwards.
+#[test]
+fn time_calls_go_through_the_vdso() {
+    for link in [Link::Static, Link::Dynamic] {
+        let program = guest("vdso", link);
+        let out = run(&["--timeout", "60", program.to_str().unwrap()]);
+        assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
+    }
+}

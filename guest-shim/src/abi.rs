@@ -17,11 +17,13 @@
 //!   the VMM keeps current, using a scratch page ([`scratch`]) to spill registers.
 //! * While a VMM poller thread is awake, other calls go through the [`mailbox`] page with
 //!   no exit; the doorbell falls back to the exit when the poller sleeps or declines.
+//! * The [`vdso`] page answers clock_gettime, gettimeofday, time and getcpu from the time
+//!   page in user mode, before any `syscall`, for libcs that use a vDSO.
 //!
 //! Bump [`ABI_VERSION`] on any change to a value here.
 
 /// Version of this interface. Snapshots do not depend on it: they hold only app state.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -54,8 +56,10 @@ pub const MAILBOX_PAGE: u64 = 10;
 /// Page index of the list the PTE writer works through: (destination VA, value) pairs of
 /// u64. Supervisor, writable.
 pub const PTE_LIST_PAGE: u64 = 11;
+/// Page index of the vDSO (see [`vdso`]). User, read + execute.
+pub const VDSO_PAGE: u64 = 12;
 /// Number of pages in the system region.
-pub const SYSTEM_PAGES: u64 = 12;
+pub const SYSTEM_PAGES: u64 = 13;
 
 /// Supervisor-only window onto the whole page-table slot, for the PTE writer.
 pub const PAGE_TABLE_WINDOW_VA: u64 = SYSTEM_VA + 0x4000_0000;
@@ -75,6 +79,27 @@ pub const USER_POINTER_MAX: u64 = USER_END - 16;
 
 /// Guest-virtual address of the time page.
 pub const TIME_PAGE_VA: u64 = SYSTEM_VA + TIME_PAGE * PAGE_SIZE;
+/// Guest-virtual address of the vDSO (AT_SYSINFO_EHDR).
+pub const VDSO_VA: u64 = SYSTEM_VA + VDSO_PAGE * PAGE_SIZE;
+
+/// The vDSO: an ELF shared object in one page that the app's libc (glibc, Go's runtime)
+/// finds through AT_SYSINFO_EHDR, whose `__vdso_clock_gettime`, `__vdso_gettimeofday`,
+/// `__vdso_time` and `__vdso_getcpu` answer from the time page with no `syscall` at all
+/// (and make the call when the time page cannot answer). Its functions sit at fixed
+/// offsets, because an app keeps pointers to them across snapshots and VMM versions:
+/// never move them.
+pub mod vdso {
+    /// Offset in the vDSO page of its code.
+    pub const CODE: u64 = 0x800;
+    /// Offsets from [`CODE`] of the entry points, 16 bytes apart.
+    pub const CLOCK_GETTIME: u64 = 0x00;
+    /// gettimeofday.
+    pub const GETTIMEOFDAY: u64 = 0x10;
+    /// time.
+    pub const TIME: u64 = 0x20;
+    /// getcpu.
+    pub const GETCPU: u64 = 0x30;
+}
 /// Guest-virtual address of the scratch page.
 pub const SCRATCH_VA: u64 = SYSTEM_VA + SCRATCH_PAGE * PAGE_SIZE;
 /// Guest-virtual address of the mailbox page.

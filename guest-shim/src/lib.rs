@@ -302,7 +302,135 @@ std::arch::global_asm!(
     pte_done = const PTE_WRITER_DONE_PORT,
 );
 
+// The vDSO's code (see `abi::vdso`): plain user-mode functions with the SysV calling
+// convention, reading the time page at its fixed address. An entry table first, at the
+// fixed offsets of `abi::vdso`; each falls back to the real `syscall` when the time page
+// cannot answer (no calibrated TSC, a CPU-time or unknown clock, a timezone).
+std::arch::global_asm!(
+    ".pushsection .rodata.picocenter_vdso, \"a\"",
+    ".macro picocenter_vdso_delta_ns",
+    "rdtsc",
+    "shl rdx, 32",
+    "or rax, rdx",
+    "sub rax, qword ptr [{tp} + {tp_tsc}]",
+    "jae 5f",
+    "xor eax, eax",
+    "5:",
+    "mul qword ptr [{tp} + {tp_mult}]",
+    "shrd rax, rdx, 32",
+    ".endm",
+    ".globl picocenter_vdso_start",
+    ".globl picocenter_vdso_end",
+    ".p2align 4",
+    "picocenter_vdso_start:",
+    "jmp 30f",
+    ".p2align 4",
+    "jmp 40f",
+    ".p2align 4",
+    "jmp 50f",
+    ".p2align 4",
+    "jmp 60f",
+    ".p2align 4",
+    // clock_gettime(clock = edi, ts = rsi).
+    "30:",
+    "cmp edi, 7",
+    "ja 39f",
+    "cmp edi, 2",
+    "je 39f",
+    "cmp edi, 3",
+    "je 39f",
+    "cmp dword ptr [{tp} + {tp_valid}], 0",
+    "je 39f",
+    "picocenter_vdso_delta_ns",
+    "test edi, edi",
+    "jz 31f",
+    "cmp edi, 5",
+    "je 31f",
+    "add rax, qword ptr [{tp} + {tp_mono}]",
+    "jmp 32f",
+    "31:",
+    "add rax, qword ptr [{tp} + {tp_real}]",
+    "32:",
+    "xor edx, edx",
+    "mov ecx, 1000000000",
+    "div rcx",
+    "mov qword ptr [rsi], rax",
+    "mov qword ptr [rsi + 8], rdx",
+    "xor eax, eax",
+    "ret",
+    "39:",
+    "mov eax, 228",
+    "syscall",
+    "ret",
+    // gettimeofday(tv = rdi, tz = rsi).
+    "40:",
+    "test rsi, rsi",
+    "jnz 49f",
+    "cmp dword ptr [{tp} + {tp_valid}], 0",
+    "je 49f",
+    "picocenter_vdso_delta_ns",
+    "add rax, qword ptr [{tp} + {tp_real}]",
+    "test rdi, rdi",
+    "jz 41f",
+    "xor edx, edx",
+    "mov ecx, 1000000000",
+    "div rcx",
+    "mov qword ptr [rdi], rax",
+    "mov rax, rdx",
+    "xor edx, edx",
+    "mov ecx, 1000",
+    "div rcx",
+    "mov qword ptr [rdi + 8], rax",
+    "41:",
+    "xor eax, eax",
+    "ret",
+    "49:",
+    "mov eax, 96",
+    "syscall",
+    "ret",
+    // time(tloc = rdi).
+    "50:",
+    "cmp dword ptr [{tp} + {tp_valid}], 0",
+    "je 59f",
+    "picocenter_vdso_delta_ns",
+    "add rax, qword ptr [{tp} + {tp_real}]",
+    "xor edx, edx",
+    "mov ecx, 1000000000",
+    "div rcx",
+    "test rdi, rdi",
+    "jz 51f",
+    "mov qword ptr [rdi], rax",
+    "51:",
+    "ret",
+    "59:",
+    "mov eax, 201",
+    "syscall",
+    "ret",
+    // getcpu(cpu = rdi, node = rsi, cache = rdx): the app's one CPU, node 0.
+    "60:",
+    "test rdi, rdi",
+    "jz 61f",
+    "mov dword ptr [rdi], 0",
+    "61:",
+    "test rsi, rsi",
+    "jz 62f",
+    "mov dword ptr [rsi], 0",
+    "62:",
+    "xor eax, eax",
+    "ret",
+    "picocenter_vdso_end:",
+    ".popsection",
+    tp = const TIME_PAGE_VA,
+    tp_valid = const time_page::VALID,
+    tp_tsc = const time_page::TSC_BASE,
+    tp_mult = const time_page::MULT,
+    tp_mono = const time_page::MONOTONIC_NS,
+    tp_real = const time_page::REALTIME_NS,
+);
+
 extern "C" {
+    static picocenter_vdso_start: u8;
+    static picocenter_vdso_end: u8;
     static picocenter_doorbell_start: u8;
     static picocenter_doorbell_saved: u8;
     static picocenter_doorbell_posted: u8;
@@ -332,6 +460,15 @@ pub fn doorbell_code() -> &'static [u8] {
     blob(
         &raw const picocenter_doorbell_start,
         &raw const picocenter_doorbell_end,
+    )
+}
+
+/// Machine code of the vDSO's functions (place it at [`abi::vdso::CODE`] in the vDSO
+/// page; its entry points are at the offsets of [`abi::vdso`]).
+pub fn vdso_code() -> &'static [u8] {
+    blob(
+        &raw const picocenter_vdso_start,
+        &raw const picocenter_vdso_end,
     )
 }
 

@@ -33,6 +33,7 @@ pub mod stats_page;
 pub mod syscalls;
 pub mod timeout;
 pub mod trace;
+pub mod vdso;
 
 use kernel::process::Process;
 use kvm::cpu::{self, CpuSetupError};

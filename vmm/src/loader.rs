@@ -283,6 +283,7 @@ mod at {
     pub const RANDOM: u64 = 25;
     pub const HWCAP2: u64 = 26;
     pub const EXECFN: u64 = 31;
+    pub const SYSINFO_EHDR: u64 = 33;
 }
 
 /// The initial stack image, built downwards from [`STACK_TOP`] in a host buffer and
@@ -430,7 +431,8 @@ pub fn load(
     let env_addrs: Vec<u64> = info.envp.iter().map(|e| stack.push_cstr(e)).collect();
     let arg_addrs: Vec<u64> = argv.iter().map(|a| stack.push_cstr(a)).collect();
 
-    let auxv: [(u64, u64); 18] = [
+    let auxv: [(u64, u64); 19] = [
+        (at::SYSINFO_EHDR, picocenter_guest_shim::abi::VDSO_VA),
         (at::PHDR, exe.phdr_addr),
         (at::PHENT, std::mem::size_of::<Elf64_Phdr>() as u64),
         (at::PHNUM, exe.phnum),

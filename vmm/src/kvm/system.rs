@@ -125,8 +125,9 @@ pub fn write_pte_list(
     Ok(Some((page_va(abi::PTE_LIST_PAGE), entries.len() as u64)))
 }
 
-/// Writes the system pages and maps them: all supervisor-only except the doorbell (user,
-/// read + execute) and the two MMIO pages (user, writable, outside every slot).
+/// Writes the system pages and maps them: all supervisor-only except the doorbell and the
+/// vDSO (user, read + execute), the time page (user, read-only), the scratch and mailbox
+/// pages (user, writable) and the MMIO pages (user, writable, outside every slot).
 pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesError> {
     let phys = space.phys();
     let gdt_bytes: Vec<u8> = gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
@@ -141,6 +142,7 @@ pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesErro
         page_gpa(abi::DOORBELL_PAGE),
         picocenter_guest_shim::doorbell_code(),
     )?;
+    phys.write(page_gpa(abi::VDSO_PAGE), crate::vdso::image())?;
 
     let nx = if nx { PTE_NX } else { 0 };
     let data = PTE_WRITABLE | nx;
@@ -150,6 +152,7 @@ pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesErro
         (abi::TSS_PAGE, data),
         (abi::STUBS_PAGE, 0),
         (abi::DOORBELL_PAGE, PTE_USER),
+        (abi::VDSO_PAGE, PTE_USER),
         (abi::IST_STACK_PAGE, data),
         (abi::TIME_PAGE, PTE_USER | nx),
         (abi::SCRATCH_PAGE, PTE_USER | data),
