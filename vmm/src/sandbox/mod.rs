@@ -103,6 +103,13 @@ const PROC_SUPER_MAGIC: i64 = 0x9fa0;
 /// How many symlinks one path may lead through (Linux's MAXSYMLINKS).
 const MAX_SYMLINKS: usize = 40;
 
+/// How many components one resolution may go through, symlinks' included: far more than
+/// any real path, and a bound on the work a hostile tree of links can ask for.
+const MAX_STEPS: usize = 4096;
+
+/// How many of the innermost directories a resolution keeps open, to go on from.
+const KEPT_DIRECTORIES: usize = 16;
+
 fn open_in(
     root: &OwnedFd,
     relative: &str,
@@ -327,39 +334,74 @@ impl Sandbox {
     /// resolved in the guest's namespace as Linux does: an absolute target starts again
     /// at the guest's root (and may lead into another mount), `..` in a target goes up
     /// in the guest's tree. The final component is followed when `follow_last`. Every
-    /// step is one component opened inside its mount with symlinks refused, so nothing
-    /// here can reach outside the mounts. ENOENT for a missing directory on the way; a
-    /// missing final component is kept (the caller may be creating it).
+    /// step opens one component, from the directory before it (or from its mount's top
+    /// where a mount begins), with symlinks refused, so nothing here can reach outside
+    /// the mounts. ENOENT for a missing directory on the way; a missing final component
+    /// is kept (the caller may be creating it). The work is bounded: at most
+    /// [`MAX_SYMLINKS`] links and [`MAX_STEPS`] components in all (ELOOP beyond).
     fn canonical(&self, path: &str, follow_last: bool) -> Result<String, Errno> {
-        let mut done: Vec<String> = Vec::new();
+        // The components resolved so far, each with the O_PATH fd of the directory it
+        // names while it is one of the last few (deeper trees reopen from the mount).
+        let mut done: Vec<(String, Option<OwnedFd>)> = Vec::new();
         let mut todo: std::collections::VecDeque<String> = path
             .split('/')
             .filter(|c| !c.is_empty() && *c != ".")
             .map(str::to_string)
             .collect();
         let mut links = 0;
+        let mut steps = 0;
+        let joined = |done: &[(String, Option<OwnedFd>)]| -> String {
+            let mut out = String::new();
+            for (name, _) in done {
+                out.push('/');
+                out.push_str(name);
+            }
+            if out.is_empty() {
+                out.push('/');
+            }
+            out
+        };
         while let Some(component) = todo.pop_front() {
+            steps += 1;
+            if steps > MAX_STEPS {
+                return Err(Errno::LOOP);
+            }
             if component == ".." {
                 done.pop();
                 continue;
             }
-            let candidate = format!("/{}", [done.join("/"), component.clone()].join("/"));
-            let candidate = normalize("/", &candidate);
             if todo.is_empty() && !follow_last {
-                done.push(component);
+                done.push((component, None));
                 break;
             }
+            let parent = joined(&done);
+            let candidate = normalize(&parent, &component);
             let resolved = self.resolve(&candidate);
-            let fd = match open_in(
-                &resolved.mount.host,
-                &resolved.relative,
-                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-                Symlinks::Refused,
-            ) {
+            let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            // From the parent's fd when it is in the same mount (one component, no
+            // symlink followed); else from the mount's top.
+            let from_parent = match done.last() {
+                Some((_, Some(dir)))
+                    if self.resolve(&parent).mount.guest == resolved.mount.guest =>
+                {
+                    Some(dir)
+                }
+                _ => None,
+            };
+            let opened = match from_parent {
+                Some(dir) => open_in(dir, &component, flags, Mode::empty(), Symlinks::Refused),
+                None => open_in(
+                    &resolved.mount.host,
+                    &resolved.relative,
+                    flags,
+                    Mode::empty(),
+                    Symlinks::Refused,
+                ),
+            };
+            let fd = match opened {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) if todo.is_empty() => {
-                    done.push(component);
+                    done.push((component, None));
                     break;
                 }
                 Err(e) => return Err(e),
@@ -367,7 +409,12 @@ impl Sandbox {
             if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode)
                 != rustix::fs::FileType::Symlink
             {
-                done.push(component);
+                // Keep the fds of the last few levels only.
+                if done.len() >= KEPT_DIRECTORIES {
+                    let old = done.len() - KEPT_DIRECTORIES;
+                    done[old].1 = None;
+                }
+                done.push((component, Some(fd)));
                 continue;
             }
             links += 1;
@@ -387,7 +434,7 @@ impl Sandbox {
                 }
             }
         }
-        Ok(format!("/{}", done.join("/")))
+        Ok(joined(&done))
     }
 
     /// The file `path` (absolute, normalised) names, as an `O_PATH` fd.
@@ -465,16 +512,57 @@ impl Sandbox {
     /// access, O_CREAT of a missing file, O_TRUNC) need a writable mount; a new file's
     /// `mode` loses its set-id bits.
     pub fn open(&self, path: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {
+        self.open_resolved(path, flags, mode).map(|(fd, _)| fd)
+    }
+
+    /// [`Sandbox::open`], with the path it opened once the symlinks on the way are
+    /// resolved (what an open file is known by: its mount decides what may be done to
+    /// it). A path with a symlink on it, or one in a read-only mount (a symlink there may
+    /// lead into a writable one), is resolved first when the plain open cannot do.
+    pub fn open_resolved(
+        &self,
+        path: &str,
+        flags: OFlags,
+        mode: Mode,
+    ) -> Result<(OwnedFd, String), Errno> {
         match self.open_once(path, flags, mode, Symlinks::Refused) {
-            Err(Errno::LOOP) => {
+            Err(first @ (Errno::LOOP | Errno::ROFS)) => {
                 let canonical = self.canonical(path, !flags.contains(OFlags::NOFOLLOW))?;
-                self.open_once(&canonical, flags, mode, Symlinks::InMount)
+                if first == Errno::ROFS && canonical == path {
+                    return Err(first);
+                }
+                let fd = self.open_once(&canonical, flags, mode, Symlinks::InMount)?;
+                Ok((fd, canonical))
             }
-            other => other,
+            other => other.map(|fd| (fd, path.to_string())),
         }
     }
 
+    /// One open of `path`. Files are opened non-blocking on the host, so that a FIFO
+    /// (which an image or a data directory may hold) cannot hold the VMM until a peer
+    /// comes: a FIFO is refused (ENXIO, as Linux says to a non-blocking writer without
+    /// a reader); for every other file the flag changes nothing the app sees (F_GETFL
+    /// reports the app's own).
     fn open_once(
+        &self,
+        path: &str,
+        flags: OFlags,
+        mode: Mode,
+        symlinks: Symlinks,
+    ) -> Result<OwnedFd, Errno> {
+        if flags.contains(OFlags::PATH) {
+            return self.open_file(path, flags, mode, symlinks);
+        }
+        let fd = self.open_file(path, flags | OFlags::NONBLOCK, mode, symlinks)?;
+        if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode)
+            == rustix::fs::FileType::Fifo
+        {
+            return Err(Errno::NXIO);
+        }
+        Ok(fd)
+    }
+
+    fn open_file(
         &self,
         path: &str,
         flags: OFlags,
@@ -689,6 +777,81 @@ mod tests {
             sandbox.lookup("/data/abs", Follow::No).unwrap().kind(),
             rustix::fs::FileType::Symlink
         );
+    }
+
+    #[test]
+    fn writes_through_a_root_symlink_reach_the_writable_mount_and_keep_its_path() {
+        let root = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/data", root.path().join("lnk")).unwrap();
+        let data = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/", data.path().join("up")).unwrap();
+        std::fs::write(root.path().join("in-root"), b"root").unwrap();
+        let mut sandbox = Sandbox::new(root.path()).unwrap();
+        sandbox.mount("/data", data.path(), true).unwrap();
+        let (_, path) = sandbox
+            .open_resolved("/lnk/f", OFlags::WRONLY | OFlags::CREATE, Mode::from(0o644))
+            .unwrap();
+        assert_eq!(path, "/data/f");
+        assert!(data.path().join("f").exists());
+        // A root file reached through the writable mount is known by its root path.
+        let (_, path) = sandbox
+            .open_resolved("/data/up/in-root", OFlags::RDONLY, Mode::empty())
+            .unwrap();
+        assert_eq!(path, "/in-root");
+        assert!(!sandbox.is_writable(&path));
+        assert_eq!(
+            sandbox
+                .open("/data/up/in-root", OFlags::WRONLY, Mode::empty())
+                .unwrap_err(),
+            Errno::ROFS
+        );
+    }
+
+    #[test]
+    fn a_fifo_is_refused_at_once() {
+        let data = tempfile::tempdir().unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            data.path().join("fifo"),
+            rustix::fs::FileType::Fifo,
+            Mode::from(0o644),
+            0,
+        )
+        .unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let mut sandbox = Sandbox::new(root.path()).unwrap();
+        sandbox.mount("/d", data.path(), true).unwrap();
+        for flags in [OFlags::RDONLY, OFlags::WRONLY, OFlags::RDWR] {
+            assert_eq!(
+                sandbox.open("/d/fifo", flags, Mode::empty()).unwrap_err(),
+                Errno::NXIO
+            );
+        }
+    }
+
+    #[test]
+    fn a_hostile_tree_of_links_costs_little() {
+        // Links whose targets walk down and up a deep tree thousands of times.
+        let data = tempfile::tempdir().unwrap();
+        let mut deep = data.path().to_path_buf();
+        for _ in 0..200 {
+            deep.push("a");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let down_up = "a/../".repeat(800);
+        for i in 0..39 {
+            std::os::unix::fs::symlink(
+                format!("{down_up}l{}", i + 1),
+                data.path().join(format!("l{i}")),
+            )
+            .unwrap();
+        }
+        std::fs::create_dir(data.path().join("l39")).unwrap();
+        let sandbox = Sandbox::new(data.path()).unwrap();
+        let started = std::time::Instant::now();
+        let result = sandbox.lookup("/l0", Follow::Yes);
+        assert!(matches!(result, Ok(_) | Err(Errno::LOOP)), "{result:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[test]

@@ -228,7 +228,9 @@ fn open_path(p: &mut Process, path: String, flags: u32, mode: u32) -> SysResult 
     }
     let oflags = host_open_flags(flags);
     let mode = Mode::from_bits_truncate(mode & !p.umask & 0o7777);
-    let fd = p.sandbox.open(&path, oflags, mode)?;
+    // Known by the path it really is, symlinks resolved: its mount decides what fchmod,
+    // futimens and mmap may do with it.
+    let (fd, path) = p.sandbox.open_resolved(&path, oflags, mode)?;
     let stat = rustix::fs::fstat(&fd)?;
     let kind =
         if rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Directory {
@@ -477,10 +479,14 @@ pub fn readlinkat(p: &mut Process, a: &Args) -> SysResult {
 
 fn access_common(p: &mut Process, path: String, mode: u32, flags: u32) -> SysResult {
     let nofollow = flags & libc::AT_SYMLINK_NOFOLLOW as u32 != 0;
-    let fd = open_for_stat(p, &path, nofollow)?;
-    if mode & libc::W_OK as u32 != 0 && !p.sandbox.is_writable(&path) {
+    let follow = if nofollow { Follow::No } else { Follow::Yes };
+    // The mount the file is in, once symlinks are followed, decides.
+    let node = p.sandbox.lookup(&path, follow)?;
+    let writable = node.writable() && !crate::sandbox::DEVICES.contains(&path.as_str());
+    if mode & libc::W_OK as u32 != 0 && !writable {
         return Err(Errno::ROFS.into());
     }
+    let fd = node.into_fd();
     if mode & libc::X_OK as u32 != 0 {
         let stat = rustix::fs::fstat(&fd)?;
         if stat.st_mode & 0o111 == 0 {
