@@ -4,7 +4,9 @@
 //!   ring-3 MMIO-exit round trip in the same VMM (stores to the calibration page), which is
 //!   the floor an exit-based syscall can reach, and against the same binary run natively;
 //! * the same loop through the shared-memory mailbox (the default);
-//! * `getpid` and `clock_gettime`, which the doorbell answers without leaving the guest.
+//! * `getpid` and `clock_gettime` as raw syscalls, which the doorbell answers without
+//!   leaving the guest;
+//! * `clock_gettime` through libc, which the vDSO answers with no syscall at all.
 //!
 //! Run with `cargo bench --bench syscall`. Rounds alternate the measurements so that
 //! machine noise hits them alike; medians of the per-round values are reported.
@@ -33,6 +35,7 @@ fn main() {
         "forwarded getppid, through the mailbox",
         "getpid answered in the doorbell",
         "clock_gettime answered in the doorbell",
+        "clock_gettime through the vDSO",
         "native getppid",
         "native clock_gettime (vDSO)",
     ];
@@ -44,6 +47,7 @@ fn main() {
             in_pico("mmio-exit", &["--no-mailbox"]),
             in_pico("getppid", &[]),
             in_pico("getpid", &[]),
+            in_pico("clock_gettime_syscall", &[]),
             in_pico("clock_gettime", &[]),
             native("getppid"),
             native("clock_gettime"),
@@ -64,7 +68,7 @@ fn main() {
     );
     println!(
         "ratio forwarded (exit) / native:           {:9.0}",
-        medians[0] / medians[5]
+        medians[0] / medians[6]
     );
     println!(
         "ratio mailbox / bare exit:                 {:9.3}",
@@ -73,5 +77,13 @@ fn main() {
     println!(
         "ratio doorbell answer / bare exit:         {:9.3}",
         medians[3] / medians[1]
+    );
+    println!(
+        "ratio vDSO clock_gettime / doorbell one:   {:9.4}",
+        medians[5] / medians[4]
+    );
+    println!(
+        "ratio vDSO clock_gettime / native vDSO:    {:9.2}",
+        medians[5] / medians[7]
     );
 }
