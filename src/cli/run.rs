@@ -236,7 +236,8 @@ pub(super) struct TemporaryRoot {
 }
 
 /// A fresh root holding `program` and its shared-library closure (and an /etc/passwd and
-/// /etc/group that know root, which the app is in its own view). The program keeps its
+/// /etc/group that know root, which the app is in its own view, and an /etc/hosts that
+/// knows localhost). The program keeps its
 /// host path, so argv[0] names it inside the guest too. Where that path lies under a
 /// writable directory (such as /tmp), which would hide it, the program's directory
 /// becomes a read-only mount of its own that holds just the program.
@@ -261,6 +262,11 @@ pub(super) fn temporary_root(program: &Path, writable: &[String]) -> anyhow::Res
     for (file, entry) in [
         ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
         ("etc/group", "root:x:0:\n"),
+        // localhost is the app itself (see syscalls::net); no DNS is asked for it.
+        (
+            "etc/hosts",
+            "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
+        ),
     ] {
         if !dir.path().join(file).exists() {
             std::fs::write(dir.path().join(file), entry)?;

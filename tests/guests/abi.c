@@ -21,6 +21,7 @@
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <sched.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -270,6 +271,47 @@ static void dual_stack(void) {
     close(s); close(c); close(v6); close(v4);
 }
 
+/* sendmmsg and recvmmsg over UDP on localhost; the interface ioctls. */
+static void many_messages(void) {
+    int rx = socket(AF_INET, SOCK_DGRAM, 0), tx = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in lo = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof lo;
+    CHECK(bind(rx, (struct sockaddr *)&lo, sizeof lo) == 0);
+    CHECK(getsockname(rx, (struct sockaddr *)&lo, &len) == 0);
+    CHECK(connect(tx, (struct sockaddr *)&lo, sizeof lo) == 0);
+    char *words[3] = {"one", "two", "three"};
+    struct iovec out[3];
+    struct mmsghdr send_msgs[3];
+    memset(send_msgs, 0, sizeof send_msgs);
+    for (int i = 0; i < 3; i++) {
+        out[i] = (struct iovec){words[i], strlen(words[i])};
+        send_msgs[i].msg_hdr.msg_iov = &out[i];
+        send_msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    CHECK(sendmmsg(tx, send_msgs, 3, 0) == 3 && send_msgs[2].msg_len == 5);
+    char bufs[3][16];
+    struct iovec in[3];
+    struct mmsghdr recv_msgs[3];
+    memset(recv_msgs, 0, sizeof recv_msgs);
+    for (int i = 0; i < 3; i++) {
+        in[i] = (struct iovec){bufs[i], sizeof bufs[i]};
+        recv_msgs[i].msg_hdr.msg_iov = &in[i];
+        recv_msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    int got = 0;
+    for (int tries = 0; tries < 100 && got < 3; tries++) {
+        int n = recvmmsg(rx, recv_msgs + got, 3 - got, 0, NULL);
+        if (n > 0) got += n;
+    }
+    CHECK(got == 3 && recv_msgs[1].msg_len == 3 && !memcmp(bufs[2], "three", 5));
+    struct ifreq ifr = {0};
+    strcpy(ifr.ifr_name, "lo");
+    CHECK(ioctl(rx, SIOCGIFINDEX, &ifr) == 0 && ifr.ifr_ifindex >= 1);
+    CHECK(if_nametoindex("lo") >= 1 && if_nametoindex("nonesuch0") == 0);
+    close(rx);
+    close(tx);
+}
+
 /* The interfaces, through rtnetlink: lo is up and holds a 127/8 address. In a picoprocess
  * (CONFINED), changes are refused as for any unprivileged process, and only rtnetlink
  * exists; natively, as root, they are not tried. */
@@ -325,6 +367,7 @@ int main(int argc, char **argv) {
     copies(argv[1]);
     residency();
     dual_stack();
+    many_messages();
     interfaces(argc > 2 && !strcmp(argv[2], "confined"));
     DONE();
 }

@@ -909,6 +909,11 @@ pub fn ioctl(p: &mut Process, a: &Args) -> SysResult {
     if matches!(file.kind, FileKind::Pty { .. }) && !generic.contains(&a.u32(1)) {
         return super::pty::ioctl(p, &file, a);
     }
+    if matches!(file.kind, FileKind::Socket { .. } | FileKind::Netlink) {
+        if let Some(answer) = super::netlink::interface_ioctl(p, a.u32(1), a.ptr(2)) {
+            return answer;
+        }
+    }
     match a.u32(1) {
         TCGETS if is_tty => {
             let termios = rustix::termios::tcgetattr(file.host())?;

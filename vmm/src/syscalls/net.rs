@@ -793,6 +793,49 @@ pub fn recvmsg(p: &mut Process, a: &Args) -> SysResult {
     Ok(count as u64)
 }
 
+/// Bytes of a `struct mmsghdr`: a msghdr, then msg_len (and padding).
+const MMSGHDR_SIZE: u64 = 64;
+/// Most messages one sendmmsg or recvmmsg handles (Linux's UIO_MAXIOV).
+const MMSG_MAX: usize = 1024;
+
+/// sendmmsg(2) and recvmmsg(2): sendmsg or recvmsg for each message in turn, each one's
+/// length written to its msg_len. They stop at the first error, which is the call's only
+/// when no message got through; after the first message a recvmmsg waits no more (as
+/// with MSG_WAITFORONE; its timeout is not supported and must be NULL).
+pub fn mmsg(p: &mut Process, a: &Args, send: bool) -> SysResult {
+    if !send && !a.ptr(4).is_null() {
+        return Err(Errno::INVAL.into());
+    }
+    let count = a.usize(2).min(MMSG_MAX);
+    let mut flags = a.i32(3);
+    let mut done = 0;
+    for i in 0..count {
+        let header = a
+            .ptr(1)
+            .offset(i as u64 * MMSGHDR_SIZE)
+            .ok_or(Errno::FAULT)?;
+        let one = Args([a.u64(0), header.0, flags as u64, 0, 0, 0]);
+        let result = if send {
+            sendmsg(p, &one)
+        } else {
+            recvmsg(p, &one)
+        };
+        match result {
+            Ok(n) => {
+                let len = header.offset(56).ok_or(Errno::FAULT)?;
+                p.mem.write_pod(len, &(n as u32))?;
+                done += 1;
+                if !send {
+                    flags |= MSG_DONTWAIT;
+                }
+            }
+            Err(e) if done == 0 => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(done)
+}
+
 /// sendfile(2): host to host, with no copy through the VMM.
 pub fn sendfile(p: &mut Process, a: &Args) -> SysResult {
     let out = p.files.file(a.fd(0))?;

@@ -1,4 +1,5 @@
-//! Read-only rtnetlink (`socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE)`), answered by the
+//! The app's one network interface, `lo`, as the socket ioctls (SIOCGIF*) and read-only
+//! rtnetlink (`socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE)`) show it, answered by the
 //! VMM from the app's own view of the network: one interface, `lo`, holding the app's
 //! IPv4 address (/8, as 127.0.0.0/8 is) and its IPv6 address (/128), and the routes to
 //! them. `getifaddrs`, `if_nameindex`, `ip addr` and dnsmasq read this. No host netlink
@@ -291,6 +292,72 @@ fn answer_all(bytes: &[u8], own: &[IpAddr]) -> Vec<Vec<u8>> {
         answers.push(datagram);
     }
     answers
+}
+
+const SIOCGIFNAME: u32 = 0x8910;
+const SIOCGIFFLAGS: u32 = 0x8913;
+const SIOCGIFADDR: u32 = 0x8915;
+const SIOCGIFNETMASK: u32 = 0x891b;
+const SIOCGIFMTU: u32 = 0x8921;
+const SIOCGIFINDEX: u32 = 0x8933;
+/// `struct ifreq`: a 16-byte name, then a 24-byte union.
+const IFREQ_SIZE: usize = 40;
+
+/// The interface ioctls on a socket (SIOCGIFINDEX, SIOCGIFNAME, SIOCGIFFLAGS,
+/// SIOCGIFADDR, SIOCGIFNETMASK, SIOCGIFMTU), for `lo`, the one interface; `None` for any
+/// other request. Any other interface is ENODEV.
+pub fn interface_ioctl(p: &mut Process, request: u32, arg: UserAddr) -> Option<SysResult> {
+    if ![
+        SIOCGIFNAME,
+        SIOCGIFFLAGS,
+        SIOCGIFADDR,
+        SIOCGIFNETMASK,
+        SIOCGIFMTU,
+        SIOCGIFINDEX,
+    ]
+    .contains(&request)
+    {
+        return None;
+    }
+    Some((|| {
+        let mut ifreq = [0u8; IFREQ_SIZE];
+        p.mem.read(arg, &mut ifreq)?;
+        if request == SIOCGIFNAME {
+            let index = i32::from_ne_bytes([ifreq[16], ifreq[17], ifreq[18], ifreq[19]]);
+            if index != LOOPBACK_INDEX {
+                return Err(Errno::NODEV.into());
+            }
+            ifreq[..16].fill(0);
+            ifreq[..2].copy_from_slice(b"lo");
+            p.mem.write(arg, &ifreq)?;
+            return Ok(0);
+        }
+        let name_end = ifreq[..16].iter().position(|&b| b == 0).unwrap_or(16);
+        if &ifreq[..name_end] != b"lo" {
+            return Err(Errno::NODEV.into());
+        }
+        let union = &mut ifreq[16..];
+        union.fill(0);
+        let inet = |union: &mut [u8], ip: [u8; 4]| {
+            union[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+            union[4..8].copy_from_slice(&ip);
+        };
+        match request {
+            SIOCGIFINDEX => union[..4].copy_from_slice(&LOOPBACK_INDEX.to_ne_bytes()),
+            SIOCGIFFLAGS => {
+                let flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as u16;
+                union[..2].copy_from_slice(&flags.to_ne_bytes());
+            }
+            SIOCGIFMTU => union[..4].copy_from_slice(&65536i32.to_ne_bytes()),
+            SIOCGIFADDR => inet(
+                union,
+                p.net.v4().unwrap_or(std::net::Ipv4Addr::LOCALHOST).octets(),
+            ),
+            _ => inet(union, [255, 0, 0, 0]),
+        }
+        p.mem.write(arg, &ifreq)?;
+        Ok(0)
+    })())
 }
 
 #[cfg(test)]
