@@ -42,7 +42,7 @@ MODULES = [
 ]
 
 # Per module and way: a hung module is stopped.
-TIMEOUT = 600
+TIMEOUT = 300
 
 RESULT = re.compile(r"^(test\w*) \((\S+)\)(?: \.\.\.|\n.*?\.\.\.) (ok|FAIL|ERROR|skipped|expected failure|unexpected success)", re.M)
 EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
