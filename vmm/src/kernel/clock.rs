@@ -128,9 +128,7 @@ impl Clock {
         let mut bytes = [0u8; 40];
         bytes[4..8].copy_from_slice(&(super::GUEST_PID as u32).to_le_bytes());
         if let Some(tsc) = self.tsc {
-            let host_tsc = crate::kvm::cpu::host_tsc();
-            let host_mono = self.now_ns(libc::CLOCK_MONOTONIC).unwrap_or(0) as u64;
-            let real = self.now_ns(libc::CLOCK_REALTIME).unwrap_or(0) as u64;
+            let (host_tsc, host_mono, real) = self.sample(tsc.mult);
             let guest_tsc = host_tsc.wrapping_add(tsc.guest_minus_host as u64);
             let base = TimeBase::continue_from(self.base.as_ref(), guest_tsc, host_mono, tsc.mult);
             self.base = Some(base);
@@ -146,6 +144,33 @@ impl Clock {
         }
         let _ = phys.write(page, &bytes);
         self.published = Some(Instant::now());
+    }
+}
+
+impl Clock {
+    /// The host's TSC with the app's monotonic and realtime clocks read at the same moment:
+    /// the TSC is read before and after the clocks, and a sample the VMM was preempted in
+    /// the middle of (on a loaded host, for milliseconds) is taken again, else the page
+    /// would put the clocks' values at a TSC they were not read at, and run ahead.
+    fn sample(&self, mult: u64) -> (u64, u64, u64) {
+        // What 20 µs is in ticks (mult is ns per tick, 32.32).
+        let limit = ((20_000u128 << 32) / u128::from(mult.max(1))) as u64;
+        let mut best = None;
+        for _ in 0..8 {
+            let before = crate::kvm::cpu::host_tsc();
+            let mono = self.now_ns(libc::CLOCK_MONOTONIC).unwrap_or(0) as u64;
+            let real = self.now_ns(libc::CLOCK_REALTIME).unwrap_or(0) as u64;
+            let after = crate::kvm::cpu::host_tsc();
+            let took = after.wrapping_sub(before);
+            let sample = (before.wrapping_add(took / 2), mono, real);
+            if took <= limit {
+                return sample;
+            }
+            if best.is_none_or(|(t, _)| took < t) {
+                best = Some((took, sample));
+            }
+        }
+        best.map(|(_, sample)| sample).unwrap_or_default()
     }
 }
 
