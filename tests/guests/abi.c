@@ -98,6 +98,11 @@ static void symlinks(const char *dir) {
     CHECK(symlink(target, at(dir, "abs")) == 0);
     CHECK(stat(at(dir, "abs/f"), &st) == 0 && st.st_size == 1);
     CHECK(lstat(at(dir, "abs"), &st) == 0 && S_ISLNK(st.st_mode));
+    /* The working directory is the real one, as getcwd reports it. */
+    char cwd[4096];
+    CHECK(chdir(at(dir, "abs")) == 0 && getcwd(cwd, sizeof cwd) &&
+          !strcmp(cwd + strlen(cwd) - 5, "/real"));
+    CHECK(chdir("/") == 0);
     CHECK(stat(at(dir, "abs"), &st) == 0 && S_ISDIR(st.st_mode));
     const char *base = strrchr(dir, '/') ? strrchr(dir, '/') + 1 : dir;
     snprintf(rel, sizeof rel, "../%s/real", base);

@@ -825,9 +825,10 @@ pub fn getcwd(p: &mut Process, a: &Args) -> SysResult {
 }
 
 fn enter_directory(p: &mut Process, path: String) -> SysResult {
-    let fd = p
-        .sandbox
-        .open(&path, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
+    // The directory's real path, symlinks resolved, as getcwd reports it on Linux.
+    let (fd, path) =
+        p.sandbox
+            .open_resolved(&path, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
     drop(fd);
     p.cwd = path;
     Ok(0)
