@@ -37,7 +37,7 @@ MODULES = [
     "test_time", "test_math", "test_json", "test_struct", "test_re", "test_threading",
     "test_thread", "test_queue", "test_fcntl", "test_mmap", "test_errno", "test_resource",
     "test_sched", "test_zlib", "test_gzip", "test_zipfile", "test_csv", "test_hashlib",
-    "test_sqlite3", "test_uuid", "test_timeout", "test_logging", "test_httpservers",
+    "test_sqlite3.test_dbapi", "test_uuid", "test_timeout", "test_logging", "test_httpservers",
     "test_io", "test_datetime", "test_random", "test_platform",
 ]
 
