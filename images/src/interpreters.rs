@@ -2,6 +2,7 @@
 //! load their standard libraries from directories (and native modules from there, which
 //! need shared libraries of their own), so a root made of a program's closure alone has an
 //! interpreter that cannot start ("No module named 'encodings'", "Can't locate strict.pm").
+//! Python's zoneinfo also reads the host's time zones.
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +37,8 @@ pub fn library_dirs(program: &Path) -> Vec<PathBuf> {
             "/usr/lib/python3".into(),
             format!("/etc/python3.{version}"),
             format!("/usr/local/lib/python3.{version}"),
+            // zoneinfo's time zones (tzdata), which Python reads by name.
+            "/usr/share/zoneinfo".into(),
         ]
     } else if name == "perl" || name.starts_with("perl5.") {
         PERL_DIRS.iter().map(|d| d.to_string()).collect()
