@@ -112,5 +112,16 @@ int main(int argc, char **argv) {
     CHECK(total == 64);
     CHECK(munmap(l, big) == 0);
 
+    /* A buffer mapped, touched once at the same instruction and unmapped, again and
+     * again: each touch is a new fault at the same address (not one that cannot be
+     * fixed), as an allocator that frees a large block and maps it again makes them.
+     * 32 MiB: past what is populated at mmap time. */
+    for (int round = 0; round < 8; round++) {
+        volatile char *b = mmap(NULL, 32 << 20, PROT_READ | PROT_WRITE,
+                                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        CHECK(b != MAP_FAILED);
+        b[0] = (char)round;
+        CHECK(b[0] == (char)round && munmap((void *)b, 32 << 20) == 0);
+    }
     DONE();
 }

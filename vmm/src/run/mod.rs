@@ -252,7 +252,13 @@ impl Picoprocess {
             let mut p = lock(&process);
             let mut x = self.exits(&mut p);
             let outcome = match exit {
-                Exit::Syscall => x.on_syscall()?,
+                Exit::Syscall => {
+                    // The app made progress: a fault at the same place from here on is a
+                    // new one (an app that maps, touches and unmaps a buffer in a loop
+                    // faults at the same instruction and address every time).
+                    last_fault = (0, 0, 0);
+                    x.on_syscall()?
+                }
                 Exit::Calibration => {
                     x.stats.calibration += 1;
                     None
