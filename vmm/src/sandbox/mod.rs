@@ -75,6 +75,17 @@ struct Resolved<'a> {
     relative: String,
 }
 
+/// A file [`Sandbox::open_resolved`] opened.
+#[derive(Debug)]
+pub struct Opened {
+    /// The open file.
+    pub fd: OwnedFd,
+    /// Its path once the symlinks on the way are resolved.
+    pub path: String,
+    /// Its type, which every open but an O_PATH one has already looked at.
+    pub kind: Option<rustix::fs::FileType>,
+}
+
 /// Whether a call follows a symlink in the final component of its path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Follow {
@@ -512,30 +523,27 @@ impl Sandbox {
     /// access, O_CREAT of a missing file, O_TRUNC) need a writable mount; a new file's
     /// `mode` loses its set-id bits.
     pub fn open(&self, path: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {
-        self.open_resolved(path, flags, mode).map(|(fd, _)| fd)
+        self.open_resolved(path, flags, mode)
+            .map(|opened| opened.fd)
     }
 
     /// [`Sandbox::open`], with the path it opened once the symlinks on the way are
     /// resolved (what an open file is known by: its mount decides what may be done to
     /// it). A path with a symlink on it, or one in a read-only mount (a symlink there may
     /// lead into a writable one), is resolved first when the plain open cannot do.
-    pub fn open_resolved(
-        &self,
-        path: &str,
-        flags: OFlags,
-        mode: Mode,
-    ) -> Result<(OwnedFd, String), Errno> {
-        match self.open_once(path, flags, mode, Symlinks::Refused) {
+    pub fn open_resolved(&self, path: &str, flags: OFlags, mode: Mode) -> Result<Opened, Errno> {
+        let (path, (fd, kind)) = match self.open_once(path, flags, mode, Symlinks::Refused) {
             Err(first @ (Errno::LOOP | Errno::ROFS)) => {
                 let canonical = self.canonical(path, !flags.contains(OFlags::NOFOLLOW))?;
                 if first == Errno::ROFS && canonical == path {
                     return Err(first);
                 }
-                let fd = self.open_once(&canonical, flags, mode, Symlinks::InMount)?;
-                Ok((fd, canonical))
+                let opened = self.open_once(&canonical, flags, mode, Symlinks::InMount)?;
+                (canonical, opened)
             }
-            other => other.map(|fd| (fd, path.to_string())),
-        }
+            other => (path.to_string(), other?),
+        };
+        Ok(Opened { fd, path, kind })
     }
 
     /// One open of `path`. Files are opened non-blocking on the host, so that a FIFO
@@ -549,17 +557,16 @@ impl Sandbox {
         flags: OFlags,
         mode: Mode,
         symlinks: Symlinks,
-    ) -> Result<OwnedFd, Errno> {
+    ) -> Result<(OwnedFd, Option<rustix::fs::FileType>), Errno> {
         if flags.contains(OFlags::PATH) {
-            return self.open_file(path, flags, mode, symlinks);
+            return Ok((self.open_file(path, flags, mode, symlinks)?, None));
         }
         let fd = self.open_file(path, flags | OFlags::NONBLOCK, mode, symlinks)?;
-        if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode)
-            == rustix::fs::FileType::Fifo
-        {
+        let kind = rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode);
+        if kind == rustix::fs::FileType::Fifo {
             return Err(Errno::NXIO);
         }
-        Ok(fd)
+        Ok((fd, Some(kind)))
     }
 
     fn open_file(
@@ -788,15 +795,17 @@ mod tests {
         std::fs::write(root.path().join("in-root"), b"root").unwrap();
         let mut sandbox = Sandbox::new(root.path()).unwrap();
         sandbox.mount("/data", data.path(), true).unwrap();
-        let (_, path) = sandbox
+        let path = sandbox
             .open_resolved("/lnk/f", OFlags::WRONLY | OFlags::CREATE, Mode::from(0o644))
-            .unwrap();
+            .unwrap()
+            .path;
         assert_eq!(path, "/data/f");
         assert!(data.path().join("f").exists());
         // A root file reached through the writable mount is known by its root path.
-        let (_, path) = sandbox
+        let path = sandbox
             .open_resolved("/data/up/in-root", OFlags::RDONLY, Mode::empty())
-            .unwrap();
+            .unwrap()
+            .path;
         assert_eq!(path, "/in-root");
         assert!(!sandbox.is_writable(&path));
         assert_eq!(

@@ -230,14 +230,17 @@ fn open_path(p: &mut Process, path: String, flags: u32, mode: u32) -> SysResult 
     let mode = Mode::from_bits_truncate(mode & !p.umask & 0o7777);
     // Known by the path it really is, symlinks resolved: its mount decides what fchmod,
     // futimens and mmap may do with it.
-    let (fd, path) = p.sandbox.open_resolved(&path, oflags, mode)?;
-    let stat = rustix::fs::fstat(&fd)?;
-    let kind =
-        if rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Directory {
-            FileKind::Directory { path }
-        } else {
-            FileKind::Path { path, flags }
-        };
+    let opened = p.sandbox.open_resolved(&path, oflags, mode)?;
+    let file_type = match opened.kind {
+        Some(kind) => kind,
+        None => rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&opened.fd)?.st_mode),
+    };
+    let (fd, path) = (opened.fd, opened.path);
+    let kind = if file_type == rustix::fs::FileType::Directory {
+        FileKind::Directory { path }
+    } else {
+        FileKind::Path { path, flags }
+    };
     let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
     Ok(p.files.insert(OpenFile::new(fd, kind), cloexec)? as u64)
 }
@@ -826,11 +829,10 @@ pub fn getcwd(p: &mut Process, a: &Args) -> SysResult {
 
 fn enter_directory(p: &mut Process, path: String) -> SysResult {
     // The directory's real path, symlinks resolved, as getcwd reports it on Linux.
-    let (fd, path) =
-        p.sandbox
-            .open_resolved(&path, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
-    drop(fd);
-    p.cwd = path;
+    let opened = p
+        .sandbox
+        .open_resolved(&path, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
+    p.cwd = opened.path;
     Ok(0)
 }
 

@@ -40,6 +40,11 @@ const WINSIZE_SIZE: usize = 8;
 /// host's multiplexer.
 const MULTIPLEXERS: [&str; 2] = ["/dev/pts/ptmx", "/dev/ptmx"];
 
+/// The errno of the raw ioctl that just failed.
+fn last_errno() -> Errno {
+    Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO)
+}
+
 /// open("/dev/ptmx"): a new pty master.
 pub fn open_master(p: &mut Process, flags: u32) -> SysResult {
     use rustix::fs::{Mode, OFlags};
@@ -66,7 +71,7 @@ fn number(master: &OwnedFd) -> Result<u32, Errno> {
     // SAFETY: TIOCGPTN writes one u32 through the pointer, which is valid for it.
     let rc = unsafe { libc::ioctl(master.as_raw_fd(), TIOCGPTN as _, &mut index) };
     if rc < 0 {
-        return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO));
+        return Err(last_errno());
     }
     Ok(index)
 }
@@ -77,7 +82,7 @@ fn peer(master: &OpenFile) -> Result<OwnedFd, Errno> {
     // SAFETY: TIOCGPTPEER takes its open flags by value and returns a new fd or -1.
     let fd = unsafe { libc::ioctl(master.fd.as_raw_fd(), TIOCGPTPEER as _, flags) };
     if fd < 0 {
-        return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO));
+        return Err(last_errno());
     }
     // SAFETY: the kernel just returned this fd, which nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -126,9 +131,7 @@ fn with_buffer(
     // pointer, and the buffer holds that many.
     let rc = unsafe { libc::ioctl(file.fd.as_raw_fd(), a.u32(1) as _, buffer.as_mut_ptr()) };
     if rc < 0 {
-        return Err(Errno::from_io_error(&std::io::Error::last_os_error())
-            .unwrap_or(Errno::IO)
-            .into());
+        return Err(last_errno().into());
     }
     if copy_out {
         p.mem.write(a.ptr(2), &buffer)?;
@@ -157,9 +160,7 @@ pub fn ioctl(p: &mut Process, file: &OpenFile, a: &Args) -> SysResult {
             // SAFETY: these take an int by value and touch no memory of ours.
             let rc = unsafe { libc::ioctl(file.fd.as_raw_fd(), a.u32(1) as _, a.u64(2)) };
             if rc < 0 {
-                return Err(Errno::from_io_error(&std::io::Error::last_os_error())
-                    .unwrap_or(Errno::IO)
-                    .into());
+                return Err(last_errno().into());
             }
             Ok(0)
         }
