@@ -380,16 +380,81 @@ impl NameLease {
             rustix::fs::Mode::from_raw_mode(0o600),
         )
         .map_err(|e| bind_error(e.into()))?;
-        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(Self {
-                name: name.to_string(),
-                socket,
-                _lock: Arc::new(lock),
-            }),
+        let try_lock =
+            || rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+        let mut outcome = try_lock();
+        if outcome == Err(rustix::io::Errno::WOULDBLOCK) && !holder_alive(&lock) {
+            // The app's VMM has ended and its supervisor, which shares the lock, is still
+            // removing what the VMM left: the name is about to be free, so a restart right
+            // after a stop waits for it instead of failing.
+            let deadline = std::time::Instant::now() + SUPERVISOR_CLEANUP_WAIT;
+            while outcome == Err(rustix::io::Errno::WOULDBLOCK)
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                outcome = try_lock();
+            }
+        }
+        match outcome {
+            Ok(()) => {
+                record_holder(&lock).map_err(bind_error)?;
+                Ok(Self {
+                    name: name.to_string(),
+                    socket,
+                    _lock: Arc::new(lock),
+                })
+            }
             Err(rustix::io::Errno::WOULDBLOCK) => Err(ControlError::NameInUse(name.to_string())),
             Err(e) => Err(bind_error(e.into())),
         }
     }
+}
+
+/// How long a start waits for the supervisor of an ended app to let go of its name.
+const SUPERVISOR_CLEANUP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Writes this process's pid (the VMM's: the lease is taken before the supervisor forks)
+/// into the held lock file, so that whoever finds the name taken can tell a live app from
+/// one whose supervisor is cleaning up.
+fn record_holder(lock: &std::os::fd::OwnedFd) -> std::io::Result<()> {
+    rustix::fs::ftruncate(lock, 0)?;
+    let pid = std::process::id().to_string();
+    rustix::io::pwrite(lock, pid.as_bytes(), 0)?;
+    Ok(())
+}
+
+/// Whether the VMM recorded in a lock file someone else holds still runs. A file with no
+/// pid yet belongs to an app that is starting: alive.
+fn holder_alive(lock: &std::os::fd::OwnedFd) -> bool {
+    let mut text = [0u8; 16];
+    let Ok(length) = rustix::io::pread(lock, &mut text, 0) else {
+        return true;
+    };
+    let Some(pid) = std::str::from_utf8(&text[..length])
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .filter(|&pid| pid > 0)
+    else {
+        return true;
+    };
+    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
+        return true;
+    };
+    if rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH) {
+        return false;
+    }
+    // A zombie has ended too: only its parent has not reaped it yet.
+    std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero()))
+        .ok()
+        .and_then(|stat| {
+            Some(
+                stat.rsplit_once(')')?
+                    .1
+                    .trim_start()
+                    .starts_with(['Z', 'X']),
+            )
+        })
+        != Some(true)
 }
 
 /// What the control socket of an app serves.
@@ -694,6 +759,35 @@ mod tests {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         )
+    }
+
+    #[test]
+    fn a_name_is_refused_while_its_app_lives_and_waited_for_while_its_supervisor_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let lease = NameLease::take(&run, "app").unwrap();
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            NameLease::take(&run, "app"),
+            Err(ControlError::NameInUse(_))
+        ));
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        // The lock now names a VMM that has ended, as when a supervisor still holds it.
+        let mut ended = std::process::Command::new("true").spawn().unwrap();
+        let ended_pid = ended.id();
+        ended.wait().unwrap();
+        std::fs::write(run.join("app.lock"), ended_pid.to_string()).unwrap();
+        let supervisor = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(lease);
+        });
+        let started = std::time::Instant::now();
+        let second = NameLease::take(&run, "app").unwrap();
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+        supervisor.join().unwrap();
+        let recorded = std::fs::read_to_string(run.join("app.lock")).unwrap();
+        assert_eq!(recorded, std::process::id().to_string());
+        drop(second);
     }
 
     #[test]
