@@ -1,15 +1,110 @@
-//! Process basics of a single-threaded program.
+//! Process basics, and apps of several processes: fork, exec and wait in C, busybox shells
+//! and Python's subprocess.
 
 mod common;
 
 use common::*;
 
-#[test]
-fn process_basics_work() {
+/// Runs guest `name`, static and dynamic, and checks that its own checks pass.
+fn guest_passes(name: &str) {
     for link in [Link::Static, Link::Dynamic] {
-        let program = guest("process", link);
+        let program = guest(name, link);
         let out = run(&[program.to_str().unwrap()]);
         assert_eq!(out.status.code(), Some(0), "{link:?}: {}", describe(&out));
         assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
     }
+}
+
+#[test]
+fn process_basics_work() {
+    guest_passes("process");
+}
+
+/// fork, vfork, posix_spawn, execve, wait4 and waitid, pipes, copy-on-write, SIGCHLD,
+/// process groups and kill between processes (tests/guests/fork.c).
+#[test]
+fn fork_exec_and_wait_work() {
+    guest_passes("fork");
+}
+
+/// A root holding Debian's static busybox, its applets as symlinks, a three-line
+/// /etc/passwd and two more files in /etc.
+fn busybox_root() -> tempfile::TempDir {
+    let root = root_with(&[std::path::Path::new("/usr/bin/busybox")]);
+    let bin = root.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/usr/bin/busybox", bin.join("busybox")).unwrap();
+    for applet in ["sh", "ls", "sort", "head", "wc", "sleep", "cat", "echo"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    let etc = root.path().join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("passwd"),
+        "root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\napp:x:1000:1000::/:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(etc.join("a"), "").unwrap();
+    std::fs::write(etc.join("b"), "").unwrap();
+    root
+}
+
+/// A busybox shell pipeline: every stage is a forked and exec'd process, joined by pipes.
+#[test]
+fn a_shell_pipeline_runs() {
+    let root = busybox_root();
+    let out = run(&[
+        "--root",
+        root.path().to_str().unwrap(),
+        "/bin/sh",
+        "-c",
+        "ls /etc | sort | head -3; echo $(( $(wc -l < /etc/passwd) + 1 ))",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(stdout(&out), "a\nb\npasswd\n4\n", "{}", describe(&out));
+}
+
+/// A shell script with functions, subshells, command substitution, a background job and
+/// `wait`, a trap, and a pipeline in a loop; its output is what a native run prints.
+#[test]
+fn a_shell_script_with_jobs_and_traps_runs() {
+    let root = busybox_root();
+    let script = "f() { echo \"f:$1\"; }\n\
+        f one\n\
+        x=$(f two); echo \"got $x\"\n\
+        ( echo sub; exit 3 ); echo \"sub=$?\"\n\
+        sleep 0.2 & p=$!; echo bg; wait $p; echo \"waited=$?\"\n\
+        trap 'echo trapped' USR1\n\
+        kill -USR1 $$\n\
+        echo \"$(echo nested $(echo deeper))\"\n\
+        for i in 1 2 3; do echo \"i=$i\"; done | sort -r | head -2\n\
+        exit 5\n";
+    std::fs::write(root.path().join("script.sh"), script).unwrap();
+    let out = run(&[
+        "--root",
+        root.path().to_str().unwrap(),
+        "/bin/sh",
+        "/script.sh",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
+    assert_eq!(
+        stdout(&out),
+        "f:one\ngot f:two\nsub\nsub=3\nbg\nwaited=0\ntrapped\nnested deeper\ni=3\ni=2\n",
+        "{}",
+        describe(&out)
+    );
+}
+
+/// Python's subprocess (vfork and execve through _posixsubprocess) runs the interpreter
+/// again and reads its output through a pipe.
+#[test]
+fn python_subprocess_runs_a_child() {
+    let code = "import subprocess, sys\n\
+        r = subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True)\n\
+        print(r.stdout.decode().strip(), r.returncode)\n\
+        r = subprocess.run([sys.executable, '-c', 'import sys; sys.exit(3)'])\n\
+        print(r.returncode)\n";
+    let out = run(&["/usr/bin/python3", "-c", code]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(stdout(&out), "42 0\n3\n", "{}", describe(&out));
 }

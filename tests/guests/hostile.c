@@ -4,7 +4,10 @@
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -44,9 +47,27 @@ int main(int argc, char **argv) {
         DONE();
     }
     if (!strcmp(m, "fork-bomb")) {
-        int refused = 0;
-        for (int i = 0; i < 1000; i++) refused += fork() == -1 && errno == EAGAIN;
-        CHECK(refused == 1000);
+        /* Every child lives on (and would fork too), yet the app's process count is
+         * bounded: forks past the limit give EAGAIN, and the app cleans up after. */
+        static pid_t kids[1000];
+        int made = 0, refused = 0;
+        for (int i = 0; i < 1000; i++) {
+            pid_t pid = fork();
+            if (pid == 0) {
+                for (int j = 0; j < 1000; j++) if (fork() == 0) for (;;) pause();
+                for (;;) pause();
+            }
+            if (pid > 0) kids[made++] = pid;
+            else refused += errno == EAGAIN;
+        }
+        struct rlimit limit;
+        CHECK(getrlimit(RLIMIT_NPROC, &limit) == 0);
+        CHECK(made > 0 && (rlim_t)made < limit.rlim_cur && refused == 1000 - made);
+        for (int i = 0; i < made; i++) CHECK(kill(kids[i], SIGKILL) == 0);
+        int status;
+        for (int i = 0; i < made; i++)
+            CHECK(waitpid(kids[i], &status, 0) == kids[i] && WTERMSIG(status) == SIGKILL);
+        printf("forks: %d made, %d refused, limit %lu\n", made, refused, (unsigned long)limit.rlim_cur);
         DONE();
     }
     if (!strcmp(m, "spin")) for (;;) __asm__ volatile("" ::: "memory");

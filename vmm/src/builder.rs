@@ -202,6 +202,7 @@ pub(crate) fn process(
         signals: Default::default(),
         clock: crate::kernel::clock::Clock {
             tsc: tsc.filter(|_| config.doorbell_time),
+            pid: crate::kernel::GUEST_PID,
             ..Default::default()
         },
         kicker: kicker.clone(),
@@ -234,6 +235,12 @@ pub(crate) fn process(
         warned: Default::default(),
         handoff: Default::default(),
         inherited_sockets: config.inherited_sockets.clone(),
+        ids: Default::default(),
+        children: Vec::new(),
+        tree: None,
+        root_watch: None,
+        vfork_done: None,
+        forked: false,
     })
 }
 
@@ -301,6 +308,6 @@ pub(crate) fn finish(
         live,
         ops,
         name: config.name.clone(),
-        _control: control,
+        control,
     })
 }

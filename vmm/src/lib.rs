@@ -164,7 +164,7 @@ pub struct Picoprocess {
     live: Arc<control::LiveStats>,
     ops: Arc<control::PendingOps>,
     name: String,
-    _control: Option<control::ControlServer>,
+    control: Option<control::ControlServer>,
 }
 
 impl Picoprocess {

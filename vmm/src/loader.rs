@@ -390,6 +390,48 @@ fn resolve_scripts(
     Err(not_exec(&path, "too many levels of #! interpreters"))
 }
 
+/// Checks, before execve passes its point of no return, that the program at `path` (or
+/// the interpreter of the script it is) can be executed: it exists, has an execute bit,
+/// is a regular file and starts as an x86-64 ELF executable.
+pub fn check(sandbox: &Sandbox, path: &str, argv: &[String]) -> Result<(), LoadError> {
+    let (program, _) = resolve_scripts(sandbox, path, argv)?;
+    let file = open_program(sandbox, &program)?;
+    let meta = file.metadata().map_err(|source| LoadError::Read {
+        path: program.clone(),
+        source,
+    })?;
+    use std::os::unix::fs::PermissionsExt;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(LoadError::Open {
+            path: program,
+            errno: Errno::ACCESS,
+        });
+    }
+    let mut header = [0u8; std::mem::size_of::<Elf64_Ehdr>()];
+    read_exact_at(&file, &program, &mut header, 0)?;
+    let ehdr =
+        *Elf64_Ehdr::from_slice(&header).ok_or_else(|| not_exec(&program, "short header"))?;
+    if &ehdr.e_ident[..4] != b"\x7fELF" || ehdr.e_ident[4] != 2 || ehdr.e_machine != EM_X86_64 {
+        return Err(not_exec(&program, "not a 64-bit x86-64 ELF"));
+    }
+    Ok(())
+}
+
+impl LoadError {
+    /// The errno execve reports for this.
+    pub fn errno(&self) -> Errno {
+        match self {
+            LoadError::Open { errno, .. } => *errno,
+            LoadError::Read { source, .. } if source.raw_os_error() == Some(libc::EISDIR) => {
+                Errno::ACCESS
+            }
+            LoadError::Read { .. } => Errno::IO,
+            LoadError::NotExecutable { .. } => Errno::NOEXEC,
+            LoadError::Map { errno, .. } => *errno,
+        }
+    }
+}
+
 /// Loads the program at `info.path` (through its `#!` interpreter if it is a script), its
 /// ELF interpreter if it has one, and the stack.
 pub fn load(

@@ -20,6 +20,8 @@ pub struct Clock {
     /// The monotonic base and rate the time page holds, for the next one to continue
     /// from (None after a restore: a new host, a new TSC).
     pub base: Option<TimeBase>,
+    /// The pid the time page tells the doorbell (getpid answered in the guest).
+    pub pid: i32,
 }
 
 /// What one time page told the doorbell about CLOCK_MONOTONIC.
@@ -126,7 +128,7 @@ impl Clock {
         }
         let page = crate::memory::layout::SYSTEM_GPA + TIME_PAGE * 4096;
         let mut bytes = [0u8; 40];
-        bytes[4..8].copy_from_slice(&(super::GUEST_PID as u32).to_le_bytes());
+        bytes[4..8].copy_from_slice(&(self.pid as u32).to_le_bytes());
         if let Some(tsc) = self.tsc {
             let (host_tsc, host_mono, real) = self.sample(tsc.mult);
             let guest_tsc = host_tsc.wrapping_add(tsc.guest_minus_host as u64);

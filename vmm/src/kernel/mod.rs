@@ -8,6 +8,7 @@ pub mod netpolicy;
 pub mod process;
 pub mod signals;
 pub mod thread;
+pub mod tree;
 
 /// The pid the app sees. It is alone in its picoprocess, and 1 would suggest init.
 pub const GUEST_PID: i32 = 2;

@@ -67,6 +67,21 @@ pub struct Process {
     pub handoff: std::sync::Arc<crate::control::Handoff>,
     /// Unsupported syscalls already logged (each is logged once).
     pub warned: HashSet<u64>,
+    /// Its pid, parent, group and session.
+    pub ids: super::tree::ProcessIds,
+    /// The children it forked and has not reaped.
+    pub children: Vec<super::tree::ChildProcess>,
+    /// The table of the app's processes, once the app has forked.
+    pub tree: Option<std::sync::Arc<super::tree::AppTree>>,
+    /// The pipe that tells every process of the app that the first one ended (see
+    /// [`super::tree::RootWatch`]), once the app has forked.
+    pub root_watch: Option<super::tree::RootWatch>,
+    /// A vfork child's end of the pipe its parent waits on: closed when it calls execve
+    /// or ends.
+    pub vfork_done: Option<std::os::fd::OwnedFd>,
+    /// Whether this process is a fork (its VMM ends with the app's status when it does,
+    /// rather than returning to whoever started the first process).
+    pub forked: bool,
 }
 
 impl Process {
@@ -105,6 +120,22 @@ impl Process {
             raised &= raised - 1;
             self.signals.raise(signal);
         }
+    }
+
+    /// A new tid (or pid), unique across the app's processes once it has forked.
+    pub fn allocate_tid(&mut self) -> Option<i32> {
+        match &self.tree {
+            Some(tree) => tree.allocate_pid(),
+            None => self.threads.allocate_tid(),
+        }
+    }
+
+    /// Its process group and session: the table's, which a parent's setpgid changes.
+    pub fn group(&self) -> (i32, i32) {
+        self.tree
+            .as_ref()
+            .and_then(|tree| tree.find(self.ids.pid))
+            .map_or((self.ids.pgid, self.ids.sid), |m| (m.pgid, m.sid))
     }
 
     /// Makes `path` (as the app named it) absolute and normalised against the working

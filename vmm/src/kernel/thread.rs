@@ -247,6 +247,11 @@ impl Threads {
         Some(self.last_tid)
     }
 
+    /// The highest tid handed out so far.
+    pub fn highest_tid(&self) -> i32 {
+        self.last_tid.max(MAIN_TID)
+    }
+
     /// Notes that `tid` is in use (a restored thread), so that no new thread gets it.
     pub fn note_tid(&mut self, tid: i32) {
         self.last_tid = self.last_tid.max(tid);

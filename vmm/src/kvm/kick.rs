@@ -33,25 +33,65 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     }
 }
 
-/// The kicker host signals are forwarded to (see [`forward_host_signals`]).
-static FORWARD_TO: std::sync::OnceLock<Kicker> = std::sync::OnceLock::new();
+/// The kicker host signals are forwarded to (see [`forward_host_signals`]): a leaked box,
+/// since a signal handler may be reading the one a later call replaces.
+static FORWARD_TO: std::sync::atomic::AtomicPtr<Kicker> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+fn forward_to() -> Option<&'static Kicker> {
+    // SAFETY: the pointer is null or a `Box` leaked by `forward_host_signals`, never freed.
+    unsafe { FORWARD_TO.load(Ordering::SeqCst).as_ref() }
+}
 
 extern "C" fn on_host_signal(signal: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Only atomics, an eventfd write and pthread_kill: all async-signal-safe.
-    if let Some(kicker) = FORWARD_TO.get() {
+    if let Some(kicker) = forward_to() {
         kicker.raise(signal);
     }
 }
 
+/// The host signal that carries a guest signal from one process of an app to another
+/// (see [`send_guest_signal`]).
+pub(crate) fn guest_signal_carrier() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + 3
+}
+
+extern "C" fn on_guest_signal(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler; the carrier is
+    // only ever sent with sigqueue, whose value is the guest signal.
+    let signal = unsafe { (*info).si_value().sival_ptr } as usize as i32;
+    if let Some(kicker) = forward_to() {
+        kicker.raise(signal);
+    }
+}
+
+/// Raises guest signal `signal` in the app process whose VMM is host process `host_pid`
+/// (another process of the same app).
+pub fn send_guest_signal(host_pid: i32, signal: i32) -> std::io::Result<()> {
+    let value = libc::sigval {
+        sival_ptr: signal as usize as *mut libc::c_void,
+    };
+    // SAFETY: sigqueue copies the value; no memory is shared.
+    if unsafe { libc::sigqueue(host_pid, guest_signal_carrier(), value) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Makes SIGINT, SIGTERM and SIGHUP sent to this VMM process arrive at the app instead,
-/// as they would at a process run in a terminal. Only the first kicker registered wins,
-/// which is right for a one-picoprocess VMM.
+/// as they would at a process run in a terminal; so do SIGCHLD (a child process of the app
+/// ended) and signals from the app's other processes. A later call (in a forked process,
+/// whose vCPU thread has a new kicker) replaces the kicker.
 pub fn forward_host_signals(kicker: &Kicker) -> std::io::Result<()> {
-    let _ = FORWARD_TO.set(kicker.clone());
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+    let previous = FORWARD_TO.swap(Box::into_raw(Box::new(kicker.clone())), Ordering::SeqCst);
+    // The previous kicker is leaked on purpose: a handler running now may hold it.
+    let _ = previous;
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGCHLD] {
         vmm_sys_util::signal::register_signal_handler(signal, on_host_signal)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     }
+    vmm_sys_util::signal::register_signal_handler(guest_signal_carrier(), on_guest_signal)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     Ok(())
 }
 

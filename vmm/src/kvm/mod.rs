@@ -74,6 +74,32 @@ impl Machine {
         Ok(machine)
     }
 
+    /// In a forked VMM process: a new VM over the same guest memory, which the fork made
+    /// copy-on-write. The inherited VM and vCPU belong to the parent's address space (their
+    /// ioctls fail with EIO here); /dev/kvm's fd does not, so no path is opened again
+    /// (the jail may not show /dev/kvm).
+    pub fn for_forked_process(&self) -> Result<Self, KvmError> {
+        use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+        let fd = rustix::io::fcntl_dupfd_cloexec(
+            // SAFETY: the fd is our open /dev/kvm, borrowed for the duration of the call.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(self.kvm.as_raw_fd()) },
+            0,
+        )
+        .map_err(|e| KvmError::Open(kvm_ioctls::Error::new(e.raw_os_error())))?;
+        // SAFETY: `fd` is a fresh duplicate of /dev/kvm that the new `Kvm` owns.
+        let kvm = unsafe { Kvm::from_raw_fd(fd.into_raw_fd()) };
+        let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
+        let machine = Self {
+            kvm,
+            vm,
+            slots: self.slots,
+        };
+        for info in &machine.slots {
+            machine.set_region(info, info.size)?;
+        }
+        Ok(machine)
+    }
+
     fn set_region(&self, info: &SlotInfo, size: u64) -> Result<(), KvmError> {
         // SAFETY: `info.host_addr .. + info.size` is a live mapping owned by the
         // picoprocess's `PhysicalMemory`, which outlives this VM (the `Picoprocess` drops

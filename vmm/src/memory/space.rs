@@ -109,6 +109,8 @@ pub struct AddressSpace {
     nx: bool,
     stale: StaleEntries,
     stats: MemoryStats,
+    /// RAM a userfaultfd streamer fills in the background: (guest-physical start, bytes).
+    streamed: Vec<(u64, u64)>,
 }
 
 /// Most leaf entries whose removal is tracked one by one; beyond this, every translation
@@ -157,7 +159,23 @@ impl AddressSpace {
             nx,
             stale: StaleEntries::default(),
             stats: MemoryStats::default(),
+            streamed: Vec::new(),
         })
+    }
+
+    /// Notes that a streamer fills RAM `[gpa, gpa + len)` through a userfaultfd.
+    pub fn note_streamed(&mut self, gpa: u64, len: u64) {
+        self.streamed.push((gpa, len));
+    }
+
+    /// Waits until every streamed page has arrived (the fault makes the streamer send it
+    /// first). A fork needs this: the child's copy of the memory has no userfaultfd, and a
+    /// page missing at the fork would read as zeros there.
+    pub fn finish_streaming(&mut self) -> Result<(), PhysError> {
+        for (gpa, len) in std::mem::take(&mut self.streamed) {
+            self.phys.populate_write(gpa, len)?;
+        }
+        Ok(())
     }
 
     /// The guest-physical memory under this space.

@@ -190,6 +190,24 @@ fn context_record(
     }
 }
 
+/// Why the app cannot be captured as one process: it has other processes (snapshots of
+/// process trees are not supported yet), or it is not the app's first process.
+fn tree_in_use(p: &Process) -> Option<String> {
+    if p.forked {
+        return Some("only an app's first process is snapshotted".into());
+    }
+    let others = p
+        .tree
+        .as_ref()
+        .map_or(0, |t| t.members().len().saturating_sub(1));
+    (others > 0 || !p.children.is_empty()).then(|| {
+        format!(
+            "it has {} other process(es); snapshots of process trees are not supported yet",
+            others.max(p.children.len())
+        )
+    })
+}
+
 /// A call's deadline as the app's CLOCK_MONOTONIC in ns (see `ProcessRecord::restart`).
 fn restart_record(
     restart: Option<(u64, u64, Instant)>,
@@ -284,6 +302,9 @@ fn slow_capture_test_hook() {
 pub fn busy(p: &Process) -> Option<String> {
     use crate::fdtable::FileKind;
     use rustix::event::{PollFd, PollFlags};
+    if let Some(why) = tree_in_use(p) {
+        return Some(format!("busy: {why}"));
+    }
     for (fd, entry) in p.files.iter() {
         let FileKind::Socket { domain, kind } = entry.file.kind else {
             continue;
@@ -318,6 +339,9 @@ pub fn capture(
     full: bool,
 ) -> Result<Manifest, PersistError> {
     slow_capture_test_hook();
+    if let Some(why) = tree_in_use(p) {
+        return Err(PersistError::Unsnapshottable(why));
+    }
     let started = Instant::now();
     let key = p.snapshot_key.clone().ok_or(PersistError::NoKey)?;
     let id = new_id();

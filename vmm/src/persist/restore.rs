@@ -73,6 +73,7 @@ fn stream_in(
     let (base, host) = space
         .reserve_page_file(manifest.page_count)
         .map_err(memory("reserving frames for the page file"))?;
+    space.note_streamed(base, manifest.page_count * PAGE);
     let stream_error = |what: &str, e: std::io::Error| PersistError::Data {
         what: what.to_string(),
         source: e,

@@ -9,6 +9,7 @@
 //! Three kinds of exit matter: the doorbell (a syscall), an exception stub (a fault, which
 //! may be a demand page fault to serve), and a kick (a timeout or an operator's request).
 
+pub mod fork;
 pub mod sigframe;
 
 use crate::control::{LiveStats, PendingOp, PendingOps};
@@ -190,6 +191,14 @@ impl Picoprocess {
         // The state a panic leaves is only dropped afterwards, never used again.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
         Kicker::arm(std::ptr::null_mut());
+        if lock(&self.process).forked {
+            let outcome = match (crate::panics::take_report(), outcome) {
+                (Some(report), _) => Err(VmmError::Panicked(report)),
+                (None, Ok(outcome)) => outcome,
+                (None, Err(_)) => Err(VmmError::Panicked("the vCPU thread panicked".into())),
+            };
+            fork::exit_as_forked_process(&outcome);
+        }
         if let Some(poller) = &self.poller {
             poller.stop();
         }
@@ -222,12 +231,13 @@ impl Picoprocess {
     fn exits<'a>(&'a mut self, p: &'a mut Process) -> Exits<'a> {
         Exits {
             vcpu: &mut self.vcpu,
-            machine: &self.machine,
+            machine: &mut self.machine,
             p,
             stats: &mut self.stats,
-            live: &self.live,
+            live: &mut self.live,
             ops: &self.ops,
-            poller: self.poller.as_ref(),
+            poller: &mut self.poller,
+            control: &mut self.control,
         }
     }
 
@@ -304,12 +314,13 @@ enum Step {
 /// Everything one exit's handling touches, borrowed from the [`Picoprocess`].
 struct Exits<'a> {
     vcpu: &'a mut Vcpu,
-    machine: &'a Machine,
+    machine: &'a mut Machine,
     p: &'a mut Process,
     stats: &'a mut ExitStats,
-    live: &'a LiveStats,
+    live: &'a mut std::sync::Arc<LiveStats>,
     ops: &'a PendingOps,
-    poller: Option<&'a Poller>,
+    poller: &'a mut Option<Poller>,
+    control: &'a mut Option<crate::control::ControlServer>,
 }
 
 impl Exits<'_> {
@@ -516,6 +527,26 @@ impl Exits<'_> {
         Ok(())
     }
 
+    /// Puts the vCPU at the start of the program execve loaded: its entry and stack, every
+    /// other register zero, the FPU in its initial state.
+    fn start_program(&mut self, start: &crate::loader::StartState) -> Result<(), VmmError> {
+        self.vcpu
+            .resume_user(start.entry, start.rsp, crate::kvm::cpu::USER_RFLAGS)?;
+        let regs = self.vcpu.regs_mut();
+        *regs = kvm_bindings::kvm_regs {
+            rip: regs.rip,
+            rsp: regs.rsp,
+            rflags: regs.rflags,
+            ..Default::default()
+        };
+        let mut xsave = kvm_bindings::kvm_xsave::default();
+        // The legacy area's MXCSR (bytes 24..28); with XSTATE_BV zero, the rest of the
+        // state is in its initial configuration (FCW 0x37f included).
+        xsave.region[6] = 0x1f80;
+        self.vcpu.set_xsave(&xsave)?;
+        Ok(())
+    }
+
     /// Acts on kicks that arrived; the app is outside any syscall here.
     fn take_kicks(&mut self) -> Result<Option<RunOutcome>, VmmError> {
         let pending = self.p.kicker.pending();
@@ -683,7 +714,7 @@ impl Exits<'_> {
     fn on_syscall(&mut self) -> Result<Option<RunOutcome>, VmmError> {
         self.stats.syscalls += 1;
         self.publish_stats();
-        if let Some(poller) = self.poller {
+        if let Some(poller) = self.poller.as_ref() {
             poller.wake();
         }
         let regs = self.vcpu.regs();
@@ -746,6 +777,14 @@ impl Exits<'_> {
                 self.vcpu.complete_syscall()?;
                 self.park_current(Wait::Runnable, false)?;
                 return Ok(Step::Switch);
+            }
+            Err(SysError::Fork(request)) => match self.fork(*request)? {
+                Ok(pid) => pid,
+                Err(errno) => (-(errno.raw_os_error() as i64)) as u64,
+            },
+            Err(SysError::Exec(start)) => {
+                self.start_program(&start)?;
+                return Ok(Step::Done(self.deliver_signals()?));
             }
             Err(SysError::Spawn(spawn)) => {
                 let tid = spawn.tid;

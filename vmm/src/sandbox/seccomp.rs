@@ -143,6 +143,10 @@ pub const ALLOWED: &[libc::c_long] = &[
     libc::SYS_rseq,
     libc::SYS_set_tid_address,
     libc::SYS_wait4,
+    // the app's processes: each is a fork of its parent's VMM (rt_sigqueueinfo, which
+    // carries a signal between them, is filtered below)
+    libc::SYS_waitid,
+    libc::SYS_pidfd_open,
     libc::SYS_exit,
     libc::SYS_exit_group,
     libc::SYS_rt_sigaction,
@@ -169,7 +173,8 @@ pub const ALLOWED: &[libc::c_long] = &[
     libc::SYS_restart_syscall,
 ];
 
-/// The filter: [`ALLOWED`], plus `socket` for the app's families; SIGSYS for the rest.
+/// The filter: [`ALLOWED`], plus `socket` for the app's families and `rt_sigqueueinfo`
+/// for the guest-signal carrier; SIGSYS for the rest.
 pub fn filter() -> Result<BpfProgram, JailError> {
     let error = |e: seccompiler::BackendError| JailError::Config(format!("seccomp filter: {e}"));
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
@@ -184,6 +189,17 @@ pub fn filter() -> Result<BpfProgram, JailError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(error)?;
     rules.insert(libc::SYS_socket, families);
+    // Between the VMMs of one app, only the signal that carries a guest signal (see
+    // `kvm::kick::send_guest_signal`): nothing another process could act on.
+    let carrier = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        crate::kvm::kick::guest_signal_carrier() as u64,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(error)?;
+    rules.insert(libc::SYS_rt_sigqueueinfo, vec![carrier]);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -304,5 +320,39 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), ALLOWED.len(), "a call is listed twice");
+    }
+
+    /// Between the VMMs of an app only the guest-signal carrier may be sent: a jailed VMM
+    /// that queues any other signal (to itself, here) dies of the filter.
+    #[test]
+    fn only_the_guest_signal_carrier_can_be_queued() {
+        let program = filter().unwrap();
+        let queue = |signal: i32| {
+            // SAFETY: the child installs the filter, queues one signal to itself (blocked,
+            // so that only the filter can end it) and _exits.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: as above: the child's own mask, then calls that end it.
+                unsafe {
+                    let mut all: libc::sigset_t = std::mem::zeroed();
+                    libc::sigfillset(&mut all);
+                    libc::sigdelset(&mut all, libc::SIGSYS);
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+                    libc::close(2);
+                    let _ = install_program(&program);
+                    let value = libc::sigval {
+                        sival_ptr: std::ptr::null_mut(),
+                    };
+                    libc::sigqueue(libc::getpid(), signal, value);
+                    libc::_exit(0);
+                }
+            }
+            let mut status = 0;
+            // SAFETY: reaps our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            libc::WEXITSTATUS(status)
+        };
+        assert_eq!(queue(crate::kvm::kick::guest_signal_carrier()), 0);
+        assert_eq!(queue(libc::SIGUSR1), 159);
     }
 }

@@ -932,7 +932,7 @@ pub fn ioctl(p: &mut Process, a: &Args) -> SysResult {
             Ok(0)
         }
         TIOCGPGRP if is_tty => {
-            p.mem.write_pod(a.ptr(2), &crate::kernel::GUEST_PID)?;
+            p.mem.write_pod(a.ptr(2), &p.ids.pid)?;
             Ok(0)
         }
         FIONBIO => {

@@ -4,7 +4,9 @@
 //! ([`SysError::Errno`]); everything the VMM must act on is another [`SysError`] variant
 //! that the run loop handles (exit, restart after an interruption, a fatal signal).
 
+pub mod children;
 pub mod epoll;
+pub mod exec;
 pub mod fs;
 pub mod mem;
 pub mod net;
@@ -48,6 +50,10 @@ pub enum SysError {
     Yield,
     /// clone for a new thread: the run loop gives it the caller's registers.
     Spawn(Box<thread::Spawn>),
+    /// fork, vfork or clone of a new process: the run loop forks the VMM.
+    Fork(Box<children::ForkRequest>),
+    /// execve loaded a new program: the run loop starts it with fresh registers.
+    Exec(Box<crate::loader::StartState>),
     /// The app must die of this signal (default action of a fatal signal).
     Kill {
         /// The signal number.

@@ -84,7 +84,7 @@ pub fn getrandom(p: &mut Process, a: &Args) -> SysResult {
 /// set_tid_address(2).
 pub fn set_tid_address(p: &mut Process, a: &Args) -> SysResult {
     p.thread.clear_child_tid = a.u64(0);
-    Ok(crate::kernel::GUEST_PID as u64)
+    Ok(p.thread.tid as u64)
 }
 
 /// The limit for `resource`, as (soft, hard).
@@ -103,7 +103,10 @@ fn limit(p: &Process, resource: u32) -> Result<(u64, u64), Errno> {
             let ram = p.mem.phys().ram_size();
             (ram, ram)
         }
-        r if r == libc::RLIMIT_NPROC as i32 => (1, 1),
+        r if r == libc::RLIMIT_NPROC as i32 => {
+            let n = crate::kernel::tree::MAX_PROCESSES as u64;
+            (n, n)
+        }
         r if r == libc::RLIMIT_CORE as i32 => (0, 0),
         r if (r as u32) < 16 => (INFINITY, INFINITY),
         _ => return Err(Errno::INVAL),
@@ -112,7 +115,7 @@ fn limit(p: &Process, resource: u32) -> Result<(u64, u64), Errno> {
 
 /// prlimit64(2) for the app itself; changes are accepted and ignored.
 pub fn prlimit64(p: &mut Process, a: &Args) -> SysResult {
-    if a.i32(0) != 0 && a.i32(0) != crate::kernel::GUEST_PID {
+    if a.i32(0) != 0 && a.i32(0) != p.ids.pid {
         return Err(Errno::SRCH.into());
     }
     let (soft, hard) = limit(p, a.u32(1))?;
@@ -164,8 +167,8 @@ pub fn times(p: &mut Process, a: &Args) -> SysResult {
 }
 
 /// The target of getpriority/setpriority: only the app itself (its process, group or user).
-fn priority_target(a: &Args) -> Result<(), Errno> {
-    let own = |who: u32| who == 0 || who == crate::kernel::GUEST_PID as u32;
+fn priority_target(p: &Process, a: &Args) -> Result<(), Errno> {
+    let own = |who: u32| who == 0 || who == p.ids.pid as u32;
     match (a.u32(0), a.u32(1)) {
         (libc::PRIO_PROCESS | libc::PRIO_PGRP | libc::PRIO_USER, who) if own(who) => Ok(()),
         (libc::PRIO_PROCESS | libc::PRIO_PGRP | libc::PRIO_USER, _) => Err(Errno::SRCH),
@@ -175,7 +178,7 @@ fn priority_target(a: &Args) -> Result<(), Errno> {
 
 /// getpriority(2) of the app itself: 20 - nice, as the raw call reports it.
 pub fn getpriority(p: &Process, a: &Args) -> SysResult {
-    priority_target(a)?;
+    priority_target(p, a)?;
     Ok((20 - p.nice) as u64)
 }
 
@@ -183,7 +186,7 @@ pub fn getpriority(p: &Process, a: &Args) -> SysResult {
 /// app is root in its own view) and reported back; it changes nothing on the host, where
 /// the VMM's scheduling is the operator's.
 pub fn setpriority(p: &mut Process, a: &Args) -> SysResult {
-    priority_target(a)?;
+    priority_target(p, a)?;
     p.nice = a.i32(2).clamp(-20, 19);
     Ok(0)
 }
@@ -204,18 +207,18 @@ pub fn sched_priority_bound(a: &Args, max: bool) -> SysResult {
 }
 
 /// Checks that `pid` names the app itself (0 or its pid).
-fn own_pid(pid: i32) -> Result<(), Errno> {
+fn own_pid(p: &Process, pid: i32) -> Result<(), Errno> {
     match pid {
         0 => Ok(()),
-        p if p == crate::kernel::GUEST_PID => Ok(()),
+        pid if pid == p.ids.pid => Ok(()),
         p if p < 0 => Err(Errno::INVAL),
         _ => Err(Errno::SRCH),
     }
 }
 
 /// sched_getscheduler(2): the app runs under the normal policy.
-pub fn sched_getscheduler(a: &Args) -> SysResult {
-    own_pid(a.i32(0))?;
+pub fn sched_getscheduler(p: &Process, a: &Args) -> SysResult {
+    own_pid(p, a.i32(0))?;
     Ok(libc::SCHED_OTHER as u64)
 }
 
@@ -223,7 +226,7 @@ pub fn sched_getscheduler(a: &Args) -> SysResult {
 /// ones are not the app's to take on a shared host (EPERM, as for an unprivileged
 /// process).
 pub fn sched_setscheduler(p: &mut Process, a: &Args) -> SysResult {
-    own_pid(a.i32(0))?;
+    own_pid(p, a.i32(0))?;
     let (low, high) = priority_range(a.i32(1) & !libc::SCHED_RESET_ON_FORK)?;
     let priority: i32 = p.mem.read_pod(a.ptr(2))?;
     if !(low..=high).contains(&priority) {
@@ -237,14 +240,14 @@ pub fn sched_setscheduler(p: &mut Process, a: &Args) -> SysResult {
 
 /// sched_getparam(2): priority 0, as the normal policy has.
 pub fn sched_getparam(p: &mut Process, a: &Args) -> SysResult {
-    own_pid(a.i32(0))?;
+    own_pid(p, a.i32(0))?;
     p.mem.write_pod(a.ptr(1), &0i32)?;
     Ok(0)
 }
 
 /// sched_setparam(2): only priority 0 fits the normal policy.
 pub fn sched_setparam(p: &mut Process, a: &Args) -> SysResult {
-    own_pid(a.i32(0))?;
+    own_pid(p, a.i32(0))?;
     let priority: i32 = p.mem.read_pod(a.ptr(1))?;
     if priority != 0 {
         return Err(Errno::INVAL.into());
@@ -254,7 +257,7 @@ pub fn sched_setparam(p: &mut Process, a: &Args) -> SysResult {
 
 /// sched_rr_get_interval(2): Linux's default round-robin quantum, 100 ms.
 pub fn sched_rr_get_interval(p: &mut Process, a: &Args) -> SysResult {
-    own_pid(a.i32(0))?;
+    own_pid(p, a.i32(0))?;
     p.mem.write_pod(a.ptr(1), &[0i64, 100_000_000])?;
     Ok(0)
 }

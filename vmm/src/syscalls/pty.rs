@@ -168,7 +168,7 @@ pub fn ioctl(p: &mut Process, file: &OpenFile, a: &Args) -> SysResult {
         // view only (the VMM never takes one on the host).
         TIOCSCTTY | TIOCNOTTY | TIOCSPGRP => Ok(0),
         TIOCGPGRP | TIOCGSID => {
-            p.mem.write_pod(a.ptr(2), &crate::kernel::GUEST_PID)?;
+            p.mem.write_pod(a.ptr(2), &p.group().0)?;
             Ok(0)
         }
         _ => Err(Errno::NOTTY.into()),

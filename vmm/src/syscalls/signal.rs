@@ -121,26 +121,6 @@ pub fn sigaltstack(p: &mut Process, a: &Args) -> SysResult {
     Ok(0)
 }
 
-/// kill(2): only the app itself exists to receive it. A signal for the thread group
-/// goes to the current thread unless it blocks it, else to a thread that does not.
-pub fn kill(p: &mut Process, a: &Args) -> SysResult {
-    let (target, signal) = (a.i32(0), a.i32(1));
-    let me = crate::kernel::GUEST_PID;
-    if target != me && target != 0 && target != -1 {
-        return Err(Errno::SRCH.into());
-    }
-    if !(0..=NSIG as i32).contains(&signal) {
-        return Err(Errno::INVAL.into());
-    }
-    if signal != 0 {
-        p.signals.raise(signal);
-        if p.signals.mask & bit(signal) != 0 {
-            p.threads.interrupt_one(bit(signal));
-        }
-    }
-    Ok(0)
-}
-
 fn timeval_words(d: Duration) -> [i64; 2] {
     [d.as_secs() as i64, d.subsec_micros() as i64]
 }

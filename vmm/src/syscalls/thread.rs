@@ -12,7 +12,6 @@ const CLONE_FS: u64 = 0x200;
 const CLONE_FILES: u64 = 0x400;
 const CLONE_SIGHAND: u64 = 0x800;
 const CLONE_PIDFD: u64 = 0x1000;
-const CLONE_VFORK: u64 = 0x4000;
 const CLONE_PARENT: u64 = 0x8000;
 const CLONE_THREAD: u64 = 0x1_0000;
 const CLONE_SYSVSEM: u64 = 0x4_0000;
@@ -81,9 +80,15 @@ pub fn clone3(p: &mut Process, a: &Args) -> SysResult {
     let word =
         |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or_default());
     // flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, then
-    // set_tid, set_tid_size, cgroup (none of which a thread may use). pidfd is only
-    // read with CLONE_PIDFD, which is refused.
-    if bytes[64..].iter().any(|&b| b != 0) || word(4) != 0 {
+    // set_tid, set_tid_size, cgroup (none of which is supported). pidfd is only read
+    // with CLONE_PIDFD, which is refused. A thread has no exit signal; a process's is in
+    // its own field, not in the flags' low byte as with clone.
+    let (flags, exit_signal) = (word(0), word(4));
+    if bytes[64..].iter().any(|&b| b != 0)
+        || flags & 0xff != 0
+        || exit_signal > 0xff
+        || (exit_signal != 0 && flags & CLONE_THREAD != 0)
+    {
         return Err(Errno::INVAL.into());
     }
     let (stack, stack_size) = (word(5), word(6));
@@ -93,7 +98,7 @@ pub fn clone3(p: &mut Process, a: &Args) -> SysResult {
     spawn(
         p,
         CloneArgs {
-            flags: word(0),
+            flags: flags | exit_signal,
             // clone3 names the lowest address of the stack; it grows down from the top.
             stack: stack.checked_add(stack_size).ok_or(Errno::INVAL)?,
             parent_tid: word(3),
@@ -105,13 +110,17 @@ pub fn clone3(p: &mut Process, a: &Args) -> SysResult {
 
 fn spawn(p: &mut Process, args: CloneArgs) -> SysResult {
     let flags = args.flags;
+    if flags & CLONE_THREAD == 0 {
+        // A new process (fork, vfork, posix_spawn's clone).
+        return super::children::fork_request(
+            flags,
+            args.stack,
+            args.parent_tid,
+            args.child_tid,
+            args.tls,
+        );
+    }
     if flags & THREAD_FLAGS != THREAD_FLAGS {
-        // A new process (fork, vfork, posix_spawn's clone): not yet. EAGAIN lets
-        // callers that can fall back do so, as with a process limit.
-        if flags & (CLONE_VM | CLONE_THREAD) == 0 || flags & CLONE_VFORK != 0 {
-            crate::syscalls::warn_once(p, libc::SYS_clone as u64, "clone of a new process (fork)");
-            return Err(Errno::AGAIN.into());
-        }
         return Err(Errno::INVAL.into());
     }
     // The exit signal (low byte) means nothing for a thread.
@@ -123,7 +132,7 @@ fn spawn(p: &mut Process, args: CloneArgs) -> SysResult {
         // Two threads cannot share one stack.
         return Err(Errno::INVAL.into());
     }
-    let tid = p.threads.allocate_tid().ok_or(Errno::AGAIN)?;
+    let tid = p.allocate_tid().ok_or(Errno::AGAIN)?;
     if flags & CLONE_PARENT_SETTID != 0 {
         p.mem
             .write_pod(crate::memory::UserAddr(args.parent_tid), &tid)?;
@@ -406,7 +415,7 @@ fn wait(p: &mut Process, a: &Args, op: i32, addr: u64, bitset: u32) -> SysResult
 
 /// tkill(2) and tgkill(2): a signal for one thread.
 pub fn tgkill(p: &mut Process, tgid: Option<i32>, tid: i32, signal: i32) -> SysResult {
-    if tgid.is_some_and(|g| g != crate::kernel::GUEST_PID) || tid <= 0 {
+    if tgid.is_some_and(|g| g != p.ids.pid) || tid <= 0 {
         return Err(if tgid.is_some_and(|g| g <= 0) {
             Errno::INVAL
         } else {

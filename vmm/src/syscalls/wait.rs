@@ -88,7 +88,13 @@ pub fn wait_any(
             Ok(_) | Err(Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
+        // A wake-up with no reason left (one already handled) must not make every later
+        // poll return at once. A kick sets its reason before it writes, so none is lost.
+        let stale_wake = !polled[0].revents().is_empty() && p.kicker.pending() == 0;
         let ready: Vec<PollFlags> = polled[1..].iter().map(|f| f.revents()).collect();
+        if stale_wake {
+            let _ = rustix::io::read(p.kicker.wake_fd(), &mut [0u8; 8]);
+        }
         if ready.iter().any(|r| !r.is_empty()) {
             return Ok(ready);
         }

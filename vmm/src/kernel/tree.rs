@@ -1,0 +1,323 @@
+//! The app as a tree of processes. Each process of an app is its own VMM process (a host
+//! fork of its parent's, see `crate::run::fork`); what they share lives here:
+//!
+//! * [`AppTree`]: one shared, VMM-only page every process of the app maps, with the pid
+//!   counter and a table of the live processes (guest pid, host pid, group and session),
+//!   so that kill, setpgid and `ps` can name any process of the app, and nothing else;
+//! * [`ProcessIds`]: one process's own pid, parent, group and session;
+//! * [`ChildProcess`]: what a parent knows of a child it forked (its pidfd, for wait4).
+//!
+//! The guest cannot reach the table: it is host memory, not guest RAM.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// Most processes an app may have at once (zombies included): a fork beyond gives EAGAIN,
+/// as RLIMIT_NPROC does, so a fork bomb stays inside its app.
+pub const MAX_PROCESSES: usize = 64;
+
+/// The highest pid handed out (Linux's default pid_max).
+pub const PID_MAX: i32 = 4_194_304;
+
+/// A process's identity in the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessIds {
+    /// Its pid.
+    pub pid: i32,
+    /// Its parent's pid (the first process's parent is outside the app: 1).
+    pub ppid: i32,
+    /// Its process group.
+    pub pgid: i32,
+    /// Its session.
+    pub sid: i32,
+}
+
+impl ProcessIds {
+    /// The first process of an app: its own group and session leader.
+    pub fn first() -> Self {
+        let pid = super::GUEST_PID;
+        Self {
+            pid,
+            ppid: super::GUEST_PPID,
+            pgid: pid,
+            sid: pid,
+        }
+    }
+
+    /// A child `pid` of this process, in its group and session.
+    pub fn child(&self, pid: i32) -> Self {
+        Self {
+            pid,
+            ppid: self.pid,
+            pgid: self.pgid,
+            sid: self.sid,
+        }
+    }
+}
+
+impl Default for ProcessIds {
+    fn default() -> Self {
+        Self::first()
+    }
+}
+
+/// A child process a parent forked and has not reaped.
+#[derive(Debug)]
+pub struct ChildProcess {
+    /// Its guest pid.
+    pub pid: i32,
+    /// Its VMM's host pid.
+    pub host_pid: i32,
+    /// Its process group as its parent last knew it (the table's is the truth while it
+    /// lives; a wait for a group still finds it once it has ended).
+    pub pgid: i32,
+    /// A pidfd of its VMM: readable once it has ended.
+    pub pidfd: OwnedFd,
+}
+
+/// How the processes of an app learn that its first process ended, however it ended:
+/// the first holds the write end of a pipe nobody writes to, every fork closes its copy
+/// of that end at once and keeps the read end, which reports a hang-up once the first
+/// process is gone. A forked process's watcher thread then ends its own VMM, as the
+/// processes of a PID namespace end with its init.
+#[derive(Debug)]
+pub struct RootWatch {
+    /// The read end.
+    pub alive: OwnedFd,
+    /// The write end: the first process's only.
+    pub holder: Option<OwnedFd>,
+}
+
+impl RootWatch {
+    /// A watch held by this (the first) process.
+    pub fn new() -> std::io::Result<Self> {
+        let (alive, holder) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        Ok(Self {
+            alive,
+            holder: Some(holder),
+        })
+    }
+
+    /// In a freshly forked process: lets go of the write end and starts the thread that
+    /// ends this process when the first one is gone.
+    pub fn watch_from_fork(&mut self) -> std::io::Result<()> {
+        self.holder = None;
+        let alive = self.alive.try_clone()?;
+        std::thread::Builder::new()
+            .name("picocenter-root-watch".into())
+            .spawn(move || loop {
+                let mut fds = [rustix::event::PollFd::new(
+                    &alive,
+                    rustix::event::PollFlags::IN,
+                )];
+                match rustix::event::poll(&mut fds, None) {
+                    Err(rustix::io::Errno::INTR) => continue,
+                    _ => {
+                        // SAFETY: raise touches no memory; SIGKILL ends the whole process.
+                        unsafe { libc::raise(libc::SIGKILL) };
+                        return;
+                    }
+                }
+            })?;
+        Ok(())
+    }
+}
+
+/// One live process in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    /// Its guest pid.
+    pub pid: i32,
+    /// Its VMM's host pid (0 while its fork is under way).
+    pub host_pid: i32,
+    /// Its process group.
+    pub pgid: i32,
+    /// Its session.
+    pub sid: i32,
+}
+
+#[repr(C)]
+struct Slot {
+    pid: AtomicI32,
+    host_pid: AtomicI32,
+    pgid: AtomicI32,
+    sid: AtomicI32,
+}
+
+#[repr(C)]
+struct Table {
+    next_pid: AtomicI32,
+    slots: [Slot; MAX_PROCESSES],
+}
+
+/// The table every process of one app shares (see the module docs).
+#[derive(Debug)]
+pub struct AppTree {
+    table: std::ptr::NonNull<Table>,
+}
+
+// SAFETY: the mapping is only ever accessed through atomics, from any thread or process.
+unsafe impl Send for AppTree {}
+// SAFETY: as above.
+unsafe impl Sync for AppTree {}
+
+impl AppTree {
+    /// Maps a new table holding `first` (host pid `host_pid`), whose next pid is above
+    /// `highest_used`.
+    pub fn new(first: ProcessIds, host_pid: i32, highest_used: i32) -> std::io::Result<Self> {
+        let size = std::mem::size_of::<Table>();
+        // SAFETY: a fresh anonymous mapping; nothing else refers to the range. MAP_SHARED
+        // keeps it one table across the forks of this process, unlike guest RAM.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let table = std::ptr::NonNull::new(base.cast::<Table>())
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+        let tree = Self { table };
+        // Zeroed memory is a valid Table of atomics: no process yet.
+        tree.table().next_pid.store(
+            highest_used.max(first.pid).saturating_add(1),
+            Ordering::SeqCst,
+        );
+        if let Some(slot) = tree.claim(first.pid) {
+            tree.fill(slot, first, host_pid);
+        }
+        Ok(tree)
+    }
+
+    fn table(&self) -> &Table {
+        // SAFETY: the mapping lives as long as `self` and holds a `Table` of atomics.
+        unsafe { self.table.as_ref() }
+    }
+
+    /// A new pid (or tid), never handed out before in this app; `None` past [`PID_MAX`].
+    pub fn allocate_pid(&self) -> Option<i32> {
+        let pid = self.table().next_pid.fetch_add(1, Ordering::SeqCst);
+        (1..PID_MAX).contains(&pid).then_some(pid)
+    }
+
+    /// Takes a free slot for `pid`; `None` when the app has [`MAX_PROCESSES`].
+    pub fn claim(&self, pid: i32) -> Option<usize> {
+        self.table().slots.iter().position(|slot| {
+            slot.pid
+                .compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        })
+    }
+
+    /// Records what slot `slot`, claimed for `ids.pid`, holds.
+    pub fn fill(&self, slot: usize, ids: ProcessIds, host_pid: i32) {
+        let slot = &self.table().slots[slot];
+        slot.pgid.store(ids.pgid, Ordering::SeqCst);
+        slot.sid.store(ids.sid, Ordering::SeqCst);
+        slot.host_pid.store(host_pid, Ordering::SeqCst);
+    }
+
+    /// Frees `pid`'s slot (harmless if it is already free: pids are never reused).
+    pub fn release(&self, pid: i32) {
+        for slot in &self.table().slots {
+            if slot.pid.load(Ordering::SeqCst) == pid {
+                slot.host_pid.store(0, Ordering::SeqCst);
+                slot.pid.store(0, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Records `ids`' group and session for its pid.
+    pub fn update(&self, ids: ProcessIds) {
+        for slot in &self.table().slots {
+            if slot.pid.load(Ordering::SeqCst) == ids.pid {
+                slot.pgid.store(ids.pgid, Ordering::SeqCst);
+                slot.sid.store(ids.sid, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// The live processes of the app.
+    pub fn members(&self) -> Vec<Member> {
+        self.table()
+            .slots
+            .iter()
+            .filter_map(|slot| {
+                let pid = slot.pid.load(Ordering::SeqCst);
+                (pid != 0).then(|| Member {
+                    pid,
+                    host_pid: slot.host_pid.load(Ordering::SeqCst),
+                    pgid: slot.pgid.load(Ordering::SeqCst),
+                    sid: slot.sid.load(Ordering::SeqCst),
+                })
+            })
+            .collect()
+    }
+
+    /// Process `pid`, if it is one of the app's.
+    pub fn find(&self, pid: i32) -> Option<Member> {
+        self.members().into_iter().find(|m| m.pid == pid)
+    }
+}
+
+impl Drop for AppTree {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the table this value mapped; no reference to it outlives `self`.
+        unsafe { libc::munmap(self.table.as_ptr().cast(), std::mem::size_of::<Table>()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pids_are_unique_and_the_table_is_bounded() {
+        let first = ProcessIds::first();
+        let tree = AppTree::new(first, 100, 7).unwrap();
+        assert_eq!(tree.allocate_pid(), Some(8));
+        assert_eq!(tree.allocate_pid(), Some(9));
+        assert_eq!(tree.find(first.pid).unwrap().host_pid, 100);
+        let mut claimed = 1;
+        while let Some(pid) = tree.allocate_pid() {
+            if tree.claim(pid).is_none() {
+                break;
+            }
+            claimed += 1;
+        }
+        assert_eq!(claimed, MAX_PROCESSES);
+        tree.release(first.pid);
+        assert!(tree.find(first.pid).is_none());
+        assert!(tree.claim(1000).is_some());
+        tree.update(ProcessIds {
+            pid: 1000,
+            ppid: 2,
+            pgid: 1000,
+            sid: 1000,
+        });
+        assert_eq!(tree.find(1000).unwrap().pgid, 1000);
+    }
+
+    #[test]
+    fn a_forked_process_shares_the_table() {
+        let tree = AppTree::new(ProcessIds::first(), 1, 2).unwrap();
+        // SAFETY: the child only touches atomics in the shared table and _exits.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            let pid = tree.allocate_pid().unwrap_or(0);
+            // SAFETY: ends the forked test process at once.
+            unsafe { libc::_exit(pid) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        assert_eq!(libc::WEXITSTATUS(status), 3);
+        assert_eq!(tree.allocate_pid(), Some(4));
+    }
+}
