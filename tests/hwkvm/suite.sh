@@ -121,6 +121,21 @@ fi
 app run /bin/busybox sh -c 'exit 3'
 if [ $status -eq 3 ]; then pass busybox-sh-exit-3; else fail busybox-sh-exit-3 "status $status"; fi
 
+# Processes: fork, execve and wait (each child a new VM whose syscalls enter CPL 0), and
+# a shell pipeline over the initramfs's busybox applets.
+app run /guests/fork-static
+if [ $status -eq 0 ] && grep -q "^PASSED" /tmp/out; then
+    pass fork-exec-wait
+else
+    fail fork-exec-wait "status $status: $(tail -3 /tmp/out /tmp/err)"
+fi
+app run --root / /bin/sh -c 'echo one two three | wc -w; echo $(echo a b | wc -c)'
+if [ $status -eq 0 ] && [ "$(cat /tmp/out)" = "$(printf '3\n4')" ]; then
+    pass shell-pipeline
+else
+    fail shell-pipeline "status $status: $(tail -3 /tmp/out /tmp/err)"
+fi
+
 # The dynamically linked malloc/stdio/files/qsort workload, against its native output.
 app run /guests/workload-dynamic /tmp/workload.txt
 if [ $status -eq 0 ] && cmp -s /tmp/out /expected/workload.txt; then
