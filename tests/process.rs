@@ -108,3 +108,30 @@ fn python_subprocess_runs_a_child() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert_eq!(stdout(&out), "42 0\n3\n", "{}", describe(&out));
 }
+
+/// busybox httpd forks a process for every connection: 50 concurrent clients are all
+/// answered, and no process outlives the app.
+#[test]
+fn busybox_httpd_forks_per_connection_for_fifty_clients() {
+    let root = busybox_root();
+    std::fs::create_dir_all(root.path().join("www")).unwrap();
+    std::fs::write(root.path().join("www/index.html"), "hello from httpd\n").unwrap();
+    let server = Server::run(
+        "test-busybox-httpd",
+        "127.0.10.2",
+        80,
+        &[
+            "--root",
+            root.path().to_str().unwrap(),
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    all_answered(server.address, "/", 50, b"hello from httpd\n");
+    drop(server);
+}

@@ -108,17 +108,9 @@ fn nginx_stops_cleanly_on_sigterm() {
 #[test]
 fn fifty_concurrent_clients_are_all_answered() {
     let server = Server::start("nginx", "test-nginx-fifty", "127.0.1.6", 80, &[]);
-    let address = server.address;
     let expected =
         std::fs::read(state_dir().join("images/nginx/rootfs/srv/www/files/1k.txt")).unwrap();
-    let clients: Vec<_> = (0..50)
-        .map(|_| std::thread::spawn(move || http(address, "GET", "/files/1k.txt", b"")))
-        .collect();
-    for client in clients {
-        let response = client.join().expect("client thread");
-        assert_eq!(response.status, 200);
-        assert_eq!(response.body, expected);
-    }
+    all_answered(server.address, "/files/1k.txt", 50, &expected);
 }
 
 #[test]
@@ -180,4 +172,75 @@ fn a_client_that_disconnects_mid_response_does_not_disturb_the_server() {
     let response = http(server.address, "GET", "/files/1m.txt", b"");
     assert_eq!(response.status, 200);
     assert!(response.body == expected);
+}
+
+/// Debian's nginx with its default process model: a master that forks two workers, which
+/// share its listening socket. Every file is served byte for byte by 50 concurrent
+/// clients; `stop` (SIGTERM to the master, which signals its workers) ends every process.
+#[test]
+fn nginx_with_a_master_and_two_workers_serves_and_stops() {
+    build_image("nginx");
+    let data = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(data.path().join("tmp")).unwrap();
+    let config =
+        std::fs::read_to_string(state_dir().join("images/nginx/rootfs/etc/nginx/nginx.conf"))
+            .unwrap()
+            .replace("master_process off;", "master_process on;")
+            .replace("worker_processes 1;", "worker_processes 2;");
+    std::fs::write(data.path().join("tmp/master.conf"), config).unwrap();
+    let server = Server::start(
+        "nginx",
+        "test-nginx-master",
+        "127.0.10.1",
+        80,
+        &[
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "/usr/sbin/nginx",
+            "-c",
+            "/tmp/master.conf",
+        ],
+    );
+    let expected =
+        std::fs::read(state_dir().join("images/nginx/rootfs/srv/www/files/1k.txt")).unwrap();
+    all_answered(server.address, "/files/1k.txt", 50, &expected);
+    // `ps` lists the master and its two workers.
+    let ps = run_with_limit(picocenter().arg("ps"), std::time::Duration::from_secs(30));
+    let listed = stdout(&ps);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with("test-nginx-master "))
+        .unwrap_or_else(|| panic!("ps does not list the app:\n{listed}"));
+    assert!(line.trim_end().ends_with(" 3"), "{listed}");
+    assert!(listed.matches("  pid ").count() >= 3, "{listed}");
+    let out = server.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    // The workers end with the master (at once, or when they see it gone).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while app_processes("test-nginx-master") > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        app_processes("test-nginx-master"),
+        0,
+        "processes outlived the app"
+    );
+}
+
+/// How many host processes run `picocenter run --name NAME` (the app's VMMs and the
+/// first one's supervisor).
+fn app_processes(name: &str) -> usize {
+    let mut count = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if args
+            .windows(2)
+            .any(|w| w[0] == b"--name" && w[1] == name.as_bytes())
+            && args.iter().any(|a| *a == b"run")
+        {
+            count += 1;
+        }
+    }
+    count
 }

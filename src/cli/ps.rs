@@ -10,7 +10,8 @@ pub struct PsArgs {
     state: StateDir,
 }
 
-/// Lists the running picoprocesses of this host, from their control sockets.
+/// Lists the running picoprocesses of this host, from their control sockets, with the
+/// processes of every app that has forked.
 pub fn ps(args: PsArgs) -> anyhow::Result<i32> {
     let run = args.state.state_dir().join("run");
     let mut sockets: Vec<_> = std::fs::read_dir(&run)
@@ -24,8 +25,8 @@ pub fn ps(args: PsArgs) -> anyhow::Result<i32> {
         .unwrap_or_default();
     sockets.sort();
     println!(
-        "{:<24} {:<16} {:>8} {:<10} {:>12} {:>12} {:>10}",
-        "NAME", "ADDRESS", "PID", "STATE", "MEMORY", "LIMIT", "SYSCALLS"
+        "{:<24} {:<16} {:>8} {:<10} {:>12} {:>12} {:>10} {:>6}",
+        "NAME", "ADDRESS", "PID", "STATE", "MEMORY", "LIMIT", "SYSCALLS", "PROCS"
     );
     for socket in sockets {
         let Ok((reply, _)) = control::request(&socket, &Request::Stats) else {
@@ -35,15 +36,25 @@ pub fn ps(args: PsArgs) -> anyhow::Result<i32> {
             continue;
         };
         println!(
-            "{:<24} {:<16} {:>8} {:<10} {:>9.1} MiB {:>8} MiB {:>10}",
+            "{:<24} {:<16} {:>8} {:<10} {:>9.1} MiB {:>8} MiB {:>10} {:>6}",
             stats.name,
             stats.address,
             stats.pid,
             stats.state,
             stats.memory_bytes as f64 / (1 << 20) as f64,
             stats.memory_limit_bytes >> 20,
-            stats.syscalls
+            stats.syscalls,
+            stats.processes.len().max(1)
         );
+        // An app of several processes lists them: its pid, group and host pid for each.
+        if stats.processes.len() > 1 {
+            for process in &stats.processes {
+                println!(
+                    "  pid {:<8} group {:<8} host pid {}",
+                    process.pid, process.pgid, process.host_pid
+                );
+            }
+        }
     }
     Ok(0)
 }

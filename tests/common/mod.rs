@@ -316,6 +316,29 @@ impl Drop for Server {
     }
 }
 
+/// Asks `clients` concurrent clients to GET `path` from `address`, and checks that every
+/// one is answered 200 with `expected`.
+pub fn all_answered(
+    address: std::net::SocketAddr,
+    path: &'static str,
+    clients: usize,
+    expected: &[u8],
+) {
+    let clients: Vec<_> = (0..clients)
+        .map(|_| std::thread::spawn(move || http(address, "GET", path, b"")))
+        .collect();
+    for client in clients {
+        let response = client.join().expect("client thread");
+        assert_eq!(response.status, 200);
+        assert!(
+            response.body == expected,
+            "{path}: {} bytes, expected {}",
+            response.body.len(),
+            expected.len()
+        );
+    }
+}
+
 /// A parsed HTTP response.
 #[derive(Debug)]
 pub struct Response {

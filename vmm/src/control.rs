@@ -226,12 +226,39 @@ pub struct LiveStats {
     app_clocks: std::sync::Mutex<Vec<libc::clockid_t>>,
     /// The counters as a worker reads them without asking (see [`crate::stats_page`]).
     page: std::sync::OnceLock<crate::stats_page::StatsPage>,
+    /// The app's process table, once it has forked.
+    tree: std::sync::OnceLock<Arc<crate::kernel::tree::AppTree>>,
 }
 
 impl LiveStats {
     /// Publishes the counters in `page` too from now on.
     pub fn attach_page(&self, page: crate::stats_page::StatsPage) {
         let _ = self.page.set(page);
+    }
+
+    /// Reports the app's processes from `tree` from now on.
+    pub fn attach_tree(&self, tree: Arc<crate::kernel::tree::AppTree>) {
+        let _ = self.tree.set(tree);
+    }
+
+    /// The app's processes (the first one alone until it forks).
+    fn processes(&self) -> Vec<AppProcess> {
+        match self.tree.get() {
+            Some(tree) => tree
+                .members()
+                .into_iter()
+                .map(|m| AppProcess {
+                    pid: m.pid,
+                    host_pid: m.host_pid,
+                    pgid: m.pgid,
+                })
+                .collect(),
+            None => vec![AppProcess {
+                pid: crate::kernel::GUEST_PID,
+                host_pid: std::process::id() as i32,
+                pgid: crate::kernel::GUEST_PID,
+            }],
+        }
     }
 
     /// Publishes the counters (in the stats page too, if there is one).
@@ -333,6 +360,20 @@ pub struct StatsReply {
     /// Resident memory of the VMM process, bytes.
     #[serde(default)]
     pub rss_bytes: u64,
+    /// The app's processes: each is a VMM process of its own.
+    #[serde(default)]
+    pub processes: Vec<AppProcess>,
+}
+
+/// One process of an app, as `stats` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AppProcess {
+    /// Its pid in the app.
+    pub pid: i32,
+    /// Its VMM's host pid.
+    pub host_pid: i32,
+    /// Its process group in the app.
+    pub pgid: i32,
 }
 
 /// Why the control socket could not be opened.
@@ -604,6 +645,7 @@ fn serve(
                 cpu_ns: clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID).unwrap_or(0),
                 app_cpu_ns: stats.app_cpu_ns(),
                 rss_bytes: rss_bytes(),
+                processes: stats.processes(),
             })
             .ok(),
             Ok(Request::Stop { grace_ms }) => {

@@ -93,6 +93,8 @@ pub struct FileState {
     pub registrations: BTreeMap<i32, Registration>,
     /// A netlink socket's other end, where the VMM writes its answers.
     pub netlink_answers: Option<Arc<OwnedFd>>,
+    /// The process (or -group) F_SETOWN named; no SIGIO or SIGURG is ever sent to it.
+    pub owner: i32,
 }
 
 /// One epoll registration.

@@ -77,7 +77,11 @@ impl Exits<'_> {
         if p.tree.is_none() {
             let highest = p.threads.highest_tid().max(p.thread.tid);
             match AppTree::new(p.ids, std::process::id() as i32, highest) {
-                Ok(tree) => p.tree = Some(Arc::new(tree)),
+                Ok(tree) => {
+                    let tree = Arc::new(tree);
+                    self.live.attach_tree(tree.clone());
+                    p.tree = Some(tree);
+                }
                 Err(e) => {
                     tracing::warn!("fork: cannot map the app's process table: {e}");
                     return Ok(Err(Errno::AGAIN));

@@ -602,8 +602,9 @@ pub fn dup3(p: &mut Process, a: &Args) -> SysResult {
     Ok(a.fd(1) as u64)
 }
 
-/// fcntl(2): F_DUPFD, F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL, record locks
-/// (POSIX and OFD, on the host file) and memfd seals.
+/// fcntl(2): F_DUPFD, F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_SETOWN and
+/// F_GETOWN (remembered; no SIGIO is sent), record locks (POSIX and OFD, on the host
+/// file) and memfd seals.
 pub fn fcntl(p: &mut Process, a: &Args) -> SysResult {
     let fd = a.fd(0);
     match a.i32(1) {
@@ -637,6 +638,24 @@ pub fn fcntl(p: &mut Process, a: &Args) -> SysResult {
             rustix::fs::fcntl_setfl(file.host(), host)?;
             Ok(0)
         }
+        libc::F_SETOWN => {
+            let file = p.files.file(fd)?;
+            let owner = a.i32(2);
+            let known = owner == 0
+                || owner == p.ids.pid
+                || -owner == p.group().0
+                || p.tree.as_ref().is_some_and(|t| {
+                    t.members()
+                        .iter()
+                        .any(|m| m.pid == owner || m.pgid == -owner)
+                });
+            if !known {
+                return Err(Errno::SRCH.into());
+            }
+            file.state().owner = owner;
+            Ok(0)
+        }
+        libc::F_GETOWN => Ok(p.files.file(fd)?.state().owner as i64 as u64),
         libc::F_GETLK
         | libc::F_SETLK
         | libc::F_SETLKW
@@ -860,6 +879,7 @@ const FIONREAD: u32 = 0x541b;
 const FIONBIO: u32 = 0x5421;
 const FIONCLEX: u32 = 0x5450;
 const FIOCLEX: u32 = 0x5451;
+const FIOASYNC: u32 = 0x5452;
 
 /// The kernel's `struct termios` (36 bytes) from the host's.
 fn termios_bytes(t: &rustix::termios::Termios) -> Vec<u8> {
@@ -903,12 +923,12 @@ fn termios_bytes(t: &rustix::termios::Termios) -> Vec<u8> {
 }
 
 /// ioctl(2): terminal queries are answered for stdio that is a terminal (ENOTTY
-/// otherwise), plus FIONBIO, FIONREAD, FIOCLEX and FIONCLEX.
+/// otherwise), plus FIONBIO, FIONREAD, FIOCLEX, FIONCLEX and FIOASYNC.
 pub fn ioctl(p: &mut Process, a: &Args) -> SysResult {
     let fd = a.fd(0);
     let file = p.files.file(fd)?;
     let is_tty = matches!(file.kind, FileKind::Stdio(_)) && rustix::termios::isatty(file.host());
-    let generic = [FIONBIO, FIONREAD, FIOCLEX, FIONCLEX];
+    let generic = [FIONBIO, FIONREAD, FIOCLEX, FIONCLEX, FIOASYNC];
     if matches!(file.kind, FileKind::Pty { .. }) && !generic.contains(&a.u32(1)) {
         return super::pty::ioctl(p, &file, a);
     }
@@ -947,6 +967,12 @@ pub fn ioctl(p: &mut Process, a: &Args) -> SysResult {
         }
         FIOCLEX | FIONCLEX => {
             p.files.get_mut(fd)?.cloexec = a.u32(1) == FIOCLEX;
+            Ok(0)
+        }
+        FIOASYNC => {
+            // Accepted, as nginx's master asks it of its channels to its workers, but no
+            // SIGIO is ever sent: the apps that ask also poll.
+            let _: i32 = p.mem.read_pod(a.ptr(2))?;
             Ok(0)
         }
         _ => Err(Errno::NOTTY.into()),
