@@ -238,6 +238,7 @@ impl Picoprocess {
             ops: &self.ops,
             poller: &mut self.poller,
             control: &mut self.control,
+            process: &self.process,
         }
     }
 
@@ -321,6 +322,8 @@ struct Exits<'a> {
     ops: &'a PendingOps,
     poller: &'a mut Option<Poller>,
     control: &'a mut Option<crate::control::ControlServer>,
+    /// The process state `p` is the locked content of (a poller started here needs it).
+    process: &'a std::sync::Arc<std::sync::Mutex<Process>>,
 }
 
 impl Exits<'_> {

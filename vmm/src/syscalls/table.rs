@@ -253,7 +253,7 @@ pub static TABLE: &[Entry] = &[
     call(Sysno::kill, |p, _, a| children::kill(p, a), NONE, Full),
     call(Sysno::tgkill, |p, _, a| thread::tgkill(p, Some(a.i32(0)), a.i32(1), a.i32(2)), NONE, Full),
     call(Sysno::tkill, |p, _, a| thread::tgkill(p, None, a.i32(0), a.i32(1)), NONE, Full),
-    call(Sysno::rt_sigaction, |p, _, a| signal::rt_sigaction(p, a), NONE, Full),
+    call(Sysno::rt_sigaction, |p, _, a| signal::rt_sigaction(p, a), M, Full),
     call(Sysno::rt_sigprocmask, |p, _, a| signal::rt_sigprocmask(p, a), NONE, Full),
     call(Sysno::sigaltstack, |p, _, a| signal::sigaltstack(p, a), NONE, Full),
     call(Sysno::rt_sigpending, |p, _, a| signal::rt_sigpending(p, a), NONE, Full),

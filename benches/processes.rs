@@ -1,0 +1,158 @@
+//! What processes cost in a picoprocess, as ratios measured side by side in one run:
+//!
+//! * fork + _exit + waitpid of a process with 64 MiB touched (the median of 50);
+//! * posix_spawn of a static program that exits at once, + waitpid (the median of 50);
+//! * posix_spawn of busybox `sh -c 'true | true'` + waitpid (the median of 20);
+//!
+//! each against the same static binary (tests/guests/fork_bench.c) run natively, in
+//! alternating rounds. Then the memory that 10 forked idle children of a 64 MiB parent
+//! add: the proportional set size (PSS) of every VMM process of the app, before and after
+//! the forks (copy-on-write keeps the 64 MiB shared).
+//!
+//! Run with `cargo bench --bench processes`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{guest, install, median, picocenter, printed_number, Link};
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+
+const ROUNDS: usize = 5;
+
+/// A root with busybox (as /bin/sh) and the benchmark program (as /bin/fork_bench).
+fn bench_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    // The jailed VMM reads the root as the app's own user once it runs.
+    std::fs::set_permissions(
+        root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let bin = root.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/usr/bin/busybox", bin.join("busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", bin.join("sh")).unwrap();
+    std::os::unix::fs::symlink("busybox", bin.join("true")).unwrap();
+    install(
+        root.path(),
+        &guest("fork_bench", Link::Static),
+        "fork_bench",
+    );
+    root
+}
+
+fn main() {
+    let root = bench_root();
+    let root_arg = root.path().to_str().unwrap().to_string();
+    let native_program = root.path().join("bin/fork_bench");
+    let native_sh = root.path().join("bin/sh");
+    let in_pico = |args: &[&str]| {
+        let mut cmd = picocenter();
+        cmd.args(["run", "--root", &root_arg, "/bin/fork_bench"])
+            .args(args);
+        printed_number(&mut cmd)
+    };
+    let native = |args: &[&str]| printed_number(Command::new(&native_program).args(args));
+    let names = [
+        "fork + exit + wait, 64 MiB touched, picoprocess",
+        "fork + exit + wait, 64 MiB touched, native",
+        "posix_spawn + wait, picoprocess",
+        "posix_spawn + wait, native",
+        "sh -c 'true | true', picoprocess",
+        "sh -c 'true | true', native",
+    ];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for _ in 0..ROUNDS {
+        let round = [
+            in_pico(&["fork64", "50"]),
+            native(&["fork64", "50"]),
+            in_pico(&["spawn", "50"]),
+            native(&["spawn", "50"]),
+            in_pico(&["shell", "20", "/bin/sh"]),
+            native(&["shell", "20", native_sh.to_str().unwrap()]),
+        ];
+        for (list, value) in samples.iter_mut().zip(round) {
+            list.push(value);
+        }
+    }
+    println!("median of {ROUNDS} rounds (each the median of 50 or 20 runs):");
+    let medians: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
+    for (name, value) in names.iter().zip(&medians) {
+        println!("  {name:<50} {:>9.3} ms", value / 1e6);
+    }
+    for (what, goal, pair) in [
+        ("fork + exit + wait (64 MiB)", "goal: <= 3 ms", 0),
+        ("posix_spawn + wait", "goal: <= 10 ms", 2),
+        ("sh -c 'true | true'", "", 4),
+    ] {
+        println!(
+            "ratio {what}, picoprocess / native: {:7.2}  {goal}",
+            medians[pair] / medians[pair + 1]
+        );
+    }
+    idle_children_memory(&root_arg);
+}
+
+/// PSS of process `pid`, bytes.
+fn pss(pid: u32) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    rollup
+        .lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        << 10
+}
+
+/// `pid` and every process below it.
+fn tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let parent = all[i];
+        let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        all.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+        i += 1;
+    }
+    all
+}
+
+/// The host memory 10 idle forked children of a 64 MiB parent add (PSS of the whole tree
+/// of VMM processes, before and after the forks).
+fn idle_children_memory(root: &str) {
+    let mut child = picocenter()
+        .args(["run", "--root", root, "/bin/fork_bench", "idle", "10"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the idle app");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let pid = child.id();
+    let mut wait_for = |want: &str| {
+        let line = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+        assert_eq!(line, want, "the idle app said {line:?}");
+        // Let the processes settle (a fork's child is ready before it first runs).
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        tree(pid).into_iter().map(pss).sum::<u64>()
+    };
+    let before = wait_for("parent");
+    let mut go = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut go, b"\n").unwrap();
+    let after = wait_for("children");
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "10 idle forked children of a 64 MiB parent: PSS of all VMM processes {:.1} MiB \
+         before, {:.1} MiB after: {:+.1}%  (goal: <= +10%)",
+        before as f64 / (1 << 20) as f64,
+        after as f64 / (1 << 20) as f64,
+        (after as f64 / before as f64 - 1.0) * 100.0
+    );
+}
