@@ -226,8 +226,19 @@ pub struct LiveStats {
     app_clocks: std::sync::Mutex<Vec<libc::clockid_t>>,
     /// The counters as a worker reads them without asking (see [`crate::stats_page`]).
     page: std::sync::OnceLock<crate::stats_page::StatsPage>,
-    /// The app's process table, once it has forked.
-    tree: std::sync::OnceLock<Arc<crate::kernel::tree::AppTree>>,
+    /// Lists the app's processes, once it has forked.
+    processes: std::sync::OnceLock<Lister>,
+}
+
+/// What lists an app's processes for `stats` (the run loop gives one at the first fork).
+pub type ProcessLister = Box<dyn Fn() -> Vec<AppProcess> + Send + Sync>;
+
+struct Lister(ProcessLister);
+
+impl std::fmt::Debug for Lister {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lister")
+    }
 }
 
 impl LiveStats {
@@ -236,29 +247,17 @@ impl LiveStats {
         let _ = self.page.set(page);
     }
 
-    /// Reports the app's processes from `tree` from now on.
-    pub fn attach_tree(&self, tree: Arc<crate::kernel::tree::AppTree>) {
-        let _ = self.tree.set(tree);
+    /// Reports the app's processes through `lister` from now on.
+    pub fn attach_processes(&self, lister: ProcessLister) {
+        let _ = self.processes.set(Lister(lister));
     }
 
-    /// The app's processes (the first one alone until it forks).
+    /// The app's processes; none listed until it forks (it is one process).
     fn processes(&self) -> Vec<AppProcess> {
-        match self.tree.get() {
-            Some(tree) => tree
-                .members()
-                .into_iter()
-                .map(|m| AppProcess {
-                    pid: m.pid,
-                    host_pid: m.host_pid,
-                    pgid: m.pgid,
-                })
-                .collect(),
-            None => vec![AppProcess {
-                pid: crate::kernel::GUEST_PID,
-                host_pid: std::process::id() as i32,
-                pgid: crate::kernel::GUEST_PID,
-            }],
-        }
+        self.processes
+            .get()
+            .map(|list| (list.0)())
+            .unwrap_or_default()
     }
 
     /// Publishes the counters (in the stats page too, if there is one).
@@ -360,7 +359,8 @@ pub struct StatsReply {
     /// Resident memory of the VMM process, bytes.
     #[serde(default)]
     pub rss_bytes: u64,
-    /// The app's processes: each is a VMM process of its own.
+    /// The app's processes, each a VMM process of its own (empty for an app that has
+    /// never forked).
     #[serde(default)]
     pub processes: Vec<AppProcess>,
 }

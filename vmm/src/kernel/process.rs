@@ -115,6 +115,9 @@ impl Process {
     pub fn absorb_external_signals(&mut self) {
         self.kicker.clear(crate::kvm::kick::reason::SIGNAL);
         let mut raised = self.kicker.take_signals();
+        if raised & super::signals::bit(libc::SIGCHLD) != 0 {
+            self.reap_unwaited_children();
+        }
         while raised != 0 {
             let signal = raised.trailing_zeros() as i32 + 1;
             raised &= raised - 1;
@@ -136,6 +139,32 @@ impl Process {
             .as_ref()
             .and_then(|tree| tree.find(self.ids.pid))
             .map_or((self.ids.pgid, self.ids.sid), |m| (m.pgid, m.sid))
+    }
+
+    /// Reaps the children that ended when the app asked not to wait for them (SIGCHLD
+    /// ignored, or SA_NOCLDWAIT): Linux makes no zombies of those, and a server that
+    /// forks per connection must not run out of processes.
+    pub fn reap_unwaited_children(&mut self) {
+        let action = self.signals.actions[libc::SIGCHLD as usize - 1];
+        if action.handler != super::signals::SIG_IGN
+            && action.flags & super::signals::SA_NOCLDWAIT == 0
+        {
+            return;
+        }
+        let tree = self.tree.clone();
+        self.children.retain(|child| {
+            let ended = rustix::process::waitid(
+                rustix::process::WaitId::PidFd(std::os::fd::AsFd::as_fd(&child.pidfd)),
+                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
+            )
+            .ok()
+            .flatten()
+            .is_some();
+            if let (true, Some(tree)) = (ended, &tree) {
+                tree.release(child.pid);
+            }
+            !ended
+        });
     }
 
     /// Makes `path` (as the app named it) absolute and normalised against the working

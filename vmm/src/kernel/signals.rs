@@ -7,6 +7,8 @@
 pub const NSIG: usize = 64;
 /// SA_SIGINFO.
 pub const SA_SIGINFO: u64 = 0x4;
+/// SA_NOCLDWAIT: children that end are not kept for a wait.
+pub const SA_NOCLDWAIT: u64 = 0x2;
 /// SA_ONSTACK.
 pub const SA_ONSTACK: u64 = 0x0800_0000;
 /// SA_RESTART.

@@ -74,12 +74,25 @@ impl Exits<'_> {
     /// in the parent, 0 in the child), or the errno the parent gets.
     pub(super) fn fork(&mut self, request: ForkRequest) -> Result<Result<u64, Errno>, VmmError> {
         let p = &mut *self.p;
+        // A signal may have been missed; the processes must not be.
+        p.reap_unwaited_children();
         if p.tree.is_none() {
             let highest = p.threads.highest_tid().max(p.thread.tid);
             match AppTree::new(p.ids, std::process::id() as i32, highest) {
                 Ok(tree) => {
                     let tree = Arc::new(tree);
-                    self.live.attach_tree(tree.clone());
+                    let listed = tree.clone();
+                    self.live.attach_processes(Box::new(move || {
+                        listed
+                            .members()
+                            .into_iter()
+                            .map(|m| crate::control::AppProcess {
+                                pid: m.pid,
+                                host_pid: m.host_pid,
+                                pgid: m.pgid,
+                            })
+                            .collect()
+                    }));
                     p.tree = Some(tree);
                 }
                 Err(e) => {

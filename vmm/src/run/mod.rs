@@ -191,7 +191,15 @@ impl Picoprocess {
         // The state a panic leaves is only dropped afterwards, never used again.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
         Kicker::arm(std::ptr::null_mut());
-        if lock(&self.process).forked {
+        let forked = {
+            let p = lock(&self.process);
+            if let (true, Some(tree)) = (p.forked, &p.tree) {
+                // An orphan has no parent to reap it and free its place.
+                tree.release(p.ids.pid);
+            }
+            p.forked
+        };
+        if forked {
             let outcome = match (crate::panics::take_report(), outcome) {
                 (Some(report), _) => Err(VmmError::Panicked(report)),
                 (None, Ok(outcome)) => outcome,

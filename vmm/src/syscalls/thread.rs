@@ -53,7 +53,7 @@ struct CloneArgs {
     tls: u64,
 }
 
-/// clone(2): only threads (fork is not supported yet).
+/// clone(2): a thread, or a new process (see [`super::children`]).
 pub fn clone(p: &mut Process, a: &Args) -> SysResult {
     // x86-64 order: flags, stack, parent_tid, child_tid, tls.
     spawn(
