@@ -135,3 +135,45 @@ fn busybox_httpd_forks_per_connection_for_fifty_clients() {
     all_answered(server.address, "/", 50, b"hello from httpd\n");
     drop(server);
 }
+
+/// Debian's git: init, add, commit (which starts `git maintenance run --auto`, a child
+/// process) and log, in a writable directory kept between the runs.
+#[test]
+fn git_commits_in_a_writable_directory() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap();
+    std::fs::create_dir_all(data.path().join("work/repo")).unwrap();
+    let git = |args: &[&str]| {
+        let mut all = vec![
+            "--writable",
+            "/work",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--cwd",
+            "/work/repo",
+        ];
+        for setting in [
+            "HOME=/work",
+            "GIT_AUTHOR_NAME=Pico",
+            "GIT_AUTHOR_EMAIL=pico@example.org",
+            "GIT_COMMITTER_NAME=Pico",
+            "GIT_COMMITTER_EMAIL=pico@example.org",
+        ] {
+            all.extend(["--env", setting]);
+        }
+        all.push("/usr/bin/git");
+        all.extend_from_slice(args);
+        let out = run(&all);
+        assert_eq!(out.status.code(), Some(0), "git {args:?}: {}", describe(&out));
+        stdout(&out)
+    };
+    git(&["init", "-q", "."]);
+    std::fs::write(data.path().join("work/repo/hello.txt"), "hello\n").unwrap();
+    git(&["add", "hello.txt"]);
+    git(&["commit", "-q", "-m", "the first commit"]);
+    let log = git(&["log", "--format=%s %an"]);
+    assert_eq!(log, "the first commit Pico\n");
+    let files = git(&["ls-files"]);
+    assert_eq!(files, "hello.txt\n");
+}

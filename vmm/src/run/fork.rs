@@ -241,6 +241,10 @@ impl Exits<'_> {
             Arc::new(crate::control::LiveStats::default()),
         ));
         std::mem::forget(self.control.take());
+        // The channel to the supervisor (privileged binds) is the first process's: two
+        // processes' requests on it could interleave. A child's bind below 1024 gets
+        // EACCES, as an unprivileged process's does; servers bind before they fork.
+        crate::sandbox::binder::close();
         let kicker = Kicker::for_current_thread().map_err(host_error("the vCPU kick signal"))?;
         crate::kvm::kick::forward_host_signals(&kicker)
             .map_err(host_error("forwarding host signals"))?;
