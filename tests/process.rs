@@ -141,8 +141,11 @@ fn busybox_httpd_forks_per_connection_for_fifty_clients() {
 #[test]
 fn git_commits_in_a_writable_directory() {
     let data = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(
+        data.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     std::fs::create_dir_all(data.path().join("work/repo")).unwrap();
     let git = |args: &[&str]| {
         let mut all = vec![
@@ -165,7 +168,12 @@ fn git_commits_in_a_writable_directory() {
         all.push("/usr/bin/git");
         all.extend_from_slice(args);
         let out = run(&all);
-        assert_eq!(out.status.code(), Some(0), "git {args:?}: {}", describe(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "git {args:?}: {}",
+            describe(&out)
+        );
         stdout(&out)
     };
     git(&["init", "-q", "."]);

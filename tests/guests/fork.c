@@ -8,6 +8,7 @@
 #include <spawn.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,6 +16,36 @@ extern char **environ;
 static volatile sig_atomic_t chld;
 static void on_chld(int sig) { (void)sig; chld++; }
 static int counter = 1;
+
+/* Sends fd `fd` over `sock` with one byte (SCM_RIGHTS). */
+static int send_fd(int sock, int fd) {
+    char byte = 'f';
+    struct iovec iov = {&byte, 1};
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                         .msg_controllen = sizeof u.buf};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    return sendmsg(sock, &msg, 0) == 1 ? 0 : -1;
+}
+
+/* Receives one fd sent by send_fd, or -1. */
+static int recv_fd(int sock) {
+    char byte;
+    struct iovec iov = {&byte, 1};
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                         .msg_controllen = sizeof u.buf};
+    if (recvmsg(sock, &msg, MSG_CMSG_CLOEXEC) != 1) return -1;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    if (!c || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) return -1;
+    int fd;
+    memcpy(&fd, CMSG_DATA(c), sizeof(int));
+    return fd;
+}
 
 int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "exec-child")) {
@@ -146,6 +177,29 @@ int main(int argc, char **argv) {
     }
     CHECK(seen == 0x1f);
     CHECK(wait(NULL) == -1 && errno == ECHILD);
+
+    /* SCM_RIGHTS: the parent passes a pipe's write end to a child over a socketpair,
+     * and the child writes through it; the received fd is a new one, close-on-exec. */
+    int sv[2], q[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0 && pipe(q) == 0);
+    child = fork();
+    if (child == 0) {
+        close(sv[0]);
+        int fd = recv_fd(sv[1]);
+        int ok = fd >= 0 && fcntl(fd, F_GETFD) == FD_CLOEXEC &&
+                 write(fd, "passed", 6) == 6;
+        _exit(ok ? 0 : 1);
+    }
+    close(sv[1]);
+    CHECK(send_fd(sv[0], q[1]) == 0);
+    close(q[1]);
+    memset(buf, 0, sizeof buf);
+    got = 0;
+    while ((n = read(q[0], buf + got, sizeof buf - 1 - got)) > 0) got += n;
+    CHECK(got == 6 && !strcmp(buf, "passed"));
+    CHECK(waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    close(q[0]);
+    close(sv[0]);
 
     /* With SIGCHLD ignored, children that end are reaped at once: more of them than the
      * app may have at a time are forked one after another (as a server forking per

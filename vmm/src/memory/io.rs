@@ -175,6 +175,7 @@ impl AddressSpace {
         fd: BorrowedFd<'_>,
         bufs: &[(UserAddr, usize)],
         name: &[u8],
+        control: &[u8],
         flags: i32,
     ) -> Result<usize, Errno> {
         let mut iovecs = self.host_iovecs(bufs, Access::Read)?;
@@ -184,20 +185,27 @@ impl AddressSpace {
         msg.msg_namelen = name.len() as u32;
         msg.msg_iov = iovecs.as_mut_ptr();
         msg.msg_iovlen = iovecs.len();
-        // SAFETY: the iovecs cover readable app memory (checked by `host_iovecs`) and
-        // `name` is a live slice; both outlive the call, and the vCPU is stopped.
+        if !control.is_empty() {
+            msg.msg_control = control.as_ptr() as *mut libc::c_void;
+            msg.msg_controllen = control.len();
+        }
+        // SAFETY: the iovecs cover readable app memory (checked by `host_iovecs`);
+        // `name` and `control` (host cmsgs the VMM built) are live slices; all outlive the
+        // call, and the vCPU is stopped.
         let rc = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, flags) };
         result_of(rc)
     }
 
-    /// recvmsg(2) from host socket `fd` into the app buffers `bufs`. Returns the byte
-    /// count, the sender's raw address and the message flags.
+    /// recvmsg(2) from host socket `fd` into the app buffers `bufs`, and host control
+    /// messages into `control`. Returns the byte count, the sender's raw address, the
+    /// message flags and the length of the control data.
     pub fn recvmsg_from_host(
         &mut self,
         fd: BorrowedFd<'_>,
         bufs: &[(UserAddr, usize)],
+        control: &mut [u8],
         flags: i32,
-    ) -> Result<(usize, Vec<u8>, i32), Errno> {
+    ) -> Result<(usize, Vec<u8>, i32, usize), Errno> {
         let mut iovecs = self.host_iovecs(bufs, Access::Write)?;
         let mut name = [0u8; crate::hostcall::SOCKADDR_MAX];
         // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control data).
@@ -206,11 +214,17 @@ impl AddressSpace {
         msg.msg_namelen = name.len() as u32;
         msg.msg_iov = iovecs.as_mut_ptr();
         msg.msg_iovlen = iovecs.len();
+        if !control.is_empty() {
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = control.len();
+        }
         // SAFETY: the iovecs cover writable app memory (checked by `host_iovecs`), `name`
-        // has room for `msg_namelen` bytes, and all outlive the call; the vCPU is stopped.
+        // has room for `msg_namelen` bytes and `control` for `msg_controllen`, and all
+        // outlive the call; the vCPU is stopped.
         let rc = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, flags) };
         let count = result_of(rc)?;
         let len = (msg.msg_namelen as usize).min(name.len());
-        Ok((count, name[..len].to_vec(), msg.msg_flags))
+        let control_len = msg.msg_controllen.min(control.len());
+        Ok((count, name[..len].to_vec(), msg.msg_flags, control_len))
     }
 }

@@ -14,6 +14,7 @@ pub mod netlink;
 pub mod poll;
 pub mod process;
 pub mod pty;
+pub mod rights;
 pub mod signal;
 pub mod table;
 pub mod thread;

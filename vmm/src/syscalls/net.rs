@@ -616,6 +616,7 @@ fn send_common(
     fd: i32,
     bufs: &[(UserAddr, usize)],
     dest: Option<Address>,
+    control: &[u8],
     flags: i32,
 ) -> SysResult {
     let file = p.files.file(fd)?;
@@ -638,11 +639,12 @@ fn send_common(
     let dont_wait = flags & MSG_DONTWAIT != 0;
     let sent = if dont_wait {
         p.mem
-            .sendmsg_to_host(file.host(), bufs, &name, host_flags)
+            .sendmsg_to_host(file.host(), bufs, &name, control, host_flags)
             .map_err(SysError::from)
     } else {
         retry(p, &file, PollFlags::OUT, |p| {
-            p.mem.sendmsg_to_host(file.host(), bufs, &name, host_flags)
+            p.mem
+                .sendmsg_to_host(file.host(), bufs, &name, control, host_flags)
         })
     };
     match sent {
@@ -654,21 +656,44 @@ fn send_common(
     }
 }
 
-/// Receives into the app buffers `bufs` from `fd`; returns the count, the sender and the
-/// message flags.
+/// What one receive got: the count, the sender, the message flags and the fds passed.
+type Received = (usize, Vec<u8>, i32, Vec<OwnedFd>);
+
+/// Receives into the app buffers `bufs` from `fd` (and, with `rights`, the fds an
+/// SCM_RIGHTS message passes).
 fn recv_common(
     p: &mut Process,
     fd: i32,
     bufs: &[(UserAddr, usize)],
+    rights: bool,
     flags: i32,
-) -> Result<(usize, Vec<u8>, i32), SysError> {
+) -> Result<Received, SysError> {
     let file = p.files.file(fd)?;
-    let host_flags =
-        (flags & (libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_WAITALL)) | MSG_DONTWAIT;
+    let rights =
+        rights && matches!(file.kind, FileKind::Socket { domain, .. } if domain == libc::AF_UNIX);
+    let host_flags = (flags & (libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_WAITALL))
+        | MSG_DONTWAIT
+        | if rights { libc::MSG_CMSG_CLOEXEC } else { 0 };
     let private = local_only(&file)
         && matches!(file.kind, FileKind::Socket { kind, .. } if kind == libc::SOCK_DGRAM);
     let receive = |p: &mut Process| loop {
-        let got = p.mem.recvmsg_from_host(file.host(), bufs, host_flags)?;
+        let mut control = vec![
+            0u8;
+            if rights {
+                super::rights::CONTROL_SPACE
+            } else {
+                0
+            }
+        ];
+        let (count, name, got_flags, control_len) =
+            p.mem
+                .recvmsg_from_host(file.host(), bufs, &mut control, host_flags)?;
+        let got = (
+            count,
+            name,
+            got_flags,
+            super::rights::take(&control[..control_len]),
+        );
         // A localhost datagram socket hears only the app; others' datagrams are dropped
         // (a peek must take them off first, so it looks again without peeking).
         if !private || from_the_app(p, &got.1) {
@@ -686,7 +711,7 @@ fn recv_common(
     };
     if matches!(file.kind, FileKind::Netlink) {
         // From the kernel, as the app believes.
-        return Ok((received.0, netlink::sockaddr(0), received.2));
+        return Ok((received.0, netlink::sockaddr(0), received.2, received.3));
     }
     if let Ok(Address::Ip(peer)) = decode_address(&received.1) {
         remember_peer(&mut file.state().heard_from, peer);
@@ -717,12 +742,12 @@ pub fn sendto(p: &mut Process, a: &Args) -> SysResult {
     } else {
         Some(read_address(p, a.ptr(4), a.u32(5))?)
     };
-    send_common(p, a.fd(0), &[(a.ptr(1), a.usize(2))], dest, a.i32(3))
+    send_common(p, a.fd(0), &[(a.ptr(1), a.usize(2))], dest, &[], a.i32(3))
 }
 
 /// recvfrom(2).
 pub fn recvfrom(p: &mut Process, a: &Args) -> SysResult {
-    let (count, name, _) = recv_common(p, a.fd(0), &[(a.ptr(1), a.usize(2))], a.i32(3))?;
+    let (count, name, _, _) = recv_common(p, a.fd(0), &[(a.ptr(1), a.usize(2))], false, a.i32(3))?;
     if !name.is_empty() {
         write_address(p, a.ptr(4), a.ptr(5), &name)?;
     } else if !a.ptr(5).is_null() {
@@ -736,6 +761,7 @@ struct MsgHdr {
     name: UserAddr,
     name_len: u32,
     bufs: Vec<(UserAddr, usize)>,
+    control: UserAddr,
     control_len: u64,
 }
 
@@ -753,17 +779,33 @@ fn read_msghdr(p: &mut Process, addr: UserAddr) -> Result<MsgHdr, Errno> {
             .into_iter()
             .map(|[base, len]| (UserAddr(base), len as usize))
             .collect(),
+        control: UserAddr(raw[4]),
         control_len: raw[5],
     })
 }
 
-/// sendmsg(2). Ancillary data (fd passing, credentials) is not supported: EINVAL.
+/// sendmsg(2). Ancillary data: SCM_RIGHTS of sockets and pipes over AF_UNIX sockets
+/// (see [`super::rights`]); anything else gives EINVAL.
 pub fn sendmsg(p: &mut Process, a: &Args) -> SysResult {
     let msg = read_msghdr(p, a.ptr(1))?;
-    if msg.control_len != 0 {
-        return Err(Errno::INVAL.into());
-    }
     let file = p.files.file(a.fd(0))?;
+    let passed = if msg.control_len != 0 {
+        if !matches!(file.kind, FileKind::Socket { domain, .. } if domain == libc::AF_UNIX) {
+            return Err(Errno::INVAL.into());
+        }
+        super::rights::passed(p, msg.control, msg.control_len)?
+    } else {
+        Vec::new()
+    };
+    let raw: Vec<i32> = passed
+        .iter()
+        .map(|f| std::os::fd::AsRawFd::as_raw_fd(&f.host()))
+        .collect();
+    let control = if raw.is_empty() {
+        Vec::new()
+    } else {
+        super::rights::message(&raw)
+    };
     if matches!(file.kind, FileKind::Netlink) {
         return netlink::request(p, &file, &msg.bufs);
     }
@@ -772,13 +814,27 @@ pub fn sendmsg(p: &mut Process, a: &Args) -> SysResult {
     } else {
         Some(read_address(p, msg.name, msg.name_len)?)
     };
-    send_common(p, a.fd(0), &msg.bufs, dest, a.i32(2))
+    // `passed` keeps the host fds open until the kernel has taken its references.
+    let sent = send_common(p, a.fd(0), &msg.bufs, dest, &control, a.i32(2));
+    drop(passed);
+    sent
 }
 
-/// recvmsg(2). No ancillary data is ever returned.
+/// recvmsg(2). The only ancillary data returned is SCM_RIGHTS of sockets and pipes (see
+/// [`super::rights`]).
 pub fn recvmsg(p: &mut Process, a: &Args) -> SysResult {
     let msg = read_msghdr(p, a.ptr(1))?;
-    let (count, name, flags) = recv_common(p, a.fd(0), &msg.bufs, a.i32(2))?;
+    let want_rights = msg.control_len > 0 && !msg.control.is_null();
+    let (count, name, mut flags, fds) = recv_common(p, a.fd(0), &msg.bufs, want_rights, a.i32(2))?;
+    let capacity = usize::try_from(msg.control_len).unwrap_or(usize::MAX);
+    let cloexec = a.i32(2) & libc::MSG_CMSG_CLOEXEC != 0;
+    let (control, dropped) = super::rights::install(p, fds, capacity, cloexec);
+    if dropped {
+        flags |= libc::MSG_CTRUNC;
+    }
+    if !control.is_empty() {
+        p.mem.write(msg.control, &control)?;
+    }
     let base = a.ptr(1);
     if !msg.name.is_null() {
         let n = name.len().min(msg.name_len as usize);
@@ -786,8 +842,10 @@ pub fn recvmsg(p: &mut Process, a: &Args) -> SysResult {
         p.mem
             .write_pod(base.offset(8).ok_or(Errno::FAULT)?, &(name.len() as u32))?;
     }
-    p.mem
-        .write_pod(base.offset(40).ok_or(Errno::FAULT)?, &0u64)?; // msg_controllen
+    p.mem.write_pod(
+        base.offset(40).ok_or(Errno::FAULT)?,
+        &(control.len() as u64),
+    )?; // msg_controllen
     p.mem
         .write_pod(base.offset(48).ok_or(Errno::FAULT)?, &flags)?;
     Ok(count as u64)
