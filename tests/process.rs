@@ -185,3 +185,48 @@ fn git_commits_in_a_writable_directory() {
     let files = git(&["ls-files"]);
     assert_eq!(files, "hello.txt\n");
 }
+
+/// `picocenter stop` sends SIGTERM to every process of the app: a background subshell's
+/// trap runs too, before the shell's own trap waits for it and exits 0.
+#[test]
+fn stop_signals_every_process_of_the_app() {
+    use std::io::BufRead;
+    let root = busybox_root();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        data.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let script = "(trap 'echo child got TERM > /tmp/child.txt; exit 0' TERM; \
+                   while :; do sleep 0.05; done) &\n\
+        trap 'wait; echo parent got TERM; exit 0' TERM\n\
+        echo ready\n\
+        while :; do sleep 0.05; done\n";
+    std::fs::write(root.path().join("stop.sh"), script).unwrap();
+    let mut child = picocenter()
+        .args(["run", "--name", "test-stop-tree", "--root"])
+        .arg(root.path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["/bin/sh", "/stop.sh"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().and_then(|l| l.ok()).as_deref(), Some("ready"));
+    let stop = run_with_limit(
+        picocenter().args(["stop", "test-stop-tree", "--grace", "20"]),
+        std::time::Duration::from_secs(30),
+    );
+    assert!(stop.status.success(), "{}", describe(&stop));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        lines.next().and_then(|l| l.ok()).as_deref(),
+        Some("parent got TERM")
+    );
+    let said = std::fs::read_to_string(data.path().join("tmp/child.txt")).unwrap();
+    assert_eq!(said, "child got TERM\n");
+}

@@ -4,7 +4,7 @@
 //! | request | effect |
 //! |---|---|
 //! | `{"op":"stats"}` | name, pid, state, memory and exit counters |
-//! | `{"op":"stop","grace_ms":N}` | SIGTERM to the app; after N ms, SIGKILL |
+//! | `{"op":"stop","grace_ms":N}` | SIGTERM to every process of the app; after N ms, SIGKILL |
 //! | `{"op":"snapshot","stop":B,"full":B}` | a snapshot into the app's own store (then the app ends if B) |
 //! | `{"op":"digest"}` | a digest of the app's memory, to check a restore |
 //! | `{"op":"sockets"}` | its listening and bound IP sockets, passed with SCM_RIGHTS |
@@ -651,6 +651,15 @@ fn serve(
             Ok(Request::Stop { grace_ms }) => {
                 tracing::info!(grace_ms, "stop requested: SIGTERM to {name}");
                 kicker.raise(libc::SIGTERM);
+                // Every other process of the app gets it too; when the first one ends
+                // (by itself or by the SIGKILL below), they all end.
+                let own = std::process::id() as i32;
+                for process in stats.processes() {
+                    if process.host_pid > 0 && process.host_pid != own {
+                        let _ =
+                            crate::kvm::kick::send_guest_signal(process.host_pid, libc::SIGTERM);
+                    }
+                }
                 let kicker = kicker.clone();
                 std::thread::spawn(move || {
                     std::thread::sleep(Duration::from_millis(grace_ms));
