@@ -56,6 +56,24 @@ int main(int argc, char **argv) {
         struct sigaction sa;
         CHECK(sigaction(SIGUSR1, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL);
         CHECK(sigaction(SIGUSR2, NULL, &sa) == 0 && sa.sa_handler == SIG_IGN);
+        /* /proc/self names the new program, its arguments and its parent. */
+        char link[4096] = {0}, text[4096] = {0};
+        CHECK(readlink("/proc/self/exe", link, sizeof link - 1) > 0 && !strcmp(link, argv[0]));
+        int fd = open("/proc/self/cmdline", O_RDONLY);
+        ssize_t got = read(fd, text, sizeof text - 1);
+        close(fd);
+        CHECK(got == (ssize_t)(strlen(argv[0]) + 1 + strlen("exec-child") + 1));
+        CHECK(!strcmp(text, argv[0]) && !strcmp(text + strlen(argv[0]) + 1, "exec-child"));
+        char expected[64];
+        snprintf(expected, sizeof expected, "%d (", (int)getpid());
+        fd = open("/proc/self/stat", O_RDONLY);
+        memset(text, 0, sizeof text);
+        CHECK(read(fd, text, sizeof text - 1) > 0 && !strncmp(text, expected, strlen(expected)));
+        close(fd);
+        char *after = strrchr(text, ')');
+        int ppid = 0;
+        CHECK(after && sscanf(after, ") %*c %d", &ppid) == 1 && ppid == getppid());
+        CHECK(open("/proc/self/status", O_WRONLY) == -1 && errno == EACCES);
         CHECK(write(5, "exec", 4) == 4);
         return failures ? 1 : 42;
     }

@@ -5,6 +5,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -109,5 +110,23 @@ int main(void) {
     int again = open("/dev/fd/1", O_WRONLY);
     CHECK(again > 2);
     CHECK(open("/dev/fd/999", O_RDONLY) == -1 && errno == ENOENT);
+    /* A small /proc from the app's own figures. */
+    char text[512] = {0};
+    int proc = open("/proc/meminfo", O_RDONLY);
+    CHECK(proc >= 0 && read(proc, text, sizeof text - 1) > 0 && !strncmp(text, "MemTotal:", 9));
+    close(proc);
+    unsigned long total_kib = 0;
+    CHECK(sscanf(text, "MemTotal: %lu kB", &total_kib) == 1 && total_kib * 1024 <= si.totalram + 4096);
+    proc = open("/proc/uptime", O_RDONLY);
+    memset(text, 0, sizeof text);
+    double up = -1;
+    CHECK(proc >= 0 && read(proc, text, sizeof text - 1) > 0 && sscanf(text, "%lf", &up) == 1 && up >= 0);
+    close(proc);
+    proc = open("/proc/sys/kernel/pid_max", O_RDONLY);
+    memset(text, 0, sizeof text);
+    CHECK(proc >= 0 && read(proc, text, sizeof text - 1) > 0 && atoi(text) > getpid());
+    close(proc);
+    char cwd_link[256] = {0};
+    CHECK(readlink("/proc/self/cwd", cwd_link, sizeof cwd_link - 1) > 0 && cwd_link[0] == '/');
     DONE();
 }

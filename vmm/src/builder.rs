@@ -240,6 +240,8 @@ pub(crate) fn process(
         tree: None,
         root_watch: None,
         vfork_done: None,
+        exe: config.program.clone(),
+        cmdline: config.argv.clone(),
         forked: false,
     })
 }

@@ -79,6 +79,10 @@ pub struct Process {
     /// A vfork child's end of the pipe its parent waits on: closed when it calls execve
     /// or ends.
     pub vfork_done: Option<std::os::fd::OwnedFd>,
+    /// The program it runs (guest path), for /proc/self/exe.
+    pub exe: String,
+    /// Its argv, for /proc/self/cmdline.
+    pub cmdline: Vec<String>,
     /// Whether this process is a fork (its VMM ends with the app's status when it does,
     /// rather than returning to whoever started the first process).
     pub forked: bool,

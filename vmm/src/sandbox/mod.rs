@@ -213,7 +213,7 @@ fn cpu_view(path: &str) -> Option<Vec<u8>> {
 }
 
 /// A read-only, sealed in-memory file holding `content`.
-fn sealed_file(name: &str, content: &[u8]) -> Result<OwnedFd, Errno> {
+pub(crate) fn sealed_file(name: &str, content: &[u8]) -> Result<OwnedFd, Errno> {
     use rustix::fs::{MemfdFlags, SealFlags};
     let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
     let mut written = 0;

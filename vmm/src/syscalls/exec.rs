@@ -125,7 +125,10 @@ fn exec(
         path: &path,
         hwcap,
     };
-    match crate::loader::load(&mut p.mem, &p.sandbox, &info) {
+    let loaded = crate::loader::load(&mut p.mem, &p.sandbox, &info);
+    p.exe = path.clone();
+    p.cmdline = argv.clone();
+    match loaded {
         Ok(start) => Err(SysError::Exec(Box::new(start))),
         Err(e) => Err(SysError::Kill {
             signal: libc::SIGKILL,

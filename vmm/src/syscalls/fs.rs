@@ -226,6 +226,15 @@ fn open_path(p: &mut Process, path: String, flags: u32, mode: u32) -> SysResult 
     if let Some(number) = path.strip_prefix("/dev/pts/") {
         return super::pty::open_slave(p, number, flags);
     }
+    if let Some(content) = super::procfs::file(p, &path) {
+        if flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32 {
+            return Err(Errno::ACCESS.into());
+        }
+        let fd = crate::sandbox::sealed_file(&path, &content)?;
+        let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
+        let file = OpenFile::new(fd, FileKind::Path { path, flags });
+        return Ok(p.files.insert(file, cloexec)? as u64);
+    }
     let oflags = host_open_flags(flags);
     let mode = Mode::from_bits_truncate(mode & !p.umask & 0o7777);
     // Known by the path it really is, symlinks resolved: its mount decides what fchmod,
@@ -460,6 +469,12 @@ pub fn getdents64(p: &mut Process, a: &Args) -> SysResult {
 fn readlink_common(p: &mut Process, path: String, buf: UserAddr, size: usize) -> SysResult {
     if size == 0 || size > i32::MAX as usize {
         return Err(Errno::INVAL.into());
+    }
+    if let Some(target) = super::procfs::link(p, &path) {
+        let bytes = crate::sandbox::pathbytes::to_host(&target);
+        let len = bytes.len().min(size);
+        p.mem.write(buf, &bytes[..len])?;
+        return Ok(len as u64);
     }
     let target = p.sandbox.entry(&path)?.readlink()?;
     let bytes = target.as_slice();

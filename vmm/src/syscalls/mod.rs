@@ -13,6 +13,7 @@ pub mod net;
 pub mod netlink;
 pub mod poll;
 pub mod process;
+pub mod procfs;
 pub mod pty;
 pub mod rights;
 pub mod signal;
