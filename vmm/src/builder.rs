@@ -242,6 +242,7 @@ pub(crate) fn process(
         vfork_done: None,
         exe: config.program.clone(),
         cmdline: config.argv.clone(),
+        parent_host_pid: 0,
         forked: false,
     })
 }

@@ -83,6 +83,9 @@ pub struct Process {
     pub exe: String,
     /// Its argv, for /proc/self/cmdline.
     pub cmdline: Vec<String>,
+    /// A forked process's parent's host pid (0 for the first process): while the parent
+    /// lives, it reaps this process and frees its place in the table.
+    pub parent_host_pid: i32,
     /// Whether this process is a fork (its VMM ends with the app's status when it does,
     /// rather than returning to whoever started the first process).
     pub forked: bool,

@@ -215,12 +215,19 @@ impl AppTree {
         })
     }
 
-    /// Records what slot `slot`, claimed for `ids.pid`, holds.
+    /// Records what slot `slot`, claimed for `ids.pid`, holds (host pid 0: not yet known).
     pub fn fill(&self, slot: usize, ids: ProcessIds, host_pid: i32) {
         let slot = &self.table().slots[slot];
         slot.pgid.store(ids.pgid, Ordering::SeqCst);
         slot.sid.store(ids.sid, Ordering::SeqCst);
         slot.host_pid.store(host_pid, Ordering::SeqCst);
+    }
+
+    /// Records the host pid of the process in slot `slot`, once its fork has made it.
+    pub fn set_host_pid(&self, slot: usize, host_pid: i32) {
+        self.table().slots[slot]
+            .host_pid
+            .store(host_pid, Ordering::SeqCst);
     }
 
     /// Frees `pid`'s slot (harmless if it is already free: pids are never reused).

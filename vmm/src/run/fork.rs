@@ -140,7 +140,23 @@ impl Exits<'_> {
         let xsave = Box::new(self.vcpu.xsave()?);
         let gs_base = self.vcpu.sregs()?.gs.base;
         let fs_base = request.tls.unwrap_or(self.p.thread.fs_base);
-        let parent_ids = self.p.ids;
+        // The parent's group and session as the table has them (a parent's setpgid on it).
+        let (pgid, sid) = self.p.group();
+        let parent_ids = crate::kernel::tree::ProcessIds {
+            pgid,
+            sid,
+            ..self.p.ids
+        };
+        // The child's entry is complete before it runs, so that its own early setpgid or
+        // setsid is not overwritten; its host pid follows.
+        tree.fill(slot, parent_ids.child(pid), 0);
+        // An fd kept free for the child's pidfd: without one, the child would run with
+        // nobody waiting for it.
+        let Ok(pidfd_slot) = rustix::io::dup(self.p.kicker.wake_fd()) else {
+            tree.release(pid);
+            return Ok(Err(Errno::AGAIN));
+        };
+        let parent_host_pid = std::process::id() as i32;
 
         // Signals wait until the child has its own kicker: one that arrived before would
         // reach the parent's, whose wake-up eventfd the child shares.
@@ -154,7 +170,12 @@ impl Exits<'_> {
             tree.release(pid);
             return Ok(Err(Errno::AGAIN));
         }
+        drop(pidfd_slot);
         if host == 0 {
+            // From here on this is the child: whatever happens, it never returns to what
+            // started the first process (which would clean up after the whole app).
+            self.p.forked = true;
+            self.p.parent_host_pid = parent_host_pid;
             let (vfork_read, vfork_write) = vfork.unzip();
             drop(vfork_read);
             let start = ChildStart {
@@ -165,14 +186,16 @@ impl Exits<'_> {
                 gs_base,
                 vfork_done: vfork_write,
             };
-            let built = self.become_child(start, request);
+            let built = self.become_child(start, request, parent_ids);
             drop(blocked);
-            built?;
+            if let Err(e) = built {
+                exit_as_forked_process(&Err(e));
+            }
             return Ok(Ok(0));
         }
         drop(blocked);
         let p = &mut *self.p;
-        tree.fill(slot, parent_ids.child(pid), host);
+        tree.set_host_pid(slot, host);
         let Some(host_pid) = rustix::process::Pid::from_raw(host) else {
             return Ok(Err(Errno::AGAIN));
         };
@@ -231,7 +254,12 @@ impl Exits<'_> {
 
     /// In the forked VMM: lets go of the parent's threads, VM and vCPU, and builds this
     /// process's own around the inherited memory.
-    fn become_child(&mut self, start: ChildStart, request: ForkRequest) -> Result<(), VmmError> {
+    fn become_child(
+        &mut self,
+        start: ChildStart,
+        request: ForkRequest,
+        parent_ids: crate::kernel::tree::ProcessIds,
+    ) -> Result<(), VmmError> {
         // The kick handler must not write to the inherited `kvm_run`: it is the parent's.
         Kicker::arm(std::ptr::null_mut());
         let had_poller = self.poller.is_some();
@@ -258,8 +286,7 @@ impl Exits<'_> {
         p.threads.parked.clear();
         p.kicker = kicker;
         p.children.clear();
-        p.ids = p.ids.child(start.pid);
-        p.forked = true;
+        p.ids = parent_ids.child(start.pid);
         p.signals.pending = 0;
         p.signals.thread_pending = 0;
         p.thread.tid = start.pid;

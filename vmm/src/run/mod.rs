@@ -193,8 +193,11 @@ impl Picoprocess {
         Kicker::arm(std::ptr::null_mut());
         let forked = {
             let p = lock(&self.process);
-            if let (true, Some(tree)) = (p.forked, &p.tree) {
-                // An orphan has no parent to reap it and free its place.
+            let orphan = std::os::unix::process::parent_id() as i32 != p.parent_host_pid;
+            if let (true, true, Some(tree)) = (p.forked, orphan, &p.tree) {
+                // An orphan has no parent to reap it and free its place; a child whose
+                // parent lives keeps its place until it is waited for, as a zombie counts
+                // against RLIMIT_NPROC.
                 tree.release(p.ids.pid);
             }
             p.forked

@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 /// The uids jailed VMMs run as, unless PICOCENTER_UIDS says `FIRST-LAST`.
 pub const DEFAULT_UIDS: (u32, u32) = (2_000_000_000, 2_000_065_535);
 
+/// Most host processes and threads an app's uid may have (RLIMIT_NPROC).
+const HOST_TASKS_PER_APP: libc::rlim_t = 1024;
+
 /// Locks a built VMM down: called by the VMM once it holds everything it needs.
 #[derive(Debug)]
 pub struct Lockdown {
@@ -58,6 +61,14 @@ impl Lockdown {
     pub fn now(&self) -> Result<(), JailError> {
         match self.identity {
             Some((uid, gid)) => {
+                // The app's uid is its own: a backstop on its host processes and threads,
+                // beside the table's 64 processes (each VMM has a few threads).
+                let limit = libc::rlimit {
+                    rlim_cur: HOST_TASKS_PER_APP,
+                    rlim_max: HOST_TASKS_PER_APP,
+                };
+                // SAFETY: setrlimit reads one rlimit we own.
+                unsafe { libc::setrlimit(libc::RLIMIT_NPROC, &limit) };
                 // Whoever asked the VMM to die with it (a worker does) still gets that.
                 let (signal, parent) = (parent_death_signal(), std::os::unix::process::parent_id());
                 jail::drop_privileges(uid, gid)?;

@@ -61,6 +61,10 @@ pub(crate) fn fork_request(
     if flags & !PROCESS_FLAGS != 0 || (flags & CLONE_VM != 0 && flags & CLONE_VFORK == 0) {
         return Err(Errno::INVAL.into());
     }
+    // A non-canonical FS base would fail the child's VM entry.
+    if flags & CLONE_SETTLS != 0 && !super::process::is_user_canonical(tls) {
+        return Err(Errno::PERM.into());
+    }
     Err(SysError::Fork(Box::new(ForkRequest {
         stack,
         tls: (flags & CLONE_SETTLS != 0).then_some(tls),

@@ -37,7 +37,10 @@ fn read_strings(p: &mut Process, at: UserAddr, budget: &mut usize) -> Result<Vec
         let bytes = p
             .mem
             .read_cstr(UserAddr(pointer), (*budget).min(PATH_MAX * 32))?;
-        *budget = budget.checked_sub(bytes.len() + 1).ok_or(Errno::TOOBIG)?;
+        // Each string costs its bytes, its NUL and its pointer, as Linux counts them.
+        *budget = budget
+            .checked_sub(bytes.len() + 1 + 8)
+            .ok_or(Errno::TOOBIG)?;
         strings.push(crate::sandbox::pathbytes::from_guest(bytes));
     }
     Err(Errno::TOOBIG)

@@ -656,13 +656,14 @@ pub fn fcntl(p: &mut Process, a: &Args) -> SysResult {
         libc::F_SETOWN => {
             let file = p.files.file(fd)?;
             let owner = a.i32(2);
+            let group = owner.checked_neg().unwrap_or(0);
             let known = owner == 0
                 || owner == p.ids.pid
-                || -owner == p.group().0
+                || group == p.group().0
                 || p.tree.as_ref().is_some_and(|t| {
                     t.members()
                         .iter()
-                        .any(|m| m.pid == owner || m.pgid == -owner)
+                        .any(|m| m.pid == owner || (group > 0 && m.pgid == group))
                 });
             if !known {
                 return Err(Errno::SRCH.into());

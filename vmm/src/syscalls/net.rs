@@ -341,7 +341,7 @@ pub fn listen(p: &mut Process, a: &Args) -> SysResult {
 }
 
 /// Whether `file` is bound to 127.0.0.1 or ::1: it takes nothing from outside the app.
-fn local_only(file: &OpenFile) -> bool {
+pub(crate) fn local_only(file: &OpenFile) -> bool {
     file.state()
         .bound
         .is_some_and(|b| crate::kernel::netpolicy::is_app_loopback(b.ip()))

@@ -13,7 +13,7 @@ const ARCH_GET_CPUID: i32 = 0x1011;
 const ARCH_SET_CPUID: i32 = 0x1012;
 
 /// Canonical user addresses only: a non-canonical FS base would fault on entry.
-fn is_user_canonical(addr: u64) -> bool {
+pub(crate) fn is_user_canonical(addr: u64) -> bool {
     addr < 0x8000_0000_0000
 }
 

@@ -2,7 +2,8 @@
 //! channels. A guest fd's host fd travels as a host SCM_RIGHTS message; a received host
 //! fd becomes a guest fd if it is a socket or a pipe (what the VMM can wrap without a
 //! guest path), and is closed otherwise (MSG_CTRUNC), so nothing received can name a host
-//! directory or file outside the app's sandbox.
+//! directory or file outside the app's sandbox. A socket on the app's private localhost
+//! is not passed (EINVAL): its peer filter is VMM state the receiver would not have.
 
 use crate::fdtable::{FileKind, OpenFile};
 use crate::kernel::process::Process;
@@ -62,6 +63,11 @@ pub fn passed(p: &mut Process, at: UserAddr, len: u64) -> Result<Vec<Arc<OpenFil
             let fd = i32::from_ne_bytes(chunk.try_into().unwrap_or_default());
             let file = p.files.file(fd)?;
             if !matches!(file.kind, FileKind::Socket { .. } | FileKind::Pipe { .. }) {
+                return Err(Errno::INVAL);
+            }
+            // A socket on the app's localhost filters its peers by what the VMM knows of
+            // it (its bound address), which a receiving process would not have.
+            if super::net::local_only(&file) {
                 return Err(Errno::INVAL);
             }
             files.push(file);
@@ -148,6 +154,14 @@ pub fn install(
             dropped = true;
             continue;
         };
+        // The VMM never blocks on a socket or pipe itself (it polls): one that came from
+        // outside the app may not be non-blocking yet.
+        let nonblocking = rustix::fs::fcntl_getfl(&fd)
+            .and_then(|flags| rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK));
+        if nonblocking.is_err() {
+            dropped = true;
+            continue;
+        }
         match p.files.insert(OpenFile::new(fd, kind), cloexec) {
             Ok(number) => guest.push(number),
             Err(_) => dropped = true,

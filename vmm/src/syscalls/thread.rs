@@ -132,6 +132,9 @@ fn spawn(p: &mut Process, args: CloneArgs) -> SysResult {
         // Two threads cannot share one stack.
         return Err(Errno::INVAL.into());
     }
+    if flags & CLONE_SETTLS != 0 && !super::process::is_user_canonical(args.tls) {
+        return Err(Errno::PERM.into());
+    }
     let tid = p.allocate_tid().ok_or(Errno::AGAIN)?;
     if flags & CLONE_PARENT_SETTID != 0 {
         p.mem
