@@ -9,12 +9,17 @@
 //! add: the proportional set size (PSS) of every VMM process of the app, before and after
 //! the forks (copy-on-write keeps the 64 MiB shared).
 //!
+//! Last, Debian's nginx as one process (the image's `master_process off`) against a master
+//! with two workers, under wrk `-t1 -c10` for 3 s, in alternating rounds.
+//!
 //! Run with `cargo bench --bench processes`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{guest, install, median, picocenter, printed_number, Link};
+use common::{
+    build_image, guest, install, median, picocenter, printed_number, state_dir, wrk, Link, Server,
+};
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 
@@ -92,6 +97,46 @@ fn main() {
         );
     }
     idle_children_memory(&root_arg);
+    nginx_workers();
+}
+
+/// Requests per second of nginx as one process and as a master with two workers.
+fn nginx_workers() {
+    build_image("nginx");
+    let data = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(data.path().join("tmp")).unwrap();
+    let config =
+        std::fs::read_to_string(state_dir().join("images/nginx/rootfs/etc/nginx/nginx.conf"))
+            .unwrap()
+            .replace("master_process off;", "master_process on;")
+            .replace("worker_processes 1;", "worker_processes 2;");
+    std::fs::write(data.path().join("tmp/master.conf"), config).unwrap();
+    let single = Server::start("nginx", "bench-nginx-single", "127.0.12.1", 80, &[]);
+    let workers = Server::start(
+        "nginx",
+        "bench-nginx-workers",
+        "127.0.12.2",
+        80,
+        &[
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "/usr/sbin/nginx",
+            "-c",
+            "/tmp/master.conf",
+        ],
+    );
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        one.push(wrk("127.0.12.1:80", "/files/1k.txt", "3").0);
+        two.push(wrk("127.0.12.2:80", "/files/1k.txt", "3").0);
+    }
+    let (one, two) = (median(&mut one), median(&mut two));
+    println!(
+        "nginx 1 KiB file, requests/s: one process {one:.0}, a master and 2 workers {two:.0}: \
+         ratio {:.2}",
+        two / one
+    );
+    drop((single, workers));
 }
 
 /// PSS of process `pid`, bytes.
