@@ -18,7 +18,7 @@
 mod common;
 
 use common::{
-    build_image, guest, install, median, picocenter, printed_number, state_dir, wrk, Link, Server,
+    guest, install, median, nginx_with_workers, picocenter, printed_number, wrk, Link, Server,
 };
 use std::io::BufRead;
 use std::process::{Command, Stdio};
@@ -102,29 +102,8 @@ fn main() {
 
 /// Requests per second of nginx as one process and as a master with two workers.
 fn nginx_workers() {
-    build_image("nginx");
-    let data = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(data.path().join("tmp")).unwrap();
-    let config =
-        std::fs::read_to_string(state_dir().join("images/nginx/rootfs/etc/nginx/nginx.conf"))
-            .unwrap()
-            .replace("master_process off;", "master_process on;")
-            .replace("worker_processes 1;", "worker_processes 2;");
-    std::fs::write(data.path().join("tmp/master.conf"), config).unwrap();
     let single = Server::start("nginx", "bench-nginx-single", "127.0.12.1", 80, &[]);
-    let workers = Server::start(
-        "nginx",
-        "bench-nginx-workers",
-        "127.0.12.2",
-        80,
-        &[
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            "/usr/sbin/nginx",
-            "-c",
-            "/tmp/master.conf",
-        ],
-    );
+    let (workers, _data) = nginx_with_workers("bench-nginx-workers", "127.0.12.2");
     let (mut one, mut two) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         one.push(wrk("127.0.12.1:80", "/files/1k.txt", "3").0);

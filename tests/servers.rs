@@ -179,28 +179,7 @@ fn a_client_that_disconnects_mid_response_does_not_disturb_the_server() {
 /// clients; `stop` (SIGTERM to the master, which signals its workers) ends every process.
 #[test]
 fn nginx_with_a_master_and_two_workers_serves_and_stops() {
-    build_image("nginx");
-    let data = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(data.path().join("tmp")).unwrap();
-    let config =
-        std::fs::read_to_string(state_dir().join("images/nginx/rootfs/etc/nginx/nginx.conf"))
-            .unwrap()
-            .replace("master_process off;", "master_process on;")
-            .replace("worker_processes 1;", "worker_processes 2;");
-    std::fs::write(data.path().join("tmp/master.conf"), config).unwrap();
-    let server = Server::start(
-        "nginx",
-        "test-nginx-master",
-        "127.0.10.1",
-        80,
-        &[
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            "/usr/sbin/nginx",
-            "-c",
-            "/tmp/master.conf",
-        ],
-    );
+    let (server, _data) = nginx_with_workers("test-nginx-master", "127.0.10.1");
     let expected =
         std::fs::read(state_dir().join("images/nginx/rootfs/srv/www/files/1k.txt")).unwrap();
     all_answered(server.address, "/files/1k.txt", 50, &expected);

@@ -316,6 +316,35 @@ impl Drop for Server {
     }
 }
 
+/// Starts the nginx image as app `name` at `ip:80` with its default process model: a
+/// master and two workers (the image itself runs one process). The returned directory is
+/// the app's data directory, which holds that configuration (/tmp/master.conf).
+pub fn nginx_with_workers(name: &str, ip: &str) -> (Server, tempfile::TempDir) {
+    build_image("nginx");
+    let data = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(data.path().join("tmp")).unwrap();
+    let config =
+        std::fs::read_to_string(state_dir().join("images/nginx/rootfs/etc/nginx/nginx.conf"))
+            .unwrap()
+            .replace("master_process off;", "master_process on;")
+            .replace("worker_processes 1;", "worker_processes 2;");
+    std::fs::write(data.path().join("tmp/master.conf"), config).unwrap();
+    let server = Server::start(
+        "nginx",
+        name,
+        ip,
+        80,
+        &[
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "/usr/sbin/nginx",
+            "-c",
+            "/tmp/master.conf",
+        ],
+    );
+    (server, data)
+}
+
 /// Asks `clients` concurrent clients to GET `path` from `address`, and checks that every
 /// one is answered 200 with `expected`.
 pub fn all_answered(
