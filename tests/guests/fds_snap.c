@@ -1,5 +1,6 @@
 /* Descriptors that live through snapshots: a sealed memfd with its contents and offset,
- * and an rtnetlink socket that still answers. Prints "ready", runs SECONDS (argv[1]) of
+ * an rtnetlink socket that still answers, and an open /proc/self/status (generated, as
+ * redis holds /proc/<pid>/stat now and then), readable again. Prints "ready", runs SECONDS (argv[1]) of
  * its own time, then checks them and prints PASSED. */
 #define _GNU_SOURCE
 #include "check.h"
@@ -47,6 +48,8 @@ int main(int argc, char **argv) {
     CHECK(fcntl(mem, F_ADD_SEALS, F_SEAL_SHRINK) == 0);
     int nl = socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE);
     CHECK(nl >= 0 && links(nl, 1) == 1);
+    int status = open("/proc/self/status", O_RDONLY);
+    CHECK(status >= 0);
     printf("ready\n");
     fflush(stdout);
     double end = now() + seconds;
@@ -56,5 +59,7 @@ int main(int argc, char **argv) {
     CHECK(fcntl(mem, F_GET_SEALS) == F_SEAL_SHRINK);
     CHECK(ftruncate(mem, 1) == -1 && errno == EPERM);
     CHECK(links(nl, 2) == 1);
+    char text[64] = {0};
+    CHECK(pread(status, text, sizeof text - 1, 0) > 0 && !strncmp(text, "Name:", 5));
     DONE();
 }

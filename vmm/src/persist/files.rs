@@ -246,7 +246,12 @@ fn reopen(
         } => {
             let oflags = OFlags::from_bits_retain(*flags)
                 & (OFlags::ACCMODE | OFlags::APPEND | OFlags::DIRECTORY | OFlags::PATH);
-            let fd = p.sandbox.open(path, oflags, Mode::empty())?;
+            // A generated /proc file (redis reads /proc/<pid>/stat now and then) is
+            // generated again; it is in no directory the sandbox could open.
+            let fd = match crate::syscalls::procfs::file(p, path) {
+                Some(content) => crate::sandbox::sealed_file(path, &content)?,
+                None => p.sandbox.open(path, oflags, Mode::empty())?,
+            };
             rustix::fs::seek(&fd, SeekFrom::Start(*offset))?;
             (
                 fd,
