@@ -160,13 +160,7 @@ impl Process {
         }
         let tree = self.tree.clone();
         self.children.retain(|child| {
-            let ended = rustix::process::waitid(
-                rustix::process::WaitId::PidFd(std::os::fd::AsFd::as_fd(&child.pidfd)),
-                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
-            )
-            .ok()
-            .flatten()
-            .is_some();
+            let ended = child.ended(false).ok().flatten().is_some();
             if let (true, Some(tree)) = (ended, &tree) {
                 tree.release(child.pid);
             }

@@ -123,6 +123,21 @@ impl RootWatch {
     }
 }
 
+impl ChildProcess {
+    /// The child's status if it has ended (reaping it, unless `keep`), without waiting.
+    pub fn ended(&self, keep: bool) -> rustix::io::Result<Option<rustix::process::WaitIdStatus>> {
+        use rustix::process::WaitIdOptions;
+        let mut options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG;
+        if keep {
+            options |= WaitIdOptions::NOWAIT;
+        }
+        rustix::process::waitid(
+            rustix::process::WaitId::PidFd(std::os::fd::AsFd::as_fd(&self.pidfd)),
+            options,
+        )
+    }
+}
+
 /// One live process in the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Member {

@@ -334,16 +334,33 @@ pub fn restore_context(
     vcpu: &VcpuFd,
     context: &picocenter_snapshots::format::UserContext,
 ) -> Result<(), CpuSetupError> {
-    vcpu.set_regs(&user_regs(context))
-        .map_err(CpuSetupError::SetRegs)?;
-    let mut sregs = vcpu.get_sregs().map_err(CpuSetupError::GetSregs)?;
-    set_user_segments(&mut sregs, context.fs_base);
-    sregs.gs.base = context.gs_base;
-    vcpu.set_sregs(&sregs).map_err(CpuSetupError::SetSregs)?;
     let xsave = xsave_from(&context.xsave);
+    set_context(
+        vcpu,
+        &user_regs(context),
+        context.fs_base,
+        context.gs_base,
+        &xsave,
+    )
+}
+
+/// Puts the vCPU at an app context: registers, user segments with these FS and GS bases,
+/// FPU state (a restore's, or a forked process's from its parent).
+pub fn set_context(
+    vcpu: &VcpuFd,
+    regs: &kvm_regs,
+    fs_base: u64,
+    gs_base: u64,
+    xsave: &kvm_bindings::kvm_xsave,
+) -> Result<(), CpuSetupError> {
+    vcpu.set_regs(regs).map_err(CpuSetupError::SetRegs)?;
+    let mut sregs = vcpu.get_sregs().map_err(CpuSetupError::GetSregs)?;
+    set_user_segments(&mut sregs, fs_base);
+    sregs.gs.base = gs_base;
+    vcpu.set_sregs(&sregs).map_err(CpuSetupError::SetSregs)?;
     // SAFETY: the guest never has dynamically enabled XSTATE features (XCR0 excludes AMX),
     // so KVM reads no more than the 4096-byte `kvm_xsave`.
-    unsafe { vcpu.set_xsave(&xsave) }.map_err(CpuSetupError::SetXsave)?;
+    unsafe { vcpu.set_xsave(xsave) }.map_err(CpuSetupError::SetXsave)?;
     Ok(())
 }
 

@@ -318,22 +318,7 @@ impl Exits<'_> {
             start.regs.rip,
             start.regs.rsp,
         )?;
-        let set = |what: &'static str| {
-            move |e: kvm_ioctls::Error| VmmError::Host {
-                what,
-                source: std::io::Error::from_raw_os_error(e.errno()),
-            }
-        };
-        fd.set_regs(&start.regs)
-            .map_err(set("the forked vCPU's registers"))?;
-        let mut sregs = fd.get_sregs().map_err(set("the forked vCPU's segments"))?;
-        cpu::set_user_segments(&mut sregs, start.fs_base);
-        sregs.gs.base = start.gs_base;
-        fd.set_sregs(&sregs)
-            .map_err(set("the forked vCPU's segments"))?;
-        // SAFETY: the guest never has dynamically enabled XSTATE features (XCR0 excludes
-        // AMX), so KVM reads no more than the 4096-byte `kvm_xsave`.
-        unsafe { fd.set_xsave(&start.xsave) }.map_err(set("the forked vCPU's FPU state"))?;
+        cpu::set_context(&fd, &start.regs, start.fs_base, start.gs_base, &start.xsave)?;
         if p.clock.tsc.is_some() {
             p.clock.tsc = cpu::tsc_calibration(&fd);
         }

@@ -149,20 +149,13 @@ fn matches(p: &Process, child: &ChildProcess, which: Which) -> bool {
 /// (WNOWAIT). `Ok(None)`: some match, none has ended; ECHILD: none match.
 fn reap(p: &mut Process, which: Which, keep: bool) -> Result<Option<(i32, Ended)>, Errno> {
     let mut any = false;
-    let mut options =
-        rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG;
-    if keep {
-        options |= rustix::process::WaitIdOptions::NOWAIT;
-    }
     for index in 0..p.children.len() {
         let child = &p.children[index];
         if !matches(p, child, which) {
             continue;
         }
         any = true;
-        let status =
-            rustix::process::waitid(rustix::process::WaitId::PidFd(child.pidfd.as_fd()), options)?;
-        if let Some(status) = status {
+        if let Some(status) = child.ended(keep)? {
             let pid = child.pid;
             let ended = Ended::from_host(&status);
             if !keep {
