@@ -12,7 +12,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::cluster::{api, hub_addresses, wait_for, Moto, Proc};
+use common::cluster::{api, first_a, pss_bytes, query, start_hub, wait_for, Moto, Proc};
 use common::{build_image, median, picocenter, state_dir};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -43,13 +43,7 @@ impl Cluster {
         let dir = state_dir().join("bench-cluster").join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut cmd = picocenter();
-        cmd.args(["hub", "--dns", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
-        cmd.args(["--token", TOKEN])
-            .arg("--data-dir")
-            .arg(dir.join("hub"));
-        let hub = Proc::spawn(cmd, dir.join("hub.log"));
-        let (dns, api_address) = wait_for("the hub", LIMIT, || hub_addresses(&hub.log));
+        let (hub, dns, api_address) = start_hub(&dir, TOKEN);
         let id = format!("bench-{name}");
         let mut cmd = picocenter();
         cmd.args(["worker", "--hub", &format!("http://{api_address}")]);
@@ -115,56 +109,6 @@ impl Cluster {
         }
         panic!("{name} keeps a timer pending");
     }
-}
-
-/// A DNS query for `name` (type A), id `id`.
-fn query(name: &str, id: u16) -> Vec<u8> {
-    let mut packet = vec![
-        (id >> 8) as u8,
-        id as u8,
-        0x01,
-        0x00,
-        0,
-        1,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ];
-    for label in name.trim_end_matches('.').split('.') {
-        packet.push(label.len() as u8);
-        packet.extend_from_slice(label.as_bytes());
-    }
-    packet.extend_from_slice(&[0, 0, 1, 0, 1]);
-    packet
-}
-
-/// The first A record of a DNS answer.
-fn first_a(answer: &[u8]) -> Option<Ipv4Addr> {
-    if answer.len() < 12 || answer[3] & 0x0f != 0 || u16::from_be_bytes([answer[6], answer[7]]) == 0
-    {
-        return None;
-    }
-    let mut at = 12;
-    while *answer.get(at)? != 0 {
-        at += 1 + *answer.get(at)? as usize;
-    }
-    at += 5;
-    // The answer's name: a compression pointer, or labels.
-    if answer.get(at)? & 0xc0 == 0xc0 {
-        at += 2;
-    } else {
-        while *answer.get(at)? != 0 {
-            at += 1 + *answer.get(at)? as usize;
-        }
-        at += 1;
-    }
-    // Type, class, TTL, length, then the address.
-    let rdata = at + 2 + 2 + 4 + 2;
-    let b = answer.get(rdata..rdata + 4)?;
-    Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
 }
 
 /// Milliseconds from sending the query to the first byte of the response to `GET path`.
@@ -292,17 +236,6 @@ fn queries_per_second(
         .collect();
     let answered: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
     answered as f64 / seconds
-}
-
-/// Proportional set size of process `pid` (shared pages split among their users).
-fn pss_bytes(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
 }
 
 fn main() {

@@ -386,8 +386,15 @@ impl Hub {
                 .ok_or_else(|| HubError::NoSuchWorker(id.into()))?;
             worker.last_report = Instant::now();
             worker.memory_bytes = report.memory_bytes;
-            worker.resident = report.resident.len();
-            worker.held = report.held.iter().cloned().collect();
+            worker.resident = report.resident_count;
+            if report.full {
+                worker.held = report.held.iter().cloned().collect();
+            } else {
+                for name in &report.unheld {
+                    worker.held.remove(name);
+                }
+                worker.held.extend(report.held.iter().cloned());
+            }
         }
         // One lock and one registry transaction for the whole report; durable if any
         // app changed state (usage alone is flushed with the next durable write).
@@ -556,5 +563,83 @@ impl Hub {
         if let Err(e) = self.registry.flush() {
             tracing::error!("flushing the registry: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub_with_worker(dir: &std::path::Path) -> Arc<Hub> {
+        let hub = Hub::open(HubConfig::default(), &dir.join("registry"), "t").unwrap();
+        hub.register_worker(WorkerHello {
+            id: "w".into(),
+            url: "http://127.0.0.1:1".into(),
+            memory_limit_bytes: 1 << 30,
+        });
+        for name in ["a", "b", "c"] {
+            hub.add(AppSpec {
+                name: name.into(),
+                image: "img".into(),
+                memory_mib: None,
+                env: Vec::new(),
+                idle_after_secs: None,
+            })
+            .unwrap();
+        }
+        hub
+    }
+
+    fn held(hub: &Hub) -> Vec<String> {
+        let mut held: Vec<String> = lock(&hub.workers)["w"].held.iter().cloned().collect();
+        held.sort();
+        held
+    }
+
+    #[test]
+    fn a_report_of_changes_updates_what_a_full_one_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub_with_worker(dir.path());
+        let address = Ipv4Addr::new(10, 0, 0, 1);
+        hub.report(
+            "w",
+            WorkerReport {
+                full: true,
+                resident: vec![("a".into(), address)],
+                resident_count: 1,
+                held: vec!["b".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(held(&hub), ["b"]);
+        assert_eq!(hub.get("a").unwrap().state, AppState::Resident);
+        assert_eq!(hub.get("a").unwrap().address, Some(address));
+        // A change: c is held now, b no longer; a is still resident though not named.
+        hub.report(
+            "w",
+            WorkerReport {
+                resident_count: 1,
+                held: vec!["c".into()],
+                unheld: vec!["b".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(held(&hub), ["c"]);
+        assert_eq!(hub.get("a").unwrap().state, AppState::Resident);
+        assert_eq!(hub.workers()[0]["resident"], 1);
+        // A full report replaces the set.
+        hub.report(
+            "w",
+            WorkerReport {
+                full: true,
+                held: vec!["a".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(held(&hub), ["a"]);
+        assert_eq!(hub.workers()[0]["resident"], 0);
     }
 }

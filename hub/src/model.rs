@@ -202,8 +202,15 @@ pub struct WorkerHello {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct WorkerReport {
-    /// Apps resident there: name and address.
+    /// Whether `resident` and `held` are the whole sets (the first report after the
+    /// worker registers, or after a report was lost), or only what changed since the last
+    /// report.
+    pub full: bool,
+    /// Apps resident there, name and address: all of them, or those that became resident
+    /// (or moved) since the last report.
     pub resident: Vec<(String, Ipv4Addr)>,
+    /// How many apps are resident there.
+    pub resident_count: usize,
     /// Usage since the last report, per app.
     pub usage: Vec<(String, UsageDelta)>,
     /// Apps it swapped out since the last report.
@@ -212,10 +219,12 @@ pub struct WorkerReport {
     pub ended: Vec<(String, String)>,
     /// Resident memory of its apps, bytes.
     pub memory_bytes: u64,
-    /// Swapped-out apps whose address (and listening sockets) it still holds: a
-    /// connection there wakes the app, so the app comes back there.
-    #[serde(default)]
+    /// Swapped-out apps whose address (and listening sockets) it holds: a connection
+    /// there wakes the app, so the app comes back there. All of them, or those it began
+    /// holding since the last report.
     pub held: Vec<String>,
+    /// Apps whose sockets it stopped holding since the last report.
+    pub unheld: Vec<String>,
 }
 
 /// An app a worker put into cold storage.

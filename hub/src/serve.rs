@@ -223,6 +223,11 @@ pub async fn run_worker(
     if let Err(e) = picocenter_vmm::sandbox::loopback6::route_app_prefix() {
         tracing::warn!("{e:#}: apps' IPv6 addresses are unreachable from this host");
     }
+    let limits = crate::worker::limits::check_and_raise(options.config.addresses.1);
+    for note in &limits.notes {
+        tracing::warn!("{note}");
+    }
+    tracing::info!(apps = limits.apps, tightest = %limits.tightest, "this host's limits allow about {} resident apps", limits.apps);
     let worker = Worker::new(options.config.clone(), cold);
     let hub = crate::client::Client::new(&options.hub, &options.token, Duration::from_secs(10));
     crate::worker::run(

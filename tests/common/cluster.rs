@@ -2,7 +2,7 @@
 //! logs, polling, raw API calls, the hub's address line, and a moto S3 server.
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -107,6 +107,21 @@ pub fn api(
     )
 }
 
+/// Starts a hub on free loopback ports with its data in `dir`, its log in `dir/hub.log`:
+/// (the hub, its DNS address, its API address).
+pub fn start_hub(dir: &Path, token: &str) -> (Proc, SocketAddr, SocketAddr) {
+    let mut cmd = super::picocenter();
+    cmd.args(["hub", "--dns", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
+    cmd.args(["--token", token])
+        .arg("--data-dir")
+        .arg(dir.join("hub"));
+    let hub = Proc::spawn(cmd, dir.join("hub.log"));
+    let (dns, api) = wait_for("the hub", Duration::from_secs(60), || {
+        hub_addresses(&hub.log)
+    });
+    (hub, dns, api)
+}
+
 /// The DNS and API addresses a hub printed on its first line, once it has.
 pub fn hub_addresses(log: &Path) -> Option<(SocketAddr, SocketAddr)> {
     let text = std::fs::read_to_string(log).ok()?;
@@ -158,4 +173,65 @@ impl Moto {
         );
         Moto { proc, endpoint }
     }
+}
+
+/// A DNS query for `name` (type A), id `id`.
+pub fn query(name: &str, id: u16) -> Vec<u8> {
+    let mut packet = vec![
+        (id >> 8) as u8,
+        id as u8,
+        0x01,
+        0x00,
+        0,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ];
+    for label in name.trim_end_matches('.').split('.') {
+        packet.push(label.len() as u8);
+        packet.extend_from_slice(label.as_bytes());
+    }
+    packet.extend_from_slice(&[0, 0, 1, 0, 1]);
+    packet
+}
+
+/// The first A record of a DNS answer.
+pub fn first_a(answer: &[u8]) -> Option<Ipv4Addr> {
+    if answer.len() < 12 || answer[3] & 0x0f != 0 || u16::from_be_bytes([answer[6], answer[7]]) == 0
+    {
+        return None;
+    }
+    let mut at = 12;
+    while *answer.get(at)? != 0 {
+        at += 1 + *answer.get(at)? as usize;
+    }
+    at += 5;
+    // The answer's name: a compression pointer, or labels.
+    if answer.get(at)? & 0xc0 == 0xc0 {
+        at += 2;
+    } else {
+        while *answer.get(at)? != 0 {
+            at += 1 + *answer.get(at)? as usize;
+        }
+        at += 1;
+    }
+    // Type, class, TTL, length, then the address.
+    let rdata = at + 2 + 2 + 4 + 2;
+    let b = answer.get(rdata..rdata + 4)?;
+    Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+}
+
+/// Proportional set size of process `pid` (shared pages split among their users).
+pub fn pss_bytes(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
 }

@@ -105,7 +105,7 @@ impl Drop for StatsPage {
     }
 }
 
-/// What a reader finds in a stats page, with the CPU times from /proc.
+/// What a reader finds in a stats page, with the CPU times from the kernel.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PageStats {
     /// The VMM's pid.
@@ -124,33 +124,88 @@ pub struct PageStats {
     pub rss_bytes: u64,
 }
 
-/// Reads the stats page at `path` and the VMM's CPU and memory from /proc, without
-/// waking the VMM. `None` if there is no (whole) page or its VMM is gone.
-pub fn read(path: &Path) -> Option<PageStats> {
-    let bytes = std::fs::read(path).ok()?;
-    let word = |i: usize| -> Option<u64> {
-        Some(u64::from_le_bytes(
-            bytes.get(i * 8..i * 8 + 8)?.try_into().ok()?,
-        ))
-    };
-    if word(0)? != MAGIC || word(1)? != VERSION {
-        return None;
+/// A reader's open view of one VMM's stats page, for looking at it again and again at
+/// the cost of two system calls while the VMM idles: a `pread` of the page, and the
+/// process's CPU clock. Only when that clock moved are the per-thread CPU times and the
+/// resident memory read again from /proc (a handful of opens and parses, which a worker
+/// holding thousands of idle apps cannot afford every second for each).
+///
+/// The page is read, never mapped: the VMM owns the file, and a mapping of a file its
+/// owner truncates would fault in the reader.
+#[derive(Debug)]
+pub struct StatsView {
+    file: std::fs::File,
+    pid: u32,
+    last: Option<PageStats>,
+}
+
+impl StatsView {
+    /// Opens the page at `path` of the VMM whose pid is `pid` (a page that names another
+    /// process is not believed: the VMM runs beside the tenant's code and may be
+    /// subverted).
+    pub fn open(path: &Path, pid: u32) -> std::io::Result<Self> {
+        Ok(Self {
+            file: std::fs::File::open(path)?,
+            pid,
+            last: None,
+        })
     }
-    let pid = u32::try_from(word(PID)?).ok()?;
-    let threads = (word(THREADS)? as usize).min(MAX_THREADS);
-    let app_cpu_ns = (0..threads)
-        .filter_map(|i| word(FIRST_TID + i))
-        .filter_map(|tid| thread_cpu_ns(pid, tid))
-        .sum();
-    Some(PageStats {
-        pid,
-        syscalls: word(SYSCALLS)?,
-        connections: word(CONNECTIONS)?,
-        memory_bytes: word(FRAMES_IN_USE)?.saturating_mul(4096),
-        cpu_ns: process_cpu_ns(pid)?,
-        app_cpu_ns,
-        rss_bytes: rss_bytes(pid).unwrap_or(0),
-    })
+
+    /// The counters now. `None` if the page is not (or no longer) a whole page of the
+    /// VMM this view was opened for, or that VMM is gone.
+    pub fn read(&mut self) -> Option<PageStats> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = [0u8; SIZE];
+        let n = self.file.read_at(&mut bytes, 0).ok()?;
+        let page = Page(&bytes[..n]);
+        if page.word(0)? != MAGIC || page.word(1)? != VERSION {
+            return None;
+        }
+        let pid = u32::try_from(page.word(PID)?).ok()?;
+        if pid != self.pid {
+            return None;
+        }
+        let cpu_ns = process_cpu_ns(pid)?;
+        let (app_cpu_ns, rss_bytes) = match &self.last {
+            // Nothing of the VMM ran since the last look: neither its threads' times nor
+            // its memory can have grown.
+            Some(last) if last.cpu_ns == cpu_ns => (last.app_cpu_ns, last.rss_bytes),
+            _ => (page.app_cpu_ns(pid)?, rss_bytes(pid).unwrap_or(0)),
+        };
+        let stats = PageStats {
+            pid,
+            syscalls: page.word(SYSCALLS)?,
+            connections: page.word(CONNECTIONS)?,
+            memory_bytes: page.word(FRAMES_IN_USE)?.saturating_mul(4096),
+            cpu_ns,
+            app_cpu_ns,
+            rss_bytes,
+        };
+        self.last = Some(stats.clone());
+        Some(stats)
+    }
+}
+
+/// The bytes of a page as read.
+struct Page<'a>(&'a [u8]);
+
+impl Page<'_> {
+    fn word(&self, i: usize) -> Option<u64> {
+        Some(u64::from_le_bytes(
+            self.0.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+        ))
+    }
+
+    /// The CPU time of the threads the page names, which must be threads of `pid`.
+    fn app_cpu_ns(&self, pid: u32) -> Option<u64> {
+        let threads = (self.word(THREADS)? as usize).min(MAX_THREADS);
+        Some(
+            (0..threads)
+                .filter_map(|i| self.word(FIRST_TID + i))
+                .filter_map(|tid| thread_cpu_ns(pid, tid))
+                .sum(),
+        )
+    }
 }
 
 /// Time on CPU of thread `tid` of `pid`, from its schedstat (nanoseconds).
@@ -159,20 +214,27 @@ fn thread_cpu_ns(pid: u32, tid: u64) -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
-/// Time on CPU of every thread of `pid`, exited ones included (/proc/PID/stat's utime and
-/// stime, in clock ticks).
+/// Time on CPU of every thread of process `pid`, exited ones included, in nanoseconds:
+/// its CPU clock, which Linux lets any process read (one call, where /proc/PID/stat is
+/// an open, a read and a parse, in 10 ms ticks).
 fn process_cpu_ns(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which may hold spaces and ends with ')'.
-    let rest = &text[text.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf only reads a configuration value.
-    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
-        .ok()
-        .filter(|&t| t > 0)?;
-    Some(ticks.saturating_mul(1_000_000_000 / per_second))
+    // The clock id Linux encodes for "the CPU time of process pid, scheduler clock"
+    // (MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED) in include/linux/posix-timers.h).
+    const CPUCLOCK_SCHED: libc::clockid_t = 2;
+    let pid = libc::clockid_t::try_from(pid).ok()?;
+    let clock = (!pid << 3) | CPUCLOCK_SCHED;
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `now` is; an unknown or ended
+    // pid gives an error, not undefined behaviour.
+    if unsafe { libc::clock_gettime(clock, &mut now) } != 0 {
+        return None;
+    }
+    let secs = u64::try_from(now.tv_sec).ok()?;
+    let nanos = u64::try_from(now.tv_nsec).ok()?;
+    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
 }
 
 fn rss_bytes(pid: u32) -> Option<u64> {
@@ -189,7 +251,7 @@ mod tests {
     fn a_reader_sees_what_the_vmm_publishes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("app.stats");
-        assert_eq!(read(&path), None);
+        assert!(StatsView::open(&path, std::process::id()).is_err());
         let page = StatsPage::create(&path).unwrap();
         page.publish(42, 3, 10, 100);
         page.add_thread(rustix::thread::gettid().as_raw_nonzero().get());
@@ -198,13 +260,31 @@ mod tests {
         while start.elapsed() < std::time::Duration::from_millis(20) {
             std::hint::black_box(0);
         }
-        let stats = read(&path).unwrap();
+        let mut view = StatsView::open(&path, std::process::id()).unwrap();
+        let stats = view.read().unwrap();
         assert_eq!(stats.pid, std::process::id());
         assert_eq!((stats.syscalls, stats.connections), (42, 3));
         assert_eq!(stats.memory_bytes, 10 * 4096);
         assert!(stats.app_cpu_ns > 0 && stats.rss_bytes > 0);
-        // A torn or foreign file is not a page.
+        assert!(stats.cpu_ns >= stats.app_cpu_ns);
+        // More work shows on the next look, which reads the threads' times again.
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(20) {
+            std::hint::black_box(0);
+        }
+        page.publish(43, 4, 10, 100);
+        let later = view.read().unwrap();
+        assert!(later.cpu_ns > stats.cpu_ns && later.app_cpu_ns > stats.app_cpu_ns);
+        assert_eq!((later.syscalls, later.connections), (43, 4));
+        // A page that names another process is not believed.
+        assert_eq!(
+            StatsView::open(&path, std::process::id() + 1)
+                .unwrap()
+                .read(),
+            None
+        );
+        // A torn or foreign file is not a page, nor is a replaced one.
         std::fs::write(&path, b"nope").unwrap();
-        assert_eq!(read(&path), None);
+        assert_eq!(view.read(), None);
     }
 }

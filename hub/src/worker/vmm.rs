@@ -95,8 +95,11 @@ pub struct Paths<'a> {
 pub struct Vmm {
     /// The process.
     pub child: Child,
-    /// Its pid.
+    /// The pid of the process the worker started: the VMM, or the supervisor of a jailed
+    /// VMM.
     pub pid: u32,
+    /// The VMM's own pid (the supervisor's child, checked with the kernel).
+    pub vmm_pid: u32,
     /// Its control socket.
     pub control: PathBuf,
     /// Where its stderr goes.
@@ -269,14 +272,16 @@ pub async fn launch(
                 stderr: tail(&log, 2000),
             });
         }
-        let ready = stats(&control)
+        let vmm_pid = stats(&control)
             .await
-            .is_ok_and(|s| s.pid == pid || s.ppid == pid)
-            && (!fresh || listening_on(address));
-        if ready {
+            .ok()
+            .filter(|s| s.pid == pid || (s.ppid == pid && parent_of(s.pid) == Some(pid)))
+            .map(|s| s.pid);
+        if let (Some(vmm_pid), true) = (vmm_pid, !fresh || listening_on(address)) {
             return Ok(Vmm {
                 child,
                 pid,
+                vmm_pid,
                 control,
                 log,
             });
@@ -384,14 +389,36 @@ pub async fn request(
     Ok(answer)
 }
 
-/// The counters of the VMM `pid`, read from its stats page without waking it (see
-/// `picocenter_vmm::stats_page`); from its control socket if it has no page. A page that
-/// names another process (the VMM runs the tenant's code's neighbour, and may be
-/// subverted) is not believed.
-pub async fn counters(control: &Path, pid: u32) -> Result<Stats, VmmError> {
-    let page = control.with_extension("stats");
-    match tokio::task::spawn_blocking(move || picocenter_vmm::stats_page::read(&page)).await {
-        Ok(Some(page)) if page.pid == pid => Ok(Stats {
+/// The parent of process `pid`, as the kernel knows it (what a VMM says of itself is not
+/// believed: it runs beside the tenant's code and may be subverted).
+fn parent_of(pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which may hold spaces and ends with ')'.
+    let rest = text.get(text.rfind(')')? + 2..)?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A view of the counters of `vmm` that reads them without waking it (see
+/// `picocenter_vmm::stats_page`).
+pub fn stats_view(vmm: &Vmm) -> std::io::Result<picocenter_vmm::stats_page::StatsView> {
+    picocenter_vmm::stats_page::StatsView::open(&vmm.control.with_extension("stats"), vmm.vmm_pid)
+}
+
+/// The counters of a VMM, from its stats page through `view` if it has one, else from
+/// its control socket (which wakes it).
+pub async fn counters(
+    control: &Path,
+    view: Option<&mut picocenter_vmm::stats_page::StatsView>,
+) -> Result<Stats, VmmError> {
+    match view.and_then(|view| view.read()) {
+        Some(page) => Ok(page.into()),
+        None => stats(control).await,
+    }
+}
+
+impl From<picocenter_vmm::stats_page::PageStats> for Stats {
+    fn from(page: picocenter_vmm::stats_page::PageStats) -> Self {
+        Stats {
             pid: page.pid,
             ppid: 0,
             syscalls: page.syscalls,
@@ -399,8 +426,7 @@ pub async fn counters(control: &Path, pid: u32) -> Result<Stats, VmmError> {
             cpu_ns: page.cpu_ns,
             app_cpu_ns: page.app_cpu_ns,
             rss_bytes: page.rss_bytes,
-        }),
-        _ => stats(control).await,
+        }
     }
 }
 
