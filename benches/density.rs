@@ -93,8 +93,13 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
     values[rank.min(values.len() - 1)]
 }
 
-/// MemAvailable, bytes.
+/// MemAvailable, bytes, after the kernel's clean caches are dropped where this bench may
+/// (as root): what they hold is reclaimable anyway, and their ups and downs (logs, the
+/// registry, the bench's own reads of /proc) would otherwise swamp an app's share.
 fn mem_available() -> u64 {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
     let text = std::fs::read_to_string("/proc/meminfo").unwrap();
     text.lines()
         .find(|l| l.starts_with("MemAvailable:"))
@@ -264,7 +269,9 @@ fn main() {
         let (busy1, total1) = cpu_ticks();
         let cpu = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64 * 100.0;
         let own = own1.saturating_sub(own0) as f64 / (total1 - total0).max(1) as f64 * 100.0;
-        let drop = baseline.saturating_sub(mem_available()) as f64 / n as f64;
+        // Signed: with few apps, what the rest of the machine freed meanwhile can outweigh
+        // them.
+        let drop = (baseline as f64 - mem_available() as f64) / n as f64;
         let vmms = descendants(worker.child.id());
         let pss: u64 = vmms.iter().map(|&pid| pss_bytes(pid)).sum();
         let thread_count: usize = vmms.iter().map(|&pid| threads(pid)).sum();

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const TOKEN: &str = "test-token-0123456789";
 
@@ -872,4 +872,35 @@ fn a_soak_of_twenty_swapping_apps_refuses_and_misroutes_nothing() {
         at(0.99),
         at(1.0)
     );
+}
+
+/// Issue #18: idleness is judged by the app's CPU too, not only by its connections: an
+/// app that computes for five seconds after its last connection, with no system call, is
+/// not swapped out while it does, though its idle limit is one second.
+#[test]
+fn an_app_that_computes_without_connections_is_not_swapped_out_as_idle() {
+    let (dir, hub) = setup("burn");
+    let store = dir.path().join("cold");
+    let _worker = worker(
+        &hub,
+        "w-burn",
+        "127.3.13.0/24",
+        "60",
+        &["--store", store.to_str().unwrap()],
+    );
+    hub.add("cburn", "counter-http", 1.0);
+    let address = resolve(&hub, "cburn");
+    assert_eq!(get(&address, "/burn"), "burning");
+    let burning = Instant::now();
+    while burning.elapsed() < Duration::from_secs(4) {
+        assert_eq!(
+            hub.state("cburn"),
+            "resident",
+            "swapped out {:?} into a 5 s computation",
+            burning.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Done computing, it idles, and goes.
+    hub.wait_state("cburn", "swapped_out", Duration::from_secs(20));
 }

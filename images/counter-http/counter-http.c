@@ -9,6 +9,10 @@
  * with "Connection: keep-alive") unless the client sends "Connection: close"; pipelined
  * requests and requests split across reads work. SIGTERM (or SIGINT) ends it with status 0.
  *
+ * GET /burn answers "burning", then computes for five seconds without a system call on
+ * the way (the clock is read through the vDSO) and without taking connections: an app
+ * that is busy though nobody connects, which a worker must not swap out as idle.
+ *
  * The counter lives only in memory, so a snapshot that keeps the app's memory keeps it.
  * Only poll, accept, read and write do the work: no threads, no fork.
  */
@@ -20,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -46,6 +51,8 @@ struct conn {
 static struct conn *conns[MAX_CONNS];
 static int nconns;
 static unsigned long long count;
+/* GET /burn asked for a burn, done once the response is on its way. */
+static int burn_requested;
 static int wake[2]; /* the signal handler writes here: the self-pipe trick */
 
 static void on_signal(int sig) {
@@ -198,6 +205,10 @@ static void handle(struct conn *c, const char *buf, size_t len) {
     int root = (target_len == 1 || target[1] == '?') && target[0] == '/';
     if (!get && !head) {
         respond(c, 405, "Method Not Allowed", "only GET and HEAD\n", 0);
+    } else if (target_len == 5 && memcmp(target, "/burn", 5) == 0) {
+        respond(c, 200, "OK", "burning\n", head);
+        if (get)
+            burn_requested = 1;
     } else if (!root) {
         respond(c, 404, "Not Found", "not found\n", head);
     } else {
@@ -310,6 +321,19 @@ static void accept_all(int listener) {
     }
 }
 
+/* Computes for five seconds (see GET /burn). */
+static void burn(void) {
+    burn_requested = 0;
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    volatile unsigned long sink = 0;
+    do {
+        for (int i = 0; i < 1000000; i++)
+            sink += (unsigned long)i;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+    } while (now.tv_sec - start.tv_sec < 5);
+}
+
 static int listen_on(int port) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0) {
@@ -392,6 +416,8 @@ int main(int argc, char **argv) {
         nconns = kept;
         if (fds[1].revents & POLLIN)
             accept_all(listener);
+        if (burn_requested)
+            burn();
     }
     for (int i = 0; i < nconns; i++)
         close(conns[i]->fd);
