@@ -18,6 +18,7 @@ mod builder;
 pub mod control;
 pub mod doorbell;
 pub mod fdtable;
+pub mod heap;
 pub mod hostcall;
 pub mod kernel;
 pub mod kvm;

@@ -183,7 +183,7 @@ impl Picoprocess {
     pub fn run(&mut self) -> Result<RunOutcome, VmmError> {
         crate::panics::install();
         let _watch = crate::panics::watch(self.kicker());
-        give_back_free_heap();
+        crate::heap::give_back_free_heap();
         // SAFETY: pthread_self has no preconditions.
         self.live.add_app_thread(unsafe { libc::pthread_self() });
         self.live
@@ -314,14 +314,6 @@ impl Picoprocess {
             }
         }
     }
-}
-
-/// Returns the heap that setting up left free (parsing the image and snapshot, building
-/// the address space) to the host: a resident idle app then costs what it uses, which
-/// decides how many fit on a worker (issue #18).
-pub fn give_back_free_heap() {
-    // SAFETY: malloc_trim only releases free memory of the allocator's own heap.
-    unsafe { libc::malloc_trim(0) };
 }
 
 /// What performing a call left to do.

@@ -228,7 +228,7 @@ fn start_supervisor(
     }
     if pid == 0 {
         drop(vmm_end);
-        crate::run::give_back_free_heap();
+        crate::heap::give_back_free_heap();
         supervise_until_gone(vmm, &supervisor_end, address);
         for path in leftovers {
             if std::fs::remove_dir_all(path).is_err() {
