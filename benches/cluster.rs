@@ -2,7 +2,8 @@
 //!
 //! * DNS query to the first byte of the HTTP response, for counter-http and nginx, when
 //!   the app is resident, swapped out to the local store, and swapped out to S3 (a moto
-//!   server on loopback; the worker's local copy is deleted first, so the restore reads S3);
+//!   server on loopback, and the same server behind a 20 ms, 50 MB/s link; the worker's
+//!   local copy is deleted first, so the restore reads S3);
 //! * DNS queries per second the hub answers for a resident app (a UDP load generator here);
 //! * host memory per idle resident picoprocess beyond the guest pages it touched, and how
 //!   many idle counter-http apps a worker holds in 16 GiB.
@@ -13,6 +14,7 @@
 mod common;
 
 use common::cluster::{api, first_a, pss_bytes, query, start_hub, wait_for, Moto, Proc};
+use common::wan::{LinkShape, WanLink};
 use common::{build_image, median, picocenter, state_dir};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -255,30 +257,45 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let moto = Moto::start(dir.join("moto.log"));
     let endpoint = moto.endpoint.clone();
-    let s3 = Cluster::start(
-        "s3",
-        "127.4.2.0/24",
-        &[
+    let s3_flags = |bucket: &'static str, endpoint: &str| -> Vec<String> {
+        [
             "--s3-bucket",
-            "bench",
+            bucket,
             "--s3-endpoint",
-            &endpoint,
+            endpoint,
             "--s3-path-style",
             "--s3-access-key",
             "bench",
             "--s3-secret-key",
             "bench",
-        ],
-    );
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let flags = s3_flags("bench", &endpoint);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let s3 = Cluster::start("s3", "127.4.2.0/24", &flags);
+    // The same S3 server behind issue #14's wide-area link: 20 ms, 50 MB/s a connection,
+    // 16 connections (tests/common/wan.rs).
+    let server = endpoint.trim_start_matches("http://").parse().unwrap();
+    let link = WanLink::start(server, LinkShape::default());
+    let flags = s3_flags("bench-wan", &link.url());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let wan = Cluster::start("s3wan", "127.4.3.0/24", &flags);
     println!("== DNS query to first HTTP response byte (median of {ROUNDS}) ==");
     for (name, image, path) in [("counter", "counter-http", "/"), ("nginx", "nginx", "/")] {
         // App names are host-wide (control sockets): the S3 cluster's get a prefix.
         let s3_name = format!("s3{name}");
+        let wan_name = format!("wan{name}");
         local.add(name, image);
         s3.add(&s3_name, image);
+        wan.add(&wan_name, image);
         let resident_ms = resident(&local, name, path);
         let local_ms = swapped(&local, name, path, false);
         let s3_ms = swapped(&s3, &s3_name, path, true);
+        let before = link.downloaded.load(std::sync::atomic::Ordering::SeqCst);
+        let wan_ms = swapped(&wan, &wan_name, path, true);
+        let wan_bytes = link.downloaded.load(std::sync::atomic::Ordering::SeqCst) - before;
         let local_direct = swapped_no_dns(&local, name, path, false);
         let s3_direct = swapped_no_dns(&s3, &s3_name, path, true);
         println!(
@@ -286,6 +303,10 @@ fn main() {
         );
         println!(
             "  {image:<13} no DNS query, connect to first byte:   swapped, local store {local_direct:6.2} ms   swapped, S3 {s3_direct:6.2} ms"
+        );
+        println!(
+            "  {image:<13} swapped, S3 over a 20 ms / 50 MB/s link: {wan_ms:6.2} ms ({:.2} MiB fetched per swap-in)",
+            wan_bytes as f64 / ROUNDS as f64 / 1048576.0
         );
     }
 
