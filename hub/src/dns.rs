@@ -3,7 +3,8 @@
 //! | query | answer |
 //! |---|---|
 //! | `A app.<zone>`, app resident | its address, TTL `ttl` |
-//! | `A app.<zone>`, app swapped out | after the app's sockets are bound on a worker |
+//! | `A app.<zone>`, app swapped out, its address held by a live worker | that address at once, while the app is brought back there |
+//! | `A app.<zone>`, app swapped out, not held | after the app's sockets are bound on a worker |
 //! | `A app.<zone>`, start failed or timed out | SERVFAIL |
 //! | `AAAA app.<zone>` (and other types) | NOERROR, no records, SOA in authority |
 //! | unknown name in the zone | NXDOMAIN, SOA in authority |

@@ -76,8 +76,8 @@ struct WorkerEntry {
     last_report: Instant,
     memory_bytes: u64,
     resident: usize,
-    /// Swapped-out apps whose addresses it holds.
-    held: std::collections::HashSet<String>,
+    /// Swapped-out apps whose addresses it holds, and the addresses.
+    held: HashMap<String, Ipv4Addr>,
 }
 
 type Bringing = Shared<BoxFuture<'static, Result<Ipv4Addr, String>>>;
@@ -219,6 +219,10 @@ impl Hub {
 
     /// What app `name` resolves to: its address, after bringing it up if it is not
     /// resident.
+    ///
+    /// A swapped-out app whose address a live worker holds is answered at once with that
+    /// address while it is brought back there: the client's connection waits in the held
+    /// socket's backlog, so the DNS answer does not wait for the restore (issue #14).
     pub async fn resolve(self: &Arc<Self>, name: &str) -> Resolution {
         let current = {
             let apps = lock(&self.apps);
@@ -229,6 +233,14 @@ impl Hub {
         };
         if let (AppState::Resident, Some(address)) = current {
             return Resolution::Address(address);
+        }
+        if matches!(current.0, AppState::SwappedOut | AppState::Starting) {
+            if let Some(address) = self.held_address(name) {
+                // The attempt runs on its own (bring_up spawns it); its outcome reaches
+                // the registry, and the held socket wakes the app again if it fails.
+                drop(self.bring_up(name));
+                return Resolution::Address(address);
+            }
         }
         match self.bring_up(name).await {
             Ok(address) => Resolution::Address(address),
@@ -257,6 +269,14 @@ impl Hub {
         attempt
     }
 
+    /// The address a live worker holds for swapped-out app `name`, if one does.
+    fn held_address(&self, name: &str) -> Option<Ipv4Addr> {
+        lock(&self.workers)
+            .values()
+            .filter(|w| w.last_report.elapsed() < self.config.worker_timeout)
+            .find_map(|w| w.held.get(name).copied())
+    }
+
     /// Where app `name` should run: the live worker that holds its address (so that
     /// its clients' cached address keeps working, and what queued there is served), else
     /// the live worker with the least resident memory.
@@ -268,7 +288,7 @@ impl Hub {
                 .filter(|w| w.last_report.elapsed() < self.config.worker_timeout)
         };
         live()
-            .find(|w| w.held.contains(name))
+            .find(|w| w.held.contains_key(name))
             .or_else(|| live().min_by_key(|w| (w.memory_bytes, w.resident)))
             .map(|w| (w.hello.id.clone(), w.client.clone()))
     }
@@ -591,7 +611,7 @@ mod tests {
     }
 
     fn held(hub: &Hub) -> Vec<String> {
-        let mut held: Vec<String> = lock(&hub.workers)["w"].held.iter().cloned().collect();
+        let mut held: Vec<String> = lock(&hub.workers)["w"].held.keys().cloned().collect();
         held.sort();
         held
     }
@@ -607,7 +627,7 @@ mod tests {
                 full: true,
                 resident: vec![("a".into(), address)],
                 resident_count: 1,
-                held: vec!["b".into()],
+                held: vec![("b".into(), Ipv4Addr::new(10, 0, 0, 2))],
                 ..Default::default()
             },
         )
@@ -620,7 +640,7 @@ mod tests {
             "w",
             WorkerReport {
                 resident_count: 1,
-                held: vec!["c".into()],
+                held: vec![("c".into(), Ipv4Addr::new(10, 0, 0, 3))],
                 unheld: vec!["b".into()],
                 ..Default::default()
             },
@@ -634,12 +654,45 @@ mod tests {
             "w",
             WorkerReport {
                 full: true,
-                held: vec!["a".into()],
+                held: vec![("a".into(), address)],
                 ..Default::default()
             },
         )
         .unwrap();
         assert_eq!(held(&hub), ["a"]);
         assert_eq!(hub.workers()[0]["resident"], 0);
+    }
+
+    #[test]
+    fn a_held_app_is_answered_with_its_address_before_it_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub_with_worker(dir.path());
+        let held_at = Ipv4Addr::new(10, 0, 0, 2);
+        hub.report(
+            "w",
+            WorkerReport {
+                full: true,
+                swapped: vec![crate::model::SwappedOut {
+                    name: "b".into(),
+                    snapshot: "s1".into(),
+                    stored_bytes: 1,
+                    wake_at_unix_ms: None,
+                }],
+                held: vec![("b".into(), held_at)],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(hub.get("b").unwrap().state, AppState::SwappedOut);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // The worker's URL refuses: the answer cannot have waited for a start.
+            assert_eq!(hub.resolve("b").await, Resolution::Address(held_at));
+            // An app nobody holds waits for its start, which fails here.
+            assert!(matches!(hub.resolve("c").await, Resolution::Failed(_)));
+        });
     }
 }

@@ -219,10 +219,11 @@ pub struct WorkerReport {
     pub ended: Vec<(String, String)>,
     /// Resident memory of its apps, bytes.
     pub memory_bytes: u64,
-    /// Swapped-out apps whose address (and listening sockets) it holds: a connection
-    /// there wakes the app, so the app comes back there. All of them, or those it began
-    /// holding since the last report.
-    pub held: Vec<String>,
+    /// Swapped-out apps whose address (and listening sockets) it holds, with the address:
+    /// a connection there wakes the app, so the app comes back there, and the hub may
+    /// answer a query with that address before the app is back. All of them, or those it
+    /// began holding since the last report.
+    pub held: Vec<(String, Ipv4Addr)>,
     /// Apps whose sockets it stopped holding since the last report.
     pub unheld: Vec<String>,
 }

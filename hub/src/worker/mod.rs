@@ -769,9 +769,9 @@ impl Worker {
             ended: pending.ended,
             memory_bytes: apps.values().map(|a| a.rss).sum(),
             held: held
-                .keys()
-                .filter(|n| full || !told.held.contains(*n))
-                .cloned()
+                .iter()
+                .filter(|(n, _)| full || !told.held.contains(*n))
+                .map(|(n, h)| (n.clone(), h.sockets.address))
                 .collect(),
             unheld: told
                 .held
@@ -786,7 +786,7 @@ impl Worker {
             told.resident.insert(name.clone(), *address);
         }
         told.held.retain(|n| held.contains_key(n));
-        told.held.extend(report.held.iter().cloned());
+        told.held.extend(report.held.iter().map(|(n, _)| n.clone()));
         told.valid = true;
         report
     }
