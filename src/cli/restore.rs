@@ -51,6 +51,11 @@ pub struct RestoreArgs {
     /// In activeset mode, still let the next snapshot learn the ActiveSet afresh.
     #[arg(long)]
     relearn: bool,
+    /// In activeset mode, the port the app's first client connects to (a worker passes it
+    /// when a connection waits on the app's held sockets): the pages that port's requests
+    /// used last time come first, instead of the app-wide ActiveSet.
+    #[arg(long, value_name = "PORT")]
+    first_port: Option<u16>,
     /// Run it from this built image (see `picocenter image ls`); the image's writable
     /// directories and memory are the defaults.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["root", "root_from"])]
@@ -281,6 +286,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     let options = RestoreOptions {
         mode: args.mode,
         relearn: args.relearn,
+        first_port: args.first_port,
     };
     // The app goes on snapshotting into the store it came from.
     claim_name(&mut config, state, true, Some(store.dir().to_path_buf()))?;

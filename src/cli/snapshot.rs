@@ -47,7 +47,7 @@ enum SnapshotCommand {
     },
     /// Run an app from its newest snapshot (or --id) in this process, as `run` would,
     /// configured by these options (see --help); the snapshot must be of that app.
-    Restore(RestoreArgs),
+    Restore(Box<RestoreArgs>),
     /// Show what a snapshot holds, and check its key, every page digest and its data.
     Inspect {
         /// The snapshot directory.
@@ -83,7 +83,7 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<i32> {
             state,
             key,
         } => create(&name, output.as_deref(), stop, full, &state, &key),
-        SnapshotCommand::Restore(args) => restore(args),
+        SnapshotCommand::Restore(args) => restore(*args),
         SnapshotCommand::Inspect {
             dir,
             id,

@@ -154,6 +154,30 @@ impl HeldSockets {
         Ok(Probe(watched))
     }
 
+    /// The port of the first listening socket with a connection waiting, if any: the
+    /// port the app's first client asked for, whose requests' pages a restore brings in
+    /// first.
+    pub fn waiting_port(&self) -> Option<u16> {
+        use rustix::event::{PollFd, PollFlags};
+        self.fds.iter().find_map(|fd| {
+            if !rustix::net::sockopt::socket_acceptconn(fd).unwrap_or(false) {
+                return None;
+            }
+            let mut poll = [PollFd::new(fd, PollFlags::IN)];
+            let now = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            if !rustix::event::poll(&mut poll, Some(&now)).is_ok_and(|n| n > 0) {
+                return None;
+            }
+            match rustix::net::getsockname(fd).ok()?.try_into().ok()? {
+                std::net::SocketAddr::V4(a) => Some(a.port()),
+                std::net::SocketAddr::V6(a) => Some(a.port()),
+            }
+        })
+    }
+
     /// The raw fds, for a child process to inherit.
     pub fn raw_fds(&self) -> Vec<i32> {
         self.fds.iter().map(|fd| fd.as_raw_fd()).collect()

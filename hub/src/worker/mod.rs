@@ -266,6 +266,7 @@ impl Worker {
                         .as_ref()
                         .map(|h| h.sockets.raw_fds())
                         .unwrap_or_default(),
+                    first_port: held.as_ref().and_then(|h| h.sockets.waiting_port()),
                 }
             }
             None => Launch::Fresh {
@@ -472,6 +473,14 @@ impl Worker {
         name: &str,
         if_idle: bool,
     ) -> Result<SwappedOut, WorkerError> {
+        // An app still starting may already serve (its first client was answered with its
+        // held address): its start ends before it can be swapped out.
+        let starting = self.starting.lock().await.get(name).cloned();
+        if let Some(start) = starting {
+            let _ = start
+                .get_or_init(|| async { Err("not started here".to_string()) })
+                .await;
+        }
         let Some(app) = self.apps.lock().await.remove(name) else {
             return Err(WorkerError::NotHere(name.to_string()));
         };

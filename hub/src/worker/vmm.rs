@@ -74,6 +74,8 @@ pub enum Launch {
         /// Sockets the worker held while the app was swapped out (fds of the worker),
         /// which the VMM takes back with what queued on them.
         sockets: Vec<i32>,
+        /// The port a connection waits on among them, whose requests' pages come first.
+        first_port: Option<u16>,
     },
 }
 
@@ -137,9 +139,13 @@ fn command(
             image,
             memory_mib,
             sockets,
+            first_port,
         } => {
             cmd.args(["snapshot", "restore"]).arg(dir);
             cmd.args(["--id", id, "--image", image, "--mode", "activeset"]);
+            if let Some(port) = first_port {
+                cmd.arg("--first-port").arg(port.to_string());
+            }
             if !sockets.is_empty() {
                 cmd.arg("--listen-fds").arg(sockets.len().to_string());
                 hand_down(&mut cmd, sockets.clone());

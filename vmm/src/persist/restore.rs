@@ -61,6 +61,25 @@ pub struct RestoreOptions {
     /// Build the ActiveSet's entries with A = 0 anyway, so the next snapshot learns it
     /// afresh (a prefetch with A = 1 hides which pages the app really used).
     pub relearn: bool,
+    /// The port the app's first client connected to, if known: the pages requests on that
+    /// port used last time come first instead of the app-wide ActiveSet, which after a
+    /// fresh start also holds everything its initialisation touched (issue #14).
+    pub first_port: Option<u16>,
+}
+
+/// The pages a restore brings in first: those of `port`'s requests if the snapshot
+/// recorded any, else the app-wide ActiveSet.
+pub fn hot_set(
+    manifest: &Manifest,
+    port: Option<u16>,
+) -> &[picocenter_snapshots::format::VpnRange] {
+    port.and_then(|port| {
+        manifest
+            .port_sets
+            .iter()
+            .find(|set| set.port == port && !set.pages.is_empty())
+    })
+    .map_or(&manifest.activeset[..], |set| &set.pages[..])
 }
 
 /// Gives the page file `file` of `manifest` fresh frames that a streamer thread fills
@@ -190,6 +209,13 @@ impl Picoprocess {
         let manifests = store::chain(store, key, id)?;
         super::trust::check(&manifests, config)?;
         let newest = &manifests[0];
+        let hot_pages = hot_set(newest, options.first_port);
+        tracing::debug!(
+            first_port = ?options.first_port,
+            pages_first = hot_pages.iter().map(|r| r.count).sum::<u64>(),
+            app_wide = newest.activeset.iter().map(|r| r.count).sum::<u64>(),
+            "restore: the pages that come first"
+        );
         let pieces = resolve_all(&manifests).ok_or_else(|| {
             PersistError::Incompatible("some pages are in no snapshot of the chain".into())
         })?;
@@ -202,7 +228,7 @@ impl Picoprocess {
                 if let PageSource::Stored { index } = piece.source {
                     upfront[piece.depth].extend(
                         (0..piece.count)
-                            .filter(|i| covered(&newest.activeset, piece.vpn + i))
+                            .filter(|i| covered(hot_pages, piece.vpn + i))
                             .map(|i| index + i),
                     );
                 }
@@ -284,7 +310,7 @@ impl Picoprocess {
                 .map_err(memory("rebuilding an area"))?;
         }
         phase("areas");
-        let hot = |vpn: u64| covered(&newest.activeset, vpn);
+        let hot = |vpn: u64| covered(hot_pages, vpn);
         let preset = |vpn: u64| match options.mode {
             RestoreMode::Eager => true,
             RestoreMode::Lazy => false,
@@ -478,4 +504,34 @@ fn restore_process(p: &mut Process, m: &Manifest) -> Result<(), PersistError> {
         p.threads.slicer = Some(slicer);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod hot_set_tests {
+    use super::*;
+    use picocenter_snapshots::format::{PortSet, VpnRange};
+
+    #[test]
+    fn the_first_port_s_pages_come_first_and_the_app_wide_set_is_the_fallback() {
+        let range = |vpn, count| VpnRange { vpn, count };
+        let manifest = Manifest {
+            activeset: vec![range(0, 100)],
+            port_sets: vec![
+                PortSet {
+                    port: 80,
+                    pages: vec![range(10, 2)],
+                },
+                PortSet {
+                    port: 443,
+                    pages: Vec::new(),
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(hot_set(&manifest, Some(80)), [range(10, 2)]);
+        // A port with no recorded requests, one never seen, or none: the app-wide set.
+        assert_eq!(hot_set(&manifest, Some(443)), [range(0, 100)]);
+        assert_eq!(hot_set(&manifest, Some(8080)), [range(0, 100)]);
+        assert_eq!(hot_set(&manifest, None), [range(0, 100)]);
+    }
 }
