@@ -9,7 +9,7 @@
 
 use picocenter_snapshots::compact::compact;
 use picocenter_snapshots::names::validate_app_name;
-use picocenter_snapshots::s3::{S3Config, S3Store};
+use picocenter_snapshots::s3::{S3Config, S3Connection, S3Store};
 use picocenter_snapshots::{copy_chain, store::chain, LocalStore, SnapshotKey, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -55,6 +55,9 @@ pub struct Cold {
     cache: PathBuf,
     /// The cluster's snapshot key.
     key: SnapshotKey,
+    /// The S3 client every app's store shares (made on first use), so that connections
+    /// stay open from one swap to the next.
+    s3: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<S3Connection>>>,
 }
 
 impl Cold {
@@ -65,7 +68,18 @@ impl Cold {
             config,
             cache: cache.to_path_buf(),
             key,
+            s3: Default::default(),
         }
+    }
+
+    /// The shared S3 client (see [`Cold::s3`]).
+    fn s3_connection(&self, config: &S3Config) -> Result<std::sync::Arc<S3Connection>, StoreError> {
+        if let Some(conn) = self.s3.get() {
+            return Ok(conn.clone());
+        }
+        let conn = S3Connection::open(config)?;
+        // Two first uses at once make two; one is kept.
+        Ok(self.s3.get_or_init(|| conn).clone())
     }
 
     /// A description for logs.
@@ -88,9 +102,12 @@ impl Cold {
     pub fn prepare(&self) -> Result<(), StoreError> {
         match &self.config {
             ColdConfig::Local { dir } => LocalStore::open(dir).map(drop),
-            ColdConfig::S3(s3) => {
-                S3Store::open(s3, "picocenter", &self.cache.join(".probe"))?.ensure_bucket()
-            }
+            ColdConfig::S3(s3) => S3Store::on(
+                self.s3_connection(s3)?,
+                "picocenter",
+                &self.cache.join(".probe"),
+            )?
+            .ensure_bucket(),
         }
     }
 
@@ -107,9 +124,12 @@ impl Cold {
         validate_app_name(app)?;
         match &self.config {
             ColdConfig::Local { .. } => Ok(None),
-            ColdConfig::S3(s3) => {
-                S3Store::open(s3, app, &self.cache.join(app).join("download")).map(Some)
-            }
+            ColdConfig::S3(s3) => S3Store::on(
+                self.s3_connection(s3)?,
+                app,
+                &self.cache.join(app).join("download"),
+            )
+            .map(Some),
         }
     }
 

@@ -222,30 +222,40 @@ fn ranges(size: u64, first: u64, part: u64) -> Vec<Range<u64>> {
 /// A store of one app's snapshots in an S3 bucket.
 #[derive(Debug)]
 pub struct S3Store {
-    client: Client,
-    bucket: String,
+    conn: std::sync::Arc<S3Connection>,
     prefix: String,
-    region: String,
-    endpoint: Option<String>,
     cache_dir: PathBuf,
     scratch_dir: PathBuf,
     downloads: AtomicU64,
+}
+
+/// What every [`S3Store`] of one bucket can share: the client, with its pool of open
+/// connections, and the runtime that drives it. Sharing it keeps connections alive from
+/// one swap-in to the next (over a wide-area link each new one costs a round trip for its
+/// handshake), and keeps a worker of thousands of apps at one runtime.
+pub struct S3Connection {
+    client: Client,
+    bucket: String,
+    base_prefix: String,
+    region: String,
+    endpoint: Option<String>,
     /// Always `Some` until drop, which shuts it down without blocking.
     runtime: Option<tokio::runtime::Runtime>,
 }
 
-impl S3Store {
-    /// A store for the app whose snapshots live under `{config.prefix}/{app_prefix}/`,
-    /// caching fetched objects (and keeping scratch files) in `cache_dir`, created if
-    /// missing. Nothing is sent to S3 yet; with a custom endpoint and no credentials in
-    /// `config` or the environment, this fails at once.
-    pub fn open(config: &S3Config, app_prefix: &str, cache_dir: &Path) -> Result<Self, StoreError> {
-        let prefix = join_prefix(&[&config.prefix, app_prefix])?;
-        let scratch_dir = cache_dir.join("scratch");
-        private::create_dir_all(&scratch_dir).map_err(io("creating", &scratch_dir))?;
-        let scratch_dir = scratch_dir
-            .canonicalize()
-            .map_err(io("resolving", &scratch_dir))?;
+impl std::fmt::Debug for S3Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Connection")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Connection {
+    /// A client of the bucket `config` names. Nothing is sent to S3 yet; with a custom
+    /// endpoint and no credentials in `config` or the environment, this fails at once.
+    pub fn open(config: &S3Config) -> Result<std::sync::Arc<Self>, StoreError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("s3-io")
@@ -253,31 +263,76 @@ impl S3Store {
             .build()
             .map_err(S3Error::Runtime)?;
         let client = run_on_thread(&runtime, client(config))??;
-        Ok(Self {
+        Ok(std::sync::Arc::new(Self {
             client,
             bucket: config.bucket.clone(),
-            prefix,
+            base_prefix: config.prefix.clone(),
             region: config.region.clone(),
             endpoint: config.endpoint.clone(),
+            runtime: Some(runtime),
+        }))
+    }
+}
+
+impl Drop for S3Connection {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside an async context; this does not.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl S3Store {
+    /// A store for the app whose snapshots live under `{config.prefix}/{app_prefix}/`,
+    /// caching fetched objects (and keeping scratch files) in `cache_dir`, created if
+    /// missing, with a client of its own (see [`S3Store::on`] to share one). Nothing is
+    /// sent to S3 yet; with a custom endpoint and no credentials in `config` or the
+    /// environment, this fails at once.
+    pub fn open(config: &S3Config, app_prefix: &str, cache_dir: &Path) -> Result<Self, StoreError> {
+        Self::on(S3Connection::open(config)?, app_prefix, cache_dir)
+    }
+
+    /// [`S3Store::open`] over a shared connection.
+    pub fn on(
+        conn: std::sync::Arc<S3Connection>,
+        app_prefix: &str,
+        cache_dir: &Path,
+    ) -> Result<Self, StoreError> {
+        let prefix = join_prefix(&[&conn.base_prefix, app_prefix])?;
+        let scratch_dir = cache_dir.join("scratch");
+        private::create_dir_all(&scratch_dir).map_err(io("creating", &scratch_dir))?;
+        let scratch_dir = scratch_dir
+            .canonicalize()
+            .map_err(io("resolving", &scratch_dir))?;
+        Ok(Self {
+            conn,
+            prefix,
             cache_dir: cache_dir.to_path_buf(),
             scratch_dir,
             downloads: AtomicU64::new(0),
-            runtime: Some(runtime),
         })
     }
 
     /// Creates the bucket if it does not exist (for tests and demos).
     pub fn ensure_bucket(&self) -> Result<(), StoreError> {
         self.run(async {
-            let url = format!("s3://{}", self.bucket);
-            match self.client.head_bucket().bucket(&self.bucket).send().await {
+            let url = format!("s3://{}", self.conn.bucket);
+            match self
+                .conn
+                .client
+                .head_bucket()
+                .bucket(&self.conn.bucket)
+                .send()
+                .await
+            {
                 Ok(_) => return Ok(()),
                 Err(e) if is_404(&e) => {}
                 Err(e) => return Err(request("HeadBucket", url, &e)),
             }
-            let mut create = self.client.create_bucket().bucket(&self.bucket);
-            if self.region != "us-east-1" {
-                let constraint = BucketLocationConstraint::from(self.region.as_str());
+            let mut create = self.conn.client.create_bucket().bucket(&self.conn.bucket);
+            if self.conn.region != "us-east-1" {
+                let constraint = BucketLocationConstraint::from(self.conn.region.as_str());
                 create = create.create_bucket_configuration(
                     CreateBucketConfiguration::builder()
                         .location_constraint(constraint)
@@ -307,7 +362,7 @@ impl S3Store {
     }
 
     fn url(&self, key: &str) -> String {
-        format!("s3://{}/{key}", self.bucket)
+        format!("s3://{}/{key}", self.conn.bucket)
     }
 
     fn missing(&self, id: &str) -> StoreError {
@@ -322,7 +377,7 @@ impl S3Store {
         &self,
         work: impl Future<Output = Result<T, StoreError>> + Send,
     ) -> Result<T, StoreError> {
-        let runtime = self.runtime.as_ref().ok_or(S3Error::Panicked)?;
+        let runtime = self.conn.runtime.as_ref().ok_or(S3Error::Panicked)?;
         run_on_thread(runtime, work)?
     }
 
@@ -389,7 +444,12 @@ impl S3Store {
 
     /// The size of an object, or `None` if it does not exist.
     async fn object_size(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        let head = self.client.head_object().bucket(&self.bucket).key(key);
+        let head = self
+            .conn
+            .client
+            .head_object()
+            .bucket(&self.conn.bucket)
+            .key(key);
         match head.send().await {
             Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
             Err(e) if is_404(&e) => Ok(None),
@@ -399,7 +459,12 @@ impl S3Store {
 
     /// A whole small object, or `None` if it does not exist; refused past `cap` bytes.
     async fn get_small(&self, key: &str, cap: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        let get = self.client.get_object().bucket(&self.bucket).key(key);
+        let get = self
+            .conn
+            .client
+            .get_object()
+            .bucket(&self.conn.bucket)
+            .key(key);
         let out = match get.send().await {
             Ok(out) => out,
             Err(e)
@@ -428,7 +493,12 @@ impl S3Store {
     }
 
     async fn put_bytes(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
-        let put = self.client.put_object().bucket(&self.bucket).key(key);
+        let put = self
+            .conn
+            .client
+            .put_object()
+            .bucket(&self.conn.bucket)
+            .key(key);
         put.body(ByteStream::from(bytes))
             .send()
             .await
@@ -455,7 +525,12 @@ impl S3Store {
             let body = ByteStream::from_path(path)
                 .await
                 .map_err(|e| io("reading", path)(std::io::Error::other(e)))?;
-            let put = self.client.put_object().bucket(&self.bucket).key(key);
+            let put = self
+                .conn
+                .client
+                .put_object()
+                .bucket(&self.conn.bucket)
+                .key(key);
             put.body(body)
                 .send()
                 .await
@@ -474,9 +549,10 @@ impl S3Store {
 
     async fn upload_multipart(&self, path: &Path, key: &str, size: u64) -> Result<(), StoreError> {
         let create = self
+            .conn
             .client
             .create_multipart_upload()
-            .bucket(&self.bucket)
+            .bucket(&self.conn.bucket)
             .key(key);
         let created = create
             .send()
@@ -489,7 +565,11 @@ impl S3Store {
         })?;
         let mut result = self.upload_parts(path, key, upload_id, size).await;
         if let Ok(parts) = result {
-            let complete = self.client.complete_multipart_upload().bucket(&self.bucket);
+            let complete = self
+                .conn
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.conn.bucket);
             result = complete
                 .key(key)
                 .upload_id(upload_id)
@@ -504,7 +584,11 @@ impl S3Store {
                 .map_err(|e| request("CompleteMultipartUpload", self.url(key), &e));
         }
         if result.is_err() {
-            let abort = self.client.abort_multipart_upload().bucket(&self.bucket);
+            let abort = self
+                .conn
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.conn.bucket);
             let _ = abort.key(key).upload_id(upload_id).send().await;
         }
         result.map(|_| ())
@@ -520,7 +604,11 @@ impl S3Store {
         let part_size = PART_SIZE.max(size.div_ceil(MAX_PARTS));
         let jobs = split(0..size, part_size).enumerate().map(|(index, range)| {
             let number = i32::try_from(index + 1).unwrap_or(i32::MAX);
-            let (client, bucket, url) = (self.client.clone(), self.bucket.clone(), self.url(key));
+            let (client, bucket, url) = (
+                self.conn.client.clone(),
+                self.conn.bucket.clone(),
+                self.url(key),
+            );
             let (key, upload_id, path) = (key.to_string(), upload_id.to_string(), path.to_owned());
             async move {
                 let body = ByteStream::read_from()
@@ -582,7 +670,11 @@ impl S3Store {
         file.set_len(size).map_err(io("sizing", tmp))?;
         let file = Arc::new(file);
         let jobs = ranges(size, first, PART_SIZE).into_iter().map(|range| {
-            let (client, bucket, key) = (self.client.clone(), self.bucket.clone(), key.to_string());
+            let (client, bucket, key) = (
+                self.conn.client.clone(),
+                self.conn.bucket.clone(),
+                key.to_string(),
+            );
             let (file, tmp, url) = (file.clone(), tmp.to_owned(), self.url(&key));
             async move { fetch_range(&client, &bucket, &key, &url, range, &file, &tmp).await }
         });
@@ -781,9 +873,9 @@ async fn local_credentials(endpoint: &str) -> Result<SharedCredentialsProvider, 
 
 impl Store for S3Store {
     fn describe(&self) -> String {
-        match &self.endpoint {
-            Some(endpoint) => format!("s3://{}/{} at {endpoint}", self.bucket, self.prefix),
-            None => format!("s3://{}/{}", self.bucket, self.prefix),
+        match &self.conn.endpoint {
+            Some(endpoint) => format!("s3://{}/{} at {endpoint}", self.conn.bucket, self.prefix),
+            None => format!("s3://{}/{}", self.conn.bucket, self.prefix),
         }
     }
 
@@ -851,7 +943,7 @@ impl Store for S3Store {
             let mut ids = Vec::new();
             let mut token = None;
             loop {
-                let list = self.client.list_objects_v2().bucket(&self.bucket);
+                let list = self.conn.client.list_objects_v2().bucket(&self.conn.bucket);
                 let out = list
                     .prefix(&prefix)
                     .delimiter("/")
@@ -882,7 +974,12 @@ impl Store for S3Store {
         for kind in ["manifest", "pages", "data"] {
             let key = self.object_key(id, kind)?;
             self.run(async {
-                let delete = self.client.delete_object().bucket(&self.bucket).key(&key);
+                let delete = self
+                    .conn
+                    .client
+                    .delete_object()
+                    .bucket(&self.conn.bucket)
+                    .key(&key);
                 let sent = delete.send().await;
                 sent.map_err(|e| request("DeleteObject", self.url(&key), &e))
             })?;
@@ -916,15 +1013,6 @@ impl Store for S3Store {
         check_id(id)?;
         check_id(kind)?;
         Ok(self.scratch_dir.join(format!("{id}.{kind}")))
-    }
-}
-
-impl Drop for S3Store {
-    fn drop(&mut self) {
-        // Dropping a runtime blocks, which panics inside an async context; this does not.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
     }
 }
 
