@@ -298,7 +298,7 @@ fn main() {
     // The same S3 server behind issue #14's wide-area link: 20 ms, 50 MB/s a connection,
     // 16 connections (tests/common/wan.rs).
     let server = endpoint.trim_start_matches("http://").parse().unwrap();
-    let link = WanLink::start(server, LinkShape::default());
+    let link = WanLink::start_http(server, LinkShape::default());
     let flags = s3_flags("bench-wan", &link.url());
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let wan = Cluster::start("s3wan", "127.4.3.0/24", &flags);

@@ -19,6 +19,12 @@ use std::path::{Path, PathBuf};
 pub const MAX_CHAIN: usize = 8;
 /// The same in S3, where each snapshot of a chain costs a restore its own round trips.
 pub const MAX_CHAIN_S3: usize = 3;
+/// Connections to S3 a worker keeps open for its next restore: the second of its round
+/// trips asks for up to [`MAX_CHAIN_S3`] - 1 manifests and their two objects at once,
+/// and a restore of another app may run beside it.
+pub const WARM_S3_CONNECTIONS: usize = 8;
+/// How often a worker uses each of them, to keep it open.
+pub const WARM_S3_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Which cold storage backend, and its settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,7 +84,9 @@ impl Cold {
             return Ok(conn.clone());
         }
         let conn = S3Connection::open(config)?;
-        // Two first uses at once make two; one is kept.
+        conn.keep_warm(WARM_S3_CONNECTIONS, WARM_S3_PERIOD);
+        // Two first uses at once make two; one is kept (the other's runtime, and so its
+        // keep-warm task, stops when it is dropped).
         Ok(self.s3.get_or_init(|| conn).clone())
     }
 

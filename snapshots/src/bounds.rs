@@ -6,7 +6,7 @@
 
 use crate::format::{
     AppRecord, BackingRecord, FdRecord, FileRecord, Manifest, PageRun, PageSource, VmaRecord,
-    VpnRange, PAGE_SIZE,
+    VpnRange, MAX_ANCESTORS, PAGE_SIZE,
 };
 use crate::names::{is_plain, validate_app_name, validate_guest_dir, validate_image_name};
 use std::collections::{HashMap, HashSet};
@@ -62,6 +62,25 @@ fn ensure(ok: bool, why: impl FnOnce() -> String) -> Checked {
     }
 }
 
+/// The ancestors list: at most [`MAX_ANCESTORS`] plain ids, none repeated nor this
+/// snapshot's, starting with the parent (and empty without one).
+fn check_ancestors(m: &Manifest) -> Checked {
+    ensure(m.ancestors.len() <= MAX_ANCESTORS, || {
+        format!("{} ancestors (at most {MAX_ANCESTORS})", m.ancestors.len())
+    })?;
+    ensure(m.ancestors.first() == m.parent.as_ref(), || {
+        "the ancestors do not start with the parent".into()
+    })?;
+    let mut seen = HashSet::new();
+    for ancestor in &m.ancestors {
+        ensure(
+            is_plain(ancestor, 128) && *ancestor != m.id && seen.insert(ancestor.as_str()),
+            || format!("bad ancestor id {ancestor:?}"),
+        )?;
+    }
+    Ok(())
+}
+
 /// Checks every field of `m`; the error says which and why.
 pub fn check(m: &Manifest) -> Checked {
     ensure(is_plain(&m.id, 128), || {
@@ -72,6 +91,7 @@ pub fn check(m: &Manifest) -> Checked {
             format!("bad parent id {parent:?}")
         })?;
     }
+    check_ancestors(m)?;
     check_app(&m.app)?;
     ensure(m.cpu.leaves.len() <= MAX_CPU_LEAVES, || {
         "too many CPUID leaves".into()
@@ -477,6 +497,35 @@ mod tests {
                 closed: false,
             },
         }
+    }
+
+    #[test]
+    fn the_ancestors_are_the_chain_behind_the_parent() {
+        fn with(parent: Option<&str>, ancestors: &[&str]) -> impl FnOnce(&mut Manifest) {
+            let parent = parent.map(str::to_string);
+            let ancestors: Vec<String> = ancestors.iter().map(|a| a.to_string()).collect();
+            move |m: &mut Manifest| {
+                m.parent = parent;
+                m.ancestors = ancestors;
+            }
+        }
+        let mut m = valid();
+        with(Some("p"), &["p", "g"])(&mut m);
+        check(&m).unwrap();
+        refused(with(None, &["p"]), "parent");
+        refused(with(Some("p"), &["g", "p"]), "parent");
+        refused(with(Some("p"), &[]), "parent");
+        refused(with(Some("p"), &["p", "p"]), "ancestor");
+        refused(with(Some("p"), &["p", "s1"]), "ancestor");
+        refused(with(Some("p"), &["p", "../x"]), "ancestor");
+        let long: Vec<String> = (0..=MAX_ANCESTORS).map(|i| format!("a{i}")).collect();
+        refused(
+            |m| {
+                m.parent = Some("a0".into());
+                m.ancestors = long;
+            },
+            "ancestors",
+        );
     }
 
     #[test]

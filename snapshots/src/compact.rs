@@ -102,6 +102,7 @@ pub fn compact(store: &dyn Store, key: &SnapshotKey, id: &str) -> Result<Manifes
     let mut manifest = newest.clone();
     manifest.id = new.clone();
     manifest.parent = None;
+    manifest.ancestors.clear();
     manifest.pages = runs;
     manifest.page_count = page_count;
     manifest.chunk_pages = CHUNK_PAGES;

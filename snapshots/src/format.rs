@@ -13,9 +13,11 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 8] = *b"PICOSNAP";
 /// The format version. A different one is refused; bump it on any change to the types
 /// here. (The product version is separate.)
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// The largest manifest payload accepted.
 pub const MAX_MANIFEST_SIZE: u64 = 64 << 20;
+/// The most ancestors a manifest lists (a longer chain lists its newest ones).
+pub const MAX_ANCESTORS: usize = 64;
 /// Bytes of a page.
 pub const PAGE_SIZE: u64 = 4096;
 /// Bytes of the header: magic, version, length, MAC.
@@ -427,6 +429,11 @@ pub struct Manifest {
     pub id: String,
     /// The snapshot this one is an increment of.
     pub parent: Option<String>,
+    /// The chain behind this snapshot, newest first: `parent`, its parent, and so on, at
+    /// most [`MAX_ANCESTORS`] of them. A restore from remote storage asks for all their
+    /// manifests at once instead of one round trip per link; each one fetched must still
+    /// be the parent its child names.
+    pub ancestors: Vec<String>,
     /// When it was taken (ms since the epoch).
     pub created_unix_ms: u64,
     /// How the app was run.

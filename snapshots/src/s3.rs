@@ -49,8 +49,17 @@ use tokio::task::JoinSet;
 
 /// Bytes of one part of a multipart upload, and of one ranged GET.
 pub const PART_SIZE: u64 = 8 << 20;
-/// Parts uploaded, or ranges fetched, at once.
+/// Parts uploaded at once.
 pub const PARALLEL_PARTS: usize = 6;
+/// Ranges of one object fetched at once (a wide-area link is per connection slow, and S3
+/// serves many connections).
+pub const PARALLEL_GETS: usize = 16;
+/// Bytes of one ranged GET within the ActiveSet prefix: small, so that the pages a restore
+/// needs first arrive over many connections at once.
+pub const ACTIVE_PART_SIZE: u64 = 1 << 20;
+/// Bytes of an object asked for together with its manifest, before its size is known: a
+/// small app's whole snapshot comes in that one round trip.
+pub const FIRST_PART_SIZE: u64 = 1 << 20;
 /// The most parts S3 accepts in one multipart upload.
 const MAX_PARTS: u64 = 10_000;
 /// The largest HEAD object accepted.
@@ -210,13 +219,40 @@ fn split(range: Range<u64>, part: u64) -> impl Iterator<Item = Range<u64>> {
         .map(move |start| start..(start + part).min(range.end))
 }
 
-/// The byte ranges to fetch an object of `size` bytes in: `[0, first)` first (the
-/// ActiveSet prefix), then the rest, each at most `part` bytes.
-fn ranges(size: u64, first: u64, part: u64) -> Vec<Range<u64>> {
-    let first = first.min(size);
-    split(0..first, part)
+/// The byte ranges to fetch the rest of an object of `size` bytes in, when its first
+/// `have` bytes are in: `[0, first)` first (the ActiveSet prefix) in parts of at most
+/// `first_part` bytes, then the rest in parts of at most `part`.
+fn ranges(size: u64, have: u64, first: u64, first_part: u64, part: u64) -> Vec<Range<u64>> {
+    let have = have.min(size);
+    let first = first.clamp(have, size);
+    split(have..first, first_part)
         .chain(split(first..size, part))
         .collect()
+}
+
+/// The longest chain a restore follows (a longer one is refused as broken).
+const MAX_FETCHED_CHAIN: usize = 1024;
+
+/// The first part of an object, fetched before its size was known.
+#[derive(Debug, Default)]
+struct FirstPart {
+    /// Its bytes (all of them, for an object no larger than [`FIRST_PART_SIZE`]).
+    bytes: Vec<u8>,
+    /// The object's whole size.
+    size: u64,
+}
+
+/// What one snapshot's round trip brings: its manifest and the first part of its page
+/// file and data archive (`None`: already in the cache, or no such object).
+struct Level {
+    manifest: Manifest,
+    pages: Option<FirstPart>,
+    data: Option<FirstPart>,
+}
+
+/// The whole size from a Content-Range value (`bytes 0-99/12345`).
+fn content_range_size(value: &str) -> Option<u64> {
+    value.rsplit_once('/')?.1.trim().parse().ok()
 }
 
 /// A store of one app's snapshots in an S3 bucket.
@@ -271,6 +307,31 @@ impl S3Connection {
             endpoint: config.endpoint.clone(),
             runtime: Some(runtime),
         }))
+    }
+}
+
+impl S3Connection {
+    /// Keeps `connections` connections to the bucket's endpoint open from now on, with a
+    /// HeadBucket on each every `period` (S3 closes a connection idle for about 20 s), so
+    /// that a restore's parallel requests find them open: over a wide-area link each new
+    /// connection costs a round trip for its handshake before its request. Stops when the
+    /// connection is dropped.
+    pub fn keep_warm(&self, connections: usize, period: std::time::Duration) {
+        let (client, bucket) = (self.client.clone(), self.bucket.clone());
+        let Some(runtime) = &self.runtime else {
+            return;
+        };
+        runtime.spawn(async move {
+            loop {
+                let heads = (0..connections).map(|_| client.head_bucket().bucket(&bucket).send());
+                for result in futures::future::join_all(heads).await {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %DisplayErrorContext(&e), "keeping S3 connections open");
+                    }
+                }
+                tokio::time::sleep(period).await;
+            }
+        });
     }
 }
 
@@ -392,30 +453,59 @@ impl S3Store {
         key: &SnapshotKey,
         id: &str,
     ) -> Result<Vec<String>, StoreError> {
-        let missing = self.run(async {
-            let mut missing = Vec::new();
-            let mut next = Some(id.to_string());
-            while let Some(current) = next {
-                if local.manifest(&current, key).is_ok() {
+        if local.manifest(id, key).is_ok() {
+            return Ok(Vec::new());
+        }
+        let levels = self.run(async {
+            // One round trip: the newest manifest, and the first part of its objects.
+            let newest = self.fetch_level(id, key).await?;
+            // A second: the manifests it lists as its ancestors, up to the first this
+            // worker has, with the first parts of their objects.
+            let wanted: Vec<&String> = newest
+                .manifest
+                .ancestors
+                .iter()
+                .take_while(|ancestor| local.manifest(ancestor, key).is_err())
+                .collect();
+            let older = futures::future::try_join_all(
+                wanted
+                    .iter()
+                    .map(|ancestor| self.fetch_level(ancestor, key)),
+            )
+            .await?;
+            let mut levels: Vec<Level> = std::iter::once(newest).chain(older).collect();
+            for pair in levels.windows(2) {
+                if pair[0].manifest.parent.as_deref() != Some(pair[1].manifest.id.as_str()) {
+                    return Err(self.broken_chain(&pair[0].manifest));
+                }
+            }
+            // A chain longer than a manifest lists: one link at a time past its end.
+            while let Some(parent) = levels[levels.len() - 1].manifest.parent.clone() {
+                if local.manifest(&parent, key).is_ok() {
                     break;
                 }
-                let manifest = self.fetch_manifest(&current, key).await?;
-                next = manifest.parent.clone();
-                missing.push(manifest);
+                if levels.len() >= MAX_FETCHED_CHAIN {
+                    return Err(self.broken_chain(&levels[levels.len() - 1].manifest));
+                }
+                levels.push(self.fetch_level(&parent, key).await?);
             }
-            let jobs = missing.iter().flat_map(|m| {
+            // Then the rest of every object at once, ActiveSet prefixes first.
+            let jobs = levels.iter_mut().flat_map(|level| {
+                let m = &level.manifest;
                 let pages = self
-                    .fetch_object(
+                    .finish_object(
                         &m.id,
                         "pages",
                         m.page_file_bytes(),
                         m.activeset_prefix.saturating_mul(PAGE_SIZE),
+                        level.pages.take(),
                     )
                     .map_ok(Some)
                     .boxed();
+                let data_head = level.data.take();
                 let data = async move {
                     if m.data_bytes > 0 {
-                        self.fetch_object(&m.id, "data", m.data_bytes, 0)
+                        self.finish_object(&m.id, "data", m.data_bytes, 0, data_head)
                             .await
                             .map(Some)
                     } else {
@@ -425,21 +515,101 @@ impl S3Store {
                 .boxed();
                 [pages, data]
             });
-            let fetched = futures::future::try_join_all(jobs).await?;
-            Ok((missing, fetched))
+            let files = futures::future::try_join_all(jobs).await?;
+            Ok(levels
+                .into_iter()
+                .map(|level| level.manifest)
+                .zip(
+                    files
+                        .chunks(2)
+                        .map(|pair| (pair[0].clone(), pair[1].clone())),
+                )
+                .collect::<Vec<_>>())
         })?;
-        let (manifests, files) = missing;
         // Oldest first, so that every commit's parent is already there.
-        for (i, manifest) in manifests.iter().enumerate().rev() {
-            let pages = files[2 * i]
-                .clone()
-                .ok_or_else(|| self.missing(&manifest.id))?;
-            local.commit(manifest, key, &pages, files[2 * i + 1].as_deref())?;
+        for (manifest, (pages, data)) in levels.iter().rev() {
+            let pages = pages.clone().ok_or_else(|| self.missing(&manifest.id))?;
+            local.commit(manifest, key, &pages, data.as_deref())?;
         }
         if local.head()?.as_deref() != Some(id) {
             local.set_head(id, key)?;
         }
-        Ok(manifests.into_iter().map(|m| m.id).collect())
+        Ok(levels.into_iter().map(|(m, _)| m.id).collect())
+    }
+
+    /// Snapshot `id`'s manifest and the first part of its objects, in one round trip.
+    async fn fetch_level(&self, id: &str, key: &SnapshotKey) -> Result<Level, StoreError> {
+        let (manifest, pages, data) = futures::future::join3(
+            self.fetch_manifest(id, key),
+            self.first_part(id, "pages"),
+            self.first_part(id, "data"),
+        )
+        .await;
+        Ok(Level {
+            manifest: manifest?,
+            pages: pages?,
+            data: data?,
+        })
+    }
+
+    /// The first [`FIRST_PART_SIZE`] bytes of `{id}.{kind}` and its size; `None` if the
+    /// cache has a file of that name already (its size is checked once the manifest is
+    /// in) or the object does not exist.
+    async fn first_part(&self, id: &str, kind: &str) -> Result<Option<FirstPart>, StoreError> {
+        if self.cache_dir.join(format!("{id}.{kind}")).exists() {
+            return Ok(None);
+        }
+        let key = self.object_key(id, kind)?;
+        let get = self
+            .conn
+            .client
+            .get_object()
+            .bucket(&self.conn.bucket)
+            .key(&key)
+            .range(format!("bytes=0-{}", FIRST_PART_SIZE - 1));
+        let out = match get.send().await {
+            Ok(out) => out,
+            Err(e) if is_404(&e) => return Ok(None),
+            // An empty object has no byte 0 to ask for.
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 416 => {
+                return Ok(Some(FirstPart::default()))
+            }
+            Err(e) => return Err(request("GetObject", self.url(&key), &e)),
+        };
+        let size = out
+            .content_range()
+            .and_then(content_range_size)
+            .or_else(|| out.content_length().and_then(|n| u64::try_from(n).ok()))
+            .unwrap_or(0);
+        let mut bytes = Vec::new();
+        let mut body = out.body;
+        while let Some(chunk) = body.try_next().await.map_err(|e| S3Error::Request {
+            op: "GetObject",
+            url: self.url(&key),
+            detail: DisplayErrorContext(&e).to_string(),
+        })? {
+            if bytes.len() + chunk.len() > FIRST_PART_SIZE as usize {
+                return Err(S3Error::Length {
+                    url: self.url(&key),
+                    start: 0,
+                    end: FIRST_PART_SIZE,
+                    got: (bytes.len() + chunk.len()) as u64,
+                }
+                .into());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Some(FirstPart { bytes, size }))
+    }
+
+    /// The error for a manifest whose parent is not the snapshot its ancestors named.
+    fn broken_chain(&self, manifest: &Manifest) -> StoreError {
+        StoreError::Remote(format!(
+            "snapshot {} in {}: its chain is broken (a parent that is not the one named, \
+             or longer than {MAX_FETCHED_CHAIN})",
+            manifest.id,
+            self.url(&self.prefix)
+        ))
     }
 
     /// The size of an object, or `None` if it does not exist.
@@ -632,7 +802,7 @@ impl S3Store {
                     .build())
             }
         });
-        parallel(jobs).await
+        parallel(jobs, PARALLEL_PARTS).await
     }
 
     /// Fetches the object `key` of `size` bytes into `dest` (through a temporary file, then
@@ -642,13 +812,14 @@ impl S3Store {
         key: &str,
         size: u64,
         first: u64,
+        have: &[u8],
         dest: &Path,
     ) -> Result<(), StoreError> {
         let started = Instant::now();
         let serial = self.downloads.fetch_add(1, Ordering::Relaxed);
         let name = dest.file_name().unwrap_or_default().to_string_lossy();
         let tmp = dest.with_file_name(format!(".{name}.{}-{serial}.download", std::process::id()));
-        let result = self.download_to(key, size, first, &tmp).await;
+        let result = self.download_to(key, size, first, have, &tmp).await;
         let result =
             result.and_then(|()| std::fs::rename(&tmp, dest).map_err(io("renaming", dest)));
         if result.is_err() {
@@ -659,17 +830,22 @@ impl S3Store {
         result
     }
 
+    /// Fetches the object `key` of `size` bytes into `tmp`, of which `have` (its first
+    /// bytes) is already here.
     async fn download_to(
         &self,
         key: &str,
         size: u64,
         first: u64,
+        have: &[u8],
         tmp: &Path,
     ) -> Result<(), StoreError> {
         let file = private::create_file(tmp).map_err(io("creating", tmp))?;
         file.set_len(size).map_err(io("sizing", tmp))?;
+        file.write_all_at(have, 0).map_err(io("writing", tmp))?;
         let file = Arc::new(file);
-        let jobs = ranges(size, first, PART_SIZE).into_iter().map(|range| {
+        let parts = ranges(size, have.len() as u64, first, ACTIVE_PART_SIZE, PART_SIZE);
+        let jobs = parts.into_iter().map(|range| {
             let (client, bucket, key) = (
                 self.conn.client.clone(),
                 self.conn.bucket.clone(),
@@ -678,24 +854,39 @@ impl S3Store {
             let (file, tmp, url) = (file.clone(), tmp.to_owned(), self.url(&key));
             async move { fetch_range(&client, &bucket, &key, &url, range, &file, &tmp).await }
         });
-        parallel(jobs).await.map(|_| ())
+        parallel(jobs, PARALLEL_GETS).await.map(|_| ())
     }
 
     /// Fetches `{id}.{kind}`, an object of `size` bytes, into the cache unless it is there
-    /// with that size, and returns its local path.
-    async fn fetch_object(
+    /// with that size, and returns its local path. `head` is its first part if that came
+    /// already; it must have been cut from an object of `size` bytes.
+    async fn finish_object(
         &self,
         id: &str,
         kind: &str,
         size: u64,
         first: u64,
+        head: Option<FirstPart>,
     ) -> Result<PathBuf, StoreError> {
         let dest = self.cache_dir.join(format!("{id}.{kind}"));
-        if std::fs::metadata(&dest).is_ok_and(|meta| meta.len() == size) {
+        if head.is_none() && std::fs::metadata(&dest).is_ok_and(|meta| meta.len() == size) {
             return Ok(dest);
         }
-        self.download(&self.object_key(id, kind)?, size, first, &dest)
-            .await?;
+        let key = self.object_key(id, kind)?;
+        let have = match head {
+            Some(head) if head.size != size || head.bytes.len() as u64 > size => {
+                return Err(S3Error::Length {
+                    url: self.url(&key),
+                    start: 0,
+                    end: size,
+                    got: head.size,
+                }
+                .into())
+            }
+            Some(head) => head.bytes,
+            None => Vec::new(),
+        };
+        self.download(&key, size, first, &have, &dest).await?;
         Ok(dest)
     }
 
@@ -732,14 +923,17 @@ impl S3Store {
     }
 }
 
-/// Runs `jobs` as tasks, started in order and at most [`PARALLEL_PARTS`] at once, and
-/// returns their results in order, or the first error (dropping the rest aborts them).
-async fn parallel<T, F>(jobs: impl IntoIterator<Item = F>) -> Result<Vec<T>, StoreError>
+/// Runs `jobs` as tasks, started in order and at most `at_once` at a time, and returns
+/// their results in order, or the first error (dropping the rest aborts them).
+async fn parallel<T, F>(
+    jobs: impl IntoIterator<Item = F>,
+    at_once: usize,
+) -> Result<Vec<T>, StoreError>
 where
     T: Send + 'static,
     F: Future<Output = Result<T, StoreError>> + Send + 'static,
 {
-    let limit = Arc::new(Semaphore::new(PARALLEL_PARTS));
+    let limit = Arc::new(Semaphore::new(at_once.max(1)));
     let mut tasks = JoinSet::new();
     for (index, job) in jobs.into_iter().enumerate() {
         let permit = limit.clone().acquire_owned().await;
@@ -923,7 +1117,7 @@ impl Store for S3Store {
                 .object_size(&key)
                 .await?
                 .ok_or_else(|| self.missing(id))?;
-            self.fetch_object(id, "pages", size, 0).await
+            self.finish_object(id, "pages", size, 0, None).await
         })
     }
 
@@ -931,7 +1125,10 @@ impl Store for S3Store {
         let key = self.object_key(id, "data")?;
         self.run(async {
             match self.object_size(&key).await? {
-                Some(size) => self.fetch_object(id, "data", size, 0).await.map(Some),
+                Some(size) => self
+                    .finish_object(id, "data", size, 0, None)
+                    .await
+                    .map(Some),
                 None => Ok(None),
             }
         })
@@ -1022,11 +1219,27 @@ mod tests {
 
     #[test]
     fn ranges_put_the_activeset_prefix_first_and_cover_the_object() {
-        assert_eq!(ranges(0, 0, 10), Vec::<Range<u64>>::new());
-        assert_eq!(ranges(25, 0, 10), [0..10, 10..20, 20..25]);
-        assert_eq!(ranges(25, 3, 10), [0..3, 3..13, 13..23, 23..25]);
-        assert_eq!(ranges(25, 14, 10), [0..10, 10..14, 14..24, 24..25]);
-        assert_eq!(ranges(25, 99, 10), [0..10, 10..20, 20..25]);
+        assert_eq!(ranges(0, 0, 0, 10, 10), Vec::<Range<u64>>::new());
+        assert_eq!(ranges(25, 0, 0, 10, 10), [0..10, 10..20, 20..25]);
+        assert_eq!(ranges(25, 0, 3, 10, 10), [0..3, 3..13, 13..23, 23..25]);
+        assert_eq!(ranges(25, 0, 14, 10, 10), [0..10, 10..14, 14..24, 24..25]);
+        assert_eq!(ranges(25, 0, 99, 10, 10), [0..10, 10..20, 20..25]);
+        // Smaller parts in the ActiveSet prefix.
+        assert_eq!(
+            ranges(25, 0, 14, 5, 10),
+            [0..5, 5..10, 10..14, 14..24, 24..25]
+        );
+        // What came with the manifest is not asked for again.
+        assert_eq!(ranges(25, 7, 14, 5, 10), [7..12, 12..14, 14..24, 24..25]);
+        assert_eq!(
+            ranges(25, 20, 14, 5, 10),
+            vec![Range { start: 20, end: 25 }]
+        );
+        assert_eq!(ranges(25, 25, 14, 5, 10), Vec::<Range<u64>>::new());
+        assert_eq!(ranges(25, 99, 14, 5, 10), Vec::<Range<u64>>::new());
+        assert_eq!(content_range_size("bytes 0-99/12345"), Some(12345));
+        assert_eq!(content_range_size("bytes */0"), Some(0));
+        assert_eq!(content_range_size("bytes 0-9"), None);
     }
 
     #[test]

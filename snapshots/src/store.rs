@@ -431,6 +431,7 @@ mod tests {
         Manifest {
             id: id.into(),
             parent: parent.map(str::to_string),
+            ancestors: parent.map(str::to_string).into_iter().collect(),
             app: AppRecord {
                 name: "app".into(),
                 memory_mib: 16,

@@ -55,6 +55,7 @@ fn sample() -> Manifest {
     Manifest {
         id: "s2".into(),
         parent: Some("s1".into()),
+        ancestors: vec!["s1".into(), "s0".into()],
         created_unix_ms: 1_700_000_000_000,
         app: AppRecord {
             name: "app".into(),
@@ -310,6 +311,7 @@ proptest! {
     ) {
         let mut m = sample();
         m.parent = None;
+        m.ancestors.clear();
         m.pages = vec![PageRun { vpn, count, source: PageSource::Stored { index } }];
         m.page_count = page_count;
         m.chunk_pages = chunk_pages;

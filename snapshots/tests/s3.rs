@@ -8,7 +8,7 @@ use picocenter_snapshots::format::{
     AppRecord, BackingRecord, PageRun, PageSource, ProcessRecord, UserContext, VmaRecord,
 };
 use picocenter_snapshots::pagefile::{self, PageFileWriter};
-use picocenter_snapshots::s3::{S3Config, S3Store};
+use picocenter_snapshots::s3::{S3Config, S3Connection, S3Store};
 use picocenter_snapshots::store::copy_chain;
 use picocenter_snapshots::{LocalStore, Manifest, ManifestError, SnapshotKey, Store, StoreError};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -16,6 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The wide-area link of the workspace's end-to-end tests (issue #14).
+#[allow(dead_code)]
+#[path = "../../tests/common/wan.rs"]
+mod wan;
 
 const BUCKET: &str = "picocenter-test";
 
@@ -134,6 +139,7 @@ fn page_file(path: &Path, id: &str, parent: Option<&str>, count: u64, seed: u64)
     Manifest {
         id: id.into(),
         parent: parent.map(str::to_string),
+        ancestors: parent.map(str::to_string).into_iter().collect(),
         app: AppRecord {
             name: "app".into(),
             memory_mib: 64,
@@ -211,6 +217,7 @@ fn s3_store_against_a_real_server() {
     remove_list_and_size(&store);
     corrupt_manifest_is_refused(&store, &endpoint);
     copy_chain_local_to_s3_to_local(&endpoint, dir.path());
+    a_chain_comes_over_a_wide_area_link_in_two_round_trips(&moto, dir.path());
     inside_a_tokio_runtime(store, &endpoint, dir.path());
     credentials_come_from_flags_or_the_environment(&endpoint, dir.path());
     eprintln!("all S3 cases in {:?}", started.elapsed());
@@ -424,6 +431,90 @@ fn copy_chain_local_to_s3_to_local(endpoint: &str, dir: &Path) {
         ["c1", "c2", "c3"],
         "the source is intact"
     );
+}
+
+/// A chain of three: the newest manifest lists its ancestors, so their manifests are asked
+/// for at once after it, each with the first part of its objects (small here: the whole
+/// of them), over connections kept open. A manifest whose ancestors skip a link is refused.
+fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Path) {
+    let first = LocalStore::open(&dir.join("local-wan")).unwrap();
+    let mut ancestors: Vec<String> = Vec::new();
+    for (i, id) in ["d1", "d2", "d3", "d4"].into_iter().enumerate() {
+        let pages = first.scratch(id, "pages").unwrap();
+        let mut manifest = page_file(
+            &pages,
+            id,
+            ancestors.first().map(String::as_str),
+            20 + i as u64,
+            30 + i as u64,
+        );
+        manifest.ancestors = ancestors.clone();
+        if id == "d4" {
+            // Signed, and well formed, but d2 is left out of its chain.
+            manifest.ancestors = vec!["d3".into(), "d1".into()];
+        }
+        let data = first.scratch(id, "data").unwrap();
+        std::fs::write(&data, id.as_bytes()).unwrap();
+        manifest.data_bytes = id.len() as u64;
+        manifest.data_digest = *blake3::hash(id.as_bytes()).as_bytes();
+        first
+            .commit(&manifest, &key(), &pages, Some(&data))
+            .unwrap();
+        ancestors.insert(0, id.to_string());
+    }
+    let direct = S3Store::open(&config(&moto.endpoint), "wan", &dir.join("cache-wan")).unwrap();
+    copy_chain(&first, &direct, &key(), "d4").unwrap();
+
+    let server: SocketAddr = moto.endpoint.trim_start_matches("http://").parse().unwrap();
+    let rtt = Duration::from_millis(150);
+    let link = wan::WanLink::start_http(
+        server,
+        wan::LinkShape {
+            rtt,
+            ..wan::LinkShape::default()
+        },
+    );
+    let conn = S3Connection::open(&config(&link.url())).unwrap();
+    // The second round trip asks for two manifests and their four objects.
+    conn.keep_warm(6, Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while link.connections.load(std::sync::atomic::Ordering::SeqCst) < 6 {
+        assert!(Instant::now() < deadline, "the connections were not opened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Their first requests done: a handshake and a round trip each, and some slack.
+    std::thread::sleep(3 * rtt);
+    let remote = S3Store::on(conn.clone(), "wan", &dir.join("cache-wan-2")).unwrap();
+    let second = LocalStore::open(&dir.join("local-wan-2")).unwrap();
+    let started = Instant::now();
+    assert_eq!(
+        remote.fetch_chain(&second, &key(), "d3").unwrap(),
+        ["d3", "d2", "d1"]
+    );
+    let took = started.elapsed();
+    assert!(took >= 2 * rtt, "{took:?}");
+    assert!(
+        took < 3 * rtt,
+        "a chain of three took {took:?}: more than two round trips"
+    );
+    assert_eq!(
+        link.connections.load(std::sync::atomic::Ordering::SeqCst),
+        6
+    );
+    for id in ["d1", "d2", "d3"] {
+        same_file(
+            &first.page_file(id).unwrap(),
+            &second.page_file(id).unwrap(),
+        );
+        same_file(
+            &first.data_archive(id).unwrap().unwrap(),
+            &second.data_archive(id).unwrap().unwrap(),
+        );
+    }
+    let third = LocalStore::open(&dir.join("local-wan-3")).unwrap();
+    let refused = remote.fetch_chain(&third, &key(), "d4").unwrap_err();
+    assert!(refused.to_string().contains("chain is broken"), "{refused}");
+    assert!(third.list().unwrap().is_empty(), "{:?}", third.list());
 }
 
 fn inside_a_tokio_runtime(store: S3Store, endpoint: &str, dir: &Path) {

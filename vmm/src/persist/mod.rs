@@ -347,10 +347,17 @@ pub fn capture(
     let id = new_id();
     let parent = match &p.restored_from {
         Some((where_, parent)) if !full && *where_ == store.describe() => {
-            store.manifest(parent, &key).ok().map(|m| m.id)
+            store.manifest(parent, &key).ok()
         }
         _ => None,
     };
+    let ancestors: Vec<String> = parent
+        .iter()
+        .flat_map(|m| std::iter::once(&m.id).chain(&m.ancestors))
+        .take(picocenter_snapshots::format::MAX_ANCESTORS)
+        .cloned()
+        .collect();
+    let parent = parent.map(|m| m.id);
     let context = user_context(vcpu, p)?;
     let pages = p.mem.pages().map_err(memory("reading the page tables"))?;
     let hot: Vec<bool> = pages
@@ -430,6 +437,7 @@ pub fn capture(
     let manifest = Manifest {
         id: id.clone(),
         parent,
+        ancestors,
         created_unix_ms: clock.realtime_ns / 1_000_000,
         app: p.app.clone(),
         cpu: p.cpu.clone(),
