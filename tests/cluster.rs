@@ -577,6 +577,30 @@ fn the_s3_backend_swaps_out_and_back() {
     );
     assert!(cache.join("store").exists());
     assert!(hub.app("cs3")["usage"]["stored_bytes"].as_u64().unwrap() > 0);
+    // Its second snapshot is an increment of the first, but the chain is small: it is
+    // compacted to one, so the next restore from S3 fetches one snapshot.
+    hub.wait_state("cs3", "swapped_out", Duration::from_secs(20));
+    let bucket = picocenter_snapshots::s3::S3Store::open(
+        &picocenter_snapshots::s3::S3Config {
+            endpoint: Some(moto.endpoint.clone()),
+            bucket: "picocenter-test".into(),
+            prefix: "apps".into(),
+            path_style: true,
+            access_key: Some("test".into()),
+            secret_key: Some("test".into()),
+            ..Default::default()
+        },
+        "cs3",
+        &dir.path().join("s3-listing"),
+    )
+    .unwrap();
+    use picocenter_snapshots::Store;
+    let kept = bucket.list().unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(bucket.head().unwrap().as_ref(), kept.first());
+    std::fs::remove_dir_all(&cache).unwrap();
+    let address = resolve(&hub, "cs3");
+    assert_eq!(count(&address), 3, "worker log:\n{}", worker.log());
 }
 
 #[test]

@@ -19,6 +19,9 @@ use std::path::{Path, PathBuf};
 pub const MAX_CHAIN: usize = 8;
 /// The same in S3, where each snapshot of a chain costs a restore its own round trips.
 pub const MAX_CHAIN_S3: usize = 3;
+/// A chain in S3 whose snapshots hold at most this many bytes in all is compacted to one
+/// at every swap-out.
+pub const SMALL_CHAIN_S3: u64 = 4 << 20;
 /// Connections to S3 a worker keeps open for its next restore: the second of its round
 /// trips asks for up to [`MAX_CHAIN_S3`] - 1 manifests and their two objects at once,
 /// and a restore of another app may run beside it.
@@ -147,11 +150,17 @@ impl Cold {
     pub fn store(&self, app: &str, id: &str) -> Result<Stored, StoreError> {
         let local = LocalStore::open(&self.local_dir(app)?)?;
         let mut manifests = chain(&local, &self.key, id)?;
-        let longest = match self.config {
-            ColdConfig::Local { .. } => MAX_CHAIN,
-            ColdConfig::S3(_) => MAX_CHAIN_S3,
+        let (longest, small) = match self.config {
+            ColdConfig::Local { .. } => (MAX_CHAIN, 0),
+            ColdConfig::S3(_) => (MAX_CHAIN_S3, SMALL_CHAIN_S3),
         };
-        let compacted = manifests.len() > longest;
+        let mut chain_bytes = 0u64;
+        for manifest in &manifests {
+            chain_bytes = chain_bytes.saturating_add(local.size(&manifest.id)?);
+        }
+        // A small app's chain is kept at one snapshot: uploading all of it costs little,
+        // and a restore from S3 then needs one round trip, not one more per increment.
+        let compacted = manifests.len() > longest || (manifests.len() > 1 && chain_bytes <= small);
         if compacted {
             let full =
                 compact(&local, &self.key, id).map_err(|e| StoreError::Remote(e.to_string()))?;

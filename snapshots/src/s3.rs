@@ -35,7 +35,6 @@ use aws_sdk_s3::types::{
     BucketLocationConstraint, CompletedMultipartUpload, CompletedPart, CreateBucketConfiguration,
 };
 use aws_sdk_s3::Client;
-use futures::{FutureExt, TryFutureExt};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::ops::Range;
@@ -58,8 +57,9 @@ pub const PARALLEL_GETS: usize = 16;
 /// needs first arrive over many connections at once.
 pub const ACTIVE_PART_SIZE: u64 = 1 << 20;
 /// Bytes of an object asked for together with its manifest, before its size is known: a
-/// small app's whole snapshot comes in that one round trip.
-pub const FIRST_PART_SIZE: u64 = 1 << 20;
+/// small app's whole snapshot comes in that one round trip (nginx's base page file is
+/// just over 1 MiB), and 2 MiB take ~40 ms on one connection at 50 MB/s.
+pub const FIRST_PART_SIZE: u64 = 2 << 20;
 /// The most parts S3 accepts in one multipart upload.
 const MAX_PARTS: u64 = 10_000;
 /// The largest HEAD object accepted.
@@ -443,10 +443,11 @@ impl S3Store {
     }
 
     /// Makes the chain ending at snapshot `id` complete in `local`, with `id` its newest,
-    /// in as few requests as the chain allows: one GET per missing manifest (walking the
-    /// parents until one is already local), then every missing page file (ActiveSet prefix
-    /// first) and data archive at once, sized from their manifests. Returns the ids fetched.
-    /// Every manifest is checked under `key` before anything it names is fetched.
+    /// in as few round trips as the chain allows (snapshots/README.md §5.1): the newest
+    /// manifest with the first part of its objects; then, at once, the rest of those and
+    /// every ancestor it lists that `local` lacks, each with the first part of its
+    /// objects; then the rest of theirs. Returns the ids fetched. Every manifest is
+    /// checked under `key` before anything it names is used.
     pub fn fetch_chain(
         &self,
         local: &LocalStore,
@@ -456,85 +457,83 @@ impl S3Store {
         if local.manifest(id, key).is_ok() {
             return Ok(Vec::new());
         }
-        let levels = self.run(async {
-            // One round trip: the newest manifest, and the first part of its objects.
+        let fetched = self.run(async {
             let newest = self.fetch_level(id, key).await?;
-            // A second: the manifests it lists as its ancestors, up to the first this
-            // worker has, with the first parts of their objects.
-            let wanted: Vec<&String> = newest
+            let wanted: Vec<String> = newest
                 .manifest
                 .ancestors
                 .iter()
                 .take_while(|ancestor| local.manifest(ancestor, key).is_err())
+                .cloned()
                 .collect();
             let older = futures::future::try_join_all(
                 wanted
                     .iter()
                     .map(|ancestor| self.fetch_level(ancestor, key)),
-            )
-            .await?;
-            let mut levels: Vec<Level> = std::iter::once(newest).chain(older).collect();
-            for pair in levels.windows(2) {
-                if pair[0].manifest.parent.as_deref() != Some(pair[1].manifest.id.as_str()) {
-                    return Err(self.broken_chain(&pair[0].manifest));
-                }
-            }
+            );
+            let (newest, mut older) =
+                futures::future::try_join(self.finish_level(newest), older).await?;
             // A chain longer than a manifest lists: one link at a time past its end.
-            while let Some(parent) = levels[levels.len() - 1].manifest.parent.clone() {
+            loop {
+                let last = older.last().map_or(&newest.0, |level| &level.manifest);
+                let Some(parent) = last.parent.clone() else {
+                    break;
+                };
                 if local.manifest(&parent, key).is_ok() {
                     break;
                 }
-                if levels.len() >= MAX_FETCHED_CHAIN {
-                    return Err(self.broken_chain(&levels[levels.len() - 1].manifest));
+                if older.len() >= MAX_FETCHED_CHAIN {
+                    return Err(self.broken_chain(last));
                 }
-                levels.push(self.fetch_level(&parent, key).await?);
+                older.push(self.fetch_level(&parent, key).await?);
             }
-            // Then the rest of every object at once, ActiveSet prefixes first.
-            let jobs = levels.iter_mut().flat_map(|level| {
-                let m = &level.manifest;
-                let pages = self
-                    .finish_object(
-                        &m.id,
-                        "pages",
-                        m.page_file_bytes(),
-                        m.activeset_prefix.saturating_mul(PAGE_SIZE),
-                        level.pages.take(),
-                    )
-                    .map_ok(Some)
-                    .boxed();
-                let data_head = level.data.take();
-                let data = async move {
-                    if m.data_bytes > 0 {
-                        self.finish_object(&m.id, "data", m.data_bytes, 0, data_head)
-                            .await
-                            .map(Some)
-                    } else {
-                        Ok(None)
-                    }
+            let mut child = &newest.0;
+            for level in &older {
+                if child.parent.as_deref() != Some(level.manifest.id.as_str()) {
+                    return Err(self.broken_chain(child));
                 }
-                .boxed();
-                [pages, data]
-            });
-            let files = futures::future::try_join_all(jobs).await?;
-            Ok(levels
-                .into_iter()
-                .map(|level| level.manifest)
-                .zip(
-                    files
-                        .chunks(2)
-                        .map(|pair| (pair[0].clone(), pair[1].clone())),
-                )
-                .collect::<Vec<_>>())
+                child = &level.manifest;
+            }
+            let older =
+                futures::future::try_join_all(older.into_iter().map(|l| self.finish_level(l)))
+                    .await?;
+            Ok(std::iter::once(newest).chain(older).collect::<Vec<_>>())
         })?;
         // Oldest first, so that every commit's parent is already there.
-        for (manifest, (pages, data)) in levels.iter().rev() {
-            let pages = pages.clone().ok_or_else(|| self.missing(&manifest.id))?;
-            local.commit(manifest, key, &pages, data.as_deref())?;
+        for (manifest, pages, data) in fetched.iter().rev() {
+            local.commit(manifest, key, pages, data.as_deref())?;
         }
         if local.head()?.as_deref() != Some(id) {
             local.set_head(id, key)?;
         }
-        Ok(levels.into_iter().map(|(m, _)| m.id).collect())
+        Ok(fetched.into_iter().map(|(m, _, _)| m.id).collect())
+    }
+
+    /// Fetches what `level`'s first round trip left out of its page file (ActiveSet
+    /// prefix first) and data archive. Returns its manifest and their local paths.
+    async fn finish_level(
+        &self,
+        level: Level,
+    ) -> Result<(Manifest, PathBuf, Option<PathBuf>), StoreError> {
+        let m = &level.manifest;
+        let pages = self.finish_object(
+            &m.id,
+            "pages",
+            m.page_file_bytes(),
+            m.activeset_prefix.saturating_mul(PAGE_SIZE),
+            level.pages,
+        );
+        let data = async {
+            if m.data_bytes > 0 {
+                self.finish_object(&m.id, "data", m.data_bytes, 0, level.data)
+                    .await
+                    .map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let (pages, data) = futures::future::try_join(pages, data).await?;
+        Ok((level.manifest, pages, data))
     }
 
     /// Snapshot `id`'s manifest and the first part of its objects, in one round trip.

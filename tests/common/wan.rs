@@ -236,6 +236,7 @@ fn http_front(server: SocketAddr) -> std::io::Result<TcpStream> {
     let near = TcpStream::connect(listener.local_addr()?)?;
     let (front, _) = listener.accept()?;
     let _ = near.set_nodelay(true);
+    let _ = front.set_nodelay(true);
     std::thread::spawn(move || {
         let _ = serve_keep_alive(front, server);
     });
@@ -258,8 +259,10 @@ fn serve_keep_alive(front: TcpStream, server: SocketAddr) -> std::io::Result<()>
         let mut request = without_headers(&head, &["connection", "expect"]);
         request.push_str("Connection: close\r\n\r\n");
         let mut upstream = TcpStream::connect(server)?;
-        upstream.write_all(request.as_bytes())?;
-        upstream.write_all(&body)?;
+        let _ = upstream.set_nodelay(true);
+        let mut message = request.into_bytes();
+        message.extend_from_slice(&body);
+        upstream.write_all(&message)?;
         let mut response = Vec::new();
         upstream.read_to_end(&mut response)?;
         writer.write_all(&keep_alive(&response, &method))?;
