@@ -597,8 +597,15 @@ fn the_s3_backend_swaps_out_and_back() {
     )
     .unwrap();
     use picocenter_snapshots::Store;
-    let kept = bucket.list().unwrap();
-    assert_eq!(kept.len(), 1, "{kept:?}");
+    // The snapshots it replaced go after the swap-out is reported.
+    let kept = wait_for(
+        "the replaced snapshot to go",
+        Duration::from_secs(10),
+        || {
+            let kept = bucket.list().unwrap();
+            (kept.len() == 1).then_some(kept)
+        },
+    );
     assert_eq!(bucket.head().unwrap().as_ref(), kept.first());
     std::fs::remove_dir_all(&cache).unwrap();
     let address = resolve(&hub, "cs3");

@@ -52,6 +52,9 @@ pub struct Stored {
     /// When the app wants to run again by itself (its earliest deadline: a blocked call's
     /// timeout, an armed timerfd or the alarm), Unix ms.
     pub wake_at_unix_ms: Option<u64>,
+    /// Snapshots in S3 that a compaction replaced: [`Cold::prune`] removes them after the
+    /// swap-out is reported, so that their deletion does not hold it up.
+    pub replaced: Vec<String>,
 }
 
 /// A worker's cold storage. Everything it holds is untrusted: manifests are read only under
@@ -161,6 +164,7 @@ impl Cold {
         // A small app's chain is kept at one snapshot: uploading all of it costs little,
         // and a restore from S3 then needs one round trip, not one more per increment.
         let compacted = manifests.len() > longest || (manifests.len() > 1 && chain_bytes <= small);
+        let chain_ids: Vec<String> = manifests.iter().map(|m| m.id.clone()).collect();
         if compacted {
             let full =
                 compact(&local, &self.key, id).map_err(|e| StoreError::Remote(e.to_string()))?;
@@ -168,15 +172,12 @@ impl Cold {
             manifests = vec![full];
         }
         let newest = &manifests[0];
+        let mut replaced = Vec::new();
         if let Some(remote) = self.remote(app)? {
             copy_chain(&local, &remote, &self.key, &newest.id)?;
             if compacted {
-                // The snapshots the compacted one replaces go from S3 too.
-                for old in remote.list()? {
-                    if old != newest.id {
-                        remote.remove(&old)?;
-                    }
-                }
+                // What the compacted snapshot replaces goes from S3 once it is there.
+                replaced = chain_ids;
             }
         }
         // Cold storage holds the same objects as the local store.
@@ -188,7 +189,20 @@ impl Cold {
             id: newest.id.clone(),
             bytes,
             wake_at_unix_ms: newest.wake_at_unix_ms(),
+            replaced,
         })
+    }
+
+    /// Removes the snapshots `replaced` of `app` from S3 (see [`Stored::replaced`]). They
+    /// are named, not listed, so a newer snapshot being uploaded meanwhile is never
+    /// touched.
+    pub fn prune(&self, app: &str, replaced: &[String]) -> Result<(), StoreError> {
+        if let Some(remote) = self.remote(app)? {
+            for id in replaced {
+                remote.remove(id)?;
+            }
+        }
+        Ok(())
     }
 
     /// Before a restore of `app` at snapshot `id`: makes the chain local. Returns the

@@ -611,6 +611,21 @@ impl S3Store {
         ))
     }
 
+    /// Deletes object `key` (S3 answers success for a missing one too).
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let delete = self
+            .conn
+            .client
+            .delete_object()
+            .bucket(&self.conn.bucket)
+            .key(key);
+        delete
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| request("DeleteObject", self.url(key), &e))
+    }
+
     /// The size of an object, or `None` if it does not exist.
     async fn object_size(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let head = self
@@ -1167,18 +1182,18 @@ impl Store for S3Store {
 
     /// Removes the snapshot's objects (the manifest first) and its cached copies.
     fn remove(&self, id: &str) -> Result<(), StoreError> {
-        for kind in ["manifest", "pages", "data"] {
-            let key = self.object_key(id, kind)?;
-            self.run(async {
-                let delete = self
-                    .conn
-                    .client
-                    .delete_object()
-                    .bucket(&self.conn.bucket)
-                    .key(&key);
-                let sent = delete.send().await;
-                sent.map_err(|e| request("DeleteObject", self.url(&key), &e))
-            })?;
+        // The manifest first, alone: a snapshot without it is not listed nor restorable,
+        // whatever becomes of the rest. Then its objects at once.
+        let kinds = ["manifest", "pages", "data"];
+        let keys = kinds.map(|kind| self.object_key(id, kind));
+        let [manifest, pages, data] = keys;
+        let (manifest, pages, data) = (manifest?, pages?, data?);
+        self.run(async {
+            self.delete(&manifest).await?;
+            futures::future::try_join(self.delete(&pages), self.delete(&data)).await?;
+            Ok(())
+        })?;
+        for kind in kinds {
             let cached = self.cache_dir.join(format!("{id}.{kind}"));
             match std::fs::remove_file(&cached) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

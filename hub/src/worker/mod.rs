@@ -591,6 +591,14 @@ impl Worker {
         };
         tracing::info!(app = %name, snapshot = %swapped.snapshot, stored_bytes = swapped.stored_bytes, wake_at_unix_ms = ?swapped.wake_at_unix_ms, "swapped out");
         self.pending_report().swapped.push(swapped.clone());
+        if !stored.replaced.is_empty() {
+            let (cold, app) = (self.cold.clone(), name.to_string());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = cold.prune(&app, &stored.replaced) {
+                    tracing::warn!(app, "removing the snapshots a compaction replaced: {e}");
+                }
+            });
+        }
         Ok(swapped)
     }
 
