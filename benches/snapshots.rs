@@ -265,6 +265,29 @@ fn first_cycle_cold(state: &Path) {
         "/",
         "80",
     );
+    // How well each prefetch guessed the first request: restored with --relearn (so the
+    // next snapshot's ActiveSet holds only what the app used), one request, swapped out.
+    let first = std::fs::read_to_string(dir.join("HEAD")).unwrap();
+    println!("  what the first request used of the prefetch (snapshot inspect):");
+    for extra in [&["--first-port", "80"][..], &[]] {
+        let mut cmd = picocenter();
+        cmd.args(["snapshot", "restore"])
+            .arg(&dir)
+            .args(["--id", first.trim(), "--mode", "activeset", "--relearn"])
+            .args(extra)
+            .args(common::root_from(&dir))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().unwrap();
+        get("127.0.8.5:80", "/");
+        swap_out("bench-bigmem-cold", &dir, child);
+        let inspect = snapshot(&["inspect", dir.to_str().unwrap()]);
+        let line = inspect
+            .lines()
+            .find(|l| l.trim_start().starts_with("prefetch "))
+            .unwrap_or_default();
+        println!("    {}", line.trim());
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -898,3 +898,74 @@ fn a_go_server_keeps_its_state_through_ten_swaps() {
 fn a_memfd_and_a_netlink_socket_come_back() {
     snapshot_while_running_then_restore("fds_snap", "test-snap-fds");
 }
+
+/// A restore records what it prefetched, and `snapshot inspect` of the next snapshot
+/// tells how much of it the app used and how much of what it used had come in advance
+/// (issue #14). With the Accessed bits preset, as a plain `activeset` restore does, every
+/// prefetched page counts as used, and inspect says so.
+#[test]
+fn inspect_tells_how_much_of_the_prefetch_was_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let address = "127.0.7.40:80";
+    let server = Server::start("counter-http", "test-snap-prefetch", "127.0.7.40", 80, &[]);
+    for _ in 0..3 {
+        // Each request its own episode (they are sampled every 50 ms per port).
+        std::thread::sleep(Duration::from_millis(60));
+        body(address, "/");
+    }
+    swap_out_server("test-snap-prefetch", dir.path(), server);
+    let inspect = || {
+        let out = snapshot(&["inspect", dir.path().to_str().unwrap()]);
+        assert!(out.status.success(), "{}", describe(&out));
+        stdout(&out)
+    };
+    let prefetch_line = |text: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with("prefetch "))
+            .map(str::to_string)
+    };
+    let text = inspect();
+    assert_eq!(prefetch_line(&text), None, "{text}");
+
+    let args = ["--mode", "activeset", "--relearn", "--first-port", "80"];
+    let child = restore(dir.path(), address, &args);
+    assert_eq!(body(address, "/").trim(), "count=4");
+    swap_out("test-snap-prefetch", dir.path(), child);
+    let text = inspect();
+    let line = prefetch_line(&text).unwrap_or_else(|| panic!("no prefetch line:\n{text}"));
+    assert!(line.contains("port 80's set"), "{line}");
+    assert!(!line.contains("Accessed bits"), "{line}");
+    // "prefetch  N pages (...) at the restore from ID: M used since (P%); M of the U ..."
+    let number = |text: &str| -> u64 { text.trim().parse().unwrap_or_else(|_| panic!("{line}")) };
+    let fetched = number(
+        line.trim_start()["prefetch".len()..]
+            .split(" pages")
+            .next()
+            .unwrap(),
+    );
+    let used_of_fetched = number(
+        line.split(": ")
+            .nth(1)
+            .and_then(|rest| rest.split(" used since").next())
+            .unwrap(),
+    );
+    assert!(fetched > 0, "{line}");
+    assert!(used_of_fetched > 0 && used_of_fetched <= fetched, "{line}");
+
+    let child = restore(dir.path(), address, &["--mode", "activeset"]);
+    assert_eq!(body(address, "/").trim(), "count=5");
+    swap_out("test-snap-prefetch", dir.path(), child);
+    let text = inspect();
+    let line = prefetch_line(&text).unwrap_or_else(|| panic!("no prefetch line:\n{text}"));
+    assert!(
+        line.contains("the app-wide ActiveSet") && line.contains("Accessed bits"),
+        "{line}"
+    );
+    // A compacted snapshot has no parent, so no prefetch record either, and restores.
+    let out = snapshot(&["compact", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(prefetch_line(&inspect()), None);
+    let child = restore(dir.path(), address, &[]);
+    assert_eq!(body(address, "/").trim(), "count=6");
+    swap_out("test-snap-prefetch", dir.path(), child);
+}

@@ -92,6 +92,11 @@ pub fn check(m: &Manifest) -> Checked {
         })?;
     }
     check_ancestors(m)?;
+    if let Some(prefetched) = &m.prefetched {
+        ensure(m.parent.as_ref() == Some(&prefetched.from), || {
+            "a prefetch record of a snapshot that is not the parent".into()
+        })?;
+    }
     check_app(&m.app)?;
     ensure(m.cpu.leaves.len() <= MAX_CPU_LEAVES, || {
         "too many CPUID leaves".into()
@@ -518,6 +523,15 @@ mod tests {
         refused(with(Some("p"), &["p", "p"]), "ancestor");
         refused(with(Some("p"), &["p", "s1"]), "ancestor");
         refused(with(Some("p"), &["p", "../x"]), "ancestor");
+        refused(
+            |m| {
+                m.prefetched = Some(crate::format::PrefetchRecord {
+                    from: "elsewhere".into(),
+                    ..Default::default()
+                })
+            },
+            "prefetch",
+        );
         let long: Vec<String> = (0..=MAX_ANCESTORS).map(|i| format!("a{i}")).collect();
         refused(
             |m| {

@@ -48,6 +48,21 @@ pub fn covered(ranges: &[VpnRange], vpn: u64) -> bool {
     ranges.get(at).is_some_and(|r| r.vpn <= vpn)
 }
 
+/// How many pages `a` and `b` (each sorted and disjoint, as bounds checks them) share.
+pub fn overlap(a: &[VpnRange], b: &[VpnRange]) -> u64 {
+    let (mut i, mut j, mut shared) = (0, 0, 0u64);
+    while let (Some(x), Some(y)) = (a.get(i), b.get(j)) {
+        let (x_end, y_end) = (x.vpn.saturating_add(x.count), y.vpn.saturating_add(y.count));
+        shared = shared.saturating_add(x_end.min(y_end).saturating_sub(x.vpn.max(y.vpn)));
+        if x_end <= y_end {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    shared
+}
+
 /// A run of pages with one resolved source: `count` pages from `vpn`; for `Stored`, page
 /// `index` on of the page file at chain depth `depth`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +128,22 @@ pub fn resolve_all(chain: &[Manifest]) -> Option<Vec<Piece>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn overlap_counts_the_pages_two_sets_share() {
+        use super::overlap;
+        let r = |vpn, count| crate::format::VpnRange { vpn, count };
+        assert_eq!(overlap(&[], &[r(0, 5)]), 0);
+        assert_eq!(overlap(&[r(0, 5)], &[r(0, 5)]), 5);
+        assert_eq!(overlap(&[r(0, 5)], &[r(5, 5)]), 0);
+        assert_eq!(overlap(&[r(0, 10)], &[r(2, 3), r(8, 4)]), 5);
+        assert_eq!(overlap(&[r(2, 3), r(8, 4)], &[r(0, 10)]), 5);
+        assert_eq!(
+            overlap(&[r(0, 2), r(4, 2), r(9, 1)], &[r(1, 4), r(9, 3)]),
+            3
+        );
+        assert_eq!(overlap(&[r(u64::MAX - 1, 5)], &[r(u64::MAX - 3, 9)]), 1);
+    }
+
     use super::*;
 
     fn run(vpn: u64, count: u64, source: PageSource) -> PageRun {

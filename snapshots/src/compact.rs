@@ -103,6 +103,8 @@ pub fn compact(store: &dyn Store, key: &SnapshotKey, id: &str) -> Result<Manifes
     manifest.id = new.clone();
     manifest.parent = None;
     manifest.ancestors.clear();
+    // Its prefetch record was about the parent the compacted snapshot no longer has.
+    manifest.prefetched = None;
     manifest.pages = runs;
     manifest.page_count = page_count;
     manifest.chunk_pages = CHUNK_PAGES;

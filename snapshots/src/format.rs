@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 8] = *b"PICOSNAP";
 /// The format version. A different one is refused; bump it on any change to the types
 /// here. (The product version is separate.)
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 /// The largest manifest payload accepted.
 pub const MAX_MANIFEST_SIZE: u64 = 64 << 20;
 /// The most ancestors a manifest lists (a longer chain lists its newest ones).
@@ -475,6 +475,22 @@ pub struct Manifest {
     pub data_digest: Digest,
     /// Counters.
     pub stats: SnapshotStats,
+    /// What the restore before this snapshot brought in ahead of the app, when this
+    /// snapshot is an increment of the one restored: with the ActiveSet (the pages used
+    /// since), it tells how well the prefetch guessed (`snapshot inspect`).
+    pub prefetched: Option<PrefetchRecord>,
+}
+
+/// The prefetch of a restore: the restored snapshot's ActiveSet, app-wide or one port's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PrefetchRecord {
+    /// The snapshot restored (this snapshot's parent).
+    pub from: String,
+    /// The port whose set was prefetched, or none for the app-wide ActiveSet.
+    pub port: Option<u16>,
+    /// Whether the prefetched pages' Accessed bits were set at the restore, which makes
+    /// every one of them count as used (a restore with `--relearn` leaves them clear).
+    pub accessed_preset: bool,
 }
 
 impl Manifest {

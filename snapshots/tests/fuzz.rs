@@ -195,6 +195,11 @@ fn sample() -> Manifest {
         data_bytes: 0,
         data_digest: [0; 32],
         stats: Default::default(),
+        prefetched: Some(picocenter_snapshots::format::PrefetchRecord {
+            from: "s1".into(),
+            port: Some(80),
+            accessed_preset: false,
+        }),
     }
 }
 

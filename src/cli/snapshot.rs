@@ -190,6 +190,38 @@ fn count(m: &Manifest, which: fn(&PageSource) -> bool) -> u64 {
         .sum()
 }
 
+/// How well the restore before snapshot `m` guessed: of the pages it prefetched from
+/// `parent` (the snapshot restored), how many the app used before `m` was taken (its
+/// ActiveSet), and how many of those it used had been prefetched.
+fn prefetch_line(m: &Manifest, parent: Option<&Manifest>) -> Option<String> {
+    let record = m.prefetched.as_ref()?;
+    let parent = parent.filter(|parent| parent.id == record.from)?;
+    let fetched = picocenter_vmm::persist::restore::hot_set(parent, record.port);
+    let pages = |ranges: &[picocenter_snapshots::format::VpnRange]| -> u64 {
+        ranges.iter().map(|r| r.count).sum()
+    };
+    let (fetched_pages, used_pages) = (pages(fetched), pages(&m.activeset));
+    let both = picocenter_snapshots::chain::overlap(fetched, &m.activeset);
+    let percent = |part: u64, whole: u64| part as f64 * 100.0 / whole.max(1) as f64;
+    let which = match record.port {
+        Some(port) => format!("port {port}'s set"),
+        None => "the app-wide ActiveSet".to_string(),
+    };
+    let caveat = if record.accessed_preset {
+        " (their Accessed bits were set at the restore, so all count as used: restore with \
+         --relearn to measure)"
+    } else {
+        ""
+    };
+    Some(format!(
+        "{fetched_pages} pages ({which}) at the restore from {}: {both} used since ({:.1}%); \
+         {both} of the {used_pages} pages used since had been prefetched ({:.1}%){caveat}",
+        parent.id,
+        percent(both, fetched_pages),
+        percent(both, used_pages),
+    ))
+}
+
 fn inspect(
     dir: &std::path::Path,
     id: Option<&str>,
@@ -240,6 +272,9 @@ fn inspect(
     for set in &m.port_sets {
         let pages: u64 = set.pages.iter().map(|r| r.count).sum();
         println!("    port {:<8} {pages} pages", set.port);
+    }
+    if let Some(line) = prefetch_line(m, manifests.get(1)) {
+        println!("  prefetch      {line}");
     }
     println!(
         "  files         {} descriptors; {} connections closed at capture",

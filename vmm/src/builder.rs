@@ -230,6 +230,7 @@ pub(crate) fn process(
         snapshot_key: config.snapshot_key.clone(),
         cpu: cpu_record(parts),
         restored_from: None,
+        prefetched: None,
         activeset: Default::default(),
         accepted: 0,
         warned: Default::default(),

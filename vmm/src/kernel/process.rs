@@ -56,6 +56,8 @@ pub struct Process {
     /// The snapshot it was restored from, or last saved to, if the page tables still
     /// track changes since then: (store, snapshot id).
     pub restored_from: Option<(String, String)>,
+    /// What the restore it came from prefetched, until its next snapshot records it.
+    pub prefetched: Option<picocenter_snapshots::format::PrefetchRecord>,
     /// Connections it has accepted (requests, for metering).
     pub accepted: u64,
     /// The pages it uses, overall and per listening port.

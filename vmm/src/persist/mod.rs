@@ -434,6 +434,10 @@ pub fn capture(
         data_bytes: data.as_ref().map_or(0, |d| d.bytes),
         capture_us: started.elapsed().as_micros() as u64,
     };
+    let prefetched = p
+        .prefetched
+        .clone()
+        .filter(|record| parent.as_deref() == Some(record.from.as_str()));
     let manifest = Manifest {
         id: id.clone(),
         parent,
@@ -464,6 +468,7 @@ pub fn capture(
         data_bytes: data.as_ref().map_or(0, |d| d.bytes),
         data_digest: data.as_ref().map_or([0; 32], |d| d.digest),
         stats,
+        prefetched,
     };
     manifest
         .validate()
@@ -494,6 +499,8 @@ pub fn saved(p: &mut Process, store: &dyn Store, manifest: &Manifest) -> Result<
         .mark_saved()
         .map_err(memory("marking the pages saved"))?;
     p.restored_from = Some((store.describe(), manifest.id.clone()));
+    // What comes next is measured against this snapshot, which nothing prefetched.
+    p.prefetched = None;
     Ok(())
 }
 

@@ -415,6 +415,17 @@ impl Picoprocess {
         phase("process");
         super::files::restore(&mut process, &newest.files)?;
         process.restored_from = Some((store.describe(), newest.id.clone()));
+        process.prefetched = matches!(options.mode, RestoreMode::ActiveSet | RestoreMode::Stream)
+            .then(|| picocenter_snapshots::format::PrefetchRecord {
+                from: newest.id.clone(),
+                port: options.first_port.filter(|&port| {
+                    newest
+                        .port_sets
+                        .iter()
+                        .any(|set| set.port == port && !set.pages.is_empty())
+                }),
+                accessed_preset: !options.relearn,
+            });
         phase("files");
         let picoprocess = builder::finish(config, parts, vcpu_fd, process)
             .map_err(|e| PersistError::Incompatible(e.to_string()))?;

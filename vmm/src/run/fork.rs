@@ -296,6 +296,7 @@ impl Exits<'_> {
         p.thread.fs_base = start.fs_base;
         p.thread.fs_base_changed = true;
         p.restored_from = None;
+        p.prefetched = None;
         p.activeset = Default::default();
         p.handoff = Default::default();
         p.inherited_sockets.clear();
