@@ -155,6 +155,9 @@ pub struct Worker {
     /// Set when a child process of the worker ended (SIGCHLD): the next watch asks every
     /// app's VMM whether it was the one, rather than every watch asking each.
     child_ended: Arc<std::sync::atomic::AtomicBool>,
+    /// Wakes the report loop before its next tick: a swap-out is news the hub needs at
+    /// once (until it has it, traffic on the held sockets cannot bring the app back).
+    report_soon: tokio::sync::Notify,
 }
 
 impl Worker {
@@ -172,6 +175,7 @@ impl Worker {
             told: Default::default(),
             starting: Mutex::new(HashMap::new()),
             child_ended: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            report_soon: tokio::sync::Notify::new(),
         })
     }
 
@@ -381,13 +385,16 @@ impl Worker {
         // that is still waiting asks again, in case the hub had not yet heard that the
         // app is out (its report may be on the way) and so ordered nothing.
         let watcher = tokio::spawn(async move {
+            // Soon at first (the report is usually a few ms behind), then every 0.5 s.
+            let mut pause = Duration::from_millis(25);
             loop {
                 if let Err(e) = probe.wait_for_traffic().await {
                     tracing::warn!(app = %app, "watching its sockets: {e}");
                     return;
                 }
                 this.wake(&app).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
             }
         });
         tracing::debug!(app = %name, address = %sockets.address, sockets = sockets.fds.len(), "holding its sockets");
@@ -591,6 +598,7 @@ impl Worker {
         };
         tracing::info!(app = %name, snapshot = %swapped.snapshot, stored_bytes = swapped.stored_bytes, wake_at_unix_ms = ?swapped.wake_at_unix_ms, "swapped out");
         self.pending_report().swapped.push(swapped.clone());
+        self.report_soon.notify_one();
         if !stored.replaced.is_empty() {
             let (cold, app) = (self.cold.clone(), name.to_string());
             tokio::task::spawn_blocking(move || {
@@ -899,6 +907,7 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = ticker.tick() => {}
+            _ = worker.report_soon.notified() => {}
         }
         if !registered {
             match hub
