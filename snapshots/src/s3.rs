@@ -231,7 +231,7 @@ fn ranges(size: u64, have: u64, first: u64, first_part: u64, part: u64) -> Vec<R
 }
 
 /// The longest chain a restore follows (a longer one is refused as broken).
-const MAX_FETCHED_CHAIN: usize = 1024;
+const MAX_FETCHED_CHAIN: usize = 128;
 
 /// The first part of an object, fetched before its size was known.
 #[derive(Debug, Default)]
@@ -248,6 +248,29 @@ struct Level {
     manifest: Manifest,
     pages: Option<FirstPart>,
     data: Option<FirstPart>,
+}
+
+/// Checks a downloaded page file against `manifest`'s chunk digests and a data archive
+/// against its digest.
+fn verify_download(
+    manifest: &Manifest,
+    pages: &Path,
+    data: Option<&Path>,
+) -> Result<(), StoreError> {
+    let refused = |what: String| StoreError::Remote(format!("snapshot {}: {what}", manifest.id));
+    crate::pagefile::verify(pages, manifest, 0, manifest.page_count)
+        .map_err(|e| refused(format!("downloaded page file: {e}")))?;
+    if let Some(data) = data {
+        let mut file = std::fs::File::open(data).map_err(io("opening", data))?;
+        let mut hasher = blake3::Hasher::new();
+        let bytes = std::io::copy(&mut file, &mut hasher).map_err(io("reading", data))?;
+        if bytes != manifest.data_bytes || *hasher.finalize().as_bytes() != manifest.data_digest {
+            return Err(refused(
+                "the downloaded data archive fails its digest".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The whole size from a Content-Range value (`bytes 0-99/12345`).
@@ -533,6 +556,14 @@ impl S3Store {
             }
         };
         let (pages, data) = futures::future::try_join(pages, data).await?;
+        // Checked before the local store takes them: a restore maps the page file, and a
+        // lazily touched page is checked against nothing but this.
+        let (manifest, checked_pages, checked_data) = (m.clone(), pages.clone(), data.clone());
+        tokio::task::spawn_blocking(move || {
+            verify_download(&manifest, &checked_pages, checked_data.as_deref())
+        })
+        .await
+        .map_err(|_| S3Error::Panicked)??;
         Ok((level.manifest, pages, data))
     }
 
@@ -544,10 +575,18 @@ impl S3Store {
             self.first_part(id, "data"),
         )
         .await;
+        // A first part that did not come (S3 answers 403 for a missing object without
+        // list permission, for one) is fetched again once the manifest says what to ask.
+        let speculative = |part: Result<Option<FirstPart>, StoreError>, kind: &str| {
+            part.unwrap_or_else(|e| {
+                tracing::debug!(id, kind, "first part: {e}");
+                None
+            })
+        };
         Ok(Level {
             manifest: manifest?,
-            pages: pages?,
-            data: data?,
+            pages: speculative(pages, "pages"),
+            data: speculative(data, "data"),
         })
     }
 

@@ -515,6 +515,37 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
     let refused = remote.fetch_chain(&third, &key(), "d4").unwrap_err();
     assert!(refused.to_string().contains("chain is broken"), "{refused}");
     assert!(third.list().unwrap().is_empty(), "{:?}", third.list());
+
+    // A page file changed in the bucket: longer, shorter, empty, or the same length with
+    // one byte flipped. Each restore fails, and commits nothing.
+    let genuine = std::fs::read(first.page_file("d1").unwrap()).unwrap();
+    let mut longer = genuine.clone();
+    longer.extend_from_slice(&[0; 4096]);
+    let mut flipped = genuine.clone();
+    flipped[5000] ^= 1;
+    let cases = [
+        ("longer", longer, "bytes"),
+        ("shorter", genuine[..genuine.len() - 4096].to_vec(), "bytes"),
+        ("empty", Vec::new(), "bytes"),
+        ("flipped", flipped, "checksum"),
+    ];
+    for (i, (what, bytes, expect)) in cases.into_iter().enumerate() {
+        put_raw(&moto.endpoint, "apps/wan/d1.pages", bytes);
+        let fresh_cache = dir.join(format!("cache-wan-tampered-{i}"));
+        let tampered = S3Store::on(conn.clone(), "wan", &fresh_cache).unwrap();
+        let fresh = LocalStore::open(&dir.join(format!("local-wan-tampered-{i}"))).unwrap();
+        let error = tampered
+            .fetch_chain(&fresh, &key(), "d3")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(expect), "{what}: {error}");
+        assert!(
+            fresh.list().unwrap().is_empty(),
+            "{what}: {:?}",
+            fresh.list()
+        );
+    }
+    put_raw(&moto.endpoint, "apps/wan/d1.pages", genuine);
 }
 
 fn inside_a_tokio_runtime(store: S3Store, endpoint: &str, dir: &Path) {

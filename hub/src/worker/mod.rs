@@ -158,6 +158,10 @@ pub struct Worker {
     /// Wakes the report loop before its next tick: a swap-out is news the hub needs at
     /// once (until it has it, traffic on the held sockets cannot bring the app back).
     report_soon: tokio::sync::Notify,
+    /// Snapshots a compaction replaced, by the snapshot that replaced them: deleted from
+    /// S3 only once the hub has the report naming their replacement (until then it may
+    /// still restore one of them, or fall back to it if this worker dies).
+    prunes: std::sync::Mutex<HashMap<String, (String, Vec<String>)>>,
 }
 
 impl Worker {
@@ -176,6 +180,7 @@ impl Worker {
             starting: Mutex::new(HashMap::new()),
             child_ended: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             report_soon: tokio::sync::Notify::new(),
+            prunes: Default::default(),
         })
     }
 
@@ -597,16 +602,17 @@ impl Worker {
             wake_at_unix_ms: stored.wake_at_unix_ms,
         };
         tracing::info!(app = %name, snapshot = %swapped.snapshot, stored_bytes = swapped.stored_bytes, wake_at_unix_ms = ?swapped.wake_at_unix_ms, "swapped out");
+        if !stored.replaced.is_empty() {
+            self.prunes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    swapped.snapshot.clone(),
+                    (name.to_string(), stored.replaced),
+                );
+        }
         self.pending_report().swapped.push(swapped.clone());
         self.report_soon.notify_one();
-        if !stored.replaced.is_empty() {
-            let (cold, app) = (self.cold.clone(), name.to_string());
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = cold.prune(&app, &stored.replaced) {
-                    tracing::warn!(app, "removing the snapshots a compaction replaced: {e}");
-                }
-            });
-        }
         Ok(swapped)
     }
 
@@ -816,6 +822,25 @@ impl Worker {
         report
     }
 
+    /// After the hub accepted `report`: deletes from S3 the snapshots that the ones it
+    /// reports swapped out replaced (see [`Worker::prunes`]). Returns the deletions.
+    pub fn prune_reported(&self, report: &WorkerReport) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut prunes = self.prunes.lock().unwrap_or_else(|e| e.into_inner());
+        report
+            .swapped
+            .iter()
+            .filter_map(|swapped| prunes.remove(&swapped.snapshot))
+            .map(|(app, replaced)| {
+                let cold = self.cold.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = cold.prune(&app, &replaced) {
+                        tracing::warn!(app, "removing the snapshots a compaction replaced: {e}");
+                    }
+                })
+            })
+            .collect()
+    }
+
     /// Puts back what a report that could not be sent carried; the next report then
     /// carries the whole resident and held sets.
     pub fn unsend(&self, report: WorkerReport) {
@@ -930,7 +955,7 @@ pub async fn run(
         let report = worker.report().await;
         let path = format!("/v1/workers/{}/report", worker.config.id);
         match hub.post::<_, serde_json::Value>(&path, &report).await {
-            Ok(_) => {}
+            Ok(_) => drop(worker.prune_reported(&report)),
             Err(crate::client::ClientError::Status { status: 404, .. }) => {
                 // The hub forgot us (it restarted, or took us for dead): introduce
                 // ourselves again, then report what we have.
@@ -947,7 +972,15 @@ pub async fn run(
     worker.swap_out_all().await;
     let report = worker.report().await;
     let path = format!("/v1/workers/{}/report", worker.config.id);
-    let _ = hub.post::<_, serde_json::Value>(&path, &report).await;
+    if hub
+        .post::<_, serde_json::Value>(&path, &report)
+        .await
+        .is_ok()
+    {
+        for prune in worker.prune_reported(&report) {
+            let _ = prune.await;
+        }
+    }
     server.abort();
     child_watch.abort();
     Ok(())
