@@ -231,9 +231,7 @@ impl Cold {
         let removed = match self.remote(app)? {
             Some(remote) => {
                 let ids = remote.list()?;
-                for id in &ids {
-                    remote.remove(id)?;
-                }
+                remote.remove_everything()?;
                 ids.len()
             }
             None => LocalStore::open(&self.local_dir(app)?)?.list()?.len(),

@@ -650,6 +650,47 @@ impl S3Store {
         ))
     }
 
+    /// The keys of every object directly under this store's prefix.
+    async fn object_keys(&self) -> Result<Vec<String>, StoreError> {
+        let prefix = self.key("");
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let list = self.conn.client.list_objects_v2().bucket(&self.conn.bucket);
+            let out = list
+                .prefix(&prefix)
+                .delimiter("/")
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| request("ListObjectsV2", self.url(&prefix), &e))?;
+            keys.extend(
+                out.contents()
+                    .iter()
+                    .filter_map(|object| object.key())
+                    .map(str::to_string),
+            );
+            token = out.next_continuation_token().map(str::to_string);
+            if token.is_none() || out.is_truncated() != Some(true) {
+                break;
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Deletes every object under this store's prefix: its snapshots, HEAD, and what an
+    /// interrupted deletion left (a page file whose manifest went first, which
+    /// [`Store::list`] no longer names). For an app that is removed.
+    pub fn remove_everything(&self) -> Result<usize, StoreError> {
+        self.run(async {
+            let keys = self.object_keys().await?;
+            for batch in keys.chunks(PARALLEL_GETS) {
+                futures::future::try_join_all(batch.iter().map(|key| self.delete(key))).await?;
+            }
+            Ok(keys.len())
+        })
+    }
+
     /// Deletes object `key` (S3 answers success for a missing one too).
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let delete = self
@@ -1189,34 +1230,16 @@ impl Store for S3Store {
 
     fn list(&self) -> Result<Vec<String>, StoreError> {
         let prefix = self.key("");
-        self.run(async {
-            let mut ids = Vec::new();
-            let mut token = None;
-            loop {
-                let list = self.conn.client.list_objects_v2().bucket(&self.conn.bucket);
-                let out = list
-                    .prefix(&prefix)
-                    .delimiter("/")
-                    .set_continuation_token(token)
-                    .send()
-                    .await
-                    .map_err(|e| request("ListObjectsV2", self.url(&prefix), &e))?;
-                ids.extend(
-                    out.contents()
-                        .iter()
-                        .filter_map(|object| object.key()?.strip_prefix(&prefix))
-                        .filter_map(|name| name.strip_suffix(".manifest"))
-                        .filter(|id| check_id(id).is_ok())
-                        .map(str::to_string),
-                );
-                token = out.next_continuation_token().map(str::to_string);
-                if token.is_none() || out.is_truncated() != Some(true) {
-                    break;
-                }
-            }
-            ids.sort();
-            Ok(ids)
-        })
+        let mut ids: Vec<String> = self
+            .run(self.object_keys())?
+            .iter()
+            .filter_map(|key| key.strip_prefix(&prefix))
+            .filter_map(|name| name.strip_suffix(".manifest"))
+            .filter(|id| check_id(id).is_ok())
+            .map(str::to_string)
+            .collect();
+        ids.sort();
+        Ok(ids)
     }
 
     /// Removes the snapshot's objects (the manifest first) and its cached copies.

@@ -546,6 +546,15 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
         );
     }
     put_raw(&moto.endpoint, "apps/wan/d1.pages", genuine);
+
+    // Removing the app takes everything under its prefix, also a page file whose
+    // manifest an interrupted deletion already removed (which list() no longer names).
+    put_raw(&moto.endpoint, "apps/wan/orphan.pages", vec![1; 4096]);
+    assert_eq!(remote.list().unwrap(), ["d1", "d2", "d3", "d4"]);
+    // Four snapshots of three objects each, HEAD, and the orphan.
+    assert_eq!(remote.remove_everything().unwrap(), 14);
+    assert!(remote.list().unwrap().is_empty());
+    assert_eq!(remote.remove_everything().unwrap(), 0);
 }
 
 fn inside_a_tokio_runtime(store: S3Store, endpoint: &str, dir: &Path) {
