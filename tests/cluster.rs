@@ -612,6 +612,39 @@ fn the_s3_backend_swaps_out_and_back() {
     assert_eq!(count(&address), 3, "worker log:\n{}", worker.log());
 }
 
+/// With S3 and a cache limit of 0, a swapped-out app's local copy is evicted at once, and
+/// its next restore fetches it from S3 again, state and all.
+#[test]
+fn a_worker_evicts_local_copies_past_its_cache_limit() {
+    let (dir, hub) = setup("evict");
+    let moto = Moto::start(dir.path().join("moto.log"));
+    let cold = [
+        "--s3-bucket",
+        "picocenter-evict",
+        "--s3-endpoint",
+        &moto.endpoint,
+        "--s3-path-style",
+        "--s3-access-key",
+        "test",
+        "--s3-secret-key",
+        "test",
+        "--cache-limit-mib",
+        "0",
+    ];
+    let worker = worker(&hub, "w-evict", "127.3.15.0/24", "60", &cold);
+    hub.add("cevict", "counter-http", 1.0);
+    let address = resolve(&hub, "cevict");
+    assert_eq!(count(&address), 1);
+    hub.wait_state("cevict", "swapped_out", Duration::from_secs(20));
+    let cache = state_dir().join("workers/w-evict/cache/cevict");
+    wait_for("the local copy to go", Duration::from_secs(10), || {
+        (!cache.exists()).then_some(())
+    });
+    let address = resolve(&hub, "cevict");
+    assert_eq!(count(&address), 2, "worker log:\n{}", worker.log());
+    // Without the limit the copy stays (the_s3_backend_swaps_out_and_back finds it).
+}
+
 #[test]
 fn a_full_worker_swaps_out_its_least_recently_active_app() {
     let (dir, hub) = setup("capacity");

@@ -193,6 +193,43 @@ impl Cold {
         })
     }
 
+    /// With S3: while this worker's local copies take more than `limit` bytes, deletes
+    /// those of the apps in `evictable` (oldest first; their next restore fetches from
+    /// S3). Returns the apps whose copies went.
+    pub fn trim_cache(
+        &self,
+        limit: u64,
+        evictable: impl Iterator<Item = String>,
+    ) -> Result<Vec<String>, StoreError> {
+        if !matches!(self.config, ColdConfig::S3(_)) {
+            return Ok(Vec::new());
+        }
+        let mut total = tree_bytes(&self.cache);
+        let mut evicted = Vec::new();
+        for app in evictable {
+            if total <= limit {
+                break;
+            }
+            validate_app_name(&app)?;
+            let dir = self.cache.join(&app);
+            let bytes = tree_bytes(&dir);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        what: "evicting",
+                        path: dir.display().to_string(),
+                        source,
+                    })
+                }
+            }
+            total = total.saturating_sub(bytes);
+            evicted.push(app);
+        }
+        Ok(evicted)
+    }
+
     /// Removes the snapshots `replaced` of `app` from S3 (see [`Stored::replaced`]). They
     /// are named, not listed, so a newer snapshot being uploaded meanwhile is never
     /// touched.
@@ -254,4 +291,20 @@ impl Cold {
         }
         Ok(removed)
     }
+}
+
+/// Bytes of the regular files under `dir` (symlinks are not followed; what cannot be
+/// read counts nothing).
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => tree_bytes(&entry.path()),
+            Ok(kind) if kind.is_file() => entry.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .fold(0u64, u64::saturating_add)
 }

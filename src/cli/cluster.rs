@@ -128,6 +128,11 @@ struct WorkerFlags {
     /// out here it keeps its address, whatever this says.
     #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
     address_quarantine: f64,
+    /// With S3: the disk the local copies of snapshots may take. Past it, the copies of
+    /// apps swapped out here go, the longest out first; their next restore fetches them
+    /// from S3 again.
+    #[arg(long, value_name = "MIB", default_value_t = 8192)]
+    cache_limit_mib: u64,
 }
 
 /// Arguments of `picocenter app`.
@@ -275,6 +280,7 @@ fn worker_options(
             key_file: std::path::absolute(key.path(state))?,
             start_limit: seconds(flags.launch_timeout, "--launch-timeout")?,
             address_quarantine: seconds(flags.address_quarantine, "--address-quarantine")?,
+            cache_limit: flags.cache_limit_mib.saturating_mul(1 << 20),
         },
         cold,
         period: Duration::from_millis(500),

@@ -59,6 +59,9 @@ pub struct WorkerConfig {
     pub start_limit: Duration,
     /// How long an address an app left stays unused before another app gets it.
     pub address_quarantine: Duration,
+    /// Bytes the local copies of S3 snapshots may take: past it, the copies of
+    /// swapped-out apps go, the longest out first (their next restore fetches from S3).
+    pub cache_limit: u64,
 }
 
 /// Why an order failed.
@@ -129,6 +132,8 @@ struct Resident {
 struct Held {
     sockets: held::HeldSockets,
     watcher: tokio::task::JoinHandle<()>,
+    /// Since when (the least recently used app's cache goes first).
+    since: Instant,
 }
 
 /// A worker.
@@ -403,12 +408,14 @@ impl Worker {
             }
         });
         tracing::debug!(app = %name, address = %sockets.address, sockets = sockets.fds.len(), "holding its sockets");
-        if let Some(old) = self
-            .held
-            .lock()
-            .await
-            .insert(name.to_string(), Held { sockets, watcher })
-        {
+        if let Some(old) = self.held.lock().await.insert(
+            name.to_string(),
+            Held {
+                sockets,
+                watcher,
+                since: Instant::now(),
+            },
+        ) {
             old.watcher.abort();
         }
     }
@@ -602,6 +609,7 @@ impl Worker {
             wake_at_unix_ms: stored.wake_at_unix_ms,
         };
         tracing::info!(app = %name, snapshot = %swapped.snapshot, stored_bytes = swapped.stored_bytes, wake_at_unix_ms = ?swapped.wake_at_unix_ms, "swapped out");
+        self.trim_cache().await;
         if !stored.replaced.is_empty() {
             self.prunes
                 .lock()
@@ -614,6 +622,32 @@ impl Worker {
         self.pending_report().swapped.push(swapped.clone());
         self.report_soon.notify_one();
         Ok(swapped)
+    }
+
+    /// Keeps the local copies of S3 snapshots under the cache limit: the copies of apps
+    /// swapped out here go, the longest out first. The held sockets' lock is kept
+    /// throughout, since a restore takes an app's sockets from there before it fetches:
+    /// no restore reads a copy while it goes.
+    async fn trim_cache(&self) {
+        let held = self.held.lock().await;
+        let mut out: Vec<(Instant, String)> = held
+            .iter()
+            .map(|(name, h)| (h.since, name.clone()))
+            .collect();
+        out.sort();
+        let (cold, limit) = (self.cold.clone(), self.config.cache_limit);
+        let evicted = tokio::task::spawn_blocking(move || {
+            cold.trim_cache(limit, out.into_iter().map(|(_, name)| name))
+        })
+        .await;
+        drop(held);
+        match evicted {
+            Ok(Ok(evicted)) if !evicted.is_empty() => {
+                tracing::info!(?evicted, limit, "local copies of snapshots evicted")
+            }
+            Ok(Err(e)) => tracing::warn!("trimming the snapshot cache: {e}"),
+            _ => {}
+        }
     }
 
     /// Deletes app `name`'s snapshots from cold storage (it was removed). Returns how many
