@@ -198,8 +198,10 @@ fn stop_signals_every_process_of_the_app() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
+    // Each says it is ready once its trap is set: a TERM that came before the child's
+    // trap would end it without one (a race this test had under load).
     let script = "(trap 'echo child got TERM > /tmp/child.txt; exit 0' TERM; \
-                   while :; do sleep 0.05; done) &\n\
+                   echo child ready; while :; do sleep 0.05; done) &\n\
         trap 'wait; echo parent got TERM; exit 0' TERM\n\
         echo ready\n\
         while :; do sleep 0.05; done\n";
@@ -215,7 +217,11 @@ fn stop_signals_every_process_of_the_app() {
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().and_then(|l| l.ok()).as_deref(), Some("ready"));
+    let mut ready: Vec<String> = (0..2)
+        .map(|_| lines.next().and_then(|l| l.ok()).unwrap_or_default())
+        .collect();
+    ready.sort();
+    assert_eq!(ready, ["child ready", "ready"]);
     let stop = run_with_limit(
         picocenter().args(["stop", "test-stop-tree", "--grace", "20"]),
         std::time::Duration::from_secs(30),
