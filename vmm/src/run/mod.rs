@@ -364,6 +364,14 @@ impl Exits<'_> {
             if let Some(outcome) = self.preempt()? {
                 return Ok(Some(outcome));
             }
+            // A kick that lands between the CPU's entry into an exception stub (ring 0, on
+            // the app's stack) and the stub's exit leaves the vCPU there: a handler frame
+            // built now would run the handler at ring 0 and bury the exception's frame
+            // (the fuzzer's seed 7 died so, rarely). The stub exits at once; signals wait
+            // for that exit to bring the app back to a user instruction.
+            if self.vcpu.regs().rip >= picocenter_guest_shim::abi::SYSTEM_VA {
+                break;
+            }
             if let Some(outcome) = self.deliver_signals()? {
                 return Ok(Some(outcome));
             }
