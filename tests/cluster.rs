@@ -95,6 +95,29 @@ impl Hub {
     }
 }
 
+/// Worker flags for cold storage in `bucket` of the S3 server at `endpoint` (moto's test
+/// credentials), then `extra`.
+fn s3_cold(bucket: &str, endpoint: &str, extra: &[&str]) -> Vec<String> {
+    let flags = [
+        "--s3-bucket",
+        bucket,
+        "--s3-endpoint",
+        endpoint,
+        "--s3-path-style",
+    ];
+    let keys = ["--s3-access-key", "test", "--s3-secret-key", "test"];
+    flags
+        .iter()
+        .chain(&keys)
+        .chain(extra)
+        .map(|f| f.to_string())
+        .collect()
+}
+
+fn as_strs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
 /// A worker process.
 fn worker(hub: &Hub, id: &str, pool: &str, idle_after: &str, cold: &[&str]) -> Proc {
     let mut cmd = picocenter();
@@ -548,20 +571,8 @@ fn malformed_dns_and_api_requests_get_errors_not_crashes() {
 fn the_s3_backend_swaps_out_and_back() {
     let (dir, hub) = setup("s3");
     let moto = Moto::start(dir.path().join("moto.log"));
-    let cold = [
-        "--s3-bucket",
-        "picocenter-test",
-        "--s3-endpoint",
-        &moto.endpoint,
-        "--s3-prefix",
-        "apps",
-        "--s3-path-style",
-        "--s3-access-key",
-        "test",
-        "--s3-secret-key",
-        "test",
-    ];
-    let worker = worker(&hub, "w-s3", "127.3.7.0/24", "60", &cold);
+    let cold = s3_cold("picocenter-test", &moto.endpoint, &["--s3-prefix", "apps"]);
+    let worker = worker(&hub, "w-s3", "127.3.7.0/24", "60", &as_strs(&cold));
     hub.add("cs3", "counter-http", 1.0);
     let address = resolve(&hub, "cs3");
     assert_eq!(count(&address), 1);
@@ -618,20 +629,12 @@ fn the_s3_backend_swaps_out_and_back() {
 fn a_worker_evicts_local_copies_past_its_cache_limit() {
     let (dir, hub) = setup("evict");
     let moto = Moto::start(dir.path().join("moto.log"));
-    let cold = [
-        "--s3-bucket",
+    let cold = s3_cold(
         "picocenter-evict",
-        "--s3-endpoint",
         &moto.endpoint,
-        "--s3-path-style",
-        "--s3-access-key",
-        "test",
-        "--s3-secret-key",
-        "test",
-        "--cache-limit-mib",
-        "0",
-    ];
-    let worker = worker(&hub, "w-evict", "127.3.15.0/24", "60", &cold);
+        &["--cache-limit-mib", "0"],
+    );
+    let worker = worker(&hub, "w-evict", "127.3.15.0/24", "60", &as_strs(&cold));
     hub.add("cevict", "counter-http", 1.0);
     let address = resolve(&hub, "cevict");
     assert_eq!(count(&address), 1);
@@ -992,18 +995,8 @@ fn a_swapped_out_app_comes_back_over_a_wide_area_link_and_dns_does_not_wait() {
         },
     );
     let endpoint = link.url();
-    let cold = [
-        "--s3-bucket",
-        "picocenter-wan",
-        "--s3-endpoint",
-        &endpoint,
-        "--s3-path-style",
-        "--s3-access-key",
-        "test",
-        "--s3-secret-key",
-        "test",
-    ];
-    let worker = worker(&hub, "w-s3wan", "127.3.14.0/24", "60", &cold);
+    let cold = s3_cold("picocenter-wan", &endpoint, &[]);
+    let worker = worker(&hub, "w-s3wan", "127.3.14.0/24", "60", &as_strs(&cold));
     hub.add("cs3wan", "counter-http", 1.0);
     let first = resolve(&hub, "cs3wan");
     assert_eq!(count(&first), 1);

@@ -180,11 +180,13 @@ impl Cold {
                 replaced = chain_ids;
             }
         }
-        // Cold storage holds the same objects as the local store.
-        let mut bytes = 0;
-        for manifest in &manifests {
-            bytes += local.size(&manifest.id)?;
-        }
+        // Cold storage holds the same objects as the local store: the chain measured
+        // above, or what it was compacted into.
+        let bytes = if compacted {
+            local.size(&newest.id)?
+        } else {
+            chain_bytes
+        };
         Ok(Stored {
             id: newest.id.clone(),
             bytes,
