@@ -102,6 +102,9 @@ int main(int argc, char **argv) {
     ppid = getppid();
     uid = getuid();
     int echo[2];
+    /* A page that is never mapped: PROT_NONE, for the calls told to write there. */
+    char *unmapped = mmap(NULL, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(unmapped != MAP_FAILED);
     CHECK(pipe(feed) == 0 && pipe(echo) == 0);
 
     struct sigaction sa = {0};
@@ -134,6 +137,10 @@ int main(int argc, char **argv) {
         /* Linux's time() reads a coarse clock, up to a tick behind gettimeofday. */
         long t = sys3(SYS_time, 0, 0, 0);
         if (t < tv.tv_sec - 1 || t > tv.tv_sec + 2) WRONG(t - tv.tv_sec);
+        /* Answered in the doorbell, whose store to a bad pointer faults: EFAULT, whatever
+         * signal comes between the fault and its delivery. */
+        if (sys3(SYS_time, (long)unmapped, 0, 0) != -EFAULT) WRONG(0);
+        if (sys3(SYS_gettimeofday, (long)unmapped, 0, 0) != -EFAULT) WRONG(0);
         /* Through the mailbox while its poller is awake. */
         if (sys3(SYS_getppid, 0, 0, 0) != ppid || sys3(SYS_getuid, 0, 0, 0) != uid) WRONG(0);
         char in[2] = {0};

@@ -90,6 +90,11 @@ pub fn recovery(
 pub enum Settled {
     /// The vCPU was not in the doorbell: nothing to do.
     Outside,
+    /// It was, at an instruction that faulted (a time call's store to the app's buffer),
+    /// and KVM has yet to deliver that fault. It is delivered to its stub on the next
+    /// entry, whatever RIP the vCPU has then, so the vCPU stays where it is: the stub's
+    /// exit answers the call.
+    Faulting,
     /// It was, and now is at a clean point.
     Recovered(Recovery),
     /// It was somewhere no `syscall` leads (the app jumped into the doorbell page): the app
@@ -148,6 +153,9 @@ impl Doorbell {
         let offset = regs.rip.wrapping_sub(abi::DOORBELL_VA);
         if offset >= abi::PAGE_SIZE {
             return Ok(Settled::Outside);
+        }
+        if vcpu.exception_in_flight()? {
+            return Ok(Settled::Faulting);
         }
         let Some(region) = doorbell_region(offset) else {
             return Ok(Settled::Stray(format!(

@@ -263,6 +263,18 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Whether KVM holds an exception it has not yet delivered to the guest: a fault it
+    /// took while the guest ran and must inject when the guest runs again. Such an exception
+    /// belongs to the instruction at the current RIP; it is injected at whatever RIP the
+    /// registers hold on the next `KVM_RUN`.
+    pub fn exception_in_flight(&self) -> Result<bool, VcpuError> {
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(ioctl("KVM_GET_VCPU_EVENTS"))?;
+        Ok(events.exception.injected != 0 || events.exception.pending != 0)
+    }
+
     /// The FPU/SSE/AVX state (KVM_GET_XSAVE).
     pub fn xsave(&self) -> Result<kvm_bindings::kvm_xsave, VcpuError> {
         self.fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))

@@ -226,7 +226,7 @@ impl Picoprocess {
     /// finish a call the app is waiting for.
     fn settle(&mut self) -> Result<Option<RunOutcome>, VmmError> {
         match self.doorbell.settle(&mut self.vcpu, self.poller.as_ref())? {
-            Settled::Outside => {}
+            Settled::Outside | Settled::Faulting => {}
             Settled::Recovered(Recovery::Rewind(_)) => self.stats.rewound_in_doorbell += 1,
             Settled::Recovered(Recovery::Complete(_)) => self.stats.completed_in_doorbell += 1,
             Settled::Stray(report) => {
@@ -364,12 +364,7 @@ impl Exits<'_> {
             if let Some(outcome) = self.preempt()? {
                 return Ok(Some(outcome));
             }
-            // A kick that lands between the CPU's entry into an exception stub (ring 0, on
-            // the app's stack) and the stub's exit leaves the vCPU there: a handler frame
-            // built now would run the handler at ring 0 and bury the exception's frame
-            // (the fuzzer's seed 7 died so, rarely). The stub exits at once; signals wait
-            // for that exit to bring the app back to a user instruction.
-            if self.vcpu.regs().rip >= picocenter_guest_shim::abi::SYSTEM_VA {
+            if self.p.signals.deliverable().is_some() && !self.at_clean_point()? {
                 break;
             }
             if let Some(outcome) = self.deliver_signals()? {
@@ -397,9 +392,25 @@ impl Exits<'_> {
         Ok(None)
     }
 
+    /// Whether the vCPU's context is the app's own, to build a signal frame on, capture
+    /// in a snapshot or park with its thread. It is not in two windows a kick can stop
+    /// the vCPU in; in both, what is due waits for the next exit, which comes at once:
+    /// - between the CPU's entry into an exception stub (ring 0, on the kernel stack)
+    ///   and the stub's exit: a handler frame built there would run the handler at ring
+    ///   0 and bury the exception's frame (the fuzzer's seed 7 died so, rarely);
+    /// - after KVM took a fault but before it delivered it to the stub: KVM injects it at
+    ///   whatever RIP the next entry has, so a handler frame built then takes it at the
+    ///   handler's first instruction, with the fault's CR2 (the fuzzer's time() on a bad
+    ///   pointer died so, 1 run in 30 under load), and a snapshot or a thread switch
+    ///   would hand it to the wrong context.
+    fn at_clean_point(&self) -> Result<bool, VmmError> {
+        Ok(self.vcpu.regs().rip < picocenter_guest_shim::abi::SYSTEM_VA
+            && !self.vcpu.exception_in_flight()?)
+    }
+
     /// Ends the current thread's time slice if another thread is runnable.
     fn preempt(&mut self) -> Result<Option<RunOutcome>, VmmError> {
-        if self.p.kicker.pending() & reason::PREEMPT == 0 {
+        if self.p.kicker.pending() & reason::PREEMPT == 0 || !self.at_clean_point()? {
             return Ok(None);
         }
         self.p.kicker.clear(reason::PREEMPT);
@@ -589,7 +600,8 @@ impl Exits<'_> {
         if pending & reason::SIGNAL != 0 {
             self.p.absorb_external_signals();
         }
-        if pending & reason::PAUSE != 0 {
+        // The operator's requests (a snapshot among them) wait for a clean point.
+        if pending & reason::PAUSE != 0 && self.at_clean_point()? {
             self.p.kicker.clear(reason::PAUSE);
             for op in self.ops.take() {
                 if let Some(outcome) = self.perform(op)? {
