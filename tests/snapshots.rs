@@ -46,7 +46,14 @@ fn wait_listening(child: &mut Child, address: &str) {
 
 /// Snapshots app `name` into `dir` and ends it; waits for its process.
 fn swap_out(name: &str, dir: &Path, child: Child) -> String {
-    let out = snapshot(&["create", name, "-o", dir.to_str().unwrap(), "--stop"]);
+    stdout(&swap_out_with(name, dir, child, &[]))
+}
+
+/// [`swap_out`] with more `snapshot create` flags; returns what it printed.
+fn swap_out_with(name: &str, dir: &Path, child: Child, flags: &[&str]) -> std::process::Output {
+    let mut args = vec!["create", name, "-o", dir.to_str().unwrap(), "--stop"];
+    args.extend_from_slice(flags);
+    let out = snapshot(&args);
     assert!(out.status.success(), "{}", describe(&out));
     let status = child.wait_with_output().unwrap();
     assert_eq!(
@@ -55,7 +62,7 @@ fn swap_out(name: &str, dir: &Path, child: Child) -> String {
         "{}",
         String::from_utf8_lossy(&status.stderr)
     );
-    stdout(&out)
+    out
 }
 
 /// Snapshots server app `name` into `dir` and stops it (`snapshot create --stop`).
@@ -492,19 +499,22 @@ fn digest(name: &str) -> (u64, String) {
     )
 }
 
-/// Waits until app `name` has finished what it was doing (two digests 50 ms apart agree)
-/// and returns the digest of its memory.
-fn settled_digest(name: &str) -> (u64, String) {
-    let mut last = digest(name);
-    for _ in 0..100 {
-        std::thread::sleep(Duration::from_millis(50));
-        let now = digest(name);
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    panic!("the memory of {name} never settled");
+/// The memory digest `snapshot create --digest` printed: (pages digested, digest), as
+/// [`digest`] gives them.
+fn captured_digest(out: &std::process::Output) -> (u64, String) {
+    let text = stdout(out);
+    let line = text
+        .lines()
+        .find_map(|l| l.split_once("memory digest ").map(|(_, rest)| rest))
+        .unwrap_or_else(|| panic!("no memory digest in {text}"));
+    let mut words = line.split_whitespace();
+    let digest = words.next().unwrap().to_string();
+    let pages = words
+        .next()
+        .and_then(|w| w.strip_prefix('('))
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no page count in {line}"));
+    (pages, digest)
 }
 
 /// Restores the newest snapshot in `dir` without touching the app, so its memory is
@@ -525,12 +535,12 @@ fn a_restored_app_has_the_memory_it_had() {
     let name = "test-snap-digest";
     let child = bigmem(name, "127.0.7.9", 32, 4);
     assert!(body("127.0.7.9:80", "/").starts_with("sum="));
-    let before = settled_digest(name);
+    // The memory as captured: the app may still be closing the connection of the request.
+    let before = captured_digest(&swap_out_with(name, dir.path(), child, &["--digest"]));
     assert!(
         before.0 >= 32 * 256,
         "the 32 MiB the app filled are not all digested: {before:?}"
     );
-    swap_out(name, dir.path(), child);
     for mode in ["eager", "lazy", "activeset", "stream"] {
         let child = restore_quietly(dir.path(), mode);
         assert_eq!(digest(name), before, "memory after a {mode} restore");
@@ -579,11 +589,19 @@ fn a_vmm_killed_during_a_snapshot_leaves_the_previous_one_intact() {
     let name = "test-snap-kill";
     // The app's own store is where its VMM writes.
     let child = bigmem_in(name, "127.0.7.11", 192, 4, Some(dir.path()));
-    settled_digest(name);
-    let first = snapshot(&["create", name, "-o", dir.path().to_str().unwrap(), "--full"]);
+    let first = snapshot(&[
+        "create",
+        name,
+        "-o",
+        dir.path().to_str().unwrap(),
+        "--full",
+        "--digest",
+    ]);
     assert!(first.status.success(), "{}", describe(&first));
     let intact = head(dir.path());
-    let before = digest(name);
+    // The memory as captured: a digest taken before or after could see the app move on
+    // (it serves the connection that found it listening whenever it gets the CPU).
+    let before = captured_digest(&first);
 
     // A second snapshot; the VMM is killed once its page file is being written.
     let mut second = picocenter();

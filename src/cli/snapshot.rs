@@ -40,6 +40,11 @@ enum SnapshotCommand {
         /// Write every page, not an increment.
         #[arg(long)]
         full: bool,
+        /// Also print a digest of the app's memory as captured (non-zero pages by address
+        /// and contents), to check a restore against: the app's control socket answers
+        /// `{"op":"digest"}` with the same digest of its memory then.
+        #[arg(long)]
+        digest: bool,
         #[command(flatten)]
         state: StateDir,
         #[command(flatten)]
@@ -80,9 +85,10 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<i32> {
             output,
             stop,
             full,
+            digest,
             state,
             key,
-        } => create(&name, output.as_deref(), stop, full, &state, &key),
+        } => create(&name, output.as_deref(), stop, full, digest, &state, &key),
         SnapshotCommand::Restore(args) => restore(*args),
         SnapshotCommand::Inspect {
             dir,
@@ -125,6 +131,7 @@ fn create(
     output: Option<&std::path::Path>,
     stop: bool,
     full: bool,
+    digest: bool,
     state: &StateDir,
     key: &KeyFile,
 ) -> anyhow::Result<i32> {
@@ -144,6 +151,7 @@ fn create(
             stop,
             full,
             if_idle: false,
+            digest,
         },
     )
     .with_context(|| format!("no running app named {name} ({})", socket.display()))?;
@@ -170,6 +178,13 @@ fn create(
         started.elapsed().as_secs_f64() * 1000.0,
         if stop { "; the app has stopped" } else { "" },
     );
+    if let Some(digest) = answer["digest"].as_object() {
+        println!(
+            "{name}: memory digest {} ({} pages) as captured",
+            digest["digest"].as_str().unwrap_or("?"),
+            digest["pages"]
+        );
+    }
     if let Some(output) = output {
         let from = LocalStore::open(&store)?;
         let to = LocalStore::open(output)?;
@@ -252,6 +267,14 @@ fn inspect(
         "  memory        {} MiB, {} areas",
         m.app.memory_mib,
         m.vmas.len()
+    );
+    // RSP is gprs[6]; a thread rewound to its `syscall` holds the call's number in RAX.
+    println!(
+        "  stopped at    rip {:#x}, rsp {:#x}, rax {:#x}; {} other thread(s)",
+        m.context.rip,
+        m.context.gprs[6],
+        m.context.gprs[0],
+        m.threads.len()
     );
     let chain_ids: Vec<&str> = manifests.iter().map(|m| m.id.as_str()).collect();
     println!("  chain         {}", chain_ids.join(" <- "));

@@ -49,6 +49,10 @@ pub enum Request {
         /// waiting on its sockets (else the answer says `"busy": true` and it runs on).
         #[serde(default)]
         if_idle: bool,
+        /// Also digest the memory as captured (as [`Request::Digest`] does), in the same
+        /// stop, so that a restore can be checked against exactly what was written.
+        #[serde(default)]
+        digest: bool,
     },
     /// Digest the app's memory (non-zero pages by address and contents).
     Digest,
@@ -158,6 +162,8 @@ pub enum PendingOp {
         full: bool,
         /// Only if the app is idle then.
         if_idle: bool,
+        /// Digest the memory as captured.
+        digest: bool,
         /// Where the answer goes.
         reply: Reply,
     },
@@ -672,12 +678,14 @@ fn serve(
                 stop,
                 full,
                 if_idle,
+                digest,
             }) => match snapshot_dir(control, dir) {
                 Ok(dir) => at_clean_point(kicker, ops, &writer, |reply| PendingOp::Snapshot {
                     dir,
                     stop,
                     full,
                     if_idle,
+                    digest,
                     reply,
                 }),
                 Err(error) => Some(serde_json::json!({"ok": false, "error": error})),

@@ -620,12 +620,22 @@ impl Exits<'_> {
                 stop,
                 full,
                 if_idle,
+                digest,
                 reply,
             } => {
                 if let Some(why) = if_idle.then(|| crate::persist::busy(self.p)).flatten() {
                     reply.send(serde_json::json!({"ok": false, "busy": true, "error": why}));
                     return Ok(None);
                 }
+                let digest = match digest.then(|| self.p.mem.digest()).transpose() {
+                    Ok(digest) => digest,
+                    Err(e) => {
+                        reply.send(
+                            serde_json::json!({"ok": false, "error": format!("digest: {e}")}),
+                        );
+                        return Ok(None);
+                    }
+                };
                 let result = picocenter_snapshots::LocalStore::open(&dir)
                     .map_err(crate::persist::PersistError::from)
                     .and_then(|store| {
@@ -643,6 +653,9 @@ impl Exits<'_> {
                             "parent": manifest.parent,
                             "stats": manifest.stats,
                             "stopped": stop,
+                            "digest": digest.map(|(pages, digest)| {
+                                serde_json::json!({"pages": pages, "digest": format!("{digest:016x}")})
+                            }),
                         }));
                         if stop {
                             return Ok(Some(RunOutcome::Snapshotted(manifest.id)));
