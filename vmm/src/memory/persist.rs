@@ -4,7 +4,6 @@
 use super::AddressSpace;
 use crate::memory::paging::*;
 use crate::memory::vma::Vma;
-use crate::memory::UserAddr;
 use rustix::io::Errno;
 use std::os::fd::BorrowedFd;
 
@@ -225,10 +224,5 @@ impl AddressSpace {
     pub fn restore_brk(&mut self, start: u64, brk: u64) {
         self.brk_start = start;
         self.brk = brk;
-    }
-
-    /// Writes `data` at `addr` whatever the protection (restoring the app's own stores).
-    pub fn restore_bytes(&mut self, addr: u64, data: &[u8]) -> Result<(), Errno> {
-        self.poke(UserAddr(addr), data)
     }
 }
