@@ -502,7 +502,11 @@ fn digest(name: &str) -> (u64, String) {
 /// The memory digest `snapshot create --digest` printed: (pages digested, digest), as
 /// [`digest`] gives them.
 fn captured_digest(out: &std::process::Output) -> (u64, String) {
-    let text = stdout(out);
+    parse_digest(&stdout(out))
+}
+
+/// The digest and page count in a "memory digest D (N pages)" line of `text`.
+fn parse_digest(text: &str) -> (u64, String) {
     let line = text
         .lines()
         .find_map(|l| l.split_once("memory digest ").map(|(_, rest)| rest))
@@ -517,16 +521,46 @@ fn captured_digest(out: &std::process::Output) -> (u64, String) {
     (pages, digest)
 }
 
-/// Restores the newest snapshot in `dir` without touching the app, so its memory is
-/// exactly what the snapshot holds.
-fn restore_quietly(dir: &Path, mode: &str) -> Child {
+/// Kills the app it holds when dropped, so that a failing test leaves no app running
+/// (with its name and address taken for the next run).
+struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    fn into_child(mut self) -> Child {
+        self.0.take().unwrap()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Restores the newest snapshot in `dir` and returns the digest of its memory as restored,
+/// taken before the app ran (`snapshot restore --digest`): exactly what the snapshot holds.
+fn restore_with_digest(dir: &Path, mode: &str) -> (KillOnDrop, (u64, String)) {
+    use std::io::BufRead;
     let mut cmd = picocenter();
     cmd.args(["snapshot", "restore"])
         .arg(dir)
-        .args(["--mode", mode])
+        .args(["--mode", mode, "--digest"])
         .args(root_from(dir));
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-    cmd.spawn().unwrap()
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = KillOnDrop(Some(cmd.spawn().unwrap()));
+    let stdout = child.0.as_mut().unwrap().stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    if line.is_empty() {
+        let out = child.into_child().wait_with_output().unwrap();
+        panic!("the {mode} restore printed no digest: {}", describe(&out));
+    }
+    (child, parse_digest(&line))
 }
 
 #[test]
@@ -542,9 +576,12 @@ fn a_restored_app_has_the_memory_it_had() {
         "the 32 MiB the app filled are not all digested: {before:?}"
     );
     for mode in ["eager", "lazy", "activeset", "stream"] {
-        let child = restore_quietly(dir.path(), mode);
-        assert_eq!(digest(name), before, "memory after a {mode} restore");
-        swap_out(name, dir.path(), child);
+        let (child, restored) = restore_with_digest(dir.path(), mode);
+        assert_eq!(restored, before, "memory after a {mode} restore");
+        // The control socket digests the running app's memory the same way.
+        let running = digest(name);
+        assert!(running.0 >= 32 * 256, "{running:?} after a {mode} restore");
+        swap_out(name, dir.path(), child.into_child());
     }
 }
 
@@ -644,10 +681,10 @@ fn a_vmm_killed_during_a_snapshot_leaves_the_previous_one_intact() {
         intact,
         "HEAD moved to an unfinished snapshot"
     );
-    let child = restore_quietly(dir.path(), "lazy");
-    assert_eq!(digest(name), before);
+    let (child, restored) = restore_with_digest(dir.path(), "lazy");
+    assert_eq!(restored, before);
     assert!(body("127.0.7.11:80", "/").starts_with("sum="));
-    swap_out(name, dir.path(), child);
+    swap_out(name, dir.path(), child.into_child());
 }
 
 #[test]

@@ -94,6 +94,10 @@ pub struct RestoreArgs {
     /// the passed one, with the connections and datagrams that queued on it meanwhile.
     #[arg(long, value_name = "N", default_value_t = 0)]
     listen_fds: u32,
+    /// Print a digest of the restored memory before the app runs (as `snapshot create
+    /// --digest` prints it as captured): "NAME: memory digest D (N pages) as restored".
+    #[arg(long)]
+    digest: bool,
     #[command(flatten)]
     state: StateDir,
     #[command(flatten)]
@@ -298,6 +302,32 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         temporary.push(data.path());
     }
     run_in_jail(config, state, &temporary, args.timeout, |config| {
-        Picoprocess::restore(config, &store, &id, &options)
+        let picoprocess = Picoprocess::restore(config, &store, &id, &options)?;
+        if args.digest {
+            print_restored_digest(&picoprocess)?;
+        }
+        Ok(picoprocess)
     })
+}
+
+/// Prints the digest of a restored app's memory before it runs, flushed at once so that
+/// whoever reads it can act while the app runs.
+fn print_restored_digest(picoprocess: &Picoprocess) -> Result<(), picocenter_vmm::VmmError> {
+    use std::io::Write;
+    let (pages, digest) =
+        picoprocess
+            .memory_digest()
+            .map_err(|errno| picocenter_vmm::VmmError::Host {
+                what: "the restored memory's digest",
+                source: errno.into(),
+            })?;
+    let mut out = std::io::stdout().lock();
+    // A reader that went away does not stop the app.
+    let _ = writeln!(
+        out,
+        "{}: memory digest {digest:016x} ({pages} pages) as restored",
+        picoprocess.name()
+    );
+    let _ = out.flush();
+    Ok(())
 }

@@ -242,4 +242,12 @@ impl Picoprocess {
     pub fn memory_stats(&self) -> memory::space::MemoryStats {
         kernel::process::lock(&self.process).mem.stats()
     }
+
+    /// A digest of the app's memory now: (non-zero pages, digest), as the control
+    /// socket's `{"op":"digest"}` and `snapshot create --digest` give it. Before the first
+    /// run of a restored app it is the snapshot's memory exactly, which nothing else can
+    /// observe (the app moves on as soon as it runs).
+    pub fn memory_digest(&self) -> Result<(u64, u64), rustix::io::Errno> {
+        kernel::process::lock(&self.process).mem.digest()
+    }
 }
