@@ -6,7 +6,12 @@
 //! * the same loop through the shared-memory mailbox (the default);
 //! * `getpid` and `clock_gettime` as raw syscalls, which the doorbell answers without
 //!   leaving the guest;
-//! * `clock_gettime` through libc, which the vDSO answers with no syscall at all.
+//! * `clock_gettime` through libc, which the vDSO answers with no syscall at all;
+//! * each `getppid` timed on its own, through the mailbox and by exits, in three settings:
+//!   two free cores, a CPU-bound process running beside it, and the picoprocess pinned to
+//!   one core (its vCPU and mailbox threads sharing it): the per-call distribution and
+//!   how far the worst run is from the median run (issue #15's "a mailbox that holds up
+//!   under CPU contention").
 //!
 //! Run with `cargo bench --bench syscall`. Rounds alternate the measurements so that
 //! machine noise hits them alike; medians of the per-round values are reported.
@@ -16,6 +21,96 @@ mod common;
 
 use common::{guest, median, picocenter, printed_number, Link};
 use std::process::Command;
+
+/// Calls per run of the distribution rounds.
+const DISTRIBUTION_CALLS: &str = "20000";
+
+/// A CPU-bound process (a shell's busy loop) for the contention rounds; killed when dropped.
+struct Burner(std::process::Child);
+
+impl Burner {
+    fn start() -> Self {
+        Self(
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .expect("starting a CPU burner"),
+        )
+    }
+}
+
+impl Drop for Burner {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One run of `syscall_bench getppid-dist`: mean, p50, p90, p99, p99.9 and max ns per call.
+fn distribution(program: &str, mailbox: bool, pinned: bool) -> [f64; 6] {
+    let mut cmd = if pinned {
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", "1", env!("CARGO_BIN_EXE_picocenter")])
+            .env("PICOCENTER_STATE_DIR", common::state_dir());
+        cmd
+    } else {
+        picocenter()
+    };
+    cmd.arg("run");
+    if !mailbox {
+        cmd.arg("--no-mailbox");
+    }
+    cmd.args([program, "getppid-dist", DISTRIBUTION_CALLS]);
+    let out = cmd.output().expect("running syscall_bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let values: Vec<f64> = text
+        .split_whitespace()
+        .map(|v| v.parse().expect("a number"))
+        .collect();
+    values.try_into().expect("six numbers")
+}
+
+/// The per-call distribution of forwarded calls in three settings, mailbox against exits.
+fn contention(program: &str) {
+    println!();
+    println!("each getppid timed on its own, {ROUNDS} runs of {DISTRIBUTION_CALLS} calls per row:");
+    println!(
+        "  {:<44} {:>8} {:>8} {:>8} {:>9} {:>17}",
+        "setting", "mean", "p50", "p99", "p99.9", "worst/median run"
+    );
+    for (setting, burner, pinned) in [
+        ("two free cores", false, false),
+        ("beside a CPU-bound process", true, false),
+        ("pinned to one core", false, true),
+    ] {
+        let _burner = burner.then(Burner::start);
+        for mailbox in [true, false] {
+            let mut runs: Vec<[f64; 6]> = (0..ROUNDS)
+                .map(|_| distribution(program, mailbox, pinned))
+                .collect();
+            let column = |runs: &mut Vec<[f64; 6]>, i: usize| {
+                median(&mut runs.iter().map(|r| r[i]).collect::<Vec<_>>())
+            };
+            let mean = column(&mut runs, 0);
+            let worst = runs.iter().map(|r| r[0]).fold(0.0, f64::max);
+            println!(
+                "  {:<44} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>17.2}",
+                format!("{setting}, {}", if mailbox { "mailbox" } else { "exits" }),
+                mean,
+                column(&mut runs, 1),
+                column(&mut runs, 3),
+                column(&mut runs, 4),
+                worst / mean
+            );
+        }
+    }
+    println!("  (ns per call; medians over the runs; worst/median run compares the runs' means)");
+}
 
 const ROUNDS: usize = 7;
 const ITERATIONS: &str = "20000";
@@ -86,4 +181,5 @@ fn main() {
         "ratio vDSO clock_gettime / native vDSO:    {:9.2}",
         medians[5] / medians[7]
     );
+    contention(program);
 }

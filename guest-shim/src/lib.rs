@@ -178,7 +178,7 @@ std::arch::global_asm!(
     // it or learnt it was declined), RAX, RCX and RDX are still saved.
     ".globl picocenter_doorbell_posted",
     "picocenter_doorbell_posted:",
-    "mov ecx, {spin}",
+    "mov ecx, dword ptr [{mb} + {mb_spin}]",
     "12:",
     "cmp dword ptr [{mb} + {mb_state}], {done}",
     "je 14f",
@@ -279,7 +279,7 @@ std::arch::global_asm!(
     empty = const mailbox::EMPTY,
     request = const mailbox::REQUEST,
     done = const mailbox::DONE,
-    spin = const mailbox::SPIN,
+    mb_spin = const mailbox::SPIN,
     tp = const TIME_PAGE_VA,
     tp_valid = const time_page::VALID,
     tp_pid = const time_page::PID,

@@ -225,6 +225,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// The pid of its `picocenter run` process (the VMM's parent).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts image `image` as app `name` at `ip:port` and waits until it accepts
     /// connections (at most 30 s).
     pub fn start(image: &str, name: &str, ip: &str, port: u16, extra: &[&str]) -> Server {
@@ -517,7 +522,20 @@ pub fn printed_number(cmd: &mut Command) -> f64 {
 /// wrk's requests per second, p50 and p99 latency (µs), with one thread and ten
 /// connections for `seconds`.
 pub fn wrk(address: &str, path: &str, seconds: &str) -> (f64, f64, f64) {
-    let out = Command::new("wrk")
+    wrk_on(None, address, path, seconds)
+}
+
+/// [`wrk`], run on CPU `cpu` only if one is given (`taskset -c`).
+pub fn wrk_on(cpu: Option<&str>, address: &str, path: &str, seconds: &str) -> (f64, f64, f64) {
+    let mut cmd = match cpu {
+        Some(cpu) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", cpu, "wrk"]);
+            cmd
+        }
+        None => Command::new("wrk"),
+    };
+    let out = cmd
         .args(["-t1", "-c10", "-d", seconds, "--latency"])
         .arg(format!("http://{address}{path}"))
         .output()

@@ -4,7 +4,9 @@
  *   clock_gettime N  N clock_gettime(CLOCK_MONOTONIC) calls through libc (the vDSO)
  *   clock_gettime_syscall N  the same as raw syscalls (answered in the doorbell)
  *   mmio-exit N  N stores to the picoprocess's calibration page (a bare exit)
- * Prints "<ns per iteration>" measured with CLOCK_MONOTONIC around the loop. */
+ * Prints "<ns per iteration>" measured with CLOCK_MONOTONIC around the loop.
+ *   getppid-dist N  N getppid calls, each timed on its own: prints
+ *                "<mean> <p50> <p90> <p99> <p99.9> <max>" in ns per call. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,9 +23,35 @@ static int64_t now(void) {
     return t.tv_sec * 1000000000ll + t.tv_nsec;
 }
 
+static int by_value(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static int distribution(long n) {
+    if (n < 1) return 2;
+    int64_t *costs = malloc(sizeof(int64_t) * (size_t)n);
+    if (!costs) return 1;
+    int64_t total = 0;
+    for (long i = 0; i < n; i++) {
+        int64_t start = now();
+        long r;
+        __asm__ volatile("syscall" : "=a"(r) : "a"((long)SYS_getppid) : "rcx", "r11", "memory");
+        costs[i] = now() - start;
+        total += costs[i];
+    }
+    qsort(costs, (size_t)n, sizeof(int64_t), by_value);
+    printf("%.1f %lld %lld %lld %lld %lld\n", (double)total / (double)n,
+           (long long)costs[n / 2], (long long)costs[n * 9 / 10], (long long)costs[n * 99 / 100],
+           (long long)costs[n * 999 / 1000], (long long)costs[n - 1]);
+    free(costs);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) { fprintf(stderr, "usage: %s getppid|mmio-exit N\n", argv[0]); return 2; }
     long n = atol(argv[2]);
+    if (!strcmp(argv[1], "getppid-dist")) return distribution(n);
     int64_t start = now();
     if (!strcmp(argv[1], "getppid")) {
         for (long i = 0; i < n; i++) {

@@ -762,11 +762,11 @@ impl Exits<'_> {
     fn on_syscall(&mut self) -> Result<Option<RunOutcome>, VmmError> {
         self.stats.syscalls += 1;
         self.publish_stats();
-        if let Some(poller) = self.poller.as_ref() {
-            poller.wake();
-        }
         let regs = self.vcpu.regs();
         let nr = regs.rax;
+        if let Some(poller) = self.poller.as_ref() {
+            poller.exit_call(nr);
+        }
         if nr == libc::SYS_rt_sigreturn as u64 {
             return match sigframe::sigreturn(self.p, self.vcpu) {
                 Ok(()) => self.deliver_signals(),

@@ -173,8 +173,8 @@ pub const ALLOWED: &[libc::c_long] = &[
     libc::SYS_restart_syscall,
 ];
 
-/// The filter: [`ALLOWED`], plus `socket` for the app's families and `rt_sigqueueinfo`
-/// for the guest-signal carrier; SIGSYS for the rest.
+/// The filter: [`ALLOWED`], plus `socket` for the app's families, `rt_sigqueueinfo` for
+/// the guest-signal carrier and `sched_setscheduler` to SCHED_BATCH; SIGSYS for the rest.
 pub fn filter() -> Result<BpfProgram, JailError> {
     let error = |e: seccompiler::BackendError| JailError::Config(format!("seccomp filter: {e}"));
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
@@ -200,6 +200,17 @@ pub fn filter() -> Result<BpfProgram, JailError> {
     .and_then(|c| SeccompRule::new(vec![c]))
     .map_err(error)?;
     rules.insert(libc::SYS_rt_sigqueueinfo, vec![carrier]);
+    // The mailbox poller of a forked VMM makes itself SCHED_BATCH (see
+    // `mailbox::batch_scheduling`); no other policy, which could only raise a priority.
+    let batch = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::SCHED_BATCH as u64,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(error)?;
+    rules.insert(libc::SYS_sched_setscheduler, vec![batch]);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
