@@ -111,7 +111,8 @@ fn second_cycle(name: &str, dir: &Path, address: &str, path: &str, requests: usi
     let child = restore(dir, "lazy");
     for _ in 0..requests {
         get(address, path);
-        // Each request its own episode (they are sampled every 50 ms per port).
+        // Requests 60 ms apart: the first two are each a sampled episode (a port's samples
+        // are 50 ms apart at first, the gap doubling with each).
         std::thread::sleep(Duration::from_millis(60));
     }
     swap_out(name, dir, child);

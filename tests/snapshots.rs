@@ -964,7 +964,8 @@ fn inspect_tells_how_much_of_the_prefetch_was_used() {
     let address = "127.0.7.40:80";
     let server = Server::start("counter-http", "test-snap-prefetch", "127.0.7.40", 80, &[]);
     for _ in 0..3 {
-        // Each request its own episode (they are sampled every 50 ms per port).
+        // Requests 60 ms apart: the first two are each a sampled episode (a port's samples
+        // are 50 ms apart at first, the gap doubling with each).
         std::thread::sleep(Duration::from_millis(60));
         body(address, "/");
     }

@@ -13,8 +13,13 @@
 //! translation (see `AddressSpace::maybe_cached`), so it runs on the vCPU thread just
 //! before the guest re-enters, never on the mailbox thread while the guest runs. It costs
 //! a walk of the page tables, one full invalidation (about 0.1 ms on kvm_pvm) and the
-//! refaults of the pages touched next, so episodes on one port are sampled at most every
-//! [`MIN_EPISODE_GAP`].
+//! refaults of the pages touched next: every page the app uses must fault again for its
+//! A bit to be set, which costs a Python request ~12 ms on kvm_pvm (0.9 ms otherwise). So
+//! episodes are sampled: on each port, the first after the tables were built, then each
+//! [`MIN_EPISODE_GAP`] after the last, the gap doubling with every sample up to
+//! [`MAX_EPISODE_GAP`]. The requests right after a restore, which are what a prefetch is
+//! for, are learnt from at once; a busy app then pays for a sample a minute, and a mostly
+//! idle one not for every request.
 //!
 //! A restore that prefetches pages builds their entries with A = 1, which says nothing
 //! about the app. Those bits are *unknown* until the first harvest, which drops them; if
@@ -24,8 +29,10 @@ use picocenter_snapshots::format::PortSet;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-/// The least time between two harvested episodes on one port.
+/// The least time between the first two harvested episodes on one port.
 pub const MIN_EPISODE_GAP: Duration = Duration::from_millis(50);
+/// The most time between two harvested episodes on one port.
+pub const MAX_EPISODE_GAP: Duration = Duration::from_secs(60);
 
 /// One request episode: a connection accepted on a port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +57,8 @@ pub struct ActiveSet {
     next: Option<Episode>,
     /// The current episode has ended; the next harvest closes it.
     ending: bool,
-    /// When each port's last harvested episode began.
-    last_begin: HashMap<u16, Instant>,
+    /// When each port's last harvested episode began, and how many it has had.
+    last_begin: HashMap<u16, (Instant, u32)>,
     /// Harvests done.
     harvests: u64,
     /// The tables were built by a restore (not by the app's own start).
@@ -67,17 +74,20 @@ impl ActiveSet {
     }
 
     /// The app accepted connection `fd` on `port`: an episode begins, unless the port's
-    /// last one began less than [`MIN_EPISODE_GAP`] ago.
+    /// last one began less than [`episode_gap`] ago.
     pub fn accepted(&mut self, port: u16, fd: i32) {
         let now = Instant::now();
-        if self
-            .last_begin
-            .get(&port)
-            .is_some_and(|&t| now.duration_since(t) < MIN_EPISODE_GAP)
-        {
-            return;
-        }
-        self.last_begin.insert(port, now);
+        let sampled = match self.last_begin.get(&port) {
+            Some(&(last, count)) => {
+                if now.duration_since(last) < episode_gap(count) {
+                    return;
+                }
+                count
+            }
+            None => 0,
+        };
+        self.last_begin
+            .insert(port, (now, sampled.saturating_add(1)));
         let episode = Episode { port, fd };
         if self.restored && self.harvests == 0 && self.current.is_none() {
             // The first request after a restore is the one a client waits on: a harvest
@@ -156,6 +166,16 @@ impl ActiveSet {
     }
 }
 
+/// The least time between a port's episode number `sampled` (from 1) and the next one
+/// harvested: [`MIN_EPISODE_GAP`], doubled for each sample after the first, at most
+/// [`MAX_EPISODE_GAP`].
+pub fn episode_gap(sampled: u32) -> Duration {
+    let doublings = sampled.saturating_sub(1).min(16);
+    MIN_EPISODE_GAP
+        .saturating_mul(1 << doublings)
+        .min(MAX_EPISODE_GAP)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +231,33 @@ mod tests {
             set.port_sets()[0].pages,
             picocenter_snapshots::chain::ranges([7, 9])
         );
+    }
+
+    #[test]
+    fn samples_grow_rarer_on_a_busy_port() {
+        assert_eq!(episode_gap(1), MIN_EPISODE_GAP);
+        assert_eq!(episode_gap(2), MIN_EPISODE_GAP * 2);
+        assert_eq!(episode_gap(3), MIN_EPISODE_GAP * 4);
+        assert_eq!(episode_gap(12), MAX_EPISODE_GAP);
+        assert_eq!(episode_gap(u32::MAX), MAX_EPISODE_GAP);
+        let mut set = ActiveSet::default();
+        set.accepted(80, 5);
+        set.harvest(vec![]);
+        set.closed(5);
+        set.harvest(vec![]);
+        std::thread::sleep(MIN_EPISODE_GAP);
+        // The second sample waits one gap...
+        set.accepted(80, 6);
+        assert!(set.harvest_due());
+        set.harvest(vec![]);
+        set.closed(6);
+        set.harvest(vec![]);
+        // ...the third two, and another port has its own count.
+        std::thread::sleep(MIN_EPISODE_GAP);
+        set.accepted(80, 7);
+        assert!(!set.harvest_due());
+        set.accepted(443, 8);
+        assert!(set.harvest_due());
     }
 
     #[test]
