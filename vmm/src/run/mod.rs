@@ -316,6 +316,12 @@ impl Picoprocess {
     }
 }
 
+/// A memory digest as the control socket gives it, in the `digest` request's answer and
+/// in a snapshot's reply alike (the tests compare the two): `{"pages": N, "digest": hex}`.
+fn digest_json((pages, digest): (u64, u64)) -> serde_json::Value {
+    serde_json::json!({"pages": pages, "digest": format!("{digest:016x}")})
+}
+
 /// What performing a call left to do.
 enum Step {
     /// The thread goes on (or the run ends with the outcome).
@@ -653,9 +659,7 @@ impl Exits<'_> {
                             "parent": manifest.parent,
                             "stats": manifest.stats,
                             "stopped": stop,
-                            "digest": digest.map(|(pages, digest)| {
-                                serde_json::json!({"pages": pages, "digest": format!("{digest:016x}")})
-                            }),
+                            "digest": digest.map(digest_json),
                         }));
                         if stop {
                             return Ok(Some(RunOutcome::Snapshotted(manifest.id)));
@@ -670,8 +674,10 @@ impl Exits<'_> {
             }
             PendingOp::Digest { reply } => {
                 let answer = match self.p.mem.digest() {
-                    Ok((pages, digest)) => {
-                        serde_json::json!({"ok": true, "pages": pages, "digest": format!("{digest:016x}")})
+                    Ok(digest) => {
+                        let mut answer = digest_json(digest);
+                        answer["ok"] = true.into();
+                        answer
                     }
                     Err(e) => serde_json::json!({"ok": false, "error": format!("digest: {e}")}),
                 };
