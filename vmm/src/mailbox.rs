@@ -8,14 +8,22 @@
 //! the vCPU is declined, and the doorbell makes it with an exit instead.
 //!
 //! The hand-off adapts to CPU contention. The mailbox only pays while the poller has a
-//! core of its own; when it does not (another busy process, or the app pinned to one core
-//! with its poller), the app's calls wait out the doorbell's spin untaken and then exit
-//! anyway, which is slower than exiting at once (on one core: ~85 µs a call against
-//! ~53 µs). The run loop reports such *missed* calls ([`Poller::exit_call`]); when they
-//! outweigh the taken ones, the poller sleeps for a back-off period in which exits do not
-//! wake it ([`MIN_BACKOFF`], doubling up to [`MAX_BACKOFF`] while it keeps missing, reset
-//! once an awake period goes well), so that the app runs at the exit path's speed until
-//! the poller is tried again.
+//! core of its own; without one, the app's calls wait out the doorbell's spin untaken and
+//! then exit anyway. Three things keep that from costing more than exiting at once:
+//! - the spin is short, ~6 µs (`mailbox::SPIN`, a count of `pause`s measured per host: a
+//!   fixed count was 48 µs on a CPU whose `pause` takes 24 ns);
+//! - the poller is SCHED_BATCH, so that a wake does not preempt the thread it lands
+//!   beside, which is most often the vCPU thread that woke it (pinned to one core, every
+//!   exit used to hand the core to the poller for its idle spin: ~90 µs a call against
+//!   ~53 µs by exits);
+//! - the run loop reports *missed* calls, made by exit while the poller was awake
+//!   ([`Poller::exit_call`]); when they outweigh the taken ones, the poller backs off, and
+//!   exits do not wake it for [`MIN_BACKOFF`], doubling up to [`MAX_BACKOFF`] while it
+//!   keeps missing, reset once an awake period goes well.
+//!
+//! An awake period that answered nothing is not a sign of contention: the app most often
+//! blocked in the call that woke the poller (a server's `poll` for its next connection),
+//! and backing off then would make its next request's calls all exits.
 
 use crate::kernel::process::lock;
 use crate::kernel::process::Process;
@@ -180,8 +188,7 @@ impl Drop for Poller {
 /// Makes the calling thread (the poller) SCHED_BATCH: a woken poller then never preempts
 /// the thread it shares a core with, which is most often the vCPU thread that woke it (the
 /// scheduler places a woken thread beside its waker). Preempting it only stops the app it
-/// would serve: with a CPU-bound process beside the app, this took the mean call from
-/// 57 µs to 35 µs (BENCHMARKS.md, "One syscall").
+/// would serve (BENCHMARKS.md, "The mailbox under CPU contention").
 fn batch_scheduling() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sets the calling thread's own policy; `param` outlives the call.
@@ -229,13 +236,6 @@ impl Period {
     /// untaken, so it does not get a core when the app needs it.
     fn losing(&self) -> bool {
         self.missed > MISSES_TOLERATED && self.missed > self.taken.saturating_mul(2)
-    }
-
-    /// Whether the period answered nothing: the exit that woke the poller was the app's
-    /// last call for a while, or the poller ran while the app could not (one core for
-    /// both: every exit would then cost the exit and the poller's idle spin).
-    fn empty(&self) -> bool {
-        self.taken == 0
     }
 }
 
@@ -287,11 +287,7 @@ fn run(shared: &Shared) {
                 sleep.until = Some(Instant::now() + sleep.backoff);
                 sleep.backoff = (sleep.backoff * 2).min(MAX_BACKOFF);
                 shared.backoffs.fetch_add(1, Ordering::Relaxed);
-            } else if ended.empty() {
-                // Not a sign of contention by itself (an app whose calls are sparse has
-                // only such periods), so the back-off stays short and does not grow.
-                sleep.until = Some(Instant::now() + MIN_BACKOFF);
-            } else {
+            } else if ended.taken > 0 {
                 sleep.backoff = MIN_BACKOFF;
             }
         }
@@ -361,8 +357,6 @@ mod tests {
         assert!(!period(1000, 100).losing());
         assert!(period(10, 21).losing());
         assert!(!period(10, 20).losing());
-        assert!(period(0, 0).empty());
-        assert!(!period(1, 0).empty());
     }
 
     #[test]
