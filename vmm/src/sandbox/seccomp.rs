@@ -201,15 +201,19 @@ pub fn filter() -> Result<BpfProgram, JailError> {
     .map_err(error)?;
     rules.insert(libc::SYS_rt_sigqueueinfo, vec![carrier]);
     // The mailbox poller of a forked VMM makes itself SCHED_BATCH (see
-    // `mailbox::batch_scheduling`); no other policy, which could only raise a priority.
-    let batch = SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::SCHED_BATCH as u64,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(error)?;
+    // `mailbox::batch_scheduling`): only the calling thread (pid 0), and no other policy,
+    // which could only raise a priority.
+    let batch = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0)
+        .and_then(|itself| {
+            let policy = SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::SCHED_BATCH as u64,
+            )?;
+            SeccompRule::new(vec![itself, policy])
+        })
+        .map_err(error)?;
     rules.insert(libc::SYS_sched_setscheduler, vec![batch]);
     let filter = SeccompFilter::new(
         rules,
@@ -365,5 +369,34 @@ mod tests {
         };
         assert_eq!(queue(crate::kvm::kick::guest_signal_carrier()), 0);
         assert_eq!(queue(libc::SIGUSR1), 159);
+    }
+
+    /// A jailed VMM may make its own thread SCHED_BATCH (the mailbox poller does) and
+    /// nothing else: no other policy, and no other process's.
+    #[test]
+    fn only_sched_batch_for_the_caller_is_allowed() {
+        let program = filter().unwrap();
+        let set = |pid: i32, policy: i32| {
+            // SAFETY: the child installs the filter, makes one sched_setscheduler call
+            // and _exits; it never returns into the test harness.
+            let child = unsafe { libc::fork() };
+            if child == 0 {
+                // SAFETY: as above.
+                unsafe {
+                    libc::close(2);
+                    let _ = install_program(&program);
+                    let param = libc::sched_param { sched_priority: 0 };
+                    libc::sched_setscheduler(pid, policy, &param);
+                    libc::_exit(0);
+                }
+            }
+            let mut status = 0;
+            // SAFETY: reaps our own child.
+            unsafe { libc::waitpid(child, &mut status, 0) };
+            libc::WEXITSTATUS(status)
+        };
+        assert_eq!(set(0, libc::SCHED_BATCH), 0);
+        assert_eq!(set(0, libc::SCHED_FIFO), 159);
+        assert_eq!(set(1, libc::SCHED_BATCH), 159);
     }
 }
