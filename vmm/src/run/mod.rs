@@ -783,7 +783,18 @@ impl Exits<'_> {
                 })),
             };
         }
-        match self.perform_call()? {
+        let started = std::time::Instant::now();
+        let step = self.perform_call()?;
+        if started.elapsed() > crate::mailbox::IDLE {
+            // The call blocked for longer than the poller stays awake without calls, so it
+            // sleeps, and what the app does with what it waited for (a server's accept,
+            // read and write after its poll) comes as a burst. Woken now, the poller is
+            // awake when that burst begins, instead of after the exit of its first call.
+            if let Some(poller) = self.poller.as_ref() {
+                poller.wake();
+            }
+        }
+        match step {
             Step::Done(outcome) => Ok(outcome),
             Step::Switch => self.schedule(),
         }
