@@ -149,11 +149,6 @@ impl Poller {
         self.wake();
     }
 
-    /// How many times the poller backed off (see the module's documentation).
-    pub fn backoffs(&self) -> u64 {
-        self.shared.backoffs.load(Ordering::Relaxed)
-    }
-
     /// Whether the poller thread still runs: it ends only when stopped, or by a panic.
     pub fn running(&self) -> bool {
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
@@ -175,6 +170,13 @@ impl Poller {
         }
         if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = thread.join();
+            // How the hand-off went, for `RUST_LOG=picocenter_vmm=debug`.
+            tracing::debug!(
+                answered = self.shared.calls.load(Ordering::Relaxed),
+                missed = self.shared.missed.load(Ordering::Relaxed),
+                backoffs = self.shared.backoffs.load(Ordering::Relaxed),
+                "mailbox poller stopped"
+            );
         }
     }
 }
