@@ -225,7 +225,7 @@ fn spin_iterations() -> u32 {
 }
 
 /// How an awake period of the poller went, for the back-off decision.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 struct Period {
     /// Calls the poller answered.
     taken: u64,
@@ -263,7 +263,6 @@ fn run(shared: &Shared) {
         awake.store(1, Ordering::SeqCst);
         let mut last_call = Instant::now();
         let mut spins = 0u32;
-        let mut losing = false;
         loop {
             if take_call(shared) {
                 last_call = Instant::now();
@@ -276,7 +275,6 @@ fn run(shared: &Shared) {
                     break;
                 }
                 if period(shared).losing() {
-                    losing = true;
                     break;
                 }
             }
@@ -284,8 +282,9 @@ fn run(shared: &Shared) {
         {
             let mut sleep = shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
             sleep.asleep = true;
+            // Counts only grow, so a period cut short for losing still loses here.
             let ended = period(shared);
-            if losing || ended.losing() {
+            if ended.losing() {
                 sleep.until = Some(Instant::now() + sleep.backoff);
                 sleep.backoff = (sleep.backoff * 2).min(MAX_BACKOFF);
                 shared.backoffs.fetch_add(1, Ordering::Relaxed);
