@@ -78,12 +78,8 @@ impl ActiveSet {
     pub fn accepted(&mut self, port: u16, fd: i32) {
         let now = Instant::now();
         let sampled = match self.last_begin.get(&port) {
-            Some(&(last, count)) => {
-                if now.duration_since(last) < episode_gap(count) {
-                    return;
-                }
-                count
-            }
+            Some(&(last, count)) if now.duration_since(last) < episode_gap(count) => return,
+            Some(&(_, count)) => count,
             None => 0,
         };
         self.last_begin
