@@ -323,11 +323,9 @@ fn print_restored_digest(picoprocess: &Picoprocess) -> Result<(), picocenter_vmm
             })?;
     let mut out = std::io::stdout().lock();
     // A reader that went away does not stop the app.
-    let _ = writeln!(
-        out,
-        "{}: memory digest {digest:016x} ({pages} pages) as restored",
-        picoprocess.name()
-    );
+    let digest = format!("{digest:016x}");
+    let line = super::snapshot::digest_line(picoprocess.name(), &digest, &pages, "restored");
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
     Ok(())
 }

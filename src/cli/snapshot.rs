@@ -126,6 +126,17 @@ fn progress(message: String) -> indicatif::ProgressBar {
     bar
 }
 
+/// The line `snapshot create --digest` and `snapshot restore --digest` print, which a
+/// check compares: "NAME: memory digest D (N pages) as WHEN".
+pub(super) fn digest_line(
+    name: &str,
+    digest: &str,
+    pages: &dyn std::fmt::Display,
+    when: &str,
+) -> String {
+    format!("{name}: memory digest {digest} ({pages} pages) as {when}")
+}
+
 fn create(
     name: &str,
     output: Option<&std::path::Path>,
@@ -180,9 +191,13 @@ fn create(
     );
     if let Some(digest) = answer["digest"].as_object() {
         println!(
-            "{name}: memory digest {} ({} pages) as captured",
-            digest["digest"].as_str().unwrap_or("?"),
-            digest["pages"]
+            "{}",
+            digest_line(
+                name,
+                digest["digest"].as_str().unwrap_or("?"),
+                &digest["pages"],
+                "captured"
+            )
         );
     }
     if let Some(output) = output {
