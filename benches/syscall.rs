@@ -48,19 +48,15 @@ impl Drop for Burner {
 
 /// One run of `syscall_bench getppid-dist`: mean, p50, p90, p99, p99.9 and max ns per call.
 fn distribution(program: &str, mailbox: bool, pinned: bool) -> [f64; 6] {
-    let mut cmd = if pinned {
-        let mut cmd = Command::new("taskset");
-        cmd.args(["-c", "1", env!("CARGO_BIN_EXE_picocenter")])
-            .env("PICOCENTER_STATE_DIR", common::state_dir());
-        cmd
-    } else {
-        picocenter()
-    };
+    let mut cmd = picocenter();
     cmd.arg("run");
     if !mailbox {
         cmd.arg("--no-mailbox");
     }
     cmd.args([program, "getppid-dist", DISTRIBUTION_CALLS]);
+    if pinned {
+        cmd = common::on_cpu("1", &cmd);
+    }
     let out = cmd.output().expect("running syscall_bench");
     assert!(
         out.status.success(),

@@ -525,19 +525,32 @@ pub fn wrk(address: &str, path: &str, seconds: &str) -> (f64, f64, f64) {
     wrk_on(None, address, path, seconds)
 }
 
-/// [`wrk`], run on CPU `cpu` only if one is given (`taskset -c`).
+/// `cmd` (its program, arguments and environment) run on CPU `cpu` only, with every thread
+/// and child it starts (`taskset -c`).
+pub fn on_cpu(cpu: &str, cmd: &Command) -> Command {
+    let mut pinned = Command::new("taskset");
+    pinned
+        .args(["-c", cpu])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => pinned.env(key, value),
+            None => pinned.env_remove(key),
+        };
+    }
+    pinned
+}
+
+/// [`wrk`], run on CPU `cpu` only if one is given.
 pub fn wrk_on(cpu: Option<&str>, address: &str, path: &str, seconds: &str) -> (f64, f64, f64) {
-    let mut cmd = match cpu {
-        Some(cpu) => {
-            let mut cmd = Command::new("taskset");
-            cmd.args(["-c", cpu, "wrk"]);
-            cmd
-        }
-        None => Command::new("wrk"),
-    };
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", "-c10", "-d", seconds, "--latency"])
+        .arg(format!("http://{address}{path}"));
+    if let Some(cpu) = cpu {
+        cmd = on_cpu(cpu, &cmd);
+    }
     let out = cmd
-        .args(["-t1", "-c10", "-d", seconds, "--latency"])
-        .arg(format!("http://{address}{path}"))
         .output()
         .expect("wrk must be installed (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout);
