@@ -4,6 +4,8 @@
 //!   the app is resident, swapped out to the local store, and swapped out to S3 (a moto
 //!   server on loopback, and the same server behind a 20 ms, 50 MB/s link; the worker's
 //!   local copy is deleted first, so the restore reads S3);
+//! * the same for bigmem (256 MiB, 8 MiB used) over the link, streamed against downloaded
+//!   whole first (`cargo bench --bench cluster -- big` runs only this; it needs s3s-fs);
 //! * DNS queries per second the hub answers for a resident app (a UDP load generator here);
 //! * host memory per idle resident picoprocess beyond the guest pages it touched, and how
 //!   many idle counter-http apps a worker holds in 16 GiB.
@@ -13,7 +15,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::cluster::{api, first_a, pss_bytes, query, start_hub, wait_for, Moto, Proc};
+use common::cluster::{api, first_a, pss_bytes, query, start_hub, wait_for, Proc, S3Server};
 use common::wan::{LinkShape, WanLink};
 use common::{build_image, median, picocenter, state_dir};
 use std::io::{Read, Write};
@@ -260,8 +262,96 @@ fn queries_per_second(
     answered as f64 / seconds
 }
 
+fn as_strs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
+/// Rounds of the big app's swap-in: each moves 256 MiB through the link.
+const BIG_ROUNDS: usize = 7;
+
+/// Issue #14's big app: bigmem (256 MiB, of which its requests read 8) swapped out to S3
+/// behind the link and brought back by a DNS query, streamed against downloaded whole
+/// before its VMM starts (`--s3-download-first`), the two alternating round by round.
+/// Its S3 server is s3s-fs: moto reads a whole object for every ranged GET (~170 ms for
+/// 256 MiB here) and serves one request at a time, which no S3 does.
+fn big_app_over_the_link() {
+    println!("\n== bigmem (256 MiB, 8 MiB used) swapped out to S3 over a 20 ms / 50 MB/s link (median of {BIG_ROUNDS}) ==");
+    build_image("bigmem");
+    let dir = state_dir().join("bench-cluster/s3s");
+    let _ = std::fs::remove_dir_all(&dir);
+    let Some(server) = S3Server::s3s_fs(&dir.join("root"), dir.join("s3s.log")) else {
+        println!(
+            "  not measured: s3s-fs is not installed \
+             (cargo install s3s-fs --version 0.14.1 --features binary --locked)"
+        );
+        return;
+    };
+    let address = server
+        .endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let link = WanLink::start_http(address, LinkShape::default());
+    let endpoint = link.url();
+    let flags = |download_first: bool| -> Vec<String> {
+        let mut flags: Vec<String> = [
+            "--s3-bucket",
+            "bench-big",
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-path-style",
+            "--s3-access-key",
+            "test",
+            "--s3-secret-key",
+            "test",
+        ]
+        .map(String::from)
+        .to_vec();
+        if download_first {
+            flags.push("--s3-download-first".into());
+        }
+        flags
+    };
+    let (streamed_flags, whole_flags) = (flags(false), flags(true));
+    let (streamed_flags, whole_flags) = (as_strs(&streamed_flags), as_strs(&whole_flags));
+    let streamed = Cluster::start("s3big", "127.4.4.0/24", &streamed_flags);
+    let whole = Cluster::start("s3bigwhole", "127.4.5.0/24", &whole_flags);
+    let runs = [(&streamed, "bigstream"), (&whole, "bigwhole")];
+    for (cluster, name) in runs {
+        cluster.add(name, "bigmem");
+        query_to_first_byte(cluster.dns, &format!("{name}.pico.local"), "/");
+    }
+    let mut times = [Vec::new(), Vec::new()];
+    let mut fetched = [Vec::new(), Vec::new()];
+    for _ in 0..BIG_ROUNDS {
+        for (i, (cluster, name)) in runs.iter().enumerate() {
+            cluster.swap_out(name);
+            let _ = std::fs::remove_dir_all(cluster.cache.join(name));
+            let before = link.downloaded.load(std::sync::atomic::Ordering::SeqCst);
+            times[i].push(query_to_first_byte(
+                cluster.dns,
+                &format!("{name}.pico.local"),
+                "/",
+            ));
+            let after = link.downloaded.load(std::sync::atomic::Ordering::SeqCst);
+            fetched[i].push((after - before) as f64 / 1048576.0);
+        }
+    }
+    let [streamed_ms, whole_ms] = times.map(|mut t| median(&mut t));
+    let [streamed_mib, whole_mib] = fetched.map(|mut f| median(&mut f));
+    println!(
+        "  DNS query to first HTTP byte: streamed {streamed_ms:7.1} ms ({streamed_mib:.1} MiB through the link by then)   downloaded first {whole_ms:7.1} ms ({whole_mib:.1} MiB)   downloaded first / streamed = {:.1}x",
+        whole_ms / streamed_ms
+    );
+}
+
 fn main() {
     common::require_kvm();
+    // `cargo bench --bench cluster -- big`: only the big app over the link.
+    if std::env::args().skip(1).any(|arg| arg == "big") {
+        big_app_over_the_link();
+        return;
+    }
     build_image("counter-http");
     build_image("nginx");
 
@@ -275,7 +365,7 @@ fn main() {
     );
     let dir = state_dir().join("bench-cluster");
     std::fs::create_dir_all(&dir).unwrap();
-    let moto = Moto::start(dir.join("moto.log"));
+    let moto = S3Server::moto(dir.join("moto.log"));
     let endpoint = moto.endpoint.clone();
     let s3_flags = |bucket: &'static str, endpoint: &str| -> Vec<String> {
         [
@@ -329,6 +419,8 @@ fn main() {
             wan_bytes as f64 / ROUNDS as f64 / 1048576.0
         );
     }
+
+    big_app_over_the_link();
 
     println!("\n== hub DNS queries per second, resident app (4 clients x 16 in flight, 3 s) ==");
     let qps = queries_per_second(local.dns, "counter.pico.local", 4, 16, 3.0);

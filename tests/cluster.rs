@@ -570,7 +570,7 @@ fn malformed_dns_and_api_requests_get_errors_not_crashes() {
 #[test]
 fn the_s3_backend_swaps_out_and_back() {
     let (dir, hub) = setup("s3");
-    let moto = Moto::start(dir.path().join("moto.log"));
+    let moto = S3Server::moto(dir.path().join("moto.log"));
     let cold = s3_cold("picocenter-test", &moto.endpoint, &["--s3-prefix", "apps"]);
     let worker = worker(&hub, "w-s3", "127.3.7.0/24", "60", &as_strs(&cold));
     hub.add("cs3", "counter-http", 1.0);
@@ -628,7 +628,7 @@ fn the_s3_backend_swaps_out_and_back() {
 #[test]
 fn a_worker_evicts_local_copies_past_its_cache_limit() {
     let (dir, hub) = setup("evict");
-    let moto = Moto::start(dir.path().join("moto.log"));
+    let moto = S3Server::moto(dir.path().join("moto.log"));
     let cold = s3_cold(
         "picocenter-evict",
         &moto.endpoint,
@@ -984,7 +984,7 @@ fn an_app_that_computes_without_connections_is_not_swapped_out_as_idle() {
 #[test]
 fn a_swapped_out_app_comes_back_over_a_wide_area_link_and_dns_does_not_wait() {
     let (dir, hub) = setup("s3wan");
-    let moto = Moto::start(dir.path().join("moto.log"));
+    let moto = S3Server::moto(dir.path().join("moto.log"));
     let server = moto.endpoint.trim_start_matches("http://").parse().unwrap();
     let rtt = Duration::from_millis(400);
     let link = WanLink::start_http(
@@ -1039,4 +1039,94 @@ fn a_swapped_out_app_comes_back_over_a_wide_area_link_and_dns_does_not_wait() {
         worker.log()
     );
     assert!(answered < rtt / 2, "answered after {answered:?}");
+}
+
+/// Issue #14: a swapped-out app whose page file is too big to come with its manifest
+/// (bigmem: 256 MiB, of which requests read 8) comes back from S3 over the wide-area link
+/// by streaming. Its VMM starts once the manifests are in, and the first response comes
+/// when a small part of the page file has crossed the link; the rest follows, each chunk
+/// checked, and completes the worker's local copy, from which the next swap-out builds.
+#[test]
+fn a_big_swapped_out_app_streams_from_s3_and_answers_before_its_memory_is_in() {
+    build_image("bigmem");
+    let (dir, hub) = setup("s3stream");
+    let moto = S3Server::moto(dir.path().join("moto.log"));
+    let server = moto.endpoint.trim_start_matches("http://").parse().unwrap();
+    // Slow enough per connection that the whole page file takes well over a second.
+    let link = WanLink::start_http(
+        server,
+        LinkShape {
+            bytes_per_second: 10_000_000,
+            ..LinkShape::default()
+        },
+    );
+    let cold = s3_cold("picocenter-stream", &link.url(), &[]);
+    let worker = worker(&hub, "w-s3stream", "127.3.16.0/24", "60", &as_strs(&cold));
+    // A failed request says what the worker saw.
+    let get = |address: &str, path: &str| {
+        std::panic::catch_unwind(|| get(address, path)).unwrap_or_else(|_| {
+            panic!(
+                "GET {path} from {address} failed; worker log:\n{}",
+                worker.log()
+            )
+        })
+    };
+    hub.add("bigs3", "bigmem", 2.0);
+    let address = resolve(&hub, "bigs3");
+    let checksum = get(&address, "/");
+    hub.wait_state("bigs3", "swapped_out", Duration::from_secs(120));
+    let cache = state_dir().join("workers/w-s3stream/cache/bigs3");
+    std::fs::remove_dir_all(&cache).unwrap();
+    let before = link.downloaded.load(std::sync::atomic::Ordering::SeqCst);
+
+    let asked = Instant::now();
+    let again = resolve(&hub, "bigs3");
+    assert_eq!(again, address, "the held address");
+    assert_eq!(get(&address, "/"), checksum);
+    let at_first_response = link.downloaded.load(std::sync::atomic::Ordering::SeqCst) - before;
+    eprintln!(
+        "first response {:.1} ms after the query, {:.1} MiB through the link by then",
+        asked.elapsed().as_secs_f64() * 1e3,
+        at_first_response as f64 / 1048576.0
+    );
+    // The page file holds the 256 MiB the app filled; the response needed the 8 it reads.
+    assert!(
+        at_first_response < 64 << 20,
+        "{} MiB had come through the link at the first response; worker log:\n{}",
+        at_first_response >> 20,
+        worker.log()
+    );
+    // The rest streams in behind it and completes the local copy (until then the
+    // snapshot is pending there: a manifest without a page file, and no HEAD).
+    let store = cache.join("store");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let head = std::fs::read_to_string(store.join("HEAD")).unwrap_or_default();
+        let head = head.trim();
+        if !head.is_empty() && store.join(format!("{head}.pages")).exists() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page files did not stream in; worker log:\n{}",
+            worker.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let streamed = link.downloaded.load(std::sync::atomic::Ordering::SeqCst) - before;
+    eprintln!(
+        "streamed in {:.1} s, {:.1} MiB",
+        asked.elapsed().as_secs_f64(),
+        streamed as f64 / 1048576.0
+    );
+    assert!(streamed > 256 << 20, "only {} MiB came", streamed >> 20);
+    assert!(
+        !worker.log().contains("failed"),
+        "worker log:\n{}",
+        worker.log()
+    );
+    // The next swap-out builds on the streamed snapshot, and the one after comes back
+    // from the local copy it completed, same memory.
+    hub.wait_state("bigs3", "swapped_out", Duration::from_secs(120));
+    assert_eq!(get(&resolve(&hub, "bigs3"), "/"), checksum);
 }

@@ -9,7 +9,7 @@
 
 use picocenter_snapshots::compact::compact;
 use picocenter_snapshots::names::validate_app_name;
-use picocenter_snapshots::s3::{S3Config, S3Connection, S3Store};
+use picocenter_snapshots::s3::{ChainStream, S3Config, S3Connection, S3Store};
 use picocenter_snapshots::{copy_chain, store::chain, LocalStore, SnapshotKey, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -242,6 +242,32 @@ impl Cold {
             }
         }
         Ok(())
+    }
+
+    /// Before a restore of `app` at snapshot `id`: makes the chain restorable from the
+    /// local directory, which it returns. With S3, what the first round trips do not
+    /// bring whole is left to stream: the snapshots are committed there as pending, and
+    /// the stream returned must be [run](ChainStream::run) against the restoring VMM's
+    /// page feed.
+    pub fn fetch_streaming(
+        &self,
+        app: &str,
+        id: &str,
+    ) -> Result<(PathBuf, Option<ChainStream>), StoreError> {
+        let dir = self.local_dir(app)?;
+        let Some(remote) = self.remote(app)? else {
+            return Ok((dir, None));
+        };
+        let local = LocalStore::open(&dir)?;
+        let started = std::time::Instant::now();
+        let stream = remote.open_stream(&local, &self.key, id)?;
+        tracing::info!(
+            app,
+            streaming = ?stream.as_ref().map(ChainStream::ids),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "fetched the manifests from S3"
+        );
+        Ok((dir, stream))
     }
 
     /// Before a restore of `app` at snapshot `id`: makes the chain local. Returns the

@@ -16,6 +16,7 @@
 //!   become paths;
 //! * [`pagefile`]: the page file (4 KiB pages, ActiveSet first, zero pages omitted);
 //! * [`archive`]: the data archive of the writable directories (streamed, checked);
+//! * [`feed`]: the page feed, which streams page files into a restoring VMM;
 //! * [`store`]: snapshot stores, with atomic commits, and [`store::copy_chain`];
 //! * [`s3`]: the S3 store (AWS or any S3-compatible endpoint);
 //! * [`private`]: 0600 files and 0700 directories.
@@ -24,6 +25,7 @@ pub mod archive;
 pub mod bounds;
 pub mod chain;
 pub mod compact;
+pub mod feed;
 pub mod format;
 pub mod key;
 pub mod names;

@@ -165,6 +165,50 @@ impl LocalStore {
         Ok(())
     }
 
+    /// Commits snapshot `id`'s manifest (and data archive) ahead of its page file, which
+    /// is being streamed in: the snapshot is *pending* ([`LocalStore::is_complete`] says
+    /// no) until [`LocalStore::attach_pages`]. HEAD is left alone. A restore that is fed
+    /// the page file reads the manifest from here; anything else treats the snapshot as
+    /// absent, so a worker that dies mid-stream leaves nothing half-made to restore from.
+    pub fn commit_pending(
+        &self,
+        manifest: &Manifest,
+        key: &SnapshotKey,
+        data: Option<&Path>,
+    ) -> Result<(), StoreError> {
+        let id = &manifest.id;
+        if let Some(data) = data {
+            self.adopt(data, &self.object(id, "data")?)?;
+        }
+        self.sync_dir();
+        self.write_atomic(&self.object(id, "manifest")?, &manifest.encode(key))?;
+        self.sync_dir();
+        Ok(())
+    }
+
+    /// Completes pending snapshot `id` with its page file (which the caller verified).
+    pub fn attach_pages(
+        &self,
+        id: &str,
+        key: &SnapshotKey,
+        pages: &Path,
+    ) -> Result<(), StoreError> {
+        self.manifest(id, key)?;
+        self.adopt(pages, &self.object(id, "pages")?)?;
+        self.sync_dir();
+        Ok(())
+    }
+
+    /// Whether snapshot `id` is here whole: its manifest checks out under `key` and its
+    /// page file has the manifest's size (a pending one has none yet).
+    pub fn is_complete(&self, id: &str, key: &SnapshotKey) -> bool {
+        let Ok(manifest) = self.manifest(id, key) else {
+            return false;
+        };
+        self.object(id, "pages")
+            .is_ok_and(|path| crate::pagefile::check_size(&path, &manifest).is_ok())
+    }
+
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir

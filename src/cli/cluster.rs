@@ -133,6 +133,12 @@ struct WorkerFlags {
     /// from S3 again.
     #[arg(long, value_name = "MIB", default_value_t = 8192)]
     cache_limit_mib: u64,
+    /// With S3: download a swapped-out app's whole snapshot before its VMM starts, instead
+    /// of starting it once the manifests are in and streaming its page files behind it
+    /// (pages it touches first jump the queue). For comparison; slower over a wide-area
+    /// link.
+    #[arg(long, requires = "s3_bucket")]
+    s3_download_first: bool,
 }
 
 /// Arguments of `picocenter app`.
@@ -281,6 +287,7 @@ fn worker_options(
             start_limit: seconds(flags.launch_timeout, "--launch-timeout")?,
             address_quarantine: seconds(flags.address_quarantine, "--address-quarantine")?,
             cache_limit: flags.cache_limit_mib.saturating_mul(1 << 20),
+            stream_swap_in: !flags.s3_download_first,
         },
         cold,
         period: Duration::from_millis(500),

@@ -94,6 +94,16 @@ pub struct RestoreArgs {
     /// the passed one, with the connections and datagrams that queued on it meanwhile.
     #[arg(long, value_name = "N", default_value_t = 0)]
     listen_fds: u32,
+    /// Stream page files from a worker that is still downloading them: FD is a stream
+    /// socket (the worker's page feed) over which the page files of the snapshots named
+    /// by --fed arrive, each chunk checked against its manifest, while the app already
+    /// runs. Needs --mode stream.
+    #[arg(long, value_name = "FD", requires = "fed")]
+    feed_fd: Option<i32>,
+    /// A snapshot of the chain whose page file comes over --feed-fd, not from the store
+    /// (repeatable, newest first, in the feed's order).
+    #[arg(long, value_name = "ID", requires = "feed_fd")]
+    fed: Vec<String>,
     /// Print a digest of the restored memory before the app runs (as `snapshot create
     /// --digest` prints it as captured): "NAME: memory digest D (N pages) as restored".
     #[arg(long)]
@@ -273,6 +283,37 @@ fn inherited_sockets(count: u32) -> anyhow::Result<Vec<std::sync::Arc<std::os::f
     Ok(sockets)
 }
 
+/// Takes the page feed passed as fd `raw`: it must be an open stream socket.
+fn feed(
+    raw: i32,
+    ids: &[String],
+    listen_fds: u32,
+) -> anyhow::Result<picocenter_vmm::persist::stream::Feed> {
+    use std::os::fd::FromRawFd;
+    let first_free = i64::from(FIRST_HANDED_FD) + i64::from(listen_fds);
+    if i64::from(raw) < first_free {
+        bail!("--feed-fd: fd {raw} is not one handed down after the listen fds ({first_free} or above)");
+    }
+    // SAFETY: fcntl(F_GETFD) only asks whether `raw` is open.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        bail!("--feed-fd: fd {raw} is not open");
+    }
+    // SAFETY: `raw` is open and was handed to this process to own; nothing else here uses
+    // it (the listen fds are others: a worker passes the feed after them).
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
+    if rustix::net::sockopt::socket_type(&fd).ok() != Some(rustix::net::SocketType::STREAM) {
+        bail!("--feed-fd: fd {raw} is not a stream socket");
+    }
+    for id in ids {
+        picocenter_snapshots::store::check_id(id).context("--fed")?;
+    }
+    Ok(picocenter_vmm::persist::stream::Feed {
+        socket: std::sync::Arc::new(std::os::unix::net::UnixStream::from(fd)),
+        ids: ids.to_vec(),
+    })
+}
+
 /// Runs `snapshot restore`.
 pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     let state = args.state.state_dir();
@@ -287,10 +328,18 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     // Authenticated and bounds-checked: only then are its values defaults.
     let manifest = store.manifest(&id, &key)?;
     let (mut config, root, temp_data) = configure(&args, &manifest, key)?;
+    let feed = match args.feed_fd {
+        Some(raw) if args.mode != RestoreMode::Stream => {
+            bail!("--feed-fd {raw} needs --mode stream")
+        }
+        Some(raw) => Some(feed(raw, &args.fed, args.listen_fds)?),
+        None => None,
+    };
     let options = RestoreOptions {
         mode: args.mode,
         relearn: args.relearn,
         first_port: args.first_port,
+        feed,
     };
     // The app goes on snapshotting into the store it came from.
     claim_name(&mut config, state, true, Some(store.dir().to_path_buf()))?;

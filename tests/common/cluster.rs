@@ -134,22 +134,18 @@ pub fn hub_addresses(log: &Path) -> Option<(SocketAddr, SocketAddr)> {
     Some((dns.parse().ok()?, api.parse().ok()?))
 }
 
-/// A moto S3 server on a free loopback port, stopped when dropped.
-pub struct Moto {
+/// An S3 server (moto, or s3s-fs) on a free loopback port, stopped when dropped.
+pub struct S3Server {
     /// The server.
     pub proc: Proc,
     /// Its URL.
     pub endpoint: String,
 }
 
-impl Moto {
-    /// Starts one, logging to `log`, and waits until it accepts.
-    pub fn start(log: PathBuf) -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+impl S3Server {
+    /// Starts moto's S3 server, logging to `log`, and waits until it accepts.
+    pub fn moto(log: PathBuf) -> S3Server {
+        let port = free_port();
         let mut cmd = Command::new("python3");
         cmd.args([
             "-m",
@@ -159,20 +155,62 @@ impl Moto {
             "-p",
             &port.to_string(),
         ]);
+        Self::spawn(
+            cmd,
+            port,
+            log,
+            "the moto S3 server (pip install 'moto[server]')",
+        )
+    }
+
+    /// Starts s3s-fs (an S3 server over a directory, in Rust: unlike moto it reads only
+    /// the range a GET asks for, and serves requests in parallel, as S3 does) on `root`,
+    /// with the access key `test` and secret `test`, logging to `log`. `None` if it is not
+    /// installed (`cargo install s3s-fs --version 0.14.1 --features binary`).
+    pub fn s3s_fs(root: &Path, log: PathBuf) -> Option<S3Server> {
+        let program = s3s_fs_program()?;
+        std::fs::create_dir_all(root).unwrap();
+        let port = free_port();
+        let mut cmd = Command::new(program);
+        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
+        cmd.args(["--access-key", "test", "--secret-key", "test"])
+            .arg(root);
+        Some(Self::spawn(cmd, port, log, "the s3s-fs S3 server"))
+    }
+
+    fn spawn(mut cmd: Command, port: u16, log: PathBuf, what: &str) -> S3Server {
         cmd.stdin(Stdio::null());
         let proc = Proc::spawn(cmd, log);
         let endpoint = format!("http://127.0.0.1:{port}");
-        wait_for(
-            "the moto S3 server (pip install 'moto[server]')",
-            Duration::from_secs(30),
-            || {
-                std::net::TcpStream::connect(("127.0.0.1", port))
-                    .ok()
-                    .map(|_| ())
-            },
-        );
-        Moto { proc, endpoint }
+        wait_for(what, Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        });
+        S3Server { proc, endpoint }
     }
+}
+
+/// A port free on loopback just now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Where s3s-fs is: on the PATH, or in cargo's bin directory.
+fn s3s_fs_program() -> Option<PathBuf> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .chain(home.map(|h| h.join("bin")))
+        .map(|dir| dir.join("s3s-fs"))
+        .find(|program| program.is_file())
 }
 
 /// A DNS query for `name` (type A), id `id`.

@@ -171,9 +171,23 @@ impl HeldSockets {
             if !rustix::event::poll(&mut poll, Some(&now)).is_ok_and(|n| n > 0) {
                 return None;
             }
-            match rustix::net::getsockname(fd).ok()?.try_into().ok()? {
-                std::net::SocketAddr::V4(a) => Some(a.port()),
-                std::net::SocketAddr::V6(a) => Some(a.port()),
+            local_port(fd)
+        })
+    }
+
+    /// The port whose requests' pages a restore should bring in first: the one a
+    /// connection waits on, else the only port the app listens on (a DNS query woke it,
+    /// and its client will connect there next), else none (the app-wide ActiveSet).
+    pub fn first_port(&self) -> Option<u16> {
+        self.waiting_port().or_else(|| {
+            let mut listening = self
+                .fds
+                .iter()
+                .filter(|fd| rustix::net::sockopt::socket_acceptconn(fd).unwrap_or(false))
+                .filter_map(local_port);
+            match (listening.next(), listening.next()) {
+                (Some(port), None) => Some(port),
+                _ => None,
             }
         })
     }
@@ -181,5 +195,13 @@ impl HeldSockets {
     /// The raw fds, for a child process to inherit.
     pub fn raw_fds(&self) -> Vec<i32> {
         self.fds.iter().map(|fd| fd.as_raw_fd()).collect()
+    }
+}
+
+/// The port socket `fd` is bound to.
+fn local_port(fd: &OwnedFd) -> Option<u16> {
+    match rustix::net::getsockname(fd).ok()?.try_into().ok()? {
+        std::net::SocketAddr::V4(a) => Some(a.port()),
+        std::net::SocketAddr::V6(a) => Some(a.port()),
     }
 }

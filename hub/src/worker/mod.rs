@@ -36,6 +36,41 @@ use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 use vmm::{Launch, Vmm};
 
+/// Streams `chain` into app `name`'s VMM over `feed` on a blocking thread, and logs how
+/// it went.
+fn feed(
+    name: String,
+    chain: picocenter_snapshots::s3::ChainStream,
+    feed: std::os::unix::net::UnixStream,
+) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_blocking(move || match chain.run(feed) {
+        Ok(report) => tracing::info!(
+            app = %name,
+            mib = report.bytes as f64 / 1048576.0,
+            wanted = report.wanted,
+            ms = report.ms,
+            "streamed its page files from S3"
+        ),
+        Err(e) => tracing::warn!(
+            app = %name,
+            "streaming its page files from S3 failed: {}",
+            with_causes(&e)
+        ),
+    })
+}
+
+/// `error` and its causes, one after another.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
+}
+
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -62,6 +97,9 @@ pub struct WorkerConfig {
     /// Bytes the local copies of S3 snapshots may take: past it, the copies of
     /// swapped-out apps go, the longest out first (their next restore fetches from S3).
     pub cache_limit: u64,
+    /// With S3: start a restoring VMM once the manifests are in, and stream the page files
+    /// to it (else download everything first).
+    pub stream_swap_in: bool,
 }
 
 /// Why an order failed.
@@ -125,6 +163,9 @@ struct Resident {
     connections: u64,
     rss: u64,
     looked: Instant,
+    /// The stream of its page files from S3, while it runs (a swap-out waits for it: the
+    /// next snapshot builds on them).
+    feeding: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The sockets of a swapped-out app, and the task that wakes it on traffic.
@@ -264,13 +305,35 @@ impl Worker {
                 .ok()
                 .map(|image| image.meta.run.memory_mib)
         });
+        // The worker's end of a page feed to the VMM, and the VMM's (until it has it).
+        let mut feeding = None;
+        let mut vmm_end = None;
         let launch = match &order.snapshot {
             Some(id) => {
                 let cold = self.cold.clone();
                 let (app, snapshot) = (name.clone(), id.clone());
-                let dir = tokio::task::spawn_blocking(move || cold.fetch(&app, &snapshot))
-                    .await
-                    .map_err(|e| WorkerError::Internal(e.to_string()))??;
+                let stream = self.config.stream_swap_in;
+                let (dir, chain) = tokio::task::spawn_blocking(move || {
+                    if stream {
+                        cold.fetch_streaming(&app, &snapshot)
+                    } else {
+                        cold.fetch(&app, &snapshot).map(|dir| (dir, None))
+                    }
+                })
+                .await
+                .map_err(|e| WorkerError::Internal(e.to_string()))??;
+                let feed = match chain {
+                    Some(chain) => {
+                        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                            .map_err(|e| WorkerError::Internal(format!("a page feed: {e}")))?;
+                        let ids = chain.ids();
+                        feeding = Some(feed(name.clone(), chain, ours));
+                        let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+                        vmm_end = Some(theirs);
+                        Some((fd, ids))
+                    }
+                    None => None,
+                };
                 Launch::Restore {
                     dir,
                     id: id.clone(),
@@ -280,7 +343,8 @@ impl Worker {
                         .as_ref()
                         .map(|h| h.sockets.raw_fds())
                         .unwrap_or_default(),
-                    first_port: held.as_ref().and_then(|h| h.sockets.waiting_port()),
+                    first_port: held.as_ref().and_then(|h| h.sockets.first_port()),
+                    feed,
                 }
             }
             None => Launch::Fresh {
@@ -297,8 +361,10 @@ impl Worker {
             key_file: &self.config.key_file,
             log_dir: &log_dir,
         };
-        let vmm = match vmm::launch(&paths, &name, address, &launch, self.config.start_limit).await
-        {
+        let launched = vmm::launch(&paths, &name, address, &launch, self.config.start_limit).await;
+        // The VMM has its copy (or is gone, and the stream then fails on the closed feed).
+        drop(vmm_end);
+        let vmm = match launched {
             Ok(vmm) => vmm,
             Err(e) => {
                 // The sockets stay held: what queues there waits for the next attempt.
@@ -339,6 +405,7 @@ impl Worker {
                 connections: 0,
                 rss: 0,
                 looked: Instant::now(),
+                feeding,
             },
         );
         Ok(Started { address, ms })
@@ -533,6 +600,12 @@ impl Worker {
         mut app: Resident,
         if_idle: bool,
     ) -> Result<SwappedOut, WorkerError> {
+        // The snapshot builds on the page files the app was restored from, so they must be
+        // whole in the local store first: the stream ends before the VMM stops (which
+        // closes its feed), never the other way round.
+        if let Some(feeding) = app.feeding.take() {
+            let _ = feeding.await;
+        }
         if let Ok(stats) = vmm::counters(&app.vmm.control, app.view.as_mut()).await {
             self.account(name, &mut app, &stats);
         }
@@ -580,6 +653,7 @@ impl Worker {
         };
         let id = answer["id"].as_str().unwrap_or_default().to_string();
         let _ = tokio::time::timeout(Duration::from_secs(10), app.vmm.child.wait()).await;
+
         let cold = self.cold.clone();
         let (app_name, snapshot) = (name.to_string(), id.clone());
         let stored = tokio::task::spawn_blocking(move || cold.store(&app_name, &snapshot))
@@ -790,6 +864,11 @@ impl Worker {
                 };
                 if let Some(stats) = stats {
                     self.account(name, app, &stats);
+                }
+                // An app whose page files still stream in is not idle: its swap-out would
+                // wait for the stream, holding up this loop.
+                if app.feeding.as_ref().is_some_and(|f| !f.is_finished()) {
+                    app.last_active = Instant::now();
                 }
                 if app.last_active.elapsed() >= app.idle_after {
                     idle.push(name.clone());

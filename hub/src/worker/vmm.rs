@@ -76,6 +76,10 @@ pub enum Launch {
         sockets: Vec<i32>,
         /// The port a connection waits on among them, whose requests' pages come first.
         first_port: Option<u16>,
+        /// The VMM's end of a page feed (an fd of the worker) and the snapshots whose page
+        /// files come over it, newest first: the VMM restores in stream mode, before they
+        /// are here.
+        feed: Option<(i32, Vec<String>)>,
     },
 }
 
@@ -140,15 +144,32 @@ fn command(
             memory_mib,
             sockets,
             first_port,
+            feed,
         } => {
             cmd.args(["snapshot", "restore"]).arg(dir);
-            cmd.args(["--id", id, "--image", image, "--mode", "activeset"]);
+            let mode = if feed.is_some() {
+                "stream"
+            } else {
+                "activeset"
+            };
+            cmd.args(["--id", id, "--image", image, "--mode", mode]);
             if let Some(port) = first_port {
                 cmd.arg("--first-port").arg(port.to_string());
             }
+            let mut handed = sockets.clone();
             if !sockets.is_empty() {
                 cmd.arg("--listen-fds").arg(sockets.len().to_string());
-                hand_down(&mut cmd, sockets.clone());
+            }
+            if let Some((fd, ids)) = feed {
+                // Handed down right after the listen fds.
+                cmd.arg("--feed-fd").arg((3 + handed.len()).to_string());
+                handed.push(*fd);
+                for id in ids {
+                    cmd.arg("--fed").arg(id);
+                }
+            }
+            if !handed.is_empty() {
+                hand_down(&mut cmd, handed);
             }
             memory_mib
         }
@@ -189,8 +210,11 @@ fn env_file(paths: &Paths<'_>, name: &str, env: &[String]) -> Result<PathBuf, Vm
     Ok(path)
 }
 
+/// The most fds handed down: every held socket, and a page feed.
+const HANDED_MAX: usize = held::MAX_SOCKETS + 1;
+
 /// Makes `sockets` the child's fds 3, 4, ... (without close-on-exec), as
-/// `snapshot restore --listen-fds` expects them.
+/// `snapshot restore --listen-fds` (and `--feed-fd` after them) expects them.
 fn hand_down(cmd: &mut Command, sockets: Vec<i32>) {
     // Far above anything the child has open, so that the copies never land on a target.
     const PARKING: i32 = 4096;
@@ -198,8 +222,8 @@ fn hand_down(cmd: &mut Command, sockets: Vec<i32>) {
     // fcntl(2) and dup2(2), which are async-signal-safe; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            let mut parked = [0i32; held::MAX_SOCKETS];
-            for (i, &fd) in sockets.iter().enumerate().take(held::MAX_SOCKETS) {
+            let mut parked = [0i32; HANDED_MAX];
+            for (i, &fd) in sockets.iter().enumerate().take(HANDED_MAX) {
                 parked[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, PARKING);
                 if parked[i] < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -208,7 +232,7 @@ fn hand_down(cmd: &mut Command, sockets: Vec<i32>) {
             for (i, &fd) in parked
                 .iter()
                 .enumerate()
-                .take(sockets.len().min(held::MAX_SOCKETS))
+                .take(sockets.len().min(HANDED_MAX))
             {
                 // dup2 leaves the new fd without close-on-exec.
                 if libc::dup2(fd, 3 + i as i32) < 0 {

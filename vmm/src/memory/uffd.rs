@@ -3,7 +3,7 @@
 //! (the structures are four small `repr(C)` records), so no system package or bindgen is
 //! needed.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 const UFFD_API: u64 = 0xaa;
 /// `_IOWR(0xaa, 0x3f, struct uffdio_api)`.
@@ -170,6 +170,12 @@ impl Uffd {
         };
         // SAFETY: one pollfd, alive for the call.
         unsafe { libc::poll(&mut pollfd, 1, timeout_ms) > 0 }
+    }
+}
+
+impl AsFd for Uffd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 

@@ -15,6 +15,7 @@ use crate::memory::{Backing, Vma, VmaRole};
 use crate::{Config, Picoprocess, VmmError};
 use picocenter_snapshots::archive;
 use picocenter_snapshots::chain::{covered, ranges, resolve_all};
+use picocenter_snapshots::feed::ChunkId;
 use picocenter_snapshots::format::{BackingRecord, Manifest, PageSource};
 use picocenter_snapshots::pagefile;
 use picocenter_snapshots::store::{self, Store};
@@ -65,6 +66,9 @@ pub struct RestoreOptions {
     /// port used last time come first instead of the app-wide ActiveSet, which after a
     /// fresh start also holds everything its initialisation touched (issue #14).
     pub first_port: Option<u16>,
+    /// Page files that a worker feeds in while it downloads them (stream mode only): the
+    /// app runs before they are here.
+    pub feed: Option<super::stream::Feed>,
 }
 
 /// The pages a restore brings in first: those of `port`'s requests if the snapshot
@@ -105,6 +109,54 @@ fn stream_in(
         .spawn()
         .map_err(|e| stream_error("starting the streamer", e))?;
     Ok(base)
+}
+
+/// Registers the fed page files' frames (level, first frame, host address) with one
+/// userfaultfd and starts the thread that fills them from `feed`, asking first for the
+/// chunks `first`.
+fn start_feed(
+    feed: &super::stream::Feed,
+    manifests: &[Manifest],
+    fed_levels: Vec<(usize, u64, u64)>,
+    first: Vec<ChunkId>,
+) -> Result<(), PersistError> {
+    let feed_error = |what: &str, e: std::io::Error| PersistError::Data {
+        what: what.to_string(),
+        source: e,
+    };
+    let uffd = crate::memory::uffd::Uffd::new()
+        .map_err(|e| feed_error("creating a userfaultfd for the feed", e))?;
+    let mut levels: Vec<Option<super::stream::FedLevel>> = feed.ids.iter().map(|_| None).collect();
+    for (level, _base, host) in fed_levels {
+        let manifest = manifests
+            .iter()
+            .find(|m| m.id == feed.ids[level])
+            .cloned()
+            .unwrap_or_default();
+        if manifest.page_count > 0 {
+            uffd.register(host, manifest.page_count * PAGE)
+                .map_err(|e| feed_error("registering a fed page file's frames", e))?;
+        }
+        levels[level] = Some(super::stream::FedLevel {
+            manifest,
+            host_base: host,
+        });
+    }
+    let levels = levels.into_iter().flatten().collect::<Vec<_>>();
+    if levels.len() != feed.ids.len() {
+        return Err(PersistError::Incompatible(
+            "the feed names a snapshot twice".into(),
+        ));
+    }
+    super::stream::FeedStreamer {
+        socket: feed.socket.clone(),
+        uffd,
+        levels,
+        first,
+    }
+    .spawn()
+    .map_err(|e| feed_error("starting the feed's streamer", e))?;
+    Ok(())
 }
 
 /// Checks that this host offers every CPU feature the snapshot may rely on.
@@ -234,9 +286,38 @@ impl Picoprocess {
                 }
             }
         }
+        // The feed's level of each snapshot of the chain whose page file is fed.
+        let fed_level: Vec<Option<usize>> = manifests
+            .iter()
+            .map(|m| {
+                let ids = options.feed.as_ref().map_or(&[][..], |f| &f.ids[..]);
+                ids.iter().position(|id| *id == m.id)
+            })
+            .collect();
+        if let Some(feed) = &options.feed {
+            if options.mode != RestoreMode::Stream {
+                return Err(PersistError::Incompatible(
+                    "a fed page file needs the stream restore mode".into(),
+                ));
+            }
+            if let Some(stray) = feed
+                .ids
+                .iter()
+                .find(|id| !manifests.iter().any(|m| m.id == **id))
+            {
+                return Err(PersistError::Incompatible(format!(
+                    "the feed carries snapshot {stray}, which is not in the chain"
+                )));
+            }
+        }
         let mut page_files = Vec::new();
-        for (m, pages) in manifests.iter().zip(upfront) {
+        for ((m, pages), fed) in manifests.iter().zip(upfront).zip(&fed_level) {
             let path = store.page_file(&m.id)?;
+            if fed.is_some() {
+                // Not here yet: each chunk is checked as it arrives.
+                page_files.push(path);
+                continue;
+            }
             match options.mode {
                 RestoreMode::Eager => pagefile::verify(&path, m, 0, m.page_count)?,
                 RestoreMode::ActiveSet => pagefile::verify_pages(&path, m, pages)?,
@@ -254,7 +335,17 @@ impl Picoprocess {
 
         // Page files become guest memory.
         let mut bases = Vec::new();
+        let mut fed_levels = Vec::new();
         for (depth, (m, path)) in manifests.iter().zip(&page_files).enumerate() {
+            if let Some(level) = fed_level[depth] {
+                let (base, host) = space
+                    .reserve_page_file(m.page_count)
+                    .map_err(memory("reserving frames for a fed page file"))?;
+                space.note_streamed(base, m.page_count * PAGE);
+                fed_levels.push((level, base, host));
+                bases.push(base);
+                continue;
+            }
             let file = File::open(path).map_err(|source| PersistError::Data {
                 what: format!("opening {}", path.display()),
                 source,
@@ -320,10 +411,24 @@ impl Picoprocess {
         let mut prefetch: Vec<u64> = Vec::new();
         let mut preset_pages: Vec<u64> = Vec::new();
         let mut file_pages: Vec<u64> = Vec::new();
+        // The fed chunks that hold the pages that come first, in the order met.
+        let mut fed_first: Vec<ChunkId> = Vec::new();
         for piece in pieces {
             let vpns = piece.vpn..piece.vpn + piece.count;
             match piece.source {
                 PageSource::Stored { index } => {
+                    if let Some(level) = fed_level[piece.depth] {
+                        let chunk_pages = manifests[piece.depth].chunk_pages.max(1);
+                        for i in (0..piece.count).filter(|i| hot(piece.vpn + i)) {
+                            let id = ChunkId {
+                                level: level as u32,
+                                chunk: (index + i) / chunk_pages,
+                            };
+                            if fed_first.last() != Some(&id) && !fed_first.contains(&id) {
+                                fed_first.push(id);
+                            }
+                        }
+                    }
                     let frame = bases[piece.depth] + index * PAGE;
                     space
                         .map_restored_run(piece.vpn * PAGE, frame, piece.count, |i| {
@@ -365,6 +470,9 @@ impl Picoprocess {
                 .map_err(memory("mapping file pages"))?;
         }
         phase("pages");
+        if let Some(feed) = &options.feed {
+            start_feed(feed, &manifests, fed_levels, fed_first)?;
+        }
         match options.mode {
             RestoreMode::Eager => {
                 for (m, &base) in manifests.iter().zip(&bases) {

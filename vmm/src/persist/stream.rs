@@ -6,13 +6,35 @@
 //! of a page not yet there (by the app, through KVM, or by the VMM) blocks in the kernel
 //! and reaches the streamer as a fault: that page's chunk jumps the queue. Pages are never
 //! brought in one at a time. When every chunk is in, the userfaultfd is closed.
+//!
+//! A page file still on its way from cold storage comes the same way, from the worker
+//! that downloads it ([`FeedStreamer`], over the page feed): chunks arrive in the
+//! worker's order, and a touched page's chunk is asked for.
 
 use crate::memory::uffd::Uffd;
+use picocenter_snapshots::feed::{self, ChunkId};
 use picocenter_snapshots::format::{Manifest, PAGE_SIZE};
 use picocenter_snapshots::pagefile;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
+
+/// Runs `fill` on a thread named `name`. If it fails, the VMM ends (status 70), saying
+/// that `what` failed: the app cannot go on with pages it will never get.
+fn spawn_filler(
+    name: &str,
+    what: &'static str,
+    fill: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if let Err(e) = fill() {
+                eprintln!("picocenter: {what} failed: {e}");
+                std::process::exit(70);
+            }
+        })
+}
 
 /// What a streamer needs: the file, where its pages go, and its manifest (for the chunk
 /// layout and checksums).
@@ -41,24 +63,17 @@ impl Streamer {
 
     /// Runs on its own thread until the whole file is in.
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name("picocenter-stream".into())
-            .spawn(move || {
-                let started = Instant::now();
-                match self.run() {
-                    Ok(faults) => tracing::debug!(
-                        pages = self.manifest.page_count,
-                        faults,
-                        ms = started.elapsed().as_secs_f64() * 1e3,
-                        "page file streamed in"
-                    ),
-                    Err(e) => {
-                        // The app cannot go on with pages it will never get.
-                        eprintln!("picocenter: streaming the snapshot failed: {e}");
-                        std::process::exit(70);
-                    }
-                }
-            })
+        spawn_filler("picocenter-stream", "streaming the snapshot", move || {
+            let started = Instant::now();
+            let faults = self.run()?;
+            tracing::debug!(
+                pages = self.manifest.page_count,
+                faults,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "page file streamed in"
+            );
+            Ok(())
+        })
     }
 
     fn run(&self) -> Result<u64, String> {
@@ -102,5 +117,143 @@ impl Streamer {
         self.uffd
             .copy(self.host_base + pages.start * PAGE_SIZE, bytes)
             .map_err(|e| format!("copying pages {pages:?} in: {e}"))
+    }
+}
+
+/// Page files a worker feeds in while it downloads them (see
+/// [`picocenter_snapshots::feed`]): the VMM's end of the feed socket, and the snapshots
+/// whose page files it carries, newest first (the feed's levels).
+#[derive(Debug, Clone)]
+pub struct Feed {
+    /// The socket; the streamer reads chunks from it and writes wants to it.
+    pub socket: std::sync::Arc<std::os::unix::net::UnixStream>,
+    /// The snapshots it carries, newest first.
+    pub ids: Vec<String>,
+}
+
+/// A fed page file: its manifest and where its frames are.
+pub struct FedLevel {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Host address of page 0's frame.
+    pub host_base: u64,
+}
+
+/// Fills the frames of every fed page file from the feed, chunk by chunk, each checked
+/// against its digest; a page touched before its chunk came is asked for at once.
+pub struct FeedStreamer {
+    /// The feed.
+    pub socket: std::sync::Arc<std::os::unix::net::UnixStream>,
+    /// The userfaultfd every fed level's frames are registered with.
+    pub uffd: Uffd,
+    /// The levels, in the feed's order.
+    pub levels: Vec<FedLevel>,
+    /// Chunks to ask for before anything is touched (the pages that come first).
+    pub first: Vec<ChunkId>,
+}
+
+impl FeedStreamer {
+    /// Runs on its own thread until every chunk of every level is in.
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let what = "streaming the snapshot from the worker";
+        spawn_filler("picocenter-feed", what, move || {
+            let started = Instant::now();
+            let wanted = self.run()?;
+            tracing::debug!(
+                levels = self.levels.len(),
+                wanted,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "page files fed in"
+            );
+            Ok(())
+        })
+    }
+
+    /// The chunk the host address `address` lies in, if a fed level's frames hold it.
+    fn chunk_at(&self, address: u64) -> Option<ChunkId> {
+        self.levels.iter().enumerate().find_map(|(level, fed)| {
+            let page = address.checked_sub(fed.host_base)? / PAGE_SIZE;
+            (page < fed.manifest.page_count).then(|| ChunkId {
+                level: level as u32,
+                chunk: page / fed.manifest.chunk_pages.max(1),
+            })
+        })
+    }
+
+    fn run(&self) -> Result<u64, String> {
+        use std::io::Write;
+        let mut missing: Vec<Vec<bool>> = self
+            .levels
+            .iter()
+            .map(|fed| {
+                let chunks = fed
+                    .manifest
+                    .page_count
+                    .div_ceil(fed.manifest.chunk_pages.max(1));
+                vec![true; usize::try_from(chunks).unwrap_or(0)]
+            })
+            .collect();
+        let mut remaining: usize = missing.iter().map(Vec::len).sum();
+        let mut asked = std::collections::HashSet::new();
+        let mut socket = &*self.socket;
+        let mut ask = |id: ChunkId, socket: &mut &std::os::unix::net::UnixStream| {
+            if asked.insert(id) {
+                socket
+                    .write_all(&feed::want(id))
+                    .map_err(|e| format!("asking the worker for a chunk: {e}"))
+            } else {
+                Ok(())
+            }
+        };
+        for &id in self.first.iter().chain([&feed::FIRST_WANTS_DONE]) {
+            ask(id, &mut socket)?;
+        }
+        let mut wanted = 0u64;
+        let mut buffer = Vec::new();
+        while remaining > 0 {
+            let mut fds = [
+                rustix::event::PollFd::new(&self.uffd, rustix::event::PollFlags::IN),
+                rustix::event::PollFd::new(&*self.socket, rustix::event::PollFlags::IN),
+            ];
+            match rustix::event::poll(&mut fds, None) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(format!("waiting for faults and chunks: {e}")),
+            }
+            let (faulted, fed) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+            if faulted {
+                while let Some(address) = self.uffd.next_fault().map_err(|e| e.to_string())? {
+                    let Some(id) = self.chunk_at(address) else {
+                        continue;
+                    };
+                    if missing[id.level as usize][id.chunk as usize] {
+                        wanted += 1;
+                        ask(id, &mut socket)?;
+                    }
+                }
+            }
+            if !fed {
+                continue;
+            }
+            let id = feed::read_chunk(&mut socket, &mut buffer)
+                .map_err(|e| format!("reading the feed: {e}"))?
+                .ok_or_else(|| format!("the feed ended with {remaining} chunks still to come"))?;
+            let fed = self
+                .levels
+                .get(id.level as usize)
+                .ok_or_else(|| format!("the feed sent a chunk of level {}", id.level))?;
+            let pages = pagefile::chunk_pages_of(&fed.manifest, id.chunk)
+                .ok_or_else(|| format!("the feed sent chunk {} of level {}", id.chunk, id.level))?;
+            pagefile::check_chunk(&fed.manifest, id.chunk, &buffer).map_err(|e| e.to_string())?;
+            let slot = &mut missing[id.level as usize][id.chunk as usize];
+            if !*slot {
+                continue;
+            }
+            self.uffd
+                .copy(fed.host_base + pages.start * PAGE_SIZE, &buffer)
+                .map_err(|e| format!("copying pages {pages:?} in: {e}"))?;
+            *slot = false;
+            remaining -= 1;
+        }
+        Ok(wanted)
     }
 }

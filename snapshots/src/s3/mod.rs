@@ -46,6 +46,9 @@ use std::time::Instant;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+mod stream;
+pub use stream::{ChainStream, StreamReport};
+
 /// Bytes of one part of a multipart upload, and of one ranged GET.
 pub const PART_SIZE: u64 = 8 << 20;
 /// Parts uploaded at once.
@@ -257,17 +260,26 @@ fn verify_download(
     pages: &Path,
     data: Option<&Path>,
 ) -> Result<(), StoreError> {
-    let refused = |what: String| StoreError::Remote(format!("snapshot {}: {what}", manifest.id));
-    crate::pagefile::verify(pages, manifest, 0, manifest.page_count)
-        .map_err(|e| refused(format!("downloaded page file: {e}")))?;
+    crate::pagefile::verify(pages, manifest, 0, manifest.page_count).map_err(|e| {
+        StoreError::Remote(format!(
+            "snapshot {}: downloaded page file: {e}",
+            manifest.id
+        ))
+    })?;
+    verify_data(manifest, data)
+}
+
+/// Checks a downloaded data archive, if the snapshot has one, against its digest.
+fn verify_data(manifest: &Manifest, data: Option<&Path>) -> Result<(), StoreError> {
     if let Some(data) = data {
         let mut file = std::fs::File::open(data).map_err(io("opening", data))?;
         let mut hasher = blake3::Hasher::new();
         let bytes = std::io::copy(&mut file, &mut hasher).map_err(io("reading", data))?;
         if bytes != manifest.data_bytes || *hasher.finalize().as_bytes() != manifest.data_digest {
-            return Err(refused(
-                "the downloaded data archive fails its digest".into(),
-            ));
+            return Err(StoreError::Remote(format!(
+                "snapshot {}: the downloaded data archive fails its digest",
+                manifest.id
+            )));
         }
     }
     Ok(())
@@ -477,46 +489,17 @@ impl S3Store {
         key: &SnapshotKey,
         id: &str,
     ) -> Result<Vec<String>, StoreError> {
-        if local.manifest(id, key).is_ok() {
+        if local.is_complete(id, key) {
             return Ok(Vec::new());
         }
         let fetched = self.run(async {
             let newest = self.fetch_level(id, key).await?;
-            let wanted: Vec<String> = newest
-                .manifest
-                .ancestors
-                .iter()
-                .take_while(|ancestor| local.manifest(ancestor, key).is_err())
-                .cloned()
-                .collect();
-            let older = futures::future::try_join_all(
-                wanted
-                    .iter()
-                    .map(|ancestor| self.fetch_level(ancestor, key)),
-            );
-            let (newest, mut older) =
-                futures::future::try_join(self.finish_level(newest), older).await?;
-            // A chain longer than a manifest lists: one link at a time past its end.
-            loop {
-                let last = older.last().map_or(&newest.0, |level| &level.manifest);
-                let Some(parent) = last.parent.clone() else {
-                    break;
-                };
-                if local.manifest(&parent, key).is_ok() {
-                    break;
-                }
-                if older.len() >= MAX_FETCHED_CHAIN {
-                    return Err(self.broken_chain(last));
-                }
-                older.push(self.fetch_level(&parent, key).await?);
-            }
-            let mut child = &newest.0;
-            for level in &older {
-                if child.parent.as_deref() != Some(level.manifest.id.as_str()) {
-                    return Err(self.broken_chain(child));
-                }
-                child = &level.manifest;
-            }
+            let newest_manifest = newest.manifest.clone();
+            let (newest, older) = futures::future::try_join(
+                self.finish_level(newest),
+                self.older_levels(local, key, &newest_manifest),
+            )
+            .await?;
             let older =
                 futures::future::try_join_all(older.into_iter().map(|l| self.finish_level(l)))
                     .await?;
@@ -530,6 +513,51 @@ impl S3Store {
             local.set_head(id, key)?;
         }
         Ok(fetched.into_iter().map(|(m, _, _)| m.id).collect())
+    }
+
+    /// The ancestors of `newest` that `local` lacks, newest first, each with the first
+    /// part of its objects: those `newest` lists, at once, then one link at a time past
+    /// the end of its list. Every link is checked: each is the parent its child names.
+    async fn older_levels(
+        &self,
+        local: &LocalStore,
+        key: &SnapshotKey,
+        newest: &Manifest,
+    ) -> Result<Vec<Level>, StoreError> {
+        let wanted: Vec<String> = newest
+            .ancestors
+            .iter()
+            .take_while(|ancestor| !local.is_complete(ancestor, key))
+            .cloned()
+            .collect();
+        let mut older = futures::future::try_join_all(
+            wanted
+                .iter()
+                .map(|ancestor| self.fetch_level(ancestor, key)),
+        )
+        .await?;
+        // A chain longer than a manifest lists: one link at a time past its end.
+        loop {
+            let last = older.last().map_or(newest, |level| &level.manifest);
+            let Some(parent) = last.parent.clone() else {
+                break;
+            };
+            if local.is_complete(&parent, key) {
+                break;
+            }
+            if older.len() >= MAX_FETCHED_CHAIN {
+                return Err(self.broken_chain(last));
+            }
+            older.push(self.fetch_level(&parent, key).await?);
+        }
+        let mut child = newest;
+        for level in &older {
+            if child.parent.as_deref() != Some(level.manifest.id.as_str()) {
+                return Err(self.broken_chain(child));
+            }
+            child = &level.manifest;
+        }
+        Ok(older)
     }
 
     /// Fetches what `level`'s first round trip left out of its page file (ActiveSet
