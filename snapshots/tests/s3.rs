@@ -4,6 +4,7 @@
 //! One test runs every case against one server, in order, because starting the server is
 //! the slow part and the cases change the environment (credentials).
 
+use picocenter_snapshots::feed::{self, ChunkId};
 use picocenter_snapshots::format::{
     AppRecord, BackingRecord, PageRun, PageSource, ProcessRecord, UserContext, VmaRecord,
 };
@@ -214,6 +215,7 @@ fn s3_store_against_a_real_server() {
     empty_store_and_missing_snapshots(&store);
     commit_and_read_back(&store, &endpoint, dir.path());
     large_page_file(&store, &endpoint, dir.path());
+    a_chain_streams_into_a_feed(&endpoint, dir.path());
     remove_list_and_size(&store);
     corrupt_manifest_is_refused(&store, &endpoint);
     copy_chain_local_to_s3_to_local(&endpoint, dir.path());
@@ -313,6 +315,129 @@ fn large_page_file(store: &S3Store, endpoint: &str, dir: &Path) {
          ({download:?}), cached {cached:?}",
         bytes / MIB / upload.as_secs_f64(),
         bytes / MIB / download.as_secs_f64(),
+    );
+}
+
+/// What a fake VMM received: the page files it assembled, and the order chunks came in.
+type Received = (Vec<Vec<u8>>, Vec<ChunkId>);
+
+/// The VMM's end of a feed, for [`a_chain_streams_into_a_feed`]: asks for `wants` (then
+/// says its first wants are done), reads every chunk of the `levels`, checks each against
+/// its digest, and returns the page files assembled and the order the chunks came in.
+fn fake_vmm(
+    mut feed: std::os::unix::net::UnixStream,
+    levels: Vec<Manifest>,
+    wants: Vec<ChunkId>,
+) -> std::thread::JoinHandle<Result<Received, String>> {
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for id in wants.into_iter().chain([feed::FIRST_WANTS_DONE]) {
+            feed.write_all(&feed::want(id)).unwrap();
+        }
+        let mut files: Vec<Vec<u8>> = levels
+            .iter()
+            .map(|m| vec![0; m.page_file_bytes() as usize])
+            .collect();
+        let mut order = Vec::new();
+        let mut buffer = Vec::new();
+        while let Some(id) = feed::read_chunk(&mut feed, &mut buffer).map_err(|e| e.to_string())? {
+            let m = levels
+                .get(id.level as usize)
+                .ok_or("a level out of range")?;
+            pagefile::check_chunk(m, id.chunk, &buffer).map_err(|e| e.to_string())?;
+            let pages = pagefile::chunk_pages_of(m, id.chunk).ok_or("a chunk out of range")?;
+            let at = (pages.start * 4096) as usize;
+            files[id.level as usize][at..at + buffer.len()].copy_from_slice(&buffer);
+            order.push(id);
+        }
+        Ok((files, order))
+    })
+}
+
+/// Issue #14's streamed swap-in, the worker's side: a chain whose newest page file is too
+/// big to come with its manifest is committed pending, its page file streams into the
+/// feed (a chunk asked for jumping the queue), and then completes the local copy; a page
+/// file damaged in the bucket reaches the VMM only as a chunk that fails its digest, and
+/// leaves the local copy pending.
+fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
+    let source = LocalStore::open(&dir.join("stream-source")).unwrap();
+    let base_pages = source.scratch("sbase", "pages").unwrap();
+    let base = page_file(&base_pages, "sbase", None, 2 * 256, 11);
+    source.commit(&base, &key(), &base_pages, None).unwrap();
+    let pages = source.scratch("snew", "pages").unwrap();
+    let count = 12 * 256; // 12 MiB: past the 2 MiB that come with the manifest
+    let newest = page_file(&pages, "snew", Some("sbase"), count, 12);
+    source.commit(&newest, &key(), &pages, None).unwrap();
+    let remote = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-up")).unwrap();
+    copy_chain(&source, &remote, &key(), "snew").unwrap();
+
+    let local = LocalStore::open(&dir.join("stream-local")).unwrap();
+    let remote = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache")).unwrap();
+    let stream = remote
+        .open_stream(&local, &key(), "snew")
+        .unwrap()
+        .expect("a stream");
+    // The 2 MiB base came whole with its manifest; the newest is pending until streamed.
+    assert_eq!(stream.ids(), ["snew"]);
+    assert!(local.is_complete("sbase", &key()));
+    assert!(!local.is_complete("snew", &key()));
+    assert!(local.manifest("snew", &key()).is_ok());
+    let last = ChunkId {
+        level: 0,
+        chunk: newest.chunk_digests.len() as u64 - 1,
+    };
+    let (worker_end, vmm_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    let vmm = fake_vmm(vmm_end, vec![newest.clone()], vec![last]);
+    let report = stream.run(worker_end).unwrap();
+    let (files, order) = vmm.join().unwrap().unwrap();
+    assert_eq!(
+        files[0],
+        std::fs::read(source.page_file("snew").unwrap()).unwrap()
+    );
+    assert_eq!(order.len(), newest.chunk_digests.len(), "each chunk once");
+    // The wanted chunk came right after the 2 MiB (8 chunks) that came with the manifest.
+    assert_eq!(
+        order.iter().position(|&id| id == last),
+        Some(8),
+        "{order:?}"
+    );
+    assert_eq!(report.wanted, 1);
+    assert!(local.is_complete("snew", &key()));
+    assert_eq!(local.head().unwrap().as_deref(), Some("snew"));
+    same_file(
+        &local.page_file("snew").unwrap(),
+        &source.page_file("snew").unwrap(),
+    );
+    // Complete now: nothing to stream.
+    let again = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache")).unwrap();
+    assert!(again.open_stream(&local, &key(), "snew").unwrap().is_none());
+
+    // One byte flipped in the bucket, past the first part: the fake VMM's digest check
+    // refuses that chunk, the stream fails its own check, and the copy stays pending.
+    let mut flipped = std::fs::read(source.page_file("snew").unwrap()).unwrap();
+    flipped[9 << 20] ^= 1;
+    put_raw(endpoint, "apps/streamed/snew.pages", flipped);
+    let local = LocalStore::open(&dir.join("stream-local-tampered")).unwrap();
+    let remote = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache-2")).unwrap();
+    let stream = remote
+        .open_stream(&local, &key(), "snew")
+        .unwrap()
+        .expect("a stream");
+    let (worker_end, vmm_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    let vmm = fake_vmm(vmm_end, vec![newest.clone()], Vec::new());
+    let error = stream.run(worker_end).unwrap_err().to_string();
+    let refused = vmm.join().unwrap().unwrap_err();
+    assert!(refused.contains("checksum"), "{refused}");
+    assert!(
+        error.contains("page feed") || error.contains("checksum"),
+        "{error}"
+    );
+    assert!(!local.is_complete("snew", &key()));
+    assert_eq!(local.head().unwrap().as_deref(), Some("sbase"));
+    put_raw(
+        endpoint,
+        "apps/streamed/snew.pages",
+        std::fs::read(source.page_file("snew").unwrap()).unwrap(),
     );
 }
 

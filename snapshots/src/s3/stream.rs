@@ -227,6 +227,7 @@ impl ChainStream {
         // Chunks go to the VMM one message at a time, and into the cache's copy.
         let (chunks, mut arrived) = tokio::sync::mpsc::channel::<(ChunkId, Vec<u8>)>(PARALLEL_GETS);
         let levels = &self.levels;
+        let (sent_schedule, sent_woken) = (schedule.clone(), woken.clone());
         let sender = async move {
             let mut message = Vec::new();
             while let Some((id, bytes)) = arrived.recv().await {
@@ -241,6 +242,13 @@ impl ChainStream {
                     .write_all(&message)
                     .await
                     .map_err(feed_error("writing to"))?;
+                if sent_schedule
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .arrived(id)
+                {
+                    sent_woken.notify_one();
+                }
             }
             to_vmm.shutdown().await.map_err(feed_error("closing"))
         };
@@ -360,6 +368,9 @@ struct Schedule {
     wanted: u64,
     /// Whether the background may start: the VMM's first wants are all in.
     background: bool,
+    /// Chunks the VMM waits for that are asked for and not yet sent: while there are
+    /// any, no background GET starts (on two cores, even its copying slows them down).
+    awaited: std::collections::HashSet<ChunkId>,
 }
 
 impl Schedule {
@@ -380,6 +391,7 @@ impl Schedule {
             cursor: (0, 0),
             wanted: 0,
             background: false,
+            awaited: Default::default(),
         }
     }
 
@@ -387,6 +399,12 @@ impl Schedule {
         self.taken
             .get_mut(id.level as usize)?
             .get_mut(usize::try_from(id.chunk).ok()?)
+    }
+
+    /// Chunk `id` went to the VMM. Returns whether that ends the wait for what it
+    /// wanted (so the background may go on).
+    fn arrived(&mut self, id: ChunkId) -> bool {
+        self.awaited.remove(&id) && self.awaited.is_empty()
     }
 
     /// Whether every chunk has been asked for.
@@ -410,18 +428,20 @@ impl Schedule {
 
     /// The next GET: a chunk the VMM waits for, with the chunks after it that nobody asked
     /// for yet (read-ahead: the body streams in order, so the wanted chunk still comes
-    /// first), at most [`WANTED_RUN`]; else, once the background may start and if
-    /// `connections_free` (some are kept for wanted chunks), the next chunks in file
-    /// order, newest level first, at most [`BACKGROUND_RUN`].
+    /// first), at most [`WANTED_RUN`]; else, once the background may start, while no
+    /// wanted chunk is awaited and if `connections_free` (some are kept for wanted
+    /// chunks), the next chunks in file order, newest level first, at most
+    /// [`BACKGROUND_RUN`].
     fn next(&mut self, connections_free: bool) -> Option<(u32, std::ops::Range<u64>)> {
         while let Some(id) = self.urgent.pop_front() {
             if self.slot(id).is_some_and(|taken| !*taken) {
                 self.wanted += 1;
+                self.awaited.insert(id);
                 let run = self.take_run(id.level as usize, id.chunk, WANTED_RUN);
                 return Some((id.level, run));
             }
         }
-        if !(connections_free && self.background) {
+        if !(connections_free && self.background && self.awaited.is_empty()) {
             return None;
         }
         while let Some(chunks) = self.taken.get(self.cursor.0) {
@@ -538,6 +558,7 @@ mod tests {
             cursor: (0, 0),
             wanted: 0,
             background: true,
+            awaited: Default::default(),
         }
     }
 
@@ -550,8 +571,23 @@ mod tests {
         assert_eq!(s.next(true), Some((0, 9..11)));
         assert_eq!(s.next(true), None);
         s.background = true;
+        assert_eq!(s.next(true), None, "chunk 9 is awaited");
+        assert!(s.arrived(ChunkId { level: 0, chunk: 9 }));
         assert_eq!(s.next(true), Some((0, 0..9)));
         assert_eq!(s.next(true), Some((0, 11..40)));
+    }
+
+    #[test]
+    fn the_background_waits_while_a_wanted_chunk_is_on_its_way() {
+        let mut s = schedule(&[40]);
+        s.want(ChunkId { level: 0, chunk: 3 });
+        assert_eq!(s.next(true), Some((0, 3..5)));
+        assert_eq!(s.next(true), None);
+        // The read-ahead chunk is not what the VMM waits for.
+        assert!(!s.arrived(ChunkId { level: 0, chunk: 4 }));
+        assert_eq!(s.next(true), None);
+        assert!(s.arrived(ChunkId { level: 0, chunk: 3 }));
+        assert_eq!(s.next(true), Some((0, 0..3)));
     }
 
     #[test]
@@ -576,12 +612,14 @@ mod tests {
         // Only wanted chunks go when the background may not.
         assert_eq!(s.next(false), Some((0, 5..7)));
         assert_eq!(s.next(false), None);
+        assert!(s.arrived(id(5)));
         assert_eq!(s.next(true), Some((0, 1..5)));
         assert_eq!(s.next(true), Some((0, 7..39)));
         // A wanted chunk already asked for goes nowhere; one not yet jumps the queue.
         s.want(id(20));
         s.want(id(47));
         assert_eq!(s.next(true), Some((0, 47..49)));
+        assert!(s.arrived(id(47)));
         assert_eq!(s.next(true), Some((0, 39..47)));
         assert_eq!(s.next(true), Some((0, 49..50)));
         assert_eq!(s.next(true), None);

@@ -257,3 +257,157 @@ impl FeedStreamer {
         Ok(wanted)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use picocenter_snapshots::pagefile::{PageFileWriter, CHUNK_PAGES};
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    const CHUNKS: u64 = 3;
+
+    /// A manifest of CHUNKS chunks of pages whose bytes are their page numbers, and
+    /// those pages.
+    fn level() -> (Manifest, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..CHUNKS * CHUNK_PAGES)
+            .flat_map(|page| [page as u8 | 1; PAGE_SIZE as usize])
+            .collect();
+        let mut writer = PageFileWriter::create(&dir.path().join("pages")).unwrap();
+        for page in bytes.chunks(PAGE_SIZE as usize) {
+            writer.push(page).unwrap();
+        }
+        let (page_count, chunk_digests) = writer.finish().unwrap();
+        let manifest = Manifest {
+            page_count,
+            chunk_pages: CHUNK_PAGES,
+            chunk_digests,
+            ..Default::default()
+        };
+        (manifest, bytes)
+    }
+
+    /// Fresh memory for the level, registered with a userfaultfd: (streamer, its address).
+    fn streamer(
+        manifest: &Manifest,
+        socket: UnixStream,
+        first: Vec<ChunkId>,
+    ) -> (FeedStreamer, u64) {
+        let len = (manifest.page_count * PAGE_SIZE) as usize;
+        // SAFETY: a fresh private anonymous mapping, which the test leaks.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        } as u64;
+        let uffd = Uffd::new().unwrap();
+        uffd.register(base, len as u64).unwrap();
+        let levels = vec![FedLevel {
+            manifest: manifest.clone(),
+            host_base: base,
+        }];
+        let socket = std::sync::Arc::new(socket);
+        (
+            FeedStreamer {
+                socket,
+                uffd,
+                levels,
+                first,
+            },
+            base,
+        )
+    }
+
+    fn chunk(bytes: &[u8], chunk: u64) -> &[u8] {
+        let size = (CHUNK_PAGES * PAGE_SIZE) as usize;
+        &bytes[chunk as usize * size..(chunk as usize + 1) * size]
+    }
+
+    fn read_want(socket: &mut UnixStream) -> ChunkId {
+        let mut message = [0u8; feed::WANT_BYTES];
+        std::io::Read::read_exact(socket, &mut message).unwrap();
+        feed::parse_want(&message)
+    }
+
+    #[test]
+    fn first_wants_then_a_touched_chunk_then_the_rest_each_checked() {
+        let (manifest, bytes) = level();
+        let (mut worker, vmm) = UnixStream::pair().unwrap();
+        let first = ChunkId { level: 0, chunk: 2 };
+        let (streamer, base) = streamer(&manifest, vmm, vec![first]);
+        let running = std::thread::spawn(move || streamer.run());
+        assert_eq!(read_want(&mut worker), first);
+        assert_eq!(read_want(&mut worker), feed::FIRST_WANTS_DONE);
+        feed::write_chunk(&mut worker, first, chunk(&bytes, 2)).unwrap();
+        // A touch of chunk 1 blocks until it comes, and asks for it.
+        let touched = base + CHUNK_PAGES * PAGE_SIZE + 5;
+        // SAFETY: inside the mapping made above.
+        let reader = std::thread::spawn(move || unsafe { *(touched as *const u8) });
+        let wanted = ChunkId { level: 0, chunk: 1 };
+        assert_eq!(read_want(&mut worker), wanted);
+        feed::write_chunk(&mut worker, wanted, chunk(&bytes, 1)).unwrap();
+        assert_eq!(reader.join().unwrap(), (CHUNK_PAGES as u8) | 1);
+        feed::write_chunk(
+            &mut worker,
+            ChunkId { level: 0, chunk: 0 },
+            chunk(&bytes, 0),
+        )
+        .unwrap();
+        assert_eq!(running.join().unwrap(), Ok(1));
+        // SAFETY: the whole mapping is filled now.
+        let memory = unsafe { std::slice::from_raw_parts(base as *const u8, bytes.len()) };
+        assert!(memory == bytes);
+    }
+
+    #[test]
+    fn a_bad_chunk_or_an_early_end_stops_the_stream() {
+        let (manifest, bytes) = level();
+        let mut wrong = chunk(&bytes, 0).to_vec();
+        wrong[100] ^= 1;
+        let id = |level, chunk| ChunkId { level, chunk };
+        // (what, the chunks sent, what the error says)
+        type Case<'a> = (&'a str, Vec<(ChunkId, Vec<u8>)>, &'a str);
+        let cases: [Case; 5] = [
+            ("damaged", vec![(id(0, 0), wrong)], "checksum"),
+            (
+                "another's",
+                vec![(id(0, 1), chunk(&bytes, 0).to_vec())],
+                "checksum",
+            ),
+            (
+                "no such level",
+                vec![(id(1, 0), chunk(&bytes, 0).to_vec())],
+                "level 1",
+            ),
+            (
+                "no such chunk",
+                vec![(id(0, CHUNKS), chunk(&bytes, 0).to_vec())],
+                "chunk 3",
+            ),
+            (
+                "cut short",
+                vec![(id(0, 0), chunk(&bytes, 0).to_vec())],
+                "2 chunks still to come",
+            ),
+        ];
+        for (what, sent, expected) in cases {
+            let (mut worker, vmm) = UnixStream::pair().unwrap();
+            let (streamer, _) = streamer(&manifest, vmm, Vec::new());
+            let running = std::thread::spawn(move || streamer.run());
+            assert_eq!(read_want(&mut worker), feed::FIRST_WANTS_DONE);
+            for (id, bytes) in sent {
+                feed::write_chunk(&mut worker, id, &bytes).unwrap();
+            }
+            worker.flush().unwrap();
+            drop(worker);
+            let error = running.join().unwrap().unwrap_err();
+            assert!(error.contains(expected), "{what}: {error}");
+        }
+    }
+}
