@@ -248,11 +248,12 @@ impl Cold {
     /// local directory, which it returns. With S3, what the first round trips do not
     /// bring whole is left to stream: the snapshots are committed there as pending, and
     /// the stream returned must be [run](ChainStream::run) against the restoring VMM's
-    /// page feed.
+    /// page feed; the pages of `first_port`'s requests come first.
     pub fn fetch_streaming(
         &self,
         app: &str,
         id: &str,
+        first_port: Option<u16>,
     ) -> Result<(PathBuf, Option<ChainStream>), StoreError> {
         let dir = self.local_dir(app)?;
         let Some(remote) = self.remote(app)? else {
@@ -260,7 +261,7 @@ impl Cold {
         };
         let local = LocalStore::open(&dir)?;
         let started = std::time::Instant::now();
-        let stream = remote.open_stream(&local, &self.key, id)?;
+        let stream = remote.open_stream(&local, &self.key, id, first_port)?;
         tracing::info!(
             app,
             streaming = ?stream.as_ref().map(ChainStream::ids),

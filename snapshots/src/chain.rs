@@ -126,8 +126,115 @@ pub fn resolve_all(chain: &[Manifest]) -> Option<Vec<Piece>> {
     Some(pieces)
 }
 
+/// The pages a restore brings in first: those of `port`'s requests if `manifest`
+/// recorded any, else the app-wide ActiveSet.
+pub fn hot_set(manifest: &Manifest, port: Option<u16>) -> &[VpnRange] {
+    port.and_then(|port| {
+        manifest
+            .port_sets
+            .iter()
+            .find(|set| set.port == port && !set.pages.is_empty())
+    })
+    .map_or(&manifest.activeset[..], |set| &set.pages[..])
+}
+
+/// The page-file chunks that hold the `hot` pages of `pieces` (resolved from a chain),
+/// in the order first met, of the snapshots that `level` numbers by depth (a page feed's
+/// levels; the others are left out).
+pub fn hot_chunks(
+    chain: &[Manifest],
+    pieces: &[Piece],
+    hot: &[VpnRange],
+    level: impl Fn(usize) -> Option<u32>,
+) -> Vec<crate::feed::ChunkId> {
+    let mut chunks: Vec<crate::feed::ChunkId> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for piece in pieces {
+        let (PageSource::Stored { index }, Some(level)) = (piece.source, level(piece.depth)) else {
+            continue;
+        };
+        let chunk_pages = chain.get(piece.depth).map_or(1, |m| m.chunk_pages.max(1));
+        for i in (0..piece.count).filter(|i| covered(hot, piece.vpn.saturating_add(*i))) {
+            let id = crate::feed::ChunkId {
+                level,
+                chunk: index.saturating_add(i) / chunk_pages,
+            };
+            if seen.insert(id) {
+                chunks.push(id);
+            }
+        }
+    }
+    chunks
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hot_chunks_are_those_of_the_fed_levels_holding_hot_pages_in_order() {
+        use super::{hot_chunks, Piece};
+        use crate::feed::ChunkId;
+        use crate::format::{Manifest, PageSource, VpnRange};
+        let level = |chunk_pages| Manifest {
+            chunk_pages,
+            ..Default::default()
+        };
+        let chain = [level(4), level(2)];
+        let stored = |vpn, count, index, depth| Piece {
+            vpn,
+            count,
+            source: PageSource::Stored { index },
+            depth,
+        };
+        let pieces = [
+            stored(100, 8, 0, 0),
+            Piece {
+                vpn: 108,
+                count: 4,
+                source: PageSource::Zero,
+                depth: 0,
+            },
+            stored(112, 8, 10, 1),
+        ];
+        let hot = [VpnRange {
+            vpn: 102,
+            count: 14,
+        }];
+        // Both levels fed: pages 102..108 are chunks 0 and 1 of the newest (4 pages a
+        // chunk); 112..116 are pages 10..14 of the older, its chunks 5 and 6.
+        let id = |level, chunk| ChunkId { level, chunk };
+        let both = hot_chunks(&chain, &pieces, &hot, |depth| Some(depth as u32));
+        assert_eq!(both, [id(0, 0), id(0, 1), id(1, 5), id(1, 6)]);
+        // Only the older one fed, as level 0.
+        let older = hot_chunks(&chain, &pieces, &hot, |depth| (depth == 1).then_some(0));
+        assert_eq!(older, [id(0, 5), id(0, 6)]);
+    }
+
+    #[test]
+    fn the_first_port_s_pages_come_first_and_the_app_wide_set_is_the_fallback() {
+        use super::hot_set;
+        use crate::format::{Manifest, PortSet, VpnRange};
+        let range = |vpn, count| VpnRange { vpn, count };
+        let manifest = Manifest {
+            activeset: vec![range(0, 100)],
+            port_sets: vec![
+                PortSet {
+                    port: 80,
+                    pages: vec![range(10, 2)],
+                },
+                PortSet {
+                    port: 443,
+                    pages: Vec::new(),
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(hot_set(&manifest, Some(80)), [range(10, 2)]);
+        // A port with no recorded requests, one never seen, or none: the app-wide set.
+        assert_eq!(hot_set(&manifest, Some(443)), [range(0, 100)]);
+        assert_eq!(hot_set(&manifest, Some(8080)), [range(0, 100)]);
+        assert_eq!(hot_set(&manifest, None), [range(0, 100)]);
+    }
+
     #[test]
     fn overlap_counts_the_pages_two_sets_share() {
         use super::overlap;

@@ -374,7 +374,7 @@ fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
     let local = LocalStore::open(&dir.join("stream-local")).unwrap();
     let remote = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache")).unwrap();
     let stream = remote
-        .open_stream(&local, &key(), "snew")
+        .open_stream(&local, &key(), "snew", None)
         .unwrap()
         .expect("a stream");
     // The 2 MiB base came whole with its manifest; the newest is pending until streamed.
@@ -410,7 +410,10 @@ fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
     );
     // Complete now: nothing to stream.
     let again = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache")).unwrap();
-    assert!(again.open_stream(&local, &key(), "snew").unwrap().is_none());
+    assert!(again
+        .open_stream(&local, &key(), "snew", None)
+        .unwrap()
+        .is_none());
 
     // One byte flipped in the bucket, past the first part: the fake VMM's digest check
     // refuses that chunk, the stream fails its own check, and the copy stays pending.
@@ -420,7 +423,7 @@ fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
     let local = LocalStore::open(&dir.join("stream-local-tampered")).unwrap();
     let remote = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache-2")).unwrap();
     let stream = remote
-        .open_stream(&local, &key(), "snew")
+        .open_stream(&local, &key(), "snew", None)
         .unwrap()
         .expect("a stream");
     let (worker_end, vmm_end) = std::os::unix::net::UnixStream::pair().unwrap();

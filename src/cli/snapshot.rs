@@ -226,7 +226,7 @@ fn count(m: &Manifest, which: fn(&PageSource) -> bool) -> u64 {
 fn prefetch_line(m: &Manifest, parent: Option<&Manifest>) -> Option<String> {
     let record = m.prefetched.as_ref()?;
     let parent = parent.filter(|parent| parent.id == record.from)?;
-    let fetched = picocenter_vmm::persist::restore::hot_set(parent, record.port);
+    let fetched = picocenter_snapshots::chain::hot_set(parent, record.port);
     let pages = |ranges: &[picocenter_snapshots::format::VpnRange]| -> u64 {
         ranges.iter().map(|r| r.count).sum()
     };

@@ -313,9 +313,10 @@ impl Worker {
                 let cold = self.cold.clone();
                 let (app, snapshot) = (name.clone(), id.clone());
                 let stream = self.config.stream_swap_in;
+                let first_port = held.as_ref().and_then(|h| h.sockets.first_port());
                 let (dir, chain) = tokio::task::spawn_blocking(move || {
                     if stream {
-                        cold.fetch_streaming(&app, &snapshot)
+                        cold.fetch_streaming(&app, &snapshot, first_port)
                     } else {
                         cold.fetch(&app, &snapshot).map(|dir| (dir, None))
                     }
@@ -343,7 +344,7 @@ impl Worker {
                         .as_ref()
                         .map(|h| h.sockets.raw_fds())
                         .unwrap_or_default(),
-                    first_port: held.as_ref().and_then(|h| h.sockets.first_port()),
+                    first_port,
                     feed,
                 }
             }

@@ -51,6 +51,8 @@ pub struct ChainStream {
     id: String,
     /// Newest first: the order of the feed's levels.
     levels: Vec<Streamed>,
+    /// The chunks that hold the pages the restore brings in first.
+    first: Vec<ChunkId>,
 }
 
 /// What a stream did, for the worker's log.
@@ -66,7 +68,8 @@ pub struct StreamReport {
 
 impl S3Store {
     /// Makes the chain ending at snapshot `id` restorable from `local`, streaming what
-    /// its first round trips did not bring. Returns `None` if the chain is complete in
+    /// its first round trips did not bring (first the pages of the port `first_port`'s
+    /// requests, see [`crate::chain::hot_set`]). Returns `None` if the chain is complete in
     /// `local` now (it was, or every missing page file came whole with its manifest);
     /// else the stream, which the caller must [run](ChainStream::run) against the VMM's
     /// feed. Every manifest is checked under `key` before anything it names is used.
@@ -75,6 +78,7 @@ impl S3Store {
         local: &LocalStore,
         key: &SnapshotKey,
         id: &str,
+        first_port: Option<u16>,
     ) -> Result<Option<ChainStream>, StoreError> {
         if local.is_complete(id, key) {
             return Ok(None);
@@ -109,7 +113,18 @@ impl S3Store {
             return Ok(None);
         }
         streamed.reverse();
+        // The chunks the VMM will want first (it asks for them too, once it has started):
+        // asked for at once.
+        let chain = crate::store::chain(local, key, id)?;
+        let pieces = crate::chain::resolve_all(&chain).unwrap_or_default();
+        let hot = crate::chain::hot_set(&chain[0], first_port);
+        let first = crate::chain::hot_chunks(&chain, &pieces, hot, |depth| {
+            let id = &chain.get(depth)?.id;
+            let level = streamed.iter().position(|s| s.manifest.id == *id)?;
+            u32::try_from(level).ok()
+        });
         Ok(Some(ChainStream {
+            first,
             store: self,
             local: local.clone(),
             key: key.clone(),
@@ -222,7 +237,11 @@ impl ChainStream {
                 .map_err(io("sizing", &level.part))?;
             files.push(file);
         }
-        let schedule = Arc::new(Mutex::new(Schedule::new(&self.levels)));
+        let mut schedule = Schedule::new(&self.levels);
+        for &id in &self.first {
+            schedule.want(id);
+        }
+        let schedule = Arc::new(Mutex::new(schedule));
         let woken = Arc::new(tokio::sync::Notify::new());
         // Chunks go to the VMM one message at a time, and into the cache's copy.
         let (chunks, mut arrived) = tokio::sync::mpsc::channel::<(ChunkId, Vec<u8>)>(PARALLEL_GETS);

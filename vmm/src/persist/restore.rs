@@ -14,7 +14,7 @@ use crate::kvm::cpu;
 use crate::memory::{Backing, Vma, VmaRole};
 use crate::{Config, Picoprocess, VmmError};
 use picocenter_snapshots::archive;
-use picocenter_snapshots::chain::{covered, ranges, resolve_all};
+use picocenter_snapshots::chain::{covered, hot_chunks, hot_set, ranges, resolve_all};
 use picocenter_snapshots::feed::ChunkId;
 use picocenter_snapshots::format::{BackingRecord, Manifest, PageSource};
 use picocenter_snapshots::pagefile;
@@ -69,21 +69,6 @@ pub struct RestoreOptions {
     /// Page files that a worker feeds in while it downloads them (stream mode only): the
     /// app runs before they are here.
     pub feed: Option<super::stream::Feed>,
-}
-
-/// The pages a restore brings in first: those of `port`'s requests if the snapshot
-/// recorded any, else the app-wide ActiveSet.
-pub fn hot_set(
-    manifest: &Manifest,
-    port: Option<u16>,
-) -> &[picocenter_snapshots::format::VpnRange] {
-    port.and_then(|port| {
-        manifest
-            .port_sets
-            .iter()
-            .find(|set| set.port == port && !set.pages.is_empty())
-    })
-    .map_or(&manifest.activeset[..], |set| &set.pages[..])
 }
 
 /// Gives the page file `file` of `manifest` fresh frames that a streamer thread fills
@@ -411,24 +396,14 @@ impl Picoprocess {
         let mut prefetch: Vec<u64> = Vec::new();
         let mut preset_pages: Vec<u64> = Vec::new();
         let mut file_pages: Vec<u64> = Vec::new();
-        // The fed chunks that hold the pages that come first, in the order met.
-        let mut fed_first: Vec<ChunkId> = Vec::new();
+        // The fed chunks that hold the pages that come first.
+        let fed_first = hot_chunks(&manifests, &pieces, hot_pages, |depth| {
+            fed_level[depth].map(|level| level as u32)
+        });
         for piece in pieces {
             let vpns = piece.vpn..piece.vpn + piece.count;
             match piece.source {
                 PageSource::Stored { index } => {
-                    if let Some(level) = fed_level[piece.depth] {
-                        let chunk_pages = manifests[piece.depth].chunk_pages.max(1);
-                        for i in (0..piece.count).filter(|i| hot(piece.vpn + i)) {
-                            let id = ChunkId {
-                                level: level as u32,
-                                chunk: (index + i) / chunk_pages,
-                            };
-                            if fed_first.last() != Some(&id) && !fed_first.contains(&id) {
-                                fed_first.push(id);
-                            }
-                        }
-                    }
                     let frame = bases[piece.depth] + index * PAGE;
                     space
                         .map_restored_run(piece.vpn * PAGE, frame, piece.count, |i| {
@@ -623,34 +598,4 @@ fn restore_process(p: &mut Process, m: &Manifest) -> Result<(), PersistError> {
         p.threads.slicer = Some(slicer);
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod hot_set_tests {
-    use super::*;
-    use picocenter_snapshots::format::{PortSet, VpnRange};
-
-    #[test]
-    fn the_first_port_s_pages_come_first_and_the_app_wide_set_is_the_fallback() {
-        let range = |vpn, count| VpnRange { vpn, count };
-        let manifest = Manifest {
-            activeset: vec![range(0, 100)],
-            port_sets: vec![
-                PortSet {
-                    port: 80,
-                    pages: vec![range(10, 2)],
-                },
-                PortSet {
-                    port: 443,
-                    pages: Vec::new(),
-                },
-            ],
-            ..Default::default()
-        };
-        assert_eq!(hot_set(&manifest, Some(80)), [range(10, 2)]);
-        // A port with no recorded requests, one never seen, or none: the app-wide set.
-        assert_eq!(hot_set(&manifest, Some(443)), [range(0, 100)]);
-        assert_eq!(hot_set(&manifest, Some(8080)), [range(0, 100)]);
-        assert_eq!(hot_set(&manifest, None), [range(0, 100)]);
-    }
 }
