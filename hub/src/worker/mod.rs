@@ -59,6 +59,9 @@ fn feed(
     })
 }
 
+/// How long a swap-out waits for the app's page files to finish streaming in.
+const STREAM_WAIT: Duration = Duration::from_secs(60);
+
 /// `error` and its causes, one after another.
 fn with_causes(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -604,8 +607,18 @@ impl Worker {
         // The snapshot builds on the page files the app was restored from, so they must be
         // whole in the local store first: the stream ends before the VMM stops (which
         // closes its feed), never the other way round.
-        if let Some(feeding) = app.feeding.take() {
-            let _ = feeding.await;
+        if let Some(mut feeding) = app.feeding.take() {
+            if tokio::time::timeout(STREAM_WAIT, &mut feeding)
+                .await
+                .is_err()
+            {
+                // A VMM that stopped reading its feed holds this up: not this swap-out.
+                app.feeding = Some(feeding);
+                self.apps.lock().await.insert(name.to_string(), app);
+                return Err(WorkerError::Busy(
+                    "its page files are still streaming in".into(),
+                ));
+            }
         }
         if let Ok(stats) = vmm::counters(&app.vmm.control, app.view.as_mut()).await {
             self.account(name, &mut app, &stats);
