@@ -493,6 +493,7 @@ mod tests {
         }
         names.sort();
         let expected = [
+            "bigmem",
             "counter-http",
             "hello",
             "lighttpd",
