@@ -83,12 +83,16 @@ impl S3Store {
         if local.is_complete(id, key) {
             return Ok(None);
         }
+        let started = Instant::now();
+        let since = || started.elapsed().as_secs_f64() * 1e3;
         let levels = self.run(async {
-            let newest = self.fetch_level(id, key).await?;
+            let newest = self.fetch_level(id, key, super::FIRST_PART_PIECES).await?;
+            tracing::debug!(ms = since(), "stream: the newest manifest is in");
             let older = self.older_levels(local, key, &newest.manifest).await?;
             let levels = std::iter::once(newest).chain(older);
             futures::future::try_join_all(levels.map(|level| self.prepare_level(level))).await
         })?;
+        tracing::debug!(ms = since(), "stream: every level's first part is in");
         let mut streamed = Vec::new();
         // Oldest first, so that every commit's parent is already there.
         for (level, whole, data) in levels.into_iter().rev() {
@@ -255,6 +259,7 @@ impl ChainStream {
                 files[id.level as usize]
                     .write_all_at(&bytes, start * PAGE_SIZE)
                     .map_err(io("writing", &level.part))?;
+                tracing::trace!(level = id.level, chunk = id.chunk, "sending a chunk");
                 message.clear();
                 feed::write_chunk(&mut message, id, &bytes).map_err(feed_error("encoding"))?;
                 to_vmm
@@ -282,6 +287,7 @@ impl ChainStream {
                     feed::FIRST_WANTS_DONE => schedule.background = true,
                     id => schedule.want(id),
                 }
+                tracing::trace!(level = id.level, chunk = id.chunk, "the VMM wants a chunk");
                 drop(schedule);
                 listen_woken.notify_one();
             }
@@ -338,6 +344,7 @@ impl ChainStream {
                         chunks: range,
                         bytes: first * PAGE_SIZE..end * PAGE_SIZE,
                     };
+                    tracing::trace!(level, chunks = ?get.chunks, "GET");
                     let (chunks, fetched) = (chunks.clone(), fetched.clone());
                     tasks.spawn(async move { get.run(&chunks, &fetched).await });
                 }

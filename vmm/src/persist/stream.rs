@@ -153,10 +153,23 @@ pub struct FeedStreamer {
 }
 
 impl FeedStreamer {
-    /// Runs on its own thread until every chunk of every level is in.
+    /// Runs on its own thread until every chunk of every level is in. The thread runs at
+    /// a lower priority (nice 10) than the vCPU's: a chunk the app waits for is not
+    /// delayed by it (the vCPU thread sleeps meanwhile), and the rest of the stream does
+    /// not slow the app's first requests down. Returns once that is set, before the
+    /// VMM's seccomp filter (which does not allow it) can be.
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
         let what = "streaming the snapshot from the worker";
-        spawn_filler("picocenter-feed", what, move || {
+        let (niced, is_niced) = std::sync::mpsc::channel();
+        let thread = spawn_filler("picocenter-feed", what, move || {
+            // SAFETY: changes the calling thread's own nice value (who = 0), nothing else.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) } != 0 {
+                tracing::debug!(
+                    "the feed keeps its priority: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            let _ = niced.send(());
             let started = Instant::now();
             let wanted = self.run()?;
             tracing::debug!(
@@ -166,7 +179,9 @@ impl FeedStreamer {
                 "page files fed in"
             );
             Ok(())
-        })
+        })?;
+        let _ = is_niced.recv();
+        Ok(thread)
     }
 
     /// The chunk the host address `address` lies in, if a fed level's frames hold it.
