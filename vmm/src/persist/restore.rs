@@ -96,13 +96,13 @@ fn stream_in(
     Ok(base)
 }
 
-/// Registers the fed page files' frames (level, first frame, host address) with one
+/// Registers the fed page files' frames (level, host address of the first) with one
 /// userfaultfd and starts the thread that fills them from `feed`, asking first for the
 /// chunks `first`.
 fn start_feed(
     feed: &super::stream::Feed,
     manifests: &[Manifest],
-    fed_levels: Vec<(usize, u64, u64)>,
+    fed_levels: Vec<(usize, u64)>,
     first: Vec<ChunkId>,
 ) -> Result<(), PersistError> {
     let feed_error = |what: &str, e: std::io::Error| PersistError::Data {
@@ -112,7 +112,7 @@ fn start_feed(
     let uffd = crate::memory::uffd::Uffd::new()
         .map_err(|e| feed_error("creating a userfaultfd for the feed", e))?;
     let mut levels: Vec<Option<super::stream::FedLevel>> = feed.ids.iter().map(|_| None).collect();
-    for (level, _base, host) in fed_levels {
+    for (level, host) in fed_levels {
         let manifest = manifests
             .iter()
             .find(|m| m.id == feed.ids[level])
@@ -327,7 +327,7 @@ impl Picoprocess {
                     .reserve_page_file(m.page_count)
                     .map_err(memory("reserving frames for a fed page file"))?;
                 space.note_streamed(base, m.page_count * PAGE);
-                fed_levels.push((level, base, host));
+                fed_levels.push((level, host));
                 bases.push(base);
                 continue;
             }
