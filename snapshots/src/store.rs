@@ -202,11 +202,20 @@ impl LocalStore {
     /// Whether snapshot `id` is here whole: its manifest checks out under `key` and its
     /// page file has the manifest's size (a pending one has none yet).
     pub fn is_complete(&self, id: &str, key: &SnapshotKey) -> bool {
-        let Ok(manifest) = self.manifest(id, key) else {
-            return false;
-        };
-        self.object(id, "pages")
-            .is_ok_and(|path| crate::pagefile::check_size(&path, &manifest).is_ok())
+        self.manifest(id, key)
+            .is_ok_and(|manifest| self.has_page_file(&manifest))
+    }
+
+    /// Whether snapshot `id` and every snapshot it builds on are here whole (see
+    /// [`LocalStore::is_complete`]): what a restore from this store needs.
+    pub fn is_chain_complete(&self, id: &str, key: &SnapshotKey) -> bool {
+        chain(self, key, id).is_ok_and(|chain| chain.iter().all(|m| self.has_page_file(m)))
+    }
+
+    /// Whether the page file of `manifest` is here, at its size.
+    fn has_page_file(&self, manifest: &Manifest) -> bool {
+        self.object(&manifest.id, "pages")
+            .is_ok_and(|path| crate::pagefile::check_size(&path, manifest).is_ok())
     }
 
     /// The directory.

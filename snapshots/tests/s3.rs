@@ -378,6 +378,11 @@ fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
         .unwrap()
         .expect("a stream");
     // The 2 MiB base came whole with its manifest; the newest is pending until streamed.
+    assert_eq!(
+        local.head().unwrap(),
+        None,
+        "HEAD waits for the whole chain"
+    );
     assert_eq!(stream.ids(), ["snew"]);
     assert!(local.is_complete("sbase", &key()));
     assert!(!local.is_complete("snew", &key()));
@@ -436,12 +441,23 @@ fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
         "{error}"
     );
     assert!(!local.is_complete("snew", &key()));
-    assert_eq!(local.head().unwrap().as_deref(), Some("sbase"));
+    assert!(local.is_complete("sbase", &key()));
+    // HEAD moves only when the chain is whole; "snew" is not restorable from here.
+    assert_eq!(local.head().unwrap(), None);
+    assert!(!local.is_chain_complete("snew", &key()));
     put_raw(
         endpoint,
         "apps/streamed/snew.pages",
         std::fs::read(source.page_file("snew").unwrap()).unwrap(),
     );
+    // What a worker does when a stream failed: the plain fetch completes the copy.
+    let remote = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache-3")).unwrap();
+    assert_eq!(
+        remote.fetch_chain(&local, &key(), "snew").unwrap(),
+        ["snew"]
+    );
+    assert!(local.is_chain_complete("snew", &key()));
+    assert_eq!(local.head().unwrap().as_deref(), Some("snew"));
 }
 
 fn remove_list_and_size(store: &S3Store) {

@@ -37,25 +37,31 @@ use tokio::sync::Mutex;
 use vmm::{Launch, Vmm};
 
 /// Streams `chain` into app `name`'s VMM over `feed` on a blocking thread, and logs how
-/// it went.
+/// it went; the task says whether it completed the local copy.
 fn feed(
     name: String,
     chain: picocenter_snapshots::s3::ChainStream,
     feed: std::os::unix::net::UnixStream,
-) -> tokio::task::JoinHandle<()> {
+) -> tokio::task::JoinHandle<bool> {
     tokio::task::spawn_blocking(move || match chain.run(feed) {
-        Ok(report) => tracing::info!(
-            app = %name,
-            mib = report.bytes as f64 / 1048576.0,
-            wanted = report.wanted,
-            ms = report.ms,
-            "streamed its page files from S3"
-        ),
-        Err(e) => tracing::warn!(
-            app = %name,
-            "streaming its page files from S3 failed: {}",
-            with_causes(&e)
-        ),
+        Ok(report) => {
+            tracing::info!(
+                app = %name,
+                mib = report.bytes as f64 / 1048576.0,
+                wanted = report.wanted,
+                ms = report.ms,
+                "streamed its page files from S3"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                app = %name,
+                "streaming its page files from S3 failed: {}",
+                with_causes(&e)
+            );
+            false
+        }
     })
 }
 
@@ -168,7 +174,16 @@ struct Resident {
     looked: Instant,
     /// The stream of its page files from S3, while it runs (a swap-out waits for it: the
     /// next snapshot builds on them).
-    feeding: Option<tokio::task::JoinHandle<()>>,
+    feeding: Option<Feeding>,
+}
+
+/// A stream of an app's page files from S3 into its VMM.
+#[derive(Debug)]
+struct Feeding {
+    /// The stream; true if it completed the local copy.
+    task: tokio::task::JoinHandle<bool>,
+    /// The snapshot the app was restored from.
+    snapshot: String,
 }
 
 /// The sockets of a swapped-out app, and the task that wakes it on traffic.
@@ -317,7 +332,7 @@ impl Worker {
                 let (app, snapshot) = (name.clone(), id.clone());
                 let stream = self.config.stream_swap_in;
                 let first_port = held.as_ref().and_then(|h| h.sockets.first_port());
-                let (dir, chain) = tokio::task::spawn_blocking(move || {
+                let fetched = tokio::task::spawn_blocking(move || {
                     if stream {
                         cold.fetch_streaming(&app, &snapshot, first_port)
                     } else {
@@ -325,13 +340,31 @@ impl Worker {
                     }
                 })
                 .await
-                .map_err(|e| WorkerError::Internal(e.to_string()))??;
+                .map_err(|e| WorkerError::Internal(e.to_string()))
+                .and_then(|fetched| fetched.map_err(WorkerError::from))
+                .and_then(|(dir, chain)| match chain {
+                    Some(chain) => std::os::unix::net::UnixStream::pair()
+                        .map(|pair| (dir, Some((chain, pair))))
+                        .map_err(|e| WorkerError::Internal(format!("a page feed: {e}"))),
+                    None => Ok((dir, None)),
+                });
+                let (dir, chain) = match fetched {
+                    Ok(fetched) => fetched,
+                    Err(e) => {
+                        // The sockets stay held: what queues there waits for the next try.
+                        if let Some(held) = held {
+                            self.hold(&name, held.sockets).await;
+                        }
+                        return Err(e);
+                    }
+                };
                 let feed = match chain {
-                    Some(chain) => {
-                        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-                            .map_err(|e| WorkerError::Internal(format!("a page feed: {e}")))?;
+                    Some((chain, (ours, theirs))) => {
                         let ids = chain.ids();
-                        feeding = Some(feed(name.clone(), chain, ours));
+                        feeding = Some(Feeding {
+                            task: feed(name.clone(), chain, ours),
+                            snapshot: id.clone(),
+                        });
                         let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
                         vmm_end = Some(theirs);
                         Some((fd, ids))
@@ -608,16 +641,31 @@ impl Worker {
         // whole in the local store first: the stream ends before the VMM stops (which
         // closes its feed), never the other way round.
         if let Some(mut feeding) = app.feeding.take() {
-            if tokio::time::timeout(STREAM_WAIT, &mut feeding)
-                .await
-                .is_err()
-            {
-                // A VMM that stopped reading its feed holds this up: not this swap-out.
-                app.feeding = Some(feeding);
-                self.apps.lock().await.insert(name.to_string(), app);
-                return Err(WorkerError::Busy(
-                    "its page files are still streaming in".into(),
-                ));
+            match tokio::time::timeout(STREAM_WAIT, &mut feeding.task).await {
+                Err(_) => {
+                    // A VMM slow to read its feed holds this up: not this swap-out.
+                    app.feeding = Some(feeding);
+                    self.apps.lock().await.insert(name.to_string(), app);
+                    return Err(WorkerError::Busy(
+                        "its page files are still streaming in".into(),
+                    ));
+                }
+                Ok(Ok(true)) => {}
+                Ok(_) => {
+                    // The stream failed after the VMM had what it needed (or the VMM lives
+                    // on without it): the local copy is completed the plain way first.
+                    let cold = self.cold.clone();
+                    let (app_name, snapshot) = (name.to_string(), feeding.snapshot.clone());
+                    let fetched =
+                        tokio::task::spawn_blocking(move || cold.fetch(&app_name, &snapshot))
+                            .await
+                            .map_err(|e| WorkerError::Internal(e.to_string()))
+                            .and_then(|fetched| fetched.map_err(WorkerError::from));
+                    if let Err(e) = fetched {
+                        self.apps.lock().await.insert(name.to_string(), app);
+                        return Err(e);
+                    }
+                }
             }
         }
         if let Ok(stats) = vmm::counters(&app.vmm.control, app.view.as_mut()).await {
@@ -881,7 +929,7 @@ impl Worker {
                 }
                 // An app whose page files still stream in is not idle: its swap-out would
                 // wait for the stream, holding up this loop.
-                if app.feeding.as_ref().is_some_and(|f| !f.is_finished()) {
+                if app.feeding.as_ref().is_some_and(|f| !f.task.is_finished()) {
                     app.last_active = Instant::now();
                 }
                 if app.last_active.elapsed() >= app.idle_after {

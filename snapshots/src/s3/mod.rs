@@ -25,6 +25,7 @@ use crate::key::SnapshotKey;
 use crate::private;
 use crate::store::{check_id, decode_manifest, LocalStore, Store, StoreError, MAX_MANIFEST_FILE};
 use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
     SharedCredentialsProvider,
@@ -66,6 +67,11 @@ pub const FIRST_PART_SIZE: u64 = 2 << 20;
 /// The ranged GETs a page file's first part is asked for in, at once: 512 KiB each, ~10
 /// ms at 50 MB/s on one connection where the whole 2 MiB would take ~40.
 pub const FIRST_PART_PIECES: u64 = 4;
+/// How long a connection to S3 may take to open.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a request may wait for the first byte of its response (an 8 MiB part
+/// uploaded at 1 MB/s takes 8 s before it).
+const FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// The most parts S3 accepts in one multipart upload.
 const MAX_PARTS: u64 = 10_000;
 /// The largest HEAD object accepted.
@@ -502,7 +508,7 @@ impl S3Store {
         key: &SnapshotKey,
         id: &str,
     ) -> Result<Vec<String>, StoreError> {
-        if local.is_complete(id, key) {
+        if local.is_chain_complete(id, key) {
             return Ok(Vec::new());
         }
         let fetched = self.run(async {
@@ -659,6 +665,9 @@ impl S3Store {
         .await;
         let mut bytes = Vec::new();
         let mut size = None;
+        // A piece shorter than asked for must be the last with bytes: later ones would
+        // land at the wrong offsets.
+        let mut short = false;
         for (k, answer) in answers.into_iter().enumerate() {
             match (answer?, k) {
                 (FirstRange::Missing, 0) => return Ok(None),
@@ -666,7 +675,7 @@ impl S3Store {
                 (FirstRange::PastEnd, 0) => return Ok(Some(FirstPart::default())),
                 (FirstRange::Missing | FirstRange::PastEnd, _) => break,
                 (FirstRange::Bytes(part, whole), _) => {
-                    if *size.get_or_insert(whole) != whole {
+                    if *size.get_or_insert(whole) != whole || (short && !part.is_empty()) {
                         return Err(S3Error::Length {
                             url: self.url(&key),
                             start: 0,
@@ -675,6 +684,7 @@ impl S3Store {
                         }
                         .into());
                     }
+                    short |= (part.len() as u64) < piece;
                     bytes.extend_from_slice(&part);
                 }
             }
@@ -1225,6 +1235,14 @@ async fn client(config: &S3Config) -> Result<Client, StoreError> {
     let shared = loader.load().await;
     let mut builder = aws_sdk_s3::config::Builder::from(&shared)
         .force_path_style(config.path_style)
+        // A connection that answers nothing fails its request (which the SDK retries),
+        // instead of holding up a restore or a swap-out for ever.
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .read_timeout(FIRST_BYTE_TIMEOUT)
+                .build(),
+        )
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
     if let Some(endpoint) = &config.endpoint {

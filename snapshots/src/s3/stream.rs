@@ -15,7 +15,7 @@ use crate::feed::{self, ChunkId};
 use crate::format::{Manifest, PAGE_SIZE};
 use crate::key::SnapshotKey;
 use crate::pagefile::chunk_pages_of;
-use crate::store::{LocalStore, Store, StoreError};
+use crate::store::{LocalStore, StoreError};
 use aws_sdk_s3::error::DisplayErrorContext;
 use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
@@ -24,13 +24,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Chunks one GET for a chunk the app waits for asks for at most (64 pages each: 512
-/// KiB, ~10 ms at 50 MB/s on one connection): small, so that the pages a restore needs
-/// first (8 MiB for bigmem) come over many connections at once.
-const WANTED_RUN: u64 = 2;
-/// Chunks one background GET asks for at most: 8 MiB, the size of the ranged GETs a
-/// whole download makes, since an S3 request costs more than its bytes.
-const BACKGROUND_RUN: u64 = 32;
+/// Bytes one GET for a chunk the app waits for asks for at most (two chunks of 64 pages:
+/// ~10 ms at 50 MB/s on one connection): small, so that the pages a restore needs first
+/// (8 MiB for bigmem) come over many connections at once.
+const WANTED_RUN_BYTES: u64 = 512 << 10;
+/// Bytes one background GET asks for at most: 8 MiB, the size of the ranged GETs a whole
+/// download makes, since an S3 request costs more than its bytes.
+const BACKGROUND_RUN_BYTES: u64 = 8 << 20;
+/// How long the VMM may take to read a chunk, or to send its first wants.
+const FEED_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a GET's body may send nothing before the GET is given up.
+const BODY_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+/// GETs a stream gives up and asks again before it fails (a connection reset, a stall).
+const RETRIES: u32 = 3;
 /// Connections kept free of background GETs, for chunks the app is waiting for.
 const URGENT_CONNECTIONS: usize = 4;
 
@@ -80,7 +86,7 @@ impl S3Store {
         id: &str,
         first_port: Option<u16>,
     ) -> Result<Option<ChainStream>, StoreError> {
-        if local.is_complete(id, key) {
+        if local.is_chain_complete(id, key) {
             return Ok(None);
         }
         let started = Instant::now();
@@ -96,13 +102,20 @@ impl S3Store {
         let mut streamed = Vec::new();
         // Oldest first, so that every commit's parent is already there.
         for (level, whole, data) in levels.into_iter().rev() {
+            // HEAD moves only once the whole chain is here (in `complete`, or below).
+            local.commit_pending(&level.manifest, key, data.as_deref())?;
             match whole {
-                Some(pages) => local.commit(&level.manifest, key, &pages, data.as_deref())?,
+                Some(pages) => local.attach_pages(&level.manifest.id, key, &pages)?,
                 None => {
-                    local.commit_pending(&level.manifest, key, data.as_deref())?;
-                    let part = self
-                        .cache_dir
-                        .join(format!(".{}.pages.stream", level.manifest.id));
+                    let serial = self
+                        .downloads
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // Its own name: a stream left over from a failed start may still run.
+                    let part = self.cache_dir.join(format!(
+                        ".{}.pages.{}-{serial}.stream",
+                        level.manifest.id,
+                        std::process::id()
+                    ));
                     let first = level.pages.map(|p| p.bytes).unwrap_or_default();
                     streamed.push(Streamed {
                         manifest: level.manifest,
@@ -262,9 +275,12 @@ impl ChainStream {
                 tracing::trace!(level = id.level, chunk = id.chunk, "sending a chunk");
                 message.clear();
                 feed::write_chunk(&mut message, id, &bytes).map_err(feed_error("encoding"))?;
-                to_vmm
-                    .write_all(&message)
+                // A VMM that stops reading ends its stream (and so itself, when it next
+                // needs a page), not the worker's thread.
+                tokio::time::timeout(FEED_STALL, to_vmm.write_all(&message))
                     .await
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))
+                    .and_then(|written| written)
                     .map_err(feed_error("writing to"))?;
                 if sent_schedule
                     .lock()
@@ -322,6 +338,7 @@ impl ChainStream {
                 }
             }
             let mut tasks = tokio::task::JoinSet::new();
+            let mut retries = 0;
             loop {
                 while tasks.len() < PARALLEL_GETS {
                     let background = tasks.len() < PARALLEL_GETS - URGENT_CONNECTIONS;
@@ -356,14 +373,39 @@ impl ChainStream {
                     if all_asked {
                         return Ok::<_, StoreError>(());
                     }
-                    // Waiting for the VMM's first wants (a permit is kept if they came).
-                    woken.notified().await;
+                    // Waiting for the VMM's first wants (a permit is kept if they came),
+                    // but not for ever.
+                    if tokio::time::timeout(FEED_STALL, woken.notified())
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!("no first wants from the VMM: the background starts");
+                        schedule
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .background = true;
+                    }
                     continue;
                 }
                 tokio::select! {
                     done = tasks.join_next() => {
-                        if let Some(done) = done {
-                            done.map_err(|_| S3Error::Panicked)??;
+                        match done.map(|done| done.map_err(|_| S3Error::Panicked)) {
+                            Some(Err(panicked)) => return Err(panicked.into()),
+                            Some(Ok(Err(failed))) if retries < RETRIES => {
+                                retries += 1;
+                                tracing::warn!(
+                                    level = failed.level,
+                                    chunks = ?failed.unsent,
+                                    "a GET of the stream failed, asking again: {}",
+                                    failed.error
+                                );
+                                schedule
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .untake(failed.level as usize, failed.unsent);
+                            }
+                            Some(Ok(Err(failed))) => return Err(failed.error),
+                            Some(Ok(Ok(()))) | None => {}
                         }
                     }
                     () = woken.notified() => {}
@@ -386,8 +428,14 @@ impl ChainStream {
 struct Schedule {
     /// Per level, per chunk: asked for (or here) already.
     taken: Vec<Vec<bool>>,
-    /// Chunks the VMM asked for, oldest first.
+    /// How many chunks are not taken.
+    untaken: usize,
+    /// Per level, the most chunks a GET asks for: (for a wanted chunk, in the background).
+    runs: Vec<(u64, u64)>,
+    /// Chunks the VMM asked for, oldest first, each once.
     urgent: VecDeque<ChunkId>,
+    /// The chunks in `urgent` (a VMM that repeats a want adds nothing).
+    queued: std::collections::HashSet<ChunkId>,
     /// Where the background order has got to: (level, chunk).
     cursor: (usize, u64),
     /// How many chunks the VMM asked for that were not yet asked for from S3.
@@ -401,19 +449,29 @@ struct Schedule {
 
 impl Schedule {
     fn new(levels: &[Streamed]) -> Self {
-        let taken = levels
+        let (taken, runs): (Vec<_>, Vec<_>) = levels
             .iter()
             .map(|l| {
-                let chunks = l
-                    .manifest
-                    .page_count
-                    .div_ceil(l.manifest.chunk_pages.max(1));
-                vec![false; usize::try_from(chunks).unwrap_or(0)]
+                let chunk_pages = l.manifest.chunk_pages.max(1);
+                let chunks = l.manifest.page_count.div_ceil(chunk_pages);
+                let chunk_bytes = chunk_pages.saturating_mul(PAGE_SIZE);
+                let run = |bytes: u64| (bytes / chunk_bytes).max(1);
+                (
+                    vec![false; usize::try_from(chunks).unwrap_or(0)],
+                    (run(WANTED_RUN_BYTES), run(BACKGROUND_RUN_BYTES)),
+                )
             })
-            .collect();
+            .unzip();
+        Self::with(taken, runs)
+    }
+
+    fn with(taken: Vec<Vec<bool>>, runs: Vec<(u64, u64)>) -> Self {
         Self {
+            untaken: taken.iter().map(Vec::len).sum(),
             taken,
+            runs,
             urgent: VecDeque::new(),
+            queued: Default::default(),
             cursor: (0, 0),
             wanted: 0,
             background: false,
@@ -433,37 +491,62 @@ impl Schedule {
         self.awaited.remove(&id) && self.awaited.is_empty()
     }
 
+    /// Chunks `chunks` of `level` were asked for and did not come: they are to be asked
+    /// for again, those the VMM waits for first.
+    fn untake(&mut self, level: usize, chunks: std::ops::Range<u64>) {
+        for chunk in chunks.clone() {
+            let id = ChunkId {
+                level: level as u32,
+                chunk,
+            };
+            let Some(taken) = self.slot(id) else {
+                continue;
+            };
+            if std::mem::replace(taken, false) {
+                self.untaken += 1;
+            }
+            if self.awaited.remove(&id) && self.queued.insert(id) {
+                self.urgent.push_front(id);
+            }
+        }
+        self.cursor = self.cursor.min((level, chunks.start));
+    }
+
     /// Whether every chunk has been asked for.
     fn all_taken(&self) -> bool {
-        self.taken.iter().flatten().all(|&taken| taken)
+        self.untaken == 0
     }
 
     /// Marks chunk `id` as asked for.
     fn take(&mut self, id: ChunkId) {
         if let Some(taken) = self.slot(id) {
-            *taken = true;
+            if !std::mem::replace(taken, true) {
+                self.untaken -= 1;
+            }
         }
     }
 
     /// The VMM waits for chunk `id`.
     fn want(&mut self, id: ChunkId) {
-        if self.slot(id).is_some_and(|taken| !*taken) {
+        if self.slot(id).is_some_and(|taken| !*taken) && self.queued.insert(id) {
             self.urgent.push_back(id);
         }
     }
 
     /// The next GET: a chunk the VMM waits for, with the chunks after it that nobody asked
     /// for yet (read-ahead: the body streams in order, so the wanted chunk still comes
-    /// first), at most [`WANTED_RUN`]; else, once the background may start, while no
-    /// wanted chunk is awaited and if `connections_free` (some are kept for wanted
+    /// first), at most [`WANTED_RUN_BYTES`]; else, once the background may start, while
+    /// no wanted chunk is awaited and if `connections_free` (some are kept for wanted
     /// chunks), the next chunks in file order, newest level first, at most
-    /// [`BACKGROUND_RUN`].
+    /// [`BACKGROUND_RUN_BYTES`].
     fn next(&mut self, connections_free: bool) -> Option<(u32, std::ops::Range<u64>)> {
         while let Some(id) = self.urgent.pop_front() {
+            self.queued.remove(&id);
             if self.slot(id).is_some_and(|taken| !*taken) {
                 self.wanted += 1;
                 self.awaited.insert(id);
-                let run = self.take_run(id.level as usize, id.chunk, WANTED_RUN);
+                let most = self.runs[id.level as usize].0;
+                let run = self.take_run(id.level as usize, id.chunk, most);
                 return Some((id.level, run));
             }
         }
@@ -479,7 +562,7 @@ impl Schedule {
                 self.cursor = (level + 1, 0);
                 continue;
             }
-            let run = self.take_run(level, chunk, BACKGROUND_RUN);
+            let run = self.take_run(level, chunk, self.runs[level].1);
             self.cursor = (level, run.end);
             return Some((level as u32, run));
         }
@@ -495,6 +578,7 @@ impl Schedule {
             chunks[end as usize] = true;
             end += 1;
         }
+        self.untaken -= (end - start) as usize;
         start..end
     }
 }
@@ -512,11 +596,28 @@ struct Get {
 }
 
 impl Get {
-    /// Fetches the chunks and hands each to `out` as soon as its last byte is in.
+    /// Fetches the chunks and hands each to `out` as soon as its last byte is in. On
+    /// failure, says which chunks it did not hand over.
     async fn run(
         &self,
         out: &tokio::sync::mpsc::Sender<(ChunkId, Vec<u8>)>,
         fetched: &std::sync::atomic::AtomicU64,
+    ) -> Result<(), Failed> {
+        let mut next = self.chunks.start;
+        self.fetch(out, fetched, &mut next)
+            .await
+            .map_err(|error| Failed {
+                error,
+                level: self.level,
+                unsent: next..self.chunks.end,
+            })
+    }
+
+    async fn fetch(
+        &self,
+        out: &tokio::sync::mpsc::Sender<(ChunkId, Vec<u8>)>,
+        fetched: &std::sync::atomic::AtomicU64,
+        chunk: &mut u64,
     ) -> Result<(), StoreError> {
         let response = self
             .client
@@ -528,7 +629,6 @@ impl Get {
             .await
             .map_err(|e| request("GetObject", self.url.clone(), &e))?;
         let mut body = response.body;
-        let mut chunk = self.chunks.start;
         let mut buffer = Vec::new();
         let mut got = 0u64;
         let length = |got| S3Error::Length {
@@ -537,16 +637,25 @@ impl Get {
             end: self.bytes.end,
             got,
         };
-        while let Some(bytes) = body.try_next().await.map_err(|e| S3Error::Request {
+        let stalled = || S3Error::Request {
             op: "GetObject",
             url: self.url.clone(),
-            detail: DisplayErrorContext(&e).to_string(),
-        })? {
+            detail: format!("no bytes for {BODY_STALL:?}"),
+        };
+        while let Some(bytes) = tokio::time::timeout(BODY_STALL, body.try_next())
+            .await
+            .map_err(|_| stalled())?
+            .map_err(|e| S3Error::Request {
+                op: "GetObject",
+                url: self.url.clone(),
+                detail: DisplayErrorContext(&e).to_string(),
+            })?
+        {
             got += bytes.len() as u64;
             fetched.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
             buffer.extend_from_slice(&bytes);
             while let Some(pages) =
-                chunk_pages_of(&self.manifest, chunk).filter(|_| chunk < self.chunks.end)
+                chunk_pages_of(&self.manifest, *chunk).filter(|_| *chunk < self.chunks.end)
             {
                 let size = ((pages.end - pages.start) * PAGE_SIZE) as usize;
                 if buffer.len() < size {
@@ -555,37 +664,41 @@ impl Get {
                 let rest = buffer.split_off(size);
                 let id = ChunkId {
                     level: self.level,
-                    chunk,
+                    chunk: *chunk,
                 };
                 out.send((id, std::mem::replace(&mut buffer, rest)))
                     .await
                     .map_err(|_| S3Error::Panicked)?;
-                chunk += 1;
+                *chunk += 1;
             }
             if got > self.bytes.end - self.bytes.start {
                 return Err(length(got).into());
             }
         }
-        if chunk != self.chunks.end || !buffer.is_empty() {
+        if *chunk != self.chunks.end || !buffer.is_empty() {
             return Err(length(got).into());
         }
         Ok(())
     }
 }
 
+/// A GET that failed, and the chunks it did not hand over.
+struct Failed {
+    error: StoreError,
+    level: u32,
+    unsent: std::ops::Range<u64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A schedule of levels of `chunks` chunks of 64 pages, its first wants in.
     fn schedule(chunks: &[usize]) -> Schedule {
-        Schedule {
-            taken: chunks.iter().map(|&n| vec![false; n]).collect(),
-            urgent: VecDeque::new(),
-            cursor: (0, 0),
-            wanted: 0,
-            background: true,
-            awaited: Default::default(),
-        }
+        let taken = chunks.iter().map(|&n| vec![false; n]).collect();
+        let mut s = Schedule::with(taken, vec![(2, 32); chunks.len()]);
+        s.background = true;
+        s
     }
 
     #[test]
@@ -617,6 +730,47 @@ mod tests {
     }
 
     #[test]
+    fn chunks_a_failed_get_did_not_bring_are_asked_for_again() {
+        let mut s = schedule(&[40]);
+        s.want(ChunkId {
+            level: 0,
+            chunk: 20,
+        });
+        assert_eq!(s.next(true), Some((0, 20..22)));
+        assert_eq!(s.next(true), None, "chunk 20 is awaited");
+        // That GET brought nothing: chunk 20 goes first again, still awaited.
+        s.untake(0, 20..22);
+        assert_eq!(s.next(true), Some((0, 20..22)));
+        assert!(s.arrived(ChunkId {
+            level: 0,
+            chunk: 20
+        }));
+        assert_eq!(s.next(true), Some((0, 0..20)));
+        assert_eq!(s.next(true), Some((0, 22..40)));
+        // A background GET that brought its first 5 of 18 chunks.
+        s.untake(0, 27..40);
+        assert_eq!(s.next(true), Some((0, 27..40)));
+        assert!(s.all_taken());
+    }
+
+    #[test]
+    fn runs_are_sized_in_bytes() {
+        let level = |chunk_pages, page_count| Streamed {
+            manifest: Manifest {
+                chunk_pages,
+                page_count,
+                ..Default::default()
+            },
+            part: PathBuf::new(),
+            first: Vec::new(),
+        };
+        let s = Schedule::new(&[level(64, 640), level(1024, 4096)]);
+        assert_eq!(s.runs, [(2, 32), (1, 2)]);
+        assert_eq!(s.untaken, 10 + 4);
+        assert!(!s.background);
+    }
+
+    #[test]
     fn the_background_goes_in_file_order_newest_level_first_in_runs() {
         let mut s = schedule(&[40, 3]);
         assert_eq!(s.next(true), Some((0, 0..32)));
@@ -644,6 +798,9 @@ mod tests {
         // A wanted chunk already asked for goes nowhere; one not yet jumps the queue.
         s.want(id(20));
         s.want(id(47));
+        // Repeated, a want adds nothing.
+        s.want(id(47));
+        assert_eq!(s.urgent.len(), 1);
         assert_eq!(s.next(true), Some((0, 47..49)));
         assert!(s.arrived(id(47)));
         assert_eq!(s.next(true), Some((0, 39..47)));

@@ -212,12 +212,21 @@ impl FeedStreamer {
         let mut asked = std::collections::HashSet::new();
         let mut socket = &*self.socket;
         let mut ask = |id: ChunkId, socket: &mut &std::os::unix::net::UnixStream| {
-            if asked.insert(id) {
-                socket
-                    .write_all(&feed::want(id))
-                    .map_err(|e| format!("asking the worker for a chunk: {e}"))
-            } else {
-                Ok(())
+            if !asked.insert(id) {
+                return Ok(());
+            }
+            match socket.write_all(&feed::want(id)) {
+                // The worker has sent everything and stopped listening (or is gone): what
+                // is still to come is in the socket already, or the feed's end says so.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    Ok(())
+                }
+                other => other.map_err(|e| format!("asking the worker for a chunk: {e}")),
             }
         };
         for &id in self.first.iter().chain([&feed::FIRST_WANTS_DONE]) {
@@ -375,6 +384,30 @@ mod tests {
         )
         .unwrap();
         assert_eq!(running.join().unwrap(), Ok(1));
+        // SAFETY: the whole mapping is filled now.
+        let memory = unsafe { std::slice::from_raw_parts(base as *const u8, bytes.len()) };
+        assert!(memory == bytes);
+    }
+
+    #[test]
+    fn a_worker_that_sent_everything_and_left_is_no_error() {
+        let (manifest, bytes) = level();
+        let (mut worker, vmm) = UnixStream::pair().unwrap();
+        // Everything sent, without reading a want, and the worker gone.
+        let sent = bytes.clone();
+        let sender = std::thread::spawn(move || {
+            for index in 0..CHUNKS {
+                let id = ChunkId {
+                    level: 0,
+                    chunk: index,
+                };
+                feed::write_chunk(&mut worker, id, chunk(&sent, index)).unwrap();
+            }
+        });
+        let first = vec![ChunkId { level: 0, chunk: 1 }];
+        let (streamer, base) = streamer(&manifest, vmm, first);
+        assert_eq!(streamer.run(), Ok(0));
+        sender.join().unwrap();
         // SAFETY: the whole mapping is filled now.
         let memory = unsafe { std::slice::from_raw_parts(base as *const u8, bytes.len()) };
         assert!(memory == bytes);
