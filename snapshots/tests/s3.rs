@@ -692,6 +692,15 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
         );
     }
     put_raw(&moto.endpoint, "apps/wan/d1.pages", genuine);
+    // The damaged download did not stay in the cache: with the object mended, the same
+    // cache fetches it again, whole.
+    let mended_cache = dir.join("cache-wan-tampered-3");
+    let mended = S3Store::on(conn.clone(), "wan", &mended_cache).unwrap();
+    let fresh = LocalStore::open(&dir.join("local-wan-mended")).unwrap();
+    assert_eq!(
+        mended.fetch_chain(&fresh, &key(), "d3").unwrap(),
+        ["d3", "d2", "d1"]
+    );
 
     // Removing the app takes everything under its prefix, also a page file whose
     // manifest an interrupted deletion already removed (which list() no longer names).

@@ -288,6 +288,14 @@ fn verify_download(
     verify_data(manifest, data)
 }
 
+/// Removes downloaded files that failed their check, so that the next attempt fetches
+/// them again instead of finding them in the cache.
+fn discard<'a>(files: impl IntoIterator<Item = Option<&'a PathBuf>>) {
+    for file in files.into_iter().flatten() {
+        let _ = std::fs::remove_file(file);
+    }
+}
+
 /// Checks a downloaded data archive, if the snapshot has one, against its digest.
 fn verify_data(manifest: &Manifest, data: Option<&Path>) -> Result<(), StoreError> {
     if let Some(data) = data {
@@ -610,7 +618,8 @@ impl S3Store {
             verify_download(&manifest, &checked_pages, checked_data.as_deref())
         })
         .await
-        .map_err(|_| S3Error::Panicked)??;
+        .map_err(|_| S3Error::Panicked)?
+        .inspect_err(|_| discard([Some(&pages), data.as_ref()]))?;
         Ok((level.manifest, pages, data))
     }
 

@@ -192,7 +192,8 @@ impl S3Store {
             None => super::verify_data(&checked, archive.as_deref()),
         })
         .await
-        .map_err(|_| S3Error::Panicked)??;
+        .map_err(|_| S3Error::Panicked)?
+        .inspect_err(|_| super::discard([whole.as_ref(), data.as_ref()]))?;
         Ok((level, whole, data))
     }
 }
