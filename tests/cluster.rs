@@ -1041,6 +1041,32 @@ fn a_swapped_out_app_comes_back_over_a_wide_area_link_and_dns_does_not_wait() {
     assert!(answered < rtt / 2, "answered after {answered:?}");
 }
 
+/// `GET path` from `address`:80, waiting up to 2 minutes for the answer: its body.
+fn patient_get(address: &str, path: &str) -> Result<String, String> {
+    let addr: SocketAddr = format!("{address}:80")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(20))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    if !text.starts_with("HTTP/1.1 200") && !text.starts_with("HTTP/1.0 200") {
+        return Err(format!("answer {text:?}"));
+    }
+    let body = text.split("\r\n\r\n").nth(1).ok_or("no body")?;
+    Ok(body.trim().to_string())
+}
+
 /// Issue #14: a swapped-out app whose page file is too big to come with its manifest
 /// (bigmem: 256 MiB, of which requests read 8) comes back from S3 over the wide-area link
 /// by streaming. Its VMM starts once the manifests are in, and the first response comes
@@ -1062,11 +1088,13 @@ fn a_big_swapped_out_app_streams_from_s3_and_answers_before_its_memory_is_in() {
     );
     let cold = s3_cold("picocenter-stream", &link.url(), &[]);
     let worker = worker(&hub, "w-s3stream", "127.3.16.0/24", "60", &as_strs(&cold));
-    // A failed request says what the worker saw.
+    // Patient (moto serves each ranged GET of the 256 MiB object in ~170 ms, one at a
+    // time, and slower still beside the other tests), and a failed request says what
+    // the worker saw.
     let get = |address: &str, path: &str| {
-        std::panic::catch_unwind(|| get(address, path)).unwrap_or_else(|_| {
+        patient_get(address, path).unwrap_or_else(|e| {
             panic!(
-                "GET {path} from {address} failed; worker log:\n{}",
+                "GET {path} from {address} failed: {e}; worker log:\n{}",
                 worker.log()
             )
         })
