@@ -114,6 +114,27 @@ fn s3_cold(bucket: &str, endpoint: &str, extra: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// App `app`'s snapshots in `bucket` (under `prefix`) of the S3 server `s3`, as a worker
+/// with [`s3_cold`]'s flags keeps them; listings cached under `dir`.
+fn app_bucket(
+    s3: &S3Server,
+    bucket: &str,
+    prefix: &str,
+    app: &str,
+    dir: &Path,
+) -> picocenter_snapshots::s3::S3Store {
+    let config = picocenter_snapshots::s3::S3Config {
+        endpoint: Some(s3.endpoint.clone()),
+        bucket: bucket.into(),
+        prefix: prefix.into(),
+        path_style: true,
+        access_key: Some("test".into()),
+        secret_key: Some("test".into()),
+        ..Default::default()
+    };
+    picocenter_snapshots::s3::S3Store::open(&config, app, &dir.join("s3-listing")).unwrap()
+}
+
 fn as_strs(flags: &[String]) -> Vec<&str> {
     flags.iter().map(String::as_str).collect()
 }
@@ -593,20 +614,7 @@ fn the_s3_backend_swaps_out_and_back() {
     // Its second snapshot is an increment of the first, but the chain is small: it is
     // compacted to one, so the next restore from S3 fetches one snapshot.
     hub.wait_state("cs3", "swapped_out", Duration::from_secs(20));
-    let bucket = picocenter_snapshots::s3::S3Store::open(
-        &picocenter_snapshots::s3::S3Config {
-            endpoint: Some(moto.endpoint.clone()),
-            bucket: "picocenter-test".into(),
-            prefix: "apps".into(),
-            path_style: true,
-            access_key: Some("test".into()),
-            secret_key: Some("test".into()),
-            ..Default::default()
-        },
-        "cs3",
-        &dir.path().join("s3-listing"),
-    )
-    .unwrap();
+    let bucket = app_bucket(&moto, "picocenter-test", "apps", "cs3", dir.path());
     use picocenter_snapshots::Store;
     // The snapshots it replaced go after the swap-out is reported.
     let kept = wait_for(
@@ -723,15 +731,26 @@ fn a_long_snapshot_chain_is_compacted() {
 /// One GET / to counter-http at `address` (port 80), as a client would make it: the count,
 /// or what went wrong (refused, reset, timed out, a bad answer).
 fn try_count(address: &str) -> Result<u64, String> {
+    let text = raw_get(address, "/", Duration::from_secs(30))?;
+    text.split("\r\n\r\n")
+        .nth(1)
+        .and_then(|body| body.trim().strip_prefix("count="))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("answer {text:?}"))
+}
+
+/// `GET path` from `address`:80 on a connection of its own, waiting up to `limit` for
+/// the whole answer: its text.
+fn raw_get(address: &str, path: &str, limit: Duration) -> Result<String, String> {
     let addr: SocketAddr = format!("{address}:80")
         .parse()
         .map_err(|e| format!("{e}"))?;
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(20))
         .map_err(|e| format!("connect: {e}"))?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(limit))
         .map_err(|e| e.to_string())?;
-    let request = format!("GET / HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
     stream
         .write_all(request.as_bytes())
         .map_err(|e| format!("write: {e}"))?;
@@ -739,12 +758,7 @@ fn try_count(address: &str) -> Result<u64, String> {
     stream
         .read_to_end(&mut raw)
         .map_err(|e| format!("read: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    text.split("\r\n\r\n")
-        .nth(1)
-        .and_then(|body| body.trim().strip_prefix("count="))
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("answer {text:?}"))
+    Ok(String::from_utf8_lossy(&raw).into_owned())
 }
 
 /// One datagram to udp-counter at `address` (port 53): its count.
@@ -1043,23 +1057,7 @@ fn a_swapped_out_app_comes_back_over_a_wide_area_link_and_dns_does_not_wait() {
 
 /// `GET path` from `address`:80, waiting up to 2 minutes for the answer: its body.
 fn patient_get(address: &str, path: &str) -> Result<String, String> {
-    let addr: SocketAddr = format!("{address}:80")
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(20))
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .map_err(|e| e.to_string())?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("read: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
+    let text = raw_get(address, path, Duration::from_secs(120))?;
     if !text.starts_with("HTTP/1.1 200") && !text.starts_with("HTTP/1.0 200") {
         return Err(format!("answer {text:?}"));
     }
@@ -1162,19 +1160,7 @@ fn a_big_swapped_out_app_streams_from_s3_and_answers_before_its_memory_is_in() {
     // requests read: the VMM refuses that chunk when it comes and stops, and no response
     // ever carries memory that is not the app's.
     hub.wait_state("bigs3", "swapped_out", Duration::from_secs(120));
-    let bucket = picocenter_snapshots::s3::S3Store::open(
-        &picocenter_snapshots::s3::S3Config {
-            endpoint: Some(moto.endpoint.clone()),
-            bucket: "picocenter-stream".into(),
-            path_style: true,
-            access_key: Some("test".into()),
-            secret_key: Some("test".into()),
-            ..Default::default()
-        },
-        "bigs3",
-        &dir.path().join("s3-listing"),
-    )
-    .unwrap();
+    let bucket = app_bucket(&moto, "picocenter-stream", "", "bigs3", dir.path());
     use picocenter_snapshots::Store;
     let base = bucket
         .list()
