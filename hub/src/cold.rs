@@ -42,7 +42,7 @@ pub enum ColdConfig {
     S3(S3Config),
 }
 
-/// A snapshot put in cold storage.
+/// A snapshot settled in the local store, for cold storage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
     /// The snapshot to restore next (the one written, or the chain compacted into one).
@@ -147,15 +147,23 @@ impl Cold {
         }
     }
 
-    /// After the VMM of `app` wrote snapshot `id` into [`Cold::local_dir`]: puts it in
-    /// cold storage. A chain grown past [`MAX_CHAIN`] snapshots ([`MAX_CHAIN_S3`] in S3)
-    /// is compacted first, so a restore never reads more than that many.
-    pub fn store(&self, app: &str, id: &str) -> Result<Stored, StoreError> {
+    /// Whether a snapshot must still be uploaded once it is settled: with S3 (a local
+    /// directory is cold storage itself).
+    pub fn uploads(&self) -> bool {
+        matches!(self.config, ColdConfig::S3(_))
+    }
+
+    /// After the VMM of `app` wrote snapshot `id` into [`Cold::local_dir`]: settles it
+    /// there, ready to restore from and to [upload](Cold::upload). A chain grown past
+    /// [`MAX_CHAIN`] snapshots ([`MAX_CHAIN_S3`] in S3) is compacted first, so a restore
+    /// never reads more than that many; unless `may_compact` is false (an upload of the
+    /// app is still reading the chain), when only a chain past [`MAX_CHAIN`] is.
+    pub fn settle(&self, app: &str, id: &str, may_compact: bool) -> Result<Stored, StoreError> {
         let local = LocalStore::open(&self.local_dir(app)?)?;
         let mut manifests = chain(&local, &self.key, id)?;
-        let (longest, small) = match self.config {
-            ColdConfig::Local { .. } => (MAX_CHAIN, 0),
-            ColdConfig::S3(_) => (MAX_CHAIN_S3, SMALL_CHAIN_S3),
+        let (longest, small) = match (&self.config, may_compact) {
+            (ColdConfig::Local { .. }, _) | (_, false) => (MAX_CHAIN, 0),
+            (ColdConfig::S3(_), true) => (MAX_CHAIN_S3, SMALL_CHAIN_S3),
         };
         let mut chain_bytes = 0u64;
         for manifest in &manifests {
@@ -172,15 +180,7 @@ impl Cold {
             manifests = vec![full];
         }
         let newest = &manifests[0];
-        let mut replaced = Vec::new();
-        if let Some(remote) = self.remote(app)? {
-            copy_chain(&local, &remote, &self.key, &newest.id)?;
-            if compacted {
-                // What the compacted snapshot replaces goes from S3 once it is there.
-                replaced = chain_ids;
-            }
-        }
-        // Cold storage holds the same objects as the local store: the chain measured
+        // Cold storage will hold the same objects as the local store: the chain measured
         // above, or what it was compacted into.
         let bytes = if compacted {
             local.size(&newest.id)?
@@ -191,8 +191,30 @@ impl Cold {
             id: newest.id.clone(),
             bytes,
             wake_at_unix_ms: newest.wake_at_unix_ms(),
-            replaced,
+            // What the compacted snapshot replaces goes from S3 once it is there.
+            replaced: if compacted && self.uploads() {
+                chain_ids
+            } else {
+                Vec::new()
+            },
         })
+    }
+
+    /// How many snapshots the chain of `app` that ends at `id` holds, in the local store.
+    pub fn chain_len(&self, app: &str, id: &str) -> Result<usize, StoreError> {
+        let local = LocalStore::open(&self.local_dir(app)?)?;
+        Ok(chain(&local, &self.key, id)?.len())
+    }
+
+    /// Puts settled snapshot `id` of `app`, and what it builds on, in S3: what S3 lacks
+    /// of its chain, oldest first, HEAD last, so a worker that dies meanwhile leaves the
+    /// previous snapshot whole there. Nothing to do with a local directory.
+    pub fn upload(&self, app: &str, id: &str) -> Result<(), StoreError> {
+        if let Some(remote) = self.remote(app)? {
+            let local = LocalStore::open(&self.local_dir(app)?)?;
+            copy_chain(&local, &remote, &self.key, id)?;
+        }
+        Ok(())
     }
 
     /// With S3: while this worker's local copies take more than `limit` bytes, deletes

@@ -435,6 +435,17 @@ impl Hub {
                 true
             });
         }
+        for stored in &report.stored {
+            edit(&stored.name, true, &mut |r| {
+                r.snapshot = Some(stored.snapshot.clone());
+                r.usage.stored_bytes = stored.stored_bytes;
+                r.event(format!(
+                    "snapshot {} in cold storage ({} bytes); it came back from the worker's copy meanwhile",
+                    stored.snapshot, stored.stored_bytes
+                ));
+                true
+            });
+        }
         for swapped in &report.swapped {
             edit(&swapped.name, true, &mut |r| {
                 r.state = AppState::SwappedOut;
@@ -694,5 +705,52 @@ mod tests {
             // An app nobody holds waits for its start, which fails here.
             assert!(matches!(hub.resolve("c").await, Resolution::Failed(_)));
         });
+    }
+
+    #[test]
+    fn a_snapshot_stored_after_its_app_came_back_moves_the_restore_point_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub_with_worker(dir.path());
+        let address = Ipv4Addr::new(10, 0, 0, 1);
+        let snapshot = |id: &str| crate::model::SwappedOut {
+            name: "a".into(),
+            snapshot: id.into(),
+            stored_bytes: 7,
+            wake_at_unix_ms: None,
+        };
+        let resident = WorkerReport {
+            resident: vec![("a".into(), address)],
+            ..Default::default()
+        };
+        hub.report("w", resident).unwrap();
+        // The upload of s1 ended after a request had brought the app back: still resident,
+        // at the same address, but a worker that dies now leaves it at s1.
+        hub.report(
+            "w",
+            WorkerReport {
+                stored: vec![snapshot("s1")],
+                resident_count: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let record = hub.get("a").unwrap();
+        assert_eq!(record.state, AppState::Resident);
+        assert_eq!(record.address, Some(address));
+        assert_eq!(record.snapshot.as_deref(), Some("s1"));
+        assert_eq!(record.usage.stored_bytes, 7);
+        // In one report, what was stored comes before what was swapped out after it.
+        hub.report(
+            "w",
+            WorkerReport {
+                stored: vec![snapshot("s2")],
+                swapped: vec![snapshot("s3")],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let record = hub.get("a").unwrap();
+        assert_eq!(record.state, AppState::SwappedOut);
+        assert_eq!(record.snapshot.as_deref(), Some("s3"));
     }
 }

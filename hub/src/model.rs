@@ -213,8 +213,12 @@ pub struct WorkerReport {
     pub resident_count: usize,
     /// Usage since the last report, per app.
     pub usage: Vec<(String, UsageDelta)>,
-    /// Apps it swapped out since the last report.
+    /// Apps it swapped out since the last report (their snapshot is in cold storage).
     pub swapped: Vec<SwappedOut>,
+    /// Snapshots that reached cold storage after their app came back from the worker's
+    /// local copy (traffic arrived during the upload): the app's restore point moves on,
+    /// and it stays resident. Taken before `swapped`.
+    pub stored: Vec<SwappedOut>,
     /// Apps that ended or failed there since the last report: name and why.
     pub ended: Vec<(String, String)>,
     /// Resident memory of its apps, bytes.

@@ -7,6 +7,9 @@
 //!   (see `picocenter_vmm::stats_page::StatsView`), read every [`look_period`]. Waiting in
 //!   `accept`, `poll` or `epoll_wait` costs a picoprocess no CPU at all, and looking at it
 //!   never wakes it.
+//! * **Uploads**: with S3, a swap-out frees the app's memory once its snapshot is on the
+//!   worker's disk; the upload runs after, and the hub hears of the swap-out when it ends
+//!   (see [`upload`]).
 //! * **Capacity**: before starting an app, least-recently-active apps are swapped out
 //!   until the resident memory of all apps fits under the limit.
 //! * **Reports**: every second the worker tells the hub what changed: apps that became
@@ -24,10 +27,11 @@
 pub mod api;
 pub mod held;
 pub mod limits;
+mod upload;
 pub mod vmm;
 
-use crate::cold::Cold;
-use crate::model::{StartOrder, Started, SwappedOut, UsageDelta, WorkerReport};
+use crate::cold::{Cold, MAX_CHAIN};
+use crate::model::{AppSpec, StartOrder, Started, SwappedOut, UsageDelta, WorkerReport};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -137,6 +141,15 @@ pub enum WorkerError {
     Name(#[from] picocenter_snapshots::names::NameError),
 }
 
+/// How a swap-out went, once the app's memory is free.
+#[derive(Debug)]
+enum SwapOut {
+    /// Its snapshot is in cold storage, and the hub will hear of it.
+    Stored(SwappedOut),
+    /// Its snapshot is on its way to S3: the task ends with the upload (see [`upload`]).
+    Uploading(tokio::task::JoinHandle<Result<SwappedOut, WorkerError>>),
+}
+
 /// One start of an app, shared by the orders that ask for it at once.
 type StartOnce = tokio::sync::OnceCell<Result<Started, String>>;
 
@@ -155,6 +168,8 @@ fn look_period(idle_after: Duration) -> Duration {
 /// One resident app.
 #[derive(Debug)]
 struct Resident {
+    /// How it runs (what a swap-out needs to bring it back from the local copy).
+    spec: AppSpec,
     vmm: Vmm,
     /// Its counters without waking it, when its stats page can be read.
     view: Option<picocenter_vmm::stats_page::StatsView>,
@@ -226,6 +241,8 @@ pub struct Worker {
     /// S3 only once the hub has the report naming their replacement (until then it may
     /// still restore one of them, or fall back to it if this worker dies).
     prunes: std::sync::Mutex<HashMap<String, (String, Vec<String>)>>,
+    /// Uploads to S3 of swapped-out apps' snapshots (see [`upload`]).
+    uploads: upload::Uploads,
 }
 
 impl Worker {
@@ -245,6 +262,7 @@ impl Worker {
             child_ended: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             report_soon: tokio::sync::Notify::new(),
             prunes: Default::default(),
+            uploads: Default::default(),
         })
     }
 
@@ -280,10 +298,25 @@ impl Worker {
         result
     }
 
-    async fn start_now(self: &Arc<Self>, order: StartOrder) -> Result<Started, WorkerError> {
+    /// [`Worker::start`] as a future of a named type, for the tasks that swap-outs spawn
+    /// (a start may swap apps out to make room: the compiler cannot see through the loop).
+    fn start_boxed(
+        self: &Arc<Self>,
+        order: StartOrder,
+    ) -> futures::future::BoxFuture<'static, Result<Started, String>> {
+        let this = self.clone();
+        Box::pin(async move { this.start(order).await })
+    }
+
+    async fn start_now(self: &Arc<Self>, mut order: StartOrder) -> Result<Started, WorkerError> {
         let began = Instant::now();
         let name = order.spec.name.clone();
         picocenter_snapshots::names::validate_app_name(&name)?;
+        // An app whose upload has not ended comes back from its newest snapshot, here
+        // (the hub may know only an older one).
+        if let Some(comeback) = self.uploads.comeback(&name) {
+            order.snapshot = comeback.snapshot;
+        }
         self.make_room().await;
         // An app whose sockets are held here comes back at its address, on them.
         let held = match &order.snapshot {
@@ -300,9 +333,13 @@ impl Worker {
             }
             None => self.free_address().await?,
         };
+        let snapshot = order.snapshot.clone();
         let started = self
             .launch_at(order, name.clone(), address, held, began)
             .await;
+        if let (Ok(_), Some(id)) = (&started, &snapshot) {
+            self.uploads.came_back(&name, id);
+        }
         self.unreserve(address);
         started
     }
@@ -430,6 +467,7 @@ impl Worker {
         self.apps.lock().await.insert(
             name,
             Resident {
+                spec: order.spec,
                 vmm,
                 view,
                 unreported: UsageDelta::default(),
@@ -524,8 +562,22 @@ impl Worker {
         }
     }
 
-    /// Asks the hub to bring app `name` back (traffic arrived on its held sockets).
-    async fn wake(&self, name: &str) {
+    /// Asks the hub to bring app `name` back (traffic arrived on its held sockets); or,
+    /// if its upload has not ended (the hub takes it for resident here), brings it back
+    /// from the local copy.
+    async fn wake(self: &Arc<Self>, name: &str) {
+        if let Some(order) = self.uploads.comeback(name) {
+            tracing::info!(app = %name, "traffic on its held sockets during its upload: bringing it back from the local copy");
+            // On a task of its own: the start ends the watcher that calls this.
+            let start = self.start_boxed(order);
+            let app = name.to_string();
+            tokio::spawn(async move {
+                if let Err(e) = start.await {
+                    tracing::warn!(app = %app, "bringing it back from the local copy: {e}");
+                }
+            });
+            return;
+        }
         let Some(hub) = self.hub.get() else {
             return;
         };
@@ -576,26 +628,35 @@ impl Worker {
             };
             let Some(victim) = victim else { return };
             tracing::info!(app = %victim, "swapping out to make room");
-            if let Err(e) = self.swap_out(&victim).await {
+            // Its memory is free once its snapshot is settled: the upload runs on.
+            if let Err(e) = self.swap_out_if(&victim, false).await {
                 tracing::warn!(app = %victim, "could not swap out to make room: {e}");
                 return;
             }
         }
     }
 
-    /// Snapshots app `name` into cold storage and ends its VMM, freeing its memory.
+    /// Snapshots app `name` into cold storage and ends its VMM, freeing its memory; answers
+    /// once the snapshot is in cold storage (traffic may have brought the app back from
+    /// the local copy meanwhile).
     pub async fn swap_out(self: &Arc<Self>, name: &str) -> Result<SwappedOut, WorkerError> {
-        self.swap_out_if(name, false).await
+        match self.swap_out_if(name, false).await? {
+            SwapOut::Stored(swapped) => Ok(swapped),
+            SwapOut::Uploading(upload) => upload
+                .await
+                .map_err(|e| WorkerError::Internal(e.to_string()))?,
+        }
     }
 
-    /// [`Worker::swap_out`]; with `if_idle`, only if the app is idle at the clean point
-    /// (else [`WorkerError::Busy`], and it stays resident). Its sockets are taken over
-    /// first, so its address never stops accepting.
+    /// [`Worker::swap_out`], answering once the app's memory is free; with `if_idle`,
+    /// only if the app is idle at the clean point (else [`WorkerError::Busy`], and it
+    /// stays resident). Its sockets are taken over first, so its address never stops
+    /// accepting.
     async fn swap_out_if(
         self: &Arc<Self>,
         name: &str,
         if_idle: bool,
-    ) -> Result<SwappedOut, WorkerError> {
+    ) -> Result<SwapOut, WorkerError> {
         // An app still starting may already serve (its first client was answered with its
         // held address): its start ends before it can be swapped out.
         let starting = self.starting.lock().await.get(name).cloned();
@@ -636,7 +697,7 @@ impl Worker {
         name: &str,
         mut app: Resident,
         if_idle: bool,
-    ) -> Result<SwappedOut, WorkerError> {
+    ) -> Result<SwapOut, WorkerError> {
         // The snapshot builds on the page files the app was restored from, so they must be
         // whole in the local store first: the stream ends before the VMM stops (which
         // closes its feed), never the other way round.
@@ -716,13 +777,25 @@ impl Worker {
         let id = answer["id"].as_str().unwrap_or_default().to_string();
         let _ = tokio::time::timeout(Duration::from_secs(10), app.vmm.child.wait()).await;
 
+        // Settled in the local store (compacted if its chain is long, unless an upload
+        // still reads the chain: then only once that upload has ended).
+        let in_flight = self.uploads.in_flight(name);
+        let turn = self.uploads.turn(name);
         let cold = self.cold.clone();
         let (app_name, snapshot) = (name.to_string(), id.clone());
-        let stored = tokio::task::spawn_blocking(move || cold.store(&app_name, &snapshot))
-            .await
-            .map_err(|e| WorkerError::Internal(e.to_string()))
-            .and_then(|stored| stored.map_err(WorkerError::from));
-        let stored = match stored {
+        let settled = async move {
+            let long = in_flight && cold.chain_len(&app_name, &snapshot)? >= MAX_CHAIN;
+            let waited = match long {
+                true => Some(turn.lock().await),
+                false => None,
+            };
+            let may_compact = !in_flight || waited.is_some();
+            tokio::task::spawn_blocking(move || cold.settle(&app_name, &snapshot, may_compact))
+                .await
+                .map_err(|e| WorkerError::Internal(e.to_string()))?
+                .map_err(WorkerError::from)
+        };
+        let stored = match settled.await {
             Ok(stored) => stored,
             Err(e) => {
                 // Its VMM has ended, so it is not resident any more: the hub falls back
@@ -734,10 +807,24 @@ impl Worker {
                 return Err(e);
             }
         };
-        match sockets {
-            Some(sockets) => self.hold(name, sockets).await,
-            None => self.release_address(address),
+        let Some(sockets) = sockets else {
+            // Nothing would bring it back here during the upload: the hub hears of it
+            // once it is in cold storage, as usual.
+            self.release_address(address);
+            let upload = self.upload_in_background(name, app.spec, stored);
+            return upload
+                .await
+                .map_err(|e| WorkerError::Internal(e.to_string()))?
+                .map(SwapOut::Stored);
+        };
+        if self.cold.uploads() {
+            tracing::info!(app = %name, snapshot = %stored.id, "swapped out here; uploading to cold storage while its sockets are held");
+            // Whatever comes meanwhile brings it back from the local copy.
+            let upload = self.upload_in_background(name, app.spec, stored);
+            self.hold(name, sockets).await;
+            return Ok(SwapOut::Uploading(upload));
         }
+        self.hold(name, sockets).await;
         let swapped = SwappedOut {
             name: name.to_string(),
             snapshot: stored.id,
@@ -745,19 +832,9 @@ impl Worker {
             wake_at_unix_ms: stored.wake_at_unix_ms,
         };
         tracing::info!(app = %name, snapshot = %swapped.snapshot, stored_bytes = swapped.stored_bytes, wake_at_unix_ms = ?swapped.wake_at_unix_ms, "swapped out");
-        self.trim_cache().await;
-        if !stored.replaced.is_empty() {
-            self.prunes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(
-                    swapped.snapshot.clone(),
-                    (name.to_string(), stored.replaced),
-                );
-        }
         self.pending_report().swapped.push(swapped.clone());
         self.report_soon.notify_one();
-        Ok(swapped)
+        Ok(SwapOut::Stored(swapped))
     }
 
     /// Keeps the local copies of S3 snapshots under the cache limit: the copies of apps
@@ -766,8 +843,10 @@ impl Worker {
     /// no restore reads a copy while it goes.
     async fn trim_cache(&self) {
         let held = self.held.lock().await;
+        // Not the copy of an app being uploaded: it is the app's only newest state.
         let mut out: Vec<(Instant, String)> = held
             .iter()
+            .filter(|(name, _)| !self.uploads.is_out(name) && !self.uploads.in_flight(name))
             .map(|(name, h)| (h.since, name.clone()))
             .collect();
         out.sort();
@@ -790,6 +869,14 @@ impl Worker {
     /// there were.
     pub async fn forget(&self, name: &str) -> Result<usize, WorkerError> {
         self.unhold(name).await;
+        // An upload under way would put back what this deletes.
+        self.uploads
+            .out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        let turn = self.uploads.turn(name);
+        let _turn = turn.lock().await;
         let cold = self.cold.clone();
         let app = name.to_string();
         let removed = tokio::task::spawn_blocking(move || cold.forget(&app))
@@ -972,6 +1059,7 @@ impl Worker {
             resident_count: apps.len(),
             usage: pending.usage.into_iter().collect(),
             swapped: pending.swapped,
+            stored: pending.stored,
             ended: pending.ended,
             memory_bytes: apps.values().map(|a| a.rss).sum(),
             held: held
@@ -998,12 +1086,14 @@ impl Worker {
     }
 
     /// After the hub accepted `report`: deletes from S3 the snapshots that the ones it
-    /// reports swapped out replaced (see [`Worker::prunes`]). Returns the deletions.
+    /// reports swapped out or stored replaced (see [`Worker::prunes`]). Returns the
+    /// deletions.
     pub fn prune_reported(&self, report: &WorkerReport) -> Vec<tokio::task::JoinHandle<()>> {
         let mut prunes = self.prunes.lock().unwrap_or_else(|e| e.into_inner());
         report
             .swapped
             .iter()
+            .chain(&report.stored)
             .filter_map(|swapped| prunes.remove(&swapped.snapshot))
             .map(|(app, replaced)| {
                 let cold = self.cold.clone();
@@ -1024,6 +1114,7 @@ impl Worker {
             add_usage(pending.usage.entry(name).or_default(), &delta);
         }
         pending.swapped.extend(report.swapped);
+        pending.stored.extend(report.stored);
         pending.ended.extend(report.ended);
         self.told().valid = false;
     }
@@ -1040,10 +1131,17 @@ impl Worker {
 
     /// Swaps every resident app out (a graceful shutdown).
     pub async fn swap_out_all(self: &Arc<Self>) {
-        let names: Vec<String> = self.apps.lock().await.keys().cloned().collect();
-        for name in names {
-            if let Err(e) = self.swap_out(&name).await {
-                tracing::warn!(app = %name, "swap-out at shutdown failed: {e}");
+        // Traffic during an upload may bring an app back: a few rounds.
+        for _ in 0..3 {
+            let names: Vec<String> = self.apps.lock().await.keys().cloned().collect();
+            for name in names {
+                if let Err(e) = self.swap_out(&name).await {
+                    tracing::warn!(app = %name, "swap-out at shutdown failed: {e}");
+                }
+            }
+            self.uploads.drained().await;
+            if self.apps.lock().await.is_empty() {
+                break;
             }
         }
     }
@@ -1054,6 +1152,7 @@ impl Worker {
 struct Pending {
     usage: HashMap<String, UsageDelta>,
     swapped: Vec<SwappedOut>,
+    stored: Vec<SwappedOut>,
     ended: Vec<(String, String)>,
 }
 

@@ -1,0 +1,258 @@
+//! Swap-outs to S3 that never make a request wait for their upload (issue #14).
+//!
+//! A swap-out is over for the app once its snapshot is settled in the worker's local
+//! store: its VMM has ended, its memory is free and its sockets are held. The upload to
+//! S3 then runs on its own, one at a time per app, since an increment builds on what the
+//! upload before it put there.
+//!
+//! The hub hears of the swap-out only when the upload has ended. Until then it takes the
+//! app for resident here, so it keeps the previous snapshot as the app's restore point: a
+//! worker that dies mid-upload leaves that snapshot whole in S3 (objects go first, HEAD
+//! last), and the app comes back from it elsewhere. Traffic that arrives meanwhile brings
+//! the app back here from the local copy, without asking the hub; when the upload then
+//! ends, the report moves the hub's restore point on and leaves the app resident
+//! ([`WorkerReport::stored`](crate::model::WorkerReport::stored)).
+
+use super::{Worker, WorkerError};
+use crate::cold::Stored;
+use crate::model::{AppSpec, StartOrder, SwappedOut};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Attempts at an upload before the worker gives up on it for this swap-out.
+const UPLOAD_ATTEMPTS: u32 = 4;
+/// The pause after the first failed attempt; it doubles after each.
+const FIRST_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// An app swapped out here whose snapshot is on its way to S3: what it takes to bring it
+/// back from the local copy.
+#[derive(Debug)]
+pub(super) struct Upload {
+    pub(super) spec: AppSpec,
+    /// The settled snapshot being uploaded: the app's newest state.
+    pub(super) snapshot: String,
+}
+
+/// Per-app upload turns, and how many uploads are under way.
+#[derive(Debug)]
+pub(super) struct Uploads {
+    /// Apps swapped out here whose upload has not ended (the hub does not know they are
+    /// out).
+    pub(super) out: std::sync::Mutex<std::collections::HashMap<String, Upload>>,
+    /// One lock per app with an upload running or waiting: uploads of one app run in
+    /// order, and nothing removes the local files an upload reads.
+    turns: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Uploads started and not ended.
+    running: tokio::sync::watch::Sender<usize>,
+}
+
+impl Default for Uploads {
+    fn default() -> Self {
+        Self {
+            out: Default::default(),
+            turns: Default::default(),
+            running: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl Uploads {
+    fn out(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Upload>> {
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// App `name`'s upload turn.
+    pub(super) fn turn(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.turns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Whether an upload of app `name` is running or waiting for its turn.
+    pub(super) fn in_flight(&self, name: &str) -> bool {
+        self.turns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .is_some_and(|turn| Arc::strong_count(turn) > 1)
+    }
+
+    /// Forgets app `name`'s turn if no upload holds or waits for it.
+    fn drop_turn(&self, name: &str) {
+        let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        if turns.get(name).is_some_and(|t| Arc::strong_count(t) == 1) {
+            turns.remove(name);
+        }
+    }
+
+    /// The order that brings app `name` back from its local copy, if it is out and its
+    /// upload has not ended.
+    pub(super) fn comeback(&self, name: &str) -> Option<StartOrder> {
+        self.out().get(name).map(|upload| StartOrder {
+            spec: upload.spec.clone(),
+            snapshot: Some(upload.snapshot.clone()),
+        })
+    }
+
+    /// The app is back from snapshot `id` of the local copy: its upload, when it ends,
+    /// reports a stored snapshot, not a swap-out.
+    pub(super) fn came_back(&self, name: &str, id: &str) {
+        let mut out = self.out();
+        if out.get(name).is_some_and(|u| u.snapshot == id) {
+            out.remove(name);
+        }
+    }
+
+    /// Whether app `name` is out with an upload that has not ended.
+    pub(super) fn is_out(&self, name: &str) -> bool {
+        self.out().contains_key(name)
+    }
+
+    /// Waits until no upload is under way.
+    pub(super) async fn drained(&self) {
+        let mut running = self.running.subscribe();
+        let _ = running.wait_for(|n| *n == 0).await;
+    }
+}
+
+impl Worker {
+    /// Uploads app `name`'s settled snapshot `stored` in the background, once the uploads
+    /// of the app before it have ended; `spec` brings the app back from the local copy
+    /// if traffic arrives meanwhile. The task's result is the swap-out as the hub hears
+    /// of it.
+    pub(super) fn upload_in_background(
+        self: &Arc<Self>,
+        name: &str,
+        spec: AppSpec,
+        stored: Stored,
+    ) -> tokio::task::JoinHandle<Result<SwappedOut, WorkerError>> {
+        self.uploads.out().insert(
+            name.to_string(),
+            Upload {
+                spec,
+                snapshot: stored.id.clone(),
+            },
+        );
+        self.uploads.running.send_modify(|n| *n += 1);
+        let turn = self.uploads.turn(name);
+        let this = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let result = {
+                let _turn = turn.lock().await;
+                this.upload_with_retries(&name, &stored.id).await
+            };
+            drop(turn);
+            let ended = this.upload_ended(&name, stored, result).await;
+            this.uploads.drop_turn(&name);
+            this.uploads.running.send_modify(|n| *n -= 1);
+            ended
+        })
+    }
+
+    /// [`Cold::upload`](crate::cold::Cold::upload), tried [`UPLOAD_ATTEMPTS`] times.
+    async fn upload_with_retries(&self, name: &str, id: &str) -> Result<(), WorkerError> {
+        let began = std::time::Instant::now();
+        let mut pause = FIRST_RETRY_PAUSE;
+        let mut attempt = 1;
+        loop {
+            let cold = self.cold.clone();
+            let (app, snapshot) = (name.to_string(), id.to_string());
+            let result = tokio::task::spawn_blocking(move || cold.upload(&app, &snapshot))
+                .await
+                .map_err(|e| WorkerError::Internal(e.to_string()))
+                .and_then(|uploaded| uploaded.map_err(WorkerError::from));
+            match result {
+                Ok(()) => {
+                    tracing::info!(app = %name, snapshot = %id, ms = began.elapsed().as_secs_f64() * 1e3, "uploaded to cold storage");
+                    return Ok(());
+                }
+                Err(e) if attempt < UPLOAD_ATTEMPTS => {
+                    tracing::warn!(app = %name, snapshot = %id, attempt, "uploading failed ({e}); trying again in {pause:?}");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// After the upload of app `name`'s snapshot `stored`: tells the hub. If it failed
+    /// and the app is still out, the app comes back from its local copy rather than fall
+    /// back to an older snapshot (its next swap-out tries again).
+    async fn upload_ended(
+        self: &Arc<Self>,
+        name: &str,
+        stored: Stored,
+        result: Result<(), WorkerError>,
+    ) -> Result<SwappedOut, WorkerError> {
+        let still_out = {
+            let mut out = self.uploads.out();
+            let still_out = out.get(name).is_some_and(|u| u.snapshot == stored.id);
+            if still_out {
+                out.remove(name)
+            } else {
+                None
+            }
+        };
+        let swapped = SwappedOut {
+            name: name.to_string(),
+            snapshot: stored.id.clone(),
+            stored_bytes: stored.bytes,
+            wake_at_unix_ms: stored.wake_at_unix_ms,
+        };
+        if let Err(e) = result {
+            let Some(upload) = still_out else {
+                tracing::warn!(app = %name, snapshot = %stored.id, "uploading failed ({e}): the snapshot is only on this worker, and the app's next swap-out uploads it with its own");
+                return Err(e);
+            };
+            if !self.held.lock().await.contains_key(name) {
+                // Its address is gone: it could only come back elsewhere, from the
+                // hub's restore point.
+                self.pending_report()
+                    .ended
+                    .push((name.to_string(), format!("swap-out failed: {e}")));
+                self.report_soon.notify_one();
+                return Err(e);
+            }
+            tracing::error!(app = %name, snapshot = %stored.id, "uploading failed ({e}): bringing the app back from the local copy");
+            let order = StartOrder {
+                spec: upload.spec,
+                snapshot: Some(stored.id.clone()),
+            };
+            if let Err(back) = self.start_boxed(order).await {
+                // Nothing of it runs, and the hub's restore point is older: it goes back
+                // there.
+                tracing::error!(app = %name, "it cannot come back from the local copy either: {back}");
+                self.unhold(name).await;
+                self.pending_report()
+                    .ended
+                    .push((name.to_string(), format!("swap-out failed: {e}; {back}")));
+                self.report_soon.notify_one();
+            }
+            return Err(e);
+        }
+        if !stored.replaced.is_empty() {
+            self.prunes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(stored.id.clone(), (name.to_string(), stored.replaced));
+        }
+        if still_out.is_some() {
+            tracing::info!(app = %name, snapshot = %swapped.snapshot, stored_bytes = swapped.stored_bytes, wake_at_unix_ms = ?swapped.wake_at_unix_ms, "swapped out");
+            self.pending_report().swapped.push(swapped.clone());
+        } else {
+            tracing::info!(app = %name, snapshot = %swapped.snapshot, "in cold storage; the app came back meanwhile");
+            self.pending_report().stored.push(swapped.clone());
+        }
+        self.report_soon.notify_one();
+        if still_out.is_some() {
+            self.trim_cache().await;
+        }
+        Ok(swapped)
+    }
+}
