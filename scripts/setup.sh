@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 # The tests' tools, and every package an image under images/ names (its `apt = [...]`), so
 # that no test installs anything while the suite runs.
-packages=(busybox-static qemu-system-x86 cpio dnsutils wrk redis-tools golang-go nodejs)
+# (systemd: its systemd-analyze checks the unit files in deploy/systemd.)
+packages=(busybox-static qemu-system-x86 cpio dnsutils wrk redis-tools golang-go nodejs systemd)
 for definition in images/*/image.toml; do
     for pkg in $(sed -n 's/^apt *= *\[\(.*\)\]/\1/p' "$definition" | tr -d '",'); do
         packages+=("$pkg")

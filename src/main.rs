@@ -7,7 +7,7 @@ use clap::Parser;
 
 fn main() {
     let args = cli::Cli::parse();
-    cli::init_logging(args.verbose);
+    cli::init_logging(args.verbose, args.log_format, args.is_service());
     match cli::dispatch(args) {
         Ok(status) => std::process::exit(status),
         Err(err) => {

@@ -290,6 +290,51 @@ fn a_query_starts_an_app_and_an_idle_app_swaps_out_and_comes_back() {
     let (status, answers) = dig(hub.dns, "cbasic.pico.local", "A", true);
     assert_eq!((status.as_str(), answers), ("NOERROR", vec![address]));
 
+    // What happened shows in both metrics (a start, a swap-out and a swap-in).
+    let hub_metrics = metrics(hub.api);
+    assert!(
+        metric(
+            &hub_metrics,
+            "picocenter_hub_dns_queries_total{answer=\"address\"}"
+        ) >= 3.0
+    );
+    assert_eq!(
+        metric(
+            &hub_metrics,
+            "picocenter_hub_start_orders_total{kind=\"fresh\"}"
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            &hub_metrics,
+            "picocenter_hub_start_seconds_count{kind=\"restore\"}"
+        ) >= 1.0
+    );
+    assert_eq!(metric(&hub_metrics, "picocenter_hub_swap_outs_total"), 1.0);
+    assert_eq!(
+        metric(&hub_metrics, "picocenter_hub_apps{state=\"resident\"}"),
+        1.0
+    );
+    assert_eq!(metric(&hub_metrics, "picocenter_hub_workers"), 1.0);
+    let worker_metrics = metrics(worker_api(&hub, "w-basic"));
+    for (name, least) in [
+        ("picocenter_worker_starts_total", 1.0),
+        ("picocenter_worker_swap_ins_total", 1.0),
+        ("picocenter_worker_swap_outs_total", 1.0),
+        ("picocenter_worker_swap_out_seconds_count", 1.0),
+        ("picocenter_worker_resident_apps", 1.0),
+    ] {
+        assert_eq!(
+            metric(&worker_metrics, name),
+            least,
+            "{name}\n{worker_metrics}"
+        );
+    }
+    // Without the token, nothing.
+    let (status, _) = api(hub.api, "GET", "/metrics", None, None);
+    assert_eq!(status, 401);
+
     // Removing it ends it and deletes its snapshots.
     let (status, _) = hub.call("DELETE", "/v1/apps/cbasic", None);
     assert_eq!(status, 204);
@@ -1229,7 +1274,33 @@ fn a_big_swapped_out_app_streams_from_s3_and_answers_before_its_memory_is_in() {
     assert!(!store.join(format!("{base}.pages")).exists());
 }
 
-/// Worker `proc`'s API address, from the hub's list of workers.
+/// `GET /metrics` of the API at `address`: the text.
+fn metrics(address: SocketAddr) -> String {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(raw.contains("application/openmetrics-text"), "{raw}");
+    raw.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The value of the sample `series` (name and labels as written) in metrics `text`.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// Worker `id`'s API address, from the hub's list of workers.
 fn worker_api(hub: &Hub, id: &str) -> SocketAddr {
     let (_, workers) = hub.call("GET", "/v1/workers", None);
     let url = workers
@@ -1312,6 +1383,17 @@ fn a_request_during_an_upload_is_served_from_the_local_copy_and_a_crash_keeps_th
         .iter()
         .any(|e| e.contains("came back from the worker's copy")));
     eprintln!("answered {served:?} into a swap-out whose upload took {uploaded_in:?}");
+    let uploaded = metrics(url);
+    assert_eq!(
+        metric(&uploaded, "picocenter_worker_upload_seconds_count"),
+        1.0
+    );
+    assert!(
+        metric(
+            &uploaded,
+            "picocenter_worker_cold_storage_bytes_total{direction=\"up\"}"
+        ) >= swapped["stored_bytes"].as_f64().unwrap()
+    );
 
     // The next swap-out (its chain is compacted into one full snapshot, so its upload
     // takes as long): the worker dies in the middle of it.
@@ -1337,4 +1419,46 @@ fn a_request_during_an_upload_is_served_from_the_local_copy_and_a_crash_keeps_th
     assert!(address.starts_with("127.3.18."), "{address}");
     // s1 held count 1; the request after it, served from the local copy, was lost.
     assert_eq!(count(&address), 2, "worker log:\n{}", second.log());
+    let downloaded = metrics(worker_api(&hub, "w-up2"));
+    assert!(
+        metric(
+            &downloaded,
+            "picocenter_worker_cold_storage_bytes_total{direction=\"down\"}"
+        ) > 0.0
+    );
+}
+
+/// `--log-format json`: every log line the hub writes is a JSON object with a level and
+/// a message.
+#[test]
+fn a_hub_logs_json_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = picocenter();
+    cmd.args(["hub", "--dns", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
+    cmd.args(["--token", TOKEN, "--log-format", "json"]);
+    cmd.arg("--data-dir").arg(dir.path().join("hub"));
+    let mut hub = Proc::spawn(cmd, dir.path().join("hub.log"));
+    let (dns, api_at) = wait_for("the hub", Duration::from_secs(60), || {
+        hub_addresses(&hub.log)
+    });
+    // An app no worker can run: its query fails, and the hub logs why.
+    let body = r#"{"name":"nowhere","image":"counter-http"}"#;
+    assert_eq!(
+        api(api_at, "POST", "/v1/apps", Some(body), Some(TOKEN)).0,
+        201
+    );
+    let (status, _) = dig(dns, "nowhere.pico.local", "A", false);
+    assert_eq!(status, "SERVFAIL");
+    hub.terminate();
+    let log = hub.log();
+    let mut records = 0;
+    for line in log.lines().filter(|l| !l.starts_with("hub: ")) {
+        let record: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}\n{log}"));
+        assert!(record["level"].is_string(), "{line}");
+        assert!(record["fields"]["message"].is_string(), "{line}");
+        records += 1;
+    }
+    assert!(log.contains("SERVFAIL"), "{log}");
+    assert!(records > 0, "{log}");
 }

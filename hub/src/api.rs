@@ -10,6 +10,7 @@
 //! | `GET /v1/workers` | the live workers |
 //! | `POST /v1/workers` ([`WorkerHello`]) | a worker registers |
 //! | `POST /v1/workers/{id}/report` ([`WorkerReport`]) | a worker reports (its heartbeat) |
+//! | `GET /metrics` | Prometheus metrics (see [`crate::metrics`]) |
 
 use crate::http::{limit_body, rejection, require_token, Failure, MAX_BODY};
 use crate::hub::{Hub, HubError, Resolution};
@@ -30,6 +31,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/apps/{name}/start", post(start))
         .route("/v1/workers", get(workers).post(register))
         .route("/v1/workers/{id}/report", post(report))
+        .route("/metrics", get(metrics))
         .with_state(hub)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY as usize))
         .layer(axum::middleware::from_fn(limit_body))
@@ -116,4 +118,14 @@ async fn report(
     let Json(report) = report.map_err(rejection)?;
     hub.report(&id, report).map_err(failure)?;
     Ok(Json(serde_json::json!({"ok": true})))
+}
+
+async fn metrics(State(hub): State<Arc<Hub>>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        hub.render_metrics(),
+    )
 }

@@ -96,6 +96,12 @@ impl Cold {
         Ok(self.s3.get_or_init(|| conn).clone())
     }
 
+    /// Bytes of object bodies sent to and received from S3 so far: (up, down); (0, 0)
+    /// with a local directory, which the VMMs write and map in place.
+    pub fn traffic(&self) -> (u64, u64) {
+        self.s3.get().map_or((0, 0), |conn| conn.traffic())
+    }
+
     /// A description for logs.
     pub fn describe(&self) -> String {
         match &self.config {

@@ -23,7 +23,6 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,17 +133,25 @@ impl RequestHandler for DnsHandler {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
-        self.hub.counters.queries.fetch_add(1, Ordering::Relaxed);
         let builder = MessageResponseBuilder::from_message_request(request);
         let info = match request.request_info() {
             Ok(info) => info,
             Err(_) => {
+                self.hub.metrics.dns_query("formerr");
                 let response = builder.error_msg(&request.metadata, ResponseCode::FormErr);
                 return send(&mut response_handle, response, &request.metadata).await;
             }
         };
         let name: Name = info.query.name().clone().into();
         let (code, answers, with_soa) = self.answer(&name, info.query.query_type()).await;
+        self.hub.metrics.dns_query(match code {
+            ResponseCode::NoError if answers.is_empty() => "empty",
+            ResponseCode::NoError => "address",
+            ResponseCode::NXDomain => "nxdomain",
+            ResponseCode::ServFail => "servfail",
+            ResponseCode::Refused => "refused",
+            _ => "other",
+        });
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = code != ResponseCode::Refused;
         metadata.response_code = code;

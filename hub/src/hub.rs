@@ -15,7 +15,6 @@ use crate::registry::{Registry, RegistryError};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -82,15 +81,6 @@ struct WorkerEntry {
 
 type Bringing = Shared<BoxFuture<'static, Result<Ipv4Addr, String>>>;
 
-/// Counters for tests and benchmarks.
-#[derive(Debug, Default)]
-pub struct HubCounters {
-    /// Start orders sent (fresh starts and restores).
-    pub orders: AtomicU64,
-    /// DNS queries answered.
-    pub queries: AtomicU64,
-}
-
 /// The hub.
 #[derive(Debug)]
 pub struct Hub {
@@ -102,7 +92,8 @@ pub struct Hub {
     token: Arc<str>,
     booted: Instant,
     /// Counters.
-    pub counters: HubCounters,
+    /// What `GET /metrics` serves.
+    pub metrics: crate::metrics::HubMetrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -131,7 +122,7 @@ impl Hub {
             bringing: Mutex::new(HashMap::new()),
             token: token.into(),
             booted: Instant::now(),
-            counters: HubCounters::default(),
+            metrics: Default::default(),
         }))
     }
 
@@ -315,7 +306,7 @@ impl Hub {
                 None => format!("starting on worker {worker}"),
             });
         });
-        self.counters.orders.fetch_add(1, Ordering::Relaxed);
+        let ordered = Instant::now();
         let order = StartOrder {
             spec: before.spec.clone(),
             snapshot: snapshot.clone(),
@@ -323,6 +314,8 @@ impl Hub {
         let answer: Result<Started, _> = client
             .post_within("/v1/start", &order, self.config.start_limit)
             .await;
+        self.metrics
+            .start_order(snapshot.is_some(), ordered.elapsed(), answer.is_ok());
         match answer {
             Ok(started) => {
                 tracing::info!(app = %name, %worker, address = %started.address, ms = started.ms, "resident");
@@ -397,6 +390,34 @@ impl Hub {
             .collect()
     }
 
+    /// The metrics as `GET /metrics` serves them, its gauges brought up to date.
+    pub fn render_metrics(&self) -> String {
+        let mut by_state: HashMap<String, i64> = HashMap::new();
+        for record in lock(&self.apps).values() {
+            *by_state.entry(record.state.to_string()).or_default() += 1;
+        }
+        // Every state is shown, at 0 when no app is in it.
+        for state in [
+            AppState::New,
+            AppState::Starting,
+            AppState::Resident,
+            AppState::SwappedOut,
+            AppState::Failed,
+        ] {
+            let label = crate::metrics::StateLabel {
+                state: state.to_string(),
+            };
+            let count = by_state.get(&label.state).copied().unwrap_or(0);
+            self.metrics.apps.get_or_create(&label).set(count);
+        }
+        let live = lock(&self.workers)
+            .values()
+            .filter(|w| w.last_report.elapsed() < self.config.worker_timeout)
+            .count();
+        self.metrics.workers.set(live as i64);
+        self.metrics.render()
+    }
+
     /// Takes a worker's report.
     pub fn report(&self, id: &str, report: WorkerReport) -> Result<(), HubError> {
         {
@@ -446,6 +467,7 @@ impl Hub {
                 true
             });
         }
+        self.metrics.swap_outs.inc_by(report.swapped.len() as u64);
         for swapped in &report.swapped {
             edit(&swapped.name, true, &mut |r| {
                 r.state = AppState::SwappedOut;

@@ -3,6 +3,7 @@
 //! * The **hub** ([`hub`]) is the authoritative DNS server for the apps' zone ([`dns`]), the
 //!   app registry ([`registry`]) and the placement of apps on workers, with an HTTP API
 //!   ([`api`]) for operators and workers.
+//! * Both serve Prometheus metrics ([`metrics`]).
 //! * A **worker** ([`worker`]) runs apps as child VMM processes, swaps idle ones out to cold
 //!   storage ([`cold`]) and brings them back when the hub orders it.
 //!
@@ -16,6 +17,7 @@ pub mod cold;
 pub mod dns;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod serve;

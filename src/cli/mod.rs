@@ -18,9 +18,16 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "picocenter", version, about, long_about = None)]
 pub struct Cli {
-    /// More logging (-v: debug, -vv: trace). RUST_LOG overrides it.
+    /// More logging (-v: debug, -vv: trace; the default is warnings, and what happens to
+    /// apps for `hub` and `worker`). RUST_LOG overrides it.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+
+    /// How log lines look on stderr: `text` for people, `json` (one object a line, with
+    /// its fields and spans) for a log collector. The VMMs a worker starts log JSON too
+    /// when it is set through the environment.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "PICOCENTER_LOG_FORMAT")]
+    pub log_format: LogFormat,
 
     #[command(subcommand)]
     pub command: Command,
@@ -56,20 +63,41 @@ pub enum Command {
     Demo(cluster::DemoArgs),
 }
 
-/// Sets up tracing to stderr.
-pub fn init_logging(verbose: u8) {
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+impl Cli {
+    /// Whether the command is a long-running service, whose operators want to see what
+    /// it does with apps (info) by default.
+    pub fn is_service(&self) -> bool {
+        matches!(self.command, Command::Hub(_) | Command::Worker(_))
+    }
+}
+
+/// Sets up tracing to stderr: warnings by default, info for a service.
+pub fn init_logging(verbose: u8, format: LogFormat, service: bool) {
     let default = match verbose {
+        // Its own crates only: hickory logs every query at info.
+        0 if service => "warn,picocenter=info,picocenter_hub=info",
         0 => "warn",
         1 => "debug",
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => subscriber.with_target(false).init(),
+        LogFormat::Json => subscriber.json().with_current_span(true).init(),
+    }
 }
 
 /// Runs a parsed command and returns the process exit status.

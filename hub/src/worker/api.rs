@@ -7,6 +7,7 @@
 //! | `DELETE /v1/apps/{name}` | end it without a snapshot |
 //! | `DELETE /v1/apps/{name}/snapshots` | delete its snapshots from cold storage |
 //! | `GET /v1/apps` | the resident apps and their addresses |
+//! | `GET /metrics` | Prometheus metrics (see [`crate::metrics`]) |
 
 use super::Worker;
 use crate::http::{limit_body, rejection, require_token, Failure, MAX_BODY};
@@ -26,6 +27,7 @@ pub fn router(worker: Arc<Worker>, token: Arc<str>) -> Router {
         .route("/v1/apps/{name}/swap-out", post(swap_out))
         .route("/v1/apps/{name}", delete(discard))
         .route("/v1/apps/{name}/snapshots", delete(forget))
+        .route("/metrics", get(metrics))
         .with_state(worker)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY as usize))
         .layer(axum::middleware::from_fn(limit_body))
@@ -79,4 +81,14 @@ async fn discard(
         .await
         .map(|()| StatusCode::NO_CONTENT)
         .map_err(|e| Failure::not_found(e.to_string()))
+}
+
+async fn metrics(State(worker): State<Arc<Worker>>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        worker.render_metrics().await,
+    )
 }

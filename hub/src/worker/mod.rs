@@ -243,6 +243,8 @@ pub struct Worker {
     prunes: std::sync::Mutex<HashMap<String, (String, Vec<String>)>>,
     /// Uploads to S3 of swapped-out apps' snapshots (see [`upload`]).
     uploads: upload::Uploads,
+    /// What `GET /metrics` serves.
+    metrics: crate::metrics::WorkerMetrics,
 }
 
 impl Worker {
@@ -263,6 +265,7 @@ impl Worker {
             report_soon: tokio::sync::Notify::new(),
             prunes: Default::default(),
             uploads: Default::default(),
+            metrics: Default::default(),
         })
     }
 
@@ -337,6 +340,8 @@ impl Worker {
         let started = self
             .launch_at(order, name.clone(), address, held, began)
             .await;
+        self.metrics
+            .started(snapshot.is_some(), began.elapsed(), started.is_ok());
         if let (Ok(_), Some(id)) = (&started, &snapshot) {
             self.uploads.came_back(&name, id);
         }
@@ -671,8 +676,21 @@ impl Worker {
         // Its address is nobody else's while the swap-out runs, whatever becomes of it.
         let address = app.address;
         self.reserve(address);
+        let began = Instant::now();
         let result = self.swap_out_resident(name, app, if_idle).await;
         self.unreserve(address);
+        match &result {
+            Ok(_) => {
+                self.metrics.swap_outs.inc();
+                self.metrics
+                    .swap_out_seconds
+                    .observe(began.elapsed().as_secs_f64());
+            }
+            Err(WorkerError::Busy(_)) => {}
+            Err(_) => {
+                self.metrics.swap_out_failures.inc();
+            }
+        }
         result
     }
 
@@ -1117,6 +1135,24 @@ impl Worker {
         pending.stored.extend(report.stored);
         pending.ended.extend(report.ended);
         self.told().valid = false;
+    }
+
+    /// The metrics as `GET /metrics` serves them, its gauges brought up to date.
+    pub async fn render_metrics(&self) -> String {
+        {
+            let apps = self.apps.lock().await;
+            self.metrics.resident_apps.set(apps.len() as i64);
+            let memory: u64 = apps.values().map(|a| a.rss).sum();
+            self.metrics
+                .resident_memory_bytes
+                .set(i64::try_from(memory).unwrap_or(i64::MAX));
+        }
+        self.metrics
+            .held_apps
+            .set(self.held.lock().await.len() as i64);
+        let (up, down) = self.cold.traffic();
+        self.metrics.cold_storage_traffic(up, down);
+        self.metrics.render()
     }
 
     /// Names and addresses of the resident apps.

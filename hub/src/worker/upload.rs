@@ -167,6 +167,9 @@ impl Worker {
                 .and_then(|uploaded| uploaded.map_err(WorkerError::from));
             match result {
                 Ok(()) => {
+                    self.metrics
+                        .upload_seconds
+                        .observe(began.elapsed().as_secs_f64());
                     tracing::info!(app = %name, snapshot = %id, ms = began.elapsed().as_secs_f64() * 1e3, "uploaded to cold storage");
                     return Ok(());
                 }
@@ -176,7 +179,10 @@ impl Worker {
                     pause *= 2;
                     attempt += 1;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.metrics.upload_failures.inc();
+                    return Err(e);
+                }
             }
         }
     }

@@ -337,8 +337,28 @@ pub struct S3Connection {
     base_prefix: String,
     region: String,
     endpoint: Option<String>,
+    /// Bytes sent and received in object bodies, for metrics.
+    traffic: std::sync::Arc<Traffic>,
     /// Always `Some` until drop, which shuts it down without blocking.
     runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// Bytes of object bodies a connection sent and received (headers and requests that
+/// failed before their body are not counted; a body cut short counts what came).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Traffic {
+    fn sent(&self, bytes: u64) {
+        self.up.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn received(&self, bytes: u64) {
+        self.down.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for S3Connection {
@@ -367,12 +387,21 @@ impl S3Connection {
             base_prefix: config.prefix.clone(),
             region: config.region.clone(),
             endpoint: config.endpoint.clone(),
+            traffic: Default::default(),
             runtime: Some(runtime),
         }))
     }
 }
 
 impl S3Connection {
+    /// Bytes of object bodies sent to and received from S3 so far: (up, down).
+    pub fn traffic(&self) -> (u64, u64) {
+        (
+            self.traffic.up.load(Ordering::Relaxed),
+            self.traffic.down.load(Ordering::Relaxed),
+        )
+    }
+
     /// Keeps `connections` connections to the bucket's endpoint open from now on, with a
     /// HeadBucket on each every `period` (S3 closes a connection idle for about 20 s), so
     /// that a restore's parallel requests find them open: over a wide-area link each new
@@ -741,6 +770,7 @@ impl S3Store {
             url: self.url(key),
             detail: DisplayErrorContext(&e).to_string(),
         })? {
+            self.conn.traffic.received(chunk.len() as u64);
             if (bytes.len() + chunk.len()) as u64 > most {
                 return Err(S3Error::Length {
                     url: self.url(key),
@@ -868,10 +898,13 @@ impl S3Store {
             url: self.url(key),
             detail: DisplayErrorContext(&e).to_string(),
         })?;
-        Ok(Some(bytes.to_vec()))
+        let bytes = bytes.to_vec();
+        self.conn.traffic.received(bytes.len() as u64);
+        Ok(Some(bytes))
     }
 
     async fn put_bytes(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        let length = bytes.len() as u64;
         let put = self
             .conn
             .client
@@ -882,6 +915,7 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| request("PutObject", self.url(key), &e))?;
+        self.conn.traffic.sent(length);
         Ok(())
     }
 
@@ -917,6 +951,7 @@ impl S3Store {
         } else {
             self.upload_multipart(path, key, size).await?;
         }
+        self.conn.traffic.sent(size);
         tracing::debug!(
             key,
             bytes = size,
@@ -1061,7 +1096,14 @@ impl S3Store {
                 key.to_string(),
             );
             let (file, tmp, url) = (file.clone(), tmp.to_owned(), self.url(&key));
-            async move { fetch_range(&client, &bucket, &key, &url, range, &file, &tmp).await }
+            let traffic = self.conn.traffic.clone();
+            async move {
+                let got = fetch_range(&client, &bucket, &key, &url, range, &file, &tmp).await;
+                if let Ok(bytes) = &got {
+                    traffic.received(*bytes);
+                }
+                got.map(drop)
+            }
         });
         parallel(jobs, PARALLEL_GETS).await.map(|_| ())
     }
@@ -1188,7 +1230,7 @@ where
     .into()
 }
 
-/// GETs `range` of `key` and writes it at the same offset of `file`.
+/// GETs `range` of `key` and writes it at the same offset of `file`; returns its length.
 async fn fetch_range(
     client: &Client,
     bucket: &str,
@@ -1197,7 +1239,7 @@ async fn fetch_range(
     range: Range<u64>,
     file: &std::fs::File,
     path: &Path,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     let get = client.get_object().bucket(bucket).key(key);
     let out = get
         .range(format!("bytes={}-{}", range.start, range.end - 1))
@@ -1228,7 +1270,7 @@ async fn fetch_range(
     if at != range.end {
         return Err(short(at - range.start).into());
     }
-    Ok(())
+    Ok(range.end - range.start)
 }
 
 /// Builds the S3 client for `config`.

@@ -354,6 +354,7 @@ impl ChainStream {
                     let key = self.store.object_key(&m.id, "pages")?;
                     let get = Get {
                         client: self.store.conn.client.clone(),
+                        traffic: self.store.conn.traffic.clone(),
                         bucket: self.store.conn.bucket.clone(),
                         url: self.store.url(&key),
                         key,
@@ -587,6 +588,7 @@ impl Schedule {
 /// One ranged GET of whole chunks of a page file.
 struct Get {
     client: aws_sdk_s3::Client,
+    traffic: Arc<super::Traffic>,
     bucket: String,
     key: String,
     url: String,
@@ -654,6 +656,7 @@ impl Get {
         {
             got += bytes.len() as u64;
             fetched.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.traffic.received(bytes.len() as u64);
             buffer.extend_from_slice(&bytes);
             while let Some(pages) =
                 chunk_pages_of(&self.manifest, *chunk).filter(|_| *chunk < self.chunks.end)
