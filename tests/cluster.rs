@@ -1462,3 +1462,136 @@ fn a_hub_logs_json_when_asked() {
     assert!(log.contains("SERVFAIL"), "{log}");
     assert!(records > 0, "{log}");
 }
+
+/// `hub --tls-cert --tls-key`: the API over HTTPS. A worker and `picocenter app` that
+/// trust the certificate (`--hub-ca`) use it, and apps start as usual; `picocenter app`
+/// without that trust is refused, and plain HTTP gets no API.
+#[test]
+fn the_hub_serves_its_api_over_tls() {
+    build_image("counter-http");
+    let dir = tempfile::tempdir().unwrap();
+    // A private CA, and the hub's certificate for 127.0.0.1 signed by it.
+    let file = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (ca, cert, key) = (file("ca.pem"), file("cert.pem"), file("key.pem"));
+    std::fs::write(
+        file("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for args in [
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "1", "-subj", "/CN=picocenter test CA"],
+        ]
+        .concat()
+        .into_iter()
+        .chain(["-keyout", &file("ca.key"), "-out", &ca])
+        .collect::<Vec<_>>(),
+        [&["req"][..], &ec, &["-subj", "/CN=hub", "-keyout", &key]]
+            .concat()
+            .into_iter()
+            .chain(["-out", &file("hub.csr")])
+            .collect(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &file("hub.csr"),
+            "-CA",
+            &ca,
+            "-CAkey",
+            &file("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &file("leaf.ext"),
+            "-out",
+            &cert,
+        ],
+    ] {
+        let made = Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("openssl");
+        assert!(
+            made.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    }
+    let mut cmd = picocenter();
+    cmd.args(["hub", "--dns", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
+    cmd.args(["--token", TOKEN, "--worker-timeout", "2"]);
+    cmd.args(["--tls-cert", &cert, "--tls-key", &key]);
+    cmd.arg("--data-dir").arg(dir.path().join("hub"));
+    let hub = Proc::spawn(cmd, dir.path().join("hub.log"));
+    let (dns, api_at) = wait_for("the hub", Duration::from_secs(60), || {
+        let log = hub.log();
+        let line = log.lines().find(|l| l.starts_with("hub: DNS on "))?;
+        let dns = line
+            .strip_prefix("hub: DNS on ")?
+            .split_whitespace()
+            .next()?;
+        let api = line.split("https://").nth(1)?.split(';').next()?;
+        Some((dns.parse::<SocketAddr>().ok()?, api.to_string()))
+    });
+    let url = format!("https://{api_at}");
+    let app = |trust: bool, args: &[&str]| {
+        let mut cmd = picocenter();
+        cmd.args(["app", "--hub", &url, "--token", TOKEN]);
+        if trust {
+            cmd.args(["--hub-ca", &ca]);
+        }
+        cmd.args(args).output().unwrap()
+    };
+    let refused = app(false, &["ls"]);
+    assert!(
+        !refused.status.success() && describe(&refused).contains("certificate"),
+        "{}",
+        describe(&refused)
+    );
+    let added = app(true, &["add", "ctls", "--image", "counter-http"]);
+    assert!(added.status.success(), "{}", describe(&added));
+    // Plain HTTP to the HTTPS port is no API (the server may close before the whole
+    // request is written).
+    let mut plain = std::net::TcpStream::connect(&api_at).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!("GET /v1/apps HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n");
+    let _ = plain.write_all(request.as_bytes());
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(!answer.contains("ctls"), "{answer}");
+
+    let store = dir.path().join("cold");
+    let mut cmd = picocenter();
+    cmd.args(["worker", "--hub", &url, "--token", TOKEN, "--id", "w-tls"]);
+    cmd.args(["--addresses", "127.3.19.0/24", "--idle-after", "60"]);
+    cmd.args(["--hub-ca", &ca]);
+    cmd.arg("--store").arg(&store);
+    let worker = Proc::spawn(cmd, dir.path().join("w-tls.log"));
+    wait_for("the worker to register", Duration::from_secs(20), || {
+        let listed = app(true, &["ls"]);
+        (listed.status.success() && worker.log().contains("registered with the hub")).then_some(())
+    });
+    let (status, answers) = dig(dns, "ctls.pico.local", "A", false);
+    assert_eq!(status, "NOERROR", "worker log:\n{}", worker.log());
+    assert_eq!(count(&answers[0]), 1);
+    let status = app(true, &["status", "ctls"]);
+    assert!(
+        stdout(&status).contains("resident"),
+        "{}",
+        describe(&status)
+    );
+}

@@ -1,5 +1,5 @@
 //! A client of the HTTP APIs (the hub's, and a worker's order API): token-authenticated
-//! JSON over HTTP/1.1, with no proxy (they are reached directly).
+//! JSON over HTTP/1.1 or HTTPS (rustls), with no proxy (they are reached directly).
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -39,7 +39,8 @@ pub struct Client {
 
 impl Client {
     /// A client of the API at `base` (e.g. `http://127.0.0.1:8600`) with `token`; calls
-    /// give up after `timeout`.
+    /// give up after `timeout`. An `https` API's certificate must chain to the system's
+    /// roots.
     pub fn new(base: &str, token: &str, timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
             .no_proxy()
@@ -51,6 +52,28 @@ impl Client {
             token: token.to_string(),
             http,
         }
+    }
+
+    /// [`Client::new`], trusting the certificates in `ca` (PEM: the private CA that
+    /// signed the API's certificate) besides the system's roots.
+    pub fn trusting(
+        base: &str,
+        token: &str,
+        timeout: Duration,
+        ca: Option<&[u8]>,
+    ) -> Result<Self, reqwest::Error> {
+        let Some(ca) = ca else {
+            return Ok(Self::new(base, token, timeout));
+        };
+        let mut builder = reqwest::Client::builder().no_proxy().timeout(timeout);
+        for certificate in reqwest::Certificate::from_pem_bundle(ca)? {
+            builder = builder.add_root_certificate(certificate);
+        }
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http: builder.build()?,
+        })
     }
 
     /// The API's base URL.

@@ -34,6 +34,17 @@ pub enum ServeError {
     /// The hub could not open its registry.
     #[error(transparent)]
     Hub(#[from] HubError),
+    /// The API's certificate or key is unusable.
+    #[error("the API's TLS certificate {cert} or key {key}: {source}")]
+    Tls {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A file could not be read or written.
     #[error("{what} {path}: {source}")]
     File {
@@ -64,6 +75,17 @@ pub struct HubOptions {
     pub token: String,
     /// Placement and liveness settings.
     pub config: HubConfig,
+    /// Serve the API over TLS with this certificate chain and key (PEM files).
+    pub tls: Option<TlsFiles>,
+}
+
+/// A server's certificate chain and private key, PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// A running hub.
@@ -74,6 +96,8 @@ pub struct RunningHub {
     pub dns: SocketAddr,
     /// Where the API is served.
     pub api: SocketAddr,
+    /// The API's URL scheme: `https` with TLS, else `http`.
+    pub scheme: &'static str,
     dns_server: hickory_server::Server<DnsHandler>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -157,17 +181,42 @@ pub async fn start_hub(options: HubOptions) -> Result<RunningHub, ServeError> {
         source,
     })?;
     let router = crate::api::router(hub.clone());
-    let api_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!("the API server failed: {e}");
+    let (api_task, scheme) = match &options.tls {
+        None => (
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::error!("the API server failed: {e}");
+                }
+            }),
+            "http",
+        ),
+        Some(files) => {
+            let tls_error = |source| ServeError::Tls {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+                source,
+            };
+            let config =
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(&files.cert, &files.key)
+                    .await
+                    .map_err(tls_error)?;
+            let listener = listener.into_std().map_err(tls_error)?;
+            let server = axum_server::from_tcp_rustls(listener, config).map_err(tls_error)?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = server.serve(router.into_make_service()).await {
+                    tracing::error!("the API server failed: {e}");
+                }
+            });
+            (task, "https")
         }
-    });
+    };
     let maintenance = tokio::spawn(hub.clone().maintain_forever(Duration::from_millis(100)));
-    tracing::info!(%dns, %api, zone = %options.zone, "hub up");
+    tracing::info!(%dns, %api, scheme, zone = %options.zone, "hub up");
     Ok(RunningHub {
         hub,
         dns,
         api,
+        scheme,
         dns_server,
         tasks: vec![api_task, maintenance],
     })
@@ -178,6 +227,8 @@ pub async fn start_hub(options: HubOptions) -> Result<RunningHub, ServeError> {
 pub struct WorkerOptions {
     /// The hub's API URL.
     pub hub: String,
+    /// Certificates (PEM) to trust for the hub's API besides the system's roots.
+    pub hub_ca: Option<Vec<u8>>,
     /// The API token.
     pub token: String,
     /// Where the worker's order API listens (port 0: any).
@@ -229,7 +280,13 @@ pub async fn run_worker(
     }
     tracing::info!(apps = limits.apps, tightest = %limits.tightest, "this host's limits allow about {} resident apps", limits.apps);
     let worker = Worker::new(options.config.clone(), cold);
-    let hub = crate::client::Client::new(&options.hub, &options.token, Duration::from_secs(10));
+    let hub = crate::client::Client::trusting(
+        &options.hub,
+        &options.token,
+        Duration::from_secs(10),
+        options.hub_ca.as_deref(),
+    )
+    .map_err(|e| ServeError::Cold(format!("the hub's client: {e}")))?;
     crate::worker::run(
         worker,
         hub,

@@ -22,6 +22,32 @@ pub struct HubArgs {
     state: StateDir,
     #[command(flatten)]
     hub: HubFlags,
+    /// Serve the API over HTTPS with this certificate chain (PEM, leaf first); workers
+    /// and `picocenter app` then need `--hub https://...` and, unless it chains to the
+    /// system's roots, `--hub-ca`.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+/// Trust for a hub whose API is served over HTTPS.
+#[derive(Debug, Clone, clap::Args)]
+struct HubCa {
+    /// Certificates (PEM) to trust for the hub's HTTPS API besides the system's roots:
+    /// the private CA that signed its certificate.
+    #[arg(long, value_name = "FILE", env = "PICOCENTER_HUB_CA", global = true)]
+    hub_ca: Option<PathBuf>,
+}
+
+impl HubCa {
+    fn read(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        self.hub_ca
+            .as_ref()
+            .map(|path| std::fs::read(path).with_context(|| format!("--hub-ca {}", path.display())))
+            .transpose()
+    }
 }
 
 /// The hub's settings (shared with `demo`).
@@ -62,6 +88,8 @@ pub struct WorkerArgs {
     /// The hub's API.
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8600")]
     hub: String,
+    #[command(flatten)]
+    hub_ca: HubCa,
     #[command(flatten)]
     worker: WorkerFlags,
     /// The API token; by default the one in <state-dir>/hub/token.
@@ -154,6 +182,8 @@ pub struct AppArgs {
         global = true
     )]
     hub: String,
+    #[command(flatten)]
+    hub_ca: HubCa,
     /// The API token; by default the one in <state-dir>/hub/token.
     #[arg(long, env = "PICOCENTER_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
@@ -242,6 +272,7 @@ fn hub_options(flags: &HubFlags, state: &Path) -> anyhow::Result<HubOptions> {
             start_limit: seconds(flags.start_timeout, "--start-timeout")?,
             worker_timeout: seconds(flags.worker_timeout, "--worker-timeout")?,
         },
+        tls: None,
     })
 }
 
@@ -273,6 +304,7 @@ fn worker_options(
     };
     Ok(WorkerOptions {
         hub: hub.to_string(),
+        hub_ca: None,
         token,
         listen: flags.listen,
         config: WorkerConfig {
@@ -305,12 +337,15 @@ async fn terminated() {
 
 /// Runs `picocenter hub`.
 pub fn hub(args: HubArgs) -> anyhow::Result<i32> {
-    let options = hub_options(&args.hub, args.state.state_dir())?;
+    let mut options = hub_options(&args.hub, args.state.state_dir())?;
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        options.tls = Some(serve::TlsFiles { cert, key });
+    }
     runtime()?.block_on(async {
         let running = serve::start_hub(options).await?;
         eprintln!(
-            "hub: DNS on {} (udp+tcp), API on http://{}; Ctrl-C stops",
-            running.dns, running.api
+            "hub: DNS on {} (udp+tcp), API on {}://{}; Ctrl-C stops",
+            running.dns, running.scheme, running.api
         );
         terminated().await;
         running.shutdown().await;
@@ -321,13 +356,14 @@ pub fn hub(args: HubArgs) -> anyhow::Result<i32> {
 /// Runs `picocenter worker`.
 pub fn worker(args: WorkerArgs) -> anyhow::Result<i32> {
     let state = args.state.state_dir();
-    let options = worker_options(
+    let mut options = worker_options(
         &args.worker,
         state,
         &args.hub,
         token(&args.token, state)?,
         &args.key,
     )?;
+    options.hub_ca = args.hub_ca.read()?;
     runtime()?.block_on(async {
         serve::run_worker(options, terminated()).await?;
         Ok(0)
@@ -336,11 +372,13 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<i32> {
 
 /// Runs `picocenter app`.
 pub fn app(args: AppArgs) -> anyhow::Result<i32> {
-    let client = Client::new(
+    let client = Client::trusting(
         &args.hub,
         &token(&args.token, args.state.state_dir())?,
         Duration::from_secs(60),
-    );
+        args.hub_ca.read()?.as_deref(),
+    )
+    .context("--hub-ca")?;
     runtime()?.block_on(async {
         match args.command {
             AppCommand::Add {
