@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 # The tests' tools, and every package an image under images/ names (its `apt = [...]`), so
 # that no test installs anything while the suite runs.
 # (systemd: its systemd-analyze checks the unit files in deploy/systemd.)
-packages=(busybox-static qemu-system-x86 cpio dnsutils wrk redis-tools golang-go nodejs systemd)
+# (protobuf-compiler and libprotobuf-dev: etcd-client's build needs protoc and the
+# well-known types. etcd-server: the registry tests.)
+packages=(busybox-static qemu-system-x86 cpio dnsutils wrk redis-tools golang-go nodejs systemd protobuf-compiler libprotobuf-dev etcd-server)
 for definition in images/*/image.toml; do
     for pkg in $(sed -n 's/^apt *= *\[\(.*\)\]/\1/p' "$definition" | tr -d '",'); do
         packages+=("$pkg")

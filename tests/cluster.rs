@@ -25,6 +25,11 @@ struct Hub {
 
 impl Hub {
     fn start(data: &Path) -> Hub {
+        Self::start_with(data, &[])
+    }
+
+    /// A hub with `extra` flags.
+    fn start_with(data: &Path, extra: &[&str]) -> Hub {
         let mut cmd = picocenter();
         cmd.args(["hub", "--dns", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
         cmd.args([
@@ -36,6 +41,7 @@ impl Hub {
             "20",
         ]);
         cmd.arg("--data-dir").arg(data);
+        cmd.args(extra);
         let proc = Proc::spawn(cmd, data.with_extension("log"));
         let (dns, api) = wait_for("the hub to come up", Duration::from_secs(60), || {
             let log = proc.log();
@@ -445,6 +451,40 @@ fn a_hub_restart_keeps_the_registry() {
         .collect();
     assert_eq!(names, ["keep-a", "keep-b"]);
     assert_eq!(hub.app("keep-b")["spec"]["idle_after_secs"], 7.0);
+}
+
+/// Issue #16: the registry in etcd. A hub on etcd registers and starts an app; the hub
+/// is killed (SIGKILL: nothing flushed at exit), and a new one on the same etcd, with
+/// another data directory (another host, as far as files go), knows the app, its state
+/// and its snapshot, and brings it back with its memory.
+#[test]
+fn a_hub_on_etcd_keeps_the_registry_for_the_next_hub() {
+    build_image("counter-http");
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = picocenter_hub::registry::etcd::testing::EtcdServer::start(dir.path());
+    let registry = format!("{}/cluster-test", etcd.url);
+    let flags = ["--registry", registry.as_str()];
+    let mut hub = Hub::start_with(&dir.path().join("etcd-hub-1"), &flags);
+    let store = dir.path().join("cold");
+    let cold = ["--store", store.to_str().unwrap()];
+    let first = worker(&hub, "w-etcd-1", "127.3.20.0/24", "60", &cold);
+    hub.add("cetcd", "counter-http", 1.0);
+    let address = resolve(&hub, "cetcd");
+    assert_eq!(count(&address), 1);
+    hub.wait_state("cetcd", "swapped_out", Duration::from_secs(20));
+    let snapshot = hub.app("cetcd")["snapshot"].clone();
+    assert!(snapshot.is_string());
+    hub.proc.kill();
+    drop(first);
+    // Nothing of the registry is in the first hub's directory.
+    assert!(!dir.path().join("etcd-hub-1/registry.redb").exists());
+
+    let hub = Hub::start_with(&dir.path().join("etcd-hub-2"), &flags);
+    assert_eq!(hub.state("cetcd"), "swapped_out");
+    assert_eq!(hub.app("cetcd")["snapshot"], snapshot);
+    let _second = worker(&hub, "w-etcd-2", "127.3.21.0/24", "60", &cold);
+    let address = resolve(&hub, "cetcd");
+    assert_eq!(count(&address), 2);
 }
 
 #[test]

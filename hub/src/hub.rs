@@ -101,11 +101,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Hub {
-    /// A hub over the registry at `registry`, whose APIs (its own and the workers')
+    /// A hub over the registry `registry` names, whose APIs (its own and the workers')
     /// use `token`.
     pub fn open(
         config: HubConfig,
-        registry: &std::path::Path,
+        registry: &crate::registry::RegistryConfig,
         token: &str,
     ) -> Result<Arc<Self>, HubError> {
         let registry = Registry::open(registry)?;
@@ -624,7 +624,8 @@ mod tests {
     use super::*;
 
     fn hub_with_worker(dir: &std::path::Path) -> Arc<Hub> {
-        let hub = Hub::open(HubConfig::default(), &dir.join("registry"), "t").unwrap();
+        let registry = crate::registry::RegistryConfig::Redb(dir.join("registry"));
+        let hub = Hub::open(HubConfig::default(), &registry, "t").unwrap();
         hub.register_worker(WorkerHello {
             id: "w".into(),
             url: "http://127.0.0.1:1".into(),

@@ -1,7 +1,7 @@
 //! Picocenter's control plane.
 //!
 //! * The **hub** ([`hub`]) is the authoritative DNS server for the apps' zone ([`dns`]), the
-//!   app registry ([`registry`]) and the placement of apps on workers, with an HTTP API
+//!   app registry ([`registry`]: redb, or etcd) and the placement of apps on workers, with an HTTP API
 //!   ([`api`]) for operators and workers.
 //! * Both serve Prometheus metrics ([`metrics`]).
 //! * A **worker** ([`worker`]) runs apps as child VMM processes, swaps idle ones out to cold

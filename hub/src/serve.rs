@@ -69,8 +69,10 @@ pub struct HubOptions {
     pub zone: String,
     /// TTL of app answers, seconds.
     pub ttl: u32,
-    /// Where the registry lives.
+    /// Where the hub keeps its files (the redb registry, by default).
     pub data_dir: PathBuf,
+    /// The registry: redb in `data_dir` unless this names another.
+    pub registry: Option<crate::registry::RegistryConfig>,
     /// The API token.
     pub token: String,
     /// Placement and liveness settings.
@@ -137,11 +139,10 @@ pub async fn start_hub(options: HubOptions) -> Result<RunningHub, ServeError> {
         path: options.data_dir.clone(),
         source,
     })?;
-    let hub = Hub::open(
-        options.config.clone(),
-        &options.data_dir.join("registry.redb"),
-        &options.token,
-    )?;
+    let registry = options.registry.clone().unwrap_or_else(|| {
+        crate::registry::RegistryConfig::Redb(options.data_dir.join("registry.redb"))
+    });
+    let hub = Hub::open(options.config.clone(), &registry, &options.token)?;
     let apex = Name::from_ascii(&options.zone)
         .map(|n| {
             let mut n = n;

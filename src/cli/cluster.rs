@@ -8,6 +8,7 @@ use picocenter_hub::client::Client;
 use picocenter_hub::cold::ColdConfig;
 use picocenter_hub::hub::HubConfig;
 use picocenter_hub::model::{AppRecord, AppSpec};
+use picocenter_hub::registry::RegistryConfig;
 use picocenter_hub::serve::{self, HubOptions, WorkerOptions};
 use picocenter_hub::worker::WorkerConfig;
 use picocenter_snapshots::s3::S3Config;
@@ -75,9 +76,19 @@ struct HubFlags {
     /// The API token; by default the one in <state-dir>/hub/token (made if missing).
     #[arg(long, env = "PICOCENTER_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Where the hub keeps its registry (default: <state-dir>/hub).
+    /// Where the hub keeps its files (default: <state-dir>/hub).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Where the app registry lives: `redb` (a database file in --data-dir) or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (an etcd cluster; keys under PREFIX,
+    /// default `picocenter`).
+    #[arg(
+        long,
+        value_name = "STORE",
+        default_value = "redb",
+        env = "PICOCENTER_REGISTRY"
+    )]
+    registry: String,
 }
 
 /// Arguments of `picocenter worker`.
@@ -261,12 +272,15 @@ fn seconds(value: f64, what: &str) -> anyhow::Result<Duration> {
 }
 
 fn hub_options(flags: &HubFlags, state: &Path) -> anyhow::Result<HubOptions> {
+    let data_dir = flags.data_dir.clone().unwrap_or_else(|| state.join("hub"));
+    let registry = RegistryConfig::parse(&flags.registry, data_dir.join("registry.redb"))?;
     Ok(HubOptions {
         dns: flags.dns,
         api: flags.api,
         zone: flags.zone.clone(),
         ttl: flags.ttl,
-        data_dir: flags.data_dir.clone().unwrap_or_else(|| state.join("hub")),
+        registry: Some(registry),
+        data_dir,
         token: token(&flags.token, state)?,
         config: HubConfig {
             start_limit: seconds(flags.start_timeout, "--start-timeout")?,
