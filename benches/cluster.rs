@@ -8,14 +8,17 @@
 //!   whole first (`cargo bench --bench cluster -- big` runs only this; it needs s3s-fs);
 //! * DNS queries per second the hub answers for a resident app (a UDP load generator here);
 //! * host memory per idle resident picoprocess beyond the guest pages it touched, and how
-//!   many idle counter-http apps a worker holds in 16 GiB.
+//!   many idle counter-http apps a worker holds in 16 GiB;
+//! * the registry in etcd against redb: DNS to first byte (resident, and swapped out to the
+//!   local store) and the hub's queries per second, the two hubs side by side
+//!   (`cargo bench --bench cluster -- registry` runs only this; it needs etcd).
 //!
 //! Run with `cargo bench --bench cluster`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::cluster::{api, first_a, pss_bytes, query, start_hub, wait_for, Proc, S3Server};
+use common::cluster::{api, first_a, pss_bytes, query, start_hub_with, wait_for, Proc, S3Server};
 use common::wan::{LinkShape, WanLink};
 use common::{build_image, median, picocenter, state_dir};
 use std::io::{Read, Write};
@@ -44,10 +47,15 @@ struct Cluster {
 
 impl Cluster {
     fn start(name: &str, pool: &str, cold: &[&str]) -> Cluster {
+        Self::start_with_hub(name, pool, cold, &[])
+    }
+
+    /// [`Cluster::start`] with `hub` flags.
+    fn start_with_hub(name: &str, pool: &str, cold: &[&str], hub: &[&str]) -> Cluster {
         let dir = state_dir().join("bench-cluster").join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let (hub, dns, api_address) = start_hub(&dir, TOKEN);
+        let (hub, dns, api_address) = start_hub_with(&dir, TOKEN, hub);
         let id = format!("bench-{name}");
         let mut cmd = picocenter();
         cmd.args(["worker", "--hub", &format!("http://{api_address}")]);
@@ -353,11 +361,64 @@ fn big_app_over_the_link() {
     );
 }
 
+/// The registry in etcd against redb (issue #16): two clusters, the same apps, measured
+/// in alternation.
+fn registry_etcd_against_redb() {
+    build_image("counter-http");
+    let dir = state_dir().join("bench-cluster/etcd");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let etcd = picocenter_hub::registry::etcd::testing::EtcdServer::start(&dir);
+    let cold = state_dir().join("bench-cluster/registry-cold");
+    let cold = ["--store", cold.to_str().unwrap()];
+    let registry = format!("{}/bench", etcd.url);
+    let clusters = [
+        ("redb", Cluster::start("reg-redb", "127.4.5.0/24", &cold)),
+        (
+            "etcd",
+            Cluster::start_with_hub(
+                "reg-etcd",
+                "127.4.6.0/24",
+                &cold,
+                &["--registry", &registry],
+            ),
+        ),
+    ];
+    println!("\n== the registry: etcd against redb (counter-http, median of {ROUNDS}) ==");
+    for (store, cluster) in &clusters {
+        cluster.add(&format!("reg{store}"), "counter-http");
+    }
+    let mut rows = Vec::new();
+    for (store, cluster) in &clusters {
+        let name = format!("reg{store}");
+        let resident_ms = resident(cluster, &name, "/");
+        let swapped_ms = swapped(cluster, &name, "/", false);
+        let qps = queries_per_second(cluster.dns, &format!("{name}.pico.local"), 4, 16, 3.0);
+        rows.push((store, resident_ms, swapped_ms, qps));
+    }
+    for (store, resident_ms, swapped_ms, qps) in &rows {
+        println!(
+            "  {store:<5} resident {resident_ms:6.2} ms   swapped, local store {swapped_ms:6.2} ms   {qps:7.0} queries/s"
+        );
+    }
+    let (redb, etcd) = (&rows[0], &rows[1]);
+    println!(
+        "  etcd / redb: swapped {:.2}x, queries/s {:.2}x",
+        etcd.2 / redb.2,
+        etcd.3 / redb.3
+    );
+}
+
 fn main() {
     common::require_kvm();
     // `cargo bench --bench cluster -- big`: only the big app over the link.
     if std::env::args().skip(1).any(|arg| arg == "big") {
         big_app_over_the_link();
+        return;
+    }
+    // `cargo bench --bench cluster -- registry`: only etcd against redb.
+    if std::env::args().skip(1).any(|arg| arg == "registry") {
+        registry_etcd_against_redb();
         return;
     }
     build_image("counter-http");
@@ -429,6 +490,7 @@ fn main() {
     }
 
     big_app_over_the_link();
+    registry_etcd_against_redb();
 
     println!("\n== hub DNS queries per second, resident app (4 clients x 16 in flight, 3 s) ==");
     let qps = queries_per_second(local.dns, "counter.pico.local", 4, 16, 3.0);

@@ -480,6 +480,12 @@ fn a_hub_on_etcd_keeps_the_registry_for_the_next_hub() {
     assert!(!dir.path().join("etcd-hub-1/registry.redb").exists());
 
     let hub = Hub::start_with(&dir.path().join("etcd-hub-2"), &flags);
+    // The killed hub's hold on the registry lasted until its lease expired.
+    assert!(
+        hub.proc.log().contains("waiting for its lease to end"),
+        "{}",
+        hub.proc.log()
+    );
     assert_eq!(hub.state("cetcd"), "swapped_out");
     assert_eq!(hub.app("cetcd")["snapshot"], snapshot);
     let _second = worker(&hub, "w-etcd-2", "127.3.21.0/24", "60", &cold);

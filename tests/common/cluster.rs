@@ -110,11 +110,17 @@ pub fn api(
 /// Starts a hub on free loopback ports with its data in `dir`, its log in `dir/hub.log`:
 /// (the hub, its DNS address, its API address).
 pub fn start_hub(dir: &Path, token: &str) -> (Proc, SocketAddr, SocketAddr) {
+    start_hub_with(dir, token, &[])
+}
+
+/// [`start_hub`] with `extra` flags.
+pub fn start_hub_with(dir: &Path, token: &str, extra: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
     let mut cmd = super::picocenter();
     cmd.args(["hub", "--dns", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
     cmd.args(["--token", token])
         .arg("--data-dir")
         .arg(dir.join("hub"));
+    cmd.args(extra);
     let hub = Proc::spawn(cmd, dir.join("hub.log"));
     let (dns, api) = wait_for("the hub", Duration::from_secs(60), || {
         hub_addresses(&hub.log)

@@ -5,16 +5,29 @@
 //!
 //! The client is async (gRPC); the registry's interface is not, so the client runs on a
 //! runtime of its own and each call waits for its answer, bounded by [`CALL_TIMEOUT`].
+//!
+//! One hub at a time uses a registry: it holds the key `{prefix}/hub` under a lease of
+//! [`HUB_LEASE_TTL`] seconds that it keeps alive, and every write is a transaction that
+//! first checks that the key is still under that lease. A second hub waits for the hold
+//! (a hub that died loses it when its lease expires) and gives up after
+//! [`HOLD_WAIT`]; a hub that lost its hold (it was cut off from etcd for longer than the
+//! TTL, and another hub took over) can write nothing more.
 
 use super::{RegistryError, RegistryStore};
 use crate::model::AppRecord;
-use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
 use std::time::Duration;
 
 /// Puts per transaction.
 pub const OPS_PER_TRANSACTION: usize = 64;
 /// How long one call to etcd may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Seconds a hub's hold on the registry outlives the hub's last keep-alive.
+pub const HUB_LEASE_TTL: i64 = 5;
+/// How long a hub waits for another's hold on the registry to end.
+pub const HOLD_WAIT: Duration = Duration::from_secs(2 * HUB_LEASE_TTL as u64);
 /// The key prefix when `--registry` names none.
 pub const DEFAULT_PREFIX: &str = "picocenter";
 
@@ -63,12 +76,18 @@ impl EtcdConfig {
     fn apps(&self) -> String {
         format!("{}/apps/", self.prefix)
     }
+
+    fn hub(&self) -> String {
+        format!("{}/hub", self.prefix)
+    }
 }
 
 /// The registry in etcd.
 pub struct EtcdRegistry {
     config: EtcdConfig,
     client: Client,
+    /// The lease under which this hub holds the registry.
+    lease: i64,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -101,9 +120,18 @@ impl EtcdRegistry {
             Ok(client)
         };
         let client = wait(&runtime, connect).map_err(|source| etcd_error(config, source))?;
+        let lease = wait(&runtime, hold(client.clone(), config.hub()))
+            .map_err(|source| etcd_error(config, source))?
+            .map_err(|holder| RegistryError::Held {
+                registry: format!("{}/{}", config.endpoints.join(","), config.prefix),
+                holder,
+            })?;
+        runtime.spawn(keep_alive(client.clone(), lease));
+        tracing::info!(endpoints = %config.endpoints.join(","), prefix = %config.prefix, lease, "holding the registry in etcd");
         Ok(Self {
             config: config.clone(),
             client,
+            lease,
             runtime,
         })
     }
@@ -113,6 +141,83 @@ impl EtcdRegistry {
         call: impl FnOnce(Client) -> futures::future::BoxFuture<'static, Result<T, etcd_client::Error>>,
     ) -> Result<T, RegistryError> {
         wait(&self.runtime, call(self.client.clone())).map_err(|e| etcd_error(&self.config, e))
+    }
+}
+
+/// What says who holds a registry.
+fn holder_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("a hub on {} (pid {})", host.trim(), std::process::id())
+}
+
+/// Takes the hold on the registry at `key` under a new lease, waiting up to [`HOLD_WAIT`]
+/// for another hub's: the lease, or who holds it.
+async fn hold(mut client: Client, key: String) -> Result<Result<i64, String>, etcd_client::Error> {
+    let deadline = tokio::time::Instant::now() + HOLD_WAIT;
+    loop {
+        let lease = client.lease_grant(HUB_LEASE_TTL, None).await?.id();
+        let take = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                holder_name(),
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let taken = client.txn(take).await?;
+        if taken.succeeded() {
+            return Ok(Ok(lease));
+        }
+        client.lease_revoke(lease).await?;
+        let holder = taken
+            .op_responses()
+            .into_iter()
+            .find_map(|response| match response {
+                TxnOpResponse::Get(got) => got
+                    .kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                _ => None,
+            })
+            .unwrap_or_else(|| "another hub".into());
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(Err(holder));
+        }
+        tracing::info!(%holder, "the registry is held by another hub: waiting for its lease to end");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Keeps `lease` alive, three times per TTL, for as long as the registry lives (its
+/// runtime ends this task).
+async fn keep_alive(mut client: Client, lease: i64) {
+    let period = Duration::from_secs(HUB_LEASE_TTL as u64) / 3;
+    let mut keeping = None;
+    loop {
+        if keeping.is_none() {
+            keeping = client.lease_keep_alive(lease).await.ok();
+        }
+        if let Some((keeper, stream)) = keeping.as_mut() {
+            let kept = async {
+                keeper.keep_alive().await?;
+                stream.message().await
+            };
+            match kept.await {
+                Ok(Some(answer)) if answer.ttl() > 0 => {}
+                Ok(_) => {
+                    tracing::error!(
+                        lease,
+                        "the hub's hold on the registry expired: its writes now fail"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(lease, "keeping the hold on the registry: {e}");
+                    keeping = None;
+                }
+            }
+        }
+        tokio::time::sleep(period).await;
     }
 }
 
@@ -137,6 +242,39 @@ fn wait<T: Send + 'static>(
             "the registry's runtime stopped".into(),
         ))
     })
+}
+
+impl EtcdRegistry {
+    /// Runs `operations` in one transaction if this hub still holds the registry.
+    fn fenced(&self, operations: Vec<TxnOp>) -> Result<(), RegistryError> {
+        let (hub, lease) = (self.config.hub(), self.lease);
+        let done = self.call(move |mut client| {
+            Box::pin(async move {
+                let txn = Txn::new()
+                    .when([Compare::lease(hub, CompareOp::Equal, lease)])
+                    .and_then(operations);
+                Ok(client.txn(txn).await?.succeeded())
+            })
+        })?;
+        if done {
+            Ok(())
+        } else {
+            Err(RegistryError::Lost)
+        }
+    }
+}
+
+impl Drop for EtcdRegistry {
+    /// Lets go of the registry at once, so the next hub need not wait for the lease.
+    fn drop(&mut self) {
+        let lease = self.lease;
+        let _ = self.call(move |mut client| {
+            Box::pin(async move {
+                client.lease_revoke(lease).await?;
+                Ok(())
+            })
+        });
+    }
 }
 
 impl RegistryStore for EtcdRegistry {
@@ -175,12 +313,7 @@ impl RegistryStore for EtcdRegistry {
                 let key = format!("{}{}", self.config.apps(), record.spec.name);
                 puts.push(TxnOp::put(key, value, None));
             }
-            self.call(move |mut client| {
-                Box::pin(async move {
-                    client.txn(Txn::new().and_then(puts)).await?;
-                    Ok(())
-                })
-            })?;
+            self.fenced(puts)?;
         }
         Ok(())
     }
@@ -192,12 +325,7 @@ impl RegistryStore for EtcdRegistry {
 
     fn remove(&self, name: &str) -> Result<(), RegistryError> {
         let key = format!("{}{name}", self.config.apps());
-        self.call(move |mut client| {
-            Box::pin(async move {
-                client.delete(key, None).await?;
-                Ok(())
-            })
-        })
+        self.fenced(vec![TxnOp::delete(key, None)])
     }
 }
 
@@ -271,7 +399,7 @@ pub mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{suite, Registry, RegistryConfig};
+    use super::super::{suite, Registry, RegistryConfig, RegistryError};
     use super::*;
 
     #[test]
@@ -283,6 +411,48 @@ mod tests {
         // Another prefix is another registry.
         let other = RegistryConfig::parse(&format!("{}/other", server.url), "x".into()).unwrap();
         assert!(Registry::open(&other).unwrap().load().unwrap().is_empty());
+    }
+
+    #[test]
+    fn one_hub_at_a_time_holds_a_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = testing::EtcdServer::start(dir.path());
+        let config = RegistryConfig::parse(&format!("{}/held", server.url), "x".into()).unwrap();
+        let first = Registry::open(&config).unwrap();
+        let record = crate::model::AppRecord::new(crate::model::AppSpec {
+            name: "a".into(),
+            image: "i".into(),
+            memory_mib: None,
+            env: vec![],
+            idle_after_secs: None,
+        });
+        first.save(&record, true).unwrap();
+        // A second hub waits for the hold, then says who has it.
+        let started = std::time::Instant::now();
+        let error = Registry::open(&config).unwrap_err().to_string();
+        assert!(started.elapsed() >= HOLD_WAIT, "{error}");
+        assert!(error.contains("one hub at a time"), "{error}");
+        assert!(
+            error.contains(&format!("pid {}", std::process::id())),
+            "{error}"
+        );
+        // Once the first lets go, the next holds it at once, and finds what it wrote.
+        drop(first);
+        let started = std::time::Instant::now();
+        let next = Registry::open(&config).unwrap();
+        assert!(started.elapsed() < HOLD_WAIT / 2);
+        assert_eq!(next.load().unwrap(), vec![record.clone()]);
+        // Taken from it (its key gone, as when its lease expired and another hub took
+        // over), it writes nothing more.
+        let etcd = EtcdConfig::parse(&format!("{}/held", server.url)).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let mut client = Client::connect(etcd.endpoints.clone(), None).await.unwrap();
+            client.delete(etcd.hub(), None).await.unwrap();
+        });
+        let error = next.save(&record, true).unwrap_err();
+        assert!(matches!(error, RegistryError::Lost), "{error}");
+        assert!(matches!(next.remove("a"), Err(RegistryError::Lost)));
     }
 
     #[test]

@@ -44,6 +44,17 @@ pub enum RegistryError {
         #[source]
         source: serde_json::Error,
     },
+    /// Another hub holds the registry (etcd), and did not let go in time.
+    #[error("the registry {registry} is held by {holder}: one hub at a time uses a registry")]
+    Held {
+        /// Which registry.
+        registry: String,
+        /// Who holds it.
+        holder: String,
+    },
+    /// This hub lost its hold on the registry (etcd): another may have taken it.
+    #[error("this hub no longer holds the registry (its lease expired): it may not write")]
+    Lost,
     /// A `--registry` that names no store.
     #[error("--registry {0:?}: expected `redb` or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`")]
     Config(String),
