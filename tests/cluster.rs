@@ -474,19 +474,29 @@ fn a_hub_on_etcd_keeps_the_registry_for_the_next_hub() {
     hub.wait_state("cetcd", "swapped_out", Duration::from_secs(20));
     let snapshot = hub.app("cetcd")["snapshot"].clone();
     assert!(snapshot.is_string());
-    hub.proc.kill();
+    // A hub that stops (SIGTERM) lets go of the registry at once.
+    hub.proc.terminate();
+    assert!(!hub.proc.log().contains("panicked"), "{}", hub.proc.log());
     drop(first);
     // Nothing of the registry is in the first hub's directory.
     assert!(!dir.path().join("etcd-hub-1/registry.redb").exists());
+    let mut hub = Hub::start_with(&dir.path().join("etcd-hub-2"), &flags);
+    assert!(
+        !hub.proc.log().contains("waiting for its lease to end"),
+        "{}",
+        hub.proc.log()
+    );
+    assert_eq!(hub.state("cetcd"), "swapped_out");
+    assert_eq!(hub.app("cetcd")["snapshot"], snapshot);
 
-    let hub = Hub::start_with(&dir.path().join("etcd-hub-2"), &flags);
-    // The killed hub's hold on the registry lasted until its lease expired.
+    // One that is killed holds it until its lease expires.
+    hub.proc.kill();
+    let hub = Hub::start_with(&dir.path().join("etcd-hub-3"), &flags);
     assert!(
         hub.proc.log().contains("waiting for its lease to end"),
         "{}",
         hub.proc.log()
     );
-    assert_eq!(hub.state("cetcd"), "swapped_out");
     assert_eq!(hub.app("cetcd")["snapshot"], snapshot);
     let _second = worker(&hub, "w-etcd-2", "127.3.21.0/24", "60", &cold);
     let address = resolve(&hub, "cetcd");
@@ -540,11 +550,10 @@ fn dns_answers_are_right_for_the_zone_and_failures_are_servfail() {
     assert_eq!(count(&address), 1);
 }
 
-#[test]
-fn timers_bring_a_swapped_out_app_back_without_a_query() {
-    let (dir, hub) = setup("timer");
-    // An image of the ticker guest, which wakes every 3 s.
-    let definition = dir.path().join("ticker");
+/// Builds the image `ticker` (tests/guests/ticker.c: wakes every 3 s, counts its ticks,
+/// answers `ticks=N` on port 80), its definition under `dir`.
+fn build_ticker(dir: &Path) {
+    let definition = dir.join("ticker");
     std::fs::create_dir_all(&definition).unwrap();
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests/ticker.c"),
@@ -561,7 +570,20 @@ fn timers_bring_a_swapped_out_app_back_without_a_query() {
     build.args(["image", "build"]).arg(&definition);
     let out = run_with_limit(&mut build, Duration::from_secs(120));
     assert!(out.status.success(), "{}", describe(&out));
+}
 
+/// The ticks `ticker` at `address` counted.
+fn ticks(address: &str) -> u64 {
+    get(address, "/")
+        .strip_prefix("ticks=")
+        .and_then(|t| t.parse().ok())
+        .expect("ticks=N")
+}
+
+#[test]
+fn timers_bring_a_swapped_out_app_back_without_a_query() {
+    let (dir, hub) = setup("timer");
+    build_ticker(dir.path());
     let store = dir.path().join("cold");
     let _worker = worker(
         &hub,
@@ -592,11 +614,47 @@ fn timers_bring_a_swapped_out_app_back_without_a_query() {
         },
     );
     let address = resolve(&hub, "ticker");
-    let ticks: u64 = get(&address, "/")
-        .strip_prefix("ticks=")
-        .and_then(|t| t.parse().ok())
-        .unwrap();
-    assert!(ticks >= 1, "it never ran while swapped out");
+    assert!(ticks(&address) >= 1, "it never ran while swapped out");
+}
+
+/// A timer that falls due while the app's snapshot is still being uploaded to S3 brings
+/// the app back from the worker's local copy at once (the hub does not know the timer
+/// before the upload ends).
+#[test]
+fn a_timer_due_during_an_upload_brings_the_app_back_from_the_local_copy() {
+    let (dir, hub) = setup("timer-upload");
+    build_ticker(dir.path());
+    let (moto, link) = moto_behind(
+        dir.path(),
+        LinkShape {
+            bytes_per_second: 5_000,
+            ..LinkShape::default()
+        },
+    );
+    let cold = s3_cold("picocenter-timer", &link.url(), &[]);
+    let worker = worker(&hub, "w-timer-up", "127.3.22.0/24", "60", &as_strs(&cold));
+    hub.add("tickup", "ticker", 1.0);
+    let address = resolve(&hub, "tickup");
+    assert_eq!(ticks(&address), 0);
+    // Idle after 1 s, swapped out; its 3 s poll falls due while the upload crawls.
+    wait_in_log(
+        &worker,
+        "uploading to cold storage while its sockets are held",
+        1,
+    );
+    wait_in_log(&worker, "its timer is due during its upload", 1);
+    let bucket = app_bucket(&moto, "picocenter-timer", "", "tickup", dir.path());
+    use picocenter_snapshots::Store;
+    assert_eq!(
+        bucket.head().unwrap(),
+        None,
+        "the upload ended first; worker log:\n{}",
+        worker.log()
+    );
+    wait_for("it to tick", Duration::from_secs(20), || {
+        (ticks(&address) >= 1).then_some(())
+    });
+    assert_eq!(hub.state("tickup"), "resident");
 }
 
 #[test]
@@ -1622,7 +1680,10 @@ fn the_hub_serves_its_api_over_tls() {
 
     let store = dir.path().join("cold");
     let mut cmd = picocenter();
-    cmd.args(["worker", "--hub", &url, "--token", TOKEN, "--id", "w-tls"]);
+    // Its secrets through the environment, as the systemd unit passes them.
+    cmd.env("PICOCENTER_TOKEN", TOKEN);
+    cmd.env("AWS_SECRET_ACCESS_KEY", "not-for-vmms");
+    cmd.args(["worker", "--hub", &url, "--id", "w-tls"]);
     cmd.args(["--addresses", "127.3.19.0/24", "--idle-after", "60"]);
     cmd.args(["--hub-ca", &ca]);
     cmd.arg("--store").arg(&store);
@@ -1639,5 +1700,21 @@ fn the_hub_serves_its_api_over_tls() {
         stdout(&status).contains("resident"),
         "{}",
         describe(&status)
+    );
+    // The app's VMM has none of the worker's secrets in its environment.
+    let mut control =
+        std::os::unix::net::UnixStream::connect(state_dir().join("run/ctls.sock")).unwrap();
+    writeln!(control, r#"{{"op":"stats"}}"#).unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(control), &mut line).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let pid = stats["pid"].as_u64().expect("the VMM's pid");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(environ.contains("PICOCENTER_STATE_DIR="), "{environ}");
+    assert!(!environ.contains(TOKEN), "the token reached the VMM");
+    assert!(
+        !environ.contains("not-for-vmms"),
+        "an AWS key reached the VMM"
     );
 }

@@ -9,7 +9,8 @@
 
 use crate::client::Client;
 use crate::model::{
-    unix_ms, AppRecord, AppSpec, AppState, StartOrder, Started, WorkerHello, WorkerReport,
+    unix_ms, AppRecord, AppSpec, AppState, StartOrder, Started, SwappedOut, WorkerHello,
+    WorkerReport,
 };
 use crate::registry::{Registry, RegistryError};
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -390,6 +391,11 @@ impl Hub {
             .collect()
     }
 
+    /// Whether the hub lost its hold on its registry for good: it must stop.
+    pub fn registry_lost(&self) -> bool {
+        self.registry.lost()
+    }
+
     /// The metrics as `GET /metrics` serves them, its gauges brought up to date.
     pub fn render_metrics(&self) -> String {
         let mut by_state: HashMap<String, i64> = HashMap::new();
@@ -456,20 +462,36 @@ impl Hub {
                 true
             });
         }
-        for stored in &report.stored {
-            edit(&stored.name, true, &mut |r| {
-                r.snapshot = Some(stored.snapshot.clone());
-                r.usage.stored_bytes = stored.stored_bytes;
-                r.event(format!(
-                    "snapshot {} in cold storage ({} bytes); it came back from the worker's copy meanwhile",
-                    stored.snapshot, stored.stored_bytes
-                ));
-                true
-            });
-        }
+        // Snapshots in the order the worker made them (a re-sent report's older ones
+        // first), each only if the app is not another worker's now.
+        let mut snapshots: Vec<(bool, &SwappedOut)> = (report.stored.iter().map(|s| (false, s)))
+            .chain(report.swapped.iter().map(|s| (true, s)))
+            .collect();
+        snapshots.sort_by_key(|(_, s)| s.seq);
         self.metrics.swap_outs.inc_by(report.swapped.len() as u64);
-        for swapped in &report.swapped {
+        for (swapped_out, snapshot) in snapshots {
+            let theirs = |r: &AppRecord| r.worker.as_deref().is_none_or(|w| w == id);
+            if !swapped_out {
+                edit(&snapshot.name, true, &mut |r| {
+                    if !theirs(r) {
+                        return false;
+                    }
+                    r.snapshot = Some(snapshot.snapshot.clone());
+                    r.usage.stored_bytes = snapshot.stored_bytes;
+                    r.event(format!(
+                        "snapshot {} in cold storage ({} bytes); it came back from the worker's copy meanwhile",
+                        snapshot.snapshot, snapshot.stored_bytes
+                    ));
+                    true
+                });
+                continue;
+            }
+            let swapped = snapshot;
             edit(&swapped.name, true, &mut |r| {
+                if !theirs(r) {
+                    tracing::warn!(app = %swapped.name, worker = %id, "a swap-out from a worker the app is no longer on: ignored");
+                    return false;
+                }
                 r.state = AppState::SwappedOut;
                 r.worker = None;
                 r.address = None;
@@ -519,7 +541,9 @@ impl Hub {
         if !changed.is_empty() {
             let records = changed.iter().filter_map(|name| apps.get(name));
             if let Err(e) = self.registry.save_all(records, sync) {
+                // The worker sends it again (and deletes nothing it names meanwhile).
                 tracing::error!(worker = %id, "saving the registry: {e}");
+                return Err(e.into());
             }
         }
         Ok(())
@@ -711,6 +735,7 @@ mod tests {
                     snapshot: "s1".into(),
                     stored_bytes: 1,
                     wake_at_unix_ms: None,
+                    seq: 1,
                 }],
                 held: vec![("b".into(), held_at)],
                 ..Default::default()
@@ -735,11 +760,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hub = hub_with_worker(dir.path());
         let address = Ipv4Addr::new(10, 0, 0, 1);
-        let snapshot = |id: &str| crate::model::SwappedOut {
+        let snapshot = |id: &str, seq: u64| crate::model::SwappedOut {
             name: "a".into(),
             snapshot: id.into(),
             stored_bytes: 7,
             wake_at_unix_ms: None,
+            seq,
         };
         let resident = WorkerReport {
             resident: vec![("a".into(), address)],
@@ -751,7 +777,7 @@ mod tests {
         hub.report(
             "w",
             WorkerReport {
-                stored: vec![snapshot("s1")],
+                stored: vec![snapshot("s1", 1)],
                 resident_count: 1,
                 ..Default::default()
             },
@@ -762,18 +788,40 @@ mod tests {
         assert_eq!(record.address, Some(address));
         assert_eq!(record.snapshot.as_deref(), Some("s1"));
         assert_eq!(record.usage.stored_bytes, 7);
-        // In one report, what was stored comes before what was swapped out after it.
+        // A report re-sent with newer news (a re-sent report is a full one) carries a
+        // swap-out (s2) and the snapshot stored after the app came back (s3): applied in
+        // the worker's order, it ends at s3, resident.
         hub.report(
             "w",
             WorkerReport {
-                stored: vec![snapshot("s2")],
-                swapped: vec![snapshot("s3")],
+                full: true,
+                stored: vec![snapshot("s3", 3)],
+                swapped: vec![snapshot("s2", 2)],
+                resident: vec![("a".into(), address)],
+                resident_count: 1,
                 ..Default::default()
             },
         )
         .unwrap();
         let record = hub.get("a").unwrap();
-        assert_eq!(record.state, AppState::SwappedOut);
         assert_eq!(record.snapshot.as_deref(), Some("s3"));
+        assert_eq!(record.state, AppState::Resident);
+        // A swap-out reported by a worker the app is no longer on changes nothing.
+        hub.register_worker(WorkerHello {
+            id: "other".into(),
+            url: "http://127.0.0.1:1".into(),
+            memory_limit_bytes: 1 << 30,
+        });
+        hub.report(
+            "other",
+            WorkerReport {
+                swapped: vec![snapshot("s4", 4)],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let record = hub.get("a").unwrap();
+        assert_eq!(record.snapshot.as_deref(), Some("s3"));
+        assert_eq!(record.worker.as_deref(), Some("w"));
     }
 }

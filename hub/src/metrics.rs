@@ -209,6 +209,8 @@ pub struct WorkerMetrics {
     pub held_apps: Gauge,
     /// Set at scrape.
     pub resident_memory_bytes: Gauge,
+    /// Two scrapes at once would both add the same difference.
+    traffic_update: std::sync::Mutex<()>,
     registry: Registry,
 }
 
@@ -281,6 +283,7 @@ impl Default for WorkerMetrics {
             resident_apps,
             held_apps,
             resident_memory_bytes,
+            traffic_update: Default::default(),
             registry,
         }
     }
@@ -308,6 +311,10 @@ impl WorkerMetrics {
 
     /// Brings the cold-storage byte counters up to `up` and `down` in all.
     pub fn cold_storage_traffic(&self, up: u64, down: u64) {
+        let _one_at_a_time = self
+            .traffic_update
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for (direction, total) in [("up", up), ("down", down)] {
             let counter = self
                 .cold_storage_bytes

@@ -243,6 +243,11 @@ pub struct SwappedOut {
     pub stored_bytes: u64,
     /// When it wants to wake by itself, Unix ms.
     pub wake_at_unix_ms: Option<u64>,
+    /// Where it falls among the worker's swap-outs and stored snapshots: the hub applies
+    /// a report's `stored` and `swapped` in this order, so a report that carries a re-sent
+    /// older one beside a newer one ends at the newer.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// The hub's order to a worker: run this app (from its snapshot, if it has one).

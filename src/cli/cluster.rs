@@ -361,9 +361,23 @@ pub fn hub(args: HubArgs) -> anyhow::Result<i32> {
             "hub: DNS on {} (udp+tcp), API on {}://{}; Ctrl-C stops",
             running.dns, running.scheme, running.api
         );
-        terminated().await;
+        // Until asked to stop, or until it lost its hold on an etcd registry (another
+        // hub may hold it now: this one must not act on what it knows).
+        let hub = running.hub.clone();
+        let lost = async move {
+            while !hub.registry_lost() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        };
+        let status = tokio::select! {
+            _ = terminated() => 0,
+            _ = lost => {
+                eprintln!("picocenter: error: this hub lost its hold on the registry; stopping");
+                1
+            }
+        };
         running.shutdown().await;
-        Ok(0)
+        Ok(status)
     })
 }
 

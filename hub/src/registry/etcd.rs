@@ -88,7 +88,11 @@ pub struct EtcdRegistry {
     client: Client,
     /// The lease under which this hub holds the registry.
     lease: i64,
-    runtime: tokio::runtime::Runtime,
+    /// Set when the lease expired: the hold is gone for good.
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// `Some` until dropped (then shut down without blocking: a hub may drop its registry
+    /// on an async thread).
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl std::fmt::Debug for EtcdRegistry {
@@ -126,13 +130,15 @@ impl EtcdRegistry {
                 registry: format!("{}/{}", config.endpoints.join(","), config.prefix),
                 holder,
             })?;
-        runtime.spawn(keep_alive(client.clone(), lease));
+        let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        runtime.spawn(keep_alive(client.clone(), lease, lost.clone()));
         tracing::info!(endpoints = %config.endpoints.join(","), prefix = %config.prefix, lease, "holding the registry in etcd");
         Ok(Self {
             config: config.clone(),
             client,
             lease,
-            runtime,
+            lost,
+            runtime: Some(runtime),
         })
     }
 
@@ -140,7 +146,10 @@ impl EtcdRegistry {
         &self,
         call: impl FnOnce(Client) -> futures::future::BoxFuture<'static, Result<T, etcd_client::Error>>,
     ) -> Result<T, RegistryError> {
-        wait(&self.runtime, call(self.client.clone())).map_err(|e| etcd_error(&self.config, e))
+        let Some(runtime) = &self.runtime else {
+            return Err(RegistryError::Lost);
+        };
+        wait(runtime, call(self.client.clone())).map_err(|e| etcd_error(&self.config, e))
     }
 }
 
@@ -189,8 +198,12 @@ async fn hold(mut client: Client, key: String) -> Result<Result<i64, String>, et
 }
 
 /// Keeps `lease` alive, three times per TTL, for as long as the registry lives (its
-/// runtime ends this task).
-async fn keep_alive(mut client: Client, lease: i64) {
+/// runtime ends this task); sets `lost` if it expired.
+async fn keep_alive(
+    mut client: Client,
+    lease: i64,
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     let period = Duration::from_secs(HUB_LEASE_TTL as u64) / 3;
     let mut keeping = None;
     loop {
@@ -202,17 +215,19 @@ async fn keep_alive(mut client: Client, lease: i64) {
                 keeper.keep_alive().await?;
                 stream.message().await
             };
-            match kept.await {
-                Ok(Some(answer)) if answer.ttl() > 0 => {}
-                Ok(_) => {
-                    tracing::error!(
-                        lease,
-                        "the hub's hold on the registry expired: its writes now fail"
-                    );
+            match tokio::time::timeout(CALL_TIMEOUT, kept).await {
+                Ok(Ok(Some(answer))) if answer.ttl() > 0 => {}
+                Ok(Ok(_)) => {
+                    tracing::error!(lease, "the hub's hold on the registry expired");
+                    lost.store(true, std::sync::atomic::Ordering::SeqCst);
                     return;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(lease, "keeping the hold on the registry: {e}");
+                    keeping = None;
+                }
+                Err(_) => {
+                    tracing::warn!(lease, "keeping the hold on the registry: no answer");
                     keeping = None;
                 }
             }
@@ -274,6 +289,9 @@ impl Drop for EtcdRegistry {
                 Ok(())
             })
         });
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -326,6 +344,10 @@ impl RegistryStore for EtcdRegistry {
     fn remove(&self, name: &str) -> Result<(), RegistryError> {
         let key = format!("{}{name}", self.config.apps());
         self.fenced(vec![TxnOp::delete(key, None)])
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 

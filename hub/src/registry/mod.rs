@@ -71,6 +71,11 @@ pub trait RegistryStore: Send + Sync + std::fmt::Debug {
     fn flush(&self) -> Result<(), RegistryError>;
     /// Removes app `name`'s record.
     fn remove(&self, name: &str) -> Result<(), RegistryError>;
+    /// Whether this hub lost its hold on the registry for good (another hub may hold it):
+    /// it must stop.
+    fn lost(&self) -> bool {
+        false
+    }
 }
 
 /// Which store, as `--registry` names it.
@@ -136,6 +141,11 @@ impl Registry {
     /// Removes app `name`.
     pub fn remove(&self, name: &str) -> Result<(), RegistryError> {
         self.store.remove(name)
+    }
+
+    /// See [`RegistryStore::lost`].
+    pub fn lost(&self) -> bool {
+        self.store.lost()
     }
 }
 

@@ -245,6 +245,9 @@ pub struct Worker {
     uploads: upload::Uploads,
     /// What `GET /metrics` serves.
     metrics: crate::metrics::WorkerMetrics,
+    /// The last sequence number given to a swap-out or a stored snapshot (see
+    /// [`SwappedOut::seq`]).
+    snapshot_seq: std::sync::atomic::AtomicU64,
 }
 
 impl Worker {
@@ -266,6 +269,7 @@ impl Worker {
             prunes: Default::default(),
             uploads: Default::default(),
             metrics: Default::default(),
+            snapshot_seq: Default::default(),
         })
     }
 
@@ -316,9 +320,17 @@ impl Worker {
         let name = order.spec.name.clone();
         picocenter_snapshots::names::validate_app_name(&name)?;
         // An app whose upload has not ended comes back from its newest snapshot, here
-        // (the hub may know only an older one).
-        if let Some(comeback) = self.uploads.comeback(&name) {
-            order.snapshot = comeback.snapshot;
+        // (the hub may know only an older one); the upload's end waits to be reported
+        // until this start has ended.
+        let comeback = self
+            .uploads
+            .comeback(&name)
+            .and_then(|order| order.snapshot);
+        let local = comeback
+            .as_ref()
+            .is_some_and(|id| self.uploads.begin_comeback(&name, id));
+        if comeback.is_some() {
+            order.snapshot = comeback;
         }
         self.make_room().await;
         // An app whose sockets are held here comes back at its address, on them.
@@ -328,6 +340,13 @@ impl Worker {
         };
         if let Some(held) = &held {
             held.watcher.abort();
+        }
+        if local && held.is_none() {
+            // Its sockets are not here any more (it was removed meanwhile): it does not
+            // come back at another address.
+            let id = order.snapshot.clone().unwrap_or_default();
+            self.report_comeback(false, self.uploads.end_comeback(&name, &id, false));
+            return Err(WorkerError::NotHere(name));
         }
         let address = match &held {
             Some(held) => {
@@ -342,8 +361,9 @@ impl Worker {
             .await;
         self.metrics
             .started(snapshot.is_some(), began.elapsed(), started.is_ok());
-        if let (Ok(_), Some(id)) = (&started, &snapshot) {
-            self.uploads.came_back(&name, id);
+        if let (true, Some(id)) = (local, &snapshot) {
+            let back = started.is_ok();
+            self.report_comeback(back, self.uploads.end_comeback(&name, id, back));
         }
         self.unreserve(address);
         started
@@ -798,14 +818,14 @@ impl Worker {
         // Settled in the local store (compacted if its chain is long, unless an upload
         // still reads the chain: then only once that upload has ended).
         let in_flight = self.uploads.in_flight(name);
-        let turn = self.uploads.turn(name);
+        let turn = in_flight.then(|| self.uploads.turn(name));
         let cold = self.cold.clone();
         let (app_name, snapshot) = (name.to_string(), id.clone());
         let settled = async move {
             let long = in_flight && cold.chain_len(&app_name, &snapshot)? >= MAX_CHAIN;
-            let waited = match long {
-                true => Some(turn.lock().await),
-                false => None,
+            let waited = match (long, &turn) {
+                (true, Some(turn)) => Some(turn.lock().await),
+                _ => None,
             };
             let may_compact = !in_flight || waited.is_some();
             tokio::task::spawn_blocking(move || cold.settle(&app_name, &snapshot, may_compact))
@@ -848,6 +868,7 @@ impl Worker {
             snapshot: stored.id,
             stored_bytes: stored.bytes,
             wake_at_unix_ms: stored.wake_at_unix_ms,
+            seq: self.next_seq(),
         };
         tracing::info!(app = %name, snapshot = %swapped.snapshot, stored_bytes = swapped.stored_bytes, wake_at_unix_ms = ?swapped.wake_at_unix_ms, "swapped out");
         self.pending_report().swapped.push(swapped.clone());
@@ -887,19 +908,19 @@ impl Worker {
     /// there were.
     pub async fn forget(&self, name: &str) -> Result<usize, WorkerError> {
         self.unhold(name).await;
-        // An upload under way would put back what this deletes.
-        self.uploads
-            .out
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        // An upload under way would put back what this deletes: it ends first, and
+        // nothing brings the app back from its local copy meanwhile.
+        self.uploads.forget(name);
         let turn = self.uploads.turn(name);
-        let _turn = turn.lock().await;
-        let cold = self.cold.clone();
-        let app = name.to_string();
-        let removed = tokio::task::spawn_blocking(move || cold.forget(&app))
-            .await
-            .map_err(|e| WorkerError::Internal(e.to_string()))??;
+        let removed = {
+            let _turn = turn.lock().await;
+            let cold = self.cold.clone();
+            let app = name.to_string();
+            tokio::task::spawn_blocking(move || cold.forget(&app)).await
+        };
+        drop(turn);
+        self.uploads.drop_turn(name);
+        let removed = removed.map_err(|e| WorkerError::Internal(e.to_string()))??;
         tracing::info!(app = %name, removed, "snapshots deleted");
         Ok(removed)
     }
@@ -921,6 +942,13 @@ impl Worker {
         }
         self.release_address(app.address);
         Ok(())
+    }
+
+    /// The next [`SwappedOut::seq`].
+    fn next_seq(&self) -> u64 {
+        self.snapshot_seq
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            .saturating_add(1)
     }
 
     fn pending_report(&self) -> std::sync::MutexGuard<'_, Pending> {

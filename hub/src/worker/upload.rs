@@ -23,14 +23,34 @@ use std::time::Duration;
 const UPLOAD_ATTEMPTS: u32 = 4;
 /// The pause after the first failed attempt; it doubles after each.
 const FIRST_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// The worker brings an app back for its timer during the upload only if the timer is
+/// due within this (an upload takes less; a later timer is the hub's, as usual).
+const LOCAL_WAKE_HORIZON: Duration = Duration::from_secs(600);
 
 /// An app swapped out here whose snapshot is on its way to S3: what it takes to bring it
 /// back from the local copy.
 #[derive(Debug)]
-pub(super) struct Upload {
-    pub(super) spec: AppSpec,
+struct Upload {
+    spec: AppSpec,
     /// The settled snapshot being uploaded: the app's newest state.
-    pub(super) snapshot: String,
+    snapshot: String,
+    /// A start from the local copy is under way: the upload's end is reported when it
+    /// has ended (as stored if it brought the app back, as a swap-out if not), so the hub
+    /// never takes the app for out while it comes back here.
+    coming_back: bool,
+    /// The upload ended while the app was coming back: what to report then.
+    ended: Option<SwappedOut>,
+}
+
+/// Where an app stands when its upload ends.
+#[derive(Debug)]
+enum AtUploadEnd {
+    /// Still out: the hub hears of the swap-out now.
+    Out,
+    /// Coming back from the local copy: the hub hears when that ends.
+    ComingBack,
+    /// Back (or removed) before the upload ended: the hub hears of a stored snapshot.
+    Back,
 }
 
 /// Per-app upload turns, and how many uploads are under way.
@@ -38,7 +58,7 @@ pub(super) struct Upload {
 pub(super) struct Uploads {
     /// Apps swapped out here whose upload has not ended (the hub does not know they are
     /// out).
-    pub(super) out: std::sync::Mutex<std::collections::HashMap<String, Upload>>,
+    out: std::sync::Mutex<std::collections::HashMap<String, Upload>>,
     /// One lock per app with an upload running or waiting: uploads of one app run in
     /// order, and nothing removes the local files an upload reads.
     turns: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -81,7 +101,7 @@ impl Uploads {
     }
 
     /// Forgets app `name`'s turn if no upload holds or waits for it.
-    fn drop_turn(&self, name: &str) {
+    pub(super) fn drop_turn(&self, name: &str) {
         let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
         if turns.get(name).is_some_and(|t| Arc::strong_count(t) == 1) {
             turns.remove(name);
@@ -97,13 +117,51 @@ impl Uploads {
         })
     }
 
-    /// The app is back from snapshot `id` of the local copy: its upload, when it ends,
-    /// reports a stored snapshot, not a swap-out.
-    pub(super) fn came_back(&self, name: &str, id: &str) {
-        let mut out = self.out();
-        if out.get(name).is_some_and(|u| u.snapshot == id) {
-            out.remove(name);
+    /// A start of app `name` from its local snapshot `id` begins; false if the app is
+    /// not out with that snapshot, or already coming back.
+    pub(super) fn begin_comeback(&self, name: &str, id: &str) -> bool {
+        match self.out().get_mut(name) {
+            Some(upload) if upload.snapshot == id && !upload.coming_back => {
+                upload.coming_back = true;
+                true
+            }
+            _ => false,
         }
+    }
+
+    /// The start that [`Uploads::begin_comeback`] began has ended (`back`: the app runs).
+    /// Returns what the hub must hear now, if the upload ended meanwhile: the snapshot,
+    /// as stored (the app is back) or as a swap-out (it is not).
+    pub(super) fn end_comeback(&self, name: &str, id: &str, back: bool) -> Option<SwappedOut> {
+        let mut out = self.out();
+        let upload = out.get_mut(name).filter(|u| u.snapshot == id)?;
+        upload.coming_back = false;
+        if back || upload.ended.is_some() {
+            return out.remove(name).and_then(|u| u.ended);
+        }
+        None
+    }
+
+    /// The upload of app `name`'s snapshot `id` has ended: where the app stands. A
+    /// snapshot whose app is coming back keeps `swapped` for [`Uploads::end_comeback`].
+    fn upload_done(&self, name: &str, id: &str, swapped: &SwappedOut) -> AtUploadEnd {
+        let mut out = self.out();
+        match out.get_mut(name).filter(|u| u.snapshot == id) {
+            None => AtUploadEnd::Back,
+            Some(upload) if upload.coming_back => {
+                upload.ended = Some(swapped.clone());
+                AtUploadEnd::ComingBack
+            }
+            Some(_) => {
+                out.remove(name);
+                AtUploadEnd::Out
+            }
+        }
+    }
+
+    /// App `name` was removed: its upload, if one runs, brings nothing back.
+    pub(super) fn forget(&self, name: &str) {
+        self.out().remove(name);
     }
 
     /// Whether app `name` is out with an upload that has not ended.
@@ -134,13 +192,21 @@ impl Worker {
             Upload {
                 spec,
                 snapshot: stored.id.clone(),
+                coming_back: false,
+                ended: None,
             },
         );
         self.uploads.running.send_modify(|n| *n += 1);
+        if let Some(at) = stored.wake_at_unix_ms {
+            self.wake_at(name, &stored.id, at);
+        }
         let turn = self.uploads.turn(name);
         let this = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
+            // Counted down however the task ends (a panic included), or shutdown would
+            // wait for it for ever.
+            let _running = Running(this.clone());
             let result = {
                 let _turn = turn.lock().await;
                 this.upload_with_retries(&name, &stored.id).await
@@ -148,9 +214,33 @@ impl Worker {
             drop(turn);
             let ended = this.upload_ended(&name, stored, result).await;
             this.uploads.drop_turn(&name);
-            this.uploads.running.send_modify(|n| *n -= 1);
             ended
         })
+    }
+
+    /// At `at` (Unix ms, the app's earliest deadline), brings app `name` back from its
+    /// local snapshot `id` if its upload has not ended by then: the hub, which would wake
+    /// it otherwise, learns the deadline only with the swap-out.
+    fn wake_at(self: &Arc<Self>, name: &str, id: &str, at: u64) {
+        let this = self.clone();
+        let (name, id) = (name.to_string(), id.to_string());
+        let due_in = Duration::from_millis(at.saturating_sub(crate::model::unix_ms()));
+        if due_in > LOCAL_WAKE_HORIZON {
+            return;
+        }
+        tokio::spawn(async move {
+            tokio::time::sleep(due_in).await;
+            let Some(order) = this.uploads.comeback(&name) else {
+                return;
+            };
+            if order.snapshot.as_deref() != Some(id.as_str()) {
+                return;
+            }
+            tracing::info!(app = %name, "its timer is due during its upload: bringing it back from the local copy");
+            if let Err(e) = this.start_boxed(order).await {
+                tracing::warn!(app = %name, "bringing it back for its timer: {e}");
+            }
+        });
     }
 
     /// [`Cold::upload`](crate::cold::Cold::upload), tried [`UPLOAD_ATTEMPTS`] times.
@@ -196,49 +286,27 @@ impl Worker {
         stored: Stored,
         result: Result<(), WorkerError>,
     ) -> Result<SwappedOut, WorkerError> {
-        let still_out = {
-            let mut out = self.uploads.out();
-            let still_out = out.get(name).is_some_and(|u| u.snapshot == stored.id);
-            if still_out {
-                out.remove(name)
-            } else {
-                None
-            }
-        };
         let swapped = SwappedOut {
             name: name.to_string(),
             snapshot: stored.id.clone(),
             stored_bytes: stored.bytes,
             wake_at_unix_ms: stored.wake_at_unix_ms,
+            seq: self.next_seq(),
         };
         if let Err(e) = result {
-            let Some(upload) = still_out else {
-                tracing::warn!(app = %name, snapshot = %stored.id, "uploading failed ({e}): the snapshot is only on this worker, and the app's next swap-out uploads it with its own");
-                return Err(e);
-            };
-            if !self.held.lock().await.contains_key(name) {
-                // Its address is gone: it could only come back elsewhere, from the
-                // hub's restore point.
-                self.pending_report()
-                    .ended
-                    .push((name.to_string(), format!("swap-out failed: {e}")));
-                self.report_soon.notify_one();
-                return Err(e);
-            }
-            tracing::error!(app = %name, snapshot = %stored.id, "uploading failed ({e}): bringing the app back from the local copy");
-            let order = StartOrder {
-                spec: upload.spec,
-                snapshot: Some(stored.id.clone()),
-            };
-            if let Err(back) = self.start_boxed(order).await {
-                // Nothing of it runs, and the hub's restore point is older: it goes back
-                // there.
-                tracing::error!(app = %name, "it cannot come back from the local copy either: {back}");
-                self.unhold(name).await;
-                self.pending_report()
-                    .ended
-                    .push((name.to_string(), format!("swap-out failed: {e}; {back}")));
-                self.report_soon.notify_one();
+            match self.uploads.comeback(name) {
+                Some(order) if order.snapshot.as_deref() == Some(stored.id.as_str()) => {
+                    tracing::error!(app = %name, snapshot = %stored.id, "uploading failed ({e}): bringing the app back from the local copy");
+                    // The entry stays while it comes back (nothing evicts the only copy);
+                    // if that fails too, it stays out, held, and the next connection
+                    // tries again.
+                    if let Err(back) = self.start_boxed(order).await {
+                        tracing::error!(app = %name, "it cannot come back from the local copy either: {back}");
+                    }
+                }
+                _ => {
+                    tracing::warn!(app = %name, snapshot = %stored.id, "uploading failed ({e}): the snapshot is only on this worker, and the app's next swap-out uploads it with its own");
+                }
             }
             return Err(e);
         }
@@ -248,17 +316,49 @@ impl Worker {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(stored.id.clone(), (name.to_string(), stored.replaced));
         }
-        if still_out.is_some() {
-            tracing::info!(app = %name, snapshot = %swapped.snapshot, stored_bytes = swapped.stored_bytes, wake_at_unix_ms = ?swapped.wake_at_unix_ms, "swapped out");
-            self.pending_report().swapped.push(swapped.clone());
-        } else {
-            tracing::info!(app = %name, snapshot = %swapped.snapshot, "in cold storage; the app came back meanwhile");
-            self.pending_report().stored.push(swapped.clone());
-        }
-        self.report_soon.notify_one();
-        if still_out.is_some() {
-            self.trim_cache().await;
+        match self.uploads.upload_done(name, &stored.id, &swapped) {
+            AtUploadEnd::Out => {
+                tracing::info!(app = %name, snapshot = %swapped.snapshot, stored_bytes = swapped.stored_bytes, wake_at_unix_ms = ?swapped.wake_at_unix_ms, "swapped out");
+                self.pending_report().swapped.push(swapped.clone());
+                self.report_soon.notify_one();
+                self.trim_cache().await;
+            }
+            AtUploadEnd::ComingBack => {
+                tracing::info!(app = %name, snapshot = %swapped.snapshot, "in cold storage; the app is coming back meanwhile");
+            }
+            AtUploadEnd::Back => {
+                tracing::info!(app = %name, snapshot = %swapped.snapshot, "in cold storage; the app came back meanwhile");
+                self.pending_report().stored.push(swapped.clone());
+                self.report_soon.notify_one();
+            }
         }
         Ok(swapped)
+    }
+
+    /// Tells the hub what [`Uploads::end_comeback`] returned: the snapshot as stored if
+    /// the app is `back`, as a swap-out if not.
+    pub(super) fn report_comeback(&self, back: bool, snapshot: Option<SwappedOut>) {
+        let Some(snapshot) = snapshot else { return };
+        let mut pending = self.pending_report();
+        if back {
+            pending.stored.push(snapshot);
+        } else {
+            tracing::info!(app = %snapshot.name, snapshot = %snapshot.snapshot, "swapped out (it could not come back from the local copy)");
+            pending.swapped.push(snapshot);
+        }
+        drop(pending);
+        self.report_soon.notify_one();
+    }
+}
+
+/// Counts an upload task as ended when dropped.
+struct Running(Arc<Worker>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0
+            .uploads
+            .running
+            .send_modify(|n| *n = n.saturating_sub(1));
     }
 }

@@ -112,6 +112,15 @@ pub struct Vmm {
     pub log: PathBuf,
 }
 
+/// Environment variables of the worker that no VMM inherits.
+pub const SECRETS: [&str; 5] = [
+    "PICOCENTER_TOKEN",
+    "PICOCENTER_HUB_CA",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+];
+
 /// The command line of a VMM for app `name` at `address`: every setting explicit, from the
 /// registry, never left to a snapshot.
 fn command(
@@ -121,6 +130,11 @@ fn command(
     launch: &Launch,
 ) -> Result<Command, VmmError> {
     let mut cmd = Command::new(paths.picocenter);
+    // The worker's secrets are not the VMM's: a VMM an app took over finds none of them
+    // in its environment.
+    for secret in SECRETS {
+        cmd.env_remove(secret);
+    }
     cmd.env("PICOCENTER_STATE_DIR", paths.state_dir);
     let memory = match launch {
         Launch::Fresh {
