@@ -1718,3 +1718,39 @@ fn the_hub_serves_its_api_over_tls() {
         "an AWS key reached the VMM"
     );
 }
+
+/// A worker stopped with SIGTERM swaps its apps out and waits for their uploads while it
+/// goes on reporting: the hub never takes it for dead meanwhile, and hears of every
+/// swap-out. S3 is behind a 10 kB/s link, so the upload outlasts the hub's 2 s worker
+/// timeout several times.
+#[test]
+fn a_stopping_worker_reports_its_swap_outs_until_their_uploads_end() {
+    let (dir, hub) = setup("stopping");
+    let (_moto, link) = moto_behind(
+        dir.path(),
+        LinkShape {
+            bytes_per_second: 10_000,
+            ..LinkShape::default()
+        },
+    );
+    let cold = s3_cold("picocenter-stopping", &link.url(), &[]);
+    let mut first = worker(&hub, "w-stop-1", "127.3.23.0/24", "60", &as_strs(&cold));
+    hub.add("cstop", "counter-http", 600.0);
+    let address = resolve(&hub, "cstop");
+    assert_eq!(count(&address), 1);
+    let stopped = Instant::now();
+    first.terminate();
+    eprintln!("the worker stopped in {:?}", stopped.elapsed());
+    assert_eq!(hub.state("cstop"), "swapped_out", "{}", first.log());
+    assert!(hub.app("cstop")["snapshot"].is_string());
+    assert!(
+        !hub.events("cstop").iter().any(|e| e.contains("is gone")),
+        "{:?}",
+        hub.events("cstop")
+    );
+    // Its state is in S3: another worker brings it back with it.
+    let cold = s3_cold("picocenter-stopping", &link.url(), &[]);
+    let _second = worker(&hub, "w-stop-2", "127.3.24.0/24", "60", &as_strs(&cold));
+    let address = resolve(&hub, "cstop");
+    assert_eq!(count(&address), 2);
+}

@@ -546,6 +546,11 @@ impl Hub {
                 return Err(e.into());
             }
         }
+        drop(apps);
+        if report.leaving {
+            tracing::info!(worker = %id, "worker left");
+            lock(&self.workers).remove(id);
+        }
         Ok(())
     }
 
@@ -719,6 +724,17 @@ mod tests {
         .unwrap();
         assert_eq!(held(&hub), ["a"]);
         assert_eq!(hub.workers()[0]["resident"], 0);
+        // Its last report: the hub forgets it, and the addresses it held, at once.
+        hub.report(
+            "w",
+            WorkerReport {
+                leaving: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(hub.workers().is_empty());
+        assert_eq!(hub.held_address("a"), None);
     }
 
     #[test]

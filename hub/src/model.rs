@@ -230,6 +230,9 @@ pub struct WorkerReport {
     pub held: Vec<(String, Ipv4Addr)>,
     /// Apps whose sockets it stopped holding since the last report.
     pub unheld: Vec<String>,
+    /// The worker is stopping, and this is its last report: the hub forgets it at once
+    /// (it holds no address any more, and runs nothing).
+    pub leaving: bool,
 }
 
 /// An app a worker put into cold storage.

@@ -846,19 +846,16 @@ impl Worker {
             }
         };
         let Some(sockets) = sockets else {
-            // Nothing would bring it back here during the upload: the hub hears of it
-            // once it is in cold storage, as usual.
+            // Nothing holds its address, so nothing brings it back here during the upload:
+            // the hub hears of the swap-out once the snapshot is in cold storage.
             self.release_address(address);
-            let upload = self.upload_in_background(name, app.spec, stored);
-            return upload
-                .await
-                .map_err(|e| WorkerError::Internal(e.to_string()))?
-                .map(SwapOut::Stored);
+            let upload = self.upload_in_background(name, app.spec, stored, false);
+            return Ok(SwapOut::Uploading(upload));
         };
         if self.cold.uploads() {
             tracing::info!(app = %name, snapshot = %stored.id, "swapped out here; uploading to cold storage while its sockets are held");
             // Whatever comes meanwhile brings it back from the local copy.
-            let upload = self.upload_in_background(name, app.spec, stored);
+            let upload = self.upload_in_background(name, app.spec, stored, true);
             self.hold(name, sockets).await;
             return Ok(SwapOut::Uploading(upload));
         }
@@ -1119,6 +1116,7 @@ impl Worker {
                 .filter(|n| !full && !held.contains_key(*n))
                 .cloned()
                 .collect(),
+            leaving: false,
         };
         // Brought up to date without copying what the hub already knows.
         told.resident.retain(|n, _| apps.contains_key(n));
@@ -1266,11 +1264,21 @@ pub async fn run(
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    // Once asked to stop: every app is swapped out (uploads included) while the reports go
+    // on, so the hub hears of each swap-out and never takes the worker for dead meanwhile.
+    let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut shutdown, if stopping.is_none() => {
+                tracing::info!("worker stopping: swapping every app out");
+                let this = worker.clone();
+                stopping = Some(tokio::spawn(async move { this.swap_out_all().await }));
+            }
             _ = ticker.tick() => {}
             _ = worker.report_soon.notified() => {}
+        }
+        if stopping.as_ref().is_some_and(|task| task.is_finished()) {
+            break;
         }
         if !registered {
             match hub
@@ -1289,7 +1297,9 @@ pub async fn run(
                 }
             }
         }
-        worker.watch().await;
+        if stopping.is_none() {
+            worker.watch().await;
+        }
         let report = worker.report().await;
         let path = format!("/v1/workers/{}/report", worker.config.id);
         match hub.post::<_, serde_json::Value>(&path, &report).await {
@@ -1306,9 +1316,8 @@ pub async fn run(
             }
         }
     }
-    tracing::info!("worker stopping: swapping every app out");
-    worker.swap_out_all().await;
-    let report = worker.report().await;
+    let mut report = worker.report().await;
+    report.leaving = true;
     let path = format!("/v1/workers/{}/report", worker.config.id);
     if hub
         .post::<_, serde_json::Value>(&path, &report)

@@ -34,6 +34,9 @@ struct Upload {
     spec: AppSpec,
     /// The settled snapshot being uploaded: the app's newest state.
     snapshot: String,
+    /// Whether the worker holds its sockets: only then does it come back here from the
+    /// local copy (at its own address) before the upload ends.
+    held: bool,
     /// A start from the local copy is under way: the upload's end is reported when it
     /// has ended (as stored if it brought the app back, as a swap-out if not), so the hub
     /// never takes the app for out while it comes back here.
@@ -111,10 +114,13 @@ impl Uploads {
     /// The order that brings app `name` back from its local copy, if it is out and its
     /// upload has not ended.
     pub(super) fn comeback(&self, name: &str) -> Option<StartOrder> {
-        self.out().get(name).map(|upload| StartOrder {
-            spec: upload.spec.clone(),
-            snapshot: Some(upload.snapshot.clone()),
-        })
+        self.out()
+            .get(name)
+            .filter(|u| u.held)
+            .map(|upload| StartOrder {
+                spec: upload.spec.clone(),
+                snapshot: Some(upload.snapshot.clone()),
+            })
     }
 
     /// A start of app `name` from its local snapshot `id` begins; false if the app is
@@ -159,6 +165,17 @@ impl Uploads {
         }
     }
 
+    /// Forgets app `name`'s upload of `id` if its sockets are not held (nothing brings it
+    /// back here); says whether it did.
+    fn take_unheld(&self, name: &str, id: &str) -> bool {
+        let mut out = self.out();
+        let unheld = out.get(name).is_some_and(|u| u.snapshot == id && !u.held);
+        if unheld {
+            out.remove(name);
+        }
+        unheld
+    }
+
     /// App `name` was removed: its upload, if one runs, brings nothing back.
     pub(super) fn forget(&self, name: &str) {
         self.out().remove(name);
@@ -178,26 +195,28 @@ impl Uploads {
 
 impl Worker {
     /// Uploads app `name`'s settled snapshot `stored` in the background, once the uploads
-    /// of the app before it have ended; `spec` brings the app back from the local copy
-    /// if traffic arrives meanwhile. The task's result is the swap-out as the hub hears
-    /// of it.
+    /// of the app before it have ended; if the worker `held` its sockets, `spec` brings
+    /// the app back from the local copy when traffic arrives meanwhile. The task's result
+    /// is the swap-out as the hub hears of it.
     pub(super) fn upload_in_background(
         self: &Arc<Self>,
         name: &str,
         spec: AppSpec,
         stored: Stored,
+        held: bool,
     ) -> tokio::task::JoinHandle<Result<SwappedOut, WorkerError>> {
         self.uploads.out().insert(
             name.to_string(),
             Upload {
                 spec,
                 snapshot: stored.id.clone(),
+                held,
                 coming_back: false,
                 ended: None,
             },
         );
         self.uploads.running.send_modify(|n| *n += 1);
-        if let Some(at) = stored.wake_at_unix_ms {
+        if let Some(at) = stored.wake_at_unix_ms.filter(|_| held) {
             self.wake_at(name, &stored.id, at);
         }
         let turn = self.uploads.turn(name);
@@ -303,6 +322,15 @@ impl Worker {
                     if let Err(back) = self.start_boxed(order).await {
                         tracing::error!(app = %name, "it cannot come back from the local copy either: {back}");
                     }
+                }
+                _ if self.uploads.take_unheld(name, &stored.id) => {
+                    // Nothing holds its address: it comes back from the hub's restore
+                    // point, wherever the hub likes.
+                    tracing::error!(app = %name, snapshot = %stored.id, "uploading failed ({e}): the app goes back to its last snapshot in cold storage");
+                    self.pending_report()
+                        .ended
+                        .push((name.to_string(), format!("swap-out failed: {e}")));
+                    self.report_soon.notify_one();
                 }
                 _ => {
                     tracing::warn!(app = %name, snapshot = %stored.id, "uploading failed ({e}): the snapshot is only on this worker, and the app's next swap-out uploads it with its own");
