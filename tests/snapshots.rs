@@ -50,11 +50,16 @@ fn swap_out(name: &str, dir: &Path, child: Child) -> String {
 }
 
 /// [`swap_out`] with more `snapshot create` flags; returns what it printed.
-fn swap_out_with(name: &str, dir: &Path, child: Child, flags: &[&str]) -> std::process::Output {
+fn swap_out_with(name: &str, dir: &Path, mut child: Child, flags: &[&str]) -> std::process::Output {
     let mut args = vec!["create", name, "-o", dir.to_str().unwrap(), "--stop"];
     args.extend_from_slice(flags);
     let out = snapshot(&args);
-    assert!(out.status.success(), "{}", describe(&out));
+    if !out.status.success() {
+        // Not left running with its name and address taken, for the next run to trip on.
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{}", describe(&out));
+    }
     let status = child.wait_with_output().unwrap();
     assert_eq!(
         status.status.code(),
