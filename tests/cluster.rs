@@ -1657,6 +1657,21 @@ fn the_hub_serves_its_api_over_tls() {
         }
         cmd.args(args).output().unwrap()
     };
+    // The CA with a plain http:// hub is a mistake, said as such.
+    let mut plain = picocenter();
+    plain.args([
+        "app",
+        "--hub",
+        &format!("http://{api_at}"),
+        "--token",
+        TOKEN,
+    ]);
+    let plain = plain.args(["--hub-ca", &ca, "ls"]).output().unwrap();
+    assert!(
+        !plain.status.success() && describe(&plain).contains("is for an https:// hub"),
+        "{}",
+        describe(&plain)
+    );
     let refused = app(false, &["ls"]);
     assert!(
         !refused.status.success() && describe(&refused).contains("certificate"),

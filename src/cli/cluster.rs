@@ -43,11 +43,20 @@ struct HubCa {
 }
 
 impl HubCa {
-    fn read(&self) -> anyhow::Result<Option<Vec<u8>>> {
-        self.hub_ca
-            .as_ref()
-            .map(|path| std::fs::read(path).with_context(|| format!("--hub-ca {}", path.display())))
-            .transpose()
+    /// The certificates to trust for the hub at `hub`; refuses them for a plain `http://`
+    /// hub, where they would protect nothing while the token goes in clear.
+    fn read(&self, hub: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(path) = &self.hub_ca else {
+            return Ok(None);
+        };
+        if !hub.starts_with("https://") {
+            bail!(
+                "--hub-ca {} is for an https:// hub, and --hub is {hub}",
+                path.display()
+            );
+        }
+        let pem = std::fs::read(path).with_context(|| format!("--hub-ca {}", path.display()))?;
+        Ok(Some(pem))
     }
 }
 
@@ -391,7 +400,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<i32> {
         token(&args.token, state)?,
         &args.key,
     )?;
-    options.hub_ca = args.hub_ca.read()?;
+    options.hub_ca = args.hub_ca.read(&args.hub)?;
     runtime()?.block_on(async {
         serve::run_worker(options, terminated()).await?;
         Ok(0)
@@ -404,7 +413,7 @@ pub fn app(args: AppArgs) -> anyhow::Result<i32> {
         &args.hub,
         &token(&args.token, args.state.state_dir())?,
         Duration::from_secs(60),
-        args.hub_ca.read()?.as_deref(),
+        args.hub_ca.read(&args.hub)?.as_deref(),
     )
     .context("--hub-ca")?;
     runtime()?.block_on(async {
