@@ -189,10 +189,11 @@ int main(int argc, char **argv) {
     CHECK(clobbered == 0);
     CHECK(bad_rip == 0);
     CHECK(handler_wrong == 0);
-    /* A storm is a storm: hundreds of handler runs at the least, some of which stopped the
-     * app at a syscall (it spends most of its time in one), and the app made every kind of
-     * call under it. */
-    CHECK(handled >= (long)(seconds * 1e6 / period_us / 20));
+    /* A storm is a storm: hundreds of handler runs at the least (1% of the timer's
+     * expirations: on two cores with other work running, a preempted process handles one
+     * signal for many expirations), some of which stopped the app at a syscall (it spends
+     * most of its time in one), and the app made every kind of call under it. */
+    CHECK(handled >= (long)(seconds * 1e6 / period_us / 100));
     CHECK(at_syscall + after_syscall > 0);
     CHECK(sleeps > 0 && fed > 0);
     if (wrong || clobbered) printf("wrong=%ld clobbered=%ld\n", wrong, clobbered);
