@@ -42,16 +42,8 @@ impl Client {
     /// give up after `timeout`. An `https` API's certificate must chain to the system's
     /// roots.
     pub fn new(base: &str, token: &str, timeout: Duration) -> Self {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(timeout)
-            .build()
-            .unwrap_or_default();
-        Self {
-            base: base.trim_end_matches('/').to_string(),
-            token: token.to_string(),
-            http,
-        }
+        let http = Self::builder(timeout).build().unwrap_or_default();
+        Self::over(base, token, http)
     }
 
     /// [`Client::new`], trusting the certificates in `ca` (PEM: the private CA that
@@ -65,15 +57,24 @@ impl Client {
         let Some(ca) = ca else {
             return Ok(Self::new(base, token, timeout));
         };
-        let mut builder = reqwest::Client::builder().no_proxy().timeout(timeout);
+        let mut builder = Self::builder(timeout);
         for certificate in reqwest::Certificate::from_pem_bundle(ca)? {
             builder = builder.add_root_certificate(certificate);
         }
-        Ok(Self {
+        Ok(Self::over(base, token, builder.build()?))
+    }
+
+    /// Every client's settings: no proxy, and `timeout` per call.
+    fn builder(timeout: Duration) -> reqwest::ClientBuilder {
+        reqwest::Client::builder().no_proxy().timeout(timeout)
+    }
+
+    fn over(base: &str, token: &str, http: reqwest::Client) -> Self {
+        Self {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
-            http: builder.build()?,
-        })
+            http,
+        }
     }
 
     /// The API's base URL.
