@@ -785,6 +785,22 @@ fn peak_rss(pid: u32) -> u64 {
     kib << 10
 }
 
+/// Bytes of disk the files under `dir` take.
+fn du(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.is_dir() {
+                du(&e.path())
+            } else {
+                std::os::unix::fs::MetadataExt::blocks(&meta) * 512
+            }
+        })
+        .sum()
+}
+
 #[test]
 fn a_large_data_file_is_archived_and_restored_in_little_memory() {
     const BIG: u64 = 512 << 20;
@@ -829,7 +845,19 @@ fn a_large_data_file_is_archived_and_restored_in_little_memory() {
         before >> 20
     );
     let file = restored.path().join("tmp/big");
-    assert_eq!(std::fs::metadata(&file).unwrap().len(), BIG);
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(meta.len(), BIG);
+    // A file of holes costs its data, in the snapshot and in the restored data directory.
+    let stored = du(dir.path());
+    assert!(
+        stored < 64 << 20,
+        "the snapshot of an app with a 512 MiB sparse file takes {} MiB",
+        stored >> 20
+    );
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&meta) * 512 < 1 << 20,
+        "the restored sparse file lost its holes"
+    );
     let mut end = [0u8; 7];
     std::os::unix::fs::FileExt::read_exact_at(
         &std::fs::File::open(&file).unwrap(),

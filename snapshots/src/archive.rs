@@ -198,7 +198,8 @@ fn append_tree<W: Write>(
 }
 
 /// Appends the regular file `host` as `name`, read through a descriptor that cannot be a
-/// symlink, at the size it has.
+/// symlink, at the size it has. A file with holes is stored as a GNU sparse entry: only its
+/// data, and the map of where it goes (a 512 MiB file of one written page costs a page).
 fn append_file<W: Write>(
     builder: &mut tar::Builder<W>,
     name: &Path,
@@ -210,11 +211,152 @@ fn append_file<W: Write>(
         .open(host)
         .map_err(io("opening", host))?;
     let meta = file.metadata().map_err(io("reading", host))?;
-    let mut head = header(&meta, tar::EntryType::Regular);
-    head.set_size(meta.len());
+    let extents = data_extents(&file, meta.len()).map_err(io("reading", host))?;
+    let stored: u64 = extents.iter().map(|e| e.len).sum();
+    if stored == meta.len() {
+        let mut head = header(&meta, tar::EntryType::Regular);
+        head.set_size(meta.len());
+        return builder
+            .append_data(
+                &mut head,
+                name,
+                Extents::new(
+                    &file,
+                    vec![Extent {
+                        at: 0,
+                        len: meta.len(),
+                    }],
+                ),
+            )
+            .map_err(io("archiving", host));
+    }
+    let mut head = header(&meta, tar::EntryType::GNUSparse);
+    head.set_size(stored);
+    let map = sparse_map(&mut head, &extents, meta.len());
+    // The extended map blocks come between the header and the data; the data's padding
+    // is the same with them (they are whole blocks).
+    let data = std::io::Cursor::new(map).chain(Extents::new(&file, extents));
     builder
-        .append_data(&mut head, name, file.take(meta.len()))
+        .append_data(&mut head, name, data)
         .map_err(io("archiving", host))
+}
+
+/// A run of a file's bytes that holds data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Extent {
+    at: u64,
+    len: u64,
+}
+
+/// The runs of `file` (of `size` bytes) that hold data, by SEEK_DATA and SEEK_HOLE; the
+/// whole file where the filesystem cannot tell.
+fn data_extents(file: &std::fs::File, size: u64) -> std::io::Result<Vec<Extent>> {
+    use std::os::fd::AsRawFd;
+    let whole = vec![Extent { at: 0, len: size }];
+    let Ok(end) = i64::try_from(size) else {
+        return Ok(whole);
+    };
+    let seek = |at: i64, whence| {
+        // SAFETY: lseek on a descriptor this function borrows; it moves only the offset
+        // (every read here is positioned).
+        match unsafe { libc::lseek(file.as_raw_fd(), at, whence) } {
+            -1 => Err(std::io::Error::last_os_error()),
+            at => Ok(at),
+        }
+    };
+    let mut extents = Vec::new();
+    let mut at = 0;
+    while at < end {
+        let data = match seek(at, libc::SEEK_DATA) {
+            Ok(data) => data,
+            // No data after `at`: the rest is a hole.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(whole),
+            Err(e) => return Err(e),
+        };
+        let hole = seek(data, libc::SEEK_HOLE)?.min(end);
+        if data >= end || hole <= data {
+            break;
+        }
+        extents.push(Extent {
+            at: data as u64,
+            len: (hole - data) as u64,
+        });
+        at = hole;
+    }
+    Ok(extents)
+}
+
+/// Writes the sparse map of `extents` (a file of `size` bytes) into `head`: its first four
+/// runs, and the size; returns the extended map blocks that hold the rest. A file that ends
+/// in a hole ends its map with an empty run at its end, as GNU tar writes it.
+fn sparse_map(head: &mut tar::Header, extents: &[Extent], size: u64) -> Vec<u8> {
+    let mut runs = extents.to_vec();
+    if runs.last().is_none_or(|last| last.at + last.len < size) {
+        runs.push(Extent { at: size, len: 0 });
+    }
+    let gnu = head.as_gnu_mut().expect("header() makes GNU headers");
+    gnu.set_real_size(size);
+    let (first, rest) = runs.split_at(runs.len().min(gnu.sparse.len()));
+    for (run, slot) in first.iter().zip(gnu.sparse.iter_mut()) {
+        slot.set_offset(run.at);
+        slot.set_length(run.len);
+    }
+    gnu.set_is_extended(!rest.is_empty());
+    let mut blocks = Vec::new();
+    let mut chunks = rest.chunks(21).peekable();
+    while let Some(chunk) = chunks.next() {
+        let mut block = tar::GnuExtSparseHeader::new();
+        for (run, slot) in chunk.iter().zip(block.sparse.iter_mut()) {
+            slot.set_offset(run.at);
+            slot.set_length(run.len);
+        }
+        block.set_is_extended(chunks.peek().is_some());
+        blocks.extend_from_slice(block.as_bytes());
+    }
+    blocks
+}
+
+/// Reads the bytes of a file's data runs, one after another; a file that shrank since its
+/// runs were found is an error, not a short entry that would misalign the archive.
+struct Extents<'a> {
+    file: &'a std::fs::File,
+    runs: std::collections::VecDeque<Extent>,
+}
+
+impl<'a> Extents<'a> {
+    fn new(file: &'a std::fs::File, runs: Vec<Extent>) -> Self {
+        Extents {
+            file,
+            runs: runs.into(),
+        }
+    }
+}
+
+impl Read for Extents<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        while let Some(run) = self.runs.front_mut() {
+            if run.len == 0 {
+                self.runs.pop_front();
+                continue;
+            }
+            let want = buf
+                .len()
+                .min(usize::try_from(run.len).unwrap_or(usize::MAX));
+            let n = self.file.read_at(&mut buf[..want], run.at)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file shrank while it was archived",
+                ));
+            }
+            run.at += n as u64;
+            run.len -= n as u64;
+            return Ok(n);
+        }
+        Ok(0)
+    }
 }
 
 /// Whether a symlink `depth` directories below its writable directory, pointing at
@@ -277,7 +419,8 @@ fn place(
     if kind.is_hard_link() {
         return refuse("a hard link");
     }
-    if !(directory || kind == tar::EntryType::Regular || kind == tar::EntryType::Symlink) {
+    let file = kind == tar::EntryType::Regular || kind == tar::EntryType::GNUSparse;
+    if !(directory || file || kind == tar::EntryType::Symlink) {
         return refuse("not a directory, regular file or symlink (a device node?)");
     }
     let mode = entry.header().mode().unwrap_or(0);
@@ -479,6 +622,65 @@ mod tests {
         assert_eq!(mode(&out.join("suid")), 0o755, "set-id bits are not kept");
         for gone in ["absolute", "sub/climbs", "app.sock"] {
             assert!(std::fs::symlink_metadata(out.join(gone)).is_err(), "{gone}");
+        }
+    }
+
+    /// Files with holes (one that is all hole, one that ends in a hole, one of more runs
+    /// than a header and an extended block of the map hold) are stored as their data only
+    /// and come back with the same bytes and the same holes.
+    #[test]
+    fn sparse_files_cost_their_data_and_come_back_with_their_holes() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        const MIB: u64 = 1 << 20;
+        let root = tempfile::tempdir().unwrap();
+        let dirs = tmp_dir(root.path(), "a");
+        let tmp = &dirs[0].1;
+        let sparse = |name: &str, size: u64, writes: &[u64]| {
+            let file = std::fs::File::create(tmp.join(name)).unwrap();
+            file.set_len(size).unwrap();
+            for &at in writes {
+                file.write_at(format!("data at {at}").as_bytes(), at)
+                    .unwrap();
+            }
+        };
+        sparse("hole", 256 * MIB, &[]);
+        sparse("tail-hole", 256 * MIB, &[0, 100 * MIB]);
+        let many: Vec<u64> = (0..40).map(|i| i * 2 * MIB + 4096).collect();
+        sparse("many-runs", 100 * MIB, &many);
+        std::fs::write(tmp.join("dense"), vec![7u8; 100_000]).unwrap();
+        let archive = root.path().join("data");
+        let written = create(&archive, &dirs).unwrap();
+        assert!(
+            written.bytes < 2 * MIB,
+            "{} bytes of archive for 612 MiB of mostly holes",
+            written.bytes
+        );
+
+        let back = tmp_dir(root.path(), "b");
+        check(&archive, written.bytes, &written.digest, &back).unwrap();
+        unpack(&archive, &back).unwrap();
+        for name in ["hole", "tail-hole", "many-runs", "dense"] {
+            let (a, b) = (tmp.join(name), back[0].1.join(name));
+            let (ma, mb) = (
+                std::fs::metadata(&a).unwrap(),
+                std::fs::metadata(&b).unwrap(),
+            );
+            assert_eq!(ma.len(), mb.len(), "{name}");
+            assert!(mb.blocks() <= ma.blocks() + 64, "{name} lost its holes");
+            let mut offsets = many.clone();
+            offsets.extend([0, 100 * MIB, ma.len().saturating_sub(4096)]);
+            for at in offsets.into_iter().filter(|&at| at < ma.len()) {
+                let (mut x, mut y) = ([0u8; 4096], [0u8; 4096]);
+                let n = std::fs::File::open(&a)
+                    .unwrap()
+                    .read_at(&mut x, at)
+                    .unwrap();
+                std::fs::File::open(&b)
+                    .unwrap()
+                    .read_exact_at(&mut y[..n], at)
+                    .unwrap();
+                assert_eq!(x[..n], y[..n], "{name} at {at}");
+            }
         }
     }
 

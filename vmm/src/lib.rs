@@ -28,6 +28,7 @@ pub mod memory;
 pub mod panics;
 pub mod persist;
 pub mod platform;
+pub mod report;
 pub mod run;
 pub mod sandbox;
 pub mod stats_page;

@@ -62,7 +62,7 @@ fn feed(
             tracing::warn!(
                 app = %name,
                 "streaming its page files from S3 failed: {}",
-                with_causes(&e)
+                picocenter_vmm::report::error_chain(&e)
             );
             false
         }
@@ -71,18 +71,6 @@ fn feed(
 
 /// How long a swap-out waits for the app's page files to finish streaming in.
 const STREAM_WAIT: Duration = Duration::from_secs(60);
-
-/// `error` and its causes, one after another.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(next) = cause {
-        text.push_str(": ");
-        text.push_str(&next.to_string());
-        cause = next.source();
-    }
-    text
-}
 
 /// How a worker runs.
 #[derive(Debug, Clone)]

@@ -666,8 +666,9 @@ impl Exits<'_> {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!("snapshot failed: {e}");
-                        reply.send(serde_json::json!({"ok": false, "error": format!("{e:#}")}));
+                        let error = crate::report::error_chain(&e);
+                        tracing::warn!("snapshot failed: {error}");
+                        reply.send(serde_json::json!({"ok": false, "error": error}));
                     }
                 }
                 Ok(None)

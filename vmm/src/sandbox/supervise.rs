@@ -175,7 +175,7 @@ pub fn supervise(
     let status = match jail::enter_filesystem(&spec) {
         Ok(()) => vmm(&lockdown),
         Err(e) => {
-            eprintln!("picocenter: error: {e}: {}", error_chain(&e));
+            eprintln!("picocenter: error: {}", crate::report::error_chain(&e));
             1
         }
     };
@@ -186,17 +186,6 @@ pub fn supervise(
     // SAFETY: waits for our own child; `reaped` is written by the kernel.
     unsafe { libc::waitpid(supervisor, &mut reaped, 0) };
     Ok(status)
-}
-
-/// The sources of `error`, joined, for a one-line report.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = error.source();
-    while let Some(e) = source {
-        parts.push(e.to_string());
-        source = e.source();
-    }
-    parts.join(": ")
 }
 
 /// Forks the supervisor: the child serves the VMM's bind requests for the app's
