@@ -228,6 +228,29 @@ fn setup(name: &str) -> (tempfile::TempDir, Hub) {
     (dir, hub)
 }
 
+/// The pids of `pid`'s child processes.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The fields after the command's closing parenthesis: state, ppid, ...
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            children.extend(
+                entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    children
+}
+
 #[test]
 fn a_query_starts_an_app_and_an_idle_app_swaps_out_and_comes_back() {
     let (dir, hub) = setup("basic");
@@ -246,6 +269,16 @@ fn a_query_starts_an_app_and_an_idle_app_swaps_out_and_comes_back() {
     assert!(address.starts_with("127.3.1."), "{address}");
     assert_eq!(count(&address), 1);
     assert_eq!(count(&address), 2);
+    // The worker supervises the jailed VMM (it bound port 80 for it): no supervisor
+    // process beside it, and the jail's scratch directory goes when the VMM does.
+    let pid = vmm_pid("cbasic");
+    assert_eq!(
+        children_of(pid),
+        Vec::<u32>::new(),
+        "the VMM has a supervisor"
+    );
+    let scratch = state_dir().join(format!("run/jail-{pid}"));
+    assert!(scratch.is_dir(), "{}", scratch.display());
 
     // Idle for a second: swapped out, its memory freed, its snapshot in the store.
     hub.wait_state("cbasic", "swapped_out", Duration::from_secs(15));
@@ -262,6 +295,7 @@ fn a_query_starts_an_app_and_an_idle_app_swaps_out_and_comes_back() {
         0o700
     );
     assert!(!control_socket_live("cbasic"), "the VMM still runs");
+    assert!(!scratch.exists(), "the worker left {}", scratch.display());
     wait_for(
         "the worker to report no memory",
         Duration::from_secs(5),
@@ -1719,13 +1753,7 @@ fn the_hub_serves_its_api_over_tls() {
         describe(&status)
     );
     // The app's VMM has none of the worker's secrets in its environment.
-    let mut control =
-        std::os::unix::net::UnixStream::connect(state_dir().join("run/ctls.sock")).unwrap();
-    writeln!(control, r#"{{"op":"stats"}}"#).unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(control), &mut line).unwrap();
-    let stats: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let pid = stats["pid"].as_u64().expect("the VMM's pid");
+    let pid = vmm_pid("ctls");
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     let environ = String::from_utf8_lossy(&environ);
     assert!(environ.contains("PICOCENTER_STATE_DIR="), "{environ}");

@@ -1,5 +1,6 @@
 //! What an app's VMM jail shows (see `picocenter_vmm::sandbox::jail` and `supervise`).
 
+use picocenter_vmm::control::NameLease;
 use picocenter_vmm::sandbox::jail::{self, Access, JailSpec};
 use picocenter_vmm::sandbox::supervise::{self, Lockdown};
 use picocenter_vmm::Config;
@@ -13,6 +14,8 @@ pub struct Plan {
     owned: Vec<PathBuf>,
     /// Temporary directories to remove when the VMM is done (the jailed VMM may not).
     cleanup: Vec<PathBuf>,
+    /// Leases the supervisor holds until it has removed `cleanup`.
+    held: Vec<NameLease>,
     run_dir: PathBuf,
     address: std::net::IpAddr,
 }
@@ -24,6 +27,7 @@ impl Plan {
             spec: JailSpec::default(),
             owned: Vec::new(),
             cleanup: Vec::new(),
+            held: Vec::new(),
             run_dir: state_dir.join("run"),
             address: config.address,
         };
@@ -42,6 +46,11 @@ impl Plan {
     /// Removes `dir` (a temporary root or data directory) when the VMM is done.
     pub fn remove_after(&mut self, dir: &Path) {
         self.cleanup.push(dir.to_path_buf());
+    }
+
+    /// Keeps the app's name taken until what the VMM left is removed.
+    pub fn hold(&mut self, lease: &NameLease) {
+        self.held.push(lease.clone());
     }
 
     /// Shows `dir` read-write and gives it to the app's uid.
@@ -64,10 +73,12 @@ pub fn run_jailed(
             1
         }
     };
+    let held: Vec<_> = plan.held.iter().map(NameLease::lock).collect();
     Ok(supervise::supervise(
         plan.spec,
         &plan.owned,
         &plan.cleanup,
+        &held,
         &plan.run_dir,
         plan.address,
         report,

@@ -459,6 +459,7 @@ pub(super) fn run_in_jail(
     if let Some(control) = &config.control {
         plan.remove_after(&control.lease.socket);
         plan.remove_after(&control.lease.socket.with_extension("stats"));
+        plan.hold(&control.lease);
     }
     if let Some(store) = config.control.as_ref().and_then(|c| c.store.as_ref()) {
         plan.writable(store);

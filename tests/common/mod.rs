@@ -48,6 +48,20 @@ pub fn control_socket_live(name: &str) -> bool {
     std::os::unix::net::UnixStream::connect(socket).is_ok()
 }
 
+/// The pid of app `name`'s running VMM, as its control socket tells.
+pub fn vmm_pid(name: &str) -> u32 {
+    use std::io::Write;
+    let socket = state_dir().join("run").join(format!("{name}.sock"));
+    let mut control = std::os::unix::net::UnixStream::connect(&socket)
+        .unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
+    writeln!(control, r#"{{"op":"stats"}}"#).unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(control), &mut line).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let pid = stats["pid"].as_u64().expect("the VMM's pid");
+    u32::try_from(pid).unwrap()
+}
+
 /// The state directory the tests share (see [`picocenter`]).
 pub fn state_dir() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("state")

@@ -409,7 +409,7 @@ pub struct NameLease {
     pub name: String,
     /// Its control socket's path.
     pub socket: PathBuf,
-    _lock: Arc<std::os::fd::OwnedFd>,
+    lock_file: Arc<std::os::fd::OwnedFd>,
 }
 
 impl NameLease {
@@ -448,12 +448,19 @@ impl NameLease {
                 Ok(Self {
                     name: name.to_string(),
                     socket,
-                    _lock: Arc::new(lock),
+                    lock_file: Arc::new(lock),
                 })
             }
             Err(rustix::io::Errno::WOULDBLOCK) => Err(ControlError::NameInUse(name.to_string())),
             Err(e) => Err(bind_error(e.into())),
         }
+    }
+}
+
+impl NameLease {
+    /// The lock that holds the name (a copy held elsewhere, by a supervisor, keeps it).
+    pub fn lock(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&*self.lock_file)
     }
 }
 

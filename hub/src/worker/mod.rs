@@ -27,6 +27,7 @@
 pub mod api;
 pub mod held;
 pub mod limits;
+pub mod supervision;
 mod upload;
 pub mod vmm;
 

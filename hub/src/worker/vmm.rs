@@ -1,7 +1,7 @@
 //! One app's VMM, as a child process of the worker: starting it (fresh or from a snapshot),
 //! talking to its control socket, and reading what it uses from /proc.
 
-use super::held;
+use super::{held, supervision};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -128,7 +128,7 @@ fn command(
     name: &str,
     address: Ipv4Addr,
     launch: &Launch,
-) -> Result<Command, VmmError> {
+) -> Result<(Command, Vec<i32>), VmmError> {
     let mut cmd = Command::new(paths.picocenter);
     // The worker's secrets are not the VMM's: a VMM an app took over finds none of them
     // in its environment.
@@ -136,6 +136,7 @@ fn command(
         cmd.env_remove(secret);
     }
     cmd.env("PICOCENTER_STATE_DIR", paths.state_dir);
+    let mut handed = Vec::new();
     let memory = match launch {
         Launch::Fresh {
             image,
@@ -170,7 +171,7 @@ fn command(
             if let Some(port) = first_port {
                 cmd.arg("--first-port").arg(port.to_string());
             }
-            let mut handed = sockets.clone();
+            handed.extend_from_slice(sockets);
             if !sockets.is_empty() {
                 cmd.arg("--listen-fds").arg(sockets.len().to_string());
             }
@@ -182,9 +183,6 @@ fn command(
                     cmd.arg("--fed").arg(id);
                 }
             }
-            if !handed.is_empty() {
-                hand_down(&mut cmd, handed);
-            }
             memory_mib
         }
     };
@@ -194,7 +192,7 @@ fn command(
     if let Some(m) = memory {
         cmd.arg("--memory").arg(m.to_string());
     }
-    Ok(cmd)
+    Ok((cmd, handed))
 }
 
 /// Writes app `name`'s environment (its secrets, often) to a file only the worker's user
@@ -224,11 +222,12 @@ fn env_file(paths: &Paths<'_>, name: &str, env: &[String]) -> Result<PathBuf, Vm
     Ok(path)
 }
 
-/// The most fds handed down: every held socket, and a page feed.
-const HANDED_MAX: usize = held::MAX_SOCKETS + 1;
+/// The most fds handed down: every held socket, a page feed, and the supervision channel.
+const HANDED_MAX: usize = held::MAX_SOCKETS + 2;
 
 /// Makes `sockets` the child's fds 3, 4, ... (without close-on-exec), as
-/// `snapshot restore --listen-fds` (and `--feed-fd` after them) expects them.
+/// `snapshot restore --listen-fds` (and `--feed-fd` after them) expects them; the
+/// supervision channel comes last.
 fn hand_down(cmd: &mut Command, sockets: Vec<i32>) {
     // Far above anything the child has open, so that the copies never land on a target.
     const PARKING: i32 = 4096;
@@ -270,7 +269,21 @@ pub async fn launch(
 ) -> Result<Vmm, VmmError> {
     // The name becomes the log's and the control socket's file names.
     picocenter_snapshots::names::validate_app_name(name)?;
-    let mut cmd = command(paths, name, address, launch)?;
+    let (mut cmd, mut handed) = command(paths, name, address, launch)?;
+    // The worker supervises the VMM (privileged binds, what it leaves): its end of the
+    // channel is handed down last.
+    let spawn_error = |what: &str| {
+        let what = what.to_string();
+        move |source| VmmError::Spawn { what, source }
+    };
+    let (vmm_end, worker_end) = picocenter_vmm::sandbox::binder::channel()
+        .map_err(|e| spawn_error("a socketpair")(e.into()))?;
+    cmd.env(
+        picocenter_vmm::sandbox::supervise::SUPERVISOR_FD_VAR,
+        (3 + handed.len()).to_string(),
+    );
+    handed.push(std::os::fd::AsRawFd::as_raw_fd(&vmm_end));
+    hand_down(&mut cmd, handed);
     let log_dir = paths.log_dir;
     let _ = picocenter_snapshots::private::create_dir_all(log_dir);
     let log = log_dir.join(format!("{name}.log"));
@@ -305,8 +318,17 @@ pub async fn launch(
         what: format!("{} for {name}", paths.picocenter.display()),
         source,
     })?;
+    drop(vmm_end);
     let pid = child.id().unwrap_or(0);
-    let control = paths.state_dir.join("run").join(format!("{name}.sock"));
+    let run_dir = paths.state_dir.join("run");
+    supervision::start(
+        worker_end,
+        std::net::IpAddr::V4(address),
+        supervision::roots(paths.state_dir),
+        run_dir.clone(),
+    )
+    .map_err(spawn_error("the VMM's supervision"))?;
+    let control = run_dir.join(format!("{name}.sock"));
     let started = Instant::now();
     let fresh = matches!(launch, Launch::Fresh { .. });
     loop {
@@ -507,7 +529,7 @@ mod tests {
             env: vec!["SECRET=hunter2".into()],
             store: dir.path().join("store"),
         };
-        let cmd = command(&paths, "app", Ipv4Addr::new(127, 1, 0, 1), &launch).unwrap();
+        let (cmd, _) = command(&paths, "app", Ipv4Addr::new(127, 1, 0, 1), &launch).unwrap();
         let args: Vec<String> = cmd
             .as_std()
             .get_args()

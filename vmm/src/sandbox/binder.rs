@@ -5,6 +5,15 @@
 //! SCM_RIGHTS) and the raw `sockaddr` to bind it to; the answer is an errno as an `i32`
 //! (0 for success). The supervisor decodes the address itself and refuses any address but
 //! the app's, so a compromised VMM gains nothing it could not bind anyway.
+//!
+//! The supervisor is a forked child of the VMM when the VMM runs on its own, and the
+//! worker when a worker started it (one process fewer per app). To a worker, the VMM first
+//! hands over what to remove once it is done ([`hand_over`]: paths, and the locks of its
+//! leases, which the worker holds until it has removed them, as a forked supervisor holds
+//! its copies); the worker takes that only as the first message, sent before any of the
+//! app's code has run. The VMM ends by shutting its end for writing and waiting for the
+//! worker to close the other ([`finish`]), so whoever waits for the VMM finds its files
+//! gone.
 
 use rustix::io::Errno;
 use rustix::net::{
@@ -22,23 +31,34 @@ const ADDRESS_MAX: usize = 32;
 /// The VMM's end, while installed.
 static CHANNEL: Mutex<Option<OwnedFd>> = Mutex::new(None);
 
-fn channel() -> std::sync::MutexGuard<'static, Option<OwnedFd>> {
+fn installed_channel() -> std::sync::MutexGuard<'static, Option<OwnedFd>> {
     CHANNEL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A new channel between a VMM and its supervisor: a pair of connected Unix stream
+/// sockets, close-on-exec.
+pub fn channel() -> Result<(OwnedFd, OwnedFd), Errno> {
+    rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
 }
 
 /// Makes `channel` the way this (jailed) process binds what it may not bind itself.
 pub fn install(channel_end: OwnedFd) {
-    *channel() = Some(channel_end);
+    *installed_channel() = Some(channel_end);
 }
 
 /// Whether a binder is installed.
 pub fn installed() -> bool {
-    channel().is_some()
+    installed_channel().is_some()
 }
 
 /// Closes this process's end: the supervisor sees the VMM is done.
 pub fn close() {
-    channel().take();
+    installed_channel().take();
 }
 
 /// bind(2) with a raw address, for the app. A jailed VMM has no capabilities: a
@@ -51,11 +71,11 @@ pub fn bind(fd: BorrowedFd<'_>, address: &[u8]) -> Result<(), Errno> {
 }
 
 /// Asks the supervisor to bind `socket` to the raw sockaddr `address`.
-fn ask_supervisor(socket: BorrowedFd<'_>, address: &[u8]) -> Result<(), Errno> {
+pub fn ask_supervisor(socket: BorrowedFd<'_>, address: &[u8]) -> Result<(), Errno> {
     if address.len() > ADDRESS_MAX {
         return Err(Errno::INVAL);
     }
-    let guard = channel();
+    let guard = installed_channel();
     let Some(channel) = guard.as_ref() else {
         return Err(Errno::ACCESS);
     };
@@ -106,45 +126,177 @@ fn allowed(address: &[u8], own: IpAddr) -> bool {
     ip_of(address) == Some(own)
 }
 
-/// Serves one request on `channel` (the supervisor's end) for an app whose address is
-/// `own`. Returns false when the VMM has closed its end.
-pub fn serve_one(channel: BorrowedFd<'_>, own: IpAddr) -> bool {
-    let mut address = [0u8; ADDRESS_MAX];
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let received = rustix::net::recvmsg(
-        channel,
-        &mut [IoSliceMut::new(&mut address)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    );
-    let Ok(received) = received else {
-        return false;
-    };
-    if received.bytes == 0 {
-        return false;
+/// The first word of the hand-over message (a bind request is a sockaddr, whose family
+/// never spells this).
+const HAND_OVER: &[u8] = b"picocenter-leftovers\0";
+
+/// Largest hand-over message: a few paths.
+const MESSAGE_MAX: usize = 16 << 10;
+
+/// Most lock fds a hand-over carries.
+const HELD_MAX: usize = 4;
+
+/// What a VMM leaves for its supervisor to remove when it is done, and the locks that keep
+/// its name and uid taken until then.
+#[derive(Debug, Default)]
+pub struct Leftovers {
+    /// Directories and files to remove.
+    pub paths: Vec<std::path::PathBuf>,
+    /// Lease locks (flocked files), held until the paths are gone.
+    pub held: Vec<OwnedFd>,
+}
+
+/// Sends the worker `leftovers` and `held`, before any of the app's code runs.
+pub fn hand_over(
+    channel: BorrowedFd<'_>,
+    leftovers: &[std::path::PathBuf],
+    held: &[BorrowedFd<'_>],
+) -> Result<(), Errno> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut message = HAND_OVER.to_vec();
+    for path in leftovers {
+        message.extend_from_slice(path.as_os_str().as_bytes());
+        message.push(0);
     }
-    let mut socket: Option<OwnedFd> = None;
-    for message in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(fds) = message {
-            for fd in fds {
-                socket.get_or_insert(fd);
-            }
+    if message.len() > MESSAGE_MAX || held.len() > HELD_MAX {
+        return Err(Errno::TOOBIG);
+    }
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(HELD_MAX))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !held.is_empty() && !control.push(SendAncillaryMessage::ScmRights(held)) {
+        return Err(Errno::NOBUFS);
+    }
+    let sent = rustix::net::sendmsg(
+        channel,
+        &[IoSlice::new(&message)],
+        &mut control,
+        SendFlags::empty(),
+    )?;
+    if sent != message.len() {
+        return Err(Errno::IO);
+    }
+    Ok(())
+}
+
+/// Ends the VMM's side of a worker's channel: shuts it for writing, then waits (at most
+/// `limit`) for the worker to close its end once it has removed the leftovers.
+pub fn finish(limit: std::time::Duration) {
+    let Some(channel) = installed_channel().take() else {
+        return;
+    };
+    let _ = rustix::net::shutdown(&channel, rustix::net::Shutdown::Write);
+    let deadline = std::time::Instant::now() + limit;
+    let mut byte = [0u8; 64];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(left) = rustix::time::Timespec::try_from(left) else {
+            return;
+        };
+        let mut fds = [rustix::event::PollFd::new(
+            &channel,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, Some(&left)) {
+            Ok(0) => return,
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(_) => return,
+        }
+        match rustix::io::read(&channel, &mut byte) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
     }
-    let address = &address[..received.bytes];
-    let result = match socket {
+}
+
+/// What one message on the supervisor's end was.
+#[derive(Debug)]
+pub enum Served {
+    /// A bind request, answered.
+    Answered,
+    /// The hand-over (answered by nothing); a second one is refused as a misbehaving VMM.
+    HandedOver(Leftovers),
+    /// The VMM has closed its end, or broke the protocol: the channel is done.
+    Closed,
+    /// Nothing to read yet (a non-blocking channel).
+    NotReady,
+}
+
+/// Serves one message on `channel` (the supervisor's end) for an app whose address is
+/// `own`; a hand-over is taken only if `hand_over_expected` (the first message). Never
+/// blocks on a non-blocking channel: a VMM that does not read its answers is closed.
+pub fn serve_message(channel: BorrowedFd<'_>, own: IpAddr, hand_over_expected: bool) -> Served {
+    let mut message = vec![0u8; MESSAGE_MAX];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(HELD_MAX))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = match rustix::net::recvmsg(
+        channel,
+        &mut [IoSliceMut::new(&mut message)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+    ) {
+        Ok(received) => received,
+        Err(Errno::AGAIN | Errno::INTR) => return Served::NotReady,
+        Err(_) => return Served::Closed,
+    };
+    if received.bytes == 0 || received.flags.contains(rustix::net::ReturnFlags::TRUNC) {
+        return Served::Closed;
+    }
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    let message = &message[..received.bytes];
+    if let Some(paths) = message.strip_prefix(HAND_OVER) {
+        if !hand_over_expected {
+            tracing::warn!("binder: a second hand-over from the VMM of {own}: closed");
+            return Served::Closed;
+        }
+        return Served::HandedOver(Leftovers {
+            paths: leftover_paths(paths),
+            held: fds,
+        });
+    }
+    let result = match fds.into_iter().next() {
         None => Errno::BADF.raw_os_error(),
-        Some(_) if !allowed(address, own) => {
+        Some(_) if message.len() > ADDRESS_MAX || !allowed(message, own) => {
             tracing::warn!("binder: refused a bind outside the app's address {own}");
             Errno::ADDRNOTAVAIL.raw_os_error()
         }
-        Some(socket) => match crate::hostcall::bind(socket.as_fd(), address) {
+        Some(socket) => match crate::hostcall::bind(socket.as_fd(), message) {
             Ok(()) => 0,
             Err(e) => e.raw_os_error(),
         },
     };
-    rustix::io::write(channel, &result.to_ne_bytes()).is_ok()
+    match rustix::net::send(channel, &result.to_ne_bytes(), SendFlags::DONTWAIT) {
+        Ok(4) => Served::Answered,
+        _ => Served::Closed,
+    }
+}
+
+/// The paths of a hand-over: absolute, NUL-separated, none with a `..`.
+fn leftover_paths(bytes: &[u8]) -> Vec<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    bytes
+        .split(|&b| b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+        .filter(|p| {
+            p.is_absolute()
+                && p.components()
+                    .all(|c| !matches!(c, std::path::Component::ParentDir))
+        })
+        .collect()
+}
+
+/// Serves one request on `channel` (a forked supervisor's blocking end) for an app whose
+/// address is `own`. Returns false when the VMM has closed its end.
+pub fn serve_one(channel: BorrowedFd<'_>, own: IpAddr) -> bool {
+    matches!(
+        serve_message(channel, own, false),
+        Served::Answered | Served::NotReady
+    )
 }
 
 #[cfg(test)]
@@ -170,14 +322,40 @@ mod tests {
     }
 
     #[test]
+    fn a_hand_over_is_taken_only_first_and_its_paths_only_absolute() {
+        let (vmm, supervisor) = channel().unwrap();
+        let own: IpAddr = "127.100.7.8".parse().unwrap();
+        let lock = tempfile::tempfile().unwrap();
+        let paths = [
+            std::path::PathBuf::from("/state/run/jail-7"),
+            std::path::PathBuf::from("relative"),
+            std::path::PathBuf::from("/state/../etc"),
+        ];
+        hand_over(vmm.as_fd(), &paths, &[lock.as_fd()]).unwrap();
+        match serve_message(supervisor.as_fd(), own, true) {
+            Served::HandedOver(leftovers) => {
+                assert_eq!(
+                    leftovers.paths,
+                    [std::path::PathBuf::from("/state/run/jail-7")]
+                );
+                assert_eq!(leftovers.held.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        hand_over(vmm.as_fd(), &paths, &[]).unwrap();
+        assert!(matches!(
+            serve_message(supervisor.as_fd(), own, false),
+            Served::Closed
+        ));
+        assert!(matches!(
+            serve_message(supervisor.as_fd(), own, false),
+            Served::NotReady
+        ));
+    }
+
+    #[test]
     fn the_supervisor_binds_for_the_vmm() {
-        let (vmm, supervisor) = rustix::net::socketpair(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::STREAM,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        )
-        .unwrap();
+        let (vmm, supervisor) = channel().unwrap();
         let own: IpAddr = "127.100.7.7".parse().unwrap();
         let server = std::thread::spawn(move || while serve_one(supervisor.as_fd(), own) {});
         install(vmm);

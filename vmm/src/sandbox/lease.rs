@@ -10,7 +10,14 @@ use std::path::Path;
 pub struct Lease<T> {
     /// What is held.
     pub value: T,
-    _lock: std::fs::File,
+    lock_file: std::fs::File,
+}
+
+impl<T> Lease<T> {
+    /// The lock that holds it (a copy held elsewhere keeps it held).
+    pub fn lock(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.lock_file)
+    }
 }
 
 /// Takes the first free thing of `candidates`, with its lock in `dir` (made 0700).
@@ -28,7 +35,12 @@ pub fn take_first_free<T: Display>(
             .write(true)
             .open(&path)?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return Ok(Some(Lease { value, _lock: file })),
+            Ok(()) => {
+                return Ok(Some(Lease {
+                    value,
+                    lock_file: file,
+                }))
+            }
             Err(rustix::io::Errno::WOULDBLOCK) => continue,
             Err(e) => return Err(e.into()),
         }

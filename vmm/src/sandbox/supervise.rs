@@ -14,7 +14,7 @@
 
 use super::jail::{self, JailError, JailSpec};
 use super::lease::{spread, take_first_free, Lease};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -149,12 +149,17 @@ pub fn supervise(
     mut spec: JailSpec,
     owned: &[PathBuf],
     cleanup: &[PathBuf],
+    held: &[BorrowedFd<'_>],
     run_dir: &Path,
     address: std::net::IpAddr,
     vmm: impl FnOnce(&Lockdown) -> i32,
 ) -> Result<i32, JailError> {
+    // Taken in every case, so that the channel's fd is never left open without
+    // close-on-exec; without root there is nothing for a supervisor to do.
+    let worker = worker_channel()?;
     if !rustix::process::geteuid().is_root() {
         tracing::debug!("not root: the VMM runs as this user, without a jail of its own");
+        drop(worker);
         return Ok(vmm(&Lockdown { identity: None }));
     }
     let lease = lease_uid(run_dir)?;
@@ -171,7 +176,18 @@ pub fn supervise(
     };
     let mut leftovers = vec![scratch.clone()];
     leftovers.extend(cleanup.iter().cloned());
-    let supervisor = start_supervisor(address, &leftovers, run_dir)?;
+    let supervisor = match worker {
+        Some(channel) => {
+            // The worker that started this VMM supervises it: no process of its own.
+            let mut held = held.to_vec();
+            held.push(lease.lock());
+            super::binder::hand_over(channel.as_fd(), &leftovers, &held)
+                .map_err(|e| io_step("handing the leftovers to the worker".into())(e.into()))?;
+            super::binder::install(channel);
+            None
+        }
+        None => Some(start_supervisor(address, &leftovers, run_dir)?),
+    };
     let status = match jail::enter_filesystem(&spec) {
         Ok(()) => vmm(&lockdown),
         Err(e) => {
@@ -181,11 +197,56 @@ pub fn supervise(
     };
     // Done: the supervisor cleans up, and the VMM ends only once it has (so whoever
     // waits for the VMM finds its files gone).
-    super::binder::close();
-    let mut reaped = 0;
-    // SAFETY: waits for our own child; `reaped` is written by the kernel.
-    unsafe { libc::waitpid(supervisor, &mut reaped, 0) };
+    match supervisor {
+        Some(supervisor) => {
+            super::binder::close();
+            let mut reaped = 0;
+            // SAFETY: waits for our own child; `reaped` is written by the kernel.
+            unsafe { libc::waitpid(supervisor, &mut reaped, 0) };
+        }
+        None => super::binder::finish(WORKER_CLEANUP_WAIT),
+    }
     Ok(status)
+}
+
+/// The variable through which a worker hands its VMM the fd of its supervision channel.
+pub const SUPERVISOR_FD_VAR: &str = "PICOCENTER_SUPERVISOR_FD";
+
+/// How long an ending VMM waits for its worker to remove what it left.
+const WORKER_CLEANUP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The channel to the worker that supervises this VMM, if it handed one down
+/// ([`SUPERVISOR_FD_VAR`]): a Unix stream socket, taken (close-on-exec, the variable
+/// removed) so that nothing this process starts inherits it.
+fn worker_channel() -> Result<Option<OwnedFd>, JailError> {
+    let Ok(text) = std::env::var(SUPERVISOR_FD_VAR) else {
+        return Ok(None);
+    };
+    // The process is single-threaded here (as the supervisor's fork needs), so no thread
+    // reads the environment while it changes.
+    std::env::remove_var(SUPERVISOR_FD_VAR);
+    let invalid = || JailError::Config(format!("{SUPERVISOR_FD_VAR}={text}: not a socket fd"));
+    let fd: i32 = text.trim().parse().map_err(|_| invalid())?;
+    if fd < 3 {
+        return Err(invalid());
+    }
+    // SAFETY: fcntl(F_SETFD) on an fd number only changes its flags; it fails (EBADF) on
+    // one that is not open, which is checked before the number is owned.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(invalid());
+    }
+    // SAFETY: the fd is open (checked above) and was handed down for this use only: the
+    // worker passes it under this variable, and nothing else in this process owns it.
+    let channel = unsafe { OwnedFd::from_raw_fd(fd) };
+    match rustix::fs::fstat(&channel) {
+        Ok(stat)
+            if rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                == rustix::fs::FileType::Socket =>
+        {
+            Ok(Some(channel))
+        }
+        _ => Err(invalid()),
+    }
 }
 
 /// Forks the supervisor: the child serves the VMM's bind requests for the app's
@@ -198,13 +259,8 @@ fn start_supervisor(
     leftovers: &[PathBuf],
     run_dir: &Path,
 ) -> Result<i32, JailError> {
-    let (vmm_end, supervisor_end) = rustix::net::socketpair(
-        rustix::net::AddressFamily::UNIX,
-        rustix::net::SocketType::STREAM,
-        rustix::net::SocketFlags::CLOEXEC,
-        None,
-    )
-    .map_err(|e| io_step("socketpair".into())(e.into()))?;
+    let (vmm_end, supervisor_end) =
+        super::binder::channel().map_err(|e| io_step("socketpair".into())(e.into()))?;
     let vmm = rustix::process::getpid();
     // SAFETY: the process is single-threaded here (the jail checks it again), so the child
     // is a complete copy; it only supervises and ends with _exit, running none of the

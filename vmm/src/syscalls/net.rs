@@ -98,7 +98,8 @@ fn decode_address(bytes: &[u8]) -> Result<Address, Errno> {
     }
 }
 
-fn encode_ip(addr: SocketAddr) -> Vec<u8> {
+/// The raw `sockaddr_in` or `sockaddr_in6` of `addr`, as the app's calls carry it.
+pub fn encode_ip(addr: SocketAddr) -> Vec<u8> {
     match addr {
         SocketAddr::V4(a) => {
             let mut out = vec![0u8; 16];
