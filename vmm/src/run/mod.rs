@@ -184,6 +184,7 @@ impl Picoprocess {
         crate::panics::install();
         let _watch = crate::panics::watch(self.kicker());
         crate::heap::give_back_free_heap();
+        crate::heap::give_back_unused_stack();
         // SAFETY: pthread_self has no preconditions.
         self.live.add_app_thread(unsafe { libc::pthread_self() });
         self.live
