@@ -124,6 +124,10 @@ mod tests {
         std::fs::create_dir_all(scratch.join("deep")).unwrap();
         std::fs::write(scratch.join("deep/file"), b"x").unwrap();
         std::fs::write(&kept, b"x").unwrap();
+        // A leftover that became a symlink to a directory elsewhere: the link goes, never
+        // what it points to.
+        let link = state.join("run/picocenter-data-link");
+        std::os::unix::fs::symlink(outside.path(), &link).unwrap();
         let lock_path = root.path().join("name.lock");
         let lock = std::fs::File::create(&lock_path).unwrap();
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
@@ -131,9 +135,9 @@ mod tests {
         let (vmm_end, worker_end) = binder::channel().unwrap();
         let own: IpAddr = "127.100.9.9".parse().unwrap();
         start(worker_end, own, vec![state.clone()], state.join("run")).unwrap();
-        let (scratch2, kept2) = (scratch.clone(), kept.clone());
+        let leftovers = [scratch.clone(), kept.clone(), link.clone()];
         let vmm = tokio::task::spawn_blocking(move || {
-            binder::hand_over(vmm_end.as_fd(), &[scratch2, kept2], &[lock.as_fd()]).unwrap();
+            binder::hand_over(vmm_end.as_fd(), &leftovers, &[lock.as_fd()]).unwrap();
             drop(lock);
             binder::install(vmm_end);
             let socket = rustix::net::socket(
@@ -159,6 +163,11 @@ mod tests {
             kept.exists(),
             "a path outside the worker's directories was removed"
         );
+        assert!(
+            std::fs::symlink_metadata(&link).is_err(),
+            "the symlink is left"
+        );
+        assert!(outside.path().is_dir(), "the symlink was followed");
         let lock = std::fs::File::open(&lock_path).unwrap();
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .expect("the worker still holds the VMM's lease");

@@ -101,10 +101,10 @@ pub struct Paths<'a> {
 pub struct Vmm {
     /// The process.
     pub child: Child,
-    /// The pid of the process the worker started: the VMM, or the supervisor of a jailed
-    /// VMM.
+    /// The pid of the process the worker started.
     pub pid: u32,
-    /// The VMM's own pid (the supervisor's child, checked with the kernel).
+    /// The VMM's own pid, as its control socket tells (the process the worker started,
+    /// or its child, checked with the kernel).
     pub vmm_pid: u32,
     /// Its control socket.
     pub control: PathBuf,
