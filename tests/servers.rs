@@ -60,6 +60,74 @@ fn body(response: &Response) -> String {
     String::from_utf8_lossy(&response.body).into_owned()
 }
 
+/// The names of process `pid`'s threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|name| name.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An idle app's VMM keeps no mailbox poller thread: it retires after
+/// `mailbox::RETIRE_AFTER` asleep, and the next call starts another. The app's CPU time,
+/// as a worker reads it from the stats page, never goes back when the thread ends.
+#[test]
+fn an_idle_app_keeps_no_poller_thread_and_its_cpu_time_never_goes_back() {
+    use picocenter_vmm::stats_page::StatsView;
+    let server = Server::start("counter-http", "test-poller-retire", "127.0.1.12", 80, &[]);
+    let pid = vmm_pid(&server.name);
+    let page = state_dir().join(format!("run/{}.stats", server.name));
+    let mut view = StatsView::open(&page, pid).unwrap();
+    let poller = |pid| {
+        thread_names(pid)
+            .iter()
+            .any(|name| name.starts_with("picocenter-mail"))
+    };
+    for n in 1..=50 {
+        let response = http(server.address, "GET", "/", b"");
+        assert_eq!(body(&response).trim(), format!("count={n}"));
+    }
+    let busy = view.read().expect("the stats page").app_cpu_ns;
+    assert!(busy > 0);
+    let limit = picocenter_vmm::mailbox::RETIRE_AFTER * 5;
+    let started = std::time::Instant::now();
+    while poller(pid) {
+        assert!(
+            started.elapsed() < limit,
+            "the idle VMM still has its poller thread: {:?}",
+            thread_names(pid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let idle = view.read().expect("the stats page").app_cpu_ns;
+    assert!(
+        idle >= busy,
+        "the app's CPU time went back: {busy} then {idle} ns"
+    );
+    // A request wakes the app, and its calls a poller again.
+    for n in 51..=60 {
+        let response = http(server.address, "GET", "/", b"");
+        assert_eq!(body(&response).trim(), format!("count={n}"));
+    }
+    assert!(
+        poller(pid),
+        "no poller after requests: {:?}",
+        thread_names(pid)
+    );
+    let after = view.read().expect("the stats page").app_cpu_ns;
+    assert!(
+        after >= idle,
+        "the app's CPU time went back: {idle} then {after} ns"
+    );
+    let out = server.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
+
 #[test]
 fn counter_http_keeps_its_count() {
     let server = Server::start("counter-http", "test-counter-state", "127.0.1.3", 80, &[]);

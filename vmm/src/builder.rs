@@ -294,9 +294,6 @@ pub(crate) fn finish(
                 source,
             },
         )?;
-        if let Some(thread) = poller.pthread() {
-            live.add_app_thread(thread);
-        }
         Some(poller)
     } else {
         None

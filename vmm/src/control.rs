@@ -230,6 +230,8 @@ pub struct LiveStats {
     /// CPU-time clocks of the threads that work for the app (the vCPU's and the mailbox
     /// poller's), as opposed to the control socket's own.
     app_clocks: std::sync::Mutex<Vec<libc::clockid_t>>,
+    /// CPU time of app threads that have ended (a retired mailbox poller), nanoseconds.
+    retired_app_ns: AtomicU64,
     /// The counters as a worker reads them without asking (see [`crate::stats_page`]).
     page: std::sync::OnceLock<crate::stats_page::StatsPage>,
     /// Lists the app's processes, once it has forked.
@@ -277,30 +279,51 @@ impl LiveStats {
         }
     }
 
-    /// Names the calling thread, `tid`, in the stats page as one that works for the app.
-    pub fn add_app_tid(&self, tid: i32) {
-        if let Some(page) = self.page.get() {
-            page.add_thread(tid);
-        }
-    }
-
-    /// Counts `thread`'s CPU time as the app's.
-    pub fn add_app_thread(&self, thread: libc::pthread_t) {
-        let mut clock: libc::clockid_t = 0;
-        // SAFETY: `thread` is a live thread of this process; the call writes one clockid.
-        if unsafe { libc::pthread_getcpuclockid(thread, &mut clock) } == 0 {
+    /// Counts the calling thread's CPU time as the app's, and names it in the stats page.
+    pub fn add_current_app_thread(&self) {
+        if let Some(clock) = current_thread_clock() {
             self.app_clocks
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(clock);
+        }
+        if let Some(page) = self.page.get() {
+            page.add_thread(rustix::thread::gettid().as_raw_nonzero().get());
+        }
+    }
+
+    /// The calling thread, one of the app's, is about to end: the CPU time it used stays
+    /// counted, so that the app's never goes back.
+    pub fn retire_current_app_thread(&self) {
+        let Some(clock) = current_thread_clock() else {
+            return;
+        };
+        let used = clock_ns(clock).unwrap_or(0);
+        {
+            let mut clocks = self.app_clocks.lock().unwrap_or_else(|e| e.into_inner());
+            clocks.retain(|&c| c != clock);
+            self.retired_app_ns.fetch_add(used, Ordering::Relaxed);
+        }
+        if let Some(page) = self.page.get() {
+            page.retire_thread(rustix::thread::gettid().as_raw_nonzero().get(), used);
         }
     }
 
     /// CPU time of the app's threads, nanoseconds.
     fn app_cpu_ns(&self) -> u64 {
         let clocks = self.app_clocks.lock().unwrap_or_else(|e| e.into_inner());
-        clocks.iter().filter_map(|&c| clock_ns(c)).sum()
+        let live: u64 = clocks.iter().filter_map(|&c| clock_ns(c)).sum();
+        live + self.retired_app_ns.load(Ordering::Relaxed)
     }
+}
+
+/// The CPU-time clock of the calling thread (its id names this thread for other threads
+/// too, unlike CLOCK_THREAD_CPUTIME_ID).
+fn current_thread_clock() -> Option<libc::clockid_t> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: pthread_self is the calling, live thread; the call writes one clockid.
+    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+    (rc == 0).then_some(clock)
 }
 
 /// The time of `clock` in nanoseconds, if it can be read.
@@ -780,8 +803,7 @@ mod tests {
     #[test]
     fn app_cpu_counts_the_registered_threads_only() {
         let stats = LiveStats::default();
-        // SAFETY: pthread_self has no preconditions.
-        stats.add_app_thread(unsafe { libc::pthread_self() });
+        stats.add_current_app_thread();
         let before = stats.app_cpu_ns();
         let own = || clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap();
         let start = own();
@@ -801,6 +823,21 @@ mod tests {
         .join()
         .unwrap();
         assert!(stats.app_cpu_ns() < idle + 5_000_000);
+        // An app thread that ends (a retired poller) leaves its time counted.
+        let stats = std::sync::Arc::new(stats);
+        let worker = stats.clone();
+        std::thread::spawn(move || {
+            worker.add_current_app_thread();
+            let start = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap();
+            while clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap() < start + 20_000_000 {
+                std::hint::black_box(0);
+            }
+            worker.retire_current_app_thread();
+        })
+        .join()
+        .unwrap();
+        let retired = stats.app_cpu_ns();
+        assert!(retired >= idle + 20_000_000, "{idle} -> {retired}");
         assert!(clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID).unwrap() >= after);
         assert!(rss_bytes() > 0);
     }

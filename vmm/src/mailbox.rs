@@ -21,6 +21,10 @@
 //!   exits do not wake it for [`MIN_BACKOFF`], doubling up to [`MAX_BACKOFF`] while it
 //!   keeps missing, reset once an awake period goes well.
 //!
+//! The poller's thread itself ends after [`RETIRE_AFTER`] asleep, and the next wake starts
+//! another: an idle app keeps no thread for it (issue #18), and the CPU time the ended
+//! one used stays the app's.
+//!
 //! An awake period that answered nothing is not a sign of contention: the app most often
 //! blocked in the call that woke the poller (a server's `poll` for its next connection),
 //! and backing off then would make its next request's calls all exits.
@@ -42,6 +46,10 @@ pub const MIN_BACKOFF: Duration = Duration::from_millis(2);
 /// The longest back-off: how long an app that lost its contention keeps exiting before the
 /// mailbox is tried again.
 pub const MAX_BACKOFF: Duration = Duration::from_millis(32);
+/// How long the poller sleeps unwoken before its thread ends (the next wake starts a new
+/// one, ~50 µs): an idle app then keeps no thread for it, its stack, kernel stack and task
+/// (~40 KiB, issue #18), while one that makes calls every second or so keeps it.
+pub const RETIRE_AFTER: Duration = Duration::from_secs(2);
 /// Missed calls an awake period may have before the poller considers backing off (a few
 /// are normal: a call posted as the poller falls asleep).
 const MISSES_TOLERATED: u64 = 4;
@@ -55,6 +63,8 @@ struct Sleep {
     until: Option<Instant>,
     /// The next back-off's length.
     backoff: Duration,
+    /// Its thread ended after sleeping [`RETIRE_AFTER`]; a wake starts another.
+    retired: bool,
 }
 
 #[derive(Debug)]
@@ -76,6 +86,7 @@ struct Shared {
 #[derive(Debug)]
 pub struct Poller {
     shared: Arc<Shared>,
+    live: Arc<crate::control::LiveStats>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -94,6 +105,7 @@ impl Poller {
                 asleep: true,
                 until: None,
                 backoff: MIN_BACKOFF,
+                retired: false,
             }),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -101,36 +113,60 @@ impl Poller {
             missed: AtomicU64::new(0),
             backoffs: AtomicU64::new(0),
         });
-        let worker = shared.clone();
+        let poller = Self {
+            shared,
+            live,
+            thread: Mutex::new(None),
+        };
+        poller.spawn()?;
+        Ok(poller)
+    }
+
+    /// Starts the poller's thread (the first, or one after a retired one).
+    fn spawn(&self) -> std::io::Result<()> {
+        let (shared, live) = (self.shared.clone(), self.live.clone());
         let thread = std::thread::Builder::new()
             .name("picocenter-mailbox".into())
             .spawn(move || {
                 // Its CPU time is the app's: the worker reads it without asking.
-                live.add_app_tid(rustix::thread::gettid().as_raw_nonzero().get());
+                live.add_current_app_thread();
                 batch_scheduling();
-                run(&worker)
+                run(&shared);
+                live.retire_current_app_thread();
             })?;
-        Ok(Self {
-            shared,
-            thread: Mutex::new(Some(thread)),
-        })
+        // The previous thread, if any, has retired: it ends on its own.
+        *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
+        Ok(())
     }
 
-    /// The poller thread, while it runs.
-    pub fn pthread(&self) -> Option<libc::pthread_t> {
-        use std::os::unix::thread::JoinHandleExt;
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
-        thread.as_ref().map(|t| t.as_pthread_t())
-    }
-
-    /// Wakes the poller if it sleeps (cheap when it is awake), unless it backs off.
+    /// Wakes the poller if it sleeps (cheap when it is awake), unless it backs off; starts
+    /// a new thread for it if the last one retired.
     pub fn wake(&self) {
         let mut sleep = self.shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
         if sleep.asleep && sleep.until.is_none_or(|until| Instant::now() >= until) {
+            if sleep.retired {
+                // Without a thread (the host refused one) calls go by exits, as while the
+                // poller sleeps; the next wake tries again.
+                if let Err(e) = self.spawn() {
+                    tracing::debug!("the mailbox poller stays retired: {e}");
+                    return;
+                }
+                sleep.retired = false;
+            }
             sleep.asleep = false;
             sleep.until = None;
             self.shared.wake.notify_one();
         }
+    }
+
+    /// Whether the poller has a thread now (it retires while the app idles).
+    pub fn has_thread(&self) -> bool {
+        !self
+            .shared
+            .sleep
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retired
     }
 
     /// The run loop's report of a syscall that came by exit: a miss if the poller was
@@ -149,8 +185,12 @@ impl Poller {
         self.wake();
     }
 
-    /// Whether the poller thread still runs: it ends only when stopped, or by a panic.
+    /// Whether the poller still works: its thread runs, or retired (and holds no call).
+    /// It ends otherwise only when stopped, or by a panic.
     pub fn running(&self) -> bool {
+        if !self.has_thread() {
+            return true;
+        }
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
         thread.as_ref().is_some_and(|t| !t.is_finished())
     }
@@ -247,7 +287,16 @@ fn run(shared: &Shared) {
         {
             let mut sleep = shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
             while sleep.asleep && !shared.stop.load(Ordering::SeqCst) {
-                sleep = shared.wake.wait(sleep).unwrap_or_else(|e| e.into_inner());
+                let (guard, waited) = shared
+                    .wake
+                    .wait_timeout(sleep, RETIRE_AFTER)
+                    .unwrap_or_else(|e| e.into_inner());
+                sleep = guard;
+                if waited.timed_out() && sleep.asleep && !shared.stop.load(Ordering::SeqCst) {
+                    // Unwoken for a while: the thread ends; `wake` starts another.
+                    sleep.retired = true;
+                    return;
+                }
             }
         }
         if shared.stop.load(Ordering::SeqCst) {

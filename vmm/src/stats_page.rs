@@ -5,14 +5,16 @@
 //! looks at it; asking through the control socket would wake a thread every time.
 //!
 //! Layout, little-endian u64 words: `[MAGIC, VERSION, pid, syscalls, connections,
-//! frames_in_use, frames_total, thread count, tids...]`.
+//! frames_in_use, frames_total, retired CPU ns, thread count, tids...]`. The retired CPU is
+//! that of app threads that have ended (a mailbox poller retires while the app idles), so
+//! that the app's CPU time never goes back.
 
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"PICOSTAT");
-const VERSION: u64 = 1;
+const VERSION: u64 = 2;
 const SIZE: usize = 4096;
 /// Word indexes.
 const PID: usize = 2;
@@ -20,8 +22,9 @@ const SYSCALLS: usize = 3;
 const CONNECTIONS: usize = 4;
 const FRAMES_IN_USE: usize = 5;
 const FRAMES_TOTAL: usize = 6;
-const THREADS: usize = 7;
-const FIRST_TID: usize = 8;
+const RETIRED_CPU: usize = 7;
+const THREADS: usize = 8;
+const FIRST_TID: usize = 9;
 /// Most threads named (the vCPU and mailbox threads, and later one vCPU a thread).
 pub const MAX_THREADS: usize = SIZE / 8 - FIRST_TID;
 
@@ -29,6 +32,8 @@ pub const MAX_THREADS: usize = SIZE / 8 - FIRST_TID;
 #[derive(Debug)]
 pub struct StatsPage {
     base: *mut AtomicU64,
+    /// Serialises changes to the thread list (threads come and go on their own).
+    threads: std::sync::Mutex<()>,
 }
 
 // SAFETY: the mapping is only ever accessed through atomics, from any thread.
@@ -60,7 +65,10 @@ impl StatsPage {
                 0,
             )?
         };
-        let page = Self { base: base.cast() };
+        let page = Self {
+            base: base.cast(),
+            threads: std::sync::Mutex::new(()),
+        };
         page.word(PID)
             .store(u64::from(std::process::id()), Ordering::Relaxed);
         page.word(1).store(VERSION, Ordering::Relaxed);
@@ -88,6 +96,7 @@ impl StatsPage {
 
     /// Names thread `tid` as one that works for the app.
     pub fn add_thread(&self, tid: i32) {
+        let _list = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         let count = self.word(THREADS).load(Ordering::Relaxed) as usize;
         if count < MAX_THREADS {
             self.word(FIRST_TID + count)
@@ -95,6 +104,26 @@ impl StatsPage {
             self.word(THREADS)
                 .store(count as u64 + 1, Ordering::Release);
         }
+    }
+}
+
+impl StatsPage {
+    /// Thread `tid` ends, having used `cpu_ns` of CPU: its time moves to the retired
+    /// total first (a reader may count it twice for a moment, never lose it), then its
+    /// name leaves the list (the last one takes its place).
+    pub fn retire_thread(&self, tid: i32, cpu_ns: u64) {
+        let _list = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        self.word(RETIRED_CPU).fetch_add(cpu_ns, Ordering::Release);
+        let count = (self.word(THREADS).load(Ordering::Relaxed) as usize).min(MAX_THREADS);
+        let Some(at) =
+            (0..count).find(|&i| self.word(FIRST_TID + i).load(Ordering::Relaxed) == tid as u64)
+        else {
+            return;
+        };
+        let last = self.word(FIRST_TID + count - 1).load(Ordering::Relaxed);
+        self.word(FIRST_TID + at).store(last, Ordering::Relaxed);
+        self.word(THREADS)
+            .store(count as u64 - 1, Ordering::Release);
     }
 }
 
@@ -196,15 +225,15 @@ impl Page<'_> {
         ))
     }
 
-    /// The CPU time of the threads the page names, which must be threads of `pid`.
+    /// The CPU time of the threads the page names, which must be threads of `pid`, and
+    /// of those that ended.
     fn app_cpu_ns(&self, pid: u32) -> Option<u64> {
         let threads = (self.word(THREADS)? as usize).min(MAX_THREADS);
-        Some(
-            (0..threads)
-                .filter_map(|i| self.word(FIRST_TID + i))
-                .filter_map(|tid| thread_cpu_ns(pid, tid))
-                .sum(),
-        )
+        let live: u64 = (0..threads)
+            .filter_map(|i| self.word(FIRST_TID + i))
+            .filter_map(|tid| thread_cpu_ns(pid, tid))
+            .sum();
+        live.checked_add(self.word(RETIRED_CPU)?)
     }
 }
 
@@ -247,6 +276,13 @@ fn rss_bytes(pid: u32) -> Option<u64> {
 mod tests {
     use super::*;
 
+    fn busy_for(time: std::time::Duration) {
+        let start = std::time::Instant::now();
+        while start.elapsed() < time {
+            std::hint::black_box(0);
+        }
+    }
+
     #[test]
     fn a_reader_sees_what_the_vmm_publishes() {
         let dir = tempfile::tempdir().unwrap();
@@ -256,10 +292,7 @@ mod tests {
         page.publish(42, 3, 10, 100);
         page.add_thread(rustix::thread::gettid().as_raw_nonzero().get());
         // Some CPU for this thread to have used.
-        let start = std::time::Instant::now();
-        while start.elapsed() < std::time::Duration::from_millis(20) {
-            std::hint::black_box(0);
-        }
+        busy_for(std::time::Duration::from_millis(20));
         let mut view = StatsView::open(&path, std::process::id()).unwrap();
         let stats = view.read().unwrap();
         assert_eq!(stats.pid, std::process::id());
@@ -268,14 +301,24 @@ mod tests {
         assert!(stats.app_cpu_ns > 0 && stats.rss_bytes > 0);
         assert!(stats.cpu_ns >= stats.app_cpu_ns);
         // More work shows on the next look, which reads the threads' times again.
-        let start = std::time::Instant::now();
-        while start.elapsed() < std::time::Duration::from_millis(20) {
-            std::hint::black_box(0);
-        }
+        busy_for(std::time::Duration::from_millis(20));
         page.publish(43, 4, 10, 100);
         let later = view.read().unwrap();
         assert!(later.cpu_ns > stats.cpu_ns && later.app_cpu_ns > stats.app_cpu_ns);
         assert_eq!((later.syscalls, later.connections), (43, 4));
+        // A thread that ends leaves the list, and its time stays counted (here: the
+        // thread retires 1 s of CPU it could not have used, and is gone from the sum).
+        let me = rustix::thread::gettid().as_raw_nonzero().get();
+        page.add_thread(me + 1_000_000);
+        page.retire_thread(me, 1_000_000_000);
+        busy_for(std::time::Duration::from_millis(5));
+        let retired = view.read().unwrap();
+        assert!(
+            retired.app_cpu_ns >= 1_000_000_000
+                && retired.app_cpu_ns < later.app_cpu_ns + 1_000_000_000,
+            "{} ns",
+            retired.app_cpu_ns
+        );
         // A page that names another process is not believed.
         assert_eq!(
             StatsView::open(&path, std::process::id() + 1)

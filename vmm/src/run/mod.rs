@@ -185,10 +185,7 @@ impl Picoprocess {
         let _watch = crate::panics::watch(self.kicker());
         crate::heap::give_back_free_heap();
         crate::heap::give_back_unused_stack();
-        // SAFETY: pthread_self has no preconditions.
-        self.live.add_app_thread(unsafe { libc::pthread_self() });
-        self.live
-            .add_app_tid(rustix::thread::gettid().as_raw_nonzero().get());
+        self.live.add_current_app_thread();
         Kicker::arm(self.vcpu.immediate_exit_ptr());
         // The state a panic leaves is only dropped afterwards, never used again.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
