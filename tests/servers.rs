@@ -73,11 +73,12 @@ fn thread_names(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// An idle app's VMM keeps no mailbox poller thread: it retires after
-/// `mailbox::RETIRE_AFTER` asleep, and the next call starts another. The app's CPU time,
-/// as a worker reads it from the stats page, never goes back when the thread ends.
+/// An idle app's VMM keeps only its vCPU thread: the mailbox poller's retires after
+/// `mailbox::RETIRE_AFTER` asleep (the next call starts another), and no thread waits at
+/// the control socket (a connection kicks the run loop). The app's CPU time, as a worker
+/// reads it from the stats page, never goes back when a thread ends.
 #[test]
-fn an_idle_app_keeps_no_poller_thread_and_its_cpu_time_never_goes_back() {
+fn an_idle_app_s_vmm_keeps_only_its_vcpu_thread_and_its_cpu_time_never_goes_back() {
     use picocenter_vmm::stats_page::StatsView;
     let server = Server::start("counter-http", "test-poller-retire", "127.0.1.12", 80, &[]);
     let pid = vmm_pid(&server.name);
@@ -104,6 +105,11 @@ fn an_idle_app_keeps_no_poller_thread_and_its_cpu_time_never_goes_back() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    let own: Vec<String> = thread_names(pid)
+        .into_iter()
+        .filter(|name| name.starts_with("picocenter"))
+        .collect();
+    assert_eq!(own, ["picocenter"], "the idle VMM's threads");
     let idle = view.read().expect("the stats page").app_cpu_ns;
     assert!(
         idle >= busy,

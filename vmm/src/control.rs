@@ -292,13 +292,12 @@ impl LiveStats {
         }
     }
 
-    /// The calling thread, one of the app's, is about to end: the CPU time it used stays
-    /// counted, so that the app's never goes back.
-    pub fn retire_current_app_thread(&self) {
+    /// The calling thread, one of the app's, is about to end, having used `used` ns of
+    /// CPU for the app: that time stays counted, so that the app's never goes back.
+    pub fn retire_current_app_thread(&self, used: u64) {
         let Some(clock) = current_thread_clock() else {
             return;
         };
-        let used = clock_ns(clock).unwrap_or(0);
         {
             let mut clocks = self.app_clocks.lock().unwrap_or_else(|e| e.into_inner());
             clocks.retain(|&c| c != clock);
@@ -552,6 +551,8 @@ pub struct Control {
 pub struct ControlServer {
     path: PathBuf,
     _lease: NameLease,
+    listener: UnixListener,
+    serving: Serving,
 }
 
 impl ControlServer {
@@ -575,30 +576,77 @@ impl ControlServer {
         let listener = UnixListener::bind(&path).map_err(bind_error)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(bind_error)?;
-        let served = Arc::new(control.clone());
-        std::thread::Builder::new()
-            .name("picocenter-control".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    if let Err(refusal) = check_peer(&stream) {
-                        tracing::warn!("control socket: {refusal}");
-                        continue;
-                    }
-                    let (kicker, stats, ops) = (kicker.clone(), stats.clone(), ops.clone());
-                    let (served, handoff) = (served.clone(), handoff.clone());
-                    // Named, so that a worker can tell the CPU these take (its own
-                    // questions) from the app's.
-                    let _ = std::thread::Builder::new()
-                        .name("picocenter-control".into())
-                        .spawn(move || serve(stream, &kicker, &stats, &ops, &served, &handoff));
-                }
-            })
-            .map_err(bind_error)?;
+        // No thread waits at the socket: once the app runs, a connection signals the
+        // process, which kicks the vCPU thread, whose run loop accepts it (see
+        // `kick_on_connections` and `accept_waiting`). Until then they wait in its backlog.
+        listener.set_nonblocking(true).map_err(bind_error)?;
         Ok(Self {
             path,
             _lease: control.lease.clone(),
+            listener,
+            serving: Serving {
+                kicker,
+                stats,
+                ops,
+                served: Arc::new(control.clone()),
+                handoff,
+            },
         })
     }
+
+    /// From now on, a connection kicks the vCPU thread (with `reason::CONTROL`); kicks
+    /// once now for those that waited. Called by the run loop as it starts: a kick during
+    /// set-up would interrupt its host calls.
+    pub fn kick_on_connections(&self) -> std::io::Result<()> {
+        crate::kvm::kick::kick_on_connection(&self.serving.kicker, &self.listener)
+    }
+
+    /// Serves the connections waiting at the socket, each on a thread of its own while it
+    /// lasts (the run loop calls this when a connection kicked it).
+    pub fn accept_waiting(&self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            if let Err(refusal) = check_peer(&stream) {
+                tracing::warn!("control socket: {refusal}");
+                continue;
+            }
+            if stream.set_nonblocking(false).is_err() {
+                continue;
+            }
+            let serving = self.serving.clone();
+            // Named, so that a worker can tell the CPU these take (its own questions)
+            // from the app's.
+            let spawned = std::thread::Builder::new()
+                .name("picocenter-control".into())
+                .spawn(move || {
+                    let Serving {
+                        kicker,
+                        stats,
+                        ops,
+                        served,
+                        handoff,
+                    } = &serving;
+                    serve(stream, kicker, stats, ops, served, handoff)
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("control socket: no thread for a connection: {e}");
+            }
+        }
+    }
+}
+
+/// What a control connection's thread needs.
+#[derive(Debug, Clone)]
+struct Serving {
+    kicker: Kicker,
+    stats: Arc<LiveStats>,
+    ops: Arc<PendingOps>,
+    served: Arc<Control>,
+    handoff: Arc<Handoff>,
 }
 
 /// Makes `dir` (and its parents) exist, with `dir` itself 0700: control sockets and
@@ -832,7 +880,7 @@ mod tests {
             while clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap() < start + 20_000_000 {
                 std::hint::black_box(0);
             }
-            worker.retire_current_app_thread();
+            worker.retire_current_app_thread(clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap());
         })
         .join()
         .unwrap();
@@ -908,14 +956,37 @@ mod tests {
             NameLease::take(&run, "app"),
             Err(ControlError::NameInUse(_))
         ));
-        let _server = ControlServer::start(
+        let server = ControlServer::start(
             &control,
-            kicker,
+            kicker.clone(),
             Arc::new(LiveStats::default()),
             Arc::new(PendingOps::default()),
             Arc::new(Handoff::default()),
         )
         .unwrap();
+        server.kick_on_connections().unwrap();
+        // The run loop's part: a connection kicks, and the kicked thread accepts.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let accepting = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    let mut fds = [rustix::event::PollFd::new(
+                        kicker.wake_fd(),
+                        rustix::event::PollFlags::IN,
+                    )];
+                    let tick = rustix::time::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: 50_000_000,
+                    };
+                    let _ = rustix::event::poll(&mut fds, Some(&tick));
+                    if kicker.pending() & crate::kvm::kick::reason::CONTROL != 0 {
+                        kicker.clear(crate::kvm::kick::reason::CONTROL);
+                        server.accept_waiting();
+                    }
+                }
+            })
+        };
         let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&run), 0o700);
         assert_eq!(mode(&socket), 0o600);
@@ -927,5 +998,7 @@ mod tests {
         }
         let stranger = ask_as(65534, &socket);
         assert!(!stranger.contains("\"name\""), "{stranger}");
+        done.store(true, Ordering::SeqCst);
+        accepting.join().unwrap();
     }
 }

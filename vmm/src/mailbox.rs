@@ -131,8 +131,9 @@ impl Poller {
                 // Its CPU time is the app's: the worker reads it without asking.
                 live.add_current_app_thread();
                 batch_scheduling();
-                run(&shared);
-                live.retire_current_app_thread();
+                if let Some(used) = run(&shared) {
+                    live.retire_current_app_thread(used);
+                }
             })?;
         // The previous thread, if any, has retired: it ends on its own.
         *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
@@ -281,10 +282,14 @@ impl Period {
     }
 }
 
-fn run(shared: &Shared) {
+/// The poller's loop. Returns the CPU time it used for the app when it retires (what it
+/// had used when it fell asleep: waking up to retire is not the app's work, and counted
+/// as the app's it would look like activity to an idle detector), `None` when stopped.
+fn run(shared: &Shared) -> Option<u64> {
     let awake = shared.page.u32(AWAKE);
     loop {
         {
+            let used = own_cpu_ns();
             let mut sleep = shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
             while sleep.asleep && !shared.stop.load(Ordering::SeqCst) {
                 let (guard, waited) = shared
@@ -295,13 +300,13 @@ fn run(shared: &Shared) {
                 if waited.timed_out() && sleep.asleep && !shared.stop.load(Ordering::SeqCst) {
                     // Unwoken for a while: the thread ends; `wake` starts another.
                     sleep.retired = true;
-                    return;
+                    return Some(used);
                 }
             }
         }
         if shared.stop.load(Ordering::SeqCst) {
             awake.store(0, Ordering::SeqCst);
-            return;
+            return None;
         }
         let misses_before = shared.missed.load(Ordering::Relaxed);
         let taken_before = shared.calls.load(Ordering::Relaxed);
@@ -346,6 +351,21 @@ fn run(shared: &Shared) {
         // withdraws it after its spin and exits).
         take_call(shared);
     }
+}
+
+/// The calling thread's CPU time, nanoseconds.
+fn own_cpu_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `now` is.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } != 0 {
+        return 0;
+    }
+    (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64)
 }
 
 /// Takes and answers the call in the mailbox, if there is one.

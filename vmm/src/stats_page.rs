@@ -199,7 +199,13 @@ impl StatsView {
             // Nothing of the VMM ran since the last look: neither its threads' times nor
             // its memory can have grown.
             Some(last) if last.cpu_ns == cpu_ns => (last.app_cpu_ns, last.rss_bytes),
-            _ => (page.app_cpu_ns(pid)?, rss_bytes(pid).unwrap_or(0)),
+            // Never less than before: a retiring thread's time is kept as of when it fell
+            // asleep, a few microseconds short of what /proc said of it since.
+            Some(last) => (
+                page.app_cpu_ns(pid)?.max(last.app_cpu_ns),
+                rss_bytes(pid).unwrap_or(0),
+            ),
+            None => (page.app_cpu_ns(pid)?, rss_bytes(pid).unwrap_or(0)),
         };
         let stats = PageStats {
             pid,

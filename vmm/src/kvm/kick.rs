@@ -95,6 +95,82 @@ pub fn forward_host_signals(kicker: &Kicker) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The signal a listening socket raises when a connection waits (see
+/// [`kick_on_connection`]).
+fn connection_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + 4
+}
+
+/// fcntl's F_SETSIG and F_SETOWN_EX, and the owner type of a thread (Linux's fcntl.h),
+/// which the libc crate leaves out for this target.
+const F_SETSIG: libc::c_int = 10;
+const F_SETOWN_EX: libc::c_int = 15;
+const F_OWNER_TID: libc::c_int = 0;
+
+/// Linux's `struct f_owner_ex`.
+#[repr(C)]
+struct OwnerEx {
+    kind: libc::c_int,
+    pid: libc::pid_t,
+}
+
+/// The kicker a waiting connection kicks: a leaked box, as for [`FORWARD_TO`].
+static CONNECTION_KICKS: std::sync::atomic::AtomicPtr<Kicker> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+extern "C" fn on_connection(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the pointer is null or a `Box` leaked by `kick_on_connection`, never freed.
+    // Only atomics, an eventfd write and pthread_kill follow: all async-signal-safe.
+    if let Some(kicker) = unsafe { CONNECTION_KICKS.load(Ordering::SeqCst).as_ref() } {
+        kicker.kick(reason::CONTROL);
+    }
+}
+
+/// Makes a connection waiting at `listener` kick `kicker`'s vCPU thread with
+/// [`reason::CONTROL`], so that no thread needs to wait at the socket: the kernel signals
+/// the calling thread, which must be that vCPU thread (O_ASYNC, F_SETSIG, F_SETOWN_EX: no
+/// other thread's host calls are interrupted), and the handler kicks. Kicks once now too,
+/// for connections that came before.
+pub fn kick_on_connection(
+    kicker: &Kicker,
+    listener: &impl std::os::fd::AsRawFd,
+) -> std::io::Result<()> {
+    let previous = CONNECTION_KICKS.swap(Box::into_raw(Box::new(kicker.clone())), Ordering::SeqCst);
+    // The previous kicker is leaked on purpose: a handler running now may hold it.
+    let _ = previous;
+    // SIGIO too: the kernel falls back to it when the queue of real-time signals is full.
+    for signal in [connection_signal(), libc::SIGIO] {
+        vmm_sys_util::signal::register_signal_handler(signal, on_connection)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    }
+    let fd = listener.as_raw_fd();
+    let check = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    // SAFETY: fcntl on an fd the caller holds open; these commands take integers, but
+    // F_SETOWN_EX, which reads one `f_owner_ex` that outlives the call.
+    unsafe {
+        check(libc::fcntl(fd, F_SETSIG, connection_signal()))?;
+        let owner = OwnerEx {
+            kind: F_OWNER_TID,
+            pid: libc::gettid(),
+        };
+        check(libc::fcntl(fd, F_SETOWN_EX, &owner as *const OwnerEx))?;
+        let flags = check(libc::fcntl(fd, libc::F_GETFL))?;
+        check(libc::fcntl(
+            fd,
+            libc::F_SETFL,
+            flags | libc::O_ASYNC | libc::O_NONBLOCK,
+        ))?;
+    }
+    kicker.kick(reason::CONTROL);
+    Ok(())
+}
+
 /// Why a kick was sent. Several can be pending at once.
 pub mod reason {
     /// The run's time limit passed.
@@ -109,6 +185,8 @@ pub mod reason {
     pub const FAILED: u32 = 1 << 4;
     /// The current app thread's time slice is over (see `crate::kernel::thread::TimeSlicer`).
     pub const PREEMPT: u32 = 1 << 5;
+    /// A connection waits at the control socket (see [`super::kick_on_connection`]).
+    pub const CONTROL: u32 = 1 << 6;
 }
 
 /// A handle that interrupts one vCPU thread. Cloneable and `Send`.

@@ -187,6 +187,16 @@ impl Picoprocess {
         crate::heap::give_back_unused_stack();
         self.live.add_current_app_thread();
         Kicker::arm(self.vcpu.immediate_exit_ptr());
+        if let Some(control) = &self.control {
+            // Connections that waited while the app was being built are served at once,
+            // even if the app never exits by itself.
+            control
+                .kick_on_connections()
+                .map_err(|source| VmmError::Host {
+                    what: "the control socket's signal",
+                    source,
+                })?;
+        }
         // The state a panic leaves is only dropped afterwards, never used again.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
         Kicker::arm(std::ptr::null_mut());
@@ -603,6 +613,13 @@ impl Exits<'_> {
         }
         if pending & reason::SIGNAL != 0 {
             self.p.absorb_external_signals();
+        }
+        if pending & reason::CONTROL != 0 {
+            // Cleared first: a connection that comes after the accepts kicks again.
+            self.p.kicker.clear(reason::CONTROL);
+            if let Some(control) = self.control.as_ref() {
+                control.accept_waiting();
+            }
         }
         // The operator's requests (a snapshot among them) wait for a clean point.
         if pending & reason::PAUSE != 0 && self.at_clean_point()? {

@@ -80,17 +80,32 @@ pub fn ask_supervisor(socket: BorrowedFd<'_>, address: &[u8]) -> Result<(), Errn
         return Err(Errno::ACCESS);
     };
     let fds = [socket];
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    control.push(SendAncillaryMessage::ScmRights(&fds));
-    rustix::net::sendmsg(
-        channel,
-        &[IoSlice::new(address)],
-        &mut control,
-        SendFlags::empty(),
-    )?;
+    // A kick (a signal for the app, a control connection) interrupts these calls of the
+    // vCPU thread; the request is then made, or waited for, again.
+    loop {
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        control.push(SendAncillaryMessage::ScmRights(&fds));
+        match rustix::net::sendmsg(
+            channel,
+            &[IoSlice::new(address)],
+            &mut control,
+            SendFlags::empty(),
+        ) {
+            Err(Errno::INTR) => continue,
+            sent => {
+                sent?;
+                break;
+            }
+        }
+    }
     let mut answer = [0u8; 4];
-    let got = rustix::io::read(channel, &mut answer)?;
+    let got = loop {
+        match rustix::io::read(channel, &mut answer) {
+            Err(Errno::INTR) => continue,
+            got => break got?,
+        }
+    };
     if got != answer.len() {
         return Err(Errno::IO);
     }
@@ -232,7 +247,7 @@ pub fn serve_message(channel: BorrowedFd<'_>, own: IpAddr, hand_over_expected: b
         channel,
         &mut [IoSliceMut::new(&mut message)],
         &mut control,
-        RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+        RecvFlags::CMSG_CLOEXEC,
     ) {
         Ok(received) => received,
         Err(Errno::AGAIN | Errno::INTR) => return Served::NotReady,
@@ -324,6 +339,8 @@ mod tests {
     #[test]
     fn a_hand_over_is_taken_only_first_and_its_paths_only_absolute() {
         let (vmm, supervisor) = channel().unwrap();
+        // As the worker serves it.
+        rustix::io::ioctl_fionbio(&supervisor, true).unwrap();
         let own: IpAddr = "127.100.7.8".parse().unwrap();
         let lock = tempfile::tempfile().unwrap();
         let paths = [
