@@ -277,7 +277,17 @@ fn a_query_starts_an_app_and_an_idle_app_swaps_out_and_comes_back() {
         Vec::<u32>::new(),
         "the VMM has a supervisor"
     );
-    let scratch = state_dir().join(format!("run/jail-{pid}"));
+    let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Uid:")?
+                .split_whitespace()
+                .next()
+                .map(String::from)
+        })
+        .unwrap();
+    let scratch = state_dir().join(format!("run/jail-{uid}"));
     assert!(scratch.is_dir(), "{}", scratch.display());
 
     // Idle for a second: swapped out, its memory freed, its snapshot in the store.
@@ -295,7 +305,11 @@ fn a_query_starts_an_app_and_an_idle_app_swaps_out_and_comes_back() {
         0o700
     );
     assert!(!control_socket_live("cbasic"), "the VMM still runs");
-    assert!(!scratch.exists(), "the worker left {}", scratch.display());
+    wait_for(
+        "the worker to remove the VMM's scratch",
+        Duration::from_secs(10),
+        || (!scratch.exists()).then_some(()),
+    );
     wait_for(
         "the worker to report no memory",
         Duration::from_secs(5),

@@ -275,8 +275,13 @@ fn data_extents(file: &std::fs::File, size: u64) -> std::io::Result<Vec<Extent>>
             Err(e) => return Err(e),
         };
         let hole = seek(data, libc::SEEK_HOLE)?.min(end);
-        if data >= end || hole <= data {
+        if data >= end {
             break;
+        }
+        if hole <= data || data < at {
+            // The filesystem contradicts itself (the file changed meanwhile?): store
+            // every byte rather than lose any.
+            return Ok(whole);
         }
         extents.push(Extent {
             at: data as u64,

@@ -607,8 +607,22 @@ impl ControlServer {
         loop {
             let stream = match self.listener.accept() {
                 Ok((stream, _)) => stream,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
+                // A client that gave up before it was accepted, or a kick meanwhile.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // Out of fds (the app may hold them all): what waits is accepted at
+                    // the next connection's kick.
+                    tracing::warn!("control socket: accepting: {e}");
+                    return;
+                }
             };
             if let Err(refusal) = check_peer(&stream) {
                 tracing::warn!("control socket: {refusal}");

@@ -186,11 +186,12 @@ impl Poller {
         self.wake();
     }
 
-    /// Whether the poller still works: its thread runs, or retired (and holds no call).
-    /// It ends otherwise only when stopped, or by a panic.
+    /// Whether the poller can still finish a call it took: its thread runs. A retired
+    /// one took none (it retires asleep), so a call marked taken then was forged by the
+    /// app. It ends otherwise only when stopped, or by a panic.
     pub fn running(&self) -> bool {
         if !self.has_thread() {
-            return true;
+            return false;
         }
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
         thread.as_ref().is_some_and(|t| !t.is_finished())

@@ -207,6 +207,9 @@ impl StatsView {
             ),
             None => (page.app_cpu_ns(pid)?, rss_bytes(pid).unwrap_or(0)),
         };
+        // The VMM writes the page (and may be subverted, or read mid-update): its
+        // threads' time can never be more than the whole process's, which the kernel says.
+        let app_cpu_ns = app_cpu_ns.min(cpu_ns);
         let stats = PageStats {
             pid,
             syscalls: page.word(SYSCALLS)?,
@@ -312,19 +315,28 @@ mod tests {
         let later = view.read().unwrap();
         assert!(later.cpu_ns > stats.cpu_ns && later.app_cpu_ns > stats.app_cpu_ns);
         assert_eq!((later.syscalls, later.connections), (43, 4));
-        // A thread that ends leaves the list, and its time stays counted (here: the
-        // thread retires 1 s of CPU it could not have used, and is gone from the sum).
+        // A thread that ends leaves the list, and its time stays counted: here the only
+        // one retires with what it used, and the total does not go back.
         let me = rustix::thread::gettid().as_raw_nonzero().get();
-        page.add_thread(me + 1_000_000);
-        page.retire_thread(me, 1_000_000_000);
+        let mut own = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: writes one timespec, which `own` is.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut own) };
+        page.retire_thread(me, own.tv_sec as u64 * 1_000_000_000 + own.tv_nsec as u64);
         busy_for(std::time::Duration::from_millis(5));
         let retired = view.read().unwrap();
         assert!(
-            retired.app_cpu_ns >= 1_000_000_000
-                && retired.app_cpu_ns < later.app_cpu_ns + 1_000_000_000,
+            retired.app_cpu_ns >= later.app_cpu_ns,
             "{} ns",
             retired.app_cpu_ns
         );
+        // A page claiming more than the process ever used is not believed beyond that.
+        page.retire_thread(me + 1, u64::MAX / 2);
+        busy_for(std::time::Duration::from_millis(5));
+        let forged = view.read().unwrap();
+        assert!(forged.app_cpu_ns <= forged.cpu_ns, "{forged:?}");
         // A page that names another process is not believed.
         assert_eq!(
             StatsView::open(&path, std::process::id() + 1)

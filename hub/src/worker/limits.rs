@@ -2,15 +2,16 @@
 //! the worker may) when it starts, so that an operator learns which one stops it before
 //! the apps do.
 //!
-//! What one resident app takes: a VMM process with [`THREADS_PER_APP`] tasks (its vCPU,
-//! control and mailbox threads, and KVM's own per-VM kernel thread) plus its supervisor;
-//! and in the worker one open file (the VMM's stats page), and its held sockets while it
-//! is swapped out.
+//! What one resident app takes: a VMM process with [`THREADS_PER_APP`] tasks (its vCPU
+//! thread and KVM's own per-VM kernel thread while it idles; a mailbox poller and a
+//! thread per control connection while it works); and in the worker its open files (the
+//! VMM's stats page, its supervision channel and a pidfd, the lease locks it handed
+//! over), and its held sockets while it is swapped out.
 
-/// Host tasks (pids) one resident app uses.
-pub const THREADS_PER_APP: u64 = 5;
+/// Host tasks (pids) one resident app uses, with room for the threads of a busy one.
+pub const THREADS_PER_APP: u64 = 4;
 /// Files the worker keeps open per app, with room for held sockets.
-const FILES_PER_APP: u64 = 4;
+const FILES_PER_APP: u64 = 8;
 
 /// What a check found: how many apps the host's limits allow, and what the worker did or
 /// an operator should do.

@@ -12,39 +12,56 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use tokio::io::unix::AsyncFd;
 
-/// Starts serving `worker_end` (a socketpair end whose other end the VMM holds) for an app
-/// at `own`, on a task of its own until the VMM is done. Leftovers are removed only under
-/// `roots` (the worker's state directory and the temporary directory); `run_dir`'s stale
-/// control sockets go too.
+/// Starts serving `worker_end` (a socketpair end whose other end the VMM, process `vmm`,
+/// holds) for an app at `own`, on a task of its own. When the VMM closes its end, the
+/// worker closes its own (a VMM ending normally waits for that), then waits for the
+/// process to end, and only then removes its leftovers (only under `roots`: the worker's
+/// state directory and the temporary directory; and `run_dir`'s stale control sockets)
+/// and lets go of its leases: a VMM that closes its end early (a subverted one) loses
+/// nothing it still uses, and its uid is not leased to another app while it runs.
 pub fn start(
     worker_end: OwnedFd,
+    vmm: u32,
     own: IpAddr,
     roots: Vec<PathBuf>,
     run_dir: PathBuf,
 ) -> std::io::Result<()> {
     rustix::io::ioctl_fionbio(&worker_end, true)?;
-    // SAFETY: `worker_end` is an open fd this AsyncFd owns from now on; an OwnedFd's raw fd
-    // never changes while it lives.
-    let channel =
-        unsafe { AsyncFd::register_with_interest(worker_end, tokio::io::Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
+    let pid = rustix::process::Pid::from_raw(i32::try_from(vmm).unwrap_or(0))
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
+    // SAFETY: `worker_end` and `pidfd` are open fds these AsyncFds own from now on; an
+    // OwnedFd's raw fd never changes while it lives.
+    let (channel, ended) = unsafe {
+        (
+            AsyncFd::register_with_interest(worker_end, tokio::io::Interest::READABLE)
+                .map_err(|e| e.into_parts().1)?,
+            AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+                .map_err(|e| e.into_parts().1)?,
+        )
+    };
     tokio::spawn(async move {
         let leftovers = serve(&channel, own).await;
+        // Closing the channel tells a VMM waiting in `binder::finish` that it may end.
+        drop(channel);
+        // A pidfd becomes readable when its process has ended.
+        let _ = ended.readable().await;
         let removal = tokio::task::spawn_blocking(move || {
             remove(&leftovers.paths, &roots);
             picocenter_vmm::control::remove_stale_sockets(&run_dir);
-            // The leases go only now: the next VMM of this name starts on a clean slate.
+            // The leases go only now: the next VMM of this name, or of this uid, starts
+            // on a clean slate.
             drop(leftovers.held);
         });
         let _ = removal.await;
-        // Closing the channel tells a VMM waiting in `binder::finish` that it may end.
-        drop(channel);
     });
     Ok(())
 }
 
 /// Serves binds until the VMM closes its end (or breaks the protocol); returns what it
-/// handed over to remove.
+/// handed over to remove. Each message is read, and its fds bound and closed, on a
+/// blocking thread: closing a socket a VMM sent can wait (SO_LINGER), which must not
+/// hold up the worker's runtime; one message at a time per VMM.
 async fn serve(channel: &AsyncFd<OwnedFd>, own: IpAddr) -> Leftovers {
     let mut leftovers = Leftovers::default();
     let mut first = true;
@@ -52,14 +69,20 @@ async fn serve(channel: &AsyncFd<OwnedFd>, own: IpAddr) -> Leftovers {
         let Ok(mut ready) = channel.readable().await else {
             return leftovers;
         };
-        match binder::serve_message(channel.get_ref().as_fd(), own, first) {
-            Served::NotReady => {
+        let Ok(end) = channel.get_ref().try_clone() else {
+            return leftovers;
+        };
+        let served =
+            tokio::task::spawn_blocking(move || binder::serve_message(end.as_fd(), own, first))
+                .await;
+        match served {
+            Ok(Served::NotReady) => {
                 ready.clear_ready();
                 continue;
             }
-            Served::Answered => {}
-            Served::HandedOver(handed) => leftovers = handed,
-            Served::Closed => return leftovers,
+            Ok(Served::Answered) => {}
+            Ok(Served::HandedOver(handed)) => leftovers = handed,
+            Ok(Served::Closed) | Err(_) => return leftovers,
         }
         first = false;
     }
@@ -112,6 +135,55 @@ mod tests {
         picocenter_vmm::syscalls::net::encode_ip((std::net::Ipv4Addr::from(ip), port).into())
     }
 
+    /// A VMM that closes its end early (a subverted one) keeps its leftovers and its
+    /// leases until its process ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_removed_or_let_go_while_the_vmm_runs() {
+        let root = tempfile::tempdir().unwrap();
+        let state = root.path().join("state");
+        let scratch = state.join("run/jail-7");
+        std::fs::create_dir_all(&scratch).unwrap();
+        let lock_path = root.path().join("uid.lock");
+        let lock = std::fs::File::create(&lock_path).unwrap();
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+        let mut vmm = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let (vmm_end, worker_end) = binder::channel().unwrap();
+        let own: IpAddr = "127.100.9.10".parse().unwrap();
+        start(
+            worker_end,
+            vmm.id(),
+            own,
+            vec![state.clone()],
+            state.join("run"),
+        )
+        .unwrap();
+        binder::hand_over(
+            vmm_end.as_fd(),
+            std::slice::from_ref(&scratch),
+            &[lock.as_fd()],
+        )
+        .unwrap();
+        drop((vmm_end, lock));
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(scratch.exists(), "removed while the VMM runs");
+        let probe = std::fs::File::open(&lock_path).unwrap();
+        assert!(
+            rustix::fs::flock(&probe, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                .is_err(),
+            "the lease was let go while the VMM runs"
+        );
+        vmm.kill().unwrap();
+        vmm.wait().unwrap();
+        let started = std::time::Instant::now();
+        while scratch.exists() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(10));
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// The worker binds only on the app's address, removes what the VMM handed over (and
     /// nothing outside its directories), keeps the VMM's lease locked until then, and lets
     /// the VMM end only after.
@@ -134,7 +206,18 @@ mod tests {
 
         let (vmm_end, worker_end) = binder::channel().unwrap();
         let own: IpAddr = "127.100.9.9".parse().unwrap();
-        start(worker_end, own, vec![state.clone()], state.join("run")).unwrap();
+        // The VMM's process is stood for by a child that ends at once: its leftovers go
+        // when the channel has closed and that process has ended.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        start(
+            worker_end,
+            child.id(),
+            own,
+            vec![state.clone()],
+            state.join("run"),
+        )
+        .unwrap();
+        child.wait().unwrap();
         let leftovers = [scratch.clone(), kept.clone(), link.clone()];
         let vmm = tokio::task::spawn_blocking(move || {
             binder::hand_over(vmm_end.as_fd(), &leftovers, &[lock.as_fd()]).unwrap();
@@ -154,11 +237,23 @@ mod tests {
         });
         let (refused, bound) = tokio::time::timeout(std::time::Duration::from_secs(20), vmm)
             .await
-            .expect("the VMM's finish waits only for the removal")
+            .expect("the VMM's finish waits only for the worker's end to close")
             .unwrap();
         assert_eq!(refused, Err(rustix::io::Errno::ADDRNOTAVAIL));
         assert!(bound.contains("127.100.9.9"), "{bound}");
-        assert!(!scratch.exists(), "the VMM's scratch directory is left");
+        // The removal follows the VMM's process's end (here a child that ended at once).
+        let lock = std::fs::File::open(&lock_path).unwrap();
+        let started = std::time::Instant::now();
+        while scratch.exists()
+            || rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                .is_err()
+        {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "the VMM's scratch directory is left, or its lease still held"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert!(
             kept.exists(),
             "a path outside the worker's directories was removed"
@@ -168,8 +263,5 @@ mod tests {
             "the symlink is left"
         );
         assert!(outside.path().is_dir(), "the symlink was followed");
-        let lock = std::fs::File::open(&lock_path).unwrap();
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-            .expect("the worker still holds the VMM's lease");
     }
 }

@@ -323,6 +323,7 @@ pub async fn launch(
     let run_dir = paths.state_dir.join("run");
     supervision::start(
         worker_end,
+        pid,
         std::net::IpAddr::V4(address),
         supervision::roots(paths.state_dir),
         run_dir.clone(),

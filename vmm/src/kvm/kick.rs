@@ -5,6 +5,9 @@
 //! thread's `kvm_run`, so the kick is not lost even if it lands just before `KVM_RUN`;
 //! `KVM_RUN` then returns EINTR. Blocking calls in the VMM wait in `poll` together with the
 //! [`Kicker`]'s eventfd, so they wake too.
+//!
+//! The kernel kicks too: a connection waiting at the control socket raises a signal at the
+//! vCPU thread ([`kick_on_connection`]), whose handler kicks with [`reason::CONTROL`].
 
 use rustix::event::EventfdFlags;
 use std::cell::Cell;

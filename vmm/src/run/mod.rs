@@ -186,10 +186,10 @@ impl Picoprocess {
         crate::heap::give_back_free_heap();
         crate::heap::give_back_unused_stack();
         self.live.add_current_app_thread();
-        Kicker::arm(self.vcpu.immediate_exit_ptr());
         if let Some(control) = &self.control {
             // Connections that waited while the app was being built are served at once,
-            // even if the app never exits by itself.
+            // even if the app never exits by itself (the kick is pending until the first
+            // exit, which it makes happen once armed).
             control
                 .kick_on_connections()
                 .map_err(|source| VmmError::Host {
@@ -197,6 +197,7 @@ impl Picoprocess {
                     source,
                 })?;
         }
+        Kicker::arm(self.vcpu.immediate_exit_ptr());
         // The state a panic leaves is only dropped afterwards, never used again.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
         Kicker::arm(std::ptr::null_mut());

@@ -1,5 +1,7 @@
-//! Running a VMM in its jail, with a supervisor beside it. As root, the process forks
-//! once: the child becomes the *supervisor* and stays root, outside the jail; the process
+//! Running a VMM in its jail, with a supervisor beside it: the worker that started it,
+//! over the channel it handed down (see [`SUPERVISOR_FD_VAR`] and `super::binder`), or
+//! else a forked one. Without a worker, as root, the process forks once: the child becomes
+//! the *supervisor* and stays root, outside the jail; the process
 //! itself goes on as the VMM, so whoever started it (a worker, a shell) holds the VMM's own
 //! pid: its signals reach the VMM directly, and once it is reaped the VMM is gone. The VMM
 //! enters the jail's mount namespace, builds the picoprocess, then locks itself down
@@ -167,7 +169,9 @@ pub fn supervise(
     for dir in owned {
         give(dir, lease.value, uids)?;
     }
-    let scratch = run_dir.join(format!("jail-{}", std::process::id()));
+    // Named by the uid, whose lease the supervisor holds until it has removed this: a
+    // later VMM never finds it (a pid may come back sooner).
+    let scratch = run_dir.join(format!("jail-{}", lease.value));
     crate::control::private_dir(&scratch)
         .map_err(io_step(format!("creating {}", scratch.display())))?;
     spec.scratch = scratch.clone();
