@@ -290,7 +290,11 @@ fn run(shared: &Shared) -> Option<u64> {
     let awake = shared.page.u32(AWAKE);
     loop {
         {
-            let used = own_cpu_ns();
+            let used = crate::kernel::clock::to_ns(rustix::time::clock_gettime(
+                rustix::time::ClockId::ThreadCPUTime,
+            ))
+            .try_into()
+            .unwrap_or(0);
             let mut sleep = shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
             while sleep.asleep && !shared.stop.load(Ordering::SeqCst) {
                 let (guard, waited) = shared
@@ -352,21 +356,6 @@ fn run(shared: &Shared) -> Option<u64> {
         // withdraws it after its spin and exits).
         take_call(shared);
     }
-}
-
-/// The calling thread's CPU time, nanoseconds.
-fn own_cpu_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which `now` is.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } != 0 {
-        return 0;
-    }
-    (now.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(now.tv_nsec as u64)
 }
 
 /// Takes and answers the call in the mailbox, if there is one.

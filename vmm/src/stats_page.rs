@@ -318,12 +318,7 @@ mod tests {
         // A thread that ends leaves the list, and its time stays counted: here the only
         // one retires with what it used, and the total does not go back.
         let me = rustix::thread::gettid().as_raw_nonzero().get();
-        let mut own = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: writes one timespec, which `own` is.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut own) };
+        let own = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
         page.retire_thread(me, own.tv_sec as u64 * 1_000_000_000 + own.tv_nsec as u64);
         busy_for(std::time::Duration::from_millis(5));
         let retired = view.read().unwrap();
