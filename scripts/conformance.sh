@@ -13,4 +13,4 @@ if ! dpkg-query -W -f='${Status}' libpython3.11-testsuite 2>/dev/null | grep -q 
         --no-install-recommends libpython3.11-testsuite >/dev/null
 fi
 cargo build --release --quiet --bin picocenter
-exec python3 scripts/conformance.py "$PWD/target/release/picocenter" "$@"
+exec python3 scripts/conformance.py "$PWD/target/x86_64-unknown-linux-gnu/release/picocenter" "$@"

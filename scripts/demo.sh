@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release --quiet
-pico="$PWD/target/release/picocenter"
+pico="$PWD/target/x86_64-unknown-linux-gnu/release/picocenter"
 export PICOCENTER_STATE_DIR="${PICOCENTER_STATE_DIR:-$PWD/target/demo-state}"
 idle=5
 dns=(@127.0.0.1 -p 5353 +short)

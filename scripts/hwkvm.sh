@@ -4,18 +4,16 @@
 # runs picoprocesses there (tests/hwkvm.rs, tests/hwkvm/). Prints the per-check lines.
 #
 #   scripts/hwkvm.sh             test the debug picocenter that `cargo test` builds
-#   scripts/hwkvm.sh --release   test a static release picocenter, built in
-#                                <target>/hwkvm-build so the main build stays as it is
+#   scripts/hwkvm.sh --release   test the release picocenter (both are static: see
+#                                .cargo/config.toml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 target=${CARGO_TARGET_DIR:-target}
 case "${1:-}" in
     --release)
-        RUSTFLAGS="-C target-feature=+crt-static" cargo build --release \
-            --target x86_64-unknown-linux-gnu --target-dir "$target/hwkvm-build" \
-            -p picocenter --bin picocenter
-        PICOCENTER_HWKVM_VMM="$(realpath "$target/hwkvm-build/x86_64-unknown-linux-gnu/release/picocenter")"
+        cargo build --release -p picocenter --bin picocenter
+        PICOCENTER_HWKVM_VMM="$(realpath "$target/x86_64-unknown-linux-gnu/release/picocenter")"
         export PICOCENTER_HWKVM_VMM
         ;;
     "") ;;

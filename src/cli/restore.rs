@@ -316,6 +316,7 @@ fn feed(
 
 /// Runs `snapshot restore`.
 pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
+    picocenter_vmm::heap::use_one_arena();
     let state = args.state.state_dir();
     let key = args.key.load(state)?;
     let store = LocalStore::open(&args.dir)?;

@@ -545,6 +545,7 @@ fn snapshot_key(args: &RunArgs) -> Option<picocenter_snapshots::SnapshotKey> {
 
 /// Runs the app and returns the exit status.
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    picocenter_vmm::heap::use_one_arena();
     let app = match (&args.image, &args.program) {
         (Some(image), _) => App::from_image(&args, image)?,
         (None, Some(program)) => App::from_program(&args, program)?,

@@ -1,3 +1,0 @@
-fn main() {
-    println!("cargo:rustc-link-arg-bin=picocenter=-no-pie");
-}
