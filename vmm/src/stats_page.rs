@@ -153,28 +153,32 @@ pub struct PageStats {
     pub rss_bytes: u64,
 }
 
-/// A reader's open view of one VMM's stats page, for looking at it again and again at
-/// the cost of two system calls while the VMM idles: a `pread` of the page, and the
-/// process's CPU clock. Only when that clock moved are the per-thread CPU times and the
-/// resident memory read again from /proc (a handful of opens and parses, which a worker
-/// holding thousands of idle apps cannot afford every second for each).
+/// A reader's view of one VMM's stats page, for looking at it again and again at the
+/// cost of one system call while the VMM idles: the process's CPU clock. Only when that
+/// clock moved (nothing else writes the page, so it cannot have changed otherwise) is
+/// the page read again, and the per-thread CPU times and the resident memory from /proc
+/// (a handful of opens and parses, which a worker holding thousands of idle apps cannot
+/// afford every second for each).
 ///
-/// The page is read, never mapped: the VMM owns the file, and a mapping of a file its
-/// owner truncates would fault in the reader.
+/// The page is opened for each read, never kept open (a worker holding thousands of apps
+/// would run out of files) nor mapped (the VMM owns the file, and a mapping of a file its
+/// owner truncates would fault in the reader); a symlink, or anything but a regular file,
+/// is not read.
 #[derive(Debug)]
 pub struct StatsView {
-    file: std::fs::File,
+    path: std::path::PathBuf,
     pid: u32,
     last: Option<PageStats>,
 }
 
 impl StatsView {
-    /// Opens the page at `path` of the VMM whose pid is `pid` (a page that names another
-    /// process is not believed: the VMM runs beside the tenant's code and may be
-    /// subverted).
+    /// A view of the page at `path` of the VMM whose pid is `pid` (a page that names
+    /// another process is not believed: the VMM runs beside the tenant's code and may be
+    /// subverted). Fails if the page cannot be read now.
     pub fn open(path: &Path, pid: u32) -> std::io::Result<Self> {
+        read_page(path)?;
         Ok(Self {
-            file: std::fs::File::open(path)?,
+            path: path.to_path_buf(),
             pid,
             last: None,
         })
@@ -183,9 +187,13 @@ impl StatsView {
     /// The counters now. `None` if the page is not (or no longer) a whole page of the
     /// VMM this view was opened for, or that VMM is gone.
     pub fn read(&mut self) -> Option<PageStats> {
-        use std::os::unix::fs::FileExt;
-        let mut bytes = [0u8; SIZE];
-        let n = self.file.read_at(&mut bytes, 0).ok()?;
+        let cpu_ns = process_cpu_ns(self.pid)?;
+        if let Some(last) = self.last.as_ref().filter(|last| last.cpu_ns == cpu_ns) {
+            // Nothing of the VMM ran since the last look: neither its page, nor its
+            // threads' times, nor its memory can have changed.
+            return Some(last.clone());
+        }
+        let (bytes, n) = read_page(&self.path).ok()?;
         let page = Page(&bytes[..n]);
         if page.word(0)? != MAGIC || page.word(1)? != VERSION {
             return None;
@@ -194,11 +202,7 @@ impl StatsView {
         if pid != self.pid {
             return None;
         }
-        let cpu_ns = process_cpu_ns(pid)?;
         let (app_cpu_ns, rss_bytes) = match &self.last {
-            // Nothing of the VMM ran since the last look: neither its threads' times nor
-            // its memory can have grown.
-            Some(last) if last.cpu_ns == cpu_ns => (last.app_cpu_ns, last.rss_bytes),
             // Never less than before: a retiring thread's time is kept as of when it fell
             // asleep, a few microseconds short of what /proc said of it since.
             Some(last) => (
@@ -222,6 +226,23 @@ impl StatsView {
         self.last = Some(stats.clone());
         Some(stats)
     }
+}
+
+/// Reads the page at `path`: its bytes and how many there were. Never follows a symlink,
+/// never blocks on a FIFO, and reads only a regular file.
+fn read_page(path: &Path) -> std::io::Result<([u8; SIZE], usize)> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    if !rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode).is_file() {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    let mut bytes = [0u8; SIZE];
+    let n = rustix::io::pread(&fd, &mut bytes, 0)?;
+    Ok((bytes, n))
 }
 
 /// The bytes of a page as read.
@@ -341,6 +362,43 @@ mod tests {
         );
         // A torn or foreign file is not a page, nor is a replaced one.
         std::fs::write(&path, b"nope").unwrap();
+        busy_for(std::time::Duration::from_millis(1));
+        assert_eq!(view.read(), None);
+    }
+
+    #[test]
+    fn a_view_reads_a_regular_file_only_and_never_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid = std::process::id();
+        let real = dir.path().join("real.stats");
+        let page = StatsPage::create(&real).unwrap();
+        page.publish(1, 2, 3, 4);
+        let link = dir.path().join("link.stats");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(
+            StatsView::open(&link, pid).is_err(),
+            "read through a symlink"
+        );
+        let fifo = dir.path().join("fifo.stats");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(StatsView::open(&fifo, pid).is_err(), "read a FIFO");
+        // A page swapped for a symlink after the view was opened is not read either.
+        let mut view = StatsView::open(&real, pid).unwrap();
+        assert_eq!(view.read().map(|s| s.connections), Some(2));
+        let elsewhere = dir.path().join("elsewhere.stats");
+        let other = StatsPage::create(&elsewhere).unwrap();
+        other.publish(9, 9, 9, 9);
+        drop(page);
+        std::fs::remove_file(&real).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &real).unwrap();
+        busy_for(std::time::Duration::from_millis(1));
         assert_eq!(view.read(), None);
     }
 }

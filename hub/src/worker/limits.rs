@@ -4,14 +4,24 @@
 //!
 //! What one resident app takes: a VMM process with [`THREADS_PER_APP`] tasks (its vCPU
 //! thread and KVM's own per-VM kernel thread while it idles; a mailbox poller and a
-//! thread per control connection while it works); and in the worker its open files (the
-//! VMM's stats page, its supervision channel and a pidfd, the lease locks it handed
-//! over), and its held sockets while it is swapped out.
+//! thread per control connection while it works); and in the worker [`FILES_PER_APP`]
+//! open files (the VMM's supervision channel and pidfd, the name and uid lease locks it
+//! handed over; its stats page is opened only to be read), and up to three held sockets
+//! while it is swapped out instead.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Host tasks (pids) one resident app uses, with room for the threads of a busy one.
 pub const THREADS_PER_APP: u64 = 4;
-/// Files the worker keeps open per app, with room for held sockets.
-const FILES_PER_APP: u64 = 8;
+/// Files the worker keeps open per resident app.
+pub const FILES_PER_APP: u64 = 4;
+/// Files the worker keeps open whatever it holds (its runtime, listeners, clients).
+const FILES_OF_ITS_OWN: u64 = 256;
+
+/// The open-file limits (soft, hard) the worker was started with, which the VMMs it
+/// starts get back (see [`restore_open_files_for_vmm`]): an app needs no more host files
+/// for being on a worker that holds thousands. Zero until [`check_and_raise`] runs.
+static STARTED_WITH: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
 /// What a check found: how many apps the host's limits allow, and what the worker did or
 /// an operator should do.
@@ -25,8 +35,9 @@ pub struct LimitReport {
     pub notes: Vec<String>,
 }
 
-/// Raises the worker's open-file limit to its hard limit, and reports how many apps the
-/// open files, pids and threads allow, for a pool of `pool` addresses.
+/// Raises the worker's open-file limit to what `pool` apps need (beyond its hard limit
+/// where it may: as root, up to `fs.nr_open`), and reports how many apps the open files,
+/// pids and threads allow, for a pool of `pool` addresses.
 pub fn check_and_raise(pool: u32) -> LimitReport {
     let mut report = LimitReport {
         apps: u64::from(pool),
@@ -45,9 +56,12 @@ pub fn check_and_raise(pool: u32) -> LimitReport {
         }
     };
     let mut failed = None;
-    match raise_open_files() {
+    let wanted = u64::from(pool)
+        .saturating_mul(FILES_PER_APP)
+        .saturating_add(FILES_OF_ITS_OWN);
+    match raise_open_files(wanted) {
         Ok((soft, hard)) => consider(
-            soft / FILES_PER_APP,
+            soft.saturating_sub(FILES_OF_ITS_OWN) / FILES_PER_APP,
             format!("the open-file limit ({soft}, hard limit {hard})"),
             "raise the hard limit (ulimit -Hn, or LimitNOFILE= in a systemd unit)",
         ),
@@ -71,8 +85,10 @@ pub fn check_and_raise(pool: u32) -> LimitReport {
     report
 }
 
-/// Sets the soft RLIMIT_NOFILE to the hard one: (soft, hard) after.
-fn raise_open_files() -> std::io::Result<(u64, u64)> {
+/// Raises RLIMIT_NOFILE to `wanted` (capped at `fs.nr_open`) where the worker may raise
+/// the hard limit (CAP_SYS_RESOURCE), else the soft limit to the hard one: (soft, hard)
+/// after.
+fn raise_open_files(wanted: u64) -> std::io::Result<(u64, u64)> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -80,6 +96,29 @@ fn raise_open_files() -> std::io::Result<(u64, u64)> {
     // SAFETY: getrlimit writes one rlimit, which `limit` is.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    if STARTED_WITH[1].load(Ordering::SeqCst) == 0 {
+        STARTED_WITH[0].store(limit.rlim_cur, Ordering::SeqCst);
+        STARTED_WITH[1].store(limit.rlim_max, Ordering::SeqCst);
+    }
+    let ceiling = read_number("/proc/sys/fs/nr_open").unwrap_or(limit.rlim_max);
+    let target = wanted.min(ceiling);
+    if target > limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: target,
+        };
+        // SAFETY: setrlimit reads one rlimit we own. Without CAP_SYS_RESOURCE it fails
+        // (EPERM) and changes nothing.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            tracing::info!(
+                from = limit.rlim_cur,
+                hard_from = limit.rlim_max,
+                to = target,
+                "raised the open-file limit beyond its hard limit"
+            );
+            return Ok((target, target));
+        }
     }
     if limit.rlim_cur < limit.rlim_max {
         let raised = libc::rlimit {
@@ -99,6 +138,23 @@ fn raise_open_files() -> std::io::Result<(u64, u64)> {
     Ok((limit.rlim_cur, limit.rlim_max))
 }
 
+/// Gives the calling process the open-file limits the worker was started with, if it
+/// raised its own. Only a system call: safe between fork and exec.
+pub fn restore_open_files_for_vmm() -> std::io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: STARTED_WITH[0].load(Ordering::SeqCst),
+        rlim_max: STARTED_WITH[1].load(Ordering::SeqCst),
+    };
+    if limit.rlim_max == 0 {
+        return Ok(());
+    }
+    // SAFETY: setrlimit reads one rlimit we own; lowering a limit needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn read_number(path: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -110,7 +166,7 @@ mod tests {
     #[test]
     fn the_open_file_limit_is_raised_and_the_tightest_limit_named() {
         let report = check_and_raise(u32::MAX);
-        let (soft, hard) = raise_open_files().unwrap();
+        let (soft, hard) = raise_open_files(0).unwrap();
         assert_eq!(soft, hard);
         // Some host limit is tighter than four billion apps, and it is named.
         assert!(report.apps < u64::from(u32::MAX), "{report:?}");
@@ -119,5 +175,61 @@ mod tests {
         let small = check_and_raise(10);
         assert_eq!(small.apps, 10);
         assert!(small.tightest.contains("address pool"), "{small:?}");
+    }
+
+    /// Whether this process has CAP_SYS_RESOURCE (bit 24 of its effective capabilities).
+    fn may_raise_hard_limits() -> bool {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let effective = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .unwrap();
+        effective & (1 << 24) != 0
+    }
+
+    #[test]
+    fn a_worker_raises_its_hard_limit_for_its_pool_and_its_vmms_get_the_old_one_back() {
+        use std::os::unix::process::CommandExt;
+        let report = check_and_raise(5000);
+        let (soft, hard) = raise_open_files(0).unwrap();
+        let nr_open = read_number("/proc/sys/fs/nr_open").unwrap();
+        let started = (
+            STARTED_WITH[0].load(Ordering::SeqCst),
+            STARTED_WITH[1].load(Ordering::SeqCst),
+        );
+        assert!(started.1 > 0, "the starting limits were not kept");
+        // With CAP_SYS_RESOURCE the worker raises its hard limit until 5,000 apps fit
+        // (unless nr_open is smaller, when that is the ceiling); without it (root in a
+        // container, here) the limit that stops it is named.
+        let wanted = (5000 * FILES_PER_APP + FILES_OF_ITS_OWN).min(nr_open);
+        if may_raise_hard_limits() {
+            assert!(soft >= wanted && hard >= wanted, "{soft}/{hard} < {wanted}");
+            assert!(
+                !report.tightest.contains("open-file") || nr_open < wanted,
+                "{report:?}"
+            );
+        } else if hard < wanted {
+            assert!(report.apps < 5000, "{report:?}");
+            assert!(
+                report.notes.iter().any(|n| n.contains("open-file")),
+                "{report:?}"
+            );
+        }
+        let mut child = std::process::Command::new("sh");
+        child.args(["-c", "ulimit -Sn; ulimit -Hn"]);
+        // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+        unsafe { child.pre_exec(restore_open_files_for_vmm) };
+        let out = child.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let shown: Vec<&str> = text.lines().collect();
+        let expect = |n: u64| {
+            if n == libc::RLIM_INFINITY {
+                "unlimited".to_string()
+            } else {
+                n.to_string()
+            }
+        };
+        assert_eq!(shown, [expect(started.0), expect(started.1)], "{text}");
     }
 }

@@ -25,6 +25,7 @@
 //!   keep a DNS answer.
 
 pub mod api;
+pub mod child;
 pub mod held;
 pub mod limits;
 pub mod supervision;
@@ -913,13 +914,12 @@ impl Worker {
 
     /// Ends app `name` without a snapshot (it was removed).
     pub async fn discard(&self, name: &str) -> Result<(), WorkerError> {
-        let Some(mut app) = self.apps.lock().await.remove(name) else {
+        let Some(app) = self.apps.lock().await.remove(name) else {
             return Err(WorkerError::NotHere(name.to_string()));
         };
         // SIGTERM first (the VMM passes it to the app, and cleans up after itself), then
         // SIGKILL if it has not ended within two seconds.
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(app.vmm.pid as i32, libc::SIGTERM) };
+        let _ = app.vmm.child.signal(rustix::process::Signal::TERM);
         if tokio::time::timeout(Duration::from_secs(2), app.vmm.child.wait())
             .await
             .is_err()

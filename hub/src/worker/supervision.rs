@@ -6,6 +6,7 @@
 //! An idle app then costs one process less: a forked supervisor's private pages, page
 //! tables and task were ~0.4 MiB of the ~1.5 MiB an idle app took (BENCHMARKS.md, "Density").
 
+use super::child::ChildProcess;
 use picocenter_vmm::sandbox::binder::{self, Leftovers, Served};
 use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -21,31 +22,22 @@ use tokio::io::unix::AsyncFd;
 /// nothing it still uses, and its uid is not leased to another app while it runs.
 pub fn start(
     worker_end: OwnedFd,
-    vmm: u32,
+    vmm: ChildProcess,
     own: IpAddr,
     roots: Vec<PathBuf>,
     run_dir: PathBuf,
 ) -> std::io::Result<()> {
     rustix::io::ioctl_fionbio(&worker_end, true)?;
-    let pid = rustix::process::Pid::from_raw(i32::try_from(vmm).unwrap_or(0))
-        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
-    // SAFETY: `worker_end` and `pidfd` are open fds these AsyncFds own from now on; an
-    // OwnedFd's raw fd never changes while it lives.
-    let (channel, ended) = unsafe {
-        (
-            AsyncFd::register_with_interest(worker_end, tokio::io::Interest::READABLE)
-                .map_err(|e| e.into_parts().1)?,
-            AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
-                .map_err(|e| e.into_parts().1)?,
-        )
-    };
+    // SAFETY: `worker_end` is an open fd this AsyncFd owns from now on; an OwnedFd's raw
+    // fd never changes while it lives.
+    let channel =
+        unsafe { AsyncFd::register_with_interest(worker_end, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
     tokio::spawn(async move {
         let leftovers = serve(&channel, own).await;
         // Closing the channel tells a VMM waiting in `binder::finish` that it may end.
         drop(channel);
-        // A pidfd becomes readable when its process has ended.
-        let _ = ended.readable().await;
+        vmm.ended().await;
         let removal = tokio::task::spawn_blocking(move || {
             remove(&leftovers.paths, &roots);
             picocenter_vmm::control::remove_stale_sockets(&run_dir);
@@ -146,15 +138,12 @@ mod tests {
         let lock_path = root.path().join("uid.lock");
         let lock = std::fs::File::create(&lock_path).unwrap();
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
-        let mut vmm = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let vmm = ChildProcess::spawn(std::process::Command::new("sleep").arg("30")).unwrap();
         let (vmm_end, worker_end) = binder::channel().unwrap();
         let own: IpAddr = "127.100.9.10".parse().unwrap();
         start(
             worker_end,
-            vmm.id(),
+            vmm.clone(),
             own,
             vec![state.clone()],
             state.join("run"),
@@ -175,8 +164,7 @@ mod tests {
                 .is_err(),
             "the lease was let go while the VMM runs"
         );
-        vmm.kill().unwrap();
-        vmm.wait().unwrap();
+        vmm.kill().await.unwrap();
         let started = std::time::Instant::now();
         while scratch.exists() {
             assert!(started.elapsed() < std::time::Duration::from_secs(10));
@@ -208,16 +196,16 @@ mod tests {
         let own: IpAddr = "127.100.9.9".parse().unwrap();
         // The VMM's process is stood for by a child that ends at once: its leftovers go
         // when the channel has closed and that process has ended.
-        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let child = ChildProcess::spawn(&mut std::process::Command::new("true")).unwrap();
         start(
             worker_end,
-            child.id(),
+            child.clone(),
             own,
             vec![state.clone()],
             state.join("run"),
         )
         .unwrap();
-        child.wait().unwrap();
+        child.wait().await.unwrap();
         let leftovers = [scratch.clone(), kept.clone(), link.clone()];
         let vmm = tokio::task::spawn_blocking(move || {
             binder::hand_over(vmm_end.as_fd(), &leftovers, &[lock.as_fd()]).unwrap();

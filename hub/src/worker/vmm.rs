@@ -1,14 +1,16 @@
 //! One app's VMM, as a child process of the worker: starting it (fresh or from a snapshot),
 //! talking to its control socket, and reading what it uses from /proc.
 
+use super::child::ChildProcess;
 use super::{held, supervision};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
 
 /// Why a VMM could not be started or asked something.
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +102,7 @@ pub struct Paths<'a> {
 #[derive(Debug)]
 pub struct Vmm {
     /// The process.
-    pub child: Child,
+    pub child: ChildProcess,
     /// The pid of the process the worker started.
     pub pid: u32,
     /// The VMM's own pid, as its control socket tells (the process the worker started,
@@ -301,29 +303,31 @@ pub async fn launch(
             what: "log".into(),
             source,
         })?)
-        .stderr(stderr)
-        .kill_on_drop(true);
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
-    // parent; the VMM dies with the worker instead of outliving it unmanaged. The spawn
-    // runs on a runtime worker thread, which lives as long as the worker.
+        .stderr(stderr);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) and setrlimit are async-signal-safe and touch no
+    // memory of the parent; the VMM dies with the worker instead of outliving it
+    // unmanaged, and has the open-file limits the worker was given, not the ones it
+    // raised for thousands of apps. The spawn runs on a runtime worker thread, which
+    // lives as long as the worker.
     unsafe {
         cmd.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            super::limits::restore_open_files_for_vmm()
         });
     }
-    let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+    // Killed if it is dropped unreaped (a failed launch, an app record that goes).
+    let child = ChildProcess::spawn(&mut cmd).map_err(|source| VmmError::Spawn {
         what: format!("{} for {name}", paths.picocenter.display()),
         source,
     })?;
     drop(vmm_end);
-    let pid = child.id().unwrap_or(0);
+    let pid = child.id();
     let run_dir = paths.state_dir.join("run");
     supervision::start(
         worker_end,
-        pid,
+        child.clone(),
         std::net::IpAddr::V4(address),
         supervision::roots(paths.state_dir),
         run_dir.clone(),
@@ -532,7 +536,6 @@ mod tests {
         };
         let (cmd, _) = command(&paths, "app", Ipv4Addr::new(127, 1, 0, 1), &launch).unwrap();
         let args: Vec<String> = cmd
-            .as_std()
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
