@@ -10,7 +10,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The apps the tests run keep their own snapshots in the tests' state directory
 # (<state>/snapshots/NAME, beside the copies the tests ask for with -o). A run starts
 # without the last run's, which would otherwise add up: half a GiB per run for one test.
-rm -rf "${CARGO_TARGET_DIR:-target}/tmp/state/snapshots"
+rm -rf "${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/tmp/state/snapshots"
 cargo test --workspace --no-fail-fast "$@"
 # The benchmarks must keep compiling; built with the test profile, beside the tests.
 cargo test --workspace --benches --no-run --quiet
