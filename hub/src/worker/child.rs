@@ -127,10 +127,29 @@ impl Drop for Inner {
         let _ = rustix::process::pidfd_send_signal(self.pidfd.get_ref(), Signal::KILL);
         // The end of a killed process takes a moment; no async task waits for it.
         if let Ok(pidfd) = self.pidfd.get_ref().try_clone() {
-            std::thread::spawn(move || {
-                let _ =
-                    rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED);
-            });
+            std::thread::spawn(move || reap(&pidfd));
+        }
+    }
+}
+
+/// Waits for the process of `pidfd` to end, and reaps it. The pidfd is non-blocking (a
+/// `waitid` on it fails with EAGAIN until the process has ended), so the wait is a `poll`.
+fn reap(pidfd: &OwnedFd) {
+    loop {
+        let mut fds = [rustix::event::PollFd::new(
+            pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return,
+        }
+        match rustix::process::waitid(
+            WaitId::PidFd(pidfd.as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+        ) {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) => continue,
         }
     }
 }
