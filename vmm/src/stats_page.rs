@@ -229,12 +229,13 @@ impl StatsView {
 }
 
 /// Reads the page at `path`: its bytes and how many there were. Never follows a symlink,
-/// never blocks on a FIFO, and reads only a regular file.
+/// never blocks on a FIFO, never takes a terminal as the worker's, and reads only a
+/// regular file.
 fn read_page(path: &Path) -> std::io::Result<([u8; SIZE], usize)> {
     use rustix::fs::{Mode, OFlags};
     let fd = rustix::fs::open(
         path,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
     if !rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode).is_file() {
