@@ -636,16 +636,7 @@ impl ControlServer {
             // from the app's.
             let spawned = std::thread::Builder::new()
                 .name("picocenter-control".into())
-                .spawn(move || {
-                    let Serving {
-                        kicker,
-                        stats,
-                        ops,
-                        served,
-                        handoff,
-                    } = &serving;
-                    serve(stream, kicker, stats, ops, served, handoff)
-                });
+                .spawn(move || serve(stream, &serving));
             if let Err(e) = spawned {
                 tracing::warn!("control socket: no thread for a connection: {e}");
             }
@@ -712,14 +703,14 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve(
-    stream: UnixStream,
-    kicker: &Kicker,
-    stats: &LiveStats,
-    ops: &PendingOps,
-    control: &Control,
-    handoff: &Handoff,
-) {
+fn serve(stream: UnixStream, serving: &Serving) {
+    let Serving {
+        kicker,
+        stats,
+        ops,
+        served: control,
+        handoff,
+    } = serving;
     let name = &control.lease.name;
     let Ok(writer) = stream.try_clone() else {
         return;

@@ -109,11 +109,7 @@ impl Inner {
         if let Some(status) = *status {
             return Ok(Some(status));
         }
-        let waited = rustix::process::waitid(
-            WaitId::PidFd(self.pidfd.get_ref().as_fd()),
-            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
-        )?;
-        *status = waited.map(exit_status);
+        *status = reap_if_ended(self.pidfd.get_ref())?.map(exit_status);
         Ok(*status)
     }
 }
@@ -144,14 +140,19 @@ fn reap(pidfd: &OwnedFd) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(_) => return,
         }
-        match rustix::process::waitid(
-            WaitId::PidFd(pidfd.as_fd()),
-            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
-        ) {
+        match reap_if_ended(pidfd) {
             Ok(Some(_)) | Err(_) => return,
             Ok(None) => continue,
         }
     }
+}
+
+/// Reaps the process of `pidfd` if it has ended: its status, or `None` while it runs.
+fn reap_if_ended(pidfd: &OwnedFd) -> std::io::Result<Option<WaitIdStatus>> {
+    Ok(rustix::process::waitid(
+        WaitId::PidFd(pidfd.as_fd()),
+        WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+    )?)
 }
 
 /// `waitid`'s status as `wait`'s, which std's `ExitStatus` holds.

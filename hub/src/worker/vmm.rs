@@ -103,8 +103,6 @@ pub struct Paths<'a> {
 pub struct Vmm {
     /// The process.
     pub child: ChildProcess,
-    /// The pid of the process the worker started.
-    pub pid: u32,
     /// The VMM's own pid, as its control socket tells (the process the worker started,
     /// or its child, checked with the kernel).
     pub vmm_pid: u32,
@@ -351,7 +349,6 @@ pub async fn launch(
         if let (Some(vmm_pid), true) = (vmm_pid, !fresh || listening_on(address)) {
             return Ok(Vmm {
                 child,
-                pid,
                 vmm_pid,
                 control,
                 log,
