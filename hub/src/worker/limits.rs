@@ -18,10 +18,11 @@ pub const FILES_PER_APP: u64 = 4;
 /// Files the worker keeps open whatever it holds (its runtime, listeners, clients).
 const FILES_OF_ITS_OWN: u64 = 256;
 
-/// The open-file limits (soft, hard) the worker was started with, which the VMMs it
-/// starts get back (see [`restore_open_files_for_vmm`]): an app needs no more host files
-/// for being on a worker that holds thousands. Zero until [`check_and_raise`] runs.
-static STARTED_WITH: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+/// The hard open-file limit the worker was started with, which the VMMs it starts get as
+/// both their limits (see [`restore_open_files_for_vmm`]): what they had when the worker
+/// could only raise its soft limit to it; an app needs no more host files for being on a
+/// worker that holds thousands. Zero until [`check_and_raise`] runs.
+static STARTED_HARD: AtomicU64 = AtomicU64::new(0);
 
 /// What a check found: how many apps the host's limits allow, and what the worker did or
 /// an operator should do.
@@ -97,9 +98,8 @@ fn raise_open_files(wanted: u64) -> std::io::Result<(u64, u64)> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    if STARTED_WITH[1].load(Ordering::SeqCst) == 0 {
-        STARTED_WITH[0].store(limit.rlim_cur, Ordering::SeqCst);
-        STARTED_WITH[1].store(limit.rlim_max, Ordering::SeqCst);
+    if STARTED_HARD.load(Ordering::SeqCst) == 0 {
+        STARTED_HARD.store(limit.rlim_max, Ordering::SeqCst);
     }
     let ceiling = read_number("/proc/sys/fs/nr_open").unwrap_or(limit.rlim_max);
     let target = wanted.min(ceiling);
@@ -138,12 +138,13 @@ fn raise_open_files(wanted: u64) -> std::io::Result<(u64, u64)> {
     Ok((limit.rlim_cur, limit.rlim_max))
 }
 
-/// Gives the calling process the open-file limits the worker was started with, if it
-/// raised its own. Only a system call: safe between fork and exec.
+/// Gives the calling process the hard open-file limit the worker was started with, as
+/// its soft and hard limits. Only a system call: safe between fork and exec.
 pub fn restore_open_files_for_vmm() -> std::io::Result<()> {
+    let hard = STARTED_HARD.load(Ordering::SeqCst);
     let limit = libc::rlimit {
-        rlim_cur: STARTED_WITH[0].load(Ordering::SeqCst),
-        rlim_max: STARTED_WITH[1].load(Ordering::SeqCst),
+        rlim_cur: hard,
+        rlim_max: hard,
     };
     if limit.rlim_max == 0 {
         return Ok(());
@@ -194,11 +195,8 @@ mod tests {
         let report = check_and_raise(5000);
         let (soft, hard) = raise_open_files(0).unwrap();
         let nr_open = read_number("/proc/sys/fs/nr_open").unwrap();
-        let started = (
-            STARTED_WITH[0].load(Ordering::SeqCst),
-            STARTED_WITH[1].load(Ordering::SeqCst),
-        );
-        assert!(started.1 > 0, "the starting limits were not kept");
+        let started = STARTED_HARD.load(Ordering::SeqCst);
+        assert!(started > 0, "the starting hard limit was not kept");
         // With CAP_SYS_RESOURCE the worker raises its hard limit until 5,000 apps fit
         // (unless nr_open is smaller, when that is the ceiling); without it (root in a
         // container, here) the limit that stops it is named.
@@ -230,6 +228,6 @@ mod tests {
                 n.to_string()
             }
         };
-        assert_eq!(shown, [expect(started.0), expect(started.1)], "{text}");
+        assert_eq!(shown, [expect(started), expect(started)], "{text}");
     }
 }

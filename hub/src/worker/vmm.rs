@@ -304,8 +304,9 @@ pub async fn launch(
         .stderr(stderr);
     // SAFETY: prctl(PR_SET_PDEATHSIG) and setrlimit are async-signal-safe and touch no
     // memory of the parent; the VMM dies with the worker instead of outliving it
-    // unmanaged, and has the open-file limits the worker was given, not the ones it
-    // raised for thousands of apps. The spawn runs on a runtime worker thread, which
+    // unmanaged, and has the hard open-file limit the worker was given (as soft and
+    // hard), not the one it raised for thousands of apps. The spawn runs on a runtime
+    // worker thread, which
     // lives as long as the worker.
     unsafe {
         cmd.pre_exec(|| {
