@@ -9,6 +9,10 @@
 //! * DNS queries per second the hub answers for a resident app (a UDP load generator here);
 //! * host memory per idle resident picoprocess beyond the guest pages it touched, and how
 //!   many idle counter-http apps a worker holds in 16 GiB;
+//! * issue #15's warm pool: DNS query to first byte for fresh starts and restores from the
+//!   local store, through a worker with no spare VMMs and one with its default pool, and
+//!   what a waiting spare costs in memory (`cargo bench --bench cluster -- warm` runs
+//!   only this);
 //! * the registry in etcd against redb: DNS to first byte (resident, and swapped out to the
 //!   local store) and the hub's queries per second, the two hubs side by side
 //!   (`cargo bench --bench cluster -- registry` runs only this; it needs etcd).
@@ -18,7 +22,9 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::cluster::{api, first_a, pss_bytes, query, start_hub_with, wait_for, Proc, S3Server};
+use common::cluster::{
+    api, first_a, mem_available, pss_bytes, query, start_hub_with, wait_for, Proc, S3Server,
+};
 use common::wan::{LinkShape, WanLink};
 use common::{build_image, median, picocenter, state_dir};
 use std::io::{Read, Write};
@@ -52,6 +58,11 @@ impl Cluster {
 
     /// [`Cluster::start`] with `hub` flags.
     fn start_with_hub(name: &str, pool: &str, cold: &[&str], hub: &[&str]) -> Cluster {
+        Self::start_with(name, pool, cold, hub, &[])
+    }
+
+    /// [`Cluster::start`] with `hub` flags and more `worker` flags.
+    fn start_with(name: &str, pool: &str, cold: &[&str], hub: &[&str], worker: &[&str]) -> Cluster {
         let dir = state_dir().join("bench-cluster").join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -62,6 +73,7 @@ impl Cluster {
         cmd.args(["--token", TOKEN, "--id", &id]);
         cmd.args(["--addresses", pool, "--idle-after", "3600"]);
         cmd.args(cold);
+        cmd.args(worker);
         let worker = Proc::spawn(cmd, dir.join("worker.log"));
         let worker_api = wait_for("the worker", LIMIT, || {
             let (_, workers) = call(api_address, "GET", "/v1/workers", "");
@@ -409,8 +421,147 @@ fn registry_etcd_against_redb() {
     );
 }
 
+/// The spare VMMs a worker (process `worker`) keeps waiting: its children still running
+/// `picocenter spare` as root (one that became an app runs as the app's uid).
+fn spares_of(worker: u32) -> Vec<u32> {
+    // Each thread's children: the pool's own thread starts the spares.
+    let mut children = String::new();
+    for task in std::fs::read_dir(format!("/proc/{worker}/task")).unwrap() {
+        let path = task.unwrap().path().join("children");
+        children.push_str(&std::fs::read_to_string(path).unwrap_or_default());
+        children.push(' ');
+    }
+    let mut spares = Vec::new();
+    for pid in children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+    {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let root = status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+        if cmdline.ends_with(b"spare\0") && root {
+            spares.push(pid);
+        }
+    }
+    spares
+}
+
+/// Issue #15's warm pool: the same restores and starts through a worker without spares
+/// (`--warm-pool 0`) and one with its default pool, rounds alternating; then what a spare
+/// costs in memory.
+fn warm_pool_against_cold() {
+    build_image("counter-http");
+    build_image("nginx");
+    let store = |name: &str| state_dir().join(format!("bench-cluster/cold-{name}"));
+    let cold_store = store("nopool");
+    let warm_store = store("pool");
+    let cold = Cluster::start_with(
+        "nopool",
+        "127.4.5.0/24",
+        &["--store", cold_store.to_str().unwrap()],
+        &[],
+        &["--warm-pool", "0"],
+    );
+    let warm = Cluster::start_with(
+        "pool",
+        "127.4.6.0/24",
+        &["--store", warm_store.to_str().unwrap()],
+        &[],
+        &[],
+    );
+    println!("== warm pool: DNS query to first HTTP byte, no pool against the default pool (median of {ROUNDS}, rounds alternating) ==");
+    println!("| app | what | no pool | warm pool (2 spares) | ratio |");
+    println!("|---|---|---|---|---|");
+    for (name, image, path) in [("counter", "counter-http", "/"), ("nginx", "nginx", "/")] {
+        let (cold_name, warm_name) = (format!("np{name}"), format!("wp{name}"));
+        let (mut cold_fresh, mut warm_fresh) = (Vec::new(), Vec::new());
+        let (mut cold_swapped, mut warm_swapped) = (Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            let both: [(&Cluster, &str, &mut Vec<f64>, &mut Vec<f64>); 2] = [
+                (&cold, &cold_name, &mut cold_fresh, &mut cold_swapped),
+                (&warm, &warm_name, &mut warm_fresh, &mut warm_swapped),
+            ];
+            let mut both = both;
+            if round % 2 == 1 {
+                both.reverse();
+            }
+            for (cluster, app, fresh, swapped) in both {
+                // A fresh start: the app is registered anew, so the query starts it.
+                let app = format!("{app}{round}");
+                cluster.add(&app, image);
+                let dns_name = format!("{app}.pico.local");
+                fresh.push(query_to_first_byte(cluster.dns, &dns_name, path));
+                // Let the pool refill (the worker starts a spare in the background).
+                std::thread::sleep(Duration::from_millis(300));
+                cluster.swap_out(&app);
+                std::thread::sleep(Duration::from_millis(300));
+                swapped.push(query_to_first_byte(cluster.dns, &dns_name, path));
+                let (status, answer) = call(cluster.api, "DELETE", &format!("/v1/apps/{app}"), "");
+                assert!(status == 200 || status == 204, "{answer}");
+            }
+        }
+        for (what, c, w) in [
+            ("fresh start", &mut cold_fresh, &mut warm_fresh),
+            (
+                "swapped out, local store",
+                &mut cold_swapped,
+                &mut warm_swapped,
+            ),
+        ] {
+            let (c, w) = (median(c), median(w));
+            println!(
+                "| {image} | {what} | {c:.2} ms | {w:.2} ms | {:.2} |",
+                w / c
+            );
+        }
+    }
+    let worker_pid = warm._worker.child.id();
+    let spares = spares_of(worker_pid);
+    let pss: Vec<f64> = spares.iter().map(|&p| pss_bytes(p) as f64).collect();
+    drop(cold);
+    drop(warm);
+
+    // Memory: MemAvailable before and after a worker with 16 spares, less that worker's
+    // own PSS, against the same worker with none.
+    let measure = |pool: &str| -> (f64, usize) {
+        let before = mem_available();
+        let cluster = Cluster::start_with(
+            &format!("mem{pool}"),
+            "127.4.7.0/24",
+            &["--store", store("mem").to_str().unwrap()],
+            &[],
+            &["--warm-pool", pool],
+        );
+        let pid = cluster._worker.child.id();
+        let wanted: usize = pool.parse().unwrap();
+        wait_for("the spares", LIMIT, || {
+            (spares_of(pid).len() >= wanted).then_some(())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let after = mem_available();
+        let n = spares_of(pid).len();
+        let worker_pss = pss_bytes(pid) as f64;
+        ((before as f64 - after as f64) - worker_pss, n)
+    };
+    let (none, _) = measure("0");
+    let (sixteen, n) = measure("16");
+    println!(
+        "\n  a waiting spare: PSS {:.2} MiB (median of {}); MemAvailable {:.2} MiB per spare ({n} spares against none, workers' own PSS left out)",
+        median(&mut pss.clone()) / 1048576.0,
+        pss.len(),
+        (sixteen - none) / n.max(1) as f64 / 1048576.0
+    );
+}
+
 fn main() {
     common::require_kvm();
+    // `cargo bench --bench cluster -- warm`: only the warm pool against none.
+    if std::env::args().skip(1).any(|arg| arg == "warm") {
+        warm_pool_against_cold();
+        return;
+    }
     // `cargo bench --bench cluster -- big`: only the big app over the link.
     if std::env::args().skip(1).any(|arg| arg == "big") {
         big_app_over_the_link();

@@ -21,7 +21,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::cluster::{api, first_a, pss_bytes, query, start_hub, wait_for, Proc};
+use common::cluster::{api, first_a, mem_available, pss_bytes, query, start_hub, wait_for, Proc};
 use common::{build_image, picocenter, state_dir};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
@@ -91,22 +91,6 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     let rank = ((p / 100.0) * (values.len() - 1) as f64).round() as usize;
     values[rank.min(values.len() - 1)]
-}
-
-/// MemAvailable, bytes, after the kernel's clean caches are dropped where this bench may
-/// (as root): what they hold is reclaimable anyway, and their ups and downs (logs, the
-/// registry, the bench's own reads of /proc) would otherwise swamp an app's share.
-fn mem_available() -> u64 {
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
-    text.lines()
-        .find(|l| l.starts_with("MemAvailable:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .unwrap()
-        * 1024
 }
 
 /// The machine's CPU time so far: (busy, total), in clock ticks.

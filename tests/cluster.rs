@@ -1813,3 +1813,183 @@ fn a_stopping_worker_reports_its_swap_outs_until_their_uploads_end() {
     let address = resolve(&hub, "cstop");
     assert_eq!(count(&address), 2);
 }
+
+/// The spare VMMs waiting in worker `worker`'s pool: its children still running
+/// `picocenter spare` as root (a spare that became an app's VMM runs as the app's uid).
+fn waiting_spares(worker: u32) -> Vec<u32> {
+    children_of(worker)
+        .into_iter()
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.ends_with(b"spare\0") && uid_of(*pid) == Some(0)
+        })
+        .collect()
+}
+
+/// A process's real uid.
+fn uid_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Uid:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+}
+
+/// The inodes of the seqpacket Unix sockets on this host (/proc/net/unix, type 0005).
+fn seqpacket_inodes() -> std::collections::HashSet<String> {
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(4) == Some(&"0005")).then(|| fields.get(6).map(|s| s.to_string()))?
+        })
+        .collect()
+}
+
+#[test]
+fn a_warm_pool_s_spares_run_apps_jailed_and_die_with_their_worker() {
+    let (dir, hub) = setup("warm");
+    let store = dir.path().join("cold");
+    let mut cmd = picocenter();
+    cmd.args(["worker", "--hub", &hub.url(), "--id", "w-warm"]);
+    cmd.args(["--addresses", "127.3.30.0/24", "--idle-after", "60"]);
+    cmd.args(["--store", store.to_str().unwrap(), "--warm-pool", "2"]);
+    // Through the environment: no VMM may find it in its own.
+    cmd.env("PICOCENTER_TOKEN", TOKEN);
+    cmd.env("RUST_LOG", "warn,picocenter_hub=debug");
+    let mut worker = Proc::spawn(cmd, hub.data.with_extension("w-warm.log"));
+    let worker_pid = worker.child.id();
+    let limit = Duration::from_secs(20);
+    wait_for("two spares", limit, || {
+        (waiting_spares(worker_pid).len() == 2).then_some(())
+    });
+    let spares = waiting_spares(worker_pid);
+
+    hub.add("cwarm", "counter-http", 60.0);
+    let address = resolve(&hub, "cwarm");
+    assert_eq!(count(&address), 1);
+    let pid = vmm_pid("cwarm");
+    assert!(
+        spares.contains(&pid),
+        "the app's VMM {pid} is not one of the spares {spares:?}"
+    );
+    // Jailed as its own uid like any VMM, with nothing of the worker's secrets, and with
+    // no assignment socket left open (an app could otherwise send it another command line).
+    let uid = uid_of(pid).unwrap();
+    assert!(uid >= 2_000_000_000, "the VMM runs as uid {uid}");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("PICOCENTER_TOKEN"),
+        "the worker's token reached the VMM"
+    );
+    let seqpackets = seqpacket_inodes();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        let target = target.to_string_lossy();
+        if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+        {
+            assert!(
+                !seqpackets.contains(inode),
+                "the VMM kept its assignment socket open as fd {:?}",
+                fd.file_name()
+            );
+        }
+    }
+    // The pool makes another, and the next spare serves the restore.
+    wait_for("the pool to refill", limit, || {
+        (waiting_spares(worker_pid).len() == 2).then_some(())
+    });
+    let worker_address = worker_api(&hub, "w-warm");
+    let (status, answer) = api(
+        worker_address,
+        "POST",
+        "/v1/apps/cwarm/swap-out",
+        None,
+        Some(TOKEN),
+    );
+    assert_eq!(status, 200, "{answer}");
+    hub.wait_state("cwarm", "swapped_out", limit);
+    let address = resolve(&hub, "cwarm");
+    assert_eq!(count(&address), 2);
+    let restored = vmm_pid("cwarm");
+    assert_ne!(restored, pid);
+    let text = metrics(worker_address);
+    assert_eq!(
+        metric(&text, "picocenter_worker_warm_starts_total"),
+        2.0,
+        "{text}"
+    );
+    wait_for("the pool to refill", limit, || {
+        (waiting_spares(worker_pid).len() == 2).then_some(())
+    });
+
+    // The spares die with their worker, waiting or running an app.
+    let spares = waiting_spares(worker_pid);
+    worker.kill();
+    wait_for("the spares and the app's VMM to end", limit, || {
+        spares
+            .iter()
+            .chain([&restored])
+            .all(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map_or(true, |stat| stat.contains(") Z "))
+            })
+            .then_some(())
+    });
+}
+
+#[test]
+fn a_spare_refuses_what_is_not_an_app_and_a_start_without_its_socket() {
+    // Started by hand, with no socket at fd 3: a clear error.
+    let out = picocenter().arg("spare").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("started by a worker"), "{said}");
+
+    // Told to become something other than an app's VMM: refused.
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::unix::process::CommandExt;
+    let (ours, theirs) = picocenter_vmm::spare::socket_pair().unwrap();
+    let raw = theirs.as_raw_fd();
+    let mut cmd = picocenter();
+    cmd.arg("spare");
+    // SAFETY: dup2 is async-signal-safe; it puts the socket at fd 3, without
+    // close-on-exec, in the child only.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(theirs);
+    let assignment = picocenter_vmm::spare::Assignment {
+        args: vec!["image".into(), "ls".into()],
+        env: vec![],
+    };
+    picocenter_vmm::spare::send(ours.as_fd(), &assignment, &[], log.as_file().as_fd()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    // Its messages go to the log it was handed from then on.
+    let said = std::fs::read_to_string(log.path()).unwrap();
+    assert!(said.contains("a spare becomes"), "{said}");
+}

@@ -22,6 +22,8 @@
 //! | `picocenter_worker_upload_seconds`, `picocenter_worker_upload_failures_total` | uploads of settled snapshots to S3 |
 //! | `picocenter_worker_cold_storage_bytes_total{direction}` | bytes to (`up`) and from (`down`) S3 over the wire; 0 with a local directory, which the VMM writes and maps in place |
 //! | `picocenter_worker_resident_apps`, `picocenter_worker_held_apps`, `picocenter_worker_resident_memory_bytes` | at scrape |
+//! | `picocenter_worker_warm_starts_total` | starts and restores whose VMM was a spare from the warm pool |
+//! | `picocenter_worker_spare_vmms` | spare VMMs waiting in the warm pool, at scrape |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -209,6 +211,10 @@ pub struct WorkerMetrics {
     pub held_apps: Gauge,
     /// Set at scrape.
     pub resident_memory_bytes: Gauge,
+    /// Starts and restores whose VMM came from the warm pool.
+    pub warm_starts: Counter,
+    /// Set at scrape.
+    pub spare_vmms: Gauge,
     /// Two scrapes at once would both add the same difference.
     traffic_update: std::sync::Mutex<()>,
     registry: Registry,
@@ -226,6 +232,10 @@ impl Default for WorkerMetrics {
         let starts = counter("starts", "Fresh starts that answered");
         let swap_outs = counter("swap_outs", "Swap-outs that freed the app's memory");
         let swap_out_failures = counter("swap_out_failures", "Swap-outs that failed");
+        let warm_starts = counter(
+            "warm_starts",
+            "Starts and restores whose VMM was a spare from the warm pool",
+        );
         let upload_failures = counter(
             "upload_failures",
             "Uploads of settled snapshots to S3 that failed after their retries",
@@ -268,6 +278,10 @@ impl Default for WorkerMetrics {
             "resident_memory_bytes",
             "Resident memory of this worker's apps",
         );
+        let spare_vmms = gauge(
+            "spare_vmms",
+            "Spare VMMs waiting in the warm pool, their VMs made",
+        );
         Self {
             swap_ins,
             swap_in_seconds,
@@ -283,6 +297,8 @@ impl Default for WorkerMetrics {
             resident_apps,
             held_apps,
             resident_memory_bytes,
+            warm_starts,
+            spare_vmms,
             traffic_update: Default::default(),
             registry,
         }

@@ -9,6 +9,7 @@ mod ps;
 mod restore;
 mod run;
 mod snapshot;
+mod spare;
 mod stop;
 
 use clap::{Parser, Subcommand};
@@ -61,6 +62,11 @@ pub enum Command {
     /// A hub and a worker in one process with the sample apps registered: query their
     /// names, watch them swap out when idle and come back on the next query.
     Demo(cluster::DemoArgs),
+    /// A VMM started ahead of need by a worker (its warm pool): it makes its KVM VM and
+    /// vCPU, then waits on fd 3 for the `run` or `snapshot restore` it is to become, with
+    /// the fds that command is handed. Only a worker starts it.
+    #[command(hide = true)]
+    Spare(spare::SpareArgs),
 }
 
 /// The format of log lines.
@@ -115,6 +121,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Worker(args) => cluster::worker(args),
         Command::App(args) => cluster::app(args),
         Command::Demo(args) => cluster::demo(args),
+        Command::Spare(args) => spare::spare(args),
     }
 }
 

@@ -329,6 +329,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     // Authenticated and bounds-checked: only then are its values defaults.
     let manifest = store.manifest(&id, &key)?;
     let (mut config, root, temp_data) = configure(&args, &manifest, key)?;
+    tracing::debug!(id, "restore: configured from the manifest");
     let feed = match args.feed_fd {
         Some(raw) if args.mode != RestoreMode::Stream => {
             bail!("--feed-fd {raw} needs --mode stream")

@@ -77,6 +77,13 @@ enum SnapshotCommand {
     },
 }
 
+impl SnapshotArgs {
+    /// Whether it runs an app (`snapshot restore`), as a spare VMM may.
+    pub fn runs_an_app(&self) -> bool {
+        matches!(self.command, SnapshotCommand::Restore(_))
+    }
+}
+
 /// Runs a `snapshot` subcommand.
 pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<i32> {
     match args.command {

@@ -279,3 +279,19 @@ pub fn pss_bytes(pid: u32) -> u64 {
         .unwrap_or(0)
         * 1024
 }
+
+/// MemAvailable, bytes, after the kernel's clean caches are dropped where this bench may
+/// (as root): what they hold is reclaimable anyway, and their ups and downs (logs, the
+/// registry, the bench's own reads of /proc) would otherwise swamp an app's share.
+pub fn mem_available() -> u64 {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    text.lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}

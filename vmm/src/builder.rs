@@ -38,7 +38,7 @@ pub(crate) fn prepare(config: &Config) -> Result<(Parts, AddressSpace, Sandbox),
     let platform = Platform::detect();
     let phys = PhysicalMemory::new(config.memory_mib << 20)?;
     let machine = Machine::new(phys.slots())?;
-    let (cpuid, features) = cpu::guest_cpuid(&machine.kvm)?;
+    let (cpuid, features) = cpu::guest_cpuid(&machine)?;
     let mut space = AddressSpace::new(phys, features.nx)?;
     system::install(&mut space, features.nx)?;
     let mut sandbox = Sandbox::new(&config.root)?;

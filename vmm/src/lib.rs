@@ -31,6 +31,7 @@ pub mod platform;
 pub mod report;
 pub mod run;
 pub mod sandbox;
+pub mod spare;
 pub mod stats_page;
 pub mod syscalls;
 pub mod timeout;

@@ -28,6 +28,7 @@ pub mod api;
 pub mod child;
 pub mod held;
 pub mod limits;
+pub mod pool;
 pub mod supervision;
 mod upload;
 pub mod vmm;
@@ -103,6 +104,8 @@ pub struct WorkerConfig {
     /// With S3: start a restoring VMM once the manifests are in, and stream the page files
     /// to it (else download everything first).
     pub stream_swap_in: bool,
+    /// Spare VMMs kept started ahead, with their VMs made (0: none).
+    pub warm_pool: usize,
 }
 
 /// Why an order failed.
@@ -238,6 +241,8 @@ pub struct Worker {
     /// The last sequence number given to a swap-out or a stored snapshot (see
     /// [`SwappedOut::seq`]).
     snapshot_seq: std::sync::atomic::AtomicU64,
+    /// Spare VMMs started ahead (once the worker runs).
+    warm_pool: std::sync::OnceLock<pool::WarmPool>,
 }
 
 impl Worker {
@@ -260,7 +265,20 @@ impl Worker {
             uploads: Default::default(),
             metrics: Default::default(),
             snapshot_seq: Default::default(),
+            warm_pool: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Starts the warm pool of spare VMMs (see [`pool`]), if the configuration asks for
+    /// one. Within the tokio runtime.
+    pub fn start_warm_pool(&self) {
+        let command = pool::SpareCommand {
+            picocenter: self.config.picocenter.clone(),
+            state_dir: self.config.state_dir.clone(),
+            log_dir: self.config.work_dir.join("logs"),
+        };
+        self.warm_pool
+            .get_or_init(|| pool::WarmPool::start(self.config.warm_pool, command));
     }
 
     /// Its configuration.
@@ -308,6 +326,7 @@ impl Worker {
     async fn start_now(self: &Arc<Self>, mut order: StartOrder) -> Result<Started, WorkerError> {
         let began = Instant::now();
         let name = order.spec.name.clone();
+        tracing::debug!(app = %name, snapshot = ?order.snapshot, "start order");
         picocenter_snapshots::names::validate_app_name(&name)?;
         // An app whose upload has not ended comes back from its newest snapshot, here
         // (the hub may know only an older one); the upload's end waits to be reported
@@ -450,7 +469,15 @@ impl Worker {
             key_file: &self.config.key_file,
             log_dir: &log_dir,
         };
-        let launched = vmm::launch(&paths, &name, address, &launch, self.config.start_limit).await;
+        let launched = vmm::launch(
+            &paths,
+            &name,
+            address,
+            &launch,
+            self.config.start_limit,
+            self.warm_pool.get(),
+        )
+        .await;
         // The VMM has its copy (or is gone, and the stream then fails on the closed feed).
         drop(vmm_end);
         let vmm = match launched {
@@ -466,7 +493,17 @@ impl Worker {
         // The VMM has its own copies of the held sockets now.
         drop(held);
         let ms = began.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(app = %name, %address, ms, restored = order.snapshot.is_some(), "started");
+        if vmm.from_pool {
+            self.metrics.warm_starts.inc();
+        }
+        tracing::info!(
+            app = %name,
+            %address,
+            ms,
+            restored = order.snapshot.is_some(),
+            warm = vmm.from_pool,
+            "started"
+        );
         let idle_after = order
             .spec
             .idle_after_secs
@@ -1165,6 +1202,8 @@ impl Worker {
         self.metrics
             .held_apps
             .set(self.held.lock().await.len() as i64);
+        let spares = self.warm_pool.get().map_or(0, pool::WarmPool::waiting);
+        self.metrics.spare_vmms.set(spares as i64);
         let (up, down) = self.cold.traffic();
         self.metrics.cold_storage_traffic(up, down);
         self.metrics.render()
@@ -1234,6 +1273,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let url = format!("http://{}", listener.local_addr()?);
     let _ = worker.hub.set(hub.clone());
+    worker.start_warm_pool();
     let mut child_signals = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
     let child_ended = worker.child_ended.clone();
     let child_watch = tokio::spawn(async move {

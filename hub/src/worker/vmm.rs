@@ -2,6 +2,7 @@
 //! talking to its control socket, and reading what it uses from /proc.
 
 use super::child::ChildProcess;
+use super::pool::WarmPool;
 use super::{held, supervision};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -110,6 +111,8 @@ pub struct Vmm {
     pub control: PathBuf,
     /// Where its stderr goes.
     pub log: PathBuf,
+    /// Whether it was a spare from the warm pool.
+    pub from_pool: bool,
 }
 
 /// Environment variables of the worker that no VMM inherits.
@@ -121,6 +124,37 @@ pub const SECRETS: [&str; 5] = [
     "AWS_SESSION_TOKEN",
 ];
 
+/// A VMM process's program and environment, before its arguments: the worker's
+/// environment without its secrets, and the state directory.
+pub(super) fn base_command(picocenter: &Path, state_dir: &Path) -> Command {
+    let mut cmd = Command::new(picocenter);
+    // The worker's secrets are not the VMM's: a VMM an app took over finds none of them
+    // in its environment.
+    for secret in SECRETS {
+        cmd.env_remove(secret);
+    }
+    cmd.env("PICOCENTER_STATE_DIR", state_dir);
+    cmd
+}
+
+/// Makes a VMM process die with the worker, with the open-file limit VMMs get.
+pub(super) fn die_with_worker(cmd: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) and setrlimit are async-signal-safe and touch no
+    // memory of the parent; the VMM dies with the worker instead of outliving it
+    // unmanaged, and has the hard open-file limit the worker was given (as soft and
+    // hard), not the one it raised for thousands of apps. The parent-death signal follows
+    // the thread that forks: the caller's thread must live as long as the worker (a
+    // runtime worker thread, or the warm pool's refill thread).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            super::limits::restore_open_files_for_vmm()
+        });
+    }
+}
+
 /// The command line of a VMM for app `name` at `address`: every setting explicit, from the
 /// registry, never left to a snapshot.
 fn command(
@@ -129,13 +163,7 @@ fn command(
     address: Ipv4Addr,
     launch: &Launch,
 ) -> Result<(Command, Vec<i32>), VmmError> {
-    let mut cmd = Command::new(paths.picocenter);
-    // The worker's secrets are not the VMM's: a VMM an app took over finds none of them
-    // in its environment.
-    for secret in SECRETS {
-        cmd.env_remove(secret);
-    }
-    cmd.env("PICOCENTER_STATE_DIR", paths.state_dir);
+    let mut cmd = base_command(paths.picocenter, paths.state_dir);
     let mut handed = Vec::new();
     let memory = match launch {
         Launch::Fresh {
@@ -228,7 +256,7 @@ const HANDED_MAX: usize = held::MAX_SOCKETS + 2;
 /// Makes `sockets` the child's fds 3, 4, ... (without close-on-exec), as
 /// `snapshot restore --listen-fds` (and `--feed-fd` after them) expects them; the
 /// supervision channel comes last.
-fn hand_down(cmd: &mut Command, sockets: Vec<i32>) {
+pub(super) fn hand_down(cmd: &mut Command, sockets: Vec<i32>) {
     // Far above anything the child has open, so that the copies never land on a target.
     const PARKING: i32 = 4096;
     // SAFETY: the closure runs in the child between fork and exec and calls only
@@ -257,15 +285,16 @@ fn hand_down(cmd: &mut Command, sockets: Vec<i32>) {
     }
 }
 
-/// Starts app `name` at `address` and waits (at most `limit`) until its listening sockets
-/// are bound: the VMM opens its control socket only after restoring them, and a fresh
-/// app is ready once it listens on its address.
+/// Starts app `name` at `address` (in a spare VMM of `pool` if one waits) and waits (at
+/// most `limit`) until its listening sockets are bound: the VMM opens its control socket
+/// only after restoring them, and a fresh app is ready once it listens on its address.
 pub async fn launch(
     paths: &Paths<'_>,
     name: &str,
     address: Ipv4Addr,
     launch: &Launch,
     limit: Duration,
+    pool: Option<&WarmPool>,
 ) -> Result<Vmm, VmmError> {
     // The name becomes the log's and the control socket's file names.
     picocenter_snapshots::names::validate_app_name(name)?;
@@ -283,7 +312,6 @@ pub async fn launch(
         (3 + handed.len()).to_string(),
     );
     handed.push(std::os::fd::AsRawFd::as_raw_fd(&vmm_end));
-    hand_down(&mut cmd, handed);
     let log_dir = paths.log_dir;
     let _ = picocenter_snapshots::private::create_dir_all(log_dir);
     let log = log_dir.join(format!("{name}.log"));
@@ -296,31 +324,44 @@ pub async fn launch(
             what: format!("log {}", log.display()),
             source,
         })?;
-    cmd.stdin(Stdio::null())
-        .stdout(stderr.try_clone().map_err(|source| VmmError::Spawn {
-            what: "log".into(),
-            source,
-        })?)
-        .stderr(stderr);
-    // SAFETY: prctl(PR_SET_PDEATHSIG) and setrlimit are async-signal-safe and touch no
-    // memory of the parent; the VMM dies with the worker instead of outliving it
-    // unmanaged, and has the hard open-file limit the worker was given (as soft and
-    // hard), not the one it raised for thousands of apps. The spawn runs on a runtime
-    // worker thread, which
-    // lives as long as the worker.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
+    let warm = pool.and_then(WarmPool::take).and_then(|spare| {
+        let pid = spare.id();
+        // SAFETY: every fd in `handed` is open for the duration of this call: the held
+        // sockets and the feed belong to the caller, the channel's end to this function.
+        let fds: Vec<_> = handed
+            .iter()
+            .map(|&fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+            .collect();
+        match spare.assign(&cmd, &fds, std::os::fd::AsFd::as_fd(&stderr)) {
+            Ok(child) => {
+                tracing::debug!(app = name, pid, "a spare VMM from the warm pool runs it");
+                Some(child)
             }
-            super::limits::restore_open_files_for_vmm()
-        });
-    }
-    // Killed if it is dropped unreaped (a failed launch, an app record that goes).
-    let child = ChildProcess::spawn(&mut cmd).map_err(|source| VmmError::Spawn {
-        what: format!("{} for {name}", paths.picocenter.display()),
-        source,
-    })?;
+            Err(err) => {
+                tracing::warn!(app = name, pid, "warm pool: {err}; starting a VMM instead");
+                None
+            }
+        }
+    });
+    let from_pool = warm.is_some();
+    let child = match warm {
+        Some(child) => child,
+        None => {
+            hand_down(&mut cmd, handed);
+            cmd.stdin(Stdio::null())
+                .stdout(stderr.try_clone().map_err(|source| VmmError::Spawn {
+                    what: "log".into(),
+                    source,
+                })?)
+                .stderr(stderr);
+            die_with_worker(&mut cmd);
+            // Killed if it is dropped unreaped (a failed launch, an app record that goes).
+            ChildProcess::spawn(&mut cmd).map_err(|source| VmmError::Spawn {
+                what: format!("{} for {name}", paths.picocenter.display()),
+                source,
+            })?
+        }
+    };
     drop(vmm_end);
     let pid = child.id();
     let run_dir = paths.state_dir.join("run");
@@ -353,6 +394,7 @@ pub async fn launch(
                 vmm_pid,
                 control,
                 log,
+                from_pool,
             });
         }
         if started.elapsed() > limit {

@@ -2,8 +2,9 @@
 //! user-mode entry state. The vCPU starts directly in ring 3; no guest boot code runs.
 
 use super::system::{GDT_LIMIT, IDT_LIMIT, TSS_LIMIT};
+use super::Machine;
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs, CpuId, Msrs};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::VcpuFd;
 use picocenter_guest_shim::abi::{self, selector};
 
 /// CR0: PE, MP, ET, NE, WP, PG (SSE needs MP set and EM clear).
@@ -39,8 +40,8 @@ const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 #[derive(Debug, thiserror::Error)]
 pub enum CpuSetupError {
     /// KVM_GET_SUPPORTED_CPUID failed.
-    #[error("KVM_GET_SUPPORTED_CPUID")]
-    GetSupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    GetSupportedCpuid(super::KvmError),
     /// KVM_SET_CPUID2 failed.
     #[error("KVM_SET_CPUID2")]
     SetCpuid(#[source] kvm_ioctls::Error),
@@ -86,9 +87,9 @@ pub struct CpuFeatures {
 ///
 /// FSGSBASE, PKU and OSPKE are hidden: their CR4 bits stay clear, and glibc must not try
 /// `wrfsbase` (the VMM keeps the FS base; see `arch_prctl`).
-pub fn guest_cpuid(kvm: &Kvm) -> Result<(CpuId, CpuFeatures), CpuSetupError> {
-    let mut cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+pub fn guest_cpuid(machine: &Machine) -> Result<(CpuId, CpuFeatures), CpuSetupError> {
+    let mut cpuid = machine
+        .supported_cpuid()
         .map_err(CpuSetupError::GetSupportedCpuid)?;
     let mut features = CpuFeatures { nx: false, xcr0: 0 };
     let mut has_xsave = false;

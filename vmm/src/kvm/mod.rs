@@ -2,15 +2,17 @@
 //!
 //! * [`system`]: the GDT, IDT, TSS, stubs and doorbell inside the guest;
 //! * [`cpu`]: CPUID and the vCPU's registers;
-//! * [`kick`]: getting the vCPU thread out of `KVM_RUN` from another thread.
+//! * [`kick`]: getting the vCPU thread out of `KVM_RUN` from another thread;
+//! * [`ahead`]: a VM and vCPU made before the app is known (a worker's warm pool).
 
+pub mod ahead;
 pub mod cpu;
 pub mod kick;
 pub mod system;
 pub mod vcpu;
 
 use crate::memory::phys::SlotInfo;
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, CpuId};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 /// Why the VM could not be created or changed.
@@ -34,6 +36,9 @@ pub enum KvmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// KVM_GET_SUPPORTED_CPUID failed.
+    #[error("KVM_GET_SUPPORTED_CPUID")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
     /// The host KVM lacks a capability the VMM needs.
     #[error("KVM lacks {0}")]
     MissingCapability(&'static str),
@@ -47,6 +52,11 @@ pub struct Machine {
     /// The VM.
     pub vm: VmFd,
     slots: [SlotInfo; 3],
+    /// The vCPU made with the VM ahead of the app, which the first
+    /// [`Machine::create_vcpu`] hands out.
+    vcpu_ahead: std::sync::Mutex<Option<VcpuFd>>,
+    /// What KVM_GET_SUPPORTED_CPUID answered, once asked (~0.3 ms a call on kvm_pvm).
+    supported_cpuid: std::sync::OnceLock<CpuId>,
 }
 
 fn region(info: &SlotInfo, size: u64) -> kvm_userspace_memory_region {
@@ -60,14 +70,31 @@ fn region(info: &SlotInfo, size: u64) -> kvm_userspace_memory_region {
 }
 
 impl Machine {
-    /// Creates a VM and registers `slots`, whose host mappings must outlive it.
+    /// Creates a VM (or takes the one made [`ahead`]) and registers `slots`, whose host
+    /// mappings must outlive it.
     pub fn new(slots: [SlotInfo; 3]) -> Result<Self, KvmError> {
-        let kvm = Kvm::new().map_err(KvmError::Open)?;
-        if !kvm.check_extension(kvm_ioctls::Cap::SyncRegs) {
-            return Err(KvmError::MissingCapability("KVM_CAP_SYNC_REGS"));
-        }
-        let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
-        let machine = Self { kvm, vm, slots };
+        let supported_cpuid = std::sync::OnceLock::new();
+        let (kvm, vm, vcpu_ahead) = match ahead::take() {
+            Some(made) => {
+                let _ = supported_cpuid.set(made.supported_cpuid);
+                (made.kvm, made.vm, Some(made.vcpu))
+            }
+            None => {
+                let kvm = Kvm::new().map_err(KvmError::Open)?;
+                if !kvm.check_extension(kvm_ioctls::Cap::SyncRegs) {
+                    return Err(KvmError::MissingCapability("KVM_CAP_SYNC_REGS"));
+                }
+                let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
+                (kvm, vm, None)
+            }
+        };
+        let machine = Self {
+            kvm,
+            vm,
+            slots,
+            vcpu_ahead: std::sync::Mutex::new(vcpu_ahead),
+            supported_cpuid,
+        };
         for info in &machine.slots {
             machine.set_region(info, info.size)?;
         }
@@ -93,6 +120,8 @@ impl Machine {
             kvm,
             vm,
             slots: self.slots,
+            vcpu_ahead: std::sync::Mutex::new(None),
+            supported_cpuid: self.supported_cpuid.clone(),
         };
         for info in &machine.slots {
             machine.set_region(info, info.size)?;
@@ -121,8 +150,26 @@ impl Machine {
         self.set_region(&info, info.size)
     }
 
-    /// Creates the one vCPU.
+    /// The CPUID leaves this KVM supports (asked once per machine, or ahead).
+    pub fn supported_cpuid(&self) -> Result<CpuId, KvmError> {
+        if let Some(cpuid) = self.supported_cpuid.get() {
+            return Ok(cpuid.clone());
+        }
+        let cpuid = ahead::ask_supported_cpuid(&self.kvm)?;
+        let _ = self.supported_cpuid.set(cpuid.clone());
+        Ok(cpuid)
+    }
+
+    /// Creates the one vCPU, or hands out the one made ahead with the VM.
     pub fn create_vcpu(&self) -> Result<VcpuFd, KvmError> {
-        self.vm.create_vcpu(0).map_err(KvmError::CreateVcpu)
+        let ahead = self
+            .vcpu_ahead
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match ahead {
+            Some(vcpu) => Ok(vcpu),
+            None => self.vm.create_vcpu(0).map_err(KvmError::CreateVcpu),
+        }
     }
 }

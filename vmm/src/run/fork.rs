@@ -309,7 +309,7 @@ impl Exits<'_> {
         }
 
         let machine = self.machine.for_forked_process()?;
-        let (cpuid, features) = cpu::guest_cpuid(&machine.kvm)?;
+        let (cpuid, features) = cpu::guest_cpuid(&machine)?;
         let fd = machine.create_vcpu()?;
         cpu::configure(
             &fd,

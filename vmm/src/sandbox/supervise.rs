@@ -193,7 +193,10 @@ pub fn supervise(
         None => Some(start_supervisor(address, &leftovers, run_dir)?),
     };
     let status = match jail::enter_filesystem(&spec) {
-        Ok(()) => vmm(&lockdown),
+        Ok(()) => {
+            tracing::debug!(uid = lease.value, "in the jail");
+            vmm(&lockdown)
+        }
         Err(e) => {
             eprintln!("picocenter: error: {}", crate::report::error_chain(&e));
             1
