@@ -328,6 +328,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     };
     // Authenticated and bounds-checked: only then are its values defaults.
     let manifest = store.manifest(&id, &key)?;
+    tracing::trace!("restore: manifest read and checked");
     let (mut config, root, temp_data) = configure(&args, &manifest, key)?;
     tracing::debug!(id, "restore: configured from the manifest");
     let feed = match args.feed_fd {
@@ -345,6 +346,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     };
     // The app goes on snapshotting into the store it came from.
     claim_name(&mut config, state, true, Some(store.dir().to_path_buf()))?;
+    tracing::trace!("restore: name claimed");
     let mut temporary = Vec::new();
     if let Root::FromProgram(temp, _) = &root {
         temporary.push(temp.dir.path());

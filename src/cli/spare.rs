@@ -3,7 +3,6 @@
 //! `picocenter_vmm::spare`), and becomes that app's `run` or `snapshot restore`.
 
 use anyhow::{bail, Context};
-use clap::Parser;
 use picocenter_vmm::spare::{self, ASSIGNMENT_FD};
 use std::os::fd::BorrowedFd;
 
@@ -31,6 +30,13 @@ pub fn spare(_: SpareArgs) -> anyhow::Result<i32> {
         // The app's own VM creation then reports what is wrong, to the app's log.
         tracing::warn!("spare: no VM made ahead: {err}");
     }
+    if let Err(err) = picocenter_vmm::sandbox::seccomp::prepare() {
+        tracing::warn!("spare: no seccomp filter compiled ahead: {err}");
+    }
+    picocenter_vmm::platform::Platform::detect();
+    // The command-line parser, built ahead: building it is most of a parse (~0.3 ms).
+    let mut parser = <super::Cli as clap::CommandFactory>::command();
+    parser.build();
     let received = match spare::receive(socket) {
         Ok(received) => received,
         // The pool went (the worker ended, or discarded this spare): nothing to run.
@@ -38,6 +44,7 @@ pub fn spare(_: SpareArgs) -> anyhow::Result<i32> {
         Err(err) => return Err(err).context("waiting for an app to run"),
     };
     let assignment = spare::install(received).context("taking the handed-down fds")?;
+    tracing::debug!(args = ?assignment.args, "spare: assigned");
     for (name, value) in &assignment.env {
         // Nothing but this thread runs yet (a spare starts none before its app).
         match value {
@@ -45,10 +52,14 @@ pub fn spare(_: SpareArgs) -> anyhow::Result<i32> {
             None => std::env::remove_var(name),
         }
     }
-    let cli = super::Cli::try_parse_from(
-        std::iter::once("picocenter".to_string()).chain(assignment.args.iter().cloned()),
-    )
-    .context("the assignment's command line")?;
+    let matches = parser
+        .try_get_matches_from_mut(
+            std::iter::once("picocenter".to_string()).chain(assignment.args.iter().cloned()),
+        )
+        .context("the assignment's command line")?;
+    let cli = <super::Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+        .context("the assignment's command line")?;
+    tracing::trace!("spare: command line parsed");
     let runs_an_app = match &cli.command {
         super::Command::Run(_) => true,
         super::Command::Snapshot(args) => args.runs_an_app(),

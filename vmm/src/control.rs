@@ -377,6 +377,10 @@ pub struct StatsReply {
     /// Connections the app accepted so far.
     #[serde(default)]
     pub connections: u64,
+    /// Sockets that serve the app's address now (TCP listeners and bound UDP sockets, not
+    /// those on 127.0.0.1 or ::1): a fresh app with one is ready for clients.
+    #[serde(default)]
+    pub serving: usize,
     /// CPU time of the whole VMM process, exited threads included, nanoseconds.
     #[serde(default)]
     pub cpu_ns: u64,
@@ -731,6 +735,7 @@ fn serve(stream: UnixStream, serving: &Serving) {
                 memory_limit_bytes: stats.frames_total.load(Ordering::Relaxed) * 4096,
                 syscalls: stats.syscalls.load(Ordering::Relaxed),
                 connections: stats.connections.load(Ordering::Relaxed),
+                serving: handoff.live().len(),
                 cpu_ns: clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID).unwrap_or(0),
                 app_cpu_ns: stats.app_cpu_ns(),
                 rss_bytes: rss_bytes(),

@@ -166,6 +166,7 @@ pub fn enter_filesystem(spec: &JailSpec) -> Result<(), JailError> {
         "mounting the jail's root on {}",
         root.display()
     )))?;
+    tracing::trace!("jail: own mount namespace");
     let mut visible = spec.visible.clone();
     // Parents before children, so a child's bind lands inside its parent's.
     visible.sort_by_key(|(path, _)| path.components().count());
@@ -196,6 +197,7 @@ pub fn enter_filesystem(spec: &JailSpec) -> Result<(), JailError> {
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
     )
     .map_err(step("mounting /proc"))?;
+    tracing::trace!("jail: mounts made");
     switch_root(root)?;
     // The root itself (the tmpfs of mount points) is read-only.
     mount(

@@ -260,9 +260,25 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     unsafe { libc::_exit(128 + libc::SIGSYS) };
 }
 
+/// The filter, compiled once per process: a spare VMM compiles it before its app is
+/// known (see [`prepare`]), which takes the compilation off the app's start.
+static COMPILED: std::sync::OnceLock<BpfProgram> = std::sync::OnceLock::new();
+
+/// Compiles the filter now, for a later [`install`].
+pub fn prepare() -> Result<(), JailError> {
+    if COMPILED.get().is_none() {
+        let _ = COMPILED.set(filter()?);
+    }
+    Ok(())
+}
+
 /// Installs the SIGSYS handler and the filter on every thread of the process.
 pub fn install() -> Result<(), JailError> {
-    install_program(&filter()?)
+    prepare()?;
+    match COMPILED.get() {
+        Some(program) => install_program(program),
+        None => install_program(&filter()?),
+    }
 }
 
 /// Installs the SIGSYS handler and `program` on every thread of the process.

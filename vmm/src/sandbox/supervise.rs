@@ -165,6 +165,7 @@ pub fn supervise(
         return Ok(vmm(&Lockdown { identity: None }));
     }
     let lease = lease_uid(run_dir)?;
+    tracing::trace!(uid = lease.value, "jail: uid leased");
     let uids = uid_range()?;
     for dir in owned {
         give(dir, lease.value, uids)?;
@@ -175,6 +176,7 @@ pub fn supervise(
     crate::control::private_dir(&scratch)
         .map_err(io_step(format!("creating {}", scratch.display())))?;
     spec.scratch = scratch.clone();
+    tracing::trace!("jail: owned directories given, scratch made");
     let lockdown = Lockdown {
         identity: Some((lease.value, lease.value)),
     };
@@ -192,6 +194,7 @@ pub fn supervise(
         }
         None => Some(start_supervisor(address, &leftovers, run_dir)?),
     };
+    tracing::trace!("jail: supervisor ready");
     let status = match jail::enter_filesystem(&spec) {
         Ok(()) => {
             tracing::debug!(uid = lease.value, "in the jail");
