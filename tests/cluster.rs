@@ -1935,6 +1935,23 @@ fn a_warm_pool_s_spares_run_apps_jailed_and_die_with_their_worker() {
         (waiting_spares(worker_pid).len() == 2).then_some(())
     });
 
+    // A waiting spare that dies is reaped and replaced (a scrape of the metrics looks).
+    let killed = waiting_spares(worker_pid)[0];
+    // SAFETY: kill(2) of a child of the worker this test started.
+    assert_eq!(unsafe { libc::kill(killed as i32, libc::SIGKILL) }, 0);
+    wait_for("the dead spare to be replaced", limit, || {
+        let text = metrics(worker_address);
+        let spares = waiting_spares(worker_pid);
+        (metric(&text, "picocenter_worker_spare_vmms") == 2.0
+            && spares.len() == 2
+            && !spares.contains(&killed))
+        .then_some(())
+    });
+    assert!(
+        !children_of(worker_pid).contains(&killed),
+        "the dead spare was not reaped"
+    );
+
     // The spares die with their worker, waiting or running an app.
     let spares = waiting_spares(worker_pid);
     worker.kill();
@@ -1992,4 +2009,48 @@ fn a_spare_refuses_what_is_not_an_app_and_a_start_without_its_socket() {
     // Its messages go to the log it was handed from then on.
     let said = std::fs::read_to_string(log.path()).unwrap();
     assert!(said.contains("a spare becomes"), "{said}");
+}
+
+#[test]
+fn a_fresh_app_whose_listener_a_forked_process_opens_becomes_ready() {
+    // `sh -c "server; true"` forks for the server: the listener is the child process's,
+    // which the app's first VMM does not count among the sockets it serves.
+    let (dir, hub) = setup("forked");
+    let image = dir.path().join("forked-http");
+    std::fs::create_dir_all(&image).unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/counter-http/counter-http.c");
+    std::fs::copy(source, image.join("counter-http.c")).unwrap();
+    std::fs::write(
+        image.join("image.toml"),
+        r#"description = "counter-http under a shell that forks it"
+[run]
+argv = ["/bin/sh", "-c", "/bin/counter-http 8080; true"]
+memory_mib = 32
+[root]
+host = ["/bin/sh"]
+compile = [{ sources = ["counter-http.c"], output = "/bin/counter-http", flags = ["-O2", "-static"] }]
+"#,
+    )
+    .unwrap();
+    let mut cmd = picocenter();
+    cmd.arg("image").arg("build").arg(&image);
+    let out = run_with_limit(&mut cmd, Duration::from_secs(600));
+    assert!(out.status.success(), "{}", describe(&out));
+    let store = dir.path().join("cold");
+    let _worker = worker(
+        &hub,
+        "w-forked",
+        "127.3.31.0/24",
+        "600",
+        &["--store", store.to_str().unwrap()],
+    );
+    hub.add("cforked", "forked-http", 600.0);
+    let address = resolve(&hub, "cforked");
+    // (A forked process binds no privileged port: port 8080.)
+    for expected in [1, 2] {
+        let response = http(format!("{address}:8080").parse().unwrap(), "GET", "/", b"");
+        assert_eq!(response.status, 200);
+        let body = String::from_utf8_lossy(&response.body).trim().to_string();
+        assert_eq!(body, format!("count={expected}"));
+    }
 }

@@ -67,8 +67,8 @@ pub fn spare(_: SpareArgs) -> anyhow::Result<i32> {
     };
     if !runs_an_app {
         bail!(
-            "a spare becomes `run` or `snapshot restore`, not {:?}",
-            assignment.args.first()
+            "a spare becomes `run` or `snapshot restore`, not `{}`",
+            assignment.args.join(" ")
         );
     }
     super::dispatch(cli)

@@ -26,6 +26,12 @@ pub const FDS_MAX: usize = 72;
 /// Largest assignment message: a command line and a few variables.
 const MESSAGE_MAX: usize = 64 * 1024;
 
+/// Whether `name` can be an environment variable's name (and `value` its value): no
+/// empty name, no `=` in it, no NUL in either (std would panic on them).
+pub fn valid_variable(name: &str, value: Option<&str>) -> bool {
+    !name.is_empty() && !name.contains(['=', '\0']) && !value.is_some_and(|v| v.contains('\0'))
+}
+
 /// What a spare is to become.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Assignment {
@@ -147,6 +153,15 @@ pub fn receive(socket: BorrowedFd<'_>) -> Result<Received, SpareError> {
     }
     let assignment: Assignment = serde_json::from_slice(&message[..received.bytes])
         .map_err(|e| SpareError::Malformed(e.to_string()))?;
+    if let Some((name, _)) = assignment
+        .env
+        .iter()
+        .find(|(name, value)| !valid_variable(name, value.as_deref()))
+    {
+        return Err(SpareError::Malformed(format!(
+            "{name:?} is no environment variable"
+        )));
+    }
     let log = fds
         .pop()
         .ok_or_else(|| SpareError::Malformed("no log fd".into()))?;
@@ -182,22 +197,31 @@ pub fn install(received: Received) -> Result<Assignment, Errno> {
         handed,
         log,
     } = received;
+    // The log first: whatever goes wrong from here on is the app's to read.
+    dup_onto(log.as_fd(), libc::STDOUT_FILENO)?;
+    dup_onto(log.as_fd(), libc::STDERR_FILENO)?;
     let mut targets = reserved_range();
     for (fd, target) in handed.iter().zip(targets.by_ref()) {
         dup_onto(fd.as_fd(), target)?;
     }
     if let Some(first) = targets.next() {
-        let last = ASSIGNMENT_FD + FDS_MAX as i32 - 1;
-        // SAFETY: the fds `first ..= last` are reserved ones (copies of the assignment
-        // socket) that only this module owns: closing them by number is their end. One
-        // call, not seventy.
-        if unsafe { libc::close_range(first as u32, last as u32, 0) } != 0 {
-            return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO));
-        }
+        close_reserved(first, ASSIGNMENT_FD + FDS_MAX as i32 - 1);
     }
-    dup_onto(log.as_fd(), libc::STDOUT_FILENO)?;
-    dup_onto(log.as_fd(), libc::STDERR_FILENO)?;
     Ok(assignment)
+}
+
+/// Closes the reserved fds `first ..= last`: one close_range, or (before Linux 5.9) one
+/// close each.
+fn close_reserved(first: i32, last: i32) {
+    // SAFETY: the fds `first ..= last` are reserved ones (copies of the assignment socket)
+    // that only this module owns: closing them by number is their end.
+    if unsafe { libc::close_range(first as u32, last as u32, 0) } == 0 {
+        return;
+    }
+    for fd in first..=last {
+        // SAFETY: as above, one at a time.
+        unsafe { libc::close(fd) };
+    }
 }
 
 /// dup2(`fd`, `target`): the copy at `target` is not close-on-exec.
@@ -243,6 +267,25 @@ mod tests {
             receive(spare.as_fd()),
             Err(SpareError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_variable_std_would_panic_on_is_no_assignment() {
+        for (name, value) in [("", Some("1")), ("A=B", Some("1")), ("A", Some("x\0y"))] {
+            let (worker, spare) = socket_pair().unwrap();
+            let log = tempfile::tempfile().unwrap();
+            let assignment = Assignment {
+                args: vec!["run".into()],
+                env: vec![(name.into(), value.map(String::from))],
+            };
+            send(worker.as_fd(), &assignment, &[], log.as_fd()).unwrap();
+            assert!(
+                matches!(receive(spare.as_fd()), Err(SpareError::Malformed(_))),
+                "{name:?}={value:?}"
+            );
+        }
+        assert!(valid_variable("PICOCENTER_STATE_DIR", Some("/x")));
+        assert!(valid_variable("SECRET", None));
     }
 
     #[test]

@@ -11,10 +11,14 @@ use super::child::ChildProcess;
 use picocenter_vmm::spare::{self, Assignment, SpareError};
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+
+/// Where spares write until they have an app's log, in the worker's log directory.
+pub const SPARES_LOG: &str = ".spares.log";
 
 /// How a spare is started.
 #[derive(Debug, Clone)]
@@ -23,7 +27,7 @@ pub struct SpareCommand {
     pub picocenter: PathBuf,
     /// The state directory the VMMs use.
     pub state_dir: PathBuf,
-    /// Where a spare's own messages go until it has an app's log (`spares.log` in it).
+    /// Where a spare's own messages go until it has an app's log ([`SPARES_LOG`] in it).
     pub log_dir: PathBuf,
 }
 
@@ -34,28 +38,34 @@ pub struct Spare {
     socket: OwnedFd,
 }
 
+/// What a spare is told to become for `cmd` (a VMM's command line and environment, as
+/// `super::vmm` builds it): checked before a spare is taken, so that a command a spare
+/// cannot be given costs no spare.
+pub fn assignment(cmd: &Command) -> Result<Assignment, SpareError> {
+    let text = |s: &std::ffi::OsStr| {
+        s.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| SpareError::Malformed(format!("{s:?} is not UTF-8")))
+    };
+    let args = cmd.get_args().map(text).collect::<Result<Vec<_>, _>>()?;
+    let env = cmd
+        .get_envs()
+        .map(|(name, value)| Ok((text(name)?, value.map(text).transpose()?)))
+        .collect::<Result<Vec<_>, SpareError>>()?;
+    Ok(Assignment { args, env })
+}
+
 impl Spare {
-    /// Tells the spare to become `cmd` (a VMM's command line and environment, as
-    /// `super::vmm` builds it), with `handed` as its fds 3, 4, ... and `log` as its stdout
-    /// and stderr; returns its process. A spare that has died fails here (the caller then
-    /// starts the VMM itself).
+    /// Tells the spare to become what `assignment` says, with `handed` as its fds 3, 4, ...
+    /// and `log` as its stdout and stderr; returns its process. A spare that has died
+    /// fails here (the caller then starts the VMM itself).
     pub fn assign(
         self,
-        cmd: &Command,
+        assignment: &Assignment,
         handed: &[BorrowedFd<'_>],
         log: BorrowedFd<'_>,
     ) -> Result<ChildProcess, SpareError> {
-        let text = |s: &std::ffi::OsStr| {
-            s.to_str()
-                .map(str::to_string)
-                .ok_or_else(|| SpareError::Malformed(format!("{s:?} is not UTF-8")))
-        };
-        let args = cmd.get_args().map(text).collect::<Result<Vec<_>, _>>()?;
-        let env = cmd
-            .get_envs()
-            .map(|(name, value)| Ok((text(name)?, value.map(text).transpose()?)))
-            .collect::<Result<Vec<_>, SpareError>>()?;
-        spare::send(self.socket.as_fd(), &Assignment { args, env }, handed, log)?;
+        spare::send(self.socket.as_fd(), assignment, handed, log)?;
         Ok(self.child)
     }
 
@@ -112,21 +122,19 @@ impl WarmPool {
     /// A live spare, if one waits; the pool makes another in the background.
     pub fn take(&self) -> Option<Spare> {
         let mut spares = self.inner.lock();
-        while let Some(spare) = spares.pop_front() {
-            self.inner.taken.notify_one();
-            match spare.child.try_wait() {
-                Ok(None) => return Some(spare),
-                status => {
-                    tracing::warn!(pid = spare.id(), ?status, "warm pool: a spare had ended");
-                }
-            }
-        }
-        None
+        prune_ended(&mut spares);
+        let spare = spares.pop_front();
+        self.inner.taken.notify_one();
+        spare
     }
 
-    /// Spares waiting now.
+    /// Spares waiting now (those that ended are reaped and replaced).
     pub fn waiting(&self) -> usize {
-        self.inner.lock().len()
+        let mut spares = self.inner.lock();
+        if prune_ended(&mut spares) {
+            self.inner.taken.notify_one();
+        }
+        spares.len()
     }
 
     /// The pool's bound.
@@ -141,26 +149,65 @@ impl Inner {
     }
 }
 
+/// Reaps the spares that ended while they waited (a spare whose VM could not be made
+/// still waits; one killed by hand does not); true if there were any.
+fn prune_ended(spares: &mut VecDeque<Spare>) -> bool {
+    let before = spares.len();
+    spares.retain(|spare| match spare.child.try_wait() {
+        Ok(None) => true,
+        Ok(Some(status)) => {
+            tracing::warn!(
+                pid = spare.id(),
+                "warm pool: a waiting spare ended ({status})"
+            );
+            false
+        }
+        Err(err) => {
+            tracing::warn!(
+                pid = spare.id(),
+                "warm pool: a waiting spare is lost: {err}"
+            );
+            false
+        }
+    });
+    spares.len() != before
+}
+
+/// How often the refill thread looks for spares that ended, with nothing taken.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
 /// Keeps the pool full. A spare that cannot be started is tried again after a pause that
-/// doubles up to a minute, with one warning per failure.
+/// doubles up to a minute, with one warning per failure. Never returns, and never
+/// unwinds: the spares' parent-death signal follows this thread, so its end would kill
+/// every app a spare became.
 fn refill_forever(inner: &Inner, command: &SpareCommand) -> ! {
     let mut pause = Duration::from_millis(100);
     loop {
-        {
-            let mut spares = inner.lock();
-            while spares.len() >= inner.size {
-                spares = inner.taken.wait(spares).unwrap_or_else(|e| e.into_inner());
+        let refilled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            {
+                let mut spares = inner.lock();
+                prune_ended(&mut spares);
+                while spares.len() >= inner.size {
+                    spares = inner
+                        .taken
+                        .wait_timeout(spares, PRUNE_EVERY)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    prune_ended(&mut spares);
+                }
             }
-        }
-        match start_spare(command) {
-            Ok(spare) => {
-                pause = Duration::from_millis(100);
-                inner.lock().push_back(spare);
-            }
-            Err(err) => {
+            start_spare(command).map(|spare| inner.lock().push_back(spare))
+        }));
+        match refilled {
+            Ok(Ok(())) => pause = Duration::from_millis(100),
+            Ok(Err(err)) => {
                 tracing::warn!("warm pool: starting a spare VMM: {err}; again in {pause:?}");
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_secs(60));
+            }
+            Err(_) => {
+                tracing::error!("warm pool: the refill thread panicked; going on in {pause:?}");
+                std::thread::sleep(pause);
             }
         }
     }
@@ -173,10 +220,12 @@ fn start_spare(command: &SpareCommand) -> std::io::Result<Spare> {
     cmd.arg("spare");
     super::vmm::hand_down(&mut cmd, vec![spare_end.as_raw_fd()]);
     let _ = picocenter_snapshots::private::create_dir_all(&command.log_dir);
+    // A name no app's log can have (app names start with a letter or digit).
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(command.log_dir.join("spares.log"))?;
+        .mode(0o600)
+        .open(command.log_dir.join(SPARES_LOG))?;
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     super::vmm::die_with_worker(&mut cmd);
     let child = ChildProcess::spawn(&mut cmd)?;

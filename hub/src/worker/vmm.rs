@@ -324,7 +324,13 @@ pub async fn launch(
             what: format!("log {}", log.display()),
             source,
         })?;
-    let warm = pool.and_then(WarmPool::take).and_then(|spare| {
+    let assignment = pool.map(|_| super::pool::assignment(&cmd)).transpose();
+    let assignment = assignment.unwrap_or_else(|err| {
+        tracing::warn!(app = name, "warm pool: {err}; starting a VMM instead");
+        None
+    });
+    let warm = assignment.as_ref().and_then(|assignment| {
+        let spare = pool.and_then(WarmPool::take)?;
         let pid = spare.id();
         // SAFETY: every fd in `handed` is open for the duration of this call: the held
         // sockets and the feed belong to the caller, the channel's end to this function.
@@ -332,7 +338,7 @@ pub async fn launch(
             .iter()
             .map(|&fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
             .collect();
-        match spare.assign(&cmd, &fds, std::os::fd::AsFd::as_fd(&stderr)) {
+        match spare.assign(assignment, &fds, std::os::fd::AsFd::as_fd(&stderr)) {
             Ok(child) => {
                 tracing::debug!(app = name, pid, "a spare VMM from the warm pool runs it");
                 Some(child)
@@ -376,6 +382,8 @@ pub async fn launch(
     let control = run_dir.join(format!("{name}.sock"));
     let started = Instant::now();
     let fresh = matches!(launch, Launch::Fresh { .. });
+    const SCAN_EVERY: Duration = Duration::from_millis(50);
+    let mut next_scan = SCAN_EVERY;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(VmmError::Ended {
@@ -384,14 +392,22 @@ pub async fn launch(
             });
         }
         // Ready once its control socket answers (a restore binds its sockets before), and
-        // for a fresh app once a socket serves its address.
-        let ready = stats(&control)
+        // for a fresh app once a socket serves its address: its VMM says so, or, every
+        // 50 ms after the first 50 (a listener of a forked process of the app, which its
+        // VMM does not count), a scan of the host's sockets finds one.
+        let answered = stats(&control)
             .await
             .ok()
-            .filter(|s| s.pid == pid || (s.ppid == pid && parent_of(s.pid) == Some(pid)))
-            .filter(|s| !fresh || s.serving > 0)
-            .map(|s| s.pid);
-        if let Some(vmm_pid) = ready {
+            .filter(|s| s.pid == pid || (s.ppid == pid && parent_of(s.pid) == Some(pid)));
+        let ready = answered.filter(|s| {
+            !fresh
+                || s.serving > 0
+                || (started.elapsed() >= next_scan && {
+                    next_scan = started.elapsed() + SCAN_EVERY;
+                    listening_on(address)
+                })
+        });
+        if let Some(vmm_pid) = ready.map(|s| s.pid) {
             return Ok(Vmm {
                 child,
                 vmm_pid,
@@ -418,6 +434,29 @@ pub fn tail(path: &Path, bytes: usize) -> String {
     let text = std::fs::read(path).unwrap_or_default();
     let start = text.len().saturating_sub(bytes);
     String::from_utf8_lossy(&text[start..]).trim().to_string()
+}
+
+/// Whether some socket serves `address` (any port): a TCP socket listening there
+/// (/proc/net/tcp) or a UDP socket bound there (/proc/net/udp). A scan of every socket
+/// on the host (~5 ms with a few hundred in TIME_WAIT): only the fallback of a fresh
+/// start's readiness, for an app whose listener a forked process of it opened (its VMM
+/// counts only its own in `serving`).
+pub fn listening_on(address: Ipv4Addr) -> bool {
+    // Local address as the kernel prints it: the 32-bit value in host order, in hex.
+    let want = format!("{:08X}", u32::from_ne_bytes(address.octets()));
+    let serves = |table: &str, state_wanted: Option<&str>| {
+        let Ok(table) = std::fs::read_to_string(table) else {
+            return false;
+        };
+        table.lines().skip(1).any(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1).unwrap_or("");
+            let state = fields.nth(1).unwrap_or("");
+            local.split(':').next() == Some(want.as_str())
+                && state_wanted.is_none_or(|wanted| state == wanted)
+        })
+    };
+    serves("/proc/net/tcp", Some("0A")) || serves("/proc/net/udp", None)
 }
 
 /// The answer to a stats request.
@@ -577,5 +616,18 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn finds_a_listening_socket() {
+        let address = Ipv4Addr::new(127, 0, 9, 77);
+        assert!(!listening_on(address));
+        let listener = std::net::TcpListener::bind((address, 0)).unwrap();
+        assert!(listening_on(address));
+        drop(listener);
+        assert!(!listening_on(address));
+        let udp = std::net::UdpSocket::bind((address, 0)).unwrap();
+        assert!(listening_on(address));
+        drop(udp);
     }
 }
