@@ -766,6 +766,7 @@ impl Exits<'_> {
             self.p.thread.fs_base_changed = false;
         }
         if self.p.activeset.harvest_due() {
+            tracing::trace!("activeset: harvest");
             let accessed = self.p.mem.take_accessed()?;
             self.p.activeset.harvest(accessed);
         }
