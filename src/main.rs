@@ -11,7 +11,10 @@ fn main() {
     match cli::dispatch(args) {
         Ok(status) => std::process::exit(status),
         Err(err) => {
-            eprintln!("picocenter: error: {err:#}");
+            eprintln!(
+                "picocenter: error: {}",
+                picocenter_vmm::report::error_chain(err.as_ref())
+            );
             std::process::exit(1);
         }
     }

@@ -69,7 +69,10 @@ pub fn run_jailed(
     let report = |lockdown: &Lockdown| match vmm(lockdown) {
         Ok(status) => status,
         Err(err) => {
-            eprintln!("picocenter: error: {err:#}");
+            eprintln!(
+                "picocenter: error: {}",
+                picocenter_vmm::report::error_chain(err.as_ref())
+            );
             1
         }
     };
