@@ -189,9 +189,10 @@ struct WorkerFlags {
     s3_download_first: bool,
     /// Keep this many spare VMM processes started ahead, each with its KVM VM made, so
     /// that a start or restore skips process start-up and VM creation (each costs about
-    /// 0.6 MiB of host memory while it waits; 0: none). Refilled in the background.
-    #[arg(long, value_name = "N", default_value_t = 2)]
-    warm_pool: usize,
+    /// 1 MiB of host memory while it waits; 0: none, at most 64). Refilled in the
+    /// background.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=64))]
+    warm_pool: u8,
 }
 
 /// Arguments of `picocenter app`.
@@ -348,7 +349,7 @@ fn worker_options(
             address_quarantine: seconds(flags.address_quarantine, "--address-quarantine")?,
             cache_limit: flags.cache_limit_mib.saturating_mul(1 << 20),
             stream_swap_in: !flags.s3_download_first,
-            warm_pool: flags.warm_pool,
+            warm_pool: usize::from(flags.warm_pool),
         },
         cold,
         period: Duration::from_millis(500),
