@@ -324,52 +324,8 @@ pub async fn launch(
             what: format!("log {}", log.display()),
             source,
         })?;
-    let assignment = pool.map(|_| super::pool::assignment(&cmd)).transpose();
-    let assignment = assignment.unwrap_or_else(|err| {
-        tracing::warn!(app = name, "warm pool: {err}; starting a VMM instead");
-        None
-    });
-    let warm = assignment.as_ref().and_then(|assignment| {
-        let spare = pool.and_then(WarmPool::take)?;
-        let pid = spare.id();
-        // SAFETY: every fd in `handed` is open for the duration of this call: the held
-        // sockets and the feed belong to the caller, the channel's end to this function.
-        let fds: Vec<_> = handed
-            .iter()
-            .map(|&fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
-            .collect();
-        match spare.assign(assignment, &fds, std::os::fd::AsFd::as_fd(&stderr)) {
-            Ok(child) => {
-                tracing::debug!(app = name, pid, "a spare VMM from the warm pool runs it");
-                Some(child)
-            }
-            Err(err) => {
-                tracing::warn!(app = name, pid, "warm pool: {err}; starting a VMM instead");
-                None
-            }
-        }
-    });
-    let from_pool = warm.is_some();
-    let child = match warm {
-        Some(child) => child,
-        None => {
-            hand_down(&mut cmd, handed);
-            cmd.stdin(Stdio::null())
-                .stdout(stderr.try_clone().map_err(|source| VmmError::Spawn {
-                    what: "log".into(),
-                    source,
-                })?)
-                .stderr(stderr);
-            die_with_worker(&mut cmd);
-            // Killed if it is dropped unreaped (a failed launch, an app record that goes).
-            ChildProcess::spawn(&mut cmd).map_err(|source| VmmError::Spawn {
-                what: format!("{} for {name}", paths.picocenter.display()),
-                source,
-            })?
-        }
-    };
+    let (child, from_pool) = start_process(cmd, handed, stderr, pool, name, paths.picocenter)?;
     drop(vmm_end);
-    let pid = child.id();
     let run_dir = paths.state_dir.join("run");
     supervision::start(
         worker_end,
@@ -380,22 +336,95 @@ pub async fn launch(
     )
     .map_err(spawn_error("the VMM's supervision"))?;
     let control = run_dir.join(format!("{name}.sock"));
-    let started = Instant::now();
     let fresh = matches!(launch, Launch::Fresh { .. });
+    let vmm_pid = wait_until_ready(&child, &control, &log, address, fresh, limit).await?;
+    Ok(Vmm {
+        child,
+        vmm_pid,
+        control,
+        log,
+        from_pool,
+    })
+}
+
+/// Starts the VMM process `cmd` with `handed` as its fds 3, 4, ... and `log` as its
+/// stdout and stderr: a spare of `pool` if one waits (true), else a new process.
+fn start_process(
+    mut cmd: Command,
+    handed: Vec<i32>,
+    log: std::fs::File,
+    pool: Option<&WarmPool>,
+    name: &str,
+    picocenter: &Path,
+) -> Result<(ChildProcess, bool), VmmError> {
+    let assignment = pool.map(|_| super::pool::assignment(&cmd)).transpose();
+    let assignment = assignment.unwrap_or_else(|err| {
+        tracing::warn!(app = name, "warm pool: {err}; starting a VMM instead");
+        None
+    });
+    let warm = assignment.as_ref().and_then(|assignment| {
+        let spare = pool.and_then(WarmPool::take)?;
+        let pid = spare.id();
+        // SAFETY: every fd in `handed` is open for the duration of this call: the held
+        // sockets and the feed belong to the caller, the channel's end to `launch`.
+        let fds: Vec<_> = handed
+            .iter()
+            .map(|&fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+            .collect();
+        match spare.assign(assignment, &fds, std::os::fd::AsFd::as_fd(&log)) {
+            Ok(child) => {
+                tracing::debug!(app = name, pid, "a spare VMM from the warm pool runs it");
+                Some(child)
+            }
+            Err(err) => {
+                tracing::warn!(app = name, pid, "warm pool: {err}; starting a VMM instead");
+                None
+            }
+        }
+    });
+    if let Some(child) = warm {
+        return Ok((child, true));
+    }
+    hand_down(&mut cmd, handed);
+    let stdout = log.try_clone().map_err(|source| VmmError::Spawn {
+        what: "log".into(),
+        source,
+    })?;
+    cmd.stdin(Stdio::null()).stdout(stdout).stderr(log);
+    die_with_worker(&mut cmd);
+    // Killed if it is dropped unreaped (a failed launch, an app record that goes).
+    let child = ChildProcess::spawn(&mut cmd).map_err(|source| VmmError::Spawn {
+        what: format!("{} for {name}", picocenter.display()),
+        source,
+    })?;
+    Ok((child, false))
+}
+
+/// Waits (at most `limit`) until the VMM `child` is ready, and returns the VMM's pid: its
+/// control socket answers (a restore binds its sockets before), and for a `fresh` app a
+/// socket serves `address`: its VMM says so, or, every 50 ms after the first 50 (a
+/// listener of a forked process of the app, which its VMM does not count), a scan of the
+/// host's sockets finds one.
+async fn wait_until_ready(
+    child: &ChildProcess,
+    control: &Path,
+    log: &Path,
+    address: Ipv4Addr,
+    fresh: bool,
+    limit: Duration,
+) -> Result<u32, VmmError> {
     const SCAN_EVERY: Duration = Duration::from_millis(50);
+    let pid = child.id();
+    let started = Instant::now();
     let mut next_scan = SCAN_EVERY;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(VmmError::Ended {
                 status: status.to_string(),
-                stderr: tail(&log, 2000),
+                stderr: tail(log, 2000),
             });
         }
-        // Ready once its control socket answers (a restore binds its sockets before), and
-        // for a fresh app once a socket serves its address: its VMM says so, or, every
-        // 50 ms after the first 50 (a listener of a forked process of the app, which its
-        // VMM does not count), a scan of the host's sockets finds one.
-        let answered = stats(&control)
+        let answered = stats(control)
             .await
             .ok()
             .filter(|s| s.pid == pid || (s.ppid == pid && parent_of(s.pid) == Some(pid)));
@@ -407,14 +436,8 @@ pub async fn launch(
                     listening_on(address)
                 })
         });
-        if let Some(vmm_pid) = ready.map(|s| s.pid) {
-            return Ok(Vmm {
-                child,
-                vmm_pid,
-                control,
-                log,
-                from_pool,
-            });
+        if let Some(stats) = ready {
+            return Ok(stats.pid);
         }
         if started.elapsed() > limit {
             let _ = child.kill().await;
