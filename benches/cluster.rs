@@ -23,7 +23,8 @@
 mod common;
 
 use common::cluster::{
-    api, first_a, mem_available, pss_bytes, query, start_hub_with, wait_for, Proc, S3Server,
+    api, first_a, mem_available, pss_bytes, query, start_hub_with, wait_for, waiting_spares, Proc,
+    S3Server,
 };
 use common::wan::{LinkShape, WanLink};
 use common::{build_image, median, picocenter, state_dir};
@@ -422,32 +423,6 @@ fn registry_etcd_against_redb() {
 }
 
 /// The spare VMMs a worker (process `worker`) keeps waiting: its children still running
-/// `picocenter spare` as root (one that became an app runs as the app's uid).
-fn spares_of(worker: u32) -> Vec<u32> {
-    // Each thread's children: the pool's own thread starts the spares.
-    let mut children = String::new();
-    for task in std::fs::read_dir(format!("/proc/{worker}/task")).unwrap() {
-        let path = task.unwrap().path().join("children");
-        children.push_str(&std::fs::read_to_string(path).unwrap_or_default());
-        children.push(' ');
-    }
-    let mut spares = Vec::new();
-    for pid in children
-        .split_whitespace()
-        .filter_map(|p| p.parse::<u32>().ok())
-    {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let root = status
-            .lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
-        if cmdline.ends_with(b"spare\0") && root {
-            spares.push(pid);
-        }
-    }
-    spares
-}
-
 /// Issue #15's warm pool: the same restores and starts through a worker without spares
 /// (`--warm-pool 0`) and one with its default pool, rounds alternating; then what a spare
 /// costs in memory.
@@ -518,7 +493,7 @@ fn warm_pool_against_cold() {
         }
     }
     let worker_pid = warm._worker.child.id();
-    let spares = spares_of(worker_pid);
+    let spares = waiting_spares(worker_pid);
     let pss: Vec<f64> = spares.iter().map(|&p| pss_bytes(p) as f64).collect();
     drop(cold);
     drop(warm);
@@ -540,11 +515,11 @@ fn warm_pool_against_cold() {
         let pid = cluster._worker.child.id();
         let wanted: usize = pool.parse().unwrap();
         wait_for("the spares", LIMIT, || {
-            (spares_of(pid).len() >= wanted).then_some(())
+            (waiting_spares(pid).len() >= wanted).then_some(())
         });
         std::thread::sleep(Duration::from_secs(1));
         let after = mem_available();
-        let n = spares_of(pid).len();
+        let n = waiting_spares(pid).len();
         let worker_pss = pss_bytes(pid) as f64;
         ((before as f64 - after as f64) - worker_pss, n)
     };

@@ -1814,32 +1814,6 @@ fn a_stopping_worker_reports_its_swap_outs_until_their_uploads_end() {
     assert_eq!(count(&address), 2);
 }
 
-/// The spare VMMs waiting in worker `worker`'s pool: its children still running
-/// `picocenter spare` as root (a spare that became an app's VMM runs as the app's uid).
-fn waiting_spares(worker: u32) -> Vec<u32> {
-    children_of(worker)
-        .into_iter()
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            cmdline.ends_with(b"spare\0") && uid_of(*pid) == Some(0)
-        })
-        .collect()
-}
-
-/// A process's real uid.
-fn uid_of(pid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Uid:")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-}
-
 /// The inodes of the seqpacket Unix sockets on this host (/proc/net/unix, type 0005).
 fn seqpacket_inodes() -> std::collections::HashSet<String> {
     std::fs::read_to_string("/proc/net/unix")

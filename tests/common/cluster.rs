@@ -295,3 +295,41 @@ pub fn mem_available() -> u64 {
         .unwrap()
         * 1024
 }
+
+/// The spare VMMs waiting in worker `worker`'s warm pool: its children (of any of its
+/// threads: the pool's own thread starts them) still running `picocenter spare` as root
+/// (a spare that became an app's VMM runs as the app's uid).
+pub fn waiting_spares(worker: u32) -> Vec<u32> {
+    let mut children = String::new();
+    for task in std::fs::read_dir(format!("/proc/{worker}/task"))
+        .into_iter()
+        .flatten()
+    {
+        let Ok(task) = task else { continue };
+        children
+            .push_str(&std::fs::read_to_string(task.path().join("children")).unwrap_or_default());
+        children.push(' ');
+    }
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.ends_with(b"spare\0") && uid_of(*pid) == Some(0)
+        })
+        .collect()
+}
+
+/// A process's real uid.
+pub fn uid_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Uid:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+}

@@ -28,7 +28,7 @@ const MESSAGE_MAX: usize = 64 * 1024;
 
 /// Whether `name` can be an environment variable's name (and `value` its value): no
 /// empty name, no `=` in it, no NUL in either (std would panic on them).
-pub fn valid_variable(name: &str, value: Option<&str>) -> bool {
+fn valid_variable(name: &str, value: Option<&str>) -> bool {
     !name.is_empty() && !name.contains(['=', '\0']) && !value.is_some_and(|v| v.contains('\0'))
 }
 

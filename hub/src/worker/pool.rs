@@ -136,11 +136,6 @@ impl WarmPool {
         }
         spares.len()
     }
-
-    /// The pool's bound.
-    pub fn size(&self) -> usize {
-        self.inner.size
-    }
 }
 
 impl Inner {

@@ -35,11 +35,7 @@ static AHEAD: Mutex<Option<MadeAhead>> = Mutex::new(None);
 /// Makes the VM and vCPU the next [`super::Machine::new`] of this process will take.
 /// Nothing is kept if a step fails: that machine then makes its own (and reports why).
 pub fn make() -> Result<(), KvmError> {
-    let kvm = Kvm::new().map_err(KvmError::Open)?;
-    if !kvm.check_extension(kvm_ioctls::Cap::SyncRegs) {
-        return Err(KvmError::MissingCapability("KVM_CAP_SYNC_REGS"));
-    }
-    let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
+    let (kvm, vm) = super::open_vm()?;
     let vcpu = vm.create_vcpu(0).map_err(KvmError::CreateVcpu)?;
     let supported_cpuid = ask_supported_cpuid(&kvm)?;
     *slot() = Some(MadeAhead {
@@ -49,11 +45,6 @@ pub fn make() -> Result<(), KvmError> {
         supported_cpuid,
     });
     Ok(())
-}
-
-/// Whether a VM made ahead waits to be taken.
-pub fn ready() -> bool {
-    slot().is_some()
 }
 
 /// The VM made ahead, if any, taken: it is never handed out twice.
@@ -75,9 +66,7 @@ mod tests {
     #[test]
     fn a_vm_made_ahead_is_taken_once() {
         make().expect("every Picocenter host has /dev/kvm");
-        assert!(ready());
         let ahead = take().expect("made");
-        assert!(!ready());
         assert!(take().is_none());
         // It is a working VM: its vCPU answers.
         ahead

@@ -69,6 +69,16 @@ fn region(info: &SlotInfo, size: u64) -> kvm_userspace_memory_region {
     }
 }
 
+/// Opens /dev/kvm, checks what the VMM needs of it, and creates a VM with no memory yet.
+fn open_vm() -> Result<(Kvm, VmFd), KvmError> {
+    let kvm = Kvm::new().map_err(KvmError::Open)?;
+    if !kvm.check_extension(kvm_ioctls::Cap::SyncRegs) {
+        return Err(KvmError::MissingCapability("KVM_CAP_SYNC_REGS"));
+    }
+    let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
+    Ok((kvm, vm))
+}
+
 impl Machine {
     /// Creates a VM (or takes the one made [`ahead`]) and registers `slots`, whose host
     /// mappings must outlive it.
@@ -80,11 +90,7 @@ impl Machine {
                 (made.kvm, made.vm, Some(made.vcpu))
             }
             None => {
-                let kvm = Kvm::new().map_err(KvmError::Open)?;
-                if !kvm.check_extension(kvm_ioctls::Cap::SyncRegs) {
-                    return Err(KvmError::MissingCapability("KVM_CAP_SYNC_REGS"));
-                }
-                let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
+                let (kvm, vm) = open_vm()?;
                 (kvm, vm, None)
             }
         };
@@ -156,8 +162,7 @@ impl Machine {
             return Ok(cpuid.clone());
         }
         let cpuid = ahead::ask_supported_cpuid(&self.kvm)?;
-        let _ = self.supported_cpuid.set(cpuid.clone());
-        Ok(cpuid)
+        Ok(self.supported_cpuid.get_or_init(|| cpuid).clone())
     }
 
     /// Creates the one vCPU, or hands out the one made ahead with the VM.

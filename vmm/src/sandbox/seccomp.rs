@@ -264,21 +264,23 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
 /// known (see [`prepare`]), which takes the compilation off the app's start.
 static COMPILED: std::sync::OnceLock<BpfProgram> = std::sync::OnceLock::new();
 
+/// The filter, compiled at the first call.
+fn compiled() -> Result<&'static BpfProgram, JailError> {
+    if let Some(program) = COMPILED.get() {
+        return Ok(program);
+    }
+    let program = filter()?;
+    Ok(COMPILED.get_or_init(|| program))
+}
+
 /// Compiles the filter now, for a later [`install`].
 pub fn prepare() -> Result<(), JailError> {
-    if COMPILED.get().is_none() {
-        let _ = COMPILED.set(filter()?);
-    }
-    Ok(())
+    compiled().map(drop)
 }
 
 /// Installs the SIGSYS handler and the filter on every thread of the process.
 pub fn install() -> Result<(), JailError> {
-    prepare()?;
-    match COMPILED.get() {
-        Some(program) => install_program(program),
-        None => install_program(&filter()?),
-    }
+    install_program(compiled()?)
 }
 
 /// Installs the SIGSYS handler and `program` on every thread of the process.
