@@ -29,6 +29,7 @@ const CHECKS: &[&str] = &[
     "threads",
     "threads-unmap-across",
     "hostile-bad-pointers",
+    "guest-reads",
     "hostile-ud2",
     "signals",
     "signal-storm",
@@ -54,6 +55,7 @@ const SHADOW_CHECKS: &[&str] = &[
     "threads",
     "threads-unmap-across",
     "hostile-bad-pointers",
+    "guest-reads",
 ];
 
 /// The address counter-http has on the host and in the guest (127.0.7.x are the snapshot
@@ -121,6 +123,7 @@ fn the_vmm_passes_its_smoke_suite_on_hardware_kvm_in_an_svm_guest() {
         ("storm", Link::Static),
         ("syscall_loop", Link::Static),
         ("syscall_bench", Link::Static),
+        ("guest_reads", Link::Static),
         ("workload", Link::Dynamic),
     ] {
         let binary = guest(name, link);
@@ -135,6 +138,14 @@ fn the_vmm_passes_its_smoke_suite_on_hardware_kvm_in_an_svm_guest() {
         .expect("running the workload natively");
     assert!(native.status.success(), "the native workload failed");
     initramfs.contents("expected/workload.txt", &native.stdout);
+    // Likewise the reads answered in the guest (of the program's own file).
+    let reads = guest("guest_reads", Link::Static);
+    let native = std::process::Command::new(&reads)
+        .arg(&reads)
+        .output()
+        .expect("running guest_reads natively");
+    assert!(native.status.success(), "guest_reads failed natively");
+    initramfs.contents("expected/guest_reads.txt", &native.stdout);
     snapshot_counter_http(&work, &mut initramfs);
     let image = initramfs.pack(&work.join("initrd.cpio"));
     let packed = started.elapsed();

@@ -15,6 +15,9 @@
 //! * Some calls never leave the guest: the doorbell answers getpid, gettid, clock_gettime,
 //!   gettimeofday and time itself, from the read-only **time page** ([`time_page`]) that
 //!   the VMM keeps current, using a scratch page ([`scratch`]) to spill registers.
+//! * The doorbell also answers pread64, fstat and `newfstatat(fd, "", buf, AT_EMPTY_PATH)`
+//!   on a file of the read-only root that the VMM gave a **file window** ([`file_table`]):
+//!   a read-only mapping of the whole file above the user range, copied from with no exit.
 //! * While a VMM poller thread is awake, other calls go through the [`mailbox`] page with
 //!   no exit; the doorbell falls back to the exit when the poller sleeps or declines.
 //! * The [`vdso`] page answers clock_gettime, gettimeofday, time and getcpu from the time
@@ -23,7 +26,7 @@
 //! Bump [`ABI_VERSION`] on any change to a value here.
 
 /// Version of this interface. Snapshots do not depend on it: they hold only app state.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -58,8 +61,12 @@ pub const MAILBOX_PAGE: u64 = 10;
 pub const PTE_LIST_PAGE: u64 = 11;
 /// Page index of the vDSO (see [`vdso`]). User, read + execute.
 pub const VDSO_PAGE: u64 = 12;
+/// First page of the file table (see [`file_table`]). User, read-only.
+pub const FILE_TABLE_PAGE: u64 = 13;
+/// Number of pages of the file table.
+pub const FILE_TABLE_PAGES: u64 = 4;
 /// Number of pages in the system region.
-pub const SYSTEM_PAGES: u64 = 13;
+pub const SYSTEM_PAGES: u64 = 17;
 
 /// Supervisor-only window onto the whole page-table slot, for the PTE writer.
 pub const PAGE_TABLE_WINDOW_VA: u64 = SYSTEM_VA + 0x4000_0000;
@@ -100,6 +107,36 @@ pub mod vdso {
     /// getcpu.
     pub const GETCPU: u64 = 0x30;
 }
+/// Guest-virtual address of the file table.
+pub const FILE_TABLE_VA: u64 = SYSTEM_VA + FILE_TABLE_PAGE * PAGE_SIZE;
+
+/// The file table: for each of the app's fds below [`file_table::FDS`], whether the
+/// doorbell answers pread64 and fstat on it, and from what. The VMM fills an entry when it
+/// gives a file of the read-only root a window (a read-only mapping of the whole file at
+/// [`file_table::WINDOWS_VA`] + fd x [`file_table::WINDOW_SIZE`]) and zeroes it before
+/// the fd is closed or changes. Entries of [`file_table::ENTRY_SIZE`] bytes; offsets:
+pub mod file_table {
+    /// u64: the window's guest-virtual address; 0 when the doorbell does not answer.
+    pub const VA: u64 = 0;
+    /// u64: the file's size in bytes (the window holds it all).
+    pub const SIZE: u64 = 8;
+    /// The `struct stat` fstat answers (144 bytes, x86-64 layout).
+    pub const STAT: u64 = 16;
+    /// Bytes of `struct stat`.
+    pub const STAT_SIZE: u64 = 144;
+    /// Bytes per entry.
+    pub const ENTRY_SIZE: u64 = 256;
+    /// log2 of [`ENTRY_SIZE`].
+    pub const ENTRY_SHIFT: u32 = 8;
+    /// Entries: fds `0..FDS`.
+    pub const FDS: u64 = 64;
+    /// Where the windows are: one slot of [`WINDOW_SIZE`] per fd, above the user range
+    /// and below the page-table window.
+    pub const WINDOWS_VA: u64 = super::SYSTEM_VA + 0x2000_0000;
+    /// The largest window, which is the largest file given one.
+    pub const WINDOW_SIZE: u64 = 4 << 20;
+}
+
 /// Guest-virtual address of the scratch page.
 pub const SCRATCH_VA: u64 = SYSTEM_VA + SCRATCH_PAGE * PAGE_SIZE;
 /// Guest-virtual address of the mailbox page.
@@ -173,6 +210,8 @@ pub mod scratch {
     /// u64: the app's RAX (the syscall number), saved likewise: with RCX and RDX it lets
     /// the VMM re-execute a call it stops before the result is committed.
     pub const RAX: u64 = 32;
+    /// u64: the byte count of the copy a pread64 answered in the doorbell is making.
+    pub const LEN: u64 = 40;
     /// Top of the 16-byte stack the doorbell uses to restore RFLAGS with `popfq`.
     pub const STACK_TOP: u64 = 64;
 }

@@ -56,6 +56,12 @@ std::arch::global_asm!(
     "je 40f",
     "cmp eax, 201", // time
     "je 50f",
+    "cmp eax, 17",  // pread64
+    "je 60f",
+    "cmp eax, 5",   // fstat
+    "je 70f",
+    "cmp eax, 262", // newfstatat
+    "je 72f",
     "jmp 10f",
 
     // getpid, gettid.
@@ -142,6 +148,108 @@ std::arch::global_asm!(
     "test rdi, rdi",
     "jz 80f",
     "mov qword ptr [rdi], rax",
+
+    // pread64(fd = rdi, buf = rsi, count = rdx, offset = r10) on a file with a window
+    // (see `abi::file_table`): copied from the window, 8 bytes at a time, with RAX, RCX
+    // and RDX only, so that a stop or a fault anywhere in the copy rewinds the call with
+    // every other register the app's. Anything unusual goes to the VMM, which answers it
+    // as Linux would (a negative offset, a buffer outside user space).
+    "60:",
+    "cmp rdi, {ft_fds}",
+    "jae 79f",
+    "mov rax, rdi",
+    "shl eax, {ft_shift}",
+    "cmp qword ptr [rax + {ft} + {ft_va}], 0",
+    "je 79f",
+    "test r10, r10",
+    "js 79f",
+    "mov rcx, qword ptr [rax + {ft} + {ft_size}]",
+    "sub rcx, r10",
+    "jbe 68f",
+    "cmp rcx, rdx",
+    "cmova rcx, rdx",
+    "test rcx, rcx",
+    "jz 68f",
+    "mov qword ptr [{sc} + {sc_len}], rcx",
+    // The buffer [rsi, rsi + n) must lie in user space.
+    "mov rdx, {user_end}",
+    "sub rdx, rsi",
+    "jb 79f",
+    "cmp rcx, rdx",
+    "ja 79f",
+    "mov rdx, qword ptr [rax + {ft} + {ft_va}]",
+    "add rdx, r10",
+    "xor ecx, ecx",
+    "61:",
+    "mov rax, qword ptr [{sc} + {sc_len}]",
+    "sub rax, rcx",
+    "cmp rax, 8",
+    "jb 62f",
+    "mov rax, qword ptr [rdx + rcx]",
+    "mov qword ptr [rsi + rcx], rax",
+    "add rcx, 8",
+    "jmp 61b",
+    "62:",
+    "cmp rcx, qword ptr [{sc} + {sc_len}]",
+    "jae 63f",
+    "mov al, byte ptr [rdx + rcx]",
+    "mov byte ptr [rsi + rcx], al",
+    "inc rcx",
+    "jmp 62b",
+    "63:",
+    "mov rax, rcx",
+    "jmp 80f",
+    // At or past the end of the file, or nothing asked for.
+    "68:",
+    "xor eax, eax",
+    "jmp 80f",
+
+    // fstat(fd = rdi, buf = rsi).
+    "70:",
+    "cmp rdi, {ft_fds}",
+    "jae 79f",
+    "mov rax, rdi",
+    "shl eax, {ft_shift}",
+    "cmp qword ptr [rax + {ft} + {ft_va}], 0",
+    "je 79f",
+    "mov rdx, rsi",
+    "jmp 75f",
+    // newfstatat(dirfd = rdi, path = rsi, buf = rdx, flags = r10): only the fstat form,
+    // AT_EMPTY_PATH with an empty path (what glibc's fstat calls).
+    "72:",
+    "cmp r10, {at_empty_path}",
+    "jne 79f",
+    "cmp rdi, {ft_fds}",
+    "jae 79f",
+    "mov rcx, {user_ptr_max}",
+    "cmp rsi, rcx",
+    "ja 79f",
+    "cmp byte ptr [rsi], 0",
+    "jne 79f",
+    "mov rax, rdi",
+    "shl eax, {ft_shift}",
+    "cmp qword ptr [rax + {ft} + {ft_va}], 0",
+    "je 79f",
+    // Copy the entry's `struct stat` (at RAX) to the buffer at RDX.
+    "75:",
+    "mov rcx, {stat_ptr_max}",
+    "cmp rdx, rcx",
+    "ja 79f",
+    ".set picocenter_stat_word, 0",
+    ".rept {stat_words}",
+    "mov rcx, qword ptr [rax + {ft} + {ft_stat} + picocenter_stat_word]",
+    "mov qword ptr [rdx + picocenter_stat_word], rcx",
+    ".set picocenter_stat_word, picocenter_stat_word + 8",
+    ".endr",
+    "xor eax, eax",
+    "jmp 80f",
+
+    // Not answered here after all: restore what the file paths borrowed and forward it.
+    "79:",
+    "mov rax, qword ptr [{sc} + {sc_rax}]",
+    "mov rcx, qword ptr [{sc} + {sc_rcx}]",
+    "mov rdx, qword ptr [{sc} + {sc_rdx}]",
+    "jmp 10f",
 
     // Restore the registers a time call borrowed.
     "80:",
@@ -289,7 +397,18 @@ std::arch::global_asm!(
     tp_mono = const time_page::MONOTONIC_NS,
     tp_real = const time_page::REALTIME_NS,
     sc = const SCRATCH_VA,
+    sc_len = const scratch::LEN,
     user_ptr_max = const USER_POINTER_MAX,
+    user_end = const USER_END,
+    stat_ptr_max = const USER_END - file_table::STAT_SIZE,
+    stat_words = const file_table::STAT_SIZE / 8,
+    ft = const FILE_TABLE_VA,
+    ft_va = const file_table::VA,
+    ft_size = const file_table::SIZE,
+    ft_stat = const file_table::STAT,
+    ft_fds = const file_table::FDS,
+    ft_shift = const file_table::ENTRY_SHIFT,
+    at_empty_path = const 0x1000,
     sc_cs = const scratch::CS,
     sc_rcx = const scratch::RCX,
     sc_rdx = const scratch::RDX,
@@ -651,6 +770,27 @@ mod tests {
                     "{pattern:x?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_file_answers_write_to_the_app_only_in_the_saved_region() {
+        // pread64's copy: mov [rsi + rcx], rax; mov [rsi + rcx], al. fstat's: the first
+        // and last words of `struct stat`, mov [rdx], rcx and mov [rdx + 136], rcx.
+        let app_stores: [&[u8]; 4] = [
+            &[0x48, 0x89, 0x04, 0x0e],
+            &[0x88, 0x04, 0x0e],
+            &[0x48, 0x89, 0x0a],
+            &[0x48, 0x89, 0x8a, 0x88, 0x00, 0x00, 0x00],
+        ];
+        for pattern in app_stores {
+            let found = find(pattern);
+            assert_eq!(found.len(), 1, "{pattern:x?}");
+            assert_eq!(
+                doorbell_region(found[0]),
+                Some(DoorbellRegion::Saved),
+                "{pattern:x?}"
+            );
         }
     }
 

@@ -251,6 +251,7 @@ fn configure(
         inherited_sockets: inherited_sockets(args.listen_fds)?,
         mailbox: !args.no_mailbox,
         doorbell_time: true,
+        guest_reads: true,
         image: image_name,
         root_from,
         snapshot_key: Some(key),

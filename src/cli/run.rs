@@ -64,6 +64,12 @@ pub struct RunArgs {
     #[arg(long, hide = true)]
     pub no_doorbell_time: bool,
 
+    /// Make pread64 and fstat of files of the read-only root always go to the VMM,
+    /// instead of being answered in the guest from a window onto the file (for measuring
+    /// what that saves).
+    #[arg(long, hide = true)]
+    pub no_guest_reads: bool,
+
     /// The program to run: a path inside --root or the image, or a host path without
     /// either. Optional with --image.
     #[arg(required_unless_present = "image")]
@@ -589,6 +595,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         inherited_sockets: Vec::new(),
         mailbox: !args.no_mailbox,
         doorbell_time: !args.no_doorbell_time,
+        guest_reads: !args.no_guest_reads,
         image: app.image.as_ref().map(|i| i.meta.name.clone()),
         root_from: app.root_from.clone(),
         snapshot_key: snapshot_key(&args),

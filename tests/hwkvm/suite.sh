@@ -79,6 +79,16 @@ else
     fail hostile-bad-pointers$sfx "status $status"
 fi
 
+# pread64 and fstat answered by the doorbell from a file window (copies at CPL 0 from a
+# user page above the user range, faults on the app's buffer taken in ring 0, windows
+# taken down as fds close), against the program's native output.
+app run /guests/guest_reads-static /guests/guest_reads-static
+if [ $status -eq 0 ] && cmp -s /tmp/out /expected/guest_reads.txt; then
+    pass guest-reads$sfx
+else
+    fail guest-reads$sfx "status $status: $(tail -3 /tmp/out /tmp/err)"
+fi
+
 [ "$paging" = shadow ] && return 0
 
 app run /guests/hostile-static ud2

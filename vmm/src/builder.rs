@@ -195,6 +195,7 @@ pub(crate) fn process(
     Ok(Process {
         mem,
         files: Default::default(),
+        windows: crate::kernel::windows::FileWindows::new(config.guest_reads),
         sandbox,
         cwd: sandbox::normalize("/", &config.cwd),
         umask: 0o022,

@@ -197,6 +197,8 @@ pub struct FdEntry {
 pub struct FdTable {
     entries: BTreeMap<i32, FdEntry>,
     limit: u32,
+    /// Counts the changes of which file an fd names (see [`FdTable::generation`]).
+    generation: u64,
 }
 
 impl Default for FdTable {
@@ -204,6 +206,7 @@ impl Default for FdTable {
         Self {
             entries: BTreeMap::new(),
             limit: DEFAULT_FD_LIMIT,
+            generation: 0,
         }
     }
 }
@@ -249,6 +252,7 @@ impl FdTable {
     ) -> Result<i32, Errno> {
         let fd = self.lowest_free(min)?;
         self.entries.insert(fd, FdEntry { file, cloexec });
+        self.generation += 1;
         Ok(fd)
     }
 
@@ -263,12 +267,22 @@ impl FdTable {
             return Err(Errno::BADF);
         }
         self.entries.insert(fd, FdEntry { file, cloexec });
+        self.generation += 1;
         Ok(())
     }
 
     /// Removes `fd`. The host fd closes when its last guest fd is gone.
     pub fn remove(&mut self, fd: i32) -> Result<FdEntry, Errno> {
-        self.entries.remove(&fd).ok_or(Errno::BADF)
+        let entry = self.entries.remove(&fd).ok_or(Errno::BADF)?;
+        self.generation += 1;
+        Ok(entry)
+    }
+
+    /// A number that changes whenever an fd is opened, closed or made to name another
+    /// file, so that what depends on the table (the doorbell's file windows) can tell
+    /// cheaply whether it must look again.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// All entries, in fd order.
@@ -311,5 +325,26 @@ mod tests {
         assert_eq!(table.insert_from(10, file(), true).unwrap(), 10);
         assert_eq!(table.insert_from(10, file(), true).unwrap(), 11);
         assert_eq!(table.remove(5).unwrap_err(), Errno::BADF);
+    }
+
+    #[test]
+    fn every_change_of_what_an_fd_names_moves_the_generation() {
+        let mut table = FdTable::default();
+        let mut seen = table.generation();
+        let mut changed = |table: &FdTable| {
+            let moved = table.generation() != seen;
+            seen = table.generation();
+            moved
+        };
+        table.insert(file(), false).unwrap();
+        assert!(changed(&table));
+        table.insert_at(7, file(), false).unwrap();
+        assert!(changed(&table));
+        table.get_mut(7).unwrap().cloexec = true;
+        assert!(!changed(&table));
+        table.remove(7).unwrap();
+        assert!(changed(&table));
+        table.remove(7).unwrap_err();
+        assert!(!changed(&table));
     }
 }

@@ -92,6 +92,9 @@ pub struct Config {
     /// Whether the doorbell may answer time calls from the time page (otherwise they exit,
     /// which benchmarks use to measure the difference).
     pub doorbell_time: bool,
+    /// Whether files of the read-only root that the app keeps reading get windows, so
+    /// that the doorbell answers their pread64 and fstat (see [`kernel::windows`]).
+    pub guest_reads: bool,
     /// The image the app comes from, if any (recorded in snapshots).
     pub image: Option<String>,
     /// The host program the (temporary) root was made from, if it was (recorded in

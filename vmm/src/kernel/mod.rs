@@ -1,5 +1,6 @@
 //! The state of an app, below everything that acts on it: the thread group (`process`),
-//! its threads (`thread`), signals, clocks and network policy. The syscall handlers
+//! its threads (`thread`), signals, clocks, network policy and the file windows the
+//! doorbell reads from (`windows`). The syscall handlers
 //! (`crate::syscalls`) and the run loop (`crate::run`) use these types; nothing here uses
 //! them.
 
@@ -9,6 +10,7 @@ pub mod process;
 pub mod signals;
 pub mod thread;
 pub mod tree;
+pub mod windows;
 
 /// The pid the app sees. It is alone in its picoprocess, and 1 would suggest init.
 pub const GUEST_PID: i32 = 2;

@@ -22,6 +22,8 @@ pub struct Process {
     pub threads: Threads,
     /// Its fds.
     pub files: FdTable,
+    /// The files the doorbell reads by itself.
+    pub windows: super::windows::FileWindows,
     /// Its file namespace.
     pub sandbox: Sandbox,
     /// Its working directory (absolute, normalised guest path).

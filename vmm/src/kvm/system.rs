@@ -126,8 +126,9 @@ pub fn write_pte_list(
 }
 
 /// Writes the system pages and maps them: all supervisor-only except the doorbell and the
-/// vDSO (user, read + execute), the time page (user, read-only), the scratch and mailbox
-/// pages (user, writable) and the MMIO pages (user, writable, outside every slot).
+/// vDSO (user, read + execute), the time page and the file table (user, read-only), the
+/// scratch and mailbox pages (user, writable) and the MMIO pages (user, writable, outside
+/// every slot).
 pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesError> {
     let phys = space.phys();
     let gdt_bytes: Vec<u8> = gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
@@ -161,6 +162,9 @@ pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesErro
     ];
     for i in 0..abi::KERNEL_STACK_PAGES {
         pages.push((abi::KERNEL_STACK_PAGE + i, data));
+    }
+    for i in 0..abi::FILE_TABLE_PAGES {
+        pages.push((abi::FILE_TABLE_PAGE + i, PTE_USER | nx));
     }
     for (page, flags) in pages {
         space.map_system_page(page_va(page), page_gpa(page), flags)?;

@@ -53,7 +53,7 @@ pod!(
 // SAFETY: an array of plain data is plain data.
 unsafe impl<T: Pod, const N: usize> Pod for [T; N] {}
 
-fn as_bytes<T: Pod>(value: &T) -> &[u8] {
+pub(crate) fn as_bytes<T: Pod>(value: &T) -> &[u8] {
     // SAFETY: `T: Pod` has no padding, so all `size_of::<T>()` bytes are initialised.
     unsafe { std::slice::from_raw_parts((value as *const T).cast(), std::mem::size_of::<T>()) }
 }

@@ -208,6 +208,61 @@ impl AddressSpace {
         self.tables.set(&self.phys, va, gpa | flags | PTE_PRESENT)
     }
 
+    /// Maps the first `len` bytes of `file` read-only for the guest at `va`, a file window
+    /// above the user range (see [`crate::kernel::windows`]): fresh frames become a private
+    /// mapping of the file, so the guest reads the host's page cache with no copy.
+    pub fn map_window(
+        &mut self,
+        va: u64,
+        file: std::os::fd::BorrowedFd<'_>,
+        len: u64,
+    ) -> Result<(), Errno> {
+        let pages = len.div_ceil(PAGE);
+        if pages == 0 {
+            return Ok(());
+        }
+        let base = self.frames.alloc_run(pages).ok_or(Errno::NOMEM)?;
+        let give_back = |space: &mut Self| {
+            if let Err(e) = space.phys.discard(base, pages * PAGE) {
+                internal(e);
+            }
+            for i in 0..pages {
+                space.frames.free(base + i * PAGE);
+            }
+        };
+        if let Err(e) = self.phys.map_file(base, pages * PAGE, file, 0) {
+            give_back(self);
+            return Err(internal(e));
+        }
+        let flags = PTE_USER | PTE_OWNED | PTE_PRESENT | if self.nx { PTE_NX } else { 0 };
+        let ptes: Vec<u64> = (0..pages).map(|i| (base + i * PAGE) | flags).collect();
+        if let Err(e) = self.tables.set_run(&self.phys, va, &ptes) {
+            for i in 0..pages {
+                self.tables.clear(&self.phys, va + i * PAGE)?;
+            }
+            give_back(self);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Removes the window of `len` bytes at `va` that [`Self::map_window`] made. Its frames
+    /// are reused only after the guest's translations are invalidated.
+    pub fn unmap_window(&mut self, va: u64, len: u64) -> Result<(), Errno> {
+        let mut leaves = Vec::new();
+        for i in 0..len.div_ceil(PAGE) {
+            let at = va + i * PAGE;
+            let old = self.tables.get(&self.phys, at)?;
+            if old != 0 {
+                leaves.push((at, old));
+            }
+        }
+        for &(at, _) in &leaves {
+            self.tables.clear(&self.phys, at)?;
+        }
+        self.release_frames(&leaves)
+    }
+
     /// Whether a translation was removed or reduced since the last invalidation.
     pub fn is_stale(&self) -> bool {
         self.stale.overflow || !self.stale.entries.is_empty()

@@ -148,6 +148,7 @@ mod tests {
             inherited_sockets: vec![],
             mailbox: false,
             doorbell_time: false,
+            guest_reads: false,
             image: Some("img".into()),
             root_from: None,
             snapshot_key: None,

@@ -945,10 +945,12 @@ impl Exits<'_> {
         })
     }
 
-    /// A fault inside the doorbell: a time call answered in the guest stored to the app's
-    /// buffer, which is mapped on demand or bad (`cr2` for a page fault; `None` for a
-    /// non-canonical address). Either way the call is finished as an exit would:
-    /// restarted once the page is mapped, or failed with EFAULT.
+    /// A fault inside the doorbell: a call answered in the guest (a time call, or a read
+    /// from a file window) touched the app's buffer or path, which is mapped on demand or
+    /// bad (`cr2` for a page fault; `None` for a non-canonical address). Either way the
+    /// call is finished as an exit would: restarted once the page is mapped, or failed
+    /// with EFAULT. A fault in a file window (which should not happen: windows are mapped
+    /// whole) takes the window down and restarts the call, which the VMM then answers.
     fn on_doorbell_fault(
         &mut self,
         frame: &Frame,
@@ -965,12 +967,26 @@ impl Exits<'_> {
             slot(abi::scratch::RDX),
         );
         let r11 = self.vcpu.regs().r11;
-        let resolved = cr2.is_some_and(|cr2| {
-            self.p
-                .mem
-                .handle_fault(cr2, Access::Write)
-                .is_ok_and(|r| r == FaultResolution::Resolved)
-        });
+        let access = if frame.error_code & 2 != 0 {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let resolved = match cr2 {
+            Some(cr2) => match crate::kernel::windows::window_at(cr2) {
+                Some(fd) => {
+                    tracing::warn!(fd, "a fault in a file window: the window is taken down");
+                    self.p.windows.take_down(fd, &mut self.p.mem);
+                    true
+                }
+                None => self
+                    .p
+                    .mem
+                    .handle_fault(cr2, access)
+                    .is_ok_and(|r| r == FaultResolution::Resolved),
+            },
+            None => false,
+        };
         let (rip, rax) = if resolved {
             (rcx.wrapping_sub(2), nr)
         } else {

@@ -90,15 +90,40 @@ pub fn write(p: &mut Process, a: &Args) -> SysResult {
     write_from(p, a.fd(0), &[(a.ptr(1), a.usize(2).min(MAX_IO))], None)
 }
 
-/// pread64(2).
+/// pread64(2). A file of the read-only root read this way again and again gets a window,
+/// and the doorbell answers the reads after that (see `kernel::windows`).
 pub fn pread64(p: &mut Process, a: &Args) -> SysResult {
     let offset = offset_arg(a.u64(3))?;
-    read_into(
+    let read = read_into(
         p,
         a.fd(0),
         &[(a.ptr(1), a.usize(2).min(MAX_IO))],
         Some(offset),
-    )
+    )?;
+    offer_window(p, a.fd(0));
+    Ok(read)
+}
+
+/// Offers `fd` a file window (see `kernel::windows`) if it is a file of the read-only
+/// root, open for reading.
+fn offer_window(p: &mut Process, fd: i32) {
+    if !p.windows.wants(fd) {
+        return;
+    }
+    let Ok(file) = p.files.file(fd) else {
+        return;
+    };
+    let FileKind::Path { path, flags } = &file.kind else {
+        return;
+    };
+    let read_only = *flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32
+        && *flags & libc::O_PATH as u32 == 0;
+    if !read_only || !p.sandbox.is_immutable(path) {
+        return;
+    }
+    if let Ok(stat) = guest_stat(file.host()) {
+        p.windows.offer(&mut p.mem, fd, &file, &stat);
+    }
 }
 
 /// pwrite64(2).
@@ -301,18 +326,26 @@ fn guest_owner(host: u32, own: u32) -> u32 {
     }
 }
 
-fn write_stat(p: &mut Process, fd: impl AsFd, out: UserAddr) -> SysResult {
+/// The `struct stat` of `fd` as the app sees it.
+fn guest_stat(fd: impl AsFd) -> Result<rustix::fs::Stat, Errno> {
     let mut stat = rustix::fs::fstat(fd)?;
     stat.st_uid = guest_owner(stat.st_uid, rustix::process::geteuid().as_raw());
     stat.st_gid = guest_owner(stat.st_gid, rustix::process::getegid().as_raw());
+    Ok(stat)
+}
+
+fn write_stat(p: &mut Process, fd: impl AsFd, out: UserAddr) -> SysResult {
+    let stat = guest_stat(fd)?;
     p.mem.write_pod(out, &stat)?;
     Ok(0)
 }
 
-/// fstat(2).
+/// fstat(2). Like pread64, it may earn the file a window.
 pub fn fstat(p: &mut Process, a: &Args) -> SysResult {
     let file = p.files.file(a.fd(0))?;
-    write_stat(p, file.host(), a.ptr(1))
+    write_stat(p, file.host(), a.ptr(1))?;
+    offer_window(p, a.fd(0));
+    Ok(0)
 }
 
 /// stat(2).
@@ -351,10 +384,18 @@ fn stat_target(
     open_for_stat(p, &path, flags & libc::AT_SYMLINK_NOFOLLOW as u32 != 0)
 }
 
-/// newfstatat(2).
+/// newfstatat(2). Its fstat form (an empty path with exactly AT_EMPTY_PATH, which the
+/// doorbell answers for a file with a window) may earn the file a window, as fstat does.
 pub fn newfstatat(p: &mut Process, a: &Args) -> SysResult {
     let fd = stat_target(p, a.fd(0), a.ptr(1), a.u32(3))?;
-    write_stat(p, fd, a.ptr(2))
+    write_stat(p, fd, a.ptr(2))?;
+    if a.u32(3) == libc::AT_EMPTY_PATH as u32
+        && a.u64(3) >> 32 == 0
+        && p.mem.read_pod::<u8>(a.ptr(1)) == Ok(0)
+    {
+        offer_window(p, a.fd(0));
+    }
+    Ok(0)
 }
 
 /// statx(2).

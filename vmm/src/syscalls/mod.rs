@@ -115,6 +115,8 @@ pub fn restartable(nr: u64) -> bool {
 pub fn perform(p: &mut Process, nr: u64, a: &Args) -> SysResult {
     let started = p.trace.is_some().then(std::time::Instant::now);
     let result = dispatch(p, nr, a);
+    // The doorbell must never answer for an fd that was closed or now names another file.
+    p.windows.reconcile(&p.files, &mut p.mem);
     if let (Some(trace), Some(started)) = (p.trace.as_mut(), started) {
         if !matches!(result, Err(SysError::WouldBlock)) {
             trace.record(

@@ -1,0 +1,305 @@
+//! File windows: the files the doorbell reads by itself.
+//!
+//! nginx answers a request for a static file with recvfrom, pread64 and writev, and the
+//! pread64 is of a file on the read-only root, which nothing can change. Once such a file
+//! has been read through the VMM [`READS_BEFORE_WINDOW`] times, it gets a *window*: the
+//! whole file mapped read-only above the user range (straight from the host's page cache,
+//! as immutable file mappings are), and an entry in the file table
+//! ([`abi::file_table`]) with its size and `struct stat`. The doorbell then answers
+//! pread64, fstat and fstat-through-newfstatat on that fd itself: no exit, no mailbox.
+//!
+//! A window follows the open file, not the number. After every call that changed the fd
+//! table ([`FdTable::generation`]), the windows of fds that no longer name their file are
+//! taken down, the table entry first. Windows are not part of snapshots: a restored app
+//! reads through the VMM until its files earn windows again.
+
+use crate::fdtable::{FdTable, OpenFile};
+use crate::memory::layout::SYSTEM_GPA;
+use crate::memory::AddressSpace;
+use picocenter_guest_shim::abi::{self, file_table};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+
+/// Reads of a file through the VMM before it gets a window, so that one-off readers (the
+/// dynamic loader reading a library's headers) never pay for one.
+pub const READS_BEFORE_WINDOW: u32 = 2;
+/// Windows take at most this share of the app's RAM (their frames are RAM frames).
+const RAM_SHARE: u64 = 16;
+
+/// One window.
+#[derive(Debug)]
+struct Window {
+    /// The open file it shows.
+    file: Weak<OpenFile>,
+    /// The file's size, which the window holds.
+    len: u64,
+}
+
+/// The app's file windows.
+#[derive(Debug, Default)]
+pub struct FileWindows {
+    /// Whether windows are made at all (`run --no-guest-reads` turns them off, for
+    /// measuring what they save).
+    enabled: bool,
+    /// The windows, by fd.
+    windows: BTreeMap<i32, Window>,
+    /// Files read through the VMM and not given a window yet: fd -> (file, reads);
+    /// `u32::MAX` reads for a file that will never get one (not a regular file, too big).
+    reads: BTreeMap<i32, (Weak<OpenFile>, u32)>,
+    /// The fd table's generation when the windows were last checked against it.
+    generation: u64,
+    /// RAM frames the windows hold.
+    pages: u64,
+}
+
+/// Whether `weak` is `file`.
+fn is(weak: &Weak<OpenFile>, file: &Arc<OpenFile>) -> bool {
+    std::ptr::eq(weak.as_ptr(), Arc::as_ptr(file))
+}
+
+/// Guest-physical address of fd's file-table entry.
+fn entry_gpa(fd: i32) -> u64 {
+    SYSTEM_GPA + abi::FILE_TABLE_PAGE * abi::PAGE_SIZE + fd as u64 * file_table::ENTRY_SIZE
+}
+
+/// Guest-virtual address of fd's window.
+fn window_va(fd: i32) -> u64 {
+    file_table::WINDOWS_VA + fd as u64 * file_table::WINDOW_SIZE
+}
+
+/// The fd whose window slot holds guest-virtual address `va`, if any.
+pub fn window_at(va: u64) -> Option<i32> {
+    let offset = va.checked_sub(file_table::WINDOWS_VA)?;
+    let fd = offset / file_table::WINDOW_SIZE;
+    (fd < file_table::FDS).then_some(fd as i32)
+}
+
+impl FileWindows {
+    /// No windows yet; `enabled` says whether there will be any.
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            ..Default::default()
+        }
+    }
+
+    /// Whether a forwarded read of `fd` may earn it a window: the caller then checks
+    /// the file and calls [`Self::offer`].
+    pub fn wants(&self, fd: i32) -> bool {
+        self.enabled
+            && (0..file_table::FDS as i32).contains(&fd)
+            && !self.windows.contains_key(&fd)
+            && self
+                .reads
+                .get(&fd)
+                .is_none_or(|(_, reads)| *reads != u32::MAX)
+    }
+
+    /// Counts a read through the VMM of `file`, open at `fd` for reading and on the
+    /// read-only root, whose `struct stat` (as the app sees it) is `stat`; the read that
+    /// makes [`READS_BEFORE_WINDOW`] gives it a window if it is a regular file that fits
+    /// one and the windows' share of RAM allows.
+    pub fn offer(
+        &mut self,
+        mem: &mut AddressSpace,
+        fd: i32,
+        file: &Arc<OpenFile>,
+        stat: &rustix::fs::Stat,
+    ) {
+        if !self.wants(fd) {
+            return;
+        }
+        let reads = match self.reads.get_mut(&fd) {
+            Some((seen, reads)) if is(seen, file) => {
+                *reads += 1;
+                *reads
+            }
+            _ => {
+                self.reads.insert(fd, (Arc::downgrade(file), 1));
+                1
+            }
+        };
+        if reads < READS_BEFORE_WINDOW {
+            return;
+        }
+        let size = u64::try_from(stat.st_size).unwrap_or(u64::MAX);
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG || size > file_table::WINDOW_SIZE {
+            self.reads.insert(fd, (Arc::downgrade(file), u32::MAX));
+            return;
+        }
+        let pages = size.div_ceil(abi::PAGE_SIZE);
+        let budget = mem.phys().ram_size() / abi::PAGE_SIZE / RAM_SHARE;
+        if self.pages + pages > budget {
+            return;
+        }
+        if let Err(errno) = mem.map_window(window_va(fd), file.host(), size) {
+            tracing::debug!(fd, %errno, "no window for the file");
+            return;
+        }
+        let gpa = entry_gpa(fd);
+        let written = mem
+            .phys()
+            .write_u64(gpa + file_table::SIZE, size)
+            .and_then(|()| {
+                mem.phys()
+                    .write(gpa + file_table::STAT, crate::memory::io::as_bytes(stat))
+            })
+            .and_then(|()| mem.phys().write_u64(gpa + file_table::VA, window_va(fd)));
+        self.reads.remove(&fd);
+        self.windows.insert(
+            fd,
+            Window {
+                file: Arc::downgrade(file),
+                len: size,
+            },
+        );
+        self.pages += pages;
+        if let Err(e) = written {
+            tracing::error!("the file table could not be written: {e}");
+            self.take_down(fd, mem);
+        }
+    }
+
+    /// Takes down the windows of fds that no longer name the file they showed, and
+    /// forgets the reads of files no longer open. Cheap when the fd table is unchanged.
+    pub fn reconcile(&mut self, files: &FdTable, mem: &mut AddressSpace) {
+        if files.generation() == self.generation {
+            return;
+        }
+        self.generation = files.generation();
+        let names =
+            |fd: i32, weak: &Weak<OpenFile>| files.get(fd).is_ok_and(|entry| is(weak, &entry.file));
+        self.reads.retain(|&fd, (weak, _)| names(fd, weak));
+        let stale: Vec<i32> = self
+            .windows
+            .iter()
+            .filter(|(&fd, window)| !names(fd, &window.file))
+            .map(|(&fd, _)| fd)
+            .collect();
+        for fd in stale {
+            self.take_down(fd, mem);
+        }
+    }
+
+    /// Takes fd's window down, if it has one: the doorbell stops answering for it first.
+    pub fn take_down(&mut self, fd: i32, mem: &mut AddressSpace) {
+        let Some(window) = self.windows.remove(&fd) else {
+            return;
+        };
+        if let Err(e) = mem.phys().write_u64(entry_gpa(fd) + file_table::VA, 0) {
+            tracing::error!("the file table could not be written: {e}");
+        }
+        if let Err(errno) = mem.unmap_window(window_va(fd), window.len) {
+            tracing::error!(fd, %errno, "a file window could not be taken down");
+        }
+        self.pages -= window.len.div_ceil(abi::PAGE_SIZE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fdtable::FileKind;
+    use crate::memory::paging::{PTE_FRAME, PTE_USER, PTE_WRITABLE};
+    use crate::memory::phys::PhysicalMemory;
+    use std::io::Write;
+
+    fn space() -> AddressSpace {
+        AddressSpace::new(PhysicalMemory::new(4 << 20).unwrap(), true).unwrap()
+    }
+
+    fn open(contents: &[u8]) -> (Arc<OpenFile>, rustix::fs::Stat) {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(contents).unwrap();
+        let stat = rustix::fs::fstat(&file).unwrap();
+        let kind = FileKind::Path {
+            path: "/file".into(),
+            flags: 0,
+        };
+        (OpenFile::new(file.into(), kind), stat)
+    }
+
+    fn entry(mem: &AddressSpace, fd: i32, field: u64) -> u64 {
+        mem.phys().read_u64(entry_gpa(fd) + field).unwrap()
+    }
+
+    #[test]
+    fn a_file_read_twice_gets_a_read_only_window_onto_its_bytes() {
+        let mut mem = space();
+        let mut files = FdTable::default();
+        let mut windows = FileWindows::new(true);
+        let contents: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let (file, stat) = open(&contents);
+        let fd = files.insert(file.clone(), false).unwrap();
+        windows.offer(&mut mem, fd, &file, &stat);
+        assert_eq!(entry(&mem, fd, file_table::VA), 0, "one read is not enough");
+        windows.offer(&mut mem, fd, &file, &stat);
+        assert_eq!(entry(&mem, fd, file_table::VA), window_va(fd));
+        assert_eq!(entry(&mem, fd, file_table::SIZE), 10_000);
+        let mut stat_bytes = vec![0u8; file_table::STAT_SIZE as usize];
+        mem.phys()
+            .read(entry_gpa(fd) + file_table::STAT, &mut stat_bytes)
+            .unwrap();
+        assert_eq!(stat_bytes, crate::memory::io::as_bytes(&stat));
+        assert!(!windows.wants(fd));
+        // Three pages, user-readable and not writable, holding the file.
+        let mut shown = Vec::new();
+        for page in 0..3 {
+            let pte = mem.leaf(window_va(fd) + page * abi::PAGE_SIZE).unwrap();
+            assert_eq!(pte & (PTE_USER | PTE_WRITABLE), PTE_USER);
+            let mut bytes = vec![0u8; abi::PAGE_SIZE as usize];
+            mem.phys().read(pte & PTE_FRAME, &mut bytes).unwrap();
+            shown.extend(bytes);
+        }
+        assert_eq!(&shown[..10_000], contents.as_slice());
+        assert!(shown[10_000..].iter().all(|&b| b == 0));
+        assert_eq!(mem.leaf(window_va(fd) + 3 * abi::PAGE_SIZE).unwrap(), 0);
+        // While the fd names the file, nothing changes.
+        let other = files.insert(open(b"x").0, false).unwrap();
+        windows.reconcile(&files, &mut mem);
+        assert_eq!(entry(&mem, fd, file_table::VA), window_va(fd));
+        files.remove(other).unwrap();
+        // Once it names another file, the entry and the mapping are gone.
+        files.insert_at(fd, open(b"y").0, false).unwrap();
+        windows.reconcile(&files, &mut mem);
+        assert_eq!(entry(&mem, fd, file_table::VA), 0);
+        assert_eq!(mem.leaf(window_va(fd)).unwrap(), 0);
+        assert_eq!(windows.pages, 0);
+        assert!(windows.wants(fd));
+    }
+
+    #[test]
+    fn files_past_the_table_too_big_or_not_regular_get_no_window() {
+        let mut mem = space();
+        let mut windows = FileWindows::new(true);
+        let (file, stat) = open(b"hello");
+        assert!(!windows.wants(file_table::FDS as i32));
+        assert!(!windows.wants(-1));
+        let mut big = stat;
+        big.st_size = file_table::WINDOW_SIZE as i64 + 1;
+        let mut fifo = stat;
+        fifo.st_mode = libc::S_IFIFO | 0o600;
+        for (fd, stat) in [(3, big), (4, fifo)] {
+            windows.offer(&mut mem, fd, &file, &stat);
+            windows.offer(&mut mem, fd, &file, &stat);
+            assert_eq!(entry(&mem, fd, file_table::VA), 0);
+            assert!(!windows.wants(fd), "never asked again");
+        }
+        assert!(!FileWindows::new(false).wants(3));
+        // RAM's share: 4 MiB of RAM allows 64 pages of windows.
+        let (large, large_stat) = open(&vec![1u8; 60 * 4096]);
+        windows.offer(&mut mem, 5, &large, &large_stat);
+        windows.offer(&mut mem, 5, &large, &large_stat);
+        assert_eq!(entry(&mem, 5, file_table::VA), window_va(5));
+        let (more, more_stat) = open(&vec![2u8; 8 * 4096]);
+        windows.offer(&mut mem, 6, &more, &more_stat);
+        windows.offer(&mut mem, 6, &more, &more_stat);
+        assert_eq!(entry(&mem, 6, file_table::VA), 0, "over the share");
+        assert_eq!(window_at(window_va(5) + 100), Some(5));
+        assert_eq!(window_at(file_table::WINDOWS_VA - 1), None);
+        assert_eq!(
+            window_at(file_table::WINDOWS_VA + file_table::FDS * file_table::WINDOW_SIZE),
+            None
+        );
+    }
+}
