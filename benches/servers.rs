@@ -5,10 +5,13 @@
 //!   of the image's root);
 //! * python-http answering `GET /` (natively: the host's python3 running the same app.py).
 //!
-//! For each, four servers: native; a picoprocess with every forwarded call a VM exit
-//! (`--no-mailbox`); the same without time calls answered in the doorbell; and one with
-//! the shared-memory mailbox (the default). Rounds alternate between them, and the medians are reported, with the syscalls
-//! forwarded per request (`--trace-syscalls`). Needs root (chroot, port 80) and wrk.
+//! For each, five servers: native; a picoprocess with every forwarded call a VM exit
+//! (`--no-mailbox`); the same without time calls answered in the doorbell; one with the
+//! shared-memory mailbox (the default); and the default without reads answered in the
+//! guest from file windows (`--no-guest-reads`). Rounds alternate between them, and the
+//! medians are reported, with the syscalls forwarded per request (`--trace-syscalls`),
+//! with and without reads in the guest, also for lighttpd and counter-http. Needs root
+//! (chroot, port 80) and wrk.
 //!
 //! nginx is also measured pinned (issue #15): wrk on CPU 0 and each server, every thread
 //! of every process of it, on CPU 1, so that the ratio against native measures the
@@ -82,16 +85,12 @@ impl Drop for Native {
     }
 }
 
-/// Syscalls forwarded per request: a traced picoprocess under the same load, its
-/// per-syscall counts divided by the requests wrk completed.
-fn syscalls_per_request(image: &str, path: &str, ip: &str) -> Vec<(String, f64)> {
-    let server = Server::start(
-        image,
-        &format!("bench-{image}-trace"),
-        ip,
-        80,
-        &["--trace-syscalls", "--no-mailbox"],
-    );
+/// Syscalls forwarded per request: a traced picoprocess under the same load (with `extra`
+/// flags), its per-syscall counts divided by the requests wrk completed.
+fn syscalls_per_request(image: &str, path: &str, ip: &str, extra: &[&str]) -> Vec<(String, f64)> {
+    let mut flags = vec!["--trace-syscalls", "--no-mailbox"];
+    flags.extend_from_slice(extra);
+    let server = Server::start(image, &format!("bench-{image}-trace"), ip, 80, &flags);
     let out = Command::new("wrk")
         .args(["-t1", "-c10", "-d", SECONDS])
         .arg(format!("http://{}{path}", server.address))
@@ -188,7 +187,7 @@ fn compare(title: &str, path: &str, targets: &[(&str, String)], wrk_cpu: Option<
     }
 }
 
-/// The three picoprocess variants of `image`, on 127.0.3.{base, base+1, base+2}.
+/// The four picoprocess variants of `image`, on 127.0.3.{base, ..., base+3}.
 fn picoprocesses(image: &str, base: u8) -> Vec<Server> {
     vec![
         Server::start(
@@ -212,6 +211,13 @@ fn picoprocesses(image: &str, base: u8) -> Vec<Server> {
             80,
             &[],
         ),
+        Server::start(
+            image,
+            &format!("bench-{image}-noreads"),
+            &format!("127.0.3.{}", base + 3),
+            80,
+            &["--no-guest-reads"],
+        ),
     ]
 }
 
@@ -224,14 +230,35 @@ fn labels(native: String, servers: &[Server]) -> Vec<(&'static str, String)> {
             servers[1].address.to_string(),
         ),
         ("picoprocess, mailbox", servers[2].address.to_string()),
+        (
+            "picoprocess, mailbox, no reads in guest",
+            servers[3].address.to_string(),
+        ),
     ]
 }
 
-fn print_syscalls(list: Vec<(String, f64)>) {
-    println!("syscalls forwarded per request:");
-    for (name, per_request) in list {
-        println!("  {name:<14} {per_request:.2}");
+/// Prints the syscalls `image` forwards per request, with reads answered in the guest
+/// (the default) and without (`--no-guest-reads`), side by side.
+fn print_syscalls(image: &str, path: &str, ip: &str) {
+    let with = syscalls_per_request(image, path, ip, &[]);
+    let without = syscalls_per_request(image, path, ip, &["--no-guest-reads"]);
+    println!("{image} {path}: syscalls forwarded per request, reads in the guest / not:");
+    let mut names: Vec<&String> = with.iter().chain(&without).map(|(n, _)| n).collect();
+    names.sort();
+    names.dedup();
+    let of = |list: &[(String, f64)], name: &String| {
+        list.iter()
+            .find(|(n, _)| n == name)
+            .map_or(0.0, |(_, per)| *per)
+    };
+    let (mut sum_with, mut sum_without) = (0.0, 0.0);
+    for name in names {
+        let (a, b) = (of(&with, name), of(&without, name));
+        sum_with += a;
+        sum_without += b;
+        println!("  {name:<14} {a:>6.2} {b:>6.2}");
     }
+    println!("  {:<14} {sum_with:>6.2} {sum_without:>6.2}", "total");
     println!();
 }
 
@@ -254,7 +281,11 @@ fn main() {
             Some("0"),
         );
     }
-    print_syscalls(syscalls_per_request("nginx", NGINX_PATH, "127.0.3.5"));
+    print_syscalls("nginx", NGINX_PATH, "127.0.3.6");
+    build_image("lighttpd");
+    build_image("counter-http");
+    print_syscalls("lighttpd", "/files/1k.txt", "127.0.3.7");
+    print_syscalls("counter-http", "/", "127.0.3.8");
     {
         let app =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("images/python-http/app.py");
@@ -282,5 +313,5 @@ fn main() {
         let _ = native.kill();
         let _ = native.wait();
     }
-    print_syscalls(syscalls_per_request("python-http", "/", "127.0.3.15"));
+    print_syscalls("python-http", "/", "127.0.3.16");
 }
