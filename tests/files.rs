@@ -236,3 +236,44 @@ fn reads_answered_in_the_guest_match_native_reads() {
     assert!(stats < 20, "{stats} of {all_stats}");
     assert_eq!(exit_preads, preads);
 }
+
+/// A file of a `--root` directory that the host shrinks while the app reads it through a
+/// file window: the app is not killed (KVM cannot map the pages past the new end), its
+/// windows are taken down and its reads see what Linux would, the file's new size.
+#[test]
+fn a_file_that_shrinks_on_the_host_under_a_window_ends_the_window_not_the_app() {
+    use std::io::BufRead;
+    let program = guest("guest_reads", Link::Static);
+    let root = root_with(&[&program]);
+    let data = root.path().join("data");
+    std::fs::write(&data, vec![b'x'; 300_000]).unwrap();
+    let mut cmd = picocenter();
+    cmd.args(["run", "--timeout", "60", "--root"])
+        .arg(root.path())
+        .arg(&program)
+        .args(["/data", "watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        if lines.len() == 10 {
+            // Shrunk in place, as `truncate` or a copy over the file would.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&data)
+                .unwrap()
+                .set_len(0)
+                .unwrap();
+        }
+        lines.push(line);
+    }
+    let out = child.wait_with_output().unwrap();
+    let all = lines.join("\n");
+    assert!(out.status.success(), "{all}\n{}", describe(&out));
+    assert_eq!(lines[5], "5: pread 65536 size 300000", "{all}");
+    assert_eq!(lines.last().unwrap(), "PASSED: 0 failures", "{all}");
+    assert_eq!(lines[lines.len() - 2], "79: pread 0 size 0", "{all}");
+}

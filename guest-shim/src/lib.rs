@@ -153,16 +153,27 @@ std::arch::global_asm!(
     // (see `abi::file_table`): copied from the window, 8 bytes at a time, with RAX, RCX
     // and RDX only, so that a stop or a fault anywhere in the copy rewinds the call with
     // every other register the app's. Anything unusual goes to the VMM, which answers it
-    // as Linux would (a negative offset, a buffer outside user space).
+    // as Linux would. Linux checks the whole buffer first (`access_ok(buf, count)`: EFAULT
+    // if it wraps or runs past user space), then the offset (EINVAL if negative or if
+    // offset + count overflows), and only then reads what the file has.
     "60:",
     "cmp rdi, {ft_fds}",
     "jae 79f",
+    "mov rax, {user_end}",
+    "mov rcx, rsi",
+    "add rcx, rdx",
+    "jc 79f",
+    "cmp rcx, rax",
+    "ja 79f",
+    "test r10, r10",
+    "js 79f",
+    "mov rcx, r10",
+    "add rcx, rdx",
+    "jo 79f",
     "mov rax, rdi",
     "shl eax, {ft_shift}",
     "cmp qword ptr [rax + {ft} + {ft_va}], 0",
     "je 79f",
-    "test r10, r10",
-    "js 79f",
     "mov rcx, qword ptr [rax + {ft} + {ft_size}]",
     "sub rcx, r10",
     "jbe 68f",
@@ -171,12 +182,6 @@ std::arch::global_asm!(
     "test rcx, rcx",
     "jz 68f",
     "mov qword ptr [{sc} + {sc_len}], rcx",
-    // The buffer [rsi, rsi + n) must lie in user space.
-    "mov rdx, {user_end}",
-    "sub rdx, rsi",
-    "jb 79f",
-    "cmp rcx, rdx",
-    "ja 79f",
     "mov rdx, qword ptr [rax + {ft} + {ft_va}]",
     "add rdx, r10",
     "xor ecx, ecx",

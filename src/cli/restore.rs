@@ -89,6 +89,11 @@ pub struct RestoreArgs {
     /// Make every forwarded syscall a VM exit (no mailbox).
     #[arg(long)]
     no_mailbox: bool,
+
+    /// Make pread64 and fstat of files of the read-only root always go to the VMM (see
+    /// `run --no-guest-reads`).
+    #[arg(long, hide = true)]
+    no_guest_reads: bool,
     /// Adopt N sockets passed as fds 3, 4, ... (a worker passes the sockets it held while
     /// the app was swapped out): a socket of the snapshot bound to the same address takes
     /// the passed one, with the connections and datagrams that queued on it meanwhile.
@@ -251,7 +256,7 @@ fn configure(
         inherited_sockets: inherited_sockets(args.listen_fds)?,
         mailbox: !args.no_mailbox,
         doorbell_time: true,
-        guest_reads: true,
+        guest_reads: !args.no_guest_reads,
         image: image_name,
         root_from,
         snapshot_key: Some(key),

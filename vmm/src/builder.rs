@@ -233,6 +233,7 @@ pub(crate) fn process(
         restored_from: None,
         prefetched: None,
         activeset: Default::default(),
+        first_request: None,
         accepted: 0,
         warned: Default::default(),
         handoff: Default::default(),

@@ -24,9 +24,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Bytes one GET for a chunk the app waits for asks for at most (two chunks of 64 pages:
+/// Bytes one GET for a chunk the app waits for asks for at least (two chunks of 64 pages:
 /// ~10 ms at 50 MB/s on one connection): small, so that the pages a restore needs first
-/// (8 MiB for bigmem) come over many connections at once.
+/// (8 MiB for bigmem) come over many connections at once. When more chunks are waited
+/// for than the free connections carry at this size, each GET takes its share, so that
+/// they all go in one round trip rather than a second wave.
 const WANTED_RUN_BYTES: u64 = 512 << 10;
 /// Bytes one background GET asks for at most: 8 MiB, the size of the ranged GETs a whole
 /// download makes, since an S3 request costs more than its bytes.
@@ -343,10 +345,11 @@ impl ChainStream {
             loop {
                 while tasks.len() < PARALLEL_GETS {
                     let background = tasks.len() < PARALLEL_GETS - URGENT_CONNECTIONS;
-                    let next = schedule
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .next(background);
+                    let next = {
+                        let mut schedule = schedule.lock().unwrap_or_else(|e| e.into_inner());
+                        schedule.free_connections = PARALLEL_GETS - tasks.len();
+                        schedule.next(background)
+                    };
                     let Some((level, range)) = next else { break };
                     let m = &self.levels[level as usize].manifest;
                     let first = chunk_pages_of(m, range.start).map_or(0, |p| p.start);
@@ -447,6 +450,8 @@ struct Schedule {
     /// Chunks the VMM waits for that are asked for and not yet sent: while there are
     /// any, no background GET starts (on two cores, even its copying slows them down).
     awaited: std::collections::HashSet<ChunkId>,
+    /// Connections free for the next GETs: the chunks waited for are spread over them.
+    free_connections: usize,
 }
 
 impl Schedule {
@@ -478,7 +483,15 @@ impl Schedule {
             wanted: 0,
             background: false,
             awaited: Default::default(),
+            free_connections: PARALLEL_GETS,
         }
+    }
+
+    fn taken_at(&self, id: ChunkId) -> Option<bool> {
+        self.taken
+            .get(id.level as usize)?
+            .get(usize::try_from(id.chunk).ok()?)
+            .copied()
     }
 
     fn slot(&mut self, id: ChunkId) -> Option<&mut bool> {
@@ -547,7 +560,15 @@ impl Schedule {
             if self.slot(id).is_some_and(|taken| !*taken) {
                 self.wanted += 1;
                 self.awaited.insert(id);
-                let most = self.runs[id.level as usize].0;
+                let waiting = 1 + self
+                    .urgent
+                    .iter()
+                    .filter(|&&id| self.taken_at(id) == Some(false))
+                    .count() as u64;
+                let (least, background) = self.runs[id.level as usize];
+                let most = waiting
+                    .div_ceil(self.free_connections.max(1) as u64)
+                    .clamp(least, background.max(least));
                 let run = self.take_run(id.level as usize, id.chunk, most);
                 return Some((id.level, run));
             }
@@ -755,6 +776,24 @@ mod tests {
         s.untake(0, 27..40);
         assert_eq!(s.next(true), Some((0, 27..40)));
         assert!(s.all_taken());
+    }
+
+    #[test]
+    fn many_wanted_chunks_are_spread_over_the_free_connections() {
+        // 40 chunks waited for, 2-chunk runs, 16 connections: 3 chunks a GET at first,
+        // then 2, so that the 40 go in 16 GETs, not 20.
+        let mut s = schedule(&[60]);
+        for chunk in 0..40 {
+            s.want(ChunkId { level: 0, chunk });
+        }
+        let mut gets = Vec::new();
+        while let Some((_, run)) = s.next(false) {
+            gets.push(run);
+            s.free_connections -= 1;
+        }
+        assert_eq!(gets.len(), 16, "{gets:?}");
+        assert_eq!(gets[0], 0..3);
+        assert_eq!(gets.last(), Some(&(38..40)));
     }
 
     #[test]

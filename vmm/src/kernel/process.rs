@@ -64,6 +64,8 @@ pub struct Process {
     pub accepted: u64,
     /// The pages it uses, overall and per listening port.
     pub activeset: crate::activeset::ActiveSet,
+    /// Who waits for its first request after a streamed restore, until it is served.
+    pub first_request: Option<FirstRequest>,
     /// Sockets the caller of a restore handed down (held while the app was swapped out),
     /// taken by the socket records they match.
     pub inherited_sockets: Vec<std::sync::Arc<std::os::fd::OwnedFd>>,
@@ -95,7 +97,55 @@ pub struct Process {
     pub forked: bool,
 }
 
+/// Tells the page feed of a streamed restore (see `persist::stream`) when the app has
+/// served its first request since: the first connection it accepted is closed. The rest of
+/// its memory then streams in without slowing that request down (on two cores, the
+/// stream's copying and checking took the app's CPU).
+#[derive(Debug)]
+pub struct FirstRequest {
+    /// An eventfd the feed's thread polls.
+    notify: std::os::fd::OwnedFd,
+    /// The first connection accepted, once there is one.
+    connection: Option<i32>,
+}
+
+impl FirstRequest {
+    /// Notifies `notify` (an eventfd) when the first request is served.
+    pub fn new(notify: std::os::fd::OwnedFd) -> Self {
+        Self {
+            notify,
+            connection: None,
+        }
+    }
+
+    /// Notes a connection accepted at `fd`.
+    pub fn accepted(&mut self, fd: i32) {
+        self.connection.get_or_insert(fd);
+    }
+
+    /// Notes that `fd` was closed; true (and the feed told) if it was the first
+    /// connection.
+    fn closed(&self, fd: i32) -> bool {
+        if self.connection != Some(fd) {
+            return false;
+        }
+        if let Err(e) = rustix::io::write(&self.notify, &1u64.to_ne_bytes()) {
+            tracing::debug!("the page feed was not told of the first request: {e}");
+        }
+        true
+    }
+}
+
 impl Process {
+    /// Notes that the app closed `fd`: it may end a request episode (see
+    /// [`crate::activeset`]) or the first request after a streamed restore.
+    pub fn closed(&mut self, fd: i32) {
+        self.activeset.closed(fd);
+        if self.first_request.as_ref().is_some_and(|f| f.closed(fd)) {
+            self.first_request = None;
+        }
+    }
+
     /// The deadline of a call with timeout `timeout`: `timeout` from now (saturated, see
     /// [`crate::timeout`]; `None` is no deadline), or, when this call is the re-execution
     /// of one the VMM interrupted, that call's own deadline.

@@ -23,8 +23,9 @@ use std::sync::{Arc, Weak};
 /// Reads of a file through the VMM before it gets a window, so that one-off readers (the
 /// dynamic loader reading a library's headers) never pay for one.
 pub const READS_BEFORE_WINDOW: u32 = 2;
-/// Windows take at most this share of the app's RAM (their frames are RAM frames).
-const RAM_SHARE: u64 = 16;
+/// Windows take at most this share of the app's RAM (their frames are RAM frames, which
+/// the app cannot use while the files stay open).
+const RAM_SHARE: u64 = 32;
 
 /// One window.
 #[derive(Debug)]
@@ -181,6 +182,19 @@ impl FileWindows {
         }
     }
 
+    /// Whether any file has a window.
+    pub fn any(&self) -> bool {
+        !self.windows.is_empty()
+    }
+
+    /// Takes every window down (their files may have changed on the host).
+    pub fn take_down_all(&mut self, mem: &mut AddressSpace) {
+        let fds: Vec<i32> = self.windows.keys().copied().collect();
+        for fd in fds {
+            self.take_down(fd, mem);
+        }
+    }
+
     /// Takes fd's window down, if it has one: the doorbell stops answering for it first.
     pub fn take_down(&mut self, fd: i32, mem: &mut AddressSpace) {
         let Some(window) = self.windows.remove(&fd) else {
@@ -269,6 +283,34 @@ mod tests {
     }
 
     #[test]
+    fn windows_made_and_taken_down_over_and_over_reuse_their_frames() {
+        let mut mem = space();
+        let mut files = FdTable::default();
+        let mut windows = FileWindows::new(true);
+        let contents = vec![7u8; 20 * 4096];
+        let in_use = mem.stats().frames_in_use;
+        for round in 0..200 {
+            let (file, stat) = open(&contents);
+            let fd = files.insert(file.clone(), false).unwrap();
+            windows.offer(&mut mem, fd, &file, &stat);
+            windows.offer(&mut mem, fd, &file, &stat);
+            assert_eq!(
+                entry(&mem, fd, file_table::VA),
+                window_va(fd),
+                "round {round}"
+            );
+            let pte = mem.leaf(window_va(fd) + 19 * abi::PAGE_SIZE).unwrap();
+            let mut byte = [0u8];
+            mem.phys().read(pte & PTE_FRAME, &mut byte).unwrap();
+            assert_eq!(byte, [7]);
+            files.remove(fd).unwrap();
+            windows.reconcile(&files, &mut mem);
+            mem.invalidated();
+        }
+        assert_eq!(mem.stats().frames_in_use, in_use);
+    }
+
+    #[test]
     fn files_past_the_table_too_big_or_not_regular_get_no_window() {
         let mut mem = space();
         let mut windows = FileWindows::new(true);
@@ -286,12 +328,12 @@ mod tests {
             assert!(!windows.wants(fd), "never asked again");
         }
         assert!(!FileWindows::new(false).wants(3));
-        // RAM's share: 4 MiB of RAM allows 64 pages of windows.
-        let (large, large_stat) = open(&vec![1u8; 60 * 4096]);
+        // RAM's share: 4 MiB of RAM allows 32 pages of windows.
+        let (large, large_stat) = open(&vec![1u8; 30 * 4096]);
         windows.offer(&mut mem, 5, &large, &large_stat);
         windows.offer(&mut mem, 5, &large, &large_stat);
         assert_eq!(entry(&mem, 5, file_table::VA), window_va(5));
-        let (more, more_stat) = open(&vec![2u8; 8 * 4096]);
+        let (more, more_stat) = open(&vec![2u8; 3 * 4096]);
         windows.offer(&mut mem, 6, &more, &more_stat);
         windows.offer(&mut mem, 6, &more, &more_stat);
         assert_eq!(entry(&mem, 6, file_table::VA), 0, "over the share");

@@ -31,6 +31,9 @@ pub enum Exit {
     Exception(u8),
     /// A kick interrupted the run (EINTR).
     Interrupted,
+    /// KVM could not get a host page behind guest memory (EFAULT): a file mapped into
+    /// guest memory shrank on the host.
+    HostFault,
     /// Anything else: the guest is beyond repair.
     Unexpected(String),
 }
@@ -133,6 +136,7 @@ impl Vcpu {
             Ok(VcpuExit::Intr) => Exit::Interrupted,
             Ok(other) => Exit::Unexpected(format!("{other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+            Err(e) if e.errno() == libc::EFAULT => Exit::HostFault,
             Err(e) => Exit::Unexpected(format!("KVM_RUN failed: {e}")),
         }
     }

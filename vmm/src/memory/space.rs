@@ -209,8 +209,10 @@ impl AddressSpace {
     }
 
     /// Maps the first `len` bytes of `file` read-only for the guest at `va`, a file window
-    /// above the user range (see [`crate::kernel::windows`]): fresh frames become a private
-    /// mapping of the file, so the guest reads the host's page cache with no copy.
+    /// above the user range (see [`crate::kernel::windows`]): its frames become private
+    /// mappings of the file, so the guest reads the host's page cache with no copy. The
+    /// frames need not be contiguous (a window taken down gives its frames back to the
+    /// free list, which holds no runs): each run of adjacent ones is one mapping.
     pub fn map_window(
         &mut self,
         va: u64,
@@ -218,29 +220,46 @@ impl AddressSpace {
         len: u64,
     ) -> Result<(), Errno> {
         let pages = len.div_ceil(PAGE);
-        if pages == 0 {
-            return Ok(());
+        if pages > self.frames.available() {
+            return Err(Errno::NOMEM);
         }
-        let base = self.frames.alloc_run(pages).ok_or(Errno::NOMEM)?;
-        let give_back = |space: &mut Self| {
-            if let Err(e) = space.phys.discard(base, pages * PAGE) {
-                internal(e);
-            }
-            for i in 0..pages {
-                space.frames.free(base + i * PAGE);
+        let mut frames: Vec<u64> = (0..pages).filter_map(|_| self.frames.alloc()).collect();
+        frames.sort_unstable();
+        let give_back = |space: &mut Self, frames: &[u64]| {
+            for &gpa in frames {
+                if let Err(e) = space.phys.discard(gpa, PAGE) {
+                    internal(e);
+                }
+                space.frames.free(gpa);
             }
         };
-        if let Err(e) = self.phys.map_file(base, pages * PAGE, file, 0) {
-            give_back(self);
-            return Err(internal(e));
+        if frames.len() as u64 != pages {
+            give_back(self, &frames);
+            return Err(Errno::NOMEM);
+        }
+        let mut first = 0;
+        while first < frames.len() {
+            let mut end = first + 1;
+            while end < frames.len() && frames[end] == frames[end - 1] + PAGE {
+                end += 1;
+            }
+            let run = (end - first) as u64 * PAGE;
+            if let Err(e) = self
+                .phys
+                .map_file(frames[first], run, file, first as u64 * PAGE)
+            {
+                give_back(self, &frames);
+                return Err(internal(e));
+            }
+            first = end;
         }
         let flags = PTE_USER | PTE_OWNED | PTE_PRESENT | if self.nx { PTE_NX } else { 0 };
-        let ptes: Vec<u64> = (0..pages).map(|i| (base + i * PAGE) | flags).collect();
+        let ptes: Vec<u64> = frames.iter().map(|&gpa| gpa | flags).collect();
         if let Err(e) = self.tables.set_run(&self.phys, va, &ptes) {
             for i in 0..pages {
                 self.tables.clear(&self.phys, va + i * PAGE)?;
             }
-            give_back(self);
+            give_back(self, &frames);
             return Err(e.into());
         }
         Ok(())

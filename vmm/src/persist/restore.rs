@@ -104,6 +104,7 @@ fn start_feed(
     manifests: &[Manifest],
     fed_levels: Vec<(usize, u64)>,
     first: Vec<ChunkId>,
+    first_served: Option<std::os::fd::OwnedFd>,
 ) -> Result<(), PersistError> {
     let feed_error = |what: &str, e: std::io::Error| PersistError::Data {
         what: what.to_string(),
@@ -138,6 +139,7 @@ fn start_feed(
         uffd,
         levels,
         first,
+        first_served,
     }
     .spawn()
     .map_err(|e| feed_error("starting the feed's streamer", e))?;
@@ -445,8 +447,20 @@ impl Picoprocess {
                 .map_err(memory("mapping file pages"))?;
         }
         phase("pages");
+        // The app tells the feed when it has served its first request (an eventfd).
+        let mut first_request = None;
         if let Some(feed) = &options.feed {
-            start_feed(feed, &manifests, fed_levels, fed_first)?;
+            let notice = rustix::event::eventfd(
+                0,
+                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+            )
+            .and_then(|fd| Ok((rustix::io::fcntl_dupfd_cloexec(&fd, 0)?, fd)))
+            .map_err(|e| PersistError::Data {
+                what: "creating the feed's first-request eventfd".into(),
+                source: e.into(),
+            })?;
+            first_request = Some(crate::kernel::process::FirstRequest::new(notice.0));
+            start_feed(feed, &manifests, fed_levels, fed_first, Some(notice.1))?;
         }
         match options.mode {
             RestoreMode::Eager => {
@@ -495,6 +509,7 @@ impl Picoprocess {
             .map_err(|e| PersistError::Incompatible(e.to_string()))?;
         restore_process(&mut process, newest)?;
         process.activeset.restored(preset_pages);
+        process.first_request = first_request;
         phase("process");
         super::files::restore(&mut process, &newest.files)?;
         process.restored_from = Some((store.describe(), newest.id.clone()));

@@ -150,7 +150,15 @@ pub struct FeedStreamer {
     pub levels: Vec<FedLevel>,
     /// Chunks to ask for before anything is touched (the pages that come first).
     pub first: Vec<ChunkId>,
+    /// An eventfd the app's first request since the restore is announced on (see
+    /// [`crate::kernel::process::FirstRequest`]). Until it is, or until
+    /// [`BACKGROUND_AFTER`] has passed, the worker sends the chunks asked for and nothing
+    /// else, so that the rest of the stream does not take the CPU that request needs.
+    pub first_served: Option<std::os::fd::OwnedFd>,
 }
+
+/// The longest the rest of a stream waits for the app's first request to be served.
+pub const BACKGROUND_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl FeedStreamer {
     /// Runs on its own thread until every chunk of every level is in. The thread runs at
@@ -229,21 +237,43 @@ impl FeedStreamer {
                 other => other.map_err(|e| format!("asking the worker for a chunk: {e}")),
             }
         };
-        for &id in self.first.iter().chain([&feed::FIRST_WANTS_DONE]) {
+        for &id in &self.first {
             ask(id, &mut socket)?;
+        }
+        // The worker starts on the rest once the first request is served (or at once,
+        // with nobody to tell of it).
+        let background_at = Instant::now() + BACKGROUND_AFTER;
+        let mut first_served = self.first_served.as_ref();
+        if first_served.is_none() {
+            ask(feed::FIRST_WANTS_DONE, &mut socket)?;
         }
         let mut wanted = 0u64;
         let mut buffer = Vec::new();
         while remaining > 0 {
-            let mut fds = [
+            let waiting =
+                first_served.map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN));
+            let mut fds: Vec<rustix::event::PollFd<'_>> = [
                 rustix::event::PollFd::new(&self.uffd, rustix::event::PollFlags::IN),
                 rustix::event::PollFd::new(&*self.socket, rustix::event::PollFlags::IN),
-            ];
-            match rustix::event::poll(&mut fds, None) {
+            ]
+            .into_iter()
+            .chain(waiting)
+            .collect();
+            let timeout = first_served.map(|_| {
+                let left = background_at.saturating_duration_since(Instant::now());
+                rustix::time::Timespec::try_from(left).unwrap_or_default()
+            });
+            match rustix::event::poll(&mut fds, timeout.as_ref()) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(format!("waiting for faults and chunks: {e}")),
             }
             let (faulted, fed) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+            let served = fds.get(2).is_some_and(|fd| !fd.revents().is_empty());
+            if first_served.is_some() && (served || Instant::now() >= background_at) {
+                tracing::debug!(served, "the rest of the stream starts");
+                first_served = None;
+                ask(feed::FIRST_WANTS_DONE, &mut socket)?;
+            }
             if faulted {
                 while let Some(address) = self.uffd.next_fault().map_err(|e| e.to_string())? {
                     let Some(id) = self.chunk_at(address) else {
@@ -343,6 +373,7 @@ mod tests {
                 uffd,
                 levels,
                 first,
+                first_served: None,
             },
             base,
         )
@@ -357,6 +388,42 @@ mod tests {
         let mut message = [0u8; feed::WANT_BYTES];
         std::io::Read::read_exact(socket, &mut message).unwrap();
         feed::parse_want(&message)
+    }
+
+    #[test]
+    fn the_rest_waits_for_the_first_request_or_its_time() {
+        let (manifest, bytes) = level();
+        for served in [true, false] {
+            let (mut worker, vmm) = UnixStream::pair().unwrap();
+            let first = ChunkId { level: 0, chunk: 2 };
+            let (mut streamer, _) = streamer(&manifest, vmm, vec![first]);
+            let notice = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+            let app_side = rustix::io::fcntl_dupfd_cloexec(&notice, 0).unwrap();
+            streamer.first_served = Some(notice);
+            let started = Instant::now();
+            let running = std::thread::spawn(move || streamer.run());
+            assert_eq!(read_want(&mut worker), first);
+            feed::write_chunk(&mut worker, first, chunk(&bytes, 2)).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            if served {
+                rustix::io::write(&app_side, &1u64.to_ne_bytes()).unwrap();
+            }
+            assert_eq!(read_want(&mut worker), feed::FIRST_WANTS_DONE);
+            let waited = started.elapsed();
+            if served {
+                assert!(waited < BACKGROUND_AFTER, "{waited:?}");
+            } else {
+                assert!(waited >= BACKGROUND_AFTER, "{waited:?}");
+            }
+            for chunk_index in [0, 1] {
+                let id = ChunkId {
+                    level: 0,
+                    chunk: chunk_index,
+                };
+                feed::write_chunk(&mut worker, id, chunk(&bytes, chunk_index)).unwrap();
+            }
+            assert_eq!(running.join().unwrap(), Ok(0));
+        }
     }
 
     #[test]

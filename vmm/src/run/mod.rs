@@ -313,6 +313,23 @@ impl Picoprocess {
                     signal: libc::SIGKILL,
                     report: "the page-table writer ran outside an invalidation".into(),
                 }),
+                // A host page behind guest memory is gone: a file mapped from the root
+                // shrank on the host. If it was a file window's, the windows go and the
+                // reads they answered are the VMM's again; otherwise the app cannot go on.
+                Exit::HostFault if x.p.windows.any() => {
+                    tracing::warn!(
+                        "guest memory the host could not provide (a file of the root \
+                         changed on the host?): the file windows are taken down"
+                    );
+                    x.p.windows.take_down_all(&mut x.p.mem);
+                    None
+                }
+                Exit::HostFault => Some(RunOutcome::Killed {
+                    signal: libc::SIGBUS,
+                    report: "guest memory the host could not provide (KVM_RUN: EFAULT; \
+                             did a file mapped from the root shrink on the host?)"
+                        .into(),
+                }),
                 Exit::Unexpected(what) => Some(RunOutcome::Killed {
                     signal: libc::SIGKILL,
                     report: format!("unexpected VM exit: {what}"),
@@ -975,7 +992,9 @@ impl Exits<'_> {
         let resolved = match cr2 {
             Some(cr2) => match crate::kernel::windows::window_at(cr2) {
                 Some(fd) => {
-                    tracing::warn!(fd, "a fault in a file window: the window is taken down");
+                    // Only the app's own jumps into the doorbell get here (windows are
+                    // mapped whole), so this is not worth more than a debug line.
+                    tracing::debug!(fd, "a fault in a file window: the window is taken down");
                     self.p.windows.take_down(fd, &mut self.p.mem);
                     true
                 }

@@ -301,7 +301,7 @@ pub fn creat(p: &mut Process, a: &Args) -> SysResult {
 /// close(2).
 pub fn close(p: &mut Process, a: &Args) -> SysResult {
     p.files.remove(a.fd(0))?;
-    p.activeset.closed(a.fd(0));
+    p.closed(a.fd(0));
     Ok(0)
 }
 
@@ -589,7 +589,7 @@ pub fn close_range(p: &mut Process, a: &Args) -> SysResult {
             p.files.get_mut(fd)?.cloexec = true;
         } else {
             p.files.remove(fd)?;
-            p.activeset.closed(fd);
+            p.closed(fd);
         }
     }
     Ok(0)

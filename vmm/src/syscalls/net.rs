@@ -377,6 +377,9 @@ pub fn accept4(p: &mut Process, a: &Args, flags: i32) -> SysResult {
         return Err(e.into());
     }
     p.accepted += 1;
+    if let Some(first) = &mut p.first_request {
+        first.accepted(guest_fd);
+    }
     if let Some(port) = file.state().bound.map(|a| a.port()) {
         p.activeset.accepted(port, guest_fd);
     }
