@@ -243,8 +243,14 @@ fn reads_answered_in_the_guest_match_native_reads() {
 #[test]
 fn a_file_that_shrinks_on_the_host_under_a_window_ends_the_window_not_the_app() {
     use std::io::BufRead;
-    let program = guest("guest_reads", Link::Static);
-    let root = root_with(&[&program]);
+    // The program in the root's /bin: the app's /tmp is a writable directory of its own
+    // (hiding the root's), and a clone under /tmp would build it there.
+    let root = tempfile::tempdir().unwrap();
+    let program = install(
+        root.path(),
+        &guest("guest_reads", Link::Static),
+        "guest_reads",
+    );
     let data = root.path().join("data");
     std::fs::write(&data, vec![b'x'; 300_000]).unwrap();
     let mut cmd = picocenter();
