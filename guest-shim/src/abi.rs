@@ -17,7 +17,9 @@
 //!   the VMM keeps current, using a scratch page ([`scratch`]) to spill registers.
 //! * The doorbell also answers pread64, fstat and `newfstatat(fd, "", buf, AT_EMPTY_PATH)`
 //!   on a file of the read-only root that the VMM gave a **file window** ([`file_table`]):
-//!   a read-only mapping of the whole file above the user range, copied from with no exit.
+//!   a read-only mapping of the whole file above the user range, copied from with no exit;
+//!   and read and lseek too where the file's offset is kept in the scratch page
+//!   ([`scratch::FILE_OFFSETS`]).
 //! * While a VMM poller thread is awake, other calls go through the [`mailbox`] page with
 //!   no exit; the doorbell falls back to the exit when the poller sleeps or declines.
 //! * The [`vdso`] page answers clock_gettime, gettimeofday, time and getcpu from the time
@@ -124,6 +126,12 @@ pub mod file_table {
     pub const STAT: u64 = 16;
     /// Bytes of `struct stat`.
     pub const STAT_SIZE: u64 = 144;
+    /// u64: flags, [`OFFSET_IN_GUEST`].
+    pub const FLAGS: u64 = 160;
+    /// The file's offset is the u64 at [`super::scratch::FILE_OFFSETS`] + fd x 8, which
+    /// the doorbell moves (read, lseek) and the VMM takes back before it uses the host's
+    /// (the open file is named by this one fd of one process).
+    pub const OFFSET_IN_GUEST: u64 = 1;
     /// Bytes per entry.
     pub const ENTRY_SIZE: u64 = 256;
     /// log2 of [`ENTRY_SIZE`].
@@ -210,8 +218,13 @@ pub mod scratch {
     /// u64: the app's RAX (the syscall number), saved likewise: with RCX and RDX it lets
     /// the VMM re-execute a call it stops before the result is committed.
     pub const RAX: u64 = 32;
-    /// u64: the byte count of the copy a pread64 answered in the doorbell is making.
+    /// u64: the byte count of the copy a pread64 or read answered in the doorbell is
+    /// making.
     pub const LEN: u64 = 40;
+    /// u64 x [`super::file_table::FDS`]: the offset of each fd whose file-table entry has
+    /// [`super::file_table::OFFSET_IN_GUEST`]. The app can write it (as it can lseek);
+    /// the VMM takes a negative one as no offset to move to.
+    pub const FILE_OFFSETS: u64 = 0x800;
     /// Top of the 16-byte stack the doorbell uses to restore RFLAGS with `popfq`.
     pub const STACK_TOP: u64 = 64;
 }

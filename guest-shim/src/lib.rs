@@ -62,6 +62,10 @@ std::arch::global_asm!(
     "je 70f",
     "cmp eax, 262", // newfstatat
     "je 72f",
+    "cmp eax, 0",   // read
+    "je 100f",
+    "cmp eax, 8",   // lseek
+    "je 110f",
     "jmp 10f",
 
     // getpid, gettid.
@@ -249,6 +253,97 @@ std::arch::global_asm!(
     "xor eax, eax",
     "jmp 80f",
 
+    // read(fd = rdi, buf = rsi, count = rdx) on a file with a window whose offset is
+    // kept here (`file_table::OFFSET_IN_GUEST`): pread64 at that offset, which then moves
+    // on by what was read in the commit sequence at the end of the doorbell. An offset
+    // the app spoilt (negative) goes to the VMM.
+    "100:",
+    "cmp rdi, {ft_fds}",
+    "jae 79f",
+    "mov rax, {user_end}",
+    "mov rcx, rsi",
+    "add rcx, rdx",
+    "jc 79f",
+    "cmp rcx, rax",
+    "ja 79f",
+    "mov rax, rdi",
+    "shl eax, {ft_shift}",
+    "cmp qword ptr [rax + {ft} + {ft_va}], 0",
+    "je 79f",
+    "test byte ptr [rax + {ft} + {ft_flags}], {offset_in_guest}",
+    "jz 79f",
+    "cmp qword ptr [rdi * 8 + {sc} + {sc_offsets}], 0",
+    "jl 79f",
+    "mov rcx, qword ptr [rax + {ft} + {ft_size}]",
+    "sub rcx, qword ptr [rdi * 8 + {sc} + {sc_offsets}]",
+    "jbe 68b",
+    "cmp rcx, rdx",
+    "cmova rcx, rdx",
+    "test rcx, rcx",
+    "jz 68b",
+    "mov qword ptr [{sc} + {sc_len}], rcx",
+    "mov rdx, qword ptr [rax + {ft} + {ft_va}]",
+    "add rdx, qword ptr [rdi * 8 + {sc} + {sc_offsets}]",
+    "xor ecx, ecx",
+    "101:",
+    "mov rax, qword ptr [{sc} + {sc_len}]",
+    "sub rax, rcx",
+    "cmp rax, 8",
+    "jb 102f",
+    "mov rax, qword ptr [rdx + rcx]",
+    "mov qword ptr [rsi + rcx], rax",
+    "add rcx, 8",
+    "jmp 101b",
+    "102:",
+    "cmp rcx, qword ptr [{sc} + {sc_len}]",
+    "jae 103f",
+    "mov al, byte ptr [rdx + rcx]",
+    "mov byte ptr [rsi + rcx], al",
+    "inc rcx",
+    "jmp 102b",
+    "103:",
+    "mov rax, rcx",
+    "jmp 120f",
+
+    // lseek(fd = rdi, offset = rsi, whence = edx): SEEK_SET, SEEK_CUR and SEEK_END to an
+    // offset within the file. The rest go to the VMM: a negative or overflowing one
+    // (EINVAL), and one past the end, which Linux allows up to a limit of the host's
+    // filesystem that only the host knows.
+    "110:",
+    "cmp rdi, {ft_fds}",
+    "jae 79f",
+    "mov rax, rdi",
+    "shl eax, {ft_shift}",
+    "cmp qword ptr [rax + {ft} + {ft_va}], 0",
+    "je 79f",
+    "test byte ptr [rax + {ft} + {ft_flags}], {offset_in_guest}",
+    "jz 79f",
+    "test edx, edx",
+    "jz 111f",
+    "cmp edx, 1",
+    "je 112f",
+    "cmp edx, 2",
+    "je 113f",
+    "jmp 79f",
+    "111:",
+    "xor ecx, ecx",
+    "jmp 114f",
+    "112:",
+    "mov rcx, qword ptr [rdi * 8 + {sc} + {sc_offsets}]",
+    "test rcx, rcx",
+    "js 79f",
+    "jmp 114f",
+    "113:",
+    "mov rcx, qword ptr [rax + {ft} + {ft_size}]",
+    "114:",
+    "add rcx, rsi",
+    "jo 79f",
+    "js 79f",
+    "cmp rcx, qword ptr [rax + {ft} + {ft_size}]",
+    "ja 79f",
+    "mov rax, rcx",
+    "jmp 121f",
+
     // Not answered here after all: restore what the file paths borrowed and forward it.
     "79:",
     "mov rax, qword ptr [{sc} + {sc_rax}]",
@@ -348,6 +443,27 @@ std::arch::global_asm!(
     "jmp rcx",
     "91:",
     "sysretq",
+    // The commits of read and lseek, whose results move the file's offset: RAX holds the
+    // result and RCX and RDX are the app's again, and the store to the offset is the last
+    // instruction of a Saved region (before it the call is rewound; after it, answered).
+    ".globl picocenter_doorbell_read_commit",
+    "picocenter_doorbell_read_commit:",
+    "120:",
+    "mov rdx, qword ptr [{sc} + {sc_rdx}]",
+    "mov rcx, qword ptr [{sc} + {sc_rcx}]",
+    "add qword ptr [rdi * 8 + {sc} + {sc_offsets}], rax",
+    ".globl picocenter_doorbell_read_committed",
+    "picocenter_doorbell_read_committed:",
+    "jmp 90b",
+    ".globl picocenter_doorbell_seek_commit",
+    "picocenter_doorbell_seek_commit:",
+    "121:",
+    "mov rdx, qword ptr [{sc} + {sc_rdx}]",
+    "mov rcx, qword ptr [{sc} + {sc_rcx}]",
+    "mov qword ptr [rdi * 8 + {sc} + {sc_offsets}], rax",
+    ".globl picocenter_doorbell_seek_committed",
+    "picocenter_doorbell_seek_committed:",
+    "jmp 90b",
     "picocenter_doorbell_end:",
     // Exception stubs, STUB_SIZE bytes each: `out port, al` exits to the VMM with the vector
     // in the port number; the frame is on the ring-0 stack. The VMM never resumes into a
@@ -412,6 +528,9 @@ std::arch::global_asm!(
     ft_size = const file_table::SIZE,
     ft_stat = const file_table::STAT,
     ft_fds = const file_table::FDS,
+    ft_flags = const file_table::FLAGS,
+    offset_in_guest = const file_table::OFFSET_IN_GUEST,
+    sc_offsets = const scratch::FILE_OFFSETS,
     ft_shift = const file_table::ENTRY_SHIFT,
     at_empty_path = const 0x1000,
     sc_cs = const scratch::CS,
@@ -563,6 +682,10 @@ extern "C" {
     static picocenter_doorbell_notified: u8;
     static picocenter_doorbell_scratch_stack: u8;
     static picocenter_doorbell_app_stack: u8;
+    static picocenter_doorbell_read_commit: u8;
+    static picocenter_doorbell_read_committed: u8;
+    static picocenter_doorbell_seek_commit: u8;
+    static picocenter_doorbell_seek_committed: u8;
     static picocenter_doorbell_end: u8;
     static picocenter_stubs_start: u8;
     #[cfg_attr(not(test), allow(dead_code))]
@@ -644,6 +767,10 @@ pub fn doorbell_region(offset: u64) -> Option<DoorbellRegion> {
             ScratchStack,
         ),
         (at(&raw const picocenter_doorbell_app_stack), Answered),
+        (at(&raw const picocenter_doorbell_read_commit), Saved),
+        (at(&raw const picocenter_doorbell_read_committed), Answered),
+        (at(&raw const picocenter_doorbell_seek_commit), Saved),
+        (at(&raw const picocenter_doorbell_seek_committed), Answered),
     ];
     if offset >= doorbell_code().len() as u64 {
         return None;
@@ -780,23 +907,58 @@ mod tests {
 
     #[test]
     fn the_file_answers_write_to_the_app_only_in_the_saved_region() {
-        // pread64's copy: mov [rsi + rcx], rax; mov [rsi + rcx], al. fstat's: the first
-        // and last words of `struct stat`, mov [rdx], rcx and mov [rdx + 136], rcx.
-        let app_stores: [&[u8]; 4] = [
-            &[0x48, 0x89, 0x04, 0x0e],
-            &[0x88, 0x04, 0x0e],
-            &[0x48, 0x89, 0x0a],
-            &[0x48, 0x89, 0x8a, 0x88, 0x00, 0x00, 0x00],
+        // pread64's and read's copies: mov [rsi + rcx], rax; mov [rsi + rcx], al. fstat's:
+        // the first and last words of `struct stat`, mov [rdx], rcx and mov [rdx + 136],
+        // rcx.
+        let app_stores: [(&[u8], usize); 4] = [
+            (&[0x48, 0x89, 0x04, 0x0e], 2),
+            (&[0x88, 0x04, 0x0e], 2),
+            (&[0x48, 0x89, 0x0a], 1),
+            (&[0x48, 0x89, 0x8a, 0x88, 0x00, 0x00, 0x00], 1),
         ];
-        for pattern in app_stores {
+        for (pattern, copies) in app_stores {
             let found = find(pattern);
-            assert_eq!(found.len(), 1, "{pattern:x?}");
-            assert_eq!(
-                doorbell_region(found[0]),
-                Some(DoorbellRegion::Saved),
-                "{pattern:x?}"
-            );
+            assert_eq!(found.len(), copies, "{pattern:x?}");
+            for at in found {
+                assert_eq!(
+                    doorbell_region(at),
+                    Some(DoorbellRegion::Saved),
+                    "{pattern:x?}"
+                );
+            }
         }
+    }
+
+    #[test]
+    fn read_and_lseek_move_the_offset_with_the_last_instruction_before_their_answer() {
+        let code = doorbell_code();
+        // add [rdi * 8 + offsets], rax and mov [rdi * 8 + offsets], rax (SIB, disp32).
+        let offsets = ((SCRATCH_VA + scratch::FILE_OFFSETS) as u32).to_le_bytes();
+        for (opcode, commit, committed) in [
+            (
+                0x01,
+                offset(&raw const picocenter_doorbell_read_commit),
+                offset(&raw const picocenter_doorbell_read_committed),
+            ),
+            (
+                0x89,
+                offset(&raw const picocenter_doorbell_seek_commit),
+                offset(&raw const picocenter_doorbell_seek_committed),
+            ),
+        ] {
+            let mut store = vec![0x48, opcode, 0x04, 0xfd];
+            store.extend_from_slice(&offsets);
+            assert_eq!(find(&store), vec![committed - store.len() as u64]);
+            for at in commit..committed {
+                assert_eq!(doorbell_region(at), Some(DoorbellRegion::Saved));
+            }
+            assert_eq!(doorbell_region(committed), Some(DoorbellRegion::Answered));
+            assert_eq!(doorbell_region(commit - 1), Some(DoorbellRegion::Answered));
+        }
+        assert_eq!(
+            doorbell_region(code.len() as u64 - 1),
+            Some(DoorbellRegion::Answered)
+        );
     }
 
     #[test]
@@ -821,8 +983,12 @@ mod tests {
         for at in scratch_stack..app_stack {
             assert_eq!(doorbell_region(at), Some(DoorbellRegion::ScratchStack));
         }
-        // jmp rcx; sysretq; the end.
-        assert_eq!(&code[app_stack as usize..], &[0xff, 0xe1, 0x48, 0x0f, 0x07]);
+        // jmp rcx; sysretq; then the commits of read and lseek.
+        let commits = offset(&raw const picocenter_doorbell_read_commit);
+        assert_eq!(
+            &code[app_stack as usize..commits as usize],
+            &[0xff, 0xe1, 0x48, 0x0f, 0x07]
+        );
         assert_eq!(doorbell_region(app_stack), Some(DoorbellRegion::Answered));
         assert_eq!(
             doorbell_region(code.len() as u64 - 1),

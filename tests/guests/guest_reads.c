@@ -11,6 +11,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static uint32_t fnv(const unsigned char *p, long n) {
@@ -26,6 +27,75 @@ static void show(int fd, void *buf, size_t count, off_t offset) {
     if (n < 0) printf("pread(%zu @ %lld) = -1 errno %d\n", count, (long long)offset, errno);
     else printf("pread(%zu @ %lld) = %zd sum %08x\n", count, (long long)offset, n,
                 fnv(buf, n));
+}
+
+/* One read, printed with the offset it leaves. */
+static void show_read(int fd, void *buf, size_t count) {
+    errno = 0;
+    ssize_t n = read(fd, buf, count);
+    int saved = errno;
+    long long at = lseek(fd, 0, SEEK_CUR);
+    if (n < 0) printf("read(%zu) = -1 errno %d, at %lld\n", count, saved, at);
+    else printf("read(%zu) = %zd sum %08x, at %lld\n", count, n, fnv(buf, n), at);
+}
+
+/* One lseek, printed. */
+static void show_seek(int fd, long long offset, int whence) {
+    errno = 0;
+    long long at = lseek(fd, offset, whence);
+    printf("lseek(%lld, %d) = %lld errno %d\n", offset, whence, at, at < 0 ? errno : 0);
+}
+
+/* read and lseek, whose offset the guest may keep: sequential reads to the end, seeks of
+ * every kind, bad buffers, and the offset shared with a dup and with a forked child. */
+static void reads_and_seeks(const char *path, long size, unsigned char *buf) {
+    int fd = open(path, O_RDONLY);
+    for (int i = 0; i < 8; i++) show_read(fd, buf, 1000);
+    show_seek(fd, 5000, SEEK_SET);
+    show_read(fd, buf, 100);
+    show_seek(fd, -50, SEEK_CUR);
+    show_read(fd, buf, 100);
+    show_seek(fd, -10, SEEK_END);
+    show_read(fd, buf, 100);
+    show_read(fd, buf, 100);
+    show_seek(fd, 100, SEEK_END);
+    show_read(fd, buf, 100);
+    show_seek(fd, -1, SEEK_SET);
+    show_seek(fd, -(size + 1000), SEEK_CUR);
+    show_seek(fd, 0x7ffffffffffffff0LL, SEEK_SET);
+    show_seek(fd, 100, SEEK_CUR);
+    show_seek(fd, 0, SEEK_DATA);
+    show_seek(fd, 0, 7);
+    show_seek(fd, 0, SEEK_SET);
+    show_read(fd, NULL, 10);
+    show_read(fd, (void *)0x7ffffffffff8, 16);
+    show_read(fd, buf, 0);
+    /* pread64 leaves the offset alone. */
+    CHECK(pread(fd, buf, 10, 300) == 10);
+    show_seek(fd, 0, SEEK_CUR);
+    /* A read through a dup moves the offset the original sees. */
+    show_read(fd, buf, 64);
+    int twin = dup(fd);
+    show_read(twin, buf, 100);
+    show_seek(fd, 0, SEEK_CUR);
+    show_read(fd, buf, 10);
+    show_seek(twin, 0, SEEK_CUR);
+    close(twin);
+    show_read(fd, buf, 10);
+    close(fd);
+    /* A forked child's read moves the offset its parent sees. */
+    fd = open(path, O_RDONLY);
+    for (int i = 0; i < 6; i++) show_read(fd, buf, 10);
+    fflush(stdout);
+    pid_t child = fork();
+    if (child == 0) {
+        _exit(read(fd, buf, 100) == 100 ? 0 : 1);
+    }
+    int status = -1;
+    CHECK(waitpid(child, &status, 0) == child && status == 0);
+    show_seek(fd, 0, SEEK_CUR);
+    show_read(fd, buf, 10);
+    close(fd);
 }
 
 static int raw_fstatat_empty(int fd, struct stat *st) {
@@ -147,11 +217,12 @@ int main(int argc, char **argv) {
     printf("80 fds: %08x\n", sums);
     for (int i = 0; i < 80; i++) close(fds[i]);
     /* A loop long enough to show whether the reads leave the guest. */
+    reads_and_seeks(path, size, buf);
     /* Windows made and taken down over and over. */
     uint32_t churn = 0;
     for (int i = 0; i < 300; i++) {
         int f = open(path, O_RDONLY);
-        for (int k = 0; k < 3; k++) {
+        for (int k = 0; k < 6; k++) {
             CHECK(pread(f, buf, 64, i * 13 + k) == 64);
             churn ^= fnv(buf, 64);
         }

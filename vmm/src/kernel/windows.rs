@@ -8,10 +8,18 @@
 //! ([`abi::file_table`]) with its size and `struct stat`. The doorbell then answers
 //! pread64, fstat and fstat-through-newfstatat on that fd itself: no exit, no mailbox.
 //!
+//! Where the open file is named by this one fd of one process, its offset moves into the
+//! guest too (the scratch page's [`abi::scratch::FILE_OFFSETS`]), and the doorbell answers
+//! read and lseek as well. The guest's copy is then the offset: the VMM puts it on the
+//! host fd before a call of its own uses the host's ([`FileWindows::before_call`]) and
+//! takes it back after; and gives it back to the host for good when the file could come
+//! to be shared (a dup, a fork, a sendmsg that may pass it on).
+//!
 //! A window follows the open file, not the number. After every call that changed the fd
 //! table ([`FdTable::generation`]), the windows of fds that no longer name their file are
-//! taken down, the table entry first. Windows are not part of snapshots: a restored app
-//! reads through the VMM until its files earn windows again.
+//! taken down, the table entry first. Windows are not part of snapshots (the offsets are
+//! put on the host fds before a capture): a restored app reads through the VMM until its
+//! files earn windows again.
 
 use crate::fdtable::{FdTable, OpenFile};
 use crate::memory::layout::SYSTEM_GPA;
@@ -21,8 +29,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 
 /// Reads of a file through the VMM before it gets a window, so that one-off readers (the
-/// dynamic loader reading a library's headers) never pay for one.
-pub const READS_BEFORE_WINDOW: u32 = 2;
+/// dynamic loader reading a library's headers; Python's open, fstat, read, read, close of
+/// a module) never pay for one.
+pub const READS_BEFORE_WINDOW: u32 = 4;
 /// Windows take at most this share of the app's RAM (their frames are RAM frames, which
 /// the app cannot use while the files stay open).
 const RAM_SHARE: u64 = 32;
@@ -34,6 +43,8 @@ struct Window {
     file: Weak<OpenFile>,
     /// The file's size, which the window holds.
     len: u64,
+    /// Whether the file's offset is kept in the guest.
+    offset_in_guest: bool,
 }
 
 /// The app's file windows.
@@ -61,6 +72,25 @@ fn is(weak: &Weak<OpenFile>, file: &Arc<OpenFile>) -> bool {
 /// Guest-physical address of fd's file-table entry.
 fn entry_gpa(fd: i32) -> u64 {
     SYSTEM_GPA + abi::FILE_TABLE_PAGE * abi::PAGE_SIZE + fd as u64 * file_table::ENTRY_SIZE
+}
+
+/// Guest-physical address of fd's offset in the scratch page.
+fn offset_gpa(fd: i32) -> u64 {
+    SYSTEM_GPA + abi::SCRATCH_PAGE * abi::PAGE_SIZE + abi::scratch::FILE_OFFSETS + fd as u64 * 8
+}
+
+/// The fd of an offset-using call `nr` whose offset is the open file's own, if any: the
+/// VMM must put the guest's copy of that offset on the host fd first.
+fn offset_fd(nr: u64, args: &[u64; 6]) -> Option<i32> {
+    let fd = |i: usize| Some(args[i] as i32);
+    match nr as i64 {
+        libc::SYS_read | libc::SYS_readv | libc::SYS_lseek | libc::SYS_fcntl => fd(0),
+        // With no offset of its own, it reads from the file's.
+        libc::SYS_sendfile if args[2] == 0 => fd(1),
+        libc::SYS_splice | libc::SYS_copy_file_range if args[1] == 0 => fd(0),
+        libc::SYS_preadv2 if args[3] as i64 == -1 => fd(0),
+        _ => None,
+    }
 }
 
 /// Guest-virtual address of fd's window.
@@ -100,12 +130,16 @@ impl FileWindows {
     /// read-only root, whose `struct stat` (as the app sees it) is `stat`; the read that
     /// makes [`READS_BEFORE_WINDOW`] gives it a window if it is a regular file that fits
     /// one and the windows' share of RAM allows.
+    ///
+    /// `offset`: the file's offset, if it may move into the guest (this fd is the only one
+    /// naming the open file, in a process that has not forked).
     pub fn offer(
         &mut self,
         mem: &mut AddressSpace,
         fd: i32,
         file: &Arc<OpenFile>,
         stat: &rustix::fs::Stat,
+        offset: Option<u64>,
     ) {
         if !self.wants(fd) {
             return;
@@ -138,20 +172,25 @@ impl FileWindows {
             return;
         }
         let gpa = entry_gpa(fd);
-        let written = mem
-            .phys()
+        let flags = if offset.is_some() {
+            file_table::OFFSET_IN_GUEST
+        } else {
+            0
+        };
+        let phys = mem.phys();
+        let written = phys
             .write_u64(gpa + file_table::SIZE, size)
-            .and_then(|()| {
-                mem.phys()
-                    .write(gpa + file_table::STAT, crate::memory::io::as_bytes(stat))
-            })
-            .and_then(|()| mem.phys().write_u64(gpa + file_table::VA, window_va(fd)));
+            .and_then(|()| phys.write(gpa + file_table::STAT, crate::memory::io::as_bytes(stat)))
+            .and_then(|()| phys.write_u64(offset_gpa(fd), offset.unwrap_or(0)))
+            .and_then(|()| phys.write_u64(gpa + file_table::FLAGS, flags))
+            .and_then(|()| phys.write_u64(gpa + file_table::VA, window_va(fd)));
         self.reads.remove(&fd);
         self.windows.insert(
             fd,
             Window {
                 file: Arc::downgrade(file),
                 len: size,
+                offset_in_guest: offset.is_some(),
             },
         );
         self.pages += pages;
@@ -180,6 +219,116 @@ impl FileWindows {
         for fd in stale {
             self.take_down(fd, mem);
         }
+        // An offset in the guest needs the open file named by its fd alone.
+        let shared: Vec<i32> = self
+            .windows
+            .iter()
+            .filter(|(_, window)| window.offset_in_guest)
+            .filter(|(_, window)| {
+                files
+                    .iter()
+                    .filter(|(_, entry)| is(&window.file, &entry.file))
+                    .count()
+                    > 1
+            })
+            .map(|(&fd, _)| fd)
+            .collect();
+        for fd in shared {
+            self.give_offset_back(fd, mem);
+        }
+    }
+
+    /// The guest's copy of fd's offset, if it keeps one (`None` too for one the app made
+    /// negative: there is nothing to move the host's to).
+    fn guest_offset(&self, fd: i32, mem: &AddressSpace) -> Option<u64> {
+        if !self.windows.get(&fd)?.offset_in_guest {
+            return None;
+        }
+        let raw = mem.phys().read_u64(offset_gpa(fd)).ok()?;
+        (raw as i64 >= 0).then_some(raw)
+    }
+
+    /// Puts fd's offset from the guest on the host fd.
+    fn offset_to_host(&self, fd: i32, mem: &AddressSpace) {
+        let (Some(offset), Some(file)) = (
+            self.guest_offset(fd, mem),
+            self.windows.get(&fd).and_then(|w| w.file.upgrade()),
+        ) else {
+            return;
+        };
+        if let Err(e) = rustix::fs::seek(file.host(), rustix::fs::SeekFrom::Start(offset)) {
+            tracing::debug!(fd, "a file's offset could not be put on the host fd: {e}");
+        }
+    }
+
+    /// Before call `nr` with `args`: if it uses the host offset of a file whose offset
+    /// the guest keeps, puts the guest's there, and returns the fd to pass to
+    /// [`Self::after_call`]. A call that may pass fds to another process (sendmsg) takes
+    /// every offset out of the guest for good.
+    pub fn before_call(&mut self, nr: u64, args: &[u64; 6], mem: &AddressSpace) -> Option<i32> {
+        if !self.windows.values().any(|w| w.offset_in_guest) {
+            return None;
+        }
+        if matches!(nr as i64, libc::SYS_sendmsg | libc::SYS_sendmmsg) {
+            self.give_offsets_back(mem);
+            return None;
+        }
+        let fd = offset_fd(nr, args)?;
+        self.windows.get(&fd).filter(|w| w.offset_in_guest)?;
+        self.offset_to_host(fd, mem);
+        Some(fd)
+    }
+
+    /// After a call [`Self::before_call`] returned `fd` for: the guest's copy of the
+    /// offset is the host's again.
+    pub fn after_call(&self, fd: i32, mem: &AddressSpace) {
+        let Some(window) = self.windows.get(&fd).filter(|w| w.offset_in_guest) else {
+            return;
+        };
+        let Some(file) = window.file.upgrade() else {
+            return;
+        };
+        match rustix::fs::seek(file.host(), rustix::fs::SeekFrom::Current(0)) {
+            Ok(offset) => {
+                if let Err(e) = mem.phys().write_u64(offset_gpa(fd), offset) {
+                    tracing::error!("a file's offset could not be written: {e}");
+                }
+            }
+            Err(e) => tracing::debug!(fd, "a file's offset could not be read: {e}"),
+        }
+    }
+
+    /// Puts every offset the guest keeps on its host fd (before a snapshot reads them).
+    pub fn offsets_to_host(&self, mem: &AddressSpace) {
+        for (&fd, _) in self.windows.iter().filter(|(_, w)| w.offset_in_guest) {
+            self.offset_to_host(fd, mem);
+        }
+    }
+
+    /// Gives fd's offset back to the host for good: the doorbell no longer answers read
+    /// and lseek on it (pread64 and fstat it still does).
+    fn give_offset_back(&mut self, fd: i32, mem: &AddressSpace) {
+        self.offset_to_host(fd, mem);
+        if let Some(window) = self.windows.get_mut(&fd) {
+            window.offset_in_guest = false;
+        }
+        if let Err(e) = mem.phys().write_u64(entry_gpa(fd) + file_table::FLAGS, 0) {
+            tracing::error!("the file table could not be written: {e}");
+        }
+    }
+
+    /// Gives every offset back to the host (before a fork, which shares the open files
+    /// with the child, or a sendmsg, which may pass them on).
+    pub fn give_offsets_back(&mut self, mem: &AddressSpace) {
+        let fds: Vec<i32> = self
+            .windows
+            .iter()
+            .filter(|(_, w)| w.offset_in_guest)
+            .map(|(&fd, _)| fd)
+            .collect();
+        for fd in fds {
+            self.give_offset_back(fd, mem);
+        }
     }
 
     /// Whether any file has a window.
@@ -197,6 +346,9 @@ impl FileWindows {
 
     /// Takes fd's window down, if it has one: the doorbell stops answering for it first.
     pub fn take_down(&mut self, fd: i32, mem: &mut AddressSpace) {
+        if self.windows.get(&fd).is_some_and(|w| w.offset_in_guest) {
+            self.give_offset_back(fd, mem);
+        }
         let Some(window) = self.windows.remove(&fd) else {
             return;
         };
@@ -233,6 +385,20 @@ mod tests {
         (OpenFile::new(file.into(), kind), stat)
     }
 
+    /// Offers `fd` as many reads as a window takes.
+    fn earn(
+        windows: &mut FileWindows,
+        mem: &mut AddressSpace,
+        fd: i32,
+        file: &Arc<OpenFile>,
+        stat: &rustix::fs::Stat,
+        offset: Option<u64>,
+    ) {
+        for _ in 0..READS_BEFORE_WINDOW {
+            windows.offer(mem, fd, file, stat, offset);
+        }
+    }
+
     fn entry(mem: &AddressSpace, fd: i32, field: u64) -> u64 {
         mem.phys().read_u64(entry_gpa(fd) + field).unwrap()
     }
@@ -245,10 +411,13 @@ mod tests {
         let contents: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         let (file, stat) = open(&contents);
         let fd = files.insert(file.clone(), false).unwrap();
-        windows.offer(&mut mem, fd, &file, &stat);
-        assert_eq!(entry(&mem, fd, file_table::VA), 0, "one read is not enough");
-        windows.offer(&mut mem, fd, &file, &stat);
+        for _ in 1..READS_BEFORE_WINDOW {
+            windows.offer(&mut mem, fd, &file, &stat, None);
+        }
+        assert_eq!(entry(&mem, fd, file_table::VA), 0, "not enough reads yet");
+        windows.offer(&mut mem, fd, &file, &stat, None);
         assert_eq!(entry(&mem, fd, file_table::VA), window_va(fd));
+        assert_eq!(entry(&mem, fd, file_table::FLAGS), 0);
         assert_eq!(entry(&mem, fd, file_table::SIZE), 10_000);
         let mut stat_bytes = vec![0u8; file_table::STAT_SIZE as usize];
         mem.phys()
@@ -292,8 +461,7 @@ mod tests {
         for round in 0..200 {
             let (file, stat) = open(&contents);
             let fd = files.insert(file.clone(), false).unwrap();
-            windows.offer(&mut mem, fd, &file, &stat);
-            windows.offer(&mut mem, fd, &file, &stat);
+            earn(&mut windows, &mut mem, fd, &file, &stat, None);
             assert_eq!(
                 entry(&mem, fd, file_table::VA),
                 window_va(fd),
@@ -311,6 +479,85 @@ mod tests {
     }
 
     #[test]
+    fn an_offset_kept_in_the_guest_is_the_host_fds_around_calls_and_given_back_when_shared() {
+        let mut mem = space();
+        let mut files = FdTable::default();
+        let mut windows = FileWindows::new(true);
+        let (file, stat) = open(&[5u8; 10_000]);
+        let fd = files.insert(file.clone(), false).unwrap();
+        earn(&mut windows, &mut mem, fd, &file, &stat, Some(5));
+        assert_eq!(
+            entry(&mem, fd, file_table::FLAGS),
+            file_table::OFFSET_IN_GUEST
+        );
+        assert_eq!(mem.phys().read_u64(offset_gpa(fd)).unwrap(), 5);
+        let host = |file: &Arc<OpenFile>| {
+            rustix::fs::seek(file.host(), rustix::fs::SeekFrom::Current(0)).unwrap()
+        };
+        // The doorbell read 95 bytes: the guest's offset is 100, the host's is behind.
+        mem.phys().write_u64(offset_gpa(fd), 100).unwrap();
+        assert_ne!(host(&file), 100);
+        // A read the VMM performs starts from the guest's offset and moves it.
+        let read = [fd as u64, 0, 10, 0, 0, 0];
+        assert_eq!(
+            windows.before_call(libc::SYS_read as u64, &read, &mem),
+            Some(fd)
+        );
+        assert_eq!(host(&file), 100);
+        rustix::fs::seek(file.host(), rustix::fs::SeekFrom::Current(10)).unwrap();
+        windows.after_call(fd, &mem);
+        assert_eq!(mem.phys().read_u64(offset_gpa(fd)).unwrap(), 110);
+        // Calls that do not use the offset are left alone.
+        let pread = [fd as u64, 0, 10, 0, 0, 0];
+        assert_eq!(
+            windows.before_call(libc::SYS_pread64 as u64, &pread, &mem),
+            None
+        );
+        let sendfile_at = [9, fd as u64, 0x1000, 10, 0, 0];
+        assert_eq!(
+            windows.before_call(libc::SYS_sendfile as u64, &sendfile_at, &mem),
+            None
+        );
+        // A snapshot reads the host's, which the guest's becomes first.
+        mem.phys().write_u64(offset_gpa(fd), 120).unwrap();
+        windows.offsets_to_host(&mem);
+        assert_eq!(host(&file), 120);
+        // A negative offset (the app wrote it) moves nothing.
+        mem.phys().write_u64(offset_gpa(fd), u64::MAX).unwrap();
+        windows.offsets_to_host(&mem);
+        assert_eq!(host(&file), 120);
+        mem.phys().write_u64(offset_gpa(fd), 130).unwrap();
+        // A dup shares the open file: the offset goes back to the host for good; the
+        // window stays for pread64 and fstat.
+        files.insert(file.clone(), false).unwrap();
+        windows.reconcile(&files, &mut mem);
+        assert_eq!(host(&file), 130);
+        assert_eq!(entry(&mem, fd, file_table::FLAGS), 0);
+        assert_eq!(entry(&mem, fd, file_table::VA), window_va(fd));
+        assert_eq!(
+            windows.before_call(libc::SYS_read as u64, &read, &mem),
+            None
+        );
+    }
+
+    #[test]
+    fn a_sendmsg_or_a_fork_takes_every_offset_out_of_the_guest() {
+        let mut mem = space();
+        let mut files = FdTable::default();
+        let mut windows = FileWindows::new(true);
+        for _ in 0..2 {
+            let (file, stat) = open(&[1u8; 100]);
+            let fd = files.insert(file.clone(), false).unwrap();
+            earn(&mut windows, &mut mem, fd, &file, &stat, Some(0));
+        }
+        assert!(windows.windows.values().all(|w| w.offset_in_guest));
+        windows.before_call(libc::SYS_sendmsg as u64, &[0; 6], &mem);
+        assert!(windows.windows.values().all(|w| !w.offset_in_guest));
+        assert_eq!(entry(&mem, 0, file_table::FLAGS), 0);
+        assert_eq!(entry(&mem, 1, file_table::FLAGS), 0);
+    }
+
+    #[test]
     fn files_past_the_table_too_big_or_not_regular_get_no_window() {
         let mut mem = space();
         let mut windows = FileWindows::new(true);
@@ -322,20 +569,17 @@ mod tests {
         let mut fifo = stat;
         fifo.st_mode = libc::S_IFIFO | 0o600;
         for (fd, stat) in [(3, big), (4, fifo)] {
-            windows.offer(&mut mem, fd, &file, &stat);
-            windows.offer(&mut mem, fd, &file, &stat);
+            earn(&mut windows, &mut mem, fd, &file, &stat, None);
             assert_eq!(entry(&mem, fd, file_table::VA), 0);
             assert!(!windows.wants(fd), "never asked again");
         }
         assert!(!FileWindows::new(false).wants(3));
         // RAM's share: 4 MiB of RAM allows 32 pages of windows.
         let (large, large_stat) = open(&vec![1u8; 30 * 4096]);
-        windows.offer(&mut mem, 5, &large, &large_stat);
-        windows.offer(&mut mem, 5, &large, &large_stat);
+        earn(&mut windows, &mut mem, 5, &large, &large_stat, None);
         assert_eq!(entry(&mem, 5, file_table::VA), window_va(5));
         let (more, more_stat) = open(&vec![2u8; 3 * 4096]);
-        windows.offer(&mut mem, 6, &more, &more_stat);
-        windows.offer(&mut mem, 6, &more, &more_stat);
+        earn(&mut windows, &mut mem, 6, &more, &more_stat, None);
         assert_eq!(entry(&mem, 6, file_table::VA), 0, "over the share");
         assert_eq!(window_at(window_va(5) + 100), Some(5));
         assert_eq!(window_at(file_table::WINDOWS_VA - 1), None);

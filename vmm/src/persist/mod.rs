@@ -342,6 +342,8 @@ pub fn capture(
     if let Some(why) = tree_in_use(p) {
         return Err(PersistError::Unsnapshottable(why));
     }
+    // The file offsets the guest keeps are what the snapshot records (from the host fds).
+    p.windows.offsets_to_host(&p.mem);
     let started = Instant::now();
     let key = p.snapshot_key.clone().ok_or(PersistError::NoKey)?;
     let id = new_id();

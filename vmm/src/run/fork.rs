@@ -74,6 +74,8 @@ impl Exits<'_> {
     /// in the parent, 0 in the child), or the errno the parent gets.
     pub(super) fn fork(&mut self, request: ForkRequest) -> Result<Result<u64, Errno>, VmmError> {
         let p = &mut *self.p;
+        // The child shares the open files, and so their offsets: the host fds keep them.
+        p.windows.give_offsets_back(&p.mem);
         // A signal may have been missed; the processes must not be.
         p.reap_unwaited_children();
         if p.tree.is_none() {

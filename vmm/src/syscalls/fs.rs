@@ -80,9 +80,11 @@ fn write_from(
     }
 }
 
-/// read(2).
+/// read(2). Like pread64, it may earn the file a window (see `kernel::windows`).
 pub fn read(p: &mut Process, a: &Args) -> SysResult {
-    read_into(p, a.fd(0), &[(a.ptr(1), a.usize(2).min(MAX_IO))], None)
+    let read = read_into(p, a.fd(0), &[(a.ptr(1), a.usize(2).min(MAX_IO))], None)?;
+    offer_window(p, a.fd(0));
+    Ok(read)
 }
 
 /// write(2).
@@ -121,9 +123,22 @@ fn offer_window(p: &mut Process, fd: i32) {
     if !read_only || !p.sandbox.is_immutable(path) {
         return;
     }
-    if let Ok(stat) = guest_stat(file.host()) {
-        p.windows.offer(&mut p.mem, fd, &file, &stat);
-    }
+    let Ok(stat) = guest_stat(file.host()) else {
+        return;
+    };
+    // The offset moves into the guest only where nothing else can use it: no other fd
+    // names this open file, and no other process shares the fd table's files.
+    let alone = p.tree.is_none()
+        && !p.forked
+        && p.files
+            .iter()
+            .filter(|(_, entry)| std::sync::Arc::ptr_eq(&entry.file, &file))
+            .count()
+            == 1;
+    let offset = alone
+        .then(|| rustix::fs::seek(file.host(), rustix::fs::SeekFrom::Current(0)).ok())
+        .flatten();
+    p.windows.offer(&mut p.mem, fd, &file, &stat, offset);
 }
 
 /// pwrite64(2).
@@ -185,7 +200,7 @@ pub fn pwritev(p: &mut Process, a: &Args) -> SysResult {
     write_from(p, a.fd(0), &bufs, Some(offset_arg(a.u64(3))?))
 }
 
-/// lseek(2).
+/// lseek(2). Like read, it may earn the file a window (see `kernel::windows`).
 pub fn lseek(p: &mut Process, a: &Args) -> SysResult {
     let file = p.files.file(a.fd(0))?;
     if matches!(file.kind, FileKind::Pipe { .. }) {
@@ -200,7 +215,9 @@ pub fn lseek(p: &mut Process, a: &Args) -> SysResult {
         4 => SeekFrom::Hole(offset_arg(offset as u64)?),
         _ => return Err(Errno::INVAL.into()),
     };
-    Ok(rustix::fs::seek(file.host(), whence)?)
+    let offset = rustix::fs::seek(file.host(), whence)?;
+    offer_window(p, a.fd(0));
+    Ok(offset)
 }
 
 // ---- open and close --------------------------------------------------------------------

@@ -114,7 +114,12 @@ pub fn restartable(nr: u64) -> bool {
 /// Performs syscall `nr` for the app, timing it when tracing.
 pub fn perform(p: &mut Process, nr: u64, a: &Args) -> SysResult {
     let started = p.trace.is_some().then(std::time::Instant::now);
+    // A file whose offset the guest keeps has it on the host fd while the call runs.
+    let offset_kept = p.windows.before_call(nr, &a.0, &p.mem);
     let result = dispatch(p, nr, a);
+    if let Some(fd) = offset_kept {
+        p.windows.after_call(fd, &p.mem);
+    }
     // The doorbell must never answer for an fd that was closed or now names another file.
     p.windows.reconcile(&p.files, &mut p.mem);
     if let (Some(trace), Some(started)) = (p.trace.as_mut(), started) {
