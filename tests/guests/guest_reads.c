@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -51,6 +52,9 @@ static void show_seek(int fd, long long offset, int whence) {
 static void reads_and_seeks(const char *path, long size, unsigned char *buf) {
     int fd = open(path, O_RDONLY);
     for (int i = 0; i < 8; i++) show_read(fd, buf, 1000);
+    int left = -1;
+    CHECK(ioctl(fd, FIONREAD, &left) == 0);
+    printf("FIONREAD %d\n", left);
     show_seek(fd, 5000, SEEK_SET);
     show_read(fd, buf, 100);
     show_seek(fd, -50, SEEK_CUR);

@@ -84,7 +84,10 @@ fn offset_gpa(fd: i32) -> u64 {
 fn offset_fd(nr: u64, args: &[u64; 6]) -> Option<i32> {
     let fd = |i: usize| Some(args[i] as i32);
     match nr as i64 {
-        libc::SYS_read | libc::SYS_readv | libc::SYS_lseek | libc::SYS_fcntl => fd(0),
+        // (fcntl: a lock relative to SEEK_CUR; ioctl: FIONREAD, what is left to read.)
+        libc::SYS_read | libc::SYS_readv | libc::SYS_lseek | libc::SYS_fcntl | libc::SYS_ioctl => {
+            fd(0)
+        }
         // With no offset of its own, it reads from the file's.
         libc::SYS_sendfile if args[2] == 0 => fd(1),
         libc::SYS_splice | libc::SYS_copy_file_range if args[1] == 0 => fd(0),
