@@ -66,7 +66,7 @@ static void reads_and_seeks(const char *path, long size, unsigned char *buf) {
     show_read(fd, buf, 100);
     show_seek(fd, -1, SEEK_SET);
     show_seek(fd, -(size + 1000), SEEK_CUR);
-    show_seek(fd, 0x7ffffffffffffff0LL, SEEK_SET);
+    /* (Not a seek far past the end: how far a file may go is its filesystem's.) */
     show_seek(fd, 100, SEEK_CUR);
     show_seek(fd, 0, SEEK_DATA);
     show_seek(fd, 0, 7);
