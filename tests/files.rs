@@ -284,3 +284,56 @@ fn a_file_that_shrinks_on_the_host_under_a_window_ends_the_window_not_the_app() 
     assert_eq!(lines.last().unwrap(), "PASSED: 0 failures", "{all}");
     assert_eq!(lines[lines.len() - 2], "79: pread 0 size 0", "{all}");
 }
+
+/// A read whose offset + count overflows fails with EINVAL, as Linux checks it, also when
+/// the doorbell keeps the file's offset (the seek before it goes through the VMM). On a
+/// root on tmpfs, which lets a file's offset go that far (ext4 does not).
+#[test]
+fn a_read_past_the_largest_offset_fails_as_on_linux() {
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "picocenter-test"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "mounting a tmpfs (the tests run as root)"
+    );
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path());
+    let program = install(
+        dir.path(),
+        &guest("guest_reads", Link::Static),
+        "guest_reads",
+    );
+    std::fs::write(dir.path().join("data"), vec![b'x'; 100_000]).unwrap();
+    let native = std::process::Command::new(dir.path().join("bin/guest_reads"))
+        .arg(dir.path().join("data"))
+        .arg("huge")
+        .output()
+        .unwrap();
+    let root = dir.path().to_str().unwrap();
+    for flags in [&[][..], &["--no-guest-reads"][..]] {
+        let mut args = vec!["--root", root];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[&program, "/data", "huge"]);
+        let out = run(&args);
+        assert_eq!(
+            stdout(&out),
+            stdout(&native),
+            "{flags:?}: {}",
+            describe(&out)
+        );
+        assert!(
+            stdout(&out).contains("read past the largest offset: errno 0\nPASSED"),
+            "{}",
+            describe(&out)
+        );
+    }
+}

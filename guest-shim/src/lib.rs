@@ -256,7 +256,10 @@ std::arch::global_asm!(
     // read(fd = rdi, buf = rsi, count = rdx) on a file with a window whose offset is
     // kept here (`file_table::OFFSET_IN_GUEST`): pread64 at that offset, which then moves
     // on by what was read in the commit sequence at the end of the doorbell. An offset
-    // the app spoilt (negative) goes to the VMM.
+    // the app spoilt (negative) goes to the VMM. A read stopped mid-copy is made again
+    // from the start; if another thread moved the offset meanwhile, bytes of the first
+    // attempt may stay in the buffer past what the second returns (Linux leaves them
+    // untouched), which only an app reading past the count it got could see.
     "100:",
     "cmp rdi, {ft_fds}",
     "jae 79f",
@@ -274,6 +277,10 @@ std::arch::global_asm!(
     "jz 79f",
     "cmp qword ptr [rdi * 8 + {sc} + {sc_offsets}], 0",
     "jl 79f",
+    // Linux refuses offset + count past the largest offset (EINVAL), end of file or not.
+    "mov rcx, qword ptr [rdi * 8 + {sc} + {sc_offsets}]",
+    "add rcx, rdx",
+    "jo 79f",
     "mov rcx, qword ptr [rax + {ft} + {ft_size}]",
     "sub rcx, qword ptr [rdi * 8 + {sc} + {sc_offsets}]",
     "jbe 68b",
