@@ -198,6 +198,18 @@ int main(int argc, char **argv) {
     /* A read-only buffer. */
     unsigned char *ro = mmap(NULL, 8192, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     show(fd, ro, 100, 0);
+    /* A buffer whose second page is gone, or read-only: Linux reads up to it. */
+    unsigned char *half = mmap(NULL, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(munmap(half + 4096, 4096) == 0);
+    show(fd, half + 100, 8000, 0);
+    show(fd, half, 4096, 0);
+    CHECK(mprotect(half, 4096, PROT_READ) == 0);
+    show(fd, half, 100, 0);
+    unsigned char *split = mmap(NULL, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(mprotect(split + 4096, 4096, PROT_READ) == 0);
+    show(fd, split + 4000, 1000, 0);
+    /* A count far beyond the buffer, near the end of the file: Linux reads what is left. */
+    show(fd, buf, 1UL << 40, size - 4);
     /* fstat into a bad buffer. */
     errno = 0;
     int rc = fstat(fd, NULL);

@@ -110,7 +110,34 @@ impl AddressSpace {
             if len == 0 {
                 continue;
             }
-            iovecs.extend(self.iovecs(addr, len, access)?);
+            // As Linux: a buffer that runs past user space is refused whole (access_ok);
+            // one with a bad page in it is used up to that page (the transfer is short),
+            // and refused only if nothing comes before it.
+            let end = addr
+                .0
+                .checked_add(len as u64)
+                .filter(|&end| end <= super::space::USER_END)
+                .ok_or(Errno::FAULT)?;
+            match self.iovecs(addr, len, access) {
+                Ok(pieces) => iovecs.extend(pieces),
+                Err(Errno::FAULT) => {
+                    let mut at = addr.0;
+                    while at < end {
+                        let piece = (at | 0xfff).saturating_add(1).min(end) - at;
+                        match self.iovecs(UserAddr(at), piece as usize, access) {
+                            Ok(pieces) => iovecs.extend(pieces),
+                            Err(_) => break,
+                        }
+                        at += piece;
+                    }
+                    if iovecs.is_empty() {
+                        return Err(Errno::FAULT);
+                    }
+                    iovecs.truncate(IOV_MAX);
+                    return Ok(iovecs);
+                }
+                Err(e) => return Err(e),
+            }
             if iovecs.len() >= IOV_MAX {
                 iovecs.truncate(IOV_MAX);
                 break;

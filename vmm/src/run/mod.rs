@@ -964,10 +964,11 @@ impl Exits<'_> {
 
     /// A fault inside the doorbell: a call answered in the guest (a time call, or a read
     /// from a file window) touched the app's buffer or path, which is mapped on demand or
-    /// bad (`cr2` for a page fault; `None` for a non-canonical address). Either way the
-    /// call is finished as an exit would: restarted once the page is mapped, or failed
-    /// with EFAULT. A fault in a file window (which should not happen: windows are mapped
-    /// whole) takes the window down and restarts the call, which the VMM then answers.
+    /// bad (`cr2` for a page fault; `None` for a non-canonical address). A page mapped on
+    /// demand restarts the call; for a bad one the VMM performs the call itself, as an exit
+    /// would have, and answers as Linux does (EFAULT, or the bytes before the bad page).
+    /// A fault in a file window (which should not happen: windows are mapped whole) takes
+    /// the window down and restarts the call, which the VMM then answers.
     fn on_doorbell_fault(
         &mut self,
         frame: &Frame,
@@ -1006,15 +1007,25 @@ impl Exits<'_> {
             },
             None => false,
         };
-        let (rip, rax) = if resolved {
-            (rcx.wrapping_sub(2), nr)
-        } else {
-            (rcx, (-libc::EFAULT as i64) as u64)
-        };
-        self.vcpu.resume_user(rip, frame.rsp, r11 | 0x202)?;
+        // The app can jump into the doorbell with registers of its own choosing.
+        if rcx.wrapping_sub(2) >= crate::memory::space::USER_END {
+            return Ok(Some(RunOutcome::Killed {
+                signal: libc::SIGSEGV,
+                report: format!("left the doorbell for a non-user address {rcx:#x}"),
+            }));
+        }
+        self.vcpu
+            .resume_user(rcx.wrapping_sub(2), frame.rsp, r11 | 0x202)?;
         let regs = self.vcpu.regs_mut();
-        (regs.rax, regs.rcx, regs.rdx) = (rax, rcx, rdx);
-        Ok(None)
+        (regs.rax, regs.rcx, regs.rdx) = (nr, rcx, rdx);
+        if resolved {
+            return Ok(None);
+        }
+        self.stats.syscalls += 1;
+        match self.perform_call()? {
+            Step::Done(outcome) => Ok(outcome),
+            Step::Switch => self.schedule(),
+        }
     }
 
     /// Sends a fault's signal to the app's handler, if it has one and does not block the

@@ -82,26 +82,22 @@ fn write_from(
 
 /// read(2). Like pread64, it may earn the file a window (see `kernel::windows`).
 pub fn read(p: &mut Process, a: &Args) -> SysResult {
-    let read = read_into(p, a.fd(0), &[(a.ptr(1), a.usize(2).min(MAX_IO))], None)?;
+    let read = read_into(p, a.fd(0), &[io_buf(a.ptr(1), a.u64(2))?], None)?;
     offer_window(p, a.fd(0));
     Ok(read)
 }
 
 /// write(2).
 pub fn write(p: &mut Process, a: &Args) -> SysResult {
-    write_from(p, a.fd(0), &[(a.ptr(1), a.usize(2).min(MAX_IO))], None)
+    write_from(p, a.fd(0), &[io_buf(a.ptr(1), a.u64(2))?], None)
 }
 
 /// pread64(2). A file of the read-only root read this way again and again gets a window,
 /// and the doorbell answers the reads after that (see `kernel::windows`).
 pub fn pread64(p: &mut Process, a: &Args) -> SysResult {
+    let buf = io_buf(a.ptr(1), a.u64(2))?;
     let offset = offset_arg(a.u64(3))?;
-    let read = read_into(
-        p,
-        a.fd(0),
-        &[(a.ptr(1), a.usize(2).min(MAX_IO))],
-        Some(offset),
-    )?;
+    let read = read_into(p, a.fd(0), &[buf], Some(offset))?;
     offer_window(p, a.fd(0));
     Ok(read)
 }
@@ -143,13 +139,24 @@ fn offer_window(p: &mut Process, fd: i32) {
 
 /// pwrite64(2).
 pub fn pwrite64(p: &mut Process, a: &Args) -> SysResult {
+    let buf = io_buf(a.ptr(1), a.u64(2))?;
     let offset = offset_arg(a.u64(3))?;
-    write_from(
-        p,
-        a.fd(0),
-        &[(a.ptr(1), a.usize(2).min(MAX_IO))],
-        Some(offset),
-    )
+    write_from(p, a.fd(0), &[buf], Some(offset))
+}
+
+/// The app buffer of `count` bytes at `addr` for one transfer, of at most [`MAX_IO`]
+/// bytes: refused (EFAULT) if any of the whole count lies past user space, as Linux's
+/// `access_ok` refuses it before anything moves. (A bad page inside user space only makes
+/// the transfer stop there: see `AddressSpace::read_from_host`.)
+fn io_buf(addr: UserAddr, count: u64) -> Result<(UserAddr, usize), Errno> {
+    if addr
+        .0
+        .checked_add(count)
+        .is_none_or(|end| end > crate::memory::space::USER_END)
+    {
+        return Err(Errno::FAULT);
+    }
+    Ok((addr, (count as usize).min(MAX_IO)))
 }
 
 fn offset_arg(raw: u64) -> Result<u64, Errno> {
@@ -170,10 +177,10 @@ fn iovec_arg(
         return Err(Errno::INVAL);
     }
     let iovecs: Vec<[u64; 2]> = p.mem.read_pod_array(addr, count)?;
-    Ok(iovecs
+    iovecs
         .into_iter()
-        .map(|[base, len]| (UserAddr(base), (len as usize).min(MAX_IO)))
-        .collect())
+        .map(|[base, len]| io_buf(UserAddr(base), len))
+        .collect()
 }
 
 /// readv(2).
