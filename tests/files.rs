@@ -186,17 +186,6 @@ fn pseudo_terminals_work_as_natively() {
     assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
 }
 
-/// Calls of `name` in a `--trace-syscalls` summary (its `strace -c`-style table).
-fn traced_calls(stderr: &[u8], name: &str) -> u64 {
-    String::from_utf8_lossy(stderr)
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.last() == Some(&name)).then(|| fields.get(3)?.parse::<u64>().ok())?
-        })
-        .sum()
-}
-
 /// pread64, fstat, read and lseek of a file of the read-only root, with Linux's edge cases
 /// and offsets shared with a dup and a forked child (tests/guests/guest_reads.c): the
 /// doorbell answers them from a file window once the file has been read a few times, and

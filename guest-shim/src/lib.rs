@@ -30,6 +30,63 @@ std::arch::global_asm!(
     "mul qword ptr [{tp} + {tp_mult}]",
     "shrd rax, rdx, 32",
     ".endm",
+    // The file paths' pieces (see `abi::file_table`); each forwards the call (79) when it
+    // cannot answer it. The entry of the fd in RDI: RAX = its offset in the file table.
+    ".macro picocenter_window_entry",
+    "cmp rdi, {ft_fds}",
+    "jae 79f",
+    "mov rax, rdi",
+    "shl eax, {ft_shift}",
+    "cmp qword ptr [rax + {ft} + {ft_va}], 0",
+    "je 79f",
+    ".endm",
+    // The buffer [RSI, RSI + RDX) must lie in user space, as Linux's `access_ok` checks
+    // it (EFAULT otherwise) before anything else. Clobbers RAX and RCX.
+    ".macro picocenter_user_buffer",
+    "mov rax, {user_end}",
+    "mov rcx, rsi",
+    "add rcx, rdx",
+    "jc 79f",
+    "cmp rcx, rax",
+    "ja 79f",
+    ".endm",
+    // Copies what the file of the entry at RAX holds from byte `offset` (a register or
+    // memory operand) on to the buffer at RSI, at most RDX bytes (none at or past the
+    // end), 8 at a time and with RAX, RCX and RDX only, so that a stop or a fault
+    // anywhere in it rewinds the call with every other register the app's; then goes to
+    // `done` with RAX = the bytes copied.
+    ".macro picocenter_window_copy offset, done",
+    "mov rcx, qword ptr [rax + {ft} + {ft_size}]",
+    "sub rcx, \\offset",
+    "jbe 4f",
+    "cmp rcx, rdx",
+    "cmova rcx, rdx",
+    "mov qword ptr [{sc} + {sc_len}], rcx",
+    "mov rdx, qword ptr [rax + {ft} + {ft_va}]",
+    "add rdx, \\offset",
+    "xor ecx, ecx",
+    "1:",
+    "mov rax, qword ptr [{sc} + {sc_len}]",
+    "sub rax, rcx",
+    "cmp rax, 8",
+    "jb 2f",
+    "mov rax, qword ptr [rdx + rcx]",
+    "mov qword ptr [rsi + rcx], rax",
+    "add rcx, 8",
+    "jmp 1b",
+    "2:",
+    "cmp rcx, qword ptr [{sc} + {sc_len}]",
+    "jae 3f",
+    "mov al, byte ptr [rdx + rcx]",
+    "mov byte ptr [rsi + rcx], al",
+    "inc rcx",
+    "jmp 2b",
+    "4:",
+    "xor ecx, ecx",
+    "3:",
+    "mov rax, rcx",
+    "jmp \\done",
+    ".endm",
     ".globl picocenter_doorbell_start",
     ".globl picocenter_doorbell_end",
     "picocenter_doorbell_start:",
@@ -152,75 +209,32 @@ std::arch::global_asm!(
     "test rdi, rdi",
     "jz 80f",
     "mov qword ptr [rdi], rax",
+    // (Falls through.)
+
+    // Restore the registers a call answered here borrowed.
+    "80:",
+    "mov rdx, qword ptr [{sc} + {sc_rdx}]",
+    "mov rcx, qword ptr [{sc} + {sc_rcx}]",
+    "jmp 90f",
 
     // pread64(fd = rdi, buf = rsi, count = rdx, offset = r10) on a file with a window
-    // (see `abi::file_table`): copied from the window, 8 bytes at a time, with RAX, RCX
-    // and RDX only, so that a stop or a fault anywhere in the copy rewinds the call with
-    // every other register the app's. Anything unusual goes to the VMM, which answers it
-    // as Linux would. Linux checks the whole buffer first (`access_ok(buf, count)`: EFAULT
-    // if it wraps or runs past user space), then the offset (EINVAL if negative or if
-    // offset + count overflows), and only then reads what the file has.
+    // (see `abi::file_table`), copied from the window. Anything unusual goes to the VMM,
+    // which answers it as Linux would. Linux checks the whole buffer first (EFAULT), then
+    // the offset (EINVAL if negative or if offset + count overflows), and only then reads
+    // what the file has.
     "60:",
-    "cmp rdi, {ft_fds}",
-    "jae 79f",
-    "mov rax, {user_end}",
-    "mov rcx, rsi",
-    "add rcx, rdx",
-    "jc 79f",
-    "cmp rcx, rax",
-    "ja 79f",
+    "picocenter_user_buffer",
     "test r10, r10",
     "js 79f",
     "mov rcx, r10",
     "add rcx, rdx",
     "jo 79f",
-    "mov rax, rdi",
-    "shl eax, {ft_shift}",
-    "cmp qword ptr [rax + {ft} + {ft_va}], 0",
-    "je 79f",
-    "mov rcx, qword ptr [rax + {ft} + {ft_size}]",
-    "sub rcx, r10",
-    "jbe 68f",
-    "cmp rcx, rdx",
-    "cmova rcx, rdx",
-    "test rcx, rcx",
-    "jz 68f",
-    "mov qword ptr [{sc} + {sc_len}], rcx",
-    "mov rdx, qword ptr [rax + {ft} + {ft_va}]",
-    "add rdx, r10",
-    "xor ecx, ecx",
-    "61:",
-    "mov rax, qword ptr [{sc} + {sc_len}]",
-    "sub rax, rcx",
-    "cmp rax, 8",
-    "jb 62f",
-    "mov rax, qword ptr [rdx + rcx]",
-    "mov qword ptr [rsi + rcx], rax",
-    "add rcx, 8",
-    "jmp 61b",
-    "62:",
-    "cmp rcx, qword ptr [{sc} + {sc_len}]",
-    "jae 63f",
-    "mov al, byte ptr [rdx + rcx]",
-    "mov byte ptr [rsi + rcx], al",
-    "inc rcx",
-    "jmp 62b",
-    "63:",
-    "mov rax, rcx",
-    "jmp 80f",
-    // At or past the end of the file, or nothing asked for.
-    "68:",
-    "xor eax, eax",
-    "jmp 80f",
+    "picocenter_window_entry",
+    "picocenter_window_copy r10, 80b",
 
     // fstat(fd = rdi, buf = rsi).
     "70:",
-    "cmp rdi, {ft_fds}",
-    "jae 79f",
-    "mov rax, rdi",
-    "shl eax, {ft_shift}",
-    "cmp qword ptr [rax + {ft} + {ft_va}], 0",
-    "je 79f",
+    "picocenter_window_entry",
     "mov rdx, rsi",
     "jmp 75f",
     // newfstatat(dirfd = rdi, path = rsi, buf = rdx, flags = r10): only the fstat form,
@@ -228,17 +242,12 @@ std::arch::global_asm!(
     "72:",
     "cmp r10, {at_empty_path}",
     "jne 79f",
-    "cmp rdi, {ft_fds}",
-    "jae 79f",
     "mov rcx, {user_ptr_max}",
     "cmp rsi, rcx",
     "ja 79f",
     "cmp byte ptr [rsi], 0",
     "jne 79f",
-    "mov rax, rdi",
-    "shl eax, {ft_shift}",
-    "cmp qword ptr [rax + {ft} + {ft_va}], 0",
-    "je 79f",
+    "picocenter_window_entry",
     // Copy the entry's `struct stat` (at RAX) to the buffer at RDX.
     "75:",
     "mov rcx, {stat_ptr_max}",
@@ -251,7 +260,7 @@ std::arch::global_asm!(
     ".set picocenter_stat_word, picocenter_stat_word + 8",
     ".endr",
     "xor eax, eax",
-    "jmp 80f",
+    "jmp 80b",
 
     // read(fd = rdi, buf = rsi, count = rdx) on a file with a window whose offset is
     // kept here (`file_table::OFFSET_IN_GUEST`): pread64 at that offset, which then moves
@@ -261,18 +270,8 @@ std::arch::global_asm!(
     // attempt may stay in the buffer past what the second returns (Linux leaves them
     // untouched), which only an app reading past the count it got could see.
     "100:",
-    "cmp rdi, {ft_fds}",
-    "jae 79f",
-    "mov rax, {user_end}",
-    "mov rcx, rsi",
-    "add rcx, rdx",
-    "jc 79f",
-    "cmp rcx, rax",
-    "ja 79f",
-    "mov rax, rdi",
-    "shl eax, {ft_shift}",
-    "cmp qword ptr [rax + {ft} + {ft_va}], 0",
-    "je 79f",
+    "picocenter_user_buffer",
+    "picocenter_window_entry",
     "test byte ptr [rax + {ft} + {ft_flags}], {offset_in_guest}",
     "jz 79f",
     "cmp qword ptr [rdi * 8 + {sc} + {sc_offsets}], 0",
@@ -281,48 +280,14 @@ std::arch::global_asm!(
     "mov rcx, qword ptr [rdi * 8 + {sc} + {sc_offsets}]",
     "add rcx, rdx",
     "jo 79f",
-    "mov rcx, qword ptr [rax + {ft} + {ft_size}]",
-    "sub rcx, qword ptr [rdi * 8 + {sc} + {sc_offsets}]",
-    "jbe 68b",
-    "cmp rcx, rdx",
-    "cmova rcx, rdx",
-    "test rcx, rcx",
-    "jz 68b",
-    "mov qword ptr [{sc} + {sc_len}], rcx",
-    "mov rdx, qword ptr [rax + {ft} + {ft_va}]",
-    "add rdx, qword ptr [rdi * 8 + {sc} + {sc_offsets}]",
-    "xor ecx, ecx",
-    "101:",
-    "mov rax, qword ptr [{sc} + {sc_len}]",
-    "sub rax, rcx",
-    "cmp rax, 8",
-    "jb 102f",
-    "mov rax, qword ptr [rdx + rcx]",
-    "mov qword ptr [rsi + rcx], rax",
-    "add rcx, 8",
-    "jmp 101b",
-    "102:",
-    "cmp rcx, qword ptr [{sc} + {sc_len}]",
-    "jae 103f",
-    "mov al, byte ptr [rdx + rcx]",
-    "mov byte ptr [rsi + rcx], al",
-    "inc rcx",
-    "jmp 102b",
-    "103:",
-    "mov rax, rcx",
-    "jmp 120f",
+    "picocenter_window_copy [rdi*8+{sc}+{sc_offsets}], 120f",
 
     // lseek(fd = rdi, offset = rsi, whence = edx): SEEK_SET, SEEK_CUR and SEEK_END to an
     // offset within the file. The rest go to the VMM: a negative or overflowing one
     // (EINVAL), and one past the end, which Linux allows up to a limit of the host's
     // filesystem that only the host knows.
     "110:",
-    "cmp rdi, {ft_fds}",
-    "jae 79f",
-    "mov rax, rdi",
-    "shl eax, {ft_shift}",
-    "cmp qword ptr [rax + {ft} + {ft_va}], 0",
-    "je 79f",
+    "picocenter_window_entry",
     "test byte ptr [rax + {ft} + {ft_flags}], {offset_in_guest}",
     "jz 79f",
     "test edx, edx",
@@ -357,12 +322,6 @@ std::arch::global_asm!(
     "mov rcx, qword ptr [{sc} + {sc_rcx}]",
     "mov rdx, qword ptr [{sc} + {sc_rdx}]",
     "jmp 10f",
-
-    // Restore the registers a time call borrowed.
-    "80:",
-    "mov rdx, qword ptr [{sc} + {sc_rdx}]",
-    "mov rcx, qword ptr [{sc} + {sc_rcx}]",
-    "jmp 90f",
 
     // A mailbox call withdrawn or declined: restore the registers and exit instead.
     "15:",
@@ -845,6 +804,17 @@ mod tests {
         doorbell_offset(symbol)
     }
 
+    /// Asserts that every place `found` (of `pattern`) is in the Saved region.
+    fn assert_all_saved(found: &[u64], pattern: &[u8]) {
+        for &at in found {
+            assert_eq!(
+                doorbell_region(at),
+                Some(DoorbellRegion::Saved),
+                "{pattern:x?}"
+            );
+        }
+    }
+
     #[test]
     fn the_entry_saves_rax_rcx_rdx_and_nothing_else() {
         let saved = offset(&raw const picocenter_doorbell_saved);
@@ -902,13 +872,7 @@ mod tests {
         for pattern in std::iter::once(exit.as_slice()).chain(app_stores) {
             let found = find(pattern);
             assert!(!found.is_empty(), "{pattern:x?} not found");
-            for at in found {
-                assert_eq!(
-                    doorbell_region(at),
-                    Some(DoorbellRegion::Saved),
-                    "{pattern:x?}"
-                );
-            }
+            assert_all_saved(&found, pattern);
         }
     }
 
@@ -926,13 +890,7 @@ mod tests {
         for (pattern, copies) in app_stores {
             let found = find(pattern);
             assert_eq!(found.len(), copies, "{pattern:x?}");
-            for at in found {
-                assert_eq!(
-                    doorbell_region(at),
-                    Some(DoorbellRegion::Saved),
-                    "{pattern:x?}"
-                );
-            }
+            assert_all_saved(&found, pattern);
         }
     }
 

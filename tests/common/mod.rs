@@ -181,6 +181,17 @@ pub fn describe(out: &Output) -> String {
     )
 }
 
+/// Calls of `name` in a `--trace-syscalls` summary (its `strace -c`-style table).
+pub fn traced_calls(stderr: &[u8], name: &str) -> u64 {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.last() == Some(&name)).then(|| fields.get(3)?.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
 /// The app's stdout.
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
