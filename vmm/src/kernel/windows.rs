@@ -130,22 +130,12 @@ impl FileWindows {
     }
 
     /// Counts a read through the VMM of `file`, open at `fd` for reading and on the
-    /// read-only root, whose `struct stat` (as the app sees it) is `stat`; the read that
-    /// makes [`READS_BEFORE_WINDOW`] gives it a window if it is a regular file that fits
-    /// one and the windows' share of RAM allows.
-    ///
-    /// `offset`: the file's offset, if it may move into the guest (this fd is the only one
-    /// naming the open file, in a process that has not forked).
-    pub fn offer(
-        &mut self,
-        mem: &mut AddressSpace,
-        fd: i32,
-        file: &Arc<OpenFile>,
-        stat: &rustix::fs::Stat,
-        offset: Option<u64>,
-    ) {
+    /// read-only root. True once it has made [`READS_BEFORE_WINDOW`]: the caller then
+    /// looks the file up on the host and calls [`Self::open`] (a one-off reader costs
+    /// nothing more than this count).
+    pub fn count_read(&mut self, fd: i32, file: &Arc<OpenFile>) -> bool {
         if !self.wants(fd) {
-            return;
+            return false;
         }
         let reads = match self.reads.get_mut(&fd) {
             Some((seen, reads)) if is(seen, file) => {
@@ -157,9 +147,23 @@ impl FileWindows {
                 1
             }
         };
-        if reads < READS_BEFORE_WINDOW {
-            return;
-        }
+        reads >= READS_BEFORE_WINDOW
+    }
+
+    /// Gives `file` at `fd` (which [`Self::count_read`] said has earned it), whose
+    /// `struct stat` as the app sees it is `stat`, a window, if it is a regular file that
+    /// fits one and the windows' share of RAM allows.
+    ///
+    /// `offset`: the file's offset, if it may move into the guest (this fd is the only one
+    /// naming the open file, in a process that has not forked).
+    pub fn open(
+        &mut self,
+        mem: &mut AddressSpace,
+        fd: i32,
+        file: &Arc<OpenFile>,
+        stat: &rustix::fs::Stat,
+        offset: Option<u64>,
+    ) {
         let size = u64::try_from(stat.st_size).unwrap_or(u64::MAX);
         if stat.st_mode & libc::S_IFMT != libc::S_IFREG || size > file_table::WINDOW_SIZE {
             self.reads.insert(fd, (Arc::downgrade(file), u32::MAX));
@@ -398,7 +402,9 @@ mod tests {
         offset: Option<u64>,
     ) {
         for _ in 0..READS_BEFORE_WINDOW {
-            windows.offer(mem, fd, file, stat, offset);
+            if windows.count_read(fd, file) {
+                windows.open(mem, fd, file, stat, offset);
+            }
         }
     }
 
@@ -415,10 +421,10 @@ mod tests {
         let (file, stat) = open(&contents);
         let fd = files.insert(file.clone(), false).unwrap();
         for _ in 1..READS_BEFORE_WINDOW {
-            windows.offer(&mut mem, fd, &file, &stat, None);
+            assert!(!windows.count_read(fd, &file), "not enough reads yet");
         }
-        assert_eq!(entry(&mem, fd, file_table::VA), 0, "not enough reads yet");
-        windows.offer(&mut mem, fd, &file, &stat, None);
+        assert!(windows.count_read(fd, &file));
+        windows.open(&mut mem, fd, &file, &stat, None);
         assert_eq!(entry(&mem, fd, file_table::VA), window_va(fd));
         assert_eq!(entry(&mem, fd, file_table::FLAGS), 0);
         assert_eq!(entry(&mem, fd, file_table::SIZE), 10_000);

@@ -102,8 +102,8 @@ pub fn pread64(p: &mut Process, a: &Args) -> SysResult {
     Ok(read)
 }
 
-/// Offers `fd` a file window (see `kernel::windows`) if it is a file of the read-only
-/// root, open for reading.
+/// Counts a read of `fd` towards a file window (see `kernel::windows`) if it is a file of
+/// the read-only root, open for reading, and gives it one once it has earned it.
 fn offer_window(p: &mut Process, fd: i32) {
     if !p.windows.wants(fd) {
         return;
@@ -116,7 +116,7 @@ fn offer_window(p: &mut Process, fd: i32) {
     };
     let read_only = *flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32
         && *flags & libc::O_PATH as u32 == 0;
-    if !read_only || !p.sandbox.is_immutable(path) {
+    if !read_only || !p.sandbox.is_immutable(path) || !p.windows.count_read(fd, &file) {
         return;
     }
     let Ok(stat) = guest_stat(file.host()) else {
@@ -134,7 +134,7 @@ fn offer_window(p: &mut Process, fd: i32) {
     let offset = alone
         .then(|| rustix::fs::seek(file.host(), rustix::fs::SeekFrom::Current(0)).ok())
         .flatten();
-    p.windows.offer(&mut p.mem, fd, &file, &stat, offset);
+    p.windows.open(&mut p.mem, fd, &file, &stat, offset);
 }
 
 /// pwrite64(2).
