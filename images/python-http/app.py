@@ -13,6 +13,8 @@ ends it with status 0.
 """
 
 import json
+import os
+import selectors
 import signal
 import sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -80,14 +82,36 @@ def on_term(signum, frame):
     raise Stop()
 
 
+def serve_until_signalled(server):
+    """Serves requests until a signal handler raises. Like serve_forever with no poll
+    interval (the app sleeps until a request or a signal arrives), but a signal that comes
+    after Python last checked for signals and before the poll starts still wakes the poll:
+    Python's C handler writes its number into a pipe the poll watches (set_wakeup_fd).
+    Without it such a SIGTERM waits for the next request."""
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    with selectors.PollSelector() as selector:
+        selector.register(server, selectors.EVENT_READ)
+        selector.register(wake_read, selectors.EVENT_READ)
+        while True:
+            # A handler that raises ends select (PEP 475 runs handlers before a retry).
+            for key, _ in selector.select():
+                if key.fileobj == wake_read:
+                    try:
+                        os.read(wake_read, 64)
+                    except BlockingIOError:
+                        pass
+                else:
+                    server._handle_request_noblock()
+
+
 def main():
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 80
     signal.signal(signal.SIGTERM, on_term)
     server = HTTPServer(("0.0.0.0", port), Handler)
     sys.stderr.write("python-http: listening on 0.0.0.0:%d\n" % port)
     try:
-        # No poll interval: the app sleeps until a request or a signal arrives.
-        server.serve_forever(poll_interval=None)
+        serve_until_signalled(server)
     except (Stop, KeyboardInterrupt):
         pass
     finally:
