@@ -47,6 +47,10 @@ pub enum ColdConfig {
 pub struct Stored {
     /// The snapshot to restore next (the one written, or the chain compacted into one).
     pub id: String,
+    /// Its ancestors, newest first, as its manifest lists them. The hub keeps them, so
+    /// that a restore from S3 asks for their manifests with the newest's (one round trip,
+    /// not one more for the older ones).
+    pub ancestors: Vec<String>,
     /// Bytes its chain holds in cold storage.
     pub bytes: u64,
     /// When the app wants to run again by itself (its earliest deadline: a blocked call's
@@ -195,6 +199,7 @@ impl Cold {
         };
         Ok(Stored {
             id: newest.id.clone(),
+            ancestors: newest.ancestors.clone(),
             bytes,
             wake_at_unix_ms: newest.wake_at_unix_ms(),
             // What the compacted snapshot replaces goes from S3 once it is there.
@@ -276,11 +281,13 @@ impl Cold {
     /// local directory, which it returns. With S3, what the first round trips do not
     /// bring whole is left to stream: the snapshots are committed there as pending, and
     /// the stream returned must be [run](ChainStream::run) against the restoring VMM's
-    /// page feed; the pages of `first_port`'s requests come first.
+    /// page feed; the pages of `first_port`'s requests come first. `ancestors` are those
+    /// the hub expects `id`'s manifest to list (see [`Stored::ancestors`]).
     pub fn fetch_streaming(
         &self,
         app: &str,
         id: &str,
+        ancestors: &[String],
         first_port: Option<u16>,
     ) -> Result<(PathBuf, Option<ChainStream>), StoreError> {
         let dir = self.local_dir(app)?;
@@ -289,7 +296,7 @@ impl Cold {
         };
         let local = LocalStore::open(&dir)?;
         let started = std::time::Instant::now();
-        let stream = remote.open_stream(&local, &self.key, id, first_port)?;
+        let stream = remote.open_stream(&local, &self.key, id, ancestors, first_port)?;
         tracing::info!(
             app,
             streaming = ?stream.as_ref().map(ChainStream::ids),
@@ -300,13 +307,13 @@ impl Cold {
     }
 
     /// Before a restore of `app` at snapshot `id`: makes the chain local. Returns the
-    /// directory to restore from.
-    pub fn fetch(&self, app: &str, id: &str) -> Result<PathBuf, StoreError> {
+    /// directory to restore from. `ancestors` as for [`Cold::fetch_streaming`].
+    pub fn fetch(&self, app: &str, id: &str, ancestors: &[String]) -> Result<PathBuf, StoreError> {
         let dir = self.local_dir(app)?;
         if let Some(remote) = self.remote(app)? {
             let local = LocalStore::open(&dir)?;
             let started = std::time::Instant::now();
-            let fetched = remote.fetch_chain(&local, &self.key, id)?;
+            let fetched = remote.fetch_chain(&local, &self.key, id, ancestors)?;
             tracing::info!(
                 app,
                 ?fetched,

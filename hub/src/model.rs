@@ -135,6 +135,10 @@ pub struct AppRecord {
     pub address: Option<Ipv4Addr>,
     /// Its newest snapshot in cold storage.
     pub snapshot: Option<String>,
+    /// That snapshot's ancestors, newest first, as its manifest lists them: a restore from
+    /// S3 asks for them with it (see `Cold::fetch_streaming`).
+    #[serde(default)]
+    pub ancestors: Vec<String>,
     /// When the app asked to wake by itself (a timer), Unix ms, while swapped out.
     pub wake_at_unix_ms: Option<u64>,
     /// Why the last start or restore failed.
@@ -157,6 +161,7 @@ impl AppRecord {
             worker: None,
             address: None,
             snapshot: None,
+            ancestors: Vec::new(),
             wake_at_unix_ms: None,
             last_error: None,
             usage: Usage::default(),
@@ -242,6 +247,9 @@ pub struct SwappedOut {
     pub name: String,
     /// Its new newest snapshot.
     pub snapshot: String,
+    /// That snapshot's ancestors, newest first.
+    #[serde(default)]
+    pub ancestors: Vec<String>,
     /// Bytes its snapshots hold in cold storage.
     pub stored_bytes: u64,
     /// When it wants to wake by itself, Unix ms.
@@ -260,6 +268,9 @@ pub struct StartOrder {
     pub spec: AppSpec,
     /// Its newest snapshot, or none for a fresh start.
     pub snapshot: Option<String>,
+    /// That snapshot's ancestors as the hub knows them, newest first: fetched with it.
+    #[serde(default)]
+    pub ancestors: Vec<String>,
 }
 
 /// A worker's answer to a [`StartOrder`], once the app's listening sockets are bound.

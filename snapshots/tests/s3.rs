@@ -374,7 +374,7 @@ fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
     let local = LocalStore::open(&dir.join("stream-local")).unwrap();
     let remote = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache")).unwrap();
     let stream = remote
-        .open_stream(&local, &key(), "snew", None)
+        .open_stream(&local, &key(), "snew", &[], None)
         .unwrap()
         .expect("a stream");
     // The 2 MiB base came whole with its manifest; the newest is pending until streamed.
@@ -416,7 +416,7 @@ fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
     // Complete now: nothing to stream.
     let again = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache")).unwrap();
     assert!(again
-        .open_stream(&local, &key(), "snew", None)
+        .open_stream(&local, &key(), "snew", &[], None)
         .unwrap()
         .is_none());
 
@@ -428,7 +428,7 @@ fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
     let local = LocalStore::open(&dir.join("stream-local-tampered")).unwrap();
     let remote = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache-2")).unwrap();
     let stream = remote
-        .open_stream(&local, &key(), "snew", None)
+        .open_stream(&local, &key(), "snew", &[], None)
         .unwrap()
         .expect("a stream");
     let (worker_end, vmm_end) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -453,7 +453,7 @@ fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
     // What a worker does when a stream failed: the plain fetch completes the copy.
     let remote = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache-3")).unwrap();
     assert_eq!(
-        remote.fetch_chain(&local, &key(), "snew").unwrap(),
+        remote.fetch_chain(&local, &key(), "snew", &[]).unwrap(),
         ["snew"]
     );
     assert!(local.is_chain_complete("snew", &key()));
@@ -617,6 +617,8 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
         server,
         wan::LinkShape {
             rtt,
+            // Two clients' warm connections (6 and 12, below) at once.
+            max_connections: 32,
             ..wan::LinkShape::default()
         },
     );
@@ -634,7 +636,7 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
     let second = LocalStore::open(&dir.join("local-wan-2")).unwrap();
     let started = Instant::now();
     assert_eq!(
-        remote.fetch_chain(&second, &key(), "d3").unwrap(),
+        remote.fetch_chain(&second, &key(), "d3", &[]).unwrap(),
         ["d3", "d2", "d1"]
     );
     let took = started.elapsed();
@@ -657,8 +659,49 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
             &second.data_archive(id).unwrap().unwrap(),
         );
     }
+    // With the ancestors expected (as the hub keeps them), all three come in the first
+    // round trip; a wrong guess costs its GETs and nothing else.
+    let hinted = S3Connection::open(&config(&link.url())).unwrap();
+    // The newest's manifest, data and four page pieces, and each ancestor's three.
+    hinted.keep_warm(12, Duration::from_secs(10));
+    let warm = link.connections.load(std::sync::atomic::Ordering::SeqCst) + 12;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while link.connections.load(std::sync::atomic::Ordering::SeqCst) < warm {
+        assert!(Instant::now() < deadline, "the connections were not opened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(3 * rtt);
+    let expected = ["d2".to_string(), "d1".to_string()];
+    let guesses: [(&str, &[String]); 4] = [
+        ("right", &expected),
+        ("unknown", &["nothing-here".to_string(), "d1".to_string()]),
+        ("outside the chain", &["d4".to_string()]),
+        ("not a snapshot id", &["../d1".to_string()]),
+    ];
+    for (what, guess) in guesses {
+        let remote =
+            S3Store::on(hinted.clone(), "wan", &dir.join(format!("cache-{what}"))).unwrap();
+        let local = LocalStore::open(&dir.join(format!("local-{what}"))).unwrap();
+        let started = Instant::now();
+        assert_eq!(
+            remote.fetch_chain(&local, &key(), "d3", guess).unwrap(),
+            ["d3", "d2", "d1"],
+            "{what}"
+        );
+        let took = started.elapsed();
+        if what == "right" {
+            assert!(
+                took < 2 * rtt,
+                "a chain of three whose ancestors were expected took {took:?}: more than one round trip"
+            );
+        }
+        for id in ["d1", "d2", "d3"] {
+            same_file(&first.page_file(id).unwrap(), &local.page_file(id).unwrap());
+        }
+    }
+
     let third = LocalStore::open(&dir.join("local-wan-3")).unwrap();
-    let refused = remote.fetch_chain(&third, &key(), "d4").unwrap_err();
+    let refused = remote.fetch_chain(&third, &key(), "d4", &[]).unwrap_err();
     assert!(refused.to_string().contains("chain is broken"), "{refused}");
     assert!(third.list().unwrap().is_empty(), "{:?}", third.list());
 
@@ -681,7 +724,7 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
         let tampered = S3Store::on(conn.clone(), "wan", &fresh_cache).unwrap();
         let fresh = LocalStore::open(&dir.join(format!("local-wan-tampered-{i}"))).unwrap();
         let error = tampered
-            .fetch_chain(&fresh, &key(), "d3")
+            .fetch_chain(&fresh, &key(), "d3", &[])
             .unwrap_err()
             .to_string();
         assert!(error.contains(expect), "{what}: {error}");
@@ -698,7 +741,7 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
     let mended = S3Store::on(conn.clone(), "wan", &mended_cache).unwrap();
     let fresh = LocalStore::open(&dir.join("local-wan-mended")).unwrap();
     assert_eq!(
-        mended.fetch_chain(&fresh, &key(), "d3").unwrap(),
+        mended.fetch_chain(&fresh, &key(), "d3", &[]).unwrap(),
         ["d3", "d2", "d1"]
     );
 

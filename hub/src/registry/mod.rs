@@ -176,6 +176,7 @@ pub(crate) mod suite {
             registry.save(&counter, true).unwrap();
             counter.state = AppState::SwappedOut;
             counter.snapshot = Some("s1".into());
+            counter.ancestors = vec!["s0".into()];
             counter.usage.requests = 7;
             counter.event("swapped out");
             registry.save(&counter, false).unwrap();

@@ -340,6 +340,8 @@ impl Worker {
             .is_some_and(|id| self.uploads.begin_comeback(&name, id));
         if comeback.is_some() {
             order.snapshot = comeback;
+            // The hub's list belongs to the snapshot it knows; the local copy needs none.
+            order.ancestors.clear();
         }
         self.make_room().await;
         // An app whose sockets are held here comes back at its address, on them.
@@ -401,13 +403,15 @@ impl Worker {
             Some(id) => {
                 let cold = self.cold.clone();
                 let (app, snapshot) = (name.clone(), id.clone());
+                let ancestors = order.ancestors.clone();
                 let stream = self.config.stream_swap_in;
                 let first_port = held.as_ref().and_then(|h| h.sockets.first_port());
                 let fetched = tokio::task::spawn_blocking(move || {
                     if stream {
-                        cold.fetch_streaming(&app, &snapshot, first_port)
+                        cold.fetch_streaming(&app, &snapshot, &ancestors, first_port)
                     } else {
-                        cold.fetch(&app, &snapshot).map(|dir| (dir, None))
+                        cold.fetch(&app, &snapshot, &ancestors)
+                            .map(|dir| (dir, None))
                     }
                 })
                 .await
@@ -783,7 +787,7 @@ impl Worker {
                     let cold = self.cold.clone();
                     let (app_name, snapshot) = (name.to_string(), feeding.snapshot.clone());
                     let fetched =
-                        tokio::task::spawn_blocking(move || cold.fetch(&app_name, &snapshot))
+                        tokio::task::spawn_blocking(move || cold.fetch(&app_name, &snapshot, &[]))
                             .await
                             .map_err(|e| WorkerError::Internal(e.to_string()))
                             .and_then(|fetched| fetched.map_err(WorkerError::from));
@@ -890,6 +894,7 @@ impl Worker {
         let swapped = SwappedOut {
             name: name.to_string(),
             snapshot: stored.id,
+            ancestors: stored.ancestors,
             stored_bytes: stored.bytes,
             wake_at_unix_ms: stored.wake_at_unix_ms,
             seq: self.next_seq(),

@@ -245,6 +245,28 @@ fn ranges(size: u64, have: u64, first: u64, first_part: u64, part: u64) -> Vec<R
 /// The longest chain a restore follows (a longer one is refused as broken).
 const MAX_FETCHED_CHAIN: usize = 128;
 
+/// The leading ids of `ancestors` (newest first) whose snapshots `local` lacks: the
+/// rest of the chain behind the first one it holds is complete there.
+fn missing_ancestors(local: &LocalStore, key: &SnapshotKey, ancestors: &[String]) -> Vec<String> {
+    ancestors
+        .iter()
+        .take_while(|ancestor| !local.is_complete(ancestor, key))
+        .cloned()
+        .collect()
+}
+
+/// Ranged GETs for the first part of each of `levels` ancestors' page files: one
+/// ancestor's in pieces too (a big app's chain is its full snapshot and an increment: the
+/// full one's first 2 MiB took ~40 ms on one connection); several ancestors' requests
+/// already fill the connections kept open.
+fn first_part_pieces(levels: usize) -> u64 {
+    if levels <= 1 {
+        FIRST_PART_PIECES
+    } else {
+        1
+    }
+}
+
 /// What a GET for a range of an object of unknown size brought.
 enum FirstRange {
     /// No such object.
@@ -539,21 +561,32 @@ impl S3Store {
     /// every ancestor it lists that `local` lacks, each with the first part of its
     /// objects; then the rest of theirs. Returns the ids fetched. Every manifest is
     /// checked under `key` before anything it names is used.
+    ///
+    /// `expected_ancestors` are the ancestors the caller expects `id`'s manifest to list
+    /// (the hub keeps them with the app): those `local` lacks are asked for in the newest
+    /// manifest's round trip, not after it. They are only a guess: the manifest decides,
+    /// and a wrong or missing one costs only its GETs.
     pub fn fetch_chain(
         &self,
         local: &LocalStore,
         key: &SnapshotKey,
         id: &str,
+        expected_ancestors: &[String],
     ) -> Result<Vec<String>, StoreError> {
         if local.is_chain_complete(id, key) {
             return Ok(Vec::new());
         }
         let fetched = self.run(async {
-            let newest = self.fetch_level(id, key, FIRST_PART_PIECES).await?;
+            let (newest, guessed) = futures::future::join(
+                self.fetch_level(id, key, FIRST_PART_PIECES),
+                self.expected_levels(local, key, expected_ancestors),
+            )
+            .await;
+            let newest = newest?;
             let newest_manifest = newest.manifest.clone();
             let (newest, older) = futures::future::try_join(
                 self.finish_level(newest),
-                self.older_levels(local, key, &newest_manifest),
+                self.older_levels(local, key, &newest_manifest, guessed),
             )
             .await?;
             let older =
@@ -571,35 +604,67 @@ impl S3Store {
         Ok(fetched.into_iter().map(|(m, _, _)| m.id).collect())
     }
 
+    /// The levels of `expected` (ancestors a caller expects a manifest to list) that
+    /// `local` lacks, fetched at once, before that manifest is in. A level that does not
+    /// come (a wrong guess: no such snapshot) is left out; the manifest's own list decides
+    /// what is used (see [`S3Store::older_levels`]).
+    async fn expected_levels(
+        &self,
+        local: &LocalStore,
+        key: &SnapshotKey,
+        expected: &[String],
+    ) -> Vec<Level> {
+        let expected = &expected[..expected.len().min(crate::format::MAX_ANCESTORS)];
+        let wanted = missing_ancestors(local, key, expected);
+        let pieces = first_part_pieces(wanted.len());
+        let levels = futures::future::join_all(
+            wanted
+                .iter()
+                .map(|ancestor| self.fetch_level(ancestor, key, pieces)),
+        )
+        .await;
+        levels
+            .into_iter()
+            .zip(&wanted)
+            .filter_map(|(level, id)| {
+                level
+                    .inspect_err(|e| tracing::debug!(id, "an expected ancestor: {e}"))
+                    .ok()
+            })
+            .collect()
+    }
+
     /// The ancestors of `newest` that `local` lacks, newest first, each with the first
-    /// part of its objects: those `newest` lists, at once, then one link at a time past
-    /// the end of its list. Every link is checked: each is the parent its child names.
+    /// part of its objects: those `newest` lists, at once (taken from `guessed` where
+    /// they came already), then one link at a time past the end of its list. Every link
+    /// is checked: each is the parent its child names.
     async fn older_levels(
         &self,
         local: &LocalStore,
         key: &SnapshotKey,
         newest: &Manifest,
+        mut guessed: Vec<Level>,
     ) -> Result<Vec<Level>, StoreError> {
-        let wanted: Vec<String> = newest
-            .ancestors
-            .iter()
-            .take_while(|ancestor| !local.is_complete(ancestor, key))
-            .cloned()
-            .collect();
-        // One ancestor's first part in pieces too (a big app's chain is its full snapshot
-        // and an increment: the full one's first 2 MiB took ~40 ms on one connection);
-        // several ancestors' requests already fill the connections kept open.
-        let pieces = if wanted.len() <= 1 {
-            FIRST_PART_PIECES
-        } else {
-            1
-        };
-        let mut older = futures::future::try_join_all(
-            wanted
+        let wanted = missing_ancestors(local, key, &newest.ancestors);
+        let pieces = first_part_pieces(wanted.len());
+        let mut older = futures::future::try_join_all(wanted.iter().map(|ancestor| {
+            match guessed
                 .iter()
-                .map(|ancestor| self.fetch_level(ancestor, key, pieces)),
-        )
+                .position(|level| &level.manifest.id == ancestor)
+            {
+                Some(at) => futures::future::Either::Left(futures::future::ready(Ok(
+                    guessed.swap_remove(at)
+                ))),
+                None => futures::future::Either::Right(self.fetch_level(ancestor, key, pieces)),
+            }
+        }))
         .await?;
+        if !guessed.is_empty() {
+            tracing::debug!(
+                unused = guessed.len(),
+                "ancestors expected by the caller are not in the manifest's list"
+            );
+        }
         // A chain longer than a manifest lists: one link at a time past its end.
         loop {
             let last = older.last().map_or(newest, |level| &level.manifest);

@@ -81,11 +81,14 @@ impl S3Store {
     /// `local` now (it was, or every missing page file came whole with its manifest);
     /// else the stream, which the caller must [run](ChainStream::run) against the VMM's
     /// feed. Every manifest is checked under `key` before anything it names is used.
+    /// `expected_ancestors` are fetched with the newest manifest, as
+    /// [`S3Store::fetch_chain`] does.
     pub fn open_stream(
         self,
         local: &LocalStore,
         key: &SnapshotKey,
         id: &str,
+        expected_ancestors: &[String],
         first_port: Option<u16>,
     ) -> Result<Option<ChainStream>, StoreError> {
         if local.is_chain_complete(id, key) {
@@ -94,9 +97,20 @@ impl S3Store {
         let started = Instant::now();
         let since = || started.elapsed().as_secs_f64() * 1e3;
         let levels = self.run(async {
-            let newest = self.fetch_level(id, key, super::FIRST_PART_PIECES).await?;
-            tracing::debug!(ms = since(), "stream: the newest manifest is in");
-            let older = self.older_levels(local, key, &newest.manifest).await?;
+            let (newest, guessed) = futures::future::join(
+                self.fetch_level(id, key, super::FIRST_PART_PIECES),
+                self.expected_levels(local, key, expected_ancestors),
+            )
+            .await;
+            let newest = newest?;
+            tracing::debug!(
+                ms = since(),
+                expected = guessed.len(),
+                "stream: the newest manifest is in"
+            );
+            let older = self
+                .older_levels(local, key, &newest.manifest, guessed)
+                .await?;
             let levels = std::iter::once(newest).chain(older);
             futures::future::try_join_all(levels.map(|level| self.prepare_level(level))).await
         })?;
