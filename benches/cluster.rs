@@ -136,6 +136,27 @@ impl Cluster {
     }
 }
 
+/// Waits (at most [`LIMIT`]) until nothing has crossed a link for half a second.
+fn wait_until_quiet(downloaded: &std::sync::atomic::AtomicU64) {
+    let started = Instant::now();
+    let mut last = downloaded.load(std::sync::atomic::Ordering::SeqCst);
+    while started.elapsed() < LIMIT {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = downloaded.load(std::sync::atomic::Ordering::SeqCst);
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// Whether app `name`'s restore point in `cluster`'s hub is an increment (its snapshot has
+/// ancestors).
+fn has_ancestor(cluster: &Cluster, name: &str) -> bool {
+    let (_, app) = call(cluster.api, "GET", &format!("/v1/apps/{name}"), "");
+    app["ancestors"].as_array().is_some_and(|a| !a.is_empty())
+}
+
 /// Milliseconds from sending the query to the first byte of the response to `GET path`.
 fn query_to_first_byte(dns: SocketAddr, name: &str, path: &str) -> f64 {
     query_answer_and_first_byte(dns, name, path).1
@@ -320,8 +341,8 @@ fn big_app_over_the_link() {
         max_connections: 64,
         ..LinkShape::default()
     };
-    let links = [(); 2].map(|()| WanLink::start(address, shape));
-    let flags = |link: &WanLink, download_first: bool| -> Vec<String> {
+    let links = [(); 3].map(|()| WanLink::start(address, shape));
+    let flags = |link: &WanLink, extra: Option<&str>| -> Vec<String> {
         let mut flags: Vec<String> = [
             "--s3-bucket",
             "bench-big",
@@ -335,22 +356,31 @@ fn big_app_over_the_link() {
         ]
         .map(String::from)
         .to_vec();
-        if download_first {
-            flags.push("--s3-download-first".into());
-        }
+        flags.extend(extra.map(String::from));
         flags
     };
-    let (streamed_flags, whole_flags) = (flags(&links[0], false), flags(&links[1], true));
-    let (streamed_flags, whole_flags) = (as_strs(&streamed_flags), as_strs(&whole_flags));
-    let streamed = Cluster::start("s3big", "127.4.4.0/24", &streamed_flags);
-    let whole = Cluster::start("s3bigwhole", "127.4.5.0/24", &whole_flags);
-    let runs = [(&streamed, "bigstream"), (&whole, "bigwhole")];
+    let streamed_flags = flags(&links[0], None);
+    let whole_flags = flags(&links[1], Some("--s3-download-first"));
+    let unhinted_flags = flags(&links[2], Some("--s3-no-expected-ancestors"));
+    let streamed = Cluster::start("s3big", "127.4.4.0/24", &as_strs(&streamed_flags));
+    let whole = Cluster::start("s3bigwhole", "127.4.5.0/24", &as_strs(&whole_flags));
+    // Streamed too, but each ancestor's manifest asked for only once the newest names it:
+    // what the hub's list of ancestors saves.
+    let unhinted = Cluster::start("s3bignohint", "127.4.6.0/24", &as_strs(&unhinted_flags));
+    let runs = [
+        (&streamed, "bigstream"),
+        (&whole, "bigwhole"),
+        (&unhinted, "bignohint"),
+    ];
     for (cluster, name) in runs {
         cluster.add(name, "bigmem");
         query_to_first_byte(cluster.dns, &format!("{name}.pico.local"), "/");
     }
-    let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    let mut fetched: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut times: [Vec<f64>; 3] = Default::default();
+    let mut fetched: [Vec<f64>; 3] = Default::default();
+    // Chains of one (a full snapshot) and of two and three (increments on it) come by
+    // turns; only those with an ancestor can gain from the hub's list.
+    let mut chained: [Vec<f64>; 2] = Default::default();
     for _ in 0..BIG_ROUNDS {
         for (i, (cluster, name)) in runs.iter().enumerate() {
             cluster.swap_out(name);
@@ -364,13 +394,39 @@ fn big_app_over_the_link() {
             ));
             let after = link.load(std::sync::atomic::Ordering::SeqCst);
             fetched[i].push((after - before) as f64 / 1048576.0);
+            // The rest of the stream goes on behind the first byte: the next cluster is
+            // measured once it is over, not against it for the two cores.
+            wait_until_quiet(link);
+        }
+        if has_ancestor(&streamed, "bigstream") && has_ancestor(&unhinted, "bignohint") {
+            chained[0].push(*times[0].last().unwrap());
+            chained[1].push(*times[2].last().unwrap());
         }
     }
-    let [streamed_ms, whole_ms] = times.map(|mut t| median(&mut t));
-    let [streamed_mib, whole_mib] = fetched.map(|mut f| median(&mut f));
+    let rounds = |t: &[f64]| {
+        t.iter()
+            .map(|ms| format!("{ms:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "  each round, ms: streamed [{}]; downloaded first [{}]; streamed without the hub's list [{}]",
+        rounds(&times[0]),
+        rounds(&times[1]),
+        rounds(&times[2])
+    );
+    let [streamed_ms, whole_ms, unhinted_ms] = times.map(|mut t| median(&mut t));
+    let [streamed_mib, whole_mib, _] = fetched.map(|mut f| median(&mut f));
     println!(
         "  DNS query to first HTTP byte: streamed {streamed_ms:7.1} ms ({streamed_mib:.1} MiB through the link by then)   downloaded first {whole_ms:7.1} ms ({whole_mib:.1} MiB)   downloaded first / streamed = {:.1}x",
         whole_ms / streamed_ms
+    );
+    let rounds = chained[0].len();
+    let [chained_ms, chained_unhinted_ms] = chained.map(|mut t| median(&mut t));
+    println!(
+        "  streamed, ancestors asked for only once the newest manifest names them: {unhinted_ms:7.1} ms ({:.2}x); rounds restoring a chain ({rounds}): {chained_ms:.1} ms with the hub's list, {chained_unhinted_ms:.1} ms without ({:.2}x)",
+        unhinted_ms / streamed_ms,
+        chained_unhinted_ms / chained_ms
     );
 }
 

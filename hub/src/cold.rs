@@ -22,9 +22,12 @@ pub const MAX_CHAIN_S3: usize = 3;
 /// A chain in S3 whose snapshots hold at most this many bytes in all is compacted to one
 /// at every swap-out.
 pub const SMALL_CHAIN_S3: u64 = 4 << 20;
-/// Connections to S3 a worker keeps open for its next restore: the second of its round
-/// trips asks for up to [`MAX_CHAIN_S3`] - 1 manifests and their two objects at once,
-/// and a restore of another app may run beside it.
+/// Connections to S3 a worker keeps open for its next restore: its first round trip asks
+/// at once for the newest manifest, its data and its page file's first part, and the same
+/// for each ancestor the hub names (the oldest's part in four pieces, the others' in
+/// one): 9 requests for a chain of two, 12 for one of [`MAX_CHAIN_S3`]. One that finds no
+/// open connection pays a handshake, another round trip over a wide-area link; but more
+/// would fill a link that admits 16 connections with idle ones.
 pub const WARM_S3_CONNECTIONS: usize = 8;
 /// How often a worker uses each of them, to keep it open.
 pub const WARM_S3_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);

@@ -104,6 +104,9 @@ pub struct WorkerConfig {
     /// With S3: start a restoring VMM once the manifests are in, and stream the page files
     /// to it (else download everything first).
     pub stream_swap_in: bool,
+    /// With S3: ask for the ancestors the hub names with the newest manifest (else only
+    /// once that manifest lists them; for comparison).
+    pub expect_ancestors: bool,
     /// Spare VMMs kept started ahead, with their VMs made (0: none).
     pub warm_pool: usize,
 }
@@ -403,7 +406,10 @@ impl Worker {
             Some(id) => {
                 let cold = self.cold.clone();
                 let (app, snapshot) = (name.clone(), id.clone());
-                let ancestors = order.ancestors.clone();
+                let ancestors = match self.config.expect_ancestors {
+                    true => order.ancestors.clone(),
+                    false => Vec::new(),
+                };
                 let stream = self.config.stream_swap_in;
                 let first_port = held.as_ref().and_then(|h| h.sockets.first_port());
                 let fetched = tokio::task::spawn_blocking(move || {

@@ -255,12 +255,24 @@ fn missing_ancestors(local: &LocalStore, key: &SnapshotKey, ancestors: &[String]
         .collect()
 }
 
-/// Ranged GETs for the first part of each of `levels` ancestors' page files: one
-/// ancestor's in pieces too (a big app's chain is its full snapshot and an increment: the
-/// full one's first 2 MiB took ~40 ms on one connection); several ancestors' requests
-/// already fill the connections kept open.
-fn first_part_pieces(levels: usize) -> u64 {
-    if levels <= 1 {
+/// Ranged GETs for the first part of the page file of ancestor `index` (newest first)
+/// of `levels` fetched at once: the oldest's in pieces, as the newest's (a chain is a
+/// full snapshot and increments on it, so the oldest holds most: its 2 MiB took ~40 ms on
+/// one connection of the wide-area rig), the others' in one each, so that the requests
+/// still fit the connections kept open.
+fn first_part_pieces(index: usize, levels: usize) -> u64 {
+    if index + 1 == levels {
+        FIRST_PART_PIECES
+    } else {
+        1
+    }
+}
+
+/// Ranged GETs for the first part of the newest snapshot's page file: in pieces, unless
+/// ancestors are expected, which makes it an increment (small: one GET brings it, and the
+/// oldest ancestor's part gets the pieces).
+fn newest_pieces(expected_ancestors: &[String]) -> u64 {
+    if expected_ancestors.is_empty() {
         FIRST_PART_PIECES
     } else {
         1
@@ -578,7 +590,7 @@ impl S3Store {
         }
         let fetched = self.run(async {
             let (newest, guessed) = futures::future::join(
-                self.fetch_level(id, key, FIRST_PART_PIECES),
+                self.fetch_level(id, key, newest_pieces(expected_ancestors)),
                 self.expected_levels(local, key, expected_ancestors),
             )
             .await;
@@ -616,12 +628,9 @@ impl S3Store {
     ) -> Vec<Level> {
         let expected = &expected[..expected.len().min(crate::format::MAX_ANCESTORS)];
         let wanted = missing_ancestors(local, key, expected);
-        let pieces = first_part_pieces(wanted.len());
-        let levels = futures::future::join_all(
-            wanted
-                .iter()
-                .map(|ancestor| self.fetch_level(ancestor, key, pieces)),
-        )
+        let levels = futures::future::join_all(wanted.iter().enumerate().map(|(i, ancestor)| {
+            self.fetch_level(ancestor, key, first_part_pieces(i, wanted.len()))
+        }))
         .await;
         levels
             .into_iter()
@@ -646,19 +655,23 @@ impl S3Store {
         mut guessed: Vec<Level>,
     ) -> Result<Vec<Level>, StoreError> {
         let wanted = missing_ancestors(local, key, &newest.ancestors);
-        let pieces = first_part_pieces(wanted.len());
-        let mut older = futures::future::try_join_all(wanted.iter().map(|ancestor| {
-            match guessed
-                .iter()
-                .position(|level| &level.manifest.id == ancestor)
-            {
-                Some(at) => futures::future::Either::Left(futures::future::ready(Ok(
-                    guessed.swap_remove(at)
-                ))),
-                None => futures::future::Either::Right(self.fetch_level(ancestor, key, pieces)),
-            }
-        }))
-        .await?;
+        let mut older =
+            futures::future::try_join_all(wanted.iter().enumerate().map(|(i, ancestor)| {
+                match guessed
+                    .iter()
+                    .position(|level| &level.manifest.id == ancestor)
+                {
+                    Some(at) => futures::future::Either::Left(futures::future::ready(Ok(
+                        guessed.swap_remove(at)
+                    ))),
+                    None => futures::future::Either::Right(self.fetch_level(
+                        ancestor,
+                        key,
+                        first_part_pieces(i, wanted.len()),
+                    )),
+                }
+            }))
+            .await?;
         if !guessed.is_empty() {
             tracing::debug!(
                 unused = guessed.len(),
@@ -727,8 +740,8 @@ impl S3Store {
 
     /// Snapshot `id`'s manifest and the first part of its objects, in one round trip.
     /// The first part of the page file comes in `pieces` ranged GETs (see
-    /// [`FIRST_PART_PIECES`]; one for each of several ancestors, whose requests go out
-    /// together).
+    /// [`FIRST_PART_PIECES`]; one for a level that is likely small, as an increment is:
+    /// [`newest_pieces`], [`first_part_pieces`]).
     async fn fetch_level(
         &self,
         id: &str,
@@ -771,10 +784,17 @@ impl S3Store {
         }
         let key = self.object_key(id, kind)?;
         let piece = FIRST_PART_SIZE / pieces.max(1);
+        let asked = std::time::Instant::now();
         let answers = futures::future::join_all(
             (0..pieces.max(1)).map(|k| self.first_range(&key, k * piece..(k + 1) * piece)),
         )
         .await;
+        tracing::debug!(
+            key,
+            pieces,
+            ms = asked.elapsed().as_secs_f64() * 1e3,
+            "first part"
+        );
         let mut bytes = Vec::new();
         let mut size = None;
         // A piece shorter than asked for must be the last with bytes: later ones would
@@ -995,11 +1015,17 @@ impl S3Store {
 
     async fn fetch_manifest(&self, id: &str, key: &SnapshotKey) -> Result<Manifest, StoreError> {
         let object = self.object_key(id, "manifest")?;
+        let asked = std::time::Instant::now();
         let bytes = match self.get_small(&object, MAX_MANIFEST_FILE).await {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Err(self.missing(id)),
             Err(e) => return Err(e),
         };
+        tracing::debug!(
+            object,
+            ms = asked.elapsed().as_secs_f64() * 1e3,
+            "manifest fetched"
+        );
         decode_manifest(id, &bytes, key)
     }
 

@@ -98,7 +98,7 @@ impl S3Store {
         let since = || started.elapsed().as_secs_f64() * 1e3;
         let levels = self.run(async {
             let (newest, guessed) = futures::future::join(
-                self.fetch_level(id, key, super::FIRST_PART_PIECES),
+                self.fetch_level(id, key, super::newest_pieces(expected_ancestors)),
                 self.expected_levels(local, key, expected_ancestors),
             )
             .await;

@@ -508,7 +508,14 @@ impl Picoprocess {
         let mut process = builder::process(config, &parts, space, sandbox, &vcpu_fd)
             .map_err(|e| PersistError::Incompatible(e.to_string()))?;
         restore_process(&mut process, newest)?;
-        process.activeset.restored(preset_pages);
+        // The port whose set the hot pages came from (see `hot_set`), if they came from one.
+        let hot_port = options.first_port.filter(|&port| {
+            newest
+                .port_sets
+                .iter()
+                .any(|set| set.port == port && !set.pages.is_empty())
+        });
+        process.activeset.restored(preset_pages, hot_port);
         process.first_request = first_request;
         phase("process");
         super::files::restore(&mut process, &newest.files)?;
@@ -516,12 +523,7 @@ impl Picoprocess {
         process.prefetched = matches!(options.mode, RestoreMode::ActiveSet | RestoreMode::Stream)
             .then(|| picocenter_snapshots::format::PrefetchRecord {
                 from: newest.id.clone(),
-                port: options.first_port.filter(|&port| {
-                    newest
-                        .port_sets
-                        .iter()
-                        .any(|set| set.port == port && !set.pages.is_empty())
-                }),
+                port: hot_port,
                 accessed_preset: !options.relearn,
             });
         phase("files");
