@@ -7,6 +7,7 @@
 //! the new snapshot (an increment only carries what changed), and before a restore it
 //! downloads what the cache lacks of the chain, ActiveSet first.
 
+use picocenter_snapshots::chain::ChainHint;
 use picocenter_snapshots::compact::compact;
 use picocenter_snapshots::names::validate_app_name;
 use picocenter_snapshots::s3::{ChainStream, S3Config, S3Connection, S3Store};
@@ -50,10 +51,10 @@ pub enum ColdConfig {
 pub struct Stored {
     /// The snapshot to restore next (the one written, or the chain compacted into one).
     pub id: String,
-    /// Its ancestors, newest first, as its manifest lists them. The hub keeps them, so
-    /// that a restore from S3 asks for their manifests with the newest's (one round trip,
-    /// not one more for the older ones).
-    pub ancestors: Vec<String>,
+    /// What its chain looks like. The hub keeps it, so that a restore from S3 asks for
+    /// every level, and each level's ActiveSet, with the newest manifest (one round trip,
+    /// not one more for the older ones and another for the pages the app needs first).
+    pub chain_hint: ChainHint,
     /// Bytes its chain holds in cold storage.
     pub bytes: u64,
     /// When the app wants to run again by itself (its earliest deadline: a blocked call's
@@ -202,7 +203,7 @@ impl Cold {
         };
         Ok(Stored {
             id: newest.id.clone(),
-            ancestors: newest.ancestors.clone(),
+            chain_hint: ChainHint::of(&manifests),
             bytes,
             wake_at_unix_ms: newest.wake_at_unix_ms(),
             // What the compacted snapshot replaces goes from S3 once it is there.
@@ -284,13 +285,13 @@ impl Cold {
     /// local directory, which it returns. With S3, what the first round trips do not
     /// bring whole is left to stream: the snapshots are committed there as pending, and
     /// the stream returned must be [run](ChainStream::run) against the restoring VMM's
-    /// page feed; the pages of `first_port`'s requests come first. `ancestors` are those
-    /// the hub expects `id`'s manifest to list (see [`Stored::ancestors`]).
+    /// page feed; the pages of `first_port`'s requests come first. `hint` is what the hub
+    /// knows of the chain (see [`Stored::chain_hint`]).
     pub fn fetch_streaming(
         &self,
         app: &str,
         id: &str,
-        ancestors: &[String],
+        hint: &ChainHint,
         first_port: Option<u16>,
     ) -> Result<(PathBuf, Option<ChainStream>), StoreError> {
         let dir = self.local_dir(app)?;
@@ -299,7 +300,7 @@ impl Cold {
         };
         let local = LocalStore::open(&dir)?;
         let started = std::time::Instant::now();
-        let stream = remote.open_stream(&local, &self.key, id, ancestors, first_port)?;
+        let stream = remote.open_stream(&local, &self.key, id, hint, first_port)?;
         tracing::info!(
             app,
             streaming = ?stream.as_ref().map(ChainStream::ids),
@@ -310,13 +311,13 @@ impl Cold {
     }
 
     /// Before a restore of `app` at snapshot `id`: makes the chain local. Returns the
-    /// directory to restore from. `ancestors` as for [`Cold::fetch_streaming`].
-    pub fn fetch(&self, app: &str, id: &str, ancestors: &[String]) -> Result<PathBuf, StoreError> {
+    /// directory to restore from. `hint` as for [`Cold::fetch_streaming`].
+    pub fn fetch(&self, app: &str, id: &str, hint: &ChainHint) -> Result<PathBuf, StoreError> {
         let dir = self.local_dir(app)?;
         if let Some(remote) = self.remote(app)? {
             let local = LocalStore::open(&dir)?;
             let started = std::time::Instant::now();
-            let fetched = remote.fetch_chain(&local, &self.key, id, ancestors)?;
+            let fetched = remote.fetch_chain(&local, &self.key, id, hint)?;
             tracing::info!(
                 app,
                 ?fetched,

@@ -311,7 +311,7 @@ impl Hub {
         let order = StartOrder {
             spec: before.spec.clone(),
             snapshot: snapshot.clone(),
-            ancestors: before.ancestors.clone(),
+            chain_hint: before.chain_hint.clone(),
         };
         let answer: Result<Started, _> = client
             .post_within("/v1/start", &order, self.config.start_limit)
@@ -478,7 +478,7 @@ impl Hub {
                         return false;
                     }
                     r.snapshot = Some(snapshot.snapshot.clone());
-                    r.ancestors = snapshot.ancestors.clone();
+                    r.chain_hint = snapshot.chain_hint.clone();
                     r.usage.stored_bytes = snapshot.stored_bytes;
                     r.event(format!(
                         "snapshot {} in cold storage ({} bytes); it came back from the worker's copy meanwhile",
@@ -498,7 +498,7 @@ impl Hub {
                 r.worker = None;
                 r.address = None;
                 r.snapshot = Some(swapped.snapshot.clone());
-                r.ancestors = swapped.ancestors.clone();
+                r.chain_hint = swapped.chain_hint.clone();
                 r.usage.stored_bytes = swapped.stored_bytes;
                 r.wake_at_unix_ms = swapped.wake_at_unix_ms;
                 r.event(format!(
@@ -752,7 +752,7 @@ mod tests {
                 swapped: vec![crate::model::SwappedOut {
                     name: "b".into(),
                     snapshot: "s1".into(),
-                    ancestors: Vec::new(),
+                    chain_hint: Default::default(),
                     stored_bytes: 1,
                     wake_at_unix_ms: None,
                     seq: 1,
@@ -784,7 +784,10 @@ mod tests {
         let snapshot = |id: &str, seq: u64| crate::model::SwappedOut {
             name: "a".into(),
             snapshot: id.into(),
-            ancestors: (0..seq).rev().map(|s| format!("s{s}")).collect(),
+            chain_hint: picocenter_snapshots::chain::ChainHint {
+                ancestors: (0..seq).rev().map(|s| format!("s{s}")).collect(),
+                first_parts: vec![4096; seq as usize + 1],
+            },
             stored_bytes: 7,
             wake_at_unix_ms: None,
             seq,
@@ -828,7 +831,8 @@ mod tests {
         let record = hub.get("a").unwrap();
         assert_eq!(record.snapshot.as_deref(), Some("s3"));
         // A restore asks for the chain behind it at once.
-        assert_eq!(record.ancestors, ["s2", "s1", "s0"]);
+        assert_eq!(record.chain_hint.ancestors, ["s2", "s1", "s0"]);
+        assert_eq!(record.chain_hint.first_parts, [4096; 4]);
         assert_eq!(record.state, AppState::Resident);
         // A swap-out reported by a worker the app is no longer on changes nothing.
         hub.register_worker(WorkerHello {

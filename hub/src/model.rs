@@ -1,6 +1,7 @@
 //! What the hub, the workers and the CLI say to each other: apps, their state, usage and
 //! events, and the messages of the HTTP API. Everything here is plain serde data.
 
+use picocenter_snapshots::chain::ChainHint;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 
@@ -135,10 +136,11 @@ pub struct AppRecord {
     pub address: Option<Ipv4Addr>,
     /// Its newest snapshot in cold storage.
     pub snapshot: Option<String>,
-    /// That snapshot's ancestors, newest first, as its manifest lists them: a restore from
-    /// S3 asks for them with it (see `Cold::fetch_streaming`).
+    /// What that snapshot's chain looks like (its ancestors, and how much of each page
+    /// file a restore needs first): a restore from S3 asks for all of it in its first
+    /// round trip (see `Cold::fetch_streaming`).
     #[serde(default)]
-    pub ancestors: Vec<String>,
+    pub chain_hint: ChainHint,
     /// When the app asked to wake by itself (a timer), Unix ms, while swapped out.
     pub wake_at_unix_ms: Option<u64>,
     /// Why the last start or restore failed.
@@ -161,7 +163,7 @@ impl AppRecord {
             worker: None,
             address: None,
             snapshot: None,
-            ancestors: Vec::new(),
+            chain_hint: ChainHint::default(),
             wake_at_unix_ms: None,
             last_error: None,
             usage: Usage::default(),
@@ -247,9 +249,9 @@ pub struct SwappedOut {
     pub name: String,
     /// Its new newest snapshot.
     pub snapshot: String,
-    /// That snapshot's ancestors, newest first.
+    /// What that snapshot's chain looks like.
     #[serde(default)]
-    pub ancestors: Vec<String>,
+    pub chain_hint: ChainHint,
     /// Bytes its snapshots hold in cold storage.
     pub stored_bytes: u64,
     /// When it wants to wake by itself, Unix ms.
@@ -268,9 +270,9 @@ pub struct StartOrder {
     pub spec: AppSpec,
     /// Its newest snapshot, or none for a fresh start.
     pub snapshot: Option<String>,
-    /// That snapshot's ancestors as the hub knows them, newest first: fetched with it.
+    /// What that snapshot's chain looks like, as the hub knows it: fetched with it.
     #[serde(default)]
-    pub ancestors: Vec<String>,
+    pub chain_hint: ChainHint,
 }
 
 /// A worker's answer to a [`StartOrder`], once the app's listening sockets are bound.

@@ -126,6 +126,68 @@ pub fn resolve_all(chain: &[Manifest]) -> Option<Vec<Piece>> {
     Some(pieces)
 }
 
+/// What a caller knows of a snapshot's chain before its manifest is read (a hub keeps it
+/// with the app): a restore from S3 asks for these levels, and this much of each page
+/// file, in its first round trip. Only a guess: the manifests decide, and a wrong one
+/// costs GETs, never correctness.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChainHint {
+    /// The snapshot's ancestors, newest first, as its manifest lists them.
+    #[serde(default)]
+    pub ancestors: Vec<String>,
+    /// Bytes at the start of each page file of the chain (the snapshot's, then its
+    /// ancestors') that hold the pages a restore brings in first ([`hot_set`]): what it
+    /// needs before the app runs, in whole chunks.
+    #[serde(default)]
+    pub first_parts: Vec<u64>,
+}
+
+impl ChainHint {
+    /// The hint for the chain `manifests` (newest first, as [`crate::store::chain`]
+    /// gives). Its hot pages are those of the newest snapshot's one port set, if it has
+    /// exactly one (a server on one port: the port its first client will come to), else
+    /// its app-wide ActiveSet.
+    pub fn of(manifests: &[Manifest]) -> Self {
+        let Some(newest) = manifests.first() else {
+            return ChainHint::default();
+        };
+        let port = match newest.port_sets.as_slice() {
+            [only] => Some(only.port),
+            _ => None,
+        };
+        let hot = hot_set(newest, port);
+        // One past the last hot page of each page file.
+        let mut ends = vec![0u64; manifests.len()];
+        for piece in resolve_all(manifests).unwrap_or_default() {
+            let (PageSource::Stored { index }, Some(end)) =
+                (piece.source, ends.get_mut(piece.depth))
+            else {
+                continue;
+            };
+            if let Some(last) = (0..piece.count)
+                .rev()
+                .find(|&i| covered(hot, piece.vpn.saturating_add(i)))
+            {
+                *end = (*end).max(index.saturating_add(last).saturating_add(1));
+            }
+        }
+        let first_parts = ends
+            .iter()
+            .zip(manifests)
+            .map(|(&end, m)| {
+                let chunk = m.chunk_pages.max(1);
+                end.div_ceil(chunk)
+                    .saturating_mul(chunk)
+                    .saturating_mul(crate::format::PAGE_SIZE)
+            })
+            .collect();
+        ChainHint {
+            ancestors: newest.ancestors.clone(),
+            first_parts,
+        }
+    }
+}
+
 /// The pages a restore brings in first: those of `port`'s requests if `manifest`
 /// recorded any, else the app-wide ActiveSet.
 pub fn hot_set(manifest: &Manifest, port: Option<u16>) -> &[VpnRange] {
@@ -207,6 +269,56 @@ mod tests {
         // Only the older one fed, as level 0.
         let older = hot_chunks(&chain, &pieces, &hot, |depth| (depth == 1).then_some(0));
         assert_eq!(older, [id(0, 5), id(0, 6)]);
+    }
+
+    #[test]
+    fn a_chain_hint_names_the_ancestors_and_where_each_page_file_s_hot_pages_end() {
+        use super::ChainHint;
+        use crate::format::{Manifest, PageRun, PageSource, PortSet, VpnRange};
+        let run = |vpn, count, source| PageRun { vpn, count, source };
+        // The newest: pages 100..104 its own (indexes 0..4), 104..200 from its parent.
+        let newest = Manifest {
+            chunk_pages: 2,
+            ancestors: vec!["full".into()],
+            pages: vec![
+                run(100, 4, PageSource::Stored { index: 0 }),
+                run(104, 96, PageSource::Parent),
+            ],
+            activeset: vec![VpnRange {
+                vpn: 100,
+                count: 100,
+            }],
+            port_sets: vec![PortSet {
+                port: 80,
+                pages: vec![
+                    VpnRange { vpn: 101, count: 1 },
+                    VpnRange {
+                        vpn: 150,
+                        count: 10,
+                    },
+                ],
+            }],
+            ..Default::default()
+        };
+        let full = Manifest {
+            chunk_pages: 4,
+            pages: vec![run(100, 100, PageSource::Stored { index: 0 })],
+            ..Default::default()
+        };
+        // Its one port set decides: page 101 is index 1 of the newest (one chunk of 2
+        // pages); 150..160 are indexes 50..60 of the full one (15 chunks of 4 pages).
+        let hint = ChainHint::of(&[newest.clone(), full.clone()]);
+        assert_eq!(hint.ancestors, ["full"]);
+        assert_eq!(hint.first_parts, [2 * 4096, 60 * 4096]);
+        // With two port sets, the app-wide set: everything up to page 199.
+        let mut two_ports = newest;
+        two_ports.port_sets.push(PortSet {
+            port: 443,
+            pages: vec![VpnRange { vpn: 100, count: 1 }],
+        });
+        let hint = ChainHint::of(&[two_ports, full]);
+        assert_eq!(hint.first_parts, [4 * 4096, 100 * 4096]);
+        assert_eq!(ChainHint::of(&[]), ChainHint::default());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! One test runs every case against one server, in order, because starting the server is
 //! the slow part and the cases change the environment (credentials).
 
+use picocenter_snapshots::chain::ChainHint;
 use picocenter_snapshots::feed::{self, ChunkId};
 use picocenter_snapshots::format::{
     AppRecord, BackingRecord, PageRun, PageSource, ProcessRecord, UserContext, VmaRecord,
@@ -374,7 +375,7 @@ fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
     let local = LocalStore::open(&dir.join("stream-local")).unwrap();
     let remote = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache")).unwrap();
     let stream = remote
-        .open_stream(&local, &key(), "snew", &[], None)
+        .open_stream(&local, &key(), "snew", &ChainHint::default(), None)
         .unwrap()
         .expect("a stream");
     // The 2 MiB base came whole with its manifest; the newest is pending until streamed.
@@ -416,7 +417,7 @@ fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
     // Complete now: nothing to stream.
     let again = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache")).unwrap();
     assert!(again
-        .open_stream(&local, &key(), "snew", &[], None)
+        .open_stream(&local, &key(), "snew", &ChainHint::default(), None)
         .unwrap()
         .is_none());
 
@@ -428,7 +429,7 @@ fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
     let local = LocalStore::open(&dir.join("stream-local-tampered")).unwrap();
     let remote = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache-2")).unwrap();
     let stream = remote
-        .open_stream(&local, &key(), "snew", &[], None)
+        .open_stream(&local, &key(), "snew", &ChainHint::default(), None)
         .unwrap()
         .expect("a stream");
     let (worker_end, vmm_end) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -453,7 +454,9 @@ fn a_chain_streams_into_a_feed(endpoint: &str, dir: &Path) {
     // What a worker does when a stream failed: the plain fetch completes the copy.
     let remote = S3Store::open(&config(endpoint), "streamed", &dir.join("stream-cache-3")).unwrap();
     assert_eq!(
-        remote.fetch_chain(&local, &key(), "snew", &[]).unwrap(),
+        remote
+            .fetch_chain(&local, &key(), "snew", &ChainHint::default())
+            .unwrap(),
         ["snew"]
     );
     assert!(local.is_chain_complete("snew", &key()));
@@ -610,9 +613,11 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
     copy_chain(&first, &direct, &key(), "d4").unwrap();
 
     let server: SocketAddr = moto.endpoint.trim_start_matches("http://").parse().unwrap();
-    // Long enough that moto's own time (it serves parallel requests one at a time, ~100 ms
-    // for these in a debug build under load) stays well inside one round trip of slack.
-    let rtt = Duration::from_millis(300);
+    // Long enough that moto's own time stays well inside one round trip of slack: it
+    // serves parallel requests one at a time, and a round trip here asks for up to ten
+    // (~100 ms for six in a debug build under load; 300 ms of round trip was not enough
+    // for nine beside a CPU burner and a build).
+    let rtt = Duration::from_millis(500);
     let link = wan::WanLink::start_http(
         server,
         wan::LinkShape {
@@ -637,7 +642,9 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
     let second = LocalStore::open(&dir.join("local-wan-2")).unwrap();
     let started = Instant::now();
     assert_eq!(
-        remote.fetch_chain(&second, &key(), "d3", &[]).unwrap(),
+        remote
+            .fetch_chain(&second, &key(), "d3", &ChainHint::default())
+            .unwrap(),
         ["d3", "d2", "d1"]
     );
     let took = started.elapsed();
@@ -685,8 +692,12 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
             S3Store::on(hinted.clone(), "wan", &dir.join(format!("cache-{what}"))).unwrap();
         let local = LocalStore::open(&dir.join(format!("local-{what}"))).unwrap();
         let started = Instant::now();
+        let hint = ChainHint {
+            ancestors: guess.to_vec(),
+            first_parts: Vec::new(),
+        };
         assert_eq!(
-            remote.fetch_chain(&local, &key(), "d3", guess).unwrap(),
+            remote.fetch_chain(&local, &key(), "d3", &hint).unwrap(),
             ["d3", "d2", "d1"],
             "{what}"
         );
@@ -701,9 +712,54 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
             same_file(&first.page_file(id).unwrap(), &local.page_file(id).unwrap());
         }
     }
+    // A page file whose ActiveSet (all of it here: 6 MiB) is larger than the 2 MiB a
+    // first part holds: with the hint's size it all comes in the first round trip; without
+    // it, the rest takes another.
+    let big_local = LocalStore::open(&dir.join("local-wan-big")).unwrap();
+    let pages = big_local.scratch("big", "pages").unwrap();
+    let mut manifest = page_file(&pages, "big", None, 1536, 77);
+    manifest.activeset_prefix = 1536;
+    manifest.activeset = vec![picocenter_snapshots::format::VpnRange {
+        vpn: 0x100_0000 / 4096,
+        count: 1536,
+    }];
+    big_local.commit(&manifest, &key(), &pages, None).unwrap();
+    let direct = S3Store::open(&config(&moto.endpoint), "wan-big", &dir.join("cache-big")).unwrap();
+    copy_chain(&big_local, &direct, &key(), "big").unwrap();
+    let sized = ChainHint::of(std::slice::from_ref(&manifest));
+    assert_eq!(sized.first_parts, [6 << 20]);
+    for (what, hint) in [("sized", sized), ("unsized", ChainHint::default())] {
+        let remote = S3Store::on(
+            hinted.clone(),
+            "wan-big",
+            &dir.join(format!("cache-big-{what}")),
+        )
+        .unwrap();
+        let local = LocalStore::open(&dir.join(format!("local-big-{what}"))).unwrap();
+        let started = Instant::now();
+        assert_eq!(
+            remote.fetch_chain(&local, &key(), "big", &hint).unwrap(),
+            ["big"]
+        );
+        let took = started.elapsed();
+        same_file(
+            &big_local.page_file("big").unwrap(),
+            &local.page_file("big").unwrap(),
+        );
+        if what == "sized" {
+            assert!(
+                took < 2 * rtt,
+                "6 MiB of ActiveSet, its size known, took {took:?}"
+            );
+        } else {
+            assert!(took >= 2 * rtt, "6 MiB, 2 MiB of it first, took {took:?}");
+        }
+    }
 
     let third = LocalStore::open(&dir.join("local-wan-3")).unwrap();
-    let refused = remote.fetch_chain(&third, &key(), "d4", &[]).unwrap_err();
+    let refused = remote
+        .fetch_chain(&third, &key(), "d4", &ChainHint::default())
+        .unwrap_err();
     assert!(refused.to_string().contains("chain is broken"), "{refused}");
     assert!(third.list().unwrap().is_empty(), "{:?}", third.list());
 
@@ -726,7 +782,7 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
         let tampered = S3Store::on(conn.clone(), "wan", &fresh_cache).unwrap();
         let fresh = LocalStore::open(&dir.join(format!("local-wan-tampered-{i}"))).unwrap();
         let error = tampered
-            .fetch_chain(&fresh, &key(), "d3", &[])
+            .fetch_chain(&fresh, &key(), "d3", &ChainHint::default())
             .unwrap_err()
             .to_string();
         assert!(error.contains(expect), "{what}: {error}");
@@ -743,7 +799,9 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
     let mended = S3Store::on(conn.clone(), "wan", &mended_cache).unwrap();
     let fresh = LocalStore::open(&dir.join("local-wan-mended")).unwrap();
     assert_eq!(
-        mended.fetch_chain(&fresh, &key(), "d3", &[]).unwrap(),
+        mended
+            .fetch_chain(&fresh, &key(), "d3", &ChainHint::default())
+            .unwrap(),
         ["d3", "d2", "d1"]
     );
 

@@ -187,11 +187,11 @@ struct WorkerFlags {
     /// link.
     #[arg(long, requires = "s3_bucket")]
     s3_download_first: bool,
-    /// With S3: fetch a snapshot's ancestors only once its manifest lists them, not with
-    /// it as the hub names them (one more round trip per restore of a chain; for
-    /// measuring what that saves).
+    /// With S3: ignore what the hub knows of a snapshot's chain: fetch its ancestors only
+    /// once its manifest lists them, and 2 MiB of each page file first, whatever its
+    /// ActiveSet (more round trips per restore; for measuring what the hint saves).
     #[arg(long, requires = "s3_bucket", hide = true)]
-    s3_no_expected_ancestors: bool,
+    s3_no_chain_hint: bool,
     /// Keep this many spare VMM processes started ahead, each with its KVM VM made, so
     /// that a start or restore skips process start-up and VM creation (each costs about
     /// 1 MiB of host memory while it waits; 0: none, at most 64). Refilled in the
@@ -354,7 +354,7 @@ fn worker_options(
             address_quarantine: seconds(flags.address_quarantine, "--address-quarantine")?,
             cache_limit: flags.cache_limit_mib.saturating_mul(1 << 20),
             stream_swap_in: !flags.s3_download_first,
-            expect_ancestors: !flags.s3_no_expected_ancestors,
+            use_chain_hint: !flags.s3_no_chain_hint,
             warm_pool: usize::from(flags.warm_pool),
         },
         cold,

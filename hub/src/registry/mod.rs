@@ -176,7 +176,8 @@ pub(crate) mod suite {
             registry.save(&counter, true).unwrap();
             counter.state = AppState::SwappedOut;
             counter.snapshot = Some("s1".into());
-            counter.ancestors = vec!["s0".into()];
+            counter.chain_hint.ancestors = vec!["s0".into()];
+            counter.chain_hint.first_parts = vec![8192, 1 << 20];
             counter.usage.requests = 7;
             counter.event("swapped out");
             registry.save(&counter, false).unwrap();

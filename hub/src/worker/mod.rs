@@ -104,9 +104,11 @@ pub struct WorkerConfig {
     /// With S3: start a restoring VMM once the manifests are in, and stream the page files
     /// to it (else download everything first).
     pub stream_swap_in: bool,
-    /// With S3: ask for the ancestors the hub names with the newest manifest (else only
-    /// once that manifest lists them; for comparison).
-    pub expect_ancestors: bool,
+    /// With S3: shape a restore's first round trip by the hub's [`ChainHint`]
+    /// (`picocenter_snapshots::chain::ChainHint`): the ancestors it names, and each page
+    /// file's ActiveSet, asked for with the newest manifest (else each ancestor only once
+    /// a manifest lists it, and 2 MiB of each page file; for comparison).
+    pub use_chain_hint: bool,
     /// Spare VMMs kept started ahead, with their VMs made (0: none).
     pub warm_pool: usize,
 }
@@ -344,7 +346,7 @@ impl Worker {
         if comeback.is_some() {
             order.snapshot = comeback;
             // The hub's list belongs to the snapshot it knows; the local copy needs none.
-            order.ancestors.clear();
+            order.chain_hint = Default::default();
         }
         self.make_room().await;
         // An app whose sockets are held here comes back at its address, on them.
@@ -406,18 +408,17 @@ impl Worker {
             Some(id) => {
                 let cold = self.cold.clone();
                 let (app, snapshot) = (name.clone(), id.clone());
-                let ancestors = match self.config.expect_ancestors {
-                    true => order.ancestors.clone(),
-                    false => Vec::new(),
+                let hint = match self.config.use_chain_hint {
+                    true => order.chain_hint.clone(),
+                    false => Default::default(),
                 };
                 let stream = self.config.stream_swap_in;
                 let first_port = held.as_ref().and_then(|h| h.sockets.first_port());
                 let fetched = tokio::task::spawn_blocking(move || {
                     if stream {
-                        cold.fetch_streaming(&app, &snapshot, &ancestors, first_port)
+                        cold.fetch_streaming(&app, &snapshot, &hint, first_port)
                     } else {
-                        cold.fetch(&app, &snapshot, &ancestors)
-                            .map(|dir| (dir, None))
+                        cold.fetch(&app, &snapshot, &hint).map(|dir| (dir, None))
                     }
                 })
                 .await
@@ -792,11 +793,12 @@ impl Worker {
                     // on without it): the local copy is completed the plain way first.
                     let cold = self.cold.clone();
                     let (app_name, snapshot) = (name.to_string(), feeding.snapshot.clone());
-                    let fetched =
-                        tokio::task::spawn_blocking(move || cold.fetch(&app_name, &snapshot, &[]))
-                            .await
-                            .map_err(|e| WorkerError::Internal(e.to_string()))
-                            .and_then(|fetched| fetched.map_err(WorkerError::from));
+                    let fetched = tokio::task::spawn_blocking(move || {
+                        cold.fetch(&app_name, &snapshot, &Default::default())
+                    })
+                    .await
+                    .map_err(|e| WorkerError::Internal(e.to_string()))
+                    .and_then(|fetched| fetched.map_err(WorkerError::from));
                     if let Err(e) = fetched {
                         self.apps.lock().await.insert(name.to_string(), app);
                         return Err(e);
@@ -900,7 +902,7 @@ impl Worker {
         let swapped = SwappedOut {
             name: name.to_string(),
             snapshot: stored.id,
-            ancestors: stored.ancestors,
+            chain_hint: stored.chain_hint,
             stored_bytes: stored.bytes,
             wake_at_unix_ms: stored.wake_at_unix_ms,
             seq: self.next_seq(),

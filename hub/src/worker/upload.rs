@@ -120,7 +120,7 @@ impl Uploads {
             .map(|upload| StartOrder {
                 spec: upload.spec.clone(),
                 snapshot: Some(upload.snapshot.clone()),
-                ancestors: Vec::new(),
+                chain_hint: Default::default(),
             })
     }
 
@@ -309,7 +309,7 @@ impl Worker {
         let swapped = SwappedOut {
             name: name.to_string(),
             snapshot: stored.id.clone(),
-            ancestors: stored.ancestors.clone(),
+            chain_hint: stored.chain_hint.clone(),
             stored_bytes: stored.bytes,
             wake_at_unix_ms: stored.wake_at_unix_ms,
             seq: self.next_seq(),

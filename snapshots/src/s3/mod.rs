@@ -20,6 +20,7 @@
 //! each page-file chunk and of the data archive, all checked at restore), and
 //! S3-compatible servers differ in which SDK checksums they accept.
 
+use crate::chain::ChainHint;
 use crate::format::{Manifest, PAGE_SIZE};
 use crate::key::SnapshotKey;
 use crate::private;
@@ -64,6 +65,14 @@ pub const ACTIVE_PART_SIZE: u64 = 1 << 20;
 /// small app's whole snapshot comes in that one round trip (nginx's base page file is
 /// just over 1 MiB), and 2 MiB take ~40 ms on one connection at 50 MB/s.
 pub const FIRST_PART_SIZE: u64 = 2 << 20;
+/// The most a first part grows to when a [`ChainHint`] says the pages a restore needs
+/// first end past [`FIRST_PART_SIZE`].
+const MAX_FIRST_PART: u64 = 16 << 20;
+/// The least bytes a GET of such a larger first part asks for.
+const FIRST_PART_PIECE: u64 = 1 << 20;
+/// The most GETs a larger first part comes in: with the other levels' requests, the first
+/// round trip stays within the 16 connections of a link that admits no more.
+const MAX_FIRST_PART_PIECES: u64 = 8;
 /// The ranged GETs a page file's first part is asked for in, at once: 512 KiB each, ~10
 /// ms at 50 MB/s on one connection where the whole 2 MiB would take ~40.
 pub const FIRST_PART_PIECES: u64 = 4;
@@ -268,15 +277,43 @@ fn first_part_pieces(index: usize, levels: usize) -> u64 {
     }
 }
 
-/// Ranged GETs for the first part of the newest snapshot's page file: in pieces, unless
-/// ancestors are expected, which makes it an increment (small: one GET brings it, and the
-/// oldest ancestor's part gets the pieces).
-fn newest_pieces(expected_ancestors: &[String]) -> u64 {
-    if expected_ancestors.is_empty() {
+/// How much of a page file to ask for before its manifest is in, and in how many ranged
+/// GETs: [`FIRST_PART_SIZE`] in `pieces`, or, where the hint says the pages a restore
+/// needs first end further in (but within [`MAX_FIRST_PART`]), all of them in pieces of
+/// at least [`FIRST_PART_PIECE`]: then they come with the manifests, not in another round
+/// trip after the VMM has started. (Past that, the stream asks for just their chunks.)
+fn first_part_shape(hinted: Option<u64>, pieces: u64) -> FirstPartShape {
+    match hinted {
+        Some(bytes) if bytes > FIRST_PART_SIZE && bytes <= MAX_FIRST_PART => FirstPartShape {
+            bytes,
+            pieces: bytes
+                .div_ceil(FIRST_PART_PIECE)
+                .clamp(1, MAX_FIRST_PART_PIECES),
+        },
+        _ => FirstPartShape {
+            bytes: FIRST_PART_SIZE,
+            pieces,
+        },
+    }
+}
+
+/// The newest snapshot's first part: in pieces, unless ancestors are expected, which
+/// makes it an increment (small: one GET brings it, and the oldest ancestor's part gets
+/// the pieces); larger where the hint says so.
+fn newest_first_part(hint: &ChainHint) -> FirstPartShape {
+    let pieces = if hint.ancestors.is_empty() {
         FIRST_PART_PIECES
     } else {
         1
-    }
+    };
+    first_part_shape(hint.first_parts.first().copied(), pieces)
+}
+
+/// The first part of a page file to ask for: bytes, and the ranged GETs they come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FirstPartShape {
+    bytes: u64,
+    pieces: u64,
 }
 
 /// What a GET for a range of an object of unknown size brought.
@@ -292,7 +329,7 @@ enum FirstRange {
 /// The first part of an object, fetched before its size was known.
 #[derive(Debug, Default)]
 struct FirstPart {
-    /// Its bytes (all of them, for an object no larger than [`FIRST_PART_SIZE`]).
+    /// Its bytes (all of them, for an object no larger than the part asked for).
     bytes: Vec<u8>,
     /// The object's whole size.
     size: u64,
@@ -574,24 +611,24 @@ impl S3Store {
     /// objects; then the rest of theirs. Returns the ids fetched. Every manifest is
     /// checked under `key` before anything it names is used.
     ///
-    /// `expected_ancestors` are the ancestors the caller expects `id`'s manifest to list
-    /// (the hub keeps them with the app): those `local` lacks are asked for in the newest
-    /// manifest's round trip, not after it. They are only a guess: the manifest decides,
-    /// and a wrong or missing one costs only its GETs.
+    /// `hint` is what the caller expects of the chain (the hub keeps it with the app): the
+    /// ancestors `local` lacks are asked for in the newest manifest's round trip, not
+    /// after it, and each page file's first part is as large as its ActiveSet. It is only
+    /// a guess: the manifests decide, and a wrong one costs only its GETs.
     pub fn fetch_chain(
         &self,
         local: &LocalStore,
         key: &SnapshotKey,
         id: &str,
-        expected_ancestors: &[String],
+        hint: &ChainHint,
     ) -> Result<Vec<String>, StoreError> {
         if local.is_chain_complete(id, key) {
             return Ok(Vec::new());
         }
         let fetched = self.run(async {
             let (newest, guessed) = futures::future::join(
-                self.fetch_level(id, key, newest_pieces(expected_ancestors)),
-                self.expected_levels(local, key, expected_ancestors),
+                self.fetch_level(id, key, newest_first_part(hint)),
+                self.expected_levels(local, key, hint),
             )
             .await;
             let newest = newest?;
@@ -624,12 +661,15 @@ impl S3Store {
         &self,
         local: &LocalStore,
         key: &SnapshotKey,
-        expected: &[String],
+        hint: &ChainHint,
     ) -> Vec<Level> {
-        let expected = &expected[..expected.len().min(crate::format::MAX_ANCESTORS)];
+        let expected = &hint.ancestors[..hint.ancestors.len().min(crate::format::MAX_ANCESTORS)];
         let wanted = missing_ancestors(local, key, expected);
         let levels = futures::future::join_all(wanted.iter().enumerate().map(|(i, ancestor)| {
-            self.fetch_level(ancestor, key, first_part_pieces(i, wanted.len()))
+            // The hint's sizes are the newest's first, then the ancestors'.
+            let hinted = hint.first_parts.get(i + 1).copied();
+            let shape = first_part_shape(hinted, first_part_pieces(i, wanted.len()));
+            self.fetch_level(ancestor, key, shape)
         }))
         .await;
         levels
@@ -667,7 +707,7 @@ impl S3Store {
                     None => futures::future::Either::Right(self.fetch_level(
                         ancestor,
                         key,
-                        first_part_pieces(i, wanted.len()),
+                        first_part_shape(None, first_part_pieces(i, wanted.len())),
                     )),
                 }
             }))
@@ -690,7 +730,10 @@ impl S3Store {
             if older.len() >= MAX_FETCHED_CHAIN {
                 return Err(self.broken_chain(last));
             }
-            older.push(self.fetch_level(&parent, key, 1).await?);
+            older.push(
+                self.fetch_level(&parent, key, first_part_shape(None, 1))
+                    .await?,
+            );
         }
         let mut child = newest;
         for level in &older {
@@ -739,19 +782,17 @@ impl S3Store {
     }
 
     /// Snapshot `id`'s manifest and the first part of its objects, in one round trip.
-    /// The first part of the page file comes in `pieces` ranged GETs (see
-    /// [`FIRST_PART_PIECES`]; one for a level that is likely small, as an increment is:
-    /// [`newest_pieces`], [`first_part_pieces`]).
+    /// The page file's first part is `pages` (see [`first_part_shape`]).
     async fn fetch_level(
         &self,
         id: &str,
         key: &SnapshotKey,
-        pieces: u64,
+        pages: FirstPartShape,
     ) -> Result<Level, StoreError> {
         let (manifest, pages, data) = futures::future::join3(
             self.fetch_manifest(id, key),
-            self.first_part(id, "pages", pieces),
-            self.first_part(id, "data", 1),
+            self.first_part(id, "pages", pages),
+            self.first_part(id, "data", first_part_shape(None, 1)),
         )
         .await;
         // A first part that did not come (S3 answers 403 for a missing object without
@@ -769,28 +810,30 @@ impl S3Store {
         })
     }
 
-    /// The first [`FIRST_PART_SIZE`] bytes of `{id}.{kind}` and its size, asked for in
-    /// `pieces` ranged GETs at once (over a wide-area link one connection is slow, and
-    /// several are as fast each); `None` if the cache has a file of that name already (its
+    /// The first `shape.bytes` of `{id}.{kind}` and its size, asked for in `shape.pieces`
+    /// ranged GETs at once (over a wide-area link one connection is slow, and several are
+    /// as fast each); `None` if the cache has a file of that name already (its
     /// size is checked once the manifest is in) or the object does not exist.
     async fn first_part(
         &self,
         id: &str,
         kind: &str,
-        pieces: u64,
+        shape: FirstPartShape,
     ) -> Result<Option<FirstPart>, StoreError> {
         if self.cache_dir.join(format!("{id}.{kind}")).exists() {
             return Ok(None);
         }
         let key = self.object_key(id, kind)?;
-        let piece = FIRST_PART_SIZE / pieces.max(1);
+        let total = shape.bytes.max(1);
+        let pieces = shape.pieces.clamp(1, total);
+        let piece = total.div_ceil(pieces);
+        let range = |k: u64| k * piece..((k + 1) * piece).min(total);
         let asked = std::time::Instant::now();
-        let answers = futures::future::join_all(
-            (0..pieces.max(1)).map(|k| self.first_range(&key, k * piece..(k + 1) * piece)),
-        )
-        .await;
+        let answers =
+            futures::future::join_all((0..pieces).map(|k| self.first_range(&key, range(k)))).await;
         tracing::debug!(
             key,
+            bytes = total,
             pieces,
             ms = asked.elapsed().as_secs_f64() * 1e3,
             "first part"
@@ -800,7 +843,7 @@ impl S3Store {
         // A piece shorter than asked for must be the last with bytes: later ones would
         // land at the wrong offsets.
         let mut short = false;
-        for (k, answer) in answers.into_iter().enumerate() {
+        for (k, answer) in (0..).zip(answers) {
             match (answer?, k) {
                 (FirstRange::Missing, 0) => return Ok(None),
                 // An empty object has no byte 0 to ask for.
@@ -811,22 +854,23 @@ impl S3Store {
                         return Err(S3Error::Length {
                             url: self.url(&key),
                             start: 0,
-                            end: FIRST_PART_SIZE,
+                            end: total,
                             got: whole,
                         }
                         .into());
                     }
-                    short |= (part.len() as u64) < piece;
+                    let asked = range(k);
+                    short |= (part.len() as u64) < asked.end - asked.start;
                     bytes.extend_from_slice(&part);
                 }
             }
         }
         let size = size.unwrap_or(0);
-        if bytes.len() as u64 != size.min(FIRST_PART_SIZE) {
+        if bytes.len() as u64 != size.min(total) {
             return Err(S3Error::Length {
                 url: self.url(&key),
                 start: 0,
-                end: size.min(FIRST_PART_SIZE),
+                end: size.min(total),
                 got: bytes.len() as u64,
             }
             .into());

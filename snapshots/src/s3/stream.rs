@@ -81,14 +81,13 @@ impl S3Store {
     /// `local` now (it was, or every missing page file came whole with its manifest);
     /// else the stream, which the caller must [run](ChainStream::run) against the VMM's
     /// feed. Every manifest is checked under `key` before anything it names is used.
-    /// `expected_ancestors` are fetched with the newest manifest, as
-    /// [`S3Store::fetch_chain`] does.
+    /// `hint` shapes the first round trip, as for [`S3Store::fetch_chain`].
     pub fn open_stream(
         self,
         local: &LocalStore,
         key: &SnapshotKey,
         id: &str,
-        expected_ancestors: &[String],
+        hint: &crate::chain::ChainHint,
         first_port: Option<u16>,
     ) -> Result<Option<ChainStream>, StoreError> {
         if local.is_chain_complete(id, key) {
@@ -98,8 +97,8 @@ impl S3Store {
         let since = || started.elapsed().as_secs_f64() * 1e3;
         let levels = self.run(async {
             let (newest, guessed) = futures::future::join(
-                self.fetch_level(id, key, super::newest_pieces(expected_ancestors)),
-                self.expected_levels(local, key, expected_ancestors),
+                self.fetch_level(id, key, super::newest_first_part(hint)),
+                self.expected_levels(local, key, hint),
             )
             .await;
             let newest = newest?;
