@@ -478,7 +478,7 @@ impl Hub {
                         return false;
                     }
                     r.snapshot = Some(snapshot.snapshot.clone());
-                    r.chain_hint = snapshot.chain_hint.clone();
+                    r.chain_hint = snapshot.chain_hint.clone().bounded();
                     r.usage.stored_bytes = snapshot.stored_bytes;
                     r.event(format!(
                         "snapshot {} in cold storage ({} bytes); it came back from the worker's copy meanwhile",
@@ -498,7 +498,7 @@ impl Hub {
                 r.worker = None;
                 r.address = None;
                 r.snapshot = Some(swapped.snapshot.clone());
-                r.chain_hint = swapped.chain_hint.clone();
+                r.chain_hint = swapped.chain_hint.clone().bounded();
                 r.usage.stored_bytes = swapped.stored_bytes;
                 r.wake_at_unix_ms = swapped.wake_at_unix_ms;
                 r.event(format!(

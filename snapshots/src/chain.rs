@@ -143,6 +143,15 @@ pub struct ChainHint {
 }
 
 impl ChainHint {
+    /// This hint cut to what a manifest could list ([`crate::format::MAX_ANCESTORS`]
+    /// ancestors, and a size for each level): what a hub keeps of a worker's report.
+    pub fn bounded(mut self) -> Self {
+        self.ancestors.truncate(crate::format::MAX_ANCESTORS);
+        self.first_parts
+            .truncate(crate::format::MAX_ANCESTORS.saturating_add(1));
+        self
+    }
+
     /// The hint for the chain `manifests` (newest first, as [`crate::store::chain`]
     /// gives). Its hot pages are those of the newest snapshot's one port set, if it has
     /// exactly one (a server on one port: the port its first client will come to), else

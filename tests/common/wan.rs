@@ -182,11 +182,11 @@ fn carry(
     let _ = up.join();
 }
 
-/// Copies `from` to `to`, each chunk delayed by half the round trip and paced to the
-/// bandwidth; closes `to`'s sending side when `from` ends.
 /// How far a connection may get ahead of its bandwidth before its pump sleeps.
 const PACING_SLACK: Duration = Duration::from_millis(1);
 
+/// Copies `from` to `to`, each chunk delayed by half the round trip and paced to the
+/// bandwidth; closes `to`'s sending side when `from` ends.
 fn pump(mut from: TcpStream, to: TcpStream, shape: LinkShape, counter: Option<Arc<AtomicU64>>) {
     let one_way = shape.rtt / 2;
     let (send, receive) = mpsc::channel::<(Instant, Vec<u8>)>();

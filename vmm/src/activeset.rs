@@ -41,6 +41,17 @@ pub const MIN_EPISODE_GAP: Duration = Duration::from_millis(50);
 /// The most time between two harvested episodes on one port.
 pub const MAX_EPISODE_GAP: Duration = Duration::from_secs(60);
 
+/// Why a restore built page-table entries with A = 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Presets {
+    /// They are the snapshot's hot set: that port's set, or (none) its app-wide
+    /// ActiveSet. The first harvest keeps them there.
+    HotSet(Option<u16>),
+    /// They are every stored page (an eager restore): no evidence of use, not kept.
+    #[default]
+    Everything,
+}
+
 /// One request episode: a connection accepted on a port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Episode {
@@ -56,8 +67,8 @@ pub struct ActiveSet {
     touched: HashSet<u64>,
     /// Pages whose A bit a restore preset, until the first harvest.
     unknown: HashSet<u64>,
-    /// The port whose set the presets came from (none: the app-wide set).
-    preset_port: Option<u16>,
+    /// Where the presets came from.
+    presets: Presets,
     /// Pages touched in each port's episodes.
     ports: BTreeMap<u16, BTreeSet<u64>>,
     /// The episode the accesses since the last harvest belong to.
@@ -76,11 +87,11 @@ pub struct ActiveSet {
 
 impl ActiveSet {
     /// After a restore: the tables are new, and the entries of `vpns` were built with
-    /// A = 1, because the snapshot's set for `port` (or its app-wide set) held them.
-    pub fn restored(&mut self, vpns: impl IntoIterator<Item = u64>, port: Option<u16>) {
+    /// A = 1, for the reason `presets` gives.
+    pub fn restored(&mut self, vpns: impl IntoIterator<Item = u64>, presets: Presets) {
         self.restored = true;
         self.unknown.extend(vpns);
-        self.preset_port = port;
+        self.presets = presets;
     }
 
     /// The app accepted connection `fd` on `port`: an episode begins, unless the port's
@@ -132,13 +143,20 @@ impl ActiveSet {
         let unknown = std::mem::take(&mut self.unknown);
         let (presets, evidence): (Vec<u64>, Vec<u64>) =
             accessed.into_iter().partition(|vpn| unknown.contains(vpn));
-        // The presets are kept where they came from (see the module's description):
-        // the overall set, and the set of the port they were prefetched for.
-        self.touched.extend(&presets);
+        // The presets of a hot set are kept where they came from (see the module's
+        // description): the overall set, and the set of the port they were prefetched
+        // for. Those of an eager restore (every stored page) say nothing.
+        let kept_for = match self.presets {
+            Presets::HotSet(port) => {
+                self.touched.extend(&presets);
+                port
+            }
+            Presets::Everything => None,
+        };
         match self.current {
             Some(episode) => {
                 let port = self.ports.entry(episode.port).or_default();
-                if self.preset_port == Some(episode.port) {
+                if kept_for == Some(episode.port) {
                     port.extend(&presets);
                 }
                 for vpn in evidence {
@@ -219,7 +237,7 @@ mod tests {
     #[test]
     fn presets_stay_with_the_port_they_were_prefetched_for() {
         let mut set = ActiveSet::default();
-        set.restored([7, 8], Some(443));
+        set.restored([7, 8], Presets::HotSet(Some(443)));
         // The first episode after the restore is not cut at its start...
         set.accepted(443, 3);
         assert!(!set.harvest_due());
@@ -252,7 +270,7 @@ mod tests {
         // presets say nothing about 443's requests.
         for preset_port in [Some(80), None] {
             let mut set = ActiveSet::default();
-            set.restored([7, 8], preset_port);
+            set.restored([7, 8], Presets::HotSet(preset_port));
             set.accepted(443, 3);
             set.closed(3);
             set.harvest(vec![7, 8, 9]);
@@ -264,6 +282,20 @@ mod tests {
             // They stay in the overall set, which they came from.
             assert!(set.contains(7, false));
         }
+    }
+
+    #[test]
+    fn an_eager_restores_presets_are_not_kept() {
+        let mut set = ActiveSet::default();
+        set.restored([7, 8], Presets::Everything);
+        set.accepted(80, 3);
+        set.closed(3);
+        set.harvest(vec![7, 8, 9]);
+        assert!(!set.contains(7, false));
+        assert_eq!(
+            set.port_sets()[0].pages,
+            picocenter_snapshots::chain::ranges([9])
+        );
     }
 
     #[test]

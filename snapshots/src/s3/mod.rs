@@ -279,17 +279,21 @@ fn first_part_pieces(index: usize, levels: usize) -> u64 {
 
 /// How much of a page file to ask for before its manifest is in, and in how many ranged
 /// GETs: [`FIRST_PART_SIZE`] in `pieces`, or, where the hint says the pages a restore
-/// needs first end further in (but within [`MAX_FIRST_PART`]), all of them in pieces of
-/// at least [`FIRST_PART_PIECE`]: then they come with the manifests, not in another round
-/// trip after the VMM has started. (Past that, the stream asks for just their chunks.)
-fn first_part_shape(hinted: Option<u64>, pieces: u64) -> FirstPartShape {
+/// needs first end further in (but within what is left of the round trip's `budget`,
+/// which starts at [`MAX_FIRST_PART`]), all of them in pieces of at least
+/// [`FIRST_PART_PIECE`]: then they come with the manifests, not in another round trip
+/// after the VMM has started. (Past that, the stream asks for just their chunks.)
+fn first_part_shape(hinted: Option<u64>, pieces: u64, budget: &mut u64) -> FirstPartShape {
     match hinted {
-        Some(bytes) if bytes > FIRST_PART_SIZE && bytes <= MAX_FIRST_PART => FirstPartShape {
-            bytes,
-            pieces: bytes
-                .div_ceil(FIRST_PART_PIECE)
-                .clamp(1, MAX_FIRST_PART_PIECES),
-        },
+        Some(bytes) if bytes > FIRST_PART_SIZE && bytes <= *budget => {
+            *budget -= bytes;
+            FirstPartShape {
+                bytes,
+                pieces: bytes
+                    .div_ceil(FIRST_PART_PIECE)
+                    .clamp(1, MAX_FIRST_PART_PIECES),
+            }
+        }
         _ => FirstPartShape {
             bytes: FIRST_PART_SIZE,
             pieces,
@@ -297,16 +301,56 @@ fn first_part_shape(hinted: Option<u64>, pieces: u64) -> FirstPartShape {
     }
 }
 
-/// The newest snapshot's first part: in pieces, unless ancestors are expected, which
-/// makes it an increment (small: one GET brings it, and the oldest ancestor's part gets
-/// the pieces); larger where the hint says so.
-fn newest_first_part(hint: &ChainHint) -> FirstPartShape {
-    let pieces = if hint.ancestors.is_empty() {
-        FIRST_PART_PIECES
-    } else {
-        1
-    };
-    first_part_shape(hint.first_parts.first().copied(), pieces)
+/// The most ancestors a hint makes a first round trip ask for.
+const MAX_HINTED_ANCESTORS: usize = 8;
+
+/// What a restore's first round trip asks for, from a [`ChainHint`] that nothing checked
+/// (a registry's record): the newest snapshot's first part, and the hinted ancestors the
+/// local store lacks with theirs. The hint's ancestors are taken up to the first that is
+/// not a plain id, repeats one, or is the snapshot itself, and at most
+/// [`MAX_HINTED_ANCESTORS`]; their larger first parts share one [`MAX_FIRST_PART`]
+/// budget. So a hostile hint costs at most a few GETs and 16 MiB more than none.
+#[derive(Debug)]
+struct FirstRound {
+    newest: FirstPartShape,
+    ancestors: Vec<(String, FirstPartShape)>,
+}
+
+impl FirstRound {
+    fn plan(local: &LocalStore, key: &SnapshotKey, id: &str, hint: &ChainHint) -> Self {
+        let mut seen = std::collections::HashSet::from([id]);
+        let named: Vec<String> = hint
+            .ancestors
+            .iter()
+            .take(MAX_HINTED_ANCESTORS)
+            .take_while(|a| check_id(a).is_ok() && seen.insert(a.as_str()))
+            .cloned()
+            .collect();
+        let wanted = missing_ancestors(local, key, &named);
+        let mut budget = MAX_FIRST_PART;
+        // An increment is small: one GET brings it, and the oldest ancestor's part gets
+        // the pieces.
+        let newest_pieces = if wanted.is_empty() {
+            FIRST_PART_PIECES
+        } else {
+            1
+        };
+        let newest = first_part_shape(
+            hint.first_parts.first().copied(),
+            newest_pieces,
+            &mut budget,
+        );
+        let ancestors = (0..wanted.len())
+            .zip(wanted.iter().cloned())
+            .map(|(i, ancestor)| {
+                // The hint's sizes are the newest's first, then the ancestors'.
+                let hinted = hint.first_parts.get(i + 1).copied();
+                let pieces = first_part_pieces(i, wanted.len());
+                (ancestor, first_part_shape(hinted, pieces, &mut budget))
+            })
+            .collect();
+        FirstRound { newest, ancestors }
+    }
 }
 
 /// The first part of a page file to ask for: bytes, and the ranged GETs they come in.
@@ -626,9 +670,10 @@ impl S3Store {
             return Ok(Vec::new());
         }
         let fetched = self.run(async {
+            let plan = FirstRound::plan(local, key, id, hint);
             let (newest, guessed) = futures::future::join(
-                self.fetch_level(id, key, newest_first_part(hint)),
-                self.expected_levels(local, key, hint),
+                self.fetch_level(id, key, plan.newest),
+                self.expected_levels(&plan.ancestors, key),
             )
             .await;
             let newest = newest?;
@@ -653,28 +698,24 @@ impl S3Store {
         Ok(fetched.into_iter().map(|(m, _, _)| m.id).collect())
     }
 
-    /// The levels of `expected` (ancestors a caller expects a manifest to list) that
-    /// `local` lacks, fetched at once, before that manifest is in. A level that does not
-    /// come (a wrong guess: no such snapshot) is left out; the manifest's own list decides
-    /// what is used (see [`S3Store::older_levels`]).
+    /// The levels `expected` (ancestors a caller expects a manifest to list, that the
+    /// local store lacks: [`FirstRound::ancestors`]), fetched at once, before that manifest
+    /// is in. A level that does not come (a wrong guess: no such snapshot) is left out;
+    /// the manifest's own list decides what is used (see [`S3Store::older_levels`]).
     async fn expected_levels(
         &self,
-        local: &LocalStore,
+        expected: &[(String, FirstPartShape)],
         key: &SnapshotKey,
-        hint: &ChainHint,
     ) -> Vec<Level> {
-        let expected = &hint.ancestors[..hint.ancestors.len().min(crate::format::MAX_ANCESTORS)];
-        let wanted = missing_ancestors(local, key, expected);
-        let levels = futures::future::join_all(wanted.iter().enumerate().map(|(i, ancestor)| {
-            // The hint's sizes are the newest's first, then the ancestors'.
-            let hinted = hint.first_parts.get(i + 1).copied();
-            let shape = first_part_shape(hinted, first_part_pieces(i, wanted.len()));
-            self.fetch_level(ancestor, key, shape)
-        }))
+        let levels = futures::future::join_all(
+            expected
+                .iter()
+                .map(|(ancestor, shape)| self.fetch_level(ancestor, key, *shape)),
+        )
         .await;
         levels
             .into_iter()
-            .zip(&wanted)
+            .zip(expected.iter().map(|(id, _)| id))
             .filter_map(|(level, id)| {
                 level
                     .inspect_err(|e| tracing::debug!(id, "an expected ancestor: {e}"))
@@ -707,7 +748,7 @@ impl S3Store {
                     None => futures::future::Either::Right(self.fetch_level(
                         ancestor,
                         key,
-                        first_part_shape(None, first_part_pieces(i, wanted.len())),
+                        first_part_shape(None, first_part_pieces(i, wanted.len()), &mut 0),
                     )),
                 }
             }))
@@ -731,7 +772,7 @@ impl S3Store {
                 return Err(self.broken_chain(last));
             }
             older.push(
-                self.fetch_level(&parent, key, first_part_shape(None, 1))
+                self.fetch_level(&parent, key, first_part_shape(None, 1, &mut 0))
                     .await?,
             );
         }
@@ -792,7 +833,7 @@ impl S3Store {
         let (manifest, pages, data) = futures::future::join3(
             self.fetch_manifest(id, key),
             self.first_part(id, "pages", pages),
-            self.first_part(id, "data", first_part_shape(None, 1)),
+            self.first_part(id, "data", first_part_shape(None, 1, &mut 0)),
         )
         .await;
         // A first part that did not come (S3 answers 403 for a missing object without
@@ -820,13 +861,15 @@ impl S3Store {
         kind: &str,
         shape: FirstPartShape,
     ) -> Result<Option<FirstPart>, StoreError> {
+        // The id checked before it names a file (a hint's ids come here unchecked).
+        let key = self.object_key(id, kind)?;
         if self.cache_dir.join(format!("{id}.{kind}")).exists() {
             return Ok(None);
         }
-        let key = self.object_key(id, kind)?;
         let total = shape.bytes.max(1);
-        let pieces = shape.pieces.clamp(1, total);
-        let piece = total.div_ceil(pieces);
+        let piece = total.div_ceil(shape.pieces.clamp(1, total));
+        // Counted again from the piece's size, so that no range is empty.
+        let pieces = total.div_ceil(piece);
         let range = |k: u64| k * piece..((k + 1) * piece).min(total);
         let asked = std::time::Instant::now();
         let answers =
@@ -1601,6 +1644,63 @@ impl Store for S3Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hostile_chain_hint_costs_a_few_gets_at_most() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = LocalStore::open(dir.path()).unwrap();
+        let key = SnapshotKey::from_bytes([3; 32]);
+        let plan = |ancestors: &[&str], first_parts: &[u64]| {
+            let hint = ChainHint {
+                ancestors: ancestors.iter().map(|a| a.to_string()).collect(),
+                first_parts: first_parts.to_vec(),
+            };
+            FirstRound::plan(&local, &key, "new", &hint)
+        };
+        let named = |round: &FirstRound| -> Vec<String> {
+            round.ancestors.iter().map(|(id, _)| id.clone()).collect()
+        };
+        // No hint: the newest's 2 MiB in four pieces.
+        let none = plan(&[], &[]);
+        assert_eq!(
+            none.newest,
+            FirstPartShape {
+                bytes: 2 << 20,
+                pieces: 4
+            }
+        );
+        assert!(none.ancestors.is_empty());
+        // A chain of two, the full one's hot pages 8 MiB in.
+        let two = plan(&["full"], &[4096, 8 << 20]);
+        assert_eq!(
+            two.newest,
+            FirstPartShape {
+                bytes: 2 << 20,
+                pieces: 1
+            }
+        );
+        assert_eq!(named(&two), ["full"]);
+        assert_eq!(
+            two.ancestors[0].1,
+            FirstPartShape {
+                bytes: 8 << 20,
+                pieces: 8
+            }
+        );
+        // Repeats, the snapshot itself, a name that is not an id, and a long list stop
+        // the list; sizes past the budget (or absurd) fall back to 2 MiB.
+        assert_eq!(named(&plan(&["a", "b", "a", "c"], &[])), ["a", "b"]);
+        assert_eq!(named(&plan(&["a", "new", "b"], &[])), ["a"]);
+        assert_eq!(named(&plan(&["a", "../b", "c"], &[])), ["a"]);
+        let many: Vec<String> = (0..64).map(|i| format!("s{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(plan(&many, &[]).ancestors.len(), MAX_HINTED_ANCESTORS);
+        let absurd = plan(&["a", "b"], &[u64::MAX, 12 << 20, 12 << 20]);
+        assert_eq!(absurd.newest.bytes, 2 << 20);
+        let bytes: Vec<u64> = absurd.ancestors.iter().map(|(_, s)| s.bytes).collect();
+        // The budget (16 MiB) takes one 12 MiB part, not two.
+        assert_eq!(bytes, [12 << 20, 2 << 20]);
+    }
 
     #[test]
     fn ranges_put_the_activeset_prefix_first_and_cover_the_object() {

@@ -96,9 +96,10 @@ impl S3Store {
         let started = Instant::now();
         let since = || started.elapsed().as_secs_f64() * 1e3;
         let levels = self.run(async {
+            let plan = super::FirstRound::plan(local, key, id, hint);
             let (newest, guessed) = futures::future::join(
-                self.fetch_level(id, key, super::newest_first_part(hint)),
-                self.expected_levels(local, key, hint),
+                self.fetch_level(id, key, plan.newest),
+                self.expected_levels(&plan.ancestors, key),
             )
             .await;
             let newest = newest?;

@@ -515,7 +515,11 @@ impl Picoprocess {
                 .iter()
                 .any(|set| set.port == port && !set.pages.is_empty())
         });
-        process.activeset.restored(preset_pages, hot_port);
+        let presets = match options.mode {
+            RestoreMode::Eager => crate::activeset::Presets::Everything,
+            _ => crate::activeset::Presets::HotSet(hot_port),
+        };
+        process.activeset.restored(preset_pages, presets);
         process.first_request = first_request;
         phase("process");
         super::files::restore(&mut process, &newest.files)?;
