@@ -1036,10 +1036,14 @@ fn what_a_prefetch_brought_stays_in_the_ports_set_for_the_next_restore() {
     }
     assert!(prefetched[0] > 0, "{prefetched:?}");
     // The first set, learnt from a fresh start, may hold file pages that only its first
-    // requests touched; after that, each restore prefetches at least what the one before
-    // did. (Dropping the prefetched pages made them swing: 46, 21, 28, 22.)
+    // requests touched. After that the sets hold steady: the prefetched pages stay, and
+    // only the few pages a request touches without their having been prefetched come and
+    // go (46, 31, 31, 31 and 46, 33, 31, 31 in two runs). Dropping the prefetched pages
+    // made them swing: 46, 21, 28, 22.
+    let later = &prefetched[1..];
+    let (least, most) = (later.iter().min().unwrap(), later.iter().max().unwrap());
     assert!(
-        prefetched[1..].windows(2).all(|w| w[1] >= w[0]),
+        least * 100 >= most * 85,
         "pages prefetched by four restores in a row: {prefetched:?}"
     );
 }
