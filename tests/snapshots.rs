@@ -990,6 +990,20 @@ fn a_memfd_and_a_netlink_socket_come_back() {
     snapshot_while_running_then_restore("fds_snap", "test-snap-fds");
 }
 
+/// Starts counter-http as app `name` on `ip`:80, asks it three times, and swaps it out
+/// to `dir`: requests 60 ms apart, so the first two are each a sampled episode (a port's
+/// samples are 50 ms apart at first, the gap doubling with each) and the snapshot has a
+/// set for port 80.
+fn counter_with_a_port_set(name: &str, ip: &str, dir: &Path) {
+    let server = Server::start("counter-http", name, ip, 80, &[]);
+    let address = format!("{ip}:80");
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(60));
+        body(&address, "/");
+    }
+    swap_out_server(name, dir, server);
+}
+
 /// The pages a prefetch brought in, from `snapshot inspect`'s prefetch line of the newest
 /// snapshot in `dir` ("prefetch  N pages (...) at the restore from ID: ..."), if it has
 /// one.
@@ -1017,13 +1031,7 @@ fn prefetched_pages(dir: &Path) -> Option<(u64, String)> {
 fn what_a_prefetch_brought_stays_in_the_ports_set_for_the_next_restore() {
     let dir = tempfile::tempdir().unwrap();
     let address = "127.0.7.41:80";
-    let server = Server::start("counter-http", "test-snap-keepset", "127.0.7.41", 80, &[]);
-    for _ in 0..3 {
-        // 60 ms apart: sampled episodes on port 80 (see the test above).
-        std::thread::sleep(Duration::from_millis(60));
-        body(address, "/");
-    }
-    swap_out_server("test-snap-keepset", dir.path(), server);
+    counter_with_a_port_set("test-snap-keepset", "127.0.7.41", dir.path());
     let args = ["--mode", "activeset", "--first-port", "80"];
     let mut prefetched = Vec::new();
     for count in 4..=7 {
@@ -1056,14 +1064,7 @@ fn what_a_prefetch_brought_stays_in_the_ports_set_for_the_next_restore() {
 fn inspect_tells_how_much_of_the_prefetch_was_used() {
     let dir = tempfile::tempdir().unwrap();
     let address = "127.0.7.40:80";
-    let server = Server::start("counter-http", "test-snap-prefetch", "127.0.7.40", 80, &[]);
-    for _ in 0..3 {
-        // Requests 60 ms apart: the first two are each a sampled episode (a port's samples
-        // are 50 ms apart at first, the gap doubling with each).
-        std::thread::sleep(Duration::from_millis(60));
-        body(address, "/");
-    }
-    swap_out_server("test-snap-prefetch", dir.path(), server);
+    counter_with_a_port_set("test-snap-prefetch", "127.0.7.40", dir.path());
     let inspect = || {
         let out = snapshot(&["inspect", dir.path().to_str().unwrap()]);
         assert!(out.status.success(), "{}", describe(&out));

@@ -294,10 +294,7 @@ fn first_part_shape(hinted: Option<u64>, pieces: u64, budget: &mut u64) -> First
                     .clamp(1, MAX_FIRST_PART_PIECES),
             }
         }
-        _ => FirstPartShape {
-            bytes: FIRST_PART_SIZE,
-            pieces,
-        },
+        _ => FirstPartShape::plain(pieces),
     }
 }
 
@@ -358,6 +355,16 @@ impl FirstRound {
 struct FirstPartShape {
     bytes: u64,
     pieces: u64,
+}
+
+impl FirstPartShape {
+    /// [`FIRST_PART_SIZE`] in `pieces`: what is asked for without a hint's size.
+    fn plain(pieces: u64) -> Self {
+        FirstPartShape {
+            bytes: FIRST_PART_SIZE,
+            pieces,
+        }
+    }
 }
 
 /// What a GET for a range of an object of unknown size brought.
@@ -670,13 +677,7 @@ impl S3Store {
             return Ok(Vec::new());
         }
         let fetched = self.run(async {
-            let plan = FirstRound::plan(local, key, id, hint);
-            let (newest, guessed) = futures::future::join(
-                self.fetch_level(id, key, plan.newest),
-                self.expected_levels(&plan.ancestors, key),
-            )
-            .await;
-            let newest = newest?;
+            let (newest, guessed) = self.first_round(local, key, id, hint).await?;
             let newest_manifest = newest.manifest.clone();
             let (newest, older) = futures::future::try_join(
                 self.finish_level(newest),
@@ -696,6 +697,24 @@ impl S3Store {
             local.set_head(id, key)?;
         }
         Ok(fetched.into_iter().map(|(m, _, _)| m.id).collect())
+    }
+
+    /// The first round trip of a fetch of the chain ending at `id`, shaped by `hint`
+    /// ([`FirstRound::plan`]): the newest level, and the hinted ancestors that came.
+    async fn first_round(
+        &self,
+        local: &LocalStore,
+        key: &SnapshotKey,
+        id: &str,
+        hint: &ChainHint,
+    ) -> Result<(Level, Vec<Level>), StoreError> {
+        let plan = FirstRound::plan(local, key, id, hint);
+        let (newest, guessed) = futures::future::join(
+            self.fetch_level(id, key, plan.newest),
+            self.expected_levels(&plan.ancestors, key),
+        )
+        .await;
+        Ok((newest?, guessed))
     }
 
     /// The levels `expected` (ancestors a caller expects a manifest to list, that the
@@ -748,7 +767,7 @@ impl S3Store {
                     None => futures::future::Either::Right(self.fetch_level(
                         ancestor,
                         key,
-                        first_part_shape(None, first_part_pieces(i, wanted.len()), &mut 0),
+                        FirstPartShape::plain(first_part_pieces(i, wanted.len())),
                     )),
                 }
             }))
@@ -772,7 +791,7 @@ impl S3Store {
                 return Err(self.broken_chain(last));
             }
             older.push(
-                self.fetch_level(&parent, key, first_part_shape(None, 1, &mut 0))
+                self.fetch_level(&parent, key, FirstPartShape::plain(1))
                     .await?,
             );
         }
@@ -833,7 +852,7 @@ impl S3Store {
         let (manifest, pages, data) = futures::future::join3(
             self.fetch_manifest(id, key),
             self.first_part(id, "pages", pages),
-            self.first_part(id, "data", first_part_shape(None, 1, &mut 0)),
+            self.first_part(id, "data", FirstPartShape::plain(1)),
         )
         .await;
         // A first part that did not come (S3 answers 403 for a missing object without

@@ -96,13 +96,7 @@ impl S3Store {
         let started = Instant::now();
         let since = || started.elapsed().as_secs_f64() * 1e3;
         let levels = self.run(async {
-            let plan = super::FirstRound::plan(local, key, id, hint);
-            let (newest, guessed) = futures::future::join(
-                self.fetch_level(id, key, plan.newest),
-                self.expected_levels(&plan.ancestors, key),
-            )
-            .await;
-            let newest = newest?;
+            let (newest, guessed) = self.first_round(local, key, id, hint).await?;
             tracing::debug!(
                 ms = since(),
                 expected = guessed.len(),
