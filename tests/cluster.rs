@@ -832,6 +832,71 @@ fn the_s3_backend_swaps_out_and_back() {
     assert_eq!(count(&address), 3, "worker log:\n{}", worker.log());
 }
 
+/// Apps of one image share their pages in S3: the first one's page file is the image's
+/// base, the others' are stored as what they do not share with it (README of the
+/// snapshots crate, §5.7), and each comes back from S3 whole, on a worker that has no copy
+/// of anything.
+#[test]
+fn apps_of_one_image_store_their_shared_pages_once_in_s3() {
+    let (dir, hub) = setup("dedup");
+    let moto = S3Server::moto(dir.path().join("moto.log"));
+    let cold = s3_cold("picocenter-test", &moto.endpoint, &["--s3-prefix", "apps"]);
+    let worker = worker(&hub, "w-dedup", "127.3.9.0/24", "60", &as_strs(&cold));
+    let apps = ["dd1", "dd2", "dd3"];
+    for app in apps {
+        hub.add(app, "counter-http", 1.0);
+        assert_eq!(count(&resolve(&hub, app)), 1);
+        hub.wait_state(app, "swapped_out", Duration::from_secs(20));
+    }
+    let usage = |app: &str| {
+        let usage = hub.app(app)["usage"].clone();
+        let field = |name: &str| usage[name].as_u64().unwrap();
+        (field("stored_bytes"), field("logical_bytes"))
+    };
+    let snapshot = |app: &str| hub.app(app)["snapshot"].as_str().unwrap().to_string();
+    let (first_stored, first_logical) = usage("dd1");
+    assert!(
+        first_stored >= first_logical && first_logical > 0,
+        "{:?}",
+        usage("dd1")
+    );
+    let base = format!("dd1/{}", snapshot("dd1"));
+    for app in &apps[1..] {
+        let (stored, logical) = usage(app);
+        eprintln!("{app}: {stored} bytes stored of {logical} ({first_stored} for the first)");
+        let bucket = app_bucket(&moto, "picocenter-test", "apps", app, dir.path());
+        let (bytes, packed_against) = bucket.stored_as(&snapshot(app)).unwrap();
+        assert_eq!(
+            packed_against.as_ref(),
+            Some(&base),
+            "{app}: worker log:\n{}",
+            worker.log()
+        );
+        assert_eq!(bytes, stored);
+        // The manifest is most of what is left: the pages are mostly the base's.
+        assert!(
+            stored < logical && logical > 0,
+            "{app}: {stored} of {logical}"
+        );
+    }
+    // Nothing local: not the apps' copies, not the image's base.
+    let cache = state_dir().join("workers/w-dedup/cache");
+    for entry in std::fs::read_dir(&cache).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).unwrap();
+        }
+    }
+    for app in apps {
+        assert_eq!(
+            count(&resolve(&hub, app)),
+            2,
+            "{app}: worker log:\n{}",
+            worker.log()
+        );
+    }
+}
+
 /// With S3 and a cache limit of 0, a swapped-out app's local copy is evicted at once, and
 /// its next restore fetches it from S3 again, state and all.
 #[test]

@@ -7,7 +7,7 @@
 //! the new snapshot (an increment only carries what changed), and before a restore it
 //! downloads what the cache lacks of the chain, ActiveSet first.
 
-use picocenter_snapshots::chain::ChainHint;
+use picocenter_snapshots::chain::{ChainHint, PackedLevel};
 use picocenter_snapshots::compact::compact;
 use picocenter_snapshots::names::validate_app_name;
 use picocenter_snapshots::s3::{ChainStream, S3Config, S3Connection, S3Store};
@@ -30,6 +30,14 @@ pub const SMALL_CHAIN_S3: u64 = 4 << 20;
 /// open connection pays a handshake, another round trip over a wide-area link; but more
 /// would fill a link that admits 16 connections with idle ones.
 pub const WARM_S3_CONNECTIONS: usize = 8;
+/// Where a worker keeps copies of image bases (README of the snapshots crate, §5.7), in
+/// its cache: not an app name, so never evicted as one.
+pub const BASES_DIR: &str = ".bases";
+/// How long a retired image base stays before garbage collection removes it: longer than
+/// any upload that may have read its pointer before it was retired.
+pub const BASE_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+/// How often a worker collects garbage in S3.
+pub const GARBAGE_PERIOD: std::time::Duration = std::time::Duration::from_secs(600);
 /// How often a worker uses each of them, to keep it open.
 pub const WARM_S3_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -63,6 +71,16 @@ pub struct Stored {
     /// Snapshots in S3 that a compaction replaced: [`Cold::prune`] removes them after the
     /// swap-out is reported, so that their deletion does not hold it up.
     pub replaced: Vec<String>,
+}
+
+/// A chain uploaded to S3 ([`Cold::upload`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Uploaded {
+    /// Bytes its snapshots' own objects take in S3: a packed page file counts the pages
+    /// it does not share with its image's base.
+    pub stored_bytes: u64,
+    /// Its levels stored packed, for the hub's [`ChainHint::packed`].
+    pub packed: Vec<PackedLevel>,
 }
 
 /// A worker's cold storage. Everything it holds is untrusted: manifests are read only under
@@ -157,7 +175,7 @@ impl Cold {
                 app,
                 &self.cache.join(app).join("download"),
             )
-            .map(Some),
+            .map(|store| Some(store.with_bases_dir(&self.cache.join(BASES_DIR)))),
         }
     }
 
@@ -223,13 +241,45 @@ impl Cold {
 
     /// Puts settled snapshot `id` of `app`, and what it builds on, in S3: what S3 lacks
     /// of its chain, oldest first, HEAD last, so a worker that dies meanwhile leaves the
-    /// previous snapshot whole there. Nothing to do with a local directory.
-    pub fn upload(&self, app: &str, id: &str) -> Result<(), StoreError> {
-        if let Some(remote) = self.remote(app)? {
-            let local = LocalStore::open(&self.local_dir(app)?)?;
-            copy_chain(&local, &remote, &self.key, id)?;
+    /// previous snapshot whole there. Returns what its chain takes in S3 and which of its
+    /// levels are packed, or `None` with a local directory, where there is nothing to do.
+    pub fn upload(&self, app: &str, id: &str) -> Result<Option<Uploaded>, StoreError> {
+        let Some(remote) = self.remote(app)? else {
+            return Ok(None);
+        };
+        let local = LocalStore::open(&self.local_dir(app)?)?;
+        copy_chain(&local, &remote, &self.key, id)?;
+        let mut uploaded = Uploaded::default();
+        for manifest in chain(&local, &self.key, id)? {
+            let (bytes, base) = remote.stored_as(&manifest.id)?;
+            uploaded.stored_bytes = uploaded.stored_bytes.saturating_add(bytes);
+            if let Some(base) = base {
+                uploaded.packed.push(PackedLevel {
+                    id: manifest.id.clone(),
+                    base,
+                });
+            }
         }
-        Ok(())
+        Ok(Some(uploaded))
+    }
+
+    /// With S3: removes the image bases nothing names any more, bucket-wide (see
+    /// [`S3Store::collect_garbage`]); a base is retired first, and removed by a run at
+    /// least `grace` later.
+    pub fn collect_garbage(
+        &self,
+        grace: std::time::Duration,
+    ) -> Result<Option<picocenter_snapshots::s3::GarbageReport>, StoreError> {
+        match &self.config {
+            ColdConfig::Local { .. } => Ok(None),
+            ColdConfig::S3(s3) => S3Store::on(
+                self.s3_connection(s3)?,
+                "picocenter",
+                &self.cache.join(".probe"),
+            )?
+            .collect_garbage(grace)
+            .map(Some),
+        }
     }
 
     /// With S3: while this worker's local copies take more than `limit` bytes, deletes

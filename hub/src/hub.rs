@@ -480,6 +480,7 @@ impl Hub {
                     r.snapshot = Some(snapshot.snapshot.clone());
                     r.chain_hint = snapshot.chain_hint.clone().bounded();
                     r.usage.stored_bytes = snapshot.stored_bytes;
+                    r.usage.logical_bytes = snapshot.logical_bytes;
                     r.event(format!(
                         "snapshot {} in cold storage ({} bytes); it came back from the worker's copy meanwhile",
                         snapshot.snapshot, snapshot.stored_bytes
@@ -500,6 +501,7 @@ impl Hub {
                 r.snapshot = Some(swapped.snapshot.clone());
                 r.chain_hint = swapped.chain_hint.clone().bounded();
                 r.usage.stored_bytes = swapped.stored_bytes;
+                r.usage.logical_bytes = swapped.logical_bytes;
                 r.wake_at_unix_ms = swapped.wake_at_unix_ms;
                 r.event(format!(
                     "swapped out to snapshot {} ({} bytes in cold storage){}",
@@ -754,6 +756,7 @@ mod tests {
                     snapshot: "s1".into(),
                     chain_hint: Default::default(),
                     stored_bytes: 1,
+                    logical_bytes: 1,
                     wake_at_unix_ms: None,
                     seq: 1,
                 }],
@@ -787,8 +790,10 @@ mod tests {
             chain_hint: picocenter_snapshots::chain::ChainHint {
                 ancestors: (0..seq).rev().map(|s| format!("s{s}")).collect(),
                 first_parts: vec![4096; seq as usize + 1],
+                ..Default::default()
             },
             stored_bytes: 7,
+            logical_bytes: 9,
             wake_at_unix_ms: None,
             seq,
         };
@@ -813,6 +818,7 @@ mod tests {
         assert_eq!(record.address, Some(address));
         assert_eq!(record.snapshot.as_deref(), Some("s1"));
         assert_eq!(record.usage.stored_bytes, 7);
+        assert_eq!(record.usage.logical_bytes, 9);
         // A report re-sent with newer news (a re-sent report is a full one) carries a
         // swap-out (s2) and the snapshot stored after the app came back (s3): applied in
         // the worker's order, it ends at s3, resident.

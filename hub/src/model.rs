@@ -86,8 +86,12 @@ pub struct Usage {
     pub cpu_seconds: f64,
     /// Resident host memory integrated over time, GiB × seconds.
     pub memory_gib_seconds: f64,
-    /// Bytes its snapshots hold in cold storage now.
+    /// Bytes its snapshots hold in cold storage now: what is stored for it alone (pages it
+    /// shares with its image's base are not counted).
     pub stored_bytes: u64,
+    /// Bytes its snapshots stand for: their page files whole, as a restore maps them.
+    #[serde(default)]
+    pub logical_bytes: u64,
     /// Times it was brought back from cold storage.
     pub swap_ins: u64,
     /// Connections it accepted.
@@ -252,8 +256,12 @@ pub struct SwappedOut {
     /// What that snapshot's chain looks like.
     #[serde(default)]
     pub chain_hint: ChainHint,
-    /// Bytes its snapshots hold in cold storage.
+    /// Bytes its snapshots hold in cold storage (pages shared with its image's base not
+    /// counted).
     pub stored_bytes: u64,
+    /// Bytes its snapshots stand for, page files whole.
+    #[serde(default)]
+    pub logical_bytes: u64,
     /// When it wants to wake by itself, Unix ms.
     pub wake_at_unix_ms: Option<u64>,
     /// Where it falls among the worker's swap-outs and stored snapshots: the hub applies

@@ -140,6 +140,20 @@ pub struct ChainHint {
     /// needs before the app runs, in whole chunks.
     #[serde(default)]
     pub first_parts: Vec<u64>,
+    /// The levels of the chain stored packed in S3 (README §5.7), with their bases: a
+    /// restore asks for their packed objects, and their bases it lacks, in the first round
+    /// trip (a worker learns this when it uploads, so [`ChainHint::of`] leaves it empty).
+    #[serde(default)]
+    pub packed: Vec<PackedLevel>,
+}
+
+/// A snapshot whose page file S3 holds packed, against base `base` (`APP/ID`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PackedLevel {
+    /// The snapshot.
+    pub id: String,
+    /// Its base.
+    pub base: String,
 }
 
 impl ChainHint {
@@ -148,6 +162,8 @@ impl ChainHint {
     pub fn bounded(mut self) -> Self {
         self.ancestors.truncate(crate::format::MAX_ANCESTORS);
         self.first_parts
+            .truncate(crate::format::MAX_ANCESTORS.saturating_add(1));
+        self.packed
             .truncate(crate::format::MAX_ANCESTORS.saturating_add(1));
         self
     }
@@ -193,6 +209,7 @@ impl ChainHint {
         ChainHint {
             ancestors: newest.ancestors.clone(),
             first_parts,
+            packed: Vec::new(),
         }
     }
 }

@@ -15,6 +15,7 @@
 //! * [`names`]: app, image and snapshot names, and writable directories, before they
 //!   become paths;
 //! * [`pagefile`]: the page file (4 KiB pages, ActiveSet first, zero pages omitted);
+//! * [`packed`]: a page file stored as its own pages and references to a base's;
 //! * [`archive`]: the data archive of the writable directories (streamed, checked);
 //! * [`feed`]: the page feed, which streams page files into a restoring VMM;
 //! * [`store`]: snapshot stores, with atomic commits, and [`store::copy_chain`];
@@ -29,6 +30,7 @@ pub mod feed;
 pub mod format;
 pub mod key;
 pub mod names;
+pub mod packed;
 pub mod pagefile;
 pub mod private;
 pub mod s3;

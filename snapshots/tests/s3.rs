@@ -105,6 +105,8 @@ impl Drop for Moto {
     }
 }
 
+/// The store's configuration with deduplication off, as the cases before
+/// `page_files_of_one_image_are_stored_once` expect (their objects are counted and removed).
 fn config(endpoint: &str) -> S3Config {
     S3Config {
         endpoint: Some(endpoint.to_string()),
@@ -113,6 +115,7 @@ fn config(endpoint: &str) -> S3Config {
         path_style: true,
         access_key: Some("testing".into()),
         secret_key: Some("testing".into()),
+        dedup: false,
         ..Default::default()
     }
 }
@@ -120,8 +123,13 @@ fn config(endpoint: &str) -> S3Config {
 /// Writes `count` pages of a pseudo-random pattern (seeded by `seed`) to `path` with the
 /// real page file writer, and returns a manifest describing it.
 fn page_file(path: &Path, id: &str, parent: Option<&str>, count: u64, seed: u64) -> Manifest {
+    write_pages(path, id, parent, &random_pages(count, seed))
+}
+
+/// `count` pages of a pseudo-random pattern seeded by `seed`.
+fn random_pages(count: u64, seed: u64) -> Vec<Vec<u8>> {
     let mut state = seed | 1;
-    let pages: Vec<Vec<u8>> = (0..count)
+    (0..count)
         .map(|_| {
             (0..512)
                 .flat_map(|_| {
@@ -132,9 +140,15 @@ fn page_file(path: &Path, id: &str, parent: Option<&str>, count: u64, seed: u64)
                 })
                 .collect()
         })
-        .collect();
+        .collect()
+}
+
+/// Writes `pages` to `path` with the real page file writer, and returns a manifest
+/// describing it.
+fn write_pages(path: &Path, id: &str, parent: Option<&str>, pages: &[Vec<u8>]) -> Manifest {
+    let count = pages.len() as u64;
     let mut writer = PageFileWriter::create(path).unwrap();
-    for page in &pages {
+    for page in pages {
         writer.push(page).unwrap();
     }
     let (page_count, chunk_digests) = writer.finish().unwrap();
@@ -185,23 +199,36 @@ fn same_file(a: &Path, b: &Path) {
     );
 }
 
-/// A raw client, to damage objects behind the store's back.
+/// A raw client, to read and damage objects behind the store's back.
+fn raw_client(endpoint: &str) -> aws_sdk_s3::Client {
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
 fn put_raw(endpoint: &str, key: &str, bytes: Vec<u8>) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let config = aws_sdk_s3::Config::builder()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .endpoint_url(endpoint)
-            .force_path_style(true)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                "testing", "testing", None, None, "test",
-            ))
-            .build();
-        let client = aws_sdk_s3::Client::from_conf(config);
-        let put = client.put_object().bucket(BUCKET).key(key);
+        let put = raw_client(endpoint).put_object().bucket(BUCKET).key(key);
         put.body(bytes.into()).send().await.unwrap();
     });
+}
+
+/// Object `key`, or `None` if there is none.
+fn get_raw(endpoint: &str, key: &str) -> Option<Vec<u8>> {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let get = raw_client(endpoint).get_object().bucket(BUCKET).key(key);
+        let out = get.send().await.ok()?;
+        Some(out.body.collect().await.unwrap().to_vec())
+    })
 }
 
 #[test]
@@ -220,6 +247,7 @@ fn s3_store_against_a_real_server() {
     remove_list_and_size(&store);
     corrupt_manifest_is_refused(&store, &endpoint);
     copy_chain_local_to_s3_to_local(&endpoint, dir.path());
+    page_files_of_one_image_are_stored_once(&endpoint, dir.path());
     a_chain_comes_over_a_wide_area_link_in_two_round_trips(&moto, dir.path());
     inside_a_tokio_runtime(store, &endpoint, dir.path());
     credentials_come_from_flags_or_the_environment(&endpoint, dir.path());
@@ -697,6 +725,7 @@ fn a_chain_comes_over_a_wide_area_link_in_two_round_trips(moto: &Moto, dir: &Pat
         let hint = ChainHint {
             ancestors: guess.to_vec(),
             first_parts: Vec::new(),
+            ..Default::default()
         };
         assert_eq!(
             remote.fetch_chain(&local, &key(), "d3", &hint).unwrap(),
@@ -875,4 +904,262 @@ fn credentials_come_from_flags_or_the_environment(endpoint: &str, dir: &Path) {
     std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
     let store = S3Store::open(&no_flags, "alpha", &dir.join("cache-env")).unwrap();
     assert_eq!(store.list().unwrap(), ["s1", "s2"]);
+}
+
+/// Page files of one image are stored once (README §5.7): the first is the image's base,
+/// the others are stored packed against it and come back whole, by every path; whatever
+/// is tampered with is refused; a base outlives its snapshot while a packed page file
+/// names it, and garbage collection removes it after.
+fn page_files_of_one_image_are_stored_once(endpoint: &str, dir: &Path) {
+    let config = S3Config {
+        prefix: "dedup".into(),
+        dedup: true,
+        ..config(endpoint)
+    };
+    let conn = S3Connection::open(&config).unwrap();
+    let bases = dir.join("dedup-bases");
+    let store = |app: &str, cache: &str| {
+        S3Store::on(conn.clone(), app, &dir.join(cache))
+            .unwrap()
+            .with_bases_dir(&bases)
+    };
+    let image = |mut m: Manifest| {
+        m.app.image = Some("nginx".into());
+        m
+    };
+    // The image's pages; each app has them in its own order, with 12 of its own.
+    let common = random_pages(240, 500);
+    let app_pages = |seed: u64| {
+        let mut pages = common.clone();
+        pages.rotate_left(seed as usize * 7);
+        for (k, own) in random_pages(12, seed).into_iter().enumerate() {
+            pages[k * 19 + seed as usize] = own;
+        }
+        pages
+    };
+    let mut originals = Vec::new();
+    for (n, app) in ["app-a", "app-b", "app-c"].iter().enumerate() {
+        let path = dir.join(format!("dedup-{app}.pages"));
+        let manifest = image(write_pages(
+            &path,
+            &format!("{app}-1"),
+            None,
+            &app_pages(n as u64 + 1),
+        ));
+        store(app, &format!("dedup-up-{app}"))
+            .commit(&manifest, &key(), &path, None)
+            .unwrap();
+        originals.push((app.to_string(), manifest, path));
+    }
+    let logical = 240 * 4096;
+    let (a_bytes, a_base) = store("app-a", "dedup-q").stored_as("app-a-1").unwrap();
+    assert_eq!(
+        a_base, None,
+        "the first page file of an image is stored plain"
+    );
+    assert!(a_bytes >= logical);
+    let mut total = a_bytes;
+    for app in ["app-b", "app-c"] {
+        let (bytes, base) = store(app, "dedup-q")
+            .stored_as(&format!("{app}-1"))
+            .unwrap();
+        assert_eq!(base.as_deref(), Some("app-a/app-a-1"));
+        // 12 own pages of 240, and the header.
+        assert!(bytes < logical / 6, "{app}: {bytes} bytes stored");
+        total += bytes;
+    }
+    assert!(
+        total < a_bytes * 3 / 2,
+        "three apps take {total} bytes, one {a_bytes}"
+    );
+
+    // Each comes back whole: fetched (base fetched too), streamed, and with the hub's
+    // hint that it is packed (the base asked for in the first round trip).
+    let fresh_bases = dir.join("dedup-fresh-bases");
+    for (case, (app, manifest, path)) in originals.iter().enumerate() {
+        let id = &manifest.id;
+        let fetched = S3Store::on(conn.clone(), app, &dir.join(format!("dedup-f{case}")))
+            .unwrap()
+            .with_bases_dir(&fresh_bases.join(format!("f{case}")));
+        let local = LocalStore::open(&dir.join(format!("dedup-local-f{case}"))).unwrap();
+        assert_eq!(
+            fetched
+                .fetch_chain(&local, &key(), id, &ChainHint::default())
+                .unwrap(),
+            std::slice::from_ref(id)
+        );
+        same_file(&local.page_file(id).unwrap(), path);
+        let streamed = S3Store::on(conn.clone(), app, &dir.join(format!("dedup-s{case}")))
+            .unwrap()
+            .with_bases_dir(&fresh_bases.join(format!("s{case}")));
+        let local = LocalStore::open(&dir.join(format!("dedup-local-s{case}"))).unwrap();
+        let hint = ChainHint {
+            packed: match case {
+                0 => Vec::new(),
+                _ => vec![picocenter_snapshots::chain::PackedLevel {
+                    id: id.clone(),
+                    base: "app-a/app-a-1".into(),
+                }],
+            },
+            ..Default::default()
+        };
+        assert!(
+            streamed
+                .open_stream(&local, &key(), id, &hint, None)
+                .unwrap()
+                .is_none(),
+            "a packed page file is made whole before the VMM starts"
+        );
+        assert!(local.is_complete(id, &key()));
+        same_file(&local.page_file(id).unwrap(), path);
+        // A hint that is wrong (this level is plain, or the base is another) costs GETs.
+        let wrong = ChainHint {
+            packed: vec![picocenter_snapshots::chain::PackedLevel {
+                id: id.clone(),
+                base: "app-c/app-c-1".into(),
+            }],
+            ..Default::default()
+        };
+        let local = LocalStore::open(&dir.join(format!("dedup-local-w{case}"))).unwrap();
+        let hinted = store(app, &format!("dedup-w{case}"));
+        hinted.fetch_chain(&local, &key(), id, &wrong).unwrap();
+        same_file(&local.page_file(id).unwrap(), path);
+        // Store::page_file, which has no manifest.
+        let plain = store(app, &format!("dedup-p{case}"));
+        same_file(&plain.page_file(id).unwrap(), path);
+    }
+
+    // Tampering, each put back after: every case is refused, and nothing is committed.
+    let packed_key = "dedup/app-b/app-b-1.packed";
+    let packed = get_raw(endpoint, packed_key).unwrap();
+    let base_key = "dedup/app-a/app-a-1.pages";
+    let base = get_raw(endpoint, base_key).unwrap();
+    let header_len = picocenter_snapshots::packed::header_len(&packed).unwrap() as usize;
+    let header = picocenter_snapshots::packed::decode_header(&packed, 240).unwrap();
+    let with_header = |edit: &dyn Fn(&mut picocenter_snapshots::packed::PackedHeader)| {
+        let mut h = header.clone();
+        edit(&mut h);
+        let mut bytes = picocenter_snapshots::packed::encode_header(&h);
+        bytes.extend_from_slice(&packed[header_len..]);
+        bytes
+    };
+    let c_pages = get_raw(endpoint, "dedup/app-c/app-c-1.packed").unwrap();
+    // A page file of the base's size that is not the base.
+    put_raw(
+        endpoint,
+        "dedup/zeta/z1.pages",
+        random_pages(240, 9).concat(),
+    );
+    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("an own page changed", packed_key, {
+            let mut bytes = packed.clone();
+            let last = bytes.len() - 100;
+            bytes[last] ^= 1;
+            bytes
+        }),
+        (
+            "a base run moved",
+            packed_key,
+            with_header(&|h| {
+                let run = h
+                    .runs
+                    .iter_mut()
+                    .find(|r| r.base_start.is_some_and(|s| s > 0))
+                    .unwrap();
+                run.base_start = run.base_start.map(|s| s - 1);
+            }),
+        ),
+        (
+            "the base named is above the prefix",
+            packed_key,
+            with_header(&|h| h.base = "../apps/s1".into()),
+        ),
+        (
+            "the base named is another page file",
+            packed_key,
+            with_header(&|h| {
+                h.base = "zeta/z1".into();
+            }),
+        ),
+        (
+            "another app's packed object in its place",
+            packed_key,
+            c_pages,
+        ),
+        ("the base changed", base_key, {
+            let mut bytes = base.clone();
+            bytes[5] ^= 1;
+            bytes
+        }),
+        (
+            "the base cut short",
+            base_key,
+            base[..base.len() - 4096].to_vec(),
+        ),
+    ];
+    for (n, (what, object, bytes)) in cases.into_iter().enumerate() {
+        put_raw(endpoint, object, bytes);
+        let fetched = S3Store::on(conn.clone(), "app-b", &dir.join(format!("dedup-t{n}")))
+            .unwrap()
+            .with_bases_dir(&dir.join(format!("dedup-t{n}-bases")));
+        let local = LocalStore::open(&dir.join(format!("dedup-local-t{n}"))).unwrap();
+        let error = fetched
+            .fetch_chain(&local, &key(), "app-b-1", &ChainHint::default())
+            .unwrap_err()
+            .to_string();
+        eprintln!("{what}: {error}");
+        assert!(!local.is_complete("app-b-1", &key()), "{what}");
+        put_raw(endpoint, packed_key, packed.clone());
+        put_raw(endpoint, base_key, base.clone());
+    }
+
+    // The base outlives its snapshot while packed page files name it.
+    let a = store("app-a", "dedup-gc");
+    a.remove("app-a-1").unwrap();
+    assert!(a.list().unwrap().is_empty());
+    assert!(
+        get_raw(endpoint, base_key).is_some(),
+        "a base stays when its snapshot goes"
+    );
+    let zero = Duration::ZERO;
+    let report = a.collect_garbage(zero).unwrap();
+    assert_eq!(
+        (report.bases_retired, report.bases_removed),
+        (0, 0),
+        "{report:?}"
+    );
+    let b = store("app-b", "dedup-gc-b");
+    assert_eq!(
+        b.remove_everything().unwrap(),
+        3,
+        "manifest, packed object and HEAD"
+    );
+    assert!(get_raw(endpoint, base_key).is_some());
+    let report = a.collect_garbage(zero).unwrap();
+    assert_eq!(
+        (report.bases_retired, report.bases_removed),
+        (0, 0),
+        "app-c still names it: {report:?}"
+    );
+    store("app-c", "dedup-gc-c").remove("app-c-1").unwrap();
+    // Now nothing names it: retired (the image's pointer goes), then removed.
+    let report = a.collect_garbage(zero).unwrap();
+    assert_eq!(
+        (report.bases_retired, report.bases_removed),
+        (1, 0),
+        "{report:?}"
+    );
+    assert!(get_raw(endpoint, base_key).is_some());
+    let report = a.collect_garbage(Duration::from_secs(3600)).unwrap();
+    assert_eq!(report.bases_removed, 0, "within the grace: {report:?}");
+    let report = a.collect_garbage(zero).unwrap();
+    assert_eq!(report.bases_removed, 1, "{report:?}");
+    assert!(get_raw(endpoint, base_key).is_none());
+    assert!(get_raw(endpoint, "dedup/app-a/app-a-1.base").is_none());
+    // The next page file of the image becomes its base again.
+    let (_, manifest, path) = &originals[1];
+    let again = store("app-b", "dedup-again");
+    again.commit(manifest, &key(), path, None).unwrap();
+    assert_eq!(again.stored_as("app-b-1").unwrap().1, None);
+    assert!(get_raw(endpoint, "dedup/app-b/app-b-1.base").is_some());
 }

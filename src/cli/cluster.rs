@@ -192,6 +192,11 @@ struct WorkerFlags {
     /// ActiveSet (more round trips per restore; for measuring what the hint saves).
     #[arg(long, requires = "s3_bucket", hide = true)]
     s3_no_chain_hint: bool,
+    /// Store every page file whole in S3. By default a page file of up to 64 MiB that
+    /// shares pages with the first one stored for the same image (its base) is stored as
+    /// the pages it does not share, and rebuilt from the base at swap-in.
+    #[arg(long, requires = "s3_bucket")]
+    s3_no_dedup: bool,
     /// Keep this many spare VMM processes started ahead, each with its KVM VM made, so
     /// that a start or restore skips process start-up and VM creation (each costs about
     /// 1 MiB of host memory while it waits; 0: none, at most 64). Refilled in the
@@ -331,6 +336,7 @@ fn worker_options(
             region: flags.s3_region.clone(),
             access_key: flags.s3_access_key.clone(),
             secret_key: flags.s3_secret_key.clone(),
+            dedup: !flags.s3_no_dedup,
         }),
         None => ColdConfig::Local {
             dir: flags.store.clone().unwrap_or_else(|| state.join("cold")),
@@ -512,10 +518,11 @@ fn print_status(a: &AppRecord) {
         println!("last error {e}");
     }
     println!(
-        "usage      {:.3} CPU-s, {:.4} GiB-s memory, {} bytes stored, {} swap-ins, {} requests",
+        "usage      {:.3} CPU-s, {:.4} GiB-s memory, {} bytes stored ({} logical), {} swap-ins, {} requests",
         a.usage.cpu_seconds,
         a.usage.memory_gib_seconds,
         a.usage.stored_bytes,
+        a.usage.logical_bytes,
         a.usage.swap_ins,
         a.usage.requests
     );

@@ -904,6 +904,7 @@ impl Worker {
             snapshot: stored.id,
             chain_hint: stored.chain_hint,
             stored_bytes: stored.bytes,
+            logical_bytes: stored.bytes,
             wake_at_unix_ms: stored.wake_at_unix_ms,
             seq: self.next_seq(),
         };
@@ -1268,6 +1269,32 @@ struct Told {
     held: std::collections::HashSet<String>,
 }
 
+impl Worker {
+    /// With S3: every [`GARBAGE_PERIOD`](crate::cold::GARBAGE_PERIOD), removes the image
+    /// bases nothing names any more ([`Cold::collect_garbage`](crate::cold::Cold::collect_garbage)).
+    fn start_garbage_collection(&self) -> Option<tokio::task::JoinHandle<()>> {
+        if !self.cold.uploads() {
+            return None;
+        }
+        let cold = self.cold.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::cold::GARBAGE_PERIOD).await;
+                let cold = cold.clone();
+                let collected = tokio::task::spawn_blocking(move || {
+                    cold.collect_garbage(crate::cold::BASE_GRACE)
+                })
+                .await;
+                match collected {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!("collecting garbage in cold storage: {e}"),
+                    Err(e) => tracing::warn!("collecting garbage in cold storage: {e}"),
+                }
+            }
+        }))
+    }
+}
+
 fn add_usage(total: &mut UsageDelta, delta: &UsageDelta) {
     total.cpu_seconds += delta.cpu_seconds;
     total.memory_gib_seconds += delta.memory_gib_seconds;
@@ -1287,6 +1314,7 @@ pub async fn run(
     let url = format!("http://{}", listener.local_addr()?);
     let _ = worker.hub.set(hub.clone());
     worker.start_warm_pool();
+    let garbage = worker.start_garbage_collection();
     let mut child_signals = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
     let child_ended = worker.child_ended.clone();
     let child_watch = tokio::spawn(async move {
@@ -1372,5 +1400,8 @@ pub async fn run(
     }
     server.abort();
     child_watch.abort();
+    if let Some(garbage) = garbage {
+        garbage.abort();
+    }
     Ok(())
 }

@@ -264,7 +264,12 @@ impl Worker {
     }
 
     /// [`Cold::upload`](crate::cold::Cold::upload), tried [`UPLOAD_ATTEMPTS`] times.
-    async fn upload_with_retries(&self, name: &str, id: &str) -> Result<(), WorkerError> {
+    /// Returns the bytes the app's chain takes in S3, if it is S3.
+    async fn upload_with_retries(
+        &self,
+        name: &str,
+        id: &str,
+    ) -> Result<Option<crate::cold::Uploaded>, WorkerError> {
         let began = std::time::Instant::now();
         let mut pause = FIRST_RETRY_PAUSE;
         let mut attempt = 1;
@@ -276,12 +281,12 @@ impl Worker {
                 .map_err(|e| WorkerError::Internal(e.to_string()))
                 .and_then(|uploaded| uploaded.map_err(WorkerError::from));
             match result {
-                Ok(()) => {
+                Ok(stored) => {
                     self.metrics
                         .upload_seconds
                         .observe(began.elapsed().as_secs_f64());
-                    tracing::info!(app = %name, snapshot = %id, ms = began.elapsed().as_secs_f64() * 1e3, "uploaded to cold storage");
-                    return Ok(());
+                    tracing::info!(app = %name, snapshot = %id, ms = began.elapsed().as_secs_f64() * 1e3, ?stored, "uploaded to cold storage");
+                    return Ok(stored);
                 }
                 Err(e) if attempt < UPLOAD_ATTEMPTS => {
                     tracing::warn!(app = %name, snapshot = %id, attempt, "uploading failed ({e}); trying again in {pause:?}");
@@ -304,13 +309,19 @@ impl Worker {
         self: &Arc<Self>,
         name: &str,
         stored: Stored,
-        result: Result<(), WorkerError>,
+        result: Result<Option<crate::cold::Uploaded>, WorkerError>,
     ) -> Result<SwappedOut, WorkerError> {
+        let uploaded = result.as_ref().ok().cloned().flatten();
+        let mut chain_hint = stored.chain_hint.clone();
+        if let Some(uploaded) = &uploaded {
+            chain_hint.packed = uploaded.packed.clone();
+        }
         let swapped = SwappedOut {
             name: name.to_string(),
             snapshot: stored.id.clone(),
-            chain_hint: stored.chain_hint.clone(),
-            stored_bytes: stored.bytes,
+            chain_hint,
+            stored_bytes: uploaded.map_or(stored.bytes, |u| u.stored_bytes),
+            logical_bytes: stored.bytes,
             wake_at_unix_ms: stored.wake_at_unix_ms,
             seq: self.next_seq(),
         };

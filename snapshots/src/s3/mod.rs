@@ -48,7 +48,10 @@ use std::time::Instant;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+mod packed;
 mod stream;
+
+pub use packed::{GarbageReport, PagesStored, MAX_BASE_BYTES};
 pub use stream::{ChainStream, StreamReport};
 
 /// Bytes of one part of a multipart upload, and of one ranged GET.
@@ -106,6 +109,10 @@ pub struct S3Config {
     pub access_key: Option<String>,
     /// The secret key; from the environment (`AWS_SECRET_ACCESS_KEY`) when unset.
     pub secret_key: Option<String>,
+    /// Store page files of one image once (README §5.7): the first page file of an image
+    /// becomes its base, later ones are stored as what they do not share with it. On by
+    /// default.
+    pub dedup: bool,
 }
 
 impl Default for S3Config {
@@ -118,6 +125,7 @@ impl Default for S3Config {
             region: "us-east-1".into(),
             access_key: None,
             secret_key: None,
+            dedup: true,
         }
     }
 }
@@ -311,6 +319,8 @@ const MAX_HINTED_ANCESTORS: usize = 8;
 struct FirstRound {
     newest: FirstPartShape,
     ancestors: Vec<(String, FirstPartShape)>,
+    /// The levels the hint says are packed, with their bases (ids and bases checked).
+    packed: Vec<(String, String)>,
 }
 
 impl FirstRound {
@@ -346,7 +356,26 @@ impl FirstRound {
                 (ancestor, first_part_shape(hinted, pieces, &mut budget))
             })
             .collect();
-        FirstRound { newest, ancestors }
+        let packed = hint
+            .packed
+            .iter()
+            .take(MAX_HINTED_ANCESTORS + 1)
+            .filter(|level| check_id(&level.id).is_ok() && crate::packed::is_base_ref(&level.base))
+            .map(|level| (level.id.clone(), level.base.clone()))
+            .collect();
+        FirstRound {
+            newest,
+            ancestors,
+            packed,
+        }
+    }
+
+    /// The base of level `id`, if the hint says it is packed.
+    fn packed_base(&self, id: &str) -> Option<&str> {
+        self.packed
+            .iter()
+            .find(|(level, _)| level == id)
+            .map(|(_, base)| base.as_str())
     }
 }
 
@@ -392,6 +421,9 @@ struct Level {
     manifest: Manifest,
     pages: Option<FirstPart>,
     data: Option<FirstPart>,
+    /// Its packed page file object, asked for instead of the page file's first part when
+    /// the hint says it is packed (README §5.7).
+    packed: Option<Vec<u8>>,
 }
 
 /// Checks a downloaded page file against `manifest`'s chunk digests and a data archive
@@ -443,8 +475,12 @@ fn content_range_size(value: &str) -> Option<u64> {
 #[derive(Debug)]
 pub struct S3Store {
     conn: std::sync::Arc<S3Connection>,
+    /// The app prefix it was opened on.
+    app: String,
     prefix: String,
     cache_dir: PathBuf,
+    /// Where copies of image bases are kept (shared by a worker's apps).
+    bases_dir: PathBuf,
     scratch_dir: PathBuf,
     downloads: AtomicU64,
 }
@@ -461,6 +497,10 @@ pub struct S3Connection {
     endpoint: Option<String>,
     /// Bytes sent and received in object bodies, for metrics.
     traffic: std::sync::Arc<Traffic>,
+    /// Whether page files are deduplicated ([`S3Config::dedup`]).
+    dedup: bool,
+    /// The page indexes of the bases used last.
+    bases: packed::BaseIndexes,
     /// Always `Some` until drop, which shuts it down without blocking.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -510,6 +550,8 @@ impl S3Connection {
             region: config.region.clone(),
             endpoint: config.endpoint.clone(),
             traffic: Default::default(),
+            dedup: config.dedup,
+            bases: Default::default(),
             runtime: Some(runtime),
         }))
     }
@@ -581,11 +623,20 @@ impl S3Store {
             .map_err(io("resolving", &scratch_dir))?;
         Ok(Self {
             conn,
+            app: app_prefix.to_string(),
             prefix,
             cache_dir: cache_dir.to_path_buf(),
+            bases_dir: cache_dir.join("bases"),
             scratch_dir,
             downloads: AtomicU64::new(0),
         })
+    }
+
+    /// Keeps copies of image bases in `dir` rather than in this store's cache, so that
+    /// the stores of a worker's apps share them.
+    pub fn with_bases_dir(mut self, dir: &Path) -> Self {
+        self.bases_dir = dir.to_path_buf();
+        self
     }
 
     /// Creates the bucket if it does not exist (for tests and demos).
@@ -710,8 +761,8 @@ impl S3Store {
     ) -> Result<(Level, Vec<Level>), StoreError> {
         let plan = FirstRound::plan(local, key, id, hint);
         let (newest, guessed) = futures::future::join(
-            self.fetch_level(id, key, plan.newest),
-            self.expected_levels(&plan.ancestors, key),
+            self.fetch_level(id, key, plan.newest, plan.packed_base(id)),
+            self.expected_levels(&plan, key),
         )
         .await;
         Ok((newest?, guessed))
@@ -721,16 +772,11 @@ impl S3Store {
     /// local store lacks: [`FirstRound::ancestors`]), fetched at once, before that manifest
     /// is in. A level that does not come (a wrong guess: no such snapshot) is left out;
     /// the manifest's own list decides what is used (see [`S3Store::older_levels`]).
-    async fn expected_levels(
-        &self,
-        expected: &[(String, FirstPartShape)],
-        key: &SnapshotKey,
-    ) -> Vec<Level> {
-        let levels = futures::future::join_all(
-            expected
-                .iter()
-                .map(|(ancestor, shape)| self.fetch_level(ancestor, key, *shape)),
-        )
+    async fn expected_levels(&self, plan: &FirstRound, key: &SnapshotKey) -> Vec<Level> {
+        let expected = &plan.ancestors;
+        let levels = futures::future::join_all(expected.iter().map(|(ancestor, shape)| {
+            self.fetch_level(ancestor, key, *shape, plan.packed_base(ancestor))
+        }))
         .await;
         levels
             .into_iter()
@@ -768,6 +814,7 @@ impl S3Store {
                         ancestor,
                         key,
                         FirstPartShape::plain(first_part_pieces(i, wanted.len())),
+                        None,
                     )),
                 }
             }))
@@ -791,7 +838,7 @@ impl S3Store {
                 return Err(self.broken_chain(last));
             }
             older.push(
-                self.fetch_level(&parent, key, FirstPartShape::plain(1))
+                self.fetch_level(&parent, key, FirstPartShape::plain(1), None)
                     .await?,
             );
         }
@@ -812,13 +859,7 @@ impl S3Store {
         level: Level,
     ) -> Result<(Manifest, PathBuf, Option<PathBuf>), StoreError> {
         let m = &level.manifest;
-        let pages = self.finish_object(
-            &m.id,
-            "pages",
-            m.page_file_bytes(),
-            m.activeset_prefix.saturating_mul(PAGE_SIZE),
-            level.pages,
-        );
+        let pages = self.finish_pages(m, level.pages, level.packed);
         let data = async {
             if m.data_bytes > 0 {
                 self.finish_object(&m.id, "data", m.data_bytes, 0, level.data)
@@ -841,17 +882,48 @@ impl S3Store {
         Ok((level.manifest, pages, data))
     }
 
+    /// Fetches what `head` (the first part that came, if any) left out of `m`'s page file,
+    /// ActiveSet prefix first; or, if no plain page file came, makes it from its packed
+    /// object if S3 has one (README §5.7). Returns its local path, not yet checked.
+    async fn finish_pages(
+        &self,
+        m: &Manifest,
+        head: Option<FirstPart>,
+        packed: Option<Vec<u8>>,
+    ) -> Result<PathBuf, StoreError> {
+        if let Some(path) = self.packed_pages(m, head.as_ref(), packed).await? {
+            return Ok(path);
+        }
+        let size = m.page_file_bytes();
+        let first = m.activeset_prefix.saturating_mul(PAGE_SIZE);
+        self.finish_object(&m.id, "pages", size, first, head).await
+    }
+
     /// Snapshot `id`'s manifest and the first part of its objects, in one round trip.
-    /// The page file's first part is `pages` (see [`first_part_shape`]).
+    /// The page file's first part is `pages` (see [`first_part_shape`]); or, if the hint
+    /// says the level is packed against `packed_base`, its packed object and (unless this
+    /// worker has it) that base.
     async fn fetch_level(
         &self,
         id: &str,
         key: &SnapshotKey,
         pages: FirstPartShape,
+        packed_base: Option<&str>,
     ) -> Result<Level, StoreError> {
-        let (manifest, pages, data) = futures::future::join3(
+        let pages_or_packed = async {
+            match packed_base {
+                Some(base) => {
+                    let (packed, _) =
+                        futures::future::join(self.packed_object(id), self.prefetch_base(base))
+                            .await;
+                    (Ok(None), packed)
+                }
+                None => (self.first_part(id, "pages", pages).await, Ok(None)),
+            }
+        };
+        let (manifest, (pages, packed), data) = futures::future::join3(
             self.fetch_manifest(id, key),
-            self.first_part(id, "pages", pages),
+            pages_or_packed,
             self.first_part(id, "data", FirstPartShape::plain(1)),
         )
         .await;
@@ -867,6 +939,10 @@ impl S3Store {
             manifest: manifest?,
             pages: speculative(pages, "pages"),
             data: speculative(data, "data"),
+            packed: packed.unwrap_or_else(|e: StoreError| {
+                tracing::debug!(id, "packed page file: {e}");
+                None
+            }),
         })
     }
 
@@ -1025,10 +1101,22 @@ impl S3Store {
 
     /// Deletes every object under this store's prefix: its snapshots, HEAD, and what an
     /// interrupted deletion left (a page file whose manifest went first, which
-    /// [`Store::list`] no longer names). For an app that is removed.
+    /// [`Store::list`] no longer names). For an app that is removed. Page files that are
+    /// their image's base stay (with their markers), for [`S3Store::collect_garbage`].
     pub fn remove_everything(&self) -> Result<usize, StoreError> {
         self.run(async {
-            let keys = self.object_keys().await?;
+            let mut keys = self.object_keys().await?;
+            let bases: Vec<String> = keys
+                .iter()
+                .filter_map(|key| key.strip_suffix(".base"))
+                .map(str::to_string)
+                .collect();
+            keys.retain(|key| {
+                let stem = key
+                    .strip_suffix(".base")
+                    .or_else(|| key.strip_suffix(".pages"));
+                stem.is_none_or(|stem| !bases.iter().any(|base| base == stem))
+            });
             for batch in keys.chunks(PARALLEL_GETS) {
                 futures::future::try_join_all(batch.iter().map(|key| self.delete(key))).await?;
             }
@@ -1362,7 +1450,6 @@ impl S3Store {
         data: Option<&Path>,
     ) -> Result<(), StoreError> {
         let id = &manifest.id;
-        let pages_key = self.object_key(id, "pages")?;
         let data_key = self.object_key(id, "data")?;
         let upload_data = async {
             match data {
@@ -1370,7 +1457,7 @@ impl S3Store {
                 None => Ok(()),
             }
         };
-        let (pages_done, data_done) = tokio::join!(self.upload(pages, &pages_key), upload_data);
+        let (pages_done, data_done) = tokio::join!(self.upload_pages(manifest, pages), upload_data);
         pages_done?;
         data_done?;
         self.put_bytes(&self.object_key(id, "manifest")?, manifest.encode(key))
@@ -1578,11 +1665,13 @@ impl Store for S3Store {
     fn page_file(&self, id: &str) -> Result<PathBuf, StoreError> {
         let key = self.object_key(id, "pages")?;
         self.run(async {
-            let size = self
-                .object_size(&key)
-                .await?
-                .ok_or_else(|| self.missing(id))?;
-            self.finish_object(id, "pages", size, 0, None).await
+            match self.object_size(&key).await? {
+                Some(size) => self.finish_object(id, "pages", size, 0, None).await,
+                None => self
+                    .packed_page_file(id)
+                    .await?
+                    .ok_or_else(|| self.missing(id)),
+            }
         })
     }
 
@@ -1613,17 +1702,24 @@ impl Store for S3Store {
         Ok(ids)
     }
 
-    /// Removes the snapshot's objects (the manifest first) and its cached copies.
+    /// Removes the snapshot's objects (the manifest first) and its cached copies. A page
+    /// file that is its image's base stays, for [`S3Store::collect_garbage`].
     fn remove(&self, id: &str) -> Result<(), StoreError> {
         // The manifest first, alone: a snapshot without it is not listed nor restorable,
         // whatever becomes of the rest. Then its objects at once.
-        let kinds = ["manifest", "pages", "data"];
+        let kinds = ["manifest", "pages", "data", "packed"];
         let keys = kinds.map(|kind| self.object_key(id, kind));
-        let [manifest, pages, data] = keys;
-        let (manifest, pages, data) = (manifest?, pages?, data?);
+        let [manifest, pages, data, packed] = keys;
+        let (manifest, pages, data, packed) = (manifest?, pages?, data?, packed?);
         self.run(async {
             self.delete(&manifest).await?;
-            futures::future::try_join(self.delete(&pages), self.delete(&data)).await?;
+            let pages = async {
+                match self.is_base(id).await? {
+                    true => Ok(()),
+                    false => self.delete(&pages).await,
+                }
+            };
+            futures::future::try_join3(pages, self.delete(&data), self.delete(&packed)).await?;
             Ok(())
         })?;
         for kind in kinds {
@@ -1638,17 +1734,23 @@ impl Store for S3Store {
         Ok(())
     }
 
+    /// Bytes the snapshot's own objects take: a packed page file counts what it stores,
+    /// not the base it shares.
     fn size(&self, id: &str) -> Result<u64, StoreError> {
-        let keys = ["manifest", "pages", "data"].map(|kind| self.object_key(id, kind));
-        let [manifest, pages, data] = keys;
-        let (manifest, pages, data) = (manifest?, pages?, data?);
+        let keys = ["manifest", "pages", "data", "packed"].map(|kind| self.object_key(id, kind));
+        let [manifest, pages, data, packed] = keys;
+        let (manifest, pages, data, packed) = (manifest?, pages?, data?, packed?);
         self.run(async {
-            let (manifest, pages, data) = tokio::join!(
+            let (manifest, pages, data, packed) = tokio::join!(
                 self.object_size(&manifest),
                 self.object_size(&pages),
-                self.object_size(&data)
+                self.object_size(&data),
+                self.object_size(&packed)
             );
-            Ok(manifest?.unwrap_or(0) + pages?.unwrap_or(0) + data?.unwrap_or(0))
+            Ok([manifest?, pages?, data?, packed?]
+                .into_iter()
+                .map(|size| size.unwrap_or(0))
+                .sum())
         })
     }
 
@@ -1673,6 +1775,7 @@ mod tests {
             let hint = ChainHint {
                 ancestors: ancestors.iter().map(|a| a.to_string()).collect(),
                 first_parts: first_parts.to_vec(),
+                packed: Vec::new(),
             };
             FirstRound::plan(&local, &key, "new", &hint)
         };

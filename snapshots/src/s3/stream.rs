@@ -196,6 +196,15 @@ impl S3Store {
             }
             _ => None,
         };
+        // No plain page file came: it may be stored packed (README §5.7), which is made
+        // whole here rather than streamed (only small page files are packed).
+        let whole = match whole {
+            None => {
+                self.packed_pages(&m, level.pages.as_ref(), level.packed.take())
+                    .await?
+            }
+            whole => whole,
+        };
         let (checked, pages, archive) = (m.clone(), whole.clone(), data.clone());
         tokio::task::spawn_blocking(move || match &pages {
             Some(pages) => super::verify_download(&checked, pages, archive.as_deref()),
