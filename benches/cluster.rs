@@ -13,6 +13,9 @@
 //!   local store, through a worker with no spare VMMs and one with its default pool, and
 //!   what a waiting spare costs in memory (`cargo bench --bench cluster -- warm` runs
 //!   only this);
+//! * issue #14's storage: what 100 nginx apps take in S3 with page files stored once per
+//!   image against every page file whole (`cargo bench --bench cluster -- dedup` runs
+//!   only this; it needs s3s-fs);
 //! * the registry in etcd against redb: DNS to first byte (resident, and swapped out to the
 //!   local store) and the hub's queries per second, the two hubs side by side
 //!   (`cargo bench --bench cluster -- registry` runs only this; it needs etcd).
@@ -598,6 +601,244 @@ fn warm_pool_against_cold() {
     );
 }
 
+/// Bytes of the files under `dir` whose names end in each of `kinds` (the rest under
+/// "other"), recursively.
+fn bytes_by_kind(dir: &std::path::Path, kinds: &[&str]) -> std::collections::BTreeMap<String, u64> {
+    let mut totals = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let name = path.to_string_lossy();
+            let kind = kinds
+                .iter()
+                .find(|kind| name.ends_with(*kind))
+                .map_or("other", |kind| kind);
+            *totals.entry(kind.to_string()).or_default() += meta.len();
+        }
+    }
+    totals
+}
+
+/// Issue #14 item 5: what `DEDUP_APPS` (100) nginx apps that each served a few requests
+/// take in S3 (s3s-fs, on disk), with page files stored once per image (the default)
+/// against every page file whole (`worker --s3-no-dedup`), the two clusters side by side.
+fn stored_once_per_image() {
+    let apps: usize = std::env::var("DEDUP_APPS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100);
+    println!("\n== {apps} nginx apps that served 3 requests each, swapped out to S3 (s3s-fs): bytes stored ==");
+    build_image("nginx");
+    let dir = state_dir().join("bench-cluster/dedup-s3");
+    let _ = std::fs::remove_dir_all(&dir);
+    let root = dir.join("root");
+    let Some(server) = S3Server::s3s_fs(&root, dir.join("s3s.log")) else {
+        println!(
+            "  not measured: s3s-fs is not installed \
+             (cargo install s3s-fs --version 0.14.1 --features binary --locked)"
+        );
+        return;
+    };
+    let flags = |bucket: &str, extra: &[&str]| -> Vec<String> {
+        let base = [
+            "--s3-bucket",
+            bucket,
+            "--s3-endpoint",
+            &server.endpoint,
+            "--s3-path-style",
+            "--s3-access-key",
+            "test",
+            "--s3-secret-key",
+            "test",
+        ];
+        base.iter().chain(extra).map(|f| f.to_string()).collect()
+    };
+    let (dedup_flags, plain_flags) = (
+        flags("bench-dedup", &[]),
+        flags("bench-plain", &["--s3-no-dedup"]),
+    );
+    let dedup = Cluster::start("dedup", "127.4.8.0/24", &as_strs(&dedup_flags));
+    let plain = Cluster::start("plain", "127.4.9.0/24", &as_strs(&plain_flags));
+    let started = Instant::now();
+    // Per cluster: (stored, logical) bytes the hub reports for its first app, and in all.
+    // (A deduplicated first app's own count is small: the image's base, its first page
+    // file, is kept for all of them and counted to none.)
+    let mut first = [(0u64, 0u64); 2];
+    let mut total = [(0u64, 0u64); 2];
+    for i in 0..apps {
+        for (k, (cluster, prefix)) in [(&dedup, "dn"), (&plain, "pn")].into_iter().enumerate() {
+            let app = format!("{prefix}{i}");
+            cluster.add(&app, "nginx");
+            query_to_first_byte(cluster.dns, &format!("{app}.pico.local"), "/");
+            for _ in 0..2 {
+                first_byte(cluster.address(&app), "/", Instant::now());
+            }
+            cluster.swap_out(&app);
+            let (_, record) = call(cluster.api, "GET", &format!("/v1/apps/{app}"), "");
+            let usage = &record["usage"];
+            let bytes = (
+                usage["stored_bytes"].as_u64().unwrap_or(0),
+                usage["logical_bytes"].as_u64().unwrap_or(0),
+            );
+            if i == 0 {
+                first[k] = bytes;
+            }
+            total[k] = (total[k].0 + bytes.0, total[k].1 + bytes.1);
+        }
+        if (i + 1) % 10 == 0 {
+            println!(
+                "  {} of {apps} apps of each in {:.0} s",
+                i + 1,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    // The snapshots a compaction replaced go after their swap-out is reported: wait for
+    // one manifest an app.
+    let manifests = |bucket: &str| count_files(&root.join(bucket), ".manifest");
+    wait_for("the replaced snapshots to go", LIMIT, || {
+        (manifests("bench-dedup") == apps && manifests("bench-plain") == apps).then_some(())
+    });
+    let kinds = [".manifest", ".pages", ".packed", ".data", "HEAD", ".base"];
+    let on_disk = |bucket: &str| bytes_by_kind(&root.join(bucket), &kinds);
+    let (dedup_disk, plain_disk) = (on_disk("bench-dedup"), on_disk("bench-plain"));
+    // The issue's goal: all of them within 1.5x one app's bytes plus their unique pages
+    // (the pages of their packed page files that are their own).
+    let unique = own_page_bytes(&root.join("bench-dedup"));
+    // Apps brought back from S3 by a DNS query: on a worker with no copy of anything (its
+    // cache deleted, and with it the image's base), and, for the deduplicated cluster, on
+    // one that keeps the image's base (it served an app of the image before: the common
+    // case). A different app each round; each restore is swapped out again after.
+    let rounds = apps.min(7);
+    let mut back_ms = [Vec::new(), Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        let i = apps - 1 - round;
+        let runs = [
+            (&dedup, format!("dn{i}"), false),
+            (&plain, format!("pn{i}"), false),
+            (&dedup, format!("dn{i}"), true),
+        ];
+        for (k, (cluster, app, keep_bases)) in runs.into_iter().enumerate() {
+            for entry in std::fs::read_dir(&cluster.cache)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if !(keep_bases && entry.file_name() == ".bases") {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+            let name = format!("{app}.pico.local");
+            back_ms[k].push(query_to_first_byte(cluster.dns, &name, "/"));
+            cluster.swap_out(&app);
+        }
+    }
+    let back_ms = back_ms.map(|mut ms| median(&mut ms));
+    let sum = |m: &std::collections::BTreeMap<String, u64>| m.values().sum::<u64>();
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!(
+        "| {apps} nginx apps | page files stored once per image | every page file whole | ratio |"
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| all apps, stored (hub) | {:.2} MiB | {:.2} MiB | {:.3} |",
+        mib(total[0].0),
+        mib(total[1].0),
+        total[0].0 as f64 / total[1].0.max(1) as f64
+    );
+    println!(
+        "| all apps, logical (hub) | {:.2} MiB | {:.2} MiB | |",
+        mib(total[0].1),
+        mib(total[1].1)
+    );
+    println!(
+        "| the bucket on disk | {:.2} MiB | {:.2} MiB | {:.3} |",
+        mib(sum(&dedup_disk)),
+        mib(sum(&plain_disk)),
+        sum(&dedup_disk) as f64 / sum(&plain_disk).max(1) as f64
+    );
+    for kind in kinds
+        .iter()
+        .map(|k| k.to_string())
+        .chain(["other".to_string()])
+    {
+        let (d, p) = (
+            dedup_disk.get(&kind).copied().unwrap_or(0),
+            plain_disk.get(&kind).copied().unwrap_or(0),
+        );
+        if d + p > 0 {
+            println!("| ... `{kind}` | {:.2} MiB | {:.2} MiB | |", mib(d), mib(p));
+        }
+    }
+    println!(
+        "| back from S3, nothing cached: DNS to first byte (median of {rounds}) | {:.1} ms | {:.1} ms | {:.2} |",
+        back_ms[0],
+        back_ms[1],
+        back_ms[0] / back_ms[1]
+    );
+    println!(
+        "| back from S3, the image's base cached: DNS to first byte (median of {rounds}) | {:.1} ms | | {:.2} |",
+        back_ms[2],
+        back_ms[2] / back_ms[1]
+    );
+    let one = first[1].0;
+    println!(
+        "\n  goal: {:.2} MiB on disk <= 1.5 x {:.2} MiB (one app, every page file whole) + {:.2} MiB \
+         (their own pages) = {:.2} MiB: {}",
+        mib(sum(&dedup_disk)),
+        mib(one),
+        mib(unique),
+        mib(one * 3 / 2 + unique),
+        if sum(&dedup_disk) <= one * 3 / 2 + unique { "met" } else { "missed" }
+    );
+    let _ = first[0];
+}
+
+/// Files under `dir` (recursively) whose names end in `suffix`.
+fn count_files(dir: &std::path::Path, suffix: &str) -> usize {
+    let mut count = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.to_string_lossy().ends_with(suffix) {
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+/// Bytes of the own pages of the packed page files under `dir` (from their headers).
+fn own_page_bytes(dir: &std::path::Path) -> u64 {
+    use picocenter_snapshots::packed::{decode_header, PackedHeader};
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.to_string_lossy().ends_with(".packed") {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                let own = PackedHeader::logical_pages_of(&bytes)
+                    .and_then(|pages| decode_header(&bytes, pages))
+                    .map_or(0, |header| header.own_pages);
+                total += own * 4096;
+            }
+        }
+    }
+    total
+}
+
 fn main() {
     common::require_kvm();
     // `cargo bench --bench cluster -- warm`: only the warm pool against none.
@@ -608,6 +849,11 @@ fn main() {
     // `cargo bench --bench cluster -- big`: only the big app over the link.
     if std::env::args().skip(1).any(|arg| arg == "big") {
         big_app_over_the_link();
+        return;
+    }
+    // `cargo bench --bench cluster -- dedup`: only the bytes nginx apps take in S3.
+    if std::env::args().skip(1).any(|arg| arg == "dedup") {
+        stored_once_per_image();
         return;
     }
     // `cargo bench --bench cluster -- registry`: only etcd against redb.

@@ -116,6 +116,17 @@ fn counter_http_keeps_its_count_through_twenty_swaps() {
         "{}",
         describe(&out)
     );
+    // Logical and stored sizes: a compacted snapshot stores its pages itself.
+    let size = stdout(&out)
+        .lines()
+        .find(|line| line.trim_start().starts_with("size "))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(
+        size.contains("logical ") && size.contains(" 0 from parents") && size.contains("stored "),
+        "{}",
+        describe(&out)
+    );
     let child = restore(dir.path(), address, &[]);
     assert_eq!(body(address, "/").trim(), "count=22");
     swap_out("test-snap-counter", dir.path(), child);

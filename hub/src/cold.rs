@@ -284,7 +284,8 @@ impl Cold {
 
     /// With S3: while this worker's local copies take more than `limit` bytes, deletes
     /// those of the apps in `evictable` (oldest first; their next restore fetches from
-    /// S3). Returns the apps whose copies went.
+    /// S3), then, if that was not enough, its copies of image bases. Returns the apps
+    /// whose copies went.
     pub fn trim_cache(
         &self,
         limit: u64,
@@ -315,6 +316,21 @@ impl Cold {
             }
             total = total.saturating_sub(bytes);
             evicted.push(app);
+        }
+        // Then the copies of image bases (a restore or upload fetches one it needs again).
+        if total > limit {
+            let bases = self.cache.join(BASES_DIR);
+            match std::fs::remove_dir_all(&bases) {
+                Ok(()) => tracing::info!("evicted the copies of image bases"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        what: "evicting",
+                        path: bases.display().to_string(),
+                        source,
+                    })
+                }
+            }
         }
         Ok(evicted)
     }

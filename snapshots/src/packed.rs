@@ -24,10 +24,10 @@ use std::path::Path;
 
 /// The first bytes of a packed object.
 pub const MAGIC: [u8; 8] = *b"PCPACK\0\x01";
-/// The largest header a packed object may have: a run for every page of a 16 GiB page
-/// file would need more, but a header only grows where base and own pages alternate,
-/// and one that large saves nothing.
-pub const MAX_HEADER: u64 = 16 << 20;
+/// The largest header a packed object may have: a run for each of the 16,384 pages of
+/// the largest packed page file (64 MiB) takes at most 21 bytes, so this bounds what a
+/// hostile header makes a decoder allocate (a few MiB).
+pub const MAX_HEADER: u64 = 1 << 20;
 /// A page file is packed only if this fraction (1/N) of its pages or more are in the
 /// base: below that the header and the second object cost more than they save.
 pub const MIN_SHARED_FRACTION: u64 = 4;

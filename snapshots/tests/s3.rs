@@ -1113,6 +1113,38 @@ fn page_files_of_one_image_are_stored_once(endpoint: &str, dir: &Path) {
         put_raw(endpoint, base_key, base.clone());
     }
 
+    // A pointer that names an ordinary page file (no base marker), or that is not a
+    // pointer at all: the next upload of the image is plain (and its page file becomes
+    // the base), never a failure; garbage collection goes on.
+    let pointer = format!(
+        "dedup/.images/{}",
+        &blake3::hash(b"image:nginx").to_hex()[..32]
+    );
+    let genuine_pointer = get_raw(endpoint, &pointer).unwrap();
+    let zeta = random_pages(240, 9).concat();
+    let lying = format!("zeta/z1 {} {}\n", zeta.len(), blake3::hash(&zeta).to_hex());
+    for (what, bytes) in [
+        ("an unmarked page file", lying.into_bytes()),
+        ("not a pointer", vec![b'x'; 4000]),
+    ] {
+        put_raw(endpoint, &pointer, bytes);
+        let (_, manifest, path) = &originals[2];
+        let other = store("app-d", &format!("dedup-lie-{}", what.len()));
+        let mut m = manifest.clone();
+        m.id = format!("app-d-{}", what.len());
+        other.commit(&m, &key(), path, None).unwrap();
+        assert_eq!(other.stored_as(&m.id).unwrap().1, None, "{what}");
+        let report = other.collect_garbage(Duration::from_secs(3600)).unwrap();
+        assert_eq!(report.bases_removed, 0, "{what}: {report:?}");
+        other.remove_everything().unwrap();
+    }
+    put_raw(endpoint, &pointer, genuine_pointer);
+    // Their page files became bases, and nothing names them now.
+    let report = store("app-d", "dedup-lie-gc")
+        .collect_garbage(Duration::ZERO)
+        .unwrap();
+    assert_eq!(report.bases_removed, 2, "{report:?}");
+
     // The base outlives its snapshot while packed page files name it.
     let a = store("app-a", "dedup-gc");
     a.remove("app-a-1").unwrap();

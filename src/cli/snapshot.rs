@@ -259,6 +259,32 @@ fn prefetch_line(m: &Manifest, parent: Option<&Manifest>) -> Option<String> {
     ))
 }
 
+/// The snapshot's logical size (the memory it restores: its resident pages, by where they
+/// come from) against what its chain stores (`chain`: newest first).
+fn size_line(chain: &[Manifest], store: &LocalStore) -> anyhow::Result<String> {
+    let (mut stored, mut parent, mut file, mut zero) = (0u64, 0u64, 0u64, 0u64);
+    for run in &chain[0].pages {
+        let count = match run.source {
+            PageSource::Stored { .. } => &mut stored,
+            PageSource::Parent => &mut parent,
+            PageSource::File => &mut file,
+            PageSource::Zero => &mut zero,
+        };
+        *count = count.saturating_add(run.count);
+    }
+    let resident = stored + parent + file + zero;
+    let mut on_disk = 0u64;
+    for each in chain {
+        on_disk = on_disk.saturating_add(store.size(&each.id)?);
+    }
+    Ok(format!(
+        "logical {} bytes ({resident} resident pages: {stored} stored here, {parent} from \
+         parents, {file} from image files, {zero} zero), stored {on_disk} bytes (the chain's \
+         manifests, page files and data)",
+        resident.saturating_mul(picocenter_snapshots::format::PAGE_SIZE)
+    ))
+}
+
 fn inspect(
     dir: &std::path::Path,
     id: Option<&str>,
@@ -326,6 +352,7 @@ fn inspect(
         m.files.len(),
         m.stats.closed_connections
     );
+    println!("  size          {}", size_line(&manifests, &store)?);
     let mut healthy = true;
     for each in &manifests {
         let size = store.size(&each.id)?;

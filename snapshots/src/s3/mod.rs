@@ -306,6 +306,9 @@ fn first_part_shape(hinted: Option<u64>, pieces: u64, budget: &mut u64) -> First
     }
 }
 
+/// The most packed levels a hint makes a first round trip ask for (a chain in S3 is kept
+/// to a few snapshots, and only small ones are packed).
+const MAX_HINTED_PACKED: usize = 4;
 /// The most ancestors a hint makes a first round trip ask for.
 const MAX_HINTED_ANCESTORS: usize = 8;
 
@@ -359,8 +362,8 @@ impl FirstRound {
         let packed = hint
             .packed
             .iter()
-            .take(MAX_HINTED_ANCESTORS + 1)
             .filter(|level| check_id(&level.id).is_ok() && crate::packed::is_base_ref(&level.base))
+            .take(MAX_HINTED_PACKED)
             .map(|level| (level.id.clone(), level.base.clone()))
             .collect();
         FirstRound {
@@ -370,12 +373,15 @@ impl FirstRound {
         }
     }
 
-    /// The base of level `id`, if the hint says it is packed.
-    fn packed_base(&self, id: &str) -> Option<&str> {
+    /// The base of level `id`, if the hint says it is packed, and whether to fetch the
+    /// base in the first round trip if this worker lacks it: for the first packed level
+    /// the hint names only, so that a hostile hint costs one base (at most
+    /// [`MAX_BASE_BYTES`]) beside its objects.
+    fn packed_base(&self, id: &str) -> Option<(&str, bool)> {
         self.packed
             .iter()
-            .find(|(level, _)| level == id)
-            .map(|(_, base)| base.as_str())
+            .position(|(level, _)| level == id)
+            .map(|at| (self.packed[at].1.as_str(), at == 0))
     }
 }
 
@@ -482,7 +488,6 @@ pub struct S3Store {
     /// Where copies of image bases are kept (shared by a worker's apps).
     bases_dir: PathBuf,
     scratch_dir: PathBuf,
-    downloads: AtomicU64,
 }
 
 /// What every [`S3Store`] of one bucket can share: the client, with its pool of open
@@ -628,7 +633,6 @@ impl S3Store {
             cache_dir: cache_dir.to_path_buf(),
             bases_dir: cache_dir.join("bases"),
             scratch_dir,
-            downloads: AtomicU64::new(0),
         })
     }
 
@@ -908,14 +912,18 @@ impl S3Store {
         id: &str,
         key: &SnapshotKey,
         pages: FirstPartShape,
-        packed_base: Option<&str>,
+        packed_base: Option<(&str, bool)>,
     ) -> Result<Level, StoreError> {
         let pages_or_packed = async {
             match packed_base {
-                Some(base) => {
-                    let (packed, _) =
-                        futures::future::join(self.packed_object(id), self.prefetch_base(base))
-                            .await;
+                Some((base, prefetch)) => {
+                    let prefetched = async {
+                        if prefetch {
+                            self.prefetch_base(base).await
+                        }
+                    };
+                    let (packed, ()) =
+                        futures::future::join(self.packed_object(id, None), prefetched).await;
                     (Ok(None), packed)
                 }
                 None => (self.first_part(id, "pages", pages).await, Ok(None)),
@@ -1353,8 +1361,21 @@ impl S3Store {
         have: &[u8],
         dest: &Path,
     ) -> Result<(), StoreError> {
+        self.download_in(key, size, (first, ACTIVE_PART_SIZE), have, dest)
+            .await
+    }
+
+    /// [`S3Store::download`], its first `first.0` bytes in GETs of `first.1` bytes.
+    async fn download_in(
+        &self,
+        key: &str,
+        size: u64,
+        first: (u64, u64),
+        have: &[u8],
+        dest: &Path,
+    ) -> Result<(), StoreError> {
         let started = Instant::now();
-        let serial = self.downloads.fetch_add(1, Ordering::Relaxed);
+        let serial = next_serial();
         let name = dest.file_name().unwrap_or_default().to_string_lossy();
         let tmp = dest.with_file_name(format!(".{name}.{}-{serial}.download", std::process::id()));
         let result = self.download_to(key, size, first, have, &tmp).await;
@@ -1374,7 +1395,7 @@ impl S3Store {
         &self,
         key: &str,
         size: u64,
-        first: u64,
+        (first, first_part): (u64, u64),
         have: &[u8],
         tmp: &Path,
     ) -> Result<(), StoreError> {
@@ -1382,7 +1403,7 @@ impl S3Store {
         file.set_len(size).map_err(io("sizing", tmp))?;
         file.write_all_at(have, 0).map_err(io("writing", tmp))?;
         let file = Arc::new(file);
-        let parts = ranges(size, have.len() as u64, first, ACTIVE_PART_SIZE, PART_SIZE);
+        let parts = ranges(size, have.len() as u64, first, first_part, PART_SIZE);
         let jobs = parts.into_iter().map(|range| {
             let (client, bucket, key) = (
                 self.conn.client.clone(),
@@ -1458,13 +1479,26 @@ impl S3Store {
             }
         };
         let (pages_done, data_done) = tokio::join!(self.upload_pages(manifest, pages), upload_data);
-        pages_done?;
+        let stored = pages_done?;
         data_done?;
         self.put_bytes(&self.object_key(id, "manifest")?, manifest.encode(key))
             .await?;
         self.put_bytes(&self.key("HEAD"), format!("{id}\n").into_bytes())
-            .await
+            .await?;
+        // Only a committed snapshot's page file becomes its image's base: garbage
+        // collection takes a base whose manifest is missing for one whose snapshot went.
+        if let PagesStored::Base(promotion) = stored {
+            self.promote(promotion, pages).await;
+        }
+        Ok(())
     }
+}
+
+/// A number no other temporary file of this process has: stores of one app, or of one
+/// image's base, may write into the same directory at once.
+fn next_serial() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Runs `jobs` as tasks, started in order and at most `at_once` at a time, and returns

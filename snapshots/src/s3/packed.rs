@@ -55,12 +55,12 @@ impl BaseIndexes {
 }
 
 /// How a page file went to S3.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PagesStored {
     /// As it is (`ID.pages`).
     Plain,
-    /// As it is, and it became its image's base.
-    Base,
+    /// As it is, and it is to become its image's base once its snapshot is committed.
+    Base(Promotion),
     /// Packed (`ID.packed`): `own` of its `pages` pages are stored, the rest are the
     /// base's.
     Packed {
@@ -70,6 +70,56 @@ pub enum PagesStored {
         own: u64,
     },
 }
+
+/// A page file to make its image's base ([`S3Store::promote`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Promotion {
+    /// The image's pointer.
+    pointer: String,
+    /// What the pointer will say: `APP/ID SIZE DIGEST`.
+    named: BaseName,
+}
+
+/// What an image's pointer names: a base page file, its size and its BLAKE3 digest. The
+/// size and digest are checked against the page file before anything is packed against
+/// it, so a base that changed (or a pointer that lies) costs deduplication, not a
+/// snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BaseName {
+    base: String,
+    size: u64,
+    digest: [u8; 32],
+}
+
+impl BaseName {
+    fn encode(&self) -> Vec<u8> {
+        let digest: String = self.digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{} {} {digest}\n", self.base, self.size).into_bytes()
+    }
+
+    /// A pointer's text, if it is one (anything else is ignored).
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut fields = text.split_ascii_whitespace();
+        let (base, size, hex) = (fields.next()?, fields.next()?, fields.next()?);
+        if fields.next().is_some() || !packed::is_base_ref(base) || hex.len() != 64 {
+            return None;
+        }
+        let size: u64 = size.parse().ok()?;
+        let mut digest = [0u8; 32];
+        for (k, byte) in digest.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(hex.get(2 * k..2 * k + 2)?, 16).ok()?;
+        }
+        (size > 0 && size <= MAX_BASE_BYTES && size.is_multiple_of(PAGE_SIZE)).then(|| BaseName {
+            base: base.to_string(),
+            size,
+            digest,
+        })
+    }
+}
+
+/// The longest pointer read.
+const MAX_POINTER: u64 = 1024;
 
 impl S3Store {
     /// The app this store holds, if its page files may be deduplicated: a store opened on
@@ -96,14 +146,15 @@ impl S3Store {
         ))
     }
 
-    /// The key of base `base` (`APP/ID`, checked), the plain page file it names.
-    fn base_key(&self, base: &str) -> Result<String, StoreError> {
+    /// The key of base `base`'s `kind` object (`APP/ID`, checked): `pages`, the plain page
+    /// file it names, or `base`, its marker.
+    fn base_key(&self, base: &str, kind: &str) -> Result<String, StoreError> {
         let (app, id) = base
             .split_once('/')
             .filter(|_| packed::is_base_ref(base))
             .ok_or_else(|| StoreError::Remote(format!("{base:?} is not a base page file")))?;
         Ok(format!(
-            "{}/{id}.pages",
+            "{}/{id}.{kind}",
             join_prefix(&[&self.conn.base_prefix, app])?
         ))
     }
@@ -114,18 +165,31 @@ impl S3Store {
         self.bases_dir.join(app).join(format!("{id}.pages"))
     }
 
-    /// [`S3Store::base_cache`], with its directory made.
-    fn base_cache_made(&self, base: &str) -> Result<PathBuf, StoreError> {
-        let path = self.base_cache(base);
+    /// Puts `bytes` at `path` whole or not at all (a temporary file, then a rename), so
+    /// that a reader of the shared bases directory never sees part of a base.
+    fn write_base_copy(&self, path: &std::path::Path, bytes: &[u8]) -> Result<(), StoreError> {
         if let Some(dir) = path.parent() {
             crate::private::create_dir_all(dir).map_err(io("creating", dir))?;
         }
-        Ok(path)
+        let tmp = path.with_extension(format!(
+            "{}-{}.copy",
+            std::process::id(),
+            super::next_serial()
+        ));
+        let result = crate::private::write_synced(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(io("writing", path));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
     }
 
     /// Uploads page file `pages` of snapshot `manifest`: packed against its image's base
-    /// if it shares enough pages with it (see [`packed::plan`]); else plain, and it
-    /// becomes the image's base if the image has none.
+    /// if it shares enough pages with it (see [`packed::plan`]); else plain, and, if the
+    /// image has no usable base, to become it once the snapshot is committed. Anything
+    /// wrong with the base (gone, changed, a pointer that is not one) means a plain
+    /// upload, never a failed one.
     pub(super) async fn upload_pages(
         &self,
         manifest: &Manifest,
@@ -142,87 +206,135 @@ impl S3Store {
                 .await
                 .map(|()| PagesStored::Plain);
         };
-        if size == 0 || size > MAX_BASE_BYTES {
+        if size == 0 || size > MAX_BASE_BYTES || !size.is_multiple_of(PAGE_SIZE) {
             return self
                 .upload(pages, &plain)
                 .await
                 .map(|()| PagesStored::Plain);
         }
         let pointer = self.image_pointer_key(manifest)?;
-        let base = self
-            .get_small(&pointer, 1024)
-            .await?
-            .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
-            .filter(|base| packed::is_base_ref(base));
-        let index = match &base {
-            Some(base) => self.base_index(base).await?,
+        let this = format!("{app}/{id}");
+        let named = match self.get_small(&pointer, MAX_POINTER).await {
+            Ok(bytes) => bytes.as_deref().and_then(BaseName::decode),
+            Err(e) => {
+                tracing::warn!(pointer, "reading an image's base pointer: {e}");
+                None
+            }
+        };
+        let index = match &named {
+            // An upload tried again: its page file is the base already.
+            Some(named) if named.base == this => {
+                return self
+                    .upload(pages, &plain)
+                    .await
+                    .map(|()| PagesStored::Plain);
+            }
+            Some(named) => self.base_index(named).await.unwrap_or_else(|e| {
+                tracing::warn!(base = named.base, "an image's base is unusable: {e}");
+                None
+            }),
             None => None,
         };
-        if let Some(index) = index {
-            let (source, scratch) = (pages.to_path_buf(), self.scratch(id, "packed")?);
-            let planned = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-                let bytes = std::fs::read(&source).map_err(io("reading", &source))?;
-                let Some((header, own)) = packed::plan(&bytes, &index) else {
-                    return Ok(None);
-                };
-                let file =
-                    crate::private::create_file(&scratch).map_err(io("creating", &scratch))?;
-                let mut out = std::io::BufWriter::new(file);
-                packed::write_packed(&header, &own, &bytes, &mut out)
-                    .map_err(io("writing", &scratch))?;
-                Ok(Some((header, scratch)))
-            })
-            .await
-            .map_err(|_| S3Error::Panicked)??;
-            if let Some((header, scratch)) = planned {
-                let uploaded = self.upload(&scratch, &self.object_key(id, "packed")?).await;
-                let _ = std::fs::remove_file(&scratch);
-                uploaded?;
-                tracing::debug!(
-                    id,
-                    base = header.base,
-                    pages = header.logical_pages,
-                    own = header.own_pages,
-                    "page file stored packed"
-                );
-                return Ok(PagesStored::Packed {
-                    pages: header.logical_pages,
-                    own: header.own_pages,
-                });
-            }
+        let Some(index) = index else {
+            self.upload(pages, &plain).await?;
+            let digest = blake3::hash(&std::fs::read(pages).map_err(io("reading", pages))?).into();
+            return Ok(PagesStored::Base(Promotion {
+                pointer,
+                named: BaseName {
+                    base: this,
+                    size,
+                    digest,
+                },
+            }));
+        };
+        let (source, scratch) = (pages.to_path_buf(), self.scratch(id, "packed")?);
+        let planned = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let bytes = std::fs::read(&source).map_err(io("reading", &source))?;
+            let Some((header, own)) = packed::plan(&bytes, &index) else {
+                return Ok(None);
+            };
+            let file = crate::private::create_file(&scratch).map_err(io("creating", &scratch))?;
+            let mut out = std::io::BufWriter::new(file);
+            packed::write_packed(&header, &own, &bytes, &mut out)
+                .map_err(io("writing", &scratch))?;
+            Ok(Some((header, scratch)))
+        })
+        .await
+        .map_err(|_| S3Error::Panicked)??;
+        let Some((header, scratch)) = planned else {
             return self
                 .upload(pages, &plain)
                 .await
                 .map(|()| PagesStored::Plain);
-        }
-        // The image has no base (or it is gone): this page file becomes it. The marker
-        // goes first, so that no removal takes the page file once the pointer names it.
-        self.upload(pages, &plain).await?;
-        self.put_bytes(&self.object_key(id, "base")?, pointer.clone().into_bytes())
-            .await?;
-        let base = format!("{app}/{id}");
-        self.put_bytes(&pointer, format!("{base}\n").into_bytes())
-            .await?;
-        // A copy for the next packing and restore; without one they fetch it.
-        if let Ok(cached) = self.base_cache_made(&base) {
-            if crate::private::copy(pages, &cached).is_err() {
-                let _ = std::fs::remove_file(&cached);
-            }
-        }
-        tracing::debug!(id, base, "page file stored plain, as its image's base");
-        Ok(PagesStored::Base)
+        };
+        let uploaded = self.upload(&scratch, &self.object_key(id, "packed")?).await;
+        let _ = std::fs::remove_file(&scratch);
+        uploaded?;
+        tracing::debug!(
+            id,
+            base = header.base,
+            pages = header.logical_pages,
+            own = header.own_pages,
+            "page file stored packed"
+        );
+        Ok(PagesStored::Packed {
+            pages: header.logical_pages,
+            own: header.own_pages,
+        })
     }
 
-    /// The page index of base `base` (`APP/ID`, checked): remembered, or read from this
-    /// worker's copy, or fetched. `None` if the base is gone from S3.
-    async fn base_index(&self, base: &str) -> Result<Option<Arc<BaseIndex>>, StoreError> {
-        if let Some(index) = self.conn.bases.get(base) {
-            return Ok(Some(index));
+    /// Makes a committed snapshot's page file (`pages`, its local copy) its image's base:
+    /// its marker first, so that no removal takes the page file once the pointer names
+    /// it, then the pointer. A failure costs deduplication only: it is logged.
+    pub(super) async fn promote(&self, promotion: Promotion, pages: &std::path::Path) {
+        let Promotion { pointer, named } = promotion;
+        let promoted = async {
+            let marker = self.base_key(&named.base, "base")?;
+            self.put_bytes(&marker, pointer.clone().into_bytes())
+                .await?;
+            self.put_bytes(&pointer, named.encode()).await
+        };
+        if let Err(e) = promoted.await {
+            tracing::warn!(
+                base = named.base,
+                "making a page file its image's base: {e}"
+            );
+            return;
         }
-        let Some(bytes) = self.base_bytes(base, None).await? else {
+        // A copy for the next packing and restore; without one they fetch it.
+        if let Ok(bytes) = std::fs::read(pages) {
+            if let Err(e) = self.write_base_copy(&self.base_cache(&named.base), &bytes) {
+                tracing::debug!(base = named.base, "keeping a copy of a base: {e}");
+            }
+        }
+        tracing::debug!(
+            base = named.base,
+            "page file stored plain, as its image's base"
+        );
+    }
+
+    /// The page index of the base `named`: remembered, or made from this worker's copy
+    /// or a fetched one, which must have the size and digest the pointer names, and be
+    /// marked as a base. `None` if it is gone from S3.
+    async fn base_index(&self, named: &BaseName) -> Result<Option<Arc<BaseIndex>>, StoreError> {
+        if let Some(index) = self.conn.bases.get(&named.base) {
+            if index.digest == named.digest {
+                return Ok(Some(index));
+            }
+        }
+        // A page file the pointer names but that is not marked is an ordinary one, which
+        // its snapshot's removal would take.
+        let marker = self.base_key(&named.base, "base")?;
+        if self.object_size(&marker).await?.is_none() {
+            return Ok(None);
+        }
+        let Some(bytes) = self
+            .base_bytes(&named.base, Some((named.size, named.digest)))
+            .await?
+        else {
             return Ok(None);
         };
-        let name = base.to_string();
+        let name = named.base.clone();
         let index = tokio::task::spawn_blocking(move || Arc::new(BaseIndex::of(&name, &bytes)))
             .await
             .map_err(|_| S3Error::Panicked)?;
@@ -231,15 +343,15 @@ impl S3Store {
     }
 
     /// The bytes of base `base` (`APP/ID`, checked): from this worker's copy, or fetched
-    /// into it. With `expected` (its size and digest, from a packed header), a copy that
-    /// is not that is fetched again, and a fetched one that is not that is refused.
-    /// `None` if the base is not in S3.
+    /// into it. With `expected` (its size and digest, from a pointer or a packed header), a
+    /// copy that is not that is fetched again, and a fetched one that is not that is
+    /// refused. `None` if the base is not in S3.
     async fn base_bytes(
         &self,
         base: &str,
         expected: Option<(u64, [u8; 32])>,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let key = self.base_key(base)?;
+        let key = self.base_key(base, "pages")?;
         let cached = self.base_cache(base);
         let matches = |bytes: &[u8]| {
             expected.is_none_or(|(size, digest)| {
@@ -250,7 +362,6 @@ impl S3Store {
             if matches(&bytes) {
                 return Ok(Some(bytes));
             }
-            let _ = std::fs::remove_file(&cached);
         }
         let size = match expected {
             Some((size, _)) => size,
@@ -259,37 +370,71 @@ impl S3Store {
                 None => return Ok(None),
             },
         };
-        if size > MAX_BASE_BYTES || size % PAGE_SIZE != 0 {
+        if size == 0 || size > MAX_BASE_BYTES || !size.is_multiple_of(PAGE_SIZE) {
             return Err(StoreError::Remote(format!(
                 "base page file {}: {size} bytes (at most {MAX_BASE_BYTES}, whole pages)",
                 self.url(&key)
             )));
         }
-        let cached = self.base_cache_made(base)?;
-        match self.download(&key, size, 0, &[], &cached).await {
-            Ok(()) => {}
-            Err(e) if expected.is_none() && self.object_size(&key).await?.is_none() => {
-                tracing::debug!(base, "base gone: {e}");
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
+        // Fetched beside the copy, then renamed over it whole: several restores and
+        // uploads may want one base at once.
+        let fetched = cached.with_extension(format!(
+            "{}-{}.fetched",
+            std::process::id(),
+            super::next_serial()
+        ));
+        if let Some(dir) = fetched.parent() {
+            crate::private::create_dir_all(dir).map_err(io("creating", dir))?;
         }
-        let bytes = std::fs::read(&cached).map_err(io("reading", &cached))?;
+        // In 8 GETs at once (of 64 KiB at least): a base is fetched when a restore waits.
+        let piece = size.div_ceil(4).clamp(256 << 10, super::ACTIVE_PART_SIZE);
+        let downloaded = self
+            .download_in(&key, size, (size, piece), &[], &fetched)
+            .await;
+        let bytes =
+            downloaded.and_then(|()| std::fs::read(&fetched).map_err(io("reading", &fetched)));
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let _ = std::fs::remove_file(&fetched);
+                if expected.is_none() && self.object_size(&key).await?.is_none() {
+                    tracing::debug!(base, "base gone: {e}");
+                    return Ok(None);
+                }
+                return Err(e);
+            }
+        };
         if !matches(&bytes) {
-            let _ = std::fs::remove_file(&cached);
+            let _ = std::fs::remove_file(&fetched);
             return Err(StoreError::Remote(format!(
                 "base page file {} is not the one its packed page files were made against",
                 self.url(&key)
             )));
         }
+        std::fs::rename(&fetched, &cached).map_err(io("renaming", &cached))?;
         Ok(Some(bytes))
     }
 
-    /// The packed object `{id}.packed`, or `None` if S3 has none.
-    pub(super) async fn packed_object(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    /// The packed object `{id}.packed`, or `None` if S3 has none: at most a header and
+    /// `page_count` pages (if the manifest is in; else [`MAX_BASE_BYTES`]).
+    pub(super) async fn packed_object(
+        &self,
+        id: &str,
+        page_count: Option<u64>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.object_key(id, "packed")?;
-        self.get_small(&key, 16 + packed::MAX_HEADER + MAX_BASE_BYTES)
-            .await
+        let pages = page_count.map_or(MAX_BASE_BYTES, |pages| {
+            pages.saturating_mul(PAGE_SIZE).min(MAX_BASE_BYTES)
+        });
+        let asked = std::time::Instant::now();
+        let object = self.get_small(&key, 16 + packed::MAX_HEADER + pages).await;
+        tracing::debug!(
+            key,
+            bytes = object.as_ref().ok().and_then(|o| o.as_ref().map(Vec::len)),
+            ms = asked.elapsed().as_secs_f64() * 1e3,
+            "packed object"
+        );
+        object
     }
 
     /// Fetches base `base` into this worker's copy unless it is there, ahead of the
@@ -313,22 +458,24 @@ impl S3Store {
         head: Option<&super::FirstPart>,
         packed: Option<Vec<u8>>,
     ) -> Result<Option<PathBuf>, StoreError> {
+        let cached = self.cache_dir.join(format!("{}.pages", m.id));
+        let size = m.page_file_bytes();
+        if m.page_count == 0
+            || size > MAX_BASE_BYTES
+            || std::fs::metadata(&cached).is_ok_and(|meta| meta.len() == size)
+        {
+            return Ok(None);
+        }
         if let Some(bytes) = packed {
             return self
                 .assemble_packed(&m.id, bytes, Some(m.page_count))
                 .await
                 .map(Some);
         }
-        let cached = self.cache_dir.join(format!("{}.pages", m.id));
-        let size = m.page_file_bytes();
-        if head.is_some()
-            || m.page_count == 0
-            || size > MAX_BASE_BYTES
-            || std::fs::metadata(&cached).is_ok_and(|meta| meta.len() == size)
-        {
+        if head.is_some() {
             return Ok(None);
         }
-        match self.packed_object(&m.id).await? {
+        match self.packed_object(&m.id, Some(m.page_count)).await? {
             Some(bytes) => self
                 .assemble_packed(&m.id, bytes, Some(m.page_count))
                 .await
@@ -342,7 +489,7 @@ impl S3Store {
     /// is taken, within [`MAX_BASE_BYTES`] (a caller without the manifest). The page file
     /// still has to be checked against its manifest.
     pub(super) async fn packed_page_file(&self, id: &str) -> Result<Option<PathBuf>, StoreError> {
-        match self.packed_object(id).await? {
+        match self.packed_object(id, None).await? {
             Some(bytes) => self.assemble_packed(id, bytes, None).await.map(Some),
             None => Ok(None),
         }
@@ -378,9 +525,7 @@ impl S3Store {
             .base_bytes(&header.base, Some((base_size, header.base_digest)))
             .await?
             .ok_or_else(|| refused(&format!("its base {} is gone", header.base)))?;
-        let serial = self
-            .downloads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let serial = super::next_serial();
         let dest = self.cache_dir.join(format!("{id}.pages"));
         let tmp = self.cache_dir.join(format!(
             ".{id}.pages.{}-{serial}.assemble",
@@ -459,32 +604,44 @@ impl S3Store {
         };
         let objects = self.all_objects(&root).await?;
         let exists = |key: &str| objects.iter().any(|(k, _)| k == key);
-        // What packed page files and pointers name.
+        // What packed page files name. A header that cannot be read ends the run: the
+        // base it names might be taken for garbage.
         let mut named = std::collections::HashSet::new();
         for (key, _) in objects.iter().filter(|(k, _)| k.ends_with(".packed")) {
-            match self.packed_base(key).await {
-                Ok(Some(base)) => {
-                    named.insert(self.base_key(&base)?);
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(key, "reading a packed page file's header: {e}"),
+            if let Some(base) = self.packed_base(key).await? {
+                named.insert(self.base_key(&base, "pages")?);
             }
         }
+        // What the images' pointers name (a pointer that is not one names nothing).
         let images = format!("{}/", join_prefix(&[&self.conn.base_prefix, ".images"])?);
         let mut pointers = Vec::new();
         for (key, _) in objects.iter().filter(|(k, _)| k.starts_with(&images)) {
-            if let Some(bytes) = self.get_small(key, 1024).await? {
-                let base = String::from_utf8_lossy(&bytes).trim().to_string();
-                if packed::is_base_ref(&base) {
-                    pointers.push((key.clone(), self.base_key(&base)?));
+            match self.get_small(key, MAX_POINTER).await {
+                Ok(bytes) => {
+                    if let Some(named) = bytes.as_deref().and_then(BaseName::decode) {
+                        pointers.push((key.clone(), self.base_key(&named.base, "pages")?));
+                    }
                 }
+                Err(e) => tracing::warn!(key, "reading an image's pointer: {e}"),
             }
         }
+        let age = |modified: Option<std::time::SystemTime>| {
+            modified
+                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                .unwrap_or_default()
+        };
         let mut report = GarbageReport::default();
-        for (marker, modified) in objects.iter().filter(|(k, _)| k.ends_with(".base")) {
-            let stem = marker.trim_end_matches(".base");
+        for (marker, modified) in objects.iter() {
+            let Some(stem) = marker.strip_suffix(".base") else {
+                continue;
+            };
             let pages = format!("{stem}.pages");
-            if exists(&format!("{stem}.manifest")) || named.contains(&pages) {
+            // A marker younger than the grace is kept whatever it looks like: its
+            // snapshot's manifest may be on its way, or another run just retired it.
+            if exists(&format!("{stem}.manifest"))
+                || named.contains(&pages)
+                || age(*modified) < grace
+            {
                 report.bases_kept += 1;
                 continue;
             }
@@ -502,10 +659,8 @@ impl S3Store {
                 report.bases_retired += 1;
                 continue;
             }
-            let age = modified
-                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
-                .unwrap_or_default();
-            if age < grace {
+            // Asked again: another worker's run may have retired it since the listing.
+            if age(self.object_modified(marker).await?) < grace {
                 report.bases_kept += 1;
                 continue;
             }
@@ -515,6 +670,26 @@ impl S3Store {
         }
         tracing::info!(?report, "collected garbage in cold storage");
         Ok(report)
+    }
+
+    /// When object `key` was last written (`None` if it is gone).
+    async fn object_modified(
+        &self,
+        key: &str,
+    ) -> Result<Option<std::time::SystemTime>, StoreError> {
+        let head = self
+            .conn
+            .client
+            .head_object()
+            .bucket(&self.conn.bucket)
+            .key(key);
+        match head.send().await {
+            Ok(out) => Ok(out
+                .last_modified()
+                .and_then(|t| std::time::SystemTime::try_from(*t).ok())),
+            Err(e) if super::is_404(&e) => Ok(None),
+            Err(e) => Err(super::request("HeadObject", self.url(key), &e)),
+        }
     }
 
     /// The base a packed object `key` names, from its header.

@@ -117,9 +117,7 @@ impl S3Store {
             match whole {
                 Some(pages) => local.attach_pages(&level.manifest.id, key, &pages)?,
                 None => {
-                    let serial = self
-                        .downloads
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let serial = super::next_serial();
                     // Its own name: a stream left over from a failed start may still run.
                     let part = self.cache_dir.join(format!(
                         ".{}.pages.{}-{serial}.stream",
