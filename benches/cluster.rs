@@ -601,26 +601,34 @@ fn warm_pool_against_cold() {
     );
 }
 
+/// The files under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => stack.push(entry.path()),
+                Ok(_) => files.push(entry.path()),
+                Err(_) => {}
+            }
+        }
+    }
+    files
+}
+
 /// Bytes of the files under `dir` whose names end in each of `kinds` (the rest under
 /// "other"), recursively.
 fn bytes_by_kind(dir: &std::path::Path, kinds: &[&str]) -> std::collections::BTreeMap<String, u64> {
     let mut totals = std::collections::BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let name = path.to_string_lossy();
-            let kind = kinds
-                .iter()
-                .find(|kind| name.ends_with(*kind))
-                .map_or("other", |kind| kind);
-            *totals.entry(kind.to_string()).or_default() += meta.len();
-        }
+    for path in files_under(dir) {
+        let name = path.to_string_lossy();
+        let kind = kinds
+            .iter()
+            .find(|kind| name.ends_with(*kind))
+            .map_or("other", |kind| kind);
+        let bytes = std::fs::metadata(&path).map_or(0, |meta| meta.len());
+        *totals.entry(kind.to_string()).or_default() += bytes;
     }
     totals
 }
@@ -802,41 +810,25 @@ fn stored_once_per_image() {
 
 /// Files under `dir` (recursively) whose names end in `suffix`.
 fn count_files(dir: &std::path::Path, suffix: &str) -> usize {
-    let mut count = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.to_string_lossy().ends_with(suffix) {
-                count += 1;
-            }
-        }
-    }
-    count
+    files_under(dir)
+        .iter()
+        .filter(|path| path.to_string_lossy().ends_with(suffix))
+        .count()
 }
 
 /// Bytes of the own pages of the packed page files under `dir` (from their headers).
 fn own_page_bytes(dir: &std::path::Path) -> u64 {
     use picocenter_snapshots::packed::{decode_header, PackedHeader};
-    let mut total = 0u64;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.to_string_lossy().ends_with(".packed") {
-                let bytes = std::fs::read(&path).unwrap_or_default();
-                let own = PackedHeader::logical_pages_of(&bytes)
-                    .and_then(|pages| decode_header(&bytes, pages))
-                    .map_or(0, |header| header.own_pages);
-                total += own * 4096;
-            }
-        }
-    }
-    total
+    files_under(dir)
+        .iter()
+        .filter(|path| path.to_string_lossy().ends_with(".packed"))
+        .map(|path| {
+            let bytes = std::fs::read(path).unwrap_or_default();
+            PackedHeader::logical_pages_of(&bytes)
+                .and_then(|pages| decode_header(&bytes, pages))
+                .map_or(0, |header| header.own_pages * 4096)
+        })
+        .sum()
 }
 
 fn main() {

@@ -1081,30 +1081,40 @@ impl S3Store {
 
     /// The keys of every object directly under this store's prefix.
     async fn object_keys(&self) -> Result<Vec<String>, StoreError> {
-        let prefix = self.key("");
-        let mut keys = Vec::new();
+        let objects = self.list_objects(&self.key(""), false).await?;
+        Ok(objects.into_iter().map(|(key, _)| key).collect())
+    }
+
+    /// Every object under `prefix` (directly under it, or at any depth if `nested`), with
+    /// when it was last written.
+    async fn list_objects(
+        &self,
+        prefix: &str,
+        nested: bool,
+    ) -> Result<Vec<(String, Option<std::time::SystemTime>)>, StoreError> {
+        let mut objects = Vec::new();
         let mut token = None;
         loop {
             let list = self.conn.client.list_objects_v2().bucket(&self.conn.bucket);
             let out = list
-                .prefix(&prefix)
-                .delimiter("/")
+                .prefix(prefix)
+                .set_delimiter((!nested).then(|| "/".to_string()))
                 .set_continuation_token(token)
                 .send()
                 .await
-                .map_err(|e| request("ListObjectsV2", self.url(&prefix), &e))?;
-            keys.extend(
-                out.contents()
-                    .iter()
-                    .filter_map(|object| object.key())
-                    .map(str::to_string),
-            );
+                .map_err(|e| request("ListObjectsV2", self.url(prefix), &e))?;
+            objects.extend(out.contents().iter().filter_map(|object| {
+                let modified = object
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok());
+                Some((object.key()?.to_string(), modified))
+            }));
             token = out.next_continuation_token().map(str::to_string);
             if token.is_none() || out.is_truncated() != Some(true) {
                 break;
             }
         }
-        Ok(keys)
+        Ok(objects)
     }
 
     /// Deletes every object under this store's prefix: its snapshots, HEAD, and what an
@@ -1149,6 +1159,28 @@ impl S3Store {
 
     /// The size of an object, or `None` if it does not exist.
     async fn object_size(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .head_object(key)
+            .await?
+            .map(|out| out.content_length().unwrap_or(0).max(0) as u64))
+    }
+
+    /// When object `key` was last written (`None` if it is gone).
+    async fn object_modified(
+        &self,
+        key: &str,
+    ) -> Result<Option<std::time::SystemTime>, StoreError> {
+        Ok(self.head_object(key).await?.and_then(|out| {
+            out.last_modified()
+                .and_then(|t| std::time::SystemTime::try_from(*t).ok())
+        }))
+    }
+
+    /// What a HEAD of object `key` says, or `None` if it does not exist.
+    async fn head_object(
+        &self,
+        key: &str,
+    ) -> Result<Option<aws_sdk_s3::operation::head_object::HeadObjectOutput>, StoreError> {
         let head = self
             .conn
             .client
@@ -1156,7 +1188,7 @@ impl S3Store {
             .bucket(&self.conn.bucket)
             .key(key);
         match head.send().await {
-            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            Ok(out) => Ok(Some(out)),
             Err(e) if is_404(&e) => Ok(None),
             Err(e) => Err(request("HeadObject", self.url(key), &e)),
         }

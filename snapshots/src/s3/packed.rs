@@ -602,7 +602,7 @@ impl S3Store {
             Ok(prefix) => format!("{prefix}/"),
             Err(_) => String::new(),
         };
-        let objects = self.all_objects(&root).await?;
+        let objects = self.list_objects(&root, true).await?;
         let exists = |key: &str| objects.iter().any(|(k, _)| k == key);
         // What packed page files name. A header that cannot be read ends the run: the
         // base it names might be taken for garbage.
@@ -672,26 +672,6 @@ impl S3Store {
         Ok(report)
     }
 
-    /// When object `key` was last written (`None` if it is gone).
-    async fn object_modified(
-        &self,
-        key: &str,
-    ) -> Result<Option<std::time::SystemTime>, StoreError> {
-        let head = self
-            .conn
-            .client
-            .head_object()
-            .bucket(&self.conn.bucket)
-            .key(key);
-        match head.send().await {
-            Ok(out) => Ok(out
-                .last_modified()
-                .and_then(|t| std::time::SystemTime::try_from(*t).ok())),
-            Err(e) if super::is_404(&e) => Ok(None),
-            Err(e) => Err(super::request("HeadObject", self.url(key), &e)),
-        }
-    }
-
     /// The base a packed object `key` names, from its header.
     async fn packed_base(&self, key: &str) -> Result<Option<String>, StoreError> {
         let super::FirstRange::Bytes(bytes, _) = self.first_range(key, 0..HEADER_PROBE).await?
@@ -716,34 +696,5 @@ impl S3Store {
         let pages = PackedHeader::logical_pages_of(prefix).map_err(|e| refused(&e))?;
         let header = packed::decode_header(prefix, pages).map_err(|e| refused(&e))?;
         Ok(Some(header.base))
-    }
-
-    /// Every object under `root` (recursively), with when it was last written.
-    async fn all_objects(
-        &self,
-        root: &str,
-    ) -> Result<Vec<(String, Option<std::time::SystemTime>)>, StoreError> {
-        let mut objects = Vec::new();
-        let mut token = None;
-        loop {
-            let list = self.conn.client.list_objects_v2().bucket(&self.conn.bucket);
-            let out = list
-                .prefix(root)
-                .set_continuation_token(token)
-                .send()
-                .await
-                .map_err(|e| super::request("ListObjectsV2", self.url(root), &e))?;
-            objects.extend(out.contents().iter().filter_map(|object| {
-                let modified = object
-                    .last_modified()
-                    .and_then(|t| std::time::SystemTime::try_from(*t).ok());
-                Some((object.key()?.to_string(), modified))
-            }));
-            token = out.next_continuation_token().map(str::to_string);
-            if token.is_none() || out.is_truncated() != Some(true) {
-                break;
-            }
-        }
-        Ok(objects)
     }
 }
