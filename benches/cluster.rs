@@ -1,9 +1,10 @@
 //! The hub and workers as a client meets them, measured side by side in one run:
 //!
-//! * DNS query to the first byte of the HTTP response, for counter-http and nginx, when
-//!   the app is resident, swapped out to the local store, and swapped out to S3 (a moto
-//!   server on loopback, and the same server behind a 20 ms, 50 MB/s link; the worker's
-//!   local copy is deleted first, so the restore reads S3);
+//! * DNS query to the first byte of the HTTP response, for counter-http, nginx and
+//!   python-http, when the app is resident, swapped out to the local store, and swapped
+//!   out to S3 (a moto server on loopback, and the same server behind a 20 ms, 50 MB/s
+//!   link; the worker's local copy is deleted first, so the restore reads S3)
+//!   (`cargo bench --bench cluster -- swap` runs only this);
 //! * the same for bigmem (256 MiB, 8 MiB used) over the link, streamed against downloaded
 //!   whole first (`cargo bench --bench cluster -- big` runs only this; it needs s3s-fs);
 //! * DNS queries per second the hub answers for a resident app (a UDP load generator here);
@@ -855,6 +856,7 @@ fn main() {
     }
     build_image("counter-http");
     build_image("nginx");
+    build_image("python-http");
 
     let local = Cluster::start(
         "local",
@@ -894,7 +896,12 @@ fn main() {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let wan = Cluster::start("s3wan", "127.4.3.0/24", &flags);
     println!("== DNS query to first HTTP response byte (median of {ROUNDS}) ==");
-    for (name, image, path) in [("counter", "counter-http", "/"), ("nginx", "nginx", "/")] {
+    let apps = [
+        ("counter", "counter-http", "/"),
+        ("nginx", "nginx", "/"),
+        ("python", "python-http", "/"),
+    ];
+    for (name, image, path) in apps {
         // App names are host-wide (control sockets): the S3 cluster's get a prefix.
         let s3_name = format!("s3{name}");
         let wan_name = format!("wan{name}");
@@ -921,6 +928,10 @@ fn main() {
         );
     }
 
+    // `cargo bench --bench cluster -- swap`: only the section above.
+    if std::env::args().skip(1).any(|arg| arg == "swap") {
+        return;
+    }
     big_app_over_the_link();
     registry_etcd_against_redb();
 

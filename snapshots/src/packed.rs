@@ -54,8 +54,10 @@ pub struct PackedHeader {
     pub base_pages: u64,
     /// Pages in the page file this stands for (the manifest's `page_count`).
     pub logical_pages: u64,
-    /// Own pages that follow the header.
+    /// Own pages, which follow the header LZ4-compressed (one block).
     pub own_pages: u64,
+    /// Bytes of that block.
+    pub own_bytes: u64,
     /// Runs covering the page file in order.
     pub runs: Vec<PackedRun>,
 }
@@ -115,6 +117,12 @@ impl PackedHeader {
                 "runs take {own} own pages, the header says {}",
                 self.own_pages
             ));
+        }
+        let most = lz4_flex::block::get_maximum_output_size(
+            usize::try_from(own.saturating_mul(PAGE_SIZE)).unwrap_or(usize::MAX),
+        );
+        if self.own_bytes > most as u64 {
+            return bad(format!("{} bytes of {own} own pages", self.own_bytes));
         }
         Ok(())
     }
@@ -257,28 +265,41 @@ pub fn plan(page_file: &[u8], base: &BaseIndex) -> Option<(PackedHeader, Vec<u64
         base_pages: base.pages,
         logical_pages,
         own_pages: own.len() as u64,
+        own_bytes: 0,
         runs,
     };
     Some((header, own))
 }
 
-/// Writes the packed object for `page_file` (the header, then its own pages) to `out`.
+/// Writes the packed object for `page_file` (the header, then its own pages `own`,
+/// compressed) to `out`, and returns the header as written (`own_bytes` set).
 pub fn write_packed(
     header: &PackedHeader,
     own: &[u64],
     page_file: &[u8],
     out: &mut impl Write,
-) -> std::io::Result<()> {
-    out.write_all(&encode_header(header))?;
+) -> std::io::Result<PackedHeader> {
+    let mut pages = Vec::with_capacity(own.len() * PAGE_SIZE as usize);
     for &i in own {
         let at = (i * PAGE_SIZE) as usize;
-        out.write_all(&page_file[at..at + PAGE_SIZE as usize])?;
+        pages.extend_from_slice(&page_file[at..at + PAGE_SIZE as usize]);
     }
-    out.flush()
+    let body = match pages.is_empty() {
+        true => Vec::new(),
+        false => lz4_flex::block::compress(&pages),
+    };
+    let header = PackedHeader {
+        own_bytes: body.len() as u64,
+        ..header.clone()
+    };
+    out.write_all(&encode_header(&header))?;
+    out.write_all(&body)?;
+    out.flush()?;
+    Ok(header)
 }
 
 /// Rebuilds the page file that `header` (checked) stands for into `out`: own pages from
-/// `own` (the packed object's bytes after the header), the rest from `base` (the whole
+/// `own` (the packed object's bytes after the header, compressed), the rest from `base` (the whole
 /// base page file, whose size and digest must be the header's).
 pub fn assemble(
     header: &PackedHeader,
@@ -291,12 +312,24 @@ pub fn assemble(
     {
         return Err(AssembleError::WrongBase(header.base.clone()));
     }
-    if own.len() as u64 != header.own_pages.saturating_mul(PAGE_SIZE) {
+    if own.len() as u64 != header.own_bytes {
         return Err(AssembleError::Truncated {
             own: own.len() as u64,
-            expected: header.own_pages.saturating_mul(PAGE_SIZE),
+            expected: header.own_bytes,
         });
     }
+    // `check` bounded `own_pages` by the manifest's page count.
+    let own_size = (header.own_pages * PAGE_SIZE) as usize;
+    let own = match own_size {
+        0 => Vec::new(),
+        _ => {
+            let mut pages = vec![0u8; own_size];
+            match lz4_flex::block::decompress_into(own, &mut pages) {
+                Ok(n) if n == own_size => pages,
+                _ => return Err(AssembleError::Undecodable),
+            }
+        }
+    };
     let mut file = std::io::BufWriter::with_capacity(
         1 << 20,
         crate::private::create_file(out).map_err(AssembleError::Io)?,
@@ -311,10 +344,7 @@ pub fn assemble(
             }
             None => {
                 for _ in 0..run.pages {
-                    let page = own_pages.next().ok_or(AssembleError::Truncated {
-                        own: own.len() as u64,
-                        expected: header.own_pages.saturating_mul(PAGE_SIZE),
-                    })?;
+                    let page = own_pages.next().ok_or(AssembleError::Undecodable)?;
                     file.write_all(page).map_err(AssembleError::Io)?;
                 }
                 continue;
@@ -334,7 +364,10 @@ pub enum AssembleError {
     /// The base is not the one the header names (a changed or tampered object).
     #[error("the base page file {0} is not the one this packed page file was made against")]
     WrongBase(String),
-    /// The packed object holds fewer own pages than its header says.
+    /// The packed object's own pages do not decompress to what its header says.
+    #[error("the packed page file's own pages do not decompress to the pages its header says")]
+    Undecodable,
+    /// The packed object holds another number of bytes of own pages than its header says.
     #[error("the packed page file holds {own} bytes of its own pages, not {expected}")]
     Truncated {
         /// Bytes it holds.
@@ -363,7 +396,7 @@ mod tests {
         let (header, own) = plan(file, &index)?;
         header.check(file.len() as u64 / PAGE_SIZE).unwrap();
         let mut packed = Vec::new();
-        write_packed(&header, &own, file, &mut packed).unwrap();
+        let header = write_packed(&header, &own, file, &mut packed).unwrap();
         let decoded = decode_header(&packed, header.logical_pages).unwrap();
         assert_eq!(decoded, header);
         let dir = tempfile::tempdir().unwrap();
@@ -429,6 +462,7 @@ mod tests {
             base_pages: 4,
             logical_pages: 3,
             own_pages: 1,
+            own_bytes: 100,
             runs: vec![
                 PackedRun {
                     pages: 2,
@@ -456,6 +490,7 @@ mod tests {
         refused(&|h| h.runs[0].pages = 0, 3);
         refused(&|h| h.runs[1].pages = u64::MAX, 3);
         refused(&|h| h.own_pages = 2, 3);
+        refused(&|h| h.own_bytes = 5000, 3);
         refused(
             &|h| {
                 h.runs.push(PackedRun {
@@ -485,7 +520,7 @@ mod tests {
         let (header, own) = plan(&file, &index).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut packed = Vec::new();
-        write_packed(&header, &own, &file, &mut packed).unwrap();
+        let header = write_packed(&header, &own, &file, &mut packed).unwrap();
         let own = &packed[header_len(&packed).unwrap() as usize..];
         let changed = pages(&[1, 2, 3, 5]);
         let out = dir.path().join("pages");
@@ -501,5 +536,12 @@ mod tests {
         ));
         assemble(&header, own, &base, &out).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), file);
+        // Damaged compressed pages: an error or other bytes (which the manifest's digests
+        // refuse), never a panic.
+        for at in 0..own.len() {
+            let mut damaged = own.to_vec();
+            damaged[at] ^= 0x5a;
+            let _ = assemble(&header, &damaged, &base, &out);
+        }
     }
 }

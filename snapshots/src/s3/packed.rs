@@ -255,7 +255,7 @@ impl S3Store {
             };
             let file = crate::private::create_file(&scratch).map_err(io("creating", &scratch))?;
             let mut out = std::io::BufWriter::new(file);
-            packed::write_packed(&header, &own, &bytes, &mut out)
+            let header = packed::write_packed(&header, &own, &bytes, &mut out)
                 .map_err(io("writing", &scratch))?;
             Ok(Some((header, scratch)))
         })
@@ -275,6 +275,7 @@ impl S3Store {
             base = header.base,
             pages = header.logical_pages,
             own = header.own_pages,
+            own_bytes = header.own_bytes,
             "page file stored packed"
         );
         Ok(PagesStored::Packed {
