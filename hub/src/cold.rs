@@ -10,7 +10,7 @@
 use picocenter_snapshots::chain::{ChainHint, PackedLevel};
 use picocenter_snapshots::compact::compact;
 use picocenter_snapshots::names::validate_app_name;
-use picocenter_snapshots::s3::{ChainStream, S3Config, S3Connection, S3Store};
+use picocenter_snapshots::s3::{ChainStream, S3Config, S3Connection, S3Store, MAX_BASE_BYTES};
 use picocenter_snapshots::{copy_chain, store::chain, LocalStore, SnapshotKey, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -202,8 +202,17 @@ impl Cold {
             chain_bytes = chain_bytes.saturating_add(local.size(&manifest.id)?);
         }
         // A small app's chain is kept at one snapshot: uploading all of it costs little,
-        // and a restore from S3 then needs one round trip, not one more per increment.
-        let compacted = manifests.len() > longest || (manifests.len() > 1 && chain_bytes <= small);
+        // and a restore from S3 then needs one round trip, not one more per increment. So
+        // is one whose whole page file S3 stores packed against its image's base, which
+        // uploads about what an increment would.
+        let packable = match &self.config {
+            ColdConfig::S3(s3) => {
+                s3.dedup && may_compact && stored_page_bytes(&manifests[0]) <= MAX_BASE_BYTES
+            }
+            ColdConfig::Local { .. } => false,
+        };
+        let compacted = manifests.len() > longest
+            || (manifests.len() > 1 && (chain_bytes <= small || packable));
         let chain_ids: Vec<String> = manifests.iter().map(|m| m.id.clone()).collect();
         if compacted {
             let full =
@@ -425,6 +434,19 @@ impl Cold {
         }
         Ok(removed)
     }
+}
+
+/// Bytes of the page file that compacting `newest`'s chain would write: its pages stored
+/// in it or in a parent.
+fn stored_page_bytes(newest: &picocenter_snapshots::Manifest) -> u64 {
+    use picocenter_snapshots::format::{PageSource, PAGE_SIZE};
+    newest
+        .pages
+        .iter()
+        .filter(|run| matches!(run.source, PageSource::Stored { .. } | PageSource::Parent))
+        .map(|run| run.count)
+        .fold(0u64, u64::saturating_add)
+        .saturating_mul(PAGE_SIZE)
 }
 
 /// Bytes of the regular files under `dir` (symlinks are not followed; what cannot be
