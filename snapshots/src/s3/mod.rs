@@ -317,7 +317,10 @@ const MAX_HINTED_ANCESTORS: usize = 8;
 /// local store lacks with theirs. The hint's ancestors are taken up to the first that is
 /// not a plain id, repeats one, or is the snapshot itself, and at most
 /// [`MAX_HINTED_ANCESTORS`]; their larger first parts share one [`MAX_FIRST_PART`]
-/// budget. So a hostile hint costs at most a few GETs and 16 MiB more than none.
+/// budget. Of the levels it says are packed, at most [`MAX_HINTED_PACKED`] packed objects
+/// (each at most a header and [`MAX_BASE_BYTES`]) are asked for, and one base (at most
+/// [`MAX_BASE_BYTES`]). So a hostile hint costs at most a few GETs and 16 MiB more than
+/// none, or, if it names packed levels, a few hundred MiB at worst.
 #[derive(Debug)]
 struct FirstRound {
     newest: FirstPartShape,
