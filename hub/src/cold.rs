@@ -96,6 +96,10 @@ pub struct Cold {
     /// The S3 client every app's store shares (made on first use), so that connections
     /// stay open from one swap to the next.
     s3: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<S3Connection>>>,
+    /// Per app, whether its last upload stored the chain's full snapshot packed in at most
+    /// [`SMALL_CHAIN_S3`] bytes: then its chain is compacted at every swap-out (see
+    /// [`Cold::settle`]).
+    packs_small: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, bool>>>,
 }
 
 impl Cold {
@@ -107,6 +111,7 @@ impl Cold {
             cache: cache.to_path_buf(),
             key,
             s3: Default::default(),
+            packs_small: Default::default(),
         }
     }
 
@@ -203,11 +208,21 @@ impl Cold {
         }
         // A small app's chain is kept at one snapshot: uploading all of it costs little,
         // and a restore from S3 then needs one round trip, not one more per increment. So
-        // is one whose whole page file S3 stores packed against its image's base, which
-        // uploads about what an increment would.
+        // is one whose full snapshot S3 stored packed in at most as many bytes, last time
+        // (a page file that does not pack small would be uploaded whole at every swap-out).
+        let packs_small = self
+            .packs_small
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(app)
+            .copied()
+            .unwrap_or(false);
         let packable = match &self.config {
             ColdConfig::S3(s3) => {
-                s3.dedup && may_compact && stored_page_bytes(&manifests[0]) <= MAX_BASE_BYTES
+                s3.dedup
+                    && may_compact
+                    && packs_small
+                    && stored_page_bytes(&manifests[0]) <= MAX_BASE_BYTES
             }
             ColdConfig::Local { .. } => false,
         };
@@ -258,17 +273,33 @@ impl Cold {
         };
         let local = LocalStore::open(&self.local_dir(app)?)?;
         copy_chain(&local, &remote, &self.key, id)?;
+        // What it takes in S3 is for metering and the hint: a failure to learn it does not
+        // fail the upload, which is in S3 and HEAD by now.
+        let chain = chain(&local, &self.key, id)?;
         let mut uploaded = Uploaded::default();
-        for manifest in chain(&local, &self.key, id)? {
-            let (bytes, base) = remote.stored_as(&manifest.id)?;
+        let mut full_packed_small = false;
+        for (depth, manifest) in chain.iter().enumerate() {
+            let (bytes, base) = match remote.stored_as(&manifest.id) {
+                Ok(stored) => stored,
+                Err(e) => {
+                    tracing::warn!(app, snapshot = %manifest.id, "how S3 stores it: {e}");
+                    (local.size(&manifest.id).unwrap_or(0), None)
+                }
+            };
             uploaded.stored_bytes = uploaded.stored_bytes.saturating_add(bytes);
             if let Some(base) = base {
+                // The chain's full snapshot (its oldest), stored packed and small.
+                full_packed_small = depth + 1 == chain.len() && bytes <= SMALL_CHAIN_S3;
                 uploaded.packed.push(PackedLevel {
                     id: manifest.id.clone(),
                     base,
                 });
             }
         }
+        self.packs_small
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(app.to_string(), full_packed_small);
         Ok(Some(uploaded))
     }
 
@@ -327,18 +358,28 @@ impl Cold {
             evicted.push(app);
         }
         // Then the copies of image bases (a restore or upload fetches one it needs again).
+        // Only whole copies (`*.pages`) go, not the directories nor a copy being written,
+        // which a restore or upload may be renaming into place now; a reader has its copy
+        // in memory already.
         if total > limit {
-            let bases = self.cache.join(BASES_DIR);
-            match std::fs::remove_dir_all(&bases) {
-                Ok(()) => tracing::info!("evicted the copies of image bases"),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(StoreError::Io {
-                        what: "evicting",
-                        path: bases.display().to_string(),
-                        source,
-                    })
+            let mut evicted_bases = 0;
+            let apps = std::fs::read_dir(self.cache.join(BASES_DIR));
+            for app in apps.into_iter().flatten().flatten() {
+                for copy in std::fs::read_dir(app.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let path = copy.path();
+                    if path.extension().is_some_and(|ext| ext == "pages")
+                        && std::fs::remove_file(&path).is_ok()
+                    {
+                        evicted_bases += 1;
+                    }
                 }
+            }
+            if evicted_bases > 0 {
+                tracing::info!(evicted_bases, "evicted the copies of image bases");
             }
         }
         Ok(evicted)

@@ -24,6 +24,9 @@ use std::path::Path;
 
 /// The first bytes of a packed object.
 pub const MAGIC: [u8; 8] = *b"PCPACK\0\x01";
+/// The most pages a packed page file, or its base, may have (64 MiB): larger page files
+/// are stored whole, so that they stream.
+pub const MAX_PAGES: u64 = 16_384;
 /// The largest header a packed object may have: a run for each of the 16,384 pages of
 /// the largest packed page file (64 MiB) takes at most 21 bytes, so this bounds what a
 /// hostile header makes a decoder allocate (a few MiB).
@@ -80,6 +83,12 @@ impl PackedHeader {
         let bad = |what: String| Err(PackedError::Inconsistent(what));
         if !is_base_ref(&self.base) {
             return bad(format!("base {:?} is not APP/ID", self.base));
+        }
+        if self.logical_pages > MAX_PAGES || self.base_pages > MAX_PAGES {
+            return bad(format!(
+                "{} pages against a base of {} (at most {MAX_PAGES})",
+                self.logical_pages, self.base_pages
+            ));
         }
         if self.logical_pages != page_count {
             return bad(format!(
@@ -489,6 +498,18 @@ mod tests {
         refused(&|h| h.runs[0].base_start = Some(u64::MAX), 3);
         refused(&|h| h.runs[0].pages = 0, 3);
         refused(&|h| h.runs[1].pages = u64::MAX, 3);
+        // Page counts past the bound, even ones that agree (a caller without a manifest
+        // takes the header's own count).
+        let huge = 1u64 << 53;
+        refused(
+            &|h| {
+                h.logical_pages = huge;
+                h.own_pages = huge - 2;
+                h.runs[1].pages = huge - 2;
+            },
+            huge,
+        );
+        refused(&|h| h.base_pages = MAX_PAGES + 1, 3);
         refused(&|h| h.own_pages = 2, 3);
         refused(&|h| h.own_bytes = 5000, 3);
         refused(

@@ -1029,6 +1029,24 @@ fn page_files_of_one_image_are_stored_once(endpoint: &str, dir: &Path) {
         same_file(&plain.page_file(id).unwrap(), path);
     }
 
+    // A packed object past its first part (2 MiB): 600 own pages that do not compress.
+    let mut big = common.clone();
+    big.extend(random_pages(600, 77));
+    let path = dir.join("dedup-app-e.pages");
+    let manifest = image(write_pages(&path, "app-e-1", None, &big));
+    store("app-e", "dedup-up-e")
+        .commit(&manifest, &key(), &path, None)
+        .unwrap();
+    let (bytes, base) = store("app-e", "dedup-q").stored_as("app-e-1").unwrap();
+    assert_eq!(base.as_deref(), Some("app-a/app-a-1"));
+    assert!(bytes > 2 << 20, "{bytes}");
+    let local = LocalStore::open(&dir.join("dedup-local-e")).unwrap();
+    store("app-e", "dedup-e")
+        .fetch_chain(&local, &key(), "app-e-1", &ChainHint::default())
+        .unwrap();
+    same_file(&local.page_file("app-e-1").unwrap(), &path);
+    store("app-e", "dedup-e-gone").remove_everything().unwrap();
+
     // Tampering, each put back after: every case is refused, and nothing is committed.
     let packed_key = "dedup/app-b/app-b-1.packed";
     let packed = get_raw(endpoint, packed_key).unwrap();

@@ -926,7 +926,8 @@ impl S3Store {
                         }
                     };
                     let (packed, ()) =
-                        futures::future::join(self.packed_object(id, None), prefetched).await;
+                        futures::future::join(Box::pin(self.packed_object(id, None)), prefetched)
+                            .await;
                     (Ok(None), packed)
                 }
                 None => (self.first_part(id, "pages", pages).await, Ok(None)),
@@ -972,6 +973,17 @@ impl S3Store {
         if self.cache_dir.join(format!("{id}.{kind}")).exists() {
             return Ok(None);
         }
+        self.first_part_of(&key, shape).await
+    }
+
+    /// The first `shape.bytes` of object `key` and its size, in `shape.pieces` ranged GETs
+    /// at once; `None` if the object does not exist.
+    async fn first_part_of(
+        &self,
+        key: &str,
+        shape: FirstPartShape,
+    ) -> Result<Option<FirstPart>, StoreError> {
+        let key = key.to_string();
         let total = shape.bytes.max(1);
         let piece = total.div_ceil(shape.pieces.clamp(1, total));
         // Counted again from the piece's size, so that no range is empty.
@@ -1571,8 +1583,11 @@ fn run_on_thread<T: Send>(
     work: impl Future<Output = T> + Send,
 ) -> Result<T, S3Error> {
     std::thread::scope(|scope| {
+        // Deep async state machines (a chain's levels, each with its GETs) on the stack
+        // of a debug build: more than the default 2 MiB.
         std::thread::Builder::new()
             .name("s3-call".into())
+            .stack_size(16 << 20)
             .spawn_scoped(scope, || runtime.block_on(work))
             .map_err(S3Error::Thread)?
             .join()

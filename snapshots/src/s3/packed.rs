@@ -27,7 +27,7 @@ use std::sync::Arc;
 /// The largest page file that is deduplicated, and so the largest base: larger page files
 /// (a big app's) stay plain, so that a restore streams them, ActiveSet first, rather than
 /// assembling them before the VMM starts.
-pub const MAX_BASE_BYTES: u64 = 64 << 20;
+pub const MAX_BASE_BYTES: u64 = packed::MAX_PAGES * PAGE_SIZE;
 /// Bases whose page index a connection keeps in memory.
 const CACHED_BASE_INDEXES: usize = 16;
 /// The first bytes of a packed object read to find its base (its header is rarely more).
@@ -78,6 +78,8 @@ pub struct Promotion {
     pointer: String,
     /// What the pointer will say: `APP/ID SIZE DIGEST`.
     named: BaseName,
+    /// The base the pointer named before, if any (unusable: gone, unmarked or changed).
+    replaces: Option<String>,
 }
 
 /// What an image's pointer names: a base page file, its size and its BLAKE3 digest. The
@@ -214,25 +216,31 @@ impl S3Store {
         }
         let pointer = self.image_pointer_key(manifest)?;
         let this = format!("{app}/{id}");
-        let named = match self.get_small(&pointer, MAX_POINTER).await {
-            Ok(bytes) => bytes.as_deref().and_then(BaseName::decode),
+        let plain_upload = || async {
+            self.upload(pages, &plain)
+                .await
+                .map(|()| PagesStored::Plain)
+        };
+        // A pointer or base that cannot be read now is not replaced: other uploads may
+        // be packing against it. One that is not a pointer, or names a base that is gone,
+        // unmarked or changed, is.
+        let named = match self.read_pointer(&pointer).await {
+            Ok(named) => named,
             Err(e) => {
                 tracing::warn!(pointer, "reading an image's base pointer: {e}");
-                None
+                return plain_upload().await;
             }
         };
         let index = match &named {
             // An upload tried again: its page file is the base already.
-            Some(named) if named.base == this => {
-                return self
-                    .upload(pages, &plain)
-                    .await
-                    .map(|()| PagesStored::Plain);
-            }
-            Some(named) => self.base_index(named).await.unwrap_or_else(|e| {
-                tracing::warn!(base = named.base, "an image's base is unusable: {e}");
-                None
-            }),
+            Some(named) if named.base == this => return plain_upload().await,
+            Some(named) => match self.base_index(named).await {
+                Ok(index) => index,
+                Err(e) => {
+                    tracing::warn!(base = named.base, "reading an image's base: {e}");
+                    return plain_upload().await;
+                }
+            },
             None => None,
         };
         let Some(index) = index else {
@@ -245,6 +253,7 @@ impl S3Store {
                     size,
                     digest,
                 },
+                replaces: named.map(|named| named.base),
             }));
         };
         let (source, scratch) = (pages.to_path_buf(), self.scratch(id, "packed")?);
@@ -284,12 +293,36 @@ impl S3Store {
         })
     }
 
+    /// What the pointer `key` names: `None` if there is none, or it is not a pointer
+    /// (junk of any size); an error only if it cannot be read.
+    async fn read_pointer(&self, key: &str) -> Result<Option<BaseName>, StoreError> {
+        match self.first_range(key, 0..MAX_POINTER + 1).await? {
+            super::FirstRange::Bytes(bytes, size) if size <= MAX_POINTER => {
+                Ok(BaseName::decode(&bytes))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Makes a committed snapshot's page file (`pages`, its local copy) its image's base:
     /// its marker first, so that no removal takes the page file once the pointer names
     /// it, then the pointer. A failure costs deduplication only: it is logged.
     pub(super) async fn promote(&self, promotion: Promotion, pages: &std::path::Path) {
-        let Promotion { pointer, named } = promotion;
+        let Promotion {
+            pointer,
+            named,
+            replaces,
+        } = promotion;
         let promoted = async {
+            // The base it replaces keeps a grace from now, as if retired by garbage
+            // collection: an upload that read the old pointer may still be packing against
+            // it. (Only a marked one: marking an ordinary page file would make it garbage.)
+            if let Some(old) = replaces {
+                let old_marker = self.base_key(&old, "base")?;
+                if self.object_size(&old_marker).await?.is_some() {
+                    self.put_bytes(&old_marker, b"replaced\n".to_vec()).await?;
+                }
+            }
             let marker = self.base_key(&named.base, "base")?;
             self.put_bytes(&marker, pointer.clone().into_bytes())
                 .await?;
@@ -318,16 +351,22 @@ impl S3Store {
     /// or a fetched one, which must have the size and digest the pointer names, and be
     /// marked as a base. `None` if it is gone from S3.
     async fn base_index(&self, named: &BaseName) -> Result<Option<Arc<BaseIndex>>, StoreError> {
+        // Asked at every use, a remembered index too: a page file the pointer names but
+        // that is not marked is an ordinary one, which its snapshot's removal would take,
+        // and one garbage collection took is gone.
+        let (marker, pages) = (
+            self.base_key(&named.base, "base")?,
+            self.base_key(&named.base, "pages")?,
+        );
+        let (marked, there) =
+            futures::future::try_join(self.object_size(&marker), self.object_size(&pages)).await?;
+        if marked.is_none() || there.is_none() {
+            return Ok(None);
+        }
         if let Some(index) = self.conn.bases.get(&named.base) {
             if index.digest == named.digest {
                 return Ok(Some(index));
             }
-        }
-        // A page file the pointer names but that is not marked is an ordinary one, which
-        // its snapshot's removal would take.
-        let marker = self.base_key(&named.base, "base")?;
-        if self.object_size(&marker).await?.is_none() {
-            return Ok(None);
         }
         let Some(bytes) = self
             .base_bytes(&named.base, Some((named.size, named.digest)))
@@ -387,7 +426,7 @@ impl S3Store {
         if let Some(dir) = fetched.parent() {
             crate::private::create_dir_all(dir).map_err(io("creating", dir))?;
         }
-        // In 8 GETs at once (of 64 KiB at least): a base is fetched when a restore waits.
+        // In 4 GETs at once (of 256 KiB to 1 MiB): a base is fetched when a restore waits.
         let piece = size.div_ceil(4).clamp(256 << 10, super::ACTIVE_PART_SIZE);
         let downloaded = self
             .download_in(&key, size, (size, piece), &[], &fetched)
@@ -417,7 +456,9 @@ impl S3Store {
     }
 
     /// The packed object `{id}.packed`, or `None` if S3 has none: at most a header and
-    /// `page_count` pages (if the manifest is in; else [`MAX_BASE_BYTES`]).
+    /// `page_count` pages (if the manifest is in; else [`MAX_BASE_BYTES`]). Its first
+    /// 2 MiB come in 4 ranged GETs at once (over a wide-area link one connection is slow),
+    /// the rest, if any, in parallel ranges after.
     pub(super) async fn packed_object(
         &self,
         id: &str,
@@ -427,15 +468,48 @@ impl S3Store {
         let pages = page_count.map_or(MAX_BASE_BYTES, |pages| {
             pages.saturating_mul(PAGE_SIZE).min(MAX_BASE_BYTES)
         });
+        let cap = 16 + packed::MAX_HEADER + pages;
         let asked = std::time::Instant::now();
-        let object = self.get_small(&key, 16 + packed::MAX_HEADER + pages).await;
+        let shape = super::FirstPartShape::plain(super::FIRST_PART_PIECES);
+        let Some(head) = self.first_part_of(&key, shape).await? else {
+            return Ok(None);
+        };
+        if head.size > cap {
+            return Err(StoreError::Remote(format!(
+                "packed page file {}: {} bytes, over the {cap}-byte limit",
+                self.url(&key),
+                head.size
+            )));
+        }
+        let object = if head.bytes.len() as u64 == head.size {
+            head.bytes
+        } else {
+            // The rest in parallel ranges, through a file of its own.
+            let tmp = self.cache_dir.join(format!(
+                ".{id}.packed.{}-{}",
+                std::process::id(),
+                super::next_serial()
+            ));
+            let fetched = self
+                .download_in(
+                    &key,
+                    head.size,
+                    (0, super::ACTIVE_PART_SIZE),
+                    &head.bytes,
+                    &tmp,
+                )
+                .await
+                .and_then(|()| std::fs::read(&tmp).map_err(io("reading", &tmp)));
+            let _ = std::fs::remove_file(&tmp);
+            fetched?
+        };
         tracing::debug!(
             key,
-            bytes = object.as_ref().ok().and_then(|o| o.as_ref().map(Vec::len)),
+            bytes = object.len(),
             ms = asked.elapsed().as_secs_f64() * 1e3,
             "packed object"
         );
-        object
+        Ok(Some(object))
     }
 
     /// Fetches base `base` into this worker's copy unless it is there, ahead of the
@@ -476,7 +550,7 @@ impl S3Store {
         if head.is_some() {
             return Ok(None);
         }
-        match self.packed_object(&m.id, Some(m.page_count)).await? {
+        match Box::pin(self.packed_object(&m.id, Some(m.page_count))).await? {
             Some(bytes) => self
                 .assemble_packed(&m.id, bytes, Some(m.page_count))
                 .await
@@ -609,21 +683,31 @@ impl S3Store {
         // base it names might be taken for garbage.
         let mut named = std::collections::HashSet::new();
         for (key, _) in objects.iter().filter(|(k, _)| k.ends_with(".packed")) {
-            if let Some(base) = self.packed_base(key).await? {
-                named.insert(self.base_key(&base, "pages")?);
+            match self.packed_base(key).await {
+                Ok(Some(base)) => {
+                    named.insert(self.base_key(&base, "pages")?);
+                }
+                Ok(None) => {}
+                // Junk without a snapshot (its manifest) names nothing that matters; one
+                // of a snapshot might name any base.
+                Err(e)
+                    if !exists(&format!(
+                        "{}.manifest",
+                        key.strip_suffix(".packed").unwrap_or(key)
+                    )) =>
+                {
+                    tracing::warn!(key, "a packed object of no snapshot is unreadable: {e}");
+                }
+                Err(e) => return Err(e),
             }
         }
         // What the images' pointers name (a pointer that is not one names nothing).
         let images = format!("{}/", join_prefix(&[&self.conn.base_prefix, ".images"])?);
         let mut pointers = Vec::new();
         for (key, _) in objects.iter().filter(|(k, _)| k.starts_with(&images)) {
-            match self.get_small(key, MAX_POINTER).await {
-                Ok(bytes) => {
-                    if let Some(named) = bytes.as_deref().and_then(BaseName::decode) {
-                        pointers.push((key.clone(), self.base_key(&named.base, "pages")?));
-                    }
-                }
-                Err(e) => tracing::warn!(key, "reading an image's pointer: {e}"),
+            // One that cannot be read ends the run: the base it names would look unnamed.
+            if let Some(named) = self.read_pointer(key).await? {
+                pointers.push((key.clone(), self.base_key(&named.base, "pages")?));
             }
         }
         let age = |modified: Option<std::time::SystemTime>| {
@@ -652,11 +736,12 @@ impl S3Store {
                 .map(|(pointer, _)| pointer)
                 .collect();
             if !pointed.is_empty() {
+                // Rewritten first, so that its age counts from its retirement whatever
+                // becomes of the rest of this run.
+                self.put_bytes(marker, b"retired\n".to_vec()).await?;
                 for pointer in pointed {
                     self.delete(pointer).await?;
                 }
-                // Rewritten, so that its age counts from its retirement.
-                self.put_bytes(marker, b"retired\n".to_vec()).await?;
                 report.bases_retired += 1;
                 continue;
             }
