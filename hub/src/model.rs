@@ -89,7 +89,8 @@ pub struct Usage {
     /// Bytes its snapshots hold in cold storage now: what is stored for it alone (pages it
     /// shares with its image's base are not counted).
     pub stored_bytes: u64,
-    /// Bytes its snapshots stand for: their page files whole, as a restore maps them.
+    /// Bytes its snapshots' chain takes on the worker's disk: every page file whole (as
+    /// a restore maps it), manifests and data archives.
     #[serde(default)]
     pub logical_bytes: u64,
     /// Times it was brought back from cold storage.
