@@ -897,6 +897,44 @@ fn apps_of_one_image_store_their_shared_pages_once_in_s3() {
     }
 }
 
+/// A server whose chain in S3 holds several packed levels (python-http: increments that
+/// share pages with its image's base) comes back from S3 over the wide-area link every
+/// time, the worker's copy of it deleted before each restore, and every other time its
+/// copy of the image's base too. (The link admits 16 connections and keeps them: a
+/// restore that asked for more at once would wait for ever.)
+#[test]
+fn a_chain_of_packed_levels_comes_back_from_s3() {
+    let (dir, hub) = setup("packedchain");
+    // Behind the wide-area link: its latency is what a chain's round trips meet.
+    let (_moto, link) = moto_behind(dir.path(), LinkShape::default());
+    let cold = s3_cold("picocenter-test", &link.url(), &["--s3-prefix", "apps"]);
+    let worker = worker(&hub, "w-pchain", "127.3.11.0/24", "60", &as_strs(&cold));
+    hub.add("pchain", "python-http", 60.0);
+    let (_, workers) = hub.call("GET", "/v1/workers", None);
+    let url: SocketAddr = workers[0]["url"].as_str().unwrap()["http://".len()..]
+        .parse()
+        .unwrap();
+    let cache = state_dir().join("workers/w-pchain/cache/pchain");
+    for round in 0..8 {
+        let address = resolve(&hub, "pchain");
+        let answer = raw_get(&address, "/", Duration::from_secs(30));
+        assert!(
+            answer
+                .as_ref()
+                .is_ok_and(|text| text.starts_with("HTTP/1.")),
+            "round {round}: {answer:?}; worker log:\n{}",
+            worker.log()
+        );
+        let (status, answer) = api(url, "POST", "/v1/apps/pchain/swap-out", None, Some(TOKEN));
+        assert_eq!(status, 200, "{answer}");
+        hub.wait_state("pchain", "swapped_out", Duration::from_secs(20));
+        std::fs::remove_dir_all(&cache).unwrap();
+        if round % 2 == 1 {
+            let _ = std::fs::remove_dir_all(cache.with_file_name(".bases"));
+        }
+    }
+}
+
 /// With S3 and a cache limit of 0, a swapped-out app's local copy is evicted at once, and
 /// its next restore fetches it from S3 again, state and all.
 #[test]

@@ -925,9 +925,14 @@ impl S3Store {
                             self.prefetch_base(base).await
                         }
                     };
-                    let (packed, ()) =
-                        futures::future::join(Box::pin(self.packed_object(id, None)), prefetched)
-                            .await;
+                    // In as many GETs as the page file's first part would take, so that
+                    // the round trip asks for no more at once.
+                    let pieces = pages.pieces.min(FIRST_PART_PIECES);
+                    let (packed, ()) = futures::future::join(
+                        Box::pin(self.packed_object(id, None, pieces)),
+                        prefetched,
+                    )
+                    .await;
                     (Ok(None), packed)
                 }
                 None => (self.first_part(id, "pages", pages).await, Ok(None)),

@@ -426,8 +426,9 @@ impl S3Store {
         if let Some(dir) = fetched.parent() {
             crate::private::create_dir_all(dir).map_err(io("creating", dir))?;
         }
-        // In 4 GETs at once (of 256 KiB to 1 MiB): a base is fetched when a restore waits.
-        let piece = size.div_ceil(4).clamp(256 << 10, super::ACTIVE_PART_SIZE);
+        // In 4 GETs at once (of 256 KiB at least): a base is fetched when a restore waits,
+        // beside the rest of its round trip's requests.
+        let piece = size.div_ceil(4).max(256 << 10);
         let downloaded = self
             .download_in(&key, size, (size, piece), &[], &fetched)
             .await;
@@ -457,12 +458,14 @@ impl S3Store {
 
     /// The packed object `{id}.packed`, or `None` if S3 has none: at most a header and
     /// `page_count` pages (if the manifest is in; else [`MAX_BASE_BYTES`]). Its first
-    /// 2 MiB come in 4 ranged GETs at once (over a wide-area link one connection is slow),
-    /// the rest, if any, in parallel ranges after.
+    /// 2 MiB come in `pieces` ranged GETs at once (over a wide-area link one connection is
+    /// slow, but a round trip must not ask for more than its connections), the rest, if
+    /// any, in parallel ranges after.
     pub(super) async fn packed_object(
         &self,
         id: &str,
         page_count: Option<u64>,
+        pieces: u64,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.object_key(id, "packed")?;
         let pages = page_count.map_or(MAX_BASE_BYTES, |pages| {
@@ -470,7 +473,7 @@ impl S3Store {
         });
         let cap = 16 + packed::MAX_HEADER + pages;
         let asked = std::time::Instant::now();
-        let shape = super::FirstPartShape::plain(super::FIRST_PART_PIECES);
+        let shape = super::FirstPartShape::plain(pieces);
         let Some(head) = self.first_part_of(&key, shape).await? else {
             return Ok(None);
         };
@@ -550,7 +553,7 @@ impl S3Store {
         if head.is_some() {
             return Ok(None);
         }
-        match Box::pin(self.packed_object(&m.id, Some(m.page_count))).await? {
+        match Box::pin(self.packed_object(&m.id, Some(m.page_count), 1)).await? {
             Some(bytes) => self
                 .assemble_packed(&m.id, bytes, Some(m.page_count))
                 .await
@@ -564,7 +567,7 @@ impl S3Store {
     /// is taken, within [`MAX_BASE_BYTES`] (a caller without the manifest). The page file
     /// still has to be checked against its manifest.
     pub(super) async fn packed_page_file(&self, id: &str) -> Result<Option<PathBuf>, StoreError> {
-        match self.packed_object(id, None).await? {
+        match self.packed_object(id, None, 1).await? {
             Some(bytes) => self.assemble_packed(id, bytes, None).await.map(Some),
             None => Ok(None),
         }
