@@ -904,6 +904,7 @@ fn apps_of_one_image_store_their_shared_pages_once_in_s3() {
 /// restore that asked for more at once would wait for ever.)
 #[test]
 fn a_chain_of_packed_levels_comes_back_from_s3() {
+    build_image("python-http");
     let (dir, hub) = setup("packedchain");
     // Behind the wide-area link: its latency is what a chain's round trips meet.
     let (_moto, link) = moto_behind(dir.path(), LinkShape::default());
