@@ -154,6 +154,12 @@ fn worker(hub: &Hub, id: &str, pool: &str, idle_after: &str, cold: &[&str]) -> P
     // What it does with apps, for the tests that follow it and for failures' messages.
     cmd.env("RUST_LOG", "warn,picocenter_hub=info");
     let proc = Proc::spawn(cmd, hub.data.with_extension(format!("{id}.log")));
+    wait_until_registered(hub, id);
+    proc
+}
+
+/// Waits (at most 20 s) until the hub lists worker `id`: only then can it run apps there.
+fn wait_until_registered(hub: &Hub, id: &str) {
     wait_for("the worker to register", Duration::from_secs(20), || {
         let (_, workers) = hub.call("GET", "/v1/workers", None);
         workers
@@ -162,7 +168,6 @@ fn worker(hub: &Hub, id: &str, pool: &str, idle_after: &str, cold: &[&str]) -> P
             .any(|w| w["id"] == id)
             .then_some(())
     });
-    proc
 }
 
 /// `dig` at the hub: (status, answers).
@@ -1949,6 +1954,9 @@ fn a_warm_pool_s_spares_run_apps_jailed_and_die_with_their_worker() {
         (waiting_spares(worker_pid).len() == 2).then_some(())
     });
     let spares = waiting_spares(worker_pid);
+    // Its spares may be up before the hub has taken it in (the hub logs a registration
+    // before it has made the worker's client): a query before then finds no live worker.
+    wait_until_registered(&hub, "w-warm");
 
     hub.add("cwarm", "counter-http", 60.0);
     let address = resolve(&hub, "cwarm");
