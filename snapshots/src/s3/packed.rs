@@ -630,13 +630,8 @@ impl S3Store {
     /// page file is packed against, if it is packed.
     pub fn stored_as(&self, id: &str) -> Result<(u64, Option<String>), StoreError> {
         let bytes = self.size(id)?;
-        let key = self.object_key(id, "packed")?;
-        let base = self.run(async {
-            match self.object_size(&key).await? {
-                Some(_) => self.packed_base(&key).await,
-                None => Ok(None),
-            }
-        })?;
+        // A missing packed object reads as none: no HEAD first (a round trip per level).
+        let base = self.run(self.packed_base(&self.object_key(id, "packed")?))?;
         Ok((bytes, base))
     }
 
