@@ -35,11 +35,18 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(mode, "wait-term")) {
-        /* Waits for an operator's SIGTERM; the handler makes it exit 0. */
+        /* Waits for an operator's SIGTERM; the handler makes it exit 0. SIGTERM stays
+         * blocked except inside sigsuspend: with `while (!got) pause();` a SIGTERM
+         * delivered after the test but before pause() (at a page fault on pause's code,
+         * say, as on Linux) leaves pause() waiting for ever. */
         signal(SIGTERM, on_usr1);
+        sigset_t term, unblocked;
+        sigemptyset(&term);
+        sigaddset(&term, SIGTERM);
+        sigprocmask(SIG_BLOCK, &term, &unblocked);
         printf("waiting\n");
         fflush(stdout);
-        while (got != SIGTERM) pause();
+        while (got != SIGTERM) sigsuspend(&unblocked);
         printf("got SIGTERM\n");
         return 0;
     }
