@@ -12,9 +12,12 @@
 //!   VMM reads the exception frame from the kernel stack.
 //! * A store to [`CALIBRATION_MMIO_VA`] is a bare exit that the VMM answers by resuming at
 //!   once. Benchmarks use it to measure the exit round trip the doorbell is compared with.
-//! * Some calls never leave the guest: the doorbell answers getpid, gettid, clock_gettime,
+//! * Some calls never leave the guest: the doorbell answers getpid, clock_gettime,
 //!   gettimeofday and time itself, from the read-only **time page** ([`time_page`]) that
-//!   the VMM keeps current, using a scratch page ([`scratch`]) to spill registers.
+//!   the VMM keeps current, and gettid from the vCPU's own **scratch page** ([`scratch`]),
+//!   where it also spills registers.
+//! * Each vCPU has its own scratch page, mailbox and ring-0 stacks, at the same addresses
+//!   in the **vCPU-local area** ([`CPU_LOCAL_VA`], [`cpu_local`]).
 //! * The doorbell also answers pread64, fstat and `newfstatat(fd, "", buf, AT_EMPTY_PATH)`
 //!   on a file of the read-only root that the VMM gave a **file window** ([`file_table`]):
 //!   a read-only mapping of the whole file above the user range, copied from with no exit;
@@ -28,7 +31,7 @@
 //! Bump [`ABI_VERSION`] on any change to a value here.
 
 /// Version of this interface. Snapshots do not depend on it: they hold only app state.
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -45,19 +48,8 @@ pub const TSS_PAGE: u64 = 2;
 pub const STUBS_PAGE: u64 = 3;
 /// Page index of the doorbell. User, read + execute.
 pub const DOORBELL_PAGE: u64 = 4;
-/// First page of the ring-0 stack that exceptions from ring 3 switch to (TSS.RSP0).
-pub const KERNEL_STACK_PAGE: u64 = 5;
-/// Number of pages of that stack.
-pub const KERNEL_STACK_PAGES: u64 = 2;
-/// Page of the double-fault stack (IST2; every other exception uses IST1, the top of
-/// the ring-0 stack, so frames land there even when the doorbell runs at CPL 0).
-pub const IST_STACK_PAGE: u64 = 7;
 /// Page index of the time page. User, read-only.
 pub const TIME_PAGE: u64 = 8;
-/// Page index of the doorbell's scratch page. User, writable.
-pub const SCRATCH_PAGE: u64 = 9;
-/// Page index of the mailbox. User, writable.
-pub const MAILBOX_PAGE: u64 = 10;
 /// Page index of the list the PTE writer works through: (destination VA, value) pairs of
 /// u64. Supervisor, writable.
 pub const PTE_LIST_PAGE: u64 = 11;
@@ -67,8 +59,33 @@ pub const VDSO_PAGE: u64 = 12;
 pub const FILE_TABLE_PAGE: u64 = 13;
 /// Number of pages of the file table.
 pub const FILE_TABLE_PAGES: u64 = 4;
-/// Number of pages in the system region.
+/// Number of pages in the system region (pages 5, 6, 7, 9 and 10 are unused: they held
+/// what is now each vCPU's own, in [`cpu_local`]).
 pub const SYSTEM_PAGES: u64 = 17;
+
+/// Guest-virtual base of the vCPU-local area: 2 MiB above [`SYSTEM_VA`], where every vCPU
+/// maps pages of its own at the same addresses (each vCPU has its own top-level page tables
+/// down to this area's table; everything else they share). The doorbell and the exception
+/// stubs address them absolutely, as if there were one vCPU.
+pub const CPU_LOCAL_VA: u64 = SYSTEM_VA + 0x20_0000;
+
+/// Page indexes (from [`CPU_LOCAL_VA`]) of what each vCPU has of its own.
+pub mod cpu_local {
+    /// First page of the ring-0 stack that exceptions from ring 3 switch to (TSS.RSP0).
+    /// Supervisor, writable.
+    pub const KERNEL_STACK_PAGE: u64 = 0;
+    /// Number of pages of that stack.
+    pub const KERNEL_STACK_PAGES: u64 = 2;
+    /// Page of the double-fault stack (IST2; every other exception uses IST1, the top of
+    /// the ring-0 stack, so frames land there even when the doorbell runs at CPL 0).
+    pub const IST_STACK_PAGE: u64 = 2;
+    /// Page of the doorbell's scratch page ([`super::scratch`]). User, writable.
+    pub const SCRATCH_PAGE: u64 = 3;
+    /// Page of the mailbox ([`super::mailbox`]). User, writable.
+    pub const MAILBOX_PAGE: u64 = 4;
+    /// Pages per vCPU.
+    pub const PAGES: u64 = 5;
+}
 
 /// Supervisor-only window onto the whole page-table slot, for the PTE writer.
 pub const PAGE_TABLE_WINDOW_VA: u64 = SYSTEM_VA + 0x4000_0000;
@@ -145,10 +162,10 @@ pub mod file_table {
     pub const WINDOW_SIZE: u64 = 4 << 20;
 }
 
-/// Guest-virtual address of the scratch page.
-pub const SCRATCH_VA: u64 = SYSTEM_VA + SCRATCH_PAGE * PAGE_SIZE;
-/// Guest-virtual address of the mailbox page.
-pub const MAILBOX_VA: u64 = SYSTEM_VA + MAILBOX_PAGE * PAGE_SIZE;
+/// Guest-virtual address of the scratch page (the vCPU's own).
+pub const SCRATCH_VA: u64 = CPU_LOCAL_VA + cpu_local::SCRATCH_PAGE * PAGE_SIZE;
+/// Guest-virtual address of the mailbox page (the vCPU's own).
+pub const MAILBOX_VA: u64 = CPU_LOCAL_VA + cpu_local::MAILBOX_PAGE * PAGE_SIZE;
 
 /// The mailbox: while a VMM poller thread is awake, the doorbell posts a forwarded call
 /// here and spins for the answer instead of exiting. Byte offsets:
@@ -200,8 +217,6 @@ pub mod time_page {
     pub const MONOTONIC_NS: u64 = 24;
     /// u64: CLOCK_REALTIME at TSC_BASE, in ns since the epoch.
     pub const REALTIME_NS: u64 = 32;
-    /// u32: the tid gettid answers: the thread on the vCPU.
-    pub const TID: u64 = 40;
 }
 
 /// Byte offsets in the scratch page.
@@ -227,6 +242,8 @@ pub mod scratch {
     pub const FILE_OFFSETS: u64 = 0x800;
     /// Top of the 16-byte stack the doorbell uses to restore RFLAGS with `popfq`.
     pub const STACK_TOP: u64 = 64;
+    /// u32: the tid gettid answers: the thread on this vCPU (the VMM writes it).
+    pub const TID: u64 = 0x100;
 }
 
 /// Guest-virtual address of the syscall entry point (LSTAR).

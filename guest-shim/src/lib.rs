@@ -130,7 +130,7 @@ std::arch::global_asm!(
     "mov eax, dword ptr [{tp} + {tp_pid}]",
     "jmp 90f",
     "21:",
-    "mov eax, dword ptr [{tp} + {tp_tid}]",
+    "mov eax, dword ptr [{sc} + {sc_tid}]",
     "jmp 90f",
 
     // clock_gettime(clock = edi, ts = rsi) for the realtime and monotonic clocks.
@@ -478,7 +478,6 @@ std::arch::global_asm!(
     tp = const TIME_PAGE_VA,
     tp_valid = const time_page::VALID,
     tp_pid = const time_page::PID,
-    tp_tid = const time_page::TID,
     tp_tsc = const time_page::TSC_BASE,
     tp_mult = const time_page::MULT,
     tp_mono = const time_page::MONOTONIC_NS,
@@ -505,6 +504,7 @@ std::arch::global_asm!(
     sc_rsp = const scratch::RSP,
     sc_rax = const scratch::RAX,
     sc_stack = const scratch::STACK_TOP,
+    sc_tid = const scratch::TID,
     count = const STUB_COUNT,
     port_base = const EXCEPTION_PORT_BASE,
     stub_size = const STUB_SIZE,

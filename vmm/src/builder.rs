@@ -15,6 +15,7 @@ use crate::kvm::system;
 use crate::kvm::vcpu::Vcpu;
 use crate::kvm::Machine;
 use crate::mailbox;
+use crate::memory::layout::FIRST_CPU;
 use crate::memory::phys::PhysicalMemory;
 use crate::memory::AddressSpace;
 use crate::platform::Platform;
@@ -261,7 +262,7 @@ pub(crate) fn finish(
         platform, machine, ..
     } = parts;
     process.clock.publish(process.mem.phys(), true);
-    crate::kernel::clock::publish_tid(process.mem.phys(), process.thread.tid);
+    crate::kernel::clock::publish_tid(process.mem.phys(), FIRST_CPU, process.thread.tid);
     let vcpu = Vcpu::new(vcpu_fd, platform)?;
     let live = Arc::new(control::LiveStats::default());
     let ops = Arc::new(control::PendingOps::default());
@@ -284,10 +285,14 @@ pub(crate) fn finish(
         )?),
         None => None,
     };
-    let doorbell = crate::doorbell::Doorbell::new(process.mem.phys())?;
-    let mailbox_page = process.mem.phys().shared_page(
-        memory::layout::SYSTEM_GPA + picocenter_guest_shim::abi::MAILBOX_PAGE * 4096,
-    )?;
+    let doorbell = crate::doorbell::Doorbell::new(process.mem.phys(), FIRST_CPU)?;
+    let mailbox_page = process
+        .mem
+        .phys()
+        .shared_page(memory::layout::cpu_local_gpa(
+            FIRST_CPU,
+            picocenter_guest_shim::abi::cpu_local::MAILBOX_PAGE,
+        ))?;
     let process = Arc::new(Mutex::new(process));
     let poller = if config.mailbox {
         let poller = mailbox::Poller::start(mailbox_page, process.clone(), live.clone()).map_err(

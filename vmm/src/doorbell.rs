@@ -12,7 +12,7 @@
 
 use crate::kvm::vcpu::{Vcpu, VcpuError};
 use crate::mailbox::Poller;
-use crate::memory::layout::SYSTEM_GPA;
+use crate::memory::layout::cpu_local_gpa;
 use crate::memory::phys::{PhysError, PhysicalMemory, SharedPage};
 use crate::memory::space::USER_END;
 use picocenter_guest_shim::abi::{self, mailbox, scratch};
@@ -121,12 +121,12 @@ pub struct Doorbell {
 }
 
 impl Doorbell {
-    /// Views the scratch and mailbox pages of the guest memory `phys`.
-    pub fn new(phys: &PhysicalMemory) -> Result<Self, PhysError> {
-        let page = |index: u64| phys.shared_page(SYSTEM_GPA + index * abi::PAGE_SIZE);
+    /// Views vCPU `cpu`'s scratch and mailbox pages in the guest memory `phys`.
+    pub fn new(phys: &PhysicalMemory, cpu: u64) -> Result<Self, PhysError> {
+        let page = |index: u64| phys.shared_page(cpu_local_gpa(cpu, index));
         Ok(Self {
-            scratch: page(abi::SCRATCH_PAGE)?,
-            mailbox: page(abi::MAILBOX_PAGE)?,
+            scratch: page(abi::cpu_local::SCRATCH_PAGE)?,
+            mailbox: page(abi::cpu_local::MAILBOX_PAGE)?,
         })
     }
 
@@ -335,7 +335,7 @@ mod tests {
 
     fn doorbell() -> (PhysicalMemory, Doorbell) {
         let phys = PhysicalMemory::new(2 << 20).unwrap();
-        let doorbell = Doorbell::new(&phys).unwrap();
+        let doorbell = Doorbell::new(&phys, crate::memory::layout::FIRST_CPU).unwrap();
         (phys, doorbell)
     }
 

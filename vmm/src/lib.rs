@@ -201,7 +201,7 @@ impl Picoprocess {
             &vcpu_fd,
             &parts.cpuid,
             parts.features,
-            space.page_table_root(),
+            kvm::system::cpu_root(&space, memory::layout::FIRST_CPU)?,
             start.entry,
             start.rsp,
         )?;

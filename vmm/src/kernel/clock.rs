@@ -176,11 +176,11 @@ impl Clock {
     }
 }
 
-/// Publishes the tid of the thread on the vCPU in the time page, for the doorbell's
-/// gettid.
-pub fn publish_tid(phys: &crate::memory::phys::PhysicalMemory, tid: i32) {
-    use picocenter_guest_shim::abi::{time_page, TIME_PAGE};
-    let at = crate::memory::layout::SYSTEM_GPA + TIME_PAGE * 4096 + time_page::TID;
+/// Publishes the tid of the thread on vCPU `cpu` in that vCPU's scratch page, for the
+/// doorbell's gettid.
+pub fn publish_tid(phys: &crate::memory::phys::PhysicalMemory, cpu: u64, tid: i32) {
+    use picocenter_guest_shim::abi::{cpu_local, scratch};
+    let at = crate::memory::layout::cpu_local_gpa(cpu, cpu_local::SCRATCH_PAGE) + scratch::TID;
     let _ = phys.write(at, &(tid as u32).to_le_bytes());
 }
 

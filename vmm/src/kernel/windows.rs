@@ -22,7 +22,7 @@
 //! files earn windows again.
 
 use crate::fdtable::{FdTable, OpenFile};
-use crate::memory::layout::SYSTEM_GPA;
+use crate::memory::layout::{cpu_local_gpa, FIRST_CPU, SYSTEM_GPA};
 use crate::memory::AddressSpace;
 use picocenter_guest_shim::abi::{self, file_table};
 use std::collections::BTreeMap;
@@ -74,9 +74,12 @@ fn entry_gpa(fd: i32) -> u64 {
     SYSTEM_GPA + abi::FILE_TABLE_PAGE * abi::PAGE_SIZE + fd as u64 * file_table::ENTRY_SIZE
 }
 
-/// Guest-physical address of fd's offset in the scratch page.
+/// Guest-physical address of fd's offset in the scratch page (the first vCPU's: the
+/// doorbell moves offsets only there).
 fn offset_gpa(fd: i32) -> u64 {
-    SYSTEM_GPA + abi::SCRATCH_PAGE * abi::PAGE_SIZE + abi::scratch::FILE_OFFSETS + fd as u64 * 8
+    cpu_local_gpa(FIRST_CPU, abi::cpu_local::SCRATCH_PAGE)
+        + abi::scratch::FILE_OFFSETS
+        + fd as u64 * 8
 }
 
 /// The fd of an offset-using call `nr` whose offset is the open file's own, if any: the

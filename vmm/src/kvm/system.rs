@@ -1,9 +1,13 @@
 //! The VMM's machinery inside the guest: GDT, IDT, TSS, exception stubs and the doorbell,
 //! written into the system slot and mapped at the top of the address space.
 //!
+//! Each vCPU has pages of its own at the same addresses (ring-0 and double-fault stacks,
+//! the doorbell's scratch page, the mailbox) through page tables of its own (see
+//! [`crate::memory::paging::PageTables`]); so one GDT, IDT and TSS serve them all.
+//!
 //! Everything here is rebuilt at every start and restore; none of it is in a snapshot.
 
-use crate::memory::layout::SYSTEM_GPA;
+use crate::memory::layout::{cpu_local_gpa, MAX_VCPUS, SYSTEM_GPA};
 use crate::memory::paging::{PagingError, PTE_NX, PTE_USER, PTE_WRITABLE};
 use crate::memory::phys::PhysError;
 use crate::memory::AddressSpace;
@@ -25,6 +29,19 @@ pub enum SystemPagesError {
     /// Mapping a page failed.
     #[error("mapping the system pages")]
     Map(#[from] PagingError),
+    /// Every vCPU the layout has room for exists.
+    #[error("a picoprocess has at most {MAX_VCPUS} vCPUs")]
+    TooManyCpus,
+    /// A vCPU whose tables were never made (a VMM bug).
+    #[error("vCPU {0} has no page tables")]
+    NoSuchCpu(u64),
+}
+
+/// Guest-physical address of vCPU `cpu`'s root page table: its CR3.
+pub fn cpu_root(space: &AddressSpace, cpu: u64) -> Result<u64, SystemPagesError> {
+    space
+        .cpu_root(cpu as usize)
+        .ok_or(SystemPagesError::NoSuchCpu(cpu))
 }
 
 fn page_va(page: u64) -> u64 {
@@ -33,6 +50,12 @@ fn page_va(page: u64) -> u64 {
 
 fn page_gpa(page: u64) -> u64 {
     SYSTEM_GPA + page * abi::PAGE_SIZE
+}
+
+/// Guest-virtual address of page `page` (an [`abi::cpu_local`] index) of the vCPU-local
+/// area.
+fn local_va(page: u64) -> u64 {
+    abi::CPU_LOCAL_VA + page * abi::PAGE_SIZE
 }
 
 /// A code or data segment descriptor: flags in bits 52..55, access byte in 40..47.
@@ -91,8 +114,8 @@ fn idt() -> Vec<u8> {
 /// bitmap.
 fn tss() -> [u8; 104] {
     let mut bytes = [0u8; 104];
-    let rsp0 = page_va(abi::KERNEL_STACK_PAGE + abi::KERNEL_STACK_PAGES);
-    let ist2 = page_va(abi::IST_STACK_PAGE + 1);
+    let rsp0 = kernel_stack_top();
+    let ist2 = local_va(abi::cpu_local::IST_STACK_PAGE + 1);
     bytes[4..12].copy_from_slice(&rsp0.to_le_bytes());
     bytes[36..44].copy_from_slice(&rsp0.to_le_bytes());
     bytes[44..52].copy_from_slice(&ist2.to_le_bytes());
@@ -102,7 +125,16 @@ fn tss() -> [u8; 104] {
 
 /// Guest-virtual address of the top of the ring-0 stack (where exception frames land).
 pub fn kernel_stack_top() -> u64 {
-    page_va(abi::KERNEL_STACK_PAGE + abi::KERNEL_STACK_PAGES)
+    local_va(abi::cpu_local::KERNEL_STACK_PAGE + abi::cpu_local::KERNEL_STACK_PAGES)
+}
+
+/// The guest-physical address behind `va` of the vCPU-local area for vCPU `cpu`, if `va`
+/// lies in one of its pages.
+pub fn cpu_local_address(cpu: usize, va: u64) -> Option<u64> {
+    let offset = va.checked_sub(abi::CPU_LOCAL_VA)?;
+    let page = offset / abi::PAGE_SIZE;
+    (page < abi::cpu_local::PAGES && (cpu as u64) < MAX_VCPUS)
+        .then(|| cpu_local_gpa(cpu as u64, page) + offset % abi::PAGE_SIZE)
 }
 
 /// Writes the PTE writer's list: for each (guest-physical address of an entry in the
@@ -125,11 +157,11 @@ pub fn write_pte_list(
     Ok(Some((page_va(abi::PTE_LIST_PAGE), entries.len() as u64)))
 }
 
-/// Writes the system pages and maps them: all supervisor-only except the doorbell and the
-/// vDSO (user, read + execute), the time page and the file table (user, read-only), the
-/// scratch and mailbox pages (user, writable) and the MMIO pages (user, writable, outside
-/// every slot).
-pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesError> {
+/// Writes the system pages and maps them, then makes vCPU 0's tables and pages (see
+/// [`add_cpu`]). All are supervisor-only except the doorbell and the vDSO (user, read +
+/// execute), the time page and the file table (user, read-only) and the MMIO pages (user,
+/// writable, outside every slot).
+pub fn install(space: &mut AddressSpace, nx_enabled: bool) -> Result<(), SystemPagesError> {
     let phys = space.phys();
     let gdt_bytes: Vec<u8> = gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
     phys.write(page_gpa(abi::GDT_PAGE), &gdt_bytes)?;
@@ -145,7 +177,7 @@ pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesErro
     )?;
     phys.write(page_gpa(abi::VDSO_PAGE), crate::vdso::image())?;
 
-    let nx = if nx { PTE_NX } else { 0 };
+    let nx = if nx_enabled { PTE_NX } else { 0 };
     let data = PTE_WRITABLE | nx;
     let mut pages = vec![
         (abi::GDT_PAGE, data),
@@ -154,15 +186,9 @@ pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesErro
         (abi::STUBS_PAGE, 0),
         (abi::DOORBELL_PAGE, PTE_USER),
         (abi::VDSO_PAGE, PTE_USER),
-        (abi::IST_STACK_PAGE, data),
         (abi::TIME_PAGE, PTE_USER | nx),
-        (abi::SCRATCH_PAGE, PTE_USER | data),
-        (abi::MAILBOX_PAGE, PTE_USER | data),
         (abi::PTE_LIST_PAGE, data),
     ];
-    for i in 0..abi::KERNEL_STACK_PAGES {
-        pages.push((abi::KERNEL_STACK_PAGE + i, data));
-    }
     for i in 0..abi::FILE_TABLE_PAGES {
         pages.push((abi::FILE_TABLE_PAGE + i, PTE_USER | nx));
     }
@@ -179,7 +205,36 @@ pub fn install(space: &mut AddressSpace, nx: bool) -> Result<(), SystemPagesErro
         let va = abi::PAGE_TABLE_WINDOW_VA + offset;
         space.map_system_page(va, crate::memory::layout::PAGE_TABLES_GPA + offset, data)?;
     }
+    let first = add_cpu(space, nx_enabled)?;
+    debug_assert_eq!(first, 0);
     Ok(())
+}
+
+/// Makes one more vCPU's page tables and maps its own pages (zeroed): the ring-0 and
+/// double-fault stacks (supervisor), the scratch page and the mailbox (user, writable).
+/// Returns its number; its CR3 is [`AddressSpace::cpu_root`].
+pub fn add_cpu(space: &mut AddressSpace, nx: bool) -> Result<usize, SystemPagesError> {
+    use abi::cpu_local;
+    if space.cpus() as u64 >= MAX_VCPUS {
+        return Err(SystemPagesError::TooManyCpus);
+    }
+    let cpu = space.add_cpu()?;
+    let nx = if nx { PTE_NX } else { 0 };
+    let data = PTE_WRITABLE | nx;
+    let mut pages = vec![
+        (cpu_local::IST_STACK_PAGE, data),
+        (cpu_local::SCRATCH_PAGE, PTE_USER | data),
+        (cpu_local::MAILBOX_PAGE, PTE_USER | data),
+    ];
+    for i in 0..cpu_local::KERNEL_STACK_PAGES {
+        pages.push((cpu_local::KERNEL_STACK_PAGE + i, data));
+    }
+    for (page, flags) in pages {
+        let gpa = cpu_local_gpa(cpu as u64, page);
+        space.phys().write(gpa, &[0u8; 4096])?;
+        space.map_cpu_local_page(cpu, local_va(page), gpa, flags)?;
+    }
+    Ok(cpu)
 }
 
 #[cfg(test)]

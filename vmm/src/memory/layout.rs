@@ -5,7 +5,7 @@
 //! | slot | what | guest-physical |
 //! |---|---|---|
 //! | 0 | app RAM, one host mapping (anonymous, MAP_NORESERVE) | `0 .. ram_size` |
-//! | 1 | the VMM's system pages (GDT, IDT, TSS, stubs, doorbell, stacks) | [`SYSTEM_GPA`] |
+//! | 1 | the VMM's system pages (GDT, IDT, TSS, stubs, doorbell), then each vCPU's own (stacks, scratch, mailbox) | [`SYSTEM_GPA`] |
 //! | 2 | page tables, alone so that re-registering it is cheap on kvm_pvm | [`PAGE_TABLES_GPA`] |
 //!
 //! The doorbell's MMIO page ([`picocenter_guest_shim::abi::DOORBELL_MMIO_GPA`]) lies above all
@@ -19,6 +19,21 @@ pub const RAM_GPA: u64 = 0;
 pub const MAX_RAM_SIZE: u64 = SYSTEM_GPA;
 /// Guest-physical base of the system pages.
 pub const SYSTEM_GPA: u64 = 0x4_0000_0000;
+/// Most vCPUs a picoprocess can have: each has [`abi::cpu_local::PAGES`] pages of its own
+/// in the system slot, after the shared ones.
+pub const MAX_VCPUS: u64 = 64;
+/// Bytes of the system slot: the shared system pages, then every vCPU's own.
+pub const SYSTEM_SLOT_SIZE: u64 =
+    (abi::SYSTEM_PAGES + MAX_VCPUS * abi::cpu_local::PAGES) * abi::PAGE_SIZE;
+/// The vCPU an app starts on (today, the only one it has).
+pub const FIRST_CPU: u64 = 0;
+/// Guest-physical address of page `page` (an [`abi::cpu_local`] index) of vCPU `cpu`'s
+/// own pages. `cpu` must be below [`MAX_VCPUS`].
+pub const fn cpu_local_gpa(cpu: u64, page: u64) -> u64 {
+    SYSTEM_GPA + (abi::SYSTEM_PAGES + cpu * abi::cpu_local::PAGES + page) * abi::PAGE_SIZE
+}
+// The vCPUs' own pages end below the page-table slot.
+const _: () = assert!(SYSTEM_GPA + SYSTEM_SLOT_SIZE <= PAGE_TABLES_GPA);
 /// Guest-physical base of the page-table slot.
 pub const PAGE_TABLES_GPA: u64 = 0x4_0040_0000;
 /// Largest page-table slot (it must stay below the doorbell's MMIO page).

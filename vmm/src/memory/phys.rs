@@ -1,7 +1,6 @@
 //! Guest-physical memory: the host mappings behind the three memory slots.
 
 use super::layout::{self, slot};
-use picocenter_guest_shim::abi;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::Arc;
 use vm_memory::{
@@ -81,7 +80,7 @@ impl PhysicalMemory {
         };
         let mem = GuestMemoryMmap::from_regions(vec![
             region(layout::RAM_GPA, ram_size)?,
-            region(layout::SYSTEM_GPA, abi::SYSTEM_PAGES * abi::PAGE_SIZE)?,
+            region(layout::SYSTEM_GPA, layout::SYSTEM_SLOT_SIZE)?,
             region(layout::PAGE_TABLES_GPA, page_tables_size)?,
         ])?;
         Ok(Self {
@@ -115,11 +114,7 @@ impl PhysicalMemory {
         };
         [
             info(slot::RAM, layout::RAM_GPA, self.ram_size),
-            info(
-                slot::SYSTEM,
-                layout::SYSTEM_GPA,
-                abi::SYSTEM_PAGES * abi::PAGE_SIZE,
-            ),
+            info(slot::SYSTEM, layout::SYSTEM_GPA, layout::SYSTEM_SLOT_SIZE),
             info(
                 slot::PAGE_TABLES,
                 layout::PAGE_TABLES_GPA,

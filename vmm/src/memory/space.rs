@@ -139,6 +139,9 @@ impl From<PagingError> for Errno {
         match err {
             PagingError::OutOfTables => Errno::NOMEM,
             PagingError::Phys(e) => internal(e),
+            e @ (PagingError::NoSuchCpu(_)
+            | PagingError::NotCpuLocal(_)
+            | PagingError::NotShared(_)) => internal(e),
         }
     }
 }
@@ -183,9 +186,33 @@ impl AddressSpace {
         &self.phys
     }
 
-    /// Guest-physical address of the root page table (CR3).
-    pub fn page_table_root(&self) -> u64 {
-        self.tables.root()
+    /// Guest-physical address of vCPU `cpu`'s root page table (its CR3; see
+    /// [`PageTables`]), if [`AddressSpace::add_cpu`] made it.
+    pub fn cpu_root(&self, cpu: usize) -> Option<u64> {
+        self.tables.cpu_root(cpu)
+    }
+
+    /// Makes page tables for one more vCPU and returns its number; the caller maps its own
+    /// pages with [`AddressSpace::map_cpu_local_page`].
+    pub fn add_cpu(&mut self) -> Result<usize, PagingError> {
+        self.tables.add_cpu(&self.phys)
+    }
+
+    /// Number of vCPUs with page tables.
+    pub fn cpus(&self) -> usize {
+        self.tables.cpus()
+    }
+
+    /// Maps a page of vCPU `cpu`'s own at `va` (in the vCPU-local area) to `gpa`.
+    pub fn map_cpu_local_page(
+        &mut self,
+        cpu: usize,
+        va: u64,
+        gpa: u64,
+        flags: u64,
+    ) -> Result<(), PagingError> {
+        self.tables
+            .set_cpu_local(&self.phys, cpu, va, gpa | flags | PTE_PRESENT)
     }
 
     /// The areas, in address order.
@@ -989,7 +1016,7 @@ impl AddressSpace {
     pub fn leaf(&mut self, va: u64) -> Result<u64, PhysError> {
         self.tables.get(&self.phys, va).map_err(|e| match e {
             PagingError::Phys(p) => p,
-            PagingError::OutOfTables => PhysError::OutOfRange { gpa: va },
+            _ => PhysError::OutOfRange { gpa: va },
         })
     }
 }

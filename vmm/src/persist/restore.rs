@@ -496,7 +496,8 @@ impl Picoprocess {
             &vcpu_fd,
             &parts.cpuid,
             parts.features,
-            space.page_table_root(),
+            crate::kvm::system::cpu_root(&space, crate::memory::layout::FIRST_CPU)
+                .map_err(|e| PersistError::Incompatible(e.to_string()))?,
             context.rip,
             context.gprs[6],
         )

@@ -25,6 +25,7 @@ use crate::kernel::tree::{AppTree, ChildProcess, RootWatch};
 use crate::kvm::cpu;
 use crate::kvm::kick::{reason, Kicker};
 use crate::kvm::vcpu::Vcpu;
+use crate::memory::layout::FIRST_CPU;
 use crate::memory::UserAddr;
 use crate::syscalls::children::ForkRequest;
 use crate::VmmError;
@@ -317,7 +318,7 @@ impl Exits<'_> {
             &fd,
             &cpuid,
             features,
-            p.mem.page_table_root(),
+            crate::kvm::system::cpu_root(&p.mem, FIRST_CPU)?,
             start.regs.rip,
             start.regs.rsp,
         )?;
@@ -332,12 +333,13 @@ impl Exits<'_> {
         Kicker::arm(self.vcpu.immediate_exit_ptr());
         let phys = p.mem.phys();
         p.clock.publish(phys, true);
-        crate::kernel::clock::publish_tid(phys, start.pid);
+        crate::kernel::clock::publish_tid(phys, FIRST_CPU, start.pid);
         // The parent's poller is not here: the mailbox is empty and asleep until this
         // process's own poller (an exit costs ~50 us on kvm_pvm, a mailbox call ~14 us).
-        let mailbox = phys.shared_page(
-            crate::memory::layout::SYSTEM_GPA + picocenter_guest_shim::abi::MAILBOX_PAGE * 4096,
-        )?;
+        let mailbox = phys.shared_page(crate::memory::layout::cpu_local_gpa(
+            FIRST_CPU,
+            picocenter_guest_shim::abi::cpu_local::MAILBOX_PAGE,
+        ))?;
         mailbox
             .u32(picocenter_guest_shim::abi::mailbox::AWAKE)
             .store(0, std::sync::atomic::Ordering::SeqCst);

@@ -18,12 +18,12 @@ use crate::kernel::process::{lock, Process};
 use crate::kernel::signals::{Disposition, SA_RESTART};
 use crate::kernel::thread::{CpuContext, Parked, ThreadSignals, Wait};
 use crate::kvm::kick::{reason, Kicker};
-use crate::kvm::system::kernel_stack_top;
+use crate::kvm::system::{cpu_local_address, kernel_stack_top};
 use crate::kvm::vcpu::Exit;
 use crate::kvm::vcpu::Vcpu;
 use crate::kvm::Machine;
 use crate::mailbox::Poller;
-use crate::memory::layout::SYSTEM_GPA;
+use crate::memory::layout::{cpu_local_gpa, FIRST_CPU};
 use crate::memory::space::Access;
 use crate::memory::FaultResolution;
 use crate::platform::Invalidation;
@@ -494,7 +494,7 @@ impl Exits<'_> {
         self.p.signals.mask = t.signals.mask;
         self.p.signals.thread_pending = t.signals.pending;
         self.p.signals.altstack = t.signals.altstack;
-        crate::kernel::clock::publish_tid(self.p.mem.phys(), self.p.thread.tid);
+        crate::kernel::clock::publish_tid(self.p.mem.phys(), FIRST_CPU, self.p.thread.tid);
         Ok(())
     }
 
@@ -928,8 +928,8 @@ impl Exits<'_> {
     fn read_frame(&self, vector: u8) -> Option<Frame> {
         let rsp = self.vcpu.regs().rsp;
         let words = if has_error_code(vector) { 6 } else { 5 };
-        let stack_bottom = abi::SYSTEM_VA + abi::KERNEL_STACK_PAGE * abi::PAGE_SIZE;
-        let ist_bottom = abi::SYSTEM_VA + abi::IST_STACK_PAGE * abi::PAGE_SIZE;
+        let stack_bottom = abi::CPU_LOCAL_VA + abi::cpu_local::KERNEL_STACK_PAGE * abi::PAGE_SIZE;
+        let ist_bottom = abi::CPU_LOCAL_VA + abi::cpu_local::IST_STACK_PAGE * abi::PAGE_SIZE;
         let ist_top = ist_bottom + abi::PAGE_SIZE;
         let end = rsp.checked_add(words * 8)?;
         let on_stack = (rsp >= stack_bottom && end <= kernel_stack_top())
@@ -940,7 +940,7 @@ impl Exits<'_> {
         let mut raw = [0u64; 6];
         let phys = self.p.mem.phys();
         for (i, word) in raw.iter_mut().take(words as usize).enumerate() {
-            let gpa = SYSTEM_GPA + (rsp - abi::SYSTEM_VA) + i as u64 * 8;
+            let gpa = cpu_local_address(FIRST_CPU as usize, rsp + i as u64 * 8)?;
             *word = phys.read_u64(gpa).ok()?;
         }
         let w = if has_error_code(vector) {
@@ -976,7 +976,7 @@ impl Exits<'_> {
     ) -> Result<Option<RunOutcome>, VmmError> {
         let phys = self.p.mem.phys();
         let slot = |offset: u64| {
-            phys.read_u64(SYSTEM_GPA + abi::SCRATCH_PAGE * abi::PAGE_SIZE + offset)
+            phys.read_u64(cpu_local_gpa(FIRST_CPU, abi::cpu_local::SCRATCH_PAGE) + offset)
                 .unwrap_or(0)
         };
         let (nr, rcx, rdx) = (

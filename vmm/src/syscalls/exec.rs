@@ -8,6 +8,7 @@
 use super::{Args, SysError, SysResult};
 use crate::kernel::process::Process;
 use crate::kernel::thread::ThreadState;
+use crate::memory::layout::FIRST_CPU;
 use crate::memory::UserAddr;
 use rustix::io::Errno;
 
@@ -118,7 +119,7 @@ fn exec(
     p.threads.slicer = None;
     p.thread = ThreadState::new(p.ids.pid);
     p.thread.fs_base_changed = true;
-    crate::kernel::clock::publish_tid(p.mem.phys(), p.thread.tid);
+    crate::kernel::clock::publish_tid(p.mem.phys(), FIRST_CPU, p.thread.tid);
     // A vfork parent waits for this.
     p.vfork_done = None;
     let hwcap = std::arch::x86_64::__cpuid(1).edx as u64;
