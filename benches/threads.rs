@@ -5,13 +5,17 @@
 //! * a futex ping-pong between two threads: wake the other, wait until it wakes you (the
 //!   median round trip).
 //!
-//! Each against the same static binary run natively. Threads share the picoprocess's one
-//! vCPU (README: "Where this differs from DESIGN.md"), so a round trip is two thread
-//! switches inside the VMM and no host thread wake-up.
+//! * two threads that each compute for a while with no call: the time until both are done.
+//!
+//! Each against the same static binary run natively, and in a picoprocess twice: with
+//! every thread on one vCPU (`--vcpus 1`: a ping-pong round trip is two thread switches
+//! inside the VMM), and with a vCPU per thread (`--vcpus 2`: a round trip is two host
+//! thread wake-ups, through exits).
 //!
 //! Then two threaded servers against the same binaries run natively on loopback:
 //! Debian's redis-server under `redis-benchmark -q -n 20000 -t set,get`, and the Go
-//! net/http server of tests/go/httpd under wrk `-t1 -c10`, in alternating rounds.
+//! net/http server of tests/go/httpd under wrk `-t1 -c10`, in alternating rounds, each
+//! with one vCPU and with two.
 //!
 //! Run with `cargo bench --bench threads`. Rounds alternate the measurements so that
 //! machine noise hits them alike; medians of the per-round values are reported.
@@ -27,44 +31,59 @@ const ROUNDS: usize = 7;
 fn main() {
     let program = guest("thread_bench", Link::Static);
     let program = program.to_str().unwrap();
-    let in_pico = |mode: &str, count: &str| {
+    let in_pico = |vcpus: &str, mode: &str, count: &str| {
         let mut cmd = picocenter();
-        cmd.arg("run").args([program, mode, count]);
+        cmd.arg("run")
+            .args(["--vcpus", vcpus])
+            .args([program, mode, count]);
         printed_number(&mut cmd)
     };
     let native =
         |mode: &str, count: &str| printed_number(Command::new(program).args([mode, count]));
     let names = [
-        "pthread_create + join, picoprocess",
         "pthread_create + join, native",
-        "futex ping-pong round trip, picoprocess",
+        "pthread_create + join, 1 vCPU",
+        "pthread_create + join, a vCPU each",
         "futex ping-pong round trip, native",
+        "futex ping-pong round trip, 1 vCPU",
+        "futex ping-pong round trip, a vCPU each",
+        "2 threads x 200M steps, native",
+        "2 threads x 200M steps, 1 vCPU",
+        "2 threads x 200M steps, a vCPU each",
     ];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for _ in 0..ROUNDS {
         let round = [
-            in_pico("create", "300"),
             native("create", "300"),
-            in_pico("pingpong", "1000"),
+            in_pico("1", "create", "300"),
+            in_pico("2", "create", "300"),
             native("pingpong", "1000"),
+            in_pico("1", "pingpong", "1000"),
+            in_pico("2", "pingpong", "1000"),
+            native("parallel", "200"),
+            in_pico("1", "parallel", "200"),
+            in_pico("2", "parallel", "200"),
         ];
         for (list, value) in samples.iter_mut().zip(round) {
             list.push(value);
         }
     }
     println!("median of {ROUNDS} rounds (each the median of 300 pairs or 1000 round trips):");
-    let medians: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
-    for (name, value) in names.iter().zip(&medians) {
-        println!("  {name:<42} {:>9.1} us", value / 1000.0);
+    let m: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
+    for (name, value) in names.iter().zip(&m) {
+        println!("  {name:<42} {:>11.1} us", value / 1000.0);
     }
-    println!(
-        "ratio create + join, picoprocess / native:   {:6.2}  (goal: <= 300 us a pair)",
-        medians[0] / medians[1]
-    );
-    println!(
-        "ratio ping-pong, picoprocess / native:       {:6.2}  (exit floor ~145 us a round trip)",
-        medians[2] / medians[3]
-    );
+    for (what, at) in [
+        ("create + join (goal: <= 300 us a pair)", 0),
+        ("ping-pong (exit floor ~145 us a round trip)", 3),
+        ("2 threads computing", 6),
+    ] {
+        println!(
+            "ratio to native, {what}: 1 vCPU {:.2}, a vCPU each {:.2}",
+            m[at + 1] / m[at],
+            m[at + 2] / m[at]
+        );
+    }
     servers();
 }
 
@@ -116,7 +135,8 @@ fn redis_benchmark(host: &str) -> (f64, f64) {
 }
 
 fn servers() {
-    let (native_ip, pico_ip) = ("127.0.14.1", "127.0.14.2");
+    // The picoprocesses: with one vCPU, and with a vCPU per thread (two, on two cores).
+    let (native_ip, one_ip, own_ip) = ("127.0.14.1", "127.0.14.2", "127.0.14.3");
     let _native_redis = Native::start(
         "/usr/bin/redis-server",
         &[
@@ -131,35 +151,59 @@ fn servers() {
         ],
         &format!("{native_ip}:6379"),
     );
-    let _pico_redis = Server::start("redis", "bench-threads-redis", pico_ip, 6379, &[]);
+    let one = ["--vcpus", "1"];
+    let own = ["--vcpus", "2"];
+    let _one_redis = Server::start("redis", "bench-threads-redis1", one_ip, 6379, &one);
+    let _own_redis = Server::start("redis", "bench-threads-redis2", own_ip, 6379, &own);
     let go = go_program("httpd");
     let go = go.to_str().unwrap();
     let native_go_address = format!("{native_ip}:8080");
     let _native_go = Native::start(go, &[&native_go_address], &native_go_address);
-    let _pico_go = Server::run("bench-threads-go", pico_ip, 8080, &[go, ":8080"]);
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); 6];
+    let _one_go = Server::run(
+        "bench-threads-go1",
+        one_ip,
+        8080,
+        &[one[0], one[1], go, ":8080"],
+    );
+    let _own_go = Server::run(
+        "bench-threads-go2",
+        own_ip,
+        8080,
+        &[own[0], own[1], go, ":8080"],
+    );
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); 9];
     for _ in 0..ROUNDS.min(5) {
         let (set, get) = redis_benchmark(native_ip);
-        let (pset, pget) = redis_benchmark(pico_ip);
-        let (go_native, _, _) = wrk(&native_go_address, "/", "3");
-        let (go_pico, _, _) = wrk(&format!("{pico_ip}:8080"), "/", "3");
-        for (list, value) in samples
-            .iter_mut()
-            .zip([set, pset, get, pget, go_native, go_pico])
-        {
+        let (set1, get1) = redis_benchmark(one_ip);
+        let (set2, get2) = redis_benchmark(own_ip);
+        let go_rate = |ip: &str| wrk(&format!("{ip}:8080"), "/", "3").0;
+        let round = [
+            set,
+            set1,
+            set2,
+            get,
+            get1,
+            get2,
+            go_rate(native_ip),
+            go_rate(one_ip),
+            go_rate(own_ip),
+        ];
+        for (list, value) in samples.iter_mut().zip(round) {
             list.push(value);
         }
     }
     let m: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
     println!("threaded servers, medians of alternating rounds (requests per second):");
-    for (name, native, pico) in [
-        ("redis SET (redis-benchmark -n 20000)", m[0], m[1]),
-        ("redis GET", m[2], m[3]),
-        ("Go net/http (wrk -t1 -c10, 3 s)", m[4], m[5]),
+    for (name, at) in [
+        ("redis SET (redis-benchmark -n 20000)", 0),
+        ("redis GET", 3),
+        ("Go net/http (wrk -t1 -c10, 3 s)", 6),
     ] {
+        let (native, one, own) = (m[at], m[at + 1], m[at + 2]);
         println!(
-            "  {name:<40} native {native:>9.0}  picoprocess {pico:>9.0}  {:>5.1}%",
-            100.0 * pico / native
+            "  {name:<38} native {native:>8.0}  1 vCPU {one:>8.0} ({:>5.1}%)  2 vCPUs {own:>8.0} ({:>5.1}%)",
+            100.0 * one / native,
+            100.0 * own / native
         );
     }
 }

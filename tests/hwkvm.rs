@@ -28,6 +28,8 @@ const CHECKS: &[&str] = &[
     "memory-checks",
     "threads",
     "threads-unmap-across",
+    "threads-vcpus",
+    "threads-unmap-across-vcpus",
     "hostile-bad-pointers",
     "guest-reads",
     "hostile-ud2",
@@ -54,6 +56,8 @@ const SHADOW_CHECKS: &[&str] = &[
     "memory-checks",
     "threads",
     "threads-unmap-across",
+    "threads-vcpus",
+    "threads-unmap-across-vcpus",
     "hostile-bad-pointers",
     "guest-reads",
 ];

@@ -7,6 +7,10 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
+/// The vCPU limits each threaded test runs with: every thread on one vCPU, and a vCPU per
+/// thread.
+const VCPUS: [&str; 2] = ["1", "4"];
+
 #[test]
 fn the_pthread_program_passes_static_and_dynamic() {
     for link in [Link::Static, Link::Dynamic] {
@@ -18,30 +22,77 @@ fn the_pthread_program_passes_static_and_dynamic() {
             "native: {}",
             describe(&native)
         );
-        let out = run(&[program.to_str().unwrap()]);
-        assert_eq!(out.status.code(), Some(0), "{link:?}: {}", describe(&out));
-        assert_eq!(stdout(&out), "PASSED: 0 failures\n", "{}", describe(&out));
+        for vcpus in VCPUS {
+            let out = run(&["--vcpus", vcpus, program.to_str().unwrap()]);
+            let what = format!("{link:?}, {vcpus} vCPUs");
+            assert_eq!(out.status.code(), Some(0), "{what}: {}", describe(&out));
+            assert_eq!(
+                stdout(&out),
+                "PASSED: 0 failures\n",
+                "{what}: {}",
+                describe(&out)
+            );
+        }
     }
 }
 
 #[test]
 fn exit_group_from_a_second_thread_ends_the_app_with_its_status() {
     let program = guest("threads", Link::Static);
-    let out = run(&[program.to_str().unwrap(), "exit-from-thread"]);
-    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+    for vcpus in VCPUS {
+        let out = run(&[
+            "--vcpus",
+            vcpus,
+            program.to_str().unwrap(),
+            "exit-from-thread",
+        ]);
+        assert_eq!(out.status.code(), Some(7), "{vcpus}: {}", describe(&out));
+        assert!(
+            stdout(&out).contains("PASSED before exit"),
+            "{}",
+            describe(&out)
+        );
+    }
+}
+
+/// A thread that computes without a call holds up one that sleeps only while they share a
+/// vCPU: on vCPUs of their own, 50 sleeps of 1 ms take about 50 ms, not 50 time slices.
+#[test]
+fn a_computing_thread_holds_up_no_other_on_a_vcpu_of_its_own() {
+    let program = guest("threads", Link::Static);
+    let took = |vcpus: &str| -> u64 {
+        let out = run(&["--vcpus", vcpus, program.to_str().unwrap(), "latency"]);
+        assert_eq!(out.status.code(), Some(0), "{vcpus}: {}", describe(&out));
+        let text = stdout(&out);
+        let ms = text
+            .strip_prefix("slept 50 x 1 ms in ")
+            .and_then(|rest| rest.trim().strip_suffix(" ms"))
+            .and_then(|ms| ms.parse().ok());
+        ms.unwrap_or_else(|| panic!("{vcpus}: {}", describe(&out)))
+    };
+    let shared = took("1");
+    let own = took("2");
+    // Sharing, each sleep waits for the spinner's 10 ms slice: at least ~500 ms.
+    assert!(shared >= 400, "one vCPU: {shared} ms");
     assert!(
-        stdout(&out).contains("PASSED before exit"),
-        "{}",
-        describe(&out)
+        own * 3 <= shared,
+        "a vCPU each: {own} ms, one vCPU: {shared} ms"
     );
 }
 
-/// A page one thread unmaps faults in another that used it before.
+/// A page one thread unmaps faults in another that used it before, on one vCPU and on two
+/// (where the translation the other vCPU cached must be shot down).
 #[test]
 fn a_page_unmapped_by_one_thread_faults_in_another() {
     let program = guest("threads", Link::Static);
-    let out = run(&[program.to_str().unwrap(), "unmap-across"]);
-    assert_eq!(out.status.code(), Some(139), "{}", describe(&out));
+    for vcpus in VCPUS {
+        a_page_unmapped_by_one_thread_faults_in_another_with(&program, vcpus);
+    }
+}
+
+fn a_page_unmapped_by_one_thread_faults_in_another_with(program: &std::path::Path, vcpus: &str) {
+    let out = run(&["--vcpus", vcpus, program.to_str().unwrap(), "unmap-across"]);
+    assert_eq!(out.status.code(), Some(139), "{vcpus}: {}", describe(&out));
     assert!(
         stdout(&out).contains("read 42 before"),
         "{}",
@@ -320,24 +371,28 @@ fn a_node_http_server_reads_files_through_its_thread_pool() {
     server.stop();
 }
 
-/// The CPU count is one everywhere the app can look: its threads share one vCPU.
+/// The CPU count is the app's vCPU limit everywhere the app can look.
 #[test]
-fn the_app_sees_one_cpu_everywhere() {
+fn the_app_sees_its_vcpu_limit_as_its_cpus_everywhere() {
     build_image("python-http");
     let code = "import os; print(os.cpu_count(), len(os.sched_getaffinity(0)), \
                 open('/sys/devices/system/cpu/online').read().strip(), \
                 open('/proc/cpuinfo').read().count('processor'))";
-    let out = run(&[
-        "--image",
-        "python-http",
-        "--name",
-        "test-thread-cpus",
-        "--address",
-        "127.0.11.7",
-        "/usr/bin/python3",
-        "-c",
-        code,
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    assert_eq!(stdout(&out), "1 1 0 1\n", "{}", describe(&out));
+    for (vcpus, expected) in [("1", "1 1 0 1\n"), ("3", "3 3 0-2 3\n")] {
+        let out = run(&[
+            "--vcpus",
+            vcpus,
+            "--image",
+            "python-http",
+            "--name",
+            "test-thread-cpus",
+            "--address",
+            "127.0.11.7",
+            "/usr/bin/python3",
+            "-c",
+            code,
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        assert_eq!(stdout(&out), expected, "{vcpus}: {}", describe(&out));
+    }
 }

@@ -59,6 +59,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_mailbox: bool,
 
+    /// The most vCPUs the app may have: while there are fewer, each thread it makes runs
+    /// on a vCPU of its own, in parallel with the others; beyond that, threads share the
+    /// first vCPU, which switches among them every 10 ms. 1 runs every thread on one vCPU.
+    #[arg(long, value_name = "N", env = "PICOCENTER_VCPUS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub vcpus: u16,
+
     /// Make time calls exit to the VMM instead of being answered in the guest (for
     /// measuring what that saves).
     #[arg(long, hide = true)]
@@ -594,6 +600,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         control: None,
         inherited_sockets: Vec::new(),
         mailbox: !args.no_mailbox,
+        vcpus: args.vcpus.into(),
         doorbell_time: !args.no_doorbell_time,
         guest_reads: !args.no_guest_reads,
         image: app.image.as_ref().map(|i| i.meta.name.clone()),

@@ -1,7 +1,9 @@
 /* Thread costs, for benches/threads.rs:
  *   create N     N pthread_create + pthread_join pairs, one after another
  *   pingpong N   N futex round trips between two threads (wake the other, wait for it)
- * Prints the median ns per pair or round trip, each timed with CLOCK_MONOTONIC. */
+ *   parallel N   two threads that each compute N million steps, no call in between
+ * Prints the median ns per pair or round trip (for parallel: the ns until both are
+ * done), each timed with CLOCK_MONOTONIC. */
 #define _GNU_SOURCE
 #include <linux/futex.h>
 #include <pthread.h>
@@ -26,6 +28,12 @@ static int compare(const void *a, const void *b) {
 }
 
 static void *nothing(void *arg) { return arg; }
+
+static void *compute(void *arg) {
+    volatile uint64_t x = 1;
+    for (long i = 0; i < (long)(intptr_t)arg * 1000000; i++) x = x * 6364136223846793005ull + 1;
+    return NULL;
+}
 
 static atomic_int word;
 static long rounds;
@@ -66,6 +74,16 @@ int main(int argc, char **argv) {
             times[i] = now() - start;
         }
         pthread_join(t, NULL);
+    } else if (!strcmp(argv[1], "parallel")) {
+        pthread_t a, b;
+        int64_t start = now();
+        if (pthread_create(&a, NULL, compute, (void *)(intptr_t)n) ||
+            pthread_create(&b, NULL, compute, (void *)(intptr_t)n))
+            return 1;
+        pthread_join(a, NULL);
+        pthread_join(b, NULL);
+        printf("%lld\n", (long long)(now() - start));
+        return 0;
     } else {
         return 2;
     }

@@ -122,8 +122,47 @@ static int unmap_across(void) {
     return 0;
 }
 
+/* Clocks agree across threads (and so across vCPUs): a time one thread read and handed
+ * over is never later than what the other reads next. */
+static atomic_long handed_time;
+static atomic_int clock_turn;
+static long monotonic_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+#define CLOCK_ROUNDS 200
+static void *clock_partner(void *arg) {
+    long *backwards = arg;
+    for (int i = 0; i < CLOCK_ROUNDS; i++) {
+        while (atomic_load(&clock_turn) != 2 * i + 1) sched_yield();
+        if (monotonic_ns() < atomic_load(&handed_time)) (*backwards)++;
+        atomic_store(&handed_time, monotonic_ns());
+        atomic_store(&clock_turn, 2 * i + 2);
+    }
+    return NULL;
+}
+
+/* "latency": while another thread computes without a call, this one sleeps 1 ms 50
+ * times; prints how long that took. Threads sharing one vCPU wait for each other's time
+ * slices; threads on vCPUs of their own do not. */
+static int sleep_beside_a_spinner(void) {
+    atomic_int stop = 0;
+    pthread_t t;
+    pthread_create(&t, NULL, spinner, &stop);
+    struct timespec one_ms = {0, 1000000};
+    long started = monotonic_ns();
+    for (int i = 0; i < 50; i++) nanosleep(&one_ms, NULL);
+    long took = (monotonic_ns() - started) / 1000000;
+    atomic_store(&stop, 1);
+    pthread_join(t, NULL);
+    printf("slept 50 x 1 ms in %ld ms\n", took);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "unmap-across") == 0) return unmap_across();
+    if (argc > 1 && strcmp(argv[1], "latency") == 0) return sleep_beside_a_spinner();
     pthread_t threads[THREADS];
     setvbuf(stdout, NULL, _IOLBF, 0);
     pid_t main_tid = syscall(SYS_gettid);
@@ -193,6 +232,18 @@ int main(int argc, char **argv) {
     /* A thread's exit ends only that thread; join sees it (CLONE_CHILD_CLEARTID). */
     CHECK(pthread_create(&t, NULL, exits_alone, NULL) == 0);
     CHECK(pthread_join(t, NULL) == 0);
+
+    /* Time handed from thread to thread never goes backwards. */
+    long backwards = 0;
+    CHECK(pthread_create(&t, NULL, clock_partner, &backwards) == 0);
+    for (int i = 0; i < CLOCK_ROUNDS; i++) {
+        atomic_store(&handed_time, monotonic_ns());
+        atomic_store(&clock_turn, 2 * i + 1);
+        while (atomic_load(&clock_turn) != 2 * i + 2) sched_yield();
+        if (monotonic_ns() < atomic_load(&handed_time)) backwards++;
+    }
+    CHECK(pthread_join(t, NULL) == 0);
+    CHECK(backwards == 0);
 
     /* The CPU count the app sees matches its affinity. */
     cpu_set_t set;

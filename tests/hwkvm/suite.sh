@@ -69,6 +69,19 @@ if [ $status -eq 139 ] && grep -q "segmentation fault: read at 0x" /tmp/err; the
 else
     fail threads-unmap-across$sfx "status $status, expected 139 and a read fault"
 fi
+# The same with a vCPU per thread: each vCPU flushes its own TLB after another's unmap.
+app run --vcpus 4 /guests/threads-static
+if [ $status -eq 0 ] && grep -q "^PASSED" /tmp/out; then
+    pass threads-vcpus$sfx
+else
+    fail threads-vcpus$sfx "status $status"
+fi
+app run --vcpus 2 /guests/threads-static unmap-across
+if [ $status -eq 139 ] && grep -q "segmentation fault: read at 0x" /tmp/err; then
+    pass threads-unmap-across-vcpus$sfx
+else
+    fail threads-unmap-across-vcpus$sfx "status $status, expected 139 and a read fault"
+fi
 
 # Bad pointers give EFAULT (clock_gettime's is answered in the doorbell, at CPL 0 here:
 # its fault is an exception taken in ring 0).

@@ -24,7 +24,7 @@ use crate::{alarm, control, memory, Config, Picoprocess, VmmError};
 use kvm_bindings::CpuId;
 use kvm_ioctls::VcpuFd;
 use picocenter_snapshots::format::{AppRecord, CpuRecord, CpuidBits};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// The VM a picoprocess is built around.
 pub(crate) struct Parts {
@@ -43,6 +43,7 @@ pub(crate) fn prepare(config: &Config) -> Result<(Parts, AddressSpace, Sandbox),
     let mut space = AddressSpace::new(phys, features.nx)?;
     system::install(&mut space, features.nx)?;
     let mut sandbox = Sandbox::new(&config.root)?;
+    sandbox.set_cpus(config.vcpus.min(crate::memory::layout::MAX_VCPUS as usize));
     for (guest, host) in &config.writable {
         sandbox.mount(guest, host, true)?;
     }
@@ -193,10 +194,14 @@ pub(crate) fn process(
         source,
     })?;
     let tsc = cpu::tsc_calibration(vcpu);
+    let mut windows = crate::kernel::windows::FileWindows::new(config.guest_reads);
+    if config.vcpus > 1 {
+        windows.keep_offsets_on_host();
+    }
     Ok(Process {
         mem,
         files: Default::default(),
-        windows: crate::kernel::windows::FileWindows::new(config.guest_reads),
+        windows,
         sandbox,
         cwd: sandbox::normalize("/", &config.cwd),
         umask: 0o022,
@@ -293,7 +298,7 @@ pub(crate) fn finish(
             FIRST_CPU,
             picocenter_guest_shim::abi::cpu_local::MAILBOX_PAGE,
         ))?;
-    let process = Arc::new(Mutex::new(process));
+    let process = Arc::new(parking_lot::Mutex::new(process));
     let poller = if config.mailbox {
         let poller = mailbox::Poller::start(mailbox_page, process.clone(), live.clone()).map_err(
             |source| VmmError::Host {
@@ -308,7 +313,7 @@ pub(crate) fn finish(
     tracing::debug!(platform = platform.describe(), "picoprocess built");
     Ok(Picoprocess {
         vcpu,
-        machine,
+        machine: Arc::new(machine),
         poller,
         doorbell,
         process,
@@ -317,5 +322,8 @@ pub(crate) fn finish(
         ops,
         name: config.name.clone(),
         control,
+        // Made for the run, from the sandbox's CPU count (see `Picoprocess::run`).
+        cpus: Default::default(),
+        seen_invalidations: 0,
     })
 }

@@ -38,7 +38,6 @@ pub mod timeout;
 pub mod trace;
 pub mod vdso;
 
-use kernel::process::Process;
 use kvm::cpu::{self, CpuSetupError};
 use kvm::kick::Kicker;
 use kvm::system::SystemPagesError;
@@ -49,7 +48,7 @@ use memory::phys::PhysError;
 use platform::Platform;
 use sandbox::SandboxError;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 pub use run::RunOutcome;
 
@@ -89,6 +88,9 @@ pub struct Config {
     /// Whether forwarded syscalls may go through the shared-memory mailbox while a poller
     /// thread is awake (see [`mailbox`]).
     pub mailbox: bool,
+    /// The most vCPUs the app may have: each thread runs on one of its own while there
+    /// are (see [`run::cpus`]); 1 puts every thread on the first.
+    pub vcpus: usize,
     /// Whether the doorbell may answer time calls from the time page (otherwise they exit,
     /// which benchmarks use to measure the difference).
     pub doorbell_time: bool,
@@ -162,15 +164,19 @@ pub enum VmmError {
 pub struct Picoprocess {
     // Field order is drop order: the vCPU and VM go before the memory they map.
     vcpu: Vcpu,
-    machine: Machine,
+    machine: Arc<Machine>,
     poller: Option<mailbox::Poller>,
     doorbell: doorbell::Doorbell,
-    process: Arc<Mutex<Process>>,
+    process: kernel::process::SharedProcess,
     stats: run::ExitStats,
     live: Arc<control::LiveStats>,
     ops: Arc<control::PendingOps>,
     name: String,
     control: Option<control::ControlServer>,
+    /// What the app's vCPUs share (see [`run::cpus`]).
+    cpus: Arc<run::cpus::CpuShared>,
+    /// The invalidations of translations the first vCPU has caught up with.
+    seen_invalidations: u64,
 }
 
 impl Picoprocess {

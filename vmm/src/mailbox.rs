@@ -30,7 +30,6 @@
 //! and backing off then would make its next request's calls all exits.
 
 use crate::kernel::process::lock;
-use crate::kernel::process::Process;
 use crate::kvm::kick::reason;
 use crate::memory::phys::SharedPage;
 use crate::syscalls::{self, Args, SysError};
@@ -70,7 +69,7 @@ struct Sleep {
 #[derive(Debug)]
 struct Shared {
     page: SharedPage,
-    process: Arc<Mutex<Process>>,
+    process: crate::kernel::process::SharedProcess,
     sleep: Mutex<Sleep>,
     wake: Condvar,
     stop: AtomicBool,
@@ -94,7 +93,7 @@ impl Poller {
     /// Starts a (sleeping) poller over the mailbox page `page`.
     pub fn start(
         page: SharedPage,
-        process: Arc<Mutex<Process>>,
+        process: crate::kernel::process::SharedProcess,
         live: Arc<crate::control::LiveStats>,
     ) -> std::io::Result<Self> {
         page.u32(SPIN).store(spin_iterations(), Ordering::SeqCst);

@@ -186,6 +186,73 @@ impl Process {
         }
     }
 
+    /// Makes the thread on vCPU `cpu` the current one, to handle that vCPU's exit; the
+    /// first vCPU's thread (the current one until now) goes to `threads.elsewhere`.
+    /// Undone by [`Process::leave_cpu`] before the lock is let go.
+    pub fn enter_cpu(&mut self, cpu: usize) {
+        debug_assert_eq!(self.threads.current_cpu, 0);
+        if cpu == 0 {
+            return;
+        }
+        let first = self.take_current();
+        let own = self.threads.elsewhere.get_mut(cpu).and_then(Option::take);
+        self.put_current(own);
+        self.set_elsewhere(0, first);
+        self.threads.current_cpu = cpu;
+    }
+
+    /// Undoes [`Process::enter_cpu`]: the current thread (if it still runs on vCPU `cpu`)
+    /// goes back to `threads.elsewhere`, and the first vCPU's becomes current again.
+    pub fn leave_cpu(&mut self, cpu: usize) {
+        if cpu == 0 {
+            return;
+        }
+        let own = self.take_current();
+        self.set_elsewhere(cpu, own);
+        let first = self.threads.elsewhere.get_mut(0).and_then(Option::take);
+        self.put_current(first);
+        self.threads.current_cpu = 0;
+    }
+
+    /// Takes the current thread out of the process state (`None` if no thread is current:
+    /// a vCPU whose thread exited or parked).
+    fn take_current(&mut self) -> Option<super::thread::Running> {
+        let state = std::mem::take(&mut self.thread);
+        let signals = super::thread::ThreadSignals {
+            mask: self.signals.mask,
+            pending: std::mem::take(&mut self.signals.thread_pending),
+            altstack: self.signals.altstack,
+        };
+        (state.tid != 0).then_some(super::thread::Running { state, signals })
+    }
+
+    fn put_current(&mut self, running: Option<super::thread::Running>) {
+        match running {
+            Some(t) => {
+                self.thread = t.state;
+                self.signals.mask = t.signals.mask;
+                self.signals.thread_pending = t.signals.pending;
+                self.signals.altstack = t.signals.altstack;
+            }
+            None => {
+                self.thread = Default::default();
+                self.signals.thread_pending = 0;
+            }
+        }
+    }
+
+    fn set_elsewhere(&mut self, cpu: usize, running: Option<super::thread::Running>) {
+        if self.threads.elsewhere.len() <= cpu {
+            self.threads.elsewhere.resize(cpu + 1, None);
+        }
+        self.threads.elsewhere[cpu] = running;
+    }
+
+    /// Notes that thread `running` now runs on vCPU `cpu` (not the current one's).
+    pub fn run_elsewhere(&mut self, cpu: usize, running: super::thread::Running) {
+        self.set_elsewhere(cpu, Some(running));
+    }
+
     /// A new tid (or pid), unique across the app's processes once it has forked.
     pub fn allocate_tid(&mut self) -> Option<i32> {
         match &self.tree {
@@ -229,8 +296,17 @@ impl Process {
     }
 }
 
-/// Locks the process state; a poisoned lock still holds consistent state (every handler
-/// leaves it so before it can panic), so it is used as is.
-pub fn lock(process: &std::sync::Mutex<Process>) -> std::sync::MutexGuard<'_, Process> {
-    process.lock().unwrap_or_else(|e| e.into_inner())
+/// The process state, shared by the app's vCPU threads and the VMM's helper threads.
+/// A parking_lot mutex, so that a vCPU thread can let go of it while it waits
+/// (`MutexGuard::unlocked`, `Condvar::wait`) without giving up its borrow of the guard.
+pub type SharedProcess = std::sync::Arc<parking_lot::Mutex<Process>>;
+
+/// The process state, locked.
+pub type ProcessGuard<'a> = parking_lot::MutexGuard<'a, Process>;
+
+/// Locks the process state. A lock held by a thread that panicked is released as usual:
+/// every handler leaves the state consistent before it can panic, and a panic ends the run
+/// anyway (see `crate::panics`).
+pub fn lock(process: &parking_lot::Mutex<Process>) -> ProcessGuard<'_> {
+    process.lock()
 }

@@ -6,11 +6,15 @@
 //! bookkeeping of the call it is in. Everything else (memory, fds, signal actions,
 //! process-directed signals) is the thread group's, in [`crate::kernel::process::Process`].
 //!
-//! The thread on the vCPU is the *current* thread: its [`ThreadState`] is
-//! `Process::thread` and its mask and altstack are in `Process::signals`, so handlers
-//! written for one thread see the caller's state. The others are [`Parked`], each with the
-//! CPU context it stopped at; [`Threads`] picks the next one to run when the current one
-//! blocks, exits, yields or uses up its time slice.
+//! An app has one or more vCPUs, each on a host thread of its own: the first runs the
+//! app's first thread and any thread no other vCPU took; each other vCPU runs one thread at
+//! a time. Whichever vCPU handles an exit makes its thread the *current* one while it
+//! holds the process lock: its [`ThreadState`] is `Process::thread` and its mask and
+//! altstack are in `Process::signals`, so handlers written for one thread see the caller's
+//! state. The threads on the other vCPUs are [`Running`], in `Threads::elsewhere`. The
+//! rest are [`Parked`], each with the CPU context it stopped at; a parked thread may be
+//! pinned to the vCPU that waits for it. [`Threads`] picks the next one to run when a
+//! vCPU's thread blocks, exits, yields or uses up its time slice.
 //!
 //! A parked thread always stopped at a clean point: either between two instructions of
 //! its own code (preempted), or at its `syscall` instruction with RAX = the call's number
@@ -104,8 +108,9 @@ pub enum Wait {
     Runnable,
     /// One of these host fds to become ready, or the deadline.
     Io {
-        /// Duplicates of the fds the call waits on, with the events.
-        fds: Vec<(OwnedFd, PollFlags)>,
+        /// Duplicates of the fds the call waits on, with the events (shared, so that the
+        /// vCPU a thread is pinned to can poll them without the process lock).
+        fds: Vec<(std::sync::Arc<OwnedFd>, PollFlags)>,
         /// When the call times out.
         deadline: Option<Instant>,
     },
@@ -144,6 +149,30 @@ pub struct Parked {
     /// Whether it stopped in a call (at its `syscall` instruction), which it performs
     /// again when it runs; else it resumes its own code.
     pub in_call: bool,
+    /// The vCPU it must run on (the one that waits for it), or `None` for any.
+    pub pinned_to: Option<usize>,
+}
+
+/// A thread running on a vCPU other than the one whose exit is being handled.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// Its own state.
+    pub state: ThreadState,
+    /// Its signal mask, pending signals and altstack.
+    pub signals: ThreadSignals,
+}
+
+/// What the other vCPUs need of one vCPU: how to interrupt it (or wake it when it waits
+/// for a thread), and whether its guest is running.
+#[derive(Debug, Clone)]
+pub struct CpuSlot {
+    /// Interrupts its host thread.
+    pub kicker: crate::kvm::kick::Kicker,
+    /// Set while its guest may run (set with the process lock held, cleared as soon as
+    /// `KVM_RUN` returns): a vCPU that changes translations waits until no other one is.
+    pub in_guest: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Whether it waits for a thread to run.
+    pub idle: bool,
 }
 
 /// The threads of an app other than the current one, in the order they run next.
@@ -155,6 +184,16 @@ pub struct Threads {
     /// Preempts the current thread while others are runnable; started with the second
     /// thread.
     pub slicer: Option<TimeSlicer>,
+    /// The threads on other vCPUs than the current one's, by vCPU number.
+    pub elsewhere: Vec<Option<Running>>,
+    /// The app's vCPUs, by number (`None` before the run loop registers the first, and
+    /// for numbers no vCPU has).
+    pub cpus: Vec<Option<CpuSlot>>,
+    /// The vCPU whose exit is being handled (its thread is the current one).
+    pub current_cpu: usize,
+    /// Set while the first vCPU needs every thread parked (a snapshot, an exec, a fork):
+    /// the other vCPUs park their threads and take none.
+    pub hold: bool,
 }
 
 /// How long a thread runs while others wait to, as Linux's CFS gives a few milliseconds.
@@ -222,19 +261,62 @@ impl Drop for TimeSlicer {
 }
 
 impl Threads {
-    /// The signals every parked thread blocks.
+    /// The signals every other thread blocks.
     pub fn common_mask(&self) -> u64 {
-        self.parked.iter().fold(!0, |mask, t| mask & t.signals.mask)
+        let parked = self.parked.iter().map(|t| t.signals.mask);
+        let running = self.elsewhere.iter().flatten().map(|t| t.signals.mask);
+        parked.chain(running).fold(!0, |mask, m| mask & m)
     }
 
     /// Whether the app has more than its current thread.
     pub fn any(&self) -> bool {
-        !self.parked.is_empty()
+        !self.parked.is_empty() || self.elsewhere.iter().any(Option::is_some)
     }
 
     /// All threads, the current one included.
     pub fn count(&self) -> usize {
-        self.parked.len() + 1
+        self.parked.len() + self.elsewhere.iter().flatten().count() + 1
+    }
+
+    /// The thread `tid` if it runs on another vCPU: its state and that vCPU's number.
+    pub fn running_mut(&mut self, tid: i32) -> Option<(&mut Running, usize)> {
+        self.elsewhere
+            .iter_mut()
+            .enumerate()
+            .find_map(|(cpu, t)| t.as_mut().filter(|t| t.state.tid == tid).map(|t| (t, cpu)))
+    }
+
+    /// Interrupts vCPU `cpu` so that it looks at its thread or the parked ones again.
+    pub fn wake_cpu(&self, cpu: usize) {
+        if let Some(Some(slot)) = self.cpus.get(cpu) {
+            slot.kicker.kick(crate::kvm::kick::reason::PREEMPT);
+        }
+    }
+
+    /// Wakes whichever vCPU should take a thread made runnable: the one it is pinned to,
+    /// or an idle one for an unpinned thread (the first vCPU finds those itself at its next
+    /// time slice or wait).
+    pub fn wake_for_runnable(&self) {
+        let mut unpinned = false;
+        for t in self
+            .parked
+            .iter()
+            .filter(|t| matches!(t.wait, Wait::Runnable))
+        {
+            match t.pinned_to {
+                Some(cpu) if cpu != self.current_cpu => self.wake_cpu(cpu),
+                Some(_) => {}
+                None => unpinned = true,
+            }
+        }
+        if unpinned {
+            let idle = self.cpus.iter().enumerate().find(|(cpu, slot)| {
+                *cpu != self.current_cpu && slot.as_ref().is_some_and(|s| s.idle)
+            });
+            if let Some((cpu, _)) = idle {
+                self.wake_cpu(cpu);
+            }
+        }
     }
 
     /// A tid for a new thread: above every tid given so far, never reused while its
@@ -257,17 +339,31 @@ impl Threads {
         self.last_tid = self.last_tid.max(tid);
     }
 
-    /// Whether some parked thread may run now.
+    /// Whether some parked thread may run now on the first vCPU.
     pub fn runnable(&self) -> bool {
-        self.parked.iter().any(|t| matches!(t.wait, Wait::Runnable))
+        self.parked
+            .iter()
+            .any(|t| matches!(t.wait, Wait::Runnable) && t.pinned_to.is_none_or(|c| c == 0))
     }
 
-    /// Takes the next runnable thread, if any.
+    /// Takes the next runnable thread for the first vCPU, if any.
     pub fn take_runnable(&mut self) -> Option<Parked> {
+        self.take_runnable_for(0)
+    }
+
+    /// Takes the next runnable thread vCPU `cpu` may run: one pinned to it first, else
+    /// one pinned to none.
+    pub fn take_runnable_for(&mut self, cpu: usize) -> Option<Parked> {
+        let runnable = |t: &Parked| matches!(t.wait, Wait::Runnable);
         let at = self
             .parked
             .iter()
-            .position(|t| matches!(t.wait, Wait::Runnable))?;
+            .position(|t| runnable(t) && t.pinned_to == Some(cpu))
+            .or_else(|| {
+                self.parked
+                    .iter()
+                    .position(|t| runnable(t) && t.pinned_to.is_none())
+            })?;
         self.parked.remove(at)
     }
 
@@ -278,11 +374,6 @@ impl Threads {
                 t.wait = Wait::Runnable;
             }
         }
-    }
-
-    /// The earliest deadline of a parked waiter.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.parked.iter().filter_map(|t| t.wait.deadline()).min()
     }
 
     /// Wakes up to `count` threads waiting on the futex at `addr` whose bitset meets
@@ -299,6 +390,9 @@ impl Threads {
                 t.state.futex_woken = true;
                 woken += 1;
             }
+        }
+        if woken > 0 {
+            self.wake_for_runnable();
         }
         woken
     }
@@ -327,7 +421,8 @@ impl Threads {
     }
 
     /// Makes a parked thread that can take a signal in `signals` (not blocked by its mask)
-    /// runnable, so that its interrupted call sees it. Returns whether one could.
+    /// runnable, so that its interrupted call sees it. Returns whether one could; if none
+    /// could, the other vCPUs whose threads can take it are interrupted instead.
     pub fn interrupt_one(&mut self, signals: u64) -> bool {
         match self
             .parked
@@ -336,49 +431,103 @@ impl Threads {
         {
             Some(t) => {
                 t.wait = Wait::Runnable;
+                self.wake_for_runnable();
                 true
             }
-            None => false,
+            None => {
+                // A thread on another vCPU that can take one looks at it at its next
+                // entry into the guest.
+                let cpus: Vec<usize> = self
+                    .elsewhere
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| {
+                        t.as_ref().is_some_and(|t| {
+                            t.signals.pending & !t.signals.mask != 0
+                                || signals & !t.signals.mask != 0
+                        })
+                    })
+                    .map(|(cpu, _)| cpu)
+                    .collect();
+                for cpu in cpus {
+                    self.wake_cpu(cpu);
+                }
+                false
+            }
         }
-    }
-
-    /// Waits, without the vCPU, until a parked thread may run, a deadline passes, or
-    /// `wake` (the kicker's eventfd) is signalled. Returns whether some thread is runnable.
-    pub fn idle_wait(&mut self, wake: std::os::fd::BorrowedFd<'_>) -> rustix::io::Result<bool> {
-        self.check_waits(wake, true)
     }
 
     /// Makes runnable the parked threads whose fds are ready or deadlines passed, without
     /// waiting (while another thread runs). Returns whether some thread is runnable.
     pub fn poll_waits(&mut self, wake: std::os::fd::BorrowedFd<'_>) -> rustix::io::Result<bool> {
-        self.check_waits(wake, false)
+        self.expire(Instant::now());
+        let waits = self.waits_of(0);
+        let ready = waits.poll(wake, Some(Instant::now()))?;
+        self.mark_ready(&ready);
+        Ok(self.runnable())
     }
 
-    fn check_waits(
-        &mut self,
-        wake: std::os::fd::BorrowedFd<'_>,
-        block: bool,
-    ) -> rustix::io::Result<bool> {
-        use rustix::event::PollFd;
-        let now = Instant::now();
-        self.expire(now);
-        if self.runnable() && block {
-            return Ok(true);
-        }
-        let deadline = if block {
-            self.next_deadline()
-        } else {
-            Some(now)
+    /// What vCPU `cpu` waits for when it has no thread to run: the fds and deadlines of
+    /// the parked threads it watches (those pinned to it, and for the first vCPU the
+    /// unpinned ones too).
+    pub fn waits_of(&self, cpu: usize) -> WaitSet {
+        let watched = |t: &&Parked| match t.pinned_to {
+            Some(c) => c == cpu,
+            None => cpu == 0,
         };
-        let mut owners = Vec::new();
-        let mut polled = vec![PollFd::new(&wake, PollFlags::IN)];
-        for (i, t) in self.parked.iter().enumerate() {
+        let mut set = WaitSet::default();
+        for t in self.parked.iter().filter(watched) {
             if let Wait::Io { fds, .. } = &t.wait {
                 for (fd, events) in fds {
-                    polled.push(PollFd::new(fd, *events));
-                    owners.push(i);
+                    set.fds.push((t.state.tid, fd.clone(), *events));
                 }
             }
+            if let Some(d) = t.wait.deadline() {
+                set.deadline = Some(set.deadline.map_or(d, |e: Instant| e.min(d)));
+            }
+        }
+        set
+    }
+
+    /// Makes runnable the parked threads `ready` names (by tid) and those whose deadline
+    /// passed; wakes the vCPUs that should run them.
+    pub fn mark_ready(&mut self, ready: &[i32]) {
+        for t in &mut self.parked {
+            if ready.contains(&t.state.tid) {
+                t.wait = Wait::Runnable;
+            }
+        }
+        self.expire(Instant::now());
+        self.wake_for_runnable();
+    }
+}
+
+/// Copies of what some parked threads wait for, to wait on without the process lock.
+#[derive(Debug, Default)]
+pub struct WaitSet {
+    /// (tid, fd, events).
+    fds: Vec<(i32, std::sync::Arc<OwnedFd>, PollFlags)>,
+    /// The earliest deadline.
+    deadline: Option<Instant>,
+}
+
+impl WaitSet {
+    /// Waits until one of the fds is ready, the earliest deadline or `until` passes, or
+    /// `wake` (a kicker's eventfd) is signalled; returns the tids whose fds are ready.
+    pub fn poll(
+        &self,
+        wake: std::os::fd::BorrowedFd<'_>,
+        until: Option<Instant>,
+    ) -> rustix::io::Result<Vec<i32>> {
+        use rustix::event::PollFd;
+        let now = Instant::now();
+        let deadline = match (self.deadline, until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut polled = vec![PollFd::new(&wake, PollFlags::IN)];
+        for (_, fd, events) in &self.fds {
+            polled.push(PollFd::new(&**fd, *events));
         }
         let timeout = deadline.map(|d| {
             rustix::time::Timespec::try_from(d.saturating_duration_since(now)).unwrap_or(
@@ -392,18 +541,12 @@ impl Threads {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e),
         }
-        let ready: Vec<usize> = polled[1..]
+        Ok(polled[1..]
             .iter()
-            .zip(&owners)
+            .zip(&self.fds)
             .filter(|(fd, _)| !fd.revents().is_empty())
-            .map(|(_, &owner)| owner)
-            .collect();
-        drop(polled);
-        for owner in ready {
-            self.parked[owner].wait = Wait::Runnable;
-        }
-        self.expire(Instant::now());
-        Ok(self.runnable())
+            .map(|(_, (tid, _, _))| *tid)
+            .collect())
     }
 }
 
@@ -425,6 +568,7 @@ mod tests {
             },
             wait,
             in_call: true,
+            pinned_to: None,
         }
     }
 
@@ -462,7 +606,9 @@ mod tests {
         ));
         let wake = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
         use std::os::fd::AsFd;
-        assert!(threads.idle_wait(wake.as_fd()).unwrap());
+        let ready = threads.waits_of(0).poll(wake.as_fd(), None).unwrap();
+        threads.mark_ready(&ready);
+        assert!(threads.runnable());
         assert!(Instant::now() >= soon);
     }
 

@@ -62,6 +62,9 @@ pub struct FileWindows {
     generation: u64,
     /// RAM frames the windows hold.
     pages: u64,
+    /// Whether offsets may move into the guest: only while the app has one vCPU, whose
+    /// scratch page holds them (see [`offset_gpa`]).
+    offsets_in_guest: bool,
 }
 
 /// Whether `weak` is `file`.
@@ -116,8 +119,15 @@ impl FileWindows {
     pub fn new(enabled: bool) -> Self {
         Self {
             enabled,
+            offsets_in_guest: true,
             ..Default::default()
         }
+    }
+
+    /// Keeps every file offset on the host from now on: for an app that may have more than
+    /// one vCPU, since the doorbell of each would move its own copy.
+    pub fn keep_offsets_on_host(&mut self) {
+        self.offsets_in_guest = false;
     }
 
     /// Whether a forwarded read of `fd` may earn it a window: the caller then checks
@@ -182,6 +192,7 @@ impl FileWindows {
             return;
         }
         let gpa = entry_gpa(fd);
+        let offset = offset.filter(|_| self.offsets_in_guest);
         let flags = if offset.is_some() {
             file_table::OFFSET_IN_GUEST
         } else {

@@ -230,6 +230,17 @@ pub fn tsc_calibration(vcpu: &VcpuFd) -> Option<TscCalibration> {
     TscCalibration::new(khz, guest, host)
 }
 
+/// Sets the guest TSC of `vcpu` to `value` (a vCPU made later than the others starts
+/// its TSC where theirs is).
+pub fn set_tsc(vcpu: &VcpuFd, value: u64) -> Result<(), CpuSetupError> {
+    let msrs = Msrs::from_entries(&[msr(0x10, value)]).map_err(|_| CpuSetupError::SetMsrs(None))?;
+    match vcpu.set_msrs(&msrs) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err(CpuSetupError::SetMsrs(None)),
+        Err(e) => Err(CpuSetupError::SetMsrs(Some(e))),
+    }
+}
+
 /// Configures `vcpu` to start the app at `entry` with stack `rsp`, in ring 3.
 pub fn configure(
     vcpu: &VcpuFd,

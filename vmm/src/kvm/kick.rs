@@ -190,6 +190,9 @@ pub mod reason {
     pub const PREEMPT: u32 = 1 << 5;
     /// A connection waits at the control socket (see [`super::kick_on_connection`]).
     pub const CONTROL: u32 = 1 << 6;
+    /// A thread on another vCPU ended the app (exit_group, a fatal signal): the first
+    /// vCPU ends the run (see `crate::run::cpus`).
+    pub const ENDED: u32 = 1 << 7;
 }
 
 /// A handle that interrupts one vCPU thread. Cloneable and `Send`.
@@ -205,11 +208,18 @@ pub struct Kicker {
 impl Kicker {
     /// Creates a kicker for the calling thread, which must be the vCPU thread.
     pub fn for_current_thread() -> std::io::Result<Self> {
+        // SAFETY: pthread_self has no preconditions.
+        Self::for_thread(unsafe { libc::pthread_self() })
+    }
+
+    /// Creates a kicker for host thread `thread`, a vCPU thread of this process that
+    /// lives as long as its picoprocess and arms itself ([`Kicker::arm`]) before it first
+    /// runs its vCPU.
+    pub fn for_thread(thread: libc::pthread_t) -> std::io::Result<Self> {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         Ok(Self {
-            // SAFETY: pthread_self has no preconditions.
-            thread: unsafe { libc::pthread_self() },
+            thread,
             reasons: Arc::new(AtomicU32::new(0)),
             signals: Arc::new(AtomicU64::new(0)),
             quiet: Arc::new(AtomicU64::new(0)),

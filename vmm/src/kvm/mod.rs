@@ -165,7 +165,12 @@ impl Machine {
         Ok(self.supported_cpuid.get_or_init(|| cpuid).clone())
     }
 
-    /// Creates the one vCPU, or hands out the one made ahead with the VM.
+    /// Creates vCPU `id` (1 and up: the first is [`Machine::create_vcpu`]'s).
+    pub fn create_another_vcpu(&self, id: u64) -> Result<VcpuFd, KvmError> {
+        self.vm.create_vcpu(id).map_err(KvmError::CreateVcpu)
+    }
+
+    /// Creates the first vCPU, or hands out the one made ahead with the VM.
     pub fn create_vcpu(&self) -> Result<VcpuFd, KvmError> {
         let ahead = self
             .vcpu_ahead

@@ -231,6 +231,22 @@ impl Vcpu {
         }
     }
 
+    /// Makes another vCPU's invalidation of translations (see
+    /// [`Vcpu::invalidate_translations`]) take effect on this one too, before it runs
+    /// again. On kvm_pvm both ways of invalidating act on the VM's shadow tables, which
+    /// every vCPU shares, so nothing is left to do; on hardware KVM each vCPU flushes its
+    /// own TLB.
+    pub fn catch_up_invalidation(&mut self) -> Result<(), VcpuError> {
+        if let InvalidationMethod::FlushTlb = self.platform.invalidation_method() {
+            /// CR4.PGE: changing it makes KVM flush the guest TLB on hardware KVM.
+            const CR4_PGE: u64 = 1 << 7;
+            let mut sregs = self.sregs()?;
+            sregs.cr4 ^= CR4_PGE;
+            self.set_sregs(&sregs)?;
+        }
+        Ok(())
+    }
+
     /// Runs the PTE writer over the list at `list_va` (`count` entries) in ring 0, then puts
     /// the vCPU back exactly as it was. Returns whether the writer finished (a kick, say,
     /// can stop it; the caller then invalidates the other way).

@@ -346,6 +346,12 @@ impl AddressSpace {
         Ok(())
     }
 
+    /// How many times guest translations were invalidated: a vCPU that did not do the
+    /// last one itself catches up (see `Vcpu::catch_up_invalidation`) when this moved.
+    pub fn invalidation_count(&self) -> u64 {
+        self.stats.invalidations
+    }
+
     /// Records that guest translations were invalidated: quarantined frames become reusable.
     pub fn invalidated(&mut self) {
         self.stale = StaleEntries::default();

@@ -342,6 +342,12 @@ pub fn capture(
     if let Some(why) = tree_in_use(p) {
         return Err(PersistError::Unsnapshottable(why));
     }
+    if p.threads.elsewhere.iter().any(Option::is_some) {
+        // The run loop parks every thread first (a VMM bug if not).
+        return Err(PersistError::Unsnapshottable(
+            "a thread is running on another vCPU".into(),
+        ));
+    }
     // The file offsets the guest keeps are what the snapshot records (from the host fds).
     p.windows.offsets_to_host(&p.mem);
     let started = Instant::now();

@@ -611,6 +611,7 @@ fn restore_process(p: &mut Process, m: &Manifest) -> Result<(), PersistError> {
             // Whatever it waited for is looked at again when it performs its call.
             wait: crate::kernel::thread::Wait::Runnable,
             in_call: t.in_call,
+            pinned_to: None,
         });
     }
     p.threads.note_tid(p.thread.tid);

@@ -147,6 +147,7 @@ mod tests {
             control: None,
             inherited_sockets: vec![],
             mailbox: false,
+            vcpus: 1,
             doorbell_time: false,
             guest_reads: false,
             image: Some("img".into()),

@@ -70,11 +70,11 @@ fn host_error(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
     move |source| VmmError::Host { what, source }
 }
 
-impl Exits<'_> {
+impl Exits<'_, '_> {
     /// Forks the app process for `request`: the value its call returns (the child's pid
     /// in the parent, 0 in the child), or the errno the parent gets.
     pub(super) fn fork(&mut self, request: ForkRequest) -> Result<Result<u64, Errno>, VmmError> {
-        let p = &mut *self.p;
+        let p: &mut crate::kernel::process::Process = self.p;
         // The child shares the open files, and so their offsets: the host fds keep them.
         p.windows.give_offsets_back(&p.mem);
         // A signal may have been missed; the processes must not be.
@@ -197,7 +197,7 @@ impl Exits<'_> {
             return Ok(Ok(0));
         }
         drop(blocked);
-        let p = &mut *self.p;
+        let p: &mut crate::kernel::process::Process = self.p;
         tree.set_host_pid(slot, host);
         let Some(host_pid) = rustix::process::Pid::from_raw(host) else {
             return Ok(Err(Errno::AGAIN));
@@ -279,15 +279,26 @@ impl Exits<'_> {
         let kicker = Kicker::for_current_thread().map_err(host_error("the vCPU kick signal"))?;
         crate::kvm::kick::forward_host_signals(&kicker)
             .map_err(host_error("forwarding host signals"))?;
-        let p = &mut *self.p;
+        let p: &mut crate::kernel::process::Process = self.p;
         std::mem::forget(std::mem::replace(
             &mut p.alarm,
             crate::alarm::Alarm::new(kicker.clone()),
         ));
         std::mem::forget(p.threads.slicer.take());
-        // Only the calling thread lives on in the child.
+        // Only the calling thread lives on in the child, on its first vCPU.
         p.threads.parked.clear();
+        p.threads.elsewhere.clear();
+        p.threads.cpus.clear();
+        p.threads.hold = false;
+        p.threads.current_cpu = 0;
+        self.cpus.forget_helpers();
+        let limit = self.cpus.limit();
+        std::mem::forget(std::mem::replace(
+            self.cpus,
+            Arc::new(super::cpus::CpuShared::new(limit)),
+        ));
         p.kicker = kicker;
+        self.cpus.register_first(p);
         p.children.clear();
         p.ids = parent_ids.child(start.pid);
         p.signals.pending = 0;
@@ -329,7 +340,7 @@ impl Exits<'_> {
         let platform = self.vcpu.platform();
         // Replacing the vCPU unmaps the parent's `kvm_run` from this process.
         *self.vcpu = Vcpu::new(fd, platform)?;
-        *self.machine = machine;
+        *self.machine = Arc::new(machine);
         Kicker::arm(self.vcpu.immediate_exit_ptr());
         let phys = p.mem.phys();
         p.clock.publish(phys, true);

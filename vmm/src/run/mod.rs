@@ -9,12 +9,13 @@
 //! Three kinds of exit matter: the doorbell (a syscall), an exception stub (a fault, which
 //! may be a demand page fault to serve), and a kick (a timeout or an operator's request).
 
+pub mod cpus;
 pub mod fork;
 pub mod sigframe;
 
 use crate::control::{LiveStats, PendingOp, PendingOps};
 use crate::doorbell::{Recovery, Settled};
-use crate::kernel::process::{lock, Process};
+use crate::kernel::process::{lock, ProcessGuard};
 use crate::kernel::signals::{Disposition, SA_RESTART};
 use crate::kernel::thread::{CpuContext, Parked, ThreadSignals, Wait};
 use crate::kvm::kick::{reason, Kicker};
@@ -23,7 +24,7 @@ use crate::kvm::vcpu::Exit;
 use crate::kvm::vcpu::Vcpu;
 use crate::kvm::Machine;
 use crate::mailbox::Poller;
-use crate::memory::layout::{cpu_local_gpa, FIRST_CPU};
+use crate::memory::layout::cpu_local_gpa;
 use crate::memory::space::Access;
 use crate::memory::FaultResolution;
 use crate::platform::Invalidation;
@@ -31,6 +32,7 @@ use crate::syscalls::{self, Args, SysError};
 use crate::{Picoprocess, VmmError};
 use picocenter_guest_shim::abi;
 use sigframe::{DeliveryError, SigInfo};
+use std::sync::atomic::Ordering;
 
 /// How an app's run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,9 +200,16 @@ impl Picoprocess {
                 })?;
         }
         Kicker::arm(self.vcpu.immediate_exit_ptr());
+        {
+            // The app may have a vCPU for each of the CPUs it is shown.
+            let mut p = lock(&self.process);
+            self.cpus = std::sync::Arc::new(cpus::CpuShared::new(p.sandbox.cpus()));
+            self.cpus.register_first(&mut p);
+        }
         // The state a panic leaves is only dropped afterwards, never used again.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
         Kicker::arm(std::ptr::null_mut());
+        self.cpus.stop_all(&self.process);
         let forked = {
             let p = lock(&self.process);
             let orphan = std::os::unix::process::parent_id() as i32 != p.parent_host_pid;
@@ -249,7 +258,7 @@ impl Picoprocess {
     }
 
     /// The exit-handling context over this picoprocess, with the process state locked.
-    fn exits<'a>(&'a mut self, p: &'a mut Process) -> Exits<'a> {
+    fn exits<'a, 'g>(&'a mut self, p: &'a mut ProcessGuard<'g>) -> Exits<'a, 'g> {
         Exits {
             vcpu: &mut self.vcpu,
             machine: &mut self.machine,
@@ -260,6 +269,10 @@ impl Picoprocess {
             poller: &mut self.poller,
             control: &mut self.control,
             process: &self.process,
+            cpu: 0,
+            cpus: &mut self.cpus,
+            seen_invalidations: &mut self.seen_invalidations,
+            thread_left: false,
         }
     }
 
@@ -279,66 +292,82 @@ impl Picoprocess {
                 if let Some(outcome) = self.exits(&mut p).before_entry()? {
                     return Ok(outcome);
                 }
+                // Set with the lock held: a vCPU that changes translations holds it and
+                // waits until no other guest runs.
+                self.cpus.first_in_guest.store(true, Ordering::SeqCst);
             }
             let exit = self.vcpu.run();
+            self.cpus.first_in_guest.store(false, Ordering::SeqCst);
             let mut p = lock(&process);
-            let mut x = self.exits(&mut p);
-            let outcome = match exit {
-                Exit::Syscall => {
-                    // The app made progress: a fault at the same place from here on is a
-                    // new one (an app that maps, touches and unmaps a buffer in a loop
-                    // faults at the same instruction and address every time).
-                    last_fault = (0, 0, 0);
-                    x.on_syscall()?
-                }
-                Exit::Calibration => {
-                    x.stats.calibration += 1;
-                    None
-                }
-                Exit::Notify => {
-                    x.stats.notifications += 1;
-                    None
-                }
-                Exit::Exception(vector) => x.on_exception(vector, &mut last_fault)?,
-                Exit::Interrupted => {
-                    x.stats.interruptions += 1;
-                    x.vcpu.clear_immediate_exit();
-                    None
-                }
-                Exit::StrayDoorbellStore { rip } => Some(RunOutcome::Killed {
-                    signal: libc::SIGSEGV,
-                    report: format!("store to the syscall doorbell from rip={rip:#x}"),
-                }),
-                Exit::PteWriterDone => Some(RunOutcome::Killed {
-                    signal: libc::SIGKILL,
-                    report: "the page-table writer ran outside an invalidation".into(),
-                }),
-                // A host page behind guest memory is gone: a file mapped from the root
-                // shrank on the host. If it was a file window's, the windows go and the
-                // reads they answered are the VMM's again; otherwise the app cannot go on.
-                Exit::HostFault if x.p.windows.any() => {
-                    tracing::warn!(
-                        "guest memory the host could not provide (a file of the root \
-                         changed on the host?): the file windows are taken down"
-                    );
-                    x.p.windows.take_down_all(&mut x.p.mem);
-                    None
-                }
-                Exit::HostFault => Some(RunOutcome::Killed {
-                    signal: libc::SIGBUS,
-                    report: "guest memory the host could not provide (KVM_RUN: EFAULT; \
-                             did a file mapped from the root shrink on the host?)"
-                        .into(),
-                }),
-                Exit::Unexpected(what) => Some(RunOutcome::Killed {
-                    signal: libc::SIGKILL,
-                    report: format!("unexpected VM exit: {what}"),
-                }),
-            };
-            if let Some(outcome) = outcome {
+            if let Some(outcome) = self.exits(&mut p).on_exit(exit, &mut last_fault)? {
                 return Ok(outcome);
             }
         }
+    }
+}
+
+impl Exits<'_, '_> {
+    /// Handles one exit of the vCPU.
+    fn on_exit(
+        &mut self,
+        exit: Exit,
+        last_fault: &mut (u64, u64, u32),
+    ) -> Result<Option<RunOutcome>, VmmError> {
+        let x = self;
+        let outcome = match exit {
+            Exit::Syscall => {
+                // The app made progress: a fault at the same place from here on is a
+                // new one (an app that maps, touches and unmaps a buffer in a loop
+                // faults at the same instruction and address every time).
+                *last_fault = (0, 0, 0);
+                x.on_syscall()?
+            }
+            Exit::Calibration => {
+                x.stats.calibration += 1;
+                None
+            }
+            Exit::Notify => {
+                x.stats.notifications += 1;
+                None
+            }
+            Exit::Exception(vector) => x.on_exception(vector, last_fault)?,
+            Exit::Interrupted => {
+                x.stats.interruptions += 1;
+                x.vcpu.clear_immediate_exit();
+                None
+            }
+            Exit::StrayDoorbellStore { rip } => Some(RunOutcome::Killed {
+                signal: libc::SIGSEGV,
+                report: format!("store to the syscall doorbell from rip={rip:#x}"),
+            }),
+            Exit::PteWriterDone => Some(RunOutcome::Killed {
+                signal: libc::SIGKILL,
+                report: "the page-table writer ran outside an invalidation".into(),
+            }),
+            // A host page behind guest memory is gone: a file mapped from the root
+            // shrank on the host. If it was a file window's, the windows go and the
+            // reads they answered are the VMM's again; otherwise the app cannot go on.
+            Exit::HostFault if x.p.windows.any() => {
+                tracing::warn!(
+                    "guest memory the host could not provide (a file of the root \
+                         changed on the host?): the file windows are taken down"
+                );
+                let p: &mut crate::kernel::process::Process = x.p;
+                p.windows.take_down_all(&mut p.mem);
+                None
+            }
+            Exit::HostFault => Some(RunOutcome::Killed {
+                signal: libc::SIGBUS,
+                report: "guest memory the host could not provide (KVM_RUN: EFAULT; \
+                             did a file mapped from the root shrink on the host?)"
+                    .into(),
+            }),
+            Exit::Unexpected(what) => Some(RunOutcome::Killed {
+                signal: libc::SIGKILL,
+                report: format!("unexpected VM exit: {what}"),
+            }),
+        };
+        Ok(outcome)
     }
 }
 
@@ -356,21 +385,31 @@ enum Step {
     Switch,
 }
 
-/// Everything one exit's handling touches, borrowed from the [`Picoprocess`].
-struct Exits<'a> {
+/// Everything one exit's handling touches, borrowed from the [`Picoprocess`] (the first
+/// vCPU) or from another vCPU's thread (see [`cpus`]).
+struct Exits<'a, 'g> {
     vcpu: &'a mut Vcpu,
-    machine: &'a mut Machine,
-    p: &'a mut Process,
+    machine: &'a mut std::sync::Arc<Machine>,
+    /// The process state, locked; a wait lets go of it (`MutexGuard::unlocked`).
+    p: &'a mut ProcessGuard<'g>,
     stats: &'a mut ExitStats,
     live: &'a mut std::sync::Arc<LiveStats>,
     ops: &'a PendingOps,
     poller: &'a mut Option<Poller>,
     control: &'a mut Option<crate::control::ControlServer>,
     /// The process state `p` is the locked content of (a poller started here needs it).
-    process: &'a std::sync::Arc<std::sync::Mutex<Process>>,
+    process: &'a crate::kernel::process::SharedProcess,
+    /// This vCPU's number (0: the first).
+    cpu: usize,
+    /// What the app's vCPUs share.
+    cpus: &'a mut std::sync::Arc<cpus::CpuShared>,
+    /// The invalidations of translations this vCPU has caught up with.
+    seen_invalidations: &'a mut u64,
+    /// Set on a vCPU other than the first when its thread left it (parked or ended).
+    thread_left: bool,
 }
 
-impl Exits<'_> {
+impl Exits<'_, '_> {
     /// Publishes counters for the control socket.
     fn publish_stats(&self) {
         let memory = self.p.mem.stats();
@@ -417,11 +456,88 @@ impl Exits<'_> {
                 self.p.threads.interrupt_one(blocked_here);
             }
         }
+        self.spread()?;
         if let Some(slicer) = &self.p.threads.slicer {
-            slicer.set_contended(self.p.threads.any());
+            // Time slices matter only while threads share this vCPU.
+            let sharing = self
+                .p
+                .threads
+                .parked
+                .iter()
+                .any(|t| t.pinned_to.is_none_or(|cpu| cpu == 0));
+            slicer.set_contended(sharing);
         }
         self.prepare_entry()?;
         Ok(None)
+    }
+
+    /// Gives the threads that share the first vCPU (a restored app's, those made while
+    /// every vCPU was taken) vCPUs of their own, as far as the limit allows.
+    fn spread(&mut self) -> Result<(), VmmError> {
+        if self.cpus.limit() <= 1 || self.p.threads.hold {
+            return Ok(());
+        }
+        while let Some(at) = self
+            .p
+            .threads
+            .parked
+            .iter()
+            .position(|t| t.pinned_to.is_none())
+        {
+            let Some(mut thread) = self.p.threads.parked.remove(at) else {
+                break;
+            };
+            let placed = cpus::place(self, &mut thread)?;
+            self.p.threads.parked.push_back(thread);
+            if !placed {
+                break;
+            }
+        }
+        self.p.threads.wake_for_runnable();
+        Ok(())
+    }
+
+    /// Parks every thread on the other vCPUs (for a snapshot, a fork or an exec): they
+    /// keep theirs parked until [`Exits::release_the_world`]. Waits without the lock.
+    fn stop_the_world(&mut self) -> Result<(), VmmError> {
+        let running_elsewhere =
+            |p: &ProcessGuard<'_>| p.threads.elsewhere.iter().skip(1).any(Option::is_some);
+        if !running_elsewhere(self.p) {
+            return Ok(());
+        }
+        self.p.threads.hold = true;
+        let started = std::time::Instant::now();
+        let mut kicked = None;
+        while running_elsewhere(self.p) {
+            if kicked.is_none_or(|at: std::time::Instant| at.elapsed().as_millis() >= 5) {
+                // Again now and then: a vCPU kicked in an exception stub runs on to a
+                // clean point first.
+                for slot in self.p.threads.cpus.iter().skip(1).flatten() {
+                    slot.kicker.kick(reason::PREEMPT);
+                }
+                kicked = Some(std::time::Instant::now());
+            }
+            if started.elapsed() > std::time::Duration::from_secs(10) {
+                return Err(VmmError::Host {
+                    what: "parking the threads on the other vCPUs",
+                    source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+                });
+            }
+            parking_lot::MutexGuard::unlocked(self.p, || {
+                std::thread::sleep(std::time::Duration::from_micros(50))
+            });
+        }
+        Ok(())
+    }
+
+    /// Lets the other vCPUs take their threads again.
+    fn release_the_world(&mut self) {
+        if self.p.threads.hold {
+            self.p.threads.hold = false;
+            for cpu in 1..self.p.threads.cpus.len() {
+                self.p.threads.wake_cpu(cpu);
+            }
+        }
     }
 
     /// Whether the vCPU's context is the app's own, to build a signal frame on, capture
@@ -446,7 +562,7 @@ impl Exits<'_> {
             return Ok(None);
         }
         self.p.kicker.clear(reason::PREEMPT);
-        let process = &mut *self.p;
+        let process: &mut crate::kernel::process::Process = self.p;
         let wake = process.kicker.wake_fd();
         let runnable = process
             .threads
@@ -475,13 +591,17 @@ impl Exits<'_> {
             altstack: self.p.signals.altstack,
         };
         let state = std::mem::take(&mut self.p.thread);
+        // A thread parked on another vCPU stays that vCPU's: it waits for it.
+        let pinned_to = (self.cpu != 0).then_some(self.cpu);
         self.p.threads.parked.push_back(Parked {
             state,
             signals,
             cpu,
             wait,
             in_call,
+            pinned_to,
         });
+        self.thread_left = true;
         Ok(())
     }
 
@@ -494,7 +614,7 @@ impl Exits<'_> {
         self.p.signals.mask = t.signals.mask;
         self.p.signals.thread_pending = t.signals.pending;
         self.p.signals.altstack = t.signals.altstack;
-        crate::kernel::clock::publish_tid(self.p.mem.phys(), FIRST_CPU, self.p.thread.tid);
+        crate::kernel::clock::publish_tid(self.p.mem.phys(), self.cpu as u64, self.p.thread.tid);
         Ok(())
     }
 
@@ -502,8 +622,25 @@ impl Exits<'_> {
     /// waiting for one if none is. A thread that stopped in a call performs it again
     /// here; if it must wait again, the next one is tried.
     fn schedule(&mut self) -> Result<Option<RunOutcome>, VmmError> {
+        if self.cpu != 0 {
+            // The vCPU's own loop waits for its next thread (see `cpus`).
+            self.thread_left = true;
+            return Ok(None);
+        }
         loop {
-            if let Some(next) = self.p.threads.take_runnable() {
+            let next = if self.p.threads.hold {
+                // Every thread is parked for the first vCPU's sake: any may run here.
+                let at = self
+                    .p
+                    .threads
+                    .parked
+                    .iter()
+                    .position(|t| matches!(t.wait, Wait::Runnable));
+                at.and_then(|at| self.p.threads.parked.remove(at))
+            } else {
+                self.p.threads.take_runnable()
+            };
+            if let Some(next) = next {
                 let in_call = next.in_call;
                 self.load(next)?;
                 if !in_call {
@@ -514,7 +651,7 @@ impl Exits<'_> {
                     Step::Switch => continue,
                 }
             }
-            if self.p.threads.parked.is_empty() {
+            if !self.p.threads.any() {
                 // Unreachable: the last thread's exit ends the app.
                 return Ok(Some(RunOutcome::Exited(0)));
             }
@@ -530,27 +667,43 @@ impl Exits<'_> {
                 self.p.kicker.clear(reason::PREEMPT);
             }
             let pending = self.p.signals.pending;
-            if pending != 0 && self.p.threads.interrupt_one(pending) {
+            // (A thread pinned to another vCPU that takes it runs there.)
+            if pending != 0 && self.p.threads.interrupt_one(pending) && self.p.threads.runnable() {
                 continue;
             }
+            if let Some(outcome) = self.final_kicks()? {
+                return Ok(Some(outcome));
+            }
+            if self.p.kicker.pending() & reason::CONTROL != 0 {
+                self.p.kicker.clear(reason::CONTROL);
+                if let Some(control) = self.control.as_ref() {
+                    control.accept_waiting();
+                }
+            }
             if self.p.kicker.pending() & !(reason::SIGNAL | reason::PREEMPT) != 0 {
+                // A kick to act on needs a thread on this vCPU: the next one (every
+                // thread parked, should it need them all; any may then run here).
+                self.stop_the_world()?;
+                self.p.threads.hold = self.cpus.limit() > 1;
                 if let Some(first) = self.p.threads.parked.front_mut() {
                     first.wait = Wait::Runnable;
+                    continue;
                 }
-                continue;
             }
             if let Some(slicer) = &self.p.threads.slicer {
                 slicer.set_contended(false);
             }
-            let process = &mut *self.p;
-            let wake = process.kicker.wake_fd();
-            process
-                .threads
-                .idle_wait(std::os::fd::AsFd::as_fd(wake))
-                .map_err(|e| VmmError::Host {
-                    what: "waiting for the app's threads",
-                    source: e.into(),
-                })?;
+            // Waits without the lock: the other vCPUs' threads go on meanwhile.
+            let waits = self.p.threads.waits_of(0);
+            let wake = self.p.kicker.clone();
+            let ready = parking_lot::MutexGuard::unlocked(self.p, || {
+                waits.poll(std::os::fd::AsFd::as_fd(wake.wake_fd()), None)
+            })
+            .map_err(|e| VmmError::Host {
+                what: "waiting for the app's threads",
+                source: e.into(),
+            })?;
+            self.p.threads.mark_ready(&ready);
         }
     }
 
@@ -579,7 +732,14 @@ impl Exits<'_> {
             },
             wait: Wait::Runnable,
             in_call: false,
+            pinned_to: None,
         };
+        let mut parked = parked;
+        if cpus::place(self, &mut parked)? {
+            self.p.threads.parked.push_back(parked);
+            self.p.threads.wake_for_runnable();
+            return Ok(());
+        }
         if self.p.threads.slicer.is_none() {
             let slicer = crate::kernel::thread::TimeSlicer::start(self.p.kicker.clone()).map_err(
                 |source| VmmError::Host {
@@ -613,9 +773,17 @@ impl Exits<'_> {
         Ok(())
     }
 
-    /// Acts on kicks that arrived; the app is outside any syscall here.
-    fn take_kicks(&mut self) -> Result<Option<RunOutcome>, VmmError> {
+    /// The kicks that end the run, whether or not a thread is on this vCPU: a thread on
+    /// another ended the app, a VMM thread failed, the time limit passed, the operator
+    /// stopped the app.
+    fn final_kicks(&mut self) -> Result<Option<RunOutcome>, VmmError> {
         let pending = self.p.kicker.pending();
+        if pending & reason::ENDED != 0 {
+            if let Some(outcome) = self.cpus.take_ending() {
+                return Ok(Some(outcome));
+            }
+            self.p.kicker.clear(reason::ENDED);
+        }
         if pending & reason::FAILED != 0 {
             let report = crate::panics::report().unwrap_or_default();
             return Err(VmmError::Panicked(report));
@@ -629,6 +797,15 @@ impl Exits<'_> {
                 report: "stopped by the operator".into(),
             }));
         }
+        Ok(None)
+    }
+
+    /// Acts on kicks that arrived; the app is outside any syscall here.
+    fn take_kicks(&mut self) -> Result<Option<RunOutcome>, VmmError> {
+        if let Some(outcome) = self.final_kicks()? {
+            return Ok(Some(outcome));
+        }
+        let pending = self.p.kicker.pending();
         if pending & reason::SIGNAL != 0 {
             self.p.absorb_external_signals();
         }
@@ -641,6 +818,8 @@ impl Exits<'_> {
         }
         // The operator's requests (a snapshot among them) wait for a clean point.
         if pending & reason::PAUSE != 0 && self.at_clean_point()? {
+            // Every thread parked, so that the requests see them all at a clean point.
+            self.stop_the_world()?;
             self.p.kicker.clear(reason::PAUSE);
             for op in self.ops.take() {
                 if let Some(outcome) = self.perform(op)? {
@@ -648,6 +827,7 @@ impl Exits<'_> {
                 }
             }
         }
+        self.release_the_world();
         Ok(None)
     }
 
@@ -777,17 +957,19 @@ impl Exits<'_> {
 
     /// Applies what the last exit changed before the guest runs again.
     fn prepare_entry(&mut self) -> Result<(), VmmError> {
-        self.p.clock.publish(self.p.mem.phys(), false);
+        let p: &mut crate::kernel::process::Process = self.p;
+        p.clock.publish(p.mem.phys(), false);
         if self.p.thread.fs_base_changed {
             self.vcpu.set_fs_base(self.p.thread.fs_base)?;
             self.p.thread.fs_base_changed = false;
         }
-        if self.p.activeset.harvest_due() {
+        if self.cpu == 0 && self.p.activeset.harvest_due() {
             tracing::trace!("activeset: harvest");
             let accessed = self.p.mem.take_accessed()?;
             self.p.activeset.harvest(accessed);
         }
         if self.p.mem.is_stale() {
+            self.shoot_down()?;
             match self
                 .vcpu
                 .invalidate_translations(self.machine, &self.p.mem)?
@@ -796,15 +978,67 @@ impl Exits<'_> {
                 Invalidation::Everything => self.stats.full_invalidations += 1,
             }
             self.p.mem.invalidated();
+            *self.seen_invalidations = self.p.mem.invalidation_count();
+        } else if *self.seen_invalidations != self.p.mem.invalidation_count() {
+            self.vcpu.catch_up_invalidation()?;
+            *self.seen_invalidations = self.p.mem.invalidation_count();
+        }
+        Ok(())
+    }
+
+    /// Brings every other vCPU out of its guest before translations change: each is kicked
+    /// and, since this vCPU holds the process lock, cannot enter again until the change is
+    /// made (and, on hardware KVM, caught up with; see [`Vcpu::catch_up_invalidation`]).
+    /// A kernel's TLB shootdown, in effect.
+    fn shoot_down(&mut self) -> Result<(), VmmError> {
+        let others: Vec<_> = (self.p.threads.cpus.iter().enumerate())
+            .filter(|(cpu, _)| *cpu != self.cpu)
+            .filter_map(|(_, slot)| slot.as_ref())
+            .filter(|slot| slot.in_guest.load(Ordering::SeqCst))
+            .map(|slot| (slot.in_guest.clone(), slot.kicker.clone()))
+            .collect();
+        let started = std::time::Instant::now();
+        let mut kicked: Option<std::time::Instant> = None;
+        while others
+            .iter()
+            .any(|(in_guest, _)| in_guest.load(Ordering::SeqCst))
+        {
+            if kicked.is_none_or(|at| at.elapsed().as_millis() >= 5) {
+                for (in_guest, kicker) in &others {
+                    if in_guest.load(Ordering::SeqCst) {
+                        kicker.kick(reason::PREEMPT);
+                    }
+                }
+                kicked = Some(std::time::Instant::now());
+            }
+            if started.elapsed() > std::time::Duration::from_secs(10) {
+                return Err(VmmError::Host {
+                    what: "bringing the other vCPUs out of the guest",
+                    source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+                });
+            }
+            std::thread::yield_now();
         }
         Ok(())
     }
 
     fn on_syscall(&mut self) -> Result<Option<RunOutcome>, VmmError> {
         self.stats.syscalls += 1;
-        self.publish_stats();
+        if self.cpu == 0 {
+            self.publish_stats();
+        }
         let regs = self.vcpu.regs();
         let nr = regs.rax;
+        if self.cpu != 0 && cpus::needs_first_cpu(self.p, nr, regs.rdi) {
+            // Performed on the first vCPU, which copies or replaces the whole process.
+            self.rewind_syscall(nr)?;
+            self.park_current(Wait::Runnable, true)?;
+            if let Some(moved) = self.p.threads.parked.back_mut() {
+                moved.pinned_to = Some(0);
+            }
+            self.p.threads.wake_cpu(0);
+            return Ok(None);
+        }
         if let Some(poller) = self.poller.as_ref() {
             poller.exit_call(nr);
         }
@@ -845,7 +1079,16 @@ impl Exits<'_> {
         let call = (nr, regs.rcx.wrapping_sub(2));
         self.p.thread.current_call = call;
         self.p.thread.interrupted_deadline = None;
+        let whole_process = self.cpu == 0 && cpus::needs_first_cpu(self.p, nr, regs.rdi);
+        if whole_process {
+            // A fork copies, an exec replaces, the process: the other vCPUs' threads park
+            // first.
+            self.stop_the_world()?;
+        }
         let result = syscalls::perform(self.p, nr, &args);
+        if whole_process {
+            self.release_the_world();
+        }
         let rax = match result {
             Ok(value) => value,
             Err(SysError::Errno(errno)) => (-(errno.raw_os_error() as i64)) as u64,
@@ -872,6 +1115,7 @@ impl Exits<'_> {
                 self.p.thread = Default::default();
                 return Ok(Step::Switch);
             }
+            Err(SysError::Yield) if self.cpu != 0 => 0,
             Err(SysError::Yield) => {
                 self.vcpu.regs_mut().rax = 0;
                 self.vcpu.complete_syscall()?;
@@ -940,7 +1184,7 @@ impl Exits<'_> {
         let mut raw = [0u64; 6];
         let phys = self.p.mem.phys();
         for (i, word) in raw.iter_mut().take(words as usize).enumerate() {
-            let gpa = cpu_local_address(FIRST_CPU as usize, rsp + i as u64 * 8)?;
+            let gpa = cpu_local_address(self.cpu, rsp + i as u64 * 8)?;
             *word = phys.read_u64(gpa).ok()?;
         }
         let w = if has_error_code(vector) {
@@ -976,7 +1220,7 @@ impl Exits<'_> {
     ) -> Result<Option<RunOutcome>, VmmError> {
         let phys = self.p.mem.phys();
         let slot = |offset: u64| {
-            phys.read_u64(cpu_local_gpa(FIRST_CPU, abi::cpu_local::SCRATCH_PAGE) + offset)
+            phys.read_u64(cpu_local_gpa(self.cpu as u64, abi::cpu_local::SCRATCH_PAGE) + offset)
                 .unwrap_or(0)
         };
         let (nr, rcx, rdx) = (
@@ -996,7 +1240,8 @@ impl Exits<'_> {
                     // Only the app's own jumps into the doorbell get here (windows are
                     // mapped whole), so this is not worth more than a debug line.
                     tracing::debug!(fd, "a fault in a file window: the window is taken down");
-                    self.p.windows.take_down(fd, &mut self.p.mem);
+                    let p: &mut crate::kernel::process::Process = self.p;
+                    p.windows.take_down(fd, &mut p.mem);
                     true
                 }
                 None => self

@@ -179,33 +179,40 @@ fn create_in(
     }
 }
 
-/// The files that say how many CPUs there are, as the app sees them: its threads share one
-/// vCPU, so one, as `sched_getaffinity` says. glibc's `get_nprocs` reads the first; many
-/// runtimes read /proc/cpuinfo.
-fn cpu_view(path: &str) -> Option<Vec<u8>> {
+/// The files that say how many CPUs there are, as the app sees them: as many as it may
+/// have vCPUs (`cpus`), as `sched_getaffinity` says. glibc's `get_nprocs` reads the first;
+/// many runtimes read /proc/cpuinfo.
+fn cpu_view(path: &str, cpus: usize) -> Option<Vec<u8>> {
+    let cpus = cpus.max(1);
     match path {
         "/sys/devices/system/cpu/online"
         | "/sys/devices/system/cpu/possible"
-        | "/sys/devices/system/cpu/present" => Some(b"0\n".to_vec()),
+        | "/sys/devices/system/cpu/present" => Some(match cpus {
+            1 => b"0\n".to_vec(),
+            n => format!("0-{}\n", n - 1).into_bytes(),
+        }),
         "/proc/cpuinfo" => {
-            // The host's first processor, which is what the app's CPUID shows, as the only
-            // one.
+            // The host's first processor, which is what the app's CPUID shows, once per
+            // vCPU.
             let host = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
             let first = host.split("\n\n").next().unwrap_or("processor\t: 0");
             let mut out = String::new();
-            for line in first.lines() {
-                let key = line.split(':').next().unwrap_or("").trim();
-                let line = match key {
-                    "siblings" | "cpu cores" => format!("{key}\t: 1"),
-                    "core id" | "physical id" | "apicid" | "initial apicid" => {
-                        format!("{key}\t: 0")
-                    }
-                    _ => line.to_string(),
-                };
-                out.push_str(&line);
+            for cpu in 0..cpus {
+                for line in first.lines() {
+                    let key = line.split(':').next().unwrap_or("").trim();
+                    let line = match key {
+                        "processor" | "core id" | "apicid" | "initial apicid" => {
+                            format!("{key}\t: {cpu}")
+                        }
+                        "siblings" | "cpu cores" => format!("{key}\t: {cpus}"),
+                        "physical id" => format!("{key}\t: 0"),
+                        _ => line.to_string(),
+                    };
+                    out.push_str(&line);
+                    out.push('\n');
+                }
                 out.push('\n');
             }
-            out.push('\n');
             Some(out.into_bytes())
         }
         _ => None,
@@ -264,14 +271,30 @@ pub fn normalize(cwd: &str, path: &str) -> String {
 pub struct Sandbox {
     /// Longest guest prefix first.
     mounts: Vec<Mount>,
+    /// How many CPUs the app sees (its vCPU limit).
+    cpus: usize,
 }
 
 impl Sandbox {
     /// A sandbox whose read-only root is the host directory `root`.
     pub fn new(root: &Path) -> Result<Self, SandboxError> {
-        let mut sandbox = Self { mounts: Vec::new() };
+        let mut sandbox = Self {
+            mounts: Vec::new(),
+            cpus: 1,
+        };
         sandbox.mount("/", root, false)?;
         Ok(sandbox)
+    }
+
+    /// Says how many CPUs the app sees: in /proc/cpuinfo, /sys's CPU lists and
+    /// `sched_getaffinity`.
+    pub fn set_cpus(&mut self, cpus: usize) {
+        self.cpus = cpus.max(1);
+    }
+
+    /// How many CPUs the app sees.
+    pub fn cpus(&self) -> usize {
+        self.cpus
     }
 
     /// Makes host directory `host` visible at guest path `guest`.
@@ -576,7 +599,7 @@ impl Sandbox {
         mode: Mode,
         symlinks: Symlinks,
     ) -> Result<OwnedFd, Errno> {
-        if let Some(content) = cpu_view(path) {
+        if let Some(content) = cpu_view(path, self.cpus) {
             if flags.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::TRUNC | OFlags::CREATE) {
                 return Err(Errno::ROFS);
             }

@@ -262,13 +262,19 @@ pub fn sched_rr_get_interval(p: &mut Process, a: &Args) -> SysResult {
     Ok(0)
 }
 
-/// sched_getaffinity(2): one CPU.
+/// sched_getaffinity(2): the CPUs the app may have vCPUs for (at most 64: one word).
 pub fn sched_getaffinity(p: &mut Process, a: &Args) -> SysResult {
     let size = a.usize(1);
     if size < 8 || !size.is_multiple_of(8) {
         return Err(Errno::INVAL.into());
     }
-    p.mem.write_pod(a.ptr(2), &1u64)?;
+    let cpus = p.sandbox.cpus().min(64);
+    let mask = if cpus == 64 {
+        !0u64
+    } else {
+        (1u64 << cpus) - 1
+    };
+    p.mem.write_pod(a.ptr(2), &mask)?;
     Ok(8)
 }
 

@@ -226,7 +226,7 @@ pub static TABLE: &[Entry] = &[
     call(Sysno::times, |p, _, a| process::times(p, a), NONE, Full),
     call(Sysno::getpriority, |p, _, a| process::getpriority(p, a), NONE, Full),
     call(Sysno::setpriority, |p, _, a| process::setpriority(p, a), NONE, Full),
-    call(Sysno::sched_getaffinity, |p, _, a| process::sched_getaffinity(p, a), NONE, Partly("one CPU: the app's threads share one vCPU")),
+    call(Sysno::sched_getaffinity, |p, _, a| process::sched_getaffinity(p, a), NONE, Partly("the CPUs the app may have vCPUs for (`--vcpus`)")),
     call(Sysno::sched_setaffinity, |_, _, _| Ok(0), NONE, Partly("accepted, ignored")),
     call(Sysno::sched_yield, |p, _, _| thread::sched_yield(p), M, Full),
     call(Sysno::sched_get_priority_max, |_, _, a| process::sched_priority_bound(a, true), M, Full),

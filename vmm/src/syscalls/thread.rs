@@ -437,6 +437,14 @@ pub fn tgkill(p: &mut Process, tgid: Option<i32>, tid: i32, signal: i32) -> SysR
     }
     let ignored =
         signal != 0 && p.signals.disposition(signal) == crate::kernel::signals::Disposition::Ignore;
+    if let Some((target, cpu)) = p.threads.running_mut(tid) {
+        // Its vCPU delivers it at its next entry into the guest.
+        if signal != 0 && !ignored {
+            target.signals.pending |= crate::kernel::signals::bit(signal);
+            p.threads.wake_cpu(cpu);
+        }
+        return Ok(0);
+    }
     let Some(target) = p.threads.get_mut(tid) else {
         return Err(Errno::SRCH.into());
     };
@@ -446,6 +454,7 @@ pub fn tgkill(p: &mut Process, tgid: Option<i32>, tid: i32, signal: i32) -> SysR
         // Its wait ends, to see the signal, unless it blocks it.
         if target.signals.mask & bit == 0 && !matches!(target.wait, Wait::Runnable) {
             target.wait = Wait::Runnable;
+            p.threads.wake_for_runnable();
         }
     }
     Ok(0)

@@ -61,7 +61,7 @@ pub fn wait_any(
                 let mut owned = Vec::with_capacity(fds.len());
                 for (fd, events) in fds {
                     let copy = rustix::io::fcntl_dupfd_cloexec(fd, 0)?;
-                    owned.push((copy, *events));
+                    owned.push((std::sync::Arc::new(copy), *events));
                 }
                 Err(SysError::Block(crate::kernel::thread::Wait::Io {
                     fds: owned,
