@@ -89,9 +89,10 @@ pub struct RestoreArgs {
     /// Make every forwarded syscall a VM exit (no mailbox).
     #[arg(long)]
     no_mailbox: bool,
-    /// The most vCPUs the app may have (see `run --vcpus`).
-    #[arg(long, value_name = "N", env = "PICOCENTER_VCPUS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    vcpus: u16,
+    /// The most vCPUs the app may have (see `run --vcpus`). [default: the host's CPUs, at
+    /// most 64]
+    #[arg(long, value_name = "N", env = "PICOCENTER_VCPUS", value_parser = clap::value_parser!(u16).range(1..=64))]
+    vcpus: Option<u16>,
 
     /// Make pread64 and fstat of files of the read-only root always go to the VMM (see
     /// `run --no-guest-reads`).
@@ -258,7 +259,7 @@ fn configure(
         control: None,
         inherited_sockets: inherited_sockets(args.listen_fds)?,
         mailbox: !args.no_mailbox,
-        vcpus: args.vcpus.into(),
+        vcpus: super::run::vcpus_or_default(args.vcpus),
         doorbell_time: true,
         guest_reads: !args.no_guest_reads,
         image: image_name,

@@ -59,11 +59,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_mailbox: bool,
 
-    /// The most vCPUs the app may have: while there are fewer, each thread it makes runs
-    /// on a vCPU of its own, in parallel with the others; beyond that, threads share the
-    /// first vCPU, which switches among them every 10 ms. 1 runs every thread on one vCPU.
-    #[arg(long, value_name = "N", env = "PICOCENTER_VCPUS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub vcpus: u16,
+    /// The most vCPUs the app may have, and the CPUs it is shown: while it has fewer
+    /// threads, each runs on a vCPU of its own, in parallel with the others; beyond that,
+    /// threads share the first vCPU, which switches among them every 10 ms. 1 runs every
+    /// thread on one vCPU. [default: the host's CPUs, at most 64]
+    #[arg(long, value_name = "N", env = "PICOCENTER_VCPUS", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub vcpus: Option<u16>,
 
     /// Make time calls exit to the VMM instead of being answered in the guest (for
     /// measuring what that saves).
@@ -600,7 +601,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         control: None,
         inherited_sockets: Vec::new(),
         mailbox: !args.no_mailbox,
-        vcpus: args.vcpus.into(),
+        vcpus: vcpus_or_default(args.vcpus),
         doorbell_time: !args.no_doorbell_time,
         guest_reads: !args.no_guest_reads,
         image: app.image.as_ref().map(|i| i.meta.name.clone()),
@@ -622,5 +623,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         &temporary,
         args.timeout,
         Picoprocess::new,
+    )
+}
+
+/// The vCPU limit asked for, or by default one per CPU of the host (at most 64).
+pub fn vcpus_or_default(asked: Option<u16>) -> usize {
+    asked.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
+        usize::from,
     )
 }

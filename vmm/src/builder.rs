@@ -194,14 +194,10 @@ pub(crate) fn process(
         source,
     })?;
     let tsc = cpu::tsc_calibration(vcpu);
-    let mut windows = crate::kernel::windows::FileWindows::new(config.guest_reads);
-    if config.vcpus > 1 {
-        windows.keep_offsets_on_host();
-    }
     Ok(Process {
         mem,
         files: Default::default(),
-        windows,
+        windows: crate::kernel::windows::FileWindows::new(config.guest_reads),
         sandbox,
         cwd: sandbox::normalize("/", &config.cwd),
         umask: 0o022,

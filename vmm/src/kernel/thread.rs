@@ -294,8 +294,8 @@ impl Threads {
     }
 
     /// Wakes whichever vCPU should take a thread made runnable: the one it is pinned to,
-    /// or an idle one for an unpinned thread (the first vCPU finds those itself at its next
-    /// time slice or wait).
+    /// or for an unpinned thread an idle one, else the first (which switches to it, or
+    /// stops waiting for one).
     pub fn wake_for_runnable(&self) {
         let mut unpinned = false;
         for t in self
@@ -313,8 +313,10 @@ impl Threads {
             let idle = self.cpus.iter().enumerate().find(|(cpu, slot)| {
                 *cpu != self.current_cpu && slot.as_ref().is_some_and(|s| s.idle)
             });
-            if let Some((cpu, _)) = idle {
-                self.wake_cpu(cpu);
+            match idle {
+                Some((cpu, _)) => self.wake_cpu(cpu),
+                None if self.current_cpu != 0 => self.wake_cpu(0),
+                None => {}
             }
         }
     }

@@ -124,9 +124,10 @@ impl FileWindows {
         }
     }
 
-    /// Keeps every file offset on the host from now on: for an app that may have more than
-    /// one vCPU, since the doorbell of each would move its own copy.
-    pub fn keep_offsets_on_host(&mut self) {
+    /// Gives every offset back to the host and keeps them there from now on: for an app
+    /// that has more than one vCPU, since the doorbell of each would move its own copy.
+    pub fn keep_offsets_on_host(&mut self, mem: &AddressSpace) {
+        self.give_offsets_back(mem);
         self.offsets_in_guest = false;
     }
 

@@ -188,6 +188,9 @@ fn start(x: &mut Exits<'_, '_>) -> Result<Option<usize>, VmmError> {
     let Some(cpu) = (1..x.cpus.limit).find(|&cpu| !taken(cpu)) else {
         return Ok(None);
     };
+    // The file offsets the first vCPU's doorbell moves would be that vCPU's alone.
+    let p: &mut Process = x.p;
+    p.windows.keep_offsets_on_host(&p.mem);
     let (cpuid, features) = match x.cpus.setup.get() {
         Some(setup) => setup.clone(),
         None => {

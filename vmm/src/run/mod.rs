@@ -735,12 +735,8 @@ impl Exits<'_, '_> {
             pinned_to: None,
         };
         let mut parked = parked;
-        if cpus::place(self, &mut parked)? {
-            self.p.threads.parked.push_back(parked);
-            self.p.threads.wake_for_runnable();
-            return Ok(());
-        }
-        if self.p.threads.slicer.is_none() {
+        let placed = cpus::place(self, &mut parked)?;
+        if !placed && self.p.threads.slicer.is_none() {
             let slicer = crate::kernel::thread::TimeSlicer::start(self.p.kicker.clone()).map_err(
                 |source| VmmError::Host {
                     what: "the threads' time slicer",
@@ -750,6 +746,8 @@ impl Exits<'_, '_> {
             self.p.threads.slicer = Some(slicer);
         }
         self.p.threads.parked.push_back(parked);
+        // Its vCPU, or the first (spawned elsewhere: it may be waiting for a thread).
+        self.p.threads.wake_for_runnable();
         Ok(())
     }
 
