@@ -325,6 +325,11 @@ fn current_thread_clock() -> Option<libc::clockid_t> {
     (rc == 0).then_some(clock)
 }
 
+/// The CPU time the calling thread has used, in nanoseconds.
+pub fn current_thread_cpu_ns() -> u64 {
+    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap_or(0)
+}
+
 /// The time of `clock` in nanoseconds, if it can be read.
 fn clock_ns(clock: libc::clockid_t) -> Option<u64> {
     let mut t = libc::timespec {

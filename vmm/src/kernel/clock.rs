@@ -119,11 +119,18 @@ impl Clock {
 }
 
 impl Clock {
+    /// Whether the time page is due to be written again.
+    pub fn publish_due(&self) -> bool {
+        self.published.is_none_or(|t| t.elapsed() >= PUBLISH_EVERY)
+    }
+
     /// Writes the time page (see `picocenter_guest_shim::abi::time_page`) if it is due, so
     /// that the doorbell can answer time calls without an exit. `force` writes it now.
+    /// No guest may read it meanwhile: with several vCPUs, the others are out of the guest
+    /// (the fields are not written at once).
     pub fn publish(&mut self, phys: &crate::memory::phys::PhysicalMemory, force: bool) {
         use picocenter_guest_shim::abi::{time_page, TIME_PAGE};
-        if !force && self.published.is_some_and(|t| t.elapsed() < PUBLISH_EVERY) {
+        if !force && !self.publish_due() {
             return;
         }
         let page = crate::memory::layout::SYSTEM_GPA + TIME_PAGE * 4096;

@@ -176,6 +176,10 @@ impl Process {
     pub fn absorb_external_signals(&mut self) {
         self.kicker.clear(crate::kvm::kick::reason::SIGNAL);
         let mut raised = self.kicker.take_signals();
+        if raised != 0 && self.threads.current_cpu != 0 {
+            // Taken from the first vCPU's kicker by another: the first looks at them too.
+            self.threads.wake_cpu(0);
+        }
         if raised & super::signals::bit(libc::SIGCHLD) != 0 {
             self.reap_unwaited_children();
         }

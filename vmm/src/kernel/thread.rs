@@ -273,6 +273,13 @@ impl Threads {
         !self.parked.is_empty() || self.elsewhere.iter().any(Option::is_some)
     }
 
+    /// Whether a call that must wait parks its thread (and the vCPU goes on without the
+    /// process lock) rather than waiting in place: when other threads exist, and always on
+    /// a vCPU other than the first.
+    pub fn waits_park(&self) -> bool {
+        self.any() || self.current_cpu != 0
+    }
+
     /// All threads, the current one included.
     pub fn count(&self) -> usize {
         self.parked.len() + self.elsewhere.iter().flatten().count() + 1
@@ -311,7 +318,9 @@ impl Threads {
         }
         if unpinned {
             let idle = self.cpus.iter().enumerate().find(|(cpu, slot)| {
-                *cpu != self.current_cpu && slot.as_ref().is_some_and(|s| s.idle)
+                *cpu != self.current_cpu
+                    && slot.as_ref().is_some_and(|s| s.idle)
+                    && !self.waits_for(*cpu)
             });
             match idle {
                 Some((cpu, _)) => self.wake_cpu(cpu),
@@ -354,7 +363,8 @@ impl Threads {
     }
 
     /// Takes the next runnable thread vCPU `cpu` may run: one pinned to it first, else
-    /// one pinned to none.
+    /// one pinned to none (on a vCPU other than the first, only if none waits for it: it
+    /// would not see its own thread's wait end while it ran another).
     pub fn take_runnable_for(&mut self, cpu: usize) -> Option<Parked> {
         let runnable = |t: &Parked| matches!(t.wait, Wait::Runnable);
         let at = self
@@ -362,11 +372,19 @@ impl Threads {
             .iter()
             .position(|t| runnable(t) && t.pinned_to == Some(cpu))
             .or_else(|| {
+                if cpu != 0 && self.waits_for(cpu) {
+                    return None;
+                }
                 self.parked
                     .iter()
                     .position(|t| runnable(t) && t.pinned_to.is_none())
             })?;
         self.parked.remove(at)
+    }
+
+    /// Whether a parked thread is pinned to vCPU `cpu`.
+    pub fn waits_for(&self, cpu: usize) -> bool {
+        self.parked.iter().any(|t| t.pinned_to == Some(cpu))
     }
 
     /// Makes runnable every waiter whose deadline has passed.

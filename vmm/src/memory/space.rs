@@ -108,6 +108,9 @@ pub struct AddressSpace {
     brk: u64,
     nx: bool,
     stale: StaleEntries,
+    /// Whether the app has (had) more than one vCPU: Accessed bits are then no proof
+    /// that nothing is cached.
+    several_cpus: bool,
     stats: MemoryStats,
     /// RAM a userfaultfd streamer fills in the background: (guest-physical start, bytes).
     streamed: Vec<(u64, u64)>,
@@ -161,6 +164,7 @@ impl AddressSpace {
             brk: 0,
             nx,
             stale: StaleEntries::default(),
+            several_cpus: false,
             stats: MemoryStats::default(),
             streamed: Vec::new(),
         })
@@ -377,15 +381,25 @@ impl AddressSpace {
     /// CPU has used can be cached, and using it sets A (kvm_pvm's shadow MMU, prefetch
     /// included, skips entries with A = 0; hardware sets A when it fills the TLB). The VMM
     /// only ever clears A together with an invalidation, so A = 0 means nothing is cached.
-    fn maybe_cached(pte: u64) -> bool {
-        pte & (PTE_PRESENT | PTE_ACCESSED) == PTE_PRESENT | PTE_ACCESSED
+    ///
+    /// Once the app has a second vCPU, another vCPU may set A while the VMM rewrites the
+    /// entry (a read, then a write), so A cannot be trusted: every present entry counts.
+    fn maybe_cached(&self, pte: u64) -> bool {
+        let used = if self.several_cpus { 0 } else { PTE_ACCESSED };
+        pte & (PTE_PRESENT | used) == PTE_PRESENT | used
+    }
+
+    /// Notes that the app has more than one vCPU from now on (see
+    /// [`AddressSpace::maybe_cached`]).
+    pub fn note_several_cpus(&mut self) {
+        self.several_cpus = true;
     }
 
     /// Whether replacing leaf `old` with `new` takes away anything the guest could do
     /// through a translation it may have cached.
-    fn reduces(old: u64, new: u64) -> bool {
+    fn reduces(&self, old: u64, new: u64) -> bool {
         let had = |pte: u64, bit: u64| pte & bit != 0;
-        if !Self::maybe_cached(old) {
+        if !self.maybe_cached(old) {
             return false;
         }
         (had(old, PTE_PRESENT) && !had(new, PTE_PRESENT))
@@ -416,7 +430,7 @@ impl AddressSpace {
             i = j;
         }
         for &(va, pte) in leaves.iter().filter(|(_, pte)| pte & PTE_OWNED != 0) {
-            if Self::maybe_cached(pte) {
+            if self.maybe_cached(pte) {
                 self.mark_stale(va)?;
                 self.frames.quarantine(pte & PTE_FRAME);
             } else {
@@ -679,7 +693,7 @@ impl AddressSpace {
         for (va, old) in self.tables.leaves(&self.phys, addr, end)? {
             let new = (old & (PTE_FRAME | PTE_ACCESSED | PTE_DIRTY | PTE_RESTORED)) | flags;
             self.tables.set(&self.phys, va, new)?;
-            if Self::reduces(old, new) {
+            if self.reduces(old, new) {
                 self.mark_stale(va)?;
             }
         }
@@ -744,7 +758,7 @@ impl AddressSpace {
             // Moved, the page no longer holds what a snapshot had at its new address.
             self.tables
                 .set(&self.phys, target + (va - old), pte & !PTE_RESTORED)?;
-            if Self::maybe_cached(pte) {
+            if self.maybe_cached(pte) {
                 self.mark_stale(va)?;
             }
         }

@@ -96,13 +96,18 @@ impl CpuShared {
         let mut ending = self.ending.lock().unwrap_or_else(|e| e.into_inner());
         ending.get_or_insert(outcome);
         p.kicker.kick(reason::ENDED);
+        // The others stop running the app's code at their next exit.
+        for slot in p.threads.cpus.iter().skip(1).flatten() {
+            slot.kicker.kick(reason::PREEMPT);
+        }
     }
 
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
 
-    fn ended(&self) -> bool {
+    /// Whether the run is over, or a thread on another vCPU ended the app.
+    pub fn ended(&self) -> bool {
         self.stopping()
             || self
                 .ending
@@ -152,6 +157,23 @@ pub fn needs_first_cpu(p: &mut Process, nr: u64, first_arg: u64) -> bool {
     }
 }
 
+/// Whether call `nr` may rewrite page-table entries the guest uses (read them, then write
+/// them back): while it does, no other vCPU may run, or the Accessed and Dirty bits its
+/// CPU sets in between would be lost.
+pub fn rewrites_translations(nr: u64) -> bool {
+    matches!(
+        nr as i64,
+        libc::SYS_mmap
+            | libc::SYS_munmap
+            | libc::SYS_mprotect
+            | libc::SYS_pkey_mprotect
+            | libc::SYS_mremap
+            | libc::SYS_madvise
+            | libc::SYS_brk
+            | libc::SYS_shmdt
+    )
+}
+
 /// Gives thread `parked` (not yet queued) a vCPU of its own if the app may have one more
 /// or one is idle: it is pinned to that vCPU. Returns whether it got one.
 pub(super) fn place(x: &mut Exits<'_, '_>, parked: &mut Parked) -> Result<bool, VmmError> {
@@ -191,6 +213,7 @@ fn start(x: &mut Exits<'_, '_>) -> Result<Option<usize>, VmmError> {
     // The file offsets the first vCPU's doorbell moves would be that vCPU's alone.
     let p: &mut Process = x.p;
     p.windows.keep_offsets_on_host(&p.mem);
+    p.mem.note_several_cpus();
     let (cpuid, features) = match x.cpus.setup.get() {
         Some(setup) => setup.clone(),
         None => {
@@ -297,9 +320,13 @@ enum Entry {
 
 impl Helper {
     fn main(mut self) {
+        // Its CPU time is the app's: idle detection and metering count it.
+        self.live.add_current_app_thread();
         Kicker::arm(self.vcpu.immediate_exit_ptr());
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve()));
         Kicker::arm(std::ptr::null_mut());
+        self.live
+            .retire_current_app_thread(crate::control::current_thread_cpu_ns());
         let failure = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(crate::report::error_chain(&e)),
@@ -377,6 +404,7 @@ impl Helper {
             // A new address space (exec) has only the first vCPU's tables.
             system::add_cpu(&mut p.mem, self.nx)?;
         }
+        p.mem.note_several_cpus();
         let cr3 = system::cpu_root(&p.mem, self.cpu as u64)?;
         if cr3 != self.cr3 {
             // A new address space (exec): this vCPU's tables in it.
@@ -464,6 +492,10 @@ impl Helper {
             }
             let process = self.process.clone();
             let mut p = lock(&process);
+            if self.shared.ended() {
+                // The app ended elsewhere: this exit is not acted on.
+                return Ok(());
+            }
             p.enter_cpu(self.cpu);
             let mut x = self.exits(&mut p);
             let handled = x.on_exit(exit, &mut last_fault);
@@ -507,10 +539,17 @@ impl Helper {
             x.park_current(Wait::Runnable, false)?;
             return Ok(Entry::Left);
         }
+        // As on the first vCPU: a signal raised while every thread that could take it ran
+        // must still interrupt one.
+        x.p.quiet_signals();
         if x.p.signals.deliverable().is_some() && x.at_clean_point()? {
             if let Some(outcome) = x.deliver_signals()? {
                 return Ok(Entry::Ended(outcome));
             }
+        }
+        let blocked_here = x.p.signals.pending & x.p.signals.mask;
+        if blocked_here != 0 {
+            x.p.threads.interrupt_one(blocked_here);
         }
         x.prepare_entry()?;
         Ok(Entry::Run)

@@ -499,16 +499,21 @@ impl Exits<'_, '_> {
 
     /// Parks every thread on the other vCPUs (for a snapshot, a fork or an exec): they
     /// keep theirs parked until [`Exits::release_the_world`]. Waits without the lock.
-    fn stop_the_world(&mut self) -> Result<(), VmmError> {
+    /// Returns false if the app ended meanwhile (a thread elsewhere ended it), with
+    /// threads left running.
+    fn stop_the_world(&mut self) -> Result<bool, VmmError> {
         let running_elsewhere =
             |p: &ProcessGuard<'_>| p.threads.elsewhere.iter().skip(1).any(Option::is_some);
         if !running_elsewhere(self.p) {
-            return Ok(());
+            return Ok(true);
         }
         self.p.threads.hold = true;
         let started = std::time::Instant::now();
         let mut kicked = None;
         while running_elsewhere(self.p) {
+            if self.cpus.ended() {
+                return Ok(false);
+            }
             if kicked.is_none_or(|at: std::time::Instant| at.elapsed().as_millis() >= 5) {
                 // Again now and then: a vCPU kicked in an exception stub runs on to a
                 // clean point first.
@@ -527,7 +532,7 @@ impl Exits<'_, '_> {
                 std::thread::sleep(std::time::Duration::from_micros(50))
             });
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Lets the other vCPUs take their threads again.
@@ -683,7 +688,9 @@ impl Exits<'_, '_> {
             if self.p.kicker.pending() & !(reason::SIGNAL | reason::PREEMPT) != 0 {
                 // A kick to act on needs a thread on this vCPU: the next one (every
                 // thread parked, should it need them all; any may then run here).
-                self.stop_the_world()?;
+                if !self.stop_the_world()? {
+                    continue;
+                }
                 self.p.threads.hold = self.cpus.limit() > 1;
                 if let Some(first) = self.p.threads.parked.front_mut() {
                     first.wait = Wait::Runnable;
@@ -817,7 +824,9 @@ impl Exits<'_, '_> {
         // The operator's requests (a snapshot among them) wait for a clean point.
         if pending & reason::PAUSE != 0 && self.at_clean_point()? {
             // Every thread parked, so that the requests see them all at a clean point.
-            self.stop_the_world()?;
+            if !self.stop_the_world()? {
+                return self.final_kicks();
+            }
             self.p.kicker.clear(reason::PAUSE);
             for op in self.ops.take() {
                 if let Some(outcome) = self.perform(op)? {
@@ -955,14 +964,20 @@ impl Exits<'_, '_> {
 
     /// Applies what the last exit changed before the guest runs again.
     fn prepare_entry(&mut self) -> Result<(), VmmError> {
-        let p: &mut crate::kernel::process::Process = self.p;
-        p.clock.publish(p.mem.phys(), false);
+        if self.p.clock.publish_due() {
+            // The other vCPUs' guests would read a half-written time page.
+            self.shoot_down()?;
+            let p: &mut crate::kernel::process::Process = self.p;
+            p.clock.publish(p.mem.phys(), true);
+        }
         if self.p.thread.fs_base_changed {
             self.vcpu.set_fs_base(self.p.thread.fs_base)?;
             self.p.thread.fs_base_changed = false;
         }
         if self.cpu == 0 && self.p.activeset.harvest_due() {
             tracing::trace!("activeset: harvest");
+            // Clearing A bits must not lose a D bit another vCPU sets meanwhile.
+            self.shoot_down()?;
             let accessed = self.p.mem.take_accessed()?;
             self.p.activeset.harvest(accessed);
         }
@@ -1027,16 +1042,6 @@ impl Exits<'_, '_> {
         }
         let regs = self.vcpu.regs();
         let nr = regs.rax;
-        if self.cpu != 0 && cpus::needs_first_cpu(self.p, nr, regs.rdi) {
-            // Performed on the first vCPU, which copies or replaces the whole process.
-            self.rewind_syscall(nr)?;
-            self.park_current(Wait::Runnable, true)?;
-            if let Some(moved) = self.p.threads.parked.back_mut() {
-                moved.pinned_to = Some(0);
-            }
-            self.p.threads.wake_cpu(0);
-            return Ok(None);
-        }
         if let Some(poller) = self.poller.as_ref() {
             poller.exit_call(nr);
         }
@@ -1072,21 +1077,46 @@ impl Exits<'_, '_> {
     fn perform_call(&mut self) -> Result<Step, VmmError> {
         let regs = self.vcpu.regs();
         let nr = regs.rax;
+        let whole_process = cpus::needs_first_cpu(self.p, nr, regs.rdi);
+        if whole_process && self.cpu != 0 {
+            // Performed on the first vCPU, which copies or replaces the whole process.
+            self.rewind_syscall(nr)?;
+            self.park_current(Wait::Runnable, true)?;
+            if let Some(moved) = self.p.threads.parked.back_mut() {
+                moved.pinned_to = Some(0);
+            }
+            self.p.threads.wake_cpu(0);
+            return Ok(Step::Switch);
+        }
+        if whole_process {
+            // A fork copies, an exec replaces, the process: the other vCPUs' threads park
+            // first, and stay parked until it is done.
+            if !self.stop_the_world()? {
+                // The app ended meanwhile: the next kicks say how.
+                self.rewind_syscall(nr)?;
+                return Ok(Step::Done(None));
+            }
+            let step = self.perform_call_now(whole_process);
+            self.release_the_world();
+            return step;
+        }
+        if cpus::rewrites_translations(nr) {
+            self.shoot_down()?;
+        }
+        self.perform_call_now(whole_process)
+    }
+
+    /// Performs the call now, on this vCPU; `whole_process`: the other vCPUs' threads are
+    /// parked for a fork or an exec.
+    fn perform_call_now(&mut self, whole_process: bool) -> Result<Step, VmmError> {
+        let regs = self.vcpu.regs();
+        let nr = regs.rax;
         crate::panics::test_hook(crate::panics::Place::Vcpu, nr);
         let args = Args([regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
         let call = (nr, regs.rcx.wrapping_sub(2));
         self.p.thread.current_call = call;
         self.p.thread.interrupted_deadline = None;
-        let whole_process = self.cpu == 0 && cpus::needs_first_cpu(self.p, nr, regs.rdi);
-        if whole_process {
-            // A fork copies, an exec replaces, the process: the other vCPUs' threads park
-            // first.
-            self.stop_the_world()?;
-        }
         let result = syscalls::perform(self.p, nr, &args);
-        if whole_process {
-            self.release_the_world();
-        }
         let rax = match result {
             Ok(value) => value,
             Err(SysError::Errno(errno)) => (-(errno.raw_os_error() as i64)) as u64,
@@ -1119,6 +1149,12 @@ impl Exits<'_, '_> {
                 self.vcpu.complete_syscall()?;
                 self.park_current(Wait::Runnable, false)?;
                 return Ok(Step::Switch);
+            }
+            Err(SysError::Fork(_)) if !whole_process => {
+                // clone3's flags were changed under it (another thread wrote them after
+                // they were looked at): it runs again, as what it now asks for.
+                self.rewind_syscall(nr)?;
+                return Ok(Step::Done(None));
             }
             Err(SysError::Fork(request)) => match self.fork(*request)? {
                 Ok(pid) => pid,

@@ -398,7 +398,7 @@ fn wait(p: &mut Process, a: &Args, op: i32, addr: u64, bitset: u32) -> SysResult
     if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
         return Err(Errno::TIMEDOUT.into());
     }
-    if !p.threads.any() || p.thread.in_mailbox {
+    if !p.threads.waits_park() || p.thread.in_mailbox {
         // Alone, nothing but a signal or the timeout ends the wait, as on Linux.
         super::wait::sleep_until(p, deadline)?;
         return Err(Errno::TIMEDOUT.into());

@@ -47,7 +47,7 @@ pub fn wait_any(
     if p.thread.in_mailbox {
         return poll_now(fds, deadline);
     }
-    if p.threads.any() {
+    if p.threads.waits_park() {
         // Other threads run while this one waits: it is parked, with copies of the fds,
         // and performs the call again when one is ready (see `crate::kernel::thread`).
         if let Some(stop) = interruption(p) {
