@@ -89,7 +89,12 @@ impl CpuShared {
 
     /// How a thread on another vCPU ended the app, if one did.
     pub fn take_ending(&self) -> Option<RunOutcome> {
-        self.ending.lock().unwrap_or_else(|e| e.into_inner()).take()
+        let outcome = self.ending.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if outcome.is_some() {
+            // The run ends now: `ended` stays true.
+            self.stop.store(true, Ordering::SeqCst);
+        }
+        outcome
     }
 
     fn end(&self, p: &Process, outcome: RunOutcome) {
@@ -384,7 +389,26 @@ impl Helper {
                         self.run_thread(in_call, &kicker)?;
                         continue;
                     }
-                    None => p.threads.waits_of(self.cpu),
+                    None => {
+                        let unpinned_runnable = p
+                            .threads
+                            .parked
+                            .iter()
+                            .any(|t| t.pinned_to.is_none() && matches!(t.wait, Wait::Runnable));
+                        if !p.threads.hold && unpinned_runnable && p.threads.waits_for(self.cpu) {
+                            // Threads wait for a vCPU while this one waits for its own:
+                            // the first vCPU watches that wait instead, and this one runs
+                            // a thread that can run.
+                            for t in p.threads.parked.iter_mut() {
+                                if t.pinned_to == Some(self.cpu) {
+                                    t.pinned_to = None;
+                                }
+                            }
+                            p.threads.wake_cpu(0);
+                            continue;
+                        }
+                        p.threads.waits_of(self.cpu)
+                    }
                 }
             };
             let ready = waits

@@ -689,7 +689,7 @@ impl Exits<'_, '_> {
                 // A kick to act on needs a thread on this vCPU: the next one (every
                 // thread parked, should it need them all; any may then run here).
                 if !self.stop_the_world()? {
-                    continue;
+                    return self.final_kicks();
                 }
                 self.p.threads.hold = self.cpus.limit() > 1;
                 if let Some(first) = self.p.threads.parked.front_mut() {
