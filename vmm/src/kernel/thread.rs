@@ -382,6 +382,29 @@ impl Threads {
         self.parked.remove(at)
     }
 
+    /// The parked threads in one line, for logs: tid, the vCPU pinned to, what it waits
+    /// for.
+    pub fn describe_parked(&self) -> String {
+        let now = Instant::now();
+        let wait = |w: &Wait| match w {
+            Wait::Runnable => "runnable".to_string(),
+            Wait::Io { fds, deadline } => format!(
+                "io({} fds, {:?} ms)",
+                fds.len(),
+                deadline.map(|d| d.saturating_duration_since(now).as_millis())
+            ),
+            Wait::Futex { addr, deadline, .. } => format!(
+                "futex({addr:#x}, {:?} ms)",
+                deadline.map(|d| d.saturating_duration_since(now).as_millis())
+            ),
+        };
+        self.parked
+            .iter()
+            .map(|t| format!("{}@{:?}:{}", t.state.tid, t.pinned_to, wait(&t.wait)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// Whether a parked thread is pinned to vCPU `cpu`.
     pub fn waits_for(&self, cpu: usize) -> bool {
         self.parked.iter().any(|t| t.pinned_to == Some(cpu))

@@ -206,6 +206,8 @@ pub(super) fn place(x: &mut Exits<'_, '_>, parked: &mut Parked) -> Result<bool, 
     if let Some(Some(slot)) = x.p.threads.cpus.get_mut(cpu) {
         slot.idle = false;
     }
+    // Runnable or not, the thread is that vCPU's to watch from now on: it looks again.
+    x.p.threads.wake_cpu(cpu);
     Ok(true)
 }
 
@@ -407,6 +409,7 @@ impl Helper {
                             p.threads.wake_cpu(0);
                             continue;
                         }
+                        tracing::trace!(cpu = self.cpu, "idle: {}", p.threads.describe_parked());
                         p.threads.waits_of(self.cpu)
                     }
                 }
@@ -418,7 +421,12 @@ impl Helper {
                     source: e.into(),
                 })?;
             kicker.clear(!0);
-            lock(&self.process).threads.mark_ready(&ready);
+            let mut p = lock(&self.process);
+            // Made runnable here, a thread for the first vCPU must wake it: the wakes
+            // look at which vCPU acts (`current_cpu`), and this one has no thread current.
+            let first = std::mem::replace(&mut p.threads.current_cpu, self.cpu);
+            p.threads.mark_ready(&ready);
+            p.threads.current_cpu = first;
         }
     }
 

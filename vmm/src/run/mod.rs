@@ -701,6 +701,7 @@ impl Exits<'_, '_> {
                 slicer.set_contended(false);
             }
             // Waits without the lock: the other vCPUs' threads go on meanwhile.
+            tracing::trace!(cpu = 0, "idle: {}", self.p.threads.describe_parked());
             let waits = self.p.threads.waits_of(0);
             let wake = self.p.kicker.clone();
             let ready = parking_lot::MutexGuard::unlocked(self.p, || {
