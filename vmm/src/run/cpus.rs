@@ -24,7 +24,7 @@ use super::{ExitStats, Exits, RunOutcome};
 use crate::control::{LiveStats, PendingOps};
 use crate::doorbell::{Doorbell, Settled};
 use crate::kernel::process::{lock, Process, SharedProcess};
-use crate::kernel::thread::{CpuSlot, Parked, Running, Wait};
+use crate::kernel::thread::{CpuSlot, Parked, Running, TimeSlicer, Wait};
 use crate::kvm::kick::{reason, Kicker};
 use crate::kvm::vcpu::Vcpu;
 use crate::kvm::{cpu, system, Machine};
@@ -405,6 +405,18 @@ impl Helper {
                                 if t.pinned_to == Some(self.cpu) {
                                     t.pinned_to = None;
                                 }
+                            }
+                            if p.threads.slicer.is_none() {
+                                // The first vCPU looks at the waits it watches at each
+                                // time slice's end while it runs a thread.
+                                let slicer =
+                                    TimeSlicer::start(p.kicker.clone()).map_err(|source| {
+                                        VmmError::Host {
+                                            what: "the threads' time slicer",
+                                            source,
+                                        }
+                                    })?;
+                                p.threads.slicer = Some(slicer);
                             }
                             p.threads.wake_cpu(0);
                             continue;
