@@ -79,8 +79,11 @@ pub fn wait_any(
             return Err(stop);
         }
         // A thread alone has nothing to switch to: a time slice's end or another vCPU's
-        // wake, left pending, would only make every poll below return at once.
-        p.kicker.clear(reason::PREEMPT);
+        // wake, left pending, would only make every poll below return at once. (Cleared
+        // only when pending: `clear` reads the eventfd, a host call on every wait.)
+        if p.kicker.pending() & reason::PREEMPT != 0 {
+            p.kicker.clear(reason::PREEMPT);
+        }
         let wake = p.kicker.wake_fd();
         let mut polled = Vec::with_capacity(fds.len() + 1);
         polled.push(PollFd::new(wake, PollFlags::IN));
