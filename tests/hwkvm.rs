@@ -41,6 +41,7 @@ const CHECKS: &[&str] = &[
     "shell-pipeline",
     "dynamic-workload",
     "syscall-loop-mailbox",
+    "threads-own-calls-vcpus",
     "snapshot-from-kvm-pvm",
     "snapshot-restore-on-hardware-kvm",
 ];

@@ -524,6 +524,7 @@ pub(super) fn execute(mut picoprocess: Picoprocess, timeout: Option<f64>) -> any
         exits = ?picoprocess.stats(),
         memory = ?picoprocess.memory_stats(),
         mailbox_calls = picoprocess.mailbox_calls(),
+        mailbox_calls_from_other_vcpus = picoprocess.mailbox_calls_from_other_vcpus(),
         "{name} ended"
     );
     if let Some(trace) = picoprocess.trace() {

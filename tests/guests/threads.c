@@ -13,6 +13,7 @@
 #include <unistd.h>
 #include <linux/futex.h>
 #include <sys/mman.h>
+#include <fcntl.h>
 
 #define THREADS 8
 #define ROUNDS 2000
@@ -160,7 +161,77 @@ static int sleep_beside_a_spinner(void) {
     return 0;
 }
 
+/* "own-calls": threads on vCPUs of their own make calls the mailbox answers (the poller
+ * serves every vCPU's mailbox) while the main thread signals them. Each call must act as
+ * the thread that made it: its own signal mask, robust list and file offset, and each
+ * signal must reach the thread it was sent to. */
+#define OWN_THREADS 3
+#define OWN_ROUNDS 3000
+static atomic_int own_failures, own_running;
+static __thread pid_t own_tid;
+static atomic_int misdelivered, delivered;
+static void on_own_signal(int sig) {
+    (void)sig;
+    atomic_fetch_add(&delivered, 1);
+    /* A thread is signalled from its start; it knows its tid a little later. */
+    if (own_tid && syscall(SYS_gettid) != own_tid) atomic_fetch_add(&misdelivered, 1);
+}
+static const char *own_program;
+static pid_t own_ppid;
+#define OWN_CHECK(cond) do { if (!(cond)) { atomic_fetch_add(&own_failures, 1); \
+    printf("FAIL thread %ld round %d: %s\n", id, i, #cond); } } while (0)
+static void *own_calls(void *arg) {
+    long id = (long)arg;
+    own_tid = syscall(SYS_gettid);
+    int fd = open(own_program, O_RDONLY);
+    long robust[3] = {0};
+    for (int i = 0; i < OWN_ROUNDS && atomic_load(&own_failures) < 10; i++) {
+        sigset_t mine, got;
+        sigemptyset(&mine);
+        sigaddset(&mine, SIGRTMIN + 1 + (int)id);
+        OWN_CHECK(pthread_sigmask(SIG_SETMASK, &mine, NULL) == 0);
+        OWN_CHECK(pthread_sigmask(SIG_SETMASK, NULL, &got) == 0);
+        OWN_CHECK(sigismember(&got, SIGRTMIN + 1 + (int)id) == 1);
+        for (long other = 0; other < OWN_THREADS; other++)
+            if (other != id) OWN_CHECK(sigismember(&got, SIGRTMIN + 1 + (int)other) == 0);
+        OWN_CHECK(syscall(SYS_set_robust_list, &robust[id % 3], 24) == 0);
+        void *head = NULL;
+        size_t len = 0;
+        OWN_CHECK(syscall(SYS_get_robust_list, 0, &head, &len) == 0);
+        OWN_CHECK(head == &robust[id % 3] && len == 24);
+        off_t at = id * 100000 + i;
+        OWN_CHECK(lseek(fd, at, SEEK_SET) == at);
+        OWN_CHECK(lseek(fd, 0, SEEK_CUR) == at);
+        OWN_CHECK(getppid() == own_ppid);
+    }
+    close(fd);
+    atomic_fetch_sub(&own_running, 1);
+    return NULL;
+}
+static int calls_as_their_own_thread(const char *program) {
+    own_program = program;
+    own_ppid = getppid();
+    signal(SIGUSR1, on_own_signal);
+    own_tid = syscall(SYS_gettid);
+    pthread_t t[OWN_THREADS];
+    atomic_store(&own_running, OWN_THREADS);
+    for (long id = 0; id < OWN_THREADS; id++) pthread_create(&t[id], NULL, own_calls, (void *)id);
+    struct timespec pause_ms = {0, 1000000};
+    int sent = 0;
+    while (atomic_load(&own_running) > 0) {
+        for (int id = 0; id < OWN_THREADS; id++)
+            if (pthread_kill(t[id], SIGUSR1) == 0) sent++;
+        nanosleep(&pause_ms, NULL);
+    }
+    for (int id = 0; id < OWN_THREADS; id++) pthread_join(t[id], NULL);
+    int failures = atomic_load(&own_failures) + atomic_load(&misdelivered);
+    printf("own-calls: %s: %d failures, %d signals sent, %d misdelivered\n",
+           failures ? "FAILED" : "PASSED", failures, sent, atomic_load(&misdelivered));
+    return failures ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "own-calls") == 0) return calls_as_their_own_thread(argv[0]);
     if (argc > 1 && strcmp(argv[1], "unmap-across") == 0) return unmap_across();
     if (argc > 1 && strcmp(argv[1], "latency") == 0) return sleep_beside_a_spinner();
     pthread_t threads[THREADS];

@@ -173,6 +173,14 @@ if [ $status -eq 0 ] && grep -q "^PASSED" /tmp/out; then
 else
     fail syscall-loop-mailbox "status $status"
 fi
+# Threads on vCPUs of their own make mailbox calls while signalled: each is answered as
+# its own thread.
+app run --vcpus 4 /guests/threads-static own-calls
+if [ $status -eq 0 ] && grep -q "^own-calls: PASSED" /tmp/out; then
+    pass threads-own-calls-vcpus
+else
+    fail threads-own-calls-vcpus "status $status"
+fi
 
 # Exit costs, for BENCHMARKS.md (ns per iteration).
 app run --no-mailbox /guests/syscall_bench-static mmio-exit 2000

@@ -302,7 +302,7 @@ pub(crate) fn finish(
                 source,
             },
         )?;
-        Some(poller)
+        Some(Arc::new(poller))
     } else {
         None
     };

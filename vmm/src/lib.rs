@@ -165,7 +165,8 @@ pub struct Picoprocess {
     // Field order is drop order: the vCPU and VM go before the memory they map.
     vcpu: Vcpu,
     machine: Arc<Machine>,
-    poller: Option<mailbox::Poller>,
+    /// The mailbox poller, which every vCPU's host thread holds too.
+    poller: Option<Arc<mailbox::Poller>>,
     doorbell: doorbell::Doorbell,
     process: kernel::process::SharedProcess,
     stats: run::ExitStats,
@@ -242,6 +243,11 @@ impl Picoprocess {
     /// Calls answered through the mailbox.
     pub fn mailbox_calls(&self) -> u64 {
         self.poller.as_ref().map_or(0, |p| p.calls())
+    }
+
+    /// Of [`Picoprocess::mailbox_calls`], those made on vCPUs other than the first.
+    pub fn mailbox_calls_from_other_vcpus(&self) -> u64 {
+        self.poller.as_ref().map_or(0, |p| p.calls_elsewhere())
     }
 
     /// Exit counters.

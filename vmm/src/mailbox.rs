@@ -1,6 +1,10 @@
 //! The shared-memory mailbox: a VMM poller thread that answers forwarded syscalls while the
 //! app spins in the doorbell, with no VM exit.
 //!
+//! Every vCPU has a mailbox page of its own (in its vCPU-local area), and one poller serves
+//! them all: it answers a call as the thread that runs on the vCPU whose page it came in
+//! (`Process::enter_cpu`). Its spin looks at each vCPU's page in turn.
+//!
 //! The poller spins only while calls keep coming: after [`IDLE`] without one it clears
 //! `AWAKE` and sleeps, and the doorbell goes back to exiting. Every exit-path syscall wakes
 //! it again, so a burst of calls pays one exit and then goes through the mailbox. An idle
@@ -31,15 +35,22 @@
 
 use crate::kernel::process::lock;
 use crate::kvm::kick::reason;
+use crate::memory::layout::MAX_VCPUS;
 use crate::memory::phys::SharedPage;
 use crate::syscalls::{self, Args, SysError};
 use picocenter_guest_shim::abi::mailbox::*;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long the poller spins without a call before it sleeps.
+/// How long the poller spins without a call before it sleeps, at least. It spins longer
+/// where exits are slow (see [`idle_window`]): an exit wakes it, and the app's next call
+/// comes only after that exit's round trip, which it must outlast.
 pub const IDLE: Duration = Duration::from_micros(50);
+/// How long the poller spins without a call before it sleeps, at most.
+pub const MAX_IDLE: Duration = Duration::from_micros(250);
+/// Syscall exits per estimate of an exit's round trip.
+const EXIT_SAMPLES: u32 = 64;
 /// The first back-off after an awake period whose calls mostly went untaken.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(2);
 /// The longest back-off: how long an app that lost its contention keeps exiting before the
@@ -64,16 +75,37 @@ struct Sleep {
     backoff: Duration,
     /// Its thread ended after sleeping [`RETIRE_AFTER`]; a wake starts another.
     retired: bool,
+    /// How long it spins without a call before it sleeps: [`idle_window`] of the last
+    /// estimate of an exit's round trip.
+    idle: Duration,
+    /// The shortest time between two syscall exits of a vCPU in the current sample.
+    fastest_exit: Duration,
+    /// Syscall exits in the current sample.
+    exits_sampled: u32,
+}
+
+/// The poller's idle window for an app whose syscall exits come, back to back, every
+/// `round_trip` at best: twice that (an exit wakes the poller, and the app's next call
+/// comes a round trip later), within [`IDLE`] and [`MAX_IDLE`]. On a host where an exit
+/// takes ~100 µs, a 50 µs window had the poller asleep again before every call that
+/// followed an exit, and a thread's calls around a `clone` all exited.
+fn idle_window(round_trip: Duration) -> Duration {
+    round_trip.saturating_mul(2).clamp(IDLE, MAX_IDLE)
 }
 
 #[derive(Debug)]
 struct Shared {
-    page: SharedPage,
+    /// Each vCPU's mailbox page, by vCPU number, set as the vCPU is made.
+    pages: [std::sync::OnceLock<SharedPage>; MAX_VCPUS as usize],
+    /// One more than the highest vCPU number with a page: how far the spin looks.
+    cpus: std::sync::atomic::AtomicUsize,
     process: crate::kernel::process::SharedProcess,
     sleep: Mutex<Sleep>,
     wake: Condvar,
     stop: AtomicBool,
     calls: AtomicU64,
+    /// Of those, calls from vCPUs other than the first.
+    calls_elsewhere: AtomicU64,
     /// Calls that came by exit while the poller was awake and the mailbox could have
     /// answered them: each waited out the doorbell's spin untaken.
     missed: AtomicU64,
@@ -90,25 +122,29 @@ pub struct Poller {
 }
 
 impl Poller {
-    /// Starts a (sleeping) poller over the mailbox page `page`.
+    /// Starts a (sleeping) poller over the first vCPU's mailbox page `page`.
     pub fn start(
         page: SharedPage,
         process: crate::kernel::process::SharedProcess,
         live: Arc<crate::control::LiveStats>,
     ) -> std::io::Result<Self> {
-        page.u32(SPIN).store(spin_iterations(), Ordering::SeqCst);
         let shared = Arc::new(Shared {
-            page,
+            pages: std::array::from_fn(|_| std::sync::OnceLock::new()),
+            cpus: AtomicUsize::new(0),
             process,
             sleep: Mutex::new(Sleep {
                 asleep: true,
                 until: None,
                 backoff: MIN_BACKOFF,
                 retired: false,
+                idle: IDLE,
+                fastest_exit: Duration::MAX,
+                exits_sampled: 0,
             }),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             calls: AtomicU64::new(0),
+            calls_elsewhere: AtomicU64::new(0),
             missed: AtomicU64::new(0),
             backoffs: AtomicU64::new(0),
         });
@@ -117,8 +153,26 @@ impl Poller {
             live,
             thread: Mutex::new(None),
         };
+        poller.add_cpu(0, page);
         poller.spawn()?;
         Ok(poller)
+    }
+
+    /// Serves vCPU `cpu`'s mailbox `page` too, from the poller's next awake period on. The
+    /// vCPU must not have run yet (its mailbox is reset). A vCPU keeps its page for the
+    /// process's life, so a second call for `cpu` changes nothing.
+    pub fn add_cpu(&self, cpu: usize, page: SharedPage) {
+        let Some(slot) = self.shared.pages.get(cpu) else {
+            return;
+        };
+        if slot.get().is_some() {
+            return;
+        }
+        page.u32(SPIN).store(spin_iterations(), Ordering::SeqCst);
+        page.u32(AWAKE).store(0, Ordering::SeqCst);
+        page.u32(STATE).store(EMPTY, Ordering::SeqCst);
+        let _ = slot.set(page);
+        self.shared.cpus.fetch_max(cpu + 1, Ordering::SeqCst);
     }
 
     /// Starts the poller's thread (the first, or one after a retired one).
@@ -142,7 +196,11 @@ impl Poller {
     /// Wakes the poller if it sleeps (cheap when it is awake), unless it backs off; starts
     /// a new thread for it if the last one retired.
     pub fn wake(&self) {
-        let mut sleep = self.shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
+        let sleep = self.shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
+        self.wake_locked(sleep);
+    }
+
+    fn wake_locked(&self, mut sleep: std::sync::MutexGuard<'_, Sleep>) {
         if sleep.asleep && sleep.until.is_none_or(|until| Instant::now() >= until) {
             if sleep.retired {
                 // Without a thread (the host refused one) calls go by exits, as while the
@@ -169,20 +227,38 @@ impl Poller {
             .retired
     }
 
-    /// The run loop's report of a syscall that came by exit: a miss if the poller was
-    /// awake and could have answered it. Then wakes the poller as [`Poller::wake`] does.
-    /// Must be called while the vCPU is stopped.
-    pub fn exit_call(&self, nr: u64) {
-        let page = &self.shared.page;
-        let awake = page.u32(AWAKE).load(Ordering::SeqCst) != 0;
-        // A call the poller declined comes back by exit by design. The flag is the last
-        // answer's; cleared here, so that it only ever speaks of the call this exit makes
-        // (no call can be in the mailbox while the vCPU is stopped).
-        let declined = page.u32(DECLINED).swap(0, Ordering::SeqCst) != 0;
-        if awake && !declined && syscalls::mailbox_allowed(nr) {
-            self.shared.missed.fetch_add(1, Ordering::Relaxed);
+    /// The run loop's report of a syscall `nr` that came by exit on vCPU `cpu`,
+    /// `since_last` after that vCPU's previous syscall exit. A call the mailbox may answer
+    /// is a miss if the poller was awake, and it wakes the poller as [`Poller::wake`]
+    /// does: more such calls most often follow. Other calls (futex, clone, mmap) leave the
+    /// poller as it is: an app that makes only those, such as threads that hand work to
+    /// each other through futexes, would keep it spinning for nothing, on a core its
+    /// vCPUs need. Must be called while that vCPU is stopped.
+    pub fn exit_call(&self, cpu: usize, nr: u64, since_last: Option<Duration>) {
+        let mut sleep = self.shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(gap) = since_last {
+            sleep.fastest_exit = sleep.fastest_exit.min(gap);
+            sleep.exits_sampled += 1;
+            if sleep.exits_sampled >= EXIT_SAMPLES {
+                sleep.idle = idle_window(sleep.fastest_exit);
+                sleep.fastest_exit = Duration::MAX;
+                sleep.exits_sampled = 0;
+            }
         }
-        self.wake();
+        if !syscalls::mailbox_allowed(nr) {
+            return;
+        }
+        if let Some(page) = self.shared.pages.get(cpu).and_then(|p| p.get()) {
+            let awake = page.u32(AWAKE).load(Ordering::SeqCst) != 0;
+            // A call the poller declined comes back by exit by design. The flag is the
+            // last answer's; cleared here, so that it only ever speaks of the call this
+            // exit makes (no call can be in the mailbox while the vCPU is stopped).
+            let declined = page.u32(DECLINED).swap(0, Ordering::SeqCst) != 0;
+            if awake && !declined {
+                self.shared.missed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.wake_locked(sleep);
     }
 
     /// Whether the poller can still finish a call it took: its thread runs. A retired
@@ -201,6 +277,11 @@ impl Poller {
         self.shared.calls.load(Ordering::Relaxed)
     }
 
+    /// Of [`Poller::calls`], those from vCPUs other than the first.
+    pub fn calls_elsewhere(&self) -> u64 {
+        self.shared.calls_elsewhere.load(Ordering::Relaxed)
+    }
+
     /// Stops the thread and waits for it.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
@@ -214,6 +295,7 @@ impl Poller {
             // How the hand-off went, for `RUST_LOG=picocenter_vmm=debug`.
             tracing::debug!(
                 answered = self.shared.calls.load(Ordering::Relaxed),
+                answered_for_other_vcpus = self.shared.calls_elsewhere.load(Ordering::Relaxed),
                 missed = self.shared.missed.load(Ordering::Relaxed),
                 backoffs = self.shared.backoffs.load(Ordering::Relaxed),
                 "mailbox poller stopped"
@@ -282,13 +364,40 @@ impl Period {
     }
 }
 
+impl Shared {
+    /// The vCPUs' mailbox pages so far, with their vCPU numbers.
+    fn pages(&self) -> impl Iterator<Item = (usize, &SharedPage)> {
+        let cpus = self.cpus.load(Ordering::Acquire).min(self.pages.len());
+        self.pages[..cpus]
+            .iter()
+            .enumerate()
+            .filter_map(|(cpu, page)| page.get().map(|page| (cpu, page)))
+    }
+
+    /// Tells every vCPU's doorbell whether the poller spins.
+    fn set_awake(&self, awake: bool) {
+        for (_, page) in self.pages() {
+            page.u32(AWAKE).store(awake as u32, Ordering::SeqCst);
+        }
+    }
+
+    /// Takes and answers one call from each vCPU's mailbox that has one; returns whether
+    /// there was any.
+    fn take_calls(&self) -> bool {
+        let mut took = false;
+        for (cpu, page) in self.pages() {
+            took |= take_call(self, cpu, page);
+        }
+        took
+    }
+}
+
 /// The poller's loop. Returns the CPU time it used for the app when it retires (what it
 /// had used when it fell asleep: waking up to retire is not the app's work, and counted
 /// as the app's it would look like activity to an idle detector), `None` when stopped.
 fn run(shared: &Shared) -> Option<u64> {
-    let awake = shared.page.u32(AWAKE);
     loop {
-        {
+        let idle = {
             let used = crate::kernel::clock::to_ns(rustix::time::clock_gettime(
                 rustix::time::ClockId::ThreadCPUTime,
             ))
@@ -307,9 +416,10 @@ fn run(shared: &Shared) -> Option<u64> {
                     return Some(used);
                 }
             }
-        }
+            sleep.idle
+        };
         if shared.stop.load(Ordering::SeqCst) {
-            awake.store(0, Ordering::SeqCst);
+            shared.set_awake(false);
             return None;
         }
         let misses_before = shared.missed.load(Ordering::Relaxed);
@@ -318,22 +428,29 @@ fn run(shared: &Shared) -> Option<u64> {
             taken: shared.calls.load(Ordering::Relaxed) - taken_before,
             missed: shared.missed.load(Ordering::Relaxed) - misses_before,
         };
-        awake.store(1, Ordering::SeqCst);
+        shared.set_awake(true);
+        let mut cpus = shared.cpus.load(Ordering::Acquire);
         let mut last_call = Instant::now();
         let mut spins = 0u32;
         loop {
-            if take_call(shared) {
+            if shared.take_calls() {
                 last_call = Instant::now();
                 continue;
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(64) {
-                if last_call.elapsed() > IDLE || shared.stop.load(Ordering::Relaxed) {
+                if last_call.elapsed() > idle || shared.stop.load(Ordering::Relaxed) {
                     break;
                 }
                 if period(shared).losing() {
                     break;
+                }
+                let now = shared.cpus.load(Ordering::Acquire);
+                if now != cpus {
+                    // A new vCPU's doorbell may post from now on.
+                    cpus = now;
+                    shared.set_awake(true);
                 }
             }
         }
@@ -350,16 +467,15 @@ fn run(shared: &Shared) -> Option<u64> {
                 sleep.backoff = MIN_BACKOFF;
             }
         }
-        awake.store(0, Ordering::SeqCst);
+        shared.set_awake(false);
         // A call posted just before AWAKE went to 0 is still served (or the doorbell
         // withdraws it after its spin and exits).
-        take_call(shared);
+        shared.take_calls();
     }
 }
 
-/// Takes and answers the call in the mailbox, if there is one.
-fn take_call(shared: &Shared) -> bool {
-    let page = &shared.page;
+/// Takes and answers the call in vCPU `cpu`'s mailbox `page`, if there is one.
+fn take_call(shared: &Shared, cpu: usize, page: &SharedPage) -> bool {
     let state = page.u32(STATE);
     if state
         .compare_exchange(REQUEST, TAKEN, Ordering::AcqRel, Ordering::Acquire)
@@ -374,7 +490,16 @@ fn take_call(shared: &Shared) -> bool {
     }
     let (result, declined, notify) = {
         let mut p = lock(&shared.process);
-        let outcome = if syscalls::mailbox_allowed(nr) {
+        // The call is that of the thread on vCPU `cpu`. Only a call the app wrote into
+        // the page itself, outside the doorbell, can come from a vCPU with no thread on it
+        // now (its thread went on to an exit that parked it): it is declined.
+        let thread_there = cpu == 0
+            || p.threads
+                .elsewhere
+                .get(cpu)
+                .is_some_and(|thread| thread.is_some());
+        p.enter_cpu(cpu);
+        let outcome = if thread_there && syscalls::mailbox_allowed(nr) {
             crate::panics::test_hook(crate::panics::Place::Mailbox, nr);
             p.thread.in_mailbox = true;
             let outcome = syscalls::perform(&mut p, nr, &Args(args));
@@ -391,10 +516,19 @@ fn take_call(shared: &Shared) -> bool {
         if p.kicker.pending() & reason::SIGNAL != 0 {
             p.absorb_external_signals();
         }
-        (result, declined, p.signals.deliverable().is_some())
+        // The VMM acts before the app goes on when a signal is deliverable to it, or when
+        // it blocked one that is pending for the whole app: another thread must take it
+        // (the exit makes the run loop interrupt one).
+        let notify = p.signals.deliverable().is_some()
+            || (nr == libc::SYS_rt_sigprocmask as u64 && p.signals.pending & p.signals.mask != 0);
+        p.leave_cpu(cpu);
+        (result, declined, notify)
     };
     if !declined {
         shared.calls.fetch_add(1, Ordering::Relaxed);
+        if cpu != 0 {
+            shared.calls_elsewhere.fetch_add(1, Ordering::Relaxed);
+        }
     }
     page.u64(RESULT).store(result, Ordering::Relaxed);
     page.u32(DECLINED).store(declined as u32, Ordering::Relaxed);
@@ -416,6 +550,19 @@ mod tests {
         assert!(!period(1000, 100).losing());
         assert!(period(10, 21).losing());
         assert!(!period(10, 20).losing());
+    }
+
+    #[test]
+    fn the_idle_window_outlasts_an_exit_within_bounds() {
+        // A fast host keeps the shortest window; a slow one spins two round trips.
+        assert_eq!(idle_window(Duration::from_micros(10)), IDLE);
+        assert_eq!(
+            idle_window(Duration::from_micros(97)),
+            Duration::from_micros(194)
+        );
+        // A blocking app's gaps say nothing of an exit's cost: the window stays bounded.
+        assert_eq!(idle_window(Duration::from_secs(1)), MAX_IDLE);
+        assert_eq!(idle_window(Duration::MAX), MAX_IDLE);
     }
 
     #[test]

@@ -244,6 +244,17 @@ fn start(x: &mut Exits<'_, '_>) -> Result<Option<usize>, VmmError> {
     let vcpu = Vcpu::new(fd, x.vcpu.platform())?;
     let in_guest = Arc::new(AtomicBool::new(false));
     let doorbell = Doorbell::new(x.p.mem.phys(), cpu as u64)?;
+    if let Some(poller) = x.poller.as_ref() {
+        // The vCPU's calls go through its own mailbox, which the one poller serves too.
+        let mailbox =
+            x.p.mem
+                .phys()
+                .shared_page(crate::memory::layout::cpu_local_gpa(
+                    cpu as u64,
+                    picocenter_guest_shim::abi::cpu_local::MAILBOX_PAGE,
+                ))?;
+        poller.add_cpu(cpu, mailbox);
+    }
     let helper = Helper {
         cpu,
         vcpu,
@@ -258,7 +269,7 @@ fn start(x: &mut Exits<'_, '_>) -> Result<Option<usize>, VmmError> {
         stats: ExitStats::default(),
         seen_invalidations: x.p.mem.invalidation_count(),
         ops: PendingOps::default(),
-        poller: None,
+        poller: x.poller.clone(),
         control: None,
     };
     let handle = std::thread::Builder::new()
@@ -308,10 +319,10 @@ struct Helper {
     nx: bool,
     stats: ExitStats,
     seen_invalidations: u64,
-    /// Never used: only the first vCPU takes the control socket's requests, and has a
-    /// mailbox poller.
+    /// Never used: only the first vCPU takes the control socket's requests.
     ops: PendingOps,
-    poller: Option<crate::mailbox::Poller>,
+    /// The app's mailbox poller, which serves this vCPU's mailbox too.
+    poller: Option<Arc<crate::mailbox::Poller>>,
     control: Option<crate::control::ControlServer>,
 }
 
@@ -522,7 +533,10 @@ impl Helper {
             let exit = self.vcpu.run();
             self.in_guest.store(false, Ordering::SeqCst);
             kicker.clear(!0);
-            match self.doorbell.settle(&mut self.vcpu, None)? {
+            match self
+                .doorbell
+                .settle(&mut self.vcpu, self.poller.as_deref())?
+            {
                 Settled::Outside | Settled::Faulting => {}
                 Settled::Recovered(_) => self.stats.rewound_in_doorbell += 1,
                 Settled::Stray(report) => {

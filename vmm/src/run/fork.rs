@@ -358,7 +358,7 @@ impl Exits<'_, '_> {
             let poller =
                 crate::mailbox::Poller::start(mailbox, self.process.clone(), self.live.clone())
                     .map_err(host_error("the mailbox poller"))?;
-            *self.poller = Some(poller);
+            *self.poller = Some(std::sync::Arc::new(poller));
         }
         if let Some(at) = request.child_tid {
             let _ = p.mem.write_pod(UserAddr(at), &start.pid);

@@ -86,6 +86,9 @@ pub struct ExitStats {
     pub entries_rewritten: u64,
     /// Invalidations of every translation.
     pub full_invalidations: u64,
+    /// When this vCPU's last syscall exit came (the mailbox poller's idle window follows
+    /// the time between two).
+    pub last_syscall_exit: Option<std::time::Instant>,
 }
 
 /// An exception frame as the CPU pushed it on the ring-0 stack.
@@ -243,7 +246,10 @@ impl Picoprocess {
     /// [`crate::doorbell`]). Called without the process lock: the poller may need it to
     /// finish a call the app is waiting for.
     fn settle(&mut self) -> Result<Option<RunOutcome>, VmmError> {
-        match self.doorbell.settle(&mut self.vcpu, self.poller.as_ref())? {
+        match self
+            .doorbell
+            .settle(&mut self.vcpu, self.poller.as_deref())?
+        {
             Settled::Outside | Settled::Faulting => {}
             Settled::Recovered(Recovery::Rewind(_)) => self.stats.rewound_in_doorbell += 1,
             Settled::Recovered(Recovery::Complete(_)) => self.stats.completed_in_doorbell += 1,
@@ -395,7 +401,7 @@ struct Exits<'a, 'g> {
     stats: &'a mut ExitStats,
     live: &'a mut std::sync::Arc<LiveStats>,
     ops: &'a PendingOps,
-    poller: &'a mut Option<Poller>,
+    poller: &'a mut Option<std::sync::Arc<Poller>>,
     control: &'a mut Option<crate::control::ControlServer>,
     /// The process state `p` is the locked content of (a poller started here needs it).
     process: &'a crate::kernel::process::SharedProcess,
@@ -1043,8 +1049,10 @@ impl Exits<'_, '_> {
         }
         let regs = self.vcpu.regs();
         let nr = regs.rax;
+        let now = std::time::Instant::now();
+        let since_last = self.stats.last_syscall_exit.replace(now).map(|t| now - t);
         if let Some(poller) = self.poller.as_ref() {
-            poller.exit_call(nr);
+            poller.exit_call(self.cpu, nr, since_last);
         }
         if nr == libc::SYS_rt_sigreturn as u64 {
             return match sigframe::sigreturn(self.p, self.vcpu) {
@@ -1058,11 +1066,13 @@ impl Exits<'_, '_> {
         }
         let started = std::time::Instant::now();
         let step = self.perform_call()?;
-        if started.elapsed() > crate::mailbox::IDLE {
+        if started.elapsed() > crate::mailbox::IDLE && syscalls::mailbox_allowed(nr) {
             // The call blocked for longer than the poller stays awake without calls, so it
             // sleeps, and what the app does with what it waited for (a server's accept,
             // read and write after its poll) comes as a burst. Woken now, the poller is
             // awake when that burst begins, instead of after the exit of its first call.
+            // (Not after a futex wait: threads that hand work to each other would keep it
+            // spinning on a core their vCPUs need.)
             if let Some(poller) = self.poller.as_ref() {
                 poller.wake();
             }
