@@ -12,6 +12,11 @@
 //! inside the VMM), and with a vCPU per thread (`--vcpus 2`: a round trip is two host
 //! thread wake-ups, through exits).
 //!
+//! Then large reads of a file (tests/guests/threads.c `parallel-reads`: 4 MiB preads, 96
+//! MiB a thread): one thread alone, then two at once, natively and in a picoprocess with
+//! one vCPU and with two; with a second vCPU the VMM makes such reads without its process
+//! lock, so two threads take about as long as one, where one lock would make it twice.
+//!
 //! Then two threaded servers against the same binaries run natively on loopback:
 //! Debian's redis-server under `redis-benchmark -q -n 20000 -t set,get`, and the Go
 //! net/http server of tests/go/httpd under wrk `-t1 -c10`, in alternating rounds, each
@@ -84,7 +89,57 @@ fn main() {
             m[at + 2] / m[at]
         );
     }
+    reads();
     servers();
+}
+
+/// The (one thread, two threads) times in ms that `threads parallel-reads` prints.
+fn read_times(cmd: &mut Command) -> (f64, f64) {
+    let out = cmd.output().expect("running the threads program");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("PASSED"), "{text}");
+    let after = |key: &str| -> f64 {
+        text.split(key)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no '{key}' in {text}"))
+    };
+    (after("one thread "), after("two threads "))
+}
+
+fn reads() {
+    let program = guest("threads", Link::Static);
+    let program = program.to_str().unwrap();
+    let in_pico = |vcpus: &str| {
+        let mut cmd = picocenter();
+        cmd.args(["run", "--vcpus", vcpus, program, "parallel-reads"]);
+        read_times(&mut cmd)
+    };
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); 6];
+    for _ in 0..ROUNDS {
+        let (native, one, own) = (
+            read_times(Command::new(program).arg("parallel-reads")),
+            in_pico("1"),
+            in_pico("2"),
+        );
+        for (list, value) in samples
+            .iter_mut()
+            .zip([native.0, native.1, one.0, one.1, own.0, own.1])
+        {
+            list.push(value);
+        }
+    }
+    let m: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
+    println!("large file reads, median of {ROUNDS} rounds (ms: one thread alone, two at once):");
+    for (name, at) in [("native", 0), ("1 vCPU", 2), ("a vCPU each", 4)] {
+        println!(
+            "  {name:<12} {:>6.1} {:>6.1}   two / one {:.2}",
+            m[at],
+            m[at + 1],
+            m[at + 1] / m[at]
+        );
+    }
 }
 
 /// A server run natively, killed when dropped.

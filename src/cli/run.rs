@@ -525,6 +525,7 @@ pub(super) fn execute(mut picoprocess: Picoprocess, timeout: Option<f64>) -> any
         memory = ?picoprocess.memory_stats(),
         mailbox_calls = picoprocess.mailbox_calls(),
         mailbox_calls_from_other_vcpus = picoprocess.mailbox_calls_from_other_vcpus(),
+        unlocked_transfers = picoprocess.unlocked_transfers(),
         "{name} ended"
     );
     if let Some(trace) = picoprocess.trace() {

@@ -245,6 +245,13 @@ impl Picoprocess {
         self.poller.as_ref().map_or(0, |p| p.calls())
     }
 
+    /// Transfers between files and app memory made without the process lock.
+    pub fn unlocked_transfers(&self) -> u64 {
+        self.cpus
+            .unlocked_transfers
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Of [`Picoprocess::mailbox_calls`], those made on vCPUs other than the first.
     pub fn mailbox_calls_from_other_vcpus(&self) -> u64 {
         self.poller.as_ref().map_or(0, |p| p.calls_elsewhere())

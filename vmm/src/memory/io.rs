@@ -12,6 +12,61 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 /// is simply a short read or write, which callers already handle.
 const IOV_MAX: usize = 1024;
 
+/// One vectored host call between `fd` and the app memory `iovecs` point into: a read into
+/// it (`access` = `Write`) or a write from it (`Read`), at `offset` or the fd's own.
+///
+/// # Safety
+///
+/// Every iovec must cover guest memory that stays mapped for the call, checked to be app
+/// memory with the permission the transfer needs, with no Rust reference into it live.
+unsafe fn transfer(
+    fd: BorrowedFd<'_>,
+    iovecs: &[libc::iovec],
+    offset: Option<u64>,
+    access: Access,
+) -> Result<usize, Errno> {
+    if iovecs.is_empty() {
+        return Ok(0);
+    }
+    let (fd, iov, count) = (fd.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32);
+    // SAFETY: the caller vouches for the memory; `iovecs` holds at most IOV_MAX entries.
+    let rc = unsafe {
+        match (access, offset) {
+            (Access::Write, Some(off)) => libc::preadv(fd, iov, count, off as i64),
+            (Access::Write, None) => libc::readv(fd, iov, count),
+            (_, Some(off)) => libc::pwritev(fd, iov, count, off as i64),
+            (_, None) => libc::writev(fd, iov, count),
+        }
+    };
+    result_of(rc)
+}
+
+/// A transfer between a host fd and app memory, prepared with the process lock held
+/// ([`AddressSpace::prepare_transfer`]) and made without it, so that other threads' calls
+/// go on meanwhile, as on Linux (a large read of a file need not hold up the app).
+#[derive(Debug)]
+pub struct HostTransfer {
+    iovecs: Vec<libc::iovec>,
+    offset: Option<u64>,
+    access: Access,
+    /// The frames freed while this lives are held back.
+    _hold: super::frames::FrameHold,
+    /// The guest memory the iovecs point into stays mapped while this lives.
+    _mapping: super::phys::KeptMapping,
+}
+
+impl HostTransfer {
+    /// Makes the transfer with host `fd`; returns the bytes moved.
+    pub fn perform(&self, fd: BorrowedFd<'_>) -> Result<usize, Errno> {
+        // SAFETY: the iovecs were checked when prepared, and the memory stays mapped while
+        // `_mapping` lives. Another thread may unmap the app's buffer meanwhile: its frames
+        // are held back while `_hold` lives (never given to another mapping), so the
+        // transfer only ever touches frames that were the buffer's. No Rust reference into
+        // guest memory exists: the VMM touches it only through raw copies.
+        unsafe { transfer(fd, &self.iovecs, self.offset, self.access) }
+    }
+}
+
 /// Plain old data: a type made only of integers, with no padding, so that any byte pattern
 /// is a valid value and its bytes can be copied to and from app memory.
 ///
@@ -176,23 +231,31 @@ impl AddressSpace {
         access: Access,
     ) -> Result<usize, Errno> {
         let iovecs = self.host_iovecs(bufs, access)?;
-        if iovecs.is_empty() {
-            return Ok(0);
-        }
-        let (fd, iov, count) = (fd.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32);
-        // SAFETY: every iovec covers app memory that `host_iovecs` checked to be mapped
-        // with the permission the transfer needs (writable when the host fills it); the
-        // vCPU is stopped while the VMM handles the call, and no Rust reference into guest
-        // memory is live.
-        let rc = unsafe {
-            match (access, offset) {
-                (Access::Write, Some(off)) => libc::preadv(fd, iov, count, off as i64),
-                (Access::Write, None) => libc::readv(fd, iov, count),
-                (_, Some(off)) => libc::pwritev(fd, iov, count, off as i64),
-                (_, None) => libc::writev(fd, iov, count),
-            }
-        };
-        result_of(rc)
+        // SAFETY: `host_iovecs` checked every iovec to cover app memory mapped with the
+        // permission the transfer needs (writable when the host fills it); the vCPU is
+        // stopped while the VMM handles the call, the process lock is held, and no Rust
+        // reference into guest memory is live.
+        unsafe { transfer(fd, &iovecs, offset, access) }
+    }
+
+    /// Prepares the same transfer as [`AddressSpace::read_from_host`] (`access` =
+    /// `Write`) or [`AddressSpace::write_to_host`] (`Read`), to be made without the
+    /// process lock: frames freed while the transfer lives are held back, so that it never
+    /// reaches a frame another mapping got meanwhile.
+    pub fn prepare_transfer(
+        &mut self,
+        bufs: &[(UserAddr, usize)],
+        offset: Option<u64>,
+        access: Access,
+    ) -> Result<HostTransfer, Errno> {
+        let iovecs = self.host_iovecs(bufs, access)?;
+        Ok(HostTransfer {
+            iovecs,
+            offset,
+            access,
+            _hold: self.hold_frames(),
+            _mapping: self.phys().keep_mapped(),
+        })
     }
 
     /// sendmsg(2) from the app buffers `bufs` to host socket `fd`, to raw address `name`

@@ -61,6 +61,12 @@ pub struct PhysicalMemory {
 }
 
 impl PhysicalMemory {
+    /// A handle that keeps the guest's memory mapped for as long as it lives (for a host
+    /// transfer made without the process lock).
+    pub fn keep_mapped(&self) -> KeptMapping {
+        KeptMapping(self.mem.clone())
+    }
+
     /// Reserves `ram_size` bytes of RAM plus the system and page-table slots. Nothing is
     /// committed until touched (MAP_NORESERVE).
     pub fn new(ram_size: u64) -> Result<Self, PhysError> {
@@ -260,6 +266,10 @@ impl PhysicalMemory {
         Ok(())
     }
 }
+
+/// Keeps the guest's memory mapped (see [`PhysicalMemory::keep_mapped`]).
+#[derive(Debug, Clone)]
+pub struct KeptMapping(#[allow(dead_code)] GuestMemoryMmap);
 
 /// One guest page shared with a running guest, accessed only through atomics, since the
 /// guest reads and writes it concurrently.

@@ -356,6 +356,11 @@ impl AddressSpace {
         self.stats.invalidations
     }
 
+    /// Holds back the frames freed while the hold lives (see [`FrameAllocator::hold`]).
+    pub(super) fn hold_frames(&mut self) -> super::frames::FrameHold {
+        self.frames.hold()
+    }
+
     /// Records that guest translations were invalidated: quarantined frames become reusable.
     pub fn invalidated(&mut self) {
         self.stale = StaleEntries::default();

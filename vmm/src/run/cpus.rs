@@ -47,6 +47,8 @@ pub struct CpuShared {
     helpers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// The CPUID and features every vCPU is given (computed for the second vCPU).
     setup: OnceLock<(kvm_bindings::CpuId, cpu::CpuFeatures)>,
+    /// Transfers between files and app memory made without the process lock, by any vCPU.
+    pub unlocked_transfers: std::sync::atomic::AtomicU64,
 }
 
 impl Default for CpuShared {
@@ -67,6 +69,7 @@ impl CpuShared {
             stop: AtomicBool::new(false),
             helpers: Mutex::new(Vec::new()),
             setup: OnceLock::new(),
+            unlocked_transfers: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

@@ -1175,6 +1175,7 @@ impl Exits<'_, '_> {
                 self.start_program(&start)?;
                 return Ok(Step::Done(self.deliver_signals()?));
             }
+            Err(SysError::Transfer(transfer)) => self.transfer_unlocked(*transfer),
             Err(SysError::Spawn(spawn)) => {
                 let tid = spawn.tid;
                 self.spawn_thread(*spawn)?;
@@ -1211,6 +1212,22 @@ impl Exits<'_, '_> {
         self.vcpu.regs_mut().rax = rax;
         self.vcpu.complete_syscall()?;
         Ok(Step::Done(self.deliver_signals()?))
+    }
+
+    /// Makes a call's transfer between a regular file and app memory without the process
+    /// lock, so that the other threads' calls go on meanwhile; returns the call's result.
+    /// This vCPU's thread stops being the current one while the lock is let go (whoever
+    /// takes it finds the first vCPU's thread current), as for a wait.
+    fn transfer_unlocked(&mut self, transfer: syscalls::fs::Transfer) -> u64 {
+        self.p.leave_cpu(self.cpu);
+        let moved =
+            parking_lot::MutexGuard::unlocked(self.p, || transfer.io.perform(transfer.file.host()));
+        self.p.enter_cpu(self.cpu);
+        self.cpus.unlocked_transfers.fetch_add(1, Ordering::Relaxed);
+        match moved {
+            Ok(bytes) => bytes as u64,
+            Err(errno) => (-(errno.raw_os_error() as i64)) as u64,
+        }
     }
 
     /// Reads the exception frame the CPU pushed on the ring-0 stack.

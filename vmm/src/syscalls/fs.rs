@@ -46,6 +46,65 @@ fn at_path_arg(p: &mut Process, dirfd: i32, addr: UserAddr) -> Result<String, Er
 
 // ---- read and write ------------------------------------------------------------------
 
+/// The smallest transfer made without the process lock: a smaller one takes the lock
+/// for a few microseconds, as other calls do.
+const UNLOCKED_TRANSFER_MIN: usize = 64 << 10;
+/// The smallest transfer the mailbox declines in an app with a second vCPU, so that it is
+/// made without the lock (see [`unlocked_transfer`]).
+const MAILBOX_TRANSFER_MAX: usize = 1 << 20;
+
+/// A transfer between a regular file and app memory that the run loop makes without the
+/// process lock ([`SysError::Transfer`]); its result is the call's.
+#[derive(Debug)]
+pub struct Transfer {
+    /// The file, kept open for the transfer even if another thread closes its fd.
+    pub file: std::sync::Arc<OpenFile>,
+    /// The transfer, prepared.
+    pub io: crate::memory::io::HostTransfer,
+}
+
+/// The unlocked transfer of `bufs` with `file` at `offset`, if this one is made without
+/// the process lock: a regular file's, of at least [`UNLOCKED_TRANSFER_MIN`] bytes, in an
+/// app with a second vCPU (with one, no other thread's call could go on meanwhile).
+/// Other transfers (sockets, pipes: never longer than their buffers) take the lock.
+///
+/// The mailbox's one poller performs calls one at a time, with the lock: it declines a
+/// transfer of [`MAILBOX_TRANSFER_MAX`] or more, which then comes by exit and is made
+/// unlocked, and performs a smaller one itself (declined, it would pay an exit, ~100 µs
+/// on kvm_pvm today, for a copy that takes less).
+fn unlocked_transfer(
+    p: &mut Process,
+    file: &std::sync::Arc<OpenFile>,
+    bufs: &[(UserAddr, usize)],
+    offset: Option<u64>,
+    access: crate::memory::Access,
+) -> Result<Option<SysError>, Errno> {
+    let total = bufs
+        .iter()
+        .fold(0usize, |sum, &(_, len)| sum.saturating_add(len));
+    let regular = || {
+        rustix::fs::fstat(file.host()).is_ok_and(|stat| {
+            rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile
+        })
+    };
+    if total < UNLOCKED_TRANSFER_MIN
+        || (p.thread.in_mailbox && total < MAILBOX_TRANSFER_MAX)
+        || p.threads.cpus.len() < 2
+        || !matches!(file.kind, FileKind::Path { .. })
+        || !regular()
+    {
+        return Ok(None);
+    }
+    if p.thread.in_mailbox {
+        return Ok(Some(SysError::WouldBlock));
+    }
+    let io = p.mem.prepare_transfer(bufs, offset, access)?;
+    Ok(Some(SysError::Transfer(Box::new(Transfer {
+        file: file.clone(),
+        io,
+    }))))
+}
+
 fn read_into(
     p: &mut Process,
     fd: i32,
@@ -55,6 +114,10 @@ fn read_into(
     let file = p.files.file(fd)?;
     if matches!(file.kind, FileKind::Directory { .. }) {
         return Err(Errno::ISDIR.into());
+    }
+    if let Some(unlocked) = unlocked_transfer(p, &file, bufs, offset, crate::memory::Access::Write)?
+    {
+        return Err(unlocked);
     }
     let read = retry(p, &file, PollFlags::IN, |p| {
         p.mem.read_from_host(file.host(), bufs, offset)
@@ -69,6 +132,10 @@ fn write_from(
     offset: Option<u64>,
 ) -> SysResult {
     let file = p.files.file(fd)?;
+    if let Some(unlocked) = unlocked_transfer(p, &file, bufs, offset, crate::memory::Access::Read)?
+    {
+        return Err(unlocked);
+    }
     match retry(p, &file, PollFlags::OUT, |p| {
         p.mem.write_to_host(file.host(), bufs, offset)
     }) {

@@ -56,6 +56,10 @@ pub enum SysError {
     Fork(Box<children::ForkRequest>),
     /// execve loaded a new program: the run loop starts it with fresh registers.
     Exec(Box<crate::loader::StartState>),
+    /// The call is a transfer between a regular file and app memory, prepared, that the
+    /// run loop makes without the process lock (see `fs::Transfer`); its result is the
+    /// call's.
+    Transfer(Box<fs::Transfer>),
     /// The app must die of this signal (default action of a fatal signal).
     Kill {
         /// The signal number.
