@@ -27,6 +27,36 @@ int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "ok";
     if (!strcmp(mode, "term")) { kill(getpid(), SIGTERM); pause(); return 0; }
     if (!strcmp(mode, "abort")) abort();
+    if (!strcmp(mode, "unblock-then-spin")) {
+        /* A timer signal raised while blocked stays pending; one raised after the mask
+         * lets it through (a mask change the mailbox may answer) must interrupt a loop that
+         * makes no call, at once. Prints how long the loop ran after the timer was due. */
+        signal(SIGALRM, on_alarm);
+        sigset_t alarm_set;
+        sigemptyset(&alarm_set);
+        sigaddset(&alarm_set, SIGALRM);
+        long worst = 0;
+        for (int round = 0; round < 10; round++) {
+            sigprocmask(SIG_BLOCK, &alarm_set, NULL);
+            int before = alarms;
+            struct timespec set, now;
+            clock_gettime(CLOCK_MONOTONIC, &set);
+            struct itimerval in_20ms = {{0, 0}, {0, 20000}};
+            setitimer(ITIMER_REAL, &in_20ms, NULL);
+            /* A few calls, so that the poller is awake for the unblock. */
+            for (int i = 0; i < 20; i++) getppid();
+            sigprocmask(SIG_UNBLOCK, &alarm_set, NULL);
+            long since_set_ms = 0;
+            while (alarms == before && since_set_ms < 2000) {
+                clock_gettime(CLOCK_MONOTONIC, &now);
+                since_set_ms = (now.tv_sec - set.tv_sec) * 1000 + (now.tv_nsec - set.tv_nsec) / 1000000;
+            }
+            long late = since_set_ms > 20 ? since_set_ms - 20 : 0;
+            if (late > worst) worst = late;
+        }
+        printf("handled at most %ld ms after the timer was due\n", worst);
+        return 0;
+    }
     if (!strcmp(mode, "sigpipe")) {
         int p[2];
         pipe(p);

@@ -113,9 +113,22 @@ pub enum CleanPointError {
     Vcpu(#[from] VcpuError),
 }
 
+/// What the mailbox poller is doing, as a vCPU settling a call marked taken sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollerView {
+    /// It performs this vCPU's call now.
+    Serving,
+    /// It runs, but not for this vCPU's call: the app marked the call taken itself.
+    Elsewhere,
+    /// It stopped (or panicked).
+    Stopped,
+}
+
 /// The doorbell's scratch page and the mailbox, as the VMM sees them.
 #[derive(Debug)]
 pub struct Doorbell {
+    /// The vCPU they are of.
+    cpu: usize,
     scratch: SharedPage,
     mailbox: SharedPage,
 }
@@ -125,6 +138,7 @@ impl Doorbell {
     pub fn new(phys: &PhysicalMemory, cpu: u64) -> Result<Self, PhysError> {
         let page = |index: u64| phys.shared_page(cpu_local_gpa(cpu, index));
         Ok(Self {
+            cpu: cpu as usize,
             scratch: page(abi::cpu_local::SCRATCH_PAGE)?,
             mailbox: page(abi::cpu_local::MAILBOX_PAGE)?,
         })
@@ -165,8 +179,25 @@ impl Doorbell {
         };
         let call = if region == DoorbellRegion::Posted {
             // After a panic anywhere the run ends; the poller may be the thread that died.
-            let running = poller.map(|p| move || p.running() && crate::panics::report().is_none());
-            match self.settle_call(running.as_ref().map(|f| f as &dyn Fn() -> bool))? {
+            let cpu = self.cpu;
+            let view = poller.map(|p| {
+                move || {
+                    if crate::panics::report().is_some() {
+                        PollerView::Stopped
+                    } else if p.serving(cpu) {
+                        // Its thread ends mid-call only by a panic.
+                        if p.running() {
+                            PollerView::Serving
+                        } else {
+                            PollerView::Stopped
+                        }
+                    } else {
+                        // Running, retired or stopped, it performs no call of this vCPU.
+                        PollerView::Elsewhere
+                    }
+                }
+            });
+            match self.settle_call(view.as_ref().map(|f| f as &dyn Fn() -> PollerView))? {
                 Some(call) => call,
                 None => {
                     return Ok(Settled::Stray(
@@ -210,11 +241,12 @@ impl Doorbell {
 
     /// Settles the mailbox call of a vCPU stopped in the Posted region: withdraws it if
     /// the poller has not taken it, waits for it if it has, and takes its answer. The
-    /// mailbox is EMPTY afterwards. `poller_running` says whether the poller still runs
-    /// (`None`: there is none). Returns `None` for a call taken with no poller.
+    /// mailbox is EMPTY afterwards. `poller` says what the poller does (`None`: there is
+    /// none). Returns `None` for a call marked taken that no poller performs (the app
+    /// wrote the mark).
     fn settle_call(
         &self,
-        poller_running: Option<&dyn Fn() -> bool>,
+        poller: Option<&dyn Fn() -> PollerView>,
     ) -> Result<Option<MailboxCall>, CleanPointError> {
         let state = self.mailbox.u32(mailbox::STATE);
         let mut spins = 0u32;
@@ -234,9 +266,17 @@ impl Doorbell {
                         return Ok(Some(MailboxCall::NotPerformed));
                     }
                 }
-                mailbox::TAKEN => match poller_running {
+                mailbox::TAKEN => match poller.map(|view| view()) {
                     None => return Ok(None),
-                    Some(running) if !running() => return Err(CleanPointError::PollerStopped),
+                    Some(PollerView::Stopped) => return Err(CleanPointError::PollerStopped),
+                    // The poller marks the vCPU it serves before it takes the call, and
+                    // unmarks it after the answer: taken and still unserved, the mark is
+                    // the app's.
+                    Some(PollerView::Elsewhere)
+                        if state.load(Ordering::Acquire) == mailbox::TAKEN =>
+                    {
+                        return Ok(None)
+                    }
                     Some(_) => {
                         spins = spins.wrapping_add(1);
                         if spins.is_multiple_of(64) {
@@ -374,9 +414,16 @@ mod tests {
         set(&doorbell, mailbox::TAKEN, 0, 0);
         assert_eq!(doorbell.settle_call(None).unwrap(), None);
         assert!(matches!(
-            doorbell.settle_call(Some(&|| false)),
+            doorbell.settle_call(Some(&|| PollerView::Stopped)),
             Err(CleanPointError::PollerStopped)
         ));
+        // Marked taken by the app: the poller runs but serves no call of this vCPU.
+        assert_eq!(
+            doorbell
+                .settle_call(Some(&|| PollerView::Elsewhere))
+                .unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -389,7 +436,7 @@ mod tests {
                 set(&doorbell, mailbox::DONE, 0, 7);
             });
             assert_eq!(
-                doorbell.settle_call(Some(&|| true)).unwrap(),
+                doorbell.settle_call(Some(&|| PollerView::Serving)).unwrap(),
                 Some(MailboxCall::Performed(7))
             );
         });

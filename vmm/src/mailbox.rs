@@ -99,6 +99,9 @@ struct Shared {
     pages: [std::sync::OnceLock<SharedPage>; MAX_VCPUS as usize],
     /// One more than the highest vCPU number with a page: how far the spin looks.
     cpus: std::sync::atomic::AtomicUsize,
+    /// By vCPU: set while the poller takes or performs a call of that vCPU's (a vCPU
+    /// settling a call marked taken tells the poller's mark from one the app forged).
+    serving: [AtomicBool; MAX_VCPUS as usize],
     process: crate::kernel::process::SharedProcess,
     sleep: Mutex<Sleep>,
     wake: Condvar,
@@ -130,6 +133,7 @@ impl Poller {
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             pages: std::array::from_fn(|_| std::sync::OnceLock::new()),
+            serving: std::array::from_fn(|_| AtomicBool::new(false)),
             cpus: AtomicUsize::new(0),
             process,
             sleep: Mutex::new(Sleep {
@@ -245,18 +249,16 @@ impl Poller {
                 sleep.exits_sampled = 0;
             }
         }
+        let page = self.shared.pages.get(cpu).and_then(|p| p.get());
+        // A call the poller declined comes back by exit by design. The flag is the last
+        // answer's; cleared here, so that it only ever speaks of the call this exit makes
+        // (no call can be in the mailbox while the vCPU is stopped).
+        let declined = page.is_some_and(|page| page.u32(DECLINED).swap(0, Ordering::SeqCst) != 0);
         if !syscalls::mailbox_allowed(nr) {
             return;
         }
-        if let Some(page) = self.shared.pages.get(cpu).and_then(|p| p.get()) {
-            let awake = page.u32(AWAKE).load(Ordering::SeqCst) != 0;
-            // A call the poller declined comes back by exit by design. The flag is the
-            // last answer's; cleared here, so that it only ever speaks of the call this
-            // exit makes (no call can be in the mailbox while the vCPU is stopped).
-            let declined = page.u32(DECLINED).swap(0, Ordering::SeqCst) != 0;
-            if awake && !declined {
-                self.shared.missed.fetch_add(1, Ordering::Relaxed);
-            }
+        if page.is_some_and(|page| page.u32(AWAKE).load(Ordering::SeqCst) != 0) && !declined {
+            self.shared.missed.fetch_add(1, Ordering::Relaxed);
         }
         self.wake_locked(sleep);
     }
@@ -275,6 +277,14 @@ impl Poller {
     /// Calls answered through the mailbox so far.
     pub fn calls(&self) -> u64 {
         self.shared.calls.load(Ordering::Relaxed)
+    }
+
+    /// Whether the poller takes or performs a call of vCPU `cpu`'s now.
+    pub fn serving(&self, cpu: usize) -> bool {
+        self.shared
+            .serving
+            .get(cpu)
+            .is_some_and(|s| s.load(Ordering::SeqCst))
     }
 
     /// Of [`Poller::calls`], those from vCPUs other than the first.
@@ -477,10 +487,19 @@ fn run(shared: &Shared) -> Option<u64> {
 /// Takes and answers the call in vCPU `cpu`'s mailbox `page`, if there is one.
 fn take_call(shared: &Shared, cpu: usize, page: &SharedPage) -> bool {
     let state = page.u32(STATE);
+    if state.load(Ordering::Relaxed) != REQUEST {
+        return false;
+    }
+    let Some(serving) = shared.serving.get(cpu) else {
+        return false;
+    };
+    // Marked before the call is taken, unmarked after its answer (see `Doorbell::settle`).
+    serving.store(true, Ordering::SeqCst);
     if state
         .compare_exchange(REQUEST, TAKEN, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
+        serving.store(false, Ordering::SeqCst);
         return false;
     }
     let nr = page.u64(NR).load(Ordering::Relaxed);
@@ -513,7 +532,11 @@ fn take_call(shared: &Shared, cpu: usize, page: &SharedPage) -> bool {
             Err(SysError::Errno(errno)) => ((-(errno.raw_os_error() as i64)) as u64, false),
             Err(_) => (0, true),
         };
-        if p.kicker.pending() & reason::SIGNAL != 0 {
+        if matches!(nr as i64, libc::SYS_rt_sigprocmask | libc::SYS_rt_sigaction) {
+            // What may interrupt the thread changed: a signal it now takes must kick its
+            // vCPU when it is raised (this also takes in those raised meanwhile).
+            p.quiet_signals();
+        } else if p.kicker.pending() & reason::SIGNAL != 0 {
             p.absorb_external_signals();
         }
         // The VMM acts before the app goes on when a signal is deliverable to it, or when
@@ -533,7 +556,8 @@ fn take_call(shared: &Shared, cpu: usize, page: &SharedPage) -> bool {
     page.u64(RESULT).store(result, Ordering::Relaxed);
     page.u32(DECLINED).store(declined as u32, Ordering::Relaxed);
     page.u32(NOTIFY).store(notify as u32, Ordering::Relaxed);
-    state.store(DONE, Ordering::Release);
+    state.store(DONE, Ordering::SeqCst);
+    serving.store(false, Ordering::SeqCst);
     true
 }
 

@@ -194,6 +194,10 @@ pub struct Threads {
     /// Set while the first vCPU needs every thread parked (a snapshot, an exec, a fork):
     /// the other vCPUs park their threads and take none.
     pub hold: bool,
+    /// Transfers with files running without the process lock now (see
+    /// `syscalls::fs::Transfer`): a thread in one parks only once it is over, however long
+    /// a slow disk makes it.
+    pub transfers: u32,
 }
 
 /// How long a thread runs while others wait to, as Linux's CFS gives a few milliseconds.

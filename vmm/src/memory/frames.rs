@@ -6,10 +6,7 @@
 //! `AddressSpace::take_invalidation`). While a host transfer into or out of app memory runs
 //! without the process lock ([`FrameAllocator::hold`]), every frame freed is held back
 //! too: the transfer may still reach it, and must not land in a frame given to another
-//! mapping meanwhile. A frame that is only held comes back once no transfer runs.
-
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+//! mapping meanwhile. Only the frames of that transfer's buffer are held, until it ends.
 
 /// A guest-physical frame allocator over one region.
 #[derive(Debug)]
@@ -19,22 +16,14 @@ pub struct FrameAllocator {
     next_unused: u64,
     free: Vec<u64>,
     quarantine: Vec<u64>,
-    /// Transfers running without the process lock (see [`FrameAllocator::hold`]).
-    holds: Arc<AtomicU32>,
-    /// Frames freed while one ran, that no translation can reach.
-    held_free: Vec<u64>,
-    /// Frames freed while one ran, that a stale translation may still reach.
-    held_quarantine: Vec<u64>,
-}
-
-/// A hold on the frames freed while it lives (see [`FrameAllocator::hold`]).
-#[derive(Debug)]
-pub struct FrameHold(Arc<AtomicU32>);
-
-impl Drop for FrameHold {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
+    /// The guest-physical ranges `(start, len)` that transfers running without the
+    /// process lock may reach, by hold (see [`FrameAllocator::hold`]).
+    holds: Vec<(u64, Vec<(u64, usize)>)>,
+    /// The next hold's number.
+    next_hold: u64,
+    /// Frames freed inside a held range, each with whether a stale translation may still
+    /// reach it.
+    held: Vec<(u64, bool)>,
 }
 
 impl FrameAllocator {
@@ -46,17 +35,14 @@ impl FrameAllocator {
             next_unused: 0,
             free: Vec::new(),
             quarantine: Vec::new(),
-            holds: Arc::new(AtomicU32::new(0)),
-            held_free: Vec::new(),
-            held_quarantine: Vec::new(),
+            holds: Vec::new(),
+            next_hold: 0,
+            held: Vec::new(),
         }
     }
 
     /// Returns the guest-physical address of a free frame, or `None` when all are used.
     pub fn alloc(&mut self) -> Option<u64> {
-        if self.free.is_empty() {
-            self.held_now();
-        }
         if let Some(gpa) = self.free.pop() {
             return Some(gpa);
         }
@@ -89,14 +75,13 @@ impl FrameAllocator {
         self.next_unused
             - self.free.len() as u64
             - self.quarantine.len() as u64
-            - self.held_free.len() as u64
-            - self.held_quarantine.len() as u64
+            - self.held.len() as u64
     }
 
     /// Frees a frame that no translation can still reach.
     pub fn free(&mut self, gpa: u64) {
-        if self.held_now() {
-            self.held_free.push(gpa);
+        if self.is_held(gpa) {
+            self.held.push((gpa, false));
         } else {
             self.free.push(gpa);
         }
@@ -104,35 +89,48 @@ impl FrameAllocator {
 
     /// Frees a frame that a stale guest translation may still reach.
     pub fn quarantine(&mut self, gpa: u64) {
-        if self.held_now() {
-            self.held_quarantine.push(gpa);
+        if self.is_held(gpa) {
+            self.held.push((gpa, true));
         } else {
             self.quarantine.push(gpa);
         }
     }
 
-    /// Holds back the frames freed from now on, until the hold returned (and every other)
-    /// is dropped: for a host transfer into or out of app memory made without the process
-    /// lock, which may still reach them.
-    pub fn hold(&mut self) -> FrameHold {
-        self.holds.fetch_add(1, Ordering::AcqRel);
-        FrameHold(self.holds.clone())
+    /// Holds back the frames of `ranges` (guest-physical `(start, len)`) that are freed
+    /// from now on, until [`FrameAllocator::release`] of the number returned: a host
+    /// transfer into or out of app memory, made without the process lock, may still
+    /// reach them.
+    pub fn hold(&mut self, ranges: Vec<(u64, usize)>) -> u64 {
+        let number = self.next_hold;
+        self.next_hold = self.next_hold.wrapping_add(1);
+        self.holds.push((number, ranges));
+        number
     }
 
-    /// Whether a hold is on; when none is any more, gives back what was held meanwhile.
-    fn held_now(&mut self) -> bool {
-        if self.holds.load(Ordering::Acquire) > 0 {
-            return true;
-        }
-        self.free.append(&mut self.held_free);
-        self.quarantine.append(&mut self.held_quarantine);
-        false
+    /// Ends hold `number`: returns the frames it held back that no other hold does, each
+    /// with whether a stale translation may still reach it. The caller clears and frees
+    /// them ([`FrameAllocator::free`] or [`FrameAllocator::quarantine`]).
+    pub fn release(&mut self, number: u64) -> Vec<(u64, bool)> {
+        self.holds.retain(|(n, _)| *n != number);
+        let held = std::mem::take(&mut self.held);
+        let (still, released) = held.into_iter().partition(|&(gpa, _)| self.is_held(gpa));
+        self.held = still;
+        released
+    }
+
+    /// Whether a hold reaches the frame at `gpa`.
+    fn is_held(&self, gpa: u64) -> bool {
+        self.holds
+            .iter()
+            .flat_map(|(_, ranges)| ranges)
+            .any(|&(start, len)| {
+                let first = start & !0xfff;
+                gpa >= first && gpa < start.saturating_add(len as u64)
+            })
     }
 
     /// Makes quarantined frames reusable; call once stale translations are gone.
     pub fn release_quarantine(&mut self) {
-        // Frames held back wait for the transfers, and come back with a later call.
-        self.held_now();
         self.free.append(&mut self.quarantine);
     }
 
@@ -178,25 +176,23 @@ mod tests {
     }
 
     #[test]
-    fn frames_freed_during_a_transfer_wait_for_it() {
-        let mut frames = FrameAllocator::new(0, 2);
-        let (a, b) = (frames.alloc().unwrap(), frames.alloc().unwrap());
-        let first = frames.hold();
-        let second = frames.hold();
-        frames.free(a);
-        frames.quarantine(b);
+    fn frames_a_transfer_reaches_wait_for_it() {
+        let mut frames = FrameAllocator::new(0, 4);
+        let f: Vec<u64> = (0..4).map(|_| frames.alloc().unwrap()).collect();
+        // Two transfers: one over frames 0 and 1 (from the middle of 0), one over 1.
+        let first = frames.hold(vec![(f[0] + 100, 8000)]);
+        let second = frames.hold(vec![(f[1], 4096)]);
+        frames.free(f[0]);
+        frames.quarantine(f[1]);
+        // A frame no transfer reaches comes back as ever.
+        frames.free(f[3]);
+        assert_eq!(frames.alloc(), Some(f[3]));
         // An invalidation does not free what a running transfer may reach.
         frames.release_quarantine();
         assert_eq!(frames.alloc(), None);
-        assert_eq!(frames.in_use(), 0);
-        drop(first);
-        assert_eq!(frames.alloc(), None, "one transfer still runs");
-        drop(second);
-        // The frame no translation reaches comes back at once; the other after the next
-        // invalidation.
-        assert_eq!(frames.alloc(), Some(a));
-        assert_eq!(frames.alloc(), None);
-        frames.release_quarantine();
-        assert_eq!(frames.alloc(), Some(b));
+        assert_eq!(frames.in_use(), 2, "frames 2 and 3");
+        assert_eq!(frames.release(first), vec![(f[0], false)]);
+        assert_eq!(frames.release(second), vec![(f[1], true)]);
+        assert_eq!(frames.release(second), vec![], "released once");
     }
 }

@@ -49,8 +49,8 @@ pub struct HostTransfer {
     iovecs: Vec<libc::iovec>,
     offset: Option<u64>,
     access: Access,
-    /// The frames freed while this lives are held back.
-    _hold: super::frames::FrameHold,
+    /// Its hold on the frames of the buffer (see [`AddressSpace::finish_transfer`]).
+    hold: u64,
     /// The guest memory the iovecs point into stays mapped while this lives.
     _mapping: super::phys::KeptMapping,
 }
@@ -60,7 +60,7 @@ impl HostTransfer {
     pub fn perform(&self, fd: BorrowedFd<'_>) -> Result<usize, Errno> {
         // SAFETY: the iovecs were checked when prepared, and the memory stays mapped while
         // `_mapping` lives. Another thread may unmap the app's buffer meanwhile: its frames
-        // are held back while `_hold` lives (never given to another mapping), so the
+        // are held back until `finish_transfer` (never given to another mapping), so the
         // transfer only ever touches frames that were the buffer's. No Rust reference into
         // guest memory exists: the VMM touches it only through raw copies.
         unsafe { transfer(fd, &self.iovecs, self.offset, self.access) }
@@ -154,12 +154,13 @@ impl AddressSpace {
             .collect())
     }
 
-    /// Host iovecs over the app buffers `bufs`, checked for `access`.
-    fn host_iovecs(
+    /// The guest-physical pieces `(gpa, len)` behind the app buffers `bufs`, checked for
+    /// `access`.
+    fn host_pieces(
         &mut self,
         bufs: &[(UserAddr, usize)],
         access: Access,
-    ) -> Result<Vec<libc::iovec>, Errno> {
+    ) -> Result<Vec<(u64, usize)>, Errno> {
         let mut iovecs = Vec::new();
         for &(addr, len) in bufs {
             if len == 0 {
@@ -173,13 +174,13 @@ impl AddressSpace {
                 .checked_add(len as u64)
                 .filter(|&end| end <= super::space::USER_END)
                 .ok_or(Errno::FAULT)?;
-            match self.iovecs(addr, len, access) {
+            match self.user_pieces(addr, len, access) {
                 Ok(pieces) => iovecs.extend(pieces),
                 Err(Errno::FAULT) => {
                     let mut at = addr.0;
                     while at < end {
                         let piece = (at | 0xfff).saturating_add(1).min(end) - at;
-                        match self.iovecs(UserAddr(at), piece as usize, access) {
+                        match self.user_pieces(UserAddr(at), piece as usize, access) {
                             Ok(pieces) => iovecs.extend(pieces),
                             Err(_) => break,
                         }
@@ -199,6 +200,18 @@ impl AddressSpace {
             }
         }
         Ok(iovecs)
+    }
+
+    /// The host iovecs of app buffers `bufs`, as [`AddressSpace::host_pieces`] finds them.
+    fn host_iovecs(
+        &mut self,
+        bufs: &[(UserAddr, usize)],
+        access: Access,
+    ) -> Result<Vec<libc::iovec>, Errno> {
+        self.host_pieces(bufs, access)?
+            .into_iter()
+            .map(|(gpa, len)| self.host_iovec(gpa, len))
+            .collect()
     }
 
     /// Reads from host `fd` into the app buffers `bufs` (read, readv, pread64, preadv).
@@ -240,22 +253,34 @@ impl AddressSpace {
 
     /// Prepares the same transfer as [`AddressSpace::read_from_host`] (`access` =
     /// `Write`) or [`AddressSpace::write_to_host`] (`Read`), to be made without the
-    /// process lock: frames freed while the transfer lives are held back, so that it never
-    /// reaches a frame another mapping got meanwhile.
+    /// process lock: the frames of its buffer that are freed before
+    /// [`AddressSpace::finish_transfer`] are held back, so that it never reaches a frame
+    /// another mapping got meanwhile. A transfer dropped unfinished keeps them held.
     pub fn prepare_transfer(
         &mut self,
         bufs: &[(UserAddr, usize)],
         offset: Option<u64>,
         access: Access,
     ) -> Result<HostTransfer, Errno> {
-        let iovecs = self.host_iovecs(bufs, access)?;
+        let pieces = self.host_pieces(bufs, access)?;
+        let iovecs = pieces
+            .iter()
+            .map(|&(gpa, len)| self.host_iovec(gpa, len))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(HostTransfer {
             iovecs,
             offset,
             access,
-            _hold: self.hold_frames(),
+            hold: self.hold_frames(pieces),
             _mapping: self.phys().keep_mapped(),
         })
+    }
+
+    /// Ends a transfer [`AddressSpace::prepare_transfer`] prepared, once it is made: the
+    /// frames of its buffer that were freed meanwhile are cleared again (the transfer may
+    /// have written them after they were) and given back.
+    pub fn finish_transfer(&mut self, transfer: HostTransfer) {
+        self.release_held_frames(transfer.hold);
     }
 
     /// sendmsg(2) from the app buffers `bufs` to host socket `fd`, to raw address `name`

@@ -356,9 +356,24 @@ impl AddressSpace {
         self.stats.invalidations
     }
 
-    /// Holds back the frames freed while the hold lives (see [`FrameAllocator::hold`]).
-    pub(super) fn hold_frames(&mut self) -> super::frames::FrameHold {
-        self.frames.hold()
+    /// Holds back the frames of `pieces` freed from now on (see [`FrameAllocator::hold`]).
+    pub(super) fn hold_frames(&mut self, pieces: Vec<(u64, usize)>) -> u64 {
+        self.frames.hold(pieces)
+    }
+
+    /// Ends hold `number`: the frames it held back are cleared again (a transfer may have
+    /// written them after they were cleared on their way out) and freed.
+    pub(super) fn release_held_frames(&mut self, number: u64) {
+        for (gpa, stale) in self.frames.release(number) {
+            if let Err(e) = self.phys.discard(gpa, PAGE) {
+                internal(e);
+            }
+            if stale {
+                self.frames.quarantine(gpa);
+            } else {
+                self.frames.free(gpa);
+            }
+        }
     }
 
     /// Records that guest translations were invalidated: quarantined frames become reusable.
@@ -896,7 +911,7 @@ impl AddressSpace {
 
     /// Guest-physical pieces of `[addr, addr + len)`, checked for `access` the way the CPU
     /// would check the app's own access, and mapped on demand. EFAULT for anything else.
-    fn user_pieces(
+    pub(super) fn user_pieces(
         &mut self,
         addr: UserAddr,
         len: usize,
@@ -1007,14 +1022,17 @@ impl AddressSpace {
     ) -> Result<Vec<libc::iovec>, Errno> {
         self.user_pieces(addr, len, access)?
             .into_iter()
-            .map(|(gpa, len)| {
-                let host = self.phys.host_addr(gpa).map_err(internal)?;
-                Ok(libc::iovec {
-                    iov_base: host.cast(),
-                    iov_len: len,
-                })
-            })
+            .map(|(gpa, len)| self.host_iovec(gpa, len))
             .collect()
+    }
+
+    /// The host iovec of `len` bytes of guest memory at `gpa`.
+    pub(super) fn host_iovec(&self, gpa: u64, len: usize) -> Result<libc::iovec, Errno> {
+        let host = self.phys.host_addr(gpa).map_err(internal)?;
+        Ok(libc::iovec {
+            iov_base: host.cast(),
+            iov_len: len,
+        })
     }
 
     /// Reads a NUL-terminated string of at most `max` bytes (without the NUL).

@@ -514,7 +514,7 @@ impl Exits<'_, '_> {
             return Ok(true);
         }
         self.p.threads.hold = true;
-        let started = std::time::Instant::now();
+        let mut started = std::time::Instant::now();
         let mut kicked = None;
         while running_elsewhere(self.p) {
             if self.cpus.ended() {
@@ -527,6 +527,11 @@ impl Exits<'_, '_> {
                     slot.kicker.kick(reason::PREEMPT);
                 }
                 kicked = Some(std::time::Instant::now());
+            }
+            if self.p.threads.transfers > 0 {
+                // A thread in a transfer with a file parks once it is over, however long a
+                // slow disk makes it: only the time after it counts.
+                started = std::time::Instant::now();
             }
             if started.elapsed() > std::time::Duration::from_secs(10) {
                 return Err(VmmError::Host {
@@ -562,9 +567,15 @@ impl Exits<'_, '_> {
     ///   handler's first instruction, with the fault's CR2 (the fuzzer's time() on a bad
     ///   pointer died so, 1 run in 30 under load), and a snapshot or a thread switch
     ///   would hand it to the wrong context.
+    ///
+    /// The vDSO's code is the app's own, as on Linux: it runs in user mode on the app's
+    /// stack and registers, at fixed offsets that snapshots keep. A vCPU kicked there is
+    /// at a clean point; were it not, a signal for an app that loops on the vDSO's
+    /// clock_gettime (with no call that exits) waited for ever, the kick spent.
     fn at_clean_point(&self) -> Result<bool, VmmError> {
-        Ok(self.vcpu.regs().rip < picocenter_guest_shim::abi::SYSTEM_VA
-            && !self.vcpu.exception_in_flight()?)
+        let rip = self.vcpu.regs().rip;
+        let users = rip < picocenter_guest_shim::abi::SYSTEM_VA || sigframe::in_vdso(rip);
+        Ok(users && !self.vcpu.exception_in_flight()?)
     }
 
     /// Ends the current thread's time slice if another thread is runnable.
@@ -1219,10 +1230,13 @@ impl Exits<'_, '_> {
     /// This vCPU's thread stops being the current one while the lock is let go (whoever
     /// takes it finds the first vCPU's thread current), as for a wait.
     fn transfer_unlocked(&mut self, transfer: syscalls::fs::Transfer) -> u64 {
+        self.p.threads.transfers = self.p.threads.transfers.saturating_add(1);
         self.p.leave_cpu(self.cpu);
         let moved =
             parking_lot::MutexGuard::unlocked(self.p, || transfer.io.perform(transfer.file.host()));
         self.p.enter_cpu(self.cpu);
+        self.p.threads.transfers = self.p.threads.transfers.saturating_sub(1);
+        self.p.mem.finish_transfer(transfer.io);
         self.cpus.unlocked_transfers.fetch_add(1, Ordering::Relaxed);
         match moved {
             Ok(bytes) => bytes as u64,

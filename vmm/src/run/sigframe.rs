@@ -188,6 +188,12 @@ fn word(bytes: &[u8], offset: u64) -> u64 {
     u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default())
 }
 
+/// Whether `rip` is in the vDSO's page, which is user code (see `Exits::at_clean_point`).
+pub fn in_vdso(rip: u64) -> bool {
+    use picocenter_guest_shim::abi::{PAGE_SIZE, VDSO_VA};
+    (VDSO_VA..VDSO_VA + PAGE_SIZE).contains(&rip)
+}
+
 /// rt_sigreturn: restores the context a handler's frame holds.
 pub fn sigreturn(p: &mut Process, vcpu: &mut Vcpu) -> Result<(), DeliveryError> {
     let frame = vcpu.regs().rsp.wrapping_sub(8);
@@ -197,7 +203,8 @@ pub fn sigreturn(p: &mut Process, vcpu: &mut Vcpu) -> Result<(), DeliveryError> 
     })?;
     let g = |i: u64| word(&bytes, MCONTEXT + i * 8);
     let (rip, rsp, rflags) = (g(16), g(15), g(17));
-    if rip >= USER_END {
+    // The vDSO is the app's code too: a signal that interrupted it returns there.
+    if rip >= USER_END && !in_vdso(rip) {
         return Err(DeliveryError::BadFrame(format!(
             "rt_sigreturn to a non-user address {rip:#x}"
         )));
