@@ -159,3 +159,49 @@ fn a_signal_storm_during_mailbox_calls_keeps_every_call_correct() {
 fn a_signal_storm_during_exits_keeps_every_call_correct() {
     storm(&["--no-mailbox"]);
 }
+
+/// A number printed after `before` in a run's output.
+fn printed_after(out: &std::process::Output, before: &str) -> u64 {
+    stdout(out)
+        .split(before)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after '{before}': {}", describe(out)))
+}
+
+/// A loop that reads the clock through the vDSO, with no call that exits, is interrupted
+/// by a 1 ms timer every time, and its clock never goes back. Before, a kick that stopped
+/// the vCPU inside the vDSO delivered nothing (~100 signals of 1,500 reached the app, at
+/// the time page's 100 ms refreshes), and a refresh while the vCPU was stopped halfway
+/// through a read gave that read half the old page and half the new (steps back in 2 runs
+/// of 3); now a vCPU stopped in the vDSO starts its function over.
+#[test]
+fn a_timer_interrupts_a_loop_on_the_vdso_clock_which_never_goes_back() {
+    for flags in [&[][..], &["--no-mailbox"]] {
+        let program = guest("signals", Link::Static);
+        let mut args = flags.to_vec();
+        args.extend([program.to_str().unwrap(), "vdso-clock-under-signals"]);
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(0), "{flags:?}: {}", describe(&out));
+        let signals = printed_after(&out, "steps back in ");
+        assert!(signals >= 400, "{flags:?}: {}", describe(&out));
+    }
+}
+
+/// A timer signal raised after the app unblocked it (a mask change the mailbox answers)
+/// interrupts a loop that makes no call at once: the mask change also changes which
+/// signals kick the vCPU. Before, it waited for the loop's next exit (2 s here: none).
+#[test]
+fn a_signal_unblocked_through_the_mailbox_interrupts_a_loop() {
+    for flags in [&[][..], &["--no-mailbox"]] {
+        let program = guest("signals", Link::Static);
+        let mut args = flags.to_vec();
+        args.extend([program.to_str().unwrap(), "unblock-then-spin"]);
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(0), "{flags:?}: {}", describe(&out));
+        // ~0-10 ms; the bound leaves room for a loaded machine.
+        let late = printed_after(&out, "handled at most ");
+        assert!(late < 1000, "{flags:?}: {}", describe(&out));
+    }
+}

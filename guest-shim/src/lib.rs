@@ -529,6 +529,9 @@ std::arch::global_asm!(
     "shrd rax, rdx, 32",
     ".endm",
     ".globl picocenter_vdso_start",
+    ".globl picocenter_vdso_gettimeofday",
+    ".globl picocenter_vdso_time",
+    ".globl picocenter_vdso_getcpu",
     ".globl picocenter_vdso_end",
     ".p2align 4",
     "picocenter_vdso_start:",
@@ -572,6 +575,7 @@ std::arch::global_asm!(
     "syscall",
     "ret",
     // gettimeofday(tv = rdi, tz = rsi).
+    "picocenter_vdso_gettimeofday:",
     "40:",
     "test rsi, rsi",
     "jnz 49f",
@@ -598,6 +602,7 @@ std::arch::global_asm!(
     "syscall",
     "ret",
     // time(tloc = rdi).
+    "picocenter_vdso_time:",
     "50:",
     "cmp dword ptr [{tp} + {tp_valid}], 0",
     "je 59f",
@@ -616,6 +621,7 @@ std::arch::global_asm!(
     "syscall",
     "ret",
     // getcpu(cpu = rdi, node = rsi, cache = rdx): the app's one CPU, node 0.
+    "picocenter_vdso_getcpu:",
     "60:",
     "test rdi, rdi",
     "jz 61f",
@@ -639,6 +645,9 @@ std::arch::global_asm!(
 
 extern "C" {
     static picocenter_vdso_start: u8;
+    static picocenter_vdso_gettimeofday: u8;
+    static picocenter_vdso_time: u8;
+    static picocenter_vdso_getcpu: u8;
     static picocenter_vdso_end: u8;
     static picocenter_doorbell_start: u8;
     static picocenter_doorbell_saved: u8;
@@ -683,6 +692,38 @@ pub fn vdso_code() -> &'static [u8] {
         &raw const picocenter_vdso_start,
         &raw const picocenter_vdso_end,
     )
+}
+
+/// Where a vCPU stopped at `offset` from the start of the vDSO's code (not in a fault) goes
+/// on from: the entry of the function it is in (an offset of [`abi::vdso`]), or `None`
+/// past the code. Every vDSO function may start over from any of its instructions: it
+/// changes no register its arguments are in and no stack, and what it stores it stores
+/// again. Started over, it reads the time page anew, so that a page the VMM rewrote while
+/// the vCPU was out (every 100 ms) is never read half before and half after; and a
+/// snapshot keeps it at an entry, whose offset is the ABI's, not inside code that another
+/// VMM version lays out differently.
+pub fn vdso_restart(offset: u64) -> Option<u64> {
+    let at = |symbol: *const u8| {
+        (symbol as usize).saturating_sub(&raw const picocenter_vdso_start as usize) as u64
+    };
+    let bodies = [
+        (
+            at(&raw const picocenter_vdso_gettimeofday),
+            vdso::CLOCK_GETTIME,
+        ),
+        (at(&raw const picocenter_vdso_time), vdso::GETTIMEOFDAY),
+        (at(&raw const picocenter_vdso_getcpu), vdso::TIME),
+        (at(&raw const picocenter_vdso_end), vdso::GETCPU),
+    ];
+    let table_end = vdso::GETCPU + 0x10;
+    if offset < table_end {
+        // On an entry's `jmp`, or the padding after it.
+        return Some(offset & !0xf);
+    }
+    bodies
+        .iter()
+        .find(|(body_end, _)| offset < *body_end)
+        .map(|&(_, entry)| entry)
 }
 
 /// Offset of a doorbell symbol from the start of the doorbell.
@@ -760,6 +801,30 @@ pub fn exception_stubs_code() -> &'static [u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vdso_function_starts_over_from_its_entry() {
+        let code = vdso_code().len() as u64;
+        for (offset, entry) in [
+            (0x00, vdso::CLOCK_GETTIME),
+            (0x13, vdso::GETTIMEOFDAY),
+            (0x3f, vdso::GETCPU),
+            (0x40, vdso::CLOCK_GETTIME),
+            (code - 1, vdso::GETCPU),
+        ] {
+            assert_eq!(vdso_restart(offset), Some(entry), "{offset:#x}");
+        }
+        assert_eq!(vdso_restart(code), None);
+        // Each function's body comes after the one before, in the entry table's order.
+        let starts: Vec<u64> = (0x40..code)
+            .map(|at| vdso_restart(at).unwrap())
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] != w[1])
+            .map(|w| w[1])
+            .collect();
+        assert_eq!(starts, [vdso::GETTIMEOFDAY, vdso::TIME, vdso::GETCPU]);
+    }
 
     #[test]
     fn doorbell_exits_with_one_store_to_the_mmio_address() {

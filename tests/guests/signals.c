@@ -27,6 +27,27 @@ int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "ok";
     if (!strcmp(mode, "term")) { kill(getpid(), SIGTERM); pause(); return 0; }
     if (!strcmp(mode, "abort")) abort();
+    if (!strcmp(mode, "vdso-clock-under-signals")) {
+        /* The monotonic clock read through the vDSO, again and again for 1.5 s while a
+         * 1 ms timer interrupts the loop: it never goes back. (A read the VMM's rewrite
+         * of the time page cut in two once came out ~100 ms ahead, and the next behind.) */
+        signal(SIGALRM, on_alarm);
+        struct itimerval every_ms = {{0, 1000}, {0, 1000}};
+        setitimer(ITIMER_REAL, &every_ms, NULL);
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        long start = t.tv_sec * 1000000000L + t.tv_nsec, previous = start, backwards = 0;
+        while (previous - start < 1500000000L) {
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            long now = t.tv_sec * 1000000000L + t.tv_nsec;
+            if (now < previous) backwards++;
+            previous = now;
+        }
+        struct itimerval off = {{0, 0}, {0, 0}};
+        setitimer(ITIMER_REAL, &off, NULL);
+        printf("%ld steps back in %d signals\n", backwards, (int)alarms);
+        return backwards != 0;
+    }
     if (!strcmp(mode, "unblock-then-spin")) {
         /* A timer signal raised while blocked stays pending; one raised after the mask
          * lets it through (a mask change the mailbox may answer) must interrupt a loop that

@@ -102,6 +102,23 @@ pub enum Settled {
     Stray(String),
 }
 
+/// Starts over the vDSO function a kick stopped the vCPU in, if it stopped in one (see
+/// `picocenter_guest_shim::vdso_restart`). Only for a vCPU a kick stopped: the VMM itself
+/// puts the app in the vDSO when it completes a call the vDSO made, and that one must go
+/// on from there.
+pub fn restart_in_vdso(vcpu: &mut Vcpu) -> Result<(), VcpuError> {
+    let offset = vcpu.regs().rip.wrapping_sub(abi::VDSO_VA + abi::vdso::CODE);
+    if offset >= abi::PAGE_SIZE - abi::vdso::CODE {
+        return Ok(());
+    }
+    if let Some(entry) = picocenter_guest_shim::vdso_restart(offset) {
+        if !vcpu.exception_in_flight()? {
+            vcpu.regs_mut().rip = abi::VDSO_VA + abi::vdso::CODE + entry;
+        }
+    }
+    Ok(())
+}
+
 /// Why the app could not be brought to a clean point (a host failure).
 #[derive(Debug, thiserror::Error)]
 pub enum CleanPointError {

@@ -536,6 +536,9 @@ impl Helper {
             let exit = self.vcpu.run();
             self.in_guest.store(false, Ordering::SeqCst);
             kicker.clear(!0);
+            if matches!(exit, crate::kvm::vcpu::Exit::Interrupted) {
+                crate::doorbell::restart_in_vdso(&mut self.vcpu)?;
+            }
             match self
                 .doorbell
                 .settle(&mut self.vcpu, self.poller.as_deref())?

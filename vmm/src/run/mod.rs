@@ -304,6 +304,9 @@ impl Picoprocess {
             }
             let exit = self.vcpu.run();
             self.cpus.first_in_guest.store(false, Ordering::SeqCst);
+            if matches!(exit, Exit::Interrupted) {
+                crate::doorbell::restart_in_vdso(&mut self.vcpu)?;
+            }
             let mut p = lock(&process);
             if let Some(outcome) = self.exits(&mut p).on_exit(exit, &mut last_fault)? {
                 return Ok(outcome);
