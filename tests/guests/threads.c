@@ -161,12 +161,12 @@ static int sleep_beside_a_spinner(void) {
     return 0;
 }
 
-/* "own-calls": threads on vCPUs of their own make calls the mailbox answers (the poller
+/* "own-calls [ROUNDS]": threads on vCPUs of their own make calls the mailbox answers (the poller
  * serves every vCPU's mailbox) while the main thread signals them. Each call must act as
  * the thread that made it: its own signal mask, robust list and file offset, and each
  * signal must reach the thread it was sent to. */
 #define OWN_THREADS 3
-#define OWN_ROUNDS 3000
+static int own_rounds = 3000;
 static atomic_int own_failures, own_running;
 static __thread pid_t own_tid;
 static atomic_int misdelivered, delivered;
@@ -185,7 +185,7 @@ static void *own_calls(void *arg) {
     own_tid = syscall(SYS_gettid);
     int fd = open(own_program, O_RDONLY);
     long robust[3] = {0};
-    for (int i = 0; i < OWN_ROUNDS && atomic_load(&own_failures) < 10; i++) {
+    for (int i = 0; i < own_rounds && atomic_load(&own_failures) < 10; i++) {
         sigset_t mine, got;
         sigemptyset(&mine);
         sigaddset(&mine, SIGRTMIN + 1 + (int)id);
@@ -372,7 +372,10 @@ static int unmap_during_read(void) {
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "parallel-reads") == 0) return parallel_reads();
     if (argc > 1 && strcmp(argv[1], "unmap-during-read") == 0) return unmap_during_read();
-    if (argc > 1 && strcmp(argv[1], "own-calls") == 0) return calls_as_their_own_thread(argv[0]);
+    if (argc > 1 && strcmp(argv[1], "own-calls") == 0) {
+        if (argc > 2) own_rounds = atoi(argv[2]); /* fewer under emulation */
+        return calls_as_their_own_thread(argv[0]);
+    }
     if (argc > 1 && strcmp(argv[1], "unmap-across") == 0) return unmap_across();
     if (argc > 1 && strcmp(argv[1], "latency") == 0) return sleep_beside_a_spinner();
     pthread_t threads[THREADS];

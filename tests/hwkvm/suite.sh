@@ -175,7 +175,7 @@ else
 fi
 # Threads on vCPUs of their own make mailbox calls while signalled: each is answered as
 # its own thread.
-app run --vcpus 4 /guests/threads-static own-calls
+app run --vcpus 4 /guests/threads-static own-calls 200
 if [ $status -eq 0 ] && grep -q "^own-calls: PASSED" /tmp/out; then
     pass threads-own-calls-vcpus
 else
