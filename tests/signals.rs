@@ -175,7 +175,10 @@ fn printed_after(out: &std::process::Output, before: &str) -> u64 {
 /// the vCPU inside the vDSO delivered nothing (~100 signals of 1,500 reached the app, at
 /// the time page's 100 ms refreshes), and a refresh while the vCPU was stopped halfway
 /// through a read gave that read half the old page and half the new (steps back in 2 runs
-/// of 3); now a vCPU stopped in the vDSO starts its function over.
+/// of 3); now a vCPU stopped in the vDSO starts its function over. The loop also reads a
+/// clock the vDSO passes on to the VMM with its own `syscall`: a signal delivered after
+/// that call, or a kick in the doorbell during it, killed the app ("rt_sigreturn to a
+/// non-user address", in 3 runs of 3).
 #[test]
 fn a_timer_interrupts_a_loop_on_the_vdso_clock_which_never_goes_back() {
     for flags in [&[][..], &["--no-mailbox"]] {

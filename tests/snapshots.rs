@@ -279,11 +279,9 @@ fn clocks_never_go_back_and_files_and_writable_data_come_back() {
     swap_out("test-snap-clock", dir.path(), child);
 }
 
-#[test]
-fn a_sleep_keeps_its_deadline_across_a_swap() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let mut child = clockd("test-snap-sleep", data.path(), &[], &["sleep", "2"]);
+/// [`clockd`] in `mode` (whose first line is 9 bytes), once it printed that line.
+fn clockd_started(name: &str, data: &Path, mode: &[&str]) -> Child {
+    let mut child = clockd(name, data, &[], mode);
     let mut first = [0u8; 9];
     child
         .stdout
@@ -291,12 +289,25 @@ fn a_sleep_keeps_its_deadline_across_a_swap() {
         .unwrap()
         .read_exact(&mut first)
         .unwrap();
+    child
+}
+
+/// Restores the snapshot in `dir` in the foreground, and waits for the app to end.
+fn restored_to_the_end(dir: &Path) -> std::process::Output {
+    let mut cmd = picocenter();
+    cmd.args(["snapshot", "restore"]).arg(dir);
+    cmd.args(root_from(dir));
+    run_with_limit(&mut cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn a_sleep_keeps_its_deadline_across_a_swap() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let child = clockd_started("test-snap-sleep", data.path(), &["sleep", "2"]);
     std::thread::sleep(Duration::from_millis(500));
     swap_out("test-snap-sleep", dir.path(), child);
-    let mut cmd = picocenter();
-    cmd.args(["snapshot", "restore"]).arg(dir.path());
-    cmd.args(root_from(dir.path()));
-    let out = run_with_limit(&mut cmd, Duration::from_secs(30));
+    let out = restored_to_the_end(dir.path());
     let text = stdout(&out);
     let elapsed: i64 = text
         .trim()
@@ -307,6 +318,25 @@ fn a_sleep_keeps_its_deadline_across_a_swap() {
         (1_900_000_000..2_600_000_000).contains(&elapsed),
         "a 2 s sleep took {elapsed} ns of the app's time"
     );
+}
+
+/// An app that only loops on the vDSO's clock is snapshotted where a kick stops it, in the
+/// vDSO (at a function's entry, which the ABI fixes), and goes on after the restore with
+/// a clock that never went back. Before, the vDSO was no clean point: the snapshot waited
+/// until the loop made a call (2.0 s here, when it ended).
+#[test]
+fn an_app_looping_on_the_vdso_clock_is_snapshotted_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let child = clockd_started("test-snap-spin", data.path(), &["spin", "3"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    swap_out("test-snap-spin", dir.path(), child);
+    // Taken while the loop still had ~2.7 s to go.
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    let out = restored_to_the_end(dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(stdout(&out).trim(), "back=0", "{}", describe(&out));
 }
 
 /// A fresh, valid snapshot of counter-http in a new directory.

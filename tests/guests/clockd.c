@@ -1,7 +1,9 @@
 /* Clocks across a snapshot.
  *   serve PORT   answers each connection with "mono=NS real=NS\n"; writes /tmp/clockd.state
  *   unix PATH    the same on an AF_UNIX socket bound at PATH (a file in a writable directory)
- *   sleep SECS   one nanosleep of SECS seconds, then prints how long it took (monotonic) */
+ *   sleep SECS   one nanosleep of SECS seconds, then prints how long it took (monotonic)
+ *   spin SECS    reads CLOCK_MONOTONIC (through the vDSO) in a loop for SECS seconds of it,
+ *                with no other call; prints how often it went back */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -43,6 +45,18 @@ int main(int argc, char **argv) {
         struct timespec nap = {atoi(argv[2]), 0};
         nanosleep(&nap, NULL);
         printf("elapsed=%lld\n", (long long)(ns(CLOCK_MONOTONIC) - start));
+        return 0;
+    }
+    if (argc > 2 && !strcmp(argv[1], "spin")) {
+        int64_t start = ns(CLOCK_MONOTONIC), previous = start, backwards = 0;
+        printf("spinning\n");
+        fflush(stdout);
+        while (previous - start < atoi(argv[2]) * 1000000000ll) {
+            int64_t now = ns(CLOCK_MONOTONIC);
+            if (now < previous) backwards++;
+            previous = now;
+        }
+        printf("back=%lld\n", (long long)backwards);
         return 0;
     }
     if (argc > 2 && !strcmp(argv[1], "serve")) {

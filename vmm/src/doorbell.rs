@@ -14,7 +14,6 @@ use crate::kvm::vcpu::{Vcpu, VcpuError};
 use crate::mailbox::Poller;
 use crate::memory::layout::cpu_local_gpa;
 use crate::memory::phys::{PhysError, PhysicalMemory, SharedPage};
-use crate::memory::space::USER_END;
 use picocenter_guest_shim::abi::{self, mailbox, scratch};
 use picocenter_guest_shim::{doorbell_region, DoorbellRegion};
 use std::sync::atomic::Ordering;
@@ -102,10 +101,11 @@ pub enum Settled {
     Stray(String),
 }
 
-/// Starts over the vDSO function a kick stopped the vCPU in, if it stopped in one (see
-/// `picocenter_guest_shim::vdso_restart`). Only for a vCPU a kick stopped: the VMM itself
-/// puts the app in the vDSO when it completes a call the vDSO made, and that one must go
-/// on from there.
+/// Starts over the vDSO function the vCPU is in, if it is in one (see
+/// `picocenter_guest_shim::vdso_restart`) and no fault of it waits for delivery. For a
+/// vCPU a kick stopped, and before the VMM looks at the app's context. A vDSO function
+/// that made a call the VMM completed makes it again: the vDSO's calls (the clocks) have
+/// no side effects.
 pub fn restart_in_vdso(vcpu: &mut Vcpu) -> Result<(), VcpuError> {
     let offset = vcpu.regs().rip.wrapping_sub(abi::VDSO_VA + abi::vdso::CODE);
     if offset >= abi::PAGE_SIZE - abi::vdso::CODE {
@@ -241,7 +241,7 @@ impl Doorbell {
         } else {
             to.rcx
         };
-        if rip >= USER_END {
+        if !crate::memory::space::app_code_address(rip) {
             return Ok(Settled::Stray(format!(
                 "left the doorbell for a non-user address {rip:#x}"
             )));

@@ -21,6 +21,13 @@ pub mod persist;
 
 /// One past the highest user address (Linux's TASK_SIZE on x86-64).
 pub const USER_END: u64 = picocenter_guest_shim::abi::USER_END;
+
+/// Whether the app's own code may run at `rip`: user space, or the vDSO's page (user-mode
+/// code the VMM maps above it, which a signal may interrupt and `syscall` return to).
+pub fn app_code_address(rip: u64) -> bool {
+    use picocenter_guest_shim::abi::{PAGE_SIZE, VDSO_VA};
+    rip < USER_END || (VDSO_VA..VDSO_VA + PAGE_SIZE).contains(&rip)
+}
 /// Lowest address `mmap` hands out (Linux's default `vm.mmap_min_addr`).
 pub const MMAP_MIN: u64 = 0x1_0000;
 /// Top of the main stack.

@@ -158,7 +158,7 @@ fn vma_records(p: &Process) -> Vec<VmaRecord> {
 /// restore could resume, and is refused.
 fn user_context(vcpu: &Vcpu, p: &Process) -> Result<UserContext, PersistError> {
     let regs = vcpu.regs();
-    if regs.rip >= crate::memory::space::USER_END {
+    if !crate::memory::space::app_code_address(regs.rip) {
         return Err(PersistError::NotAtCleanPoint { rip: regs.rip });
     }
     let sregs = vcpu.sregs()?;

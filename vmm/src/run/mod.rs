@@ -575,9 +575,14 @@ impl Exits<'_, '_> {
     /// stack and registers, at fixed offsets that snapshots keep. A vCPU kicked there is
     /// at a clean point; were it not, a signal for an app that loops on the vDSO's
     /// clock_gettime (with no call that exits) waited for ever, the kick spent.
-    fn at_clean_point(&self) -> Result<bool, VmmError> {
+    /// A vCPU in a vDSO function is moved to its entry first (see
+    /// [`crate::doorbell::restart_in_vdso`]): a signal frame, a parked thread or a snapshot
+    /// then holds an address the ABI fixes, not one inside this VMM's layout of the code.
+    fn at_clean_point(&mut self) -> Result<bool, VmmError> {
+        crate::doorbell::restart_in_vdso(self.vcpu)?;
         let rip = self.vcpu.regs().rip;
-        let users = rip < picocenter_guest_shim::abi::SYSTEM_VA || sigframe::in_vdso(rip);
+        let users = rip < picocenter_guest_shim::abi::SYSTEM_VA
+            || crate::memory::space::app_code_address(rip);
         Ok(users && !self.vcpu.exception_in_flight()?)
     }
 
@@ -606,6 +611,11 @@ impl Exits<'_, '_> {
     /// Parks the thread on the vCPU (see [`crate::kernel::thread`]): `in_call` if it is at a
     /// `syscall` instruction it must perform again.
     fn park_current(&mut self, wait: Wait, in_call: bool) -> Result<(), VmmError> {
+        if !in_call {
+            // Kept at an entry the ABI fixes, should a snapshot take it (see
+            // `at_clean_point`); a thread in a call keeps the call's registers.
+            crate::doorbell::restart_in_vdso(self.vcpu)?;
+        }
         let cpu = CpuContext {
             regs: self.vcpu.regs(),
             xsave: Box::new(self.vcpu.xsave()?),
@@ -964,6 +974,9 @@ impl Exits<'_, '_> {
 
     /// Builds a handler frame for `info`; a frame that cannot be written kills the app.
     fn deliver(&mut self, info: SigInfo) -> Result<Option<RunOutcome>, VmmError> {
+        // A call the vDSO made and the VMM completed leaves the app in the vDSO; the frame
+        // keeps the function's entry (see `at_clean_point`).
+        crate::doorbell::restart_in_vdso(self.vcpu)?;
         match sigframe::deliver(self.p, self.vcpu, info) {
             Ok(()) => Ok(None),
             Err(DeliveryError::Vcpu(e)) => Err(e.into()),
@@ -1332,7 +1345,7 @@ impl Exits<'_, '_> {
             None => false,
         };
         // The app can jump into the doorbell with registers of its own choosing.
-        if rcx.wrapping_sub(2) >= crate::memory::space::USER_END {
+        if !crate::memory::space::app_code_address(rcx.wrapping_sub(2)) {
             return Ok(Some(RunOutcome::Killed {
                 signal: libc::SIGSEGV,
                 report: format!("left the doorbell for a non-user address {rcx:#x}"),

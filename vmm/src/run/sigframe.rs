@@ -13,7 +13,6 @@
 use crate::kernel::process::Process;
 use crate::kernel::signals::{bit, Disposition, SA_NODEFER, SA_ONSTACK, SA_RESETHAND, SA_RESTORER};
 use crate::kvm::vcpu::{Vcpu, VcpuError};
-use crate::memory::space::USER_END;
 use crate::memory::UserAddr;
 use kvm_bindings::kvm_xsave;
 
@@ -188,12 +187,6 @@ fn word(bytes: &[u8], offset: u64) -> u64 {
     u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default())
 }
 
-/// Whether `rip` is in the vDSO's page, which is user code (see `Exits::at_clean_point`).
-pub fn in_vdso(rip: u64) -> bool {
-    use picocenter_guest_shim::abi::{PAGE_SIZE, VDSO_VA};
-    (VDSO_VA..VDSO_VA + PAGE_SIZE).contains(&rip)
-}
-
 /// rt_sigreturn: restores the context a handler's frame holds.
 pub fn sigreturn(p: &mut Process, vcpu: &mut Vcpu) -> Result<(), DeliveryError> {
     let frame = vcpu.regs().rsp.wrapping_sub(8);
@@ -204,7 +197,7 @@ pub fn sigreturn(p: &mut Process, vcpu: &mut Vcpu) -> Result<(), DeliveryError> 
     let g = |i: u64| word(&bytes, MCONTEXT + i * 8);
     let (rip, rsp, rflags) = (g(16), g(15), g(17));
     // The vDSO is the app's code too: a signal that interrupted it returns there.
-    if rip >= USER_END && !in_vdso(rip) {
+    if !crate::memory::space::app_code_address(rip) {
         return Err(DeliveryError::BadFrame(format!(
             "rt_sigreturn to a non-user address {rip:#x}"
         )));
