@@ -164,6 +164,18 @@ fn a_read_made_without_the_lock_never_lands_in_memory_mapped_meanwhile() {
     }
 }
 
+/// New mappings only fill empty page-table entries, which no CPU caches: a thread that
+/// maps and fills 200 areas does not bring another, computing on a vCPU of its own, out
+/// of its guest for each (200 shootdowns before; the one left is the time page's or the
+/// ActiveSet's).
+#[test]
+fn new_mappings_do_not_stop_the_other_vcpus() {
+    let out = threads_program(&["-v"], "2", "map-beside-a-spinner");
+    ends_saying(&out, 0, "PASSED: 0 failures", "2 vCPUs");
+    let (shootdowns, log) = logged_count(&out, "shootdowns");
+    assert!(shootdowns < 50, "{shootdowns}: {log}");
+}
+
 /// A page one thread unmaps faults in another that used it before, on one vCPU and on two
 /// (where the translation the other vCPU cached must be shot down).
 #[test]

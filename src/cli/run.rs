@@ -526,6 +526,7 @@ pub(super) fn execute(mut picoprocess: Picoprocess, timeout: Option<f64>) -> any
         mailbox_calls = picoprocess.mailbox_calls(),
         mailbox_calls_from_other_vcpus = picoprocess.mailbox_calls_from_other_vcpus(),
         unlocked_transfers = picoprocess.unlocked_transfers(),
+        shootdowns = picoprocess.shootdowns(),
         "{name} ended"
     );
     if let Some(trace) = picoprocess.trace() {

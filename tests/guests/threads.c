@@ -369,8 +369,28 @@ static int unmap_during_read(void) {
     return failures ? 1 : 0;
 }
 
+/* "map-beside-a-spinner": one thread maps and fills 200 new areas while another computes
+ * on a vCPU of its own. New mappings fill only empty page-table entries: the VMM need not
+ * bring the other vCPU out of its guest for them (it must for the unmaps at the end). */
+static int map_beside_a_spinner(void) {
+    atomic_int stop = 0;
+    pthread_t t;
+    pthread_create(&t, NULL, spinner, &stop);
+    char *areas[200];
+    for (int i = 0; i < 200; i++) {
+        areas[i] = mmap(NULL, 65536, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        CHECK(areas[i] != MAP_FAILED);
+        memset(areas[i], i, 65536);
+    }
+    for (int i = 0; i < 200; i++) CHECK(areas[i][65535] == (char)i);
+    atomic_store(&stop, 1);
+    pthread_join(t, NULL);
+    DONE();
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "parallel-reads") == 0) return parallel_reads();
+    if (argc > 1 && strcmp(argv[1], "map-beside-a-spinner") == 0) return map_beside_a_spinner();
     if (argc > 1 && strcmp(argv[1], "unmap-during-read") == 0) return unmap_during_read();
     if (argc > 1 && strcmp(argv[1], "own-calls") == 0) {
         if (argc > 2) own_rounds = atoi(argv[2]); /* fewer under emulation */

@@ -245,6 +245,13 @@ impl Picoprocess {
         self.poller.as_ref().map_or(0, |p| p.calls())
     }
 
+    /// Shootdowns that kicked another vCPU out of its guest.
+    pub fn shootdowns(&self) -> u64 {
+        self.cpus
+            .shootdowns
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Transfers between files and app memory made without the process lock.
     pub fn unlocked_transfers(&self) -> u64 {
         self.cpus

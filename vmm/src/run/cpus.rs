@@ -49,6 +49,8 @@ pub struct CpuShared {
     setup: OnceLock<(kvm_bindings::CpuId, cpu::CpuFeatures)>,
     /// Transfers between files and app memory made without the process lock, by any vCPU.
     pub unlocked_transfers: std::sync::atomic::AtomicU64,
+    /// Shootdowns that kicked another vCPU out of its guest.
+    pub shootdowns: std::sync::atomic::AtomicU64,
 }
 
 impl Default for CpuShared {
@@ -70,6 +72,7 @@ impl CpuShared {
             helpers: Mutex::new(Vec::new()),
             setup: OnceLock::new(),
             unlocked_transfers: std::sync::atomic::AtomicU64::new(0),
+            shootdowns: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -165,21 +168,28 @@ pub fn needs_first_cpu(p: &mut Process, nr: u64, first_arg: u64) -> bool {
     }
 }
 
-/// Whether call `nr` may rewrite page-table entries the guest uses (read them, then write
-/// them back): while it does, no other vCPU may run, or the Accessed and Dirty bits its
-/// CPU sets in between would be lost.
-pub fn rewrites_translations(nr: u64) -> bool {
-    matches!(
-        nr as i64,
-        libc::SYS_mmap
-            | libc::SYS_munmap
-            | libc::SYS_mprotect
-            | libc::SYS_pkey_mprotect
-            | libc::SYS_mremap
-            | libc::SYS_madvise
-            | libc::SYS_brk
-            | libc::SYS_shmdt
-    )
+/// Whether call `nr` with `args` may rewrite page-table entries the guest uses (read them,
+/// then write them back): while it does, no other vCPU may run, or the Accessed and Dirty
+/// bits its CPU sets in between would be lost. A call that only fills empty entries needs
+/// no such care (no CPU caches or sets bits in an entry that is not present): an mmap at
+/// an address of the VMM's choosing or one that must replace nothing, a brk that grows,
+/// advice that drops nothing. Removals are shot down before the guest runs again anyway
+/// (see `Exits::prepare_entry`).
+pub fn rewrites_translations(p: &mut Process, nr: u64, args: &[u64; 6]) -> bool {
+    const MAP_FIXED: u64 = 0x10;
+    const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+    match nr as i64 {
+        libc::SYS_mmap => args[3] & MAP_FIXED != 0 && args[3] & MAP_FIXED_NOREPLACE == 0,
+        // brk(0) and brk below the heap's start change nothing; brk(current) asks for it.
+        libc::SYS_brk => args[0] != 0 && args[0] < p.mem.brk(0),
+        libc::SYS_madvise => matches!(args[2] as i32, libc::MADV_DONTNEED | libc::MADV_FREE),
+        libc::SYS_munmap
+        | libc::SYS_mprotect
+        | libc::SYS_pkey_mprotect
+        | libc::SYS_mremap
+        | libc::SYS_shmdt => true,
+        _ => false,
+    }
 }
 
 /// Gives thread `parked` (not yet queued) a vCPU of its own if the app may have one more

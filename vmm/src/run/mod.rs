@@ -1044,6 +1044,9 @@ impl Exits<'_, '_> {
             .filter(|slot| slot.in_guest.load(Ordering::SeqCst))
             .map(|slot| (slot.in_guest.clone(), slot.kicker.clone()))
             .collect();
+        if !others.is_empty() {
+            self.cpus.shootdowns.fetch_add(1, Ordering::Relaxed);
+        }
         let started = std::time::Instant::now();
         let mut kicked: Option<std::time::Instant> = None;
         while others
@@ -1138,7 +1141,8 @@ impl Exits<'_, '_> {
             self.release_the_world();
             return step;
         }
-        if cpus::rewrites_translations(nr) {
+        let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
+        if cpus::rewrites_translations(self.p, nr, &args) {
             self.shoot_down()?;
         }
         self.perform_call_now(whole_process)
