@@ -571,6 +571,8 @@ impl AddressSpace {
             {
                 self.map_file_pages(&vma, lo, hi, flags)?;
             }
+            // A file's page is mapped only once it holds the file's bytes: with a second
+            // vCPU, another thread could otherwise read it zeroed in between.
             let mut file_run: Vec<(u64, u64)> = Vec::new();
             let mut va = lo;
             while va < hi {
@@ -578,15 +580,16 @@ impl AddressSpace {
                     let gpa = self.frames.alloc().ok_or(Errno::NOMEM)?;
                     if let Backing::File { .. } = vma.backing {
                         file_run.push((va, gpa));
+                    } else {
+                        self.tables.set(&self.phys, va, gpa | flags)?;
                     }
-                    self.tables.set(&self.phys, va, gpa | flags)?;
                 } else if !file_run.is_empty() {
-                    self.fill_from_file(&vma, &std::mem::take(&mut file_run))?;
+                    self.map_filled(&vma, std::mem::take(&mut file_run), flags)?;
                 }
                 va += PAGE;
             }
             if !file_run.is_empty() {
-                self.fill_from_file(&vma, &file_run)?;
+                self.map_filled(&vma, file_run, flags)?;
             }
         }
         Ok(())
@@ -650,6 +653,24 @@ impl AddressSpace {
         Ok(())
     }
 
+    /// Fills the new frames of consecutive pages `(va, gpa)` of `vma` from its file, then
+    /// maps them with `flags`; on failure they go back unmapped.
+    fn map_filled(&mut self, vma: &Vma, run: Vec<(u64, u64)>, flags: u64) -> Result<(), Errno> {
+        if let Err(e) = self.fill_from_file(vma, &run) {
+            for &(_, gpa) in &run {
+                if let Err(discarded) = self.phys.discard(gpa, PAGE) {
+                    internal(discarded);
+                }
+                self.frames.free(gpa);
+            }
+            return Err(e);
+        }
+        for (va, gpa) in run {
+            self.tables.set(&self.phys, va, gpa | flags)?;
+        }
+        Ok(())
+    }
+
     /// Reads the file contents of consecutive pages `(va, gpa)` of `vma` into their frames.
     fn fill_from_file(&self, vma: &Vma, pages: &[(u64, u64)]) -> Result<(), Errno> {
         let Backing::File { file, offset, .. } = &vma.backing else {
@@ -666,9 +687,9 @@ impl AddressSpace {
             }
             let file_offset = offset + (chunk[0].0 - vma.start);
             // SAFETY: each iovec covers one whole RAM frame that this space owns and that
-            // no Rust reference aliases; the vCPU is not running while the VMM handles an
-            // exit. Short reads (end of file) leave the rest of the frames zero, as they
-            // were allocated.
+            // no Rust reference aliases; no guest reaches it yet (`map_filled` maps it
+            // after this fill, and other vCPUs may be running). Short reads (end of file)
+            // leave the rest of the frames zero, as they were allocated.
             let rc = unsafe {
                 libc::preadv(
                     file.as_raw_fd(),

@@ -175,13 +175,16 @@ pub fn needs_first_cpu(p: &mut Process, nr: u64, first_arg: u64) -> bool {
 /// an address of the VMM's choosing or one that must replace nothing, a brk that grows,
 /// advice that drops nothing. Removals are shot down before the guest runs again anyway
 /// (see `Exits::prepare_entry`).
-pub fn rewrites_translations(p: &mut Process, nr: u64, args: &[u64; 6]) -> bool {
+pub fn rewrites_translations(p: &Process, nr: u64, args: &[u64; 6]) -> bool {
     const MAP_FIXED: u64 = 0x10;
     const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
     match nr as i64 {
         libc::SYS_mmap => args[3] & MAP_FIXED != 0 && args[3] & MAP_FIXED_NOREPLACE == 0,
-        // brk(0) and brk below the heap's start change nothing; brk(current) asks for it.
-        libc::SYS_brk => args[0] != 0 && args[0] < p.mem.brk(0),
+        // Only a brk that shrinks the heap removes entries (brk(0) asks for the break).
+        libc::SYS_brk => {
+            let (start, current) = p.mem.brk_state();
+            args[0] >= start && args[0] < current
+        }
         libc::SYS_madvise => matches!(args[2] as i32, libc::MADV_DONTNEED | libc::MADV_FREE),
         libc::SYS_munmap
         | libc::SYS_mprotect
