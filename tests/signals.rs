@@ -6,8 +6,16 @@ mod common;
 use common::*;
 
 fn signals(mode: &str) -> std::process::Output {
+    signals_with(&[], mode)
+}
+
+/// The signals guest in `mode`, run with `flags`.
+fn signals_with(flags: &[&str], mode: &str) -> std::process::Output {
     let program = guest("signals", Link::Static);
-    run(&["--timeout", "30", program.to_str().unwrap(), mode])
+    let mut args = vec!["--timeout", "30"];
+    args.extend_from_slice(flags);
+    args.extend([program.to_str().unwrap(), mode]);
+    run(&args)
 }
 
 #[test]
@@ -182,10 +190,7 @@ fn printed_after(out: &std::process::Output, before: &str) -> u64 {
 #[test]
 fn a_timer_interrupts_a_loop_on_the_vdso_clock_which_never_goes_back() {
     for flags in [&[][..], &["--no-mailbox"]] {
-        let program = guest("signals", Link::Static);
-        let mut args = flags.to_vec();
-        args.extend([program.to_str().unwrap(), "vdso-clock-under-signals"]);
-        let out = run(&args);
+        let out = signals_with(flags, "vdso-clock-under-signals");
         assert_eq!(out.status.code(), Some(0), "{flags:?}: {}", describe(&out));
         let signals = printed_after(&out, "steps back in ");
         assert!(signals >= 400, "{flags:?}: {}", describe(&out));
@@ -198,10 +203,7 @@ fn a_timer_interrupts_a_loop_on_the_vdso_clock_which_never_goes_back() {
 #[test]
 fn a_signal_unblocked_through_the_mailbox_interrupts_a_loop() {
     for flags in [&[][..], &["--no-mailbox"]] {
-        let program = guest("signals", Link::Static);
-        let mut args = flags.to_vec();
-        args.extend([program.to_str().unwrap(), "unblock-then-spin"]);
-        let out = run(&args);
+        let out = signals_with(flags, "unblock-then-spin");
         assert_eq!(out.status.code(), Some(0), "{flags:?}: {}", describe(&out));
         // ~0-10 ms; the bound leaves room for a loaded machine.
         let late = printed_after(&out, "handled at most ");

@@ -20,7 +20,7 @@ use crate::memory::phys::PhysicalMemory;
 use crate::memory::AddressSpace;
 use crate::platform::Platform;
 use crate::sandbox::{self, Sandbox};
-use crate::{alarm, control, memory, Config, Picoprocess, VmmError};
+use crate::{alarm, control, Config, Picoprocess, VmmError};
 use kvm_bindings::CpuId;
 use kvm_ioctls::VcpuFd;
 use picocenter_snapshots::format::{AppRecord, CpuRecord, CpuidBits};
@@ -287,13 +287,7 @@ pub(crate) fn finish(
         None => None,
     };
     let doorbell = crate::doorbell::Doorbell::new(process.mem.phys(), FIRST_CPU)?;
-    let mailbox_page = process
-        .mem
-        .phys()
-        .shared_page(memory::layout::cpu_local_gpa(
-            FIRST_CPU,
-            picocenter_guest_shim::abi::cpu_local::MAILBOX_PAGE,
-        ))?;
+    let mailbox_page = doorbell.mailbox().clone();
     let process = Arc::new(parking_lot::Mutex::new(process));
     let poller = if config.mailbox {
         let poller = mailbox::Poller::start(mailbox_page, process.clone(), live.clone()).map_err(

@@ -111,7 +111,7 @@ pub fn restart_in_vdso(vcpu: &mut Vcpu) -> Result<(), VcpuError> {
     if offset >= abi::PAGE_SIZE - abi::vdso::CODE {
         return Ok(());
     }
-    if let Some(entry) = picocenter_guest_shim::vdso_restart(offset) {
+    if let Some(entry) = picocenter_guest_shim::vdso_restart(offset).filter(|&e| e != offset) {
         if !vcpu.exception_in_flight()? {
             vcpu.regs_mut().rip = abi::VDSO_VA + abi::vdso::CODE + entry;
         }
@@ -159,6 +159,11 @@ impl Doorbell {
             scratch: page(abi::cpu_local::SCRATCH_PAGE)?,
             mailbox: page(abi::cpu_local::MAILBOX_PAGE)?,
         })
+    }
+
+    /// The vCPU's mailbox page (for the poller, which serves it).
+    pub fn mailbox(&self) -> &SharedPage {
+        &self.mailbox
     }
 
     /// The registers the doorbell saved.

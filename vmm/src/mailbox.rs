@@ -40,7 +40,7 @@ use crate::memory::phys::SharedPage;
 use crate::syscalls::{self, Args, SysError};
 use picocenter_guest_shim::abi::mailbox::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long the poller spins without a call before it sleeps, at least. It spins longer
@@ -96,9 +96,9 @@ fn idle_window(round_trip: Duration) -> Duration {
 #[derive(Debug)]
 struct Shared {
     /// Each vCPU's mailbox page, by vCPU number, set as the vCPU is made.
-    pages: [std::sync::OnceLock<SharedPage>; MAX_VCPUS as usize],
+    pages: [OnceLock<SharedPage>; MAX_VCPUS as usize],
     /// One more than the highest vCPU number with a page: how far the spin looks.
-    cpus: std::sync::atomic::AtomicUsize,
+    cpus: AtomicUsize,
     /// By vCPU: set while the poller takes or performs a call of that vCPU's (a vCPU
     /// settling a call marked taken tells the poller's mark from one the app forged).
     serving: [AtomicBool; MAX_VCPUS as usize],
@@ -132,7 +132,7 @@ impl Poller {
         live: Arc<crate::control::LiveStats>,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
-            pages: std::array::from_fn(|_| std::sync::OnceLock::new()),
+            pages: std::array::from_fn(|_| OnceLock::new()),
             serving: std::array::from_fn(|_| AtomicBool::new(false)),
             cpus: AtomicUsize::new(0),
             process,
@@ -162,9 +162,9 @@ impl Poller {
         Ok(poller)
     }
 
-    /// Serves vCPU `cpu`'s mailbox `page` too, from the poller's next awake period on. The
-    /// vCPU must not have run yet (its mailbox is reset). A vCPU keeps its page for the
-    /// process's life, so a second call for `cpu` changes nothing.
+    /// Serves vCPU `cpu`'s mailbox `page` too (a spinning poller tells its doorbell so
+    /// within 64 spins). The vCPU must not have run yet (its mailbox is reset). A vCPU
+    /// keeps its page for the process's life, so a second call for `cpu` changes nothing.
     pub fn add_cpu(&self, cpu: usize, page: SharedPage) {
         let Some(slot) = self.shared.pages.get(cpu) else {
             return;

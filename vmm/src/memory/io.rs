@@ -208,10 +208,8 @@ impl AddressSpace {
         bufs: &[(UserAddr, usize)],
         access: Access,
     ) -> Result<Vec<libc::iovec>, Errno> {
-        self.host_pieces(bufs, access)?
-            .into_iter()
-            .map(|(gpa, len)| self.host_iovec(gpa, len))
-            .collect()
+        let pieces = self.host_pieces(bufs, access)?;
+        self.host_iovecs_of(&pieces)
     }
 
     /// Reads from host `fd` into the app buffers `bufs` (read, readv, pread64, preadv).
@@ -263,12 +261,8 @@ impl AddressSpace {
         access: Access,
     ) -> Result<HostTransfer, Errno> {
         let pieces = self.host_pieces(bufs, access)?;
-        let iovecs = pieces
-            .iter()
-            .map(|&(gpa, len)| self.host_iovec(gpa, len))
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(HostTransfer {
-            iovecs,
+            iovecs: self.host_iovecs_of(&pieces)?,
             offset,
             access,
             hold: self.hold_frames(pieces),

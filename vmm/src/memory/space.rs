@@ -1048,19 +1048,25 @@ impl AddressSpace {
         len: usize,
         access: Access,
     ) -> Result<Vec<libc::iovec>, Errno> {
-        self.user_pieces(addr, len, access)?
-            .into_iter()
-            .map(|(gpa, len)| self.host_iovec(gpa, len))
-            .collect()
+        let pieces = self.user_pieces(addr, len, access)?;
+        self.host_iovecs_of(&pieces)
     }
 
-    /// The host iovec of `len` bytes of guest memory at `gpa`.
-    pub(super) fn host_iovec(&self, gpa: u64, len: usize) -> Result<libc::iovec, Errno> {
-        let host = self.phys.host_addr(gpa).map_err(internal)?;
-        Ok(libc::iovec {
-            iov_base: host.cast(),
-            iov_len: len,
-        })
+    /// The host iovecs of guest-physical pieces `(gpa, len)`.
+    pub(super) fn host_iovecs_of(
+        &self,
+        pieces: &[(u64, usize)],
+    ) -> Result<Vec<libc::iovec>, Errno> {
+        pieces
+            .iter()
+            .map(|&(gpa, len)| {
+                let host = self.phys.host_addr(gpa).map_err(internal)?;
+                Ok(libc::iovec {
+                    iov_base: host.cast(),
+                    iov_len: len,
+                })
+            })
+            .collect()
     }
 
     /// Reads a NUL-terminated string of at most `max` bytes (without the NUL).

@@ -29,7 +29,7 @@ use crate::kvm::kick::{reason, Kicker};
 use crate::kvm::vcpu::Vcpu;
 use crate::kvm::{cpu, system, Machine};
 use crate::VmmError;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// What the app's vCPUs share.
@@ -48,9 +48,9 @@ pub struct CpuShared {
     /// The CPUID and features every vCPU is given (computed for the second vCPU).
     setup: OnceLock<(kvm_bindings::CpuId, cpu::CpuFeatures)>,
     /// Transfers between files and app memory made without the process lock, by any vCPU.
-    pub unlocked_transfers: std::sync::atomic::AtomicU64,
+    pub unlocked_transfers: AtomicU64,
     /// Shootdowns that kicked another vCPU out of its guest.
-    pub shootdowns: std::sync::atomic::AtomicU64,
+    pub shootdowns: AtomicU64,
 }
 
 impl Default for CpuShared {
@@ -71,8 +71,8 @@ impl CpuShared {
             stop: AtomicBool::new(false),
             helpers: Mutex::new(Vec::new()),
             setup: OnceLock::new(),
-            unlocked_transfers: std::sync::atomic::AtomicU64::new(0),
-            shootdowns: std::sync::atomic::AtomicU64::new(0),
+            unlocked_transfers: AtomicU64::new(0),
+            shootdowns: AtomicU64::new(0),
         }
     }
 
@@ -262,14 +262,7 @@ fn start(x: &mut Exits<'_, '_>) -> Result<Option<usize>, VmmError> {
     let doorbell = Doorbell::new(x.p.mem.phys(), cpu as u64)?;
     if let Some(poller) = x.poller.as_ref() {
         // The vCPU's calls go through its own mailbox, which the one poller serves too.
-        let mailbox =
-            x.p.mem
-                .phys()
-                .shared_page(crate::memory::layout::cpu_local_gpa(
-                    cpu as u64,
-                    picocenter_guest_shim::abi::cpu_local::MAILBOX_PAGE,
-                ))?;
-        poller.add_cpu(cpu, mailbox);
+        poller.add_cpu(cpu, doorbell.mailbox().clone());
     }
     let helper = Helper {
         cpu,
