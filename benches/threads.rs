@@ -17,6 +17,12 @@
 //! one vCPU and with two; with a second vCPU the VMM makes such reads without its process
 //! lock, so two threads take about as long as one, where one lock would make it twice.
 //!
+//! Then small calls the VMM performs (getppid, open + close, a UDP send; thread_bench
+//! `calls`): two threads at once against one alone, natively and in a picoprocess with one
+//! vCPU, with a vCPU each, and with a vCPU each but no mailbox (every call an exit). With
+//! a vCPU each the calls' transitions run in parallel; the VMM's own share of a call holds
+//! the process lock, and the one mailbox poller answers one call at a time.
+//!
 //! Then two threaded servers against the same binaries run natively on loopback:
 //! Debian's redis-server under `redis-benchmark -q -n 20000 -t set,get`, and the Go
 //! net/http server of tests/go/httpd under wrk `-t1 -c10`, in alternating rounds, each
@@ -90,7 +96,58 @@ fn main() {
         );
     }
     reads();
+    calls();
     servers();
+}
+
+/// Two threads making small calls at once against one alone (see the module's comment).
+fn calls() {
+    let program = guest("thread_bench", Link::Static);
+    let program = program.to_str().unwrap();
+    let run = |cmd: &mut Command| -> (f64, f64) {
+        let out = cmd.output().expect("running thread_bench");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        let mut numbers = text
+            .split_whitespace()
+            .map(|n| n.parse::<f64>().expect("a number"));
+        (
+            numbers.next().expect("a ratio"),
+            numbers.next().expect("ns a round"),
+        )
+    };
+    let in_pico = |options: &[&str]| {
+        run(picocenter()
+            .arg("run")
+            .args(options)
+            .args([program, "calls", "1000"]))
+    };
+    let names = ["native", "1 vCPU", "a vCPU each", "a vCPU each, no mailbox"];
+    let mut samples: Vec<Vec<(f64, f64)>> = vec![Vec::new(); names.len()];
+    for _ in 0..ROUNDS {
+        let round = [
+            run(Command::new(program).args(["calls", "20000"])),
+            in_pico(&["--vcpus", "1"]),
+            in_pico(&["--vcpus", "2"]),
+            in_pico(&["--vcpus", "2", "--no-mailbox"]),
+        ];
+        for (list, value) in samples.iter_mut().zip(round) {
+            list.push(value);
+        }
+    }
+    println!(
+        "small calls (getppid, open + close, UDP send), median of {ROUNDS} rounds: two threads \
+         at once against one alone, and the us a round of both together"
+    );
+    for (name, list) in names.iter().zip(&mut samples) {
+        let mut ratios: Vec<f64> = list.iter().map(|s| s.0).collect();
+        let mut rounds: Vec<f64> = list.iter().map(|s| s.1).collect();
+        println!(
+            "  {name:<26} two / one {:.2}   {:>8.2} us a round",
+            median(&mut ratios),
+            median(&mut rounds) / 1000.0
+        );
+    }
 }
 
 /// The (one thread, two threads) times in ms that `threads parallel-reads` prints.

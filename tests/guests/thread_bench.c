@@ -2,16 +2,23 @@
  *   create N     N pthread_create + pthread_join pairs, one after another
  *   pingpong N   N futex round trips between two threads (wake the other, wait for it)
  *   parallel N   two threads that each compute N million steps, no call in between
+ *   calls N      one thread makes N rounds of small calls the VMM performs (getppid,
+ *                open + close, a UDP send), then two threads at once each make N
  * Prints the median ns per pair or round trip (for parallel: the ns until both are
- * done), each timed with CLOCK_MONOTONIC. */
+ * done; for calls: the two threads' time over the one thread's, then the ns a round
+ * of the two together), each timed with CLOCK_MONOTONIC. */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <fcntl.h>
 #include <linux/futex.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -50,6 +57,31 @@ static void *ponger(void *arg) {
     return NULL;
 }
 
+static long call_rounds;
+static atomic_int call_failures;
+static void *small_calls(void *arg) {
+    (void)arg;
+    int udp = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(9)};
+    to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    char byte = 0;
+    for (long i = 0; i < call_rounds; i++) {
+        int fd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0 || close(fd) || syscall(SYS_getppid) < 0 ||
+            sendto(udp, &byte, 1, 0, (struct sockaddr *)&to, sizeof to) != 1)
+            atomic_fetch_add(&call_failures, 1);
+    }
+    close(udp);
+    return NULL;
+}
+static int64_t callers_take_ns(int callers) {
+    pthread_t t[2];
+    int64_t start = now();
+    for (int i = 0; i < callers; i++) pthread_create(&t[i], NULL, small_calls, NULL);
+    for (int i = 0; i < callers; i++) pthread_join(t[i], NULL);
+    return now() - start;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) { fprintf(stderr, "usage: %s create|pingpong N\n", argv[0]); return 2; }
     long n = atol(argv[2]);
@@ -83,6 +115,14 @@ int main(int argc, char **argv) {
         pthread_join(a, NULL);
         pthread_join(b, NULL);
         printf("%lld\n", (long long)(now() - start));
+        return 0;
+    } else if (!strcmp(argv[1], "calls")) {
+        call_rounds = n;
+        callers_take_ns(2); /* makes the vCPUs */
+        int64_t one = callers_take_ns(1), two = callers_take_ns(2);
+        if (atomic_load(&call_failures)) return 1;
+        /* and the ns per round of the two threads together (4 calls a round) */
+        printf("%.3f %.0f\n", (double)two / (double)one, (double)two / (2.0 * n));
         return 0;
     } else {
         return 2;

@@ -367,8 +367,11 @@ impl Threads {
     }
 
     /// Takes the next runnable thread vCPU `cpu` may run: one pinned to it first, else
-    /// one pinned to none (on a vCPU other than the first, only if none waits for it: it
-    /// would not see its own thread's wait end while it ran another).
+    /// one pinned to none. On a vCPU other than the first, an unpinned thread only if none
+    /// waits for this vCPU (it would not see its own thread's wait end while it ran
+    /// another), and only while the first vCPU is busy: an idle first vCPU takes its own
+    /// threads back. Taken here, the thread would stay pinned to this vCPU, and the next
+    /// thread it makes would have to share a vCPU with it while the first one idles.
     pub fn take_runnable_for(&mut self, cpu: usize) -> Option<Parked> {
         let runnable = |t: &Parked| matches!(t.wait, Wait::Runnable);
         let at = self
@@ -376,7 +379,7 @@ impl Threads {
             .iter()
             .position(|t| runnable(t) && t.pinned_to == Some(cpu))
             .or_else(|| {
-                if cpu != 0 && self.waits_for(cpu) {
+                if cpu != 0 && (self.waits_for(cpu) || self.first_cpu_idle()) {
                     return None;
                 }
                 self.parked
@@ -407,6 +410,21 @@ impl Threads {
             .map(|t| format!("{}@{:?}:{}", t.state.tid, t.pinned_to, wait(&t.wait)))
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    /// Whether the first vCPU waits for a thread to run (it takes every unpinned one).
+    pub fn first_cpu_idle(&self) -> bool {
+        self.cpus
+            .first()
+            .and_then(Option::as_ref)
+            .is_some_and(|s| s.idle)
+    }
+
+    /// Notes whether the first vCPU waits for a thread to run.
+    pub fn set_first_cpu_idle(&mut self, idle: bool) {
+        if let Some(Some(slot)) = self.cpus.first_mut() {
+            slot.idle = idle;
+        }
     }
 
     /// Whether a parked thread is pinned to vCPU `cpu`.
@@ -657,6 +675,24 @@ mod tests {
         threads.mark_ready(&ready);
         assert!(threads.runnable());
         assert!(Instant::now() >= soon);
+    }
+
+    #[test]
+    fn a_second_vcpu_leaves_the_first_one_s_threads_to_it_while_it_idles() {
+        let mut threads = Threads::default();
+        let slot = || {
+            Some(CpuSlot {
+                kicker: crate::kvm::kick::Kicker::for_current_thread().unwrap(),
+                in_guest: Default::default(),
+                idle: false,
+            })
+        };
+        threads.cpus = vec![slot(), slot()];
+        threads.parked.push_back(parked(3, Wait::Runnable));
+        threads.set_first_cpu_idle(true);
+        assert!(threads.take_runnable_for(1).is_none());
+        threads.set_first_cpu_idle(false);
+        assert_eq!(threads.take_runnable_for(1).unwrap().state.tid, 3);
     }
 
     #[test]

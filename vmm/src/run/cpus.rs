@@ -417,7 +417,11 @@ impl Helper {
                             .parked
                             .iter()
                             .any(|t| t.pinned_to.is_none() && matches!(t.wait, Wait::Runnable));
-                        if !p.threads.hold && unpinned_runnable && p.threads.waits_for(self.cpu) {
+                        if !p.threads.hold
+                            && unpinned_runnable
+                            && !p.threads.first_cpu_idle()
+                            && p.threads.waits_for(self.cpu)
+                        {
                             // Threads wait for a vCPU while this one waits for its own:
                             // the first vCPU watches that wait instead, and this one runs
                             // a thread that can run.

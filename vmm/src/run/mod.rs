@@ -734,10 +734,12 @@ impl Exits<'_, '_> {
             tracing::trace!(cpu = 0, "idle: {}", self.p.threads.describe_parked());
             let waits = self.p.threads.waits_of(0);
             let wake = self.p.kicker.clone();
+            self.p.threads.set_first_cpu_idle(true);
             let ready = parking_lot::MutexGuard::unlocked(self.p, || {
                 waits.poll(std::os::fd::AsFd::as_fd(wake.wake_fd()), None)
-            })
-            .map_err(|e| VmmError::Host {
+            });
+            self.p.threads.set_first_cpu_idle(false);
+            let ready = ready.map_err(|e| VmmError::Host {
                 what: "waiting for the app's threads",
                 source: e.into(),
             })?;
