@@ -52,6 +52,38 @@ fn writable_directories_persist_in_the_data_dir() {
     );
 }
 
+/// A host program right in a writable directory (such as `run /tmp/prog`, /tmp being
+/// writable by default) runs from a copy in that directory: the directory stays writable,
+/// and what the app writes to its copy never reaches the host's file.
+#[test]
+fn a_host_program_in_a_writable_directory_leaves_it_writable() {
+    let busybox = std::path::Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "install busybox-static (scripts/test.sh does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().to_str().unwrap();
+    let program = dir.path().join("busybox");
+    std::fs::copy(busybox, &program).unwrap();
+    let original = std::fs::read(&program).unwrap();
+    let path = program.to_str().unwrap();
+    let script = format!(
+        "echo kept > {dir_path}/new && read line < {dir_path}/new && echo $line && echo overwritten > {path} && echo done"
+    );
+    let out = run(&["--writable", dir_path, path, "sh", "-c", &script]);
+    assert_eq!(stdout(&out), "kept\ndone\n", "{}", describe(&out));
+    assert_eq!(
+        std::fs::read(&program).unwrap(),
+        original,
+        "the host's program changed"
+    );
+    assert!(
+        !dir.path().join("new").exists(),
+        "the app wrote the host's directory"
+    );
+}
+
 /// fcntl and flock locks are the host file's: an app's own never conflict with it (as
 /// Linux has them), and two apps sharing a data directory see each other's; a blocking
 /// request waits, and a signal interrupts it.

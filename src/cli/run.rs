@@ -17,7 +17,8 @@ use std::time::Duration;
 pub struct RunArgs {
     /// The app's root directory: PROGRAM and every path it opens are looked up inside it,
     /// read-only. Without it (or --image), a fresh temporary root is made holding PROGRAM
-    /// (a host path) and its shared-library closure.
+    /// (a host path) and its shared-library closure; a PROGRAM right in a writable
+    /// directory (such as /tmp/prog) is copied into it, which stays writable.
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
 
@@ -246,14 +247,49 @@ pub(super) struct TemporaryRoot {
     pub program: String,
     /// Read-only mounts the root needs besides itself: (guest directory, host directory).
     pub mounts: Vec<(String, PathBuf)>,
+    /// The program, when its directory is one of the app's writable directories: (that
+    /// guest directory, the host file). It is copied into the directory's backing
+    /// directory ([`TemporaryRoot::copy_program`]), which a mount of it would hide.
+    pub program_in_writable: Option<(String, PathBuf)>,
+}
+
+impl TemporaryRoot {
+    /// Copies the program into the backing directory of the writable directory that
+    /// holds it, if one does (`writable`: (guest directory, host directory)). A copy, not
+    /// a link: the app may write to what it finds there, and must not reach the host's
+    /// file through it.
+    pub fn copy_program(&self, writable: &[(String, PathBuf)]) -> anyhow::Result<()> {
+        let Some((guest_dir, source)) = &self.program_in_writable else {
+            return Ok(());
+        };
+        let name = Path::new(&self.program)
+            .file_name()
+            .context("the program has no file name")?;
+        let Some((_, host_dir)) = writable.iter().find(|(guest, _)| guest == guest_dir) else {
+            bail!("the program's directory {guest_dir} is not among the writable directories");
+        };
+        let target = host_dir.join(name);
+        // A file left there (an earlier run's copy) is replaced, never written through:
+        // it may be a link the app made.
+        match std::fs::remove_file(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("replacing {}", target.display())),
+        }
+        std::fs::copy(source, &target)
+            .with_context(|| format!("copying {} to {}", source.display(), target.display()))?;
+        Ok(())
+    }
 }
 
 /// A fresh root holding `program` and its shared-library closure (and an /etc/passwd and
 /// /etc/group that know root, which the app is in its own view, and an /etc/hosts that
 /// knows localhost). The program keeps its
 /// host path, so argv[0] names it inside the guest too. Where that path lies under a
-/// writable directory (such as /tmp), which would hide it, the program's directory
-/// becomes a read-only mount of its own that holds just the program.
+/// writable directory, which would hide it: a program right in that directory (such as
+/// /tmp/prog) is copied into it when the app starts (see `program_in_writable`); one
+/// deeper (/tmp/build/prog) gets its directory as a read-only mount of its own that holds
+/// just the program.
 pub(super) fn temporary_root(program: &Path, writable: &[String]) -> anyhow::Result<TemporaryRoot> {
     let given = std::path::absolute(program)
         .with_context(|| format!("cannot find program {}", program.display()))?;
@@ -288,7 +324,19 @@ pub(super) fn temporary_root(program: &Path, writable: &[String]) -> anyhow::Res
     let hidden = writable
         .iter()
         .any(|guest| given.starts_with(sandbox_path(guest)));
-    if hidden {
+    let parent = given.parent().context("the program has no directory")?;
+    let program_in_writable = writable
+        .iter()
+        .find(|guest| sandbox_path(guest) == parent)
+        .map(|guest| (validate_guest_dir(guest), real.clone()));
+    let program_in_writable = match program_in_writable {
+        Some((guest, real)) => Some((guest?, real)),
+        None => None,
+    };
+    if program_in_writable.is_some() {
+        // Copied into the writable directory once it exists: a mount would make the
+        // whole directory read-only.
+    } else if hidden {
         let name = given.file_name().context("the program has no file name")?;
         let parent = given.parent().context("the program has no directory")?;
         // Outside the guest's view of the root: only the mount shows it.
@@ -307,6 +355,7 @@ pub(super) fn temporary_root(program: &Path, writable: &[String]) -> anyhow::Res
         dir,
         program: given.to_string_lossy().into_owned(),
         mounts,
+        program_in_writable,
     })
 }
 
@@ -588,8 +637,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             address
         }
     };
+    let writable = writable_dirs(&app, &data_dir)?;
+    if let Some(temp) = &app._temp_root {
+        temp.copy_program(&writable)?;
+    }
     let mut config = Config {
-        writable: writable_dirs(&app, &data_dir)?,
+        writable,
         env: environment(&app.env, &settings_env(&args.app)?)?,
         program: app.program,
         argv: app.argv,
