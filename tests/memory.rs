@@ -39,6 +39,15 @@ fn a_program_under_the_writable_tmp_runs_from_its_own_path() {
     }
 }
 
+/// MAP_POPULATE beyond the free memory succeeds as on Linux and leaves nothing behind:
+/// it used to fail with ENOMEM and keep the area and the frames it had populated.
+#[test]
+fn populating_beyond_the_free_memory_fails_nothing_and_keeps_nothing() {
+    let out = run(&["--memory", "32", &memory_program(), "populate-beyond"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(stdout(&out).contains("PASSED"), "{}", describe(&out));
+}
+
 fn assert_segfault(mode: &str, expect: &str) {
     let out = run(&[&memory_program(), mode]);
     assert_eq!(out.status.code(), Some(139), "{}", describe(&out));

@@ -294,10 +294,17 @@ impl AddressSpace {
         let flags = PTE_USER | PTE_OWNED | PTE_PRESENT | if self.nx { PTE_NX } else { 0 };
         let ptes: Vec<u64> = frames.iter().map(|&gpa| gpa | flags).collect();
         if let Err(e) = self.tables.set_run(&self.phys, va, &ptes) {
-            for i in 0..pages {
-                self.tables.clear(&self.phys, va + i * PAGE)?;
+            // The entries written so far may already be in a vCPU's TLB (another thread
+            // may run meanwhile): they are taken down as any window's, their frames
+            // quarantined until the invalidation. The frames no entry named go back now.
+            let mut unnamed = Vec::new();
+            for (i, &gpa) in frames.iter().enumerate() {
+                if self.tables.get(&self.phys, va + i as u64 * PAGE)? == 0 {
+                    unnamed.push(gpa);
+                }
             }
-            give_back(self, &frames);
+            self.unmap_window(va, len)?;
+            give_back(self, &unnamed);
             return Err(e.into());
         }
         Ok(())
@@ -511,7 +518,7 @@ impl AddressSpace {
             backing,
             role,
         });
-        self.populate_by_policy(start, end)?;
+        self.populate_by_policy(start, end);
         Ok(start)
     }
 
@@ -528,33 +535,38 @@ impl AddressSpace {
             .ok_or(Errno::NOMEM)
     }
 
-    /// Populates `[start, end)` now if the policy says it is cheap enough.
-    fn populate_by_policy(&mut self, start: u64, end: u64) -> Result<(), Errno> {
+    /// Populates `[start, end)` now if the policy says it is cheap enough. Only ahead of
+    /// need: a failure (no frame left, a file that cannot be read) leaves the rest to
+    /// demand faults, as Linux's MAP_POPULATE does, so the call that made the area never
+    /// fails after changing it.
+    fn populate_by_policy(&mut self, start: u64, end: u64) {
         let Some(vma) = self.vmas.get(start) else {
-            return Ok(());
+            return;
         };
         if vma.prot == Prot::NONE {
-            return Ok(());
+            return;
         }
         let len = end - start;
-        let eager = match (&vma.backing, vma.role) {
-            (_, VmaRole::Stack) => return self.populate(end.saturating_sub(STACK_EAGER), end),
-            (Backing::Anonymous, _) => {
-                len <= EAGER_ANON_MAX && len / PAGE * 2 <= self.frames.available()
-            }
+        let (start, eager) = match (&vma.backing, vma.role) {
+            (_, VmaRole::Stack) => (end.saturating_sub(STACK_EAGER).max(start), true),
+            (Backing::Anonymous, _) => (
+                start,
+                len <= EAGER_ANON_MAX && len / PAGE * 2 <= self.frames.available(),
+            ),
             // Mapped from the page cache: only page-table entries to write.
             (
                 Backing::File {
                     immutable: true, ..
                 },
                 _,
-            ) => len <= EAGER_ANON_MAX * 4,
-            (Backing::File { .. }, _) => len <= EAGER_FILE_MAX,
+            ) => (start, len <= EAGER_ANON_MAX * 4),
+            (Backing::File { .. }, _) => (start, len <= EAGER_FILE_MAX),
         };
         if eager {
-            self.populate(start, end)?;
+            if let Err(e) = self.populate(start, end) {
+                tracing::debug!(start, end, "left to demand faults: populating failed: {e}");
+            }
         }
-        Ok(())
     }
 
     /// Gives every page in `[start, end)` that lies in an area a frame, filled from its
@@ -577,7 +589,11 @@ impl AddressSpace {
             let mut va = lo;
             while va < hi {
                 if self.tables.get(&self.phys, va)? & PTE_OWNED == 0 {
-                    let gpa = self.frames.alloc().ok_or(Errno::NOMEM)?;
+                    let Some(gpa) = self.frames.alloc() else {
+                        // Never mapped, so no CPU can have them: free at once.
+                        self.free_unmapped(&file_run);
+                        return Err(Errno::NOMEM);
+                    };
                     if let Backing::File { .. } = vma.backing {
                         file_run.push((va, gpa));
                     } else {
@@ -657,18 +673,28 @@ impl AddressSpace {
     /// maps them with `flags`; on failure they go back unmapped.
     fn map_filled(&mut self, vma: &Vma, run: Vec<(u64, u64)>, flags: u64) -> Result<(), Errno> {
         if let Err(e) = self.fill_from_file(vma, &run) {
-            for &(_, gpa) in &run {
-                if let Err(discarded) = self.phys.discard(gpa, PAGE) {
-                    internal(discarded);
-                }
-                self.frames.free(gpa);
-            }
+            self.free_unmapped(&run);
             return Err(e);
         }
-        for (va, gpa) in run {
-            self.tables.set(&self.phys, va, gpa | flags)?;
+        for (at, &(va, gpa)) in run.iter().enumerate() {
+            if let Err(e) = self.tables.set(&self.phys, va, gpa | flags) {
+                // Those mapped stay the area's; the others were never mapped.
+                self.free_unmapped(&run[at..]);
+                return Err(e.into());
+            }
         }
         Ok(())
+    }
+
+    /// Frees the frames of `pages` (va, gpa), which no page-table entry ever named: no
+    /// CPU can hold a translation to them, so they need no quarantine.
+    fn free_unmapped(&mut self, pages: &[(u64, u64)]) {
+        for &(_, gpa) in pages {
+            if let Err(discarded) = self.phys.discard(gpa, PAGE) {
+                internal(discarded);
+            }
+            self.frames.free(gpa);
+        }
     }
 
     /// Reads the file contents of consecutive pages `(va, gpa)` of `vma` into their frames.
@@ -745,7 +771,8 @@ impl AddressSpace {
                 self.mark_stale(va)?;
             }
         }
-        self.populate_by_policy(addr, end)
+        self.populate_by_policy(addr, end);
+        Ok(())
     }
 
     /// Grows, shrinks or moves a mapping (mremap's core). Moving re-points page-table
@@ -781,7 +808,7 @@ impl AddressSpace {
                 let mut tail = area.clip_for_growth(old_end, grown_end);
                 tail.start = old_end;
                 self.vmas.insert(tail);
-                self.populate_by_policy(old_end, grown_end)?;
+                self.populate_by_policy(old_end, grown_end);
                 return Ok(old);
             }
             if !may_move {
@@ -821,7 +848,7 @@ impl AddressSpace {
         if new_len > keep {
             let tail = area.clip_for_growth(target + keep, target + new_len);
             self.vmas.insert(tail);
-            self.populate_by_policy(target + keep, target + new_len)?;
+            self.populate_by_policy(target + keep, target + new_len);
         }
         Ok(target)
     }

@@ -97,7 +97,11 @@ pub fn mmap(p: &mut Process, a: &Args) -> SysResult {
     };
     let start = p.mem.map(placement, len, prot, backing, role)?;
     if flags & MAP_POPULATE != 0 && prot != Prot::NONE {
-        p.mem.populate(start, start + len)?;
+        // As on Linux, a failure to populate does not fail the mmap: the pages not
+        // populated are faulted in when touched.
+        if let Err(e) = p.mem.populate(start, start + len) {
+            tracing::debug!(start, len, "MAP_POPULATE left to demand faults: {e}");
+        }
     }
     Ok(start)
 }
