@@ -84,6 +84,46 @@ fn a_host_program_in_a_writable_directory_leaves_it_writable() {
     );
 }
 
+/// The attack on that copy: an earlier app left a symlink to a host file where the copy
+/// goes, in a data directory kept between runs. The copy replaces the link and never
+/// writes through it.
+#[test]
+fn the_program_s_copy_never_writes_through_a_link_left_in_the_data_directory() {
+    let busybox = std::path::Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "install busybox-static (scripts/test.sh does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let victim = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(victim.path(), "host secret\n").unwrap();
+    let program = dir.path().join("busybox");
+    std::fs::copy(busybox, &program).unwrap();
+    let dir_path = dir.path().to_str().unwrap();
+    let backing = data.path().join(dir_path.trim_start_matches('/'));
+    std::fs::create_dir_all(&backing).unwrap();
+    std::os::unix::fs::symlink(victim.path(), backing.join("busybox")).unwrap();
+    let out = run(&[
+        "--writable",
+        dir_path,
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        program.to_str().unwrap(),
+        "echo",
+        "ran",
+    ]);
+    assert_eq!(stdout(&out), "ran\n", "{}", describe(&out));
+    assert_eq!(
+        std::fs::read_to_string(victim.path()).unwrap(),
+        "host secret\n"
+    );
+    assert!(
+        !backing.join("busybox").is_symlink(),
+        "the link is still there"
+    );
+}
+
 /// fcntl and flock locks are the host file's: an app's own never conflict with it (as
 /// Linux has them), and two apps sharing a data directory see each other's; a blocking
 /// request waits, and a signal interrupts it.

@@ -8,7 +8,7 @@ use picocenter_snapshots::names::{app_name_from, validate_app_name, validate_gue
 use picocenter_vmm::kvm::kick::reason;
 use picocenter_vmm::{Config, Picoprocess, RunOutcome};
 use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -270,14 +270,25 @@ impl TemporaryRoot {
         };
         let target = host_dir.join(name);
         // A file left there (an earlier run's copy) is replaced, never written through:
-        // it may be a link the app made.
+        // it may be a symlink an app made, to a host file. The new file is created
+        // exclusively, without following a link, should another app sharing the data
+        // directory make one in between.
         match std::fs::remove_file(&target) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("replacing {}", target.display())),
         }
-        std::fs::copy(source, &target)
-            .with_context(|| format!("copying {} to {}", source.display(), target.display()))?;
+        let copying = || format!("copying {} to {}", source.display(), target.display());
+        let mut from = std::fs::File::open(source).with_context(copying)?;
+        let mode = from.metadata().with_context(copying)?.permissions().mode() & 0o777;
+        let mut to = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&target)
+            .with_context(copying)?;
+        std::io::copy(&mut from, &mut to).with_context(copying)?;
         Ok(())
     }
 }
