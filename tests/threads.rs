@@ -174,6 +174,83 @@ fn a_read_made_without_the_lock_never_lands_in_memory_mapped_meanwhile() {
 /// maps and fills 200 areas does not bring another, computing on a vCPU of its own, out
 /// of its guest for each (200 shootdowns before; the one left is the time page's or the
 /// ActiveSet's).
+/// The kvm vCPU and VM fds that process `pid` holds: (vCPUs, VMs).
+fn kvm_fds(pid: u32) -> (usize, usize) {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return (0, 0);
+    };
+    let links: Vec<String> = entries
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect();
+    let count = |prefix: &str| links.iter().filter(|l| l.starts_with(prefix)).count();
+    (count("anon_inode:kvm-vcpu"), count("anon_inode:kvm-vm"))
+}
+
+/// The processes below `root` in the host's process tree.
+fn descendants(root: u32) -> Vec<u32> {
+    let parent_of = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let all: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut found = vec![root];
+    loop {
+        let more: Vec<u32> = all
+            .iter()
+            .copied()
+            .filter(|&pid| {
+                !found.contains(&pid) && parent_of(pid).is_some_and(|p| found.contains(&p))
+            })
+            .collect();
+        if more.is_empty() {
+            return found;
+        }
+        found.extend(more);
+    }
+}
+
+/// A process forked while a second thread runs on its own vCPU keeps only what it uses
+/// of KVM: its own VM and vCPU, not the parent's VM and the other vCPUs.
+#[test]
+fn a_forked_process_lets_go_of_its_parent_s_vms_and_vcpus() {
+    use std::io::BufRead;
+    let program = guest("threads", Link::Static);
+    let mut child = picocenter()
+        .args(["run", "--vcpus", "2"])
+        .arg(&program)
+        .arg("fork-beside-a-thread")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let said = lines.next().and_then(|l| l.ok());
+    let holders: Vec<(usize, usize)> = descendants(child.id())
+        .into_iter()
+        .map(kvm_fds)
+        .filter(|&(vcpus, vms)| vcpus + vms > 0)
+        .collect();
+    drop(child.stdin.take());
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert_eq!(said.as_deref(), Some("forked"), "{rest:?}");
+    assert!(status.success(), "{rest:?}");
+    let mut holders = holders;
+    holders.sort();
+    // The parent: its two vCPUs and its VM; the child: its own vCPU and VM.
+    assert_eq!(holders, [(1, 1), (2, 1)], "(vCPU fds, VM fds) of each VMM");
+}
+
 #[test]
 fn new_mappings_do_not_stop_the_other_vcpus() {
     let out = threads_program(&["-v"], "2", "map-beside-a-spinner");

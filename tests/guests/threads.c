@@ -14,6 +14,7 @@
 #include <linux/futex.h>
 #include <sys/mman.h>
 #include <fcntl.h>
+#include <sys/wait.h>
 
 #define THREADS 8
 #define ROUNDS 2000
@@ -388,7 +389,39 @@ static int map_beside_a_spinner(void) {
     DONE();
 }
 
+/* "fork-beside-a-thread": forks while a second thread waits on its own vCPU; the child
+ * says "forked" and waits until stdin ends, so that the test can look at the forked
+ * VMM's host fds meanwhile. */
+static int wait_fds[2];
+static void *wait_on_pipe(void *arg) {
+    (void)arg;
+    char byte;
+    return (void *)(long)read(wait_fds[0], &byte, 1);
+}
+static int fork_beside_a_thread(void) {
+    CHECK(pipe(wait_fds) == 0);
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, wait_on_pipe, NULL) == 0);
+    usleep(100 * 1000); /* the thread waits in its read, on its own vCPU */
+    pid_t child = fork();
+    if (child == 0) {
+        printf("forked\n");
+        fflush(stdout);
+        char byte;
+        while (read(0, &byte, 1) > 0) {
+        }
+        _exit(0);
+    }
+    CHECK(child > 0);
+    int status = 0;
+    CHECK(waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    CHECK(write(wait_fds[1], "x", 1) == 1);
+    CHECK(pthread_join(t, NULL) == 0);
+    DONE();
+}
+
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "fork-beside-a-thread") == 0) return fork_beside_a_thread();
     if (argc > 1 && strcmp(argv[1], "parallel-reads") == 0) return parallel_reads();
     if (argc > 1 && strcmp(argv[1], "map-beside-a-spinner") == 0) return map_beside_a_spinner();
     if (argc > 1 && strcmp(argv[1], "unmap-during-read") == 0) return unmap_during_read();

@@ -135,6 +135,33 @@ impl Machine {
         Ok(machine)
     }
 
+    /// In a forked VMM, lets go of the parent's VM (`machine`, which
+    /// [`Machine::for_forked_process`] replaced). Dropped if this was the last reference;
+    /// otherwise the rest belong to the parent's other vCPU threads, which the fork did not
+    /// copy and which will never drop them here: its fds are closed by hand, and the
+    /// references forgotten.
+    ///
+    /// # Safety
+    ///
+    /// Only in a forked process, whose other references to `machine` are all held by
+    /// threads of the parent.
+    pub unsafe fn release_forked(machine: std::sync::Arc<Self>) {
+        use std::os::fd::AsRawFd;
+        match std::sync::Arc::try_unwrap(machine) {
+            Ok(machine) => drop(machine),
+            Err(shared) => {
+                // SAFETY: per the contract, no code in this process will use or drop the
+                // machine again (its holders do not exist here), so its fds are ours to
+                // close, once.
+                unsafe {
+                    libc::close(shared.vm.as_raw_fd());
+                    libc::close(shared.kvm.as_raw_fd());
+                }
+                std::mem::forget(shared);
+            }
+        }
+    }
+
     fn set_region(&self, info: &SlotInfo, size: u64) -> Result<(), KvmError> {
         // SAFETY: `info.host_addr .. + info.size` is a live mapping owned by the
         // picoprocess's `PhysicalMemory`, which outlives this VM (the `Picoprocess` drops

@@ -59,7 +59,37 @@ fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
     move |source| VcpuError::Ioctl { op, source }
 }
 
-/// The one vCPU of a picoprocess.
+/// A vCPU's fd and `kvm_run` mapping, as numbers: in a forked copy of the VMM, the
+/// `Vcpu` that owns them lives on a thread the fork did not copy, so it is never dropped
+/// there; [`ForkedVcpu::release`] closes and unmaps them instead.
+#[derive(Debug, Clone, Copy)]
+pub struct ForkedVcpu {
+    fd: i32,
+    run_page: usize,
+    run_size: usize,
+}
+
+impl ForkedVcpu {
+    /// Closes the fd and unmaps the `kvm_run` page.
+    ///
+    /// # Safety
+    ///
+    /// Only in a forked process, on a vCPU whose `Vcpu` belongs to a thread of the parent
+    /// (so that nothing in this process uses it or ever drops it), and at most once.
+    pub unsafe fn release(self) {
+        // SAFETY: per the contract, nothing in this process uses the mapping or the fd,
+        // nor will release them again; munmap of a range that is no longer mapped, or a
+        // close of a closed fd, fails harmlessly.
+        unsafe {
+            if self.run_size > 0 {
+                libc::munmap(self.run_page as *mut libc::c_void, self.run_size);
+            }
+            libc::close(self.fd);
+        }
+    }
+}
+
+/// A vCPU of a picoprocess.
 #[derive(Debug)]
 pub struct Vcpu {
     fd: VcpuFd,
@@ -96,6 +126,17 @@ impl Vcpu {
     /// The platform this vCPU runs on.
     pub fn platform(&self) -> Platform {
         self.platform
+    }
+
+    /// What a forked copy of this VMM must let go of by hand, should this vCPU's thread
+    /// not exist there (see [`ForkedVcpu::release`]).
+    pub fn forked_copy(&mut self, kvm: &kvm_ioctls::Kvm) -> ForkedVcpu {
+        use std::os::fd::AsRawFd;
+        ForkedVcpu {
+            fd: self.fd.as_raw_fd(),
+            run_page: (&raw mut *self.fd.get_kvm_run()) as usize,
+            run_size: kvm.get_vcpu_mmap_size().unwrap_or(0),
+        }
     }
 
     /// Pointer to `kvm_run.immediate_exit`, for the kick handler.

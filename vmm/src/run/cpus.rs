@@ -26,7 +26,7 @@ use crate::doorbell::{Doorbell, Settled};
 use crate::kernel::process::{lock, Process, SharedProcess};
 use crate::kernel::thread::{CpuSlot, Parked, Running, TimeSlicer, Wait};
 use crate::kvm::kick::{reason, Kicker};
-use crate::kvm::vcpu::Vcpu;
+use crate::kvm::vcpu::{ForkedVcpu, Vcpu};
 use crate::kvm::{cpu, system, Machine};
 use crate::VmmError;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,6 +45,8 @@ pub struct CpuShared {
     stop: AtomicBool,
     /// The other vCPUs' host threads.
     helpers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The other vCPUs' fds and `kvm_run` pages, for a forked copy of this VMM to let go.
+    helper_vcpus: Mutex<Vec<ForkedVcpu>>,
     /// The CPUID and features every vCPU is given (computed for the second vCPU).
     setup: OnceLock<(kvm_bindings::CpuId, cpu::CpuFeatures)>,
     /// Transfers between files and app memory made without the process lock, by any vCPU.
@@ -70,6 +72,7 @@ impl CpuShared {
             ending: Mutex::new(None),
             stop: AtomicBool::new(false),
             helpers: Mutex::new(Vec::new()),
+            helper_vcpus: Mutex::new(Vec::new()),
             setup: OnceLock::new(),
             unlocked_transfers: AtomicU64::new(0),
             shootdowns: AtomicU64::new(0),
@@ -144,10 +147,19 @@ impl CpuShared {
     }
 
     /// Forgets the other vCPUs without stopping them: in a forked process, which has none
-    /// of the parent's threads (their handles must not be joined or dropped there).
+    /// of the parent's threads (their handles must not be joined or dropped there). Their
+    /// vCPUs' fds are closed and `kvm_run` pages unmapped: nothing here would drop them.
     pub fn forget_helpers(&self) {
         let helpers = std::mem::take(&mut *self.helpers.lock().unwrap_or_else(|e| e.into_inner()));
         std::mem::forget(helpers);
+        let vcpus =
+            std::mem::take(&mut *self.helper_vcpus.lock().unwrap_or_else(|e| e.into_inner()));
+        for vcpu in vcpus {
+            // SAFETY: this is the forked process (the only caller), where each of these
+            // vCPUs belongs to a parent's thread that does not exist here; the list is
+            // taken, so each is released once.
+            unsafe { vcpu.release() };
+        }
     }
 }
 
@@ -257,7 +269,8 @@ fn start(x: &mut Exits<'_, '_>) -> Result<Option<usize>, VmmError> {
             cpu::host_tsc().wrapping_add_signed(first.guest_minus_host),
         )?;
     }
-    let vcpu = Vcpu::new(fd, x.vcpu.platform())?;
+    let mut vcpu = Vcpu::new(fd, x.vcpu.platform())?;
+    let forked_copy = vcpu.forked_copy(&x.machine.kvm);
     let in_guest = Arc::new(AtomicBool::new(false));
     let doorbell = Doorbell::new(x.p.mem.phys(), cpu as u64)?;
     if let Some(poller) = x.poller.as_ref() {
@@ -307,6 +320,11 @@ fn start(x: &mut Exits<'_, '_>) -> Result<Option<usize>, VmmError> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(handle);
+    x.cpus
+        .helper_vcpus
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(forked_copy);
     tracing::debug!(cpu, "a vCPU for a new thread");
     Ok(Some(cpu))
 }

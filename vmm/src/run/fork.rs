@@ -340,7 +340,10 @@ impl Exits<'_, '_> {
         let platform = self.vcpu.platform();
         // Replacing the vCPU unmaps the parent's `kvm_run` from this process.
         *self.vcpu = Vcpu::new(fd, platform)?;
-        *self.machine = Arc::new(machine);
+        let parents = std::mem::replace(self.machine, Arc::new(machine));
+        // SAFETY: this is the forked process; the other references to the parent's VM
+        // are its vCPU threads' (`CpuShared::forget_helpers` above forgot them).
+        unsafe { crate::kvm::Machine::release_forked(parents) };
         Kicker::arm(self.vcpu.immediate_exit_ptr());
         let phys = p.mem.phys();
         p.clock.publish(phys, true);
