@@ -124,6 +124,43 @@ fn the_program_s_copy_never_writes_through_a_link_left_in_the_data_directory() {
     );
 }
 
+/// The same attack a level up: a directory on the way to a writable directory's backing
+/// directory is a symlink to a host directory (which an app sharing the data directory
+/// can make). The app is refused before anything is made, given or bound there.
+#[test]
+fn a_link_on_the_way_to_a_writable_directory_is_refused() {
+    let busybox = std::path::Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "install busybox-static (scripts/test.sh does)"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let guest_path = install(root.path(), busybox, "busybox");
+    let data = tempfile::tempdir().unwrap();
+    let victim = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(victim.path(), data.path().join("var")).unwrap();
+    let out = run(&[
+        "--root",
+        root.path().to_str().unwrap(),
+        "--writable",
+        "/var/state",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        &guest_path,
+        "true",
+    ]);
+    assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refusing"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        !victim.path().join("state").exists(),
+        "made in the host's directory"
+    );
+}
+
 /// fcntl and flock locks are the host file's: an app's own never conflict with it (as
 /// Linux has them), and two apps sharing a data directory see each other's; a blocking
 /// request waits, and a signal interrupts it.

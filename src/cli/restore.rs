@@ -238,10 +238,15 @@ fn configure(
     let (temp_data, data) = data_dir(args.data_dir.as_ref())?;
     let mut writable = Vec::new();
     for guest in writable_dirs {
-        // A plain absolute guest path: its host directory stays under the data directory.
-        let host = data.join(guest.trim_start_matches('/'));
-        std::fs::create_dir_all(&host).with_context(|| format!("creating {}", host.display()))?;
+        // A plain absolute guest path: its host directory stays under the data directory,
+        // reached with no symlink on the way.
+        let (host, _) = super::run::backing_dir(&data, &guest)?;
         writable.push((guest, host));
+    }
+    if let Root::FromProgram(temp, _) = &root {
+        // The program, should it live in a writable directory; the data archive, if it
+        // holds the app's copy, replaces it when unpacked.
+        temp.copy_program(&data)?;
     }
     let config = Config {
         program: manifest.app.program.clone(),

@@ -7,8 +7,12 @@ use picocenter_images::BuiltImage;
 use picocenter_snapshots::names::{app_name_from, validate_app_name, validate_guest_dir};
 use picocenter_vmm::kvm::kick::reason;
 use picocenter_vmm::{Config, Picoprocess, RunOutcome};
+use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::Errno;
+use std::io::Read;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -254,43 +258,92 @@ pub(super) struct TemporaryRoot {
 }
 
 impl TemporaryRoot {
-    /// Copies the program into the backing directory of the writable directory that
-    /// holds it, if one does (`writable`: (guest directory, host directory)). A copy, not
-    /// a link: the app may write to what it finds there, and must not reach the host's
-    /// file through it.
-    pub fn copy_program(&self, writable: &[(String, PathBuf)]) -> anyhow::Result<()> {
+    /// Copies the program into the backing directory, under `data_dir`, of the writable
+    /// directory that holds it, if one does. A copy, not a link: the app may write to what
+    /// it finds there, and must not reach the host's file through it. Everything is done
+    /// relative to directory fds reached without following a symlink ([`backing_dir`]):
+    /// this runs as root, and an app sharing the data directory may have planted links.
+    pub fn copy_program(&self, data_dir: &Path) -> anyhow::Result<()> {
         let Some((guest_dir, source)) = &self.program_in_writable else {
             return Ok(());
         };
         let name = Path::new(&self.program)
             .file_name()
             .context("the program has no file name")?;
-        let Some((_, host_dir)) = writable.iter().find(|(guest, _)| guest == guest_dir) else {
-            bail!("the program's directory {guest_dir} is not among the writable directories");
-        };
+        let (host_dir, dir) = backing_dir(data_dir, guest_dir)?;
         let target = host_dir.join(name);
+        let copying = || format!("copying {} to {}", source.display(), target.display());
+        // The canonical path, opened once and checked: a regular file, not a link put
+        // there since (by whoever owns its directory).
+        let from = rustix::fs::open(
+            source,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(copying)?;
+        let stat = rustix::fs::fstat(&from).with_context(copying)?;
+        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+            bail!("{} is not a regular file", source.display());
+        }
         // A file left there (an earlier run's copy) is replaced, never written through:
-        // it may be a symlink an app made, to a host file. The new file is created
-        // exclusively, without following a link, should another app sharing the data
-        // directory make one in between.
-        match std::fs::remove_file(&target) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // it may be a symlink an app made, to a host file. The new one is created
+        // exclusively, without following a link.
+        match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => {}
             Err(e) => return Err(e).with_context(|| format!("replacing {}", target.display())),
         }
-        let copying = || format!("copying {} to {}", source.display(), target.display());
-        let mut from = std::fs::File::open(source).with_context(copying)?;
-        let mode = from.metadata().with_context(copying)?.permissions().mode() & 0o777;
-        let mut to = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&target)
-            .with_context(copying)?;
-        std::io::copy(&mut from, &mut to).with_context(copying)?;
+        let to = rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(stat.st_mode & 0o777),
+        )
+        .with_context(copying)?;
+        let mut from = std::fs::File::from(from).take(stat.st_size as u64);
+        std::io::copy(&mut from, &mut std::fs::File::from(to)).with_context(copying)?;
         Ok(())
     }
+}
+
+/// The host directory backing guest directory `guest` (validated) under `data_dir`, made
+/// where missing, with no symlink on the way below `data_dir`: an app sharing the data
+/// directory could have made one, to lead this root-run code, the jail's bind and its
+/// chown to a host directory of its choice. Returns its path and an fd (O_PATH) of it.
+pub(super) fn backing_dir(data_dir: &Path, guest: &str) -> anyhow::Result<(PathBuf, OwnedFd)> {
+    let opening = |path: &Path| format!("opening {}", path.display());
+    let mut dir = rustix::fs::open(
+        data_dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| opening(data_dir))?;
+    let mut path = data_dir.to_path_buf();
+    for part in guest.split('/').filter(|part| !part.is_empty()) {
+        if part == "." || part == ".." {
+            bail!("{guest}: not a plain guest directory");
+        }
+        path.push(part);
+        match rustix::fs::mkdirat(&dir, part, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+        }
+        // O_PATH with O_NOFOLLOW would open a symlink itself; O_DIRECTORY then refuses it.
+        dir = match rustix::fs::openat(
+            &dir,
+            part,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(dir) => dir,
+            Err(Errno::NOTDIR | Errno::LOOP) => bail!(
+                "refusing {}: it is a symlink or not a directory (an app sharing the data \
+                 directory may have made it)",
+                path.display()
+            ),
+            Err(e) => return Err(e).with_context(|| opening(&path)),
+        };
+    }
+    Ok((path, dir))
 }
 
 /// A fresh root holding `program` and its shared-library closure (and an /etc/passwd and
@@ -421,9 +474,8 @@ fn writable_dirs(app: &App, data_dir: &Path) -> anyhow::Result<Vec<(String, Path
         if writable.iter().any(|(g, _)| g == guest) {
             continue;
         }
-        let host = data_dir.join(guest.trim_start_matches('/'));
-        let fresh = !host.exists();
-        std::fs::create_dir_all(&host).with_context(|| format!("creating {}", host.display()))?;
+        let fresh = !data_dir.join(guest.trim_start_matches('/')).exists();
+        let (host, _) = backing_dir(data_dir, guest)?;
         if let (true, Some(image)) = (fresh, &app.image) {
             image
                 .seed_writable(guest, &host)
@@ -650,7 +702,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let writable = writable_dirs(&app, &data_dir)?;
     if let Some(temp) = &app._temp_root {
-        temp.copy_program(&writable)?;
+        temp.copy_program(&data_dir)?;
     }
     let mut config = Config {
         writable,

@@ -321,6 +321,13 @@ impl Threads {
             }
         }
         if unpinned {
+            // An idle first vCPU takes unpinned threads (the others leave them to it),
+            // even when a call made for it elsewhere (by the mailbox poller) made one
+            // runnable.
+            if self.first_cpu_idle() {
+                self.wake_cpu(0);
+                return;
+            }
             let idle = self.cpus.iter().enumerate().find(|(cpu, slot)| {
                 *cpu != self.current_cpu
                     && slot.as_ref().is_some_and(|s| s.idle)

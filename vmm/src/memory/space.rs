@@ -596,8 +596,9 @@ impl AddressSpace {
                     };
                     if let Backing::File { .. } = vma.backing {
                         file_run.push((va, gpa));
-                    } else {
-                        self.tables.set(&self.phys, va, gpa | flags)?;
+                    } else if let Err(e) = self.tables.set(&self.phys, va, gpa | flags) {
+                        self.free_unmapped(&[(va, gpa)]);
+                        return Err(e.into());
                     }
                 } else if !file_run.is_empty() {
                     self.map_filled(&vma, std::mem::take(&mut file_run), flags)?;
@@ -661,8 +662,17 @@ impl AddressSpace {
                 return Ok(());
             }
             for i in 0..pages {
-                self.tables
-                    .set(&self.phys, va + i * PAGE, (base + i * PAGE) | flags)?;
+                if let Err(e) =
+                    self.tables
+                        .set(&self.phys, va + i * PAGE, (base + i * PAGE) | flags)
+                {
+                    // Those mapped stay the area's; the rest were never named.
+                    let unnamed: Vec<(u64, u64)> = (i..pages)
+                        .map(|j| (va + j * PAGE, base + j * PAGE))
+                        .collect();
+                    self.free_unmapped(&unnamed);
+                    return Err(e.into());
+                }
             }
             va = run_end;
         }
