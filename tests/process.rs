@@ -23,6 +23,11 @@ fn process_basics_work() {
 /// fork, vfork, posix_spawn, execve, wait4 and waitid, pipes, copy-on-write, SIGCHLD,
 /// process groups and kill between processes (tests/guests/fork.c).
 #[test]
+fn the_app_s_proc_lists_its_processes_and_fds() {
+    guest_passes("procfs");
+}
+
+#[test]
 fn fork_exec_and_wait_work() {
     guest_passes("fork");
 }

@@ -245,6 +245,7 @@ pub(crate) fn process(
         tree: None,
         root_watch: None,
         vfork_done: None,
+        proc_view: None,
         exe: config.program.clone(),
         cmdline: config.argv.clone(),
         parent_host_pid: 0,

@@ -7,6 +7,7 @@
 pub mod clock;
 pub mod netpolicy;
 pub mod process;
+pub mod procview;
 pub mod signals;
 pub mod thread;
 pub mod tree;

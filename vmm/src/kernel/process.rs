@@ -87,6 +87,8 @@ pub struct Process {
     pub vfork_done: Option<std::os::fd::OwnedFd>,
     /// The program it runs (guest path), for /proc/self/exe.
     pub exe: String,
+    /// Its /proc as a directory tree, once the app first looks at /proc.
+    pub proc_view: Option<super::procview::ProcView>,
     /// Its argv, for /proc/self/cmdline.
     pub cmdline: Vec<String>,
     /// A forked process's parent's host pid (0 for the first process): while the parent
@@ -262,6 +264,39 @@ impl Process {
         match &self.tree {
             Some(tree) => tree.allocate_pid(),
             None => self.threads.allocate_tid(),
+        }
+    }
+
+    /// The short name Linux keeps (comm): the program's file name, at most 15 bytes.
+    pub fn comm(&self) -> String {
+        let name = self.exe.rsplit('/').next().unwrap_or("");
+        let mut end = name.len().min(15);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name[..end].to_string()
+    }
+
+    /// Its command line as /proc/PID/cmdline has it: each argument NUL-terminated.
+    pub fn cmdline_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for arg in &self.cmdline {
+            bytes.extend(crate::sandbox::pathbytes::to_host(arg).iter());
+            bytes.push(0);
+        }
+        bytes
+    }
+
+    /// Tells the app's other processes (their /proc) its parent, name and command line,
+    /// once it has a process table (after its first fork).
+    pub fn describe_in_tree(&self) {
+        if let Some(tree) = &self.tree {
+            tree.describe(
+                self.ids.pid,
+                self.ids.ppid,
+                &self.comm(),
+                &self.cmdline_bytes(),
+            );
         }
     }
 

@@ -10,7 +10,7 @@
 //! The guest cannot reach the table: it is host memory, not guest RAM.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 /// Most processes an app may have at once (zombies included): a fork beyond gives EAGAIN,
 /// as RLIMIT_NPROC does, so a fork bomb stays inside its app.
@@ -139,7 +139,7 @@ impl ChildProcess {
 }
 
 /// One live process in the table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     /// Its guest pid.
     pub pid: i32,
@@ -149,7 +149,16 @@ pub struct Member {
     pub pgid: i32,
     /// Its session.
     pub sid: i32,
+    /// Its parent's pid.
+    pub ppid: i32,
+    /// Its short name (Linux's comm), as it last described itself.
+    pub comm: String,
+    /// The start of its command line, NUL-separated (at most [`DESCRIBED_ARGS`] bytes).
+    pub cmdline: Vec<u8>,
 }
+
+/// How much of a process's command line the table keeps, for other processes' /proc.
+pub const DESCRIBED_ARGS: usize = 128;
 
 #[repr(C)]
 struct Slot {
@@ -157,6 +166,31 @@ struct Slot {
     host_pid: AtomicI32,
     pgid: AtomicI32,
     sid: AtomicI32,
+    ppid: AtomicI32,
+    args_len: AtomicU32,
+    /// comm, 16 bytes, NUL-padded.
+    comm: [AtomicU64; 2],
+    /// The command line's first [`DESCRIBED_ARGS`] bytes.
+    args: [AtomicU64; DESCRIBED_ARGS / 8],
+}
+
+/// Stores `bytes` (zero-padded) into `words`.
+fn store_bytes(words: &[AtomicU64], bytes: &[u8]) {
+    for (i, word) in words.iter().enumerate() {
+        let mut chunk = [0u8; 8];
+        for (j, byte) in chunk.iter_mut().enumerate() {
+            *byte = bytes.get(i * 8 + j).copied().unwrap_or(0);
+        }
+        word.store(u64::from_le_bytes(chunk), Ordering::Relaxed);
+    }
+}
+
+/// The bytes `words` hold.
+fn load_bytes(words: &[AtomicU64]) -> Vec<u8> {
+    words
+        .iter()
+        .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
+        .collect()
 }
 
 #[repr(C)]
@@ -250,7 +284,24 @@ impl AppTree {
         for slot in &self.table().slots {
             if slot.pid.load(Ordering::SeqCst) == pid {
                 slot.host_pid.store(0, Ordering::SeqCst);
+                slot.args_len.store(0, Ordering::SeqCst);
+                store_bytes(&slot.comm, &[]);
                 slot.pid.store(0, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Records what process `pid` shows other processes of the app in /proc: its parent,
+    /// short name and command line (cut to [`DESCRIBED_ARGS`] bytes). A reader racing the
+    /// update may see a mix of old and new, as a racing reader of Linux's /proc may.
+    pub fn describe(&self, pid: i32, ppid: i32, comm: &str, cmdline: &[u8]) {
+        for slot in &self.table().slots {
+            if slot.pid.load(Ordering::SeqCst) == pid {
+                slot.ppid.store(ppid, Ordering::Relaxed);
+                store_bytes(&slot.comm, &comm.as_bytes()[..comm.len().min(15)]);
+                let kept = cmdline.len().min(DESCRIBED_ARGS);
+                store_bytes(&slot.args, &cmdline[..kept]);
+                slot.args_len.store(kept as u32, Ordering::Release);
             }
         }
     }
@@ -272,11 +323,21 @@ impl AppTree {
             .iter()
             .filter_map(|slot| {
                 let pid = slot.pid.load(Ordering::SeqCst);
-                (pid != 0).then(|| Member {
-                    pid,
-                    host_pid: slot.host_pid.load(Ordering::SeqCst),
-                    pgid: slot.pgid.load(Ordering::SeqCst),
-                    sid: slot.sid.load(Ordering::SeqCst),
+                (pid != 0).then(|| {
+                    let comm = load_bytes(&slot.comm);
+                    let comm_len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+                    let mut cmdline = load_bytes(&slot.args);
+                    let args_len = slot.args_len.load(Ordering::Acquire) as usize;
+                    cmdline.truncate(args_len.min(DESCRIBED_ARGS));
+                    Member {
+                        pid,
+                        host_pid: slot.host_pid.load(Ordering::SeqCst),
+                        pgid: slot.pgid.load(Ordering::SeqCst),
+                        sid: slot.sid.load(Ordering::SeqCst),
+                        ppid: slot.ppid.load(Ordering::Relaxed),
+                        comm: String::from_utf8_lossy(&comm[..comm_len]).into_owned(),
+                        cmdline,
+                    }
                 })
             })
             .collect()
@@ -324,6 +385,17 @@ mod tests {
             sid: 1000,
         });
         assert_eq!(tree.find(1000).unwrap().pgid, 1000);
+        let long = vec![b'a'; 300];
+        tree.describe(1000, 2, "a-very-long-program-name", &long);
+        let described = tree.find(1000).unwrap();
+        assert_eq!(
+            (
+                described.ppid,
+                described.comm.as_str(),
+                described.cmdline.len()
+            ),
+            (2, "a-very-long-pro", DESCRIBED_ARGS)
+        );
     }
 
     #[test]

@@ -250,7 +250,10 @@ fn reopen(
             // generated again; it is in no directory the sandbox could open.
             let fd = match crate::syscalls::procfs::file(p, path) {
                 Some(content) => crate::sandbox::sealed_file(path, &content)?,
-                None => p.sandbox.open(path, oflags, Mode::empty())?,
+                None => {
+                    crate::syscalls::procfs::refresh(p, path);
+                    p.sandbox.open(path, oflags, Mode::empty())?
+                }
             };
             rustix::fs::seek(&fd, SeekFrom::Start(*offset))?;
             (
@@ -262,6 +265,8 @@ fn reopen(
             )
         }
         FileRecord::Directory { path } => {
+            // One of /proc's (its tree is made when first looked at).
+            crate::syscalls::procfs::refresh(p, path);
             let fd = p
                 .sandbox
                 .open(path, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;

@@ -97,6 +97,7 @@ impl Exits<'_, '_> {
                             .collect()
                     }));
                     p.tree = Some(tree);
+                    p.describe_in_tree();
                 }
                 Err(e) => {
                     tracing::warn!("fork: cannot map the app's process table: {e}");
@@ -120,6 +121,8 @@ impl Exits<'_, '_> {
             // The app has as many processes as it may (RLIMIT_NPROC says how many).
             return Ok(Err(Errno::AGAIN));
         };
+        // The child is a copy of this process until it execs.
+        tree.describe(pid, p.ids.pid, &p.comm(), &p.cmdline_bytes());
         if p.mem.finish_streaming().is_err() {
             tree.release(pid);
             return Ok(Err(Errno::NOMEM));

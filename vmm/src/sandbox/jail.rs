@@ -197,6 +197,21 @@ pub fn enter_filesystem(spec: &JailSpec) -> Result<(), JailError> {
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
     )
     .map_err(step("mounting /proc"))?;
+    // A small tmpfs for the app's view of /proc (`crate::kernel::procview`): sticky and
+    // writable by all, as the VMM's uid is set later; only this VMM and its forks live in
+    // the jail. Best effort: without it the app's /proc has files but no directories.
+    let views = root.join(super::PROC_VIEWS.trim_start_matches('/'));
+    if let Err(e) = std::fs::create_dir_all(&views).and_then(|()| {
+        mount_with_data(
+            Some(Path::new("tmpfs")),
+            &views,
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            Some("mode=1777,size=8m,nr_inodes=65536"),
+        )
+    }) {
+        tracing::debug!("no tmpfs for the /proc views: {e}");
+    }
     tracing::trace!("jail: mounts made");
     switch_root(root)?;
     // The root itself (the tmpfs of mount points) is read-only.

@@ -39,6 +39,10 @@ use rustix::io::Errno;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+/// Where a jail mounts the small tmpfs that holds its VMMs' views of the app's /proc
+/// (`crate::kernel::procview`).
+pub const PROC_VIEWS: &str = "/picocenter-proc";
+
 /// Why a mount could not be set up (operator error, reported before the app starts).
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {

@@ -132,6 +132,7 @@ fn exec(
     let loaded = crate::loader::load(&mut p.mem, &p.sandbox, &info);
     p.exe = path.clone();
     p.cmdline = argv.clone();
+    p.describe_in_tree();
     match loaded {
         Ok(start) => Err(SysError::Exec(Box::new(start))),
         Err(e) => Err(SysError::Kill {

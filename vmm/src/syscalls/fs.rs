@@ -41,7 +41,10 @@ fn at_path(p: &Process, dirfd: i32, path: &str) -> Result<String, Errno> {
 /// Reads a path argument and resolves it against `dirfd`.
 fn at_path_arg(p: &mut Process, dirfd: i32, addr: UserAddr) -> Result<String, Errno> {
     let path = path_arg(p, addr)?;
-    at_path(p, dirfd, &path)
+    let path = at_path(p, dirfd, &path)?;
+    // The tree behind /proc's directories and links, as it is now.
+    super::procfs::refresh(p, &path);
+    Ok(path)
 }
 
 // ---- read and write ------------------------------------------------------------------
@@ -472,6 +475,7 @@ fn stat_target(
         return rustix::io::fcntl_dupfd_cloexec(file.host(), 0);
     }
     let path = at_path(p, dirfd, &pathbytes::from_guest(path))?;
+    super::procfs::refresh(p, &path);
     open_for_stat(p, &path, flags & libc::AT_SYMLINK_NOFOLLOW as u32 != 0)
 }
 

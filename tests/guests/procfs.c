@@ -1,0 +1,90 @@
+/* The app's /proc as a directory tree: /proc lists the app's processes and self, a
+ * process's directory lists its entries, fd/ its open fds, stat and readlink see what
+ * Linux shows, maps names the program and the stack, and another process of the app
+ * shows its command line and parent. Prints PASSED or what failed. */
+#include "check.h"
+#include <dirent.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* Whether directory `path` lists `name`. */
+static int lists(const char *path, const char *name) {
+    DIR *dir = opendir(path);
+    if (!dir) return 0;
+    int found = 0;
+    for (struct dirent *e; (e = readdir(dir));)
+        if (!strcmp(e->d_name, name)) found = 1;
+    closedir(dir);
+    return found;
+}
+
+static int read_file(const char *path, char *buf, size_t size) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return -1;
+    int got = read(fd, buf, size - 1);
+    close(fd);
+    if (got >= 0) buf[got] = 0;
+    return got;
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
+    char me[16], path[64], buf[8192];
+    snprintf(me, sizeof me, "%d", (int)getpid());
+    CHECK(lists("/proc", "self"));
+    CHECK(lists("/proc", me));
+    CHECK(lists("/proc", "meminfo"));
+    CHECK(readlink("/proc/self", buf, sizeof buf) == (ssize_t)strlen(me) && !strncmp(buf, me, strlen(me)));
+    struct stat st;
+    CHECK(stat("/proc/self", &st) == 0 && S_ISDIR(st.st_mode));
+    CHECK(lstat("/proc/self", &st) == 0 && S_ISLNK(st.st_mode));
+    CHECK(stat("/proc/self/fd", &st) == 0 && S_ISDIR(st.st_mode));
+    CHECK(lists("/proc/self", "status") && lists("/proc/self", "fd") && lists("/proc/self", "exe"));
+    /* fd/ lists what is open now, and not what was closed. */
+    int fd = dup2(open("/proc/self/status", O_RDONLY), 100);
+    CHECK(fd == 100 && lists("/proc/self/fd", "100") && lists("/proc/self/fd", "1"));
+    close(fd);
+    CHECK(!lists("/proc/self/fd", "100"));
+    /* openat relative to /proc/self. */
+    int dir = open("/proc/self", O_RDONLY | O_DIRECTORY);
+    CHECK(dir >= 0);
+    int status = openat(dir, "status", O_RDONLY);
+    CHECK(status >= 0 && read(status, buf, 5) == 5 && !strncmp(buf, "Name:", 5));
+    close(status);
+    close(dir);
+    /* maps: the program, the stack, the vDSO. */
+    CHECK(read_file("/proc/self/maps", buf, sizeof buf) > 0);
+    CHECK(strstr(buf, argv[0]) && strstr(buf, "[stack]") && strstr(buf, "[vdso]") && strstr(buf, "r-xp"));
+    /* The app can write nothing there. */
+    CHECK(open("/proc/self/new", O_WRONLY | O_CREAT, 0600) == -1);
+    CHECK(mkdir("/proc/x", 0700) == -1);
+    /* Another process of the app: listed, with its parent and command line, then gone. */
+    int ready[2], done[2];
+    CHECK(pipe(ready) == 0 && pipe(done) == 0);
+    pid_t child = fork();
+    if (child == 0) {
+        char byte = 0;
+        write(ready[1], &byte, 1);
+        read(done[0], &byte, 1);
+        _exit(0);
+    }
+    char byte;
+    CHECK(read(ready[0], &byte, 1) == 1);
+    char child_name[16];
+    snprintf(child_name, sizeof child_name, "%d", (int)child);
+    CHECK(lists("/proc", child_name) && lists("/proc", me));
+    snprintf(path, sizeof path, "/proc/%d/cmdline", (int)child);
+    CHECK(read_file(path, buf, sizeof buf) > 0 && !strcmp(buf, argv[0]));
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)child);
+    char expected[64];
+    snprintf(expected, sizeof expected, ") S %d ", (int)getpid());
+    CHECK(read_file(path, buf, sizeof buf) > 0 && strstr(buf, expected));
+    CHECK(write(done[1], "x", 1) == 1);
+    CHECK(waitpid(child, NULL, 0) == child);
+    CHECK(!lists("/proc", child_name));
+    CHECK(lists("/proc/self/fd", "0"));
+    DONE();
+}
