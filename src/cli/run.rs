@@ -311,6 +311,9 @@ impl TemporaryRoot {
 /// chown to a host directory of its choice. Returns its path and an fd (O_PATH) of it.
 pub(super) fn backing_dir(data_dir: &Path, guest: &str) -> anyhow::Result<(PathBuf, OwnedFd)> {
     let opening = |path: &Path| format!("opening {}", path.display());
+    // The data directory itself is the operator's (made if missing, as before).
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let mut dir = rustix::fs::open(
         data_dir,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,

@@ -79,12 +79,21 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof path, "/proc/%d/cmdline", (int)child);
     CHECK(read_file(path, buf, sizeof buf) > 0 && !strcmp(buf, argv[0]));
     snprintf(path, sizeof path, "/proc/%d/stat", (int)child);
-    char expected[64];
-    snprintf(expected, sizeof expected, ") S %d ", (int)getpid());
-    CHECK(read_file(path, buf, sizeof buf) > 0 && strstr(buf, expected));
+    int ppid = 0;
+    char *after = read_file(path, buf, sizeof buf) > 0 ? strrchr(buf, ')') : NULL;
+    CHECK(after && sscanf(after, ") %*c %d", &ppid) == 1 && ppid == getpid());
+    snprintf(path, sizeof path, "/proc/%d", (int)child);
+    CHECK(stat(path, &st) == 0 && S_ISDIR(st.st_mode));
     CHECK(write(done[1], "x", 1) == 1);
     CHECK(waitpid(child, NULL, 0) == child);
+    /* Gone at once, without a listing of /proc first. */
+    CHECK(stat(path, &st) == -1 && errno == ENOENT);
     CHECK(!lists("/proc", child_name));
+    /* Its own fds through its own pid's directory. */
+    snprintf(path, sizeof path, "/proc/%s/fd/1", me);
+    int again = open(path, O_WRONLY);
+    CHECK(again >= 0 && write(again, "", 0) == 0);
+    close(again);
     CHECK(lists("/proc/self/fd", "0"));
     DONE();
 }

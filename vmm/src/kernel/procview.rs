@@ -52,7 +52,12 @@ fn remove_tree(dir: BorrowedFd<'_>, name: &str) -> std::io::Result<()> {
         Err(Errno::ISDIR) => {}
         Err(e) => return Err(io(e)),
     }
-    let sub = open_dir(dir, name)?;
+    let sub = match open_dir(dir, name) {
+        Ok(sub) => sub,
+        // Another process of the app removed it first.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
     for entry in entries(sub.as_fd())? {
         remove_tree(sub.as_fd(), &entry)?;
     }
@@ -81,6 +86,9 @@ impl ProcView {
     /// processes that have ended (the tmpfs is the jail's, shared by an app's processes).
     /// `None` when there is no such tmpfs (a VMM outside a jail).
     pub fn create() -> std::io::Result<Option<Self>> {
+        if !crate::sandbox::jail::proc_views_mounted() {
+            return Ok(None);
+        }
         let root = match rustix::fs::open(
             VIEW_ROOT,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
@@ -98,7 +106,9 @@ impl ProcView {
                 pid == owner || !std::path::Path::new(&format!("/proc/{pid}")).exists()
             });
             if ended {
-                remove_tree(root.as_fd(), &name)?;
+                if let Err(e) = remove_tree(root.as_fd(), &name) {
+                    tracing::debug!(name, "the /proc view of an ended process stays: {e}");
+                }
             }
         }
         let name = owner.to_string();
@@ -138,15 +148,21 @@ impl ProcView {
         }
     }
 
-    /// Makes `name` in `dir` a symlink to `target`, unless it already is one.
+    /// Makes `name` in `dir` a symlink to guest path `target`, unless it already is one.
     pub fn link(dir: BorrowedFd<'_>, name: &str, target: &str) -> std::io::Result<()> {
+        let target = crate::sandbox::pathbytes::to_host(target);
         if let Ok(now) = rustix::fs::readlinkat(dir, name, Vec::new()) {
-            if now.as_bytes() == target.as_bytes() {
+            if now.as_bytes() == &target[..] {
                 return Ok(());
             }
         }
         remove_tree(dir, name)?;
-        rustix::fs::symlinkat(target, dir, name).map_err(io)
+        rustix::fs::symlinkat(&target[..], dir, name).map_err(io)
+    }
+
+    /// Removes `name` (and what it holds) from `dir`, if it is there.
+    pub fn remove(dir: BorrowedFd<'_>, name: &str) -> std::io::Result<()> {
+        remove_tree(dir, name)
     }
 
     /// Leaves exactly `keep` among the names of `dir` that `ours` picks (the others are

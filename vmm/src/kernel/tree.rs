@@ -285,7 +285,9 @@ impl AppTree {
             if slot.pid.load(Ordering::SeqCst) == pid {
                 slot.host_pid.store(0, Ordering::SeqCst);
                 slot.args_len.store(0, Ordering::SeqCst);
+                slot.ppid.store(0, Ordering::SeqCst);
                 store_bytes(&slot.comm, &[]);
+                store_bytes(&slot.args, &[]);
                 slot.pid.store(0, Ordering::SeqCst);
             }
         }

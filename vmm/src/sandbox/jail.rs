@@ -201,7 +201,7 @@ pub fn enter_filesystem(spec: &JailSpec) -> Result<(), JailError> {
     // writable by all, as the VMM's uid is set later; only this VMM and its forks live in
     // the jail. Best effort: without it the app's /proc has files but no directories.
     let views = root.join(super::PROC_VIEWS.trim_start_matches('/'));
-    if let Err(e) = std::fs::create_dir_all(&views).and_then(|()| {
+    match std::fs::create_dir_all(&views).and_then(|()| {
         mount_with_data(
             Some(Path::new("tmpfs")),
             &views,
@@ -210,7 +210,8 @@ pub fn enter_filesystem(spec: &JailSpec) -> Result<(), JailError> {
             Some("mode=1777,size=8m,nr_inodes=65536"),
         )
     }) {
-        tracing::debug!("no tmpfs for the /proc views: {e}");
+        Ok(()) => PROC_VIEWS_MOUNTED.store(true, std::sync::atomic::Ordering::SeqCst),
+        Err(e) => tracing::debug!("no tmpfs for the /proc views: {e}"),
     }
     tracing::trace!("jail: mounts made");
     switch_root(root)?;
@@ -282,9 +283,37 @@ fn switch_root(root: &Path) -> Result<(), JailError> {
     std::env::set_current_dir("/").map_err(step("entering /"))
 }
 
+/// Set once this process's jail has mounted the tmpfs of /proc views: a VMM outside a
+/// jail keeps none (a host directory of that name is nobody's to write).
+static PROC_VIEWS_MOUNTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this VMM's jail has the tmpfs of /proc views (see `crate::kernel::procview`).
+pub fn proc_views_mounted() -> bool {
+    PROC_VIEWS_MOUNTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Gives `path` and everything in it to `uid`:`gid`, without following symlinks.
+fn give_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            give_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
 /// Becomes `uid`:`gid` with no supplementary groups, no capabilities, and
-/// `no_new_privs`, on every thread (glibc applies set*id calls process-wide).
+/// `no_new_privs`, on every thread (glibc applies set*id calls process-wide). The /proc
+/// views made before (a restore builds the app as root) become the new uid's, which
+/// keeps them up to date from then on.
 pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), JailError> {
+    if proc_views_mounted() {
+        if let Err(e) = give_tree(Path::new(super::PROC_VIEWS), uid, gid) {
+            tracing::debug!("giving the /proc views to uid {uid}: {e}");
+        }
+    }
     // SAFETY: setgroups with an empty list reads no memory.
     if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
         return Err(step("setgroups")(std::io::Error::last_os_error()));

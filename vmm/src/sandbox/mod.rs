@@ -329,6 +329,11 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Removes the mount at guest path `guest`, if there is one.
+    pub fn unmount(&mut self, guest: &str) {
+        self.mounts.retain(|m| m.guest != guest);
+    }
+
     /// The host directory behind each mount, as (guest path, host path, writable).
     pub fn mounts(&self) -> impl Iterator<Item = (&str, &Path, bool)> {
         self.mounts

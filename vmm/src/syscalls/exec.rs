@@ -88,6 +88,14 @@ fn exec(
     let raw = p.mem.read_cstr(path_at, PATH_MAX)?;
     let name = crate::sandbox::pathbytes::from_guest(raw);
     let path = program_path(p, dirfd, &name, flags)?;
+    // /proc/self/exe (how busybox runs its applets) leads to the program through /proc.
+    super::procfs::refresh(p, &path);
+    // What /proc/self/exe will name: the program itself, links resolved, as on Linux
+    // (its own path would make that link point at itself).
+    let real = p
+        .sandbox
+        .open_resolved(&path, rustix::fs::OFlags::PATH, rustix::fs::Mode::empty())
+        .map_or_else(|_| path.clone(), |opened| opened.path);
     let mut budget = MAX_STRING_BYTES;
     let argv = read_strings(p, argv_at, &mut budget)?;
     let envp = read_strings(p, envp_at, &mut budget)?;
@@ -130,7 +138,7 @@ fn exec(
         hwcap,
     };
     let loaded = crate::loader::load(&mut p.mem, &p.sandbox, &info);
-    p.exe = path.clone();
+    p.exe = real;
     p.cmdline = argv.clone();
     p.describe_in_tree();
     match loaded {

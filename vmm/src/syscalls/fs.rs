@@ -332,7 +332,12 @@ fn fd_path(path: &str) -> Option<i32> {
 }
 
 fn open_path(p: &mut Process, path: String, flags: u32, mode: u32) -> SysResult {
-    if let Some(fd) = fd_path(&path) {
+    // Its own /proc/<pid>/fd/N and /proc/thread-self/fd/N are /proc/self/fd/N.
+    let own_fd = [p.ids.pid.to_string(), "thread-self".to_string()]
+        .iter()
+        .find_map(|who| path.strip_prefix(&format!("/proc/{who}/fd/")))
+        .and_then(|n| n.parse().ok());
+    if let Some(fd) = own_fd.or_else(|| fd_path(&path)) {
         // Opening /dev/fd/N gives another fd for the same file (for a pipe, socket or
         // terminal Linux does too; a regular file keeps one offset here).
         let file = p.files.file(fd).map_err(|_| Errno::NOENT)?;

@@ -222,14 +222,16 @@ pub fn refresh(p: &mut Process, path: &str) {
 fn refresh_view(p: &mut Process, rest: &str) -> std::io::Result<()> {
     let owner = std::process::id();
     if p.proc_view.as_ref().is_none_or(|view| view.owner != owner) {
-        // First use, or a forked VMM that has its parent's.
-        p.proc_view = ProcView::create()?;
-        let Some(view) = &p.proc_view else {
+        // First use, or a forked VMM that has its parent's: never the parent's view.
+        p.proc_view = None;
+        p.sandbox.unmount("/proc");
+        let Some(view) = ProcView::create()? else {
             return Ok(());
         };
         p.sandbox
             .mount("/proc", &view.path, false)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
+        p.proc_view = Some(view);
     }
     let parts: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let own = p.ids.pid.to_string();
@@ -243,7 +245,6 @@ fn refresh_view(p: &mut Process, rest: &str) -> std::io::Result<()> {
             matches!(whose(p, who), Some(Ok(())))
                 && (PROCESS_FILES.contains(name) || *name == "maps")
         }
-        [name] => TOP_FILES.contains(name),
         _ => false,
     };
     if generated && view.own_made.get() {
@@ -280,11 +281,17 @@ fn refresh_view(p: &mut Process, rest: &str) -> std::io::Result<()> {
         Some(who) => match whose(p, who) {
             Some(Ok(())) => {
                 process_dir(p, view, &own)?;
-                if parts.get(1) == Some(&"fd") {
-                    fd_dir(p, view, &own)?;
+                match parts.get(1..) {
+                    Some(["fd"]) => fd_dir(p, view, &own, None)?,
+                    Some(["fd", fd, ..]) => fd_dir(p, view, &own, Some(fd))?,
+                    _ => {}
                 }
             }
             Some(Err(m)) => process_dir(p, view, &m.pid.to_string())?,
+            None if who.parse::<i32>().is_ok() => {
+                // A process that has ended (or never was): nothing of it may stay.
+                ProcView::remove(top.as_fd(), who)?;
+            }
             None => {
                 if let Some(name) = TOP_FILES.iter().find(|name| *name == who) {
                     ProcView::file(top.as_fd(), name)?;
@@ -317,13 +324,31 @@ fn process_dir(p: &Process, view: &ProcView, pid: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// This process's fd/: a link per open fd, to what [`link`] says it is.
-fn fd_dir(p: &Process, view: &ProcView, pid: &str) -> std::io::Result<()> {
+/// The most fd/ links a listing shows: the tmpfs of views is small, and shared by the
+/// app's processes.
+const MAX_FD_LINKS: usize = 4096;
+
+/// This process's fd/: a link per open fd, to what [`link`] says it is; only fd `one`'s
+/// when a call looks at that one alone.
+fn fd_dir(p: &Process, view: &ProcView, pid: &str, one: Option<&str>) -> std::io::Result<()> {
     let dir = view.dir(&format!("{pid}/fd"))?;
-    let fds: Vec<String> = p.files.iter().map(|(fd, _)| fd.to_string()).collect();
+    let target = |fd: &str| link(p, &format!("/proc/self/fd/{fd}"));
+    if let Some(fd) = one {
+        return match (fd.parse::<i32>().is_ok(), target(fd)) {
+            (true, Some(target)) => ProcView::link(dir.as_fd(), fd, &target),
+            (true, None) => ProcView::remove(dir.as_fd(), fd),
+            (false, _) => Ok(()),
+        };
+    }
+    let fds: Vec<String> = p
+        .files
+        .iter()
+        .take(MAX_FD_LINKS)
+        .map(|(fd, _)| fd.to_string())
+        .collect();
     ProcView::prune(dir.as_fd(), |_| true, &fds)?;
     for fd in &fds {
-        if let Some(target) = link(p, &format!("/proc/self/fd/{fd}")) {
+        if let Some(target) = target(fd) {
             ProcView::link(dir.as_fd(), fd, &target)?;
         }
     }
