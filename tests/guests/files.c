@@ -107,6 +107,18 @@ int main(void) {
     CHECK(rmdir("/tmp/sub") == 0);
     close(w);
 
+    /* A trailing slash follows a last symlink and needs a directory, as on Linux. */
+    CHECK(mkdir("/tmp/dir", 0755) == 0 && symlink("/tmp/dir", "/tmp/link") == 0);
+    CHECK(symlink("/tmp/file", "/tmp/filelink") == 0);
+    CHECK(close(open("/tmp/file", O_CREAT | O_WRONLY, 0644)) == 0);
+    CHECK(lstat("/tmp/link", &st) == 0 && S_ISLNK(st.st_mode));
+    CHECK(lstat("/tmp/link/", &st) == 0 && S_ISDIR(st.st_mode));
+    CHECK(fstatat(AT_FDCWD, "/tmp/link/", &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode));
+    CHECK(lstat("/tmp/file/", &st) == -1 && errno == ENOTDIR);
+    CHECK(lstat("/tmp/filelink/", &st) == -1 && errno == ENOTDIR);
+    CHECK(unlink("/tmp/link") == 0 && unlink("/tmp/filelink") == 0 && unlink("/tmp/file") == 0);
+    CHECK(rmdir("/tmp/dir") == 0);
+
     /* Bad pointers are EFAULT, not crashes. */
     CHECK(read(fd, (void *)8, 4) == -1 && errno == EFAULT);
     CHECK(open((const char *)16, O_RDONLY) == -1 && errno == EFAULT);

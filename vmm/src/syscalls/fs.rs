@@ -454,10 +454,29 @@ pub fn stat(p: &mut Process, a: &Args) -> SysResult {
     write_stat(p, fd, a.ptr(1))
 }
 
+/// Whether a path argument ends in `/`: as on Linux, its last component is then followed
+/// if it is a symlink, and must be a directory (`ls -l link/` lists what the link names).
+fn ends_in_slash(p: &mut Process, addr: UserAddr) -> bool {
+    p.mem
+        .read_cstr(addr, PATH_MAX)
+        .is_ok_and(|path| path.len() > 1 && path.ends_with(b"/"))
+}
+
+/// The stat of `fd`, which a path ending in `/` must name a directory for.
+fn directory_if(fd: OwnedFd, slash: bool) -> Result<OwnedFd, Errno> {
+    let stat = rustix::fs::fstat(&fd)?;
+    if slash && rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Directory
+    {
+        return Err(Errno::NOTDIR);
+    }
+    Ok(fd)
+}
+
 /// lstat(2).
 pub fn lstat(p: &mut Process, a: &Args) -> SysResult {
+    let slash = ends_in_slash(p, a.ptr(0));
     let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
-    let fd = open_for_stat(p, &path, true)?;
+    let fd = directory_if(open_for_stat(p, &path, !slash)?, slash)?;
     write_stat(p, fd, a.ptr(1))
 }
 
@@ -479,9 +498,11 @@ fn stat_target(
         let file = p.files.file(dirfd)?;
         return rustix::io::fcntl_dupfd_cloexec(file.host(), 0);
     }
+    let slash = path.len() > 1 && path.ends_with(b"/");
     let path = at_path(p, dirfd, &pathbytes::from_guest(path))?;
     super::procfs::refresh(p, &path);
-    open_for_stat(p, &path, flags & libc::AT_SYMLINK_NOFOLLOW as u32 != 0)
+    let nofollow = flags & libc::AT_SYMLINK_NOFOLLOW as u32 != 0 && !slash;
+    directory_if(open_for_stat(p, &path, nofollow)?, slash)
 }
 
 /// newfstatat(2). Its fstat form (an empty path with exactly AT_EMPTY_PATH, which the
