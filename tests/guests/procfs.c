@@ -48,6 +48,15 @@ int main(int argc, char **argv) {
     CHECK(fd == 100 && lists("/proc/self/fd", "100") && lists("/proc/self/fd", "1"));
     close(fd);
     CHECK(!lists("/proc/self/fd", "100"));
+    /* The listing shows the fd it is read through. */
+    DIR *own = opendir("/proc/self/fd");
+    char own_name[16];
+    snprintf(own_name, sizeof own_name, "%d", own ? dirfd(own) : -1);
+    int seen = 0;
+    for (struct dirent *e; own && (e = readdir(own));)
+        if (!strcmp(e->d_name, own_name)) seen = 1;
+    CHECK(seen);
+    if (own) closedir(own);
     /* openat relative to /proc/self. */
     int dir = open("/proc/self", O_RDONLY | O_DIRECTORY);
     CHECK(dir >= 0);

@@ -369,13 +369,19 @@ fn open_path(p: &mut Process, path: String, flags: u32, mode: u32) -> SysResult 
         None => rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&opened.fd)?.st_mode),
     };
     let (fd, path) = (opened.fd, opened.path);
+    // A listing of its own fd/ shows the fd it is read through, as on Linux.
+    let own_fds = path == format!("/proc/{}/fd", p.ids.pid);
     let kind = if file_type == rustix::fs::FileType::Directory {
         FileKind::Directory { path }
     } else {
         FileKind::Path { path, flags }
     };
     let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
-    Ok(p.files.insert(OpenFile::new(fd, kind), cloexec)? as u64)
+    let fd = p.files.insert(OpenFile::new(fd, kind), cloexec)?;
+    if own_fds {
+        super::procfs::refresh(p, &format!("/proc/self/fd/{fd}"));
+    }
+    Ok(fd as u64)
 }
 
 /// open(2).
