@@ -67,6 +67,8 @@ int main(int argc, char **argv) {
     /* maps: the program, the stack, the vDSO. */
     CHECK(read_file("/proc/self/maps", buf, sizeof buf) > 0);
     CHECK(strstr(buf, argv[0]) && strstr(buf, "[stack]") && strstr(buf, "[vdso]") && strstr(buf, "r-xp"));
+    /* ps reads the boot time here. */
+    CHECK(read_file("/proc/stat", buf, sizeof buf) > 0 && strstr(buf, "\nbtime ") && !strncmp(buf, "cpu ", 4));
     /* The app can write nothing there. */
     CHECK(open("/proc/self/new", O_WRONLY | O_CREAT, 0600) == -1);
     CHECK(mkdir("/proc/x", 0700) == -1);

@@ -20,7 +20,7 @@ use std::os::fd::AsFd;
 const PROCESS_FILES: [&str; 4] = ["cmdline", "comm", "stat", "status"];
 
 /// The files at the top of /proc that [`file`] or the sandbox generate.
-const TOP_FILES: [&str; 4] = ["meminfo", "loadavg", "uptime", "cpuinfo"];
+const TOP_FILES: [&str; 5] = ["meminfo", "loadavg", "uptime", "cpuinfo", "stat"];
 
 /// Whose /proc directory `who` (`self`, `thread-self` or a pid) names: this process's
 /// (`Ok`), another process of the app's (`Err`), or none.
@@ -72,6 +72,24 @@ pub fn file(p: &Process, path: &str) -> Option<Vec<u8>> {
         "/proc/uptime" => {
             let (_, seconds) = uptime(p);
             format!("{seconds:.2} 0.00\n")
+        }
+        // What ps and top read: the boot time (the app's, from its own clocks: its
+        // CLOCK_MONOTONIC counts from its boot) and per-CPU times the app does not have.
+        "/proc/stat" => {
+            let realtime = p.clock.now_ns(libc::CLOCK_REALTIME).unwrap_or(0);
+            let monotonic = p.clock.now_ns(libc::CLOCK_MONOTONIC).unwrap_or(0);
+            let boot = (realtime - monotonic).max(0) / 1_000_000_000;
+            let cpus = p.sandbox.cpus().max(1);
+            let mut text = String::from("cpu  0 0 0 0 0 0 0 0 0 0\n");
+            for cpu in 0..cpus {
+                text.push_str(&format!("cpu{cpu} 0 0 0 0 0 0 0 0 0 0\n"));
+            }
+            let processes = p.tree.as_ref().map_or(1, |t| t.members().len());
+            text.push_str(&format!(
+                "intr 0\nctxt 0\nbtime {boot}\nprocesses {processes}\nprocs_running 1\n\
+                 procs_blocked 0\nsoftirq 0 0 0 0 0 0 0 0 0 0 0\n"
+            ));
+            text
         }
         "/proc/sys/kernel/pid_max" => format!("{}\n", crate::kernel::tree::PID_MAX),
         "/proc/sys/kernel/hostname" => format!("{}\n", p.name),
