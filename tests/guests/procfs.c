@@ -67,6 +67,8 @@ int main(int argc, char **argv) {
     /* maps: the program, the stack, the vDSO. */
     CHECK(read_file("/proc/self/maps", buf, sizeof buf) > 0);
     CHECK(strstr(buf, argv[0]) && strstr(buf, "[stack]") && strstr(buf, "[vdso]") && strstr(buf, "r-xp"));
+    /* A directory per thread. */
+    CHECK(lists("/proc/self/task", me));
     /* ps reads the boot time here. */
     CHECK(read_file("/proc/stat", buf, sizeof buf) > 0 && strstr(buf, "\nbtime ") && !strncmp(buf, "cpu ", 4));
     /* The app can write nothing there. */

@@ -289,6 +289,15 @@ impl Threads {
         self.parked.len() + self.elsewhere.iter().flatten().count() + 1
     }
 
+    /// The tids of the threads other than the current one.
+    pub fn other_tids(&self) -> Vec<i32> {
+        self.parked
+            .iter()
+            .map(|t| t.state.tid)
+            .chain(self.elsewhere.iter().flatten().map(|t| t.state.tid))
+            .collect()
+    }
+
     /// The thread `tid` if it runs on another vCPU: its state and that vCPU's number.
     pub fn running_mut(&mut self, tid: i32) -> Option<(&mut Running, usize)> {
         self.elsewhere

@@ -17,7 +17,7 @@ use crate::memory::vma::{Backing, VmaRole};
 use std::os::fd::AsFd;
 
 /// The files of a process's directory that [`file`] generates.
-const PROCESS_FILES: [&str; 4] = ["cmdline", "comm", "stat", "status"];
+const PROCESS_FILES: [&str; 5] = ["cmdline", "comm", "stat", "status", "cgroup"];
 
 /// The files at the top of /proc that [`file`] or the sandbox generate.
 const TOP_FILES: [&str; 5] = ["meminfo", "loadavg", "uptime", "cpuinfo", "stat"];
@@ -98,6 +98,8 @@ pub fn file(p: &Process, path: &str) -> Option<Vec<u8>> {
             Ok("cmdline") => return Some(p.cmdline_bytes()),
             Ok("maps") => maps(p),
             Ok("comm") => format!("{}\n", p.comm()),
+            // The app is its own cgroup tree's root.
+            Ok("cgroup") => "0::/\n".to_string(),
             Ok("stat") => {
                 let (ticks, _) = uptime(p);
                 let (pgid, sid) = p.group();
@@ -165,6 +167,7 @@ fn other_file(p: &Process, path: &str) -> Option<Vec<u8>> {
     let text = match entry {
         "cmdline" => return Some(m.cmdline),
         "comm" => format!("{}\n", m.comm),
+        "cgroup" => "0::/\n".to_string(),
         "stat" => format!(
             "{} ({}) S {} {} {} 0 -1 4194304 0 0 0 0 0 0 0 0 20 0 1 0 0 0 0 \
              18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n",
@@ -338,6 +341,15 @@ fn process_dir(p: &Process, view: &ProcView, pid: &str) -> std::io::Result<()> {
         ProcView::link(dir.as_fd(), "exe", &p.exe)?;
         ProcView::link(dir.as_fd(), "cwd", &p.cwd)?;
         ProcView::link(dir.as_fd(), "root", "/")?;
+        // task/: a directory per thread (ps and pgrep look for it).
+        let task = view.dir(&format!("{pid}/task"))?;
+        let mut tids = p.threads.other_tids();
+        tids.push(p.thread.tid);
+        let tids: Vec<String> = tids.iter().map(i32::to_string).collect();
+        ProcView::prune(task.as_fd(), |_| true, &tids)?;
+        for tid in &tids {
+            view.dir(&format!("{pid}/task/{tid}"))?;
+        }
     }
     Ok(())
 }
