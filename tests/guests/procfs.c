@@ -67,6 +67,11 @@ int main(int argc, char **argv) {
     /* maps: the program, the stack, the vDSO. */
     CHECK(read_file("/proc/self/maps", buf, sizeof buf) > 0);
     CHECK(strstr(buf, argv[0]) && strstr(buf, "[stack]") && strstr(buf, "[vdso]") && strstr(buf, "r-xp"));
+    /* Numbers in their one spelling only, as Linux's /proc has them. */
+    CHECK(open("/proc/self/fd/01", O_RDONLY) == -1 && errno == ENOENT);
+    CHECK(stat("/proc/self/fd/+1", &st) == -1 && errno == ENOENT);
+    snprintf(path, sizeof path, "/proc/0%s/stat", me);
+    CHECK(open(path, O_RDONLY) == -1 && errno == ENOENT);
     /* A directory per thread. */
     CHECK(lists("/proc/self/task", me));
     /* ps reads the boot time here. */

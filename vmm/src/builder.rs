@@ -247,6 +247,7 @@ pub(crate) fn process(
         vfork_done: None,
         proc_view: None,
         exe: config.program.clone(),
+        run_as: config.program.clone(),
         cmdline: config.argv.clone(),
         parent_host_pid: 0,
         forked: false,

@@ -87,6 +87,8 @@ pub struct Process {
     pub vfork_done: Option<std::os::fd::OwnedFd>,
     /// The program it runs (guest path), for /proc/self/exe.
     pub exe: String,
+    /// The path the program was run by, before links were resolved (its comm's source).
+    pub run_as: String,
     /// Its /proc as a directory tree, once the app first looks at /proc.
     pub proc_view: Option<super::procview::ProcView>,
     /// Its argv, for /proc/self/cmdline.
@@ -267,14 +269,10 @@ impl Process {
         }
     }
 
-    /// The short name Linux keeps (comm): the program's file name, at most 15 bytes.
+    /// The short name Linux keeps (comm): the file name of the path the program was run
+    /// by (busybox's applets run as `/proc/self/exe` show as `exe`), at most 15 bytes.
     pub fn comm(&self) -> String {
-        let name = self.exe.rsplit('/').next().unwrap_or("");
-        let mut end = name.len().min(15);
-        while !name.is_char_boundary(end) {
-            end -= 1;
-        }
-        name[..end].to_string()
+        short_name(&self.run_as)
     }
 
     /// Its command line as /proc/PID/cmdline has it: each argument NUL-terminated.
@@ -348,4 +346,13 @@ pub type ProcessGuard<'a> = parking_lot::MutexGuard<'a, Process>;
 /// anyway (see `crate::panics`).
 pub fn lock(process: &parking_lot::Mutex<Process>) -> ProcessGuard<'_> {
     process.lock()
+}
+/// Linux's comm for a program run by `path`: its file name, cut to 15 bytes.
+pub fn short_name(path: &str) -> String {
+    let name = path.rsplit('/').next().unwrap_or("");
+    let mut end = name.len().min(15);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_string()
 }

@@ -172,8 +172,9 @@ impl ProcView {
         ours: impl Fn(&str) -> bool,
         keep: &[String],
     ) -> std::io::Result<()> {
+        let keep: std::collections::HashSet<&str> = keep.iter().map(String::as_str).collect();
         for name in entries(dir)? {
-            if ours(&name) && !keep.contains(&name) {
+            if ours(&name) && !keep.contains(name.as_str()) {
                 remove_tree(dir, &name)?;
             }
         }

@@ -317,6 +317,10 @@ impl Exits<'_, '_> {
         p.activeset = Default::default();
         p.handoff = Default::default();
         p.inherited_sockets.clear();
+        // The parent's /proc view is the parent's: this process makes its own when it
+        // first looks (a path that reaches /proc through a link sees none until then).
+        p.proc_view = None;
+        p.sandbox.unmount("/proc");
         p.vfork_done = start.vfork_done;
         p.clock.pid = start.pid;
         if let Some(watch) = &mut p.root_watch {

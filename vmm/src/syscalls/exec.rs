@@ -139,6 +139,7 @@ fn exec(
     };
     let loaded = crate::loader::load(&mut p.mem, &p.sandbox, &info);
     p.exe = real;
+    p.run_as = path.clone();
     p.cmdline = argv.clone();
     p.describe_in_tree();
     match loaded {

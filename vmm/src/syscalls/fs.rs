@@ -327,7 +327,7 @@ fn fd_path(path: &str) -> Option<i32> {
         _ => path
             .strip_prefix("/dev/fd/")
             .or_else(|| path.strip_prefix("/proc/self/fd/"))
-            .and_then(|n| n.parse().ok()),
+            .and_then(super::procfs::plain_number),
     }
 }
 
@@ -336,7 +336,7 @@ fn open_path(p: &mut Process, path: String, flags: u32, mode: u32) -> SysResult 
     let own_fd = [p.ids.pid.to_string(), "thread-self".to_string()]
         .iter()
         .find_map(|who| path.strip_prefix(&format!("/proc/{who}/fd/")))
-        .and_then(|n| n.parse().ok());
+        .and_then(super::procfs::plain_number);
     if let Some(fd) = own_fd.or_else(|| fd_path(&path)) {
         // Opening /dev/fd/N gives another fd for the same file (for a pipe, socket or
         // terminal Linux does too; a regular file keeps one offset here).
@@ -455,8 +455,9 @@ pub fn fstat(p: &mut Process, a: &Args) -> SysResult {
 
 /// stat(2).
 pub fn stat(p: &mut Process, a: &Args) -> SysResult {
+    let slash = ends_in_slash(p, a.ptr(0));
     let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
-    let fd = open_for_stat(p, &path, false)?;
+    let fd = directory_if(open_for_stat(p, &path, false)?, slash)?;
     write_stat(p, fd, a.ptr(1))
 }
 
@@ -470,10 +471,11 @@ fn ends_in_slash(p: &mut Process, addr: UserAddr) -> bool {
 
 /// The stat of `fd`, which a path ending in `/` must name a directory for.
 fn directory_if(fd: OwnedFd, slash: bool) -> Result<OwnedFd, Errno> {
-    let stat = rustix::fs::fstat(&fd)?;
-    if slash && rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Directory
-    {
-        return Err(Errno::NOTDIR);
+    if slash {
+        let stat = rustix::fs::fstat(&fd)?;
+        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Directory {
+            return Err(Errno::NOTDIR);
+        }
     }
     Ok(fd)
 }

@@ -22,13 +22,20 @@ const PROCESS_FILES: [&str; 5] = ["cmdline", "comm", "stat", "status", "cgroup"]
 /// The files at the top of /proc that [`file`] or the sandbox generate.
 const TOP_FILES: [&str; 5] = ["meminfo", "loadavg", "uptime", "cpuinfo", "stat"];
 
+/// The number `text` spells, only in its one plain spelling (`7`, not `07` or `+7`), as
+/// a /proc name: each name a call may make the tree hold must be one of a few.
+pub fn plain_number(text: &str) -> Option<i32> {
+    let n: i32 = text.parse().ok()?;
+    (n >= 0 && n.to_string() == text).then_some(n)
+}
+
 /// Whose /proc directory `who` (`self`, `thread-self` or a pid) names: this process's
 /// (`Ok`), another process of the app's (`Err`), or none.
 fn whose(p: &Process, who: &str) -> Option<Result<(), Member>> {
     if who == "self" || who == "thread-self" {
         return Some(Ok(()));
     }
-    let pid: i32 = who.parse().ok()?;
+    let pid = plain_number(who)?;
     if pid == p.ids.pid {
         return Some(Ok(()));
     }
@@ -39,7 +46,7 @@ fn whose(p: &Process, who: &str) -> Option<Result<(), Member>> {
 fn own_entry<'a>(p: &Process, path: &'a str) -> Option<&'a str> {
     let rest = path.strip_prefix("/proc/")?;
     let (who, entry) = rest.split_once('/')?;
-    (who == "self" || who == "thread-self" || who.parse::<i32>() == Ok(p.ids.pid)).then_some(entry)
+    (who == "self" || who == "thread-self" || plain_number(who) == Some(p.ids.pid)).then_some(entry)
 }
 
 /// The app's CLOCK_MONOTONIC, in clock ticks (100 a second) and seconds.
@@ -143,7 +150,7 @@ pub fn link(p: &Process, path: &str) -> Option<String> {
         "cwd" => Some(p.cwd.clone()),
         "root" => Some("/".into()),
         entry => {
-            let fd: i32 = entry.strip_prefix("fd/")?.parse().ok()?;
+            let fd = plain_number(entry.strip_prefix("fd/")?)?;
             let file = p.files.file(fd).ok()?;
             let inode = rustix::fs::fstat(file.host()).map_or(0, |s| s.st_ino);
             Some(match &file.kind {
@@ -287,7 +294,7 @@ fn refresh_view(p: &mut Process, rest: &str) -> std::io::Result<()> {
             if let Some(tree) = &p.tree {
                 pids = tree.members().iter().map(|m| m.pid.to_string()).collect();
             }
-            let is_pid = |name: &str| name.parse::<i32>().is_ok();
+            let is_pid = |name: &str| plain_number(name).is_some();
             ProcView::prune(top.as_fd(), is_pid, &pids)?;
             for pid in &pids {
                 process_dir(p, view, pid)?;
@@ -305,11 +312,12 @@ fn refresh_view(p: &mut Process, rest: &str) -> std::io::Result<()> {
                 match parts.get(1..) {
                     Some(["fd"]) => fd_dir(p, view, &own, None)?,
                     Some(["fd", fd, ..]) => fd_dir(p, view, &own, Some(fd))?,
+                    Some([] | ["task", ..]) => task_dir(p, view, &own)?,
                     _ => {}
                 }
             }
             Some(Err(m)) => process_dir(p, view, &m.pid.to_string())?,
-            None if who.parse::<i32>().is_ok() => {
+            None if plain_number(who).is_some() => {
                 // A process that has ended (or never was): nothing of it may stay.
                 ProcView::remove(top.as_fd(), who)?;
             }
@@ -341,22 +349,31 @@ fn process_dir(p: &Process, view: &ProcView, pid: &str) -> std::io::Result<()> {
         ProcView::link(dir.as_fd(), "exe", &p.exe)?;
         ProcView::link(dir.as_fd(), "cwd", &p.cwd)?;
         ProcView::link(dir.as_fd(), "root", "/")?;
-        // task/: a directory per thread (ps and pgrep look for it).
-        let task = view.dir(&format!("{pid}/task"))?;
-        let mut tids = p.threads.other_tids();
-        tids.push(p.thread.tid);
-        let tids: Vec<String> = tids.iter().map(i32::to_string).collect();
-        ProcView::prune(task.as_fd(), |_| true, &tids)?;
-        for tid in &tids {
-            view.dir(&format!("{pid}/task/{tid}"))?;
-        }
+    }
+    Ok(())
+}
+
+/// This process's task/: a directory per thread (ps and pgrep look for it).
+fn task_dir(p: &Process, view: &ProcView, pid: &str) -> std::io::Result<()> {
+    let task = view.dir(&format!("{pid}/task"))?;
+    let mut tids = p.threads.other_tids();
+    tids.push(p.thread.tid);
+    tids.sort_unstable();
+    tids.truncate(MAX_TASK_DIRS);
+    let names: Vec<String> = tids.iter().map(i32::to_string).collect();
+    ProcView::prune(task.as_fd(), |_| true, &names)?;
+    for tid in &names {
+        view.dir(&format!("{pid}/task/{tid}"))?;
     }
     Ok(())
 }
 
 /// The most fd/ links a listing shows: the tmpfs of views is small, and shared by the
 /// app's processes.
-const MAX_FD_LINKS: usize = 4096;
+const MAX_FD_LINKS: usize = 1024;
+
+/// The most task/ directories a process's directory shows.
+const MAX_TASK_DIRS: usize = 1024;
 
 /// This process's fd/: a link per open fd, to what [`link`] says it is; only fd `one`'s
 /// when a call looks at that one alone.
@@ -364,7 +381,7 @@ fn fd_dir(p: &Process, view: &ProcView, pid: &str, one: Option<&str>) -> std::io
     let dir = view.dir(&format!("{pid}/fd"))?;
     let target = |fd: &str| link(p, &format!("/proc/self/fd/{fd}"));
     if let Some(fd) = one {
-        return match (fd.parse::<i32>().is_ok(), target(fd)) {
+        return match (plain_number(fd).is_some(), target(fd)) {
             (true, Some(target)) => ProcView::link(dir.as_fd(), fd, &target),
             (true, None) => ProcView::remove(dir.as_fd(), fd),
             (false, _) => Ok(()),
