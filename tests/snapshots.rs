@@ -1085,16 +1085,16 @@ fn what_a_prefetch_brought_stays_in_the_ports_set_for_the_next_restore() {
     }
     assert!(prefetched[0] > 0, "{prefetched:?}");
     // The first set, learnt from a fresh start, may hold file pages that only its first
-    // requests touched. After that the sets hold steady: the prefetched pages stay, and
-    // only the few pages a request touches without their having been prefetched come and
-    // go (46, 31, 31, 31 and 46, 33, 31, 31 in two runs). Dropping the prefetched pages
-    // made them swing: 46, 21, 28, 22.
-    let later = &prefetched[1..];
-    let (least, most) = (later.iter().min().unwrap(), later.iter().max().unwrap());
-    assert!(
-        least * 100 >= most * 85,
-        "pages prefetched by four restores in a row: {prefetched:?}"
-    );
+    // requests touched. After that a set never loses what its restore prefetched: only
+    // the few pages a request touches without their having been prefetched may come in
+    // (46, 31, 31, 31; 46, 33, 31, 31; and 46, 25, 31, 31 in three runs). Dropping the
+    // prefetched pages made the sets shrink again: 46, 21, 28, 22.
+    for pair in prefetched[1..].windows(2) {
+        assert!(
+            pair[1] * 100 >= pair[0] * 90,
+            "pages prefetched by four restores in a row: {prefetched:?}"
+        );
+    }
 }
 
 /// A restore records what it prefetched, and `snapshot inspect` of the next snapshot
