@@ -5,6 +5,16 @@ mod common;
 
 use common::*;
 
+/// Debian's static busybox, which scripts/test.sh installs.
+fn busybox() -> &'static std::path::Path {
+    let busybox = std::path::Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "install busybox-static (scripts/test.sh does)"
+    );
+    busybox
+}
+
 #[test]
 fn file_calls_work_and_escapes_fail() {
     let root = tempfile::tempdir().unwrap();
@@ -27,11 +37,7 @@ fn file_calls_work_and_escapes_fail() {
 fn writable_directories_persist_in_the_data_dir() {
     let root = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let busybox = std::path::Path::new("/bin/busybox");
-    assert!(
-        busybox.exists(),
-        "install busybox-static (scripts/test.sh does)"
-    );
+    let busybox = busybox();
     let guest_path = install(root.path(), busybox, "busybox");
     let out = run(&[
         "--root",
@@ -57,11 +63,7 @@ fn writable_directories_persist_in_the_data_dir() {
 /// and what the app writes to its copy never reaches the host's file.
 #[test]
 fn a_host_program_in_a_writable_directory_leaves_it_writable() {
-    let busybox = std::path::Path::new("/bin/busybox");
-    assert!(
-        busybox.exists(),
-        "install busybox-static (scripts/test.sh does)"
-    );
+    let busybox = busybox();
     let dir = tempfile::tempdir().unwrap();
     let dir_path = dir.path().to_str().unwrap();
     let program = dir.path().join("busybox");
@@ -89,11 +91,7 @@ fn a_host_program_in_a_writable_directory_leaves_it_writable() {
 /// writes through it.
 #[test]
 fn the_program_s_copy_never_writes_through_a_link_left_in_the_data_directory() {
-    let busybox = std::path::Path::new("/bin/busybox");
-    assert!(
-        busybox.exists(),
-        "install busybox-static (scripts/test.sh does)"
-    );
+    let busybox = busybox();
     let dir = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     let victim = tempfile::NamedTempFile::new().unwrap();
@@ -129,11 +127,7 @@ fn the_program_s_copy_never_writes_through_a_link_left_in_the_data_directory() {
 /// can make). The app is refused before anything is made, given or bound there.
 #[test]
 fn a_link_on_the_way_to_a_writable_directory_is_refused() {
-    let busybox = std::path::Path::new("/bin/busybox");
-    assert!(
-        busybox.exists(),
-        "install busybox-static (scripts/test.sh does)"
-    );
+    let busybox = busybox();
     let root = tempfile::tempdir().unwrap();
     let guest_path = install(root.path(), busybox, "busybox");
     let data = tempfile::tempdir().unwrap();

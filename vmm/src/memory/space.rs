@@ -28,6 +28,11 @@ pub fn app_code_address(rip: u64) -> bool {
     use picocenter_guest_shim::abi::{PAGE_SIZE, VDSO_VA};
     rip < USER_END || (VDSO_VA..VDSO_VA + PAGE_SIZE).contains(&rip)
 }
+/// The frames of pages `(va, gpa)`.
+fn frames_of(pages: &[(u64, u64)]) -> Vec<u64> {
+    pages.iter().map(|&(_, gpa)| gpa).collect()
+}
+
 /// Lowest address `mmap` hands out (Linux's default `vm.mmap_min_addr`).
 pub const MMAP_MIN: u64 = 0x1_0000;
 /// Top of the main stack.
@@ -263,16 +268,8 @@ impl AddressSpace {
         }
         let mut frames: Vec<u64> = (0..pages).filter_map(|_| self.frames.alloc()).collect();
         frames.sort_unstable();
-        let give_back = |space: &mut Self, frames: &[u64]| {
-            for &gpa in frames {
-                if let Err(e) = space.phys.discard(gpa, PAGE) {
-                    internal(e);
-                }
-                space.frames.free(gpa);
-            }
-        };
         if frames.len() as u64 != pages {
-            give_back(self, &frames);
+            self.free_unmapped(&frames);
             return Err(Errno::NOMEM);
         }
         let mut first = 0;
@@ -286,7 +283,7 @@ impl AddressSpace {
                 .phys
                 .map_file(frames[first], run, file, first as u64 * PAGE)
             {
-                give_back(self, &frames);
+                self.free_unmapped(&frames);
                 return Err(internal(e));
             }
             first = end;
@@ -304,7 +301,7 @@ impl AddressSpace {
                 }
             }
             self.unmap_window(va, len)?;
-            give_back(self, &unnamed);
+            self.free_unmapped(&unnamed);
             return Err(e.into());
         }
         Ok(())
@@ -591,13 +588,13 @@ impl AddressSpace {
                 if self.tables.get(&self.phys, va)? & PTE_OWNED == 0 {
                     let Some(gpa) = self.frames.alloc() else {
                         // Never mapped, so no CPU can have them: free at once.
-                        self.free_unmapped(&file_run);
+                        self.free_unmapped(&frames_of(&file_run));
                         return Err(Errno::NOMEM);
                     };
                     if let Backing::File { .. } = vma.backing {
                         file_run.push((va, gpa));
                     } else if let Err(e) = self.tables.set(&self.phys, va, gpa | flags) {
-                        self.free_unmapped(&[(va, gpa)]);
+                        self.free_unmapped(&[gpa]);
                         return Err(e.into());
                     }
                 } else if !file_run.is_empty() {
@@ -667,9 +664,7 @@ impl AddressSpace {
                         .set(&self.phys, va + i * PAGE, (base + i * PAGE) | flags)
                 {
                     // Those mapped stay the area's; the rest were never named.
-                    let unnamed: Vec<(u64, u64)> = (i..pages)
-                        .map(|j| (va + j * PAGE, base + j * PAGE))
-                        .collect();
+                    let unnamed: Vec<u64> = (i..pages).map(|j| base + j * PAGE).collect();
                     self.free_unmapped(&unnamed);
                     return Err(e.into());
                 }
@@ -683,23 +678,23 @@ impl AddressSpace {
     /// maps them with `flags`; on failure they go back unmapped.
     fn map_filled(&mut self, vma: &Vma, run: Vec<(u64, u64)>, flags: u64) -> Result<(), Errno> {
         if let Err(e) = self.fill_from_file(vma, &run) {
-            self.free_unmapped(&run);
+            self.free_unmapped(&frames_of(&run));
             return Err(e);
         }
         for (at, &(va, gpa)) in run.iter().enumerate() {
             if let Err(e) = self.tables.set(&self.phys, va, gpa | flags) {
                 // Those mapped stay the area's; the others were never mapped.
-                self.free_unmapped(&run[at..]);
+                self.free_unmapped(&frames_of(&run[at..]));
                 return Err(e.into());
             }
         }
         Ok(())
     }
 
-    /// Frees the frames of `pages` (va, gpa), which no page-table entry ever named: no
-    /// CPU can hold a translation to them, so they need no quarantine.
-    fn free_unmapped(&mut self, pages: &[(u64, u64)]) {
-        for &(_, gpa) in pages {
+    /// Frees `frames`, which no page-table entry ever named: no CPU can hold a translation
+    /// to them, so they need no quarantine.
+    fn free_unmapped(&mut self, frames: &[u64]) {
+        for &gpa in frames {
             if let Err(discarded) = self.phys.discard(gpa, PAGE) {
                 internal(discarded);
             }

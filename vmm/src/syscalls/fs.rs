@@ -318,26 +318,21 @@ fn host_open_flags(flags: u32) -> OFlags {
 
 /// Opens `path` (absolute, normalised) for the app and installs it.
 /// The app fd a path names by number, as Linux's /dev/fd/N (and /dev/stdin, /dev/stdout,
-/// /dev/stderr, /proc/self/fd/N) do.
-fn fd_path(path: &str) -> Option<i32> {
+/// /dev/stderr, /proc/self/fd/N, /proc/<its pid>/fd/N) do.
+fn fd_path(p: &Process, path: &str) -> Option<i32> {
     match path {
         "/dev/stdin" => Some(0),
         "/dev/stdout" => Some(1),
         "/dev/stderr" => Some(2),
-        _ => path
-            .strip_prefix("/dev/fd/")
-            .or_else(|| path.strip_prefix("/proc/self/fd/"))
-            .and_then(super::procfs::plain_number),
+        _ => match path.strip_prefix("/dev/fd/") {
+            Some(number) => super::procfs::plain_number(number),
+            None => super::procfs::own_fd(p, path),
+        },
     }
 }
 
 fn open_path(p: &mut Process, path: String, flags: u32, mode: u32) -> SysResult {
-    // Its own /proc/<pid>/fd/N and /proc/thread-self/fd/N are /proc/self/fd/N.
-    let own_fd = [p.ids.pid.to_string(), "thread-self".to_string()]
-        .iter()
-        .find_map(|who| path.strip_prefix(&format!("/proc/{who}/fd/")))
-        .and_then(super::procfs::plain_number);
-    if let Some(fd) = own_fd.or_else(|| fd_path(&path)) {
+    if let Some(fd) = fd_path(p, &path) {
         // Opening /dev/fd/N gives another fd for the same file (for a pipe, socket or
         // terminal Linux does too; a regular file keeps one offset here).
         let file = p.files.file(fd).map_err(|_| Errno::NOENT)?;
@@ -455,40 +450,19 @@ pub fn fstat(p: &mut Process, a: &Args) -> SysResult {
 
 /// stat(2).
 pub fn stat(p: &mut Process, a: &Args) -> SysResult {
-    let slash = ends_in_slash(p, a.ptr(0));
-    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
-    let fd = directory_if(open_for_stat(p, &path, false)?, slash)?;
+    let fd = stat_target(p, AT_FDCWD, a.ptr(0), 0)?;
     write_stat(p, fd, a.ptr(1))
-}
-
-/// Whether a path argument ends in `/`: as on Linux, its last component is then followed
-/// if it is a symlink, and must be a directory (`ls -l link/` lists what the link names).
-fn ends_in_slash(p: &mut Process, addr: UserAddr) -> bool {
-    p.mem
-        .read_cstr(addr, PATH_MAX)
-        .is_ok_and(|path| path.len() > 1 && path.ends_with(b"/"))
-}
-
-/// The stat of `fd`, which a path ending in `/` must name a directory for.
-fn directory_if(fd: OwnedFd, slash: bool) -> Result<OwnedFd, Errno> {
-    if slash {
-        let stat = rustix::fs::fstat(&fd)?;
-        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Directory {
-            return Err(Errno::NOTDIR);
-        }
-    }
-    Ok(fd)
 }
 
 /// lstat(2).
 pub fn lstat(p: &mut Process, a: &Args) -> SysResult {
-    let slash = ends_in_slash(p, a.ptr(0));
-    let path = at_path_arg(p, AT_FDCWD, a.ptr(0))?;
-    let fd = directory_if(open_for_stat(p, &path, !slash)?, slash)?;
+    let fd = stat_target(p, AT_FDCWD, a.ptr(0), libc::AT_SYMLINK_NOFOLLOW as u32)?;
     write_stat(p, fd, a.ptr(1))
 }
 
-/// The fd a `*at` call with AT_EMPTY_PATH and an empty path refers to, or the path's own.
+/// What a stat-like call looks at (stat, lstat and the `*at` ones): the fd an empty path
+/// with AT_EMPTY_PATH refers to, or the path's own. As on Linux, a path ending in `/`
+/// follows a last symlink and must name a directory (`ls -l link/` lists what it names).
 fn stat_target(
     p: &mut Process,
     dirfd: i32,
@@ -510,7 +484,14 @@ fn stat_target(
     let path = at_path(p, dirfd, &pathbytes::from_guest(path))?;
     super::procfs::refresh(p, &path);
     let nofollow = flags & libc::AT_SYMLINK_NOFOLLOW as u32 != 0 && !slash;
-    directory_if(open_for_stat(p, &path, nofollow)?, slash)
+    let fd = open_for_stat(p, &path, nofollow)?;
+    if slash {
+        let kind = rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode);
+        if kind != rustix::fs::FileType::Directory {
+            return Err(Errno::NOTDIR);
+        }
+    }
+    Ok(fd)
 }
 
 /// newfstatat(2). Its fstat form (an empty path with exactly AT_EMPTY_PATH, which the

@@ -143,25 +143,32 @@ pub fn file(p: &Process, path: &str) -> Option<Vec<u8>> {
     Some(text.into_bytes())
 }
 
+/// The fd `path` names as this process's `/proc/<self, thread-self or its pid>/fd/N`.
+pub fn own_fd(p: &Process, path: &str) -> Option<i32> {
+    plain_number(own_entry(p, path)?.strip_prefix("fd/")?)
+}
+
 /// The target of generated link `path`, if it is one.
 pub fn link(p: &Process, path: &str) -> Option<String> {
     match own_entry(p, path)? {
         "exe" => Some(p.exe.clone()),
         "cwd" => Some(p.cwd.clone()),
         "root" => Some("/".into()),
-        entry => {
-            let fd = plain_number(entry.strip_prefix("fd/")?)?;
-            let file = p.files.file(fd).ok()?;
-            let inode = rustix::fs::fstat(file.host()).map_or(0, |s| s.st_ino);
-            Some(match &file.kind {
-                FileKind::Path { path, .. } | FileKind::Directory { path } => path.clone(),
-                FileKind::Pipe { .. } => format!("pipe:[{inode}]"),
-                FileKind::Socket { .. } | FileKind::Netlink => format!("socket:[{inode}]"),
-                FileKind::Stdio(n) => format!("/dev/fd/{n}"),
-                _ => format!("anon_inode:[{inode}]"),
-            })
-        }
+        _ => fd_link(p, own_fd(p, path)?),
     }
+}
+
+/// What `fd/<fd>` names: the file's guest path, or the kind and inode of what has none.
+fn fd_link(p: &Process, fd: i32) -> Option<String> {
+    let file = p.files.file(fd).ok()?;
+    let inode = rustix::fs::fstat(file.host()).map_or(0, |s| s.st_ino);
+    Some(match &file.kind {
+        FileKind::Path { path, .. } | FileKind::Directory { path } => path.clone(),
+        FileKind::Pipe { .. } => format!("pipe:[{inode}]"),
+        FileKind::Socket { .. } | FileKind::Netlink => format!("socket:[{inode}]"),
+        FileKind::Stdio(n) => format!("/dev/fd/{n}"),
+        _ => format!("anon_inode:[{inode}]"),
+    })
 }
 
 /// /proc/<pid>/... of another process of the app, from what it told the app's table.
@@ -286,10 +293,7 @@ fn refresh_view(p: &mut Process, rest: &str) -> std::io::Result<()> {
             for name in TOP_FILES {
                 ProcView::file(top.as_fd(), name)?;
             }
-            let kernel = view.dir("sys/kernel")?;
-            for name in ["pid_max", "hostname"] {
-                ProcView::file(kernel.as_fd(), name)?;
-            }
+            sys_dir(view)?;
             let mut pids = vec![own.clone()];
             if let Some(tree) = &p.tree {
                 pids = tree.members().iter().map(|m| m.pid.to_string()).collect();
@@ -300,12 +304,7 @@ fn refresh_view(p: &mut Process, rest: &str) -> std::io::Result<()> {
                 process_dir(p, view, pid)?;
             }
         }
-        Some(&"sys") => {
-            let kernel = view.dir("sys/kernel")?;
-            for name in ["pid_max", "hostname"] {
-                ProcView::file(kernel.as_fd(), name)?;
-            }
-        }
+        Some(&"sys") => sys_dir(view)?,
         Some(who) => match whose(p, who) {
             Some(Ok(())) => {
                 process_dir(p, view, &own)?;
@@ -327,6 +326,15 @@ fn refresh_view(p: &mut Process, rest: &str) -> std::io::Result<()> {
                 }
             }
         },
+    }
+    Ok(())
+}
+
+/// /proc/sys/kernel and the two settings [`file`] generates there.
+fn sys_dir(view: &ProcView) -> std::io::Result<()> {
+    let kernel = view.dir("sys/kernel")?;
+    for name in ["pid_max", "hostname"] {
+        ProcView::file(kernel.as_fd(), name)?;
     }
     Ok(())
 }
@@ -379,24 +387,24 @@ const MAX_TASK_DIRS: usize = 1024;
 /// when a call looks at that one alone.
 fn fd_dir(p: &Process, view: &ProcView, pid: &str, one: Option<&str>) -> std::io::Result<()> {
     let dir = view.dir(&format!("{pid}/fd"))?;
-    let target = |fd: &str| link(p, &format!("/proc/self/fd/{fd}"));
-    if let Some(fd) = one {
-        return match (plain_number(fd).is_some(), target(fd)) {
-            (true, Some(target)) => ProcView::link(dir.as_fd(), fd, &target),
-            (true, None) => ProcView::remove(dir.as_fd(), fd),
-            (false, _) => Ok(()),
+    if let Some(name) = one {
+        return match plain_number(name).map(|fd| fd_link(p, fd)) {
+            Some(Some(target)) => ProcView::link(dir.as_fd(), name, &target),
+            Some(None) => ProcView::remove(dir.as_fd(), name),
+            None => Ok(()),
         };
     }
-    let fds: Vec<String> = p
+    let fds: Vec<i32> = p
         .files
         .iter()
         .take(MAX_FD_LINKS)
-        .map(|(fd, _)| fd.to_string())
+        .map(|(fd, _)| fd)
         .collect();
-    ProcView::prune(dir.as_fd(), |_| true, &fds)?;
-    for fd in &fds {
-        if let Some(target) = target(fd) {
-            ProcView::link(dir.as_fd(), fd, &target)?;
+    let names: Vec<String> = fds.iter().map(i32::to_string).collect();
+    ProcView::prune(dir.as_fd(), |_| true, &names)?;
+    for (&fd, name) in fds.iter().zip(&names) {
+        if let Some(target) = fd_link(p, fd) {
+            ProcView::link(dir.as_fd(), name, &target)?;
         }
     }
     Ok(())
