@@ -32,6 +32,61 @@ fn fork_exec_and_wait_work() {
     guest_passes("fork");
 }
 
+/// Job control (tests/guests/jobs.c): SIGSTOP, SIGTSTP and SIGCONT stop and continue a
+/// child, which wait4 (WUNTRACED, WCONTINUED), waitid, SIGCHLD and /proc report.
+#[test]
+fn job_control_stops_and_continues_a_child() {
+    guest_passes("jobs");
+}
+
+/// Memory shared between processes (tests/guests/shared.c): shared anonymous, file and
+/// memfd mappings, a named semaphore four processes wait on, a process-shared condition
+/// variable, and SIGBUS past the end of a shared file mapping.
+#[test]
+fn memory_and_futexes_are_shared_between_processes() {
+    guest_passes("shared");
+}
+
+/// Python's multiprocessing: a Pool of four worker processes maps a function (its queues
+/// are pipes, its locks POSIX semaphores in /dev/shm, waited on across processes), then a
+/// Lock and a Queue filled by a Process; the output is what the host's Python prints.
+#[test]
+fn python_multiprocessing_pool_maps_over_four_processes() {
+    let code = r#"
+import multiprocessing as mp, os
+def square(x):
+    return x * x
+def pid(_):
+    return os.getpid()
+if __name__ == "__main__":
+    with mp.Pool(4) as pool:
+        print(sum(pool.map(square, range(1000))))
+        workers = set(pool.map(pid, range(200), chunksize=1))
+        print(len(pool._pool), os.getpid() not in workers, workers <= {w.pid for w in pool._pool})
+    lock = mp.Lock()
+    with lock:
+        print("locked")
+    queue = mp.Queue()
+    child = mp.Process(target=queue.put, args=("from a child",))
+    child.start()
+    print(queue.get())
+    child.join()
+    print(child.exitcode)
+"#;
+    let native = std::process::Command::new("python3")
+        .args(["-c", code])
+        .output()
+        .unwrap();
+    assert!(native.status.success(), "{}", describe(&native));
+    let out = run(&["/usr/bin/python3", "-c", code]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(stdout(&out), stdout(&native), "{}", describe(&out));
+    assert_eq!(
+        stdout(&out),
+        "332833500\n4 True True\nlocked\nfrom a child\n0\n"
+    );
+}
+
 /// A root holding Debian's static busybox, its applets as symlinks, a three-line
 /// /etc/passwd and two more files in /etc.
 fn busybox_root() -> tempfile::TempDir {

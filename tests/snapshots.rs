@@ -1154,3 +1154,49 @@ fn inspect_tells_how_much_of_the_prefetch_was_used() {
     assert_eq!(body(address, "/").trim(), "count=6");
     swap_out("test-snap-prefetch", dir.path(), child);
 }
+
+/// An app that maps memory shared (here shared anonymous memory) is not snapshotted: the
+/// refusal says why, and the app runs on.
+#[test]
+fn an_app_with_shared_memory_is_refused_a_snapshot_and_runs_on() {
+    use std::io::BufRead;
+    let name = "test-snap-shared";
+    let dir = tempfile::tempdir().unwrap();
+    let code = "import mmap, time\n\
+        m = mmap.mmap(-1, 4096, flags=mmap.MAP_SHARED)\n\
+        m[0:2] = b'ok'\n\
+        print('ready', flush=True)\n\
+        time.sleep(5)\n\
+        print(bytes(m[0:2]).decode())\n";
+    let mut child = picocenter()
+        .args([
+            "run",
+            "--name",
+            name,
+            "--timeout",
+            "60",
+            "/usr/bin/python3",
+            "-c",
+            code,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert_eq!(first, "ready\n");
+    let out = snapshot(&["create", name, "-o", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("(MAP_SHARED)"),
+        "{}",
+        describe(&out)
+    );
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(rest, "ok\n");
+    assert_eq!(status.code(), Some(0));
+}

@@ -3,7 +3,9 @@
 
 use super::image::StateDir;
 use super::key::KeyFile;
-use super::run::{claim_name, data_dir, run_in_jail, temporary_root, TemporaryRoot};
+use super::run::{
+    claim_name, data_dir, run_in_jail, temporary_root, TemporaryRoot, SHARED_MEMORY_DIR,
+};
 use anyhow::{bail, Context};
 use picocenter_images::BuiltImage;
 use picocenter_snapshots::format::Manifest;
@@ -169,6 +171,12 @@ fn writable(
         None if !args.writable.is_empty() => args.writable.clone(),
         None => m.app.writable.clone(),
     };
+    // `run` adds /dev/shm to every app's set; so does a restore of such an app.
+    let chosen = if m.app.writable.iter().any(|d| d == SHARED_MEMORY_DIR) {
+        super::run::with_shared_memory_dir(chosen)
+    } else {
+        chosen
+    };
     let mut plain = Vec::new();
     for dir in chosen {
         let dir = validate_guest_dir(&dir)?;
@@ -179,12 +187,13 @@ fn writable(
     Ok(plain)
 }
 
-/// The caller's configuration for restoring `manifest`, with the root it needs kept alive.
+/// The caller's configuration for restoring `manifest`, with the root and the temporary
+/// directories (data, /dev/shm) it needs kept alive.
 fn configure(
     args: &RestoreArgs,
     manifest: &Manifest,
     key: picocenter_snapshots::SnapshotKey,
-) -> anyhow::Result<(Config, Root, Option<tempfile::TempDir>)> {
+) -> anyhow::Result<(Config, Root, Vec<tempfile::TempDir>)> {
     let image = match image_name(args, manifest)? {
         Some(name) => Some(
             picocenter_images::load(args.state.state_dir(), &name)
@@ -236,11 +245,12 @@ fn configure(
         bail!("the app's root {} is not a directory", root_dir.display());
     }
     let (temp_data, data) = data_dir(args.data_dir.as_ref())?;
+    let mut temporary: Vec<tempfile::TempDir> = temp_data.into_iter().collect();
     let mut writable = Vec::new();
     for guest in writable_dirs {
         // A plain absolute guest path: its host directory stays under the data directory,
-        // reached with no symlink on the way.
-        let (host, _) = super::run::backing_dir(&data, &guest)?;
+        // reached with no symlink on the way (or is this run's own, for /dev/shm).
+        let host = super::run::writable_host_dir(&data, &guest, &mut temporary)?;
         writable.push((guest, host));
     }
     if let Root::FromProgram(temp, _) = &root {
@@ -271,7 +281,7 @@ fn configure(
         root_from,
         snapshot_key: Some(key),
     };
-    Ok((config, root, temp_data))
+    Ok((config, root, temporary))
 }
 
 /// The first fd of those handed down (as systemd's socket activation does).
@@ -345,7 +355,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     // Authenticated and bounds-checked: only then are its values defaults.
     let manifest = store.manifest(&id, &key)?;
     tracing::trace!("restore: manifest read and checked");
-    let (mut config, root, temp_data) = configure(&args, &manifest, key)?;
+    let (mut config, root, temporary_dirs) = configure(&args, &manifest, key)?;
     tracing::debug!(id, "restore: configured from the manifest");
     let feed = match args.feed_fd {
         Some(raw) if args.mode != RestoreMode::Stream => {
@@ -367,9 +377,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     if let Root::FromProgram(temp, _) = &root {
         temporary.push(temp.dir.path());
     }
-    if let Some(data) = &temp_data {
-        temporary.push(data.path());
-    }
+    temporary.extend(temporary_dirs.iter().map(|dir| dir.path()));
     run_in_jail(config, state, &temporary, args.timeout, |config| {
         let picoprocess = Picoprocess::restore(config, &store, &id, &options)?;
         if args.digest {

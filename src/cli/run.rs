@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use picocenter_images::BuiltImage;
 use picocenter_snapshots::names::{app_name_from, validate_app_name, validate_guest_dir};
 use picocenter_vmm::kvm::kick::reason;
+pub(super) use picocenter_vmm::sandbox::SHARED_MEMORY_DIR;
 use picocenter_vmm::{Config, Picoprocess, RunOutcome};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
@@ -121,8 +122,9 @@ pub struct AppSettings {
 
     /// Make a guest directory writable (repeatable). It is backed by a directory of its
     /// own under --data-dir; everything else in the root is read-only. Default: /tmp, or
-    /// an image's writable directories (which these add to). A fresh backing directory
-    /// starts empty, or with a copy of what the image holds at that path.
+    /// an image's writable directories (which these add to). /dev/shm is always writable,
+    /// as its tmpfs is on Linux, for POSIX shared memory and named semaphores. A fresh
+    /// backing directory starts empty, or with a copy of what the image holds at that path.
     #[arg(long, value_name = "GUEST_DIR")]
     pub writable: Vec<String>,
 
@@ -174,6 +176,7 @@ impl App {
         };
         let mut writable = run.writable.clone();
         writable.extend(args.app.writable.iter().cloned());
+        let writable = with_shared_memory_dir(writable);
         Ok(Self {
             _temp_root: None,
             root: image.rootfs.clone(),
@@ -197,11 +200,11 @@ impl App {
 
     /// A program in --root, or a host program in a temporary root.
     fn from_program(args: &RunArgs, program: &str) -> anyhow::Result<Self> {
-        let writable = if args.app.writable.is_empty() {
+        let writable = with_shared_memory_dir(if args.app.writable.is_empty() {
             vec!["/tmp".to_string()]
         } else {
             args.app.writable.clone()
-        };
+        });
         let (temp_root, root, guest_program, readonly) = match &args.root {
             Some(root) => (None, root.clone(), program.to_string(), Vec::new()),
             None => {
@@ -467,9 +470,36 @@ fn sandbox_path(guest: &str) -> PathBuf {
     PathBuf::from(picocenter_vmm::sandbox::normalize("/", guest))
 }
 
+/// The host directory behind writable guest directory `guest`: under the data directory
+/// ([`backing_dir`]), except /dev/shm, which is a fresh directory of this run that
+/// `private` keeps until the app ends. On Linux /dev/shm is a tmpfs: private to the
+/// machine, and empty at each start; apps that share a data directory must not share
+/// their shared memory and semaphores, nor find those of a run before.
+pub(super) fn writable_host_dir(
+    data_dir: &Path,
+    guest: &str,
+    private: &mut Vec<tempfile::TempDir>,
+) -> anyhow::Result<PathBuf> {
+    if guest == SHARED_MEMORY_DIR {
+        let dir = tempfile::Builder::new()
+            .prefix("picocenter-shm-")
+            .tempdir()
+            .context("creating the app's /dev/shm")?;
+        let host = dir.path().to_path_buf();
+        private.push(dir);
+        return Ok(host);
+    }
+    Ok(backing_dir(data_dir, guest)?.0)
+}
+
 /// The writable directories as (guest path, host path), each backed by a directory under
-/// `data_dir`; a fresh one gets a copy of what the image holds at that path.
-fn writable_dirs(app: &App, data_dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+/// `data_dir` (but /dev/shm, see [`writable_host_dir`], kept by `private`); a fresh one gets
+/// a copy of what the image holds at that path.
+fn writable_dirs(
+    app: &App,
+    data_dir: &Path,
+    private: &mut Vec<tempfile::TempDir>,
+) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let mut writable = Vec::new();
     for guest in &app.writable {
         // One plain spelling each, and each once: snapshots record the set.
@@ -478,7 +508,7 @@ fn writable_dirs(app: &App, data_dir: &Path) -> anyhow::Result<Vec<(String, Path
             continue;
         }
         let fresh = !data_dir.join(guest.trim_start_matches('/')).exists();
-        let (host, _) = backing_dir(data_dir, guest)?;
+        let host = writable_host_dir(data_dir, guest, private)?;
         if let (true, Some(image)) = (fresh, &app.image) {
             image
                 .seed_writable(guest, &host)
@@ -703,7 +733,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             address
         }
     };
-    let writable = writable_dirs(&app, &data_dir)?;
+    let mut private_dirs = Vec::new();
+    let writable = writable_dirs(&app, &data_dir, &mut private_dirs)?;
     if let Some(temp) = &app._temp_root {
         temp.copy_program(&data_dir)?;
     }
@@ -738,6 +769,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .iter()
         .map(|root| root.dir.path())
         .chain(_temp_data.iter().map(|data| data.path()))
+        .chain(private_dirs.iter().map(|dir| dir.path()))
         .collect();
     run_in_jail(
         config,
@@ -746,6 +778,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         args.timeout,
         Picoprocess::new,
     )
+}
+
+/// The writable directories with /dev/shm among them: every Linux system has it writable
+/// (a tmpfs), and glibc's shm_open and sem_open make their files there (Python's
+/// multiprocessing needs them for its locks).
+pub(super) fn with_shared_memory_dir(mut writable: Vec<String>) -> Vec<String> {
+    if !writable
+        .iter()
+        .any(|dir| dir.trim_end_matches('/') == SHARED_MEMORY_DIR)
+    {
+        writable.push(SHARED_MEMORY_DIR.to_string());
+    }
+    writable
 }
 
 /// The vCPU limit asked for, or by default one per CPU of the host (at most 64).

@@ -251,6 +251,7 @@ pub(crate) fn process(
         cmdline: config.argv.clone(),
         parent_host_pid: 0,
         forked: false,
+        jobs: Default::default(),
     })
 }
 

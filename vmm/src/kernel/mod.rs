@@ -8,6 +8,7 @@ pub mod clock;
 pub mod netpolicy;
 pub mod process;
 pub mod procview;
+pub mod shared_futex;
 pub mod signals;
 pub mod thread;
 pub mod tree;

@@ -99,6 +99,8 @@ pub struct Process {
     /// Whether this process is a fork (its VMM ends with the app's status when it does,
     /// rather than returning to whoever started the first process).
     pub forked: bool,
+    /// Stops and continues, its own and its children's.
+    pub jobs: super::tree::JobControl,
 }
 
 /// Tells the page feed of a streamed restore (see `persist::stream`) when the app has
@@ -177,20 +179,64 @@ impl Process {
 
     /// Moves signals raised from other threads into the pending set (those the app
     /// ignores are dropped, as `raise` does for any other).
-    pub fn absorb_external_signals(&mut self) {
+    pub fn absorb_external_signals(&mut self) -> u64 {
         self.kicker.clear(crate::kvm::kick::reason::SIGNAL);
         let mut raised = self.kicker.take_signals();
+        let taken = raised;
+        if raised & super::signals::bit(libc::SIGCONT) != 0 {
+            // A stop not acted on yet is undone.
+            self.jobs.stop = None;
+        }
         if raised != 0 && self.threads.current_cpu != 0 {
             // Taken from the first vCPU's kicker by another: the first looks at them too.
             self.threads.wake_cpu(0);
         }
         if raised & super::signals::bit(libc::SIGCHLD) != 0 {
+            if let Some(change) = self.kicker.take_child_change() {
+                self.jobs.sigchld = Some(change);
+            }
             self.reap_unwaited_children();
         }
         while raised != 0 {
             let signal = raised.trailing_zeros() as i32 + 1;
             raised &= raised - 1;
             self.signals.raise(signal);
+        }
+        taken
+    }
+
+    /// Tells the app's table whether this process wants SIGCHLD when a child of its stops
+    /// or continues (no SA_NOCLDSTOP), which the child looks at.
+    pub fn publish_no_stop_signal(&self) {
+        if let Some(tree) = &self.tree {
+            let flags = self.signals.actions[libc::SIGCHLD as usize - 1].flags;
+            tree.set_no_stop_signal(self.ids.pid, flags & super::signals::SA_NOCLDSTOP != 0);
+        }
+    }
+
+    /// Job control: records in the app's table that this process stopped (on `stopped`)
+    /// or continued, wakes its parent's waits, and sends the parent SIGCHLD unless it
+    /// asked for none (SA_NOCLDSTOP).
+    pub fn report_job_change(&mut self, stopped: Option<i32>) {
+        let Some(tree) = self.tree.clone() else {
+            return;
+        };
+        match stopped {
+            Some(signal) => tree.set_stopped(self.ids.pid, signal),
+            None => tree.set_continued(self.ids.pid),
+        }
+        self.jobs.notify_parent();
+        let parent = tree.find(self.ids.ppid);
+        if let Some(parent) = parent.filter(|m| m.host_pid != 0) {
+            if tree.wants_stop_signal(parent.pid) {
+                let change = match stopped {
+                    Some(signal) => (libc::CLD_STOPPED, self.ids.pid, signal),
+                    None => (libc::CLD_CONTINUED, self.ids.pid, libc::SIGCONT),
+                };
+                if let Err(e) = crate::kvm::kick::send_child_change(parent.host_pid, change) {
+                    tracing::debug!("SIGCHLD to the parent: {e}");
+                }
+            }
         }
     }
 

@@ -7,6 +7,8 @@
 pub const NSIG: usize = 64;
 /// SA_SIGINFO.
 pub const SA_SIGINFO: u64 = 0x4;
+/// SA_NOCLDSTOP: no SIGCHLD when a child stops or continues.
+pub const SA_NOCLDSTOP: u64 = 0x1;
 /// SA_NOCLDWAIT: children that end are not kept for a wait.
 pub const SA_NOCLDWAIT: u64 = 0x2;
 /// SA_ONSTACK.
@@ -46,7 +48,15 @@ pub enum Disposition {
     Ignore,
     /// End the app with it.
     Terminate,
+    /// Stop the process until SIGCONT (job control: SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU).
+    Stop,
 }
+
+/// The signals whose default action stops the process.
+pub const STOP_SIGNALS: u64 = (1 << (libc::SIGSTOP - 1))
+    | (1 << (libc::SIGTSTP - 1))
+    | (1 << (libc::SIGTTIN - 1))
+    | (1 << (libc::SIGTTOU - 1));
 
 /// The bit of signal `n` in a mask.
 pub fn bit(signal: i32) -> u64 {
@@ -95,19 +105,27 @@ impl SignalState {
                 libc::SIGCHLD | libc::SIGURG | libc::SIGWINCH | libc::SIGCONT => {
                     Disposition::Ignore
                 }
-                // Job control has no meaning without a terminal session.
-                libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU => {
-                    Disposition::Ignore
-                }
+                libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU => Disposition::Stop,
                 _ => Disposition::Terminate,
             },
             _ => Disposition::Handle(action),
         }
     }
 
-    /// Marks `signal` pending, unless it is ignored.
+    /// Marks `signal` pending, unless it is ignored. As on Linux, a SIGCONT drops the
+    /// stop signals pending, and a stop signal a pending SIGCONT, whatever they do.
     pub fn raise(&mut self, signal: i32) {
-        if (1..=NSIG as i32).contains(&signal) && self.disposition(signal) != Disposition::Ignore {
+        if !(1..=NSIG as i32).contains(&signal) {
+            return;
+        }
+        if signal == libc::SIGCONT {
+            self.pending &= !STOP_SIGNALS;
+            self.thread_pending &= !STOP_SIGNALS;
+        } else if STOP_SIGNALS & bit(signal) != 0 {
+            self.pending &= !bit(libc::SIGCONT);
+            self.thread_pending &= !bit(libc::SIGCONT);
+        }
+        if self.disposition(signal) != Disposition::Ignore {
             self.pending |= bit(signal);
         }
     }

@@ -59,6 +59,9 @@ pub struct ThreadState {
     pub interrupted_deadline: Option<Instant>,
     /// A FUTEX_WAKE reached this thread while it waited: its re-performed wait returns 0.
     pub futex_woken: bool,
+    /// Its wait on a futex in memory shared with other processes, kept while it is parked
+    /// (see [`crate::kernel::shared_futex`]); dropping it cancels the wait.
+    pub shared_futex: Option<std::sync::Arc<crate::kernel::shared_futex::SharedFutexWait>>,
 }
 
 impl ThreadState {

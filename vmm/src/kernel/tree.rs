@@ -123,6 +123,59 @@ impl RootWatch {
     }
 }
 
+/// Job control between a process and its parent: stops and continues (SIGSTOP, SIGTSTP,
+/// SIGTTIN, SIGTTOU and SIGCONT), which wait4's WUNTRACED and WCONTINUED report. The
+/// state itself is in the [`AppTree`]; these are the wake-ups.
+#[derive(Debug, Default)]
+pub struct JobControl {
+    /// Becomes readable when a child of this process stops or continues: an eventfd made
+    /// at its first fork, which its children (host forks) inherit and write to.
+    pub children_changed: Option<std::sync::Arc<OwnedFd>>,
+    /// The parent's `children_changed` (a forked process's only).
+    pub parent_changed: Option<std::sync::Arc<OwnedFd>>,
+    /// A stop signal taken, which the first vCPU acts on at its next clean point.
+    pub stop: Option<i32>,
+    /// What the SIGCHLD pending from a child's stop or continue says.
+    pub sigchld: Option<crate::kvm::kick::ChildChange>,
+}
+
+impl JobControl {
+    /// The eventfd children report to, made on first use.
+    pub fn children_changed(&mut self) -> std::io::Result<std::sync::Arc<OwnedFd>> {
+        if let Some(fd) = &self.children_changed {
+            return Ok(fd.clone());
+        }
+        let fd = std::sync::Arc::new(rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?);
+        self.children_changed = Some(fd.clone());
+        Ok(fd)
+    }
+
+    /// In a freshly forked process: its parent's eventfd is what it reports to; its own
+    /// children get one of their own.
+    pub fn forked(&mut self) {
+        self.parent_changed = self.children_changed.take();
+        self.stop = None;
+    }
+
+    /// Tells the parent's waits that this process stopped or continued.
+    pub fn notify_parent(&self) {
+        if let Some(fd) = &self.parent_changed {
+            let _ = rustix::io::write(&**fd, &1u64.to_ne_bytes());
+        }
+    }
+
+    /// Empties the children's eventfd before this process looks at their states, so
+    /// that only a change after the look wakes its next wait.
+    pub fn drain(&self) {
+        if let Some(fd) = &self.children_changed {
+            let _ = rustix::io::read(&**fd, &mut [0u8; 8]);
+        }
+    }
+}
+
 impl ChildProcess {
     /// The child's status if it has ended (reaping it, unless `keep`), without waiting.
     pub fn ended(&self, keep: bool) -> rustix::io::Result<Option<rustix::process::WaitIdStatus>> {
@@ -153,6 +206,8 @@ pub struct Member {
     pub ppid: i32,
     /// Its short name (Linux's comm), as it last described itself.
     pub comm: String,
+    /// Whether it is stopped (job control).
+    pub stopped: bool,
     /// The start of its command line, NUL-separated (at most [`DESCRIBED_ARGS`] bytes).
     pub cmdline: Vec<u8>,
 }
@@ -172,7 +227,18 @@ struct Slot {
     comm: [AtomicU64; 2],
     /// The command line's first [`DESCRIBED_ARGS`] bytes.
     args: [AtomicU64; DESCRIBED_ARGS / 8],
+    /// Its job-control state: the `JOB_*` bits and the stop signal in the low byte.
+    job: AtomicU32,
+    /// Whether it set SA_NOCLDSTOP for SIGCHLD (its children's stops send it none).
+    no_stop_signal: AtomicU32,
 }
+
+/// In `Slot::job`: the process is stopped (by the signal in the low byte).
+const JOB_STOPPED: u32 = 1 << 8;
+/// Its stop is not yet reported to its parent's wait.
+const JOB_STOP_UNREPORTED: u32 = 1 << 9;
+/// Its continuation is not yet reported to its parent's wait.
+const JOB_CONTINUE_UNREPORTED: u32 = 1 << 10;
 
 /// Stores `bytes` (zero-padded) into `words`.
 fn store_bytes(words: &[AtomicU64], bytes: &[u8]) {
@@ -286,6 +352,8 @@ impl AppTree {
                 slot.host_pid.store(0, Ordering::SeqCst);
                 slot.args_len.store(0, Ordering::SeqCst);
                 slot.ppid.store(0, Ordering::SeqCst);
+                slot.job.store(0, Ordering::SeqCst);
+                slot.no_stop_signal.store(0, Ordering::SeqCst);
                 store_bytes(&slot.comm, &[]);
                 store_bytes(&slot.args, &[]);
                 slot.pid.store(0, Ordering::SeqCst);
@@ -318,6 +386,69 @@ impl AppTree {
         }
     }
 
+    fn slot_of(&self, pid: i32) -> Option<&Slot> {
+        self.table()
+            .slots
+            .iter()
+            .find(|slot| slot.pid.load(Ordering::SeqCst) == pid)
+    }
+
+    /// Records that `pid` stopped on `signal`, for its parent's wait to report.
+    pub fn set_stopped(&self, pid: i32, signal: i32) {
+        if let Some(slot) = self.slot_of(pid) {
+            let signal = u32::try_from(signal).unwrap_or(0) & 0xff;
+            slot.job
+                .store(JOB_STOPPED | JOB_STOP_UNREPORTED | signal, Ordering::SeqCst);
+        }
+    }
+
+    /// Records that `pid` continued; a stop not yet reported never will be.
+    pub fn set_continued(&self, pid: i32) {
+        if let Some(slot) = self.slot_of(pid) {
+            slot.job.store(JOB_CONTINUE_UNREPORTED, Ordering::SeqCst);
+        }
+    }
+
+    /// The signal `pid` stopped on, if its stop is not reported yet; reported now unless
+    /// `keep` (WNOWAIT).
+    pub fn take_stop(&self, pid: i32, keep: bool) -> Option<i32> {
+        let slot = self.slot_of(pid)?;
+        let job = if keep {
+            slot.job.load(Ordering::SeqCst)
+        } else {
+            slot.job.fetch_and(!JOB_STOP_UNREPORTED, Ordering::SeqCst)
+        };
+        (job & JOB_STOP_UNREPORTED != 0).then_some((job & 0xff) as i32)
+    }
+
+    /// Whether `pid` continued and that is not reported yet; reported now unless `keep`.
+    pub fn take_continued(&self, pid: i32, keep: bool) -> bool {
+        let Some(slot) = self.slot_of(pid) else {
+            return false;
+        };
+        let job = if keep {
+            slot.job.load(Ordering::SeqCst)
+        } else {
+            slot.job
+                .fetch_and(!JOB_CONTINUE_UNREPORTED, Ordering::SeqCst)
+        };
+        job & JOB_CONTINUE_UNREPORTED != 0
+    }
+
+    /// Records whether `pid` asked for no SIGCHLD when a child stops (SA_NOCLDSTOP).
+    pub fn set_no_stop_signal(&self, pid: i32, no_signal: bool) {
+        if let Some(slot) = self.slot_of(pid) {
+            slot.no_stop_signal
+                .store(u32::from(no_signal), Ordering::SeqCst);
+        }
+    }
+
+    /// Whether `pid` wants SIGCHLD when a child of its stops or continues.
+    pub fn wants_stop_signal(&self, pid: i32) -> bool {
+        self.slot_of(pid)
+            .is_some_and(|slot| slot.no_stop_signal.load(Ordering::SeqCst) == 0)
+    }
+
     /// The live processes of the app.
     pub fn members(&self) -> Vec<Member> {
         self.table()
@@ -338,6 +469,7 @@ impl AppTree {
                         sid: slot.sid.load(Ordering::SeqCst),
                         ppid: slot.ppid.load(Ordering::Relaxed),
                         comm: String::from_utf8_lossy(&comm[..comm_len]).into_owned(),
+                        stopped: slot.job.load(Ordering::SeqCst) & JOB_STOPPED != 0,
                         cmdline,
                     }
                 })

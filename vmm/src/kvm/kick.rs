@@ -61,11 +61,37 @@ pub(crate) fn guest_signal_carrier() -> i32 {
 
 extern "C" fn on_guest_signal(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler; the carrier is
-    // only ever sent with sigqueue, whose value is the guest signal.
-    let signal = unsafe { (*info).si_value().sival_ptr } as usize as i32;
+    // only ever sent with sigqueue, whose value is the guest signal (in the low byte) and
+    // for a child's stop or continue, what its SIGCHLD says.
+    let value = unsafe { (*info).si_value().sival_ptr } as usize as u64;
+    let signal = (value & 0xff) as i32;
     if let Some(kicker) = forward_to() {
+        if signal == libc::SIGCHLD && value >> 8 != 0 {
+            kicker.child_change.store(value, Ordering::SeqCst);
+        }
         kicker.raise(signal);
     }
+}
+
+/// A child's stop or continue as its SIGCHLD tells it: (si_code, pid, si_status).
+pub type ChildChange = (i32, i32, i32);
+
+/// Sends SIGCHLD to the app process whose VMM is host process `host_pid` (a parent) for
+/// `change`, which its siginfo will show.
+pub fn send_child_change(host_pid: i32, change: ChildChange) -> std::io::Result<()> {
+    let (code, pid, status) = change;
+    let value = libc::SIGCHLD as u64
+        | (u64::from(code as u8) << 8)
+        | (u64::from(pid as u32) << 16)
+        | (u64::from(status as u8) << 48);
+    let value = libc::sigval {
+        sival_ptr: value as usize as *mut libc::c_void,
+    };
+    // SAFETY: sigqueue copies the value; no memory is shared.
+    if unsafe { libc::sigqueue(host_pid, guest_signal_carrier(), value) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Raises guest signal `signal` in the app process whose VMM is host process `host_pid`
@@ -203,6 +229,9 @@ pub struct Kicker {
     signals: Arc<AtomicU64>,
     quiet: Arc<AtomicU64>,
     wake: Arc<OwnedFd>,
+    /// What the last SIGCHLD from a child's stop or continue said (see
+    /// [`send_child_change`]), 0 if none.
+    child_change: Arc<AtomicU64>,
 }
 
 impl Kicker {
@@ -223,6 +252,7 @@ impl Kicker {
             reasons: Arc::new(AtomicU32::new(0)),
             signals: Arc::new(AtomicU64::new(0)),
             quiet: Arc::new(AtomicU64::new(0)),
+            child_change: Arc::new(AtomicU64::new(0)),
             wake: Arc::new(rustix::event::eventfd(
                 0,
                 EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC,
@@ -267,6 +297,16 @@ impl Kicker {
     /// then looks at the raised signals once more, so none raised meanwhile is missed.
     pub fn set_quiet(&self, signals: u64) {
         self.quiet.store(signals, Ordering::SeqCst);
+    }
+
+    /// Takes what the last SIGCHLD from a child's stop or continue said, if one came.
+    pub fn take_child_change(&self) -> Option<ChildChange> {
+        let value = self.child_change.swap(0, Ordering::SeqCst);
+        (value >> 8 != 0).then_some((
+            ((value >> 8) & 0xff) as i32,
+            ((value >> 16) & 0xffff_ffff) as u32 as i32,
+            ((value >> 48) & 0xff) as i32,
+        ))
     }
 
     /// Takes the signals raised since the last call (bit n-1 for signal n).

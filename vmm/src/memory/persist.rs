@@ -3,6 +3,7 @@
 
 use super::AddressSpace;
 use crate::memory::paging::*;
+use crate::memory::phys::FileSharing;
 use crate::memory::vma::Vma;
 use rustix::io::Errno;
 use std::os::fd::BorrowedFd;
@@ -134,7 +135,7 @@ impl AddressSpace {
         }
         let base = self.frames.alloc_run(pages).ok_or(Errno::NOMEM)?;
         self.phys
-            .map_file(base, pages * PAGE, file, 0)
+            .map_file(base, pages * PAGE, file, 0, FileSharing::Private)
             .map_err(|_| Errno::NOMEM)?;
         Ok(base)
     }

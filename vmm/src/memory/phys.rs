@@ -89,6 +89,9 @@ impl PhysicalMemory {
             region(layout::SYSTEM_GPA, layout::SYSTEM_SLOT_SIZE)?,
             region(layout::PAGE_TABLES_GPA, page_tables_size)?,
         ])?;
+        if let Ok(ram) = mem.get_host_address(GuestAddress(layout::RAM_GPA)) {
+            lost_pages::watch(ram as u64, ram_size);
+        }
         Ok(Self {
             mem,
             ram_size,
@@ -234,20 +237,30 @@ impl PhysicalMemory {
         Ok(())
     }
 
-    /// Makes RAM `[gpa, gpa + len)` a private (copy-on-write) mapping of `len` bytes of
-    /// `file` at `offset`: the guest reads the host's page cache with no copy, and its
-    /// writes stay its own. The file must not shrink while mapped (the VMM only does this
-    /// for files in the read-only root).
+    /// Makes RAM `[gpa, gpa + len)` a mapping of `len` bytes of `file` at `offset`, so that
+    /// the guest reads the host's page cache with no copy:
+    /// * [`FileSharing::Private`]: copy-on-write, the guest's writes stay its own. The file
+    ///   must not shrink while mapped (the VMM only does this for files in the read-only
+    ///   root);
+    /// * [`FileSharing::Shared`]: the guest's writes reach the file, and a host fork of this
+    ///   VMM keeps sharing the pages. The file must be open for writing, and the range must
+    ///   lie within the file's size.
     pub fn map_file(
         &self,
         gpa: u64,
         len: u64,
         file: std::os::fd::BorrowedFd<'_>,
         offset: u64,
+        sharing: FileSharing,
     ) -> Result<(), PhysError> {
         use std::os::fd::AsRawFd;
         let slice = self.slice(gpa, len as usize)?;
         let guard = slice.ptr_guard_mut();
+        let offset = i64::try_from(offset).map_err(|_| PhysError::OutOfRange { gpa })?;
+        let kind = match sharing {
+            FileSharing::Private => libc::MAP_PRIVATE,
+            FileSharing::Shared => libc::MAP_SHARED,
+        };
         // SAFETY: the range is page-aligned and inside our RAM mapping (checked by
         // `slice`); MAP_FIXED replaces only those pages, which hold no Rust references.
         let mapped = unsafe {
@@ -255,9 +268,9 @@ impl PhysicalMemory {
                 guard.as_ptr().cast(),
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                kind | libc::MAP_FIXED,
                 file.as_raw_fd(),
-                offset as i64,
+                offset,
             )
         };
         if mapped == libc::MAP_FAILED {
@@ -265,6 +278,115 @@ impl PhysicalMemory {
         }
         Ok(())
     }
+}
+
+impl Drop for PhysicalMemory {
+    fn drop(&mut self) {
+        if let Ok(ram) = self.mem.get_host_address(GuestAddress(layout::RAM_GPA)) {
+            lost_pages::unwatch(ram as u64);
+        }
+    }
+}
+
+/// Pages of a shared file mapping whose file shrank under them.
+///
+/// Guest RAM frames can be the pages of a file the app maps shared
+/// ([`FileSharing::Shared`]). If the file then shrinks (the app truncates it, or another
+/// process of the app does), touching such a page raises SIGBUS in whoever touches it. The
+/// guest's own access makes `KVM_RUN` fail, which ends the app as Linux's SIGBUS would;
+/// but the VMM touches guest memory too, in the calls it performs, and a SIGBUS must not
+/// end the VMM. So a SIGBUS at an address in guest RAM replaces that page with a zero page
+/// (as the frame would be had it never been mapped from the file) and the access goes on.
+/// Anything else keeps the default action.
+mod lost_pages {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Once;
+
+    /// Host ranges of guest RAM in this process: (start, length), start 0 when free. A
+    /// process has one picoprocess; unit tests make several at once.
+    static RANGES: [(AtomicU64, AtomicU64); 64] =
+        [const { (AtomicU64::new(0), AtomicU64::new(0)) }; 64];
+    static INSTALL: Once = Once::new();
+
+    pub(super) fn watch(start: u64, len: u64) {
+        INSTALL.call_once(install);
+        for (slot_start, slot_len) in &RANGES {
+            if slot_start
+                .compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                slot_len.store(len, Ordering::SeqCst);
+                return;
+            }
+        }
+        tracing::warn!("more than 64 guest memories in one process: a shrunk shared file is fatal");
+    }
+
+    pub(super) fn unwatch(start: u64) {
+        for (slot_start, slot_len) in &RANGES {
+            if slot_start.load(Ordering::SeqCst) == start {
+                slot_len.store(0, Ordering::SeqCst);
+                slot_start.store(0, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+
+    fn in_guest_ram(addr: u64) -> bool {
+        RANGES.iter().any(|(start, len)| {
+            let start = start.load(Ordering::SeqCst);
+            start != 0 && addr >= start && addr - start < len.load(Ordering::SeqCst)
+        })
+    }
+
+    extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+        let addr = unsafe { (*info).si_addr() } as u64;
+        if in_guest_ram(addr) {
+            // SAFETY: the page lies in a guest RAM mapping this process made (checked
+            // above); replacing it gives the faulting access a zero page to complete on.
+            // mmap is async-signal-safe.
+            let mapped = unsafe {
+                libc::mmap(
+                    (addr & !4095) as *mut libc::c_void,
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if mapped != libc::MAP_FAILED {
+                return;
+            }
+        }
+        // Not guest memory: the default action, when the access faults again.
+        // SAFETY: signal() with SIG_DFL is async-signal-safe.
+        unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+    }
+
+    fn install() {
+        // SAFETY: a sigaction with a handler of the right signature and SA_SIGINFO; the
+        // handler only reads atomics and calls mmap or signal.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_sigbus as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            libc::sigemptyset(&mut action.sa_mask);
+            if libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) != 0 {
+                tracing::warn!("no SIGBUS handler: a shrunk shared file is fatal");
+            }
+        }
+    }
+}
+
+/// How [`PhysicalMemory::map_file`] maps a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileSharing {
+    /// Copy-on-write.
+    Private,
+    /// The file's own pages.
+    Shared,
 }
 
 /// Keeps the guest's memory mapped (see [`PhysicalMemory::keep_mapped`]).

@@ -10,7 +10,7 @@
 
 use super::frames::FrameAllocator;
 use super::paging::*;
-use super::phys::{PhysError, PhysicalMemory};
+use super::phys::{FileSharing, PhysError, PhysicalMemory};
 use super::vma::{Backing, Prot, Vma, VmaRole, VmaSet};
 use super::UserAddr;
 use rustix::io::Errno;
@@ -92,6 +92,8 @@ pub enum FaultResolution {
     Unmapped,
     /// An area covers it but forbids the access (SEGV_ACCERR).
     Forbidden,
+    /// A shared file area covers it, past the end of its file (SIGBUS, BUS_ADRERR).
+    PastEndOfFile,
 }
 
 /// Counters for stats and diagnostics.
@@ -279,10 +281,13 @@ impl AddressSpace {
                 end += 1;
             }
             let run = (end - first) as u64 * PAGE;
-            if let Err(e) = self
-                .phys
-                .map_file(frames[first], run, file, first as u64 * PAGE)
-            {
+            if let Err(e) = self.phys.map_file(
+                frames[first],
+                run,
+                file,
+                first as u64 * PAGE,
+                FileSharing::Private,
+            ) {
                 self.free_unmapped(&frames);
                 return Err(internal(e));
             }
@@ -377,7 +382,9 @@ impl AddressSpace {
     pub(super) fn release_held_frames(&mut self, number: u64) {
         for (gpa, stale) in self.frames.release(number) {
             if let Err(e) = self.phys.discard(gpa, PAGE) {
+                // Never handed out again: it may still be a shared file's page.
                 internal(e);
+                continue;
             }
             if stale {
                 self.frames.quarantine(gpa);
@@ -449,6 +456,9 @@ impl AddressSpace {
             .map(|(_, pte)| pte & PTE_FRAME)
             .collect();
         owned.sort_unstable();
+        // Frames the host would not give back keep what they held (a shared file's pages,
+        // say): they are never handed out again.
+        let mut kept = std::collections::HashSet::new();
         let mut i = 0;
         while i < owned.len() {
             let mut j = i + 1;
@@ -457,12 +467,18 @@ impl AddressSpace {
             }
             if let Err(e) = self.phys.discard(owned[i], (j - i) as u64 * PAGE) {
                 internal(e);
+                kept.extend(owned[i..j].iter().copied());
             }
             i = j;
         }
         for &(va, pte) in leaves.iter().filter(|(_, pte)| pte & PTE_OWNED != 0) {
             if self.maybe_cached(pte) {
                 self.mark_stale(va)?;
+            }
+            if kept.contains(&(pte & PTE_FRAME)) {
+                continue;
+            }
+            if self.maybe_cached(pte) {
                 self.frames.quarantine(pte & PTE_FRAME);
             } else {
                 self.frames.free(pte & PTE_FRAME);
@@ -546,7 +562,7 @@ impl AddressSpace {
         let len = end - start;
         let (start, eager) = match (&vma.backing, vma.role) {
             (_, VmaRole::Stack) => (end.saturating_sub(STACK_EAGER).max(start), true),
-            (Backing::Anonymous, _) => (
+            (Backing::Anonymous | Backing::Shared { .. }, _) => (
                 start,
                 len <= EAGER_ANON_MAX && len / PAGE * 2 <= self.frames.available(),
             ),
@@ -574,11 +590,10 @@ impl AddressSpace {
             let lo = start.max(vma.start);
             let hi = end.min(vma.end);
             let flags = self.leaf_flags(vma.prot);
-            if let Backing::File {
-                immutable: true, ..
-            } = vma.backing
-            {
-                self.map_file_pages(&vma, lo, hi, flags)?;
+            self.map_file_pages(&vma, lo, hi, flags)?;
+            if let Backing::Shared { .. } = vma.backing {
+                // Only the file's own pages will do: what lies past its end stays unmapped.
+                continue;
             }
             // A file's page is mapped only once it holds the file's bytes: with a second
             // vCPU, another thread could otherwise read it zeroed in between.
@@ -609,18 +624,32 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// Maps the not-yet-populated pages of `[lo, hi)` of an immutable file area straight
-    /// from the file: each run of such pages gets contiguous frames that become a private
-    /// file mapping. Pages past the end of the file, and runs that find no contiguous
-    /// frames, are left for the copying path.
+    /// Maps the not-yet-populated pages of `[lo, hi)` of an immutable or a shared file area
+    /// straight from the file: each run of such pages gets frames that become a mapping of
+    /// the file (private or shared, as the area is). Pages past the end of the file are
+    /// left alone (a shared area's are never mapped: touching one is SIGBUS). A private
+    /// run that finds no contiguous frames is left for the copying path; a shared one is
+    /// mapped a frame at a time instead, since a copy would not be the file.
     fn map_file_pages(&mut self, vma: &Vma, lo: u64, hi: u64, flags: u64) -> Result<(), Errno> {
-        let Backing::File { file, offset, .. } = &vma.backing else {
-            return Ok(());
+        let (file, offset, sharing) = match &vma.backing {
+            Backing::File {
+                file,
+                offset,
+                immutable: true,
+                ..
+            } => (file, *offset, FileSharing::Private),
+            Backing::Shared { file, offset, .. } => (file, *offset, FileSharing::Shared),
+            _ => return Ok(()),
         };
         let file_len = rustix::fs::fstat(file.as_ref())
             .map_err(|_| Errno::IO)?
             .st_size as u64;
-        let file_end = vma.start + file_len.saturating_sub(*offset).next_multiple_of(PAGE);
+        let file_end = vma.start.saturating_add(
+            file_len
+                .saturating_sub(offset)
+                .checked_next_multiple_of(PAGE)
+                .unwrap_or(u64::MAX),
+        );
         let hi = hi.min(file_end);
         let owned: Vec<u64> = self
             .tables
@@ -641,22 +670,28 @@ impl AddressSpace {
                 .find(|&o| o > va)
                 .unwrap_or(hi)
                 .min(hi);
-            let pages = (run_end - va) / PAGE;
-            let Some(base) = self.frames.alloc_run(pages) else {
-                return Ok(());
+            let mut pages = (run_end - va) / PAGE;
+            let base = match (self.frames.alloc_run(pages), sharing) {
+                (Some(base), _) => base,
+                (None, FileSharing::Private) => return Ok(()),
+                (None, FileSharing::Shared) => {
+                    pages = 1;
+                    self.frames.alloc().ok_or(Errno::NOMEM)?
+                }
             };
             let file_offset = offset + (va - vma.start);
             if self
                 .phys
-                .map_file(base, pages * PAGE, file.as_fd(), file_offset)
+                .map_file(base, pages * PAGE, file.as_fd(), file_offset, sharing)
                 .is_err()
             {
-                // Give the frames back as anonymous zero pages; the copy path takes over.
-                self.phys.discard(base, pages * PAGE).map_err(internal)?;
-                for i in 0..pages {
-                    self.frames.free(base + i * PAGE);
-                }
-                return Ok(());
+                let frames: Vec<u64> = (0..pages).map(|i| base + i * PAGE).collect();
+                self.free_unmapped(&frames);
+                return match sharing {
+                    // The copy path takes over.
+                    FileSharing::Private => Ok(()),
+                    FileSharing::Shared => Err(Errno::NOMEM),
+                };
             }
             for i in 0..pages {
                 if let Err(e) =
@@ -669,7 +704,7 @@ impl AddressSpace {
                     return Err(e.into());
                 }
             }
-            va = run_end;
+            va += pages * PAGE;
         }
         Ok(())
     }
@@ -696,7 +731,9 @@ impl AddressSpace {
     fn free_unmapped(&mut self, frames: &[u64]) {
         for &gpa in frames {
             if let Err(discarded) = self.phys.discard(gpa, PAGE) {
+                // Never handed out again: it may still be a shared file's page.
                 internal(discarded);
+                continue;
             }
             self.frames.free(gpa);
         }
@@ -810,9 +847,8 @@ impl AddressSpace {
             let grown_end = old.checked_add(new_len).ok_or(Errno::NOMEM)?;
             if old_end == area.end && grown_end <= USER_END && self.vmas.is_free(old_end, grown_end)
             {
-                let mut tail = area.clip_for_growth(old_end, grown_end);
-                tail.start = old_end;
-                self.vmas.insert(tail);
+                self.vmas
+                    .insert(area.grown_tail(old_end, old_end, grown_end));
                 self.populate_by_policy(old_end, grown_end);
                 return Ok(old);
             }
@@ -851,7 +887,7 @@ impl AddressSpace {
             self.unmap(old + keep, old_len - keep)?;
         }
         if new_len > keep {
-            let tail = area.clip_for_growth(target + keep, target + new_len);
+            let tail = area.grown_tail(old + keep, target + keep, target + new_len);
             self.vmas.insert(tail);
             self.populate_by_policy(target + keep, target + new_len);
         }
@@ -966,7 +1002,31 @@ impl AddressSpace {
         let hi = (lo + window).min(vma.end);
         self.populate(lo, hi)?;
         self.stats.demand_faults += 1;
+        if self.tables.get(&self.phys, page)? & PTE_OWNED == 0 {
+            // Only a shared file area leaves a page unmapped: it lies past the file's end.
+            return Ok(FaultResolution::PastEndOfFile);
+        }
         Ok(FaultResolution::Resolved)
+    }
+
+    /// The host address of the futex word at `va` when it lies in a shared area (mapping
+    /// its page if need be), which other processes' VMMs see too; `None` for any other
+    /// memory, whose futexes are this process's own. EFAULT when it cannot be read.
+    /// `write`: the caller changes the word (FUTEX_WAKE_OP), which the app must be allowed.
+    pub fn shared_word(&mut self, va: u64, write: bool) -> Result<Option<u64>, Errno> {
+        if !matches!(
+            self.vmas.get(va).map(|v| &v.backing),
+            Some(Backing::Shared { .. })
+        ) {
+            return Ok(None);
+        }
+        let access = if write { Access::Write } else { Access::Read };
+        let pieces = self.user_pieces(UserAddr(va), 4, access)?;
+        let &[(gpa, 4)] = pieces.as_slice() else {
+            return Err(Errno::INVAL);
+        };
+        let host = self.phys.host_addr(gpa).map_err(internal)?;
+        Ok(Some(host as u64))
     }
 
     /// Guest-physical pieces of `[addr, addr + len)`, checked for `access` the way the CPU
@@ -1131,13 +1191,12 @@ impl AddressSpace {
 }
 
 impl Vma {
-    /// An area like this one covering `[start, end)` (used when an area grows: file
-    /// offsets continue from where this one's would).
-    fn clip_for_growth(&self, start: u64, end: u64) -> Vma {
+    /// An area like this one covering `[start, end)`, for the part of it that would have
+    /// continued at `from` (an address in this area's own range): when an area grows, or
+    /// grows as it moves, file offsets go on from where this one's would.
+    fn grown_tail(&self, from: u64, start: u64, end: u64) -> Vma {
         let mut grown = self.clone();
-        if let Backing::File { offset, .. } = &mut grown.backing {
-            *offset += start - self.start;
-        }
+        grown.backing.advance(from.saturating_sub(self.start));
         grown.start = start;
         grown.end = end;
         grown

@@ -52,6 +52,40 @@ pub enum Backing {
         /// instead of copied.
         immutable: bool,
     },
+    /// The file itself (MAP_SHARED, or shared anonymous memory, which is a host memfd):
+    /// the area's frames are mapped from the host file, so the guest's writes reach it at
+    /// once, and a process forked from this one (a host fork of its VMM) keeps sharing the
+    /// same pages. Only for files open for writing; a read-only shared mapping is a private
+    /// copy ([`Backing::File`]), which reads the same.
+    Shared {
+        /// The open file.
+        file: Arc<File>,
+        /// The file offset of the area's first byte.
+        offset: u64,
+        /// The file's path inside the app's root (or the memfd's name), for diagnostics.
+        path: Arc<str>,
+    },
+}
+
+impl Backing {
+    /// The file offset of an area that starts `by` bytes further on (anonymous memory has
+    /// none).
+    pub(super) fn advance(&mut self, by: u64) {
+        if let Backing::File { offset, .. } | Backing::Shared { offset, .. } = self {
+            *offset = offset.saturating_add(by);
+        }
+    }
+
+    /// The file an area maps and where its first byte lies in it, if any.
+    pub fn file(&self) -> Option<(&Arc<File>, u64, &Arc<str>)> {
+        match self {
+            Backing::Anonymous => None,
+            Backing::File {
+                file, offset, path, ..
+            }
+            | Backing::Shared { file, offset, path } => Some((file, *offset, path)),
+        }
+    }
 }
 
 /// What an area is for; it decides nothing but names the area in diagnostics. The values
@@ -87,9 +121,7 @@ impl Vma {
     fn clip(&self, start: u64, end: u64) -> Vma {
         let new_start = start.max(self.start);
         let mut piece = self.clone();
-        if let Backing::File { offset, .. } = &mut piece.backing {
-            *offset += new_start - self.start;
-        }
+        piece.backing.advance(new_start - self.start);
         piece.start = new_start;
         piece.end = end.min(self.end);
         piece

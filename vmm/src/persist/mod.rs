@@ -148,6 +148,12 @@ fn vma_records(p: &Process) -> Vec<VmaRecord> {
                     offset: *offset,
                     immutable: *immutable,
                 },
+                // Never reached: `cannot_capture` refuses such an app first.
+                Backing::Shared { offset, path, .. } => BackingRecord::File {
+                    path: path.to_string(),
+                    offset: *offset,
+                    immutable: false,
+                },
             },
         })
         .collect()
@@ -191,8 +197,9 @@ fn context_record(
 }
 
 /// Why the app cannot be captured as one process: it has other processes (snapshots of
-/// process trees are not supported yet), or it is not the app's first process.
-fn tree_in_use(p: &Process) -> Option<String> {
+/// process trees are not supported yet), it is not the app's first process, or it maps
+/// memory shared with a file or another process (a snapshot keeps private memory only).
+fn cannot_capture(p: &Process) -> Option<String> {
     if p.forked {
         return Some("only an app's first process is snapshotted".into());
     }
@@ -200,11 +207,18 @@ fn tree_in_use(p: &Process) -> Option<String> {
         .tree
         .as_ref()
         .map_or(0, |t| t.members().len().saturating_sub(1));
-    (others > 0 || !p.children.is_empty()).then(|| {
-        format!(
+    if others > 0 || !p.children.is_empty() {
+        return Some(format!(
             "it has {} other process(es); snapshots of process trees are not supported yet",
             others.max(p.children.len())
-        )
+        ));
+    }
+    p.mem.vmas().iter().find_map(|v| match &v.backing {
+        Backing::Shared { path, .. } => Some(format!(
+            "it maps {path:?} shared (MAP_SHARED) at {:#x}; snapshots keep private memory only",
+            v.start
+        )),
+        _ => None,
     })
 }
 
@@ -273,10 +287,21 @@ fn process_record(p: &Process, clock: &ClockRecord) -> ProcessRecord {
 
 /// Archives the writable directories into `path`, streamed; returns its size and digest.
 fn archive_data(p: &Process, path: &Path) -> Result<Option<archive::Written>, PersistError> {
-    if p.writable_dirs.is_empty() {
+    // An empty /dev/shm (every app has one) is left out: a restore's is a fresh, empty
+    // directory anyway, and an app with nothing else to keep then needs no archive.
+    let dirs: Vec<(String, std::path::PathBuf)> = p
+        .writable_dirs
+        .iter()
+        .filter(|(guest, host)| {
+            guest != crate::sandbox::SHARED_MEMORY_DIR
+                || std::fs::read_dir(host).map_or(true, |mut d| d.next().is_some())
+        })
+        .cloned()
+        .collect();
+    if dirs.is_empty() {
         return Ok(None);
     }
-    Ok(Some(archive::create(path, &p.writable_dirs)?))
+    Ok(Some(archive::create(path, &dirs)?))
 }
 
 /// Takes a snapshot of the app into `store`. An increment of the snapshot the app was
@@ -302,7 +327,7 @@ fn slow_capture_test_hook() {
 pub fn busy(p: &Process) -> Option<String> {
     use crate::fdtable::FileKind;
     use rustix::event::{PollFd, PollFlags};
-    if let Some(why) = tree_in_use(p) {
+    if let Some(why) = cannot_capture(p) {
         return Some(format!("busy: {why}"));
     }
     for (fd, entry) in p.files.iter() {
@@ -339,7 +364,7 @@ pub fn capture(
     full: bool,
 ) -> Result<Manifest, PersistError> {
     slow_capture_test_hook();
-    if let Some(why) = tree_in_use(p) {
+    if let Some(why) = cannot_capture(p) {
         return Err(PersistError::Unsnapshottable(why));
     }
     if p.threads.elsewhere.iter().any(Option::is_some) {

@@ -156,6 +156,18 @@ impl Exits<'_, '_> {
         // The child's entry is complete before it runs, so that its own early setpgid or
         // setsid is not overwritten; its host pid follows.
         tree.fill(slot, parent_ids.child(pid), 0);
+        // The child has the parent's SIGCHLD action; the parent's own entry may not have
+        // been told of it yet (the table is made at the first fork).
+        self.p.publish_no_stop_signal();
+        let no_stop_signal = self.p.signals.actions[libc::SIGCHLD as usize - 1].flags
+            & crate::kernel::signals::SA_NOCLDSTOP
+            != 0;
+        tree.set_no_stop_signal(pid, no_stop_signal);
+        // The eventfd the child reports its stops and continues to.
+        if self.p.jobs.children_changed().is_err() {
+            tree.release(pid);
+            return Ok(Err(Errno::AGAIN));
+        }
         // An fd kept free for the child's pidfd: without one, the child would run with
         // nobody waiting for it.
         let Ok(pidfd_slot) = rustix::io::dup(self.p.kicker.wake_fd()) else {
@@ -182,6 +194,7 @@ impl Exits<'_, '_> {
             // started the first process (which would clean up after the whole app).
             self.p.forked = true;
             self.p.parent_host_pid = parent_host_pid;
+            self.p.jobs.forked();
             let (vfork_read, vfork_write) = vfork.unzip();
             drop(vfork_read);
             let start = ChildStart {

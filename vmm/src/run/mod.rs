@@ -16,7 +16,7 @@ pub mod sigframe;
 use crate::control::{LiveStats, PendingOp, PendingOps};
 use crate::doorbell::{Recovery, Settled};
 use crate::kernel::process::{lock, ProcessGuard};
-use crate::kernel::signals::{Disposition, SA_RESTART};
+use crate::kernel::signals::{bit, Disposition, SA_RESTART};
 use crate::kernel::thread::{CpuContext, Parked, ThreadSignals, Wait};
 use crate::kvm::kick::{reason, Kicker};
 use crate::kvm::system::{cpu_local_address, kernel_stack_top};
@@ -354,7 +354,8 @@ impl Exits<'_, '_> {
                 report: "the page-table writer ran outside an invalidation".into(),
             }),
             // A host page behind guest memory is gone: a file mapped from the root
-            // shrank on the host. If it was a file window's, the windows go and the
+            // shrank on the host, or the app shrank a file it maps shared (Linux's
+            // SIGBUS, which ends it here, handler or not). If it was a file window's, the windows go and the
             // reads they answered are the VMM's again; otherwise the app cannot go on.
             Exit::HostFault if x.p.windows.any() => {
                 tracing::warn!(
@@ -368,7 +369,8 @@ impl Exits<'_, '_> {
             Exit::HostFault => Some(RunOutcome::Killed {
                 signal: libc::SIGBUS,
                 report: "guest memory the host could not provide (KVM_RUN: EFAULT; \
-                             did a file mapped from the root shrink on the host?)"
+                             did a file mapped shared, or one mapped from the root, \
+                             shrink?)"
                     .into(),
             }),
             Exit::Unexpected(what) => Some(RunOutcome::Killed {
@@ -866,8 +868,47 @@ impl Exits<'_, '_> {
                     return Ok(Some(outcome));
                 }
             }
+            if let Some(signal) = self.p.jobs.stop.take() {
+                if let Some(outcome) = self.stay_stopped(signal)? {
+                    return Ok(Some(outcome));
+                }
+            }
         }
         self.release_the_world();
+        Ok(None)
+    }
+
+    /// Job control: the process stays stopped by `signal`, every thread parked, until a
+    /// SIGCONT or SIGKILL comes (or the app ends); its parent's wait sees it stop and
+    /// continue. A call a thread was in is performed again afterwards.
+    fn stay_stopped(&mut self, signal: i32) -> Result<Option<RunOutcome>, VmmError> {
+        tracing::debug!(signal, "stopped");
+        self.p.report_job_change(Some(signal));
+        // Every signal raised must wake this wait, the blocked ones too.
+        self.p.kicker.set_quiet(0);
+        let kicker = self.p.kicker.clone();
+        loop {
+            if let Some(outcome) = self.final_kicks()? {
+                return Ok(Some(outcome));
+            }
+            self.p.kicker.clear(reason::PREEMPT | reason::PAUSE);
+            let raised = self.p.absorb_external_signals();
+            let killed = self.p.signals.all_pending() & bit(libc::SIGKILL) != 0;
+            if raised & bit(libc::SIGCONT) != 0 || killed {
+                break;
+            }
+            parking_lot::MutexGuard::unlocked(self.p, || {
+                let mut fds = [rustix::event::PollFd::new(
+                    kicker.wake_fd(),
+                    rustix::event::PollFlags::IN,
+                )];
+                let _ = rustix::event::poll(&mut fds, None);
+            });
+        }
+        // The stop signals taken meanwhile are dropped by the SIGCONT (see `raise`).
+        self.p.jobs.stop = None;
+        self.p.report_job_change(None);
+        tracing::debug!("continued");
         Ok(None)
     }
 
@@ -949,6 +990,16 @@ impl Exits<'_, '_> {
                 Disposition::Ignore => {
                     self.p.signals.clear(signal);
                 }
+                Disposition::Stop => {
+                    self.p.signals.clear(signal);
+                    // The app's first process is its init, which ignores stop signals as a
+                    // PID namespace's init does. Another stops at the first vCPU's next
+                    // clean point, with every thread parked.
+                    if self.p.forked {
+                        self.p.jobs.stop = Some(signal);
+                        self.p.kicker.kick(reason::PAUSE);
+                    }
+                }
                 Disposition::Terminate => {
                     return Ok(Some(RunOutcome::Killed {
                         signal,
@@ -960,11 +1011,23 @@ impl Exits<'_, '_> {
                     // glibc's cancellation handler insists on); the rest as from kill.
                     const SI_TKILL: i32 = -6;
                     let tkill = self.p.signals.thread_pending & crate::kernel::signals::bit(signal);
-                    let info = SigInfo {
+                    let mut info = SigInfo {
                         signo: signal,
                         code: if tkill != 0 { SI_TKILL } else { 0 },
                         ..Default::default()
                     };
+                    if signal == libc::SIGCHLD && tkill == 0 {
+                        // As the kernel fills it: the child that stopped or continued, as
+                        // it said; else one that ended.
+                        let cause = self.p.jobs.sigchld.take().or_else(|| {
+                            syscalls::children::sigchld_cause(self.p)
+                                .map(|(pid, ended)| (ended.code, pid, ended.value))
+                        });
+                        if let Some((code, pid, status)) = cause {
+                            info.code = code;
+                            info.child = Some((pid, status));
+                        }
+                    }
                     if let Some(outcome) = self.deliver(info)? {
                         return Ok(Some(outcome));
                     }
@@ -1161,6 +1224,19 @@ impl Exits<'_, '_> {
         self.p.thread.current_call = call;
         self.p.thread.interrupted_deadline = None;
         let result = syscalls::perform(self.p, nr, &args);
+        if !matches!(
+            result,
+            Err(SysError::Block(_) | SysError::Restart | SysError::WouldBlock)
+        ) && self
+            .p
+            .thread
+            .restart
+            .is_some_and(|(n, rip, _)| (n, rip) == call)
+        {
+            // Done (a wait that found it was woken need not look at its deadline): the
+            // deadline it kept must not be taken by the next call from the same place.
+            self.p.thread.restart = None;
+        }
         let rax = match result {
             Ok(value) => value,
             Err(SysError::Errno(errno)) => (-(errno.raw_os_error() as i64)) as u64,
@@ -1227,12 +1303,15 @@ impl Exits<'_, '_> {
                 return Ok(Step::Done(None));
             }
             Err(SysError::Interrupted) => {
+                // As on Linux, only a handler without SA_RESTART makes the call fail with
+                // EINTR: after a stop (and continue) it is performed again.
                 let restart = match self.p.signals.deliverable() {
-                    Some(signal) => {
-                        matches!(self.p.signals.disposition(signal),
-                            Disposition::Handle(action) if action.flags & SA_RESTART != 0)
-                            && syscalls::restartable(nr)
-                    }
+                    Some(signal) => match self.p.signals.disposition(signal) {
+                        Disposition::Handle(action) => {
+                            action.flags & SA_RESTART != 0 && syscalls::restartable(nr)
+                        }
+                        _ => true,
+                    },
                     None => true,
                 };
                 if restart {
@@ -1390,6 +1469,7 @@ impl Exits<'_, '_> {
             signo: signal,
             code,
             addr,
+            ..Default::default()
         };
         Ok(Some(self.deliver(info)?))
     }
@@ -1444,16 +1524,18 @@ impl Exits<'_, '_> {
                 self.vcpu.resume_user(frame.rip, frame.rsp, frame.rflags)?;
                 return Ok(None);
             }
-            let code = if resolution == FaultResolution::Unmapped {
-                1
-            } else {
-                2
+            // SEGV_MAPERR, SEGV_ACCERR, or BUS_ADRERR.
+            let (signal, code) = match resolution {
+                FaultResolution::Unmapped => (libc::SIGSEGV, 1),
+                FaultResolution::PastEndOfFile => (libc::SIGBUS, 2),
+                _ => (libc::SIGSEGV, 2),
             };
-            if let Some(outcome) = self.fault_to_handler(&frame, libc::SIGSEGV, code, cr2)? {
+            if let Some(outcome) = self.fault_to_handler(&frame, signal, code, cr2)? {
                 return Ok(outcome);
             }
             let why = match resolution {
                 FaultResolution::Unmapped => "address not mapped",
+                FaultResolution::PastEndOfFile => "past the end of a shared file mapping",
                 _ => "access not permitted",
             };
             let what = match access {
@@ -1462,9 +1544,14 @@ impl Exits<'_, '_> {
                 Access::Execute => "instruction fetch",
             };
             return Ok(Some(RunOutcome::Killed {
-                signal: libc::SIGSEGV,
+                signal,
                 report: format!(
-                    "segmentation fault: {what} at {cr2:#x} ({why}), rip={:#x}",
+                    "{}: {what} at {cr2:#x} ({why}), rip={:#x}",
+                    if signal == libc::SIGBUS {
+                        "bus error"
+                    } else {
+                        "segmentation fault"
+                    },
                     frame.rip
                 ),
             }));

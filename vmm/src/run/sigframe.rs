@@ -37,6 +37,8 @@ pub struct SigInfo {
     pub code: i32,
     /// The faulting address, for SIGSEGV, SIGBUS, SIGILL, SIGFPE.
     pub addr: u64,
+    /// For SIGCHLD: the child's pid and its si_status (exit code or signal).
+    pub child: Option<(i32, i32)>,
 }
 
 impl SigInfo {
@@ -49,6 +51,9 @@ impl SigInfo {
             libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE | libc::SIGTRAP
         ) {
             out[16..24].copy_from_slice(&self.addr.to_le_bytes());
+        } else if let Some((pid, status)) = self.child {
+            out[16..20].copy_from_slice(&pid.to_le_bytes());
+            out[24..28].copy_from_slice(&status.to_le_bytes());
         } else {
             out[16..20].copy_from_slice(&crate::kernel::GUEST_PID.to_le_bytes());
         }

@@ -239,6 +239,10 @@ pub(crate) fn sealed_file(name: &str, content: &[u8]) -> Result<OwnedFd, Errno> 
     Ok(fd)
 }
 
+/// Where glibc keeps POSIX shared memory and named semaphores: writable in every app, and
+/// its own (the CLI backs it with a fresh directory each run, as Linux's tmpfs is).
+pub const SHARED_MEMORY_DIR: &str = "/dev/shm";
+
 /// The host devices every app sees at the same path, whatever its root holds: they hold no
 /// state and reach nothing outside the app. They can be opened, never changed.
 pub(crate) const DEVICES: [&str; 5] = [

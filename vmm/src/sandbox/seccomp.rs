@@ -130,6 +130,8 @@ pub const ALLOWED: &[libc::c_long] = &[
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
     libc::SYS_futex,
+    // a shared futex's host wait (see `kernel::shared_futex`)
+    libc::SYS_futex_waitv,
     libc::SYS_nanosleep,
     libc::SYS_clock_nanosleep,
     libc::SYS_clock_gettime,

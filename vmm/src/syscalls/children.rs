@@ -101,6 +101,24 @@ pub struct Ended {
 }
 
 impl Ended {
+    /// A child stopped by `signal` (job control).
+    fn stopped(signal: i32) -> Self {
+        Self {
+            status: (signal << 8) | 0x7f,
+            code: libc::CLD_STOPPED,
+            value: signal,
+        }
+    }
+
+    /// A stopped child continued.
+    fn continued() -> Self {
+        Self {
+            status: 0xffff,
+            code: libc::CLD_CONTINUED,
+            value: libc::SIGCONT,
+        }
+    }
+
     fn from_host(status: &rustix::process::WaitIdStatus) -> Self {
         if let Some(code) = status.exit_status() {
             return Self {
@@ -145,9 +163,40 @@ fn matches(p: &Process, child: &ChildProcess, which: Which) -> bool {
     }
 }
 
-/// Looks for an ended child among those `which` names; `keep` leaves it waitable
-/// (WNOWAIT). `Ok(None)`: some match, none has ended; ECHILD: none match.
-fn reap(p: &mut Process, which: Which, keep: bool) -> Result<Option<(i32, Ended)>, Errno> {
+/// What a wait reports: which changes of state (wait4's WUNTRACED and WCONTINUED,
+/// waitid's WEXITED, WSTOPPED and WCONTINUED), and whether it leaves them reportable
+/// (WNOWAIT).
+#[derive(Debug, Clone, Copy)]
+struct Wanted {
+    exited: bool,
+    stopped: bool,
+    continued: bool,
+    keep: bool,
+}
+
+/// Looks for a child among those `which` names that changed state as `wanted` asks: it
+/// ended, stopped or continued (in that order for each child, as Linux looks).
+/// `Ok(None)`: some match, none has changed; ECHILD: none match.
+fn reap(p: &mut Process, which: Which, wanted: Wanted) -> Result<Option<(i32, Ended)>, Errno> {
+    // Emptied before the look: a change after it wakes the next wait.
+    p.jobs.drain();
+    look(p, which, wanted)
+}
+
+/// What a SIGCHLD being delivered tells of, for its siginfo: a child that ended, stopped
+/// or continued and that no wait has reported yet (left for the wait to report).
+pub(crate) fn sigchld_cause(p: &mut Process) -> Option<(i32, Ended)> {
+    let wanted = Wanted {
+        exited: true,
+        stopped: true,
+        continued: true,
+        keep: true,
+    };
+    look(p, Which::Any, wanted).ok().flatten()
+}
+
+/// [`reap`]'s look at the children.
+fn look(p: &mut Process, which: Which, wanted: Wanted) -> Result<Option<(i32, Ended)>, Errno> {
     let mut any = false;
     for index in 0..p.children.len() {
         let child = &p.children[index];
@@ -155,16 +204,29 @@ fn reap(p: &mut Process, which: Which, keep: bool) -> Result<Option<(i32, Ended)
             continue;
         }
         any = true;
-        if let Some(status) = child.ended(keep)? {
-            let pid = child.pid;
-            let ended = Ended::from_host(&status);
-            if !keep {
-                p.children.remove(index);
-                if let Some(tree) = &p.tree {
-                    tree.release(pid);
+        let pid = child.pid;
+        if wanted.exited {
+            if let Some(status) = child.ended(wanted.keep)? {
+                let ended = Ended::from_host(&status);
+                if !wanted.keep {
+                    p.children.remove(index);
+                    if let Some(tree) = &p.tree {
+                        tree.release(pid);
+                    }
                 }
+                return Ok(Some((pid, ended)));
             }
-            return Ok(Some((pid, ended)));
+        }
+        let Some(tree) = &p.tree else {
+            continue;
+        };
+        if wanted.stopped {
+            if let Some(signal) = tree.take_stop(pid, wanted.keep) {
+                return Ok(Some((pid, Ended::stopped(signal))));
+            }
+        }
+        if wanted.continued && tree.take_continued(pid, wanted.keep) {
+            return Ok(Some((pid, Ended::continued())));
         }
     }
     if any {
@@ -174,27 +236,32 @@ fn reap(p: &mut Process, which: Which, keep: bool) -> Result<Option<(i32, Ended)
     }
 }
 
-/// Waits (unless `nohang`) for a child `which` names to end.
+/// Waits (unless `nohang`) for a child `which` names to change state as `wanted` asks.
 fn wait_for(
     p: &mut Process,
     which: Which,
     nohang: bool,
-    keep: bool,
+    wanted: Wanted,
 ) -> Result<Option<(i32, Ended)>, SysError> {
     loop {
-        if let Some(found) = reap(p, which, keep)? {
+        if let Some(found) = reap(p, which, wanted)? {
             return Ok(Some(found));
         }
         if nohang {
             return Ok(None);
         }
-        let fds: Vec<_> = p
+        let mut fds: Vec<_> = p
             .children
             .iter()
             .filter(|c| matches(p, c, which))
             .map(|c| c.pidfd.try_clone())
             .collect::<Result<_, _>>()
             .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::NOMEM))?;
+        if wanted.stopped || wanted.continued {
+            if let Some(changed) = &p.jobs.children_changed {
+                fds.push(rustix::io::fcntl_dupfd_cloexec(&**changed, 0)?);
+            }
+        }
         let polled: Vec<_> = fds.iter().map(|fd| (fd.as_fd(), PollFlags::IN)).collect();
         super::wait::wait_any(p, &polled, None)?;
     }
@@ -211,8 +278,7 @@ fn which_of(p: &Process, pid: i32) -> Result<Which, Errno> {
     })
 }
 
-/// wait4(2). Stopped and continued children are never reported: an app's processes are
-/// not stopped by job control here.
+/// wait4(2): exits and signals, and with WUNTRACED and WCONTINUED, stops and continues.
 pub fn wait4(p: &mut Process, a: &Args) -> SysResult {
     const KNOWN: i32 = libc::WNOHANG
         | libc::WUNTRACED
@@ -225,7 +291,13 @@ pub fn wait4(p: &mut Process, a: &Args) -> SysResult {
         return Err(Errno::INVAL.into());
     }
     let which = which_of(p, pid)?;
-    match wait_for(p, which, options & libc::WNOHANG != 0, false)? {
+    let wanted = Wanted {
+        exited: true,
+        stopped: options & libc::WUNTRACED != 0,
+        continued: options & libc::WCONTINUED != 0,
+        keep: false,
+    };
+    match wait_for(p, which, options & libc::WNOHANG != 0, wanted)? {
         None => Ok(0),
         Some((pid, ended)) => {
             if !status_at.is_null() {
@@ -239,7 +311,8 @@ pub fn wait4(p: &mut Process, a: &Args) -> SysResult {
     }
 }
 
-/// waitid(2): P_ALL, P_PID and P_PGID, for children that exited (WEXITED).
+/// waitid(2): P_ALL, P_PID and P_PGID, for children that exited (WEXITED), stopped
+/// (WSTOPPED) or continued (WCONTINUED).
 pub fn waitid(p: &mut Process, a: &Args) -> SysResult {
     const KNOWN: i32 = libc::WNOHANG
         | libc::WEXITED
@@ -260,24 +333,13 @@ pub fn waitid(p: &mut Process, a: &Args) -> SysResult {
         libc::P_PID | libc::P_PGID => return Err(Errno::INVAL.into()),
         _ => return Err(Errno::INVAL.into()),
     };
-    if options & libc::WEXITED == 0 {
-        // Only stops or continues asked for, which never come: as if none of the
-        // children had changed state yet.
-        reap(p, which, true)?;
-        if options & libc::WNOHANG != 0 {
-            if !info_at.is_null() {
-                p.mem.write(info_at, &[0u8; 128])?;
-            }
-            return Ok(0);
-        }
-        return Err(Errno::CHILD.into());
-    }
-    let found = wait_for(
-        p,
-        which,
-        options & libc::WNOHANG != 0,
-        options & libc::WNOWAIT != 0,
-    )?;
+    let wanted = Wanted {
+        exited: options & libc::WEXITED != 0,
+        stopped: options & libc::WSTOPPED != 0,
+        continued: options & libc::WCONTINUED != 0,
+        keep: options & libc::WNOWAIT != 0,
+    };
+    let found = wait_for(p, which, options & libc::WNOHANG != 0, wanted)?;
     if !info_at.is_null() {
         let mut info = [0u8; 128];
         if let Some((pid, ended)) = found {

@@ -29,9 +29,11 @@ fn prot_arg(raw: u32) -> Result<Prot, Errno> {
     Ok(Prot(raw))
 }
 
-/// mmap(2): anonymous and private file mappings, MAP_FIXED and MAP_FIXED_NOREPLACE,
-/// hints, PROT_NONE reservations. A shared mapping of a file is a private copy, which is
-/// exact for read-only use; a writable shared file mapping is refused (ENODEV).
+/// mmap(2): anonymous, private and shared mappings, MAP_FIXED and MAP_FIXED_NOREPLACE,
+/// hints, PROT_NONE reservations. A shared mapping of a file open for writing (or of a
+/// memfd, or shared anonymous memory) maps the host file's own pages (see
+/// [`Backing::Shared`]); one of a file open read-only is a private copy, which reads the
+/// same, since this process cannot change the file.
 pub fn mmap(p: &mut Process, a: &Args) -> SysResult {
     let (addr, len, prot, flags, fd, offset) = (
         a.u64(0),
@@ -44,6 +46,14 @@ pub fn mmap(p: &mut Process, a: &Args) -> SysResult {
     let sharing = flags & MAP_SHARED_VALIDATE;
     if sharing == 0 || offset % 4096 != 0 || len == 0 {
         return Err(Errno::INVAL.into());
+    }
+    // A file range must fit a file offset (the areas' offsets never wrap).
+    if flags & MAP_ANONYMOUS == 0
+        && offset
+            .checked_add(len)
+            .is_none_or(|end| end > i64::MAX as u64)
+    {
+        return Err(Errno::OVERFLOW.into());
     }
     let placement = if flags & MAP_FIXED_NOREPLACE != 0 {
         Placement::FixedNoReplace(addr)
@@ -59,41 +69,88 @@ pub fn mmap(p: &mut Process, a: &Args) -> SysResult {
     } else {
         VmaRole::Mapping
     };
+    let shared = sharing != MAP_PRIVATE;
     let backing = if flags & MAP_ANONYMOUS != 0 {
-        Backing::Anonymous
+        if shared {
+            shared_anonymous(len)?
+        } else {
+            Backing::Anonymous
+        }
     } else {
         let file = p.files.file(fd)?;
         let path = match &file.kind {
-            FileKind::Memfd { .. } => {
-                if sharing != MAP_PRIVATE && prot.contains(Prot::WRITE) {
-                    return Err(Errno::NODEV.into());
+            FileKind::Memfd { name } => {
+                let sealed = rustix::fs::fcntl_get_seals(file.host())?;
+                let write_sealed = sealed
+                    .intersects(rustix::fs::SealFlags::WRITE | rustix::fs::SealFlags::FUTURE_WRITE);
+                if shared && !write_sealed {
+                    let dup = rustix::io::fcntl_dupfd_cloexec(file.host(), 0)?;
+                    Backing::Shared {
+                        file: Arc::new(File::from(dup)),
+                        offset,
+                        path: format!("/memfd:{name} (deleted)").into(),
+                    }
+                } else if shared && prot.contains(Prot::WRITE) {
+                    return Err(Errno::PERM.into());
+                } else {
+                    // Private, or a memfd that can no longer change: a copy reads the same.
+                    let start = p.mem.map(placement, len, prot, Backing::Anonymous, role)?;
+                    if let Err(e) = copy_in(p, file.host(), offset, start, len) {
+                        let _ = p.mem.unmap(start, len);
+                        return Err(e.into());
+                    }
+                    return Ok(start);
                 }
-                let start = p.mem.map(placement, len, prot, Backing::Anonymous, role)?;
-                if let Err(e) = copy_in(p, file.host(), offset, start, len) {
-                    let _ = p.mem.unmap(start, len);
-                    return Err(e.into());
-                }
-                return Ok(start);
             }
             FileKind::Path { path, flags } => {
-                let writable_shared = sharing != MAP_PRIVATE && prot.contains(Prot::WRITE);
-                if writable_shared {
-                    return Err(Errno::NODEV.into());
+                let access = flags & libc::O_ACCMODE as u32;
+                if flags & libc::O_PATH as u32 != 0 {
+                    return Err(Errno::BADF.into());
                 }
-                if flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32 {
+                if access == libc::O_WRONLY as u32 {
                     return Err(Errno::ACCESS.into());
                 }
-                path.clone()
+                if shared && access == libc::O_RDWR as u32 {
+                    // Only a regular file's pages can be shared; /dev/zero's are shared
+                    // anonymous memory, as on Linux.
+                    let mode = rustix::fs::fstat(file.host())?.st_mode;
+                    if rustix::fs::FileType::from_raw_mode(mode)
+                        != rustix::fs::FileType::RegularFile
+                    {
+                        if path == "/dev/zero" {
+                            shared_anonymous(len)?
+                        } else {
+                            return Err(Errno::NODEV.into());
+                        }
+                    } else if flags & libc::O_APPEND as u32 != 0 && prot.contains(Prot::WRITE) {
+                        return Err(Errno::ACCESS.into());
+                    } else {
+                        Backing::Shared {
+                            file: Arc::new(File::from(rustix::io::fcntl_dupfd_cloexec(
+                                file.host(),
+                                0,
+                            )?)),
+                            offset,
+                            path: path.as_str().into(),
+                        }
+                    }
+                } else if shared && prot.contains(Prot::WRITE) {
+                    return Err(Errno::ACCESS.into());
+                } else {
+                    // Private, or shared from a file open read-only, which this process
+                    // cannot change: a private copy reads the same.
+                    let dup = rustix::io::fcntl_dupfd_cloexec(file.host(), 0)?;
+                    Backing::File {
+                        file: Arc::new(File::from(dup)),
+                        offset,
+                        immutable: p.sandbox.is_immutable(path),
+                        path: path.as_str().into(),
+                    }
+                }
             }
             _ => return Err(Errno::NODEV.into()),
         };
-        let dup = rustix::io::fcntl_dupfd_cloexec(file.host(), 0)?;
-        Backing::File {
-            file: Arc::new(File::from(dup)),
-            offset,
-            immutable: p.sandbox.is_immutable(&path),
-            path: path.into(),
-        }
+        path
     };
     let start = p.mem.map(placement, len, prot, backing, role)?;
     if flags & MAP_POPULATE != 0 && prot != Prot::NONE {
@@ -104,6 +161,18 @@ pub fn mmap(p: &mut Process, a: &Args) -> SysResult {
         }
     }
     Ok(start)
+}
+
+/// Shared anonymous memory: a host memfd of `len` bytes, which a fork shares as Linux
+/// shares such memory with a child.
+fn shared_anonymous(len: u64) -> Result<Backing, Errno> {
+    let fd = rustix::fs::memfd_create("picocenter-shared", rustix::fs::MemfdFlags::CLOEXEC)?;
+    rustix::fs::ftruncate(&fd, len)?;
+    Ok(Backing::Shared {
+        file: Arc::new(File::from(fd)),
+        offset: 0,
+        path: "/dev/zero (deleted)".into(),
+    })
 }
 
 /// Fills a new private mapping at `start` with what a memfd holds from `offset` (its
@@ -131,6 +200,19 @@ fn copy_in(
     Ok(())
 }
 
+/// The end of `[addr, addr + len)` rounded up to a page, when areas map all of it;
+/// ENOMEM otherwise (mincore and msync).
+fn mapped_end(p: &Process, addr: u64, len: u64) -> Result<u64, Errno> {
+    let end = addr
+        .checked_add(len)
+        .and_then(|e| e.checked_next_multiple_of(PAGE))
+        .ok_or(Errno::NOMEM)?;
+    if !p.mem.vmas().is_covered(addr, end) {
+        return Err(Errno::NOMEM);
+    }
+    Ok(end)
+}
+
 /// mincore(2): which pages of `[addr, addr + len)` are in memory. Every page must be
 /// mapped (ENOMEM otherwise); a page is resident when the app's page table maps it.
 pub fn mincore(p: &mut Process, a: &Args) -> SysResult {
@@ -138,13 +220,7 @@ pub fn mincore(p: &mut Process, a: &Args) -> SysResult {
     if !addr.is_multiple_of(PAGE) {
         return Err(Errno::INVAL.into());
     }
-    let end = addr
-        .checked_add(len)
-        .and_then(|e| e.checked_next_multiple_of(PAGE))
-        .ok_or(Errno::NOMEM)?;
-    if !p.mem.vmas().is_covered(addr, end) {
-        return Err(Errno::NOMEM.into());
-    }
+    let end = mapped_end(p, addr, len)?;
     let mut page = addr;
     let mut at = out;
     while page < end {
@@ -157,6 +233,38 @@ pub fn mincore(p: &mut Process, a: &Args) -> SysResult {
         p.mem.write(at, &flags)?;
         page += batch * PAGE;
         at = UserAddr(at.0 + batch);
+    }
+    Ok(0)
+}
+
+/// msync(2): checks its arguments as Linux does (EINVAL, and ENOMEM for a range not
+/// wholly mapped); MS_SYNC writes the files that shared areas in the range map to disk.
+/// Nothing else is needed: a shared area's pages are the host page cache's.
+pub fn msync(p: &mut Process, a: &Args) -> SysResult {
+    const MS_ASYNC: i32 = 1;
+    const MS_INVALIDATE: i32 = 2;
+    const MS_SYNC: i32 = 4;
+    let (addr, len, flags) = (a.u64(0), a.u64(1), a.i32(2));
+    if !addr.is_multiple_of(PAGE)
+        || flags & !(MS_ASYNC | MS_INVALIDATE | MS_SYNC) != 0
+        || (flags & MS_ASYNC != 0 && flags & MS_SYNC != 0)
+    {
+        return Err(Errno::INVAL.into());
+    }
+    let end = mapped_end(p, addr, len)?;
+    if flags & MS_SYNC != 0 {
+        let files: Vec<Arc<File>> = p
+            .mem
+            .vmas()
+            .overlapping(addr, end)
+            .filter_map(|v| match &v.backing {
+                Backing::Shared { file, .. } => Some(file.clone()),
+                _ => None,
+            })
+            .collect();
+        for file in files {
+            rustix::fs::fdatasync(&*file)?;
+        }
     }
     Ok(0)
 }

@@ -178,17 +178,22 @@ fn other_file(p: &Process, path: &str) -> Option<Vec<u8>> {
     let Err(m) = whose(p, who)? else {
         return None;
     };
+    let (state, state_name) = if m.stopped {
+        ('T', "stopped")
+    } else {
+        ('S', "sleeping")
+    };
     let text = match entry {
         "cmdline" => return Some(m.cmdline),
         "comm" => format!("{}\n", m.comm),
         "cgroup" => "0::/\n".to_string(),
         "stat" => format!(
-            "{} ({}) S {} {} {} 0 -1 4194304 0 0 0 0 0 0 0 0 20 0 1 0 0 0 0 \
+            "{} ({}) {state} {} {} {} 0 -1 4194304 0 0 0 0 0 0 0 0 20 0 1 0 0 0 0 \
              18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n",
             m.pid, m.comm, m.ppid, m.pgid, m.sid
         ),
         "status" => format!(
-            "Name:\t{}\nState:\tS (sleeping)\nTgid:\t{pid}\nNgid:\t0\nPid:\t{pid}\n\
+            "Name:\t{}\nState:\t{state} ({state_name})\nTgid:\t{pid}\nNgid:\t0\nPid:\t{pid}\n\
              PPid:\t{}\nTracerPid:\t0\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n\
              NSpgid:\t{}\nNSsid:\t{}\n",
             m.comm,
@@ -209,18 +214,25 @@ fn maps(p: &Process) -> String {
     for vma in p.mem.vmas().iter() {
         let flag = |on: bool, c: char| if on { c } else { '-' };
         let (offset, name) = match (&vma.backing, vma.role) {
-            (Backing::File { offset, path, .. }, _) => (*offset, path.to_string()),
+            (Backing::File { offset, path, .. } | Backing::Shared { offset, path, .. }, _) => {
+                (*offset, path.to_string())
+            }
             (_, VmaRole::Heap) => (0, "[heap]".to_string()),
             (_, VmaRole::Stack) => (0, "[stack]".to_string()),
             _ => (0, String::new()),
         };
         let line = format!(
-            "{:08x}-{:08x} {}{}{}p {:08x} 00:00 0",
+            "{:08x}-{:08x} {}{}{}{} {:08x} 00:00 0",
             vma.start,
             vma.end,
             flag(vma.prot.contains(Prot::READ), 'r'),
             flag(vma.prot.contains(Prot::WRITE), 'w'),
             flag(vma.prot.contains(Prot::EXEC), 'x'),
+            if matches!(vma.backing, Backing::Shared { .. }) {
+                's'
+            } else {
+                'p'
+            },
             offset,
         );
         if name.is_empty() {

@@ -30,6 +30,9 @@ pub fn rt_sigaction(p: &mut Process, a: &Args) -> SysResult {
             p.signals.pending &= !bit(signal as i32);
             p.signals.thread_pending &= !bit(signal as i32);
         }
+        if signal == libc::SIGCHLD as usize {
+            p.publish_no_stop_signal();
+        }
     }
     if !a.ptr(2).is_null() {
         p.mem

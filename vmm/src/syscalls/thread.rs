@@ -4,8 +4,12 @@
 
 use super::{Args, SysError, SysResult};
 use crate::kernel::process::Process;
+use crate::kernel::shared_futex;
 use crate::kernel::thread::Wait;
+use rustix::event::PollFlags;
 use rustix::io::Errno;
+use std::os::fd::AsFd;
+use std::time::Instant;
 
 const CLONE_VM: u64 = 0x100;
 const CLONE_FS: u64 = 0x200;
@@ -220,7 +224,7 @@ pub fn release_thread(p: &mut Process) {
                     if word & FUTEX_TID_MASK == tid {
                         let new = (word & FUTEX_WAITERS) | FUTEX_OWNER_DIED;
                         if p.mem.write_pod(UserAddr(word_at), &new).is_ok() {
-                            p.threads.futex_wake(word_at, !0, 1);
+                            wake_word(p, word_at, false, !0, 1);
                         }
                     }
                 }
@@ -246,7 +250,7 @@ pub fn release_thread(p: &mut Process) {
     }
     let clear = p.thread.clear_child_tid;
     if clear != 0 && p.mem.write_pod(UserAddr(clear), &0u32).is_ok() {
-        p.threads.futex_wake(clear, !0, 1);
+        wake_word(p, clear, false, !0, 1);
     }
 }
 
@@ -257,17 +261,33 @@ const FUTEX_CMP_REQUEUE: i32 = 4;
 const FUTEX_WAKE_OP: i32 = 5;
 const FUTEX_WAIT_BITSET: i32 = 9;
 const FUTEX_WAKE_BITSET: i32 = 10;
+const FUTEX_PRIVATE_FLAG: i32 = 128;
 const FUTEX_CLOCK_REALTIME: i32 = 256;
 const FUTEX_CMD_MASK: i32 = 0x7f;
 
-/// futex(2): waits and wakes between the app's threads. The private and shared variants
-/// are one here (one address space), and a futex is named by its address.
+/// Wakes up to `count` waiters of the futex at `addr`: this process's own, or for a shared
+/// futex (not FUTEX_PRIVATE_FLAG) in shared memory, those of every process of the app
+/// (see [`crate::kernel::shared_futex`]). Returns how many.
+fn wake_word(p: &mut Process, addr: u64, private: bool, bitset: u32, count: u32) -> u32 {
+    match (!private).then(|| p.mem.shared_word(addr, false)) {
+        Some(Ok(Some(word))) => shared_futex::wake(word, count),
+        _ => p.threads.futex_wake(addr, bitset, count),
+    }
+}
+
+/// futex(2): waits and wakes between the app's threads, and between its processes for
+/// shared futexes in shared memory. Otherwise the private and shared variants are one (a
+/// process is one address space), and a futex is named by its address.
 pub fn futex(p: &mut Process, a: &Args) -> SysResult {
     let op = a.i32(1);
     let addr = a.u64(0);
     if !addr.is_multiple_of(4) {
         return Err(Errno::INVAL.into());
     }
+    let private = op & FUTEX_PRIVATE_FLAG != 0;
+    // A shared wait this thread kept while parked serves only the same wait performed
+    // again; any other call (or a failure below) cancels it.
+    let kept = p.thread.shared_futex.take();
     let count = |i: usize| a.u32(i).min(i32::MAX as u32);
     match op & FUTEX_CMD_MASK {
         FUTEX_WAIT | FUTEX_WAIT_BITSET => {
@@ -279,7 +299,14 @@ pub fn futex(p: &mut Process, a: &Args) -> SysResult {
             if bitset == 0 {
                 return Err(Errno::INVAL.into());
             }
-            wait(p, a, op, addr, bitset)
+            match if private {
+                None
+            } else {
+                p.mem.shared_word(addr, false)?
+            } {
+                Some(word) => shared_wait(p, a, op, word, kept),
+                None => wait(p, a, op, addr, bitset),
+            }
         }
         FUTEX_WAKE | FUTEX_WAKE_BITSET => {
             let bitset = if op & FUTEX_CMD_MASK == FUTEX_WAKE {
@@ -290,14 +317,26 @@ pub fn futex(p: &mut Process, a: &Args) -> SysResult {
             if bitset == 0 {
                 return Err(Errno::INVAL.into());
             }
-            Ok(p.threads.futex_wake(addr, bitset, count(2)) as u64)
+            Ok(u64::from(wake_word(p, addr, private, bitset, count(2))))
         }
         FUTEX_REQUEUE | FUTEX_CMP_REQUEUE => {
             let target = a.u64(4);
             if !target.is_multiple_of(4) {
                 return Err(Errno::INVAL.into());
             }
-            if op & FUTEX_CMD_MASK == FUTEX_CMP_REQUEUE {
+            let compare = op & FUTEX_CMD_MASK == FUTEX_CMP_REQUEUE;
+            if !private {
+                if let Some(word) = p.mem.shared_word(addr, false)? {
+                    // The waiters are host waiters: the host requeues them.
+                    let target = p.mem.shared_word(target, false)?.ok_or(Errno::INVAL)?;
+                    return shared_futex::requeue(word, target, count(2), count(3), {
+                        compare.then(|| a.u32(5))
+                    })
+                    .map(u64::from)
+                    .map_err(Into::into);
+                }
+            }
+            if compare {
                 let current: u32 = p.mem.read_pod(a.ptr(0))?;
                 if current != a.u32(5) {
                     return Err(Errno::AGAIN.into());
@@ -313,13 +352,29 @@ pub fn futex(p: &mut Process, a: &Args) -> SysResult {
             if !target.is_multiple_of(4) {
                 return Err(Errno::INVAL.into());
             }
-            let old: u32 = p.mem.read_pod(a.ptr(4))?;
-            let (new, wake_target) = wake_op(a.u32(5), old).ok_or(Errno::NOSYS)?;
-            // No other thread runs while a call is performed, so this is atomic to them.
-            p.mem.write_pod(a.ptr(4), &new)?;
-            let mut woken = p.threads.futex_wake(addr, !0, count(2));
+            let encoded = a.u32(5);
+            // Check the operation before anything changes.
+            wake_op(encoded, 0).ok_or(Errno::NOSYS)?;
+            let shared_target = if private {
+                None
+            } else {
+                p.mem.shared_word(target, true)?
+            };
+            let wake_target = match shared_target {
+                // Other processes change it too: one host atomic operation.
+                Some(word) => shared_futex::apply(word, |old| wake_op(encoded, old)),
+                None => {
+                    let old: u32 = p.mem.read_pod(a.ptr(4))?;
+                    let (new, wake_target) = wake_op(encoded, old).ok_or(Errno::NOSYS)?;
+                    // The process lock is held, so no other call of the app's threads
+                    // changes it meanwhile.
+                    p.mem.write_pod(a.ptr(4), &new)?;
+                    wake_target
+                }
+            };
+            let mut woken = wake_word(p, addr, private, !0, count(2));
             if wake_target {
-                woken += p.threads.futex_wake(target, !0, count(3));
+                woken += wake_word(p, target, private, !0, count(3));
             }
             Ok(u64::from(woken))
         }
@@ -363,7 +418,30 @@ fn wake_op(encoded: u32, old: u32) -> Option<(u32, bool)> {
     Some((new, wake))
 }
 
-/// FUTEX_WAIT and FUTEX_WAIT_BITSET.
+/// When a FUTEX_WAIT or FUTEX_WAIT_BITSET times out: its relative timeout, or
+/// WAIT_BITSET's absolute time on the clock it names; kept across a re-performed wait.
+fn wait_deadline(p: &mut Process, a: &Args, op: i32) -> Result<Option<Instant>, SysError> {
+    if a.ptr(3).is_null() {
+        return Ok(None);
+    }
+    let ts: libc::timespec = p.mem.read_pod(a.ptr(3))?;
+    let timeout = crate::timeout::from_timespec(ts.tv_sec, ts.tv_nsec)?;
+    let relative = if op & FUTEX_CMD_MASK == FUTEX_WAIT {
+        timeout
+    } else {
+        let clock = if op & FUTEX_CLOCK_REALTIME != 0 {
+            libc::CLOCK_REALTIME
+        } else {
+            libc::CLOCK_MONOTONIC
+        };
+        let now = u128::try_from(p.clock.now_ns(clock)?).unwrap_or(0);
+        let at = timeout.as_nanos();
+        std::time::Duration::from_nanos(u64::try_from(at.saturating_sub(now)).unwrap_or(u64::MAX))
+    };
+    Ok(p.deadline_after(relative))
+}
+
+/// FUTEX_WAIT and FUTEX_WAIT_BITSET on this process's own futexes.
 fn wait(p: &mut Process, a: &Args, op: i32, addr: u64, bitset: u32) -> SysResult {
     // A wake that reached this thread while it was parked in this wait ends it.
     if std::mem::take(&mut p.thread.futex_woken) {
@@ -373,29 +451,8 @@ fn wait(p: &mut Process, a: &Args, op: i32, addr: u64, bitset: u32) -> SysResult
     if current != a.u32(2) {
         return Err(Errno::AGAIN.into());
     }
-    let deadline = if a.ptr(3).is_null() {
-        None
-    } else {
-        let ts: libc::timespec = p.mem.read_pod(a.ptr(3))?;
-        let timeout = crate::timeout::from_timespec(ts.tv_sec, ts.tv_nsec)?;
-        let relative = if op & FUTEX_CMD_MASK == FUTEX_WAIT {
-            timeout
-        } else {
-            // WAIT_BITSET takes an absolute time on its clock.
-            let clock = if op & FUTEX_CLOCK_REALTIME != 0 {
-                libc::CLOCK_REALTIME
-            } else {
-                libc::CLOCK_MONOTONIC
-            };
-            let now = u128::try_from(p.clock.now_ns(clock)?).unwrap_or(0);
-            let at = timeout.as_nanos();
-            std::time::Duration::from_nanos(
-                u64::try_from(at.saturating_sub(now)).unwrap_or(u64::MAX),
-            )
-        };
-        p.deadline_after(relative)
-    };
-    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+    let deadline = wait_deadline(p, a, op)?;
+    if deadline.is_some_and(|d| Instant::now() >= d) {
         return Err(Errno::TIMEDOUT.into());
     }
     if !p.threads.waits_park() || p.thread.in_mailbox {
@@ -414,6 +471,69 @@ fn wait(p: &mut Process, a: &Args, op: i32, addr: u64, bitset: u32) -> SysResult
         bitset,
         deadline,
     }))
+}
+
+/// FUTEX_WAIT and FUTEX_WAIT_BITSET on a futex in memory shared with other processes,
+/// whose host address is `word`: a host wait (see [`crate::kernel::shared_futex`]) that
+/// the thread waits for as for an fd, so signals, deadlines and the VMM's kicks end it as
+/// they end a read. A parked thread keeps its wait, and its re-performed call looks at it.
+fn shared_wait(
+    p: &mut Process,
+    a: &Args,
+    op: i32,
+    word: u64,
+    kept: Option<std::sync::Arc<shared_futex::SharedFutexWait>>,
+) -> SysResult {
+    use shared_futex::{SharedFutexWait, SharedWaitOutcome};
+    let settle = |outcome| -> SysResult {
+        match outcome {
+            SharedWaitOutcome::Woken => Ok(0),
+            SharedWaitOutcome::Changed => Err(Errno::AGAIN.into()),
+            SharedWaitOutcome::Failed(errno) => Err(Errno::from_raw_os_error(errno).into()),
+        }
+    };
+    let kept = kept.filter(|w| w.word() == word);
+    if let Some(outcome) = kept.as_ref().and_then(|w| w.outcome()) {
+        return settle(outcome);
+    }
+    let deadline = wait_deadline(p, a, op)?;
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return Err(Errno::TIMEDOUT.into());
+    }
+    let waiting = match kept {
+        Some(waiting) => waiting,
+        None => {
+            let expected = a.u32(2);
+            let current: u32 = p.mem.read_pod(a.ptr(0))?;
+            if current != expected {
+                return Err(Errno::AGAIN.into());
+            }
+            // Without a helper thread (too many wait, or the host refused one) the host
+            // has no waiter to wake: the caller retries.
+            std::sync::Arc::new(SharedFutexWait::start(word, expected).map_err(|e| {
+                tracing::debug!("a shared futex wait could not start: {e}");
+                Errno::AGAIN
+            })?)
+        }
+    };
+    let ready = waiting.ready_fd();
+    p.thread.shared_futex = Some(waiting.clone());
+    let waited = super::wait::wait_any(p, &[(ready.as_fd(), PollFlags::IN)], deadline);
+    if matches!(
+        waited,
+        Err(SysError::Block(_) | SysError::Restart | SysError::WouldBlock)
+    ) {
+        // Parked, or to be performed again after the VMM's kick: the thread keeps its
+        // wait for the re-performed call, so that a wake meanwhile is not lost.
+        return waited.map(|_| 0);
+    }
+    // Interrupted, timed out or ended: dropping the last handle cancels the host wait.
+    p.thread.shared_futex = None;
+    waited?;
+    match waiting.outcome() {
+        Some(outcome) => settle(outcome),
+        None => Err(Errno::TIMEDOUT.into()),
+    }
 }
 
 /// tkill(2) and tgkill(2): a signal for one thread.
