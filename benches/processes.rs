@@ -3,6 +3,8 @@
 //! * fork + _exit + waitpid of a process with 64 MiB touched (the median of 50);
 //! * posix_spawn of a static program that exits at once, + waitpid (the median of 50);
 //! * posix_spawn of busybox `sh -c 'true | true'` + waitpid (the median of 20);
+//! * a round trip between two processes through process-shared semaphores in shared
+//!   memory (the median of 200): each wait is a host futex wait in its VMM's helper;
 //!
 //! each against the same static binary (tests/guests/fork_bench.c) run natively, in
 //! alternating rounds. Then the memory that 10 forked idle children of a 64 MiB parent
@@ -66,6 +68,8 @@ fn main() {
         "posix_spawn + wait, native",
         "sh -c 'true | true', picoprocess",
         "sh -c 'true | true', native",
+        "semaphore round trip between processes, picoprocess",
+        "semaphore round trip between processes, native",
     ];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for _ in 0..ROUNDS {
@@ -76,12 +80,14 @@ fn main() {
             native(&["spawn", "50"]),
             in_pico(&["shell", "20", "/bin/sh"]),
             native(&["shell", "20", native_sh.to_str().unwrap()]),
+            in_pico(&["semping", "200"]),
+            native(&["semping", "200"]),
         ];
         for (list, value) in samples.iter_mut().zip(round) {
             list.push(value);
         }
     }
-    println!("median of {ROUNDS} rounds (each the median of 50 or 20 runs):");
+    println!("median of {ROUNDS} rounds (each the median of 50, 20 or 200 runs):");
     let medians: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
     for (name, value) in names.iter().zip(&medians) {
         println!("  {name:<50} {:>9.3} ms", value / 1e6);
@@ -90,6 +96,7 @@ fn main() {
         ("fork + exit + wait (64 MiB)", "goal: <= 3 ms", 0),
         ("posix_spawn + wait", "goal: <= 10 ms", 2),
         ("sh -c 'true | true'", "", 4),
+        ("semaphore round trip", "", 6),
     ] {
         println!(
             "ratio {what}, picoprocess / native: {:7.2}  {goal}",

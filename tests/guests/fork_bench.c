@@ -2,6 +2,8 @@
  *   fork64 N     fork + _exit + waitpid with 64 MiB touched in the parent
  *   spawn N      posix_spawn of this program (which exits at once) + waitpid
  *   shell N SH   posix_spawn of `SH -c 'true | true'` + waitpid
+ *   semping N    a round trip between two processes through two process-shared
+ *                semaphores in shared memory (each post wakes the other's wait)
  *   idle K       touches 64 MiB, prints "parent", waits for a line on stdin, forks K
  *                children that sleep, prints "children", then sleeps until killed */
 #define _GNU_SOURCE
@@ -11,6 +13,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <semaphore.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -52,6 +56,31 @@ int main(int argc, char **argv) {
     }
     if (n < 1 || n > 100000) return 2;
     int64_t *samples = calloc(n, sizeof *samples);
+    if (!strcmp(argv[1], "semping")) {
+        sem_t *sems = mmap(NULL, 2 * sizeof(sem_t), PROT_READ | PROT_WRITE,
+                           MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (sems == MAP_FAILED || sem_init(&sems[0], 1, 0) || sem_init(&sems[1], 1, 0))
+            return 3;
+        pid_t pid = fork();
+        if (pid == 0) {
+            for (int i = 0; i < n; i++) {
+                while (sem_wait(&sems[0]) != 0) {}
+                sem_post(&sems[1]);
+            }
+            _exit(0);
+        }
+        for (int i = 0; i < n; i++) {
+            int64_t start = now();
+            sem_post(&sems[0]);
+            while (sem_wait(&sems[1]) != 0) {}
+            samples[i] = now() - start;
+        }
+        int status;
+        if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return 4;
+        qsort(samples, n, sizeof *samples, cmp);
+        printf("%lld\n", (long long)samples[n / 2]);
+        return 0;
+    }
     char *memory = !strcmp(argv[1], "fork64") ? touch64() : NULL;
     for (int i = 0; i < n; i++) {
         int status;

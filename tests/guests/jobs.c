@@ -111,6 +111,50 @@ static void a_blocked_call_goes_on_after_a_stop(void) {
     close(fds[1]);
 }
 
+static volatile sig_atomic_t usr1_seen;
+static void on_usr1(int sig) { usr1_seen = 1; }
+
+/* A stop and continue do not end a sigsuspend (it is performed again, with its mask), and a
+ * SIGCONT sent right after a SIGSTOP leaves the child running. */
+static void a_stop_is_not_an_interruption(void) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        signal(SIGUSR1, on_usr1);
+        sigset_t usr1, empty, now;
+        sigemptyset(&usr1);
+        sigaddset(&usr1, SIGUSR1);
+        sigemptyset(&empty);
+        sigprocmask(SIG_BLOCK, &usr1, NULL);
+        int rc = sigsuspend(&empty);
+        sigprocmask(SIG_BLOCK, NULL, &now);
+        /* Woken by SIGUSR1 itself, with SIGUSR1 blocked again. */
+        _exit(rc == -1 && errno == EINTR && usr1_seen && sigismember(&now, SIGUSR1) ? 0 : 1);
+    }
+    pause_ms(30);
+    int status = 0;
+    CHECK(kill(pid, SIGSTOP) == 0);
+    CHECK(waitpid(pid, &status, WUNTRACED) == pid && WIFSTOPPED(status));
+    CHECK(kill(pid, SIGCONT) == 0);
+    CHECK(waitpid(pid, &status, WCONTINUED) == pid && WIFCONTINUED(status));
+    pause_ms(30);
+    CHECK(waitpid(pid, &status, WNOHANG) == 0); /* still in sigsuspend */
+    CHECK(kill(pid, SIGUSR1) == 0);
+    CHECK(waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+
+    *counter = 0;
+    pid = counting_child();
+    CHECK(kill(pid, SIGSTOP) == 0);
+    CHECK(kill(pid, SIGCONT) == 0);
+    /* Whether or not the stop took effect before the SIGCONT, the child runs on. */
+    pause_ms(20);
+    uint64_t seen = *counter;
+    for (int i = 0; i < 5000 && *counter == seen; i++) pause_ms(1);
+    CHECK(*counter > seen);
+    CHECK(kill(pid, SIGKILL) == 0);
+    CHECK(waitpid(pid, &status, 0) == pid);
+}
+
 /* A child that handles SIGTSTP is not stopped by it; with SA_NOCLDSTOP the parent gets no
  * SIGCHLD for a stop. */
 static void handled_stops_and_no_notes(void) {
@@ -158,6 +202,7 @@ int main(void) {
     sigaction(SIGCHLD, &sa, NULL);
     stop_and_continue();
     a_blocked_call_goes_on_after_a_stop();
+    a_stop_is_not_an_interruption();
     handled_stops_and_no_notes();
     DONE();
 }

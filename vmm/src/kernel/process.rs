@@ -192,8 +192,13 @@ impl Process {
             self.threads.wake_cpu(0);
         }
         if raised & super::signals::bit(libc::SIGCHLD) != 0 {
-            if let Some(change) = self.kicker.take_child_change() {
-                self.jobs.sigchld = Some(change);
+            let change = self.kicker.take_child_change();
+            // Kept only for a SIGCHLD that will be delivered to a handler.
+            if matches!(
+                self.signals.disposition(libc::SIGCHLD),
+                super::signals::Disposition::Handle(_)
+            ) {
+                self.jobs.sigchld = change;
             }
             self.reap_unwaited_children();
         }
@@ -203,6 +208,25 @@ impl Process {
             self.signals.raise(signal);
         }
         taken
+    }
+
+    /// Takes a stop signal the current thread could be interrupted by, so that a wait
+    /// stops rather than fails: the first vCPU stops the process at its next clean point
+    /// (kicked now), and the wait, like one the VMM interrupts, is performed again
+    /// afterwards with its own deadline and mask. Returns whether it took one.
+    pub fn take_stop_signal(&mut self) -> bool {
+        let ready = self.signals.all_pending() & !self.signals.mask & super::signals::STOP_SIGNALS;
+        if ready == 0 {
+            return false;
+        }
+        let signal = ready.trailing_zeros() as i32 + 1;
+        if self.signals.disposition(signal) != super::signals::Disposition::Stop {
+            return false;
+        }
+        self.signals.clear(signal);
+        self.jobs.stop = Some(signal);
+        self.kicker.kick(crate::kvm::kick::reason::PAUSE);
+        true
     }
 
     /// Tells the app's table whether this process wants SIGCHLD when a child of its stops

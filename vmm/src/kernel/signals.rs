@@ -81,6 +81,9 @@ pub struct SignalState {
     pub thread_pending: u64,
     /// The current thread's alternate signal stack: (sp, flags, size).
     pub altstack: (u64, i32, u64),
+    /// Whether stop signals left at their default are ignored: in the app's first
+    /// process, its init, as a PID namespace's init ignores them. A fork clears it.
+    pub stops_ignored: bool,
 }
 
 impl Default for SignalState {
@@ -91,6 +94,7 @@ impl Default for SignalState {
             pending: 0,
             thread_pending: 0,
             altstack: (0, libc::SS_DISABLE, 0),
+            stops_ignored: true,
         }
     }
 }
@@ -105,7 +109,13 @@ impl SignalState {
                 libc::SIGCHLD | libc::SIGURG | libc::SIGWINCH | libc::SIGCONT => {
                     Disposition::Ignore
                 }
-                libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU => Disposition::Stop,
+                libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU => {
+                    if self.stops_ignored {
+                        Disposition::Ignore
+                    } else {
+                        Disposition::Stop
+                    }
+                }
                 _ => Disposition::Terminate,
             },
             _ => Disposition::Handle(action),

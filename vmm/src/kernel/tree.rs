@@ -158,6 +158,7 @@ impl JobControl {
     pub fn forked(&mut self) {
         self.parent_changed = self.children_changed.take();
         self.stop = None;
+        self.sigchld = None;
     }
 
     /// Tells the parent's waits that this process stopped or continued.

@@ -221,6 +221,13 @@ pub mod reason {
     pub const ENDED: u32 = 1 << 7;
 }
 
+/// SIGSTOP, SIGTSTP, SIGTTIN and SIGTTOU (the kernel's `signals::STOP_SIGNALS`; the vCPU
+/// layer does not depend on the kernel's state).
+const STOP_SIGNALS: u64 = (1 << (libc::SIGSTOP - 1))
+    | (1 << (libc::SIGTSTP - 1))
+    | (1 << (libc::SIGTTIN - 1))
+    | (1 << (libc::SIGTTOU - 1));
+
 /// A handle that interrupts one vCPU thread. Cloneable and `Send`.
 #[derive(Debug, Clone)]
 pub struct Kicker {
@@ -283,6 +290,14 @@ impl Kicker {
     pub fn raise(&self, signal: i32) {
         if (1..=64).contains(&signal) {
             let bit = 1u64 << (signal - 1);
+            // Of a SIGCONT and a stop signal, the later one wins, as on Linux: both
+            // raised before the vCPU looks must not come out in signal-number order.
+            if signal == libc::SIGCONT {
+                self.signals.fetch_and(!STOP_SIGNALS, Ordering::SeqCst);
+            } else if STOP_SIGNALS & bit != 0 {
+                self.signals
+                    .fetch_and(!(1u64 << (libc::SIGCONT - 1)), Ordering::SeqCst);
+            }
             self.signals.fetch_or(bit, Ordering::SeqCst);
             if self.quiet.load(Ordering::SeqCst) & bit != 0 {
                 self.reasons.fetch_or(reason::SIGNAL, Ordering::SeqCst);

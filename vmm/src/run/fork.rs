@@ -195,6 +195,8 @@ impl Exits<'_, '_> {
             self.p.forked = true;
             self.p.parent_host_pid = parent_host_pid;
             self.p.jobs.forked();
+            // Only the app's first process ignores stop signals.
+            self.p.signals.stops_ignored = false;
             let (vfork_read, vfork_write) = vfork.unzip();
             drop(vfork_read);
             let start = ChildStart {

@@ -907,7 +907,10 @@ impl Exits<'_, '_> {
         }
         // The stop signals taken meanwhile are dropped by the SIGCONT (see `raise`).
         self.p.jobs.stop = None;
-        self.p.report_job_change(None);
+        if self.p.signals.all_pending() & bit(libc::SIGKILL) == 0 {
+            // Killed, it never continued.
+            self.p.report_job_change(None);
+        }
         tracing::debug!("continued");
         Ok(None)
     }
@@ -991,14 +994,12 @@ impl Exits<'_, '_> {
                     self.p.signals.clear(signal);
                 }
                 Disposition::Stop => {
+                    // The process stops at the first vCPU's next clean point, with every
+                    // thread parked. (The app's first process, its init, never gets here:
+                    // it ignores stop signals, as a PID namespace's init does.)
                     self.p.signals.clear(signal);
-                    // The app's first process is its init, which ignores stop signals as a
-                    // PID namespace's init does. Another stops at the first vCPU's next
-                    // clean point, with every thread parked.
-                    if self.p.forked {
-                        self.p.jobs.stop = Some(signal);
-                        self.p.kicker.kick(reason::PAUSE);
-                    }
+                    self.p.jobs.stop = Some(signal);
+                    self.p.kicker.kick(reason::PAUSE);
                 }
                 Disposition::Terminate => {
                     return Ok(Some(RunOutcome::Killed {

@@ -178,8 +178,10 @@ struct Wanted {
 /// ended, stopped or continued (in that order for each child, as Linux looks).
 /// `Ok(None)`: some match, none has changed; ECHILD: none match.
 fn reap(p: &mut Process, which: Which, wanted: Wanted) -> Result<Option<(i32, Ended)>, Errno> {
-    // Emptied before the look: a change after it wakes the next wait.
-    p.jobs.drain();
+    if wanted.stopped || wanted.continued {
+        // Emptied before the look: a change after it wakes the next wait.
+        p.jobs.drain();
+    }
     look(p, which, wanted)
 }
 
@@ -250,10 +252,11 @@ fn wait_for(
         if nohang {
             return Ok(None);
         }
+        // An ended child's pidfd stays readable: watched only by a wait for exits.
         let mut fds: Vec<_> = p
             .children
             .iter()
-            .filter(|c| matches(p, c, which))
+            .filter(|c| wanted.exited && matches(p, c, which))
             .map(|c| c.pidfd.try_clone())
             .collect::<Result<_, _>>()
             .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::NOMEM))?;

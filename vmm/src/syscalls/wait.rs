@@ -24,6 +24,11 @@ pub(crate) fn interruption(p: &mut Process) -> Option<SysError> {
         return Some(SysError::Restart);
     }
     p.quiet_signals();
+    // A stop is not an interruption: the call is performed again once the process
+    // continues, as on Linux.
+    if p.take_stop_signal() {
+        return Some(SysError::Restart);
+    }
     p.signals.deliverable().map(|_| SysError::Interrupted)
 }
 
