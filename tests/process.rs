@@ -260,8 +260,15 @@ fn stop_signals_every_process_of_the_app() {
     .unwrap();
     // Each says it is ready once its trap is set: a TERM that came before the child's
     // trap would end it without one (a race this test had under load).
+    // A second child is stopped (SIGSTOP) before the stop: it is continued, so that it
+    // acts on its TERM too, and the parent's wait ends.
     let script = "(trap 'echo child got TERM > /tmp/child.txt; exit 0' TERM; \
                    echo child ready; while :; do sleep 0.05; done) &\n\
+        (trap 'echo stopped child got TERM > /tmp/stopped.txt; exit 0' TERM; \
+         : > /tmp/stopped.ready; while :; do sleep 0.05; done) &\n\
+        stopped=$!\n\
+        while [ ! -e /tmp/stopped.ready ]; do sleep 0.05; done\n\
+        kill -STOP $stopped\n\
         trap 'wait; echo parent got TERM; exit 0' TERM\n\
         echo ready\n\
         while :; do sleep 0.05; done\n";
@@ -295,4 +302,6 @@ fn stop_signals_every_process_of_the_app() {
     );
     let said = std::fs::read_to_string(data.path().join("tmp/child.txt")).unwrap();
     assert_eq!(said, "child got TERM\n");
+    let said = std::fs::read_to_string(data.path().join("tmp/stopped.txt")).unwrap();
+    assert_eq!(said, "stopped child got TERM\n");
 }

@@ -1,7 +1,8 @@
 /* Memory shared between processes: MAP_SHARED anonymous memory, file and memfd mappings
  * that reach the file, POSIX semaphores (sem_open, in /dev/shm) and process-shared
  * pthread mutexes and condition variables waited on across processes, SIGBUS past the
- * end of a shared file mapping, and a call given a page whose file shrank under it. Passes
+ * end of a shared file mapping, a call given a page whose file shrank under it, and a
+ * robust mutex whose holder process died. Passes
  * natively too. Needs writable /tmp and /dev/shm. */
 #define _GNU_SOURCE
 #include "check.h"
@@ -236,6 +237,36 @@ static void a_woken_timed_wait_leaves_no_deadline_behind(void) {
     CHECK(child_status(pid) == 0);
 }
 
+/* A process that dies holding a process-shared robust mutex leaves it to the next locker
+ * with EOWNERDEAD, which another process then makes consistent. */
+static void a_robust_mutex_outlives_its_holder(void) {
+    struct shared {
+        pthread_mutex_t mutex;
+        int value;
+    } *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    CHECK(s != MAP_FAILED);
+    if (s == MAP_FAILED) return;
+    pthread_mutexattr_t ma;
+    pthread_mutexattr_init(&ma);
+    pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
+    CHECK(pthread_mutex_init(&s->mutex, &ma) == 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        pthread_mutex_lock(&s->mutex);
+        s->value = 1;
+        _exit(0); /* dies holding it */
+    }
+    CHECK(child_status(pid) == 0);
+    CHECK(pthread_mutex_lock(&s->mutex) == EOWNERDEAD);
+    CHECK(s->value == 1);
+    CHECK(pthread_mutex_consistent(&s->mutex) == 0);
+    CHECK(pthread_mutex_unlock(&s->mutex) == 0);
+    CHECK(pthread_mutex_lock(&s->mutex) == 0);
+    pthread_mutex_unlock(&s->mutex);
+    munmap(s, sizeof *s);
+}
+
 static void *idle_thread(void *arg) {
     char c;
     read(*(int *)arg, &c, 1);
@@ -299,6 +330,7 @@ int main(void) {
     a_named_semaphore_orders_processes();
     a_shared_condition_variable_wakes_another_process();
     past_the_end_of_the_file_is_sigbus();
+    a_robust_mutex_outlives_its_holder();
     int idle[2];
     CHECK(pipe(idle) == 0);
     pthread_t thread;

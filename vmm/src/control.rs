@@ -752,18 +752,27 @@ fn serve(stream: UnixStream, serving: &Serving) {
                 kicker.raise(libc::SIGTERM);
                 // Every other process of the app gets it too; when the first one ends
                 // (by itself or by the SIGKILL below), they all end.
+                // A stopped one is continued after, as systemd does, so that it can act on
+                // the SIGTERM in the grace period.
                 let own = std::process::id() as i32;
                 for process in stats.processes() {
                     if process.host_pid > 0 && process.host_pid != own {
-                        let _ =
-                            crate::kvm::kick::send_guest_signal(process.host_pid, libc::SIGTERM);
+                        for signal in [libc::SIGTERM, libc::SIGCONT] {
+                            let _ = crate::kvm::kick::send_guest_signal(process.host_pid, signal);
+                        }
                     }
                 }
-                let kicker = kicker.clone();
-                std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_millis(grace_ms));
+                let later = kicker.clone();
+                let timer = std::thread::Builder::new()
+                    .name("picocenter-stop-grace".into())
+                    .spawn(move || {
+                        std::thread::sleep(Duration::from_millis(grace_ms));
+                        later.kick(reason::STOP);
+                    });
+                if let Err(e) = timer {
+                    tracing::warn!("no thread for the grace period ({e}): stopping now");
                     kicker.kick(reason::STOP);
-                });
+                }
                 Some(serde_json::json!({"ok": true, "stopping": true}))
             }
             Ok(Request::Snapshot {

@@ -214,7 +214,11 @@ impl Picoprocess {
         Kicker::arm(std::ptr::null_mut());
         self.cpus.stop_all(&self.process);
         let forked = {
-            let p = lock(&self.process);
+            let mut p = lock(&self.process);
+            if p.forked {
+                // Other processes of the app may wait on its process-shared locks.
+                syscalls::thread::release_robust_lists_at_exit(&mut p);
+            }
             let orphan = std::os::unix::process::parent_id() as i32 != p.parent_host_pid;
             if let (true, true, Some(tree)) = (p.forked, orphan, &p.tree) {
                 // An orphan has no parent to reap it and free its place; a child whose

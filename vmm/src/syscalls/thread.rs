@@ -206,8 +206,40 @@ const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
 /// What a dying thread owes its robust futexes and `clear_child_tid` (as Linux's
 /// exit_robust_list and mm_release): every lock it holds is marked OWNER_DIED and one
 /// waiter woken; then `clear_child_tid` is zeroed and one waiter woken (pthread_join).
-/// A corrupt list is abandoned where it goes wrong, as Linux does.
 pub fn release_thread(p: &mut Process) {
+    use crate::memory::UserAddr;
+    release_robust_list(p);
+    let clear = p.thread.clear_child_tid;
+    if clear != 0 && p.mem.write_pod(UserAddr(clear), &0u32).is_ok() {
+        wake_word(p, clear, false, !0, 1);
+    }
+}
+
+/// What the threads of a process that ends owe their robust futexes, as each thread's
+/// exit does on Linux: a process-shared robust mutex a thread held is marked OWNER_DIED
+/// and a waiter woken, in another process of the app. (No `clear_child_tid` is written:
+/// the process's memory goes with it.)
+pub fn release_robust_lists_at_exit(p: &mut Process) {
+    release_robust_list(p);
+    let mut parked = std::mem::take(&mut p.threads.parked);
+    for thread in parked.iter_mut() {
+        std::mem::swap(&mut p.thread, &mut thread.state);
+        release_robust_list(p);
+        std::mem::swap(&mut p.thread, &mut thread.state);
+    }
+    p.threads.parked = parked;
+    let mut elsewhere = std::mem::take(&mut p.threads.elsewhere);
+    for thread in elsewhere.iter_mut().flatten() {
+        std::mem::swap(&mut p.thread, &mut thread.state);
+        release_robust_list(p);
+        std::mem::swap(&mut p.thread, &mut thread.state);
+    }
+    p.threads.elsewhere = elsewhere;
+}
+
+/// The current thread's robust futexes: every lock it holds is marked OWNER_DIED and one
+/// waiter woken. A corrupt list is abandoned where it goes wrong, as Linux does.
+fn release_robust_list(p: &mut Process) {
     use crate::memory::UserAddr;
     let tid = p.thread.tid as u32;
     let head = p.thread.robust_list;
@@ -247,10 +279,6 @@ pub fn release_thread(p: &mut Process) {
                 release(p, pending);
             }
         }
-    }
-    let clear = p.thread.clear_child_tid;
-    if clear != 0 && p.mem.write_pod(UserAddr(clear), &0u32).is_ok() {
-        wake_word(p, clear, false, !0, 1);
     }
 }
 
