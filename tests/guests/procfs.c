@@ -85,6 +85,7 @@ int main(int argc, char **argv) {
     pid_t child = fork();
     if (child == 0) {
         char byte = 0;
+        chdir("/tmp");
         write(ready[1], &byte, 1);
         read(done[0], &byte, 1);
         _exit(0);
@@ -100,6 +101,14 @@ int main(int argc, char **argv) {
     int ppid = 0;
     char *after = read_file(path, buf, sizeof buf) > 0 ? strrchr(buf, ')') : NULL;
     CHECK(after && sscanf(after, ") %*c %d", &ppid) == 1 && ppid == getpid());
+    /* Its program and working directory. */
+    char link[256] = {0}, own_exe[256] = {0};
+    CHECK(readlink("/proc/self/exe", own_exe, sizeof own_exe - 1) > 0);
+    snprintf(path, sizeof path, "/proc/%d/exe", (int)child);
+    CHECK(readlink(path, link, sizeof link - 1) > 0 && !strcmp(link, own_exe));
+    memset(link, 0, sizeof link);
+    snprintf(path, sizeof path, "/proc/%d/cwd", (int)child);
+    CHECK(readlink(path, link, sizeof link - 1) > 0 && !strcmp(link, "/tmp"));
     snprintf(path, sizeof path, "/proc/%d", (int)child);
     CHECK(stat(path, &st) == 0 && S_ISDIR(st.st_mode));
     CHECK(write(done[1], "x", 1) == 1);

@@ -365,6 +365,7 @@ impl Process {
                 &self.comm(),
                 &self.cmdline_bytes(),
             );
+            tree.describe_paths(self.ids.pid, &self.exe, &self.cwd);
         }
     }
 

@@ -209,6 +209,10 @@ pub struct Member {
     pub comm: String,
     /// Whether it is stopped (job control).
     pub stopped: bool,
+    /// Its program's path, if it fits the table.
+    pub exe: Option<String>,
+    /// Its working directory, if it fits the table.
+    pub cwd: Option<String>,
     /// The start of its command line, NUL-separated (at most [`DESCRIBED_ARGS`] bytes).
     pub cmdline: Vec<u8>,
 }
@@ -232,7 +236,17 @@ struct Slot {
     job: AtomicU32,
     /// Whether it set SA_NOCLDSTOP for SIGCHLD (its children's stops send it none).
     no_stop_signal: AtomicU32,
+    /// Its program's path, and its length (0 when unknown or longer than the room).
+    exe: [AtomicU64; DESCRIBED_PATH / 8],
+    exe_len: AtomicU32,
+    /// Its working directory, and its length (as `exe`).
+    cwd: [AtomicU64; DESCRIBED_PATH / 8],
+    cwd_len: AtomicU32,
 }
+
+/// How long a path (a program's, a working directory) the table keeps for other
+/// processes' /proc; a longer one is not shown.
+pub const DESCRIBED_PATH: usize = 512;
 
 /// In `Slot::job`: the process is stopped (by the signal in the low byte).
 const JOB_STOPPED: u32 = 1 << 8;
@@ -250,6 +264,28 @@ fn store_bytes(words: &[AtomicU64], bytes: &[u8]) {
         }
         word.store(u64::from_le_bytes(chunk), Ordering::Relaxed);
     }
+}
+
+/// Stores `path` and its length, or length 0 when it does not fit. A reader racing the
+/// update may see a mix of old and new, as a racing reader of Linux's /proc may.
+fn store_path(words: &[AtomicU64], len: &AtomicU32, path: &str) {
+    let bytes = path.as_bytes();
+    if bytes.len() > words.len() * 8 {
+        len.store(0, Ordering::Release);
+        return;
+    }
+    store_bytes(words, bytes);
+    len.store(bytes.len() as u32, Ordering::Release);
+}
+
+/// The path [`store_path`] stored, if any.
+fn load_path(words: &[AtomicU64], len: &AtomicU32) -> Option<String> {
+    let len = len.load(Ordering::Acquire) as usize;
+    let mut bytes = load_bytes(words);
+    (len > 0 && len <= bytes.len()).then(|| {
+        bytes.truncate(len);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
 }
 
 /// The bytes `words` hold.
@@ -355,6 +391,8 @@ impl AppTree {
                 slot.ppid.store(0, Ordering::SeqCst);
                 slot.job.store(0, Ordering::SeqCst);
                 slot.no_stop_signal.store(0, Ordering::SeqCst);
+                slot.exe_len.store(0, Ordering::SeqCst);
+                slot.cwd_len.store(0, Ordering::SeqCst);
                 store_bytes(&slot.comm, &[]);
                 store_bytes(&slot.args, &[]);
                 slot.pid.store(0, Ordering::SeqCst);
@@ -374,6 +412,15 @@ impl AppTree {
                 store_bytes(&slot.args, &cmdline[..kept]);
                 slot.args_len.store(kept as u32, Ordering::Release);
             }
+        }
+    }
+
+    /// Records process `pid`'s program and working directory, for other processes'
+    /// /proc (`exe` and `cwd`); a path longer than [`DESCRIBED_PATH`] is not shown.
+    pub fn describe_paths(&self, pid: i32, exe: &str, cwd: &str) {
+        if let Some(slot) = self.slot_of(pid) {
+            store_path(&slot.exe, &slot.exe_len, exe);
+            store_path(&slot.cwd, &slot.cwd_len, cwd);
         }
     }
 
@@ -471,6 +518,8 @@ impl AppTree {
                         ppid: slot.ppid.load(Ordering::Relaxed),
                         comm: String::from_utf8_lossy(&comm[..comm_len]).into_owned(),
                         stopped: slot.job.load(Ordering::SeqCst) & JOB_STOPPED != 0,
+                        exe: load_path(&slot.exe, &slot.exe_len),
+                        cwd: load_path(&slot.cwd, &slot.cwd_len),
                         cmdline,
                     }
                 })
@@ -522,7 +571,15 @@ mod tests {
         assert_eq!(tree.find(1000).unwrap().pgid, 1000);
         let long = vec![b'a'; 300];
         tree.describe(1000, 2, "a-very-long-program-name", &long);
+        let long = "/a".repeat(DESCRIBED_PATH);
+        tree.describe_paths(1000, &long, "/srv");
+        assert_eq!(tree.find(1000).unwrap().exe, None);
+        tree.describe_paths(1000, "/usr/bin/prog", "/srv");
         let described = tree.find(1000).unwrap();
+        assert_eq!(
+            (described.exe.as_deref(), described.cwd.as_deref()),
+            (Some("/usr/bin/prog"), Some("/srv"))
+        );
         assert_eq!(
             (
                 described.ppid,

@@ -123,6 +123,7 @@ impl Exits<'_, '_> {
         };
         // The child is a copy of this process until it execs.
         tree.describe(pid, p.ids.pid, &p.comm(), &p.cmdline_bytes());
+        tree.describe_paths(pid, &p.exe, &p.cwd);
         if p.mem.finish_streaming().is_err() {
             tree.release(pid);
             return Ok(Err(Errno::NOMEM));

@@ -1019,6 +1019,10 @@ fn enter_directory(p: &mut Process, path: String) -> SysResult {
         .sandbox
         .open_resolved(&path, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
     p.cwd = opened.path;
+    if let Some(tree) = &p.tree {
+        // Other processes' /proc/<pid>/cwd.
+        tree.describe_paths(p.ids.pid, &p.exe, &p.cwd);
+    }
     Ok(0)
 }
 

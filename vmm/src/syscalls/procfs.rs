@@ -369,6 +369,18 @@ fn process_dir(p: &Process, view: &ProcView, pid: &str) -> std::io::Result<()> {
         ProcView::link(dir.as_fd(), "exe", &p.exe)?;
         ProcView::link(dir.as_fd(), "cwd", &p.cwd)?;
         ProcView::link(dir.as_fd(), "root", "/")?;
+    } else if let Some(m) = (p.tree.as_ref())
+        .zip(plain_number(pid))
+        .and_then(|(tree, pid)| tree.find(pid))
+    {
+        // Another process's, as it last told the app's table.
+        for (name, target) in [("exe", &m.exe), ("cwd", &m.cwd)] {
+            match target {
+                Some(target) => ProcView::link(dir.as_fd(), name, target)?,
+                None => ProcView::remove(dir.as_fd(), name)?,
+            }
+        }
+        ProcView::link(dir.as_fd(), "root", "/")?;
     }
     Ok(())
 }
