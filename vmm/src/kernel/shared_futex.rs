@@ -30,6 +30,12 @@ static HELPERS: AtomicUsize = AtomicUsize::new(0);
 #[derive(Debug)]
 struct HelperPlace;
 
+/// In a freshly forked process: the parent's helpers are not here (a fork keeps one
+/// thread), so none of their places is taken.
+pub fn forked() {
+    HELPERS.store(0, Ordering::SeqCst);
+}
+
 impl HelperPlace {
     fn take() -> Option<Self> {
         HELPERS

@@ -284,6 +284,7 @@ impl Exits<'_, '_> {
     ) -> Result<(), VmmError> {
         // The kick handler must not write to the inherited `kvm_run`: it is the parent's.
         Kicker::arm(std::ptr::null_mut());
+        crate::kernel::shared_futex::forked();
         let had_poller = self.poller.is_some();
         std::mem::forget(self.poller.take());
         std::mem::forget(std::mem::replace(
