@@ -160,6 +160,15 @@ static void a_named_semaphore_orders_processes(void) {
     sem_close(lock);
 }
 
+/* A process-shared mutex in shared memory, robust if asked. */
+static int shared_mutex_init(pthread_mutex_t *mutex, int robust) {
+    pthread_mutexattr_t ma;
+    pthread_mutexattr_init(&ma);
+    pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
+    if (robust) pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
+    return pthread_mutex_init(mutex, &ma);
+}
+
 /* A child blocks on a process-shared condition variable until the parent signals it. */
 static void a_shared_condition_variable_wakes_another_process(void) {
     struct shared {
@@ -169,10 +178,7 @@ static void a_shared_condition_variable_wakes_another_process(void) {
     } *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     CHECK(s != MAP_FAILED);
     if (s == MAP_FAILED) return;
-    pthread_mutexattr_t ma;
-    pthread_mutexattr_init(&ma);
-    pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
-    pthread_mutex_init(&s->mutex, &ma);
+    CHECK(shared_mutex_init(&s->mutex, 0) == 0);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setpshared(&ca, PTHREAD_PROCESS_SHARED);
@@ -246,11 +252,7 @@ static void a_robust_mutex_outlives_its_holder(void) {
     } *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     CHECK(s != MAP_FAILED);
     if (s == MAP_FAILED) return;
-    pthread_mutexattr_t ma;
-    pthread_mutexattr_init(&ma);
-    pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
-    pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
-    CHECK(pthread_mutex_init(&s->mutex, &ma) == 0);
+    CHECK(shared_mutex_init(&s->mutex, 1) == 0);
     pid_t pid = fork();
     if (pid == 0) {
         pthread_mutex_lock(&s->mutex);

@@ -224,9 +224,15 @@ impl Process {
             return false;
         }
         self.signals.clear(signal);
+        self.request_stop(signal);
+        true
+    }
+
+    /// Job control: the process stops on `signal` at the first vCPU's next clean point,
+    /// with every thread parked (the run loop's `stay_stopped`); the first vCPU is kicked.
+    pub fn request_stop(&mut self, signal: i32) {
         self.jobs.stop = Some(signal);
         self.kicker.kick(crate::kvm::kick::reason::PAUSE);
-        true
     }
 
     /// Tells the app's table whether this process wants SIGCHLD when a child of its stops

@@ -1002,8 +1002,7 @@ impl Exits<'_, '_> {
                     // thread parked. (The app's first process, its init, never gets here:
                     // it ignores stop signals, as a PID namespace's init does.)
                     self.p.signals.clear(signal);
-                    self.p.jobs.stop = Some(signal);
-                    self.p.kicker.kick(reason::PAUSE);
+                    self.p.request_stop(signal);
                 }
                 Disposition::Terminate => {
                     return Ok(Some(RunOutcome::Killed {
