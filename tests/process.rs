@@ -87,32 +87,10 @@ if __name__ == "__main__":
     );
 }
 
-/// A root holding Debian's static busybox, its applets as symlinks, a three-line
-/// /etc/passwd and two more files in /etc.
-fn busybox_root() -> tempfile::TempDir {
-    let root = root_with(&[std::path::Path::new("/usr/bin/busybox")]);
-    let bin = root.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::copy("/usr/bin/busybox", bin.join("busybox")).unwrap();
-    for applet in ["sh", "ls", "sort", "head", "wc", "sleep", "cat", "echo"] {
-        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-    }
-    let etc = root.path().join("etc");
-    std::fs::create_dir_all(&etc).unwrap();
-    std::fs::write(
-        etc.join("passwd"),
-        "root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\napp:x:1000:1000::/:/bin/sh\n",
-    )
-    .unwrap();
-    std::fs::write(etc.join("a"), "").unwrap();
-    std::fs::write(etc.join("b"), "").unwrap();
-    root
-}
-
 /// A busybox shell pipeline: every stage is a forked and exec'd process, joined by pipes.
 #[test]
 fn a_shell_pipeline_runs() {
-    let root = busybox_root();
+    let root = busybox_shell_root();
     let out = run(&[
         "--root",
         root.path().to_str().unwrap(),
@@ -128,7 +106,7 @@ fn a_shell_pipeline_runs() {
 /// `wait`, a trap, and a pipeline in a loop; its output is what a native run prints.
 #[test]
 fn a_shell_script_with_jobs_and_traps_runs() {
-    let root = busybox_root();
+    let root = busybox_shell_root();
     let script = "f() { echo \"f:$1\"; }\n\
         f one\n\
         x=$(f two); echo \"got $x\"\n\
@@ -173,7 +151,7 @@ fn python_subprocess_runs_a_child() {
 /// answered, and no process outlives the app.
 #[test]
 fn busybox_httpd_forks_per_connection_for_fifty_clients() {
-    let root = busybox_root();
+    let root = busybox_shell_root();
     std::fs::create_dir_all(root.path().join("www")).unwrap();
     std::fs::write(root.path().join("www/index.html"), "hello from httpd\n").unwrap();
     let server = Server::run(
@@ -251,7 +229,7 @@ fn git_commits_in_a_writable_directory() {
 #[test]
 fn stop_signals_every_process_of_the_app() {
     use std::io::BufRead;
-    let root = busybox_root();
+    let root = busybox_shell_root();
     let data = tempfile::tempdir().unwrap();
     std::fs::set_permissions(
         data.path(),

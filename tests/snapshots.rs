@@ -1155,19 +1155,28 @@ fn inspect_tells_how_much_of_the_prefetch_was_used() {
     swap_out("test-snap-prefetch", dir.path(), child);
 }
 
-/// An app that maps memory shared (here shared anonymous memory) is not snapshotted: the
-/// refusal says why, and the app runs on.
+/// Shared anonymous memory between two processes, and a pipe between them, are kept by a
+/// snapshot taken while the child waits on the pipe: restored, the child's write to the
+/// shared page is what the parent reads.
 #[test]
-fn an_app_with_shared_memory_is_refused_a_snapshot_and_runs_on() {
+fn shared_memory_between_processes_is_shared_again_after_a_restore() {
     use std::io::BufRead;
     let name = "test-snap-shared";
     let dir = tempfile::tempdir().unwrap();
-    let code = "import mmap, time\n\
+    let code = "import mmap, os, time\n\
         m = mmap.mmap(-1, 4096, flags=mmap.MAP_SHARED)\n\
         m[0:2] = b'ok'\n\
+        r, w = os.pipe()\n\
+        pid = os.fork()\n\
+        if pid == 0:\n\
+        \x20   os.read(r, 1)\n\
+        \x20   m[2:7] = b'child'\n\
+        \x20   os._exit(0)\n\
         print('ready', flush=True)\n\
-        time.sleep(5)\n\
-        print(bytes(m[0:2]).decode())\n";
+        time.sleep(4)\n\
+        os.write(w, b'x')\n\
+        os.waitpid(pid, 0)\n\
+        print(bytes(m[0:7]).decode(), flush=True)\n";
     let mut child = picocenter()
         .args([
             "run",
@@ -1187,16 +1196,138 @@ fn an_app_with_shared_memory_is_refused_a_snapshot_and_runs_on() {
     let mut first = String::new();
     reader.read_line(&mut first).unwrap();
     assert_eq!(first, "ready\n");
-    let out = snapshot(&["create", name, "-o", dir.path().to_str().unwrap()]);
-    assert!(!out.status.success(), "{}", describe(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("(MAP_SHARED)"),
-        "{}",
-        describe(&out)
-    );
+    let out = snapshot(&["create", name, "-o", dir.path().to_str().unwrap(), "--stop"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(rest, "ok\n");
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(rest, "", "the app ran on past its snapshot");
+    let mut cmd = picocenter();
+    cmd.args(["snapshot", "restore"]).arg(dir.path());
+    cmd.args(root_from(dir.path()));
+    let out = run_with_limit(&mut cmd, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(stdout(&out), "okchild\n", "{}", describe(&out));
+}
+
+/// A shell pipeline caught mid-stream (a producer blocked on a full pipe, a consumer
+/// reading it slowly, the shell waiting for both) is snapshotted as a tree of processes;
+/// restored, it goes on where it was: every line arrives once, in order.
+#[test]
+fn a_pipeline_caught_mid_stream_goes_on_after_a_restore() {
+    let root = busybox_shell_root();
+    let data = tempfile::tempdir().unwrap();
+    let restored_data = tempfile::tempdir().unwrap();
+    for dir in [data.path(), restored_data.path()] {
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pad = "x".repeat(90);
+    let lines = 1000;
+    // 1000 lines of ~95 bytes fill the 64 KiB pipe; the consumer sleeps every 10 lines.
+    let script = format!(
+        "i=0\n\
+         while [ $i -lt {lines} ]; do echo \"$i {pad}\"; i=$((i+1)); done | \
+         while read n rest; do echo \"$n $rest\" >> /tmp/out.txt; \
+         case $n in *0) sleep 0.05;; esac; done\n\
+         echo done > /tmp/done.txt\n"
+    );
+    std::fs::write(root.path().join("pipeline.sh"), script).unwrap();
+    let name = "test-snap-pipeline";
+    let mut child = picocenter()
+        .args(["run", "--name", name, "--root"])
+        .arg(root.path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["/bin/sh", "/pipeline.sh"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out_file = data.path().join("tmp/out.txt");
+    let written = || {
+        std::fs::read_to_string(&out_file)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while written() < 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pipeline never got going"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = snapshot(&["create", name, "-o", dir.path().to_str().unwrap(), "--stop"]);
+    if !out.status.success() {
+        let _ = child.kill();
+        panic!("{}", describe(&out));
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let at_snapshot = written();
+    assert!(
+        at_snapshot < lines,
+        "the pipeline had ended ({at_snapshot} lines) before its snapshot"
+    );
+    let mut cmd = picocenter();
+    cmd.args(["snapshot", "restore"])
+        .arg(dir.path())
+        .arg("--root")
+        .arg(root.path())
+        .arg("--data-dir")
+        .arg(restored_data.path());
+    let out = run_with_limit(&mut cmd, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let got = std::fs::read_to_string(restored_data.path().join("tmp/out.txt")).unwrap();
+    let expected: String = (0..lines).map(|i| format!("{i} {pad}\n")).collect();
+    assert!(
+        got == expected,
+        "{} lines, not the {lines} in order",
+        got.lines().count()
+    );
+    assert_eq!(
+        std::fs::read_to_string(restored_data.path().join("tmp/done.txt")).unwrap(),
+        "done\n"
+    );
+}
+
+/// Debian's nginx with its default process model (a master and two workers) is
+/// snapshotted as a tree of processes and survives ten swap cycles, answering after each
+/// with both workers there.
+#[test]
+fn nginx_with_workers_survives_ten_swaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.7.20";
+    let address = format!("{ip}:80");
+    let (server, _data) = nginx_with_workers("test-snap-nginx-workers", ip);
+    let expected =
+        std::fs::read(state_dir().join("images/nginx/rootfs/srv/www/files/1m.txt")).unwrap();
+    all_answered(address.parse().unwrap(), "/files/1m.txt", 8, &expected);
+    swap_out_server("test-snap-nginx-workers", dir.path(), server);
+    for cycle in 0..10 {
+        let child = restore(dir.path(), &address, &[]);
+        all_answered(address.parse().unwrap(), "/files/1m.txt", 8, &expected);
+        assert_eq!(
+            processes_of("test-snap-nginx-workers"),
+            3,
+            "cycle {cycle}: not a master and two workers"
+        );
+        swap_out("test-snap-nginx-workers", dir.path(), child);
+    }
+}
+
+/// How many processes `picocenter ps` lists for app `name`.
+fn processes_of(name: &str) -> usize {
+    let out = run_with_limit(picocenter().arg("ps"), Duration::from_secs(30));
+    let listed = stdout(&out);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("ps does not list {name}:\n{listed}"));
+    line.split_whitespace()
+        .last()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no process count in {line:?}"))
 }

@@ -111,6 +111,7 @@ fn socket(fd: i32, domain: i32) -> FdRecord {
         cloexec: false,
         nonblocking: false,
         shared: 1000,
+        object: 0,
         file: FileRecord::Socket {
             domain,
             kind: libc::SOCK_RAW,

@@ -121,8 +121,88 @@ pub fn check(m: &Manifest) -> Checked {
         "more than 64 signal actions".into()
     })?;
     check_process(m)?;
-    check_threads(m)
+    check_threads(m)?;
+    check_shared_memory(m)?;
+    check_tree(m)
 }
+
+/// Most bytes of shared anonymous memory a snapshot keeps.
+pub const MAX_SHARED_MEMORY: usize = 32 << 20;
+
+/// Shared anonymous memory: within bounds, each key once, and every area's key one of
+/// them.
+fn check_shared_memory(m: &Manifest) -> Checked {
+    let total: usize = m.shared_memory.iter().map(|r| r.data.len()).sum();
+    ensure(total <= MAX_SHARED_MEMORY, || {
+        format!("{total} bytes of shared memory (at most {MAX_SHARED_MEMORY})")
+    })?;
+    let mut keys: Vec<u64> = m.shared_memory.iter().map(|r| r.key).collect();
+    keys.sort_unstable();
+    ensure(
+        keys.windows(2).all(|w| w[0] != w[1]) && !keys.contains(&0),
+        || "shared memory keys repeated or 0".into(),
+    )?;
+    for vma in &m.vmas {
+        if let BackingRecord::Shared { memory, .. } = vma.backing {
+            ensure(memory == 0 || keys.binary_search(&memory).is_ok(), || {
+                format!(
+                    "memory area {:#x} maps shared memory the snapshot lacks",
+                    vma.start
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Most processes a tree snapshot holds (the VMM's own limit on an app's processes).
+pub const MAX_PROCESSES: usize = 64;
+
+/// The other processes of a tree: each checked as a manifest of its own, with pids that
+/// are unique and parents that come before their children.
+fn check_tree(m: &Manifest) -> Checked {
+    let Some(tree) = &m.tree else {
+        return Ok(());
+    };
+    ensure(tree.others.len() < MAX_PROCESSES, || {
+        format!("{} processes", tree.others.len() + 1)
+    })?;
+    let mut pids = vec![tree.pid];
+    for part in &tree.others {
+        ensure(part.pid > 0 && part.pid < tree.next_pid, || {
+            format!("process pid {} outside the app's pids", part.pid)
+        })?;
+        ensure(!pids.contains(&part.pid), || {
+            format!("two processes with pid {}", part.pid)
+        })?;
+        ensure(part.shared_memory.is_empty(), || {
+            format!("process {}: shared memory outside the manifest's", part.pid)
+        })?;
+        ensure(pids.contains(&part.ppid), || {
+            format!("process {} before its parent {}", part.pid, part.ppid)
+        })?;
+        ensure(part.pgid > 0 && part.sid > 0, || {
+            format!("process {}: bad group or session", part.pid)
+        })?;
+        let args: usize = part.cmdline.iter().map(|a| a.len().saturating_add(1)).sum();
+        ensure(args <= MAX_CMDLINE, || {
+            format!(
+                "process {}: a command line over {MAX_CMDLINE} bytes",
+                part.pid
+            )
+        })?;
+        check_path(&part.exe, false)
+            .and_then(|()| check_path(&part.run_as, false))
+            .map_err(|why| format!("process {}: {why}", part.pid))?;
+        let view = m.part_view(part);
+        check(&view).map_err(|why| format!("process {}: {why}", part.pid))?;
+        pids.push(part.pid);
+    }
+    Ok(())
+}
+
+/// The longest command line a process part keeps (Linux's ARG_MAX is 2 MiB).
+const MAX_CMDLINE: usize = 2 << 20;
 
 /// Most threads a snapshot may hold (as the VMM's limit).
 pub const MAX_THREADS: usize = 4096;
@@ -215,7 +295,9 @@ fn check_vmas(vmas: &[VmaRecord]) -> Checked {
             },
         )?;
         last_end = vma.end;
-        if let BackingRecord::File { path, offset, .. } = &vma.backing {
+        if let BackingRecord::File { path, offset, .. }
+        | BackingRecord::Shared { path, offset, .. } = &vma.backing
+        {
             check_path(path, false)?;
             ensure(
                 *offset <= i64::MAX as u64 && offset % PAGE_SIZE == 0,
@@ -492,6 +574,7 @@ mod tests {
             cloexec: false,
             nonblocking: false,
             shared: 0,
+            object: 0,
             file: FileRecord::Socket {
                 domain,
                 kind: libc::SOCK_STREAM,

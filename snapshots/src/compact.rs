@@ -5,6 +5,7 @@ use crate::format::{Manifest, PageSource, PAGE_SIZE};
 use crate::key::SnapshotKey;
 use crate::pagefile::{PageFileWriter, CHUNK_PAGES};
 use crate::store::{chain, new_id, Store, StoreError};
+use std::collections::HashMap;
 
 /// Why a compaction failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,26 +81,62 @@ pub fn compact(store: &dyn Store, key: &SnapshotKey, id: &str) -> Result<Manifes
     let path = store.scratch(&new, "pages")?;
     let mut writer = PageFileWriter::create(&path)?;
     let mut new_sources: Vec<PageSource> = pages.iter().map(|p| p.2).collect();
+    // The pages copied so far, by where they were (depth, index): the other processes of
+    // a tree refer to some of the first one's, and get the same copy.
+    let mut copied: HashMap<(usize, u64), u64> = HashMap::new();
+    let page_at = |depth: usize, index: u64| {
+        let at = index
+            .checked_mul(PAGE_SIZE)
+            .and_then(|at| usize::try_from(at).ok());
+        at.and_then(|at| maps[depth].get(at..at.checked_add(PAGE_SIZE as usize)?))
+            .ok_or_else(|| CompactError::Read {
+                id: chain[depth].id.clone(),
+                index,
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            })
+    };
     for &i in first.iter().chain(&rest) {
         let (_, depth, source) = pages[i];
         let PageSource::Stored { index } = source else {
             continue;
         };
-        let at = (index * PAGE_SIZE) as usize;
-        let page = maps[depth]
-            .get(at..at + PAGE_SIZE as usize)
-            .ok_or_else(|| CompactError::Read {
-                id: chain[depth].id.clone(),
-                index,
-                source: std::io::ErrorKind::UnexpectedEof.into(),
-            })?;
-        new_sources[i] = PageSource::Stored {
-            index: writer.push(page)?,
-        };
+        let new = writer.push(page_at(depth, index)?)?;
+        copied.insert((depth, index), new);
+        new_sources[i] = PageSource::Stored { index: new };
+    }
+    let mut tree = newest.tree.clone();
+    for part in tree.iter_mut().flat_map(|t| t.others.iter_mut()) {
+        let part_chain = Manifest::part_chain(&chain, part.pid);
+        let pieces = resolve_all(&part_chain).ok_or(CompactError::Unresolved(
+            part.pages.first().map_or(0, |r| r.vpn * PAGE_SIZE),
+        ))?;
+        let mut sources = Vec::new();
+        for piece in pieces {
+            for i in 0..piece.count {
+                let source = match piece.source {
+                    PageSource::Stored { index } => {
+                        let at = (piece.depth, index + i);
+                        let new = match copied.get(&at) {
+                            Some(&new) => new,
+                            None => {
+                                let new = writer.push(page_at(at.0, at.1)?)?;
+                                copied.insert(at, new);
+                                new
+                            }
+                        };
+                        PageSource::Stored { index: new }
+                    }
+                    other => other,
+                };
+                sources.push((piece.vpn + i, source));
+            }
+        }
+        part.pages = runs(sources);
     }
     let (page_count, chunk_digests) = writer.finish()?;
     let runs = runs(pages.iter().map(|p| p.0).zip(new_sources));
     let mut manifest = newest.clone();
+    manifest.tree = tree;
     manifest.id = new.clone();
     manifest.parent = None;
     manifest.ancestors.clear();

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 8] = *b"PICOSNAP";
 /// The format version. A different one is refused; bump it on any change to the types
 /// here. (The product version is separate.)
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 /// The largest manifest payload accepted.
 pub const MAX_MANIFEST_SIZE: u64 = 64 << 20;
 /// The most ancestors a manifest lists (a longer chain lists its newest ones).
@@ -149,6 +149,28 @@ pub enum BackingRecord {
         /// Whether the file is in the read-only root.
         immutable: bool,
     },
+    /// A shared mapping (MAP_SHARED): of a file in a writable directory by its path, or
+    /// of shared anonymous memory (`memory` is not 0), whose bytes are the manifest's
+    /// `shared_memory` record with that key. Its pages are in no page file: they are the
+    /// file's or that record's.
+    Shared {
+        /// Guest path (for anonymous memory, the name it shows in /proc).
+        path: String,
+        /// File offset of the area's start.
+        offset: u64,
+        /// The key of its shared anonymous memory, or 0 for a file.
+        memory: u64,
+    },
+}
+
+/// Shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, shared between processes of a
+/// tree): its bytes, once for every process that maps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SharedMemoryRecord {
+    /// What the areas that map it name it by (not 0).
+    pub key: u64,
+    /// Its bytes (its size).
+    pub data: Vec<u8>,
 }
 
 /// One memory area.
@@ -321,8 +343,74 @@ pub struct FdRecord {
     pub nonblocking: bool,
     /// Descriptors that share one open file description have the same `shared` value.
     pub shared: u64,
+    /// The host object a pipe end or a socket is of, the same in every process of the
+    /// app that holds it ([`object_key`]), so that a restore makes it once for them all;
+    /// 0 for other files, which each process gets its own of.
+    pub object: u64,
     /// What it is.
     pub file: FileRecord,
+}
+
+/// The `FdRecord::object` of a pipe (`pipe`: true) or socket with host inode `inode`.
+pub fn object_key(pipe: bool, inode: u64) -> u64 {
+    let kind: u64 = if pipe { 1 } else { 2 };
+    (kind << 62) | (inode & ((1 << 62) - 1))
+}
+
+/// One process of an app that is a tree of processes, other than its first: what
+/// `Manifest` holds of the first, for this one. Its pages are in the snapshot's page file
+/// or, unchanged, in its part of the parent; a page it shares with another process is
+/// stored once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ProcessPart {
+    /// Its pid.
+    pub pid: i32,
+    /// Its parent's pid (a process of the tree).
+    pub ppid: i32,
+    /// Its process group.
+    pub pgid: i32,
+    /// Its session.
+    pub sid: i32,
+    /// The program it runs (what /proc/<pid>/exe shows).
+    pub exe: String,
+    /// The path it was run by (its short name comes from it).
+    pub run_as: String,
+    /// Its argv.
+    pub cmdline: Vec<String>,
+    /// Registers.
+    pub context: UserContext,
+    /// Memory areas.
+    pub vmas: Vec<VmaRecord>,
+    /// Every page it had, by source, in address order (`Parent`: as in its part of the
+    /// parent snapshot).
+    pub pages: Vec<PageRun>,
+    /// Its ActiveSet.
+    pub activeset: Vec<VpnRange>,
+    /// Descriptors.
+    pub files: Vec<FdRecord>,
+    /// Signals.
+    pub signals: SignalRecord,
+    /// Process state.
+    pub process: ProcessRecord,
+    /// Its other threads.
+    pub threads: Vec<ThreadRecord>,
+    /// The shared anonymous memory it maps (moved into the manifest's at capture).
+    pub shared_memory: Vec<SharedMemoryRecord>,
+}
+
+/// The processes of an app that is a tree of them (the first one is the manifest's own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TreeRecord {
+    /// The first process's pid.
+    pub pid: i32,
+    /// The first process's group.
+    pub pgid: i32,
+    /// The first process's session.
+    pub sid: i32,
+    /// The next pid the app hands out.
+    pub next_pid: i32,
+    /// The other processes, each after its parent.
+    pub others: Vec<ProcessPart>,
 }
 
 /// One of the app's threads other than the one `Manifest::context` is of: it was parked
@@ -479,6 +567,10 @@ pub struct Manifest {
     /// snapshot is an increment of the one restored: with the ActiveSet (the pages used
     /// since), it tells how well the prefetch guessed (`snapshot inspect`).
     pub prefetched: Option<PrefetchRecord>,
+    /// The app's other processes, if it has any.
+    pub tree: Option<TreeRecord>,
+    /// The shared anonymous memory the app's processes map.
+    pub shared_memory: Vec<SharedMemoryRecord>,
 }
 
 /// The prefetch of a restore: the restored snapshot's ActiveSet, app-wide or one port's.
@@ -533,19 +625,22 @@ impl Manifest {
     /// deadline among a blocked call's timeout, armed timerfds and the alarm. `None`
     /// if it waits only for the outside world.
     pub fn next_wakeup(&self) -> Option<std::time::Duration> {
-        let restart = self
-            .process
-            .restart
-            .map(|(_, _, deadline)| deadline.saturating_sub(self.clock.monotonic_ns));
-        let timers = self.files.iter().filter_map(|fd| match fd.file {
-            FileRecord::TimerFd { remaining_ns, .. } if remaining_ns > 0 => Some(remaining_ns),
-            _ => None,
-        });
-        let alarm = Some(self.signals.alarm.0).filter(|&ns| ns > 0);
-        restart
-            .into_iter()
-            .chain(timers)
-            .chain(alarm)
+        let others = self.tree.iter().flat_map(|t| &t.others);
+        std::iter::once((&self.process, &self.files, &self.signals))
+            .chain(others.map(|p| (&p.process, &p.files, &p.signals)))
+            .filter_map(|(process, files, signals)| {
+                let restart = process
+                    .restart
+                    .map(|(_, _, deadline)| deadline.saturating_sub(self.clock.monotonic_ns));
+                let timers = files.iter().filter_map(|fd| match fd.file {
+                    FileRecord::TimerFd { remaining_ns, .. } if remaining_ns > 0 => {
+                        Some(remaining_ns)
+                    }
+                    _ => None,
+                });
+                let alarm = Some(signals.alarm.0).filter(|&ns| ns > 0);
+                restart.into_iter().chain(timers).chain(alarm).min()
+            })
             .min()
             .map(std::time::Duration::from_nanos)
     }
@@ -557,6 +652,52 @@ impl Manifest {
             let after = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
             self.created_unix_ms.saturating_add(after)
         })
+    }
+
+    /// The manifest of one other process of a tree, `part`: this one with that
+    /// process's registers, memory, files, signals and threads, and no data archive (the
+    /// first process has it). Its `Parent` pages are that process's part of the parent.
+    pub fn part_view(&self, part: &ProcessPart) -> Manifest {
+        Manifest {
+            id: self.id.clone(),
+            parent: self.parent.clone(),
+            ancestors: self.ancestors.clone(),
+            created_unix_ms: self.created_unix_ms,
+            app: self.app.clone(),
+            cpu: self.cpu.clone(),
+            context: part.context.clone(),
+            vmas: part.vmas.clone(),
+            pages: part.pages.clone(),
+            page_count: self.page_count,
+            chunk_pages: self.chunk_pages,
+            chunk_digests: self.chunk_digests.clone(),
+            activeset_prefix: 0,
+            activeset: part.activeset.clone(),
+            port_sets: Vec::new(),
+            files: part.files.clone(),
+            signals: part.signals.clone(),
+            process: part.process.clone(),
+            threads: part.threads.clone(),
+            clock: self.clock,
+            data_bytes: 0,
+            data_digest: [0; 32],
+            stats: SnapshotStats::default(),
+            prefetched: None,
+            tree: None,
+            shared_memory: self.shared_memory.clone(),
+        }
+    }
+
+    /// The chain of process `pid`'s part, newest first, from `chain` (a tree snapshot's,
+    /// newest first): as far back as its parts go.
+    pub fn part_chain(chain: &[Manifest], pid: i32) -> Vec<Manifest> {
+        chain
+            .iter()
+            .map_while(|m| {
+                let part = m.tree.as_ref()?.others.iter().find(|p| p.pid == pid)?;
+                Some(m.part_view(part))
+            })
+            .collect()
     }
 
     /// Bytes of the page file this manifest describes.

@@ -160,6 +160,23 @@ impl<'a> PageFileWriter<'a> {
         Ok(index)
     }
 
+    /// Appends one page (exactly 4096 bytes) the caller does not keep: it is written at
+    /// once, with the pages pending before it. Returns its index.
+    pub fn push_copy(&mut self, page: &[u8]) -> Result<u64, PageFileError> {
+        debug_assert_eq!(page.len() as u64, PAGE_SIZE);
+        self.write_pending()?;
+        self.file
+            .write_all(page)
+            .map_err(io("writing", &self.path))?;
+        self.chunk.extend_from_slice(page);
+        let index = self.pages;
+        self.pages += 1;
+        if self.pages.is_multiple_of(CHUNK_PAGES) {
+            self.end_chunk()?;
+        }
+        Ok(index)
+    }
+
     /// Hands the chunk gathered so far to the digest thread.
     fn end_chunk(&mut self) -> Result<(), PageFileError> {
         let full = std::mem::replace(&mut self.chunk, self.digester.buffer());

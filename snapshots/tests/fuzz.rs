@@ -7,8 +7,8 @@ use picocenter_snapshots::archive;
 use picocenter_snapshots::chain::{covered, resolve_all};
 use picocenter_snapshots::format::{
     AppRecord, BackingRecord, ClockRecord, FdRecord, FileRecord, Manifest, PageRun, PageSource,
-    PortSet, ProcessRecord, SignalRecord, ThreadRecord, UserContext, VmaRecord, VpnRange,
-    FORMAT_VERSION, HEADER_SIZE, MAGIC,
+    PortSet, ProcessPart, ProcessRecord, SharedMemoryRecord, SignalRecord, ThreadRecord,
+    TreeRecord, UserContext, VmaRecord, VpnRange, FORMAT_VERSION, HEADER_SIZE, MAGIC,
 };
 use picocenter_snapshots::pagefile::chunk_pages_of;
 use picocenter_snapshots::SnapshotKey;
@@ -35,6 +35,7 @@ fn sample() -> Manifest {
         cloexec: true,
         nonblocking: false,
         shared: fd as u64,
+        object: 0,
         file: FileRecord::Socket {
             domain,
             kind: libc::SOCK_STREAM,
@@ -127,6 +128,7 @@ fn sample() -> Manifest {
                 cloexec: false,
                 nonblocking: false,
                 shared: 100,
+                object: 0,
                 file: FileRecord::Stdio(0),
             },
             FdRecord {
@@ -134,6 +136,7 @@ fn sample() -> Manifest {
                 cloexec: false,
                 nonblocking: false,
                 shared: 101,
+                object: 0,
                 file: FileRecord::Pipe {
                     pipe: 7,
                     write_end: false,
@@ -146,6 +149,7 @@ fn sample() -> Manifest {
                 cloexec: true,
                 nonblocking: true,
                 shared: 104,
+                object: 0,
                 file: FileRecord::Epoll {
                     registrations: vec![(3, 1, 3)],
                 },
@@ -155,6 +159,7 @@ fn sample() -> Manifest {
                 cloexec: true,
                 nonblocking: true,
                 shared: 105,
+                object: 0,
                 file: FileRecord::TimerFd {
                     clock: 1,
                     remaining_ns: 5_000_000,
@@ -200,6 +205,70 @@ fn sample() -> Manifest {
             port: Some(80),
             accessed_preset: false,
         }),
+        // A second process: a worker sharing the listening socket and a shared page.
+        tree: Some(TreeRecord {
+            pid: 2,
+            pgid: 2,
+            sid: 2,
+            next_pid: 9,
+            others: vec![ProcessPart {
+                pid: 5,
+                ppid: 2,
+                pgid: 2,
+                sid: 2,
+                exe: "/bin/app".into(),
+                run_as: "/bin/app".into(),
+                cmdline: vec!["app".into(), "worker".into()],
+                context: UserContext {
+                    xsave: vec![0; 4096],
+                    ..Default::default()
+                },
+                vmas: vec![
+                    area(0x100_0000, 64, BackingRecord::Anonymous),
+                    area(
+                        0x200_0000,
+                        1,
+                        BackingRecord::Shared {
+                            path: "/dev/zero (deleted)".into(),
+                            offset: 0,
+                            memory: 77,
+                        },
+                    ),
+                ],
+                pages: vec![
+                    PageRun {
+                        vpn: 0x1000,
+                        count: 2,
+                        source: PageSource::Stored { index: 0 },
+                    },
+                    PageRun {
+                        vpn: 0x1002,
+                        count: 4,
+                        source: PageSource::Parent,
+                    },
+                ],
+                activeset: vec![VpnRange {
+                    vpn: 0x1000,
+                    count: 1,
+                }],
+                files: vec![socket(3, libc::AF_INET)],
+                signals: SignalRecord {
+                    actions: vec![[0; 4]; 64],
+                    ..Default::default()
+                },
+                process: ProcessRecord {
+                    cwd: "/".into(),
+                    tid: 5,
+                    ..Default::default()
+                },
+                threads: Vec::new(),
+                shared_memory: Vec::new(),
+            }],
+        }),
+        shared_memory: vec![SharedMemoryRecord {
+            key: 77,
+            data: vec![7; 4096],
+        }],
     }
 }
 
@@ -235,6 +304,14 @@ fn use_accepted(m: &Manifest) {
     }
     for run in &m.pages {
         let _ = covered(&m.activeset, run.vpn);
+    }
+    for part in m.tree.iter().flat_map(|t| &t.others) {
+        let view = m.part_view(part);
+        view.validate().unwrap();
+        let _ = Manifest::part_chain(std::slice::from_ref(m), part.pid);
+        if view.parent.is_none() {
+            let _ = resolve_all(std::slice::from_ref(&view)).unwrap();
+        }
     }
 }
 

@@ -369,6 +369,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         relearn: args.relearn,
         first_port: args.first_port,
         feed,
+        lockdown: None,
     };
     // The app goes on snapshotting into the store it came from.
     claim_name(&mut config, state, true, Some(store.dir().to_path_buf()))?;
@@ -378,13 +379,24 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         temporary.push(temp.dir.path());
     }
     temporary.extend(temporary_dirs.iter().map(|dir| dir.path()));
-    run_in_jail(config, state, &temporary, args.timeout, |config| {
-        let picoprocess = Picoprocess::restore(config, &store, &id, &options)?;
-        if args.digest {
-            print_restored_digest(&picoprocess)?;
-        }
-        Ok(picoprocess)
-    })
+    run_in_jail(
+        config,
+        state,
+        &temporary,
+        args.timeout,
+        |config, lockdown| {
+            // The app's other processes, if it has any, are locked down as this one is.
+            let options = RestoreOptions {
+                lockdown: Some(lockdown.clone()),
+                ..options
+            };
+            let picoprocess = Picoprocess::restore(config, &store, &id, &options)?;
+            if args.digest {
+                print_restored_digest(&picoprocess)?;
+            }
+            Ok(picoprocess)
+        },
+    )
 }
 
 /// Prints the digest of a restored app's memory before it runs, flushed at once so that

@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use picocenter_images::BuiltImage;
 use picocenter_snapshots::names::{app_name_from, validate_app_name, validate_guest_dir};
 use picocenter_vmm::kvm::kick::reason;
+use picocenter_vmm::sandbox::supervise::Lockdown;
 pub(super) use picocenter_vmm::sandbox::SHARED_MEMORY_DIR;
 use picocenter_vmm::{Config, Picoprocess, RunOutcome};
 use rustix::fs::{AtFlags, Mode, OFlags};
@@ -607,7 +608,7 @@ pub(super) fn run_in_jail(
     state_dir: &Path,
     temporary: &[&Path],
     timeout: Option<f64>,
-    build: impl FnOnce(&Config) -> Result<Picoprocess, picocenter_vmm::VmmError>,
+    build: impl FnOnce(&Config, &Lockdown) -> Result<Picoprocess, picocenter_vmm::VmmError>,
 ) -> anyhow::Result<i32> {
     let mut plan = super::jail::Plan::for_config(state_dir, &config);
     for dir in temporary {
@@ -623,7 +624,8 @@ pub(super) fn run_in_jail(
         plan.writable(store);
     }
     super::jail::run_jailed(plan, move |lockdown| {
-        let picoprocess = build(&config).with_context(|| format!("starting {}", config.name))?;
+        let picoprocess =
+            build(&config, lockdown).with_context(|| format!("starting {}", config.name))?;
         lockdown.now()?;
         execute(picoprocess, timeout)
     })
@@ -771,13 +773,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .chain(_temp_data.iter().map(|data| data.path()))
         .chain(private_dirs.iter().map(|dir| dir.path()))
         .collect();
-    run_in_jail(
-        config,
-        state_dir,
-        &temporary,
-        args.timeout,
-        Picoprocess::new,
-    )
+    run_in_jail(config, state_dir, &temporary, args.timeout, |config, _| {
+        Picoprocess::new(config)
+    })
 }
 
 /// The writable directories with /dev/shm among them: every Linux system has it writable

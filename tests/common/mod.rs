@@ -600,3 +600,25 @@ pub fn wrk_on(cpu: Option<&str>, address: &str, path: &str, seconds: &str) -> (f
     };
     (value("Requests/sec:"), value("50%"), value("99%"))
 }
+
+/// A root holding Debian's static busybox, its applets as symlinks, a three-line
+/// /etc/passwd and two more files in /etc.
+pub fn busybox_shell_root() -> tempfile::TempDir {
+    let root = root_with(&[Path::new("/usr/bin/busybox")]);
+    let bin = root.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/usr/bin/busybox", bin.join("busybox")).unwrap();
+    for applet in ["sh", "ls", "sort", "head", "wc", "sleep", "cat", "echo"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    let etc = root.path().join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("passwd"),
+        "root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\napp:x:1000:1000::/:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(etc.join("a"), "").unwrap();
+    std::fs::write(etc.join("b"), "").unwrap();
+    root
+}

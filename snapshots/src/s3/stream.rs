@@ -109,6 +109,16 @@ impl S3Store {
             futures::future::try_join_all(levels.map(|level| self.prepare_level(level))).await
         })?;
         tracing::debug!(ms = since(), "stream: every level's first part is in");
+        if levels
+            .first()
+            .is_some_and(|(level, _, _)| level.manifest.tree.is_some())
+        {
+            // Each process of a tree maps its own pages of the page files, which must be
+            // here whole before the restore forks them: fetched, not streamed.
+            tracing::debug!("stream: a tree of processes is fetched whole");
+            self.fetch_chain(local, key, id, hint)?;
+            return Ok(None);
+        }
         let mut streamed = Vec::new();
         // Oldest first, so that every commit's parent is already there.
         for (level, whole, data) in levels.into_iter().rev() {

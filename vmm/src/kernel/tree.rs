@@ -215,6 +215,8 @@ pub struct Member {
     pub cwd: Option<String>,
     /// The start of its command line, NUL-separated (at most [`DESCRIBED_ARGS`] bytes).
     pub cmdline: Vec<u8>,
+    /// Whether it has ended (a zombie its parent has not waited for).
+    pub ended: bool,
 }
 
 /// How much of a process's command line the table keeps, for other processes' /proc.
@@ -242,6 +244,80 @@ struct Slot {
     /// Its working directory, and its length (as `exe`).
     cwd: [AtomicU64; DESCRIBED_PATH / 8],
     cwd_len: AtomicU32,
+    /// Its VMM has ended (a zombie until its parent waits for it).
+    ended: AtomicU32,
+    /// Its part of a tree snapshot: the board's generation, shifted by 4, and a
+    /// `CAPTURE_*` state.
+    capture: AtomicU32,
+}
+
+/// A tree snapshot in progress, as its first process announces it to the others: which
+/// one (the generation), where their parts go, and what became of it.
+#[repr(C)]
+struct CaptureBoard {
+    generation: AtomicU32,
+    /// The generation, shifted by 4, and a `VERDICT_*`: what the others do afterwards.
+    verdict: AtomicU32,
+    if_idle: AtomicU32,
+    dir: [AtomicU64; DESCRIBED_PATH / 8],
+    dir_len: AtomicU32,
+    /// The snapshot's id.
+    id: [AtomicU64; SNAPSHOT_ID / 8],
+    id_len: AtomicU32,
+    /// The snapshot it is an increment of, if any (length 0: none).
+    parent: [AtomicU64; SNAPSHOT_ID / 8],
+    parent_len: AtomicU32,
+}
+
+/// The longest snapshot id the board holds (a store's ids are at most 128 bytes).
+const SNAPSHOT_ID: usize = 128;
+
+const CAPTURE_REQUESTED: u32 = 1;
+const CAPTURE_DONE: u32 = 2;
+const CAPTURE_BUSY: u32 = 3;
+const CAPTURE_FAILED: u32 = 4;
+const VERDICT_END: u32 = 1;
+const VERDICT_SAVED: u32 = 2;
+const VERDICT_ABANDONED: u32 = 3;
+
+/// What the first process asks of the others for a tree snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureRequest {
+    /// Which snapshot.
+    pub generation: u32,
+    /// The directory each process writes its part into.
+    pub dir: String,
+    /// Only if the app is idle: a process that is not says so instead.
+    pub if_idle: bool,
+    /// The snapshot's id.
+    pub id: String,
+    /// The snapshot it is an increment of: a process restored from that one stores only
+    /// the pages it changed since.
+    pub parent: Option<String>,
+}
+
+/// What the first process decided about a tree snapshot, for the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Saved, and the app ends.
+    End,
+    /// Saved, and the app goes on (the next snapshot is an increment of it).
+    Saved,
+    /// Not saved; the app goes on.
+    Abandoned,
+}
+
+/// Where one process's part of a tree snapshot stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureStatus {
+    /// Not written yet.
+    Pending,
+    /// Written.
+    Done,
+    /// Not written: the process is not idle.
+    Busy,
+    /// Not written: it failed (its part's directory says why).
+    Failed,
 }
 
 /// How long a path (a program's, a working directory) the table keeps for other
@@ -300,6 +376,7 @@ fn load_bytes(words: &[AtomicU64]) -> Vec<u8> {
 struct Table {
     next_pid: AtomicI32,
     slots: [Slot; MAX_PROCESSES],
+    capture: CaptureBoard,
 }
 
 /// The table every process of one app shares (see the module docs).
@@ -393,6 +470,8 @@ impl AppTree {
                 slot.no_stop_signal.store(0, Ordering::SeqCst);
                 slot.exe_len.store(0, Ordering::SeqCst);
                 slot.cwd_len.store(0, Ordering::SeqCst);
+                slot.ended.store(0, Ordering::SeqCst);
+                slot.capture.store(0, Ordering::SeqCst);
                 store_bytes(&slot.comm, &[]);
                 store_bytes(&slot.args, &[]);
                 slot.pid.store(0, Ordering::SeqCst);
@@ -521,6 +600,7 @@ impl AppTree {
                         exe: load_path(&slot.exe, &slot.exe_len),
                         cwd: load_path(&slot.cwd, &slot.cwd_len),
                         cmdline,
+                        ended: slot.ended.load(Ordering::SeqCst) != 0,
                     }
                 })
             })
@@ -530,6 +610,157 @@ impl AppTree {
     /// Process `pid`, if it is one of the app's.
     pub fn find(&self, pid: i32) -> Option<Member> {
         self.members().into_iter().find(|m| m.pid == pid)
+    }
+
+    /// What `picocenter ps` lists of the app: its processes, from this table.
+    pub fn lister(self: std::sync::Arc<Self>) -> crate::control::ProcessLister {
+        Box::new(move || {
+            self.members()
+                .into_iter()
+                .map(|m| crate::control::AppProcess {
+                    pid: m.pid,
+                    host_pid: m.host_pid,
+                    pgid: m.pgid,
+                })
+                .collect()
+        })
+    }
+
+    /// The next pid [`AppTree::allocate_pid`] would hand out.
+    pub fn next_pid(&self) -> i32 {
+        self.table().next_pid.load(Ordering::SeqCst)
+    }
+
+    /// Records that `pid`'s VMM has ended: it is a zombie until its parent waits for it.
+    pub fn set_ended(&self, pid: i32) {
+        if let Some(slot) = self.slot_of(pid) {
+            slot.ended.store(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Announces tree snapshot `id` (an increment of `parent`, if any) to processes
+    /// `pids`, whose parts go into `dir`: the generation that names it, or `None` if `dir`
+    /// or an id is too long to announce.
+    pub fn request_capture(
+        &self,
+        dir: &str,
+        if_idle: bool,
+        pids: &[i32],
+        id: &str,
+        parent: Option<&str>,
+    ) -> Option<u32> {
+        let board = &self.table().capture;
+        let fits = |text: &str, words: &[AtomicU64]| text.len() <= words.len() * 8;
+        if dir.is_empty()
+            || !fits(dir, &board.dir)
+            || id.is_empty()
+            || !fits(id, &board.id)
+            || !parent.is_none_or(|p| fits(p, &board.parent))
+        {
+            return None;
+        }
+        // Only the first process announces, so a load and a store do.
+        let generation = (board.generation.load(Ordering::SeqCst) % 0x0fff_ffff) + 1;
+        board.generation.store(generation, Ordering::SeqCst);
+        store_path(&board.dir, &board.dir_len, dir);
+        store_path(&board.id, &board.id_len, id);
+        store_path(&board.parent, &board.parent_len, parent.unwrap_or(""));
+        board.if_idle.store(u32::from(if_idle), Ordering::SeqCst);
+        board.verdict.store(0, Ordering::SeqCst);
+        for &pid in pids {
+            if let Some(slot) = self.slot_of(pid) {
+                slot.capture
+                    .store(generation << 4 | CAPTURE_REQUESTED, Ordering::SeqCst);
+            }
+        }
+        Some(generation)
+    }
+
+    /// The tree snapshot `pid` is asked for its part of, if any.
+    pub fn capture_request(&self, pid: i32) -> Option<CaptureRequest> {
+        let board = &self.table().capture;
+        let generation = board.generation.load(Ordering::SeqCst);
+        let slot = self.slot_of(pid)?;
+        if slot.capture.load(Ordering::SeqCst) != generation << 4 | CAPTURE_REQUESTED {
+            return None;
+        }
+        Some(CaptureRequest {
+            generation,
+            dir: load_path(&board.dir, &board.dir_len)?,
+            if_idle: board.if_idle.load(Ordering::SeqCst) != 0,
+            id: load_path(&board.id, &board.id_len)?,
+            parent: load_path(&board.parent, &board.parent_len),
+        })
+    }
+
+    /// Records where `pid`'s part of snapshot `generation` stands.
+    pub fn report_capture(&self, pid: i32, generation: u32, status: CaptureStatus) {
+        let state = match status {
+            CaptureStatus::Pending => CAPTURE_REQUESTED,
+            CaptureStatus::Done => CAPTURE_DONE,
+            CaptureStatus::Busy => CAPTURE_BUSY,
+            CaptureStatus::Failed => CAPTURE_FAILED,
+        };
+        if let Some(slot) = self.slot_of(pid) {
+            let _ = slot.capture.compare_exchange(
+                generation << 4 | CAPTURE_REQUESTED,
+                generation << 4 | state,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
+    }
+
+    /// Where `pid`'s part of snapshot `generation` stands (failed if `pid` is gone).
+    pub fn capture_status(&self, pid: i32, generation: u32) -> CaptureStatus {
+        let Some(slot) = self.slot_of(pid) else {
+            return CaptureStatus::Failed;
+        };
+        let state = slot.capture.load(Ordering::SeqCst);
+        if state >> 4 != generation {
+            return CaptureStatus::Failed;
+        }
+        if state & 0xf == CAPTURE_REQUESTED && slot.ended.load(Ordering::SeqCst) != 0 {
+            // It ended before writing its part.
+            return CaptureStatus::Failed;
+        }
+        match state & 0xf {
+            CAPTURE_REQUESTED => CaptureStatus::Pending,
+            CAPTURE_DONE => CaptureStatus::Done,
+            CAPTURE_BUSY => CaptureStatus::Busy,
+            _ => CaptureStatus::Failed,
+        }
+    }
+
+    /// Tells the processes what became of snapshot `generation`.
+    pub fn decide_capture(&self, generation: u32, verdict: Verdict) {
+        let verdict = match verdict {
+            Verdict::End => VERDICT_END,
+            Verdict::Saved => VERDICT_SAVED,
+            Verdict::Abandoned => VERDICT_ABANDONED,
+        };
+        self.table()
+            .capture
+            .verdict
+            .store(generation << 4 | verdict, Ordering::SeqCst);
+    }
+
+    /// What became of snapshot `generation`, once decided (abandoned if another one
+    /// has been announced since).
+    pub fn capture_verdict(&self, generation: u32) -> Option<Verdict> {
+        let board = &self.table().capture;
+        if board.generation.load(Ordering::SeqCst) != generation {
+            return Some(Verdict::Abandoned);
+        }
+        let verdict = board.verdict.load(Ordering::SeqCst);
+        if verdict >> 4 != generation {
+            return None;
+        }
+        Some(match verdict & 0xf {
+            VERDICT_END => Verdict::End,
+            VERDICT_SAVED => Verdict::Saved,
+            _ => Verdict::Abandoned,
+        })
     }
 }
 

@@ -66,11 +66,31 @@ extern "C" fn on_guest_signal(_: libc::c_int, info: *mut libc::siginfo_t, _: *mu
     let value = unsafe { (*info).si_value().sival_ptr } as usize as u64;
     let signal = (value & 0xff) as i32;
     if let Some(kicker) = forward_to() {
+        if value & CAPTURE_REQUEST != 0 {
+            kicker.kick(reason::CAPTURE);
+            return;
+        }
         if signal == libc::SIGCHLD && value >> 8 != 0 {
             kicker.child_change.store(value, Ordering::SeqCst);
         }
         kicker.raise(signal);
     }
+}
+
+/// In the carrier's value: no guest signal, but a request for a part of a tree snapshot.
+const CAPTURE_REQUEST: u64 = 1 << 62;
+
+/// Asks the app process whose VMM is host process `host_pid` for its part of a tree
+/// snapshot (announced in the app's table first).
+pub fn send_capture_request(host_pid: i32) -> std::io::Result<()> {
+    let value = libc::sigval {
+        sival_ptr: CAPTURE_REQUEST as usize as *mut libc::c_void,
+    };
+    // SAFETY: sigqueue copies the value; no memory is shared.
+    if unsafe { libc::sigqueue(host_pid, guest_signal_carrier(), value) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A child's stop or continue as its SIGCHLD tells it: (si_code, pid, si_status).
@@ -219,6 +239,9 @@ pub mod reason {
     /// A thread on another vCPU ended the app (exit_group, a fatal signal): the first
     /// vCPU ends the run (see `crate::run::cpus`).
     pub const ENDED: u32 = 1 << 7;
+    /// The app's first process asks this one for its part of a tree snapshot (see
+    /// [`super::send_capture_request`]), which it writes at its next clean point.
+    pub const CAPTURE: u32 = 1 << 8;
 }
 
 /// SIGSTOP, SIGTSTP, SIGTTIN and SIGTTOU (the kernel's `signals::STOP_SIGNALS`; the vCPU

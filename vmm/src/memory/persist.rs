@@ -140,6 +140,26 @@ impl AddressSpace {
         Ok(base)
     }
 
+    /// Makes the runs `runs` (first page, pages) of the page file `file` guest memory, each
+    /// a private mapping over contiguous frames of its own; the pages no run names take no
+    /// frames. Returns each run's first frame, in order.
+    pub fn attach_page_runs(
+        &mut self,
+        file: BorrowedFd<'_>,
+        runs: &[(u64, u64)],
+    ) -> Result<Vec<u64>, Errno> {
+        let mut bases = Vec::with_capacity(runs.len());
+        for &(first, pages) in runs {
+            let base = self.frames.alloc_run(pages).ok_or(Errno::NOMEM)?;
+            let offset = first.checked_mul(PAGE).ok_or(Errno::INVAL)?;
+            self.phys
+                .map_file(base, pages * PAGE, file, offset, FileSharing::Private)
+                .map_err(|_| Errno::NOMEM)?;
+            bases.push(base);
+        }
+        Ok(bases)
+    }
+
     /// Reserves `pages` contiguous, never-touched frames for a page file that will be
     /// streamed in (see `persist::stream`). Returns the first frame and its host address.
     pub fn reserve_page_file(&mut self, pages: u64) -> Result<(u64, u64), Errno> {

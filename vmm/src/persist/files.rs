@@ -10,12 +10,12 @@ use crate::fdtable::{FdTable, FileKind, OpenFile, Registration};
 use crate::hostcall;
 use crate::kernel::process::Process;
 use picocenter_snapshots::bounds::{MAX_MEMFD_DATA, SOCKET_FAMILIES, SOCKET_TYPES};
-use picocenter_snapshots::format::{FdRecord, FileRecord};
+use picocenter_snapshots::format::{object_key, FdRecord, FileRecord};
 use rustix::event::EventfdFlags;
 use rustix::fs::{Mode, OFlags, SeekFrom};
 use rustix::io::Errno;
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 /// Why a descriptor could not be made again.
@@ -196,11 +196,19 @@ pub fn capture(p: &Process) -> Result<(Vec<FdRecord>, u64), String> {
                 .map(|r| r.file.clone())
                 .unwrap_or(FileRecord::Stdio(0))
         };
+        let object = match entry.file.kind {
+            FileKind::Pipe { .. } | FileKind::Socket { .. } => rustix::fs::fstat(entry.file.host())
+                .map_or(0, |s| {
+                    object_key(matches!(entry.file.kind, FileKind::Pipe { .. }), s.st_ino)
+                }),
+            _ => 0,
+        };
         records.push(FdRecord {
             fd,
             cloexec: entry.cloexec,
             nonblocking: entry.file.nonblocking(),
             shared: id,
+            object,
             file,
         });
     }
@@ -226,11 +234,116 @@ fn closed_socket(kind: i32) -> Result<OwnedFd, Errno> {
     Ok(ours)
 }
 
-/// Makes one open file again (not epoll sets: see [`restore`]).
+/// The pipes and sockets of a snapshot, each made once: the processes of a tree that hold
+/// one share it, as they did (see `FdRecord::object`). Each is kept here by what it is of
+/// and a copy handed to each holder.
+#[derive(Debug, Default)]
+pub struct SharedObjects {
+    /// By (pipe or socket id, which end: [`SOCKET`], [`READ_END`] or [`WRITE_END`]).
+    fds: HashMap<(u64, u8), OwnedFd>,
+    /// Pipes whose bytes are in them already.
+    filled: std::collections::HashSet<u64>,
+    /// Shared anonymous memory, by key (see `SharedMemoryRecord`).
+    pub memory: HashMap<u64, Arc<std::fs::File>>,
+}
+
+/// Which end of an object a descriptor is: a socket's only one.
+pub const SOCKET: u8 = 0;
+/// A pipe's read end.
+pub const READ_END: u8 = 1;
+/// A pipe's write end.
+pub const WRITE_END: u8 = 2;
+
+impl SharedObjects {
+    /// The key of the object `record` is of, if it is a pipe end or socket.
+    pub fn key(record: &FdRecord) -> Option<(u64, u8)> {
+        match &record.file {
+            FileRecord::Pipe {
+                pipe, write_end, ..
+            } => Some((*pipe, if *write_end { WRITE_END } else { READ_END })),
+            FileRecord::Socket { .. } if record.object != 0 => Some((record.object, SOCKET)),
+            _ => None,
+        }
+    }
+
+    /// A copy of object `key`'s descriptor, if it is here.
+    pub fn get(&self, key: (u64, u8)) -> Option<Result<OwnedFd, Errno>> {
+        self.fds
+            .get(&key)
+            .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, 0))
+    }
+
+    /// Keeps `fd` as object `key` (made elsewhere, with its contents).
+    pub fn insert(&mut self, key: (u64, u8), fd: OwnedFd) {
+        if key.1 != SOCKET {
+            self.filled.insert(key.0);
+        }
+        self.fds.insert(key, fd);
+    }
+
+    /// Makes the shared anonymous memory of `records` that is not here yet: a memfd with
+    /// its bytes each.
+    pub fn make_memory(
+        &mut self,
+        records: &[picocenter_snapshots::format::SharedMemoryRecord],
+    ) -> Result<(), Errno> {
+        for record in records {
+            if self.memory.contains_key(&record.key) {
+                continue;
+            }
+            let fd =
+                rustix::fs::memfd_create("picocenter-shared", rustix::fs::MemfdFlags::CLOEXEC)?;
+            rustix::fs::ftruncate(&fd, record.data.len() as u64)?;
+            let mut done = 0;
+            while done < record.data.len() {
+                done += rustix::io::pwrite(&fd, &record.data[done..], done as u64)?;
+            }
+            self.memory
+                .insert(record.key, Arc::new(std::fs::File::from(fd)));
+        }
+        Ok(())
+    }
+
+    /// Every object, for handing on.
+    pub fn iter(&self) -> impl Iterator<Item = ((u64, u8), &OwnedFd)> {
+        self.fds.iter().map(|(&key, fd)| (key, fd))
+    }
+}
+
+/// Makes one open file again (not epoll sets: see [`restore`]). A pipe end or socket
+/// comes from `objects` if it is there, and is kept there if made here.
 fn reopen(
     p: &mut Process,
+    record: &FdRecord,
+    objects: &mut SharedObjects,
+) -> Result<(OwnedFd, FileKind), Errno> {
+    let file = &record.file;
+    let key = SharedObjects::key(record);
+    if let (Some(key), FileRecord::Socket { domain, kind, .. }) = (key, file) {
+        if let Some(fd) = objects.get(key) {
+            return Ok((
+                fd?,
+                FileKind::Socket {
+                    domain: *domain,
+                    kind: *kind,
+                },
+            ));
+        }
+        let (fd, kind) = reopen_file(p, file)?;
+        objects.insert(key, rustix::io::fcntl_dupfd_cloexec(&fd, 0)?);
+        return Ok((fd, kind));
+    }
+    reopen_file_with(p, file, objects)
+}
+
+fn reopen_file(p: &mut Process, file: &FileRecord) -> Result<(OwnedFd, FileKind), Errno> {
+    reopen_file_with(p, file, &mut SharedObjects::default())
+}
+
+fn reopen_file_with(
+    p: &mut Process,
     file: &FileRecord,
-    pipes: &mut HashMap<u64, (Option<OwnedFd>, Option<OwnedFd>)>,
+    objects: &mut SharedObjects,
 ) -> Result<(OwnedFd, FileKind), Errno> {
     // Only sockets an app could have made: a snapshot is input, and the VMM makes them.
     if let FileRecord::Socket { domain, kind, .. } = file {
@@ -288,38 +401,23 @@ fn reopen(
             write_end,
             data,
         } => {
-            if !pipes.contains_key(pipe) {
+            let (read, write) = ((*pipe, READ_END), (*pipe, WRITE_END));
+            if objects.get(read).is_none() && objects.get(write).is_none() {
                 let (r, w) = rustix::pipe::pipe_with(
                     rustix::pipe::PipeFlags::NONBLOCK | rustix::pipe::PipeFlags::CLOEXEC,
                 )?;
-                pipes.insert(*pipe, (Some(r), Some(w)));
+                objects.fds.insert(read, r);
+                objects.fds.insert(write, w);
             }
-            let ends = pipes.get_mut(pipe).ok_or(Errno::INVAL)?;
-            if !data.is_empty() {
-                if let Some(w) = &ends.1 {
-                    rustix::io::write(w, data)?;
-                }
+            // The bytes are in the read end's record; they go in once, whichever process
+            // holds that end.
+            if !data.is_empty() && objects.filled.insert(*pipe) {
+                let w = objects.fds.get(&write).ok_or(Errno::BADF)?;
+                rustix::io::write(w, data)?;
             }
-            let end = if *write_end {
-                ends.1.take()
-            } else {
-                ends.0.take()
-            };
-            let fd = match end {
-                Some(fd) => fd,
-                None => rustix::io::fcntl_dupfd_cloexec(
-                    if *write_end {
-                        ends.1.as_ref()
-                    } else {
-                        ends.0.as_ref()
-                    }
-                    .ok_or(Errno::INVAL)?
-                    .as_fd(),
-                    0,
-                )?,
-            };
+            let end = if *write_end { write } else { read };
             (
-                fd,
+                objects.get(end).ok_or(Errno::BADF)??,
                 FileKind::Pipe {
                     write_end: *write_end,
                 },
@@ -437,10 +535,33 @@ fn reopen(
     })
 }
 
-/// Makes every descriptor again in `p`'s (empty) fd table.
-pub fn restore(p: &mut Process, records: &[FdRecord]) -> Result<(), FileRestoreError> {
+/// Makes the pipes and sockets of `records` (the other processes' of a tree) that
+/// `objects` does not have yet, with `p`'s context, for handing on.
+pub fn make_objects(
+    p: &mut Process,
+    records: &[FdRecord],
+    objects: &mut SharedObjects,
+) -> Result<(), FileRestoreError> {
+    for record in records {
+        if SharedObjects::key(record).is_some() {
+            reopen(p, record, objects).map_err(|errno| FileRestoreError {
+                fd: record.fd,
+                what: record.file.kind_name().to_string(),
+                errno,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes every descriptor again in `p`'s (empty) fd table; pipes and sockets come from
+/// `objects` if they are there, and are kept there if made here.
+pub fn restore(
+    p: &mut Process,
+    records: &[FdRecord],
+    objects: &mut SharedObjects,
+) -> Result<(), FileRestoreError> {
     let mut opened: HashMap<u64, Arc<OpenFile>> = HashMap::new();
-    let mut pipes = HashMap::new();
     let fail = |record: &FdRecord, errno| FileRestoreError {
         fd: record.fd,
         what: record.file.kind_name().to_string(),
@@ -458,8 +579,7 @@ pub fn restore(p: &mut Process, records: &[FdRecord]) -> Result<(), FileRestoreE
                 file
             }
             None => {
-                let (fd, kind) =
-                    reopen(p, &record.file, &mut pipes).map_err(|e| fail(record, e))?;
+                let (fd, kind) = reopen(p, record, objects).map_err(|e| fail(record, e))?;
                 let file = OpenFile::with_mode(fd, kind, record.nonblocking);
                 if let FileRecord::Socket {
                     bound,

@@ -10,7 +10,9 @@
 //! * the fd table, signal state, clocks, and an archive of the writable directories.
 
 pub mod files;
+pub mod parts;
 pub mod restore;
+pub mod restore_tree;
 pub mod stream;
 pub mod trust;
 
@@ -18,10 +20,11 @@ use crate::kernel::process::Process;
 use crate::kvm::vcpu::{Vcpu, VcpuError};
 use crate::memory::{Backing, PageState, Prot};
 use picocenter_snapshots::archive::{self, ArchiveError};
+use picocenter_snapshots::bounds::MAX_SHARED_MEMORY;
 use picocenter_snapshots::chain::runs;
 use picocenter_snapshots::format::{
-    BackingRecord, ClockRecord, Manifest, PageSource, ProcessRecord, SignalRecord, SnapshotStats,
-    ThreadRecord, UserContext, VmaRecord,
+    BackingRecord, ClockRecord, Manifest, PageRun, PageSource, ProcessRecord, SharedMemoryRecord,
+    SignalRecord, SnapshotStats, ThreadRecord, UserContext, VmaRecord, VpnRange,
 };
 use picocenter_snapshots::pagefile::{PageFileError, PageFileWriter, CHUNK_PAGES};
 use picocenter_snapshots::store::{new_id, Store, StoreError};
@@ -77,6 +80,10 @@ pub enum PersistError {
     /// The app holds something a snapshot cannot keep.
     #[error("the app cannot be snapshotted: {0}")]
     Unsnapshottable(String),
+    /// The snapshot was to be taken only if the app is idle, and one of its processes is
+    /// not.
+    #[error("busy: {0}")]
+    Busy(String),
     /// The app was not at a clean point (its context would not be its own).
     #[error("the app is not at a clean point: rip={rip:#x} is not a user address")]
     NotAtCleanPoint {
@@ -148,11 +155,10 @@ fn vma_records(p: &Process) -> Vec<VmaRecord> {
                     offset: *offset,
                     immutable: *immutable,
                 },
-                // Never reached: `cannot_capture` refuses such an app first.
-                Backing::Shared { offset, path, .. } => BackingRecord::File {
+                Backing::Shared { offset, path, file } => BackingRecord::Shared {
                     path: path.to_string(),
                     offset: *offset,
-                    immutable: false,
+                    memory: shared_memory_key(file).unwrap_or(0),
                 },
             },
         })
@@ -196,29 +202,166 @@ fn context_record(
     }
 }
 
-/// Why the app cannot be captured as one process: it has other processes (snapshots of
-/// process trees are not supported yet), it is not the app's first process, or it maps
-/// memory shared with a file or another process (a snapshot keeps private memory only).
+/// Why this process cannot be captured: it is not the app's first (a snapshot is always
+/// asked of that one), one of its other processes is not at a point a snapshot can keep,
+/// or it maps memory shared with a file or another process (a snapshot keeps private
+/// memory only).
 fn cannot_capture(p: &Process) -> Option<String> {
     if p.forked {
         return Some("only an app's first process is snapshotted".into());
     }
-    let others = p
-        .tree
-        .as_ref()
-        .map_or(0, |t| t.members().len().saturating_sub(1));
-    if others > 0 || !p.children.is_empty() {
-        return Some(format!(
-            "it has {} other process(es); snapshots of process trees are not supported yet",
-            others.max(p.children.len())
-        ));
+    let others = p.tree.as_ref().map(|t| t.members()).unwrap_or_default();
+    for other in others.iter().filter(|m| m.pid != p.ids.pid) {
+        let pid = other.pid;
+        if other.ended {
+            return Some(format!("process {pid} has ended and is not waited for yet"));
+        }
+        if other.stopped {
+            return Some(format!("process {pid} is stopped"));
+        }
+        if other.host_pid == 0 {
+            return Some(format!("process {pid} is being forked"));
+        }
     }
-    p.mem.vmas().iter().find_map(|v| match &v.backing {
-        Backing::Shared { path, .. } => Some(format!(
-            "it maps {path:?} shared (MAP_SHARED) at {:#x}; snapshots keep private memory only",
-            v.start
-        )),
-        _ => None,
+    None
+}
+
+/// The key of shared anonymous memory (a memfd the VMM made, or one the app made and
+/// mapped shared), the same in every process that maps it; `None` for a file with a
+/// name, whose bytes the file keeps.
+fn shared_memory_key(file: &std::fs::File) -> Option<u64> {
+    rustix::fs::fstat(file)
+        .ok()
+        .filter(|s| s.st_nlink == 0)
+        .map(|s| s.st_ino.max(1))
+}
+
+/// The bytes of the shared anonymous memory this process maps, each once.
+fn shared_memory(p: &Process) -> Result<Vec<SharedMemoryRecord>, PersistError> {
+    let mut records: Vec<SharedMemoryRecord> = Vec::new();
+    for vma in p.mem.vmas().iter() {
+        let Backing::Shared { file, path, .. } = &vma.backing else {
+            continue;
+        };
+        let Some(key) = shared_memory_key(file) else {
+            continue;
+        };
+        if records.iter().any(|r| r.key == key) {
+            continue;
+        }
+        let size = rustix::fs::fstat(file.as_ref()).map_or(0, |s| s.st_size as u64);
+        if size > MAX_SHARED_MEMORY as u64 {
+            return Err(PersistError::Unsnapshottable(format!(
+                "it maps {size} bytes of shared memory ({path:?}), over the {MAX_SHARED_MEMORY} a snapshot keeps"
+            )));
+        }
+        let mut data = vec![0u8; size as usize];
+        std::os::unix::fs::FileExt::read_exact_at(file.as_ref(), &mut data, 0).map_err(
+            |source| PersistError::Data {
+                what: format!("reading shared memory {path:?}"),
+                source,
+            },
+        )?;
+        records.push(SharedMemoryRecord { key, data });
+    }
+    Ok(records)
+}
+
+/// One process's pages, as a snapshot keeps them.
+struct CapturedMemory {
+    runs: Vec<PageRun>,
+    activeset: Vec<VpnRange>,
+    /// Stored pages of the ActiveSet (pushed first).
+    activeset_prefix: u64,
+    resident: u64,
+    zero: u64,
+    file: u64,
+    parent: u64,
+    hot: u64,
+}
+
+/// Classifies every page of `p` (`pages`, from its page tables) and hands those that must be stored to `push` (which
+/// returns each one's index), the ActiveSet's first. `has_parent`: a page unchanged since
+/// the restore (or last save) is the parent snapshot's.
+fn capture_memory<'a>(
+    p: &'a Process,
+    pages: Vec<PageState>,
+    has_parent: bool,
+    push: &mut dyn FnMut(&'a [u8]) -> Result<u64, PersistError>,
+) -> Result<CapturedMemory, PersistError> {
+    // A shared area's pages are its file's or its shared memory's, kept once elsewhere.
+    let pages: Vec<PageState> = pages
+        .into_iter()
+        .filter(|page| {
+            !matches!(
+                p.mem.vmas().get(page.va).map(|v| &v.backing),
+                Some(Backing::Shared { .. })
+            )
+        })
+        .collect();
+    let hot: Vec<bool> = pages
+        .iter()
+        .map(|page| p.activeset.contains(page.va / PAGE, page.accessed))
+        .collect();
+    let mut classes: Vec<Option<Class>> = pages
+        .iter()
+        .map(|page| class_without_contents(p, page, has_parent))
+        .collect();
+
+    // The other pages are read once, in ActiveSet-first order: checked for zeros, then
+    // handed on in place, so a restore can fetch the ActiveSet in one read.
+    let order: Vec<usize> = {
+        let (hot, cold): (Vec<usize>, Vec<usize>) = (0..pages.len())
+            .filter(|&i| classes[i].is_none())
+            .partition(|&i| hot[i]);
+        hot.into_iter().chain(cold).collect()
+    };
+    let mut stored_index = vec![0u64; pages.len()];
+    let mut activeset_prefix = 0;
+    for &i in &order {
+        // SAFETY: the app is stopped at a clean point for the capture and this thread is
+        // the only one that writes app pages, until the borrow of `p` ends.
+        let bytes =
+            unsafe { p.mem.frame_bytes(pages[i].frame) }.map_err(memory("reading a page"))?;
+        if is_zero(bytes) {
+            classes[i] = Some(Class::Zero);
+            continue;
+        }
+        classes[i] = Some(Class::Stored);
+        stored_index[i] = push(bytes)?;
+        if hot[i] {
+            activeset_prefix += 1;
+        }
+    }
+    let classes: Vec<Class> = classes
+        .into_iter()
+        .map(|c| c.unwrap_or(Class::Zero))
+        .collect();
+    let sources = classes
+        .iter()
+        .zip(&stored_index)
+        .map(|(c, &index)| match c {
+            Class::Zero => PageSource::Zero,
+            Class::File => PageSource::File,
+            Class::Parent => PageSource::Parent,
+            Class::Stored => PageSource::Stored { index },
+        });
+    let count = |class: Class| classes.iter().filter(|&&c| c == class).count() as u64;
+    Ok(CapturedMemory {
+        runs: runs(pages.iter().map(|p| p.va / PAGE).zip(sources)),
+        activeset: ranges(
+            pages
+                .iter()
+                .zip(&hot)
+                .filter(|(_, &h)| h)
+                .map(|(pg, _)| pg.va / PAGE),
+        ),
+        activeset_prefix,
+        resident: pages.len() as u64,
+        zero: count(Class::Zero),
+        file: count(Class::File),
+        parent: count(Class::Parent),
+        hot: hot.iter().filter(|&&h| h).count() as u64,
     })
 }
 
@@ -304,8 +447,30 @@ fn archive_data(p: &Process, path: &Path) -> Result<Option<archive::Written>, Pe
     Ok(Some(archive::create(path, &dirs)?))
 }
 
-/// Takes a snapshot of the app into `store`. An increment of the snapshot the app was
-/// restored from (or last saved to) if that is in `store` and `full` is not set.
+/// Checks that every thread of `p` is parked, and gives the host fds the file offsets
+/// the guest keeps (what the snapshot records).
+fn settle_for_capture(p: &mut Process) -> Result<(), PersistError> {
+    if p.threads.elsewhere.iter().any(Option::is_some) {
+        // The run loop parks every thread first (a VMM bug if not).
+        return Err(PersistError::Unsnapshottable(
+            "a thread is running on another vCPU".into(),
+        ));
+    }
+    p.windows.offsets_to_host(&p.mem);
+    Ok(())
+}
+
+/// What a capture is asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CaptureOptions {
+    /// A full snapshot, not an increment.
+    pub full: bool,
+    /// The app ends once it is saved (its other processes with it).
+    pub stop: bool,
+    /// Only if every process is idle.
+    pub if_idle: bool,
+}
+
 /// A test hook, in debug builds only: `PICOCENTER_TEST_SNAPSHOT_DELAY_MS=N` in the VMM's
 /// environment makes every capture take N ms longer (with the app stopped at its clean
 /// point), so that tests can make requests land during a swap-out. The environment is the
@@ -325,10 +490,15 @@ fn slow_capture_test_hook() {
 /// would cut the first; the second a worker can keep (it holds the sockets), but the app
 /// serves it sooner by running on.
 pub fn busy(p: &Process) -> Option<String> {
+    busy_here(p).map(|why| format!("busy: {why}"))
+}
+
+/// Why this process (not the app's others) is not idle, if it is not.
+fn busy_here(p: &Process) -> Option<String> {
     use crate::fdtable::FileKind;
     use rustix::event::{PollFd, PollFlags};
     if let Some(why) = cannot_capture(p) {
-        return Some(format!("busy: {why}"));
+        return Some(why);
     }
     for (fd, entry) in p.files.iter() {
         let FileKind::Socket { domain, kind } = entry.file.kind else {
@@ -341,7 +511,7 @@ pub fn busy(p: &Process) -> Option<String> {
         let listening = entry.file.state().listening.is_some();
         if kind == libc::SOCK_STREAM && !listening {
             if rustix::net::getpeername(host).is_ok() {
-                return Some(format!("busy: fd {fd} is a connection"));
+                return Some(format!("fd {fd} is a connection"));
             }
             continue;
         }
@@ -351,30 +521,32 @@ pub fn busy(p: &Process) -> Option<String> {
             tv_nsec: 0,
         };
         if rustix::event::poll(&mut poll, Some(&zero)).is_ok_and(|n| n > 0) {
-            return Some(format!("busy: something waits on fd {fd}"));
+            return Some(format!("something waits on fd {fd}"));
         }
     }
     None
 }
 
+/// Takes a snapshot of the app into `store`: an increment of the snapshot the app was
+/// restored from (or last saved to) if that is in `store` and `full` is not set. An app
+/// of several processes is saved whole: the others write their parts at a clean point of
+/// theirs while this one waits (see [`parts`]).
 pub fn capture(
     vcpu: &Vcpu,
     p: &mut Process,
     store: &dyn Store,
-    full: bool,
+    options: CaptureOptions,
 ) -> Result<Manifest, PersistError> {
+    let CaptureOptions {
+        full,
+        stop,
+        if_idle,
+    } = options;
     slow_capture_test_hook();
     if let Some(why) = cannot_capture(p) {
         return Err(PersistError::Unsnapshottable(why));
     }
-    if p.threads.elsewhere.iter().any(Option::is_some) {
-        // The run loop parks every thread first (a VMM bug if not).
-        return Err(PersistError::Unsnapshottable(
-            "a thread is running on another vCPU".into(),
-        ));
-    }
-    // The file offsets the guest keeps are what the snapshot records (from the host fds).
-    p.windows.offsets_to_host(&p.mem);
+    settle_for_capture(p)?;
     let started = Instant::now();
     let key = p.snapshot_key.clone().ok_or(PersistError::NoKey)?;
     let id = new_id();
@@ -392,59 +564,45 @@ pub fn capture(
         .collect();
     let parent = parent.map(|m| m.id);
     let context = user_context(vcpu, p)?;
-    let pages = p.mem.pages().map_err(memory("reading the page tables"))?;
-    let hot: Vec<bool> = pages
-        .iter()
-        .map(|page| p.activeset.contains(page.va / PAGE, page.accessed))
-        .collect();
-    let mut classes: Vec<Option<Class>> = pages
-        .iter()
-        .map(|page| class_without_contents(p, page, parent.is_some()))
-        .collect();
-
-    // The other pages are read once, in ActiveSet-first order: checked for zeros, then
-    // handed to the writer in place, so a restore can fetch the ActiveSet in one read.
-    let order: Vec<usize> = {
-        let (hot, cold): (Vec<usize>, Vec<usize>) = (0..pages.len())
-            .filter(|&i| classes[i].is_none())
-            .partition(|&i| hot[i]);
-        hot.into_iter().chain(cold).collect()
-    };
     let pages_path = store.scratch(&id, "pages")?;
     let mut writer = PageFileWriter::create(&pages_path)?;
-    let mut stored_index = vec![0u64; pages.len()];
-    let mut activeset_prefix = 0;
-    for &i in &order {
-        // SAFETY: the app is stopped at a clean point for the capture and this thread is
-        // the only one that writes app pages; the borrows end with `writer.finish()`.
-        let bytes =
-            unsafe { p.mem.frame_bytes(pages[i].frame) }.map_err(memory("reading a page"))?;
-        if is_zero(bytes) {
-            classes[i] = Some(Class::Zero);
-            continue;
+    let others = p.tree.clone().filter(|t| t.members().len() > 1);
+    // In a tree, the other processes' pages that equal one of these are not stored again.
+    let mut stored_pages = others.is_some().then(parts::StoredPages::default);
+    let pages = p.mem.pages().map_err(memory("reading the page tables"))?;
+    let p: &Process = p;
+    let memory = capture_memory(p, pages, parent.is_some(), &mut |bytes| {
+        let index = writer.push(bytes)?;
+        if let Some(stored) = &mut stored_pages {
+            stored.note(bytes, index);
         }
-        classes[i] = Some(Class::Stored);
-        stored_index[i] = writer.push(bytes)?;
-        if hot[i] {
-            activeset_prefix += 1;
+        Ok(index)
+    })?;
+    let gathered = match (&others, &mut stored_pages) {
+        (Some(tree), Some(stored)) => {
+            let dir = store.scratch(&id, "parts")?;
+            let ask = parts::Ask {
+                dir: &dir,
+                if_idle,
+                id: &id,
+                parent: parent.as_deref(),
+            };
+            Some(parts::gather(p, tree, ask, stored, &mut |bytes| {
+                Ok(writer.push_copy(bytes)?)
+            })?)
         }
-    }
-    let classes: Vec<Class> = classes
-        .into_iter()
-        .map(|c| c.unwrap_or(Class::Zero))
-        .collect();
-    let sources: Vec<PageSource> = classes
-        .iter()
-        .zip(&stored_index)
-        .map(|(c, &index)| match c {
-            Class::Zero => PageSource::Zero,
-            Class::File => PageSource::File,
-            Class::Parent => PageSource::Parent,
-            Class::Stored => PageSource::Stored { index },
-        })
-        .collect();
+        _ => None,
+    };
     let (page_count, chunk_digests) = writer.finish()?;
 
+    let mut shared = shared_memory(p)?;
+    if let Some(gathered) = &gathered {
+        for record in gathered.shared_memory() {
+            if !shared.iter().any(|r| r.key == record.key) {
+                shared.push(record.clone());
+            }
+        }
+    }
     let (files, closed) = files::capture(p).map_err(PersistError::Unsnapshottable)?;
     if closed > 0 {
         tracing::info!("the snapshot closes {closed} connection(s)");
@@ -455,14 +613,13 @@ pub fn capture(
     };
     let data_path = store.scratch(&id, "data")?;
     let data = archive_data(p, &data_path)?;
-    let count = |class: Class| classes.iter().filter(|&&c| c == class).count() as u64;
     let stats = SnapshotStats {
-        resident_pages: pages.len() as u64,
+        resident_pages: memory.resident,
         stored_pages: page_count,
-        zero_pages: count(Class::Zero),
-        file_pages: count(Class::File),
-        parent_pages: count(Class::Parent),
-        activeset_pages: hot.iter().filter(|&&h| h).count() as u64,
+        zero_pages: memory.zero,
+        file_pages: memory.file,
+        parent_pages: memory.parent,
+        activeset_pages: memory.hot,
         closed_connections: closed,
         data_bytes: data.as_ref().map_or(0, |d| d.bytes),
         capture_us: started.elapsed().as_micros() as u64,
@@ -480,18 +637,12 @@ pub fn capture(
         cpu: p.cpu.clone(),
         context,
         vmas: vma_records(p),
-        pages: runs(pages.iter().map(|p| p.va / PAGE).zip(sources)),
+        pages: memory.runs,
         page_count,
         chunk_pages: CHUNK_PAGES,
         chunk_digests,
-        activeset_prefix,
-        activeset: ranges(
-            pages
-                .iter()
-                .zip(&hot)
-                .filter(|(_, &h)| h)
-                .map(|(pg, _)| pg.va / PAGE),
-        ),
+        activeset_prefix: memory.activeset_prefix,
+        activeset: memory.activeset,
         port_sets: p.activeset.port_sets(),
         files,
         signals: signal_record(p),
@@ -502,6 +653,8 @@ pub fn capture(
         data_digest: data.as_ref().map_or([0; 32], |d| d.digest),
         stats,
         prefetched,
+        tree: gathered.as_ref().map(|g| g.record(p)),
+        shared_memory: shared,
     };
     manifest
         .validate()
@@ -512,6 +665,9 @@ pub fn capture(
         &pages_path,
         data.map(|_| data_path.as_path()),
     )?;
+    if let Some(gathered) = gathered {
+        gathered.committed(stop);
+    }
     tracing::info!(
         id = %manifest.id,
         stored = page_count,

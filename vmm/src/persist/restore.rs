@@ -69,6 +69,9 @@ pub struct RestoreOptions {
     /// Page files that a worker feeds in while it downloads them (stream mode only): the
     /// app runs before they are here.
     pub feed: Option<super::stream::Feed>,
+    /// How the app's VMM is locked down once built: the restore of a tree of processes
+    /// locks down the VMM of each of the others the same way.
+    pub lockdown: Option<crate::sandbox::supervise::Lockdown>,
 }
 
 /// Gives the page file `file` of `manifest` fresh frames that a streamer thread fills
@@ -144,6 +147,59 @@ fn start_feed(
     .spawn()
     .map_err(|e| feed_error("starting the feed's streamer", e))?;
     Ok(())
+}
+
+/// Where a page file's pages are in guest memory.
+enum Frames {
+    /// All of them, from this frame on.
+    Contiguous(u64),
+    /// Runs of them: (first page, pages, first frame), in page order.
+    Runs(Vec<(u64, u64, u64)>),
+}
+
+impl Frames {
+    /// The frame of page `index`, if it is mapped.
+    fn frame(&self, index: u64) -> Option<u64> {
+        match self {
+            Frames::Contiguous(base) => Some(base + index * PAGE),
+            Frames::Runs(runs) => {
+                let at = runs.partition_point(|&(first, _, _)| first <= index);
+                let &(first, count, base) = runs.get(at.checked_sub(1)?)?;
+                (index < first + count).then(|| base + (index - first) * PAGE)
+            }
+        }
+    }
+
+    /// The runs of frames: (first frame, pages), for a page file of `pages` pages.
+    fn runs(&self, pages: u64) -> Vec<(u64, u64)> {
+        match self {
+            Frames::Contiguous(base) => vec![(*base, pages)],
+            Frames::Runs(runs) => runs.iter().map(|&(_, count, base)| (base, count)).collect(),
+        }
+    }
+}
+
+/// The runs (first page, pages) of the page file at `depth` that `pieces` use.
+fn referenced_runs(pieces: &[picocenter_snapshots::chain::Piece], depth: usize) -> Vec<(u64, u64)> {
+    let mut indices: Vec<(u64, u64)> = pieces
+        .iter()
+        .filter(|piece| piece.depth == depth)
+        .filter_map(|piece| match piece.source {
+            PageSource::Stored { index } => Some((index, piece.count)),
+            _ => None,
+        })
+        .collect();
+    indices.sort_unstable();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (first, count) in indices {
+        match runs.last_mut() {
+            Some((start, pages)) if first <= *start + *pages => {
+                *pages = (*pages).max(first + count - *start);
+            }
+            _ => runs.push((first, count)),
+        }
+    }
+    runs
 }
 
 /// Checks that this host offers every CPU feature the snapshot may rely on.
@@ -236,6 +292,59 @@ impl Picoprocess {
         id: &str,
         options: &RestoreOptions,
     ) -> Result<Self, PersistError> {
+        let key = config.snapshot_key.as_ref().ok_or(PersistError::NoKey)?;
+        let manifests = store::chain(store, key, id)?;
+        super::trust::check(&manifests, config)?;
+        let mut objects = super::files::SharedObjects::default();
+        let Some(tree) = manifests[0].tree.clone() else {
+            return Self::build(config, store, &manifests, options, &mut objects, None);
+        };
+        if options.feed.is_some() {
+            return Err(PersistError::Incompatible(
+                "a snapshot of several processes is restored from a whole page file, not a fed one"
+                    .into(),
+            ));
+        }
+        // The other processes' VMMs are forked first, before this one has threads or a VM;
+        // each builds its own process (see `restore_tree`) and never returns here.
+        // Each process maps the page file's pages it has, so none is streamed in whole.
+        let options = &RestoreOptions {
+            mode: match options.mode {
+                RestoreMode::Stream => RestoreMode::ActiveSet,
+                mode => mode,
+            },
+            ..options.clone()
+        };
+        // Shared memory is made before the forks, so that every process maps the same.
+        objects
+            .make_memory(&manifests[0].shared_memory)
+            .map_err(memory("making the shared memory"))?;
+        let mut first = super::restore_tree::fork_processes(
+            config, store, &manifests, &tree, options, &objects,
+        )?;
+        let picoprocess = Self::build(
+            config,
+            store,
+            &manifests,
+            options,
+            &mut objects,
+            Some(&mut first),
+        )?;
+        first.hand_on(&picoprocess, &manifests[0], &tree, &mut objects)?;
+        Ok(picoprocess)
+    }
+
+    /// Builds the picoprocess of the newest snapshot of `manifests` (for a process of a
+    /// tree other than its first, a one-manifest chain of its part: see
+    /// `Manifest::part_view`). `role`: its place in a tree, if the app is one.
+    pub(super) fn build(
+        config: &Config,
+        store: &dyn Store,
+        manifests: &[picocenter_snapshots::format::Manifest],
+        options: &RestoreOptions,
+        objects: &mut super::files::SharedObjects,
+        mut role: Option<&mut dyn super::restore_tree::Role>,
+    ) -> Result<Self, PersistError> {
         let started = Instant::now();
         // Where the time goes, for `RUST_LOG=picocenter_vmm=debug`.
         let phase = |name: &str| {
@@ -244,9 +353,8 @@ impl Picoprocess {
                 "restore: {name}"
             )
         };
-        let key = config.snapshot_key.as_ref().ok_or(PersistError::NoKey)?;
-        let manifests = store::chain(store, key, id)?;
-        super::trust::check(&manifests, config)?;
+        // The data archive is the app's, unpacked once, by its first process.
+        let first_process = role.as_ref().is_none_or(|r| r.is_first());
         let newest = &manifests[0];
         let hot_pages = hot_set(newest, options.first_port);
         tracing::debug!(
@@ -255,7 +363,7 @@ impl Picoprocess {
             app_wide = newest.activeset.iter().map(|r| r.count).sum::<u64>(),
             "restore: the pages that come first"
         );
-        let pieces = resolve_all(&manifests).ok_or_else(|| {
+        let pieces = resolve_all(manifests).ok_or_else(|| {
             PersistError::Incompatible("some pages are in no snapshot of the chain".into())
         })?;
         // Refuse a damaged snapshot before anything is built from it: every page read up
@@ -312,13 +420,28 @@ impl Picoprocess {
             }
             page_files.push(path);
         }
-        check_data(store, newest, config)?;
+        if first_process {
+            check_data(store, newest, config)?;
+        }
         phase("verified");
         let (parts, mut space, sandbox) =
             builder::prepare(config).map_err(|e| PersistError::Incompatible(e.to_string()))?;
         phase("vm");
         check_cpu(newest, &parts)?;
-        unpack_data(store, newest, config)?;
+        if first_process {
+            unpack_data(store, newest, config)?;
+            // Unpacked as root: the app's files are its user's again.
+            if let Some(lockdown) = &options.lockdown {
+                for (_, host) in &config.writable {
+                    lockdown.own(host).map_err(|e| {
+                        PersistError::Incompatible(format!(
+                            "giving the restored {} to the app: {e}",
+                            host.display()
+                        ))
+                    })?;
+                }
+            }
+        }
 
         // Page files become guest memory.
         let mut bases = Vec::new();
@@ -330,7 +453,7 @@ impl Picoprocess {
                     .map_err(memory("reserving frames for a fed page file"))?;
                 space.note_streamed(base, m.page_count * PAGE);
                 fed_levels.push((level, host));
-                bases.push(base);
+                bases.push(Frames::Contiguous(base));
                 continue;
             }
             let file = File::open(path).map_err(|source| PersistError::Data {
@@ -338,18 +461,36 @@ impl Picoprocess {
                 source,
             })?;
             if depth == 0 && options.mode == RestoreMode::Stream && m.page_count > 0 {
-                bases.push(stream_in(&mut space, file, m)?);
+                bases.push(Frames::Contiguous(stream_in(&mut space, file, m)?));
                 continue;
             }
-            bases.push(
+            if role.is_some() {
+                // A tree's page file holds every process's pages: each process maps only
+                // those it has, or it would run out of frames for the others'.
+                let runs = referenced_runs(&pieces, depth);
+                let firsts = space
+                    .attach_page_runs(std::os::fd::AsFd::as_fd(&file), &runs)
+                    .map_err(memory("mapping the page file"))?;
+                bases.push(Frames::Runs(
+                    runs.iter()
+                        .zip(firsts)
+                        .map(|(&(first, count), base)| (first, count, base))
+                        .collect(),
+                ));
+                continue;
+            }
+            bases.push(Frames::Contiguous(
                 space
                     .attach_page_file(std::os::fd::AsFd::as_fd(&file), m.page_count)
                     .map_err(memory("mapping the page file"))?,
-            );
+            ));
         }
         phase("attached");
 
         // Areas, then pages.
+        objects
+            .make_memory(&newest.shared_memory)
+            .map_err(memory("making the shared memory"))?;
         for record in &newest.vmas {
             let backing = match &record.backing {
                 BackingRecord::Anonymous => Backing::Anonymous,
@@ -371,6 +512,35 @@ impl Picoprocess {
                         immutable: *immutable,
                     }
                 }
+                BackingRecord::Shared {
+                    path,
+                    offset,
+                    memory: 0,
+                } => {
+                    // A file in a writable directory, which the data archive brought back.
+                    let fd = sandbox
+                        .open(path, rustix::fs::OFlags::RDWR, rustix::fs::Mode::empty())
+                        .map_err(|errno| PersistError::Memory {
+                            what: "reopening a file mapped shared",
+                            errno,
+                        })?;
+                    Backing::Shared {
+                        file: Arc::new(File::from(fd)),
+                        offset: *offset,
+                        path: path.as_str().into(),
+                    }
+                }
+                BackingRecord::Shared {
+                    path,
+                    offset,
+                    memory,
+                } => Backing::Shared {
+                    file: objects.memory.get(memory).cloned().ok_or_else(|| {
+                        PersistError::Incompatible(format!("no shared memory {memory:#x}"))
+                    })?,
+                    offset: *offset,
+                    path: path.as_str().into(),
+                },
             };
             let role = match record.role {
                 1 => VmaRole::Heap,
@@ -399,14 +569,19 @@ impl Picoprocess {
         let mut preset_pages: Vec<u64> = Vec::new();
         let mut file_pages: Vec<u64> = Vec::new();
         // The fed chunks that hold the pages that come first.
-        let fed_first = hot_chunks(&manifests, &pieces, hot_pages, |depth| {
+        let fed_first = hot_chunks(manifests, &pieces, hot_pages, |depth| {
             fed_level[depth].map(|level| level as u32)
         });
         for piece in pieces {
             let vpns = piece.vpn..piece.vpn + piece.count;
             match piece.source {
                 PageSource::Stored { index } => {
-                    let frame = bases[piece.depth] + index * PAGE;
+                    let frame = bases[piece.depth].frame(index).ok_or_else(|| {
+                        PersistError::Incompatible(format!(
+                            "page {:#x} is not in its page file",
+                            piece.vpn * PAGE
+                        ))
+                    })?;
                     space
                         .map_restored_run(piece.vpn * PAGE, frame, piece.count, |i| {
                             preset(piece.vpn + i)
@@ -460,15 +635,17 @@ impl Picoprocess {
                 source: e.into(),
             })?;
             first_request = Some(crate::kernel::process::FirstRequest::new(notice.0));
-            start_feed(feed, &manifests, fed_levels, fed_first, Some(notice.1))?;
+            start_feed(feed, manifests, fed_levels, fed_first, Some(notice.1))?;
         }
         match options.mode {
             RestoreMode::Eager => {
-                for (m, &base) in manifests.iter().zip(&bases) {
-                    if m.page_count > 0 {
-                        space
-                            .prefault(base, m.page_count * PAGE)
-                            .map_err(memory("reading the snapshot in"))?;
+                for (m, frames) in manifests.iter().zip(&bases) {
+                    for (base, pages) in frames.runs(m.page_count) {
+                        if pages > 0 {
+                            space
+                                .prefault(base, pages * PAGE)
+                                .map_err(memory("reading the snapshot in"))?;
+                        }
                     }
                 }
             }
@@ -522,8 +699,11 @@ impl Picoprocess {
         };
         process.activeset.restored(preset_pages, presets);
         process.first_request = first_request;
+        if let Some(role) = role.as_mut() {
+            role.set_up(&mut process)?;
+        }
         phase("process");
-        super::files::restore(&mut process, &newest.files)?;
+        super::files::restore(&mut process, &newest.files, objects)?;
         process.restored_from = Some((store.describe(), newest.id.clone()));
         process.prefetched = matches!(options.mode, RestoreMode::ActiveSet | RestoreMode::Stream)
             .then(|| picocenter_snapshots::format::PrefetchRecord {

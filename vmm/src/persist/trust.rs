@@ -112,12 +112,29 @@ fn check_pages(chain: &[Manifest], have: u64) -> Result<(), TrustError> {
             Ok(())
         }
     };
+    let count = |runs: &[picocenter_snapshots::format::PageRun]| {
+        runs.iter()
+            .fold(0u64, |sum, run| sum.saturating_add(run.count))
+    };
     for m in chain {
-        let resident = m
-            .pages
-            .iter()
-            .fold(0u64, |sum, run| sum.saturating_add(run.count));
-        too_large(format!("the resident pages of snapshot {}", m.id), resident)?;
+        too_large(
+            format!("the resident pages of snapshot {}", m.id),
+            count(&m.pages),
+        )?;
+        for part in m.tree.iter().flat_map(|t| &t.others) {
+            too_large(
+                format!(
+                    "the resident pages of process {} in snapshot {}",
+                    part.pid, m.id
+                ),
+                count(&part.pages),
+            )?;
+        }
+    }
+    if chain.iter().any(|m| m.tree.is_some()) {
+        // Each process of a tree maps only the pages it has of the page files, which
+        // hold every process's.
+        return Ok(());
     }
     let attached = chain
         .iter()

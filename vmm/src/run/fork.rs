@@ -84,18 +84,7 @@ impl Exits<'_, '_> {
             match AppTree::new(p.ids, std::process::id() as i32, highest) {
                 Ok(tree) => {
                     let tree = Arc::new(tree);
-                    let listed = tree.clone();
-                    self.live.attach_processes(Box::new(move || {
-                        listed
-                            .members()
-                            .into_iter()
-                            .map(|m| crate::control::AppProcess {
-                                pid: m.pid,
-                                host_pid: m.host_pid,
-                                pgid: m.pgid,
-                            })
-                            .collect()
-                    }));
+                    self.live.attach_processes(tree.clone().lister());
                     p.tree = Some(tree);
                     p.describe_in_tree();
                 }
@@ -263,7 +252,8 @@ impl Exits<'_, '_> {
             if !fds[0].revents().is_empty() {
                 return;
             }
-            let stop = reason::STOP | reason::TIMEOUT | reason::FAILED | reason::PAUSE;
+            let stop =
+                reason::STOP | reason::TIMEOUT | reason::FAILED | reason::PAUSE | reason::CAPTURE;
             if self.p.kicker.pending() & stop != 0 {
                 return;
             }

@@ -220,11 +220,15 @@ impl Picoprocess {
                 syscalls::thread::release_robust_lists_at_exit(&mut p);
             }
             let orphan = std::os::unix::process::parent_id() as i32 != p.parent_host_pid;
-            if let (true, true, Some(tree)) = (p.forked, orphan, &p.tree) {
+            if let (true, Some(tree)) = (p.forked, &p.tree) {
                 // An orphan has no parent to reap it and free its place; a child whose
                 // parent lives keeps its place until it is waited for, as a zombie counts
-                // against RLIMIT_NPROC.
-                tree.release(p.ids.pid);
+                // against RLIMIT_NPROC (and keeps a tree snapshot from being taken).
+                if orphan {
+                    tree.release(p.ids.pid);
+                } else {
+                    tree.set_ended(p.ids.pid);
+                }
             }
             p.forked
         };
@@ -861,14 +865,19 @@ impl Exits<'_, '_> {
             }
         }
         // The operator's requests (a snapshot among them) wait for a clean point.
-        if pending & reason::PAUSE != 0 && self.at_clean_point()? {
+        if pending & (reason::PAUSE | reason::CAPTURE) != 0 && self.at_clean_point()? {
             // Every thread parked, so that the requests see them all at a clean point.
             if !self.stop_the_world()? {
                 return self.final_kicks();
             }
-            self.p.kicker.clear(reason::PAUSE);
+            self.p.kicker.clear(reason::PAUSE | reason::CAPTURE);
             for op in self.ops.take() {
                 if let Some(outcome) = self.perform(op)? {
+                    return Ok(Some(outcome));
+                }
+            }
+            if pending & reason::CAPTURE != 0 {
+                if let Some(outcome) = self.write_part()? {
                     return Ok(Some(outcome));
                 }
             }
@@ -919,6 +928,45 @@ impl Exits<'_, '_> {
         Ok(None)
     }
 
+    /// In a process other than the app's first, every thread parked: writes its part of
+    /// the tree snapshot the first one asked for, then waits to learn whether the app
+    /// ends (saved to stop) or goes on.
+    fn write_part(&mut self) -> Result<Option<RunOutcome>, VmmError> {
+        let Some(tree) = self.p.tree.clone() else {
+            return Ok(None);
+        };
+        let pid = self.p.ids.pid;
+        let Some(request) = tree.capture_request(pid) else {
+            return Ok(None);
+        };
+        let status = crate::persist::parts::write_part(self.vcpu, self.p, &request);
+        tree.report_capture(pid, request.generation, status);
+        use crate::kernel::tree::{CaptureStatus, Verdict};
+        if status != CaptureStatus::Done {
+            return Ok(None);
+        }
+        // The first process commits the snapshot meanwhile; if it ends first, so does
+        // this process (see `RootWatch`).
+        loop {
+            if let Some(outcome) = self.final_kicks()? {
+                return Ok(Some(outcome));
+            }
+            match tree.capture_verdict(request.generation) {
+                Some(Verdict::End) => return Ok(Some(RunOutcome::Snapshotted(request.id))),
+                Some(Verdict::Saved) => {
+                    if let Err(e) = crate::persist::parts::saved(self.p, &request) {
+                        // The next snapshot is then a full one of this process's pages.
+                        tracing::warn!("after a snapshot: {e}");
+                        self.p.restored_from = None;
+                    }
+                    return Ok(None);
+                }
+                Some(Verdict::Abandoned) => return Ok(None),
+                None => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+        }
+    }
+
     /// Does what the control socket asked, with the app at a clean point.
     fn perform(&mut self, op: PendingOp) -> Result<Option<RunOutcome>, VmmError> {
         match op {
@@ -946,7 +994,12 @@ impl Exits<'_, '_> {
                 let result = picocenter_snapshots::LocalStore::open(&dir)
                     .map_err(crate::persist::PersistError::from)
                     .and_then(|store| {
-                        let manifest = crate::persist::capture(self.vcpu, self.p, &store, full)?;
+                        let options = crate::persist::CaptureOptions {
+                            full,
+                            stop,
+                            if_idle,
+                        };
+                        let manifest = crate::persist::capture(self.vcpu, self.p, &store, options)?;
                         if !stop {
                             crate::persist::saved(self.p, &store, &manifest)?;
                         }
@@ -965,6 +1018,11 @@ impl Exits<'_, '_> {
                         if stop {
                             return Ok(Some(RunOutcome::Snapshotted(manifest.id)));
                         }
+                    }
+                    Err(e @ crate::persist::PersistError::Busy(_)) => {
+                        let error = e.to_string();
+                        tracing::info!("no snapshot: {error}");
+                        reply.send(serde_json::json!({"ok": false, "busy": true, "error": error}));
                     }
                     Err(e) => {
                         let error = crate::report::error_chain(&e);

@@ -27,7 +27,7 @@ pub const DEFAULT_UIDS: (u32, u32) = (2_000_000_000, 2_000_065_535);
 const HOST_TASKS_PER_APP: libc::rlim_t = 1024;
 
 /// Locks a built VMM down: called by the VMM once it holds everything it needs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Lockdown {
     identity: Option<(u32, u32)>,
 }
@@ -59,6 +59,16 @@ fn restore_parent_death_signal(signal: i32, parent: u32) -> Result<(), JailError
 }
 
 impl Lockdown {
+    /// Gives `path` and everything in it to the app's user, as the jail gave the app's
+    /// directories before the VMM started: for what the VMM made in them since as root
+    /// (a restore's unpacked data).
+    pub fn own(&self, path: &Path) -> Result<(), JailError> {
+        match self.identity {
+            Some((uid, _)) => give(path, uid, uid_range()?),
+            None => Ok(()),
+        }
+    }
+
     /// Drops to the app's user (as root) and installs the seccomp filter.
     pub fn now(&self) -> Result<(), JailError> {
         match self.identity {
