@@ -12,18 +12,24 @@
 //! the forks (copy-on-write keeps the 64 MiB shared).
 //!
 //! Last, Debian's nginx as one process (the image's `master_process off`) against a master
-//! with two workers, under wrk `-t1 -c10` for 3 s, in alternating rounds.
+//! with two workers, under wrk `-t1 -c10` for 3 s, in alternating rounds; then both swapped
+//! out and in again, in alternating rounds: the time `snapshot create --stop` takes, the
+//! time from starting `snapshot restore` to the end of the first response, and the pages
+//! each snapshot stores (a tree stores what its processes share once).
 //!
-//! Run with `cargo bench --bench processes`.
+//! Run with `cargo bench --bench processes` (`-- swaps` for the swap cycles alone).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use common::{
-    guest, install, median, nginx_with_workers, picocenter, printed_number, wrk, Link, Server,
+    describe, guest, http, install, median, nginx_with_workers, picocenter, printed_number,
+    run_with_limit, wrk, Link, Server,
 };
 use std::io::BufRead;
+use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 5;
 
@@ -50,6 +56,10 @@ fn bench_root() -> tempfile::TempDir {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "swaps") {
+        nginx_swaps();
+        return;
+    }
     let root = bench_root();
     let root_arg = root.path().to_str().unwrap().to_string();
     let native_program = root.path().join("bin/fork_bench");
@@ -105,6 +115,106 @@ fn main() {
     }
     idle_children_memory(&root_arg);
     nginx_workers();
+    nginx_swaps();
+}
+
+/// `picocenter snapshot ARGS...`, which must succeed; returns its stdout.
+fn snapshot(args: &[&str]) -> String {
+    let mut cmd = picocenter();
+    cmd.arg("snapshot").args(args);
+    let out = run_with_limit(&mut cmd, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "snapshot {args:?}: {}",
+        describe(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Swaps app `name` out into `dir`: (milliseconds, pages stored).
+fn swap_out(name: &str, dir: &Path) -> (f64, u64) {
+    let started = Instant::now();
+    let said = snapshot(&["create", name, "-o", dir.to_str().unwrap(), "--stop"]);
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    let stored = said
+        .split_once(" pages stored")
+        .and_then(|(before, _)| before.rsplit(['(', ' ']).next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no page count in {said:?}"));
+    (ms, stored)
+}
+
+/// Restores the newest snapshot in `dir` and returns it with the milliseconds to the end
+/// of the first response to `GET /` at `address`.
+fn swap_in(dir: &Path, address: &str) -> (std::process::Child, f64) {
+    let started = Instant::now();
+    let child = picocenter()
+        .args(["snapshot", "restore"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let address: std::net::SocketAddr = address.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(address).is_err() {
+        assert!(Instant::now() < deadline, "nothing answered at {address}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!(http(address, "GET", "/", b"").status, 200);
+    (child, started.elapsed().as_secs_f64() * 1e3)
+}
+
+/// nginx as one process against a master with two workers through swap cycles.
+fn nginx_swaps() {
+    let apps = [
+        ("bench-swap-single", "127.0.12.3:80"),
+        ("bench-swap-workers", "127.0.12.4:80"),
+    ];
+    let single = Server::start("nginx", apps[0].0, "127.0.12.3", 80, &[]);
+    let (workers, _data) = nginx_with_workers(apps[1].0, "127.0.12.4");
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut out_ms = [Vec::new(), Vec::new()];
+    let mut in_ms = [Vec::new(), Vec::new()];
+    let mut stored = [0u64; 2];
+    let mut full = [0u64; 2];
+    for (i, server) in [single, workers].into_iter().enumerate() {
+        assert_eq!(http(server.address, "GET", "/", b"").status, 200);
+        full[i] = swap_out(apps[i].0, dirs[i].path()).1;
+        let _ = server.stop_waiting();
+    }
+    for _ in 0..ROUNDS {
+        for i in 0..2 {
+            let (mut child, ms) = swap_in(dirs[i].path(), apps[i].1);
+            in_ms[i].push(ms);
+            let (ms, pages) = swap_out(apps[i].0, dirs[i].path());
+            out_ms[i].push(ms);
+            stored[i] = pages;
+            let _ = child.wait();
+        }
+    }
+    let medians = |lists: &mut [Vec<f64>; 2]| [median(&mut lists[0]), median(&mut lists[1])];
+    let (out, into) = (medians(&mut out_ms), medians(&mut in_ms));
+    println!("nginx swap cycles, median of {ROUNDS}: one process, then a master and 2 workers");
+    println!(
+        "  snapshot create --stop     {:8.1} ms {:8.1} ms  ratio {:.2}",
+        out[0],
+        out[1],
+        out[1] / out[0]
+    );
+    println!(
+        "  restore to first response  {:8.1} ms {:8.1} ms  ratio {:.2}",
+        into[0],
+        into[1],
+        into[1] / into[0]
+    );
+    for (what, pages) in [("first, full", full), ("last, increment", stored)] {
+        println!(
+            "  pages stored ({what:<15}) {:6} {:11}     ratio {:.2}",
+            pages[0],
+            pages[1],
+            pages[1] as f64 / pages[0].max(1) as f64
+        );
+    }
 }
 
 /// Requests per second of nginx as one process and as a master with two workers.

@@ -352,6 +352,33 @@ fn inspect(
         m.files.len(),
         m.stats.closed_connections
     );
+    if let Some(tree) = &m.tree {
+        // The first process is the manifest's own; each other one keeps its own pages.
+        println!("  processes     {}", tree.others.len() + 1);
+        for part in &tree.others {
+            let resident: u64 = part.pages.iter().map(|r| r.count).sum();
+            let stored: u64 = part
+                .pages
+                .iter()
+                .filter(|r| matches!(r.source, PageSource::Stored { .. }))
+                .map(|r| r.count)
+                .sum();
+            println!(
+                "    pid {:<7} parent {:<7} {} ({resident} pages resident, {stored} in the page file, {} descriptors)",
+                part.pid,
+                part.ppid,
+                part.exe,
+                part.files.len()
+            );
+        }
+    }
+    if !m.shared_memory.is_empty() {
+        let bytes: usize = m.shared_memory.iter().map(|r| r.data.len()).sum();
+        println!(
+            "  shared memory {} area(s), {bytes} bytes",
+            m.shared_memory.len()
+        );
+    }
     println!("  size          {}", size_line(&manifests, &store)?);
     let mut healthy = true;
     for each in &manifests {

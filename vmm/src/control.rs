@@ -258,6 +258,10 @@ impl LiveStats {
     /// Reports the app's processes through `lister` from now on.
     pub fn attach_processes(&self, lister: ProcessLister) {
         let _ = self.processes.set(Lister(lister));
+        // The worker counts the other processes' CPU from now on (idle detection).
+        if let Some(page) = self.page.get() {
+            page.mark_tree();
+        }
     }
 
     /// The app's processes; none listed until it forks (it is one process).

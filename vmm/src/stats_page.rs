@@ -5,16 +5,18 @@
 //! looks at it; asking through the control socket would wake a thread every time.
 //!
 //! Layout, little-endian u64 words: `[MAGIC, VERSION, pid, syscalls, connections,
-//! frames_in_use, frames_total, retired CPU ns, thread count, tids...]`. The retired CPU is
-//! that of app threads that have ended (a mailbox poller retires while the app idles), so
-//! that the app's CPU time never goes back.
+//! frames_in_use, frames_total, retired CPU ns, tree, thread count, tids...]`. The retired
+//! CPU is that of app threads that have ended (a mailbox poller retires while the app
+//! idles), so that the app's CPU time never goes back. `tree` is 1 once the app has other
+//! processes: each is a VMM forked from this one's, whose CPU the reader adds (from the
+//! kernel's lists of children), so that the whole tree counts.
 
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"PICOSTAT");
-const VERSION: u64 = 2;
+const VERSION: u64 = 3;
 const SIZE: usize = 4096;
 /// Word indexes.
 const PID: usize = 2;
@@ -23,8 +25,12 @@ const CONNECTIONS: usize = 4;
 const FRAMES_IN_USE: usize = 5;
 const FRAMES_TOTAL: usize = 6;
 const RETIRED_CPU: usize = 7;
-const THREADS: usize = 8;
-const FIRST_TID: usize = 9;
+const TREE: usize = 8;
+const THREADS: usize = 9;
+const FIRST_TID: usize = 10;
+/// Most processes a reader looks for below a VMM (an app has at most 64, each with a
+/// supervisor-free VMM; the first one's supervisor is one more).
+const MAX_DESCENDANTS: usize = 256;
 /// Most threads named (the vCPU and mailbox threads, and later one vCPU a thread).
 pub const MAX_THREADS: usize = SIZE / 8 - FIRST_TID;
 
@@ -94,6 +100,11 @@ impl StatsPage {
             .store(frames_total, Ordering::Relaxed);
     }
 
+    /// Says that the app has other processes, whose CPU time readers add.
+    pub fn mark_tree(&self) {
+        self.word(TREE).store(1, Ordering::Release);
+    }
+
     /// Names thread `tid` as one that works for the app.
     pub fn add_thread(&self, tid: i32) {
         let _list = self.threads.lock().unwrap_or_else(|e| e.into_inner());
@@ -145,9 +156,11 @@ pub struct PageStats {
     pub connections: u64,
     /// Guest memory in use, bytes.
     pub memory_bytes: u64,
-    /// CPU time of the whole VMM process, nanoseconds.
+    /// CPU time of the whole VMM process and of the VMMs of the app's other processes,
+    /// nanoseconds.
     pub cpu_ns: u64,
-    /// CPU time of the threads that work for the app, nanoseconds.
+    /// CPU time of the threads that work for the app, and of the VMMs of the app's other
+    /// processes, nanoseconds.
     pub app_cpu_ns: u64,
     /// Resident memory of the VMM, bytes.
     pub rss_bytes: u64,
@@ -169,6 +182,8 @@ pub struct StatsView {
     path: std::path::PathBuf,
     pid: u32,
     last: Option<PageStats>,
+    /// The page said the app has other processes.
+    tree: bool,
 }
 
 impl StatsView {
@@ -181,13 +196,20 @@ impl StatsView {
             path: path.to_path_buf(),
             pid,
             last: None,
+            tree: false,
         })
     }
 
     /// The counters now. `None` if the page is not (or no longer) a whole page of the
     /// VMM this view was opened for, or that VMM is gone.
     pub fn read(&mut self) -> Option<PageStats> {
-        let cpu_ns = process_cpu_ns(self.pid)?;
+        let own_cpu_ns = process_cpu_ns(self.pid)?;
+        let others_ns = if self.tree {
+            descendants_cpu_ns(self.pid)
+        } else {
+            0
+        };
+        let mut cpu_ns = own_cpu_ns.saturating_add(others_ns);
         if let Some(last) = self.last.as_ref().filter(|last| last.cpu_ns == cpu_ns) {
             // Nothing of the VMM ran since the last look: neither its page, nor its
             // threads' times, nor its memory can have changed.
@@ -202,6 +224,13 @@ impl StatsView {
         if pid != self.pid {
             return None;
         }
+        let mut others_ns = others_ns;
+        if !self.tree && page.word(TREE)? != 0 {
+            // The app has just become a tree: from now on its other processes count.
+            self.tree = true;
+            others_ns = descendants_cpu_ns(self.pid);
+            cpu_ns = own_cpu_ns.saturating_add(others_ns);
+        }
         let (app_cpu_ns, rss_bytes) = match &self.last {
             // Never less than before: a retiring thread's time is kept as of when it fell
             // asleep, a few microseconds short of what /proc said of it since.
@@ -213,7 +242,7 @@ impl StatsView {
         };
         // The VMM writes the page (and may be subverted, or read mid-update): its
         // threads' time can never be more than the whole process's, which the kernel says.
-        let app_cpu_ns = app_cpu_ns.min(cpu_ns);
+        let app_cpu_ns = app_cpu_ns.min(own_cpu_ns).saturating_add(others_ns);
         let stats = PageStats {
             pid,
             syscalls: page.word(SYSCALLS)?,
@@ -297,6 +326,36 @@ fn process_cpu_ns(pid: u32) -> Option<u64> {
     secs.checked_mul(1_000_000_000)?.checked_add(nanos)
 }
 
+/// The CPU time of every process below `pid` (the VMMs of an app's other processes, each
+/// a fork of its parent's, and the first one's supervisor), from the kernel's lists of
+/// each thread's children; at most [`MAX_DESCENDANTS`] of them.
+fn descendants_cpu_ns(pid: u32) -> u64 {
+    let mut queue = vec![pid];
+    let mut seen = 0usize;
+    let mut total = 0u64;
+    while let Some(parent) = queue.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
+                seen += 1;
+                if seen > MAX_DESCENDANTS {
+                    return total;
+                }
+                total = total.saturating_add(process_cpu_ns(child).unwrap_or(0));
+                queue.push(child);
+            }
+        }
+    }
+    total
+}
+
 fn rss_bytes(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
@@ -365,6 +424,35 @@ mod tests {
         std::fs::write(&path, b"nope").unwrap();
         busy_for(std::time::Duration::from_millis(1));
         assert_eq!(view.read(), None);
+    }
+
+    /// Once the page says the app is a tree, its other processes' CPU counts: here a
+    /// forked child that works while this process does not.
+    #[test]
+    fn the_cpu_of_other_processes_counts_once_the_app_is_a_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.stats");
+        let page = StatsPage::create(&path).unwrap();
+        let mut view = StatsView::open(&path, std::process::id()).unwrap();
+        let before = view.read().unwrap();
+        page.mark_tree();
+        // SAFETY: the child only spins and _exits; it touches nothing shared.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            busy_for(std::time::Duration::from_millis(150));
+            // SAFETY: ends the forked test process at once.
+            unsafe { libc::_exit(0) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let during = view.read().unwrap();
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        assert!(
+            during.app_cpu_ns >= before.app_cpu_ns + 50_000_000,
+            "{before:?} then {during:?}"
+        );
+        assert!(during.cpu_ns >= during.app_cpu_ns);
     }
 
     #[test]
