@@ -1331,3 +1331,47 @@ fn processes_of(name: &str) -> usize {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no process count in {line:?}"))
 }
+
+/// An app with a stopped process is not snapshotted (a restore would bring it back
+/// running): the refusal says so at once, and the app goes on; once the process is
+/// continued, the snapshot is taken.
+#[test]
+fn a_tree_with_a_stopped_process_is_refused_until_it_continues() {
+    use std::io::BufRead;
+    let root = busybox_shell_root();
+    let dir = tempfile::tempdir().unwrap();
+    let name = "test-snap-stopped";
+    let script = "sleep 300 &\nchild=$!\nkill -STOP $child\necho stopped\n\
+                  read line\nkill -CONT $child\necho continued\nwait\n";
+    std::fs::write(root.path().join("stopped.sh"), script).unwrap();
+    let mut child = picocenter()
+        .args(["run", "--name", name, "--root"])
+        .arg(root.path())
+        .args(["/bin/sh", "/stopped.sh"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "stopped");
+    let started = std::time::Instant::now();
+    let out = snapshot(&["create", name, "-o", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is stopped"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the refusal took long"
+    );
+    use std::io::Write;
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "continued");
+    let out = snapshot(&["create", name, "-o", dir.path().to_str().unwrap(), "--stop"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

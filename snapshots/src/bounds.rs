@@ -158,6 +158,9 @@ fn check_shared_memory(m: &Manifest) -> Checked {
 /// Most processes a tree snapshot holds (the VMM's own limit on an app's processes).
 pub const MAX_PROCESSES: usize = 64;
 
+/// The highest pid an app hands out (Linux's default pid_max).
+pub const PID_MAX: i32 = 4_194_304;
+
 /// The other processes of a tree: each checked as a manifest of its own, with pids that
 /// are unique and parents that come before their children.
 fn check_tree(m: &Manifest) -> Checked {
@@ -166,6 +169,18 @@ fn check_tree(m: &Manifest) -> Checked {
     };
     ensure(tree.others.len() < MAX_PROCESSES, || {
         format!("{} processes", tree.others.len() + 1)
+    })?;
+    ensure(
+        tree.pid > 0 && tree.pid < tree.next_pid && tree.next_pid <= PID_MAX,
+        || {
+            format!(
+                "first process pid {} or next pid {}",
+                tree.pid, tree.next_pid
+            )
+        },
+    )?;
+    ensure(tree.pgid > 0 && tree.sid > 0, || {
+        "the first process's group or session".into()
     })?;
     let mut pids = vec![tree.pid];
     for part in &tree.others {

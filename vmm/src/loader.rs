@@ -440,6 +440,16 @@ pub fn load(
     info: &ExecInfo<'_>,
 ) -> Result<StartState, LoadError> {
     let (program, argv) = resolve_scripts(sandbox, info.path, info.argv)?;
+    // The areas name the program by its own path, links resolved (/proc/self/exe, how
+    // busybox runs its applets, is a link): as /proc/<pid>/maps shows it on Linux, and
+    // what a restore opens again, in a process that has no /proc yet.
+    let program = sandbox
+        .open_resolved(
+            &program,
+            rustix::fs::OFlags::PATH,
+            rustix::fs::Mode::empty(),
+        )
+        .map_or(program, |opened| opened.path);
     let exe = map_elf(space, sandbox, &program, false)?;
     space.set_brk_start(exe.end.next_multiple_of(PAGE));
     let (entry, interp_base) = match &exe.interp {

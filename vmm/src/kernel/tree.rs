@@ -258,6 +258,8 @@ struct CaptureBoard {
     generation: AtomicU32,
     /// The generation, shifted by 4, and a `VERDICT_*`: what the others do afterwards.
     verdict: AtomicU32,
+    /// The generation, shifted by 4, and a `PHASE_*`.
+    phase: AtomicU32,
     if_idle: AtomicU32,
     dir: [AtomicU64; DESCRIBED_PATH / 8],
     dir_len: AtomicU32,
@@ -276,6 +278,11 @@ const CAPTURE_REQUESTED: u32 = 1;
 const CAPTURE_DONE: u32 = 2;
 const CAPTURE_BUSY: u32 = 3;
 const CAPTURE_FAILED: u32 = 4;
+const CAPTURE_PARKED: u32 = 5;
+/// In `CaptureBoard::phase`: the processes park (every thread at a clean point).
+const PHASE_PARK: u32 = 1;
+/// Every process is parked: each writes its part.
+const PHASE_WRITE: u32 = 2;
 const VERDICT_END: u32 = 1;
 const VERDICT_SAVED: u32 = 2;
 const VERDICT_ABANDONED: u32 = 3;
@@ -310,8 +317,10 @@ pub enum Verdict {
 /// Where one process's part of a tree snapshot stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaptureStatus {
-    /// Not written yet.
+    /// Asked, not parked yet.
     Pending,
+    /// Parked at a clean point, every thread of it, until the first process says write.
+    Parked,
     /// Written.
     Done,
     /// Not written: the process is not idle.
@@ -667,6 +676,9 @@ impl AppTree {
         store_path(&board.parent, &board.parent_len, parent.unwrap_or(""));
         board.if_idle.store(u32::from(if_idle), Ordering::SeqCst);
         board.verdict.store(0, Ordering::SeqCst);
+        board
+            .phase
+            .store(generation << 4 | PHASE_PARK, Ordering::SeqCst);
         for &pid in pids {
             if let Some(slot) = self.slot_of(pid) {
                 slot.capture
@@ -684,34 +696,48 @@ impl AppTree {
         if slot.capture.load(Ordering::SeqCst) != generation << 4 | CAPTURE_REQUESTED {
             return None;
         }
-        Some(CaptureRequest {
+        let request = CaptureRequest {
             generation,
             dir: load_path(&board.dir, &board.dir_len)?,
             if_idle: board.if_idle.load(Ordering::SeqCst) != 0,
             id: load_path(&board.id, &board.id_len)?,
             parent: load_path(&board.parent, &board.parent_len),
-        })
+        };
+        // A newer announcement while the fields were read may have mixed them.
+        (board.generation.load(Ordering::SeqCst) == generation).then_some(request)
     }
 
-    /// Records where `pid`'s part of snapshot `generation` stands.
+    /// Records where `pid`'s part of snapshot `generation` stands: from asked to parked,
+    /// busy or failed, and from parked to written or failed.
     pub fn report_capture(&self, pid: i32, generation: u32, status: CaptureStatus) {
         let state = match status {
             CaptureStatus::Pending => CAPTURE_REQUESTED,
+            CaptureStatus::Parked => CAPTURE_PARKED,
             CaptureStatus::Done => CAPTURE_DONE,
             CaptureStatus::Busy => CAPTURE_BUSY,
             CaptureStatus::Failed => CAPTURE_FAILED,
         };
-        if let Some(slot) = self.slot_of(pid) {
-            let _ = slot.capture.compare_exchange(
-                generation << 4 | CAPTURE_REQUESTED,
-                generation << 4 | state,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            );
+        let Some(slot) = self.slot_of(pid) else {
+            return;
+        };
+        for from in [CAPTURE_REQUESTED, CAPTURE_PARKED] {
+            if slot
+                .capture
+                .compare_exchange(
+                    generation << 4 | from,
+                    generation << 4 | state,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+            {
+                return;
+            }
         }
     }
 
-    /// Where `pid`'s part of snapshot `generation` stands (failed if `pid` is gone).
+    /// Where `pid`'s part of snapshot `generation` stands (failed if `pid` is gone or
+    /// ended before writing it).
     pub fn capture_status(&self, pid: i32, generation: u32) -> CaptureStatus {
         let Some(slot) = self.slot_of(pid) else {
             return CaptureStatus::Failed;
@@ -720,16 +746,39 @@ impl AppTree {
         if state >> 4 != generation {
             return CaptureStatus::Failed;
         }
-        if state & 0xf == CAPTURE_REQUESTED && slot.ended.load(Ordering::SeqCst) != 0 {
-            // It ended before writing its part.
+        let waiting = matches!(state & 0xf, CAPTURE_REQUESTED | CAPTURE_PARKED);
+        if waiting && slot.ended.load(Ordering::SeqCst) != 0 {
             return CaptureStatus::Failed;
         }
         match state & 0xf {
             CAPTURE_REQUESTED => CaptureStatus::Pending,
+            CAPTURE_PARKED => CaptureStatus::Parked,
             CAPTURE_DONE => CaptureStatus::Done,
             CAPTURE_BUSY => CaptureStatus::Busy,
             _ => CaptureStatus::Failed,
         }
+    }
+
+    /// Every process asked for snapshot `generation` is parked: each writes its part now.
+    pub fn start_writing(&self, generation: u32) {
+        self.table()
+            .capture
+            .phase
+            .store(generation << 4 | PHASE_WRITE, Ordering::SeqCst);
+    }
+
+    /// For a parked process: `Some(true)` once it may write its part of snapshot
+    /// `generation`, `Some(false)` if that snapshot was abandoned or superseded, `None`
+    /// while the others still park.
+    pub fn may_write(&self, generation: u32) -> Option<bool> {
+        let board = &self.table().capture;
+        if board.generation.load(Ordering::SeqCst) != generation
+            || board.verdict.load(Ordering::SeqCst) >> 4 == generation
+        {
+            return Some(false);
+        }
+        let phase = board.phase.load(Ordering::SeqCst);
+        (phase == generation << 4 | PHASE_WRITE).then_some(true)
     }
 
     /// Tells the processes what became of snapshot `generation`.

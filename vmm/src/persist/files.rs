@@ -413,7 +413,20 @@ fn reopen_file_with(
             // holds that end.
             if !data.is_empty() && objects.filled.insert(*pipe) {
                 let w = objects.fds.get(&write).ok_or(Errno::BADF)?;
-                rustix::io::write(w, data)?;
+                // Room for all of it (a snapshot keeps up to 1 MiB of a pipe), then all of
+                // it: the write end does not block, and nothing reads yet.
+                if data.len() > 65536 {
+                    rustix::pipe::fcntl_setpipe_size(w, data.len())?;
+                }
+                let mut done = 0;
+                while done < data.len() {
+                    match rustix::io::write(w, &data[done..]) {
+                        Ok(0) => return Err(Errno::NOSPC),
+                        Ok(n) => done += n,
+                        Err(Errno::INTR) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
             }
             let end = if *write_end { write } else { read };
             (

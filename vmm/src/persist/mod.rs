@@ -230,15 +230,20 @@ fn cannot_capture(p: &Process) -> Option<String> {
 /// mapped shared), the same in every process that maps it; `None` for a file with a
 /// name, whose bytes the file keeps.
 fn shared_memory_key(file: &std::fs::File) -> Option<u64> {
-    rustix::fs::fstat(file)
-        .ok()
-        .filter(|s| s.st_nlink == 0)
-        .map(|s| s.st_ino.max(1))
+    let stat = rustix::fs::fstat(file).ok().filter(|s| s.st_nlink == 0)?;
+    // The device too: unlinked files of two file systems may have one inode number.
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&stat.st_dev.to_le_bytes());
+    id[8..].copy_from_slice(&stat.st_ino.to_le_bytes());
+    let digest = blake3::hash(&id);
+    let key = u64::from_le_bytes(digest.as_bytes()[..8].try_into().unwrap_or([1; 8]));
+    Some(key.max(1))
 }
 
 /// The bytes of the shared anonymous memory this process maps, each once.
 fn shared_memory(p: &Process) -> Result<Vec<SharedMemoryRecord>, PersistError> {
     let mut records: Vec<SharedMemoryRecord> = Vec::new();
+    let mut total = 0u64;
     for vma in p.mem.vmas().iter() {
         let Backing::Shared { file, path, .. } = &vma.backing else {
             continue;
@@ -250,9 +255,10 @@ fn shared_memory(p: &Process) -> Result<Vec<SharedMemoryRecord>, PersistError> {
             continue;
         }
         let size = rustix::fs::fstat(file.as_ref()).map_or(0, |s| s.st_size as u64);
-        if size > MAX_SHARED_MEMORY as u64 {
+        total = total.saturating_add(size);
+        if total > MAX_SHARED_MEMORY as u64 {
             return Err(PersistError::Unsnapshottable(format!(
-                "it maps {size} bytes of shared memory ({path:?}), over the {MAX_SHARED_MEMORY} a snapshot keeps"
+                "it maps {total} bytes of shared memory (up to {path:?}), over the {MAX_SHARED_MEMORY} a snapshot keeps"
             )));
         }
         let mut data = vec![0u8; size as usize];

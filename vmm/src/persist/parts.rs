@@ -8,18 +8,27 @@
 //! ─────────────                          ────────────────────────────────
 //! its pages into the page file
 //! announce in the app's table  ──────►   at its next clean point, every thread parked:
-//! (generation, directory, if_idle)       its pages into <dir>/<pid>.pages,
-//!                                        the rest into <dir>/<pid>.part  (write_part)
-//! wait for every part          ◄──────   report done, busy or failed; wait
+//! (generation, directory, if_idle)       report parked (or busy: a connection, with
+//!                                        if_idle; or stopped)
+//! every process parked, the same
+//! ones as announced: say write ──────►   its pages into <dir>/<pid>.<gen>.pages,
+//!                                        the rest into <dir>/<pid>.<gen>.part
+//! wait for every part          ◄──────   report done (or failed); wait
 //! merge each part's pages in: a page
 //! another process stored is not stored
 //! again; commit the manifest
-//! decide: the app ends or goes on ──►   end with the app, or go on
+//! decide: end, go on saved, or   ──────►  end with the app, or go on
+//! go on unsaved
 //! ```
 //!
-//! A part's pages are all in the snapshot's own page file (never a parent's): what the
-//! processes still share copy-on-write is stored once, found by its BLAKE3 digest. No
-//! process maps one stored page at two addresses: that would alias them in its memory.
+//! Every process is parked before any writes, so what they share (a pipe's bytes, shared
+//! memory) is the same whichever of them records it, and no process can fork or end
+//! between the parts.
+//!
+//! A part's pages are in the snapshot's own page file, or unchanged in its part of the
+//! parent: what the processes still share copy-on-write is stored once, found by its
+//! BLAKE3 digest. No process maps one stored page at two addresses: that would alias them
+//! in its memory.
 
 use super::{
     busy_here, capture_memory, process_record, shared_memory, signal_record, thread_records,
@@ -112,8 +121,8 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> PersistError {
 }
 
 /// Why process `pid`'s part was not written, as it said.
-fn part_error(dir: &Path, pid: i32) -> String {
-    std::fs::read_to_string(dir.join(format!("{pid}.error")))
+fn part_error(dir: &Path, pid: i32, generation: u32) -> String {
+    std::fs::read_to_string(part_file(dir, pid, generation, "error"))
         .unwrap_or_else(|_| "it ended or gave no reason".into())
 }
 
@@ -167,36 +176,21 @@ pub(super) fn gather(
             other.pid
         )))?;
     }
-    let deadline = Instant::now() + PART_TIMEOUT;
-    loop {
-        let mut pending = None;
-        for &pid in &pids {
-            match tree.capture_status(pid, generation) {
-                CaptureStatus::Done => {}
-                CaptureStatus::Pending => pending = Some(pid),
-                CaptureStatus::Busy => {
-                    return Err(PersistError::Busy(format!(
-                        "process {pid}: {}",
-                        part_error(dir, pid)
-                    )))
-                }
-                CaptureStatus::Failed => {
-                    return Err(PersistError::Unsnapshottable(format!(
-                        "process {pid}: {}",
-                        part_error(dir, pid)
-                    )))
-                }
-            }
-        }
-        let Some(pid) = pending else { break };
-        if Instant::now() > deadline {
-            return Err(PersistError::Unsnapshottable(format!(
-                "process {pid} did not write its part within {} s",
-                PART_TIMEOUT.as_secs()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(1));
+    // Every process parks first, so that what they share (pipes, shared memory) is the
+    // same whichever of them records it; then the tree cannot change, and each writes.
+    wait_for(tree, &pids, generation, dir, CaptureStatus::Parked)?;
+    let now: Vec<_> = tree
+        .members()
+        .into_iter()
+        .filter(|m| m.pid != p.ids.pid)
+        .collect();
+    if now.len() != pids.len() || now.iter().any(|m| !pids.contains(&m.pid) || m.ended) {
+        return Err(PersistError::Busy(
+            "the app's processes changed during the snapshot".into(),
+        ));
     }
+    tree.start_writing(generation);
+    wait_for(tree, &pids, generation, dir, CaptureStatus::Done)?;
     // Parents before their children, as a restore forks them; a process whose parent
     // ended has the app's first process as its parent, as on Linux.
     let mut placed = vec![p.ids.pid];
@@ -221,21 +215,82 @@ pub(super) fn gather(
         }
     }
     for (pid, ppid) in order {
-        let mut part = read_part(dir, pid)?;
+        let mut part = read_part(dir, pid, generation)?;
         part.ppid = ppid;
         for record in std::mem::take(&mut part.shared_memory) {
             if !gathered.shared_memory.iter().any(|r| r.key == record.key) {
                 gathered.shared_memory.push(record);
             }
         }
-        merge_pages(&mut part, &dir.join(format!("{pid}.pages")), stored, push)?;
+        let pages = part_file(dir, pid, generation, "pages");
+        merge_pages(&mut part, &pages, stored, push)?;
         gathered.others.push(part);
     }
     Ok(gathered)
 }
 
-fn read_part(dir: &Path, pid: i32) -> Result<ProcessPart, PersistError> {
-    let path = dir.join(format!("{pid}.part"));
+/// Waits until every process of `pids` has reached `until` for snapshot `generation`
+/// (at most [`PART_TIMEOUT`]); a process that is busy or failed ends the wait.
+fn wait_for(
+    tree: &AppTree,
+    pids: &[i32],
+    generation: u32,
+    dir: &Path,
+    until: CaptureStatus,
+) -> Result<(), PersistError> {
+    let deadline = Instant::now() + PART_TIMEOUT;
+    loop {
+        let mut pending = None;
+        for &pid in pids {
+            match tree.capture_status(pid, generation) {
+                status if status == until => {}
+                CaptureStatus::Pending | CaptureStatus::Parked => pending = Some(pid),
+                CaptureStatus::Busy => {
+                    return Err(PersistError::Busy(format!(
+                        "process {pid}: {}",
+                        part_error(dir, pid, generation)
+                    )))
+                }
+                CaptureStatus::Done | CaptureStatus::Failed => {
+                    return Err(PersistError::Unsnapshottable(format!(
+                        "process {pid}: {}",
+                        part_error(dir, pid, generation)
+                    )))
+                }
+            }
+        }
+        let Some(pid) = pending else {
+            return Ok(());
+        };
+        if Instant::now() > deadline {
+            return Err(PersistError::Unsnapshottable(format!(
+                "process {pid} did not write its part within {} s",
+                PART_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The file of process `pid`'s part of snapshot `generation` named `what`.
+fn part_file(dir: &Path, pid: i32, generation: u32, what: &str) -> PathBuf {
+    dir.join(format!("{pid}.{generation}.{what}"))
+}
+
+/// The most a part's record may take (its pages are in a file of their own; its shared
+/// memory is bounded by `MAX_SHARED_MEMORY`, about four times as long in JSON).
+const MAX_PART_BYTES: u64 = 256 << 20;
+
+fn read_part(dir: &Path, pid: i32, generation: u32) -> Result<ProcessPart, PersistError> {
+    let path = part_file(dir, pid, generation, "part");
+    let size = std::fs::metadata(&path)
+        .map_err(io(format!("reading {}", path.display())))?
+        .len();
+    if size > MAX_PART_BYTES {
+        return Err(PersistError::Unsnapshottable(format!(
+            "process {pid}'s part takes {size} bytes"
+        )));
+    }
     let bytes = std::fs::read(&path).map_err(io(format!("reading {}", path.display())))?;
     let part: ProcessPart = serde_json::from_slice(&bytes).map_err(|e| {
         PersistError::Unsnapshottable(format!("process {pid}'s part is unreadable: {e}"))
@@ -305,29 +360,53 @@ pub fn saved(p: &mut Process, request: &CaptureRequest) -> Result<(), PersistErr
     Ok(())
 }
 
-/// In a process other than the first: writes its part of the tree snapshot `request`
-/// announced (every thread parked at a clean point), and says how that went.
+/// In a process other than the first, asked for its part of tree snapshot `request`
+/// and parked (every thread at a clean point): whether it can be saved now. `stopped`:
+/// it is stopped (job control), which a restore would not bring back.
+pub fn park(p: &Process, request: &CaptureRequest, stopped: bool) -> CaptureStatus {
+    let why = if stopped {
+        Some(format!("process {} is stopped", p.ids.pid))
+    } else if request.if_idle {
+        busy_here(p)
+    } else {
+        None
+    };
+    match why {
+        None => CaptureStatus::Parked,
+        Some(why) => {
+            refuse(p, request, &why);
+            CaptureStatus::Busy
+        }
+    }
+}
+
+/// Says why this process's part of `request` is not written.
+fn refuse(p: &Process, request: &CaptureRequest, why: &str) {
+    let path = part_file(
+        Path::new(&request.dir),
+        p.ids.pid,
+        request.generation,
+        "error",
+    );
+    let _ = std::fs::write(path, why.as_bytes());
+}
+
+/// In a process other than the first, parked, once every process is: writes its part of
+/// tree snapshot `request`, and says how that went.
 pub fn write_part(vcpu: &Vcpu, p: &mut Process, request: &CaptureRequest) -> CaptureStatus {
-    let dir = Path::new(&request.dir);
-    let pid = p.ids.pid;
     // An increment of the snapshot this process was restored from (or last saved to)
     // keeps the pages it has not changed since as that one's.
     let has_parent = request.parent.is_some()
         && p.restored_from.as_ref().map(|(_, id)| id) == request.parent.as_ref();
-    match part(vcpu, p, dir, request.if_idle, has_parent) {
+    match part(vcpu, p, request, has_parent) {
         Ok(()) => CaptureStatus::Done,
         Err(e) => {
-            let busy = matches!(e, PersistError::Busy(_));
             let why = match e {
                 PersistError::Busy(why) | PersistError::Unsnapshottable(why) => why,
                 other => crate::report::error_chain(&other),
             };
-            let _ = std::fs::write(dir.join(format!("{pid}.error")), why.as_bytes());
-            if busy {
-                CaptureStatus::Busy
-            } else {
-                CaptureStatus::Failed
-            }
+            refuse(p, request, &why);
+            CaptureStatus::Failed
         }
     }
 }
@@ -335,19 +414,14 @@ pub fn write_part(vcpu: &Vcpu, p: &mut Process, request: &CaptureRequest) -> Cap
 fn part(
     vcpu: &Vcpu,
     p: &mut Process,
-    dir: &Path,
-    if_idle: bool,
+    request: &CaptureRequest,
     has_parent: bool,
 ) -> Result<(), PersistError> {
-    if if_idle {
-        if let Some(why) = busy_here(p) {
-            return Err(PersistError::Busy(why));
-        }
-    }
     super::settle_for_capture(p)?;
+    let (dir, generation) = (Path::new(&request.dir), request.generation);
     let context = user_context(vcpu, p)?;
     let pid = p.ids.pid;
-    let pages_path = dir.join(format!("{pid}.pages"));
+    let pages_path = part_file(dir, pid, generation, "pages");
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -395,6 +469,6 @@ fn part(
     let bytes = serde_json::to_vec(&part).map_err(|e| {
         PersistError::Unsnapshottable(format!("encoding process {pid}'s part: {e}"))
     })?;
-    let path = dir.join(format!("{pid}.part"));
+    let path = part_file(dir, pid, generation, "part");
     std::fs::write(&path, bytes).map_err(io(format!("writing {}", path.display())))
 }

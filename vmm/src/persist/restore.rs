@@ -443,7 +443,9 @@ impl Picoprocess {
             }
         }
 
-        // Page files become guest memory.
+        // Page files become guest memory: whole, or (with a tree anywhere in the chain)
+        // only the pages this process has.
+        let sparse = role.is_some() || manifests.iter().any(|m| m.tree.is_some());
         let mut bases = Vec::new();
         let mut fed_levels = Vec::new();
         for (depth, (m, path)) in manifests.iter().zip(&page_files).enumerate() {
@@ -464,7 +466,7 @@ impl Picoprocess {
                 bases.push(Frames::Contiguous(stream_in(&mut space, file, m)?));
                 continue;
             }
-            if role.is_some() {
+            if sparse {
                 // A tree's page file holds every process's pages: each process maps only
                 // those it has, or it would run out of frames for the others'.
                 let runs = referenced_runs(&pieces, depth);
@@ -501,9 +503,9 @@ impl Picoprocess {
                 } => {
                     let fd = sandbox
                         .open(path, rustix::fs::OFlags::RDONLY, rustix::fs::Mode::empty())
-                        .map_err(|errno| PersistError::Memory {
-                            what: "reopening a mapped file",
-                            errno,
+                        .map_err(|errno| PersistError::Data {
+                            what: format!("reopening {path:?}, which the app maps"),
+                            source: errno.into(),
                         })?;
                     Backing::File {
                         file: Arc::new(File::from(fd)),
@@ -520,10 +522,21 @@ impl Picoprocess {
                     // A file in a writable directory, which the data archive brought back.
                     let fd = sandbox
                         .open(path, rustix::fs::OFlags::RDWR, rustix::fs::Mode::empty())
-                        .map_err(|errno| PersistError::Memory {
-                            what: "reopening a file mapped shared",
-                            errno,
+                        .map_err(|errno| PersistError::Data {
+                            what: format!("reopening {path:?}, which the app maps shared"),
+                            source: errno.into(),
                         })?;
+                    // Opened as root: only a plain file of the app's own (one name, so
+                    // not a link to a file of someone else's) is mapped writable.
+                    let stat =
+                        rustix::fs::fstat(&fd).map_err(memory("reopening a file mapped shared"))?;
+                    if !rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file()
+                        || stat.st_nlink != 1
+                    {
+                        return Err(PersistError::Incompatible(format!(
+                            "{path:?}, mapped shared, is not a plain file of the app's"
+                        )));
+                    }
                     Backing::Shared {
                         file: Arc::new(File::from(fd)),
                         offset: *offset,

@@ -287,15 +287,17 @@ impl Forks<'_> {
         parent.children.clear();
         let alive = parent.root_watch.take().map(|watch| watch.alive);
         let result = (|| {
-            let mut watch = RootWatch {
+            place.root_watch = Some(RootWatch {
                 alive: alive.ok_or_else(|| PersistError::Incompatible("no root watch".into()))?,
                 holder: None,
-            };
-            watch
-                .watch_from_fork()
-                .map_err(host("watching the app's first process"))?;
-            place.root_watch = Some(watch);
+            });
+            // Its children first: no thread of this process's may run across their forks.
             self.fork_children_of(&mut place, channels)?;
+            if let Some(watch) = place.root_watch.as_mut() {
+                watch
+                    .watch_from_fork()
+                    .map_err(host("watching the app's first process"))?;
+            }
             // Only this process's own end of its own channel stays open here.
             let mine = channels
                 .get_mut(index)
@@ -306,7 +308,6 @@ impl Forks<'_> {
                 channel.2 = None;
             }
             let objects = receive_objects(&mine)?;
-            drop(mine);
             let chain = Manifest::part_chain(self.chain, part.pid);
             let options = RestoreOptions {
                 mode: match self.options.mode {
@@ -337,6 +338,9 @@ impl Forks<'_> {
                     PersistError::Incompatible(format!("locking the process's VMM down: {e}"))
                 })?;
             }
+            // Built and locked down: the first process may report the app restored.
+            rustix::net::send(&mine, READY, rustix::net::SendFlags::NOSIGNAL)
+                .map_err(errno("telling the first process it is restored"))?;
             Ok::<_, PersistError>(picoprocess)
         })();
         match result {
@@ -372,6 +376,10 @@ fn host_error(what: &str) -> PersistError {
 
 /// One handed-on object: its id, which end, and the descriptor with it.
 const MESSAGE: usize = 9;
+/// What each other process says once it is built and locked down.
+const READY: &[u8] = b"ready";
+/// How long the first process waits for the others to be built.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// The message that ends the handing on.
 const DONE: u8 = 0xff;
 
@@ -414,6 +422,37 @@ fn receive_objects(channel: &OwnedFd) -> Result<SharedObjects, PersistError> {
     }
 }
 
+/// Whether the process at the other end of `channel` says it is ready before `deadline`
+/// (it says nothing if it failed: it ends, and the channel with it).
+fn ready(channel: &OwnedFd, deadline: std::time::Instant) -> bool {
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let timeout = rustix::time::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: left.subsec_nanos() as _,
+        };
+        let mut fds = [rustix::event::PollFd::new(
+            channel,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return false,
+        }
+        let mut said = [0u8; 16];
+        match rustix::net::recv(channel, &mut said, rustix::net::RecvFlags::DONTWAIT) {
+            Ok((n, _)) => return said.get(..n) == Some(READY),
+            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
 /// Sends `fd` as object `key` over `channel`.
 fn send_object(channel: &OwnedFd, key: (u64, u8), fd: &OwnedFd) -> Result<(), PersistError> {
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
@@ -424,14 +463,20 @@ fn send_object(channel: &OwnedFd, key: (u64, u8), fd: &OwnedFd) -> Result<(), Pe
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut ancillary = SendAncillaryBuffer::new(&mut space);
     ancillary.push(SendAncillaryMessage::ScmRights(&fds));
-    rustix::net::sendmsg(
-        channel,
-        &[std::io::IoSlice::new(&message)],
-        &mut ancillary,
-        SendFlags::NOSIGNAL,
-    )
-    .map_err(errno("handing a file to another process"))?;
-    Ok(())
+    loop {
+        match rustix::net::sendmsg(
+            channel,
+            &[std::io::IoSlice::new(&message)],
+            &mut ancillary,
+            SendFlags::NOSIGNAL,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => {
+                other.map_err(errno("handing a file to another process"))?;
+                return Ok(());
+            }
+        }
+    }
 }
 
 impl FirstProcess {
@@ -478,6 +523,16 @@ impl FirstProcess {
                 rustix::net::SendFlags::NOSIGNAL,
             )
             .map_err(errno("handing the files to another process"))?;
+        }
+        // The restore is done once every process is built: one that could not be makes
+        // it fail (and the others end with the first, see `RootWatch`).
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        for (pid, channel) in &self.channels {
+            if !ready(channel, deadline) {
+                return Err(PersistError::Incompatible(format!(
+                    "process {pid} of the app could not be restored"
+                )));
+            }
         }
         picoprocess
             .live

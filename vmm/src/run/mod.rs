@@ -876,10 +876,10 @@ impl Exits<'_, '_> {
                     return Ok(Some(outcome));
                 }
             }
-            if pending & reason::CAPTURE != 0 {
-                if let Some(outcome) = self.write_part()? {
-                    return Ok(Some(outcome));
-                }
+            // Asked for a part of a tree snapshot (looked up in the table, not only by
+            // the kick: one that came with a pause is cleared with it above).
+            if let Some(outcome) = self.write_part(false)? {
+                return Ok(Some(outcome));
             }
             if let Some(signal) = self.p.jobs.stop.take() {
                 if let Some(outcome) = self.stay_stopped(signal)? {
@@ -904,7 +904,14 @@ impl Exits<'_, '_> {
             if let Some(outcome) = self.final_kicks()? {
                 return Ok(Some(outcome));
             }
-            self.p.kicker.clear(reason::PREEMPT | reason::PAUSE);
+            self.p
+                .kicker
+                .clear(reason::PREEMPT | reason::PAUSE | reason::CAPTURE);
+            // A tree snapshot asked of a stopped process is told it is stopped (a restore
+            // would bring it back running).
+            if let Some(outcome) = self.write_part(true)? {
+                return Ok(Some(outcome));
+            }
             let raised = self.p.absorb_external_signals();
             let killed = self.p.signals.all_pending() & bit(libc::SIGKILL) != 0;
             if raised & bit(libc::SIGCONT) != 0 || killed {
@@ -931,7 +938,9 @@ impl Exits<'_, '_> {
     /// In a process other than the app's first, every thread parked: writes its part of
     /// the tree snapshot the first one asked for, then waits to learn whether the app
     /// ends (saved to stop) or goes on.
-    fn write_part(&mut self) -> Result<Option<RunOutcome>, VmmError> {
+    fn write_part(&mut self, stopped: bool) -> Result<Option<RunOutcome>, VmmError> {
+        use crate::kernel::tree::{CaptureStatus, Verdict};
+        use crate::persist::parts;
         let Some(tree) = self.p.tree.clone() else {
             return Ok(None);
         };
@@ -939,14 +948,29 @@ impl Exits<'_, '_> {
         let Some(request) = tree.capture_request(pid) else {
             return Ok(None);
         };
-        let status = crate::persist::parts::write_part(self.vcpu, self.p, &request);
+        let parked = parts::park(self.p, &request, stopped);
+        tree.report_capture(pid, request.generation, parked);
+        if parked != CaptureStatus::Parked {
+            return Ok(None);
+        }
+        // Parked until every process of the app is; if the first one ends meanwhile, so
+        // does this process (see `RootWatch`).
+        loop {
+            if let Some(outcome) = self.final_kicks()? {
+                return Ok(Some(outcome));
+            }
+            match tree.may_write(request.generation) {
+                Some(true) => break,
+                Some(false) => return Ok(None),
+                None => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+        }
+        let status = parts::write_part(self.vcpu, self.p, &request);
         tree.report_capture(pid, request.generation, status);
-        use crate::kernel::tree::{CaptureStatus, Verdict};
         if status != CaptureStatus::Done {
             return Ok(None);
         }
-        // The first process commits the snapshot meanwhile; if it ends first, so does
-        // this process (see `RootWatch`).
+        // The first process commits the snapshot meanwhile.
         loop {
             if let Some(outcome) = self.final_kicks()? {
                 return Ok(Some(outcome));
@@ -954,7 +978,7 @@ impl Exits<'_, '_> {
             match tree.capture_verdict(request.generation) {
                 Some(Verdict::End) => return Ok(Some(RunOutcome::Snapshotted(request.id))),
                 Some(Verdict::Saved) => {
-                    if let Err(e) = crate::persist::parts::saved(self.p, &request) {
+                    if let Err(e) = parts::saved(self.p, &request) {
                         // The next snapshot is then a full one of this process's pages.
                         tracing::warn!("after a snapshot: {e}");
                         self.p.restored_from = None;
