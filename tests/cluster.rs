@@ -837,6 +837,60 @@ fn the_s3_backend_swaps_out_and_back() {
     assert_eq!(count(&address), 3, "worker log:\n{}", worker.log());
 }
 
+/// An app that is a tree of processes (image nginx-workers: a master and two workers)
+/// through the cluster: it swaps out when idle and comes back on a query, with all three
+/// processes, from the worker's copy and from S3 (fetched whole, not streamed).
+#[test]
+fn a_master_and_its_workers_swap_out_and_back_through_a_worker() {
+    let (dir, hub) = setup("tree");
+    build_image("nginx-workers");
+    let moto = S3Server::moto(dir.path().join("moto.log"));
+    let cold = s3_cold("picocenter-tree", &moto.endpoint, &["--s3-prefix", "apps"]);
+    let worker = worker(&hub, "w-tree", "127.3.9.0/24", "60", &as_strs(&cold));
+    hub.add("ngw", "nginx-workers", 1.0);
+    let expected =
+        std::fs::read(state_dir().join("images/nginx-workers/rootfs/srv/www/files/1k.txt"))
+            .unwrap();
+    let cache = state_dir().join("workers/w-tree/cache/ngw");
+    for round in 0..3 {
+        let address = resolve(&hub, "ngw");
+        let target: SocketAddr = format!("{address}:80").parse().unwrap();
+        all_answered(target, "/files/1k.txt", 4, &expected);
+        let processes = app_processes(vmm_pid("ngw"));
+        assert_eq!(processes, 3, "round {round}: worker log:\n{}", worker.log());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while hub.state("ngw") != "swapped_out" {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: not swapped out; worker log:\n{}",
+                worker.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if round == 1 {
+            // The next restore comes from S3.
+            std::fs::remove_dir_all(&cache).unwrap();
+        }
+    }
+}
+
+/// How many VMMs an app's tree has: its first's and those below it that are the app's
+/// (the same user), not a supervisor.
+fn app_processes(first: u32) -> usize {
+    let uid = uid_of(first);
+    let mut queue = vec![first];
+    let mut count = 0;
+    while let Some(pid) = queue.pop() {
+        count += 1;
+        queue.extend(
+            children_of(pid)
+                .into_iter()
+                .filter(|&child| uid_of(child) == uid),
+        );
+    }
+    count
+}
+
 /// Apps of one image share their pages in S3: the first one's page file is the image's
 /// base, the others' are stored as what they do not share with it (README of the
 /// snapshots crate, §5.7), and each comes back from S3 whole, on a worker that has no copy

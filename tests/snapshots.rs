@@ -53,7 +53,16 @@ fn swap_out(name: &str, dir: &Path, child: Child) -> String {
 fn swap_out_with(name: &str, dir: &Path, mut child: Child, flags: &[&str]) -> std::process::Output {
     let mut args = vec!["create", name, "-o", dir.to_str().unwrap(), "--stop"];
     args.extend_from_slice(flags);
-    let out = snapshot(&args);
+    // A restore listens before its control socket is up (it is made last): a swap-out
+    // right after the first answer may come before it.
+    let mut out = snapshot(&args);
+    for _ in 0..100 {
+        if !String::from_utf8_lossy(&out.stderr).contains("no running app named") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        out = snapshot(&args);
+    }
     if !out.status.success() {
         // Not left running with its name and address taken, for the next run to trip on.
         let _ = child.kill();

@@ -499,6 +499,7 @@ mod tests {
             "lighttpd",
             "memcached",
             "nginx",
+            "nginx-workers",
             "python-http",
             "redis",
             "udp-counter",

@@ -1,7 +1,8 @@
 /* The app's /proc as a directory tree: /proc lists the app's processes and self, a
  * process's directory lists its entries, fd/ its open fds, stat and readlink see what
  * Linux shows, maps names the program and the stack, and another process of the app
- * shows its command line and parent. Prints PASSED or what failed. */
+ * shows its command line, parent, program, working directory, maps and fd/. Prints
+ * PASSED or what failed. */
 #include "check.h"
 #include <dirent.h>
 #include <fcntl.h>
@@ -84,8 +85,9 @@ int main(int argc, char **argv) {
     CHECK(pipe(ready) == 0 && pipe(done) == 0);
     pid_t child = fork();
     if (child == 0) {
-        char byte = 0;
         chdir("/tmp");
+        /* An fd the parent finds in this process's fd/ (its number is what it sends). */
+        char byte = (char)open("/tmp", O_RDONLY | O_DIRECTORY);
         write(ready[1], &byte, 1);
         read(done[0], &byte, 1);
         _exit(0);
@@ -111,6 +113,16 @@ int main(int argc, char **argv) {
     CHECK(readlink(path, link, sizeof link - 1) > 0 && !strcmp(link, "/tmp"));
     snprintf(path, sizeof path, "/proc/%d", (int)child);
     CHECK(stat(path, &st) == 0 && S_ISDIR(st.st_mode));
+    /* Its memory areas and open fds, as it has them now. */
+    snprintf(path, sizeof path, "/proc/%d/maps", (int)child);
+    CHECK(read_file(path, buf, sizeof buf) > 0 && strstr(buf, own_exe) && strstr(buf, "[stack]"));
+    char fd_name[16];
+    snprintf(fd_name, sizeof fd_name, "%d", (int)byte);
+    snprintf(path, sizeof path, "/proc/%d/fd", (int)child);
+    CHECK(byte > 2 && lists(path, fd_name) && lists(path, "0"));
+    memset(link, 0, sizeof link);
+    snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)child, (int)byte);
+    CHECK(readlink(path, link, sizeof link - 1) > 0 && !strcmp(link, "/tmp"));
     CHECK(write(done[1], "x", 1) == 1);
     CHECK(waitpid(child, NULL, 0) == child);
     /* Gone at once, without a listing of /proc first. */

@@ -17,6 +17,36 @@ use std::path::PathBuf;
 /// Where the jail mounts the tmpfs of /proc views (see `crate::sandbox::jail`).
 pub use crate::sandbox::PROC_VIEWS as VIEW_ROOT;
 
+/// Where each VMM publishes what the app's other processes read of it in /proc (its maps
+/// and fd/), a file per VMM named by its host pid, under [`VIEW_ROOT`]: in no app's /proc
+/// (each sees its own directory of views, not their root).
+const DESCRIBED: &str = "described";
+
+/// Publishes `bytes` as this VMM process's description (see [`DESCRIBED`]), whole: a
+/// reader sees the last one or this one, never a part.
+pub fn publish_description(bytes: &[u8]) -> std::io::Result<()> {
+    if !crate::sandbox::jail::proc_views_mounted() {
+        return Err(std::io::ErrorKind::NotFound.into());
+    }
+    let dir = std::path::Path::new(VIEW_ROOT).join(DESCRIBED);
+    match std::fs::create_dir(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let owner = std::process::id();
+    let next = dir.join(format!("{owner}.new"));
+    std::fs::write(&next, bytes)?;
+    std::fs::rename(&next, dir.join(owner.to_string()))
+}
+
+/// The description VMM process `host_pid` last published.
+pub fn read_description(host_pid: i32) -> std::io::Result<Vec<u8>> {
+    let path = std::path::Path::new(VIEW_ROOT)
+        .join(DESCRIBED)
+        .join(host_pid.to_string());
+    std::fs::read(path)
+}
+
 /// One VMM process's /proc view.
 #[derive(Debug)]
 pub struct ProcView {
@@ -99,7 +129,18 @@ impl ProcView {
             Err(e) => return Err(io(e)),
         };
         let owner = std::process::id();
-        for name in entries(root.as_fd())? {
+        if let Ok(described) = open_dir(root.as_fd(), DESCRIBED) {
+            for name in entries(described.as_fd())? {
+                let pid = name.trim_end_matches(".new");
+                if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = rustix::fs::unlinkat(&described, name.as_str(), AtFlags::empty());
+                }
+            }
+        }
+        for name in entries(root.as_fd())?
+            .into_iter()
+            .filter(|name| name != DESCRIBED)
+        {
             // The host's /proc says which have ended (the jail mounts it for the VMM;
             // kill(pid, 0) is not among the calls its seccomp filter allows).
             let ended = name.parse::<u32>().map_or(true, |pid| {

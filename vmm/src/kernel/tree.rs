@@ -249,6 +249,9 @@ struct Slot {
     /// Its part of a tree snapshot: the board's generation, shifted by 4, and a
     /// `CAPTURE_*` state.
     capture: AtomicU32,
+    /// Asks for its description (maps, fds) so far, and the last one it answered.
+    describe_asked: AtomicU32,
+    described: AtomicU32,
 }
 
 /// A tree snapshot in progress, as its first process announces it to the others: which
@@ -481,6 +484,8 @@ impl AppTree {
                 slot.cwd_len.store(0, Ordering::SeqCst);
                 slot.ended.store(0, Ordering::SeqCst);
                 slot.capture.store(0, Ordering::SeqCst);
+                slot.describe_asked.store(0, Ordering::SeqCst);
+                slot.described.store(0, Ordering::SeqCst);
                 store_bytes(&slot.comm, &[]);
                 store_bytes(&slot.args, &[]);
                 slot.pid.store(0, Ordering::SeqCst);
@@ -633,6 +638,35 @@ impl AppTree {
                 })
                 .collect()
         })
+    }
+
+    /// Asks process `pid` for its description: the ticket its answer will reach.
+    pub fn ask_description(&self, pid: i32) -> Option<u32> {
+        let slot = self.slot_of(pid)?;
+        Some(
+            slot.describe_asked
+                .fetch_add(1, Ordering::SeqCst)
+                .wrapping_add(1),
+        )
+    }
+
+    /// The asks process `pid` has to answer now: the ticket to answer them up to.
+    pub fn description_asked(&self, pid: i32) -> u32 {
+        self.slot_of(pid)
+            .map_or(0, |slot| slot.describe_asked.load(Ordering::SeqCst))
+    }
+
+    /// Process `pid` has published its description for every ask up to `ticket`.
+    pub fn answer_description(&self, pid: i32, ticket: u32) {
+        if let Some(slot) = self.slot_of(pid) {
+            slot.described.fetch_max(ticket, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether process `pid` has answered the ask with `ticket`.
+    pub fn description_answered(&self, pid: i32, ticket: u32) -> bool {
+        self.slot_of(pid)
+            .is_some_and(|slot| slot.described.load(Ordering::SeqCst) >= ticket)
     }
 
     /// The next pid [`AppTree::allocate_pid`] would hand out.

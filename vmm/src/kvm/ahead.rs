@@ -52,6 +52,34 @@ pub(crate) fn take() -> Option<MadeAhead> {
     slot().take()
 }
 
+/// In a process just forked from one that made a VM ahead: that VM and vCPU are the
+/// parent's (their ioctls fail here), so new ones take their place, made with the same
+/// /dev/kvm (a jail may not show its path) and keeping the CPUID KVM supports.
+pub fn remake_after_fork() -> Result<(), KvmError> {
+    let Some(MadeAhead {
+        kvm,
+        vm,
+        vcpu,
+        supported_cpuid,
+    }) = take()
+    else {
+        return Ok(());
+    };
+    // Closed in this process only; a vCPU's drop unmaps this process's copy of its
+    // `kvm_run`, nothing of the parent's.
+    drop(vcpu);
+    drop(vm);
+    let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
+    let vcpu = vm.create_vcpu(0).map_err(KvmError::CreateVcpu)?;
+    *slot() = Some(MadeAhead {
+        kvm,
+        vm,
+        vcpu,
+        supported_cpuid,
+    });
+    Ok(())
+}
+
 fn slot() -> std::sync::MutexGuard<'static, Option<MadeAhead>> {
     // A panic while holding it cannot leave it half-written: it is one assignment.
     AHEAD
@@ -64,7 +92,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_vm_made_ahead_is_taken_once() {
+    fn a_vm_made_ahead_is_taken_once_and_remade_in_a_fork() {
         make().expect("every Picocenter host has /dev/kvm");
         let ahead = take().expect("made");
         assert!(take().is_none());
@@ -73,5 +101,21 @@ mod tests {
             .vcpu
             .get_regs()
             .expect("KVM_GET_REGS on the vCPU made ahead");
+        // A forked child gets one of its own that works, and the parent keeps its own.
+        // (One test: the slot is the process's, and a fork must not find it locked.)
+        make().expect("a second VM made ahead");
+        // SAFETY: the child uses only KVM ioctls and _exits; nothing of the test harness.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            let works = remake_after_fork().is_ok()
+                && take().is_some_and(|made| made.vcpu.get_regs().is_ok());
+            // SAFETY: ends the forked test process at once.
+            unsafe { libc::_exit(if works { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        assert_eq!(libc::WEXITSTATUS(status), 0);
+        assert!(take().is_some_and(|made| made.vcpu.get_regs().is_ok()));
     }
 }

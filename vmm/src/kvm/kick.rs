@@ -70,6 +70,10 @@ extern "C" fn on_guest_signal(_: libc::c_int, info: *mut libc::siginfo_t, _: *mu
             kicker.kick(reason::CAPTURE);
             return;
         }
+        if value & DESCRIBE_REQUEST != 0 {
+            kicker.kick(reason::DESCRIBE);
+            return;
+        }
         if signal == libc::SIGCHLD && value >> 8 != 0 {
             kicker.child_change.store(value, Ordering::SeqCst);
         }
@@ -80,11 +84,24 @@ extern "C" fn on_guest_signal(_: libc::c_int, info: *mut libc::siginfo_t, _: *mu
 /// In the carrier's value: no guest signal, but a request for a part of a tree snapshot.
 const CAPTURE_REQUEST: u64 = 1 << 62;
 
+/// In the carrier's value: no guest signal, but a request to publish its description.
+const DESCRIBE_REQUEST: u64 = 1 << 61;
+
 /// Asks the app process whose VMM is host process `host_pid` for its part of a tree
 /// snapshot (announced in the app's table first).
 pub fn send_capture_request(host_pid: i32) -> std::io::Result<()> {
+    send_request(host_pid, CAPTURE_REQUEST)
+}
+
+/// Asks the app process whose VMM is host process `host_pid` to publish what /proc shows
+/// of it to the others (asked in the app's table first).
+pub fn send_describe_request(host_pid: i32) -> std::io::Result<()> {
+    send_request(host_pid, DESCRIBE_REQUEST)
+}
+
+fn send_request(host_pid: i32, request: u64) -> std::io::Result<()> {
     let value = libc::sigval {
-        sival_ptr: CAPTURE_REQUEST as usize as *mut libc::c_void,
+        sival_ptr: request as usize as *mut libc::c_void,
     };
     // SAFETY: sigqueue copies the value; no memory is shared.
     if unsafe { libc::sigqueue(host_pid, guest_signal_carrier(), value) } != 0 {
@@ -242,6 +259,9 @@ pub mod reason {
     /// The app's first process asks this one for its part of a tree snapshot (see
     /// [`super::send_capture_request`]), which it writes at its next clean point.
     pub const CAPTURE: u32 = 1 << 8;
+    /// Another process of the app reads this one's maps or fd/ in /proc: it publishes
+    /// them (see [`super::send_describe_request`]).
+    pub const DESCRIBE: u32 = 1 << 9;
 }
 
 /// SIGSTOP, SIGTSTP, SIGTTIN and SIGTTOU (the kernel's `signals::STOP_SIGNALS`; the vCPU

@@ -499,13 +499,15 @@ pub fn busy(p: &Process) -> Option<String> {
     busy_here(p).map(|why| format!("busy: {why}"))
 }
 
-/// Why this process (not the app's others) is not idle, if it is not.
+/// Why the app's first process, or the app as a whole, is not idle, if it is not.
 fn busy_here(p: &Process) -> Option<String> {
+    cannot_capture(p).or_else(|| busy_connections(p))
+}
+
+/// Why this process is not idle, if it is not: its connections and queued sockets.
+fn busy_connections(p: &Process) -> Option<String> {
     use crate::fdtable::FileKind;
     use rustix::event::{PollFd, PollFlags};
-    if let Some(why) = cannot_capture(p) {
-        return Some(why);
-    }
     for (fd, entry) in p.files.iter() {
         let FileKind::Socket { domain, kind } = entry.file.kind else {
             continue;

@@ -31,7 +31,7 @@
 //! in its memory.
 
 use super::{
-    busy_here, capture_memory, process_record, shared_memory, signal_record, thread_records,
+    busy_connections, capture_memory, process_record, shared_memory, signal_record, thread_records,
     user_context, vma_records, PersistError,
 };
 use crate::kernel::process::Process;
@@ -367,7 +367,7 @@ pub fn park(p: &Process, request: &CaptureRequest, stopped: bool) -> CaptureStat
     let why = if stopped {
         Some(format!("process {} is stopped", p.ids.pid))
     } else if request.if_idle {
-        busy_here(p)
+        busy_connections(p)
     } else {
         None
     };

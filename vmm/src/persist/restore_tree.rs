@@ -282,11 +282,14 @@ impl Forks<'_> {
             children_changed: None,
             parent_changed: Some(parent_changed),
         };
+        // A VM made ahead (a worker's spare) is the first process's: of no use here.
+        let remade = crate::kvm::ahead::remake_after_fork();
         // The parent's children are not this one's, nor is the first process's end of
         // the root watch: only the first process may hold that.
         parent.children.clear();
         let alive = parent.root_watch.take().map(|watch| watch.alive);
         let result = (|| {
+            remade.map_err(|e| PersistError::Incompatible(format!("a VM of its own: {e}")))?;
             place.root_watch = Some(RootWatch {
                 alive: alive.ok_or_else(|| PersistError::Incompatible("no root watch".into()))?,
                 holder: None,

@@ -857,6 +857,11 @@ impl Exits<'_, '_> {
         if pending & reason::SIGNAL != 0 {
             self.p.absorb_external_signals();
         }
+        if pending & reason::DESCRIBE != 0 {
+            // Cleared first: an ask that comes after the publication kicks again.
+            self.p.kicker.clear(reason::DESCRIBE);
+            crate::syscalls::procfs::publish_description(self.p);
+        }
         if pending & reason::CONTROL != 0 {
             // Cleared first: a connection that comes after the accepts kicks again.
             self.p.kicker.clear(reason::CONTROL);
@@ -904,9 +909,13 @@ impl Exits<'_, '_> {
             if let Some(outcome) = self.final_kicks()? {
                 return Ok(Some(outcome));
             }
+            let asked = self.p.kicker.pending() & reason::DESCRIBE != 0;
             self.p
                 .kicker
-                .clear(reason::PREEMPT | reason::PAUSE | reason::CAPTURE);
+                .clear(reason::PREEMPT | reason::PAUSE | reason::CAPTURE | reason::DESCRIBE);
+            if asked {
+                crate::syscalls::procfs::publish_description(self.p);
+            }
             // A tree snapshot asked of a stopped process is told it is stopped (a restore
             // would bring it back running).
             if let Some(outcome) = self.write_part(true)? {

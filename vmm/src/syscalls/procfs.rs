@@ -171,13 +171,74 @@ fn fd_link(p: &Process, fd: i32) -> Option<String> {
     })
 }
 
-/// /proc/<pid>/... of another process of the app, from what it told the app's table.
+/// What another process of the app reads of this one in /proc besides the table's: its
+/// memory areas and its open fds.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Description {
+    maps: String,
+    fds: Vec<(i32, String)>,
+}
+
+/// Publishes this process's [`Description`] for the asks of the app's other processes
+/// so far (see `run`'s kicks: a `DESCRIBE` kick brings it here).
+pub fn publish_description(p: &Process) {
+    let Some(tree) = &p.tree else {
+        return;
+    };
+    let ticket = tree.description_asked(p.ids.pid);
+    let description = Description {
+        maps: maps(p),
+        fds: p
+            .files
+            .iter()
+            .take(MAX_FD_LINKS)
+            .filter_map(|(fd, _)| Some((fd, fd_link(p, fd)?)))
+            .collect(),
+    };
+    let published = serde_json::to_vec(&description)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| crate::kernel::procview::publish_description(&bytes));
+    match published {
+        Ok(()) => tree.answer_description(p.ids.pid, ticket),
+        Err(e) => tracing::debug!("publishing this process's /proc description: {e}"),
+    }
+}
+
+/// How long a read of another process's maps or fd/ waits for it to describe itself.
+const DESCRIBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Process `m`'s [`Description`], as it publishes it when asked (at its next clean
+/// point); `None` if it does not in time (it ended, say).
+fn description(p: &Process, m: &Member) -> Option<Description> {
+    let tree = p.tree.as_ref()?;
+    let ticket = tree.ask_description(m.pid)?;
+    crate::kvm::kick::send_describe_request(m.host_pid).ok()?;
+    let deadline = std::time::Instant::now() + DESCRIBE_TIMEOUT;
+    while !tree.description_answered(m.pid, ticket) {
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        // That process may be asking this one at the same time.
+        if p.kicker.pending() & crate::kvm::kick::reason::DESCRIBE != 0 {
+            publish_description(p);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    let bytes = crate::kernel::procview::read_description(m.host_pid).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// /proc/<pid>/... of another process of the app, from what it told the app's table (and
+/// its maps from itself, asked).
 fn other_file(p: &Process, path: &str) -> Option<Vec<u8>> {
     let rest = path.strip_prefix("/proc/")?;
     let (who, entry) = rest.split_once('/')?;
     let Err(m) = whose(p, who)? else {
         return None;
     };
+    if entry == "maps" {
+        return description(p, &m).map(|d| d.maps.into_bytes());
+    }
     let (state, state_name) = if m.stopped {
         ('T', "stopped")
     } else {
@@ -327,7 +388,13 @@ fn refresh_view(p: &mut Process, rest: &str) -> std::io::Result<()> {
                     _ => {}
                 }
             }
-            Some(Err(m)) => process_dir(p, view, &m.pid.to_string())?,
+            Some(Err(m)) => {
+                let pid = m.pid.to_string();
+                process_dir(p, view, &pid)?;
+                if let Some(["fd", one @ ..]) = parts.get(1..) {
+                    other_fd_dir(p, view, &m, one.first().copied())?;
+                }
+            }
             None if plain_number(who).is_some() => {
                 // A process that has ended (or never was): nothing of it may stay.
                 ProcView::remove(top.as_fd(), who)?;
@@ -381,6 +448,33 @@ fn process_dir(p: &Process, view: &ProcView, pid: &str) -> std::io::Result<()> {
             }
         }
         ProcView::link(dir.as_fd(), "root", "/")?;
+        ProcView::file(dir.as_fd(), "maps")?;
+        view.dir(&format!("{pid}/fd"))?;
+    }
+    Ok(())
+}
+
+/// Another process's fd/: a link per fd it has open, as it describes itself when asked;
+/// only fd `one`'s when a call looks at that one alone.
+fn other_fd_dir(
+    p: &Process,
+    view: &ProcView,
+    m: &Member,
+    one: Option<&str>,
+) -> std::io::Result<()> {
+    let dir = view.dir(&format!("{}/fd", m.pid))?;
+    let fds = description(p, m).map(|d| d.fds).unwrap_or_default();
+    if let Some(name) = one {
+        let fd = plain_number(name);
+        return match fds.iter().find(|(n, _)| Some(*n) == fd) {
+            Some((_, target)) => ProcView::link(dir.as_fd(), name, target),
+            None => ProcView::remove(dir.as_fd(), name),
+        };
+    }
+    let names: Vec<String> = fds.iter().map(|(fd, _)| fd.to_string()).collect();
+    ProcView::prune(dir.as_fd(), |_| true, &names)?;
+    for ((_, target), name) in fds.iter().zip(&names) {
+        ProcView::link(dir.as_fd(), name, target)?;
     }
     Ok(())
 }
