@@ -35,16 +35,36 @@ pub fn publish_description(bytes: &[u8]) -> std::io::Result<()> {
     }
     let owner = std::process::id();
     let next = dir.join(format!("{owner}.new"));
-    std::fs::write(&next, bytes)?;
-    std::fs::rename(&next, dir.join(owner.to_string()))
+    let written = std::fs::write(&next, bytes)
+        .and_then(|()| std::fs::rename(&next, dir.join(owner.to_string())));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&next);
+    }
+    written
 }
 
-/// The description VMM process `host_pid` last published.
-pub fn read_description(host_pid: i32) -> std::io::Result<Vec<u8>> {
+/// Removes this VMM process's description, as it ends.
+pub fn forget_description() {
+    let path = std::path::Path::new(VIEW_ROOT)
+        .join(DESCRIBED)
+        .join(std::process::id().to_string());
+    let _ = std::fs::remove_file(path);
+}
+
+/// The description VMM process `host_pid` last published (at most `limit` bytes).
+pub fn read_description(host_pid: i32, limit: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
     let path = std::path::Path::new(VIEW_ROOT)
         .join(DESCRIBED)
         .join(host_pid.to_string());
-    std::fs::read(path)
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() > limit {
+        return Err(std::io::ErrorKind::InvalidData.into());
+    }
+    Ok(bytes)
 }
 
 /// One VMM process's /proc view.

@@ -361,7 +361,7 @@ fn reopen_file_with(
                 & (OFlags::ACCMODE | OFlags::APPEND | OFlags::DIRECTORY | OFlags::PATH);
             // A generated /proc file (redis reads /proc/<pid>/stat now and then) is
             // generated again; it is in no directory the sandbox could open.
-            let fd = match crate::syscalls::procfs::file(p, path) {
+            let fd = match crate::syscalls::procfs::file_at_restore(p, path) {
                 Some(content) => crate::sandbox::sealed_file(path, &content)?,
                 None => {
                     crate::syscalls::procfs::refresh(p, path);

@@ -171,6 +171,12 @@ pub(super) fn gather(
         decided: false,
     };
     for other in &others {
+        if other.host_pid == 0 || other.ended {
+            return Err(PersistError::Busy(format!(
+                "process {} is being forked or has ended",
+                other.pid
+            )));
+        }
         crate::kvm::kick::send_capture_request(other.host_pid).map_err(io(format!(
             "asking process {} for its part of the snapshot",
             other.pid

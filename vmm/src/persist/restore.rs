@@ -149,6 +149,20 @@ fn start_feed(
     Ok(())
 }
 
+/// Refuses a file the restore (which runs as root, before the lockdown) reopened for a
+/// mapping unless the app could read it too: anyone may, or it is not root's (the app's
+/// own files are its user's). A snapshot's path may since name something else: a symlink
+/// the app put in a writable directory, say.
+fn app_may_read(fd: &impl std::os::fd::AsFd, path: &str) -> Result<(), PersistError> {
+    let stat = rustix::fs::fstat(fd).map_err(memory("reopening a mapped file"))?;
+    if stat.st_mode & 0o004 != 0 || stat.st_uid != 0 {
+        return Ok(());
+    }
+    Err(PersistError::Incompatible(format!(
+        "{path:?}, which the app maps, is not a file the app may read"
+    )))
+}
+
 /// Where a page file's pages are in guest memory.
 enum Frames {
     /// All of them, from this frame on.
@@ -507,6 +521,7 @@ impl Picoprocess {
                             what: format!("reopening {path:?}, which the app maps"),
                             source: errno.into(),
                         })?;
+                    app_may_read(&fd, path)?;
                     Backing::File {
                         file: Arc::new(File::from(fd)),
                         offset: *offset,
@@ -528,6 +543,7 @@ impl Picoprocess {
                         })?;
                     // Opened as root: only a plain file of the app's own (one name, so
                     // not a link to a file of someone else's) is mapped writable.
+                    app_may_read(&fd, path)?;
                     let stat =
                         rustix::fs::fstat(&fd).map_err(memory("reopening a file mapped shared"))?;
                     if !rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file()

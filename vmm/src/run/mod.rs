@@ -213,6 +213,8 @@ impl Picoprocess {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
         Kicker::arm(std::ptr::null_mut());
         self.cpus.stop_all(&self.process);
+        // What other processes of the app read of this one in /proc goes with it.
+        crate::kernel::procview::forget_description();
         let forked = {
             let mut p = lock(&self.process);
             if p.forked {
@@ -883,7 +885,9 @@ impl Exits<'_, '_> {
             }
             // Asked for a part of a tree snapshot (looked up in the table, not only by
             // the kick: one that came with a pause is cleared with it above).
-            if let Some(outcome) = self.write_part(false)? {
+            // A stop signal taken and not yet acted on counts as stopped.
+            let stopping = self.p.jobs.stop.is_some();
+            if let Some(outcome) = self.write_part(stopping)? {
                 return Ok(Some(outcome));
             }
             if let Some(signal) = self.p.jobs.stop.take() {

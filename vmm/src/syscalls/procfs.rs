@@ -57,6 +57,17 @@ fn uptime(p: &Process) -> (u64, f64) {
 
 /// The content of generated file `path`, if it is one.
 pub fn file(p: &Process, path: &str) -> Option<Vec<u8>> {
+    file_asking(p, path, true)
+}
+
+/// [`file`] for a restore, which makes an fd open on a /proc file again before the app's
+/// other processes run: another process's `maps` comes back empty rather than asked of
+/// a process that cannot answer yet.
+pub fn file_at_restore(p: &Process, path: &str) -> Option<Vec<u8>> {
+    file_asking(p, path, false)
+}
+
+fn file_asking(p: &Process, path: &str, ask: bool) -> Option<Vec<u8>> {
     let memory = p.mem.stats();
     let total_kib = memory.frames_total * 4;
     let used_kib = memory.frames_in_use * 4;
@@ -100,7 +111,7 @@ pub fn file(p: &Process, path: &str) -> Option<Vec<u8>> {
         }
         "/proc/sys/kernel/pid_max" => format!("{}\n", crate::kernel::tree::PID_MAX),
         "/proc/sys/kernel/hostname" => format!("{}\n", p.name),
-        _ => match own_entry(p, path).map_or_else(|| Err(other_file(p, path)), Ok) {
+        _ => match own_entry(p, path).map_or_else(|| Err(other_file(p, path, ask)), Ok) {
             Err(other) => return other,
             Ok("cmdline") => return Some(p.cmdline_bytes()),
             Ok("maps") => maps(p),
@@ -195,9 +206,16 @@ pub fn publish_description(p: &Process) {
             .filter_map(|(fd, _)| Some((fd, fd_link(p, fd)?)))
             .collect(),
     };
-    let published = serde_json::to_vec(&description)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| crate::kernel::procview::publish_description(&bytes));
+    let mut description = description;
+    let mut bytes = serde_json::to_vec(&description).unwrap_or_default();
+    while bytes.len() > MAX_DESCRIPTION && !description.maps.is_empty() {
+        // Too many areas: the first ones, as a read of a long file gets its start.
+        let keep = description.maps.len() / 2;
+        let cut = description.maps[..keep].rfind('\n').map_or(0, |i| i + 1);
+        description.maps.truncate(cut);
+        bytes = serde_json::to_vec(&description).unwrap_or_default();
+    }
+    let published = crate::kernel::procview::publish_description(&bytes);
     match published {
         Ok(()) => tree.answer_description(p.ids.pid, ticket),
         Err(e) => tracing::debug!("publishing this process's /proc description: {e}"),
@@ -207,37 +225,57 @@ pub fn publish_description(p: &Process) {
 /// How long a read of another process's maps or fd/ waits for it to describe itself.
 const DESCRIBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The most bytes a description takes (the tmpfs it is in is small, and the app's).
+pub const MAX_DESCRIPTION: usize = 1 << 20;
+
 /// Process `m`'s [`Description`], as it publishes it when asked (at its next clean
 /// point); `None` if it does not in time (it ended, say).
 fn description(p: &Process, m: &Member) -> Option<Description> {
+    use crate::kvm::kick::reason;
+    // An ended process, or one still being forked, cannot answer.
+    if m.ended || m.host_pid == 0 {
+        return None;
+    }
     let tree = p.tree.as_ref()?;
     let ticket = tree.ask_description(m.pid)?;
     crate::kvm::kick::send_describe_request(m.host_pid).ok()?;
     let deadline = std::time::Instant::now() + DESCRIBE_TIMEOUT;
+    // What ends the wait at once: this process must stop, pause or save itself.
+    let more_urgent = reason::STOP
+        | reason::TIMEOUT
+        | reason::FAILED
+        | reason::ENDED
+        | reason::PAUSE
+        | reason::CAPTURE;
     while !tree.description_answered(m.pid, ticket) {
-        if std::time::Instant::now() > deadline {
+        let pending = p.kicker.pending();
+        if std::time::Instant::now() > deadline || pending & more_urgent != 0 {
             return None;
         }
         // That process may be asking this one at the same time.
-        if p.kicker.pending() & crate::kvm::kick::reason::DESCRIBE != 0 {
+        if pending & reason::DESCRIBE != 0 {
+            p.kicker.clear(reason::DESCRIBE);
             publish_description(p);
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
-    let bytes = crate::kernel::procview::read_description(m.host_pid).ok()?;
+    let bytes = crate::kernel::procview::read_description(m.host_pid, MAX_DESCRIPTION).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
 /// /proc/<pid>/... of another process of the app, from what it told the app's table (and
 /// its maps from itself, asked).
-fn other_file(p: &Process, path: &str) -> Option<Vec<u8>> {
+fn other_file(p: &Process, path: &str, ask: bool) -> Option<Vec<u8>> {
     let rest = path.strip_prefix("/proc/")?;
     let (who, entry) = rest.split_once('/')?;
     let Err(m) = whose(p, who)? else {
         return None;
     };
     if entry == "maps" {
-        return description(p, &m).map(|d| d.maps.into_bytes());
+        return match ask {
+            true => description(p, &m).map(|d| d.maps.into_bytes()),
+            false => Some(Vec::new()),
+        };
     }
     let (state, state_name) = if m.stopped {
         ('T', "stopped")
