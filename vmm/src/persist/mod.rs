@@ -203,27 +203,31 @@ fn context_record(
 }
 
 /// Why this process cannot be captured: it is not the app's first (a snapshot is always
-/// asked of that one), one of its other processes is not at a point a snapshot can keep,
-/// or it maps memory shared with a file or another process (a snapshot keeps private
-/// memory only).
+/// asked of that one).
 fn cannot_capture(p: &Process) -> Option<String> {
-    if p.forked {
-        return Some("only an app's first process is snapshotted".into());
-    }
+    p.forked
+        .then(|| "only an app's first process is snapshotted".to_string())
+}
+
+/// Why the app cannot be captured now, but may be soon: one of its other processes is
+/// not at a point a snapshot can keep (ended and not waited for, stopped, being forked).
+fn not_now(p: &Process) -> Option<String> {
     let others = p.tree.as_ref().map(|t| t.members()).unwrap_or_default();
-    for other in others.iter().filter(|m| m.pid != p.ids.pid) {
-        let pid = other.pid;
-        if other.ended {
-            return Some(format!("process {pid} has ended and is not waited for yet"));
-        }
-        if other.stopped {
-            return Some(format!("process {pid} is stopped"));
-        }
-        if other.host_pid == 0 {
-            return Some(format!("process {pid} is being forked"));
-        }
-    }
-    None
+    others
+        .iter()
+        .filter(|m| m.pid != p.ids.pid)
+        .find_map(|other| {
+            let pid = other.pid;
+            if other.ended {
+                Some(format!("process {pid} has ended and is not waited for yet"))
+            } else if other.stopped {
+                Some(format!("process {pid} is stopped"))
+            } else if other.host_pid == 0 {
+                Some(format!("process {pid} is being forked"))
+            } else {
+                None
+            }
+        })
 }
 
 /// The key of shared anonymous memory (a memfd the VMM made, or one the app made and
@@ -501,7 +505,9 @@ pub fn busy(p: &Process) -> Option<String> {
 
 /// Why the app's first process, or the app as a whole, is not idle, if it is not.
 fn busy_here(p: &Process) -> Option<String> {
-    cannot_capture(p).or_else(|| busy_connections(p))
+    cannot_capture(p)
+        .or_else(|| not_now(p))
+        .or_else(|| busy_connections(p))
 }
 
 /// Why this process is not idle, if it is not: its connections and queued sockets.
@@ -553,6 +559,9 @@ pub fn capture(
     slow_capture_test_hook();
     if let Some(why) = cannot_capture(p) {
         return Err(PersistError::Unsnapshottable(why));
+    }
+    if let Some(why) = not_now(p) {
+        return Err(PersistError::Busy(why));
     }
     settle_for_capture(p)?;
     let started = Instant::now();

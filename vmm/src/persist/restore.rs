@@ -149,6 +149,24 @@ fn start_feed(
     Ok(())
 }
 
+/// Gives the writable directories to the app's user: the restore, as root, unpacked the
+/// data archive there and bound the app's unix sockets again, which the app must be able
+/// to write to and connect to.
+fn give_data_to_app(config: &Config, options: &RestoreOptions) -> Result<(), PersistError> {
+    let Some(lockdown) = &options.lockdown else {
+        return Ok(());
+    };
+    for (_, host) in &config.writable {
+        lockdown.own(host).map_err(|e| {
+            PersistError::Incompatible(format!(
+                "giving the restored {} to the app: {e}",
+                host.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// Refuses a file the restore (which runs as root, before the lockdown) reopened for a
 /// mapping unless the app could read it too: anyone may, or it is not root's (the app's
 /// own files are its user's). A snapshot's path may since name something else: a symlink
@@ -311,7 +329,9 @@ impl Picoprocess {
         super::trust::check(&manifests, config)?;
         let mut objects = super::files::SharedObjects::default();
         let Some(tree) = manifests[0].tree.clone() else {
-            return Self::build(config, store, &manifests, options, &mut objects, None);
+            let picoprocess = Self::build(config, store, &manifests, options, &mut objects, None)?;
+            give_data_to_app(config, options)?;
+            return Ok(picoprocess);
         };
         if options.feed.is_some() {
             return Err(PersistError::Incompatible(
@@ -345,6 +365,7 @@ impl Picoprocess {
             Some(&mut first),
         )?;
         first.hand_on(&picoprocess, &manifests[0], &tree, &mut objects)?;
+        give_data_to_app(config, options)?;
         Ok(picoprocess)
     }
 
@@ -444,17 +465,6 @@ impl Picoprocess {
         check_cpu(newest, &parts)?;
         if first_process {
             unpack_data(store, newest, config)?;
-            // Unpacked as root: the app's files are its user's again.
-            if let Some(lockdown) = &options.lockdown {
-                for (_, host) in &config.writable {
-                    lockdown.own(host).map_err(|e| {
-                        PersistError::Incompatible(format!(
-                            "giving the restored {} to the app: {e}",
-                            host.display()
-                        ))
-                    })?;
-                }
-            }
         }
 
         // Page files become guest memory: whole, or (with a tree anywhere in the chain)

@@ -495,7 +495,11 @@ impl FirstProcess {
         {
             let mut p = crate::kernel::process::lock(&picoprocess.process);
             for part in &tree.others {
-                super::files::make_objects(&mut p, &part.files, objects)?;
+                // A unix socket's relative name is the part's, from its directory.
+                let cwd = std::mem::replace(&mut p.cwd, part.process.cwd.clone());
+                let made = super::files::make_objects(&mut p, &part.files, objects);
+                p.cwd = cwd;
+                made?;
             }
             p.describe_in_tree();
         }
