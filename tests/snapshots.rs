@@ -1169,9 +1169,7 @@ fn inspect_tells_how_much_of_the_prefetch_was_used() {
 /// shared page is what the parent reads.
 #[test]
 fn shared_memory_between_processes_is_shared_again_after_a_restore() {
-    use std::io::BufRead;
     let name = "test-snap-shared";
-    let dir = tempfile::tempdir().unwrap();
     let code = "import mmap, os, time\n\
         m = mmap.mmap(-1, 4096, flags=mmap.MAP_SHARED)\n\
         m[0:2] = b'ok'\n\
@@ -1186,37 +1184,7 @@ fn shared_memory_between_processes_is_shared_again_after_a_restore() {
         os.write(w, b'x')\n\
         os.waitpid(pid, 0)\n\
         print(bytes(m[0:7]).decode(), flush=True)\n";
-    let mut child = picocenter()
-        .args([
-            "run",
-            "--name",
-            name,
-            "--timeout",
-            "60",
-            "/usr/bin/python3",
-            "-c",
-            code,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    reader.read_line(&mut first).unwrap();
-    assert_eq!(first, "ready\n");
-    let out = snapshot(&["create", name, "-o", dir.path().to_str().unwrap(), "--stop"]);
-    assert!(out.status.success(), "{}", describe(&out));
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0));
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
-    assert_eq!(rest, "", "the app ran on past its snapshot");
-    let mut cmd = picocenter();
-    cmd.args(["snapshot", "restore"]).arg(dir.path());
-    cmd.args(root_from(dir.path()));
-    let out = run_with_limit(&mut cmd, Duration::from_secs(60));
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let out = swapped_python(name, code);
     assert_eq!(stdout(&out), "okchild\n", "{}", describe(&out));
 }
 
@@ -1400,9 +1368,7 @@ fn a_tree_with_a_stopped_process_is_refused_until_it_continues() {
 /// client of it connects after the restore.
 #[test]
 fn a_child_s_unix_socket_comes_back_where_it_bound_it() {
-    use std::io::BufRead;
     let name = "test-snap-unix-child";
-    let dir = tempfile::tempdir().unwrap();
     let code = "import os, socket, time\n\
         os.makedirs('/tmp/sub', exist_ok=True)\n\
         pid = os.fork()\n\
@@ -1420,6 +1386,16 @@ fn a_child_s_unix_socket_comes_back_where_it_bound_it() {
         c.connect('/tmp/sub/app.sock')\n\
         print(c.recv(5).decode(), flush=True)\n\
         os.waitpid(pid, 0)\n";
+    let out = swapped_python(name, code);
+    assert_eq!(stdout(&out), "hello\n", "{}", describe(&out));
+}
+
+/// Runs Python `code` as app `name` until it prints "ready", swaps it out (the snapshot
+/// must stop it there: nothing more is printed), and restores it to its end: what the
+/// restored app printed, and its status (0 checked).
+fn swapped_python(name: &str, code: &str) -> std::process::Output {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
     let mut child = picocenter()
         .args([
             "run",
@@ -1442,10 +1418,13 @@ fn a_child_s_unix_socket_comes_back_where_it_bound_it() {
     let out = snapshot(&["create", name, "-o", dir.path().to_str().unwrap(), "--stop"]);
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(child.wait().unwrap().code(), Some(0));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    assert_eq!(rest, "", "the app ran on past its snapshot");
     let mut cmd = picocenter();
     cmd.args(["snapshot", "restore"]).arg(dir.path());
     cmd.args(root_from(dir.path()));
     let out = run_with_limit(&mut cmd, Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    assert_eq!(stdout(&out), "hello\n", "{}", describe(&out));
+    out
 }
