@@ -142,8 +142,12 @@ fn give(dir: &Path, uid: u32, uids: (u32, u32)) -> Result<(), JailError> {
         );
         return Ok(());
     }
-    std::os::unix::fs::lchown(dir, Some(uid), Some(uid))
-        .map_err(io_step(format!("giving {} to uid {uid}", dir.display())))?;
+    // Already the app's (most of a restored directory is, but what the restore made):
+    // one call less each.
+    if meta.uid() != uid || meta.gid() != uid {
+        std::os::unix::fs::lchown(dir, Some(uid), Some(uid))
+            .map_err(io_step(format!("giving {} to uid {uid}", dir.display())))?;
+    }
     if meta.is_dir() {
         let listing = io_step(format!("listing {}", dir.display()));
         for entry in std::fs::read_dir(dir).map_err(listing)? {
