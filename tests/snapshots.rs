@@ -1303,6 +1303,22 @@ fn nginx_with_workers_survives_ten_swaps() {
         );
         swap_out("test-snap-nginx-workers", dir.path(), child);
     }
+    // One manifest for the tree: `inspect` lists the two workers, with the master their
+    // parent, and their pages stored once with the master's.
+    let out = snapshot(&["inspect", dir.path().to_str().unwrap()]);
+    let said = stdout(&out);
+    assert!(
+        out.status.success()
+            && said.contains("processes     3")
+            && said.contains("checksums valid"),
+        "{}",
+        describe(&out)
+    );
+    let workers = said
+        .lines()
+        .filter(|l| l.trim_start().starts_with("pid ") && l.contains("parent 2 "))
+        .count();
+    assert_eq!(workers, 2, "{said}");
 }
 
 /// How many processes `picocenter ps` lists for app `name`.
