@@ -1294,14 +1294,31 @@ fn nginx_with_workers_survives_ten_swaps() {
     all_answered(address.parse().unwrap(), "/files/1m.txt", 8, &expected);
     swap_out_server("test-snap-nginx-workers", dir.path(), server);
     for cycle in 0..10 {
-        let child = restore(dir.path(), &address, &[]);
-        all_answered(address.parse().unwrap(), "/files/1m.txt", 8, &expected);
+        let mut child = restore(dir.path(), &address, &[]);
+        let target = address.parse().unwrap();
+        let answered =
+            std::panic::catch_unwind(|| all_answered(target, "/files/1m.txt", 8, &expected));
+        if answered.is_err() {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "cycle {cycle}: the restored app's log:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         assert_eq!(
             processes_of("test-snap-nginx-workers"),
             3,
             "cycle {cycle}: not a master and two workers"
         );
         swap_out("test-snap-nginx-workers", dir.path(), child);
+        // Swapped out means every process has ended: none still holds the address for
+        // the next restore, or a client.
+        assert_eq!(
+            restored_from(dir.path()),
+            0,
+            "cycle {cycle}: processes outlived the swap-out"
+        );
     }
     // One manifest for the tree: `inspect` lists the two workers, with the master their
     // parent, and their pages stored once with the master's.
@@ -1443,4 +1460,19 @@ fn swapped_python(name: &str, code: &str) -> std::process::Output {
     let out = run_with_limit(&mut cmd, Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     out
+}
+
+/// How many host processes run `picocenter snapshot restore DIR` (an app's VMMs).
+fn restored_from(dir: &Path) -> usize {
+    let dir = dir.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|entry| {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            args.windows(3)
+                .any(|w| w[0] == b"snapshot" && w[1] == b"restore" && w[2] == dir)
+        })
+        .count()
 }

@@ -52,6 +52,9 @@ const PAGE: usize = 4096;
 /// How long the first process waits for the others' parts.
 const PART_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long the first process, saved to stop, waits for the others to end.
+const ENDING_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The pages the snapshot's page file holds so far, by digest.
 #[derive(Debug, Default)]
 pub struct StoredPages {
@@ -100,9 +103,43 @@ impl Gathered {
     /// The snapshot is in the store: the other processes end with the app if `stop`,
     /// and go on otherwise.
     pub fn committed(mut self, stop: bool) {
+        // Their VMMs, watched before they are told to end (a pid is not reused while its
+        // pidfd is open).
+        let ending: Vec<std::os::fd::OwnedFd> = match stop {
+            true => self
+                .others
+                .iter()
+                .filter_map(|part| self.tree.find(part.pid))
+                .filter_map(|m| rustix::process::Pid::from_raw(m.host_pid))
+                .filter_map(|pid| {
+                    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+                })
+                .collect(),
+            false => Vec::new(),
+        };
         let verdict = if stop { Verdict::End } else { Verdict::Saved };
         self.tree.decide_capture(self.generation, verdict);
         self.decided = true;
+        // The app has ended only once they have: until then they hold its sockets, and a
+        // restore started at once could find its address taken, or a client reach them.
+        let deadline = Instant::now() + ENDING_TIMEOUT;
+        for pidfd in &ending {
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let timeout = rustix::time::Timespec {
+                    tv_sec: left.as_secs() as i64,
+                    tv_nsec: left.subsec_nanos() as _,
+                };
+                let mut fds = [rustix::event::PollFd::new(
+                    pidfd,
+                    rustix::event::PollFlags::IN,
+                )];
+                match rustix::event::poll(&mut fds, Some(&timeout)) {
+                    Err(rustix::io::Errno::INTR) if !left.is_zero() => continue,
+                    _ => break,
+                }
+            }
+        }
     }
 }
 
