@@ -23,8 +23,8 @@
 mod common;
 
 use common::{
-    describe, guest, http, install, median, nginx_with_workers, picocenter, printed_number,
-    run_with_limit, wrk, Link, Server,
+    guest, http, install, median, nginx_with_workers, picocenter, printed_number, snapshot_stdout,
+    wrk, Link, Server,
 };
 use std::io::BufRead;
 use std::path::Path;
@@ -118,23 +118,10 @@ fn main() {
     nginx_swaps();
 }
 
-/// `picocenter snapshot ARGS...`, which must succeed; returns its stdout.
-fn snapshot(args: &[&str]) -> String {
-    let mut cmd = picocenter();
-    cmd.arg("snapshot").args(args);
-    let out = run_with_limit(&mut cmd, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "snapshot {args:?}: {}",
-        describe(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Swaps app `name` out into `dir`: (milliseconds, pages stored).
 fn swap_out(name: &str, dir: &Path) -> (f64, u64) {
     let started = Instant::now();
-    let said = snapshot(&["create", name, "-o", dir.to_str().unwrap(), "--stop"]);
+    let said = snapshot_stdout(&["create", name, "-o", dir.to_str().unwrap(), "--stop"]);
     let ms = started.elapsed().as_secs_f64() * 1e3;
     let stored = said
         .split_once(" pages stored")

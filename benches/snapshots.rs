@@ -16,7 +16,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{build_image, describe, guest, median, picocenter, run_with_limit, Link, Server};
+use common::{build_image, guest, median, picocenter, snapshot_stdout, Link, Server};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -24,19 +24,6 @@ use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 11;
 const MODES: [&str; 4] = ["eager", "lazy", "activeset", "stream"];
-
-/// `picocenter snapshot ARGS...`, which must succeed; returns its stdout.
-fn snapshot(args: &[&str]) -> String {
-    let mut cmd = picocenter();
-    cmd.arg("snapshot").args(args);
-    let out = run_with_limit(&mut cmd, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "snapshot {args:?}: {}",
-        describe(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Sends `GET path` to `address` once it accepts, and returns the body.
 fn get(address: &str, path: &str) -> String {
@@ -102,7 +89,7 @@ fn restore_to_response(dir: &Path, mode: &str, address: &str, path: &str) -> f64
 
 /// Swaps app `name` out into `dir` and waits for its process.
 fn swap_out(name: &str, dir: &Path, mut child: Child) {
-    snapshot(&["create", name, "-o", dir.to_str().unwrap(), "--stop"]);
+    snapshot_stdout(&["create", name, "-o", dir.to_str().unwrap(), "--stop"]);
     let _ = child.wait();
 }
 
@@ -120,7 +107,7 @@ fn second_cycle(name: &str, dir: &Path, address: &str, path: &str, requests: usi
 
 /// The newest snapshot's inspection, for its ActiveSet line.
 fn activeset_line(dir: &Path) -> String {
-    snapshot(&["inspect", dir.to_str().unwrap()])
+    snapshot_stdout(&["inspect", dir.to_str().unwrap()])
         .lines()
         .find(|l| l.trim_start().starts_with("ActiveSet"))
         .unwrap_or_default()
@@ -282,7 +269,7 @@ fn first_cycle_cold(state: &Path) {
         let child = cmd.spawn().unwrap();
         get("127.0.8.5:80", "/");
         swap_out("bench-bigmem-cold", &dir, child);
-        let inspect = snapshot(&["inspect", dir.to_str().unwrap()]);
+        let inspect = snapshot_stdout(&["inspect", dir.to_str().unwrap()]);
         let line = inspect
             .lines()
             .find(|l| l.trim_start().starts_with("prefetch "))
@@ -300,7 +287,7 @@ fn write_throughput(state: &Path) -> (f64, f64) {
     for round in 0..ROUNDS.min(7) {
         let dir = state.join(format!("bench-snapshots/throughput-{round}"));
         let _ = std::fs::remove_dir_all(&dir);
-        let out = snapshot(&[
+        let out = snapshot_stdout(&[
             "create",
             "bench-bigmem",
             "-o",
@@ -381,7 +368,7 @@ fn main() {
         let address = format!("{ip}:80");
         let server = Server::start(image, &name, ip, 80, &[]);
         get(&address, path);
-        snapshot(&["create", &name, "-o", dir.to_str().unwrap(), "--stop"]);
+        snapshot_stdout(&["create", &name, "-o", dir.to_str().unwrap(), "--stop"]);
         server.stop_waiting();
         second_cycle(&name, &dir, &address, path, 3);
         compare_modes(image, &dir, &address, path);

@@ -601,6 +601,19 @@ pub fn wrk_on(cpu: Option<&str>, address: &str, path: &str, seconds: &str) -> (f
     (value("Requests/sec:"), value("50%"), value("99%"))
 }
 
+/// `picocenter snapshot ARGS...`, which must succeed (2 minutes at most): what it printed.
+pub fn snapshot_stdout(args: &[&str]) -> String {
+    let mut cmd = picocenter();
+    cmd.arg("snapshot").args(args);
+    let out = run_with_limit(&mut cmd, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "snapshot {args:?}: {}",
+        describe(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A root holding Debian's static busybox, its applets as symlinks, a three-line
 /// /etc/passwd and two more files in /etc.
 pub fn busybox_shell_root() -> tempfile::TempDir {

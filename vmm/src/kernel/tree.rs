@@ -13,11 +13,12 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 /// Most processes an app may have at once (zombies included): a fork beyond gives EAGAIN,
-/// as RLIMIT_NPROC does, so a fork bomb stays inside its app.
-pub const MAX_PROCESSES: usize = 64;
+/// as RLIMIT_NPROC does, so a fork bomb stays inside its app. A snapshot of the tree
+/// holds at most as many (the format's bound is this one).
+pub const MAX_PROCESSES: usize = picocenter_snapshots::bounds::MAX_PROCESSES;
 
-/// The highest pid handed out (Linux's default pid_max).
-pub const PID_MAX: i32 = 4_194_304;
+/// The highest pid handed out (Linux's default pid_max), which a snapshot's are below.
+pub const PID_MAX: i32 = picocenter_snapshots::bounds::PID_MAX;
 
 /// A process's identity in the app.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,7 +248,7 @@ struct Slot {
     /// Its VMM has ended (a zombie until its parent waits for it).
     ended: AtomicU32,
     /// Its part of a tree snapshot: the board's generation, shifted by 4, and a
-    /// `CAPTURE_*` state.
+    /// [`CaptureStatus`].
     capture: AtomicU32,
     /// Asks for its description (maps, fds) so far, and the last one it answered.
     describe_asked: AtomicU32,
@@ -259,7 +260,7 @@ struct Slot {
 #[repr(C)]
 struct CaptureBoard {
     generation: AtomicU32,
-    /// The generation, shifted by 4, and a `VERDICT_*`: what the others do afterwards.
+    /// The generation, shifted by 4, and a [`Verdict`]: what the others do afterwards.
     verdict: AtomicU32,
     /// The generation, shifted by 4, and a `PHASE_*`.
     phase: AtomicU32,
@@ -277,18 +278,10 @@ struct CaptureBoard {
 /// The longest snapshot id the board holds (a store's ids are at most 128 bytes).
 const SNAPSHOT_ID: usize = 128;
 
-const CAPTURE_REQUESTED: u32 = 1;
-const CAPTURE_DONE: u32 = 2;
-const CAPTURE_BUSY: u32 = 3;
-const CAPTURE_FAILED: u32 = 4;
-const CAPTURE_PARKED: u32 = 5;
 /// In `CaptureBoard::phase`: the processes park (every thread at a clean point).
 const PHASE_PARK: u32 = 1;
 /// Every process is parked: each writes its part.
 const PHASE_WRITE: u32 = 2;
-const VERDICT_END: u32 = 1;
-const VERDICT_SAVED: u32 = 2;
-const VERDICT_ABANDONED: u32 = 3;
 
 /// What the first process asks of the others for a tree snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,30 +299,56 @@ pub struct CaptureRequest {
     pub parent: Option<String>,
 }
 
-/// What the first process decided about a tree snapshot, for the others.
+/// What the first process decided about a tree snapshot, for the others (the low 4 bits
+/// of the board's `verdict` word; 0 is undecided).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
 pub enum Verdict {
     /// Saved, and the app ends.
-    End,
+    End = 1,
     /// Saved, and the app goes on (the next snapshot is an increment of it).
-    Saved,
+    Saved = 2,
     /// Not saved; the app goes on.
-    Abandoned,
+    Abandoned = 3,
 }
 
-/// Where one process's part of a tree snapshot stands.
+impl Verdict {
+    fn from_state(state: u32) -> Self {
+        match state & 0xf {
+            1 => Self::End,
+            2 => Self::Saved,
+            _ => Self::Abandoned,
+        }
+    }
+}
+
+/// Where one process's part of a tree snapshot stands (the low 4 bits of its slot's
+/// `capture` word).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
 pub enum CaptureStatus {
     /// Asked, not parked yet.
-    Pending,
+    Pending = 1,
     /// Parked at a clean point, every thread of it, until the first process says write.
-    Parked,
+    Parked = 5,
     /// Written.
-    Done,
+    Done = 2,
     /// Not written: the process is not idle.
-    Busy,
+    Busy = 3,
     /// Not written: it failed (its part's directory says why).
-    Failed,
+    Failed = 4,
+}
+
+impl CaptureStatus {
+    fn from_state(state: u32) -> Self {
+        match state & 0xf {
+            1 => Self::Pending,
+            5 => Self::Parked,
+            2 => Self::Done,
+            3 => Self::Busy,
+            _ => Self::Failed,
+        }
+    }
 }
 
 /// How long a path (a program's, a working directory) the table keeps for other
@@ -715,8 +734,10 @@ impl AppTree {
             .store(generation << 4 | PHASE_PARK, Ordering::SeqCst);
         for &pid in pids {
             if let Some(slot) = self.slot_of(pid) {
-                slot.capture
-                    .store(generation << 4 | CAPTURE_REQUESTED, Ordering::SeqCst);
+                slot.capture.store(
+                    generation << 4 | CaptureStatus::Pending as u32,
+                    Ordering::SeqCst,
+                );
             }
         }
         Some(generation)
@@ -727,7 +748,7 @@ impl AppTree {
         let board = &self.table().capture;
         let generation = board.generation.load(Ordering::SeqCst);
         let slot = self.slot_of(pid)?;
-        if slot.capture.load(Ordering::SeqCst) != generation << 4 | CAPTURE_REQUESTED {
+        if slot.capture.load(Ordering::SeqCst) != generation << 4 | CaptureStatus::Pending as u32 {
             return None;
         }
         let request = CaptureRequest {
@@ -744,22 +765,15 @@ impl AppTree {
     /// Records where `pid`'s part of snapshot `generation` stands: from asked to parked,
     /// busy or failed, and from parked to written or failed.
     pub fn report_capture(&self, pid: i32, generation: u32, status: CaptureStatus) {
-        let state = match status {
-            CaptureStatus::Pending => CAPTURE_REQUESTED,
-            CaptureStatus::Parked => CAPTURE_PARKED,
-            CaptureStatus::Done => CAPTURE_DONE,
-            CaptureStatus::Busy => CAPTURE_BUSY,
-            CaptureStatus::Failed => CAPTURE_FAILED,
-        };
         let Some(slot) = self.slot_of(pid) else {
             return;
         };
-        for from in [CAPTURE_REQUESTED, CAPTURE_PARKED] {
+        for from in [CaptureStatus::Pending, CaptureStatus::Parked] {
             if slot
                 .capture
                 .compare_exchange(
-                    generation << 4 | from,
-                    generation << 4 | state,
+                    generation << 4 | from as u32,
+                    generation << 4 | status as u32,
                     Ordering::SeqCst,
                     Ordering::SeqCst,
                 )
@@ -780,17 +794,12 @@ impl AppTree {
         if state >> 4 != generation {
             return CaptureStatus::Failed;
         }
-        let waiting = matches!(state & 0xf, CAPTURE_REQUESTED | CAPTURE_PARKED);
+        let status = CaptureStatus::from_state(state);
+        let waiting = matches!(status, CaptureStatus::Pending | CaptureStatus::Parked);
         if waiting && slot.ended.load(Ordering::SeqCst) != 0 {
             return CaptureStatus::Failed;
         }
-        match state & 0xf {
-            CAPTURE_REQUESTED => CaptureStatus::Pending,
-            CAPTURE_PARKED => CaptureStatus::Parked,
-            CAPTURE_DONE => CaptureStatus::Done,
-            CAPTURE_BUSY => CaptureStatus::Busy,
-            _ => CaptureStatus::Failed,
-        }
+        status
     }
 
     /// Every process asked for snapshot `generation` is parked: each writes its part now.
@@ -817,15 +826,10 @@ impl AppTree {
 
     /// Tells the processes what became of snapshot `generation`.
     pub fn decide_capture(&self, generation: u32, verdict: Verdict) {
-        let verdict = match verdict {
-            Verdict::End => VERDICT_END,
-            Verdict::Saved => VERDICT_SAVED,
-            Verdict::Abandoned => VERDICT_ABANDONED,
-        };
         self.table()
             .capture
             .verdict
-            .store(generation << 4 | verdict, Ordering::SeqCst);
+            .store(generation << 4 | verdict as u32, Ordering::SeqCst);
     }
 
     /// What became of snapshot `generation`, once decided (abandoned if another one
@@ -839,11 +843,7 @@ impl AppTree {
         if verdict >> 4 != generation {
             return None;
         }
-        Some(match verdict & 0xf {
-            VERDICT_END => Verdict::End,
-            VERDICT_SAVED => Verdict::Saved,
-            _ => Verdict::Abandoned,
-        })
+        Some(Verdict::from_state(verdict))
     }
 }
 

@@ -304,9 +304,9 @@ impl SharedObjects {
         Ok(())
     }
 
-    /// Every object, for handing on.
-    pub fn iter(&self) -> impl Iterator<Item = ((u64, u8), &OwnedFd)> {
-        self.fds.iter().map(|(&key, fd)| (key, fd))
+    /// Object `key`'s descriptor, for handing on.
+    pub fn fd(&self, key: (u64, u8)) -> Option<&OwnedFd> {
+        self.fds.get(&key)
     }
 }
 
@@ -329,18 +329,15 @@ fn reopen(
                 },
             ));
         }
-        let (fd, kind) = reopen_file(p, file)?;
+        let (fd, kind) = reopen_file(p, file, objects)?;
         objects.insert(key, rustix::io::fcntl_dupfd_cloexec(&fd, 0)?);
         return Ok((fd, kind));
     }
-    reopen_file_with(p, file, objects)
+    reopen_file(p, file, objects)
 }
 
-fn reopen_file(p: &mut Process, file: &FileRecord) -> Result<(OwnedFd, FileKind), Errno> {
-    reopen_file_with(p, file, &mut SharedObjects::default())
-}
-
-fn reopen_file_with(
+/// Makes `file` again; a pipe's ends come from `objects`, or are made there.
+fn reopen_file(
     p: &mut Process,
     file: &FileRecord,
     objects: &mut SharedObjects,
@@ -402,7 +399,7 @@ fn reopen_file_with(
             data,
         } => {
             let (read, write) = ((*pipe, READ_END), (*pipe, WRITE_END));
-            if objects.get(read).is_none() && objects.get(write).is_none() {
+            if !objects.fds.contains_key(&read) && !objects.fds.contains_key(&write) {
                 let (r, w) = rustix::pipe::pipe_with(
                     rustix::pipe::PipeFlags::NONBLOCK | rustix::pipe::PipeFlags::CLOEXEC,
                 )?;

@@ -375,6 +375,31 @@ fn capture_memory<'a>(
     })
 }
 
+/// The app's clocks now, as a snapshot records them.
+fn clock_record(p: &Process) -> ClockRecord {
+    ClockRecord {
+        monotonic_ns: p.clock.now_ns(libc::CLOCK_MONOTONIC).unwrap_or(0) as u64,
+        realtime_ns: p.clock.now_ns(libc::CLOCK_REALTIME).unwrap_or(0) as u64,
+    }
+}
+
+/// Whether `fd` becomes readable before `deadline` (a signal does not end the wait).
+fn readable_before(fd: &impl std::os::fd::AsFd, deadline: Instant) -> bool {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = rustix::time::Timespec::try_from(left).unwrap_or(rustix::time::Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        });
+        let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(n) => return n > 0,
+            Err(rustix::io::Errno::INTR) if !left.is_zero() => {}
+            Err(_) => return false,
+        }
+    }
+}
+
 /// A call's deadline as the app's CLOCK_MONOTONIC in ns (see `ProcessRecord::restart`).
 fn restart_record(
     restart: Option<(u64, u64, Instant)>,
@@ -624,10 +649,7 @@ pub fn capture(
     if closed > 0 {
         tracing::info!("the snapshot closes {closed} connection(s)");
     }
-    let clock = ClockRecord {
-        monotonic_ns: p.clock.now_ns(libc::CLOCK_MONOTONIC).unwrap_or(0) as u64,
-        realtime_ns: p.clock.now_ns(libc::CLOCK_REALTIME).unwrap_or(0) as u64,
-    };
+    let clock = clock_record(p);
     let data_path = store.scratch(&id, "data")?;
     let data = archive_data(p, &data_path)?;
     let stats = SnapshotStats {

@@ -38,9 +38,7 @@ use crate::kernel::process::Process;
 use crate::kernel::tree::{AppTree, CaptureRequest, CaptureStatus, Verdict};
 use crate::kvm::vcpu::Vcpu;
 use picocenter_snapshots::chain::runs;
-use picocenter_snapshots::format::{
-    ClockRecord, PageSource, ProcessPart, SharedMemoryRecord, TreeRecord,
-};
+use picocenter_snapshots::format::{PageSource, ProcessPart, SharedMemoryRecord, TreeRecord};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -124,21 +122,7 @@ impl Gathered {
         // restore started at once could find its address taken, or a client reach them.
         let deadline = Instant::now() + ENDING_TIMEOUT;
         for pidfd in &ending {
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let timeout = rustix::time::Timespec {
-                    tv_sec: left.as_secs() as i64,
-                    tv_nsec: left.subsec_nanos() as _,
-                };
-                let mut fds = [rustix::event::PollFd::new(
-                    pidfd,
-                    rustix::event::PollFlags::IN,
-                )];
-                match rustix::event::poll(&mut fds, Some(&timeout)) {
-                    Err(rustix::io::Errno::INTR) if !left.is_zero() => continue,
-                    _ => break,
-                }
-            }
+            super::readable_before(pidfd, deadline);
         }
     }
 }
@@ -486,10 +470,7 @@ fn part(
     out.flush()
         .map_err(io(format!("writing {}", pages_path.display())))?;
     let (files, _closed) = super::files::capture(p).map_err(PersistError::Unsnapshottable)?;
-    let clock = ClockRecord {
-        monotonic_ns: p.clock.now_ns(libc::CLOCK_MONOTONIC).unwrap_or(0) as u64,
-        realtime_ns: p.clock.now_ns(libc::CLOCK_REALTIME).unwrap_or(0) as u64,
-    };
+    let clock = super::clock_record(p);
     let (pgid, sid) = p.group();
     let part = ProcessPart {
         pid,

@@ -428,32 +428,15 @@ fn receive_objects(channel: &OwnedFd) -> Result<SharedObjects, PersistError> {
 /// Whether the process at the other end of `channel` says it is ready before `deadline`
 /// (it says nothing if it failed: it ends, and the channel with it).
 fn ready(channel: &OwnedFd, deadline: std::time::Instant) -> bool {
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        let timeout = rustix::time::Timespec {
-            tv_sec: left.as_secs() as i64,
-            tv_nsec: left.subsec_nanos() as _,
-        };
-        let mut fds = [rustix::event::PollFd::new(
-            channel,
-            rustix::event::PollFlags::IN,
-        )];
-        match rustix::event::poll(&mut fds, Some(&timeout)) {
-            Ok(0) => return false,
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return false,
-        }
+    while super::readable_before(channel, deadline) {
         let mut said = [0u8; 16];
         match rustix::net::recv(channel, &mut said, rustix::net::RecvFlags::DONTWAIT) {
             Ok((n, _)) => return said.get(..n) == Some(READY),
-            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => continue,
+            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
             Err(_) => return false,
         }
     }
+    false
 }
 
 /// Sends `fd` as object `key` over `channel`.
@@ -515,9 +498,7 @@ impl FirstProcess {
                 if !sent.insert(key) {
                     continue;
                 }
-                // A pipe end this process holds may be the only one made; the other end
-                // is not needed then.
-                if let Some((_, fd)) = objects.iter().find(|(k, _)| *k == key) {
+                if let Some(fd) = objects.fd(key) {
                     send_object(channel, key, fd)?;
                 }
             }

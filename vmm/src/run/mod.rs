@@ -968,15 +968,10 @@ impl Exits<'_, '_> {
         }
         // Parked until every process of the app is; if the first one ends meanwhile, so
         // does this process (see `RootWatch`).
-        loop {
-            if let Some(outcome) = self.final_kicks()? {
-                return Ok(Some(outcome));
-            }
-            match tree.may_write(request.generation) {
-                Some(true) => break,
-                Some(false) => return Ok(None),
-                None => std::thread::sleep(std::time::Duration::from_millis(1)),
-            }
+        match self.wait_for_first_process(|| tree.may_write(request.generation))? {
+            Err(outcome) => return Ok(Some(outcome)),
+            Ok(false) => return Ok(None),
+            Ok(true) => {}
         }
         let status = parts::write_part(self.vcpu, self.p, &request);
         tree.report_capture(pid, request.generation, status);
@@ -984,23 +979,35 @@ impl Exits<'_, '_> {
             return Ok(None);
         }
         // The first process commits the snapshot meanwhile.
+        match self.wait_for_first_process(|| tree.capture_verdict(request.generation))? {
+            Err(outcome) => Ok(Some(outcome)),
+            Ok(Verdict::End) => Ok(Some(RunOutcome::Snapshotted(request.id))),
+            Ok(Verdict::Saved) => {
+                if let Err(e) = parts::saved(self.p, &request) {
+                    // The next snapshot is then a full one of this process's pages.
+                    tracing::warn!("after a snapshot: {e}");
+                    self.p.restored_from = None;
+                }
+                Ok(None)
+            }
+            Ok(Verdict::Abandoned) => Ok(None),
+        }
+    }
+
+    /// Polls `decided` (what the app's first process says, in their table) every
+    /// millisecond until it says something, or a kick ends the run first (`Err`).
+    fn wait_for_first_process<T>(
+        &mut self,
+        mut decided: impl FnMut() -> Option<T>,
+    ) -> Result<Result<T, RunOutcome>, VmmError> {
         loop {
             if let Some(outcome) = self.final_kicks()? {
-                return Ok(Some(outcome));
+                return Ok(Err(outcome));
             }
-            match tree.capture_verdict(request.generation) {
-                Some(Verdict::End) => return Ok(Some(RunOutcome::Snapshotted(request.id))),
-                Some(Verdict::Saved) => {
-                    if let Err(e) = parts::saved(self.p, &request) {
-                        // The next snapshot is then a full one of this process's pages.
-                        tracing::warn!("after a snapshot: {e}");
-                        self.p.restored_from = None;
-                    }
-                    return Ok(None);
-                }
-                Some(Verdict::Abandoned) => return Ok(None),
-                None => std::thread::sleep(std::time::Duration::from_millis(1)),
+            if let Some(said) = decided() {
+                return Ok(Ok(said));
             }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 
