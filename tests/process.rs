@@ -27,6 +27,13 @@ fn the_app_s_proc_lists_its_processes_and_fds() {
     guest_passes("procfs");
 }
 
+/// User and group ids (tests/guests/ids.c): set*id by Linux's rules, kept by fork, saved
+/// by execve, shown in /proc/self/status.
+#[test]
+fn user_and_group_ids_change_as_linux_allows() {
+    guest_passes("ids");
+}
+
 #[test]
 fn fork_exec_and_wait_work() {
     guest_passes("fork");

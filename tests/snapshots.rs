@@ -1269,11 +1269,19 @@ fn a_pipeline_caught_mid_stream_goes_on_after_a_restore() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let got = std::fs::read_to_string(restored_data.path().join("tmp/out.txt")).unwrap();
     let expected: String = (0..lines).map(|i| format!("{i} {pad}\n")).collect();
-    assert!(
-        got == expected,
-        "{} lines, not the {lines} in order",
-        got.lines().count()
-    );
+    if got != expected {
+        let first_wrong = got
+            .lines()
+            .zip(expected.lines())
+            .position(|(g, e)| g != e)
+            .unwrap_or(got.lines().count().min(lines));
+        panic!(
+            "{} lines, not the {lines} in order ({at_snapshot} at the snapshot); the first \
+             wrong is line {first_wrong}: {:?}",
+            got.lines().count(),
+            got.lines().nth(first_wrong)
+        );
+    }
     assert_eq!(
         std::fs::read_to_string(restored_data.path().join("tmp/done.txt")).unwrap(),
         "done\n"

@@ -47,6 +47,8 @@ pub const MAX_CPU_LEAVES: usize = 64;
 pub const MAX_WRITABLE: usize = 64;
 /// Clock values stay below this (about 146 years of ns), so that offsets fit an i64.
 pub const MAX_CLOCK_NS: u64 = 1 << 62;
+/// The most supplementary groups a process has (Linux's NGROUPS_MAX).
+pub const NGROUPS_MAX: usize = 65_536;
 /// Socket families a record may name: the only ones an app can make.
 pub const SOCKET_FAMILIES: [i32; 3] = [libc::AF_INET, libc::AF_INET6, libc::AF_UNIX];
 /// Socket types a record may name.
@@ -520,6 +522,17 @@ fn check_process(m: &Manifest) -> Checked {
     let p = &m.process;
     check_path(&p.cwd, true)?;
     ensure(p.umask <= 0o777, || format!("umask {:#o}", p.umask))?;
+    let ids = &p.credentials;
+    ensure(
+        ids.groups.len() <= NGROUPS_MAX
+            && ids
+                .uids
+                .iter()
+                .chain(&ids.gids)
+                .chain(&ids.groups)
+                .all(|&id| id != u32::MAX),
+        || "user or group ids".into(),
+    )?;
     ensure(p.brk_start <= p.brk && p.brk <= USER_END, || {
         "the break is outside user space".into()
     })?;
@@ -730,6 +743,14 @@ mod tests {
         );
         refused(|m| m.clock.monotonic_ns = u64::MAX, "clocks");
         refused(|m| m.process.brk = u64::MAX, "break");
+        refused(
+            |m| m.process.credentials.uids[1] = u32::MAX,
+            "user or group ids",
+        );
+        refused(
+            |m| m.process.credentials.groups = vec![1; NGROUPS_MAX + 1],
+            "user or group ids",
+        );
         let mut m = valid();
         m.files = vec![socket(libc::AF_UNIX), socket(libc::AF_INET6)];
         m.files[1].fd = 4;

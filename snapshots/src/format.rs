@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 8] = *b"PICOSNAP";
 /// The format version. A different one is refused; bump it on any change to the types
 /// here. (The product version is separate.)
-pub const FORMAT_VERSION: u32 = 7;
+pub const FORMAT_VERSION: u32 = 8;
 /// The largest manifest payload accepted.
 pub const MAX_MANIFEST_SIZE: u64 = 64 << 20;
 /// The most ancestors a manifest lists (a longer chain lists its newest ones).
@@ -476,6 +476,19 @@ pub struct ProcessRecord {
     /// A blocking call the app was in: (syscall number, its rip, its deadline on the app's
     /// CLOCK_MONOTONIC in ns), so that a restart keeps the original deadline.
     pub restart: Option<(u64, u64, u64)>,
+    /// Its user and group ids.
+    pub credentials: CredentialsRecord,
+}
+
+/// A process's user and group ids (credentials(7)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CredentialsRecord {
+    /// Real, effective, saved and filesystem uid.
+    pub uids: [u32; 4],
+    /// Real, effective, saved and filesystem gid.
+    pub gids: [u32; 4],
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
 }
 
 /// The app's clocks at capture.

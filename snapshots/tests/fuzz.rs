@@ -181,6 +181,11 @@ fn sample() -> Manifest {
             robust_list: 0,
             clear_child_tid: 0,
             restart: Some((35, 0x40_1000, 2_000_000_000)),
+            credentials: picocenter_snapshots::format::CredentialsRecord {
+                uids: [0, 105, 0, 105],
+                gids: [0, 109, 0, 109],
+                groups: vec![8, 109],
+            },
         },
         threads: vec![ThreadRecord {
             tid: 3,

@@ -201,6 +201,7 @@ pub(crate) fn process(
         sandbox,
         cwd: sandbox::normalize("/", &config.cwd),
         umask: 0o022,
+        credentials: Default::default(),
         nice: 0,
         signals: Default::default(),
         clock: crate::kernel::clock::Clock {

@@ -5,6 +5,7 @@
 //! them.
 
 pub mod clock;
+pub mod credentials;
 pub mod netpolicy;
 pub mod process;
 pub mod procview;

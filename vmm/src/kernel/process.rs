@@ -30,6 +30,8 @@ pub struct Process {
     pub cwd: String,
     /// Its file-mode creation mask.
     pub umask: u32,
+    /// Its user and group ids.
+    pub credentials: super::credentials::Credentials,
     /// Its nice value (-20..=19): what getpriority reports; the host's scheduling of the
     /// VMM is the operator's.
     pub nice: i32,

@@ -460,6 +460,7 @@ fn process_record(p: &Process, clock: &ClockRecord) -> ProcessRecord {
         robust_list: p.thread.robust_list,
         clear_child_tid: p.thread.clear_child_tid,
         restart: restart_record(p.thread.restart, clock),
+        credentials: p.credentials.record(),
     }
 }
 

@@ -794,6 +794,7 @@ fn restore_process(p: &mut Process, m: &Manifest) -> Result<(), PersistError> {
     p.clock.base = None;
     p.cwd = m.process.cwd.clone();
     p.umask = m.process.umask;
+    p.credentials = crate::kernel::credentials::Credentials::from_record(&m.process.credentials);
     let deadline = |restart: Option<(u64, u64, u64)>| {
         restart.map(|(nr, rip, deadline)| {
             let left = (deadline as i128 - mono_now).max(0) as u64;

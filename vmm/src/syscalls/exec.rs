@@ -123,6 +123,7 @@ fn exec(
     }
     p.signals.altstack = (0, libc::SS_DISABLE, 0);
     p.publish_no_stop_signal();
+    p.credentials.on_exec();
     // The other threads end; the caller becomes the main thread.
     p.threads.parked.clear();
     p.threads.slicer = None;

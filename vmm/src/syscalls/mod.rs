@@ -5,6 +5,7 @@
 //! that the run loop handles (exit, restart after an interruption, a fatal signal).
 
 pub mod children;
+pub mod credentials;
 pub mod epoll;
 pub mod exec;
 pub mod fs;
@@ -155,7 +156,21 @@ pub fn warn_once(p: &mut Process, nr: u64, what: &str) {
 /// by name).
 pub fn dispatch(p: &mut Process, nr: u64, a: &Args) -> SysResult {
     if let Some(entry) = table::lookup(nr) {
-        return (entry.handler)(p, entry.sysno, a);
+        let result = (entry.handler)(p, entry.sysno, a);
+        // Every call, with RUST_LOG=picocenter_vmm::syscalls=trace (off, it costs a
+        // level check).
+        tracing::trace!(
+            pid = p.ids.pid,
+            tid = p.thread.tid,
+            "{}({:#x}, {:#x}, {:#x}, {:#x}) = {:?}",
+            entry.sysno.name(),
+            a.u64(0),
+            a.u64(1),
+            a.u64(2),
+            a.u64(3),
+            result
+        );
+        return result;
     }
     if p.warned.insert(nr) {
         match Sysno::new(nr as usize) {

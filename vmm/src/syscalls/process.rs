@@ -64,14 +64,6 @@ pub fn uname(p: &mut Process, a: &Args) -> SysResult {
     Ok(0)
 }
 
-/// getresuid(2) and getresgid(2): everything is 0 inside the sandbox.
-pub fn getres_ids(p: &mut Process, a: &Args) -> SysResult {
-    for i in 0..3 {
-        p.mem.write_pod(a.ptr(i), &0u32)?;
-    }
-    Ok(0)
-}
-
 /// getrandom(2), from the host.
 pub fn getrandom(p: &mut Process, a: &Args) -> SysResult {
     let len = a.usize(1).min(1 << 20);

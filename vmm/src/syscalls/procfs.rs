@@ -135,16 +135,21 @@ fn file_asking(p: &Process, path: &str, ask: bool) -> Option<Vec<u8>> {
             }
             Ok("status") => {
                 let (pgid, sid) = p.group();
+                let groups: Vec<String> = p.credentials.groups.iter().map(u32::to_string).collect();
+                let groups = groups.join(" ");
                 format!(
                     "Name:\t{}\nUmask:\t{:04o}\nState:\tR (running)\nTgid:\t{pid}\nNgid:\t0\n\
-                     Pid:\t{pid}\nPPid:\t{}\nTracerPid:\t0\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n\
-                     FDSize:\t{}\nNSpgid:\t{pgid}\nNSsid:\t{sid}\nVmSize:\t{total_kib} kB\n\
+                     Pid:\t{pid}\nPPid:\t{}\nTracerPid:\t0\nUid:\t{}\nGid:\t{}\n\
+                     FDSize:\t{}\nGroups:\t{} \nNSpgid:\t{pgid}\nNSsid:\t{sid}\nVmSize:\t{total_kib} kB\n\
                      VmRSS:\t{used_kib} kB\nThreads:\t{threads}\n\
                      Cpus_allowed_list:\t0\n",
                     p.comm(),
                     p.umask,
                     p.ids.ppid,
+                    status_ids(&p.credentials.uid),
+                    status_ids(&p.credentials.gid),
                     p.files.limit(),
+                    groups,
                     pid = p.ids.pid,
                 )
             }
@@ -152,6 +157,11 @@ fn file_asking(p: &Process, path: &str, ask: bool) -> Option<Vec<u8>> {
         },
     };
     Some(text.into_bytes())
+}
+
+/// A status file's line of ids: real, effective, saved, filesystem.
+fn status_ids(ids: &crate::kernel::credentials::Ids) -> String {
+    format!("{}\t{}\t{}\t{}", ids.real, ids.effective, ids.saved, ids.fs)
 }
 
 /// The fd `path` names as this process's `/proc/<self, thread-self or its pid>/fd/N`.

@@ -7,6 +7,7 @@
 //! from here ([`markdown`]).
 
 use super::*;
+use credentials::Kind::{Group, User};
 use syscalls::Sysno;
 use Support::*;
 
@@ -44,6 +45,9 @@ const NONE: u8 = 0;
 const R: u8 = 1;
 const M: u8 = 2;
 const RM: u8 = R | M;
+
+/// The note of the calls that change ids.
+const IDS: &str = "Linux's rules; the ids do not narrow what the sandbox lets the app do";
 
 const fn call(sysno: Sysno, handler: Handler, flags: u8, support: Support) -> Entry {
     Entry {
@@ -197,20 +201,22 @@ pub static TABLE: &[Entry] = &[
     call(Sysno::getsid, |p, _, a| children::getsid(p, a.i32(0)), NONE, Full),
     call(Sysno::setsid, |p, _, _| children::setsid(p), NONE, Full),
     call(Sysno::setpgid, |p, _, a| children::setpgid(p, a), NONE, Full),
-    call(Sysno::getuid, |_, _, _| Ok(0), M, Partly("everything is uid 0")),
-    call(Sysno::geteuid, |_, _, _| Ok(0), M, Partly("everything is uid 0")),
-    call(Sysno::getgid, |_, _, _| Ok(0), M, Partly("everything is gid 0")),
-    call(Sysno::getegid, |_, _, _| Ok(0), M, Partly("everything is gid 0")),
-    call(Sysno::setuid, |_, _, _| Ok(0), NONE, Partly("accepted, no-op")),
-    call(Sysno::setgid, |_, _, _| Ok(0), NONE, Partly("accepted, no-op")),
-    call(Sysno::setreuid, |_, _, _| Ok(0), NONE, Partly("accepted, no-op")),
-    call(Sysno::setregid, |_, _, _| Ok(0), NONE, Partly("accepted, no-op")),
-    call(Sysno::setresuid, |_, _, _| Ok(0), NONE, Partly("accepted, no-op")),
-    call(Sysno::setresgid, |_, _, _| Ok(0), NONE, Partly("accepted, no-op")),
-    call(Sysno::setgroups, |_, _, _| Ok(0), NONE, Partly("accepted, no-op")),
-    call(Sysno::getresuid, |p, _, a| process::getres_ids(p, a), NONE, Full),
-    call(Sysno::getresgid, |p, _, a| process::getres_ids(p, a), NONE, Full),
-    call(Sysno::getgroups, |_, _, _| Ok(0), NONE, Partly("no groups")),
+    call(Sysno::getuid, |p, _, _| credentials::real(p, User), M, Full),
+    call(Sysno::geteuid, |p, _, _| credentials::effective(p, User), M, Full),
+    call(Sysno::getgid, |p, _, _| credentials::real(p, Group), M, Full),
+    call(Sysno::getegid, |p, _, _| credentials::effective(p, Group), M, Full),
+    call(Sysno::getresuid, |p, _, a| credentials::get_res(p, a, User), M, Full),
+    call(Sysno::getresgid, |p, _, a| credentials::get_res(p, a, Group), M, Full),
+    call(Sysno::getgroups, |p, _, a| credentials::getgroups(p, a), M, Full),
+    call(Sysno::setuid, |p, _, a| credentials::set(p, a, User), NONE, Partly(IDS)),
+    call(Sysno::setgid, |p, _, a| credentials::set(p, a, Group), NONE, Partly(IDS)),
+    call(Sysno::setreuid, |p, _, a| credentials::set_re(p, a, User), NONE, Partly(IDS)),
+    call(Sysno::setregid, |p, _, a| credentials::set_re(p, a, Group), NONE, Partly(IDS)),
+    call(Sysno::setresuid, |p, _, a| credentials::set_res(p, a, User), NONE, Partly(IDS)),
+    call(Sysno::setresgid, |p, _, a| credentials::set_res(p, a, Group), NONE, Partly(IDS)),
+    call(Sysno::setfsuid, |p, _, a| credentials::set_fs(p, a, User), NONE, Partly(IDS)),
+    call(Sysno::setfsgid, |p, _, a| credentials::set_fs(p, a, Group), NONE, Partly(IDS)),
+    call(Sysno::setgroups, |p, _, a| credentials::setgroups(p, a), NONE, Partly(IDS)),
     call(Sysno::uname, |p, _, a| process::uname(p, a), M, Full),
     call(Sysno::sethostname, |_, _, _| Err(Errno::PERM.into()), NONE, Partly("EPERM: the host's name is not the app's")),
     call(Sysno::setdomainname, |_, _, _| Err(Errno::PERM.into()), NONE, Partly("EPERM: the host's name is not the app's")),
