@@ -24,6 +24,9 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
+    # postfix (images/postfix) is installed for its programs only: "No configuration"
+    # leaves the host without a main.cf, so no host postfix starts and takes port 25.
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     apt=(apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends)
     if ! "${apt[@]}" "${missing[@]}" >/dev/null; then
         apt-get -o DPkg::Lock::Timeout=600 update >/dev/null

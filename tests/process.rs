@@ -290,3 +290,47 @@ fn stop_signals_every_process_of_the_app() {
     let said = std::fs::read_to_string(data.path().join("tmp/stopped.txt")).unwrap();
     assert_eq!(said, "stopped child got TERM\n");
 }
+
+/// Debian's postfix (images/postfix): its master forks and execs smtpd, cleanup, qmgr,
+/// trivial-rewrite and local, which take the postfix user's ids (smtpd refuses to serve
+/// as root) or the recipient's; a mail sent to port 25 lands in alice's maildir, with the
+/// headers postfix adds.
+#[test]
+fn postfix_takes_a_mail_on_port_25_and_delivers_it_to_a_maildir() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        "postfix",
+        "test-postfix",
+        "127.0.10.25",
+        25,
+        &["--data-dir", data.path().to_str().unwrap()],
+    );
+    let message =
+        "Subject: hello from a test\nFrom: bob@example.org\n\nline one\n.a line with a dot\n";
+    let queued = send_mail(
+        server.address,
+        "bob@example.org",
+        "alice@localhost",
+        message,
+    );
+    assert!(queued.contains("queued as"), "{queued}");
+    let mails = maildir_messages(&data.path().join("home/alice/Maildir"), 1);
+    let mail = &mails[0];
+    for wanted in [
+        "Return-Path: <bob@example.org>\n",
+        "Delivered-To: alice@localhost\n",
+        "by mail.picocenter.test (Postfix) with ESMTP id ",
+        "for <alice@localhost>;",
+        "Subject: hello from a test\n",
+        "\nline one\n.a line with a dot\n",
+    ] {
+        assert!(mail.contains(wanted), "no {wanted:?} in the mail:\n{mail}");
+    }
+    let out = server.stop();
+    let log = std::fs::read_to_string(data.path().join("var/log/postfix/mail.log")).unwrap();
+    assert!(
+        log.contains("status=sent (delivered to maildir)") && !log.contains("fatal"),
+        "postfix's log:\n{log}\n{}",
+        describe(&out)
+    );
+}

@@ -1431,6 +1431,89 @@ fn a_child_s_unix_socket_comes_back_where_it_bound_it() {
     assert_eq!(stdout(&out), "hello\n", "{}", describe(&out));
 }
 
+/// Debian's postfix, a tree of processes that talk over socketpairs and unix sockets,
+/// swaps out and back three times and takes a mail each time: each restore's maildir
+/// holds every mail so far, in order.
+#[test]
+fn postfix_takes_mail_across_three_swaps() {
+    let name = "test-snap-postfix";
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.7.25";
+    let address = format!("{ip}:25");
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        "postfix",
+        name,
+        ip,
+        25,
+        &["--data-dir", data.path().to_str().unwrap()],
+    );
+    let mail = |n: usize| format!("Subject: mail {n}\n\nthe body of mail {n}\n");
+    let target = address.parse().unwrap();
+    send_mail(target, "bob@example.org", "alice@localhost", &mail(0));
+    maildir_messages(&data.path().join("home/alice/Maildir"), 1);
+    swap_out_server(name, dir.path(), server);
+    for cycle in 1..=3 {
+        let restored = tempfile::tempdir().unwrap();
+        let child = restore(
+            dir.path(),
+            &address,
+            &["--data-dir", restored.path().to_str().unwrap()],
+        );
+        send_mail(target, "bob@example.org", "alice@localhost", &mail(cycle));
+        let mails = maildir_messages(&restored.path().join("home/alice/Maildir"), cycle + 1);
+        for (n, got) in mails.iter().enumerate() {
+            assert!(
+                got.contains(&mail(n)),
+                "cycle {cycle}: mail {n} is not where it belongs:\n{got}"
+            );
+        }
+        swap_out(name, dir.path(), child);
+    }
+}
+
+/// A socketpair between two processes comes back connected, with what waited in each
+/// direction: the child's bytes for the parent, and 50 kB the parent sent the child.
+#[test]
+fn a_socketpair_between_processes_is_connected_again_after_a_restore() {
+    let name = "test-snap-socketpair";
+    let code = "import os, socket, time\n\
+        a, b = socket.socketpair()\n\
+        r, w = os.pipe()\n\
+        pid = os.fork()\n\
+        if pid == 0:\n\
+        \x20   a.close()\n\
+        \x20   b.sendall(b'from the child')\n\
+        \x20   os.write(w, b'x')\n\
+        \x20   time.sleep(4)\n\
+        \x20   data = b''\n\
+        \x20   while not data.endswith(b'END'):\n\
+        \x20       data += b.recv(65536)\n\
+        \x20   b.sendall(b'%d' % len(data))\n\
+        \x20   os._exit(0)\n\
+        b.close()\n\
+        a.sendall(b'y' * 50000 + b'END')\n\
+        os.read(r, 1)\n\
+        print('ready', flush=True)\n\
+        time.sleep(4)\n\
+        print(a.recv(14).decode(), flush=True)\n\
+        said = b''\n\
+        while True:\n\
+        \x20   chunk = a.recv(100)\n\
+        \x20   if not chunk:\n\
+        \x20       break\n\
+        \x20   said += chunk\n\
+        print(said.decode(), flush=True)\n\
+        os.waitpid(pid, 0)\n";
+    let out = swapped_python(name, code);
+    assert_eq!(
+        stdout(&out),
+        "from the child\n50003\n",
+        "{}",
+        describe(&out)
+    );
+}
+
 /// Runs Python `code` as app `name` until it prints "ready", swaps it out (the snapshot
 /// must stop it there: nothing more is printed), and restores it to its end: what the
 /// restored app printed, and its status (0 checked).

@@ -120,6 +120,8 @@ fn socket(fd: i32, domain: i32) -> FdRecord {
             listening: None,
             options: vec![],
             closed: false,
+            peer: 0,
+            queued: Vec::new(),
         },
     }
 }

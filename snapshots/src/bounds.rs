@@ -482,11 +482,19 @@ pub fn check_socket(file: &FileRecord) -> Checked {
         unix_name,
         listening,
         options,
+        peer,
+        queued,
         ..
     } = file
     else {
         return Ok(());
     };
+    ensure(
+        queued.len() <= MAX_PIPE_DATA
+            && (*peer == 0 || (*domain == libc::AF_UNIX && listening.is_none()))
+            && (*peer != 0 || queued.is_empty()),
+        || "bad connection between the app's sockets".into(),
+    )?;
     ensure(SOCKET_FAMILIES.contains(domain), || {
         format!("socket family {domain} (only AF_INET, AF_INET6 and AF_UNIX)")
     })?;
@@ -611,6 +619,8 @@ mod tests {
                 listening: None,
                 options: vec![],
                 closed: false,
+                peer: 0,
+                queued: Vec::new(),
             },
         }
     }
@@ -751,6 +761,26 @@ mod tests {
             |m| m.process.credentials.groups = vec![1; NGROUPS_MAX + 1],
             "user or group ids",
         );
+        let connected = |domain, peer, queued: &[u8]| {
+            let mut record = socket(domain);
+            if let FileRecord::Socket {
+                peer: p, queued: q, ..
+            } = &mut record.file
+            {
+                *p = peer;
+                *q = queued.to_vec();
+            }
+            move |m: &mut Manifest| m.files = vec![record]
+        };
+        refused(connected(libc::AF_INET, 7, b""), "connection");
+        refused(connected(libc::AF_UNIX, 0, b"x"), "connection");
+        refused(
+            connected(libc::AF_UNIX, 7, &vec![0; MAX_PIPE_DATA + 1]),
+            "connection",
+        );
+        let mut m = valid();
+        connected(libc::AF_UNIX, 7, b"queued")(&mut m);
+        check(&m).unwrap();
         let mut m = valid();
         m.files = vec![socket(libc::AF_UNIX), socket(libc::AF_INET6)];
         m.files[1].fd = 4;

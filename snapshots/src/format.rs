@@ -277,6 +277,14 @@ pub enum FileRecord {
         options: Vec<(i32, i32, Vec<u8>)>,
         /// It was a connection, closed at capture: it comes back at end of file.
         closed: bool,
+        /// A unix connection with both ends in the app (a socketpair, or a connection
+        /// between its processes): the other end's `FdRecord::object`; 0 for none. Both
+        /// come back connected to each other; if the other end is not in the snapshot,
+        /// this one comes back at end of file.
+        peer: u64,
+        /// What waited to be read at this end (from `peer`), at most
+        /// [`crate::bounds::MAX_PIPE_DATA`] bytes.
+        queued: Vec<u8>,
     },
     /// An epoll set: guest fd -> (events, data).
     Epoll {

@@ -44,6 +44,8 @@ fn sample() -> Manifest {
             listening: Some(16),
             options: vec![(1, 2, vec![1, 0, 0, 0])],
             closed: false,
+            peer: 0,
+            queued: Vec::new(),
         },
     };
     let area = |start: u64, pages: u64, backing| VmaRecord {

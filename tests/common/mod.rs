@@ -635,3 +635,83 @@ pub fn busybox_shell_root() -> tempfile::TempDir {
     std::fs::write(etc.join("b"), "").unwrap();
     root
 }
+
+/// Sends one mail over SMTP to `address` (greeting, EHLO, MAIL, RCPT, DATA, QUIT), each
+/// reply checked; returns the reply to the data, which names the queue id.
+pub fn send_mail(address: std::net::SocketAddr, from: &str, to: &str, message: &str) -> String {
+    use std::io::{BufRead, Write};
+    let stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    // A reply: lines "CODE-text" then a last "CODE text".
+    let mut reply = |expect: &str| -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            assert!(
+                line.starts_with(expect),
+                "SMTP: wanted {expect}, got {line:?} (after {all:?})"
+            );
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    };
+    reply("220");
+    let mut say = |line: &str| writer.write_all(format!("{line}\r\n").as_bytes()).unwrap();
+    say("EHLO client.test");
+    reply("250");
+    say(&format!("MAIL FROM:<{from}>"));
+    reply("250");
+    say(&format!("RCPT TO:<{to}>"));
+    reply("250");
+    say("DATA");
+    reply("354");
+    // Dot-stuffed, CRLF lines, and the lone dot.
+    for line in message.lines() {
+        let stuffed = if line.starts_with('.') {
+            format!(".{line}")
+        } else {
+            line.to_string()
+        };
+        say(&stuffed);
+    }
+    say(".");
+    let queued = reply("250");
+    say("QUIT");
+    reply("221");
+    queued
+}
+
+/// The mails in maildir folder `dir`/new, oldest first, once there are `count` of them
+/// (at most 30 s).
+pub fn maildir_messages(dir: &Path, count: usize) -> Vec<String> {
+    let started = Instant::now();
+    loop {
+        let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir.join("new"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if found.len() >= count {
+            found.sort();
+            return found
+                .iter()
+                .map(|(_, path)| std::fs::read_to_string(path).unwrap())
+                .collect();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{} mail(s) in {}, not {count}",
+            found.len(),
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

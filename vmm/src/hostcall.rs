@@ -99,3 +99,98 @@ pub fn getsockopt(fd: BorrowedFd<'_>, level: i32, name: i32, len: usize) -> Resu
     buf.truncate(out_len as usize);
     Ok(buf)
 }
+
+/// NETLINK_SOCK_DIAG's request for one unix socket (linux/unix_diag.h).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UnixDiagRequest {
+    header: libc::nlmsghdr,
+    family: u8,
+    protocol: u8,
+    pad: u16,
+    states: u32,
+    inode: u32,
+    show: u32,
+    cookie: [u32; 2],
+}
+
+/// SOCK_DIAG_BY_FAMILY.
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// UDIAG_SHOW_PEER: the answer names the peer's inode.
+const UDIAG_SHOW_PEER: u32 = 0x4;
+/// UNIX_DIAG_PEER: the attribute with the peer's inode.
+const UNIX_DIAG_PEER: u16 = 2;
+/// The size of `struct unix_diag_msg`, before the attributes.
+const UNIX_DIAG_MSG: usize = 16;
+
+/// The inode of the other end of connected unix socket `inode`, as the kernel's socket
+/// diagnostics say (sock_diag(7)); `None` if it has none, or the kernel does not say.
+pub fn unix_peer(inode: u64) -> Option<u64> {
+    let inode = u32::try_from(inode).ok()?;
+    // SAFETY: socket(2) with constant arguments; the fd is owned at once.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: `raw` is a new fd that nothing else owns.
+    let diag = unsafe { OwnedFd::from_raw_fd(raw) };
+    let request = UnixDiagRequest {
+        header: libc::nlmsghdr {
+            nlmsg_len: std::mem::size_of::<UnixDiagRequest>() as u32,
+            nlmsg_type: SOCK_DIAG_BY_FAMILY,
+            nlmsg_flags: libc::NLM_F_REQUEST as u16,
+            nlmsg_seq: 1,
+            nlmsg_pid: 0,
+        },
+        family: libc::AF_UNIX as u8,
+        protocol: 0,
+        pad: 0,
+        states: u32::MAX,
+        inode,
+        show: UDIAG_SHOW_PEER,
+        // INET_DIAG_NOCOOKIE: any socket with that inode.
+        cookie: [u32::MAX; 2],
+    };
+    // SAFETY: `request` is a plain repr(C) value with no padding the kernel reads
+    // uninitialised (every field is set), viewed as its own bytes for the call.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&request as *const UnixDiagRequest).cast::<u8>(),
+            std::mem::size_of::<UnixDiagRequest>(),
+        )
+    };
+    rustix::io::write(&diag, bytes).ok()?;
+    let mut answer = [0u8; 1024];
+    let n = rustix::io::read(&diag, &mut answer).ok()?;
+    let answer = &answer[..n];
+    let header_len = std::mem::size_of::<libc::nlmsghdr>();
+    let kind = u16::from_ne_bytes(answer.get(4..6)?.try_into().ok()?);
+    if kind != SOCK_DIAG_BY_FAMILY {
+        return None;
+    }
+    let length = u32::from_ne_bytes(answer.get(0..4)?.try_into().ok()?) as usize;
+    let message = answer.get(header_len..length.min(answer.len()))?;
+    let mut attributes = message.get(UNIX_DIAG_MSG..)?;
+    // rtattrs: a length (header included) and a type, then the value, 4-byte aligned.
+    while attributes.len() >= 4 {
+        let len = u16::from_ne_bytes([attributes[0], attributes[1]]) as usize;
+        let kind = u16::from_ne_bytes([attributes[2], attributes[3]]);
+        if len < 4 || len > attributes.len() {
+            return None;
+        }
+        if kind == UNIX_DIAG_PEER && len >= 8 {
+            let peer = u32::from_ne_bytes(attributes[4..8].try_into().ok()?);
+            return (peer != 0).then_some(peer as u64);
+        }
+        attributes = attributes
+            .get(len.next_multiple_of(4)..)
+            .unwrap_or_default();
+    }
+    None
+}

@@ -9,7 +9,7 @@
 use crate::fdtable::{FdTable, FileKind, OpenFile, Registration};
 use crate::hostcall;
 use crate::kernel::process::Process;
-use picocenter_snapshots::bounds::{MAX_MEMFD_DATA, SOCKET_FAMILIES, SOCKET_TYPES};
+use picocenter_snapshots::bounds::{MAX_MEMFD_DATA, MAX_PIPE_DATA, SOCKET_FAMILIES, SOCKET_TYPES};
 use picocenter_snapshots::format::{object_key, FdRecord, FileRecord};
 use rustix::event::EventfdFlags;
 use rustix::fs::{Mode, OFlags, SeekFrom};
@@ -48,6 +48,41 @@ fn pipe_contents(read_end: &OwnedFd) -> Vec<u8> {
     let n = rustix::io::read(&scratch_r, &mut data).unwrap_or(0);
     data.truncate(n);
     data
+}
+
+/// If `socket` (a unix socket of type `kind`) is connected: its peer's object key, and the
+/// bytes waiting to be read at this end, peeked (the app still reads them). `None` if it
+/// is not connected, or what waits cannot be kept whole (a datagram's boundaries, or
+/// more than a snapshot keeps): it is then closed at capture, as a connection that
+/// leaves the app is.
+fn connection_in_app(socket: &OwnedFd, kind: i32) -> Option<(u64, Vec<u8>)> {
+    let inode = rustix::fs::fstat(socket).ok()?.st_ino;
+    let peer = hostcall::unix_peer(inode)?;
+    // A datagram socket connected to a bound one names it, and is not named back: not a
+    // connection of two ends.
+    if hostcall::unix_peer(peer)? != inode {
+        return None;
+    }
+    let waiting = rustix::io::ioctl_fionread(socket).ok()? as usize;
+    let mut queued = Vec::new();
+    if waiting > 0 {
+        if kind != libc::SOCK_STREAM || waiting > MAX_PIPE_DATA {
+            tracing::warn!(
+                waiting,
+                kind,
+                "a connection between the app's processes is closed by the snapshot: what \
+                 waits in it cannot be kept"
+            );
+            return None;
+        }
+        queued = vec![0u8; waiting];
+        let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+        let (_, got) = rustix::net::recv(socket, &mut queued[..], flags).ok()?;
+        if got != waiting {
+            return None;
+        }
+    }
+    Some((object_key(false, peer), queued))
 }
 
 /// The counter of an eventfd, read and written back so the app keeps it.
@@ -132,10 +167,16 @@ fn record(file: &OpenFile, files: &FdTable, closed: &mut u64) -> Result<FileReco
         },
         FileKind::Socket { domain, kind } => {
             let state = file.state();
-            let connected = state.listening.is_none()
+            // A unix connection with both ends in the app is kept, with what waits in it.
+            let pair = (*domain == libc::AF_UNIX && state.listening.is_none())
+                .then(|| connection_in_app(&file.fd, *kind))
+                .flatten();
+            let connected = pair.is_none()
+                && state.listening.is_none()
                 && *kind == libc::SOCK_STREAM
                 && hostcall::getpeername(file.host()).is_ok();
             *closed += connected as u64;
+            let (peer, queued) = pair.unwrap_or_default();
             FileRecord::Socket {
                 domain: *domain,
                 kind: *kind,
@@ -144,6 +185,8 @@ fn record(file: &OpenFile, files: &FdTable, closed: &mut u64) -> Result<FileReco
                 listening: state.listening,
                 options: state.options.clone(),
                 closed: connected,
+                peer,
+                queued,
             }
         }
         FileKind::Epoll => FileRecord::Epoll {
@@ -241,8 +284,11 @@ fn closed_socket(kind: i32) -> Result<OwnedFd, Errno> {
 pub struct SharedObjects {
     /// By (pipe or socket id, which end: [`SOCKET`], [`READ_END`] or [`WRITE_END`]).
     fds: HashMap<(u64, u8), OwnedFd>,
-    /// Pipes whose bytes are in them already.
+    /// Pipes whose bytes are in them already, and sockets whose queued bytes are.
     filled: std::collections::HashSet<u64>,
+    /// The sockets the snapshot has, by object key, with their peers' (0: none): a
+    /// connection is made again only if both its ends are here, each the other's peer.
+    sockets: HashMap<u64, u64>,
     /// Shared anonymous memory, by key (see `SharedMemoryRecord`).
     pub memory: HashMap<u64, Arc<std::fs::File>>,
 }
@@ -255,6 +301,56 @@ pub const READ_END: u8 = 1;
 pub const WRITE_END: u8 = 2;
 
 impl SharedObjects {
+    /// For restoring `records` (every process's): notes which sockets they hold.
+    pub fn expecting<'a>(records: impl IntoIterator<Item = &'a FdRecord>) -> Self {
+        let sockets = records
+            .into_iter()
+            .filter(|r| r.object != 0)
+            .filter_map(|r| match r.file {
+                FileRecord::Socket { peer, .. } => Some((r.object, peer)),
+                _ => None,
+            })
+            .collect();
+        SharedObjects {
+            sockets,
+            ..Default::default()
+        }
+    }
+
+    /// Makes the connection `record` (a socket with a peer in the snapshot) is one end
+    /// of, if its other end did not already, and puts what waited at this end in it
+    /// (from the other end). Returns false if its peer is not in the snapshot.
+    fn connect(&mut self, record: &FdRecord) -> Result<bool, Errno> {
+        let FileRecord::Socket {
+            kind, peer, queued, ..
+        } = &record.file
+        else {
+            return Ok(false);
+        };
+        // Both here, each the other's peer (a datagram socket connected to a bound one
+        // names it as its peer, and is not named back).
+        let mutual = self.sockets.get(peer) == Some(&record.object)
+            && self.sockets.get(&record.object) == Some(peer);
+        if *peer == 0 || !mutual {
+            return Ok(false);
+        }
+        let (ours, theirs) = ((record.object, SOCKET), (*peer, SOCKET));
+        if !self.fds.contains_key(&ours) {
+            let (a, b) = rustix::net::socketpair(
+                rustix::net::AddressFamily::UNIX,
+                rustix::net::SocketType::from_raw(*kind as u32),
+                rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC,
+                None,
+            )?;
+            self.fds.insert(ours, a);
+            self.fds.insert(theirs, b);
+        }
+        if !queued.is_empty() && self.filled.insert(record.object) {
+            write_whole(self.fds.get(&theirs).ok_or(Errno::BADF)?, queued)?;
+        }
+        Ok(true)
+    }
+
     /// The key of the object `record` is of, if it is a pipe end or socket.
     pub fn key(record: &FdRecord) -> Option<(u64, u8)> {
         match &record.file {
@@ -310,6 +406,21 @@ impl SharedObjects {
     }
 }
 
+/// Writes all of `data` into a new pipe or connection that nothing reads yet (it never
+/// blocks: there is room for what a snapshot keeps of it).
+fn write_whole(fd: &OwnedFd, data: &[u8]) -> Result<(), Errno> {
+    let mut done = 0;
+    while done < data.len() {
+        match rustix::io::write(fd, &data[done..]) {
+            Ok(0) => return Err(Errno::NOSPC),
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Makes one open file again (not epoll sets: see [`restore`]). A pipe end or socket
 /// comes from `objects` if it is there, and is kept there if made here.
 fn reopen(
@@ -320,6 +431,7 @@ fn reopen(
     let file = &record.file;
     let key = SharedObjects::key(record);
     if let (Some(key), FileRecord::Socket { domain, kind, .. }) = (key, file) {
+        objects.connect(record)?;
         if let Some(fd) = objects.get(key) {
             return Ok((
                 fd?,
@@ -415,15 +527,7 @@ fn reopen_file(
                 if data.len() > 65536 {
                     rustix::pipe::fcntl_setpipe_size(w, data.len())?;
                 }
-                let mut done = 0;
-                while done < data.len() {
-                    match rustix::io::write(w, &data[done..]) {
-                        Ok(0) => return Err(Errno::NOSPC),
-                        Ok(n) => done += n,
-                        Err(Errno::INTR) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
+                write_whole(w, data)?;
             }
             let end = if *write_end { write } else { read };
             (
@@ -433,12 +537,10 @@ fn reopen_file(
                 },
             )
         }
+        // A connection, closed at capture or with its other end not in the snapshot.
         FileRecord::Socket {
-            domain,
-            kind,
-            closed: true,
-            ..
-        } => (
+            domain, kind, peer, ..
+        } if matches!(file, FileRecord::Socket { closed: true, .. }) || *peer != 0 => (
             closed_socket(*kind)?,
             FileKind::Socket {
                 domain: *domain,

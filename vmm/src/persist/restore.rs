@@ -327,7 +327,13 @@ impl Picoprocess {
         let key = config.snapshot_key.as_ref().ok_or(PersistError::NoKey)?;
         let manifests = store::chain(store, key, id)?;
         super::trust::check(&manifests, config)?;
-        let mut objects = super::files::SharedObjects::default();
+        let newest = &manifests[0];
+        let others = newest.tree.iter().flat_map(|t| &t.others);
+        let records = newest
+            .files
+            .iter()
+            .chain(others.flat_map(|part| &part.files));
+        let mut objects = super::files::SharedObjects::expecting(records);
         let Some(tree) = manifests[0].tree.clone() else {
             let picoprocess = Self::build(config, store, &manifests, options, &mut objects, None)?;
             give_data_to_app(config, options)?;
