@@ -370,8 +370,11 @@ impl Picoprocess {
             &mut objects,
             Some(&mut first),
         )?;
-        first.hand_on(&picoprocess, &manifests[0], &tree, &mut objects)?;
-        give_data_to_app(config, options)?;
+        // The data is the app's before any of its processes runs (one that opened a file
+        // still root's failed with EACCES, and a pipeline lost a line).
+        first.hand_on(&picoprocess, &manifests[0], &tree, &mut objects, || {
+            give_data_to_app(config, options)
+        })?;
         Ok(picoprocess)
     }
 

@@ -467,13 +467,15 @@ fn send_object(channel: &OwnedFd, key: (u64, u8), fd: &OwnedFd) -> Result<(), Pe
 
 impl FirstProcess {
     /// Once the first process is built: makes the pipes and sockets only the others
-    /// hold, hands each process those it holds, and lists the tree for `picocenter ps`.
+    /// hold, calls `before_they_run` (the others run as soon as they have their files),
+    /// hands each process those it holds, and lists the tree for `picocenter ps`.
     pub fn hand_on(
         self,
         picoprocess: &Picoprocess,
         newest: &Manifest,
         tree: &TreeRecord,
         objects: &mut SharedObjects,
+        before_they_run: impl FnOnce() -> Result<(), PersistError>,
     ) -> Result<(), PersistError> {
         {
             let mut p = crate::kernel::process::lock(&picoprocess.process);
@@ -486,6 +488,7 @@ impl FirstProcess {
             }
             p.describe_in_tree();
         }
+        before_they_run()?;
         for (pid, channel) in &self.channels {
             let Some(part) = tree.others.iter().find(|part| part.pid == *pid) else {
                 continue;
