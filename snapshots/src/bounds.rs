@@ -428,6 +428,10 @@ fn check_files(files: &[FdRecord]) -> Checked {
         ensure(*first == record.file, || {
             format!("fd {} shares a description it does not match", record.fd)
         })?;
+        let own_peer = matches!(record.file, FileRecord::Socket { peer, .. } if peer != 0 && peer == record.object);
+        ensure(!own_peer, || {
+            format!("fd {}: a connection to itself", record.fd)
+        })?;
         check_file(&record.file, record.fd)?;
     }
     Ok(())
@@ -492,7 +496,8 @@ pub fn check_socket(file: &FileRecord) -> Checked {
     ensure(
         queued.len() <= MAX_PIPE_DATA
             && (*peer == 0 || (*domain == libc::AF_UNIX && listening.is_none()))
-            && (*peer != 0 || queued.is_empty()),
+            && (*peer != 0 || queued.is_empty())
+            && (*kind == libc::SOCK_STREAM || queued.is_empty()),
         || "bad connection between the app's sockets".into(),
     )?;
     ensure(SOCKET_FAMILIES.contains(domain), || {
@@ -781,6 +786,15 @@ mod tests {
         let mut m = valid();
         connected(libc::AF_UNIX, 7, b"queued")(&mut m);
         check(&m).unwrap();
+        // Datagrams are not kept as bytes; no socket is its own peer.
+        if let FileRecord::Socket { kind, .. } = &mut m.files[0].file {
+            *kind = libc::SOCK_DGRAM;
+        }
+        assert!(check(&m).unwrap_err().contains("connection"));
+        let mut m = valid();
+        connected(libc::AF_UNIX, 7, b"")(&mut m);
+        m.files[0].object = 7;
+        assert!(check(&m).unwrap_err().contains("itself"));
         let mut m = valid();
         m.files = vec![socket(libc::AF_UNIX), socket(libc::AF_INET6)];
         m.files[1].fd = 4;

@@ -323,6 +323,17 @@ pub enum FileRecord {
 }
 
 impl FileRecord {
+    /// The bytes of contents it carries (a pipe's, a connection's, a memfd's).
+    pub fn held_bytes(&self) -> u64 {
+        let held = match self {
+            FileRecord::Pipe { data, .. } => data.len(),
+            FileRecord::Socket { queued, .. } => queued.len(),
+            FileRecord::Memfd { data, .. } => data.len(),
+            _ => 0,
+        };
+        held as u64
+    }
+
     /// What kind of file this is, for messages.
     pub fn kind_name(&self) -> &'static str {
         match self {

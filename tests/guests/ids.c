@@ -5,6 +5,7 @@
 #include "check.h"
 #include <grp.h>
 #include <stdlib.h>
+#include <sys/auxv.h>
 #include <sys/fsuid.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -30,13 +31,18 @@ int main(int argc, char **argv) {
     if (argc == 2 && strcmp(argv[1], "after-exec") == 0) {
         /* Exec'd with real 0, effective 105, saved 0: the saved uid is now 105. */
         CHECK(getresuid(&r, &e, &s) == 0 && r == 0 && e == 105 && s == 105);
+        /* The loader was told, and runs it securely (no LD_PRELOAD). */
+        CHECK(getauxval(AT_UID) == 0 && getauxval(AT_EUID) == 105);
+        CHECK(getauxval(AT_SECURE) == 1);
         CHECK(seteuid(0) == 0);
         DONE();
     }
     CHECK(getuid() == 0 && geteuid() == 0 && getgid() == 0 && getegid() == 0);
     CHECK(getgroups(0, NULL) == 0);
+    CHECK(getauxval(AT_SECURE) == 0);
 
-    gid_t groups[] = {8, 109};
+    /* Kept sorted. */
+    gid_t groups[] = {109, 8};
     CHECK(setgroups(2, groups) == 0);
     gid_t got[4] = {0};
     CHECK(getgroups(4, got) == 2 && got[0] == 8 && got[1] == 109);

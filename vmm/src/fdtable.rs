@@ -95,6 +95,10 @@ pub struct FileState {
     pub netlink_answers: Option<Arc<OwnedFd>>,
     /// The process (or -group) F_SETOWN named; no SIGIO or SIGURG is ever sent to it.
     pub owner: i32,
+    /// The host inode of the other end, for one end of a socketpair the app made (kept
+    /// through fork and snapshots, not passed with SCM_RIGHTS): a snapshot keeps the two
+    /// connected if both are the app's.
+    pub pair_peer: Option<u64>,
 }
 
 /// One epoll registration.

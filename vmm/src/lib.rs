@@ -199,6 +199,7 @@ impl Picoprocess {
                 envp: &config.env,
                 path: &config.program,
                 hwcap,
+                credentials: &Default::default(),
             },
         )?;
         // Nothing has run yet, so no translation can be stale.

@@ -318,6 +318,9 @@ pub struct ExecInfo<'a> {
     pub path: &'a str,
     /// CPUID.1:EDX (AT_HWCAP).
     pub hwcap: u64,
+    /// The process's ids after the exec (AT_UID, AT_EUID, AT_GID, AT_EGID, and
+    /// AT_SECURE when the effective ones are not the real ones).
+    pub credentials: &'a crate::kernel::credentials::Credentials,
 }
 
 /// How many `#!` interpreters may lead to one another (Linux allows as many).
@@ -483,6 +486,9 @@ pub fn load(
     let env_addrs: Vec<u64> = info.envp.iter().map(|e| stack.push_cstr(e)).collect();
     let arg_addrs: Vec<u64> = argv.iter().map(|a| stack.push_cstr(a)).collect();
 
+    let ids = info.credentials;
+    // As Linux's commoncap: glibc then ignores LD_PRELOAD and the like.
+    let secure = ids.uid.effective != ids.uid.real || ids.gid.effective != ids.gid.real;
     let auxv: [(u64, u64); 19] = [
         (at::SYSINFO_EHDR, picocenter_guest_shim::abi::VDSO_VA),
         (at::PHDR, exe.phdr_addr),
@@ -492,14 +498,14 @@ pub fn load(
         (at::BASE, interp_base),
         (at::FLAGS, 0),
         (at::ENTRY, exe.entry),
-        (at::UID, 0),
-        (at::EUID, 0),
-        (at::GID, 0),
-        (at::EGID, 0),
+        (at::UID, ids.uid.real as u64),
+        (at::EUID, ids.uid.effective as u64),
+        (at::GID, ids.gid.real as u64),
+        (at::EGID, ids.gid.effective as u64),
         (at::PLATFORM, platform),
         (at::HWCAP, info.hwcap),
         (at::CLKTCK, 100),
-        (at::SECURE, 0),
+        (at::SECURE, secure as u64),
         (at::RANDOM, random_addr),
         (at::HWCAP2, 0),
         (at::EXECFN, execfn),

@@ -106,6 +106,16 @@ impl Ids {
         privileged: bool,
     ) -> Result<(), Errno> {
         let asked = [real, effective, saved];
+        // Nothing to change (an effective id asked for is the filesystem one too): Linux
+        // returns at once, and a filesystem id set apart stays.
+        let same = |new: u32, old: u32| new == UNCHANGED || new == old;
+        if same(real, self.real)
+            && same(effective, self.effective)
+            && same(effective, self.fs)
+            && same(saved, self.saved)
+        {
+            return Ok(());
+        }
         if !privileged && !asked.iter().all(|&id| id == UNCHANGED || self.holds(id)) {
             return Err(Errno::PERM);
         }
@@ -193,19 +203,20 @@ impl Credentials {
         self.gid.set_fs(fs, privileged)
     }
 
-    /// setgroups(2).
-    pub fn set_groups(&mut self, groups: Vec<u32>) -> Result<(), Errno> {
+    /// setgroups(2): kept sorted, as Linux keeps them.
+    pub fn set_groups(&mut self, mut groups: Vec<u32>) -> Result<(), Errno> {
         if !self.privileged() {
             return Err(Errno::PERM);
         }
         if groups.len() > NGROUPS_MAX {
             return Err(Errno::INVAL);
         }
+        groups.sort_unstable();
         self.groups = groups;
         Ok(())
     }
 
-    /// What execve does to them: the saved ids become the effective ones.
+    /// What execve does to them: the effective ids are copied into the saved ones.
     pub fn on_exec(&mut self) {
         self.uid.saved = self.uid.effective;
         self.uid.fs = self.uid.effective;
@@ -303,6 +314,24 @@ mod tests {
         assert_eq!(c.set_uid(UNCHANGED), Err(Errno::INVAL));
         c.set_resuid(UNCHANGED, UNCHANGED, UNCHANGED).unwrap();
         assert_eq!(c, Credentials::default());
+    }
+
+    #[test]
+    fn a_setresuid_that_changes_nothing_keeps_the_filesystem_id() {
+        let mut c = Credentials::default();
+        assert_eq!(c.set_fsuid(77), 0);
+        c.set_resuid(0, UNCHANGED, 0).unwrap();
+        assert_eq!(c.uid.fs, 77);
+        // An effective id asked for resets it, even the same one.
+        c.set_resuid(UNCHANGED, 0, UNCHANGED).unwrap();
+        assert_eq!(c.uid.fs, 0);
+    }
+
+    #[test]
+    fn groups_are_kept_sorted() {
+        let mut c = Credentials::default();
+        c.set_groups(vec![109, 8, 50]).unwrap();
+        assert_eq!(c.groups, [8, 50, 109]);
     }
 
     #[test]

@@ -9,13 +9,13 @@
 use crate::fdtable::{FdTable, FileKind, OpenFile, Registration};
 use crate::hostcall;
 use crate::kernel::process::Process;
-use picocenter_snapshots::bounds::{MAX_MEMFD_DATA, MAX_PIPE_DATA, SOCKET_FAMILIES, SOCKET_TYPES};
+use picocenter_snapshots::bounds::{MAX_MEMFD_DATA, SOCKET_FAMILIES, SOCKET_TYPES};
 use picocenter_snapshots::format::{object_key, FdRecord, FileRecord};
 use rustix::event::EventfdFlags;
 use rustix::fs::{Mode, OFlags, SeekFrom};
 use rustix::io::Errno;
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 /// Why a descriptor could not be made again.
@@ -50,37 +50,59 @@ fn pipe_contents(read_end: &OwnedFd) -> Vec<u8> {
     data
 }
 
-/// If `socket` (a unix socket of type `kind`) is connected: its peer's object key, and the
-/// bytes waiting to be read at this end, peeked (the app still reads them). `None` if it
-/// is not connected, or what waits cannot be kept whole (a datagram's boundaries, or
-/// more than a snapshot keeps): it is then closed at capture, as a connection that
-/// leaves the app is.
-fn connection_in_app(socket: &OwnedFd, kind: i32) -> Option<(u64, Vec<u8>)> {
-    let inode = rustix::fs::fstat(socket).ok()?.st_ino;
-    let peer = hostcall::unix_peer(inode)?;
-    // A datagram socket connected to a bound one names it, and is not named back: not a
-    // connection of two ends.
-    if hostcall::unix_peer(peer)? != inode {
-        return None;
-    }
+/// The most a snapshot keeps of what waits in a connection: what a fresh socketpair
+/// takes at restore (an unprivileged SO_SNDBUF is at most wmem_max, 208 KiB by default,
+/// which the kernel doubles).
+const QUEUED_KEPT: usize = 256 << 10;
+
+/// For one end of a socketpair of the app's (of type `kind`, whose other end has host
+/// inode `peer`): that end's object key, and the bytes waiting to be read at this end,
+/// peeked (the app still reads them). `None` if what waits cannot be kept whole (a
+/// datagram's boundaries, descriptors in flight, a peek offset the app set, or more than
+/// [`QUEUED_KEPT`]): the connection is then closed by the snapshot, as one that leaves
+/// the app is.
+fn connection_in_app(socket: &OwnedFd, kind: i32, peer: u64) -> Option<(u64, Vec<u8>)> {
+    let cannot = |why: &str| {
+        tracing::warn!("a connection of the app's is closed by the snapshot: {why}");
+        None
+    };
     let waiting = rustix::io::ioctl_fionread(socket).ok()? as usize;
-    let mut queued = Vec::new();
-    if waiting > 0 {
-        if kind != libc::SOCK_STREAM || waiting > MAX_PIPE_DATA {
-            tracing::warn!(
-                waiting,
-                kind,
-                "a connection between the app's processes is closed by the snapshot: what \
-                 waits in it cannot be kept"
-            );
-            return None;
-        }
-        queued = vec![0u8; waiting];
-        let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
-        let (_, got) = rustix::net::recv(socket, &mut queued[..], flags).ok()?;
-        if got != waiting {
-            return None;
-        }
+    if waiting == 0 {
+        return Some((object_key(false, peer), Vec::new()));
+    }
+    if kind != libc::SOCK_STREAM {
+        return cannot("datagrams wait in it");
+    }
+    if waiting > QUEUED_KEPT {
+        return cannot("more waits in it than a snapshot keeps");
+    }
+    // A peek from an offset the app set (SO_PEEK_OFF) would miss bytes, and move it.
+    let peek_offset = hostcall::getsockopt(socket.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, 4)
+        .ok()
+        .and_then(|v| v.try_into().ok().map(i32::from_ne_bytes));
+    if peek_offset != Some(-1) {
+        return cannot("the app peeks from an offset");
+    }
+    let mut queued = vec![0u8; waiting];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+    let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+    let flags = rustix::net::RecvFlags::PEEK
+        | rustix::net::RecvFlags::DONTWAIT
+        | rustix::net::RecvFlags::CMSG_CLOEXEC;
+    let got = rustix::net::recvmsg(
+        socket,
+        &mut [std::io::IoSliceMut::new(&mut queued)],
+        &mut control,
+        flags,
+    )
+    .ok()?;
+    // Peeked descriptors are copies: dropped here.
+    let passed = control.drain().count() > 0;
+    if passed || got.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        return cannot("descriptors are in flight in it");
+    }
+    if got.bytes != waiting {
+        return cannot("what waits in it could not be read whole");
     }
     Some((object_key(false, peer), queued))
 }
@@ -167,10 +189,10 @@ fn record(file: &OpenFile, files: &FdTable, closed: &mut u64) -> Result<FileReco
         },
         FileKind::Socket { domain, kind } => {
             let state = file.state();
-            // A unix connection with both ends in the app is kept, with what waits in it.
-            let pair = (*domain == libc::AF_UNIX && state.listening.is_none())
-                .then(|| connection_in_app(&file.fd, *kind))
-                .flatten();
+            // A socketpair of the app's is kept, with what waits in it.
+            let pair = state
+                .pair_peer
+                .and_then(|peer| connection_in_app(&file.fd, *kind, peer));
             let connected = pair.is_none()
                 && state.listening.is_none()
                 && *kind == libc::SOCK_STREAM
@@ -225,6 +247,10 @@ pub fn capture(p: &Process) -> Result<(Vec<FdRecord>, u64), String> {
     let mut closed = 0;
     let mut shared: HashMap<usize, u64> = HashMap::new();
     let mut records = Vec::new();
+    // What the records hold (a description's bytes are in each of its descriptors'
+    // records): no more than a manifest may, so an app that dups a full pipe a thousand
+    // times is refused before it costs the VMM its memory.
+    let mut held: u64 = 0;
     for (fd, entry) in p.files.iter() {
         let key = Arc::as_ptr(&entry.file) as usize;
         let next = shared.len() as u64;
@@ -239,6 +265,13 @@ pub fn capture(p: &Process) -> Result<(Vec<FdRecord>, u64), String> {
                 .map(|r| r.file.clone())
                 .unwrap_or(FileRecord::Stdio(0))
         };
+        held = held.saturating_add(file.held_bytes());
+        if held > picocenter_snapshots::format::MAX_MANIFEST_SIZE {
+            return Err(format!(
+                "the app's descriptors hold more than a snapshot keeps ({} MiB)",
+                picocenter_snapshots::format::MAX_MANIFEST_SIZE >> 20
+            ));
+        }
         let object = match entry.file.kind {
             FileKind::Pipe { .. } | FileKind::Socket { .. } => rustix::fs::fstat(entry.file.host())
                 .map_or(0, |s| {
@@ -289,6 +322,9 @@ pub struct SharedObjects {
     /// The sockets the snapshot has, by object key, with their peers' (0: none): a
     /// connection is made again only if both its ends are here, each the other's peer.
     sockets: HashMap<u64, u64>,
+    /// For each end of a socketpair made again: the host inode of its other end (see
+    /// `FileState::pair_peer`).
+    peers: HashMap<u64, u64>,
     /// Shared anonymous memory, by key (see `SharedMemoryRecord`).
     pub memory: HashMap<u64, Arc<std::fs::File>>,
 }
@@ -335,18 +371,30 @@ impl SharedObjects {
             return Ok(false);
         }
         let (ours, theirs) = ((record.object, SOCKET), (*peer, SOCKET));
-        if !self.fds.contains_key(&ours) {
-            let (a, b) = rustix::net::socketpair(
-                rustix::net::AddressFamily::UNIX,
-                rustix::net::SocketType::from_raw(*kind as u32),
-                rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC,
-                None,
-            )?;
-            self.fds.insert(ours, a);
-            self.fds.insert(theirs, b);
+        match (self.fds.contains_key(&ours), self.fds.contains_key(&theirs)) {
+            (false, false) => {
+                let (a, b) = rustix::net::socketpair(
+                    rustix::net::AddressFamily::UNIX,
+                    rustix::net::SocketType::from_raw(*kind as u32),
+                    rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC,
+                    None,
+                )?;
+                let inode = |fd: &OwnedFd| rustix::fs::fstat(fd).map(|s| s.st_ino);
+                self.peers.insert(record.object, inode(&b)?);
+                self.peers.insert(*peer, inode(&a)?);
+                self.fds.insert(ours, a);
+                self.fds.insert(theirs, b);
+            }
+            (true, true) => {}
+            // One end made as something else: not this pair (only a tampered snapshot).
+            _ => return Ok(false),
         }
         if !queued.is_empty() && self.filled.insert(record.object) {
-            write_whole(self.fds.get(&theirs).ok_or(Errno::BADF)?, queued)?;
+            let from = self.fds.get(&theirs).ok_or(Errno::BADF)?;
+            // Room for it (the snapshot kept at most what a socket holds then).
+            let room = queued.len().saturating_mul(2);
+            let _ = rustix::net::sockopt::set_socket_send_buffer_size(from, room);
+            write_whole(from, queued)?;
         }
         Ok(true)
     }
@@ -403,6 +451,21 @@ impl SharedObjects {
     /// Object `key`'s descriptor, for handing on.
     pub fn fd(&self, key: (u64, u8)) -> Option<&OwnedFd> {
         self.fds.get(&key)
+    }
+
+    /// If object `key` is one end of a socketpair made again: the host inode of its
+    /// other end.
+    pub fn peer(&self, key: (u64, u8)) -> Option<u64> {
+        (key.1 == SOCKET)
+            .then(|| self.peers.get(&key.0).copied())
+            .flatten()
+    }
+
+    /// Keeps `fd` as socket `key`, one end of a socketpair whose other end is host inode
+    /// `peer` (handed on by the first process).
+    pub fn insert_pair_end(&mut self, key: u64, fd: OwnedFd, peer: u64) {
+        self.peers.insert(key, peer);
+        self.fds.insert((key, SOCKET), fd);
     }
 }
 
@@ -693,6 +756,9 @@ pub fn restore(
             None => {
                 let (fd, kind) = reopen(p, record, objects).map_err(|e| fail(record, e))?;
                 let file = OpenFile::with_mode(fd, kind, record.nonblocking);
+                if let Some(key) = SharedObjects::key(record) {
+                    file.state().pair_peer = objects.peer(key);
+                }
                 if let FileRecord::Socket {
                     bound,
                     unix_name,

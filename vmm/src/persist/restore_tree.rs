@@ -377,8 +377,9 @@ fn host_error(what: &str) -> PersistError {
     }
 }
 
-/// One handed-on object: its id, which end, and the descriptor with it.
-const MESSAGE: usize = 9;
+/// One handed-on object: which end (a byte), its id and, for one end of a socketpair,
+/// the host inode of the other (0 if not; `u64` LE each), and the descriptor with it.
+const MESSAGE: usize = 17;
 /// What each other process says once it is built and locked down.
 const READY: &[u8] = b"ready";
 /// How long the first process waits for the others to be built.
@@ -419,8 +420,11 @@ fn receive_objects(channel: &OwnedFd) -> Result<SharedObjects, PersistError> {
             return Ok(objects);
         }
         let id = u64::from_le_bytes(message[1..9].try_into().unwrap_or_default());
-        if let Some(fd) = fd {
-            objects.insert((id, message[0]), fd);
+        let peer = u64::from_le_bytes(message[9..17].try_into().unwrap_or_default());
+        match (fd, peer) {
+            (Some(fd), 0) => objects.insert((id, message[0]), fd),
+            (Some(fd), peer) => objects.insert_pair_end(id, fd, peer),
+            (None, _) => {}
         }
     }
 }
@@ -439,12 +443,19 @@ fn ready(channel: &OwnedFd, deadline: std::time::Instant) -> bool {
     false
 }
 
-/// Sends `fd` as object `key` over `channel`.
-fn send_object(channel: &OwnedFd, key: (u64, u8), fd: &OwnedFd) -> Result<(), PersistError> {
+/// Sends `fd` as object `key` (with the inode of its other end, if it is one end of a
+/// socketpair) over `channel`.
+fn send_object(
+    channel: &OwnedFd,
+    key: (u64, u8),
+    fd: &OwnedFd,
+    peer: Option<u64>,
+) -> Result<(), PersistError> {
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     let mut message = [0u8; MESSAGE];
     message[0] = key.1;
     message[1..9].copy_from_slice(&key.0.to_le_bytes());
+    message[9..17].copy_from_slice(&peer.unwrap_or(0).to_le_bytes());
     let fds = [fd.as_fd()];
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut ancillary = SendAncillaryBuffer::new(&mut space);
@@ -502,7 +513,7 @@ impl FirstProcess {
                     continue;
                 }
                 if let Some(fd) = objects.fd(key) {
-                    send_object(channel, key, fd)?;
+                    send_object(channel, key, fd, objects.peer(key))?;
                 }
             }
             let mut done = [0u8; MESSAGE];

@@ -175,8 +175,7 @@ pub const ALLOWED: &[libc::c_long] = &[
     libc::SYS_restart_syscall,
 ];
 
-/// The filter: [`ALLOWED`], plus `socket` for the app's families (and unix socket
-/// diagnostics), `rt_sigqueueinfo` for
+/// The filter: [`ALLOWED`], plus `socket` for the app's families, `rt_sigqueueinfo` for
 /// the guest-signal carrier and `sched_setscheduler` to SCHED_BATCH; SIGSYS for the rest.
 pub fn filter() -> Result<BpfProgram, JailError> {
     let error = |e: seccompiler::BackendError| JailError::Config(format!("seccomp filter: {e}"));
@@ -186,25 +185,11 @@ pub fn filter() -> Result<BpfProgram, JailError> {
         SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, domain as u64)
             .and_then(|c| SeccompRule::new(vec![c]))
     };
-    let mut families = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
+    let families = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
         .into_iter()
         .map(family)
         .collect::<Result<Vec<_>, _>>()
         .map_err(error)?;
-    // The socket diagnostics a snapshot asks which unix sockets of the app are connected
-    // to each other (see `hostcall::unix_peer`); no other netlink family.
-    let sock_diag = [
-        (0, libc::AF_NETLINK as u64),
-        (2, libc::NETLINK_SOCK_DIAG as u64),
-    ]
-    .into_iter()
-    .map(|(arg, value)| {
-        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
-    })
-    .collect::<Result<Vec<_>, _>>()
-    .and_then(SeccompRule::new)
-    .map_err(error)?;
-    families.push(sock_diag);
     rules.insert(libc::SYS_socket, families);
     // Between the VMMs of one app, only the signal that carries a guest signal (see
     // `kvm::kick::send_guest_signal`): nothing another process could act on.

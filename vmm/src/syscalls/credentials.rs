@@ -102,14 +102,14 @@ pub fn getgroups(p: &mut Process, a: &Args) -> SysResult {
     Ok(count as u64)
 }
 
-/// setgroups(2).
+/// setgroups(2): EPERM first, then EINVAL for a count (an int) out of range, as Linux.
 pub fn setgroups(p: &mut Process, a: &Args) -> SysResult {
-    let count = a.usize(0);
-    if count > NGROUPS_MAX {
-        return Err(Errno::INVAL.into());
-    }
     if !p.credentials.privileged() {
         return Err(Errno::PERM.into());
+    }
+    let count = usize::try_from(a.i32(0)).map_err(|_| Errno::INVAL)?;
+    if count > NGROUPS_MAX {
+        return Err(Errno::INVAL.into());
     }
     let groups = p.mem.read_pod_array::<u32>(a.ptr(1), count)?;
     p.credentials.set_groups(groups)?;

@@ -138,6 +138,7 @@ fn exec(
         envp: &envp,
         path: &path,
         hwcap,
+        credentials: &p.credentials,
     };
     let loaded = crate::loader::load(&mut p.mem, &p.sandbox, &info);
     p.exe = real;

@@ -246,17 +246,19 @@ pub fn socketpair(p: &mut Process, a: &Args) -> SysResult {
     )?;
     let nonblock = raw_type & libc::SOCK_NONBLOCK != 0;
     let cloexec = raw_type & libc::SOCK_CLOEXEC != 0;
-    let kind_of = || FileKind::Socket {
-        domain: libc::AF_UNIX,
-        kind,
+    let inode = |fd: &OwnedFd| rustix::fs::fstat(fd).ok().map(|s| s.st_ino);
+    let (x_inode, y_inode) = (inode(&x), inode(&y));
+    let end = |fd, peer| {
+        let kind = FileKind::Socket {
+            domain: libc::AF_UNIX,
+            kind,
+        };
+        let file = OpenFile::with_mode(fd, kind, nonblock);
+        file.state().pair_peer = peer;
+        file
     };
-    let first = p
-        .files
-        .insert(OpenFile::with_mode(x, kind_of(), nonblock), cloexec)?;
-    let second = match p
-        .files
-        .insert(OpenFile::with_mode(y, kind_of(), nonblock), cloexec)
-    {
+    let first = p.files.insert(end(x, y_inode), cloexec)?;
+    let second = match p.files.insert(end(y, x_inode), cloexec) {
         Ok(fd) => fd,
         Err(e) => {
             p.files.remove(first)?;
