@@ -500,6 +500,7 @@ mod tests {
             "memcached",
             "nginx",
             "nginx-workers",
+            "postfix",
             "python-http",
             "redis",
             "udp-counter",
