@@ -1483,6 +1483,18 @@ fn postfix_takes_mail_across_three_swaps() {
                 .count();
             assert_eq!(copies, 1, "cycle {cycle}: mail {n}, in {mails:#?}");
         }
+        // Its daemons still log (their datagram sockets to postlogd are connected again).
+        let log = restored.path().join("var/log/postfix/mail.log");
+        let logged = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let sent = text.matches("status=sent (delivered to maildir)").count();
+            (sent == cycle + 1).then_some(())
+        };
+        common::cluster::wait_for(
+            "the delivery in postfix's log",
+            Duration::from_secs(10),
+            logged,
+        );
         swap_out(name, dir.path(), child);
     }
 }

@@ -117,6 +117,7 @@ fn socket(fd: i32, domain: i32) -> FdRecord {
             kind: libc::SOCK_RAW,
             bound: None,
             unix_name: None,
+            connected_to: None,
             listening: None,
             options: vec![],
             closed: false,

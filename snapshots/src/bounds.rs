@@ -484,6 +484,7 @@ pub fn check_socket(file: &FileRecord) -> Checked {
         kind,
         bound,
         unix_name,
+        connected_to,
         listening,
         options,
         peer,
@@ -515,12 +516,15 @@ pub fn check_socket(file: &FileRecord) -> Checked {
             || format!("socket address {bound} of another family"),
         )?;
     }
-    if let Some(name) = unix_name {
+    for name in unix_name.iter().chain(connected_to) {
         ensure(
             *domain == libc::AF_UNIX && name.len() <= MAX_UNIX_NAME,
             || "bad AF_UNIX name".into(),
         )?;
     }
+    ensure(connected_to.is_none() || *kind == libc::SOCK_DGRAM, || {
+        "a connected name on a socket other than a datagram one".into()
+    })?;
     ensure(listening.is_none_or(|b| (0..=65_535).contains(&b)), || {
         "bad listen backlog".into()
     })?;
@@ -621,6 +625,7 @@ mod tests {
                 kind: libc::SOCK_STREAM,
                 bound: None,
                 unix_name: None,
+                connected_to: None,
                 listening: None,
                 options: vec![],
                 closed: false,
@@ -786,6 +791,13 @@ mod tests {
         let mut m = valid();
         connected(libc::AF_UNIX, 7, b"queued")(&mut m);
         check(&m).unwrap();
+        // Only a datagram socket keeps where it connected.
+        let mut stream = valid();
+        stream.files = vec![socket(libc::AF_UNIX)];
+        if let FileRecord::Socket { connected_to, .. } = &mut stream.files[0].file {
+            *connected_to = Some(b"\x01\x00/dev/log".to_vec());
+        }
+        assert!(check(&stream).unwrap_err().contains("datagram"));
         // Datagrams are not kept as bytes; no socket is its own peer.
         if let FileRecord::Socket { kind, .. } = &mut m.files[0].file {
             *kind = libc::SOCK_DGRAM;

@@ -271,6 +271,9 @@ pub enum FileRecord {
         bound: Option<String>,
         /// An AF_UNIX name as the app gave it.
         unix_name: Option<Vec<u8>>,
+        /// The AF_UNIX name a datagram socket is connected to, as the app gave it: it is
+        /// connected there again once every socket of the app is made.
+        connected_to: Option<Vec<u8>>,
         /// The backlog, if listening.
         listening: Option<i32>,
         /// Options set: (level, name, value).

@@ -41,6 +41,7 @@ fn sample() -> Manifest {
             kind: libc::SOCK_STREAM,
             bound: Some("0.0.0.0:80".into()),
             unix_name: None,
+            connected_to: None,
             listening: Some(16),
             options: vec![(1, 2, vec![1, 0, 0, 0])],
             closed: false,

@@ -80,6 +80,8 @@ pub struct FileState {
     pub bound: Option<SocketAddr>,
     /// An AF_UNIX socket's name as the app gave it.
     pub unix_name: Option<Vec<u8>>,
+    /// The AF_UNIX name a datagram socket connected to (encoded as `unix_name`).
+    pub connected_to: Option<Vec<u8>>,
     /// The backlog of a listening socket.
     pub listening: Option<i32>,
     /// Socket options the app set: (level, name, value).

@@ -204,6 +204,7 @@ fn record(file: &OpenFile, files: &FdTable, closed: &mut u64) -> Result<FileReco
                 kind: *kind,
                 bound: state.bound.map(|a| a.to_string()),
                 unix_name: state.unix_name.clone(),
+                connected_to: state.connected_to.clone(),
                 listening: state.listening,
                 options: state.options.clone(),
                 closed: connected,
@@ -325,6 +326,8 @@ pub struct SharedObjects {
     /// For each end of a socketpair made again: the host inode of its other end (see
     /// `FileState::pair_peer`).
     peers: HashMap<u64, u64>,
+    /// Datagram sockets made again, to connect to their names ([`Self::connect_all`]).
+    unconnected: Vec<(OwnedFd, Vec<u8>)>,
     /// Shared anonymous memory, by key (see `SharedMemoryRecord`).
     pub memory: HashMap<u64, Arc<std::fs::File>>,
 }
@@ -446,6 +449,17 @@ impl SharedObjects {
                 .insert(record.key, Arc::new(std::fs::File::from(fd)));
         }
         Ok(())
+    }
+
+    /// Connects the datagram sockets made again to where they were connected, now that
+    /// every socket of the app is made (a name no socket binds any more leaves one
+    /// unconnected, as a restarted server would).
+    pub fn connect_all(&mut self, p: &Process) {
+        for (fd, name) in std::mem::take(&mut self.unconnected) {
+            if let Err(e) = crate::syscalls::net::reconnect_unix(p, fd.as_fd(), &name) {
+                tracing::debug!("a restored datagram socket stays unconnected: {e}");
+            }
+        }
     }
 
     /// Object `key`'s descriptor, for handing on.
@@ -615,6 +629,7 @@ fn reopen_file(
             kind,
             bound,
             unix_name,
+            connected_to,
             listening,
             options,
             ..
@@ -628,6 +643,11 @@ fn reopen_file(
                 *listening,
                 options,
             )?;
+            if let Some(name) = connected_to {
+                // Once every socket is made: where it connects may be one of them.
+                let copy = rustix::io::fcntl_dupfd_cloexec(&fd, 0)?;
+                objects.unconnected.push((copy, name.clone()));
+            }
             (
                 fd,
                 FileKind::Socket {
@@ -762,6 +782,7 @@ pub fn restore(
                 if let FileRecord::Socket {
                     bound,
                     unix_name,
+                    connected_to,
                     listening,
                     options,
                     ..
@@ -770,6 +791,7 @@ pub fn restore(
                     let mut state = file.state();
                     state.bound = bound.as_deref().and_then(|b| b.parse().ok());
                     state.unix_name = unix_name.clone();
+                    state.connected_to = connected_to.clone();
                     state.listening = *listening;
                     state.options = options.clone();
                     let local_only = state

@@ -336,6 +336,7 @@ impl Picoprocess {
         let mut objects = super::files::SharedObjects::expecting(records);
         let Some(tree) = manifests[0].tree.clone() else {
             let picoprocess = Self::build(config, store, &manifests, options, &mut objects, None)?;
+            objects.connect_all(&crate::kernel::process::lock(&picoprocess.process));
             give_data_to_app(config, options)?;
             return Ok(picoprocess);
         };

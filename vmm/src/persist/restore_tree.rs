@@ -497,6 +497,7 @@ impl FirstProcess {
                 p.cwd = cwd;
                 made?;
             }
+            objects.connect_all(&p);
             p.describe_in_tree();
         }
         before_they_run()?;

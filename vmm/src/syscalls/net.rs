@@ -445,7 +445,20 @@ pub fn connect(p: &mut Process, a: &Args) -> SysResult {
             (target.raw.clone(), Some(target))
         }
     };
-    match hostcall::connect(file.host(), &raw) {
+    let datagram = matches!(file.kind, FileKind::Socket { kind, .. } if kind == libc::SOCK_DGRAM);
+    let result = hostcall::connect(file.host(), &raw);
+    if result.is_ok() && datagram {
+        // Kept, to connect a restored socket there again.
+        file.state().connected_to = match &address {
+            Address::UnixPath(path) => Some(encode_unix(
+                &crate::sandbox::pathbytes::to_host(&p.absolute(path)),
+                false,
+            )),
+            Address::UnixAbstract(name) => Some(encode_unix(name, true)),
+            _ => None,
+        };
+    }
+    match result {
         Err(Errno::INPROGRESS) if !file.nonblocking() => {
             super::wait::wait_fd(p, file.host(), PollFlags::OUT, None)?;
             let error = hostcall::getsockopt(file.host(), libc::SOL_SOCKET, libc::SO_ERROR, 4)?;
@@ -952,6 +965,17 @@ fn adopt_inherited(
     rustix::io::ioctl_fionbio(&fd, true).ok()?;
     tracing::debug!(%address, "restored a socket its caller held, with what queued on it");
     Some(fd)
+}
+
+/// Connects restored datagram socket `fd` to `name` again (an AF_UNIX name, as
+/// `FileState::connected_to` keeps it), resolved in the app's sandbox as its connect was.
+pub fn reconnect_unix(p: &Process, fd: BorrowedFd<'_>, name: &[u8]) -> Result<(), Errno> {
+    let address = decode_address(name)?;
+    if matches!(address, Address::Ip(_) | Address::UnixUnnamed) {
+        return Err(Errno::INVAL);
+    }
+    let target = unix_target(p, &address, false)?;
+    hostcall::connect(fd, &target.raw)
 }
 
 /// Makes a socket again from a snapshot: the same options, bound again (to the app's
