@@ -10,8 +10,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-static int status_line(const char *name, char *out, size_t size) {
-    FILE *f = fopen("/proc/self/status", "r");
+static int status_line_of(const char *file, const char *name, char *out, size_t size) {
+    FILE *f = fopen(file, "r");
     if (!f)
         return -1;
     char line[256];
@@ -24,6 +24,10 @@ static int status_line(const char *name, char *out, size_t size) {
     }
     fclose(f);
     return found;
+}
+
+static int status_line(const char *name, char *out, size_t size) {
+    return status_line_of("/proc/self/status", name, out, size);
 }
 
 int main(int argc, char **argv) {
@@ -60,7 +64,10 @@ int main(int argc, char **argv) {
     CHECK(setfsuid(77) == 0 && setfsuid(-1) == 77);
     CHECK(seteuid(0) == 0 && setfsuid(-1) == 0);
 
-    /* A child keeps its parent's ids and drops them for good; the parent's stay. */
+    /* A child keeps its parent's ids and drops them for good; the parent's stay, and
+     * see the child's in its /proc status. */
+    int told[2], asked[2];
+    CHECK(pipe(told) == 0 && pipe(asked) == 0);
     pid_t child = fork();
     if (child == 0) {
         int bad = 0;
@@ -70,8 +77,19 @@ int main(int argc, char **argv) {
         bad |= setuid(0) != -1 || errno != EPERM;
         bad |= setresuid(-1, 0, -1) != -1 || errno != EPERM;
         bad |= setreuid(105, 105) != 0;
+        char byte = 'x';
+        bad |= write(told[1], &byte, 1) != 1 || read(asked[0], &byte, 1) != 1;
         _exit(bad);
     }
+    char byte;
+    CHECK(read(told[0], &byte, 1) == 1);
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/status", child);
+    CHECK(status_line_of(path, "Uid:", line, sizeof line) == 0 &&
+          strcmp(line, "\t105\t105\t105\t105\n") == 0);
+    CHECK(status_line_of(path, "Gid:", line, sizeof line) == 0 &&
+          strcmp(line, "\t109\t109\t109\t109\n") == 0);
+    CHECK(write(asked[1], &byte, 1) == 1);
     int status = 0;
     CHECK(waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
     CHECK(getuid() == 0 && geteuid() == 0);

@@ -374,6 +374,25 @@ impl Process {
                 &self.cmdline_bytes(),
             );
             tree.describe_paths(self.ids.pid, &self.exe, &self.cwd);
+            self.describe_ids();
+        }
+    }
+
+    /// Tells the app's process table its user and group ids (after a change).
+    pub fn describe_ids(&self) {
+        if let Some(tree) = &self.tree {
+            let (u, g) = (&self.credentials.uid, &self.credentials.gid);
+            let ids = [
+                u.real,
+                u.effective,
+                u.saved,
+                u.fs,
+                g.real,
+                g.effective,
+                g.saved,
+                g.fs,
+            ];
+            tree.describe_ids(self.ids.pid, ids);
         }
     }
 

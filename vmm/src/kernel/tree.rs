@@ -218,6 +218,8 @@ pub struct Member {
     pub cmdline: Vec<u8>,
     /// Whether it has ended (a zombie its parent has not waited for).
     pub ended: bool,
+    /// Its uids (real, effective, saved, filesystem), then its gids, as it last said.
+    pub ids: [u32; 8],
 }
 
 /// How much of a process's command line the table keeps, for other processes' /proc.
@@ -253,6 +255,8 @@ struct Slot {
     /// Asks for its description (maps, fds) so far, and the last one it answered.
     describe_asked: AtomicU32,
     described: AtomicU32,
+    /// Its real, effective, saved and filesystem uid, then the same gids.
+    ids: [AtomicU32; 8],
 }
 
 /// A tree snapshot in progress, as its first process announces it to the others: which
@@ -505,6 +509,9 @@ impl AppTree {
                 slot.capture.store(0, Ordering::SeqCst);
                 slot.describe_asked.store(0, Ordering::SeqCst);
                 slot.described.store(0, Ordering::SeqCst);
+                for id in &slot.ids {
+                    id.store(0, Ordering::SeqCst);
+                }
                 store_bytes(&slot.comm, &[]);
                 store_bytes(&slot.args, &[]);
                 slot.pid.store(0, Ordering::SeqCst);
@@ -533,6 +540,16 @@ impl AppTree {
         if let Some(slot) = self.slot_of(pid) {
             store_path(&slot.exe, &slot.exe_len, exe);
             store_path(&slot.cwd, &slot.cwd_len, cwd);
+        }
+    }
+
+    /// Records process `pid`'s user and group ids (real, effective, saved, filesystem;
+    /// uids then gids), for other processes' /proc.
+    pub fn describe_ids(&self, pid: i32, ids: [u32; 8]) {
+        if let Some(slot) = self.slot_of(pid) {
+            for (at, id) in slot.ids.iter().zip(ids) {
+                at.store(id, Ordering::Relaxed);
+            }
         }
     }
 
@@ -634,6 +651,7 @@ impl AppTree {
                         cwd: load_path(&slot.cwd, &slot.cwd_len),
                         cmdline,
                         ended: slot.ended.load(Ordering::SeqCst) != 0,
+                        ids: std::array::from_fn(|i| slot.ids[i].load(Ordering::Relaxed)),
                     }
                 })
             })

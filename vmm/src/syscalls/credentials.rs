@@ -47,6 +47,7 @@ pub fn set(p: &mut Process, a: &Args, kind: Kind) -> SysResult {
         Kind::User => c.set_uid(a.u32(0))?,
         Kind::Group => c.set_gid(a.u32(0))?,
     }
+    p.describe_ids();
     Ok(0)
 }
 
@@ -57,6 +58,7 @@ pub fn set_re(p: &mut Process, a: &Args, kind: Kind) -> SysResult {
         Kind::User => c.set_reuid(a.u32(0), a.u32(1))?,
         Kind::Group => c.set_regid(a.u32(0), a.u32(1))?,
     }
+    p.describe_ids();
     Ok(0)
 }
 
@@ -67,16 +69,19 @@ pub fn set_res(p: &mut Process, a: &Args, kind: Kind) -> SysResult {
         Kind::User => c.set_resuid(a.u32(0), a.u32(1), a.u32(2))?,
         Kind::Group => c.set_resgid(a.u32(0), a.u32(1), a.u32(2))?,
     }
+    p.describe_ids();
     Ok(0)
 }
 
 /// setfsuid(2) and setfsgid(2): the old id.
 pub fn set_fs(p: &mut Process, a: &Args, kind: Kind) -> SysResult {
     let c = &mut p.credentials;
-    Ok(match kind {
+    let old = match kind {
         Kind::User => c.set_fsuid(a.u32(0)),
         Kind::Group => c.set_fsgid(a.u32(0)),
-    } as u64)
+    };
+    p.describe_ids();
+    Ok(old as u64)
 }
 
 /// getgroups(2).

@@ -303,10 +303,18 @@ fn other_file(p: &Process, path: &str, ask: bool) -> Option<Vec<u8>> {
         ),
         "status" => format!(
             "Name:\t{}\nState:\t{state} ({state_name})\nTgid:\t{pid}\nNgid:\t0\nPid:\t{pid}\n\
-             PPid:\t{}\nTracerPid:\t0\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n\
+             PPid:\t{}\nTracerPid:\t0\nUid:\t{}\t{}\t{}\t{}\nGid:\t{}\t{}\t{}\t{}\n\
              NSpgid:\t{}\nNSsid:\t{}\n",
             m.comm,
             m.ppid,
+            m.ids[0],
+            m.ids[1],
+            m.ids[2],
+            m.ids[3],
+            m.ids[4],
+            m.ids[5],
+            m.ids[6],
+            m.ids[7],
             m.pgid,
             m.sid,
             pid = m.pid,
