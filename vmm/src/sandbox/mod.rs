@@ -366,6 +366,15 @@ impl Sandbox {
         unreachable!("the root mount matches every absolute path")
     }
 
+    /// Whether `path` (absolute, normalised) is a directory on the way to a mount.
+    fn leads_to_a_mount(&self, path: &str) -> bool {
+        self.mounts.iter().any(|m| {
+            m.guest
+                .strip_prefix(path)
+                .is_some_and(|rest| rest.starts_with('/'))
+        })
+    }
+
     /// Whether `path` (absolute, normalised) lies in a writable mount.
     pub fn is_writable(&self, path: &str) -> bool {
         !DEVICES.contains(&path) && self.resolve(path).mount.writable
@@ -450,6 +459,12 @@ impl Sandbox {
                 Err(Errno::NOENT) if todo.is_empty() => {
                     done.push((component, None));
                     break;
+                }
+                // A directory on the way to a mount (a program's own directory, deep in
+                // a writable one): the mount shows it, whatever is under it.
+                Err(Errno::NOENT) if self.leads_to_a_mount(&candidate) => {
+                    done.push((component, None));
+                    continue;
                 }
                 Err(e) => return Err(e),
             };
@@ -819,6 +834,33 @@ mod tests {
         assert_eq!(
             sandbox.lookup("/data/abs", Follow::No).unwrap().kind(),
             rustix::fs::FileType::Symlink
+        );
+    }
+
+    /// A mount deep in a writable one (a program's own directory under /tmp) is reached
+    /// through a link too, as /proc/self/exe leads to it; its neighbours are not there.
+    #[test]
+    fn a_link_reaches_a_mount_deep_in_another() {
+        let root = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let program = tempfile::tempdir().unwrap();
+        std::fs::write(program.path().join("prog"), b"program").unwrap();
+        std::os::unix::fs::symlink("/tmp/a/b/prog", tmp.path().join("exe")).unwrap();
+        std::os::unix::fs::symlink("/tmp/a/other", tmp.path().join("beside")).unwrap();
+        let mut sandbox = Sandbox::new(root.path()).unwrap();
+        sandbox.mount("/tmp", tmp.path(), true).unwrap();
+        sandbox.mount("/tmp/a/b", program.path(), false).unwrap();
+        let fd = sandbox
+            .open("/tmp/exe", OFlags::RDONLY, Mode::empty())
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let n = rustix::io::read(&fd, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"program");
+        assert_eq!(
+            sandbox
+                .open("/tmp/beside", OFlags::RDONLY, Mode::empty())
+                .unwrap_err(),
+            Errno::NOENT
         );
     }
 
