@@ -336,8 +336,9 @@ impl Picoprocess {
         let mut objects = super::files::SharedObjects::expecting(records);
         let Some(tree) = manifests[0].tree.clone() else {
             let picoprocess = Self::build(config, store, &manifests, options, &mut objects, None)?;
-            objects.connect_all(&crate::kernel::process::lock(&picoprocess.process));
+            // The app's own sockets are its user's before any is connected to.
             give_data_to_app(config, options)?;
+            objects.connect_all(&crate::kernel::process::lock(&picoprocess.process));
             return Ok(picoprocess);
         };
         if options.feed.is_some() {

@@ -497,10 +497,12 @@ impl FirstProcess {
                 p.cwd = cwd;
                 made?;
             }
-            objects.connect_all(&p);
             p.describe_in_tree();
         }
         before_they_run()?;
+        // Once the app's sockets are its user's (see `reconnect_unix`), and before any
+        // process that holds one runs.
+        objects.connect_all(&crate::kernel::process::lock(&picoprocess.process));
         for (pid, channel) in &self.channels {
             let Some(part) = tree.others.iter().find(|part| part.pid == *pid) else {
                 continue;

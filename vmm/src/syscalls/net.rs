@@ -969,12 +969,22 @@ fn adopt_inherited(
 
 /// Connects restored datagram socket `fd` to `name` again (an AF_UNIX name, as
 /// `FileState::connected_to` keeps it), resolved in the app's sandbox as its connect was.
+/// The restore runs as root, before the lockdown, and a connected socket keeps its peer:
+/// a socket file the app's user could not write to (root's, not writable by others: the
+/// app's own are its user's by now) is refused, as a snapshot's name is input.
 pub fn reconnect_unix(p: &Process, fd: BorrowedFd<'_>, name: &[u8]) -> Result<(), Errno> {
     let address = decode_address(name)?;
     if matches!(address, Address::Ip(_) | Address::UnixUnnamed) {
         return Err(Errno::INVAL);
     }
     let target = unix_target(p, &address, false)?;
+    if let Address::UnixPath(path) = &address {
+        let node = p.sandbox.lookup(&p.absolute(path), Follow::Yes)?;
+        let stat = rustix::fs::fstat(node.fd())?;
+        if stat.st_uid == 0 && stat.st_mode & 0o002 == 0 {
+            return Err(Errno::ACCESS);
+        }
+    }
     hostcall::connect(fd, &target.raw)
 }
 
