@@ -34,6 +34,12 @@ pub struct Ids {
 }
 
 impl Ids {
+    /// Real, effective, saved and filesystem, in that order (as /proc and snapshots
+    /// list them).
+    pub fn as_array(&self) -> [u32; 4] {
+        [self.real, self.effective, self.saved, self.fs]
+    }
+
     fn all(id: u32) -> Self {
         Ids {
             real: id,
@@ -138,6 +144,15 @@ impl Ids {
     }
 }
 
+/// Which of a process's ids: user or group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// User ids.
+    User,
+    /// Group ids.
+    Group,
+}
+
 /// A process's ids; a new app's are root's.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Credentials {
@@ -155,52 +170,57 @@ impl Credentials {
         self.uid.effective == 0
     }
 
-    /// setuid(2).
-    pub fn set_uid(&mut self, uid: u32) -> Result<(), Errno> {
-        let privileged = self.privileged();
-        self.uid.set(uid, privileged)
+    /// The ids of `kind`.
+    pub fn ids(&self, kind: Kind) -> &Ids {
+        match kind {
+            Kind::User => &self.uid,
+            Kind::Group => &self.gid,
+        }
     }
 
-    /// setgid(2).
-    pub fn set_gid(&mut self, gid: u32) -> Result<(), Errno> {
+    /// The ids of `kind`, and whether the process may take any of them.
+    fn ids_mut(&mut self, kind: Kind) -> (&mut Ids, bool) {
         let privileged = self.privileged();
-        self.gid.set(gid, privileged)
+        let ids = match kind {
+            Kind::User => &mut self.uid,
+            Kind::Group => &mut self.gid,
+        };
+        (ids, privileged)
     }
 
-    /// setreuid(2).
-    pub fn set_reuid(&mut self, real: u32, effective: u32) -> Result<(), Errno> {
-        let privileged = self.privileged();
-        self.uid.set_real_effective(real, effective, privileged)
+    /// setuid(2) and setgid(2).
+    pub fn set(&mut self, kind: Kind, id: u32) -> Result<(), Errno> {
+        let (ids, privileged) = self.ids_mut(kind);
+        ids.set(id, privileged)
     }
 
-    /// setregid(2).
-    pub fn set_regid(&mut self, real: u32, effective: u32) -> Result<(), Errno> {
-        let privileged = self.privileged();
-        self.gid.set_real_effective(real, effective, privileged)
+    /// setreuid(2) and setregid(2).
+    pub fn set_real_effective(
+        &mut self,
+        kind: Kind,
+        real: u32,
+        effective: u32,
+    ) -> Result<(), Errno> {
+        let (ids, privileged) = self.ids_mut(kind);
+        ids.set_real_effective(real, effective, privileged)
     }
 
-    /// setresuid(2).
-    pub fn set_resuid(&mut self, real: u32, effective: u32, saved: u32) -> Result<(), Errno> {
-        let privileged = self.privileged();
-        self.uid.set_all(real, effective, saved, privileged)
+    /// setresuid(2) and setresgid(2).
+    pub fn set_all(
+        &mut self,
+        kind: Kind,
+        real: u32,
+        effective: u32,
+        saved: u32,
+    ) -> Result<(), Errno> {
+        let (ids, privileged) = self.ids_mut(kind);
+        ids.set_all(real, effective, saved, privileged)
     }
 
-    /// setresgid(2).
-    pub fn set_resgid(&mut self, real: u32, effective: u32, saved: u32) -> Result<(), Errno> {
-        let privileged = self.privileged();
-        self.gid.set_all(real, effective, saved, privileged)
-    }
-
-    /// setfsuid(2): the old filesystem uid.
-    pub fn set_fsuid(&mut self, fs: u32) -> u32 {
-        let privileged = self.privileged();
-        self.uid.set_fs(fs, privileged)
-    }
-
-    /// setfsgid(2): the old filesystem gid.
-    pub fn set_fsgid(&mut self, fs: u32) -> u32 {
-        let privileged = self.privileged();
-        self.gid.set_fs(fs, privileged)
+    /// setfsuid(2) and setfsgid(2): the old filesystem id.
+    pub fn set_fs(&mut self, kind: Kind, fs: u32) -> u32 {
+        let (ids, privileged) = self.ids_mut(kind);
+        ids.set_fs(fs, privileged)
     }
 
     /// setgroups(2): kept sorted, as Linux keeps them.
@@ -226,10 +246,9 @@ impl Credentials {
 
     /// Their record in a snapshot.
     pub fn record(&self) -> CredentialsRecord {
-        let four = |ids: &Ids| [ids.real, ids.effective, ids.saved, ids.fs];
         CredentialsRecord {
-            uids: four(&self.uid),
-            gids: four(&self.gid),
+            uids: self.uid.as_array(),
+            gids: self.gid.as_array(),
             groups: self.groups.clone(),
         }
     }
@@ -253,6 +272,7 @@ impl Credentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Kind::{Group, User};
 
     const POSTFIX: u32 = 105;
 
@@ -260,17 +280,17 @@ mod tests {
     fn root_drops_to_a_user_for_good_with_setuid() {
         let mut c = Credentials::default();
         c.set_groups(vec![POSTFIX]).unwrap();
-        c.set_gid(POSTFIX).unwrap();
-        c.set_uid(POSTFIX).unwrap();
+        c.set(Group, POSTFIX).unwrap();
+        c.set(User, POSTFIX).unwrap();
         assert_eq!(c.uid, Ids::all(POSTFIX));
         assert_eq!(c.gid, Ids::all(POSTFIX));
         assert!(!c.privileged());
-        assert_eq!(c.set_uid(0), Err(Errno::PERM));
-        assert_eq!(c.set_resuid(0, 0, 0), Err(Errno::PERM));
+        assert_eq!(c.set(User, 0), Err(Errno::PERM));
+        assert_eq!(c.set_all(User, 0, 0, 0), Err(Errno::PERM));
         assert_eq!(c.set_groups(vec![]), Err(Errno::PERM));
-        assert_eq!(c.set_gid(0), Err(Errno::PERM));
+        assert_eq!(c.set(Group, 0), Err(Errno::PERM));
         // Not taken, but reported.
-        assert_eq!(c.set_fsuid(0), POSTFIX);
+        assert_eq!(c.set_fs(User, 0), POSTFIX);
         assert_eq!(c.uid.fs, POSTFIX);
     }
 
@@ -278,12 +298,12 @@ mod tests {
     fn an_effective_id_dropped_alone_can_be_taken_back() {
         // postfix's local delivery: seteuid(recipient), then seteuid(0).
         let mut c = Credentials::default();
-        c.set_resuid(UNCHANGED, 1000, UNCHANGED).unwrap();
+        c.set_all(User, UNCHANGED, 1000, UNCHANGED).unwrap();
         assert_eq!((c.uid.real, c.uid.effective, c.uid.saved), (0, 1000, 0));
         assert_eq!(c.uid.fs, 1000);
         assert!(!c.privileged());
-        assert_eq!(c.set_gid(1000), Err(Errno::PERM));
-        c.set_resuid(UNCHANGED, 0, UNCHANGED).unwrap();
+        assert_eq!(c.set(Group, 1000), Err(Errno::PERM));
+        c.set_all(User, UNCHANGED, 0, UNCHANGED).unwrap();
         assert!(c.privileged());
         assert_eq!(c.uid, Ids::all(0));
     }
@@ -291,17 +311,20 @@ mod tests {
     #[test]
     fn setreuid_moves_the_saved_id_as_linux_does() {
         let mut c = Credentials::default();
-        c.set_reuid(UNCHANGED, 1000).unwrap();
+        c.set_real_effective(User, UNCHANGED, 1000).unwrap();
         // An effective id other than the real one: the saved id follows it.
         assert_eq!((c.uid.real, c.uid.effective, c.uid.saved), (0, 1000, 1000));
         let mut c = Credentials::default();
-        c.set_reuid(1000, 1000).unwrap();
+        c.set_real_effective(User, 1000, 1000).unwrap();
         assert_eq!(c.uid, Ids::all(1000));
         // Unprivileged, the real id may become the effective one, and no other.
         let mut c = Credentials::default();
-        c.set_resuid(1000, 2000, 3000).unwrap();
-        assert_eq!(c.set_reuid(3000, UNCHANGED), Err(Errno::PERM));
-        c.set_reuid(2000, UNCHANGED).unwrap();
+        c.set_all(User, 1000, 2000, 3000).unwrap();
+        assert_eq!(
+            c.set_real_effective(User, 3000, UNCHANGED),
+            Err(Errno::PERM)
+        );
+        c.set_real_effective(User, 2000, UNCHANGED).unwrap();
         assert_eq!(
             (c.uid.real, c.uid.effective, c.uid.saved),
             (2000, 2000, 2000)
@@ -311,19 +334,19 @@ mod tests {
     #[test]
     fn minus_one_is_not_an_id() {
         let mut c = Credentials::default();
-        assert_eq!(c.set_uid(UNCHANGED), Err(Errno::INVAL));
-        c.set_resuid(UNCHANGED, UNCHANGED, UNCHANGED).unwrap();
+        assert_eq!(c.set(User, UNCHANGED), Err(Errno::INVAL));
+        c.set_all(User, UNCHANGED, UNCHANGED, UNCHANGED).unwrap();
         assert_eq!(c, Credentials::default());
     }
 
     #[test]
     fn a_setresuid_that_changes_nothing_keeps_the_filesystem_id() {
         let mut c = Credentials::default();
-        assert_eq!(c.set_fsuid(77), 0);
-        c.set_resuid(0, UNCHANGED, 0).unwrap();
+        assert_eq!(c.set_fs(User, 77), 0);
+        c.set_all(User, 0, UNCHANGED, 0).unwrap();
         assert_eq!(c.uid.fs, 77);
         // An effective id asked for resets it, even the same one.
-        c.set_resuid(UNCHANGED, 0, UNCHANGED).unwrap();
+        c.set_all(User, UNCHANGED, 0, UNCHANGED).unwrap();
         assert_eq!(c.uid.fs, 0);
     }
 
@@ -337,7 +360,7 @@ mod tests {
     #[test]
     fn execve_saves_the_effective_ids() {
         let mut c = Credentials::default();
-        c.set_resuid(0, 1000, 0).unwrap();
+        c.set_all(User, 0, 1000, 0).unwrap();
         c.on_exec();
         assert_eq!((c.uid.real, c.uid.effective, c.uid.saved), (0, 1000, 1000));
         assert_eq!(Credentials::from_record(&c.record()), c);

@@ -381,16 +381,9 @@ impl Process {
     /// Tells the app's process table its user and group ids (after a change).
     pub fn describe_ids(&self) {
         if let Some(tree) = &self.tree {
-            let (u, g) = (&self.credentials.uid, &self.credentials.gid);
             let ids = [
-                u.real,
-                u.effective,
-                u.saved,
-                u.fs,
-                g.real,
-                g.effective,
-                g.saved,
-                g.fs,
+                self.credentials.uid.as_array(),
+                self.credentials.gid.as_array(),
             ];
             tree.describe_ids(self.ids.pid, ids);
         }

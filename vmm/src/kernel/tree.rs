@@ -218,8 +218,8 @@ pub struct Member {
     pub cmdline: Vec<u8>,
     /// Whether it has ended (a zombie its parent has not waited for).
     pub ended: bool,
-    /// Its uids (real, effective, saved, filesystem), then its gids, as it last said.
-    pub ids: [u32; 8],
+    /// Its uids and its gids (each real, effective, saved, filesystem), as it last said.
+    pub ids: [[u32; 4]; 2],
 }
 
 /// How much of a process's command line the table keeps, for other processes' /proc.
@@ -317,12 +317,12 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// The verdict in a board word's low 4 bits (by its value above).
     fn from_state(state: u32) -> Self {
-        match state & 0xf {
-            1 => Self::End,
-            2 => Self::Saved,
-            _ => Self::Abandoned,
-        }
+        [Self::End, Self::Saved]
+            .into_iter()
+            .find(|v| *v as u32 == state & 0xf)
+            .unwrap_or(Self::Abandoned)
     }
 }
 
@@ -344,14 +344,12 @@ pub enum CaptureStatus {
 }
 
 impl CaptureStatus {
+    /// The status in a slot word's low 4 bits (by its value above).
     fn from_state(state: u32) -> Self {
-        match state & 0xf {
-            1 => Self::Pending,
-            5 => Self::Parked,
-            2 => Self::Done,
-            3 => Self::Busy,
-            _ => Self::Failed,
-        }
+        [Self::Pending, Self::Parked, Self::Done, Self::Busy]
+            .into_iter()
+            .find(|s| *s as u32 == state & 0xf)
+            .unwrap_or(Self::Failed)
     }
 }
 
@@ -543,11 +541,11 @@ impl AppTree {
         }
     }
 
-    /// Records process `pid`'s user and group ids (real, effective, saved, filesystem;
-    /// uids then gids), for other processes' /proc.
-    pub fn describe_ids(&self, pid: i32, ids: [u32; 8]) {
+    /// Records process `pid`'s uids and gids (each real, effective, saved,
+    /// filesystem), for other processes' /proc.
+    pub fn describe_ids(&self, pid: i32, ids: [[u32; 4]; 2]) {
         if let Some(slot) = self.slot_of(pid) {
-            for (at, id) in slot.ids.iter().zip(ids) {
+            for (at, id) in slot.ids.iter().zip(ids.into_iter().flatten()) {
                 at.store(id, Ordering::Relaxed);
             }
         }
@@ -651,7 +649,9 @@ impl AppTree {
                         cwd: load_path(&slot.cwd, &slot.cwd_len),
                         cmdline,
                         ended: slot.ended.load(Ordering::SeqCst) != 0,
-                        ids: std::array::from_fn(|i| slot.ids[i].load(Ordering::Relaxed)),
+                        ids: std::array::from_fn(|kind| {
+                            std::array::from_fn(|i| slot.ids[kind * 4 + i].load(Ordering::Relaxed))
+                        }),
                     }
                 })
             })

@@ -358,20 +358,20 @@ impl SharedObjects {
 
     /// Makes the connection `record` (a socket with a peer in the snapshot) is one end
     /// of, if its other end did not already, and puts what waited at this end in it
-    /// (from the other end). Returns false if its peer is not in the snapshot.
-    fn connect(&mut self, record: &FdRecord) -> Result<bool, Errno> {
+    /// (from the other end). Nothing for a socket whose peer is not in the snapshot.
+    fn connect(&mut self, record: &FdRecord) -> Result<(), Errno> {
         let FileRecord::Socket {
             kind, peer, queued, ..
         } = &record.file
         else {
-            return Ok(false);
+            return Ok(());
         };
         // Both here, each the other's peer (a datagram socket connected to a bound one
         // names it as its peer, and is not named back).
         let mutual = self.sockets.get(peer) == Some(&record.object)
             && self.sockets.get(&record.object) == Some(peer);
         if *peer == 0 || !mutual {
-            return Ok(false);
+            return Ok(());
         }
         let (ours, theirs) = ((record.object, SOCKET), (*peer, SOCKET));
         match (self.fds.contains_key(&ours), self.fds.contains_key(&theirs)) {
@@ -390,7 +390,7 @@ impl SharedObjects {
             }
             (true, true) => {}
             // One end made as something else: not this pair (only a tampered snapshot).
-            _ => return Ok(false),
+            _ => return Ok(()),
         }
         if !queued.is_empty() && self.filled.insert(record.object) {
             let from = self.fds.get(&theirs).ok_or(Errno::BADF)?;
@@ -399,7 +399,7 @@ impl SharedObjects {
             let _ = rustix::net::sockopt::set_socket_send_buffer_size(from, room);
             write_whole(from, queued)?;
         }
-        Ok(true)
+        Ok(())
     }
 
     /// The key of the object `record` is of, if it is a pipe end or socket.
@@ -616,8 +616,12 @@ fn reopen_file(
         }
         // A connection, closed at capture or with its other end not in the snapshot.
         FileRecord::Socket {
-            domain, kind, peer, ..
-        } if matches!(file, FileRecord::Socket { closed: true, .. }) || *peer != 0 => (
+            domain,
+            kind,
+            closed,
+            peer,
+            ..
+        } if *closed || *peer != 0 => (
             closed_socket(*kind)?,
             FileKind::Socket {
                 domain: *domain,

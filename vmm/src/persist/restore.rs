@@ -334,7 +334,7 @@ impl Picoprocess {
             .iter()
             .chain(others.flat_map(|part| &part.files));
         let mut objects = super::files::SharedObjects::expecting(records);
-        let Some(tree) = manifests[0].tree.clone() else {
+        let Some(tree) = newest.tree.clone() else {
             let picoprocess = Self::build(config, store, &manifests, options, &mut objects, None)?;
             // The app's own sockets are its user's before any is connected to.
             give_data_to_app(config, options)?;

@@ -1,39 +1,24 @@
 //! The user and group id calls (see [`crate::kernel::credentials`]).
 
 use super::{Args, SysResult};
-use crate::kernel::credentials::{Credentials, NGROUPS_MAX};
+pub use crate::kernel::credentials::Kind;
+use crate::kernel::credentials::NGROUPS_MAX;
 use crate::kernel::process::Process;
 use rustix::io::Errno;
 
-/// Which of a process's ids a call is about.
-#[derive(Clone, Copy)]
-pub enum Kind {
-    /// User ids.
-    User,
-    /// Group ids.
-    Group,
-}
-
-fn ids(c: &Credentials, kind: Kind) -> &crate::kernel::credentials::Ids {
-    match kind {
-        Kind::User => &c.uid,
-        Kind::Group => &c.gid,
-    }
-}
-
 /// getuid(2) and getgid(2).
 pub fn real(p: &Process, kind: Kind) -> SysResult {
-    Ok(ids(&p.credentials, kind).real as u64)
+    Ok(p.credentials.ids(kind).real as u64)
 }
 
 /// geteuid(2) and getegid(2).
 pub fn effective(p: &Process, kind: Kind) -> SysResult {
-    Ok(ids(&p.credentials, kind).effective as u64)
+    Ok(p.credentials.ids(kind).effective as u64)
 }
 
 /// getresuid(2) and getresgid(2).
 pub fn get_res(p: &mut Process, a: &Args, kind: Kind) -> SysResult {
-    let ids = *ids(&p.credentials, kind);
+    let ids = *p.credentials.ids(kind);
     for (i, id) in [ids.real, ids.effective, ids.saved].into_iter().enumerate() {
         p.mem.write_pod(a.ptr(i), &id)?;
     }
@@ -42,44 +27,28 @@ pub fn get_res(p: &mut Process, a: &Args, kind: Kind) -> SysResult {
 
 /// setuid(2) and setgid(2).
 pub fn set(p: &mut Process, a: &Args, kind: Kind) -> SysResult {
-    let c = &mut p.credentials;
-    match kind {
-        Kind::User => c.set_uid(a.u32(0))?,
-        Kind::Group => c.set_gid(a.u32(0))?,
-    }
+    p.credentials.set(kind, a.u32(0))?;
     p.describe_ids();
     Ok(0)
 }
 
 /// setreuid(2) and setregid(2).
 pub fn set_re(p: &mut Process, a: &Args, kind: Kind) -> SysResult {
-    let c = &mut p.credentials;
-    match kind {
-        Kind::User => c.set_reuid(a.u32(0), a.u32(1))?,
-        Kind::Group => c.set_regid(a.u32(0), a.u32(1))?,
-    }
+    p.credentials.set_real_effective(kind, a.u32(0), a.u32(1))?;
     p.describe_ids();
     Ok(0)
 }
 
 /// setresuid(2) and setresgid(2).
 pub fn set_res(p: &mut Process, a: &Args, kind: Kind) -> SysResult {
-    let c = &mut p.credentials;
-    match kind {
-        Kind::User => c.set_resuid(a.u32(0), a.u32(1), a.u32(2))?,
-        Kind::Group => c.set_resgid(a.u32(0), a.u32(1), a.u32(2))?,
-    }
+    p.credentials.set_all(kind, a.u32(0), a.u32(1), a.u32(2))?;
     p.describe_ids();
     Ok(0)
 }
 
 /// setfsuid(2) and setfsgid(2): the old id.
 pub fn set_fs(p: &mut Process, a: &Args, kind: Kind) -> SysResult {
-    let c = &mut p.credentials;
-    let old = match kind {
-        Kind::User => c.set_fsuid(a.u32(0)),
-        Kind::Group => c.set_fsgid(a.u32(0)),
-    };
+    let old = p.credentials.set_fs(kind, a.u32(0));
     p.describe_ids();
     Ok(old as u64)
 }

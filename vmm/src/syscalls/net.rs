@@ -164,7 +164,8 @@ fn socket(p: &Process, fd: i32) -> Result<Arc<OpenFile>, Errno> {
 /// file itself through its own fd (never a path the host would resolve again, so a
 /// symlink cannot lead outside the sandbox); an abstract name is scoped to the app.
 struct UnixTarget {
-    _holder: Option<OwnedFd>,
+    /// The socket file (connect) or its directory (bind), held while the call uses `raw`.
+    holder: Option<OwnedFd>,
     raw: Vec<u8>,
 }
 
@@ -182,7 +183,7 @@ fn unix_target(p: &Process, address: &Address, creating: bool) -> Result<UnixTar
             };
             Ok(UnixTarget {
                 raw: encode_unix(&host, false),
-                _holder: Some(holder),
+                holder: Some(holder),
             })
         }
         Address::UnixAbstract(name) => {
@@ -193,7 +194,7 @@ fn unix_target(p: &Process, address: &Address, creating: bool) -> Result<UnixTar
             }
             Ok(UnixTarget {
                 raw: encode_unix(&scoped, true),
-                _holder: None,
+                holder: None,
             })
         }
         _ => Err(Errno::INVAL),
@@ -293,15 +294,21 @@ pub fn bind(p: &mut Process, a: &Args) -> SysResult {
         }
         Address::UnixUnnamed => return Err(Errno::INVAL.into()),
     }
-    file.state().unix_name = match address {
+    file.state().unix_name = kept_unix_name(p, &address);
+    Ok(0)
+}
+
+/// An AF_UNIX name as a socket's state keeps it (to bind or connect a restored socket
+/// there again): a path made absolute, or an abstract name; `None` for anything else.
+fn kept_unix_name(p: &Process, address: &Address) -> Option<Vec<u8>> {
+    match address {
         Address::UnixPath(path) => Some(encode_unix(
-            &crate::sandbox::pathbytes::to_host(&p.absolute(&path)),
+            &crate::sandbox::pathbytes::to_host(&p.absolute(path)),
             false,
         )),
-        Address::UnixAbstract(name) => Some(encode_unix(&name, true)),
+        Address::UnixAbstract(name) => Some(encode_unix(name, true)),
         _ => None,
-    };
-    Ok(0)
+    }
 }
 
 /// Binds host socket `fd` where a bind to `requested` goes for this app (see
@@ -448,15 +455,7 @@ pub fn connect(p: &mut Process, a: &Args) -> SysResult {
     let datagram = matches!(file.kind, FileKind::Socket { kind, .. } if kind == libc::SOCK_DGRAM);
     let result = hostcall::connect(file.host(), &raw);
     if result.is_ok() && datagram {
-        // Kept, to connect a restored socket there again.
-        file.state().connected_to = match &address {
-            Address::UnixPath(path) => Some(encode_unix(
-                &crate::sandbox::pathbytes::to_host(&p.absolute(path)),
-                false,
-            )),
-            Address::UnixAbstract(name) => Some(encode_unix(name, true)),
-            _ => None,
-        };
+        file.state().connected_to = kept_unix_name(p, &address);
     }
     match result {
         Err(Errno::INPROGRESS) if !file.nonblocking() => {
@@ -973,14 +972,9 @@ fn adopt_inherited(
 /// a socket file the app's user could not write to (root's, not writable by others: the
 /// app's own are its user's by now) is refused, as a snapshot's name is input.
 pub fn reconnect_unix(p: &Process, fd: BorrowedFd<'_>, name: &[u8]) -> Result<(), Errno> {
-    let address = decode_address(name)?;
-    if matches!(address, Address::Ip(_) | Address::UnixUnnamed) {
-        return Err(Errno::INVAL);
-    }
-    let target = unix_target(p, &address, false)?;
-    if let Address::UnixPath(path) = &address {
-        let node = p.sandbox.lookup(&p.absolute(path), Follow::Yes)?;
-        let stat = rustix::fs::fstat(node.fd())?;
+    let target = unix_target(p, &decode_address(name)?, false)?;
+    if let Some(socket_file) = &target.holder {
+        let stat = rustix::fs::fstat(socket_file)?;
         if stat.st_uid == 0 && stat.st_mode & 0o002 == 0 {
             return Err(Errno::ACCESS);
         }

@@ -146,8 +146,8 @@ fn file_asking(p: &Process, path: &str, ask: bool) -> Option<Vec<u8>> {
                     p.comm(),
                     p.umask,
                     p.ids.ppid,
-                    status_ids(&p.credentials.uid),
-                    status_ids(&p.credentials.gid),
+                    status_ids(p.credentials.uid.as_array()),
+                    status_ids(p.credentials.gid.as_array()),
                     p.files.limit(),
                     groups,
                     pid = p.ids.pid,
@@ -160,8 +160,9 @@ fn file_asking(p: &Process, path: &str, ask: bool) -> Option<Vec<u8>> {
 }
 
 /// A status file's line of ids: real, effective, saved, filesystem.
-fn status_ids(ids: &crate::kernel::credentials::Ids) -> String {
-    format!("{}\t{}\t{}\t{}", ids.real, ids.effective, ids.saved, ids.fs)
+fn status_ids(ids: [u32; 4]) -> String {
+    let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+    ids.join("\t")
 }
 
 /// The fd `path` names as this process's `/proc/<self, thread-self or its pid>/fd/N`.
@@ -303,18 +304,12 @@ fn other_file(p: &Process, path: &str, ask: bool) -> Option<Vec<u8>> {
         ),
         "status" => format!(
             "Name:\t{}\nState:\t{state} ({state_name})\nTgid:\t{pid}\nNgid:\t0\nPid:\t{pid}\n\
-             PPid:\t{}\nTracerPid:\t0\nUid:\t{}\t{}\t{}\t{}\nGid:\t{}\t{}\t{}\t{}\n\
+             PPid:\t{}\nTracerPid:\t0\nUid:\t{}\nGid:\t{}\n\
              NSpgid:\t{}\nNSsid:\t{}\n",
             m.comm,
             m.ppid,
-            m.ids[0],
-            m.ids[1],
-            m.ids[2],
-            m.ids[3],
-            m.ids[4],
-            m.ids[5],
-            m.ids[6],
-            m.ids[7],
+            status_ids(m.ids[0]),
+            status_ids(m.ids[1]),
             m.pgid,
             m.sid,
             pid = m.pid,
