@@ -19,7 +19,11 @@
 //!   only this; it needs s3s-fs);
 //! * the registry in etcd against redb: DNS to first byte (resident, and swapped out to the
 //!   local store) and the hub's queries per second, the two hubs side by side
-//!   (`cargo bench --bench cluster -- registry` runs only this; it needs etcd).
+//!   (`cargo bench --bench cluster -- registry` runs only this; it needs etcd);
+//! * issue #16's failover, two hubs on etcd: a swapped-out app's DNS query to first byte
+//!   at a hub just after the other hub was killed, against the same with both hubs up;
+//!   and from a worker's death (it and its VMMs killed) to its app answering from the
+//!   other worker (`cargo bench --bench cluster -- failover` runs only this).
 //!
 //! Run with `cargo bench --bench cluster`.
 
@@ -27,8 +31,8 @@
 mod common;
 
 use common::cluster::{
-    api, first_a, mem_available, pss_bytes, query, start_hub_with, wait_for, waiting_spares, Proc,
-    S3Server,
+    api, descendants, first_a, first_byte_of_root, mem_available, pss_bytes, query, start_hub_with,
+    wait_for, waiting_spares, Proc, S3Server,
 };
 use common::wan::{LinkShape, WanLink};
 use common::{build_image, median, picocenter, state_dir};
@@ -483,6 +487,168 @@ fn registry_etcd_against_redb() {
     );
 }
 
+/// A worker reporting to the hub at `api`, with `id`, `pool` and the store `cold`.
+fn failover_worker(
+    dir: &std::path::Path,
+    api: SocketAddr,
+    id: &str,
+    pool: &str,
+    cold: &str,
+) -> Proc {
+    let mut cmd = picocenter();
+    cmd.args(["worker", "--hub", &format!("http://{api}")]);
+    cmd.args(["--token", TOKEN, "--id", id, "--addresses", pool]);
+    cmd.args(["--idle-after", "3600", "--store", cold, "--warm-pool", "0"]);
+    let worker = Proc::spawn(cmd, dir.join(format!("{id}.log")));
+    wait_for("the worker", LIMIT, || {
+        let (_, workers) = call(api, "GET", "/v1/workers", "");
+        workers
+            .as_array()?
+            .iter()
+            .any(|w| w["id"] == id)
+            .then_some(())
+    });
+    worker
+}
+
+/// Issue #16's failover figures on one host: two hubs on one etcd.
+/// * A hub's death: a swapped-out app's DNS query to first byte at the surviving hub,
+///   just after the other hub was killed (SIGKILL), against the same query with both
+///   hubs up; rounds alternate.
+/// * A worker's death: the worker its app runs on and every process under it killed at
+///   once (as when its host dies), then queries at the hub every 10 ms until one answers
+///   with the other worker's address and the app answers there.
+fn failover_on_etcd() {
+    const FAILOVER_ROUNDS: usize = 7;
+    build_image("counter-http");
+    let dir = state_dir().join("bench-cluster/failover");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let etcd = picocenter_hub::registry::etcd::testing::EtcdServer::start(&dir);
+    let registry = format!("{}/failover", etcd.url);
+    let cold = dir.join("cold");
+    let cold = cold.to_str().unwrap();
+    let flags = |id: &'static str| {
+        [
+            "--registry",
+            registry.as_str(),
+            "--hub-id",
+            id,
+            "--worker-timeout",
+            "2",
+        ]
+    };
+    let (_survivor, dns, api_address) = start_hub_with(&dir.join("hub-b"), TOKEN, &flags("hub-b"));
+    let body = r#"{"name":"fo","image":"counter-http"}"#;
+    let (status, answer) = call(api_address, "POST", "/v1/apps", body);
+    assert_eq!(status, 201, "{answer}");
+    let mut one = failover_worker(&dir, api_address, "fo-1", "127.4.9.0/24", cold);
+    let swap_out = |worker_api: SocketAddr| {
+        let (status, answer) = call(worker_api, "POST", "/v1/apps/fo/swap-out", "");
+        assert_eq!(status, 200, "{answer}");
+        wait_for("the swap-out report", LIMIT, || {
+            let (_, app) = call(api_address, "GET", "/v1/apps/fo", "");
+            (app["state"] == "swapped_out").then_some(())
+        });
+    };
+    let worker_api = |id: &str| -> SocketAddr {
+        let (_, workers) = call(api_address, "GET", "/v1/workers", "");
+        let url = workers
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["id"] == id)
+            .unwrap()["url"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        url.strip_prefix("http://").unwrap().parse().unwrap()
+    };
+    query_to_first_byte(dns, "fo.pico.local", "/");
+
+    println!("\n== failover: two hubs on etcd (counter-http, median of {FAILOVER_ROUNDS}) ==");
+    let (mut calm, mut after_death) = (Vec::new(), Vec::new());
+    for round in 0..FAILOVER_ROUNDS {
+        let (mut doomed, _, doomed_api) =
+            start_hub_with(&dir.join(format!("hub-a-{round}")), TOKEN, &flags("hub-a"));
+        wait_for("the second hub to know the app", LIMIT, || {
+            (call(doomed_api, "GET", "/v1/apps/fo", "").0 == 200).then_some(())
+        });
+        for dies in [round % 2 == 0, round % 2 == 1] {
+            swap_out(worker_api("fo-1"));
+            if dies {
+                doomed.kill();
+            }
+            let ms = query_to_first_byte(dns, "fo.pico.local", "/");
+            if dies {
+                after_death.push(ms);
+            } else {
+                calm.push(ms);
+            }
+        }
+        doomed.kill();
+    }
+    let (calm, after_death) = (median(&mut calm), median(&mut after_death));
+    println!(
+        "  swapped out, DNS to first byte: both hubs up {calm:6.2} ms   just after the other hub was killed {after_death:6.2} ms   ({:.2}x)",
+        after_death / calm
+    );
+
+    let mut two = failover_worker(&dir, api_address, "fo-2", "127.4.10.0/24", cold);
+    let mut recovery = Vec::new();
+    let mut on_one = true;
+    for _ in 0..FAILOVER_ROUNDS {
+        // The app resident on the worker about to die, with a snapshot in the store.
+        let (doomed_id, doomed_pool) = if on_one {
+            ("fo-1", "127.4.9.0/24")
+        } else {
+            ("fo-2", "127.4.10.0/24")
+        };
+        let before = first_a(&query_answer(dns, "fo.pico.local")).unwrap();
+        let prefix = &doomed_pool[..doomed_pool.len() - 4];
+        assert!(
+            before.to_string().starts_with(prefix),
+            "{before} {doomed_pool}"
+        );
+        let doomed = if on_one { &mut one } else { &mut two };
+        let pid = doomed.child.id();
+        let tree = descendants(pid);
+        let died = Instant::now();
+        doomed.kill();
+        for process in tree {
+            // SAFETY: kill(2) of processes this bench started (the worker's VMMs).
+            unsafe { libc::kill(process as i32, libc::SIGKILL) };
+        }
+        let moved = wait_for("the app on the other worker", LIMIT, || {
+            std::thread::sleep(Duration::from_millis(10));
+            let address = first_a(&query_answer(dns, "fo.pico.local"))?;
+            if address == before {
+                return None;
+            }
+            first_byte_of_root(address, died)
+        });
+        recovery.push(moved);
+        // The dead worker comes back (its host rebooted), for the next round's move.
+        *doomed = failover_worker(&dir, api_address, doomed_id, doomed_pool, cold);
+        on_one = !on_one;
+    }
+    println!(
+        "  a worker's death to its app answering from the other worker: {:6.0} ms (the worker's lease is 2 s; rounds {:?})",
+        median(&mut recovery.clone()),
+        recovery.iter().map(|ms| ms.round() as u64).collect::<Vec<_>>()
+    );
+}
+
+/// One DNS query for an A record at `dns`: the answer.
+fn query_answer(dns: SocketAddr, name: &str) -> Vec<u8> {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(LIMIT)).unwrap();
+    socket.send_to(&query(name, 7), dns).unwrap();
+    let mut answer = [0u8; 512];
+    let n = socket.recv(&mut answer).unwrap();
+    answer[..n].to_vec()
+}
+
 /// The spare VMMs a worker (process `worker`) keeps waiting: its children still running
 /// Issue #15's warm pool: the same restores and starts through a worker without spares
 /// (`--warm-pool 0`) and one with its default pool, rounds alternating; then what a spare
@@ -847,6 +1013,11 @@ fn main() {
     // `cargo bench --bench cluster -- dedup`: only the bytes nginx apps take in S3.
     if std::env::args().skip(1).any(|arg| arg == "dedup") {
         stored_once_per_image();
+        return;
+    }
+    // `cargo bench --bench cluster -- failover`: only the failover figures.
+    if std::env::args().skip(1).any(|arg| arg == "failover") {
+        failover_on_etcd();
         return;
     }
     // `cargo bench --bench cluster -- registry`: only etcd against redb.

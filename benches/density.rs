@@ -21,10 +21,12 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::cluster::{api, first_a, mem_available, pss_bytes, query, start_hub, wait_for, Proc};
+use common::cluster::{
+    api, descendants, first_a, first_byte_of_root, mem_available, pss_bytes, query, start_hub,
+    wait_for, Proc,
+};
 use common::{build_image, picocenter, state_dir};
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "bench-token";
@@ -37,24 +39,6 @@ fn call(address: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serd
     api(address, method, path, Some(body), Some(TOKEN))
 }
 
-/// Milliseconds from `started` to the first byte of the answer to `GET /` at `address`,
-/// connecting now; `None` if it does not answer.
-fn first_byte(address: Ipv4Addr, started: Instant) -> Option<f64> {
-    let mut stream = TcpStream::connect_timeout(&(address, 80).into(), LIMIT).ok()?;
-    stream.set_read_timeout(Some(LIMIT)).ok()?;
-    write!(
-        stream,
-        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut first = [0u8; 1];
-    stream.read_exact(&mut first).ok()?;
-    let ms = started.elapsed().as_secs_f64() * 1e3;
-    let mut rest = Vec::new();
-    stream.read_to_end(&mut rest).ok()?;
-    (first[0] == b'H' && rest.starts_with(b"TTP/1.1 200")).then_some(ms)
-}
-
 /// The app's address from the hub's DNS, and the milliseconds from the query to the
 /// first byte of its answer to `GET /`.
 fn resolve_and_ask(dns: SocketAddr, name: &str) -> Option<(Ipv4Addr, f64)> {
@@ -65,7 +49,7 @@ fn resolve_and_ask(dns: SocketAddr, name: &str) -> Option<(Ipv4Addr, f64)> {
     let mut answer = [0u8; 512];
     let n = socket.recv(&mut answer).ok()?;
     let address = first_a(&answer[..n])?;
-    Some((address, first_byte(address, started)?))
+    Some((address, first_byte_of_root(address, started)?))
 }
 
 /// Runs `each` over `items` on [`CLIENTS`] threads, in order within each thread.
@@ -108,43 +92,6 @@ fn cpu_ticks() -> (u64, u64) {
     // idle and iowait are the 4th and 5th.
     let idle = fields[3] + fields[4];
     (total - idle, total)
-}
-
-/// The processes descended from `root` (not `root` itself).
-fn descendants(root: u32) -> Vec<u32> {
-    let mut parents: Vec<(u32, u32)> = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
-            parents.push((pid, ppid));
-        }
-    }
-    let mut found = vec![root];
-    let mut at = 0;
-    while at < found.len() {
-        let parent = found[at];
-        found.extend(
-            parents
-                .iter()
-                .filter(|(_, pp)| *pp == parent)
-                .map(|(p, _)| *p),
-        );
-        at += 1;
-    }
-    found.remove(0);
-    found
 }
 
 /// CPU ticks (user + system, all threads, reaped children excluded) of process `pid`.
@@ -260,11 +207,11 @@ fn main() {
         let pss: u64 = vmms.iter().map(|&pid| pss_bytes(pid)).sum();
         let thread_count: usize = vmms.iter().map(|&pid| threads(pid)).sum();
         let mut second_ms = in_parallel(&addresses, |&address| {
-            first_byte(address, Instant::now()).unwrap_or(f64::NAN)
+            first_byte_of_root(address, Instant::now()).unwrap_or(f64::NAN)
         });
         second_ms.retain(|ms| !ms.is_nan());
         let mut one_ms: Vec<f64> = (0..200)
-            .filter_map(|_| first_byte(addresses[0], Instant::now()))
+            .filter_map(|_| first_byte_of_root(addresses[0], Instant::now()))
             .collect();
         println!(
             "| {n} | {answering}/{n} | {:.2} MiB | {:.2} MiB | {:.1} | {cpu:.2}% ({own:.2}%) | {:.1} / {:.1} ms | {:.2} / {:.2} ms | {:.2} ms |",

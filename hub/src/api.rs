@@ -106,7 +106,7 @@ async fn register(
             "a worker needs an id and an http:// URL",
         ));
     }
-    hub.register_worker(hello);
+    hub.register_worker(hello).map_err(failure)?;
     Ok(Json(serde_json::json!({"ok": true})))
 }
 

@@ -159,3 +159,88 @@ impl Client {
         self.send(self.http.delete(&url), url).await
     }
 }
+
+/// Clients of several servers of one API (the hubs sharing a registry): a call goes to
+/// the one that answered last, and on to the next while one cannot be reached. An error
+/// answer is an answer: it is not tried elsewhere.
+#[derive(Debug)]
+pub struct Failover {
+    clients: Vec<Client>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Failover {
+    /// Over `clients`, the first one first; `None` if there is none.
+    pub fn new(clients: Vec<Client>) -> Option<Self> {
+        if clients.is_empty() {
+            return None;
+        }
+        Some(Self {
+            clients,
+            current: Default::default(),
+        })
+    }
+
+    fn current(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Relaxed) % self.clients.len()
+    }
+
+    /// The base URL of the server calls go to now.
+    pub fn base(&self) -> &str {
+        self.clients[self.current()].base()
+    }
+
+    /// Every server's base URL.
+    pub fn bases(&self) -> Vec<&str> {
+        self.clients.iter().map(Client::base).collect()
+    }
+
+    /// Makes `call` on the current server, and on the next ones while a server cannot
+    /// be reached.
+    async fn call<'a, T, F>(&'a self, call: impl Fn(&'a Client) -> F) -> Result<T, ClientError>
+    where
+        F: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let first = self.current();
+        let mut step = 0;
+        loop {
+            let index = (first + step) % self.clients.len();
+            let result = call(&self.clients[index]).await;
+            step += 1;
+            match result {
+                Err(e @ ClientError::Transport { .. }) if step < self.clients.len() => {
+                    tracing::warn!("{e}: trying the next hub");
+                }
+                Err(e @ ClientError::Transport { .. }) => return Err(e),
+                answered => {
+                    if index != first {
+                        tracing::info!(hub = self.clients[index].base(), "now talking to this hub");
+                    }
+                    self.current
+                        .store(index, std::sync::atomic::Ordering::Relaxed);
+                    return answered;
+                }
+            }
+        }
+    }
+
+    /// POST `body` as JSON to `path`.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call(|client| client.post(path, body)).await
+    }
+
+    /// POST `body` with its own time limit.
+    pub async fn post_within<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        self.call(|client| client.post_within(path, body, timeout))
+            .await
+    }
+}

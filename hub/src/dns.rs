@@ -8,8 +8,10 @@
 //! | `A app.<zone>`, start failed or timed out | SERVFAIL |
 //! | `AAAA app.<zone>` (and other types) | NOERROR, no records, SOA in authority |
 //! | unknown name in the zone | NXDOMAIN, SOA in authority |
-//! | `SOA`/`NS <zone>` | the zone's SOA / `ns.<zone>` |
-//! | `A ns.<zone>` | the hub's DNS address |
+//! | `SOA <zone>` | the zone's SOA, naming `ns.<zone>` |
+//! | `NS <zone>` | `ns-<id>.<zone>` for each hub serving the registry (one, or several on etcd) |
+//! | `A ns-<id>.<zone>` | that hub's DNS address |
+//! | `A ns.<zone>` | the answering hub's DNS address |
 //! | a name outside the zone | REFUSED |
 //!
 //! Malformed packets never reach this handler: hickory answers FORMERR or drops them.
@@ -72,6 +74,42 @@ impl DnsHandler {
         Self { hub, zone, soa, ns }
     }
 
+    /// The hubs serving the zone: each one's label (`ns-<id>`, its id made a DNS label)
+    /// and DNS address.
+    fn name_servers(&self) -> Vec<(String, Ipv4Addr)> {
+        self.hub
+            .hubs()
+            .into_iter()
+            .filter_map(|hub| match hub.dns.ip() {
+                std::net::IpAddr::V4(address) => Some((name_server_label(&hub.id), address)),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
+    /// The zone's NS records: every hub serving it (this hub's own if none is known).
+    fn name_server_records(&self) -> Vec<Record> {
+        let records: Vec<Record> = self
+            .name_servers()
+            .into_iter()
+            .filter_map(|(label, _)| {
+                let name = Name::from_ascii(&label)
+                    .and_then(|n| n.append_domain(&self.zone.apex))
+                    .ok()?;
+                Some(Record::from_rdata(
+                    self.zone.apex.clone(),
+                    3600,
+                    RData::NS(NS(name)),
+                ))
+            })
+            .collect();
+        if records.is_empty() {
+            vec![self.ns.clone()]
+        } else {
+            records
+        }
+    }
+
     /// What to answer for one question: code, answers, whether to add the SOA.
     async fn answer(&self, name: &Name, kind: RecordType) -> (ResponseCode, Vec<Record>, bool) {
         if !self.zone.apex.zone_of(name) {
@@ -81,7 +119,7 @@ impl DnsHandler {
         if labels == 0 {
             return match kind {
                 RecordType::SOA => (ResponseCode::NoError, vec![self.soa.clone()], false),
-                RecordType::NS => (ResponseCode::NoError, vec![self.ns.clone()], false),
+                RecordType::NS => (ResponseCode::NoError, self.name_server_records(), false),
                 _ => (ResponseCode::NoError, vec![], true),
             };
         }
@@ -93,13 +131,17 @@ impl DnsHandler {
             .next()
             .map(|l| String::from_utf8_lossy(l).to_ascii_lowercase())
             .unwrap_or_default();
-        if label == "ns" && !self.hub.contains("ns") {
+        let name_server = if label == "ns" {
+            Some(self.zone.ns_address)
+        } else {
+            self.name_servers()
+                .into_iter()
+                .find(|(ns_label, _)| *ns_label == label)
+                .map(|(_, address)| address)
+        };
+        if let Some(address) = name_server.filter(|_| !self.hub.contains(&label)) {
             return match kind {
-                RecordType::A => (
-                    ResponseCode::NoError,
-                    vec![self.a(name, self.zone.ns_address)],
-                    false,
-                ),
+                RecordType::A => (ResponseCode::NoError, vec![self.a(name, address)], false),
                 _ => (ResponseCode::NoError, vec![], true),
             };
         }
@@ -159,6 +201,18 @@ impl RequestHandler for DnsHandler {
         let response = builder.build(metadata, answers.iter(), [], soa, []);
         send(&mut response_handle, response, &request.metadata).await
     }
+}
+
+/// `ns-<id>` with `id` lowercased, every character but letters, digits and `-` made
+/// `-`, and cut to a DNS label's 63 bytes.
+fn name_server_label(id: &str) -> String {
+    let mut label = String::from("ns-");
+    label.extend(id.chars().map(|c| match c.to_ascii_lowercase() {
+        c @ ('a'..='z' | '0'..='9' | '-') => c,
+        _ => '-',
+    }));
+    label.truncate(63);
+    label
 }
 
 async fn send<'a, R: ResponseHandler>(

@@ -3,18 +3,28 @@
 //! [`Hub::resolve`] is what a DNS query for an app does: a resident app's address at once;
 //! otherwise a start order to a worker (a restore when the app has a snapshot), answered
 //! once the app's listening sockets are bound. Concurrent queries for one app share one
-//! order. A maintenance loop ([`Hub::maintain`]) declares silent workers dead (their apps
-//! fall back to their last snapshot), wakes swapped-out apps whose timers are due, and
-//! makes usage updates durable.
+//! order. A maintenance loop ([`Hub::maintain`]) returns the apps of dead workers to
+//! their last snapshot, wakes swapped-out apps whose timers are due, and makes usage
+//! updates durable.
+//!
+//! Any number of hubs may share one registry (etcd). Each keeps a copy of the app
+//! records, follows the others' writes ([`Hub::follow_registry`]), and writes a record
+//! only at the revision it read (see [`crate::registry`]): a hub that loses such a race
+//! reads the record again and decides again. Ordering a start is such a write (the app
+//! becomes `starting`, ordered by this hub), so of several hubs asked for one app at
+//! once exactly one orders its start, and the others wait for its outcome. The live
+//! workers are the registry's: a worker may report to any hub.
 
 use crate::client::Client;
 use crate::model::{
-    unix_ms, AppRecord, AppSpec, AppState, StartOrder, Started, SwappedOut, WorkerHello,
-    WorkerReport,
+    unix_ms, AppRecord, AppSpec, AppState, StartOrder, StartOrderer, Started, SwappedOut,
+    WorkerHello, WorkerReport,
 };
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{
+    AppChange, HubRecord, Registry, RegistryError, Versioned, WorkerRecord, MAX_BATCH,
+};
 use futures::future::{BoxFuture, FutureExt, Shared};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -26,6 +36,8 @@ pub struct HubConfig {
     pub start_limit: Duration,
     /// A worker silent this long is dead.
     pub worker_timeout: Duration,
+    /// This hub's id, unique among the hubs sharing a registry.
+    pub id: String,
 }
 
 impl Default for HubConfig {
@@ -33,9 +45,21 @@ impl Default for HubConfig {
         Self {
             start_limit: Duration::from_secs(30),
             worker_timeout: Duration::from_secs(3),
+            id: default_hub_id(),
         }
     }
 }
+
+/// `HOST-PID`: unique among the hubs of a cluster unless two share a host name.
+pub fn default_hub_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+/// How many times a write is tried again after other hubs changed its record first.
+const WRITE_ATTEMPTS: usize = 16;
+/// How often a hub waiting for another's start order looks whether that hub is gone.
+const WAITING_LOOK: Duration = Duration::from_millis(200);
 
 /// Why an API operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -68,18 +92,6 @@ pub enum Resolution {
     Failed(String),
 }
 
-/// A worker as the hub knows it.
-#[derive(Debug)]
-struct WorkerEntry {
-    hello: WorkerHello,
-    client: Client,
-    last_report: Instant,
-    memory_bytes: u64,
-    resident: usize,
-    /// Swapped-out apps whose addresses it holds, and the addresses.
-    held: HashMap<String, Ipv4Addr>,
-}
-
 type Bringing = Shared<BoxFuture<'static, Result<Ipv4Addr, String>>>;
 
 /// The hub.
@@ -87,18 +99,38 @@ type Bringing = Shared<BoxFuture<'static, Result<Ipv4Addr, String>>>;
 pub struct Hub {
     config: HubConfig,
     registry: Registry,
-    apps: Mutex<HashMap<String, AppRecord>>,
-    workers: Mutex<HashMap<String, WorkerEntry>>,
+    /// The app records as this hub last read or wrote them, with their revisions.
+    apps: Mutex<HashMap<String, Versioned>>,
+    /// Counts the changes to `apps`, for whoever waits for one.
+    apps_changed: tokio::sync::watch::Sender<u64>,
+    /// The registry's news of other hubs' writes, until [`Hub::follow_registry`] takes it.
+    news: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<AppChange>>>,
+    /// A client per worker URL.
+    clients: Mutex<HashMap<String, Client>>,
+    /// The workers that were live at the last maintenance round.
+    known_workers: Mutex<HashSet<String>>,
     bringing: Mutex<HashMap<String, Bringing>>,
     token: Arc<str>,
     booted: Instant,
-    /// Counters.
     /// What `GET /metrics` serves.
     pub metrics: crate::metrics::HubMetrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keeps `news` in `apps` if it is newer than what is there: whether it was.
+fn take_newer(apps: &mut HashMap<String, Versioned>, news: Versioned) -> bool {
+    let name = news.record.spec.name.clone();
+    if apps
+        .get(&name)
+        .is_some_and(|known| known.revision >= news.revision)
+    {
+        return false;
+    }
+    apps.insert(name, news);
+    true
 }
 
 impl Hub {
@@ -109,17 +141,22 @@ impl Hub {
         registry: &crate::registry::RegistryConfig,
         token: &str,
     ) -> Result<Arc<Self>, HubError> {
-        let registry = Registry::open(registry)?;
+        let registry = Registry::open(registry, &config.id)?;
+        let (send, news) = tokio::sync::mpsc::unbounded_channel();
+        registry.follow(send);
         let apps = registry
             .load()?
             .into_iter()
-            .map(|r| (r.spec.name.clone(), r))
+            .map(|v| (v.record.spec.name.clone(), v))
             .collect();
         Ok(Arc::new(Self {
             config,
             registry,
             apps: Mutex::new(apps),
-            workers: Mutex::new(HashMap::new()),
+            apps_changed: tokio::sync::watch::Sender::new(0),
+            news: Mutex::new(Some(news)),
+            clients: Mutex::new(HashMap::new()),
+            known_workers: Mutex::new(HashSet::new()),
             bringing: Mutex::new(HashMap::new()),
             token: token.into(),
             booted: Instant::now(),
@@ -132,15 +169,131 @@ impl Hub {
         self.token.clone()
     }
 
-    /// Applies `change` to app `name` and writes it through (`sync`: durably).
-    fn update(&self, name: &str, sync: bool, change: impl FnOnce(&mut AppRecord)) {
-        let mut apps = lock(&self.apps);
-        if let Some(record) = apps.get_mut(name) {
-            change(record);
-            if let Err(e) = self.registry.save(record, sync) {
-                tracing::error!(app = %name, "saving the registry: {e}");
+    /// This hub's id.
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    /// Applies the other hubs' writes as the registry tells of them, until the registry
+    /// ends (a store that only this hub writes tells of none).
+    pub async fn follow_registry(self: Arc<Self>) {
+        let Some(mut news) = lock(&self.news).take() else {
+            return;
+        };
+        while let Some(change) = news.recv().await {
+            let mut apps = lock(&self.apps);
+            let changed = match change {
+                AppChange::Written(record) => take_newer(&mut apps, *record),
+                AppChange::Removed { name, revision } => {
+                    let older = apps.get(&name).is_some_and(|k| k.revision < revision);
+                    if older {
+                        apps.remove(&name);
+                    }
+                    older
+                }
+                AppChange::All {
+                    apps: all,
+                    revision,
+                } => {
+                    let present: HashSet<String> =
+                        all.iter().map(|v| v.record.spec.name.clone()).collect();
+                    let before = apps.len();
+                    apps.retain(|name, known| present.contains(name) || known.revision > revision);
+                    let mut changed = apps.len() != before;
+                    for record in all {
+                        changed |= take_newer(&mut apps, record);
+                    }
+                    changed
+                }
+            };
+            drop(apps);
+            if changed {
+                self.apps_changed.send_modify(|n| *n += 1);
             }
         }
+    }
+
+    /// Says, in the registry, where this hub answers DNS (for the zone's NS records).
+    pub fn announce(&self, dns: std::net::SocketAddr) -> Result<(), HubError> {
+        let me = HubRecord {
+            id: self.config.id.clone(),
+            dns,
+        };
+        Ok(self.registry.announce(&me)?)
+    }
+
+    /// The hubs serving this registry, by id.
+    pub fn hubs(&self) -> Vec<HubRecord> {
+        self.registry.hubs()
+    }
+
+    /// Reads app `name` from the registry again (another hub wrote it first).
+    fn reread(&self, name: &str) -> Result<(), RegistryError> {
+        let fresh = self.registry.get(name)?;
+        let mut apps = lock(&self.apps);
+        match fresh {
+            Some(record) => {
+                take_newer(&mut apps, record);
+            }
+            None => {
+                apps.remove(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `change` to app `name` and writes it at the revision it was read at;
+    /// if another hub wrote it first, reads it again and applies `change` to that. A
+    /// `change` that returns false changes nothing. The record written, if one was.
+    fn try_update(
+        &self,
+        name: &str,
+        sync: bool,
+        mut change: impl FnMut(&mut AppRecord) -> bool,
+    ) -> Result<Option<AppRecord>, RegistryError> {
+        for _ in 0..WRITE_ATTEMPTS {
+            let mut apps = lock(&self.apps);
+            let Some(known) = apps.get(name) else {
+                return Ok(None);
+            };
+            let mut record = known.record.clone();
+            if !change(&mut record) {
+                return Ok(None);
+            }
+            match self.registry.save(&record, known.revision, sync) {
+                Ok(revision) => {
+                    apps.insert(
+                        name.to_string(),
+                        Versioned {
+                            record: record.clone(),
+                            revision,
+                        },
+                    );
+                    drop(apps);
+                    self.apps_changed.send_modify(|n| *n += 1);
+                    return Ok(Some(record));
+                }
+                Err(RegistryError::Conflict) => {
+                    drop(apps);
+                    self.reread(name)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(RegistryError::Conflict)
+    }
+
+    /// [`Hub::try_update`], logging a failure.
+    fn update(
+        &self,
+        name: &str,
+        sync: bool,
+        change: impl FnMut(&mut AppRecord) -> bool,
+    ) -> Option<AppRecord> {
+        self.try_update(name, sync, change).unwrap_or_else(|e| {
+            tracing::error!(app = %name, "saving the registry: {e}");
+            None
+        })
     }
 
     // ---- apps ------------------------------------------------------------------------
@@ -153,9 +306,20 @@ impl Hub {
             return Err(HubError::Exists(spec.name));
         }
         let record = AppRecord::new(spec);
-        self.registry.save(&record, true)?;
+        let revision = match self.registry.save(&record, 0, true) {
+            Ok(revision) => revision,
+            // Another hub registered it first.
+            Err(RegistryError::Conflict) => return Err(HubError::Exists(record.spec.name)),
+            Err(e) => return Err(e.into()),
+        };
         tracing::info!(app = %record.spec.name, image = %record.spec.image, "app registered");
-        apps.insert(record.spec.name.clone(), record.clone());
+        apps.insert(
+            record.spec.name.clone(),
+            Versioned {
+                record: record.clone(),
+                revision,
+            },
+        );
         Ok(record)
     }
 
@@ -166,8 +330,7 @@ impl Hub {
             .get(name)
             .ok_or_else(|| HubError::NoSuchApp(name.into()))?;
         if let Some(worker) = &record.worker {
-            let client = lock(&self.workers).get(worker).map(|w| w.client.clone());
-            if let Some(client) = client {
+            if let Some(client) = self.live_client(worker) {
                 if let Err(e) = client.delete::<()>(&format!("/v1/apps/{name}")).await {
                     tracing::warn!(app = %name, "ending it on worker {worker}: {e}");
                 }
@@ -197,12 +360,15 @@ impl Hub {
 
     /// One app's record.
     pub fn get(&self, name: &str) -> Option<AppRecord> {
-        lock(&self.apps).get(name).cloned()
+        lock(&self.apps).get(name).map(|v| v.record.clone())
     }
 
     /// Every app, by name.
     pub fn list(&self) -> Vec<AppRecord> {
-        let mut all: Vec<AppRecord> = lock(&self.apps).values().cloned().collect();
+        let mut all: Vec<AppRecord> = lock(&self.apps)
+            .values()
+            .map(|v| v.record.clone())
+            .collect();
         all.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         all
     }
@@ -220,7 +386,7 @@ impl Hub {
             let apps = lock(&self.apps);
             match apps.get(name) {
                 None => return Resolution::Unknown,
-                Some(r) => (r.state, r.address),
+                Some(v) => (v.record.state, v.record.address),
             }
         };
         if let (AppState::Resident, Some(address)) = current {
@@ -263,50 +429,115 @@ impl Hub {
 
     /// The address a live worker holds for swapped-out app `name`, if one does.
     fn held_address(&self, name: &str) -> Option<Ipv4Addr> {
-        lock(&self.workers)
-            .values()
-            .filter(|w| w.last_report.elapsed() < self.config.worker_timeout)
-            .find_map(|w| w.held.get(name).copied())
+        self.registry.live_workers().iter().find_map(|w| {
+            w.held
+                .iter()
+                .find(|(app, _)| app == name)
+                .map(|(_, address)| *address)
+        })
+    }
+
+    /// The client of worker `url`.
+    fn client(&self, url: &str) -> Client {
+        lock(&self.clients)
+            .entry(url.to_string())
+            .or_insert_with(|| Client::new(url, &self.token, self.config.start_limit))
+            .clone()
+    }
+
+    /// The client of worker `id`, if it is live.
+    fn live_client(&self, id: &str) -> Option<Client> {
+        let live = self.registry.live_workers();
+        let worker = live.iter().find(|w| w.hello.id == id)?;
+        Some(self.client(&worker.hello.url))
     }
 
     /// Where app `name` should run: the live worker that holds its address (so that
     /// its clients' cached address keeps working, and what queued there is served), else
     /// the live worker with the least resident memory.
     fn choose_worker(&self, name: &str) -> Option<(String, Client)> {
-        let workers = lock(&self.workers);
-        let live = || {
-            workers
-                .values()
-                .filter(|w| w.last_report.elapsed() < self.config.worker_timeout)
+        let live = self.registry.live_workers();
+        live.iter()
+            .find(|w| w.held.iter().any(|(app, _)| app == name))
+            .or_else(|| {
+                live.iter()
+                    .min_by_key(|w| (w.memory_bytes, w.resident, w.hello.id.clone()))
+            })
+            .map(|w| (w.hello.id.clone(), self.client(&w.hello.url)))
+    }
+
+    /// Whether `record` is starting under an order whose outcome is still to come: its
+    /// hub is serving, and the order is not overdue.
+    fn order_pending(&self, record: &AppRecord) -> bool {
+        let Some(orderer) = record.ordered_by.as_ref() else {
+            return false;
         };
-        live()
-            .find(|w| w.held.contains_key(name))
-            .or_else(|| live().min_by_key(|w| (w.memory_bytes, w.resident)))
-            .map(|w| (w.hello.id.clone(), w.client.clone()))
+        if record.state != AppState::Starting {
+            return false;
+        }
+        let limit = u64::try_from(self.config.start_limit.as_millis()).unwrap_or(u64::MAX);
+        let overdue = unix_ms().saturating_sub(orderer.at_unix_ms) > limit.saturating_mul(2);
+        // This hub's own attempts at one app are one at a time (`bring_up`): an order of
+        // its own that is still in the record is one whose outcome was lost.
+        let serving = orderer.hub != self.config.id
+            && self.registry.hubs().iter().any(|h| h.id == orderer.hub);
+        serving && !overdue
     }
 
     async fn start_somewhere(self: &Arc<Self>, name: &str) -> Result<Ipv4Addr, String> {
-        let Some(before) = self.get(name) else {
-            return Err(format!("no app named {name}"));
-        };
-        if let (AppState::Resident, Some(address)) = (before.state, before.address) {
-            return Ok(address);
-        }
-        let Some((worker, client)) = self.choose_worker(name) else {
-            let error = "no live worker to run it".to_string();
-            self.failed(name, &error);
-            return Err(error);
+        let deadline = Instant::now() + self.config.start_limit;
+        let mut changes = self.apps_changed.subscribe();
+        let (worker, client, before) = loop {
+            let Some(before) = self.get(name) else {
+                return Err(format!("no app named {name}"));
+            };
+            if let (AppState::Resident, Some(address)) = (before.state, before.address) {
+                return Ok(address);
+            }
+            if self.order_pending(&before) {
+                // Another hub ordered it: its outcome comes through the registry.
+                let orderer = before.ordered_by.as_ref().map(|o| o.hub.clone());
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "hub {} did not bring it up in time",
+                        orderer.unwrap_or_default()
+                    ));
+                }
+                let _ = tokio::time::timeout(WAITING_LOOK, changes.changed()).await;
+                continue;
+            }
+            let Some((worker, client)) = self.choose_worker(name) else {
+                let error = "no live worker to run it".to_string();
+                self.failed(name, None, &error);
+                return Err(error);
+            };
+            let me = self.config.id.clone();
+            let claimed = self.try_update(name, true, |r| {
+                let resident = r.state == AppState::Resident && r.address.is_some();
+                if resident || self.order_pending(r) {
+                    return false;
+                }
+                r.state = AppState::Starting;
+                r.worker = Some(worker.clone());
+                r.ordered_by = Some(StartOrderer {
+                    hub: me.clone(),
+                    at_unix_ms: unix_ms(),
+                });
+                r.wake_at_unix_ms = None;
+                r.event(match &r.snapshot {
+                    Some(s) => format!("restoring snapshot {s} on worker {worker} (hub {me})"),
+                    None => format!("starting on worker {worker} (hub {me})"),
+                });
+                true
+            });
+            match claimed {
+                Ok(Some(claimed)) => break (worker, client, claimed),
+                // Resident, or ordered by another hub, since this hub last looked.
+                Ok(None) => continue,
+                Err(e) => return Err(format!("the registry: {e}")),
+            }
         };
         let snapshot = before.snapshot.clone();
-        self.update(name, true, |r| {
-            r.state = AppState::Starting;
-            r.worker = Some(worker.clone());
-            r.wake_at_unix_ms = None;
-            r.event(match &snapshot {
-                Some(s) => format!("restoring snapshot {s} on worker {worker}"),
-                None => format!("starting on worker {worker}"),
-            });
-        });
         let ordered = Instant::now();
         let order = StartOrder {
             spec: before.spec.clone(),
@@ -322,71 +553,87 @@ impl Hub {
             Ok(started) => {
                 tracing::info!(app = %name, %worker, address = %started.address, ms = started.ms, "resident");
                 self.update(name, true, |r| {
+                    // Its worker's report may have said so first.
+                    let told = r.state == AppState::Resident
+                        && r.worker.as_deref() == Some(worker.as_str());
+                    if r.state == AppState::Resident && !told {
+                        return false;
+                    }
                     r.state = AppState::Resident;
                     r.worker = Some(worker.clone());
+                    r.ordered_by = None;
                     r.address = Some(started.address);
                     r.last_error = None;
-                    if snapshot.is_some() {
+                    if snapshot.is_some() && !told {
                         r.usage.swap_ins += 1;
                     }
                     r.event(format!(
                         "resident on worker {worker} at {} after {:.1} ms",
                         started.address, started.ms
                     ));
+                    true
                 });
                 Ok(started.address)
             }
             Err(e) => {
                 let error = format!("worker {worker} could not start it: {e}");
-                self.failed(name, &error);
+                self.failed(name, Some(&worker), &error);
                 Err(error)
             }
         }
     }
 
-    fn failed(&self, name: &str, error: &str) {
+    /// Records that app `name` could not be started (on `worker`, if one was ordered):
+    /// unless another start made it resident meanwhile.
+    fn failed(&self, name: &str, worker: Option<&str>, error: &str) {
         tracing::warn!(app = %name, "{error}");
         self.update(name, true, |r| {
+            let started_elsewhere = r.state == AppState::Resident
+                || (r.state == AppState::Starting && r.worker.as_deref() != worker);
+            if started_elsewhere {
+                return false;
+            }
             r.state = AppState::Failed;
             r.worker = None;
+            r.ordered_by = None;
             r.address = None;
             r.last_error = Some(error.to_string());
             r.event(format!("failed: {error}"));
+            true
         });
     }
 
     // ---- workers -----------------------------------------------------------------------
 
     /// A worker introduces itself (again).
-    pub fn register_worker(&self, hello: WorkerHello) {
+    pub fn register_worker(&self, hello: WorkerHello) -> Result<(), HubError> {
         tracing::info!(id = %hello.id, url = %hello.url, "worker registered");
-        let client = Client::new(&hello.url, &self.token, self.config.start_limit);
-        lock(&self.workers).insert(
-            hello.id.clone(),
-            WorkerEntry {
-                hello,
-                client,
-                last_report: Instant::now(),
-                memory_bytes: 0,
-                resident: 0,
-                held: Default::default(),
-            },
-        );
+        let worker = WorkerRecord {
+            hello,
+            memory_bytes: 0,
+            resident: 0,
+            held: Vec::new(),
+            reported_at_unix_ms: unix_ms(),
+        };
+        Ok(self
+            .registry
+            .worker_alive(&worker, self.config.worker_timeout)?)
     }
 
-    /// The registered workers: id, URL, resident apps, memory, seconds since the last
-    /// report.
+    /// The live workers: id, URL, resident apps, memory, seconds since the last report.
     pub fn workers(&self) -> Vec<serde_json::Value> {
-        lock(&self.workers)
-            .values()
+        let mut live = self.registry.live_workers();
+        live.sort_by(|a, b| a.hello.id.cmp(&b.hello.id));
+        live.iter()
             .map(|w| {
+                let since_ms = unix_ms().saturating_sub(w.reported_at_unix_ms);
                 serde_json::json!({
                     "id": w.hello.id,
                     "url": w.hello.url,
                     "resident": w.resident,
                     "memory_bytes": w.memory_bytes,
                     "memory_limit_bytes": w.hello.memory_limit_bytes,
-                    "last_report_s": w.last_report.elapsed().as_secs_f64(),
+                    "last_report_s": since_ms as f64 / 1000.0,
                 })
             })
             .collect()
@@ -400,8 +647,8 @@ impl Hub {
     /// The metrics as `GET /metrics` serves them, its gauges brought up to date.
     pub fn render_metrics(&self) -> String {
         let mut by_state: HashMap<String, i64> = HashMap::new();
-        for record in lock(&self.apps).values() {
-            *by_state.entry(record.state.to_string()).or_default() += 1;
+        for known in lock(&self.apps).values() {
+            *by_state.entry(known.record.state.to_string()).or_default() += 1;
         }
         // Every state is shown, at 0 when no app is in it.
         for state in [
@@ -417,144 +664,106 @@ impl Hub {
             let count = by_state.get(&label.state).copied().unwrap_or(0);
             self.metrics.apps.get_or_create(&label).set(count);
         }
-        let live = lock(&self.workers)
-            .values()
-            .filter(|w| w.last_report.elapsed() < self.config.worker_timeout)
-            .count();
+        let live = self.registry.live_workers().len();
         self.metrics.workers.set(live as i64);
         self.metrics.render()
     }
 
     /// Takes a worker's report.
     pub fn report(&self, id: &str, report: WorkerReport) -> Result<(), HubError> {
-        {
-            let mut workers = lock(&self.workers);
-            let worker = workers
-                .get_mut(id)
-                .ok_or_else(|| HubError::NoSuchWorker(id.into()))?;
-            worker.last_report = Instant::now();
-            worker.memory_bytes = report.memory_bytes;
-            worker.resident = report.resident_count;
-            if report.full {
-                worker.held = report.held.iter().cloned().collect();
-            } else {
-                for name in &report.unheld {
-                    worker.held.remove(name);
-                }
-                worker.held.extend(report.held.iter().cloned());
-            }
+        let mut worker = self
+            .registry
+            .live_workers()
+            .into_iter()
+            .find(|w| w.hello.id == id)
+            .ok_or_else(|| HubError::NoSuchWorker(id.into()))?;
+        worker.memory_bytes = report.memory_bytes;
+        worker.resident = report.resident_count;
+        worker.reported_at_unix_ms = unix_ms();
+        if report.full {
+            worker.held = report.held.clone();
+        } else {
+            worker
+                .held
+                .retain(|(name, _)| !report.unheld.contains(name));
+            worker
+                .held
+                .retain(|(name, _)| !report.held.iter().any(|(n, _)| n == name));
+            worker.held.extend(report.held.iter().cloned());
         }
-        // One lock and one registry transaction for the whole report; durable if any
-        // app changed state (usage alone is flushed with the next durable write).
-        let mut apps = lock(&self.apps);
-        let mut changed = std::collections::BTreeSet::new();
-        let mut sync = false;
-        // `change` says whether it changed anything.
-        let mut edit =
-            |name: &str, durable: bool, change: &mut dyn FnMut(&mut AppRecord) -> bool| {
-                if apps.get_mut(name).is_some_and(change) {
-                    changed.insert(name.to_string());
-                    sync |= durable;
-                }
-            };
-        for (name, delta) in &report.usage {
-            edit(name, false, &mut |r| {
-                r.usage.add(delta);
-                true
-            });
+        worker.held.sort();
+        if !report.leaving {
+            self.registry
+                .worker_alive(&worker, self.config.worker_timeout)?;
         }
-        // Snapshots in the order the worker made them (a re-sent report's older ones
-        // first), each only if the app is not another worker's now.
-        let mut snapshots: Vec<(bool, &SwappedOut)> = (report.stored.iter().map(|s| (false, s)))
-            .chain(report.swapped.iter().map(|s| (true, s)))
-            .collect();
-        snapshots.sort_by_key(|(_, s)| s.seq);
         self.metrics.swap_outs.inc_by(report.swapped.len() as u64);
-        for (swapped_out, snapshot) in snapshots {
-            let theirs = |r: &AppRecord| r.worker.as_deref().is_none_or(|w| w == id);
-            if !swapped_out {
-                edit(&snapshot.name, true, &mut |r| {
-                    if !theirs(r) {
-                        return false;
-                    }
-                    r.snapshot = Some(snapshot.snapshot.clone());
-                    r.chain_hint = snapshot.chain_hint.clone().bounded();
-                    r.usage.stored_bytes = snapshot.stored_bytes;
-                    r.usage.logical_bytes = snapshot.logical_bytes;
-                    r.event(format!(
-                        "snapshot {} in cold storage ({} bytes); it came back from the worker's copy meanwhile",
-                        snapshot.snapshot, snapshot.stored_bytes
-                    ));
-                    true
-                });
-                continue;
-            }
-            let swapped = snapshot;
-            edit(&swapped.name, true, &mut |r| {
-                if !theirs(r) {
-                    tracing::warn!(app = %swapped.name, worker = %id, "a swap-out from a worker the app is no longer on: ignored");
-                    return false;
-                }
-                r.state = AppState::SwappedOut;
-                r.worker = None;
-                r.address = None;
-                r.snapshot = Some(swapped.snapshot.clone());
-                r.chain_hint = swapped.chain_hint.clone().bounded();
-                r.usage.stored_bytes = swapped.stored_bytes;
-                r.usage.logical_bytes = swapped.logical_bytes;
-                r.wake_at_unix_ms = swapped.wake_at_unix_ms;
-                r.event(format!(
-                    "swapped out to snapshot {} ({} bytes in cold storage){}",
-                    swapped.snapshot,
-                    swapped.stored_bytes,
-                    swapped
-                        .wake_at_unix_ms
-                        .map(|t| format!(", wakes in {} ms", t.saturating_sub(unix_ms())))
-                        .unwrap_or_default()
-                ));
-                true
-            });
+        // Every app the report names, in batches of one registry transaction each.
+        let mut named: Vec<&str> = (report.usage.iter().map(|(n, _)| n.as_str()))
+            .chain(report.stored.iter().map(|s| s.name.as_str()))
+            .chain(report.swapped.iter().map(|s| s.name.as_str()))
+            .chain(report.ended.iter().map(|(n, _)| n.as_str()))
+            .chain(report.resident.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        named.sort();
+        named.dedup();
+        for batch in named.chunks(MAX_BATCH) {
+            self.apply_report(id, &report, batch)?;
         }
-        for (name, why) in &report.ended {
-            edit(name, true, &mut |r| {
-                r.state = if r.snapshot.is_some() {
-                    AppState::SwappedOut
-                } else {
-                    AppState::New
-                };
-                r.worker = None;
-                r.address = None;
-                r.last_error = Some(why.clone());
-                r.event(format!("ended on worker {id}: {why}"));
-                true
-            });
-        }
-        for (name, address) in &report.resident {
-            // After a hub restart, or a start whose answer was lost.
-            edit(name, true, &mut |r| {
-                let stale = r.state != AppState::Starting
-                    && (r.state != AppState::Resident || r.worker.as_deref() != Some(id));
-                if stale {
-                    r.state = AppState::Resident;
-                    r.worker = Some(id.to_string());
-                    r.address = Some(*address);
-                    r.event(format!("resident on worker {id} at {address} (reported)"));
-                }
-                stale
-            });
-        }
-        if !changed.is_empty() {
-            let records = changed.iter().filter_map(|name| apps.get(name));
-            if let Err(e) = self.registry.save_all(records, sync) {
-                // The worker sends it again (and deletes nothing it names meanwhile).
-                tracing::error!(worker = %id, "saving the registry: {e}");
-                return Err(e.into());
-            }
-        }
-        drop(apps);
         if report.leaving {
             tracing::info!(worker = %id, "worker left");
-            lock(&self.workers).remove(id);
+            self.registry.worker_left(id)?;
+            lock(&self.known_workers).remove(id);
+        }
+        Ok(())
+    }
+
+    /// Applies what `report` says of the apps `names` to their records: in one
+    /// transaction; or, if another hub wrote one of them first, one by one, each read
+    /// again.
+    fn apply_report(
+        &self,
+        id: &str,
+        report: &WorkerReport,
+        names: &[&str],
+    ) -> Result<(), HubError> {
+        {
+            let mut apps = lock(&self.apps);
+            let mut changed = Vec::new();
+            let mut sync = false;
+            for name in names {
+                let Some(known) = apps.get(*name) else {
+                    continue;
+                };
+                let mut record = known.record.clone();
+                let (did, durable) = report_on_app(id, report, &mut record);
+                if did {
+                    sync |= durable;
+                    changed.push((record, known.revision));
+                }
+            }
+            if changed.is_empty() {
+                return Ok(());
+            }
+            let batch: Vec<(&AppRecord, i64)> = changed.iter().map(|(r, v)| (r, *v)).collect();
+            match self.registry.save_all(&batch, sync) {
+                Ok(revisions) => {
+                    for ((record, _), revision) in changed.into_iter().zip(revisions) {
+                        apps.insert(record.spec.name.clone(), Versioned { record, revision });
+                    }
+                    drop(apps);
+                    self.apps_changed.send_modify(|n| *n += 1);
+                    return Ok(());
+                }
+                Err(RegistryError::Conflict) => {}
+                Err(e) => {
+                    // The worker sends it again (and deletes nothing it names meanwhile).
+                    tracing::error!(worker = %id, "saving the registry: {e}");
+                    return Err(e.into());
+                }
+            }
+        }
+        for name in names {
+            self.try_update(name, true, |r| report_on_app(id, report, r).0)?;
         }
         Ok(())
     }
@@ -563,38 +772,42 @@ impl Hub {
 
     /// One round of maintenance: dead workers, due timers. Returns the apps woken.
     pub fn maintain(self: &Arc<Self>) -> Vec<String> {
+        let live: HashSet<String> = self
+            .registry
+            .live_workers()
+            .into_iter()
+            .map(|w| w.hello.id)
+            .collect();
         let dead: Vec<String> = {
-            let mut workers = lock(&self.workers);
-            let dead: Vec<String> = workers
-                .values()
-                .filter(|w| w.last_report.elapsed() >= self.config.worker_timeout)
-                .map(|w| w.hello.id.clone())
-                .collect();
-            for id in &dead {
-                workers.remove(id);
-            }
+            let mut known = lock(&self.known_workers);
+            let dead = known.difference(&live).cloned().collect();
+            *known = live.clone();
             dead
         };
         for id in &dead {
             tracing::warn!(worker = %id, "worker stopped reporting: its apps go back to their snapshots");
         }
-        let live: Vec<String> = lock(&self.workers).keys().cloned().collect();
         // Apps on dead workers, or (a while after a hub restart) on workers that never came
-        // back, fall back to their last snapshot.
+        // back, fall back to their last snapshot. Every hub does this; the first write
+        // wins, and the others find nothing left to do.
         let grace = self.booted.elapsed() > self.config.worker_timeout * 2;
-        let orphans: Vec<String> = lock(&self.apps)
-            .values()
-            .filter(|r| matches!(r.state, AppState::Resident | AppState::Starting))
-            .filter(|r| {
-                r.worker.as_ref().is_some_and(|w| {
+        let gone = |r: &AppRecord| {
+            matches!(r.state, AppState::Resident | AppState::Starting)
+                && r.worker.as_ref().is_some_and(|w| {
                     dead.contains(w)
                         || (grace && !live.contains(w) && r.state == AppState::Resident)
                 })
-            })
-            .map(|r| r.spec.name.clone())
+        };
+        let orphans: Vec<String> = lock(&self.apps)
+            .values()
+            .filter(|v| gone(&v.record))
+            .map(|v| v.record.spec.name.clone())
             .collect();
         for name in orphans {
             self.update(&name, true, |r| {
+                if !gone(r) {
+                    return false;
+                }
                 let worker = r.worker.take().unwrap_or_default();
                 r.state = if r.snapshot.is_some() {
                     AppState::SwappedOut
@@ -602,6 +815,7 @@ impl Hub {
                     AppState::New
                 };
                 r.address = None;
+                r.ordered_by = None;
                 r.event(format!(
                     "worker {worker} is gone: back to {}",
                     r.snapshot
@@ -609,11 +823,13 @@ impl Hub {
                         .map(|s| format!("snapshot {s}"))
                         .unwrap_or_else(|| "a fresh start".into())
                 ));
+                true
             });
         }
         let now = unix_ms();
         let due: Vec<String> = lock(&self.apps)
             .values()
+            .map(|v| &v.record)
             .filter(|r| r.state == AppState::SwappedOut)
             .filter(|r| r.wake_at_unix_ms.is_some_and(|t| t <= now))
             .map(|r| r.spec.name.clone())
@@ -621,8 +837,12 @@ impl Hub {
         for name in &due {
             tracing::info!(app = %name, "its timer is due: bringing it back");
             self.update(name, true, |r| {
+                if r.wake_at_unix_ms.is_none() {
+                    return false;
+                }
                 r.wake_at_unix_ms = None;
                 r.event("timer due");
+                true
             });
             drop(self.bring_up(name));
         }
@@ -653,6 +873,99 @@ impl Hub {
     }
 }
 
+/// Applies what worker `id`'s `report` says of `record`'s app: whether it changed it,
+/// and whether durably (a change of state; usage alone is flushed with the next durable
+/// write).
+fn report_on_app(id: &str, report: &WorkerReport, record: &mut AppRecord) -> (bool, bool) {
+    let name = record.spec.name.clone();
+    let mut changed = false;
+    let mut durable = false;
+    for (_, delta) in report.usage.iter().filter(|(n, _)| *n == name) {
+        record.usage.add(delta);
+        changed = true;
+    }
+    // Snapshots in the order the worker made them (a re-sent report's older ones
+    // first), each only if the app is not another worker's now.
+    let mut snapshots: Vec<(bool, &SwappedOut)> = (report.stored.iter().map(|s| (false, s)))
+        .chain(report.swapped.iter().map(|s| (true, s)))
+        .filter(|(_, s)| s.name == name)
+        .collect();
+    snapshots.sort_by_key(|(_, s)| s.seq);
+    for (swapped_out, snapshot) in snapshots {
+        let theirs = record.worker.as_deref().is_none_or(|w| w == id);
+        if !theirs {
+            if swapped_out {
+                tracing::warn!(app = %name, worker = %id, "a swap-out from a worker the app is no longer on: ignored");
+            }
+            continue;
+        }
+        record.snapshot = Some(snapshot.snapshot.clone());
+        record.chain_hint = snapshot.chain_hint.clone().bounded();
+        record.usage.stored_bytes = snapshot.stored_bytes;
+        record.usage.logical_bytes = snapshot.logical_bytes;
+        changed = true;
+        durable = true;
+        if !swapped_out {
+            record.event(format!(
+                "snapshot {} in cold storage ({} bytes); it came back from the worker's copy meanwhile",
+                snapshot.snapshot, snapshot.stored_bytes
+            ));
+            continue;
+        }
+        record.state = AppState::SwappedOut;
+        record.worker = None;
+        record.ordered_by = None;
+        record.address = None;
+        record.wake_at_unix_ms = snapshot.wake_at_unix_ms;
+        record.event(format!(
+            "swapped out to snapshot {} ({} bytes in cold storage){}",
+            snapshot.snapshot,
+            snapshot.stored_bytes,
+            snapshot
+                .wake_at_unix_ms
+                .map(|t| format!(", wakes in {} ms", t.saturating_sub(unix_ms())))
+                .unwrap_or_default()
+        ));
+    }
+    for (_, why) in report.ended.iter().filter(|(n, _)| *n == name) {
+        record.state = if record.snapshot.is_some() {
+            AppState::SwappedOut
+        } else {
+            AppState::New
+        };
+        record.worker = None;
+        record.ordered_by = None;
+        record.address = None;
+        record.last_error = Some(why.clone());
+        record.event(format!("ended on worker {id}: {why}"));
+        changed = true;
+        durable = true;
+    }
+    for (_, address) in report.resident.iter().filter(|(n, _)| *n == name) {
+        // After a hub restart, a start whose answer was lost, or a start ordered by a
+        // hub that ended before the answer came: the worker says where it runs.
+        let ours_starting =
+            record.state == AppState::Starting && record.worker.as_deref() == Some(id);
+        let known = record.state == AppState::Resident
+            && record.worker.as_deref() == Some(id)
+            && record.address == Some(*address);
+        let stale = !known && (record.state != AppState::Starting || ours_starting);
+        if stale {
+            if ours_starting && record.snapshot.is_some() {
+                record.usage.swap_ins += 1;
+            }
+            record.state = AppState::Resident;
+            record.worker = Some(id.to_string());
+            record.ordered_by = None;
+            record.address = Some(*address);
+            record.event(format!("resident on worker {id} at {address} (reported)"));
+            changed = true;
+            durable = true;
+        }
+    }
+    (changed, durable)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,7 +977,8 @@ mod tests {
             id: "w".into(),
             url: "http://127.0.0.1:1".into(),
             memory_limit_bytes: 1 << 30,
-        });
+        })
+        .unwrap();
         for name in ["a", "b", "c"] {
             hub.add(AppSpec {
                 name: name.into(),
@@ -679,7 +993,12 @@ mod tests {
     }
 
     fn held(hub: &Hub) -> Vec<String> {
-        let mut held: Vec<String> = lock(&hub.workers)["w"].held.keys().cloned().collect();
+        let worker = hub
+            .registry
+            .live_workers()
+            .into_iter()
+            .find(|w| w.hello.id == "w");
+        let mut held: Vec<String> = worker.unwrap().held.into_iter().map(|(n, _)| n).collect();
         held.sort();
         held
     }
@@ -845,7 +1164,8 @@ mod tests {
             id: "other".into(),
             url: "http://127.0.0.1:1".into(),
             memory_limit_bytes: 1 << 30,
-        });
+        })
+        .unwrap();
         hub.report(
             "other",
             WorkerReport {
@@ -857,5 +1177,162 @@ mod tests {
         let record = hub.get("a").unwrap();
         assert_eq!(record.snapshot.as_deref(), Some("s3"));
         assert_eq!(record.worker.as_deref(), Some("w"));
+    }
+
+    /// A worker's order API that answers every start after `delay`, at 10.9.0.1, and
+    /// counts the orders: its URL and the count.
+    async fn counting_worker(delay: Duration) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let orders = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = orders.clone();
+        let router = axum::Router::new().route(
+            "/v1/start",
+            axum::routing::post(move || {
+                let counted = counted.clone();
+                async move {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    axum::Json(Started {
+                        address: Ipv4Addr::new(10, 9, 0, 1),
+                        ms: 1.0,
+                    })
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        (url, orders)
+    }
+
+    /// Hub `id` on `registry`, following it and announced: the hub, and the task that
+    /// follows the registry (it holds the hub too).
+    fn hub_on(
+        registry: &crate::registry::RegistryConfig,
+        id: &str,
+    ) -> (Arc<Hub>, tokio::task::JoinHandle<()>) {
+        let config = HubConfig {
+            id: id.into(),
+            ..HubConfig::default()
+        };
+        let hub = Hub::open(config, registry, "t").unwrap();
+        let following = tokio::spawn(hub.clone().follow_registry());
+        hub.announce("127.0.0.1:53".parse().unwrap()).unwrap();
+        (hub, following)
+    }
+
+    fn app_spec(name: &str) -> AppSpec {
+        AppSpec {
+            name: name.into(),
+            image: "img".into(),
+            memory_mib: None,
+            env: Vec::new(),
+            idle_after_secs: None,
+        }
+    }
+
+    /// Waits (bounded) until `ready` holds.
+    async fn until(what: &str, ready: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[test]
+    fn of_two_hubs_asked_for_one_app_at_once_exactly_one_orders_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = crate::registry::etcd::testing::EtcdServer::start(dir.path());
+        let registry =
+            crate::registry::RegistryConfig::parse(&format!("{}/race", etcd.url), "x".into())
+                .unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let (first, second) = (hub_on(&registry, "hub-a").0, hub_on(&registry, "hub-b").0);
+            let (url, orders) = counting_worker(Duration::from_millis(300)).await;
+            // The worker registers with one hub; an app is added at the other.
+            first
+                .register_worker(WorkerHello {
+                    id: "w".into(),
+                    url,
+                    memory_limit_bytes: 1 << 30,
+                })
+                .unwrap();
+            for round in 0..3 {
+                let name = format!("app-{round}");
+                second.add(app_spec(&name)).unwrap();
+                until("the first hub sees the app and the worker", || {
+                    first.contains(&name) && second.choose_worker(&name).is_some()
+                })
+                .await;
+                let before = orders.load(std::sync::atomic::Ordering::SeqCst);
+                let (a, b) = tokio::join!(first.resolve(&name), second.resolve(&name));
+                let address = Resolution::Address(Ipv4Addr::new(10, 9, 0, 1));
+                assert_eq!((&a, &b), (&address, &address), "round {round}");
+                let ordered = orders.load(std::sync::atomic::Ordering::SeqCst) - before;
+                assert_eq!(ordered, 1, "round {round}: one start order, from one hub");
+                // Both hubs agree on the record; it counts the start once.
+                until("the hubs agree", || first.get(&name) == second.get(&name)).await;
+                let record = first.get(&name).unwrap();
+                assert_eq!(record.state, AppState::Resident);
+                assert_eq!(record.ordered_by, None);
+                // The same name added at the other hub meanwhile is refused.
+                let again = first.add(record.spec.clone()).unwrap_err();
+                assert!(matches!(again, HubError::Exists(_)), "{again}");
+            }
+        });
+    }
+
+    #[test]
+    fn a_hub_waiting_for_another_hubs_order_takes_over_when_that_hub_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = crate::registry::etcd::testing::EtcdServer::start(dir.path());
+        let registry =
+            crate::registry::RegistryConfig::parse(&format!("{}/gone", etcd.url), "x".into())
+                .unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let (survivor, _following) = hub_on(&registry, "hub-b");
+            let (url, orders) = counting_worker(Duration::from_millis(10)).await;
+            survivor
+                .register_worker(WorkerHello {
+                    id: "w".into(),
+                    url,
+                    memory_limit_bytes: 1 << 30,
+                })
+                .unwrap();
+            survivor.add(app_spec("app")).unwrap();
+            // Another hub claimed the app's start, and ended before its order went out.
+            {
+                let (doomed, following) = hub_on(&registry, "hub-a");
+                until("hub-a sees the app", || doomed.contains("app")).await;
+                doomed
+                    .try_update("app", true, |r| {
+                        r.state = AppState::Starting;
+                        r.worker = Some("w".into());
+                        r.ordered_by = Some(StartOrderer {
+                            hub: "hub-a".into(),
+                            at_unix_ms: unix_ms(),
+                        });
+                        true
+                    })
+                    .unwrap()
+                    .unwrap();
+                until("hub-b sees the claim", || {
+                    survivor.get("app").unwrap().state == AppState::Starting
+                })
+                .await;
+                following.abort();
+                let _ = following.await;
+                // The last reference: its registry lets go of its key.
+                drop(doomed);
+            }
+            // The survivor waits for it while it serves, then orders the start itself.
+            let address = Resolution::Address(Ipv4Addr::new(10, 9, 0, 1));
+            assert_eq!(survivor.resolve("app").await, address);
+            assert_eq!(orders.load(std::sync::atomic::Ordering::SeqCst), 1);
+            let record = survivor.get("app").unwrap();
+            assert_eq!(record.state, AppState::Resident);
+        });
     }
 }

@@ -137,6 +137,11 @@ pub struct AppRecord {
     pub state: AppState,
     /// The worker it runs on, while resident or starting.
     pub worker: Option<String>,
+    /// Which hub ordered its start, and when, while starting: the other hubs wait for
+    /// that order's outcome instead of ordering another, unless that hub is gone or the
+    /// order is long overdue.
+    #[serde(default)]
+    pub ordered_by: Option<StartOrderer>,
     /// Its address, while resident.
     pub address: Option<Ipv4Addr>,
     /// Its newest snapshot in cold storage.
@@ -156,6 +161,15 @@ pub struct AppRecord {
     pub events: Vec<Event>,
 }
 
+/// The hub that ordered an app's start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StartOrderer {
+    /// The hub's id.
+    pub hub: String,
+    /// When it ordered it, Unix ms.
+    pub at_unix_ms: u64,
+}
+
 /// Events kept per app.
 pub const EVENTS_KEPT: usize = 50;
 
@@ -166,6 +180,7 @@ impl AppRecord {
             spec,
             state: AppState::New,
             worker: None,
+            ordered_by: None,
             address: None,
             snapshot: None,
             chain_hint: ChainHint::default(),

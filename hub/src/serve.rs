@@ -31,6 +31,9 @@ pub enum ServeError {
     /// Cold storage is not usable.
     #[error("cold storage: {0}")]
     Cold(String),
+    /// The hubs' clients could not be made.
+    #[error("the hubs' API: {0}")]
+    Hubs(String),
     /// The hub could not open its registry.
     #[error(transparent)]
     Hub(#[from] HubError),
@@ -211,23 +214,25 @@ pub async fn start_hub(options: HubOptions) -> Result<RunningHub, ServeError> {
             (task, "https")
         }
     };
+    hub.announce(SocketAddr::new(IpAddr::V4(ns_address), dns.port()))?;
     let maintenance = tokio::spawn(hub.clone().maintain_forever(Duration::from_millis(100)));
-    tracing::info!(%dns, %api, scheme, zone = %options.zone, "hub up");
+    let following = tokio::spawn(hub.clone().follow_registry());
+    tracing::info!(%dns, %api, scheme, zone = %options.zone, id = hub.id(), "hub up");
     Ok(RunningHub {
         hub,
         dns,
         api,
         scheme,
         dns_server,
-        tasks: vec![api_task, maintenance],
+        tasks: vec![api_task, maintenance, following],
     })
 }
 
 /// How to run a worker.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    /// The hub's API URL.
-    pub hub: String,
+    /// The hubs' API URLs: reports go to the first that answers.
+    pub hubs: Vec<String>,
     /// Certificates (PEM) to trust for the hub's API besides the system's roots.
     pub hub_ca: Option<Vec<u8>>,
     /// The API token.
@@ -281,16 +286,24 @@ pub async fn run_worker(
     }
     tracing::info!(apps = limits.apps, tightest = %limits.tightest, "this host's limits allow about {} resident apps", limits.apps);
     let worker = Worker::new(options.config.clone(), cold);
-    let hub = crate::client::Client::trusting(
-        &options.hub,
-        &options.token,
-        Duration::from_secs(10),
-        options.hub_ca.as_deref(),
-    )
-    .map_err(|e| ServeError::Cold(format!("the hub's client: {e}")))?;
+    let clients = options
+        .hubs
+        .iter()
+        .map(|url| {
+            crate::client::Client::trusting(
+                url,
+                &options.token,
+                Duration::from_secs(10),
+                options.hub_ca.as_deref(),
+            )
+            .map_err(|e| ServeError::Hubs(format!("{url}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let hub = crate::client::Failover::new(clients)
+        .ok_or_else(|| ServeError::Hubs("a worker needs at least one hub".into()))?;
     crate::worker::run(
         worker,
-        hub,
+        Arc::new(hub),
         listener,
         options.token.as_str().into(),
         options.period,

@@ -85,12 +85,18 @@ struct HubFlags {
     /// The API token; by default the one in <state-dir>/hub/token (made if missing).
     #[arg(long, env = "PICOCENTER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// This hub's id, unique among the hubs sharing an etcd registry (its name server
+    /// is `ns-<id>.<zone>`); by default the host name and the process id.
+    #[arg(long, value_name = "ID")]
+    hub_id: Option<String>,
     /// Where the hub keeps its files (default: <state-dir>/hub).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Where the app registry lives: `redb` (a database file in --data-dir) or
     /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (an etcd cluster; keys under PREFIX,
-    /// default `picocenter`).
+    /// default `picocenter`). Any number of hubs may share an etcd registry: each answers
+    /// DNS for every app, the zone's NS records name them all, and workers given all
+    /// their URLs (`worker --hub`) report to whichever answers.
     #[arg(
         long,
         value_name = "STORE",
@@ -105,9 +111,16 @@ struct HubFlags {
 pub struct WorkerArgs {
     #[command(flatten)]
     state: StateDir,
-    /// The hub's API.
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8600")]
-    hub: String,
+    /// The hub's API; with several hubs on one etcd registry, all of theirs,
+    /// comma-separated: the worker reports to the first that answers, and moves on to the
+    /// next when it cannot reach it.
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        default_value = "http://127.0.0.1:8600",
+        value_delimiter = ','
+    )]
+    hub: Vec<String>,
     #[command(flatten)]
     hub_ca: HubCa,
     #[command(flatten)]
@@ -310,6 +323,10 @@ fn hub_options(flags: &HubFlags, state: &Path) -> anyhow::Result<HubOptions> {
         config: HubConfig {
             start_limit: seconds(flags.start_timeout, "--start-timeout")?,
             worker_timeout: seconds(flags.worker_timeout, "--worker-timeout")?,
+            id: flags
+                .hub_id
+                .clone()
+                .unwrap_or_else(picocenter_hub::hub::default_hub_id),
         },
         tls: None,
     })
@@ -318,7 +335,7 @@ fn hub_options(flags: &HubFlags, state: &Path) -> anyhow::Result<HubOptions> {
 fn worker_options(
     flags: &WorkerFlags,
     state: &Path,
-    hub: &str,
+    hubs: &[String],
     token: String,
     key: &KeyFile,
 ) -> anyhow::Result<WorkerOptions> {
@@ -343,7 +360,7 @@ fn worker_options(
         },
     };
     Ok(WorkerOptions {
-        hub: hub.to_string(),
+        hubs: hubs.to_vec(),
         hub_ca: None,
         token,
         listen: flags.listen,
@@ -419,7 +436,10 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<i32> {
         token(&args.token, state)?,
         &args.key,
     )?;
-    options.hub_ca = args.hub_ca.read(&args.hub)?;
+    // The same CA for every hub (and none for an http:// one).
+    for hub in &args.hub {
+        options.hub_ca = args.hub_ca.read(hub)?;
+    }
     runtime()?.block_on(async {
         serve::run_worker(options, terminated()).await?;
         Ok(0)
@@ -581,7 +601,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<i32> {
         let options = worker_options(
             &args.worker,
             &state,
-            &api,
+            std::slice::from_ref(&api),
             hub_options.token.clone(),
             &KeyFile::at(picocenter_snapshots::key::default_path(&state)),
         )?;

@@ -333,3 +333,62 @@ pub fn uid_of(pid: u32) -> Option<u32> {
                 .ok()
         })
 }
+
+/// The processes descended from `root` (not `root` itself).
+pub fn descendants(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+            parents.push((pid, ppid));
+        }
+    }
+    let mut found = vec![root];
+    let mut at = 0;
+    while at < found.len() {
+        let parent = found[at];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        at += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Milliseconds from `started` to the first byte of the answer to `GET /` at `address`,
+/// connecting now; `None` if it does not answer.
+pub fn first_byte_of_root(address: Ipv4Addr, started: Instant) -> Option<f64> {
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&(address, 80).into(), Duration::from_secs(60))
+            .ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .ok()?;
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut first = [0u8; 1];
+    stream.read_exact(&mut first).ok()?;
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).ok()?;
+    (first[0] == b'H' && rest.starts_with(b"TTP/1.1 200")).then_some(ms)
+}

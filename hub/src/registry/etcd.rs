@@ -1,35 +1,47 @@
-//! The registry in etcd: one key per app, `{prefix}/apps/{name}`, holding its record
-//! (JSON). etcd replicates and syncs every write through its raft log, so there is
-//! nothing to batch or flush here; several records written at once go in one
-//! transaction (in pieces of [`OPS_PER_TRANSACTION`], under etcd's default limit of 128).
+//! The registry in etcd, shared by any number of hubs. Under `{prefix}/`:
+//!
+//! | key | value | lives |
+//! |---|---|---|
+//! | `apps/{name}` | the app's record (JSON) | until removed |
+//! | `workers/{id}` | a live worker ([`WorkerRecord`], JSON) | under a lease the hub that takes the worker's reports renews: it ends [`worker TTL`](RegistryStore::worker_alive) after the last report |
+//! | `hubs/{id}` | a hub serving the registry ([`HubRecord`], JSON) | under that hub's lease of [`HUB_LEASE_TTL`] s |
+//!
+//! Every write is a transaction that first checks that this hub's key is still under
+//! its lease (a hub cut off from etcd for longer than the TTL writes nothing more), and
+//! that each record it writes is at the revision the hub read (etcd's `mod_revision`):
+//! two hubs never overwrite each other's changes, and of two hubs ordering one app's
+//! restore exactly one succeeds. Each hub follows the others' writes with one watch on
+//! the prefix, which also keeps its view of the live workers and hubs.
+//!
+//! A worker never talks to etcd: it reports to a hub (any of them), and the hub renews
+//! the worker's lease. The worker, which runs tenants' code, holds no credentials of the
+//! registry, and a worker that stops reporting is dead for every hub at once when its
+//! lease ends, whichever hub it reported to.
 //!
 //! The client is async (gRPC); the registry's interface is not, so the client runs on a
 //! runtime of its own and each call waits for its answer, bounded by [`CALL_TIMEOUT`].
-//!
-//! One hub at a time uses a registry: it holds the key `{prefix}/hub` under a lease of
-//! [`HUB_LEASE_TTL`] seconds that it keeps alive, and every write is a transaction that
-//! first checks that the key is still under that lease. A second hub waits for the hold
-//! (a hub that died loses it when its lease expires) and gives up after
-//! [`HOLD_WAIT`]; a hub that lost its hold (it was cut off from etcd for longer than the
-//! TTL, and another hub took over) can write nothing more.
 
-use super::{RegistryError, RegistryStore};
+use super::{AppChange, HubRecord, RegistryError, RegistryStore, Versioned, WorkerRecord};
 use crate::model::AppRecord;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Puts per transaction.
-pub const OPS_PER_TRANSACTION: usize = 64;
 /// How long one call to etcd may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Seconds a hub's hold on the registry outlives the hub's last keep-alive.
+/// Seconds a hub's key outlives the hub's last keep-alive.
 pub const HUB_LEASE_TTL: i64 = 5;
-/// How long a hub waits for another's hold on the registry to end.
+/// How long a hub waits for the key of an earlier hub with its id to end.
 pub const HOLD_WAIT: Duration = Duration::from_secs(2 * HUB_LEASE_TTL as u64);
 /// The key prefix when `--registry` names none.
 pub const DEFAULT_PREFIX: &str = "picocenter";
+/// How long the watch waits before following again after it broke.
+const REWATCH_DELAY: Duration = Duration::from_millis(200);
 
 /// Where the registry is in etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,23 +85,133 @@ impl EtcdConfig {
         })
     }
 
+    /// The prefix every key of this registry starts with.
+    fn all(&self) -> String {
+        format!("{}/", self.prefix)
+    }
+
     fn apps(&self) -> String {
         format!("{}/apps/", self.prefix)
     }
 
-    fn hub(&self) -> String {
-        format!("{}/hub", self.prefix)
+    fn app(&self, name: &str) -> String {
+        format!("{}{name}", self.apps())
     }
+
+    fn worker(&self, id: &str) -> String {
+        format!("{}/workers/{id}", self.prefix)
+    }
+
+    fn hub(&self, id: &str) -> String {
+        format!("{}/hubs/{id}", self.prefix)
+    }
+}
+
+/// What a key under the prefix names.
+enum Key<'a> {
+    App(&'a str),
+    Worker(&'a str),
+    Hub(&'a str),
+}
+
+impl<'a> Key<'a> {
+    fn parse(config: &EtcdConfig, key: &'a [u8]) -> Option<Self> {
+        let key = std::str::from_utf8(key).ok()?;
+        let rest = key.strip_prefix(&config.all())?;
+        if let Some(name) = rest.strip_prefix("apps/") {
+            Some(Self::App(name))
+        } else if let Some(id) = rest.strip_prefix("workers/") {
+            Some(Self::Worker(id))
+        } else {
+            rest.strip_prefix("hubs/").map(Self::Hub)
+        }
+    }
+}
+
+/// Where the changes to app records go: kept until the hub follows them.
+enum AppSink {
+    Kept(Vec<AppChange>),
+    Sent(tokio::sync::mpsc::UnboundedSender<AppChange>),
+}
+
+/// What the watch keeps up to date.
+struct Followed {
+    workers: Mutex<HashMap<String, WorkerRecord>>,
+    hubs: Mutex<HashMap<String, HubRecord>>,
+    apps: Mutex<AppSink>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Followed {
+    fn app_changed(&self, change: AppChange) {
+        let mut sink = lock(&self.apps);
+        match &mut *sink {
+            AppSink::Kept(kept) => kept.push(change),
+            AppSink::Sent(send) => {
+                let _ = send.send(change);
+            }
+        }
+    }
+
+    /// Applies one key's new value (`None`: deleted) at `revision`.
+    fn apply(&self, config: &EtcdConfig, key: &[u8], value: Option<&[u8]>, revision: i64) {
+        match (Key::parse(config, key), value) {
+            (Some(Key::App(name)), Some(value)) => match serde_json::from_slice(value) {
+                Ok(record) => {
+                    self.app_changed(AppChange::Written(Box::new(Versioned { record, revision })))
+                }
+                Err(e) => tracing::error!(app = %name, "an undecodable record in etcd: {e}"),
+            },
+            (Some(Key::App(name)), None) => self.app_changed(AppChange::Removed {
+                name: name.to_string(),
+                revision,
+            }),
+            (Some(Key::Worker(id)), Some(value)) => match serde_json::from_slice(value) {
+                Ok(worker) => {
+                    lock(&self.workers).insert(id.to_string(), worker);
+                }
+                Err(e) => tracing::error!(worker = %id, "an undecodable worker in etcd: {e}"),
+            },
+            (Some(Key::Worker(id)), None) => {
+                lock(&self.workers).remove(id);
+            }
+            (Some(Key::Hub(id)), Some(value)) => {
+                // A hub's key is written empty until it serves DNS.
+                if let Ok(hub) = serde_json::from_slice(value) {
+                    lock(&self.hubs).insert(id.to_string(), hub);
+                }
+            }
+            (Some(Key::Hub(id)), None) => {
+                lock(&self.hubs).remove(id);
+            }
+            (None, _) => {}
+        }
+    }
+}
+
+/// A worker's lease as this hub renews it.
+struct WorkerLease {
+    id: i64,
+    keeper: LeaseKeeper,
+    answers: LeaseKeepAliveStream,
 }
 
 /// The registry in etcd.
 pub struct EtcdRegistry {
     config: EtcdConfig,
+    /// This hub's id: its key is `hubs/{hub_id}`.
+    hub_id: String,
     client: Client,
-    /// The lease under which this hub holds the registry.
+    /// The lease under which this hub's key lives.
     lease: i64,
-    /// Set when the lease expired: the hold is gone for good.
-    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the lease expired: this hub may write nothing more.
+    lost: Arc<AtomicBool>,
+    followed: Arc<Followed>,
+    /// The leases of the workers that report to this hub.
+    worker_leases: Arc<tokio::sync::Mutex<HashMap<String, WorkerLease>>>,
     /// `Some` until dropped (then shut down without blocking: a hub may drop its registry
     /// on an async thread).
     runtime: Option<tokio::runtime::Runtime>,
@@ -99,13 +221,15 @@ impl std::fmt::Debug for EtcdRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdRegistry")
             .field("config", &self.config)
+            .field("hub_id", &self.hub_id)
             .finish_non_exhaustive()
     }
 }
 
 impl EtcdRegistry {
-    /// Connects to the cluster `config` names (failing at once if none of it answers).
-    pub fn open(config: &EtcdConfig) -> Result<Self, RegistryError> {
+    /// Connects to the cluster `config` names (failing at once if none of it answers),
+    /// puts this hub's key under a new lease, and follows the registry.
+    pub fn open(config: &EtcdConfig, hub_id: &str) -> Result<Self, RegistryError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("registry-etcd")
@@ -124,20 +248,36 @@ impl EtcdRegistry {
             Ok(client)
         };
         let client = wait(&runtime, connect).map_err(|source| etcd_error(config, source))?;
-        let lease = wait(&runtime, hold(client.clone(), config.hub()))
+        let lease = wait(&runtime, join(client.clone(), config.hub(hub_id)))
             .map_err(|source| etcd_error(config, source))?
-            .map_err(|holder| RegistryError::Held {
-                registry: format!("{}/{}", config.endpoints.join(","), config.prefix),
-                holder,
-            })?;
-        let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            .map_err(|_| RegistryError::SameId(hub_id.to_string()))?;
+        let lost = Arc::new(AtomicBool::new(false));
         runtime.spawn(keep_alive(client.clone(), lease, lost.clone()));
-        tracing::info!(endpoints = %config.endpoints.join(","), prefix = %config.prefix, lease, "holding the registry in etcd");
+        let followed = Arc::new(Followed {
+            workers: Mutex::new(HashMap::new()),
+            hubs: Mutex::new(HashMap::new()),
+            apps: Mutex::new(AppSink::Kept(Vec::new())),
+        });
+        let from = wait(
+            &runtime,
+            catch_up(client.clone(), config.clone(), followed.clone()),
+        )
+        .map_err(|source| etcd_error(config, source))?;
+        runtime.spawn(follow(
+            client.clone(),
+            config.clone(),
+            followed.clone(),
+            from,
+        ));
+        tracing::info!(endpoints = %config.endpoints.join(","), prefix = %config.prefix, hub = %hub_id, lease, "serving the registry in etcd");
         Ok(Self {
             config: config.clone(),
+            hub_id: hub_id.to_string(),
             client,
             lease,
             lost,
+            followed,
+            worker_leases: Default::default(),
             runtime: Some(runtime),
         })
     }
@@ -151,17 +291,43 @@ impl EtcdRegistry {
         };
         wait(runtime, call(self.client.clone())).map_err(|e| etcd_error(&self.config, e))
     }
+
+    /// Runs `operations` in one transaction if this hub's key is still under its lease
+    /// and every `checks` holds: the transaction's revision, or why not.
+    fn fenced(&self, checks: Vec<Compare>, operations: Vec<TxnOp>) -> Result<i64, RegistryError> {
+        let (hub, lease) = (self.config.hub(&self.hub_id), self.lease);
+        let (done, revision, still_ours) = self.call(move |mut client| {
+            Box::pin(async move {
+                let mut when = vec![Compare::lease(hub.clone(), CompareOp::Equal, lease)];
+                when.extend(checks);
+                let txn = Txn::new()
+                    .when(when)
+                    .and_then(operations)
+                    .or_else([TxnOp::get(hub, None)]);
+                let answer = client.txn(txn).await?;
+                let revision = answer.header().map_or(0, |h| h.revision());
+                let still_ours = answer.op_responses().into_iter().any(|response| {
+                    matches!(response, TxnOpResponse::Get(got)
+                        if got.kvs().first().is_some_and(|kv| kv.lease() == lease))
+                });
+                Ok((answer.succeeded(), revision, still_ours))
+            })
+        })?;
+        if done {
+            Ok(revision)
+        } else if still_ours {
+            Err(RegistryError::Conflict)
+        } else {
+            self.lost.store(true, Ordering::SeqCst);
+            Err(RegistryError::Lost)
+        }
+    }
 }
 
-/// What says who holds a registry.
-fn holder_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("a hub on {} (pid {})", host.trim(), std::process::id())
-}
-
-/// Takes the hold on the registry at `key` under a new lease, waiting up to [`HOLD_WAIT`]
-/// for another hub's: the lease, or who holds it.
-async fn hold(mut client: Client, key: String) -> Result<Result<i64, String>, etcd_client::Error> {
+/// Puts this hub's key (empty until it serves DNS) under a new lease, waiting up to
+/// [`HOLD_WAIT`] for the lease of an earlier hub with the same id to end: the lease, or
+/// `Err` if that hub is still there.
+async fn join(mut client: Client, key: String) -> Result<Result<i64, ()>, etcd_client::Error> {
     let deadline = tokio::time::Instant::now() + HOLD_WAIT;
     loop {
         let lease = client.lease_grant(HUB_LEASE_TTL, None).await?.id();
@@ -169,41 +335,98 @@ async fn hold(mut client: Client, key: String) -> Result<Result<i64, String>, et
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
                 key.clone(),
-                holder_name(),
+                "",
                 Some(PutOptions::new().with_lease(lease)),
-            )])
-            .or_else([TxnOp::get(key.clone(), None)]);
-        let taken = client.txn(take).await?;
-        if taken.succeeded() {
+            )]);
+        if client.txn(take).await?.succeeded() {
             return Ok(Ok(lease));
         }
         client.lease_revoke(lease).await?;
-        let holder = taken
-            .op_responses()
-            .into_iter()
-            .find_map(|response| match response {
-                TxnOpResponse::Get(got) => got
-                    .kvs()
-                    .first()
-                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
-                _ => None,
-            })
-            .unwrap_or_else(|| "another hub".into());
         if tokio::time::Instant::now() >= deadline {
-            return Ok(Err(holder));
+            return Ok(Err(()));
         }
-        tracing::info!(%holder, "the registry is held by another hub: waiting for its lease to end");
+        tracing::info!(%key, "a hub with this id serves the registry: waiting for its lease to end");
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Reads the live workers and hubs into `followed`: the revision to watch from.
+async fn catch_up(
+    mut client: Client,
+    config: EtcdConfig,
+    followed: Arc<Followed>,
+) -> Result<i64, etcd_client::Error> {
+    let got = client
+        .get(config.all(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    lock(&followed.workers).clear();
+    lock(&followed.hubs).clear();
+    let mut apps = Vec::new();
+    for kv in got.kvs() {
+        match Key::parse(&config, kv.key()) {
+            Some(Key::App(name)) => match serde_json::from_slice(kv.value()) {
+                Ok(record) => apps.push(Versioned {
+                    record,
+                    revision: kv.mod_revision(),
+                }),
+                Err(e) => tracing::error!(app = %name, "an undecodable record in etcd: {e}"),
+            },
+            _ => followed.apply(&config, kv.key(), Some(kv.value()), kv.mod_revision()),
+        }
+    }
+    let revision = got.header().map_or(0, |h| h.revision());
+    followed.app_changed(AppChange::All { apps, revision });
+    Ok(revision + 1)
+}
+
+/// Follows every change under the prefix from revision `from`, for as long as the
+/// registry lives (its runtime ends this task); when the watch breaks (etcd restarted,
+/// or the revision was compacted away), reads everything again and follows on.
+async fn follow(client: Client, config: EtcdConfig, followed: Arc<Followed>, mut from: i64) {
+    loop {
+        let mut watching = client.clone();
+        let options = WatchOptions::new().with_prefix().with_start_revision(from);
+        match watching.watch(config.all(), Some(options)).await {
+            Ok(mut stream) => loop {
+                match stream.message().await {
+                    Ok(Some(answer)) => {
+                        if answer.canceled() || answer.compact_revision() > 0 {
+                            tracing::warn!(
+                                reason = answer.cancel_reason(),
+                                "the registry's watch was cancelled"
+                            );
+                            break;
+                        }
+                        for event in answer.events() {
+                            let Some(kv) = event.kv() else { continue };
+                            let value = match event.event_type() {
+                                EventType::Put => Some(kv.value()),
+                                EventType::Delete => None,
+                            };
+                            followed.apply(&config, kv.key(), value, kv.mod_revision());
+                            from = from.max(kv.mod_revision() + 1);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!("following the registry: {e}");
+                        break;
+                    }
+                }
+            },
+            Err(e) => tracing::warn!("watching the registry: {e}"),
+        }
+        tokio::time::sleep(REWATCH_DELAY).await;
+        match catch_up(client.clone(), config.clone(), followed.clone()).await {
+            Ok(next) => from = next,
+            Err(e) => tracing::warn!("reading the registry again: {e}"),
+        }
     }
 }
 
 /// Keeps `lease` alive, three times per TTL, for as long as the registry lives (its
 /// runtime ends this task); sets `lost` if it expired.
-async fn keep_alive(
-    mut client: Client,
-    lease: i64,
-    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) {
+async fn keep_alive(mut client: Client, lease: i64, lost: Arc<AtomicBool>) {
     let period = Duration::from_secs(HUB_LEASE_TTL as u64) / 3;
     let mut keeping = None;
     loop {
@@ -218,16 +441,16 @@ async fn keep_alive(
             match tokio::time::timeout(CALL_TIMEOUT, kept).await {
                 Ok(Ok(Some(answer))) if answer.ttl() > 0 => {}
                 Ok(Ok(_)) => {
-                    tracing::error!(lease, "the hub's hold on the registry expired");
-                    lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                    tracing::error!(lease, "the hub's lease in the registry expired");
+                    lost.store(true, Ordering::SeqCst);
                     return;
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(lease, "keeping the hold on the registry: {e}");
+                    tracing::warn!(lease, "keeping the hub's lease: {e}");
                     keeping = None;
                 }
                 Err(_) => {
-                    tracing::warn!(lease, "keeping the hold on the registry: no answer");
+                    tracing::warn!(lease, "keeping the hub's lease: no answer");
                     keeping = None;
                 }
             }
@@ -259,28 +482,9 @@ fn wait<T: Send + 'static>(
     })
 }
 
-impl EtcdRegistry {
-    /// Runs `operations` in one transaction if this hub still holds the registry.
-    fn fenced(&self, operations: Vec<TxnOp>) -> Result<(), RegistryError> {
-        let (hub, lease) = (self.config.hub(), self.lease);
-        let done = self.call(move |mut client| {
-            Box::pin(async move {
-                let txn = Txn::new()
-                    .when([Compare::lease(hub, CompareOp::Equal, lease)])
-                    .and_then(operations);
-                Ok(client.txn(txn).await?.succeeded())
-            })
-        })?;
-        if done {
-            Ok(())
-        } else {
-            Err(RegistryError::Lost)
-        }
-    }
-}
-
 impl Drop for EtcdRegistry {
-    /// Lets go of the registry at once, so the next hub need not wait for the lease.
+    /// Takes this hub's key away at once. The workers' leases are left to run out:
+    /// their workers report to another hub meanwhile, which renews them.
     fn drop(&mut self) {
         let lease = self.lease;
         let _ = self.call(move |mut client| {
@@ -295,8 +499,15 @@ impl Drop for EtcdRegistry {
     }
 }
 
+fn encode<T: serde::Serialize>(name: &str, value: &T) -> Result<Vec<u8>, RegistryError> {
+    serde_json::to_vec(value).map_err(|source| RegistryError::Record {
+        name: name.to_string(),
+        source,
+    })
+}
+
 impl RegistryStore for EtcdRegistry {
-    fn load(&self) -> Result<Vec<AppRecord>, RegistryError> {
+    fn load(&self) -> Result<Vec<Versioned>, RegistryError> {
         let prefix = self.config.apps();
         let kvs = self.call(move |mut client| {
             Box::pin(async move {
@@ -306,34 +517,64 @@ impl RegistryStore for EtcdRegistry {
                 Ok(got
                     .kvs()
                     .iter()
-                    .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+                    .map(|kv| (kv.key().to_vec(), kv.value().to_vec(), kv.mod_revision()))
                     .collect::<Vec<_>>())
             })
         })?;
         kvs.into_iter()
-            .map(|(key, value)| {
-                serde_json::from_slice(&value).map_err(|source| RegistryError::Record {
-                    name: String::from_utf8_lossy(&key).into_owned(),
-                    source,
-                })
+            .map(|(key, value, revision)| {
+                let record =
+                    serde_json::from_slice(&value).map_err(|source| RegistryError::Record {
+                        name: String::from_utf8_lossy(&key).into_owned(),
+                        source,
+                    })?;
+                Ok(Versioned { record, revision })
             })
             .collect()
     }
 
-    fn save_all(&self, records: &[&AppRecord], _sync: bool) -> Result<(), RegistryError> {
-        for piece in records.chunks(OPS_PER_TRANSACTION) {
-            let mut puts = Vec::with_capacity(piece.len());
-            for record in piece {
-                let value = serde_json::to_vec(record).map_err(|source| RegistryError::Record {
-                    name: record.spec.name.clone(),
+    fn get(&self, name: &str) -> Result<Option<Versioned>, RegistryError> {
+        let key = self.config.app(name);
+        let kv = self.call(move |mut client| {
+            Box::pin(async move {
+                let got = client.get(key, None).await?;
+                Ok(got
+                    .kvs()
+                    .first()
+                    .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+            })
+        })?;
+        kv.map(|(value, revision)| {
+            let record =
+                serde_json::from_slice(&value).map_err(|source| RegistryError::Record {
+                    name: name.to_string(),
                     source,
                 })?;
-                let key = format!("{}{}", self.config.apps(), record.spec.name);
-                puts.push(TxnOp::put(key, value, None));
-            }
-            self.fenced(puts)?;
+            Ok(Versioned { record, revision })
+        })
+        .transpose()
+    }
+
+    /// One transaction: every record's revision checked, then every record put. etcd
+    /// syncs its raft log before it answers.
+    fn save_all(
+        &self,
+        records: &[(&AppRecord, i64)],
+        _sync: bool,
+    ) -> Result<Vec<i64>, RegistryError> {
+        let mut checks = Vec::with_capacity(records.len());
+        let mut puts = Vec::with_capacity(records.len());
+        for (record, expected) in records {
+            let key = self.config.app(&record.spec.name);
+            checks.push(if *expected == 0 {
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0)
+            } else {
+                Compare::mod_revision(key.clone(), CompareOp::Equal, *expected)
+            });
+            puts.push(TxnOp::put(key, encode(&record.spec.name, record)?, None));
         }
-        Ok(())
+        let revision = self.fenced(checks, puts)?;
+        Ok(vec![revision; records.len()])
     }
 
     /// Every write is durable when etcd answers it.
@@ -342,12 +583,112 @@ impl RegistryStore for EtcdRegistry {
     }
 
     fn remove(&self, name: &str) -> Result<(), RegistryError> {
-        let key = format!("{}{name}", self.config.apps());
-        self.fenced(vec![TxnOp::delete(key, None)])
+        self.fenced(vec![], vec![TxnOp::delete(self.config.app(name), None)])
+            .map(drop)
+    }
+
+    fn follow(&self, changes: tokio::sync::mpsc::UnboundedSender<AppChange>) {
+        let mut sink = lock(&self.followed.apps);
+        if let AppSink::Kept(kept) = &mut *sink {
+            for change in kept.drain(..) {
+                let _ = changes.send(change);
+            }
+        }
+        *sink = AppSink::Sent(changes);
+    }
+
+    /// Renews the worker's lease (granting one the first time this hub hears from it, or
+    /// when it ran out), then puts its record under it.
+    fn worker_alive(&self, worker: &WorkerRecord, ttl: Duration) -> Result<(), RegistryError> {
+        let id = worker.hello.id.clone();
+        let ttl = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
+        let leases = self.worker_leases.clone();
+        let renewed = self.call(move |mut client| {
+            Box::pin(async move {
+                let mut leases = leases.lock().await;
+                if let Some(lease) = leases.get_mut(&id) {
+                    lease.keeper.keep_alive().await?;
+                    let answer = lease.answers.message().await?;
+                    if answer.is_some_and(|a| a.ttl() > 0) {
+                        return Ok(lease.id);
+                    }
+                    leases.remove(&id);
+                }
+                let granted = client.lease_grant(ttl, None).await?.id();
+                let (keeper, answers) = client.lease_keep_alive(granted).await?;
+                leases.insert(
+                    id,
+                    WorkerLease {
+                        id: granted,
+                        keeper,
+                        answers,
+                    },
+                );
+                Ok(granted)
+            })
+        });
+        let lease = match renewed {
+            Ok(lease) => lease,
+            Err(e) => {
+                // A broken keep-alive stream: the next report grants a new lease.
+                self.call({
+                    let leases = self.worker_leases.clone();
+                    let id = worker.hello.id.clone();
+                    move |_| {
+                        Box::pin(async move {
+                            leases.lock().await.remove(&id);
+                            Ok(())
+                        })
+                    }
+                })?;
+                return Err(e);
+            }
+        };
+        let key = self.config.worker(&worker.hello.id);
+        let value = encode(&worker.hello.id, worker)?;
+        let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
+        self.fenced(vec![], vec![put])?;
+        lock(&self.followed.workers).insert(worker.hello.id.clone(), worker.clone());
+        Ok(())
+    }
+
+    fn worker_left(&self, id: &str) -> Result<(), RegistryError> {
+        lock(&self.followed.workers).remove(id);
+        let leases = self.worker_leases.clone();
+        let left = id.to_string();
+        self.call(move |mut client| {
+            Box::pin(async move {
+                if let Some(lease) = leases.lock().await.remove(&left) {
+                    client.lease_revoke(lease.id).await?;
+                }
+                Ok(())
+            })
+        })?;
+        self.fenced(vec![], vec![TxnOp::delete(self.config.worker(id), None)])
+            .map(drop)
+    }
+
+    fn live_workers(&self) -> Vec<WorkerRecord> {
+        lock(&self.followed.workers).values().cloned().collect()
+    }
+
+    fn announce(&self, me: &HubRecord) -> Result<(), RegistryError> {
+        let key = self.config.hub(&self.hub_id);
+        let value = encode(&me.id, me)?;
+        let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(self.lease)));
+        self.fenced(vec![], vec![put])?;
+        lock(&self.followed.hubs).insert(self.hub_id.clone(), me.clone());
+        Ok(())
+    }
+
+    fn hubs(&self) -> Vec<HubRecord> {
+        let mut hubs: Vec<HubRecord> = lock(&self.followed.hubs).values().cloned().collect();
+        hubs.sort_by(|a, b| a.id.cmp(&b.id));
+        hubs
     }
 
     fn lost(&self) -> bool {
-        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+        self.lost.load(Ordering::SeqCst)
     }
 }
 
@@ -428,53 +769,130 @@ mod tests {
     fn the_registry_suite_passes_on_etcd() {
         let dir = tempfile::tempdir().unwrap();
         let server = testing::EtcdServer::start(dir.path());
-        let config = RegistryConfig::parse(&format!("{}/suite", server.url), "x".into()).unwrap();
-        suite::records_survive_a_reopen(&config);
+        let config = |prefix: &str| {
+            RegistryConfig::parse(&format!("{}/{prefix}", server.url), "x".into()).unwrap()
+        };
+        suite::records_survive_a_reopen(&config("suite"));
+        suite::a_stale_write_is_refused(&config("stale"));
+        suite::workers_live_while_they_report(&config("workers"));
+        suite::a_hub_announces_itself(&config("hubs"));
         // Another prefix is another registry.
-        let other = RegistryConfig::parse(&format!("{}/other", server.url), "x".into()).unwrap();
-        assert!(Registry::open(&other).unwrap().load().unwrap().is_empty());
+        let other = Registry::open(&config("other"), "hub-1").unwrap();
+        assert!(other.load().unwrap().is_empty());
+    }
+
+    fn changes(registry: &Registry) -> tokio::sync::mpsc::UnboundedReceiver<AppChange> {
+        let (send, receive) = tokio::sync::mpsc::unbounded_channel();
+        registry.follow(send);
+        receive
+    }
+
+    /// The next change that is not `All` (the first change a follower gets).
+    fn next_change(changes: &mut tokio::sync::mpsc::UnboundedReceiver<AppChange>) -> AppChange {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match changes.try_recv() {
+                Ok(AppChange::All { .. }) => {}
+                Ok(change) => return change,
+                Err(_) => {
+                    assert!(std::time::Instant::now() < deadline, "no change came");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
     }
 
     #[test]
-    fn one_hub_at_a_time_holds_a_registry() {
+    fn hubs_share_a_registry_and_see_each_others_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = testing::EtcdServer::start(dir.path());
+        let config = RegistryConfig::parse(&format!("{}/shared", server.url), "x".into()).unwrap();
+        let first = Registry::open(&config, "hub-a").unwrap();
+        let second = Registry::open(&config, "hub-b").unwrap();
+        let mut seen_by_first = changes(&first);
+        let mut seen_by_second = changes(&second);
+        let record = suite::record("a");
+        let revision = first.save(&record, 0, true).unwrap();
+        assert_eq!(
+            next_change(&mut seen_by_second),
+            AppChange::Written(Box::new(Versioned {
+                record: record.clone(),
+                revision
+            }))
+        );
+        // Each sees the other's workers and hubs.
+        let worker = WorkerRecord {
+            hello: crate::model::WorkerHello {
+                id: "w".into(),
+                url: "http://127.0.0.1:1".into(),
+                memory_limit_bytes: 1,
+            },
+            memory_bytes: 0,
+            resident: 0,
+            held: vec![],
+            reported_at_unix_ms: 0,
+        };
+        first.worker_alive(&worker, Duration::from_secs(3)).unwrap();
+        for (id, dns) in [("hub-a", "127.0.0.1:53"), ("hub-b", "127.0.0.2:53")] {
+            let hub = if id == "hub-a" { &first } else { &second };
+            hub.announce(&HubRecord {
+                id: id.into(),
+                dns: dns.parse().unwrap(),
+            })
+            .unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while second.live_workers() != [worker.clone()]
+            || first.hubs().len() != 2
+            || second.hubs().len() != 2
+        {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        second.remove("a").unwrap();
+        // The first hub hears of its own write, then of the removal.
+        assert!(matches!(
+            next_change(&mut seen_by_first),
+            AppChange::Written(_)
+        ));
+        assert!(matches!(
+            next_change(&mut seen_by_first),
+            AppChange::Removed { name, revision: removed } if name == "a" && removed > revision
+        ));
+        // A hub that ends is gone from the others' list at once.
+        drop(first);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while second.hubs().len() != 1 {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_hub_whose_key_is_gone_writes_nothing_and_ids_are_unique() {
         let dir = tempfile::tempdir().unwrap();
         let server = testing::EtcdServer::start(dir.path());
         let config = RegistryConfig::parse(&format!("{}/held", server.url), "x".into()).unwrap();
-        let first = Registry::open(&config).unwrap();
-        let record = crate::model::AppRecord::new(crate::model::AppSpec {
-            name: "a".into(),
-            image: "i".into(),
-            memory_mib: None,
-            env: vec![],
-            idle_after_secs: None,
-        });
-        first.save(&record, true).unwrap();
-        // A second hub waits for the hold, then says who has it.
+        let first = Registry::open(&config, "hub-a").unwrap();
+        // A second hub with the same id waits for the first's lease, then says why not.
         let started = std::time::Instant::now();
-        let error = Registry::open(&config).unwrap_err().to_string();
+        let error = Registry::open(&config, "hub-a").unwrap_err().to_string();
         assert!(started.elapsed() >= HOLD_WAIT, "{error}");
-        assert!(error.contains("one hub at a time"), "{error}");
-        assert!(
-            error.contains(&format!("pid {}", std::process::id())),
-            "{error}"
-        );
-        // Once the first lets go, the next holds it at once, and finds what it wrote.
-        drop(first);
-        let started = std::time::Instant::now();
-        let next = Registry::open(&config).unwrap();
-        assert!(started.elapsed() < HOLD_WAIT / 2);
-        assert_eq!(next.load().unwrap(), vec![record.clone()]);
-        // Taken from it (its key gone, as when its lease expired and another hub took
-        // over), it writes nothing more.
+        assert!(error.contains("--hub-id"), "{error}");
+        let record = suite::record("a");
+        first.save(&record, 0, true).unwrap();
+        // Its key gone (as when its lease expired, cut off from etcd), it writes nothing
+        // more, and knows it.
         let etcd = EtcdConfig::parse(&format!("{}/held", server.url)).unwrap();
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
             let mut client = Client::connect(etcd.endpoints.clone(), None).await.unwrap();
-            client.delete(etcd.hub(), None).await.unwrap();
+            client.delete(etcd.hub("hub-a"), None).await.unwrap();
         });
-        let error = next.save(&record, true).unwrap_err();
+        let error = first.save(&suite::record("b"), 0, true).unwrap_err();
         assert!(matches!(error, RegistryError::Lost), "{error}");
-        assert!(matches!(next.remove("a"), Err(RegistryError::Lost)));
+        assert!(matches!(first.remove("a"), Err(RegistryError::Lost)));
+        assert!(first.lost());
     }
 
     #[test]
@@ -484,7 +902,7 @@ mod tests {
         // The server is gone now: nothing answers there.
         let config = RegistryConfig::parse(&port, "x".into()).unwrap();
         let started = std::time::Instant::now();
-        let error = Registry::open(&config).unwrap_err().to_string();
+        let error = Registry::open(&config, "hub-1").unwrap_err().to_string();
         assert!(error.contains("127.0.0.1"), "{error}");
         assert!(started.elapsed() < CALL_TIMEOUT * 3);
     }

@@ -40,9 +40,13 @@ async fn start(
 ) -> Result<Json<Started>, Failure> {
     let Json(order) = order.map_err(rejection)?;
     order.spec.validate().map_err(Failure::bad_request)?;
-    worker
-        .start(order)
+    // On a task of its own: a start runs to its end even if the hub that ordered it goes
+    // away meanwhile (its connection dropped, this handler with it); the app is then
+    // resident, and the next report tells whichever hub takes it.
+    let started = tokio::spawn(async move { worker.start(order).await });
+    started
         .await
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map(Json)
         .map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, e))
 }

@@ -222,7 +222,7 @@ pub struct Worker {
     /// meanwhile), which no other app may be given.
     reserved: std::sync::Mutex<std::collections::HashSet<Ipv4Addr>>,
     /// The hub, for waking apps (set when the worker runs).
-    hub: std::sync::OnceLock<crate::client::Client>,
+    hub: std::sync::OnceLock<Arc<crate::client::Failover>>,
     /// What the next report carries besides the changes of the resident and held sets.
     pending: std::sync::Mutex<Pending>,
     /// What the hub was last told of the resident and held sets.
@@ -1305,7 +1305,7 @@ fn add_usage(total: &mut UsageDelta, delta: &UsageDelta) {
 /// reports every `period` until `shutdown` resolves; then swaps every app out.
 pub async fn run(
     worker: Arc<Worker>,
-    hub: crate::client::Client,
+    hub: Arc<crate::client::Failover>,
     listener: tokio::net::TcpListener,
     token: Arc<str>,
     period: Duration,
@@ -1329,7 +1329,7 @@ pub async fn run(
         url: url.clone(),
         memory_limit_bytes: worker.config.memory_limit,
     };
-    tracing::info!(id = %hello.id, %url, hub = hub.base(), "worker up");
+    tracing::info!(id = %hello.id, %url, hubs = %hub.bases().join(","), "worker up");
     let mut registered = false;
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
