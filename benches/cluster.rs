@@ -528,6 +528,11 @@ fn failover_on_etcd() {
     let registry = format!("{}/failover", etcd.url);
     let cold = dir.join("cold");
     let cold = cold.to_str().unwrap();
+    let hub_dir = |name: String| {
+        let hub_dir = dir.join(name);
+        std::fs::create_dir_all(&hub_dir).unwrap();
+        hub_dir
+    };
     let flags = |id: &'static str| {
         [
             "--registry",
@@ -538,7 +543,8 @@ fn failover_on_etcd() {
             "2",
         ]
     };
-    let (_survivor, dns, api_address) = start_hub_with(&dir.join("hub-b"), TOKEN, &flags("hub-b"));
+    let (_survivor, dns, api_address) =
+        start_hub_with(&hub_dir("hub-b".into()), TOKEN, &flags("hub-b"));
     let body = r#"{"name":"fo","image":"counter-http"}"#;
     let (status, answer) = call(api_address, "POST", "/v1/apps", body);
     assert_eq!(status, 201, "{answer}");
@@ -570,7 +576,7 @@ fn failover_on_etcd() {
     let (mut calm, mut after_death) = (Vec::new(), Vec::new());
     for round in 0..FAILOVER_ROUNDS {
         let (mut doomed, _, doomed_api) =
-            start_hub_with(&dir.join(format!("hub-a-{round}")), TOKEN, &flags("hub-a"));
+            start_hub_with(&hub_dir(format!("hub-a-{round}")), TOKEN, &flags("hub-a"));
         wait_for("the second hub to know the app", LIMIT, || {
             (call(doomed_api, "GET", "/v1/apps/fo", "").0 == 200).then_some(())
         });
