@@ -500,14 +500,7 @@ fn failover_worker(
     cmd.args(["--token", TOKEN, "--id", id, "--addresses", pool]);
     cmd.args(["--idle-after", "3600", "--store", cold, "--warm-pool", "0"]);
     let worker = Proc::spawn(cmd, dir.join(format!("{id}.log")));
-    wait_for("the worker", LIMIT, || {
-        let (_, workers) = call(api, "GET", "/v1/workers", "");
-        workers
-            .as_array()?
-            .iter()
-            .any(|w| w["id"] == id)
-            .then_some(())
-    });
+    common::cluster::wait_until_registered(api, TOKEN, id);
     worker
 }
 

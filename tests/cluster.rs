@@ -173,16 +173,9 @@ fn worker_of(hubs: &[&Hub], id: &str, pool: &str, idle_after: &str, cold: &[&str
     proc
 }
 
-/// Waits (at most 20 s) until the hub lists worker `id`: only then can it run apps there.
+/// Waits (at most 20 s) until `hub` lists worker `id`: only then can it run apps there.
 fn wait_until_registered(hub: &Hub, id: &str) {
-    wait_for("the worker to register", Duration::from_secs(20), || {
-        let (_, workers) = hub.call("GET", "/v1/workers", None);
-        workers
-            .as_array()?
-            .iter()
-            .any(|w| w["id"] == id)
-            .then_some(())
-    });
+    common::cluster::wait_until_registered(hub.api, TOKEN, id);
 }
 
 /// `dig` at the hub: (status, answers).

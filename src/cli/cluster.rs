@@ -138,6 +138,13 @@ struct WorkerFlags {
     /// The addresses this worker gives its apps, as A.B.C.D/N (loopback: 127.x.y.z).
     #[arg(long, value_name = "CIDR", default_value = "127.1.0.0/24")]
     addresses: String,
+    /// Add each app's address to this network interface while an app has it (and take
+    /// it off after), so that clients on other hosts reach apps directly: give
+    /// --addresses a range that the network routes to this host (or that shares the
+    /// interface's link). Without it the addresses must already be this host's (as
+    /// 127.0.0.0/8 is).
+    #[arg(long, value_name = "NAME")]
+    interface: Option<String>,
     /// This worker's id; by default the host name and the process id.
     #[arg(long)]
     id: Option<String>,
@@ -379,6 +386,12 @@ fn worker_options(
             stream_swap_in: !flags.s3_download_first,
             use_chain_hint: !flags.s3_no_chain_hint,
             warm_pool: usize::from(flags.warm_pool),
+            interface: flags
+                .interface
+                .as_deref()
+                .map(picocenter_vmm::sandbox::rtnetlink::interface_index)
+                .transpose()
+                .context("--interface")?,
         },
         cold,
         period: Duration::from_millis(500),

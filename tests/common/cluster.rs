@@ -392,3 +392,16 @@ pub fn first_byte_of_root(address: Ipv4Addr, started: Instant) -> Option<f64> {
     stream.read_to_end(&mut rest).ok()?;
     (first[0] == b'H' && rest.starts_with(b"TTP/1.1 200")).then_some(ms)
 }
+
+/// Waits (at most 20 s) until the hub whose API is at `api` lists worker `id`: only then
+/// can it run apps there.
+pub fn wait_until_registered(api_address: SocketAddr, token: &str, id: &str) {
+    wait_for("the worker to register", Duration::from_secs(20), || {
+        let (_, workers) = api(api_address, "GET", "/v1/workers", None, Some(token));
+        workers
+            .as_array()?
+            .iter()
+            .any(|w| w["id"] == id)
+            .then_some(())
+    });
+}

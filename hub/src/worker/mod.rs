@@ -111,6 +111,10 @@ pub struct WorkerConfig {
     pub use_chain_hint: bool,
     /// Spare VMMs kept started ahead, with their VMs made (0: none).
     pub warm_pool: usize,
+    /// The network interface (its index) that each app's address is added to while an
+    /// app has it, so that other hosts reach apps directly (`None`: the addresses are
+    /// already this host's, as 127.0.0.0/8 is).
+    pub interface: Option<u32>,
 }
 
 /// Why an order failed.
@@ -137,6 +141,9 @@ pub enum WorkerError {
     /// An app name that cannot name its files.
     #[error(transparent)]
     Name(#[from] picocenter_snapshots::names::NameError),
+    /// The app's address could not be added to the worker's interface.
+    #[error(transparent)]
+    Interface(#[from] picocenter_vmm::sandbox::rtnetlink::NetlinkError),
 }
 
 /// How a swap-out went, once the app's memory is free.
@@ -248,6 +255,8 @@ pub struct Worker {
     snapshot_seq: std::sync::atomic::AtomicU64,
     /// Spare VMMs started ahead (once the worker runs).
     warm_pool: std::sync::OnceLock<pool::WarmPool>,
+    /// The app addresses this worker added to its interface (`WorkerConfig::interface`).
+    on_interface: std::sync::Mutex<std::collections::HashSet<Ipv4Addr>>,
 }
 
 impl Worker {
@@ -271,6 +280,7 @@ impl Worker {
             metrics: Default::default(),
             snapshot_seq: Default::default(),
             warm_pool: std::sync::OnceLock::new(),
+            on_interface: Default::default(),
         })
     }
 
@@ -364,6 +374,7 @@ impl Worker {
             self.report_comeback(false, self.uploads.end_comeback(&name, &id, false));
             return Err(WorkerError::NotHere(name));
         }
+        let fresh_address = held.is_none();
         let address = match &held {
             Some(held) => {
                 self.reserve(held.sockets.address);
@@ -382,6 +393,10 @@ impl Worker {
             self.report_comeback(back, self.uploads.end_comeback(&name, id, back));
         }
         self.unreserve(address);
+        if started.is_err() && fresh_address {
+            // Nobody has it: it was never any app's, so it needs no quarantine.
+            self.leave_interface(address);
+        }
         started
     }
 
@@ -566,21 +581,59 @@ impl Worker {
             .collect();
         let (first, count) = self.config.addresses;
         let base = u32::from(first);
-        (0..count)
+        let address = (0..count)
             .map(|i| Ipv4Addr::from(base.wrapping_add(i)))
             .find(|a| !taken.contains(a) && !reserved.contains(a))
-            .inspect(|a| {
-                reserved.insert(*a);
-            })
-            .ok_or(WorkerError::NoAddress(count))
+            .ok_or(WorkerError::NoAddress(count))?;
+        if let Some(index) = self.config.interface {
+            picocenter_vmm::sandbox::rtnetlink::add_address(index, address)?;
+            self.on_interface
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(address);
+        }
+        reserved.insert(address);
+        Ok(address)
     }
 
-    /// App `address` is no longer any app's here: nobody gets it for the quarantine.
+    /// App `address` is no longer any app's here: nobody gets it for the quarantine, and
+    /// it leaves the interface.
     fn release_address(&self, address: Ipv4Addr) {
         self.quarantine
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((address, Instant::now()));
+        self.leave_interface(address);
+    }
+
+    /// Takes `address` off the worker's interface, if it put it there.
+    fn leave_interface(&self, address: Ipv4Addr) {
+        let (Some(index), true) = (
+            self.config.interface,
+            self.on_interface
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&address),
+        ) else {
+            return;
+        };
+        if let Err(e) = picocenter_vmm::sandbox::rtnetlink::remove_address(index, address) {
+            tracing::warn!(%address, "{e}");
+        }
+    }
+
+    /// Takes every app address it added off the worker's interface (it is stopping).
+    fn leave_interface_all(&self) {
+        let added: Vec<Ipv4Addr> = self
+            .on_interface
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        for address in added {
+            self.leave_interface(address);
+        }
     }
 
     /// Holds `sockets` of swapped-out app `name`, and wakes it (through the hub) when a
@@ -1398,6 +1451,7 @@ pub async fn run(
             let _ = prune.await;
         }
     }
+    worker.leave_interface_all();
     server.abort();
     child_watch.abort();
     if let Some(garbage) = garbage {

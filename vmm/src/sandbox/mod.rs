@@ -29,6 +29,7 @@ pub mod lease;
 pub mod loopback6;
 mod node;
 pub mod pathbytes;
+pub mod rtnetlink;
 pub mod seccomp;
 pub mod supervise;
 
