@@ -151,19 +151,18 @@ pub struct S3Server {
 impl S3Server {
     /// Starts moto's S3 server, logging to `log`, and waits until it accepts.
     pub fn moto(log: PathBuf) -> S3Server {
-        let port = free_port();
+        Self::moto_on(Ipv4Addr::LOCALHOST, log)
+    }
+
+    /// [`S3Server::moto`] listening on `host` (an address of this host's).
+    pub fn moto_on(host: Ipv4Addr, log: PathBuf) -> S3Server {
+        let port = free_port(host);
         let mut cmd = Command::new("python3");
-        cmd.args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ]);
+        cmd.args(["-m", "moto.server", "-H", &host.to_string()]);
+        cmd.args(["-p", &port.to_string()]);
         Self::spawn(
             cmd,
-            port,
+            (host, port),
             log,
             "the moto S3 server (pip install 'moto[server]')",
         )
@@ -176,30 +175,33 @@ impl S3Server {
     pub fn s3s_fs(root: &Path, log: PathBuf) -> Option<S3Server> {
         let program = s3s_fs_program()?;
         std::fs::create_dir_all(root).unwrap();
-        let port = free_port();
+        let port = free_port(Ipv4Addr::LOCALHOST);
         let mut cmd = Command::new(program);
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
         cmd.args(["--access-key", "test", "--secret-key", "test"])
             .arg(root);
-        Some(Self::spawn(cmd, port, log, "the s3s-fs S3 server"))
+        Some(Self::spawn(
+            cmd,
+            (Ipv4Addr::LOCALHOST, port),
+            log,
+            "the s3s-fs S3 server",
+        ))
     }
 
-    fn spawn(mut cmd: Command, port: u16, log: PathBuf, what: &str) -> S3Server {
+    fn spawn(mut cmd: Command, at: (Ipv4Addr, u16), log: PathBuf, what: &str) -> S3Server {
         cmd.stdin(Stdio::null());
         let proc = Proc::spawn(cmd, log);
-        let endpoint = format!("http://127.0.0.1:{port}");
+        let endpoint = format!("http://{}:{}", at.0, at.1);
         wait_for(what, Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
+            std::net::TcpStream::connect(at).ok().map(|_| ())
         });
         S3Server { proc, endpoint }
     }
 }
 
-/// A port free on loopback just now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+/// A port free on `host` just now.
+fn free_port(host: Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((host, 0))
         .unwrap()
         .local_addr()
         .unwrap()
