@@ -605,9 +605,35 @@ impl Hub {
 
     // ---- workers -----------------------------------------------------------------------
 
-    /// A worker introduces itself (again).
+    /// A worker introduces itself (again). One that was restarted (another instance
+    /// under the same id) runs none of the apps its last instance ran: they go back to
+    /// their snapshots.
     pub fn register_worker(&self, hello: WorkerHello) -> Result<(), HubError> {
         tracing::info!(id = %hello.id, url = %hello.url, "worker registered");
+        let restarted = self.registry.live_workers().into_iter().any(|w| {
+            w.hello.id == hello.id
+                && w.hello.instance != 0
+                && hello.instance != 0
+                && w.hello.instance != hello.instance
+        });
+        if restarted {
+            tracing::warn!(worker = %hello.id, "worker restarted: the apps it ran go back to their snapshots");
+            let ran: Vec<String> = lock(&self.apps)
+                .values()
+                .filter(|v| v.record.worker.as_deref() == Some(hello.id.as_str()))
+                .map(|v| v.record.spec.name.clone())
+                .collect();
+            for name in ran {
+                self.update(&name, true, |r| {
+                    let ran_there = matches!(r.state, AppState::Resident | AppState::Starting)
+                        && r.worker.as_deref() == Some(hello.id.as_str());
+                    if ran_there {
+                        back_to_snapshot(r, "restarted");
+                    }
+                    ran_there
+                });
+            }
+        }
         let worker = WorkerRecord {
             hello,
             memory_bytes: 0,
@@ -808,21 +834,7 @@ impl Hub {
                 if !gone(r) {
                     return false;
                 }
-                let worker = r.worker.take().unwrap_or_default();
-                r.state = if r.snapshot.is_some() {
-                    AppState::SwappedOut
-                } else {
-                    AppState::New
-                };
-                r.address = None;
-                r.ordered_by = None;
-                r.event(format!(
-                    "worker {worker} is gone: back to {}",
-                    r.snapshot
-                        .as_deref()
-                        .map(|s| format!("snapshot {s}"))
-                        .unwrap_or_else(|| "a fresh start".into())
-                ));
+                back_to_snapshot(r, "gone");
                 true
             });
         }
@@ -871,6 +883,27 @@ impl Hub {
             tracing::error!("flushing the registry: {e}");
         }
     }
+}
+
+/// Returns `record`'s app, which its worker no longer runs (the worker is `why`), to its
+/// last snapshot (or to a fresh start).
+fn back_to_snapshot(record: &mut AppRecord, why: &str) {
+    let worker = record.worker.take().unwrap_or_default();
+    record.state = if record.snapshot.is_some() {
+        AppState::SwappedOut
+    } else {
+        AppState::New
+    };
+    record.address = None;
+    record.ordered_by = None;
+    record.event(format!(
+        "worker {worker} is {why}: back to {}",
+        record
+            .snapshot
+            .as_deref()
+            .map(|s| format!("snapshot {s}"))
+            .unwrap_or_else(|| "a fresh start".into())
+    ));
 }
 
 /// Applies what worker `id`'s `report` says of `record`'s app: whether it changed it,
@@ -977,6 +1010,7 @@ mod tests {
             id: "w".into(),
             url: "http://127.0.0.1:1".into(),
             memory_limit_bytes: 1 << 30,
+            instance: 0,
         })
         .unwrap();
         for name in ["a", "b", "c"] {
@@ -1164,6 +1198,7 @@ mod tests {
             id: "other".into(),
             url: "http://127.0.0.1:1".into(),
             memory_limit_bytes: 1 << 30,
+            instance: 0,
         })
         .unwrap();
         hub.report(
@@ -1177,6 +1212,40 @@ mod tests {
         let record = hub.get("a").unwrap();
         assert_eq!(record.snapshot.as_deref(), Some("s3"));
         assert_eq!(record.worker.as_deref(), Some("w"));
+    }
+
+    #[test]
+    fn a_restarted_worker_runs_none_of_its_last_instances_apps() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = crate::registry::RegistryConfig::Redb(dir.path().join("registry"));
+        let hub = Hub::open(HubConfig::default(), &registry, "t").unwrap();
+        let hello = |instance| WorkerHello {
+            id: "w".into(),
+            url: "http://127.0.0.1:1".into(),
+            memory_limit_bytes: 1 << 30,
+            instance,
+        };
+        hub.register_worker(hello(1)).unwrap();
+        hub.add(app_spec("a")).unwrap();
+        let address = Ipv4Addr::new(10, 0, 0, 1);
+        let resident = WorkerReport {
+            full: true,
+            resident: vec![("a".into(), address)],
+            resident_count: 1,
+            ..Default::default()
+        };
+        hub.report("w", resident).unwrap();
+        assert_eq!(hub.get("a").unwrap().state, AppState::Resident);
+        // The same instance registering again (its hub restarted) changes nothing.
+        hub.register_worker(hello(1)).unwrap();
+        assert_eq!(hub.get("a").unwrap().state, AppState::Resident);
+        // Another instance under the same id (the worker restarted within its lease).
+        hub.register_worker(hello(2)).unwrap();
+        let record = hub.get("a").unwrap();
+        assert_eq!(record.state, AppState::New);
+        assert_eq!((record.worker, record.address), (None, None));
+        let last = record.events.last().unwrap();
+        assert!(last.what.contains("restarted"), "{}", last.what);
     }
 
     /// A worker's order API that answers every start after `delay`, at 10.9.0.1, and
@@ -1256,6 +1325,7 @@ mod tests {
                     id: "w".into(),
                     url,
                     memory_limit_bytes: 1 << 30,
+                    instance: 0,
                 })
                 .unwrap();
             for round in 0..3 {
@@ -1299,6 +1369,7 @@ mod tests {
                     id: "w".into(),
                     url,
                     memory_limit_bytes: 1 << 30,
+                    instance: 0,
                 })
                 .unwrap();
             survivor.add(app_spec("app")).unwrap();

@@ -223,6 +223,11 @@ pub struct WorkerHello {
     pub url: String,
     /// Resident memory it may use for apps, bytes.
     pub memory_limit_bytes: u64,
+    /// A number drawn at the worker's start: a worker that registers again with the
+    /// same id and another instance was restarted, and runs none of the apps its last
+    /// instance ran.
+    #[serde(default)]
+    pub instance: u64,
 }
 
 /// A worker's periodic report.

@@ -826,6 +826,7 @@ mod tests {
                 id: "w".into(),
                 url: "http://127.0.0.1:1".into(),
                 memory_limit_bytes: 1,
+                instance: 0,
             },
             memory_bytes: 0,
             resident: 0,

@@ -341,6 +341,7 @@ pub(crate) mod suite {
                 id: id.into(),
                 url: "http://127.0.0.1:1".into(),
                 memory_limit_bytes: 1 << 30,
+                instance: 0,
             },
             memory_bytes,
             resident: 1,

@@ -1354,6 +1354,15 @@ fn add_usage(total: &mut UsageDelta, delta: &UsageDelta) {
     total.requests += delta.requests;
 }
 
+/// A number that differs from one start of a worker process to the next: the clock's
+/// nanoseconds and the process id.
+fn instance_number() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos ^ (u64::from(std::process::id()) << 40)).max(1)
+}
+
 /// Serves the order API on `listener`, registers with the hub, and then watches and
 /// reports every `period` until `shutdown` resolves; then swaps every app out.
 pub async fn run(
@@ -1381,6 +1390,7 @@ pub async fn run(
         id: worker.config.id.clone(),
         url: url.clone(),
         memory_limit_bytes: worker.config.memory_limit,
+        instance: instance_number(),
     };
     tracing::info!(id = %hello.id, %url, hubs = %hub.bases().join(","), "worker up");
     let mut registered = false;
