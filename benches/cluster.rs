@@ -23,7 +23,11 @@
 //! * issue #16's failover, two hubs on etcd: a swapped-out app's DNS query to first byte
 //!   at a hub just after the other hub was killed, against the same with both hubs up;
 //!   and from a worker's death (it and its VMMs killed) to its app answering from the
-//!   other worker (`cargo bench --bench cluster -- failover` runs only this).
+//!   other worker (`cargo bench --bench cluster -- failover` runs only this);
+//! * issue #16's chaos loop: two hubs on etcd and two workers, one of the four killed
+//!   (SIGKILL) every few seconds and started again, while clients query 20 apps at
+//!   either hub: requests attempted, answered and failed, and apps lost
+//!   (`cargo bench --bench cluster -- chaos` runs only this).
 //!
 //! Run with `cargo bench --bench cluster`.
 
@@ -638,6 +642,191 @@ fn failover_on_etcd() {
     );
 }
 
+/// A small random number generator (xorshift), seeded from the clock: the chaos loop's
+/// choices, with the seed printed so that a run can be repeated.
+struct Chaos(u64);
+
+impl Chaos {
+    fn next(&mut self, below: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % below as u64) as usize
+    }
+}
+
+/// One request to app `name` as a client makes it: a DNS query at `dns`, then `GET /`
+/// at the answer, each given `limit`. Whether the query was answered, and whether the
+/// app then answered.
+fn client_request(dns: SocketAddr, name: &str, limit: Duration) -> (bool, bool) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(limit)).unwrap();
+    if socket.send_to(&query(name, 9), dns).is_err() {
+        return (false, false);
+    }
+    let mut answer = [0u8; 512];
+    let Ok(n) = socket.recv(&mut answer) else {
+        return (false, false);
+    };
+    let Some(address) = first_a(&answer[..n]) else {
+        return (false, false);
+    };
+    (true, first_byte_of_root(address, Instant::now()).is_some())
+}
+
+/// Issue #16's chaos loop: two hubs on one etcd (fixed ports, so the workers' `--hub`
+/// lists stay right when one comes back) and two workers reporting to both, 20
+/// counter-http apps that swap out after 2 s idle. For [`CHAOS_SECONDS`], two clients
+/// request a random app at a random hub (a resolver that tries the other hub when one
+/// does not answer); every few seconds one of the four processes is killed (a worker
+/// with its VMMs, as when its host dies) and started again 1.5 s later (a hub under a
+/// new id, a worker under its own id). Then every app must come back.
+fn chaos_loop() {
+    const APPS: usize = 20;
+    const CHAOS_SECONDS: u64 = 40;
+    build_image("counter-http");
+    let dir = state_dir().join("bench-cluster/chaos");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let etcd = picocenter_hub::registry::etcd::testing::EtcdServer::start(&dir);
+    let registry = format!("{}/chaos", etcd.url);
+    let cold = dir.join("cold");
+    let cold = cold.to_str().unwrap().to_string();
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let hubs: Vec<(SocketAddr, SocketAddr)> = (0..2).map(|_| (port(), port())).collect();
+    let start_hub = |which: usize, generation: usize| {
+        let (dns, api) = hubs[which];
+        let hub_dir = dir.join(format!("hub-{which}-{generation}"));
+        std::fs::create_dir_all(&hub_dir).unwrap();
+        let mut cmd = picocenter();
+        cmd.args(["hub", "--dns", &dns.to_string(), "--api", &api.to_string()]);
+        cmd.args(["--token", TOKEN, "--registry", &registry]);
+        cmd.args(["--hub-id", &format!("chaos-{which}-{generation}")]);
+        cmd.args(["--worker-timeout", "2", "--data-dir"]);
+        cmd.arg(&hub_dir);
+        let hub = Proc::spawn(cmd, hub_dir.join("hub.log"));
+        wait_for("a hub", LIMIT, || common::cluster::hub_addresses(&hub.log));
+        hub
+    };
+    let urls: Vec<String> = hubs
+        .iter()
+        .map(|(_, api)| format!("http://{api}"))
+        .collect();
+    let start_worker = |which: usize, generation: usize| {
+        let id = format!("chaos-w{which}");
+        let mut cmd = picocenter();
+        cmd.args([
+            "worker",
+            "--hub",
+            &urls.join(","),
+            "--token",
+            TOKEN,
+            "--id",
+            &id,
+        ]);
+        cmd.args(["--addresses", &format!("127.4.{}.0/24", 20 + which)]);
+        cmd.args(["--idle-after", "2", "--store", &cold, "--warm-pool", "0"]);
+        cmd.args(["--address-quarantine", "1"]);
+        let worker = Proc::spawn(cmd, dir.join(format!("{id}-{generation}.log")));
+        common::cluster::wait_until_registered(hubs[0].1, TOKEN, &id);
+        worker
+    };
+    let mut processes: Vec<Proc> = vec![start_hub(0, 0), start_hub(1, 0)];
+    processes.push(start_worker(0, 0));
+    processes.push(start_worker(1, 0));
+    for app in 0..APPS {
+        let body = format!(r#"{{"name":"chaos{app}","image":"counter-http"}}"#);
+        let (status, answer) = call(hubs[app % 2].1, "POST", "/v1/apps", &body);
+        assert_eq!(status, 201, "{answer}");
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!(
+        "\n== chaos: 2 hubs on etcd, 2 workers, {APPS} apps, {CHAOS_SECONDS} s (seed {seed}) =="
+    );
+    let deadline = Instant::now() + Duration::from_secs(CHAOS_SECONDS);
+    // Requests attempted, served, unanswered by both hubs, answered but not served.
+    let tally = std::sync::Arc::new(std::sync::Mutex::new([0u64; 4]));
+    let clients: Vec<_> = (0..2u64)
+        .map(|client| {
+            let tally = tally.clone();
+            let dns: Vec<SocketAddr> = hubs.iter().map(|(dns, _)| *dns).collect();
+            std::thread::spawn(move || {
+                let mut choice = Chaos(seed.wrapping_mul(client + 3) | 1);
+                while Instant::now() < deadline {
+                    let app = format!("chaos{}.pico.local", choice.next(APPS));
+                    let first = choice.next(2);
+                    // A resolver asks the other name server when one does not answer.
+                    let (mut answered, mut served) =
+                        client_request(dns[first], &app, Duration::from_secs(2));
+                    if !answered {
+                        (answered, served) =
+                            client_request(dns[1 - first], &app, Duration::from_secs(2));
+                    }
+                    let mut tally = tally.lock().unwrap();
+                    tally[0] += 1;
+                    tally[1] += u64::from(answered && served);
+                    tally[2] += u64::from(!answered);
+                    tally[3] += u64::from(answered && !served);
+                    drop(tally);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect();
+    let mut chaos = Chaos(seed);
+    let mut kills = [0usize; 4];
+    let mut generation = 1;
+    while Instant::now() + Duration::from_secs(4) < deadline {
+        std::thread::sleep(Duration::from_millis(1500 + 500 * chaos.next(4) as u64));
+        let victim = chaos.next(4);
+        kills[victim] += 1;
+        let process = &mut processes[victim];
+        let tree = descendants(process.child.id());
+        process.kill();
+        for pid in tree {
+            // SAFETY: kill(2) of a process this bench started (a worker's VMMs).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        processes[victim] = match victim {
+            0 | 1 => start_hub(victim, generation),
+            _ => start_worker(victim - 2, generation),
+        };
+        generation += 1;
+    }
+    for client in clients {
+        client.join().unwrap();
+    }
+    // Every app must come back: registered, answered, and serving.
+    let lost: Vec<usize> = (0..APPS)
+        .filter(|app| {
+            let name = format!("chaos{app}.pico.local");
+            !(0..10)
+                .any(|_| client_request(hubs[0].0, &name, Duration::from_secs(10)) == (true, true))
+        })
+        .collect();
+    let [attempted, served, unanswered, unserved] = *tally.lock().unwrap();
+    println!(
+        "  kills: hub 0 {}, hub 1 {}, worker 0 {}, worker 1 {}",
+        kills[0], kills[1], kills[2], kills[3]
+    );
+    println!(
+        "  requests attempted {attempted}, served {served} ({:.1}%), failed {} (no DNS answer from either hub {unanswered}, answered but the app did not answer {unserved}); apps lost {} {lost:?}",
+        100.0 * served as f64 / attempted.max(1) as f64,
+        unanswered + unserved,
+        lost.len()
+    );
+}
+
 /// One DNS query for an A record at `dns`: the answer.
 fn query_answer(dns: SocketAddr, name: &str) -> Vec<u8> {
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -648,7 +837,6 @@ fn query_answer(dns: SocketAddr, name: &str) -> Vec<u8> {
     answer[..n].to_vec()
 }
 
-/// The spare VMMs a worker (process `worker`) keeps waiting: its children still running
 /// Issue #15's warm pool: the same restores and starts through a worker without spares
 /// (`--warm-pool 0`) and one with its default pool, rounds alternating; then what a spare
 /// costs in memory.
@@ -1012,6 +1200,11 @@ fn main() {
     // `cargo bench --bench cluster -- dedup`: only the bytes nginx apps take in S3.
     if std::env::args().skip(1).any(|arg| arg == "dedup") {
         stored_once_per_image();
+        return;
+    }
+    // `cargo bench --bench cluster -- chaos`: only the chaos loop.
+    if std::env::args().skip(1).any(|arg| arg == "chaos") {
+        chaos_loop();
         return;
     }
     // `cargo bench --bench cluster -- failover`: only the failover figures.
