@@ -607,8 +607,15 @@ impl RegistryStore for EtcdRegistry {
             Box::pin(async move {
                 let mut leases = leases.lock().await;
                 if let Some(lease) = leases.get_mut(&id) {
-                    lease.keeper.keep_alive().await?;
-                    let answer = lease.answers.message().await?;
+                    // A stream's answer has no deadline of its own: one that does not
+                    // come in time counts as the lease's end (a new one is granted).
+                    let kept = async {
+                        lease.keeper.keep_alive().await?;
+                        lease.answers.message().await
+                    };
+                    let answer = tokio::time::timeout(CALL_TIMEOUT, kept)
+                        .await
+                        .unwrap_or(Ok(None))?;
                     if answer.is_some_and(|a| a.ttl() > 0) {
                         return Ok(lease.id);
                     }
