@@ -161,8 +161,9 @@ impl Client {
 }
 
 /// Clients of several servers of one API (the hubs sharing a registry): a call goes to
-/// the one that answered last, and on to the next while one cannot be reached. An error
-/// answer is an answer: it is not tried elsewhere.
+/// the one that answered last, and on to the next while one cannot be reached or
+/// answers with a server error (a hub cut off from its registry answers 500). Any other
+/// answer, an error included, is final.
 #[derive(Debug)]
 pub struct Failover {
     clients: Vec<Client>,
@@ -207,11 +208,15 @@ impl Failover {
             let index = (first + step) % self.clients.len();
             let result = call(&self.clients[index]).await;
             step += 1;
+            let unserved = matches!(
+                &result,
+                Err(ClientError::Transport { .. }) | Err(ClientError::Status { status: 500.., .. })
+            );
             match result {
-                Err(e @ ClientError::Transport { .. }) if step < self.clients.len() => {
+                Err(e) if unserved && step < self.clients.len() => {
                     tracing::warn!("{e}: trying the next hub");
                 }
-                Err(e @ ClientError::Transport { .. }) => return Err(e),
+                Err(e) if unserved => return Err(e),
                 answered => {
                     if index != first {
                         tracing::info!(hub = self.clients[index].base(), "now talking to this hub");

@@ -81,8 +81,11 @@ impl DnsHandler {
             .hubs()
             .into_iter()
             .filter_map(|hub| match hub.dns.ip() {
-                std::net::IpAddr::V4(address) => Some((name_server_label(&hub.id), address)),
-                std::net::IpAddr::V6(_) => None,
+                // (A hub that does not serve DNS yet has no address.)
+                std::net::IpAddr::V4(address) if !address.is_unspecified() => {
+                    Some((name_server_label(&hub.id), address))
+                }
+                _ => None,
             })
             .collect()
     }

@@ -487,7 +487,7 @@ impl Hub {
     async fn start_somewhere(self: &Arc<Self>, name: &str) -> Result<Ipv4Addr, String> {
         let deadline = Instant::now() + self.config.start_limit;
         let mut changes = self.apps_changed.subscribe();
-        let (worker, client, before) = loop {
+        let (worker, client, claim, before) = loop {
             let Some(before) = self.get(name) else {
                 return Err(format!("no app named {name}"));
             };
@@ -506,12 +506,23 @@ impl Hub {
                 let _ = tokio::time::timeout(WAITING_LOOK, changes.changed()).await;
                 continue;
             }
-            let Some((worker, client)) = self.choose_worker(name) else {
+            // A start another hub ordered and left goes to the same worker again (it
+            // may be under way there: the worker shares one start per app, and answers
+            // at once if the app is running), else to the best worker.
+            let ordered_before = (before.state == AppState::Starting)
+                .then(|| before.worker.clone())
+                .flatten()
+                .and_then(|w| self.live_client(&w).map(|client| (w, client)));
+            let Some((worker, client)) = ordered_before.or_else(|| self.choose_worker(name)) else {
                 let error = "no live worker to run it".to_string();
                 self.failed(name, None, &error);
                 return Err(error);
             };
             let me = self.config.id.clone();
+            let claim = StartOrderer {
+                hub: me.clone(),
+                at_unix_ms: unix_ms(),
+            };
             let claimed = self.try_update(name, true, |r| {
                 let resident = r.state == AppState::Resident && r.address.is_some();
                 if resident || self.order_pending(r) {
@@ -519,10 +530,7 @@ impl Hub {
                 }
                 r.state = AppState::Starting;
                 r.worker = Some(worker.clone());
-                r.ordered_by = Some(StartOrderer {
-                    hub: me.clone(),
-                    at_unix_ms: unix_ms(),
-                });
+                r.ordered_by = Some(claim.clone());
                 r.wake_at_unix_ms = None;
                 r.event(match &r.snapshot {
                     Some(s) => format!("restoring snapshot {s} on worker {worker} (hub {me})"),
@@ -531,7 +539,7 @@ impl Hub {
                 true
             });
             match claimed {
-                Ok(Some(claimed)) => break (worker, client, claimed),
+                Ok(Some(claimed)) => break (worker, client, claim, claimed),
                 // Resident, or ordered by another hub, since this hub last looked.
                 Ok(None) => continue,
                 Err(e) => return Err(format!("the registry: {e}")),
@@ -552,11 +560,12 @@ impl Hub {
         match answer {
             Ok(started) => {
                 tracing::info!(app = %name, %worker, address = %started.address, ms = started.ms, "resident");
-                self.update(name, true, |r| {
-                    // Its worker's report may have said so first.
+                let written = self.update(name, true, |r| {
+                    // Its worker's report may have said so first; and if another hub took
+                    // the start over meanwhile, the record is that hub's to write.
                     let told = r.state == AppState::Resident
                         && r.worker.as_deref() == Some(worker.as_str());
-                    if r.state == AppState::Resident && !told {
+                    if r.ordered_by.as_ref() != Some(&claim) && !told {
                         return false;
                     }
                     r.state = AppState::Resident;
@@ -573,24 +582,38 @@ impl Hub {
                     ));
                     true
                 });
-                Ok(started.address)
+                if written.is_some() {
+                    return Ok(started.address);
+                }
+                // What the registry says now: this start's outcome, or another's.
+                match self.get(name) {
+                    Some(r) if r.state == AppState::Resident => r
+                        .address
+                        .ok_or_else(|| "resident with no address".to_string()),
+                    Some(r) if r.worker.as_deref() == Some(worker.as_str()) => Ok(started.address),
+                    _ => Err(format!("another hub took {name}'s start over")),
+                }
             }
             Err(e) => {
                 let error = format!("worker {worker} could not start it: {e}");
-                self.failed(name, Some(&worker), &error);
+                self.failed(name, Some(&claim), &error);
                 Err(error)
             }
         }
     }
 
-    /// Records that app `name` could not be started (on `worker`, if one was ordered):
-    /// unless another start made it resident meanwhile.
-    fn failed(&self, name: &str, worker: Option<&str>, error: &str) {
+    /// Records that app `name` could not be started: under this hub's `claim`, only if
+    /// the record is still that claim's (another hub may have taken the start over, or
+    /// the worker's report made it resident); with none (no order went out), unless it
+    /// is resident or starting.
+    fn failed(&self, name: &str, claim: Option<&StartOrderer>, error: &str) {
         tracing::warn!(app = %name, "{error}");
         self.update(name, true, |r| {
-            let started_elsewhere = r.state == AppState::Resident
-                || (r.state == AppState::Starting && r.worker.as_deref() != worker);
-            if started_elsewhere {
+            let ours = match claim {
+                Some(claim) => r.ordered_by.as_ref() == Some(claim),
+                None => !matches!(r.state, AppState::Resident | AppState::Starting),
+            };
+            if !ours {
                 return false;
             }
             r.state = AppState::Failed;
@@ -914,6 +937,13 @@ fn report_on_app(id: &str, report: &WorkerReport, record: &mut AppRecord) -> (bo
     let mut changed = false;
     let mut durable = false;
     for (_, delta) in report.usage.iter().filter(|(n, _)| *n == name) {
+        // A figure no worker measures (negative, infinite, not a number) would make the
+        // record one that no longer encodes as JSON numbers: it is left out.
+        let measurable = |x: f64| x.is_finite() && x >= 0.0;
+        if !measurable(delta.cpu_seconds) || !measurable(delta.memory_gib_seconds) {
+            tracing::warn!(app = %name, worker = %id, "a usage report that is not a measurement: ignored");
+            continue;
+        }
         record.usage.add(delta);
         changed = true;
     }

@@ -101,10 +101,12 @@ pub struct Usage {
 
 impl Usage {
     /// Adds what a worker measured since its last report.
+    /// (Saturating: a total stays a number JSON can hold.)
     pub fn add(&mut self, delta: &UsageDelta) {
-        self.cpu_seconds += delta.cpu_seconds;
-        self.memory_gib_seconds += delta.memory_gib_seconds;
-        self.requests += delta.requests;
+        let sum = |a: f64, b: f64| (a + b).min(f64::MAX);
+        self.cpu_seconds = sum(self.cpu_seconds, delta.cpu_seconds);
+        self.memory_gib_seconds = sum(self.memory_gib_seconds, delta.memory_gib_seconds);
+        self.requests = self.requests.saturating_add(delta.requests);
     }
 }
 

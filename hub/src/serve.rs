@@ -290,10 +290,12 @@ pub async fn run_worker(
         .hubs
         .iter()
         .map(|url| {
+            // Well under a worker's lease (3 s by default): a hub that does not answer
+            // in time is left for the next before the worker's lease runs out.
             crate::client::Client::trusting(
                 url,
                 &options.token,
-                Duration::from_secs(10),
+                Duration::from_millis(1500),
                 options.hub_ca.as_deref(),
             )
             .map_err(|e| ServeError::Hubs(format!("{url}: {e}")))

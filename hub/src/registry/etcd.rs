@@ -179,10 +179,7 @@ impl Followed {
                 lock(&self.workers).remove(id);
             }
             (Some(Key::Hub(id)), Some(value)) => {
-                // A hub's key is written empty until it serves DNS.
-                if let Ok(hub) = serde_json::from_slice(value) {
-                    lock(&self.hubs).insert(id.to_string(), hub);
-                }
+                lock(&self.hubs).insert(id.to_string(), hub_record(id, value));
             }
             (Some(Key::Hub(id)), None) => {
                 lock(&self.hubs).remove(id);
@@ -199,6 +196,10 @@ struct WorkerLease {
     answers: LeaseKeepAliveStream,
 }
 
+/// The leases this hub renews, by worker: a renewal takes its worker's lease out and
+/// puts it back, holding the map's lock only for that.
+type WorkerLeases = Arc<Mutex<HashMap<String, WorkerLease>>>;
+
 /// The registry in etcd.
 pub struct EtcdRegistry {
     config: EtcdConfig,
@@ -210,8 +211,8 @@ pub struct EtcdRegistry {
     /// Set when the lease expired: this hub may write nothing more.
     lost: Arc<AtomicBool>,
     followed: Arc<Followed>,
-    /// The leases of the workers that report to this hub.
-    worker_leases: Arc<tokio::sync::Mutex<HashMap<String, WorkerLease>>>,
+    /// The leases of the workers that report to this hub (a slot each).
+    worker_leases: WorkerLeases,
     /// `Some` until dropped (then shut down without blocking: a hub may drop its registry
     /// on an async thread).
     runtime: Option<tokio::runtime::Runtime>,
@@ -247,10 +248,21 @@ impl EtcdRegistry {
             client.status().await?;
             Ok(client)
         };
-        let client = wait(&runtime, connect).map_err(|source| etcd_error(config, source))?;
-        let lease = wait(&runtime, join(client.clone(), config.hub(hub_id)))
-            .map_err(|source| etcd_error(config, source))?
-            .map_err(|_| RegistryError::SameId(hub_id.to_string()))?;
+        // A runtime dropped on an async thread (the hub opens its registry on one) panics:
+        // every way out before the registry owns it shuts it down without waiting.
+        let fail = |runtime: tokio::runtime::Runtime, error: RegistryError| {
+            runtime.shutdown_background();
+            Err(error)
+        };
+        let client = match wait(&runtime, connect) {
+            Ok(client) => client,
+            Err(source) => return fail(runtime, etcd_error(config, source)),
+        };
+        let lease = match wait(&runtime, join(client.clone(), config.hub(hub_id))) {
+            Ok(Ok(lease)) => lease,
+            Ok(Err(())) => return fail(runtime, RegistryError::SameId(hub_id.to_string())),
+            Err(source) => return fail(runtime, etcd_error(config, source)),
+        };
         let lost = Arc::new(AtomicBool::new(false));
         runtime.spawn(keep_alive(client.clone(), lease, lost.clone()));
         let followed = Arc::new(Followed {
@@ -350,7 +362,8 @@ async fn join(mut client: Client, key: String) -> Result<Result<i64, ()>, etcd_c
     }
 }
 
-/// Reads the live workers and hubs into `followed`: the revision to watch from.
+/// Reads the live workers and hubs into `followed`, each map replaced at once (a reader
+/// never sees one half-read), and tells of every app record: the revision to watch from.
 async fn catch_up(
     mut client: Client,
     config: EtcdConfig,
@@ -359,8 +372,8 @@ async fn catch_up(
     let got = client
         .get(config.all(), Some(GetOptions::new().with_prefix()))
         .await?;
-    lock(&followed.workers).clear();
-    lock(&followed.hubs).clear();
+    let mut workers = HashMap::new();
+    let mut hubs = HashMap::new();
     let mut apps = Vec::new();
     for kv in got.kvs() {
         match Key::parse(&config, kv.key()) {
@@ -371,12 +384,33 @@ async fn catch_up(
                 }),
                 Err(e) => tracing::error!(app = %name, "an undecodable record in etcd: {e}"),
             },
-            _ => followed.apply(&config, kv.key(), Some(kv.value()), kv.mod_revision()),
+            Some(Key::Worker(id)) => match serde_json::from_slice(kv.value()) {
+                Ok(worker) => {
+                    workers.insert(id.to_string(), worker);
+                }
+                Err(e) => tracing::error!(worker = %id, "an undecodable worker in etcd: {e}"),
+            },
+            Some(Key::Hub(id)) => {
+                hubs.insert(id.to_string(), hub_record(id, kv.value()));
+            }
+            None => {}
         }
     }
+    *lock(&followed.workers) = workers;
+    *lock(&followed.hubs) = hubs;
     let revision = got.header().map_or(0, |h| h.revision());
     followed.app_changed(AppChange::All { apps, revision });
     Ok(revision + 1)
+}
+
+/// Hub `id`'s record from its key's value. A hub's key is empty until it serves DNS:
+/// it is a hub all the same (its start orders are pending, not abandoned), with no DNS
+/// address yet.
+fn hub_record(id: &str, value: &[u8]) -> HubRecord {
+    serde_json::from_slice(value).unwrap_or_else(|_| HubRecord {
+        id: id.to_string(),
+        dns: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+    })
 }
 
 /// Follows every change under the prefix from revision `from`, for as long as the
@@ -425,21 +459,28 @@ async fn follow(client: Client, config: EtcdConfig, followed: Arc<Followed>, mut
 }
 
 /// Keeps `lease` alive, three times per TTL, for as long as the registry lives (its
-/// runtime ends this task); sets `lost` if it expired.
+/// runtime ends this task). Sets `lost` if the lease expired, or if etcd has not
+/// answered for a whole TTL: by then the lease may have ended without this hub hearing
+/// it, and another hub may act on what this one still holds.
 async fn keep_alive(mut client: Client, lease: i64, lost: Arc<AtomicBool>) {
-    let period = Duration::from_secs(HUB_LEASE_TTL as u64) / 3;
+    let ttl = Duration::from_secs(HUB_LEASE_TTL as u64);
+    let period = ttl / 3;
     let mut keeping = None;
+    let mut answered = tokio::time::Instant::now();
     loop {
         if keeping.is_none() {
-            keeping = client.lease_keep_alive(lease).await.ok();
+            keeping = tokio::time::timeout(period, client.lease_keep_alive(lease))
+                .await
+                .ok()
+                .and_then(Result::ok);
         }
         if let Some((keeper, stream)) = keeping.as_mut() {
             let kept = async {
                 keeper.keep_alive().await?;
                 stream.message().await
             };
-            match tokio::time::timeout(CALL_TIMEOUT, kept).await {
-                Ok(Ok(Some(answer))) if answer.ttl() > 0 => {}
+            match tokio::time::timeout(period, kept).await {
+                Ok(Ok(Some(answer))) if answer.ttl() > 0 => answered = tokio::time::Instant::now(),
                 Ok(Ok(_)) => {
                     tracing::error!(lease, "the hub's lease in the registry expired");
                     lost.store(true, Ordering::SeqCst);
@@ -454,6 +495,11 @@ async fn keep_alive(mut client: Client, lease: i64, lost: Arc<AtomicBool>) {
                     keeping = None;
                 }
             }
+        }
+        if answered.elapsed() >= ttl {
+            tracing::error!(lease, "etcd has not answered for the hub lease's whole TTL");
+            lost.store(true, Ordering::SeqCst);
+            return;
         }
         tokio::time::sleep(period).await;
     }
@@ -521,16 +567,21 @@ impl RegistryStore for EtcdRegistry {
                     .collect::<Vec<_>>())
             })
         })?;
-        kvs.into_iter()
-            .map(|(key, value, revision)| {
-                let record =
-                    serde_json::from_slice(&value).map_err(|source| RegistryError::Record {
-                        name: String::from_utf8_lossy(&key).into_owned(),
-                        source,
-                    })?;
-                Ok(Versioned { record, revision })
+        // A record that does not decode is left out (and said so), as the watch leaves it
+        // out: one bad record must not keep every hub from starting.
+        Ok(kvs
+            .into_iter()
+            .filter_map(|(key, value, revision)| {
+                match serde_json::from_slice::<AppRecord>(&value) {
+                    Ok(record) => Some(Versioned { record, revision }),
+                    Err(e) => {
+                        let key = String::from_utf8_lossy(&key);
+                        tracing::error!(%key, "an undecodable record in etcd: {e}");
+                        None
+                    }
+                }
             })
-            .collect()
+            .collect())
     }
 
     fn get(&self, name: &str) -> Result<Option<Versioned>, RegistryError> {
@@ -598,59 +649,42 @@ impl RegistryStore for EtcdRegistry {
     }
 
     /// Renews the worker's lease (granting one the first time this hub hears from it, or
-    /// when it ran out), then puts its record under it.
+    /// when it ran out), then puts its record under it. The lease is taken out of the
+    /// map while it is renewed, so one slow renewal holds up no other worker's.
     fn worker_alive(&self, worker: &WorkerRecord, ttl: Duration) -> Result<(), RegistryError> {
         let id = worker.hello.id.clone();
         let ttl = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
         let leases = self.worker_leases.clone();
-        let renewed = self.call(move |mut client| {
+        let lease = self.call(move |mut client| {
             Box::pin(async move {
-                let mut leases = leases.lock().await;
-                if let Some(lease) = leases.get_mut(&id) {
+                let held = lock(&leases).remove(&id);
+                if let Some(mut lease) = held {
                     // A stream's answer has no deadline of its own: one that does not
                     // come in time counts as the lease's end (a new one is granted).
                     let kept = async {
                         lease.keeper.keep_alive().await?;
                         lease.answers.message().await
                     };
-                    let answer = tokio::time::timeout(CALL_TIMEOUT, kept)
-                        .await
-                        .unwrap_or(Ok(None))?;
-                    if answer.is_some_and(|a| a.ttl() > 0) {
-                        return Ok(lease.id);
+                    let answer = tokio::time::timeout(CALL_TIMEOUT / 2, kept).await;
+                    if let Ok(Ok(Some(answer))) = answer {
+                        if answer.ttl() > 0 {
+                            let kept = lease.id;
+                            lock(&leases).insert(id, lease);
+                            return Ok(kept);
+                        }
                     }
-                    leases.remove(&id);
                 }
                 let granted = client.lease_grant(ttl, None).await?.id();
                 let (keeper, answers) = client.lease_keep_alive(granted).await?;
-                leases.insert(
-                    id,
-                    WorkerLease {
-                        id: granted,
-                        keeper,
-                        answers,
-                    },
-                );
+                let lease = WorkerLease {
+                    id: granted,
+                    keeper,
+                    answers,
+                };
+                lock(&leases).insert(id, lease);
                 Ok(granted)
             })
-        });
-        let lease = match renewed {
-            Ok(lease) => lease,
-            Err(e) => {
-                // A broken keep-alive stream: the next report grants a new lease.
-                self.call({
-                    let leases = self.worker_leases.clone();
-                    let id = worker.hello.id.clone();
-                    move |_| {
-                        Box::pin(async move {
-                            leases.lock().await.remove(&id);
-                            Ok(())
-                        })
-                    }
-                })?;
-                return Err(e);
-            }
-        };
+        })?;
         let key = self.config.worker(&worker.hello.id);
         let value = encode(&worker.hello.id, worker)?;
         let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
@@ -665,7 +699,8 @@ impl RegistryStore for EtcdRegistry {
         let left = id.to_string();
         self.call(move |mut client| {
             Box::pin(async move {
-                if let Some(lease) = leases.lock().await.remove(&left) {
+                let lease = lock(&leases).remove(&left);
+                if let Some(lease) = lease {
                     client.lease_revoke(lease.id).await?;
                 }
                 Ok(())
@@ -913,6 +948,11 @@ mod tests {
         let error = Registry::open(&config, "hub-1").unwrap_err().to_string();
         assert!(error.contains("127.0.0.1"), "{error}");
         assert!(started.elapsed() < CALL_TIMEOUT * 3);
+        // The same from an async thread, as `picocenter hub` opens it: an error, not a
+        // panic (a runtime dropped there panics).
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let error = runtime.block_on(async { Registry::open(&config, "hub-1").unwrap_err() });
+        assert!(error.to_string().contains("127.0.0.1"), "{error}");
     }
 
     #[test]

@@ -392,11 +392,12 @@ impl Worker {
             let back = started.is_ok();
             self.report_comeback(back, self.uploads.end_comeback(&name, id, back));
         }
-        self.unreserve(address);
         if started.is_err() && fresh_address {
-            // Nobody has it: it was never any app's, so it needs no quarantine.
+            // Nobody has it: it was never any app's, so it needs no quarantine. (Before
+            // the reservation ends: then another start may take it.)
             self.leave_interface(address);
         }
+        self.unreserve(address);
         started
     }
 
@@ -586,11 +587,14 @@ impl Worker {
             .find(|a| !taken.contains(a) && !reserved.contains(a))
             .ok_or(WorkerError::NoAddress(count))?;
         if let Some(index) = self.config.interface {
-            picocenter_vmm::sandbox::rtnetlink::add_address(index, address)?;
-            self.on_interface
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(address);
+            if picocenter_vmm::sandbox::rtnetlink::add_address(index, address)? {
+                self.on_interface
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(address);
+            } else {
+                tracing::warn!(%address, "the address was on the interface already: it stays there after its app");
+            }
         }
         reserved.insert(address);
         Ok(address)

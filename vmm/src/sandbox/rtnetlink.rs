@@ -155,12 +155,14 @@ pub fn interface_index(name: &str) -> Result<u32, NetlinkError> {
 }
 
 /// Adds `address`/32 to interface `index` (`ip addr add ADDRESS/32 dev ...`): the host
-/// then answers for it (ARP included). An address already there is no error.
-pub fn add_address(index: u32, address: Ipv4Addr) -> Result<(), NetlinkError> {
+/// then answers for it (ARP included). Whether it added it: an address already there is
+/// no error, and is someone else's to remove.
+pub fn add_address(index: u32, address: Ipv4Addr) -> Result<bool, NetlinkError> {
     let message = address_request(libc::RTM_NEWADDR, index, address);
     match send(&format!("adding {address} to interface {index}"), &message) {
-        Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
-        done => done,
+        Ok(()) => Ok(true),
+        Err(e) if e.errno() == Some(libc::EEXIST) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
