@@ -861,6 +861,26 @@ impl Hub {
                 true
             });
         }
+        // A start whose ordering hub died before writing the outcome is taken over now,
+        // not at the next query (a timer-woken app has no query coming): every hub
+        // tries, and the first claim wins; the start is ordered on the same worker.
+        let grace = u64::try_from(self.config.worker_timeout.as_millis()).unwrap_or(u64::MAX);
+        let abandoned: Vec<String> = lock(&self.apps)
+            .values()
+            .map(|v| &v.record)
+            .filter(|r| r.state == AppState::Starting)
+            .filter(|r| {
+                r.ordered_by.as_ref().is_some_and(|o| {
+                    o.hub != self.config.id && unix_ms().saturating_sub(o.at_unix_ms) > grace
+                })
+            })
+            .filter(|r| !self.order_pending(r))
+            .map(|r| r.spec.name.clone())
+            .collect();
+        for name in &abandoned {
+            tracing::info!(app = %name, "its start's hub is gone: taking the start over");
+            drop(self.bring_up(name));
+        }
         let now = unix_ms();
         let due: Vec<String> = lock(&self.apps)
             .values()
@@ -1242,6 +1262,49 @@ mod tests {
         let record = hub.get("a").unwrap();
         assert_eq!(record.snapshot.as_deref(), Some("s3"));
         assert_eq!(record.worker.as_deref(), Some("w"));
+    }
+
+    #[test]
+    fn maintenance_takes_over_a_start_whose_hub_is_gone_without_a_query() {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = crate::registry::etcd::testing::EtcdServer::start(dir.path());
+        let registry =
+            crate::registry::RegistryConfig::parse(&format!("{}/left", etcd.url), "x".into())
+                .unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let (survivor, _following) = hub_on(&registry, "hub-b");
+            let (url, orders) = counting_worker(Duration::from_millis(10)).await;
+            survivor
+                .register_worker(WorkerHello {
+                    id: "w".into(),
+                    url,
+                    memory_limit_bytes: 1 << 30,
+                    instance: 0,
+                })
+                .unwrap();
+            survivor.add(app_spec("app")).unwrap();
+            // A hub that is not serving claimed the start a while ago, and never wrote
+            // its outcome.
+            survivor
+                .try_update("app", true, |r| {
+                    r.state = AppState::Starting;
+                    r.worker = Some("w".into());
+                    r.ordered_by = Some(StartOrderer {
+                        hub: "hub-gone".into(),
+                        at_unix_ms: unix_ms() - 60_000,
+                    });
+                    true
+                })
+                .unwrap()
+                .unwrap();
+            until("maintenance brings it up", || {
+                survivor.maintain();
+                survivor.get("app").unwrap().state == AppState::Resident
+            })
+            .await;
+            assert_eq!(orders.load(std::sync::atomic::Ordering::SeqCst), 1);
+        });
     }
 
     #[test]
