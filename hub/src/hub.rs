@@ -1267,22 +1267,12 @@ mod tests {
     #[test]
     fn maintenance_takes_over_a_start_whose_hub_is_gone_without_a_query() {
         let dir = tempfile::tempdir().unwrap();
-        let etcd = crate::registry::etcd::testing::EtcdServer::start(dir.path());
-        let registry =
-            crate::registry::RegistryConfig::parse(&format!("{}/left", etcd.url), "x".into())
-                .unwrap();
+        let (_etcd, registry) = etcd_registry(dir.path(), "left");
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
             let (survivor, _following) = hub_on(&registry, "hub-b");
             let (url, orders) = counting_worker(Duration::from_millis(10)).await;
-            survivor
-                .register_worker(WorkerHello {
-                    id: "w".into(),
-                    url,
-                    memory_limit_bytes: 1 << 30,
-                    instance: 0,
-                })
-                .unwrap();
+            register_worker_w(&survivor, url);
             survivor.add(app_spec("app")).unwrap();
             // A hub that is not serving claimed the start a while ago, and never wrote
             // its outcome.
@@ -1392,6 +1382,32 @@ mod tests {
         }
     }
 
+    /// A registry under `prefix` on a new etcd with its data in `dir` (the server lives as
+    /// long as the first value).
+    fn etcd_registry(
+        dir: &std::path::Path,
+        prefix: &str,
+    ) -> (
+        crate::registry::etcd::testing::EtcdServer,
+        crate::registry::RegistryConfig,
+    ) {
+        let etcd = crate::registry::etcd::testing::EtcdServer::start(dir);
+        let url = format!("{}/{prefix}", etcd.url);
+        let registry = crate::registry::RegistryConfig::parse(&url, "x".into()).unwrap();
+        (etcd, registry)
+    }
+
+    /// Registers worker "w", whose order API is at `url`, with `hub`.
+    fn register_worker_w(hub: &Hub, url: String) {
+        hub.register_worker(WorkerHello {
+            id: "w".into(),
+            url,
+            memory_limit_bytes: 1 << 30,
+            instance: 0,
+        })
+        .unwrap();
+    }
+
     /// Waits (bounded) until `ready` holds.
     async fn until(what: &str, ready: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1404,23 +1420,13 @@ mod tests {
     #[test]
     fn of_two_hubs_asked_for_one_app_at_once_exactly_one_orders_its_start() {
         let dir = tempfile::tempdir().unwrap();
-        let etcd = crate::registry::etcd::testing::EtcdServer::start(dir.path());
-        let registry =
-            crate::registry::RegistryConfig::parse(&format!("{}/race", etcd.url), "x".into())
-                .unwrap();
+        let (_etcd, registry) = etcd_registry(dir.path(), "race");
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
             let (first, second) = (hub_on(&registry, "hub-a").0, hub_on(&registry, "hub-b").0);
             let (url, orders) = counting_worker(Duration::from_millis(300)).await;
             // The worker registers with one hub; an app is added at the other.
-            first
-                .register_worker(WorkerHello {
-                    id: "w".into(),
-                    url,
-                    memory_limit_bytes: 1 << 30,
-                    instance: 0,
-                })
-                .unwrap();
+            register_worker_w(&first, url);
             for round in 0..3 {
                 let name = format!("app-{round}");
                 second.add(app_spec(&name)).unwrap();
@@ -1449,22 +1455,12 @@ mod tests {
     #[test]
     fn a_hub_waiting_for_another_hubs_order_takes_over_when_that_hub_is_gone() {
         let dir = tempfile::tempdir().unwrap();
-        let etcd = crate::registry::etcd::testing::EtcdServer::start(dir.path());
-        let registry =
-            crate::registry::RegistryConfig::parse(&format!("{}/gone", etcd.url), "x".into())
-                .unwrap();
+        let (_etcd, registry) = etcd_registry(dir.path(), "gone");
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
             let (survivor, _following) = hub_on(&registry, "hub-b");
             let (url, orders) = counting_worker(Duration::from_millis(10)).await;
-            survivor
-                .register_worker(WorkerHello {
-                    id: "w".into(),
-                    url,
-                    memory_limit_bytes: 1 << 30,
-                    instance: 0,
-                })
-                .unwrap();
+            register_worker_w(&survivor, url);
             survivor.add(app_spec("app")).unwrap();
             // Another hub claimed the app's start, and ended before its order went out.
             {
