@@ -2208,6 +2208,26 @@ fn a_warm_pool_s_spares_run_apps_jailed_and_die_with_their_worker() {
         "the dead spare was not reaped"
     );
 
+    // The restored app's temporary data directory and /dev/shm are in the worker's own
+    // directory, not the host's /tmp.
+    let temp_dir = common::state_dir().join("workers/w-warm/tmp");
+    let made_by_vmms = || -> Vec<String> {
+        std::fs::read_dir(&temp_dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let made = made_by_vmms();
+    assert!(
+        made.iter().any(|n| n.starts_with("picocenter-data-"))
+            && made.iter().any(|n| n.starts_with("picocenter-shm-")),
+        "the VMM's temporary directories are not in the worker's: {made:?}"
+    );
+
     // The spares die with their worker, waiting or running an app.
     let spares = waiting_spares(worker_pid);
     worker.kill();
@@ -2221,6 +2241,24 @@ fn a_warm_pool_s_spares_run_apps_jailed_and_die_with_their_worker() {
             })
             .then_some(())
     });
+
+    // What its VMMs left (a worker killed does not remove it) goes when the worker comes
+    // back: nothing piles up, run after run.
+    let mut cmd = picocenter();
+    cmd.args(["worker", "--hub", &hub.url(), "--id", "w-warm"]);
+    cmd.args(["--addresses", "127.3.31.0/24", "--warm-pool", "0"]);
+    cmd.args(["--store", store.to_str().unwrap()]);
+    cmd.env("PICOCENTER_TOKEN", TOKEN);
+    let mut again = Proc::spawn(cmd, hub.data.with_extension("w-warm-2.log"));
+    wait_for(
+        "the worker back to empty its VMMs' directory",
+        limit,
+        || {
+            let now = made_by_vmms();
+            (!now.iter().any(|n| made.contains(n))).then_some(())
+        },
+    );
+    again.kill();
 }
 
 #[test]

@@ -37,7 +37,7 @@ use crate::cold::{Cold, MAX_CHAIN};
 use crate::model::{AppSpec, StartOrder, Started, SwappedOut, UsageDelta, WorkerReport};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -115,6 +115,28 @@ pub struct WorkerConfig {
     /// app has it, so that other hosts reach apps directly (`None`: the addresses are
     /// already this host's, as 127.0.0.0/8 is).
     pub interface: Option<u32>,
+}
+
+impl WorkerConfig {
+    /// The temporary directory of the VMMs it starts (their `TMPDIR`), in its own
+    /// directory.
+    pub fn temp_dir(&self) -> PathBuf {
+        self.work_dir.join("tmp")
+    }
+}
+
+/// Empties the VMMs' temporary directory `dir` and makes it again, private. What is in it
+/// was left by VMMs of an earlier run of this worker, which died with it (a VMM never
+/// outlives its worker); the worker would have removed it had it lived.
+fn clear_temp_dir(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => tracing::debug!("removed what earlier VMMs left in {}", dir.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("emptying {}: {e}", dir.display()),
+    }
+    if let Err(e) = picocenter_snapshots::private::create_dir_all(dir) {
+        tracing::warn!("creating {}: {e}", dir.display());
+    }
 }
 
 /// Why an order failed.
@@ -262,6 +284,7 @@ pub struct Worker {
 impl Worker {
     /// A worker with no apps yet.
     pub fn new(config: WorkerConfig, cold: Cold) -> Arc<Self> {
+        clear_temp_dir(&config.temp_dir());
         Arc::new(Self {
             config,
             cold,
@@ -291,6 +314,7 @@ impl Worker {
             picocenter: self.config.picocenter.clone(),
             state_dir: self.config.state_dir.clone(),
             log_dir: self.config.work_dir.join("logs"),
+            temp_dir: self.config.temp_dir(),
         };
         self.warm_pool
             .get_or_init(|| pool::WarmPool::start(self.config.warm_pool, command));
@@ -490,11 +514,13 @@ impl Worker {
             },
         };
         let log_dir = self.config.work_dir.join("logs");
+        let temp_dir = self.config.temp_dir();
         let paths = vmm::Paths {
             picocenter: &self.config.picocenter,
             state_dir: &self.config.state_dir,
             key_file: &self.config.key_file,
             log_dir: &log_dir,
+            temp_dir: &temp_dir,
         };
         let launched = vmm::launch(
             &paths,

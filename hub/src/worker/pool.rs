@@ -29,6 +29,8 @@ pub struct SpareCommand {
     pub state_dir: PathBuf,
     /// Where a spare's own messages go until it has an app's log ([`SPARES_LOG`] in it).
     pub log_dir: PathBuf,
+    /// The VMMs' temporary directory (`TMPDIR`).
+    pub temp_dir: PathBuf,
 }
 
 /// A spare VMM, waiting for its assignment.
@@ -211,7 +213,8 @@ fn refill_forever(inner: &Inner, command: &SpareCommand) -> ! {
 /// Starts one spare: `picocenter spare` with its end of a fresh socket pair as fd 3.
 fn start_spare(command: &SpareCommand) -> std::io::Result<Spare> {
     let (worker_end, spare_end) = spare::socket_pair()?;
-    let mut cmd = super::vmm::base_command(&command.picocenter, &command.state_dir);
+    let mut cmd =
+        super::vmm::base_command(&command.picocenter, &command.state_dir, &command.temp_dir);
     cmd.arg("spare");
     super::vmm::hand_down(&mut cmd, vec![spare_end.as_raw_fd()]);
     let _ = picocenter_snapshots::private::create_dir_all(&command.log_dir);

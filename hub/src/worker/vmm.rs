@@ -97,6 +97,8 @@ pub struct Paths<'a> {
     pub key_file: &'a Path,
     /// Where each app's output goes, as `<name>.log`.
     pub log_dir: &'a Path,
+    /// The VMMs' temporary directory (`TMPDIR`): see [`base_command`].
+    pub temp_dir: &'a Path,
 }
 
 /// A running VMM child.
@@ -125,8 +127,13 @@ pub const SECRETS: [&str; 5] = [
 ];
 
 /// A VMM process's program and environment, before its arguments: the worker's
-/// environment without its secrets, and the state directory.
-pub(super) fn base_command(picocenter: &Path, state_dir: &Path) -> Command {
+/// environment without its secrets, the state directory, and `temp_dir` as `TMPDIR`.
+///
+/// A VMM makes an app's temporary data directory and its /dev/shm there. They are the
+/// worker's to remove when the VMM ends (see [`super::supervision`]); in the worker's own
+/// directory, which it empties when it starts, they do not outlive a worker that was
+/// killed with its VMMs.
+pub(super) fn base_command(picocenter: &Path, state_dir: &Path, temp_dir: &Path) -> Command {
     let mut cmd = Command::new(picocenter);
     // The worker's secrets are not the VMM's: a VMM an app took over finds none of them
     // in its environment.
@@ -134,6 +141,7 @@ pub(super) fn base_command(picocenter: &Path, state_dir: &Path) -> Command {
         cmd.env_remove(secret);
     }
     cmd.env("PICOCENTER_STATE_DIR", state_dir);
+    cmd.env("TMPDIR", temp_dir);
     cmd
 }
 
@@ -163,7 +171,7 @@ fn command(
     address: Ipv4Addr,
     launch: &Launch,
 ) -> Result<(Command, Vec<i32>), VmmError> {
-    let mut cmd = base_command(paths.picocenter, paths.state_dir);
+    let mut cmd = base_command(paths.picocenter, paths.state_dir, paths.temp_dir);
     let mut handed = Vec::new();
     let memory = match launch {
         Launch::Fresh {
@@ -617,6 +625,7 @@ mod tests {
             state_dir: dir.path(),
             key_file: &dir.path().join("key"),
             log_dir: &dir.path().join("logs"),
+            temp_dir: &dir.path().join("tmp"),
         };
         let launch = Launch::Fresh {
             image: "img".into(),
