@@ -26,6 +26,51 @@ fn static_pie_program_runs() {
     assert_hello(Link::StaticPie);
 }
 
+/// A host program's root is kept for the program's next run, and made again when the
+/// program changes (rewritten in place, or replaced by another file): a run never finds
+/// an old copy.
+#[test]
+fn a_kept_program_root_follows_changes_to_the_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let program = dir.path().join("prog");
+    let hello = guest("hello", Link::Static);
+    let ids = guest("ids", Link::Static);
+    std::fs::copy(&hello, &program).unwrap();
+    let run = || {
+        let out = picocenter()
+            .env("RUST_LOG", "debug")
+            .arg("run")
+            .arg(&program)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        let said = String::from_utf8_lossy(&out.stderr);
+        let kept = said.contains("the program's root, kept from an earlier run");
+        (stdout(&out), kept)
+    };
+    let (first, _) = run();
+    assert!(first.starts_with("hello from a picoprocess"), "{first}");
+    let (second, kept) = run();
+    assert!(second.starts_with("hello from a picoprocess"), "{second}");
+    assert!(kept, "the second run made its root again");
+
+    // Rewritten in place (the same inode, a hard link in the root would show it too).
+    std::fs::write(&program, std::fs::read(&ids).unwrap()).unwrap();
+    let (third, kept) = run();
+    assert!(third.contains("PASSED"), "{third}");
+    assert!(!kept, "a root made from the old program was used");
+
+    // Replaced by another file (a new inode: a hard link in the root would not follow).
+    let next = dir.path().join("next");
+    std::fs::copy(&hello, &next).unwrap();
+    std::fs::rename(&next, &program).unwrap();
+    let (fourth, kept) = run();
+    assert!(fourth.starts_with("hello from a picoprocess"), "{fourth}");
+    assert!(!kept, "a root made from the old program was used");
+    let (_, kept) = run();
+    assert!(kept, "the new root was not kept");
+}
+
 #[test]
 fn dynamic_program_runs() {
     assert_hello(Link::Dynamic);

@@ -5,6 +5,7 @@ mod cluster;
 mod image;
 mod jail;
 mod key;
+mod program_root;
 mod ps;
 mod restore;
 mod run;

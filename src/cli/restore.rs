@@ -3,9 +3,8 @@
 
 use super::image::StateDir;
 use super::key::KeyFile;
-use super::run::{
-    claim_name, data_dir, run_in_jail, temporary_root, TemporaryRoot, SHARED_MEMORY_DIR,
-};
+use super::program_root::{program_root, ProgramRoot};
+use super::run::{claim_name, data_dir, run_in_jail, SHARED_MEMORY_DIR};
 use anyhow::{bail, Context};
 use picocenter_images::BuiltImage;
 use picocenter_snapshots::format::Manifest;
@@ -65,8 +64,9 @@ pub struct RestoreArgs {
     /// Its root directory on this host.
     #[arg(long, value_name = "DIR", conflicts_with = "root_from")]
     root: Option<PathBuf>,
-    /// Make its temporary root again from this host program and its libraries, as
-    /// `picocenter run PROGRAM` did; it must be the program the snapshot records.
+    /// Its root made from this host program and its libraries, as `picocenter run PROGRAM`
+    /// makes it (the kept one, if none of them changed); it must be the program the
+    /// snapshot records.
     #[arg(long, value_name = "PROGRAM")]
     root_from: Option<PathBuf>,
     /// The app's name (compared with the snapshot's).
@@ -131,8 +131,8 @@ enum Root {
     Image(Box<BuiltImage>),
     /// A directory the caller named.
     Dir(PathBuf),
-    /// A temporary root made from a host program (its absolute path).
-    FromProgram(TemporaryRoot, String),
+    /// The root made from a host program (its absolute path): see `program_root`.
+    FromProgram(ProgramRoot, String),
 }
 
 /// The image to run: the one given, else (with no other root) the snapshot's.
@@ -222,7 +222,10 @@ fn configure(
         (None, Some(dir), _) => Root::Dir(dir.clone()),
         (None, None, Some(program)) => {
             let absolute = std::path::absolute(program)?.display().to_string();
-            Root::FromProgram(temporary_root(program, &writable_dirs)?, absolute)
+            Root::FromProgram(
+                program_root(args.state.state_dir(), program, &writable_dirs)?,
+                absolute,
+            )
         }
         (None, None, None) => bail!("give the app's root: --image, --root or --root-from"),
     };
@@ -235,7 +238,7 @@ fn configure(
         ),
         Root::Dir(dir) => (dir.clone(), vec![], None, None),
         Root::FromProgram(temp, program) => (
-            temp.dir.path().to_path_buf(),
+            temp.dir.clone(),
             temp.mounts.clone(),
             None,
             Some(program.clone()),
@@ -375,8 +378,11 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     claim_name(&mut config, state, true, Some(store.dir().to_path_buf()))?;
     tracing::trace!("restore: name claimed");
     let mut temporary = Vec::new();
-    if let Root::FromProgram(temp, _) = &root {
-        temporary.push(temp.dir.path());
+    if let Some(temp) = match &root {
+        Root::FromProgram(root, _) => root.temporary.as_ref(),
+        _ => None,
+    } {
+        temporary.push(temp.path());
     }
     temporary.extend(temporary_dirs.iter().map(|dir| dir.path()));
     run_in_jail(

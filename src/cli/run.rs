@@ -2,6 +2,7 @@
 
 use super::image::StateDir;
 use super::key::KeyFile;
+use super::program_root::{program_root, ProgramRoot};
 use anyhow::{bail, Context};
 use picocenter_images::BuiltImage;
 use picocenter_snapshots::names::{app_name_from, validate_app_name, validate_guest_dir};
@@ -9,12 +10,10 @@ use picocenter_vmm::kvm::kick::reason;
 use picocenter_vmm::sandbox::supervise::Lockdown;
 pub(super) use picocenter_vmm::sandbox::SHARED_MEMORY_DIR;
 use picocenter_vmm::{Config, Picoprocess, RunOutcome};
-use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
-use std::io::Read;
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,9 +21,10 @@ use std::time::Duration;
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// The app's root directory: PROGRAM and every path it opens are looked up inside it,
-    /// read-only. Without it (or --image), a fresh temporary root is made holding PROGRAM
-    /// (a host path) and its shared-library closure; a PROGRAM right in a writable
-    /// directory (such as /tmp/prog) is copied into it, which stays writable.
+    /// read-only. Without it (or --image), a root is made holding PROGRAM (a host path)
+    /// and its shared-library closure, and kept in <state-dir>/roots for its next run
+    /// until one of those files changes; a PROGRAM right in a writable directory (such as
+    /// /tmp/prog) is copied into it, which stays writable.
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
 
@@ -148,8 +148,8 @@ pub struct AppSettings {
 
 /// What to run, resolved from the arguments and the image.
 struct App {
-    /// Keeps a temporary root alive until the app ends.
-    _temp_root: Option<TemporaryRoot>,
+    /// The root made from a host program (kept in use, or removed, until the app ends).
+    _temp_root: Option<ProgramRoot>,
     root: PathBuf,
     /// Read-only mounts besides the root: (guest directory, host directory).
     readonly: Vec<(String, PathBuf)>,
@@ -162,7 +162,7 @@ struct App {
     address: Option<IpAddr>,
     name: String,
     image: Option<BuiltImage>,
-    /// The host program a temporary root was made from.
+    /// The host program the root was made from.
     root_from: Option<String>,
 }
 
@@ -209,8 +209,8 @@ impl App {
         let (temp_root, root, guest_program, readonly) = match &args.root {
             Some(root) => (None, root.clone(), program.to_string(), Vec::new()),
             None => {
-                let temp = temporary_root(Path::new(program), &writable)?;
-                let path = temp.dir.path().to_path_buf();
+                let temp = program_root(args.state.state_dir(), Path::new(program), &writable)?;
+                let path = temp.dir.clone();
                 let (guest, mounts) = (temp.program.clone(), temp.mounts.clone());
                 (Some(temp), path, guest, mounts)
             }
@@ -245,68 +245,6 @@ fn command_line(program: &str, args: &[String]) -> Vec<String> {
     std::iter::once(program.to_string())
         .chain(args.iter().cloned())
         .collect()
-}
-
-/// A temporary root made from a host program, removed when dropped.
-pub(super) struct TemporaryRoot {
-    /// The root directory (and what it holds).
-    pub dir: tempfile::TempDir,
-    /// The program's path inside the guest: its own host path.
-    pub program: String,
-    /// Read-only mounts the root needs besides itself: (guest directory, host directory).
-    pub mounts: Vec<(String, PathBuf)>,
-    /// The program, when its directory is one of the app's writable directories: (that
-    /// guest directory, the host file). It is copied into the directory's backing
-    /// directory ([`TemporaryRoot::copy_program`]), which a mount of it would hide.
-    pub program_in_writable: Option<(String, PathBuf)>,
-}
-
-impl TemporaryRoot {
-    /// Copies the program into the backing directory, under `data_dir`, of the writable
-    /// directory that holds it, if one does. A copy, not a link: the app may write to what
-    /// it finds there, and must not reach the host's file through it. Everything is done
-    /// relative to directory fds reached without following a symlink ([`backing_dir`]):
-    /// this runs as root, and an app sharing the data directory may have planted links.
-    pub fn copy_program(&self, data_dir: &Path) -> anyhow::Result<()> {
-        let Some((guest_dir, source)) = &self.program_in_writable else {
-            return Ok(());
-        };
-        let name = Path::new(&self.program)
-            .file_name()
-            .context("the program has no file name")?;
-        let (host_dir, dir) = backing_dir(data_dir, guest_dir)?;
-        let target = host_dir.join(name);
-        let copying = || format!("copying {} to {}", source.display(), target.display());
-        // The canonical path, opened once and checked: a regular file, not a link put
-        // there since (by whoever owns its directory).
-        let from = rustix::fs::open(
-            source,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .with_context(copying)?;
-        let stat = rustix::fs::fstat(&from).with_context(copying)?;
-        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
-            bail!("{} is not a regular file", source.display());
-        }
-        // A file left there (an earlier run's copy) is replaced, never written through:
-        // it may be a symlink an app made, to a host file. The new one is created
-        // exclusively, without following a link.
-        match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
-            Ok(()) | Err(Errno::NOENT) => {}
-            Err(e) => return Err(e).with_context(|| format!("replacing {}", target.display())),
-        }
-        let to = rustix::fs::openat(
-            &dir,
-            name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(stat.st_mode & 0o777),
-        )
-        .with_context(copying)?;
-        let mut from = std::fs::File::from(from).take(stat.st_size as u64);
-        std::io::copy(&mut from, &mut std::fs::File::from(to)).with_context(copying)?;
-        Ok(())
-    }
 }
 
 /// The host directory backing guest directory `guest` (validated) under `data_dir`, made
@@ -351,124 +289,6 @@ pub(super) fn backing_dir(data_dir: &Path, guest: &str) -> anyhow::Result<(PathB
         };
     }
     Ok((path, dir))
-}
-
-/// A fresh root holding `program` and its shared-library closure (and an /etc/passwd and
-/// /etc/group that know root, which the app is in its own view, and an /etc/hosts that
-/// knows localhost). The program keeps its
-/// host path, so argv[0] names it inside the guest too. Where that path lies under a
-/// writable directory, which would hide it: a program right in that directory (such as
-/// /tmp/prog) is copied into it when the app starts (see `program_in_writable`); one
-/// deeper (/tmp/build/prog) gets its directory as a read-only mount of its own that holds
-/// just the program.
-pub(super) fn temporary_root(program: &Path, writable: &[String]) -> anyhow::Result<TemporaryRoot> {
-    let given = std::path::absolute(program)
-        .with_context(|| format!("cannot find program {}", program.display()))?;
-    let real = std::fs::canonicalize(&given)
-        .with_context(|| format!("cannot find program {}", program.display()))?;
-    let dir = tempfile::Builder::new()
-        .prefix("picocenter-root-")
-        .permissions(std::fs::Permissions::from_mode(0o755))
-        .tempdir()
-        .context("creating a temporary root")?;
-    let files = picocenter_images::closure::closure(&real)
-        .with_context(|| format!("finding the libraries {} needs", program.display()))?;
-    for file in &files[1..] {
-        picocenter_images::rootfs::add_path(dir.path(), file)?;
-    }
-    let mut mounts = interpreter_libraries(dir.path(), &files)?;
-    // The app is root in its own view: getpwuid(0) and getgrgid(0) find it.
-    std::fs::create_dir_all(dir.path().join("etc"))?;
-    for (file, entry) in [
-        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
-        ("etc/group", "root:x:0:\n"),
-        // localhost is the app itself (see syscalls::net); no DNS is asked for it.
-        (
-            "etc/hosts",
-            "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
-        ),
-    ] {
-        if !dir.path().join(file).exists() {
-            std::fs::write(dir.path().join(file), entry)?;
-        }
-    }
-    let hidden = writable
-        .iter()
-        .any(|guest| given.starts_with(sandbox_path(guest)));
-    let parent = given.parent().context("the program has no directory")?;
-    let program_in_writable = writable
-        .iter()
-        .find(|guest| sandbox_path(guest) == parent)
-        .map(|guest| (validate_guest_dir(guest), real.clone()));
-    let program_in_writable = match program_in_writable {
-        Some((guest, real)) => Some((guest?, real)),
-        None => None,
-    };
-    if program_in_writable.is_some() {
-        // Copied into the writable directory once it exists: a mount would make the
-        // whole directory read-only.
-    } else if hidden {
-        let name = given.file_name().context("the program has no file name")?;
-        let parent = given.parent().context("the program has no directory")?;
-        // Outside the guest's view of the root: only the mount shows it.
-        let holder = dir.path().join(".picocenter-program");
-        std::fs::create_dir(&holder)?;
-        std::fs::set_permissions(&holder, std::fs::Permissions::from_mode(0o755))?;
-        if std::fs::hard_link(&real, holder.join(name)).is_err() {
-            std::fs::copy(&real, holder.join(name))
-                .with_context(|| format!("copying {} into the root", real.display()))?;
-        }
-        mounts.push((parent.to_string_lossy().into_owned(), holder));
-    } else {
-        picocenter_images::rootfs::add_path(dir.path(), &given)?;
-    }
-    Ok(TemporaryRoot {
-        dir,
-        program: given.to_string_lossy().into_owned(),
-        mounts,
-        program_in_writable,
-    })
-}
-
-/// The library directories of the interpreters among `files` (Python's and Perl's standard
-/// libraries), as read-only mounts at their own paths, with what their native modules
-/// need added to `root`: without them such an interpreter cannot start.
-fn interpreter_libraries(root: &Path, files: &[PathBuf]) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    use picocenter_images::{closure, interpreters};
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    for file in files {
-        for dir in interpreters::library_dirs(file) {
-            if !dirs.contains(&dir) {
-                dirs.push(dir);
-            }
-        }
-    }
-    if dirs.is_empty() {
-        return Ok(Vec::new());
-    }
-    let modules = interpreters::native_modules(&dirs);
-    let needed = closure::closure_of(&modules, closure::Missing::Skip)
-        .context("finding the libraries of the interpreter's native modules")?;
-    for file in needed
-        .iter()
-        .filter(|f| !dirs.iter().any(|d| f.starts_with(d)))
-    {
-        picocenter_images::rootfs::add_path(root, file)?;
-    }
-    tracing::debug!(
-        ?dirs,
-        modules = modules.len(),
-        "interpreter library directories"
-    );
-    Ok(dirs
-        .into_iter()
-        .map(|d| (d.to_string_lossy().into_owned(), d))
-        .collect())
-}
-
-/// A guest directory as the host path it would hide.
-fn sandbox_path(guest: &str) -> PathBuf {
-    PathBuf::from(picocenter_vmm::sandbox::normalize("/", guest))
 }
 
 /// The host directory behind writable guest directory `guest`: under the data directory
@@ -679,6 +499,8 @@ pub(super) fn execute(mut picoprocess: Picoprocess, timeout: Option<f64>) -> any
     if let Some(trace) = picoprocess.trace() {
         eprint!("{}", trace.summary());
     }
+    picocenter_vmm::sandbox::supervise::app_ended();
+    drop(picoprocess);
     match &outcome {
         RunOutcome::Exited(_) => {}
         RunOutcome::Killed { signal, report } => {
@@ -709,11 +531,13 @@ fn snapshot_key(args: &RunArgs) -> Option<picocenter_snapshots::SnapshotKey> {
 /// Runs the app and returns the exit status.
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     picocenter_vmm::heap::use_one_arena();
+    tracing::trace!("run: arguments parsed");
     let app = match (&args.image, &args.program) {
         (Some(image), _) => App::from_image(&args, image)?,
         (None, Some(program)) => App::from_program(&args, program)?,
         (None, None) => bail!("give a PROGRAM to run, or --image"),
     };
+    tracing::trace!("run: root ready");
     if app.memory == 0 || !app.memory.is_multiple_of(2) {
         bail!("--memory must be a positive, even number of MiB");
     }
@@ -769,7 +593,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let temporary: Vec<&Path> = app
         ._temp_root
         .iter()
-        .map(|root| root.dir.path())
+        .filter_map(|root| root.temporary.as_ref())
+        .map(|root| root.path())
         .chain(_temp_data.iter().map(|data| data.path()))
         .chain(private_dirs.iter().map(|dir| dir.path()))
         .collect();

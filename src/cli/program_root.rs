@@ -1,0 +1,611 @@
+//! The root of an app run from a host program (`picocenter run PROGRAM`, and the restore
+//! of its snapshots with `--root-from`): the program, its shared-library closure and a
+//! few /etc files.
+//!
+//! A root is built once and kept in `<state>/roots/<key>/root`, keyed by the program's
+//! path and the app's writable directories, with a manifest of every host file it was
+//! made from (device, inode, size, times). The next run of the same program checks that
+//! none of those changed (a `stat` each) and uses it: no closure to find, no tree to
+//! build, none to remove after. A root whose files changed is built again. An app keeps a
+//! shared lock on its root's `lock` file while it runs; a root is removed (the least
+//! recently used first, past [`KEPT_MAX`]) only under an exclusive one.
+
+use super::run::backing_dir;
+use anyhow::{bail, Context};
+use picocenter_snapshots::names::validate_guest_dir;
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The most roots kept; past it, the least recently used that no app uses are removed.
+pub const KEPT_MAX: usize = 64;
+
+/// The manifest's format; a root of another is built again.
+const FORMAT: u32 = 1;
+
+/// A root, kept or built for one run, for a host program.
+pub(super) struct ProgramRoot {
+    /// The root directory: the guest's `/`.
+    pub dir: PathBuf,
+    /// The program's path inside the guest: its own host path.
+    pub program: String,
+    /// Read-only mounts the root needs besides itself: (guest directory, host directory).
+    pub mounts: Vec<(String, PathBuf)>,
+    /// The program, when its directory is one of the app's writable directories: (that
+    /// guest directory, the host file). It is copied into the directory's backing
+    /// directory ([`ProgramRoot::copy_program`]), which a mount of it would hide.
+    pub program_in_writable: Option<(String, PathBuf)>,
+    /// A root built for this run alone (the state directory could not keep one), to be
+    /// removed when the app ends.
+    pub temporary: Option<tempfile::TempDir>,
+    /// The shared lock on a kept root, held while the app runs (through the jail: an open
+    /// fd), so that no other run removes the root under it.
+    _in_use: Option<std::fs::File>,
+}
+
+/// What a kept root was made from, and what it holds besides its tree.
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    format: u32,
+    /// The program's path as given (made absolute).
+    program: String,
+    /// Its canonical path.
+    real: PathBuf,
+    /// Read-only mounts: (guest directory, host directory, relative when in the root).
+    mounts: Vec<(String, PathBuf)>,
+    program_in_writable: Option<(String, PathBuf)>,
+    /// Every host file the root was made from.
+    files: Vec<FileIdentity>,
+}
+
+/// A host file as `stat` sees it: a change to it (in place, or a new file put at its
+/// path) changes one of these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct FileIdentity {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    mode: u32,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            mode: meta.mode(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        })
+    }
+}
+
+/// The root for host program `program` run with `writable` directories: the kept one
+/// when nothing it was made from changed, else one built now (and kept, where the state
+/// directory allows).
+pub(super) fn program_root(
+    state_dir: &Path,
+    program: &Path,
+    writable: &[String],
+) -> anyhow::Result<ProgramRoot> {
+    let given = std::path::absolute(program)
+        .with_context(|| format!("cannot find program {}", program.display()))?;
+    let real = std::fs::canonicalize(&given)
+        .with_context(|| format!("cannot find program {}", program.display()))?;
+    let roots = state_dir.join("roots");
+    let kept = roots.join(key(&given, writable));
+    if let Some(root) = reuse(&kept, &given, &real) {
+        tracing::debug!(root = %kept.display(), "the program's root, kept from an earlier run");
+        return Ok(root);
+    }
+    let build = match std::fs::create_dir_all(&roots).and_then(|()| {
+        tempfile::Builder::new()
+            .prefix(".build-")
+            .permissions(std::fs::Permissions::from_mode(0o755))
+            .tempdir_in(&roots)
+    }) {
+        Ok(build) => build,
+        Err(e) => {
+            tracing::debug!("{}: {e}; a temporary root for this run", roots.display());
+            return temporary_root(&given, &real, writable);
+        }
+    };
+    let root = build.path().join("root");
+    std::fs::create_dir(&root).with_context(|| format!("creating {}", root.display()))?;
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
+    let manifest = build_root(&root, &given, &real, writable)?;
+    let text = serde_json::to_vec(&manifest).context("writing the root's manifest")?;
+    std::fs::write(build.path().join("manifest.json"), text)
+        .context("writing the root's manifest")?;
+    let lock_path = build.path().join("lock");
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    rustix::fs::flock(&lock, FlockOperation::LockShared)
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    // A root of the same key that is out of date makes way; apps running from it keep
+    // it (their jails hold it by a mount), and it goes once none does.
+    if kept.exists() {
+        let stale = roots.join(format!(
+            ".stale-{}",
+            build
+                .path()
+                .file_name()
+                .map_or_else(Default::default, |n| n.to_string_lossy())
+        ));
+        let _ = std::fs::rename(&kept, stale);
+    }
+    let (dir, temporary) = match std::fs::rename(build.path(), &kept) {
+        Ok(()) => {
+            let _ = build.keep();
+            tracing::debug!(root = %kept.display(), "the program's root, built and kept");
+            (kept.join("root"), None)
+        }
+        // Another run of the program kept its own meanwhile: this one serves this run.
+        Err(_) => (root, Some(build)),
+    };
+    remove_unused(&roots);
+    Ok(ProgramRoot::new(manifest, dir, temporary, Some(lock)))
+}
+
+/// The kept root's directory name: the program's path and the writable directories
+/// (which decide where the program is put), hashed.
+fn key(given: &Path, writable: &[String]) -> String {
+    use sha2::Digest;
+    let mut dirs: Vec<&String> = writable.iter().collect();
+    dirs.sort();
+    dirs.dedup();
+    let mut hash = sha2::Sha256::new();
+    hash.update(given.as_os_str().as_encoded_bytes());
+    for dir in dirs {
+        hash.update([0]);
+        hash.update(dir.as_bytes());
+    }
+    hash.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The root kept at `kept`, locked for this run, if it was made from `given` (at `real`)
+/// and none of the files it was made from changed since.
+fn reuse(kept: &Path, given: &Path, real: &Path) -> Option<ProgramRoot> {
+    let lock = std::fs::File::open(kept.join("lock")).ok()?;
+    // Taken before the manifest is read: a removal (under the exclusive lock) is then
+    // either over, and the manifest gone, or not begun.
+    rustix::fs::flock(&lock, FlockOperation::LockShared).ok()?;
+    let text = std::fs::read(kept.join("manifest.json")).ok()?;
+    let manifest: Manifest = serde_json::from_slice(&text).ok()?;
+    if manifest.format != FORMAT || Path::new(&manifest.program) != given || manifest.real != real {
+        return None;
+    }
+    for file in &manifest.files {
+        if FileIdentity::of(&file.path).ok().as_ref() != Some(file) {
+            tracing::debug!(file = %file.path.display(), "changed since the program's root was made");
+            return None;
+        }
+    }
+    // Used now: the least recently used roots are the first to go.
+    let _ = lock.set_modified(std::time::SystemTime::now());
+    Some(ProgramRoot::new(
+        manifest,
+        kept.join("root"),
+        None,
+        Some(lock),
+    ))
+}
+
+/// A root for this run alone, in the host's temporary directory.
+fn temporary_root(given: &Path, real: &Path, writable: &[String]) -> anyhow::Result<ProgramRoot> {
+    let temp = tempfile::Builder::new()
+        .prefix("picocenter-root-")
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir()
+        .context("creating a temporary root")?;
+    let manifest = build_root(temp.path(), given, real, writable)?;
+    Ok(ProgramRoot::new(
+        manifest,
+        temp.path().to_path_buf(),
+        Some(temp),
+        None,
+    ))
+}
+
+/// Removes what no run uses in `roots`: roots made stale, builds abandoned (an hour
+/// old), and past [`KEPT_MAX`] kept roots, the least recently used first. A root goes
+/// only under the exclusive lock of its `lock` file, so never while an app runs from it.
+fn remove_unused(roots: &Path) {
+    let Ok(entries) = std::fs::read_dir(roots) else {
+        return;
+    };
+    let mut kept = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let used = std::fs::metadata(path.join("lock"))
+            .and_then(|m| m.modified())
+            .ok();
+        if name.starts_with(".stale-") {
+            remove_if_unused(&path);
+        } else if name.starts_with(".build-") {
+            let age = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|age| age > std::time::Duration::from_secs(3600)) {
+                remove_if_unused(&path);
+            }
+        } else {
+            kept.push((used, path));
+        }
+    }
+    kept.sort();
+    let mut excess = kept.len().saturating_sub(KEPT_MAX);
+    for (_, path) in kept {
+        if excess == 0 {
+            break;
+        }
+        if remove_if_unused(&path) {
+            excess -= 1;
+        }
+    }
+}
+
+/// Removes root directory `path` unless an app holds its lock; says whether it did.
+fn remove_if_unused(path: &Path) -> bool {
+    let lock = match std::fs::File::open(path.join("lock")) {
+        Ok(lock) => Some(lock),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(_) => return false,
+    };
+    if let Some(lock) = &lock {
+        if rustix::fs::flock(lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+            return false;
+        }
+    }
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => {
+            tracing::debug!(root = %path.display(), "removed a program root no app uses");
+            true
+        }
+        Err(e) => {
+            tracing::debug!("removing {}: {e}", path.display());
+            false
+        }
+    }
+}
+
+impl ProgramRoot {
+    /// The root at `dir` that `manifest` describes.
+    fn new(
+        manifest: Manifest,
+        dir: PathBuf,
+        temporary: Option<tempfile::TempDir>,
+        in_use: Option<std::fs::File>,
+    ) -> Self {
+        let mounts = manifest
+            .mounts
+            .into_iter()
+            .map(|(guest, host)| {
+                let host = if host.is_relative() {
+                    dir.join(host)
+                } else {
+                    host
+                };
+                (guest, host)
+            })
+            .collect();
+        Self {
+            dir,
+            program: manifest.program,
+            mounts,
+            program_in_writable: manifest.program_in_writable,
+            temporary,
+            _in_use: in_use,
+        }
+    }
+
+    /// Copies the program into the backing directory, under `data_dir`, of the writable
+    /// directory that holds it, if one does. A copy, not a link: the app may write to what
+    /// it finds there, and must not reach the host's file through it. Everything is done
+    /// relative to directory fds reached without following a symlink ([`backing_dir`]):
+    /// this runs as root, and an app sharing the data directory may have planted links.
+    pub fn copy_program(&self, data_dir: &Path) -> anyhow::Result<()> {
+        let Some((guest_dir, source)) = &self.program_in_writable else {
+            return Ok(());
+        };
+        let name = Path::new(&self.program)
+            .file_name()
+            .context("the program has no file name")?;
+        let (host_dir, dir) = backing_dir(data_dir, guest_dir)?;
+        let target = host_dir.join(name);
+        let copying = || format!("copying {} to {}", source.display(), target.display());
+        // The canonical path, opened once and checked: a regular file, not a link put
+        // there since (by whoever owns its directory).
+        let from = rustix::fs::open(
+            source,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(copying)?;
+        let stat = rustix::fs::fstat(&from).with_context(copying)?;
+        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+            bail!("{} is not a regular file", source.display());
+        }
+        // A file left there (an earlier run's copy) is replaced, never written through:
+        // it may be a symlink an app made, to a host file. The new one is created
+        // exclusively, without following a link.
+        match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(e) => return Err(e).with_context(|| format!("replacing {}", target.display())),
+        }
+        let to = rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(stat.st_mode & 0o777),
+        )
+        .with_context(copying)?;
+        let mut from = std::fs::File::from(from).take(stat.st_size as u64);
+        std::io::copy(&mut from, &mut std::fs::File::from(to)).with_context(copying)?;
+        Ok(())
+    }
+}
+
+/// Builds in `dir` the root holding `given` (whose canonical path is `real`) and its
+/// shared-library closure (and an /etc/passwd and /etc/group that know root, which the
+/// app is in its own view, and an /etc/hosts that knows localhost). The program keeps its
+/// host path, so argv[0] names it inside the guest too. Where that path lies under a
+/// writable directory, which would hide it: a program right in that directory (such as
+/// /tmp/prog) is copied into it when the app starts (see `program_in_writable`); one
+/// deeper (/tmp/build/prog) gets its directory as a read-only mount of its own that holds
+/// just the program. Returns the root's manifest.
+fn build_root(
+    dir: &Path,
+    given: &Path,
+    real: &Path,
+    writable: &[String],
+) -> anyhow::Result<Manifest> {
+    let program = given;
+    let files = picocenter_images::closure::closure(real)
+        .with_context(|| format!("finding the libraries {} needs", program.display()))?;
+    for file in &files[1..] {
+        picocenter_images::rootfs::add_path(dir, file)?;
+    }
+    let (mut mounts, depends) = interpreter_libraries(dir, &files)?;
+    // The app is root in its own view: getpwuid(0) and getgrgid(0) find it.
+    std::fs::create_dir_all(dir.join("etc"))?;
+    for (file, entry) in [
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+        ("etc/group", "root:x:0:\n"),
+        // localhost is the app itself (see syscalls::net); no DNS is asked for it.
+        (
+            "etc/hosts",
+            "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
+        ),
+    ] {
+        if !dir.join(file).exists() {
+            std::fs::write(dir.join(file), entry)?;
+        }
+    }
+    let hidden = writable
+        .iter()
+        .any(|guest| given.starts_with(sandbox_path(guest)));
+    let parent = given.parent().context("the program has no directory")?;
+    let program_in_writable = writable
+        .iter()
+        .find(|guest| sandbox_path(guest) == parent)
+        .map(|guest| (validate_guest_dir(guest), real.to_path_buf()));
+    let program_in_writable = match program_in_writable {
+        Some((guest, real)) => Some((guest?, real)),
+        None => None,
+    };
+    if program_in_writable.is_some() {
+        // Copied into the writable directory once it exists: a mount would make the
+        // whole directory read-only.
+    } else if hidden {
+        let name = given.file_name().context("the program has no file name")?;
+        let parent = given.parent().context("the program has no directory")?;
+        // Outside the guest's view of the root: only the mount shows it.
+        let holder_name = ".picocenter-program";
+        let holder = dir.join(holder_name);
+        std::fs::create_dir(&holder)?;
+        std::fs::set_permissions(&holder, std::fs::Permissions::from_mode(0o755))?;
+        if std::fs::hard_link(real, holder.join(name)).is_err() {
+            std::fs::copy(real, holder.join(name))
+                .with_context(|| format!("copying {} into the root", real.display()))?;
+        }
+        // Relative: inside the root, wherever the root ends up.
+        mounts.push((parent.to_string_lossy().into_owned(), holder_name.into()));
+    } else {
+        picocenter_images::rootfs::add_path(dir, given)?;
+    }
+    let mut identities = Vec::new();
+    for file in files.iter().chain(&depends) {
+        identities
+            .push(FileIdentity::of(file).with_context(|| format!("reading {}", file.display()))?);
+    }
+    Ok(Manifest {
+        format: FORMAT,
+        program: given.to_string_lossy().into_owned(),
+        real: real.to_path_buf(),
+        mounts,
+        program_in_writable,
+        files: identities,
+    })
+}
+
+/// The library directories of the interpreters among `files` (Python's and Perl's standard
+/// libraries), as read-only mounts at their own paths, with what their native modules
+/// need added to `root`: without them such an interpreter cannot start. Also returns the
+/// files whose change would change the root (the libraries added, the directories of
+/// the modules).
+fn interpreter_libraries(root: &Path, files: &[PathBuf]) -> anyhow::Result<InterpreterLibraries> {
+    use picocenter_images::{closure, interpreters};
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for file in files {
+        for dir in interpreters::library_dirs(file) {
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+    }
+    if dirs.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let modules = interpreters::native_modules(&dirs);
+    let needed = closure::closure_of(&modules, closure::Missing::Skip)
+        .context("finding the libraries of the interpreter's native modules")?;
+    let mut depends = Vec::new();
+    for file in needed
+        .iter()
+        .filter(|f| !dirs.iter().any(|d| f.starts_with(d)))
+    {
+        picocenter_images::rootfs::add_path(root, file)?;
+        depends.push(file.clone());
+    }
+    for module in &modules {
+        // A module added or removed changes its directory.
+        if let Some(dir) = module.parent().filter(|d| !depends.iter().any(|f| f == d)) {
+            depends.push(dir.to_path_buf());
+        }
+    }
+    tracing::debug!(
+        ?dirs,
+        modules = modules.len(),
+        "interpreter library directories"
+    );
+    let mounts = dirs
+        .into_iter()
+        .map(|d| (d.to_string_lossy().into_owned(), d))
+        .collect();
+    Ok((mounts, depends))
+}
+
+/// An interpreter's library directories as mounts, and the files its root depends on.
+type InterpreterLibraries = (Vec<(String, PathBuf)>, Vec<PathBuf>);
+
+/// A guest directory as the host path it would hide.
+fn sandbox_path(guest: &str) -> PathBuf {
+    PathBuf::from(picocenter_vmm::sandbox::normalize("/", guest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kept root (its directory, manifest and lock) made from the files `from`.
+    fn kept_root(kept: &Path, given: &Path, from: &[&Path]) {
+        std::fs::create_dir_all(kept.join("root")).unwrap();
+        let manifest = Manifest {
+            format: FORMAT,
+            program: given.to_string_lossy().into_owned(),
+            real: given.to_path_buf(),
+            mounts: Vec::new(),
+            program_in_writable: None,
+            files: from.iter().map(|f| FileIdentity::of(f).unwrap()).collect(),
+        };
+        std::fs::write(
+            kept.join("manifest.json"),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(kept.join("lock"), b"").unwrap();
+    }
+
+    #[test]
+    fn a_root_is_reused_only_while_none_of_its_files_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (program, library) = (dir.path().join("prog"), dir.path().join("lib.so"));
+        std::fs::write(&program, b"program").unwrap();
+        std::fs::write(&library, b"library").unwrap();
+        let kept = dir.path().join("roots/k");
+        kept_root(&kept, &program, &[&program, &library]);
+        assert!(reuse(&kept, &program, &program).is_some());
+        // Another program, or the same one reached at another canonical path.
+        assert!(reuse(&kept, &library, &library).is_none());
+        assert!(reuse(&kept, &program, &library).is_none());
+
+        // A library replaced by a file of the same size (a new inode).
+        let fresh = dir.path().join("fresh");
+        std::fs::write(&fresh, b"LIBRARY").unwrap();
+        std::fs::rename(&fresh, &library).unwrap();
+        assert!(reuse(&kept, &program, &program).is_none());
+        kept_root(&kept, &program, &[&program, &library]);
+        assert!(reuse(&kept, &program, &program).is_some());
+        // Rewritten in place, same size: its change time moves.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&library, b"library").unwrap();
+        assert!(reuse(&kept, &program, &program).is_none());
+        // Gone.
+        kept_root(&kept, &program, &[&program, &library]);
+        std::fs::remove_file(&library).unwrap();
+        assert!(reuse(&kept, &program, &program).is_none());
+        // A manifest that does not decode.
+        kept_root(&kept, &program, &[&program]);
+        std::fs::write(kept.join("manifest.json"), b"{not json").unwrap();
+        assert!(reuse(&kept, &program, &program).is_none());
+    }
+
+    #[test]
+    fn unused_roots_go_the_least_recently_used_first_and_a_root_in_use_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = dir.path().join("roots");
+        let program = dir.path().join("prog");
+        std::fs::write(&program, b"program").unwrap();
+        let epoch = std::time::SystemTime::UNIX_EPOCH;
+        let mut names = Vec::new();
+        for i in 0..KEPT_MAX + 3 {
+            let name = format!("{i:032x}");
+            let kept = roots.join(&name);
+            kept_root(&kept, &program, &[&program]);
+            let lock = std::fs::File::open(kept.join("lock")).unwrap();
+            lock.set_modified(epoch + std::time::Duration::from_secs(1000 + i as u64))
+                .unwrap();
+            names.push(name);
+        }
+        // The least recently used is in use: it stays, and the next three go (the bound
+        // is kept all the same).
+        let in_use = reuse(&roots.join(&names[0]), &program, &program).unwrap();
+        let lock = std::fs::File::open(roots.join(&names[0]).join("lock")).unwrap();
+        lock.set_modified(epoch + std::time::Duration::from_secs(1))
+            .unwrap();
+        // A stale root in use stays; one not in use goes; so does an abandoned build, but
+        // not one under way.
+        kept_root(&roots.join(".stale-used"), &program, &[&program]);
+        let stale_in_use = reuse(&roots.join(".stale-used"), &program, &program).unwrap();
+        kept_root(&roots.join(".stale-unused"), &program, &[&program]);
+        std::fs::create_dir_all(roots.join(".build-now")).unwrap();
+        let old_build = roots.join(".build-old");
+        std::fs::create_dir_all(&old_build).unwrap();
+        std::fs::File::open(&old_build)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+            .unwrap();
+
+        remove_unused(&roots);
+        let left = |name: &str| roots.join(name).exists();
+        assert!(left(&names[0]), "a root in use was removed");
+        for name in &names[1..4] {
+            assert!(
+                !left(name),
+                "{name}, among the least recently used, is left"
+            );
+        }
+        for name in &names[4..] {
+            assert!(left(name), "{name} was removed");
+        }
+        assert!(left(".stale-used") && !left(".stale-unused"));
+        assert!(left(".build-now") && !left(".build-old"));
+        drop((in_use, stale_in_use));
+    }
+}
