@@ -29,6 +29,11 @@
 //!   either hub: requests attempted, answered and failed, and apps lost
 //!   (`cargo bench --bench cluster -- chaos` runs only this).
 //!
+//! * issue #15's before and after: DNS query to first byte of counter-http and nginx
+//!   swapped out to the local store, through a hub and worker of another build
+//!   (`PICOCENTER_BEFORE=<its picocenter binary>`) against this build's, rounds
+//!   alternating (`cargo bench --bench cluster -- before` runs only this).
+//!
 //! Run with `cargo bench --bench cluster`.
 
 #[path = "../tests/common/mod.rs"]
@@ -39,7 +44,7 @@ use common::cluster::{
     wait_for, waiting_spares, Proc, S3Server,
 };
 use common::wan::{LinkShape, WanLink};
-use common::{build_image, median, picocenter, state_dir};
+use common::{build_image, median, picocenter, state_dir, with_build, Build};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -1185,8 +1190,54 @@ fn own_page_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// DNS query to first byte of swapped-out apps (local store) through a cluster of
+/// `before` and one of this build, each with its own state directory and default flags.
+fn before_and_after(before: &Build) {
+    let start = |name: &str, pool: &str| {
+        build_image("counter-http");
+        build_image("nginx");
+        let store = state_dir().join(format!("bench-cluster/cold-{name}"));
+        Cluster::start_with(name, pool, &["--store", store.to_str().unwrap()], &[], &[])
+    };
+    let old = with_build(Some(before), || start("before", "127.4.7.0/24"));
+    let new = start("after", "127.4.8.0/24");
+    println!("== DNS query to first HTTP byte, swapped out to the local store: PICOCENTER_BEFORE against this build (median of {ROUNDS}, rounds alternating) ==");
+    println!("| app | before | after | after/before |");
+    println!("|---|---|---|---|");
+    for (name, image) in [("counter", "counter-http"), ("nginx", "nginx")] {
+        let (mut old_times, mut new_times) = (Vec::new(), Vec::new());
+        for cluster in [&old, &new] {
+            cluster.add(name, image);
+            query_to_first_byte(cluster.dns, &format!("{name}.pico.local"), "/");
+        }
+        for round in 0..ROUNDS {
+            let mut both = [(&old, &mut old_times), (&new, &mut new_times)];
+            if round % 2 == 1 {
+                both.reverse();
+            }
+            for (cluster, times) in both {
+                cluster.swap_out(name);
+                std::thread::sleep(Duration::from_millis(300));
+                times.push(query_to_first_byte(
+                    cluster.dns,
+                    &format!("{name}.pico.local"),
+                    "/",
+                ));
+            }
+        }
+        let (o, n) = (median(&mut old_times), median(&mut new_times));
+        println!("| {image} | {o:.2} ms | {n:.2} ms | {:.2} |", n / o);
+    }
+}
+
 fn main() {
     common::require_kvm();
+    // `cargo bench --bench cluster -- before`: only issue #15's before and after.
+    if std::env::args().skip(1).any(|arg| arg == "before") {
+        let before = Build::before().expect("`-- before` needs PICOCENTER_BEFORE");
+        before_and_after(&before);
+        return;
+    }
     // `cargo bench --bench cluster -- warm`: only the warm pool against none.
     if std::env::args().skip(1).any(|arg| arg == "warm") {
         warm_pool_against_cold();

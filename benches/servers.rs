@@ -18,12 +18,17 @@
 //! picoprocess and not where the scheduler put it; a picoprocess's vCPU and mailbox
 //! threads then share one core.
 //!
+//! With `PICOCENTER_BEFORE=<another build's picocenter binary>`: nginx (unpinned and
+//! pinned) and python-http, native against that build's default picoprocess against this
+//! one's, rounds alternating (issue #15's before and after); `cargo bench --bench servers
+//! -- before` runs only this.
+//!
 //! Run with `cargo bench --bench servers`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{build_image, median, state_dir, wrk_on, Server};
+use common::{build_image, median, state_dir, with_build, wrk_on, Build, Server};
 use std::process::{Command, Stdio};
 
 const ROUNDS: usize = 5;
@@ -262,9 +267,75 @@ fn print_syscalls(image: &str, path: &str, ip: &str) {
     println!();
 }
 
+/// python-http run natively by the host's python3 on 127.0.0.1:`port`, once it accepts.
+fn native_python(port: u16) -> std::process::Child {
+    let app = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("images/python-http/app.py");
+    let native = Command::new("/usr/bin/python3")
+        .arg("-B")
+        .arg(app)
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..300 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    native
+}
+
+/// nginx and python-http: native, `before`'s default picoprocess and this build's.
+fn before_and_after(before: &Build) {
+    let pair = |image: &str, old_ip: &str, new_ip: &str| {
+        let old = with_build(Some(before), || {
+            Server::start(image, &format!("bench-{image}-before"), old_ip, 80, &[])
+        });
+        let new = Server::start(image, &format!("bench-{image}-after"), new_ip, 80, &[]);
+        (old, new)
+    };
+    {
+        let native = Native::start("127.0.3.30:80");
+        let (old, new) = pair("nginx", "127.0.3.31", "127.0.3.32");
+        let targets = [
+            ("native", "127.0.3.30:80".to_string()),
+            ("PICOCENTER_BEFORE", old.address.to_string()),
+            ("this build", new.address.to_string()),
+        ];
+        compare("nginx, before and after", NGINX_PATH, &targets, None);
+        pin_tree(native.child.id(), "1");
+        pin_tree(old.pid(), "1");
+        pin_tree(new.pid(), "1");
+        compare(
+            "nginx pinned (servers on CPU 1, wrk on CPU 0), before and after",
+            NGINX_PATH,
+            &targets,
+            Some("0"),
+        );
+    }
+    let mut native = native_python(18091);
+    let (old, new) = pair("python-http", "127.0.3.33", "127.0.3.34");
+    let targets = [
+        ("native", "127.0.0.1:18091".to_string()),
+        ("PICOCENTER_BEFORE", old.address.to_string()),
+        ("this build", new.address.to_string()),
+    ];
+    compare("python-http, before and after", "/", &targets, None);
+    let _ = native.kill();
+    let _ = native.wait();
+}
+
 fn main() {
     build_image("nginx");
     build_image("python-http");
+    if let Some(before) = Build::before() {
+        before_and_after(&before);
+    }
+    if std::env::args().any(|a| a == "before") {
+        return;
+    }
     {
         let native = Native::start("127.0.3.1:80");
         let servers = picoprocesses("nginx", 2);
@@ -287,23 +358,8 @@ fn main() {
     print_syscalls("lighttpd", "/files/1k.txt", "127.0.3.7");
     print_syscalls("counter-http", "/", "127.0.3.8");
     {
-        let app =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("images/python-http/app.py");
-        let mut native = Command::new("/usr/bin/python3")
-            .arg("-B")
-            .arg(app)
-            .arg("18090")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut native = native_python(18090);
         let servers = picoprocesses("python-http", 12);
-        for _ in 0..300 {
-            if std::net::TcpStream::connect("127.0.0.1:18090").is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
         compare(
             "python-http",
             "/",

@@ -11,12 +11,19 @@
 //!   the same number of bytes from one buffer in this process, to the same file system.
 //! * Increment size: the page file an increment writes after a request dirtied 1 MiB.
 //!
+//! With `PICOCENTER_BEFORE=<another build's picocenter binary>`: counter-http's restore to
+//! first response (activeset, second cycle) under that build against this one, rounds
+//! alternating (issue #15's before and after); `cargo bench --bench snapshots -- before`
+//! runs only this.
+//!
 //! Run with `cargo bench --bench snapshots`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{build_image, guest, median, picocenter, snapshot_stdout, Link, Server};
+use common::{
+    build_image, guest, median, picocenter, snapshot_stdout, with_build, Build, Link, Server,
+};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -321,8 +328,53 @@ fn write_throughput(state: &Path) -> (f64, f64) {
     (median(&mut rates), median(&mut baseline))
 }
 
+/// counter-http's restore to first response under `before` and this build, each from a
+/// second-cycle snapshot in its own state directory, rounds alternating.
+fn before_and_after(before: &Build) {
+    let prepare = |ip: &str| {
+        build_image("counter-http");
+        let name = "bench-floor-counter";
+        let dir = common::state_dir().join("bench-snapshots/floor-counter");
+        let _ = std::fs::remove_dir_all(&dir);
+        let address = format!("{ip}:80");
+        let server = Server::start("counter-http", name, ip, 80, &[]);
+        get(&address, "/");
+        snapshot_stdout(&["create", name, "-o", dir.to_str().unwrap(), "--stop"]);
+        server.stop_waiting();
+        second_cycle(name, &dir, &address, "/", 3);
+        (dir, address)
+    };
+    let (old_dir, old_address) = with_build(Some(before), || prepare("127.0.8.6"));
+    let (new_dir, new_address) = prepare("127.0.8.7");
+    let (mut old, mut new) = (Vec::new(), Vec::new());
+    for round in 0..=ROUNDS {
+        let o = with_build(Some(before), || {
+            restore_to_response(&old_dir, "activeset", &old_address, "/")
+        });
+        let n = restore_to_response(&new_dir, "activeset", &new_address, "/");
+        // The first round warms the page cache.
+        if round > 0 {
+            old.push(o);
+            new.push(n);
+        }
+    }
+    let (old, new) = (median(&mut old), median(&mut new));
+    println!("== counter-http, restore (activeset) to first response, median of {ROUNDS} ==");
+    println!(
+        "  PICOCENTER_BEFORE {old:8.2} ms\n  this build        {new:8.2} ms   after/before = {:.2}",
+        new / old
+    );
+}
+
 fn main() {
     common::require_kvm();
+    let before = Build::before();
+    if let Some(before) = &before {
+        before_and_after(before);
+    }
+    if std::env::args().any(|a| a == "before") {
+        return;
+    }
     let state = common::state_dir();
     for image in ["counter-http", "nginx", "python-http"] {
         build_image(image);

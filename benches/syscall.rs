@@ -13,13 +13,17 @@
 //!   how far the worst run is from the median run (issue #15's "a mailbox that holds up
 //!   under CPU contention").
 //!
+//! With `PICOCENTER_BEFORE=<another build's picocenter binary>`, the mailbox rows of the
+//! first two settings are also measured under that build, runs alternating with this one's
+//! (issue #15's before and after).
+//!
 //! Run with `cargo bench --bench syscall`. Rounds alternate the measurements so that
 //! machine noise hits them alike; medians of the per-round values are reported.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{guest, median, picocenter, printed_number, Link};
+use common::{guest, median, picocenter, printed_number, with_build, Build, Link};
 use std::process::Command;
 
 /// Calls per run of the distribution rounds.
@@ -108,6 +112,43 @@ fn contention(program: &str) {
     println!("  (ns per call; medians over the runs; worst/median run compares the runs' means)");
 }
 
+/// The mailbox's per-call distribution under `before` and this build, runs alternating.
+fn before_and_after(program: &str, before: &Build) {
+    println!();
+    println!("through the mailbox, PICOCENTER_BEFORE against this build, {ROUNDS} alternating runs each:");
+    println!(
+        "  {:<44} {:>8} {:>8} {:>8} {:>17}",
+        "setting", "mean", "p50", "p99", "worst/median run"
+    );
+    for (setting, burner) in [
+        ("two free cores", false),
+        ("beside a CPU-bound process", true),
+    ] {
+        let _burner = burner.then(Burner::start);
+        let (mut old, mut new) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            old.push(with_build(Some(before), || {
+                distribution(program, true, false)
+            }));
+            new.push(distribution(program, true, false));
+        }
+        for (build, runs) in [("before", &old), ("after", &new)] {
+            let column = |i: usize| median(&mut runs.iter().map(|r| r[i]).collect::<Vec<_>>());
+            let mean = column(0);
+            let worst = runs.iter().map(|r| r[0]).fold(0.0, f64::max);
+            println!(
+                "  {:<44} {:>8.0} {:>8.0} {:>8.0} {:>17.2}",
+                format!("{setting}, {build}"),
+                mean,
+                column(1),
+                column(3),
+                worst / mean
+            );
+        }
+    }
+    println!("  (ns per call; medians over the runs)");
+}
+
 const ROUNDS: usize = 7;
 const ITERATIONS: &str = "20000";
 
@@ -178,4 +219,7 @@ fn main() {
         medians[5] / medians[7]
     );
     contention(program);
+    if let Some(before) = Build::before() {
+        before_and_after(program, &before);
+    }
 }

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 pub const KEPT_MAX: usize = 64;
 
 /// The manifest's format; a root of another is built again.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// A root, kept or built for one run, for a host program.
 pub(super) struct ProgramRoot {
@@ -62,7 +62,9 @@ struct Manifest {
 }
 
 /// A host file as `stat` sees it: a change to it (in place, or a new file put at its
-/// path) changes one of these.
+/// path) changes one of these. Not its change time: a hard link made to it (by any run
+/// that builds a root holding it) moves that, which would invalidate every root holding
+/// it at each other root's build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct FileIdentity {
     path: PathBuf,
@@ -71,7 +73,6 @@ struct FileIdentity {
     mode: u32,
     size: u64,
     mtime: (i64, i64),
-    ctime: (i64, i64),
 }
 
 impl FileIdentity {
@@ -84,7 +85,6 @@ impl FileIdentity {
             mode: meta.mode(),
             size: meta.size(),
             mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
         })
     }
 }
@@ -531,6 +531,9 @@ mod tests {
         let kept = dir.path().join("roots/k");
         kept_root(&kept, &program, &[&program, &library]);
         assert!(reuse(&kept, &program, &program).is_some());
+        // Another root's build linking a file (its change time moves) changes nothing.
+        std::fs::hard_link(&library, dir.path().join("linked")).unwrap();
+        assert!(reuse(&kept, &program, &program).is_some());
         // Another program, or the same one reached at another canonical path.
         assert!(reuse(&kept, &library, &library).is_none());
         assert!(reuse(&kept, &program, &library).is_none());
@@ -542,7 +545,7 @@ mod tests {
         assert!(reuse(&kept, &program, &program).is_none());
         kept_root(&kept, &program, &[&program, &library]);
         assert!(reuse(&kept, &program, &program).is_some());
-        // Rewritten in place, same size: its change time moves.
+        // Rewritten in place, same size: its modification time moves.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&library, b"library").unwrap();
         assert!(reuse(&kept, &program, &program).is_none());

@@ -30,10 +30,64 @@ pub fn require_kvm() {
     );
 }
 
+/// Another build of picocenter that a before-and-after bench compares this one with: its
+/// binary, and a state directory of its own (images built by it, its control sockets).
+#[derive(Debug, Clone)]
+pub struct Build {
+    pub binary: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Build {
+    /// The build named by `PICOCENTER_BEFORE` (the path of its `picocenter` binary), if
+    /// any: benches then measure it beside this one.
+    #[allow(dead_code)]
+    pub fn before() -> Option<Build> {
+        let binary = PathBuf::from(std::env::var_os("PICOCENTER_BEFORE")?);
+        assert!(
+            binary.is_file(),
+            "PICOCENTER_BEFORE={}: no such binary",
+            binary.display()
+        );
+        Some(Build {
+            binary,
+            state: Path::new(env!("CARGO_TARGET_TMPDIR")).join("state-before"),
+        })
+    }
+}
+
+/// The build the helpers run for the calling thread's next commands; `None` is this one.
+static OTHER_BUILD: std::sync::Mutex<Option<Build>> = std::sync::Mutex::new(None);
+
+/// Runs `f` with every helper (`picocenter`, `state_dir` and all that use them) on `build`
+/// (`None`: this build), and goes back to this build after.
+#[allow(dead_code)]
+pub fn with_build<T>(build: Option<&Build>, f: impl FnOnce() -> T) -> T {
+    let previous = std::mem::replace(
+        &mut *OTHER_BUILD.lock().unwrap_or_else(|e| e.into_inner()),
+        build.cloned(),
+    );
+    let result = f();
+    *OTHER_BUILD.lock().unwrap_or_else(|e| e.into_inner()) = previous;
+    result
+}
+
+/// The build the helpers run now (see [`with_build`]).
+fn other_build() -> Option<Build> {
+    OTHER_BUILD
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
 /// The picocenter binary under test.
 pub fn picocenter() -> Command {
     require_kvm();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_picocenter"));
+    let binary = other_build().map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_picocenter")),
+        |build| build.binary,
+    );
+    let mut cmd = Command::new(binary);
     cmd.stdin(Stdio::null());
     // One state directory for the whole test run: images built once serve every test,
     // and control sockets stay out of the host's /var/lib/picocenter.
@@ -62,9 +116,12 @@ pub fn vmm_pid(name: &str) -> u32 {
     u32::try_from(pid).unwrap()
 }
 
-/// The state directory the tests share (see [`picocenter`]).
+/// The state directory the tests share (see [`picocenter`]), or the other build's.
 pub fn state_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join("state")
+    other_build().map_or_else(
+        || Path::new(env!("CARGO_TARGET_TMPDIR")).join("state"),
+        |build| build.state,
+    )
 }
 
 /// The snapshot key of the tests' state directory (made by whichever comes first: a VMM
