@@ -28,14 +28,20 @@ fn static_pie_program_runs() {
 
 /// A host program's root is kept for the program's next run, and made again when the
 /// program changes (rewritten in place, or replaced by another file): a run never finds
-/// an old copy.
+/// an old copy. A program changed within the last two seconds gets a root for that run
+/// alone (a change within one tick of the file system's clock would not show).
 #[test]
 fn a_kept_program_root_follows_changes_to_the_program() {
     let dir = tempfile::tempdir().unwrap();
     let program = dir.path().join("prog");
     let hello = guest("hello", Link::Static);
     let ids = guest("ids", Link::Static);
-    std::fs::copy(&hello, &program).unwrap();
+    // Modified `seconds` ago: settled, as a program is that was not just written.
+    let settle = |seconds: u64| {
+        let file = std::fs::File::options().write(true).open(&program).unwrap();
+        file.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(seconds))
+            .unwrap();
+    };
     let run = || {
         let out = picocenter()
             .env("RUST_LOG", "debug")
@@ -48,27 +54,47 @@ fn a_kept_program_root_follows_changes_to_the_program() {
         let kept = said.contains("the program's root, kept from an earlier run");
         (stdout(&out), kept)
     };
-    let (first, _) = run();
+    std::fs::copy(&hello, &program).unwrap();
+    let (first, kept) = run();
     assert!(first.starts_with("hello from a picoprocess"), "{first}");
+    assert!(!kept);
+    let (_, kept) = run();
+    assert!(
+        !kept,
+        "a root made from a program written just now was kept"
+    );
+    settle(60);
+    run();
     let (second, kept) = run();
     assert!(second.starts_with("hello from a picoprocess"), "{second}");
-    assert!(kept, "the second run made its root again");
+    assert!(kept, "the root was not kept");
 
     // Rewritten in place (the same inode, a hard link in the root would show it too).
     std::fs::write(&program, std::fs::read(&ids).unwrap()).unwrap();
+    settle(50);
     let (third, kept) = run();
     assert!(third.contains("PASSED"), "{third}");
     assert!(!kept, "a root made from the old program was used");
+    let (third, kept) = run();
+    assert!(third.contains("PASSED") && kept, "{third}");
 
     // Replaced by another file (a new inode: a hard link in the root would not follow).
     let next = dir.path().join("next");
     std::fs::copy(&hello, &next).unwrap();
     std::fs::rename(&next, &program).unwrap();
+    settle(40);
     let (fourth, kept) = run();
     assert!(fourth.starts_with("hello from a picoprocess"), "{fourth}");
     assert!(!kept, "a root made from the old program was used");
     let (_, kept) = run();
     assert!(kept, "the new root was not kept");
+
+    // A root holds hard links to host files (set-id programs among them, or copies of
+    // them across file systems): no other user may reach them through it.
+    use std::os::unix::fs::PermissionsExt;
+    let roots = state_dir().join("roots");
+    let mode = std::fs::metadata(&roots).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{} is {mode:o}", roots.display());
 }
 
 #[test]

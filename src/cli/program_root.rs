@@ -26,6 +26,10 @@ pub const KEPT_MAX: usize = 64;
 /// The manifest's format; a root of another is built again.
 const FORMAT: u32 = 2;
 
+/// The directory in a root that holds a program hidden by a writable directory, mounted
+/// over that directory's own path.
+const HOLDER: &str = ".picocenter-program";
+
 /// A root, kept or built for one run, for a host program.
 pub(super) struct ProgramRoot {
     /// The root directory: the guest's `/`.
@@ -107,7 +111,10 @@ pub(super) fn program_root(
         tracing::debug!(root = %kept.display(), "the program's root, kept from an earlier run");
         return Ok(root);
     }
-    let build = match std::fs::create_dir_all(&roots).and_then(|()| {
+    // Private to its owner: a root holds hard links to host files (and copies of them,
+    // across file systems), set-id programs among them, which no other user may reach
+    // through it. The jail shows an app its root alone.
+    let build = match picocenter_vmm::control::private_dir(&roots).and_then(|()| {
         tempfile::Builder::new()
             .prefix(".build-")
             .permissions(std::fs::Permissions::from_mode(0o755))
@@ -122,38 +129,62 @@ pub(super) fn program_root(
     let root = build.path().join("root");
     std::fs::create_dir(&root).with_context(|| format!("creating {}", root.display()))?;
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
-    let manifest = build_root(&root, &given, &real, writable)?;
-    let text = serde_json::to_vec(&manifest).context("writing the root's manifest")?;
-    std::fs::write(build.path().join("manifest.json"), text)
-        .context("writing the root's manifest")?;
-    let lock_path = build.path().join("lock");
-    let lock = std::fs::File::create(&lock_path)
-        .with_context(|| format!("creating {}", lock_path.display()))?;
-    rustix::fs::flock(&lock, FlockOperation::LockShared)
-        .with_context(|| format!("locking {}", lock_path.display()))?;
-    // A root of the same key that is out of date makes way; apps running from it keep
-    // it (their jails hold it by a mount), and it goes once none does.
-    if kept.exists() {
-        let stale = roots.join(format!(
-            ".stale-{}",
-            build
-                .path()
-                .file_name()
-                .map_or_else(Default::default, |n| n.to_string_lossy())
-        ));
-        let _ = std::fs::rename(&kept, stale);
-    }
-    let (dir, temporary) = match std::fs::rename(build.path(), &kept) {
+    let (manifest, settled) = build_root(&root, &given, &real, writable)?;
+    let lock = match seal(build.path(), &manifest) {
+        Ok(lock) => lock,
+        Err(e) => {
+            // A path that is not UTF-8, a full disk: the root serves this run alone.
+            tracing::debug!("{e:#}: the program's root serves this run only");
+            return Ok(ProgramRoot::new(manifest, root, Some(build), None));
+        }
+    };
+    // Kept only when nothing changed while it was built (a file replaced between its
+    // link and its stat would leave an old copy under a new identity), and when the root
+    // it replaces, if any, is out of use: a kept root changes only under its exclusive
+    // lock. Otherwise it serves this run alone; the next run builds it again.
+    let place = if !settled {
+        Err("a file it was made from changed while it was built, or just before")
+    } else if !make_way(&roots, &kept) {
+        Err("the root it replaces is in use")
+    } else {
+        std::fs::rename(build.path(), &kept).map_err(|_| "another run kept its own meanwhile")
+    };
+    let (dir, temporary) = match place {
         Ok(()) => {
             let _ = build.keep();
             tracing::debug!(root = %kept.display(), "the program's root, built and kept");
             (kept.join("root"), None)
         }
-        // Another run of the program kept its own meanwhile: this one serves this run.
-        Err(_) => (root, Some(build)),
+        Err(why) => {
+            tracing::debug!("the program's root serves this run only: {why}");
+            (root, Some(build))
+        }
     };
     remove_unused(&roots);
     Ok(ProgramRoot::new(manifest, dir, temporary, Some(lock)))
+}
+
+/// Writes the manifest and the lock file of the root built in `build`, and returns the
+/// lock, taken shared (read-only: nothing is ever written to it).
+fn seal(build: &Path, manifest: &Manifest) -> anyhow::Result<std::fs::File> {
+    let text = serde_json::to_vec(manifest).context("the root's manifest")?;
+    std::fs::write(build.join("manifest.json"), text).context("writing the root's manifest")?;
+    let lock_path = build.join("lock");
+    std::fs::write(&lock_path, b"").with_context(|| format!("creating {}", lock_path.display()))?;
+    let lock = std::fs::File::open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    rustix::fs::flock(&lock, FlockOperation::NonBlockingLockShared)
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    Ok(lock)
+}
+
+/// Whether `kept` is free for a new root: nothing there, or a root no app uses, removed.
+fn make_way(roots: &Path, kept: &Path) -> bool {
+    match std::fs::symlink_metadata(kept) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(_) => false,
+        Ok(_) => remove_if_unused(roots, kept),
+    }
 }
 
 /// The kept root's directory name: the program's path and the writable directories
@@ -175,16 +206,38 @@ fn key(given: &Path, writable: &[String]) -> String {
         .collect()
 }
 
+/// Whether open file `file` is the file at `path` (an open made before a rename or
+/// removal there is of another).
+fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// The root kept at `kept`, locked for this run, if it was made from `given` (at `real`)
 /// and none of the files it was made from changed since.
 fn reuse(kept: &Path, given: &Path, real: &Path) -> Option<ProgramRoot> {
-    let lock = std::fs::File::open(kept.join("lock")).ok()?;
-    // Taken before the manifest is read: a removal (under the exclusive lock) is then
-    // either over, and the manifest gone, or not begun.
-    rustix::fs::flock(&lock, FlockOperation::LockShared).ok()?;
+    let lock_path = kept.join("lock");
+    let lock = std::fs::File::open(&lock_path).ok()?;
+    // Not waited for: an exclusive lock is a removal under way. Taken before the manifest
+    // is read, and checked to be the lock still at that path: the root there is then this
+    // lock's, and no one replaces or removes it while this run holds it.
+    rustix::fs::flock(&lock, FlockOperation::NonBlockingLockShared).ok()?;
+    if !same_file(&lock, &lock_path) {
+        return None;
+    }
     let text = std::fs::read(kept.join("manifest.json")).ok()?;
     let manifest: Manifest = serde_json::from_slice(&text).ok()?;
     if manifest.format != FORMAT || Path::new(&manifest.program) != given || manifest.real != real {
+        return None;
+    }
+    // A mount inside the root is its program holder, and nothing else.
+    if manifest
+        .mounts
+        .iter()
+        .any(|(_, host)| host.is_relative() && host != Path::new(HOLDER))
+    {
         return None;
     }
     for file in &manifest.files {
@@ -210,7 +263,7 @@ fn temporary_root(given: &Path, real: &Path, writable: &[String]) -> anyhow::Res
         .permissions(std::fs::Permissions::from_mode(0o755))
         .tempdir()
         .context("creating a temporary root")?;
-    let manifest = build_root(temp.path(), given, real, writable)?;
+    let (manifest, _) = build_root(temp.path(), given, real, writable)?;
     Ok(ProgramRoot::new(
         manifest,
         temp.path().to_path_buf(),
@@ -219,7 +272,7 @@ fn temporary_root(given: &Path, real: &Path, writable: &[String]) -> anyhow::Res
     ))
 }
 
-/// Removes what no run uses in `roots`: roots made stale, builds abandoned (an hour
+/// Removes what no run uses in `roots`: removals cut short, builds abandoned (an hour
 /// old), and past [`KEPT_MAX`] kept roots, the least recently used first. A root goes
 /// only under the exclusive lock of its `lock` file, so never while an app runs from it.
 fn remove_unused(roots: &Path) {
@@ -230,11 +283,9 @@ fn remove_unused(roots: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
-        let used = std::fs::metadata(path.join("lock"))
-            .and_then(|m| m.modified())
-            .ok();
-        if name.starts_with(".stale-") {
-            remove_if_unused(&path);
+        if name.starts_with(".trash-") {
+            // Renamed here under its exclusive lock: no run can find it any more.
+            let _ = std::fs::remove_dir_all(&path);
         } else if name.starts_with(".build-") {
             let age = entry
                 .metadata()
@@ -242,9 +293,12 @@ fn remove_unused(roots: &Path) {
                 .ok()
                 .and_then(|t| t.elapsed().ok());
             if age.is_some_and(|age| age > std::time::Duration::from_secs(3600)) {
-                remove_if_unused(&path);
+                remove_if_unused(roots, &path);
             }
         } else {
+            let used = std::fs::metadata(path.join("lock"))
+                .and_then(|m| m.modified())
+                .ok();
             kept.push((used, path));
         }
     }
@@ -254,34 +308,43 @@ fn remove_unused(roots: &Path) {
         if excess == 0 {
             break;
         }
-        if remove_if_unused(&path) {
+        if remove_if_unused(roots, &path) {
             excess -= 1;
         }
     }
 }
 
-/// Removes root directory `path` unless an app holds its lock; says whether it did.
-fn remove_if_unused(path: &Path) -> bool {
-    let lock = match std::fs::File::open(path.join("lock")) {
+/// Removes root directory `path` (in `roots`) unless an app holds its lock; says whether
+/// it did. It is renamed away first, under the lock: a removal cut short leaves no
+/// partial root where a run would look.
+fn remove_if_unused(roots: &Path, path: &Path) -> bool {
+    let lock_path = path.join("lock");
+    let lock = match std::fs::File::open(&lock_path) {
         Ok(lock) => Some(lock),
+        // Never sealed: a build cut short (no run holds what it cannot lock).
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(_) => return false,
     };
     if let Some(lock) = &lock {
-        if rustix::fs::flock(lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+        if rustix::fs::flock(lock, FlockOperation::NonBlockingLockExclusive).is_err()
+            || !same_file(lock, &lock_path)
+        {
             return false;
         }
     }
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => {
-            tracing::debug!(root = %path.display(), "removed a program root no app uses");
-            true
-        }
-        Err(e) => {
-            tracing::debug!("removing {}: {e}", path.display());
-            false
-        }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let trash = roots.join(format!(".trash-{}-{nanos}", std::process::id()));
+    if let Err(e) = std::fs::rename(path, &trash) {
+        tracing::warn!("removing {}: {e}", path.display());
+        return false;
     }
+    match std::fs::remove_dir_all(&trash) {
+        Ok(()) => tracing::debug!(root = %path.display(), "removed a program root no app uses"),
+        Err(e) => tracing::warn!("removing {}: {e}", trash.display()),
+    }
+    true
 }
 
 impl ProgramRoot {
@@ -368,16 +431,25 @@ impl ProgramRoot {
 /// writable directory, which would hide it: a program right in that directory (such as
 /// /tmp/prog) is copied into it when the app starts (see `program_in_writable`); one
 /// deeper (/tmp/build/prog) gets its directory as a read-only mount of its own that holds
-/// just the program. Returns the root's manifest.
+/// just the program. Returns the root's manifest, and whether its files were settled:
+/// none changed while the root was built, nor in the two seconds before (a change within
+/// one tick of a file system's clock would not show in its modification time).
 fn build_root(
     dir: &Path,
     given: &Path,
     real: &Path,
     writable: &[String],
-) -> anyhow::Result<Manifest> {
+) -> anyhow::Result<(Manifest, bool)> {
     let program = given;
     let files = picocenter_images::closure::closure(real)
         .with_context(|| format!("finding the libraries {} needs", program.display()))?;
+    let identities_of = |files: &[PathBuf]| -> anyhow::Result<Vec<FileIdentity>> {
+        files
+            .iter()
+            .map(|f| FileIdentity::of(f).with_context(|| format!("reading {}", f.display())))
+            .collect()
+    };
+    let before = identities_of(&files)?;
     for file in &files[1..] {
         picocenter_images::rootfs::add_path(dir, file)?;
     }
@@ -416,8 +488,7 @@ fn build_root(
         let name = given.file_name().context("the program has no file name")?;
         let parent = given.parent().context("the program has no directory")?;
         // Outside the guest's view of the root: only the mount shows it.
-        let holder_name = ".picocenter-program";
-        let holder = dir.join(holder_name);
+        let holder = dir.join(HOLDER);
         std::fs::create_dir(&holder)?;
         std::fs::set_permissions(&holder, std::fs::Permissions::from_mode(0o755))?;
         if std::fs::hard_link(real, holder.join(name)).is_err() {
@@ -425,23 +496,31 @@ fn build_root(
                 .with_context(|| format!("copying {} into the root", real.display()))?;
         }
         // Relative: inside the root, wherever the root ends up.
-        mounts.push((parent.to_string_lossy().into_owned(), holder_name.into()));
+        mounts.push((parent.to_string_lossy().into_owned(), HOLDER.into()));
     } else {
         picocenter_images::rootfs::add_path(dir, given)?;
     }
-    let mut identities = Vec::new();
-    for file in files.iter().chain(&depends) {
-        identities
-            .push(FileIdentity::of(file).with_context(|| format!("reading {}", file.display()))?);
-    }
-    Ok(Manifest {
+    let mut identities = identities_of(&files)?;
+    identities.extend(identities_of(&depends)?);
+    let settle = std::time::SystemTime::now() - std::time::Duration::from_secs(2);
+    let settled = identities[..before.len()] == before[..]
+        && identities.iter().all(|file| {
+            let (secs, nanos) = file.mtime;
+            let modified = u64::try_from(secs).ok().map(|secs| {
+                std::time::UNIX_EPOCH
+                    + std::time::Duration::new(secs, u32::try_from(nanos).unwrap_or(0))
+            });
+            modified.is_some_and(|modified| modified < settle)
+        });
+    let manifest = Manifest {
         format: FORMAT,
         program: given.to_string_lossy().into_owned(),
         real: real.to_path_buf(),
         mounts,
         program_in_writable,
         files: identities,
-    })
+    };
+    Ok((manifest, settled))
 }
 
 /// The library directories of the interpreters among `files` (Python's and Perl's standard
@@ -531,6 +610,18 @@ mod tests {
         let kept = dir.path().join("roots/k");
         kept_root(&kept, &program, &[&program, &library]);
         assert!(reuse(&kept, &program, &program).is_some());
+        // A mount inside the root other than the program's holder.
+        let text = std::fs::read_to_string(kept.join("manifest.json")).unwrap();
+        let bad = text.replace(r#""mounts":[]"#, r#""mounts":[["/x","../../etc"]]"#);
+        assert_ne!(bad, text);
+        std::fs::write(kept.join("manifest.json"), bad).unwrap();
+        assert!(reuse(&kept, &program, &program).is_none());
+        kept_root(&kept, &program, &[&program, &library]);
+        // Locked exclusively (a removal under way): not waited for.
+        let remover = std::fs::File::open(kept.join("lock")).unwrap();
+        rustix::fs::flock(&remover, FlockOperation::LockExclusive).unwrap();
+        assert!(reuse(&kept, &program, &program).is_none());
+        drop(remover);
         // Another root's build linking a file (its change time moves) changes nothing.
         std::fs::hard_link(&library, dir.path().join("linked")).unwrap();
         assert!(reuse(&kept, &program, &program).is_some());
@@ -582,18 +673,23 @@ mod tests {
         let lock = std::fs::File::open(roots.join(&names[0]).join("lock")).unwrap();
         lock.set_modified(epoch + std::time::Duration::from_secs(1))
             .unwrap();
-        // A stale root in use stays; one not in use goes; so does an abandoned build, but
-        // not one under way.
-        kept_root(&roots.join(".stale-used"), &program, &[&program]);
-        let stale_in_use = reuse(&roots.join(".stale-used"), &program, &program).unwrap();
-        kept_root(&roots.join(".stale-unused"), &program, &[&program]);
+        // A removal cut short goes; so does an abandoned build, but not one under way, nor
+        // one that serves an app (its lock held).
+        std::fs::create_dir_all(roots.join(".trash-1-2/root")).unwrap();
         std::fs::create_dir_all(roots.join(".build-now")).unwrap();
-        let old_build = roots.join(".build-old");
-        std::fs::create_dir_all(&old_build).unwrap();
-        std::fs::File::open(&old_build)
-            .unwrap()
-            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
-            .unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        for name in [".build-old", ".build-serving"] {
+            std::fs::create_dir_all(roots.join(name)).unwrap();
+        }
+        kept_root(&roots.join(".build-serving"), &program, &[&program]);
+        let serving = std::fs::File::open(roots.join(".build-serving/lock")).unwrap();
+        rustix::fs::flock(&serving, FlockOperation::LockShared).unwrap();
+        for name in [".build-old", ".build-serving"] {
+            std::fs::File::open(roots.join(name))
+                .unwrap()
+                .set_modified(hour_ago)
+                .unwrap();
+        }
 
         remove_unused(&roots);
         let left = |name: &str| roots.join(name).exists();
@@ -607,8 +703,12 @@ mod tests {
         for name in &names[4..] {
             assert!(left(name), "{name} was removed");
         }
-        assert!(left(".stale-used") && !left(".stale-unused"));
-        assert!(left(".build-now") && !left(".build-old"));
-        drop((in_use, stale_in_use));
+        assert!(!left(".trash-1-2"));
+        assert!(left(".build-now") && left(".build-serving") && !left(".build-old"));
+        // A root in use is not replaced by a new build; one out of use is.
+        assert!(!make_way(&roots, &roots.join(&names[0])));
+        drop((in_use, serving));
+        assert!(make_way(&roots, &roots.join(&names[0])));
+        assert!(!left(&names[0]));
     }
 }

@@ -499,8 +499,6 @@ pub(super) fn execute(mut picoprocess: Picoprocess, timeout: Option<f64>) -> any
     if let Some(trace) = picoprocess.trace() {
         eprint!("{}", trace.summary());
     }
-    picocenter_vmm::sandbox::supervise::app_ended();
-    drop(picoprocess);
     match &outcome {
         RunOutcome::Exited(_) => {}
         RunOutcome::Killed { signal, report } => {

@@ -125,18 +125,46 @@ impl WorkerConfig {
     }
 }
 
-/// Empties the VMMs' temporary directory `dir` and makes it again, private. What is in it
-/// was left by VMMs of an earlier run of this worker, which died with it (a VMM never
-/// outlives its worker); the worker would have removed it had it lived.
-fn clear_temp_dir(dir: &Path) {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => tracing::debug!("removed what earlier VMMs left in {}", dir.display()),
+/// Takes the worker's own directory `work_dir` for this process (an exclusive lock on
+/// its `lock` file, held while the returned file lives), and then empties the VMMs'
+/// temporary directory `temp_dir` in it: what is there was left by VMMs of an earlier run
+/// of this worker, which died with it (a VMM never outlives its worker). A directory
+/// another live worker holds (the same id, twice) is left alone.
+fn take_work_dir(work_dir: &Path, temp_dir: &Path) -> Option<std::fs::File> {
+    let lock_path = work_dir.join("lock");
+    let lock = picocenter_snapshots::private::create_dir_all(work_dir)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+        })
+        .and_then(|lock| {
+            rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
+            Ok(lock)
+        });
+    let lock = match lock {
+        Ok(lock) => lock,
+        Err(e) => {
+            tracing::warn!(
+                "{}: {e}; another worker with this id may be running: what its VMMs left in \
+                 {} stays",
+                lock_path.display(),
+                temp_dir.display()
+            );
+            return None;
+        }
+    };
+    match std::fs::remove_dir_all(temp_dir) {
+        Ok(()) => tracing::debug!("removed what earlier VMMs left in {}", temp_dir.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!("emptying {}: {e}", dir.display()),
+        Err(e) => tracing::warn!("emptying {}: {e}", temp_dir.display()),
     }
-    if let Err(e) = picocenter_snapshots::private::create_dir_all(dir) {
-        tracing::warn!("creating {}: {e}", dir.display());
+    if let Err(e) = picocenter_snapshots::private::create_dir_all(temp_dir) {
+        tracing::warn!("creating {}: {e}", temp_dir.display());
     }
+    Some(lock)
 }
 
 /// Why an order failed.
@@ -279,13 +307,16 @@ pub struct Worker {
     warm_pool: std::sync::OnceLock<pool::WarmPool>,
     /// The app addresses this worker added to its interface (`WorkerConfig::interface`).
     on_interface: std::sync::Mutex<std::collections::HashSet<Ipv4Addr>>,
+    /// This process's hold on its work directory (see [`take_work_dir`]).
+    _work_dir_lock: Option<std::fs::File>,
 }
 
 impl Worker {
     /// A worker with no apps yet.
     pub fn new(config: WorkerConfig, cold: Cold) -> Arc<Self> {
-        clear_temp_dir(&config.temp_dir());
+        let work_dir_lock = take_work_dir(&config.work_dir, &config.temp_dir());
         Arc::new(Self {
+            _work_dir_lock: work_dir_lock,
             config,
             cold,
             apps: Mutex::new(HashMap::new()),

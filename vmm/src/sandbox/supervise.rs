@@ -206,11 +206,7 @@ pub fn supervise(
             super::binder::install(channel);
             None
         }
-        None => {
-            let pid = start_supervisor(address, &leftovers, run_dir)?;
-            OWN_SUPERVISOR.store(true, std::sync::atomic::Ordering::Relaxed);
-            Some(pid)
-        }
+        None => Some(start_supervisor(address, &leftovers, run_dir)?),
     };
     tracing::trace!("jail: supervisor ready");
     let status = match jail::enter_filesystem(&spec) {
@@ -235,20 +231,6 @@ pub fn supervise(
         None => super::binder::finish(WORKER_CLEANUP_WAIT),
     }
     Ok(status)
-}
-
-/// Whether this VMM forked its own supervisor ([`start_supervisor`]), rather than being
-/// supervised by a worker or by nobody.
-static OWN_SUPERVISOR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Says that the app has ended: a supervisor of this VMM's own starts removing what the
-/// VMM leaves now, while the VMM tears its VM down, instead of after (the two overlap on
-/// separate cores; the VMM still ends only once the removal is done). A worker removes
-/// what its VMMs leave once they have ended, so nothing changes for a VMM it supervises.
-pub fn app_ended() {
-    if OWN_SUPERVISOR.load(std::sync::atomic::Ordering::Relaxed) {
-        super::binder::close();
-    }
 }
 
 /// The variable through which a worker hands its VMM the fd of its supervision channel.
