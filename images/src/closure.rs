@@ -99,9 +99,11 @@ fn read_needs(path: &Path) -> Result<Needs, ClosureError> {
 
 /// Finds library `name` in `dirs` then the system directories, preferring the best
 /// glibc-hwcaps variant that exists, as ld.so does on a current x86-64 CPU.
-fn find_library(name: &str, dirs: &[PathBuf]) -> Vec<PathBuf> {
+/// Every directory looked in goes into `searched`.
+fn find_library(name: &str, dirs: &[PathBuf], searched: &mut BTreeSet<PathBuf>) -> Vec<PathBuf> {
     let system = SYSTEM_DIRS.iter().map(PathBuf::from);
     for dir in dirs.iter().cloned().chain(system) {
+        searched.insert(dir.clone());
         let candidate = dir.join(name);
         if candidate.exists() {
             let mut found = vec![candidate];
@@ -124,6 +126,14 @@ pub fn closure(program: &Path) -> Result<Vec<PathBuf>, ClosureError> {
     closure_of(&[program.to_path_buf()], Missing::Fail)
 }
 
+/// [`closure`], with every directory looked in for a library (where one put there later
+/// could change the closure: a library found earlier in the search order), in order.
+pub fn closure_and_searched(program: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>), ClosureError> {
+    let mut searched = BTreeSet::new();
+    let files = closure_searching(&[program.to_path_buf()], Missing::Fail, &mut searched)?;
+    Ok((files, searched.into_iter().collect()))
+}
+
 /// What to do about a library found nowhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Missing {
@@ -136,6 +146,15 @@ pub enum Missing {
 
 /// The files `programs` need, the programs first, each file once.
 pub fn closure_of(programs: &[PathBuf], missing: Missing) -> Result<Vec<PathBuf>, ClosureError> {
+    closure_searching(programs, missing, &mut BTreeSet::new())
+}
+
+/// [`closure_of`], putting every directory looked in into `searched`.
+fn closure_searching(
+    programs: &[PathBuf],
+    missing: Missing,
+    searched: &mut BTreeSet<PathBuf>,
+) -> Result<Vec<PathBuf>, ClosureError> {
     let mut files = programs.to_vec();
     let mut seen: BTreeSet<PathBuf> = files.iter().cloned().collect();
     let mut queue: VecDeque<PathBuf> = programs.iter().cloned().collect();
@@ -155,13 +174,14 @@ pub fn closure_of(programs: &[PathBuf], missing: Missing) -> Result<Vec<PathBuf>
         let mut libraries = needs.libraries.clone();
         if libraries.iter().any(|l| l == "libc.so.6") {
             let unwinder = "libgcc_s.so.1".to_string();
-            if !libraries.contains(&unwinder) && !find_library(&unwinder, &needs.search).is_empty()
+            if !libraries.contains(&unwinder)
+                && !find_library(&unwinder, &needs.search, searched).is_empty()
             {
                 libraries.push(unwinder);
             }
         }
         for needed in &libraries {
-            let found = find_library(needed, &needs.search);
+            let found = find_library(needed, &needs.search, searched);
             if found.is_empty() && missing == Missing::Fail {
                 return Err(ClosureError::Missing {
                     needed: needed.clone(),
@@ -195,6 +215,17 @@ mod tests {
         );
         assert_eq!(script_interpreter(b"#!\n"), None);
         assert_eq!(script_interpreter(b"\x7fELF"), None);
+    }
+
+    #[test]
+    fn the_directories_searched_for_a_library_are_told() {
+        let (files, searched) = closure_and_searched(Path::new("/bin/ls")).unwrap();
+        assert_eq!(files, closure(Path::new("/bin/ls")).unwrap());
+        // libc is found in the first system directory: that one was searched.
+        assert!(
+            searched.iter().any(|d| d == Path::new(SYSTEM_DIRS[0])),
+            "{searched:?}"
+        );
     }
 
     #[test]

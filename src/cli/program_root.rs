@@ -441,7 +441,7 @@ fn build_root(
     writable: &[String],
 ) -> anyhow::Result<(Manifest, bool)> {
     let program = given;
-    let files = picocenter_images::closure::closure(real)
+    let (files, searched) = picocenter_images::closure::closure_and_searched(real)
         .with_context(|| format!("finding the libraries {} needs", program.display()))?;
     let identities_of = |files: &[PathBuf]| -> anyhow::Result<Vec<FileIdentity>> {
         files
@@ -502,6 +502,17 @@ fn build_root(
     }
     let mut identities = identities_of(&files)?;
     identities.extend(identities_of(&depends)?);
+    // A library put later into a directory searched before the one where it was found
+    // would change the closure: the directories looked in change with it (the nearest
+    // that exists, for one that does not).
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for dir in &searched {
+        let existing = dir.ancestors().find(|d| d.is_dir()).map(Path::to_path_buf);
+        if let Some(existing) = existing.filter(|d| !dirs.contains(d)) {
+            dirs.push(existing);
+        }
+    }
+    identities.extend(identities_of(&dirs)?);
     let settle = std::time::SystemTime::now() - std::time::Duration::from_secs(2);
     let settled = identities[..before.len()] == before[..]
         && identities.iter().all(|file| {
