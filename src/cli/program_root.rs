@@ -2,12 +2,13 @@
 //! of its snapshots with `--root-from`): the program, its shared-library closure and a
 //! few /etc files.
 //!
-//! A root is built once and kept in `<state>/roots/<key>/root`, keyed by the program's
-//! path and the app's writable directories, with a manifest of every host file it was
-//! made from (device, inode, size, times). The next run of the same program checks that
-//! none of those changed (a `stat` each) and uses it: no closure to find, no tree to
-//! build, none to remove after. A root whose files changed is built again. An app keeps a
-//! shared lock on its root's `lock` file while it runs; a root is removed (the least
+//! A root is built once and kept in `<state>/roots/<key>/root` (0700 above it), keyed by
+//! the program's path and the app's writable directories, with a manifest of every host
+//! file it was made from and every directory searched for its libraries (device, inode,
+//! mode, size, modification time). The next run of the same program checks that none of
+//! those changed (a `stat` each) and uses it: no closure to find, no tree to build, none
+//! to remove after. A root whose files changed is built again. An app keeps a shared lock
+//! on its root's `lock` file while it runs; a root is replaced or removed (the least
 //! recently used first, past [`KEPT_MAX`]) only under an exclusive one.
 
 use super::run::backing_dir;
