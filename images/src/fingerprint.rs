@@ -106,6 +106,17 @@ fn hash_folder_file(hash: &mut Sha256, path: &Path) -> Result<(), FingerprintErr
     Ok(())
 }
 
+/// The fingerprint (hex SHA-256) of host files `files` as they are now, by what `stat`
+/// says of each (and of a symlink's target): a file changed in place, replaced, or gone
+/// (or one that appears where none was) changes it; a hard link made to one does not.
+pub fn host_files_fingerprint<'a>(files: impl IntoIterator<Item = &'a Path>) -> String {
+    let mut hash = Sha256::new();
+    for file in files {
+        hash_host_file(&mut hash, file);
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn stat_fields(meta: &std::fs::Metadata) -> [i64; 6] {
     [
         i64::from(meta.mode()),

@@ -4,8 +4,9 @@
 //!
 //! A root is built once and kept in `<state>/roots/<key>/root` (0700 above it), keyed by
 //! the program's path and the app's writable directories, with a manifest of every host
-//! file it was made from and every directory searched for its libraries (device, inode,
-//! mode, size, modification time). The next run of the same program checks that none of
+//! file it was made from and every directory searched for its libraries, and their
+//! fingerprint as an image's host files have one (device, inode, mode, size, modification
+//! time). The next run of the same program checks that none of
 //! those changed (a `stat` each) and uses it: no closure to find, no tree to build, none
 //! to remove after. A root whose files changed is built again. An app keeps a shared lock
 //! on its root's `lock` file while it runs; a root is replaced or removed (the least
@@ -25,7 +26,7 @@ use std::path::{Path, PathBuf};
 pub const KEPT_MAX: usize = 64;
 
 /// The manifest's format; a root of another is built again.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// The directory in a root that holds a program hidden by a writable directory, mounted
 /// over that directory's own path.
@@ -62,36 +63,17 @@ struct Manifest {
     /// Read-only mounts: (guest directory, host directory, relative when in the root).
     mounts: Vec<(String, PathBuf)>,
     program_in_writable: Option<(String, PathBuf)>,
-    /// Every host file the root was made from.
-    files: Vec<FileIdentity>,
+    /// Every host file the root was made from, and every directory searched for its
+    /// libraries.
+    files: Vec<PathBuf>,
+    /// Their fingerprint when it was made (`picocenter_images::fingerprint`'s, as an
+    /// image's host files have).
+    fingerprint: String,
 }
 
-/// A host file as `stat` sees it: a change to it (in place, or a new file put at its
-/// path) changes one of these. Not its change time: a hard link made to it (by any run
-/// that builds a root holding it) moves that, which would invalidate every root holding
-/// it at each other root's build.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct FileIdentity {
-    path: PathBuf,
-    dev: u64,
-    ino: u64,
-    mode: u32,
-    size: u64,
-    mtime: (i64, i64),
-}
-
-impl FileIdentity {
-    fn of(path: &Path) -> std::io::Result<Self> {
-        let meta = std::fs::metadata(path)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-            mode: meta.mode(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-        })
-    }
+/// The fingerprint of `files` as they are now.
+fn fingerprint(files: &[PathBuf]) -> String {
+    picocenter_images::fingerprint::host_files_fingerprint(files.iter().map(PathBuf::as_path))
 }
 
 /// The root for host program `program` run with `writable` directories: the kept one
@@ -241,11 +223,9 @@ fn reuse(kept: &Path, given: &Path, real: &Path) -> Option<ProgramRoot> {
     {
         return None;
     }
-    for file in &manifest.files {
-        if FileIdentity::of(&file.path).ok().as_ref() != Some(file) {
-            tracing::debug!(file = %file.path.display(), "changed since the program's root was made");
-            return None;
-        }
+    if fingerprint(&manifest.files) != manifest.fingerprint {
+        tracing::debug!("a file changed since the program's root was made");
+        return None;
     }
     // Used now: the least recently used roots are the first to go.
     let _ = lock.set_modified(std::time::SystemTime::now());
@@ -444,13 +424,11 @@ fn build_root(
     let program = given;
     let (files, searched) = picocenter_images::closure::closure_and_searched(real)
         .with_context(|| format!("finding the libraries {} needs", program.display()))?;
-    let identities_of = |files: &[PathBuf]| -> anyhow::Result<Vec<FileIdentity>> {
-        files
-            .iter()
-            .map(|f| FileIdentity::of(f).with_context(|| format!("reading {}", f.display())))
-            .collect()
-    };
-    let before = identities_of(&files)?;
+    // A library put later into a directory searched before the one where it was found
+    // would change the closure: the directories looked in count as files it was made from.
+    let mut made_from = files.clone();
+    made_from.extend(searched);
+    let before = fingerprint(&made_from);
     for file in &files[1..] {
         picocenter_images::rootfs::add_path(dir, file)?;
     }
@@ -501,28 +479,14 @@ fn build_root(
     } else {
         picocenter_images::rootfs::add_path(dir, given)?;
     }
-    let mut identities = identities_of(&files)?;
-    identities.extend(identities_of(&depends)?);
-    // A library put later into a directory searched before the one where it was found
-    // would change the closure: the directories looked in change with it (the nearest
-    // that exists, for one that does not).
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    for dir in &searched {
-        let existing = dir.ancestors().find(|d| d.is_dir()).map(Path::to_path_buf);
-        if let Some(existing) = existing.filter(|d| !dirs.contains(d)) {
-            dirs.push(existing);
-        }
-    }
-    identities.extend(identities_of(&dirs)?);
+    let settled = fingerprint(&made_from) == before;
+    made_from.extend(depends);
     let settle = std::time::SystemTime::now() - std::time::Duration::from_secs(2);
-    let settled = identities[..before.len()] == before[..]
-        && identities.iter().all(|file| {
-            let (secs, nanos) = file.mtime;
-            let modified = u64::try_from(secs).ok().map(|secs| {
-                std::time::UNIX_EPOCH
-                    + std::time::Duration::new(secs, u32::try_from(nanos).unwrap_or(0))
-            });
-            modified.is_some_and(|modified| modified < settle)
+    let settled = settled
+        && made_from.iter().all(|file| {
+            std::fs::metadata(file)
+                .and_then(|m| m.modified())
+                .map_or(true, |modified| modified < settle)
         });
     let manifest = Manifest {
         format: FORMAT,
@@ -530,7 +494,8 @@ fn build_root(
         real: real.to_path_buf(),
         mounts,
         program_in_writable,
-        files: identities,
+        fingerprint: fingerprint(&made_from),
+        files: made_from,
     };
     Ok((manifest, settled))
 }
@@ -603,7 +568,10 @@ mod tests {
             real: given.to_path_buf(),
             mounts: Vec::new(),
             program_in_writable: None,
-            files: from.iter().map(|f| FileIdentity::of(f).unwrap()).collect(),
+            files: from.iter().map(|f| f.to_path_buf()).collect(),
+            fingerprint: picocenter_images::fingerprint::host_files_fingerprint(
+                from.iter().copied(),
+            ),
         };
         std::fs::write(
             kept.join("manifest.json"),
