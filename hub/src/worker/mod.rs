@@ -125,32 +125,23 @@ impl WorkerConfig {
     }
 }
 
-/// Takes the worker's own directory `work_dir` for this process (an exclusive lock on
-/// its `lock` file, held while the returned file lives), and then empties the VMMs'
+/// Takes the worker's own directory `work_dir` for this process (a lease on its
+/// `worker.lock`, held while the returned lease lives), and then empties the VMMs'
 /// temporary directory `temp_dir` in it: what is there was left by VMMs of an earlier run
 /// of this worker, which died with it (a VMM never outlives its worker). A directory
 /// another live worker holds (the same id, twice) is left alone.
-fn take_work_dir(work_dir: &Path, temp_dir: &Path) -> Option<std::fs::File> {
-    let lock_path = work_dir.join("lock");
-    let lock = picocenter_snapshots::private::create_dir_all(work_dir)
-        .and_then(|()| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&lock_path)
-        })
-        .and_then(|lock| {
-            rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
-            Ok(lock)
-        });
-    let lock = match lock {
-        Ok(lock) => lock,
-        Err(e) => {
+fn take_work_dir(
+    work_dir: &Path,
+    temp_dir: &Path,
+) -> Option<picocenter_vmm::sandbox::lease::Lease<&'static str>> {
+    let lease = match picocenter_vmm::sandbox::lease::take_first_free(work_dir, ["worker"]) {
+        Ok(Some(lease)) => lease,
+        held => {
+            let why = held.err().map_or("held".to_string(), |e| e.to_string());
             tracing::warn!(
-                "{}: {e}; another worker with this id may be running: what its VMMs left in \
-                 {} stays",
-                lock_path.display(),
+                "{}/worker.lock: {why}; another worker with this id may be running: what \
+                 its VMMs left in {} stays",
+                work_dir.display(),
                 temp_dir.display()
             );
             return None;
@@ -164,7 +155,7 @@ fn take_work_dir(work_dir: &Path, temp_dir: &Path) -> Option<std::fs::File> {
     if let Err(e) = picocenter_snapshots::private::create_dir_all(temp_dir) {
         tracing::warn!("creating {}: {e}", temp_dir.display());
     }
-    Some(lock)
+    Some(lease)
 }
 
 /// Why an order failed.
@@ -308,7 +299,7 @@ pub struct Worker {
     /// The app addresses this worker added to its interface (`WorkerConfig::interface`).
     on_interface: std::sync::Mutex<std::collections::HashSet<Ipv4Addr>>,
     /// This process's hold on its work directory (see [`take_work_dir`]).
-    _work_dir_lock: Option<std::fs::File>,
+    _work_dir_lock: Option<picocenter_vmm::sandbox::lease::Lease<&'static str>>,
 }
 
 impl Worker {
