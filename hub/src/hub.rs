@@ -1276,18 +1276,7 @@ mod tests {
             survivor.add(app_spec("app")).unwrap();
             // A hub that is not serving claimed the start a while ago, and never wrote
             // its outcome.
-            survivor
-                .try_update("app", true, |r| {
-                    r.state = AppState::Starting;
-                    r.worker = Some("w".into());
-                    r.ordered_by = Some(StartOrderer {
-                        hub: "hub-gone".into(),
-                        at_unix_ms: unix_ms() - 60_000,
-                    });
-                    true
-                })
-                .unwrap()
-                .unwrap();
+            claim_start(&survivor, "hub-gone", unix_ms() - 60_000);
             until("maintenance brings it up", || {
                 survivor.maintain();
                 survivor.get("app").unwrap().state == AppState::Resident
@@ -1408,6 +1397,22 @@ mod tests {
         .unwrap();
     }
 
+    /// Writes through `hub` that hub `by` claimed app "app"'s start on worker "w" at
+    /// `at_unix_ms`, as `start_somewhere` does before its order goes out.
+    fn claim_start(hub: &Hub, by: &str, at_unix_ms: u64) {
+        hub.try_update("app", true, |r| {
+            r.state = AppState::Starting;
+            r.worker = Some("w".into());
+            r.ordered_by = Some(StartOrderer {
+                hub: by.into(),
+                at_unix_ms,
+            });
+            true
+        })
+        .unwrap()
+        .unwrap();
+    }
+
     /// Waits (bounded) until `ready` holds.
     async fn until(what: &str, ready: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1466,18 +1471,7 @@ mod tests {
             {
                 let (doomed, following) = hub_on(&registry, "hub-a");
                 until("hub-a sees the app", || doomed.contains("app")).await;
-                doomed
-                    .try_update("app", true, |r| {
-                        r.state = AppState::Starting;
-                        r.worker = Some("w".into());
-                        r.ordered_by = Some(StartOrderer {
-                            hub: "hub-a".into(),
-                            at_unix_ms: unix_ms(),
-                        });
-                        true
-                    })
-                    .unwrap()
-                    .unwrap();
+                claim_start(&doomed, "hub-a", unix_ms());
                 until("hub-b sees the claim", || {
                     survivor.get("app").unwrap().state == AppState::Starting
                 })
