@@ -41,7 +41,7 @@ mod common;
 
 use common::cluster::{
     api, descendants, first_a, first_byte_of_root, mem_available, pss_bytes, query, start_hub_with,
-    wait_for, waiting_spares, Proc, S3Server,
+    wait_for, waiting_spares, worker_args, Proc, S3Server,
 };
 use common::wan::{LinkShape, WanLink};
 use common::{build_image, median, picocenter, state_dir, with_build, Build};
@@ -725,15 +725,7 @@ fn chaos_loop() {
     let start_worker = |which: usize, generation: usize| {
         let id = format!("chaos-w{which}");
         let mut cmd = picocenter();
-        cmd.args([
-            "worker",
-            "--hub",
-            &urls.join(","),
-            "--token",
-            TOKEN,
-            "--id",
-            &id,
-        ]);
+        worker_args(&mut cmd, &urls, TOKEN, &id);
         cmd.args(["--addresses", &format!("127.4.{}.0/24", 20 + which)]);
         cmd.args(["--idle-after", "2", "--store", &cold, "--warm-pool", "0"]);
         cmd.args(["--address-quarantine", "1"]);

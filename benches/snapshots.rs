@@ -112,6 +112,19 @@ fn second_cycle(name: &str, dir: &Path, address: &str, path: &str, requests: usi
     swap_out(name, dir, child);
 }
 
+/// Starts `image` as app `name` at `ip`:80 with an empty store `dir`, asks it for `path`,
+/// swaps it out, and makes that snapshot a second-cycle one; returns its address.
+fn second_cycle_snapshot(image: &str, name: &str, dir: &Path, ip: &str, path: &str) -> String {
+    let _ = std::fs::remove_dir_all(dir);
+    let address = format!("{ip}:80");
+    let server = Server::start(image, name, ip, 80, &[]);
+    get(&address, path);
+    snapshot_stdout(&["create", name, "-o", dir.to_str().unwrap(), "--stop"]);
+    server.stop_waiting();
+    second_cycle(name, dir, &address, path, 3);
+    address
+}
+
 /// The newest snapshot's inspection, for its ActiveSet line.
 fn activeset_line(dir: &Path) -> String {
     snapshot_stdout(&["inspect", dir.to_str().unwrap()])
@@ -332,16 +345,8 @@ fn write_throughput(state: &Path) -> (f64, f64) {
 /// second-cycle snapshot in its own state directory, rounds alternating.
 fn before_and_after(before: &Build) {
     let prepare = |ip: &str| {
-        build_image("counter-http");
-        let name = "bench-floor-counter";
         let dir = common::state_dir().join("bench-snapshots/floor-counter");
-        let _ = std::fs::remove_dir_all(&dir);
-        let address = format!("{ip}:80");
-        let server = Server::start("counter-http", name, ip, 80, &[]);
-        get(&address, "/");
-        snapshot_stdout(&["create", name, "-o", dir.to_str().unwrap(), "--stop"]);
-        server.stop_waiting();
-        second_cycle(name, &dir, &address, "/", 3);
+        let address = second_cycle_snapshot("counter-http", "bench-floor-counter", &dir, ip, "/");
         (dir, address)
     };
     let (old_dir, old_address) = with_build(Some(before), || prepare("127.0.8.6"));
@@ -414,15 +419,8 @@ fn main() {
         ("nginx", "127.0.8.3", "/"),
         ("python-http", "127.0.8.4", "/"),
     ] {
-        let name = format!("bench-{image}");
         let dir = state.join(format!("bench-snapshots/{image}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        let address = format!("{ip}:80");
-        let server = Server::start(image, &name, ip, 80, &[]);
-        get(&address, path);
-        snapshot_stdout(&["create", &name, "-o", dir.to_str().unwrap(), "--stop"]);
-        server.stop_waiting();
-        second_cycle(&name, &dir, &address, path, 3);
+        let address = second_cycle_snapshot(image, &format!("bench-{image}"), &dir, ip, path);
         compare_modes(image, &dir, &address, path);
     }
 

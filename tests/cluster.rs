@@ -155,15 +155,7 @@ fn worker_of(hubs: &[&Hub], id: &str, pool: &str, idle_after: &str, cold: &[&str
     let hub = hubs[0];
     let urls: Vec<String> = hubs.iter().map(|h| h.url()).collect();
     let mut cmd = picocenter();
-    cmd.args([
-        "worker",
-        "--hub",
-        &urls.join(","),
-        "--token",
-        TOKEN,
-        "--id",
-        id,
-    ]);
+    worker_args(&mut cmd, &urls, TOKEN, id);
     cmd.args(["--addresses", pool, "--idle-after", idle_after]);
     cmd.args(cold);
     // What it does with apps, for the tests that follow it and for failures' messages.
@@ -1321,15 +1313,7 @@ fn requests_during_a_slow_swap_out_are_all_served_by_the_app() {
     // while the app is stopped at its clean point, and while it is held.
     let mut cmd = picocenter();
     cmd.env("PICOCENTER_TEST_SNAPSHOT_DELAY_MS", "1000");
-    cmd.args([
-        "worker",
-        "--hub",
-        &hub.url(),
-        "--token",
-        TOKEN,
-        "--id",
-        "w-slow",
-    ]);
+    worker_args(&mut cmd, &[hub.url()], TOKEN, "w-slow");
     cmd.args(["--addresses", "127.3.10.0/24", "--idle-after", "60"]);
     cmd.args(["--store", store.to_str().unwrap()]);
     let _worker = Proc::spawn(cmd, hub.data.with_extension("w-slow.log"));

@@ -13,7 +13,9 @@
 
 mod common;
 
-use common::cluster::{api, hub_addresses, wait_for, wait_until_registered, Proc, S3Server};
+use common::cluster::{
+    api, hub_addresses, wait_for, wait_until_registered, worker_args, Proc, S3Server,
+};
 use common::{build_image, state_dir};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
@@ -194,15 +196,7 @@ fn worker_on(
         .arg(env!("CARGO_BIN_EXE_picocenter"));
     cmd.env("PICOCENTER_STATE_DIR", state_dir());
     cmd.env("RUST_LOG", "warn,picocenter_hub=info");
-    cmd.args([
-        "worker",
-        "--hub",
-        &urls.join(","),
-        "--token",
-        TOKEN,
-        "--id",
-        id,
-    ]);
+    worker_args(&mut cmd, &urls, TOKEN, id);
     cmd.args(["--listen", &format!("{host_address}:0")]);
     cmd.args(["--addresses", pool, "--interface", "eth0"]);
     cmd.args(["--idle-after", "1", "--warm-pool", "0"]);

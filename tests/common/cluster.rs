@@ -7,6 +7,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Adds `worker --hub URL,URL... --token TOKEN --id ID` to `cmd`: a worker reporting to
+/// the first of `hubs` (their API URLs) that answers; its own flags follow.
+pub fn worker_args(cmd: &mut Command, hubs: &[String], token: &str, id: &str) {
+    cmd.args([
+        "worker",
+        "--hub",
+        &hubs.join(","),
+        "--token",
+        token,
+        "--id",
+        id,
+    ]);
+}
+
 /// A child process killed when dropped, its output in a file.
 pub struct Proc {
     /// The process.

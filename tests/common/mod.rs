@@ -41,7 +41,6 @@ pub struct Build {
 impl Build {
     /// The build named by `PICOCENTER_BEFORE` (the path of its `picocenter` binary), if
     /// any: benches then measure it beside this one.
-    #[allow(dead_code)]
     pub fn before() -> Option<Build> {
         let binary = PathBuf::from(std::env::var_os("PICOCENTER_BEFORE")?);
         assert!(
@@ -61,7 +60,6 @@ static OTHER_BUILD: std::sync::Mutex<Option<Build>> = std::sync::Mutex::new(None
 
 /// Runs `f` with every helper (`picocenter`, `state_dir` and all that use them) on `build`
 /// (`None`: this build), and goes back to this build after.
-#[allow(dead_code)]
 pub fn with_build<T>(build: Option<&Build>, f: impl FnOnce() -> T) -> T {
     let previous = std::mem::replace(
         &mut *OTHER_BUILD.lock().unwrap_or_else(|e| e.into_inner()),
